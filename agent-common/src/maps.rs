@@ -1,0 +1,21 @@
+//! Map names. The kernel side uses them in `#[map(name = ...)]`, the daemon
+//! in `take_map`/`map_mut`, so the two can never drift apart.
+
+/// cgroup id (u64) -> [`crate::ServiceEntry`]: which cgroups are managed.
+pub const SERVICES: &str = "SERVICES";
+/// LPM trie of [`crate::LpmV4Key`] -> ruleset index (u32), egress IPv4.
+pub const EGRESS_V4: &str = "EGRESS_V4";
+/// LPM trie of [`crate::LpmV6Key`] -> ruleset index (u32), egress IPv6.
+pub const EGRESS_V6: &str = "EGRESS_V6";
+/// Array of [`crate::RuleSet`]: the port/protocol checks behind a prefix.
+pub const RULESETS: &str = "RULESETS";
+
+/// Upper bound on how deep in the cgroup tree a service may sit. The kernel
+/// walks the current task's ancestors up to this depth to find its service.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
+/// Default capacities; the daemon sizes the maps from the policy and never
+/// goes below these.
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+pub const DEFAULT_MAX_PREFIXES: u32 = 1024;
+pub const DEFAULT_MAX_RULESETS: u32 = 256;

@@ -1,0 +1,101 @@
+//! Values of the policy maps.
+
+/// The service is enforced: a connection no rule allows gets EPERM.
+pub const MODE_ENFORCE: u8 = 0;
+/// The service is audited: everything goes through; would-be denials are
+/// recorded.
+pub const MODE_AUDIT: u8 = 1;
+
+/// Matches any protocol in a [`PortRange`].
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// How many (protocol, port range) checks one prefix can carry. The kernel
+/// scans them linearly, so this bounds the verdict path.
+pub const MAX_PORT_RANGES: usize = 32;
+
+/// Rule id used when no rule matched (the service's default deny).
+pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+
+/// Value of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Index of the service in the daemon's model (used in LPM keys).
+    pub service_id: u32,
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of the IPv4 LPM trie: the service id and the address, both
+/// big-endian, so that the prefix length is 32 + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LpmV4Key {
+    pub service_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Key of the IPv6 LPM trie (prefix length 32 + the CIDR's length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LpmV6Key {
+    pub service_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// One allowed (protocol, port range) behind a prefix, and the rule that
+/// allows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// First allowed port, host byte order.
+    pub lo: u16,
+    /// Last allowed port, inclusive.
+    pub hi: u16,
+    /// [`PROTO_ANY`], [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// Global rule id (the daemon maps it back to `file#egress[i]`).
+    pub rule_id: u32,
+}
+
+impl PortRange {
+    pub const EMPTY: PortRange = PortRange {
+        lo: 1,
+        hi: 0,
+        proto: PROTO_ANY,
+        _pad: [0; 3],
+        rule_id: RULE_DEFAULT_DENY,
+    };
+}
+
+/// Everything a prefix allows: the first `len` entries of `ranges` are valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub len: u32,
+    pub _pad: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+
+impl RuleSet {
+    pub const EMPTY: RuleSet = RuleSet {
+        len: 0,
+        _pad: 0,
+        ranges: [PortRange::EMPTY; MAX_PORT_RANGES],
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
+    // arrays of integers, with explicit padding: every bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::LpmV4Key {}
+    unsafe impl aya::Pod for super::LpmV6Key {}
+    unsafe impl aya::Pod for super::PortRange {}
+    unsafe impl aya::Pod for super::RuleSet {}
+}

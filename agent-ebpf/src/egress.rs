@@ -1,0 +1,68 @@
+//! The egress verdict: destination prefix (LPM) -> ruleset -> port/protocol.
+
+use agent_common::{
+    LpmV4Key, LpmV6Key, RuleSet, MAX_PORT_RANGES, PROTO_ANY, RULE_DEFAULT_DENY,
+};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::maps::{EGRESS_V4, EGRESS_V6, RULESETS};
+
+/// The rule that allows (`service`, `addr`, `proto`, `port`), or
+/// `RULE_DEFAULT_DENY`.
+#[inline(always)]
+pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+    let key = Key::new(
+        64,
+        LpmV4Key {
+            service_id: service_id.to_be_bytes(),
+            addr,
+        },
+    );
+    match EGRESS_V4.get(&key) {
+        Some(ruleset) => match_ports(*ruleset, proto, port),
+        None => RULE_DEFAULT_DENY,
+    }
+}
+
+#[inline(always)]
+pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+    let key = Key::new(
+        160,
+        LpmV6Key {
+            service_id: service_id.to_be_bytes(),
+            addr,
+        },
+    );
+    match EGRESS_V6.get(&key) {
+        Some(ruleset) => match_ports(*ruleset, proto, port),
+        None => RULE_DEFAULT_DENY,
+    }
+}
+
+/// Linear scan of at most `MAX_PORT_RANGES` entries. A ruleset index with no
+/// ruleset behind it (it cannot happen unless the maps are tampered with)
+/// denies: fail closed.
+#[inline(always)]
+fn match_ports(index: u32, proto: u8, port: u16) -> u32 {
+    let Some(set) = RULESETS.get(index) else {
+        return RULE_DEFAULT_DENY;
+    };
+    scan(set, proto, port)
+}
+
+#[inline(always)]
+fn scan(set: &RuleSet, proto: u8, port: u16) -> u32 {
+    let len = set.len as usize;
+    let mut i = 0;
+    while i < MAX_PORT_RANGES {
+        if i >= len {
+            break;
+        }
+        let r = &set.ranges[i];
+        if (r.proto == PROTO_ANY || r.proto == proto) && port >= r.lo && port <= r.hi {
+            return r.rule_id;
+        }
+        i += 1;
+    }
+    RULE_DEFAULT_DENY
+}

@@ -1,0 +1,37 @@
+//! bulkhead's kernel programs.
+//!
+//! Attached once at the cgroup2 root, they judge every connect() and
+//! unconnected sendmsg() on the host, but only for tasks that belong to a
+//! managed service (see `service.rs`); everything else is allowed untouched.
+//!
+//! Verdicts (the return value of a cgroup/sock_addr program):
+//! - 1 = allow, 0 = deny: the kernel fails the call with EPERM.
+//! - Every error path is deliberate and fails *closed* for a managed service
+//!   (a ruleset index out of range or a missing ruleset denies) and *open*
+//!   for an unmanaged task (not our business).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod egress;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod programs;
+#[cfg(target_arch = "bpf")]
+mod service;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,4 @@
+//! `cargo xtask setup`.
+pub fn run() -> anyhow::Result<()> {
+    Ok(())
+}
