@@ -49,7 +49,7 @@ pub struct LpmV6Key {
 /// One allowed (protocol, port range) behind a prefix, and the rule that
 /// allows it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortRange {
     /// First allowed port, host byte order.
     pub lo: u16,

@@ -1,1 +1,17 @@
+//! bulkhead: per-service network segmentation and observability in the
+//! kernel.
+//!
+//! - `policy`: policy files -> checked model (all errors at once)
+//! - `kernel`: checked model -> map values; load, attach, write maps
+//! - `cgroup`: the cgroup2 mount and service cgroup ids
+//! - `config`: the daemon's own configuration
+//! - `daemon`: `bulkhead run`
+//! - `cli`: the command line
 
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod kernel;
+pub mod logging;
+pub mod policy;

@@ -1,0 +1,121 @@
+//! The `bulkhead` command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::{config::Config, daemon, kernel, logging, policy};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "Per-service network segmentation enforced in the kernel with eBPF",
+    long_about = "bulkhead enforces, per service (a systemd unit or a cgroup), which connections \
+                  it may make, at the socket layer: a denied connect() gets EPERM at once. \
+                  Policies are TOML files, one per service; see docs/policy.md."
+)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: load the policies, attach the programs at the cgroup2
+    /// root, enforce until SIGINT/SIGTERM, then detach.
+    Run(RunArgs),
+    /// Validate policy files without loading anything; exit 0 if all are
+    /// valid, 1 otherwise, with every error as FILE:LINE:COL: message.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Daemon config file [default: /etc/bulkhead/bulkhead.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Policy directory, overriding the config's `policy_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Policy directory to check [default: the config's policy_dir].
+    #[arg(long, value_name = "DIR", conflicts_with = "files")]
+    pub policy_dir: Option<PathBuf>,
+    /// Daemon config file, to find the policy directory.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Policy files to check together (as one set).
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(args) => check(&args),
+        Command::Run(args) => {
+            logging::init(&cli.log_level);
+            match daemon::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bulkhead: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    let result = if args.files.is_empty() {
+        let dir = match &args.policy_dir {
+            Some(dir) => dir.clone(),
+            None => match Config::load(args.config.as_deref()) {
+                Ok(c) => c.policy_dir,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        policy::load_dir(&dir)
+    } else {
+        policy::load_files(&args.files)
+    };
+    match result.and_then(|set| kernel::compile(&set).map(|c| (set, c))) {
+        Ok((set, compiled)) => {
+            for s in &set.services {
+                println!(
+                    "ok: {} ({}, {}): {} egress rules, from {}",
+                    s.name,
+                    s.selector,
+                    s.mode,
+                    s.egress.len(),
+                    s.file.display()
+                );
+            }
+            println!(
+                "{} services, {} rules, {} IPv4 and {} IPv6 prefixes: valid",
+                set.services.len(),
+                compiled.rules.len(),
+                compiled.v4.len(),
+                compiled.v6.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} error(s); nothing was loaded", errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Everything that talks to the kernel: compiling the policy into map
+//! values, loading and attaching the programs, writing the maps.
+
+pub mod compile;
+mod error;
+mod loader;
+mod maps;
+pub mod preflight;
+
+pub use compile::{compile, CompiledPolicy, CompiledService};
+pub use error::KernelError;
+pub use loader::{Enforcer, LoadOptions};
+pub use maps::ResolvedService;

@@ -1,0 +1,16 @@
+//! Log set-up: to stderr; plain lines without timestamps under systemd (the
+//! journal stamps them), RUST_LOG or `--log-level` to choose the level.
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+pub fn init(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    // try_init: a second init (in tests) is not an error worth dying for.
+    let _ = if under_journal {
+        builder.without_time().with_ansi(false).try_init()
+    } else {
+        builder.try_init()
+    };
+}

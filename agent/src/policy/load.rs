@@ -1,0 +1,112 @@
+//! Reading a policy directory or a list of files into a [`PolicySet`].
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    error::{PolicyError, PolicyErrors},
+    file::RawPolicy,
+    model::{PolicySet, Selector},
+    validate::{self, Checker},
+};
+
+/// Loads every `*.toml` file directly in `dir` (not in subdirectories, so a
+/// `config/` folder beside the policies is left alone), in name order.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
+    let entries = fs::read_dir(dir).map_err(|e| whole_file(dir, format!("cannot read policy directory: {e}")))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    load_files(&files)
+}
+
+/// Loads exactly these files. Every file is read and checked even when an
+/// earlier one fails, so that one run reports every problem.
+pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut services = Vec::new();
+    for file in files {
+        let text = match fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.extend(whole_file(file, format!("cannot read file: {e}")).0);
+                continue;
+            }
+        };
+        let mut checker = Checker::new(file, &text);
+        match toml::from_str::<RawPolicy>(&text) {
+            Ok(raw) => {
+                if let Some(service) = validate::service(&mut checker, raw) {
+                    services.push(service);
+                }
+            }
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                checker.error(span, format!("not a valid policy file: {}", e.message()));
+            }
+        }
+        errors.append(&mut checker.errors);
+    }
+
+    // Across files: one file per service, one service per cgroup.
+    let mut by_name: HashMap<&str, &Path> = HashMap::new();
+    let mut by_cgroup: HashMap<String, (&str, &Path)> = HashMap::new();
+    let mut cross = Vec::new();
+    for s in &services {
+        if let Some(first) = by_name.insert(&s.name, &s.file) {
+            cross.push(whole_file_error(
+                &s.file,
+                format!(
+                    "service {:?} is already defined in {}; each service has one policy file",
+                    s.name,
+                    first.display()
+                ),
+            ));
+        }
+        if let Some((other, first)) = by_cgroup.insert(s.selector.cgroup_path(), (&s.name, &s.file)) {
+            cross.push(whole_file_error(
+                &s.file,
+                format!(
+                    "{} is already managed by service {other:?} ({}); one cgroup belongs to one service",
+                    describe(&s.selector),
+                    first.display()
+                ),
+            ));
+        }
+    }
+    errors.extend(cross);
+
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(PolicySet { services })
+}
+
+fn describe(selector: &Selector) -> String {
+    format!("{selector} (cgroup /{})", selector.cgroup_path())
+}
+
+fn whole_file_error(file: &Path, message: String) -> PolicyError {
+    PolicyError {
+        file: file.to_path_buf(),
+        line: 1,
+        column: 1,
+        message,
+    }
+}
+
+fn whole_file(file: &Path, message: String) -> PolicyErrors {
+    PolicyErrors(vec![PolicyError {
+        file: file.to_path_buf(),
+        line: 0,
+        column: 0,
+        message,
+    }])
+}

@@ -1,0 +1,13 @@
+//! Policy files: parsed into serde structs (`file`), then validated, all
+//! errors at once (`validate`), into the checked model (`model`) that alone
+//! reaches the kernel (through `crate::compile`).
+
+mod error;
+mod file;
+mod load;
+mod model;
+mod validate;
+
+pub use error::{position, PolicyError, PolicyErrors};
+pub use load::{load_dir, load_files};
+pub use model::{EgressRule, Mode, PolicySet, PortRange, Protocol, RuleRef, Selector, Service};

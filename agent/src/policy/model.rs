@@ -1,0 +1,139 @@
+//! The checked policy model. Only values of these types reach the kernel,
+//! and they can only be made by `validate`.
+
+use std::{fmt, path::PathBuf};
+
+use ipnetwork::IpNetwork;
+
+/// Every managed service, sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySet {
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    pub description: Option<String>,
+    pub selector: Selector,
+    pub mode: Mode,
+    /// Allowed destinations; everything else is denied.
+    pub egress: Vec<EgressRule>,
+}
+
+/// How a service is found in the cgroup tree.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Selector {
+    /// A systemd unit, living at `system.slice/<unit>`.
+    Unit(String),
+    /// A cgroup path relative to the cgroup2 mount, without a leading `/`.
+    Cgroup(String),
+}
+
+impl Selector {
+    /// The cgroup's path relative to the cgroup2 mount.
+    pub fn cgroup_path(&self) -> String {
+        match self {
+            Selector::Unit(unit) => format!("system.slice/{unit}"),
+            Selector::Cgroup(path) => path.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Unit(unit) => write!(f, "unit {unit}"),
+            Selector::Cgroup(path) => write!(f, "cgroup /{path}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Denied connections get EPERM.
+    Enforce,
+    /// Everything goes through; would-be denials are recorded.
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        })
+    }
+}
+
+/// An inclusive port range; `0-65535` when the rule names no ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange { lo: 0, hi: u16::MAX };
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    /// Position in the file's `[[egress]]` list (0-based), for `file#egress[i]`.
+    pub index: usize,
+    /// 1-based line of the rule in its file.
+    pub line: usize,
+    pub description: Option<String>,
+    /// Destination networks (a single address is a /32 or /128).
+    pub to: Vec<IpNetwork>,
+    /// Sorted, non-overlapping port ranges.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+}
+
+/// Where a rule lives, as shown in logs and events: `billing.toml#egress[2]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    pub service: String,
+    pub file: PathBuf,
+    pub index: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self
+            .file
+            .file_name()
+            .map_or_else(|| self.file.display().to_string(), |n| n.to_string_lossy().into_owned());
+        write!(f, "{name}#egress[{}]", self.index)
+    }
+}

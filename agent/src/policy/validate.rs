@@ -1,0 +1,372 @@
+//! Raw file -> checked [`Service`], collecting every problem in the file.
+
+use std::{
+    net::IpAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ipnetwork::IpNetwork;
+use toml::Spanned;
+
+use super::{
+    error::{PolicyError, Positions},
+    file::{RawEgress, RawPolicy, RawPort},
+    model::{EgressRule, Mode, PortRange, Protocol, Selector, Service},
+};
+
+/// Collects errors against one file's text.
+pub(crate) struct Checker<'a> {
+    file: &'a Path,
+    positions: Positions<'a>,
+    pub errors: Vec<PolicyError>,
+}
+
+impl<'a> Checker<'a> {
+    pub(crate) fn new(file: &'a Path, text: &'a str) -> Self {
+        Self {
+            file,
+            positions: Positions::new(text),
+            errors: Vec::new(),
+        }
+    }
+
+    pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = self.positions.at(span.start);
+        self.errors.push(PolicyError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        self.positions.at(span.start).0
+    }
+}
+
+/// Validates one parsed file. `None` when it has errors (all pushed to `c`).
+pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
+    let before = c.errors.len();
+    let file: PathBuf = c.file.to_path_buf();
+
+    let name = match &raw.name {
+        Some(n) => {
+            check_name(c, n.get_ref(), n.span(), "name");
+            n.get_ref().clone()
+        }
+        None => {
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            check_name(c, &stem, 0..0, "the file name (used as the service name)");
+            stem
+        }
+    };
+
+    let selector = match (&raw.unit, &raw.cgroup) {
+        (Some(unit), None) => check_unit(c, unit),
+        (None, Some(cgroup)) => check_cgroup(c, cgroup),
+        (Some(_), Some(cgroup)) => {
+            c.error(
+                cgroup.span(),
+                "set either `unit` or `cgroup`, not both: a policy names exactly one service",
+            );
+            None
+        }
+        (None, None) => {
+            c.error(
+                0..0,
+                "missing `unit = \"name.service\"` or `cgroup = \"/path\"`: which service is this policy for?",
+            );
+            None
+        }
+    };
+
+    let mode = match &raw.mode {
+        Some(m) => match m.get_ref().as_str() {
+            "enforce" => Some(Mode::Enforce),
+            "audit" => Some(Mode::Audit),
+            other => {
+                c.error(
+                    m.span(),
+                    format!("unknown mode {other:?}: expected \"audit\" or \"enforce\""),
+                );
+                None
+            }
+        },
+        None => {
+            c.error(
+                0..0,
+                "missing `mode`: start with mode = \"audit\" to observe, then mode = \"enforce\"",
+            );
+            None
+        }
+    };
+
+    let egress: Vec<EgressRule> = raw
+        .egress
+        .iter()
+        .enumerate()
+        .filter_map(|(index, rule)| egress_rule(c, index, rule))
+        .collect();
+
+    if c.errors.len() > before {
+        return None;
+    }
+    Some(Service {
+        name,
+        file,
+        description: raw.description,
+        selector: selector?,
+        mode: mode?,
+        egress,
+    })
+}
+
+fn check_name(c: &mut Checker<'_>, name: &str, span: Range<usize>, what: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | '@'));
+    if !ok {
+        c.error(
+            span,
+            format!(
+                "{what} {name:?} is not a valid service name: use 1-64 characters from A-Z a-z 0-9 - _ . @"
+            ),
+        );
+    }
+}
+
+fn check_unit(c: &mut Checker<'_>, unit: &Spanned<String>) -> Option<Selector> {
+    let u = unit.get_ref();
+    let valid_chars = u
+        .chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, ':' | '-' | '_' | '.' | '\\' | '@'));
+    let suffix_ok = u.ends_with(".service") || u.ends_with(".scope");
+    if !valid_chars || !suffix_ok || u.len() > 255 || u.starts_with('.') {
+        c.error(
+            unit.span(),
+            format!(
+                "unit {u:?} is not a systemd service or scope name (like \"billing.service\"); for any other cgroup use `cgroup = \"/path\"`"
+            ),
+        );
+        return None;
+    }
+    Some(Selector::Unit(u.clone()))
+}
+
+fn check_cgroup(c: &mut Checker<'_>, cgroup: &Spanned<String>) -> Option<Selector> {
+    let p = cgroup.get_ref();
+    let Some(rel) = p.strip_prefix('/') else {
+        c.error(
+            cgroup.span(),
+            format!("cgroup {p:?} must be an absolute path below the cgroup2 mount, like \"/billing\""),
+        );
+        return None;
+    };
+    let rel = rel.trim_end_matches('/');
+    if rel.is_empty() {
+        c.error(
+            cgroup.span(),
+            "cgroup \"/\" is the root of the whole host, not a service",
+        );
+        return None;
+    }
+    if rel
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        c.error(
+            cgroup.span(),
+            format!("cgroup {p:?} has an empty, `.` or `..` component"),
+        );
+        return None;
+    }
+    Some(Selector::Cgroup(rel.to_string()))
+}
+
+fn egress_rule(
+    c: &mut Checker<'_>,
+    index: usize,
+    rule: &Spanned<RawEgress>,
+) -> Option<EgressRule> {
+    let before = c.errors.len();
+    let line = c.line_of(&rule.span());
+    let raw = rule.get_ref();
+    let at = format!("egress[{index}]");
+
+    let mut to = Vec::new();
+    match &raw.to {
+        None => c.error(
+            rule.span(),
+            format!("{at}: missing `to`: list the destination addresses or CIDRs"),
+        ),
+        Some(list) if list.get_ref().is_empty() => c.error(
+            list.span(),
+            format!("{at}: `to` is empty; a rule must allow at least one destination"),
+        ),
+        Some(list) => {
+            for entry in list.get_ref() {
+                if let Some(net) = destination(c, &at, entry) {
+                    to.push(net);
+                }
+            }
+        }
+    }
+
+    let ports = match &raw.ports {
+        None => vec![PortRange::ALL],
+        Some(list) if list.get_ref().is_empty() => {
+            c.error(
+                list.span(),
+                format!("{at}: `ports` is empty; omit `ports` to allow every port"),
+            );
+            Vec::new()
+        }
+        Some(list) => {
+            let ranges: Vec<PortRange> = list
+                .get_ref()
+                .iter()
+                .filter_map(|p| port_range(c, &at, p))
+                .collect();
+            merge_ranges(ranges)
+        }
+    };
+
+    let protocol = match &raw.protocol {
+        None => Protocol::Any,
+        Some(p) => match p.get_ref().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "any" => Protocol::Any,
+            other => {
+                c.error(
+                    p.span(),
+                    format!("{at}: unknown protocol {other:?}: expected \"tcp\", \"udp\" or \"any\""),
+                );
+                Protocol::Any
+            }
+        },
+    };
+
+    (c.errors.len() == before).then(|| EgressRule {
+        index,
+        line,
+        description: raw.description.clone(),
+        to,
+        ports,
+        protocol,
+    })
+}
+
+fn destination(c: &mut Checker<'_>, at: &str, entry: &Spanned<String>) -> Option<IpNetwork> {
+    let text = entry.get_ref().trim();
+    let net = match IpNetwork::from_str(text) {
+        Ok(net) => net,
+        Err(_) => {
+            c.error(
+                entry.span(),
+                format!("{at}: {text:?} is not an IP address or CIDR (like \"192.0.2.0/24\" or \"2001:db8::/64\")"),
+            );
+            return None;
+        }
+    };
+    if net.network() != net.ip() {
+        c.error(
+            entry.span(),
+            format!(
+                "{at}: {text:?} has host bits set; did you mean \"{}/{}\"?",
+                net.network(),
+                net.prefix()
+            ),
+        );
+        return None;
+    }
+    // An IPv4-mapped IPv6 network is judged as IPv4 by the kernel; store it
+    // as IPv4 so that the rule means what it says.
+    if let IpNetwork::V6(v6) = net {
+        if let Some(v4) = v6.ip().to_ipv4_mapped() {
+            if v6.prefix() >= 96 {
+                return IpNetwork::new(IpAddr::V4(v4), v6.prefix() - 96).ok();
+            }
+        }
+    }
+    Some(net)
+}
+
+fn port_range(c: &mut Checker<'_>, at: &str, port: &Spanned<RawPort>) -> Option<PortRange> {
+    let bad = |c: &mut Checker<'_>, what: String| {
+        c.error(port.span(), format!("{at}: {what}"));
+        None
+    };
+    let (lo, hi) = match port.get_ref() {
+        RawPort::Number(n) => (*n, *n),
+        RawPort::Text(t) => {
+            let t = t.trim();
+            let parsed = match t.split_once('-') {
+                Some((a, b)) => a.trim().parse::<i64>().ok().zip(b.trim().parse::<i64>().ok()),
+                None => t.parse::<i64>().ok().map(|p| (p, p)),
+            };
+            match parsed {
+                Some(pair) => pair,
+                None => {
+                    return bad(
+                        c,
+                        format!("port {t:?} is not a port or a range like \"8000-8100\""),
+                    )
+                }
+            }
+        }
+    };
+    for p in [lo, hi] {
+        if !(1..=65535).contains(&p) {
+            return bad(c, format!("port {p} is out of range 1-65535"));
+        }
+    }
+    if lo > hi {
+        return bad(
+            c,
+            format!("port range {lo}-{hi} is inverted; write \"{hi}-{lo}\""),
+        );
+    }
+    // Both are within 1..=65535, so they fit in u16.
+    Some(PortRange {
+        lo: u16::try_from(lo).ok()?,
+        hi: u16::try_from(hi).ok()?,
+    })
+}
+
+/// Sorts ranges and merges overlapping or adjacent ones.
+pub(crate) fn merge_ranges(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+    ranges.sort();
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(r.lo) <= u32::from(last.hi) + 1 => {
+                last.hi = last.hi.max(r.hi);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_adjacent_and_overlapping_ports() {
+        let r = |lo, hi| PortRange { lo, hi };
+        assert_eq!(
+            merge_ranges(vec![r(8000, 8100), r(5432, 5432), r(8101, 8200), r(8050, 8060)]),
+            vec![r(5432, 5432), r(8000, 8200)]
+        );
+    }
+}
