@@ -60,8 +60,7 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) =
-                crate::policy::position(text, e.span().map_or(0, |s| s.start));
+            let (line, column) = crate::policy::position(text, e.span().map_or(0, |s| s.start));
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -85,8 +84,11 @@ mod tests {
 
     #[test]
     fn parses_and_resolves_relative_policy_dir() {
-        let c = Config::parse(Path::new("/etc/x/bulkhead.toml"), "policy_dir = \"p\"\nbpf_log = true\n")
-            .expect("valid config");
+        let c = Config::parse(
+            Path::new("/etc/x/bulkhead.toml"),
+            "policy_dir = \"p\"\nbpf_log = true\n",
+        )
+        .expect("valid config");
         assert_eq!(c.policy_dir, PathBuf::from("/etc/x/p"));
         assert!(c.bpf_log);
     }

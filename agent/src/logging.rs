@@ -6,7 +6,10 @@ use tracing_subscriber::{fmt, EnvFilter};
 pub fn init(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
     // try_init: a second init (in tests) is not an error worth dying for.
     let _ = if under_journal {
         builder.without_time().with_ansi(false).try_init()

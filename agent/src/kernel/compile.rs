@@ -114,8 +114,10 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         nets.sort();
         for net in nets {
             let covering = covering_rules(net, &by_net);
-            let ranges: Vec<KPortRange> =
-                covering.iter().flat_map(|&i| checks[i].iter().copied()).collect();
+            let ranges: Vec<KPortRange> = covering
+                .iter()
+                .flat_map(|&i| checks[i].iter().copied())
+                .collect();
             if ranges.len() > MAX_PORT_RANGES {
                 let first = &service.egress[covering[0]];
                 errors.push(PolicyError {
@@ -238,7 +240,10 @@ mod tests {
         ]))
         .expect("compiles");
         assert_eq!(p.v4.len(), 2);
-        let inner = p.v4.iter().find(|(len, _, _)| *len == 48).expect("/16 entry");
+        let inner =
+            p.v4.iter()
+                .find(|(len, _, _)| *len == 48)
+                .expect("/16 entry");
         let set = &p.rulesets[inner.2 as usize];
         assert_eq!(set.len, 2, "the /16 must also allow the /8's port 443");
         assert_eq!(set.ranges[0].rule_id, 0);
@@ -247,7 +252,9 @@ mod tests {
 
     #[test]
     fn identical_rule_lists_share_one_ruleset() {
-        let cidrs: Vec<String> = (0..1000).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
+        let cidrs: Vec<String> = (0..1000)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
         let refs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
         let p = compile(&set(vec![rule(0, &refs, &[(80, 80)], Protocol::Tcp)])).expect("compiles");
         assert_eq!(p.v4.len(), 1000);
@@ -257,10 +264,19 @@ mod tests {
     #[test]
     fn too_many_port_ranges_is_an_error_with_the_line() {
         let ports: Vec<(u16, u16)> = (0..40).map(|i| (1000 + 2 * i, 1000 + 2 * i)).collect();
-        let err = compile(&set(vec![rule(3, &["192.0.2.0/24"], &ports, Protocol::Tcp)]))
-            .expect_err("40 ranges cannot fit");
+        let err = compile(&set(vec![rule(
+            3,
+            &["192.0.2.0/24"],
+            &ports,
+            Protocol::Tcp,
+        )]))
+        .expect_err("40 ranges cannot fit");
         assert_eq!(err.0.len(), 1);
         assert_eq!(err.0[0].line, 4);
-        assert!(err.0[0].message.contains("at most 32"), "{}", err.0[0].message);
+        assert!(
+            err.0[0].message.contains("at most 32"),
+            "{}",
+            err.0[0].message
+        );
     }
 }

@@ -3,14 +3,12 @@
 
 use std::{fs::File, path::Path};
 
-use aya::{
-    programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr,
-    },
-    Ebpf, EbpfLoader,
-};
 use agent_common::{
     maps as names, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
+};
+use aya::{
+    programs::{cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr},
+    Ebpf, EbpfLoader,
 };
 
 use super::{compile::CompiledPolicy, maps, KernelError, ResolvedService};
@@ -44,14 +42,28 @@ impl Enforcer {
     pub fn load(policy: &CompiledPolicy, options: &LoadOptions) -> Result<Self, KernelError> {
         let size = |needed: usize, floor: u32| -> u32 {
             // Headroom for services and rules added by later reloads.
-            u32::try_from(needed.saturating_mul(2)).unwrap_or(u32::MAX).max(floor)
+            u32::try_from(needed.saturating_mul(2))
+                .unwrap_or(u32::MAX)
+                .max(floor)
         };
         let bpf_log = u8::from(options.bpf_log);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SERVICES, size(policy.services.len(), DEFAULT_MAX_SERVICES))
-            .map_max_entries(names::EGRESS_V4, size(policy.v4.len(), DEFAULT_MAX_PREFIXES))
-            .map_max_entries(names::EGRESS_V6, size(policy.v6.len(), DEFAULT_MAX_PREFIXES))
-            .map_max_entries(names::RULESETS, size(policy.rulesets.len(), DEFAULT_MAX_RULESETS))
+            .map_max_entries(
+                names::SERVICES,
+                size(policy.services.len(), DEFAULT_MAX_SERVICES),
+            )
+            .map_max_entries(
+                names::EGRESS_V4,
+                size(policy.v4.len(), DEFAULT_MAX_PREFIXES),
+            )
+            .map_max_entries(
+                names::EGRESS_V6,
+                size(policy.v6.len(), DEFAULT_MAX_PREFIXES),
+            )
+            .map_max_entries(
+                names::RULESETS,
+                size(policy.rulesets.len(), DEFAULT_MAX_RULESETS),
+            )
             .override_global("BPF_LOG", &bpf_log, true)
             .load(EBPF_OBJECT)?;
         for name in PROGRAMS {
@@ -115,7 +127,10 @@ impl Enforcer {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, KernelError> {
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, KernelError> {
     ebpf.program_mut(name)
         .ok_or(KernelError::MissingProgram(name))?
         .try_into()

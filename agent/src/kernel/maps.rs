@@ -27,7 +27,9 @@ pub fn write(
     let mut rulesets: Array<&mut MapData, RuleSet> = map(ebpf, names::RULESETS)?;
     for (i, set) in policy.rulesets.iter().enumerate() {
         let index = u32::try_from(i).unwrap_or(u32::MAX);
-        rulesets.set(index, set, 0).map_err(map_err(names::RULESETS))?;
+        rulesets
+            .set(index, set, 0)
+            .map_err(map_err(names::RULESETS))?;
     }
 
     let mut v4: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, names::EGRESS_V4)?;

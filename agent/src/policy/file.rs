@@ -4,8 +4,14 @@
 use serde::Deserialize;
 use toml::Spanned;
 
+/// Keys a policy file may have at the top level and in each `[[egress]]`.
+/// Unknown keys are found by `unknown_keys` before deserializing, so that
+/// one typo does not hide every other problem in the file.
+pub(crate) const POLICY_KEYS: &[&str] =
+    &["name", "description", "unit", "cgroup", "mode", "egress"];
+pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description"];
+
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawPolicy {
     pub name: Option<Spanned<String>>,
     pub description: Option<String>,
@@ -17,7 +23,6 @@ pub(crate) struct RawPolicy {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawEgress {
     pub to: Option<Spanned<Vec<Spanned<String>>>>,
     pub ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
@@ -31,4 +36,40 @@ pub(crate) struct RawEgress {
 pub(crate) enum RawPort {
     Number(i64),
     Text(String),
+}
+
+/// Every key of the document that the policy format does not know, with its
+/// span and the keys allowed where it stands.
+pub(crate) fn unknown_keys(text: &str) -> Vec<(std::ops::Range<usize>, String)> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(text) else {
+        return Vec::new(); // syntax errors are reported by the deserializer
+    };
+    let mut out = Vec::new();
+    let mut check = |table: &DeTable<'_>, allowed: &[&str], at: &str| {
+        for key in table.keys() {
+            if !allowed.contains(&key.get_ref().as_ref()) {
+                out.push((
+                    key.span(),
+                    format!(
+                        "unknown key `{}`{at}; expected one of: {}",
+                        key.get_ref(),
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+    };
+    let top = doc.get_ref();
+    check(top, POLICY_KEYS, "");
+    if let Some(egress) = top.get("egress") {
+        if let DeValue::Array(rules) = egress.get_ref() {
+            for (i, rule) in rules.iter().enumerate() {
+                if let DeValue::Table(t) = rule.get_ref() {
+                    check(t, EGRESS_KEYS, &format!(" in egress[{i}]"));
+                }
+            }
+        }
+    }
+    out
 }

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     error::{PolicyError, PolicyErrors},
-    file::RawPolicy,
+    file::{self, RawPolicy},
     model::{PolicySet, Selector},
     validate::{self, Checker},
 };
@@ -16,7 +16,8 @@ use super::{
 /// Loads every `*.toml` file directly in `dir` (not in subdirectories, so a
 /// `config/` folder beside the policies is left alone), in name order.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
-    let entries = fs::read_dir(dir).map_err(|e| whole_file(dir, format!("cannot read policy directory: {e}")))?;
+    let entries = fs::read_dir(dir)
+        .map_err(|e| whole_file(dir, format!("cannot read policy directory: {e}")))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -40,6 +41,9 @@ pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
             }
         };
         let mut checker = Checker::new(file, &text);
+        for (span, message) in file::unknown_keys(&text) {
+            checker.error(span, message);
+        }
         match toml::from_str::<RawPolicy>(&text) {
             Ok(raw) => {
                 if let Some(service) = validate::service(&mut checker, raw) {
@@ -69,7 +73,8 @@ pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
                 ),
             ));
         }
-        if let Some((other, first)) = by_cgroup.insert(s.selector.cgroup_path(), (&s.name, &s.file)) {
+        if let Some((other, first)) = by_cgroup.insert(s.selector.cgroup_path(), (&s.name, &s.file))
+        {
             cross.push(whole_file_error(
                 &s.file,
                 format!(

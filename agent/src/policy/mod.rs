@@ -11,3 +11,6 @@ mod validate;
 pub use error::{position, PolicyError, PolicyErrors};
 pub use load::{load_dir, load_files};
 pub use model::{EgressRule, Mode, PolicySet, PortRange, Protocol, RuleRef, Selector, Service};
+
+#[cfg(test)]
+mod tests;

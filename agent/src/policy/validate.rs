@@ -166,7 +166,9 @@ fn check_cgroup(c: &mut Checker<'_>, cgroup: &Spanned<String>) -> Option<Selecto
     let Some(rel) = p.strip_prefix('/') else {
         c.error(
             cgroup.span(),
-            format!("cgroup {p:?} must be an absolute path below the cgroup2 mount, like \"/billing\""),
+            format!(
+                "cgroup {p:?} must be an absolute path below the cgroup2 mount, like \"/billing\""
+            ),
         );
         return None;
     };
@@ -191,11 +193,7 @@ fn check_cgroup(c: &mut Checker<'_>, cgroup: &Spanned<String>) -> Option<Selecto
     Some(Selector::Cgroup(rel.to_string()))
 }
 
-fn egress_rule(
-    c: &mut Checker<'_>,
-    index: usize,
-    rule: &Spanned<RawEgress>,
-) -> Option<EgressRule> {
+fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> Option<EgressRule> {
     let before = c.errors.len();
     let line = c.line_of(&rule.span());
     let raw = rule.get_ref();
@@ -241,18 +239,20 @@ fn egress_rule(
 
     let protocol = match &raw.protocol {
         None => Protocol::Any,
-        Some(p) => match p.get_ref().as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            "any" => Protocol::Any,
-            other => {
-                c.error(
+        Some(p) => {
+            match p.get_ref().as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "any" => Protocol::Any,
+                other => {
+                    c.error(
                     p.span(),
                     format!("{at}: unknown protocol {other:?}: expected \"tcp\", \"udp\" or \"any\""),
                 );
-                Protocol::Any
+                    Protocol::Any
+                }
             }
-        },
+        }
     };
 
     (c.errors.len() == before).then(|| EgressRule {
@@ -310,7 +310,11 @@ fn port_range(c: &mut Checker<'_>, at: &str, port: &Spanned<RawPort>) -> Option<
         RawPort::Text(t) => {
             let t = t.trim();
             let parsed = match t.split_once('-') {
-                Some((a, b)) => a.trim().parse::<i64>().ok().zip(b.trim().parse::<i64>().ok()),
+                Some((a, b)) => a
+                    .trim()
+                    .parse::<i64>()
+                    .ok()
+                    .zip(b.trim().parse::<i64>().ok()),
                 None => t.parse::<i64>().ok().map(|p| (p, p)),
             };
             match parsed {
@@ -365,7 +369,12 @@ mod tests {
     fn merges_adjacent_and_overlapping_ports() {
         let r = |lo, hi| PortRange { lo, hi };
         assert_eq!(
-            merge_ranges(vec![r(8000, 8100), r(5432, 5432), r(8101, 8200), r(8050, 8060)]),
+            merge_ranges(vec![
+                r(8000, 8100),
+                r(5432, 5432),
+                r(8101, 8200),
+                r(8050, 8060)
+            ]),
             vec![r(5432, 5432), r(8000, 8200)]
         );
     }

@@ -1,0 +1,166 @@
+//! Policy parsing and validation, on inline files.
+
+use std::{fs, path::PathBuf};
+
+use super::*;
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    fs::write(&path, text).expect("write test policy");
+    path
+}
+
+fn errors_of(result: Result<PolicySet, PolicyErrors>) -> Vec<(String, usize, String)> {
+    let errors = result.expect_err("policy must be refused");
+    errors
+        .0
+        .into_iter()
+        .map(|e| {
+            let file = e
+                .file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (file, e.line, e.message)
+        })
+        .collect()
+}
+
+#[test]
+fn the_documented_shape_parses_into_the_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "billing.toml",
+        r#"
+unit = "billing.service"
+mode = "enforce"
+
+[[egress]]
+to = ["192.0.2.0/24", "2001:db8::/64", "127.0.0.1"]
+ports = [5432, "8000-8100"]
+protocol = "tcp"
+"#,
+    );
+    let set = load_dir(dir.path()).expect("valid policy");
+    assert_eq!(set.services.len(), 1);
+    let s = &set.services[0];
+    assert_eq!(s.name, "billing");
+    assert_eq!(s.selector, Selector::Unit("billing.service".into()));
+    assert_eq!(s.selector.cgroup_path(), "system.slice/billing.service");
+    assert_eq!(s.mode, Mode::Enforce);
+    let rule = &s.egress[0];
+    assert_eq!(rule.line, 5);
+    assert_eq!(rule.protocol, Protocol::Tcp);
+    assert_eq!(
+        rule.to.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["192.0.2.0/24", "2001:db8::/64", "127.0.0.1/32"]
+    );
+    assert_eq!(
+        rule.ports,
+        [
+            PortRange { lo: 5432, hi: 5432 },
+            PortRange { lo: 8000, hi: 8100 }
+        ]
+    );
+}
+
+#[test]
+fn omitted_ports_and_protocol_mean_all_and_any() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "a.toml", "cgroup = \"/a/b\"\nmode = \"audit\"\nname = \"x\"\n[[egress]]\nto = [\"::ffff:192.0.2.0/120\"]\n");
+    let set = load_dir(dir.path()).expect("valid policy");
+    let s = &set.services[0];
+    assert_eq!(s.name, "x");
+    assert_eq!(s.selector.cgroup_path(), "a/b");
+    assert_eq!(s.mode, Mode::Audit);
+    assert_eq!(s.egress[0].ports, [PortRange::ALL]);
+    assert_eq!(s.egress[0].protocol, Protocol::Any);
+    // An IPv4-mapped network is kept as the IPv4 network it means.
+    assert_eq!(s.egress[0].to[0].to_string(), "192.0.2.0/24");
+}
+
+#[test]
+fn every_error_in_a_file_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "bad.toml",
+        "cgroup = \"/x\"\nmode = \"enforce\"\nfoo = 1\n[[egress]]\nto = [\"10.0.0.1/8\", \"bad\"]\nports = [0, \"9000-8000\", 70000]\nprotocol = \"icmp\"\n",
+    );
+    let errors = errors_of(load_dir(dir.path()));
+    let lines: Vec<usize> = errors.iter().map(|e| e.1).collect();
+    assert_eq!(lines, [3, 5, 5, 6, 6, 6, 7], "{errors:#?}");
+    assert!(errors[0].2.contains("unknown key `foo`"));
+    assert!(errors[1].2.contains("host bits set"));
+    assert!(errors[2].2.contains("\"bad\" is not an IP address"));
+    assert!(errors[3].2.contains("port 0 is out of range"));
+    assert!(errors[4].2.contains("9000-8000 is inverted"));
+    assert!(errors[5].2.contains("port 70000 is out of range"));
+    assert!(errors[6].2.contains("unknown protocol \"icmp\""));
+}
+
+#[test]
+fn missing_mode_and_selector_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "m.toml", "[[egress]]\nto = [\"192.0.2.1\"]\n");
+    let errors = errors_of(load_dir(dir.path()));
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].2.contains("missing `unit"));
+    assert!(errors[1].2.contains("missing `mode`"));
+}
+
+#[test]
+fn a_service_named_twice_and_a_file_that_is_not_toml_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "a.toml",
+        "name = \"db\"\ncgroup = \"/a\"\nmode = \"audit\"\n",
+    );
+    write(
+        &dir,
+        "b.toml",
+        "name = \"db\"\ncgroup = \"/b\"\nmode = \"audit\"\n",
+    );
+    write(&dir, "c.toml", "this is [not toml\n");
+    let errors = errors_of(load_dir(dir.path()));
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert_eq!(errors[0].0, "c.toml");
+    assert!(errors[0].2.contains("not a valid policy file"));
+    assert_eq!(errors[1].0, "b.toml");
+    assert!(errors[1].2.contains("service \"db\" is already defined in"));
+}
+
+#[test]
+fn one_cgroup_cannot_belong_to_two_services() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "a.toml", "unit = \"x.service\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "b.toml",
+        "cgroup = \"/system.slice/x.service\"\nmode = \"audit\"\n",
+    );
+    let errors = errors_of(load_dir(dir.path()));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].2.contains("already managed by service \"a\""));
+}
+
+#[test]
+fn bad_selectors_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "a.toml", "cgroup = \"/\"\nmode = \"audit\"\n");
+    write(&dir, "b.toml", "cgroup = \"/x/../y\"\nmode = \"audit\"\n");
+    write(&dir, "c.toml", "unit = \"x.timer\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "d.toml",
+        "unit = \"x.service\"\ncgroup = \"/x\"\nmode = \"audit\"\n",
+    );
+    let errors = errors_of(load_dir(dir.path()));
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert!(errors[0].2.contains("root of the whole host"));
+    assert!(errors[1].2.contains("`..` component"));
+    assert!(errors[2].2.contains("not a systemd service or scope name"));
+    assert!(errors[3].2.contains("not both"));
+}
