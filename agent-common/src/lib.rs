@@ -6,8 +6,10 @@
 //! struct has explicit padding fields so that every byte is initialised.
 #![no_std]
 
+pub mod event;
 pub mod maps;
 pub mod policy;
 
+pub use event::*;
 pub use maps::*;
 pub use policy::*;

@@ -10,6 +10,19 @@ pub const EGRESS_V6: &str = "EGRESS_V6";
 /// Array of [`crate::RuleSet`]: the port/protocol checks behind a prefix.
 pub const RULESETS: &str = "RULESETS";
 
+/// Ring buffer of [`crate::Event`] records.
+pub const EVENTS: &str = "EVENTS";
+/// Per-CPU array of u64: records dropped because `EVENTS` was full, by
+/// `LOST_*` slot.
+pub const LOST: &str = "LOST";
+/// Per-CPU array of u64 verdict counters (see `counter_slot`).
+pub const COUNTERS: &str = "COUNTERS";
+/// sk_storage of [`crate::SockInfo`] (BTF-defined, cloned to children).
+pub const SOCK_INFO: &str = "SOCK_INFO";
+
+/// Default ring buffer size: 8 MiB, about 50,000 records of 160 bytes.
+pub const DEFAULT_EVENTS_BYTES: u32 = 8 << 20;
+
 /// Upper bound on how deep in the cgroup tree a service may sit. The kernel
 /// walks the current task's ancestors up to this depth to find its service.
 pub const MAX_CGROUP_DEPTH: u32 = 32;

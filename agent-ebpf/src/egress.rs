@@ -1,8 +1,6 @@
 //! The egress verdict: destination prefix (LPM) -> ruleset -> port/protocol.
 
-use agent_common::{
-    LpmV4Key, LpmV6Key, RuleSet, MAX_PORT_RANGES, PROTO_ANY, RULE_DEFAULT_DENY,
-};
+use agent_common::{LpmV4Key, LpmV6Key, RuleSet, MAX_PORT_RANGES, PROTO_ANY, RULE_DEFAULT_DENY};
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::maps::{EGRESS_V4, EGRESS_V6, RULESETS};

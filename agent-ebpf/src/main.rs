@@ -15,6 +15,10 @@
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod events;
+#[cfg(target_arch = "bpf")]
+mod lifecycle;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod programs;

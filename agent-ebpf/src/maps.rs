@@ -3,12 +3,13 @@
 //! policy before loading.
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS,
-    DEFAULT_MAX_SERVICES,
+    LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, SockInfo, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
+    DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, LOST_SLOTS,
 };
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie},
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 
 #[map(name = "SERVICES")]
@@ -23,6 +24,61 @@ pub static EGRESS_V6: LpmTrie<LpmV6Key, u32> = LpmTrie::with_max_entries(DEFAULT
 
 #[map(name = "RULESETS")]
 pub static RULESETS: Array<RuleSet> = Array::with_max_entries(DEFAULT_MAX_RULESETS, 0);
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES * COUNTER_SLOTS, 0);
+
+/// Who owns a socket, kept on the socket itself. BPF_F_CLONE copies it to
+/// every socket accepted from a listener, so that a passive connection
+/// knows its service although it is established in softirq context.
+/// aya-ebpf's own SkStorage cannot set BPF_F_CLONE, hence this definition
+/// (the layout libbpf and aya read from BTF: pointers to arrays whose
+/// lengths carry the numbers).
+#[repr(C)]
+pub struct SockInfoStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SockInfo,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholders patched by the loader; never dereferenced.
+unsafe impl Sync for SockInfoStorage {}
+
+impl SockInfoStorage {
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+#[btf_map(name = "SOCK_INFO")]
+pub static SOCK_INFO: SockInfoStorage = SockInfoStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
+
+/// Set by the daemon at load time: also emit events (never enforce) for
+/// tasks outside every managed service.
+#[unsafe(no_mangle)]
+pub static OBSERVE_UNMANAGED: u8 = 0;
+
+#[inline(always)]
+pub fn observe_unmanaged() -> bool {
+    // SAFETY: as for BPF_LOG.
+    unsafe { core::ptr::read_volatile(&OBSERVE_UNMANAGED) != 0 }
+}
 
 /// Set by the daemon at load time (`bpf_log` in the config): when 0, the
 /// programs never call aya-log, so diagnostics cost nothing by default.

@@ -72,6 +72,7 @@ async fn serve(
         &compiled,
         &LoadOptions {
             bpf_log: config.bpf_log,
+            ..LoadOptions::default()
         },
     )?;
     let _bpf_logger = if config.bpf_log {

@@ -1,0 +1,107 @@
+//! Records the kernel programs send to userspace through the `EVENTS` ring
+//! buffer, and the per-socket state they keep.
+
+/// A connect()/sendmsg() decision for a managed (or, when observed, an
+/// unmanaged) task.
+pub const KIND_VERDICT: u8 = 1;
+/// A TCP connection reached ESTABLISHED (active or passive open).
+pub const KIND_TCP_ESTABLISHED: u8 = 2;
+/// A TCP connection that was established is closed.
+pub const KIND_TCP_CLOSED: u8 = 3;
+
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DENY: u8 = 1;
+/// Would have been denied; let through because the service is in audit mode.
+pub const VERDICT_AUDIT: u8 = 2;
+/// Not a decision (lifecycle events).
+pub const VERDICT_NONE: u8 = 255;
+
+pub const HOOK_CONNECT: u8 = 1;
+pub const HOOK_SENDMSG: u8 = 2;
+pub const HOOK_SOCK_OPS: u8 = 3;
+
+pub const DIRECTION_EGRESS: u8 = 0;
+pub const DIRECTION_INGRESS: u8 = 1;
+
+/// `service_id` of a task that belongs to no managed service.
+pub const SERVICE_NONE: u32 = u32::MAX;
+
+/// Indexes of the per-CPU `LOST` counters: where a record was dropped
+/// because the ring buffer was full.
+pub const LOST_VERDICT: u32 = 0;
+pub const LOST_TCP: u32 = 1;
+pub const LOST_SLOTS: u32 = 2;
+
+/// One record of the ring buffer. A single layout for every kind keeps the
+/// kernel side simple; fields that do not apply are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u8,
+    pub verdict: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// IPPROTO_TCP (6), IPPROTO_UDP (17), ...
+    pub protocol: u8,
+    pub hook: u8,
+    pub direction: u8,
+    /// The service's mode when the decision was made.
+    pub mode: u8,
+    /// 1 when this TCP socket was opened by a peer (passive open).
+    pub passive: u8,
+    pub service_id: u32,
+    pub rule_id: u32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub socket_cookie: u64,
+    pub comm: [u8; 16],
+    /// Local end (for verdicts: zero; the kernel has not picked it yet).
+    pub src_addr: [u8; 16],
+    /// Remote end (for verdicts: the destination asked for).
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ns: u64,
+}
+
+/// Per-socket state (sk_storage, cloned to accepted sockets): who owns the
+/// socket, kept from the process context where it was connected or bound.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockInfo {
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    /// When the connection was established (0 before).
+    pub established_ns: u64,
+    pub comm: [u8; 16],
+    pub service_id: u32,
+    pub mode: u8,
+    /// 1 once established by a peer's connect (accepted socket).
+    pub passive: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Verdict counters, per service: `COUNTERS[service_id * COUNTER_SLOTS + slot]`.
+/// slot = direction * 6 + protocol_index * 3 + verdict (allow, deny, audit),
+/// protocol_index 0 = TCP, 1 = UDP and everything else.
+pub const COUNTER_SLOTS: u32 = 12;
+
+#[inline(always)]
+pub fn counter_slot(direction: u8, protocol: u8, verdict: u8) -> u32 {
+    let proto_index = if protocol == crate::PROTO_TCP { 0 } else { 1 };
+    u32::from(direction) * 6 + proto_index * 3 + u32::from(verdict)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], Copy, integers and integer arrays only, explicit padding.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SockInfo {}
+}

@@ -1,0 +1,109 @@
+//! Sending records to userspace, and counting what could not be sent.
+
+use agent_common::{Event, SockInfo, COUNTER_SLOTS};
+use aya_ebpf::{
+    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::bpf_sk_storage_get,
+    },
+};
+
+use crate::maps::{COUNTERS, EVENTS, LOST, SOCK_INFO};
+
+/// An all-zero record to fill in.
+#[inline(always)]
+pub fn blank() -> Event {
+    Event {
+        kind: 0,
+        verdict: 0,
+        family: 0,
+        protocol: 0,
+        hook: 0,
+        direction: 0,
+        mode: 0,
+        passive: 0,
+        service_id: 0,
+        rule_id: 0,
+        ts_ns: 0,
+        cgroup_id: 0,
+        pid_tgid: 0,
+        uid_gid: 0,
+        socket_cookie: 0,
+        comm: [0; 16],
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        _pad: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration_ns: 0,
+    }
+}
+
+/// The calling task's identity (only meaningful in process context).
+#[inline(always)]
+pub fn fill_task(ev: &mut Event) {
+    ev.pid_tgid = bpf_get_current_pid_tgid();
+    ev.uid_gid = bpf_get_current_uid_gid();
+    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+/// Puts `ev` in the ring buffer; when it is full, counts the loss in
+/// `LOST[slot]` instead (never silently).
+#[inline(always)]
+pub fn emit(ev: &Event, lost_slot: u32) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(*ev);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(count) = LOST.get_ptr_mut(lost_slot) {
+                // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+                unsafe { *count += 1 };
+            }
+        }
+    }
+}
+
+/// Adds one to a service's verdict counter.
+#[inline(always)]
+pub fn count(service_id: u32, slot: u32) {
+    let index = service_id.wrapping_mul(COUNTER_SLOTS).wrapping_add(slot);
+    if let Some(count) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot.
+        unsafe { *count += 1 };
+    }
+}
+
+/// Records who owns `sk` (from the current task), creating its storage.
+#[inline(always)]
+pub fn remember_owner(sk: *mut bpf_sock, ev: &Event) {
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: sk is the context's socket; the map is an sk_storage map.
+    let info = unsafe {
+        bpf_sk_storage_get(
+            SOCK_INFO.as_ptr(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockInfo>();
+    if info.is_null() {
+        return; // no memory for the storage: the socket goes unobserved
+    }
+    // SAFETY: non-null storage of our value type.
+    unsafe {
+        (*info).cgroup_id = ev.cgroup_id;
+        (*info).pid_tgid = ev.pid_tgid;
+        (*info).uid_gid = ev.uid_gid;
+        (*info).comm = ev.comm;
+        (*info).service_id = ev.service_id;
+        (*info).mode = ev.mode;
+    }
+}
