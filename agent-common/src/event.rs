@@ -80,6 +80,10 @@ pub struct SockInfo {
     pub uid_gid: u64,
     /// When the connection was established (0 before).
     pub established_ns: u64,
+    /// bytes_acked / bytes_received at establishment (the SYNs), so that
+    /// the closed record counts payload only.
+    pub acked_base: u64,
+    pub received_base: u64,
     pub comm: [u8; 16],
     pub service_id: u32,
     pub mode: u8,

@@ -80,7 +80,7 @@ pub fn count(service_id: u32, slot: u32) {
 
 /// Records who owns `sk` (from the current task), creating its storage.
 #[inline(always)]
-pub fn remember_owner(sk: *mut bpf_sock, ev: &Event) {
+pub fn remember_owner<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *mut bpf_sock, ev: &Event) {
     if sk.is_null() {
         return;
     }
@@ -94,6 +94,9 @@ pub fn remember_owner(sk: *mut bpf_sock, ev: &Event) {
         )
     }
     .cast::<SockInfo>();
+    if crate::maps::bpf_log_enabled() {
+        aya_log_ebpf::debug!(ctx, "remember_owner record {}", u8::from(!info.is_null()));
+    }
     if info.is_null() {
         return; // no memory for the storage: the socket goes unobserved
     }

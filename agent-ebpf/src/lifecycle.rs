@@ -30,6 +30,11 @@ use crate::{
 };
 
 const TCP_CLOSE: u32 = 7;
+// States from which a close means both FINs were exchanged (each FIN takes
+// one sequence number, counted by bytes_acked/bytes_received).
+const TCP_FIN_WAIT2: u32 = 5;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
 const AF_INET: u32 = 2;
 
 #[sock_ops]
@@ -51,6 +56,14 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     let info =
         unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
             .cast::<SockInfo>();
+    if crate::maps::bpf_log_enabled() {
+        aya_log_ebpf::debug!(
+            &ctx,
+            "sock_ops op {} record {}",
+            op,
+            u8::from(!info.is_null())
+        );
+    }
     if info.is_null() {
         return 1;
     }
@@ -62,10 +75,18 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
             let mut ev = record(&ctx, info, now);
             ev.kind = KIND_TCP_CLOSED;
             // SAFETY: plain context fields.
-            unsafe {
-                ev.bytes_sent = read_volatile(&(*ctx.ops).bytes_acked);
-                ev.bytes_received = read_volatile(&(*ctx.ops).bytes_received);
-            }
+            let (acked, received) = unsafe {
+                (
+                    read_volatile(&(*ctx.ops).bytes_acked),
+                    read_volatile(&(*ctx.ops).bytes_received),
+                )
+            };
+            let old = ctx.arg(0);
+            let fins = u64::from(old == TCP_FIN_WAIT2 || old == TCP_LAST_ACK || old == TCP_CLOSING);
+            ev.bytes_sent = acked.saturating_sub(info.acked_base).saturating_sub(fins);
+            ev.bytes_received = received
+                .saturating_sub(info.received_base)
+                .saturating_sub(fins);
             ev.duration_ns = now.wrapping_sub(info.established_ns);
             info.established_ns = 0;
             emit(&ev, LOST_TCP);
@@ -73,6 +94,11 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     info.established_ns = now;
+    // SAFETY: plain context fields.
+    unsafe {
+        info.acked_base = read_volatile(&(*ctx.ops).bytes_acked);
+        info.received_base = read_volatile(&(*ctx.ops).bytes_received);
+    }
     info.passive = u8::from(op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
     let mut ev = record(&ctx, info, now);
     ev.kind = KIND_TCP_ESTABLISHED;

@@ -87,7 +87,7 @@ fn remember_bound(ctx: &SockAddrContext) {
     }
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     fill_task(&mut ev);
-    remember_owner(unsafe { sa.__bindgen_anon_1.sk }, &ev);
+    remember_owner(ctx, unsafe { sa.__bindgen_anon_1.sk }, &ev);
 }
 
 #[inline(always)]
@@ -192,7 +192,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
 
     if allowed && hook == HOOK_CONNECT && proto == PROTO_TCP {
         // SAFETY: valid context for this hook.
-        remember_owner(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
+        remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
     }
     if !allowed && bpf_log_enabled() {
         debug!(

@@ -41,6 +41,15 @@ pub struct RunArgs {
     /// Policy directory, overriding the config's `policy_dir`.
     #[arg(long, value_name = "DIR")]
     pub policy_dir: Option<PathBuf>,
+    /// Decision log: a file path, or "-" for stdout (overrides `events.sink`).
+    #[arg(long, value_name = "PATH|-")]
+    pub events: Option<String>,
+    /// Metrics and /healthz listen address (overrides `metrics.listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Control socket path (overrides `control.socket`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1,12 +1,17 @@
 //! The daemon's own configuration (`/etc/bulkhead/bulkhead.toml`). A bad
 //! config stops the daemon: a security agent never falls back to defaults.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/bulkhead/bulkhead.toml";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/bulkhead/policies";
+pub const DEFAULT_EVENTS_SINK: &str = "/var/log/bulkhead/events.jsonl";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bulkhead/control.sock";
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -15,6 +20,9 @@ pub struct Config {
     pub policy_dir: PathBuf,
     /// Kernel-side diagnostics through aya-log (off: zero cost on the hot path).
     pub bpf_log: bool,
+    pub events: EventsConfig,
+    pub metrics: MetricsConfig,
+    pub control: ControlConfig,
 }
 
 impl Default for Config {
@@ -22,6 +30,65 @@ impl Default for Config {
         Self {
             policy_dir: PathBuf::from(DEFAULT_POLICY_DIR),
             bpf_log: false,
+            events: EventsConfig::default(),
+            metrics: MetricsConfig::default(),
+            control: ControlConfig::default(),
+        }
+    }
+}
+
+/// The decision log.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Where JSON lines go: a file path, or "-" for stdout.
+    pub sink: String,
+    /// Size of the kernel ring buffer in bytes: a power of two, at least 4096.
+    pub ring_buffer_bytes: u32,
+    /// Also emit events (never enforce) for processes outside every managed
+    /// service.
+    pub observe_unmanaged: bool,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            sink: DEFAULT_EVENTS_SINK.to_string(),
+            ring_buffer_bytes: agent_common::DEFAULT_EVENTS_BYTES,
+            observe_unmanaged: false,
+        }
+    }
+}
+
+/// The Prometheus endpoint (and /healthz).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address to listen on; loopback by default. Anything else exposes the
+    /// service map to the network: set it only on purpose.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9469)),
+        }
+    }
+}
+
+/// The local control socket (`bulkhead flows`, `status`, ...).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Unix socket path; created mode 0600 (root only).
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
         }
     }
 }
@@ -68,6 +135,19 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
+        let rb = config.events.ring_buffer_bytes;
+        if rb < 4096 || !rb.is_power_of_two() {
+            let (line, column) =
+                crate::policy::position(text, text.find("ring_buffer_bytes").unwrap_or(0));
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: format!(
+                    "events.ring_buffer_bytes = {rb}: must be a power of two of at least 4096"
+                ),
+            });
+        }
         // A relative policy_dir is relative to the config file.
         if config.policy_dir.is_relative() {
             if let Some(dir) = path.parent() {
@@ -91,6 +171,30 @@ mod tests {
         .expect("valid config");
         assert_eq!(c.policy_dir, PathBuf::from("/etc/x/p"));
         assert!(c.bpf_log);
+    }
+
+    #[test]
+    fn sections_parse_and_default() {
+        let c = Config::parse(
+            Path::new("/c.toml"),
+            "[events]\nsink = \"-\"\nobserve_unmanaged = true\n[metrics]\nlisten = \"127.0.0.1:9999\"\n",
+        )
+        .expect("valid config");
+        assert_eq!(c.events.sink, "-");
+        assert!(c.events.observe_unmanaged);
+        assert_eq!(
+            c.events.ring_buffer_bytes,
+            agent_common::DEFAULT_EVENTS_BYTES
+        );
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.control.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    }
+
+    #[test]
+    fn ring_buffer_size_must_be_a_power_of_two() {
+        let err = Config::parse(Path::new("c.toml"), "[events]\nring_buffer_bytes = 5000\n")
+            .expect_err("5000 is not a power of two");
+        assert!(err.to_string().starts_with("c.toml:2:1:"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,10 @@
-//! `bulkhead run`: load, attach, enforce until told to stop, detach.
+//! `bulkhead run`: load, attach, enforce and report until told to stop,
+//! then detach.
+
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{anyhow, Context, Result};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -9,33 +13,68 @@ use crate::{
     cgroup,
     cli::RunArgs,
     config::Config,
+    events::{self, Decoder, Hub, Names, Sink},
     kernel::{self, CompiledPolicy, Enforcer, LoadOptions, ResolvedService},
     policy,
 };
 
+/// Everything `run` decided before starting: nothing here touched the kernel.
+pub struct Plan {
+    pub config: Config,
+    pub policy_dir: PathBuf,
+    pub set: policy::PolicySet,
+    pub compiled: CompiledPolicy,
+    pub mount: PathBuf,
+}
+
+/// The kernel's per-CPU counters, read at scrape time by the metrics.
+pub struct KernelCounters {
+    /// Verdict counters by service (see `agent_common::counter_slot`).
+    pub verdicts: PerCpuArray<MapData, u64>,
+    /// Records dropped because the ring buffer was full, by LOST_* slot.
+    pub lost: PerCpuArray<MapData, u64>,
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
     // Everything that can be refused is checked before the runtime starts
     // and before anything touches the kernel.
-    let config = Config::load(args.config.as_deref())?;
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(sink) = &args.events {
+        config.events.sink = sink.clone();
+    }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = listen;
+    }
+    if let Some(socket) = &args.control_socket {
+        config.control.socket = socket.clone();
+    }
     let policy_dir = args.policy_dir.clone().unwrap_or(config.policy_dir.clone());
-    let set = policy::load_dir(&policy_dir)
+    let (set, compiled) = policy::load_dir(&policy_dir)
         .and_then(|set| kernel::compile(&set).map(|c| (set, c)))
         .map_err(|errors| {
             anyhow!(
                 "invalid policy in {}; nothing was loaded:\n{errors}",
                 policy_dir.display()
             )
-        });
-    let (set, compiled) = set?;
+        })?;
     kernel::preflight::check().map_err(|line| anyhow!(line))?;
     let mount = cgroup::cgroup2_mount()?;
+    if !config.metrics.listen.ip().is_loopback() {
+        warn!(listen = %config.metrics.listen, "metrics endpoint is not on loopback: it exposes the service map to the network");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, policy_dir, set, compiled, mount))
+    runtime.block_on(serve(Plan {
+        config,
+        policy_dir,
+        set,
+        compiled,
+        mount,
+    }))
 }
 
 /// Resolves each service's cgroup id; a cgroup that does not exist yet is
@@ -46,7 +85,8 @@ fn resolve(compiled: &CompiledPolicy, mount: &std::path::Path) -> Vec<ResolvedSe
         .iter()
         .filter_map(|s| match cgroup::cgroup_id(mount, &s.cgroup_path) {
             Some(cgroup_id) => {
-                info!(service = %s.name, cgroup = %s.cgroup_path, cgroup_id, mode = if s.entry.mode == agent_common::MODE_AUDIT { "audit" } else { "enforce" }, rules = s.rule_count, "service managed");
+                let mode = if s.entry.mode == agent_common::MODE_AUDIT { "audit" } else { "enforce" };
+                info!(service = %s.name, cgroup = %s.cgroup_path, cgroup_id, mode, rules = s.rule_count, "service managed");
                 Some(ResolvedService {
                     cgroup_id,
                     entry: s.entry,
@@ -60,19 +100,25 @@ fn resolve(compiled: &CompiledPolicy, mount: &std::path::Path) -> Vec<ResolvedSe
         .collect()
 }
 
-async fn serve(
-    config: Config,
-    policy_dir: std::path::PathBuf,
-    set: policy::PolicySet,
-    compiled: CompiledPolicy,
-    mount: std::path::PathBuf,
-) -> Result<()> {
+async fn serve(plan: Plan) -> Result<()> {
+    let Plan {
+        config,
+        policy_dir,
+        set,
+        compiled,
+        mount,
+    } = plan;
+    let sink = Sink::open(&config.events.sink)
+        .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
+    let hub = Arc::new(Hub::new(sink));
+
     let resolved = resolve(&compiled, &mount);
     let mut enforcer = Enforcer::load(
         &compiled,
         &LoadOptions {
             bpf_log: config.bpf_log,
-            ..LoadOptions::default()
+            observe_unmanaged: config.events.observe_unmanaged,
+            events_bytes: config.events.ring_buffer_bytes,
         },
     )?;
     let _bpf_logger = if config.bpf_log {
@@ -81,6 +127,18 @@ async fn serve(
         None
     };
     enforcer.write_policy(&compiled, &resolved)?;
+
+    // The consumer starts before the programs attach, so that the first
+    // decision already has a reader.
+    let ring: RingBuf<MapData> = take_map(enforcer.ebpf_mut(), agent_common::maps::EVENTS)?;
+    let _counters = KernelCounters {
+        verdicts: take_map(enforcer.ebpf_mut(), agent_common::maps::COUNTERS)?,
+        lost: take_map(enforcer.ebpf_mut(), agent_common::maps::LOST)?,
+    };
+    let decoder = Decoder::new(Arc::new(Names::from_policy(&compiled)));
+    let reader = events::spawn_reader(ring, decoder, Arc::clone(&hub))
+        .context("cannot poll the event ring buffer")?;
+
     enforcer.attach(&mount)?;
     let status = format!(
         "enforcing: {} of {} services managed, {} rules, from {}",
@@ -89,7 +147,7 @@ async fn serve(
         compiled.rules.len(),
         policy_dir.display()
     );
-    info!(cgroup2 = %mount.display(), "{status}");
+    info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -100,14 +158,28 @@ async fn serve(
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
-                warn!("SIGHUP: policy reload is not supported yet; restart the agent to apply policy changes");
+                match hub.reopen_sink() {
+                    Ok(()) => info!("SIGHUP: decision log re-opened"),
+                    Err(e) => warn!("SIGHUP: cannot re-open the decision log: {e}"),
+                }
             }
         }
     }
     notify(&[NotifyState::Stopping]);
     enforcer.detach()?;
+    reader.abort();
     info!("programs detached; enforcement stopped");
     Ok(())
+}
+
+fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} is missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
 }
 
 /// Tells the service manager (systemd `Type=notify`) where we are; a no-op

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod kernel;
 pub mod logging;
 pub mod policy;

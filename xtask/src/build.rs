@@ -7,8 +7,14 @@ use crate::util::{run_cmd, workspace_root};
 
 pub fn run(release: bool) -> Result<()> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root())
-        .args(["build", "--locked", "--package", "agent", "--bin", "bulkhead"]);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--locked",
+        "--package",
+        "agent",
+        "--bin",
+        "bulkhead",
+    ]);
     if release {
         cmd.arg("--release");
     }

@@ -2,11 +2,16 @@
 //! installs what a fresh machine lacks and is quick when all is there.
 
 mod bench;
+mod bpf_linker;
 mod build;
+mod lint;
 mod run;
 mod setup;
+mod steps;
 mod test;
 mod util;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -39,29 +44,46 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check formatting and run clippy on every crate, warnings as errors.
+    Lint,
     /// Measure hook cost side by side with nftables and iptables; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.task {
-        Task::Setup => setup::run(),
+    // One line per failure, no backtrace (RUST_BACKTRACE is often set in CI).
+    task(cli.task).unwrap_or_else(|e| {
+        eprintln!("xtask: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn task(task: Task) -> anyhow::Result<ExitCode> {
+    match task {
+        Task::Setup => setup::run()?,
         Task::Build { release } => {
-            setup::run()?;
-            build::run(release)
+            setup::ensure_build_tools()?;
+            build::run(release)?;
         }
+        // `run` passes the agent's own exit code on (e.g. after Ctrl-C).
         Task::Run { args } => {
             setup::run()?;
-            run::run(&args)
+            return run::run(&args);
         }
         Task::Test { args } => {
             setup::run()?;
-            test::run(&args)
+            test::run(&args)?;
+        }
+        // Linting compiles the agent, whose build script needs the eBPF tools.
+        Task::Lint => {
+            setup::ensure_build_tools()?;
+            lint::run()?;
         }
         Task::Bench(args) => {
             setup::run()?;
-            bench::run(&args)
+            bench::run(&args)?;
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,10 @@
 //! Small helpers shared by the tasks.
 
 use std::{
+    env,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
+    time::Instant,
 };
 
 use anyhow::{bail, Context, Result};
@@ -11,8 +13,7 @@ use anyhow::{bail, Context, Result};
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Runs a command, echoing it, and fails if it fails.
@@ -29,8 +30,57 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command and returns its stdout, or None if it could not run or failed.
 pub fn output_of(cmd: &mut Command) -> Option<String> {
-    let out = cmd.output().ok()?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether we run with uid 0 (BPF, apt-get and the integration tests need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The first executable called `name` on PATH, like `which`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Cargo's target directory for this workspace (honours `CARGO_TARGET_DIR` and
+/// `build.target-dir`, which a hard-coded `target/` would not).
+pub fn target_dir() -> Result<PathBuf> {
+    let out = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("failed to run `cargo metadata`")?;
+    if !out.status.success() {
+        bail!("`cargo metadata` failed: {}", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed invalid JSON")?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("`cargo metadata` has no target_directory")
+}
+
+/// Seconds since `start`, for progress and summary lines.
+pub fn secs(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
 }

@@ -36,6 +36,8 @@ pub struct CompiledPolicy {
 #[derive(Debug, Clone)]
 pub struct CompiledService {
     pub name: String,
+    /// File name of its policy (for `file#default-deny` references).
+    pub file_name: String,
     /// Path of its cgroup relative to the cgroup2 mount.
     pub cgroup_path: String,
     pub entry: ServiceEntry,
@@ -59,6 +61,10 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         let service_id = u32::try_from(service_id).unwrap_or(u32::MAX);
         out.services.push(CompiledService {
             name: service.name.clone(),
+            file_name: service
+                .file
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
             cgroup_path: service.selector.cgroup_path(),
             entry: ServiceEntry {
                 service_id,

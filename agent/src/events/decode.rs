@@ -1,0 +1,278 @@
+//! Raw kernel records -> [`FlowEvent`], naming what the kernel only numbers.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agent_common::{
+    Event, DIRECTION_INGRESS, HOOK_CONNECT, HOOK_SENDMSG, HOOK_SOCK_OPS, KIND_TCP_CLOSED,
+    KIND_TCP_ESTABLISHED, KIND_VERDICT, MODE_AUDIT, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
+};
+
+use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
+use crate::kernel::CompiledPolicy;
+
+/// Names for the numbers in kernel records, from the policy in force.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    /// By service id: (name, file name).
+    pub services: Vec<(String, String)>,
+    /// By rule id: `file#egress[i]`.
+    pub rules: Vec<String>,
+}
+
+impl Names {
+    pub fn from_policy(policy: &CompiledPolicy) -> Self {
+        Self {
+            services: policy
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.file_name.clone()))
+                .collect(),
+            rules: policy.rules.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+pub struct Decoder {
+    names: Arc<Names>,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall time.
+    boot_offset_ns: i128,
+}
+
+impl Decoder {
+    pub fn new(names: Arc<Names>) -> Self {
+        Self {
+            names,
+            boot_offset_ns: boot_offset_ns(),
+        }
+    }
+
+    pub fn set_names(&mut self, names: Arc<Names>) {
+        self.names = names;
+    }
+
+    /// Decodes one ring buffer record; None if it is not a record we know
+    /// (counted by the caller).
+    pub fn decode(&self, bytes: &[u8]) -> Option<FlowEvent> {
+        if bytes.len() < std::mem::size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: Event is plain old data and the slice is long enough;
+        // read_unaligned copes with any alignment.
+        let raw: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+        let kind = match raw.kind {
+            KIND_VERDICT => EventType::Verdict,
+            KIND_TCP_ESTABLISHED => EventType::TcpEstablished,
+            KIND_TCP_CLOSED => EventType::TcpClosed,
+            _ => return None,
+        };
+        let managed = raw.service_id != SERVICE_NONE;
+        let service = self
+            .names
+            .services
+            .get(raw.service_id as usize)
+            .filter(|_| managed);
+        let verdict = match (kind, raw.verdict) {
+            (EventType::Verdict, VERDICT_ALLOW) => Some(Verdict::Allow),
+            (EventType::Verdict, VERDICT_DENY) => Some(Verdict::Deny),
+            (EventType::Verdict, VERDICT_AUDIT) => Some(Verdict::Audit),
+            (EventType::Verdict, _) => return None,
+            _ => None,
+        };
+        let rule = match (verdict, service) {
+            (Some(Verdict::Allow), Some(_)) if raw.rule_id != RULE_DEFAULT_DENY => {
+                self.names.rules.get(raw.rule_id as usize).cloned()
+            }
+            (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => {
+                Some(format!("{file}#default-deny"))
+            }
+            _ => None,
+        };
+        let is_lifecycle = kind != EventType::Verdict;
+        Some(FlowEvent {
+            schema: SCHEMA.to_string(),
+            kind,
+            time: self.wall_time(raw.ts_ns),
+            ktime_ns: raw.ts_ns,
+            service: service.map(|(name, _)| name.clone()),
+            mode: managed.then(|| {
+                if raw.mode == MODE_AUDIT {
+                    "audit"
+                } else {
+                    "enforce"
+                }
+                .to_string()
+            }),
+            cgroup_id: raw.cgroup_id,
+            pid: (raw.pid_tgid >> 32) as u32,
+            tid: raw.pid_tgid as u32,
+            uid: raw.uid_gid as u32,
+            gid: (raw.uid_gid >> 32) as u32,
+            comm: comm(&raw.comm),
+            traffic_direction: if raw.direction == DIRECTION_INGRESS {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            },
+            hook: match raw.hook {
+                HOOK_CONNECT => "connect",
+                HOOK_SENDMSG => "sendmsg",
+                HOOK_SOCK_OPS => "sock_ops",
+                _ => "unknown",
+            }
+            .to_string(),
+            protocol: match raw.protocol {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                other => other.to_string(),
+            },
+            src_ip: is_lifecycle.then(|| addr(raw.family, &raw.src_addr)),
+            src_port: is_lifecycle.then_some(raw.src_port),
+            dst_ip: addr(raw.family, &raw.dst_addr),
+            dst_port: raw.dst_port,
+            verdict,
+            rule,
+            socket_cookie: raw.socket_cookie,
+            bytes_sent: (kind == EventType::TcpClosed).then_some(raw.bytes_sent),
+            bytes_received: (kind == EventType::TcpClosed).then_some(raw.bytes_received),
+            duration_ns: (kind == EventType::TcpClosed).then_some(raw.duration_ns),
+        })
+    }
+
+    fn wall_time(&self, ktime_ns: u64) -> String {
+        let ns = i128::from(ktime_ns) + self.boot_offset_ns;
+        let ns = u64::try_from(ns.max(0)).unwrap_or(u64::MAX);
+        humantime::format_rfc3339_nanos(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
+            .to_string()
+    }
+}
+
+fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    }
+}
+
+fn comm(bytes: &[u8; 16]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn boot_offset_ns() -> i128 {
+    let now = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> Event {
+        // SAFETY: all-zero is a valid Event.
+        let mut e: Event = unsafe { std::mem::zeroed() };
+        e.kind = KIND_VERDICT;
+        e.family = 4;
+        e.protocol = 6;
+        e.hook = HOOK_CONNECT;
+        e.pid_tgid = (42u64 << 32) | 43;
+        e.uid_gid = (7u64 << 32) | 5;
+        e.comm[..4].copy_from_slice(b"curl");
+        e.dst_addr[..4].copy_from_slice(&[192, 0, 2, 9]);
+        e.dst_port = 5432;
+        e
+    }
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is plain old data.
+        unsafe {
+            std::slice::from_raw_parts(
+                (e as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
+        }
+        .to_vec()
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(Arc::new(Names {
+            services: vec![("billing".into(), "billing.toml".into())],
+            rules: vec![
+                "billing.toml#egress[0]".into(),
+                "billing.toml#egress[1]".into(),
+            ],
+        }))
+    }
+
+    #[test]
+    fn names_the_service_rule_and_process() {
+        let mut e = raw();
+        e.verdict = VERDICT_ALLOW;
+        e.rule_id = 1;
+        let ev = decoder().decode(&bytes(&e)).expect("decodes");
+        assert_eq!(ev.service.as_deref(), Some("billing"));
+        assert_eq!(ev.rule.as_deref(), Some("billing.toml#egress[1]"));
+        assert_eq!((ev.pid, ev.tid, ev.uid, ev.gid), (42, 43, 5, 7));
+        assert_eq!(ev.comm, "curl");
+        assert_eq!(ev.dst_ip.to_string(), "192.0.2.9");
+        assert_eq!(ev.verdict, Some(Verdict::Allow));
+        assert_eq!(ev.src_ip, None);
+    }
+
+    #[test]
+    fn a_denial_names_the_default_deny_of_its_file() {
+        let mut e = raw();
+        e.verdict = VERDICT_DENY;
+        e.rule_id = RULE_DEFAULT_DENY;
+        let ev = decoder().decode(&bytes(&e)).expect("decodes");
+        assert_eq!(ev.rule.as_deref(), Some("billing.toml#default-deny"));
+        assert_eq!(ev.verdict, Some(Verdict::Deny));
+    }
+
+    #[test]
+    fn lifecycle_records_carry_both_ends_and_byte_counts() {
+        let mut e = raw();
+        e.kind = agent_common::KIND_TCP_CLOSED;
+        e.verdict = agent_common::VERDICT_NONE;
+        e.hook = HOOK_SOCK_OPS;
+        e.src_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.src_port = 40000;
+        e.bytes_sent = 10;
+        e.bytes_received = 20;
+        e.duration_ns = 30;
+        let ev = decoder().decode(&bytes(&e)).expect("decodes");
+        assert_eq!(ev.kind, EventType::TcpClosed);
+        assert_eq!(ev.verdict, None);
+        assert_eq!(ev.rule, None);
+        assert_eq!(
+            ev.src_ip.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(ev.src_port, Some(40000));
+        assert_eq!(
+            (ev.bytes_sent, ev.bytes_received, ev.duration_ns),
+            (Some(10), Some(20), Some(30))
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_and_short_records_are_refused() {
+        let mut e = raw();
+        e.kind = 99;
+        assert!(decoder().decode(&bytes(&e)).is_none());
+        assert!(decoder().decode(&[0u8; 8]).is_none());
+    }
+}
