@@ -131,7 +131,7 @@ async fn serve(plan: Plan) -> Result<()> {
     // The consumer starts before the programs attach, so that the first
     // decision already has a reader.
     let ring: RingBuf<MapData> = take_map(enforcer.ebpf_mut(), agent_common::maps::EVENTS)?;
-    let _counters = KernelCounters {
+    let counters = KernelCounters {
         verdicts: take_map(enforcer.ebpf_mut(), agent_common::maps::COUNTERS)?,
         lost: take_map(enforcer.ebpf_mut(), agent_common::maps::LOST)?,
     };
@@ -140,6 +140,13 @@ async fn serve(plan: Plan) -> Result<()> {
         .context("cannot poll the event ring buffer")?;
 
     enforcer.attach(&mount)?;
+
+    // Metrics endpoint (/metrics, /healthz): owns `counters`.
+    let _ = &counters; // (metrics: spawn here)
+
+    // Control socket (`bulkhead flows`, ...): serves from `hub`.
+    // (control: spawn here)
+
     let status = format!(
         "enforcing: {} of {} services managed, {} rules, from {}",
         resolved.len(),

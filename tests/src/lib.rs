@@ -1,1 +1,41 @@
+//! The harness of bulkhead's root integration tests.
+//!
+//! Everything here is real: tests create their own cgroups ([`CgroupGuard`])
+//! and network namespaces ([`NetnsGuard`]), start real listeners and clients
+//! ([`Probe`], [`Listener`], the `bulkhead-probe` binary), and drive the real
+//! `bulkhead` binary ([`Daemon`], [`bulkhead`]). Every guard cleans up in
+//! `Drop`, so a panicking test leaves nothing behind, and no `Drop` panics.
+//!
+//! Tests share kernel state (programs attached at the cgroup2 root), so the
+//! suite runs with `--test-threads=1`. A test that needs root starts with
+//! `if !require_bpf() { return; }`: see [`require_bpf`].
 
+pub mod bpf;
+pub mod cgroup;
+pub mod daemon;
+pub mod netns;
+pub mod notify;
+pub mod policy;
+pub mod ports;
+pub mod probe;
+pub mod process;
+pub mod require;
+
+pub use bpf::ProgSnapshot;
+pub use cgroup::{cgroup2_mount, CgroupGuard};
+pub use daemon::{bulkhead, bulkhead_bin, Daemon};
+pub use netns::NetnsGuard;
+pub use policy::{service_policy, Egress, PolicyDir};
+pub use ports::free_port_block;
+pub use probe::{Listener, Outcome, Probe, Proto};
+pub use require::require_bpf;
+
+/// `EPERM`: what a denied `connect()`/`sendto()` must return.
+pub const EPERM: i32 = libc::EPERM;
+
+/// Parses a socket address written in a test (`"127.0.0.1:0"`, `"[::1]:0"`).
+#[must_use]
+pub fn addr(s: &str) -> std::net::SocketAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("test bug: {s:?} is not a socket address: {e}"))
+}
