@@ -19,6 +19,13 @@ pub const VERDICT_NONE: u8 = 255;
 pub const HOOK_CONNECT: u8 = 1;
 pub const HOOK_SENDMSG: u8 = 2;
 pub const HOOK_SOCK_OPS: u8 = 3;
+pub const HOOK_BIND: u8 = 4;
+/// cgroup/sock_create: socket() of an inet socket.
+pub const HOOK_SOCK_CREATE: u8 = 5;
+/// lsm/socket_create: socket() of any family (packet sockets).
+pub const HOOK_LSM_SOCKET: u8 = 6;
+/// cgroup_skb/ingress: an inbound packet for a service's socket.
+pub const HOOK_INGRESS: u8 = 7;
 
 pub const DIRECTION_EGRESS: u8 = 0;
 pub const DIRECTION_INGRESS: u8 = 1;
@@ -30,7 +37,33 @@ pub const SERVICE_NONE: u32 = u32::MAX;
 /// because the ring buffer was full.
 pub const LOST_VERDICT: u32 = 0;
 pub const LOST_TCP: u32 = 1;
-pub const LOST_SLOTS: u32 = 2;
+pub const LOST_INGRESS: u32 = 2;
+pub const LOST_SLOTS: u32 = 3;
+
+/// At most this many inbound drop events per service per second (the
+/// counters still count every drop), so a flood cannot flood the log.
+pub const INGRESS_EVENTS_PER_SEC: u32 = 100;
+
+/// Key of the `UDP_PEERS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpPeerKey {
+    pub socket_cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of `INGRESS_RATE`: a one-second window and how many events it
+/// has had.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateState {
+    pub window_start_ns: u64,
+    pub events: u32,
+    pub suppressed: u32,
+}
 
 /// One record of the ring buffer. A single layout for every kind keeps the
 /// kernel side simple; fields that do not apply are zero.
@@ -108,4 +141,6 @@ mod pod {
     // SAFETY: #[repr(C)], Copy, integers and integer arrays only, explicit padding.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SockInfo {}
+    unsafe impl aya::Pod for super::UdpPeerKey {}
+    unsafe impl aya::Pod for super::RateState {}
 }

@@ -7,6 +7,20 @@ pub const SERVICES: &str = "SERVICES";
 pub const EGRESS_V4: &str = "EGRESS_V4";
 /// LPM trie of [`crate::LpmV6Key`] -> ruleset index (u32), egress IPv6.
 pub const EGRESS_V6: &str = "EGRESS_V6";
+/// LPM trie of [`crate::LpmV4Key`] (service, source) -> ruleset index,
+/// ingress IPv4.
+pub const INGRESS_V4: &str = "INGRESS_V4";
+/// LPM trie of [`crate::LpmV6Key`] -> ruleset index, ingress IPv6.
+pub const INGRESS_V6: &str = "INGRESS_V6";
+/// LRU hash of [`crate::UdpPeerKey`] -> last send (ns): the peers an
+/// unconnected UDP socket of an ingress-restricted service sent to, whose
+/// replies are let in.
+pub const UDP_PEERS: &str = "UDP_PEERS";
+/// Per-CPU array of [`crate::RateState`] by service id: rate limit of
+/// inbound drop events.
+pub const INGRESS_RATE: &str = "INGRESS_RATE";
+pub const DEFAULT_UDP_PEERS: u32 = 16384;
+
 /// Array of [`crate::RuleSet`]: the port/protocol checks behind a prefix.
 pub const RULESETS: &str = "RULESETS";
 

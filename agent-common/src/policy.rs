@@ -18,6 +18,16 @@ pub const MAX_PORT_RANGES: usize = 32;
 /// Rule id used when no rule matched (the service's default deny).
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 
+/// `ServiceEntry::flags`: inbound connections and datagrams are judged by
+/// the INGRESS tries (the policy has an `ingress` list).
+pub const FLAG_INGRESS: u8 = 1;
+/// bind() is judged by `bind_ruleset` (the policy has a `[bind]` table).
+pub const FLAG_BIND: u8 = 2;
+/// Raw inet sockets (SOCK_RAW) are allowed.
+pub const FLAG_ALLOW_RAW: u8 = 4;
+/// Packet sockets (AF_PACKET) are allowed.
+pub const FLAG_ALLOW_PACKET: u8 = 8;
+
 /// Value of the `SERVICES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +36,13 @@ pub struct ServiceEntry {
     pub service_id: u32,
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Index in `RULESETS` of the ports the service may bind (with
+    /// [`FLAG_BIND`]).
+    pub bind_ruleset: u32,
+    pub _pad2: u32,
 }
 
 /// Key of the IPv4 LPM trie: the service id and the address, both

@@ -1,14 +1,42 @@
-//! The egress verdict: destination prefix (LPM) -> ruleset -> port/protocol.
+//! Address verdicts: (service, address) prefix (LPM) -> ruleset ->
+//! port/protocol, for egress destinations and ingress sources.
 
 use agent_common::{LpmV4Key, LpmV6Key, RuleSet, MAX_PORT_RANGES, PROTO_ANY, RULE_DEFAULT_DENY};
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{lpm_trie::Key, LpmTrie};
 
-use crate::maps::{EGRESS_V4, EGRESS_V6, RULESETS};
+use crate::maps::{EGRESS_V4, EGRESS_V6, INGRESS_V4, INGRESS_V6, RULESETS};
 
 /// The rule that allows (`service`, `addr`, `proto`, `port`), or
 /// `RULE_DEFAULT_DENY`.
 #[inline(always)]
 pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+    lookup_v4(&EGRESS_V4, service_id, addr, proto, port)
+}
+
+#[inline(always)]
+pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+    lookup_v6(&EGRESS_V6, service_id, addr, proto, port)
+}
+
+/// The ingress rule that allows a peer at `addr` to reach local `port`.
+#[inline(always)]
+pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+    lookup_v4(&INGRESS_V4, service_id, addr, proto, port)
+}
+
+#[inline(always)]
+pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+    lookup_v6(&INGRESS_V6, service_id, addr, proto, port)
+}
+
+#[inline(always)]
+fn lookup_v4(
+    trie: &LpmTrie<LpmV4Key, u32>,
+    service_id: u32,
+    addr: [u8; 4],
+    proto: u8,
+    port: u16,
+) -> u32 {
     let key = Key::new(
         64,
         LpmV4Key {
@@ -16,14 +44,20 @@ pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
             addr,
         },
     );
-    match EGRESS_V4.get(&key) {
+    match trie.get(&key) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
     }
 }
 
 #[inline(always)]
-pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+fn lookup_v6(
+    trie: &LpmTrie<LpmV6Key, u32>,
+    service_id: u32,
+    addr: [u8; 16],
+    proto: u8,
+    port: u16,
+) -> u32 {
     let key = Key::new(
         160,
         LpmV6Key {
@@ -31,7 +65,7 @@ pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
             addr,
         },
     );
-    match EGRESS_V6.get(&key) {
+    match trie.get(&key) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
     }
@@ -41,7 +75,7 @@ pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
 /// ruleset behind it (it cannot happen unless the maps are tampered with)
 /// denies: fail closed.
 #[inline(always)]
-fn match_ports(index: u32, proto: u8, port: u16) -> u32 {
+pub fn match_ports(index: u32, proto: u8, port: u16) -> u32 {
     let Some(set) = RULESETS.get(index) else {
         return RULE_DEFAULT_DENY;
     };

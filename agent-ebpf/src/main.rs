@@ -17,6 +17,8 @@ mod egress;
 #[cfg(target_arch = "bpf")]
 mod events;
 #[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
 mod lifecycle;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -24,6 +26,8 @@ mod maps;
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod service;
+#[cfg(target_arch = "bpf")]
+mod sockets;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -3,13 +3,14 @@
 //! policy before loading.
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, SockInfo, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
-    DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, LOST_SLOTS,
+    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeerKey, COUNTER_SLOTS,
+    DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
+    DEFAULT_UDP_PEERS, LOST_SLOTS,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "SERVICES")]
@@ -21,6 +22,20 @@ pub static EGRESS_V4: LpmTrie<LpmV4Key, u32> = LpmTrie::with_max_entries(DEFAULT
 
 #[map(name = "EGRESS_V6")]
 pub static EGRESS_V6: LpmTrie<LpmV6Key, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_PREFIXES, 0);
+
+#[map(name = "INGRESS_V4")]
+pub static INGRESS_V4: LpmTrie<LpmV4Key, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_PREFIXES, 0);
+
+#[map(name = "INGRESS_V6")]
+pub static INGRESS_V6: LpmTrie<LpmV6Key, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_PREFIXES, 0);
+
+#[map(name = "UDP_PEERS")]
+pub static UDP_PEERS: LruHashMap<UdpPeerKey, u64> =
+    LruHashMap::with_max_entries(DEFAULT_UDP_PEERS, 0);
+
+#[map(name = "INGRESS_RATE")]
+pub static INGRESS_RATE: PerCpuArray<RateState> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "RULESETS")]
 pub static RULESETS: Array<RuleSet> = Array::with_max_entries(DEFAULT_MAX_RULESETS, 0);

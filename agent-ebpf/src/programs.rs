@@ -2,9 +2,9 @@
 //! context into a destination and asks `judge` for a verdict.
 
 use agent_common::{
-    counter_slot, DIRECTION_EGRESS, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT,
-    MODE_AUDIT, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    counter_slot, UdpPeerKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
+    HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_TCP,
+    PROTO_UDP, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
@@ -15,9 +15,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    egress::{match_v4, match_v6},
+    egress::{match_ports, match_v4, match_v6},
     events::{blank, count, emit, fill_task, remember_owner},
-    maps::{bpf_log_enabled, observe_unmanaged},
+    maps::{bpf_log_enabled, observe_unmanaged, UDP_PEERS},
     service::current_service,
 };
 
@@ -55,39 +55,82 @@ pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
     judge(&ctx, dest, port, PROTO_UDP, HOOK_SENDMSG)
 }
 
-/// bind() is where a listener gets its owner recorded, so that connections
-/// it accepts (which inherit the record) know their service.
+/// bind(): the ports a service may listen on (`[bind]`), and where a
+/// listener gets its owner recorded, so that connections it accepts (which
+/// inherit the record) know their service.
 #[cgroup_sock_addr(bind4)]
 pub fn bulkhead_bind4(ctx: SockAddrContext) -> i32 {
-    remember_bound(&ctx);
-    ALLOW
+    let (addr, port, proto) = v4_dest(&ctx);
+    bind(&ctx, Dest::V4(addr), port, proto)
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn bulkhead_bind6(ctx: SockAddrContext) -> i32 {
-    remember_bound(&ctx);
-    ALLOW
+    let (dest, port, proto) = v6_dest(&ctx);
+    bind(&ctx, dest, port, proto)
 }
 
 #[inline(always)]
-fn remember_bound(ctx: &SockAddrContext) {
-    // SAFETY: valid context for this hook.
-    let sa = unsafe { &*ctx.sock_addr };
-    if sa.protocol as u8 != PROTO_TCP {
-        return;
-    }
+fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
     let mut ev = blank();
-    match current_service() {
+    let service = current_service();
+    match service {
         Some(s) => {
             ev.service_id = s.service_id;
             ev.mode = s.mode;
         }
         None if observe_unmanaged() => ev.service_id = SERVICE_NONE,
-        None => return,
+        None => return ALLOW,
     }
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     fill_task(&mut ev);
-    remember_owner(ctx, unsafe { sa.__bindgen_anon_1.sk }, &ev);
+    // Port 0 asks the kernel for an ephemeral port: always allowed, so that
+    // outgoing connections keep working.
+    if let Some(s) = service {
+        if s.flags & FLAG_BIND != 0 && port != 0 {
+            let rule = match_ports(s.bind_ruleset, proto, port);
+            if rule == RULE_DEFAULT_DENY {
+                let verdict = if s.mode == MODE_AUDIT {
+                    VERDICT_AUDIT
+                } else {
+                    VERDICT_DENY
+                };
+                ev.kind = KIND_VERDICT;
+                ev.verdict = verdict;
+                ev.rule_id = rule;
+                ev.protocol = proto;
+                ev.hook = HOOK_BIND;
+                ev.direction = DIRECTION_INGRESS;
+                ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+                ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                set_addr(&mut ev.src_addr, &mut ev.family, local);
+                ev.src_port = port;
+                emit(&ev, LOST_VERDICT);
+                if verdict == VERDICT_DENY {
+                    return DENY;
+                }
+            }
+        }
+    }
+    if proto == PROTO_TCP {
+        // SAFETY: valid context for this hook.
+        remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+pub fn set_addr(out: &mut [u8; 16], family: &mut u8, addr: Dest) {
+    match addr {
+        Dest::V4(a) => {
+            *family = 4;
+            out[..4].copy_from_slice(&a);
+        }
+        Dest::V6(a) => {
+            *family = 6;
+            *out = a;
+        }
+    }
 }
 
 #[inline(always)]
@@ -177,18 +220,26 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     fill_task(&mut ev);
-    match dest {
-        Dest::V4(addr) => {
-            ev.family = 4;
-            ev.dst_addr[..4].copy_from_slice(&addr);
-        }
-        Dest::V6(addr) => {
-            ev.family = 6;
-            ev.dst_addr = addr;
-        }
-    }
+    set_addr(&mut ev.dst_addr, &mut ev.family, dest);
     ev.dst_port = port;
     emit(&ev, LOST_VERDICT);
+
+    // An unconnected UDP socket of an ingress-restricted service: let the
+    // replies from this peer in (see ingress.rs).
+    if allowed && hook == HOOK_SENDMSG {
+        if let Some(s) = service {
+            if s.flags & FLAG_INGRESS != 0 {
+                let key = UdpPeerKey {
+                    socket_cookie: ev.socket_cookie,
+                    addr: ev.dst_addr,
+                    port,
+                    family: ev.family,
+                    _pad: [0; 5],
+                };
+                let _ = UDP_PEERS.insert(&key, &ev.ts_ns, 0);
+            }
+        }
+    }
 
     if allowed && hook == HOOK_CONNECT && proto == PROTO_TCP {
         // SAFETY: valid context for this hook.

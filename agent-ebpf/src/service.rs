@@ -1,7 +1,13 @@
 //! Which managed service, if any, the current task belongs to.
 
 use agent_common::{ServiceEntry, MAX_CGROUP_DEPTH};
-use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+        generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    },
+};
 
 use crate::maps::SERVICES;
 
@@ -17,6 +23,26 @@ use crate::maps::SERVICES;
 pub fn current_service() -> Option<ServiceEntry> {
     // SAFETY: helpers with no memory arguments.
     let leaf = unsafe { bpf_get_current_cgroup_id() };
+    walk(leaf, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// The service owning the socket an inbound packet is for (the cgroup the
+/// socket was created in), for cgroup_skb programs.
+#[inline(always)]
+pub fn skb_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
+    // SAFETY: skb is the program's context.
+    let leaf = unsafe { bpf_skb_cgroup_id(skb) };
+    walk(leaf, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    })
+}
+
+/// Deepest managed cgroup from `leaf` up, `ancestor(level)` giving the id
+/// at each level (0 past the leaf).
+#[inline(always)]
+fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
     // Fast path: the task sits directly in the service's cgroup.
     if let Some(entry) = unsafe { SERVICES.get(&leaf) } {
         return Some(*entry);
@@ -25,7 +51,7 @@ pub fn current_service() -> Option<ServiceEntry> {
     // Level 0 is the root (never a service); walk down to the leaf's parent.
     let mut level = 1;
     while level < MAX_CGROUP_DEPTH {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = ancestor(level as i32);
         if id == 0 || id == leaf {
             break;
         }

@@ -4,7 +4,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use crate::{config::Config, daemon, kernel, logging, policy};
+use crate::{
+    config::Config,
+    control, daemon,
+    events::{EventType, Verdict},
+    kernel, logging, policy,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,6 +36,10 @@ pub enum Command {
     /// Validate policy files without loading anything; exit 0 if all are
     /// valid, 1 otherwise, with every error as FILE:LINE:COL: message.
     Check(CheckArgs),
+    /// Show recent events from the running daemon (and with --follow, live
+    /// ones until Ctrl-C), as a table or as JSON lines. Needs root: it talks
+    /// to the daemon over its root-only control socket.
+    Flows(FlowsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,10 +74,50 @@ pub struct CheckArgs {
     pub files: Vec<PathBuf>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct FlowsArgs {
+    /// After the recent events, keep showing new ones until Ctrl-C or the
+    /// daemon stops.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this service's events.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// Only connect/send decisions with this verdict.
+    #[arg(long, value_enum)]
+    pub verdict: Option<Verdict>,
+    /// Only events of this type.
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_event_type)]
+    pub kind: Option<EventType>,
+    /// Only the last N of the recent matching events.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    /// Print the events as JSON lines (the decision log's format).
+    #[arg(long)]
+    pub json: bool,
+    /// Control socket [default: the config's control.socket, /run/bulkhead/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Daemon config file, to find the control socket.
+    #[arg(long, value_name = "FILE", conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+}
+
+/// `--type`: the event type names of the decision log.
+fn parse_event_type(s: &str) -> Result<EventType, String> {
+    match s {
+        "verdict" => Ok(EventType::Verdict),
+        "tcp_established" => Ok(EventType::TcpEstablished),
+        "tcp_closed" => Ok(EventType::TcpClosed),
+        _ => Err("expected verdict, tcp_established or tcp_closed".to_string()),
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Flows(args) => control::flows::run(&args),
         Command::Run(args) => {
             logging::init(&cli.log_level);
             match daemon::run(&args) {

@@ -16,6 +16,7 @@ use crate::{
     events::{self, Decoder, Hub, Names, Sink},
     kernel::{self, CompiledPolicy, Enforcer, LoadOptions, ResolvedService},
     policy,
+    services::{ServiceTracker, RESCAN_INTERVAL},
 };
 
 /// Everything `run` decided before starting: nothing here touched the kernel.
@@ -77,29 +78,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }))
 }
 
-/// Resolves each service's cgroup id; a cgroup that does not exist yet is
-/// reported and left out (its service is not managed until it exists).
-fn resolve(compiled: &CompiledPolicy, mount: &std::path::Path) -> Vec<ResolvedService> {
-    compiled
-        .services
-        .iter()
-        .filter_map(|s| match cgroup::cgroup_id(mount, &s.cgroup_path) {
-            Some(cgroup_id) => {
-                let mode = if s.entry.mode == agent_common::MODE_AUDIT { "audit" } else { "enforce" };
-                info!(service = %s.name, cgroup = %s.cgroup_path, cgroup_id, mode, rules = s.rule_count, "service managed");
-                Some(ResolvedService {
-                    cgroup_id,
-                    entry: s.entry,
-                })
-            }
-            None => {
-                warn!(service = %s.name, cgroup = %s.cgroup_path, "cgroup does not exist; service not managed until it does (restart the agent once it runs)");
-                None
-            }
-        })
-        .collect()
-}
-
 async fn serve(plan: Plan) -> Result<()> {
     let Plan {
         config,
@@ -111,8 +89,28 @@ async fn serve(plan: Plan) -> Result<()> {
     let sink = Sink::open(&config.events.sink)
         .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
     let hub = Arc::new(Hub::new(sink));
+    // Bound before anything touches the kernel, so a taken port stops the
+    // daemon here, with the address in the error.
+    let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?;
 
-    let resolved = resolve(&compiled, &mount);
+    // Services whose cgroup exists now are written before attach; the rest
+    // (and restarted units, with new cgroup ids) are picked up by the
+    // periodic rescan in the main loop.
+    let mut tracker = ServiceTracker::new(&mount, &compiled);
+    tracker.rescan();
+    for s in tracker.services.iter().filter(|s| s.cgroup_id.is_none()) {
+        warn!(service = %s.name, cgroup = %s.cgroup_path, "cgroup does not exist yet; the service is managed as soon as it appears");
+    }
+    let resolved: Vec<ResolvedService> = tracker
+        .services
+        .iter()
+        .filter_map(|s| {
+            s.cgroup_id.map(|cgroup_id| ResolvedService {
+                cgroup_id,
+                entry: s.entry,
+            })
+        })
+        .collect();
     let mut enforcer = Enforcer::load(
         &compiled,
         &LoadOptions {
@@ -139,13 +137,28 @@ async fn serve(plan: Plan) -> Result<()> {
     let reader = events::spawn_reader(ring, decoder, Arc::clone(&hub))
         .context("cannot poll the event ring buffer")?;
 
-    enforcer.attach(&mount)?;
+    let coverage = enforcer.attach(&mount)?;
+    match &coverage.packet_sockets_reason {
+        None => info!("packet sockets (AF_PACKET) are judged through BPF LSM"),
+        Some(reason) => warn!("packet sockets (AF_PACKET) are NOT judged: {reason}; a managed service can open one only with CAP_NET_RAW, which its unit should drop"),
+    }
 
     // Metrics endpoint (/metrics, /healthz): owns `counters`.
-    let _ = &counters; // (metrics: spawn here)
+    let metrics_state = Arc::new(crate::metrics::MetricsState::new(
+        std::sync::Mutex::new(counters),
+        Arc::clone(&hub.stats),
+        crate::metrics::Inventory::from_policy(
+            &compiled,
+            &resolved,
+            &crate::metrics::map_capacities(enforcer.ebpf_mut()),
+        ),
+    ));
+    metrics_state.set_attached(true);
+    let _metrics = metrics_endpoint.serve(Arc::clone(&metrics_state))?;
 
     // Control socket (`bulkhead flows`, ...): serves from `hub`.
     // (control: spawn here)
+    let control = crate::control::Server::start(&config.control.socket, Arc::clone(&hub))?;
 
     let status = format!(
         "enforcing: {} of {} services managed, {} rules, from {}",
@@ -160,8 +173,18 @@ async fn serve(plan: Plan) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = rescan.tick() => {
+                let changes = tracker.rescan();
+                if !changes.is_empty() {
+                    if let Err(e) = enforcer.apply_service_changes(&changes) {
+                        warn!("cannot update the managed cgroups: {e}");
+                    }
+                }
+            }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
@@ -173,7 +196,10 @@ async fn serve(plan: Plan) -> Result<()> {
         }
     }
     notify(&[NotifyState::Stopping]);
-    enforcer.detach()?;
+    // Followers get {"end":"shutdown"}; the socket file is removed.
+    control.shutdown().await;
+    metrics_state.set_attached(false);
+    enforcer.detach();
     reader.abort();
     info!("programs detached; enforcement stopped");
     Ok(())

@@ -11,8 +11,11 @@
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod kernel;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
+pub mod services;

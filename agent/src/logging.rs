@@ -12,7 +12,7 @@ pub fn init(level: &str) {
         .with_target(false);
     // try_init: a second init (in tests) is not an error worth dying for.
     let _ = if under_journal {
-        builder.without_time().with_ansi(false).try_init()
+        builder.without_time().try_init()
     } else {
         builder.try_init()
     };

@@ -7,9 +7,9 @@ use std::{
 };
 
 use agent_common::{
-    Event, DIRECTION_INGRESS, HOOK_CONNECT, HOOK_SENDMSG, HOOK_SOCK_OPS, KIND_TCP_CLOSED,
-    KIND_TCP_ESTABLISHED, KIND_VERDICT, MODE_AUDIT, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY,
+    Event, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_INGRESS, HOOK_LSM_SOCKET, HOOK_SENDMSG,
+    HOOK_SOCK_CREATE, HOOK_SOCK_OPS, KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT,
+    MODE_AUDIT, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
@@ -87,12 +87,19 @@ impl Decoder {
             (Some(Verdict::Allow), Some(_)) if raw.rule_id != RULE_DEFAULT_DENY => {
                 self.names.rules.get(raw.rule_id as usize).cloned()
             }
-            (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => {
-                Some(format!("{file}#default-deny"))
-            }
+            (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => Some(match raw.hook {
+                HOOK_BIND => format!("{file}#bind"),
+                HOOK_SOCK_CREATE | HOOK_LSM_SOCKET => format!("{file}#sockets"),
+                HOOK_INGRESS => format!("{file}#ingress-default-deny"),
+                _ => format!("{file}#default-deny"),
+            }),
             _ => None,
         };
-        let is_lifecycle = kind != EventType::Verdict;
+        // Which ends the record carries: lifecycle and inbound verdicts both
+        // ends, outbound verdicts the remote end, bind the local end,
+        // socket creation neither.
+        let has_local = matches!(raw.hook, HOOK_SOCK_OPS | HOOK_INGRESS | HOOK_BIND);
+        let has_remote = !matches!(raw.hook, HOOK_BIND | HOOK_SOCK_CREATE | HOOK_LSM_SOCKET);
         Some(FlowEvent {
             schema: SCHEMA.to_string(),
             kind,
@@ -122,6 +129,10 @@ impl Decoder {
                 HOOK_CONNECT => "connect",
                 HOOK_SENDMSG => "sendmsg",
                 HOOK_SOCK_OPS => "sock_ops",
+                HOOK_BIND => "bind",
+                HOOK_SOCK_CREATE => "sock_create",
+                HOOK_LSM_SOCKET => "socket_create",
+                HOOK_INGRESS => "ingress",
                 _ => "unknown",
             }
             .to_string(),
@@ -130,10 +141,10 @@ impl Decoder {
                 17 => "udp".to_string(),
                 other => other.to_string(),
             },
-            src_ip: is_lifecycle.then(|| addr(raw.family, &raw.src_addr)),
-            src_port: is_lifecycle.then_some(raw.src_port),
-            dst_ip: addr(raw.family, &raw.dst_addr),
-            dst_port: raw.dst_port,
+            src_ip: has_local.then(|| addr(raw.family, &raw.src_addr)),
+            src_port: has_local.then_some(raw.src_port),
+            dst_ip: has_remote.then(|| addr(raw.family, &raw.dst_addr)),
+            dst_port: has_remote.then_some(raw.dst_port),
             verdict,
             rule,
             socket_cookie: raw.socket_cookie,
@@ -227,7 +238,10 @@ mod tests {
         assert_eq!(ev.rule.as_deref(), Some("billing.toml#egress[1]"));
         assert_eq!((ev.pid, ev.tid, ev.uid, ev.gid), (42, 43, 5, 7));
         assert_eq!(ev.comm, "curl");
-        assert_eq!(ev.dst_ip.to_string(), "192.0.2.9");
+        assert_eq!(
+            ev.dst_ip.map(|a| a.to_string()).as_deref(),
+            Some("192.0.2.9")
+        );
         assert_eq!(ev.verdict, Some(Verdict::Allow));
         assert_eq!(ev.src_ip, None);
     }

@@ -57,16 +57,18 @@ pub struct FlowEvent {
     pub gid: u32,
     pub comm: String,
     pub traffic_direction: Direction,
-    /// Which kernel hook saw it: connect, sendmsg, sock_ops.
+    /// Which kernel hook saw it: connect, sendmsg, bind, ingress,
+    /// sock_create, socket_create, sock_ops.
     pub hook: String,
     /// "tcp", "udp", or the IP protocol number.
     pub protocol: String,
     /// Local end, when known (lifecycle events).
     pub src_ip: Option<IpAddr>,
     pub src_port: Option<u16>,
-    /// Remote end (for a verdict: the destination asked for).
-    pub dst_ip: IpAddr,
-    pub dst_port: u16,
+    /// Remote end (for an outbound verdict: the destination asked for; for
+    /// an inbound one: the peer); null for bind and socket creation.
+    pub dst_ip: Option<IpAddr>,
+    pub dst_port: Option<u16>,
     /// Decision, for verdict events.
     pub verdict: Option<Verdict>,
     /// The rule that decided: `billing.toml#egress[1]`, or

@@ -13,21 +13,27 @@ use std::{
 };
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, MAX_PORT_RANGES,
-    MODE_AUDIT, MODE_ENFORCE, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+    LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
+    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, MAX_PORT_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY,
+    PROTO_TCP, PROTO_UDP,
 };
 use ipnetwork::IpNetwork;
 
-use crate::policy::{Mode, PolicyError, PolicyErrors, PolicySet, Protocol, RuleRef};
+use crate::policy::{
+    Mode, PolicyError, PolicyErrors, PolicySet, PortRange, Protocol, RuleRef, Section, Service,
+};
 
 /// Everything to write into the maps for one policy set.
 #[derive(Debug, Clone, Default)]
 pub struct CompiledPolicy {
     /// Index = service id.
     pub services: Vec<CompiledService>,
-    /// (prefix length in key bits, key, ruleset index).
+    /// Egress destinations: (prefix length in key bits, key, ruleset index).
     pub v4: Vec<(u32, LpmV4Key, u32)>,
     pub v6: Vec<(u32, LpmV6Key, u32)>,
+    /// Ingress sources, same shape.
+    pub ingress_v4: Vec<(u32, LpmV4Key, u32)>,
+    pub ingress_v6: Vec<(u32, LpmV6Key, u32)>,
     pub rulesets: Vec<RuleSet>,
     /// Index = rule id carried in `PortRange::rule_id`.
     pub rules: Vec<RuleRef>,
@@ -41,6 +47,7 @@ pub struct CompiledService {
     /// Path of its cgroup relative to the cgroup2 mount.
     pub cgroup_path: String,
     pub entry: ServiceEntry,
+    /// Egress + ingress rules.
     pub rule_count: usize,
 }
 
@@ -50,16 +57,86 @@ impl CompiledPolicy {
     }
 }
 
+/// One address rule, egress or ingress, as the compiler sees it.
+struct AddrRule<'a> {
+    index: usize,
+    line: usize,
+    nets: &'a [IpNetwork],
+    ports: &'a [PortRange],
+    protocol: Protocol,
+}
+
+/// The compiler's working state across services.
+#[derive(Default)]
+struct Builder {
+    out: CompiledPolicy,
+    ruleset_ids: HashMap<Vec<KPortRange>, u32>,
+    errors: Vec<PolicyError>,
+}
+
 /// Compiles a policy set; fails with file and line when a prefix would need
 /// more port checks than the kernel scans (`MAX_PORT_RANGES`).
 pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
-    let mut out = CompiledPolicy::default();
-    let mut ruleset_ids: HashMap<Vec<KPortRange>, u32> = HashMap::new();
-    let mut errors = Vec::new();
-
+    let mut b = Builder::default();
     for (service_id, service) in set.services.iter().enumerate() {
         let service_id = u32::try_from(service_id).unwrap_or(u32::MAX);
-        out.services.push(CompiledService {
+        let egress: Vec<AddrRule<'_>> = service
+            .egress
+            .iter()
+            .map(|r| AddrRule {
+                index: r.index,
+                line: r.line,
+                nets: &r.to,
+                ports: &r.ports,
+                protocol: r.protocol,
+            })
+            .collect();
+        let (v4, v6) = b.prefixes(service_id, service, Section::Egress, &egress);
+        b.out.v4.extend(v4);
+        b.out.v6.extend(v6);
+
+        let mut flags = 0;
+        if let Some(ingress) = &service.ingress {
+            flags |= FLAG_INGRESS;
+            let rules: Vec<AddrRule<'_>> = ingress
+                .iter()
+                .map(|r| AddrRule {
+                    index: r.index,
+                    line: r.line,
+                    nets: &r.from,
+                    ports: &r.ports,
+                    protocol: r.protocol,
+                })
+                .collect();
+            let (v4, v6) = b.prefixes(service_id, service, Section::Ingress, &rules);
+            b.out.ingress_v4.extend(v4);
+            b.out.ingress_v6.extend(v6);
+        }
+        let mut bind_ruleset = u32::MAX;
+        if let Some(bind) = &service.bind {
+            flags |= FLAG_BIND;
+            let rule_id = b.rule(service, Section::Bind, 0);
+            let checks = port_checks(&bind.ports, bind.protocol, rule_id);
+            match b.ruleset(checks) {
+                Some(id) => bind_ruleset = id,
+                None => b.errors.push(PolicyError {
+                    file: service.file.clone(),
+                    line: bind.line,
+                    column: 1,
+                    message: format!(
+                        "[bind]: {} port ranges; the kernel checks at most {MAX_PORT_RANGES}: merge ports into ranges",
+                        bind.ports.len()
+                    ),
+                }),
+            }
+        }
+        if service.sockets.raw {
+            flags |= FLAG_ALLOW_RAW;
+        }
+        if service.sockets.packet {
+            flags |= FLAG_ALLOW_PACKET;
+        }
+        b.out.services.push(CompiledService {
             name: service.name.clone(),
             file_name: service
                 .file
@@ -72,87 +149,114 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                     Mode::Enforce => MODE_ENFORCE,
                     Mode::Audit => MODE_AUDIT,
                 },
-                _pad: [0; 3],
+                flags,
+                _pad: [0; 2],
+                bind_ruleset,
+                _pad2: 0,
             },
-            rule_count: service.egress.len(),
+            rule_count: service.egress.len() + service.ingress.as_ref().map_or(0, Vec::len),
         });
+    }
+    if b.errors.is_empty() {
+        Ok(b.out)
+    } else {
+        Err(PolicyErrors(b.errors))
+    }
+}
 
-        // Port checks of each rule, tagged with its global rule id.
-        let mut checks: Vec<Vec<KPortRange>> = Vec::with_capacity(service.egress.len());
-        for rule in &service.egress {
-            let rule_id = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
-            out.rules.push(RuleRef {
-                service: service.name.clone(),
-                file: service.file.clone(),
-                index: rule.index,
-            });
-            let proto = match rule.protocol {
-                Protocol::Tcp => PROTO_TCP,
-                Protocol::Udp => PROTO_UDP,
-                Protocol::Any => PROTO_ANY,
-            };
-            checks.push(
-                rule.ports
-                    .iter()
-                    .map(|p| KPortRange {
-                        lo: p.lo,
-                        hi: p.hi,
-                        proto,
-                        _pad: [0; 3],
-                        rule_id,
-                    })
-                    .collect(),
-            );
+type V4Entries = Vec<(u32, LpmV4Key, u32)>;
+type V6Entries = Vec<(u32, LpmV6Key, u32)>;
+
+impl Builder {
+    /// Registers a rule and returns its global id.
+    fn rule(&mut self, service: &Service, section: Section, index: usize) -> u32 {
+        let id = u32::try_from(self.out.rules.len()).unwrap_or(u32::MAX);
+        self.out.rules.push(RuleRef {
+            service: service.name.clone(),
+            file: service.file.clone(),
+            section,
+            index,
+        });
+        id
+    }
+
+    /// The ruleset holding exactly `ranges` (shared when identical), or
+    /// None when it is longer than the kernel scans.
+    fn ruleset(&mut self, ranges: Vec<KPortRange>) -> Option<u32> {
+        if ranges.len() > MAX_PORT_RANGES {
+            return None;
         }
+        let next_id = u32::try_from(self.out.rulesets.len()).unwrap_or(u32::MAX);
+        let rulesets = &mut self.out.rulesets;
+        Some(*self.ruleset_ids.entry(ranges.clone()).or_insert_with(|| {
+            let mut set = RuleSet::EMPTY;
+            set.len = ranges.len() as u32;
+            set.ranges[..ranges.len()].copy_from_slice(&ranges);
+            rulesets.push(set);
+            next_id
+        }))
+    }
+
+    /// LPM entries for one service's egress or ingress rules.
+    fn prefixes(
+        &mut self,
+        service_id: u32,
+        service: &Service,
+        section: Section,
+        rules: &[AddrRule<'_>],
+    ) -> (V4Entries, V6Entries) {
+        let checks: Vec<Vec<KPortRange>> = rules
+            .iter()
+            .map(|r| {
+                let rule_id = self.rule(service, section, r.index);
+                port_checks(r.ports, r.protocol, rule_id)
+            })
+            .collect();
 
         // Which rules name each exact network.
         let mut by_net: HashMap<IpNetwork, Vec<usize>> = HashMap::new();
-        for (i, rule) in service.egress.iter().enumerate() {
-            for net in &rule.to {
-                let rules = by_net.entry(*net).or_default();
-                if !rules.contains(&i) {
-                    rules.push(i);
+        for (i, rule) in rules.iter().enumerate() {
+            for net in rule.nets {
+                let list = by_net.entry(*net).or_default();
+                if !list.contains(&i) {
+                    list.push(i);
                 }
             }
         }
-
         let mut nets: Vec<&IpNetwork> = by_net.keys().collect();
         nets.sort();
+
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        let name = match section {
+            Section::Ingress => "ingress",
+            _ => "egress",
+        };
         for net in nets {
             let covering = covering_rules(net, &by_net);
             let ranges: Vec<KPortRange> = covering
                 .iter()
                 .flat_map(|&i| checks[i].iter().copied())
                 .collect();
-            if ranges.len() > MAX_PORT_RANGES {
-                let first = &service.egress[covering[0]];
-                errors.push(PolicyError {
+            let count = ranges.len();
+            let Some(ruleset) = self.ruleset(ranges) else {
+                self.errors.push(PolicyError {
                     file: service.file.clone(),
-                    line: first.line,
+                    line: rules[covering[0]].line,
                     column: 1,
                     message: format!(
-                        "destination {net} is allowed by rules {} with {} port ranges in all; the kernel checks at most {MAX_PORT_RANGES} per destination: merge port lists or split destinations",
+                        "{net} is allowed by rules {} with {count} port ranges in all; the kernel checks at most {MAX_PORT_RANGES} per network: merge port lists or split networks",
                         covering
                             .iter()
-                            .map(|&i| format!("egress[{}]", service.egress[i].index))
+                            .map(|&i| format!("{name}[{}]", rules[i].index))
                             .collect::<Vec<_>>()
                             .join(", "),
-                        ranges.len()
                     ),
                 });
                 continue;
-            }
-            let next_id = u32::try_from(out.rulesets.len()).unwrap_or(u32::MAX);
-            let ruleset = *ruleset_ids.entry(ranges.clone()).or_insert_with(|| {
-                let mut set = RuleSet::EMPTY;
-                set.len = ranges.len() as u32;
-                set.ranges[..ranges.len()].copy_from_slice(&ranges);
-                out.rulesets.push(set);
-                next_id
-            });
+            };
             let sid = service_id.to_be_bytes();
             match net {
-                IpNetwork::V4(n) => out.v4.push((
+                IpNetwork::V4(n) => v4.push((
                     32 + u32::from(n.prefix()),
                     LpmV4Key {
                         service_id: sid,
@@ -160,7 +264,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                     },
                     ruleset,
                 )),
-                IpNetwork::V6(n) => out.v6.push((
+                IpNetwork::V6(n) => v6.push((
                     32 + u32::from(n.prefix()),
                     LpmV6Key {
                         service_id: sid,
@@ -170,13 +274,26 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 )),
             }
         }
+        (v4, v6)
     }
+}
 
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(PolicyErrors(errors))
-    }
+fn port_checks(ports: &[PortRange], protocol: Protocol, rule_id: u32) -> Vec<KPortRange> {
+    let proto = match protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+        Protocol::Any => PROTO_ANY,
+    };
+    ports
+        .iter()
+        .map(|p| KPortRange {
+            lo: p.lo,
+            hi: p.hi,
+            proto,
+            _pad: [0; 3],
+            rule_id,
+        })
+        .collect()
 }
 
 /// Indexes of every rule whose network contains `net` (itself included), in
@@ -212,7 +329,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::policy::{EgressRule, PortRange, Selector, Service};
+    use crate::policy::{EgressRule, Selector};
 
     fn rule(index: usize, to: &[&str], ports: &[(u16, u16)], protocol: Protocol) -> EgressRule {
         EgressRule {
@@ -234,6 +351,9 @@ mod tests {
                 selector: Selector::Cgroup("svc".into()),
                 mode: Mode::Enforce,
                 egress: rules,
+                ingress: None,
+                bind: None,
+                sockets: crate::policy::SocketsPolicy::default(),
             }],
         }
     }

@@ -9,10 +9,9 @@ use agent_common::{
 };
 use aya::{
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId, CgroupAttachMode,
-        CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 
 use super::{compile::CompiledPolicy, maps, KernelError, ResolvedService};
@@ -20,17 +19,44 @@ use super::{compile::CompiledPolicy, maps, KernelError, ResolvedService};
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
 
-/// The cgroup/sock_addr programs, in attach order.
-pub const PROGRAMS: [&str; 6] = [
-    "bulkhead_bind4",
-    "bulkhead_bind6",
-    "bulkhead_connect4",
-    "bulkhead_connect6",
-    "bulkhead_sendmsg4",
-    "bulkhead_sendmsg6",
+/// Every program, with how it is loaded and attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    SockAddr,
+    SockOps,
+    SockCreate,
+    SkbIngress,
+    /// BPF LSM, attached where the host has it (not every distribution
+    /// enables it); without it packet sockets are not covered.
+    Lsm(&'static str),
+}
+
+const PROGRAMS: [(&str, Hook); 10] = [
+    ("bulkhead_bind4", Hook::SockAddr),
+    ("bulkhead_bind6", Hook::SockAddr),
+    ("bulkhead_connect4", Hook::SockAddr),
+    ("bulkhead_connect6", Hook::SockAddr),
+    ("bulkhead_sendmsg4", Hook::SockAddr),
+    ("bulkhead_sendmsg6", Hook::SockAddr),
+    ("bulkhead_sockops", Hook::SockOps),
+    ("bulkhead_sock_create", Hook::SockCreate),
+    ("bulkhead_ingress", Hook::SkbIngress),
+    ("bulkhead_socket_create", Hook::Lsm("socket_create")),
 ];
-/// The sock_ops program (TCP lifecycle events).
-pub const SOCK_OPS: &str = "bulkhead_sockops";
+
+/// Names of the programs, for tools and tests that look for them.
+pub const PROGRAM_NAMES: [&str; 10] = [
+    PROGRAMS[0].0,
+    PROGRAMS[1].0,
+    PROGRAMS[2].0,
+    PROGRAMS[3].0,
+    PROGRAMS[4].0,
+    PROGRAMS[5].0,
+    PROGRAMS[6].0,
+    PROGRAMS[7].0,
+    PROGRAMS[8].0,
+    PROGRAMS[9].0,
+];
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -52,11 +78,20 @@ impl Default for LoadOptions {
     }
 }
 
+/// What this host lets bulkhead see; reported at start and in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Packet sockets (AF_PACKET) are judged: BPF LSM is active.
+    pub packet_sockets: bool,
+    /// Why not, when not.
+    pub packet_sockets_reason: Option<String>,
+}
+
 /// The loaded programs and their maps. Dropping it detaches everything.
 pub struct Enforcer {
     ebpf: Ebpf,
-    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
-    sock_ops_link: Option<SockOpsLinkId>,
+    lsm_loaded: bool,
+    lsm_error: Option<String>,
     /// How many services the COUNTERS map has room for.
     pub max_services: u32,
 }
@@ -78,6 +113,15 @@ impl Enforcer {
             .map_max_entries(names::SERVICES, max_services)
             .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
             .map_max_entries(names::EVENTS, options.events_bytes)
+            .map_max_entries(names::INGRESS_RATE, max_services)
+            .map_max_entries(
+                names::INGRESS_V4,
+                size(policy.ingress_v4.len(), DEFAULT_MAX_PREFIXES),
+            )
+            .map_max_entries(
+                names::INGRESS_V6,
+                size(policy.ingress_v6.len(), DEFAULT_MAX_PREFIXES),
+            )
             .map_max_entries(
                 names::EGRESS_V4,
                 size(policy.v4.len(), DEFAULT_MAX_PREFIXES),
@@ -93,21 +137,40 @@ impl Enforcer {
             .override_global("BPF_LOG", &bpf_log, true)
             .override_global("OBSERVE_UNMANAGED", &observe, true)
             .load(EBPF_OBJECT)?;
-        for name in PROGRAMS {
-            program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| KernelError::Program { name, source })?;
+        let mut lsm_loaded = false;
+        let mut lsm_error = None;
+        for (name, hook) in PROGRAMS {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?;
+            let err = |source| KernelError::Program { name, source };
+            match hook {
+                Hook::SockAddr => as_type::<CgroupSockAddr>(name, program)?
+                    .load()
+                    .map_err(err)?,
+                Hook::SockOps => as_type::<SockOps>(name, program)?.load().map_err(err)?,
+                Hook::SockCreate => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
+                Hook::SkbIngress => as_type::<CgroupSkb>(name, program)?.load().map_err(err)?,
+                Hook::Lsm(hook_name) => {
+                    let loaded = Btf::from_sys_fs()
+                        .map_err(|e| e.to_string())
+                        .and_then(|btf| {
+                            as_type::<Lsm>(name, program)
+                                .map_err(|e| e.to_string())?
+                                .load(hook_name, &btf)
+                                .map_err(|e| e.to_string())
+                        });
+                    match loaded {
+                        Ok(()) => lsm_loaded = true,
+                        Err(e) => lsm_error = Some(format!("cannot load the BPF LSM program: {e}")),
+                    }
+                }
+            }
         }
-        sock_ops(&mut ebpf)?
-            .load()
-            .map_err(|source| KernelError::Program {
-                name: SOCK_OPS,
-                source,
-            })?;
         Ok(Self {
             ebpf,
-            links: Vec::new(),
-            sock_ops_link: None,
+            lsm_loaded,
+            lsm_error,
             max_services,
         })
     }
@@ -123,56 +186,72 @@ impl Enforcer {
     }
 
     /// Attaches every program at the cgroup2 root (one attach serves every
-    /// service). The attach is a BPF link (kernel >= 5.7), which is always
+    /// service). Each attach is a BPF link (kernel >= 5.7), which is always
     /// "multi": other tools' programs (systemd's IPAddressAllow, for
     /// instance) stay in place, the kernel runs them all and a connection
     /// needs every one to allow it. Links take no attach flags, hence
-    /// `Single` (flags 0) here.
-    pub fn attach(&mut self, cgroup_root: &Path) -> Result<(), KernelError> {
+    /// `Single` (flags 0) here. The LSM program attaches globally; when the
+    /// host has no active BPF LSM that is reported, not fatal.
+    pub fn attach(&mut self, cgroup_root: &Path) -> Result<Coverage, KernelError> {
         let root = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
             path: cgroup_root.to_path_buf(),
             source,
         })?;
-        for name in PROGRAMS {
-            let link = program(&mut self.ebpf, name)?
-                .attach(&root, CgroupAttachMode::Single)
-                .map_err(|source| KernelError::Program { name, source })?;
-            self.links.push((name, link));
+        let mut coverage = Coverage::default();
+        for (name, hook) in PROGRAMS {
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?;
+            let err = |source| KernelError::Program { name, source };
+            let single = CgroupAttachMode::Single;
+            match hook {
+                Hook::SockAddr => {
+                    as_type::<CgroupSockAddr>(name, program)?
+                        .attach(&root, single)
+                        .map_err(err)?;
+                }
+                Hook::SockOps => {
+                    as_type::<SockOps>(name, program)?
+                        .attach(&root, single)
+                        .map_err(err)?;
+                }
+                Hook::SockCreate => {
+                    as_type::<CgroupSock>(name, program)?
+                        .attach(&root, single)
+                        .map_err(err)?;
+                }
+                Hook::SkbIngress => {
+                    as_type::<CgroupSkb>(name, program)?
+                        .attach(&root, CgroupSkbAttachType::Ingress, single)
+                        .map_err(err)?;
+                }
+                Hook::Lsm(_) if self.lsm_loaded => match as_type::<Lsm>(name, program)?.attach() {
+                    Ok(_) => coverage.packet_sockets = true,
+                    Err(e) => {
+                        coverage.packet_sockets_reason = Some(format!(
+                                "BPF LSM is not active on this host ({e}); add `bpf` to the kernel's lsm= list"
+                            ));
+                    }
+                },
+                Hook::Lsm(_) => coverage.packet_sockets_reason = self.lsm_error.clone(),
+            }
         }
-        let link = sock_ops(&mut self.ebpf)?
-            .attach(&root, CgroupAttachMode::Single)
-            .map_err(|source| KernelError::Program {
-                name: SOCK_OPS,
-                source,
-            })?;
-        self.sock_ops_link = Some(link);
-        Ok(())
+        Ok(coverage)
     }
 
-    /// Detaches every program (the maps go when `self` is dropped).
-    pub fn detach(&mut self) -> Result<(), KernelError> {
-        let mut first_error = None;
-        for (name, link) in self.links.drain(..) {
-            let result = program(&mut self.ebpf, name).and_then(|p| {
-                p.detach(link)
-                    .map_err(|source| KernelError::Program { name, source })
-            });
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
-        }
-        if let Some(link) = self.sock_ops_link.take() {
-            let result = sock_ops(&mut self.ebpf).and_then(|p| {
-                p.detach(link).map_err(|source| KernelError::Program {
-                    name: SOCK_OPS,
-                    source,
-                })
-            });
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+    /// Detaches every program and frees the maps this object still holds
+    /// (aya detaches a program's links when the program is dropped).
+    pub fn detach(self) {
+        drop(self.ebpf);
+    }
+
+    /// Applies service cgroup changes to the SERVICES map.
+    pub fn apply_service_changes(
+        &mut self,
+        changes: &[crate::services::Change],
+    ) -> Result<(), KernelError> {
+        maps::apply_service_changes(&mut self.ebpf, changes)
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -180,22 +259,14 @@ impl Enforcer {
     }
 }
 
-fn program<'a>(
-    ebpf: &'a mut Ebpf,
+fn as_type<'a, T>(
     name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, KernelError> {
-    ebpf.program_mut(name)
-        .ok_or(KernelError::MissingProgram(name))?
+    program: &'a mut aya::programs::Program,
+) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    program
         .try_into()
         .map_err(|source| KernelError::Program { name, source })
-}
-
-fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, KernelError> {
-    ebpf.program_mut(SOCK_OPS)
-        .ok_or(KernelError::MissingProgram(SOCK_OPS))?
-        .try_into()
-        .map_err(|source| KernelError::Program {
-            name: SOCK_OPS,
-            source,
-        })
 }

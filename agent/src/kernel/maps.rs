@@ -44,11 +44,48 @@ pub fn write(
             .map_err(map_err(names::EGRESS_V6))?;
     }
 
+    let mut v4: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, names::INGRESS_V4)?;
+    for (len, key, ruleset) in &policy.ingress_v4 {
+        v4.insert(&Key::new(*len, *key), ruleset, 0)
+            .map_err(map_err(names::INGRESS_V4))?;
+    }
+
+    let mut v6: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, names::INGRESS_V6)?;
+    for (len, key, ruleset) in &policy.ingress_v6 {
+        v6.insert(&Key::new(*len, *key), ruleset, 0)
+            .map_err(map_err(names::INGRESS_V6))?;
+    }
+
     let mut services: HashMap<&mut MapData, u64, ServiceEntry> = map(ebpf, names::SERVICES)?;
     for s in resolved {
         services
             .insert(s.cgroup_id, s.entry, 0)
             .map_err(map_err(names::SERVICES))?;
+    }
+    Ok(())
+}
+
+/// Adds and removes service cgroups in the SERVICES map.
+pub fn apply_service_changes(
+    ebpf: &mut Ebpf,
+    changes: &[crate::services::Change],
+) -> Result<(), KernelError> {
+    use crate::services::Change;
+    let map_err = |source| KernelError::Map {
+        name: names::SERVICES,
+        source,
+    };
+    let mut services: HashMap<&mut MapData, u64, ServiceEntry> = map(ebpf, names::SERVICES)?;
+    for change in changes {
+        match *change {
+            Change::Add { cgroup_id, entry } => {
+                services.insert(cgroup_id, entry, 0).map_err(map_err)?;
+            }
+            Change::Remove { cgroup_id } => match services.remove(&cgroup_id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            },
+        }
     }
     Ok(())
 }

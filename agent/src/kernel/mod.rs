@@ -9,5 +9,5 @@ pub mod preflight;
 
 pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;
-pub use loader::{Enforcer, LoadOptions};
+pub use loader::{Coverage, Enforcer, LoadOptions, PROGRAM_NAMES};
 pub use maps::ResolvedService;

@@ -7,9 +7,21 @@ use toml::Spanned;
 /// Keys a policy file may have at the top level and in each `[[egress]]`.
 /// Unknown keys are found by `unknown_keys` before deserializing, so that
 /// one typo does not hide every other problem in the file.
-pub(crate) const POLICY_KEYS: &[&str] =
-    &["name", "description", "unit", "cgroup", "mode", "egress"];
+pub(crate) const POLICY_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "unit",
+    "cgroup",
+    "mode",
+    "egress",
+    "ingress",
+    "bind",
+    "sockets",
+];
 pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description"];
+pub(crate) const INGRESS_KEYS: &[&str] = &["from", "ports", "protocol", "description"];
+pub(crate) const BIND_KEYS: &[&str] = &["ports", "protocol"];
+pub(crate) const SOCKETS_KEYS: &[&str] = &["raw", "packet"];
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct RawPolicy {
@@ -20,6 +32,32 @@ pub(crate) struct RawPolicy {
     pub mode: Option<Spanned<String>>,
     #[serde(default)]
     pub egress: Vec<Spanned<RawEgress>>,
+    /// Absent: inbound is not restricted. Present (even empty): default-deny.
+    pub ingress: Option<Spanned<Vec<Spanned<RawIngress>>>>,
+    pub bind: Option<Spanned<RawBind>>,
+    pub sockets: Option<RawSockets>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawIngress {
+    pub from: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
+    pub protocol: Option<Spanned<String>>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawBind {
+    pub ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
+    pub protocol: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct RawSockets {
+    #[serde(default)]
+    pub raw: bool,
+    #[serde(default)]
+    pub packet: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,13 +100,18 @@ pub(crate) fn unknown_keys(text: &str) -> Vec<(std::ops::Range<usize>, String)> 
     };
     let top = doc.get_ref();
     check(top, POLICY_KEYS, "");
-    if let Some(egress) = top.get("egress") {
-        if let DeValue::Array(rules) = egress.get_ref() {
+    for (list, keys) in [("egress", EGRESS_KEYS), ("ingress", INGRESS_KEYS)] {
+        if let Some(DeValue::Array(rules)) = top.get(list).map(|v| v.get_ref()) {
             for (i, rule) in rules.iter().enumerate() {
                 if let DeValue::Table(t) = rule.get_ref() {
-                    check(t, EGRESS_KEYS, &format!(" in egress[{i}]"));
+                    check(t, keys, &format!(" in {list}[{i}]"));
                 }
             }
+        }
+    }
+    for (table, keys) in [("bind", BIND_KEYS), ("sockets", SOCKETS_KEYS)] {
+        if let Some(DeValue::Table(t)) = top.get(table).map(|v| v.get_ref()) {
+            check(t, keys, &format!(" in [{table}]"));
         }
     }
     out

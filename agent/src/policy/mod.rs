@@ -10,7 +10,10 @@ mod validate;
 
 pub use error::{position, PolicyError, PolicyErrors};
 pub use load::{load_dir, load_files};
-pub use model::{EgressRule, Mode, PolicySet, PortRange, Protocol, RuleRef, Selector, Service};
+pub use model::{
+    BindPolicy, EgressRule, IngressRule, Mode, PolicySet, PortRange, Protocol, RuleRef, Section,
+    Selector, Service, SocketsPolicy,
+};
 
 #[cfg(test)]
 mod tests;

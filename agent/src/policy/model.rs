@@ -21,6 +21,42 @@ pub struct Service {
     pub mode: Mode,
     /// Allowed destinations; everything else is denied.
     pub egress: Vec<EgressRule>,
+    /// Allowed sources of inbound connections and datagrams; `None` when
+    /// the policy does not restrict inbound traffic.
+    pub ingress: Option<Vec<IngressRule>>,
+    /// Ports the service may bind; `None` when binding is not restricted.
+    pub bind: Option<BindPolicy>,
+    pub sockets: SocketsPolicy,
+}
+
+/// Which kinds of socket a service may open beyond TCP/UDP/ICMP-datagram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketsPolicy {
+    /// Raw inet sockets (SOCK_RAW): they bypass the connect/sendmsg hooks.
+    pub raw: bool,
+    /// Packet sockets (AF_PACKET).
+    pub packet: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindPolicy {
+    pub line: usize,
+    /// Sorted, non-overlapping; empty means no port may be bound.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressRule {
+    /// Position in the file's `[[ingress]]` list (0-based).
+    pub index: usize,
+    pub line: usize,
+    pub description: Option<String>,
+    /// Allowed source networks.
+    pub from: Vec<IpNetwork>,
+    /// Local ports the peer may connect or send to.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
 }
 
 /// How a service is found in the cgroup tree.
@@ -123,11 +159,21 @@ pub struct EgressRule {
     pub protocol: Protocol,
 }
 
-/// Where a rule lives, as shown in logs and events: `billing.toml#egress[2]`.
+/// Which part of a policy a rule is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Egress,
+    Ingress,
+    Bind,
+}
+
+/// Where a rule lives, as shown in logs and events: `billing.toml#egress[2]`,
+/// `billing.toml#ingress[0]`, `billing.toml#bind`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleRef {
     pub service: String,
     pub file: PathBuf,
+    pub section: Section,
     pub index: usize,
 }
 
@@ -137,6 +183,10 @@ impl fmt::Display for RuleRef {
             || self.file.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-        write!(f, "{name}#egress[{}]", self.index)
+        match self.section {
+            Section::Egress => write!(f, "{name}#egress[{}]", self.index),
+            Section::Ingress => write!(f, "{name}#ingress[{}]", self.index),
+            Section::Bind => write!(f, "{name}#bind"),
+        }
     }
 }

@@ -12,8 +12,11 @@ use toml::Spanned;
 
 use super::{
     error::{PolicyError, Positions},
-    file::{RawEgress, RawPolicy, RawPort},
-    model::{EgressRule, Mode, PortRange, Protocol, Selector, Service},
+    file::{RawBind, RawEgress, RawIngress, RawPolicy, RawPort},
+    model::{
+        BindPolicy, EgressRule, IngressRule, Mode, PortRange, Protocol, Selector, Service,
+        SocketsPolicy,
+    },
 };
 
 /// Collects errors against one file's text.
@@ -113,6 +116,22 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         .enumerate()
         .filter_map(|(index, rule)| egress_rule(c, index, rule))
         .collect();
+    let ingress: Option<Vec<IngressRule>> = raw.ingress.as_ref().map(|rules| {
+        rules
+            .get_ref()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, rule)| ingress_rule(c, index, rule))
+            .collect()
+    });
+    let bind = raw.bind.as_ref().and_then(|b| bind_policy(c, b));
+    let sockets = raw
+        .sockets
+        .as_ref()
+        .map_or_else(SocketsPolicy::default, |s| SocketsPolicy {
+            raw: s.raw,
+            packet: s.packet,
+        });
 
     if c.errors.len() > before {
         return None;
@@ -124,6 +143,9 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         selector: selector?,
         mode: mode?,
         egress,
+        ingress,
+        bind,
+        sockets,
     })
 }
 
@@ -195,74 +217,145 @@ fn check_cgroup(c: &mut Checker<'_>, cgroup: &Spanned<String>) -> Option<Selecto
 
 fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> Option<EgressRule> {
     let before = c.errors.len();
-    let line = c.line_of(&rule.span());
     let raw = rule.get_ref();
     let at = format!("egress[{index}]");
+    let to = networks(c, &at, rule.span(), "to", "destination", raw.to.as_ref());
+    let ports = ports(
+        c,
+        &at,
+        raw.ports.as_ref(),
+        "omit `ports` to allow every port",
+    );
+    let protocol = protocol(c, &at, raw.protocol.as_ref());
+    (c.errors.len() == before).then(|| EgressRule {
+        index,
+        line: c.line_of(&rule.span()),
+        description: raw.description.clone(),
+        to,
+        ports,
+        protocol,
+    })
+}
 
-    let mut to = Vec::new();
-    match &raw.to {
+fn ingress_rule(
+    c: &mut Checker<'_>,
+    index: usize,
+    rule: &Spanned<RawIngress>,
+) -> Option<IngressRule> {
+    let before = c.errors.len();
+    let raw = rule.get_ref();
+    let at = format!("ingress[{index}]");
+    let from = networks(c, &at, rule.span(), "from", "source", raw.from.as_ref());
+    let ports = ports(
+        c,
+        &at,
+        raw.ports.as_ref(),
+        "omit `ports` to allow every port",
+    );
+    let protocol = protocol(c, &at, raw.protocol.as_ref());
+    (c.errors.len() == before).then(|| IngressRule {
+        index,
+        line: c.line_of(&rule.span()),
+        description: raw.description.clone(),
+        from,
+        ports,
+        protocol,
+    })
+}
+
+fn bind_policy(c: &mut Checker<'_>, bind: &Spanned<RawBind>) -> Option<BindPolicy> {
+    let before = c.errors.len();
+    let raw = bind.get_ref();
+    let ports = match &raw.ports {
+        None => {
+            c.error(
+                bind.span(),
+                "[bind]: missing `ports`: list the ports the service may listen on (`ports = []` for none)",
+            );
+            Vec::new()
+        }
+        // Here an empty list is meaningful: the service may bind no port.
+        Some(list) if list.get_ref().is_empty() => Vec::new(),
+        Some(_) => ports(c, "[bind]", raw.ports.as_ref(), ""),
+    };
+    let protocol = protocol(c, "[bind]", raw.protocol.as_ref());
+    (c.errors.len() == before).then(|| BindPolicy {
+        line: c.line_of(&bind.span()),
+        ports,
+        protocol,
+    })
+}
+
+/// A rule's `to`/`from` list: required, non-empty, every entry a network.
+fn networks(
+    c: &mut Checker<'_>,
+    at: &str,
+    rule_span: Range<usize>,
+    key: &str,
+    what: &str,
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+) -> Vec<IpNetwork> {
+    let mut out = Vec::new();
+    match list {
         None => c.error(
-            rule.span(),
-            format!("{at}: missing `to`: list the destination addresses or CIDRs"),
+            rule_span,
+            format!("{at}: missing `{key}`: list the {what} addresses or CIDRs"),
         ),
         Some(list) if list.get_ref().is_empty() => c.error(
             list.span(),
-            format!("{at}: `to` is empty; a rule must allow at least one destination"),
+            format!("{at}: `{key}` is empty; a rule must allow at least one {what}"),
         ),
         Some(list) => {
             for entry in list.get_ref() {
-                if let Some(net) = destination(c, &at, entry) {
-                    to.push(net);
+                if let Some(net) = destination(c, at, entry) {
+                    out.push(net);
                 }
             }
         }
     }
+    out
+}
 
-    let ports = match &raw.ports {
+/// A rule's `ports`: omitted means every port; empty is refused with `hint`.
+fn ports(
+    c: &mut Checker<'_>,
+    at: &str,
+    list: Option<&Spanned<Vec<Spanned<RawPort>>>>,
+    hint: &str,
+) -> Vec<PortRange> {
+    match list {
         None => vec![PortRange::ALL],
         Some(list) if list.get_ref().is_empty() => {
-            c.error(
-                list.span(),
-                format!("{at}: `ports` is empty; omit `ports` to allow every port"),
-            );
+            c.error(list.span(), format!("{at}: `ports` is empty; {hint}"));
             Vec::new()
         }
         Some(list) => {
             let ranges: Vec<PortRange> = list
                 .get_ref()
                 .iter()
-                .filter_map(|p| port_range(c, &at, p))
+                .filter_map(|p| port_range(c, at, p))
                 .collect();
             merge_ranges(ranges)
         }
-    };
+    }
+}
 
-    let protocol = match &raw.protocol {
-        None => Protocol::Any,
-        Some(p) => {
-            match p.get_ref().as_str() {
-                "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                "any" => Protocol::Any,
-                other => {
-                    c.error(
-                    p.span(),
-                    format!("{at}: unknown protocol {other:?}: expected \"tcp\", \"udp\" or \"any\""),
-                );
-                    Protocol::Any
-                }
-            }
+fn protocol(c: &mut Checker<'_>, at: &str, p: Option<&Spanned<String>>) -> Protocol {
+    let Some(p) = p else {
+        return Protocol::Any;
+    };
+    match p.get_ref().as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "any" => Protocol::Any,
+        other => {
+            c.error(
+                p.span(),
+                format!("{at}: unknown protocol {other:?}: expected \"tcp\", \"udp\" or \"any\""),
+            );
+            Protocol::Any
         }
-    };
-
-    (c.errors.len() == before).then(|| EgressRule {
-        index,
-        line,
-        description: raw.description.clone(),
-        to,
-        ports,
-        protocol,
-    })
+    }
 }
 
 fn destination(c: &mut Checker<'_>, at: &str, entry: &Spanned<String>) -> Option<IpNetwork> {

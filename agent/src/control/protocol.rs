@@ -1,0 +1,289 @@
+//! The control socket's wire format, shared by the daemon and the CLI.
+//!
+//! One request per connection: a single JSON object on one line,
+//! `{"v":1,"cmd":"flows","follow":true,"service":"billing"}`. The daemon
+//! answers with JSON lines: for `flows`, the events themselves (the
+//! decision log's records, unchanged), `{"lagged":N}` when a follower
+//! missed N events, and a last `{"end":"complete"|"shutdown"}`. A failed
+//! request gets one `{"error":"..."}` line. `v` changes only when an old
+//! client could misread a new daemon's answer; new commands and new optional
+//! fields do not need a new version.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::{EventType, FlowEvent, Verdict};
+
+/// The protocol version this build speaks.
+pub const VERSION: u64 = 1;
+/// A request longer than this is refused (requests are a few filters).
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// A reply line longer than this is refused by the client (an event is
+/// well under 1 KiB).
+pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+/// What a client asks for. The `cmd` field names the variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Recent (and with `follow`, live) events.
+    Flows(FlowsRequest),
+}
+
+/// `bulkhead flows`: which events, and whether to keep streaming.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+// Unknown fields are refused: a filter the daemon silently ignored would
+// show the user events they asked to leave out.
+#[serde(default, deny_unknown_fields)]
+pub struct FlowsRequest {
+    /// After the recent events, stream live ones until the client leaves.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+    /// Only this service's events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Only verdict events with this verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    /// Only events of this type.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<EventType>,
+    /// At most this many of the recent events (the newest ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<usize>,
+}
+
+impl FlowsRequest {
+    /// Whether `ev` passes every filter.
+    pub fn matches(&self, ev: &FlowEvent) -> bool {
+        self.service
+            .as_deref()
+            .is_none_or(|s| ev.service.as_deref() == Some(s))
+            && self.verdict.is_none_or(|v| ev.verdict == Some(v))
+            && self.kind.is_none_or(|k| ev.kind == k)
+    }
+}
+
+/// Why a stream ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
+    /// Everything asked for was sent.
+    Complete,
+    /// The daemon is stopping.
+    Shutdown,
+}
+
+/// One line of a reply. Events are sent as the bare event object, so
+/// `--json` output is the decision log's format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Event(Box<FlowEvent>),
+    Lagged { lagged: u64 },
+    End { end: End },
+    Error { error: String },
+}
+
+/// The request as one line, newline included.
+pub fn encode_request(req: &Request) -> String {
+    #[derive(Serialize)]
+    struct Envelope<'a> {
+        v: u64,
+        #[serde(flatten)]
+        req: &'a Request,
+    }
+    // Serializing plain structs and enums into a String cannot fail.
+    let mut line = serde_json::to_string(&Envelope { v: VERSION, req }).unwrap_or_default();
+    line.push('\n');
+    line
+}
+
+/// Parses a request line, checking the version first so that a client
+/// from a newer release gets "unsupported version" rather than a confusing
+/// field error.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    let value: Value =
+        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
+    let Value::Object(mut fields) = value else {
+        return Err("request must be a JSON object".to_string());
+    };
+    match fields.remove("v") {
+        Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "unsupported protocol version {v} (this daemon speaks {VERSION})"
+            ))
+        }
+        None => return Err(format!("request has no \"v\" (use \"v\":{VERSION})")),
+    }
+    if !fields.contains_key("cmd") {
+        return Err("request has no \"cmd\"".to_string());
+    }
+    serde_json::from_value(Value::Object(fields)).map_err(|e| format!("bad request: {e}"))
+}
+
+/// A reply line (without its newline).
+pub fn encode_reply(reply: &Reply) -> Vec<u8> {
+    serde_json::to_vec(reply).unwrap_or_default()
+}
+
+/// An event as a reply line (without its newline), without copying it into
+/// a [`Reply`].
+pub fn encode_event(ev: &FlowEvent) -> Vec<u8> {
+    serde_json::to_vec(ev).unwrap_or_default()
+}
+
+pub fn decode_reply(line: &[u8]) -> Result<Reply, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::events::{Direction, SCHEMA};
+
+    pub(crate) fn event() -> FlowEvent {
+        FlowEvent {
+            schema: SCHEMA.to_string(),
+            kind: EventType::Verdict,
+            time: "2026-05-20T09:08:07.123456789Z".to_string(),
+            ktime_ns: 1,
+            service: Some("billing".to_string()),
+            mode: Some("enforce".to_string()),
+            cgroup_id: 7,
+            pid: 42,
+            tid: 43,
+            uid: 0,
+            gid: 0,
+            comm: "curl".to_string(),
+            traffic_direction: Direction::Egress,
+            hook: "connect".to_string(),
+            protocol: "tcp".to_string(),
+            src_ip: None,
+            src_port: None,
+            dst_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9)),
+            dst_port: 5432,
+            verdict: Some(Verdict::Deny),
+            rule: Some("billing.toml#default-deny".to_string()),
+            socket_cookie: 9,
+            bytes_sent: None,
+            bytes_received: None,
+            duration_ns: None,
+        }
+    }
+
+    #[test]
+    fn request_round_trips_with_version_first() {
+        let req = Request::Flows(FlowsRequest {
+            follow: true,
+            service: Some("billing".to_string()),
+            verdict: Some(Verdict::Deny),
+            kind: None,
+            last: None,
+        });
+        let line = encode_request(&req);
+        assert_eq!(
+            line,
+            "{\"v\":1,\"cmd\":\"flows\",\"follow\":true,\"service\":\"billing\",\"verdict\":\"deny\"}\n"
+        );
+        assert_eq!(decode_request(line.as_bytes()), Ok(req));
+    }
+
+    #[test]
+    fn minimal_request_has_defaults() {
+        let req = decode_request(br#"{"v":1,"cmd":"flows"}"#).expect("valid");
+        assert_eq!(req, Request::Flows(FlowsRequest::default()));
+        let req = decode_request(br#"{"cmd":"flows","type":"tcp_closed","last":5,"v":1}"#)
+            .expect("valid");
+        assert_eq!(
+            req,
+            Request::Flows(FlowsRequest {
+                kind: Some(EventType::TcpClosed),
+                last: Some(5),
+                ..FlowsRequest::default()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        let err = |line: &str| decode_request(line.as_bytes()).expect_err(line);
+        assert!(err("flows").starts_with("request is not JSON"));
+        assert_eq!(err("[1]"), "request must be a JSON object");
+        assert!(err(r#"{"cmd":"flows"}"#).contains("no \"v\""));
+        assert_eq!(
+            err(r#"{"v":2,"cmd":"flows"}"#),
+            "unsupported protocol version 2 (this daemon speaks 1)"
+        );
+        assert!(err(r#"{"v":"1","cmd":"flows"}"#).starts_with("unsupported protocol version"));
+        assert_eq!(err(r#"{"v":1}"#), "request has no \"cmd\"");
+        assert!(err(r#"{"v":1,"cmd":"statuz"}"#).contains("unknown variant `statuz`"));
+        assert!(err(r#"{"v":1,"cmd":"flows","folow":true}"#).contains("unknown field `folow`"));
+        assert!(err(r#"{"v":1,"cmd":"flows","verdict":"drop"}"#).contains("unknown variant"));
+    }
+
+    #[test]
+    fn replies_encode_and_decode() {
+        let ev = event();
+        let line = encode_event(&ev);
+        assert_eq!(
+            decode_reply(&line).expect("event"),
+            Reply::Event(Box::new(ev.clone()))
+        );
+        // An event reply is exactly the decision log's record.
+        assert_eq!(line, serde_json::to_vec(&ev).expect("event serializes"));
+        for (reply, text) in [
+            (Reply::Lagged { lagged: 12 }, r#"{"lagged":12}"#),
+            (Reply::End { end: End::Complete }, r#"{"end":"complete"}"#),
+            (Reply::End { end: End::Shutdown }, r#"{"end":"shutdown"}"#),
+            (
+                Reply::Error {
+                    error: "nope".to_string(),
+                },
+                r#"{"error":"nope"}"#,
+            ),
+        ] {
+            assert_eq!(String::from_utf8_lossy(&encode_reply(&reply)), text);
+            assert_eq!(decode_reply(text.as_bytes()).expect(text), reply);
+        }
+        assert!(decode_reply(br#"{"surprise":1}"#).is_err());
+    }
+
+    #[test]
+    fn filters() {
+        let ev = event();
+        let all = FlowsRequest::default();
+        assert!(all.matches(&ev));
+        let f = |service: Option<&str>, verdict, kind| FlowsRequest {
+            service: service.map(str::to_string),
+            verdict,
+            kind,
+            ..FlowsRequest::default()
+        };
+        assert!(f(
+            Some("billing"),
+            Some(Verdict::Deny),
+            Some(EventType::Verdict)
+        )
+        .matches(&ev));
+        assert!(!f(Some("search"), None, None).matches(&ev));
+        assert!(!f(None, Some(Verdict::Allow), None).matches(&ev));
+        assert!(!f(None, None, Some(EventType::TcpClosed)).matches(&ev));
+        // A verdict filter leaves out lifecycle events (they have none).
+        let closed = FlowEvent {
+            kind: EventType::TcpClosed,
+            verdict: None,
+            ..ev.clone()
+        };
+        assert!(!f(None, Some(Verdict::Deny), None).matches(&closed));
+        // Unmanaged processes have no service.
+        let unmanaged = FlowEvent {
+            service: None,
+            ..ev
+        };
+        assert!(!f(Some("billing"), None, None).matches(&unmanaged));
+    }
+}

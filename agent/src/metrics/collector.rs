@@ -1,0 +1,548 @@
+//! [`MetricsState`] -> metric families, read fresh on every scrape, and the
+//! two text encodings a scraper can ask for.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use agent_common::{
+    counter_slot, DIRECTION_EGRESS, DIRECTION_INGRESS, LOST_INGRESS, LOST_TCP, LOST_VERDICT,
+    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::{Registry, Unit},
+};
+use tracing::warn;
+
+use super::{
+    process::ProcessStats,
+    state::{Inventory, MetricsState},
+};
+use crate::events::EventType;
+
+/// The exposition format of a scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text, which Prometheus asks for by default.
+    OpenMetrics,
+    /// The classic Prometheus text format 0.0.4 (curl, older scrapers).
+    Prometheus,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header offers it, else classic text.
+    #[must_use]
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Self::OpenMetrics,
+            _ => Self::Prometheus,
+        }
+    }
+
+    #[must_use]
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+}
+
+/// A registry whose one collector reads `state` at each scrape.
+#[must_use]
+pub fn registry(state: Arc<MetricsState>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StateCollector(state)));
+    registry
+}
+
+/// One scrape of `registry`, encoded as `format`.
+///
+/// # Errors
+/// Only if a collector fails to encode (never, for ours).
+pub fn render(registry: &Registry, format: Format) -> Result<String, fmt::Error> {
+    let mut out = String::with_capacity(16 * 1024);
+    match format {
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry)?,
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?;
+        }
+    }
+    Ok(out)
+}
+
+const DIRECTIONS: [(u8, &str); 2] = [(DIRECTION_EGRESS, "egress"), (DIRECTION_INGRESS, "ingress")];
+/// The kernel counts TCP, and everything else under the second slot (UDP;
+/// ICMP datagram sockets also pass the connect hook): see `counter_slot`.
+const PROTOCOLS: [(u8, &str); 2] = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp")];
+const VERDICTS: [(u8, &str); 3] = [
+    (VERDICT_ALLOW, "allow"),
+    (VERDICT_DENY, "deny"),
+    (VERDICT_AUDIT, "audit"),
+];
+const EVENT_TYPES: [(EventType, &str); 3] = [
+    (EventType::Verdict, "verdict"),
+    (EventType::TcpEstablished, "tcp_established"),
+    (EventType::TcpClosed, "tcp_closed"),
+];
+
+struct StateCollector(Arc<MetricsState>);
+
+impl fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StateCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let state = &self.0;
+        // One inventory for the whole scrape, even if a reload swaps it now.
+        let inventory = state.inventory();
+        build_info(&mut enc)?;
+        connections(&mut enc, state, &inventory)?;
+        events(&mut enc, state)?;
+        policy(&mut enc, &inventory)?;
+        health(&mut enc, state)?;
+        match ProcessStats::read() {
+            Ok(p) => process(&mut enc, &p)?,
+            Err(e) => read_failed("/proc/self/stat", &e),
+        }
+        Ok(())
+    }
+}
+
+fn build_info(enc: &mut DescriptorEncoder) -> fmt::Result {
+    let mut m = enc.encode_descriptor(
+        "bulkhead_build",
+        "Version of the running bulkhead; always 1.",
+        None,
+        MetricType::Info,
+    )?;
+    m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])
+}
+
+fn connections(
+    enc: &mut DescriptorEncoder,
+    state: &MetricsState,
+    inventory: &Inventory,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(
+        "bulkhead_connections",
+        "Connection attempts (TCP connect, UDP connect/sendmsg) judged, by service, direction, protocol and verdict; counted in the kernel, exact even when events are lost.",
+        None,
+        MetricType::Counter,
+    )?;
+    for service in &inventory.services {
+        let counts = match state.counters().verdicts(service.id) {
+            Ok(c) => c,
+            Err(e) => {
+                read_failed("COUNTERS", &e);
+                continue;
+            }
+        };
+        for (direction, d) in DIRECTIONS {
+            for (protocol, p) in PROTOCOLS {
+                for (verdict, v) in VERDICTS {
+                    let slot = counter_slot(direction, protocol, verdict) as usize;
+                    let Some(&value) = counts.get(slot) else {
+                        continue;
+                    };
+                    let labels = [
+                        ("service", service.name.as_str()),
+                        ("direction", d),
+                        ("protocol", p),
+                        ("verdict", v),
+                    ];
+                    ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    let stats = state.stats();
+    let received = EVENT_TYPES.map(|(kind, name)| ([("type", name)], stats.received(kind)));
+    counters(
+        enc,
+        "bulkhead_events_received",
+        "Events read from the kernel ring buffer and decoded, by type.",
+        received,
+    )?;
+
+    let kernel = [
+        ("kernel_ringbuf_verdict", LOST_VERDICT),
+        ("kernel_ringbuf_tcp", LOST_TCP),
+        ("kernel_ringbuf_ingress", LOST_INGRESS),
+    ]
+    .into_iter()
+    .filter_map(|(source, slot)| match state.counters().lost(slot) {
+        Ok(n) => Some(([("source", source)], n)),
+        Err(e) => {
+            read_failed("LOST", &e);
+            None
+        }
+    });
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let userspace = [
+        ([("source", "decode")], load(&stats.decode_errors)),
+        ([("source", "sink")], load(&stats.sink_errors)),
+        ([("source", "subscriber")], load(&stats.subscriber_lagged)),
+    ];
+    counters(
+        enc,
+        "bulkhead_events_lost",
+        "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received).",
+        kernel.chain(userspace),
+    )
+}
+
+fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
+    let state = |managed: bool| if managed { "managed" } else { "waiting" };
+    let managed = inventory.services.iter().filter(|s| s.managed).count();
+    let waiting = inventory.services.len() - managed;
+    gauges(
+        enc,
+        "bulkhead_services",
+        "Services in the loaded policy: managed (cgroup found, enforced) or waiting (cgroup does not exist yet).",
+        None,
+        [
+            ([("state", "managed")], count(managed)),
+            ([("state", "waiting")], count(waiting)),
+        ],
+    )?;
+    {
+        let mut m = enc.encode_descriptor(
+            "bulkhead_service",
+            "One series per service of the loaded policy, with its mode and state; always 1.",
+            None,
+            MetricType::Info,
+        )?;
+        for s in &inventory.services {
+            m.encode_info(&[
+                ("service", s.name.as_str()),
+                ("mode", s.mode.as_str()),
+                ("state", state(s.managed)),
+            ])?;
+        }
+    }
+    gauges(
+        enc,
+        "bulkhead_policy_rules",
+        "Rules (egress and ingress) in each service's policy.",
+        None,
+        inventory
+            .services
+            .iter()
+            .map(|s| ([("service", s.name.as_str())], count(s.rules))),
+    )?;
+    gauges(
+        enc,
+        "bulkhead_bpf_map_entries",
+        "Entries in each policy map of the kernel.",
+        None,
+        inventory
+            .maps
+            .iter()
+            .map(|m| ([("map", m.name)], m.entries)),
+    )?;
+    gauges(
+        enc,
+        "bulkhead_bpf_map_capacity",
+        "Capacity (max_entries) of each policy map of the kernel.",
+        None,
+        inventory
+            .maps
+            .iter()
+            .map(|m| ([("map", m.name)], m.capacity)),
+    )
+}
+
+fn health(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    let flag = |on: bool| u64::from(on);
+    let m = enc.encode_descriptor(
+        "bulkhead_programs_attached",
+        "1 while the kernel programs are attached (enforcing), else 0.",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(flag(state.attached())).encode(m)?;
+    let m = enc.encode_descriptor(
+        "bulkhead_event_consumer_alive",
+        "1 while the ring buffer consumer runs, else 0.",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(flag(state.stats().consumer_alive.load(Ordering::Relaxed))).encode(m)
+}
+
+fn process(enc: &mut DescriptorEncoder, p: &ProcessStats) -> fmt::Result {
+    let m = enc.encode_descriptor(
+        "process_cpu",
+        "Total user and system CPU time spent.",
+        Some(&Unit::Seconds),
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(p.cpu_seconds).encode(m)?;
+    let m = enc.encode_descriptor(
+        "process_resident_memory",
+        "Resident memory size.",
+        Some(&Unit::Bytes),
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(p.resident_bytes).encode(m)?;
+    let m = enc.encode_descriptor(
+        "process_virtual_memory",
+        "Virtual memory size.",
+        Some(&Unit::Bytes),
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(p.virtual_bytes).encode(m)?;
+    if let Some(start) = p.start_time_seconds {
+        let m = enc.encode_descriptor(
+            "process_start_time",
+            "Start time of the process since the Unix epoch.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(start).encode(m)?;
+    }
+    if let Some(open) = p.open_fds {
+        let m = enc.encode_descriptor(
+            "process_open_fds",
+            "Open file descriptors.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(open).encode(m)?;
+    }
+    if let Some(max) = p.max_fds {
+        let m = enc.encode_descriptor(
+            "process_max_fds",
+            "Limit on open file descriptors.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(max).encode(m)?;
+    }
+    Ok(())
+}
+
+fn counters<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauges<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(value).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A source that cannot be read is left out of the scrape and logged (the
+/// first time, then at powers of two, so a broken map cannot flood the log).
+fn read_failed(what: &str, e: &dyn std::error::Error) {
+    static FAILURES: AtomicU64 = AtomicU64::new(0);
+    let n = FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!("metrics: cannot read {what}; its series are left out ({n} failures so far): {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{
+        fake::{fake_state, meta},
+        state::ServiceMode,
+    };
+
+    fn scrape(format: Format) -> String {
+        render(&registry(fake_state()), format).expect("encodes")
+    }
+
+    /// The sample lines (no comments) of a scrape.
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn connections_by_service_direction_protocol_verdict() {
+        let text = scrape(Format::Prometheus);
+        let lines = samples(&text);
+        for expected in [
+            r#"bulkhead_connections_total{service="billing",direction="egress",protocol="tcp",verdict="allow"} 7"#,
+            r#"bulkhead_connections_total{service="billing",direction="egress",protocol="tcp",verdict="deny"} 3"#,
+            r#"bulkhead_connections_total{service="billing",direction="egress",protocol="udp",verdict="deny"} 2"#,
+            r#"bulkhead_connections_total{service="billing",direction="ingress",protocol="tcp",verdict="allow"} 0"#,
+            r#"bulkhead_connections_total{service="search",direction="egress",protocol="udp",verdict="audit"} 5"#,
+        ] {
+            assert!(lines.contains(&expected), "missing {expected} in\n{text}");
+        }
+        let per_service = |name: &str| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.starts_with(&format!("bulkhead_connections_total{{service=\"{name}\""))
+                })
+                .count()
+        };
+        // Every combination is present from the start (rate() needs a zero).
+        assert_eq!(per_service("billing"), 12, "{text}");
+        assert_eq!(per_service("search"), 12, "{text}");
+        assert_eq!(
+            per_service("late"),
+            0,
+            "unreadable counters are left out:\n{text}"
+        );
+    }
+
+    #[test]
+    fn events_received_and_lost_by_source() {
+        let text = scrape(Format::Prometheus);
+        let lines = samples(&text);
+        for expected in [
+            r#"bulkhead_events_received_total{type="verdict"} 17"#,
+            r#"bulkhead_events_received_total{type="tcp_established"} 0"#,
+            r#"bulkhead_events_received_total{type="tcp_closed"} 6"#,
+            r#"bulkhead_events_lost_total{source="kernel_ringbuf_verdict"} 11"#,
+            r#"bulkhead_events_lost_total{source="kernel_ringbuf_tcp"} 4"#,
+            r#"bulkhead_events_lost_total{source="kernel_ringbuf_ingress"} 2"#,
+            r#"bulkhead_events_lost_total{source="decode"} 1"#,
+            r#"bulkhead_events_lost_total{source="sink"} 0"#,
+            r#"bulkhead_events_lost_total{source="subscriber"} 0"#,
+        ] {
+            assert!(lines.contains(&expected), "missing {expected} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn policy_inventory_and_health() {
+        let text = scrape(Format::Prometheus);
+        let lines = samples(&text);
+        for expected in [
+            r#"bulkhead_services{state="managed"} 2"#,
+            r#"bulkhead_services{state="waiting"} 1"#,
+            r#"bulkhead_service_info{service="search",mode="audit",state="managed"} 1"#,
+            r#"bulkhead_service_info{service="late",mode="enforce",state="waiting"} 1"#,
+            r#"bulkhead_policy_rules{service="billing"} 4"#,
+            r#"bulkhead_bpf_map_entries{map="EGRESS_V4"} 3"#,
+            r#"bulkhead_bpf_map_capacity{map="EGRESS_V4"} 1024"#,
+            "bulkhead_programs_attached 1",
+            "bulkhead_event_consumer_alive 1",
+            concat!(
+                r#"bulkhead_build_info{version=""#,
+                env!("CARGO_PKG_VERSION"),
+                r#""} 1"#
+            ),
+        ] {
+            assert!(lines.contains(&expected), "missing {expected} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn process_metrics_use_the_standard_names() {
+        let text = scrape(Format::Prometheus);
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_start_time_seconds ",
+            "process_open_fds ",
+            "process_max_fds ",
+        ] {
+            assert!(
+                samples(&text).iter().any(|l| l.starts_with(name)),
+                "missing {name} in\n{text}"
+            );
+        }
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn openmetrics_has_types_units_and_eof() {
+        let text = scrape(Format::OpenMetrics);
+        assert!(
+            text.contains("# TYPE bulkhead_connections counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE bulkhead_build info\n"), "{text}");
+        assert!(
+            text.contains("# UNIT process_resident_memory_bytes bytes\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"bulkhead_events_lost_total{source="kernel_ringbuf_verdict"} 11"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn negotiation_prefers_openmetrics_only_when_offered() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::negotiate(None), Format::Prometheus);
+        assert!(Format::Prometheus
+            .content_type()
+            .starts_with("text/plain; version=0.0.4"));
+    }
+
+    #[test]
+    fn health_needs_attached_programs_and_a_live_consumer() {
+        let state = fake_state();
+        assert_eq!(state.health(), Ok(()));
+        state.stats().consumer_alive.store(false, Ordering::Relaxed);
+        assert_eq!(state.health(), Err("event consumer stopped"));
+        state.set_attached(false);
+        assert_eq!(state.health(), Err("programs not attached"));
+    }
+
+    #[test]
+    fn a_reload_swaps_the_service_list() {
+        let state = fake_state();
+        state.replace_inventory(Inventory {
+            services: vec![meta(0, "renamed", ServiceMode::Enforce, 9, true)],
+            maps: Vec::new(),
+        });
+        let text = render(&registry(state), Format::Prometheus).expect("encodes");
+        assert!(
+            text.contains(r#"bulkhead_policy_rules{service="renamed"} 9"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"service="billing""#), "{text}");
+    }
+}

@@ -1,0 +1,93 @@
+//! A [`MetricsState`] with made-up kernel counters, for unit tests.
+
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::Ordering, Arc},
+};
+
+use agent_common::{
+    counter_slot, DIRECTION_EGRESS, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
+};
+use aya::maps::MapError;
+
+use super::state::{
+    CounterSource, Inventory, MapUsage, MetricsState, ServiceMeta, ServiceMode, VerdictCounts,
+};
+use crate::events::{EventStats, EventType};
+
+/// Kernel counters from a table: service id -> counts; lost by slot.
+struct Fake {
+    verdicts: BTreeMap<u32, VerdictCounts>,
+    lost: [u64; 3],
+}
+
+impl CounterSource for Fake {
+    fn verdicts(&self, service_id: u32) -> Result<VerdictCounts, MapError> {
+        self.verdicts
+            .get(&service_id)
+            .copied()
+            .ok_or(MapError::OutOfBounds {
+                index: service_id,
+                max_entries: 0,
+            })
+    }
+
+    fn lost(&self, slot: u32) -> Result<u64, MapError> {
+        self.lost
+            .get(slot as usize)
+            .copied()
+            .ok_or(MapError::OutOfBounds {
+                index: slot,
+                max_entries: 3,
+            })
+    }
+}
+
+pub fn meta(id: u32, name: &str, mode: ServiceMode, rules: usize, managed: bool) -> ServiceMeta {
+    ServiceMeta {
+        id,
+        name: name.to_owned(),
+        mode,
+        rules,
+        managed,
+    }
+}
+
+/// billing (enforce): egress TCP 7 allowed, 3 denied, UDP 2 denied;
+/// search (audit): UDP 5 audited; late (waiting): counters unreadable.
+/// 17 verdict and 6 tcp_closed events received, 11 + 4 + 2 lost in the kernel,
+/// 1 undecodable. Attached, consumer alive.
+pub fn fake_state() -> Arc<MetricsState> {
+    let slot = |proto, verdict| counter_slot(DIRECTION_EGRESS, proto, verdict) as usize;
+    let mut billing = [0; 12];
+    billing[slot(PROTO_TCP, VERDICT_ALLOW)] = 7;
+    billing[slot(PROTO_TCP, VERDICT_DENY)] = 3;
+    billing[slot(PROTO_UDP, VERDICT_DENY)] = 2;
+    let mut search = [0; 12];
+    search[slot(PROTO_UDP, VERDICT_AUDIT)] = 5;
+    let fake = Fake {
+        verdicts: BTreeMap::from([(0, billing), (1, search)]),
+        lost: [11, 4, 2],
+    };
+    let stats = Arc::new(EventStats::default());
+    stats.received[EventType::Verdict as usize].store(17, Ordering::Relaxed);
+    stats.received[EventType::TcpClosed as usize].store(6, Ordering::Relaxed);
+    stats.decode_errors.store(1, Ordering::Relaxed);
+    stats.consumer_alive.store(true, Ordering::Relaxed);
+    let inventory = Inventory {
+        services: vec![
+            meta(0, "billing", ServiceMode::Enforce, 4, true),
+            meta(1, "search", ServiceMode::Audit, 1, true),
+            meta(2, "late", ServiceMode::Enforce, 0, false),
+        ],
+        maps: vec![MapUsage {
+            name: "EGRESS_V4",
+            entries: 3,
+            capacity: 1024,
+        }],
+    };
+    let state = Arc::new(MetricsState::new(fake, stats, inventory));
+    state.set_attached(true);
+    state
+}

@@ -1,0 +1,236 @@
+//! The listener: `GET /metrics`, `GET /healthz`, 404 for any other path.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+use super::{
+    collector::{registry, render, Format},
+    state::MetricsState,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: {source} (choose another address with [metrics] listen in the config or --metrics-listen)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound listener that does not serve yet. The daemon binds before it
+/// touches the kernel, so a taken port stops it before anything is loaded.
+#[derive(Debug)]
+pub struct Endpoint {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl Endpoint {
+    /// Binds `addr` (port 0 picks a free port: see [`Self::local_addr`]).
+    ///
+    /// # Errors
+    /// The address cannot be bound; the message names it.
+    pub fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
+        let err = |source| MetricsError::Bind { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+        listener.set_nonblocking(true).map_err(err)?;
+        let addr = listener.local_addr().map_err(err)?;
+        Ok(Self { listener, addr })
+    }
+
+    /// The address actually bound.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `state` on the current tokio runtime until the returned
+    /// server is dropped.
+    ///
+    /// # Errors
+    /// The listener cannot be registered with the runtime.
+    pub fn serve(self, state: Arc<MetricsState>) -> Result<MetricsServer, MetricsError> {
+        let addr = self.addr;
+        let listener = tokio::net::TcpListener::from_std(self.listener)
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let app = Arc::new(App {
+            registry: registry(Arc::clone(&state)),
+            state,
+        });
+        let router = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz))
+            .fallback(not_found)
+            .with_state(app);
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                error!("metrics endpoint stopped: {e}");
+            }
+        });
+        info!(listen = %addr, "serving http://{addr}/metrics and /healthz");
+        Ok(MetricsServer { addr, task })
+    }
+}
+
+/// The running endpoint; stops serving when dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct App {
+    registry: Registry,
+    state: Arc<MetricsState>,
+}
+
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    // A scrape reads a dozen kernel counters per service (one syscall
+    // each): off the two async workers, which also drain the ring buffer.
+    let rendered = tokio::task::spawn_blocking(move || render(&app.registry, format)).await;
+    match rendered {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Ok(Err(e)) => {
+            error!("cannot encode the metrics: {e}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n",
+            )
+                .into_response()
+        }
+        Err(e) => {
+            error!("metrics scrape failed: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n").into_response()
+        }
+    }
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    match app.state.health() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    }
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "not found: try /metrics or /healthz\n",
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::metrics::fake::fake_state;
+
+    /// One HTTP/1.0 request; returns (status, headers, body).
+    async fn get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String, String) {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: test\r\nAccept: {accept}\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.expect("read");
+        let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status code");
+        (status, head.to_ascii_lowercase(), body.to_owned())
+    }
+
+    fn serve() -> (MetricsServer, Arc<MetricsState>) {
+        let state = fake_state();
+        let endpoint = Endpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        (endpoint.serve(Arc::clone(&state)).expect("serve"), state)
+    }
+
+    #[tokio::test]
+    async fn metrics_in_both_formats() {
+        let (server, _state) = serve();
+        let (status, head, body) = get(server.local_addr(), "/metrics", "*/*").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert!(
+            body.contains("bulkhead_events_received_total{type=\"verdict\"} 17"),
+            "{body}"
+        );
+
+        let openmetrics = "application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1";
+        let (status, head, body) = get(server.local_addr(), "/metrics", openmetrics).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            head.contains("content-type: application/openmetrics-text"),
+            "{head}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_attachment_and_consumer() {
+        let (server, state) = serve();
+        let addr = server.local_addr();
+        let (status, _, body) = get(addr, "/healthz", "*/*").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        state.stats().consumer_alive.store(false, Ordering::Relaxed);
+        let (status, _, body) = get(addr, "/healthz", "*/*").await;
+        assert_eq!((status, body.as_str()), (503, "event consumer stopped\n"));
+        state.set_attached(false);
+        let (status, _, body) = get(addr, "/healthz", "*/*").await;
+        assert_eq!((status, body.as_str()), (503, "programs not attached\n"));
+    }
+
+    #[tokio::test]
+    async fn other_paths_are_404() {
+        let (server, _state) = serve();
+        for path in ["/", "/metrics/x", "/debug/pprof"] {
+            let (status, _, _) = get(server.local_addr(), path, "*/*").await;
+            assert_eq!(status, 404, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_taken_address_is_an_error_naming_it() {
+        let first = Endpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let taken = first.local_addr();
+        let err = Endpoint::bind(taken).expect_err("the port is taken");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot listen for metrics on {taken}: ")),
+            "{err}"
+        );
+    }
+}

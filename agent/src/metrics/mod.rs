@@ -1,0 +1,25 @@
+//! The Prometheus endpoint: `/metrics` and `/healthz` (docs/metrics.md).
+//!
+//! Nothing is counted twice: every value is read at scrape time from where
+//! it already lives — the kernel's per-CPU counters, the event pipeline's
+//! [`EventStats`](crate::events::EventStats), the policy inventory and
+//! `/proc/self` — by one custom prometheus-client collector.
+//!
+//! - `state`: what the daemon hands over ([`MetricsState`], [`Inventory`])
+//! - `collector`: state -> metric families, text encoding
+//! - `process`: the process's own CPU, memory and file descriptors
+//! - `http`: the listener and its routes
+
+mod collector;
+#[cfg(test)]
+mod fake;
+mod http;
+mod process;
+mod state;
+
+pub use collector::{registry, render, Format};
+pub use http::{Endpoint, MetricsError, MetricsServer};
+pub use state::{
+    map_capacities, CounterSource, Inventory, MapUsage, MetricsState, ServiceMeta, ServiceMode,
+    VerdictCounts,
+};

@@ -1,0 +1,91 @@
+//! Which cgroup each service is in right now. Services whose cgroup does
+//! not exist yet are waiting; a restarted unit gets a new cgroup (same
+//! path, new id). The tracker re-resolves every service periodically and
+//! tells the kernel maps what changed.
+
+use std::path::{Path, PathBuf};
+
+use agent_common::ServiceEntry;
+use tracing::info;
+
+use crate::{cgroup, kernel::CompiledPolicy};
+
+/// How often cgroups are re-resolved.
+pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedService {
+    pub name: String,
+    pub cgroup_path: String,
+    pub entry: ServiceEntry,
+    /// The cgroup id in the SERVICES map, None while waiting.
+    pub cgroup_id: Option<u64>,
+}
+
+/// One change to apply to the SERVICES map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Add { cgroup_id: u64, entry: ServiceEntry },
+    Remove { cgroup_id: u64 },
+}
+
+pub struct ServiceTracker {
+    mount: PathBuf,
+    pub services: Vec<TrackedService>,
+}
+
+impl ServiceTracker {
+    pub fn new(mount: &Path, policy: &CompiledPolicy) -> Self {
+        Self {
+            mount: mount.to_path_buf(),
+            services: policy
+                .services
+                .iter()
+                .map(|s| TrackedService {
+                    name: s.name.clone(),
+                    cgroup_path: s.cgroup_path.clone(),
+                    entry: s.entry,
+                    cgroup_id: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Re-resolves every service; returns the map changes (adds before
+    /// removes, so a service is never briefly unmanaged).
+    pub fn rescan(&mut self) -> Vec<Change> {
+        let mut adds = Vec::new();
+        let mut removes = Vec::new();
+        for s in &mut self.services {
+            let now = cgroup::cgroup_id(&self.mount, &s.cgroup_path);
+            if now == s.cgroup_id {
+                continue;
+            }
+            match now {
+                Some(id) => {
+                    info!(service = %s.name, cgroup = %s.cgroup_path, cgroup_id = id, "service managed");
+                    adds.push(Change::Add {
+                        cgroup_id: id,
+                        entry: s.entry,
+                    });
+                }
+                None => {
+                    info!(service = %s.name, cgroup = %s.cgroup_path, "cgroup gone; service waiting for it")
+                }
+            }
+            if let Some(old) = s.cgroup_id {
+                removes.push(Change::Remove { cgroup_id: old });
+            }
+            s.cgroup_id = now;
+        }
+        adds.extend(removes);
+        adds
+    }
+
+    pub fn managed(&self) -> usize {
+        self.services
+            .iter()
+            .filter(|s| s.cgroup_id.is_some())
+            .count()
+    }
+}

@@ -1,0 +1,246 @@
+//! Driving the real `bulkhead` binary: one-shot commands and the daemon.
+
+use std::{
+    collections::BTreeSet,
+    env,
+    ffi::{OsStr, OsString},
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::Duration,
+};
+
+use tempfile::TempDir;
+
+use crate::{
+    bpf::prog_ids_held_by,
+    notify::{NotReady, NotifySocket},
+    policy::PolicyDir,
+    process::{output_with_timeout, terminate, wait_deadline},
+};
+
+/// How long the daemon may take from start to `READY=1`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the daemon may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a one-shot command (`bulkhead check`) may run.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `bulkhead` binary under test: `$BULKHEAD_BIN` (set by `cargo xtask
+/// test`), else `bulkhead` in the target directory's `debug/`. Panics, saying
+/// how to build it, if it is not there.
+#[must_use]
+pub fn bulkhead_bin() -> PathBuf {
+    let path = match env::var_os("BULKHEAD_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(
+                || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+                PathBuf::from,
+            )
+            .join("debug/bulkhead"),
+    };
+    assert!(
+        path.is_file(),
+        "the bulkhead binary is not at {}: run `cargo xtask test` (or \
+         `cargo build -p agent --bin bulkhead` first), or set BULKHEAD_BIN",
+        path.display()
+    );
+    path
+}
+
+/// Runs `bulkhead ARGS` to completion (no `NOTIFY_SOCKET`), with a deadline.
+#[must_use]
+pub fn bulkhead<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    let mut cmd = Command::new(bulkhead_bin());
+    cmd.args(args).env_remove("NOTIFY_SOCKET");
+    output_with_timeout(&mut cmd, CLI_TIMEOUT)
+}
+
+/// A running `bulkhead run`. Its stdout and stderr go to a log file, which
+/// `Drop` prints when a test panics while the guard is alive (so panic
+/// messages need not include it). `Drop` sends SIGTERM, waits
+/// [`STOP_TIMEOUT`], then SIGKILLs; it never panics.
+///
+/// Each daemon is kept to itself, so tests (and test runs) can overlap:
+/// its decision log and control socket live in its own temporary
+/// directory, its metrics endpoint takes any free loopback port, and unless
+/// the test passes `--config`, an empty config file (all defaults) stands
+/// in for the host's `/etc/bulkhead/bulkhead.toml`.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    notify: NotifySocket,
+    log: PathBuf,
+    events: PathBuf,
+    /// Holds the notify socket, the log and the other files; removed last.
+    _work: TempDir,
+}
+
+impl Daemon {
+    /// `bulkhead run --policy-dir DIR`, waiting for `READY=1`; panics with
+    /// the daemon's log if it exits or is not ready within [`READY_TIMEOUT`].
+    #[must_use]
+    pub fn start(policies: &PolicyDir) -> Self {
+        let mut daemon =
+            Self::spawn_run(&[OsStr::new("--policy-dir"), policies.path().as_os_str()]);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts `bulkhead run ARGS` with `NOTIFY_SOCKET` set, without waiting.
+    #[must_use]
+    pub fn spawn_run<S: AsRef<OsStr>>(args: &[S]) -> Self {
+        let work = tempfile::Builder::new()
+            .prefix("bulkhead-test-daemon-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+        let notify = NotifySocket::bind(&work.path().join("notify.sock"));
+        let events = work.path().join("events.jsonl");
+        let mut command_line: Vec<OsString> = vec![
+            "run".into(),
+            "--events".into(),
+            events.clone().into(),
+            "--control-socket".into(),
+            work.path().join("control.sock").into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if !args.iter().any(|a| a.as_ref() == "--config") {
+            let config = work.path().join("bulkhead.toml");
+            fs::write(&config, "# all defaults\n")
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+            command_line.extend(["--config".into(), config.into()]);
+        }
+        command_line.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        let log = work.path().join("bulkhead.log");
+        let out = fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone a file handle: {e}"));
+        let bin = bulkhead_bin();
+        let child = Command::new(&bin)
+            .args(&command_line)
+            .env("NOTIFY_SOCKET", notify.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} {command_line:?}: {e}", bin.display()));
+        Self {
+            child: Some(child),
+            notify,
+            log,
+            events,
+            _work: work,
+        }
+    }
+
+    /// Waits for `READY=1`; panics with the log if the daemon exits first or
+    /// does not get there within [`READY_TIMEOUT`].
+    pub fn wait_ready(&mut self) {
+        let mut seen = Vec::new();
+        let child = self.child.as_mut();
+        let mut exited = None;
+        let result = match child {
+            Some(child) => self.notify.wait_ready(READY_TIMEOUT, &mut seen, || {
+                exited = child.try_wait().ok().flatten();
+                exited.is_some()
+            }),
+            None => Err(NotReady::GaveUp),
+        };
+        match result {
+            Ok(()) => {}
+            Err(NotReady::GaveUp) => panic!(
+                "bulkhead exited ({}) before READY=1; notifications {seen:?} (its log follows)",
+                exited.map_or_else(|| "status unknown".to_owned(), |s| s.to_string()),
+            ),
+            Err(NotReady::Timeout) => panic!(
+                "bulkhead sent no READY=1 within {READY_TIMEOUT:?}; notifications {seen:?} \
+                 (its log follows)"
+            ),
+            Err(NotReady::Io(e)) => panic!("notify socket failed: {e}"),
+        }
+    }
+
+    /// The daemon's pid.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Ids of the BPF programs the running daemon holds (see
+    /// [`crate::bpf::prog_ids_held_by`]); empty once it has stopped.
+    #[must_use]
+    pub fn prog_ids(&self) -> BTreeSet<u64> {
+        self.pid().map(prog_ids_held_by).unwrap_or_default()
+    }
+
+    /// The daemon's decision log (JSON lines), in its temporary directory.
+    #[must_use]
+    pub fn events_path(&self) -> &Path {
+        &self.events
+    }
+
+    /// Everything the daemon has printed so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Notifications sent since the last look (without waiting).
+    #[must_use]
+    pub fn notifications(&self) -> Vec<String> {
+        self.notify.pending()
+    }
+
+    /// SIGTERM, then waits for the exit; panics if it had to
+    /// be killed with SIGKILL after [`STOP_TIMEOUT`].
+    #[must_use]
+    pub fn stop(&mut self) -> ExitStatus {
+        let Some(mut child) = self.child.take() else {
+            panic!("bulkhead was already stopped");
+        };
+        match terminate(&mut child, STOP_TIMEOUT) {
+            (Some(status), false) => status,
+            (status, _) => panic!(
+                "bulkhead did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed: {status:?}; \
+                 its log follows)"
+            ),
+        }
+    }
+
+    /// Waits for the daemon to exit by itself; panics if it
+    /// is still running after `timeout`.
+    #[must_use]
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let Some(child) = self.child.as_mut() else {
+            panic!("bulkhead was already stopped");
+        };
+        if let Some(status) = wait_deadline(child, timeout) {
+            self.child = None;
+            return status;
+        }
+        panic!("bulkhead still running after {timeout:?} (its log follows)");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let killed = match self.child.take() {
+            Some(mut child) => terminate(&mut child, STOP_TIMEOUT).1,
+            None => false,
+        };
+        if killed {
+            eprintln!("CLEANUP: bulkhead ignored SIGTERM for {STOP_TIMEOUT:?}; SIGKILLed it");
+        }
+        if killed || std::thread::panicking() {
+            eprintln!(
+                "----- bulkhead log ({}) -----\n{}----- end of bulkhead log -----",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! A temporary policy directory, as `bulkhead run|check --policy-dir` reads.
+
+use std::{
+    fmt::{self, Display},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use tempfile::TempDir;
+
+use crate::cgroup::CgroupGuard;
+
+/// A temporary directory of policy files, removed on `Drop`.
+#[derive(Debug)]
+pub struct PolicyDir {
+    dir: TempDir,
+}
+
+impl PolicyDir {
+    /// An empty policy directory.
+    #[must_use]
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-test-policies-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary policy directory: {e}"));
+        Self { dir }
+    }
+
+    /// A directory holding `files` (name, contents).
+    #[must_use]
+    pub fn with(files: &[(&str, &str)]) -> Self {
+        let dir = Self::new();
+        for (name, contents) in files {
+            dir.write(name, contents);
+        }
+        dir
+    }
+
+    /// Writes `contents` to `name` in the directory and returns its path.
+    #[expect(
+        clippy::must_use_candidate,
+        reason = "called for its effect; the result is a convenience"
+    )]
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("cannot write policy {}: {e}", path.display()));
+        path
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for PolicyDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One `[[egress]]` rule, rendered as TOML by `Display`.
+///
+/// ```
+/// use integration_tests::policy::Egress;
+/// let rule = Egress::to(["127.0.0.1", "2001:db8::/64"]).ports([5432.to_string(), "8000-8100".into()]).protocol("tcp");
+/// assert_eq!(
+///     rule.to_string(),
+///     "[[egress]]\nto = [\"127.0.0.1\", \"2001:db8::/64\"]\nports = [5432, \"8000-8100\"]\nprotocol = \"tcp\"\n"
+/// );
+/// ```
+#[derive(Debug, Clone)]
+pub struct Egress {
+    to: Vec<String>,
+    ports: Option<Vec<String>>,
+    protocol: Option<String>,
+}
+
+impl Egress {
+    /// A rule allowing `to` (addresses or CIDRs), all ports, any protocol.
+    #[must_use]
+    pub fn to<T: Display>(to: impl IntoIterator<Item = T>) -> Self {
+        Self {
+            to: to.into_iter().map(|t| t.to_string()).collect(),
+            ports: None,
+            protocol: None,
+        }
+    }
+
+    /// Only these ports: a number (`5432`) or a range (`"8000-8100"`).
+    #[must_use]
+    pub fn ports<T: Display>(self, ports: impl IntoIterator<Item = T>) -> Self {
+        Self {
+            ports: Some(ports.into_iter().map(|p| p.to_string()).collect()),
+            ..self
+        }
+    }
+
+    /// Only this protocol: `tcp`, `udp` or `any`.
+    #[must_use]
+    pub fn protocol(self, protocol: &str) -> Self {
+        Self {
+            protocol: Some(protocol.to_owned()),
+            ..self
+        }
+    }
+}
+
+impl Display for Egress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let quoted = |s: &String| format!("{s:?}");
+        let to: Vec<String> = self.to.iter().map(quoted).collect();
+        writeln!(f, "[[egress]]\nto = [{}]", to.join(", "))?;
+        if let Some(ports) = &self.ports {
+            // A plain number is a TOML integer; a range is a string.
+            let ports: Vec<String> = ports
+                .iter()
+                .map(|p| {
+                    if p.contains('-') {
+                        quoted(p)
+                    } else {
+                        p.clone()
+                    }
+                })
+                .collect();
+            writeln!(f, "ports = [{}]", ports.join(", "))?;
+        }
+        if let Some(protocol) = &self.protocol {
+            writeln!(f, "protocol = {protocol:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A service policy for test cgroup `cgroup`: `mode` is `enforce` or `audit`.
+#[must_use]
+pub fn service_policy(cgroup: &CgroupGuard, mode: &str, rules: &[Egress]) -> String {
+    let mut text = format!("cgroup = {:?}\nmode = {mode:?}\n", cgroup.policy_path());
+    for rule in rules {
+        text.push('\n');
+        text.push_str(&rule.to_string());
+    }
+    text
+}

@@ -1,0 +1,279 @@
+//! Running `bulkhead-probe`: clients inside a service's cgroup, listeners on
+//! loopback or inside a "remote host" namespace.
+//!
+//! Only integration tests know the probe's path
+//! (`env!("CARGO_BIN_EXE_bulkhead-probe")`), so they hand it to [`Probe::new`].
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::process::{kill, output_with_timeout};
+
+/// A client step takes at most 3 s (the probe's own limit) per stage.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a listener may take to print `ready`.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// How a probe runs: the binary, and optionally the cgroup it joins and the
+/// network namespace it enters first.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    bin: PathBuf,
+    cgroup: Option<PathBuf>,
+    netns: Option<String>,
+}
+
+impl Probe {
+    /// A probe run from the test's own cgroup and namespace (unmanaged).
+    #[must_use]
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            cgroup: None,
+            netns: None,
+        }
+    }
+
+    /// The same probe, run inside cgroup directory `dir` (a service).
+    #[must_use]
+    pub fn in_cgroup(&self, dir: &Path) -> Self {
+        Self {
+            cgroup: Some(dir.to_path_buf()),
+            ..self.clone()
+        }
+    }
+
+    /// The same probe, run inside network namespace `name`.
+    #[must_use]
+    pub fn in_netns(&self, name: &str) -> Self {
+        Self {
+            netns: Some(name.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        if let Some(dir) = &self.cgroup {
+            cmd.arg("--cgroup").arg(dir);
+        }
+        if let Some(name) = &self.netns {
+            cmd.args(["--netns", name]);
+        }
+        cmd
+    }
+
+    /// TCP `connect()` to `addr`, then reads the listener's byte.
+    #[must_use]
+    pub fn tcp_connect(&self, addr: SocketAddr) -> Outcome {
+        self.client("tcp-connect", &[addr])
+    }
+
+    /// UDP `connect()` to `addr`, `send()`, then waits for the echo.
+    #[must_use]
+    pub fn udp_connect(&self, addr: SocketAddr) -> Outcome {
+        self.client("udp-connect", &[addr])
+    }
+
+    /// Unconnected UDP `sendto()` to `addr`, then waits for the echo.
+    #[must_use]
+    pub fn udp_sendto(&self, addr: SocketAddr) -> Outcome {
+        self.client("udp-sendto", &[addr])
+    }
+
+    /// TCP Fast Open: `sendto(MSG_FASTOPEN)` without `connect()`, then reads
+    /// the listener's byte.
+    #[must_use]
+    pub fn tcp_fastopen(&self, addr: SocketAddr) -> Outcome {
+        self.client("tcp-fastopen", &[addr])
+    }
+
+    /// UDP `connect()` to `connected`, then an explicit `sendto()` to `other`
+    /// (only the send is judged: no echo comes back to a connected socket).
+    #[must_use]
+    pub fn udp_connect_sendto(&self, connected: SocketAddr, other: SocketAddr) -> Outcome {
+        self.client("udp-connect-sendto", &[connected, other])
+    }
+
+    fn client(&self, what: &'static str, addrs: &[SocketAddr]) -> Outcome {
+        let mut cmd = self.command();
+        let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        cmd.arg(what).args(&addrs);
+        let out = output_with_timeout(&mut cmd, CLIENT_TIMEOUT);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "probe {cmd:?} could not run ({}): {}{stdout}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Outcome::parse(format!("{what} {}", addrs.join(" ")), &stdout)
+    }
+
+    /// Starts a listener on `addr` (port 0 = any) and waits until it is bound.
+    #[must_use]
+    pub fn listen(&self, proto: Proto, addr: SocketAddr) -> Listener {
+        let mut cmd = self.command();
+        cmd.args(["listen", proto.as_str(), &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        // The listener guard owns the child from here, so a panic kills it.
+        let mut listener = Listener { child, addr, proto };
+        listener.addr = listener.wait_bound(&cmd);
+        listener
+    }
+}
+
+/// What a client probe reported.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What was tried, e.g. `tcp-connect 127.0.0.1:4000`.
+    pub what: String,
+    /// The probe's JSON line.
+    pub json: String,
+    /// Whether every step succeeded.
+    pub ok: bool,
+    /// The failing step: `socket`, `connect`, `send` or `recv`.
+    pub stage: Option<String>,
+    /// The failing step's errno, if the kernel gave one.
+    pub errno: Option<i32>,
+}
+
+impl Outcome {
+    fn parse(what: String, stdout: &str) -> Self {
+        let line = stdout.lines().last().unwrap_or_default();
+        let value: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{what}: probe printed no JSON ({e}): {stdout:?}"));
+        Self {
+            ok: value.get("ok").and_then(Value::as_bool) == Some(true),
+            stage: value
+                .get("stage")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            errno: value
+                .get("errno")
+                .and_then(Value::as_i64)
+                .and_then(|e| i32::try_from(e).ok()),
+            json: line.to_owned(),
+            what,
+        }
+    }
+
+    /// Asserts the whole exchange went through (a denial or a timeout fails).
+    pub fn assert_ok(&self, why: &str) {
+        assert!(
+            self.ok,
+            "{why}: `{}` should be allowed, got {}",
+            self.what, self.json
+        );
+    }
+
+    /// Asserts the kernel refused with `EPERM` at once, at `connect()` or
+    /// `sendto()` (not a timeout, not a refusal by the peer).
+    pub fn assert_eperm(&self, why: &str) {
+        assert!(
+            !self.ok
+                && self.errno == Some(libc::EPERM)
+                && matches!(self.stage.as_deref(), Some("connect" | "send")),
+            "{why}: `{}` should fail with EPERM (errno {}) at connect/send, got {}",
+            self.what,
+            libc::EPERM,
+            self.json
+        );
+    }
+}
+
+/// A running `bulkhead-probe listen`; killed on `Drop`.
+#[derive(Debug)]
+pub struct Listener {
+    child: Child,
+    addr: SocketAddr,
+    proto: Proto,
+}
+
+impl Listener {
+    /// The bound address (with the real port when it asked for port 0).
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The port it listens on.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The listener's pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads the `ready ADDR` line; panics with the probe's stderr if it
+    /// exits or stays silent for [`LISTEN_TIMEOUT`].
+    fn wait_bound(&mut self, cmd: &Command) -> SocketAddr {
+        let Some(stdout) = self.child.stdout.take() else {
+            panic!("{cmd:?}: no stdout pipe");
+        };
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(LISTEN_TIMEOUT).unwrap_or_default();
+        let bound = line
+            .strip_prefix("ready ")
+            .and_then(|a| a.trim().parse().ok());
+        if let Some(bound) = bound {
+            return bound;
+        }
+        kill(&mut self.child);
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        panic!(
+            "{} listener {cmd:?} did not get ready (stdout {line:?}): {stderr}",
+            self.proto.as_str()
+        );
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}

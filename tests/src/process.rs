@@ -1,0 +1,103 @@
+//! Running child processes with deadlines, so no test can hang.
+
+use std::{
+    io::Read,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// How often a deadline wait polls the child.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Runs `cmd` to completion and returns what it printed; panics (naming the
+/// command) if it cannot start or is still running after `timeout`.
+#[must_use]
+pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    try_output_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`output_with_timeout`], but says what went wrong instead of
+/// panicking (for `Drop` code).
+///
+/// # Errors
+///
+/// A message naming the command if it cannot start or times out.
+pub fn try_output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let Some(status) = wait_deadline(&mut child, timeout) else {
+        kill(&mut child);
+        return Err(format!(
+            "{cmd:?} still running after {timeout:?}; killed it"
+        ));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// Reads a pipe to its end on a thread (so a full pipe cannot block the child).
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            // A read error just ends the capture; the exit status still counts.
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Waits for `child` until `timeout`; `None` if it is still running.
+pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// SIGKILLs and reaps `child`, ignoring "already gone".
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends `signal` to `pid`; false if the kernel refused (e.g. no such process).
+#[expect(
+    clippy::must_use_candidate,
+    reason = "called for its effect; the result is a convenience"
+)]
+pub fn signal(pid: u32, signal: libc::c_int) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// SIGTERMs `child`, waits up to `grace`, then SIGKILLs it. Returns the exit
+/// status and whether it had to be killed.
+pub fn terminate(child: &mut Child, grace: Duration) -> (Option<ExitStatus>, bool) {
+    if let Ok(Some(status)) = child.try_wait() {
+        return (Some(status), false);
+    }
+    signal(child.id(), libc::SIGTERM);
+    if let Some(status) = wait_deadline(child, grace) {
+        return (Some(status), false);
+    }
+    let _ = child.kill();
+    (child.wait().ok(), true)
+}

@@ -1,0 +1,204 @@
+//! The daemon's life: enforcement starts at READY=1 and ends, with every
+//! program unloaded, when it is stopped by SIGTERM or SIGINT.
+
+use std::{collections::BTreeSet, ffi::OsStr, time::Duration};
+
+use integration_tests::{
+    addr,
+    bpf::{bulkhead_progs, wait_unloaded, LoadedProg},
+    daemon::STOP_TIMEOUT,
+    process::signal,
+    require_bpf, service_policy, CgroupGuard, Daemon, Listener, PolicyDir, Probe, ProgSnapshot,
+    Proto,
+};
+
+/// The programs issue 2 specifies.
+const PROGRAMS: [&str; 4] = [
+    "bulkhead_connect4",
+    "bulkhead_connect6",
+    "bulkhead_sendmsg4",
+    "bulkhead_sendmsg6",
+];
+
+/// How long the kernel may take to free programs after the daemon exits.
+const UNLOAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn probe() -> Probe {
+    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
+}
+
+/// Asserts every program in [`PROGRAMS`] is among `loaded` (the kernel keeps
+/// the first 15 bytes of a name; bpftool may print the full one from BTF).
+fn assert_all_programs(loaded: &[LoadedProg]) {
+    for want in PROGRAMS {
+        assert!(
+            loaded
+                .iter()
+                .any(|p| p.name == want || (p.name.len() >= 15 && want.starts_with(&p.name))),
+            "program {want} is not among the programs bulkhead holds: {loaded:?}"
+        );
+    }
+}
+
+/// The ids of the programs `daemon` holds, after asserting that every
+/// program in [`PROGRAMS`] is among them.
+fn our_programs(daemon: &Daemon) -> BTreeSet<u64> {
+    let ours = daemon.prog_ids();
+    let loaded: Vec<_> = bulkhead_progs()
+        .into_iter()
+        .filter(|p| ours.contains(&p.id))
+        .collect();
+    assert_all_programs(&loaded);
+    ours
+}
+
+/// Asserts the daemon's programs are gone and that nothing loaded since
+/// `before` is left behind with no process holding it (attached or pinned).
+fn assert_unloaded(ours: &BTreeSet<u64>, before: &ProgSnapshot) {
+    let left = wait_unloaded(ours, UNLOAD_TIMEOUT);
+    assert!(
+        left.is_empty(),
+        "bulkhead's programs still loaded {UNLOAD_TIMEOUT:?} after it exited: {left:?}"
+    );
+    let orphans = before.orphans_since(UNLOAD_TIMEOUT);
+    assert!(
+        orphans.is_empty(),
+        "bulkhead programs left loaded with no process holding them: {orphans:?}"
+    );
+}
+
+/// Listeners a service with no rules is denied, and gets again once
+/// bulkhead stops.
+struct Targets {
+    tcp4: Listener,
+    tcp6: Listener,
+    udp4: Listener,
+    udp6: Listener,
+}
+
+impl Targets {
+    fn new() -> Self {
+        Self {
+            tcp4: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
+            tcp6: probe().listen(Proto::Tcp, addr("[::1]:0")),
+            udp4: probe().listen(Proto::Udp, addr("127.0.0.1:0")),
+            udp6: probe().listen(Proto::Udp, addr("[::1]:0")),
+        }
+    }
+
+    fn assert_denied(&self, client: &Probe, why: &str) {
+        client.tcp_connect(self.tcp4.addr()).assert_eperm(why);
+        client.tcp_connect(self.tcp6.addr()).assert_eperm(why);
+        client.udp_connect(self.udp4.addr()).assert_eperm(why);
+        client.udp_sendto(self.udp6.addr()).assert_eperm(why);
+    }
+
+    fn assert_allowed(&self, client: &Probe, why: &str) {
+        client.tcp_connect(self.tcp4.addr()).assert_ok(why);
+        client.tcp_connect(self.tcp6.addr()).assert_ok(why);
+        client.udp_connect(self.udp4.addr()).assert_ok(why);
+        client.udp_sendto(self.udp6.addr()).assert_ok(why);
+    }
+}
+
+#[test]
+fn sigterm_restores_connectivity_and_unloads_programs() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let targets = Targets::new();
+    let client = probe().in_cgroup(svc.path());
+    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
+    let before = ProgSnapshot::take();
+    let mut daemon = Daemon::start(&policies);
+
+    targets.assert_denied(&client, "while bulkhead runs");
+    let ours = our_programs(&daemon);
+
+    let status = daemon.stop();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "bulkhead should exit 0 on SIGTERM, got {status} (its log follows)"
+    );
+    assert_unloaded(&ours, &before);
+    targets.assert_allowed(&client, "after bulkhead stopped (SIGTERM)");
+}
+
+#[test]
+fn sigint_restores_connectivity_and_unloads_programs() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let targets = Targets::new();
+    let client = probe().in_cgroup(svc.path());
+    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
+    let before = ProgSnapshot::take();
+    let mut daemon = Daemon::start(&policies);
+    targets.assert_denied(&client, "while bulkhead runs");
+    let ours = our_programs(&daemon);
+
+    let pid = daemon.pid().expect("the daemon was just started");
+    assert!(signal(pid, libc::SIGINT), "cannot SIGINT bulkhead ({pid})");
+    let status = daemon.wait_exit(STOP_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "bulkhead should exit 0 on SIGINT, got {status} (its log follows)"
+    );
+    assert_unloaded(&ours, &before);
+    targets.assert_allowed(&client, "after bulkhead stopped (SIGINT)");
+}
+
+#[test]
+fn config_file_names_the_policy_dir() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let targets = Targets::new();
+    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
+    let config_dir = PolicyDir::new();
+    let dir = policies.path().to_str().expect("temporary paths are UTF-8");
+    let config = config_dir.write("bulkhead.toml", &format!("policy_dir = {dir:?}\n"));
+    let mut daemon = Daemon::spawn_run(&[OsStr::new("--config"), config.as_os_str()]);
+    daemon.wait_ready();
+
+    targets.assert_denied(
+        &probe().in_cgroup(svc.path()),
+        "policy found through --config's policy_dir",
+    );
+}
+
+#[test]
+fn daemon_guard_stops_bulkhead_when_a_test_panics() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let targets = Targets::new();
+    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
+    let before = ProgSnapshot::take();
+    let mut pid = None;
+    let mut ours = BTreeSet::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let daemon = Daemon::start(&policies);
+        pid = daemon.pid();
+        ours = our_programs(&daemon);
+        panic!("deliberate panic with a running daemon (the log printed below is expected)");
+    }));
+    assert!(result.is_err(), "the closure was meant to panic");
+
+    let pid = pid.expect("the daemon started before the panic");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "bulkhead ({pid}) still exists after its guard was dropped"
+    );
+    assert_unloaded(&ours, &before);
+    targets.assert_allowed(
+        &probe().in_cgroup(svc.path()),
+        "after the guard stopped bulkhead",
+    );
+}

@@ -1,0 +1,191 @@
+//! The bulkhead daemon under test, started like a `Type=notify` service and
+//! stopped with SIGTERM; the guard stops it on error and panic too.
+
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Loading 100,000 prefixes takes well under a second here; this is only a
+/// bound for a daemon that hangs.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    /// From spawn to READY=1: policy load, compile, map fill, attach.
+    pub ready_after: Duration,
+    /// VmRSS right after READY=1.
+    pub rss_kib: Option<u64>,
+}
+
+impl Daemon {
+    /// Starts `bin run` on `policy_dir` and waits for READY=1. `work` holds
+    /// the notify socket and the daemon's log.
+    pub fn start(bin: &Path, config: &Path, policy_dir: &Path, work: &Path) -> Result<Self> {
+        let socket_path = work.join("notify.sock");
+        let _ = fs::remove_file(&socket_path);
+        let socket = UnixDatagram::bind(&socket_path)
+            .with_context(|| format!("bind {}", socket_path.display()))?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .context("notify socket timeout")?;
+        let log = work.join("bulkhead.log");
+        let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let log_err = log_file.try_clone().context("clone the log file")?;
+
+        let started = Instant::now();
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--policy-dir")
+            .arg(policy_dir)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let mut daemon = Self {
+            child: Some(child),
+            log,
+            ready_after: Duration::ZERO,
+            rss_kib: None,
+        };
+        daemon.ready_after = daemon.wait_ready(&socket, started)?;
+        daemon.rss_kib = daemon.pid().and_then(rss_kib);
+        Ok(daemon)
+    }
+
+    fn wait_ready(&mut self, socket: &UnixDatagram, started: Instant) -> Result<Duration> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    if text.lines().any(|l| l == "READY=1") {
+                        return Ok(started.elapsed());
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e).context("read the notify socket"),
+            }
+            super::sandbox::check_interrupted()?;
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().context("poll the daemon")? {
+                    self.child = None;
+                    bail!(
+                        "bulkhead exited ({status}) before READY=1:\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "bulkhead sent no READY=1 within {READY_TIMEOUT:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Context switches of all the daemon's threads so far. Its event
+    /// reader sleeps until the kernel wakes it, so the growth over a run,
+    /// per probe call, says how often a call woke the daemon.
+    pub fn context_switches(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0;
+        for task in tasks.flatten() {
+            let status = fs::read_to_string(task.path().join("status")).ok()?;
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v.trim().parse::<u64>().ok()?;
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// SIGTERM, then waits: the daemon detaches its programs and must exit 0.
+    pub fn stop(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        match terminate(&mut child)? {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => bail!("bulkhead exited with {status}:\n{}", self.log_tail()),
+            None => bail!(
+                "bulkhead did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed it:\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Err(e) = terminate(&mut child) {
+                eprintln!("xtask bench: WARNING: stopping bulkhead: {e:#}");
+            }
+        }
+    }
+}
+
+/// SIGTERM and wait up to `STOP_TIMEOUT`; SIGKILL after that (the kernel
+/// then drops its links, so nothing stays attached). None if it was killed.
+fn terminate(child: &mut Child) -> Result<Option<std::process::ExitStatus>> {
+    if let Some(status) = child.try_wait().context("poll bulkhead")? {
+        return Ok(Some(status));
+    }
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    // SAFETY: signals our own child, which has not been reaped yet.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().context("wait for bulkhead")? {
+            return Ok(Some(status));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().context("kill bulkhead")?;
+    child.wait().context("reap bulkhead")?;
+    Ok(None)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,117 @@
+//! What a run measures: the cases, the rule counts, the iteration counts.
+
+use anyhow::{ensure, Result};
+
+use super::{rules::MAX_RULES, BenchArgs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// No program and no rule: the plain syscall.
+    Baseline,
+    Bulkhead,
+    Nftables,
+    Iptables,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Case {
+    pub kind: Kind,
+    /// Generated destinations (0 for the baseline).
+    pub rules: usize,
+}
+
+impl Case {
+    pub fn label(self) -> &'static str {
+        match self.kind {
+            Kind::Baseline => "no programs",
+            Kind::Bulkhead => "bulkhead",
+            Kind::Nftables => "nftables",
+            Kind::Iptables => "iptables-legacy",
+        }
+    }
+
+    /// Short unique name, used for its cgroup and network namespace.
+    pub fn slug(self) -> String {
+        match self.kind {
+            Kind::Baseline => "base".to_owned(),
+            Kind::Bulkhead => format!("bh-{}", self.rules),
+            Kind::Nftables => format!("nft-{}", self.rules),
+            Kind::Iptables => format!("ipt-{}", self.rules),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub rule_counts: Vec<usize>,
+    pub udp_iterations: usize,
+    pub tcp_iterations: usize,
+    pub peers: bool,
+}
+
+impl Plan {
+    pub fn from_args(args: &BenchArgs) -> Result<Self> {
+        let quick = args.quick;
+        let mut rule_counts = args.rules.clone().unwrap_or_else(|| {
+            if quick {
+                vec![10, 1_000]
+            } else {
+                vec![10, 1_000, 100_000]
+            }
+        });
+        rule_counts.sort_unstable();
+        rule_counts.dedup();
+        let plan = Self {
+            quick,
+            rounds: args.rounds.unwrap_or(if quick { 2 } else { 5 }),
+            rule_counts,
+            udp_iterations: args
+                .iterations
+                .unwrap_or(if quick { 2_000 } else { 20_000 }),
+            tcp_iterations: args
+                .tcp_iterations
+                .unwrap_or(if quick { 200 } else { 2_000 }),
+            peers: !args.no_peers,
+        };
+        ensure!(plan.rounds >= 1, "--rounds must be at least 1");
+        ensure!(
+            plan.udp_iterations >= 100 && plan.tcp_iterations >= 10,
+            "too few iterations for a p99: at least 100 (UDP) and 10 (TCP)"
+        );
+        ensure!(
+            plan.rule_counts.iter().all(|&n| (1..=MAX_RULES).contains(&n)),
+            "rule counts must be between 1 and {MAX_RULES}"
+        );
+        Ok(plan)
+    }
+
+    /// Every case in report order: the baseline, then per rule count
+    /// bulkhead and its peers. Rounds run this order forwards and
+    /// backwards in turn, so slow drift on the machine (a build starting)
+    /// does not always land on the same cases.
+    pub fn cases(&self) -> Vec<Case> {
+        let mut out = vec![Case {
+            kind: Kind::Baseline,
+            rules: 0,
+        }];
+        for &rules in &self.rule_counts {
+            out.push(Case {
+                kind: Kind::Bulkhead,
+                rules,
+            });
+            if self.peers {
+                out.push(Case {
+                    kind: Kind::Nftables,
+                    rules,
+                });
+                out.push(Case {
+                    kind: Kind::Iptables,
+                    rules,
+                });
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,417 @@
+//! Sets up every case once, then runs them round after round and collects
+//! the samples.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    daemon::Daemon,
+    loadgen::{self, Probe, Spec},
+    peers,
+    plan::{Case, Kind, Plan},
+    profile::{self, ProgramCost},
+    rules,
+    sandbox::{self, Cgroup, Netns, PREFIX},
+    stats::Summary,
+};
+
+/// How often a case is retried when programs from elsewhere show up in
+/// the bench cgroup's effective set (another agent or test run attached
+/// something at the cgroup2 root), and how long to wait between tries.
+const ATTEMPTS: usize = 4;
+const RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// In the work directory: the daemon's config and its decision log.
+pub const CONFIG_FILE: &str = "bulkhead.toml";
+pub const EVENTS_FILE: &str = "events.jsonl";
+
+/// One case's cgroup and network namespace, with its rules loaded.
+struct Env {
+    case: Case,
+    cgroup: Cgroup,
+    netns: Netns,
+    /// bulkhead's policy directory (bulkhead cases only).
+    policy_dir: Option<PathBuf>,
+}
+
+/// What the daemon cost, per round.
+#[derive(Default, Clone, Debug)]
+pub struct DaemonStats {
+    pub ready_after: Vec<Duration>,
+    pub rss_kib: Vec<u64>,
+    /// Daemon context switches per hooked call of the load generator.
+    pub switches_per_call: Vec<f64>,
+    /// Decision-log lines written per hooked call.
+    pub events_per_call: Vec<f64>,
+}
+
+pub struct Results {
+    pub cases: Vec<Case>,
+    pub summaries: BTreeMap<(Case, Probe), Summary>,
+    /// Per rule count.
+    pub daemon: BTreeMap<usize, DaemonStats>,
+    /// How long `nft -f` / `iptables-legacy-restore` took, per case.
+    pub peer_load: BTreeMap<Case, Duration>,
+    /// The programs bulkhead had attached, as bpftool lists them.
+    pub bulkhead_programs: Vec<String>,
+    /// Per rule count: time inside each of bulkhead's programs.
+    pub program_costs: BTreeMap<usize, Vec<ProgramCost>>,
+    /// Things a reader must know (cases skipped, retries, foreign programs).
+    pub notes: Vec<String>,
+    pub timer_overhead_ns: u64,
+}
+
+pub struct Runner<'a> {
+    pub plan: &'a Plan,
+    pub mount: &'a Path,
+    pub bulkhead: &'a Path,
+    pub work: &'a Path,
+}
+
+impl Runner<'_> {
+    pub fn run(&self) -> Result<Results> {
+        let mut notes = Vec::new();
+        let mut peer_load = BTreeMap::new();
+        let envs = self.set_up(&mut notes, &mut peer_load)?;
+        let cases: Vec<Case> = envs.iter().map(|e| e.case).collect();
+
+        let mut rounds: BTreeMap<(Case, Probe), Vec<Vec<u64>>> = BTreeMap::new();
+        let mut daemon: BTreeMap<usize, DaemonStats> = BTreeMap::new();
+        let mut bulkhead_programs = Vec::new();
+        for round in 0..self.plan.rounds {
+            for env in round_order(&envs, round) {
+                let run = self.run_case(env, &mut notes)?;
+                let udp = Summary::of(&[run.samples.get(Probe::UdpConnect).to_vec()]);
+                eprintln!(
+                    "xtask bench: round {}/{}: {} {}: UDP connect median {} ns",
+                    round + 1,
+                    self.plan.rounds,
+                    env.case.label(),
+                    env.case.rules,
+                    udp.map_or(0, |s| s.median)
+                );
+                for probe in Probe::ALL {
+                    rounds
+                        .entry((env.case, probe))
+                        .or_default()
+                        .push(run.samples.get(probe).to_vec());
+                }
+                if let Some(d) = run.daemon {
+                    let stats = daemon.entry(env.case.rules).or_default();
+                    stats.ready_after.push(d.ready_after);
+                    stats.rss_kib.extend(d.rss_kib);
+                    stats.switches_per_call.extend(d.switches_per_call);
+                    stats.events_per_call.extend(d.events_per_call);
+                    bulkhead_programs = run.programs;
+                }
+            }
+        }
+
+        let mut program_costs = BTreeMap::new();
+        for env in envs.iter().filter(|e| e.case.kind == Kind::Bulkhead) {
+            sandbox::check_interrupted()?;
+            match self.profile(env) {
+                Ok(costs) => {
+                    program_costs.insert(env.case.rules, costs);
+                }
+                Err(e) => notes.push(format!(
+                    "no per-program run times for bulkhead {}: {e:#}",
+                    env.case.rules
+                )),
+            }
+        }
+
+        let summaries = rounds
+            .iter()
+            .filter_map(|(key, r)| Summary::of(r).map(|s| (*key, s)))
+            .collect();
+        Ok(Results {
+            cases,
+            summaries,
+            daemon,
+            peer_load,
+            bulkhead_programs,
+            program_costs,
+            notes,
+            timer_overhead_ns: loadgen::timer_overhead_ns(),
+        })
+    }
+
+    /// Creates every case's cgroup and namespace and loads the peers' rules
+    /// (once: they live in their own namespace and cost nothing to the other
+    /// cases). bulkhead's daemon is started per case and round, because its
+    /// programs run for every cgroup on the host while it is attached.
+    fn set_up(
+        &self,
+        notes: &mut Vec<String>,
+        peer_load: &mut BTreeMap<Case, Duration>,
+    ) -> Result<Vec<Env>> {
+        let mut envs = Vec::new();
+        for case in self.plan.cases() {
+            sandbox::check_interrupted()?;
+            let name = format!("{PREFIX}{}", case.slug());
+            let nft_path = peers::nft_cgroup_path(self.mount, &name);
+            if case.kind == Kind::Nftables && nft_path.is_none() {
+                notes.push(format!(
+                    "nftables cases skipped: the cgroup2 mount {} is not below /sys/fs/cgroup, \
+                     where nft resolves `socket cgroupv2` paths",
+                    self.mount.display()
+                ));
+                continue;
+            }
+            let cgroup = Cgroup::create(self.mount, &name)?;
+            let netns = Netns::create(&name)?;
+            let destinations = rules::destinations(case.rules)?;
+            let mut policy_dir = None;
+            match case.kind {
+                Kind::Baseline => {}
+                Kind::Bulkhead => {
+                    let dir = self.work.join(format!("policy-{}", case.slug()));
+                    fs::create_dir_all(&dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                    let file = dir.join("bench.toml");
+                    fs::write(&file, rules::bulkhead_policy(&name, &destinations))
+                        .with_context(|| format!("write {}", file.display()))?;
+                    policy_dir = Some(dir);
+                }
+                Kind::Nftables => {
+                    let text = peers::nft_ruleset(nft_path.as_deref().unwrap_or(""), &destinations);
+                    let file = self.work.join(format!("{}.nft", case.slug()));
+                    let took = peers::load_nft(&netns, &file, &text)?;
+                    eprintln!("xtask bench: nft -f with {} rules: {took:.2?}", case.rules);
+                    peer_load.insert(case, took);
+                }
+                Kind::Iptables => {
+                    let text = peers::iptables_rules(&name, &destinations);
+                    let file = self.work.join(format!("{}.rules", case.slug()));
+                    let took = peers::load_iptables(&netns, &file, &text)?;
+                    eprintln!(
+                        "xtask bench: iptables-legacy-restore with {} rules: {took:.2?}",
+                        case.rules
+                    );
+                    peer_load.insert(case, took);
+                }
+            }
+            envs.push(Env {
+                case,
+                cgroup,
+                netns,
+                policy_dir,
+            });
+        }
+        Ok(envs)
+    }
+
+    fn run_case(&self, env: &Env, notes: &mut Vec<String>) -> Result<CaseRun> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt == ATTEMPTS;
+            sandbox::check_interrupted()?;
+            let foreign = sandbox::effective_programs(&env.cgroup.path)?;
+            if !foreign.is_empty() && !last {
+                eprintln!(
+                    "xtask bench: programs from elsewhere are in effect for the bench \
+                     cgroups ({}); waiting {RETRY_WAIT:?}",
+                    foreign.join("; ")
+                );
+                thread::sleep(RETRY_WAIT);
+                continue;
+            }
+            let run = self.attempt(env)?;
+            let clean = foreign.is_empty() && run.programs_after == run.programs;
+            if clean {
+                return Ok(run);
+            }
+            if last {
+                notes.push(format!(
+                    "{} {}: programs from elsewhere were attached during one round even \
+                     after {ATTEMPTS} tries ({}); that round's samples include them",
+                    env.case.label(),
+                    env.case.rules,
+                    foreign.join("; ")
+                ));
+                return Ok(run);
+            }
+            eprintln!(
+                "xtask bench: the attached programs changed during {} {}; repeating it",
+                env.case.label(),
+                env.case.rules
+            );
+        }
+    }
+
+    fn spec<'e>(&self, env: &'e Env) -> Spec<'e> {
+        Spec {
+            cgroup: &env.cgroup.path,
+            netns: &env.netns.path,
+            udp_iterations: self.plan.udp_iterations,
+            tcp_iterations: self.plan.tcp_iterations,
+            expect_denied: env.case.kind == Kind::Bulkhead,
+        }
+    }
+
+    fn start_daemon(&self, policy_dir: &Path) -> Result<Daemon> {
+        Daemon::start(
+            self.bulkhead,
+            &self.work.join(CONFIG_FILE),
+            policy_dir,
+            self.work,
+        )
+    }
+
+    /// One more run of a bulkhead case with the kernel's BPF run-time
+    /// statistics on: how long each program takes per run.
+    fn profile(&self, env: &Env) -> Result<Vec<ProgramCost>> {
+        let Some(dir) = &env.policy_dir else {
+            return Ok(Vec::new());
+        };
+        let daemon = self.start_daemon(dir)?;
+        let programs = profile::parse_programs(&sandbox::effective_programs(&env.cgroup.path)?);
+        let stats_on = profile::enable_stats()?;
+        let read = || -> Result<Vec<(u64, u64)>> {
+            programs
+                .iter()
+                .map(|(id, _, _)| profile::program_stats(*id))
+                .collect()
+        };
+        let before = read()?;
+        loadgen::run(&self.spec(env))?;
+        let after = read()?;
+        drop(stats_on);
+        daemon.stop()?;
+        let _ = fs::remove_file(self.work.join(EVENTS_FILE));
+        Ok(programs
+            .into_iter()
+            .zip(before.into_iter().zip(after))
+            .map(|((_, attach, name), ((t0, n0), (t1, n1)))| {
+                let runs = n1.saturating_sub(n0);
+                ProgramCost {
+                    attach,
+                    name,
+                    runs,
+                    ns_per_run: if runs == 0 {
+                        0.0
+                    } else {
+                        t1.saturating_sub(t0) as f64 / runs as f64
+                    },
+                }
+            })
+            .collect())
+    }
+
+    /// One measurement of one case, verified: bulkhead must refuse a port
+    /// no rule allows, and the peers' cgroup rule must have seen every
+    /// sendto().
+    fn attempt(&self, env: &Env) -> Result<CaseRun> {
+        let daemon = match &env.policy_dir {
+            Some(dir) => Some(self.start_daemon(dir)?),
+            None => None,
+        };
+        let programs = sandbox::effective_programs(&env.cgroup.path)?;
+        let counter = |env: &Env| -> Result<Option<u64>> {
+            match env.case.kind {
+                Kind::Nftables => peers::nft_packets(&env.netns).map(Some),
+                Kind::Iptables => peers::iptables_packets(&env.netns).map(Some),
+                Kind::Baseline | Kind::Bulkhead => Ok(None),
+            }
+        };
+        let before = counter(env)?;
+        let switches_before = daemon.as_ref().and_then(Daemon::context_switches);
+        let spec = self.spec(env);
+        let samples = loadgen::run(&spec)
+            .with_context(|| format!("{} {}", env.case.label(), env.case.rules))?;
+        let switches_after = daemon.as_ref().and_then(Daemon::context_switches);
+        if let (Some(before), Some(after)) = (before, counter(env)?) {
+            let seen = after.saturating_sub(before);
+            let sent = samples.get(Probe::UdpSendto).len() as u64;
+            if seen < sent {
+                bail!(
+                    "{} {}: its cgroup rule matched {seen} packets but the probes sent at \
+                     least {sent}: the rules do not see the bench cgroup",
+                    env.case.label(),
+                    env.case.rules
+                );
+            }
+        }
+        let programs_after = sandbox::effective_programs(&env.cgroup.path)?;
+        let calls = spec.hooked_calls() as f64;
+        let daemon_stats = match daemon {
+            Some(d) => {
+                let mut stats = RoundDaemon {
+                    ready_after: d.ready_after,
+                    rss_kib: d.rss_kib,
+                    switches_per_call: switches_before
+                        .zip(switches_after)
+                        .map(|(b, a)| a.saturating_sub(b) as f64 / calls),
+                    events_per_call: None,
+                };
+                d.stop()?;
+                // The decision log: counted, then removed (it grows by tens
+                // of MB per case).
+                let log = self.work.join(EVENTS_FILE);
+                if let Ok(text) = fs::read(&log) {
+                    let lines = text.iter().filter(|&&b| b == b'\n').count();
+                    stats.events_per_call = Some(lines as f64 / calls);
+                }
+                let _ = fs::remove_file(&log);
+                Some(stats)
+            }
+            None => None,
+        };
+        Ok(CaseRun {
+            samples,
+            daemon: daemon_stats,
+            programs,
+            programs_after,
+        })
+    }
+}
+
+/// The cases of one round: the baseline again before each rule count's
+/// group (so every group has a baseline next to it in time), the whole list
+/// reversed every other round (A B C, C B A: slow drift on the machine does
+/// not always land on the same cases).
+fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
+    let baseline = envs.iter().find(|e| e.case.kind == Kind::Baseline);
+    let mut order = Vec::new();
+    for env in envs {
+        match env.case.kind {
+            Kind::Baseline => {}
+            Kind::Bulkhead => {
+                order.extend(baseline);
+                order.push(env);
+            }
+            Kind::Nftables | Kind::Iptables => order.push(env),
+        }
+    }
+    if order.is_empty() {
+        order.extend(baseline);
+    }
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+struct RoundDaemon {
+    ready_after: Duration,
+    rss_kib: Option<u64>,
+    switches_per_call: Option<f64>,
+    events_per_call: Option<f64>,
+}
+
+struct CaseRun {
+    samples: loadgen::Samples,
+    daemon: Option<RoundDaemon>,
+    /// Effective programs when the probes started and when they ended.
+    programs: Vec<String>,
+    programs_after: Vec<String>,
+}

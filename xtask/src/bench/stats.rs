@@ -1,0 +1,96 @@
+//! Medians and percentiles of per-call samples.
+
+/// Summary of one case and probe over every round.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub median: u64,
+    pub p99: u64,
+    /// The median of each run of the case, in run order: how much a case
+    /// moves between runs is the noise to read the differences against.
+    pub round_medians: Vec<u64>,
+}
+
+impl Summary {
+    /// `rounds` holds each run's samples.
+    pub fn of(rounds: &[Vec<u64>]) -> Option<Self> {
+        let mut all: Vec<u64> = rounds.iter().flatten().copied().collect();
+        if all.is_empty() {
+            return None;
+        }
+        all.sort_unstable();
+        let round_medians = rounds
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                let mut r = r.clone();
+                r.sort_unstable();
+                median(&r)
+            })
+            .collect();
+        Some(Self {
+            median: median(&all),
+            p99: percentile(&all, 99),
+            round_medians,
+        })
+    }
+
+    /// Largest minus smallest run median.
+    pub fn round_spread(&self) -> u64 {
+        let max = self.round_medians.iter().max().copied().unwrap_or(0);
+        let min = self.round_medians.iter().min().copied().unwrap_or(0);
+        max - min
+    }
+}
+
+/// Median of sorted, non-empty samples (mean of the middle two if even).
+pub fn median(sorted: &[u64]) -> u64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]).div_ceil(2)
+    }
+}
+
+/// Nearest-rank percentile of sorted, non-empty samples.
+pub fn percentile(sorted: &[u64], pct: usize) -> u64 {
+    let rank = (sorted.len() * pct).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+/// `value - base` as a signed number (a case can come out faster than the
+/// baseline by noise).
+pub fn added(value: u64, base: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX) - i64::try_from(base).unwrap_or(i64::MAX)
+}
+
+pub fn ratio(value: u64, base: u64) -> f64 {
+    if base == 0 {
+        return f64::NAN;
+    }
+    value as f64 / base as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_p99() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(median(&v), 51); // (50 + 51) / 2 rounded up
+        assert_eq!(percentile(&v, 99), 99);
+        assert_eq!(percentile(&[7], 99), 7);
+        assert_eq!(median(&[1, 2, 3]), 2);
+    }
+
+    #[test]
+    fn summary_keeps_round_medians() {
+        let s = Summary::of(&[vec![1, 2, 3], vec![10, 20, 30]]).expect("samples");
+        assert_eq!(s.median, 7); // (3 + 10) / 2 rounded up
+        assert_eq!(s.round_medians, [2, 20]);
+        assert_eq!(s.round_spread(), 18);
+        assert!(Summary::of(&[vec![]]).is_none());
+        assert_eq!(added(5, 7), -2);
+    }
+}
