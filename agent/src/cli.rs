@@ -59,6 +59,11 @@ pub struct RunArgs {
     /// Control socket path (overrides `control.socket`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Accept policy files and a policy directory that are not owned by
+    /// root or are group- or world-writable (refused by default: whoever can
+    /// write a policy controls the network). Logged loudly on every load.
+    #[arg(long)]
+    pub allow_insecure_policy_files: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,10 +88,10 @@ pub struct FlowsArgs {
     /// Only this service's events.
     #[arg(long, value_name = "NAME")]
     pub service: Option<String>,
-    /// Only connect/send decisions with this verdict.
+    /// Only decisions (verdict events) with this verdict.
     #[arg(long, value_enum)]
     pub verdict: Option<Verdict>,
-    /// Only events of this type.
+    /// Only events of this type: verdict, tcp_established or tcp_closed.
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_event_type)]
     pub kind: Option<EventType>,
     /// Only the last N of the recent matching events.

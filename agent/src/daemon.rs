@@ -9,22 +9,26 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
 use crate::{
     cgroup,
     cli::RunArgs,
     config::Config,
+    engine::Engine,
     events::{self, Decoder, Hub, Names, Sink},
-    kernel::{self, CompiledPolicy, Enforcer, LoadOptions, ResolvedService},
+    kernel::{self, Enforcer, LoadOptions, ResolvedService},
     policy,
+    reload::{self, Loaded, PolicySource},
     services::{ServiceTracker, RESCAN_INTERVAL},
 };
 
 /// Everything `run` decided before starting: nothing here touched the kernel.
 pub struct Plan {
     pub config: Config,
-    pub policy_dir: PathBuf,
-    pub set: policy::PolicySet,
-    pub compiled: CompiledPolicy,
+    pub source: PolicySource,
+    pub loaded: Loaded,
     pub mount: PathBuf,
 }
 
@@ -50,14 +54,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
         config.control.socket = socket.clone();
     }
     let policy_dir = args.policy_dir.clone().unwrap_or(config.policy_dir.clone());
-    let (set, compiled) = policy::load_dir(&policy_dir)
-        .and_then(|set| kernel::compile(&set).map(|c| (set, c)))
-        .map_err(|errors| {
-            anyhow!(
-                "invalid policy in {}; nothing was loaded:\n{errors}",
-                policy_dir.display()
-            )
-        })?;
+    let source = PolicySource {
+        dir: policy_dir.clone(),
+        allow_insecure: args.allow_insecure_policy_files,
+    };
+    let loaded = reload::load(&source).map_err(|errors| {
+        anyhow!(
+            "invalid policy in {}; nothing was loaded:\n{errors}",
+            policy_dir.display()
+        )
+    })?;
+    for w in &loaded.warnings {
+        warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
+    }
     kernel::preflight::check().map_err(|line| anyhow!(line))?;
     let mount = cgroup::cgroup2_mount()?;
     if !config.metrics.listen.ip().is_loopback() {
@@ -71,9 +80,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(Plan {
         config,
-        policy_dir,
-        set,
-        compiled,
+        source,
+        loaded,
         mount,
     }))
 }
@@ -81,11 +89,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
 async fn serve(plan: Plan) -> Result<()> {
     let Plan {
         config,
-        policy_dir,
-        set,
-        compiled,
+        source,
+        loaded,
         mount,
     } = plan;
+    let Loaded {
+        set,
+        compiled,
+        snapshot,
+        ..
+    } = loaded;
+    let policy_dir = source.dir.clone();
     let sink = Sink::open(&config.events.sink)
         .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
     let hub = Arc::new(Hub::new(sink));
@@ -124,7 +138,7 @@ async fn serve(plan: Plan) -> Result<()> {
     } else {
         None
     };
-    enforcer.write_policy(&compiled, &resolved)?;
+    enforcer.write_policy(compiled.clone(), &resolved)?;
 
     // The consumer starts before the programs attach, so that the first
     // decision already has a reader.
@@ -133,8 +147,10 @@ async fn serve(plan: Plan) -> Result<()> {
         verdicts: take_map(enforcer.ebpf_mut(), agent_common::maps::COUNTERS)?,
         lost: take_map(enforcer.ebpf_mut(), agent_common::maps::LOST)?,
     };
-    let decoder = Decoder::new(Arc::new(Names::from_policy(&compiled)));
-    let reader = events::spawn_reader(ring, decoder, Arc::clone(&hub))
+    let first_names = Arc::new(Names::from_policy(&compiled));
+    let (names_tx, names_rx) = watch::channel(Arc::clone(&first_names));
+    let decoder = Decoder::new(first_names);
+    let reader = events::spawn_reader(ring, decoder, names_rx, Arc::clone(&hub))
         .context("cannot poll the event ring buffer")?;
 
     let coverage = enforcer.attach(&mount)?;
@@ -144,13 +160,14 @@ async fn serve(plan: Plan) -> Result<()> {
     }
 
     // Metrics endpoint (/metrics, /healthz): owns `counters`.
+    let map_capacities = crate::metrics::map_capacities(enforcer.ebpf_mut());
     let metrics_state = Arc::new(crate::metrics::MetricsState::new(
         std::sync::Mutex::new(counters),
         Arc::clone(&hub.stats),
         crate::metrics::Inventory::from_policy(
             &compiled,
-            &resolved,
-            &crate::metrics::map_capacities(enforcer.ebpf_mut()),
+            resolved.iter().map(|r| r.entry.service_id),
+            &map_capacities,
         ),
     ));
     metrics_state.set_attached(true);
@@ -170,20 +187,46 @@ async fn serve(plan: Plan) -> Result<()> {
     info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
+    hub.publish(vec![reload::audit_event(reload::change_record(
+        "load",
+        "startup",
+        (&reload::Snapshot::default(), &policy::PolicySet::default()),
+        Some((&snapshot, &set)),
+        None,
+    ))]);
+    let mut engine = Engine::new(
+        enforcer,
+        tracker,
+        names_tx,
+        Arc::clone(&hub),
+        Arc::clone(&metrics_state),
+        map_capacities,
+        source,
+        (set, snapshot),
+    );
+    let mut policy_changes = watch_policy_dir(&policy_dir)?;
+
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // File changes come in bursts (editors write, rename, chmod): reload
+    // once they have settled.
+    let mut reload_at: Option<tokio::time::Instant> = None;
+    let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
     loop {
         tokio::select! {
-            _ = rescan.tick() => {
-                let changes = tracker.rescan();
-                if !changes.is_empty() {
-                    if let Err(e) = enforcer.apply_service_changes(&changes) {
-                        warn!("cannot update the managed cgroups: {e}");
-                    }
-                }
+            _ = rescan.tick() => engine.rescan(),
+            Some(_) = policy_changes.next() => {
+                reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);
+            }
+            _ = tokio::time::sleep_until(reload_at.unwrap_or_else(far)), if reload_at.is_some() => {
+                reload_at = None;
+                engine.reload("inotify");
+            }
+            _ = tokio::time::sleep_until(engine.retire_at().unwrap_or_else(far)), if engine.retire_at().is_some() => {
+                engine.retire();
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
@@ -192,6 +235,7 @@ async fn serve(plan: Plan) -> Result<()> {
                     Ok(()) => info!("SIGHUP: decision log re-opened"),
                     Err(e) => warn!("SIGHUP: cannot re-open the decision log: {e}"),
                 }
+                engine.reload("sighup");
             }
         }
     }
@@ -199,10 +243,39 @@ async fn serve(plan: Plan) -> Result<()> {
     // Followers get {"end":"shutdown"}; the socket file is removed.
     control.shutdown().await;
     metrics_state.set_attached(false);
-    enforcer.detach();
+    engine.enforcer.detach();
     reader.abort();
     info!("programs detached; enforcement stopped");
     Ok(())
+}
+
+/// Quiet time after the last change in the policy directory before a reload.
+const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A stream that yields whenever a file in the policy directory is written,
+/// created, removed, renamed or has its permissions changed.
+fn watch_policy_dir(
+    dir: &std::path::Path,
+) -> Result<inotify::EventStream<[u8; 4096]>> {
+    use inotify::{Inotify, WatchMask};
+    let inotify = Inotify::init().context("cannot start inotify")?;
+    inotify
+        .watches()
+        .add(
+            dir,
+            WatchMask::CLOSE_WRITE
+                | WatchMask::CREATE
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::MOVED_TO
+                | WatchMask::ATTRIB
+                | WatchMask::DELETE_SELF
+                | WatchMask::MOVE_SELF,
+        )
+        .with_context(|| format!("cannot watch the policy directory {}", dir.display()))?;
+    inotify
+        .into_event_stream([0u8; 4096])
+        .context("cannot read inotify events")
 }
 
 fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>

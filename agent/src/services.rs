@@ -82,6 +82,41 @@ impl ServiceTracker {
         adds
     }
 
+    /// Takes the services of a newly placed policy. Cgroups already known
+    /// are pointed at their new entries at once (the switch); services
+    /// gone from the policy are unmanaged; new ones are resolved.
+    pub fn reload(&mut self, policy: &CompiledPolicy) -> Vec<Change> {
+        let old = std::mem::take(&mut self.services);
+        let mut changes = Vec::new();
+        for s in &policy.services {
+            let known = old
+                .iter()
+                .find(|o| o.cgroup_path == s.cgroup_path)
+                .and_then(|o| o.cgroup_id);
+            if let Some(cgroup_id) = known {
+                changes.push(Change::Add {
+                    cgroup_id,
+                    entry: s.entry,
+                });
+            }
+            self.services.push(TrackedService {
+                name: s.name.clone(),
+                cgroup_path: s.cgroup_path.clone(),
+                entry: s.entry,
+                cgroup_id: known,
+            });
+        }
+        for o in &old {
+            let kept = policy.services.iter().any(|s| s.cgroup_path == o.cgroup_path);
+            if let (false, Some(cgroup_id)) = (kept, o.cgroup_id) {
+                info!(service = %o.name, "service removed from the policy; no longer managed");
+                changes.push(Change::Remove { cgroup_id });
+            }
+        }
+        changes.extend(self.rescan());
+        changes
+    }
+
     pub fn managed(&self) -> usize {
         self.services
             .iter()

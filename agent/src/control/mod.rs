@@ -11,4 +11,4 @@ pub mod protocol;
 pub mod server;
 pub mod table;
 
-pub use server::{Server, ServerError};
+pub use server::{ensure_free, Server, ServerError};

@@ -149,11 +149,18 @@ fn make_dir(dir: &Path) -> Result<(), ServerError> {
         .map_err(io_err(dir, "cannot set its directory's mode"))
 }
 
-/// Removes a socket file left by a daemon that died; refuses if a daemon
-/// answers on it, or if the path is not a socket at all.
-fn clear_stale(path: &Path) -> Result<(), ServerError> {
+/// Refuses if a daemon answers on `path` or if something that is not a
+/// socket is there; removes nothing. Cheap enough for a pre-flight check
+/// before anything is loaded ([`Server::start`] checks again).
+pub fn ensure_free(path: &Path) -> Result<(), ServerError> {
+    probe(path).map(|_| ())
+}
+
+/// Whether a socket file is at `path` that no daemon answers on (a
+/// daemon that died left it); errors if one answers or it is not a socket.
+fn probe(path: &Path) -> Result<bool, ServerError> {
     match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io_err(path, "cannot inspect it")(e)),
         Ok(m) if !m.file_type().is_socket() => {
             return Err(ServerError::NotASocket {
@@ -166,14 +173,20 @@ fn clear_stale(path: &Path) -> Result<(), ServerError> {
         Ok(_) => Err(ServerError::InUse {
             path: path.to_path_buf(),
         }),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            fs::remove_file(path).map_err(io_err(path, "cannot remove the stale socket"))?;
-            info!(socket = %path.display(), "removed a stale control socket (no daemon answered on it)");
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(io_err(path, "cannot tell whether a daemon is using it")(e)),
     }
+}
+
+/// Removes a socket file left by a daemon that died; refuses if a daemon
+/// answers on it, or if the path is not a socket at all.
+fn clear_stale(path: &Path) -> Result<(), ServerError> {
+    if probe(path)? {
+        fs::remove_file(path).map_err(io_err(path, "cannot remove the stale socket"))?;
+        info!(socket = %path.display(), "removed a stale control socket (no daemon answered on it)");
+    }
+    Ok(())
 }
 
 /// Binds in a fresh 0700 directory, makes the socket 0600, then renames it
@@ -574,6 +587,7 @@ mod tests {
             .err()
             .expect("a live daemon answers");
         assert!(matches!(err, ServerError::InUse { .. }), "{err}");
+        assert!(matches!(ensure_free(&path), Err(ServerError::InUse { .. })));
         drop(err);
         // The refused one did not take the socket away from the first.
         assert!(ask(&path, FlowsRequest::default()).await[0].is_ok());
@@ -581,7 +595,8 @@ mod tests {
 
         // A socket nobody listens on is stale: replaced.
         drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
-        assert!(path.exists());
+        assert!(ensure_free(&path).is_ok(), "a stale socket is free to take");
+        assert!(path.exists(), "ensure_free removes nothing");
         let second = Server::start(&path, hub()).expect("replaces a stale socket");
         assert!(ask(&path, FlowsRequest::default()).await[0].is_ok());
         drop(second);

@@ -40,17 +40,22 @@ pub fn row(ev: &FlowEvent) -> Row {
         (EventType::Verdict, None) => "-".to_string(),
         (EventType::TcpEstablished, _) => "established".to_string(),
         (EventType::TcpClosed, _) => closed(ev),
+        (EventType::PolicyChange, _) => ev.change.as_ref().map_or_else(
+            || "policy change".to_string(),
+            |c| format!("{} {}", c.action, c.result),
+        ),
     };
     [
         clock(&ev.time),
         ev.service.clone().unwrap_or_else(|| "-".to_string()),
         format!("{}[{}]", ev.comm, ev.pid),
         match ev.traffic_direction {
-            crate::events::Direction::Egress => "egress",
-            crate::events::Direction::Ingress => "ingress",
+            Some(crate::events::Direction::Egress) => "egress",
+            Some(crate::events::Direction::Ingress) => "ingress",
+            None => "-",
         }
         .to_string(),
-        ev.protocol.clone(),
+        ev.protocol.clone().unwrap_or_else(|| "-".to_string()),
         // SocketAddr writes IPv6 as [addr]:port. Bind and socket-creation
         // events have no remote end: show the local one, or "-".
         match (ev.dst_ip, ev.dst_port, ev.src_ip, ev.src_port) {
@@ -219,7 +224,7 @@ mod tests {
             verdict: None,
             rule: None,
             service: None,
-            dst_ip: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            dst_ip: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             bytes_sent: Some(1536),
             bytes_received: Some(312),
             duration_ns: Some(2_345_000_000),
@@ -241,6 +246,22 @@ mod tests {
             ..event()
         };
         assert_eq!(row(&audit)[6], "audit");
+        // Bind has only the local end; socket creation neither.
+        let bind = FlowEvent {
+            hook: "bind".to_string(),
+            dst_ip: None,
+            dst_port: None,
+            src_ip: Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            src_port: Some(8080),
+            ..event()
+        };
+        assert_eq!(row(&bind)[5], "local [::]:8080");
+        let socket = FlowEvent {
+            src_ip: None,
+            src_port: None,
+            ..bind
+        };
+        assert_eq!(row(&socket)[5], "-");
     }
 
     #[test]

@@ -15,18 +15,23 @@ use agent_common::{
 use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
 use crate::kernel::CompiledPolicy;
 
-/// Names for the numbers in kernel records, from the policy in force.
+/// Names for the numbers in kernel records, from one placed policy.
 #[derive(Debug, Clone, Default)]
 pub struct Names {
-    /// By service id: (name, file name).
+    /// Service id of `services[0]`, rule id of `rules[0]`.
+    pub service_base: u32,
+    pub rule_base: u32,
+    /// By service id - base: (name, file name).
     pub services: Vec<(String, String)>,
-    /// By rule id: `file#egress[i]`.
+    /// By rule id - base: `file#egress[i]`.
     pub rules: Vec<String>,
 }
 
 impl Names {
     pub fn from_policy(policy: &CompiledPolicy) -> Self {
         Self {
+            service_base: policy.service_base,
+            rule_base: policy.rule_base,
             services: policy
                 .services
                 .iter()
@@ -35,10 +40,21 @@ impl Names {
             rules: policy.rules.iter().map(ToString::to_string).collect(),
         }
     }
+
+    fn service(&self, id: u32) -> Option<&(String, String)> {
+        self.services.get(id.checked_sub(self.service_base)? as usize)
+    }
+
+    fn rule(&self, id: u32) -> Option<&String> {
+        self.rules.get(id.checked_sub(self.rule_base)? as usize)
+    }
 }
 
 pub struct Decoder {
     names: Arc<Names>,
+    /// The policy before the last reload: records made just before the
+    /// switch still carry its ids.
+    previous: Option<Arc<Names>>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall time.
     boot_offset_ns: i128,
 }
@@ -47,12 +63,27 @@ impl Decoder {
     pub fn new(names: Arc<Names>) -> Self {
         Self {
             names,
+            previous: None,
             boot_offset_ns: boot_offset_ns(),
         }
     }
 
+    /// After a reload: new ids are named by `names`, the old ones still by
+    /// the previous policy.
     pub fn set_names(&mut self, names: Arc<Names>) {
-        self.names = names;
+        self.previous = Some(std::mem::replace(&mut self.names, names));
+    }
+
+    fn service(&self, id: u32) -> Option<&(String, String)> {
+        self.names
+            .service(id)
+            .or_else(|| self.previous.as_ref()?.service(id))
+    }
+
+    fn rule(&self, id: u32) -> Option<&String> {
+        self.names
+            .rule(id)
+            .or_else(|| self.previous.as_ref()?.rule(id))
     }
 
     /// Decodes one ring buffer record; None if it is not a record we know
@@ -71,11 +102,7 @@ impl Decoder {
             _ => return None,
         };
         let managed = raw.service_id != SERVICE_NONE;
-        let service = self
-            .names
-            .services
-            .get(raw.service_id as usize)
-            .filter(|_| managed);
+        let service = self.service(raw.service_id).filter(|_| managed);
         let verdict = match (kind, raw.verdict) {
             (EventType::Verdict, VERDICT_ALLOW) => Some(Verdict::Allow),
             (EventType::Verdict, VERDICT_DENY) => Some(Verdict::Deny),
@@ -85,7 +112,7 @@ impl Decoder {
         };
         let rule = match (verdict, service) {
             (Some(Verdict::Allow), Some(_)) if raw.rule_id != RULE_DEFAULT_DENY => {
-                self.names.rules.get(raw.rule_id as usize).cloned()
+                self.rule(raw.rule_id).cloned()
             }
             (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => Some(match raw.hook {
                 HOOK_BIND => format!("{file}#bind"),
@@ -120,11 +147,11 @@ impl Decoder {
             uid: raw.uid_gid as u32,
             gid: (raw.uid_gid >> 32) as u32,
             comm: comm(&raw.comm),
-            traffic_direction: if raw.direction == DIRECTION_INGRESS {
+            traffic_direction: Some(if raw.direction == DIRECTION_INGRESS {
                 Direction::Ingress
             } else {
                 Direction::Egress
-            },
+            }),
             hook: match raw.hook {
                 HOOK_CONNECT => "connect",
                 HOOK_SENDMSG => "sendmsg",
@@ -136,11 +163,11 @@ impl Decoder {
                 _ => "unknown",
             }
             .to_string(),
-            protocol: match raw.protocol {
+            protocol: Some(match raw.protocol {
                 6 => "tcp".to_string(),
                 17 => "udp".to_string(),
                 other => other.to_string(),
-            },
+            }),
             src_ip: has_local.then(|| addr(raw.family, &raw.src_addr)),
             src_port: has_local.then_some(raw.src_port),
             dst_ip: has_remote.then(|| addr(raw.family, &raw.dst_addr)),
@@ -151,6 +178,7 @@ impl Decoder {
             bytes_sent: (kind == EventType::TcpClosed).then_some(raw.bytes_sent),
             bytes_received: (kind == EventType::TcpClosed).then_some(raw.bytes_received),
             duration_ns: (kind == EventType::TcpClosed).then_some(raw.duration_ns),
+            change: None,
         })
     }
 
@@ -220,6 +248,8 @@ mod tests {
 
     fn decoder() -> Decoder {
         Decoder::new(Arc::new(Names {
+            service_base: 0,
+            rule_base: 0,
             services: vec![("billing".into(), "billing.toml".into())],
             rules: vec![
                 "billing.toml#egress[0]".into(),

@@ -10,6 +10,8 @@ mod sink;
 
 pub use decode::{Decoder, Names};
 pub use hub::{EventStats, Hub};
-pub use model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
+pub use model::{
+    ChangeRecord, Direction, EventType, FileChange, FlowEvent, ServiceChange, Verdict, SCHEMA,
+};
 pub use reader::spawn_reader;
 pub use sink::Sink;

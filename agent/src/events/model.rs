@@ -18,6 +18,8 @@ pub enum EventType {
     TcpEstablished,
     /// An established TCP connection closed.
     TcpClosed,
+    /// The policy in force changed, or a change was refused (see `change`).
+    PolicyChange,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -56,12 +58,13 @@ pub struct FlowEvent {
     pub uid: u32,
     pub gid: u32,
     pub comm: String,
-    pub traffic_direction: Direction,
+    /// egress or ingress; null for policy changes.
+    pub traffic_direction: Option<Direction>,
     /// Which kernel hook saw it: connect, sendmsg, bind, ingress,
     /// sock_create, socket_create, sock_ops.
     pub hook: String,
-    /// "tcp", "udp", or the IP protocol number.
-    pub protocol: String,
+    /// "tcp", "udp", or the IP protocol number; null for policy changes.
+    pub protocol: Option<String>,
     /// Local end, when known (lifecycle events).
     pub src_ip: Option<IpAddr>,
     pub src_port: Option<u16>,
@@ -80,4 +83,39 @@ pub struct FlowEvent {
     pub bytes_received: Option<u64>,
     /// For tcp_closed: time from established to closed.
     pub duration_ns: Option<u64>,
+    /// For policy_change: what changed, from where, and the result.
+    pub change: Option<ChangeRecord>,
+}
+
+/// An audit record of a change to what is enforced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    /// load, reload, quarantine, release.
+    pub action: String,
+    /// applied or refused.
+    pub result: String,
+    /// startup, sighup, inotify, control.
+    pub trigger: String,
+    pub files: Vec<FileChange>,
+    pub services: Vec<ServiceChange>,
+    /// Why a change was refused.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    pub path: String,
+    /// SHA-256 of the content before and after (null: absent).
+    pub sha256_before: Option<String>,
+    pub sha256_after: Option<String>,
+    pub owner_uid: Option<u32>,
+    /// Octal permission bits, like "0644".
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceChange {
+    pub service: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
 }

@@ -5,17 +5,22 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, task::JoinHandle};
+use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
 use tracing::error;
 
-use super::{decode::Decoder, hub::Hub};
+use super::{
+    decode::{Decoder, Names},
+    hub::Hub,
+};
 
 /// Records handled per wakeup before yielding to other tasks.
 const BATCH: usize = 2048;
 
+/// `names` delivers the names of each newly applied policy.
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
     decoder: Decoder,
+    names: watch::Receiver<Arc<Names>>,
     hub: Arc<Hub>,
 ) -> std::io::Result<JoinHandle<()>> {
     // SAFETY: the RingBuf owns its fd for its whole life, and the AsyncFd
@@ -23,7 +28,7 @@ pub fn spawn_reader(
     let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
     hub.stats.consumer_alive.store(true, Ordering::Relaxed);
     Ok(tokio::spawn(async move {
-        if let Err(e) = consume(fd, decoder, &hub).await {
+        if let Err(e) = consume(fd, decoder, names, &hub).await {
             error!("event consumer stopped: {e}");
         }
         hub.stats.consumer_alive.store(false, Ordering::Relaxed);
@@ -32,11 +37,17 @@ pub fn spawn_reader(
 
 async fn consume(
     mut fd: AsyncFd<RingBuf<MapData>>,
-    decoder: Decoder,
+    mut decoder: Decoder,
+    mut names: watch::Receiver<Arc<Names>>,
     hub: &Hub,
 ) -> std::io::Result<()> {
     loop {
         let mut guard = fd.readable_mut().await?;
+        // After the wait: a reload may have switched policies meanwhile,
+        // and the records about to be read may carry the new ids.
+        if names.has_changed().unwrap_or(false) {
+            decoder.set_names(Arc::clone(&names.borrow_and_update()));
+        }
         let ring = guard.get_inner_mut();
         let mut batch = Vec::with_capacity(64);
         let mut taken = 0;

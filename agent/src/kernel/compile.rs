@@ -34,9 +34,14 @@ pub struct CompiledPolicy {
     /// Ingress sources, same shape.
     pub ingress_v4: Vec<(u32, LpmV4Key, u32)>,
     pub ingress_v6: Vec<(u32, LpmV6Key, u32)>,
+    /// `rulesets[i]` lives at index `ruleset_base + i`.
     pub rulesets: Vec<RuleSet>,
-    /// Index = rule id carried in `PortRange::rule_id`.
+    /// `rules[i]` has rule id `rule_base + i` (carried in `PortRange::rule_id`).
     pub rules: Vec<RuleRef>,
+    /// Where this policy's ids start (see `layout::relocate`); 0 when fresh.
+    pub service_base: u32,
+    pub ruleset_base: u32,
+    pub rule_base: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -53,7 +58,7 @@ pub struct CompiledService {
 
 impl CompiledPolicy {
     pub fn rule(&self, rule_id: u32) -> Option<&RuleRef> {
-        self.rules.get(rule_id as usize)
+        self.rules.get(rule_id.checked_sub(self.rule_base)? as usize)
     }
 }
 

@@ -18,6 +18,8 @@ pub enum KernelError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("{0}")]
+    Capacity(String),
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,

@@ -3,10 +3,7 @@
 
 use std::{fs::File, path::Path};
 
-use agent_common::{
-    maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS,
-    DEFAULT_MAX_SERVICES,
-};
+use agent_common::{maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES};
 use aya::{
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
@@ -14,7 +11,11 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 
-use super::{compile::CompiledPolicy, maps, KernelError, ResolvedService};
+use super::{
+    compile::CompiledPolicy,
+    layout::{relocate, Capacity},
+    maps, KernelError, ResolvedService,
+};
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
@@ -92,48 +93,34 @@ pub struct Enforcer {
     ebpf: Ebpf,
     lsm_loaded: bool,
     lsm_error: Option<String>,
-    /// How many services the COUNTERS map has room for.
+    /// How many service ids (both halves) the COUNTERS map has room for.
     pub max_services: u32,
+    capacity: Capacity,
+    /// The half the policy in force lives in.
+    half: u32,
+    /// The policy in force, ids relocated into `half`.
+    live: Option<CompiledPolicy>,
 }
 
 impl Enforcer {
     /// Loads the programs into the kernel (not attached yet), with maps
     /// large enough for `policy`.
     pub fn load(policy: &CompiledPolicy, options: &LoadOptions) -> Result<Self, KernelError> {
-        let size = |needed: usize, floor: u32| -> u32 {
-            // Headroom for services and rules added by later reloads.
-            u32::try_from(needed.saturating_mul(2))
-                .unwrap_or(u32::MAX)
-                .max(floor)
-        };
+        let capacity = Capacity::for_policy(policy);
         let bpf_log = u8::from(options.bpf_log);
         let observe = u8::from(options.observe_unmanaged);
-        let max_services = size(policy.services.len(), DEFAULT_MAX_SERVICES);
+        // Service ids and rulesets of both halves (see layout.rs).
+        let max_services = capacity.services.saturating_mul(2);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SERVICES, max_services)
             .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
             .map_max_entries(names::EVENTS, options.events_bytes)
             .map_max_entries(names::INGRESS_RATE, max_services)
-            .map_max_entries(
-                names::INGRESS_V4,
-                size(policy.ingress_v4.len(), DEFAULT_MAX_PREFIXES),
-            )
-            .map_max_entries(
-                names::INGRESS_V6,
-                size(policy.ingress_v6.len(), DEFAULT_MAX_PREFIXES),
-            )
-            .map_max_entries(
-                names::EGRESS_V4,
-                size(policy.v4.len(), DEFAULT_MAX_PREFIXES),
-            )
-            .map_max_entries(
-                names::EGRESS_V6,
-                size(policy.v6.len(), DEFAULT_MAX_PREFIXES),
-            )
-            .map_max_entries(
-                names::RULESETS,
-                size(policy.rulesets.len(), DEFAULT_MAX_RULESETS),
-            )
+            .map_max_entries(names::INGRESS_V4, capacity.prefixes)
+            .map_max_entries(names::INGRESS_V6, capacity.prefixes)
+            .map_max_entries(names::EGRESS_V4, capacity.prefixes)
+            .map_max_entries(names::EGRESS_V6, capacity.prefixes)
+            .map_max_entries(names::RULESETS, capacity.rulesets.saturating_mul(2))
             .override_global("BPF_LOG", &bpf_log, true)
             .override_global("OBSERVE_UNMANAGED", &observe, true)
             .load(EBPF_OBJECT)?;
@@ -172,17 +159,62 @@ impl Enforcer {
             lsm_loaded,
             lsm_error,
             max_services,
+            capacity,
+            half: 0,
+            live: None,
         })
     }
 
-    /// Writes the policy into the maps. Call before `attach` so that the
-    /// first connection judged already sees the whole policy.
+    /// Writes the first policy (into half 0). Call before `attach` so that
+    /// the first connection judged already sees the whole policy. Returns
+    /// the policy as placed (ids relocated).
     pub fn write_policy(
         &mut self,
-        policy: &CompiledPolicy,
+        policy: CompiledPolicy,
         resolved: &[ResolvedService],
-    ) -> Result<(), KernelError> {
-        maps::write(&mut self.ebpf, policy, resolved)
+    ) -> Result<&CompiledPolicy, KernelError> {
+        let placed = relocate(policy, 0, self.capacity);
+        maps::write(&mut self.ebpf, &placed, resolved)?;
+        self.half = 0;
+        Ok(self.live.insert(placed))
+    }
+
+    /// The policy in force, as placed in the maps.
+    pub fn live(&self) -> Option<&CompiledPolicy> {
+        self.live.as_ref()
+    }
+
+    /// Step 1 of a reload: writes `policy` into the half not in force. No
+    /// service points at it yet, so nothing changes for any connection. On
+    /// error whatever was written is removed again.
+    pub fn stage(&mut self, policy: CompiledPolicy) -> Result<CompiledPolicy, KernelError> {
+        self.capacity.check(&policy).map_err(KernelError::Capacity)?;
+        let staged = relocate(policy, 1 - self.half, self.capacity);
+        if let Err(e) = maps::write_rules(&mut self.ebpf, &staged) {
+            let _ = maps::delete_rules(&mut self.ebpf, &staged);
+            return Err(e);
+        }
+        Ok(staged)
+    }
+
+    /// Step 2: points each service's cgroup at its entry in the staged
+    /// policy (one map update per cgroup), and makes it the policy in force.
+    /// Returns the previous policy, to `retire` once no program can still
+    /// be using it.
+    pub fn switch(
+        &mut self,
+        staged: CompiledPolicy,
+        changes: &[crate::services::Change],
+    ) -> Result<Option<CompiledPolicy>, KernelError> {
+        maps::apply_service_changes(&mut self.ebpf, changes)?;
+        self.half = staged.service_base / self.capacity.services.max(1);
+        Ok(self.live.replace(staged))
+    }
+
+    /// Step 3: removes a previous policy's prefixes. Call after a grace
+    /// period: a verdict that started before the switch may still read them.
+    pub fn retire(&mut self, old: &CompiledPolicy) -> Result<(), KernelError> {
+        maps::delete_rules(&mut self.ebpf, old)
     }
 
     /// Attaches every program at the cgroup2 root (one attach serves every

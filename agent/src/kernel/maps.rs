@@ -7,6 +7,7 @@ use aya::{
 };
 
 use super::{compile::CompiledPolicy, KernelError};
+use crate::services::Change;
 
 /// A service whose cgroup exists, with the id the kernel will see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,45 +23,78 @@ pub fn write(
     policy: &CompiledPolicy,
     resolved: &[ResolvedService],
 ) -> Result<(), KernelError> {
+    write_rules(ebpf, policy)?;
+    let changes: Vec<Change> = resolved
+        .iter()
+        .map(|r| Change::Add {
+            cgroup_id: r.cgroup_id,
+            entry: r.entry,
+        })
+        .collect();
+    apply_service_changes(ebpf, &changes)
+}
+
+/// Writes a policy's rulesets and LPM entries (its ids already relocated
+/// into a half no service points at yet).
+pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), KernelError> {
     let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
 
     let mut rulesets: Array<&mut MapData, RuleSet> = map(ebpf, names::RULESETS)?;
     for (i, set) in policy.rulesets.iter().enumerate() {
-        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let index = policy.ruleset_base + u32::try_from(i).unwrap_or(u32::MAX);
         rulesets
             .set(index, set, 0)
             .map_err(map_err(names::RULESETS))?;
     }
-
-    let mut v4: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, names::EGRESS_V4)?;
-    for (len, key, ruleset) in &policy.v4 {
-        v4.insert(&Key::new(*len, *key), ruleset, 0)
-            .map_err(map_err(names::EGRESS_V4))?;
+    for (name, entries) in [
+        (names::EGRESS_V4, &policy.v4),
+        (names::INGRESS_V4, &policy.ingress_v4),
+    ] {
+        let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
+        for (len, key, ruleset) in entries {
+            trie.insert(&Key::new(*len, *key), ruleset, 0)
+                .map_err(map_err(name))?;
+        }
     }
-
-    let mut v6: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, names::EGRESS_V6)?;
-    for (len, key, ruleset) in &policy.v6 {
-        v6.insert(&Key::new(*len, *key), ruleset, 0)
-            .map_err(map_err(names::EGRESS_V6))?;
+    for (name, entries) in [
+        (names::EGRESS_V6, &policy.v6),
+        (names::INGRESS_V6, &policy.ingress_v6),
+    ] {
+        let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
+        for (len, key, ruleset) in entries {
+            trie.insert(&Key::new(*len, *key), ruleset, 0)
+                .map_err(map_err(name))?;
+        }
     }
+    Ok(())
+}
 
-    let mut v4: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, names::INGRESS_V4)?;
-    for (len, key, ruleset) in &policy.ingress_v4 {
-        v4.insert(&Key::new(*len, *key), ruleset, 0)
-            .map_err(map_err(names::INGRESS_V4))?;
+/// Deletes a retired policy's LPM entries (its rulesets are simply
+/// overwritten by the next policy written into that half). Missing keys
+/// are fine: this also cleans up after a half-written policy.
+pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), KernelError> {
+    let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
+    let ok = |r: Result<(), aya::maps::MapError>| match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e),
+    };
+    for (name, entries) in [
+        (names::EGRESS_V4, &policy.v4),
+        (names::INGRESS_V4, &policy.ingress_v4),
+    ] {
+        let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
+        for (len, key, _) in entries {
+            ok(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+        }
     }
-
-    let mut v6: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, names::INGRESS_V6)?;
-    for (len, key, ruleset) in &policy.ingress_v6 {
-        v6.insert(&Key::new(*len, *key), ruleset, 0)
-            .map_err(map_err(names::INGRESS_V6))?;
-    }
-
-    let mut services: HashMap<&mut MapData, u64, ServiceEntry> = map(ebpf, names::SERVICES)?;
-    for s in resolved {
-        services
-            .insert(s.cgroup_id, s.entry, 0)
-            .map_err(map_err(names::SERVICES))?;
+    for (name, entries) in [
+        (names::EGRESS_V6, &policy.v6),
+        (names::INGRESS_V6, &policy.ingress_v6),
+    ] {
+        let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
+        for (len, key, _) in entries {
+            ok(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+        }
     }
     Ok(())
 }
@@ -68,9 +102,8 @@ pub fn write(
 /// Adds and removes service cgroups in the SERVICES map.
 pub fn apply_service_changes(
     ebpf: &mut Ebpf,
-    changes: &[crate::services::Change],
+    changes: &[Change],
 ) -> Result<(), KernelError> {
-    use crate::services::Change;
     let map_err = |source| KernelError::Map {
         name: names::SERVICES,
         source,

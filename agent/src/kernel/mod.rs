@@ -2,6 +2,7 @@
 //! values, loading and attaching the programs, writing the maps.
 
 pub mod compile;
+pub mod layout;
 mod error;
 mod loader;
 mod maps;

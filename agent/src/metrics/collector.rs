@@ -87,11 +87,25 @@ const VERDICTS: [(u8, &str); 3] = [
     (VERDICT_DENY, "deny"),
     (VERDICT_AUDIT, "audit"),
 ];
-const EVENT_TYPES: [(EventType, &str); 3] = [
-    (EventType::Verdict, "verdict"),
-    (EventType::TcpEstablished, "tcp_established"),
-    (EventType::TcpClosed, "tcp_closed"),
+/// Every event type, in `EventStats::received` order.
+const EVENT_TYPES: [EventType; 4] = [
+    EventType::Verdict,
+    EventType::TcpEstablished,
+    EventType::TcpClosed,
+    EventType::PolicyChange,
 ];
+
+/// The `type` label: the event's `type` field in the decision log.
+fn type_label(kind: EventType) -> &'static str {
+    // Exhaustive on purpose: a new event type does not compile until it
+    // has a label (and a place in EVENT_TYPES, checked by a test).
+    match kind {
+        EventType::Verdict => "verdict",
+        EventType::TcpEstablished => "tcp_established",
+        EventType::TcpClosed => "tcp_closed",
+        EventType::PolicyChange => "policy_change",
+    }
+}
 
 struct StateCollector(Arc<MetricsState>);
 
@@ -171,11 +185,11 @@ fn connections(
 
 fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
     let stats = state.stats();
-    let received = EVENT_TYPES.map(|(kind, name)| ([("type", name)], stats.received(kind)));
+    let received = EVENT_TYPES.map(|kind| ([("type", type_label(kind))], stats.received(kind)));
     counters(
         enc,
         "bulkhead_events_received",
-        "Events read from the kernel ring buffer and decoded, by type.",
+        "Events received, by type: decoded from the kernel ring buffer, or made by the daemon (policy_change).",
         received,
     )?;
 
@@ -434,6 +448,7 @@ mod tests {
             r#"bulkhead_events_received_total{type="verdict"} 17"#,
             r#"bulkhead_events_received_total{type="tcp_established"} 0"#,
             r#"bulkhead_events_received_total{type="tcp_closed"} 6"#,
+            r#"bulkhead_events_received_total{type="policy_change"} 0"#,
             r#"bulkhead_events_lost_total{source="kernel_ringbuf_verdict"} 11"#,
             r#"bulkhead_events_lost_total{source="kernel_ringbuf_tcp"} 4"#,
             r#"bulkhead_events_lost_total{source="kernel_ringbuf_ingress"} 2"#,
@@ -442,6 +457,19 @@ mod tests {
             r#"bulkhead_events_lost_total{source="subscriber"} 0"#,
         ] {
             assert!(lines.contains(&expected), "missing {expected} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_event_type_has_its_decision_log_name() {
+        assert_eq!(
+            EVENT_TYPES.len(),
+            crate::events::EventStats::default().received.len()
+        );
+        for (i, kind) in EVENT_TYPES.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "EVENT_TYPES is in EventStats order");
+            let serde = serde_json::to_value(kind).expect("serializes");
+            assert_eq!(serde.as_str(), Some(type_label(kind)));
         }
     }
 

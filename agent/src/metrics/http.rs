@@ -10,7 +10,7 @@ use axum::{
     Router,
 };
 use prometheus_client::registry::Registry;
-use tokio::task::JoinHandle;
+use tokio::{sync::Semaphore, task::JoinHandle};
 use tracing::{error, info};
 
 use super::{
@@ -20,10 +20,12 @@ use super::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot listen for metrics on {addr}: {source} (choose another address with [metrics] listen in the config or --metrics-listen)")]
+    // The io error is part of the message, not a `source`: the CLI prints
+    // the whole chain, and the hint reads best last.
+    #[error("cannot listen for metrics on {addr}: {error}; choose another address with [metrics] listen in the config or --metrics-listen")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -41,7 +43,7 @@ impl Endpoint {
     /// # Errors
     /// The address cannot be bound; the message names it.
     pub fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
-        let err = |source| MetricsError::Bind { addr, source };
+        let err = |error| MetricsError::Bind { addr, error };
         let listener = std::net::TcpListener::bind(addr).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
@@ -62,10 +64,11 @@ impl Endpoint {
     pub fn serve(self, state: Arc<MetricsState>) -> Result<MetricsServer, MetricsError> {
         let addr = self.addr;
         let listener = tokio::net::TcpListener::from_std(self.listener)
-            .map_err(|source| MetricsError::Bind { addr, source })?;
+            .map_err(|error| MetricsError::Bind { addr, error })?;
         let app = Arc::new(App {
             registry: registry(Arc::clone(&state)),
             state,
+            scrapes: Semaphore::new(MAX_CONCURRENT_SCRAPES),
         });
         let router = Router::new()
             .route("/metrics", get(metrics))
@@ -102,16 +105,27 @@ impl Drop for MetricsServer {
     }
 }
 
+/// Scrapes encoded at once; more wait their turn, so a burst of requests
+/// cannot take more CPU than this many scrapes (the daemon has two cores'
+/// worth of work to do).
+const MAX_CONCURRENT_SCRAPES: usize = 2;
+
 struct App {
     registry: Registry,
     state: Arc<MetricsState>,
+    scrapes: Semaphore,
 }
 
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let Ok(_turn) = app.scrapes.acquire().await else {
+        // Only if the semaphore were closed, which it never is.
+        return (StatusCode::SERVICE_UNAVAILABLE, "not serving metrics\n").into_response();
+    };
     // A scrape reads a dozen kernel counters per service (one syscall
     // each): off the two async workers, which also drain the ring buffer.
-    let rendered = tokio::task::spawn_blocking(move || render(&app.registry, format)).await;
+    let shared = Arc::clone(&app);
+    let rendered = tokio::task::spawn_blocking(move || render(&shared.registry, format)).await;
     match rendered {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
         Ok(Err(e)) => {

@@ -14,11 +14,7 @@ use agent_common::{maps as names, COUNTER_SLOTS, MODE_AUDIT};
 use aya::maps::{Map, MapError};
 use tracing::warn;
 
-use crate::{
-    daemon::KernelCounters,
-    events::EventStats,
-    kernel::{CompiledPolicy, ResolvedService},
-};
+use crate::{daemon::KernelCounters, events::EventStats, kernel::CompiledPolicy};
 
 const SLOTS: usize = COUNTER_SLOTS as usize;
 
@@ -113,16 +109,16 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// The services of `policy` (managed when in `resolved`), and the fill
-    /// of each map in `capacities` (see [`map_capacities`]) after the
-    /// policy was written.
+    /// The services of `policy` (managed: those whose ids `managed` lists,
+    /// i.e. whose cgroup is in the SERVICES map), and the fill of each map
+    /// in `capacities` (see [`map_capacities`]) once the policy is written.
     #[must_use]
     pub fn from_policy(
         policy: &CompiledPolicy,
-        resolved: &[ResolvedService],
+        managed: impl IntoIterator<Item = u32>,
         capacities: &[(&'static str, u32)],
     ) -> Self {
-        let managed: HashSet<u32> = resolved.iter().map(|r| r.entry.service_id).collect();
+        let managed: HashSet<u32> = managed.into_iter().collect();
         let services = policy
             .services
             .iter()
@@ -140,7 +136,7 @@ impl Inventory {
             .collect();
         // The maps hold exactly what `kernel::maps::write` put there.
         let entries = |name: &str| match name {
-            names::SERVICES => Some(resolved.len()),
+            names::SERVICES => Some(managed.len()),
             names::EGRESS_V4 => Some(policy.v4.len()),
             names::EGRESS_V6 => Some(policy.v6.len()),
             names::INGRESS_V4 => Some(policy.ingress_v4.len()),

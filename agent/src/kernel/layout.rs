@@ -1,0 +1,150 @@
+//! How ids and map capacity are laid out so that a new policy can be
+//! written beside the one in force and switched in without a gap.
+//!
+//! Service ids, ruleset indexes and rule ids are split in two halves. The
+//! policy in force lives in one half; a reload writes the new policy into
+//! the other, then points each service's cgroup at its new entry (one map
+//! update per service, so every connection is judged by the old policy or
+//! the new one, never a mix), then retires the old half. Map capacities are
+//! fixed at load time, with room for both halves.
+
+use agent_common::{DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES};
+
+use super::compile::CompiledPolicy;
+
+/// Rule ids of a half start at `half * RULES_PER_HALF`.
+pub const RULES_PER_HALF: u32 = 1 << 30;
+
+/// Map capacities, fixed when the programs are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Services per half (SERVICES holds cgroups of both halves).
+    pub services: u32,
+    /// Rulesets per half.
+    pub rulesets: u32,
+    /// Entries per LPM trie, both halves together.
+    pub prefixes: u32,
+}
+
+impl Capacity {
+    /// Room for `policy` to grow to twice its size on reload, and never less
+    /// than the defaults.
+    pub fn for_policy(policy: &CompiledPolicy) -> Self {
+        let grow = |n: usize, floor: u32| -> u32 {
+            u32::try_from(n.saturating_mul(2)).unwrap_or(u32::MAX).max(floor)
+        };
+        let prefixes = [
+            policy.v4.len(),
+            policy.v6.len(),
+            policy.ingress_v4.len(),
+            policy.ingress_v6.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        Self {
+            services: grow(policy.services.len(), DEFAULT_MAX_SERVICES),
+            rulesets: grow(policy.rulesets.len(), DEFAULT_MAX_RULESETS),
+            // Two halves, each with room to double.
+            prefixes: grow(prefixes, DEFAULT_MAX_PREFIXES).saturating_mul(2),
+        }
+    }
+
+    /// Why `policy` cannot be written into one half, if it cannot.
+    pub fn check(&self, policy: &CompiledPolicy) -> Result<(), String> {
+        let per_half = self.prefixes / 2;
+        let checks = [
+            ("services", policy.services.len(), self.services),
+            ("rulesets", policy.rulesets.len(), self.rulesets),
+            ("egress IPv4 prefixes", policy.v4.len(), per_half),
+            ("egress IPv6 prefixes", policy.v6.len(), per_half),
+            ("ingress IPv4 prefixes", policy.ingress_v4.len(), per_half),
+            ("ingress IPv6 prefixes", policy.ingress_v6.len(), per_half),
+        ];
+        for (what, needed, room) in checks {
+            if needed > room as usize {
+                return Err(format!(
+                    "the new policy needs {needed} {what}, the loaded maps have room for {room}; restart the agent to size the maps for it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves a freshly compiled policy (ids from 0) into `half`.
+pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> CompiledPolicy {
+    let service_base = half * capacity.services;
+    let ruleset_base = half * capacity.rulesets;
+    let rule_base = half * RULES_PER_HALF;
+    for s in &mut policy.services {
+        s.entry.service_id += service_base;
+        if s.entry.bind_ruleset != u32::MAX {
+            s.entry.bind_ruleset += ruleset_base;
+        }
+    }
+    let shift_key = |sid: &mut [u8; 4]| *sid = (u32::from_be_bytes(*sid) + service_base).to_be_bytes();
+    for (_, key, ruleset) in policy.v4.iter_mut().chain(policy.ingress_v4.iter_mut()) {
+        shift_key(&mut key.service_id);
+        *ruleset += ruleset_base;
+    }
+    for (_, key, ruleset) in policy.v6.iter_mut().chain(policy.ingress_v6.iter_mut()) {
+        shift_key(&mut key.service_id);
+        *ruleset += ruleset_base;
+    }
+    for set in &mut policy.rulesets {
+        for r in set.ranges.iter_mut().take(set.len as usize) {
+            r.rule_id += rule_base;
+        }
+    }
+    policy.service_base = service_base;
+    policy.ruleset_base = ruleset_base;
+    policy.rule_base = rule_base;
+    policy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy;
+
+    fn compiled(text: &str) -> CompiledPolicy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("svc.toml"), text).expect("write");
+        let set = policy::load_dir(dir.path()).expect("valid");
+        super::super::compile(&set).expect("compiles")
+    }
+
+    #[test]
+    fn relocation_moves_every_id_into_the_half() {
+        let p = compiled(
+            "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [\"192.0.2.0/24\"]\nports = [80]\n[bind]\nports = [8080]\n",
+        );
+        let cap = Capacity::for_policy(&p);
+        let r = relocate(p.clone(), 1, cap);
+        assert_eq!(r.services[0].entry.service_id, cap.services);
+        assert_eq!(r.services[0].entry.bind_ruleset, p.services[0].entry.bind_ruleset + cap.rulesets);
+        assert_eq!(u32::from_be_bytes(r.v4[0].1.service_id), cap.services);
+        assert_eq!(r.v4[0].2, p.v4[0].2 + cap.rulesets);
+        assert_eq!(r.rulesets[0].ranges[0].rule_id, RULES_PER_HALF);
+        assert_eq!(r.rule(RULES_PER_HALF).map(ToString::to_string).as_deref(), Some("svc.toml#egress[0]"));
+        // Half 0 changes nothing.
+        let same = relocate(p.clone(), 0, cap);
+        assert_eq!(same.v4, p.v4);
+    }
+
+    #[test]
+    fn a_policy_too_large_for_the_loaded_maps_is_refused() {
+        let small = compiled("cgroup = \"/s\"\nmode = \"enforce\"\n");
+        let cap = Capacity::for_policy(&small);
+        let cidrs: Vec<String> = (0..(cap.prefixes / 2 + 1))
+            .map(|i| format!("\"10.{}.{}.0/24\"", i / 256 % 256, i % 256))
+            .collect();
+        let big = compiled(&format!(
+            "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [{}]\n",
+            cidrs.join(",")
+        ));
+        let err = cap.check(&big).expect_err("does not fit");
+        assert!(err.contains("egress IPv4 prefixes"), "{err}");
+    }
+}

@@ -1,0 +1,340 @@
+//! Reading the policy directory for (re)loading: permissions, validation,
+//! compilation, content hashes, and the audit record of what changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    sync::Mutex,
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    events::{ChangeRecord, EventType, FileChange, FlowEvent, ServiceChange, SCHEMA},
+    kernel::{self, CompiledPolicy},
+    policy::{self, PolicySet, PortRange, Service},
+};
+
+/// Where policies come from, and whether insecure permissions are tolerated.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    pub dir: PathBuf,
+    /// Accept files or a directory that are not root-owned or are group- or
+    /// world-writable (`--allow-insecure-policy-files`; loudly logged).
+    pub allow_insecure: bool,
+}
+
+/// A validated, compiled policy set and the files it came from.
+pub struct Loaded {
+    pub set: PolicySet,
+    pub compiled: CompiledPolicy,
+    pub snapshot: Snapshot,
+    /// Permission problems tolerated because of `allow_insecure`.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub files: BTreeMap<PathBuf, FileInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub sha256: String,
+    pub uid: u32,
+    pub mode: u32,
+}
+
+/// Reload outcomes, for metrics and `bulkhead status`.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub success: AtomicU64,
+    pub failure: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ReloadStats {
+    pub fn record(&self, result: &Result<(), String>) {
+        let mut last = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(()) => {
+                self.success.fetch_add(1, Ordering::Relaxed);
+                *last = None;
+            }
+            Err(e) => {
+                self.failure.fetch_add(1, Ordering::Relaxed);
+                *last = Some(e.clone());
+            }
+        }
+    }
+}
+
+/// Reads, checks and compiles the policy directory. Every problem is in the
+/// error, one per line; nothing is applied here.
+pub fn load(source: &PolicySource) -> Result<Loaded, String> {
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let snapshot = snapshot(&source.dir, &mut problems)?;
+    let set = policy::load_dir(&source.dir).map_err(|e| e.to_string());
+    let compiled = set
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|s| kernel::compile(s).map_err(|e| e.to_string()));
+    if source.allow_insecure {
+        warnings = std::mem::take(&mut problems);
+    }
+    let mut errors: Vec<String> = problems;
+    if let Err(e) = &set {
+        errors.push(e.clone());
+    } else if let Err(e) = &compiled {
+        errors.push(e.clone());
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("\n"));
+    }
+    Ok(Loaded {
+        set: set?,
+        compiled: compiled?,
+        snapshot,
+        warnings,
+    })
+}
+
+/// Hashes and permissions of the directory's policy files; permission
+/// problems go to `problems`.
+fn snapshot(dir: &Path, problems: &mut Vec<String>) -> Result<Snapshot, String> {
+    let meta = fs::metadata(dir).map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
+    check_owner(dir, meta.uid(), meta.mode(), problems);
+    let entries = fs::read_dir(dir).map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
+    let mut files = BTreeMap::new();
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if !path.is_file() || path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let Ok(meta) = fs::metadata(&path) else {
+            continue; // reported by the policy loader
+        };
+        check_owner(&path, meta.uid(), meta.mode(), problems);
+        let Ok(bytes) = fs::read(&path) else {
+            continue;
+        };
+        files.insert(
+            path,
+            FileInfo {
+                sha256: hex(&Sha256::digest(&bytes)),
+                uid: meta.uid(),
+                mode: meta.mode() & 0o7777,
+            },
+        );
+    }
+    Ok(Snapshot { files })
+}
+
+/// Policy files decide who may talk to whom: only root may write them.
+fn check_owner(path: &Path, uid: u32, mode: u32, problems: &mut Vec<String>) {
+    if uid != 0 {
+        problems.push(format!(
+            "{}:0:0: owned by uid {uid}, not root: refused (anyone who can write policies controls the network)",
+            path.display()
+        ));
+    }
+    if mode & 0o022 != 0 {
+        problems.push(format!(
+            "{}:0:0: mode {:04o} is group- or world-writable: refused (chmod go-w)",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The audit record of a change from `before` to `after` (None: refused).
+pub fn change_record(
+    action: &str,
+    trigger: &str,
+    before: (&Snapshot, &PolicySet),
+    after: Option<(&Snapshot, &PolicySet)>,
+    error: Option<String>,
+) -> ChangeRecord {
+    let (old_snap, old_set) = before;
+    let empty_snap = Snapshot::default();
+    let empty_set = PolicySet::default();
+    let (new_snap, new_set) = after.unwrap_or((&empty_snap, &empty_set));
+    let mut files = Vec::new();
+    let paths: BTreeSet<&PathBuf> = old_snap.files.keys().chain(new_snap.files.keys()).collect();
+    for path in paths {
+        let (b, a) = (old_snap.files.get(path), new_snap.files.get(path));
+        if after.is_some() && b == a {
+            continue;
+        }
+        files.push(FileChange {
+            path: path.display().to_string(),
+            sha256_before: b.map(|f| f.sha256.clone()),
+            sha256_after: a.map(|f| f.sha256.clone()),
+            owner_uid: a.or(b).map(|f| f.uid),
+            mode: a.or(b).map(|f| format!("{:04o}", f.mode)),
+        });
+    }
+    let services = if after.is_some() {
+        service_changes(old_set, new_set)
+    } else {
+        Vec::new()
+    };
+    ChangeRecord {
+        action: action.to_string(),
+        result: if after.is_some() { "applied" } else { "refused" }.to_string(),
+        trigger: trigger.to_string(),
+        files,
+        services,
+        error,
+    }
+}
+
+/// Rules added and removed per service, as readable one-line rules.
+pub fn service_changes(old: &PolicySet, new: &PolicySet) -> Vec<ServiceChange> {
+    let rules = |set: &PolicySet| -> BTreeMap<String, BTreeSet<String>> {
+        set.services.iter().map(|s| (s.name.clone(), describe(s))).collect()
+    };
+    let (old, new) = (rules(old), rules(new));
+    let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let none = BTreeSet::new();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let (o, n) = (old.get(name).unwrap_or(&none), new.get(name).unwrap_or(&none));
+            let added: Vec<String> = n.difference(o).cloned().collect();
+            let removed: Vec<String> = o.difference(n).cloned().collect();
+            (!added.is_empty() || !removed.is_empty()).then(|| ServiceChange {
+                service: name.clone(),
+                added,
+                removed,
+            })
+        })
+        .collect()
+}
+
+fn describe(s: &Service) -> BTreeSet<String> {
+    let ports = |p: &[PortRange]| -> String {
+        p.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    };
+    let nets = |n: &[ipnetwork::IpNetwork]| -> String {
+        n.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    };
+    let mut out = BTreeSet::new();
+    out.insert(format!("service {} mode={}", s.selector, s.mode));
+    for r in &s.egress {
+        out.insert(format!("egress to={} ports={} protocol={}", nets(&r.to), ports(&r.ports), r.protocol));
+    }
+    if let Some(ingress) = &s.ingress {
+        out.insert("ingress default-deny".to_string());
+        for r in ingress {
+            out.insert(format!("ingress from={} ports={} protocol={}", nets(&r.from), ports(&r.ports), r.protocol));
+        }
+    }
+    if let Some(b) = &s.bind {
+        out.insert(format!("bind ports=[{}] protocol={}", ports(&b.ports), b.protocol));
+    }
+    out.insert(format!("sockets raw={} packet={}", s.sockets.raw, s.sockets.packet));
+    out
+}
+
+/// The decision-log event for a change record.
+pub fn audit_event(change: ChangeRecord) -> FlowEvent {
+    let now = std::time::SystemTime::now();
+    FlowEvent {
+        schema: SCHEMA.to_string(),
+        kind: EventType::PolicyChange,
+        time: humantime::format_rfc3339_nanos(now).to_string(),
+        ktime_ns: monotonic_ns(),
+        service: None,
+        mode: None,
+        cgroup_id: 0,
+        pid: std::process::id(),
+        tid: std::process::id(),
+        // SAFETY: plain syscalls without arguments.
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+        comm: "bulkhead".to_string(),
+        traffic_direction: None,
+        hook: "control".to_string(),
+        protocol: None,
+        src_ip: None,
+        src_port: None,
+        dst_ip: None,
+        dst_port: None,
+        verdict: None,
+        rule: None,
+        socket_cookie: 0,
+        bytes_sent: None,
+        bytes_received: None,
+        duration_ns: None,
+        change: Some(change),
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn source(dir: &Path) -> PolicySource {
+        PolicySource {
+            dir: dir.to_path_buf(),
+            allow_insecure: false,
+        }
+    }
+
+    #[test]
+    fn world_writable_files_are_refused_unless_allowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("a.toml");
+        fs::write(&f, "cgroup = \"/a\"\nmode = \"audit\"\n").expect("write");
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).expect("chmod");
+        let err = load(&source(dir.path())).err().expect("refused");
+        assert!(err.contains("mode 0666 is group- or world-writable"), "{err}");
+        let ok = load(&PolicySource {
+            allow_insecure: true,
+            ..source(dir.path())
+        })
+        .expect("allowed with the override");
+        assert_eq!(ok.warnings.len(), 1);
+    }
+
+    #[test]
+    fn the_record_names_changed_files_and_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("a.toml");
+        fs::write(&f, "cgroup = \"/a\"\nmode = \"audit\"\n").expect("write");
+        let before = load(&source(dir.path())).expect("valid");
+        fs::write(&f, "cgroup = \"/a\"\nmode = \"audit\"\n[[egress]]\nto = [\"192.0.2.1\"]\nports = [53]\nprotocol = \"udp\"\n").expect("write");
+        let after = load(&source(dir.path())).expect("valid");
+        let rec = change_record(
+            "reload",
+            "sighup",
+            (&before.snapshot, &before.set),
+            Some((&after.snapshot, &after.set)),
+            None,
+        );
+        assert_eq!(rec.result, "applied");
+        assert_eq!(rec.files.len(), 1);
+        assert_ne!(rec.files[0].sha256_before, rec.files[0].sha256_after);
+        assert_eq!(rec.services.len(), 1);
+        assert_eq!(rec.services[0].added, ["egress to=192.0.2.1/32 ports=53 protocol=udp"]);
+        assert!(rec.services[0].removed.is_empty());
+    }
+}
