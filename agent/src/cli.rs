@@ -40,6 +40,10 @@ pub enum Command {
     /// ones until Ctrl-C), as a table or as JSON lines. Needs root: it talks
     /// to the daemon over its root-only control socket.
     Flows(FlowsArgs),
+    /// Remove bulkhead from the kernel: detach every program, remove every
+    /// pin. Enforcement stops. Refused while an agent is running (stop it
+    /// first: its normal stop keeps enforcing).
+    Detach(DetachArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -59,11 +63,30 @@ pub struct RunArgs {
     /// Control socket path (overrides `control.socket`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// bpffs directory for the pins (overrides `pin_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// State directory (overrides `state_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Accept policy files and a policy directory that are not owned by
     /// root or are group- or world-writable (refused by default: whoever can
     /// write a policy controls the network). Logged loudly on every load.
     #[arg(long)]
     pub allow_insecure_policy_files: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DetachArgs {
+    /// Daemon config file, to find the pin and control socket paths.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// bpffs directory of the pins (overrides `pin_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Control socket of a running agent (overrides `control.socket`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -123,6 +146,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Flows(args) => control::flows::run(&args),
+        Command::Detach(args) => detach(&args),
         Command::Run(args) => {
             logging::init(&cli.log_level);
             match daemon::run(&args) {
@@ -181,4 +205,36 @@ fn check(args: &CheckArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn detach(args: &DetachArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = args.control_socket.clone().unwrap_or(config.control.socket);
+    if let Err(e) = control::server::ensure_free(&socket) {
+        eprintln!("bulkhead detach: refused: {e}; stop the agent first");
+        return ExitCode::FAILURE;
+    }
+    let root = kernel::pins::PinRoot(args.pin_dir.clone().unwrap_or(config.pin_dir));
+    let current = root.current();
+    if !current.exists() {
+        println!("nothing to detach: no pins at {}", current.display());
+        return ExitCode::SUCCESS;
+    }
+    kernel::pins::remove_pins(&current);
+    kernel::pins::clean_leftovers(&root);
+    if current.exists() {
+        eprintln!(
+            "bulkhead detach: some pins under {} could not be removed",
+            current.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("detached: every bulkhead program removed from the kernel; nothing is enforced now");
+    ExitCode::SUCCESS
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/bulkhead/bulkhead.toml";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/bulkhead/policies";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 pub const DEFAULT_EVENTS_SINK: &str = "/var/log/bulkhead/events.jsonl";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bulkhead/control.sock";
 
@@ -20,6 +21,11 @@ pub struct Config {
     pub policy_dir: PathBuf,
     /// Kernel-side diagnostics through aya-log (off: zero cost on the hot path).
     pub bpf_log: bool,
+    /// Where programs, links and maps are pinned (bpffs), so that
+    /// enforcement survives the agent's restarts.
+    pub pin_dir: PathBuf,
+    /// The agent's state (names of the policy in force, quarantines).
+    pub state_dir: PathBuf,
     pub events: EventsConfig,
     pub metrics: MetricsConfig,
     pub control: ControlConfig,
@@ -30,6 +36,8 @@ impl Default for Config {
         Self {
             policy_dir: PathBuf::from(DEFAULT_POLICY_DIR),
             bpf_log: false,
+            pin_dir: PathBuf::from(crate::kernel::pins::DEFAULT_PIN_ROOT),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             events: EventsConfig::default(),
             metrics: MetricsConfig::default(),
             control: ControlConfig::default(),

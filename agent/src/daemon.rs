@@ -18,7 +18,11 @@ use crate::{
     config::Config,
     engine::Engine,
     events::{self, Decoder, Hub, Names, Sink},
-    kernel::{self, Enforcer, LoadOptions, ResolvedService},
+    kernel::{
+        self,
+        pins::{self, PinRoot},
+        Enforcer, LoadOptions, ResolvedService,
+    },
     policy,
     reload::{self, Loaded, PolicySource},
     services::{ServiceTracker, RESCAN_INTERVAL},
@@ -52,6 +56,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     if let Some(socket) = &args.control_socket {
         config.control.socket = socket.clone();
+    }
+    if let Some(dir) = &args.pin_dir {
+        config.pin_dir = dir.clone();
+    }
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
     }
     let policy_dir = args.policy_dir.clone().unwrap_or(config.policy_dir.clone());
     let source = PolicySource {
@@ -140,6 +150,14 @@ async fn serve(plan: Plan) -> Result<()> {
     };
     enforcer.write_policy(compiled.clone(), &resolved)?;
 
+    // Everything is pinned into a staging directory first, and made
+    // `current` only once attached (see kernel/pins.rs).
+    let pins = PinRoot(config.pin_dir.clone());
+    pins.prepare().map_err(|e| anyhow!(e))?;
+    pins::clean_leftovers(&pins);
+    let staging = pins.staging();
+    enforcer.pin_maps(&staging)?;
+
     // The consumer starts before the programs attach, so that the first
     // decision already has a reader.
     let ring: RingBuf<MapData> = take_map(enforcer.ebpf_mut(), agent_common::maps::EVENTS)?;
@@ -153,7 +171,14 @@ async fn serve(plan: Plan) -> Result<()> {
     let reader = events::spawn_reader(ring, decoder, names_rx, Arc::clone(&hub))
         .context("cannot poll the event ring buffer")?;
 
-    let coverage = enforcer.attach(&mount)?;
+    let coverage = enforcer.attach(&mount, Some(&staging))?;
+    save_names(&config.state_dir, &Names::from_policy(&compiled));
+    match pins.promote().context("cannot make the new pins current")? {
+        Some(previous) => take_over(previous, &config.state_dir, &hub),
+        None => {
+            info!(pins = %pins.current().display(), "programs pinned: enforcement continues while the agent is stopped")
+        }
+    }
     match &coverage.packet_sockets_reason {
         None => info!("packet sockets (AF_PACKET) are judged through BPF LSM"),
         Some(reason) => warn!("packet sockets (AF_PACKET) are NOT judged: {reason}; a managed service can open one only with CAP_NET_RAW, which its unit should drop"),
@@ -203,6 +228,7 @@ async fn serve(plan: Plan) -> Result<()> {
         map_capacities,
         source,
         (set, snapshot),
+        config.state_dir.clone(),
     );
     let mut policy_changes = watch_policy_dir(&policy_dir)?;
 
@@ -243,10 +269,64 @@ async fn serve(plan: Plan) -> Result<()> {
     // Followers get {"end":"shutdown"}; the socket file is removed.
     control.shutdown().await;
     metrics_state.set_attached(false);
-    engine.enforcer.detach();
+    // The links stay pinned: enforcement goes on until a new agent takes
+    // over, or `bulkhead detach` removes it.
+    engine.enforcer.leave_pinned();
     reader.abort();
-    info!("programs detached; enforcement stopped");
+    info!(pins = %pins.current().display(), "agent stopped; its programs stay attached and enforcing (`bulkhead detach` removes them)");
     Ok(())
+}
+
+/// Takes over from a previous agent's pinned programs: reads the events
+/// they left in their ring buffer, counts what they lost while no agent was
+/// reading, then detaches them (ours are already attached: no gap).
+fn take_over(previous: pins::Previous, state_dir: &std::path::Path, hub: &Hub) {
+    let lost = previous.lost();
+    let mut recovered = 0usize;
+    if let Some(mut ring) = previous.ring() {
+        let names = load_names(state_dir).unwrap_or_default();
+        let decoder = Decoder::new(Arc::new(names));
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decoder.decode(&item) {
+                batch.push(ev);
+            }
+        }
+        recovered = batch.len();
+        hub.publish(batch);
+    }
+    hub.stats
+        .lost_while_down
+        .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+    previous.remove();
+    info!(
+        recovered,
+        lost, "took over from the previous agent's pinned programs"
+    );
+}
+
+const NAMES_FILE: &str = "names.json";
+
+/// Names of the policy in force, for a later agent to read this agent's
+/// leftover events with.
+pub fn save_names(state_dir: &std::path::Path, names: &Names) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(state_dir)?;
+        let tmp = state_dir.join(format!("{NAMES_FILE}.tmp"));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(names).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(tmp, state_dir.join(NAMES_FILE))
+    };
+    if let Err(e) = write() {
+        warn!(dir = %state_dir.display(), "cannot save the policy names: {e}");
+    }
+}
+
+fn load_names(state_dir: &std::path::Path) -> Option<Names> {
+    let bytes = std::fs::read(state_dir.join(NAMES_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Quiet time after the last change in the policy directory before a reload.
@@ -254,9 +334,7 @@ const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(300)
 
 /// A stream that yields whenever a file in the policy directory is written,
 /// created, removed, renamed or has its permissions changed.
-fn watch_policy_dir(
-    dir: &std::path::Path,
-) -> Result<inotify::EventStream<[u8; 4096]>> {
+fn watch_policy_dir(dir: &std::path::Path) -> Result<inotify::EventStream<[u8; 4096]>> {
     use inotify::{Inotify, WatchMask};
     let inotify = Inotify::init().context("cannot start inotify")?;
     inotify

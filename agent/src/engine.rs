@@ -33,6 +33,7 @@ pub struct Engine {
     pub set: PolicySet,
     pub snapshot: Snapshot,
     pub reloads: Arc<ReloadStats>,
+    pub state_dir: std::path::PathBuf,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
 }
@@ -48,6 +49,7 @@ impl Engine {
         map_capacities: Vec<(&'static str, u32)>,
         source: PolicySource,
         loaded: (PolicySet, Snapshot),
+        state_dir: std::path::PathBuf,
     ) -> Self {
         Self {
             enforcer,
@@ -60,6 +62,7 @@ impl Engine {
             set: loaded.0,
             snapshot: loaded.1,
             reloads: Arc::new(ReloadStats::default()),
+            state_dir,
             retiring: None,
         }
     }
@@ -83,7 +86,10 @@ impl Engine {
         let result = self.try_reload(trigger);
         self.reloads.record(&result);
         if let Err(error) = result {
-            warn!(trigger, "policy reload refused; the policy in force is unchanged:\n{error}");
+            warn!(
+                trigger,
+                "policy reload refused; the policy in force is unchanged:\n{error}"
+            );
             let record = reload::change_record(
                 "reload",
                 trigger,
@@ -105,10 +111,14 @@ impl Engine {
         for w in &loaded.warnings {
             warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
         }
-        let staged = self.enforcer.stage(loaded.compiled).map_err(|e| e.to_string())?;
+        let staged = self
+            .enforcer
+            .stage(loaded.compiled)
+            .map_err(|e| e.to_string())?;
         let changes = self.tracker.reload(&staged);
         // Names first: events of the new policy may follow the switch at once.
-        self.names.send_replace(Arc::new(Names::from_policy(&staged)));
+        self.names
+            .send_replace(Arc::new(Names::from_policy(&staged)));
         let old = self
             .enforcer
             .switch(staged, &changes)
@@ -117,6 +127,9 @@ impl Engine {
             self.retiring = Some((Instant::now() + RETIRE_GRACE, old));
         }
         self.refresh_inventory();
+        if let Some(live) = self.enforcer.live() {
+            crate::daemon::save_names(&self.state_dir, &Names::from_policy(live));
+        }
         let record = reload::change_record(
             "reload",
             trigger,
@@ -153,7 +166,11 @@ impl Engine {
         let Some(live) = self.enforcer.live() else {
             return;
         };
-        let managed = self.tracker.services.iter().filter(|s| s.cgroup_id.is_some());
+        let managed = self
+            .tracker
+            .services
+            .iter()
+            .filter(|s| s.cgroup_id.is_some());
         self.metrics.replace_inventory(Inventory::from_policy(
             live,
             managed.map(|s| s.entry.service_id),

@@ -58,7 +58,10 @@ pub struct ReloadStats {
 
 impl ReloadStats {
     pub fn record(&self, result: &Result<(), String>) {
-        let mut last = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
             Ok(()) => {
                 self.success.fetch_add(1, Ordering::Relaxed);
@@ -106,9 +109,11 @@ pub fn load(source: &PolicySource) -> Result<Loaded, String> {
 /// Hashes and permissions of the directory's policy files; permission
 /// problems go to `problems`.
 fn snapshot(dir: &Path, problems: &mut Vec<String>) -> Result<Snapshot, String> {
-    let meta = fs::metadata(dir).map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
+    let meta = fs::metadata(dir)
+        .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
     check_owner(dir, meta.uid(), meta.mode(), problems);
-    let entries = fs::read_dir(dir).map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
+    let entries = fs::read_dir(dir)
+        .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
     let mut files = BTreeMap::new();
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
@@ -189,7 +194,12 @@ pub fn change_record(
     };
     ChangeRecord {
         action: action.to_string(),
-        result: if after.is_some() { "applied" } else { "refused" }.to_string(),
+        result: if after.is_some() {
+            "applied"
+        } else {
+            "refused"
+        }
+        .to_string(),
         trigger: trigger.to_string(),
         files,
         services,
@@ -200,7 +210,10 @@ pub fn change_record(
 /// Rules added and removed per service, as readable one-line rules.
 pub fn service_changes(old: &PolicySet, new: &PolicySet) -> Vec<ServiceChange> {
     let rules = |set: &PolicySet| -> BTreeMap<String, BTreeSet<String>> {
-        set.services.iter().map(|s| (s.name.clone(), describe(s))).collect()
+        set.services
+            .iter()
+            .map(|s| (s.name.clone(), describe(s)))
+            .collect()
     };
     let (old, new) = (rules(old), rules(new));
     let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
@@ -208,7 +221,10 @@ pub fn service_changes(old: &PolicySet, new: &PolicySet) -> Vec<ServiceChange> {
     names
         .into_iter()
         .filter_map(|name| {
-            let (o, n) = (old.get(name).unwrap_or(&none), new.get(name).unwrap_or(&none));
+            let (o, n) = (
+                old.get(name).unwrap_or(&none),
+                new.get(name).unwrap_or(&none),
+            );
             let added: Vec<String> = n.difference(o).cloned().collect();
             let removed: Vec<String> = o.difference(n).cloned().collect();
             (!added.is_empty() || !removed.is_empty()).then(|| ServiceChange {
@@ -222,26 +238,49 @@ pub fn service_changes(old: &PolicySet, new: &PolicySet) -> Vec<ServiceChange> {
 
 fn describe(s: &Service) -> BTreeSet<String> {
     let ports = |p: &[PortRange]| -> String {
-        p.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        p.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     };
     let nets = |n: &[ipnetwork::IpNetwork]| -> String {
-        n.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        n.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     };
     let mut out = BTreeSet::new();
     out.insert(format!("service {} mode={}", s.selector, s.mode));
     for r in &s.egress {
-        out.insert(format!("egress to={} ports={} protocol={}", nets(&r.to), ports(&r.ports), r.protocol));
+        out.insert(format!(
+            "egress to={} ports={} protocol={}",
+            nets(&r.to),
+            ports(&r.ports),
+            r.protocol
+        ));
     }
     if let Some(ingress) = &s.ingress {
         out.insert("ingress default-deny".to_string());
         for r in ingress {
-            out.insert(format!("ingress from={} ports={} protocol={}", nets(&r.from), ports(&r.ports), r.protocol));
+            out.insert(format!(
+                "ingress from={} ports={} protocol={}",
+                nets(&r.from),
+                ports(&r.ports),
+                r.protocol
+            ));
         }
     }
     if let Some(b) = &s.bind {
-        out.insert(format!("bind ports=[{}] protocol={}", ports(&b.ports), b.protocol));
+        out.insert(format!(
+            "bind ports=[{}] protocol={}",
+            ports(&b.ports),
+            b.protocol
+        ));
     }
-    out.insert(format!("sockets raw={} packet={}", s.sockets.raw, s.sockets.packet));
+    out.insert(format!(
+        "sockets raw={} packet={}",
+        s.sockets.raw, s.sockets.packet
+    ));
     out
 }
 
@@ -280,7 +319,10 @@ pub fn audit_event(change: ChangeRecord) -> FlowEvent {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
@@ -306,7 +348,10 @@ mod tests {
         fs::write(&f, "cgroup = \"/a\"\nmode = \"audit\"\n").expect("write");
         fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).expect("chmod");
         let err = load(&source(dir.path())).err().expect("refused");
-        assert!(err.contains("mode 0666 is group- or world-writable"), "{err}");
+        assert!(
+            err.contains("mode 0666 is group- or world-writable"),
+            "{err}"
+        );
         let ok = load(&PolicySource {
             allow_insecure: true,
             ..source(dir.path())
@@ -334,7 +379,10 @@ mod tests {
         assert_eq!(rec.files.len(), 1);
         assert_ne!(rec.files[0].sha256_before, rec.files[0].sha256_after);
         assert_eq!(rec.services.len(), 1);
-        assert_eq!(rec.services[0].added, ["egress to=192.0.2.1/32 ports=53 protocol=udp"]);
+        assert_eq!(
+            rec.services[0].added,
+            ["egress to=192.0.2.1/32 ports=53 protocol=udp"]
+        );
         assert!(rec.services[0].removed.is_empty());
     }
 }

@@ -107,7 +107,10 @@ impl ServiceTracker {
             });
         }
         for o in &old {
-            let kept = policy.services.iter().any(|s| s.cgroup_path == o.cgroup_path);
+            let kept = policy
+                .services
+                .iter()
+                .any(|s| s.cgroup_path == o.cgroup_path);
             if let (false, Some(cgroup_id)) = (kept, o.cgroup_id) {
                 info!(service = %o.name, "service removed from the policy; no longer managed");
                 changes.push(Change::Remove { cgroup_id });

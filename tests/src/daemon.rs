@@ -73,9 +73,15 @@ pub struct Daemon {
     notify: NotifySocket,
     log: PathBuf,
     events: PathBuf,
+    /// bpffs directory of this daemon's pins.
+    pins: PathBuf,
+    control: PathBuf,
     /// Holds the notify socket, the log and the other files; removed last.
     _work: TempDir,
 }
+
+/// Numbers the pin directories of the daemons of one test process.
+static NEXT_PIN_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Daemon {
     /// `bulkhead run --policy-dir DIR`, waiting for `READY=1`; panics with
@@ -106,6 +112,20 @@ impl Daemon {
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
         ];
+        // Each daemon pins into its own bpffs directory and keeps its own
+        // state, so that daemons of different tests never take over from
+        // each other; Drop detaches whatever is left pinned.
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/bulkhead-test-{}-{}",
+            std::process::id(),
+            NEXT_PIN_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        if !args.iter().any(|a| a.as_ref() == "--pin-dir") {
+            command_line.extend(["--pin-dir".into(), pins.clone().into()]);
+        }
+        if !args.iter().any(|a| a.as_ref() == "--state-dir") {
+            command_line.extend(["--state-dir".into(), work.path().join("state").into()]);
+        }
         if !args.iter().any(|a| a.as_ref() == "--config") {
             let config = work.path().join("bulkhead.toml");
             fs::write(&config, "# all defaults\n")
@@ -133,8 +153,37 @@ impl Daemon {
             notify,
             log,
             events,
+            pins,
+            control: work.path().join("control.sock"),
             _work: work,
         }
+    }
+
+    /// The daemon's pin directory under bpffs.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins
+    }
+
+    /// Runs `bulkhead detach` for this daemon's pins (after it stopped):
+    /// removes its programs from the kernel. Panics if that fails.
+    pub fn detach(&self) {
+        let out = Command::new(bulkhead_bin())
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--control-socket")
+            .arg(&self.control)
+            .arg("--config")
+            .arg("/dev/null")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run bulkhead detach: {e}"));
+        assert!(
+            out.status.success(),
+            "bulkhead detach failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Waits for `READY=1`; panics with the log if the daemon exits first or
@@ -235,6 +284,17 @@ impl Drop for Daemon {
         if killed {
             eprintln!("CLEANUP: bulkhead ignored SIGTERM for {STOP_TIMEOUT:?}; SIGKILLed it");
         }
+        // A stopped agent keeps enforcing through its pins: remove them so
+        // that no test leaves a policy behind.
+        if self.pins.join("current").exists() {
+            let _ = Command::new(bulkhead_bin())
+                .args(["detach", "--config", "/dev/null", "--pin-dir"])
+                .arg(&self.pins)
+                .arg("--control-socket")
+                .arg(&self.control)
+                .output();
+        }
+        let _ = fs::remove_dir(&self.pins);
         if killed || std::thread::panicking() {
             eprintln!(
                 "----- bulkhead log ({}) -----\n{}----- end of bulkhead log -----",

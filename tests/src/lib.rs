@@ -13,6 +13,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod daemon;
+pub mod events;
 pub mod netns;
 pub mod notify;
 pub mod policy;
@@ -20,15 +21,17 @@ pub mod ports;
 pub mod probe;
 pub mod process;
 pub mod require;
+pub mod server;
 
 pub use bpf::ProgSnapshot;
 pub use cgroup::{cgroup2_mount, CgroupGuard};
 pub use daemon::{bulkhead, bulkhead_bin, Daemon};
 pub use netns::NetnsGuard;
-pub use policy::{service_policy, Egress, PolicyDir};
+pub use policy::{service_policy, Egress, Ingress, PolicyDir};
 pub use ports::free_port_block;
 pub use probe::{Listener, Outcome, Probe, Proto};
 pub use require::require_bpf;
+pub use server::Server;
 
 /// `EPERM`: what a denied `connect()`/`sendto()` must return.
 pub const EPERM: i32 = libc::EPERM;

@@ -111,22 +111,92 @@ impl Egress {
 
 impl Display for Egress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let quoted = |s: &String| format!("{s:?}");
-        let to: Vec<String> = self.to.iter().map(quoted).collect();
-        writeln!(f, "[[egress]]\nto = [{}]", to.join(", "))?;
+        writeln!(f, "[[egress]]\nto = {}", toml_strings(&self.to))?;
         if let Some(ports) = &self.ports {
-            // A plain number is a TOML integer; a range is a string.
-            let ports: Vec<String> = ports
-                .iter()
-                .map(|p| {
-                    if p.contains('-') {
-                        quoted(p)
-                    } else {
-                        p.clone()
-                    }
-                })
-                .collect();
-            writeln!(f, "ports = [{}]", ports.join(", "))?;
+            writeln!(f, "ports = {}", toml_ports(ports))?;
+        }
+        if let Some(protocol) = &self.protocol {
+            writeln!(f, "protocol = {protocol:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `["a", "b"]`.
+fn toml_strings(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// `[5432, "8000-8100"]`: a plain number is a TOML integer, a range a string.
+fn toml_ports(ports: &[String]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| {
+            if p.contains('-') {
+                format!("{p:?}")
+            } else {
+                p.clone()
+            }
+        })
+        .collect();
+    format!("[{}]", ports.join(", "))
+}
+
+/// One `[[ingress]]` rule (who may connect or send to the service), rendered
+/// as TOML by `Display`.
+///
+/// ```
+/// use integration_tests::policy::Ingress;
+/// let rule = Ingress::from(["198.51.100.2", "2001:db8::/64"]).ports([8080]).protocol("tcp");
+/// assert_eq!(
+///     rule.to_string(),
+///     "[[ingress]]\nfrom = [\"198.51.100.2\", \"2001:db8::/64\"]\nports = [8080]\nprotocol = \"tcp\"\n"
+/// );
+/// ```
+#[derive(Debug, Clone)]
+pub struct Ingress {
+    from: Vec<String>,
+    ports: Option<Vec<String>>,
+    protocol: Option<String>,
+}
+
+impl Ingress {
+    /// A rule allowing peers in `from` (addresses or CIDRs) to every local
+    /// port, any protocol.
+    #[must_use]
+    pub fn from<T: Display>(from: impl IntoIterator<Item = T>) -> Self {
+        Self {
+            from: from.into_iter().map(|t| t.to_string()).collect(),
+            ports: None,
+            protocol: None,
+        }
+    }
+
+    /// Only these local ports: a number (`8080`) or a range (`"9000-9100"`).
+    #[must_use]
+    pub fn ports<T: Display>(self, ports: impl IntoIterator<Item = T>) -> Self {
+        Self {
+            ports: Some(ports.into_iter().map(|p| p.to_string()).collect()),
+            ..self
+        }
+    }
+
+    /// Only this protocol: `tcp`, `udp` or `any`.
+    #[must_use]
+    pub fn protocol(self, protocol: &str) -> Self {
+        Self {
+            protocol: Some(protocol.to_owned()),
+            ..self
+        }
+    }
+}
+
+impl Display for Ingress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "[[ingress]]\nfrom = {}", toml_strings(&self.from))?;
+        if let Some(ports) = &self.ports {
+            writeln!(f, "ports = {}", toml_ports(ports))?;
         }
         if let Some(protocol) = &self.protocol {
             writeln!(f, "protocol = {protocol:?}")?;

@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -41,13 +41,16 @@ impl Proto {
     }
 }
 
-/// How a probe runs: the binary, and optionally the cgroup it joins and the
-/// network namespace it enters first.
+/// How a probe runs: the binary, and optionally the cgroup it joins, the
+/// network namespace it enters first, the source address its client
+/// sockets bind to and the limit of each client step.
 #[derive(Debug, Clone)]
 pub struct Probe {
     bin: PathBuf,
     cgroup: Option<PathBuf>,
     netns: Option<String>,
+    source: Option<IpAddr>,
+    step_timeout: Option<Duration>,
 }
 
 impl Probe {
@@ -58,6 +61,8 @@ impl Probe {
             bin: bin.into(),
             cgroup: None,
             netns: None,
+            source: None,
+            step_timeout: None,
         }
     }
 
@@ -79,13 +84,40 @@ impl Probe {
         }
     }
 
-    fn command(&self) -> Command {
+    /// The same probe, its client sockets bound to `ip` (port 0) before
+    /// they connect or send: one of several addresses of a "remote host".
+    #[must_use]
+    pub fn source(&self, ip: impl Into<IpAddr>) -> Self {
+        Self {
+            source: Some(ip.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The same probe, each client step (connect, recv) limited to
+    /// `limit` instead of the probe's default 3 s: how long a test waits
+    /// for an answer that must not come.
+    #[must_use]
+    pub fn step_timeout(&self, limit: Duration) -> Self {
+        Self {
+            step_timeout: Some(limit),
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         if let Some(dir) = &self.cgroup {
             cmd.arg("--cgroup").arg(dir);
         }
         if let Some(name) = &self.netns {
             cmd.args(["--netns", name]);
+        }
+        if let Some(ip) = self.source {
+            cmd.args(["--source", &ip.to_string()]);
+        }
+        if let Some(limit) = self.step_timeout {
+            cmd.args(["--timeout-ms", &limit.as_millis().to_string()]);
         }
         cmd
     }
@@ -122,10 +154,41 @@ impl Probe {
         self.client("udp-connect-sendto", &[connected, other])
     }
 
+    /// An explicit `bind()` of a fresh socket to `addr` (port 0: the kernel
+    /// picks one); a refusal fails at stage `bind`.
+    #[must_use]
+    pub fn bind(&self, proto: Proto, addr: SocketAddr) -> Outcome {
+        let what = match proto {
+            Proto::Tcp => "tcp-bind",
+            Proto::Udp => "udp-bind",
+        };
+        self.client(what, &[addr])
+    }
+
+    /// `socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)`, or with `v6` its IPv6
+    /// twin (`IPPROTO_ICMPV6`); a refusal fails at stage `socket`.
+    #[must_use]
+    pub fn raw_socket(&self, v6: bool) -> Outcome {
+        self.run_client(&["raw-socket", if v6 { "inet6" } else { "inet" }])
+    }
+
+    /// `socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL))`; a refusal fails at
+    /// stage `socket`.
+    #[must_use]
+    pub fn packet_socket(&self) -> Outcome {
+        self.run_client(&["packet-socket"])
+    }
+
     fn client(&self, what: &'static str, addrs: &[SocketAddr]) -> Outcome {
+        let mut args = vec![what.to_owned()];
+        args.extend(addrs.iter().map(ToString::to_string));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run_client(&args)
+    }
+
+    fn run_client(&self, args: &[&str]) -> Outcome {
         let mut cmd = self.command();
-        let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-        cmd.arg(what).args(&addrs);
+        cmd.args(args);
         let out = output_with_timeout(&mut cmd, CLIENT_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
@@ -134,7 +197,11 @@ impl Probe {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        Outcome::parse(format!("{what} {}", addrs.join(" ")), &stdout)
+        let mut what = args.join(" ");
+        if let Some(ip) = self.source {
+            what.push_str(&format!(" from {ip}"));
+        }
+        Outcome::parse(what, &stdout)
     }
 
     /// Starts a listener on `addr` (port 0 = any) and waits until it is bound.
@@ -168,6 +235,11 @@ pub struct Outcome {
     pub stage: Option<String>,
     /// The failing step's errno, if the kernel gave one.
     pub errno: Option<i32>,
+    /// Whether the failing step ran out of time (nothing refused it).
+    pub timed_out: bool,
+    /// The client socket's own address, once the kernel gave it one (also
+    /// after a connect that never completed).
+    pub local: Option<SocketAddr>,
 }
 
 impl Outcome {
@@ -185,9 +257,50 @@ impl Outcome {
                 .get("errno")
                 .and_then(Value::as_i64)
                 .and_then(|e| i32::try_from(e).ok()),
+            timed_out: value.get("timed_out").and_then(Value::as_bool) == Some(true),
+            local: value
+                .get("local")
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse().ok()),
             json: line.to_owned(),
             what,
         }
+    }
+
+    /// The client socket's local address; panics if the probe reported none.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local.unwrap_or_else(|| {
+            panic!(
+                "`{}` reported no local address: {}",
+                self.what, self.json
+            )
+        })
+    }
+
+    /// Asserts the kernel refused with `EPERM` at `stage` (`socket`, `bind`,
+    /// `connect`, `send`): at once, not after a timeout.
+    pub fn assert_eperm_at(&self, stage: &str, why: &str) {
+        assert!(
+            !self.ok && self.errno == Some(libc::EPERM) && self.stage.as_deref() == Some(stage),
+            "{why}: `{}` should fail with EPERM (errno {}) at {stage}, got {}",
+            self.what,
+            libc::EPERM,
+            self.json
+        );
+    }
+
+    /// Asserts the exchange got no answer at `stage` (`connect` for a TCP
+    /// handshake, `recv` for a datagram) within the probe's step timeout:
+    /// nothing refused it (no reset, no `EPERM`, no ICMP error), it was
+    /// dropped.
+    pub fn assert_timed_out(&self, stage: &str, why: &str) {
+        assert!(
+            !self.ok && self.timed_out && self.stage.as_deref() == Some(stage),
+            "{why}: `{}` should get no answer (a timeout at {stage}), got {}",
+            self.what,
+            self.json
+        );
     }
 
     /// Asserts the whole exchange went through (a denial or a timeout fails).

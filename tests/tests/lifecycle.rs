@@ -101,8 +101,10 @@ impl Targets {
     }
 }
 
+/// The unit's normal stop keeps enforcing (the programs stay pinned);
+/// `bulkhead detach` is what removes them.
 #[test]
-fn sigterm_restores_connectivity_and_unloads_programs() {
+fn sigterm_keeps_enforcing_until_detach() {
     if !require_bpf() {
         return;
     }
@@ -122,12 +124,14 @@ fn sigterm_restores_connectivity_and_unloads_programs() {
         Some(0),
         "bulkhead should exit 0 on SIGTERM, got {status} (its log follows)"
     );
+    targets.assert_denied(&client, "after SIGTERM: the pinned programs keep enforcing");
+    daemon.detach();
     assert_unloaded(&ours, &before);
-    targets.assert_allowed(&client, "after bulkhead stopped (SIGTERM)");
+    targets.assert_allowed(&client, "after bulkhead detach");
 }
 
 #[test]
-fn sigint_restores_connectivity_and_unloads_programs() {
+fn sigint_keeps_enforcing_until_detach() {
     if !require_bpf() {
         return;
     }
@@ -148,8 +152,10 @@ fn sigint_restores_connectivity_and_unloads_programs() {
         Some(0),
         "bulkhead should exit 0 on SIGINT, got {status} (its log follows)"
     );
+    targets.assert_denied(&client, "after SIGINT: the pinned programs keep enforcing");
+    daemon.detach();
     assert_unloaded(&ours, &before);
-    targets.assert_allowed(&client, "after bulkhead stopped (SIGINT)");
+    targets.assert_allowed(&client, "after bulkhead detach");
 }
 
 #[test]

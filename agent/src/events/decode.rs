@@ -15,8 +15,10 @@ use agent_common::{
 use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
 use crate::kernel::CompiledPolicy;
 
-/// Names for the numbers in kernel records, from one placed policy.
-#[derive(Debug, Clone, Default)]
+/// Names for the numbers in kernel records, from one placed policy. Kept
+/// in the state directory too, to name records a previous agent's programs
+/// left in the ring buffer.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Names {
     /// Service id of `services[0]`, rule id of `rules[0]`.
     pub service_base: u32,
@@ -42,7 +44,8 @@ impl Names {
     }
 
     fn service(&self, id: u32) -> Option<&(String, String)> {
-        self.services.get(id.checked_sub(self.service_base)? as usize)
+        self.services
+            .get(id.checked_sub(self.service_base)? as usize)
     }
 
     fn rule(&self, id: u32) -> Option<&String> {

@@ -31,6 +31,9 @@ pub struct EventStats {
     pub sink_errors: AtomicU64,
     /// Events a slow live subscriber missed.
     pub subscriber_lagged: AtomicU64,
+    /// Records a previous agent's programs dropped while no agent read
+    /// their ring buffer (counted at take-over).
+    pub lost_while_down: AtomicU64,
     /// False once the ring buffer consumer has stopped.
     pub consumer_alive: AtomicBool,
 }

@@ -56,6 +56,10 @@ async fn consume(
                 break;
             };
             taken += 1;
+            // Per record (an atomic load): a switch may happen mid-batch.
+            if names.has_changed().unwrap_or(false) {
+                decoder.set_names(Arc::clone(&names.borrow_and_update()));
+            }
             match decoder.decode(&item) {
                 Some(ev) => batch.push(ev),
                 None => {

@@ -58,7 +58,8 @@ pub struct CompiledService {
 
 impl CompiledPolicy {
     pub fn rule(&self, rule_id: u32) -> Option<&RuleRef> {
-        self.rules.get(rule_id.checked_sub(self.rule_base)? as usize)
+        self.rules
+            .get(rule_id.checked_sub(self.rule_base)? as usize)
     }
 }
 

@@ -20,6 +20,8 @@ pub enum KernelError {
     },
     #[error("{0}")]
     Capacity(String),
+    #[error("cannot pin {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,

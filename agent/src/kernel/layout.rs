@@ -31,7 +31,9 @@ impl Capacity {
     /// than the defaults.
     pub fn for_policy(policy: &CompiledPolicy) -> Self {
         let grow = |n: usize, floor: u32| -> u32 {
-            u32::try_from(n.saturating_mul(2)).unwrap_or(u32::MAX).max(floor)
+            u32::try_from(n.saturating_mul(2))
+                .unwrap_or(u32::MAX)
+                .max(floor)
         };
         let prefixes = [
             policy.v4.len(),
@@ -83,7 +85,8 @@ pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> Co
             s.entry.bind_ruleset += ruleset_base;
         }
     }
-    let shift_key = |sid: &mut [u8; 4]| *sid = (u32::from_be_bytes(*sid) + service_base).to_be_bytes();
+    let shift_key =
+        |sid: &mut [u8; 4]| *sid = (u32::from_be_bytes(*sid) + service_base).to_be_bytes();
     for (_, key, ruleset) in policy.v4.iter_mut().chain(policy.ingress_v4.iter_mut()) {
         shift_key(&mut key.service_id);
         *ruleset += ruleset_base;
@@ -123,11 +126,17 @@ mod tests {
         let cap = Capacity::for_policy(&p);
         let r = relocate(p.clone(), 1, cap);
         assert_eq!(r.services[0].entry.service_id, cap.services);
-        assert_eq!(r.services[0].entry.bind_ruleset, p.services[0].entry.bind_ruleset + cap.rulesets);
+        assert_eq!(
+            r.services[0].entry.bind_ruleset,
+            p.services[0].entry.bind_ruleset + cap.rulesets
+        );
         assert_eq!(u32::from_be_bytes(r.v4[0].1.service_id), cap.services);
         assert_eq!(r.v4[0].2, p.v4[0].2 + cap.rulesets);
         assert_eq!(r.rulesets[0].ranges[0].rule_id, RULES_PER_HALF);
-        assert_eq!(r.rule(RULES_PER_HALF).map(ToString::to_string).as_deref(), Some("svc.toml#egress[0]"));
+        assert_eq!(
+            r.rule(RULES_PER_HALF).map(ToString::to_string).as_deref(),
+            Some("svc.toml#egress[0]")
+        );
         // Half 0 changes nothing.
         let same = relocate(p.clone(), 0, cap);
         assert_eq!(same.v4, p.v4);

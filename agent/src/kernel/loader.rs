@@ -1,11 +1,15 @@
 //! Loads the embedded eBPF object, sizes its maps from the policy, fills
 //! them, and attaches the programs once at the cgroup2 root.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::{self, File},
+    path::Path,
+};
 
 use agent_common::{maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES};
 use aya::{
     programs::{
+        links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
@@ -88,9 +92,19 @@ pub struct Coverage {
     pub packet_sockets_reason: Option<String>,
 }
 
-/// The loaded programs and their maps. Dropping it detaches everything.
+/// A link this agent attached.
+enum Attached {
+    /// Pinned under bpffs: stays attached after the agent exits.
+    Pinned(PinnedLink),
+    /// Detached when dropped (no pinning configured).
+    Owned(#[expect(dead_code, reason = "held for its Drop, which detaches")] FdLink),
+}
+
+/// The loaded programs and their maps. Dropping it detaches whatever is
+/// not pinned.
 pub struct Enforcer {
     ebpf: Ebpf,
+    links: Vec<Attached>,
     lsm_loaded: bool,
     lsm_error: Option<String>,
     /// How many service ids (both halves) the COUNTERS map has room for.
@@ -156,6 +170,7 @@ impl Enforcer {
         }
         Ok(Self {
             ebpf,
+            links: Vec::new(),
             lsm_loaded,
             lsm_error,
             max_services,
@@ -188,7 +203,9 @@ impl Enforcer {
     /// service points at it yet, so nothing changes for any connection. On
     /// error whatever was written is removed again.
     pub fn stage(&mut self, policy: CompiledPolicy) -> Result<CompiledPolicy, KernelError> {
-        self.capacity.check(&policy).map_err(KernelError::Capacity)?;
+        self.capacity
+            .check(&policy)
+            .map_err(KernelError::Capacity)?;
         let staged = relocate(policy, 1 - self.half, self.capacity);
         if let Err(e) = maps::write_rules(&mut self.ebpf, &staged) {
             let _ = maps::delete_rules(&mut self.ebpf, &staged);
@@ -224,11 +241,21 @@ impl Enforcer {
     /// needs every one to allow it. Links take no attach flags, hence
     /// `Single` (flags 0) here. The LSM program attaches globally; when the
     /// host has no active BPF LSM that is reported, not fatal.
-    pub fn attach(&mut self, cgroup_root: &Path) -> Result<Coverage, KernelError> {
+    pub fn attach(
+        &mut self,
+        cgroup_root: &Path,
+        pin_dir: Option<&Path>,
+    ) -> Result<Coverage, KernelError> {
         let root = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
             path: cgroup_root.to_path_buf(),
             source,
         })?;
+        if let Some(dir) = pin_dir {
+            fs::create_dir_all(dir.join("links")).map_err(|e| KernelError::Pin {
+                path: dir.join("links"),
+                reason: e.to_string(),
+            })?;
+        }
         let mut coverage = Coverage::default();
         for (name, hook) in PROGRAMS {
             let program = self
@@ -237,44 +264,104 @@ impl Enforcer {
                 .ok_or(KernelError::MissingProgram(name))?;
             let err = |source| KernelError::Program { name, source };
             let single = CgroupAttachMode::Single;
-            match hook {
+            // Each link is taken out of aya's bookkeeping and pinned, so
+            // that it outlives this process.
+            let link: Option<FdLink> = match hook {
                 Hook::SockAddr => {
-                    as_type::<CgroupSockAddr>(name, program)?
-                        .attach(&root, single)
-                        .map_err(err)?;
+                    let p = as_type::<CgroupSockAddr>(name, program)?;
+                    let id = p.attach(&root, single).map_err(err)?;
+                    Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
                 Hook::SockOps => {
-                    as_type::<SockOps>(name, program)?
-                        .attach(&root, single)
-                        .map_err(err)?;
+                    let p = as_type::<SockOps>(name, program)?;
+                    let id = p.attach(&root, single).map_err(err)?;
+                    Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
                 Hook::SockCreate => {
-                    as_type::<CgroupSock>(name, program)?
-                        .attach(&root, single)
-                        .map_err(err)?;
+                    let p = as_type::<CgroupSock>(name, program)?;
+                    let id = p.attach(&root, single).map_err(err)?;
+                    Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
                 Hook::SkbIngress => {
-                    as_type::<CgroupSkb>(name, program)?
+                    let p = as_type::<CgroupSkb>(name, program)?;
+                    let id = p
                         .attach(&root, CgroupSkbAttachType::Ingress, single)
                         .map_err(err)?;
+                    Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
-                Hook::Lsm(_) if self.lsm_loaded => match as_type::<Lsm>(name, program)?.attach() {
-                    Ok(_) => coverage.packet_sockets = true,
-                    Err(e) => {
-                        coverage.packet_sockets_reason = Some(format!(
+                Hook::Lsm(_) if self.lsm_loaded => {
+                    let p = as_type::<Lsm>(name, program)?;
+                    match p.attach() {
+                        Ok(id) => {
+                            coverage.packet_sockets = true;
+                            Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
+                        }
+                        Err(e) => {
+                            coverage.packet_sockets_reason = Some(format!(
                                 "BPF LSM is not active on this host ({e}); add `bpf` to the kernel's lsm= list"
                             ));
+                            None
+                        }
                     }
-                },
-                Hook::Lsm(_) => coverage.packet_sockets_reason = self.lsm_error.clone(),
+                }
+                Hook::Lsm(_) => {
+                    coverage.packet_sockets_reason = self.lsm_error.clone();
+                    None
+                }
+            };
+            let Some(link) = link else { continue };
+            match pin_dir {
+                Some(dir) => {
+                    let path = dir.join("links").join(name);
+                    let pinned = link.pin(&path).map_err(|e| KernelError::Pin {
+                        path,
+                        reason: e.to_string(),
+                    })?;
+                    self.links.push(Attached::Pinned(pinned));
+                }
+                None => self.links.push(Attached::Owned(link)),
             }
         }
         Ok(coverage)
     }
 
-    /// Detaches every program and frees the maps this object still holds
-    /// (aya detaches a program's links when the program is dropped).
+    /// Pins every map still held (call before any is taken out) under
+    /// `dir/maps`.
+    pub fn pin_maps(&self, dir: &Path) -> Result<(), KernelError> {
+        let maps = dir.join("maps");
+        fs::create_dir_all(&maps).map_err(|e| KernelError::Pin {
+            path: maps.clone(),
+            reason: e.to_string(),
+        })?;
+        for (name, map) in self.ebpf.maps() {
+            // aya-log's and .rodata/.bss maps are the object's own business.
+            if name.starts_with('.') || name == "AYA_LOGS" {
+                continue;
+            }
+            let path = maps.join(name);
+            map.pin(&path).map_err(|e| KernelError::Pin {
+                path,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Stops without detaching: pinned links stay attached and keep
+    /// enforcing (the normal stop; a new agent takes over from the pins).
+    /// Unpinned links are detached.
+    pub fn leave_pinned(self) {
+        drop(self.links);
+        drop(self.ebpf);
+    }
+
+    /// Detaches every program and removes its pins.
     pub fn detach(self) {
+        for link in self.links {
+            if let Attached::Pinned(pinned) = link {
+                let _ = pinned.unpin();
+            }
+        }
         drop(self.ebpf);
     }
 
@@ -289,6 +376,16 @@ impl Enforcer {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+fn fd_link<E: std::fmt::Display>(
+    name: &'static str,
+    link: Result<FdLink, E>,
+) -> Result<FdLink, KernelError> {
+    link.map_err(|e| KernelError::Pin {
+        path: std::path::PathBuf::from(name),
+        reason: format!("link is not a BPF link: {e}"),
+    })
 }
 
 fn as_type<'a, T>(

@@ -100,10 +100,7 @@ pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kern
 }
 
 /// Adds and removes service cgroups in the SERVICES map.
-pub fn apply_service_changes(
-    ebpf: &mut Ebpf,
-    changes: &[Change],
-) -> Result<(), KernelError> {
+pub fn apply_service_changes(ebpf: &mut Ebpf, changes: &[Change]) -> Result<(), KernelError> {
     let map_err = |source| KernelError::Map {
         name: names::SERVICES,
         source,

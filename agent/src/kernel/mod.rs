@@ -2,10 +2,11 @@
 //! values, loading and attaching the programs, writing the maps.
 
 pub mod compile;
-pub mod layout;
 mod error;
+pub mod layout;
 mod loader;
 mod maps;
+pub mod pins;
 pub mod preflight;
 
 pub use compile::{compile, CompiledPolicy, CompiledService};

@@ -211,11 +211,15 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         ([("source", "decode")], load(&stats.decode_errors)),
         ([("source", "sink")], load(&stats.sink_errors)),
         ([("source", "subscriber")], load(&stats.subscriber_lagged)),
+        (
+            [("source", "while_agent_down")],
+            load(&stats.lost_while_down),
+        ),
     ];
     counters(
         enc,
         "bulkhead_events_lost",
-        "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received).",
+        "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received), while_agent_down = dropped by the pinned programs while no agent read their ring buffer.",
         kernel.chain(userspace),
     )
 }

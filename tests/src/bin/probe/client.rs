@@ -2,20 +2,53 @@
 
 use std::{
     io::{self, Read as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::Duration,
 };
 
-/// How long any single client step may take: a denial must come at once,
-/// so a step that runs into this is reported as a timeout, never a hang.
+/// How long any single client step may take unless `--timeout-ms` says
+/// otherwise: a denial must come at once, so a step that runs into this is
+/// reported as a timeout, never a hang.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a client command is told (`--source`, `--timeout-ms`) and what it
+/// learns on the way (its socket's local address, for the report).
+pub struct Ctx {
+    /// Bind the client socket to this address (port 0) before using it.
+    pub source: Option<IpAddr>,
+    /// The limit of each step (connect, recv).
+    pub timeout: Duration,
+    /// The socket's local address once the kernel has given it one.
+    pub local: Option<SocketAddr>,
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Self {
+            source: None,
+            timeout: STEP_TIMEOUT,
+            local: None,
+        }
+    }
+}
 
 /// A failed client step: which step, and the error it got.
 pub struct Failure {
-    /// `socket`, `connect`, `send` or `recv`.
+    /// `socket`, `bind`, `connect`, `send` or `recv`.
     pub stage: &'static str,
     pub err: io::Error,
+}
+
+impl Failure {
+    /// Whether the step ran out of time (rather than being refused).
+    pub fn timed_out(&self) -> bool {
+        matches!(
+            self.err.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+        )
+    }
 }
 
 /// Maps an error to a failure at `stage`.
@@ -23,16 +56,92 @@ pub fn at(stage: &'static str) -> impl Fn(io::Error) -> Failure {
     move |err| Failure { stage, err }
 }
 
-/// `connect()`, then reads the listener's byte.
-pub fn tcp_connect(addr: SocketAddr) -> Result<(), Failure> {
-    let stream = TcpStream::connect_timeout(&addr, STEP_TIMEOUT).map_err(at("connect"))?;
-    read_one_byte(stream)
+/// `connect()` (from `--source`, if given), then reads the listener's byte.
+/// A connection that does not complete within the step timeout is a
+/// `connect` failure that timed out (no errno: nothing refused it).
+pub fn tcp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    let fd = new_socket(
+        family_of(addr),
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+        0,
+    )?;
+    bind_source(ctx, &fd)?;
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: `storage` is a valid sockaddr of `len` bytes.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) };
+    let started = if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    // connect() binds the socket implicitly: its port is known even if the
+    // connection never completes.
+    ctx.local = local_addr(&fd).or(ctx.local);
+    match started {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            wait_connected(&fd, ctx.timeout).map_err(at("connect"))?;
+        }
+        Err(e) => return Err(at("connect")(e)),
+    }
+    set_blocking(&fd).map_err(at("connect"))?;
+    read_one_byte(TcpStream::from(fd), ctx.timeout)
+}
+
+/// Waits until a non-blocking `connect()` completes, then returns its result.
+fn wait_connected(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    if ready < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if ready == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("not connected within {} ms", timeout.as_millis()),
+        ));
+    }
+    let mut err: libc::c_int = 0;
+    let mut len = socklen::<libc::c_int>();
+    // SAFETY: SO_ERROR writes one int into `err`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            std::ptr::from_mut(&mut err).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if err != 0 {
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    Ok(())
+}
+
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads the byte every test listener sends on accepting.
-fn read_one_byte(mut stream: TcpStream) -> Result<(), Failure> {
+fn read_one_byte(mut stream: TcpStream, timeout: Duration) -> Result<(), Failure> {
     stream
-        .set_read_timeout(Some(STEP_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(at("recv"))?;
     let mut byte = [0u8; 1];
     match stream.read(&mut byte).map_err(at("recv"))? {
@@ -44,30 +153,34 @@ fn read_one_byte(mut stream: TcpStream) -> Result<(), Failure> {
     }
 }
 
-/// An unbound UDP socket of `addr`'s family (v6 sockets are dual-stack, so
-/// IPv4-mapped destinations work).
-pub fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, Failure> {
-    let local = match addr {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+/// A UDP socket of `addr`'s family bound to `--source` or to the unspecified
+/// address, port 0 (v6 sockets are dual-stack, so IPv4-mapped destinations
+/// work).
+pub fn udp_socket(ctx: &mut Ctx, addr: SocketAddr) -> Result<UdpSocket, Failure> {
+    let local = match (ctx.source, addr) {
+        (Some(ip), _) => SocketAddr::new(ip, 0),
+        (None, SocketAddr::V4(_)) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        (None, SocketAddr::V6(_)) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
     let sock = UdpSocket::bind(local).map_err(at("socket"))?;
-    sock.set_read_timeout(Some(STEP_TIMEOUT))
+    ctx.local = sock.local_addr().ok();
+    sock.set_read_timeout(Some(ctx.timeout))
         .map_err(at("socket"))?;
     Ok(sock)
 }
 
-pub fn udp_connect(addr: SocketAddr) -> Result<(), Failure> {
-    let sock = udp_socket(addr)?;
+pub fn udp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    let sock = udp_socket(ctx, addr)?;
     sock.connect(addr).map_err(at("connect"))?;
+    ctx.local = sock.local_addr().ok().or(ctx.local);
     sock.send(b"ping").map_err(at("send"))?;
     let mut buf = [0u8; 16];
     sock.recv(&mut buf).map_err(at("recv"))?;
     Ok(())
 }
 
-pub fn udp_sendto(addr: SocketAddr) -> Result<(), Failure> {
-    let sock = udp_socket(addr)?;
+pub fn udp_sendto(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    let sock = udp_socket(ctx, addr)?;
     sock.send_to(b"ping", addr).map_err(at("send"))?;
     let mut buf = [0u8; 16];
     sock.recv_from(&mut buf).map_err(at("recv"))?;
@@ -77,30 +190,27 @@ pub fn udp_sendto(addr: SocketAddr) -> Result<(), Failure> {
 /// Connects a UDP socket to `connected`, then `sendto()`s `other`, which a
 /// connected socket may still name explicitly. Only the send is judged: a
 /// connected socket takes replies from its peer alone, so no echo comes back.
-pub fn udp_connect_sendto(connected: SocketAddr, other: SocketAddr) -> Result<(), Failure> {
-    let sock = udp_socket(connected)?;
+pub fn udp_connect_sendto(
+    ctx: &mut Ctx,
+    connected: SocketAddr,
+    other: SocketAddr,
+) -> Result<(), Failure> {
+    let sock = udp_socket(ctx, connected)?;
     sock.connect(connected).map_err(at("connect"))?;
+    ctx.local = sock.local_addr().ok().or(ctx.local);
     sock.send_to(b"ping", other).map_err(at("send"))?;
     Ok(())
 }
 
 /// TCP Fast Open: `sendto(MSG_FASTOPEN)` connects and sends in one call,
 /// without `connect()`. Then reads the listener's byte like `tcp_connect`.
-pub fn tcp_fastopen(addr: SocketAddr) -> Result<(), Failure> {
-    let domain = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(at("socket")(io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh socket nobody else owns.
-    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+pub fn tcp_fastopen(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    let fd = new_socket(family_of(addr), libc::SOCK_STREAM, 0)?;
+    bind_source(ctx, &fd)?;
+    let stream = TcpStream::from(fd);
     // SO_SNDTIMEO bounds the wait for the handshake inside sendto().
     stream
-        .set_write_timeout(Some(STEP_TIMEOUT))
+        .set_write_timeout(Some(ctx.timeout))
         .map_err(at("socket"))?;
     let (storage, len) = sockaddr(addr);
     // SAFETY: the buffer and the sockaddr are valid for the lengths given.
@@ -117,13 +227,136 @@ pub fn tcp_fastopen(addr: SocketAddr) -> Result<(), Failure> {
     if sent < 0 {
         return Err(at("send")(io::Error::last_os_error()));
     }
-    read_one_byte(stream)
+    ctx.local = stream.local_addr().ok();
+    read_one_byte(stream, ctx.timeout)
+}
+
+/// Transport of a `bind` command.
+#[derive(Clone, Copy)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// An explicit `bind()` of a fresh TCP or UDP socket to `addr` (port 0 asks
+/// for an ephemeral port). Only the bind is judged; the socket is closed.
+pub fn bind(ctx: &mut Ctx, transport: Transport, addr: SocketAddr) -> Result<(), Failure> {
+    let kind = match transport {
+        Transport::Tcp => libc::SOCK_STREAM,
+        Transport::Udp => libc::SOCK_DGRAM,
+    };
+    let fd = new_socket(family_of(addr), kind, 0)?;
+    bind_fd(&fd, addr).map_err(at("bind"))?;
+    ctx.local = local_addr(&fd);
+    Ok(())
+}
+
+/// `socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)` or its IPv6 twin
+/// (`IPPROTO_ICMPV6`); only creation is judged, the socket is closed.
+pub fn raw_socket(v6: bool) -> Result<(), Failure> {
+    let (family, protocol) = if v6 {
+        (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+    } else {
+        (libc::AF_INET, libc::IPPROTO_ICMP)
+    };
+    new_socket(family, libc::SOCK_RAW, protocol).map(drop)
+}
+
+/// `socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL))`, what a sniffer opens.
+pub fn packet_socket() -> Result<(), Failure> {
+    let all = libc::c_int::from(u16::try_from(libc::ETH_P_ALL).unwrap_or_default().to_be());
+    new_socket(libc::AF_PACKET, libc::SOCK_RAW, all).map(drop)
+}
+
+/// `socket(family, kind | SOCK_CLOEXEC, protocol)`, owned at once.
+fn new_socket(
+    family: libc::c_int,
+    kind: libc::c_int,
+    protocol: libc::c_int,
+) -> Result<OwnedFd, Failure> {
+    // SAFETY: socket(2) has no memory arguments; the fd is owned at once.
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(at("socket")(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds to `--source`, port 0, if one was given.
+fn bind_source(ctx: &mut Ctx, fd: &OwnedFd) -> Result<(), Failure> {
+    if let Some(ip) = ctx.source {
+        bind_fd(fd, SocketAddr::new(ip, 0)).map_err(at("bind"))?;
+        ctx.local = local_addr(fd);
+    }
+    Ok(())
+}
+
+fn bind_fd(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: `storage` is a valid sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `getsockname()`, if the socket has an IPv4 or IPv6 address.
+fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = socklen::<libc::sockaddr_storage>();
+    // SAFETY: the kernel writes at most `len` bytes into `storage`.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            std::ptr::from_mut(&mut storage).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read(std::ptr::from_ref(&storage).cast()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says it is a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read(std::ptr::from_ref(&storage).cast()) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn family_of(addr: SocketAddr) -> libc::c_int {
+    match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    }
+}
+
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
 }
 
 /// `addr` as a C socket address.
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let len = match addr {
         SocketAddr::V4(a) => {
             let sin = libc::sockaddr_in {
@@ -136,7 +369,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             };
             // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
             unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
+            socklen::<libc::sockaddr_in>()
         }
         SocketAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
@@ -150,13 +383,10 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             };
             // SAFETY: as above.
             unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
+            socklen::<libc::sockaddr_in6>()
         }
     };
-    (
-        storage,
-        libc::socklen_t::try_from(len).unwrap_or(libc::socklen_t::MAX),
-    )
+    (storage, len)
 }
 
 fn sa_family(family: libc::c_int) -> libc::sa_family_t {

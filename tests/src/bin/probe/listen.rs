@@ -1,4 +1,10 @@
-//! `listen tcp|udp ADDR:PORT`: the far end of every test connection.
+//! `listen` and `serve`: the far end of every test connection.
+//!
+//! `listen tcp|udp ADDR:PORT` prints `ready ADDR:PORT` once bound, then
+//! serves silently. `serve` does the same and also prints one line per peer
+//! it served (`peer ADDR:PORT`, before answering it), and `send-failed
+//! ADDR:PORT ERROR` when the answer could not be sent: the test can tell
+//! what reached the socket, not just what came back.
 
 use std::{
     io::{self, Write as _},
@@ -13,25 +19,44 @@ fn ready(local: io::Result<SocketAddr>) -> Result<(), String> {
         .map_err(|e| format!("stdout: {e}"))
 }
 
-/// Accepts forever; each connection gets one byte, then is closed.
-pub fn listen_tcp(addr: SocketAddr) -> Result<(), String> {
+/// One line on stdout; a reader that went away is not the server's problem.
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// Accepts forever; each connection gets one byte, then is closed. With
+/// `report`, each accepted peer is printed first.
+pub fn listen_tcp(addr: SocketAddr, report: bool) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
     ready(listener.local_addr())?;
     for mut conn in listener.incoming().flatten() {
+        let peer = conn.peer_addr().ok();
+        if let (true, Some(peer)) = (report, peer) {
+            say(&format!("peer {peer}"));
+        }
         // A client that already went away is not the listener's problem.
-        let _ = conn.write_all(b"k");
+        if let (Err(e), true, Some(peer)) = (conn.write_all(b"k"), report, peer) {
+            say(&format!("send-failed {peer} {e}"));
+        }
     }
     Ok(())
 }
 
-/// Echoes every datagram back to its sender, forever.
-pub fn listen_udp(addr: SocketAddr) -> Result<(), String> {
+/// Echoes every datagram back to its sender, forever. With `report`, each
+/// sender is printed first.
+pub fn listen_udp(addr: SocketAddr, report: bool) -> Result<(), String> {
     let sock = UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
     ready(sock.local_addr())?;
     let mut buf = [0u8; 2048];
     loop {
         if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(&buf[..n], peer);
+            if report {
+                say(&format!("peer {peer}"));
+            }
+            if let (Err(e), true) = (sock.send_to(&buf[..n], peer), report) {
+                say(&format!("send-failed {peer} {e}"));
+            }
         }
     }
 }

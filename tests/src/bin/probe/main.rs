@@ -2,36 +2,52 @@
 //! process or as a listener on a "remote host".
 //!
 //! ```text
-//! bulkhead-probe [--cgroup DIR] [--netns NAME] COMMAND
+//! bulkhead-probe [--cgroup DIR] [--netns NAME] [--source IP] [--timeout-ms N] COMMAND
 //!   tcp-connect ADDR:PORT         connect(), then read the byte the listener sends
 //!   tcp-fastopen ADDR:PORT        sendto(MSG_FASTOPEN) instead of connect(), then read
 //!   udp-connect ADDR:PORT         connect a UDP socket, send, wait for the echo
 //!   udp-sendto ADDR:PORT          unconnected sendto(), wait for the echo
 //!   udp-connect-sendto A:P B:Q    connect a UDP socket to A:P, then sendto() B:Q
+//!   tcp-bind|udp-bind ADDR:PORT   bind() a fresh socket (port 0: ephemeral)
+//!   raw-socket inet|inet6         socket(SOCK_RAW, IPPROTO_ICMP / IPPROTO_ICMPV6)
+//!   packet-socket                 socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)
 //!   listen tcp|udp ADDR:PORT      print `ready ADDR:PORT` once bound, then serve
+//!   serve tcp|udp ADDR:PORT       like listen, and print `peer ADDR:PORT` per peer served
 //! ```
 //!
 //! `--cgroup DIR` writes the probe's own pid into `DIR/cgroup.procs` before
 //! any socket exists (a socket belongs to the cgroup it was created in), and
-//! `--netns NAME` joins `/var/run/netns/NAME` first.
+//! `--netns NAME` joins `/var/run/netns/NAME` first. `--source IP` binds a
+//! client's socket to `IP` (port 0) before it connects or sends, and
+//! `--timeout-ms N` sets the limit of each client step (default 3000).
 //!
-//! A client command prints one JSON line, `{"ok":true}` or
-//! `{"ok":false,"stage":"connect","errno":1,"error":"..."}`, and exits 0:
-//! the test judges the outcome. Exit 2 means the probe itself could not run
-//! (bad usage, could not join the cgroup or namespace).
+//! A client command prints one JSON line, `{"ok":true,"local":"..."}` or
+//! `{"ok":false,"stage":"connect","errno":1,"error":"...","timed_out":false}`,
+//! and exits 0: the test judges the outcome. `local` is the socket's own
+//! address once the kernel gave it one (also after a failed connect);
+//! `timed_out` says a step ran out of time rather than being refused. Exit 2
+//! means the probe itself could not run (bad usage, could not join the
+//! cgroup or namespace).
 
 mod client;
 mod listen;
 
-use std::{fs, io, net::SocketAddr, os::fd::AsRawFd as _, process::ExitCode};
+use std::{
+    fs, io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
+    process::ExitCode,
+    time::Duration,
+};
 
 use serde_json::json;
 
-use crate::client::Failure;
+use crate::client::{Ctx, Failure, Transport};
 
-const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] \
-    (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
-    | udp-connect-sendto ADDR:PORT ADDR:PORT | listen tcp|udp ADDR:PORT)";
+const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--source IP] \
+    [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
+    | udp-connect-sendto ADDR:PORT ADDR:PORT | tcp-bind|udp-bind ADDR:PORT \
+    | raw-socket inet|inet6 | packet-socket | listen|serve tcp|udp ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -46,10 +62,13 @@ fn main() -> ExitCode {
 fn run(args: Vec<String>) -> Result<(), String> {
     let mut args = args.into_iter();
     let mut command = Vec::new();
+    let mut ctx = Ctx::default();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--cgroup" => join_cgroup(&args.next().ok_or(USAGE)?)?,
             "--netns" => join_netns(&args.next().ok_or(USAGE)?)?,
+            "--source" => ctx.source = Some(parse_ip(&args.next().ok_or(USAGE)?)?),
+            "--timeout-ms" => ctx.timeout = parse_ms(&args.next().ok_or(USAGE)?)?,
             _ => {
                 command.push(arg);
                 command.extend(args.by_ref());
@@ -58,17 +77,37 @@ fn run(args: Vec<String>) -> Result<(), String> {
     }
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let outcome = match command.as_slice() {
-        ["tcp-connect", addr] => client::tcp_connect(parse_addr(addr)?),
-        ["tcp-fastopen", addr] => client::tcp_fastopen(parse_addr(addr)?),
-        ["udp-connect", addr] => client::udp_connect(parse_addr(addr)?),
-        ["udp-sendto", addr] => client::udp_sendto(parse_addr(addr)?),
-        ["udp-connect-sendto", a, b] => client::udp_connect_sendto(parse_addr(a)?, parse_addr(b)?),
-        ["listen", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?),
-        ["listen", "udp", addr] => return listen::listen_udp(parse_addr(addr)?),
+        ["tcp-connect", addr] => client::tcp_connect(&mut ctx, parse_addr(addr)?),
+        ["tcp-fastopen", addr] => client::tcp_fastopen(&mut ctx, parse_addr(addr)?),
+        ["udp-connect", addr] => client::udp_connect(&mut ctx, parse_addr(addr)?),
+        ["udp-sendto", addr] => client::udp_sendto(&mut ctx, parse_addr(addr)?),
+        ["udp-connect-sendto", a, b] => {
+            client::udp_connect_sendto(&mut ctx, parse_addr(a)?, parse_addr(b)?)
+        }
+        ["tcp-bind", addr] => client::bind(&mut ctx, Transport::Tcp, parse_addr(addr)?),
+        ["udp-bind", addr] => client::bind(&mut ctx, Transport::Udp, parse_addr(addr)?),
+        ["raw-socket", "inet"] => client::raw_socket(false),
+        ["raw-socket", "inet6"] => client::raw_socket(true),
+        ["packet-socket"] => client::packet_socket(),
+        ["listen", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, false),
+        ["listen", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, false),
+        ["serve", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, true),
+        ["serve", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, true),
         _ => return Err(USAGE.to_owned()),
     };
-    report(outcome);
+    report(outcome, ctx.local);
     Ok(())
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|e| format!("bad --source {s:?} (want an IPv4 or IPv6 address): {e}"))
+}
+
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    s.parse()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("bad --timeout-ms {s:?}: {e}"))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -93,14 +132,17 @@ fn join_netns(name: &str) -> Result<(), String> {
 }
 
 /// Prints the outcome as one JSON line.
-fn report(outcome: Result<(), Failure>) {
+fn report(outcome: Result<(), Failure>, local: Option<SocketAddr>) {
+    let local = local.map(|a| a.to_string());
     let line = match outcome {
-        Ok(()) => json!({ "ok": true }),
-        Err(Failure { stage, err }) => json!({
+        Ok(()) => json!({ "ok": true, "local": local }),
+        Err(failure) => json!({
             "ok": false,
-            "stage": stage,
-            "errno": err.raw_os_error(),
-            "error": err.to_string(),
+            "stage": failure.stage,
+            "errno": failure.err.raw_os_error(),
+            "error": failure.err.to_string(),
+            "timed_out": failure.timed_out(),
+            "local": local,
         }),
     };
     println!("{line}");

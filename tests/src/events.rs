@@ -1,0 +1,74 @@
+//! Reading a test daemon's decision log (`--events`, JSON lines; see
+//! `docs/events.md`).
+//!
+//! Events reach the log asynchronously (kernel ring buffer, then the
+//! daemon's writer), so a test waits for the one it expects with
+//! [`wait_event`] and then checks its fields exactly with [`assert_fields`].
+
+use std::{
+    fs, io, thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::daemon::Daemon;
+
+/// How long an event may take from the kernel to the decision log.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every complete line of the daemon's decision log so far, parsed (a last
+/// line still being written is left for the next look). Panics on a line
+/// that is not JSON: the log must only ever hold events.
+#[must_use]
+pub fn events(daemon: &Daemon) -> Vec<Value> {
+    let path = daemon.events_path();
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        // Nothing decided yet: the daemon creates the file lazily.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("cannot read the decision log {}: {e}", path.display()),
+    };
+    let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "not a JSON line in the decision log {} ({e}): {l:?}",
+                    path.display()
+                )
+            })
+        })
+        .collect()
+}
+
+/// Polls the decision log until an event satisfies `matches`, and returns
+/// it; panics after [`EVENT_TIMEOUT`] with `what` and every event logged.
+#[must_use]
+pub fn wait_event(daemon: &Daemon, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let all = events(daemon);
+        if let Some(ev) = all.iter().find(|ev| matches(ev)) {
+            return ev.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in the decision log within {EVENT_TIMEOUT:?}; it holds {} events: {all:#?}",
+            all.len()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts each `(field, value)` of `want` is exactly what `ev` holds.
+pub fn assert_fields(ev: &Value, want: &[(&str, Value)], what: &str) {
+    for (field, value) in want {
+        assert_eq!(
+            &ev[field], value,
+            "{what}: field {field:?} of the event {ev:#}"
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! A listener that says whom it served: `bulkhead-probe serve`.
+//!
+//! [`crate::Listener`] only answers; a [`Server`] also reports every peer
+//! whose connection it accepted or whose datagram it received, so that a
+//! test of inbound filtering can assert that a dropped peer never reached
+//! the socket at all (not merely that no answer came back).
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::SocketAddr,
+    process::{Child, Stdio},
+    sync::{mpsc, Arc, Mutex, PoisonError},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    probe::{Probe, Proto},
+    process::kill,
+};
+
+/// How long a server may take to print `ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Probe {
+    /// Starts `bulkhead-probe serve` on `addr` (port 0 = any) and waits
+    /// until it is bound. TCP: each accepted connection gets one byte; UDP:
+    /// each datagram is echoed. Every peer is recorded ([`Server::peers`]).
+    #[must_use]
+    pub fn serve(&self, proto: Proto, addr: SocketAddr) -> Server {
+        let transport = match proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let mut cmd = self.command();
+        cmd.args(["serve", transport, &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = child.stdout.take();
+        // The guard owns the child from here, so a panic kills it.
+        let mut server = Server {
+            child,
+            addr,
+            transport,
+            lines: Arc::default(),
+        };
+        let Some(stdout) = stdout else {
+            panic!("{cmd:?}: no stdout pipe");
+        };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let lines = Arc::clone(&server.lines);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            let _ = ready_tx.send(first);
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
+            }
+        });
+        let first = ready_rx.recv_timeout(READY_TIMEOUT).unwrap_or_default();
+        let bound = first
+            .strip_prefix("ready ")
+            .and_then(|a| a.trim().parse().ok());
+        if let Some(bound) = bound {
+            server.addr = bound;
+            return server;
+        }
+        kill(&mut server.child);
+        let mut stderr = String::new();
+        if let Some(mut pipe) = server.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        panic!("{transport} server {cmd:?} did not get ready (stdout {first:?}): {stderr}");
+    }
+}
+
+/// A running `bulkhead-probe serve`; killed on `Drop`.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    addr: SocketAddr,
+    transport: &'static str,
+    /// What it printed after `ready`, read by a thread as it comes.
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// The bound address (with the real port when it asked for port 0).
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The port it serves on.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The server's pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line printed so far after `ready` (`peer ...`, `send-failed ...`).
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The peers served so far, in order (one per accepted connection or
+    /// received datagram). IPv4 peers of a dual-stack socket are given as
+    /// IPv4 (`198.51.100.3:4000`, not `[::ffff:198.51.100.3]:4000`).
+    #[must_use]
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("peer "))
+            .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+            .collect()
+    }
+
+    /// Waits up to `timeout` for `peer` to be served; panics with what the
+    /// server did report if it is not.
+    pub fn wait_peer(&self, peer: SocketAddr, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.peers().contains(&peer) {
+            assert!(
+                Instant::now() < deadline,
+                "{} server {} did not serve {peer} within {timeout:?}; it reported {:?}",
+                self.transport,
+                self.addr,
+                self.lines()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asserts that no connection or datagram from address `ip` (any port)
+    /// reached the server.
+    pub fn assert_never_served(&self, ip: std::net::IpAddr, why: &str) {
+        let from_ip: Vec<SocketAddr> = self
+            .peers()
+            .into_iter()
+            .filter(|p| p.ip() == ip.to_canonical())
+            .collect();
+        assert!(
+            from_ip.is_empty(),
+            "{why}: the {} server {} must never have seen {ip}, but it served {from_ip:?} \
+             (all it reported: {:?})",
+            self.transport,
+            self.addr,
+            self.lines()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
