@@ -27,6 +27,9 @@ pub const FLAG_BIND: u8 = 2;
 pub const FLAG_ALLOW_RAW: u8 = 4;
 /// Packet sockets (AF_PACKET) are allowed.
 pub const FLAG_ALLOW_PACKET: u8 = 8;
+/// The service is quarantined: every packet in or out, established
+/// connections included, must match its (exception-only) rules.
+pub const FLAG_QUARANTINE: u8 = 16;
 
 /// Value of the `SERVICES` map.
 #[repr(C)]

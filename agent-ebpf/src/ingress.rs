@@ -15,8 +15,8 @@
 
 use agent_common::{
     counter_slot, ServiceEntry, SockInfo, UdpPeerKey, DIRECTION_INGRESS, FLAG_INGRESS,
-    HOOK_INGRESS, INGRESS_EVENTS_PER_SEC, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT, PROTO_TCP,
-    PROTO_UDP, RULE_DEFAULT_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    FLAG_QUARANTINE, HOOK_INGRESS, INGRESS_EVENTS_PER_SEC, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT,
+    PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    egress::{match_ingress_v4, match_ingress_v6},
+    egress::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     events::{blank, count, emit},
     maps::{INGRESS_RATE, SOCK_INFO, UDP_PEERS},
     programs::{set_addr, Dest},
@@ -82,6 +82,10 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
     };
     if pkt.proto as u32 != sk_proto {
         return PASS;
+    }
+    // Quarantine cuts established connections too: every packet is judged.
+    if service.flags & FLAG_QUARANTINE != 0 {
+        return judge(&ctx, sk, &service, &pkt);
     }
     if pkt.proto == PROTO_TCP {
         let pure_syn = pkt.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
@@ -190,7 +194,36 @@ fn may_emit(service_id: u32) -> bool {
     true
 }
 
+/// Outbound packets of a quarantined service (cgroup_skb/egress): packets
+/// of connections opened before the quarantine are dropped unless they go
+/// to an exception. Services not quarantined pass untouched (one lookup).
+#[cgroup_skb(egress)]
+pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let Some(service) = skb_service(skb) else {
+        return PASS;
+    };
+    if service.flags & FLAG_QUARANTINE == 0 {
+        return PASS;
+    }
+    let Some(pkt) = parse(&ctx) else {
+        return DROP; // a quarantined service sends nothing we cannot read
+    };
+    // Outbound: the remote end is the destination.
+    let rule = match pkt.local {
+        Dest::V4(a) => match_v4(service.service_id, a, pkt.proto, pkt.dport),
+        Dest::V6(a) => match_v6(service.service_id, a, pkt.proto, pkt.dport),
+    };
+    if rule == RULE_DEFAULT_DENY && service.mode != MODE_AUDIT {
+        DROP
+    } else {
+        PASS
+    }
+}
+
 /// Reads the IP and transport headers (the skb starts at the IP header).
+/// `source`/`local` name the packet's source and destination as seen by an
+/// inbound packet; for an outbound one, `local` is the remote end.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext) -> Option<Inbound> {
     let first: u8 = ctx.skb.load(0).ok()?;

@@ -40,6 +40,16 @@ pub enum Command {
     /// ones until Ctrl-C), as a table or as JSON lines. Needs root: it talks
     /// to the daemon over its root-only control socket.
     Flows(FlowsArgs),
+    /// Show the running agent's state: each service (managed or waiting,
+    /// mode, rules, connections allowed/denied since start), the policy,
+    /// reloads, pins and coverage.
+    Status(control::admin::StatusArgs),
+    /// Cut a service off at once: every connection in and out denied,
+    /// established ones included, except --allow exceptions. Survives
+    /// reloads and restarts until `bulkhead release`.
+    Quarantine(control::admin::QuarantineArgs),
+    /// Lift a service's quarantine: its own policy applies again.
+    Release(control::admin::ReleaseArgs),
     /// Remove bulkhead from the kernel: detach every program, remove every
     /// pin. Enforcement stops. Refused while an agent is running (stop it
     /// first: its normal stop keeps enforcing).
@@ -147,6 +157,9 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check(&args),
         Command::Flows(args) => control::flows::run(&args),
         Command::Detach(args) => detach(&args),
+        Command::Status(args) => control::admin::status(&args),
+        Command::Quarantine(args) => control::admin::quarantine(&args),
+        Command::Release(args) => control::admin::release(&args),
         Command::Run(args) => {
             logging::init(&cli.log_level);
             match daemon::run(&args) {

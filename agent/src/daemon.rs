@@ -5,7 +5,6 @@ use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{anyhow, Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -24,6 +23,7 @@ use crate::{
         Enforcer, LoadOptions, ResolvedService,
     },
     policy,
+    quarantine::Quarantines,
     reload::{self, Loaded, PolicySource},
     services::{ServiceTracker, RESCAN_INTERVAL},
 };
@@ -110,6 +110,17 @@ async fn serve(plan: Plan) -> Result<()> {
         ..
     } = loaded;
     let policy_dir = source.dir.clone();
+    // Quarantines survive restarts: they are laid over the policy from the
+    // first moment this agent enforces.
+    let quarantines = Quarantines::load(&config.state_dir).map_err(|e| anyhow!(e))?;
+    let compiled = if quarantines.services.is_empty() {
+        compiled
+    } else {
+        for (name, allow) in &quarantines.services {
+            warn!(service = %name, ?allow, "service is QUARANTINED (from the state directory)");
+        }
+        kernel::compile(&quarantines.overlay(&set)).map_err(|e| anyhow!("{e}"))?
+    };
     let sink = Sink::open(&config.events.sink)
         .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
     let hub = Arc::new(Hub::new(sink));
@@ -135,6 +146,7 @@ async fn serve(plan: Plan) -> Result<()> {
             })
         })
         .collect();
+    crate::notify::status("starting: loading the eBPF programs");
     let mut enforcer = Enforcer::load(
         &compiled,
         &LoadOptions {
@@ -200,7 +212,12 @@ async fn serve(plan: Plan) -> Result<()> {
 
     // Control socket (`bulkhead flows`, ...): serves from `hub`.
     // (control: spawn here)
-    let control = crate::control::Server::start(&config.control.socket, Arc::clone(&hub))?;
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(16);
+    let control = crate::control::Server::start_with_admin(
+        &config.control.socket,
+        Arc::clone(&hub),
+        Some(admin_tx),
+    )?;
 
     let status = format!(
         "enforcing: {} of {} services managed, {} rules, from {}",
@@ -210,7 +227,9 @@ async fn serve(plan: Plan) -> Result<()> {
         policy_dir.display()
     );
     info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
-    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    crate::notify::ready(&status);
+    // Pings while the event consumer lives and the main loop beats.
+    let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
 
     hub.publish(vec![reload::audit_event(reload::change_record(
         "load",
@@ -230,6 +249,12 @@ async fn serve(plan: Plan) -> Result<()> {
         (set, snapshot),
         config.state_dir.clone(),
     );
+    engine.quarantines = quarantines;
+    engine.pins = pins.current();
+    engine.packet_sockets = match &coverage.packet_sockets_reason {
+        None => "judged (BPF LSM)".to_string(),
+        Some(reason) => format!("not judged: {reason}"),
+    };
     let mut policy_changes = watch_policy_dir(&policy_dir)?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -243,7 +268,11 @@ async fn serve(plan: Plan) -> Result<()> {
     let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
     loop {
         tokio::select! {
-            _ = rescan.tick() => engine.rescan(),
+            _ = rescan.tick() => {
+                engine.rescan();
+                watchdog.beat();
+            }
+            Some(call) = admin_rx.recv() => engine.handle(call),
             Some(_) = policy_changes.next() => {
                 reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);
             }
@@ -265,7 +294,7 @@ async fn serve(plan: Plan) -> Result<()> {
             }
         }
     }
-    notify(&[NotifyState::Stopping]);
+    crate::notify::stopping("stopping");
     // Followers get {"end":"shutdown"}; the socket file is removed.
     control.shutdown().await;
     metrics_state.set_attached(false);
@@ -364,17 +393,6 @@ where
         .take_map(name)
         .ok_or_else(|| anyhow!("map {name} is missing from the eBPF object"))?;
     T::try_from(map).with_context(|| format!("map {name}"))
-}
-
-/// Tells the service manager (systemd `Type=notify`) where we are; a no-op
-/// when NOTIFY_SOCKET is unset or empty.
-fn notify(states: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none_or(|s| s.is_empty()) {
-        return;
-    }
-    if let Err(e) = sd_notify::notify(states) {
-        warn!("cannot notify the service manager: {e}");
-    }
 }
 
 /// Forwards aya-log records from the kernel programs to our log.

@@ -7,11 +7,16 @@ use std::{sync::Arc, time::Duration};
 use tokio::{sync::watch, time::Instant};
 use tracing::{info, warn};
 
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
 use crate::{
-    events::{Hub, Names},
+    control::{protocol::Request, server::AdminCall},
+    events::{ChangeRecord, Hub, Names, ServiceChange},
     kernel::{CompiledPolicy, Enforcer},
     metrics::{Inventory, MetricsState},
     policy::PolicySet,
+    quarantine::{Exception, Quarantines},
     reload::{self, PolicySource, ReloadStats, Snapshot},
     services::ServiceTracker,
 };
@@ -34,6 +39,10 @@ pub struct Engine {
     pub snapshot: Snapshot,
     pub reloads: Arc<ReloadStats>,
     pub state_dir: std::path::PathBuf,
+    pub quarantines: Quarantines,
+    /// Where the pins are, and what packet sockets coverage is (for status).
+    pub pins: std::path::PathBuf,
+    pub packet_sockets: String,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
 }
@@ -63,6 +72,9 @@ impl Engine {
             snapshot: loaded.1,
             reloads: Arc::new(ReloadStats::default()),
             state_dir,
+            quarantines: Quarantines::default(),
+            pins: std::path::PathBuf::new(),
+            packet_sockets: String::new(),
             retiring: None,
         }
     }
@@ -102,34 +114,11 @@ impl Engine {
     }
 
     fn try_reload(&mut self, trigger: &str) -> Result<(), String> {
-        if let Some((_, old)) = self.retiring.take() {
-            // A reload right after a reload: finish the previous one first.
-            std::thread::sleep(RETIRE_GRACE);
-            self.enforcer.retire(&old).map_err(|e| e.to_string())?;
-        }
         let loaded = reload::load(&self.source)?;
         for w in &loaded.warnings {
             warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
         }
-        let staged = self
-            .enforcer
-            .stage(loaded.compiled)
-            .map_err(|e| e.to_string())?;
-        let changes = self.tracker.reload(&staged);
-        // Names first: events of the new policy may follow the switch at once.
-        self.names
-            .send_replace(Arc::new(Names::from_policy(&staged)));
-        let old = self
-            .enforcer
-            .switch(staged, &changes)
-            .map_err(|e| format!("switching to the new policy failed: {e}"))?;
-        if let Some(old) = old {
-            self.retiring = Some((Instant::now() + RETIRE_GRACE, old));
-        }
-        self.refresh_inventory();
-        if let Some(live) = self.enforcer.live() {
-            crate::daemon::save_names(&self.state_dir, &Names::from_policy(live));
-        }
+        self.apply_set(&loaded.set)?;
         let record = reload::change_record(
             "reload",
             trigger,
@@ -147,6 +136,168 @@ impl Engine {
         self.set = loaded.set;
         self.snapshot = loaded.snapshot;
         Ok(())
+    }
+
+    /// Compiles `set` with the quarantines laid over it and switches the
+    /// kernel to it: staged into the other half, then one map update per
+    /// service cgroup. On error nothing in force has changed.
+    fn apply_set(&mut self, set: &PolicySet) -> Result<(), String> {
+        if let Some((_, old)) = self.retiring.take() {
+            // A change right after a change: finish retiring the previous one.
+            std::thread::sleep(RETIRE_GRACE);
+            self.enforcer.retire(&old).map_err(|e| e.to_string())?;
+        }
+        let effective = self.quarantines.overlay(set);
+        let compiled = crate::kernel::compile(&effective).map_err(|e| e.to_string())?;
+        let staged = self.enforcer.stage(compiled).map_err(|e| e.to_string())?;
+        let changes = self.tracker.reload(&staged);
+        // Names first: events of the new policy may follow the switch at once.
+        self.names
+            .send_replace(Arc::new(Names::from_policy(&staged)));
+        self.metrics
+            .before_switch(staged.services.iter().map(|s| s.entry.service_id));
+        let old = self
+            .enforcer
+            .switch(staged, &changes)
+            .map_err(|e| format!("switching to the new policy failed: {e}"))?;
+        if let Some(old) = old {
+            self.retiring = Some((Instant::now() + RETIRE_GRACE, old));
+        }
+        self.refresh_inventory();
+        if let Some(live) = self.enforcer.live() {
+            crate::daemon::save_names(&self.state_dir, &Names::from_policy(live));
+        }
+        Ok(())
+    }
+
+    /// A request from the control socket.
+    pub fn handle(&mut self, call: AdminCall) {
+        let answer = match call.request {
+            Request::Status(_) => Ok(self.status()),
+            Request::Quarantine(q) => self.quarantine(&q.service, &q.allow),
+            Request::Release(r) => self.release(&r.service),
+            Request::Flows(_) => Err("flows is served by the control socket itself".to_string()),
+        };
+        // The client may have gone; nothing to do then.
+        let _ = call.reply.send(answer);
+    }
+
+    fn quarantine(&mut self, service: &str, allow: &[String]) -> Result<Value, String> {
+        let started = std::time::Instant::now();
+        if !self.set.services.iter().any(|s| s.name == service) {
+            return Err(format!("no service named {service:?} in the policy"));
+        }
+        let exceptions = allow
+            .iter()
+            .map(|a| a.parse::<Exception>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let before = self.quarantines.clone();
+        self.quarantines
+            .services
+            .insert(service.to_string(), exceptions.clone());
+        let set = self.set.clone();
+        if let Err(e) = self.apply_set(&set) {
+            self.quarantines = before;
+            return Err(e);
+        }
+        let applied_in = started.elapsed();
+        if let Err(e) = self.quarantines.save(&self.state_dir) {
+            warn!("quarantine applied but not saved (it will not survive a restart): {e}");
+        }
+        warn!(service, allow = ?allow, applied_in_us = applied_in.as_micros() as u64, "service QUARANTINED");
+        self.audit("quarantine", service, allow);
+        Ok(json!({
+            "service": service,
+            "allow": exceptions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "applied_in_us": applied_in.as_micros() as u64,
+        }))
+    }
+
+    fn release(&mut self, service: &str) -> Result<Value, String> {
+        let Some(removed) = self.quarantines.services.remove(service) else {
+            return Err(format!("service {service:?} is not quarantined"));
+        };
+        let set = self.set.clone();
+        if let Err(e) = self.apply_set(&set) {
+            self.quarantines
+                .services
+                .insert(service.to_string(), removed);
+            return Err(e);
+        }
+        if let Err(e) = self.quarantines.save(&self.state_dir) {
+            warn!("release applied but not saved: {e}");
+        }
+        info!(service, "service released from quarantine");
+        self.audit("release", service, &[]);
+        Ok(json!({ "service": service }))
+    }
+
+    fn audit(&self, action: &str, service: &str, allow: &[String]) {
+        let record = ChangeRecord {
+            action: action.to_string(),
+            result: "applied".to_string(),
+            trigger: "control".to_string(),
+            files: Vec::new(),
+            services: vec![ServiceChange {
+                service: service.to_string(),
+                added: allow
+                    .iter()
+                    .map(|a| format!("quarantine allow {a}"))
+                    .collect(),
+                removed: Vec::new(),
+            }],
+            error: None,
+        };
+        self.hub.publish(vec![reload::audit_event(record)]);
+    }
+
+    fn status(&self) -> Value {
+        let services: Vec<Value> = self
+            .tracker
+            .services
+            .iter()
+            .map(|t| {
+                let counts = self
+                    .metrics
+                    .service_counts(&t.name)
+                    .and_then(Result::ok)
+                    .unwrap_or([0; agent_common::COUNTER_SLOTS as usize]);
+                let by_verdict = |v: usize| -> u64 {
+                    counts.iter().enumerate().filter(|(i, _)| i % 3 == v).map(|(_, c)| c).sum()
+                };
+                let policy = self.set.services.iter().find(|s| s.name == t.name);
+                json!({
+                    "name": t.name,
+                    "cgroup": format!("/{}", t.cgroup_path),
+                    "state": if t.cgroup_id.is_some() { "managed" } else { "waiting" },
+                    "cgroup_id": t.cgroup_id,
+                    "mode": if t.entry.mode == agent_common::MODE_AUDIT { "audit" } else { "enforce" },
+                    "rules": policy.map_or(0, |p| p.egress.len() + p.ingress.as_ref().map_or(0, Vec::len)),
+                    "file": policy.map(|p| p.file.display().to_string()),
+                    "quarantined": self.quarantines.services.contains_key(&t.name),
+                    "quarantine_allow": self.quarantines.services.get(&t.name)
+                        .map(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                    "allowed": by_verdict(0),
+                    "denied": by_verdict(1),
+                    "audited": by_verdict(2),
+                })
+            })
+            .collect();
+        let last_error = self
+            .reloads
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        json!({
+            "policy_dir": self.source.dir.display().to_string(),
+            "services": services,
+            "reloads_applied": self.reloads.success.load(Ordering::Relaxed),
+            "reloads_refused": self.reloads.failure.load(Ordering::Relaxed),
+            "last_reload_error": last_error,
+            "pins": self.pins.display().to_string(),
+            "packet_sockets": self.packet_sockets,
+        })
     }
 
     /// When the previous policy may be removed, if one is waiting.

@@ -18,6 +18,8 @@ pub mod events;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
+pub mod quarantine;
 pub mod reload;
 pub mod services;

@@ -124,7 +124,7 @@ where
             Reply::End { end: End::Shutdown } => {
                 let _ = writeln!(err, "bulkhead flows: the daemon is stopping");
             }
-            Reply::End { end: End::Complete } | Reply::Error { .. } => {}
+            Reply::End { end: End::Complete } | Reply::Error { .. } | Reply::Result { .. } => {}
         }
     }
     if format == Format::Table {

@@ -5,6 +5,7 @@
 //! - `client`: the CLI's side (blocking)
 //! - `flows`: `bulkhead flows`; `table`: its table layout
 
+pub mod admin;
 pub mod client;
 pub mod flows;
 pub mod protocol;

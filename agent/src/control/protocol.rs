@@ -28,6 +28,31 @@ pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
 pub enum Request {
     /// Recent (and with `follow`, live) events.
     Flows(FlowsRequest),
+    /// The agent's state: services, policy, reloads, coverage.
+    Status(StatusRequest),
+    /// Cut a service off, except the listed exceptions.
+    Quarantine(QuarantineRequest),
+    /// Lift a service's quarantine.
+    Release(ReleaseRequest),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatusRequest {}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineRequest {
+    pub service: String,
+    /// `CIDR[:PORT]` exceptions.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub service: String,
 }
 
 /// `bulkhead flows`: which events, and whether to keep streaming.
@@ -79,10 +104,20 @@ pub enum End {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Reply {
+    /// The answer to a status, quarantine or release request.
+    Result {
+        result: Value,
+    },
     Event(Box<FlowEvent>),
-    Lagged { lagged: u64 },
-    End { end: End },
-    Error { error: String },
+    Lagged {
+        lagged: u64,
+    },
+    End {
+        end: End,
+    },
+    Error {
+        error: String,
+    },
 }
 
 /// The request as one line, newline included.

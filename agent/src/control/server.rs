@@ -83,6 +83,16 @@ impl Server {
     /// Binds `path` (mode 0600) and starts serving events from `hub`.
     /// Must run inside the tokio runtime.
     pub fn start(path: &Path, hub: Arc<Hub>) -> Result<Self, ServerError> {
+        Self::start_with_admin(path, hub, None)
+    }
+
+    /// As [`Server::start`], forwarding status, quarantine and release
+    /// requests to `admin` (the daemon's main loop, which owns the policy).
+    pub fn start_with_admin(
+        path: &Path,
+        hub: Arc<Hub>,
+        admin: Option<Admin>,
+    ) -> Result<Self, ServerError> {
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -96,7 +106,7 @@ impl Server {
         let listener = UnixListener::from_std(listener).map_err(io_err(path, "cannot poll it"))?;
         let meta = fs::symlink_metadata(path).map_err(io_err(path, "cannot stat it after bind"))?;
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, hub, stop_rx));
+        let task = tokio::spawn(accept_loop(listener, hub, admin, stop_rx));
         info!(socket = %path.display(), "control socket listening (root only)");
         Ok(Self {
             path: path.to_path_buf(),
@@ -220,7 +230,20 @@ fn bind_private(
     result
 }
 
-async fn accept_loop(listener: UnixListener, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+/// Where admin requests go, and how their answers come back.
+pub type Admin = tokio::sync::mpsc::Sender<AdminCall>;
+
+pub struct AdminCall {
+    pub request: Request,
+    pub reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>,
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    hub: Arc<Hub>,
+    admin: Option<Admin>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut clients = JoinSet::new();
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -244,8 +267,9 @@ async fn accept_loop(listener: UnixListener, hub: Arc<Hub>, mut stop: watch::Rec
                     };
                     let hub = Arc::clone(&hub);
                     let stop = stop.clone();
+                    let admin = admin.clone();
                     clients.spawn(async move {
-                        if let Err(e) = serve(stream, &hub, stop, euid).await {
+                        if let Err(e) = serve(stream, &hub, admin, stop, euid).await {
                             debug!("control client: {e}");
                         }
                         drop(permit);
@@ -310,6 +334,7 @@ impl<W: AsyncWrite + Unpin> Out<W> {
 async fn serve(
     stream: UnixStream,
     hub: &Hub,
+    admin: Option<Admin>,
     stop: watch::Receiver<bool>,
     euid: u32,
 ) -> io::Result<()> {
@@ -337,6 +362,26 @@ async fn serve(
     };
     match decode_request(&line) {
         Ok(Request::Flows(req)) => flows(&req, hub, rd, &mut out, stop).await,
+        Ok(request) => {
+            let Some(admin) = admin else {
+                return out
+                    .error("this daemon does not take commands".to_string())
+                    .await;
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if admin.send(AdminCall { request, reply }).await.is_err() {
+                return out.error("the daemon is stopping".to_string()).await;
+            }
+            match answer.await {
+                Ok(Ok(result)) => {
+                    out.reply(&Reply::Result { result }).await?;
+                    out.reply(&Reply::End { end: End::Complete }).await?;
+                    out.flush().await
+                }
+                Ok(Err(e)) => out.error(e).await,
+                Err(_) => out.error("the daemon is stopping".to_string()).await,
+            }
+        }
         Err(e) => out.error(e).await,
     }
 }

@@ -14,8 +14,8 @@ use std::{
 
 use agent_common::{
     LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
-    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, MAX_PORT_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY,
-    PROTO_TCP, PROTO_UDP,
+    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE, MAX_PORT_RANGES, MODE_AUDIT,
+    MODE_ENFORCE, PROTO_ANY, PROTO_TCP, PROTO_UDP,
 };
 use ipnetwork::IpNetwork;
 
@@ -141,6 +141,9 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         }
         if service.sockets.packet {
             flags |= FLAG_ALLOW_PACKET;
+        }
+        if service.quarantined {
+            flags |= FLAG_QUARANTINE;
         }
         b.out.services.push(CompiledService {
             name: service.name.clone(),
@@ -360,6 +363,7 @@ mod tests {
                 ingress: None,
                 bind: None,
                 sockets: crate::policy::SocketsPolicy::default(),
+                quarantined: false,
             }],
         }
     }

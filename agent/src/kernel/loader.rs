@@ -31,12 +31,13 @@ enum Hook {
     SockOps,
     SockCreate,
     SkbIngress,
+    SkbEgress,
     /// BPF LSM, attached where the host has it (not every distribution
     /// enables it); without it packet sockets are not covered.
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 10] = [
+const PROGRAMS: [(&str, Hook); 11] = [
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
@@ -46,11 +47,12 @@ const PROGRAMS: [(&str, Hook); 10] = [
     ("bulkhead_sockops", Hook::SockOps),
     ("bulkhead_sock_create", Hook::SockCreate),
     ("bulkhead_ingress", Hook::SkbIngress),
+    ("bulkhead_egress_skb", Hook::SkbEgress),
     ("bulkhead_socket_create", Hook::Lsm("socket_create")),
 ];
 
 /// Names of the programs, for tools and tests that look for them.
-pub const PROGRAM_NAMES: [&str; 10] = [
+pub const PROGRAM_NAMES: [&str; 11] = [
     PROGRAMS[0].0,
     PROGRAMS[1].0,
     PROGRAMS[2].0,
@@ -61,6 +63,7 @@ pub const PROGRAM_NAMES: [&str; 10] = [
     PROGRAMS[7].0,
     PROGRAMS[8].0,
     PROGRAMS[9].0,
+    PROGRAMS[10].0,
 ];
 
 #[derive(Debug, Clone)]
@@ -151,7 +154,9 @@ impl Enforcer {
                     .map_err(err)?,
                 Hook::SockOps => as_type::<SockOps>(name, program)?.load().map_err(err)?,
                 Hook::SockCreate => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
-                Hook::SkbIngress => as_type::<CgroupSkb>(name, program)?.load().map_err(err)?,
+                Hook::SkbIngress | Hook::SkbEgress => {
+                    as_type::<CgroupSkb>(name, program)?.load().map_err(err)?
+                }
                 Hook::Lsm(hook_name) => {
                     let loaded = Btf::from_sys_fs()
                         .map_err(|e| e.to_string())
@@ -282,11 +287,14 @@ impl Enforcer {
                     let id = p.attach(&root, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
-                Hook::SkbIngress => {
+                Hook::SkbIngress | Hook::SkbEgress => {
+                    let direction = if hook == Hook::SkbIngress {
+                        CgroupSkbAttachType::Ingress
+                    } else {
+                        CgroupSkbAttachType::Egress
+                    };
                     let p = as_type::<CgroupSkb>(name, program)?;
-                    let id = p
-                        .attach(&root, CgroupSkbAttachType::Ingress, single)
-                        .map_err(err)?;
+                    let id = p.attach(&root, direction, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
                 Hook::Lsm(_) if self.lsm_loaded => {

@@ -155,12 +155,13 @@ fn connections(
         MetricType::Counter,
     )?;
     for service in &inventory.services {
-        let counts = match state.counters().verdicts(service.id) {
-            Ok(c) => c,
-            Err(e) => {
+        let counts = match state.service_counts(&service.name) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
                 read_failed("COUNTERS", &e);
                 continue;
             }
+            None => continue,
         };
         for (direction, d) in DIRECTIONS {
             for (protocol, p) in PROTOCOLS {
@@ -459,6 +460,7 @@ mod tests {
             r#"bulkhead_events_lost_total{source="decode"} 1"#,
             r#"bulkhead_events_lost_total{source="sink"} 0"#,
             r#"bulkhead_events_lost_total{source="subscriber"} 0"#,
+            r#"bulkhead_events_lost_total{source="while_agent_down"} 0"#,
         ] {
             assert!(lines.contains(&expected), "missing {expected} in\n{text}");
         }

@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex, PoisonError},
 };
 
 use agent_common::{
@@ -16,15 +16,18 @@ use super::state::{
 };
 use crate::events::{EventStats, EventType};
 
-/// Kernel counters from a table: service id -> counts; lost by slot.
-struct Fake {
-    verdicts: BTreeMap<u32, VerdictCounts>,
-    lost: [u64; 3],
+/// Kernel counters from a table the test can change: service id -> counts;
+/// lost by slot.
+pub struct Fake {
+    pub verdicts: Arc<Mutex<BTreeMap<u32, VerdictCounts>>>,
+    pub lost: [u64; 3],
 }
 
 impl CounterSource for Fake {
     fn verdicts(&self, service_id: u32) -> Result<VerdictCounts, MapError> {
         self.verdicts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&service_id)
             .copied()
             .ok_or(MapError::OutOfBounds {
@@ -66,8 +69,10 @@ pub fn fake_state() -> Arc<MetricsState> {
     billing[slot(PROTO_UDP, VERDICT_DENY)] = 2;
     let mut search = [0; 12];
     search[slot(PROTO_UDP, VERDICT_AUDIT)] = 5;
+    // The agent starts with zeroed counters; the counts come after.
+    let kernel = Arc::new(Mutex::new(BTreeMap::from([(0, [0; 12]), (1, [0; 12])])));
     let fake = Fake {
-        verdicts: BTreeMap::from([(0, billing), (1, search)]),
+        verdicts: Arc::clone(&kernel),
         lost: [11, 4, 2],
     };
     let stats = Arc::new(EventStats::default());
@@ -88,6 +93,10 @@ pub fn fake_state() -> Arc<MetricsState> {
         }],
     };
     let state = Arc::new(MetricsState::new(fake, stats, inventory));
+    kernel
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend([(0, billing), (1, search)]);
     state.set_attached(true);
     state
 }

@@ -1,9 +1,10 @@
 //! What the endpoint reports from. The daemon builds a [`MetricsState`]
-//! once; a policy reload swaps its [`Inventory`] with
-//! [`MetricsState::replace_inventory`] while scrapes go on.
+//! once; rescans and reloads swap its [`Inventory`] with
+//! [`MetricsState::replace_inventory`] while scrapes go on, and each
+//! service's counts follow it from id to id.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError, RwLock,
@@ -192,7 +193,46 @@ pub struct MetricsState {
     counters: Box<dyn CounterSource>,
     stats: Arc<EventStats>,
     inventory: RwLock<Arc<Inventory>>,
+    ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
+}
+
+/// Which kernel counters belong to which service, across reloads.
+///
+/// A reload writes the new policy into the other half of the maps, so a
+/// service's id (and with it the index of its kernel counters) changes at
+/// every reload, and an id is reused by whichever service lands on it two
+/// reloads later. The kernel counters are never reset; instead each
+/// service keeps what it counted on ids it has left (`carried`) and, for
+/// each id it uses, the counter values when it got that id (`baseline`).
+/// Its total is `carried + sum(now - baseline)`: monotonic, and exact.
+#[derive(Debug, Default)]
+struct Ledgers {
+    by_service: HashMap<String, Ledger>,
+    /// Counter values read just before a switch, by id (see
+    /// [`MetricsState::before_switch`]).
+    prepared: HashMap<u32, VerdictCounts>,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    carried: VerdictCounts,
+    /// Ids this service counts on: the one it has now, and the one it left
+    /// at the last reload (in-flight decisions may still land there until
+    /// another service takes it).
+    uses: Vec<IdUse>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdUse {
+    id: u32,
+    baseline: VerdictCounts,
+}
+
+fn add_delta(total: &mut VerdictCounts, now: &VerdictCounts, baseline: &VerdictCounts) {
+    for ((t, n), b) in total.iter_mut().zip(now).zip(baseline) {
+        *t = t.wrapping_add(n.wrapping_sub(*b));
+    }
 }
 
 impl std::fmt::Debug for MetricsState {
@@ -208,12 +248,15 @@ impl std::fmt::Debug for MetricsState {
 impl MetricsState {
     /// Starts detached: `/healthz` says 503 until [`Self::set_attached`].
     pub fn new(counters: impl CounterSource, stats: Arc<EventStats>, inventory: Inventory) -> Self {
-        Self {
+        let state = Self {
             counters: Box::new(counters),
             stats,
-            inventory: RwLock::new(Arc::new(inventory)),
+            inventory: RwLock::new(Arc::new(Inventory::default())),
+            ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
-        }
+        };
+        state.replace_inventory(inventory);
+        state
     }
 
     /// Call with true once every program is attached, with false just
@@ -227,10 +270,70 @@ impl MetricsState {
         self.attached.load(Ordering::Relaxed)
     }
 
-    /// Swaps in the services and maps of a newly loaded policy. A reload
-    /// must keep each service's id (or zero its counters before reusing
-    /// it), else one service's counts would show under another's name.
+    /// For an exact hand-over of counters at a reload: call with the new
+    /// policy's service ids after staging it and before switching the
+    /// cgroups to it, then [`Self::replace_inventory`] after the switch.
+    /// Without this call the hand-over happens at `replace_inventory`, and
+    /// decisions made between the switch and that call are counted for the
+    /// service that last had the id.
+    pub fn before_switch(&self, ids: impl IntoIterator<Item = u32>) {
+        let mut ledgers = self.ledgers.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            let now = self.read_or_zero(id);
+            ledgers.prepared.insert(id, now);
+        }
+    }
+
+    /// Swaps in the services and maps of the policy now in force (after a
+    /// reload, or when a service's cgroup appears or goes). Each service
+    /// keeps its counts when its id changes: see [`Ledgers`].
     pub fn replace_inventory(&self, inventory: Inventory) {
+        let mut ledgers = self.ledgers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ledgers {
+            by_service,
+            prepared,
+        } = &mut *ledgers;
+        for service in &inventory.services {
+            let keeps = by_service
+                .get(&service.name)
+                .is_some_and(|l| l.uses.last().is_some_and(|u| u.id == service.id));
+            if keeps {
+                continue;
+            }
+            // The counters as they stood when the id changed hands.
+            let handover = prepared
+                .get(&service.id)
+                .copied()
+                .unwrap_or_else(|| self.read_or_zero(service.id));
+            // Whoever counted on this id before stops here (including this
+            // service itself, back on an id it had two reloads ago).
+            for ledger in by_service.values_mut() {
+                let Ledger { carried, uses } = ledger;
+                uses.retain(|u| {
+                    if u.id == service.id {
+                        add_delta(carried, &handover, &u.baseline);
+                    }
+                    u.id != service.id
+                });
+            }
+            let ledger = by_service.entry(service.name.clone()).or_default();
+            // Only the id it leaves now may still see in-flight decisions.
+            while ledger.uses.len() > 1 {
+                let old = ledger.uses.remove(0);
+                let now = self.read_or_zero(old.id);
+                add_delta(&mut ledger.carried, &now, &old.baseline);
+            }
+            ledger.uses.push(IdUse {
+                id: service.id,
+                baseline: handover,
+            });
+        }
+        prepared.clear();
+        // A service no longer in the policy keeps its ledger only while it
+        // may still count somewhere, so that a quick re-add continues it.
+        by_service.retain(|name, ledger| {
+            !ledger.uses.is_empty() || inventory.services.iter().any(|s| &s.name == name)
+        });
         *self
             .inventory
             .write()
@@ -246,6 +349,31 @@ impl MetricsState {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner),
         )
+    }
+
+    /// A service's verdict counts since the agent started, across reloads;
+    /// None if the service is unknown (a scrape racing a reload).
+    ///
+    /// # Errors
+    /// A kernel counter cannot be read.
+    pub(crate) fn service_counts(&self, name: &str) -> Option<Result<VerdictCounts, MapError>> {
+        let ledgers = self.ledgers.lock().unwrap_or_else(PoisonError::into_inner);
+        let ledger = ledgers.by_service.get(name)?;
+        let mut total = ledger.carried;
+        for u in &ledger.uses {
+            match self.counters.verdicts(u.id) {
+                Ok(now) => add_delta(&mut total, &now, &u.baseline),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(total))
+    }
+
+    fn read_or_zero(&self, id: u32) -> VerdictCounts {
+        self.counters.verdicts(id).unwrap_or_else(|e| {
+            warn!("metrics: cannot read the verdict counters of service id {id}: {e}");
+            [0; SLOTS]
+        })
     }
 
     /// Ok when the programs are attached and the event consumer runs; else
@@ -269,5 +397,88 @@ impl MetricsState {
 
     pub(crate) fn stats(&self) -> &EventStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+    };
+
+    use agent_common::{counter_slot, DIRECTION_EGRESS, PROTO_TCP, VERDICT_ALLOW, VERDICT_DENY};
+
+    use super::*;
+    use crate::metrics::fake::{meta, Fake};
+
+    fn slot(verdict: u8) -> usize {
+        counter_slot(DIRECTION_EGRESS, PROTO_TCP, verdict) as usize
+    }
+
+    fn inventory(billing: u32, search: u32) -> Inventory {
+        Inventory {
+            services: vec![
+                meta(billing, "billing", ServiceMode::Enforce, 1, true),
+                meta(search, "search", ServiceMode::Enforce, 1, true),
+            ],
+            maps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn counts_follow_each_service_across_reloads_and_reused_ids() {
+        let kernel: Arc<Mutex<BTreeMap<u32, VerdictCounts>>> = Arc::default();
+        let bump = |id: u32, verdict: u8, n: u64| {
+            let mut k = kernel.lock().expect("not poisoned");
+            k.entry(id).or_insert([0; SLOTS])[slot(verdict)] += n;
+        };
+        for id in [0, 1, 1024, 1025] {
+            bump(id, VERDICT_ALLOW, 0);
+        }
+        let fake = Fake {
+            verdicts: Arc::clone(&kernel),
+            lost: [0; 3],
+        };
+        let state = MetricsState::new(fake, Arc::default(), inventory(0, 1));
+        let allowed = |name: &str| {
+            state
+                .service_counts(name)
+                .expect("known service")
+                .expect("readable")[slot(VERDICT_ALLOW)]
+        };
+        bump(0, VERDICT_ALLOW, 5);
+        bump(1, VERDICT_ALLOW, 2);
+        assert_eq!((allowed("billing"), allowed("search")), (5, 2));
+
+        // Reload into the other half.
+        state.before_switch([1024, 1025]);
+        // A decision that read the old entry just before the switch.
+        bump(0, VERDICT_ALLOW, 1);
+        state.replace_inventory(inventory(1024, 1025));
+        bump(1024, VERDICT_ALLOW, 3);
+        assert_eq!((allowed("billing"), allowed("search")), (9, 2));
+
+        // Back into the first half, with the ids swapped: billing now
+        // counts on search's old id, and the other way round.
+        state.before_switch([1, 0]);
+        bump(1, VERDICT_ALLOW, 7); // billing's, after the switch
+        bump(0, VERDICT_DENY, 1); // search's
+        state.replace_inventory(inventory(1, 0));
+        assert_eq!((allowed("billing"), allowed("search")), (16, 2));
+        let denied = state
+            .service_counts("search")
+            .expect("known")
+            .expect("read");
+        assert_eq!(denied[slot(VERDICT_DENY)], 1);
+
+        // A rescan (same ids) changes nothing; a removed service is gone.
+        state.replace_inventory(inventory(1, 0));
+        assert_eq!((allowed("billing"), allowed("search")), (16, 2));
+        state.replace_inventory(Inventory {
+            services: vec![meta(1, "billing", ServiceMode::Enforce, 1, true)],
+            maps: Vec::new(),
+        });
+        assert_eq!(allowed("billing"), 16);
     }
 }

@@ -27,6 +27,8 @@ pub struct Service {
     /// Ports the service may bind; `None` when binding is not restricted.
     pub bind: Option<BindPolicy>,
     pub sockets: SocketsPolicy,
+    /// Set by `bulkhead quarantine` (never by a policy file).
+    pub quarantined: bool,
 }
 
 /// Which kinds of socket a service may open beyond TCP/UDP/ICMP-datagram.

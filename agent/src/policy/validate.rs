@@ -146,6 +146,7 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         ingress,
         bind,
         sockets,
+        quarantined: false,
     })
 }
 

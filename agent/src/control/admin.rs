@@ -1,0 +1,199 @@
+//! `bulkhead status`, `quarantine` and `release`: one request, one answer.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use serde_json::Value;
+
+use super::{
+    client::{self, ClientError, Line},
+    protocol::{QuarantineRequest, ReleaseRequest, Reply, Request, StatusRequest},
+};
+use crate::config::Config;
+
+#[derive(clap::Args, Debug)]
+pub struct SocketArgs {
+    /// Control socket of the running agent [default: the config's control.socket].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Daemon config file, to find the control socket.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct QuarantineArgs {
+    /// The service to cut off.
+    pub service: String,
+    /// An exception it may still reach (and be reached from):
+    /// CIDR[:PORT], e.g. 192.0.2.10:514; repeat for more.
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReleaseArgs {
+    /// The service to release.
+    pub service: String,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+pub fn status(args: &StatusArgs) -> ExitCode {
+    match ask("status", &args.socket, &Request::Status(StatusRequest {})) {
+        Ok(result) if args.json => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Ok(result) => {
+            print!("{}", render_status(&result));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn quarantine(args: &QuarantineArgs) -> ExitCode {
+    let req = Request::Quarantine(QuarantineRequest {
+        service: args.service.clone(),
+        allow: args.allow.clone(),
+    });
+    match ask("quarantine", &args.socket, &req) {
+        Ok(result) => {
+            println!(
+                "quarantined {}: everything in and out denied{}",
+                args.service,
+                match result.get("allow").and_then(Value::as_array) {
+                    Some(a) if !a.is_empty() => format!(
+                        " except {}",
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    _ => String::new(),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn release(args: &ReleaseArgs) -> ExitCode {
+    let req = Request::Release(ReleaseRequest {
+        service: args.service.clone(),
+    });
+    match ask("release", &args.socket, &req) {
+        Ok(_) => {
+            println!("released {}: its policy is in force again", args.service);
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// Sends one request and returns its result, or prints one line and
+/// returns the exit code.
+fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
+    let path = match &socket.socket {
+        Some(p) => p.clone(),
+        None => match Config::load(socket.config.as_deref()) {
+            Ok(c) => c.control.socket,
+            Err(e) => {
+                eprintln!("bulkhead {cmd}: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+    };
+    let replies = client::request(&path, req).map_err(|e| {
+        eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
+        ExitCode::FAILURE
+    })?;
+    let mut result = None;
+    for line in replies {
+        match line {
+            Ok(Line {
+                reply: Reply::Result { result: r },
+                ..
+            }) => result = Some(r),
+            Ok(Line {
+                reply: Reply::Error { error },
+                ..
+            }) => {
+                eprintln!("bulkhead {cmd}: {error}");
+                return Err(ExitCode::FAILURE);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
+                return Err(ExitCode::FAILURE);
+            }
+        }
+    }
+    result.ok_or_else(|| {
+        eprintln!("bulkhead {cmd}: the daemon sent no answer");
+        ExitCode::FAILURE
+    })
+}
+
+fn describe(e: &ClientError, _path: &std::path::Path) -> String {
+    e.to_string()
+}
+
+/// The status as a few readable lines.
+pub fn render_status(v: &Value) -> String {
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = format!(
+        "policy: {} ({} services)\nreloads: {} applied, {} refused{}\npins: {}\npacket sockets: {}\n\n",
+        s(v, "policy_dir"),
+        v.get("services").and_then(Value::as_array).map_or(0, Vec::len),
+        n(v, "reloads_applied"),
+        n(v, "reloads_refused"),
+        v.get("last_reload_error")
+            .and_then(Value::as_str)
+            .map(|e| format!(" (last refused: {})", e.lines().next().unwrap_or("")))
+            .unwrap_or_default(),
+        s(v, "pins"),
+        s(v, "packet_sockets"),
+    );
+    out.push_str(&format!(
+        "{:<20} {:<9} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
+        "SERVICE", "STATE", "MODE", "RULES", "ALLOWED", "DENIED", "AUDITED", "CGROUP"
+    ));
+    for svc in v
+        .get("services")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let state = if svc.get("quarantined").and_then(Value::as_bool) == Some(true) {
+            "QUARANTINE".to_string()
+        } else {
+            s(svc, "state")
+        };
+        out.push_str(&format!(
+            "{:<20} {:<9} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
+            s(svc, "name"),
+            state,
+            s(svc, "mode"),
+            n(svc, "rules"),
+            n(svc, "allowed"),
+            n(svc, "denied"),
+            n(svc, "audited"),
+            s(svc, "cgroup"),
+        ));
+    }
+    out
+}
