@@ -20,6 +20,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Daemon {
     child: Option<Child>,
+    bin: PathBuf,
+    /// bpffs directory of its pins.
+    pin_dir: PathBuf,
     log: PathBuf,
     /// From spawn to READY=1: policy load, compile, map fill, attach.
     pub ready_after: Duration,
@@ -43,11 +46,18 @@ impl Daemon {
         let log_err = log_file.try_clone().context("clone the log file")?;
 
         let started = Instant::now();
+        // Its own pins and state: a stopped agent keeps enforcing through its
+        // pins, so `stop` and Drop detach them (see `detach`).
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{}", std::process::id()));
         let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .arg("--policy-dir")
             .arg(policy_dir)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--state-dir")
+            .arg(work.join("state"))
             .env("NOTIFY_SOCKET", &socket_path)
             .stdin(Stdio::null())
             .stdout(log_file)
@@ -56,6 +66,8 @@ impl Daemon {
             .with_context(|| format!("start {}", bin.display()))?;
         let mut daemon = Self {
             child: Some(child),
+            bin: bin.to_path_buf(),
+            pin_dir,
             log,
             ready_after: Duration::ZERO,
             rss_kib: None,
@@ -126,12 +138,41 @@ impl Daemon {
         Some(total)
     }
 
-    /// SIGTERM, then waits: the daemon detaches its programs and must exit 0.
+    /// Removes the stopped agent's pinned programs from the kernel.
+    fn detach(&self) -> Result<()> {
+        if !self.pin_dir.join("current").exists() {
+            return Ok(());
+        }
+        let out = Command::new(&self.bin)
+            .args([
+                "detach",
+                "--config",
+                "/dev/null",
+                "--control-socket",
+                "/nonexistent",
+            ])
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+            .context("run bulkhead detach")?;
+        let _ = fs::remove_dir(&self.pin_dir);
+        if !out.status.success() {
+            bail!(
+                "bulkhead detach failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits (it must exit 0), then detaches its programs.
     pub fn stop(mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
-            return Ok(());
+            return self.detach();
         };
-        match terminate(&mut child)? {
+        let stopped = terminate(&mut child)?;
+        self.detach()?;
+        match stopped {
             Some(status) if status.success() => Ok(()),
             Some(status) => bail!("bulkhead exited with {status}:\n{}", self.log_tail()),
             None => bail!(
@@ -154,6 +195,9 @@ impl Drop for Daemon {
             if let Err(e) = terminate(&mut child) {
                 eprintln!("xtask bench: WARNING: stopping bulkhead: {e:#}");
             }
+        }
+        if let Err(e) = self.detach() {
+            eprintln!("xtask bench: WARNING: {e:#}");
         }
     }
 }
