@@ -302,7 +302,7 @@ impl Enforcer {
                     match p.attach() {
                         Ok(id) => {
                             coverage.packet_sockets = true;
-                            Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
+                            Some(p.take_link(id).map_err(err)?.into())
                         }
                         Err(e) => {
                             coverage.packet_sockets_reason = Some(format!(

@@ -124,6 +124,7 @@ impl Collector for StateCollector {
         connections(&mut enc, state, &inventory)?;
         events(&mut enc, state)?;
         policy(&mut enc, &inventory)?;
+        reloads(&mut enc, state)?;
         health(&mut enc, state)?;
         match ProcessStats::read() {
             Ok(p) => process(&mut enc, &p)?,
@@ -354,6 +355,19 @@ fn process(enc: &mut DescriptorEncoder, p: &ProcessStats) -> fmt::Result {
         ConstGauge::new(max).encode(m)?;
     }
     Ok(())
+}
+
+fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    counters(
+        enc,
+        "bulkhead_policy_reloads",
+        "Policy reloads (SIGHUP or a change in the policy directory), by result: success = applied, failure = refused, the policy in force unchanged.",
+        [
+            ([("result", "success")], load(&state.reloads.success)),
+            ([("result", "failure")], load(&state.reloads.failure)),
+        ],
+    )
 }
 
 fn counters<L: EncodeLabelSet>(

@@ -192,6 +192,8 @@ pub fn map_capacities(ebpf: &aya::Ebpf) -> Vec<(&'static str, u32)> {
 pub struct MetricsState {
     counters: Box<dyn CounterSource>,
     stats: Arc<EventStats>,
+    /// Policy reloads applied and refused (the engine counts them).
+    pub reloads: Arc<crate::reload::ReloadStats>,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -251,6 +253,7 @@ impl MetricsState {
         let state = Self {
             counters: Box::new(counters),
             stats,
+            reloads: Arc::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
