@@ -21,6 +21,15 @@ pub const UDP_PEERS: &str = "UDP_PEERS";
 pub const INGRESS_RATE: &str = "INGRESS_RATE";
 pub const DEFAULT_UDP_PEERS: u32 = 16384;
 
+/// Hash of a cgroup path (`/system.slice/x.service`, NUL-padded to
+/// [`CGROUP_PATH_MAX`] bytes) -> [`crate::ServiceEntry`]: when a cgroup with
+/// a managed service's path is created (a unit (re)starting), the kernel adds
+/// it to SERVICES at once, before any process can join it.
+pub const SERVICE_PATHS: &str = "SERVICE_PATHS";
+pub const CGROUP_PATH_MAX: usize = 256;
+/// Per-CPU scratch buffer for a cgroup path.
+pub const PATH_SCRATCH: &str = "PATH_SCRATCH";
+
 /// Array of [`crate::RuleSet`]: the port/protocol checks behind a prefix.
 pub const RULESETS: &str = "RULESETS";
 

@@ -17,6 +17,9 @@ pub const MAX_PORT_RANGES: usize = 32;
 
 /// Rule id used when no rule matched (the service's default deny).
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+/// Rule id of a UDP datagram allowed out because it answers a peer that
+/// `[[ingress]]` let in (like a TCP reply on an accepted connection).
+pub const RULE_UDP_REPLY: u32 = u32::MAX - 1;
 
 /// `ServiceEntry::flags`: inbound connections and datagrams are judged by
 /// the INGRESS tries (the policy has an `ingress` list).

@@ -131,6 +131,20 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &I
         service.service_id,
         counter_slot(DIRECTION_INGRESS, pkt.proto, verdict),
     );
+    // A UDP peer let in may be answered (see sendmsg in programs.rs).
+    if verdict != VERDICT_DENY && pkt.proto == PROTO_UDP {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+        let mut key = UdpPeerKey {
+            socket_cookie: cookie,
+            addr: [0; 16],
+            port: pkt.sport,
+            family: 0,
+            _pad: [0; 5],
+        };
+        set_addr(&mut key.addr, &mut key.family, pkt.source);
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = UDP_PEERS.insert(&key, &now, 0);
+    }
     // Accepted connections are reported by sock_ops (tcp_established with
     // the peer); only refusals are evented here, within a rate limit.
     if verdict != VERDICT_ALLOW && may_emit(service.service_id) {

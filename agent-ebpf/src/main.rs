@@ -13,6 +13,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod cgroups;
+#[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
 mod events;

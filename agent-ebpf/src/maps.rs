@@ -3,9 +3,9 @@
 //! policy before loading.
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeerKey, COUNTER_SLOTS,
-    DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
-    DEFAULT_UDP_PEERS, LOST_SLOTS,
+    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeerKey, CGROUP_PATH_MAX,
+    COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS,
+    DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
@@ -36,6 +36,13 @@ pub static UDP_PEERS: LruHashMap<UdpPeerKey, u64> =
 #[map(name = "INGRESS_RATE")]
 pub static INGRESS_RATE: PerCpuArray<RateState> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "SERVICE_PATHS")]
+pub static SERVICE_PATHS: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "PATH_SCRATCH")]
+pub static PATH_SCRATCH: PerCpuArray<[u8; CGROUP_PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "RULESETS")]
 pub static RULESETS: Array<RuleSet> = Array::with_max_entries(DEFAULT_MAX_RULESETS, 0);

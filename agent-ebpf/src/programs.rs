@@ -4,7 +4,8 @@
 use agent_common::{
     counter_slot, UdpPeerKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
     HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_TCP,
-    PROTO_UDP, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
@@ -181,10 +182,24 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     let mut ev = blank();
     let (verdict, allowed) = match service {
         Some(s) => {
-            let rule = match dest {
+            let mut rule = match dest {
                 Dest::V4(addr) => match_v4(s.service_id, addr, proto, port),
                 Dest::V6(addr) => match_v6(s.service_id, addr, proto, port),
             };
+            // A datagram answering a UDP peer that ingress let in.
+            if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
+                let mut key = UdpPeerKey {
+                    socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+                    addr: [0; 16],
+                    port,
+                    family: 0,
+                    _pad: [0; 5],
+                };
+                set_addr(&mut key.addr, &mut key.family, dest);
+                if unsafe { UDP_PEERS.get(&key) }.is_some() {
+                    rule = RULE_UDP_REPLY;
+                }
+            }
             ev.service_id = s.service_id;
             ev.mode = s.mode;
             ev.rule_id = rule;

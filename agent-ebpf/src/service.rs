@@ -47,7 +47,17 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
     if let Some(entry) = unsafe { SERVICES.get(&leaf) } {
         return Some(*entry);
     }
-    let mut found = None;
+    // Kept as plain initialised values (not an Option built in the loop):
+    // the verifier must see every register written on every path.
+    let mut found = ServiceEntry {
+        service_id: 0,
+        mode: 0,
+        flags: 0,
+        _pad: [0; 2],
+        bind_ruleset: 0,
+        _pad2: 0,
+    };
+    let mut have = false;
     // Level 0 is the root (never a service); walk down to the leaf's parent.
     let mut level = 1;
     while level < MAX_CGROUP_DEPTH {
@@ -56,9 +66,14 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
             break;
         }
         if let Some(entry) = unsafe { SERVICES.get(&id) } {
-            found = Some(*entry);
+            found = *entry;
+            have = true;
         }
         level += 1;
     }
-    found
+    if have {
+        Some(found)
+    } else {
+        None
+    }
 }

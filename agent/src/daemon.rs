@@ -185,6 +185,10 @@ async fn serve(plan: Plan) -> Result<()> {
 
     let coverage = enforcer.attach(&mount, Some(&staging))?;
     save_names(&config.state_dir, &Names::from_policy(&compiled));
+    match &coverage.cgroup_creation_reason {
+        None => info!("new cgroups of managed services are enforced from their creation (cgroup_mkdir tracepoint)"),
+        Some(reason) => warn!("{reason}"),
+    }
     match pins.promote().context("cannot make the new pins current")? {
         Some(previous) => take_over(previous, &config.state_dir, &hub),
         None => {

@@ -140,6 +140,14 @@ impl Probe {
         self.client("udp-sendto", &[addr])
     }
 
+    /// Unconnected UDP `sendto()` to `addr`, then every datagram that
+    /// arrives within the step timeout ([`Self::step_timeout`]), not just
+    /// the first: [`Outcome::received_from`] says from whom.
+    #[must_use]
+    pub fn udp_sendto_all(&self, addr: SocketAddr) -> Outcome {
+        self.client("udp-sendto-all", &[addr])
+    }
+
     /// TCP Fast Open: `sendto(MSG_FASTOPEN)` without `connect()`, then reads
     /// the listener's byte.
     #[must_use]
@@ -197,10 +205,10 @@ impl Probe {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut what = args.join(" ");
-        if let Some(ip) = self.source {
-            what.push_str(&format!(" from {ip}"));
-        }
+        let what = match self.source {
+            Some(ip) => format!("{} from {ip}", args.join(" ")),
+            None => args.join(" "),
+        };
         Outcome::parse(what, &stdout)
     }
 
@@ -240,6 +248,8 @@ pub struct Outcome {
     /// The client socket's own address, once the kernel gave it one (also
     /// after a connect that never completed).
     pub local: Option<SocketAddr>,
+    /// For [`Probe::udp_sendto_all`]: the sender of each datagram received.
+    pub received_from: Vec<SocketAddr>,
 }
 
 impl Outcome {
@@ -262,6 +272,17 @@ impl Outcome {
                 .get("local")
                 .and_then(Value::as_str)
                 .and_then(|a| a.parse().ok()),
+            received_from: value
+                .get("received_from")
+                .and_then(Value::as_array)
+                .map(|senders| {
+                    senders
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .filter_map(|a| a.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
             json: line.to_owned(),
             what,
         }
@@ -270,12 +291,8 @@ impl Outcome {
     /// The client socket's local address; panics if the probe reported none.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
-        self.local.unwrap_or_else(|| {
-            panic!(
-                "`{}` reported no local address: {}",
-                self.what, self.json
-            )
-        })
+        self.local
+            .unwrap_or_else(|| panic!("`{}` reported no local address: {}", self.what, self.json))
     }
 
     /// Asserts the kernel refused with `EPERM` at `stage` (`socket`, `bind`,

@@ -32,8 +32,21 @@ impl Probe {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
         };
+        self.start_server("serve", transport, addr)
+    }
+
+    /// Starts `bulkhead-probe reflect udp` on `addr`: like [`Self::serve`],
+    /// but each datagram is answered twice, by an echo from `addr` and by
+    /// one from a second socket on the same address and another port (a
+    /// peer the sender never sent to).
+    #[must_use]
+    pub fn reflect_udp(&self, addr: SocketAddr) -> Server {
+        self.start_server("reflect", "udp", addr)
+    }
+
+    fn start_server(&self, command: &str, transport: &'static str, addr: SocketAddr) -> Server {
         let mut cmd = self.command();
-        cmd.args(["serve", transport, &addr.to_string()])
+        cmd.args([command, transport, &addr.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

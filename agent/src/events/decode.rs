@@ -9,7 +9,8 @@ use std::{
 use agent_common::{
     Event, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_INGRESS, HOOK_LSM_SOCKET, HOOK_SENDMSG,
     HOOK_SOCK_CREATE, HOOK_SOCK_OPS, KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT,
-    MODE_AUDIT, RULE_DEFAULT_DENY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    MODE_AUDIT, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 
 use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
@@ -114,6 +115,9 @@ impl Decoder {
             _ => None,
         };
         let rule = match (verdict, service) {
+            (Some(Verdict::Allow), Some((_, file))) if raw.rule_id == RULE_UDP_REPLY => {
+                Some(format!("{file}#udp-reply"))
+            }
             (Some(Verdict::Allow), Some(_)) if raw.rule_id != RULE_DEFAULT_DENY => {
                 self.rule(raw.rule_id).cloned()
             }

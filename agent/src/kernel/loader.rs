@@ -11,6 +11,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
+        TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -32,12 +33,14 @@ enum Hook {
     SockCreate,
     SkbIngress,
     SkbEgress,
+    /// A tracepoint (category, name), attached through tracefs.
+    TracePoint(&'static str, &'static str),
     /// BPF LSM, attached where the host has it (not every distribution
     /// enables it); without it packet sockets are not covered.
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 11] = [
+const PROGRAMS: [(&str, Hook); 12] = [
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
@@ -48,11 +51,15 @@ const PROGRAMS: [(&str, Hook); 11] = [
     ("bulkhead_sock_create", Hook::SockCreate),
     ("bulkhead_ingress", Hook::SkbIngress),
     ("bulkhead_egress_skb", Hook::SkbEgress),
+    (
+        "bulkhead_cgroup_mkdir",
+        Hook::TracePoint("cgroup", "cgroup_mkdir"),
+    ),
     ("bulkhead_socket_create", Hook::Lsm("socket_create")),
 ];
 
 /// Names of the programs, for tools and tests that look for them.
-pub const PROGRAM_NAMES: [&str; 11] = [
+pub const PROGRAM_NAMES: [&str; 12] = [
     PROGRAMS[0].0,
     PROGRAMS[1].0,
     PROGRAMS[2].0,
@@ -64,6 +71,7 @@ pub const PROGRAM_NAMES: [&str; 11] = [
     PROGRAMS[8].0,
     PROGRAMS[9].0,
     PROGRAMS[10].0,
+    PROGRAMS[11].0,
 ];
 
 #[derive(Debug, Clone)]
@@ -93,6 +101,9 @@ pub struct Coverage {
     pub packet_sockets: bool,
     /// Why not, when not.
     pub packet_sockets_reason: Option<String>,
+    /// New cgroups of managed services are added in the kernel at mkdir.
+    pub cgroup_creation: bool,
+    pub cgroup_creation_reason: Option<String>,
 }
 
 /// A link this agent attached.
@@ -133,6 +144,7 @@ impl Enforcer {
             .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
             .map_max_entries(names::EVENTS, options.events_bytes)
             .map_max_entries(names::INGRESS_RATE, max_services)
+            .map_max_entries(names::SERVICE_PATHS, max_services)
             .map_max_entries(names::INGRESS_V4, capacity.prefixes)
             .map_max_entries(names::INGRESS_V6, capacity.prefixes)
             .map_max_entries(names::EGRESS_V4, capacity.prefixes)
@@ -156,6 +168,9 @@ impl Enforcer {
                 Hook::SockCreate => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
                 Hook::SkbIngress | Hook::SkbEgress => {
                     as_type::<CgroupSkb>(name, program)?.load().map_err(err)?
+                }
+                Hook::TracePoint(..) => {
+                    as_type::<TracePoint>(name, program)?.load().map_err(err)?
                 }
                 Hook::Lsm(hook_name) => {
                     let loaded = Btf::from_sys_fs()
@@ -228,6 +243,9 @@ impl Enforcer {
         staged: CompiledPolicy,
         changes: &[crate::services::Change],
     ) -> Result<Option<CompiledPolicy>, KernelError> {
+        // Paths first: a unit restarting during the switch gets its new
+        // entry from the kernel, and the rescan catches the rest.
+        maps::write_service_paths(&mut self.ebpf, &staged, self.live.as_ref())?;
         maps::apply_service_changes(&mut self.ebpf, changes)?;
         self.half = staged.service_base / self.capacity.services.max(1);
         Ok(self.live.replace(staged))
@@ -296,6 +314,23 @@ impl Enforcer {
                     let p = as_type::<CgroupSkb>(name, program)?;
                     let id = p.attach(&root, direction, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
+                }
+                Hook::TracePoint(category, event) => {
+                    let p = as_type::<TracePoint>(name, program)?;
+                    let attached = ensure_tracefs()
+                        .and_then(|()| p.attach(category, event).map_err(|e| e.to_string()));
+                    match attached {
+                        Ok(id) => {
+                            coverage.cgroup_creation = true;
+                            Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
+                        }
+                        Err(e) => {
+                            coverage.cgroup_creation_reason = Some(format!(
+                                "cannot attach the cgroup creation tracepoint ({e}); new and restarted services are picked up by the 200 ms rescan only"
+                            ));
+                            None
+                        }
+                    }
                 }
                 Hook::Lsm(_) if self.lsm_loaded => {
                     let p = as_type::<Lsm>(name, program)?;
@@ -406,4 +441,34 @@ where
     program
         .try_into()
         .map_err(|source| KernelError::Program { name, source })
+}
+
+/// Tracepoints are attached by name through tracefs; mount it where the
+/// kernel expects it when nothing is mounted there (as systemd would).
+fn ensure_tracefs() -> Result<(), String> {
+    let path = Path::new("/sys/kernel/tracing");
+    if path.join("events").exists() {
+        return Ok(());
+    }
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        tracing::info!("mounted tracefs at /sys/kernel/tracing (it was not mounted)");
+        Ok(())
+    } else {
+        Err(format!(
+            "tracefs is not mounted and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
 }

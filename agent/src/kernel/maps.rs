@@ -1,6 +1,6 @@
 //! Writing a compiled policy into the kernel maps.
 
-use agent_common::{maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry};
+use agent_common::{maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, CGROUP_PATH_MAX};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
     Ebpf,
@@ -24,6 +24,7 @@ pub fn write(
     resolved: &[ResolvedService],
 ) -> Result<(), KernelError> {
     write_rules(ebpf, policy)?;
+    write_service_paths(ebpf, policy, None)?;
     let changes: Vec<Change> = resolved
         .iter()
         .map(|r| Change::Add {
@@ -94,6 +95,53 @@ pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kern
         let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
         for (len, key, _) in entries {
             ok(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// The SERVICE_PATHS key of a cgroup path relative to the cgroup2 mount:
+/// `/path`, NUL-padded; None when too long (such a service is then only
+/// picked up by the agent's rescan).
+pub fn path_key(cgroup_path: &str) -> Option<[u8; CGROUP_PATH_MAX]> {
+    let path = format!("/{cgroup_path}");
+    let mut key = [0u8; CGROUP_PATH_MAX];
+    // Room for the NUL the kernel writes after the string.
+    if path.len() >= CGROUP_PATH_MAX {
+        return None;
+    }
+    key[..path.len()].copy_from_slice(path.as_bytes());
+    Some(key)
+}
+
+/// Points each service's cgroup path at its entry in `policy`, and removes
+/// the paths of `old` that `policy` no longer has.
+pub fn write_service_paths(
+    ebpf: &mut Ebpf,
+    policy: &CompiledPolicy,
+    old: Option<&CompiledPolicy>,
+) -> Result<(), KernelError> {
+    let map_err = |source| KernelError::Map {
+        name: names::SERVICE_PATHS,
+        source,
+    };
+    let mut paths: HashMap<&mut MapData, [u8; CGROUP_PATH_MAX], ServiceEntry> =
+        map(ebpf, names::SERVICE_PATHS)?;
+    for s in &policy.services {
+        if let Some(key) = path_key(&s.cgroup_path) {
+            paths.insert(key, s.entry, 0).map_err(map_err)?;
+        }
+    }
+    for s in old.map(|o| o.services.as_slice()).unwrap_or_default() {
+        let kept = policy
+            .services
+            .iter()
+            .any(|n| n.cgroup_path == s.cgroup_path);
+        if let (false, Some(key)) = (kept, path_key(&s.cgroup_path)) {
+            match paths.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            }
         }
     }
     Ok(())

@@ -3,9 +3,11 @@
 use std::{
     io::{self, Read as _},
     mem,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket,
+    },
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// How long any single client step may take unless `--timeout-ms` says
@@ -22,6 +24,8 @@ pub struct Ctx {
     pub timeout: Duration,
     /// The socket's local address once the kernel has given it one.
     pub local: Option<SocketAddr>,
+    /// The senders of the datagrams `udp-sendto-all` received, in order.
+    pub received_from: Option<Vec<SocketAddr>>,
 }
 
 impl Default for Ctx {
@@ -30,6 +34,7 @@ impl Default for Ctx {
             source: None,
             timeout: STEP_TIMEOUT,
             local: None,
+            received_from: None,
         }
     }
 }
@@ -60,11 +65,7 @@ pub fn at(stage: &'static str) -> impl Fn(io::Error) -> Failure {
 /// A connection that does not complete within the step timeout is a
 /// `connect` failure that timed out (no errno: nothing refused it).
 pub fn tcp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
-    let fd = new_socket(
-        family_of(addr),
-        libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
-        0,
-    )?;
+    let fd = new_socket(family_of(addr), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
     bind_source(ctx, &fd)?;
     let (storage, len) = sockaddr(addr);
     // SAFETY: `storage` is a valid sockaddr of `len` bytes.
@@ -132,7 +133,9 @@ fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: fcntl on an fd we own.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+    if flags < 0
+        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -140,9 +143,7 @@ fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// Reads the byte every test listener sends on accepting.
 fn read_one_byte(mut stream: TcpStream, timeout: Duration) -> Result<(), Failure> {
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(at("recv"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(at("recv"))?;
     let mut byte = [0u8; 1];
     match stream.read(&mut byte).map_err(at("recv"))? {
         0 => Err(Failure {
@@ -184,6 +185,37 @@ pub fn udp_sendto(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
     sock.send_to(b"ping", addr).map_err(at("send"))?;
     let mut buf = [0u8; 16];
     sock.recv_from(&mut buf).map_err(at("recv"))?;
+    Ok(())
+}
+
+/// Unconnected `sendto()`, then takes every datagram that arrives within
+/// the step timeout (not only the first), recording whom each came from.
+/// Succeeds once the send went out, however many answers came.
+pub fn udp_sendto_all(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    let sock = udp_socket(ctx, addr)?;
+    sock.send_to(b"ping", addr).map_err(at("send"))?;
+    let deadline = Instant::now() + ctx.timeout;
+    let mut senders = Vec::new();
+    let mut buf = [0u8; 16];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left)).map_err(at("recv"))?;
+        match sock.recv_from(&mut buf) {
+            Ok((_, from)) => senders.push(from),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(at("recv")(e)),
+        }
+    }
+    ctx.received_from = Some(senders);
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! serves silently. `serve` does the same and also prints one line per peer
 //! it served (`peer ADDR:PORT`, before answering it), and `send-failed
 //! ADDR:PORT ERROR` when the answer could not be sent: the test can tell
-//! what reached the socket, not just what came back.
+//! what reached the socket, not just what came back. `reflect udp` answers
+//! every datagram twice: from its own port and from a second one.
 
 use std::{
     io::{self, Write as _},
@@ -56,6 +57,28 @@ pub fn listen_udp(addr: SocketAddr, report: bool) -> Result<(), String> {
             }
             if let (Err(e), true) = (sock.send_to(&buf[..n], peer), report) {
                 say(&format!("send-failed {peer} {e}"));
+            }
+        }
+    }
+}
+
+/// Answers every datagram twice: an echo from `addr`, and one from a second
+/// socket on the same address but another port (a "reply" from a peer the
+/// sender never sent to). Prints `ready ADDR:PORT` (the first socket), then
+/// `peer ADDR:PORT` per datagram.
+pub fn reflect_udp(addr: SocketAddr) -> Result<(), String> {
+    let sock = UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
+    let other_addr = SocketAddr::new(addr.ip(), 0);
+    let other = UdpSocket::bind(other_addr).map_err(|e| format!("bind udp {other_addr}: {e}"))?;
+    ready(sock.local_addr())?;
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            say(&format!("peer {peer}"));
+            for from in [&other, &sock] {
+                if let Err(e) = from.send_to(&buf[..n], peer) {
+                    say(&format!("send-failed {peer} {e}"));
+                }
             }
         }
     }

@@ -7,12 +7,14 @@
 //!   tcp-fastopen ADDR:PORT        sendto(MSG_FASTOPEN) instead of connect(), then read
 //!   udp-connect ADDR:PORT         connect a UDP socket, send, wait for the echo
 //!   udp-sendto ADDR:PORT          unconnected sendto(), wait for the echo
+//!   udp-sendto-all ADDR:PORT      unconnected sendto(), take every datagram until the timeout
 //!   udp-connect-sendto A:P B:Q    connect a UDP socket to A:P, then sendto() B:Q
 //!   tcp-bind|udp-bind ADDR:PORT   bind() a fresh socket (port 0: ephemeral)
 //!   raw-socket inet|inet6         socket(SOCK_RAW, IPPROTO_ICMP / IPPROTO_ICMPV6)
 //!   packet-socket                 socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)
 //!   listen tcp|udp ADDR:PORT      print `ready ADDR:PORT` once bound, then serve
 //!   serve tcp|udp ADDR:PORT       like listen, and print `peer ADDR:PORT` per peer served
+//!   reflect udp ADDR:PORT         like serve, but answer from ADDR:PORT and from a second port
 //! ```
 //!
 //! `--cgroup DIR` writes the probe's own pid into `DIR/cgroup.procs` before
@@ -25,7 +27,8 @@
 //! `{"ok":false,"stage":"connect","errno":1,"error":"...","timed_out":false}`,
 //! and exits 0: the test judges the outcome. `local` is the socket's own
 //! address once the kernel gave it one (also after a failed connect);
-//! `timed_out` says a step ran out of time rather than being refused. Exit 2
+//! `timed_out` says a step ran out of time rather than being refused;
+//! `udp-sendto-all` adds `received_from`, the sender of each datagram. Exit 2
 //! means the probe itself could not run (bad usage, could not join the
 //! cgroup or namespace).
 
@@ -46,8 +49,9 @@ use crate::client::{Ctx, Failure, Transport};
 
 const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--source IP] \
     [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
-    | udp-connect-sendto ADDR:PORT ADDR:PORT | tcp-bind|udp-bind ADDR:PORT \
-    | raw-socket inet|inet6 | packet-socket | listen|serve tcp|udp ADDR:PORT)";
+    | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
+    | tcp-bind|udp-bind ADDR:PORT | raw-socket inet|inet6 | packet-socket \
+    | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -81,6 +85,7 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["tcp-fastopen", addr] => client::tcp_fastopen(&mut ctx, parse_addr(addr)?),
         ["udp-connect", addr] => client::udp_connect(&mut ctx, parse_addr(addr)?),
         ["udp-sendto", addr] => client::udp_sendto(&mut ctx, parse_addr(addr)?),
+        ["udp-sendto-all", addr] => client::udp_sendto_all(&mut ctx, parse_addr(addr)?),
         ["udp-connect-sendto", a, b] => {
             client::udp_connect_sendto(&mut ctx, parse_addr(a)?, parse_addr(b)?)
         }
@@ -93,9 +98,10 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["listen", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, false),
         ["serve", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, true),
         ["serve", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, true),
+        ["reflect", "udp", addr] => return listen::reflect_udp(parse_addr(addr)?),
         _ => return Err(USAGE.to_owned()),
     };
-    report(outcome, ctx.local);
+    report(outcome, &ctx);
     Ok(())
 }
 
@@ -132,9 +138,9 @@ fn join_netns(name: &str) -> Result<(), String> {
 }
 
 /// Prints the outcome as one JSON line.
-fn report(outcome: Result<(), Failure>, local: Option<SocketAddr>) {
-    let local = local.map(|a| a.to_string());
-    let line = match outcome {
+fn report(outcome: Result<(), Failure>, ctx: &Ctx) {
+    let local = ctx.local.map(|a| a.to_string());
+    let mut line = match outcome {
         Ok(()) => json!({ "ok": true, "local": local }),
         Err(failure) => json!({
             "ok": false,
@@ -145,5 +151,9 @@ fn report(outcome: Result<(), Failure>, local: Option<SocketAddr>) {
             "local": local,
         }),
     };
+    if let Some(senders) = &ctx.received_from {
+        let senders: Vec<String> = senders.iter().map(ToString::to_string).collect();
+        line["received_from"] = json!(senders);
+    }
     println!("{line}");
 }
