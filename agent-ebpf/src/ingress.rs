@@ -14,9 +14,9 @@
 //! Drops are counted per service; drop events are rate-limited.
 
 use agent_common::{
-    counter_slot, ServiceEntry, SockInfo, UdpPeerKey, DIRECTION_INGRESS, FLAG_INGRESS,
-    FLAG_QUARANTINE, HOOK_INGRESS, INGRESS_EVENTS_PER_SEC, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT,
-    PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    counter_slot, ServiceEntry, SockInfo, DIRECTION_INGRESS, FLAG_INGRESS, FLAG_QUARANTINE,
+    HOOK_INGRESS, INGRESS_EVENTS_PER_SEC, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT, PROTO_TCP,
+    PROTO_UDP, RULE_DEFAULT_DENY, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -34,7 +34,7 @@ use crate::{
     egress::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     events::{blank, count, emit},
     maps::{INGRESS_RATE, SOCK_INFO, UDP_PEERS},
-    programs::{set_addr, Dest},
+    programs::{set_addr, udp_peer_key, Dest},
     service::skb_service,
 };
 
@@ -97,14 +97,7 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
             return PASS; // connected: only its peer reaches it
         }
         let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-        let mut key = UdpPeerKey {
-            socket_cookie: cookie,
-            addr: [0; 16],
-            port: pkt.sport,
-            family: 0,
-            _pad: [0; 5],
-        };
-        set_addr(&mut key.addr, &mut key.family, pkt.source);
+        let key = udp_peer_key(cookie, pkt.source, pkt.sport);
         if unsafe { UDP_PEERS.get(&key) }.is_some() {
             return PASS; // a reply to what this socket sent
         }
@@ -134,14 +127,7 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &I
     // A UDP peer let in may be answered (see sendmsg in programs.rs).
     if verdict != VERDICT_DENY && pkt.proto == PROTO_UDP {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-        let mut key = UdpPeerKey {
-            socket_cookie: cookie,
-            addr: [0; 16],
-            port: pkt.sport,
-            family: 0,
-            _pad: [0; 5],
-        };
-        set_addr(&mut key.addr, &mut key.family, pkt.source);
+        let key = udp_peer_key(cookie, pkt.source, pkt.sport);
         let now = unsafe { bpf_ktime_get_ns() };
         let _ = UDP_PEERS.insert(&key, &now, 0);
     }

@@ -120,6 +120,20 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
     ALLOW
 }
 
+/// The UDP_PEERS key of (socket, peer address, peer port).
+#[inline(always)]
+pub fn udp_peer_key(socket_cookie: u64, peer: Dest, port: u16) -> UdpPeerKey {
+    let mut key = UdpPeerKey {
+        socket_cookie,
+        addr: [0; 16],
+        port,
+        family: 0,
+        _pad: [0; 5],
+    };
+    set_addr(&mut key.addr, &mut key.family, peer);
+    key
+}
+
 #[inline(always)]
 pub fn set_addr(out: &mut [u8; 16], family: &mut u8, addr: Dest) {
     match addr {
@@ -188,14 +202,8 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
             };
             // A datagram answering a UDP peer that ingress let in.
             if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
-                let mut key = UdpPeerKey {
-                    socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-                    addr: [0; 16],
-                    port,
-                    family: 0,
-                    _pad: [0; 5],
-                };
-                set_addr(&mut key.addr, &mut key.family, dest);
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let key = udp_peer_key(cookie, dest, port);
                 if unsafe { UDP_PEERS.get(&key) }.is_some() {
                     rule = RULE_UDP_REPLY;
                 }
@@ -244,13 +252,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     if allowed && hook == HOOK_SENDMSG {
         if let Some(s) = service {
             if s.flags & FLAG_INGRESS != 0 {
-                let key = UdpPeerKey {
-                    socket_cookie: ev.socket_cookie,
-                    addr: ev.dst_addr,
-                    port,
-                    family: ev.family,
-                    _pad: [0; 5],
-                };
+                let key = udp_peer_key(ev.socket_cookie, dest, port);
                 let _ = UDP_PEERS.insert(&key, &ev.ts_ns, 0);
             }
         }
