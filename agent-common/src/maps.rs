@@ -30,6 +30,11 @@ pub const CGROUP_PATH_MAX: usize = 256;
 /// Per-CPU scratch buffer for a cgroup path.
 pub const PATH_SCRATCH: &str = "PATH_SCRATCH";
 
+/// Array of one u32: the OR of every managed service's flags, so that the
+/// per-packet programs (cgroup_skb) return at once on hosts where no
+/// service restricts inbound traffic or is quarantined.
+pub const ACTIVE_FLAGS: &str = "ACTIVE_FLAGS";
+
 /// Array of [`crate::RuleSet`]: the port/protocol checks behind a prefix.
 pub const RULESETS: &str = "RULESETS";
 

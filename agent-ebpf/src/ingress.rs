@@ -33,7 +33,7 @@ use aya_ebpf::{
 use crate::{
     egress::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     events::{blank, count, emit},
-    maps::{INGRESS_RATE, SOCK_INFO, UDP_PEERS},
+    maps::{any_service_has, INGRESS_RATE, SOCK_INFO, UDP_PEERS},
     programs::{set_addr, udp_peer_key, Dest},
     service::skb_service,
 };
@@ -57,6 +57,11 @@ struct Inbound {
 
 #[cgroup_skb(ingress)]
 pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
+    // Every packet received on the host comes here: one array read when no
+    // service restricts inbound traffic.
+    if !any_service_has(FLAG_INGRESS | FLAG_QUARANTINE) {
+        return PASS;
+    }
     let skb = ctx.skb.skb;
     // SAFETY: skb is the context; sk may be null, checked.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
@@ -199,6 +204,11 @@ fn may_emit(service_id: u32) -> bool {
 /// to an exception. Services not quarantined pass untouched (one lookup).
 #[cgroup_skb(egress)]
 pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
+    // Every packet sent on the host comes here: one array read when no
+    // service is quarantined.
+    if !any_service_has(FLAG_QUARANTINE) {
+        return PASS;
+    }
     let skb = ctx.skb.skb;
     let Some(service) = skb_service(skb) else {
         return PASS;

@@ -44,6 +44,17 @@ pub static SERVICE_PATHS: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> =
 #[map(name = "PATH_SCRATCH")]
 pub static PATH_SCRATCH: PerCpuArray<[u8; CGROUP_PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
+#[map(name = "ACTIVE_FLAGS")]
+pub static ACTIVE_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether any managed service has one of `flags`.
+#[inline(always)]
+pub fn any_service_has(flags: u8) -> bool {
+    ACTIVE_FLAGS
+        .get(0)
+        .is_some_and(|active| *active & u32::from(flags) != 0)
+}
+
 #[map(name = "RULESETS")]
 pub static RULESETS: Array<RuleSet> = Array::with_max_entries(DEFAULT_MAX_RULESETS, 0);
 

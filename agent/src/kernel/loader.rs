@@ -246,7 +246,13 @@ impl Enforcer {
         // Paths first: a unit restarting during the switch gets its new
         // entry from the kernel, and the rescan catches the rest.
         maps::write_service_paths(&mut self.ebpf, &staged, self.live.as_ref())?;
+        let (old, new) = (
+            self.live.as_ref().map_or(0, maps::active_flags),
+            maps::active_flags(&staged),
+        );
+        maps::write_active_flags(&mut self.ebpf, old | new)?;
         maps::apply_service_changes(&mut self.ebpf, changes)?;
+        maps::write_active_flags(&mut self.ebpf, new)?;
         self.half = staged.service_base / self.capacity.services.max(1);
         Ok(self.live.replace(staged))
     }

@@ -24,6 +24,7 @@ pub fn write(
     resolved: &[ResolvedService],
 ) -> Result<(), KernelError> {
     write_rules(ebpf, policy)?;
+    write_active_flags(ebpf, active_flags(policy))?;
     write_service_paths(ebpf, policy, None)?;
     let changes: Vec<Change> = resolved
         .iter()
@@ -112,6 +113,26 @@ pub fn path_key(cgroup_path: &str) -> Option<[u8; CGROUP_PATH_MAX]> {
     }
     key[..path.len()].copy_from_slice(path.as_bytes());
     Some(key)
+}
+
+/// Records which flags any service of `policy` has (see ACTIVE_FLAGS).
+/// Written after the services switch when flags are dropped, before when
+/// they are added, so that a per-packet program never skips a service that
+/// needs it.
+pub fn write_active_flags(ebpf: &mut Ebpf, flags: u32) -> Result<(), KernelError> {
+    let mut active: Array<&mut MapData, u32> = map(ebpf, names::ACTIVE_FLAGS)?;
+    active.set(0, flags, 0).map_err(|source| KernelError::Map {
+        name: names::ACTIVE_FLAGS,
+        source,
+    })
+}
+
+/// The OR of every service's flags.
+pub fn active_flags(policy: &CompiledPolicy) -> u32 {
+    policy
+        .services
+        .iter()
+        .fold(0, |acc, s| acc | u32::from(s.entry.flags))
 }
 
 /// Points each service's cgroup path at its entry in `policy`, and removes
