@@ -219,11 +219,20 @@ pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
     let Some(pkt) = parse(&ctx) else {
         return DROP; // a quarantined service sends nothing we cannot read
     };
-    // Outbound: the remote end is the destination.
-    let rule = match pkt.local {
+    // Outbound: the remote end is the destination. A packet passes if the
+    // (exception-only) egress rules allow its destination, or if it belongs
+    // to a connection an exception opened to us (ingress rules, keyed by
+    // the remote address and our local port).
+    let mut rule = match pkt.local {
         Dest::V4(a) => match_v4(service.service_id, a, pkt.proto, pkt.dport),
         Dest::V6(a) => match_v6(service.service_id, a, pkt.proto, pkt.dport),
     };
+    if rule == RULE_DEFAULT_DENY {
+        rule = match pkt.local {
+            Dest::V4(a) => match_ingress_v4(service.service_id, a, pkt.proto, pkt.sport),
+            Dest::V6(a) => match_ingress_v6(service.service_id, a, pkt.proto, pkt.sport),
+        };
+    }
     if rule == RULE_DEFAULT_DENY && service.mode != MODE_AUDIT {
         DROP
     } else {

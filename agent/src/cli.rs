@@ -31,7 +31,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: load the policies, attach the programs at the cgroup2
-    /// root, enforce until SIGINT/SIGTERM, then detach.
+    /// root (pinned, taking over from a previous agent's pins), enforce and
+    /// log decisions, reload on SIGHUP or policy file changes. SIGINT/SIGTERM
+    /// stop the agent but leave the programs enforcing; `detach` removes them.
     Run(RunArgs),
     /// Validate policy files without loading anything; exit 0 if all are
     /// valid, 1 otherwise, with every error as FILE:LINE:COL: message.
@@ -50,10 +52,26 @@ pub enum Command {
     Quarantine(control::admin::QuarantineArgs),
     /// Lift a service's quarantine: its own policy applies again.
     Release(control::admin::ReleaseArgs),
+    /// Export the service graph the daemon aggregates from flows: nodes
+    /// (services, unmanaged processes, endpoints) and edges with counts,
+    /// bytes, first/last seen and verdicts (docs/graph.md).
+    Graph(crate::graph::cli::GraphArgs),
+    /// What a service could reach if compromised: what its policy allows,
+    /// what it actually reached, allowances never used, and the services
+    /// (and their destinations) reachable through other services.
+    BlastRadius(crate::graph::cli::BlastRadiusArgs),
+    /// Write a policy allowing exactly what a service was observed doing
+    /// (in audit mode unless --enforce), with comments saying where each
+    /// rule comes from. Workflow: audit, learn, review, enforce.
+    Learn(crate::graph::cli::LearnArgs),
     /// Remove bulkhead from the kernel: detach every program, remove every
     /// pin. Enforcement stops. Refused while an agent is running (stop it
     /// first: its normal stop keeps enforcing).
     Detach(DetachArgs),
+    /// Replay the seeded synthetic anomaly workload through the detectors
+    /// and print the scores (what `cargo xtask eval-anomaly` runs).
+    #[command(hide = true)]
+    EvalAnomaly(crate::anomaly::eval::EvalArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +178,10 @@ pub fn main() -> ExitCode {
         Command::Status(args) => control::admin::status(&args),
         Command::Quarantine(args) => control::admin::quarantine(&args),
         Command::Release(args) => control::admin::release(&args),
+        Command::Graph(args) => crate::graph::cli::graph(&args),
+        Command::BlastRadius(args) => crate::graph::cli::blast_radius(&args),
+        Command::Learn(args) => crate::graph::cli::learn(&args),
+        Command::EvalAnomaly(args) => crate::anomaly::eval::main(&args),
         Command::Run(args) => {
             logging::init(&cli.log_level);
             match daemon::run(&args) {

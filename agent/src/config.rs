@@ -29,6 +29,10 @@ pub struct Config {
     pub events: EventsConfig,
     pub metrics: MetricsConfig,
     pub control: ControlConfig,
+    /// Anomaly detection (docs/anomaly.md).
+    pub anomaly: crate::anomaly::AnomalyConfig,
+    /// OTLP/HTTP export of events (docs/export.md); off by default.
+    pub export: crate::export::ExportConfig,
 }
 
 impl Default for Config {
@@ -41,6 +45,8 @@ impl Default for Config {
             events: EventsConfig::default(),
             metrics: MetricsConfig::default(),
             control: ControlConfig::default(),
+            anomaly: crate::anomaly::AnomalyConfig::default(),
+            export: crate::export::ExportConfig::default(),
         }
     }
 }
@@ -154,6 +160,24 @@ impl Config {
                 message: format!(
                     "events.ring_buffer_bytes = {rb}: must be a power of two of at least 4096"
                 ),
+            });
+        }
+        let problems: Vec<String> = config
+            .anomaly
+            .problems()
+            .into_iter()
+            .chain(config.export.problems())
+            .collect();
+        if let Some(first) = problems.first() {
+            // Points at the first offending key.
+            let key = first.split([':', ' ']).next().unwrap_or_default();
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            let (line, column) = crate::policy::position(text, text.find(leaf).unwrap_or(0));
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: problems.join("; "),
             });
         }
         // A relative policy_dir is relative to the config file.

@@ -124,6 +124,12 @@ async fn serve(plan: Plan) -> Result<()> {
     let sink = Sink::open(&config.events.sink)
         .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
     let hub = Arc::new(Hub::new(sink));
+    // The service graph subscribes before the first event and is fed from
+    // the state directory's copy (docs/graph.md).
+    let graph_events = hub.subscribe();
+    let graph = Arc::new(crate::graph::Shared::default());
+    *graph.graph() = crate::graph::store::load(&config.state_dir);
+    graph.set_policy(&set);
     // Bound before anything touches the kernel, so a taken port stops the
     // daemon here, with the address in the error.
     let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?;
@@ -212,7 +218,28 @@ async fn serve(plan: Plan) -> Result<()> {
         ),
     ));
     metrics_state.set_attached(true);
+    metrics_state.set_graph(Arc::clone(&graph));
+    let graph_task = crate::graph::store::spawn_aggregator(
+        Arc::clone(&graph),
+        graph_events,
+        config.state_dir.clone(),
+        Arc::clone(&hub.stats),
+    );
     let _metrics = metrics_endpoint.serve(Arc::clone(&metrics_state))?;
+    // Anomaly detection: counts the live events, reports deviations.
+    let anomaly_stats = Arc::new(crate::anomaly::AnomalyStats::default());
+    metrics_state.set_anomalies(Arc::clone(&anomaly_stats));
+    let anomalies = crate::anomaly::spawn(
+        config.anomaly.clone(),
+        &hub,
+        config.state_dir.clone(),
+        anomaly_stats,
+    )
+    .context("cannot start anomaly detection")?;
+    let export_stats = Arc::new(crate::export::ExportStats::default());
+    metrics_state.set_export(Arc::clone(&export_stats));
+    let exporter = crate::export::spawn(config.export.clone(), &hub, export_stats)
+        .context("cannot start the OTLP exporter")?;
 
     // Control socket (`bulkhead flows`, ...): serves from `hub`.
     // (control: spawn here)
@@ -231,6 +258,11 @@ async fn serve(plan: Plan) -> Result<()> {
         policy_dir.display()
     );
     info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
+    // Handlers before READY: a SIGHUP (reload) or SIGTERM right after the
+    // service manager hears we are up must not kill the agent.
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     crate::notify::ready(&status);
     // Pings while the event consumer lives and the main loop beats.
     let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
@@ -240,6 +272,7 @@ async fn serve(plan: Plan) -> Result<()> {
         "startup",
         (&reload::Snapshot::default(), &policy::PolicySet::default()),
         Some((&snapshot, &set)),
+        None,
         None,
     ))]);
     let mut engine = Engine::new(
@@ -254,6 +287,7 @@ async fn serve(plan: Plan) -> Result<()> {
         config.state_dir.clone(),
     );
     engine.quarantines = quarantines;
+    engine.graph = Arc::clone(&graph);
     engine.pins = pins.current();
     engine.packet_sockets = match &coverage.packet_sockets_reason {
         None => "judged (BPF LSM)".to_string(),
@@ -261,9 +295,6 @@ async fn serve(plan: Plan) -> Result<()> {
     };
     let mut policy_changes = watch_policy_dir(&policy_dir)?;
 
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // File changes come in bursts (editors write, rename, chmod): reload
@@ -306,6 +337,17 @@ async fn serve(plan: Plan) -> Result<()> {
     // over, or `bulkhead detach` removes it.
     engine.enforcer.leave_pinned();
     reader.abort();
+    if let Some(task) = anomalies {
+        task.stop().await;
+    }
+    if let Some(exporter) = exporter {
+        exporter.abort();
+    }
+    graph_task.finish().await;
+    match crate::graph::store::save(&config.state_dir, &graph) {
+        Ok(()) => info!(dir = %config.state_dir.display(), "service graph saved"),
+        Err(e) => warn!(dir = %config.state_dir.display(), "cannot save the service graph: {e}"),
+    }
     info!(pins = %pins.current().display(), "agent stopped; its programs stay attached and enforcing (`bulkhead detach` removes them)");
     Ok(())
 }

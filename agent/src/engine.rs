@@ -23,8 +23,8 @@ use crate::{
 
 /// How long a retired policy's prefixes stay after a switch: a verdict
 /// that read the old service entry just before the switch may still be
-/// looking them up (BPF programs run in well under a millisecond).
-const RETIRE_GRACE: Duration = Duration::from_millis(500);
+/// looking them up. A verdict takes microseconds; 50 ms is ample.
+const RETIRE_GRACE: Duration = Duration::from_millis(50);
 
 pub struct Engine {
     pub enforcer: Enforcer,
@@ -43,6 +43,8 @@ pub struct Engine {
     /// Where the pins are, and what packet sockets coverage is (for status).
     pub pins: std::path::PathBuf,
     pub packet_sockets: String,
+    /// The service graph (blast radius, learn), fed by the aggregator.
+    pub graph: Arc<crate::graph::Shared>,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
 }
@@ -75,6 +77,7 @@ impl Engine {
             quarantines: Quarantines::default(),
             pins: std::path::PathBuf::new(),
             packet_sockets: String::new(),
+            graph: Arc::default(),
             retiring: None,
         }
     }
@@ -102,11 +105,13 @@ impl Engine {
                 trigger,
                 "policy reload refused; the policy in force is unchanged:\n{error}"
             );
+            let now = reload::current_snapshot(&self.source.dir);
             let record = reload::change_record(
                 "reload",
                 trigger,
                 (&self.snapshot, &self.set),
                 None,
+                Some(&now),
                 Some(error),
             );
             self.hub.publish(vec![reload::audit_event(record)]);
@@ -125,6 +130,7 @@ impl Engine {
             (&self.snapshot, &self.set),
             Some((&loaded.snapshot, &loaded.set)),
             None,
+            None,
         );
         info!(
             trigger,
@@ -135,6 +141,7 @@ impl Engine {
         self.hub.publish(vec![reload::audit_event(record)]);
         self.set = loaded.set;
         self.snapshot = loaded.snapshot;
+        self.graph.set_policy(&self.set);
         Ok(())
     }
 
@@ -142,9 +149,10 @@ impl Engine {
     /// kernel to it: staged into the other half, then one map update per
     /// service cgroup. On error nothing in force has changed.
     fn apply_set(&mut self, set: &PolicySet) -> Result<(), String> {
-        if let Some((_, old)) = self.retiring.take() {
-            // A change right after a change: finish retiring the previous one.
-            std::thread::sleep(RETIRE_GRACE);
+        if let Some((at, old)) = self.retiring.take() {
+            // A change right after a change: finish retiring the previous
+            // one first (waiting out only what is left of its grace).
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
             self.enforcer.retire(&old).map_err(|e| e.to_string())?;
         }
         let effective = self.quarantines.overlay(set);
@@ -177,6 +185,11 @@ impl Engine {
             Request::Quarantine(q) => self.quarantine(&q.service, &q.allow),
             Request::Release(r) => self.release(&r.service),
             Request::Flows(_) => Err("flows is served by the control socket itself".to_string()),
+            Request::Graph(_) => Ok(crate::graph::requests::graph(&self.graph, &self.set)),
+            Request::BlastRadius(r) => {
+                crate::graph::requests::blast_radius(&self.graph, &self.set, &r)
+            }
+            Request::Learn(r) => crate::graph::requests::learn(&self.graph, &self.set, &r),
         };
         // The client may have gone; nothing to do then.
         let _ = call.reply.send(answer);

@@ -160,23 +160,31 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The audit record of a change from `before` to `after` (None: refused).
+/// The files of `dir` as they are now, permissions not judged (for the
+/// record of a refused reload).
+pub fn current_snapshot(dir: &Path) -> Snapshot {
+    snapshot(dir, &mut Vec::new()).unwrap_or_default()
+}
+
+/// The audit record of a change from `before` to `after` (None: refused;
+/// then `refused_files` are the files as they were when refused).
 pub fn change_record(
     action: &str,
     trigger: &str,
     before: (&Snapshot, &PolicySet),
     after: Option<(&Snapshot, &PolicySet)>,
+    refused_files: Option<&Snapshot>,
     error: Option<String>,
 ) -> ChangeRecord {
     let (old_snap, old_set) = before;
     let empty_snap = Snapshot::default();
     let empty_set = PolicySet::default();
-    let (new_snap, new_set) = after.unwrap_or((&empty_snap, &empty_set));
+    let (new_snap, new_set) = after.unwrap_or((refused_files.unwrap_or(&empty_snap), &empty_set));
     let mut files = Vec::new();
     let paths: BTreeSet<&PathBuf> = old_snap.files.keys().chain(new_snap.files.keys()).collect();
     for path in paths {
         let (b, a) = (old_snap.files.get(path), new_snap.files.get(path));
-        if after.is_some() && b == a {
+        if b == a {
             continue;
         }
         files.push(FileChange {
@@ -315,10 +323,11 @@ pub fn audit_event(change: ChangeRecord) -> FlowEvent {
         bytes_received: None,
         duration_ns: None,
         change: Some(change),
+        anomaly: None,
     }
 }
 
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -373,6 +382,7 @@ mod tests {
             "sighup",
             (&before.snapshot, &before.set),
             Some((&after.snapshot, &after.set)),
+            None,
             None,
         );
         assert_eq!(rec.result, "applied");

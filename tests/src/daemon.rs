@@ -275,6 +275,23 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The daemon's control socket (`bulkhead status|quarantine|release
+    /// --socket PATH`).
+    #[must_use]
+    pub fn control_socket(&self) -> &Path {
+        &self.control
+    }
+
+    /// The exit status if the daemon has exited (reaped: later calls and
+    /// [`Self::pid`] see no child); `None` while it runs.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let killed = match self.child.take() {

@@ -12,8 +12,11 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod conn;
+pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod http;
 pub mod netns;
 pub mod notify;
 pub mod policy;

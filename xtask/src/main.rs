@@ -4,7 +4,10 @@
 mod bench;
 mod bpf_linker;
 mod build;
+mod eval;
+mod install;
 mod lint;
+mod package;
 mod run;
 mod setup;
 mod steps;
@@ -48,6 +51,20 @@ enum Task {
     Lint,
     /// Measure hook cost side by side with nftables and iptables; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Replay the seeded synthetic anomaly workload through the detectors;
+    /// prints precision, recall and false alarms per kind and writes
+    /// docs/anomaly-eval.md.
+    EvalAnomaly {
+        /// Seed of the synthetic workload.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Build the release binary and install it with the systemd unit, the
+    /// default config (never over an existing one) and the example policies.
+    Install(install::InstallArgs),
+    /// Build the Debian package (cargo-deb, installed if missing) with the
+    /// same files as `install --prefix /usr`; prints the .deb's path.
+    Package(package::PackageArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +100,21 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
         Task::Bench(args) => {
             setup::run()?;
             bench::run(&args)?;
+        }
+        Task::EvalAnomaly { seed } => {
+            setup::ensure_build_tools()?;
+            eval::run(seed)?;
+        }
+        // With --binary nothing is built, so no eBPF tools are needed.
+        Task::Install(args) => {
+            if args.binary.is_none() {
+                setup::ensure_build_tools()?;
+            }
+            install::run(&args)?;
+        }
+        Task::Package(args) => {
+            setup::ensure_build_tools()?;
+            package::run(&args)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -21,8 +21,9 @@ use crate::{
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 
 /// Debian packages the integration tests need: `ip` for namespaces and veth
-/// pairs, `bpftool` to check that no bulkhead program is left behind.
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+/// pairs, `bpftool` to check that no bulkhead program is left behind,
+/// `chromium` to render the service map page headless (tests/tests/graph.rs).
+const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium"];
 
 /// Everything: build tools and the packages the tests need.
 pub fn run() -> Result<()> {

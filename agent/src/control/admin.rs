@@ -71,8 +71,12 @@ pub fn quarantine(args: &QuarantineArgs) -> ExitCode {
     match ask("quarantine", &args.socket, &req) {
         Ok(result) => {
             println!(
-                "quarantined {}: everything in and out denied{}",
+                "quarantined {} in {} µs: everything in and out denied{}",
                 args.service,
+                result
+                    .get("applied_in_us")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
                 match result.get("allow").and_then(Value::as_array) {
                     Some(a) if !a.is_empty() => format!(
                         " except {}",
@@ -105,7 +109,7 @@ pub fn release(args: &ReleaseArgs) -> ExitCode {
 
 /// Sends one request and returns its result, or prints one line and
 /// returns the exit code.
-fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
+pub(crate) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
     let path = match &socket.socket {
         Some(p) => p.clone(),
         None => match Config::load(socket.config.as_deref()) {
@@ -169,7 +173,7 @@ pub fn render_status(v: &Value) -> String {
         s(v, "packet_sockets"),
     );
     out.push_str(&format!(
-        "{:<20} {:<9} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
+        "{:<20} {:<10} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
         "SERVICE", "STATE", "MODE", "RULES", "ALLOWED", "DENIED", "AUDITED", "CGROUP"
     ));
     for svc in v
@@ -184,7 +188,7 @@ pub fn render_status(v: &Value) -> String {
             s(svc, "state")
         };
         out.push_str(&format!(
-            "{:<20} {:<9} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
+            "{:<20} {:<10} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
             s(svc, "name"),
             state,
             s(svc, "mode"),

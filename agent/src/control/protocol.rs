@@ -19,8 +19,8 @@ pub const VERSION: u64 = 1;
 /// A request longer than this is refused (requests are a few filters).
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 /// A reply line longer than this is refused by the client (an event is
-/// well under 1 KiB).
-pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+/// well under 1 KiB; a full service graph, 20,000 edges, about 8 MiB).
+pub const MAX_REPLY_BYTES: usize = 32 * 1024 * 1024;
 
 /// What a client asks for. The `cmd` field names the variant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,37 @@ pub enum Request {
     Quarantine(QuarantineRequest),
     /// Lift a service's quarantine.
     Release(ReleaseRequest),
+    /// The service graph (docs/graph.md).
+    Graph(GraphRequest),
+    /// One service's blast radius.
+    BlastRadius(BlastRadiusRequest),
+    /// A policy learned from what a service was observed doing.
+    Learn(LearnRequest),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GraphRequest {}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlastRadiusRequest {
+    pub service: String,
+    /// Only connections seen at or after this time (RFC 3339) count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnRequest {
+    pub service: String,
+    /// Only connections seen at or after this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Write `mode = "enforce"` instead of `"audit"`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforce: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +239,7 @@ pub(super) mod tests {
             bytes_received: None,
             duration_ns: None,
             change: None,
+            anomaly: None,
         }
     }
 

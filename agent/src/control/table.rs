@@ -44,6 +44,10 @@ pub fn row(ev: &FlowEvent) -> Row {
             || "policy change".to_string(),
             |c| format!("{} {}", c.action, c.result),
         ),
+        (EventType::Anomaly, _) => ev
+            .anomaly
+            .as_ref()
+            .map_or_else(|| "anomaly".to_string(), |a| format!("anomaly {}", a.kind)),
     };
     [
         clock(&ev.time),

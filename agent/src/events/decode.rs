@@ -186,6 +186,7 @@ impl Decoder {
             bytes_received: (kind == EventType::TcpClosed).then_some(raw.bytes_received),
             duration_ns: (kind == EventType::TcpClosed).then_some(raw.duration_ns),
             change: None,
+            anomaly: None,
         })
     }
 

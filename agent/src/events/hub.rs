@@ -23,8 +23,9 @@ const LIVE_CAPACITY: usize = 8192;
 /// Counters of the pipeline, exported as metrics.
 #[derive(Debug, Default)]
 pub struct EventStats {
-    /// Events by type: verdict, tcp_established, tcp_closed, policy_change.
-    pub received: [AtomicU64; 4],
+    /// Events by type: verdict, tcp_established, tcp_closed, policy_change,
+    /// anomaly.
+    pub received: [AtomicU64; 5],
     /// Records the kernel sent that could not be decoded.
     pub decode_errors: AtomicU64,
     /// Events that could not be written to the decision log.

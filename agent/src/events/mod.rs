@@ -11,7 +11,8 @@ mod sink;
 pub use decode::{Decoder, Names};
 pub use hub::{EventStats, Hub};
 pub use model::{
-    ChangeRecord, Direction, EventType, FileChange, FlowEvent, ServiceChange, Verdict, SCHEMA,
+    AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange, FlowEvent,
+    ServiceChange, Verdict, SCHEMA,
 };
 pub use reader::spawn_reader;
 pub use sink::Sink;

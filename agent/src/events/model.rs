@@ -20,6 +20,8 @@ pub enum EventType {
     TcpClosed,
     /// The policy in force changed, or a change was refused (see `change`).
     PolicyChange,
+    /// A service behaved unlike its baseline (see `anomaly`, docs/anomaly.md).
+    Anomaly,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -85,6 +87,8 @@ pub struct FlowEvent {
     pub duration_ns: Option<u64>,
     /// For policy_change: what changed, from where, and the result.
     pub change: Option<ChangeRecord>,
+    /// For anomaly: what was seen, against which baseline.
+    pub anomaly: Option<AnomalyRecord>,
 }
 
 /// An audit record of a change to what is enforced.
@@ -119,3 +123,36 @@ pub struct ServiceChange {
     pub added: Vec<String>,
     pub removed: Vec<String>,
 }
+
+/// What an anomaly detector saw (docs/anomaly.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnomalyRecord {
+    /// rate_spike, new_destination, fan_out, deny_burst, volume_spike.
+    pub kind: String,
+    /// low, medium or high.
+    pub severity: String,
+    /// "started" for the first event of a group, "ongoing" for its updates.
+    pub state: String,
+    pub evidence: Evidence,
+    /// RFC 3339, UTC: when this group of anomalies started and was last seen.
+    pub first_seen: String,
+    pub last_seen: String,
+    /// Intervals in which the detector fired since `first_seen`.
+    pub count: u64,
+}
+
+/// The numbers behind an anomaly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// What the detector expected per window (EWMA, threshold or 0).
+    pub baseline: f64,
+    /// What it saw in the window.
+    pub observed: f64,
+    /// The window, in seconds.
+    pub window_s: u64,
+    /// A few of the destinations involved, like "192.0.2.10:443/tcp".
+    pub sample_destinations: Vec<String>,
+}
+
+// Baselines are finite numbers (never NaN), so equality is an equivalence.
+impl Eq for Evidence {}

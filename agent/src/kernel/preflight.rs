@@ -5,6 +5,7 @@ use aya::programs::ProgramType;
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// `Err(one line)` when the agent cannot enforce on this host.
@@ -13,9 +14,13 @@ pub fn check() -> Result<(), String> {
         "bulkhead run: cannot read this process's capabilities from /proc/self/status".to_string()
     })?;
     let has = |cap: u32| caps & (1u64 << cap) != 0;
-    if !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) || !has(CAP_NET_ADMIN) {
+    // CAP_PERFMON: without it the verifier refuses the programs' pointer
+    // arithmetic ("prohibited for !root"); CAP_SYS_ADMIN implies all three.
+    let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
+    let perfmon = has(CAP_PERFMON) || has(CAP_SYS_ADMIN);
+    if !bpf || !perfmon || !has(CAP_NET_ADMIN) {
         return Err(
-            "bulkhead run needs root (CAP_BPF and CAP_NET_ADMIN) to load and attach its eBPF programs; run it as root or through its systemd unit"
+            "bulkhead run needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load and attach its eBPF programs; run it as root or through its systemd unit"
                 .to_string(),
         );
     }

@@ -88,11 +88,12 @@ const VERDICTS: [(u8, &str); 3] = [
     (VERDICT_AUDIT, "audit"),
 ];
 /// Every event type, in `EventStats::received` order.
-const EVENT_TYPES: [EventType; 4] = [
+const EVENT_TYPES: [EventType; 5] = [
     EventType::Verdict,
     EventType::TcpEstablished,
     EventType::TcpClosed,
     EventType::PolicyChange,
+    EventType::Anomaly,
 ];
 
 /// The `type` label: the event's `type` field in the decision log.
@@ -104,6 +105,7 @@ fn type_label(kind: EventType) -> &'static str {
         EventType::TcpEstablished => "tcp_established",
         EventType::TcpClosed => "tcp_closed",
         EventType::PolicyChange => "policy_change",
+        EventType::Anomaly => "anomaly",
     }
 }
 
@@ -125,6 +127,9 @@ impl Collector for StateCollector {
         events(&mut enc, state)?;
         policy(&mut enc, &inventory)?;
         reloads(&mut enc, state)?;
+        graph(&mut enc, state)?;
+        anomalies(&mut enc, state)?;
+        export(&mut enc, state)?;
         health(&mut enc, state)?;
         match ProcessStats::read() {
             Ok(p) => process(&mut enc, &p)?,
@@ -284,6 +289,87 @@ fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
             .maps
             .iter()
             .map(|m| ([("map", m.name)], m.capacity)),
+    )
+}
+
+fn graph(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    let Some(shared) = state.graph() else {
+        return Ok(());
+    };
+    let (edges, listeners, evictions) = {
+        let g = shared.graph();
+        (g.edges.len(), g.listeners.len(), g.evictions)
+    };
+    let m = enc.encode_descriptor(
+        "bulkhead_graph_evictions",
+        "Service graph edges and listeners dropped, least recently seen first, to keep the graph within its caps.",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(evictions).encode(m)?;
+    gauges(
+        enc,
+        "bulkhead_graph_entries",
+        "Entries in the service graph, by kind (edge, listener).",
+        None,
+        [
+            ([("kind", "edge")], count(edges)),
+            ([("kind", "listener")], count(listeners)),
+        ],
+    )
+}
+
+fn anomalies(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    let Some(stats) = state.anomalies() else {
+        return Ok(());
+    };
+    let totals = stats.totals();
+    counters(
+        enc,
+        "bulkhead_anomalies",
+        "Anomaly events (starts and updates of grouped anomalies), by service and detector kind.",
+        totals
+            .iter()
+            .map(|(service, kind, n)| ([("service", service.as_str()), ("kind", *kind)], *n)),
+    )?;
+    counters(
+        enc,
+        "bulkhead_anomaly_events_lagged",
+        "Flow events the anomaly detectors missed because they fell behind.",
+        [([("source", "hub")], stats.lagged())],
+    )
+}
+
+fn export(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    use crate::export::ExportStats;
+    let Some(stats) = state.export() else {
+        return Ok(());
+    };
+    counters(
+        enc,
+        "bulkhead_export_sent",
+        "Events the OTLP collector accepted.",
+        [([("exporter", "otlp")], ExportStats::get(&stats.sent))],
+    )?;
+    counters(
+        enc,
+        "bulkhead_export_dropped",
+        "Events not exported, by reason: queue_full (the collector slow or down), retries_exhausted, rejected (4xx).",
+        [
+            ("queue_full", &stats.dropped_queue_full),
+            ("retries_exhausted", &stats.dropped_retries),
+            ("rejected", &stats.dropped_rejected),
+        ]
+        .map(|(reason, v)| ([("reason", reason)], ExportStats::get(v))),
+    )?;
+    counters(
+        enc,
+        "bulkhead_export_failed_requests",
+        "OTLP requests that failed (each retry counts).",
+        [(
+            [("exporter", "otlp")],
+            ExportStats::get(&stats.failed_requests),
+        )],
     )
 }
 

@@ -73,6 +73,8 @@ impl Endpoint {
         let router = Router::new()
             .route("/metrics", get(metrics))
             .route("/healthz", get(healthz))
+            .route("/graph", get(graph_page))
+            .route("/graph.json", get(graph_json))
             .fallback(not_found)
             .with_state(app);
         let task = tokio::spawn(async move {
@@ -150,10 +152,47 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// The service map (docs/graph.md): one self-contained page.
+async fn graph_page(State(app): State<Arc<App>>) -> Response {
+    let Some(shared) = app.state.graph().cloned() else {
+        return not_found().await;
+    };
+    match tokio::task::spawn_blocking(move || crate::graph::page::html(&shared)).await {
+        Ok(page) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+                ),
+            ],
+            page,
+        )
+            .into_response(),
+        Err(e) => {
+            error!("graph page failed: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "graph page failed\n").into_response()
+        }
+    }
+}
+
+async fn graph_json(State(app): State<Arc<App>>) -> Response {
+    let Some(shared) = app.state.graph().cloned() else {
+        return not_found().await;
+    };
+    match tokio::task::spawn_blocking(move || crate::graph::page::data(&shared).to_string()).await {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => {
+            error!("graph.json failed: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "graph.json failed\n").into_response()
+        }
+    }
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: try /metrics or /healthz\n",
+        "not found: try /metrics, /healthz or /graph\n",
     )
         .into_response()
 }

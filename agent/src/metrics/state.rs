@@ -197,6 +197,12 @@ pub struct MetricsState {
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
+    /// The service graph, once the daemon has one (`/graph`, graph metrics).
+    graph: std::sync::OnceLock<Arc<crate::graph::Shared>>,
+    /// Anomaly counters, once the detectors run.
+    anomalies: std::sync::OnceLock<Arc<crate::anomaly::AnomalyStats>>,
+    /// OTLP export counters, once the exporter is set up.
+    export: std::sync::OnceLock<Arc<crate::export::ExportStats>>,
 }
 
 /// Which kernel counters belong to which service, across reloads.
@@ -257,9 +263,42 @@ impl MetricsState {
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
+            graph: std::sync::OnceLock::new(),
+            anomalies: std::sync::OnceLock::new(),
+            export: std::sync::OnceLock::new(),
         };
         state.replace_inventory(inventory);
         state
+    }
+
+    /// Hands over the service graph (once; later calls are ignored).
+    pub fn set_graph(&self, graph: Arc<crate::graph::Shared>) {
+        let _ = self.graph.set(graph);
+    }
+
+    #[must_use]
+    pub fn graph(&self) -> Option<&Arc<crate::graph::Shared>> {
+        self.graph.get()
+    }
+
+    /// Hands over the anomaly counters (once; later calls are ignored).
+    pub fn set_anomalies(&self, stats: Arc<crate::anomaly::AnomalyStats>) {
+        let _ = self.anomalies.set(stats);
+    }
+
+    #[must_use]
+    pub fn anomalies(&self) -> Option<&Arc<crate::anomaly::AnomalyStats>> {
+        self.anomalies.get()
+    }
+
+    /// Hands over the export counters (once; later calls are ignored).
+    pub fn set_export(&self, stats: Arc<crate::export::ExportStats>) {
+        let _ = self.export.set(stats);
+    }
+
+    #[must_use]
+    pub fn export(&self) -> Option<&Arc<crate::export::ExportStats>> {
+        self.export.get()
     }
 
     /// Call with true once every program is attached, with false just

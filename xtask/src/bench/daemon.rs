@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+
+use super::sandbox::{run_quiet, PREFIX};
 
 /// Loading 100,000 prefixes takes well under a second here; this is only a
 /// bound for a daemon that hangs.
@@ -48,7 +50,7 @@ impl Daemon {
         let started = Instant::now();
         // Its own pins and state: a stopped agent keeps enforcing through its
         // pins, so `stop` and Drop detach them (see `detach`).
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{}", std::process::id()));
+        let pin_dir = Path::new(PIN_PARENT).join(format!("{PREFIX}{}", std::process::id()));
         let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
@@ -138,31 +140,37 @@ impl Daemon {
         Some(total)
     }
 
+    /// The ids of the programs this agent attached, from the links it
+    /// pinned: exact even while other agents (test runs) attach and detach
+    /// programs with the same names at the same root.
+    pub fn program_ids(&self) -> Result<Vec<u32>> {
+        let links = self.pin_dir.join("current").join("links");
+        let entries = fs::read_dir(&links).with_context(|| format!("read {}", links.display()))?;
+        let mut ids = Vec::new();
+        for entry in entries.flatten() {
+            let out = run_quiet(
+                Command::new("bpftool")
+                    .args(["link", "show", "pinned"])
+                    .arg(entry.path())
+                    .arg("--json"),
+            )?;
+            let v: serde_json::Value =
+                serde_json::from_str(&out).context("bpftool printed invalid JSON")?;
+            if let Some(id) = v
+                .get("prog_id")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok())
+            {
+                ids.push(id);
+            }
+        }
+        ensure!(!ids.is_empty(), "no pinned links under {}", links.display());
+        Ok(ids)
+    }
+
     /// Removes the stopped agent's pinned programs from the kernel.
     fn detach(&self) -> Result<()> {
-        if !self.pin_dir.join("current").exists() {
-            return Ok(());
-        }
-        let out = Command::new(&self.bin)
-            .args([
-                "detach",
-                "--config",
-                "/dev/null",
-                "--control-socket",
-                "/nonexistent",
-            ])
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .output()
-            .context("run bulkhead detach")?;
-        let _ = fs::remove_dir(&self.pin_dir);
-        if !out.status.success() {
-            bail!(
-                "bulkhead detach failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        detach(&self.bin, &self.pin_dir)
     }
 
     /// SIGTERM, then waits (it must exit 0), then detaches its programs.
@@ -202,8 +210,9 @@ impl Drop for Daemon {
     }
 }
 
-/// SIGTERM and wait up to `STOP_TIMEOUT`; SIGKILL after that (the kernel
-/// then drops its links, so nothing stays attached). None if it was killed.
+/// SIGTERM and wait up to `STOP_TIMEOUT`; SIGKILL after that. None if it
+/// was killed. Either way its programs stay attached through their pins
+/// until `detach`.
 fn terminate(child: &mut Child) -> Result<Option<std::process::ExitStatus>> {
     if let Some(status) = child.try_wait().context("poll bulkhead")? {
         return Ok(Some(status));
@@ -221,6 +230,55 @@ fn terminate(child: &mut Child) -> Result<Option<std::process::ExitStatus>> {
     child.kill().context("kill bulkhead")?;
     child.wait().context("reap bulkhead")?;
     Ok(None)
+}
+
+/// Where the bench's agents pin their programs (a directory per run).
+const PIN_PARENT: &str = "/sys/fs/bpf";
+
+/// `bulkhead detach` on `pin_dir` (a stopped agent's programs stay
+/// attached through their pins), then removes the emptied directory.
+fn detach(bin: &Path, pin_dir: &Path) -> Result<()> {
+    if !pin_dir.join("current").exists() {
+        let _ = fs::remove_dir(pin_dir);
+        return Ok(());
+    }
+    // An empty config (the defaults) and a control socket no agent holds:
+    // detach refuses while an agent answers on the socket.
+    let out = Command::new(bin)
+        .args(["detach", "--config", "/dev/null"])
+        .args(["--control-socket", "/nonexistent"])
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("run bulkhead detach")?;
+    let _ = fs::remove_dir(pin_dir);
+    if !out.status.success() {
+        bail!(
+            "bulkhead detach --pin-dir {} failed: {}",
+            pin_dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Detaches what agents of a killed bench left pinned (their programs would
+/// still run for every cgroup on the host and skew every case).
+pub fn detach_stale(bin: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(PIN_PARENT) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+            eprintln!(
+                "xtask bench: detaching stale pins at {}",
+                entry.path().display()
+            );
+            detach(bin, &entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

@@ -183,7 +183,8 @@ fn udp_connect(n: usize) -> Result<Vec<u64>> {
     let sock = socket(libc::SOCK_DGRAM)?;
     let addr = loopback(UDP_PORT);
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
+        interruptible(i)?;
         // SAFETY: a valid socket and a sockaddr_in of the length passed.
         let ns = timed(|| unsafe {
             libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), SOCKADDR_LEN)
@@ -203,7 +204,8 @@ fn udp_sendto(receiver: &UdpSocket, n: usize) -> Result<Vec<u64>> {
     let byte = [0u8; 1];
     let mut sink = [0u8; 16];
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
+        interruptible(i)?;
         // SAFETY: a valid socket, a 1-byte buffer, a sockaddr_in of the
         // length passed.
         let ns = timed(|| unsafe {
@@ -235,7 +237,8 @@ fn udp_sendto(receiver: &UdpSocket, n: usize) -> Result<Vec<u64>> {
 fn tcp_connect(listener: &TcpListener, n: usize) -> Result<Vec<u64>> {
     let addr = loopback(TCP_PORT);
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
+        interruptible(i)?;
         let sock = socket(libc::SOCK_STREAM)?;
         set_linger_zero(&sock)?;
         set_timeout(&sock, libc::SO_SNDTIMEO)?;
@@ -250,6 +253,16 @@ fn tcp_connect(listener: &TcpListener, n: usize) -> Result<Vec<u64>> {
         out.push(ns);
     }
     Ok(out)
+}
+
+/// Ctrl-C reaches the load generator too (same process group): it stops at
+/// the next check instead of finishing a long case (100,000 iptables rules
+/// take seconds per thousand calls).
+fn interruptible(i: usize) -> Result<()> {
+    if i.is_multiple_of(1024) {
+        super::sandbox::check_interrupted()?;
+    }
+    Ok(())
 }
 
 /// Nanoseconds taken by `call`, a syscall returning < 0 on error.
@@ -429,9 +442,7 @@ fn decode(bytes: &[u8]) -> Result<Samples> {
     match bytes.split_first() {
         Some((b'k', mut rest)) => {
             let mut next = || -> Result<u64> {
-                let (word, tail) = rest
-                    .split_first_chunk::<8>()
-                    .context("truncated results")?;
+                let (word, tail) = rest.split_first_chunk::<8>().context("truncated results")?;
                 rest = tail;
                 Ok(u64::from_le_bytes(*word))
             };
@@ -449,9 +460,7 @@ fn decode(bytes: &[u8]) -> Result<Samples> {
 /// How long an empty timed region takes (two clock reads): the floor under
 /// every sample, the same in every case.
 pub fn timer_overhead_ns() -> u64 {
-    let mut v: Vec<u64> = (0..10_000)
-        .map(|_| timed(|| 0).unwrap_or(0))
-        .collect();
+    let mut v: Vec<u64> = (0..10_000).map(|_| timed(|| 0).unwrap_or(0)).collect();
     v.sort_unstable();
     v[v.len() / 2]
 }

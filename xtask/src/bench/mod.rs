@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// bulkhead only: leave out the nftables and iptables cases.
     #[arg(long)]
     pub no_peers: bool,
+    /// Measure even while programs from elsewhere (another agent, a test
+    /// run) are attached at the cgroup2 root; they then run in every case
+    /// and the report says so. By default the bench waits a minute for them
+    /// to go and then stops.
+    #[arg(long)]
+    pub allow_foreign_programs: bool,
     /// Where to write the report [default: BENCHMARKS.md at the workspace
     /// root, except for --quick runs].
     #[arg(long, value_name = "FILE")]
@@ -81,8 +87,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let bulkhead = target_dir()?.join("release").join("bulkhead");
 
     sandbox::catch_sigint()?;
+    let _lock = sandbox::lock()?;
     let mount = sandbox::cgroup2_mount()?;
     sandbox::remove_stale(&mount);
+    daemon::detach_stale(&bulkhead)?;
     let work = tempfile::Builder::new()
         .prefix("bulkhead-bench")
         .tempdir()
@@ -119,8 +127,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .clone()
         .or_else(|| (!plan.quick).then(|| workspace_root().join("BENCHMARKS.md")));
     if let Some(path) = output {
-        fs::write(&path, report.markdown())
-            .with_context(|| format!("write {}", path.display()))?;
+        fs::write(&path, report.markdown()).with_context(|| format!("write {}", path.display()))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())

@@ -145,10 +145,7 @@ mod tests {
             Some("unified/bulkhead-bench-x")
         );
         let pure = Path::new("/sys/fs/cgroup");
-        assert_eq!(
-            nft_cgroup_path(pure, "x").as_deref(),
-            Some("x")
-        );
+        assert_eq!(nft_cgroup_path(pure, "x").as_deref(), Some("x"));
         assert_eq!(nft_cgroup_path(Path::new("/mnt/cg2"), "x"), None);
     }
 
@@ -173,7 +170,8 @@ mod tests {
 
     #[test]
     fn counters_parse() {
-        let nft = "\t\tsocket cgroupv2 level 1 \"unified/x\" counter packets 42 bytes 1 jump service\n";
+        let nft =
+            "\t\tsocket cgroupv2 level 1 \"unified/x\" counter packets 42 bytes 1 jump service\n";
         assert_eq!(parse_after(nft, "counter packets "), Some(42));
     }
 }

@@ -49,6 +49,8 @@ pub struct Plan {
     pub udp_iterations: usize,
     pub tcp_iterations: usize,
     pub peers: bool,
+    /// Measure even with programs from elsewhere attached at the root.
+    pub allow_foreign: bool,
 }
 
 impl Plan {
@@ -74,6 +76,7 @@ impl Plan {
                 .tcp_iterations
                 .unwrap_or(if quick { 200 } else { 2_000 }),
             peers: !args.no_peers,
+            allow_foreign: args.allow_foreign_programs,
         };
         ensure!(plan.rounds >= 1, "--rounds must be at least 1");
         ensure!(
@@ -81,7 +84,9 @@ impl Plan {
             "too few iterations for a p99: at least 100 (UDP) and 10 (TCP)"
         );
         ensure!(
-            plan.rule_counts.iter().all(|&n| (1..=MAX_RULES).contains(&n)),
+            plan.rule_counts
+                .iter()
+                .all(|&n| (1..=MAX_RULES).contains(&n)),
             "rule counts must be between 1 and {MAX_RULES}"
         );
         Ok(plan)

@@ -44,7 +44,8 @@ pub fn enable_stats() -> Result<StatsOn> {
 
 /// (total run time in ns, number of runs) of program `id` so far.
 pub fn program_stats(id: u32) -> Result<(u64, u64)> {
-    let out = run_quiet(Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "--json"]))?;
+    let out =
+        run_quiet(Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "--json"]))?;
     let v: serde_json::Value =
         serde_json::from_str(&out).context("bpftool printed invalid JSON")?;
     // bpftool leaves the fields out while they are zero.
@@ -90,7 +91,14 @@ mod tests {
         ];
         let p = parse_programs(&lines);
         assert_eq!(p.len(), 2);
-        assert_eq!(p[0], (673, "cgroup_inet4_connect".into(), "bulkhead_connect4".into()));
+        assert_eq!(
+            p[0],
+            (
+                673,
+                "cgroup_inet4_connect".into(),
+                "bulkhead_connect4".into()
+            )
+        );
         assert_eq!(p[1].2, "bulkhead_sendmsg4");
     }
 }

@@ -14,8 +14,10 @@ use crate::util::output_of;
 /// connect(), nearly flat from the smallest to the largest rule count.
 const GOAL_ADDED_NS: i64 = 1_000;
 /// "Nearly flat": the largest rule count adds at most this much more than
-/// the smallest (or no more than the baseline moves between runs).
+/// the smallest, or this share more, or no more than the no-program case
+/// moves between runs (whichever is largest).
 const FLAT_NS: i64 = 100;
+const FLAT_SHARE: f64 = 0.25;
 
 /// Facts about the machine and the run.
 pub struct Facts {
@@ -55,7 +57,11 @@ impl Facts {
                 format!(
                     "{}{}",
                     c.trim(),
-                    if dirty { " with uncommitted changes" } else { "" }
+                    if dirty {
+                        " with uncommitted changes"
+                    } else {
+                        ""
+                    }
                 )
             })
             .unwrap_or_else(|| "unknown".to_owned());
@@ -176,25 +182,49 @@ impl Report<'_> {
         let (&(n_lo, lo), &(n_hi, hi)) = (added.first()?, added.last()?);
         let under = added.iter().all(|&(_, a)| a < GOAL_ADDED_NS);
         let growth = hi - lo;
-        let noise = i64::try_from(base.round_spread()).unwrap_or(i64::MAX);
-        let flat = growth <= FLAT_NS.max(noise);
+        let noise = i64::try_from(base.run_iqr()).unwrap_or(i64::MAX);
+        let share = (lo.max(0) as f64 * FLAT_SHARE) as i64;
+        let flat = growth.abs() <= FLAT_NS.max(share).max(noise);
+        let percent = if lo > 0 {
+            format!(" ({:+.0}%)", growth as f64 * 100.0 / lo as f64)
+        } else {
+            String::new()
+        };
         let list: Vec<String> = added
             .iter()
             .map(|&(n, a)| format!("{} ns at {}", signed(a), num(n as u64)))
             .collect();
+        // How much bulkhead's own runs move: when it is much more than the
+        // baseline's, the medians hide a bimodal or drifting case.
+        let own_spread = self
+            .plan
+            .rule_counts
+            .iter()
+            .filter_map(|&rules| {
+                let case = Case {
+                    kind: Kind::Bulkhead,
+                    rules,
+                };
+                self.summary(case, probe).map(Summary::round_spread)
+            })
+            .max()
+            .unwrap_or(0);
         let text = format!(
             "no programs {} ns; bulkhead adds {} rules. Under 1 µs at every count: {}. From \
-             {} to {} rules the added median changes by {} ns, while the no-program median \
-             itself moves by {} ns between runs; nearly flat (within {FLAT_NS} ns or that \
-             noise): {}.",
+             {} to {} rules the added median changes by {} ns{percent}; nearly flat (at most \
+             +{FLAT_NS} ns or +{:.0}%, or within the no-program case's run-to-run noise of {} \
+             ns, interquartile range of its run medians): {}. bulkhead's own run medians \
+             move by up to {} ns (largest minus smallest).",
             num(base.median),
             list.join(", "),
             yes_no(under),
             num(n_lo as u64),
             num(n_hi as u64),
             signed(growth),
-            num(base.round_spread()),
+            FLAT_SHARE * 100.0,
+            num(base.run_iqr()),
             yes_no(flat),
+            num(own_spread),
         );
         Some((under && flat, text))
     }
@@ -209,7 +239,7 @@ impl Report<'_> {
         };
         let noise = |probe| {
             self.summary(self.baseline(), probe)
-                .map_or(0, Summary::round_spread)
+                .map_or(0, Summary::run_iqr)
         };
 
         // The goal, on the probe that isolates the hook and end to end.
@@ -273,11 +303,13 @@ impl Report<'_> {
             let daemon = self.results.daemon.get(n);
             let switches = daemon.and_then(|d| median_f(&d.switches_per_call));
             let events = daemon.and_then(|d| median_f(&d.events_per_call));
+            let irq_work = daemon.and_then(|d| median_f(&d.irq_work_per_call));
             let _ = writeln!(
                 out,
                 "- **Where bulkhead's time goes** ({} rules, one extra run): mean time inside \
                  each program × runs: {}. Per hooked probe call the daemon wrote {} \
-                 decision-log records and was switched to {} times.",
+                 decision-log records, the host took {} IRQ-work interrupts (ring-buffer \
+                 wake-ups) and the daemon was switched to {} times.",
                 num(*n as u64),
                 if per_hook.is_empty() {
                     "not measured".to_owned()
@@ -285,6 +317,7 @@ impl Report<'_> {
                     per_hook.join(", ")
                 },
                 events.map_or("?".to_owned(), |v| format!("{v:.2}")),
+                irq_work.map_or("?".to_owned(), |v| format!("{v:.2}")),
                 switches.map_or("?".to_owned(), |v| format!("{v:.2}")),
             );
         }
@@ -331,7 +364,7 @@ impl Report<'_> {
                     out,
                     "- **UDP connect() under nftables/iptables shows no cost by design**: \
                      connect() on a UDP socket sends no packet, so netfilter never runs \
-                     ({}; the no-program median moves by {} ns between runs). Netfilter judges the first packet \
+                     ({}; the no-program case's run medians have an interquartile range of {} ns). Netfilter judges the first packet \
                      instead, which is what the sendto() table measures.",
                     peer_udp.join(", "),
                     num(noise(Probe::UdpConnect))
@@ -349,9 +382,9 @@ impl Report<'_> {
         }
         let _ = writeln!(
             out,
-            "| rules | start to READY=1 (ms) | VmRSS after READY=1 (MiB) | daemon context switches per call | decision-log lines per call |"
+            "| rules | start to READY=1 (ms) | VmRSS after READY=1 (MiB) | decision-log lines per call | IRQ-work interrupts per call | daemon context switches per call |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
         for (rules, d) in &self.results.daemon {
             let ms: Vec<u64> = d
                 .ready_after
@@ -360,18 +393,20 @@ impl Report<'_> {
                 .collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 num(*rules as u64),
                 median_of(&ms).map_or("—".to_owned(), num),
-                median_of(&d.rss_kib).map_or("—".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
-                median_f(&d.switches_per_call).map_or("—".to_owned(), |v| format!("{v:.2}")),
+                median_of(&d.rss_kib)
+                    .map_or("—".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
                 median_f(&d.events_per_call).map_or("—".to_owned(), |v| format!("{v:.2}")),
+                median_f(&d.irq_work_per_call).map_or("—".to_owned(), |v| format!("{v:.2}")),
+                median_f(&d.switches_per_call).map_or("—".to_owned(), |v| format!("{v:.2}")),
             );
         }
         out
     }
 
-    /// ns per run of each bulkhead program, one column per rule count.
+    /// Mean ns per run of each bulkhead program, one column per rule count.
     fn program_table(&self) -> String {
         let mut out = String::new();
         let costs = &self.results.program_costs;
@@ -379,7 +414,10 @@ impl Report<'_> {
             return out;
         };
         let counts: Vec<usize> = costs.keys().copied().collect();
-        let head: Vec<String> = counts.iter().map(|&n| format!("{} rules", num(n as u64))).collect();
+        let head: Vec<String> = counts
+            .iter()
+            .map(|&n| format!("{} rules", num(n as u64)))
+            .collect();
         let _ = writeln!(out, "| hook | program | {} |", head.join(" | "));
         let _ = writeln!(out, "|---|---|{}", "---:|".repeat(counts.len()));
         for (i, p) in first.iter().enumerate() {
@@ -391,11 +429,17 @@ impl Report<'_> {
                         .and_then(|c| c.get(i))
                         .filter(|c| c.runs > 0)
                         .map_or("not run".to_owned(), |c| {
-                            format!("{:.0} ns ({} runs)", c.ns_per_run, num(c.runs))
+                            format!("{:.0} ns × {}", c.ns_per_run, num(c.runs))
                         })
                 })
                 .collect();
-            let _ = writeln!(out, "| {} | `{}` | {} |", p.attach, p.name, cells.join(" | "));
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {} |",
+                p.attach,
+                p.name,
+                cells.join(" | ")
+            );
         }
         out
     }
@@ -461,7 +505,8 @@ impl Report<'_> {
              ## Machine and run\n\n\
              - Date: {}; commit {}\n\
              - Kernel {}, {} × {}, {} RAM (a shared VM)\n\
-             - Load average (1/5/15 min) before the run: {}; after: {}\n\
+             - Load average (1/5/15 min) before the run: {}; after: {} (the bench itself \
+             keeps one core busy)\n\
              - cgroup2 at `{}`; {}; {}\n\
              - {} rounds; per case and round {} UDP connect() and {} sendto() calls, {} TCP \
              connects (after a discarded warm-up); measuring took {:.0} s\n\n",
@@ -498,11 +543,14 @@ impl Report<'_> {
             let _ = write!(
                 out,
                 "### Time inside bulkhead's programs\n\n\
-                 From the kernel's BPF run-time statistics (`bpf(BPF_ENABLE_STATS)`), in one \
-                 extra run per rule count after the measured rounds (the statistics cost a \
-                 little on every run, so they are off while measuring). Runs include other \
-                 processes' calls on the host in that time, which leave early; the load \
-                 generator's calls dominate.\n\n{programs}\n"
+                 Mean time per run × number of runs, from the kernel's BPF run-time \
+                 statistics (`bpf(BPF_ENABLE_STATS)`), in one extra run per rule count after \
+                 the measured rounds (the statistics cost a little on every run, so they are \
+                 off while measuring). A mean, not a median: a run that is interrupted or \
+                 preempted inside the program (by the ring buffer's wake-up of the daemon, \
+                 say) counts whole, so compare it with the medians above with care. Runs \
+                 include other processes' calls on the host in that time, which leave early; \
+                 the load generator's calls dominate.\n\n{programs}\n"
             );
         }
         let daemon = self.daemon_table();
@@ -510,10 +558,12 @@ impl Report<'_> {
             let _ = write!(
                 out,
                 "### The daemon\n\n\
-                 Medians over the rounds. *Context switches per call*: how often a probe call \
-                 woke one of the daemon's threads (its event reader sleeps until the kernel \
-                 wakes it); *decision-log lines per call*: records the daemon wrote per hooked \
-                 call, warm-ups included.\n\n{daemon}\n"
+                 Medians over the rounds, per hooked call of the load generator (warm-ups \
+                 included). *Decision-log lines*: records the daemon wrote. *IRQ-work \
+                 interrupts* (all CPUs, from /proc/interrupts, so anything else on the host \
+                 counts too): a BPF ring buffer raises one to wake its reader when a record \
+                 lands in an empty ring, so about one per call means a wake-up per record. \
+                 *Context switches*: of all the daemon's threads.\n\n{daemon}\n"
             );
         }
         let peers = self.peer_load_table();
@@ -589,8 +639,18 @@ impl Report<'_> {
              service is managed, the numbers include the verdict); each peer case's cgroup \
              rule counter must grow by at least the number of sendto() calls. Before and after \
              every case, `bpftool cgroup show <cgroup> effective` must list only what the case \
-             attached; a case that finds programs from elsewhere (another agent or test run \
-             at the root) is retried.\n\
+             attached: programs from elsewhere (another agent or a test run at the root) \
+             would run in every case, so the bench waits up to a minute for them to go and \
+             stops otherwise (`--allow-foreign-programs` measures on top of them and says so \
+             under \"Notes from this run\"); a case during which they come or go is run again. \
+             After each bulkhead case the stopped agent's pinned programs are detached \
+             (`bulkhead detach`) and checked gone.\n\
+             - **Daemon config.** The defaults (kernel-side logging off, decision log on, \
+             unmanaged processes not observed), except that the decision log and the control \
+             socket go to a temporary directory and metrics listen on any free loopback port, \
+             so the bench never writes to the host's `/var/log` or clashes with another agent.\n\
+             - **Not measured.** IPv6 (the probes are IPv4), many services at once, real \
+             network devices (loopback only), ingress.\n\
              - **Noise.** Two shared, noisy cores: the whole case list runs {} times, forwards \
              and backwards in turn (A B … B A), with the no-program case again before each \
              rule count's group; the tables give medians over all rounds with each run's \
@@ -627,7 +687,7 @@ fn num(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

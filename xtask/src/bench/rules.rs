@@ -83,7 +83,9 @@ mod tests {
         let set: HashSet<_> = all.iter().collect();
         assert_eq!(set.len(), MAX_RULES);
         assert!(!set.contains(&Ipv4Addr::new(127, 0, 0, 1)));
-        assert!(all.iter().all(|a| a.octets()[0] == 127 && a.octets()[1] < 2));
+        assert!(all
+            .iter()
+            .all(|a| a.octets()[0] == 127 && a.octets()[1] < 2));
         assert!(destinations(MAX_RULES + 1).is_err());
     }
 

@@ -6,7 +6,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -22,11 +22,13 @@ use super::{
     stats::Summary,
 };
 
-/// How often a case is retried when programs from elsewhere show up in
-/// the bench cgroup's effective set (another agent or test run attached
-/// something at the cgroup2 root), and how long to wait between tries.
-const ATTEMPTS: usize = 4;
+/// Programs from elsewhere (another agent, a test run) attached at the
+/// cgroup2 root run in every case: the bench waits this long for them to
+/// go, checking every `RETRY_WAIT`, and repeats a case up to `ATTEMPTS`
+/// times when they come or go while it runs.
+const FOREIGN_WAIT: Duration = Duration::from_secs(60);
 const RETRY_WAIT: Duration = Duration::from_secs(5);
+const ATTEMPTS: usize = 4;
 
 /// In the work directory: the daemon's config and its decision log.
 pub const CONFIG_FILE: &str = "bulkhead.toml";
@@ -50,6 +52,9 @@ pub struct DaemonStats {
     pub switches_per_call: Vec<f64>,
     /// Decision-log lines written per hooked call.
     pub events_per_call: Vec<f64>,
+    /// IRQ-work interrupts (all CPUs) per hooked call: how a BPF ring
+    /// buffer wakes its reader.
+    pub irq_work_per_call: Vec<f64>,
 }
 
 pub struct Results {
@@ -109,6 +114,7 @@ impl Runner<'_> {
                     stats.rss_kib.extend(d.rss_kib);
                     stats.switches_per_call.extend(d.switches_per_call);
                     stats.events_per_call.extend(d.events_per_call);
+                    stats.irq_work_per_call.extend(d.irq_work_per_call);
                     bulkhead_programs = run.programs;
                 }
             }
@@ -209,42 +215,77 @@ impl Runner<'_> {
         Ok(envs)
     }
 
+    /// Runs one case; repeats it when programs from elsewhere came or went
+    /// while it ran (a test run attaching or detaching its agent).
     fn run_case(&self, env: &Env, notes: &mut Vec<String>) -> Result<CaseRun> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let last = attempt == ATTEMPTS;
-            sandbox::check_interrupted()?;
-            let foreign = sandbox::effective_programs(&env.cgroup.path)?;
-            if !foreign.is_empty() && !last {
-                eprintln!(
-                    "xtask bench: programs from elsewhere are in effect for the bench \
-                     cgroups ({}); waiting {RETRY_WAIT:?}",
+            let foreign = self.wait_until_clean(env)?;
+            let run = self.attempt(env)?;
+            if !foreign.is_empty() {
+                let note = format!(
+                    "measured with programs from elsewhere in effect \
+                     (--allow-foreign-programs): {}",
                     foreign.join("; ")
                 );
-                thread::sleep(RETRY_WAIT);
-                continue;
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
             }
-            let run = self.attempt(env)?;
-            let clean = foreign.is_empty() && run.programs_after == run.programs;
-            if clean {
+            // Steady: exactly the programs from elsewhere found before it
+            // started (none, unless allowed) were in effect all along.
+            if run.foreign_before == foreign && run.foreign_after == foreign {
                 return Ok(run);
             }
-            if last {
+            if attempt == ATTEMPTS {
                 notes.push(format!(
-                    "{} {}: programs from elsewhere were attached during one round even \
-                     after {ATTEMPTS} tries ({}); that round's samples include them",
+                    "{} {}: programs from elsewhere came or went during the run even after \
+                     {ATTEMPTS} tries ({}); that run's samples include them",
                     env.case.label(),
                     env.case.rules,
-                    foreign.join("; ")
+                    run.foreign_after.join("; ")
                 ));
                 return Ok(run);
             }
             eprintln!(
-                "xtask bench: the attached programs changed during {} {}; repeating it",
+                "xtask bench: programs from elsewhere came or went during {} {}; repeating it",
                 env.case.label(),
                 env.case.rules
             );
+        }
+    }
+
+    /// Waits up to `FOREIGN_WAIT` until no program from elsewhere is in
+    /// effect for the case's cgroup (before bulkhead's own daemon starts).
+    /// Such programs run in every case, baseline included, so the bench
+    /// refuses to go on with them unless told to; then it returns them.
+    fn wait_until_clean(&self, env: &Env) -> Result<Vec<String>> {
+        let deadline = Instant::now() + FOREIGN_WAIT;
+        loop {
+            sandbox::check_interrupted()?;
+            let foreign = sandbox::effective_programs(&env.cgroup.path)?;
+            if foreign.is_empty() {
+                return Ok(foreign);
+            }
+            if Instant::now() >= deadline {
+                if self.plan.allow_foreign {
+                    return Ok(foreign);
+                }
+                bail!(
+                    "programs from elsewhere stay attached at the cgroup2 root ({}): they \
+                     would run in every case, the no-program one included. Stop the agent or \
+                     test run that attached them (a stopped bulkhead keeps its programs \
+                     pinned: `bulkhead detach --pin-dir DIR`), or pass \
+                     --allow-foreign-programs to measure on top of them",
+                    foreign.join("; ")
+                );
+            }
+            eprintln!(
+                "xtask bench: programs from elsewhere are in effect ({}); waiting",
+                foreign.join("; ")
+            );
+            thread::sleep(RETRY_WAIT);
         }
     }
 
@@ -268,13 +309,20 @@ impl Runner<'_> {
     }
 
     /// One more run of a bulkhead case with the kernel's BPF run-time
-    /// statistics on: how long each program takes per run.
+    /// statistics on: how long each of its programs takes per run.
     fn profile(&self, env: &Env) -> Result<Vec<ProgramCost>> {
         let Some(dir) = &env.policy_dir else {
             return Ok(Vec::new());
         };
         let daemon = self.start_daemon(dir)?;
-        let programs = profile::parse_programs(&sandbox::effective_programs(&env.cgroup.path)?);
+        let ours = daemon.program_ids()?;
+        // The cgroup programs among them (a tracing program may be pinned
+        // too), with their hooks as bpftool names them.
+        let programs: Vec<(u32, String, String)> =
+            profile::parse_programs(&sandbox::effective_programs(&env.cgroup.path)?)
+                .into_iter()
+                .filter(|(id, _, _)| ours.contains(id))
+                .collect();
         let stats_on = profile::enable_stats()?;
         let read = || -> Result<Vec<(u64, u64)>> {
             programs
@@ -287,6 +335,7 @@ impl Runner<'_> {
         let after = read()?;
         drop(stats_on);
         daemon.stop()?;
+        ensure_detached(env, &ours)?;
         let _ = fs::remove_file(self.work.join(EVENTS_FILE));
         Ok(programs
             .into_iter()
@@ -308,14 +357,23 @@ impl Runner<'_> {
     }
 
     /// One measurement of one case, verified: bulkhead must refuse a port
-    /// no rule allows, and the peers' cgroup rule must have seen every
-    /// sendto().
+    /// no rule allows, the peers' cgroup rule must have seen every sendto(),
+    /// and a stopped bulkhead must leave nothing attached.
     fn attempt(&self, env: &Env) -> Result<CaseRun> {
         let daemon = match &env.policy_dir {
             Some(dir) => Some(self.start_daemon(dir)?),
             None => None,
         };
-        let programs = sandbox::effective_programs(&env.cgroup.path)?;
+        let ours = match &daemon {
+            Some(d) => d.program_ids()?,
+            None => Vec::new(),
+        };
+        let split = |listing: Vec<String>| -> (Vec<String>, Vec<String>) {
+            listing
+                .into_iter()
+                .partition(|l| program_id(l).is_some_and(|id| ours.contains(&id)))
+        };
+        let (programs, foreign_before) = split(sandbox::effective_programs(&env.cgroup.path)?);
         let counter = |env: &Env| -> Result<Option<u64>> {
             match env.case.kind {
                 Kind::Nftables => peers::nft_packets(&env.netns).map(Some),
@@ -325,10 +383,12 @@ impl Runner<'_> {
         };
         let before = counter(env)?;
         let switches_before = daemon.as_ref().and_then(Daemon::context_switches);
+        let irq_work_before = irq_work_interrupts();
         let spec = self.spec(env);
         let samples = loadgen::run(&spec)
             .with_context(|| format!("{} {}", env.case.label(), env.case.rules))?;
         let switches_after = daemon.as_ref().and_then(Daemon::context_switches);
+        let irq_work_after = irq_work_interrupts();
         if let (Some(before), Some(after)) = (before, counter(env)?) {
             let seen = after.saturating_sub(before);
             let sent = samples.get(Probe::UdpSendto).len() as u64;
@@ -341,7 +401,7 @@ impl Runner<'_> {
                 );
             }
         }
-        let programs_after = sandbox::effective_programs(&env.cgroup.path)?;
+        let (_, foreign_after) = split(sandbox::effective_programs(&env.cgroup.path)?);
         let calls = spec.hooked_calls() as f64;
         let daemon_stats = match daemon {
             Some(d) => {
@@ -352,8 +412,12 @@ impl Runner<'_> {
                         .zip(switches_after)
                         .map(|(b, a)| a.saturating_sub(b) as f64 / calls),
                     events_per_call: None,
+                    irq_work_per_call: irq_work_before
+                        .zip(irq_work_after)
+                        .map(|(b, a)| a.saturating_sub(b) as f64 / calls),
                 };
                 d.stop()?;
+                ensure_detached(env, &ours)?;
                 // The decision log: counted, then removed (it grows by tens
                 // of MB per case).
                 let log = self.work.join(EVENTS_FILE);
@@ -370,7 +434,8 @@ impl Runner<'_> {
             samples,
             daemon: daemon_stats,
             programs,
-            programs_after,
+            foreign_before,
+            foreign_after,
         })
     }
 }
@@ -406,12 +471,55 @@ struct RoundDaemon {
     rss_kib: Option<u64>,
     switches_per_call: Option<f64>,
     events_per_call: Option<f64>,
+    irq_work_per_call: Option<f64>,
+}
+
+/// None of the stopped daemon's programs may still be in effect (a
+/// stopped agent keeps enforcing through its pins until detached; the
+/// kernel releases a link shortly after its last pin goes, so this polls).
+fn ensure_detached(env: &Env, ours: &[u32]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = sandbox::effective_programs(&env.cgroup.path)?
+            .into_iter()
+            .filter(|l| program_id(l).is_some_and(|id| ours.contains(&id)))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "bulkhead's programs are still attached after it stopped and was detached: {}",
+                left.join("; ")
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The program id at the start of a `bpftool cgroup show` line.
+fn program_id(line: &str) -> Option<u32> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// IRQ-work interrupts so far, summed over CPUs (`IWI` in /proc/interrupts).
+fn irq_work_interrupts() -> Option<u64> {
+    let text = fs::read_to_string("/proc/interrupts").ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("IWI:"))?;
+    Some(
+        line.split_whitespace()
+            .skip(1)
+            .map_while(|w| w.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 struct CaseRun {
     samples: loadgen::Samples,
     daemon: Option<RoundDaemon>,
-    /// Effective programs when the probes started and when they ended.
+    /// bulkhead's programs in effect (bulkhead cases).
     programs: Vec<String>,
-    programs_after: Vec<String>,
+    /// Programs from elsewhere in effect when the probes started and ended.
+    foreign_before: Vec<String>,
+    foreign_after: Vec<String>,
 }

@@ -107,6 +107,28 @@ impl Drop for Netns {
     }
 }
 
+/// Held for the whole run: two benches at once would share the machine's
+/// two cores (and the stale clean-up below would take the other's cases).
+pub struct RunLock(#[allow(dead_code, reason = "held for its Drop (unlock)")] fs::File);
+
+pub fn lock() -> Result<RunLock> {
+    let path = Path::new("/run/lock/bulkhead-bench.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: a valid fd; the lock goes when the file is closed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `cargo xtask bench` is running (it holds {})",
+            path.display()
+        );
+    }
+    Ok(RunLock(file))
+}
+
 /// Removes namespaces and cgroups left by a bench that was killed.
 pub fn remove_stale(mount: &Path) {
     let names = output_of(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
@@ -143,8 +165,7 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
             let mount_point = left.split_whitespace().nth(4)?;
             // mountinfo escapes spaces as \040; a mount point with one would
             // need unescaping, which a cgroup2 mount never does in practice.
-            (fstype == "cgroup2" && !mount_point.contains('\\'))
-                .then(|| PathBuf::from(mount_point))
+            (fstype == "cgroup2" && !mount_point.contains('\\')).then(|| PathBuf::from(mount_point))
         })
         .context("no cgroup2 file system is mounted (looked in /proc/self/mountinfo)")
 }

@@ -34,6 +34,17 @@ impl Summary {
         })
     }
 
+    /// Interquartile range of the run medians: how much a case moves from
+    /// run to run, not thrown by one disturbed run the way max - min is.
+    pub fn run_iqr(&self) -> u64 {
+        let mut v = self.round_medians.clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        percentile(&v, 75) - percentile(&v, 25)
+    }
+
     /// Largest minus smallest run median.
     pub fn round_spread(&self) -> u64 {
         let max = self.round_medians.iter().max().copied().unwrap_or(0);
@@ -90,6 +101,9 @@ mod tests {
         assert_eq!(s.median, 7); // (3 + 10) / 2 rounded up
         assert_eq!(s.round_medians, [2, 20]);
         assert_eq!(s.round_spread(), 18);
+        let runs = Summary::of(&[vec![10], vec![11], vec![12], vec![13], vec![500]]).expect("runs");
+        assert_eq!(runs.run_iqr(), 2); // 13 - 11: the 500 does not count
+        assert_eq!(runs.round_spread(), 490);
         assert!(Summary::of(&[vec![]]).is_none());
         assert_eq!(added(5, 7), -2);
     }

@@ -1,0 +1,121 @@
+//! The per-service detectors as one value: `observe` every event, `tick`
+//! at the end of every interval with the time it is (a controllable clock:
+//! the daemon passes the wall clock, tests and the evaluation their own).
+
+use std::collections::HashMap;
+
+use super::{
+    config::AnomalyConfig,
+    detect,
+    finding::{Finding, Kind},
+    group::Emit,
+    service::ServiceState,
+};
+use crate::events::{EventType, FlowEvent};
+
+/// One reported anomaly (a group's start or update).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anomaly {
+    pub service: String,
+    pub finding: Finding,
+    pub emit: Emit,
+    /// Unix seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub count: u64,
+    pub window_s: u64,
+}
+
+#[derive(Debug)]
+pub struct Detector {
+    pub(super) cfg: AnomalyConfig,
+    alpha: f64,
+    pub(super) services: HashMap<String, ServiceState>,
+    /// Events of services beyond `max_services` (not tracked).
+    pub untracked: u64,
+}
+
+impl Detector {
+    #[must_use]
+    pub fn new(cfg: AnomalyConfig) -> Self {
+        Self {
+            alpha: cfg.alpha(),
+            cfg,
+            services: HashMap::new(),
+            untracked: 0,
+        }
+    }
+
+    #[must_use]
+    pub fn config(&self) -> &AnomalyConfig {
+        &self.cfg
+    }
+
+    /// Counts one event of a managed service (others are ignored). The hot
+    /// path: a map lookup and a few counters; allocates only for a service
+    /// seen for the first time and while its sets grow to their caps.
+    pub fn observe(&mut self, ev: &FlowEvent) {
+        if ev.kind == EventType::Anomaly {
+            return;
+        }
+        let Some(name) = ev.service.as_deref() else {
+            return;
+        };
+        if let Some(s) = self.services.get_mut(name) {
+            s.observe(&self.cfg, ev);
+        } else if self.services.len() < self.cfg.max_services {
+            let mut s = ServiceState::new(&self.cfg);
+            s.observe(&self.cfg, ev);
+            self.services.insert(name.to_string(), s);
+        } else {
+            self.untracked += 1;
+        }
+    }
+
+    /// Ends the interval at `now` (unix seconds): runs the detectors, folds
+    /// the window into the baselines, and returns what is to be reported.
+    #[expect(clippy::cast_precision_loss, reason = "counts as EWMA input")]
+    pub fn tick(&mut self, now: u64) -> Vec<Anomaly> {
+        let cfg = &self.cfg;
+        let mut out = Vec::new();
+        for (name, s) in &mut self.services {
+            let findings = detect::run(cfg, s);
+            let spiked = |k: Kind| findings[k as usize].is_some();
+            // An anomalous interval does not teach the baseline what is
+            // normal (the spike would raise its own bar).
+            if !spiked(Kind::RateSpike) {
+                s.rate.update(s.window.conns as f64, self.alpha);
+            }
+            if !spiked(Kind::VolumeSpike) {
+                s.volume.update(s.window.bytes as f64, self.alpha);
+            }
+            // Reported once: new destinations become known.
+            let fresh: Vec<_> = s.window.new_dests.iter().copied().collect();
+            for d in fresh {
+                s.known.insert(d);
+            }
+            for (i, f) in findings.into_iter().enumerate() {
+                let group = &mut s.groups[i];
+                let Some(finding) = f else {
+                    group.calm(cfg.quiet_intervals);
+                    continue;
+                };
+                if let Some(emit) = group.fire(now, cfg.update_every) {
+                    out.push(Anomaly {
+                        service: name.clone(),
+                        finding,
+                        emit,
+                        first_seen: group.first_seen,
+                        last_seen: group.last_seen,
+                        count: group.count,
+                        window_s: cfg.interval_s,
+                    });
+                }
+            }
+            s.intervals += 1;
+            s.window.clear();
+        }
+        out.sort_by(|a, b| (&a.service, a.finding.kind).cmp(&(&b.service, b.finding.kind)));
+        out
+    }
+}

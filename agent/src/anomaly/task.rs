@@ -1,0 +1,126 @@
+//! The daemon's detector task: counts live events from the hub, ticks
+//! every interval, publishes anomaly events and saves the baselines.
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{info, warn};
+
+use super::{
+    config::AnomalyConfig, detector::Detector, event::to_event, state, stats::AnomalyStats,
+};
+use crate::events::{Hub, Sink};
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The running detector task.
+pub struct AnomalyTask {
+    handle: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl AnomalyTask {
+    /// Stops the task after it has saved the baselines (waits up to 2 s).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let mut handle = self.handle;
+        if tokio::time::timeout(std::time::Duration::from_secs(2), &mut handle)
+            .await
+            .is_err()
+        {
+            handle.abort();
+        }
+    }
+}
+
+/// Starts the detectors (nothing when disabled). Baselines come from and
+/// go to `state_dir/anomaly.json`.
+///
+/// # Errors
+/// When the optional anomaly sink cannot be opened.
+pub fn spawn(
+    cfg: AnomalyConfig,
+    hub: &Arc<Hub>,
+    state_dir: PathBuf,
+    stats: Arc<AnomalyStats>,
+) -> std::io::Result<Option<AnomalyTask>> {
+    if !cfg.enabled {
+        info!("anomaly detection is off ([anomaly] enabled = false)");
+        return Ok(None);
+    }
+    let mut sink = if cfg.sink.is_empty() {
+        None
+    } else {
+        Some(Sink::open(&cfg.sink)?)
+    };
+    let mut detector = Detector::new(cfg);
+    match state::load(&state_dir) {
+        Ok(Some(saved)) => {
+            info!(
+                services = saved.services.len(),
+                "anomaly baselines restored"
+            );
+            detector.restore(saved);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(dir = %state_dir.display(), "anomaly baselines not restored, learning afresh: {e}")
+        }
+    }
+    let mut rx = hub.subscribe();
+    let hub = Arc::clone(hub);
+    let period = std::time::Duration::from_secs(detector.config().interval_s);
+    let (stop, mut stopping) = tokio::sync::watch::channel(false);
+    let handle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopping.changed() => {
+                    // The interval in progress is not scored; what was
+                    // learnt so far is kept.
+                    if let Err(e) = state::save(&state_dir, &detector) {
+                        warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
+                    }
+                    break;
+                }
+                got = rx.recv() => match got {
+                    Ok(ev) => detector.observe(&ev),
+                    Err(RecvError::Lagged(n)) => {
+                        stats.lagged.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    let found = detector.tick(unix_now());
+                    if !found.is_empty() {
+                        let events: Vec<_> = found.iter().map(to_event).collect();
+                        for a in &found {
+                            stats.count(&a.service, a.finding.kind.as_str());
+                            warn!(service = %a.service, kind = a.finding.kind.as_str(), observed = a.finding.observed, baseline = a.finding.baseline, "anomaly");
+                        }
+                        if let Some(s) = sink.as_mut() {
+                            let written = events.iter().try_for_each(|e| s.write(e)).and_then(|()| s.flush());
+                            if let Err(e) = written {
+                                warn!("cannot write the anomaly sink: {e}");
+                            }
+                        }
+                        hub.publish(events);
+                    }
+                    if let Err(e) = state::save(&state_dir, &detector) {
+                        warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
+                    }
+                }
+            }
+        }
+    });
+    Ok(Some(AnomalyTask { handle, stop }))
+}

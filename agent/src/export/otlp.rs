@@ -1,0 +1,88 @@
+//! Events as an OTLP `ExportLogsServiceRequest`, in the protobuf JSON
+//! mapping (lowerCamelCase names, 64-bit integers as strings, enums as
+//! numbers): one log record per event, its body the event's JSON line.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::events::{EventType, FlowEvent, Verdict};
+
+/// OpenTelemetry severity numbers.
+const INFO: u8 = 9;
+const WARN: u8 = 13;
+const ERROR: u8 = 17;
+
+fn severity(ev: &FlowEvent) -> (u8, &'static str) {
+    match (ev.kind, ev.verdict, ev.anomaly.as_ref()) {
+        (EventType::Anomaly, _, Some(a)) if a.severity == "high" => (ERROR, "ERROR"),
+        (EventType::Anomaly, _, _) | (EventType::Verdict, Some(Verdict::Deny), _) => (WARN, "WARN"),
+        _ => (INFO, "INFO"),
+    }
+}
+
+fn nanos(t: SystemTime) -> String {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+        .to_string()
+}
+
+fn string_attr(key: &str, value: &str) -> Value {
+    json!({"key": key, "value": {"stringValue": value}})
+}
+
+fn record(ev: &FlowEvent, observed: &str) -> Value {
+    let time = humantime::parse_rfc3339(&ev.time).map_or_else(|_| observed.to_string(), nanos);
+    let (number, text) = severity(ev);
+    let kind = serde_json::to_value(ev.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut attributes = vec![string_attr("bulkhead.event.type", &kind)];
+    if let Some(s) = &ev.service {
+        attributes.push(string_attr("bulkhead.service", s));
+    }
+    if let Some(a) = &ev.anomaly {
+        attributes.push(string_attr("bulkhead.anomaly.kind", &a.kind));
+        attributes.push(string_attr("bulkhead.anomaly.severity", &a.severity));
+    }
+    let body = serde_json::to_string(ev).unwrap_or_default();
+    json!({
+        "timeUnixNano": time,
+        "observedTimeUnixNano": observed,
+        "severityNumber": number,
+        "severityText": text,
+        "eventName": format!("bulkhead.{kind}"),
+        "body": {"stringValue": body},
+        "attributes": attributes,
+    })
+}
+
+/// One request body for `batch`.
+#[must_use]
+pub fn encode(batch: &[std::sync::Arc<FlowEvent>], host: &str) -> Vec<u8> {
+    let observed = nanos(SystemTime::now());
+    let records: Vec<Value> = batch.iter().map(|ev| record(ev, &observed)).collect();
+    let request = json!({
+        "resourceLogs": [{
+            "resource": {"attributes": [
+                string_attr("service.name", "bulkhead"),
+                string_attr("service.version", env!("CARGO_PKG_VERSION")),
+                string_attr("host.name", host),
+            ]},
+            "scopeLogs": [{
+                "scope": {"name": "bulkhead", "version": env!("CARGO_PKG_VERSION")},
+                "logRecords": records,
+            }],
+        }],
+    });
+    serde_json::to_vec(&request).unwrap_or_default()
+}
+
+/// This host's name, for the `host.name` resource attribute.
+#[must_use]
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,263 @@
+//! The exporter against a real OTLP/HTTP receiver on loopback (axum).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU16, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use axum::{body::Bytes, extract::State, http::StatusCode, routing::post, Router};
+use serde_json::Value;
+
+use super::{spawn, ExportConfig, ExportEvents, ExportStats};
+use crate::events::{EventType, FlowEvent, Hub, Sink};
+
+#[derive(Clone, Default)]
+struct Receiver {
+    requests: Arc<Mutex<Vec<Value>>>,
+    /// What the receiver answers (200 unless a test says otherwise).
+    status: Arc<AtomicU16>,
+}
+
+impl Receiver {
+    fn records(&self) -> Vec<Value> {
+        let requests = self.requests.lock().expect("lock");
+        requests
+            .iter()
+            .flat_map(|r| {
+                r["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+async fn logs(State(r): State<Receiver>, body: Bytes) -> StatusCode {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    r.requests.lock().expect("lock").push(v);
+    StatusCode::from_u16(r.status.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK)
+}
+
+async fn receiver(at: SocketAddr, status: u16) -> (Receiver, SocketAddr) {
+    let r = Receiver::default();
+    r.status.store(status, Ordering::Relaxed);
+    let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = Router::new()
+        .route("/v1/logs", post(logs))
+        .with_state(r.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (r, addr)
+}
+
+fn hub() -> (Arc<Hub>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::open(dir.path().join("events.jsonl").to_str().expect("utf-8")).expect("sink");
+    (Arc::new(Hub::new(sink)), dir)
+}
+
+fn config(addr: SocketAddr) -> ExportConfig {
+    ExportConfig {
+        otlp_endpoint: format!("http://{addr}/v1/logs"),
+        batch_size: 4,
+        flush_interval_ms: 50,
+        queue_capacity: 8,
+        timeout_ms: 1000,
+        max_retries: 1,
+        retry_initial_ms: 10,
+        retry_max_ms: 20,
+        ..ExportConfig::default()
+    }
+}
+
+/// A denied connect of `pid`.
+fn verdict(pid: u32) -> FlowEvent {
+    use crate::events::{Direction, Verdict, SCHEMA};
+    FlowEvent {
+        schema: SCHEMA.to_string(),
+        kind: EventType::Verdict,
+        time: "2026-05-20T09:08:07.123456789Z".to_string(),
+        ktime_ns: 1,
+        service: Some("billing".to_string()),
+        mode: Some("enforce".to_string()),
+        cgroup_id: 7,
+        pid,
+        tid: pid,
+        uid: 0,
+        gid: 0,
+        comm: "curl".to_string(),
+        traffic_direction: Some(Direction::Egress),
+        hook: "connect".to_string(),
+        protocol: Some("tcp".to_string()),
+        src_ip: None,
+        src_port: None,
+        dst_ip: "192.0.2.9".parse().ok(),
+        dst_port: Some(5432),
+        verdict: Some(Verdict::Deny),
+        rule: Some("billing.toml#default-deny".to_string()),
+        socket_cookie: 9,
+        bytes_sent: None,
+        bytes_received: None,
+        duration_ns: None,
+        change: None,
+        anomaly: None,
+    }
+}
+
+fn anomaly() -> FlowEvent {
+    let mut d = crate::anomaly::Detector::new(crate::anomaly::AnomalyConfig::default());
+    for _ in 0..30 {
+        d.observe(&verdict(1));
+    }
+    let found = d.tick(1_800_000_000);
+    crate::anomaly::to_event(&found[0])
+}
+
+async fn eventually(what: &str, ok: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_arrive_as_otlp_json_logs() {
+    let (r, addr) = receiver(SocketAddr::from(([127, 0, 0, 1], 0)), 200).await;
+    let (hub, _dir) = hub();
+    let stats = Arc::new(ExportStats::default());
+    let exporter = spawn(config(addr), &hub, Arc::clone(&stats))
+        .expect("valid endpoint")
+        .expect("enabled");
+    let events: Vec<FlowEvent> = (1..=5).map(verdict).chain([anomaly()]).collect();
+    hub.publish(events);
+    eventually("6 records at the receiver", || r.records().len() == 6).await;
+    assert_eq!(ExportStats::get(&stats.sent), 6);
+    assert_eq!(stats.dropped(), 0);
+    let first = r.requests.lock().expect("lock")[0].clone();
+    let resource = &first["resourceLogs"][0]["resource"]["attributes"][0];
+    assert_eq!(resource["key"], "service.name");
+    assert_eq!(resource["value"]["stringValue"], "bulkhead");
+    let records = r.records();
+    let bodies: Vec<Value> = records
+        .iter()
+        .map(|rec| {
+            serde_json::from_str(rec["body"]["stringValue"].as_str().expect("string body"))
+                .expect("body is an event")
+        })
+        .collect();
+    assert_eq!(
+        bodies
+            .iter()
+            .map(|b| b["pid"].clone())
+            .take(5)
+            .collect::<Vec<_>>(),
+        (1..=5).map(Value::from).collect::<Vec<_>>()
+    );
+    let verdict = &records[0];
+    // 64-bit integers are strings in the protobuf JSON mapping.
+    assert_eq!(verdict["timeUnixNano"], "1779268087123456789");
+    assert_eq!(verdict["severityText"], "WARN", "a deny");
+    assert_eq!(verdict["eventName"], "bulkhead.verdict");
+    let a = &records[5];
+    assert_eq!(bodies[5]["type"], "anomaly");
+    assert_eq!(a["eventName"], "bulkhead.anomaly");
+    let attrs = a["attributes"].as_array().expect("attributes");
+    assert!(
+        attrs
+            .iter()
+            .any(|x| x["key"] == "bulkhead.anomaly.kind"
+                && x["value"]["stringValue"] == "deny_burst"),
+        "{a:#}"
+    );
+    exporter.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_down_drops_and_counts_then_recovers() {
+    // A free port with nothing listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let (hub, _dir) = hub();
+    let stats = Arc::new(ExportStats::default());
+    let exporter = spawn(config(port), &hub, Arc::clone(&stats))
+        .expect("valid endpoint")
+        .expect("enabled");
+    hub.publish((1..=40).map(verdict).collect());
+    eventually("every event sent or dropped", || {
+        ExportStats::get(&stats.dropped_queue_full) + ExportStats::get(&stats.dropped_retries) == 40
+    })
+    .await;
+    assert!(
+        ExportStats::get(&stats.dropped_queue_full) > 0,
+        "queue of 8"
+    );
+    assert!(ExportStats::get(&stats.failed_requests) >= 2, "retried");
+    assert_eq!(ExportStats::get(&stats.sent), 0);
+    // The collector comes up on that port: new events get through.
+    let (r, _) = receiver(port, 200).await;
+    hub.publish(vec![verdict(99)]);
+    eventually("the event after recovery", || {
+        r.records().iter().any(|rec| {
+            rec["body"]["stringValue"]
+                .as_str()
+                .is_some_and(|b| b.contains("\"pid\":99"))
+        })
+    })
+    .await;
+    exporter.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomalies_only_and_refused_batches_are_counted() {
+    let (r, addr) = receiver(SocketAddr::from(([127, 0, 0, 1], 0)), 400).await;
+    let (hub, _dir) = hub();
+    let stats = Arc::new(ExportStats::default());
+    let cfg = ExportConfig {
+        events: ExportEvents::Anomalies,
+        ..config(addr)
+    };
+    let exporter = spawn(cfg, &hub, Arc::clone(&stats))
+        .expect("valid endpoint")
+        .expect("enabled");
+    hub.publish(vec![verdict(1), anomaly(), verdict(2)]);
+    eventually("the refused anomaly", || {
+        ExportStats::get(&stats.dropped_rejected) == 1
+    })
+    .await;
+    let records = r.records();
+    assert_eq!(
+        records.len(),
+        1,
+        "a 400 is not retried; verdicts not exported"
+    );
+    assert!(records[0]["body"]["stringValue"]
+        .as_str()
+        .is_some_and(|b| b.contains("\"type\":\"anomaly\"")));
+    exporter.abort();
+}
+
+#[test]
+fn config_needs_an_http_url_and_is_off_by_default() {
+    assert!(!ExportConfig::default().enabled());
+    let parse = |text: &str| crate::config::Config::parse(std::path::Path::new("/c.toml"), text);
+    let c = parse(
+        "[export]\notlp_endpoint = \"http://127.0.0.1:4318/v1/logs\"\nevents = \"anomalies\"\n",
+    )
+    .expect("valid");
+    assert_eq!(c.export.events, ExportEvents::Anomalies);
+    let err = parse("[export]\notlp_endpoint = \"https://collector.example/v1/logs\"\n")
+        .expect_err("https is refused");
+    assert!(err.to_string().contains("http://"), "{err}");
+    assert!(parse("[export]\nqueue_capacity = 1\n").is_err());
+}

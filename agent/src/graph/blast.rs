@@ -1,0 +1,421 @@
+//! Blast radius: for one service, what its policy allows, what it actually
+//! reached, which allowances went unused, and which services (and through
+//! them, which destinations) it could reach laterally if compromised.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Dest, EdgeStats, Graph, ListenKey, Source};
+use crate::policy::{EgressRule, PolicySet, PortRange, Protocol, RuleRef, Section, Service};
+
+/// One destination network of one `[[egress]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowance {
+    /// `a.toml#egress[0]`.
+    pub rule: String,
+    pub to: String,
+    /// `8080`, `8000-8100, 9000`, or `all`.
+    pub ports: String,
+    pub protocol: String,
+    pub description: Option<String>,
+    /// Managed services listening inside it.
+    pub services: Vec<String>,
+    /// Whether an observed connection went through it.
+    pub used: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reached {
+    /// The service (by name) or the endpoint (`ADDR:PORT/PROTO`).
+    pub to: String,
+    pub dest: String,
+    pub connections: u64,
+    pub denied: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// The allowance it went through (null: none, e.g. denied or audited).
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hop {
+    /// A service name, or a destination `ADDR:PORT/PROTO` or `NET:PORTS/PROTO`.
+    pub target: String,
+    /// `service` or `destination`.
+    pub kind: String,
+    pub hops: usize,
+    /// `a → b:8080 → 192.0.2.2:5432`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lateral {
+    pub services: Vec<Hop>,
+    pub destinations: Vec<Hop>,
+    /// Services reachable, directly or through other services.
+    pub size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlastRadius {
+    pub service: String,
+    pub mode: String,
+    pub file: String,
+    /// Only connections seen since this time count (null: all the graph holds).
+    pub since: Option<String>,
+    pub allows: Vec<Allowance>,
+    pub reached: Vec<Reached>,
+    pub unused: Vec<Allowance>,
+    pub lateral: Lateral,
+}
+
+fn protocol_matches(p: Protocol, proto: &str) -> bool {
+    match p {
+        Protocol::Any => true,
+        Protocol::Tcp => proto == "tcp",
+        Protocol::Udp => proto == "udp",
+    }
+}
+
+fn ports_cover(ports: &[PortRange], port: u16) -> bool {
+    ports.is_empty() || ports.iter().any(|r| r.lo <= port && port <= r.hi)
+}
+
+/// Whether `net` of `rule` lets `dest` (an address or a folded network) through.
+pub fn covers(rule: &EgressRule, net: &IpNetwork, dest: &Dest) -> bool {
+    net.prefix() <= dest.prefix
+        && net.contains(dest.addr)
+        && ports_cover(&rule.ports, dest.port)
+        && protocol_matches(rule.protocol, &dest.protocol)
+}
+
+/// Whether `net` of `rule` reaches listener `l`. A wildcard listener
+/// (`0.0.0.0`, `::`, dual-stack) is reachable at least on loopback, which
+/// the rule must then cover.
+fn listener_covered(rule: &EgressRule, net: &IpNetwork, l: &ListenKey) -> bool {
+    let at = |addr: IpAddr| covers(rule, net, &Dest::host(addr, l.port, &l.protocol));
+    if !l.addr.is_unspecified() {
+        return at(l.addr);
+    }
+    at(Ipv4Addr::LOCALHOST.into()) || (l.addr.is_ipv6() && at(Ipv6Addr::LOCALHOST.into()))
+}
+
+fn rule_ref(s: &Service, r: &EgressRule) -> String {
+    RuleRef {
+        service: s.name.clone(),
+        file: s.file.clone(),
+        section: Section::Egress,
+        index: r.index,
+    }
+    .to_string()
+}
+
+fn ports_text(ports: &[PortRange]) -> String {
+    if ports.is_empty() || ports == [PortRange::ALL] {
+        return "all".to_string();
+    }
+    ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Each service's edges, in destination order: one pass over the graph.
+type ByService<'a> = BTreeMap<&'a str, Vec<(&'a Dest, &'a EdgeStats)>>;
+
+fn by_service(graph: &Graph) -> ByService<'_> {
+    let mut out: ByService<'_> = BTreeMap::new();
+    for ((s, d), e) in &graph.edges {
+        if let Source::Service { name } = s {
+            out.entry(name.as_str()).or_default().push((d, e));
+        }
+    }
+    for edges in out.values_mut() {
+        edges.sort_by(|a, b| a.0.cmp(b.0));
+    }
+    out
+}
+
+/// The edges of `name` seen at or after `since` (RFC 3339; None: all).
+fn edges_of<'a>(
+    index: &ByService<'a>,
+    name: &str,
+    since: Option<&str>,
+) -> Vec<(&'a Dest, &'a EdgeStats)> {
+    index
+        .get(name)
+        .into_iter()
+        .flatten()
+        .filter(|(_, e)| since.is_none_or(|t| super::time::at_or_after(&e.last_seen, t)))
+        .copied()
+        .collect()
+}
+
+/// The blast radius of `name`, or why there is none.
+///
+/// # Errors
+/// No service of that name in the policy.
+pub fn compute(
+    graph: &Graph,
+    policy: &PolicySet,
+    name: &str,
+    since: Option<&str>,
+) -> Result<BlastRadius, String> {
+    let service = policy
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| format!("no service named {name:?} in the policy"))?;
+    let listeners = graph.listeners_of();
+    let index = by_service(graph);
+    let edges = edges_of(&index, name, since);
+    let mut allows = Vec::new();
+    for rule in &service.egress {
+        for net in &rule.to {
+            let services: Vec<String> = listeners
+                .iter()
+                .filter(|(s, keys)| {
+                    *s != name && keys.iter().any(|k| listener_covered(rule, net, k))
+                })
+                .map(|(s, _)| s.clone())
+                .collect();
+            let used = edges
+                .iter()
+                .any(|(d, e)| e.connections > 0 && covers(rule, net, d));
+            allows.push(Allowance {
+                rule: rule_ref(service, rule),
+                to: net.to_string(),
+                ports: ports_text(&rule.ports),
+                protocol: rule.protocol.to_string(),
+                description: rule.description.clone(),
+                services,
+                used,
+            });
+        }
+    }
+    let reached = edges
+        .iter()
+        .map(|(d, e)| Reached {
+            to: graph
+                .service_at(d)
+                .map_or_else(|| d.label(), str::to_string),
+            dest: d.label(),
+            connections: e.connections,
+            denied: e.denied,
+            first_seen: e.first_seen.clone(),
+            last_seen: e.last_seen.clone(),
+            rule: service
+                .egress
+                .iter()
+                .find(|r| r.to.iter().any(|n| covers(r, n, d)))
+                .map(|r| rule_ref(service, r)),
+        })
+        .collect();
+    let unused = allows.iter().filter(|a| !a.used).cloned().collect();
+    Ok(BlastRadius {
+        service: name.to_string(),
+        mode: service.mode.to_string(),
+        file: service.file.display().to_string(),
+        since: since.map(str::to_string),
+        allows,
+        reached,
+        unused,
+        lateral: lateral(graph, &index, policy, &listeners, name),
+    })
+}
+
+/// `ADDR:PORT` of a destination (the protocol left out, as in paths).
+fn short(d: &Dest) -> String {
+    let label = d.label();
+    label
+        .rsplit_once('/')
+        .map_or(label.clone(), |(a, _)| a.to_string())
+}
+
+/// Breadth first from `start` over "the policy lets S connect to a socket
+/// T listens on"; at every service reached, its own allowed destinations.
+fn lateral(
+    graph: &Graph,
+    index: &ByService<'_>,
+    policy: &PolicySet,
+    listeners: &BTreeMap<String, BTreeSet<ListenKey>>,
+    start: &str,
+) -> Lateral {
+    let mut seen: BTreeSet<String> = BTreeSet::from([start.to_string()]);
+    let mut services = Vec::new();
+    let mut destinations: BTreeMap<String, Hop> = BTreeMap::new();
+    let mut queue = VecDeque::from([(start.to_string(), start.to_string(), 0usize)]);
+    while let Some((name, path, depth)) = queue.pop_front() {
+        let Some(service) = policy.services.iter().find(|s| s.name == name) else {
+            continue;
+        };
+        let observed = edges_of(index, &name, None);
+        for rule in &service.egress {
+            for net in &rule.to {
+                let mut via_service = false;
+                for (target, keys) in listeners {
+                    let Some(k) = keys.iter().find(|k| listener_covered(rule, net, k)) else {
+                        continue;
+                    };
+                    if *target == name {
+                        continue;
+                    }
+                    via_service = true;
+                    if seen.insert(target.clone()) {
+                        let hop_path = format!("{path} → {target}:{}", k.port);
+                        services.push(Hop {
+                            target: target.clone(),
+                            kind: "service".to_string(),
+                            hops: depth + 1,
+                            path: hop_path.clone(),
+                        });
+                        queue.push_back((target.clone(), hop_path, depth + 1));
+                    }
+                }
+                let mut targets: Vec<(String, String)> = observed
+                    .iter()
+                    .filter(|(d, _)| graph.service_at(d).is_none() && covers(rule, net, d))
+                    .map(|(d, _)| (d.label(), short(d)))
+                    .collect();
+                if targets.is_empty() && !via_service {
+                    let whole = format!("{net}:{}/{}", ports_text(&rule.ports), rule.protocol);
+                    targets.push((whole.clone(), whole));
+                }
+                for (target, shown) in targets {
+                    let hop = Hop {
+                        target: target.clone(),
+                        kind: "destination".to_string(),
+                        hops: depth + 1,
+                        path: format!("{path} → {shown}"),
+                    };
+                    destinations.entry(target).or_insert(hop);
+                }
+            }
+        }
+    }
+    let size = services.len();
+    let mut destinations: Vec<Hop> = destinations.into_values().collect();
+    destinations.sort_by(|a, b| (a.hops, &a.target).cmp(&(b.hops, &b.target)));
+    Lateral {
+        services,
+        destinations,
+        size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        events::Verdict,
+        graph::tests::{accepted, connect},
+    };
+
+    fn policy(files: &[(&str, &str)]) -> PolicySet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        crate::policy::load_dir(dir.path()).expect("valid policy")
+    }
+
+    pub(crate) fn three_tier() -> (Graph, PolicySet) {
+        let set = policy(&[
+            (
+                "a.toml",
+                "cgroup = \"/a\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.1\"]\nports = [8080]\nprotocol = \"tcp\"\n[[egress]]\nto = [\"203.0.113.0/24\"]\nports = [443]\nprotocol = \"tcp\"\n",
+            ),
+            (
+                "b.toml",
+                "cgroup = \"/b\"\nmode = \"enforce\"\n[[egress]]\ndescription = \"database\"\nto = [\"192.0.2.2\"]\nports = [5432]\nprotocol = \"tcp\"\n",
+            ),
+        ]);
+        let mut g = Graph::default();
+        for _ in 0..3 {
+            g.observe(&connect("a", ("127.0.0.1", 8080), Verdict::Allow));
+        }
+        g.observe(&connect("a", ("198.51.100.9", 22), Verdict::Deny));
+        g.observe(&accepted("b", ("127.0.0.1", 8080)));
+        g.observe(&connect("b", ("192.0.2.2", 5432), Verdict::Allow));
+        (g, set)
+    }
+
+    #[test]
+    fn two_hops_to_the_database_and_the_unused_allowance() {
+        let (g, set) = three_tier();
+        let b = compute(&g, &set, "a", None).expect("a is in the policy");
+        assert_eq!(b.allows.len(), 2);
+        assert_eq!(b.allows[0].services, vec!["b".to_string()]);
+        let unused: Vec<&str> = b.unused.iter().map(|a| a.to.as_str()).collect();
+        assert_eq!(unused, ["203.0.113.0/24"]);
+        let to_b = b.reached.iter().find(|r| r.to == "b").expect("a reached b");
+        assert_eq!(to_b.connections, 3);
+        assert_eq!(to_b.rule.as_deref(), Some("a.toml#egress[0]"));
+        let denied = b
+            .reached
+            .iter()
+            .find(|r| r.denied == 1)
+            .expect("the denied one");
+        assert_eq!(denied.rule, None);
+        assert_eq!(b.lateral.size, 1);
+        assert_eq!(b.lateral.services[0].path, "a → b:8080");
+        let db = b
+            .lateral
+            .destinations
+            .iter()
+            .find(|h| h.target == "192.0.2.2:5432/tcp")
+            .expect("the database");
+        assert_eq!(
+            (db.hops, db.path.as_str()),
+            (2, "a → b:8080 → 192.0.2.2:5432")
+        );
+        let text = crate::graph::report::render(&b);
+        assert!(
+            text.contains("2 hop(s): a → b:8080 → 192.0.2.2:5432"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_reachable_on_loopback() {
+        let (mut g, set) = three_tier();
+        // b also listens on every address, port 9000 (found by the /proc scan).
+        let wildcard = ListenKey {
+            addr: "::".parse().expect("ip"),
+            port: 9000,
+            protocol: "tcp".to_string(),
+        };
+        g.add_scanned(
+            vec![(wildcard.clone(), "b".to_string())],
+            "2026-11-29T02:00:00Z",
+        );
+        let rule = &set.services[0].egress[0];
+        let net: IpNetwork = "127.0.0.1/32".parse().expect("net");
+        assert!(
+            !listener_covered(rule, &net, &wildcard),
+            "port 9000 is not in a's rule"
+        );
+        let any_port = EgressRule {
+            ports: Vec::new(),
+            ..rule.clone()
+        };
+        assert!(listener_covered(&any_port, &net, &wildcard));
+        let v4_wildcard = ListenKey {
+            addr: "0.0.0.0".parse().expect("ip"),
+            ..wildcard
+        };
+        assert!(listener_covered(&any_port, &net, &v4_wildcard));
+    }
+
+    #[test]
+    fn unknown_service_is_an_error() {
+        let (g, set) = three_tier();
+        assert!(compute(&g, &set, "zz", None).is_err());
+    }
+}

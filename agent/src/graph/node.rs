@@ -1,0 +1,145 @@
+//! The graph's keys and values: sources, destinations, what an edge
+//! counts, listeners.
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+/// Who opened a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// A managed service, by name.
+    Service { name: String },
+    /// A process outside every managed service, by cgroup id.
+    Process { cgroup_id: u64 },
+    /// A remote peer that connected to (or was refused by) a managed
+    /// service: inbound traffic.
+    Remote { addr: IpAddr },
+}
+
+impl Source {
+    /// The node id used in exports: `service:NAME`, `process:CGROUP_ID`.
+    pub fn id(&self) -> String {
+        match self {
+            Source::Service { name } => format!("service:{name}"),
+            Source::Process { cgroup_id } => format!("process:{cgroup_id}"),
+            Source::Remote { addr } => format!("peer:{addr}"),
+        }
+    }
+}
+
+/// Where a connection went: one address (a /32 or /128) or a folded network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dest {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub port: u16,
+    /// `tcp`, `udp`, or the IP protocol number.
+    pub protocol: String,
+}
+
+impl Dest {
+    pub fn host(addr: IpAddr, port: u16, protocol: &str) -> Self {
+        let addr = addr.to_canonical();
+        Self {
+            prefix: if addr.is_ipv4() { 32 } else { 128 },
+            addr,
+            port,
+            protocol: protocol.to_string(),
+        }
+    }
+
+    pub fn is_host(&self) -> bool {
+        self.prefix == if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+
+    pub fn network(&self) -> IpNetwork {
+        IpNetwork::new(self.addr, self.prefix).unwrap_or_else(|_| IpNetwork::from(self.addr))
+    }
+
+    /// `192.0.2.7:5432/tcp`, `[2001:db8::1]:53/udp`, `198.51.100.0/24:443/tcp`.
+    pub fn label(&self) -> String {
+        let addr = match (self.is_host(), self.addr) {
+            (true, IpAddr::V4(a)) => a.to_string(),
+            (true, IpAddr::V6(a)) => format!("[{a}]"),
+            (false, _) => self.network().to_string(),
+        };
+        format!("{addr}:{}/{}", self.port, self.protocol)
+    }
+
+    /// The /24 or /64 this address folds into.
+    pub(super) fn group(&self) -> Option<Dest> {
+        let prefix = if self.addr.is_ipv4() { 24 } else { 64 };
+        let net = IpNetwork::new(self.addr, prefix).ok()?;
+        Some(Dest {
+            addr: net.network(),
+            prefix,
+            port: self.port,
+            protocol: self.protocol.clone(),
+        })
+    }
+}
+
+/// What was seen on one edge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EdgeStats {
+    /// Attempts that went through (allowed, or audited in audit mode).
+    pub connections: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    /// TCP connections that reached ESTABLISHED.
+    pub established: u64,
+    /// Payload bytes of closed TCP connections.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// RFC 3339, UTC.
+    pub first_seen: String,
+    pub last_seen: String,
+    /// The process name last seen on this edge.
+    pub comm: String,
+    /// Addresses folded into this edge (1 for a single address).
+    pub addresses: u64,
+    /// Recency order, for eviction (larger: seen later).
+    pub seq: u64,
+}
+
+impl EdgeStats {
+    pub(super) fn merge(&mut self, other: &EdgeStats) {
+        self.connections += other.connections;
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.audited += other.audited;
+        self.established += other.established;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+        self.addresses += other.addresses;
+        if self.first_seen.is_empty() || other.first_seen < self.first_seen {
+            self.first_seen.clone_from(&other.first_seen);
+        }
+        if other.seq >= self.seq {
+            self.last_seen.clone_from(&other.last_seen);
+            self.comm.clone_from(&other.comm);
+            self.seq = other.seq;
+        }
+    }
+}
+
+/// A listening socket of a managed service, learned from the connections it
+/// accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ListenKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    pub service: String,
+    pub last_seen: String,
+    pub seq: u64,
+}

@@ -1,0 +1,112 @@
+//! The read-only service map served on the metrics listener: `/graph` (one
+//! self-contained HTML page, no external assets) and `/graph.json`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+use super::{blast, view, Shared};
+
+const PAGE: &str = include_str!("page.html");
+const PLACEHOLDER: &str = "/*GRAPH_DATA*/null";
+
+/// The view plus, for each service, its blast radius for the page: the
+/// node ids to highlight (reached and reachable), the lateral paths and the
+/// unused allowances.
+pub fn data(shared: &Shared) -> Value {
+    let policy = shared.policy();
+    let graph = shared.graph().clone();
+    let v = view::build(&graph, &policy);
+    let node_ids: BTreeSet<&str> = v.nodes.iter().map(|n| n.id.as_str()).collect();
+    let mut radius: BTreeMap<String, Value> = BTreeMap::new();
+    for s in &policy.services {
+        let Ok(b) = blast::compute(&graph, &policy, &s.name, None) else {
+            continue;
+        };
+        let mut ids: BTreeSet<String> = BTreeSet::new();
+        for r in &b.reached {
+            let id = if r.to == r.dest {
+                format!("endpoint:{}", r.dest)
+            } else {
+                format!("service:{}", r.to)
+            };
+            ids.insert(id);
+        }
+        for h in &b.lateral.services {
+            ids.insert(format!("service:{}", h.target));
+        }
+        for h in &b.lateral.destinations {
+            ids.insert(format!("endpoint:{}", h.target));
+        }
+        let nodes: Vec<String> = ids
+            .into_iter()
+            .filter(|i| node_ids.contains(i.as_str()))
+            .collect();
+        let paths: Vec<&str> = b
+            .lateral
+            .services
+            .iter()
+            .chain(&b.lateral.destinations)
+            .map(|h| h.path.as_str())
+            .collect();
+        let unused: Vec<String> = b
+            .unused
+            .iter()
+            .map(|a| format!("{} ports {} {} ({})", a.to, a.ports, a.protocol, a.rule))
+            .collect();
+        radius.insert(
+            format!("service:{}", s.name),
+            json!({ "nodes": nodes, "paths": paths, "unused": unused }),
+        );
+    }
+    json!({ "graph": v, "blast": radius, "generated": super::now() })
+}
+
+/// The page with the data inlined, so that it renders without a second
+/// request (and without script fetches a headless browser may not wait for).
+pub fn html(shared: &Shared) -> String {
+    // `<` only occurs inside JSON strings, where `\u003c` means the same:
+    // nothing in the data (a process may name itself `</script>`) can end
+    // the script element or open a comment.
+    let data = data(shared).to_string().replace('<', "\\u003c");
+    PAGE.replace(PLACEHOLDER, &data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        events::Verdict,
+        graph::tests::{accepted, connect},
+    };
+
+    #[test]
+    fn the_page_carries_the_graph_and_no_external_asset() {
+        let shared = Shared::default();
+        {
+            let mut g = shared.graph();
+            g.observe(&connect("a", ("127.0.0.1", 8080), Verdict::Allow));
+            g.observe(&accepted("b", ("127.0.0.1", 8080)));
+            g.observe(&connect("a", ("192.0.2.9", 22), Verdict::Deny));
+        }
+        // An unmanaged process may call itself anything.
+        let mut hostile = connect("a", ("192.0.2.10", 80), Verdict::Allow);
+        hostile.service = None;
+        hostile.comm = "</script><b>x".to_string();
+        shared.graph().observe(&hostile);
+        let page = html(&shared);
+        assert!(
+            !page.contains("</script><b>"),
+            "the data can end the script"
+        );
+        assert!(page.contains("\\u003c/script>\\u003cb>x"));
+        assert!(!page.contains(PLACEHOLDER));
+        assert!(page.contains("\"service:b\""), "the data is inlined");
+        for external in ["src=", "href=", "url(h", "<link", "import", "fetch("] {
+            assert!(
+                !page.contains(external),
+                "external asset {external:?} in the page"
+            );
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The graph shared by the daemon's tasks, fed from the event hub, saved
+//! to `state_dir/graph.json` every [`SAVE_INTERVAL`] and on stop, loaded at
+//! start: a restart does not forget the map.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{broadcast, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+use super::model::{Dest, EdgeStats, Graph, ListenKey, ListenerInfo, Source};
+use crate::{
+    events::{EventStats, FlowEvent},
+    policy::PolicySet,
+};
+
+pub const FILE: &str = "graph.json";
+/// How often the graph is written to the state directory.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(30);
+const SCHEMA: &str = "bulkhead.graph-state.v1";
+
+/// The graph and the policy in force, shared by the aggregator, the engine
+/// (blast radius, learn) and the HTTP page.
+#[derive(Debug, Default)]
+pub struct Shared {
+    graph: Mutex<Graph>,
+    policy: RwLock<Arc<PolicySet>>,
+}
+
+impl Shared {
+    pub fn graph(&self) -> MutexGuard<'_, Graph> {
+        self.graph.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn policy(&self) -> Arc<PolicySet> {
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn set_policy(&self, set: &PolicySet) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set.clone());
+    }
+
+    /// Edges and listeners evicted to stay within the caps.
+    pub fn evictions(&self) -> u64 {
+        self.graph().evictions
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    schema: String,
+    edges: Vec<SavedEdge>,
+    #[serde(default)]
+    listeners: Vec<SavedListener>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedEdge {
+    from: Source,
+    to: Dest,
+    #[serde(flatten)]
+    stats: EdgeStats,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedListener {
+    #[serde(flatten)]
+    at: ListenKey,
+    #[serde(flatten)]
+    info: ListenerInfo,
+}
+
+/// The graph as saved (edges sorted, so the file diffs well).
+pub fn to_json(graph: &Graph) -> Vec<u8> {
+    let mut edges: Vec<SavedEdge> = graph
+        .edges
+        .iter()
+        .map(|((from, to), stats)| SavedEdge {
+            from: from.clone(),
+            to: to.clone(),
+            stats: stats.clone(),
+        })
+        .collect();
+    edges.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+    let saved = Saved {
+        schema: SCHEMA.to_string(),
+        edges,
+        listeners: graph
+            .listeners
+            .iter()
+            .map(|(at, info)| SavedListener {
+                at: at.clone(),
+                info: info.clone(),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&saved).unwrap_or_default()
+}
+
+/// Parses a saved graph.
+///
+/// # Errors
+/// Not JSON, or not a graph of this schema.
+pub fn from_json(bytes: &[u8]) -> Result<Graph, String> {
+    let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if saved.schema != SCHEMA {
+        return Err(format!(
+            "unknown schema {:?} (expected {SCHEMA})",
+            saved.schema
+        ));
+    }
+    let mut graph = Graph::default();
+    graph.restore(
+        saved
+            .edges
+            .into_iter()
+            .map(|e| (e.from, e.to, e.stats))
+            .collect(),
+        saved
+            .listeners
+            .into_iter()
+            .map(|l| (l.at, l.info))
+            .collect(),
+    );
+    Ok(graph)
+}
+
+/// Loads `state_dir/graph.json`; an absent file is an empty graph, an
+/// unreadable one is set aside (`graph.json.bad`) with a warning, so that a
+/// damaged file never stops the agent.
+pub fn load(state_dir: &Path) -> Graph {
+    let path = state_dir.join(FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Graph::default(),
+        Err(e) => {
+            warn!(path = %path.display(), "cannot read the saved service graph; starting empty: {e}");
+            return Graph::default();
+        }
+    };
+    match from_json(&bytes) {
+        Ok(g) => {
+            info!(path = %path.display(), edges = g.edges.len(), "service graph loaded");
+            g
+        }
+        Err(e) => {
+            let bad = state_dir.join(format!("{FILE}.bad"));
+            let _ = std::fs::rename(&path, &bad);
+            warn!(path = %path.display(), moved_to = %bad.display(), "saved service graph is damaged; starting empty: {e}");
+            Graph::default()
+        }
+    }
+}
+
+/// Writes the graph atomically (temporary file, then rename), mode 0600.
+///
+/// # Errors
+/// The state directory cannot be written.
+pub fn save(state_dir: &Path, shared: &Shared) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let bytes = to_json(&shared.graph());
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, &bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, state_dir.join(FILE))
+}
+
+/// The running aggregator; [`Aggregator::finish`] folds in what is queued
+/// and stops it.
+pub struct Aggregator {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Aggregator {
+    /// Folds in the events already queued, then stops (at most 2 s).
+    pub async fn finish(self) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Folds every event queued in `events` into `g`; returns false once the
+/// channel is closed.
+fn drain(
+    g: &mut Graph,
+    events: &mut broadcast::Receiver<Arc<FlowEvent>>,
+    stats: &EventStats,
+) -> bool {
+    for _ in 0..DRAIN_BATCH {
+        match events.try_recv() {
+            Ok(ev) => g.observe(&ev),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                stats.subscriber_lagged.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(broadcast::error::TryRecvError::Closed) => return false,
+            Err(broadcast::error::TryRecvError::Empty) => break,
+        }
+    }
+    true
+}
+
+/// Events folded in per lock of the graph.
+const DRAIN_BATCH: usize = 1024;
+
+/// Feeds `events` into `shared` and saves it every [`SAVE_INTERVAL`].
+/// Lagging behind the hub loses events for the graph only (counted as the
+/// hub's `subscriber` loss).
+pub fn spawn_aggregator(
+    shared: Arc<Shared>,
+    mut events: broadcast::Receiver<Arc<FlowEvent>>,
+    state_dir: PathBuf,
+    stats: Arc<EventStats>,
+) -> Aggregator {
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAVE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        scan_listeners(&shared).await;
+        loop {
+            tokio::select! {
+                got = events.recv() => match got {
+                    Ok(ev) => {
+                        let mut g = shared.graph();
+                        g.observe(&ev);
+                        if !drain(&mut g, &mut events, &stats) {
+                            break;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        stats.subscriber_lagged.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = stopped.changed() => {
+                    let mut g = shared.graph();
+                    while !events.is_empty() && drain(&mut g, &mut events, &stats) {}
+                    break;
+                }
+                _ = tick.tick() => {
+                    scan_listeners(&shared).await;
+                    let shared = Arc::clone(&shared);
+                    let dir = state_dir.clone();
+                    let saved = tokio::task::spawn_blocking(move || save(&dir, &shared)).await;
+                    if let Ok(Err(e)) = saved {
+                        warn!(dir = %state_dir.display(), "cannot save the service graph: {e}");
+                    }
+                }
+            }
+        }
+    });
+    Aggregator { stop, task }
+}
+
+/// Adds the listeners of managed services found in `/proc` (off the async
+/// workers: it reads every process's file descriptors).
+async fn scan_listeners(shared: &Arc<Shared>) {
+    let policy = shared.policy();
+    let Ok(found) = tokio::task::spawn_blocking(move || super::listeners::scan(&policy)).await
+    else {
+        return;
+    };
+    shared.graph().add_scanned(found, &super::now());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        events::Verdict,
+        graph::tests::{accepted, connect},
+    };
+
+    #[test]
+    fn saved_and_loaded_graphs_are_equal() {
+        let shared = Shared::default();
+        {
+            let mut g = shared.graph();
+            g.observe(&connect("a", ("192.0.2.7", 5432), Verdict::Allow));
+            g.observe(&accepted("b", ("127.0.0.1", 8080)));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        save(dir.path(), &shared).expect("save");
+        let loaded = load(dir.path());
+        let g = shared.graph();
+        assert_eq!(loaded.edges, g.edges);
+        assert_eq!(loaded.listeners, g.listeners);
+    }
+
+    #[tokio::test]
+    async fn finish_folds_in_what_is_queued() {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = broadcast::channel(64);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agg = spawn_aggregator(
+            Arc::clone(&shared),
+            rx,
+            dir.path().to_path_buf(),
+            Arc::default(),
+        );
+        for _ in 0..5 {
+            tx.send(Arc::new(connect("a", ("192.0.2.7", 5432), Verdict::Allow)))
+                .expect("a receiver");
+        }
+        agg.finish().await;
+        let g = shared.graph();
+        let total: u64 = g.edges.values().map(|e| e.connections).sum();
+        assert_eq!(total, 5);
+    }
+
+    #[test]
+    fn a_damaged_file_is_set_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(FILE), b"{not json").expect("write");
+        assert!(load(dir.path()).edges.is_empty());
+        assert!(dir.path().join("graph.json.bad").exists());
+    }
+}

@@ -1,0 +1,228 @@
+//! Tests of the graph model, and event builders the other graph tests use.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::model::{Dest, EdgeStats, Graph, Source, GROUP_AT, MAX_EDGES};
+use crate::events::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
+
+pub(crate) fn ev(
+    kind: EventType,
+    service: Option<&str>,
+    dir: Direction,
+    dst: (&str, u16),
+    verdict: Option<Verdict>,
+) -> FlowEvent {
+    FlowEvent {
+        schema: SCHEMA.to_string(),
+        kind,
+        time: "2026-11-29T02:00:00.000000000Z".to_string(),
+        ktime_ns: 1,
+        service: service.map(str::to_string),
+        mode: Some("enforce".to_string()),
+        cgroup_id: 77,
+        pid: 1,
+        tid: 1,
+        uid: 0,
+        gid: 0,
+        comm: "probe".to_string(),
+        traffic_direction: Some(dir),
+        hook: if kind == EventType::Verdict {
+            "connect".to_string()
+        } else {
+            "sock_ops".to_string()
+        },
+        protocol: Some("tcp".to_string()),
+        src_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        src_port: Some(40000),
+        dst_ip: dst.0.parse().ok(),
+        dst_port: Some(dst.1),
+        verdict,
+        rule: None,
+        socket_cookie: 1,
+        bytes_sent: None,
+        bytes_received: None,
+        duration_ns: None,
+        change: None,
+        anomaly: None,
+    }
+}
+
+pub(crate) fn connect(service: &str, dst: (&str, u16), v: Verdict) -> FlowEvent {
+    ev(
+        EventType::Verdict,
+        Some(service),
+        Direction::Egress,
+        dst,
+        Some(v),
+    )
+}
+
+/// `service` accepted a connection on `local`.
+pub(crate) fn accepted(service: &str, local: (&str, u16)) -> FlowEvent {
+    FlowEvent {
+        src_ip: local.0.parse().ok(),
+        src_port: Some(local.1),
+        ..ev(
+            EventType::TcpEstablished,
+            Some(service),
+            Direction::Ingress,
+            ("127.0.0.1", 50000),
+            None,
+        )
+    }
+}
+
+fn stats<'a>(g: &'a Graph, service: &str, dest: &str) -> &'a EdgeStats {
+    g.edges
+        .iter()
+        .find(|((s, d), _)| s.id() == format!("service:{service}") && d.label() == dest)
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no edge {service} -> {dest} in {:?}", g.edges.keys()))
+}
+
+#[test]
+fn verdicts_lifecycle_and_bytes_add_up_on_one_edge() {
+    let mut g = Graph::default();
+    for v in [
+        Verdict::Allow,
+        Verdict::Allow,
+        Verdict::Deny,
+        Verdict::Audit,
+    ] {
+        g.observe(&connect("a", ("192.0.2.7", 5432), v));
+    }
+    g.observe(&ev(
+        EventType::TcpEstablished,
+        Some("a"),
+        Direction::Egress,
+        ("192.0.2.7", 5432),
+        None,
+    ));
+    let mut closed = ev(
+        EventType::TcpClosed,
+        Some("a"),
+        Direction::Egress,
+        ("192.0.2.7", 5432),
+        None,
+    );
+    closed.bytes_sent = Some(10);
+    closed.bytes_received = Some(1000);
+    g.observe(&closed);
+    let s = stats(&g, "a", "192.0.2.7:5432/tcp");
+    assert_eq!(
+        (s.connections, s.allowed, s.denied, s.audited, s.established),
+        (3, 2, 1, 1, 1)
+    );
+    assert_eq!((s.bytes_sent, s.bytes_received), (10, 1000));
+    assert_eq!(g.edges.len(), 1);
+}
+
+#[test]
+fn a_local_listener_turns_the_destination_into_its_service() {
+    let mut g = Graph::default();
+    g.observe(&connect("a", ("127.0.0.1", 8080), Verdict::Allow));
+    g.observe(&accepted("b", ("127.0.0.1", 8080)));
+    let dest = Dest::host("127.0.0.1".parse().expect("ip"), 8080, "tcp");
+    assert_eq!(g.service_at(&dest), Some("b"));
+    // Another loopback address, same port: the same listener.
+    let other = Dest::host("127.0.0.2".parse().expect("ip"), 8080, "tcp");
+    assert_eq!(g.service_at(&other), Some("b"));
+    let elsewhere = Dest::host("192.0.2.1".parse().expect("ip"), 8080, "tcp");
+    assert_eq!(g.service_at(&elsewhere), None);
+}
+
+#[test]
+fn many_addresses_of_one_subnet_fold_into_a_network() {
+    let mut g = Graph::default();
+    for i in 1..=GROUP_AT {
+        g.observe(&connect(
+            "a",
+            (&format!("198.51.100.{i}"), 443),
+            Verdict::Allow,
+        ));
+    }
+    g.observe(&connect("a", ("198.51.100.200", 443), Verdict::Allow));
+    g.observe(&connect("a", ("198.51.100.1", 80), Verdict::Allow));
+    let s = stats(&g, "a", "198.51.100.0/24:443/tcp");
+    assert_eq!(
+        (s.connections, s.addresses),
+        (GROUP_AT as u64 + 1, GROUP_AT as u64)
+    );
+    assert_eq!(g.edges.len(), 2, "{:?}", g.edges.keys());
+}
+
+#[test]
+fn edges_are_capped_least_recently_seen_first() {
+    let mut g = Graph::default();
+    g.observe(&connect("keep", ("127.0.0.1", 1), Verdict::Allow));
+    for i in 0..MAX_EDGES {
+        let port = u16::try_from(i % 60_000 + 2).expect("port");
+        let service = format!("s{}", i / 60_000);
+        g.observe(&connect(&service, ("127.0.0.1", port), Verdict::Allow));
+        if i == MAX_EDGES - 10 {
+            // Seen again: now among the most recent.
+            g.observe(&connect("keep", ("127.0.0.1", 1), Verdict::Allow));
+        }
+    }
+    assert!(g.edges.len() <= MAX_EDGES);
+    assert!(g.evictions > 0);
+    assert!(g.edges.keys().any(|(s, _)| s.id() == "service:keep"));
+}
+
+#[test]
+fn remote_peers_get_inbound_edges_local_ones_do_not() {
+    let mut g = Graph::default();
+    let mut from_remote = accepted("b", ("198.51.100.1", 8080));
+    from_remote.dst_ip = "192.0.2.50".parse().ok();
+    g.observe(&from_remote);
+    let mut drop = from_remote.clone();
+    drop.kind = EventType::Verdict;
+    drop.hook = "ingress".to_string();
+    drop.verdict = Some(Verdict::Deny);
+    drop.dst_ip = "192.0.2.66".parse().ok();
+    g.observe(&drop);
+    // A local peer (loopback, or this host's own address): not inbound.
+    g.observe(&accepted("b", ("127.0.0.1", 8080)));
+    let mut local = from_remote.clone();
+    local.dst_ip = "198.51.100.1".parse().ok();
+    g.observe(&local);
+    let edges: Vec<(String, String, u64, u64)> = g
+        .edges
+        .iter()
+        .map(|((s, d), e)| (s.id(), d.label(), e.connections, e.denied))
+        .collect();
+    assert_eq!(edges.len(), 2, "{edges:?}");
+    assert!(edges.contains(&(
+        "peer:192.0.2.50".into(),
+        "198.51.100.1:8080/tcp".into(),
+        1,
+        0
+    )));
+    assert!(edges.contains(&(
+        "peer:192.0.2.66".into(),
+        "198.51.100.1:8080/tcp".into(),
+        0,
+        1
+    )));
+    let dest = Dest::host("198.51.100.1".parse().expect("ip"), 8080, "tcp");
+    assert_eq!(g.service_at(&dest), Some("b"));
+}
+
+#[test]
+fn unmanaged_processes_are_keyed_by_cgroup() {
+    let mut g = Graph::default();
+    let mut e = ev(
+        EventType::Verdict,
+        None,
+        Direction::Egress,
+        ("192.0.2.1", 53),
+        Some(Verdict::Allow),
+    );
+    e.protocol = Some("udp".to_string());
+    e.hook = "sendmsg".to_string();
+    g.observe(&e);
+    assert!(g.edges.contains_key(&(
+        Source::Process { cgroup_id: 77 },
+        Dest::host("192.0.2.1".parse().expect("ip"), 53, "udp")
+    )));
+}

@@ -1,0 +1,358 @@
+//! `bulkhead learn`: a policy allowing exactly what a service was observed
+//! doing, from the agent's service graph (kept in the state directory, so
+//! it covers restarts), collapsed into one rule per destination group and
+//! protocol, with comments saying what each rule was learned from.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    graph::{at_or_after, Dest, EdgeStats, Graph, Source},
+    policy::{PolicySet, Selector},
+};
+
+/// Past this many port ranges toward one destination group, a rule allows
+/// the span from the lowest to the highest port instead (the kernel checks
+/// at most 32 ranges per prefix; see docs/policy.md, Limits).
+const MAX_RANGES: usize = 16;
+/// Provenance lines written above a rule; the rest are counted.
+const MAX_COMMENTS: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Learned {
+    /// The policy file's text.
+    pub policy: String,
+    /// `[[egress]]` rules written.
+    pub rules: usize,
+    /// Destinations (edges) learned from.
+    pub destinations: usize,
+    /// Destinations only ever denied: not learned (listed in comments).
+    pub denied_not_learned: usize,
+}
+
+struct Seen<'a> {
+    dest: &'a Dest,
+    stats: &'a EdgeStats,
+    service: Option<&'a str>,
+}
+
+/// `"tcp"`, `"udp"`, or `"any"` for other protocols (ICMP datagram sockets).
+fn rule_protocol(p: &str) -> &'static str {
+    match p {
+        "tcp" => "tcp",
+        "udp" => "udp",
+        _ => "any",
+    }
+}
+
+/// Sorted ports as TOML: `[5432, "8000-8002"]`; ranges where consecutive.
+fn ports_toml(ports: &[u16]) -> (String, Option<String>) {
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for &p in ports {
+        match ranges.last_mut() {
+            Some((_, hi)) if hi.checked_add(1) == Some(p) => *hi = p,
+            _ => ranges.push((p, p)),
+        }
+    }
+    let mut note = None;
+    if ranges.len() > MAX_RANGES {
+        let (lo, hi) = (ranges[0].0, ranges[ranges.len() - 1].1);
+        note = Some(format!(
+            "{} separate ports seen; allowing the span {lo}-{hi} (review it)",
+            ports.len()
+        ));
+        ranges = vec![(lo, hi)];
+    }
+    let items: Vec<String> = ranges
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("\"{lo}-{hi}\"")
+            }
+        })
+        .collect();
+    (format!("[{}]", items.join(", ")), note)
+}
+
+fn provenance(s: &Seen<'_>) -> String {
+    let what = match s.service {
+        Some(name) => format!("service {name} at {}", s.dest.label()),
+        None => s.dest.label(),
+    };
+    let folded = if s.stats.addresses > 1 {
+        format!(" ({} addresses)", s.stats.addresses)
+    } else {
+        String::new()
+    };
+    let audited = if s.stats.audited > 0 {
+        format!(", {} audited", s.stats.audited)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} connection(s) to {what}{folded}{audited}, {} .. {}",
+        s.stats.connections, s.stats.first_seen, s.stats.last_seen
+    )
+}
+
+/// The learned policy of `name`: what went through (allowed, or audited in
+/// audit mode) since `since` (RFC 3339; None: everything the graph holds).
+///
+/// # Errors
+/// No such service in the policy, or nothing observed for it.
+pub fn learn(
+    graph: &Graph,
+    policy: &PolicySet,
+    name: &str,
+    since: Option<&str>,
+    enforce: bool,
+) -> Result<Learned, String> {
+    let service = policy
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| format!("no service named {name:?} in the policy"))?;
+    let mut seen: Vec<Seen<'_>> = Vec::new();
+    let mut denied: Vec<String> = Vec::new();
+    for ((source, dest), stats) in &graph.edges {
+        if !matches!(source, Source::Service { name: n } if n == name) {
+            continue;
+        }
+        if since.is_some_and(|t| !at_or_after(&stats.last_seen, t)) {
+            continue;
+        }
+        if stats.connections == 0 {
+            if stats.denied > 0 {
+                denied.push(format!("{} (denied ×{})", dest.label(), stats.denied));
+            }
+            continue;
+        }
+        seen.push(Seen {
+            dest,
+            stats,
+            service: graph.service_at(dest),
+        });
+    }
+    if seen.is_empty() {
+        return Err(format!(
+            "nothing observed for {name}{}: no connection went through, so there is nothing to learn \
+             (run it in mode = \"audit\" first, with its usual traffic)",
+            since.map(|t| format!(" since {t}")).unwrap_or_default()
+        ));
+    }
+    seen.sort_by(|a, b| a.dest.cmp(b.dest));
+    denied.sort();
+    let rules = collapse(&seen);
+    let mut out = String::new();
+    let selector = match &service.selector {
+        Selector::Unit(u) => format!("unit = {u:?}"),
+        Selector::Cgroup(p) => format!("cgroup = \"/{p}\""),
+    };
+    let _ = writeln!(
+        out,
+        "# Learned by `bulkhead learn {name}` at {} from the agent's service graph,\n\
+         # {} destination(s) observed{}.\n\
+         # Review every rule before enforcing: it allows what the service did, not\n\
+         # what it should do. [[ingress]], [bind] and [sockets] are not learned:\n\
+         # copy them from {} if it has any.",
+        crate::graph::now(),
+        seen.len(),
+        since.map(|t| format!(" since {t}")).unwrap_or_default(),
+        service.file.display(),
+    );
+    for d in &denied {
+        let _ = writeln!(out, "# not learned, only ever denied: {d}");
+    }
+    let _ = writeln!(out, "name = {name:?}\n{selector}");
+    let _ = writeln!(
+        out,
+        "mode = {:?}{}",
+        if enforce { "enforce" } else { "audit" },
+        if enforce {
+            ""
+        } else {
+            "    # switch to \"enforce\" once the audit log shows nothing unexpected"
+        }
+    );
+    let rule_count = rules.len();
+    for ((proto, ports), nets) in rules {
+        out.push('\n');
+        let from: Vec<&Seen<'_>> = nets.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        for s in from.iter().take(MAX_COMMENTS) {
+            let _ = writeln!(out, "# learned from {}", provenance(s));
+        }
+        if from.len() > MAX_COMMENTS {
+            let _ = writeln!(out, "# ... and {} more", from.len() - MAX_COMMENTS);
+        }
+        let services: Vec<&str> = from.iter().filter_map(|s| s.service).collect();
+        let _ = writeln!(out, "[[egress]]");
+        if !services.is_empty() {
+            let mut services = services;
+            services.dedup();
+            let _ = writeln!(
+                out,
+                "description = \"learned: service {}\"",
+                services.join(", ")
+            );
+        }
+        let to: Vec<String> = nets
+            .iter()
+            .map(|(n, _)| format!("{:?}", host_or_net(n)))
+            .collect();
+        let _ = writeln!(out, "to = [{}]", to.join(", "));
+        if !ports.is_empty() {
+            let (text, note) = ports_toml(&ports);
+            if let Some(note) = note {
+                let _ = writeln!(out, "# {note}");
+            }
+            let _ = writeln!(out, "ports = {text}");
+        }
+        let _ = writeln!(out, "protocol = {proto:?}");
+    }
+    Ok(Learned {
+        policy: out,
+        rules: rule_count,
+        destinations: seen.len(),
+        denied_not_learned: denied.len(),
+    })
+}
+
+/// Rules keyed by protocol and ports, each with its destination networks
+/// and the edges they were learned from.
+type Rules<'a, 'g> = BTreeMap<(&'static str, Vec<u16>), Vec<(IpNetwork, Vec<&'a Seen<'g>>)>>;
+/// Ports and edges of one destination network and protocol.
+type Group<'a, 'g> = (Vec<u16>, Vec<&'a Seen<'g>>);
+
+/// One group per destination network and protocol, with its ports; then
+/// groups with the same protocol and ports share one rule.
+fn collapse<'a, 'g>(seen: &'a [Seen<'g>]) -> Rules<'a, 'g> {
+    let mut groups: BTreeMap<(&'static str, IpNetwork), Group<'a, 'g>> = BTreeMap::new();
+    for s in seen {
+        let g = groups
+            .entry((rule_protocol(&s.dest.protocol), s.dest.network()))
+            .or_default();
+        if !g.0.contains(&s.dest.port) {
+            g.0.push(s.dest.port);
+        }
+        g.1.push(s);
+    }
+    let mut rules: Rules<'a, 'g> = BTreeMap::new();
+    for ((proto, net), (mut ports, from)) in groups {
+        ports.sort_unstable();
+        // Port 0 (no port) and "any" protocol rules cover every port.
+        if proto == "any" || ports.contains(&0) {
+            ports.clear();
+        }
+        rules.entry((proto, ports)).or_default().push((net, from));
+    }
+    rules
+}
+
+/// `192.0.2.7` for a single address, `198.51.100.0/24` for a network.
+fn host_or_net(n: &IpNetwork) -> String {
+    let host = if n.is_ipv4() { 32 } else { 128 };
+    if n.prefix() == host {
+        n.ip().to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        events::Verdict,
+        graph::tests::{accepted, connect},
+    };
+
+    fn set() -> PolicySet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "cgroup = \"/a\"\nmode = \"audit\"\n",
+        )
+        .expect("write");
+        crate::policy::load_dir(dir.path()).expect("valid")
+    }
+
+    fn learned_checks(text: &str) -> PolicySet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.toml"), text).expect("write");
+        let set = crate::policy::load_dir(dir.path())
+            .unwrap_or_else(|e| panic!("learned policy does not check: {e:?}\n{text}"));
+        crate::kernel::compile(&set).unwrap_or_else(|e| panic!("does not compile: {e:?}\n{text}"));
+        set
+    }
+
+    #[test]
+    fn one_rule_per_group_and_protocol_with_ports_collapsed() {
+        let mut g = Graph::default();
+        for port in [8000, 8001, 8002, 5432] {
+            g.observe(&connect("a", ("192.0.2.7", port), Verdict::Audit));
+        }
+        g.observe(&connect("a", ("127.0.0.1", 8080), Verdict::Allow));
+        g.observe(&accepted("b", ("127.0.0.1", 8080)));
+        for i in 1..=crate::graph::model::GROUP_AT {
+            g.observe(&connect(
+                "a",
+                (&format!("198.51.100.{i}"), 443),
+                Verdict::Allow,
+            ));
+        }
+        g.observe(&connect("a", ("203.0.113.1", 22), Verdict::Deny));
+        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let text = &l.policy;
+        assert!(text.contains("mode = \"audit\""), "{text}");
+        assert!(
+            text.contains(
+                "to = [\"192.0.2.7\"]\nports = [5432, \"8000-8002\"]\nprotocol = \"tcp\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "description = \"learned: service b\"\nto = [\"127.0.0.1\"]\nports = [8080]"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("to = [\"198.51.100.0/24\"]\nports = [443]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# learned from 1 connection(s) to service b at 127.0.0.1:8080/tcp"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# not learned, only ever denied: 203.0.113.1:22/tcp"),
+            "{text}"
+        );
+        assert_eq!((l.rules, l.denied_not_learned), (3, 1));
+        let set = learned_checks(text);
+        assert_eq!(set.services[0].egress.len(), 3);
+    }
+
+    #[test]
+    fn enforce_flag_and_nothing_to_learn() {
+        let mut g = Graph::default();
+        assert!(learn(&g, &set(), "a", None, false).is_err());
+        g.observe(&connect("a", ("192.0.2.7", 53), Verdict::Allow));
+        let l = learn(&g, &set(), "a", None, true).expect("learned");
+        assert!(l.policy.contains("mode = \"enforce\"\n"), "{}", l.policy);
+        learned_checks(&l.policy);
+        assert!(learn(&g, &set(), "a", Some("2999-01-01T00:00:00Z"), false).is_err());
+    }
+
+    #[test]
+    fn many_scattered_ports_become_one_span() {
+        let ports: Vec<u16> = (0..40).map(|i| 1000 + i * 2).collect();
+        let (text, note) = ports_toml(&ports);
+        assert_eq!(text, "[\"1000-1078\"]");
+        assert!(note.is_some());
+    }
+}

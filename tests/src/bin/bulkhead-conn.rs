@@ -1,0 +1,275 @@
+//! `bulkhead-conn`: long-lived TCP clients and servers for the tests that
+//! watch enforcement *change* under running traffic (reloads, restarts,
+//! quarantine), where `bulkhead-probe`'s one exchange per process is too
+//! coarse.
+//!
+//! ```text
+//! bulkhead-conn [--cgroup DIR] COMMAND
+//!   connect-loop [--pause-us N] ADDR:PORT...
+//!       connect() to each address in turn, over and over, until stdin is
+//!       closed; one line per attempt: `attempt PORT START_NS END_NS RESULT`
+//!       (`CLOCK_MONOTONIC` nanoseconds around socket()+connect(); RESULT is
+//!       `ok`, `errno:N` or `timeout`)
+//!   hold ADDR:PORT
+//!       connect() once and keep the connection: stdin line `send TEXT`
+//!       writes TEXT and prints `sent TEXT` (or `send-error errno:N`); what
+//!       the peer sends is printed as `recv TEXT`, its close as `eof`
+//!   sink ADDR:PORT
+//!       listen; print `ready ADDR:PORT`, then `accepted PEER` per
+//!       connection and `recv PEER TEXT` per chunk received; stdin line
+//!       `send TEXT` writes TEXT to every accepted connection (`sent PEER
+//!       TEXT` or `send-error PEER errno:N`)
+//! ```
+//!
+//! `--cgroup DIR` writes the process's own pid into `DIR/cgroup.procs` before
+//! any socket exists. Every line is flushed at once. The process exits when
+//! stdin is closed (the test's guard closes it, or kills the process).
+//! Exit 2: bad usage or set-up failure (message on stderr).
+
+use std::{
+    fs,
+    io::{self, BufRead as _, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    thread,
+    time::Duration,
+};
+
+/// How long one `connect()` may take before it counts as a timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] \
+    (connect-loop [--pause-us N] ADDR:PORT... | hold ADDR:PORT | sink ADDR:PORT)";
+
+fn main() -> ExitCode {
+    match run(std::env::args().skip(1).collect()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("bulkhead-conn: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Vec<String>) -> Result<(), String> {
+    let mut args = args.into_iter().peekable();
+    if args.peek().map(String::as_str) == Some("--cgroup") {
+        args.next();
+        let dir = args.next().ok_or(USAGE)?;
+        let procs = format!("{dir}/cgroup.procs");
+        fs::write(&procs, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot join cgroup: write {procs}: {e}"))?;
+    }
+    let command = args.next().ok_or(USAGE)?;
+    let rest: Vec<String> = args.collect();
+    match (command.as_str(), rest.as_slice()) {
+        ("connect-loop", rest) => connect_loop(rest),
+        ("hold", [addr]) => hold(parse_addr(addr)?),
+        ("sink", [addr]) => sink(parse_addr(addr)?),
+        _ => Err(USAGE.to_owned()),
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|e| format!("bad address {s:?} (want ADDR:PORT or [ADDR6]:PORT): {e}"))
+}
+
+/// One line on stdout, flushed; a reader that went away ends the process.
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock the daemon stamps its events
+/// with, `ktime_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Sets a flag once stdin reaches its end (or fails).
+fn watch_stdin() -> Arc<AtomicBool> {
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&closed);
+    thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = io::stdin().lock().read_to_end(&mut sink);
+        flag.store(true, Ordering::SeqCst);
+    });
+    closed
+}
+
+fn connect_loop(args: &[String]) -> Result<(), String> {
+    let mut pause = Duration::from_millis(1);
+    let mut targets = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--pause-us" {
+            let n = args.next().ok_or(USAGE)?;
+            pause = Duration::from_micros(
+                n.parse()
+                    .map_err(|e| format!("bad --pause-us {n:?}: {e}"))?,
+            );
+        } else {
+            targets.push(parse_addr(arg)?);
+        }
+    }
+    if targets.is_empty() {
+        return Err(USAGE.to_owned());
+    }
+    let closed = watch_stdin();
+    say("started");
+    while !closed.load(Ordering::SeqCst) {
+        for &target in &targets {
+            let start = monotonic_ns();
+            let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT);
+            let end = monotonic_ns();
+            let result = match result {
+                Ok(stream) => {
+                    // Reset instead of a FIN: no TIME_WAIT, so thousands of
+                    // connections do not use up the ephemeral ports.
+                    reset_on_close(&stream);
+                    drop(stream);
+                    "ok".to_owned()
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => "timeout".to_owned(),
+                Err(e) => format!("errno:{}", e.raw_os_error().unwrap_or(-1)),
+            };
+            say(&format!("attempt {} {start} {end} {result}", target.port()));
+            thread::sleep(pause);
+        }
+    }
+    Ok(())
+}
+
+/// `SO_LINGER` with a zero timeout: `close()` sends a reset.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8);
+    // SAFETY: setsockopt reads `len` bytes from a valid `linger`.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            len,
+        );
+    }
+}
+
+fn errno(e: &io::Error) -> String {
+    format!("errno:{}", e.raw_os_error().unwrap_or(-1))
+}
+
+/// Prints everything `stream` receives as `recv {prefix}TEXT`, then `eof`.
+fn print_received(mut stream: TcpStream, prefix: String) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    say(format!("eof {prefix}").trim_end());
+                    return;
+                }
+                Ok(n) => say(&format!(
+                    "recv {prefix}{}",
+                    String::from_utf8_lossy(&buf[..n]).trim_end()
+                )),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    say(&format!("recv-error {prefix}{}", errno(&e)));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn hold(addr: SocketAddr) -> Result<(), String> {
+    let stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(stream) => stream,
+        Err(e) => {
+            say(&format!("connect-error {}", errno(&e)));
+            return Ok(());
+        }
+    };
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?;
+    let reader = stream
+        .try_clone()
+        .map_err(|e| format!("cannot clone the socket: {e}"))?;
+    say(&format!("connected {local}"));
+    print_received(reader, String::new());
+    let mut writer = &stream;
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let Some(text) = line.strip_prefix("send ") else {
+            return Err(format!("unknown command {line:?} (want `send TEXT`)"));
+        };
+        match writer.write_all(text.as_bytes()) {
+            Ok(()) => say(&format!("sent {text}")),
+            Err(e) => say(&format!("send-error {}", errno(&e))),
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+fn sink(addr: SocketAddr) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?;
+    let accepted: Arc<Mutex<Vec<(SocketAddr, TcpStream)>>> = Arc::default();
+    let conns = Arc::clone(&accepted);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let Ok(peer) = stream.peer_addr() else {
+                continue;
+            };
+            let Ok(reader) = stream.try_clone() else {
+                continue;
+            };
+            say(&format!("accepted {peer}"));
+            print_received(reader, format!("{peer} "));
+            conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((peer, stream));
+        }
+    });
+    say(&format!("ready {local}"));
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let Some(text) = line.strip_prefix("send ") else {
+            return Err(format!("unknown command {line:?} (want `send TEXT`)"));
+        };
+        let conns = accepted.lock().unwrap_or_else(PoisonError::into_inner);
+        for (peer, stream) in conns.iter() {
+            let mut writer = stream;
+            match writer.write_all(text.as_bytes()) {
+                Ok(()) => say(&format!("sent {peer} {text}")),
+                Err(e) => say(&format!("send-error {peer} {}", errno(&e))),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! Running `bulkhead-conn`: traffic that keeps going while the test changes
+//! what is enforced (reloads, restarts, quarantine).
+//!
+//! - [`ConnectLoop`]: a client in a service's cgroup connecting to a few
+//!   addresses over and over, each attempt stamped with `CLOCK_MONOTONIC`
+//!   ([`monotonic_ns`], the clock of the daemon's `ktime_ns`);
+//! - [`HeldConn`]: one TCP connection kept open, to send on it later;
+//! - [`Sink`]: a TCP server that reports every connection and every byte.
+//!
+//! Only integration tests know the binary's path
+//! (`env!("CARGO_BIN_EXE_bulkhead-conn")`), so they hand it to [`Conn::new`].
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Arc, Mutex, PoisonError},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use crate::process::{kill, wait_deadline};
+
+/// How long a `bulkhead-conn` may take to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: comparable with the attempts'
+/// stamps and with the daemon's `ktime_ns`.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// How `bulkhead-conn` runs: the binary and, optionally, the cgroup it joins.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    bin: PathBuf,
+    cgroup: Option<PathBuf>,
+}
+
+impl Conn {
+    /// Run from the test's own cgroup (unmanaged).
+    #[must_use]
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            cgroup: None,
+        }
+    }
+
+    /// The same, run inside cgroup directory `dir` (a service).
+    #[must_use]
+    pub fn in_cgroup(&self, dir: &Path) -> Self {
+        Self {
+            cgroup: Some(dir.to_path_buf()),
+            ..self.clone()
+        }
+    }
+
+    fn spawn(&self, args: &[String]) -> Lines {
+        let mut cmd = Command::new(&self.bin);
+        if let Some(dir) = &self.cgroup {
+            cmd.arg("--cgroup").arg(dir);
+        }
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let mut guard = Lines {
+            child,
+            stdin,
+            printed: Arc::clone(&lines),
+            reader: None,
+            what,
+        };
+        let Some(stdout) = stdout else {
+            panic!("{}: no stdout pipe", guard.what);
+        };
+        guard.reader = Some(thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
+            }
+        }));
+        guard
+    }
+
+    /// Starts connecting to each of `targets` in turn, over and over, with
+    /// `pause` after each attempt, until [`ConnectLoop::stop`].
+    #[must_use]
+    pub fn connect_loop(&self, targets: &[SocketAddr], pause: Duration) -> ConnectLoop {
+        let mut args = vec![
+            "connect-loop".to_owned(),
+            "--pause-us".to_owned(),
+            pause.as_micros().to_string(),
+        ];
+        args.extend(targets.iter().map(ToString::to_string));
+        let lines = self.spawn(&args);
+        lines.wait_line(READY_TIMEOUT, |l| l == "started");
+        ConnectLoop { lines }
+    }
+
+    /// Connects to `addr` and keeps the connection; panics if the connect
+    /// fails.
+    #[must_use]
+    pub fn hold(&self, addr: SocketAddr) -> HeldConn {
+        let lines = self.spawn(&["hold".to_owned(), addr.to_string()]);
+        let line = lines.wait_line(READY_TIMEOUT, |l| {
+            l.starts_with("connected ") || l.starts_with("connect-error ")
+        });
+        let local = line
+            .strip_prefix("connected ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{}: could not connect to {addr}: {line}", lines.what));
+        HeldConn { lines, local }
+    }
+
+    /// Starts a TCP server on `addr` (port 0: any) and waits until it is bound.
+    #[must_use]
+    pub fn sink(&self, addr: SocketAddr) -> Sink {
+        let lines = self.spawn(&["sink".to_owned(), addr.to_string()]);
+        let line = lines.wait_line(READY_TIMEOUT, |l| l.starts_with("ready "));
+        let addr = line
+            .strip_prefix("ready ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{}: bad ready line {line:?}", lines.what));
+        Sink { lines, addr }
+    }
+}
+
+/// A running `bulkhead-conn` and the lines it printed; killed on `Drop`.
+#[derive(Debug)]
+struct Lines {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    printed: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+    what: String,
+}
+
+impl Lines {
+    fn snapshot(&self) -> Vec<String> {
+        self.printed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn find(&self, matches: &impl Fn(&str) -> bool) -> Option<String> {
+        self.printed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|l| matches(l))
+            .cloned()
+    }
+
+    /// Waits up to `timeout` for a line `matches` accepts; `None` if none came.
+    fn try_wait_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.find(&matches) {
+                return Some(line);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> String {
+        self.try_wait_line(timeout, matches).unwrap_or_else(|| {
+            panic!(
+                "{}: no expected line within {timeout:?}; it printed {:?}",
+                self.what,
+                self.snapshot()
+            )
+        })
+    }
+
+    fn command(&mut self, line: &str) {
+        let Some(stdin) = self.stdin.as_mut() else {
+            panic!("{}: stdin already closed", self.what);
+        };
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: cannot write {line:?} to it: {e}", self.what));
+    }
+
+    /// Closes stdin (the process exits), waits for it, and for every line.
+    fn finish(&mut self, timeout: Duration) {
+        drop(self.stdin.take());
+        if wait_deadline(&mut self.child, timeout).is_none() {
+            kill(&mut self.child);
+            panic!(
+                "{} did not exit within {timeout:?} of stdin closing",
+                self.what
+            );
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        kill(&mut self.child);
+    }
+}
+
+/// What one connect attempt of a [`ConnectLoop`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The connection was made.
+    Ok,
+    /// `connect()` failed with this errno (`EPERM`: denied).
+    Errno(i32),
+    /// No answer within the client's limit (2 s).
+    Timeout,
+}
+
+/// One connect attempt: to which port, when (`CLOCK_MONOTONIC` ns around
+/// `connect()`), and what it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// The destination port.
+    pub port: u16,
+    /// Just before `socket()`.
+    pub start_ns: u64,
+    /// Just after `connect()` returned.
+    pub end_ns: u64,
+    /// The outcome.
+    pub verdict: Verdict,
+}
+
+impl Attempt {
+    fn parse(line: &str) -> Option<Self> {
+        let mut f = line.strip_prefix("attempt ")?.split(' ');
+        let port = f.next()?.parse().ok()?;
+        let start_ns = f.next()?.parse().ok()?;
+        let end_ns = f.next()?.parse().ok()?;
+        let verdict = match f.next()? {
+            "ok" => Verdict::Ok,
+            "timeout" => Verdict::Timeout,
+            other => Verdict::Errno(other.strip_prefix("errno:")?.parse().ok()?),
+        };
+        Some(Self {
+            port,
+            start_ns,
+            end_ns,
+            verdict,
+        })
+    }
+}
+
+/// A running `bulkhead-conn connect-loop`; killed on `Drop`.
+#[derive(Debug)]
+pub struct ConnectLoop {
+    lines: Lines,
+}
+
+impl ConnectLoop {
+    /// Every attempt reported so far, in order.
+    #[must_use]
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.lines
+            .printed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(|l| Attempt::parse(l))
+            .collect()
+    }
+
+    /// How many attempts were reported so far.
+    #[must_use]
+    pub fn count(&self) -> usize {
+        self.lines
+            .printed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            .saturating_sub(1)
+    }
+
+    /// Waits up to `timeout` for an attempt that `matches` accepts and
+    /// returns it; `None` if none came.
+    #[must_use]
+    pub fn wait_attempt(
+        &self,
+        timeout: Duration,
+        matches: impl Fn(&Attempt) -> bool,
+    ) -> Option<Attempt> {
+        self.lines
+            .try_wait_line(timeout, |l| Attempt::parse(l).is_some_and(|a| matches(&a)))
+            .and_then(|l| Attempt::parse(&l))
+    }
+
+    /// Stops the loop and returns every attempt, in order.
+    #[must_use]
+    pub fn stop(mut self) -> Vec<Attempt> {
+        self.lines.finish(Duration::from_secs(10));
+        self.attempts()
+    }
+}
+
+/// A running `bulkhead-conn hold`: one TCP connection; killed on `Drop`.
+#[derive(Debug)]
+pub struct HeldConn {
+    lines: Lines,
+    local: SocketAddr,
+}
+
+impl HeldConn {
+    /// The connection's local address (how the peer knows it).
+    #[must_use]
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Writes `text` (no spaces) on the connection; panics unless `write()`
+    /// took it (the kernel queues it: whether it arrives is the peer's to say).
+    pub fn send(&mut self, text: &str) {
+        self.lines.command(&format!("send {text}"));
+        let want = format!("sent {text}");
+        let line = self
+            .lines
+            .wait_line(READY_TIMEOUT, |l| l == want || l.starts_with("send-error "));
+        assert_eq!(line, want, "{}: write of {text:?} failed", self.lines.what);
+    }
+
+    /// Whether `text` arrived from the peer within `timeout`.
+    #[must_use]
+    pub fn received_within(&self, text: &str, timeout: Duration) -> bool {
+        let want = format!("recv {text}");
+        self.lines
+            .try_wait_line(timeout, |l| l.contains(&want))
+            .is_some()
+    }
+
+    /// Everything it printed.
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.snapshot()
+    }
+}
+
+/// A running `bulkhead-conn sink`; killed on `Drop`.
+#[derive(Debug)]
+pub struct Sink {
+    lines: Lines,
+    addr: SocketAddr,
+}
+
+impl Sink {
+    /// The bound address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Writes `text` (no spaces) to every connection accepted so far.
+    pub fn send(&mut self, text: &str) {
+        self.lines.command(&format!("send {text}"));
+    }
+
+    /// Whether `text` arrived from `peer` within `timeout`.
+    #[must_use]
+    pub fn received_within(&self, peer: SocketAddr, text: &str, timeout: Duration) -> bool {
+        let want = format!("recv {peer} ");
+        self.lines
+            .try_wait_line(timeout, |l| {
+                l.strip_prefix(&want).is_some_and(|t| t.contains(text))
+            })
+            .is_some()
+    }
+
+    /// Waits up to `timeout` for a connection from `peer`; panics if none.
+    pub fn wait_accepted(&self, peer: SocketAddr, timeout: Duration) {
+        let want = format!("accepted {peer}");
+        self.lines.wait_line(timeout, |l| l == want);
+    }
+
+    /// Everything it printed.
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.snapshot()
+    }
+}

@@ -1,0 +1,80 @@
+//! The daemon's HTTP endpoint (`/metrics`, `/graph`): where it listens and
+//! a minimal GET.
+
+use std::{
+    collections::HashSet,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use crate::daemon::Daemon;
+
+/// Where the daemon's metrics endpoint listens. The harness starts every
+/// daemon with `--metrics-listen 127.0.0.1:0`, so the port is found the way
+/// `ss -ltnp` would: the one listening TCP socket among the daemon's file
+/// descriptors, looked up in `/proc/net/tcp`.
+#[must_use]
+pub fn metrics_addr(daemon: &Daemon) -> SocketAddr {
+    let pid = daemon
+        .pid()
+        .unwrap_or_else(|| panic!("the daemon is not running"));
+    let fd_dir = format!("/proc/{pid}/fd");
+    let inodes: HashSet<String> = fs::read_dir(&fd_dir)
+        .unwrap_or_else(|e| panic!("cannot list {fd_dir}: {e}"))
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let table = fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_else(|e| panic!("cannot read /proc/net/tcp: {e}"));
+    let ports: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) != Some(&"0A") || !inodes.contains(*f.get(9)?) {
+                return None;
+            }
+            let (_, port) = f.get(1)?.split_once(':')?;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect();
+    match ports.as_slice() {
+        [port] => SocketAddr::from((Ipv4Addr::LOCALHOST, *port)),
+        _ => panic!("expected the daemon ({pid}) to listen on one IPv4 TCP port, found {ports:?}"),
+    }
+}
+
+/// `GET path` over HTTP/1.0; returns the status code, the header block
+/// (lower-cased) and the body.
+#[must_use]
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("set_read_timeout: {e}"));
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .unwrap_or_else(|e| panic!("cannot send GET {path}: {e}"));
+    let mut response = String::new();
+    conn.read_to_string(&mut response)
+        .unwrap_or_else(|e| panic!("cannot read the response to GET {path}: {e}"));
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("GET {path}: no header block in {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: no status code in {head:?}"));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}

@@ -1,0 +1,209 @@
+//! Anomaly detection on a real kernel: a service port-scans a "remote host"
+//! (a network namespace with a documentation address), and the decision log
+//! gets a `fan_out` anomaly with the scan as its evidence; the metric counts
+//! it, and the OTLP exporter delivers it to a receiver on loopback. The
+//! daemon runs with one-second intervals and no warm-up.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use integration_tests::{
+    events::wait_event,
+    http::{http_get, metrics_addr},
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, NetnsGuard, PolicyDir, Probe,
+};
+
+/// Ports scanned, and the fan-out limit: any split of the scan over two
+/// one-second intervals leaves one above the limit.
+const SCANNED: u16 = 40;
+const MAX_PORTS: u16 = 10;
+
+const CONFIG: &str = "\
+[export]
+otlp_endpoint = \"http://OTLP/v1/logs\"
+events = \"anomalies\"
+flush_interval_ms = 100
+[anomaly]
+interval_s = 1
+warmup_intervals = 0
+[anomaly.fan_out]
+max_ports = 10
+[anomaly.new_destination]
+enabled = false
+[anomaly.rate_spike]
+enabled = false
+";
+
+#[test]
+fn port_scan_against_a_namespace_host_is_reported_with_its_evidence() {
+    if !require_bpf() {
+        return;
+    }
+    let remote = NetnsGuard::new();
+    let svc = CgroupGuard::new();
+    let target = remote.v4(2);
+    let rule = Egress::to([target]).protocol("tcp");
+    let policies = PolicyDir::with(&[("scanner.toml", &service_policy(&svc, "enforce", &[rule]))]);
+    let config = policies.path().join("bulkhead.toml.conf");
+    let otlp = OtlpReceiver::start();
+    let text = CONFIG.replace("OTLP", &otlp.addr.to_string());
+    fs::write(&config, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+    let mut daemon = Daemon::spawn_run(&[
+        std::ffi::OsStr::new("--policy-dir"),
+        policies.path().as_os_str(),
+        std::ffi::OsStr::new("--config"),
+        config.as_os_str(),
+    ]);
+    daemon.wait_ready();
+
+    // Nothing listens there: each connect is allowed, then refused by the
+    // host (RST). What counts is the attempt.
+    let probe = Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
+        .in_cgroup(svc.path())
+        .step_timeout(Duration::from_secs(2));
+    for port in 1..=SCANNED {
+        let _ = probe.tcp_connect(SocketAddr::from((target, port)));
+    }
+
+    let ev = wait_event(&daemon, "a fan_out anomaly of service scanner", |ev| {
+        ev["type"] == "anomaly" && ev["service"] == "scanner" && ev["anomaly"]["kind"] == "fan_out"
+    });
+    let a = &ev["anomaly"];
+    assert_eq!(a["state"], "started", "{ev:#}");
+    assert_eq!(a["count"], 1, "{ev:#}");
+    assert_eq!(a["evidence"]["window_s"], 1, "{ev:#}");
+    assert_eq!(a["evidence"]["baseline"], f64::from(MAX_PORTS), "{ev:#}");
+    let observed = a["evidence"]["observed"].as_f64().unwrap_or(0.0);
+    assert!(
+        observed > f64::from(MAX_PORTS) && observed <= f64::from(SCANNED),
+        "observed distinct ports {observed}, expected in ({MAX_PORTS}, {SCANNED}]: {ev:#}"
+    );
+    let samples = a["evidence"]["sample_destinations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("sample_destinations is not a list: {ev:#}"));
+    assert_eq!(samples.len(), 5, "{ev:#}");
+    for s in samples {
+        let s = s.as_str().unwrap_or_default();
+        let port = s
+            .strip_prefix(&format!("{target}:"))
+            .and_then(|rest| rest.strip_suffix("/tcp"))
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("sample {s:?} is not {target}:PORT/tcp: {ev:#}"));
+        assert!((1..=SCANNED).contains(&port), "sample {s} outside the scan");
+    }
+    assert_eq!(ev["hook"], "anomaly");
+    assert_eq!(ev["schema"], "bulkhead.event.v1");
+
+    let (status, _, body) = http_get(metrics_addr(&daemon), "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(r#"bulkhead_anomalies_total{service="scanner",kind="fan_out"}"#))
+        .unwrap_or_else(|| panic!("no anomaly counter for scanner/fan_out in:\n{body}"));
+    let n: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 1, "{line}");
+
+    // The same anomaly, as an OTLP log record (only anomalies are exported).
+    let record = otlp.wait_record(|body| body["anomaly"]["kind"] == "fan_out");
+    assert_eq!(record["eventName"], "bulkhead.anomaly", "{record:#}");
+    let bodies = otlp.bodies();
+    assert!(
+        bodies.iter().all(|b| b["type"] == "anomaly"),
+        "only anomalies are exported: {bodies:#?}"
+    );
+}
+
+/// A minimal OTLP/HTTP logs receiver (axum) on loopback, on its own thread
+/// and runtime; it keeps every log record it gets.
+struct OtlpReceiver {
+    addr: SocketAddr,
+    records: Arc<Mutex<Vec<Value>>>,
+}
+
+impl OtlpReceiver {
+    fn start() -> Self {
+        let records: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kept = Arc::clone(&records);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("cannot start a runtime: {e}"));
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot bind the OTLP receiver: {e}"));
+                let _ = tx.send(listener.local_addr());
+                let app = axum::Router::new().route(
+                    "/v1/logs",
+                    axum::routing::post(move |body: axum::body::Bytes| async move {
+                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        let logs = v["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        kept.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .extend(logs);
+                        "{}"
+                    }),
+                );
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(5))
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("the OTLP receiver did not start"));
+        Self { addr, records }
+    }
+
+    fn records(&self) -> Vec<Value> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The events carried in the records' bodies.
+    fn bodies(&self) -> Vec<Value> {
+        self.records()
+            .iter()
+            .filter_map(|r| r["body"]["stringValue"].as_str())
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect()
+    }
+
+    fn wait_record(&self, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self.records().into_iter().find(|r| {
+                r["body"]["stringValue"]
+                    .as_str()
+                    .and_then(|b| serde_json::from_str::<Value>(b).ok())
+                    .is_some_and(|b| matches(&b))
+            });
+            if let Some(r) = found {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching OTLP record within 10 s; got {:#?}",
+                self.records()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Enforcement survives the agent (issue 5): a killed or stopped agent's
+//! pinned programs keep enforcing, and a new agent on the same pins takes
+//! over without a gap and reports the same state.
+//!
+//! Every daemon here runs on one [`SharedPins`] (the same `--pin-dir` and
+//! `--state-dir`), declared before the daemons so that it detaches last.
+
+use std::{
+    ffi::OsString,
+    os::unix::{fs::MetadataExt as _, process::ExitStatusExt as _},
+    thread,
+    time::Duration,
+};
+
+use integration_tests::{
+    addr,
+    bpf::{bulkhead_progs, wait_unloaded},
+    conn::{monotonic_ns, Attempt, Conn, Verdict},
+    control::{status, status_service, wait_status, SharedPins},
+    events::events,
+    process::signal,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
+    ProgSnapshot, Proto, EPERM,
+};
+use serde_json::Value;
+
+fn probe() -> Probe {
+    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
+}
+
+fn conn() -> Conn {
+    Conn::new(env!("CARGO_BIN_EXE_bulkhead-conn"))
+}
+
+/// How long the kernel may take to free programs nobody holds any more.
+const UNLOAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new agent may take to manage a cgroup made while none ran.
+const MANAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `bulkhead run --policy-dir DIR` on `shared`'s pins and state, ready.
+fn start_on(shared: &SharedPins, policies: &PolicyDir) -> Daemon {
+    let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
+    args.extend(shared.args());
+    let mut daemon = Daemon::spawn_run(&args);
+    daemon.wait_ready();
+    daemon
+}
+
+/// A policy for `svc` allowing 127.0.0.1, port `port` only.
+fn allowing(svc: &CgroupGuard, port: u16) -> String {
+    service_policy(svc, "enforce", &[Egress::to(["127.0.0.1"]).ports([port])])
+}
+
+/// A service that may reach one listener and not the other.
+struct Reach<'a> {
+    client: Probe,
+    allowed: &'a Listener,
+    denied: &'a Listener,
+}
+
+impl Reach<'_> {
+    fn assert_enforced(&self, why: &str) {
+        self.client.tcp_connect(self.allowed.addr()).assert_ok(why);
+        self.client
+            .tcp_connect(self.denied.addr())
+            .assert_eperm(why);
+    }
+}
+
+/// What a restarted agent must report the same: everything but counters.
+fn state_of(status: &Value) -> Vec<Value> {
+    status["services"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|s| {
+                    let mut s = s.clone();
+                    for counter in ["allowed", "denied", "audited"] {
+                        s.as_object_mut().map(|o| o.remove(counter));
+                    }
+                    s
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The kernel's id of a cgroup: its directory's inode number.
+fn cgroup_id(svc: &CgroupGuard) -> u64 {
+    std::fs::metadata(svc.path())
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", svc.path().display()))
+        .ino()
+}
+
+/// The `N` of `KEY=N` in the first log line containing `marker`.
+fn logged_number(log: &str, marker: &str, key: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains(marker))?;
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Asserts every attempt was judged by the policy: the allowed port
+/// reached, the denied one refused with `EPERM` (no gap, no overlap that
+/// denies too much, no error).
+fn assert_judged_throughout(attempts: &[Attempt], allowed: &Listener, denied: &Listener) {
+    let odd: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| {
+            let want = if a.port == allowed.port() {
+                Verdict::Ok
+            } else {
+                Verdict::Errno(EPERM)
+            };
+            a.verdict != want
+        })
+        .collect();
+    assert!(
+        odd.is_empty(),
+        "{} of {} connections through the kill and the restart were not judged by the policy \
+         (allowed port {}, denied port {}): {:?}",
+        odd.len(),
+        attempts.len(),
+        allowed.port(),
+        denied.port(),
+        &odd[..odd.len().min(10)]
+    );
+}
+
+/// Asserts the second agent recovered the events the pinned programs
+/// recorded while no agent ran (`(killed, restarted)`, monotonic ns), among
+/// them denials of `denied_port`; returns (recovered, lost, such denials).
+fn assert_downtime_recorded(
+    second: &Daemon,
+    denied_port: u16,
+    (killed_at, restart_at): (u64, u64),
+    down: usize,
+) -> (u64, u64, usize) {
+    let log = second.log();
+    let recovered = logged_number(&log, "took over", "recovered").unwrap_or(0);
+    let lost = logged_number(&log, "took over", "lost").unwrap_or(0);
+    assert!(
+        recovered > 0,
+        "the second agent recovered no event of the {down} connections made while none ran:\n{log}"
+    );
+    let denied_while_down = events(second)
+        .iter()
+        .filter(|e| {
+            e["type"] == "verdict"
+                && e["verdict"] == "deny"
+                && e["dst_port"] == denied_port
+                && e["ktime_ns"]
+                    .as_u64()
+                    .is_some_and(|t| t > killed_at && t < restart_at)
+        })
+        .count();
+    assert!(
+        denied_while_down > 0,
+        "no deny verdict from while no agent ran in the second agent's decision log"
+    );
+    (recovered, lost, denied_while_down)
+}
+
+/// SIGTERM keeps enforcing too; `bulkhead detach` removes everything,
+/// leaving no program behind.
+fn stop_and_detach(mut second: Daemon, shared: &SharedPins, before: &ProgSnapshot, reach: &Reach) {
+    let second_progs = second.prog_ids();
+    let exit = second.stop();
+    assert_eq!(exit.code(), Some(0), "the second agent on SIGTERM: {exit}");
+    reach.assert_enforced("after SIGTERM");
+    shared
+        .detach()
+        .unwrap_or_else(|e| panic!("detach after the restart: {e}"));
+    assert!(!shared.pinned(), "pins left after bulkhead detach");
+    let left = wait_unloaded(&second_progs, UNLOAD_TIMEOUT);
+    assert!(left.is_empty(), "programs loaded after detach: {left:?}");
+    let orphans = before.orphans_since(UNLOAD_TIMEOUT);
+    assert!(
+        orphans.is_empty(),
+        "bulkhead programs left with no holder: {orphans:?}"
+    );
+    reach
+        .client
+        .tcp_connect(reach.denied.addr())
+        .assert_ok("after bulkhead detach nothing is enforced");
+}
+
+/// SIGKILL: the pinned programs keep enforcing while no agent runs
+/// (denied stays denied, allowed stays allowed, seen by a client looping
+/// the whole time), a new agent on the same pins takes over without a gap,
+/// recovers the decisions made while none ran, reports the same state, and
+/// `bulkhead detach` finally removes everything.
+#[test]
+fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, allowed.port()))]);
+    let before = ProgSnapshot::take();
+    let shared = SharedPins::new();
+    let reach = Reach {
+        client: probe().in_cgroup(svc.path()),
+        allowed: &allowed,
+        denied: &denied,
+    };
+
+    let mut first = start_on(&shared, &policies);
+    reach.assert_enforced("while the first agent runs");
+    let state = state_of(&status(&first));
+    assert_eq!(
+        status_service(&status(&first), "svc")["state"],
+        "managed",
+        "the service at start"
+    );
+    let first_progs = first.prog_ids();
+    assert!(!first_progs.is_empty(), "the first agent holds no program");
+    let looping = conn()
+        .in_cgroup(svc.path())
+        .connect_loop(&[allowed.addr(), denied.addr()], Duration::from_millis(1));
+    thread::sleep(Duration::from_millis(200));
+
+    let pid = first.pid().expect("the first agent runs");
+    let killed_at = monotonic_ns();
+    assert!(
+        signal(pid, libc::SIGKILL),
+        "cannot SIGKILL bulkhead ({pid})"
+    );
+    let exit = first.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        exit.signal(),
+        Some(libc::SIGKILL),
+        "the first agent: {exit}"
+    );
+
+    // No agent runs: the pins hold the programs, which keep enforcing.
+    assert!(shared.pinned(), "nothing pinned after SIGKILL");
+    let loaded: Vec<u64> = bulkhead_progs().iter().map(|p| p.id).collect();
+    let gone: Vec<&u64> = first_progs
+        .iter()
+        .filter(|id| !loaded.contains(id))
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "programs unloaded with the agent: {gone:?}"
+    );
+    reach.assert_enforced("while no agent runs (after SIGKILL)");
+    reach
+        .client
+        .udp_sendto(denied.addr())
+        .assert_eperm("UDP while no agent runs");
+    thread::sleep(Duration::from_millis(500));
+
+    let restart_at = monotonic_ns();
+    let second = start_on(&shared, &policies);
+    let ready_at = monotonic_ns();
+    let log = second.log();
+    assert!(
+        log.contains("took over from the previous agent's pinned programs"),
+        "the second agent should say it took over:\n{log}"
+    );
+    assert_eq!(
+        state_of(&status(&second)),
+        state,
+        "the second agent should report what the first did"
+    );
+    let left = wait_unloaded(&first_progs, UNLOAD_TIMEOUT);
+    assert!(
+        left.is_empty(),
+        "the first agent's programs are still loaded after the take-over: {left:?}"
+    );
+    reach.assert_enforced("after the take-over");
+    thread::sleep(Duration::from_millis(200));
+    let attempts = looping.stop();
+
+    assert_judged_throughout(&attempts, &allowed, &denied);
+    let down = attempts
+        .iter()
+        .filter(|a| a.start_ns > killed_at && a.end_ns < restart_at)
+        .count();
+    let overlap = attempts
+        .iter()
+        .filter(|a| a.start_ns >= restart_at && a.end_ns <= ready_at)
+        .count();
+    assert!(down > 0, "no connection was tried while no agent ran");
+
+    let (recovered, lost, denied_while_down) =
+        assert_downtime_recorded(&second, denied.port(), (killed_at, restart_at), down);
+    eprintln!(
+        "restart: {} connections, {down} while no agent ran, {overlap} while the second \
+         started; {recovered} events recovered ({denied_while_down} denials from the downtime), \
+         {lost} lost",
+        attempts.len()
+    );
+
+    stop_and_detach(second, &shared, &before, &reach);
+}
+
+/// What changed while no agent ran is picked up by the next one: a policy
+/// change, a service whose cgroup was made, and one whose cgroup was made
+/// again (new cgroup id); until then the old policy stays in force.
+#[test]
+fn changes_while_stopped_apply_when_an_agent_runs_again() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let late = CgroupGuard::new();
+    late.remove();
+    let p1 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let p2 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies = PolicyDir::with(&[
+        ("svc.toml", &allowing(&svc, p1.port())),
+        ("late.toml", &service_policy(&late, "enforce", &[])),
+    ]);
+    let shared = SharedPins::new();
+    let mut first = start_on(&shared, &policies);
+    let st = status(&first);
+    assert_eq!(
+        (
+            &status_service(&st, "svc")["state"],
+            &status_service(&st, "late")["state"]
+        ),
+        (&Value::from("managed"), &Value::from("waiting")),
+        "at start: {st:#}"
+    );
+    let old_id = cgroup_id(&svc);
+    assert_eq!(status_service(&st, "svc")["cgroup_id"], old_id);
+    let exit = first.stop();
+    assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
+
+    // While none runs: a new policy (not applied yet), a new cgroup, a
+    // cgroup made again.
+    std::fs::write(policies.path().join("svc.toml"), allowing(&svc, p2.port()))
+        .unwrap_or_else(|e| panic!("cannot rewrite svc.toml: {e}"));
+    let old_policy = Reach {
+        client: probe().in_cgroup(svc.path()),
+        allowed: &p1,
+        denied: &p2,
+    };
+    old_policy.assert_enforced("the policy changed while no agent runs: the old one stays");
+    late.create_again();
+    svc.remove();
+    svc.create_again();
+    let new_id = cgroup_id(&svc);
+    assert_ne!(new_id, old_id, "test bug: the cgroup kept its id");
+
+    let second = start_on(&shared, &policies);
+    let st = wait_status(&second, "both services managed", MANAGE_TIMEOUT, |st| {
+        status_service(st, "svc")["state"] == "managed"
+            && status_service(st, "late")["state"] == "managed"
+    });
+    assert_eq!(
+        (
+            &status_service(&st, "svc")["cgroup_id"],
+            &status_service(&st, "late")["cgroup_id"]
+        ),
+        (&Value::from(new_id), &Value::from(cgroup_id(&late))),
+        "the cgroup ids the second agent manages: {st:#}"
+    );
+    let new_policy = Reach {
+        client: old_policy.client.clone(),
+        allowed: &p2,
+        denied: &p1,
+    };
+    new_policy.assert_enforced("the policy changed while no agent ran, in the new cgroup");
+    let late_client = probe().in_cgroup(late.path());
+    for l in [&p1, &p2] {
+        late_client
+            .tcp_connect(l.addr())
+            .assert_eperm("the service whose cgroup was made while no agent ran");
+    }
+}
