@@ -13,7 +13,7 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use crate::{
-    events::{ChangeRecord, EventType, FileChange, FlowEvent, ServiceChange, SCHEMA},
+    events::{ChangeRecord, EventType, FileChange, FlowEvent, ServiceChange},
     kernel::{self, CompiledPolicy},
     policy::{self, PolicySet, PortRange, Service},
 };
@@ -294,47 +294,10 @@ fn describe(s: &Service) -> BTreeSet<String> {
 
 /// The decision-log event for a change record.
 pub fn audit_event(change: ChangeRecord) -> FlowEvent {
-    let now = std::time::SystemTime::now();
     FlowEvent {
-        schema: SCHEMA.to_string(),
-        kind: EventType::PolicyChange,
-        time: humantime::format_rfc3339_nanos(now).to_string(),
-        ktime_ns: monotonic_ns(),
-        service: None,
-        mode: None,
-        cgroup_id: 0,
-        pid: std::process::id(),
-        tid: std::process::id(),
-        // SAFETY: plain syscalls without arguments.
-        uid: unsafe { libc::getuid() },
-        gid: unsafe { libc::getgid() },
-        comm: "bulkhead".to_string(),
-        traffic_direction: None,
-        hook: "control".to_string(),
-        protocol: None,
-        src_ip: None,
-        src_port: None,
-        dst_ip: None,
-        dst_port: None,
-        verdict: None,
-        rule: None,
-        socket_cookie: 0,
-        bytes_sent: None,
-        bytes_received: None,
-        duration_ns: None,
         change: Some(change),
-        anomaly: None,
+        ..FlowEvent::from_agent(EventType::PolicyChange, "control")
     }
-}
-
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 #[cfg(test)]

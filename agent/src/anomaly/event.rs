@@ -1,9 +1,9 @@
 //! An [`Anomaly`] as a decision-log event (docs/events.md, docs/anomaly.md).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use super::detector::Anomaly;
-use crate::events::{AnomalyRecord, EventType, Evidence, FlowEvent, SCHEMA};
+use crate::events::{AnomalyRecord, EventType, Evidence, FlowEvent};
 
 fn rfc3339(unix_s: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix_s)).to_string()
@@ -18,32 +18,7 @@ fn round(v: f64) -> f64 {
 pub fn to_event(a: &Anomaly) -> FlowEvent {
     let f = &a.finding;
     FlowEvent {
-        schema: SCHEMA.to_string(),
-        kind: EventType::Anomaly,
-        time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
-        ktime_ns: crate::reload::monotonic_ns(),
         service: Some(a.service.clone()),
-        mode: None,
-        cgroup_id: 0,
-        pid: std::process::id(),
-        tid: std::process::id(),
-        uid: 0,
-        gid: 0,
-        comm: "bulkhead".to_string(),
-        traffic_direction: None,
-        hook: "anomaly".to_string(),
-        protocol: None,
-        src_ip: None,
-        src_port: None,
-        dst_ip: None,
-        dst_port: None,
-        verdict: None,
-        rule: None,
-        socket_cookie: 0,
-        bytes_sent: None,
-        bytes_received: None,
-        duration_ns: None,
-        change: None,
         anomaly: Some(AnomalyRecord {
             kind: f.kind.as_str().to_string(),
             severity: f.severity.as_str().to_string(),
@@ -58,5 +33,6 @@ pub fn to_event(a: &Anomaly) -> FlowEvent {
             last_seen: rfc3339(a.last_seen),
             count: a.count,
         }),
+        ..FlowEvent::from_agent(EventType::Anomaly, "anomaly")
     }
 }

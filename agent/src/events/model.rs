@@ -91,6 +91,51 @@ pub struct FlowEvent {
     pub anomaly: Option<AnomalyRecord>,
 }
 
+impl FlowEvent {
+    /// An event the agent itself makes (policy changes, anomalies): stamped
+    /// now, with the agent as the process, and every flow field null.
+    pub fn from_agent(kind: EventType, hook: &str) -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let ktime_ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(ts.tv_nsec).unwrap_or(0);
+        Self {
+            schema: SCHEMA.to_string(),
+            kind,
+            time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+            ktime_ns,
+            service: None,
+            mode: None,
+            cgroup_id: 0,
+            pid: std::process::id(),
+            tid: std::process::id(),
+            // SAFETY: plain syscalls without arguments.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            comm: "bulkhead".to_string(),
+            traffic_direction: None,
+            hook: hook.to_string(),
+            protocol: None,
+            src_ip: None,
+            src_port: None,
+            dst_ip: None,
+            dst_port: None,
+            verdict: None,
+            rule: None,
+            socket_cookie: 0,
+            bytes_sent: None,
+            bytes_received: None,
+            duration_ns: None,
+            change: None,
+            anomaly: None,
+        }
+    }
+}
+
 /// An audit record of a change to what is enforced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeRecord {
