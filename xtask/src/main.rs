@@ -2,6 +2,7 @@
 //! installs what a fresh machine lacks and is quick when all is there.
 
 mod bench;
+mod bench_events;
 mod bpf_linker;
 mod build;
 mod eval;
@@ -51,6 +52,10 @@ enum Task {
     Lint,
     /// Measure hook cost side by side with nftables and iptables; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Measure the event pipeline: highest zero-loss decision rate, agent
+    /// CPU per 100,000 events and memory, next to the load generator's
+    /// ceiling; writes its section of BENCHMARKS.md.
+    BenchEvents(bench_events::BenchEventsArgs),
     /// Replay the seeded synthetic anomaly workload through the detectors;
     /// prints precision, recall and false alarms per kind and writes
     /// docs/anomaly-eval.md.
@@ -100,6 +105,10 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
         Task::Bench(args) => {
             setup::run()?;
             bench::run(&args)?;
+        }
+        Task::BenchEvents(args) => {
+            setup::run()?;
+            bench_events::run(&args)?;
         }
         Task::EvalAnomaly { seed } => {
             setup::ensure_build_tools()?;

@@ -67,6 +67,10 @@ pub struct BenchArgs {
 /// Packages the peers and the sandbox need.
 const PACKAGES: &[&str] = &["nftables", "iptables", "iproute2", "bpftool"];
 
+/// For the event pipeline bench (bench_events.rs).
+pub use daemon::Daemon;
+pub use sandbox::cgroup2_mount;
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = plan::Plan::from_args(args)?;
     ensure!(

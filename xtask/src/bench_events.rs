@@ -1,0 +1,347 @@
+//! `cargo xtask bench-events`: the event pipeline's throughput. How many
+//! decisions per second reach the JSON decision log with zero loss, what
+//! the agent spends on them (CPU seconds per 100,000 events, resident
+//! memory), next to the rate at which the load generator alone can call
+//! connect() on this machine (the ceiling).
+//!
+//! Each decision is one UDP connect() of a managed service to an allowed
+//! loopback port: one verdict event, no packet. The load generator is a
+//! forked child in the service's cgroup, paced to a target rate.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{build, util::target_dir, util::workspace_root};
+
+/// The allowed port the decisions go to (nothing needs to listen: UDP
+/// connect() sends no packet).
+const PORT: u16 = 6000;
+/// Each rate runs this long.
+const RUN: Duration = Duration::from_secs(2);
+/// Target rates tried, per second, up to the ceiling.
+const LADDER: [u64; 8] = [
+    10_000, 25_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000,
+];
+
+#[derive(clap::Args, Debug)]
+pub struct BenchEventsArgs {
+    /// Write the results into this file's events section
+    /// [default: BENCHMARKS.md].
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// One rate's outcome.
+struct Step {
+    target: u64,
+    sent: u64,
+    achieved: f64,
+    logged: u64,
+    lost: u64,
+    cpu_s: f64,
+}
+
+pub fn run(args: &BenchEventsArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(unsafe { libc::geteuid() } == 0, "bench-events needs root");
+    build::run(true)?;
+    let bin = target_dir()?.join("release").join("bulkhead");
+    let mount = crate::bench::cgroup2_mount()?;
+    let work = tempfile::Builder::new()
+        .prefix("bulkhead-bench-events")
+        .tempdir()
+        .context("create a work directory")?;
+    let cgroup = Cgroup::new(&mount)?;
+
+    let ceiling = generate(&cgroup.procs, u64::MAX, RUN)?;
+    let ceiling_rate = ceiling as f64 / RUN.as_secs_f64();
+    eprintln!("xtask bench-events: ceiling (no agent) {ceiling_rate:.0} connect()/s");
+
+    let policies = work.path().join("policies");
+    fs::create_dir_all(&policies)?;
+    fs::write(
+        policies.join("svc.toml"),
+        format!(
+            "cgroup = \"/{}\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.1\"]\nports = [{PORT}]\nprotocol = \"udp\"\n",
+            cgroup.rel
+        ),
+    )?;
+    let metrics_port = free_port()?;
+    let events = work.path().join("events.jsonl");
+    let config = work.path().join("bulkhead.toml");
+    fs::write(
+        &config,
+        format!(
+            "[events]\nsink = {:?}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[control]\nsocket = {:?}\n",
+            events.display().to_string(),
+            work.path().join("control.sock").display().to_string()
+        ),
+    )?;
+    let daemon = crate::bench::Daemon::start(&bin, &config, &policies, work.path())?;
+    let pid = daemon.pid().context("the agent exited")?;
+
+    let mut steps = Vec::new();
+    let mut rates: Vec<u64> = LADDER
+        .iter()
+        .copied()
+        .filter(|r| (*r as f64) < ceiling_rate)
+        .collect();
+    rates.push(ceiling_rate as u64);
+    for target in rates {
+        let lost_before = lost(metrics_port)?;
+        let logged_before = count_lines(&events)?;
+        let cpu_before = cpu_ticks(pid)?;
+        let sent = generate(&cgroup.procs, target, RUN)?;
+        let logged = settle(&events, logged_before + sent)? - logged_before;
+        let cpu_s = (cpu_ticks(pid)? - cpu_before) as f64 / ticks_per_second();
+        let lost = lost(metrics_port)? - lost_before;
+        let step = Step {
+            target,
+            sent,
+            achieved: sent as f64 / RUN.as_secs_f64(),
+            logged,
+            lost,
+            cpu_s,
+        };
+        eprintln!(
+            "xtask bench-events: target {:>7}/s achieved {:>9.0}/s logged {} of {} lost {}",
+            step.target, step.achieved, step.logged, step.sent, step.lost
+        );
+        steps.push(step);
+    }
+    let rss_kib = rss_kib(pid);
+    daemon.stop()?;
+
+    let text = report(ceiling_rate, &steps, rss_kib);
+    println!("{text}");
+    let path = args
+        .output
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    write_section(&path, &text)?;
+    eprintln!(
+        "xtask bench-events: wrote the events section of {}",
+        path.display()
+    );
+    Ok(())
+}
+
+fn report(ceiling: f64, steps: &[Step], rss_kib: Option<u64>) -> String {
+    let zero_loss = |s: &&Step| s.lost == 0 && s.logged == s.sent;
+    let best = steps
+        .iter()
+        .filter(zero_loss)
+        .map(|s| s.achieved)
+        .fold(0.0, f64::max);
+    let at_ceiling = steps.last().is_some_and(|s| zero_loss(&s));
+    let mut out = String::from(
+        "## Event pipeline throughput\n\n\
+         Reproduce: `cargo xtask bench-events` (as root; writes this section). One verdict event per \
+         UDP connect() of a managed service to an allowed loopback port; a forked load generator in the \
+         service's cgroup, paced to each target rate for 2 s; `logged` = lines in the JSON decision log, \
+         `lost` = `bulkhead_events_lost_total` growth; CPU = the agent's user+system time over the run.\n\n",
+    );
+    out.push_str(&format!(
+        "- Ceiling (the load generator alone, no agent): **{ceiling:.0} connect()/s**.\n\
+         - Highest rate with zero loss: **{best:.0} events/s** ({:.0}% of the ceiling); at the ceiling itself: {}.\n\
+         - Agent resident memory after the run: {}.\n\n",
+        100.0 * best / ceiling.max(1.0),
+        if at_ceiling { "zero loss" } else { "events lost (see the table)" },
+        rss_kib.map_or("unknown".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+    ));
+    out.push_str("| target /s | achieved /s | sent | logged | lost | agent CPU s | CPU s per 100,000 events |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    for s in steps {
+        out.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {} | {:.2} | {:.3} |\n",
+            s.target,
+            s.achieved,
+            s.sent,
+            s.logged,
+            s.lost,
+            s.cpu_s,
+            s.cpu_s / (s.logged.max(1) as f64) * 100_000.0
+        ));
+    }
+    out
+}
+
+const BEGIN: &str = "<!-- bench-events:begin -->";
+const END: &str = "<!-- bench-events:end -->";
+
+/// Replaces (or appends) the marked events section, leaving the rest.
+fn write_section(path: &Path, text: &str) -> Result<()> {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{BEGIN}\n{text}{END}\n");
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{section}{}",
+            &old[..b],
+            &old[e + END.len()..].trim_start_matches('\n')
+        ),
+        _ => format!("{}\n{section}", old.trim_end()),
+    };
+    fs::write(path, new).with_context(|| format!("write {}", path.display()))
+}
+
+/// A cgroup for the service, removed on drop.
+struct Cgroup {
+    path: PathBuf,
+    rel: String,
+    procs: PathBuf,
+}
+
+impl Cgroup {
+    fn new(mount: &Path) -> Result<Self> {
+        let rel = format!("bulkhead-bench-events-{}", std::process::id());
+        let path = mount.join(&rel);
+        fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self {
+            procs: path.join("cgroup.procs"),
+            path,
+            rel,
+        })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// Forks a child that joins the cgroup and calls connect() on one UDP
+/// socket at `rate` per second (u64::MAX: as fast as it can) for `run`;
+/// returns how many calls it made. xtask is single-threaded here, so the
+/// child may allocate; it ends with `_exit`.
+fn generate(procs: &Path, rate: u64, run: Duration) -> Result<u64> {
+    let mut fds = [0; 2];
+    // SAFETY: a valid two-int array.
+    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe failed");
+    // SAFETY: both fds were just created and are owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fork; the child only runs `child` and exits.
+    let pid = unsafe { libc::fork() };
+    ensure!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(rd);
+        let n = child(procs, rate, run).unwrap_or(u64::MAX);
+        let bytes = n.to_le_bytes();
+        // SAFETY: writing 8 bytes from a live buffer to our pipe end.
+        unsafe {
+            libc::write(wr.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0)
+        }
+    }
+    drop(wr);
+    let mut buf = [0u8; 8];
+    let mut file = fs::File::from(rd);
+    file.read_exact(&mut buf)
+        .context("read the load generator's count")?;
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let n = u64::from_le_bytes(buf);
+    ensure!(
+        n != u64::MAX,
+        "the load generator failed (is the cgroup writable?)"
+    );
+    Ok(n)
+}
+
+fn child(procs: &Path, rate: u64, run: Duration) -> Result<u64> {
+    fs::write(procs, std::process::id().to_string())?;
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let dest = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < run {
+        if rate != u64::MAX {
+            // Pace: call i is due at i / rate seconds.
+            let due = Duration::from_secs_f64(n as f64 / rate as f64);
+            if start.elapsed() < due {
+                continue;
+            }
+        }
+        sock.connect(dest)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Waits until the decision log holds `want` lines or stops growing.
+fn settle(events: &Path, want: u64) -> Result<u64> {
+    let mut last = count_lines(events)?;
+    let mut still = 0;
+    while last < want && still < 10 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = count_lines(events)?;
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    Ok(last)
+}
+
+fn count_lines(path: &Path) -> Result<u64> {
+    let Ok(file) = fs::File::open(path) else {
+        return Ok(0);
+    };
+    Ok(BufReader::new(file).split(b'\n').count() as u64)
+}
+
+/// `bulkhead_events_lost_total`, every source.
+fn lost(port: u16) -> Result<u64> {
+    use std::io::Write;
+    let mut stream =
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port)).context("connect to /metrics")?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    let total = body
+        .lines()
+        .filter(|l| l.starts_with("bulkhead_events_lost_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    Ok(total)
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the comm: state is field 3, utime 14 and stime 15 (1-based).
+    let get = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+    match (get(14), get(15)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => bail!("cannot parse /proc/{pid}/stat"),
+    }
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
