@@ -8,7 +8,7 @@ use crate::{
     config::Config,
     control, daemon,
     events::{EventType, Verdict},
-    kernel, logging, policy,
+    kernel, policy,
 };
 
 #[derive(Parser, Debug)]
@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// Control socket path (overrides `control.socket`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Append the agent's own log to this file instead of stderr/the journal
+    /// (overrides `log_file`).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     /// bpffs directory for the pins (overrides `pin_dir`).
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
@@ -182,16 +186,13 @@ pub fn main() -> ExitCode {
         Command::BlastRadius(args) => crate::graph::cli::blast_radius(&args),
         Command::Learn(args) => crate::graph::cli::learn(&args),
         Command::EvalAnomaly(args) => crate::anomaly::eval::main(&args),
-        Command::Run(args) => {
-            logging::init(&cli.log_level);
-            match daemon::run(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("bulkhead: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Run(args) => match daemon::run(&args, &cli.log_level) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bulkhead: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
     }
 }
 

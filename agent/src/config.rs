@@ -21,6 +21,9 @@ pub struct Config {
     pub policy_dir: PathBuf,
     /// Kernel-side diagnostics through aya-log (off: zero cost on the hot path).
     pub bpf_log: bool,
+    /// The agent's own log: a file to append to; unset = stderr (the
+    /// journal under systemd).
+    pub log_file: Option<PathBuf>,
     /// Where programs, links and maps are pinned (bpffs), so that
     /// enforcement survives the agent's restarts.
     pub pin_dir: PathBuf,
@@ -40,6 +43,7 @@ impl Default for Config {
         Self {
             policy_dir: PathBuf::from(DEFAULT_POLICY_DIR),
             bpf_log: false,
+            log_file: None,
             pin_dir: PathBuf::from(crate::kernel::pins::DEFAULT_PIN_ROOT),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             events: EventsConfig::default(),

@@ -44,10 +44,23 @@ pub struct KernelCounters {
     pub lost: PerCpuArray<MapData, u64>,
 }
 
-pub fn run(args: &RunArgs) -> Result<()> {
+pub fn run(args: &RunArgs, log_level: &str) -> Result<()> {
     // Everything that can be refused is checked before the runtime starts
     // and before anything touches the kernel.
     let mut config = Config::load(args.config.as_deref())?;
+    if let Some(file) = &args.log_file {
+        config.log_file = Some(file.clone());
+    }
+    crate::logging::init(log_level, config.log_file.as_deref()).with_context(|| {
+        format!(
+            "cannot open the log file {}",
+            config
+                .log_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display()
+        )
+    })?;
     if let Some(sink) = &args.events {
         config.events.sink = sink.clone();
     }

@@ -178,6 +178,52 @@ fn config_file_names_the_policy_dir() {
     );
 }
 
+/// `log_file` in the config sends the agent's own log to a file (created
+/// 0640), with no colour codes, instead of stderr.
+#[test]
+fn log_file_receives_the_agent_log() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
+    let config_dir = PolicyDir::new();
+    let log = config_dir.path().join("logs").join("agent.log");
+    let config = config_dir.write(
+        "bulkhead.toml",
+        &format!(
+            "policy_dir = {:?}\nlog_file = {:?}\n",
+            policies.path().to_str().expect("temporary paths are UTF-8"),
+            log.to_str().expect("temporary paths are UTF-8")
+        ),
+    );
+    let mut daemon = Daemon::spawn_run(&[OsStr::new("--config"), config.as_os_str()]);
+    daemon.wait_ready();
+    let text = std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("the log file {} was not written: {e}", log.display()));
+    assert!(
+        text.lines()
+            .any(|l| l.contains("enforcing: 1 of 1 services managed")),
+        "the log file lacks the enforcing line:\n{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in the log file:\n{text}"
+    );
+    let mode = std::fs::metadata(&log)
+        .expect("stat the log")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o640, "log file mode");
+    assert!(
+        !daemon.log().contains("enforcing: 1 of 1"),
+        "the log also went to stderr:\n{}",
+        daemon.log()
+    );
+}
+
 #[test]
 fn daemon_guard_stops_bulkhead_when_a_test_panics() {
     if !require_bpf() {
