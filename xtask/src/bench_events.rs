@@ -176,6 +176,13 @@ fn report(ceiling: f64, steps: &[Step], rss_kib: Option<u64>) -> String {
 const BEGIN: &str = "<!-- bench-events:begin -->";
 const END: &str = "<!-- bench-events:end -->";
 
+/// The marked events section of a BENCHMARKS.md text, markers included.
+pub fn section(text: &str) -> Option<String> {
+    let b = text.find(BEGIN)?;
+    let e = text[b..].find(END)? + b + END.len();
+    Some(format!("\n{}\n", &text[b..e]))
+}
+
 /// Replaces (or appends) the marked events section, leaving the rest.
 fn write_section(path: &Path, text: &str) -> Result<()> {
     let old = fs::read_to_string(path).unwrap_or_default();

@@ -131,7 +131,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .clone()
         .or_else(|| (!plan.quick).then(|| workspace_root().join("BENCHMARKS.md")));
     if let Some(path) = output {
-        fs::write(&path, report.markdown()).with_context(|| format!("write {}", path.display()))?;
+        // Keep the section `cargo xtask bench-events` writes.
+        let events = crate::bench_events::section(&fs::read_to_string(&path).unwrap_or_default());
+        let text = format!("{}{}", report.markdown(), events.unwrap_or_default());
+        fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())
