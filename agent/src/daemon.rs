@@ -203,13 +203,13 @@ async fn serve(plan: Plan) -> Result<()> {
         .context("cannot poll the event ring buffer")?;
 
     let coverage = enforcer.attach(&mount, Some(&staging))?;
-    save_names(&config.state_dir, &Names::from_policy(&compiled));
+    crate::takeover::save_names(&config.state_dir, &Names::from_policy(&compiled));
     match &coverage.cgroup_creation_reason {
         None => info!("new cgroups of managed services are enforced from their creation (cgroup_mkdir tracepoint)"),
         Some(reason) => warn!("{reason}"),
     }
     match pins.promote().context("cannot make the new pins current")? {
-        Some(previous) => take_over(previous, &config.state_dir, &hub),
+        Some(previous) => crate::takeover::take_over(previous, &config.state_dir, &hub),
         None => {
             info!(pins = %pins.current().display(), "programs pinned: enforcement continues while the agent is stopped")
         }
@@ -363,58 +363,6 @@ async fn serve(plan: Plan) -> Result<()> {
     }
     info!(pins = %pins.current().display(), "agent stopped; its programs stay attached and enforcing (`bulkhead detach` removes them)");
     Ok(())
-}
-
-/// Takes over from a previous agent's pinned programs: reads the events
-/// they left in their ring buffer, counts what they lost while no agent was
-/// reading, then detaches them (ours are already attached: no gap).
-fn take_over(previous: pins::Previous, state_dir: &std::path::Path, hub: &Hub) {
-    let lost = previous.lost();
-    let mut recovered = 0usize;
-    if let Some(mut ring) = previous.ring() {
-        let names = load_names(state_dir).unwrap_or_default();
-        let decoder = Decoder::new(Arc::new(names));
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if let Some(ev) = decoder.decode(&item) {
-                batch.push(ev);
-            }
-        }
-        recovered = batch.len();
-        hub.publish(batch);
-    }
-    hub.stats
-        .lost_while_down
-        .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
-    previous.remove();
-    info!(
-        recovered,
-        lost, "took over from the previous agent's pinned programs"
-    );
-}
-
-const NAMES_FILE: &str = "names.json";
-
-/// Names of the policy in force, for a later agent to read this agent's
-/// leftover events with.
-pub fn save_names(state_dir: &std::path::Path, names: &Names) {
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(state_dir)?;
-        let tmp = state_dir.join(format!("{NAMES_FILE}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(names).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(tmp, state_dir.join(NAMES_FILE))
-    };
-    if let Err(e) = write() {
-        warn!(dir = %state_dir.display(), "cannot save the policy names: {e}");
-    }
-}
-
-fn load_names(state_dir: &std::path::Path) -> Option<Names> {
-    let bytes = std::fs::read(state_dir.join(NAMES_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 /// Quiet time after the last change in the policy directory before a reload.

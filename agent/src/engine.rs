@@ -173,7 +173,7 @@ impl Engine {
         }
         self.refresh_inventory();
         if let Some(live) = self.enforcer.live() {
-            crate::daemon::save_names(&self.state_dir, &Names::from_policy(live));
+            crate::takeover::save_names(&self.state_dir, &Names::from_policy(live));
         }
         Ok(())
     }

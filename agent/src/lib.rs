@@ -1,14 +1,23 @@
 //! bulkhead: per-service network segmentation and observability in the
-//! kernel.
+//! kernel. One module per concern:
 //!
 //! - `policy`: policy files -> checked model (all errors at once)
-//! - `kernel`: checked model -> map values; load, attach, write maps
-//! - `cgroup`: the cgroup2 mount and service cgroup ids
-//! - `config`: the daemon's own configuration
-//! - `daemon`: `bulkhead run`
-//! - `anomaly`: per-service baselines and anomaly events
-//! - `export`: events as OpenTelemetry logs over OTLP/HTTP
-//! - `cli`: the command line
+//! - `kernel`: checked model -> map values (`compile`, `layout`); load,
+//!   attach and pin the programs (`loader`, `pins`); write maps (`maps`)
+//! - `cgroup`, `services`: the cgroup2 mount; which cgroup each service is in
+//! - `engine`: the policy in force and how it changes (rescans, reloads,
+//!   quarantine, status); `reload`: reading and auditing policy changes;
+//!   `quarantine`: the quarantine overlay
+//! - `events`: ring buffer -> decoded events -> decision log and live
+//!   subscribers
+//! - `control`: the local control socket and its commands (`flows`,
+//!   `status`, `quarantine`, ...)
+//! - `metrics`: Prometheus endpoint and `/healthz`
+//! - `graph`, `learn`: the service graph, blast radius, learned policies
+//! - `anomaly`, `export`: per-service baselines and anomaly events; OTLP
+//! - `daemon`: `bulkhead run` (start-up and main loop); `takeover`: from a
+//!   previous agent's pins; `notify`: systemd readiness and watchdog
+//! - `config`, `logging`, `cli`: configuration, logs, command line
 
 pub mod anomaly;
 pub mod cgroup;
@@ -29,3 +38,4 @@ pub mod policy;
 pub mod quarantine;
 pub mod reload;
 pub mod services;
+pub mod takeover;

@@ -90,9 +90,21 @@ impl Runner<'_> {
         let mut rounds: BTreeMap<(Case, Probe), Vec<Vec<u64>>> = BTreeMap::new();
         let mut daemon: BTreeMap<usize, DaemonStats> = BTreeMap::new();
         let mut bulkhead_programs = Vec::new();
+        let (mut runs, mut foreign_runs) = (0, 0);
+        let mut foreign_programs = std::collections::BTreeSet::new();
         for round in 0..self.plan.rounds {
             for env in round_order(&envs, round) {
                 let run = self.run_case(env, &mut notes)?;
+                runs += 1;
+                if !run.foreign_before.is_empty() {
+                    foreign_runs += 1;
+                    foreign_programs.extend(run.foreign_before.iter().filter_map(|l| {
+                        // "ID ATTACH [FLAGS] NAME" without the id, which
+                        // changes each time a test agent restarts.
+                        let mut words = l.split_whitespace().skip(1);
+                        Some(format!("{} {}", words.next()?, words.last()?))
+                    }));
+                }
                 let udp = Summary::of(&[run.samples.get(Probe::UdpConnect).to_vec()]);
                 eprintln!(
                     "xtask bench: round {}/{}: {} {}: UDP connect median {} ns",
@@ -118,6 +130,15 @@ impl Runner<'_> {
                     bulkhead_programs = run.programs;
                 }
             }
+        }
+
+        if foreign_runs > 0 {
+            notes.push(format!(
+                "{foreign_runs} of {runs} runs were measured with programs from elsewhere \
+                 attached at the cgroup2 root (--allow-foreign-programs), so they ran in \
+                 every one of those runs, the no-program case included: {}",
+                foreign_programs.into_iter().collect::<Vec<_>>().join(", ")
+            ));
         }
 
         let mut program_costs = BTreeMap::new();
@@ -223,16 +244,6 @@ impl Runner<'_> {
             attempt += 1;
             let foreign = self.wait_until_clean(env)?;
             let run = self.attempt(env)?;
-            if !foreign.is_empty() {
-                let note = format!(
-                    "measured with programs from elsewhere in effect \
-                     (--allow-foreign-programs): {}",
-                    foreign.join("; ")
-                );
-                if !notes.contains(&note) {
-                    notes.push(note);
-                }
-            }
             // Steady: exactly the programs from elsewhere found before it
             // started (none, unless allowed) were in effect all along.
             if run.foreign_before == foreign && run.foreign_after == foreign {
@@ -257,21 +268,19 @@ impl Runner<'_> {
     }
 
     /// Waits up to `FOREIGN_WAIT` until no program from elsewhere is in
-    /// effect for the case's cgroup (before bulkhead's own daemon starts).
-    /// Such programs run in every case, baseline included, so the bench
-    /// refuses to go on with them unless told to; then it returns them.
+    /// effect for the case's cgroup (checked before bulkhead's own daemon
+    /// starts). Such programs run in every case, baseline included, so the
+    /// bench stops rather than measure on top of them, unless told to: then
+    /// it goes on at once and returns them.
     fn wait_until_clean(&self, env: &Env) -> Result<Vec<String>> {
         let deadline = Instant::now() + FOREIGN_WAIT;
         loop {
             sandbox::check_interrupted()?;
             let foreign = sandbox::effective_programs(&env.cgroup.path)?;
-            if foreign.is_empty() {
+            if foreign.is_empty() || self.plan.allow_foreign {
                 return Ok(foreign);
             }
             if Instant::now() >= deadline {
-                if self.plan.allow_foreign {
-                    return Ok(foreign);
-                }
                 bail!(
                     "programs from elsewhere stay attached at the cgroup2 root ({}): they \
                      would run in every case, the no-program one included. Stop the agent or \
