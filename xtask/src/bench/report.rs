@@ -232,6 +232,16 @@ impl Report<'_> {
     /// What the numbers say, generated from them so it never goes stale.
     pub fn reading(&self) -> String {
         let mut out = String::new();
+        if let Some(runs) = &self.results.foreign {
+            let _ = writeln!(
+                out,
+                "- **Caution: not a clean run.** {runs} runs had another agent's programs \
+                 attached at the cgroup2 root (see the notes below), so *no programs* means \
+                 \"no programs of this case\": every case, the baseline included, paid for \
+                 them, and bulkhead's numbers are a second agent on top of the first. Run \
+                 again on a clean machine for the figures of record."
+            );
+        }
         let counts = &self.plan.rule_counts;
         let bh = |rules| Case {
             kind: Kind::Bulkhead,
@@ -632,8 +642,9 @@ impl Report<'_> {
              traffic.\n\
              - **Destinations.** N distinct /32s scattered over 127.0.0.0/15 (never sent to): \
              next to the probe's 127.0.0.1, so an LPM lookup for it walks a trie as deep as N \
-             makes it. Destinations in a distant block (e.g. 198.18.0.0/15) would branch off \
-             near the root and flatter bulkhead. Only IPv4 is measured; IPv6 prefixes live in \
+             makes it. Destinations in a distant block (e.g. 198.18.0.0/15) branch off \
+             near the root and flatter bulkhead: in trial runs with them, 100,000 rules cost \
+             no more than 10, within noise. Only IPv4 is measured; IPv6 prefixes live in \
              a separate trie.\n\
              - **Checks.** Each bulkhead case first gets EPERM on a port no rule allows (the \
              service is managed, the numbers include the verdict); each peer case's cgroup \

@@ -71,6 +71,8 @@ pub struct Results {
     /// Things a reader must know (cases skipped, retries, foreign programs).
     pub notes: Vec<String>,
     pub timer_overhead_ns: u64,
+    /// "N of M" runs measured with programs from elsewhere attached.
+    pub foreign: Option<String>,
 }
 
 pub struct Runner<'a> {
@@ -132,6 +134,7 @@ impl Runner<'_> {
             }
         }
 
+        let foreign = (foreign_runs > 0).then(|| format!("{foreign_runs} of {runs}"));
         if foreign_runs > 0 {
             notes.push(format!(
                 "{foreign_runs} of {runs} runs were measured with programs from elsewhere \
@@ -168,6 +171,7 @@ impl Runner<'_> {
             program_costs,
             notes,
             timer_overhead_ns: loadgen::timer_overhead_ns(),
+            foreign,
         })
     }
 
