@@ -3,18 +3,17 @@
 //! consumer is held back on purpose (the daemon stopped with `SIGSTOP`).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     ffi::OsStr,
     fs,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::SocketAddr,
     thread,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    addr, bulkhead, process::signal, require_bpf, service_policy, CgroupGuard, Daemon, Egress,
-    PolicyDir, Probe, ProgSnapshot, Proto,
+    addr, bulkhead, http::metrics_addr, process::signal, require_bpf, service_policy, CgroupGuard,
+    Daemon, Egress, PolicyDir, Probe, ProgSnapshot, Proto,
 };
 
 /// How long the consumer (or the cgroup rescan) may take to catch up.
@@ -31,74 +30,10 @@ fn start_daemon(args: &[&OsStr]) -> Daemon {
     daemon
 }
 
-/// Where the daemon's metrics endpoint listens. The harness starts every
-/// daemon with `--metrics-listen 127.0.0.1:0` (so test runs can overlap), so
-/// the port is found the way `ss -ltnp` would: the one listening TCP socket
-/// among the daemon's file descriptors, looked up in `/proc/net/tcp`.
-fn metrics_addr(daemon: &Daemon) -> SocketAddr {
-    let pid = daemon
-        .pid()
-        .unwrap_or_else(|| panic!("the daemon is not running"));
-    let fd_dir = format!("/proc/{pid}/fd");
-    let inodes: HashSet<String> = fs::read_dir(&fd_dir)
-        .unwrap_or_else(|e| panic!("cannot list {fd_dir}: {e}"))
-        .flatten()
-        .filter_map(|fd| fs::read_link(fd.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_string_lossy().into_owned();
-            Some(
-                target
-                    .strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .to_owned(),
-            )
-        })
-        .collect();
-    let table = fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_else(|e| panic!("cannot read /proc/net/tcp: {e}"));
-    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-    let ports: Vec<u16> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let listening = f.get(3) == Some(&"0A");
-            if !listening || !inodes.contains(*f.get(9)?) {
-                return None;
-            }
-            let (_, port) = f.get(1)?.split_once(':')?;
-            u16::from_str_radix(port, 16).ok()
-        })
-        .collect();
-    match ports.as_slice() {
-        [port] => SocketAddr::from((Ipv4Addr::LOCALHOST, *port)),
-        _ => panic!(
-            "expected the daemon ({pid}) to listen on exactly one IPv4 TCP port, found {ports:?}"
-        ),
-    }
-}
-
-/// `GET path` over HTTP/1.0 (the server closes after one response);
-/// returns the status code and the body.
+/// `GET path` on the metrics endpoint: the status code and the body.
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("cannot connect to the metrics endpoint {addr}: {e}"));
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap_or_else(|e| panic!("set_read_timeout: {e}"));
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .unwrap_or_else(|e| panic!("cannot send GET {path}: {e}"));
-    let mut response = String::new();
-    conn.read_to_string(&mut response)
-        .unwrap_or_else(|e| panic!("cannot read the response to GET {path}: {e}"));
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: no header block in {response:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status code in {head:?}"));
-    (status, body.to_owned())
+    let (status, _head, body) = integration_tests::http::http_get(addr, path);
+    (status, body)
 }
 
 /// A series: metric name and its labels, sorted.
