@@ -38,4 +38,5 @@ pub mod policy;
 pub mod quarantine;
 pub mod reload;
 pub mod services;
+pub mod state_file;
 pub mod takeover;

@@ -4,13 +4,7 @@
 //! any reload (atomically) and kept in the state directory, so that it
 //! survives reloads and agent restarts until released.
 
-use std::{
-    collections::BTreeMap,
-    fmt, fs,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    str::FromStr,
-};
+use std::{collections::BTreeMap, fmt, fs, net::IpAddr, path::Path, str::FromStr};
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -109,13 +103,8 @@ impl Quarantines {
     /// Written atomically (temporary file, then rename).
     pub fn save(&self, state_dir: &Path) -> Result<(), String> {
         let write = || -> std::io::Result<()> {
-            fs::create_dir_all(state_dir)?;
-            let tmp: PathBuf = state_dir.join(format!("{FILE}.tmp"));
-            fs::write(
-                &tmp,
-                serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
-            )?;
-            fs::rename(tmp, state_dir.join(FILE))
+            let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+            crate::state_file::write_atomic(state_dir, FILE, &bytes, 0o644)
         };
         write().map_err(|e| format!("cannot save {}: {e}", state_dir.join(FILE).display()))
     }

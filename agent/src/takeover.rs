@@ -45,13 +45,8 @@ const NAMES_FILE: &str = "names.json";
 /// leftover events with.
 pub fn save_names(state_dir: &Path, names: &Names) {
     let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(state_dir)?;
-        let tmp = state_dir.join(format!("{NAMES_FILE}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(names).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(tmp, state_dir.join(NAMES_FILE))
+        let bytes = serde_json::to_vec(names).map_err(std::io::Error::other)?;
+        crate::state_file::write_atomic(state_dir, NAMES_FILE, &bytes, 0o644)
     };
     if let Err(e) = write() {
         warn!(dir = %state_dir.display(), "cannot save the policy names: {e}");

@@ -117,7 +117,7 @@ pub fn run(args: &BenchEventsArgs) -> Result<()> {
         );
         steps.push(step);
     }
-    let rss_kib = rss_kib(pid);
+    let rss_kib = crate::bench::rss_kib(pid);
     daemon.stop()?;
 
     let text = report(ceiling_rate, &steps, rss_kib);
@@ -345,10 +345,4 @@ fn ticks_per_second() -> f64 {
     } else {
         100.0
     }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -78,11 +78,8 @@ impl Detector {
 /// # Errors
 /// When the directory or file cannot be written.
 pub fn save(dir: &Path, detector: &Detector) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let bytes = serde_json::to_vec(&detector.save_state()).map_err(io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, dir.join(STATE_FILE))
+    crate::state_file::write_atomic(dir, STATE_FILE, &bytes, 0o644)
 }
 
 /// Reads `dir/anomaly.json`: `Ok(None)` when there is none.

@@ -164,19 +164,7 @@ pub fn load(state_dir: &Path) -> Graph {
 /// # Errors
 /// The state directory cannot be written.
 pub fn save(state_dir: &Path, shared: &Shared) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let bytes = to_json(&shared.graph());
-    std::fs::create_dir_all(state_dir)?;
-    let tmp = state_dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    std::io::Write::write_all(&mut f, &bytes)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, state_dir.join(FILE))
+    crate::state_file::write_atomic(state_dir, FILE, &to_json(&shared.graph()), 0o600)
 }
 
 /// The running aggregator; [`Aggregator::finish`] folds in what is queued

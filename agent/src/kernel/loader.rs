@@ -58,22 +58,6 @@ const PROGRAMS: [(&str, Hook); 12] = [
     ("bulkhead_socket_create", Hook::Lsm("socket_create")),
 ];
 
-/// Names of the programs, for tools and tests that look for them.
-pub const PROGRAM_NAMES: [&str; 12] = [
-    PROGRAMS[0].0,
-    PROGRAMS[1].0,
-    PROGRAMS[2].0,
-    PROGRAMS[3].0,
-    PROGRAMS[4].0,
-    PROGRAMS[5].0,
-    PROGRAMS[6].0,
-    PROGRAMS[7].0,
-    PROGRAMS[8].0,
-    PROGRAMS[9].0,
-    PROGRAMS[10].0,
-    PROGRAMS[11].0,
-];
-
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Turn on aya-log diagnostics in the kernel programs.

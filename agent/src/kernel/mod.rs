@@ -11,5 +11,5 @@ pub mod preflight;
 
 pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;
-pub use loader::{Coverage, Enforcer, LoadOptions, PROGRAM_NAMES};
+pub use loader::{Coverage, Enforcer, LoadOptions};
 pub use maps::ResolvedService;

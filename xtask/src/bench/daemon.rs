@@ -281,7 +281,8 @@ pub fn detach_stale(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// VmRSS of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

@@ -68,7 +68,7 @@ pub struct BenchArgs {
 const PACKAGES: &[&str] = &["nftables", "iptables", "iproute2", "bpftool"];
 
 /// For the event pipeline bench (bench_events.rs).
-pub use daemon::Daemon;
+pub use daemon::{rss_kib, Daemon};
 pub use sandbox::cgroup2_mount;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
