@@ -43,11 +43,6 @@ async fn consume(
 ) -> std::io::Result<()> {
     loop {
         let mut guard = fd.readable_mut().await?;
-        // After the wait: a reload may have switched policies meanwhile,
-        // and the records about to be read may carry the new ids.
-        if names.has_changed().unwrap_or(false) {
-            decoder.set_names(Arc::clone(&names.borrow_and_update()));
-        }
         let ring = guard.get_inner_mut();
         let mut batch = Vec::with_capacity(64);
         let mut taken = 0;
@@ -56,7 +51,8 @@ async fn consume(
                 break;
             };
             taken += 1;
-            // Per record (an atomic load): a switch may happen mid-batch.
+            // Per record (an atomic load): a reload may switch policies at
+            // any moment, and the next record may carry the new ids.
             if names.has_changed().unwrap_or(false) {
                 decoder.set_names(Arc::clone(&names.borrow_and_update()));
             }

@@ -76,17 +76,13 @@ pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kerne
 /// are fine: this also cleans up after a half-written policy.
 pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), KernelError> {
     let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
-    let ok = |r: Result<(), aya::maps::MapError>| match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e),
-    };
     for (name, entries) in [
         (names::EGRESS_V4, &policy.v4),
         (names::INGRESS_V4, &policy.ingress_v4),
     ] {
         let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
         for (len, key, _) in entries {
-            ok(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+            removed(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
         }
     }
     for (name, entries) in [
@@ -95,7 +91,7 @@ pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kern
     ] {
         let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
         for (len, key, _) in entries {
-            ok(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+            removed(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
         }
     }
     Ok(())
@@ -159,10 +155,7 @@ pub fn write_service_paths(
             .iter()
             .any(|n| n.cgroup_path == s.cgroup_path);
         if let (false, Some(key)) = (kept, path_key(&s.cgroup_path)) {
-            match paths.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(e)),
-            }
+            removed(paths.remove(&key)).map_err(map_err)?;
         }
     }
     Ok(())
@@ -180,13 +173,21 @@ pub fn apply_service_changes(ebpf: &mut Ebpf, changes: &[Change]) -> Result<(), 
             Change::Add { cgroup_id, entry } => {
                 services.insert(cgroup_id, entry, 0).map_err(map_err)?;
             }
-            Change::Remove { cgroup_id } => match services.remove(&cgroup_id) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(e)),
-            },
+            Change::Remove { cgroup_id } => {
+                removed(services.remove(&cgroup_id)).map_err(map_err)?;
+            }
         }
     }
     Ok(())
+}
+
+/// A removal that found nothing to remove is fine: the end state is the
+/// one wanted.
+fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
