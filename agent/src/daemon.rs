@@ -91,6 +91,9 @@ pub fn run(args: &RunArgs, log_level: &str) -> Result<()> {
         warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
     }
     kernel::preflight::check().map_err(|line| anyhow!(line))?;
+    // A second agent must be refused before it touches the kernel (it
+    // would take over the first one's pins): one live agent per socket.
+    crate::control::server::ensure_free(&config.control.socket)?;
     let mount = cgroup::cgroup2_mount()?;
     if !config.metrics.listen.ip().is_loopback() {
         warn!(listen = %config.metrics.listen, "metrics endpoint is not on loopback: it exposes the service map to the network");

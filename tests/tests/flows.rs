@@ -152,6 +152,11 @@ fn run_on(socket: &Path, policies: &PolicyDir, work: &Path, log: &str) -> Comman
         .arg(work.join(format!("{log}.jsonl")))
         .args(["--metrics-listen", "127.0.0.1:0", "--config"])
         .arg(&config)
+        // Never the host's default pins and state: see `Running`.
+        .arg("--pin-dir")
+        .arg(pin_dir(work))
+        .arg("--state-dir")
+        .arg(work.join("state"))
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(out)
@@ -160,11 +165,36 @@ fn run_on(socket: &Path, policies: &PolicyDir, work: &Path, log: &str) -> Comman
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) on `Drop`.
-struct Running(Child);
+struct Running(Child, PathBuf);
+
+/// The bpffs pin directory of the daemons started in `work`.
+fn pin_dir(work: &Path) -> PathBuf {
+    let name = work
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    // bpffs refuses names that start with a dot (tempdir names do).
+    PathBuf::from(format!(
+        "/sys/fs/bpf/bulkhead-test-flows-{}",
+        name.trim_start_matches('.')
+    ))
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = terminate(&mut self.0, STOP_TIMEOUT);
+        // A stopped agent keeps enforcing through its pins: remove them.
+        let _ = Command::new(bulkhead_bin())
+            .args([
+                "detach",
+                "--config",
+                "/dev/null",
+                "--control-socket",
+                "/nonexistent",
+            ])
+            .arg("--pin-dir")
+            .arg(&self.1)
+            .output();
+        let _ = fs::remove_dir(&self.1);
     }
 }
 
@@ -532,6 +562,7 @@ fn one_daemon_per_control_socket_and_a_stale_one_is_replaced() {
     let mut third = Running(
         cmd.spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        pin_dir(work.path()),
     );
     let deadline = Instant::now() + READY_TIMEOUT;
     while !flows(&s.socket, &["--json"]).status.success() {
