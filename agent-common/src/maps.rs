@@ -51,6 +51,12 @@ pub const SOCK_INFO: &str = "SOCK_INFO";
 /// Default ring buffer size: 8 MiB, about 50,000 records of 160 bytes.
 pub const DEFAULT_EVENTS_BYTES: u32 = 8 << 20;
 
+/// The kernel wakes the event reader only once `EVENTS` holds at least
+/// 1/WAKE_FRACTION of its size; below that the reader drains on its own
+/// timer (`events::reader::DRAIN_*`). Waking per record would put a reader
+/// context switch on every connect() of a managed service.
+pub const WAKE_FRACTION: u64 = 4;
+
 /// Upper bound on how deep in the cgroup tree a service may sit. The kernel
 /// walks the current task's ancestors up to this depth to find its service.
 pub const MAX_CGROUP_DEPTH: u32 = 32;

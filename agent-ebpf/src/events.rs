@@ -1,8 +1,11 @@
 //! Sending records to userspace, and counting what could not be sent.
 
-use agent_common::{Event, SockInfo, COUNTER_SLOTS};
+use agent_common::{Event, SockInfo, COUNTER_SLOTS, WAKE_FRACTION};
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{
+        bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        BPF_SK_STORAGE_GET_F_CREATE,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::bpf_sk_storage_get,
@@ -52,12 +55,24 @@ pub fn fill_task(ev: &mut Event) {
 
 /// Puts `ev` in the ring buffer; when it is full, counts the loss in
 /// `LOST[slot]` instead (never silently).
+///
+/// The reader is not woken per record: it drains on a short timer, and is
+/// woken early only once the ring is a quarter full (see
+/// `agent_common::WAKE_FRACTION`). A wake-up per record would cost the
+/// calling process a reader context switch on every connect().
 #[inline(always)]
 pub fn emit(ev: &Event, lost_slot: u32) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(*ev);
-            entry.submit(0);
+            let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+            let size = EVENTS.query(u64::from(BPF_RB_RING_SIZE));
+            let flags = if pending.wrapping_mul(WAKE_FRACTION) >= size {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(u64::from(flags));
         }
         None => {
             if let Some(count) = LOST.get_ptr_mut(lost_slot) {

@@ -139,13 +139,13 @@ async fn serve(plan: Plan) -> Result<()> {
     };
     let sink = Sink::open(&config.events.sink)
         .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
-    let hub = Arc::new(Hub::new(sink));
-    // The service graph subscribes before the first event and is fed from
+    let hub = Arc::new(Hub::new(sink).context("cannot start the decision log writer")?);
+    // The service graph taps the hub before the first event and starts from
     // the state directory's copy (docs/graph.md).
-    let graph_events = hub.subscribe();
     let graph = Arc::new(crate::graph::Shared::default());
     *graph.graph() = crate::graph::store::load(&config.state_dir);
     graph.set_policy(&set);
+    hub.add_tap(Arc::clone(&graph) as Arc<dyn events::Tap>);
     // Bound before anything touches the kernel, so a taken port stops the
     // daemon here, with the address in the error.
     let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?;
@@ -235,12 +235,8 @@ async fn serve(plan: Plan) -> Result<()> {
     ));
     metrics_state.set_attached(true);
     metrics_state.set_graph(Arc::clone(&graph));
-    let graph_task = crate::graph::store::spawn_aggregator(
-        Arc::clone(&graph),
-        graph_events,
-        config.state_dir.clone(),
-        Arc::clone(&hub.stats),
-    );
+    let graph_task =
+        crate::graph::store::spawn_upkeep(Arc::clone(&graph), config.state_dir.clone());
     let _metrics = metrics_endpoint.serve(Arc::clone(&metrics_state))?;
     // Anomaly detection: counts the live events, reports deviations.
     let anomaly_stats = Arc::new(crate::anomaly::AnomalyStats::default());
@@ -360,6 +356,8 @@ async fn serve(plan: Plan) -> Result<()> {
         exporter.abort();
     }
     graph_task.finish().await;
+    // The last anomaly and shutdown events reach the decision log.
+    hub.sync_log();
     match crate::graph::store::save(&config.state_dir, &graph) {
         Ok(()) => info!(dir = %config.state_dir.display(), "service graph saved"),
         Err(e) => warn!(dir = %config.state_dir.display(), "cannot save the service graph: {e}"),

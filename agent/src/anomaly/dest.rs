@@ -83,7 +83,7 @@ pub fn proto_number(protocol: Option<&str>) -> u8 {
 /// and kept across `clear`). `len` saturates at the cap.
 #[derive(Debug, Clone)]
 pub struct Bounded<T> {
-    set: HashSet<T>,
+    set: HashSet<T, foldhash::fast::RandomState>,
     cap: usize,
 }
 
@@ -97,7 +97,10 @@ impl<T: Hash + Eq> Bounded<T> {
     #[must_use]
     pub fn with_room(cap: usize, room: usize) -> Self {
         Self {
-            set: HashSet::with_capacity(room.min(cap)),
+            set: HashSet::with_capacity_and_hasher(
+                room.min(cap),
+                foldhash::fast::RandomState::default(),
+            ),
             cap,
         }
     }

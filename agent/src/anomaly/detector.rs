@@ -30,7 +30,7 @@ pub struct Anomaly {
 pub struct Detector {
     pub(super) cfg: AnomalyConfig,
     alpha: f64,
-    pub(super) services: HashMap<String, ServiceState>,
+    pub(super) services: HashMap<String, ServiceState, foldhash::fast::RandomState>,
     /// Events of services beyond `max_services` (not tracked).
     pub untracked: u64,
 }
@@ -41,7 +41,7 @@ impl Detector {
         Self {
             alpha: cfg.alpha(),
             cfg,
-            services: HashMap::new(),
+            services: HashMap::default(),
             untracked: 0,
         }
     }

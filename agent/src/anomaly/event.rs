@@ -18,7 +18,7 @@ fn round(v: f64) -> f64 {
 pub fn to_event(a: &Anomaly) -> FlowEvent {
     let f = &a.finding;
     FlowEvent {
-        service: Some(a.service.clone()),
+        service: Some(a.service.as_str().into()),
         anomaly: Some(AnomalyRecord {
             kind: f.kind.as_str().to_string(),
             severity: f.severity.as_str().to_string(),

@@ -60,7 +60,7 @@ impl ServiceState {
             )
         };
         match ev.kind {
-            EventType::Verdict if matches!(ev.hook.as_str(), "connect" | "sendmsg") => {
+            EventType::Verdict if matches!(&*ev.hook, "connect" | "sendmsg") => {
                 let dest = key(ip);
                 let w = &mut self.window;
                 w.conns += 1;

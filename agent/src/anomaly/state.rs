@@ -78,7 +78,16 @@ impl Detector {
 /// # Errors
 /// When the directory or file cannot be written.
 pub fn save(dir: &Path, detector: &Detector) -> io::Result<()> {
-    let bytes = serde_json::to_vec(&detector.save_state()).map_err(io::Error::other)?;
+    write(dir, &detector.save_state())
+}
+
+/// Writes a snapshot taken by [`Detector::save_state`] (so the detectors
+/// need not stay locked while the file is written).
+///
+/// # Errors
+/// The state directory cannot be written.
+pub fn write(dir: &Path, saved: &Saved) -> io::Result<()> {
+    let bytes = serde_json::to_vec(saved).map_err(io::Error::other)?;
     crate::state_file::write_atomic(dir, STATE_FILE, &bytes, 0o644)
 }
 

@@ -2,18 +2,13 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex, PoisonError,
-    },
+    sync::{Mutex, PoisonError},
 };
 
 #[derive(Debug, Default)]
 pub struct AnomalyStats {
     /// Anomaly events (starts and updates) by (service, kind).
     by_service: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// Events the detector task missed because it fell behind.
-    pub lagged: AtomicU64,
 }
 
 impl AnomalyStats {
@@ -33,10 +28,5 @@ impl AnomalyStats {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         m.iter().map(|((s, k), n)| (s.clone(), *k, *n)).collect()
-    }
-
-    #[must_use]
-    pub fn lagged(&self) -> u64 {
-        self.lagged.load(Ordering::Relaxed)
     }
 }

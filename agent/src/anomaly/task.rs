@@ -1,19 +1,37 @@
-//! The daemon's detector task: counts live events from the hub, ticks
-//! every interval, publishes anomaly events and saves the baselines.
+//! The daemon's detectors: counted from every event through a hub tap,
+//! scored by a task every interval, which publishes anomaly events and
+//! saves the baselines.
 
 use std::{
     path::PathBuf,
-    sync::{atomic::Ordering, Arc},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 use super::{
     config::AnomalyConfig, detector::Detector, event::to_event, state, stats::AnomalyStats,
 };
-use crate::events::{Hub, Sink};
+use crate::events::{FlowEvent, Hub, Sink, Tap};
+
+/// The detectors, shared by the hub's tap (counting) and the task (scoring).
+struct Shared(Mutex<Detector>);
+
+impl Shared {
+    fn detector(&self) -> MutexGuard<'_, Detector> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Tap for Shared {
+    fn observe(&self, batch: &[Arc<FlowEvent>]) {
+        let mut d = self.detector();
+        for ev in batch {
+            d.observe(ev);
+        }
+    }
+}
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -75,9 +93,10 @@ pub fn spawn(
             warn!(dir = %state_dir.display(), "anomaly baselines not restored, learning afresh: {e}")
         }
     }
-    let mut rx = hub.subscribe();
-    let hub = Arc::clone(hub);
     let period = std::time::Duration::from_secs(detector.config().interval_s);
+    let shared = Arc::new(Shared(Mutex::new(detector)));
+    hub.add_tap(Arc::clone(&shared) as Arc<dyn Tap>);
+    let hub = Arc::clone(hub);
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
     let handle = tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -87,20 +106,16 @@ pub fn spawn(
                 _ = stopping.changed() => {
                     // The interval in progress is not scored; what was
                     // learnt so far is kept.
-                    if let Err(e) = state::save(&state_dir, &detector) {
+                    let saved = shared.detector().save_state();
+                    if let Err(e) = state::write(&state_dir, &saved) {
                         warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
                     }
                     break;
                 }
-                got = rx.recv() => match got {
-                    Ok(ev) => detector.observe(&ev),
-                    Err(RecvError::Lagged(n)) => {
-                        stats.lagged.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(RecvError::Closed) => break,
-                },
                 _ = tick.tick() => {
-                    let found = detector.tick(unix_now());
+                    // Scored under the lock; published after it is
+                    // released (publishing runs the tap, which takes it).
+                    let found = shared.detector().tick(unix_now());
                     if !found.is_empty() {
                         let events: Vec<_> = found.iter().map(to_event).collect();
                         for a in &found {
@@ -115,7 +130,8 @@ pub fn spawn(
                         }
                         hub.publish(events);
                     }
-                    if let Err(e) = state::save(&state_dir, &detector) {
+                    let saved = shared.detector().save_state();
+                    if let Err(e) = state::write(&state_dir, &saved) {
                         warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
                     }
                 }

@@ -12,12 +12,12 @@ const SVC: &str = "billing";
 
 fn event(kind: EventType, dst: &str, port: u16) -> FlowEvent {
     FlowEvent {
-        schema: SCHEMA.to_string(),
+        schema: SCHEMA.into(),
         kind,
         time: String::new(),
         ktime_ns: 0,
-        service: Some(SVC.to_string()),
-        mode: Some("enforce".to_string()),
+        service: Some(SVC.into()),
+        mode: Some("enforce".into()),
         cgroup_id: 1,
         pid: 1,
         tid: 1,
@@ -30,8 +30,8 @@ fn event(kind: EventType, dst: &str, port: u16) -> FlowEvent {
         } else {
             "sock_ops"
         }
-        .to_string(),
-        protocol: Some("tcp".to_string()),
+        .into(),
+        protocol: Some("tcp".into()),
         src_ip: None,
         src_port: None,
         dst_ip: dst.parse::<IpAddr>().ok(),

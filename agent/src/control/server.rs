@@ -501,7 +501,10 @@ mod tests {
     };
 
     fn hub() -> Arc<Hub> {
-        Arc::new(Hub::new(Sink::open("/dev/null").expect("/dev/null opens")))
+        Arc::new(
+            Hub::new(Sink::open("/dev/null").expect("/dev/null opens"))
+                .expect("the writer thread starts"),
+        )
     }
 
     fn ev(pid: u32, verdict: Verdict) -> FlowEvent {

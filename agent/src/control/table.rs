@@ -51,7 +51,7 @@ pub fn row(ev: &FlowEvent) -> Row {
     };
     [
         clock(&ev.time),
-        ev.service.clone().unwrap_or_else(|| "-".to_string()),
+        ev.service.as_deref().unwrap_or("-").to_string(),
         format!("{}[{}]", ev.comm, ev.pid),
         match ev.traffic_direction {
             Some(crate::events::Direction::Egress) => "egress",
@@ -59,7 +59,7 @@ pub fn row(ev: &FlowEvent) -> Row {
             None => "-",
         }
         .to_string(),
-        ev.protocol.clone().unwrap_or_else(|| "-".to_string()),
+        ev.protocol.as_deref().unwrap_or("-").to_string(),
         // SocketAddr writes IPv6 as [addr]:port. Bind and socket-creation
         // events have no remote end: show the local one, or "-".
         match (ev.dst_ip, ev.dst_port, ev.src_ip, ev.src_port) {
@@ -68,7 +68,7 @@ pub fn row(ev: &FlowEvent) -> Row {
             _ => "-".to_string(),
         },
         verdict,
-        ev.rule.clone().unwrap_or_else(|| "-".to_string()),
+        ev.rule.as_deref().unwrap_or("-").to_string(),
     ]
 }
 
@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(row(&audit)[6], "audit");
         // Bind has only the local end; socket creation neither.
         let bind = FlowEvent {
-            hook: "bind".to_string(),
+            hook: "bind".into(),
             dst_ip: None,
             dst_port: None,
             src_ip: Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),

@@ -1,6 +1,7 @@
 //! Raw kernel records -> [`FlowEvent`], naming what the kernel only numbers.
 
 use std::{
+    borrow::Cow,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -25,9 +26,9 @@ pub struct Names {
     pub service_base: u32,
     pub rule_base: u32,
     /// By service id - base: (name, file name).
-    pub services: Vec<(String, String)>,
+    pub services: Vec<(Arc<str>, String)>,
     /// By rule id - base: `file#egress[i]`.
-    pub rules: Vec<String>,
+    pub rules: Vec<Arc<str>>,
 }
 
 impl Names {
@@ -38,18 +39,22 @@ impl Names {
             services: policy
                 .services
                 .iter()
-                .map(|s| (s.name.clone(), s.file_name.clone()))
+                .map(|s| (Arc::from(s.name.as_str()), s.file_name.clone()))
                 .collect(),
-            rules: policy.rules.iter().map(ToString::to_string).collect(),
+            rules: policy
+                .rules
+                .iter()
+                .map(|r| Arc::from(r.to_string()))
+                .collect(),
         }
     }
 
-    fn service(&self, id: u32) -> Option<&(String, String)> {
+    fn service(&self, id: u32) -> Option<&(Arc<str>, String)> {
         self.services
             .get(id.checked_sub(self.service_base)? as usize)
     }
 
-    fn rule(&self, id: u32) -> Option<&String> {
+    fn rule(&self, id: u32) -> Option<&Arc<str>> {
         self.rules.get(id.checked_sub(self.rule_base)? as usize)
     }
 }
@@ -78,13 +83,13 @@ impl Decoder {
         self.previous = Some(std::mem::replace(&mut self.names, names));
     }
 
-    fn service(&self, id: u32) -> Option<&(String, String)> {
+    fn service(&self, id: u32) -> Option<&(Arc<str>, String)> {
         self.names
             .service(id)
             .or_else(|| self.previous.as_ref()?.service(id))
     }
 
-    fn rule(&self, id: u32) -> Option<&String> {
+    fn rule(&self, id: u32) -> Option<&Arc<str>> {
         self.names
             .rule(id)
             .or_else(|| self.previous.as_ref()?.rule(id))
@@ -116,17 +121,19 @@ impl Decoder {
         };
         let rule = match (verdict, service) {
             (Some(Verdict::Allow), Some((_, file))) if raw.rule_id == RULE_UDP_REPLY => {
-                Some(format!("{file}#udp-reply"))
+                Some(Arc::from(format!("{file}#udp-reply")))
             }
             (Some(Verdict::Allow), Some(_)) if raw.rule_id != RULE_DEFAULT_DENY => {
                 self.rule(raw.rule_id).cloned()
             }
-            (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => Some(match raw.hook {
-                HOOK_BIND => format!("{file}#bind"),
-                HOOK_SOCK_CREATE | HOOK_LSM_SOCKET => format!("{file}#sockets"),
-                HOOK_INGRESS => format!("{file}#ingress-default-deny"),
-                _ => format!("{file}#default-deny"),
-            }),
+            (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => {
+                Some(Arc::from(match raw.hook {
+                    HOOK_BIND => format!("{file}#bind"),
+                    HOOK_SOCK_CREATE | HOOK_LSM_SOCKET => format!("{file}#sockets"),
+                    HOOK_INGRESS => format!("{file}#ingress-default-deny"),
+                    _ => format!("{file}#default-deny"),
+                }))
+            }
             _ => None,
         };
         // Which ends the record carries: lifecycle and inbound verdicts both
@@ -135,19 +142,16 @@ impl Decoder {
         let has_local = matches!(raw.hook, HOOK_SOCK_OPS | HOOK_INGRESS | HOOK_BIND);
         let has_remote = !matches!(raw.hook, HOOK_BIND | HOOK_SOCK_CREATE | HOOK_LSM_SOCKET);
         Some(FlowEvent {
-            schema: SCHEMA.to_string(),
+            schema: Cow::Borrowed(SCHEMA),
             kind,
             time: self.wall_time(raw.ts_ns),
             ktime_ns: raw.ts_ns,
-            service: service.map(|(name, _)| name.clone()),
-            mode: managed.then(|| {
-                if raw.mode == MODE_AUDIT {
-                    "audit"
-                } else {
-                    "enforce"
-                }
-                .to_string()
-            }),
+            service: service.map(|(name, _)| Arc::clone(name)),
+            mode: managed.then_some(Cow::Borrowed(if raw.mode == MODE_AUDIT {
+                "audit"
+            } else {
+                "enforce"
+            })),
             cgroup_id: raw.cgroup_id,
             pid: (raw.pid_tgid >> 32) as u32,
             tid: raw.pid_tgid as u32,
@@ -159,7 +163,7 @@ impl Decoder {
             } else {
                 Direction::Egress
             }),
-            hook: match raw.hook {
+            hook: Cow::Borrowed(match raw.hook {
                 HOOK_CONNECT => "connect",
                 HOOK_SENDMSG => "sendmsg",
                 HOOK_SOCK_OPS => "sock_ops",
@@ -168,12 +172,11 @@ impl Decoder {
                 HOOK_LSM_SOCKET => "socket_create",
                 HOOK_INGRESS => "ingress",
                 _ => "unknown",
-            }
-            .to_string(),
+            }),
             protocol: Some(match raw.protocol {
-                6 => "tcp".to_string(),
-                17 => "udp".to_string(),
-                other => other.to_string(),
+                6 => Cow::Borrowed("tcp"),
+                17 => Cow::Borrowed("udp"),
+                other => Cow::Owned(other.to_string()),
             }),
             src_ip: has_local.then(|| addr(raw.family, &raw.src_addr)),
             src_port: has_local.then_some(raw.src_port),

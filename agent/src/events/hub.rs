@@ -1,5 +1,6 @@
-//! Where decoded events go: the decision log, live subscribers and a short
-//! history. Every event that cannot be delivered somewhere is counted.
+//! Where decoded events go: the decision log, the taps (graph, detectors),
+//! live subscribers and a short history. Every event that cannot be
+//! delivered somewhere is counted.
 
 use std::{
     collections::VecDeque,
@@ -10,9 +11,8 @@ use std::{
 };
 
 use tokio::sync::broadcast;
-use tracing::warn;
 
-use super::{model::FlowEvent, sink::Sink, EventType};
+use super::{model::FlowEvent, sink::Sink, writer::LogWriter, EventType};
 
 /// How many recent events `bulkhead flows` (without --follow) can show.
 const RECENT: usize = 1024;
@@ -45,41 +45,58 @@ impl EventStats {
     }
 }
 
+/// Something that folds in every event, called synchronously with each
+/// batch the reader publishes (the service graph, the anomaly detectors).
+/// Cheaper than a channel and a task wake-up per event, and a tap never
+/// falls behind: it sees exactly what the decision log gets. It must not
+/// block (a lock held only briefly by others is fine).
+pub trait Tap: Send + Sync {
+    fn observe(&self, batch: &[Arc<FlowEvent>]);
+}
+
 pub struct Hub {
     live: broadcast::Sender<Arc<FlowEvent>>,
+    taps: Mutex<Vec<Arc<dyn Tap>>>,
     recent: Mutex<VecDeque<Arc<FlowEvent>>>,
-    sink: Mutex<Sink>,
+    log: LogWriter,
     pub stats: Arc<EventStats>,
 }
 
 impl Hub {
-    pub fn new(sink: Sink) -> Self {
+    /// A hub writing its decision log to `sink` (from a thread of its own).
+    ///
+    /// # Errors
+    /// The writer thread cannot be started.
+    pub fn new(sink: Sink) -> std::io::Result<Self> {
         let (live, _) = broadcast::channel(LIVE_CAPACITY);
-        Self {
+        let stats = Arc::new(EventStats::default());
+        Ok(Self {
             live,
+            taps: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
-            sink: Mutex::new(sink),
-            stats: Arc::new(EventStats::default()),
-        }
+            log: LogWriter::spawn(sink, Arc::clone(&stats))?,
+            stats,
+        })
     }
 
-    /// Delivers a batch: one lock of the sink and one flush per batch.
+    /// Delivers a batch: to the decision log writer's queue (which may make
+    /// this wait, see [`super::writer`]), the taps, the history and the
+    /// live subscribers.
     pub fn publish(&self, batch: Vec<FlowEvent>) {
+        self.publish_shared(batch.into_iter().map(Arc::new).collect());
+    }
+
+    /// [`Hub::publish`] for events already shared (the reader's batches).
+    pub fn publish_shared(&self, batch: Vec<Arc<FlowEvent>>) {
         if batch.is_empty() {
             return;
         }
-        let batch: Vec<Arc<FlowEvent>> = batch.into_iter().map(Arc::new).collect();
-        {
-            let mut sink = lock(&self.sink);
-            for ev in &batch {
-                self.stats.received[ev.kind as usize].fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = sink.write(ev) {
-                    self.sink_failed(&e);
-                }
-            }
-            if let Err(e) = sink.flush() {
-                self.sink_failed(&e);
-            }
+        for ev in &batch {
+            self.stats.received[ev.kind as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        self.log.write(batch.clone());
+        for tap in lock(&self.taps).iter() {
+            tap.observe(&batch);
         }
         {
             let mut recent = lock(&self.recent);
@@ -98,14 +115,9 @@ impl Hub {
         }
     }
 
-    fn sink_failed(&self, e: &std::io::Error) {
-        let n = self.stats.sink_errors.fetch_add(1, Ordering::Relaxed);
-        if n == 0 || n.is_power_of_two() {
-            warn!(
-                "cannot write the decision log ({} failures so far): {e}",
-                n + 1
-            );
-        }
+    /// Adds a tap: it sees every batch published from now on.
+    pub fn add_tap(&self, tap: Arc<dyn Tap>) {
+        lock(&self.taps).push(tap);
     }
 
     /// Live events from now on.
@@ -118,9 +130,15 @@ impl Hub {
         lock(&self.recent).iter().cloned().collect()
     }
 
-    /// Re-opens the decision log file (after logrotate moved it).
+    /// Re-opens the decision log file (after logrotate moved it), once
+    /// what was published before is written to the old one.
     pub fn reopen_sink(&self) -> std::io::Result<()> {
-        lock(&self.sink).reopen()
+        self.log.reopen()
+    }
+
+    /// Returns once every event published so far is in the decision log.
+    pub fn sync_log(&self) {
+        self.log.sync();
     }
 }
 

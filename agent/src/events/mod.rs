@@ -1,15 +1,17 @@
 //! The event pipeline: kernel ring buffer -> decoded [`FlowEvent`] -> the
-//! JSON-lines decision log, live subscribers (`bulkhead flows`) and a short
-//! history of recent events.
+//! JSON-lines decision log, the taps (graph, detectors), live subscribers
+//! (`bulkhead flows`, export) and a short history of recent events.
 
 mod decode;
 mod hub;
+mod json;
 mod model;
 mod reader;
 mod sink;
+mod writer;
 
 pub use decode::{Decoder, Names};
-pub use hub::{EventStats, Hub};
+pub use hub::{EventStats, Hub, Tap};
 pub use model::{
     AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange, FlowEvent,
     ServiceChange, Verdict, SCHEMA,

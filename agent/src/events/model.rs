@@ -2,7 +2,7 @@
 //! type, with the same field names everywhere: flows, verdicts, and later
 //! anomalies and policy changes.
 
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +42,7 @@ pub enum Direction {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEvent {
-    pub schema: String,
+    pub schema: Cow<'static, str>,
     #[serde(rename = "type")]
     pub kind: EventType,
     /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
@@ -50,9 +50,9 @@ pub struct FlowEvent {
     /// Kernel CLOCK_MONOTONIC timestamp (orders events exactly).
     pub ktime_ns: u64,
     /// The managed service, or null for an unmanaged process.
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// "enforce" or "audit" for a managed service.
-    pub mode: Option<String>,
+    pub mode: Option<Cow<'static, str>>,
     pub cgroup_id: u64,
     /// Process (thread group) id and thread id.
     pub pid: u32,
@@ -64,9 +64,9 @@ pub struct FlowEvent {
     pub traffic_direction: Option<Direction>,
     /// Which kernel hook saw it: connect, sendmsg, bind, ingress,
     /// sock_create, socket_create, sock_ops.
-    pub hook: String,
+    pub hook: Cow<'static, str>,
     /// "tcp", "udp", or the IP protocol number; null for policy changes.
-    pub protocol: Option<String>,
+    pub protocol: Option<Cow<'static, str>>,
     /// Local end, when known (lifecycle events).
     pub src_ip: Option<IpAddr>,
     pub src_port: Option<u16>,
@@ -78,7 +78,7 @@ pub struct FlowEvent {
     pub verdict: Option<Verdict>,
     /// The rule that decided: `billing.toml#egress[1]`, or
     /// `billing.toml#default-deny`; null when no policy applies.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     pub socket_cookie: u64,
     /// For tcp_closed: bytes sent (acknowledged by the peer) and received.
     pub bytes_sent: Option<u64>,
@@ -94,7 +94,7 @@ pub struct FlowEvent {
 impl FlowEvent {
     /// An event the agent itself makes (policy changes, anomalies): stamped
     /// now, with the agent as the process, and every flow field null.
-    pub fn from_agent(kind: EventType, hook: &str) -> Self {
+    pub fn from_agent(kind: EventType, hook: &'static str) -> Self {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -104,7 +104,7 @@ impl FlowEvent {
         let ktime_ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
             + u64::try_from(ts.tv_nsec).unwrap_or(0);
         Self {
-            schema: SCHEMA.to_string(),
+            schema: Cow::Borrowed(SCHEMA),
             kind,
             time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
             ktime_ns,
@@ -118,7 +118,7 @@ impl FlowEvent {
             gid: unsafe { libc::getgid() },
             comm: "bulkhead".to_string(),
             traffic_direction: None,
-            hook: hook.to_string(),
+            hook: Cow::Borrowed(hook),
             protocol: None,
             src_ip: None,
             src_port: None,

@@ -1,53 +1,92 @@
 //! The decision log: one JSON object per line, to a file or stdout.
+//! Events are encoded into one buffer and written with one write per batch.
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::PathBuf,
 };
 
 use super::model::FlowEvent;
 
-pub enum Sink {
-    Stdout(BufWriter<io::Stdout>),
-    File { path: PathBuf, out: BufWriter<File> },
+pub struct Sink {
+    target: Target,
+    buf: Vec<u8>,
+    /// Events encoded in `buf`.
+    pending: u64,
+}
+
+enum Target {
+    Stdout,
+    File { path: PathBuf, file: File },
 }
 
 impl Sink {
     /// "-" is stdout; anything else a file, appended to, created 0640 with
     /// its directory.
     pub fn open(target: &str) -> io::Result<Self> {
-        if target == "-" {
-            return Ok(Sink::Stdout(BufWriter::new(io::stdout())));
-        }
-        let path = PathBuf::from(target);
-        let out = BufWriter::new(open_file(&path)?);
-        Ok(Sink::File { path, out })
-    }
-
-    pub fn write(&mut self, ev: &FlowEvent) -> io::Result<()> {
-        let out: &mut dyn Write = match self {
-            Sink::Stdout(w) => w,
-            Sink::File { out, .. } => out,
+        let target = if target == "-" {
+            Target::Stdout
+        } else {
+            let path = PathBuf::from(target);
+            let file = open_file(&path)?;
+            Target::File { path, file }
         };
-        serde_json::to_writer(&mut *out, ev).map_err(io::Error::other)?;
-        out.write_all(b"\n")
+        Ok(Self {
+            target,
+            buf: Vec::with_capacity(64 << 10),
+            pending: 0,
+        })
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Sink::Stdout(w) => w.flush(),
-            Sink::File { out, .. } => out.flush(),
+    /// Encodes `ev` as one line, written by the next [`Sink::flush`].
+    pub fn write(&mut self, ev: &FlowEvent) -> io::Result<()> {
+        let start = self.buf.len();
+        if let Err(e) = super::json::encode(ev, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(io::Error::other(e));
         }
+        self.buf.push(b'\n');
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Bytes encoded but not yet written.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Events encoded but not yet written.
+    pub fn pending(&self) -> u64 {
+        self.pending
+    }
+
+    /// Writes what is encoded. On failure those events are dropped (the
+    /// caller counts [`Sink::pending`] as lost), so a full disk does not
+    /// grow memory.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let written = match &mut self.target {
+            Target::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(&self.buf).and_then(|()| out.flush())
+            }
+            Target::File { file, .. } => file.write_all(&self.buf),
+        };
+        self.buf.clear();
+        self.pending = 0;
+        written
     }
 
     /// Flushes and re-opens the file at the same path (logrotate's move
     /// then SIGHUP). Stdout needs nothing.
     pub fn reopen(&mut self) -> io::Result<()> {
-        if let Sink::File { path, out } = self {
-            out.flush()?;
-            *out = BufWriter::new(open_file(path)?);
+        self.flush()?;
+        if let Target::File { path, file } = &mut self.target {
+            *file = open_file(path)?;
         }
         Ok(())
     }

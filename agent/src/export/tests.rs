@@ -60,7 +60,10 @@ async fn receiver(at: SocketAddr, status: u16) -> (Receiver, SocketAddr) {
 fn hub() -> (Arc<Hub>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::open(dir.path().join("events.jsonl").to_str().expect("utf-8")).expect("sink");
-    (Arc::new(Hub::new(sink)), dir)
+    (
+        Arc::new(Hub::new(sink).expect("the writer thread starts")),
+        dir,
+    )
 }
 
 fn config(addr: SocketAddr) -> ExportConfig {
@@ -81,12 +84,12 @@ fn config(addr: SocketAddr) -> ExportConfig {
 fn verdict(pid: u32) -> FlowEvent {
     use crate::events::{Direction, Verdict, SCHEMA};
     FlowEvent {
-        schema: SCHEMA.to_string(),
+        schema: SCHEMA.into(),
         kind: EventType::Verdict,
         time: "2026-05-20T09:08:07.123456789Z".to_string(),
         ktime_ns: 1,
-        service: Some("billing".to_string()),
-        mode: Some("enforce".to_string()),
+        service: Some("billing".into()),
+        mode: Some("enforce".into()),
         cgroup_id: 7,
         pid,
         tid: pid,
@@ -94,14 +97,14 @@ fn verdict(pid: u32) -> FlowEvent {
         gid: 0,
         comm: "curl".to_string(),
         traffic_direction: Some(Direction::Egress),
-        hook: "connect".to_string(),
-        protocol: Some("tcp".to_string()),
+        hook: "connect".into(),
+        protocol: Some("tcp".into()),
         src_ip: None,
         src_port: None,
         dst_ip: "192.0.2.9".parse().ok(),
         dst_port: Some(5432),
         verdict: Some(Verdict::Deny),
-        rule: Some("billing.toml#default-deny".to_string()),
+        rule: Some("billing.toml#default-deny".into()),
         socket_cookie: 9,
         bytes_sent: None,
         bytes_received: None,

@@ -28,7 +28,7 @@ pub const GROUP_AT: usize = 8;
 /// lock briefly and copy what they need.
 #[derive(Debug, Clone, Default)]
 pub struct Graph {
-    pub edges: HashMap<(Source, Dest), EdgeStats>,
+    pub edges: HashMap<(Source, Dest), EdgeStats, Hasher>,
     pub listeners: BTreeMap<ListenKey, ListenerInfo>,
     /// Edges and listeners dropped to stay within the caps (since start).
     pub evictions: u64,
@@ -37,8 +37,12 @@ pub struct Graph {
     local: std::collections::HashSet<IpAddr>,
     /// How many single-address edges each (source, /24 or /64 group) has,
     /// so that folding costs a scan only when a group is due.
-    group_sizes: HashMap<(Source, Dest), usize>,
+    group_sizes: HashMap<(Source, Dest), usize, Hasher>,
 }
+
+/// A fast hasher for the per-event lookups (keys come from the kernel's
+/// records of this host's own traffic, seeded per process).
+pub type Hasher = foldhash::fast::RandomState;
 
 impl Graph {
     /// Folds one event in. Events that say nothing about who talks to whom
@@ -72,7 +76,7 @@ impl Graph {
                 });
             }
             (EventType::Verdict, Direction::Egress)
-                if matches!(ev.hook.as_str(), "connect" | "sendmsg") =>
+                if matches!(&*ev.hook, "connect" | "sendmsg") =>
             {
                 self.edge(ev, protocol, |s| {
                     match ev.verdict {
@@ -120,7 +124,7 @@ impl Graph {
         self.listeners.insert(
             key,
             ListenerInfo {
-                service: service.clone(),
+                service: service.to_string(),
                 last_seen: ev.time.clone(),
                 seq,
             },
@@ -160,7 +164,9 @@ impl Graph {
             return;
         };
         let source = match &ev.service {
-            Some(name) => Source::Service { name: name.clone() },
+            Some(name) => Source::Service {
+                name: name.to_string(),
+            },
             None => Source::Process {
                 cgroup_id: ev.cgroup_id,
             },
@@ -175,6 +181,18 @@ impl Graph {
         ev: &FlowEvent,
         update: impl FnOnce(&mut EdgeStats),
     ) {
+        // Hot path: an edge seen before (one lookup). A host edge and its
+        // folded network never coexist: folding removes the host edges.
+        let key = (source, host);
+        if let Some(stats) = self.edges.get_mut(&key) {
+            self.seq += 1;
+            update(stats);
+            stats.last_seen.clone_from(&ev.time);
+            stats.comm.clone_from(&ev.comm);
+            stats.seq = self.seq;
+            return;
+        }
+        let (source, host) = key;
         // An address already folded into a network goes to that network.
         let dest = match host.group() {
             Some(g) if self.edges.contains_key(&(source.clone(), g.clone())) => g,

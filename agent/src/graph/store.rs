@@ -4,20 +4,17 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{atomic::Ordering, Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::{
-    sync::{broadcast, watch},
-    task::JoinHandle,
-};
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::model::{Dest, EdgeStats, Graph, ListenKey, ListenerInfo, Source};
 use crate::{
-    events::{EventStats, FlowEvent},
+    events::{FlowEvent, Tap},
     policy::PolicySet,
 };
 
@@ -167,15 +164,26 @@ pub fn save(state_dir: &Path, shared: &Shared) -> std::io::Result<()> {
     crate::state_file::write_atomic(state_dir, FILE, &to_json(&shared.graph()), 0o600)
 }
 
-/// The running aggregator; [`Aggregator::finish`] folds in what is queued
-/// and stops it.
-pub struct Aggregator {
+/// Every event the reader publishes is folded into the graph, under one
+/// lock per batch.
+impl Tap for Shared {
+    fn observe(&self, batch: &[Arc<FlowEvent>]) {
+        let mut g = self.graph();
+        for ev in batch {
+            g.observe(ev);
+        }
+    }
+}
+
+/// The running upkeep task (listener scans, periodic saves);
+/// [`Upkeep::finish`] stops it.
+pub struct Upkeep {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
-impl Aggregator {
-    /// Folds in the events already queued, then stops (at most 2 s).
+impl Upkeep {
+    /// Stops the task (waiting at most 2 s for a save in progress).
     pub async fn finish(self) {
         let _ = self.stop.send(true);
         let mut task = self.task;
@@ -188,38 +196,10 @@ impl Aggregator {
     }
 }
 
-/// Folds every event queued in `events` into `g`; returns false once the
-/// channel is closed.
-fn drain(
-    g: &mut Graph,
-    events: &mut broadcast::Receiver<Arc<FlowEvent>>,
-    stats: &EventStats,
-) -> bool {
-    for _ in 0..DRAIN_BATCH {
-        match events.try_recv() {
-            Ok(ev) => g.observe(&ev),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                stats.subscriber_lagged.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(broadcast::error::TryRecvError::Closed) => return false,
-            Err(broadcast::error::TryRecvError::Empty) => break,
-        }
-    }
-    true
-}
-
-/// Events folded in per lock of the graph.
-const DRAIN_BATCH: usize = 1024;
-
-/// Feeds `events` into `shared` and saves it every [`SAVE_INTERVAL`].
-/// Lagging behind the hub loses events for the graph only (counted as the
-/// hub's `subscriber` loss).
-pub fn spawn_aggregator(
-    shared: Arc<Shared>,
-    mut events: broadcast::Receiver<Arc<FlowEvent>>,
-    state_dir: PathBuf,
-    stats: Arc<EventStats>,
-) -> Aggregator {
+/// Scans for managed services' listeners at start and then every
+/// [`SAVE_INTERVAL`], saving the graph each time. The events themselves
+/// come in through the hub's tap ([`Shared`] implements [`Tap`]).
+pub fn spawn_upkeep(shared: Arc<Shared>, state_dir: PathBuf) -> Upkeep {
     let (stop, mut stopped) = watch::channel(false);
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAVE_INTERVAL);
@@ -228,24 +208,7 @@ pub fn spawn_aggregator(
         scan_listeners(&shared).await;
         loop {
             tokio::select! {
-                got = events.recv() => match got {
-                    Ok(ev) => {
-                        let mut g = shared.graph();
-                        g.observe(&ev);
-                        if !drain(&mut g, &mut events, &stats) {
-                            break;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        stats.subscriber_lagged.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
-                _ = stopped.changed() => {
-                    let mut g = shared.graph();
-                    while !events.is_empty() && drain(&mut g, &mut events, &stats) {}
-                    break;
-                }
+                _ = stopped.changed() => break,
                 _ = tick.tick() => {
                     scan_listeners(&shared).await;
                     let shared = Arc::clone(&shared);
@@ -258,7 +221,7 @@ pub fn spawn_aggregator(
             }
         }
     });
-    Aggregator { stop, task }
+    Upkeep { stop, task }
 }
 
 /// Adds the listeners of managed services found in `/proc` (off the async
@@ -296,25 +259,24 @@ mod tests {
         assert_eq!(loaded.listeners, g.listeners);
     }
 
-    #[tokio::test]
-    async fn finish_folds_in_what_is_queued() {
+    #[test]
+    fn the_tap_folds_in_every_published_event() {
         let shared = Arc::new(Shared::default());
-        let (tx, rx) = broadcast::channel(64);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let agg = spawn_aggregator(
-            Arc::clone(&shared),
-            rx,
-            dir.path().to_path_buf(),
-            Arc::default(),
-        );
-        for _ in 0..5 {
-            tx.send(Arc::new(connect("a", ("192.0.2.7", 5432), Verdict::Allow)))
-                .expect("a receiver");
+        let hub = crate::events::Hub::new(
+            crate::events::Sink::open("/dev/null").expect("/dev/null opens"),
+        )
+        .expect("the writer thread starts");
+        hub.add_tap(Arc::clone(&shared) as Arc<dyn Tap>);
+        for _ in 0..3 {
+            hub.publish(vec![
+                connect("a", ("192.0.2.7", 5432), Verdict::Allow),
+                connect("a", ("192.0.2.7", 5432), Verdict::Deny),
+            ]);
         }
-        agg.finish().await;
         let g = shared.graph();
-        let total: u64 = g.edges.values().map(|e| e.connections).sum();
-        assert_eq!(total, 5);
+        let edge = g.edges.values().next().expect("one edge");
+        assert_eq!(g.edges.len(), 1);
+        assert_eq!((edge.allowed, edge.denied), (3, 3));
     }
 
     #[test]

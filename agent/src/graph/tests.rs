@@ -13,12 +13,12 @@ pub(crate) fn ev(
     verdict: Option<Verdict>,
 ) -> FlowEvent {
     FlowEvent {
-        schema: SCHEMA.to_string(),
+        schema: SCHEMA.into(),
         kind,
         time: "2026-11-29T02:00:00.000000000Z".to_string(),
         ktime_ns: 1,
-        service: service.map(str::to_string),
-        mode: Some("enforce".to_string()),
+        service: service.map(Into::into),
+        mode: Some("enforce".into()),
         cgroup_id: 77,
         pid: 1,
         tid: 1,
@@ -27,11 +27,11 @@ pub(crate) fn ev(
         comm: "probe".to_string(),
         traffic_direction: Some(dir),
         hook: if kind == EventType::Verdict {
-            "connect".to_string()
+            "connect".into()
         } else {
-            "sock_ops".to_string()
+            "sock_ops".into()
         },
-        protocol: Some("tcp".to_string()),
+        protocol: Some("tcp".into()),
         src_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         src_port: Some(40000),
         dst_ip: dst.0.parse().ok(),
@@ -177,7 +177,7 @@ fn remote_peers_get_inbound_edges_local_ones_do_not() {
     g.observe(&from_remote);
     let mut drop = from_remote.clone();
     drop.kind = EventType::Verdict;
-    drop.hook = "ingress".to_string();
+    drop.hook = "ingress".into();
     drop.verdict = Some(Verdict::Deny);
     drop.dst_ip = "192.0.2.66".parse().ok();
     g.observe(&drop);
@@ -218,8 +218,8 @@ fn unmanaged_processes_are_keyed_by_cgroup() {
         ("192.0.2.1", 53),
         Some(Verdict::Allow),
     );
-    e.protocol = Some("udp".to_string());
-    e.hook = "sendmsg".to_string();
+    e.protocol = Some("udp".into());
+    e.hook = "sendmsg".into();
     g.observe(&e);
     assert!(g.edges.contains_key(&(
         Source::Process { cgroup_id: 77 },

@@ -331,12 +331,6 @@ fn anomalies(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         totals
             .iter()
             .map(|(service, kind, n)| ([("service", service.as_str()), ("kind", *kind)], *n)),
-    )?;
-    counters(
-        enc,
-        "bulkhead_anomaly_events_lagged",
-        "Flow events the anomaly detectors missed because they fell behind.",
-        [([("source", "hub")], stats.lagged())],
     )
 }
 

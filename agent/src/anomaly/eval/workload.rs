@@ -125,12 +125,12 @@ pub fn cases() -> Vec<Case> {
 
 fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -> FlowEvent {
     FlowEvent {
-        schema: SCHEMA.to_string(),
+        schema: SCHEMA.into(),
         kind,
         time: String::new(),
         ktime_ns: 0,
-        service: Some(service.to_string()),
-        mode: Some("enforce".to_string()),
+        service: Some(service.into()),
+        mode: Some("enforce".into()),
         cgroup_id: 0,
         pid: 0,
         tid: 0,
@@ -143,8 +143,8 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         } else {
             "sock_ops"
         }
-        .to_string(),
-        protocol: Some("tcp".to_string()),
+        .into(),
+        protocol: Some("tcp".into()),
         src_ip: None,
         src_port: None,
         dst_ip: Some(dst.0),

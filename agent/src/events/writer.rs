@@ -1,0 +1,138 @@
+//! The decision log writer: a thread of its own, so that encoding and
+//! writing (the larger part of what an event costs the agent) run beside
+//! the ring buffer reader instead of after it.
+//!
+//! Batches queue in a bounded channel. When the writer falls
+//! [`QUEUE`] batches behind, publishing blocks: the reader then stops
+//! draining, and the kernel counts what its full ring buffer cannot take.
+//! Nothing queues without bound and nothing is dropped uncounted.
+
+use std::{
+    io,
+    sync::{atomic::Ordering, mpsc, Arc},
+    thread::JoinHandle,
+};
+
+use tracing::warn;
+
+use super::{hub::EventStats, model::FlowEvent, sink::Sink};
+
+/// Batches waiting for the writer before publishers wait for it.
+const QUEUE: usize = 64;
+/// Encoded bytes written out even while more batches wait.
+const FLUSH_AT: usize = 1 << 20;
+
+enum Job {
+    Write(Vec<Arc<FlowEvent>>),
+    Reopen(mpsc::SyncSender<io::Result<()>>),
+    /// Answers once everything queued before it is written.
+    Sync(mpsc::SyncSender<()>),
+}
+
+pub struct LogWriter {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LogWriter {
+    /// Starts the thread that owns `sink`; failures are counted in
+    /// `stats.sink_errors`.
+    pub fn spawn(sink: Sink, stats: Arc<EventStats>) -> io::Result<Self> {
+        let (jobs, queue) = mpsc::sync_channel(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("decision-log".to_string())
+            .spawn(move || run(sink, &queue, &stats))?;
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a batch (waits while [`QUEUE`] batches are ahead of it).
+    pub fn write(&self, batch: Vec<Arc<FlowEvent>>) {
+        self.send(Job::Write(batch));
+    }
+
+    /// Writes what is queued, then re-opens the file at its path.
+    pub fn reopen(&self) -> io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Job::Reopen(tx));
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the decision log writer stopped")))
+    }
+
+    /// Returns once everything queued so far is written.
+    pub fn sync(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Job::Sync(tx));
+        let _ = rx.recv();
+    }
+
+    fn send(&self, job: Job) {
+        if let Some(jobs) = &self.jobs {
+            // Fails only once the thread is gone (it never exits before
+            // the channel closes), so there is nothing left to do.
+            let _ = jobs.send(job);
+        }
+    }
+}
+
+impl Drop for LogWriter {
+    /// Writes what is queued and stops the thread.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(mut sink: Sink, queue: &mpsc::Receiver<Job>, stats: &EventStats) {
+    while let Ok(first) = queue.recv() {
+        // Encode everything already waiting, then write it at once.
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Write(batch) => {
+                    for ev in &batch {
+                        if let Err(e) = sink.write(ev) {
+                            failed(stats, &e, 1);
+                        }
+                    }
+                }
+                Job::Reopen(reply) => {
+                    flush(&mut sink, stats);
+                    let _ = reply.send(sink.reopen());
+                }
+                Job::Sync(reply) => {
+                    flush(&mut sink, stats);
+                    let _ = reply.send(());
+                }
+            }
+            if sink.buffered_bytes() >= FLUSH_AT {
+                flush(&mut sink, stats);
+            }
+            next = queue.try_recv().ok();
+        }
+        flush(&mut sink, stats);
+    }
+}
+
+fn flush(sink: &mut Sink, stats: &EventStats) {
+    let pending = sink.pending();
+    if let Err(e) = sink.flush() {
+        failed(stats, &e, pending);
+    }
+}
+
+/// `events` could not be written: counted, and logged now and then.
+fn failed(stats: &EventStats, e: &io::Error, events: u64) {
+    let n = stats.sink_errors.fetch_add(events, Ordering::Relaxed);
+    // Log the first failure and then at every power of two.
+    if n == 0 || (n + events).ilog2() > n.ilog2() {
+        warn!(
+            "cannot write the decision log ({} events lost so far): {e}",
+            n + events
+        );
+    }
+}
