@@ -132,6 +132,19 @@ impl Conn {
         HeldConn { lines, local }
     }
 
+    /// Calls connect() on one UDP socket to `addr` `n` times, `pause`
+    /// apart, and waits until it is done; panics if a call fails.
+    pub fn udp_paced(&self, n: u64, pause: Duration, addr: SocketAddr) {
+        let lines = self.spawn(&[
+            "udp-paced".to_owned(),
+            n.to_string(),
+            pause.as_micros().to_string(),
+            addr.to_string(),
+        ]);
+        let want = format!("done {n}");
+        lines.wait_line(READY_TIMEOUT, |l| l == want);
+    }
+
     /// Starts a TCP server on `addr` (port 0: any) and waits until it is bound.
     #[must_use]
     pub fn sink(&self, addr: SocketAddr) -> Sink {

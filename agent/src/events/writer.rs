@@ -136,3 +136,52 @@ fn failed(stats: &EventStats, e: &io::Error, events: u64) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventType, Hub};
+
+    fn event() -> Arc<FlowEvent> {
+        Arc::new(FlowEvent::from_agent(EventType::PolicyChange, "policy"))
+    }
+
+    #[test]
+    fn every_event_that_cannot_be_written_is_counted() {
+        // /dev/full refuses every write with ENOSPC.
+        let hub = Hub::new(Sink::open("/dev/full").expect("/dev/full opens"))
+            .expect("the writer thread starts");
+        for _ in 0..3 {
+            hub.publish_shared(vec![event(), event()]);
+        }
+        hub.sync_log();
+        assert_eq!(hub.stats.sink_errors.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn reopen_writes_what_came_before_to_the_old_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let rotated = dir.path().join("events.jsonl.1");
+        let stats = Arc::new(EventStats::default());
+        let writer = LogWriter::spawn(
+            Sink::open(path.to_str().expect("utf-8")).expect("opens"),
+            Arc::clone(&stats),
+        )
+        .expect("the writer thread starts");
+        writer.write(vec![event(), event(), event()]);
+        std::fs::rename(&path, &rotated).expect("rename");
+        writer.reopen().expect("re-opens");
+        writer.write(vec![event(), event()]);
+        drop(writer); // writes what is queued and joins the thread
+        let lines = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .expect("read")
+                .lines()
+                .map(|l| serde_json::from_str::<FlowEvent>(l).expect("a whole event"))
+                .count()
+        };
+        assert_eq!((lines(&rotated), lines(&path)), (3, 2));
+        assert_eq!(stats.sink_errors.load(Ordering::Relaxed), 0);
+    }
+}

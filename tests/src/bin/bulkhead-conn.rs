@@ -14,6 +14,10 @@
 //!       connect() once and keep the connection: stdin line `send TEXT`
 //!       writes TEXT and prints `sent TEXT` (or `send-error errno:N`); what
 //!       the peer sends is printed as `recv TEXT`, its close as `eof`
+//!   udp-paced N PAUSE_US ADDR:PORT
+//!       connect() one UDP socket to ADDR:PORT N times, sleeping PAUSE_US
+//!       microseconds after each (no packet is sent); print `done N` and
+//!       exit (exit 2 on an error)
 //!   sink ADDR:PORT
 //!       listen; print `ready ADDR:PORT`, then `accepted PEER` per
 //!       connection and `recv PEER TEXT` per chunk received; stdin line
@@ -44,7 +48,7 @@ use std::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] \
-    (connect-loop [--pause-us N] ADDR:PORT... | hold ADDR:PORT | sink ADDR:PORT)";
+    (connect-loop [--pause-us N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US ADDR:PORT | sink ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -70,9 +74,36 @@ fn run(args: Vec<String>) -> Result<(), String> {
     match (command.as_str(), rest.as_slice()) {
         ("connect-loop", rest) => connect_loop(rest),
         ("hold", [addr]) => hold(parse_addr(addr)?),
+        ("udp-paced", [n, pause, addr]) => udp_paced(
+            n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?,
+            Duration::from_micros(
+                pause
+                    .parse()
+                    .map_err(|e| format!("bad pause {pause:?}: {e}"))?,
+            ),
+            parse_addr(addr)?,
+        ),
         ("sink", [addr]) => sink(parse_addr(addr)?),
         _ => Err(USAGE.to_owned()),
     }
+}
+
+fn udp_paced(n: u64, pause: Duration, addr: SocketAddr) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    }
+    .parse()
+    .map_err(|e| format!("{e}"))?;
+    let sock = std::net::UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
+    for i in 0..n {
+        sock.connect(addr)
+            .map_err(|e| format!("connect {i} of {n} to {addr}: {e}"))?;
+        thread::sleep(pause);
+    }
+    say(&format!("done {n}"));
+    Ok(())
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
