@@ -132,7 +132,7 @@ impl Conn {
         HeldConn { lines, local }
     }
 
-    /// Calls connect() on one UDP socket to `addr` `n` times, `pause`
+    /// Calls `connect()` on one UDP socket to `addr` `n` times, `pause`
     /// apart, and waits until it is done; panics if a call fails.
     pub fn udp_paced(&self, n: u64, pause: Duration, addr: SocketAddr) {
         let lines = self.spawn(&[

@@ -1,6 +1,6 @@
 //! The event pipeline under a steady stream of decisions: every one reaches
 //! the decision log, and the kernel does not wake the daemon for each (a
-//! wake-up per record used to cost every connect() a context switch of the
+//! wake-up per record used to cost every `connect()` a context switch of the
 //! daemon; the reader now drains on its own timer).
 
 use std::{fs, time::Duration, time::Instant};
