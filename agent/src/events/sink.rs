@@ -52,6 +52,17 @@ impl Sink {
         Ok(())
     }
 
+    /// Adds lines encoded elsewhere (`events` of them), written by the
+    /// next [`Sink::flush`].
+    pub fn append_encoded(&mut self, lines: Vec<u8>, events: u64) {
+        if self.buf.is_empty() && lines.capacity() >= self.buf.capacity() {
+            self.buf = lines;
+        } else {
+            self.buf.extend_from_slice(&lines);
+        }
+        self.pending += events;
+    }
+
     /// Bytes encoded but not yet written.
     pub fn buffered_bytes(&self) -> usize {
         self.buf.len()
