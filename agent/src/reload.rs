@@ -80,8 +80,10 @@ impl ReloadStats {
 pub fn load(source: &PolicySource) -> Result<Loaded, String> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    let snapshot = snapshot(&source.dir, &mut problems)?;
-    let set = policy::load_dir(&source.dir).map_err(|e| e.to_string());
+    // Each file is read once: what is checked and enforced is exactly what
+    // was hashed into the audit record.
+    let (snapshot, texts) = snapshot(&source.dir, &mut problems)?;
+    let set = policy::load_texts(texts).map_err(|e| e.to_string());
     let compiled = set
         .as_ref()
         .map_err(Clone::clone)
@@ -106,37 +108,58 @@ pub fn load(source: &PolicySource) -> Result<Loaded, String> {
     })
 }
 
-/// Hashes and permissions of the directory's policy files; permission
-/// problems go to `problems`.
-fn snapshot(dir: &Path, problems: &mut Vec<String>) -> Result<Snapshot, String> {
+/// Reads the directory's policy files (`*.toml` directly in it), in name
+/// order, with their hashes and permissions; permission problems go to
+/// `problems`, read errors to the texts (the policy loader reports them).
+fn snapshot(
+    dir: &Path,
+    problems: &mut Vec<String>,
+) -> Result<(Snapshot, Vec<policy::FileText>), String> {
     let meta = fs::metadata(dir)
         .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
     check_owner(dir, meta.uid(), meta.mode(), problems);
     let entries = fs::read_dir(dir)
         .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
     let mut files = BTreeMap::new();
+    let mut texts = Vec::new();
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         if !path.is_file() || path.extension().is_none_or(|x| x != "toml") {
             continue;
         }
-        let Ok(meta) = fs::metadata(&path) else {
-            continue; // reported by the policy loader
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) => {
+                texts.push((path, Err(e)));
+                continue;
+            }
         };
         check_owner(&path, meta.uid(), meta.mode(), problems);
-        let Ok(bytes) = fs::read(&path) else {
-            continue;
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                texts.push((path, Err(e)));
+                continue;
+            }
         };
         files.insert(
-            path,
+            path.clone(),
             FileInfo {
                 sha256: hex(&Sha256::digest(&bytes)),
                 uid: meta.uid(),
                 mode: meta.mode() & 0o7777,
             },
         );
+        let text = String::from_utf8(bytes).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text ({e})"),
+            )
+        });
+        texts.push((path, text));
     }
-    Ok(Snapshot { files })
+    texts.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((Snapshot { files }, texts))
 }
 
 /// Policy files decide who may talk to whom: only root may write them.
@@ -163,7 +186,9 @@ fn hex(bytes: &[u8]) -> String {
 /// The files of `dir` as they are now, permissions not judged (for the
 /// record of a refused reload).
 pub fn current_snapshot(dir: &Path) -> Snapshot {
-    snapshot(dir, &mut Vec::new()).unwrap_or_default()
+    snapshot(dir, &mut Vec::new())
+        .map(|(s, _)| s)
+        .unwrap_or_default()
 }
 
 /// The audit record of a change from `before` to `after` (None: refused;
@@ -330,6 +355,39 @@ mod tests {
         })
         .expect("allowed with the override");
         assert_eq!(ok.warnings.len(), 1);
+    }
+
+    #[test]
+    fn a_file_that_is_not_text_is_refused_by_name_with_the_others_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("a.toml"), b"cgroup = \"/a\"\xff\n").expect("write");
+        fs::write(
+            dir.path().join("b.toml"),
+            "cgroup = \"/b\"\nmode = \"loud\"\n",
+        )
+        .expect("write");
+        let err = load(&source(dir.path())).err().expect("refused");
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        assert!(
+            err.contains(&format!("{}:", a.display())) && err.contains("not UTF-8 text"),
+            "{err}"
+        );
+        assert!(err.contains(&format!("{}:2:", b.display())), "{err}");
+    }
+
+    #[test]
+    fn the_record_hashes_exactly_the_bytes_that_were_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("a.toml");
+        let text = "cgroup = \"/a\"\nmode = \"audit\"\n";
+        fs::write(&f, text).expect("write");
+        let loaded = load(&source(dir.path())).expect("valid");
+        assert_eq!(
+            loaded.snapshot.files[&f].sha256,
+            hex(&Sha256::digest(text.as_bytes()))
+        );
+        assert_eq!(loaded.set.services[0].name, "a");
     }
 
     #[test]

@@ -30,21 +30,36 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
 /// Loads exactly these files. Every file is read and checked even when an
 /// earlier one fails, so that one run reports every problem.
 pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    load_texts(
+        files
+            .iter()
+            .map(|f| (f.clone(), fs::read_to_string(f)))
+            .collect(),
+    )
+}
+
+/// A policy file's path and what reading it gave.
+pub type FileText = (PathBuf, std::io::Result<String>);
+
+/// Checks files already read (in the order given), so that what is checked
+/// is exactly what the caller read, hashed and recorded.
+pub fn load_texts(files: Vec<FileText>) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
     let mut services = Vec::new();
-    for file in files {
-        let text = match fs::read_to_string(file) {
-            Ok(t) => t,
+    for (path, read) in &files {
+        let file = path.as_path();
+        let text = match read {
+            Ok(t) => t.as_str(),
             Err(e) => {
                 errors.extend(whole_file(file, format!("cannot read file: {e}")).0);
                 continue;
             }
         };
-        let mut checker = Checker::new(file, &text);
-        for (span, message) in file::unknown_keys(&text) {
+        let mut checker = Checker::new(file, text);
+        for (span, message) in file::unknown_keys(text) {
             checker.error(span, message);
         }
-        match toml::from_str::<RawPolicy>(&text) {
+        match toml::from_str::<RawPolicy>(text) {
             Ok(raw) => {
                 if let Some(service) = validate::service(&mut checker, raw) {
                     services.push(service);

@@ -9,7 +9,7 @@ mod model;
 mod validate;
 
 pub use error::{position, PolicyError, PolicyErrors};
-pub use load::{load_dir, load_files};
+pub use load::{load_dir, load_files, load_texts, FileText};
 pub use model::{
     BindPolicy, EgressRule, IngressRule, Mode, PolicySet, PortRange, Protocol, RuleRef, Section,
     Selector, Service, SocketsPolicy,
