@@ -151,8 +151,10 @@ impl Engine {
     fn apply_set(&mut self, set: &PolicySet) -> Result<(), String> {
         if let Some((at, old)) = self.retiring.take() {
             // A change right after a change: finish retiring the previous
-            // one first (waiting out only what is left of its grace).
-            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            // one first (waiting out only what is left of its grace). The
+            // runtime is told, so its other tasks move to another worker.
+            let wait = at.saturating_duration_since(Instant::now());
+            tokio::task::block_in_place(|| std::thread::sleep(wait));
             self.enforcer.retire(&old).map_err(|e| e.to_string())?;
         }
         let effective = self.quarantines.overlay(set);
