@@ -51,11 +51,15 @@ pub const SOCK_INFO: &str = "SOCK_INFO";
 /// Default ring buffer size: 8 MiB, about 50,000 records of 160 bytes.
 pub const DEFAULT_EVENTS_BYTES: u32 = 8 << 20;
 
-/// The kernel wakes the event reader only once `EVENTS` holds at least
-/// 1/WAKE_FRACTION of its size; below that the reader drains on its own
-/// timer (`events::reader::DRAIN_*`). Waking per record would put a reader
-/// context switch on every connect() of a managed service.
+/// The kernel wakes the event reader only with the record that fills
+/// `EVENTS` past 1/WAKE_FRACTION of its size; otherwise the reader drains
+/// on its own timer (`events::reader::DRAIN_*`). Waking per record would
+/// put a reader context switch on every connect() of a managed service.
 pub const WAKE_FRACTION: u64 = 4;
+
+/// Bytes one [`crate::Event`] takes in `EVENTS`: the record and the ring's
+/// 8-byte header, rounded up to 8.
+pub const RECORD_SPAN: u64 = ((core::mem::size_of::<crate::Event>() + 8 + 7) & !7) as u64;
 
 /// Upper bound on how deep in the cgroup tree a service may sit. The kernel
 /// walks the current task's ancestors up to this depth to find its service.

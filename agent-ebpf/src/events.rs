@@ -1,6 +1,6 @@
 //! Sending records to userspace, and counting what could not be sent.
 
-use agent_common::{Event, SockInfo, COUNTER_SLOTS, WAKE_FRACTION};
+use agent_common::{Event, SockInfo, COUNTER_SLOTS, RECORD_SPAN, WAKE_FRACTION};
 use aya_ebpf::{
     bindings::{
         bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
@@ -57,17 +57,20 @@ pub fn fill_task(ev: &mut Event) {
 /// `LOST[slot]` instead (never silently).
 ///
 /// The reader is not woken per record: it drains on a short timer, and is
-/// woken early only once the ring is a quarter full (see
+/// woken early by the record that fills the ring past a quarter (see
 /// `agent_common::WAKE_FRACTION`). A wake-up per record would cost the
-/// calling process a reader context switch on every connect().
+/// calling process a reader context switch on every connect(); one for
+/// every record past the mark would cost it an interrupt each (a VM exit
+/// in a guest) exactly when the reader is behind.
 #[inline(always)]
 pub fn emit(ev: &Event, lost_slot: u32) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(*ev);
+            // Pending bytes include this record.
             let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-            let size = EVENTS.query(u64::from(BPF_RB_RING_SIZE));
-            let flags = if pending.wrapping_mul(WAKE_FRACTION) >= size {
+            let mark = EVENTS.query(u64::from(BPF_RB_RING_SIZE)) / WAKE_FRACTION;
+            let flags = if pending >= mark && pending < mark + RECORD_SPAN {
                 BPF_RB_FORCE_WAKEUP
             } else {
                 BPF_RB_NO_WAKEUP
