@@ -5,45 +5,26 @@ use std::net::IpAddr;
 use super::{
     config::AnomalyConfig, detector::Detector, event::to_event, finding::Kind, group::Emit, state,
 };
-use crate::events::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
+use crate::events::{EventType, FlowEvent, Verdict};
 
 const T0: u64 = 1_800_000_000;
 const SVC: &str = "billing";
 
 fn event(kind: EventType, dst: &str, port: u16) -> FlowEvent {
     FlowEvent {
-        schema: SCHEMA.into(),
         kind,
-        time: String::new(),
-        ktime_ns: 0,
         service: Some(SVC.into()),
-        mode: Some("enforce".into()),
-        cgroup_id: 1,
-        pid: 1,
-        tid: 1,
-        uid: 0,
-        gid: 0,
-        comm: "t".to_string(),
-        traffic_direction: Some(Direction::Egress),
         hook: if kind == EventType::Verdict {
             "connect"
         } else {
             "sock_ops"
         }
         .into(),
-        protocol: Some("tcp".into()),
-        src_ip: None,
-        src_port: None,
         dst_ip: dst.parse::<IpAddr>().ok(),
         dst_port: Some(port),
         verdict: (kind == EventType::Verdict).then_some(Verdict::Allow),
         rule: None,
-        socket_cookie: 0,
-        bytes_sent: None,
-        bytes_received: None,
-        duration_ns: None,
-        change: None,
-        anomaly: None,
+        ..crate::events::sample_verdict()
     }
 }
 

@@ -206,42 +206,9 @@ pub fn decode_reply(line: &[u8]) -> Result<Reply, serde_json::Error> {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-
     use super::*;
-    use crate::events::{Direction, SCHEMA};
 
-    pub(crate) fn event() -> FlowEvent {
-        FlowEvent {
-            schema: SCHEMA.into(),
-            kind: EventType::Verdict,
-            time: "2026-05-20T09:08:07.123456789Z".to_string(),
-            ktime_ns: 1,
-            service: Some("billing".into()),
-            mode: Some("enforce".into()),
-            cgroup_id: 7,
-            pid: 42,
-            tid: 43,
-            uid: 0,
-            gid: 0,
-            comm: "curl".to_string(),
-            traffic_direction: Some(Direction::Egress),
-            hook: "connect".into(),
-            protocol: Some("tcp".into()),
-            src_ip: None,
-            src_port: None,
-            dst_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9))),
-            dst_port: Some(5432),
-            verdict: Some(Verdict::Deny),
-            rule: Some("billing.toml#default-deny".into()),
-            socket_cookie: 9,
-            bytes_sent: None,
-            bytes_received: None,
-            duration_ns: None,
-            change: None,
-            anomaly: None,
-        }
-    }
+    pub(crate) use crate::events::sample_verdict as event;
 
     #[test]
     fn request_round_trips_with_version_first() {

@@ -141,7 +141,7 @@ mod tests {
     use std::{borrow::Cow, sync::Arc};
 
     use super::*;
-    use crate::events::{AnomalyRecord, ChangeRecord, Evidence, FileChange, ServiceChange, SCHEMA};
+    use crate::events::{AnomalyRecord, ChangeRecord, Evidence, FileChange, ServiceChange};
 
     fn same_as_serde(ev: &FlowEvent) {
         let mut fast = Vec::new();
@@ -155,35 +155,13 @@ mod tests {
         assert_eq!(&back, ev);
     }
 
+    /// The sample verdict, with numbers at their limits.
     fn verdict() -> FlowEvent {
         FlowEvent {
-            schema: Cow::Borrowed(SCHEMA),
-            kind: EventType::Verdict,
-            time: "2026-11-29T02:00:47.850881878Z".to_string(),
-            ktime_ns: 1_310_652_258_247,
-            service: Some(Arc::from("billing")),
-            mode: Some(Cow::Borrowed("enforce")),
-            cgroup_id: 25,
-            pid: 9861,
-            tid: 9862,
-            uid: 1000,
             gid: u32::MAX,
-            comm: "python3".to_string(),
-            traffic_direction: Some(Direction::Egress),
-            hook: Cow::Borrowed("connect"),
-            protocol: Some(Cow::Borrowed("tcp")),
-            src_ip: None,
-            src_port: None,
-            dst_ip: Some("127.0.0.1".parse().expect("ip")),
-            dst_port: Some(8081),
-            verdict: Some(Verdict::Deny),
-            rule: Some(Arc::from("billing.toml#default-deny")),
             socket_cookie: u64::MAX,
-            bytes_sent: None,
-            bytes_received: None,
-            duration_ns: None,
-            change: None,
-            anomaly: None,
+            ktime_ns: u64::MAX,
+            ..crate::events::sample_verdict()
         }
     }
 

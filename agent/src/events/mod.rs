@@ -12,6 +12,8 @@ mod writer;
 
 pub use decode::{Decoder, Names};
 pub use hub::{EventStats, Hub, Tap};
+#[cfg(test)]
+pub(crate) use model::sample_verdict;
 pub use model::{
     AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange, FlowEvent,
     ServiceChange, Verdict, SCHEMA,

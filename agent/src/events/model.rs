@@ -201,3 +201,37 @@ pub struct Evidence {
 
 // Baselines are finite numbers (never NaN), so equality is an equivalence.
 impl Eq for Evidence {}
+
+/// A denied connect of `billing` to 192.0.2.9:5432, for unit tests.
+#[cfg(test)]
+pub(crate) fn sample_verdict() -> FlowEvent {
+    FlowEvent {
+        schema: SCHEMA.into(),
+        kind: EventType::Verdict,
+        time: "2026-05-20T09:08:07.123456789Z".to_string(),
+        ktime_ns: 1,
+        service: Some("billing".into()),
+        mode: Some("enforce".into()),
+        cgroup_id: 7,
+        pid: 42,
+        tid: 43,
+        uid: 0,
+        gid: 0,
+        comm: "curl".to_string(),
+        traffic_direction: Some(Direction::Egress),
+        hook: "connect".into(),
+        protocol: Some("tcp".into()),
+        src_ip: None,
+        src_port: None,
+        dst_ip: Some(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 9))),
+        dst_port: Some(5432),
+        verdict: Some(Verdict::Deny),
+        rule: Some("billing.toml#default-deny".into()),
+        socket_cookie: 9,
+        bytes_sent: None,
+        bytes_received: None,
+        duration_ns: None,
+        change: None,
+        anomaly: None,
+    }
+}

@@ -13,7 +13,7 @@ use axum::{body::Bytes, extract::State, http::StatusCode, routing::post, Router}
 use serde_json::Value;
 
 use super::{spawn, ExportConfig, ExportEvents, ExportStats};
-use crate::events::{EventType, FlowEvent, Hub, Sink};
+use crate::events::{FlowEvent, Hub, Sink};
 
 #[derive(Clone, Default)]
 struct Receiver {
@@ -82,35 +82,10 @@ fn config(addr: SocketAddr) -> ExportConfig {
 
 /// A denied connect of `pid`.
 fn verdict(pid: u32) -> FlowEvent {
-    use crate::events::{Direction, Verdict, SCHEMA};
     FlowEvent {
-        schema: SCHEMA.into(),
-        kind: EventType::Verdict,
-        time: "2026-05-20T09:08:07.123456789Z".to_string(),
-        ktime_ns: 1,
-        service: Some("billing".into()),
-        mode: Some("enforce".into()),
-        cgroup_id: 7,
         pid,
         tid: pid,
-        uid: 0,
-        gid: 0,
-        comm: "curl".to_string(),
-        traffic_direction: Some(Direction::Egress),
-        hook: "connect".into(),
-        protocol: Some("tcp".into()),
-        src_ip: None,
-        src_port: None,
-        dst_ip: "192.0.2.9".parse().ok(),
-        dst_port: Some(5432),
-        verdict: Some(Verdict::Deny),
-        rule: Some("billing.toml#default-deny".into()),
-        socket_cookie: 9,
-        bytes_sent: None,
-        bytes_received: None,
-        duration_ns: None,
-        change: None,
-        anomaly: None,
+        ..crate::events::sample_verdict()
     }
 }
 

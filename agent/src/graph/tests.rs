@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::model::{Dest, EdgeStats, Graph, Source, GROUP_AT, MAX_EDGES};
-use crate::events::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
+use crate::events::{Direction, EventType, FlowEvent, Verdict};
 
 pub(crate) fn ev(
     kind: EventType,
@@ -13,17 +13,10 @@ pub(crate) fn ev(
     verdict: Option<Verdict>,
 ) -> FlowEvent {
     FlowEvent {
-        schema: SCHEMA.into(),
         kind,
         time: "2026-11-29T02:00:00.000000000Z".to_string(),
-        ktime_ns: 1,
         service: service.map(Into::into),
-        mode: Some("enforce".into()),
         cgroup_id: 77,
-        pid: 1,
-        tid: 1,
-        uid: 0,
-        gid: 0,
         comm: "probe".to_string(),
         traffic_direction: Some(dir),
         hook: if kind == EventType::Verdict {
@@ -31,19 +24,13 @@ pub(crate) fn ev(
         } else {
             "sock_ops".into()
         },
-        protocol: Some("tcp".into()),
         src_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         src_port: Some(40000),
         dst_ip: dst.0.parse().ok(),
         dst_port: Some(dst.1),
         verdict,
         rule: None,
-        socket_cookie: 1,
-        bytes_sent: None,
-        bytes_received: None,
-        duration_ns: None,
-        change: None,
-        anomaly: None,
+        ..crate::events::sample_verdict()
     }
 }
 
