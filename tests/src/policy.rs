@@ -3,6 +3,7 @@
 use std::{
     fmt::{self, Display},
     fs,
+    marker::PhantomData,
     path::{Path, PathBuf},
 };
 
@@ -72,27 +73,67 @@ impl Default for PolicyDir {
 ///     "[[egress]]\nto = [\"127.0.0.1\", \"2001:db8::/64\"]\nports = [5432, \"8000-8100\"]\nprotocol = \"tcp\"\n"
 /// );
 /// ```
-#[derive(Debug, Clone)]
-pub struct Egress {
-    to: Vec<String>,
-    ports: Option<Vec<String>>,
-    protocol: Option<String>,
+pub type Egress = Rule<Out>;
+
+/// One `[[ingress]]` rule (who may connect or send to the service), rendered
+/// as TOML by `Display`.
+///
+/// ```
+/// use integration_tests::policy::Ingress;
+/// let rule = Ingress::from(["198.51.100.2", "2001:db8::/64"]).ports([8080]).protocol("tcp");
+/// assert_eq!(
+///     rule.to_string(),
+///     "[[ingress]]\nfrom = [\"198.51.100.2\", \"2001:db8::/64\"]\nports = [8080]\nprotocol = \"tcp\"\n"
+/// );
+/// ```
+pub type Ingress = Rule<In>;
+
+/// Which table a [`Rule`] is, and what its peers are called.
+pub trait Table {
+    const TABLE: &'static str;
+    const PEERS: &'static str;
 }
 
-impl Egress {
-    /// A rule allowing `to` (addresses or CIDRs), all ports, any protocol.
-    #[must_use]
-    pub fn to<T: Display>(to: impl IntoIterator<Item = T>) -> Self {
+/// `[[egress]]`: destinations, `to`.
+#[derive(Debug, Clone)]
+pub struct Out;
+impl Table for Out {
+    const TABLE: &'static str = "egress";
+    const PEERS: &'static str = "to";
+}
+
+/// `[[ingress]]`: sources, `from`.
+#[derive(Debug, Clone)]
+pub struct In;
+impl Table for In {
+    const TABLE: &'static str = "ingress";
+    const PEERS: &'static str = "from";
+}
+
+/// A rule of table `T`: peers (addresses or CIDRs), optional ports and
+/// protocol.
+#[derive(Debug, Clone)]
+pub struct Rule<T> {
+    peers: Vec<String>,
+    ports: Option<Vec<String>>,
+    protocol: Option<String>,
+    table: PhantomData<T>,
+}
+
+impl<T> Rule<T> {
+    fn peers<P: Display>(peers: impl IntoIterator<Item = P>) -> Self {
         Self {
-            to: to.into_iter().map(|t| t.to_string()).collect(),
+            peers: peers.into_iter().map(|p| p.to_string()).collect(),
             ports: None,
             protocol: None,
+            table: PhantomData,
         }
     }
 
-    /// Only these ports: a number (`5432`) or a range (`"8000-8100"`).
+    /// Only these (local, for ingress) ports: a number (`5432`) or a range
+    /// (`"8000-8100"`).
     #[must_use]
-    pub fn ports<T: Display>(self, ports: impl IntoIterator<Item = T>) -> Self {
+    pub fn ports<P: Display>(self, ports: impl IntoIterator<Item = P>) -> Self {
         Self {
             ports: Some(ports.into_iter().map(|p| p.to_string()).collect()),
             ..self
@@ -109,9 +150,32 @@ impl Egress {
     }
 }
 
-impl Display for Egress {
+impl Egress {
+    /// A rule allowing `to` (addresses or CIDRs), all ports, any protocol.
+    #[must_use]
+    pub fn to<P: Display>(to: impl IntoIterator<Item = P>) -> Self {
+        Self::peers(to)
+    }
+}
+
+impl Ingress {
+    /// A rule allowing peers in `from` (addresses or CIDRs) to every local
+    /// port, any protocol.
+    #[must_use]
+    pub fn from<P: Display>(from: impl IntoIterator<Item = P>) -> Self {
+        Self::peers(from)
+    }
+}
+
+impl<T: Table> Display for Rule<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "[[egress]]\nto = {}", toml_strings(&self.to))?;
+        writeln!(
+            f,
+            "[[{}]]\n{} = {}",
+            T::TABLE,
+            T::PEERS,
+            toml_strings(&self.peers)
+        )?;
         if let Some(ports) = &self.ports {
             writeln!(f, "ports = {}", toml_ports(ports))?;
         }
@@ -141,68 +205,6 @@ fn toml_ports(ports: &[String]) -> String {
         })
         .collect();
     format!("[{}]", ports.join(", "))
-}
-
-/// One `[[ingress]]` rule (who may connect or send to the service), rendered
-/// as TOML by `Display`.
-///
-/// ```
-/// use integration_tests::policy::Ingress;
-/// let rule = Ingress::from(["198.51.100.2", "2001:db8::/64"]).ports([8080]).protocol("tcp");
-/// assert_eq!(
-///     rule.to_string(),
-///     "[[ingress]]\nfrom = [\"198.51.100.2\", \"2001:db8::/64\"]\nports = [8080]\nprotocol = \"tcp\"\n"
-/// );
-/// ```
-#[derive(Debug, Clone)]
-pub struct Ingress {
-    from: Vec<String>,
-    ports: Option<Vec<String>>,
-    protocol: Option<String>,
-}
-
-impl Ingress {
-    /// A rule allowing peers in `from` (addresses or CIDRs) to every local
-    /// port, any protocol.
-    #[must_use]
-    pub fn from<T: Display>(from: impl IntoIterator<Item = T>) -> Self {
-        Self {
-            from: from.into_iter().map(|t| t.to_string()).collect(),
-            ports: None,
-            protocol: None,
-        }
-    }
-
-    /// Only these local ports: a number (`8080`) or a range (`"9000-9100"`).
-    #[must_use]
-    pub fn ports<T: Display>(self, ports: impl IntoIterator<Item = T>) -> Self {
-        Self {
-            ports: Some(ports.into_iter().map(|p| p.to_string()).collect()),
-            ..self
-        }
-    }
-
-    /// Only this protocol: `tcp`, `udp` or `any`.
-    #[must_use]
-    pub fn protocol(self, protocol: &str) -> Self {
-        Self {
-            protocol: Some(protocol.to_owned()),
-            ..self
-        }
-    }
-}
-
-impl Display for Ingress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "[[ingress]]\nfrom = {}", toml_strings(&self.from))?;
-        if let Some(ports) = &self.ports {
-            writeln!(f, "ports = {}", toml_ports(ports))?;
-        }
-        if let Some(protocol) = &self.protocol {
-            writeln!(f, "protocol = {protocol:?}")?;
-        }
-        Ok(())
-    }
 }
 
 /// A service policy for test cgroup `cgroup`: `mode` is `enforce` or `audit`.
