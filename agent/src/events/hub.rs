@@ -30,6 +30,10 @@ pub struct EventStats {
     pub decode_errors: AtomicU64,
     /// Events that could not be written to the decision log.
     pub sink_errors: AtomicU64,
+    /// Batches queued for the decision log writer, not yet taken.
+    pub log_queued: AtomicU64,
+    /// Bytes written to the decision log.
+    pub log_written_bytes: AtomicU64,
     /// Events a slow live subscriber missed.
     pub subscriber_lagged: AtomicU64,
     /// Records a previous agent's programs dropped while no agent read

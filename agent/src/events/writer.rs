@@ -73,6 +73,7 @@ impl LogWriter {
             }
         }
         if events > 0 {
+            stats.log_queued.fetch_add(1, Ordering::Relaxed);
             self.send(Job::Write(lines, events));
         }
     }
@@ -117,7 +118,10 @@ fn run(mut sink: Sink, queue: &mpsc::Receiver<Job>, stats: &EventStats) {
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                Job::Write(lines, events) => sink.append_encoded(lines, events),
+                Job::Write(lines, events) => {
+                    stats.log_queued.fetch_sub(1, Ordering::Relaxed);
+                    sink.append_encoded(lines, events);
+                }
                 Job::Reopen(reply) => {
                     flush(&mut sink, stats);
                     let _ = reply.send(sink.reopen());
@@ -138,8 +142,12 @@ fn run(mut sink: Sink, queue: &mpsc::Receiver<Job>, stats: &EventStats) {
 
 fn flush(sink: &mut Sink, stats: &EventStats) {
     let pending = sink.pending();
-    if let Err(e) = sink.flush() {
-        failed(stats, &e, pending);
+    let bytes = sink.buffered_bytes() as u64;
+    match sink.flush() {
+        Ok(()) => {
+            stats.log_written_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Err(e) => failed(stats, &e, pending),
     }
 }
 
@@ -174,6 +182,7 @@ mod tests {
         }
         hub.sync_log();
         assert_eq!(hub.stats.sink_errors.load(Ordering::Relaxed), 6);
+        assert_eq!(hub.stats.log_written_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -202,5 +211,9 @@ mod tests {
         };
         assert_eq!((lines(&rotated), lines(&path)), (3, 2));
         assert_eq!(stats.sink_errors.load(Ordering::Relaxed), 0);
+        let on_disk = std::fs::metadata(&rotated).expect("stat").len()
+            + std::fs::metadata(&path).expect("stat").len();
+        assert_eq!(stats.log_written_bytes.load(Ordering::Relaxed), on_disk);
+        assert_eq!(stats.log_queued.load(Ordering::Relaxed), 0);
     }
 }

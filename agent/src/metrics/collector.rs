@@ -228,7 +228,21 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         "bulkhead_events_lost",
         "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received), while_agent_down = dropped by the pinned programs while no agent read their ring buffer.",
         kernel.chain(userspace),
-    )
+    )?;
+    let m = enc.encode_descriptor(
+        "bulkhead_decision_log_queued_batches",
+        "Batches of encoded events waiting for the decision log writer; at the bound (16) the ring buffer reader waits for it.",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(load(&stats.log_queued)).encode(m)?;
+    let m = enc.encode_descriptor(
+        "bulkhead_decision_log_written",
+        "Bytes written to the decision log.",
+        Some(&Unit::Bytes),
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(load(&stats.log_written_bytes)).encode(m)
 }
 
 fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
@@ -587,6 +601,8 @@ mod tests {
             r#"bulkhead_bpf_map_capacity{map="EGRESS_V4"} 1024"#,
             "bulkhead_programs_attached 1",
             "bulkhead_event_consumer_alive 1",
+            "bulkhead_decision_log_queued_batches 2",
+            "bulkhead_decision_log_written_bytes_total 4096",
             concat!(
                 r#"bulkhead_build_info{version=""#,
                 env!("CARGO_PKG_VERSION"),

@@ -80,6 +80,8 @@ pub fn fake_state() -> Arc<MetricsState> {
     stats.received[EventType::TcpClosed as usize].store(6, Ordering::Relaxed);
     stats.decode_errors.store(1, Ordering::Relaxed);
     stats.consumer_alive.store(true, Ordering::Relaxed);
+    stats.log_queued.store(2, Ordering::Relaxed);
+    stats.log_written_bytes.store(4096, Ordering::Relaxed);
     let inventory = Inventory {
         services: vec![
             meta(0, "billing", ServiceMode::Enforce, 4, true),
