@@ -229,20 +229,20 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received), while_agent_down = dropped by the pinned programs while no agent read their ring buffer.",
         kernel.chain(userspace),
     )?;
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "bulkhead_decision_log_queued_batches",
         "Batches of encoded events waiting for the decision log writer; at the bound (16) the ring buffer reader waits for it.",
         None,
-        MetricType::Gauge,
+        &ConstGauge::new(load(&stats.log_queued)),
     )?;
-    ConstGauge::new(load(&stats.log_queued)).encode(m)?;
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "bulkhead_decision_log_written",
         "Bytes written to the decision log.",
         Some(&Unit::Bytes),
-        MetricType::Counter,
-    )?;
-    ConstCounter::new(load(&stats.log_written_bytes)).encode(m)
+        &ConstCounter::new(load(&stats.log_written_bytes)),
+    )
 }
 
 fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
@@ -314,13 +314,13 @@ fn graph(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         let g = shared.graph();
         (g.edges.len(), g.listeners.len(), g.evictions)
     };
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "bulkhead_graph_evictions",
         "Service graph edges and listeners dropped, least recently seen first, to keep the graph within its caps.",
         None,
-        MetricType::Counter,
+        &ConstCounter::new(evictions),
     )?;
-    ConstCounter::new(evictions).encode(m)?;
     gauges(
         enc,
         "bulkhead_graph_entries",
@@ -383,70 +383,70 @@ fn export(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
 
 fn health(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
     let flag = |on: bool| u64::from(on);
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "bulkhead_programs_attached",
         "1 while the kernel programs are attached (enforcing), else 0.",
         None,
-        MetricType::Gauge,
+        &ConstGauge::new(flag(state.attached())),
     )?;
-    ConstGauge::new(flag(state.attached())).encode(m)?;
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "bulkhead_event_consumer_alive",
         "1 while the ring buffer consumer runs, else 0.",
         None,
-        MetricType::Gauge,
-    )?;
-    ConstGauge::new(flag(state.stats().consumer_alive.load(Ordering::Relaxed))).encode(m)
+        &ConstGauge::new(flag(state.stats().consumer_alive.load(Ordering::Relaxed))),
+    )
 }
 
 fn process(enc: &mut DescriptorEncoder, p: &ProcessStats) -> fmt::Result {
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "process_cpu",
         "Total user and system CPU time spent.",
         Some(&Unit::Seconds),
-        MetricType::Counter,
+        &ConstCounter::new(p.cpu_seconds),
     )?;
-    ConstCounter::new(p.cpu_seconds).encode(m)?;
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "process_resident_memory",
         "Resident memory size.",
         Some(&Unit::Bytes),
-        MetricType::Gauge,
+        &ConstGauge::new(p.resident_bytes),
     )?;
-    ConstGauge::new(p.resident_bytes).encode(m)?;
-    let m = enc.encode_descriptor(
+    one(
+        enc,
         "process_virtual_memory",
         "Virtual memory size.",
         Some(&Unit::Bytes),
-        MetricType::Gauge,
+        &ConstGauge::new(p.virtual_bytes),
     )?;
-    ConstGauge::new(p.virtual_bytes).encode(m)?;
     if let Some(start) = p.start_time_seconds {
-        let m = enc.encode_descriptor(
+        one(
+            enc,
             "process_start_time",
             "Start time of the process since the Unix epoch.",
             Some(&Unit::Seconds),
-            MetricType::Gauge,
+            &ConstGauge::new(start),
         )?;
-        ConstGauge::new(start).encode(m)?;
     }
     if let Some(open) = p.open_fds {
-        let m = enc.encode_descriptor(
+        one(
+            enc,
             "process_open_fds",
             "Open file descriptors.",
             None,
-            MetricType::Gauge,
+            &ConstGauge::new(open),
         )?;
-        ConstGauge::new(open).encode(m)?;
     }
     if let Some(max) = p.max_fds {
-        let m = enc.encode_descriptor(
+        one(
+            enc,
             "process_max_fds",
             "Limit on open file descriptors.",
             None,
-            MetricType::Gauge,
+            &ConstGauge::new(max),
         )?;
-        ConstGauge::new(max).encode(m)?;
     }
     Ok(())
 }
@@ -462,6 +462,17 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             ([("result", "failure")], load(&state.reloads.failure)),
         ],
     )
+}
+
+/// One unlabelled sample with its descriptor.
+fn one(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric: &impl EncodeMetric,
+) -> fmt::Result {
+    metric.encode(enc.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
 fn counters<L: EncodeLabelSet>(
