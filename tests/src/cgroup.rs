@@ -2,6 +2,7 @@
 
 use std::{
     fs, io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
     thread,
@@ -143,6 +144,15 @@ impl CgroupGuard {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The id the kernel gives the cgroup (its directory's inode number), as
+    /// events carry it in `cgroup_id`.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("cannot stat {}: {e}", self.path.display()))
+            .ino()
     }
 
     /// The cgroup's path relative to the cgroup2 mount, as a policy's

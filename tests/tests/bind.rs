@@ -6,10 +6,7 @@
 
 use std::{
     fmt::Display,
-    fs,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::unix::fs::MetadataExt as _,
-    path::Path,
 };
 
 use integration_tests::{
@@ -22,13 +19,6 @@ use serde_json::Value;
 
 fn probe() -> Probe {
     Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-/// The cgroup id the kernel reports: the cgroup directory's inode.
-fn cgroup_id(dir: &Path) -> u64 {
-    fs::metadata(dir)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", dir.display()))
-        .ino()
 }
 
 /// A policy for `svc` in `mode` with the given `[bind]` (and other) tables.
@@ -79,7 +69,7 @@ fn assert_bind_verdict(ev: &Value, service: &str, svc: &CgroupGuard, mode: &str,
             ("schema", "bulkhead.event.v1".into()),
             ("service", service.into()),
             ("mode", mode.into()),
-            ("cgroup_id", cgroup_id(svc.path()).into()),
+            ("cgroup_id", svc.id().into()),
             ("comm", "bulkhead-probe".into()),
             ("verdict", verdict.into()),
             ("rule", format!("{service}.toml#bind").into()),

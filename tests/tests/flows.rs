@@ -243,13 +243,6 @@ fn json_lines(bytes: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-/// The cgroup id the kernel reports: the cgroup directory's inode.
-fn cgroup_id(dir: &Path) -> u64 {
-    fs::metadata(dir)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", dir.display()))
-        .ino()
-}
-
 #[test]
 fn flows_shows_the_denied_connect_with_its_process_and_rule() {
     if !require_bpf() {
@@ -267,7 +260,7 @@ fn flows_shows_the_denied_connect_with_its_process_and_rule() {
         ("type", "verdict".into()),
         ("service", "billing".into()),
         ("mode", "enforce".into()),
-        ("cgroup_id", cgroup_id(s.svc.path()).into()),
+        ("cgroup_id", s.svc.id().into()),
         ("pid", denied_pid.into()),
         ("comm", "bulkhead-probe".into()),
         ("traffic_direction", "egress".into()),

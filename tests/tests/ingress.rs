@@ -22,10 +22,7 @@
 
 use std::{
     fmt::Display,
-    fs,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::MetadataExt as _,
-    path::Path,
     time::Duration,
 };
 
@@ -47,13 +44,6 @@ const SERVED_WAIT: Duration = Duration::from_secs(2);
 
 fn probe() -> Probe {
     Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-/// The cgroup id the kernel reports: the cgroup directory's inode.
-fn cgroup_id(dir: &Path) -> u64 {
-    fs::metadata(dir)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", dir.display()))
-        .ino()
 }
 
 /// A policy for `svc`: `top` holds top-level keys (such as `ingress = []`,
@@ -128,7 +118,7 @@ fn assert_inbound_verdict(
             ("schema", "bulkhead.event.v1".into()),
             ("service", service.into()),
             ("mode", mode.into()),
-            ("cgroup_id", cgroup_id(svc.path()).into()),
+            ("cgroup_id", svc.id().into()),
             ("traffic_direction", "ingress".into()),
             ("hook", "ingress".into()),
             ("protocol", protocol.into()),

@@ -5,12 +5,7 @@
 //! Every daemon here runs on one [`SharedPins`] (the same `--pin-dir` and
 //! `--state-dir`), declared before the daemons so that it detaches last.
 
-use std::{
-    ffi::OsString,
-    os::unix::{fs::MetadataExt as _, process::ExitStatusExt as _},
-    thread,
-    time::Duration,
-};
+use std::{ffi::OsString, os::unix::process::ExitStatusExt as _, thread, time::Duration};
 
 use integration_tests::{
     addr,
@@ -83,13 +78,6 @@ fn state_of(status: &Value) -> Vec<Value> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The kernel's id of a cgroup: its directory's inode number.
-fn cgroup_id(svc: &CgroupGuard) -> u64 {
-    std::fs::metadata(svc.path())
-        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", svc.path().display()))
-        .ino()
 }
 
 /// The `N` of `KEY=N` in the first log line containing `marker`.
@@ -329,7 +317,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
         (&Value::from("managed"), &Value::from("waiting")),
         "at start: {st:#}"
     );
-    let old_id = cgroup_id(&svc);
+    let old_id = svc.id();
     assert_eq!(status_service(&st, "svc")["cgroup_id"], old_id);
     let exit = first.stop();
     assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
@@ -347,7 +335,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
     late.create_again();
     svc.remove();
     svc.create_again();
-    let new_id = cgroup_id(&svc);
+    let new_id = svc.id();
     assert_ne!(new_id, old_id, "test bug: the cgroup kept its id");
 
     let second = start_on(&shared, &policies);
@@ -360,7 +348,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
             &status_service(&st, "svc")["cgroup_id"],
             &status_service(&st, "late")["cgroup_id"]
         ),
-        (&Value::from(new_id), &Value::from(cgroup_id(&late))),
+        (&Value::from(new_id), &Value::from(late.id())),
         "the cgroup ids the second agent manages: {st:#}"
     );
     let new_policy = Reach {

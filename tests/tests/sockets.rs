@@ -5,8 +5,6 @@
 //! where the daemon loads it they get `EPERM` too, and where it cannot the
 //! daemon must say so at start (that log line is the documented coverage).
 
-use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
-
 use integration_tests::{
     events::{assert_fields, wait_event},
     require_bpf, service_policy, CgroupGuard, Daemon, PolicyDir, Probe,
@@ -20,13 +18,6 @@ const PACKET_NOT_JUDGED: &str = "packet sockets (AF_PACKET) are NOT judged: ";
 
 fn probe() -> Probe {
     Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-/// The cgroup id the kernel reports: the cgroup directory's inode.
-fn cgroup_id(dir: &Path) -> u64 {
-    fs::metadata(dir)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", dir.display()))
-        .ino()
 }
 
 /// A policy for `svc` in `mode`, with `extra` (a `[sockets]` table) if any.
@@ -60,7 +51,7 @@ fn assert_socket_verdict(ev: &Value, service: &str, svc: &CgroupGuard, mode: &st
         &[
             ("schema", "bulkhead.event.v1".into()),
             ("mode", mode.into()),
-            ("cgroup_id", cgroup_id(svc.path()).into()),
+            ("cgroup_id", svc.id().into()),
             ("comm", "bulkhead-probe".into()),
             ("verdict", verdict.into()),
             ("rule", format!("{service}.toml#sockets").into()),
