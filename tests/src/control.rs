@@ -7,7 +7,7 @@ use std::{
     fs::{self, File},
     io::{self, Read as _, Seek as _, SeekFrom},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Output,
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::{
-    daemon::{bulkhead, bulkhead_bin, Daemon},
+    daemon::{bulkhead, detach_command, Daemon},
     process::try_output_with_timeout,
 };
 
@@ -279,11 +279,7 @@ impl SharedPins {
     /// What `bulkhead detach` printed, if it failed.
     pub fn detach(&self) -> Result<(), String> {
         let out = try_output_with_timeout(
-            Command::new(bulkhead_bin())
-                .args(["detach", "--config", "/dev/null", "--pin-dir"])
-                .arg(&self.pins)
-                .arg("--control-socket")
-                .arg(self.work.path().join("nobody.sock")),
+            &mut detach_command(&self.pins, &self.work.path().join("nobody.sock")),
             Duration::from_secs(30),
         )?;
         if out.status.success() {

@@ -49,6 +49,19 @@ pub fn bulkhead_bin() -> PathBuf {
     path
 }
 
+/// `bulkhead detach` for the pins under `pins` (no daemon may be running on
+/// them; `control` is the socket it checks for one): removes the programs a
+/// stopped agent left enforcing. Not run yet.
+#[must_use]
+pub fn detach_command(pins: &Path, control: &Path) -> Command {
+    let mut cmd = Command::new(bulkhead_bin());
+    cmd.args(["detach", "--config", "/dev/null", "--pin-dir"])
+        .arg(pins)
+        .arg("--control-socket")
+        .arg(control);
+    cmd
+}
+
 /// Runs `bulkhead ARGS` to completion (no `NOTIFY_SOCKET`), with a deadline.
 #[must_use]
 pub fn bulkhead<S: AsRef<OsStr>>(args: &[S]) -> Output {
@@ -168,14 +181,7 @@ impl Daemon {
     /// Runs `bulkhead detach` for this daemon's pins (after it stopped):
     /// removes its programs from the kernel. Panics if that fails.
     pub fn detach(&self) {
-        let out = Command::new(bulkhead_bin())
-            .arg("detach")
-            .arg("--pin-dir")
-            .arg(&self.pins)
-            .arg("--control-socket")
-            .arg(&self.control)
-            .arg("--config")
-            .arg("/dev/null")
+        let out = detach_command(&self.pins, &self.control)
             .output()
             .unwrap_or_else(|e| panic!("cannot run bulkhead detach: {e}"));
         assert!(
@@ -304,12 +310,7 @@ impl Drop for Daemon {
         // A stopped agent keeps enforcing through its pins: remove them so
         // that no test leaves a policy behind.
         if self.pins.join("current").exists() {
-            let _ = Command::new(bulkhead_bin())
-                .args(["detach", "--config", "/dev/null", "--pin-dir"])
-                .arg(&self.pins)
-                .arg("--control-socket")
-                .arg(&self.control)
-                .output();
+            let _ = detach_command(&self.pins, &self.control).output();
         }
         let _ = fs::remove_dir(&self.pins);
         if killed || std::thread::panicking() {

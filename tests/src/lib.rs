@@ -28,7 +28,7 @@ pub mod server;
 
 pub use bpf::ProgSnapshot;
 pub use cgroup::{cgroup2_mount, CgroupGuard};
-pub use daemon::{bulkhead, bulkhead_bin, Daemon};
+pub use daemon::{bulkhead, bulkhead_bin, detach_command, Daemon};
 pub use netns::NetnsGuard;
 pub use policy::{service_policy, Egress, Ingress, PolicyDir};
 pub use ports::free_port_block;

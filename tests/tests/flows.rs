@@ -24,6 +24,7 @@ use std::{
 use integration_tests::{
     addr, bulkhead, bulkhead_bin,
     daemon::{READY_TIMEOUT, STOP_TIMEOUT},
+    detach_command,
     process::{kill, output_with_timeout, signal, terminate, wait_deadline},
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe, Proto,
 };
@@ -183,17 +184,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = terminate(&mut self.0, STOP_TIMEOUT);
         // A stopped agent keeps enforcing through its pins: remove them.
-        let _ = Command::new(bulkhead_bin())
-            .args([
-                "detach",
-                "--config",
-                "/dev/null",
-                "--control-socket",
-                "/nonexistent",
-            ])
-            .arg("--pin-dir")
-            .arg(&self.1)
-            .output();
+        let _ = detach_command(&self.1, Path::new("/nonexistent")).output();
         let _ = fs::remove_dir(&self.1);
     }
 }

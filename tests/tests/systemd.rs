@@ -27,7 +27,7 @@ use std::{
 };
 
 use integration_tests::{
-    addr, bulkhead_bin, free_port_block,
+    addr, bulkhead_bin, detach_command, free_port_block,
     notify::{NotReady, NotifySocket},
     process::{output_with_timeout, signal, terminate},
     require::REQUIRE_ENV,
@@ -252,12 +252,7 @@ impl Drop for UnitDaemon {
             terminate(&mut child, Duration::from_secs(10));
         }
         if self.pins.join("current").exists() {
-            let _ = Command::new(bulkhead_bin())
-                .args(["detach", "--config", "/dev/null", "--pin-dir"])
-                .arg(&self.pins)
-                .arg("--control-socket")
-                .arg(&self.control)
-                .output();
+            let _ = detach_command(&self.pins, &self.control).output();
         }
         let _ = fs::remove_dir(&self.pins);
         if std::thread::panicking() {
