@@ -140,20 +140,7 @@ mod tests {
     /// `[package.metadata.deb] assets` of `agent/Cargo.toml`, expanded to
     /// (absolute destination, mode), read through `cargo metadata`.
     fn deb_assets() -> BTreeSet<(PathBuf, u32)> {
-        let out = Command::new("cargo")
-            .current_dir(workspace_root())
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--no-deps",
-                "--offline",
-            ])
-            .output()
-            .expect("cargo metadata runs");
-        assert!(out.status.success(), "cargo metadata failed");
-        let meta: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+        let meta = crate::util::cargo_metadata().expect("cargo metadata runs");
         let agent = meta["packages"]
             .as_array()
             .expect("packages")

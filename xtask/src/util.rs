@@ -54,9 +54,8 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Cargo's target directory for this workspace (honours `CARGO_TARGET_DIR` and
-/// `build.target-dir`, which a hard-coded `target/` would not).
-pub fn target_dir() -> Result<PathBuf> {
+/// `cargo metadata` of this workspace (its own packages, no network).
+pub fn cargo_metadata() -> Result<serde_json::Value> {
     let out = Command::new("cargo")
         .current_dir(workspace_root())
         .args([
@@ -72,9 +71,13 @@ pub fn target_dir() -> Result<PathBuf> {
     if !out.status.success() {
         bail!("`cargo metadata` failed: {}", out.status);
     }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed invalid JSON")?;
-    meta["target_directory"]
+    serde_json::from_slice(&out.stdout).context("`cargo metadata` printed invalid JSON")
+}
+
+/// Cargo's target directory for this workspace (honours `CARGO_TARGET_DIR` and
+/// `build.target-dir`, which a hard-coded `target/` would not).
+pub fn target_dir() -> Result<PathBuf> {
+    cargo_metadata()?["target_directory"]
         .as_str()
         .map(PathBuf::from)
         .context("`cargo metadata` has no target_directory")

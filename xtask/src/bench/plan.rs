@@ -21,6 +21,19 @@ pub struct Case {
 }
 
 impl Case {
+    /// The no-program case.
+    pub const BASELINE: Case = Case {
+        kind: Kind::Baseline,
+        rules: 0,
+    };
+
+    pub fn bulkhead(rules: usize) -> Case {
+        Case {
+            kind: Kind::Bulkhead,
+            rules,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self.kind {
             Kind::Baseline => "no programs",
@@ -97,15 +110,9 @@ impl Plan {
     /// backwards in turn, so slow drift on the machine (a build starting)
     /// does not always land on the same cases.
     pub fn cases(&self) -> Vec<Case> {
-        let mut out = vec![Case {
-            kind: Kind::Baseline,
-            rules: 0,
-        }];
+        let mut out = vec![Case::BASELINE];
         for &rules in &self.rule_counts {
-            out.push(Case {
-                kind: Kind::Bulkhead,
-                rules,
-            });
+            out.push(Case::bulkhead(rules));
             if self.peers {
                 out.push(Case {
                     kind: Kind::Nftables,

@@ -106,15 +106,8 @@ impl Report<'_> {
         self.results.summaries.get(&(case, probe))
     }
 
-    fn baseline(&self) -> Case {
-        Case {
-            kind: Kind::Baseline,
-            rules: 0,
-        }
-    }
-
     fn added(&self, case: Case, probe: Probe) -> Option<i64> {
-        let base = self.summary(self.baseline(), probe)?;
+        let base = self.summary(Case::BASELINE, probe)?;
         let s = self.summary(case, probe)?;
         Some(stats::added(s.median, base.median))
     }
@@ -123,7 +116,7 @@ impl Report<'_> {
     pub fn tables(&self) -> String {
         let mut out = String::new();
         for probe in Probe::ALL {
-            let Some(base) = self.summary(self.baseline(), probe) else {
+            let Some(base) = self.summary(Case::BASELINE, probe) else {
                 continue;
             };
             let _ = writeln!(out, "### {}\n", probe.title());
@@ -166,16 +159,13 @@ impl Report<'_> {
 
     /// Whether bulkhead meets the goal on `probe`, and the numbers behind it.
     fn goal(&self, probe: Probe) -> Option<(bool, String)> {
-        let base = self.summary(self.baseline(), probe)?;
+        let base = self.summary(Case::BASELINE, probe)?;
         let added: Vec<(usize, i64)> = self
             .plan
             .rule_counts
             .iter()
             .filter_map(|&rules| {
-                let case = Case {
-                    kind: Kind::Bulkhead,
-                    rules,
-                };
+                let case = Case::bulkhead(rules);
                 Some((rules, self.added(case, probe)?))
             })
             .collect();
@@ -201,10 +191,7 @@ impl Report<'_> {
             .rule_counts
             .iter()
             .filter_map(|&rules| {
-                let case = Case {
-                    kind: Kind::Bulkhead,
-                    rules,
-                };
+                let case = Case::bulkhead(rules);
                 self.summary(case, probe).map(Summary::round_spread)
             })
             .max()
@@ -243,12 +230,9 @@ impl Report<'_> {
             );
         }
         let counts = &self.plan.rule_counts;
-        let bh = |rules| Case {
-            kind: Kind::Bulkhead,
-            rules,
-        };
+        let bh = Case::bulkhead;
         let noise = |probe| {
-            self.summary(self.baseline(), probe)
+            self.summary(Case::BASELINE, probe)
                 .map_or(0, Summary::run_iqr)
         };
 
@@ -283,7 +267,7 @@ impl Report<'_> {
             let tails: Vec<String> = Probe::ALL
                 .into_iter()
                 .filter_map(|probe| {
-                    let b = self.summary(self.baseline(), probe)?;
+                    let b = self.summary(Case::BASELINE, probe)?;
                     let s = self.summary(bh(n), probe)?;
                     Some(format!(
                         "{} {} ns (no programs: {} ns)",
@@ -341,7 +325,7 @@ impl Report<'_> {
                         let case = Case { kind, rules: n };
                         let a = self.added(case, Probe::UdpSendto)?;
                         let r = self.summary(case, Probe::UdpSendto).and_then(|s| {
-                            let b = self.summary(self.baseline(), Probe::UdpSendto)?;
+                            let b = self.summary(Case::BASELINE, Probe::UdpSendto)?;
                             Some(stats::ratio(s.median, b.median))
                         })?;
                         Some(format!("{} {} ns ({r:.2}×)", case.label(), signed(a)))
