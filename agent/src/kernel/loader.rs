@@ -440,25 +440,13 @@ fn ensure_tracefs() -> Result<(), String> {
     if path.join("events").exists() {
         return Ok(());
     }
-    let target = c"/sys/kernel/tracing";
-    let fstype = c"tracefs";
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        tracing::info!("mounted tracefs at /sys/kernel/tracing (it was not mounted)");
-        Ok(())
-    } else {
-        Err(format!(
-            "tracefs is not mounted and mounting it failed: {}",
-            std::io::Error::last_os_error()
-        ))
+    match super::pins::mount_pseudo_fs(c"tracefs", path) {
+        Ok(()) => {
+            tracing::info!("mounted tracefs at /sys/kernel/tracing (it was not mounted)");
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "tracefs is not mounted and mounting it failed: {e}"
+        )),
     }
 }

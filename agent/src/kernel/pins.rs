@@ -178,15 +178,20 @@ fn on_bpffs(path: &Path) -> bool {
 }
 
 fn mount_bpffs(at: &Path) -> io::Result<()> {
+    mount_pseudo_fs(c"bpf", at)
+}
+
+/// Mounts a kernel pseudo file system (`bpf`, `tracefs`) of type `fstype`
+/// at `at`, as systemd would at boot.
+pub(super) fn mount_pseudo_fs(fstype: &std::ffi::CStr, at: &Path) -> io::Result<()> {
     use std::{ffi::CString, os::unix::ffi::OsStrExt};
     let target = CString::new(at.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let bpf = c"bpf";
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(
-            bpf.as_ptr(),
+            fstype.as_ptr(),
             target.as_ptr(),
-            bpf.as_ptr(),
+            fstype.as_ptr(),
             0,
             std::ptr::null(),
         )
