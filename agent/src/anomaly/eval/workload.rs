@@ -160,9 +160,14 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
     }
 }
 
+/// One connect decision of `service` to `dst`.
+fn decision(out: &mut Vec<FlowEvent>, service: &str, dst: (IpAddr, u16), verdict: Verdict) {
+    out.push(event(service, EventType::Verdict, dst, verdict));
+}
+
 /// An allowed connection and its close with `bytes` sent.
 fn connection(out: &mut Vec<FlowEvent>, service: &str, dst: (IpAddr, u16), bytes: u64) {
-    out.push(event(service, EventType::Verdict, dst, Verdict::Allow));
+    decision(out, service, dst, Verdict::Allow);
     out.push(FlowEvent {
         bytes_sent: Some(bytes),
         ..event(service, EventType::TcpClosed, dst, Verdict::Allow)
@@ -187,12 +192,7 @@ pub fn background(rng: &mut Rng, p: &Profile, i: u64, out: &mut Vec<FlowEvent>) 
     // Stray denials: a misconfigured retry now and then.
     if rng.unit() < 0.05 {
         for _ in 0..=rng.below(3) {
-            out.push(event(
-                p.name,
-                EventType::Verdict,
-                (ip(10, 0, 9, 1), 25),
-                Verdict::Deny,
-            ));
+            decision(out, p.name, (ip(10, 0, 9, 1), 25), Verdict::Deny);
         }
     }
 }
@@ -204,22 +204,12 @@ pub fn attack(rng: &mut Rng, c: &Case, p: &Profile, out: &mut Vec<FlowEvent>) {
     match c.expect {
         Kind::FanOut if c.name == "host sweep" => {
             for h in 1..=120u8 {
-                out.push(event(
-                    s,
-                    EventType::Verdict,
-                    (ip(10, 0, 7, h), 22),
-                    Verdict::Allow,
-                ));
+                decision(out, s, (ip(10, 0, 7, h), 22), Verdict::Allow);
             }
         }
         Kind::FanOut => {
             for port in 1..=300u16 {
-                out.push(event(
-                    s,
-                    EventType::Verdict,
-                    (ip(10, 0, 9, 9), port),
-                    Verdict::Allow,
-                ));
+                decision(out, s, (ip(10, 0, 9, 9), port), Verdict::Allow);
             }
         }
         Kind::VolumeSpike => {
@@ -238,12 +228,7 @@ pub fn attack(rng: &mut Rng, c: &Case, p: &Profile, out: &mut Vec<FlowEvent>) {
         }
         Kind::DenyBurst => {
             for k in 0..40u16 {
-                out.push(event(
-                    s,
-                    EventType::Verdict,
-                    (ip(10, 0, 2, 9), 1000 + k % 8),
-                    Verdict::Deny,
-                ));
+                decision(out, s, (ip(10, 0, 2, 9), 1000 + k % 8), Verdict::Deny);
             }
         }
         Kind::RateSpike => {
