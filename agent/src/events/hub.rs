@@ -98,7 +98,7 @@ impl Hub {
         for ev in &batch {
             self.stats.received[ev.kind as usize].fetch_add(1, Ordering::Relaxed);
         }
-        self.log.write(&batch, &self.stats);
+        self.log.write(&batch);
         for tap in lock(&self.taps).iter() {
             tap.observe(&batch);
         }

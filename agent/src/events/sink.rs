@@ -42,12 +42,7 @@ impl Sink {
 
     /// Encodes `ev` as one line, written by the next [`Sink::flush`].
     pub fn write(&mut self, ev: &FlowEvent) -> io::Result<()> {
-        let start = self.buf.len();
-        if let Err(e) = super::json::encode(ev, &mut self.buf) {
-            self.buf.truncate(start);
-            return Err(io::Error::other(e));
-        }
-        self.buf.push(b'\n');
+        encode_line(ev, &mut self.buf)?;
         self.pending += 1;
         Ok(())
     }
@@ -101,6 +96,17 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// Appends `ev` to `buf` as one JSON line; on failure `buf` is as it was.
+pub fn encode_line(ev: &FlowEvent, buf: &mut Vec<u8>) -> io::Result<()> {
+    let start = buf.len();
+    if let Err(e) = super::json::encode(ev, buf) {
+        buf.truncate(start);
+        return Err(io::Error::other(e));
+    }
+    buf.push(b'\n');
+    Ok(())
 }
 
 fn open_file(path: &std::path::Path) -> io::Result<File> {

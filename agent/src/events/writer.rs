@@ -17,7 +17,11 @@ use std::{
 
 use tracing::warn;
 
-use super::{hub::EventStats, json, model::FlowEvent, sink::Sink};
+use super::{
+    hub::EventStats,
+    model::FlowEvent,
+    sink::{encode_line, Sink},
+};
 
 /// Batches waiting for the writer before publishers wait for it.
 const QUEUE: usize = 16;
@@ -37,6 +41,7 @@ enum Job {
 pub struct LogWriter {
     jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
+    stats: Arc<EventStats>,
 }
 
 impl LogWriter {
@@ -44,36 +49,31 @@ impl LogWriter {
     /// `stats.sink_errors`.
     pub fn spawn(sink: Sink, stats: Arc<EventStats>) -> io::Result<Self> {
         let (jobs, queue) = mpsc::sync_channel(QUEUE);
+        let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("decision-log".to_string())
-            .spawn(move || run(sink, &queue, &stats))?;
+            .spawn(move || run(sink, &queue, &thread_stats))?;
         Ok(Self {
             jobs: Some(jobs),
             thread: Some(thread),
+            stats,
         })
     }
 
     /// Encodes a batch here and queues its lines (waits while [`QUEUE`]
     /// batches are ahead of it). An event that cannot be encoded is counted
     /// in `stats.sink_errors`.
-    pub fn write(&self, batch: &[Arc<FlowEvent>], stats: &EventStats) {
+    pub fn write(&self, batch: &[Arc<FlowEvent>]) {
         let mut lines = Vec::with_capacity(batch.len() * LINE_GUESS);
         let mut events = 0;
         for ev in batch {
-            let start = lines.len();
-            match json::encode(ev, &mut lines) {
-                Ok(()) => {
-                    lines.push(b'\n');
-                    events += 1;
-                }
-                Err(e) => {
-                    lines.truncate(start);
-                    failed(stats, &io::Error::other(e), 1);
-                }
+            match encode_line(ev, &mut lines) {
+                Ok(()) => events += 1,
+                Err(e) => failed(&self.stats, &e, 1),
             }
         }
         if events > 0 {
-            stats.log_queued.fetch_add(1, Ordering::Relaxed);
+            self.stats.log_queued.fetch_add(1, Ordering::Relaxed);
             self.send(Job::Write(lines, events));
         }
     }
@@ -196,10 +196,10 @@ mod tests {
             Arc::clone(&stats),
         )
         .expect("the writer thread starts");
-        writer.write(&[event(), event(), event()], &stats);
+        writer.write(&[event(), event(), event()]);
         std::fs::rename(&path, &rotated).expect("rename");
         writer.reopen().expect("re-opens");
-        writer.write(&[event(), event()], &stats);
+        writer.write(&[event(), event()]);
         drop(writer); // writes what is queued and joins the thread
         let lines = |p: &std::path::Path| {
             std::fs::read_to_string(p)
