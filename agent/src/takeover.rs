@@ -2,7 +2,10 @@
 //! in their ring buffer (named with the policy names it saved), and what
 //! they lost while no agent read them.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{atomic::Ordering, Arc},
+};
 
 use tracing::{info, warn};
 
@@ -22,16 +25,18 @@ pub fn take_over(previous: pins::Previous, state_dir: &Path, hub: &Hub) {
         let decoder = Decoder::new(Arc::new(names));
         let mut batch = Vec::new();
         while let Some(item) = ring.next() {
-            if let Some(ev) = decoder.decode(&item) {
-                batch.push(ev);
+            match decoder.decode(&item) {
+                Some(ev) => batch.push(ev),
+                // Counted like the reader's: never dropped silently.
+                None => {
+                    hub.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         recovered = batch.len();
         hub.publish(batch);
     }
-    hub.stats
-        .lost_while_down
-        .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+    hub.stats.lost_while_down.fetch_add(lost, Ordering::Relaxed);
     previous.remove();
     info!(
         recovered,
