@@ -7,7 +7,13 @@ mod new_dest;
 mod rate;
 mod volume;
 
-use super::{config::AnomalyConfig, finding::Finding, service::ServiceState};
+use super::{
+    config::AnomalyConfig,
+    dest::Samples,
+    ewma::Ewma,
+    finding::{Finding, Kind, Severity},
+    service::ServiceState,
+};
 
 /// Every enabled detector's finding for `s`, in `Kind` order.
 #[must_use]
@@ -19,4 +25,27 @@ pub fn run(cfg: &AnomalyConfig, s: &ServiceState) -> [Option<Finding>; 5] {
         deny::check(cfg, s),
         volume::check(cfg, s),
     ]
+}
+
+/// The finding of a spike detector (rate, volume): `observed` this interval
+/// at `factor` x the EWMA `baseline` and at least `floor`.
+#[expect(clippy::cast_precision_loss, reason = "counts as rough ratios")]
+fn spike(
+    kind: Kind,
+    baseline: &Ewma,
+    observed: u64,
+    (factor, floor): (u64, u64),
+    samples: &Samples,
+) -> Option<Finding> {
+    if !baseline.spike(observed, factor, floor) {
+        return None;
+    }
+    let threshold = (factor as f64 * baseline.mean).max(floor as f64);
+    Some(Finding {
+        kind,
+        severity: Severity::of_ratio(observed as f64, threshold),
+        baseline: baseline.mean,
+        observed: observed as f64,
+        samples: samples.render(),
+    })
 }

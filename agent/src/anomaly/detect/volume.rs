@@ -3,23 +3,20 @@
 
 use super::super::{
     config::AnomalyConfig,
-    finding::{Finding, Kind, Severity},
+    finding::{Finding, Kind},
     service::ServiceState,
 };
 
-#[expect(clippy::cast_precision_loss, reason = "byte counts as rough ratios")]
 pub fn check(cfg: &AnomalyConfig, s: &ServiceState) -> Option<Finding> {
     let c = &cfg.volume_spike;
-    let observed = s.window.bytes;
-    if !c.enabled || !s.warm(cfg) || !s.volume.spike(observed, c.factor, c.min_bytes) {
+    if !c.enabled || !s.warm(cfg) {
         return None;
     }
-    let threshold = (c.factor as f64 * s.volume.mean).max(c.min_bytes as f64);
-    Some(Finding {
-        kind: Kind::VolumeSpike,
-        severity: Severity::of_ratio(observed as f64, threshold),
-        baseline: s.volume.mean,
-        observed: observed as f64,
-        samples: s.window.byte_samples.render(),
-    })
+    super::spike(
+        Kind::VolumeSpike,
+        &s.volume,
+        s.window.bytes,
+        (c.factor, c.min_bytes),
+        &s.window.byte_samples,
+    )
 }
