@@ -26,6 +26,12 @@ pub const HOOK_SOCK_CREATE: u8 = 5;
 pub const HOOK_LSM_SOCKET: u8 = 6;
 /// cgroup_skb/ingress: an inbound packet for a service's socket.
 pub const HOOK_INGRESS: u8 = 7;
+/// cgroup_skb/egress: an outbound packet judged on its way out (a ping
+/// socket's datagram, a source-routed packet).
+pub const HOOK_EGRESS_PACKET: u8 = 8;
+/// cgroup/setsockopt: an option that would send packets around the policy
+/// (source routing).
+pub const HOOK_SETSOCKOPT: u8 = 9;
 
 pub const DIRECTION_EGRESS: u8 = 0;
 pub const DIRECTION_INGRESS: u8 = 1;
@@ -40,9 +46,11 @@ pub const LOST_TCP: u32 = 1;
 pub const LOST_INGRESS: u32 = 2;
 pub const LOST_SLOTS: u32 = 3;
 
-/// At most this many inbound drop events per service per second (the
-/// counters still count every drop), so a flood cannot flood the log.
-pub const INGRESS_EVENTS_PER_SEC: u32 = 100;
+/// At most this many denial events per service, direction and second (per
+/// CPU). The verdict counters still count every decision, and the next
+/// event sent says how many were suppressed before it (`Event::suppressed`),
+/// so a flood of denials cannot flood the log and nothing goes uncounted.
+pub const DENY_EVENTS_PER_SEC: u32 = 100;
 
 /// Key of the `UDP_PEERS` map.
 #[repr(C)]
@@ -55,8 +63,8 @@ pub struct UdpPeerKey {
     pub _pad: [u8; 5],
 }
 
-/// Value of `INGRESS_RATE`: a one-second window and how many events it
-/// has had.
+/// Value of `DENY_RATE`: a one-second window, how many denial events it
+/// has sent, and how many it suppressed since the last one sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateState {
@@ -97,7 +105,9 @@ pub struct Event {
     pub dst_addr: [u8; 16],
     pub src_port: u16,
     pub dst_port: u16,
-    pub _pad: u32,
+    /// Denial events of this service and direction that the rate limit
+    /// suppressed on this CPU since the previous one sent.
+    pub suppressed: u32,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ns: u64,

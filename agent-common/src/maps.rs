@@ -16,9 +16,9 @@ pub const INGRESS_V6: &str = "INGRESS_V6";
 /// unconnected UDP socket of an ingress-restricted service sent to, whose
 /// replies are let in.
 pub const UDP_PEERS: &str = "UDP_PEERS";
-/// Per-CPU array of [`crate::RateState`] by service id: rate limit of
-/// inbound drop events.
-pub const INGRESS_RATE: &str = "INGRESS_RATE";
+/// Per-CPU array of [`crate::RateState`] at `service_id * 2 + direction`:
+/// rate limit of denial events (see `DENY_EVENTS_PER_SEC`).
+pub const DENY_RATE: &str = "DENY_RATE";
 pub const DEFAULT_UDP_PEERS: u32 = 16384;
 
 /// Hash of a cgroup path (`/system.slice/x.service`, NUL-padded to

@@ -10,6 +10,11 @@ pub const MODE_AUDIT: u8 = 1;
 pub const PROTO_ANY: u8 = 0;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP echo from ping sockets (`SOCK_DGRAM` + `IPPROTO_ICMP`). ICMPv6
+/// ping sockets (`IPPROTO_ICMPV6`, 58) are judged as this protocol too, so
+/// that one `protocol = "icmp"` rule covers both families.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// How many (protocol, port range) checks one prefix can carry. The kernel
 /// scans them linearly, so this bounds the verdict path.
@@ -20,6 +25,14 @@ pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 /// Rule id of a UDP datagram allowed out because it answers a peer that
 /// `[[ingress]]` let in (like a TCP reply on an accepted connection).
 pub const RULE_UDP_REPLY: u32 = u32::MAX - 1;
+/// Rule id of a refusal by `[bind]` outside bind(): a SYN to a listener on
+/// a port `[bind]` does not list (the kernel bound it at listen()).
+pub const RULE_BIND: u32 = u32::MAX - 2;
+/// Rule id of a packet dropped because it could not be read (fail closed).
+pub const RULE_UNREADABLE: u32 = u32::MAX - 3;
+/// Rule id of a refused source route (an IPv4 LSRR/SSRR option, an IPv6
+/// routing header): its first hop was never judged.
+pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 4;
 
 /// `ServiceEntry::flags`: inbound connections and datagrams are judged by
 /// the INGRESS tries (the policy has an `ingress` list).
@@ -34,6 +47,25 @@ pub const FLAG_ALLOW_PACKET: u8 = 8;
 /// connections included, must match its (exception-only) rules.
 pub const FLAG_QUARANTINE: u8 = 16;
 
+/// `ServiceEntry::sockets`: socket kinds a service may create besides TCP,
+/// UDP and raw sockets (`FLAG_ALLOW_RAW`). Ping sockets (the policy has a
+/// `protocol = "icmp"` egress rule).
+pub const SOCKETS_ICMP: u8 = 1;
+/// `[sockets] protocols`: kinds whose connect/send the socket-address hooks
+/// never see, allowed by name.
+pub const SOCKETS_SCTP: u8 = 2;
+pub const SOCKETS_MPTCP: u8 = 4;
+pub const SOCKETS_DCCP: u8 = 8;
+pub const SOCKETS_UDPLITE: u8 = 16;
+pub const SOCKETS_L2TP: u8 = 32;
+
+/// `ACTIVE_FLAGS` bits beyond the services' `FLAG_*` (bits 0-7): some
+/// service may create ping sockets (the packet programs judge their
+/// datagrams), and some service is managed at all (the packet programs
+/// look for source-routed packets).
+pub const ACTIVE_ICMP: u32 = 1 << 8;
+pub const ACTIVE_MANAGED: u32 = 1 << 9;
+
 /// Value of the `SERVICES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +76,9 @@ pub struct ServiceEntry {
     pub mode: u8,
     /// `FLAG_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// `SOCKETS_*` bits.
+    pub sockets: u8,
+    pub _pad: u8,
     /// Index in `RULESETS` of the ports the service may bind (with
     /// [`FLAG_BIND`]).
     pub bind_ruleset: u32,

@@ -1,6 +1,8 @@
 //! Sending records to userspace, and counting what could not be sent.
 
-use agent_common::{Event, SockInfo, COUNTER_SLOTS, RECORD_SPAN, WAKE_FRACTION};
+use agent_common::{
+    Event, SockInfo, COUNTER_SLOTS, DENY_EVENTS_PER_SEC, RECORD_SPAN, WAKE_FRACTION,
+};
 use aya_ebpf::{
     bindings::{
         bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
@@ -8,11 +10,11 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_sk_storage_get,
+        bpf_ktime_get_ns, generated::bpf_sk_storage_get,
     },
 };
 
-use crate::maps::{COUNTERS, EVENTS, LOST, SOCK_INFO};
+use crate::maps::{COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO};
 
 /// An all-zero record to fill in.
 #[inline(always)]
@@ -38,7 +40,7 @@ pub fn blank() -> Event {
         dst_addr: [0; 16],
         src_port: 0,
         dst_port: 0,
-        _pad: 0,
+        suppressed: 0,
         bytes_sent: 0,
         bytes_received: 0,
         duration_ns: 0,
@@ -84,6 +86,34 @@ pub fn emit(ev: &Event, lost_slot: u32) {
             }
         }
     }
+}
+
+/// The rate limit of denial events: `Some(n)` when a denial event of
+/// (`service_id`, `direction`) may be sent now, `n` being how many were
+/// suppressed on this CPU since the previous one sent (the event carries
+/// it); `None` when this one is suppressed (and counted for the next).
+#[inline(always)]
+pub fn deny_event_budget(service_id: u32, direction: u8) -> Option<u32> {
+    let slot = service_id.wrapping_mul(2).wrapping_add(u32::from(direction));
+    // No slot (an id past the map: cannot happen) sends, uncounted by the limit.
+    let Some(state) = DENY_RATE.get_ptr_mut(slot) else {
+        return Some(0);
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let state = unsafe { &mut *state };
+    if now.wrapping_sub(state.window_start_ns) >= 1_000_000_000 {
+        state.window_start_ns = now;
+        state.events = 0;
+    }
+    if state.events >= DENY_EVENTS_PER_SEC {
+        state.suppressed = state.suppressed.wrapping_add(1);
+        return None;
+    }
+    state.events += 1;
+    let suppressed = state.suppressed;
+    state.suppressed = 0;
+    Some(suppressed)
 }
 
 /// Adds one to a service's verdict counter.

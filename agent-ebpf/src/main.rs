@@ -25,11 +25,17 @@ mod lifecycle;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod outbound;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod service;
 #[cfg(target_arch = "bpf")]
 mod sockets;
+#[cfg(target_arch = "bpf")]
+mod sockopt;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -33,9 +33,9 @@ pub static INGRESS_V6: LpmTrie<LpmV6Key, u32> = LpmTrie::with_max_entries(DEFAUL
 pub static UDP_PEERS: LruHashMap<UdpPeerKey, u64> =
     LruHashMap::with_max_entries(DEFAULT_UDP_PEERS, 0);
 
-#[map(name = "INGRESS_RATE")]
-pub static INGRESS_RATE: PerCpuArray<RateState> =
-    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map(name = "DENY_RATE")]
+pub static DENY_RATE: PerCpuArray<RateState> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
 
 #[map(name = "SERVICE_PATHS")]
 pub static SERVICE_PATHS: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> =
@@ -50,9 +50,13 @@ pub static ACTIVE_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
 /// Whether any managed service has one of `flags`.
 #[inline(always)]
 pub fn any_service_has(flags: u8) -> bool {
-    ACTIVE_FLAGS
-        .get(0)
-        .is_some_and(|active| *active & u32::from(flags) != 0)
+    active_flags() & u32::from(flags) != 0
+}
+
+/// The OR of every managed service's flags, and the `ACTIVE_*` bits.
+#[inline(always)]
+pub fn active_flags() -> u32 {
+    ACTIVE_FLAGS.get(0).map_or(0, |active| *active)
 }
 
 #[map(name = "RULESETS")]

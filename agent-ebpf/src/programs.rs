@@ -3,8 +3,8 @@
 
 use agent_common::{
     counter_slot, UdpPeerKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
-    HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_TCP,
-    PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
+    HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
     VERDICT_DENY,
 };
 use aya_ebpf::{
@@ -17,7 +17,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     egress::{match_ports, match_v4, match_v6},
-    events::{blank, count, emit, fill_task, remember_owner},
+    events::{blank, count, deny_event_budget, emit, fill_task, remember_owner},
     maps::{bpf_log_enabled, observe_unmanaged, UDP_PEERS},
     service::current_service,
 };
@@ -35,25 +35,96 @@ pub enum Dest {
 #[cgroup_sock_addr(connect4)]
 pub fn bulkhead_connect4(ctx: SockAddrContext) -> i32 {
     let (addr, port, proto) = v4_dest(&ctx);
+    let (proto, port) = icmp_as_one(proto, port);
     judge(&ctx, Dest::V4(addr), port, proto, HOOK_CONNECT)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn bulkhead_connect6(ctx: SockAddrContext) -> i32 {
     let (dest, port, proto) = v6_dest(&ctx);
+    let (proto, port) = icmp_as_one(proto, port);
     judge(&ctx, dest, port, proto, HOOK_CONNECT)
 }
 
+/// A ping socket's connect(): ICMPv6 is judged as ICMP (one `icmp` rule
+/// covers both), and the port (the echo identifier for ping sockets) as 0,
+/// so that a rule's port list never matches an ICMP echo by accident.
+#[inline(always)]
+pub fn icmp_as_one(proto: u8, port: u16) -> (u8, u16) {
+    if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
+        (PROTO_ICMP, 0)
+    } else {
+        (proto, port)
+    }
+}
+
+/// sendmsg() of a UDP socket, unconnected, or connected but with control
+/// messages (IP_TOS, IP_PKTINFO, IPV6_TCLASS...): the kernel then runs this
+/// hook with no address at all (0.0.0.0:0, port 0 is otherwise refused
+/// before the hook), and the datagram goes to the socket's connected peer,
+/// which is what is judged.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn bulkhead_sendmsg4(ctx: SockAddrContext) -> i32 {
     let (addr, port, _) = v4_dest(&ctx);
+    if port == 0 && addr == [0; 4] {
+        let (addr, port) = connected_peer_v4(&ctx);
+        return judge(&ctx, Dest::V4(addr), port, PROTO_UDP, HOOK_SENDMSG);
+    }
     judge(&ctx, Dest::V4(addr), port, PROTO_UDP, HOOK_SENDMSG)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for this hook.
+    let no_address = unsafe {
+        let sa = &*ctx.sock_addr;
+        sa.user_port == 0
+            && (sa.user_ip6[0] | sa.user_ip6[1] | sa.user_ip6[2] | sa.user_ip6[3]) == 0
+    };
+    if no_address {
+        let (dest, port) = connected_peer_v6(&ctx);
+        return judge(&ctx, dest, port, PROTO_UDP, HOOK_SENDMSG);
+    }
     let (dest, port, _) = v6_dest(&ctx);
     judge(&ctx, dest, port, PROTO_UDP, HOOK_SENDMSG)
+}
+
+/// The connected peer of the hook's socket (0.0.0.0:0 if none: denied).
+#[inline(always)]
+fn connected_peer_v4(ctx: &SockAddrContext) -> ([u8; 4], u16) {
+    // SAFETY: the hook's socket, a full socket; plain field reads.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return ([0; 4], 0);
+    }
+    let (ip, port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sk).dst_ip4),
+            core::ptr::read_volatile(&(*sk).dst_port),
+        )
+    };
+    (ip.to_ne_bytes(), u16::from_be(port))
+}
+
+#[inline(always)]
+fn connected_peer_v6(ctx: &SockAddrContext) -> (Dest, u16) {
+    // SAFETY: as above.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return (Dest::V6([0; 16]), 0);
+    }
+    let (w, port) = unsafe {
+        (
+            [
+                core::ptr::read_volatile(&(*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*sk).dst_port),
+        )
+    };
+    (v6_or_mapped(w), u16::from_be(port))
 }
 
 /// bind(): the ports a service may listen on (`[bind]`), and where a
@@ -106,7 +177,10 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
                 ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 set_addr(&mut ev.src_addr, &mut ev.family, local);
                 ev.src_port = port;
-                emit(&ev, LOST_VERDICT);
+                if let Some(suppressed) = deny_event_budget(ev.service_id, DIRECTION_INGRESS) {
+                    ev.suppressed = suppressed;
+                    emit(&ev, LOST_VERDICT);
+                }
                 if verdict == VERDICT_DENY {
                     return DENY;
                 }
@@ -172,12 +246,16 @@ fn v6_dest(ctx: &SockAddrContext) -> (Dest, u16, u8) {
         sa.user_ip6[3],
     ];
     let port = u16::from_be(sa.user_port as u16);
-    let proto = sa.protocol as u8;
+    (v6_or_mapped(w), port, sa.protocol as u8)
+}
+
+#[inline(always)]
+fn v6_or_mapped(w: [u32; 4]) -> Dest {
     let b2 = w[2].to_ne_bytes();
     if w[0] == 0 && w[1] == 0 && b2 == [0, 0, 0xff, 0xff] {
-        return (Dest::V4(w[3].to_ne_bytes()), port, proto);
+        return Dest::V4(w[3].to_ne_bytes());
     }
-    (Dest::V6(v6_bytes(w)), port, proto)
+    Dest::V6(v6_bytes(w))
 }
 
 #[inline(always)]
@@ -245,7 +323,12 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     fill_task(&mut ev);
     set_addr(&mut ev.dst_addr, &mut ev.family, dest);
     ev.dst_port = port;
-    emit(&ev, LOST_VERDICT);
+    if verdict == VERDICT_ALLOW {
+        emit(&ev, LOST_VERDICT);
+    } else if let Some(suppressed) = deny_event_budget(ev.service_id, DIRECTION_EGRESS) {
+        ev.suppressed = suppressed;
+        emit(&ev, LOST_VERDICT);
+    }
 
     // An unconnected UDP socket of an ingress-restricted service: let the
     // replies from this peer in (see ingress.rs).

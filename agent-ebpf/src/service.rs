@@ -53,7 +53,8 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
         service_id: 0,
         mode: 0,
         flags: 0,
-        _pad: [0; 2],
+        sockets: 0,
+        _pad: 0,
         bind_ruleset: 0,
         _pad2: 0,
     };

@@ -1,11 +1,16 @@
-//! Which kinds of socket a managed service may open. Raw inet sockets and
-//! packet sockets build their own headers and never pass the connect/sendmsg
-//! hooks, so they are denied unless the policy's `[sockets]` allows them.
+//! Which kinds of socket a managed service may open. The agent judges a
+//! socket's traffic at the socket-address hooks (connect, sendmsg, bind),
+//! which run for TCP and UDP; ping sockets are judged by their packets (see
+//! outbound.rs). Every other kind escapes those hooks (raw and packet
+//! sockets build their own headers; SCTP, DCCP, MPTCP's extra subflows,
+//! L2TP have no hook or run them outside the service), so a managed service
+//! may open them only when its policy names them (`[sockets]`).
 
 use agent_common::{
-    ServiceEntry, DIRECTION_EGRESS, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW, HOOK_LSM_SOCKET,
-    HOOK_SOCK_CREATE, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, RULE_DEFAULT_DENY, VERDICT_AUDIT,
-    VERDICT_DENY,
+    counter_slot, ServiceEntry, DIRECTION_EGRESS, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW,
+    HOOK_LSM_SOCKET, HOOK_SOCK_CREATE, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, SOCKETS_DCCP, SOCKETS_ICMP,
+    SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
@@ -14,34 +19,68 @@ use aya_ebpf::{
 };
 
 use crate::{
-    events::{blank, emit, fill_task},
+    events::{blank, count, deny_event_budget, emit, fill_task},
     service::current_service,
 };
 
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
 const AF_PACKET: i32 = 17;
 const EPERM: i32 = 1;
+const IPPROTO_DCCP: u32 = 33;
+const IPPROTO_L2TP: u32 = 115;
+const IPPROTO_SCTP: u32 = 132;
+const IPPROTO_UDPLITE: u32 = 136;
+const IPPROTO_MPTCP: u32 = 262;
 
 /// socket() of an inet socket (cgroup/sock_create sees AF_INET/AF_INET6
-/// only). 1 allows, 0 fails socket() with EPERM.
+/// only, with the protocol already resolved: `socket(AF_INET, SOCK_STREAM,
+/// 0)` arrives as TCP). 1 allows, 0 fails socket() with EPERM.
 #[cgroup_sock(sock_create)]
 pub fn bulkhead_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the context's socket.
     let (kind, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
-    if kind != SOCK_RAW {
+    // TCP and UDP, judged by the socket-address hooks: the common case,
+    // decided before the service lookup.
+    if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
+        || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
+    {
         return 1;
     }
     let Some(service) = current_service() else {
         return 1;
     };
-    if service.flags & FLAG_ALLOW_RAW != 0 {
+    if allowed(&service, kind, protocol) {
         return 1;
     }
-    if refuse(&service, HOOK_SOCK_CREATE, protocol as u8) {
+    if refuse(&service, HOOK_SOCK_CREATE, protocol) {
         0
     } else {
         1
     }
+}
+
+/// Whether `service` may open a socket of `kind` and `protocol` (not TCP or
+/// UDP, handled above).
+#[inline(always)]
+fn allowed(service: &ServiceEntry, kind: u32, protocol: u32) -> bool {
+    if kind == SOCK_RAW {
+        return service.flags & FLAG_ALLOW_RAW != 0;
+    }
+    let needs = match protocol {
+        p if kind == SOCK_DGRAM && (p == u32::from(PROTO_ICMP) || p == u32::from(PROTO_ICMPV6)) => {
+            SOCKETS_ICMP
+        }
+        IPPROTO_SCTP => SOCKETS_SCTP,
+        IPPROTO_MPTCP => SOCKETS_MPTCP,
+        IPPROTO_DCCP => SOCKETS_DCCP,
+        IPPROTO_UDPLITE => SOCKETS_UDPLITE,
+        IPPROTO_L2TP => SOCKETS_L2TP,
+        // Anything else: no name in the policy can allow it.
+        _ => return false,
+    };
+    service.sockets & needs != 0
 }
 
 /// socket() of any family, through BPF LSM (where the host has it): the
@@ -66,29 +105,40 @@ pub fn bulkhead_socket_create(ctx: LsmContext) -> i32 {
         return 0;
     }
     let protocol: i32 = ctx.arg(2);
-    if refuse(&service, HOOK_LSM_SOCKET, protocol as u8) {
+    if refuse(&service, HOOK_LSM_SOCKET, protocol as u32) {
         -EPERM
     } else {
         0
     }
 }
 
-/// Records a refused socket(); true when it must fail (enforce mode).
+/// Records a refused socket(); true when it must fail (enforce mode). The
+/// record carries the whole protocol number in `dst_port` (MPTCP's 262 does
+/// not fit the one-byte protocol field).
 #[inline(always)]
-fn refuse(service: &ServiceEntry, hook: u8, protocol: u8) -> bool {
+fn refuse(service: &ServiceEntry, hook: u8, protocol: u32) -> bool {
     let enforce = service.mode != MODE_AUDIT;
-    let mut ev = blank();
-    ev.kind = KIND_VERDICT;
-    ev.verdict = if enforce { VERDICT_DENY } else { VERDICT_AUDIT };
-    ev.service_id = service.service_id;
-    ev.mode = service.mode;
-    ev.rule_id = RULE_DEFAULT_DENY;
-    ev.hook = hook;
-    ev.protocol = protocol;
-    ev.direction = DIRECTION_EGRESS;
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    fill_task(&mut ev);
-    emit(&ev, LOST_VERDICT);
+    let verdict = if enforce { VERDICT_DENY } else { VERDICT_AUDIT };
+    count(
+        service.service_id,
+        counter_slot(DIRECTION_EGRESS, protocol as u8, verdict),
+    );
+    if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_EGRESS) {
+        let mut ev = blank();
+        ev.kind = KIND_VERDICT;
+        ev.verdict = verdict;
+        ev.service_id = service.service_id;
+        ev.mode = service.mode;
+        ev.rule_id = RULE_DEFAULT_DENY;
+        ev.hook = hook;
+        ev.protocol = protocol as u8;
+        ev.dst_port = protocol as u16;
+        ev.direction = DIRECTION_EGRESS;
+        ev.suppressed = suppressed;
+        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+        ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        fill_task(&mut ev);
+        emit(&ev, LOST_VERDICT);
+    }
     enforce
 }

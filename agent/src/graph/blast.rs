@@ -79,6 +79,7 @@ fn protocol_matches(p: Protocol, proto: &str) -> bool {
         Protocol::Any => true,
         Protocol::Tcp => proto == "tcp",
         Protocol::Udp => proto == "udp",
+        Protocol::Icmp => proto == "icmp",
     }
 }
 

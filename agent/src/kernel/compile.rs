@@ -15,12 +15,14 @@ use std::{
 use agent_common::{
     LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
     FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE, MAX_PORT_RANGES, MODE_AUDIT,
-    MODE_ENFORCE, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+    MODE_ENFORCE, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP,
+    SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE,
 };
 use ipnetwork::IpNetwork;
 
 use crate::policy::{
     Mode, PolicyError, PolicyErrors, PolicySet, PortRange, Protocol, RuleRef, Section, Service,
+    SocketProtocol,
 };
 
 /// Everything to write into the maps for one policy set.
@@ -145,6 +147,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         if service.quarantined {
             flags |= FLAG_QUARANTINE;
         }
+        let sockets = socket_bits(service);
         b.out.services.push(CompiledService {
             name: service.name.clone(),
             file_name: service
@@ -159,7 +162,8 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                     Mode::Audit => MODE_AUDIT,
                 },
                 flags,
-                _pad: [0; 2],
+                sockets,
+                _pad: 0,
                 bind_ruleset,
                 _pad2: 0,
             },
@@ -287,10 +291,30 @@ impl Builder {
     }
 }
 
+/// `ServiceEntry::sockets` of a service: ping sockets when an egress rule
+/// names ICMP, and the protocols `[sockets]` names.
+fn socket_bits(service: &Service) -> u8 {
+    let mut bits = 0;
+    if service.egress.iter().any(|r| r.protocol == Protocol::Icmp) {
+        bits |= SOCKETS_ICMP;
+    }
+    for p in &service.sockets.protocols {
+        bits |= match p {
+            SocketProtocol::Sctp => SOCKETS_SCTP,
+            SocketProtocol::Mptcp => SOCKETS_MPTCP,
+            SocketProtocol::Dccp => SOCKETS_DCCP,
+            SocketProtocol::Udplite => SOCKETS_UDPLITE,
+            SocketProtocol::L2tp => SOCKETS_L2TP,
+        };
+    }
+    bits
+}
+
 fn port_checks(ports: &[PortRange], protocol: Protocol, rule_id: u32) -> Vec<KPortRange> {
     let proto = match protocol {
         Protocol::Tcp => PROTO_TCP,
         Protocol::Udp => PROTO_UDP,
+        Protocol::Icmp => PROTO_ICMP,
         Protocol::Any => PROTO_ANY,
     };
     ports

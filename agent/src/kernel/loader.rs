@@ -10,8 +10,8 @@ use agent_common::{maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
-        TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, Lsm, SockOps, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -19,7 +19,7 @@ use aya::{
 use super::{
     compile::CompiledPolicy,
     layout::{relocate, Capacity},
-    maps, KernelError, ResolvedService,
+    maps, raw_link, KernelError, ResolvedService,
 };
 
 /// The kernel programs, built by build.rs and embedded in the binary.
@@ -31,6 +31,7 @@ enum Hook {
     SockAddr,
     SockOps,
     SockCreate,
+    Sockopt,
     SkbIngress,
     SkbEgress,
     /// A tracepoint (category, name), attached through tracefs.
@@ -40,7 +41,7 @@ enum Hook {
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 12] = [
+const PROGRAMS: [(&str, Hook); 13] = [
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
@@ -49,6 +50,7 @@ const PROGRAMS: [(&str, Hook); 12] = [
     ("bulkhead_sendmsg6", Hook::SockAddr),
     ("bulkhead_sockops", Hook::SockOps),
     ("bulkhead_sock_create", Hook::SockCreate),
+    ("bulkhead_setsockopt", Hook::Sockopt),
     ("bulkhead_ingress", Hook::SkbIngress),
     ("bulkhead_egress_skb", Hook::SkbEgress),
     (
@@ -127,7 +129,7 @@ impl Enforcer {
             .map_max_entries(names::SERVICES, max_services)
             .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
             .map_max_entries(names::EVENTS, options.events_bytes)
-            .map_max_entries(names::INGRESS_RATE, max_services)
+            .map_max_entries(names::DENY_RATE, max_services.saturating_mul(2))
             .map_max_entries(names::SERVICE_PATHS, max_services)
             .map_max_entries(names::INGRESS_V4, capacity.prefixes)
             .map_max_entries(names::INGRESS_V6, capacity.prefixes)
@@ -150,6 +152,9 @@ impl Enforcer {
                     .map_err(err)?,
                 Hook::SockOps => as_type::<SockOps>(name, program)?.load().map_err(err)?,
                 Hook::SockCreate => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
+                Hook::Sockopt => as_type::<CgroupSockopt>(name, program)?
+                    .load()
+                    .map_err(err)?,
                 Hook::SkbIngress | Hook::SkbEgress => {
                     as_type::<CgroupSkb>(name, program)?.load().map_err(err)?
                 }
@@ -294,6 +299,39 @@ impl Enforcer {
                     let p = as_type::<CgroupSock>(name, program)?;
                     let id = p.attach(&root, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
+                }
+                Hook::Sockopt => {
+                    let p = as_type::<CgroupSockopt>(name, program)?;
+                    match pin_dir {
+                        // aya cannot hand this link over (see raw_link.rs).
+                        Some(dir) => {
+                            let path = dir.join("links").join(name);
+                            let pin_err = |e: std::io::Error| KernelError::Pin {
+                                path: path.clone(),
+                                reason: e.to_string(),
+                            };
+                            let prog = p.fd().map_err(err)?;
+                            let link = raw_link::link_create(
+                                prog,
+                                &root,
+                                raw_link::ATTACH_CGROUP_SETSOCKOPT,
+                            )
+                            .map_err(pin_err)?;
+                            raw_link::pin(&link, &path).map_err(pin_err)?;
+                            let pinned = PinnedLink::from_pin(&path).map_err(|e| {
+                                KernelError::Pin {
+                                    path: path.clone(),
+                                    reason: e.to_string(),
+                                }
+                            })?;
+                            self.links.push(Attached::Pinned(pinned));
+                        }
+                        // Owned by the program: detached when the agent exits.
+                        None => {
+                            p.attach(&root, single).map_err(err)?;
+                        }
+                    }
+                    None
                 }
                 Hook::SkbIngress | Hook::SkbEgress => {
                     let direction = if hook == Hook::SkbIngress {

@@ -1,6 +1,9 @@
 //! Writing a compiled policy into the kernel maps.
 
-use agent_common::{maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, CGROUP_PATH_MAX};
+use agent_common::{
+    maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED,
+    CGROUP_PATH_MAX, SOCKETS_ICMP,
+};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
     Ebpf,
@@ -123,12 +126,16 @@ pub fn write_active_flags(ebpf: &mut Ebpf, flags: u32) -> Result<(), KernelError
     })
 }
 
-/// The OR of every service's flags.
+/// The OR of every service's flags, with `ACTIVE_MANAGED` when there is a
+/// service at all and `ACTIVE_ICMP` when one may open ping sockets.
 pub fn active_flags(policy: &CompiledPolicy) -> u32 {
-    policy
-        .services
-        .iter()
-        .fold(0, |acc, s| acc | u32::from(s.entry.flags))
+    policy.services.iter().fold(0, |acc, s| {
+        let mut acc = acc | u32::from(s.entry.flags) | ACTIVE_MANAGED;
+        if s.entry.sockets & SOCKETS_ICMP != 0 {
+            acc |= ACTIVE_ICMP;
+        }
+        acc
+    })
 }
 
 /// Points each service's cgroup path at its entry in `policy`, and removes

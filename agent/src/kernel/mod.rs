@@ -8,6 +8,7 @@ mod loader;
 mod maps;
 pub mod pins;
 pub mod preflight;
+mod raw_link;
 
 pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;

@@ -21,7 +21,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
 pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description"];
 pub(crate) const INGRESS_KEYS: &[&str] = &["from", "ports", "protocol", "description"];
 pub(crate) const BIND_KEYS: &[&str] = &["ports", "protocol"];
-pub(crate) const SOCKETS_KEYS: &[&str] = &["raw", "packet"];
+pub(crate) const SOCKETS_KEYS: &[&str] = &["raw", "packet", "protocols"];
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct RawPolicy {
@@ -58,6 +58,7 @@ pub(crate) struct RawSockets {
     pub raw: bool,
     #[serde(default)]
     pub packet: bool,
+    pub protocols: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

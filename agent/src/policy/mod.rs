@@ -12,7 +12,7 @@ pub use error::{position, PolicyError, PolicyErrors};
 pub use load::{load_dir, load_files, load_texts, FileText};
 pub use model::{
     BindPolicy, EgressRule, IngressRule, Mode, PolicySet, PortRange, Protocol, RuleRef, Section,
-    Selector, Service, SocketsPolicy,
+    Selector, Service, SocketProtocol, SocketsPolicy,
 };
 
 #[cfg(test)]

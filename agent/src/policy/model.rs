@@ -31,13 +31,47 @@ pub struct Service {
     pub quarantined: bool,
 }
 
-/// Which kinds of socket a service may open beyond TCP/UDP/ICMP-datagram.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which kinds of socket a service may open beyond TCP and UDP (and ping
+/// sockets, allowed by `protocol = "icmp"` egress rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SocketsPolicy {
     /// Raw inet sockets (SOCK_RAW): they bypass the connect/sendmsg hooks.
     pub raw: bool,
     /// Packet sockets (AF_PACKET).
     pub packet: bool,
+    /// Protocols whose traffic no hook judges, allowed by name.
+    pub protocols: Vec<SocketProtocol>,
+}
+
+/// An inet protocol the socket-address hooks never see (or see only in
+/// part), which a service may use only when `[sockets] protocols` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SocketProtocol {
+    Sctp,
+    Mptcp,
+    Dccp,
+    Udplite,
+    L2tp,
+}
+
+impl SocketProtocol {
+    pub const ALL: [SocketProtocol; 5] = [
+        SocketProtocol::Sctp,
+        SocketProtocol::Mptcp,
+        SocketProtocol::Dccp,
+        SocketProtocol::Udplite,
+        SocketProtocol::L2tp,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SocketProtocol::Sctp => "sctp",
+            SocketProtocol::Mptcp => "mptcp",
+            SocketProtocol::Dccp => "dccp",
+            SocketProtocol::Udplite => "udplite",
+            SocketProtocol::L2tp => "l2tp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +144,8 @@ impl fmt::Display for Mode {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// ICMP echo from ping sockets (egress only, no ports).
+    Icmp,
     Any,
 }
 
@@ -118,6 +154,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
             Protocol::Any => "any",
         })
     }

@@ -15,7 +15,7 @@ use super::{
     file::{RawBind, RawEgress, RawIngress, RawPolicy, RawPort},
     model::{
         BindPolicy, EgressRule, IngressRule, Mode, PortRange, Protocol, Selector, Service,
-        SocketsPolicy,
+        SocketProtocol, SocketsPolicy,
     },
 };
 
@@ -131,6 +131,7 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         .map_or_else(SocketsPolicy::default, |s| SocketsPolicy {
             raw: s.raw,
             packet: s.packet,
+            protocols: socket_protocols(c, s.protocols.as_deref().unwrap_or_default()),
         });
 
     if c.errors.len() > before {
@@ -227,7 +228,15 @@ fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> 
         raw.ports.as_ref(),
         "omit `ports` to allow every port",
     );
-    let protocol = protocol(c, &at, raw.protocol.as_ref());
+    let protocol = protocol(c, &at, raw.protocol.as_ref(), true);
+    if protocol == Protocol::Icmp {
+        if let Some(list) = &raw.ports {
+            c.error(
+                list.span(),
+                format!("{at}: `ports` with protocol \"icmp\": ICMP has no ports; omit `ports`"),
+            );
+        }
+    }
     (c.errors.len() == before).then(|| EgressRule {
         index,
         line: c.line_of(&rule.span()),
@@ -253,7 +262,7 @@ fn ingress_rule(
         raw.ports.as_ref(),
         "omit `ports` to allow every port",
     );
-    let protocol = protocol(c, &at, raw.protocol.as_ref());
+    let protocol = protocol(c, &at, raw.protocol.as_ref(), false);
     (c.errors.len() == before).then(|| IngressRule {
         index,
         line: c.line_of(&rule.span()),
@@ -279,7 +288,7 @@ fn bind_policy(c: &mut Checker<'_>, bind: &Spanned<RawBind>) -> Option<BindPolic
         Some(list) if list.get_ref().is_empty() => Vec::new(),
         Some(_) => ports(c, "[bind]", raw.ports.as_ref(), ""),
     };
-    let protocol = protocol(c, "[bind]", raw.protocol.as_ref());
+    let protocol = protocol(c, "[bind]", raw.protocol.as_ref(), false);
     (c.errors.len() == before).then(|| BindPolicy {
         line: c.line_of(&bind.span()),
         ports,
@@ -341,22 +350,68 @@ fn ports(
     }
 }
 
-fn protocol(c: &mut Checker<'_>, at: &str, p: Option<&Spanned<String>>) -> Protocol {
+/// A rule's `protocol`; `icmp` only where `icmp_ok` (egress rules: ping
+/// sockets send, nothing listens for ICMP).
+fn protocol(
+    c: &mut Checker<'_>,
+    at: &str,
+    p: Option<&Spanned<String>>,
+    icmp_ok: bool,
+) -> Protocol {
     let Some(p) = p else {
         return Protocol::Any;
+    };
+    let expected = if icmp_ok {
+        "expected \"tcp\", \"udp\", \"icmp\" or \"any\""
+    } else {
+        "expected \"tcp\", \"udp\" or \"any\""
     };
     match p.get_ref().as_str() {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
-        "any" => Protocol::Any,
+        "icmp" if icmp_ok => Protocol::Icmp,
+        "icmp" => {
+            c.error(
+                p.span(),
+                format!("{at}: protocol \"icmp\" is for egress rules only (ping sockets send; nothing listens for ICMP): {expected}"),
+            );
+            Protocol::Any
+        }
         other => {
             c.error(
                 p.span(),
-                format!("{at}: unknown protocol {other:?}: expected \"tcp\", \"udp\" or \"any\""),
+                format!("{at}: unknown protocol {other:?}: {expected}"),
             );
             Protocol::Any
         }
     }
+}
+
+/// `[sockets] protocols`: names of protocols the hooks cannot judge.
+fn socket_protocols(c: &mut Checker<'_>, names: &[Spanned<String>]) -> Vec<SocketProtocol> {
+    let mut out = Vec::new();
+    for name in names {
+        match SocketProtocol::ALL
+            .into_iter()
+            .find(|p| p.name() == name.get_ref())
+        {
+            Some(p) => out.push(p),
+            None => {
+                let known: Vec<&str> = SocketProtocol::ALL.iter().map(|p| p.name()).collect();
+                c.error(
+                    name.span(),
+                    format!(
+                        "[sockets] protocols: unknown protocol {:?}: expected one of {} (TCP, UDP and ping sockets need no entry here; raw sockets are `raw = true`)",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn destination(c: &mut Checker<'_>, at: &str, entry: &Spanned<String>) -> Option<IpNetwork> {

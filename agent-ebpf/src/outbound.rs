@@ -1,0 +1,202 @@
+//! Outbound packets (cgroup_skb/egress at the cgroup2 root), for what the
+//! socket-address hooks cannot see:
+//!
+//! - a ping socket's datagrams: sendto() on a ping socket passes no
+//!   sendmsg hook, so each echo is judged here against the `icmp` rules
+//!   (dropping it fails the sendto() with EPERM);
+//! - source-routed packets (an IPv4 LSRR/SSRR option, an IPv6 routing
+//!   header, set by a control message such as IP_RETOPTS that the
+//!   setsockopt program never sees): their first hop was never judged, so a
+//!   managed service's are dropped;
+//! - a quarantined service: packets of connections opened before the
+//!   quarantine are dropped unless they go to an exception.
+//!
+//! Every other packet passes after one array read, or two loads from its
+//! header when some service is managed.
+
+use agent_common::{
+    counter_slot, ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED, DIRECTION_EGRESS, FLAG_QUARANTINE,
+    HOOK_EGRESS_PACKET, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP, PROTO_ICMPV6,
+    RULE_DEFAULT_DENY, RULE_SOURCE_ROUTE, RULE_UNREADABLE, VERDICT_AUDIT, VERDICT_DENY,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id},
+    },
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+
+use crate::{
+    egress::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
+    events::{blank, count, deny_event_budget, emit},
+    maps::active_flags,
+    packet::{parse, Packet},
+    programs::{set_addr, Dest},
+    service::skb_service,
+};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+const SOCK_DGRAM: u32 = 2;
+/// IPv6 next-header values that start an extension-header chain worth
+/// reading (hop-by-hop, routing, fragment, destination options, AH).
+const V6_EXT: [u8; 5] = [0, 43, 44, 60, 51];
+
+#[cgroup_skb(egress)]
+pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
+    let active = active_flags();
+    if active & (ACTIVE_MANAGED | u32::from(FLAG_QUARANTINE)) == 0 {
+        return PASS;
+    }
+    // Fast path: with no quarantine, only packets with IPv4 options, IPv6
+    // extension headers, or (when some service may ping) ICMP need a look.
+    if active & u32::from(FLAG_QUARANTINE) == 0 && !worth_reading(&ctx, active) {
+        return PASS;
+    }
+    let skb = ctx.skb.skb;
+    let Some(service) = skb_service(skb) else {
+        return PASS;
+    };
+    let quarantined = service.flags & FLAG_QUARANTINE != 0;
+    let Some(pkt) = parse(&ctx) else {
+        // A managed service sends nothing we cannot read (an extension
+        // header chain past the bound could hide a routing header).
+        return refuse(&ctx, &service, None, 0, RULE_UNREADABLE);
+    };
+    if pkt.source_routed {
+        return refuse(&ctx, &service, Some(&pkt), pkt.proto, RULE_SOURCE_ROUTE);
+    }
+    if (pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6) && from_ping_socket(&ctx) {
+        let rule = match pkt.local {
+            Dest::V4(a) => match_v4(service.service_id, a, PROTO_ICMP, 0),
+            Dest::V6(a) => match_v6(service.service_id, a, PROTO_ICMP, 0),
+        };
+        if rule == RULE_DEFAULT_DENY {
+            return refuse(&ctx, &service, Some(&pkt), PROTO_ICMP, rule);
+        }
+        if !quarantined {
+            return PASS;
+        }
+    }
+    if quarantined {
+        return quarantine(&service, &pkt);
+    }
+    PASS
+}
+
+/// Whether a packet may need judging (see the fast path above): two loads
+/// at most, from the IP header.
+#[inline(always)]
+fn worth_reading(ctx: &SkBuffContext, active: u32) -> bool {
+    let Ok(first) = ctx.skb.load::<u8>(0) else {
+        return true;
+    };
+    let icmp = active & ACTIVE_ICMP != 0;
+    match first >> 4 {
+        4 => {
+            if first != 0x45 {
+                return true; // options
+            }
+            icmp && ctx.skb.load::<u8>(9).map_or(true, |p| p == PROTO_ICMP)
+        }
+        6 => {
+            let Ok(next) = ctx.skb.load::<u8>(6) else {
+                return true;
+            };
+            V6_EXT.contains(&next) || (icmp && next == PROTO_ICMPV6)
+        }
+        _ => false,
+    }
+}
+
+/// Whether the packet's socket is a ping socket (SOCK_DGRAM, ICMP): the
+/// kernel's own ICMP (echo replies, errors) goes out on raw sockets.
+#[inline(always)]
+fn from_ping_socket(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the context's socket; may be null, checked.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return false;
+    }
+    let (kind, proto) = unsafe { ((*sk).type_, (*sk).protocol) };
+    kind == SOCK_DGRAM && (proto == u32::from(PROTO_ICMP) || proto == u32::from(PROTO_ICMPV6))
+}
+
+/// A quarantined service's packet passes if the (exception-only) egress
+/// rules allow its destination, or if it belongs to a connection an
+/// exception opened to us (ingress rules, keyed by the remote address and
+/// our local port).
+#[inline(always)]
+fn quarantine(service: &ServiceEntry, pkt: &Packet) -> i32 {
+    let mut rule = match pkt.local {
+        Dest::V4(a) => match_v4(service.service_id, a, pkt.proto, pkt.dport),
+        Dest::V6(a) => match_v6(service.service_id, a, pkt.proto, pkt.dport),
+    };
+    if rule == RULE_DEFAULT_DENY {
+        rule = match pkt.local {
+            Dest::V4(a) => match_ingress_v4(service.service_id, a, pkt.proto, pkt.sport),
+            Dest::V6(a) => match_ingress_v6(service.service_id, a, pkt.proto, pkt.sport),
+        };
+    }
+    if rule == RULE_DEFAULT_DENY && service.mode != MODE_AUDIT {
+        DROP
+    } else {
+        PASS
+    }
+}
+
+/// An outbound packet refused (`rule` says why): counted, evented within
+/// the rate limit, dropped unless the service is in audit mode. The
+/// sendmsg() or connect() that sent it fails with EPERM.
+#[inline(always)]
+fn refuse(
+    ctx: &SkBuffContext,
+    service: &ServiceEntry,
+    pkt: Option<&Packet>,
+    proto: u8,
+    rule: u32,
+) -> i32 {
+    let verdict = if service.mode == MODE_AUDIT {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DENY
+    };
+    count(
+        service.service_id,
+        counter_slot(DIRECTION_EGRESS, proto, verdict),
+    );
+    if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_EGRESS) {
+        let mut ev = blank();
+        ev.kind = KIND_VERDICT;
+        ev.verdict = verdict;
+        ev.service_id = service.service_id;
+        ev.mode = service.mode;
+        ev.rule_id = rule;
+        ev.protocol = proto;
+        ev.hook = HOOK_EGRESS_PACKET;
+        ev.direction = DIRECTION_EGRESS;
+        ev.suppressed = suppressed;
+        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+        let skb = ctx.skb.skb;
+        ev.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+        ev.socket_cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+        if let Some(pkt) = pkt {
+            set_addr(&mut ev.src_addr, &mut ev.family, pkt.source);
+            ev.src_port = pkt.sport;
+            set_addr(&mut ev.dst_addr, &mut ev.family, pkt.local);
+            ev.dst_port = pkt.dport;
+        }
+        emit(&ev, LOST_VERDICT);
+    }
+    if verdict == VERDICT_DENY {
+        DROP
+    } else {
+        PASS
+    }
+}

@@ -1,0 +1,211 @@
+//! Reading IP packets in the cgroup_skb programs (the skb starts at the IP
+//! header). IPv6 extension headers are walked to a fixed bound; what cannot
+//! be read is reported as such, so that the callers can fail closed.
+
+use agent_common::{PROTO_TCP, PROTO_UDP};
+use aya_ebpf::programs::SkBuffContext;
+
+use crate::programs::Dest;
+
+/// IPv6 next-header values of the extension headers walked.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// At most this many extension headers before the transport header; a
+/// longer chain is not read (and fails closed where it matters).
+const MAX_EXT_HEADERS: usize = 8;
+
+/// IPv4 option types that route a packet through hops of the sender's
+/// choosing (loose and strict source route).
+const IPOPT_LSRR: u8 = 0x83;
+const IPOPT_SSRR: u8 = 0x89;
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+/// The most option bytes an IPv4 header holds.
+pub const MAX_IPV4_OPTIONS: usize = 40;
+
+/// A packet's addresses, protocol and ports. `source`/`local` name the ends
+/// as seen by an inbound packet; for an outbound one `local` is the remote
+/// end.
+pub struct Packet {
+    pub source: Dest,
+    pub local: Dest,
+    /// The transport protocol after any extension headers.
+    pub proto: u8,
+    /// Ports (TCP/UDP only; 0 otherwise).
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags (0 otherwise).
+    pub flags: u8,
+    /// The packet carries a source route (IPv4 LSRR/SSRR option, IPv6
+    /// routing header).
+    pub source_routed: bool,
+}
+
+/// Reads the packet. `None`: it could not be read (truncated, an unknown
+/// IP version, an extension-header chain longer than the bound, a
+/// non-first fragment).
+#[inline(always)]
+pub fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    let first: u8 = ctx.skb.load(0).ok()?;
+    match first >> 4 {
+        4 => {
+            let ihl = usize::from(first & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let proto: u8 = ctx.skb.load(9).ok()?;
+            let saddr: [u8; 4] = ctx.skb.load(12).ok()?;
+            let daddr: [u8; 4] = ctx.skb.load(16).ok()?;
+            let source_routed = ihl > 20 && v4_source_route(ctx, ihl)?;
+            transport(
+                ctx,
+                ihl,
+                proto,
+                Dest::V4(saddr),
+                Dest::V4(daddr),
+                source_routed,
+            )
+        }
+        6 => {
+            let next: u8 = ctx.skb.load(6).ok()?;
+            let saddr: [u8; 16] = ctx.skb.load(8).ok()?;
+            let daddr: [u8; 16] = ctx.skb.load(24).ok()?;
+            let (off, proto, source_routed) = v6_chain(ctx, next)?;
+            transport(
+                ctx,
+                off,
+                proto,
+                Dest::V6(saddr),
+                Dest::V6(daddr),
+                source_routed,
+            )
+        }
+        _ => None,
+    }
+}
+
+/// Walks the IPv6 extension headers from the fixed header: the offset and
+/// protocol of the transport header, and whether a routing header was met.
+#[inline(always)]
+fn v6_chain(ctx: &SkBuffContext, first: u8) -> Option<(usize, u8, bool)> {
+    let mut next = first;
+    let mut off = 40usize;
+    let mut routed = false;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        let len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let len: u8 = ctx.skb.load(off + 1).ok()?;
+                (usize::from(len) + 1) * 8
+            }
+            NEXTHDR_FRAGMENT => {
+                // A later fragment has no transport header to judge
+                // (reassembly normally removes the header altogether).
+                let frag: [u8; 2] = ctx.skb.load(off + 2).ok()?;
+                if u16::from_be_bytes(frag) & 0xfff8 != 0 {
+                    return None;
+                }
+                8
+            }
+            NEXTHDR_AUTH => {
+                let len: u8 = ctx.skb.load(off + 1).ok()?;
+                (usize::from(len) + 2) * 4
+            }
+            _ => return Some((off, next, routed)),
+        };
+        if next == NEXTHDR_ROUTING {
+            routed = true;
+        }
+        next = ctx.skb.load(off).ok()?;
+        off += len;
+        i += 1;
+    }
+    None
+}
+
+/// Whether the IPv4 options (`ihl` > 20 bytes of header) hold a source
+/// route. `None` when they cannot be read.
+#[inline(always)]
+fn v4_source_route(ctx: &SkBuffContext, ihl: usize) -> Option<bool> {
+    let end = ihl.min(20 + MAX_IPV4_OPTIONS);
+    let mut off = 20usize;
+    let mut i = 0;
+    while i < MAX_IPV4_OPTIONS {
+        if off >= end {
+            break;
+        }
+        let kind: u8 = ctx.skb.load(off).ok()?;
+        match kind {
+            IPOPT_END => break,
+            IPOPT_NOOP => off += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return Some(true),
+            _ => {
+                let len: u8 = ctx.skb.load(off + 1).ok()?;
+                if len < 2 {
+                    return None;
+                }
+                off += usize::from(len);
+            }
+        }
+        i += 1;
+    }
+    Some(false)
+}
+
+/// Whether raw IPv4 option bytes, as given to setsockopt(IP_OPTIONS), hold a
+/// source route: `byte(i)` reads option byte `i`, `None` past the end.
+#[inline(always)]
+pub fn options_source_route(byte: impl Fn(usize) -> Option<u8>) -> bool {
+    let mut off = 0usize;
+    let mut i = 0;
+    while i < MAX_IPV4_OPTIONS {
+        let Some(kind) = byte(off) else {
+            return false;
+        };
+        match kind {
+            IPOPT_END => return false,
+            IPOPT_NOOP => off += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return true,
+            _ => match byte(off + 1) {
+                Some(len) if len >= 2 => off += usize::from(len),
+                // A malformed option: the kernel refuses it (EINVAL).
+                _ => return false,
+            },
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn transport(
+    ctx: &SkBuffContext,
+    off: usize,
+    proto: u8,
+    source: Dest,
+    local: Dest,
+    source_routed: bool,
+) -> Option<Packet> {
+    let mut pkt = Packet {
+        source,
+        local,
+        proto,
+        sport: 0,
+        dport: 0,
+        flags: 0,
+        source_routed,
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Some(pkt);
+    }
+    let ports: [u8; 4] = ctx.skb.load(off).ok()?;
+    pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    if proto == PROTO_TCP {
+        pkt.flags = ctx.skb.load(off + 13).ok()?;
+    }
+    Some(pkt)
+}
