@@ -113,8 +113,8 @@ fn raw_sockets_get_eperm_unless_allowed() {
             .assert_ok(&format!("{family} SOCK_RAW from an unmanaged process"));
     }
 
-    // IPPROTO_ICMP is 1, IPPROTO_ICMPV6 58.
-    for protocol in ["1", "58"] {
+    // The raw sockets of the probe: IPPROTO_ICMP and IPPROTO_ICMPV6.
+    for protocol in ["icmp", "icmpv6"] {
         let ev = socket_verdict(&daemon, "plain", "sock_create", Some(protocol));
         assert_socket_verdict(&ev, "plain", &default, "enforce", "deny");
     }
@@ -132,7 +132,7 @@ fn audit_mode_lets_raw_sockets_through_and_records_them() {
         .in_cgroup(svc.path())
         .raw_socket(false)
         .assert_ok("audit mode: a raw socket the policy does not allow is created");
-    let ev = socket_verdict(&daemon, "trial", "sock_create", Some("1"));
+    let ev = socket_verdict(&daemon, "trial", "sock_create", Some("icmp"));
     assert_socket_verdict(&ev, "trial", &svc, "audit", "audit");
 }
 

@@ -8,10 +8,11 @@ use std::{
 };
 
 use agent_common::{
-    Event, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_INGRESS, HOOK_LSM_SOCKET, HOOK_SENDMSG,
-    HOOK_SOCK_CREATE, HOOK_SOCK_OPS, KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT,
-    MODE_AUDIT, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DENY,
+    Event, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_EGRESS_PACKET, HOOK_INGRESS,
+    HOOK_LSM_SOCKET, HOOK_SENDMSG, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCK_OPS,
+    KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT, MODE_AUDIT, RULE_BIND, RULE_DEFAULT_DENY,
+    RULE_SOURCE_ROUTE, RULE_UDP_REPLY, RULE_UNREADABLE, SERVICE_NONE, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
@@ -127,20 +128,39 @@ impl Decoder {
                 self.rule(raw.rule_id).cloned()
             }
             (Some(Verdict::Deny | Verdict::Audit), Some((_, file))) => {
-                Some(Arc::from(match raw.hook {
-                    HOOK_BIND => format!("{file}#bind"),
-                    HOOK_SOCK_CREATE | HOOK_LSM_SOCKET => format!("{file}#sockets"),
-                    HOOK_INGRESS => format!("{file}#ingress-default-deny"),
+                Some(Arc::from(match (raw.rule_id, raw.hook) {
+                    (RULE_BIND, _) | (_, HOOK_BIND) => format!("{file}#bind"),
+                    (RULE_UNREADABLE, _) => format!("{file}#unreadable-packet"),
+                    (RULE_SOURCE_ROUTE, _) => format!("{file}#source-route"),
+                    (_, HOOK_SOCK_CREATE | HOOK_LSM_SOCKET) => format!("{file}#sockets"),
+                    (_, HOOK_INGRESS) => format!("{file}#ingress-default-deny"),
                     _ => format!("{file}#default-deny"),
                 }))
             }
             _ => None,
         };
-        // Which ends the record carries: lifecycle and inbound verdicts both
-        // ends, outbound verdicts the remote end, bind the local end,
-        // socket creation neither.
-        let has_local = matches!(raw.hook, HOOK_SOCK_OPS | HOOK_INGRESS | HOOK_BIND);
-        let has_remote = !matches!(raw.hook, HOOK_BIND | HOOK_SOCK_CREATE | HOOK_LSM_SOCKET);
+        // Which ends the record carries: lifecycle, inbound and packet
+        // verdicts both ends, outbound verdicts the remote end, bind the
+        // local end, socket creation and options neither; a packet that
+        // could not be read none.
+        let readable = raw.family == 4 || raw.family == 6;
+        let has_local = readable
+            && matches!(
+                raw.hook,
+                HOOK_SOCK_OPS | HOOK_INGRESS | HOOK_BIND | HOOK_EGRESS_PACKET
+            );
+        let has_remote = readable
+            && !matches!(
+                raw.hook,
+                HOOK_BIND | HOOK_SOCK_CREATE | HOOK_LSM_SOCKET | HOOK_SETSOCKOPT
+            );
+        // Socket creation records carry the whole protocol number in
+        // dst_port (MPTCP's 262 does not fit the one-byte field).
+        let protocol = if matches!(raw.hook, HOOK_SOCK_CREATE | HOOK_LSM_SOCKET) {
+            raw.dst_port
+        } else {
+            u16::from(raw.protocol)
+        };
         Some(FlowEvent {
             schema: Cow::Borrowed(SCHEMA),
             kind,
@@ -171,19 +191,18 @@ impl Decoder {
                 HOOK_SOCK_CREATE => "sock_create",
                 HOOK_LSM_SOCKET => "socket_create",
                 HOOK_INGRESS => "ingress",
+                HOOK_EGRESS_PACKET => "packet",
+                HOOK_SETSOCKOPT => "setsockopt",
                 _ => "unknown",
             }),
-            protocol: Some(match raw.protocol {
-                6 => Cow::Borrowed("tcp"),
-                17 => Cow::Borrowed("udp"),
-                other => Cow::Owned(other.to_string()),
-            }),
+            protocol: Some(protocol_name(protocol)),
             src_ip: has_local.then(|| addr(raw.family, &raw.src_addr)),
             src_port: has_local.then_some(raw.src_port),
             dst_ip: has_remote.then(|| addr(raw.family, &raw.dst_addr)),
             dst_port: has_remote.then_some(raw.dst_port),
             verdict,
             rule,
+            suppressed: (kind == EventType::Verdict).then_some(raw.suppressed),
             socket_cookie: raw.socket_cookie,
             bytes_sent: (kind == EventType::TcpClosed).then_some(raw.bytes_sent),
             bytes_received: (kind == EventType::TcpClosed).then_some(raw.bytes_received),
@@ -199,6 +218,22 @@ impl Decoder {
         humantime::format_rfc3339_nanos(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
             .to_string()
     }
+}
+
+/// The name of an IP protocol number, or the number.
+fn protocol_name(number: u16) -> Cow<'static, str> {
+    Cow::Borrowed(match number {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        33 => "dccp",
+        58 => "icmpv6",
+        115 => "l2tp",
+        132 => "sctp",
+        136 => "udplite",
+        262 => "mptcp",
+        other => return Cow::Owned(other.to_string()),
+    })
 }
 
 fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {

@@ -3,7 +3,7 @@
 //! delivered somewhere is counted.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -12,7 +12,12 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use super::{model::FlowEvent, sink::Sink, writer::LogWriter, EventType};
+use super::{
+    model::{Direction, FlowEvent},
+    sink::Sink,
+    writer::LogWriter,
+    EventType,
+};
 
 /// How many recent events `bulkhead flows` (without --follow) can show.
 const RECENT: usize = 1024;
@@ -41,11 +46,22 @@ pub struct EventStats {
     pub lost_while_down: AtomicU64,
     /// False once the ring buffer consumer has stopped.
     pub consumer_alive: AtomicBool,
+    /// Denial events the kernel's rate limit suppressed, by service and
+    /// direction: the sum of the `suppressed` the logged events carry.
+    pub suppressed: Mutex<BTreeMap<(Arc<str>, Direction), u64>>,
 }
 
 impl EventStats {
     pub fn received(&self, kind: EventType) -> u64 {
         self.received[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Suppressed denial events so far, by service and direction.
+    pub fn suppressed(&self) -> Vec<(Arc<str>, Direction, u64)> {
+        lock(&self.suppressed)
+            .iter()
+            .map(|((service, direction), n)| (Arc::clone(service), *direction, *n))
+            .collect()
     }
 }
 
@@ -95,8 +111,20 @@ impl Hub {
         if batch.is_empty() {
             return;
         }
+        let mut suppressed = Vec::new();
         for ev in &batch {
             self.stats.received[ev.kind as usize].fetch_add(1, Ordering::Relaxed);
+            if let (Some(n @ 1..), Some(service), Some(direction)) =
+                (ev.suppressed, &ev.service, ev.traffic_direction)
+            {
+                suppressed.push((Arc::clone(service), direction, u64::from(n)));
+            }
+        }
+        if !suppressed.is_empty() {
+            let mut totals = lock(&self.stats.suppressed);
+            for (service, direction, n) in suppressed {
+                *totals.entry((service, direction)).or_default() += n;
+            }
         }
         self.log.write(&batch);
         for tap in lock(&self.taps).iter() {

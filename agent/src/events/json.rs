@@ -64,6 +64,8 @@ pub fn encode(ev: &FlowEvent, out: &mut Vec<u8>) -> serde_json::Result<()> {
     }
     out.extend_from_slice(b",\"rule\":");
     opt_string(out, ev.rule.as_deref());
+    out.extend_from_slice(b",\"suppressed\":");
+    opt_number(out, ev.suppressed);
     out.extend_from_slice(b",\"socket_cookie\":");
     number(out, ev.socket_cookie);
     out.extend_from_slice(b",\"bytes_sent\":");
@@ -159,6 +161,7 @@ mod tests {
     fn verdict() -> FlowEvent {
         FlowEvent {
             gid: u32::MAX,
+            suppressed: Some(u32::MAX),
             socket_cookie: u64::MAX,
             ktime_ns: u64::MAX,
             ..crate::events::sample_verdict()

@@ -33,7 +33,7 @@ pub enum Verdict {
     Audit,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Egress,
@@ -79,6 +79,10 @@ pub struct FlowEvent {
     /// The rule that decided: `billing.toml#egress[1]`, or
     /// `billing.toml#default-deny`; null when no policy applies.
     pub rule: Option<Arc<str>>,
+    /// For verdict events: how many denial events of this service and
+    /// direction the kernel's rate limit suppressed (on the CPU that made
+    /// this one) since the previous one logged; null for other events.
+    pub suppressed: Option<u32>,
     pub socket_cookie: u64,
     /// For tcp_closed: bytes sent (acknowledged by the peer) and received.
     pub bytes_sent: Option<u64>,
@@ -126,6 +130,7 @@ impl FlowEvent {
             dst_port: None,
             verdict: None,
             rule: None,
+            suppressed: None,
             socket_cookie: 0,
             bytes_sent: None,
             bytes_received: None,
@@ -227,6 +232,7 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         dst_port: Some(5432),
         verdict: Some(Verdict::Deny),
         rule: Some("billing.toml#default-deny".into()),
+        suppressed: Some(0),
         socket_cookie: 9,
         bytes_sent: None,
         bytes_received: None,

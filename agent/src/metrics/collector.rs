@@ -25,7 +25,7 @@ use super::{
     process::ProcessStats,
     state::{Inventory, MetricsState},
 };
-use crate::events::EventType;
+use crate::events::{Direction, EventType};
 
 /// The exposition format of a scrape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +228,19 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         "bulkhead_events_lost",
         "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received), while_agent_down = dropped by the pinned programs while no agent read their ring buffer.",
         kernel.chain(userspace),
+    )?;
+    let suppressed = stats.suppressed();
+    counters(
+        enc,
+        "bulkhead_events_suppressed",
+        "Denial events not logged because the kernel's per-service rate limit (100 a second per direction and CPU) held them back, by service and direction: the sum of the `suppressed` counts the logged events carry. bulkhead_connections_total still counts every decision.",
+        suppressed.iter().map(|(service, direction, n)| {
+            let direction = match direction {
+                Direction::Egress => "egress",
+                Direction::Ingress => "ingress",
+            };
+            ([("service", &**service), ("direction", direction)], *n)
+        }),
     )?;
     one(
         enc,

@@ -369,6 +369,7 @@ fn protocol(
     match p.get_ref().as_str() {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
+        "any" => Protocol::Any,
         "icmp" if icmp_ok => Protocol::Icmp,
         "icmp" => {
             c.error(

@@ -151,6 +151,7 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         dst_port: Some(dst.1),
         verdict: (kind == EventType::Verdict).then_some(verdict),
         rule: None,
+        suppressed: None,
         socket_cookie: 0,
         bytes_sent: None,
         bytes_received: None,
