@@ -25,6 +25,7 @@ pub mod probe;
 pub mod process;
 pub mod require;
 pub mod server;
+pub mod sysctl;
 
 pub use bpf::ProgSnapshot;
 pub use cgroup::{cgroup2_mount, CgroupGuard};
@@ -35,6 +36,7 @@ pub use ports::free_port_block;
 pub use probe::{Listener, Outcome, Probe, Proto};
 pub use require::require_bpf;
 pub use server::Server;
+pub use sysctl::PingGroupRange;
 
 /// `EPERM`: what a denied `connect()`/`sendto()` must return.
 pub const EPERM: i32 = libc::EPERM;

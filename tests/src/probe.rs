@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -228,6 +228,149 @@ impl Probe {
         listener.addr = listener.wait_bound(&cmd);
         listener
     }
+
+    // Escape suite (sockets, egress)
+
+    /// `socket()` only, of `AF_INET6` if `v6` else `AF_INET`: `kind` is
+    /// `stream`, `dgram`, `seqpacket`, `raw` or `dccp`, `protocol` a name
+    /// (`mptcp`, `sctp`, `dccp`, `udplite`, `l2tp`, ...) or a number. A
+    /// refusal fails at stage `socket`.
+    #[must_use]
+    pub fn socket(&self, v6: bool, kind: &str, protocol: &str) -> Outcome {
+        let family = if v6 { "inet6" } else { "inet" };
+        self.run_client(&["socket", family, kind, protocol])
+    }
+
+    /// A socket of `kind`/`protocol` `connect()`s `addr`, then reads the
+    /// listener's byte (`stream`) or sends and waits for the echo (`dgram`).
+    #[must_use]
+    pub fn proto_connect(&self, kind: &str, protocol: &str, addr: SocketAddr) -> Outcome {
+        self.run_client(&["proto-connect", kind, protocol, &addr.to_string()])
+    }
+
+    /// An unconnected datagram socket of `protocol` `sendto()`s `addr`
+    /// (stage `sendto`), then waits for the echo.
+    #[must_use]
+    pub fn proto_sendto(&self, protocol: &str, addr: SocketAddr) -> Outcome {
+        self.run_client(&["proto-sendto", protocol, &addr.to_string()])
+    }
+
+    /// Starts a UDP-Lite echo listener on `addr` (port 0 = any).
+    #[must_use]
+    pub fn listen_udplite(&self, addr: SocketAddr) -> Listener {
+        let mut cmd = self.command();
+        cmd.args(["listen-udplite", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut listener = Listener {
+            child,
+            addr,
+            proto: Proto::Udp,
+        };
+        listener.addr = listener.wait_bound(&cmd);
+        listener
+    }
+
+    /// An ICMP echo from a ping socket (`SOCK_DGRAM` + `IPPROTO_ICMP`, or
+    /// `IPPROTO_ICMPV6` for an IPv6 `ip`): `connect()`, `send()`, then waits
+    /// for the reply. Needs [`crate::PingGroupRange`].
+    #[must_use]
+    pub fn ping(&self, ip: IpAddr) -> Outcome {
+        self.run_client(&["ping", &ip.to_string()])
+    }
+
+    /// Like [`Self::ping`], with an unconnected `sendto()` (stage `sendto`).
+    #[must_use]
+    pub fn ping_sendto(&self, ip: IpAddr) -> Outcome {
+        self.run_client(&["ping-sendto", &ip.to_string()])
+    }
+
+    /// A UDP socket `connect()`ed to `addr`, then `sendmsg()` without an
+    /// address but with control message `cmsg` (`tos`, `pktinfo`, `tclass`
+    /// or `segment`), then waits for the echo.
+    #[must_use]
+    pub fn udp_cmsg(&self, cmsg: &str, addr: SocketAddr) -> Outcome {
+        self.run_client(&["udp-cmsg", cmsg, &addr.to_string()])
+    }
+
+    /// `setsockopt(IP_OPTIONS)` with a loose source route whose first hop is
+    /// `hop` (stage `setsockopt`), then `sendto()` `addr` (stage `sendto`).
+    #[must_use]
+    pub fn ip_options_lsrr(&self, hop: Ipv4Addr, addr: SocketAddr) -> Outcome {
+        self.run_client(&["ip-options-lsrr", &hop.to_string(), &addr.to_string()])
+    }
+
+    /// `setsockopt(IPV6_RTHDR)` with a segment routing header (type 4)
+    /// whose first segment is `hop`, then `sendto()` `addr`.
+    #[must_use]
+    pub fn ipv6_rthdr(&self, hop: Ipv6Addr, addr: SocketAddr) -> Outcome {
+        self.run_client(&["ipv6-rthdr", &hop.to_string(), &addr.to_string()])
+    }
+
+    /// Unconnected `sendmsg()` to `addr` with an `IP_RETOPTS` control
+    /// message routing through `hop` first (stage `sendmsg`).
+    #[must_use]
+    pub fn retopts_sendmsg(&self, hop: Ipv4Addr, addr: SocketAddr) -> Outcome {
+        self.run_client(&["retopts-sendmsg", &hop.to_string(), &addr.to_string()])
+    }
+
+    /// UDP `connect()` to `connected`, `connect(AF_UNSPEC)` (stage
+    /// `disconnect`), then `sendto()` `other` (stage `sendto`) and waits for
+    /// the echo.
+    #[must_use]
+    pub fn udp_unspec_sendto(&self, connected: SocketAddr, other: SocketAddr) -> Outcome {
+        self.client("udp-unspec-sendto", &[connected, other])
+    }
+
+    /// [`Self::tcp_connect`] from another task: `via` is `thread`, `fork`
+    /// (a `fork()`ed child) or `vfork` (a `clone(CLONE_VM | CLONE_VFORK)`
+    /// child, which only connects).
+    #[must_use]
+    pub fn tcp_connect_via(&self, via: &str, addr: SocketAddr) -> Outcome {
+        self.run_client(&["tcp-connect-via", via, &addr.to_string()])
+    }
+
+    /// Drops to uid/gid 65534, then writes its pid into `dir/cgroup.procs`:
+    /// without `then` that write is the outcome (stage `move`); with it the
+    /// probe goes on and [`Self::tcp_connect`]s `then`.
+    #[must_use]
+    pub fn drop_privs_move(&self, dir: &Path, then: Option<SocketAddr>) -> Outcome {
+        let dir = dir.to_string_lossy();
+        match then {
+            None => self.run_client(&["drop-privs-move", &dir]),
+            Some(addr) => self.run_client(&["drop-privs-move", &dir, &addr.to_string()]),
+        }
+    }
+
+    /// The probe forks; the child joins cgroup `service`, and the parent
+    /// (where this probe runs) passes it a fresh socket with `SCM_RIGHTS`;
+    /// the child uses it towards `addr`: `how` is `tcp-connect` or
+    /// `udp-sendto`. The outcome is the child's.
+    #[must_use]
+    pub fn scm_rights(&self, service: &Path, how: &str, addr: SocketAddr) -> Outcome {
+        let dir = service.to_string_lossy();
+        self.run_client(&["scm-rights", &dir, how, &addr.to_string()])
+    }
+
+    /// `IORING_OP_CONNECT` to `addr` (the completion's errno at stage
+    /// `connect`), then reads the listener's byte. `mode` is `inline` (run
+    /// by the submitting task) or `worker` (`IOSQE_ASYNC`: an io-wq thread).
+    #[must_use]
+    pub fn uring_connect(&self, mode: &str, addr: SocketAddr) -> Outcome {
+        self.run_client(&["uring-connect", mode, &addr.to_string()])
+    }
+
+    /// `IORING_OP_SENDMSG` on an unconnected UDP socket to `addr` (the
+    /// completion's errno at stage `sendmsg`), then waits for the echo;
+    /// `mode` as for [`Self::uring_connect`].
+    #[must_use]
+    pub fn uring_sendmsg(&self, mode: &str, addr: SocketAddr) -> Outcome {
+        self.run_client(&["uring-sendmsg", mode, &addr.to_string()])
+    }
 }
 
 /// What a client probe reported.
@@ -339,6 +482,56 @@ impl Outcome {
             "{why}: `{}` should fail with EPERM (errno {}) at connect/send, got {}",
             self.what,
             libc::EPERM,
+            self.json
+        );
+    }
+
+    // Escape suite (sockets, egress)
+
+    /// Asserts the step `stage` failed with `errno` (not a timeout).
+    pub fn assert_errno_at(&self, errno: i32, stage: &str, why: &str) {
+        assert!(
+            !self.ok && self.errno == Some(errno) && self.stage.as_deref() == Some(stage),
+            "{why}: `{}` should fail with errno {errno} at {stage}, got {}",
+            self.what,
+            self.json
+        );
+    }
+
+    /// Asserts the kernel refused with `EPERM` at one of `stages`, and
+    /// returns which.
+    #[expect(
+        clippy::must_use_candidate,
+        reason = "called for its assertion; the stage is a convenience"
+    )]
+    pub fn assert_eperm_at_any<'a>(&self, stages: &[&'a str], why: &str) -> &'a str {
+        let stage = stages
+            .iter()
+            .find(|s| self.stage.as_deref() == Some(**s))
+            .filter(|_| !self.ok && self.errno == Some(libc::EPERM));
+        let Some(stage) = stage else {
+            panic!(
+                "{why}: `{}` should fail with EPERM (errno {}) at one of {stages:?}, got {}",
+                self.what,
+                libc::EPERM,
+                self.json
+            );
+        };
+        stage
+    }
+
+    /// Asserts `socket()` failed: with `EPERM` (refused), or with
+    /// `EPROTONOSUPPORT`/`ESOCKTNOSUPPORT` (the protocol is not available on
+    /// this host, so there is nothing to refuse). Never a success.
+    pub fn assert_refused_or_unsupported(&self, why: &str) {
+        let refused = [libc::EPERM, libc::EPROTONOSUPPORT, libc::ESOCKTNOSUPPORT];
+        assert!(
+            !self.ok
+                && self.stage.as_deref() == Some("socket")
+                && self.errno.is_some_and(|e| refused.contains(&e)),
+            "{why}: `{}` should fail at socket with EPERM, EPROTONOSUPPORT or \
+             ESOCKTNOSUPPORT (errno {refused:?}), got {}",
+            self.what,
             self.json
         );
     }

@@ -90,7 +90,7 @@ pub fn tcp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
 }
 
 /// Waits until a non-blocking `connect()` completes, then returns its result.
-fn wait_connected(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
+pub fn wait_connected(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLOUT,
@@ -129,7 +129,7 @@ fn wait_connected(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
-fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+pub fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: fcntl on an fd we own.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
@@ -142,7 +142,7 @@ fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 /// Reads the byte every test listener sends on accepting.
-fn read_one_byte(mut stream: TcpStream, timeout: Duration) -> Result<(), Failure> {
+pub fn read_one_byte(mut stream: TcpStream, timeout: Duration) -> Result<(), Failure> {
     stream.set_read_timeout(Some(timeout)).map_err(at("recv"))?;
     let mut byte = [0u8; 1];
     match stream.read(&mut byte).map_err(at("recv"))? {
@@ -301,7 +301,7 @@ pub fn packet_socket() -> Result<(), Failure> {
 }
 
 /// `socket(family, kind | SOCK_CLOEXEC, protocol)`, owned at once.
-fn new_socket(
+pub fn new_socket(
     family: libc::c_int,
     kind: libc::c_int,
     protocol: libc::c_int,
@@ -324,7 +324,7 @@ fn bind_source(ctx: &mut Ctx, fd: &OwnedFd) -> Result<(), Failure> {
     Ok(())
 }
 
-fn bind_fd(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+pub fn bind_fd(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
     let (storage, len) = sockaddr(addr);
     // SAFETY: `storage` is a valid sockaddr of `len` bytes.
     if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) } != 0 {
@@ -334,7 +334,7 @@ fn bind_fd(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
 }
 
 /// `getsockname()`, if the socket has an IPv4 or IPv6 address.
-fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
+pub fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut len = socklen::<libc::sockaddr_storage>();
@@ -374,19 +374,19 @@ fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
     }
 }
 
-fn family_of(addr: SocketAddr) -> libc::c_int {
+pub fn family_of(addr: SocketAddr) -> libc::c_int {
     match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
     }
 }
 
-fn socklen<T>() -> libc::socklen_t {
+pub fn socklen<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
 }
 
 /// `addr` as a C socket address.
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let len = match addr {

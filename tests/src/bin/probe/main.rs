@@ -17,6 +17,50 @@
 //!   reflect udp ADDR:PORT         like serve, but answer from ADDR:PORT and from a second port
 //! ```
 //!
+//! Escape suite, sockets and egress (each a technique a compromised service
+//! would try; a step that fails is named as its stage: `socket`, `connect`,
+//! `send` (on a connected socket), `sendto`, `sendmsg`, `setsockopt`,
+//! `recv`, ...):
+//!
+//! ```text
+//!   socket inet|inet6 TYPE PROTO  socket() only; TYPE stream|dgram|seqpacket|raw|dccp,
+//!                                 PROTO a number or tcp|udp|icmp|icmpv6|sctp|dccp|udplite|mptcp|l2tp
+//!   proto-connect TYPE PROTO A:P  that socket connect()s A:P, then reads the byte (stream)
+//!                                 or sends and waits for the echo (dgram)
+//!   proto-sendto PROTO A:P        an unconnected SOCK_DGRAM socket of PROTO: sendto(), echo
+//!   listen-udplite A:P            a UDP-Lite echo listener (prints `ready ADDR:PORT`)
+//!   ping IP                       ping socket (SOCK_DGRAM + IPPROTO_ICMP/ICMPV6): connect(),
+//!                                 send() an echo request, wait for the reply
+//!   ping-sendto IP                the same with an unconnected sendto()
+//!   udp-cmsg CMSG A:P             UDP connect(A:P), then sendmsg() with no address and one
+//!                                 control message: tos (IP_TOS), pktinfo (IP_PKTINFO),
+//!                                 tclass (IPV6_TCLASS) or segment (UDP_SEGMENT, 2 datagrams);
+//!                                 wait for the echo
+//!   ip-options-lsrr HOP A:P       setsockopt(IP_OPTIONS) with a loose source route via HOP,
+//!                                 then sendto() A:P (no answer awaited)
+//!   ipv6-rthdr HOP A:P            setsockopt(IPV6_RTHDR) with a segment routing header
+//!                                 (type 4) via HOP, then sendto() A:P (no answer awaited)
+//!   retopts-sendmsg HOP A:P       unconnected sendmsg() to A:P with an IP_RETOPTS control
+//!                                 message routing via HOP (no answer awaited)
+//!   udp-unspec-sendto A:P B:Q     UDP connect(A:P), connect(AF_UNSPEC) (stage `disconnect`),
+//!                                 then sendto() B:Q and wait for the echo
+//!   tcp-connect-via thread|fork|vfork A:P
+//!                                 tcp-connect from a thread, a fork()ed child, or a
+//!                                 clone(CLONE_VM|CLONE_VFORK) child (which only connects)
+//!   drop-privs-move DIR [A:P]     setgroups/setgid/setuid to 65534, write the own pid into
+//!                                 DIR/cgroup.procs (stage `move`); with A:P go on whatever
+//!                                 the write did and tcp-connect A:P
+//!   scm-rights DIR tcp-connect|udp-sendto A:P
+//!                                 fork; the child joins cgroup DIR; the (unmanaged) parent
+//!                                 makes a TCP/UDP socket and passes it with SCM_RIGHTS; the
+//!                                 child connects it / sendto()s with it; the child's outcome
+//!   uring-connect MODE A:P        IORING_OP_CONNECT (the CQE's errno at stage `connect`),
+//!                                 then read the byte; MODE inline (in the submitting task)
+//!                                 or worker (IOSQE_ASYNC: on an io-wq worker thread)
+//!   uring-sendmsg MODE A:P        IORING_OP_SENDMSG on an unconnected UDP socket (the CQE's
+//!                                 errno at stage `sendmsg`), then wait for the echo
+//! ```
+//!
 //! `--cgroup DIR` writes the probe's own pid into `DIR/cgroup.procs` before
 //! any socket exists (a socket belongs to the cgroup it was created in), and
 //! `--netns NAME` joins `/var/run/netns/NAME` first. `--source IP` binds a
@@ -33,12 +77,14 @@
 //! cgroup or namespace).
 
 mod client;
+mod escape_a;
 mod listen;
 
 use std::{
     fs, io,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
+    path::Path,
     process::ExitCode,
     time::Duration,
 };
@@ -51,7 +97,8 @@ const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--sour
     [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
     | tcp-bind|udp-bind ADDR:PORT | raw-socket inet|inet6 | packet-socket \
-    | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT)";
+    | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT | ESCAPE-COMMAND ARGS...: \
+    see the doc of bulkhead-probe)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -99,6 +146,57 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["serve", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, true),
         ["serve", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, true),
         ["reflect", "udp", addr] => return listen::reflect_udp(parse_addr(addr)?),
+        ["socket", family, kind, proto] => escape_a::socket(
+            escape_a::family(family)?,
+            escape_a::kind(kind)?,
+            escape_a::protocol(proto)?,
+        ),
+        ["proto-connect", kind, proto, addr] => escape_a::proto_connect(
+            &mut ctx,
+            escape_a::kind(kind)?,
+            escape_a::protocol(proto)?,
+            parse_addr(addr)?,
+        ),
+        ["proto-sendto", proto, addr] => {
+            escape_a::proto_sendto(&mut ctx, escape_a::protocol(proto)?, parse_addr(addr)?)
+        }
+        ["listen-udplite", addr] => return escape_a::listen_udplite(parse_addr(addr)?),
+        ["ping", ip] => escape_a::ping(&mut ctx, escape_a::ip(ip)?, true),
+        ["ping-sendto", ip] => escape_a::ping(&mut ctx, escape_a::ip(ip)?, false),
+        ["udp-cmsg", cmsg, addr] => {
+            escape_a::udp_cmsg(&mut ctx, &escape_a::Cmsg::named(cmsg)?, parse_addr(addr)?)
+        }
+        ["ip-options-lsrr", hop, addr] => {
+            escape_a::lsrr_setsockopt(&mut ctx, escape_a::ip4(hop)?, parse_addr(addr)?)
+        }
+        ["ipv6-rthdr", hop, addr] => {
+            escape_a::rthdr_setsockopt(&mut ctx, escape_a::ip6(hop)?, parse_addr(addr)?)
+        }
+        ["retopts-sendmsg", hop, addr] => {
+            escape_a::retopts_sendmsg(&mut ctx, escape_a::ip4(hop)?, parse_addr(addr)?)
+        }
+        ["udp-unspec-sendto", a, b] => {
+            escape_a::udp_unspec_sendto(&mut ctx, parse_addr(a)?, parse_addr(b)?)
+        }
+        ["tcp-connect-via", via @ ("thread" | "fork" | "vfork"), addr] => {
+            escape_a::tcp_connect_via(&mut ctx, via, parse_addr(addr)?)
+        }
+        ["drop-privs-move", dir] => escape_a::drop_privs_move(&mut ctx, Path::new(dir), None),
+        ["drop-privs-move", dir, addr] => {
+            escape_a::drop_privs_move(&mut ctx, Path::new(dir), Some(parse_addr(addr)?))
+        }
+        ["scm-rights", dir, how, addr] => escape_a::scm_rights(
+            &mut ctx,
+            Path::new(dir),
+            &escape_a::Passed::named(how)?,
+            parse_addr(addr)?,
+        ),
+        ["uring-connect", mode, addr] => {
+            escape_a::uring_connect(&mut ctx, escape_a::uring_flags(mode)?, parse_addr(addr)?)
+        }
+        ["uring-sendmsg", mode, addr] => {
+            escape_a::uring_sendmsg(&mut ctx, escape_a::uring_flags(mode)?, parse_addr(addr)?)
+        }
         _ => return Err(USAGE.to_owned()),
     };
     report(outcome, &ctx);
