@@ -9,8 +9,8 @@ use aya_ebpf::{
         BPF_SK_STORAGE_GET_F_CREATE,
     },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_ktime_get_ns, generated::bpf_sk_storage_get,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::bpf_sk_storage_get,
     },
 };
 
@@ -94,7 +94,9 @@ pub fn emit(ev: &Event, lost_slot: u32) {
 /// it); `None` when this one is suppressed (and counted for the next).
 #[inline(always)]
 pub fn deny_event_budget(service_id: u32, direction: u8) -> Option<u32> {
-    let slot = service_id.wrapping_mul(2).wrapping_add(u32::from(direction));
+    let slot = service_id
+        .wrapping_mul(2)
+        .wrapping_add(u32::from(direction));
     // No slot (an id past the map: cannot happen) sends, uncounted by the limit.
     let Some(state) = DENY_RATE.get_ptr_mut(slot) else {
         return Some(0);

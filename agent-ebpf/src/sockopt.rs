@@ -7,8 +7,8 @@
 //! unmanaged task, passes untouched.
 
 use agent_common::{
-    counter_slot, ServiceEntry, DIRECTION_EGRESS, HOOK_SETSOCKOPT, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT,
-    RULE_SOURCE_ROUTE, VERDICT_AUDIT, VERDICT_DENY,
+    counter_slot, ServiceEntry, DIRECTION_EGRESS, HOOK_SETSOCKOPT, KIND_VERDICT, LOST_VERDICT,
+    MODE_AUDIT, RULE_SOURCE_ROUTE, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
@@ -79,7 +79,10 @@ fn option_byte(ctx: &SockoptContext, i: usize) -> Option<u8> {
 fn refuse(service: &ServiceEntry) -> bool {
     let enforce = service.mode != MODE_AUDIT;
     let verdict = if enforce { VERDICT_DENY } else { VERDICT_AUDIT };
-    count(service.service_id, counter_slot(DIRECTION_EGRESS, 0, verdict));
+    count(
+        service.service_id,
+        counter_slot(DIRECTION_EGRESS, 0, verdict),
+    );
     if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_EGRESS) {
         let mut ev = blank();
         ev.kind = KIND_VERDICT;

@@ -63,6 +63,40 @@ pub fn wait_event(daemon: &Daemon, what: &str, matches: impl Fn(&Value) -> bool)
     }
 }
 
+/// Polls the decision log until `n` events satisfy `matches`, waits a
+/// moment for any further one, and returns them all: the caller asserts
+/// the exact number. Panics after [`EVENT_TIMEOUT`] with fewer.
+#[must_use]
+pub fn wait_events(
+    daemon: &Daemon,
+    what: &str,
+    n: usize,
+    matches: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let found: Vec<Value> = events(daemon)
+            .into_iter()
+            .filter(|ev| matches(ev))
+            .collect();
+        if found.len() >= n {
+            // The reader drains on a timer of at most 80 ms: one more look
+            // after it catches an event too many.
+            thread::sleep(Duration::from_millis(200));
+            return events(daemon)
+                .into_iter()
+                .filter(|ev| matches(ev))
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} {what} in the decision log within {EVENT_TIMEOUT:?}: {found:#?}",
+            found.len()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Asserts each `(field, value)` of `want` is exactly what `ev` holds.
 pub fn assert_fields(ev: &Value, want: &[(&str, Value)], what: &str) {
     for (field, value) in want {

@@ -318,12 +318,11 @@ impl Enforcer {
                             )
                             .map_err(pin_err)?;
                             raw_link::pin(&link, &path).map_err(pin_err)?;
-                            let pinned = PinnedLink::from_pin(&path).map_err(|e| {
-                                KernelError::Pin {
+                            let pinned =
+                                PinnedLink::from_pin(&path).map_err(|e| KernelError::Pin {
                                     path: path.clone(),
                                     reason: e.to_string(),
-                                }
-                            })?;
+                                })?;
                             self.links.push(Attached::Pinned(pinned));
                         }
                         // Owned by the program: detached when the agent exits.

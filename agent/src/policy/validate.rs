@@ -352,12 +352,7 @@ fn ports(
 
 /// A rule's `protocol`; `icmp` only where `icmp_ok` (egress rules: ping
 /// sockets send, nothing listens for ICMP).
-fn protocol(
-    c: &mut Checker<'_>,
-    at: &str,
-    p: Option<&Spanned<String>>,
-    icmp_ok: bool,
-) -> Protocol {
+fn protocol(c: &mut Checker<'_>, at: &str, p: Option<&Spanned<String>>, icmp_ok: bool) -> Protocol {
     let Some(p) = p else {
         return Protocol::Any;
     };

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use integration_tests::{
-    addr, require_bpf, service_policy, CgroupGuard, Daemon, Egress, NetnsGuard, PingGroupRange,
-    PolicyDir, Probe, Proto,
+    addr, events::wait_events, require_bpf, service_policy, CgroupGuard, Daemon, Egress,
+    NetnsGuard, Outcome, PingGroupRange, PolicyDir, Probe, Proto,
 };
 
 fn probe() -> Probe {
@@ -66,7 +66,7 @@ fn ping_sockets_reach_only_icmp_rule_destinations() {
     }
     let rule = Egress::to([v4[0], v6[0]]).protocol("icmp");
     let policies = PolicyDir::with(&[("svc.toml", &policy(&svc, &[rule], ""))]);
-    let _daemon = Daemon::start(&policies);
+    let daemon = Daemon::start(&policies);
 
     for [allowed, denied] in [v4, v6] {
         let why = format!("{allowed} is in the icmp rule");
@@ -74,12 +74,35 @@ fn ping_sockets_reach_only_icmp_rule_destinations() {
         client.ping_sendto(allowed).assert_ok(&why);
         let why = format!("{denied} is not in the icmp rule");
         client.ping(denied).assert_eperm_at("connect", &why);
-        client.ping_sendto(denied).assert_eperm_at("sendto", &why);
+        assert_echo_dropped(&client.ping_sendto(denied), denied, &why);
     }
     for ip in LOOPBACK {
         let why = format!("{ip} (loopback) is not in the icmp rule");
         client.ping(ip).assert_eperm_at("connect", &why);
-        client.ping_sendto(ip).assert_eperm_at("sendto", &why);
+        assert_echo_dropped(&client.ping_sendto(ip), ip, &why);
+    }
+    // Every unconnected echo refused above, and only those, is a deny of
+    // hook "packet", each naming the service's default deny.
+    let refused = wait_events(&daemon, "denied echoes from hook packet", 4, |ev| {
+        ev["hook"] == "packet" && ev["verdict"] == "deny"
+    });
+    assert_eq!(refused.len(), 4, "{refused:#?}");
+    for ev in &refused {
+        assert_eq!(ev["protocol"], "icmp", "{ev:#}");
+        assert_eq!(ev["rule"], "svc.toml#default-deny", "{ev:#}");
+    }
+}
+
+/// An unconnected echo to a destination no icmp rule allows is dropped on
+/// its way out. IPv4's sendto() then fails with EPERM; IPv6's returns
+/// success, because the kernel discards the output error for ICMPv6 ping
+/// sockets (`icmpv6_push_pending_frames` ignores it), so there the proof is
+/// that no answer ever comes.
+fn assert_echo_dropped(outcome: &Outcome, dest: IpAddr, why: &str) {
+    if dest.is_ipv4() {
+        outcome.assert_eperm_at("sendto", why);
+    } else {
+        outcome.assert_timed_out("recv", why);
     }
 }
 
