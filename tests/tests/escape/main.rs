@@ -9,7 +9,7 @@
 //!   protocols without socket-address hooks).
 //! - `egress`: ways to reach a destination the policy does not allow
 //!   (address forms, send paths, source routing, processes and threads,
-//!   io_uring, sockets received from elsewhere).
+//!   `io_uring`, sockets received from elsewhere).
 //! - `ingress`: ways to be reached from a source the policy does not allow
 //!   (IPv6 extension headers, listeners the service did not create,
 //!   listeners `[bind]` never allowed).

@@ -65,7 +65,18 @@ pub fn at(stage: &'static str) -> impl Fn(io::Error) -> Failure {
 /// A connection that does not complete within the step timeout is a
 /// `connect` failure that timed out (no errno: nothing refused it).
 pub fn tcp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    tcp_connect_with(ctx, addr, |_| Ok(()))
+}
+
+/// [`tcp_connect`], with `prepare` run on the fresh socket first (socket
+/// options the connection must carry).
+pub fn tcp_connect_with(
+    ctx: &mut Ctx,
+    addr: SocketAddr,
+    prepare: impl FnOnce(&OwnedFd) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let fd = new_socket(family_of(addr), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
+    prepare(&fd)?;
     bind_source(ctx, &fd)?;
     let (storage, len) = sockaddr(addr);
     // SAFETY: `storage` is a valid sockaddr of `len` bytes.
@@ -301,7 +312,7 @@ pub fn packet_socket() -> Result<(), Failure> {
 }
 
 /// `socket(family, kind | SOCK_CLOEXEC, protocol)`, owned at once.
-fn new_socket(
+pub fn new_socket(
     family: libc::c_int,
     kind: libc::c_int,
     protocol: libc::c_int,
@@ -374,7 +385,7 @@ fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
     }
 }
 
-fn family_of(addr: SocketAddr) -> libc::c_int {
+pub fn family_of(addr: SocketAddr) -> libc::c_int {
     match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -386,7 +397,7 @@ fn socklen<T>() -> libc::socklen_t {
 }
 
 /// `addr` as a C socket address.
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let len = match addr {
