@@ -242,6 +242,12 @@ impl Probe {
         self.run_client(&["tcp-connect-opts", options.as_str(), &addr.to_string()])
     }
 
+    /// [`Self::udp_sendto`], the datagram carrying `options`.
+    #[must_use]
+    pub fn udp_sendto_opts(&self, options: SynOptions, addr: SocketAddr) -> Outcome {
+        self.run_client(&["udp-sendto-opts", options.as_str(), &addr.to_string()])
+    }
+
     /// Socket activation: the probe (from this probe's own cgroup: leave
     /// [`Self::in_cgroup`] unset, it is the unmanaged "init") listens on TCP
     /// `addr`, keeps the listener, and forks a child that joins cgroup
@@ -481,7 +487,8 @@ impl Drop for Listener {
 
 // Escape suite (ingress, noise): what the methods above take and return.
 
-/// What [`Probe::tcp_connect_opts`] puts on a SYN.
+/// What [`Probe::tcp_connect_opts`] puts on a SYN (and
+/// [`Probe::udp_sendto_opts`] on a datagram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SynOptions {
     /// An IPv6 Hop-by-Hop Options header (`IPV6_HOPOPTS`).

@@ -7,9 +7,9 @@
 //! test first reaches an unmanaged listener on the same address the same
 //! way, so that a drop is the policy's doing, not the network's.
 //!
-//! - SYNs carrying IPv6 extension headers (Hop-by-Hop, Destination
-//!   Options, a chain of both) or IPv4 options: the parser must walk to the
-//!   TCP header, for `[[ingress]]` and for a quarantine.
+//! - SYNs and datagrams carrying IPv6 extension headers (Hop-by-Hop,
+//!   Destination Options, a chain of both) or IPv4 options: the parser must
+//!   walk to the TCP or UDP header, for `[[ingress]]` and for a quarantine.
 //! - Listeners the service did not create: socket activation (an unmanaged
 //!   parent listens, a child in the service accepts) and a listener passed
 //!   over a Unix socket (`SCM_RIGHTS`). The service that holds and uses the
@@ -32,13 +32,16 @@ use integration_tests::{
     policy::policy_with,
     probe::SynOptions,
     process::output_with_timeout,
-    require_bpf, CgroupGuard, Daemon, Ingress, NetnsGuard, Outcome, PolicyDir, Probe, Proto,
-    Server,
+    require_bpf, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard, Outcome, PolicyDir, Probe,
+    Proto, Server,
 };
 
 /// How long a refused peer's TCP connect is given: long enough for the
 /// first SYN retransmission (after 1 s), so two SYNs are dropped, not one.
 const SYN_WAIT: Duration = Duration::from_secs(2);
+/// How long a disallowed peer waits for an echo that must not come (an
+/// answer over a veth pair takes well under a millisecond).
+const DATAGRAM_WAIT: Duration = Duration::from_secs(1);
 /// How long a served peer may take to show in the server's report.
 const SERVED_WAIT: Duration = Duration::from_secs(2);
 /// How long the daemon is given to learn that a service holds a listener it
@@ -51,15 +54,15 @@ fn probe() -> Probe {
 }
 
 /// Asserts `peers`, from the disallowed source `f.denied`, reach an
-/// unmanaged listener on `f`'s local address with `connect`: the network
-/// carries what the test sends.
+/// unmanaged `proto` server on `f`'s local address with `connect`: the
+/// network carries what the test sends.
 fn assert_unmanaged_reachable(
     peers: &Probe,
-    f: &Family,
+    (f, proto): (&Family, Proto),
     what: &str,
     connect: impl Fn(&Probe, SocketAddr) -> Outcome,
 ) {
-    let unmanaged = probe().serve(Proto::Tcp, f.local(0));
+    let unmanaged = probe().serve(proto, f.local(0));
     connect(&peers.source(f.denied), unmanaged.addr()).assert_ok(&format!(
         "{}: {what} from the disallowed source reaches an unmanaged listener on the same address",
         f.name
@@ -103,7 +106,9 @@ fn syn_with_options(f: fn(&NetnsGuard) -> Family, options: SynOptions) {
     let server = probe().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
     let peers = probe().in_netns(remote.name());
     let what = format!("a SYN with {options:?}");
-    assert_unmanaged_reachable(&peers, &f, &what, |p, a| p.tcp_connect_opts(options, a));
+    assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), &what, |p, a| {
+        p.tcp_connect_opts(options, a)
+    });
 
     let ok = peers
         .source(f.allowed)
@@ -155,6 +160,54 @@ fn tcp4_syn_with_ip_options_from_disallowed_source_is_dropped() {
     syn_with_options(Family::v4, SynOptions::Ipv4Nops);
 }
 
+/// The same for datagrams: one carrying extension headers from the allowed
+/// source is echoed, from the disallowed source it is dropped.
+#[test]
+fn udp6_datagram_with_extension_headers_from_disallowed_source_is_dropped() {
+    if !require_bpf() {
+        return;
+    }
+    let remote = NetnsGuard::new();
+    let svc = CgroupGuard::new();
+    let f = Family::v6(&remote);
+    let rule = Ingress::from([f.allowed]).protocol("udp");
+    // The echo is the service's own sendto(), judged as egress: allowed to
+    // both peers, so that only the inbound drop can stop the disallowed one.
+    let echo = Egress::to([f.allowed, f.denied]).protocol("udp");
+    let policies = PolicyDir::with(&[("dns.toml", &policy_with(&svc, "enforce", &[&rule, &echo]))]);
+    let _daemon = Daemon::start(&policies);
+    let server = probe().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
+    let peers = probe().in_netns(remote.name());
+    let chain = SynOptions::HopByHopAndDestination;
+    assert_unmanaged_reachable(
+        &peers,
+        (&f, Proto::Udp),
+        "a datagram with two extension headers",
+        |p, a| p.udp_sendto_opts(chain, a),
+    );
+    for options in [
+        SynOptions::HopByHop,
+        SynOptions::Destination,
+        SynOptions::HopByHopAndDestination,
+    ] {
+        let what = format!("a datagram with {options:?}");
+        let ok = peers
+            .source(f.allowed)
+            .udp_sendto_opts(options, server.addr());
+        ok.assert_ok(&format!("{what} from the allowed source is echoed"));
+        server.wait_peer(ok.local_addr(), SERVED_WAIT);
+        peers
+            .source(f.denied)
+            .step_timeout(DATAGRAM_WAIT)
+            .udp_sendto_opts(options, server.addr())
+            .assert_timed_out(
+                "recv",
+                &format!("{what} from a source no rule allows is dropped"),
+            );
+    }
+    server.assert_never_served(f.denied, "datagrams from a source no rule allows");
+}
+
 /// A quarantined service is reached by no SYN, whatever headers it carries.
 #[test]
 fn tcp6_syn_with_extension_headers_does_not_reach_a_quarantined_service() {
@@ -169,9 +222,12 @@ fn tcp6_syn_with_extension_headers_does_not_reach_a_quarantined_service() {
     let server = probe().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
     let peers = probe().in_netns(remote.name());
     let chain = SynOptions::HopByHopAndDestination;
-    assert_unmanaged_reachable(&peers, &f, "a SYN with two extension headers", |p, a| {
-        p.tcp_connect_opts(chain, a)
-    });
+    assert_unmanaged_reachable(
+        &peers,
+        (&f, Proto::Tcp),
+        "a SYN with two extension headers",
+        |p, a| p.tcp_connect_opts(chain, a),
+    );
     peers
         .source(f.allowed)
         .tcp_connect_opts(chain, server.addr())
@@ -245,7 +301,7 @@ fn listener_not_created_by_the_service(f: fn(&NetnsGuard) -> Family, handover: H
         svc.pids()
     );
     let peers = probe().in_netns(remote.name());
-    assert_unmanaged_reachable(&peers, &f, "a SYN", Probe::tcp_connect);
+    assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
 
     keep_connecting(
         &peers.source(f.allowed),

@@ -9,7 +9,7 @@ use std::{
     mem,
     net::{SocketAddr, TcpListener},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
     ptr,
@@ -23,7 +23,8 @@ use crate::{
     listen,
 };
 
-/// What `tcp-connect-opts KIND` puts on the SYN, as `setsockopt()` calls
+/// What `tcp-connect-opts KIND` puts on the SYN (and `udp-sendto-opts`
+/// on the datagram), as `setsockopt()` calls
 /// (level, option, value).
 pub struct Options(Vec<(libc::c_int, libc::c_int, &'static [u8])>);
 
@@ -56,19 +57,31 @@ pub fn options(kind: &str) -> Result<Options, String> {
 /// packet of the connection (the SYN first) carries them. A refusal of the
 /// option itself fails at stage `setsockopt`.
 pub fn tcp_connect_opts(ctx: &mut Ctx, options: &Options, addr: SocketAddr) -> Result<(), Failure> {
-    client::tcp_connect_with(ctx, addr, |fd| {
-        for &(level, name, value) in &options.0 {
-            let len = libc::socklen_t::try_from(value.len()).unwrap_or(libc::socklen_t::MAX);
-            // SAFETY: `value` is valid for `len` bytes.
-            let rc = unsafe {
-                libc::setsockopt(fd.as_raw_fd(), level, name, value.as_ptr().cast(), len)
-            };
-            if rc != 0 {
-                return Err(at("setsockopt")(io::Error::last_os_error()));
-            }
+    client::tcp_connect_with(ctx, addr, |fd| set_options(fd, options))
+}
+
+fn set_options(fd: &impl AsRawFd, options: &Options) -> Result<(), Failure> {
+    for &(level, name, value) in &options.0 {
+        let len = libc::socklen_t::try_from(value.len()).unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `value` is valid for `len` bytes.
+        let rc =
+            unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, value.as_ptr().cast(), len) };
+        if rc != 0 {
+            return Err(at("setsockopt")(io::Error::last_os_error()));
         }
-        Ok(())
-    })
+    }
+    Ok(())
+}
+
+/// `udp-sendto`, with `options` set on the socket first: the datagram
+/// carries them; then waits for the echo.
+pub fn udp_sendto_opts(ctx: &mut Ctx, options: &Options, addr: SocketAddr) -> Result<(), Failure> {
+    let sock = client::udp_socket(ctx, addr)?;
+    set_options(&sock, options)?;
+    sock.send_to(b"ping", addr).map_err(at("send"))?;
+    let mut buf = [0u8; 16];
+    sock.recv_from(&mut buf).map_err(at("recv"))?;
+    Ok(())
 }
 
 /// Socket activation: this (unmanaged) process binds and listens on `addr`,

@@ -17,6 +17,7 @@
 //!   reflect udp ADDR:PORT         like serve, but answer from ADDR:PORT and from a second port
 //!   tcp-connect-opts KIND ADDR:PORT  tcp-connect, the SYN carrying IPv6 extension headers
 //!                                 (KIND hop, dst or hop+dst) or IPv4 options (ip-nop)
+//!   udp-sendto-opts KIND ADDR:PORT  udp-sendto, the datagram carrying the same
 //!   activate-listen DIR tcp ADDR:PORT  socket activation: listen here, fork a child that
 //!                                 joins cgroup DIR and serves (like serve) on the inherited socket
 //!   scm-listen DIR tcp ADDR:PORT  fork a child that joins cgroup DIR, listen here, pass the
@@ -62,7 +63,7 @@ const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--sour
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
     | tcp-bind|udp-bind ADDR:PORT | raw-socket inet|inet6 | packet-socket \
     | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT \
-    | tcp-connect-opts hop|dst|hop+dst|ip-nop ADDR:PORT \
+    | tcp-connect-opts|udp-sendto-opts hop|dst|hop+dst|ip-nop ADDR:PORT \
     | activate-listen|scm-listen DIR tcp ADDR:PORT | listen-unbound tcp inet|inet6 \
     | deny-flood udp|tcp N ADDR:PORT)";
 
@@ -114,6 +115,9 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["reflect", "udp", addr] => return listen::reflect_udp(parse_addr(addr)?),
         ["tcp-connect-opts", kind, addr] => {
             escape_b::tcp_connect_opts(&mut ctx, &escape_b::options(kind)?, parse_addr(addr)?)
+        }
+        ["udp-sendto-opts", kind, addr] => {
+            escape_b::udp_sendto_opts(&mut ctx, &escape_b::options(kind)?, parse_addr(addr)?)
         }
         ["activate-listen", dir, "tcp", addr] => {
             return escape_b::activate_listen(dir, parse_addr(addr)?)
