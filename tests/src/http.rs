@@ -2,7 +2,7 @@
 //! a minimal GET.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fs,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -77,4 +77,62 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("GET {path}: no status code in {head:?}"));
     (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// A series: metric name and its labels, sorted.
+pub type SeriesKey = (String, Vec<(String, String)>);
+
+/// Parses one sample line, `name{k="v",...} value` or `name value`, into
+/// its series and its value as written (our label values hold no quotes,
+/// commas or braces).
+#[must_use]
+pub fn parse_sample(line: &str) -> Option<(SeriesKey, String)> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let (name, labels) = match series.split_once('{') {
+        None => (series, Vec::new()),
+        Some((name, rest)) => {
+            let inner = rest.strip_suffix('}')?;
+            let mut labels = Vec::new();
+            for pair in inner.split(',').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=')?;
+                let v = v.strip_prefix('"')?.strip_suffix('"')?;
+                labels.push((k.to_owned(), v.to_owned()));
+            }
+            labels.sort();
+            (name, labels)
+        }
+    };
+    Some(((name.to_owned(), labels), value.to_owned()))
+}
+
+/// Every sample of one `GET /metrics` of the daemon at `addr` (see
+/// [`metrics_addr`]), by series; panics on a status other than 200 or a
+/// line it cannot parse.
+#[must_use]
+pub fn scrape(addr: SocketAddr) -> BTreeMap<SeriesKey, String> {
+    let (status, _head, text) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            parse_sample(line)
+                .unwrap_or_else(|| panic!("unparsable sample line {line:?} in\n{text}"))
+        })
+        .collect()
+}
+
+/// The value of the series `name{labels}` (exactly those labels, in any
+/// order) in `samples`, if there is one and it is a whole number.
+#[must_use]
+pub fn sample_count(
+    samples: &BTreeMap<SeriesKey, String>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<u64> {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    samples.get(&(name.to_owned(), labels))?.parse().ok()
 }

@@ -2,7 +2,7 @@
 //! pair, with documentation-range addresses only.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     thread,
@@ -191,6 +191,51 @@ impl Drop for NetnsGuard {
         for e in self.cleanup() {
             eprintln!("CLEANUP FAILED: netns {}: {e}", self.name);
         }
+    }
+}
+
+/// Which addresses of a [`NetnsGuard`] an inbound test uses, for one IP
+/// family: where the service listens, and two peers, one a policy allows
+/// and one it does not.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// `IPv4` or `IPv6`, for messages.
+    pub name: &'static str,
+    /// The root side of the veth pair: where the service listens.
+    pub local: IpAddr,
+    /// The peer source address the policy allows.
+    pub allowed: IpAddr,
+    /// A second peer address in the same namespace, which it does not.
+    pub denied: IpAddr,
+}
+
+impl Family {
+    /// `v4(1)` local, `v4(2)` allowed, and `v4(3)` (added) denied.
+    #[must_use]
+    pub fn v4(remote: &NetnsGuard) -> Self {
+        Self {
+            name: "IPv4",
+            local: remote.v4(1).into(),
+            allowed: remote.v4(2).into(),
+            denied: remote.add_addr_v4(3).into(),
+        }
+    }
+
+    /// `v6(1)` local, `v6(2)` allowed, and `v6(3)` (added) denied.
+    #[must_use]
+    pub fn v6(remote: &NetnsGuard) -> Self {
+        Self {
+            name: "IPv6",
+            local: remote.v6(1).into(),
+            allowed: remote.v6(2).into(),
+            denied: remote.add_addr_v6(3).into(),
+        }
+    }
+
+    /// The local address with `port`.
+    #[must_use]
+    pub fn local(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.local, port)
     }
 }
 

@@ -217,3 +217,15 @@ pub fn service_policy(cgroup: &CgroupGuard, mode: &str, rules: &[Egress]) -> Str
     }
     text
 }
+
+/// [`service_policy`] with no egress rules, followed by `tables` (rules of
+/// either table, `[bind]`, `[sockets]`: anything that renders as TOML).
+#[must_use]
+pub fn policy_with(cgroup: &CgroupGuard, mode: &str, tables: &[&dyn Display]) -> String {
+    let mut text = service_policy(cgroup, mode, &[]);
+    for table in tables {
+        text.push('\n');
+        text.push_str(&table.to_string());
+    }
+    text
+}

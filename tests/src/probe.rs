@@ -16,7 +16,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::process::{kill, output_with_timeout};
+use crate::{
+    process::{kill, output_with_timeout},
+    server::Server,
+};
 
 /// A client step takes at most 3 s (the probe's own limit) per stage.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -371,6 +374,80 @@ impl Probe {
     pub fn uring_sendmsg(&self, mode: &str, addr: SocketAddr) -> Outcome {
         self.run_client(&["uring-sendmsg", mode, &addr.to_string()])
     }
+
+    // Escape suite (ingress, noise)
+
+    /// [`Self::tcp_connect`], its SYN (and every later packet) carrying
+    /// `options`: IPv6 extension headers or IPv4 options. A refusal of the
+    /// option itself fails at stage `setsockopt`.
+    #[must_use]
+    pub fn tcp_connect_opts(&self, options: SynOptions, addr: SocketAddr) -> Outcome {
+        self.run_client(&["tcp-connect-opts", options.as_str(), &addr.to_string()])
+    }
+
+    /// [`Self::udp_sendto`], the datagram carrying `options`.
+    #[must_use]
+    pub fn udp_sendto_opts(&self, options: SynOptions, addr: SocketAddr) -> Outcome {
+        self.run_client(&["udp-sendto-opts", options.as_str(), &addr.to_string()])
+    }
+
+    /// Socket activation: the probe (from this probe's own cgroup: leave
+    /// [`Self::in_cgroup`] unset, it is the unmanaged "init") listens on TCP
+    /// `addr`, keeps the listener, and forks a child that joins cgroup
+    /// `service` and serves on the inherited socket, reporting every peer
+    /// like [`Self::serve`]. Returns once the child serves.
+    #[must_use]
+    pub fn serve_activated(&self, service: &Path, addr: SocketAddr) -> Server {
+        let dir = service.to_string_lossy();
+        self.start_server(
+            &["activate-listen", &dir, "tcp", &addr.to_string()],
+            "tcp",
+            addr,
+        )
+    }
+
+    /// A listener handed over: the probe forks a child that joins cgroup
+    /// `service`, then (unmanaged, like [`Self::serve_activated`]) listens
+    /// on TCP `addr`, sends the listener to the child over a Unix socket
+    /// (`SCM_RIGHTS`) and closes its own copy. The child serves and
+    /// reports every peer like [`Self::serve`].
+    #[must_use]
+    pub fn serve_passed(&self, service: &Path, addr: SocketAddr) -> Server {
+        let dir = service.to_string_lossy();
+        self.start_server(&["scm-listen", &dir, "tcp", &addr.to_string()], "tcp", addr)
+    }
+
+    /// `listen()` on a TCP socket never bound (the kernel picks the port,
+    /// on the wildcard address: `[::]`, dual-stack, with `v6`), then serves
+    /// like [`Self::serve`]. [`Server::addr`] is the wildcard and the port.
+    #[must_use]
+    pub fn serve_unbound(&self, v6: bool) -> Server {
+        let (family, wildcard) = if v6 {
+            (
+                "inet6",
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            )
+        } else {
+            (
+                "inet",
+                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            )
+        };
+        self.start_server(&["listen-unbound", "tcp", family], "tcp", wildcard)
+    }
+
+    /// Pinned to CPU 0, `n` fresh sockets of `proto` each `connect()` to
+    /// `addr` as fast as they can: what a flood of denials looks like.
+    #[must_use]
+    pub fn deny_flood(&self, proto: Proto, n: u64, addr: SocketAddr) -> Flood {
+        let outcome = self.run_client(&[
+            "deny-flood",
+            proto.as_str(),
+            &n.to_string(),
+            &addr.to_string(),
+        ]);
+        Flood::parse(&outcome)
+    }
 }
 
 /// What a client probe reported.
@@ -598,5 +675,80 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         kill(&mut self.child);
+    }
+}
+
+// Escape suite (ingress, noise): what the methods above take and return.
+
+/// What [`Probe::tcp_connect_opts`] puts on a SYN (and
+/// [`Probe::udp_sendto_opts`] on a datagram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynOptions {
+    /// An IPv6 Hop-by-Hop Options header (`IPV6_HOPOPTS`).
+    HopByHop,
+    /// An IPv6 Destination Options header (`IPV6_DSTOPTS`).
+    Destination,
+    /// Both: a chain of two extension headers before TCP.
+    HopByHopAndDestination,
+    /// IPv4 options (four No-Operation options, `IP_OPTIONS`): a 24-byte
+    /// IPv4 header.
+    Ipv4Nops,
+}
+
+impl SynOptions {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::HopByHop => "hop",
+            Self::Destination => "dst",
+            Self::HopByHopAndDestination => "hop+dst",
+            Self::Ipv4Nops => "ip-nop",
+        }
+    }
+}
+
+/// What a [`Probe::deny_flood`] did.
+#[derive(Debug, Clone)]
+pub struct Flood {
+    /// What was run, e.g. `deny-flood udp 5000 127.0.0.1:9`.
+    pub what: String,
+    /// The probe's JSON line.
+    pub json: String,
+    /// `connect()` calls made.
+    pub attempts: u64,
+    /// How many of them got `EPERM`.
+    pub eperm: u64,
+    /// How long the loop took.
+    pub elapsed: Duration,
+}
+
+impl Flood {
+    fn parse(outcome: &Outcome) -> Self {
+        let value: Value = serde_json::from_str(&outcome.json).unwrap_or_default();
+        let field = |name: &str| value.get(name).and_then(Value::as_u64);
+        let (Some(attempts), Some(eperm), Some(ns), true) = (
+            field("attempts"),
+            field("eperm"),
+            field("elapsed_ns"),
+            outcome.ok,
+        ) else {
+            panic!("`{}` did not run its flood: {}", outcome.what, outcome.json);
+        };
+        Self {
+            what: outcome.what.clone(),
+            json: outcome.json.clone(),
+            attempts,
+            eperm,
+            elapsed: Duration::from_nanos(ns),
+        }
+    }
+
+    /// Asserts every one of the `n` calls got `EPERM`.
+    pub fn assert_all_eperm(&self, n: u64, why: &str) {
+        assert!(
+            self.attempts == n && self.eperm == n,
+            "{why}: all {n} connect() calls of `{}` should get EPERM, got {}",
+            self.what,
+            self.json
+        );
     }
 }

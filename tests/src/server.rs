@@ -32,7 +32,7 @@ impl Probe {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
         };
-        self.start_server("serve", transport, addr)
+        self.start_server(&["serve", transport, &addr.to_string()], transport, addr)
     }
 
     /// Starts `bulkhead-probe reflect udp` on `addr`: like [`Self::serve`],
@@ -41,12 +41,20 @@ impl Probe {
     /// peer the sender never sent to).
     #[must_use]
     pub fn reflect_udp(&self, addr: SocketAddr) -> Server {
-        self.start_server("reflect", "udp", addr)
+        self.start_server(&["reflect", "udp", &addr.to_string()], "udp", addr)
     }
 
-    fn start_server(&self, command: &str, transport: &'static str, addr: SocketAddr) -> Server {
+    /// Starts the probe with `args`, a command that prints `ready
+    /// ADDR:PORT` once it serves (`addr` until then) and `peer ADDR:PORT`
+    /// per peer, and waits for `ready`.
+    pub(crate) fn start_server(
+        &self,
+        args: &[&str],
+        transport: &'static str,
+        addr: SocketAddr,
+    ) -> Server {
         let mut cmd = self.command();
-        cmd.args([command, transport, &addr.to_string()])
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -20,16 +20,14 @@
 //! Every test also reaches an unmanaged listener on the same address from
 //! the disallowed source, so a drop is the policy's doing, not the network's.
 
-use std::{
-    fmt::Display,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{fmt::Display, net::SocketAddr, time::Duration};
 
 use integration_tests::{
     events::{assert_fields, wait_event},
-    free_port_block, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard,
-    PolicyDir, Probe, Proto,
+    free_port_block,
+    netns::Family,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard, PolicyDir,
+    Probe, Proto,
 };
 use serde_json::Value;
 
@@ -56,41 +54,6 @@ fn policy(svc: &CgroupGuard, mode: &str, top: &str, tables: &[&dyn Display]) -> 
         text.push_str(&table.to_string());
     }
     text
-}
-
-/// Which addresses of a [`NetnsGuard`] a test uses, for one IP family.
-struct Family {
-    name: &'static str,
-    /// The root side of the veth pair: where the service listens.
-    local: IpAddr,
-    /// The peer source address the policy allows.
-    allowed: IpAddr,
-    /// A second peer address in the same namespace, which it does not.
-    denied: IpAddr,
-}
-
-impl Family {
-    fn v4(remote: &NetnsGuard) -> Self {
-        Self {
-            name: "IPv4",
-            local: remote.v4(1).into(),
-            allowed: remote.v4(2).into(),
-            denied: remote.add_addr_v4(3).into(),
-        }
-    }
-
-    fn v6(remote: &NetnsGuard) -> Self {
-        Self {
-            name: "IPv6",
-            local: remote.v6(1).into(),
-            allowed: remote.v6(2).into(),
-            denied: remote.add_addr_v6(3).into(),
-        }
-    }
-
-    fn local(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.local, port)
-    }
 }
 
 /// Waits for the inbound verdict event about a packet from `peer`.

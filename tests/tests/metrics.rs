@@ -12,8 +12,11 @@ use std::{
 };
 
 use integration_tests::{
-    addr, bulkhead, http::metrics_addr, process::signal, require_bpf, service_policy, CgroupGuard,
-    Daemon, Egress, PolicyDir, Probe, ProgSnapshot, Proto,
+    addr, bulkhead,
+    http::{metrics_addr, parse_sample, SeriesKey},
+    process::signal,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Probe, ProgSnapshot,
+    Proto,
 };
 
 /// How long the consumer (or the cgroup rescan) may take to catch up.
@@ -35,9 +38,6 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (status, _head, body) = integration_tests::http::http_get(addr, path);
     (status, body)
 }
-
-/// A series: metric name and its labels, sorted.
-type SeriesKey = (String, Vec<(String, String)>);
 
 /// One scrape, parsed: series -> value as written.
 #[derive(Debug)]
@@ -112,27 +112,6 @@ impl Scrape {
         now.checked_sub(was)
             .unwrap_or_else(|| panic!("{name}{labels:?} went down: {was} -> {now}"))
     }
-}
-
-/// `name{k="v",...} value` or `name value` (our label values hold no
-/// quotes, commas or braces).
-fn parse_sample(line: &str) -> Option<(SeriesKey, String)> {
-    let (series, value) = line.rsplit_once(' ')?;
-    let (name, labels) = match series.split_once('{') {
-        None => (series, Vec::new()),
-        Some((name, rest)) => {
-            let inner = rest.strip_suffix('}')?;
-            let mut labels = Vec::new();
-            for pair in inner.split(',').filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=')?;
-                let v = v.strip_prefix('"')?.strip_suffix('"')?;
-                labels.push((k.to_owned(), v.to_owned()));
-            }
-            labels.sort();
-            (name, labels)
-        }
-    };
-    Some(((name.to_owned(), labels), value.to_owned()))
 }
 
 /// Scrapes until `done` holds, for at most [`CATCH_UP`]; returns the last

@@ -65,7 +65,18 @@ pub fn at(stage: &'static str) -> impl Fn(io::Error) -> Failure {
 /// A connection that does not complete within the step timeout is a
 /// `connect` failure that timed out (no errno: nothing refused it).
 pub fn tcp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
+    tcp_connect_with(ctx, addr, |_| Ok(()))
+}
+
+/// [`tcp_connect`], with `prepare` run on the fresh socket first (socket
+/// options the connection must carry).
+pub fn tcp_connect_with(
+    ctx: &mut Ctx,
+    addr: SocketAddr,
+    prepare: impl FnOnce(&OwnedFd) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let fd = new_socket(family_of(addr), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
+    prepare(&fd)?;
     bind_source(ctx, &fd)?;
     let (storage, len) = sockaddr(addr);
     // SAFETY: `storage` is a valid sockaddr of `len` bytes.

@@ -30,6 +30,12 @@ fn say(line: &str) {
 /// `report`, each accepted peer is printed first.
 pub fn listen_tcp(addr: SocketAddr, report: bool) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    serve_tcp(&listener, report)
+}
+
+/// [`listen_tcp`] on a listener made elsewhere: prints `ready ADDR:PORT`
+/// (its address), then accepts forever.
+pub fn serve_tcp(listener: &TcpListener, report: bool) -> Result<(), String> {
     ready(listener.local_addr())?;
     for mut conn in listener.incoming().flatten() {
         let peer = conn.peer_addr().ok();

@@ -15,6 +15,16 @@
 //!   listen tcp|udp ADDR:PORT      print `ready ADDR:PORT` once bound, then serve
 //!   serve tcp|udp ADDR:PORT       like listen, and print `peer ADDR:PORT` per peer served
 //!   reflect udp ADDR:PORT         like serve, but answer from ADDR:PORT and from a second port
+//!   tcp-connect-opts KIND ADDR:PORT  tcp-connect, the SYN carrying IPv6 extension headers
+//!                                 (KIND hop, dst or hop+dst) or IPv4 options (ip-nop)
+//!   udp-sendto-opts KIND ADDR:PORT  udp-sendto, the datagram carrying the same
+//!   activate-listen DIR tcp ADDR:PORT  socket activation: listen here, fork a child that
+//!                                 joins cgroup DIR and serves (like serve) on the inherited socket
+//!   scm-listen DIR tcp ADDR:PORT  fork a child that joins cgroup DIR, listen here, pass the
+//!                                 listener to it over a Unix socket (SCM_RIGHTS); it serves
+//!   listen-unbound tcp inet|inet6 listen() without bind() (the kernel picks the port), then serve
+//!   deny-flood udp|tcp N ADDR:PORT  pinned to CPU 0, N fresh sockets connect() to ADDR:PORT;
+//!                                 prints how many got EPERM (and every other errno)
 //! ```
 //!
 //! Escape suite, sockets and egress (each a technique a compromised service
@@ -78,6 +88,7 @@
 
 mod client;
 mod escape_a;
+mod escape_b;
 mod listen;
 
 use std::{
@@ -97,7 +108,10 @@ const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--sour
     [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
     | tcp-bind|udp-bind ADDR:PORT | raw-socket inet|inet6 | packet-socket \
-    | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT | ESCAPE-COMMAND ARGS...: \
+    | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT \
+    | tcp-connect-opts|udp-sendto-opts hop|dst|hop+dst|ip-nop ADDR:PORT \
+    | activate-listen|scm-listen DIR tcp ADDR:PORT | listen-unbound tcp inet|inet6 \
+    | deny-flood udp|tcp N ADDR:PORT | ESCAPE-COMMAND ARGS...: \
     see the doc of bulkhead-probe)";
 
 fn main() -> ExitCode {
@@ -197,6 +211,19 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["uring-sendmsg", mode, addr] => {
             escape_a::uring_sendmsg(&mut ctx, escape_a::uring_flags(mode)?, parse_addr(addr)?)
         }
+        ["tcp-connect-opts", kind, addr] => {
+            escape_b::tcp_connect_opts(&mut ctx, &escape_b::options(kind)?, parse_addr(addr)?)
+        }
+        ["udp-sendto-opts", kind, addr] => {
+            escape_b::udp_sendto_opts(&mut ctx, &escape_b::options(kind)?, parse_addr(addr)?)
+        }
+        ["activate-listen", dir, "tcp", addr] => {
+            return escape_b::activate_listen(dir, parse_addr(addr)?)
+        }
+        ["scm-listen", dir, "tcp", addr] => return escape_b::scm_listen(dir, parse_addr(addr)?),
+        ["listen-unbound", "tcp", "inet"] => return escape_b::listen_unbound(false),
+        ["listen-unbound", "tcp", "inet6"] => return escape_b::listen_unbound(true),
+        ["deny-flood", proto, n, addr] => return escape_b::deny_flood(proto, n, parse_addr(addr)?),
         _ => return Err(USAGE.to_owned()),
     };
     report(outcome, &ctx);

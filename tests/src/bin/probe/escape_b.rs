@@ -1,0 +1,342 @@
+//! The commands of the escape suite's `ingress` and `noise` tests: SYNs
+//! carrying IP options or IPv6 extension headers, listeners the service did
+//! not create itself (socket activation, a listener passed over a Unix
+//! socket), `listen()` without `bind()`, and floods of denied connects.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Read as _, Write as _},
+    mem,
+    net::{SocketAddr, TcpListener},
+    os::{
+        fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+        unix::net::UnixStream,
+    },
+    ptr,
+    time::Instant,
+};
+
+use serde_json::json;
+
+use crate::{
+    client::{self, at, Ctx, Failure},
+    listen,
+};
+
+/// What `tcp-connect-opts KIND` puts on the SYN (and `udp-sendto-opts`
+/// on the datagram), as `setsockopt()` calls
+/// (level, option, value).
+pub struct Options(Vec<(libc::c_int, libc::c_int, &'static [u8])>);
+
+/// An 8-byte IPv6 options header holding one `PadN` option (4 bytes of
+/// padding): valid, and meaningless to every receiver. The kernel fills in
+/// the next-header byte.
+const PADN_HEADER: &[u8] = &[0, 0, 1, 4, 0, 0, 0, 0];
+/// Four IPv4 No-Operation options: the header grows to 24 bytes.
+const IPV4_NOPS: &[u8] = &[1, 1, 1, 1];
+
+/// `hop` (a Hop-by-Hop Options header), `dst` (Destination Options),
+/// `hop+dst` (both, a chain of two) or `ip-nop` (IPv4 options).
+pub fn options(kind: &str) -> Result<Options, String> {
+    let hop = (libc::IPPROTO_IPV6, libc::IPV6_HOPOPTS, PADN_HEADER);
+    let dst = (libc::IPPROTO_IPV6, libc::IPV6_DSTOPTS, PADN_HEADER);
+    Ok(Options(match kind {
+        "hop" => vec![hop],
+        "dst" => vec![dst],
+        "hop+dst" => vec![hop, dst],
+        "ip-nop" => vec![(libc::IPPROTO_IP, libc::IP_OPTIONS, IPV4_NOPS)],
+        _ => {
+            return Err(format!(
+                "bad option kind {kind:?} (want hop, dst, hop+dst or ip-nop)"
+            ))
+        }
+    }))
+}
+
+/// `tcp-connect`, with `options` set on the socket first, so that every
+/// packet of the connection (the SYN first) carries them. A refusal of the
+/// option itself fails at stage `setsockopt`.
+pub fn tcp_connect_opts(ctx: &mut Ctx, options: &Options, addr: SocketAddr) -> Result<(), Failure> {
+    client::tcp_connect_with(ctx, addr, |fd| set_options(fd, options))
+}
+
+fn set_options(fd: &impl AsRawFd, options: &Options) -> Result<(), Failure> {
+    for &(level, name, value) in &options.0 {
+        let len = libc::socklen_t::try_from(value.len()).unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `value` is valid for `len` bytes.
+        let rc =
+            unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, value.as_ptr().cast(), len) };
+        if rc != 0 {
+            return Err(at("setsockopt")(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// `udp-sendto`, with `options` set on the socket first: the datagram
+/// carries them; then waits for the echo.
+pub fn udp_sendto_opts(ctx: &mut Ctx, options: &Options, addr: SocketAddr) -> Result<(), Failure> {
+    let sock = client::udp_socket(ctx, addr)?;
+    set_options(&sock, options)?;
+    sock.send_to(b"ping", addr).map_err(at("send"))?;
+    let mut buf = [0u8; 16];
+    sock.recv_from(&mut buf).map_err(at("recv"))?;
+    Ok(())
+}
+
+/// Socket activation: this (unmanaged) process binds and listens on `addr`,
+/// then forks a child that joins cgroup `dir` and serves on the inherited
+/// listener like `serve tcp` (`ready ADDR:PORT`, then `peer ADDR:PORT` per
+/// connection). The parent keeps its copy of the listener, as systemd
+/// does, and waits; the child dies with it.
+pub fn activate_listen(dir: &str, addr: SocketAddr) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    match fork()? {
+        Forked::Child => {
+            crate::join_cgroup(dir)?;
+            listen::serve_tcp(&listener, true)
+        }
+        Forked::Parent(child) => wait_child(child),
+    }
+}
+
+/// A listener handed over a Unix socket: this (unmanaged) process forks a
+/// child that joins cgroup `dir` first; then it binds and listens on
+/// `addr`, sends the listener to the child with `SCM_RIGHTS`, closes its own
+/// copy, and waits. The child serves like `serve tcp`.
+pub fn scm_listen(dir: &str, addr: SocketAddr) -> Result<(), String> {
+    let (mut mine, mut theirs) =
+        UnixStream::pair().map_err(|e| format!("socketpair(AF_UNIX): {e}"))?;
+    match fork()? {
+        Forked::Child => {
+            drop(mine);
+            crate::join_cgroup(dir)?;
+            theirs
+                .write_all(b"j")
+                .map_err(|e| format!("tell the parent the cgroup is joined: {e}"))?;
+            let listener = TcpListener::from(recv_fd(&theirs)?);
+            listen::serve_tcp(&listener, true)
+        }
+        Forked::Parent(child) => {
+            drop(theirs);
+            let mut joined = [0u8; 1];
+            mine.read_exact(&mut joined)
+                .map_err(|e| format!("wait for the child to join {dir}: {e}"))?;
+            let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+            send_fd(&mine, listener.as_raw_fd())?;
+            drop(listener);
+            wait_child(child)
+        }
+    }
+}
+
+/// `listen()` on a fresh TCP socket never bound: the kernel picks a port
+/// itself (on the wildcard address; `inet6` is dual-stack). Then serves
+/// like `serve tcp`.
+pub fn listen_unbound(v6: bool) -> Result<(), String> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let fd = client::new_socket(family, libc::SOCK_STREAM, 0)
+        .map_err(|f| format!("socket: {}", f.err))?;
+    // SAFETY: listen(2) on a socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(format!("listen: {}", io::Error::last_os_error()));
+    }
+    listen::serve_tcp(&TcpListener::from(fd), true)
+}
+
+/// `deny-flood udp|tcp N ADDR:PORT`: pinned to CPU 0, `N` times as fast as
+/// it can: a fresh socket, `connect()` to `addr`, close. Prints one JSON
+/// line: `{"ok":true,"attempts":N,"eperm":K,"connected":C,"errors":{"ERRNO":
+/// COUNT},"elapsed_ns":T,"cpu":0}` (`errors` holds every other errno), or a
+/// failure at stage `affinity` or `socket` like the client commands.
+pub fn deny_flood(proto: &str, n: &str, addr: SocketAddr) -> Result<(), String> {
+    let kind = match proto {
+        "udp" => libc::SOCK_DGRAM,
+        "tcp" => libc::SOCK_STREAM,
+        _ => return Err(format!("bad protocol {proto:?} (want udp or tcp)")),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|e| format!("bad count {n:?} for deny-flood: {e}"))?;
+    let ctx = Ctx::default();
+    if let Err(failure) = pin_to_cpu0() {
+        crate::report(Err(failure), &ctx);
+        return Ok(());
+    }
+    let (storage, len) = client::sockaddr(addr);
+    let (mut eperm, mut connected) = (0u64, 0u64);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let started = Instant::now();
+    for _ in 0..n {
+        let fd = match client::new_socket(client::family_of(addr), kind, 0) {
+            Ok(fd) => fd,
+            Err(failure) => {
+                crate::report(Err(failure), &ctx);
+                return Ok(());
+            }
+        };
+        // SAFETY: `storage` is a valid sockaddr of `len` bytes.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), ptr::from_ref(&storage).cast(), len) };
+        if rc == 0 {
+            connected += 1;
+            continue;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EPERM) => eperm += 1,
+            errno => *errors.entry(format!("{}", errno.unwrap_or(0))).or_default() += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    // SAFETY: sched_getcpu has no arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    println!(
+        "{}",
+        json!({
+            "ok": true,
+            "attempts": n,
+            "eperm": eperm,
+            "connected": connected,
+            "errors": errors,
+            "elapsed_ns": u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            "cpu": cpu,
+        })
+    );
+    Ok(())
+}
+
+fn pin_to_cpu0() -> Result<(), Failure> {
+    // SAFETY: all-zero is an empty CPU set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    unsafe { libc::CPU_SET(0, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    if unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &raw const set) } != 0
+    {
+        return Err(at("affinity")(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+enum Forked {
+    Child,
+    Parent(libc::pid_t),
+}
+
+/// `fork()`; the child gets `SIGKILL` when this process dies (so a test that
+/// kills the probe kills both).
+fn fork() -> Result<Forked, String> {
+    let _ = io::stdout().flush();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the probe is single-threaded, so the child may go on running
+    // ordinary code.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", io::Error::last_os_error())),
+        0 => {
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number.
+            let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            // SAFETY: getppid has no preconditions.
+            if rc != 0 || unsafe { libc::getppid() } != parent {
+                return Err("the parent went away before the child was set up".to_owned());
+            }
+            Ok(Forked::Child)
+        }
+        child => Ok(Forked::Parent(child)),
+    }
+}
+
+/// Waits for `child`; an error unless it exited with status 0.
+fn wait_child(child: libc::pid_t) -> Result<(), String> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes one int into `status`.
+        if unsafe { libc::waitpid(child, &raw mut status, 0) } == child {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(format!("waitpid({child}): {err}"));
+        }
+    }
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the child {child} ended with wait status {status:#x}"
+        ))
+    }
+}
+
+/// Room for one `SCM_RIGHTS` message of one descriptor, aligned for cmsghdr.
+fn cmsg_buffer() -> (Vec<u64>, usize) {
+    let fd_len = u32::try_from(mem::size_of::<RawFd>()).unwrap_or(u32::MAX);
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = usize::try_from(unsafe { libc::CMSG_SPACE(fd_len) }).unwrap_or(usize::MAX);
+    (vec![0u64; space.div_ceil(8)], space)
+}
+
+/// Sends `fd` over `sock` with `SCM_RIGHTS` (and one byte of data).
+fn send_fd(sock: &UnixStream, fd: RawFd) -> Result<(), String> {
+    let mut byte = [b'f'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let (mut buf, space) = cmsg_buffer();
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    let fd_len = u32::try_from(mem::size_of::<RawFd>()).unwrap_or(u32::MAX);
+    // SAFETY: the control buffer has room for one cmsghdr with one fd.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = usize::try_from(libc::CMSG_LEN(fd_len)).unwrap_or(usize::MAX);
+        ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    // SAFETY: `msg` points at live buffers.
+    if unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) } != 1 {
+        return Err(format!(
+            "sendmsg(SCM_RIGHTS): {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one descriptor sent with `SCM_RIGHTS` over `sock`.
+fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, String> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let (mut buf, space) = cmsg_buffer();
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at live buffers of the sizes given.
+    let got = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if got < 0 {
+        return Err(format!("recvmsg: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR checks
+    // its length.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    // SAFETY: a non-null cmsg lies inside the buffer.
+    let rights = !cmsg.is_null()
+        && unsafe {
+            (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        };
+    if !rights {
+        return Err(format!("recvmsg: no SCM_RIGHTS descriptor ({got} bytes)"));
+    }
+    // SAFETY: an SCM_RIGHTS message holds at least one fd, now ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>())) })
+}
