@@ -30,6 +30,13 @@ pub const CGROUP_PATH_MAX: usize = 256;
 /// Per-CPU scratch buffer for a cgroup path.
 pub const PATH_SCRATCH: &str = "PATH_SCRATCH";
 
+/// Hash of a socket cookie (u64) -> the cgroup id (u64, a SERVICES key) of
+/// the managed service that holds the socket though it did not create it
+/// (socket activation, inheritance, SCM_RIGHTS), found by the agent's scan:
+/// the packet programs judge such a socket by its holder.
+pub const HELD_SOCKETS: &str = "HELD_SOCKETS";
+pub const MAX_HELD_SOCKETS: u32 = 8192;
+
 /// Array of one u32: the OR of every managed service's flags, so that the
 /// per-packet programs (cgroup_skb) return at once on hosts where no
 /// service restricts inbound traffic or is quarantined.

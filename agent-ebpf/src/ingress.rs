@@ -44,7 +44,7 @@ use crate::{
     maps::{any_service_has, SOCK_INFO, UDP_PEERS},
     packet::{parse, Packet},
     programs::{set_addr, udp_peer_key, Dest},
-    service::skb_service,
+    service::socket_service,
 };
 
 const PASS: i32 = 1;
@@ -66,7 +66,7 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
     if sk.is_null() {
         return PASS;
     }
-    let Some(service) = skb_service(skb) else {
+    let Some(service) = socket_service(skb) else {
         return PASS;
     };
     if service.flags & (FLAG_INGRESS | FLAG_QUARANTINE | FLAG_BIND) == 0 {

@@ -5,7 +5,7 @@
 use agent_common::{
     LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeerKey, CGROUP_PATH_MAX,
     COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS,
-    DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS,
+    DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS, MAX_HELD_SOCKETS,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
@@ -36,6 +36,9 @@ pub static UDP_PEERS: LruHashMap<UdpPeerKey, u64> =
 #[map(name = "DENY_RATE")]
 pub static DENY_RATE: PerCpuArray<RateState> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
+
+#[map(name = "HELD_SOCKETS")]
+pub static HELD_SOCKETS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_HELD_SOCKETS, 0);
 
 #[map(name = "SERVICE_PATHS")]
 pub static SERVICE_PATHS: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> =

@@ -34,7 +34,7 @@ use crate::{
     maps::active_flags,
     packet::{parse, Packet},
     programs::{set_addr, Dest},
-    service::skb_service,
+    service::socket_service,
 };
 
 const PASS: i32 = 1;
@@ -56,7 +56,7 @@ pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
         return PASS;
     }
     let skb = ctx.skb.skb;
-    let Some(service) = skb_service(skb) else {
+    let Some(service) = socket_service(skb) else {
         return PASS;
     };
     let quarantined = service.flags & FLAG_QUARANTINE != 0;

@@ -5,11 +5,11 @@ use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-        generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+        generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
 };
 
-use crate::maps::SERVICES;
+use crate::maps::{HELD_SOCKETS, SERVICES};
 
 /// The service of the current task: the deepest managed cgroup among the
 /// task's cgroup and its ancestors. A process in a child cgroup of a service
@@ -28,10 +28,25 @@ pub fn current_service() -> Option<ServiceEntry> {
     })
 }
 
+/// The service a packet's socket belongs to, for cgroup_skb programs: the
+/// managed service that holds it when the agent found it held by one it
+/// was not created in (HELD_SOCKETS), else the cgroup it was created in.
+#[inline(always)]
+pub fn socket_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
+    // SAFETY: skb is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    if let Some(cgroup) = unsafe { HELD_SOCKETS.get(&cookie) } {
+        if let Some(entry) = unsafe { SERVICES.get(cgroup) } {
+            return Some(*entry);
+        }
+    }
+    skb_service(skb)
+}
+
 /// The service owning the socket an inbound packet is for (the cgroup the
 /// socket was created in), for cgroup_skb programs.
 #[inline(always)]
-pub fn skb_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
+fn skb_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
     // SAFETY: skb is the program's context.
     let leaf = unsafe { bpf_skb_cgroup_id(skb) };
     walk(leaf, |level| unsafe {

@@ -309,6 +309,8 @@ async fn serve(plan: Plan) -> Result<()> {
 
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held_scan = tokio::time::interval(crate::held::SCAN_INTERVAL);
+    held_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // File changes come in bursts (editors write, rename, chmod): reload
     // once they have settled.
     let mut reload_at: Option<tokio::time::Instant> = None;
@@ -319,6 +321,7 @@ async fn serve(plan: Plan) -> Result<()> {
                 engine.rescan();
                 watchdog.beat();
             }
+            _ = held_scan.tick() => engine.scan_held_sockets(),
             Some(call) = admin_rx.recv() => engine.handle(call),
             Some(_) = policy_changes.next() => {
                 reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);

@@ -10,9 +10,12 @@ use tracing::{info, warn};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
+use agent_common::{FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE};
+
 use crate::{
     control::{protocol::Request, server::AdminCall},
     events::{ChangeRecord, Hub, Names, ServiceChange},
+    held,
     kernel::{CompiledPolicy, Enforcer},
     metrics::{Inventory, MetricsState},
     policy::PolicySet,
@@ -47,6 +50,8 @@ pub struct Engine {
     pub graph: Arc<crate::graph::Shared>,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
+    /// Processes whose unreadable sockets were already logged.
+    held_warned: std::collections::HashSet<u32>,
 }
 
 impl Engine {
@@ -79,6 +84,7 @@ impl Engine {
             packet_sockets: String::new(),
             graph: Arc::default(),
             retiring: None,
+            held_warned: std::collections::HashSet::new(),
         }
     }
 
@@ -91,6 +97,57 @@ impl Engine {
         match self.enforcer.apply_service_changes(&changes) {
             Ok(()) => self.refresh_inventory(),
             Err(e) => warn!("cannot update the managed cgroups: {e}"),
+        }
+    }
+
+    /// Looks for sockets the services that judge packets hold but did not
+    /// create (see `crate::held`) and points the kernel at their holders.
+    pub fn scan_held_sockets(&mut self) {
+        let restricting = FLAG_INGRESS | FLAG_QUARANTINE | FLAG_BIND;
+        let targets: Vec<held::Target<'_>> = self
+            .tracker
+            .services
+            .iter()
+            .filter(|s| s.entry.flags & restricting != 0)
+            .filter_map(|s| {
+                Some(held::Target {
+                    cgroup_path: &s.cgroup_path,
+                    cgroup_id: s.cgroup_id?,
+                    all_sockets: s.entry.flags & FLAG_QUARANTINE != 0,
+                })
+            })
+            .collect();
+        let found = if targets.is_empty() {
+            held::Found::default()
+        } else {
+            let managed = self
+                .tracker
+                .services
+                .iter()
+                .map(|s| s.cgroup_path.as_str())
+                .collect();
+            held::scan(self.tracker.mount(), &targets, &managed)
+        };
+        let stats = &self.metrics.held;
+        for (pid, reason) in &found.unreadable {
+            stats.scan_errors.fetch_add(1, Ordering::Relaxed);
+            if self.held_warned.insert(*pid) {
+                warn!(
+                    pid,
+                    "cannot read the sockets of a process of a service that restricts inbound traffic ({reason}); a listener it holds but did not create is judged by its creator's policy"
+                );
+            }
+        }
+        let count = found.held.len() as u64;
+        match self.enforcer.set_held_sockets(found.held) {
+            Ok(overflow) => {
+                stats.sockets.store(count - overflow, Ordering::Relaxed);
+                if overflow > 0 {
+                    stats.overflow.fetch_add(overflow, Ordering::Relaxed);
+                    warn!(overflow, "HELD_SOCKETS is full: these held sockets are judged by their creator's policy");
+                }
+            }
+            Err(e) => warn!("cannot update HELD_SOCKETS: {e}"),
         }
     }
 
@@ -161,6 +218,10 @@ impl Engine {
         let compiled = crate::kernel::compile(&effective).map_err(|e| e.to_string())?;
         let staged = self.enforcer.stage(compiled).map_err(|e| e.to_string())?;
         let changes = self.tracker.reload(&staged);
+        // Sockets held by services that start judging packets with this
+        // change (a quarantine, a new `ingress`) are known before it
+        // applies, not one scan later.
+        self.scan_held_sockets();
         // Names first: events of the new policy may follow the switch at once.
         self.names
             .send_replace(Arc::new(Names::from_policy(&staged)));

@@ -29,6 +29,7 @@ pub mod engine;
 pub mod events;
 pub mod export;
 pub mod graph;
+pub mod held;
 pub mod kernel;
 pub mod learn;
 pub mod logging;

@@ -51,6 +51,11 @@ impl ServiceTracker {
         }
     }
 
+    /// The cgroup2 mount the paths are relative to.
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
     /// Re-resolves every service; returns the map changes (adds before
     /// removes, so a service is never briefly unmanaged).
     pub fn rescan(&mut self) -> Vec<Change> {

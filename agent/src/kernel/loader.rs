@@ -114,6 +114,8 @@ pub struct Enforcer {
     half: u32,
     /// The policy in force, ids relocated into `half`.
     live: Option<CompiledPolicy>,
+    /// What HELD_SOCKETS holds (see `crate::held`).
+    held: std::collections::HashMap<u64, u64>,
 }
 
 impl Enforcer {
@@ -186,6 +188,7 @@ impl Enforcer {
             capacity,
             half: 0,
             live: None,
+            held: std::collections::HashMap::new(),
         })
     }
 
@@ -441,6 +444,21 @@ impl Enforcer {
         changes: &[crate::services::Change],
     ) -> Result<(), KernelError> {
         maps::apply_service_changes(&mut self.ebpf, changes)
+    }
+
+    /// Makes the kernel judge each socket in `now` (cookie -> cgroup id of
+    /// the managed service holding it) by its holder; sockets of the last
+    /// call that are gone are forgotten. Returns how many did not fit.
+    pub fn set_held_sockets(
+        &mut self,
+        now: std::collections::HashMap<u64, u64>,
+    ) -> Result<u64, KernelError> {
+        if now == self.held {
+            return Ok(0);
+        }
+        let overflow = maps::write_held_sockets(&mut self.ebpf, &self.held, &now)?;
+        self.held = now;
+        Ok(overflow)
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {

@@ -188,6 +188,37 @@ pub fn apply_service_changes(ebpf: &mut Ebpf, changes: &[Change]) -> Result<(), 
     Ok(())
 }
 
+/// Makes HELD_SOCKETS hold `now` (socket cookie -> holder's cgroup id),
+/// given that it held `before`. Returns how many sockets did not fit.
+pub fn write_held_sockets(
+    ebpf: &mut Ebpf,
+    before: &std::collections::HashMap<u64, u64>,
+    now: &std::collections::HashMap<u64, u64>,
+) -> Result<u64, KernelError> {
+    let map_err = |source| KernelError::Map {
+        name: names::HELD_SOCKETS,
+        source,
+    };
+    let mut held: HashMap<&mut MapData, u64, u64> = map(ebpf, names::HELD_SOCKETS)?;
+    for cookie in before.keys().filter(|c| !now.contains_key(c)) {
+        removed(held.remove(cookie)).map_err(map_err)?;
+    }
+    let mut overflow = 0;
+    for (cookie, cgroup) in now {
+        if before.get(cookie) == Some(cgroup) {
+            continue;
+        }
+        match held.insert(cookie, cgroup, 0) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                overflow += 1;
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+    }
+    Ok(overflow)
+}
+
 /// A removal that found nothing to remove is fine: the end state is the
 /// one wanted.
 fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

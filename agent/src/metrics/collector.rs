@@ -474,6 +474,23 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             ([("result", "success")], load(&state.reloads.success)),
             ([("result", "failure")], load(&state.reloads.failure)),
         ],
+    )?;
+    let held = &state.held;
+    one(
+        enc,
+        "bulkhead_held_sockets",
+        "Sockets judged by the managed service that holds them though another cgroup created them (socket activation, inheritance, SCM_RIGHTS), as of the last scan.",
+        None,
+        &ConstGauge::new(load(&held.sockets)),
+    )?;
+    counters(
+        enc,
+        "bulkhead_held_socket_scan_errors",
+        "Problems of the scan for held sockets, by kind: unreadable = a process of a service that judges packets whose sockets could not be read (each such socket is judged by its creator's policy); overflow = a held socket that did not fit the kernel map.",
+        [
+            ([("kind", "unreadable")], load(&held.scan_errors)),
+            ([("kind", "overflow")], load(&held.overflow)),
+        ],
     )
 }
 

@@ -194,6 +194,8 @@ pub struct MetricsState {
     stats: Arc<EventStats>,
     /// Policy reloads applied and refused (the engine counts them).
     pub reloads: Arc<crate::reload::ReloadStats>,
+    /// Sockets judged by the service holding them (the engine's scan).
+    pub held: crate::held::HeldStats,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -260,6 +262,7 @@ impl MetricsState {
             counters: Box::new(counters),
             stats,
             reloads: Arc::default(),
+            held: crate::held::HeldStats::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
