@@ -63,6 +63,30 @@ pub struct UdpPeerKey {
     pub _pad: [u8; 5],
 }
 
+/// Value of `UDP_PEERS`: when the pinhole was last used to let a datagram
+/// through or refreshed by a send, whose it is and why it exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpPeer {
+    /// bpf_ktime_get_ns() of the last send to the peer (or of the datagram
+    /// a rule let in).
+    pub seen_ns: u64,
+    /// The service's id when it was made (the agent rewrites it when a
+    /// reload moves the service to new ids).
+    pub service_id: u32,
+    /// For `PEER_LET_IN`: the local port the peer sent to.
+    pub local_port: u16,
+    /// `PEER_SENT` or `PEER_LET_IN`.
+    pub origin: u8,
+    pub _pad: u8,
+}
+
+/// `UdpPeer::origin`: the service sent to the peer (an egress rule allowed
+/// it), so the peer's answers come in.
+pub const PEER_SENT: u8 = 0;
+/// An ingress rule let the peer in, so the service may answer it.
+pub const PEER_LET_IN: u8 = 1;
+
 /// Value of `DENY_RATE`: a one-second window, how many denial events it
 /// has sent, and how many it suppressed since the last one sent.
 #[repr(C)]
@@ -152,5 +176,6 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SockInfo {}
     unsafe impl aya::Pod for super::UdpPeerKey {}
+    unsafe impl aya::Pod for super::UdpPeer {}
     unsafe impl aya::Pod for super::RateState {}
 }

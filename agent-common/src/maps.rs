@@ -12,14 +12,24 @@ pub const EGRESS_V6: &str = "EGRESS_V6";
 pub const INGRESS_V4: &str = "INGRESS_V4";
 /// LPM trie of [`crate::LpmV6Key`] -> ruleset index, ingress IPv6.
 pub const INGRESS_V6: &str = "INGRESS_V6";
-/// LRU hash of [`crate::UdpPeerKey`] -> last send (ns): the peers an
-/// unconnected UDP socket of an ingress-restricted service sent to, whose
-/// replies are let in.
+/// Hash of [`crate::UdpPeerKey`] -> [`crate::UdpPeer`]: the UDP pinholes of
+/// ingress-restricted services, i.e. the peers an unconnected socket sent
+/// to (whose replies come in) and the peers a rule let in (which the
+/// service may answer). Not an LRU: a flood of one service must not evict
+/// another's. Each service holds at most `UDP_PEERS_PER_SERVICE` (counted
+/// in `UDP_PEER_COUNT`); a pinhole unused for the idle timeout no longer
+/// counts, and the agent removes it.
 pub const UDP_PEERS: &str = "UDP_PEERS";
+/// Array of u64 by service id: how many pinholes each service holds.
+pub const UDP_PEER_COUNT: &str = "UDP_PEER_COUNT";
+/// Default bound of pinholes per service (`[udp_replies] per_service`).
+pub const UDP_PEERS_PER_SERVICE: u32 = 1024;
 /// Per-CPU array of [`crate::RateState`] at `service_id * 2 + direction`:
 /// rate limit of denial events (see `DENY_EVENTS_PER_SEC`).
 pub const DENY_RATE: &str = "DENY_RATE";
-pub const DEFAULT_UDP_PEERS: u32 = 16384;
+/// Entries of UDP_PEERS (allocated as used): room for every service's
+/// bound up to this many in all.
+pub const DEFAULT_UDP_PEERS: u32 = 65536;
 
 /// Hash of a cgroup path (`/system.slice/x.service`, NUL-padded to
 /// [`CGROUP_PATH_MAX`] bytes) -> [`crate::ServiceEntry`]: when a cgroup with

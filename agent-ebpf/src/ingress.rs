@@ -23,8 +23,9 @@
 
 use agent_common::{
     counter_slot, ServiceEntry, SockInfo, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
-    FLAG_QUARANTINE, HOOK_INGRESS, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
-    RULE_BIND, RULE_DEFAULT_DENY, RULE_UNREADABLE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    FLAG_QUARANTINE, HOOK_INGRESS, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT, PEER_LET_IN, PROTO_TCP,
+    PROTO_UDP, RULE_BIND, RULE_DEFAULT_DENY, RULE_UNREADABLE, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -41,10 +42,11 @@ use aya_ebpf::{
 use crate::{
     egress::{match_ingress_v4, match_ingress_v6, match_ports},
     events::{blank, count, deny_event_budget, emit},
-    maps::{any_service_has, SOCK_INFO, UDP_PEERS},
+    maps::{any_service_has, SOCK_INFO},
     packet::{parse, Packet},
-    programs::{set_addr, udp_peer_key, Dest},
+    programs::{set_addr, Dest},
     service::socket_service,
+    udp_peers,
 };
 
 const PASS: i32 = 1;
@@ -117,8 +119,7 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
             return PASS; // connected: only its peer reaches it
         }
         let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-        let key = udp_peer_key(cookie, pkt.source, pkt.sport);
-        if unsafe { UDP_PEERS.get(&key) }.is_some() {
+        if udp_peers::is_open(&udp_peers::key(cookie, pkt.source, pkt.sport)) {
             return PASS; // a reply to what this socket sent
         }
     } else {
@@ -142,7 +143,7 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
     );
     // A UDP peer let in may be answered (see sendmsg in programs.rs).
     if pkt.proto == PROTO_UDP {
-        remember_udp_peer(ctx, pkt);
+        remember_udp_peer(ctx, service, pkt);
     }
     // Accepted connections are reported by sock_ops (tcp_established with
     // the peer); only refusals are evented.
@@ -150,11 +151,10 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
 }
 
 #[inline(always)]
-fn remember_udp_peer(ctx: &SkBuffContext, pkt: &Packet) {
+fn remember_udp_peer(ctx: &SkBuffContext, service: &ServiceEntry, pkt: &Packet) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let key = udp_peer_key(cookie, pkt.source, pkt.sport);
-    let now = unsafe { bpf_ktime_get_ns() };
-    let _ = UDP_PEERS.insert(&key, &now, 0);
+    let key = udp_peers::key(cookie, pkt.source, pkt.sport);
+    udp_peers::open(&key, service.service_id, pkt.dport, PEER_LET_IN);
 }
 
 /// A packet no rule lets in (`rule` says why): counted, evented within the
@@ -180,7 +180,7 @@ fn refuse(
     );
     if verdict == VERDICT_AUDIT && proto == PROTO_UDP {
         if let Some(pkt) = pkt {
-            remember_udp_peer(ctx, pkt);
+            remember_udp_peer(ctx, service, pkt);
         }
     }
     if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_INGRESS) {

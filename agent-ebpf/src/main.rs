@@ -36,6 +36,8 @@ mod service;
 mod sockets;
 #[cfg(target_arch = "bpf")]
 mod sockopt;
+#[cfg(target_arch = "bpf")]
+mod udp_peers;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

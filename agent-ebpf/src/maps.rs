@@ -3,14 +3,15 @@
 //! policy before loading.
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeerKey, CGROUP_PATH_MAX,
-    COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS,
-    DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS, MAX_HELD_SOCKETS,
+    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey,
+    CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES,
+    DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS, MAX_HELD_SOCKETS,
+    UDP_PEERS_PER_SERVICE,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 
 #[map(name = "SERVICES")]
@@ -30,8 +31,30 @@ pub static INGRESS_V4: LpmTrie<LpmV4Key, u32> = LpmTrie::with_max_entries(DEFAUL
 pub static INGRESS_V6: LpmTrie<LpmV6Key, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_PREFIXES, 0);
 
 #[map(name = "UDP_PEERS")]
-pub static UDP_PEERS: LruHashMap<UdpPeerKey, u64> =
-    LruHashMap::with_max_entries(DEFAULT_UDP_PEERS, 0);
+pub static UDP_PEERS: HashMap<UdpPeerKey, UdpPeer> =
+    HashMap::with_max_entries(DEFAULT_UDP_PEERS, BPF_F_NO_PREALLOC);
+
+#[map(name = "UDP_PEER_COUNT")]
+pub static UDP_PEER_COUNT: Array<u64> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
+
+/// Set by the daemon at load time (`[udp_replies]`): a pinhole unused this
+/// long is closed, and how many one service may hold.
+#[unsafe(no_mangle)]
+pub static UDP_REPLY_IDLE_NS: u64 = 120_000_000_000;
+#[unsafe(no_mangle)]
+pub static UDP_PEERS_MAX: u32 = UDP_PEERS_PER_SERVICE;
+
+#[inline(always)]
+pub fn udp_reply_idle_ns() -> u64 {
+    // SAFETY: as for BPF_LOG.
+    unsafe { core::ptr::read_volatile(&UDP_REPLY_IDLE_NS) }
+}
+
+#[inline(always)]
+pub fn udp_peers_max() -> u32 {
+    // SAFETY: as for BPF_LOG.
+    unsafe { core::ptr::read_volatile(&UDP_PEERS_MAX) }
+}
 
 #[map(name = "DENY_RATE")]
 pub static DENY_RATE: PerCpuArray<RateState> =

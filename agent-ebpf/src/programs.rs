@@ -2,8 +2,8 @@
 //! context into a destination and asks `judge` for a verdict.
 
 use agent_common::{
-    counter_slot, UdpPeerKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
-    HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP,
+    counter_slot, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, HOOK_BIND,
+    HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PEER_SENT, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
@@ -18,8 +18,9 @@ use aya_log_ebpf::debug;
 use crate::{
     egress::{match_ports, match_v4, match_v6},
     events::{blank, count, deny_event_budget, emit, fill_task, remember_owner},
-    maps::{bpf_log_enabled, observe_unmanaged, UDP_PEERS},
+    maps::{bpf_log_enabled, observe_unmanaged},
     service::current_service,
+    udp_peers,
 };
 
 const ALLOW: i32 = 1;
@@ -194,20 +195,6 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
     ALLOW
 }
 
-/// The UDP_PEERS key of (socket, peer address, peer port).
-#[inline(always)]
-pub fn udp_peer_key(socket_cookie: u64, peer: Dest, port: u16) -> UdpPeerKey {
-    let mut key = UdpPeerKey {
-        socket_cookie,
-        addr: [0; 16],
-        port,
-        family: 0,
-        _pad: [0; 5],
-    };
-    set_addr(&mut key.addr, &mut key.family, peer);
-    key
-}
-
 #[inline(always)]
 pub fn set_addr(out: &mut [u8; 16], family: &mut u8, addr: Dest) {
     match addr {
@@ -281,8 +268,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
             // A datagram answering a UDP peer that ingress let in.
             if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let key = udp_peer_key(cookie, dest, port);
-                if unsafe { UDP_PEERS.get(&key) }.is_some() {
+                if udp_peers::is_open(&udp_peers::key(cookie, dest, port)) {
                     rule = RULE_UDP_REPLY;
                 }
             }
@@ -335,8 +321,8 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     if allowed && hook == HOOK_SENDMSG {
         if let Some(s) = service {
             if s.flags & FLAG_INGRESS != 0 {
-                let key = udp_peer_key(ev.socket_cookie, dest, port);
-                let _ = UDP_PEERS.insert(&key, &ev.ts_ns, 0);
+                let key = udp_peers::key(ev.socket_cookie, dest, port);
+                udp_peers::open(&key, s.service_id, 0, PEER_SENT);
             }
         }
     }

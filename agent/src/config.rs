@@ -36,6 +36,8 @@ pub struct Config {
     pub anomaly: crate::anomaly::AnomalyConfig,
     /// OTLP/HTTP export of events (docs/export.md); off by default.
     pub export: crate::export::ExportConfig,
+    /// UDP pinholes of ingress-restricted services.
+    pub udp_replies: UdpRepliesConfig,
 }
 
 impl Default for Config {
@@ -51,7 +53,47 @@ impl Default for Config {
             control: ControlConfig::default(),
             anomaly: crate::anomaly::AnomalyConfig::default(),
             export: crate::export::ExportConfig::default(),
+            udp_replies: UdpRepliesConfig::default(),
         }
+    }
+}
+
+/// The pinholes that let an ingress-restricted service's UDP exchanges
+/// through (answers to what it sent, answers to peers a rule let in).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UdpRepliesConfig {
+    /// A pinhole unused this long (no send to the peer, no datagram a rule
+    /// let in) is closed. Conntrack's UDP default for a stream is 120 s.
+    pub idle_timeout_secs: u32,
+    /// The most pinholes one service holds; past it, new peers are still
+    /// judged by the rules datagram by datagram but get no pinhole.
+    pub per_service: u32,
+}
+
+impl Default for UdpRepliesConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout_secs: 120,
+            per_service: agent_common::UDP_PEERS_PER_SERVICE,
+        }
+    }
+}
+
+impl UdpRepliesConfig {
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.idle_timeout_secs == 0 {
+            out.push("udp_replies.idle_timeout_secs = 0: must be at least 1".to_string());
+        }
+        if self.per_service == 0 || self.per_service > agent_common::DEFAULT_UDP_PEERS {
+            out.push(format!(
+                "udp_replies.per_service = {}: must be between 1 and {}",
+                self.per_service,
+                agent_common::DEFAULT_UDP_PEERS
+            ));
+        }
+        out
     }
 }
 
@@ -171,6 +213,7 @@ impl Config {
             .problems()
             .into_iter()
             .chain(config.export.problems())
+            .chain(config.udp_replies.problems())
             .collect();
         if let Some(first) = problems.first() {
             // Points at the first offending key.

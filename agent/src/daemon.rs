@@ -175,6 +175,10 @@ async fn serve(plan: Plan) -> Result<()> {
             bpf_log: config.bpf_log,
             observe_unmanaged: config.events.observe_unmanaged,
             events_bytes: config.events.ring_buffer_bytes,
+            udp_reply_idle: std::time::Duration::from_secs(u64::from(
+                config.udp_replies.idle_timeout_secs,
+            )),
+            udp_peers_per_service: config.udp_replies.per_service,
         },
     )?;
     let _bpf_logger = if config.bpf_log {
@@ -301,6 +305,8 @@ async fn serve(plan: Plan) -> Result<()> {
     engine.quarantines = quarantines;
     engine.graph = Arc::clone(&graph);
     engine.pins = pins.current();
+    engine.udp_reply_idle =
+        std::time::Duration::from_secs(u64::from(config.udp_replies.idle_timeout_secs));
     engine.packet_sockets = match &coverage.packet_sockets_reason {
         None => "judged (BPF LSM)".to_string(),
         Some(reason) => format!("not judged: {reason}"),
@@ -311,6 +317,8 @@ async fn serve(plan: Plan) -> Result<()> {
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut held_scan = tokio::time::interval(crate::held::SCAN_INTERVAL);
     held_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pinhole_sweep = tokio::time::interval(crate::kernel::udp_peers::SWEEP_INTERVAL);
+    pinhole_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // File changes come in bursts (editors write, rename, chmod): reload
     // once they have settled.
     let mut reload_at: Option<tokio::time::Instant> = None;
@@ -322,6 +330,7 @@ async fn serve(plan: Plan) -> Result<()> {
                 watchdog.beat();
             }
             _ = held_scan.tick() => engine.scan_held_sockets(),
+            _ = pinhole_sweep.tick() => engine.sweep_udp_peers(None),
             Some(call) = admin_rx.recv() => engine.handle(call),
             Some(_) = policy_changes.next() => {
                 reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);

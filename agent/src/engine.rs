@@ -46,6 +46,8 @@ pub struct Engine {
     /// Where the pins are, and what packet sockets coverage is (for status).
     pub pins: std::path::PathBuf,
     pub packet_sockets: String,
+    /// The UDP pinholes' idle timeout (`[udp_replies]`).
+    pub udp_reply_idle: Duration,
     /// The service graph (blast radius, learn), fed by the aggregator.
     pub graph: Arc<crate::graph::Shared>,
     /// The previous policy, to remove once its grace period is over.
@@ -82,6 +84,7 @@ impl Engine {
             quarantines: Quarantines::default(),
             pins: std::path::PathBuf::new(),
             packet_sockets: String::new(),
+            udp_reply_idle: Duration::from_secs(120),
             graph: Arc::default(),
             retiring: None,
             held_warned: std::collections::HashSet::new(),
@@ -97,6 +100,24 @@ impl Engine {
         match self.enforcer.apply_service_changes(&changes) {
             Ok(()) => self.refresh_inventory(),
             Err(e) => warn!("cannot update the managed cgroups: {e}"),
+        }
+    }
+
+    /// Removes idle UDP pinholes and makes every service's count exact;
+    /// with `previous` (the policy just replaced), closes the pinholes it
+    /// allowed that the policy in force does not.
+    pub fn sweep_udp_peers(&mut self, previous: Option<&CompiledPolicy>) {
+        let Some(live) = self.enforcer.live().cloned() else {
+            return;
+        };
+        if let Err(e) = crate::kernel::udp_peers::sweep(
+            self.enforcer.ebpf_mut(),
+            self.udp_reply_idle,
+            &live,
+            previous,
+            &self.metrics.udp_peers,
+        ) {
+            warn!("cannot sweep the UDP pinholes: {e}");
         }
     }
 
@@ -231,6 +252,8 @@ impl Engine {
             .enforcer
             .switch(staged, &changes)
             .map_err(|e| format!("switching to the new policy failed: {e}"))?;
+        // Pinholes the new policy no longer allows close now.
+        self.sweep_udp_peers(old.as_ref());
         if let Some(old) = old {
             self.retiring = Some((Instant::now() + RETIRE_GRACE, old));
         }

@@ -239,8 +239,8 @@ mod tests {
         connected_udp
             .connect(udp.local_addr().expect("addr"))
             .expect("connect");
-        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .expect("tcp client");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("tcp client");
         let dup = |fd: i32| pidfd_getfd(&own, fd).expect("pidfd_getfd of our own socket");
         assert!(judged_on_packets(&dup(listener.as_raw_fd()), false));
         assert!(judged_on_packets(&dup(udp.as_raw_fd()), false));

@@ -68,6 +68,9 @@ pub struct LoadOptions {
     pub observe_unmanaged: bool,
     /// Size of the event ring buffer in bytes (a power of two, >= 4096).
     pub events_bytes: u32,
+    /// UDP pinholes: idle timeout and bound per service.
+    pub udp_reply_idle: std::time::Duration,
+    pub udp_peers_per_service: u32,
 }
 
 impl Default for LoadOptions {
@@ -76,6 +79,8 @@ impl Default for LoadOptions {
             bpf_log: false,
             observe_unmanaged: false,
             events_bytes: DEFAULT_EVENTS_BYTES,
+            udp_reply_idle: std::time::Duration::from_secs(120),
+            udp_peers_per_service: agent_common::UDP_PEERS_PER_SERVICE,
         }
     }
 }
@@ -125,6 +130,7 @@ impl Enforcer {
         let capacity = Capacity::for_policy(policy);
         let bpf_log = u8::from(options.bpf_log);
         let observe = u8::from(options.observe_unmanaged);
+        let idle_ns = u64::try_from(options.udp_reply_idle.as_nanos()).unwrap_or(u64::MAX);
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
         let mut ebpf = EbpfLoader::new()
@@ -133,6 +139,7 @@ impl Enforcer {
             .map_max_entries(names::EVENTS, options.events_bytes)
             .map_max_entries(names::DENY_RATE, max_services.saturating_mul(2))
             .map_max_entries(names::SERVICE_PATHS, max_services)
+            .map_max_entries(names::UDP_PEER_COUNT, max_services)
             .map_max_entries(names::INGRESS_V4, capacity.prefixes)
             .map_max_entries(names::INGRESS_V6, capacity.prefixes)
             .map_max_entries(names::EGRESS_V4, capacity.prefixes)
@@ -140,6 +147,8 @@ impl Enforcer {
             .map_max_entries(names::RULESETS, capacity.rulesets.saturating_mul(2))
             .override_global("BPF_LOG", &bpf_log, true)
             .override_global("OBSERVE_UNMANAGED", &observe, true)
+            .override_global("UDP_REPLY_IDLE_NS", &idle_ns, true)
+            .override_global("UDP_PEERS_MAX", &options.udp_peers_per_service, true)
             .load(EBPF_OBJECT)?;
         let mut lsm_loaded = false;
         let mut lsm_error = None;

@@ -210,7 +210,9 @@ pub fn write_held_sockets(
         }
         match held.insert(cookie, cgroup, 0) {
             Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
                 overflow += 1;
             }
             Err(e) => return Err(map_err(e)),

@@ -9,6 +9,7 @@ mod maps;
 pub mod pins;
 pub mod preflight;
 mod raw_link;
+pub mod udp_peers;
 
 pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;

@@ -491,6 +491,23 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             ([("kind", "unreadable")], load(&held.scan_errors)),
             ([("kind", "overflow")], load(&held.overflow)),
         ],
+    )?;
+    let pinholes = &state.udp_peers;
+    one(
+        enc,
+        "bulkhead_udp_pinholes",
+        "UDP pinholes of ingress-restricted services open after the last sweep (answers to what a service sent, answers to peers a rule let in).",
+        None,
+        &ConstGauge::new(load(&pinholes.open)),
+    )?;
+    counters(
+        enc,
+        "bulkhead_udp_pinholes_closed",
+        "UDP pinholes closed, by reason: idle = unused for udp_replies.idle_timeout_secs, policy = a reload no longer allows the peer.",
+        [
+            ([("reason", "idle")], load(&pinholes.closed_idle)),
+            ([("reason", "policy")], load(&pinholes.closed_policy)),
+        ],
     )
 }
 

@@ -196,6 +196,8 @@ pub struct MetricsState {
     pub reloads: Arc<crate::reload::ReloadStats>,
     /// Sockets judged by the service holding them (the engine's scan).
     pub held: crate::held::HeldStats,
+    /// UDP pinholes (the engine's sweep).
+    pub udp_peers: crate::kernel::udp_peers::UdpPeerStats,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -263,6 +265,7 @@ impl MetricsState {
             stats,
             reloads: Arc::default(),
             held: crate::held::HeldStats::default(),
+            udp_peers: crate::kernel::udp_peers::UdpPeerStats::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),

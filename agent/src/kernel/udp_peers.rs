@@ -1,0 +1,231 @@
+//! Upkeep of the UDP pinholes (`UDP_PEERS`, see the kernel side in
+//! agent-ebpf/src/udp_peers.rs). The kernel opens and refreshes them and
+//! ignores one unused for the idle timeout; the agent removes those, keeps
+//! each service's count (its bound) exact, and after a policy switch judges
+//! every pinhole again under the new policy: one the new policy no longer
+//! allows is closed at once, not left open until it idles out.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use agent_common::{
+    maps as names, LpmV4Key, LpmV6Key, UdpPeer, UdpPeerKey, FLAG_INGRESS, PEER_SENT, PROTO_ANY,
+    PROTO_UDP,
+};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
+    Ebpf,
+};
+
+use super::{compile::CompiledPolicy, KernelError};
+
+/// `BPF_EXIST`: update only a key that exists.
+const BPF_EXIST: u64 = 2;
+
+/// How often idle pinholes are removed and counts made exact.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Pinhole counters, for the metrics.
+#[derive(Debug, Default)]
+pub struct UdpPeerStats {
+    /// Open after the last sweep.
+    pub open: AtomicU64,
+    /// Removed because unused for the idle timeout.
+    pub closed_idle: AtomicU64,
+    /// Closed because the policy no longer allows the peer.
+    pub closed_policy: AtomicU64,
+}
+
+/// Removes idle pinholes and, when `previous` is the policy just replaced
+/// by `live`, judges the ones made under it again; rewrites every
+/// service's count.
+pub fn sweep(
+    ebpf: &mut Ebpf,
+    idle: Duration,
+    live: &CompiledPolicy,
+    previous: Option<&CompiledPolicy>,
+    stats: &UdpPeerStats,
+) -> Result<(), KernelError> {
+    let now = monotonic_ns();
+    let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+    let entries: Vec<(UdpPeerKey, UdpPeer)> = {
+        let peers: HashMap<&MapData, UdpPeerKey, UdpPeer> = map_ref(ebpf, names::UDP_PEERS)?;
+        peers.iter().filter_map(Result::ok).collect()
+    };
+    let mut drop = Vec::new();
+    let mut rewrite = Vec::new();
+    let mut counts: StdHashMap<u32, u64> = StdHashMap::new();
+    for (key, mut peer) in entries {
+        if now.saturating_sub(peer.seen_ns) > idle_ns {
+            stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+            drop.push(key);
+            continue;
+        }
+        let id = match live_id(live, previous, peer.service_id) {
+            Some(id) => id,
+            None => {
+                stats.closed_policy.fetch_add(1, Ordering::Relaxed);
+                drop.push(key);
+                continue;
+            }
+        };
+        if id != peer.service_id {
+            if !allowed(ebpf, live, id, &key, &peer)? {
+                stats.closed_policy.fetch_add(1, Ordering::Relaxed);
+                drop.push(key);
+                continue;
+            }
+            peer.service_id = id;
+            rewrite.push((key, peer));
+        }
+        *counts.entry(id).or_default() += 1;
+    }
+    {
+        let mut peers: HashMap<&mut MapData, UdpPeerKey, UdpPeer> = map(ebpf, names::UDP_PEERS)?;
+        let err = |source| KernelError::Map {
+            name: names::UDP_PEERS,
+            source,
+        };
+        for key in &drop {
+            match peers.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        for (key, peer) in &rewrite {
+            // Only if still there: a rewrite must not reopen a pinhole.
+            match peers.insert(key, peer, BPF_EXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+    }
+    let mut count: Array<&mut MapData, u64> = map(ebpf, names::UDP_PEER_COUNT)?;
+    let ids = live.services.iter().map(|s| s.entry.service_id).chain(
+        previous
+            .into_iter()
+            .flat_map(|p| p.services.iter().map(|s| s.entry.service_id)),
+    );
+    for id in ids {
+        let n = counts.get(&id).copied().unwrap_or(0);
+        count.set(id, n, 0).map_err(|source| KernelError::Map {
+            name: names::UDP_PEER_COUNT,
+            source,
+        })?;
+    }
+    stats.open.store(counts.values().sum(), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The id in `live` of the service a pinhole was made for: its own id if
+/// it is one of `live`'s, the same service's new id if it was made under
+/// `previous`, None if that service is gone.
+fn live_id(live: &CompiledPolicy, previous: Option<&CompiledPolicy>, id: u32) -> Option<u32> {
+    fn find(p: &CompiledPolicy, id: u32) -> Option<&super::CompiledService> {
+        p.services.iter().find(|s| s.entry.service_id == id)
+    }
+    if find(live, id).is_some() {
+        return Some(id);
+    }
+    let name = &find(previous?, id)?.name;
+    live.services
+        .iter()
+        .find(|s| &s.name == name)
+        .map(|s| s.entry.service_id)
+}
+
+/// Whether service `id` of `live` still allows the pinhole: it restricts
+/// inbound traffic (else no pinhole is needed), and the rule behind it
+/// still matches: an egress rule to the peer for one the service sent to,
+/// an ingress rule from the peer to the local port for one let in. Looked
+/// up in the kernel's own tries, as the programs do.
+fn allowed(
+    ebpf: &Ebpf,
+    live: &CompiledPolicy,
+    id: u32,
+    key: &UdpPeerKey,
+    peer: &UdpPeer,
+) -> Result<bool, KernelError> {
+    let Some(service) = live.services.iter().find(|s| s.entry.service_id == id) else {
+        return Ok(false);
+    };
+    if service.entry.flags & FLAG_INGRESS == 0 {
+        return Ok(false);
+    }
+    let sent = peer.origin == PEER_SENT;
+    let port = if sent { key.port } else { peer.local_port };
+    let (v4, v6) = if sent {
+        (names::EGRESS_V4, names::EGRESS_V6)
+    } else {
+        (names::INGRESS_V4, names::INGRESS_V6)
+    };
+    let ruleset = if key.family == 4 {
+        let trie: LpmTrie<&MapData, LpmV4Key, u32> = map_ref(ebpf, v4)?;
+        let mut addr = [0; 4];
+        addr.copy_from_slice(&key.addr[..4]);
+        let k = Key::new(
+            64,
+            LpmV4Key {
+                service_id: id.to_be_bytes(),
+                addr,
+            },
+        );
+        trie.get(&k, 0)
+    } else {
+        let trie: LpmTrie<&MapData, LpmV6Key, u32> = map_ref(ebpf, v6)?;
+        let k = Key::new(
+            160,
+            LpmV6Key {
+                service_id: id.to_be_bytes(),
+                addr: key.addr,
+            },
+        );
+        trie.get(&k, 0)
+    };
+    let index = match ruleset {
+        Ok(index) => index,
+        Err(MapError::KeyNotFound) => return Ok(false),
+        Err(source) => return Err(KernelError::Map { name: v4, source }),
+    };
+    let Some(set) = index
+        .checked_sub(live.ruleset_base)
+        .and_then(|i| live.rulesets.get(i as usize))
+    else {
+        return Ok(false);
+    };
+    Ok(set.ranges[..(set.len as usize).min(set.ranges.len())]
+        .iter()
+        .any(|r| (r.proto == PROTO_ANY || r.proto == PROTO_UDP) && (r.lo..=r.hi).contains(&port)))
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?;
+    T::try_from(m).map_err(|source| KernelError::Map { name, source })
+}
+
+fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+{
+    let m = ebpf.map(name).ok_or(KernelError::MissingMap(name))?;
+    T::try_from(m).map_err(|source| KernelError::Map { name, source })
+}
