@@ -43,9 +43,15 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i32> {
     let src = unsafe { ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize) };
     // SAFETY: the string lives in the tracepoint record.
     unsafe { bpf_probe_read_kernel_str_bytes(src, buf)? };
-    if let Some(entry) = unsafe { SERVICE_PATHS.get(&*buf) } {
+    // By reference: a copy of the 256-byte key would take half the stack.
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "the BPF stack is 512 bytes"
+    )]
+    let entry = unsafe { SERVICE_PATHS.get(&*buf) };
+    if let Some(entry) = entry {
         let entry = *entry;
-        SERVICES.insert(&id, &entry, 0)?;
+        SERVICES.insert(id, entry, 0)?;
     }
     Ok(())
 }

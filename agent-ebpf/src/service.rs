@@ -35,7 +35,7 @@ pub fn current_service() -> Option<ServiceEntry> {
 pub fn socket_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
     // SAFETY: skb is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    if let Some(cgroup) = unsafe { HELD_SOCKETS.get(&cookie) } {
+    if let Some(cgroup) = unsafe { HELD_SOCKETS.get(cookie) } {
         if let Some(entry) = unsafe { SERVICES.get(cgroup) } {
             return Some(*entry);
         }
@@ -59,7 +59,7 @@ fn skb_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
 #[inline(always)]
 fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
     // Fast path: the task sits directly in the service's cgroup.
-    if let Some(entry) = unsafe { SERVICES.get(&leaf) } {
+    if let Some(entry) = unsafe { SERVICES.get(leaf) } {
         return Some(*entry);
     }
     // Kept as plain initialised values (not an Option built in the loop):
@@ -81,7 +81,7 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
         if id == 0 || id == leaf {
             break;
         }
-        if let Some(entry) = unsafe { SERVICES.get(&id) } {
+        if let Some(entry) = unsafe { SERVICES.get(id) } {
             found = *entry;
             have = true;
         }

@@ -53,7 +53,7 @@ pub fn open(key: &UdpPeerKey, service_id: u32, local_port: u16, origin: u8) {
         origin,
         _pad: 0,
     };
-    if UDP_PEERS.insert(key, &peer, u64::from(BPF_EXIST)).is_ok() {
+    if UDP_PEERS.insert(key, peer, u64::from(BPF_EXIST)).is_ok() {
         return; // refreshed
     }
     let Some(count) = UDP_PEER_COUNT.get_ptr_mut(service_id) else {
@@ -67,7 +67,7 @@ pub fn open(key: &UdpPeerKey, service_id: u32, local_port: u16, origin: u8) {
         if *count >= u64::from(udp_peers_max()) {
             return;
         }
-        if UDP_PEERS.insert(key, &peer, u64::from(BPF_NOEXIST)).is_ok() {
+        if UDP_PEERS.insert(key, peer, u64::from(BPF_NOEXIST)).is_ok() {
             *count += 1;
         }
     }

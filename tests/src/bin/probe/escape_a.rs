@@ -19,7 +19,71 @@ use std::{
 use io_uring::{opcode, squeue, types, IoUring};
 use libc::c_int;
 
-use crate::client::{self, at, Ctx, Failure};
+use crate::{
+    client::{self, at, Ctx, Failure},
+    parse_addr, Step,
+};
+
+/// The commands of this module (see the probe's usage): `None` when
+/// `command` is none of them.
+pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String> {
+    Ok(Some(match command {
+        ["socket", family, kind, proto] => Step::Client(socket(
+            self::family(family)?,
+            self::kind(kind)?,
+            self::protocol(proto)?,
+        )),
+        ["proto-connect", kind, proto, addr] => Step::Client(proto_connect(
+            ctx,
+            self::kind(kind)?,
+            self::protocol(proto)?,
+            parse_addr(addr)?,
+        )),
+        ["proto-sendto", proto, addr] => {
+            Step::Client(proto_sendto(ctx, self::protocol(proto)?, parse_addr(addr)?))
+        }
+        ["listen-udplite", addr] => Step::Serve(listen_udplite(parse_addr(addr)?)),
+        ["ping", ip] => Step::Client(ping(ctx, self::ip(ip)?, true)),
+        ["ping-sendto", ip] => Step::Client(ping(ctx, self::ip(ip)?, false)),
+        ["udp-cmsg", cmsg, addr] => {
+            Step::Client(udp_cmsg(ctx, &Cmsg::named(cmsg)?, parse_addr(addr)?))
+        }
+        ["ip-options-lsrr", hop, addr] => {
+            Step::Client(lsrr_setsockopt(ctx, self::ip4(hop)?, parse_addr(addr)?))
+        }
+        ["ipv6-rthdr", hop, addr] => {
+            Step::Client(rthdr_setsockopt(ctx, self::ip6(hop)?, parse_addr(addr)?))
+        }
+        ["retopts-sendmsg", hop, addr] => {
+            Step::Client(retopts_sendmsg(ctx, self::ip4(hop)?, parse_addr(addr)?))
+        }
+        ["udp-unspec-sendto", a, b] => {
+            Step::Client(udp_unspec_sendto(ctx, parse_addr(a)?, parse_addr(b)?))
+        }
+        ["tcp-connect-via", via @ ("thread" | "fork" | "vfork"), addr] => {
+            Step::Client(tcp_connect_via(ctx, via, parse_addr(addr)?))
+        }
+        ["drop-privs-move", dir] => Step::Client(drop_privs_move(ctx, Path::new(dir), None)),
+        ["drop-privs-move", dir, addr] => Step::Client(drop_privs_move(
+            ctx,
+            Path::new(dir),
+            Some(parse_addr(addr)?),
+        )),
+        ["scm-rights", dir, how, addr] => Step::Client(scm_rights(
+            ctx,
+            Path::new(dir),
+            &Passed::named(how)?,
+            parse_addr(addr)?,
+        )),
+        ["uring-connect", mode, addr] => {
+            Step::Client(uring_connect(ctx, uring_flags(mode)?, parse_addr(addr)?))
+        }
+        ["uring-sendmsg", mode, addr] => {
+            Step::Client(uring_sendmsg(ctx, uring_flags(mode)?, parse_addr(addr)?))
+        }
+        _ => return Ok(None),
+    }))
+}
 
 /// `SOCK_DCCP`, `IPPROTO_L2TP` and `UDP_SEGMENT` (not in the libc crate
 /// for glibc targets).

@@ -20,8 +20,29 @@ use serde_json::json;
 
 use crate::{
     client::{self, at, Ctx, Failure},
-    listen,
+    listen, parse_addr, Step,
 };
+
+/// The commands of this module (see the probe's usage): `None` when
+/// `command` is none of them.
+pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String> {
+    Ok(Some(match command {
+        ["tcp-connect-opts", kind, addr] => {
+            Step::Client(tcp_connect_opts(ctx, &options(kind)?, parse_addr(addr)?))
+        }
+        ["udp-sendto-opts", kind, addr] => {
+            Step::Client(udp_sendto_opts(ctx, &options(kind)?, parse_addr(addr)?))
+        }
+        ["activate-listen", dir, "tcp", addr] => {
+            Step::Serve(activate_listen(dir, parse_addr(addr)?))
+        }
+        ["scm-listen", dir, "tcp", addr] => Step::Serve(scm_listen(dir, parse_addr(addr)?)),
+        ["listen-unbound", "tcp", "inet"] => Step::Serve(listen_unbound(false)),
+        ["listen-unbound", "tcp", "inet6"] => Step::Serve(listen_unbound(true)),
+        ["deny-flood", proto, n, addr] => Step::Serve(deny_flood(proto, n, parse_addr(addr)?)),
+        _ => return Ok(None),
+    }))
+}
 
 /// What `tcp-connect-opts KIND` puts on the SYN (and `udp-sendto-opts`
 /// on the datagram), as `setsockopt()` calls

@@ -95,7 +95,6 @@ use std::{
     fs, io,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
-    path::Path,
     process::ExitCode,
     time::Duration,
 };
@@ -160,71 +159,15 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["serve", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, true),
         ["serve", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, true),
         ["reflect", "udp", addr] => return listen::reflect_udp(parse_addr(addr)?),
-        ["socket", family, kind, proto] => escape_a::socket(
-            escape_a::family(family)?,
-            escape_a::kind(kind)?,
-            escape_a::protocol(proto)?,
-        ),
-        ["proto-connect", kind, proto, addr] => escape_a::proto_connect(
-            &mut ctx,
-            escape_a::kind(kind)?,
-            escape_a::protocol(proto)?,
-            parse_addr(addr)?,
-        ),
-        ["proto-sendto", proto, addr] => {
-            escape_a::proto_sendto(&mut ctx, escape_a::protocol(proto)?, parse_addr(addr)?)
-        }
-        ["listen-udplite", addr] => return escape_a::listen_udplite(parse_addr(addr)?),
-        ["ping", ip] => escape_a::ping(&mut ctx, escape_a::ip(ip)?, true),
-        ["ping-sendto", ip] => escape_a::ping(&mut ctx, escape_a::ip(ip)?, false),
-        ["udp-cmsg", cmsg, addr] => {
-            escape_a::udp_cmsg(&mut ctx, &escape_a::Cmsg::named(cmsg)?, parse_addr(addr)?)
-        }
-        ["ip-options-lsrr", hop, addr] => {
-            escape_a::lsrr_setsockopt(&mut ctx, escape_a::ip4(hop)?, parse_addr(addr)?)
-        }
-        ["ipv6-rthdr", hop, addr] => {
-            escape_a::rthdr_setsockopt(&mut ctx, escape_a::ip6(hop)?, parse_addr(addr)?)
-        }
-        ["retopts-sendmsg", hop, addr] => {
-            escape_a::retopts_sendmsg(&mut ctx, escape_a::ip4(hop)?, parse_addr(addr)?)
-        }
-        ["udp-unspec-sendto", a, b] => {
-            escape_a::udp_unspec_sendto(&mut ctx, parse_addr(a)?, parse_addr(b)?)
-        }
-        ["tcp-connect-via", via @ ("thread" | "fork" | "vfork"), addr] => {
-            escape_a::tcp_connect_via(&mut ctx, via, parse_addr(addr)?)
-        }
-        ["drop-privs-move", dir] => escape_a::drop_privs_move(&mut ctx, Path::new(dir), None),
-        ["drop-privs-move", dir, addr] => {
-            escape_a::drop_privs_move(&mut ctx, Path::new(dir), Some(parse_addr(addr)?))
-        }
-        ["scm-rights", dir, how, addr] => escape_a::scm_rights(
-            &mut ctx,
-            Path::new(dir),
-            &escape_a::Passed::named(how)?,
-            parse_addr(addr)?,
-        ),
-        ["uring-connect", mode, addr] => {
-            escape_a::uring_connect(&mut ctx, escape_a::uring_flags(mode)?, parse_addr(addr)?)
-        }
-        ["uring-sendmsg", mode, addr] => {
-            escape_a::uring_sendmsg(&mut ctx, escape_a::uring_flags(mode)?, parse_addr(addr)?)
-        }
-        ["tcp-connect-opts", kind, addr] => {
-            escape_b::tcp_connect_opts(&mut ctx, &escape_b::options(kind)?, parse_addr(addr)?)
-        }
-        ["udp-sendto-opts", kind, addr] => {
-            escape_b::udp_sendto_opts(&mut ctx, &escape_b::options(kind)?, parse_addr(addr)?)
-        }
-        ["activate-listen", dir, "tcp", addr] => {
-            return escape_b::activate_listen(dir, parse_addr(addr)?)
-        }
-        ["scm-listen", dir, "tcp", addr] => return escape_b::scm_listen(dir, parse_addr(addr)?),
-        ["listen-unbound", "tcp", "inet"] => return escape_b::listen_unbound(false),
-        ["listen-unbound", "tcp", "inet6"] => return escape_b::listen_unbound(true),
-        ["deny-flood", proto, n, addr] => return escape_b::deny_flood(proto, n, parse_addr(addr)?),
-        _ => return Err(USAGE.to_owned()),
+        other => match escape_a::dispatch(&mut ctx, other)? {
+            Some(Step::Client(outcome)) => outcome,
+            Some(Step::Serve(served)) => return served,
+            None => match escape_b::dispatch(&mut ctx, other)? {
+                Some(Step::Client(outcome)) => outcome,
+                Some(Step::Serve(served)) => return served,
+                None => return Err(USAGE.to_owned()),
+            },
+        },
     };
     report(outcome, &ctx);
     Ok(())
@@ -263,6 +206,13 @@ fn join_netns(name: &str) -> Result<(), String> {
 }
 
 /// Prints the outcome as one JSON line.
+/// What an escape-suite command came to: a client step to report, or a
+/// server's run (it returns once killed or failed).
+pub enum Step {
+    Client(Result<(), Failure>),
+    Serve(Result<(), String>),
+}
+
 fn report(outcome: Result<(), Failure>, ctx: &Ctx) {
     let local = ctx.local.map(|a| a.to_string());
     let mut line = match outcome {
