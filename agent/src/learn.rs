@@ -38,11 +38,13 @@ struct Seen<'a> {
     service: Option<&'a str>,
 }
 
-/// `"tcp"`, `"udp"`, or `"any"` for other protocols (ICMP datagram sockets).
+/// `"tcp"`, `"udp"`, `"icmp"` (ping sockets, which only an `icmp` rule
+/// lets a service open), or `"any"` for other protocols.
 fn rule_protocol(p: &str) -> &'static str {
     match p {
         "tcp" => "tcp",
         "udp" => "udp",
+        "icmp" | "icmpv6" => "icmp",
         _ => "any",
     }
 }
@@ -243,8 +245,9 @@ fn collapse<'a, 'g>(seen: &'a [Seen<'g>]) -> Rules<'a, 'g> {
     let mut rules: Rules<'a, 'g> = BTreeMap::new();
     for ((proto, net), (mut ports, from)) in groups {
         ports.sort_unstable();
-        // Port 0 (no port) and "any" protocol rules cover every port.
-        if proto == "any" || ports.contains(&0) {
+        // Port 0 (no port) and "any" protocol rules cover every port; ICMP
+        // has none.
+        if proto == "any" || proto == "icmp" || ports.contains(&0) {
             ports.clear();
         }
         rules.entry((proto, ports)).or_default().push((net, from));
@@ -287,6 +290,29 @@ mod tests {
             .unwrap_or_else(|e| panic!("learned policy does not check: {e:?}\n{text}"));
         crate::kernel::compile(&set).unwrap_or_else(|e| panic!("does not compile: {e:?}\n{text}"));
         set
+    }
+
+    /// A service that pinged learns an `icmp` rule (only such a rule lets
+    /// it open a ping socket), with no ports, and the policy checks.
+    #[test]
+    fn echoes_are_learned_as_icmp_rules() {
+        let mut g = Graph::default();
+        for (dst, proto) in [("198.51.100.9", "icmp"), ("2001:db8::9", "icmpv6")] {
+            let mut echo = connect("a", (dst, 0), Verdict::Audit);
+            echo.protocol = Some(proto.into());
+            g.observe(&echo);
+        }
+        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let text = &l.policy;
+        assert!(
+            text.contains("to = [\"198.51.100.9\", \"2001:db8::9\"]\nprotocol = \"icmp\""),
+            "{text}"
+        );
+        let set = learned_checks(text);
+        assert_eq!(
+            set.services[0].egress[0].protocol,
+            crate::policy::Protocol::Icmp
+        );
     }
 
     #[test]

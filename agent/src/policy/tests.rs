@@ -167,3 +167,53 @@ fn bad_selectors_are_refused() {
     assert!(errors[2].2.contains("not a systemd service or scope name"));
     assert!(errors[3].2.contains("not both"));
 }
+
+#[test]
+fn icmp_rules_and_socket_protocols_parse_and_compile_to_socket_bits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "pinger.toml",
+        "cgroup = \"/p\"\nmode = \"enforce\"\n[[egress]]\nto = [\"198.51.100.0/24\"]\nprotocol = \"icmp\"\n[[egress]]\nto = [\"10.0.0.0/8\"]\nprotocol = \"any\"\n[sockets]\nprotocols = [\"sctp\", \"mptcp\", \"sctp\"]\n",
+    );
+    let set = load_dir(dir.path()).expect("valid");
+    let s = &set.services[0];
+    assert_eq!(s.egress[0].protocol, Protocol::Icmp);
+    assert_eq!(s.egress[0].ports, [PortRange::ALL]);
+    assert_eq!(s.egress[1].protocol, Protocol::Any);
+    assert_eq!(
+        s.sockets.protocols,
+        [SocketProtocol::Sctp, SocketProtocol::Mptcp]
+    );
+    let compiled = crate::kernel::compile(&set).expect("compiles");
+    let bits = compiled.services[0].entry.sockets;
+    assert_eq!(
+        bits,
+        agent_common::SOCKETS_ICMP | agent_common::SOCKETS_SCTP | agent_common::SOCKETS_MPTCP
+    );
+}
+
+#[test]
+fn icmp_outside_egress_and_unknown_socket_protocols_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "bad.toml",
+        "cgroup = \"/b\"\nmode = \"enforce\"\ningress = [{ from = [\"198.51.100.0/24\"], protocol = \"icmp\" }]\n[bind]\nports = [80]\nprotocol = \"icmp\"\n[sockets]\nprotocols = [\"quic\"]\n",
+    );
+    let errors = errors_of(load_dir(dir.path()));
+    let lines: Vec<usize> = errors.iter().map(|e| e.1).collect();
+    assert_eq!(lines, [3, 6, 8], "{errors:#?}");
+    assert!(errors[0]
+        .2
+        .contains("ingress[0]: protocol \"icmp\" is for egress rules only"));
+    assert!(errors[1]
+        .2
+        .contains("[bind]: protocol \"icmp\" is for egress rules only"));
+    assert!(
+        errors[2].2.contains(
+            "unknown protocol \"quic\": expected one of sctp, mptcp, dccp, udplite, l2tp"
+        ),
+        "{errors:#?}"
+    );
+}
