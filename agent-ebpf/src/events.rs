@@ -1,7 +1,8 @@
 //! Sending records to userspace, and counting what could not be sent.
 
 use agent_common::{
-    Event, SockInfo, COUNTER_SLOTS, DENY_EVENTS_PER_SEC, RECORD_SPAN, WAKE_FRACTION,
+    counter_slot, Event, ServiceEntry, SockInfo, COUNTER_SLOTS, DENY_EVENTS_PER_SEC, KIND_VERDICT,
+    MODE_AUDIT, RECORD_SPAN, VERDICT_AUDIT, VERDICT_DENY, WAKE_FRACTION,
 };
 use aya_ebpf::{
     bindings::{
@@ -116,6 +117,45 @@ pub fn deny_event_budget(service_id: u32, direction: u8) -> Option<u32> {
     let suppressed = state.suppressed;
     state.suppressed = 0;
     Some(suppressed)
+}
+
+/// A refusal of `service` (`rule` says why), in `direction` over
+/// `protocol`: counts it, and returns its verdict (deny; audit in audit
+/// mode) with its record when the rate limit lets one through. The record
+/// carries everything common to refusals; the caller adds the addresses
+/// and the task, then emits it.
+#[inline(always)]
+pub fn refusal(
+    service: &ServiceEntry,
+    direction: u8,
+    protocol: u8,
+    hook: u8,
+    rule: u32,
+) -> (u8, Option<Event>) {
+    let verdict = if service.mode == MODE_AUDIT {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DENY
+    };
+    count(
+        service.service_id,
+        counter_slot(direction, protocol, verdict),
+    );
+    let Some(suppressed) = deny_event_budget(service.service_id, direction) else {
+        return (verdict, None);
+    };
+    let mut ev = blank();
+    ev.kind = KIND_VERDICT;
+    ev.verdict = verdict;
+    ev.service_id = service.service_id;
+    ev.mode = service.mode;
+    ev.rule_id = rule;
+    ev.protocol = protocol;
+    ev.hook = hook;
+    ev.direction = direction;
+    ev.suppressed = suppressed;
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    (verdict, Some(ev))
 }
 
 /// Adds one to a service's verdict counter.

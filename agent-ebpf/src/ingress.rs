@@ -23,17 +23,13 @@
 
 use agent_common::{
     counter_slot, ServiceEntry, SockInfo, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
-    FLAG_QUARANTINE, HOOK_INGRESS, KIND_VERDICT, LOST_INGRESS, MODE_AUDIT, PEER_LET_IN, PROTO_TCP,
-    PROTO_UDP, RULE_BIND, RULE_DEFAULT_DENY, RULE_UNREADABLE, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DENY,
+    FLAG_QUARANTINE, HOOK_INGRESS, LOST_INGRESS, PEER_LET_IN, PROTO_TCP, PROTO_UDP, RULE_BIND,
+    RULE_DEFAULT_DENY, RULE_UNREADABLE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{
-            bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id,
-        },
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id,
     },
     macros::cgroup_skb,
     programs::SkBuffContext,
@@ -41,7 +37,7 @@ use aya_ebpf::{
 
 use crate::{
     egress::{match_ingress_v4, match_ingress_v6, match_ports},
-    events::{blank, count, deny_event_budget, emit},
+    events::{count, emit, refusal},
     maps::{any_service_has, SOCK_INFO},
     packet::{parse, Packet},
     programs::{set_addr, Dest},
@@ -169,32 +165,13 @@ fn refuse(
     proto: u8,
     rule: u32,
 ) -> i32 {
-    let verdict = if service.mode == MODE_AUDIT {
-        VERDICT_AUDIT
-    } else {
-        VERDICT_DENY
-    };
-    count(
-        service.service_id,
-        counter_slot(DIRECTION_INGRESS, proto, verdict),
-    );
+    let (verdict, ev) = refusal(service, DIRECTION_INGRESS, proto, HOOK_INGRESS, rule);
     if verdict == VERDICT_AUDIT && proto == PROTO_UDP {
         if let Some(pkt) = pkt {
             remember_udp_peer(ctx, service, pkt);
         }
     }
-    if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_INGRESS) {
-        let mut ev = blank();
-        ev.kind = KIND_VERDICT;
-        ev.verdict = verdict;
-        ev.service_id = service.service_id;
-        ev.mode = service.mode;
-        ev.rule_id = rule;
-        ev.protocol = proto;
-        ev.hook = HOOK_INGRESS;
-        ev.direction = DIRECTION_INGRESS;
-        ev.suppressed = suppressed;
-        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    if let Some(mut ev) = ev {
         let skb = ctx.skb.skb;
         ev.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
         ev.socket_cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };

@@ -15,22 +15,19 @@
 //! header when some service is managed.
 
 use agent_common::{
-    counter_slot, ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED, DIRECTION_EGRESS, FLAG_QUARANTINE,
-    HOOK_EGRESS_PACKET, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP, PROTO_ICMPV6,
-    RULE_DEFAULT_DENY, RULE_SOURCE_ROUTE, RULE_UNREADABLE, VERDICT_AUDIT, VERDICT_DENY,
+    ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED, DIRECTION_EGRESS, FLAG_QUARANTINE,
+    HOOK_EGRESS_PACKET, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP, PROTO_ICMPV6, RULE_DEFAULT_DENY,
+    RULE_SOURCE_ROUTE, RULE_UNREADABLE, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id},
-    },
+    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 
 use crate::{
     egress::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
-    events::{blank, count, deny_event_budget, emit},
+    events::{emit, refusal},
     maps::active_flags,
     packet::{parse, Packet},
     programs::{set_addr, Dest},
@@ -162,27 +159,8 @@ fn refuse(
     proto: u8,
     rule: u32,
 ) -> i32 {
-    let verdict = if service.mode == MODE_AUDIT {
-        VERDICT_AUDIT
-    } else {
-        VERDICT_DENY
-    };
-    count(
-        service.service_id,
-        counter_slot(DIRECTION_EGRESS, proto, verdict),
-    );
-    if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_EGRESS) {
-        let mut ev = blank();
-        ev.kind = KIND_VERDICT;
-        ev.verdict = verdict;
-        ev.service_id = service.service_id;
-        ev.mode = service.mode;
-        ev.rule_id = rule;
-        ev.protocol = proto;
-        ev.hook = HOOK_EGRESS_PACKET;
-        ev.direction = DIRECTION_EGRESS;
-        ev.suppressed = suppressed;
-        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    let (verdict, ev) = refusal(service, DIRECTION_EGRESS, proto, HOOK_EGRESS_PACKET, rule);
+    if let Some(mut ev) = ev {
         let skb = ctx.skb.skb;
         ev.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
         ev.socket_cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };

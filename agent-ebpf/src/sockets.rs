@@ -7,19 +7,19 @@
 //! may open them only when its policy names them (`[sockets]`).
 
 use agent_common::{
-    counter_slot, ServiceEntry, DIRECTION_EGRESS, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW,
-    HOOK_LSM_SOCKET, HOOK_SOCK_CREATE, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, SOCKETS_DCCP, SOCKETS_ICMP,
-    SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE, VERDICT_AUDIT, VERDICT_DENY,
+    ServiceEntry, DIRECTION_EGRESS, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW, HOOK_LSM_SOCKET,
+    HOOK_SOCK_CREATE, LOST_VERDICT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    RULE_DEFAULT_DENY, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP,
+    SOCKETS_UDPLITE, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    helpers::bpf_get_current_cgroup_id,
     macros::{cgroup_sock, lsm},
     programs::{LsmContext, SockContext},
 };
 
 use crate::{
-    events::{blank, count, deny_event_budget, emit, fill_task},
+    events::{emit, fill_task, refusal},
     service::current_service,
 };
 
@@ -117,28 +117,18 @@ pub fn bulkhead_socket_create(ctx: LsmContext) -> i32 {
 /// not fit the one-byte protocol field).
 #[inline(always)]
 fn refuse(service: &ServiceEntry, hook: u8, protocol: u32) -> bool {
-    let enforce = service.mode != MODE_AUDIT;
-    let verdict = if enforce { VERDICT_DENY } else { VERDICT_AUDIT };
-    count(
-        service.service_id,
-        counter_slot(DIRECTION_EGRESS, protocol as u8, verdict),
+    let (verdict, ev) = refusal(
+        service,
+        DIRECTION_EGRESS,
+        protocol as u8,
+        hook,
+        RULE_DEFAULT_DENY,
     );
-    if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_EGRESS) {
-        let mut ev = blank();
-        ev.kind = KIND_VERDICT;
-        ev.verdict = verdict;
-        ev.service_id = service.service_id;
-        ev.mode = service.mode;
-        ev.rule_id = RULE_DEFAULT_DENY;
-        ev.hook = hook;
-        ev.protocol = protocol as u8;
+    if let Some(mut ev) = ev {
         ev.dst_port = protocol as u16;
-        ev.direction = DIRECTION_EGRESS;
-        ev.suppressed = suppressed;
-        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
         ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         fill_task(&mut ev);
         emit(&ev, LOST_VERDICT);
     }
-    enforce
+    verdict == VERDICT_DENY
 }

@@ -7,17 +7,14 @@
 //! unmanaged task, passes untouched.
 
 use agent_common::{
-    counter_slot, ServiceEntry, DIRECTION_EGRESS, HOOK_SETSOCKOPT, KIND_VERDICT, LOST_VERDICT,
-    MODE_AUDIT, RULE_SOURCE_ROUTE, VERDICT_AUDIT, VERDICT_DENY,
+    ServiceEntry, DIRECTION_EGRESS, HOOK_SETSOCKOPT, LOST_VERDICT, RULE_SOURCE_ROUTE, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
-    macros::cgroup_sockopt,
-    programs::SockoptContext,
+    helpers::bpf_get_current_cgroup_id, macros::cgroup_sockopt, programs::SockoptContext,
 };
 
 use crate::{
-    events::{blank, count, deny_event_budget, emit, fill_task},
+    events::{emit, fill_task, refusal},
     packet::options_source_route,
     service::current_service,
 };
@@ -77,26 +74,17 @@ fn option_byte(ctx: &SockoptContext, i: usize) -> Option<u8> {
 /// Records the refusal; true when it must fail (enforce mode).
 #[inline(always)]
 fn refuse(service: &ServiceEntry) -> bool {
-    let enforce = service.mode != MODE_AUDIT;
-    let verdict = if enforce { VERDICT_DENY } else { VERDICT_AUDIT };
-    count(
-        service.service_id,
-        counter_slot(DIRECTION_EGRESS, 0, verdict),
+    let (verdict, ev) = refusal(
+        service,
+        DIRECTION_EGRESS,
+        0,
+        HOOK_SETSOCKOPT,
+        RULE_SOURCE_ROUTE,
     );
-    if let Some(suppressed) = deny_event_budget(service.service_id, DIRECTION_EGRESS) {
-        let mut ev = blank();
-        ev.kind = KIND_VERDICT;
-        ev.verdict = verdict;
-        ev.service_id = service.service_id;
-        ev.mode = service.mode;
-        ev.rule_id = RULE_SOURCE_ROUTE;
-        ev.hook = HOOK_SETSOCKOPT;
-        ev.direction = DIRECTION_EGRESS;
-        ev.suppressed = suppressed;
-        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    if let Some(mut ev) = ev {
         ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         fill_task(&mut ev);
         emit(&ev, LOST_VERDICT);
     }
-    enforce
+    verdict == VERDICT_DENY
 }
