@@ -61,29 +61,65 @@ fn connected_udp_sendmsg_with_control_messages_reaches_allowed_peer() {
     );
 }
 
+/// A source-route case: a remote host with an allowed address (a UDP
+/// listener on it) and a second address, the first hop a source route
+/// would send through, which no rule allows; and the service, enforcing.
+struct SourceRoute {
+    _agent: (PolicyDir, Daemon),
+    udp: Listener,
+    hop: IpAddr,
+    svc: CgroupGuard,
+    _remote: NetnsGuard,
+}
+
+impl SourceRoute {
+    fn new(v6: bool) -> Self {
+        let remote = NetnsGuard::new();
+        let (allowed, hop): (IpAddr, IpAddr) = if v6 {
+            (remote.v6(2).into(), remote.add_addr_v6(3).into())
+        } else {
+            (remote.v4(2).into(), remote.add_addr_v4(3).into())
+        };
+        let udp = probe()
+            .in_netns(remote.name())
+            .listen(Proto::Udp, SocketAddr::new(allowed, 0));
+        let svc = CgroupGuard::new();
+        let agent = enforce(&svc, &[Egress::to([allowed])]);
+        probe()
+            .in_cgroup(svc.path())
+            .udp_sendto(udp.addr())
+            .assert_ok("the allowed destination, without a source route");
+        Self {
+            _agent: agent,
+            udp,
+            hop,
+            svc,
+            _remote: remote,
+        }
+    }
+
+    fn client(&self) -> Probe {
+        probe().in_cgroup(self.svc.path())
+    }
+}
+
 #[test]
 fn ip_options_source_route_refused_at_setsockopt() {
     if !require_bpf() {
         return;
     }
-    let remote = NetnsGuard::new();
-    let (allowed, hop) = (remote.v4(2), remote.add_addr_v4(3));
-    let udp = probe()
-        .in_netns(remote.name())
-        .listen(Proto::Udp, SocketAddr::from((allowed, 0)));
-    let svc = CgroupGuard::new();
-    let _agent = enforce(&svc, &[Egress::to([allowed])]);
-
-    let client = probe().in_cgroup(svc.path());
-    client
-        .udp_sendto(udp.addr())
-        .assert_ok("the allowed destination, without a source route");
-    client.ip_options_lsrr(hop, udp.addr()).assert_eperm_at(
-        "setsockopt",
-        "IP_OPTIONS with a loose source route sends the datagram to its first hop",
-    );
+    let case = SourceRoute::new(false);
+    let IpAddr::V4(hop) = case.hop else {
+        unreachable!("an IPv4 case")
+    };
+    case.client()
+        .ip_options_lsrr(hop, case.udp.addr())
+        .assert_eperm_at(
+            "setsockopt",
+            "IP_OPTIONS with a loose source route sends the datagram to its first hop",
+        );
     probe()
-        .ip_options_lsrr(hop, udp.addr())
+        .ip_options_lsrr(hop, case.udp.addr())
         .assert_ok("an unmanaged process may set a source route");
 }
 
@@ -92,24 +128,18 @@ fn ipv6_routing_header_refused_at_setsockopt() {
     if !require_bpf() {
         return;
     }
-    let remote = NetnsGuard::new();
-    let (allowed, hop) = (remote.v6(2), remote.add_addr_v6(3));
-    let udp = probe()
-        .in_netns(remote.name())
-        .listen(Proto::Udp, SocketAddr::from((allowed, 0)));
-    let svc = CgroupGuard::new();
-    let _agent = enforce(&svc, &[Egress::to([allowed])]);
-
-    let client = probe().in_cgroup(svc.path());
-    client
-        .udp_sendto(udp.addr())
-        .assert_ok("the allowed destination, without a routing header");
-    client.ipv6_rthdr(hop, udp.addr()).assert_eperm_at(
-        "setsockopt",
-        "IPV6_RTHDR (segment routing) sends the datagram to its first segment",
-    );
+    let case = SourceRoute::new(true);
+    let IpAddr::V6(hop) = case.hop else {
+        unreachable!("an IPv6 case")
+    };
+    case.client()
+        .ipv6_rthdr(hop, case.udp.addr())
+        .assert_eperm_at(
+            "setsockopt",
+            "IPV6_RTHDR (segment routing) sends the datagram to its first segment",
+        );
     probe()
-        .ipv6_rthdr(hop, udp.addr())
+        .ipv6_rthdr(hop, case.udp.addr())
         .assert_ok("an unmanaged process may set a routing header");
 }
 
@@ -118,17 +148,12 @@ fn ip_retopts_source_route_refused_at_sendmsg() {
     if !require_bpf() {
         return;
     }
-    let remote = NetnsGuard::new();
-    let (allowed, hop) = (remote.v4(2), remote.add_addr_v4(3));
-    let udp = probe()
-        .in_netns(remote.name())
-        .listen(Proto::Udp, SocketAddr::from((allowed, 0)));
-    let svc = CgroupGuard::new();
-    let _agent = enforce(&svc, &[Egress::to([allowed])]);
-
-    probe()
-        .in_cgroup(svc.path())
-        .retopts_sendmsg(hop, udp.addr())
+    let case = SourceRoute::new(false);
+    let IpAddr::V4(hop) = case.hop else {
+        unreachable!("an IPv4 case")
+    };
+    case.client()
+        .retopts_sendmsg(hop, case.udp.addr())
         .assert_eperm_at(
             "sendmsg",
             "an IP_RETOPTS control message with a loose source route sends the datagram \
