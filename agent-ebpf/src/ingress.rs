@@ -1,16 +1,17 @@
 //! Inbound enforcement (cgroup_skb/ingress at the cgroup2 root): who may
 //! open a connection to, or send a datagram to, a service whose policy has
-//! an `ingress` list, and on which ports a service with `[bind]` may be
-//! reached at all.
+//! an `ingress` list, and on which ports a service with `[bind]` may
+//! accept connections at all.
 //!
 //! - TCP: only a pure SYN to a listening socket is judged. A SYN that no
 //!   rule allows is dropped before the kernel creates a request socket, so
 //!   the accept queue never sees it. Packets of established connections,
 //!   and replies to the service's own connections, are never judged.
-//! - A SYN to a listener on a port `[bind]` does not list is dropped: the
-//!   kernel binds a port with no bind() hook when listen() is called on an
-//!   unbound socket (or one bound to port 0), and such a listener must not
-//!   accept anything.
+//! - A packet to a TCP listener on a port `[bind]` does not list is
+//!   dropped: the kernel binds a port with no bind() hook when listen() is
+//!   called on an unbound socket (or one bound to port 0), and such a
+//!   listener must not accept anything. (UDP sockets on such ports are
+//!   clients' ephemeral ports and are not judged by `[bind]`.)
 //! - UDP: datagrams to a connected socket come from its peer (the kernel
 //!   filters them) and pass. For an unconnected socket, a datagram from a
 //!   peer the socket sent to (UDP_PEERS, filled by sendmsg) passes; any other
@@ -76,26 +77,34 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
     if sk.is_null() {
         return PASS;
     }
-    let (sk_proto, state, dst_port) = unsafe { ((*sk).protocol, (*sk).state, (*sk).dst_port) };
+    let (sk_proto, state, dst_port, src_port) =
+        unsafe { ((*sk).protocol, (*sk).state, (*sk).dst_port, (*sk).src_port) };
+    let listener = sk_proto == u32::from(PROTO_TCP) && state == TCP_LISTEN;
+    // A listener on a port `[bind]` does not list (the socket's own port,
+    // in host order: what it is bound to, whatever the packet says) gets
+    // nothing, readable or not.
+    let bind_refused = listener
+        && service.flags & FLAG_BIND != 0
+        && match_ports(service.bind_ruleset, PROTO_TCP, src_port as u16) == RULE_DEFAULT_DENY;
     let restricted = service.flags & (FLAG_INGRESS | FLAG_QUARANTINE) != 0;
     let Some(pkt) = parse(&ctx) else {
+        if bind_refused {
+            return refuse(&ctx, sk, &service, None, PROTO_TCP, RULE_BIND);
+        }
         if !restricted {
             return PASS;
         }
         return refuse(&ctx, sk, &service, None, sk_proto as u8, RULE_UNREADABLE);
     };
+    if bind_refused {
+        return refuse(&ctx, sk, &service, Some(&pkt), PROTO_TCP, RULE_BIND);
+    }
     if pkt.proto as u32 != sk_proto {
         return PASS; // for a raw or ping socket: not judged here
     }
     let pure_syn = pkt.proto == PROTO_TCP
-        && state == TCP_LISTEN
+        && listener
         && pkt.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    if pure_syn
-        && service.flags & FLAG_BIND != 0
-        && match_ports(service.bind_ruleset, PROTO_TCP, pkt.dport) == RULE_DEFAULT_DENY
-    {
-        return refuse(&ctx, sk, &service, Some(&pkt), PROTO_TCP, RULE_BIND);
-    }
     if !restricted {
         return PASS;
     }
@@ -115,7 +124,10 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
             return PASS; // connected: only its peer reaches it
         }
         let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-        if udp_peers::is_open(&udp_peers::key(cookie, pkt.source, pkt.sport)) {
+        if udp_peers::is_open(
+            &udp_peers::key(cookie, pkt.source, pkt.sport),
+            service.service_id,
+        ) {
             return PASS; // a reply to what this socket sent
         }
     } else {

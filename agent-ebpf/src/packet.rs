@@ -17,15 +17,6 @@ const NEXTHDR_DEST: u8 = 60;
 /// longer chain is not read (and fails closed where it matters).
 const MAX_EXT_HEADERS: usize = 8;
 
-/// IPv4 option types that route a packet through hops of the sender's
-/// choosing (loose and strict source route).
-const IPOPT_LSRR: u8 = 0x83;
-const IPOPT_SSRR: u8 = 0x89;
-const IPOPT_END: u8 = 0;
-const IPOPT_NOOP: u8 = 1;
-/// The most option bytes an IPv4 header holds.
-pub const MAX_IPV4_OPTIONS: usize = 40;
-
 /// A packet's addresses, protocol and ports. `source`/`local` name the ends
 /// as seen by an inbound packet; for an outbound one `local` is the remote
 /// end.
@@ -39,8 +30,8 @@ pub struct Packet {
     pub dport: u16,
     /// TCP flags (0 otherwise).
     pub flags: u8,
-    /// The packet carries a source route (IPv4 LSRR/SSRR option, IPv6
-    /// routing header).
+    /// The packet may carry a source route: IPv4 options (LSRR/SSRR among
+    /// them), an IPv6 routing header.
     pub source_routed: bool,
 }
 
@@ -59,7 +50,9 @@ pub fn parse(ctx: &SkBuffContext) -> Option<Packet> {
             let proto: u8 = ctx.skb.load(9).ok()?;
             let saddr: [u8; 4] = ctx.skb.load(12).ok()?;
             let daddr: [u8; 4] = ctx.skb.load(16).ok()?;
-            let source_routed = ihl > 20 && v4_source_route(ctx, ihl)?;
+            // Any IPv4 option counts: a managed service may set none (see
+            // sockopt.rs), so one on its packet came from a control message.
+            let source_routed = ihl > 20;
             transport(
                 ctx,
                 ihl,
@@ -95,7 +88,17 @@ fn v6_chain(ctx: &SkBuffContext, first: u8) -> Option<(usize, u8, bool)> {
     let mut off = 40usize;
     let mut routed = false;
     let mut i = 0;
-    while i < MAX_EXT_HEADERS {
+    while i <= MAX_EXT_HEADERS {
+        let is_ext = matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT | NEXTHDR_AUTH
+        );
+        if !is_ext {
+            return Some((off, next, routed));
+        }
+        if i == MAX_EXT_HEADERS {
+            return None; // one more than the bound
+        }
         let len = match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let len: u8 = ctx.skb.load(off + 1).ok()?;
@@ -114,7 +117,7 @@ fn v6_chain(ctx: &SkBuffContext, first: u8) -> Option<(usize, u8, bool)> {
                 let len: u8 = ctx.skb.load(off + 1).ok()?;
                 (usize::from(len) + 2) * 4
             }
-            _ => return Some((off, next, routed)),
+            _ => return None,
         };
         if next == NEXTHDR_ROUTING {
             routed = true;
@@ -124,60 +127,6 @@ fn v6_chain(ctx: &SkBuffContext, first: u8) -> Option<(usize, u8, bool)> {
         i += 1;
     }
     None
-}
-
-/// Whether the IPv4 options (`ihl` > 20 bytes of header) hold a source
-/// route. `None` when they cannot be read.
-#[inline(always)]
-fn v4_source_route(ctx: &SkBuffContext, ihl: usize) -> Option<bool> {
-    let end = ihl.min(20 + MAX_IPV4_OPTIONS);
-    let mut off = 20usize;
-    let mut i = 0;
-    while i < MAX_IPV4_OPTIONS {
-        if off >= end {
-            break;
-        }
-        let kind: u8 = ctx.skb.load(off).ok()?;
-        match kind {
-            IPOPT_END => break,
-            IPOPT_NOOP => off += 1,
-            IPOPT_LSRR | IPOPT_SSRR => return Some(true),
-            _ => {
-                let len: u8 = ctx.skb.load(off + 1).ok()?;
-                if len < 2 {
-                    return None;
-                }
-                off += usize::from(len);
-            }
-        }
-        i += 1;
-    }
-    Some(false)
-}
-
-/// Whether raw IPv4 option bytes, as given to setsockopt(IP_OPTIONS), hold a
-/// source route: `byte(i)` reads option byte `i`, `None` past the end.
-#[inline(always)]
-pub fn options_source_route(byte: impl Fn(usize) -> Option<u8>) -> bool {
-    let mut off = 0usize;
-    let mut i = 0;
-    while i < MAX_IPV4_OPTIONS {
-        let Some(kind) = byte(off) else {
-            return false;
-        };
-        match kind {
-            IPOPT_END => return false,
-            IPOPT_NOOP => off += 1,
-            IPOPT_LSRR | IPOPT_SSRR => return true,
-            _ => match byte(off + 1) {
-                Some(len) if len >= 2 => off += usize::from(len),
-                // A malformed option: the kernel refuses it (EINVAL).
-                _ => return false,
-            },
-        }
-        i += 1;
-    }
-    false
 }
 
 #[inline(always)]

@@ -268,7 +268,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
             // A datagram answering a UDP peer that ingress let in.
             if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                if udp_peers::is_open(&udp_peers::key(cookie, dest, port)) {
+                if udp_peers::is_open(&udp_peers::key(cookie, dest, port), s.service_id) {
                     rule = RULE_UDP_REPLY;
                 }
             }

@@ -1,10 +1,14 @@
 //! setsockopt() of a managed service (cgroup/setsockopt at the cgroup2
 //! root): options that would send packets to a first hop no hook judged
-//! are refused with EPERM. These are source routes: IP_OPTIONS holding an
-//! LSRR or SSRR option, and IPv6 routing headers (IPV6_RTHDR and its RFC
-//! 2292 twin). The same routes given as control messages to sendmsg() are
-//! dropped on the packet (see outbound.rs). Every other option, and every
-//! unmanaged task, passes untouched.
+//! are refused with EPERM. These are source routes: IP_OPTIONS (any value:
+//! LSRR and SSRR route around the hooks, and no service needs the other
+//! IPv4 options; reading the options here cost the verifier more than the
+//! rest of the programs together); an IPv6 routing header, set directly
+//! (IPV6_RTHDR), among RFC 2292 sticky options (IPV6_2292PKTOPTIONS,
+//! refused whatever it holds), or attached to a flow label
+//! (IPV6_FLOWLABEL_MGR with options). The same routes given as control
+//! messages to sendmsg() are dropped on the packet (see outbound.rs).
+//! Every other option, and every unmanaged task, passes untouched.
 
 use agent_common::{
     ServiceEntry, DIRECTION_EGRESS, HOOK_SETSOCKOPT, LOST_VERDICT, RULE_SOURCE_ROUTE, VERDICT_DENY,
@@ -15,15 +19,20 @@ use aya_ebpf::{
 
 use crate::{
     events::{emit, fill_task, refusal},
-    packet::options_source_route,
     service::current_service,
 };
 
 const SOL_IP: i32 = 0;
 const IP_OPTIONS: i32 = 4;
 const SOL_IPV6: i32 = 41;
-const IPV6_2292RTHDR: i32 = 24;
+const IPV6_2292PKTOPTIONS: i32 = 6;
+const IPV6_FLOWLABEL_MGR: i32 = 32;
 const IPV6_RTHDR: i32 = 57;
+/// `struct in6_flowlabel_req`; options, if any, follow it.
+const FLOWLABEL_REQ_LEN: i32 = 32;
+/// The program sees at most one page of the value.
+const VISIBLE: i32 = 4096;
+
 /// What a cgroup/setsockopt program returns: go on, or fail with EPERM.
 const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
@@ -34,16 +43,30 @@ pub fn bulkhead_setsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: plain fields of the context.
     let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
     let ip_options = level == SOL_IP && optname == IP_OPTIONS;
-    let rthdr = level == SOL_IPV6 && (optname == IPV6_RTHDR || optname == IPV6_2292RTHDR);
+    let v6 = level == SOL_IPV6
+        && matches!(
+            optname,
+            IPV6_RTHDR | IPV6_2292PKTOPTIONS | IPV6_FLOWLABEL_MGR
+        );
     // An empty value removes the option: always fine.
-    if !(ip_options || rthdr) || optlen <= 0 {
-        return PROCEED;
+    if !(ip_options || v6) || optlen <= 0 {
+        return pass_on(&ctx, optlen);
     }
     let Some(service) = current_service() else {
-        return PROCEED;
+        return pass_on(&ctx, optlen);
     };
-    if ip_options && !options_source_route(|i| option_byte(&ctx, i)) {
-        return PROCEED;
+    let source_route = match (level, optname) {
+        (SOL_IP, _) => true,
+        (_, IPV6_RTHDR) => true,
+        (_, IPV6_FLOWLABEL_MGR) => optlen > FLOWLABEL_REQ_LEN,
+        // RFC 2292 sticky options: control messages that may hold a
+        // routing header. Walking them costs the verifier too much, and the
+        // API is long superseded (RFC 3542's one option per call), so a
+        // managed service may not set them at all.
+        _ => true,
+    };
+    if !source_route {
+        return pass_on(&ctx, optlen);
     }
     if refuse(&service) {
         REJECT
@@ -52,23 +75,16 @@ pub fn bulkhead_setsockopt(ctx: SockoptContext) -> i32 {
     }
 }
 
-/// Byte `i` of the option value the caller passed, `None` past its end.
+/// Lets the kernel handle the option. A value larger than the page the
+/// program sees must be handed back as "use the caller's own" (optlen 0):
+/// kernels without that default (before 6.5) fail it with EFAULT otherwise.
 #[inline(always)]
-fn option_byte(ctx: &SockoptContext, i: usize) -> Option<u8> {
-    // SAFETY: the kernel's copy of the value, [optval, optval_end); every
-    // read is checked against the end first.
-    unsafe {
-        let start = (*ctx.sockopt).__bindgen_anon_2.optval.cast::<u8>();
-        let end = (*ctx.sockopt).__bindgen_anon_3.optval_end.cast::<u8>();
-        if i >= 64 {
-            return None;
-        }
-        let p = start.add(i);
-        if p.add(1) > end {
-            return None;
-        }
-        Some(*p)
+fn pass_on(ctx: &SockoptContext, optlen: i32) -> i32 {
+    if optlen > VISIBLE {
+        // SAFETY: optlen is writable in setsockopt programs.
+        unsafe { (*ctx.sockopt).optlen = 0 };
     }
+    PROCEED
 }
 
 /// Records the refusal; true when it must fail (enforce mode).

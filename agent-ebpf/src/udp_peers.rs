@@ -8,10 +8,7 @@
 //! only get no pinhole.
 
 use agent_common::{UdpPeer, UdpPeerKey};
-use aya_ebpf::{
-    bindings::{BPF_EXIST, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 
 use crate::{
     maps::{udp_peers_max, udp_reply_idle_ns, UDP_PEERS, UDP_PEER_COUNT},
@@ -32,30 +29,42 @@ pub fn key(socket_cookie: u64, peer: Dest, port: u16) -> UdpPeerKey {
     key
 }
 
-/// Whether the pinhole exists and was used within the idle timeout.
+/// Whether the pinhole exists for `service_id` and was used within the
+/// idle timeout. One made under the policy a reload replaced is closed
+/// until the agent has judged it again under the new one (it does so
+/// right after the switch, and gives it the service's new id).
 #[inline(always)]
-pub fn is_open(key: &UdpPeerKey) -> bool {
+pub fn is_open(key: &UdpPeerKey, service_id: u32) -> bool {
     let Some(peer) = (unsafe { UDP_PEERS.get(key) }) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    now.wrapping_sub(peer.seen_ns) <= udp_reply_idle_ns()
+    peer.service_id == service_id && now.wrapping_sub(peer.seen_ns) <= udp_reply_idle_ns()
 }
 
-/// Opens the pinhole, or refreshes it. A new one counts against the
-/// service's bound; past it, nothing is remembered.
+/// Opens the pinhole, or refreshes it: an existing one only gets its time
+/// renewed, never a new service id or origin (those are the agent's to
+/// rewrite when it judges the pinhole again after a reload). A new one
+/// counts against the service's bound; past it, nothing is remembered.
 #[inline(always)]
 pub fn open(key: &UdpPeerKey, service_id: u32, local_port: u16, origin: u8) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(existing) = UDP_PEERS.get_ptr_mut(key) {
+        // SAFETY: a value of our map, updated in place.
+        unsafe {
+            if (*existing).service_id == service_id {
+                (*existing).seen_ns = now;
+            }
+        }
+        return;
+    }
     let peer = UdpPeer {
-        seen_ns: unsafe { bpf_ktime_get_ns() },
+        seen_ns: now,
         service_id,
         local_port,
         origin,
         _pad: 0,
     };
-    if UDP_PEERS.insert(key, peer, u64::from(BPF_EXIST)).is_ok() {
-        return; // refreshed
-    }
     let Some(count) = UDP_PEER_COUNT.get_ptr_mut(service_id) else {
         return;
     };

@@ -292,10 +292,16 @@ impl Builder {
 }
 
 /// `ServiceEntry::sockets` of a service: ping sockets when an egress rule
-/// names ICMP, and the protocols `[sockets]` names.
+/// may allow an echo (`icmp`, or `any` without ports: the echo is then
+/// judged against the rules like any destination), and the protocols
+/// `[sockets]` names.
 fn socket_bits(service: &Service) -> u8 {
     let mut bits = 0;
-    if service.egress.iter().any(|r| r.protocol == Protocol::Icmp) {
+    let echo = |r: &crate::policy::EgressRule| {
+        r.protocol == Protocol::Icmp
+            || (r.protocol == Protocol::Any && r.ports.iter().any(|p| p.lo == 0))
+    };
+    if service.egress.iter().any(echo) {
         bits |= SOCKETS_ICMP;
     }
     for p in &service.sockets.protocols {

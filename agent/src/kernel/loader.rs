@@ -140,6 +140,12 @@ impl Enforcer {
             .map_max_entries(names::DENY_RATE, max_services.saturating_mul(2))
             .map_max_entries(names::SERVICE_PATHS, max_services)
             .map_max_entries(names::UDP_PEER_COUNT, max_services)
+            // Every service's bound fits (entries are allocated as used),
+            // so one service's pinholes never crowd out another's.
+            .map_max_entries(
+                names::UDP_PEERS,
+                options.udp_peers_per_service.saturating_mul(max_services),
+            )
             .map_max_entries(names::INGRESS_V4, capacity.prefixes)
             .map_max_entries(names::INGRESS_V6, capacity.prefixes)
             .map_max_entries(names::EGRESS_V4, capacity.prefixes)

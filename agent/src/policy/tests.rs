@@ -193,6 +193,43 @@ fn icmp_rules_and_socket_protocols_parse_and_compile_to_socket_bits() {
     );
 }
 
+/// Ping sockets come with a rule that may allow an echo: `icmp`, or `any`
+/// naming no ports; not with `any` limited to ports, nor with no rule.
+#[test]
+fn ping_sockets_follow_rules_that_may_allow_an_echo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rule = |extra: &str| {
+        format!("mode = \"enforce\"\n[[egress]]\nto = [\"198.51.100.0/24\"]\n{extra}")
+    };
+    write(&dir, "a.toml", &format!("cgroup = \"/a\"\n{}", rule("")));
+    write(
+        &dir,
+        "b.toml",
+        &format!("cgroup = \"/b\"\n{}", rule("ports = [443]\n")),
+    );
+    write(&dir, "c.toml", "cgroup = \"/c\"\nmode = \"enforce\"\n");
+    let set = load_dir(dir.path()).expect("valid");
+    let compiled = crate::kernel::compile(&set).expect("compiles");
+    let icmp: Vec<(String, bool)> = compiled
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.entry.sockets & agent_common::SOCKETS_ICMP != 0,
+            )
+        })
+        .collect();
+    assert_eq!(
+        icmp,
+        [
+            ("a".to_string(), true),
+            ("b".to_string(), false),
+            ("c".to_string(), false)
+        ]
+    );
+}
+
 #[test]
 fn icmp_outside_egress_and_unknown_socket_protocols_are_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
