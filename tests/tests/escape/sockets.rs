@@ -94,8 +94,8 @@ fn ping_sockets_reach_only_icmp_rule_destinations() {
 }
 
 /// An unconnected echo to a destination no icmp rule allows is dropped on
-/// its way out. IPv4's sendto() then fails with EPERM; IPv6's returns
-/// success, because the kernel discards the output error for ICMPv6 ping
+/// its way out. IPv4's `sendto()` then fails with EPERM; IPv6's returns
+/// success, because the kernel discards the output error for `ICMPv6` ping
 /// sockets (`icmpv6_push_pending_frames` ignores it), so there the proof is
 /// that no answer ever comes.
 fn assert_echo_dropped(outcome: &Outcome, dest: IpAddr, why: &str) {

@@ -124,7 +124,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Vec<String>) -> Result<(), String> {
+/// Applies the options (joining the cgroup and namespace at once) and
+/// returns the client context and the command that follows them.
+fn options(args: Vec<String>) -> Result<(Ctx, Vec<String>), String> {
     let mut args = args.into_iter();
     let mut command = Vec::new();
     let mut ctx = Ctx::default();
@@ -140,6 +142,11 @@ fn run(args: Vec<String>) -> Result<(), String> {
             }
         }
     }
+    Ok((ctx, command))
+}
+
+fn run(args: Vec<String>) -> Result<(), String> {
+    let (mut ctx, command) = options(args)?;
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let outcome = match command.as_slice() {
         ["tcp-connect", addr] => client::tcp_connect(&mut ctx, parse_addr(addr)?),
