@@ -71,6 +71,15 @@
 //!                                 errno at stage `sendmsg`), then wait for the echo
 //! ```
 //!
+//! Escape suite, UDP reply pinholes:
+//!
+//! ```text
+//!   reflect-late udp A:P MS       like serve, but answer each datagram twice: at once, and
+//!                                 again MS milliseconds later (then print `late PEER`)
+//!   udp-sendto-each A:P [B:Q ...] one unconnected UDP socket sendto()s each address in turn,
+//!                                 then takes every datagram until the timeout (received_from)
+//! ```
+//!
 //! `--cgroup DIR` writes the probe's own pid into `DIR/cgroup.procs` before
 //! any socket exists (a socket belongs to the cgroup it was created in), and
 //! `--netns NAME` joins `/var/run/netns/NAME` first. `--source IP` binds a
@@ -82,13 +91,14 @@
 //! and exits 0: the test judges the outcome. `local` is the socket's own
 //! address once the kernel gave it one (also after a failed connect);
 //! `timed_out` says a step ran out of time rather than being refused;
-//! `udp-sendto-all` adds `received_from`, the sender of each datagram. Exit 2
-//! means the probe itself could not run (bad usage, could not join the
-//! cgroup or namespace).
+//! `udp-sendto-all` and `udp-sendto-each` add `received_from`, the sender of
+//! each datagram. Exit 2 means the probe itself could not run (bad usage,
+//! could not join the cgroup or namespace).
 
 mod client;
 mod escape_a;
 mod escape_b;
+mod escape_c;
 mod listen;
 
 use std::{
@@ -231,7 +241,8 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["listen-unbound", "tcp", "inet"] => return escape_b::listen_unbound(false),
         ["listen-unbound", "tcp", "inet6"] => return escape_b::listen_unbound(true),
         ["deny-flood", proto, n, addr] => return escape_b::deny_flood(proto, n, parse_addr(addr)?),
-        _ => return Err(USAGE.to_owned()),
+        // Unknown to all of the above: the pinhole commands, or bad usage.
+        _ => return escape_c::run(&mut ctx, &command),
     };
     report(outcome, &ctx);
     Ok(())
