@@ -78,8 +78,9 @@ pub fn bulkhead<S: AsRef<OsStr>>(args: &[S]) -> Output {
 /// Each daemon is kept to itself, so tests (and test runs) can overlap:
 /// its decision log and control socket live in its own temporary
 /// directory, its metrics endpoint takes any free loopback port, and unless
-/// the test passes `--config`, an empty config file (all defaults) stands
-/// in for the host's `/etc/bulkhead/bulkhead.toml`.
+/// the test passes `--config`, a config file of its own (empty: all
+/// defaults; or what [`Daemon::start_with_config`] gives) stands in for the
+/// host's `/etc/bulkhead/bulkhead.toml`.
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
@@ -107,9 +108,28 @@ impl Daemon {
         daemon
     }
 
+    /// [`Self::start`] with a daemon config file holding `config` (TOML,
+    /// e.g. `"[udp_replies]\nidle_timeout_secs = 2\n"`), written in the
+    /// daemon's own temporary directory.
+    #[must_use]
+    pub fn start_with_config(policies: &PolicyDir, config: &str) -> Self {
+        let mut daemon = Self::spawn_with_config(
+            &[OsStr::new("--policy-dir"), policies.path().as_os_str()],
+            config,
+        );
+        daemon.wait_ready();
+        daemon
+    }
+
     /// Starts `bulkhead run ARGS` with `NOTIFY_SOCKET` set, without waiting.
     #[must_use]
     pub fn spawn_run<S: AsRef<OsStr>>(args: &[S]) -> Self {
+        Self::spawn_with_config(args, "# all defaults\n")
+    }
+
+    /// [`Self::spawn_run`]; unless `args` has `--config`, the config file is
+    /// one holding `config`.
+    fn spawn_with_config<S: AsRef<OsStr>>(args: &[S], config: &str) -> Self {
         let work = tempfile::Builder::new()
             .prefix("bulkhead-test-daemon-")
             .tempdir()
@@ -140,10 +160,10 @@ impl Daemon {
             command_line.extend(["--state-dir".into(), work.path().join("state").into()]);
         }
         if !args.iter().any(|a| a.as_ref() == "--config") {
-            let config = work.path().join("bulkhead.toml");
-            fs::write(&config, "# all defaults\n")
-                .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
-            command_line.extend(["--config".into(), config.into()]);
+            let path = work.path().join("bulkhead.toml");
+            fs::write(&path, config)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            command_line.extend(["--config".into(), path.into()]);
         }
         command_line.extend(args.iter().map(|a| a.as_ref().to_owned()));
         let log = work.path().join("bulkhead.log");

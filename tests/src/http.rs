@@ -6,7 +6,8 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
 use crate::daemon::Daemon;
@@ -135,4 +136,28 @@ pub fn sample_count(
         .collect();
     labels.sort();
     samples.get(&(name.to_owned(), labels))?.parse().ok()
+}
+
+/// Scrapes the daemon at `addr` until the series `name{labels}` has a
+/// value `done` accepts, and returns it; panics after `timeout` with
+/// `what` and the last value (for what a daemon counts on a timer).
+pub fn wait_sample(
+    addr: SocketAddr,
+    (name, labels): (&str, &[(&str, &str)]),
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(u64) -> bool,
+) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = sample_count(&scrape(addr), name, labels);
+        if let Some(value) = value.filter(|v| done(*v)) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} did not show {what} within {timeout:?}; last value: {value:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -448,6 +448,32 @@ impl Probe {
         ]);
         Flood::parse(&outcome)
     }
+
+    // Escape suite (pinholes)
+
+    /// Starts `bulkhead-probe reflect-late udp` on `addr`: like
+    /// [`Self::serve`], but each datagram is echoed twice, at once and again
+    /// `delay` later from the same socket (an answer that comes after a
+    /// pinhole should have closed); [`Server::lines`] then holds `late
+    /// PEER` once that second answer went out.
+    #[must_use]
+    pub fn reflect_late_udp(&self, addr: SocketAddr, delay: Duration) -> Server {
+        let delay = delay.as_millis().to_string();
+        self.start_server(
+            &["reflect-late", "udp", &addr.to_string(), &delay],
+            "udp",
+            addr,
+        )
+    }
+
+    /// One unconnected UDP socket `sendto()`s each of `peers` in turn (all
+    /// of one family), then takes every datagram that arrives within the
+    /// step timeout ([`Self::step_timeout`]): [`Outcome::received_from`]
+    /// says from whom.
+    #[must_use]
+    pub fn udp_sendto_each(&self, peers: &[SocketAddr]) -> Outcome {
+        self.client("udp-sendto-each", peers)
+    }
 }
 
 /// What a client probe reported.
@@ -468,7 +494,8 @@ pub struct Outcome {
     /// The client socket's own address, once the kernel gave it one (also
     /// after a connect that never completed).
     pub local: Option<SocketAddr>,
-    /// For [`Probe::udp_sendto_all`]: the sender of each datagram received.
+    /// For [`Probe::udp_sendto_all`] and [`Probe::udp_sendto_each`]: the
+    /// sender of each datagram received.
     pub received_from: Vec<SocketAddr>,
 }
 

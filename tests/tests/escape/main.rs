@@ -14,8 +14,12 @@
 //!   (IPv6 extension headers, listeners the service did not create,
 //!   listeners `[bind]` never allowed).
 //! - `noise`: floods of denials.
+//! - `pinholes`: UDP reply pinholes that should close (unused for the idle
+//!   timeout, no longer allowed after a reload) or never open (past a
+//!   service's bound).
 
 mod egress;
 mod ingress;
 mod noise;
+mod pinholes;
 mod sockets;

@@ -205,6 +205,12 @@ pub fn udp_sendto(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
 pub fn udp_sendto_all(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
     let sock = udp_socket(ctx, addr)?;
     sock.send_to(b"ping", addr).map_err(at("send"))?;
+    receive_all(ctx, &sock)
+}
+
+/// Takes every datagram that arrives on `sock` within the step timeout,
+/// recording whom each came from (`received_from`).
+pub fn receive_all(ctx: &mut Ctx, sock: &UdpSocket) -> Result<(), Failure> {
     let deadline = Instant::now() + ctx.timeout;
     let mut senders = Vec::new();
     let mut buf = [0u8; 16];

@@ -12,7 +12,7 @@ use std::{
     net::{SocketAddr, TcpListener, UdpSocket},
 };
 
-fn ready(local: io::Result<SocketAddr>) -> Result<(), String> {
+pub fn ready(local: io::Result<SocketAddr>) -> Result<(), String> {
     let local = local.map_err(|e| format!("local_addr: {e}"))?;
     let mut out = io::stdout().lock();
     writeln!(out, "ready {local}")
@@ -21,7 +21,7 @@ fn ready(local: io::Result<SocketAddr>) -> Result<(), String> {
 }
 
 /// One line on stdout; a reader that went away is not the server's problem.
-fn say(line: &str) {
+pub fn say(line: &str) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }

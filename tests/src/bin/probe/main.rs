@@ -71,6 +71,15 @@
 //!                                 errno at stage `sendmsg`), then wait for the echo
 //! ```
 //!
+//! Escape suite, UDP reply pinholes:
+//!
+//! ```text
+//!   reflect-late udp A:P MS       like serve, but answer each datagram twice: at once, and
+//!                                 again MS milliseconds later (then print `late PEER`)
+//!   udp-sendto-each A:P [B:Q ...] one unconnected UDP socket sendto()s each address in turn,
+//!                                 then takes every datagram until the timeout (received_from)
+//! ```
+//!
 //! `--cgroup DIR` writes the probe's own pid into `DIR/cgroup.procs` before
 //! any socket exists (a socket belongs to the cgroup it was created in), and
 //! `--netns NAME` joins `/var/run/netns/NAME` first. `--source IP` binds a
@@ -82,13 +91,14 @@
 //! and exits 0: the test judges the outcome. `local` is the socket's own
 //! address once the kernel gave it one (also after a failed connect);
 //! `timed_out` says a step ran out of time rather than being refused;
-//! `udp-sendto-all` adds `received_from`, the sender of each datagram. Exit 2
-//! means the probe itself could not run (bad usage, could not join the
-//! cgroup or namespace).
+//! `udp-sendto-all` and `udp-sendto-each` add `received_from`, the sender of
+//! each datagram. Exit 2 means the probe itself could not run (bad usage,
+//! could not join the cgroup or namespace).
 
 mod client;
 mod escape_a;
 mod escape_b;
+mod escape_c;
 mod listen;
 
 use std::{
@@ -123,7 +133,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Vec<String>) -> Result<(), String> {
+/// Applies the options (joining the cgroup and namespace at once) and
+/// returns the client context and the command that follows them.
+fn options(args: Vec<String>) -> Result<(Ctx, Vec<String>), String> {
     let mut args = args.into_iter();
     let mut command = Vec::new();
     let mut ctx = Ctx::default();
@@ -139,6 +151,11 @@ fn run(args: Vec<String>) -> Result<(), String> {
             }
         }
     }
+    Ok((ctx, command))
+}
+
+fn run(args: Vec<String>) -> Result<(), String> {
+    let (mut ctx, command) = options(args)?;
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let outcome = match command.as_slice() {
         ["tcp-connect", addr] => client::tcp_connect(&mut ctx, parse_addr(addr)?),
@@ -159,15 +176,19 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["serve", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, true),
         ["serve", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, true),
         ["reflect", "udp", addr] => return listen::reflect_udp(parse_addr(addr)?),
-        other => match escape_a::dispatch(&mut ctx, other)? {
-            Some(Step::Client(outcome)) => outcome,
-            Some(Step::Serve(served)) => return served,
-            None => match escape_b::dispatch(&mut ctx, other)? {
-                Some(Step::Client(outcome)) => outcome,
-                Some(Step::Serve(served)) => return served,
-                None => return Err(USAGE.to_owned()),
-            },
-        },
+        other => {
+            // The escape suite's commands, each module its own.
+            let modules: [Dispatch; 3] =
+                [escape_a::dispatch, escape_b::dispatch, escape_c::dispatch];
+            let step = modules
+                .iter()
+                .find_map(|dispatch| dispatch(&mut ctx, other).transpose())
+                .ok_or(USAGE)??;
+            match step {
+                Step::Client(outcome) => outcome,
+                Step::Serve(served) => return served,
+            }
+        }
     };
     report(outcome, &ctx);
     Ok(())
@@ -206,6 +227,9 @@ fn join_netns(name: &str) -> Result<(), String> {
 }
 
 /// Prints the outcome as one JSON line.
+/// An escape-suite module's commands: `None` for a command not its own.
+type Dispatch = fn(&mut Ctx, &[&str]) -> Result<Option<Step>, String>;
+
 /// What an escape-suite command came to: a client step to report, or a
 /// server's run (it returns once killed or failed).
 pub enum Step {
