@@ -141,8 +141,15 @@ pub fn refusal(
         service.service_id,
         counter_slot(direction, protocol, verdict),
     );
-    let Some(suppressed) = deny_event_budget(service.service_id, direction) else {
-        return (verdict, None);
+    // Would-be denials of an audited service are what its operator is
+    // watching (and what `learn` learns from): never held back.
+    let suppressed = if verdict == VERDICT_AUDIT {
+        0
+    } else {
+        let Some(suppressed) = deny_event_budget(service.service_id, direction) else {
+            return (verdict, None);
+        };
+        suppressed
     };
     let mut ev = blank();
     ev.kind = KIND_VERDICT;

@@ -178,8 +178,10 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
                 ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 set_addr(&mut ev.src_addr, &mut ev.family, local);
                 ev.src_port = port;
-                if let Some(suppressed) = deny_event_budget(ev.service_id, DIRECTION_INGRESS) {
-                    ev.suppressed = suppressed;
+                if verdict == VERDICT_AUDIT {
+                    emit(&ev, LOST_VERDICT);
+                } else if let Some(n) = deny_event_budget(ev.service_id, DIRECTION_INGRESS) {
+                    ev.suppressed = n;
                     emit(&ev, LOST_VERDICT);
                 }
                 if verdict == VERDICT_DENY {
@@ -309,7 +311,9 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     fill_task(&mut ev);
     set_addr(&mut ev.dst_addr, &mut ev.family, dest);
     ev.dst_port = port;
-    if verdict == VERDICT_ALLOW {
+    // Denials are rate-limited; allowed and audited calls are not (an
+    // audited service's would-be denials are what its operator watches).
+    if verdict != VERDICT_DENY {
         emit(&ev, LOST_VERDICT);
     } else if let Some(suppressed) = deny_event_budget(ev.service_id, DIRECTION_EGRESS) {
         ev.suppressed = suppressed;
