@@ -19,8 +19,25 @@ use crate::{
     process::{output_with_timeout, terminate, wait_deadline},
 };
 
-/// How long the daemon may take from start to `READY=1`.
+/// How long the daemon may take from start to `READY=1`, unless
+/// [`READY_TIMEOUT_ENV`] says otherwise.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// `BULKHEAD_READY_TIMEOUT_SECS`: a longer wait for `READY=1`, for kernels
+/// run in an emulated guest (`cargo xtask test --kernel`), where verifying
+/// the programs alone takes tens of seconds.
+pub const READY_TIMEOUT_ENV: &str = "BULKHEAD_READY_TIMEOUT_SECS";
+
+/// [`READY_TIMEOUT`], or the seconds [`READY_TIMEOUT_ENV`] gives; panics if
+/// that is not a number.
+#[must_use]
+pub fn ready_timeout() -> Duration {
+    match env::var(READY_TIMEOUT_ENV) {
+        Ok(secs) => Duration::from_secs(secs.trim().parse().unwrap_or_else(|e| {
+            panic!("{READY_TIMEOUT_ENV}={secs:?} is not a number of seconds: {e}")
+        })),
+        Err(_) => READY_TIMEOUT,
+    }
+}
 /// How long the daemon may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a one-shot command (`bulkhead check`) may run.
@@ -99,7 +116,7 @@ static NEXT_PIN_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32
 
 impl Daemon {
     /// `bulkhead run --policy-dir DIR`, waiting for `READY=1`; panics with
-    /// the daemon's log if it exits or is not ready within [`READY_TIMEOUT`].
+    /// the daemon's log if it exits or is not ready within [`ready_timeout`].
     #[must_use]
     pub fn start(policies: &PolicyDir) -> Self {
         let mut daemon =
@@ -213,13 +230,14 @@ impl Daemon {
     }
 
     /// Waits for `READY=1`; panics with the log if the daemon exits first or
-    /// does not get there within [`READY_TIMEOUT`].
+    /// does not get there within [`ready_timeout`].
     pub fn wait_ready(&mut self) {
         let mut seen = Vec::new();
+        let timeout = ready_timeout();
         let child = self.child.as_mut();
         let mut exited = None;
         let result = match child {
-            Some(child) => self.notify.wait_ready(READY_TIMEOUT, &mut seen, || {
+            Some(child) => self.notify.wait_ready(timeout, &mut seen, || {
                 exited = child.try_wait().ok().flatten();
                 exited.is_some()
             }),
@@ -232,7 +250,7 @@ impl Daemon {
                 exited.map_or_else(|| "status unknown".to_owned(), |s| s.to_string()),
             ),
             Err(NotReady::Timeout) => panic!(
-                "bulkhead sent no READY=1 within {READY_TIMEOUT:?}; notifications {seen:?} \
+                "bulkhead sent no READY=1 within {timeout:?}; notifications {seen:?} \
                  (its log follows)"
             ),
             Err(NotReady::Io(e)) => panic!("notify socket failed: {e}"),

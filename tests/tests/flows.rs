@@ -23,7 +23,7 @@ use std::{
 
 use integration_tests::{
     addr, bulkhead, bulkhead_bin,
-    daemon::{READY_TIMEOUT, STOP_TIMEOUT},
+    daemon::{ready_timeout, STOP_TIMEOUT},
     detach_command,
     process::{kill, output_with_timeout, signal, terminate, wait_deadline},
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe, Proto,
@@ -511,7 +511,7 @@ fn one_daemon_per_control_socket_and_a_stale_one_is_replaced() {
     // (output_with_timeout captures its output instead of the log file.)
     let out = output_with_timeout(
         &mut run_on(&s.socket, &s.policies, work.path(), "second.log"),
-        READY_TIMEOUT,
+        ready_timeout(),
     );
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -548,7 +548,7 @@ fn one_daemon_per_control_socket_and_a_stale_one_is_replaced() {
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
         pin_dir(work.path()),
     );
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Instant::now() + ready_timeout();
     while !flows(&s.socket, &["--json"]).status.success() {
         let log = fs::read_to_string(work.path().join("third.log")).unwrap_or_default();
         if let Ok(Some(status)) = third.0.try_wait() {

@@ -6,6 +6,7 @@ mod bench_events;
 mod bpf_linker;
 mod build;
 mod eval;
+mod guest;
 mod install;
 mod lint;
 mod package;
@@ -29,7 +30,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the pinned toolchains, rust-src, bpf-linker and Debian packages.
-    Setup,
+    Setup {
+        /// Also what a guest on this kernel needs (QEMU, virtme-ng, the kernel).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(guest::kernel_names()))]
+        kernel: Option<String>,
+    },
     /// Build the daemon (with its embedded eBPF object).
     Build {
         /// Build with the release profile (target/release/bulkhead).
@@ -42,12 +47,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the whole test suite (unit tests, then the root integration tests).
-    Test {
-        /// Extra arguments passed to the test binaries (e.g. a test name filter).
-        #[arg(last = true)]
-        args: Vec<String>,
-    },
+    /// Run the whole test suite (unit tests, then the root integration tests),
+    /// or the integration tests on another kernel (`--kernel debian-6.1`).
+    Test(test::TestArgs),
     /// Check formatting and run clippy on every crate, warnings as errors.
     Lint,
     /// Measure hook cost side by side with nftables and iptables; writes BENCHMARKS.md.
@@ -83,7 +85,12 @@ fn main() -> ExitCode {
 
 fn task(task: Task) -> anyhow::Result<ExitCode> {
     match task {
-        Task::Setup => setup::run()?,
+        Task::Setup { kernel } => {
+            setup::run()?;
+            if let Some(kernel) = guest::kernel(kernel.as_deref().unwrap_or(guest::HOST))? {
+                guest::ensure(kernel, &util::target_dir()?)?;
+            }
+        }
         Task::Build { release } => {
             setup::ensure_build_tools()?;
             build::run(release)?;
@@ -93,7 +100,7 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
             setup::run()?;
             return run::run(&args);
         }
-        Task::Test { args } => {
+        Task::Test(args) => {
             setup::run()?;
             test::run(&args)?;
         }

@@ -32,6 +32,15 @@ impl Steps {
         passed
     }
 
+    /// Records a step run some other way (e.g. inside a guest) that took `took` seconds.
+    pub fn record(&mut self, name: &str, result: Result<()>, took: f64) {
+        let outcome = match result {
+            Ok(()) => Outcome::Passed,
+            Err(e) => Outcome::Failed(format!("{e:#}")),
+        };
+        self.done.push((name.to_owned(), outcome, took));
+    }
+
     pub fn skip(&mut self, name: &str, why: &str) {
         self.done
             .push((name.to_owned(), Outcome::Skipped(why.to_owned()), 0.0));
