@@ -16,6 +16,23 @@ const NEXTHDR_DEST: u8 = 60;
 /// At most this many extension headers before the transport header; a
 /// longer chain is not read (and fails closed where it matters).
 const MAX_EXT_HEADERS: usize = 8;
+const _: () = assert!(MAX_EXT_HEADERS == 8, "for_each_step! takes 8 steps");
+
+/// `MAX_EXT_HEADERS` steps of the chain walk, leaving the function with
+/// the transport header (or `None`) as soon as one step says so.
+macro_rules! for_each_step {
+    ($walk:ident, $ctx:ident) => {
+        for_each_step!(@ $walk, $ctx, 1 2 3 4 5 6 7 8)
+    };
+    (@ $walk:ident, $ctx:ident, $($n:literal)*) => {
+        $(
+            let _ = $n;
+            if step($ctx, &mut $walk)? {
+                return Some(($walk.off, $walk.next, $walk.routed));
+            }
+        )*
+    };
+}
 
 /// A packet's addresses, protocol and ports. `source`/`local` name the ends
 /// as seen by an inbound packet; for an outbound one `local` is the remote
@@ -82,51 +99,69 @@ pub fn parse(ctx: &SkBuffContext) -> Option<Packet> {
 
 /// Walks the IPv6 extension headers from the fixed header: the offset and
 /// protocol of the transport header, and whether a routing header was met.
+///
+/// Unrolled by hand (`MAX_EXT_HEADERS` steps, then the last look): as a
+/// loop, LLVM may end the body with the helper call that reads the next
+/// header, right before the loop head, and Linux 6.1's verifier refuses
+/// that edge ("back-edge from insn"); later kernels accept it.
 #[inline(always)]
 fn v6_chain(ctx: &SkBuffContext, first: u8) -> Option<(usize, u8, bool)> {
-    let mut next = first;
-    let mut off = 40usize;
-    let mut routed = false;
-    let mut i = 0;
-    while i <= MAX_EXT_HEADERS {
-        let is_ext = matches!(
-            next,
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT | NEXTHDR_AUTH
-        );
-        if !is_ext {
-            return Some((off, next, routed));
+    let mut walk = Chain {
+        next: first,
+        off: 40,
+        routed: false,
+    };
+    // MAX_EXT_HEADERS (8) steps.
+    for_each_step!(walk, ctx);
+    (!is_ext(walk.next)).then_some((walk.off, walk.next, walk.routed))
+}
+
+/// Where the walk of an extension-header chain is.
+struct Chain {
+    next: u8,
+    off: usize,
+    routed: bool,
+}
+
+/// One step of the walk: `Some(true)` when it reached the transport
+/// header, `Some(false)` after moving past one extension header, `None`
+/// when the header cannot be read.
+#[inline(always)]
+fn step(ctx: &SkBuffContext, walk: &mut Chain) -> Option<bool> {
+    let len = match walk.next {
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+            let len: u8 = ctx.skb.load(walk.off + 1).ok()?;
+            (usize::from(len) + 1) * 8
         }
-        if i == MAX_EXT_HEADERS {
-            return None; // one more than the bound
+        NEXTHDR_FRAGMENT => {
+            // A later fragment has no transport header to judge
+            // (reassembly normally removes the header altogether).
+            let frag: [u8; 2] = ctx.skb.load(walk.off + 2).ok()?;
+            if u16::from_be_bytes(frag) & 0xfff8 != 0 {
+                return None;
+            }
+            8
         }
-        let len = match next {
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let len: u8 = ctx.skb.load(off + 1).ok()?;
-                (usize::from(len) + 1) * 8
-            }
-            NEXTHDR_FRAGMENT => {
-                // A later fragment has no transport header to judge
-                // (reassembly normally removes the header altogether).
-                let frag: [u8; 2] = ctx.skb.load(off + 2).ok()?;
-                if u16::from_be_bytes(frag) & 0xfff8 != 0 {
-                    return None;
-                }
-                8
-            }
-            NEXTHDR_AUTH => {
-                let len: u8 = ctx.skb.load(off + 1).ok()?;
-                (usize::from(len) + 2) * 4
-            }
-            _ => return None,
-        };
-        if next == NEXTHDR_ROUTING {
-            routed = true;
+        NEXTHDR_AUTH => {
+            let len: u8 = ctx.skb.load(walk.off + 1).ok()?;
+            (usize::from(len) + 2) * 4
         }
-        next = ctx.skb.load(off).ok()?;
-        off += len;
-        i += 1;
+        _ => return Some(true),
+    };
+    if walk.next == NEXTHDR_ROUTING {
+        walk.routed = true;
     }
-    None
+    walk.next = ctx.skb.load(walk.off).ok()?;
+    walk.off += len;
+    Some(false)
+}
+
+#[inline(always)]
+fn is_ext(next: u8) -> bool {
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT | NEXTHDR_AUTH
+    )
 }
 
 #[inline(always)]

@@ -359,6 +359,14 @@ impl Guest {
             .arg(format!("/bin/bash {}", quote(&script)?))
             .current_dir(spec.cwd)
             .stdin(Stdio::null());
+        // vng runs virtme-ng's other programs (virtme-run) from PATH: the
+        // virtualenv's bin comes first.
+        if let Some(bin) = self.vng.parent() {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![bin.to_path_buf()];
+            dirs.extend(std::env::split_paths(&path));
+            cmd.env("PATH", std::env::join_paths(dirs)?);
+        }
         eprintln!(
             "xtask: booting {} ({}) under QEMU without KVM: {} suite(s)",
             self.kernel.name,
