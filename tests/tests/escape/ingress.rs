@@ -355,6 +355,56 @@ fn tcp6_listener_received_over_unix_socket_obeys_the_services_ingress() {
     listener_not_created_by_the_service(Family::v6, Probe::serve_passed);
 }
 
+/// A socket-activated listener the daemon has seen in the service stays
+/// the service's when the process hides it: its main thread exits alone
+/// (`SYS_exit`) while a second thread keeps accepting, so no `/proc/PID/fd`
+/// shows the listener any more.
+#[test]
+fn tcp4_socket_activated_listener_stays_the_services_when_the_main_thread_exits() {
+    if !require_bpf() {
+        return;
+    }
+    let remote = NetnsGuard::new();
+    let svc = CgroupGuard::new();
+    let f = Family::v4(&remote);
+    let rule = Ingress::from([f.allowed]).protocol("tcp");
+    let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
+    let _daemon = Daemon::start(&policies);
+    let server = probe().serve_activated_leader_exits(svc.path(), f.local(0), HOLDER_GRACE / 2);
+    let peers = probe().in_netns(remote.name());
+    assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
+    keep_connecting(
+        &peers.source(f.allowed),
+        &server,
+        "the allowed source connects, before and after the main thread exits",
+    );
+    let pids = svc.pids();
+    let shown: Vec<String> = pids
+        .iter()
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|link| link.to_string_lossy().into_owned())
+        .filter(|link| link.starts_with("socket:"))
+        .collect();
+    assert!(
+        !pids.is_empty() && shown.is_empty(),
+        "the service's processes {pids:?} show no socket in /proc/PID/fd once the main \
+         thread has exited: {shown:?}"
+    );
+    assert_dropped(
+        &peers,
+        f.denied,
+        &server,
+        "the main thread that held the listener exited, a second thread accepts on it: a \
+         source the service's ingress does not allow is dropped all the same",
+    );
+}
+
 /// A quarantined service is reached on no listener it holds, however it
 /// got it: inherited from an unmanaged parent or received over a Unix
 /// socket.

@@ -36,6 +36,12 @@ pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String>
         ["activate-listen", dir, "tcp", addr] => {
             Step::Serve(activate_listen(dir, parse_addr(addr)?))
         }
+        ["activate-listen-leader-exits", dir, "tcp", addr, ms] => {
+            let ms = ms
+                .parse()
+                .map_err(|e| format!("bad milliseconds {ms:?}: {e}"))?;
+            Step::Serve(activate_listen_leader_exits(dir, parse_addr(addr)?, ms))
+        }
         ["scm-listen", dir, "tcp", addr] => Step::Serve(scm_listen(dir, parse_addr(addr)?)),
         ["listen-unbound", "tcp", "inet"] => Step::Serve(listen_unbound(false)),
         ["listen-unbound", "tcp", "inet6"] => Step::Serve(listen_unbound(true)),
@@ -116,6 +122,27 @@ pub fn activate_listen(dir: &str, addr: SocketAddr) -> Result<(), String> {
         Forked::Child => {
             crate::join_cgroup(dir)?;
             listen::serve_tcp(&listener, true)
+        }
+        Forked::Parent(child) => wait_child(child),
+    }
+}
+
+/// `activate-listen-leader-exits DIR tcp ADDR MS`: like `activate-listen`,
+/// but the child serves from a second thread, and after `ms` milliseconds
+/// its main thread exits alone (`SYS_exit`): the listener then shows in no
+/// `/proc/PID/fd` (the leader is a zombie), only in the serving thread's
+/// `/proc/PID/task/TID/fd`.
+pub fn activate_listen_leader_exits(dir: &str, addr: SocketAddr, ms: u64) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    match fork()? {
+        Forked::Child => {
+            crate::join_cgroup(dir)?;
+            std::thread::spawn(move || listen::serve_tcp(&listener, true));
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            // SAFETY: ends this thread only; the serving thread keeps the
+            // process alive.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            Err("SYS_exit returned".to_string())
         }
         Forked::Parent(child) => wait_child(child),
     }
