@@ -431,6 +431,25 @@ impl Probe {
         )
     }
 
+    /// [`Self::serve_activated`], but the child serves for `serving` only;
+    /// then it keeps the listener as an `io_uring` fixed file and closes its
+    /// descriptor (it prints `hidden`): no descriptor table shows it.
+    #[must_use]
+    pub fn serve_activated_then_hidden(
+        &self,
+        service: &Path,
+        addr: SocketAddr,
+        serving: std::time::Duration,
+    ) -> Server {
+        let dir = service.to_string_lossy();
+        let ms = serving.as_millis().to_string();
+        self.start_server(
+            &["activate-listen-hide", &dir, "tcp", &addr.to_string(), &ms],
+            "tcp",
+            addr,
+        )
+    }
+
     /// A listener handed over: the probe forks a child that joins cgroup
     /// `service`, then (unmanaged, like [`Self::serve_activated`]) listens
     /// on TCP `addr`, sends the listener to the child over a Unix socket
