@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-use agent_common::{FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE};
+use agent_common::FLAG_QUARANTINE;
 
 use crate::{
     control::{protocol::Request, server::AdminCall},
@@ -52,8 +52,13 @@ pub struct Engine {
     pub graph: Arc<crate::graph::Shared>,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
+    /// The held sockets known (see `crate::held`).
+    held: held::Held,
     /// Processes whose unreadable sockets were already logged.
     held_warned: std::collections::HashSet<u32>,
+    /// Whether a failed socket dump, a slow scan were already logged.
+    held_dump_warned: bool,
+    held_slow_warned: bool,
 }
 
 impl Engine {
@@ -87,7 +92,10 @@ impl Engine {
             udp_reply_idle: Duration::from_secs(120),
             graph: Arc::default(),
             retiring: None,
+            held: held::Held::default(),
             held_warned: std::collections::HashSet::new(),
+            held_dump_warned: false,
+            held_slow_warned: false,
         }
     }
 
@@ -121,15 +129,13 @@ impl Engine {
         }
     }
 
-    /// Looks for sockets the services that judge packets hold but did not
-    /// create (see `crate::held`) and points the kernel at their holders.
+    /// Looks for sockets managed services hold but did not create (see
+    /// `crate::held`) and points the kernel at their holders.
     pub fn scan_held_sockets(&mut self) {
-        let restricting = FLAG_INGRESS | FLAG_QUARANTINE | FLAG_BIND;
         let targets: Vec<held::Target<'_>> = self
             .tracker
             .services
             .iter()
-            .filter(|s| s.entry.flags & restricting != 0)
             .filter_map(|s| {
                 Some(held::Target {
                     cgroup_path: &s.cgroup_path,
@@ -138,31 +144,68 @@ impl Engine {
                 })
             })
             .collect();
-        let found = if targets.is_empty() {
-            held::Found::default()
-        } else {
-            let managed = self
-                .tracker
-                .services
-                .iter()
-                .map(|s| s.cgroup_path.as_str())
-                .collect();
-            held::scan(self.tracker.mount(), &targets, &managed)
-        };
+        let managed = self
+            .tracker
+            .services
+            .iter()
+            .map(|s| s.cgroup_path.as_str())
+            .collect();
+        let report = self.held.scan(
+            self.tracker.mount(),
+            &targets,
+            &managed,
+            agent_common::maps::MAX_HELD_SOCKETS as usize,
+        );
         let stats = &self.metrics.held;
-        for (pid, reason) in &found.unreadable {
+        match &report.dump_error {
+            // Counted and logged once while it lasts.
+            Some(e) if !self.held_dump_warned => {
+                self.held_dump_warned = true;
+                stats.scan_errors.fetch_add(1, Ordering::Relaxed);
+                warn!("cannot list some of the kernel's sockets ({e}); the held sockets already known stay, others of that kind are judged by their creator's policy until a scan lists them");
+            }
+            Some(_) => {}
+            None => self.held_dump_warned = false,
+        }
+        for (pid, reason) in &report.unreadable {
             stats.scan_errors.fetch_add(1, Ordering::Relaxed);
             if self.held_warned.insert(*pid) {
                 warn!(
                     pid,
-                    "cannot read the sockets of a process of a service that restricts inbound traffic ({reason}); a listener it holds but did not create is judged by its creator's policy"
+                    "cannot read the descriptors of a process of a managed service ({reason}); a socket it holds but did not create is judged by its creator's policy"
                 );
             }
         }
-        let count = found.held.len() as u64;
-        match self.enforcer.set_held_sockets(found.held) {
+        for (cgroup_id, overflow) in &report.overflow {
+            stats.overflow.fetch_add(*overflow, Ordering::Relaxed);
+            let service = self
+                .tracker
+                .services
+                .iter()
+                .find(|s| s.cgroup_id == Some(*cgroup_id))
+                .map_or("?", |s| s.name.as_str());
+            warn!(
+                service,
+                overflow,
+                per_service = held::PER_SERVICE,
+                "held sockets that do not fit HELD_SOCKETS (the service's share or the map is full of sockets still open): they are judged by their creator's policy"
+            );
+        }
+        if report.elapsed > held::SLOW_SCAN && !self.held_slow_warned {
+            self.held_slow_warned = true;
+            warn!(
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "the scan for held sockets took longer than {} ms (logged once)",
+                held::SLOW_SCAN.as_millis()
+            );
+        }
+        match self.enforcer.set_held_sockets(self.held.entries()) {
             Ok(overflow) => {
+                let count = self.held.entries().len() as u64;
                 stats.sockets.store(count - overflow, Ordering::Relaxed);
+                stats
+                    .unseen
+                    .store(self.held.unseen() as u64, Ordering::Relaxed);
                 if overflow > 0 {
                     stats.overflow.fetch_add(overflow, Ordering::Relaxed);
                     warn!(overflow, "HELD_SOCKETS is full: these held sockets are judged by their creator's policy");
@@ -240,7 +283,7 @@ impl Engine {
         let staged = self.enforcer.stage(compiled).map_err(|e| e.to_string())?;
         let changes = self.tracker.reload(&staged);
         // Sockets held by services that start judging packets with this
-        // change (a quarantine, a new `ingress`) are known before it
+        // change (a quarantine, a new service) are known before it
         // applies, not one scan later.
         self.scan_held_sockets();
         // Names first: events of the new policy may follow the switch at once.

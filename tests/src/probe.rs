@@ -406,6 +406,50 @@ impl Probe {
         )
     }
 
+    /// [`Self::serve_activated`], but the child serves from a second
+    /// thread and its main thread exits alone (`SYS_exit`) `after` it started:
+    /// then no `/proc/PID/fd` shows the listener.
+    #[must_use]
+    pub fn serve_activated_leader_exits(
+        &self,
+        service: &Path,
+        addr: SocketAddr,
+        after: std::time::Duration,
+    ) -> Server {
+        let dir = service.to_string_lossy();
+        let ms = after.as_millis().to_string();
+        self.start_server(
+            &[
+                "activate-listen-leader-exits",
+                &dir,
+                "tcp",
+                &addr.to_string(),
+                &ms,
+            ],
+            "tcp",
+            addr,
+        )
+    }
+
+    /// [`Self::serve_activated`], but the child serves for `serving` only;
+    /// then it keeps the listener as an `io_uring` fixed file and closes its
+    /// descriptor (it prints `hidden`): no descriptor table shows it.
+    #[must_use]
+    pub fn serve_activated_then_hidden(
+        &self,
+        service: &Path,
+        addr: SocketAddr,
+        serving: std::time::Duration,
+    ) -> Server {
+        let dir = service.to_string_lossy();
+        let ms = serving.as_millis().to_string();
+        self.start_server(
+            &["activate-listen-hide", &dir, "tcp", &addr.to_string(), &ms],
+            "tcp",
+            addr,
+        )
+    }
+
     /// A listener handed over: the probe forks a child that joins cgroup
     /// `service`, then (unmanaged, like [`Self::serve_activated`]) listens
     /// on TCP `addr`, sends the listener to the child over a Unix socket

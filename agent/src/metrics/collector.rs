@@ -483,10 +483,17 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         None,
         &ConstGauge::new(load(&held.sockets)),
     )?;
+    one(
+        enc,
+        "bulkhead_held_sockets_unseen",
+        "Of bulkhead_held_sockets, those the kernel's socket list did not show at the last scan (closed, or closed to the network and unbound: kept, since such a socket may listen again).",
+        None,
+        &ConstGauge::new(load(&held.unseen)),
+    )?;
     counters(
         enc,
         "bulkhead_held_socket_scan_errors",
-        "Problems of the scan for held sockets, by kind: unreadable = a process of a service that judges packets whose sockets could not be read (each such socket is judged by its creator's policy); overflow = a held socket that did not fit the kernel map.",
+        "Problems of the scan for held sockets, by kind: unreadable = a process of a managed service whose descriptors could not be read, or a scan that could not list the kernel's sockets (a socket it would have found is judged by its creator's policy); overflow = a held socket that did not fit (the service's share of 1024 or the kernel map), counted once.",
         [
             ([("kind", "unreadable")], load(&held.scan_errors)),
             ([("kind", "overflow")], load(&held.overflow)),

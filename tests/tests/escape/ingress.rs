@@ -355,6 +355,122 @@ fn tcp6_listener_received_over_unix_socket_obeys_the_services_ingress() {
     listener_not_created_by_the_service(Family::v6, Probe::serve_passed);
 }
 
+/// A socket-activated listener the daemon has seen in the service stays
+/// the service's when the process hides it: its main thread exits alone
+/// (`SYS_exit`) while a second thread keeps accepting, so no `/proc/PID/fd`
+/// shows the listener any more.
+#[test]
+fn tcp4_socket_activated_listener_stays_the_services_when_the_main_thread_exits() {
+    if !require_bpf() {
+        return;
+    }
+    let remote = NetnsGuard::new();
+    let svc = CgroupGuard::new();
+    let f = Family::v4(&remote);
+    let rule = Ingress::from([f.allowed]).protocol("tcp");
+    let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
+    let _daemon = Daemon::start(&policies);
+    let server = probe().serve_activated_leader_exits(svc.path(), f.local(0), HOLDER_GRACE / 2);
+    let peers = probe().in_netns(remote.name());
+    assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
+    keep_connecting(
+        &peers.source(f.allowed),
+        &server,
+        "the allowed source connects, before and after the main thread exits",
+    );
+    let pids = svc.pids();
+    let shown = socket_links(pids.iter().map(|pid| format!("/proc/{pid}/fd").into()));
+    assert!(
+        !pids.is_empty() && shown.is_empty(),
+        "the service's processes {pids:?} show no socket in /proc/PID/fd once the main \
+         thread has exited: {shown:?}"
+    );
+    assert_dropped(
+        &peers,
+        f.denied,
+        &server,
+        "the main thread that held the listener exited, a second thread accepts on it: a \
+         source the service's ingress does not allow is dropped all the same",
+    );
+}
+
+/// The `socket:[...]` links in the descriptor directories `dirs`.
+fn socket_links(dirs: impl Iterator<Item = std::path::PathBuf>) -> Vec<String> {
+    dirs.flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|link| link.to_string_lossy().into_owned())
+        .filter(|link| link.starts_with("socket:"))
+        .collect()
+}
+
+/// A socket-activated listener the daemon has seen in the service stays
+/// the service's once the process hides it completely: it keeps the
+/// listener as an `io_uring` fixed file and closes its descriptor, so no
+/// descriptor table of the service shows it.
+#[test]
+fn tcp4_socket_activated_listener_stays_the_services_when_hidden_in_io_uring() {
+    if !require_bpf() {
+        return;
+    }
+    let remote = NetnsGuard::new();
+    let svc = CgroupGuard::new();
+    let f = Family::v4(&remote);
+    let rule = Ingress::from([f.allowed]).protocol("tcp");
+    let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
+    let _daemon = Daemon::start(&policies);
+    let serving = HOLDER_GRACE + Duration::from_secs(1);
+    let server = probe().serve_activated_then_hidden(svc.path(), f.local(0), serving);
+    let peers = probe().in_netns(remote.name());
+    assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
+    keep_connecting(
+        &peers.source(f.allowed),
+        &server,
+        "the allowed source connects while the service still shows the listener",
+    );
+    let until = Instant::now() + serving + Duration::from_secs(5);
+    while !server.lines().iter().any(|l| l == "hidden") {
+        assert!(
+            Instant::now() < until,
+            "the probe never hid its listener: {:?}",
+            server.lines()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let pids = svc.pids();
+    let tasks = pids.iter().flat_map(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|task| task.path().join("fd"))
+    });
+    let shown = socket_links(tasks);
+    assert!(
+        !pids.is_empty() && shown.is_empty(),
+        "no thread of the service's processes {pids:?} shows a socket once the listener is \
+         hidden: {shown:?}"
+    );
+    // Let scans run that no longer see the listener anywhere.
+    thread::sleep(Duration::from_secs(1));
+    // Connected, but nobody accepts: the byte a served peer gets never comes.
+    peers
+        .source(f.allowed)
+        .step_timeout(DATAGRAM_WAIT)
+        .tcp_connect(server.addr())
+        .assert_timed_out(
+            "recv",
+            "the hidden listener still listens: the allowed source's connection is made and \
+             queues",
+        );
+    assert_dropped(
+        &peers,
+        f.denied,
+        &server,
+        "the service hid the listener in an io_uring fixed file: a source the service's \
+         ingress does not allow is dropped all the same",
+    );
+}
+
 /// A quarantined service is reached on no listener it holds, however it
 /// got it: inherited from an unmanaged parent or received over a Unix
 /// socket.

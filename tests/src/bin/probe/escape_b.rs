@@ -36,6 +36,18 @@ pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String>
         ["activate-listen", dir, "tcp", addr] => {
             Step::Serve(activate_listen(dir, parse_addr(addr)?))
         }
+        ["activate-listen-leader-exits", dir, "tcp", addr, ms] => {
+            let ms = ms
+                .parse()
+                .map_err(|e| format!("bad milliseconds {ms:?}: {e}"))?;
+            Step::Serve(activate_listen_leader_exits(dir, parse_addr(addr)?, ms))
+        }
+        ["activate-listen-hide", dir, "tcp", addr, ms] => {
+            let ms = ms
+                .parse()
+                .map_err(|e| format!("bad milliseconds {ms:?}: {e}"))?;
+            Step::Serve(activate_listen_hide(dir, parse_addr(addr)?, ms))
+        }
         ["scm-listen", dir, "tcp", addr] => Step::Serve(scm_listen(dir, parse_addr(addr)?)),
         ["listen-unbound", "tcp", "inet"] => Step::Serve(listen_unbound(false)),
         ["listen-unbound", "tcp", "inet6"] => Step::Serve(listen_unbound(true)),
@@ -119,6 +131,116 @@ pub fn activate_listen(dir: &str, addr: SocketAddr) -> Result<(), String> {
         }
         Forked::Parent(child) => wait_child(child),
     }
+}
+
+/// `activate-listen-leader-exits DIR tcp ADDR MS`: like `activate-listen`,
+/// but the child serves from a second thread, and after `ms` milliseconds
+/// its main thread exits alone (`SYS_exit`): the listener then shows in no
+/// `/proc/PID/fd` (the leader is a zombie), only in the serving thread's
+/// `/proc/PID/task/TID/fd`.
+pub fn activate_listen_leader_exits(dir: &str, addr: SocketAddr, ms: u64) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    match fork()? {
+        Forked::Child => {
+            crate::join_cgroup(dir)?;
+            std::thread::spawn(move || listen::serve_tcp(&listener, true));
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            // SAFETY: ends this thread only; the serving thread keeps the
+            // process alive.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            Err("SYS_exit returned".to_string())
+        }
+        Forked::Parent(child) => wait_child(child),
+    }
+}
+
+/// `activate-listen-hide DIR tcp ADDR MS`: like `activate-listen`, but the
+/// child serves for `ms` milliseconds only; then it registers the listener
+/// as an `io_uring` fixed file and closes its descriptor, and prints
+/// `hidden`: no descriptor table of the child shows the listener any more,
+/// and it still listens (connections queue up, never accepted).
+pub fn activate_listen_hide(dir: &str, addr: SocketAddr, ms: u64) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    match fork()? {
+        Forked::Child => {
+            crate::join_cgroup(dir)?;
+            let until = Instant::now() + std::time::Duration::from_millis(ms);
+            serve_until(&listener, until)?;
+            let _ring = fixed_file_ring(listener.as_raw_fd())?;
+            drop(listener);
+            line("hidden");
+            loop {
+                std::thread::park();
+            }
+        }
+        Forked::Parent(child) => wait_child(child),
+    }
+}
+
+/// Like `serve tcp` (`ready`, then `peer ADDR:PORT` per connection, each
+/// getting one byte), until `until`.
+fn serve_until(listener: &TcpListener, until: Instant) -> Result<(), String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("nonblocking: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?;
+    line(&format!("ready {local}"));
+    while Instant::now() < until {
+        match listener.accept() {
+            Ok((mut conn, peer)) => {
+                line(&format!("peer {peer}"));
+                let _ = conn
+                    .set_nonblocking(false)
+                    .and_then(|()| conn.write_all(b"k"));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn line(text: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
+/// An `io_uring` instance holding `fd` as its fixed file 0.
+fn fixed_file_ring(fd: RawFd) -> Result<OwnedFd, String> {
+    const IORING_REGISTER_FILES: libc::c_uint = 2;
+    // struct io_uring_params: 120 bytes, zero for the defaults.
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup(2) with a params buffer of the kernel's size.
+    let ring = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1, params.as_mut_ptr()) };
+    if ring < 0 {
+        return Err(format!("io_uring_setup: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor the kernel just returned to us.
+    let ring = unsafe {
+        OwnedFd::from_raw_fd(RawFd::try_from(ring).map_err(|e| format!("io_uring fd: {e}"))?)
+    };
+    let files = [fd];
+    // SAFETY: io_uring_register(2) with an array of one descriptor.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            IORING_REGISTER_FILES,
+            files.as_ptr(),
+            1,
+        )
+    };
+    if rc < 0 {
+        return Err(format!(
+            "io_uring_register(FILES): {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(ring)
 }
 
 /// A listener handed over a Unix socket: this (unmanaged) process forks a
