@@ -232,32 +232,6 @@ fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
 }
 
 #[test]
-fn tcp_fast_open_is_judged_like_connect() {
-    if !require_bpf() {
-        return;
-    }
-    let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied4 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let client = probe().in_cgroup(svc.path());
-    client
-        .tcp_fastopen(denied4.addr())
-        .assert_ok("baseline: fast open works before bulkhead runs");
-
-    let rule = Egress::to(["127.0.0.1"]).ports([allowed.port()]);
-    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[rule]))]);
-    let _daemon = Daemon::start(&policies);
-
-    client
-        .tcp_fastopen(allowed.addr())
-        .assert_ok("sendto(MSG_FASTOPEN) to the allowed port");
-    let why = "sendto(MSG_FASTOPEN) connects without connect(): still judged";
-    client.tcp_fastopen(denied4.addr()).assert_eperm(why);
-    client.tcp_fastopen(denied6.addr()).assert_eperm(why);
-}
-
-#[test]
 fn connected_udp_socket_cannot_sendto_elsewhere() {
     if !require_bpf() {
         return;

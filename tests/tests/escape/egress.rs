@@ -202,14 +202,18 @@ fn tcp_fast_open_to_denied_destination() {
         return;
     }
     let svc = CgroupGuard::new();
+    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let tcp4 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
     let client = probe().in_cgroup(svc.path());
     client
         .tcp_fastopen(tcp4.addr())
         .assert_ok("baseline: fast open works before bulkhead runs");
-    let _agent = enforce(&svc, &[]);
+    let _agent = enforce(&svc, &[only(&allowed)]);
 
+    client
+        .tcp_fastopen(allowed.addr())
+        .assert_ok("sendto(MSG_FASTOPEN) to the allowed port");
     for l in [&tcp4, &tcp6] {
         client
             .tcp_fastopen(l.addr())
