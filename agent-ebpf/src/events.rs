@@ -89,12 +89,18 @@ pub fn emit(ev: &Event, lost_slot: u32) {
     }
 }
 
-/// The rate limit of denial events: `Some(n)` when a denial event of
-/// (`service_id`, `direction`) may be sent now, `n` being how many were
-/// suppressed on this CPU since the previous one sent (the event carries
-/// it); `None` when this one is suppressed (and counted for the next).
+/// The rate limit of decision events: `Some(n)` when an event with
+/// `verdict` of (`service_id`, `direction`) may be sent now, `n` being how
+/// many denials were suppressed on this CPU since the previous one sent
+/// (the event carries it); `None` when this one is suppressed (and counted
+/// for the next). Only denials are limited: allowed calls are not, nor the
+/// would-be denials of an audited service (what its operator watches, and
+/// what `learn` learns from).
 #[inline(always)]
-pub fn deny_event_budget(service_id: u32, direction: u8) -> Option<u32> {
+pub fn event_budget(verdict: u8, service_id: u32, direction: u8) -> Option<u32> {
+    if verdict != VERDICT_DENY {
+        return Some(0);
+    }
     let slot = service_id
         .wrapping_mul(2)
         .wrapping_add(u32::from(direction));
@@ -141,15 +147,8 @@ pub fn refusal(
         service.service_id,
         counter_slot(direction, protocol, verdict),
     );
-    // Would-be denials of an audited service are what its operator is
-    // watching (and what `learn` learns from): never held back.
-    let suppressed = if verdict == VERDICT_AUDIT {
-        0
-    } else {
-        let Some(suppressed) = deny_event_budget(service.service_id, direction) else {
-            return (verdict, None);
-        };
-        suppressed
+    let Some(suppressed) = event_budget(verdict, service.service_id, direction) else {
+        return (verdict, None);
     };
     let mut ev = blank();
     ev.kind = KIND_VERDICT;

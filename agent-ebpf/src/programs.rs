@@ -17,7 +17,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     egress::{match_ports, match_v4, match_v6},
-    events::{blank, count, deny_event_budget, emit, fill_task, remember_owner},
+    events::{blank, count, emit, event_budget, fill_task, remember_owner},
     maps::{bpf_log_enabled, observe_unmanaged},
     service::current_service,
     udp_peers,
@@ -178,9 +178,7 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
                 ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 set_addr(&mut ev.src_addr, &mut ev.family, local);
                 ev.src_port = port;
-                if verdict == VERDICT_AUDIT {
-                    emit(&ev, LOST_VERDICT);
-                } else if let Some(n) = deny_event_budget(ev.service_id, DIRECTION_INGRESS) {
+                if let Some(n) = event_budget(verdict, ev.service_id, DIRECTION_INGRESS) {
                     ev.suppressed = n;
                     emit(&ev, LOST_VERDICT);
                 }
@@ -311,11 +309,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     fill_task(&mut ev);
     set_addr(&mut ev.dst_addr, &mut ev.family, dest);
     ev.dst_port = port;
-    // Denials are rate-limited; allowed and audited calls are not (an
-    // audited service's would-be denials are what its operator watches).
-    if verdict != VERDICT_DENY {
-        emit(&ev, LOST_VERDICT);
-    } else if let Some(suppressed) = deny_event_budget(ev.service_id, DIRECTION_EGRESS) {
+    if let Some(suppressed) = event_budget(verdict, ev.service_id, DIRECTION_EGRESS) {
         ev.suppressed = suppressed;
         emit(&ev, LOST_VERDICT);
     }
