@@ -123,11 +123,23 @@ pub fn udp_sendto_opts(ctx: &mut Ctx, options: &Options, addr: SocketAddr) -> Re
 /// connection). The parent keeps its copy of the listener, as systemd
 /// does, and waits; the child dies with it.
 pub fn activate_listen(dir: &str, addr: SocketAddr) -> Result<(), String> {
+    activated(dir, addr, |listener| listen::serve_tcp(&listener, true))
+}
+
+/// The socket activation all `activate-listen*` commands share: this
+/// (unmanaged) process listens on `addr` and forks; the child joins cgroup
+/// `dir` and runs `child` on the inherited listener; the parent keeps its
+/// copy, as systemd does, and waits.
+fn activated(
+    dir: &str,
+    addr: SocketAddr,
+    child: impl FnOnce(TcpListener) -> Result<(), String>,
+) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
     match fork()? {
         Forked::Child => {
             crate::join_cgroup(dir)?;
-            listen::serve_tcp(&listener, true)
+            child(listener)
         }
         Forked::Parent(child) => wait_child(child),
     }
@@ -139,19 +151,14 @@ pub fn activate_listen(dir: &str, addr: SocketAddr) -> Result<(), String> {
 /// `/proc/PID/fd` (the leader is a zombie), only in the serving thread's
 /// `/proc/PID/task/TID/fd`.
 pub fn activate_listen_leader_exits(dir: &str, addr: SocketAddr, ms: u64) -> Result<(), String> {
-    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
-    match fork()? {
-        Forked::Child => {
-            crate::join_cgroup(dir)?;
-            std::thread::spawn(move || listen::serve_tcp(&listener, true));
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-            // SAFETY: ends this thread only; the serving thread keeps the
-            // process alive.
-            unsafe { libc::syscall(libc::SYS_exit, 0) };
-            Err("SYS_exit returned".to_string())
-        }
-        Forked::Parent(child) => wait_child(child),
-    }
+    activated(dir, addr, |listener| {
+        std::thread::spawn(move || listen::serve_tcp(&listener, true));
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        // SAFETY: ends this thread only; the serving thread keeps the
+        // process alive.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+        Err("SYS_exit returned".to_string())
+    })
 }
 
 /// `activate-listen-hide DIR tcp ADDR MS`: like `activate-listen`, but the
@@ -160,21 +167,16 @@ pub fn activate_listen_leader_exits(dir: &str, addr: SocketAddr, ms: u64) -> Res
 /// `hidden`: no descriptor table of the child shows the listener any more,
 /// and it still listens (connections queue up, never accepted).
 pub fn activate_listen_hide(dir: &str, addr: SocketAddr, ms: u64) -> Result<(), String> {
-    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
-    match fork()? {
-        Forked::Child => {
-            crate::join_cgroup(dir)?;
-            let until = Instant::now() + std::time::Duration::from_millis(ms);
-            serve_until(&listener, until)?;
-            let _ring = fixed_file_ring(listener.as_raw_fd())?;
-            drop(listener);
-            line("hidden");
-            loop {
-                std::thread::park();
-            }
+    activated(dir, addr, |listener| {
+        let until = Instant::now() + std::time::Duration::from_millis(ms);
+        serve_until(&listener, until)?;
+        let _ring = fixed_file_ring(listener.as_raw_fd())?;
+        drop(listener);
+        line("hidden");
+        loop {
+            std::thread::park();
         }
-        Forked::Parent(child) => wait_child(child),
-    }
+    })
 }
 
 /// Like `serve tcp` (`ready`, then `peer ADDR:PORT` per connection, each
