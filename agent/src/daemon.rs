@@ -238,6 +238,7 @@ async fn serve(plan: Plan) -> Result<()> {
         ),
     ));
     metrics_state.set_attached(true);
+    metrics_state.set_features(coverage.features().map(|(name, active, _)| (name, active)));
     metrics_state.set_graph(Arc::clone(&graph));
     let graph_task =
         crate::graph::store::spawn_upkeep(Arc::clone(&graph), config.state_dir.clone());
@@ -307,10 +308,7 @@ async fn serve(plan: Plan) -> Result<()> {
     engine.pins = pins.current();
     engine.udp_reply_idle =
         std::time::Duration::from_secs(u64::from(config.udp_replies.idle_timeout_secs));
-    engine.packet_sockets = match &coverage.packet_sockets_reason {
-        None => "judged (BPF LSM)".to_string(),
-        Some(reason) => format!("not judged: {reason}"),
-    };
+    engine.coverage = coverage;
     let mut policy_changes = watch_policy_dir(&policy_dir)?;
 
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);

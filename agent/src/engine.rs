@@ -43,9 +43,10 @@ pub struct Engine {
     pub reloads: Arc<ReloadStats>,
     pub state_dir: std::path::PathBuf,
     pub quarantines: Quarantines,
-    /// Where the pins are, and what packet sockets coverage is (for status).
+    /// Where the pins are, and which optional kernel parts are active
+    /// (for status).
     pub pins: std::path::PathBuf,
-    pub packet_sockets: String,
+    pub coverage: crate::kernel::Coverage,
     /// The UDP pinholes' idle timeout (`[udp_replies]`).
     pub udp_reply_idle: Duration,
     /// The service graph (blast radius, learn), fed by the aggregator.
@@ -88,7 +89,7 @@ impl Engine {
             state_dir,
             quarantines: Quarantines::default(),
             pins: std::path::PathBuf::new(),
-            packet_sockets: String::new(),
+            coverage: crate::kernel::Coverage::default(),
             udp_reply_idle: Duration::from_secs(120),
             graph: Arc::default(),
             retiring: None,
@@ -438,7 +439,10 @@ impl Engine {
             "reloads_refused": self.reloads.failure.load(Ordering::Relaxed),
             "last_reload_error": last_error,
             "pins": self.pins.display().to_string(),
-            "packet_sockets": self.packet_sockets,
+            "cgroup2": self.tracker.mount().display().to_string(),
+            "kernel_features": self.coverage.features().map(|(name, active, says)| json!({
+                "feature": name, "active": active, "status": says,
+            })),
         })
     }
 

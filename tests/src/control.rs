@@ -45,6 +45,20 @@ pub fn status(daemon: &Daemon) -> Value {
     })
 }
 
+/// The `kernel_features` entry `feature` of a `status` answer: whether it
+/// is active and what status says about it; panics if absent.
+#[must_use]
+pub fn status_feature(status: &Value, feature: &str) -> (bool, String) {
+    let f = status["kernel_features"]
+        .as_array()
+        .and_then(|all| all.iter().find(|f| f["feature"] == feature))
+        .unwrap_or_else(|| panic!("no kernel feature {feature:?} in the status {status:#}"));
+    let active = f["active"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("feature {feature:?} without `active`: {f}"));
+    (active, f["status"].as_str().unwrap_or_default().to_owned())
+}
+
 /// The entry of service `name` in a `status` answer; panics if absent.
 #[must_use]
 pub fn status_service<'a>(status: &'a Value, name: &str) -> &'a Value {

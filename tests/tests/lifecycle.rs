@@ -6,6 +6,9 @@ use std::{collections::BTreeSet, ffi::OsStr, time::Duration};
 use integration_tests::{
     addr,
     bpf::{bulkhead_progs, wait_unloaded, LoadedProg},
+    cgroup2_mount,
+    control::{status, status_feature},
+    http::{metrics_addr, sample_count, scrape},
     daemon::STOP_TIMEOUT,
     process::signal,
     require_bpf, service_policy, CgroupGuard, Daemon, Listener, PolicyDir, Probe, ProgSnapshot,
@@ -252,5 +255,36 @@ fn daemon_guard_stops_bulkhead_when_a_test_panics() {
     targets.assert_allowed(
         &probe().in_cgroup(svc.path()),
         "after the guard stopped bulkhead",
+    );
+}
+
+/// `status` names the cgroup2 mount the agent found (`/sys/fs/cgroup` on a
+/// pure v2 host, `/sys/fs/cgroup/unified` on a hybrid one) and whether the
+/// cgroup creation tracepoint is attached; the metric says the same.
+#[test]
+fn status_reports_the_cgroup_mount_and_the_creation_hook() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
+    let daemon = Daemon::start(&policies);
+    let status = status(&daemon);
+    assert_eq!(
+        status["cgroup2"].as_str(),
+        cgroup2_mount().to_str(),
+        "status must name the cgroup2 mount: {status:#}"
+    );
+    // tracefs and the tracepoint are there on every kernel the suite runs
+    // on (the agent mounts tracefs when it is not).
+    let (active, says) = status_feature(&status, "cgroup_creation");
+    assert!(active, "the cgroup_mkdir tracepoint must be attached: {says}");
+    assert_eq!(
+        sample_count(
+            &scrape(metrics_addr(&daemon)),
+            "bulkhead_kernel_feature",
+            &[("feature", "cgroup_creation")]
+        ),
+        Some(1)
     );
 }

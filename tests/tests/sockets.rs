@@ -6,7 +6,9 @@
 //! daemon must say so at start (that log line is the documented coverage).
 
 use integration_tests::{
+    control::{status, status_feature},
     events::{assert_fields, wait_event},
+    http::{metrics_addr, sample_count, scrape},
     require_bpf, service_policy, CgroupGuard, Daemon, PolicyDir, Probe,
 };
 use serde_json::Value;
@@ -165,6 +167,23 @@ fn packet_sockets_are_refused_or_the_gap_is_reported() {
         judged == not_judged.is_empty(),
         "the daemon must say at start whether packet sockets are judged: one of \
          {PACKET_JUDGED:?} or {PACKET_NOT_JUDGED:?}..., not both, not neither; its log:\n{log}"
+    );
+    // `status` and the metric say what the log said.
+    let (active, says) = status_feature(&status(&daemon), "packet_sockets");
+    assert_eq!(
+        (active, says.starts_with("judged")),
+        (judged, judged),
+        "status must agree with the log (judged: {judged}): {says:?}"
+    );
+    assert_eq!(
+        sample_count(
+            &scrape(metrics_addr(&daemon)),
+            "bulkhead_kernel_feature",
+            &[("feature", "packet_sockets")]
+        ),
+        Some(u64::from(judged)),
+        "bulkhead_kernel_feature{{feature=\"packet_sockets\"}} must be {}",
+        u64::from(judged)
     );
 
     probe()

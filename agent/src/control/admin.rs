@@ -160,7 +160,7 @@ pub fn render_status(v: &Value) -> String {
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     let mut out = format!(
-        "policy: {} ({} services)\nreloads: {} applied, {} refused{}\npins: {}\npacket sockets: {}\n\n",
+        "policy: {} ({} services)\nreloads: {} applied, {} refused{}\npins: {}\ncgroup v2: {}\n",
         s(v, "policy_dir"),
         v.get("services").and_then(Value::as_array).map_or(0, Vec::len),
         n(v, "reloads_applied"),
@@ -170,8 +170,17 @@ pub fn render_status(v: &Value) -> String {
             .map(|e| format!(" (last refused: {})", e.lines().next().unwrap_or("")))
             .unwrap_or_default(),
         s(v, "pins"),
-        s(v, "packet_sockets"),
+        s(v, "cgroup2"),
     );
+    for f in v
+        .get("kernel_features")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!("{}: {}\n", s(f, "feature"), s(f, "status")));
+    }
+    out.push('\n');
     out.push_str(&format!(
         "{:<20} {:<10} {:<8} {:>5} {:>9} {:>9} {:>9}  {}\n",
         "SERVICE", "STATE", "MODE", "RULES", "ALLOWED", "DENIED", "AUDITED", "CGROUP"

@@ -97,6 +97,33 @@ pub struct Coverage {
     pub cgroup_creation_reason: Option<String>,
 }
 
+impl Coverage {
+    /// Each optional part as `status` and `bulkhead_kernel_feature` name
+    /// it: (name, active, what that means here).
+    #[must_use]
+    pub fn features(&self) -> [(&'static str, bool, String); 2] {
+        let say = |reason: &Option<String>, active: &str| match reason {
+            None => active.to_string(),
+            Some(r) => format!("not active: {r}"),
+        };
+        [
+            (
+                "packet_sockets",
+                self.packet_sockets,
+                say(&self.packet_sockets_reason, "judged (BPF LSM)"),
+            ),
+            (
+                "cgroup_creation",
+                self.cgroup_creation,
+                say(
+                    &self.cgroup_creation_reason,
+                    "new cgroups enforced from their creation (cgroup_mkdir tracepoint)",
+                ),
+            ),
+        ]
+    }
+}
+
 /// A link this agent attached.
 enum Attached {
     /// Pinned under bpffs: stays attached after the agent exits.

@@ -403,6 +403,16 @@ fn health(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
         None,
         &ConstGauge::new(flag(state.attached())),
     )?;
+    gauges(
+        enc,
+        "bulkhead_kernel_feature",
+        "1 when the optional kernel part is active on this host, 0 when the kernel lacks it (the agent says why at start and in `status`).",
+        None,
+        state
+            .features()
+            .iter()
+            .map(|&(feature, active)| ([("feature", feature)], flag(active))),
+    )?;
     one(
         enc,
         "bulkhead_event_consumer_alive",

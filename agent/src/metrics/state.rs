@@ -201,6 +201,8 @@ pub struct MetricsState {
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
+    /// The optional kernel parts and whether each is active, once attached.
+    features: std::sync::OnceLock<Vec<(&'static str, bool)>>,
     /// The service graph, once the daemon has one (`/graph`, graph metrics).
     graph: std::sync::OnceLock<Arc<crate::graph::Shared>>,
     /// Anomaly counters, once the detectors run.
@@ -269,12 +271,24 @@ impl MetricsState {
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
+            features: std::sync::OnceLock::new(),
             graph: std::sync::OnceLock::new(),
             anomalies: std::sync::OnceLock::new(),
             export: std::sync::OnceLock::new(),
         };
         state.replace_inventory(inventory);
         state
+    }
+
+    /// Records which optional kernel parts are active (once; later calls
+    /// are ignored).
+    pub fn set_features(&self, features: impl IntoIterator<Item = (&'static str, bool)>) {
+        let _ = self.features.set(features.into_iter().collect());
+    }
+
+    #[must_use]
+    pub fn features(&self) -> &[(&'static str, bool)] {
+        self.features.get().map_or(&[], Vec::as_slice)
     }
 
     /// Hands over the service graph (once; later calls are ignored).
