@@ -9,7 +9,9 @@
 pub mod event;
 pub mod maps;
 pub mod policy;
+pub mod unit;
 
 pub use event::*;
 pub use maps::*;
 pub use policy::*;
+pub use unit::*;

@@ -3,6 +3,8 @@
 
 /// cgroup id (u64) -> [`crate::ServiceEntry`]: which cgroups are managed.
 pub const SERVICES: &str = "SERVICES";
+/// Default entries of SERVICES (`[services] max_cgroups`).
+pub const DEFAULT_MAX_CGROUPS: u32 = 8192;
 /// LPM trie of [`crate::LpmV4Key`] -> ruleset index (u32), egress IPv4.
 pub const EGRESS_V4: &str = "EGRESS_V4";
 /// LPM trie of [`crate::LpmV6Key`] -> ruleset index (u32), egress IPv6.
@@ -37,6 +39,11 @@ pub const DEFAULT_UDP_PEERS: u32 = 65536;
 /// it to SERVICES at once, before any process can join it.
 pub const SERVICE_PATHS: &str = "SERVICE_PATHS";
 pub const CGROUP_PATH_MAX: usize = 256;
+/// Hash of [`crate::UnitKey`] -> [`crate::ServiceEntry`]: the systemd units
+/// (and templates) managed, found by name wherever systemd puts their
+/// cgroup (see `unit.rs`); the cgroup_mkdir watcher adds a matching new
+/// cgroup to SERVICES at once.
+pub const UNIT_NAMES: &str = "UNIT_NAMES";
 /// Per-CPU scratch buffer for a cgroup path.
 pub const PATH_SCRATCH: &str = "PATH_SCRATCH";
 

@@ -3,7 +3,7 @@
 //! policy before loading.
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey,
+    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey,
     CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES,
     DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS, MAX_HELD_SOCKETS,
     UDP_PEERS_PER_SERVICE,
@@ -65,6 +65,10 @@ pub static HELD_SOCKETS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_HELD_
 
 #[map(name = "SERVICE_PATHS")]
 pub static SERVICE_PATHS: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "UNIT_NAMES")]
+pub static UNIT_NAMES: HashMap<UnitKey, ServiceEntry> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "PATH_SCRATCH")]

@@ -214,6 +214,9 @@ fn check(args: &CheckArgs) -> ExitCode {
     };
     match result.and_then(|set| kernel::compile(&set).map(|c| (set, c))) {
         Ok((set, compiled)) => {
+            for w in &set.warnings {
+                eprintln!("warning: {w}");
+            }
             for s in &set.services {
                 println!(
                     "ok: {} ({}, {}): {} egress rules, from {}",

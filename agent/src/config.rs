@@ -38,6 +38,43 @@ pub struct Config {
     pub export: crate::export::ExportConfig,
     /// UDP pinholes of ingress-restricted services.
     pub udp_replies: UdpRepliesConfig,
+    /// How many managed cgroups the kernel holds.
+    pub services: ServicesConfig,
+}
+
+/// Room for managed cgroups: one per running service, one per running
+/// instance of a template policy.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// Entries of the kernel's SERVICES map (a cgroup that goes is removed
+    /// at once, so this bounds the cgroups managed at one time).
+    pub max_cgroups: u32,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            max_cgroups: agent_common::DEFAULT_MAX_CGROUPS,
+        }
+    }
+}
+
+impl ServicesConfig {
+    /// The bounds of `max_cgroups`.
+    pub const RANGE: std::ops::RangeInclusive<u32> = 64..=1 << 20;
+
+    fn problems(&self) -> Vec<String> {
+        if Self::RANGE.contains(&self.max_cgroups) {
+            return Vec::new();
+        }
+        vec![format!(
+            "services.max_cgroups = {}: must be between {} and {}",
+            self.max_cgroups,
+            Self::RANGE.start(),
+            Self::RANGE.end()
+        )]
+    }
 }
 
 impl Default for Config {
@@ -54,6 +91,7 @@ impl Default for Config {
             anomaly: crate::anomaly::AnomalyConfig::default(),
             export: crate::export::ExportConfig::default(),
             udp_replies: UdpRepliesConfig::default(),
+            services: ServicesConfig::default(),
         }
     }
 }
@@ -214,6 +252,7 @@ impl Config {
             .into_iter()
             .chain(config.export.problems())
             .chain(config.udp_replies.problems())
+            .chain(config.services.problems())
             .collect();
         if let Some(first) = problems.first() {
             // Points at the first offending key.

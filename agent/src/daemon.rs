@@ -87,6 +87,9 @@ pub fn run(args: &RunArgs, log_level: &str) -> Result<()> {
             policy_dir.display()
         )
     })?;
+    for w in &loaded.set.warnings {
+        warn!("policy accepted with a warning: {w}");
+    }
     for w in &loaded.warnings {
         warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
     }
@@ -155,15 +158,15 @@ async fn serve(plan: Plan) -> Result<()> {
     // periodic rescan in the main loop.
     let mut tracker = ServiceTracker::new(&mount, &compiled);
     tracker.rescan();
-    for s in tracker.services.iter().filter(|s| s.cgroup_id.is_none()) {
-        warn!(service = %s.name, cgroup = %s.cgroup_path, "cgroup does not exist yet; the service is managed as soon as it appears");
+    for s in tracker.services.iter().filter(|s| s.cgroups.is_empty()) {
+        warn!(service = %s.name, "{}; the service is managed as soon as its cgroup appears", s.explain(&mount));
     }
     let resolved: Vec<ResolvedService> = tracker
         .services
         .iter()
-        .filter_map(|s| {
-            s.cgroup_id.map(|cgroup_id| ResolvedService {
-                cgroup_id,
+        .flat_map(|s| {
+            s.cgroups.iter().map(|c| ResolvedService {
+                cgroup_id: c.id,
                 entry: s.entry,
             })
         })
@@ -179,6 +182,7 @@ async fn serve(plan: Plan) -> Result<()> {
                 config.udp_replies.idle_timeout_secs,
             )),
             udp_peers_per_service: config.udp_replies.per_service,
+            max_cgroups: config.services.max_cgroups,
         },
     )?;
     let _bpf_logger = if config.bpf_log {
@@ -186,7 +190,8 @@ async fn serve(plan: Plan) -> Result<()> {
     } else {
         None
     };
-    enforcer.write_policy(compiled.clone(), &resolved)?;
+    let failed = enforcer.write_policy(compiled.clone(), &resolved)?;
+    tracker.applied(&failed);
 
     // Everything is pinned into a staging directory first, and made
     // `current` only once attached (see kernel/pins.rs).
@@ -231,11 +236,7 @@ async fn serve(plan: Plan) -> Result<()> {
     let metrics_state = Arc::new(crate::metrics::MetricsState::new(
         std::sync::Mutex::new(counters),
         Arc::clone(&hub.stats),
-        crate::metrics::Inventory::from_policy(
-            &compiled,
-            resolved.iter().map(|r| r.entry.service_id),
-            &map_capacities,
-        ),
+        crate::metrics::Inventory::from_policy(&compiled, &tracker.statuses(), &map_capacities),
     ));
     metrics_state.set_attached(true);
     metrics_state.set_features(coverage.features().map(|(name, active, _)| (name, active)));

@@ -106,10 +106,12 @@ impl Engine {
         if changes.is_empty() {
             return;
         }
-        match self.enforcer.apply_service_changes(&changes) {
-            Ok(()) => self.refresh_inventory(),
-            Err(e) => warn!("cannot update the managed cgroups: {e}"),
-        }
+        let failed = match self.enforcer.apply_service_changes(&changes) {
+            Ok(failed) => failed,
+            Err(e) => changes.iter().map(|c| (*c, e.to_string())).collect(),
+        };
+        self.tracker.applied(&failed);
+        self.refresh_inventory();
     }
 
     /// Removes idle UDP pinholes and makes every service's count exact;
@@ -137,10 +139,10 @@ impl Engine {
             .tracker
             .services
             .iter()
-            .filter_map(|s| {
-                Some(held::Target {
-                    cgroup_path: &s.cgroup_path,
-                    cgroup_id: s.cgroup_id?,
+            .flat_map(|s| {
+                s.enforced().map(|c| held::Target {
+                    cgroup_path: &c.path,
+                    cgroup_id: c.id,
                     all_sockets: s.entry.flags & FLAG_QUARANTINE != 0,
                 })
             })
@@ -149,7 +151,7 @@ impl Engine {
             .tracker
             .services
             .iter()
-            .map(|s| s.cgroup_path.as_str())
+            .flat_map(|s| s.cgroups.iter().map(|c| c.path.as_str()))
             .collect();
         let report = self.held.scan(
             self.tracker.mount(),
@@ -183,7 +185,7 @@ impl Engine {
                 .tracker
                 .services
                 .iter()
-                .find(|s| s.cgroup_id == Some(*cgroup_id))
+                .find(|s| s.cgroups.iter().any(|c| c.id == *cgroup_id))
                 .map_or("?", |s| s.name.as_str());
             warn!(
                 service,
@@ -242,6 +244,9 @@ impl Engine {
 
     fn try_reload(&mut self, trigger: &str) -> Result<(), String> {
         let loaded = reload::load(&self.source)?;
+        for w in &loaded.set.warnings {
+            warn!("policy accepted with a warning: {w}");
+        }
         for w in &loaded.warnings {
             warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
         }
@@ -411,9 +416,15 @@ impl Engine {
                 let policy = self.set.services.iter().find(|s| s.name == t.name);
                 json!({
                     "name": t.name,
-                    "cgroup": format!("/{}", t.cgroup_path),
-                    "state": if t.cgroup_id.is_some() { "managed" } else { "waiting" },
-                    "cgroup_id": t.cgroup_id,
+                    "cgroup": t.cgroups.first().map_or_else(|| t.selector.to_string(), |c| format!("/{}", c.path)),
+                    "state": t.state().as_str(),
+                    "detail": t.explain(self.tracker.mount()),
+                    "cgroup_id": t.cgroups.first().map(|c| c.id),
+                    "cgroups": t.cgroups.iter().map(|c| json!({
+                        "path": format!("/{}", c.path),
+                        "id": c.id,
+                        "enforced": c.unenforced.is_none(),
+                    })).collect::<Vec<_>>(),
                     "mode": if t.entry.mode == agent_common::MODE_AUDIT { "audit" } else { "enforce" },
                     "rules": policy.map_or(0, |p| p.egress.len() + p.ingress.as_ref().map_or(0, Vec::len)),
                     "file": policy.map(|p| p.file.display().to_string()),
@@ -463,14 +474,9 @@ impl Engine {
         let Some(live) = self.enforcer.live() else {
             return;
         };
-        let managed = self
-            .tracker
-            .services
-            .iter()
-            .filter(|s| s.cgroup_id.is_some());
         self.metrics.replace_inventory(Inventory::from_policy(
             live,
-            managed.map(|s| s.entry.service_id),
+            &self.tracker.statuses(),
             &self.map_capacities,
         ));
     }

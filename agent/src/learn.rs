@@ -151,7 +151,10 @@ pub fn learn(
     let rules = collapse(&seen);
     let mut out = String::new();
     let selector = match &service.selector {
-        Selector::Unit(u) => format!("unit = {u:?}"),
+        Selector::Unit(u) => match u.user {
+            None => format!("unit = {:?}", u.name),
+            Some(uid) => format!("unit = {:?}\nuser = {uid}", u.name),
+        },
         Selector::Cgroup(p) => format!("cgroup = \"/{p}\""),
     };
     let _ = writeln!(

@@ -1,14 +1,24 @@
-//! Which cgroup each service is in right now. Services whose cgroup does
-//! not exist yet are waiting; a restarted unit gets a new cgroup (same
-//! path, new id). The tracker re-resolves every service periodically and
-//! tells the kernel maps what changed.
+//! Which cgroups each service is in right now. A `cgroup = "/path"`
+//! service has at most one; a `unit = "..."` service is found by name
+//! wherever systemd puts it (`crate::cgroup::units`), a template's
+//! instances each in their own. A service with none is waiting; a restarted
+//! unit gets a new cgroup (same path, new id). The tracker re-resolves
+//! every service periodically and tells the kernel maps what changed; a
+//! cgroup is counted as enforced only once its SERVICES entry is written.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use agent_common::ServiceEntry;
-use tracing::info;
+use tracing::{error, info};
 
-use crate::{cgroup, kernel::CompiledPolicy};
+use crate::{
+    cgroup,
+    kernel::CompiledPolicy,
+    policy::{Closeness, Selector},
+};
 
 /// How often cgroups are re-resolved.
 pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -16,10 +26,104 @@ pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackedService {
     pub name: String,
-    pub cgroup_path: String,
+    pub selector: Selector,
     pub entry: ServiceEntry,
-    /// The cgroup id in the SERVICES map, None while waiting.
-    pub cgroup_id: Option<u64>,
+    /// Its cgroups, by path, as last found.
+    pub cgroups: Vec<ServiceCgroup>,
+}
+
+/// One cgroup of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCgroup {
+    /// Relative to the cgroup2 mount, without a leading `/`.
+    pub path: String,
+    pub id: u64,
+    /// Why its SERVICES entry could not be written, while it could not:
+    /// the kernel does not enforce the service there.
+    pub unenforced: Option<String>,
+}
+
+/// What `status` and `bulkhead_services{state}` say about a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceState {
+    /// Every cgroup found is enforced.
+    Managed,
+    /// No cgroup found yet.
+    Waiting,
+    /// A cgroup was found that the kernel does not enforce.
+    Unenforced,
+}
+
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Managed => "managed",
+            Self::Waiting => "waiting",
+            Self::Unenforced => "unenforced",
+        }
+    }
+}
+
+impl TrackedService {
+    pub fn state(&self) -> ServiceState {
+        if self.cgroups.is_empty() {
+            ServiceState::Waiting
+        } else if self.cgroups.iter().any(|c| c.unenforced.is_some()) {
+            ServiceState::Unenforced
+        } else {
+            ServiceState::Managed
+        }
+    }
+
+    /// Its enforced cgroups.
+    pub fn enforced(&self) -> impl Iterator<Item = &ServiceCgroup> {
+        self.cgroups.iter().filter(|c| c.unenforced.is_none())
+    }
+
+    /// A sentence for `status`: where it was looked for, or what failed.
+    pub fn explain(&self, mount: &Path) -> String {
+        if let Some(c) = self.cgroups.iter().find(|c| c.unenforced.is_some()) {
+            let why = c.unenforced.as_deref().unwrap_or_default();
+            return format!("cgroup /{} is NOT enforced: {why}", c.path);
+        }
+        if !self.cgroups.is_empty() {
+            return String::new();
+        }
+        let mount = mount.display();
+        match &self.selector {
+            Selector::Cgroup(path) => format!("waiting: no cgroup {mount}/{path}"),
+            Selector::Unit(u) if u.is_template() => format!(
+                "waiting: no instance of {} in the slices under {mount}",
+                u.name
+            ),
+            Selector::Unit(u) => match u.user {
+                None => format!("waiting: no cgroup for {} in the slices under {mount}", u.name),
+                Some(uid) => format!(
+                    "waiting: no cgroup for {} under {mount}/user.slice/user-{uid}.slice/user@{uid}.service",
+                    u.name
+                ),
+            },
+        }
+    }
+}
+
+/// Adds first, then the removes of cgroups no add is for: a cgroup that
+/// moves to another service (or stays) is never briefly unmanaged.
+fn in_order(changes: Vec<Change>) -> Vec<Change> {
+    let added: std::collections::HashSet<u64> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Add { cgroup_id, .. } => Some(*cgroup_id),
+            Change::Remove { .. } => None,
+        })
+        .collect();
+    let (mut adds, removes): (Vec<Change>, Vec<Change>) = changes
+        .into_iter()
+        .partition(|c| matches!(c, Change::Add { .. }));
+    adds.extend(removes.into_iter().filter(
+        |c| !matches!(c, Change::Remove { cgroup_id } if added.contains(cgroup_id)),
+    ));
+    adds
 }
 
 /// One change to apply to the SERVICES map.
@@ -43,9 +147,9 @@ impl ServiceTracker {
                 .iter()
                 .map(|s| TrackedService {
                     name: s.name.clone(),
-                    cgroup_path: s.cgroup_path.clone(),
+                    selector: s.selector.clone(),
                     entry: s.entry,
-                    cgroup_id: None,
+                    cgroups: Vec::new(),
                 })
                 .collect(),
         }
@@ -57,34 +161,110 @@ impl ServiceTracker {
     }
 
     /// Re-resolves every service; returns the map changes (adds before
-    /// removes, so a service is never briefly unmanaged).
+    /// removes, so a service is never briefly unmanaged). Cgroups whose
+    /// entry could not be written are added again.
     pub fn rescan(&mut self) -> Vec<Change> {
+        let found = self.find();
         let mut adds = Vec::new();
         let mut removes = Vec::new();
-        for s in &mut self.services {
-            let now = cgroup::cgroup_id(&self.mount, &s.cgroup_path);
-            if now == s.cgroup_id {
-                continue;
-            }
-            match now {
-                Some(id) => {
-                    info!(service = %s.name, cgroup = %s.cgroup_path, cgroup_id = id, "service managed");
-                    adds.push(Change::Add {
-                        cgroup_id: id,
-                        entry: s.entry,
-                    });
+        for (i, s) in self.services.iter_mut().enumerate() {
+            let mut now: Vec<ServiceCgroup> = found
+                .get(&i)
+                .into_iter()
+                .flatten()
+                .map(|(path, id)| ServiceCgroup {
+                    path: path.clone(),
+                    id: *id,
+                    unenforced: None,
+                })
+                .collect();
+            for c in &mut now {
+                match s.cgroups.iter().find(|old| old.id == c.id) {
+                    Some(old) if old.unenforced.is_none() => continue,
+                    Some(old) => c.unenforced.clone_from(&old.unenforced),
+                    None => {
+                        info!(service = %s.name, cgroup = %c.path, cgroup_id = c.id, "service cgroup found")
+                    }
                 }
-                None => {
-                    info!(service = %s.name, cgroup = %s.cgroup_path, "cgroup gone; service waiting for it")
+                adds.push(Change::Add {
+                    cgroup_id: c.id,
+                    entry: s.entry,
+                });
+            }
+            for old in &s.cgroups {
+                if !now.iter().any(|c| c.id == old.id) {
+                    info!(service = %s.name, cgroup = %old.path, cgroup_id = old.id, "service cgroup gone");
+                    removes.push(Change::Remove { cgroup_id: old.id });
                 }
             }
-            if let Some(old) = s.cgroup_id {
-                removes.push(Change::Remove { cgroup_id: old });
-            }
-            s.cgroup_id = now;
+            now.sort_by(|a, b| a.path.cmp(&b.path));
+            s.cgroups = now;
         }
         adds.extend(removes);
-        adds
+        in_order(adds)
+    }
+
+    /// Records what applying `changes` gave: a failed add leaves its
+    /// cgroup unenforced (and retried by the next rescan).
+    pub fn applied(&mut self, failed: &[(Change, String)]) {
+        for s in &mut self.services {
+            for c in &mut s.cgroups {
+                let failure = failed.iter().find_map(|(change, e)| match change {
+                    Change::Add { cgroup_id, .. } if *cgroup_id == c.id => Some(e),
+                    _ => None,
+                });
+                match (failure, &c.unenforced) {
+                    (Some(e), None) => {
+                        error!(service = %s.name, cgroup = %c.path, "the kernel does NOT enforce this service's cgroup: {e}; retrying");
+                        c.unenforced = Some(e.clone());
+                    }
+                    (None, Some(_)) => {
+                        info!(service = %s.name, cgroup = %c.path, "service cgroup enforced");
+                        c.unenforced = None;
+                    }
+                    (Some(e), Some(_)) => c.unenforced = Some(e.clone()),
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+
+    /// Every cgroup each service owns now, by service index: a cgroup
+    /// named by several services belongs to the closest (an exact path,
+    /// then a unit, then a template).
+    fn find(&self) -> HashMap<usize, Vec<(String, u64)>> {
+        let mut owner: HashMap<String, (Closeness, usize)> = HashMap::new();
+        let mut claim = |path: String, closeness: Closeness, i: usize| {
+            let e = owner.entry(path).or_insert((closeness, i));
+            if closeness > e.0 {
+                *e = (closeness, i);
+            }
+        };
+        for (i, s) in self.services.iter().enumerate() {
+            if let Selector::Cgroup(path) = &s.selector {
+                claim(path.clone(), Closeness::Path, i);
+            }
+        }
+        if self
+            .services
+            .iter()
+            .any(|s| matches!(s.selector, Selector::Unit(_)))
+        {
+            for path in cgroup::units::candidates(&self.mount) {
+                for (i, s) in self.services.iter().enumerate() {
+                    if let (Selector::Unit(_), Some(c)) = (&s.selector, s.selector.names(&path)) {
+                        claim(path.clone(), c, i);
+                    }
+                }
+            }
+        }
+        let mut found: HashMap<usize, Vec<(String, u64)>> = HashMap::new();
+        for (path, (_, i)) in owner {
+            if let Some(id) = cgroup::cgroup_id(&self.mount, &path) {
+                found.entry(i).or_default().push((path, id));
+            }
+        }
+        found
     }
 
     /// Takes the services of a newly placed policy. Cgroups already known
@@ -96,39 +276,42 @@ impl ServiceTracker {
         for s in &policy.services {
             let known = old
                 .iter()
-                .find(|o| o.cgroup_path == s.cgroup_path)
-                .and_then(|o| o.cgroup_id);
-            if let Some(cgroup_id) = known {
+                .find(|o| o.selector == s.selector)
+                .map(|o| o.cgroups.clone())
+                .unwrap_or_default();
+            for c in &known {
                 changes.push(Change::Add {
-                    cgroup_id,
+                    cgroup_id: c.id,
                     entry: s.entry,
                 });
             }
             self.services.push(TrackedService {
                 name: s.name.clone(),
-                cgroup_path: s.cgroup_path.clone(),
+                selector: s.selector.clone(),
                 entry: s.entry,
-                cgroup_id: known,
+                cgroups: known,
             });
         }
         for o in &old {
-            let kept = policy
-                .services
-                .iter()
-                .any(|s| s.cgroup_path == o.cgroup_path);
-            if let (false, Some(cgroup_id)) = (kept, o.cgroup_id) {
+            let kept = policy.services.iter().any(|s| s.selector == o.selector);
+            if !kept {
                 info!(service = %o.name, "service removed from the policy; no longer managed");
-                changes.push(Change::Remove { cgroup_id });
+                changes.extend(o.cgroups.iter().map(|c| Change::Remove { cgroup_id: c.id }));
             }
         }
         changes.extend(self.rescan());
-        changes
+        in_order(changes)
     }
 
-    pub fn managed(&self) -> usize {
+    /// Each service's state, for the metrics.
+    pub fn statuses(&self) -> Vec<crate::metrics::ServiceStatus> {
         self.services
             .iter()
-            .filter(|s| s.cgroup_id.is_some())
-            .count()
+            .map(|s| crate::metrics::ServiceStatus {
+                id: s.entry.service_id,
+                state: s.state().as_str(),
+                enforced_cgroups: s.enforced().count(),
+            })
+            .collect()
     }
 }

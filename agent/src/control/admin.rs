@@ -207,6 +207,15 @@ pub fn render_status(v: &Value) -> String {
             n(svc, "audited"),
             s(svc, "cgroup"),
         ));
+        // A template's other instances, then what is wrong, if anything.
+        let cgroups = svc.get("cgroups").and_then(Value::as_array);
+        for c in cgroups.into_iter().flatten().skip(1) {
+            out.push_str(&format!("{:<76}  {}\n", "", s(c, "path")));
+        }
+        let detail = s(svc, "detail");
+        if !detail.is_empty() && detail != "-" {
+            out.push_str(&format!("  {}: {detail}\n", s(svc, "name")));
+        }
     }
     out
 }

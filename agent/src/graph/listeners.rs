@@ -60,21 +60,21 @@ fn cgroup_of(pid: &str) -> Option<String> {
         .map(|p| p.trim_start_matches('/').to_string())
 }
 
-/// The service whose cgroup holds `path` (the deepest one when nested).
+/// The service whose cgroup holds `path` (the deepest one when nested; the
+/// closest selector when several name the same cgroup).
 fn service_of<'a>(policy: &'a PolicySet, path: &str) -> Option<&'a str> {
-    policy
-        .services
-        .iter()
-        .filter_map(|s| {
-            let base = s.selector.cgroup_path();
-            let inside = path == base
-                || path
-                    .strip_prefix(base.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'));
-            inside.then_some((base.len(), s.name.as_str()))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, name)| name)
+    let mut at = path;
+    loop {
+        let owner = policy
+            .services
+            .iter()
+            .filter_map(|s| Some((s.selector.names(at)?, s.name.as_str())))
+            .max_by_key(|(closeness, _)| *closeness);
+        if let Some((_, name)) = owner {
+            return Some(name);
+        }
+        at = at.rsplit_once('/')?.0;
+    }
 }
 
 /// Every TCP listener of a managed service, by scanning `/proc`.

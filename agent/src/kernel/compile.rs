@@ -21,8 +21,8 @@ use agent_common::{
 use ipnetwork::IpNetwork;
 
 use crate::policy::{
-    Mode, PolicyError, PolicyErrors, PolicySet, PortRange, Protocol, RuleRef, Section, Service,
-    SocketProtocol,
+    Mode, PolicyError, PolicyErrors, PolicySet, PortRange, Protocol, RuleRef, Section, Selector,
+    Service, SocketProtocol,
 };
 
 /// Everything to write into the maps for one policy set.
@@ -51,8 +51,8 @@ pub struct CompiledService {
     pub name: String,
     /// File name of its policy (for `file#default-deny` references).
     pub file_name: String,
-    /// Path of its cgroup relative to the cgroup2 mount.
-    pub cgroup_path: String,
+    /// How its cgroups are found.
+    pub selector: Selector,
     pub entry: ServiceEntry,
     /// Egress + ingress rules.
     pub rule_count: usize,
@@ -154,7 +154,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 .file
                 .file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            cgroup_path: service.selector.cgroup_path(),
+            selector: service.selector.clone(),
             entry: ServiceEntry {
                 service_id,
                 mode: match service.mode {
@@ -395,6 +395,7 @@ mod tests {
                 sockets: crate::policy::SocketsPolicy::default(),
                 quarantined: false,
             }],
+            warnings: Vec::new(),
         }
     }
 

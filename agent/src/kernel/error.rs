@@ -20,6 +20,9 @@ pub enum KernelError {
     },
     #[error("{0}")]
     Capacity(String),
+    /// A service cgroup's SERVICES entry could not be written.
+    #[error("{0}")]
+    Services(String),
     #[error("cannot pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("cannot open cgroup {path}: {source}")]

@@ -41,7 +41,7 @@ enum Hook {
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 13] = [
+const PROGRAMS: [(&str, Hook); 14] = [
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
@@ -57,6 +57,10 @@ const PROGRAMS: [(&str, Hook); 13] = [
         "bulkhead_cgroup_mkdir",
         Hook::TracePoint("cgroup", "cgroup_mkdir"),
     ),
+    (
+        "bulkhead_cgroup_rmdir",
+        Hook::TracePoint("cgroup", "cgroup_rmdir"),
+    ),
     ("bulkhead_socket_create", Hook::Lsm("socket_create")),
 ];
 
@@ -71,6 +75,8 @@ pub struct LoadOptions {
     /// UDP pinholes: idle timeout and bound per service.
     pub udp_reply_idle: std::time::Duration,
     pub udp_peers_per_service: u32,
+    /// Entries of SERVICES: managed cgroups at one time.
+    pub max_cgroups: u32,
 }
 
 impl Default for LoadOptions {
@@ -81,6 +87,7 @@ impl Default for LoadOptions {
             events_bytes: DEFAULT_EVENTS_BYTES,
             udp_reply_idle: std::time::Duration::from_secs(120),
             udp_peers_per_service: agent_common::UDP_PEERS_PER_SERVICE,
+            max_cgroups: agent_common::DEFAULT_MAX_CGROUPS,
         }
     }
 }
@@ -161,11 +168,12 @@ impl Enforcer {
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SERVICES, max_services)
+            .map_max_entries(names::SERVICES, options.max_cgroups.max(max_services))
             .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
             .map_max_entries(names::EVENTS, options.events_bytes)
             .map_max_entries(names::DENY_RATE, max_services.saturating_mul(2))
             .map_max_entries(names::SERVICE_PATHS, max_services)
+            .map_max_entries(names::UNIT_NAMES, max_services)
             .map_max_entries(names::UDP_PEER_COUNT, max_services)
             // Every service's bound fits (entries are allocated as used),
             // so one service's pinholes never crowd out another's.
@@ -236,16 +244,17 @@ impl Enforcer {
 
     /// Writes the first policy (into half 0). Call before `attach` so that
     /// the first connection judged already sees the whole policy. Returns
-    /// the policy as placed (ids relocated).
+    /// the service cgroups that could not be written.
     pub fn write_policy(
         &mut self,
         policy: CompiledPolicy,
         resolved: &[ResolvedService],
-    ) -> Result<&CompiledPolicy, KernelError> {
+    ) -> Result<Vec<(crate::services::Change, String)>, KernelError> {
         let placed = relocate(policy, 0, self.capacity);
-        maps::write(&mut self.ebpf, &placed, resolved)?;
+        let failed = maps::write(&mut self.ebpf, &placed, resolved)?;
         self.half = 0;
-        Ok(self.live.insert(placed))
+        self.live = Some(placed);
+        Ok(failed)
     }
 
     /// The policy in force, as placed in the maps.
@@ -285,7 +294,9 @@ impl Enforcer {
             maps::active_flags(&staged),
         );
         maps::write_active_flags(&mut self.ebpf, old | new)?;
-        maps::apply_service_changes(&mut self.ebpf, changes)?;
+        if let Some((_, e)) = maps::apply_service_changes(&mut self.ebpf, changes)?.first() {
+            return Err(KernelError::Services(e.clone()));
+        }
         maps::write_active_flags(&mut self.ebpf, new)?;
         self.half = staged.service_base / self.capacity.services.max(1);
         Ok(self.live.replace(staged))
@@ -392,13 +403,15 @@ impl Enforcer {
                     let attached = ensure_tracefs()
                         .and_then(|()| p.attach(category, event).map_err(|e| e.to_string()));
                     match attached {
+                        // Both tracepoints or the feature is not active.
                         Ok(id) => {
-                            coverage.cgroup_creation = true;
+                            coverage.cgroup_creation = coverage.cgroup_creation_reason.is_none();
                             Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                         }
                         Err(e) => {
+                            coverage.cgroup_creation = false;
                             coverage.cgroup_creation_reason = Some(format!(
-                                "cannot attach the cgroup creation tracepoint ({e}); new and restarted services are picked up by the 200 ms rescan only"
+                                "cannot attach the {category}:{event} tracepoint ({e}); new and restarted services are picked up, and removed cgroups forgotten, by the 200 ms rescan only"
                             ));
                             None
                         }
@@ -480,11 +493,12 @@ impl Enforcer {
         drop(self.ebpf);
     }
 
-    /// Applies service cgroup changes to the SERVICES map.
+    /// Applies service cgroup changes to the SERVICES map; returns those
+    /// that failed.
     pub fn apply_service_changes(
         &mut self,
         changes: &[crate::services::Change],
-    ) -> Result<(), KernelError> {
+    ) -> Result<Vec<(crate::services::Change, String)>, KernelError> {
         maps::apply_service_changes(&mut self.ebpf, changes)
     }
 

@@ -2,7 +2,7 @@
 
 use agent_common::{
     maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED,
-    CGROUP_PATH_MAX, SOCKETS_ICMP,
+    CGROUP_PATH_MAX, SOCKETS_ICMP, UnitKey,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
@@ -10,7 +10,7 @@ use aya::{
 };
 
 use super::{compile::CompiledPolicy, KernelError};
-use crate::services::Change;
+use crate::{policy::Selector, services::Change};
 
 /// A service whose cgroup exists, with the id the kernel will see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,12 +20,13 @@ pub struct ResolvedService {
 }
 
 /// Rulesets and prefixes first, services last: a service becomes managed
-/// only once everything its verdicts need is in place.
+/// only once everything its verdicts need is in place. Returns the service
+/// cgroups that could not be written.
 pub fn write(
     ebpf: &mut Ebpf,
     policy: &CompiledPolicy,
     resolved: &[ResolvedService],
-) -> Result<(), KernelError> {
+) -> Result<Vec<(Change, String)>, KernelError> {
     write_rules(ebpf, policy)?;
     write_active_flags(ebpf, active_flags(policy))?;
     write_service_paths(ebpf, policy, None)?;
@@ -101,8 +102,7 @@ pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kern
 }
 
 /// The SERVICE_PATHS key of a cgroup path relative to the cgroup2 mount:
-/// `/path`, NUL-padded; None when too long (such a service is then only
-/// picked up by the agent's rescan).
+/// `/path`, NUL-padded; None when too long (validation refuses such paths).
 pub fn path_key(cgroup_path: &str) -> Option<[u8; CGROUP_PATH_MAX]> {
     let path = format!("/{cgroup_path}");
     let mut key = [0u8; CGROUP_PATH_MAX];
@@ -138,54 +138,77 @@ pub fn active_flags(policy: &CompiledPolicy) -> u32 {
     })
 }
 
-/// Points each service's cgroup path at its entry in `policy`, and removes
-/// the paths of `old` that `policy` no longer has.
+/// Points each service's cgroup path (SERVICE_PATHS) or unit name
+/// (UNIT_NAMES) at its entry in `policy`, and removes those of `old` that
+/// `policy` no longer has: what the cgroup_mkdir watcher looks up.
 pub fn write_service_paths(
     ebpf: &mut Ebpf,
     policy: &CompiledPolicy,
     old: Option<&CompiledPolicy>,
 ) -> Result<(), KernelError> {
-    let map_err = |source| KernelError::Map {
+    let old = old.map(|o| o.services.as_slice()).unwrap_or_default();
+    let gone = old
+        .iter()
+        .filter(|o| !policy.services.iter().any(|n| n.selector == o.selector));
+    let path_err = |source| KernelError::Map {
         name: names::SERVICE_PATHS,
         source,
     };
     let mut paths: HashMap<&mut MapData, [u8; CGROUP_PATH_MAX], ServiceEntry> =
         map(ebpf, names::SERVICE_PATHS)?;
     for s in &policy.services {
-        if let Some(key) = path_key(&s.cgroup_path) {
-            paths.insert(key, s.entry, 0).map_err(map_err)?;
+        if let Some(key) = cgroup_key(&s.selector) {
+            paths.insert(key, s.entry, 0).map_err(path_err)?;
         }
     }
-    for s in old.map(|o| o.services.as_slice()).unwrap_or_default() {
-        let kept = policy
-            .services
-            .iter()
-            .any(|n| n.cgroup_path == s.cgroup_path);
-        if let (false, Some(key)) = (kept, path_key(&s.cgroup_path)) {
-            removed(paths.remove(&key)).map_err(map_err)?;
+    for s in gone.clone() {
+        if let Some(key) = cgroup_key(&s.selector) {
+            removed(paths.remove(&key)).map_err(path_err)?;
+        }
+    }
+    let unit_err = |source| KernelError::Map {
+        name: names::UNIT_NAMES,
+        source,
+    };
+    let mut units: HashMap<&mut MapData, UnitKey, ServiceEntry> = map(ebpf, names::UNIT_NAMES)?;
+    for s in &policy.services {
+        if let Selector::Unit(u) = &s.selector {
+            units.insert(u.key(), s.entry, 0).map_err(unit_err)?;
+        }
+    }
+    for s in gone {
+        if let Selector::Unit(u) = &s.selector {
+            removed(units.remove(&u.key())).map_err(unit_err)?;
         }
     }
     Ok(())
 }
 
-/// Adds and removes service cgroups in the SERVICES map.
-pub fn apply_service_changes(ebpf: &mut Ebpf, changes: &[Change]) -> Result<(), KernelError> {
-    let map_err = |source| KernelError::Map {
-        name: names::SERVICES,
-        source,
-    };
+fn cgroup_key(selector: &Selector) -> Option<[u8; CGROUP_PATH_MAX]> {
+    match selector {
+        Selector::Cgroup(path) => path_key(path),
+        Selector::Unit(_) => None,
+    }
+}
+
+/// Adds and removes service cgroups in the SERVICES map, every one even
+/// when some fail; returns the changes that failed, with why.
+pub fn apply_service_changes(
+    ebpf: &mut Ebpf,
+    changes: &[Change],
+) -> Result<Vec<(Change, String)>, KernelError> {
     let mut services: HashMap<&mut MapData, u64, ServiceEntry> = map(ebpf, names::SERVICES)?;
+    let mut failed = Vec::new();
     for change in changes {
-        match *change {
-            Change::Add { cgroup_id, entry } => {
-                services.insert(cgroup_id, entry, 0).map_err(map_err)?;
-            }
-            Change::Remove { cgroup_id } => {
-                removed(services.remove(&cgroup_id)).map_err(map_err)?;
-            }
+        let result = match *change {
+            Change::Add { cgroup_id, entry } => services.insert(cgroup_id, entry, 0),
+            Change::Remove { cgroup_id } => removed(services.remove(&cgroup_id)),
+        };
+        if let Err(e) = result {
+            failed.push((*change, format!("cannot write the SERVICES map: {e}")));
         }
     }
-    Ok(())
+    Ok(failed)
 }
 
 /// Makes HELD_SOCKETS hold `now` (socket cookie -> holder's cgroup id),

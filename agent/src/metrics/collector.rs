@@ -259,18 +259,13 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
 }
 
 fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
-    let state = |managed: bool| if managed { "managed" } else { "waiting" };
-    let managed = inventory.services.iter().filter(|s| s.managed).count();
-    let waiting = inventory.services.len() - managed;
+    let in_state = |state: &str| inventory.services.iter().filter(|s| s.state == state).count();
     gauges(
         enc,
         "bulkhead_services",
-        "Services in the loaded policy: managed (cgroup found, enforced) or waiting (cgroup does not exist yet).",
+        "Services in the loaded policy: managed (cgroups found, enforced), waiting (no cgroup found yet) or unenforced (a cgroup found that the kernel could not be told about; retried).",
         None,
-        [
-            ([("state", "managed")], count(managed)),
-            ([("state", "waiting")], count(waiting)),
-        ],
+        ["managed", "waiting", "unenforced"].map(|state| ([("state", state)], count(in_state(state)))),
     )?;
     {
         let mut m = enc.encode_descriptor(
@@ -283,7 +278,7 @@ fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
             m.encode_info(&[
                 ("service", s.name.as_str()),
                 ("mode", s.mode.as_str()),
-                ("state", state(s.managed)),
+                ("state", s.state),
             ])?;
         }
     }

@@ -53,7 +53,7 @@ pub fn meta(id: u32, name: &str, mode: ServiceMode, rules: usize, managed: bool)
         name: name.to_owned(),
         mode,
         rules,
-        managed,
+        state: if managed { "managed" } else { "waiting" },
     }
 }
 

@@ -4,7 +4,7 @@
 //! service's counts follow it from id to id.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError, RwLock,
@@ -90,8 +90,18 @@ pub struct ServiceMeta {
     pub mode: ServiceMode,
     /// Rules (egress and ingress) in its policy.
     pub rules: usize,
-    /// False while its cgroup does not exist yet ("waiting").
-    pub managed: bool,
+    /// `managed`, `waiting` (no cgroup yet) or `unenforced` (a cgroup the
+    /// kernel could not be told about), as the service tracker says.
+    pub state: &'static str,
+}
+
+/// What the service tracker says of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub state: &'static str,
+    /// Its cgroups in the SERVICES map.
+    pub enforced_cgroups: usize,
 }
 
 /// How full a policy map is.
@@ -110,16 +120,22 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// The services of `policy` (managed: those whose ids `managed` lists,
-    /// i.e. whose cgroup is in the SERVICES map), and the fill of each map
-    /// in `capacities` (see [`map_capacities`]) once the policy is written.
+    /// The services of `policy` in the states `tracked` gives them (one
+    /// not listed is waiting), and the fill of each map in `capacities`
+    /// (see [`map_capacities`]) once the policy is written.
     #[must_use]
     pub fn from_policy(
         policy: &CompiledPolicy,
-        managed: impl IntoIterator<Item = u32>,
+        tracked: &[ServiceStatus],
         capacities: &[(&'static str, u32)],
     ) -> Self {
-        let managed: HashSet<u32> = managed.into_iter().collect();
+        let state_of = |id: u32| {
+            tracked
+                .iter()
+                .find(|t| t.id == id)
+                .map_or("waiting", |t| t.state)
+        };
+        let cgroups: usize = tracked.iter().map(|t| t.enforced_cgroups).sum();
         let services = policy
             .services
             .iter()
@@ -132,12 +148,12 @@ impl Inventory {
                     ServiceMode::Enforce
                 },
                 rules: s.rule_count,
-                managed: managed.contains(&s.entry.service_id),
+                state: state_of(s.entry.service_id),
             })
             .collect();
         // The maps hold exactly what `kernel::maps::write` put there.
         let entries = |name: &str| match name {
-            names::SERVICES => Some(managed.len()),
+            names::SERVICES => Some(cgroups),
             names::EGRESS_V4 => Some(policy.v4.len()),
             names::EGRESS_V6 => Some(policy.v6.len()),
             names::INGRESS_V4 => Some(policy.ingress_v4.len()),

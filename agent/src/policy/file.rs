@@ -11,6 +11,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "name",
     "description",
     "unit",
+    "user",
     "cgroup",
     "mode",
     "egress",
@@ -28,6 +29,8 @@ pub(crate) struct RawPolicy {
     pub name: Option<Spanned<String>>,
     pub description: Option<String>,
     pub unit: Option<Spanned<String>>,
+    /// The uid whose user manager runs `unit`.
+    pub user: Option<Spanned<i64>>,
     pub cgroup: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
     #[serde(default)]

@@ -9,7 +9,7 @@ use std::{
 use super::{
     error::{PolicyError, PolicyErrors},
     file::{self, RawPolicy},
-    model::{PolicySet, Selector},
+    model::{PolicySet, Selector, Service},
     validate::{self, Checker},
 };
 
@@ -45,6 +45,7 @@ pub type FileText = (PathBuf, std::io::Result<String>);
 /// is exactly what the caller read, hashed and recorded.
 pub fn load_texts(files: Vec<FileText>) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let mut services = Vec::new();
     for (path, read) in &files {
         let file = path.as_path();
@@ -71,6 +72,7 @@ pub fn load_texts(files: Vec<FileText>) -> Result<PolicySet, PolicyErrors> {
             }
         }
         errors.append(&mut checker.errors);
+        warnings.append(&mut checker.warnings);
     }
 
     // Across files: one file per service, one service per cgroup.
@@ -88,29 +90,53 @@ pub fn load_texts(files: Vec<FileText>) -> Result<PolicySet, PolicyErrors> {
                 ),
             ));
         }
-        if let Some((other, first)) = by_cgroup.insert(s.selector.cgroup_path(), (&s.name, &s.file))
+        if let Some((other, first)) = by_cgroup.insert(s.selector.identity(), (&s.name, &s.file))
         {
             cross.push(whole_file_error(
                 &s.file,
                 format!(
                     "{} is already managed by service {other:?} ({}); one cgroup belongs to one service",
-                    describe(&s.selector),
+                    s.selector,
                     first.display()
                 ),
             ));
         }
     }
     errors.extend(cross);
+    warnings.extend(shadowed_units(&services));
 
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(PolicySet { services })
+    Ok(PolicySet { services, warnings })
 }
 
-fn describe(selector: &Selector) -> String {
-    format!("{selector} (cgroup /{})", selector.cgroup_path())
+
+/// A `cgroup` path that is also a unit another policy names: the path is
+/// closer, so that policy never gets the cgroup (`Closeness`).
+fn shadowed_units(services: &[Service]) -> Vec<PolicyError> {
+    let mut out = Vec::new();
+    for s in services {
+        let Selector::Cgroup(path) = &s.selector else {
+            continue;
+        };
+        for other in services.iter().filter(|o| o.name != s.name) {
+            if matches!(other.selector, Selector::Unit(_)) && other.selector.names(path).is_some() {
+                out.push(whole_file_error(
+                    &s.file,
+                    format!(
+                        "cgroup /{path} is also {} of service {:?} ({}); an exact path is closer, so this policy takes it from service {:?}",
+                        other.selector,
+                        other.name,
+                        other.file.display(),
+                        other.name
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn whole_file_error(file: &Path, message: String) -> PolicyError {

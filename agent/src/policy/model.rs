@@ -3,12 +3,18 @@
 
 use std::{fmt, path::PathBuf};
 
+use agent_common::{
+    name_hash, unit_of_path, UnitKey, SYSTEM_MANAGER, UNIT_EXACT, UNIT_TEMPLATE,
+};
 use ipnetwork::IpNetwork;
 
 /// Every managed service, sorted by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pub services: Vec<Service>,
+    /// Accepted, but probably not what was meant: `bulkhead check` prints
+    /// them, the agent logs them.
+    pub warnings: Vec<super::PolicyError>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,26 +104,85 @@ pub struct IngressRule {
 /// How a service is found in the cgroup tree.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Selector {
-    /// A systemd unit, living at `system.slice/<unit>`.
-    Unit(String),
+    /// A systemd unit (or every instance of a template), found by name
+    /// wherever systemd puts its cgroup (see `agent_common::unit`).
+    Unit(UnitName),
     /// A cgroup path relative to the cgroup2 mount, without a leading `/`.
     Cgroup(String),
 }
 
-impl Selector {
-    /// The cgroup's path relative to the cgroup2 mount.
-    pub fn cgroup_path(&self) -> String {
-        match self {
-            Selector::Unit(unit) => format!("system.slice/{unit}"),
-            Selector::Cgroup(path) => path.clone(),
+/// `unit = "..."`, with `user = UID` for a unit of that user's manager.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UnitName {
+    pub name: String,
+    pub user: Option<u32>,
+}
+
+/// How closely a selector names a cgroup: when several do, the closest
+/// owns it (the kernel's cgroup_mkdir watcher looks in this order too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Closeness {
+    Template,
+    Unit,
+    Path,
+}
+
+impl UnitName {
+    /// `foo@.service`: names every instance.
+    pub fn is_template(&self) -> bool {
+        self.name
+            .split_once('@')
+            .is_some_and(|(_, rest)| rest.starts_with('.'))
+    }
+
+    /// Its key in the kernel's UNIT_NAMES map.
+    pub fn key(&self) -> UnitKey {
+        UnitKey {
+            manager: self.user.unwrap_or(SYSTEM_MANAGER),
+            kind: if self.is_template() {
+                UNIT_TEMPLATE
+            } else {
+                UNIT_EXACT
+            },
+            hash: name_hash(self.name.as_bytes()),
         }
+    }
+}
+
+impl Selector {
+    /// Whether the cgroup at `path` (relative to the mount, no leading `/`)
+    /// is this service's own cgroup, and how closely it is named.
+    pub fn names(&self, path: &str) -> Option<Closeness> {
+        match self {
+            Selector::Cgroup(p) => (p == path).then_some(Closeness::Path),
+            Selector::Unit(u) => {
+                let found = unit_of_path(format!("/{path}").as_bytes())?;
+                let key = u.key();
+                if found.manager != key.manager {
+                    return None;
+                }
+                match key.kind {
+                    UNIT_TEMPLATE => (found.template == Some(key.hash)).then_some(Closeness::Template),
+                    _ => (found.exact == key.hash).then_some(Closeness::Unit),
+                }
+            }
+        }
+    }
+
+    /// What names one cgroup: two services may not share it.
+    pub fn identity(&self) -> String {
+        self.to_string()
     }
 }
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Selector::Unit(unit) => write!(f, "unit {unit}"),
+            Selector::Unit(UnitName { name, user: None }) => write!(f, "unit {name}"),
+            Selector::Unit(UnitName {
+                name,
+                user: Some(uid),
+            }) => write!(f, "unit {name} of user {uid}"),
             Selector::Cgroup(path) => write!(f, "cgroup /{path}"),
         }
     }

@@ -46,8 +46,17 @@ protocol = "tcp"
     assert_eq!(set.services.len(), 1);
     let s = &set.services[0];
     assert_eq!(s.name, "billing");
-    assert_eq!(s.selector, Selector::Unit("billing.service".into()));
-    assert_eq!(s.selector.cgroup_path(), "system.slice/billing.service");
+    assert_eq!(
+        s.selector,
+        Selector::Unit(UnitName {
+            name: "billing.service".into(),
+            user: None
+        })
+    );
+    assert_eq!(
+        s.selector.names("system.slice/billing.service"),
+        Some(Closeness::Unit)
+    );
     assert_eq!(s.mode, Mode::Enforce);
     let rule = &s.egress[0];
     assert_eq!(rule.line, 5);
@@ -72,7 +81,7 @@ fn omitted_ports_and_protocol_mean_all_and_any() {
     let set = load_dir(dir.path()).expect("valid policy");
     let s = &set.services[0];
     assert_eq!(s.name, "x");
-    assert_eq!(s.selector.cgroup_path(), "a/b");
+    assert_eq!(s.selector, Selector::Cgroup("a/b".into()));
     assert_eq!(s.mode, Mode::Audit);
     assert_eq!(s.egress[0].ports, [PortRange::ALL]);
     assert_eq!(s.egress[0].protocol, Protocol::Any);
@@ -139,14 +148,83 @@ fn a_service_named_twice_and_a_file_that_is_not_toml_are_errors() {
 fn one_cgroup_cannot_belong_to_two_services() {
     let dir = tempfile::tempdir().expect("tempdir");
     write(&dir, "a.toml", "unit = \"x.service\"\nmode = \"audit\"\n");
+    write(&dir, "b.toml", "unit = \"x.service\"\nmode = \"audit\"\n");
+    write(&dir, "c.toml", "cgroup = \"/y\"\nmode = \"audit\"\n");
+    write(&dir, "d.toml", "cgroup = \"/y/\"\nmode = \"audit\"\n");
+    let errors = errors_of(load_dir(dir.path()));
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].2.contains("already managed by service \"a\""));
+    assert!(errors[1].2.contains("already managed by service \"c\""));
+}
+
+#[test]
+fn a_cgroup_path_that_is_also_a_policys_unit_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "a.toml", "unit = \"x.service\"\nmode = \"audit\"\n");
     write(
         &dir,
         "b.toml",
         "cgroup = \"/system.slice/x.service\"\nmode = \"audit\"\n",
     );
+    let set = load_dir(dir.path()).expect("valid");
+    assert_eq!(set.warnings.len(), 1, "{:#?}", set.warnings);
+    assert!(
+        set.warnings[0].message.contains("takes it from service \"a\""),
+        "{}",
+        set.warnings[0]
+    );
+}
+
+#[test]
+fn templates_user_units_and_names_systemd_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "t.toml", "unit = \"worker@.service\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "u.toml",
+        "unit = \"sync.service\"\nuser = 1000\nmode = \"audit\"\n",
+    );
+    write(&dir, "w.toml", "unit = \"@.service\"\nmode = \"audit\"\n");
+    write(&dir, "x.toml", "unit = \"a\\\\q.service\"\nmode = \"audit\"\n");
+    let set = load_dir(dir.path()).expect("valid");
+    let t = &set.services[0];
+    let Selector::Unit(u) = &t.selector else {
+        panic!("{:?}", t.selector)
+    };
+    assert!(u.is_template());
+    assert_eq!(
+        t.selector
+            .names("system.slice/system-worker.slice/worker@7.service"),
+        Some(Closeness::Template)
+    );
+    assert_eq!(t.selector.names("system.slice/worker.service"), None);
+    let user = &set.services[1];
+    assert_eq!(
+        user.selector
+            .names("user.slice/user-1000.slice/user@1000.service/app.slice/sync.service"),
+        Some(Closeness::Unit)
+    );
+    assert_eq!(user.selector.names("system.slice/sync.service"), None);
+    let warned: Vec<String> = set.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warned.len(), 2, "{warned:#?}");
+    assert!(warned[0].contains("w.toml:1:8: unit \"@.service\": the name before `@` is empty"));
+    assert!(warned[1].contains("x.toml:1:8:") && warned[1].contains("backslash"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir, "a.toml", "user = 5\ncgroup = \"/a\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "b.toml",
+        "unit = \"b.service\"\nuser = -1\nmode = \"audit\"\n",
+    );
+    let long = format!("cgroup = \"/{}\"\nmode = \"audit\"\n", "d".repeat(255));
+    write(&dir, "c.toml", &long);
     let errors = errors_of(load_dir(dir.path()));
-    assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert!(errors[0].2.contains("already managed by service \"a\""));
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors[0].2.contains("`user` names the user manager of a `unit`"));
+    assert!(errors[1].2.contains("user -1 is not a uid"));
+    assert_eq!(errors[2].1, 1);
+    assert!(errors[2].2.contains("holds paths of at most 255 bytes"));
 }
 
 #[test]

@@ -15,7 +15,7 @@ use super::{
     file::{RawBind, RawEgress, RawIngress, RawPolicy, RawPort},
     model::{
         BindPolicy, EgressRule, IngressRule, Mode, PortRange, Protocol, Selector, Service,
-        SocketProtocol, SocketsPolicy,
+        SocketProtocol, SocketsPolicy, UnitName,
     },
 };
 
@@ -24,6 +24,8 @@ pub(crate) struct Checker<'a> {
     file: &'a Path,
     positions: Positions<'a>,
     pub errors: Vec<PolicyError>,
+    /// Accepted, but probably not what was meant (`bulkhead check` shows them).
+    pub warnings: Vec<PolicyError>,
 }
 
 impl<'a> Checker<'a> {
@@ -32,7 +34,18 @@ impl<'a> Checker<'a> {
             file,
             positions: Positions::new(text),
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    pub(crate) fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = self.positions.at(span.start);
+        self.warnings.push(PolicyError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        });
     }
 
     pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
@@ -70,8 +83,14 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         }
     };
 
+    if let (Some(user), None) = (&raw.user, &raw.unit) {
+        c.error(
+            user.span(),
+            "`user` names the user manager of a `unit`; it needs `unit = \"name.service\"`",
+        );
+    }
     let selector = match (&raw.unit, &raw.cgroup) {
-        (Some(unit), None) => check_unit(c, unit),
+        (Some(unit), None) => check_unit(c, unit, raw.user.as_ref()),
         (None, Some(cgroup)) => check_cgroup(c, cgroup),
         (Some(_), Some(cgroup)) => {
             c.error(
@@ -167,12 +186,17 @@ fn check_name(c: &mut Checker<'_>, name: &str, span: Range<usize>, what: &str) {
     }
 }
 
-fn check_unit(c: &mut Checker<'_>, unit: &Spanned<String>) -> Option<Selector> {
+fn check_unit(
+    c: &mut Checker<'_>,
+    unit: &Spanned<String>,
+    user: Option<&Spanned<i64>>,
+) -> Option<Selector> {
     let u = unit.get_ref();
     let valid_chars = u
         .chars()
         .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, ':' | '-' | '_' | '.' | '\\' | '@'));
     let suffix_ok = u.ends_with(".service") || u.ends_with(".scope");
+    // systemd's UNIT_NAME_MAX is 256 with the NUL.
     if !valid_chars || !suffix_ok || u.len() > 255 || u.starts_with('.') {
         c.error(
             unit.span(),
@@ -182,7 +206,56 @@ fn check_unit(c: &mut Checker<'_>, unit: &Spanned<String>) -> Option<Selector> {
         );
         return None;
     }
-    Some(Selector::Unit(u.clone()))
+    for problem in systemd_would_refuse(u) {
+        c.warn(
+            unit.span(),
+            format!("unit {u:?}: {problem}; no unit can have this name, so the policy would wait forever"),
+        );
+    }
+    let user = match user {
+        None => None,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(uid) if uid != u32::MAX => Some(uid),
+            _ => {
+                c.error(
+                    v.span(),
+                    format!("user {} is not a uid (0 to 4294967294)", v.get_ref()),
+                );
+                return None;
+            }
+        },
+    };
+    Some(Selector::Unit(UnitName {
+        name: u.clone(),
+        user,
+    }))
+}
+
+/// What systemd's own unit name check would object to in a name made of
+/// valid characters with a `.service`/`.scope` suffix.
+fn systemd_would_refuse(name: &str) -> Vec<&'static str> {
+    let mut problems = Vec::new();
+    let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
+    let prefix = stem.split_once('@').map_or(stem, |(prefix, _)| prefix);
+    if prefix.is_empty() {
+        problems.push("the name before `@` is empty");
+    }
+    if name.ends_with(".scope") && name.contains("@.") {
+        problems.push("a scope is never an instance of a template");
+    }
+    let mut rest = name;
+    while let Some(at) = rest.find('\\') {
+        let esc = &rest[at..];
+        let hex = esc.len() >= 4
+            && esc.as_bytes()[1] == b'x'
+            && esc.as_bytes()[2..4].iter().all(u8::is_ascii_hexdigit);
+        if !hex {
+            problems.push("a backslash that is not a `\\xNN` escape");
+            break;
+        }
+        rest = &esc[4..];
+    }
+    problems
 }
 
 fn check_cgroup(c: &mut Checker<'_>, cgroup: &Spanned<String>) -> Option<Selector> {
@@ -211,6 +284,19 @@ fn check_cgroup(c: &mut Checker<'_>, cgroup: &Spanned<String>) -> Option<Selecto
         c.error(
             cgroup.span(),
             format!("cgroup {p:?} has an empty, `.` or `..` component"),
+        );
+        return None;
+    }
+    // The kernel's watcher reads `/path` and its NUL into CGROUP_PATH_MAX
+    // bytes: a longer path would be managed only from the next rescan.
+    if rel.len() + 2 > agent_common::CGROUP_PATH_MAX {
+        c.error(
+            cgroup.span(),
+            format!(
+                "cgroup {p:?} is {} bytes; the kernel's cgroup watcher holds paths of at most {} bytes, so a longer one could run unmanaged until the next rescan",
+                rel.len() + 1,
+                agent_common::CGROUP_PATH_MAX - 1
+            ),
         );
         return None;
     }

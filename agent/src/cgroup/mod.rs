@@ -1,5 +1,7 @@
-//! The cgroup2 hierarchy: where it is mounted and which id a service's
-//! cgroup has.
+//! The cgroup2 hierarchy: where it is mounted, which id a service's
+//! cgroup has, and where systemd's units are (`units`).
+
+pub mod units;
 
 use std::{
     fs,
