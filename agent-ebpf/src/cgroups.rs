@@ -7,11 +7,16 @@
 
 use agent_common::{UnitKey, UnitPathScan, CGROUP_PATH_MAX, UNIT_EXACT, UNIT_TEMPLATE};
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint, programs::TracePointContext,
+    cty::c_void,
+    helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_loop},
+    macros::tracepoint,
+    programs::TracePointContext,
     EbpfContext,
 };
 
-use crate::maps::{PATH_SCRATCH, SERVICES, SERVICE_PATHS, UNIT_NAMES};
+use core::ptr::{read_volatile, write_volatile};
+
+use crate::maps::{PATH_SCRATCH, SERVICES, SERVICE_PATHS, UNIT_NAMES, UNIT_SCAN};
 
 // Offsets in the cgroup:cgroup_mkdir and cgroup_rmdir records (their
 // format files): int root @8, int level @12, u64 id @16,
@@ -52,6 +57,20 @@ fn try_cgroup_rmdir(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// bpf_loop's callback: feeds byte `index` of the path to the scan.
+#[inline(never)]
+extern "C" fn scan_byte(index: u64, _ctx: *mut c_void) -> i64 {
+    let (Some(buf), Some(state)) = (PATH_SCRATCH.get_ptr(0), UNIT_SCAN.get_ptr_mut(0)) else {
+        return 1; // stop
+    };
+    // SAFETY: our per-CPU scratch values; the index is masked into range.
+    unsafe {
+        let byte = (*buf)[(index as usize) & (CGROUP_PATH_MAX - 1)];
+        (*state).push(byte);
+    }
+    0
+}
+
 #[inline(always)]
 fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(id) = cgroup2_id(ctx)? else {
@@ -85,12 +104,23 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // A `unit = "..."` service: by the unit's name, wherever its slices
     // put it (agent_common::unit, the rule the daemon applies too).
-    let mut scan = UnitPathScan::new();
-    let mut i = 0;
-    while i < CGROUP_PATH_MAX {
-        scan.push(buf[i]);
-        i += 1;
-    }
+    // One byte per bpf_loop() callback, the scan's state in map memory:
+    // the verifier checks the callback once, not 256 unrolled iterations
+    // (whose small constants, lengths and flags, made every iteration's
+    // states distinct: over a million instructions).
+    let state = UNIT_SCAN.get_ptr_mut(0).ok_or(0)?;
+    // SAFETY: our per-CPU scratch value.
+    unsafe { write_volatile(state, UnitPathScan::new()) };
+    // SAFETY: a static callback of the signature bpf_loop expects, no context.
+    unsafe {
+        bpf_loop(
+            CGROUP_PATH_MAX as u32,
+            scan_byte as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let scan = unsafe { read_volatile(state) };
     let Some(unit) = scan.finish() else {
         return Ok(());
     };

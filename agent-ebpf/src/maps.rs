@@ -4,7 +4,7 @@
 
 use agent_common::{
     LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey,
-    CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES,
+    UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES,
     DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS, MAX_HELD_SOCKETS,
     UDP_PEERS_PER_SERVICE,
 };
@@ -70,6 +70,10 @@ pub static SERVICE_PATHS: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> =
 #[map(name = "UNIT_NAMES")]
 pub static UNIT_NAMES: HashMap<UnitKey, ServiceEntry> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// The cgroup_mkdir watcher's scan of a path (see cgroups.rs).
+#[map(name = "UNIT_SCAN")]
+pub static UNIT_SCAN: PerCpuArray<UnitPathScan> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "PATH_SCRATCH")]
 pub static PATH_SCRATCH: PerCpuArray<[u8; CGROUP_PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);

@@ -120,9 +120,11 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let (mut adds, removes): (Vec<Change>, Vec<Change>) = changes
         .into_iter()
         .partition(|c| matches!(c, Change::Add { .. }));
-    adds.extend(removes.into_iter().filter(
-        |c| !matches!(c, Change::Remove { cgroup_id } if added.contains(cgroup_id)),
-    ));
+    adds.extend(
+        removes
+            .into_iter()
+            .filter(|c| !matches!(c, Change::Remove { cgroup_id } if added.contains(cgroup_id))),
+    );
     adds
 }
 

@@ -74,8 +74,18 @@ const SYSTEM_SLICE: &str = "system.slice";
 pub struct CgroupGuard {
     root: PathBuf,
     path: PathBuf,
-    /// `system.slice`, if this guard had to create it (removed last, if empty).
-    made_parent: Option<PathBuf>,
+    /// Parents this guard had to create (`system.slice`, slices of
+    /// [`Self::at`]), deepest first: removed after it, if empty.
+    made_parents: Vec<PathBuf>,
+}
+
+/// A name no other test (of this run or another) uses:
+/// `<stem>-<pid>-<n>`.
+#[must_use]
+pub fn unique_name(stem: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{stem}-{}-{n}", std::process::id())
 }
 
 impl CgroupGuard {
@@ -94,34 +104,62 @@ impl CgroupGuard {
         Self::create(SYSTEM_SLICE, ".service")
     }
 
+    /// Creates the cgroup `rel` (relative to the cgroup2 mount, e.g.
+    /// `"system.slice/system-x.slice/x@a.service"`), making its missing
+    /// parents, as systemd does for units in other slices (`Slice=`,
+    /// template instances, user managers). Panics if `rel` exists.
+    #[must_use]
+    pub fn at(rel: &str) -> Self {
+        let root = cgroup2_mount();
+        let path = root.join(rel);
+        let mut made_parents = Vec::new();
+        let mut dir = root.clone();
+        if let Some(parent) = Path::new(rel).parent() {
+            for part in parent.components() {
+                dir.push(part);
+                match fs::create_dir(&dir) {
+                    Ok(()) => made_parents.insert(0, dir.clone()),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => panic!("cannot create cgroup {}: {e}", dir.display()),
+                }
+            }
+        }
+        let guard = Self {
+            root,
+            path,
+            made_parents,
+        };
+        fs::create_dir(&guard.path)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", guard.path.display()));
+        guard
+    }
+
     fn create(parent: &str, suffix: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let root = cgroup2_mount();
         let dir = if parent.is_empty() {
             root.clone()
         } else {
             root.join(parent)
         };
-        let made_parent = match fs::create_dir(&dir) {
-            Ok(()) => Some(dir.clone()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+        let made_parents = match fs::create_dir(&dir) {
+            Ok(()) => vec![dir.clone()],
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Vec::new(),
             Err(e) => panic!("cannot create cgroup {}: {e}", dir.display()),
         };
         loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = dir.join(format!("bulkhead-test-{}-{n}{suffix}", std::process::id()));
+            let path = dir.join(format!("{}{suffix}", unique_name("bulkhead-test")));
             match fs::create_dir(&path) {
                 Ok(()) => {
                     return Self {
                         root,
                         path,
-                        made_parent,
+                        made_parents,
                     }
                 }
                 // Left over by an earlier run that reused our pid: take the next n.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
-                    if let Some(made) = &made_parent {
+                    for made in &made_parents {
                         let _ = fs::remove_dir(made);
                     }
                     panic!("cannot create cgroup {}: {e}", path.display());
@@ -237,7 +275,7 @@ impl Drop for CgroupGuard {
             );
         }
         // Only if empty: another test run may have its own unit in there.
-        if let Some(made) = &self.made_parent {
+        for made in &self.made_parents {
             let _ = fs::remove_dir(made);
         }
     }

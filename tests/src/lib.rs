@@ -28,10 +28,10 @@ pub mod server;
 pub mod sysctl;
 
 pub use bpf::ProgSnapshot;
-pub use cgroup::{cgroup2_mount, CgroupGuard};
+pub use cgroup::{cgroup2_mount, unique_name, CgroupGuard};
 pub use daemon::{bulkhead, bulkhead_bin, detach_command, Daemon};
 pub use netns::NetnsGuard;
-pub use policy::{service_policy, Egress, Ingress, PolicyDir};
+pub use policy::{service_policy, unit_policy, Egress, Ingress, PolicyDir};
 pub use ports::free_port_block;
 pub use probe::{Listener, Outcome, Probe, Proto};
 pub use require::require_bpf;

@@ -229,3 +229,18 @@ pub fn policy_with(cgroup: &CgroupGuard, mode: &str, tables: &[&dyn Display]) ->
     }
     text
 }
+
+/// A policy for the systemd unit `unit` (of user `user`'s manager when
+/// given) in `mode`, with these egress rules.
+#[must_use]
+pub fn unit_policy(unit: &str, user: Option<u32>, mode: &str, rules: &[Egress]) -> String {
+    let user = user
+        .map(|uid| format!("user = {uid}\n"))
+        .unwrap_or_default();
+    let mut text = format!("unit = {unit:?}\nmode = {mode:?}\n{user}");
+    for rule in rules {
+        text.push('\n');
+        text.push_str(&rule.to_string());
+    }
+    text
+}

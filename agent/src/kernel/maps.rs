@@ -1,8 +1,8 @@
 //! Writing a compiled policy into the kernel maps.
 
 use agent_common::{
-    maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED,
-    CGROUP_PATH_MAX, SOCKETS_ICMP, UnitKey,
+    maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, UnitKey, ACTIVE_ICMP, ACTIVE_MANAGED,
+    CGROUP_PATH_MAX, SOCKETS_ICMP,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},

@@ -259,7 +259,13 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
 }
 
 fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
-    let in_state = |state: &str| inventory.services.iter().filter(|s| s.state == state).count();
+    let in_state = |state: &str| {
+        inventory
+            .services
+            .iter()
+            .filter(|s| s.state == state)
+            .count()
+    };
     gauges(
         enc,
         "bulkhead_services",

@@ -20,7 +20,6 @@ mod state;
 pub use collector::{registry, render, Format};
 pub use http::{Endpoint, MetricsError, MetricsServer};
 pub use state::{
-    ServiceStatus,
     map_capacities, CounterSource, Inventory, MapUsage, MetricsState, ServiceMeta, ServiceMode,
-    VerdictCounts,
+    ServiceStatus, VerdictCounts,
 };

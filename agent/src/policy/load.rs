@@ -90,8 +90,7 @@ pub fn load_texts(files: Vec<FileText>) -> Result<PolicySet, PolicyErrors> {
                 ),
             ));
         }
-        if let Some((other, first)) = by_cgroup.insert(s.selector.identity(), (&s.name, &s.file))
-        {
+        if let Some((other, first)) = by_cgroup.insert(s.selector.identity(), (&s.name, &s.file)) {
             cross.push(whole_file_error(
                 &s.file,
                 format!(
@@ -111,7 +110,6 @@ pub fn load_texts(files: Vec<FileText>) -> Result<PolicySet, PolicyErrors> {
     services.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(PolicySet { services, warnings })
 }
-
 
 /// A `cgroup` path that is also a unit another policy names: the path is
 /// closer, so that policy never gets the cgroup (`Closeness`).

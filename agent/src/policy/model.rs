@@ -3,9 +3,7 @@
 
 use std::{fmt, path::PathBuf};
 
-use agent_common::{
-    name_hash, unit_of_path, UnitKey, SYSTEM_MANAGER, UNIT_EXACT, UNIT_TEMPLATE,
-};
+use agent_common::{name_hash, unit_of_path, UnitKey, SYSTEM_MANAGER, UNIT_EXACT, UNIT_TEMPLATE};
 use ipnetwork::IpNetwork;
 
 /// Every managed service, sorted by name.
@@ -162,7 +160,9 @@ impl Selector {
                     return None;
                 }
                 match key.kind {
-                    UNIT_TEMPLATE => (found.template == Some(key.hash)).then_some(Closeness::Template),
+                    UNIT_TEMPLATE => {
+                        (found.template == Some(key.hash)).then_some(Closeness::Template)
+                    }
                     _ => (found.exact == key.hash).then_some(Closeness::Unit),
                 }
             }

@@ -169,7 +169,9 @@ fn a_cgroup_path_that_is_also_a_policys_unit_is_warned_about() {
     let set = load_dir(dir.path()).expect("valid");
     assert_eq!(set.warnings.len(), 1, "{:#?}", set.warnings);
     assert!(
-        set.warnings[0].message.contains("takes it from service \"a\""),
+        set.warnings[0]
+            .message
+            .contains("takes it from service \"a\""),
         "{}",
         set.warnings[0]
     );
@@ -178,14 +180,22 @@ fn a_cgroup_path_that_is_also_a_policys_unit_is_warned_about() {
 #[test]
 fn templates_user_units_and_names_systemd_refuses() {
     let dir = tempfile::tempdir().expect("tempdir");
-    write(&dir, "t.toml", "unit = \"worker@.service\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "t.toml",
+        "unit = \"worker@.service\"\nmode = \"audit\"\n",
+    );
     write(
         &dir,
         "u.toml",
         "unit = \"sync.service\"\nuser = 1000\nmode = \"audit\"\n",
     );
     write(&dir, "w.toml", "unit = \"@.service\"\nmode = \"audit\"\n");
-    write(&dir, "x.toml", "unit = \"a\\\\q.service\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "x.toml",
+        "unit = \"a\\\\q.service\"\nmode = \"audit\"\n",
+    );
     let set = load_dir(dir.path()).expect("valid");
     let t = &set.services[0];
     let Selector::Unit(u) = &t.selector else {
@@ -211,7 +221,11 @@ fn templates_user_units_and_names_systemd_refuses() {
     assert!(warned[1].contains("x.toml:1:8:") && warned[1].contains("backslash"));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    write(&dir, "a.toml", "user = 5\ncgroup = \"/a\"\nmode = \"audit\"\n");
+    write(
+        &dir,
+        "a.toml",
+        "user = 5\ncgroup = \"/a\"\nmode = \"audit\"\n",
+    );
     write(
         &dir,
         "b.toml",
@@ -221,7 +235,9 @@ fn templates_user_units_and_names_systemd_refuses() {
     write(&dir, "c.toml", &long);
     let errors = errors_of(load_dir(dir.path()));
     assert_eq!(errors.len(), 3, "{errors:#?}");
-    assert!(errors[0].2.contains("`user` names the user manager of a `unit`"));
+    assert!(errors[0]
+        .2
+        .contains("`user` names the user manager of a `unit`"));
     assert!(errors[1].2.contains("user -1 is not a uid"));
     assert_eq!(errors[2].1, 1);
     assert!(errors[2].2.contains("holds paths of at most 255 bytes"));
