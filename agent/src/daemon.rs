@@ -158,16 +158,7 @@ async fn serve(plan: Plan) -> Result<()> {
     for s in tracker.services.iter().filter(|s| s.cgroup_id.is_none()) {
         warn!(service = %s.name, cgroup = %s.cgroup_path, "cgroup does not exist yet; the service is managed as soon as it appears");
     }
-    let resolved: Vec<ResolvedService> = tracker
-        .services
-        .iter()
-        .filter_map(|s| {
-            s.cgroup_id.map(|cgroup_id| ResolvedService {
-                cgroup_id,
-                entry: s.entry,
-            })
-        })
-        .collect();
+    let resolved = resolved_services(&tracker);
     crate::notify::status("starting: loading the eBPF programs");
     let mut enforcer = Enforcer::load(
         &compiled,
@@ -210,6 +201,21 @@ async fn serve(plan: Plan) -> Result<()> {
         .context("cannot poll the event ring buffer")?;
 
     let coverage = enforcer.attach(&mount, Some(&staging))?;
+    // A managed cgroup made between the rescan above and the attach of our
+    // cgroup_mkdir program is in none of our maps (a previous agent's
+    // program, still attached, put it in its own). Ours watches now, so one
+    // more rescan finds every such cgroup, and the tracepoint every later
+    // one. Before the take-over: the previous programs, which enforce on it
+    // meanwhile, are detached only once ours do too.
+    let late = tracker.rescan();
+    if !late.is_empty() {
+        enforcer.apply_service_changes(&late)?;
+        info!(
+            changes = late.len(),
+            "cgroups of managed services made or removed while the agent started are now enforced"
+        );
+    }
+    let resolved = resolved_services(&tracker);
     crate::takeover::save_names(&config.state_dir, &Names::from_policy(&compiled));
     match &coverage.cgroup_creation_reason {
         None => info!("new cgroups of managed services are enforced from their creation (cgroup_mkdir tracepoint)"),
@@ -401,6 +407,20 @@ fn watch_policy_dir(dir: &std::path::Path) -> Result<inotify::EventStream<[u8; 4
     inotify
         .into_event_stream([0u8; 4096])
         .context("cannot read inotify events")
+}
+
+/// The services whose cgroup exists, as the kernel maps take them.
+fn resolved_services(tracker: &ServiceTracker) -> Vec<ResolvedService> {
+    tracker
+        .services
+        .iter()
+        .filter_map(|s| {
+            s.cgroup_id.map(|cgroup_id| ResolvedService {
+                cgroup_id,
+                entry: s.entry,
+            })
+        })
+        .collect()
 }
 
 fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
