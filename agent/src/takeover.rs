@@ -123,7 +123,7 @@ fn count_left(ring: &mut RingBuf<MapData>, deadline: Instant) -> u64 {
     let mut left = 0u64;
     while ring.next().is_some() {
         left += 1;
-        if left % 4096 == 0 && Instant::now() >= deadline {
+        if left.is_multiple_of(4096) && Instant::now() >= deadline {
             warn!(left, "the previous ring buffer is still being written after the detach; counting stopped");
             break;
         }

@@ -15,12 +15,13 @@ use std::{
 use agent_common::{counter_slot, DIRECTION_EGRESS, PROTO_UDP, VERDICT_AUDIT};
 use integration_tests::{
     addr,
-    bpf::{bulkhead_progs, wait_unloaded, PinnedPerCpuArray},
+    bpf::{bulkhead_progs, wait_unloaded},
     conn::{monotonic_ns, Attempt, Conn, Verdict},
     control::{status, status_service, wait_status, SharedPins},
     events::events,
     free_port_block,
     http::{metrics_addr, sample_count, scrape},
+    pinned_map::PinnedPerCpuArray,
     process::signal,
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
     ProgSnapshot, Proto, EPERM,
@@ -452,38 +453,7 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
     );
 
     let old = old_counters.sum_u64(slot);
-    let metrics = metrics_addr(&second);
-    let judged = [
-        ("service", "flood"),
-        ("direction", "egress"),
-        ("protocol", "udp"),
-        ("verdict", "audit"),
-    ];
-    let lost_sources = [
-        "kernel_ringbuf_verdict",
-        "while_agent_down",
-        "takeover_drain",
-        "decode",
-    ];
-    let deadline = Instant::now() + CATCH_UP;
-    let (new, received, lost) = loop {
-        let samples = scrape(metrics);
-        let count = |name: &str, labels: &[(&str, &str)]| {
-            sample_count(&samples, name, labels)
-                .unwrap_or_else(|| panic!("no {name}{labels:?} in the metrics"))
-        };
-        let new = count("bulkhead_connections_total", &judged);
-        let received = count("bulkhead_events_received_total", &[("type", "verdict")]);
-        let lost: Vec<(&str, u64)> = lost_sources
-            .iter()
-            .map(|s| (*s, count("bulkhead_events_lost_total", &[("source", s)])))
-            .collect();
-        let accounted = received + lost.iter().map(|(_, n)| n).sum::<u64>();
-        if accounted == old + new || Instant::now() >= deadline {
-            break (new, received, lost);
-        }
-        thread::sleep(Duration::from_millis(200));
-    };
+    let (new, received, lost) = wait_accounted(&second, old);
     let lost_sum: u64 = lost.iter().map(|(_, n)| n).sum();
     eprintln!(
         "take-over under a flood: {} connects in {:?}; READY {ready_in:?} after start; judged \
@@ -503,4 +473,42 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
         "every event the two programs made ({old} + {new}) is received or counted lost \
          ({received} received, lost {lost:?}):\n{log}"
     );
+}
+
+/// The second agent's (decisions counted, verdict events received, losses by
+/// source), once received + losses = `old` + decisions (or after
+/// [`CATCH_UP`], as they then are).
+fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u64)>) {
+    let metrics = metrics_addr(second);
+    let judged = [
+        ("service", "flood"),
+        ("direction", "egress"),
+        ("protocol", "udp"),
+        ("verdict", "audit"),
+    ];
+    let lost_sources = [
+        "kernel_ringbuf_verdict",
+        "while_agent_down",
+        "takeover_drain",
+        "decode",
+    ];
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let samples = scrape(metrics);
+        let count = |name: &str, labels: &[(&str, &str)]| {
+            sample_count(&samples, name, labels)
+                .unwrap_or_else(|| panic!("no {name}{labels:?} in the metrics"))
+        };
+        let new = count("bulkhead_connections_total", &judged);
+        let received = count("bulkhead_events_received_total", &[("type", "verdict")]);
+        let lost: Vec<(&str, u64)> = lost_sources
+            .iter()
+            .map(|s| (*s, count("bulkhead_events_lost_total", &[("source", s)])))
+            .collect();
+        let accounted = received + lost.iter().map(|(_, n)| n).sum::<u64>();
+        if accounted == old + new || Instant::now() >= deadline {
+            break (new, received, lost);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
 }
