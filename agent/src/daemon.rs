@@ -161,16 +161,7 @@ async fn serve(plan: Plan) -> Result<()> {
     for s in tracker.services.iter().filter(|s| s.cgroups.is_empty()) {
         warn!(service = %s.name, "{}; the service is managed as soon as its cgroup appears", s.explain(&mount));
     }
-    let resolved: Vec<ResolvedService> = tracker
-        .services
-        .iter()
-        .flat_map(|s| {
-            s.cgroups.iter().map(|c| ResolvedService {
-                cgroup_id: c.id,
-                entry: s.entry,
-            })
-        })
-        .collect();
+    let resolved = resolved_services(&tracker);
     crate::notify::status("starting: loading the eBPF programs");
     let mut enforcer = Enforcer::load(
         &compiled,
@@ -215,6 +206,21 @@ async fn serve(plan: Plan) -> Result<()> {
         .context("cannot poll the event ring buffer")?;
 
     let coverage = enforcer.attach(&mount, Some(&staging))?;
+    // A managed cgroup made between the rescan above and the attach of our
+    // cgroup_mkdir program is in none of our maps (a previous agent's
+    // program, still attached, put it in its own). Ours watches now, so one
+    // more rescan finds every such cgroup, and the tracepoint every later
+    // one. Before the take-over: the previous programs, which enforce on it
+    // meanwhile, are detached only once ours do too.
+    let late = tracker.rescan();
+    if !late.is_empty() {
+        let failed = enforcer.apply_service_changes(&late)?;
+        tracker.applied(&failed);
+        info!(
+            changes = late.len(),
+            "cgroups of managed services made or removed while the agent started are now enforced"
+        );
+    }
     crate::takeover::save_names(&config.state_dir, &Names::from_policy(&compiled));
     match &coverage.cgroup_creation_reason {
         None => info!("new cgroups of managed services are enforced from their creation (cgroup_mkdir tracepoint)"),
@@ -270,7 +276,11 @@ async fn serve(plan: Plan) -> Result<()> {
 
     let status = format!(
         "enforcing: {} of {} services managed, {} rules, from {}",
-        resolved.len(),
+        tracker
+            .services
+            .iter()
+            .filter(|s| s.state() == crate::services::ServiceState::Managed)
+            .count(),
         set.services.len(),
         compiled.rules.len(),
         policy_dir.display()
@@ -402,6 +412,20 @@ fn watch_policy_dir(dir: &std::path::Path) -> Result<inotify::EventStream<[u8; 4
     inotify
         .into_event_stream([0u8; 4096])
         .context("cannot read inotify events")
+}
+
+/// The services whose cgroup exists, as the kernel maps take them.
+fn resolved_services(tracker: &ServiceTracker) -> Vec<ResolvedService> {
+    tracker
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.cgroups.iter().map(|c| ResolvedService {
+                cgroup_id: c.id,
+                entry: s.entry,
+            })
+        })
+        .collect()
 }
 
 fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>

@@ -5,8 +5,10 @@
 use std::{
     path::Path,
     sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, RingBuf};
 use tracing::{info, warn};
 
 use crate::{
@@ -14,34 +16,132 @@ use crate::{
     kernel::pins,
 };
 
+/// The previous programs keep writing into their ring buffer until they
+/// are detached, so a flood (an audit-mode service, allowed connections:
+/// neither is rate-limited) could keep a drain going for ever and hold the
+/// new agent back from READY. The drain stops after this long or this many
+/// records (about three default ring buffers), whichever comes first; what
+/// is left is counted as lost (`source="takeover_drain"`), not read.
+pub const DRAIN_TIME: Duration = Duration::from_millis(500);
+pub const DRAIN_RECORDS: usize = 150_000;
+/// Decoded events are handed on in batches of this many, so the drain
+/// holds no more than one batch in memory.
+const BATCH: usize = 4096;
+
+/// What a take-over found in the previous ring buffer.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Drained {
+    /// Decoded and published.
+    recovered: u64,
+    /// Undecodable (counted like the reader's decode errors).
+    undecodable: u64,
+    /// Left in the ring when the drain stopped at its bound.
+    left: u64,
+    /// Whether the drain stopped at its bound rather than at an empty ring.
+    bounded: bool,
+}
+
 /// Takes over from a previous agent's pinned programs: reads the events
-/// they left in their ring buffer, counts what they lost while no agent was
-/// reading, then detaches them (ours are already attached: no gap).
+/// they left in their ring buffer (bounded: `DRAIN_TIME`, `DRAIN_RECORDS`),
+/// detaches them (ours are already attached: no gap), then counts what
+/// they dropped and what the drain left, which no longer grows.
 pub fn take_over(previous: pins::Previous, state_dir: &Path, hub: &Hub) {
-    let lost = previous.lost();
-    let mut recovered = 0usize;
-    if let Some(mut ring) = previous.ring() {
+    let mut drained = Drained::default();
+    let mut ring = previous.ring();
+    if let Some(ring) = ring.as_mut() {
         let names = load_names(state_dir).unwrap_or_default();
         let decoder = Decoder::new(Arc::new(names));
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            match decoder.decode(&item) {
-                Some(ev) => batch.push(ev),
-                // Counted like the reader's: never dropped silently.
-                None => {
-                    hub.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        recovered = batch.len();
-        hub.publish(batch);
+        drained = drain(ring, &decoder, hub, Instant::now() + DRAIN_TIME);
     }
+    previous.detach();
+    // A program that was running when its link went away may still commit
+    // a record or count a loss: wait for every such run to end first.
+    quiesce();
+    if let Some(ring) = ring.as_mut() {
+        drained.left = count_left(ring, Instant::now() + DRAIN_TIME);
+    }
+    hub.stats
+        .decode_errors
+        .fetch_add(drained.undecodable, Ordering::Relaxed);
+    hub.stats
+        .lost_takeover_drain
+        .fetch_add(drained.left, Ordering::Relaxed);
+    // Read after the detach, so it includes what they dropped while the
+    // drain ran.
+    let lost = previous.lost();
     hub.stats.lost_while_down.fetch_add(lost, Ordering::Relaxed);
     previous.remove();
-    info!(
-        recovered,
-        lost, "took over from the previous agent's pinned programs"
-    );
+    if drained.bounded {
+        warn!(
+            recovered = drained.recovered,
+            left = drained.left,
+            lost,
+            "took over from the previous agent's pinned programs; their ring buffer was still \
+             filling, the drain stopped at its bound ({} ms or {DRAIN_RECORDS} records) and \
+             the rest is counted as lost (bulkhead_events_lost_total{{source=\"takeover_drain\"}})",
+            DRAIN_TIME.as_millis()
+        );
+    } else {
+        info!(
+            recovered = drained.recovered,
+            lost, "took over from the previous agent's pinned programs"
+        );
+    }
+}
+
+/// Reads and publishes records until the ring is empty, `deadline` passes
+/// or `DRAIN_RECORDS` were read.
+fn drain(ring: &mut RingBuf<MapData>, decoder: &Decoder, hub: &Hub, deadline: Instant) -> Drained {
+    let mut out = Drained::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut read = 0usize;
+    loop {
+        if read >= DRAIN_RECORDS || Instant::now() >= deadline {
+            out.bounded = true;
+            break;
+        }
+        let Some(item) = ring.next() else { break };
+        read += 1;
+        match decoder.decode(&item) {
+            Some(ev) => batch.push(ev),
+            None => out.undecodable += 1,
+        }
+        if batch.len() == BATCH {
+            out.recovered += BATCH as u64;
+            hub.publish(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
+        }
+    }
+    out.recovered += batch.len() as u64;
+    hub.publish(batch);
+    out
+}
+
+/// Counts, without decoding, the records left in a ring nobody writes
+/// into any more. Bounded by `deadline` too, in case a detach failed (it
+/// says so in the log) and the programs still write.
+fn count_left(ring: &mut RingBuf<MapData>, deadline: Instant) -> u64 {
+    let mut left = 0u64;
+    while ring.next().is_some() {
+        left += 1;
+        if left.is_multiple_of(4096) && Instant::now() >= deadline {
+            warn!(left, "the previous ring buffer is still being written after the detach; counting stopped");
+            break;
+        }
+    }
+    left
+}
+
+/// Waits until every BPF program run that began before now has ended:
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period, and
+/// cgroup programs run inside an RCU read-side section. Where membarrier is
+/// refused (nohz_full CPUs), a pause far longer than any program run.
+fn quiesce() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integer arguments and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 const NAMES_FILE: &str = "names.json";

@@ -19,6 +19,7 @@ pub mod events;
 pub mod http;
 pub mod netns;
 pub mod notify;
+pub mod pinned_map;
 pub mod policy;
 pub mod ports;
 pub mod probe;

@@ -493,6 +493,15 @@ impl Probe {
         Flood::parse(&outcome)
     }
 
+    /// Like [`Self::deny_flood`], for `duration` instead of a count: a
+    /// flood that lasts through something else the test does meanwhile.
+    #[must_use]
+    pub fn flood_for(&self, proto: Proto, duration: Duration, addr: SocketAddr) -> Flood {
+        let ms = duration.as_millis().to_string();
+        let outcome = self.run_client(&["deny-flood-for", proto.as_str(), &ms, &addr.to_string()]);
+        Flood::parse(&outcome)
+    }
+
     // Escape suite (pinholes)
 
     /// Starts `bulkhead-probe reflect-late udp` on `addr`: like
@@ -788,6 +797,8 @@ pub struct Flood {
     pub attempts: u64,
     /// How many of them got `EPERM`.
     pub eperm: u64,
+    /// How many went through (audit mode, or allowed).
+    pub connected: u64,
     /// How long the loop took.
     pub elapsed: Duration,
 }
@@ -796,9 +807,10 @@ impl Flood {
     fn parse(outcome: &Outcome) -> Self {
         let value: Value = serde_json::from_str(&outcome.json).unwrap_or_default();
         let field = |name: &str| value.get(name).and_then(Value::as_u64);
-        let (Some(attempts), Some(eperm), Some(ns), true) = (
+        let (Some(attempts), Some(eperm), Some(connected), Some(ns), true) = (
             field("attempts"),
             field("eperm"),
+            field("connected"),
             field("elapsed_ns"),
             outcome.ok,
         ) else {
@@ -809,6 +821,7 @@ impl Flood {
             json: outcome.json.clone(),
             attempts,
             eperm,
+            connected,
             elapsed: Duration::from_nanos(ns),
         }
     }

@@ -5,14 +5,23 @@
 //! Every daemon here runs on one [`SharedPins`] (the same `--pin-dir` and
 //! `--state-dir`), declared before the daemons so that it detaches last.
 
-use std::{ffi::OsString, os::unix::process::ExitStatusExt as _, thread, time::Duration};
+use std::{
+    ffi::OsString,
+    os::unix::process::ExitStatusExt as _,
+    thread,
+    time::{Duration, Instant},
+};
 
+use agent_common::{counter_slot, DIRECTION_EGRESS, PROTO_UDP, VERDICT_AUDIT};
 use integration_tests::{
     addr,
     bpf::{bulkhead_progs, wait_unloaded},
     conn::{monotonic_ns, Attempt, Conn, Verdict},
     control::{status, status_service, wait_status, SharedPins},
     events::events,
+    free_port_block,
+    http::{metrics_addr, sample_count, scrape},
+    pinned_map::PinnedPerCpuArray,
     process::signal,
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
     ProgSnapshot, Proto, EPERM,
@@ -362,5 +371,144 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
         late_client
             .tcp_connect(l.addr())
             .assert_eperm("the service whose cgroup was made while no agent ran");
+    }
+}
+
+/// How long the flood runs: through the second agent's start.
+const FLOOD: Duration = Duration::from_secs(8);
+/// The flood's head start, while no agent runs: far more than fills the
+/// ring buffer (8 MiB, about 50,000 records).
+const HEAD_START: Duration = Duration::from_millis(500);
+/// The second agent must be READY within this under the flood: its usual
+/// start and the take-over's bounded drain (`takeover::DRAIN_TIME` and the
+/// count of what it left), with room for a loaded 2-core machine.
+const READY_UNDER_FLOOD: Duration = Duration::from_secs(6);
+/// How long the second agent's metrics may take to catch up.
+const CATCH_UP: Duration = Duration::from_secs(20);
+
+/// Issue 14, item 4: a new agent takes over from pinned programs that a
+/// flood keeps writing events into (an audit-mode service making UDP
+/// connects as fast as it can: unlike enforce-mode denials these are not
+/// rate-limited, every call is an event). It is READY within a bounded
+/// time, and every event either program made is accounted for: the
+/// decisions both programs counted (the previous agent's COUNTERS, held
+/// open from its pin; the second agent's `bulkhead_connections_total`)
+/// equal the events received plus every loss counted
+/// (`bulkhead_events_lost_total`: kernel ring buffer, while no agent ran,
+/// left by the take-over's bounded drain, undecodable).
+#[test]
+fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[("flood.toml", &service_policy(&svc, "audit", &[]))]);
+    let shared = SharedPins::new();
+    let mut first = start_on(&shared, &policies);
+    let exit = first.stop();
+    assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
+    let slot = counter_slot(DIRECTION_EGRESS, PROTO_UDP, VERDICT_AUDIT);
+    // Service id 0 (the only service, first half).
+    let old_counters = PinnedPerCpuArray::open(
+        &shared
+            .pin_dir()
+            .join("current/maps")
+            .join(agent_common::maps::COUNTERS),
+        8,
+    );
+
+    let client = probe().in_cgroup(svc.path());
+    let target = addr(&format!(
+        "127.0.0.1:{}",
+        free_port_block("127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")), 1)
+    ));
+    let flood_started = Instant::now();
+    let flooding = thread::spawn(move || client.flood_for(Proto::Udp, FLOOD, target));
+    thread::sleep(HEAD_START);
+    let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
+    args.extend(shared.args());
+    let spawned = Instant::now();
+    let mut second = Daemon::spawn_run(&args);
+    second.wait_ready();
+    let ready_in = spawned.elapsed();
+    let ready_at = flood_started.elapsed();
+    let flood = flooding
+        .join()
+        .unwrap_or_else(|_| panic!("the flooding thread panicked"));
+    assert_eq!(
+        flood.connected, flood.attempts,
+        "audit mode: every connect goes through: {}",
+        flood.json
+    );
+    assert!(
+        ready_at < flood.elapsed,
+        "test bug: the flood ({:?}) ended before the second agent was READY ({ready_at:?})",
+        flood.elapsed
+    );
+    let log = second.log();
+    assert!(
+        ready_in <= READY_UNDER_FLOOD,
+        "the second agent took {ready_in:?} to READY under a flood, more than \
+         {READY_UNDER_FLOOD:?}:\n{log}"
+    );
+
+    let old = old_counters.sum_u64(slot);
+    let (new, received, lost) = wait_accounted(&second, old);
+    let lost_sum: u64 = lost.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "take-over under a flood: {} connects in {:?}; READY {ready_in:?} after start; judged \
+         {old} by the previous programs, {new} by the new ones; {received} events received, \
+         lost {lost:?}",
+        flood.attempts, flood.elapsed
+    );
+    assert!(
+        old <= flood.attempts && new <= flood.attempts && old + new >= flood.attempts,
+        "every one of the {} connects is judged by one program or both (previous {old}, new \
+         {new})",
+        flood.attempts
+    );
+    assert_eq!(
+        received + lost_sum,
+        old + new,
+        "every event the two programs made ({old} + {new}) is received or counted lost \
+         ({received} received, lost {lost:?}):\n{log}"
+    );
+}
+
+/// The second agent's (decisions counted, verdict events received, losses by
+/// source), once received + losses = `old` + decisions (or after
+/// [`CATCH_UP`], as they then are).
+fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u64)>) {
+    let metrics = metrics_addr(second);
+    let judged = [
+        ("service", "flood"),
+        ("direction", "egress"),
+        ("protocol", "udp"),
+        ("verdict", "audit"),
+    ];
+    let lost_sources = [
+        "kernel_ringbuf_verdict",
+        "while_agent_down",
+        "takeover_drain",
+        "decode",
+    ];
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let samples = scrape(metrics);
+        let count = |name: &str, labels: &[(&str, &str)]| {
+            sample_count(&samples, name, labels)
+                .unwrap_or_else(|| panic!("no {name}{labels:?} in the metrics"))
+        };
+        let new = count("bulkhead_connections_total", &judged);
+        let received = count("bulkhead_events_received_total", &[("type", "verdict")]);
+        let lost: Vec<(&str, u64)> = lost_sources
+            .iter()
+            .map(|s| (*s, count("bulkhead_events_lost_total", &[("source", s)])))
+            .collect();
+        let accounted = received + lost.iter().map(|(_, n)| n).sum::<u64>();
+        if accounted == old + new || Instant::now() >= deadline {
+            break (new, received, lost);
+        }
+        thread::sleep(Duration::from_millis(200));
     }
 }

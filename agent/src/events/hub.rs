@@ -44,6 +44,9 @@ pub struct EventStats {
     /// Records a previous agent's programs dropped while no agent read
     /// their ring buffer (counted at take-over).
     pub lost_while_down: AtomicU64,
+    /// Records left in a previous agent's ring buffer when the take-over's
+    /// drain stopped at its bound (`takeover::DRAIN_TIME`/`DRAIN_RECORDS`).
+    pub lost_takeover_drain: AtomicU64,
     /// False once the ring buffer consumer has stopped.
     pub consumer_alive: AtomicBool,
     /// Denial events the kernel's rate limit suppressed, by service and

@@ -10,6 +10,8 @@ pub mod pins;
 pub mod preflight;
 mod raw_link;
 pub mod udp_peers;
+#[cfg(test)]
+mod verdict_model;
 
 pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;

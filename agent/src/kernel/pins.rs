@@ -108,6 +108,12 @@ impl Previous {
             .sum()
     }
 
+    /// Detaches the previous programs; their maps stay pinned (and
+    /// readable) until [`Self::remove`].
+    pub fn detach(&self) {
+        detach_links(&self.dir);
+    }
+
     /// Detaches the previous programs and removes their pins.
     pub fn remove(self) {
         remove_pins(&self.dir);
@@ -117,6 +123,26 @@ impl Previous {
 /// Detaches every pinned link under `dir` and removes every pin and
 /// directory there (`bulkhead detach`, and retiring a previous agent).
 pub fn remove_pins(dir: &Path) {
+    detach_links(dir);
+    for entry in fs::read_dir(dir.join("maps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_file(entry.path());
+    }
+    let _ = fs::remove_dir(dir.join("links"));
+    let _ = fs::remove_dir(dir.join("maps"));
+    if let Err(e) = fs::remove_dir(dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), "cannot remove pin directory: {e}");
+        }
+    }
+}
+
+/// Detaches every program pinned as a link under `dir/links` (their maps
+/// stay pinned).
+fn detach_links(dir: &Path) {
     let links = dir.join("links");
     for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
         match PinnedLink::from_pin(entry.path()) {
@@ -131,20 +157,6 @@ pub fn remove_pins(dir: &Path) {
                 warn!(pin = %entry.path().display(), "cannot open pinned link: {e}");
                 let _ = fs::remove_file(entry.path());
             }
-        }
-    }
-    for entry in fs::read_dir(dir.join("maps"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = fs::remove_file(entry.path());
-    }
-    let _ = fs::remove_dir(dir.join("links"));
-    let _ = fs::remove_dir(dir.join("maps"));
-    if let Err(e) = fs::remove_dir(dir) {
-        if e.kind() != io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), "cannot remove pin directory: {e}");
         }
     }
 }

@@ -222,11 +222,15 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             [("source", "while_agent_down")],
             load(&stats.lost_while_down),
         ),
+        (
+            [("source", "takeover_drain")],
+            load(&stats.lost_takeover_drain),
+        ),
     ];
     counters(
         enc,
         "bulkhead_events_lost",
-        "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received), while_agent_down = dropped by the pinned programs while no agent read their ring buffer.",
+        "Events lost, by where: kernel_ringbuf_* = dropped in the kernel (ring buffer full), decode = undecodable record; sink = not written to the decision log, subscriber = missed by a slow live subscriber (both also counted as received), while_agent_down = dropped by the pinned programs while no agent read their ring buffer, takeover_drain = left in a previous agent's ring buffer when the take-over's bounded drain stopped.",
         kernel.chain(userspace),
     )?;
     let suppressed = stats.suppressed();

@@ -292,6 +292,15 @@ impl MetricsState {
             anomalies: std::sync::OnceLock::new(),
             export: std::sync::OnceLock::new(),
         };
+        // The maps are this agent's own, loaded empty: whatever the counters
+        // hold by now (decisions made between the attach and this point,
+        // the whole take-over drain among them) counts, from zero.
+        {
+            let mut ledgers = state.ledgers.lock().unwrap_or_else(PoisonError::into_inner);
+            for s in &inventory.services {
+                ledgers.prepared.insert(s.id, VerdictCounts::default());
+            }
+        }
         state.replace_inventory(inventory);
         state
     }
@@ -502,6 +511,32 @@ mod tests {
             ],
             maps: Vec::new(),
         }
+    }
+
+    /// Decisions the agent's own programs made before its metrics were set
+    /// up (during a take-over's drain: seconds under a flood) count too:
+    /// found by the take-over flood test, where the metric fell short of the
+    /// events received by exactly those.
+    #[test]
+    fn decisions_made_before_the_metrics_were_set_up_count() {
+        let kernel: Arc<Mutex<BTreeMap<u32, VerdictCounts>>> = Arc::default();
+        for (id, n) in [(0, 61_723), (1, 0)] {
+            let mut counts = [0; SLOTS];
+            counts[slot(VERDICT_DENY)] = n;
+            kernel.lock().expect("not poisoned").insert(id, counts);
+        }
+        let fake = Fake {
+            verdicts: Arc::clone(&kernel),
+            lost: [0; 3],
+        };
+        let state = MetricsState::new(fake, Arc::default(), inventory(0, 1));
+        let denied = |name: &str| {
+            state
+                .service_counts(name)
+                .expect("known service")
+                .expect("readable")[slot(VERDICT_DENY)]
+        };
+        assert_eq!((denied("billing"), denied("search")), (61_723, 0));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
         unix::net::UnixStream,
     },
     ptr,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use serde_json::json;
@@ -51,7 +51,19 @@ pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String>
         ["scm-listen", dir, "tcp", addr] => Step::Serve(scm_listen(dir, parse_addr(addr)?)),
         ["listen-unbound", "tcp", "inet"] => Step::Serve(listen_unbound(false)),
         ["listen-unbound", "tcp", "inet6"] => Step::Serve(listen_unbound(true)),
-        ["deny-flood", proto, n, addr] => Step::Serve(deny_flood(proto, n, parse_addr(addr)?)),
+        ["deny-flood", proto, n, addr] => {
+            let n: u64 = n
+                .parse()
+                .map_err(|e| format!("bad count {n:?} for deny-flood: {e}"))?;
+            Step::Serve(deny_flood(proto, Until::Count(n), parse_addr(addr)?))
+        }
+        ["deny-flood-for", proto, ms, addr] => {
+            let ms: u64 = ms
+                .parse()
+                .map_err(|e| format!("bad milliseconds {ms:?}: {e}"))?;
+            let until = Until::Elapsed(Duration::from_millis(ms));
+            Step::Serve(deny_flood(proto, until, parse_addr(addr)?))
+        }
         _ => return Ok(None),
     }))
 }
@@ -289,20 +301,27 @@ pub fn listen_unbound(v6: bool) -> Result<(), String> {
     listen::serve_tcp(&TcpListener::from(fd), true)
 }
 
-/// `deny-flood udp|tcp N ADDR:PORT`: pinned to CPU 0, `N` times as fast as
-/// it can: a fresh socket, `connect()` to `addr`, close. Prints one JSON
+/// When a flood stops.
+#[derive(Clone, Copy)]
+pub enum Until {
+    /// After this many calls.
+    Count(u64),
+    /// Once this long has passed (checked every call).
+    Elapsed(Duration),
+}
+
+/// `deny-flood udp|tcp N ADDR:PORT` (`N` calls) and `deny-flood-for
+/// udp|tcp MS ADDR:PORT` (for `MS` milliseconds): pinned to CPU 0, as fast
+/// as it can: a fresh socket, `connect()` to `addr`, close. Prints one JSON
 /// line: `{"ok":true,"attempts":N,"eperm":K,"connected":C,"errors":{"ERRNO":
 /// COUNT},"elapsed_ns":T,"cpu":0}` (`errors` holds every other errno), or a
 /// failure at stage `affinity` or `socket` like the client commands.
-pub fn deny_flood(proto: &str, n: &str, addr: SocketAddr) -> Result<(), String> {
+pub fn deny_flood(proto: &str, until: Until, addr: SocketAddr) -> Result<(), String> {
     let kind = match proto {
         "udp" => libc::SOCK_DGRAM,
         "tcp" => libc::SOCK_STREAM,
         _ => return Err(format!("bad protocol {proto:?} (want udp or tcp)")),
     };
-    let n: u64 = n
-        .parse()
-        .map_err(|e| format!("bad count {n:?} for deny-flood: {e}"))?;
     let ctx = Ctx::default();
     if let Err(failure) = pin_to_cpu0() {
         crate::report(Err(failure), &ctx);
@@ -312,7 +331,12 @@ pub fn deny_flood(proto: &str, n: &str, addr: SocketAddr) -> Result<(), String> 
     let (mut eperm, mut connected) = (0u64, 0u64);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let started = Instant::now();
-    for _ in 0..n {
+    let mut n = 0u64;
+    while match until {
+        Until::Count(count) => n < count,
+        Until::Elapsed(limit) => started.elapsed() < limit,
+    } {
+        n += 1;
         let fd = match client::new_socket(client::family_of(addr), kind, 0) {
             Ok(fd) => fd,
             Err(failure) => {

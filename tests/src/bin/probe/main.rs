@@ -25,6 +25,7 @@
 //!   listen-unbound tcp inet|inet6 listen() without bind() (the kernel picks the port), then serve
 //!   deny-flood udp|tcp N ADDR:PORT  pinned to CPU 0, N fresh sockets connect() to ADDR:PORT;
 //!                                 prints how many got EPERM (and every other errno)
+//!   deny-flood-for udp|tcp MS ADDR:PORT  the same for MS milliseconds
 //! ```
 //!
 //! Escape suite, sockets and egress (each a technique a compromised service
@@ -120,7 +121,7 @@ const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--sour
     | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT \
     | tcp-connect-opts|udp-sendto-opts hop|dst|hop+dst|ip-nop ADDR:PORT \
     | activate-listen|scm-listen DIR tcp ADDR:PORT | listen-unbound tcp inet|inet6 \
-    | deny-flood udp|tcp N ADDR:PORT | ESCAPE-COMMAND ARGS...: \
+    | deny-flood udp|tcp N ADDR:PORT | deny-flood-for udp|tcp MS ADDR:PORT | ESCAPE-COMMAND ARGS...: \
     see the doc of bulkhead-probe)";
 
 fn main() -> ExitCode {
