@@ -185,29 +185,6 @@ impl ProgSnapshot {
     }
 }
 
-/// How many entries the map pinned at `pinned` holds now
-/// (`bpftool map dump`); panics if bpftool fails.
-#[must_use]
-pub fn pinned_map_len(pinned: &Path) -> usize {
-    let out = try_output_with_timeout(
-        Command::new("bpftool")
-            .args(["--json", "map", "dump", "pinned"])
-            .arg(pinned),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("{e} (bpftool is installed by `cargo xtask setup`)"));
-    assert!(
-        out.status.success(),
-        "`bpftool map dump pinned {}` failed ({}): {}",
-        pinned.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let entries: Vec<Value> = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bpftool printed no JSON array ({e})"));
-    entries.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

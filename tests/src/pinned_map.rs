@@ -2,7 +2,9 @@
 //! needs of the kernel's own counts when no agent reports them (the
 //! previous agent's, after a take-over).
 
-use std::{fs, path::Path};
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use crate::process::try_output_with_timeout;
 
 /// A per-CPU array map held open from its pin, so that it can be read after
 /// its pin is gone (a new agent removes the previous one's pins at
@@ -98,4 +100,27 @@ fn possible_cpus() -> usize {
             None => 1,
         })
         .sum()
+}
+
+/// How many entries the map pinned at `pinned` holds now
+/// (`bpftool map dump`); panics if bpftool fails.
+#[must_use]
+pub fn pinned_map_len(pinned: &Path) -> usize {
+    let out = try_output_with_timeout(
+        Command::new("bpftool")
+            .args(["--json", "map", "dump", "pinned"])
+            .arg(pinned),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e} (bpftool is installed by `cargo xtask setup`)"));
+    assert!(
+        out.status.success(),
+        "`bpftool map dump pinned {}` failed ({}): {}",
+        pinned.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool printed no JSON array ({e})"));
+    entries.len()
 }

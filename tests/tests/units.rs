@@ -9,11 +9,10 @@
 use std::{path::Path, time::Duration};
 
 use integration_tests::{
-    addr,
-    bpf::pinned_map_len,
-    cgroup2_mount,
+    addr, cgroup2_mount,
     control::{status, status_service, wait_status},
     http::{metrics_addr, sample_count, scrape},
+    pinned_map::pinned_map_len,
     require_bpf, unique_name, unit_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
     Proto,
 };
