@@ -519,6 +519,13 @@ impl Probe {
         )
     }
 
+    /// One process connects (TCP) to each of `peers` in turn, whatever each
+    /// gives (a port scan); the outcome says only that it ran.
+    #[must_use]
+    pub fn tcp_connect_each(&self, peers: &[SocketAddr]) -> Outcome {
+        self.client("tcp-connect-each", peers)
+    }
+
     /// One unconnected UDP socket `sendto()`s each of `peers` in turn (all
     /// of one family), then takes every datagram that arrives within the
     /// step timeout ([`Self::step_timeout`]): [`Outcome::received_from`]

@@ -355,3 +355,66 @@ fn the_kernel_forgets_every_cgroup_that_goes() {
     );
     daemon.detach();
 }
+
+/// A cgroup the kernel's service map has no room for is reported as such
+/// (never as managed) and enforced once there is room again.
+#[test]
+fn a_cgroup_that_does_not_fit_is_reported_unenforced_and_retried() {
+    const ROOM: usize = 64;
+    if !require_bpf() {
+        return;
+    }
+    let name = unique_name("bh-full");
+    let slice = instance_slice(&name);
+    let targets = Targets::new();
+    let policies = PolicyDir::with(&[(
+        "full.toml",
+        &unit_policy(
+            &format!("{name}@.service"),
+            None,
+            "enforce",
+            &[targets.rule()],
+        ),
+    )]);
+    let daemon =
+        Daemon::start_with_config(&policies, &format!("[services]\nmax_cgroups = {ROOM}\n"));
+    let fitting: Vec<CgroupGuard> = (0..ROOM)
+        .map(|i| CgroupGuard::at(&format!("{slice}/{name}@{i}.service")))
+        .collect();
+    let extra = CgroupGuard::at(&format!("{slice}/{name}@extra.service"));
+    let st = wait_status(&daemon, "the service unenforced", RESCAN_GRACE, |st| {
+        status_service(st, "full")["state"] == "unenforced"
+    });
+    let svc = status_service(&st, "full");
+    let detail = svc["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with(&format!(
+            "cgroup /{slice}/{name}@extra.service is NOT enforced: cannot write the SERVICES map"
+        )),
+        "{svc:#}"
+    );
+    let unenforced = |daemon: &Daemon| {
+        sample_count(
+            &scrape(metrics_addr(daemon)),
+            "bulkhead_services",
+            &[("state", "unenforced")],
+        )
+    };
+    assert_eq!(unenforced(&daemon), Some(1));
+    assert!(
+        daemon
+            .log()
+            .contains("the kernel does NOT enforce this service's cgroup"),
+        "the log must say so"
+    );
+
+    drop(fitting);
+    let _ = wait_status(&daemon, "the retry to succeed", RESCAN_GRACE, |st| {
+        status_service(st, "full")["state"] == "managed"
+    });
+    targets.assert_enforced(
+        extra.path(),
+        "the instance that did not fit, once there is room",
+    );
+    assert_eq!(unenforced(&daemon), Some(0));
+}

@@ -168,7 +168,7 @@ impl Enforcer {
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SERVICES, options.max_cgroups.max(max_services))
+            .map_max_entries(names::SERVICES, options.max_cgroups)
             .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
             .map_max_entries(names::EVENTS, options.events_bytes)
             .map_max_entries(names::DENY_RATE, max_services.saturating_mul(2))

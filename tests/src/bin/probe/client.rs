@@ -68,6 +68,16 @@ pub fn tcp_connect(ctx: &mut Ctx, addr: SocketAddr) -> Result<(), Failure> {
     tcp_connect_with(ctx, addr, |_| Ok(()))
 }
 
+/// `tcp-connect-each A:P [B:Q ...]`: one TCP connect to each address in
+/// turn from this one process (a port scan), whatever each gives: a test
+/// of what the agent makes of the attempts, not of their outcomes, and
+/// fast even where a process start is slow (an emulated guest).
+pub fn tcp_connect_each(ctx: &mut Ctx, peers: &[SocketAddr]) {
+    for &peer in peers {
+        let _ = tcp_connect(ctx, peer);
+    }
+}
+
 /// [`tcp_connect`], with `prepare` run on the fresh socket first (socket
 /// options the connection must carry).
 pub fn tcp_connect_with(

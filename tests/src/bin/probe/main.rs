@@ -116,6 +116,7 @@ use crate::client::{Ctx, Failure, Transport};
 
 const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--source IP] \
     [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
+    | tcp-connect-each ADDR:PORT... \
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
     | tcp-bind|udp-bind ADDR:PORT | raw-socket inet|inet6 | packet-socket \
     | listen|serve tcp|udp ADDR:PORT | reflect udp ADDR:PORT \
@@ -160,6 +161,14 @@ fn run(args: Vec<String>) -> Result<(), String> {
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let outcome = match command.as_slice() {
         ["tcp-connect", addr] => client::tcp_connect(&mut ctx, parse_addr(addr)?),
+        ["tcp-connect-each", peers @ ..] if !peers.is_empty() => {
+            let peers = peers
+                .iter()
+                .map(|a| parse_addr(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            client::tcp_connect_each(&mut ctx, &peers);
+            Ok(())
+        }
         ["tcp-fastopen", addr] => client::tcp_fastopen(&mut ctx, parse_addr(addr)?),
         ["udp-connect", addr] => client::udp_connect(&mut ctx, parse_addr(addr)?),
         ["udp-sendto", addr] => client::udp_sendto(&mut ctx, parse_addr(addr)?),
