@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::ServiceEntry;
+use agent_common::{unit_of_path, ServiceEntry, UnitKey, UNIT_EXACT, UNIT_TEMPLATE};
 use tracing::{error, info};
 
 use crate::{
@@ -247,16 +247,34 @@ impl ServiceTracker {
                 claim(path.clone(), Closeness::Path, i);
             }
         }
-        if self
+        // By key: one scan of each path, whatever the number of services.
+        let units: HashMap<UnitKey, usize> = self
             .services
             .iter()
-            .any(|s| matches!(s.selector, Selector::Unit(_)))
-        {
+            .enumerate()
+            .filter_map(|(i, s)| match &s.selector {
+                Selector::Unit(u) => Some((u.key(), i)),
+                Selector::Cgroup(_) => None,
+            })
+            .collect();
+        if !units.is_empty() {
             for path in cgroup::units::candidates(&self.mount) {
-                for (i, s) in self.services.iter().enumerate() {
-                    if let (Selector::Unit(_), Some(c)) = (&s.selector, s.selector.names(&path)) {
-                        claim(path.clone(), c, i);
-                    }
+                let Some(found) = unit_of_path(format!("/{path}").as_bytes()) else {
+                    continue;
+                };
+                let key = |kind, hash| UnitKey {
+                    manager: found.manager,
+                    kind,
+                    hash,
+                };
+                if let Some(&i) = units.get(&key(UNIT_EXACT, found.exact)) {
+                    claim(path.clone(), Closeness::Unit, i);
+                }
+                if let Some(&i) = found
+                    .template
+                    .and_then(|t| units.get(&key(UNIT_TEMPLATE, t)))
+                {
+                    claim(path.clone(), Closeness::Template, i);
                 }
             }
         }
