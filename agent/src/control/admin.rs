@@ -220,3 +220,51 @@ pub fn render_status(v: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::render_status;
+
+    #[test]
+    fn status_lists_every_instance_and_says_what_is_wrong() {
+        let text = render_status(&json!({
+            "policy_dir": "/etc/bulkhead/policies",
+            "cgroup2": "/sys/fs/cgroup",
+            "services": [
+                {"name": "worker", "state": "managed", "mode": "enforce", "detail": "",
+                 "cgroup": "/system.slice/system-worker.slice/worker@a.service",
+                 "cgroups": [
+                    {"path": "/system.slice/system-worker.slice/worker@a.service"},
+                    {"path": "/system.slice/system-worker.slice/worker@b.service"}]},
+                {"name": "db", "state": "waiting", "mode": "audit", "cgroup": "unit db.service",
+                 "detail": "waiting: no cgroup for db.service in the slices under /sys/fs/cgroup",
+                 "cgroups": []},
+            ],
+        }));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.contains(&"cgroup v2: /sys/fs/cgroup"), "{text}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("worker ")
+                && l.ends_with("/system.slice/system-worker.slice/worker@a.service")),
+            "{text}"
+        );
+        assert!(
+            lines.contains(
+                &format!(
+                    "{:<76}  /system.slice/system-worker.slice/worker@b.service",
+                    ""
+                )
+                .as_str()
+            ),
+            "{text}"
+        );
+        assert!(
+            lines.contains(
+                &"  db: waiting: no cgroup for db.service in the slices under /sys/fs/cgroup"
+            ),
+            "{text}"
+        );
+    }
+}
