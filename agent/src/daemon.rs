@@ -309,6 +309,8 @@ async fn serve(plan: Plan) -> Result<()> {
     engine.udp_reply_idle =
         std::time::Duration::from_secs(u64::from(config.udp_replies.idle_timeout_secs));
     engine.coverage = coverage;
+    let check_every = std::time::Duration::from_secs(u64::from(config.self_check.interval_secs));
+    engine.self_check_interval = check_every;
     let mut policy_changes = watch_policy_dir(&policy_dir)?;
 
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
@@ -317,6 +319,10 @@ async fn serve(plan: Plan) -> Result<()> {
     held_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pinhole_sweep = tokio::time::interval(crate::kernel::udp_peers::SWEEP_INTERVAL);
     pinhole_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Its first tick is at once: the start-up check.
+    let mut self_check = tokio::time::interval(check_every);
+    self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_trigger = "start";
     // File changes come in bursts (editors write, rename, chmod): reload
     // once they have settled.
     let mut reload_at: Option<tokio::time::Instant> = None;
@@ -329,6 +335,10 @@ async fn serve(plan: Plan) -> Result<()> {
             }
             _ = held_scan.tick() => engine.scan_held_sockets(),
             _ = pinhole_sweep.tick() => engine.sweep_udp_peers(None),
+            _ = self_check.tick() => {
+                engine.self_check(check_trigger);
+                check_trigger = "periodic";
+            }
             Some(call) = admin_rx.recv() => engine.handle(call),
             Some(_) = policy_changes.next() => {
                 reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);

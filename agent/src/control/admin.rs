@@ -159,7 +159,8 @@ fn describe(e: &ClientError, _path: &std::path::Path) -> String {
 pub fn render_status(v: &Value) -> String {
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let mut out = format!(
+    let mut out =
+        format!(
         "policy: {} ({} services)\nreloads: {} applied, {} refused{}\npins: {}\ncgroup v2: {}\n",
         s(v, "policy_dir"),
         v.get("services").and_then(Value::as_array).map_or(0, Vec::len),

@@ -9,6 +9,8 @@ use aya::{
     Ebpf,
 };
 
+use std::ops::Range;
+
 use super::{compile::CompiledPolicy, KernelError};
 use crate::services::Change;
 
@@ -98,6 +100,43 @@ pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kern
         }
     }
     Ok(())
+}
+
+/// Empties one half of the LPM tries: every prefix whose service id lies
+/// in `services` goes, whoever wrote it (a retire that failed, a staging
+/// cut short). Its rulesets are not touched: only prefixes and service
+/// entries of that half can reach them, and the next policy there
+/// overwrites the ones it uses. Returns how many prefixes went.
+pub fn clear_half(ebpf: &mut Ebpf, services: Range<u32>) -> Result<usize, KernelError> {
+    let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
+    let in_half = |sid: [u8; 4]| services.contains(&u32::from_be_bytes(sid));
+    let mut cleared = 0;
+    for name in [names::EGRESS_V4, names::INGRESS_V4] {
+        let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
+        // Collected first: deleting while walking would skip keys.
+        let keys = trie
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| in_half(k.data().service_id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name))?;
+        for key in &keys {
+            removed(trie.remove(key)).map_err(map_err(name))?;
+        }
+        cleared += keys.len();
+    }
+    for name in [names::EGRESS_V6, names::INGRESS_V6] {
+        let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
+        let keys = trie
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| in_half(k.data().service_id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name))?;
+        for key in &keys {
+            removed(trie.remove(key)).map_err(map_err(name))?;
+        }
+        cleared += keys.len();
+    }
+    Ok(cleared)
 }
 
 /// The SERVICE_PATHS key of a cgroup path relative to the cgroup2 mount:
@@ -230,7 +269,7 @@ fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::Map
     }
 }
 
-fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
+pub(super) fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
 {
