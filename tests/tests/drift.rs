@@ -426,3 +426,44 @@ fn a_service_add_that_fails_is_repaired() {
     assert_reaches(&c2, &all, &[&p3], "svc2 after the reload");
     assert_no_drift(&daemon, &st, "after the reload");
 }
+
+/// The self-check is cheap enough to run every minute at 100,000 rules: the
+/// check at start reads every entry and takes a small fraction of the
+/// default 60 s interval (its time is printed; BENCHMARKS.md has figures).
+#[test]
+fn the_self_check_at_100000_rules_takes_a_fraction_of_its_interval() {
+    const RULES: u32 = 100_000;
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    // 100,000 distinct /32s in 198.18.0.0/15 (never sent to).
+    let to: Vec<String> = (0..RULES)
+        .map(|i| Ipv4Addr::from(0xc612_0000 + i).to_string())
+        .collect();
+    let policy = service_policy(
+        &svc,
+        "enforce",
+        &[Egress::to(to.iter().map(String::as_str)).ports([443])],
+    );
+    let policies = PolicyDir::with(&[("svc.toml", &policy)]);
+    let daemon = Daemon::start(&policies);
+    let st = wait_status(&daemon, "the start-up check", TIMEOUT, |st| {
+        count(&check(st)["checks"]) >= 1
+    });
+    let c = check(&st);
+    assert_no_drift(&daemon, &st, "at 100,000 rules");
+    assert!(
+        count(&c["last_entries_read"]) > u64::from(RULES),
+        "the check should read every prefix: {c:#}"
+    );
+    let took = Duration::from_micros(count(&c["last_duration_us"]));
+    eprintln!(
+        "self-check at {RULES} rules: {} entries read in {took:?}",
+        c["last_entries_read"]
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "the check took {took:?}, over a tenth of the 60 s interval"
+    );
+}
