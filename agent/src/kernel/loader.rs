@@ -343,12 +343,14 @@ impl Enforcer {
         maps::clear_half(&mut self.ebpf, ids).map(|_| ())
     }
 
-    /// Step 3: removes a previous policy's prefixes. Call after a grace
-    /// period: a verdict that started before the switch may still read them.
-    /// Should it fail, the next `stage` empties that half before writing.
+    /// Step 3: empties the previous policy's half, so that it holds
+    /// nothing, whoever wrote there. Call after a grace period: a verdict
+    /// that started before the switch may still read it. Should it fail,
+    /// the next `stage` empties that half before writing.
     pub fn retire(&mut self, old: &CompiledPolicy) -> Result<(), KernelError> {
         fault::inject("retire")?;
-        maps::delete_rules(&mut self.ebpf, old)
+        let ids = self.half_services(old.service_base / self.capacity.services.max(1));
+        maps::clear_half(&mut self.ebpf, ids).map(|_| ())
     }
 
     /// The service ids of `half`.

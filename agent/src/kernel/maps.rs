@@ -76,32 +76,6 @@ pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kerne
     Ok(())
 }
 
-/// Deletes a retired policy's LPM entries (its rulesets are simply
-/// overwritten by the next policy written into that half). Missing keys
-/// are fine: this also cleans up after a half-written policy.
-pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), KernelError> {
-    let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
-    for (name, entries) in [
-        (names::EGRESS_V4, &policy.v4),
-        (names::INGRESS_V4, &policy.ingress_v4),
-    ] {
-        let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
-        for (len, key, _) in entries {
-            removed(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
-        }
-    }
-    for (name, entries) in [
-        (names::EGRESS_V6, &policy.v6),
-        (names::INGRESS_V6, &policy.ingress_v6),
-    ] {
-        let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
-        for (len, key, _) in entries {
-            removed(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
-        }
-    }
-    Ok(())
-}
-
 /// Empties one half of the LPM tries: every prefix whose service id lies
 /// in `services` goes, whoever wrote it (a retire that failed, a staging
 /// cut short). Its rulesets are not touched: only prefixes and service
