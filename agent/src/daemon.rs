@@ -280,6 +280,9 @@ async fn serve(plan: Plan) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // Likewise the policy directory's watch: a change right after READY
+    // must not be missed.
+    let mut policy_changes = watch_policy_dir(&policy_dir)?;
     crate::notify::ready(&status);
     // Pings while the event consumer lives and the main loop beats.
     let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
@@ -311,7 +314,6 @@ async fn serve(plan: Plan) -> Result<()> {
     engine.coverage = coverage;
     let check_every = std::time::Duration::from_secs(u64::from(config.self_check.interval_secs));
     engine.self_check_interval = check_every;
-    let mut policy_changes = watch_policy_dir(&policy_dir)?;
 
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -138,6 +138,19 @@ fn has_prefix(daemon: &Daemon, ip: Ipv4Addr) -> bool {
         .any(|(k, _)| k.len() == 12 && k[8..] == ip.octets())
 }
 
+/// Waits until `EGRESS_V4` holds no prefix for `ip` (a retire runs 50 ms
+/// after the switch that precedes it).
+fn wait_no_prefix(daemon: &Daemon, ip: Ipv4Addr) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while has_prefix(daemon, ip) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "EGRESS_V4 still holds a prefix for {ip} after {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A service whose SERVICES entry is deleted behind the agent's back is
 /// unmanaged until the self-check notices: it says so in the log, the
 /// metrics and `status`, and puts the entry back.
@@ -217,7 +230,7 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
     );
     assert_eq!(found(&daemon, "prefix_wrong"), Some(1));
     assert_no_drift(&daemon, &st, "after the repair");
-    assert!(!has_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 3)));
+    wait_no_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 3));
     assert_reaches(&client, &[&p1, &other], &[&p1], "after the repair");
 }
 
@@ -362,14 +375,7 @@ fn stale_prefixes_of_a_failed_retire_are_reported_and_removed() {
     assert!(count(&check(&st)["found_total"]) >= 1, "{:#}", check(&st));
     assert!(found(&daemon, "prefix_stale").is_some_and(|n| n >= 1));
     // Its repair retires a half once more: wait until that worked.
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while has_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 2)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stale prefix of 127.0.0.2 is still there"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_no_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 2));
     let st = wait_status(&daemon, "a check with no drift", TIMEOUT, |st| {
         check(st)["drift"] == 0 && count(&check(st)["repairs"]) >= 1
     });
