@@ -255,7 +255,9 @@ impl Engine {
         for w in &loaded.warnings {
             warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
         }
+        let started = std::time::Instant::now();
         self.apply_set(&loaded.set)?;
+        let applied_ms = started.elapsed().as_millis() as u64;
         let record = reload::change_record(
             "reload",
             trigger,
@@ -268,6 +270,7 @@ impl Engine {
             trigger,
             files = record.files.len(),
             services = record.services.len(),
+            applied_ms,
             "policy reloaded"
         );
         self.hub.publish(vec![reload::audit_event(record)]);
