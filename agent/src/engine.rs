@@ -231,7 +231,6 @@ impl Engine {
     pub fn reload(&mut self, trigger: &str) {
         let result = self.try_reload(trigger);
         self.reloads.record(&result);
-        self.self_check("reload");
         if let Err(error) = result {
             warn!(
                 trigger,
@@ -248,6 +247,8 @@ impl Engine {
             );
             self.hub.publish(vec![reload::audit_event(record)]);
         }
+        // Applied or not: a failed write may have left something behind.
+        self.self_check("reload");
     }
 
     fn try_reload(&mut self, trigger: &str) -> Result<(), String> {

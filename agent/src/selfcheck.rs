@@ -140,3 +140,45 @@ impl DriftStats {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(missing: u64, stale: u64) -> Report {
+        let mut r = Report::default();
+        r.counts[0] = missing;
+        r.counts[6] = stale;
+        r
+    }
+
+    #[test]
+    fn status_shows_what_is_left_and_what_was_found() {
+        let stats = DriftStats::default();
+        stats.record("start", &report(0, 0), None);
+        let st = stats.status(60);
+        assert_eq!(
+            (st["drift"].clone(), st["last_found"].clone()),
+            (json!(0), Value::Null)
+        );
+
+        // Found two kinds, repaired: nothing left, the finding kept.
+        stats.record("periodic", &report(1, 2), Some((true, &report(0, 0))));
+        let st = stats.status(60);
+        assert_eq!(st["drift"], 0);
+        assert_eq!(st["found_total"], 3);
+        assert_eq!(st["repairs"], 1);
+        assert_eq!(
+            st["last_found"]["kinds"],
+            "service_missing=1 prefix_stale=2"
+        );
+        assert_eq!(st["last_found"]["repaired"], true);
+
+        // A repair that left something: the gauge says so.
+        stats.record("periodic", &report(0, 2), Some((true, &report(0, 1))));
+        let st = stats.status(60);
+        assert_eq!(st["drift"], 1);
+        assert_eq!(st["drift_by_kind"], json!({"prefix_stale": 1}));
+        assert_eq!(st["last_found"]["repaired"], false);
+    }
+}
