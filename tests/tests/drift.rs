@@ -304,6 +304,50 @@ fn a_switch_that_fails_part_way_leaves_the_old_policy() {
     );
 }
 
+/// Writing the new policy into the other half fails: the reload is
+/// refused, the old policy stays, and nothing of the new one is left.
+#[test]
+fn a_staging_that_fails_leaves_the_old_policy() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let one = listen("127.0.0.1:0");
+    let port = one.port();
+    let two = listen(&format!("127.0.0.2:{port}"));
+    let both = [&one, &two];
+    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[port]))]);
+    let faults = Faults::new();
+    let daemon = faults.start(&policies, ONLY_TRIGGERED);
+    let client = probe().in_cgroup(svc.path());
+
+    faults.fail("stage");
+    policies.write("svc.toml", &allowing(&svc, "127.0.0.2", &[port]));
+    let st = wait_status(&daemon, "a refused reload", TIMEOUT, |st| {
+        st["reloads_refused"] == 1 && count(&check(st)["checks"]) >= 2
+    });
+    faults.clear();
+    let error = st["last_reload_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("writing the new policy into the maps failed"),
+        "last_reload_error: {error:?}"
+    );
+    assert_reaches(
+        &client,
+        &both,
+        &[&one],
+        "the old policy after the failed staging",
+    );
+    assert!(!has_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 2)));
+    assert_no_drift(&daemon, &st, "after the failed staging");
+    assert_eq!(check(&st)["found_total"], 0, "{:#}", check(&st));
+
+    policies.write("svc.toml", &allowing(&svc, "127.0.0.2", &[port, port + 1]));
+    let st = wait_applied(&daemon, 1);
+    assert_reaches(&client, &both, &[&two], "the next policy");
+    assert_no_drift(&daemon, &st, "after the next policy");
+}
+
 /// Policy A allows 127.0.0.2; B moves to 127.0.0.1 and A's retire fails,
 /// so A's prefix stays in the half the next policy is written into. C,
 /// like B, never lists 127.0.0.2: it must not be reachable under C (the
