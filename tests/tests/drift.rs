@@ -261,7 +261,7 @@ fn a_switch_that_fails_part_way_leaves_the_old_policy() {
     assert_reaches(&c1, &all, &[&p1], "policy A");
     assert_reaches(&c2, &all, &all, "svc2 is not in policy A");
 
-    maps::fill(&maps::pinned(&daemon, "SERVICES"), JUNK_KEY, &JUNK_ENTRY);
+    let junk = maps::fill(&maps::pinned(&daemon, "SERVICES"), JUNK_KEY, &JUNK_ENTRY);
     policies.write("svc2.toml", &allowing(&svc2, "127.0.0.1", &[p3.port()]));
     policies.write("svc1.toml", &allowing(&svc1, "127.0.0.1", &[p2.port()]));
     let st = wait_status(&daemon, "a refused reload", TIMEOUT, |st| {
@@ -270,7 +270,8 @@ fn a_switch_that_fails_part_way_leaves_the_old_policy() {
     let error = st["last_reload_error"].as_str().unwrap_or_default();
     assert!(
         error.contains("switching to the new policy failed part-way and was undone")
-            && error.contains("SERVICES"),
+            && error.contains("SERVICES")
+            && !error.contains("putting the policy in force back also failed"),
         "last_reload_error: {error:?}"
     );
     let ev = changes.wait_nth(1, "refused reload", TIMEOUT, |e| {
@@ -281,13 +282,15 @@ fn a_switch_that_fails_part_way_leaves_the_old_policy() {
     assert_reaches(&c1, &all, &[&p1], "policy A after the failed switch");
     assert_reaches(&c2, &all, &all, "svc2 after the failed switch");
 
-    // The self-check after the refused reload removed the junk.
+    // The self-check after the refused reload found the junk and nothing
+    // else (the undone switch left no trace), and removed it.
     let st = wait_status(&daemon, "the junk repaired", TIMEOUT, |st| {
         count(&check(st)["repairs"]) >= 1
     });
+    let last = &check(&st)["last_found"];
     assert_eq!(
-        check(&st)["last_found"]["repaired"],
-        true,
+        (&last["kinds"], &last["repaired"]),
+        (&json!(format!("service_unknown={junk}")), &json!(true)),
         "{:#}",
         check(&st)
     );

@@ -235,10 +235,16 @@ pub fn write_held_sockets(
 }
 
 /// A removal that found nothing to remove is fine: the end state is the
-/// one wanted.
+/// one wanted. (aya reports a missing key on delete as the syscall's
+/// ENOENT, not as `KeyNotFound`.)
 fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
