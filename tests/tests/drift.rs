@@ -525,6 +525,9 @@ fn the_self_check_at_100000_rules_takes_a_fraction_of_its_interval() {
     let wider = policy.replace("ports = [443]", "ports = [443, 444]");
     assert_ne!(wider, policy, "test bug: the policy did not change");
     policies.write("svc.toml", &wider);
+    // The log, not `status`, while the agent is busy: a debug build on a
+    // loaded machine may take longer than one status call waits.
+    daemon.wait_log("policy reloaded", 8 * TIMEOUT);
     let st = wait_status(&daemon, "the reload and its check", 4 * TIMEOUT, |st| {
         st["reloads_applied"] == 1 && count(&check(st)["checks"]) >= 2
     });
