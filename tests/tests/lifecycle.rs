@@ -8,8 +8,8 @@ use integration_tests::{
     bpf::{bulkhead_progs, wait_unloaded, LoadedProg},
     cgroup2_mount,
     control::{status, status_feature},
-    daemon::STOP_TIMEOUT,
     http::{metrics_addr, sample_count, scrape},
+    daemon::STOP_TIMEOUT,
     process::signal,
     require_bpf, service_policy, CgroupGuard, Daemon, Listener, PolicyDir, Probe, ProgSnapshot,
     Proto,
@@ -278,10 +278,7 @@ fn status_reports_the_cgroup_mount_and_the_creation_hook() {
     // tracefs and the tracepoint are there on every kernel the suite runs
     // on (the agent mounts tracefs when it is not).
     let (active, says) = status_feature(&status, "cgroup_creation");
-    assert!(
-        active,
-        "the cgroup_mkdir tracepoint must be attached: {says}"
-    );
+    assert!(active, "the cgroup_mkdir tracepoint must be attached: {says}");
     assert_eq!(
         sample_count(
             &scrape(metrics_addr(&daemon)),
