@@ -40,6 +40,8 @@ pub struct Config {
     pub udp_replies: UdpRepliesConfig,
     /// How many managed cgroups the kernel holds.
     pub services: ServicesConfig,
+    /// The self-check of the kernel maps against the policy in force.
+    pub self_check: SelfCheckConfig,
 }
 
 /// Room for managed cgroups: one per running service, one per running
@@ -92,6 +94,36 @@ impl Default for Config {
             export: crate::export::ExportConfig::default(),
             udp_replies: UdpRepliesConfig::default(),
             services: ServicesConfig::default(),
+            self_check: SelfCheckConfig::default(),
+        }
+    }
+}
+
+/// The self-check reads the policy maps back, compares them with the
+/// policy in force and repairs any difference (docs/operations.md). It
+/// also runs at start, after every reload and when a map write fails.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfCheckConfig {
+    /// Seconds between two periodic checks.
+    pub interval_secs: u32,
+}
+
+impl Default for SelfCheckConfig {
+    fn default() -> Self {
+        Self { interval_secs: 60 }
+    }
+}
+
+impl SelfCheckConfig {
+    fn problems(&self) -> Vec<String> {
+        if (1..=86_400).contains(&self.interval_secs) {
+            Vec::new()
+        } else {
+            vec![format!(
+                "self_check.interval_secs = {}: must be between 1 and 86400",
+                self.interval_secs
+            )]
         }
     }
 }
@@ -253,6 +285,7 @@ impl Config {
             .chain(config.export.problems())
             .chain(config.udp_replies.problems())
             .chain(config.services.problems())
+            .chain(config.self_check.problems())
             .collect();
         if let Some(first) = problems.first() {
             // Points at the first offending key.
@@ -312,6 +345,18 @@ mod tests {
     fn ring_buffer_size_must_be_a_power_of_two() {
         let err = Config::parse(Path::new("c.toml"), "[events]\nring_buffer_bytes = 5000\n")
             .expect_err("5000 is not a power of two");
+        assert!(err.to_string().starts_with("c.toml:2:1:"), "{err}");
+    }
+
+    #[test]
+    fn self_check_interval_defaults_to_a_minute_and_must_be_positive() {
+        let c = Config::parse(Path::new("c.toml"), "").expect("defaults");
+        assert_eq!(c.self_check.interval_secs, 60);
+        let c =
+            Config::parse(Path::new("c.toml"), "[self_check]\ninterval_secs = 5\n").expect("valid");
+        assert_eq!(c.self_check.interval_secs, 5);
+        let err = Config::parse(Path::new("c.toml"), "[self_check]\ninterval_secs = 0\n")
+            .expect_err("0 is refused");
         assert!(err.to_string().starts_with("c.toml:2:1:"), "{err}");
     }
 

@@ -291,6 +291,9 @@ async fn serve(plan: Plan) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // Likewise the policy directory's watch: a change right after READY
+    // must not be missed.
+    let mut policy_changes = watch_policy_dir(&policy_dir)?;
     crate::notify::ready(&status);
     // Pings while the event consumer lives and the main loop beats.
     let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
@@ -320,7 +323,8 @@ async fn serve(plan: Plan) -> Result<()> {
     engine.udp_reply_idle =
         std::time::Duration::from_secs(u64::from(config.udp_replies.idle_timeout_secs));
     engine.coverage = coverage;
-    let mut policy_changes = watch_policy_dir(&policy_dir)?;
+    let check_every = std::time::Duration::from_secs(u64::from(config.self_check.interval_secs));
+    engine.self_check_interval = check_every;
 
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -328,6 +332,10 @@ async fn serve(plan: Plan) -> Result<()> {
     held_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pinhole_sweep = tokio::time::interval(crate::kernel::udp_peers::SWEEP_INTERVAL);
     pinhole_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Its first tick is at once: the start-up check.
+    let mut self_check = tokio::time::interval(check_every);
+    self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_trigger = "start";
     // File changes come in bursts (editors write, rename, chmod): reload
     // once they have settled.
     let mut reload_at: Option<tokio::time::Instant> = None;
@@ -340,6 +348,10 @@ async fn serve(plan: Plan) -> Result<()> {
             }
             _ = held_scan.tick() => engine.scan_held_sockets(),
             _ = pinhole_sweep.tick() => engine.sweep_udp_peers(None),
+            _ = self_check.tick() => {
+                engine.self_check(check_trigger);
+                check_trigger = "periodic";
+            }
             Some(call) = admin_rx.recv() => engine.handle(call),
             Some(_) = policy_changes.next() => {
                 reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::watch, time::Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -49,6 +49,8 @@ pub struct Engine {
     pub coverage: crate::kernel::Coverage,
     /// The UDP pinholes' idle timeout (`[udp_replies]`).
     pub udp_reply_idle: Duration,
+    /// How often the self-check runs (`[self_check]`), for status.
+    pub self_check_interval: Duration,
     /// The service graph (blast radius, learn), fed by the aggregator.
     pub graph: Arc<crate::graph::Shared>,
     /// The previous policy, to remove once its grace period is over.
@@ -91,6 +93,7 @@ impl Engine {
             pins: std::path::PathBuf::new(),
             coverage: crate::kernel::Coverage::default(),
             udp_reply_idle: Duration::from_secs(120),
+            self_check_interval: Duration::from_secs(60),
             graph: Arc::default(),
             retiring: None,
             held: held::Held::default(),
@@ -112,6 +115,15 @@ impl Engine {
         };
         self.tracker.applied(&failed);
         self.refresh_inventory();
+        if !failed.is_empty() {
+            // A cgroup the kernel may hold a wrong entry for: the self-check
+            // finds it and re-applies the policy (the tracker retries adds).
+            warn!(
+                failed = failed.len(),
+                "cannot update some managed cgroups; checking the maps now"
+            );
+            self.self_check("service update failed");
+        }
     }
 
     /// Removes idle UDP pinholes and makes every service's count exact;
@@ -240,6 +252,8 @@ impl Engine {
             );
             self.hub.publish(vec![reload::audit_event(record)]);
         }
+        // Applied or not: a failed write may have left something behind.
+        self.self_check("reload");
     }
 
     fn try_reload(&mut self, trigger: &str) -> Result<(), String> {
@@ -250,7 +264,9 @@ impl Engine {
         for w in &loaded.warnings {
             warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
         }
+        let started = std::time::Instant::now();
         self.apply_set(&loaded.set)?;
+        let applied_ms = started.elapsed().as_millis() as u64;
         let record = reload::change_record(
             "reload",
             trigger,
@@ -263,6 +279,7 @@ impl Engine {
             trigger,
             files = record.files.len(),
             services = record.services.len(),
+            applied_ms,
             "policy reloaded"
         );
         self.hub.publish(vec![reload::audit_event(record)]);
@@ -276,18 +293,25 @@ impl Engine {
     /// kernel to it: staged into the other half, then one map update per
     /// service cgroup. On error nothing in force has changed.
     fn apply_set(&mut self, set: &PolicySet) -> Result<(), String> {
-        if let Some((at, old)) = self.retiring.take() {
-            // A change right after a change: finish retiring the previous
-            // one first (waiting out only what is left of its grace). The
+        if let Some((at, _)) = self.retiring.take() {
+            // A change right after a change: wait out what is left of the
+            // previous policy's grace; staging empties its half. The
             // runtime is told, so its other tasks move to another worker.
             let wait = at.saturating_duration_since(Instant::now());
             tokio::task::block_in_place(|| std::thread::sleep(wait));
-            self.enforcer.retire(&old).map_err(|e| e.to_string())?;
         }
         let effective = self.quarantines.overlay(set);
         let compiled = crate::kernel::compile(&effective).map_err(|e| e.to_string())?;
-        let staged = self.enforcer.stage(compiled).map_err(|e| e.to_string())?;
+        let staged = tokio::task::block_in_place(|| self.enforcer.stage(compiled))
+            .map_err(|e| format!("writing the new policy into the maps failed: {e}"))?;
+        let before = self.tracker.services.clone();
         let changes = self.tracker.reload(&staged);
+        let rollback = crate::rollback::changes(
+            &before,
+            &self.tracker.services,
+            self.enforcer.live(),
+            &changes,
+        );
         // Sockets held by services that start judging packets with this
         // change (a quarantine, a new service) are known before it
         // applies, not one scan later.
@@ -297,10 +321,20 @@ impl Engine {
             .send_replace(Arc::new(Names::from_policy(&staged)));
         self.metrics
             .before_switch(staged.services.iter().map(|s| s.entry.service_id));
-        let old = self
-            .enforcer
-            .switch(staged, &changes)
-            .map_err(|e| format!("switching to the new policy failed: {e}"))?;
+        let old = match self.enforcer.switch(staged, &changes, &rollback) {
+            Ok(old) => old,
+            Err(e) => {
+                // Everything is back as it was: the tracker and names too.
+                self.tracker.services = before;
+                if let Some(live) = self.enforcer.live() {
+                    self.names.send_replace(Arc::new(Names::from_policy(live)));
+                }
+                self.refresh_inventory();
+                return Err(format!(
+                    "switching to the new policy failed part-way and was undone: {e}"
+                ));
+            }
+        };
         // Pinholes the new policy no longer allows close now.
         self.sweep_udp_peers(old.as_ref());
         if let Some(old) = old {
@@ -451,6 +485,7 @@ impl Engine {
             "last_reload_error": last_error,
             "pins": self.pins.display().to_string(),
             "cgroup2": self.tracker.mount().display().to_string(),
+            "self_check": self.metrics.drift.status(self.self_check_interval.as_secs()),
             "kernel_features": self.coverage.features().map(|(name, active, says)| json!({
                 "feature": name, "active": active, "status": says,
             })),
@@ -465,9 +500,83 @@ impl Engine {
     pub fn retire(&mut self) {
         if let Some((_, old)) = self.retiring.take() {
             if let Err(e) = self.enforcer.retire(&old) {
-                warn!("cannot remove the previous policy's prefixes: {e}");
+                warn!("cannot remove the previous policy's prefixes: {e}; the next policy change empties that half before writing it, and the self-check reports and repairs what stays");
             }
         }
+    }
+
+    /// Reads the policy maps back and compares them with the policy in
+    /// force; any difference is logged, counted and repaired by applying
+    /// the policy in force again (see `kernel::drift`).
+    pub fn self_check(&mut self, trigger: &str) {
+        let report = match self.check_drift() {
+            Ok(report) => report,
+            Err(e) => {
+                warn!(trigger, "self-check: cannot read the kernel maps: {e}");
+                self.metrics.drift.record_error(trigger, &e.to_string());
+                return;
+            }
+        };
+        debug!(
+            trigger,
+            entries = report.entries_read,
+            elapsed_us = report.elapsed.as_micros() as u64,
+            differences = report.total(),
+            "self-check done"
+        );
+        if report.total() == 0 {
+            self.metrics.drift.record(trigger, &report, None);
+            return;
+        }
+        warn!(
+            trigger,
+            differences = report.total(),
+            kinds = %report.summary(),
+            first = ?report.first,
+            "ENFORCEMENT DRIFT: the kernel maps differ from the policy in force; re-applying it"
+        );
+        let repaired = self.repair(&report);
+        let after = self.check_drift().unwrap_or_else(|_| report.clone());
+        match &repaired {
+            Ok(()) if after.total() == 0 => info!(trigger, "enforcement drift repaired"),
+            Ok(()) => {
+                warn!(kinds = %after.summary(), first = ?after.first, "enforcement drift remains after the repair")
+            }
+            Err(e) => warn!("cannot repair the enforcement drift: {e}"),
+        }
+        self.metrics
+            .drift
+            .record(trigger, &report, Some((repaired.is_ok(), &after)));
+    }
+
+    fn check_drift(&self) -> Result<crate::kernel::drift::Report, crate::kernel::KernelError> {
+        let managed = self
+            .tracker
+            .services
+            .iter()
+            .flat_map(|s| s.enforced().map(|c| (c.id, s.entry)))
+            .collect();
+        let current = || self.tracker.current();
+        let cgroups = crate::kernel::drift::Cgroups {
+            managed,
+            current: &current,
+        };
+        tokio::task::block_in_place(|| self.enforcer.check_drift(self.retiring.is_some(), &cgroups))
+    }
+
+    /// Removes SERVICES entries of cgroups no service has, then writes the
+    /// policy in force again into the other half and switches to it.
+    fn repair(&mut self, report: &crate::kernel::drift::Report) -> Result<(), String> {
+        let unknown: Vec<_> = report
+            .unknown_cgroups
+            .iter()
+            .map(|&cgroup_id| crate::services::Change::Remove { cgroup_id })
+            .collect();
+        self.enforcer
+            .apply_service_changes(&unknown)
+            .map_err(|e| e.to_string())?;
+        let set = self.set.clone();
+        self.apply_set(&set)
     }
 
     fn refresh_inventory(&self) {

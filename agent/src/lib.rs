@@ -7,7 +7,9 @@
 //! - `cgroup`, `services`: the cgroup2 mount; which cgroup each service is in
 //! - `engine`: the policy in force and how it changes (rescans, reloads,
 //!   quarantine, status); `reload`: reading and auditing policy changes;
-//!   `quarantine`: the quarantine overlay
+//!   `quarantine`: the quarantine overlay; `rollback`: undoing a failed
+//!   switch; `selfcheck`: what the drift self-check found (`kernel::drift`
+//!   compares the maps)
 //! - `events`: ring buffer -> decoded events -> decision log and live
 //!   subscribers
 //! - `control`: the local control socket and its commands (`flows`,
@@ -38,6 +40,8 @@ pub mod notify;
 pub mod policy;
 pub mod quarantine;
 pub mod reload;
+pub mod rollback;
+pub mod selfcheck;
 pub mod services;
 pub mod state_file;
 pub mod takeover;

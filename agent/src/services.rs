@@ -323,6 +323,18 @@ impl ServiceTracker {
         in_order(changes)
     }
 
+    /// Every cgroup each service owns now (a fresh look, not the last
+    /// rescan's), with the entry SERVICES must hold for it.
+    pub fn current(&self) -> Vec<(u64, ServiceEntry)> {
+        self.find()
+            .into_iter()
+            .flat_map(|(i, cgroups)| {
+                let entry = self.services[i].entry;
+                cgroups.into_iter().map(move |(_, id)| (id, entry))
+            })
+            .collect()
+    }
+
     /// Each service's state, for the metrics.
     pub fn statuses(&self) -> Vec<crate::metrics::ServiceStatus> {
         self.services

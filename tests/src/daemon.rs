@@ -138,6 +138,19 @@ impl Daemon {
         daemon
     }
 
+    /// [`Self::start_with_config`] with `env` added to the daemon's
+    /// environment (e.g. the test-only `BULKHEAD_TEST_FAULTS_FILE`).
+    #[must_use]
+    pub fn start_with_env(policies: &PolicyDir, config: &str, env: &[(&str, &OsStr)]) -> Self {
+        let mut daemon = Self::spawn_full(
+            &[OsStr::new("--policy-dir"), policies.path().as_os_str()],
+            config,
+            env,
+        );
+        daemon.wait_ready();
+        daemon
+    }
+
     /// Starts `bulkhead run ARGS` with `NOTIFY_SOCKET` set, without waiting.
     #[must_use]
     pub fn spawn_run<S: AsRef<OsStr>>(args: &[S]) -> Self {
@@ -147,6 +160,10 @@ impl Daemon {
     /// [`Self::spawn_run`]; unless `args` has `--config`, the config file is
     /// one holding `config`.
     fn spawn_with_config<S: AsRef<OsStr>>(args: &[S], config: &str) -> Self {
+        Self::spawn_full(args, config, &[])
+    }
+
+    fn spawn_full<S: AsRef<OsStr>>(args: &[S], config: &str, env: &[(&str, &OsStr)]) -> Self {
         let work = tempfile::Builder::new()
             .prefix("bulkhead-test-daemon-")
             .tempdir()
@@ -193,6 +210,7 @@ impl Daemon {
         let child = Command::new(&bin)
             .args(&command_line)
             .env("NOTIFY_SOCKET", notify.path())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -280,6 +298,19 @@ impl Daemon {
     #[must_use]
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Waits until the daemon's log contains `needle`; panics after
+    /// `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log did not show {needle:?} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Notifications sent since the last look (without waiting).

@@ -155,6 +155,42 @@ fn describe(e: &ClientError, _path: &std::path::Path) -> String {
     e.to_string()
 }
 
+/// The self-check's line(s) of the status: drift left now, and the last
+/// drift found.
+fn self_check_line(c: &Value) -> String {
+    let n = |k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = match n("drift") {
+        0 => format!(
+            "self-check: no drift ({} checks, every {} s; the last read {} entries in {} ms)\n",
+            n("checks"),
+            n("interval_secs"),
+            n("last_entries_read"),
+            n("last_duration_us") / 1000
+        ),
+        left => format!(
+            "self-check: DRIFT, {left} differences left after the repair ({})\n",
+            c.get("drift_by_kind")
+                .map(Value::to_string)
+                .unwrap_or_default()
+        ),
+    };
+    if let Some(f) = c.get("last_found").filter(|f| !f.is_null()) {
+        let s = |k: &str| f.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let repaired = match f.get("repaired").and_then(Value::as_bool) {
+            Some(true) => "repaired",
+            _ => "NOT repaired",
+        };
+        out.push_str(&format!(
+            "last drift found: {} ({}, {repaired}); {} found in all, {} repairs\n",
+            s("kinds"),
+            s("trigger"),
+            n("found_total"),
+            n("repairs")
+        ));
+    }
+    out
+}
+
 /// The status as a few readable lines.
 pub fn render_status(v: &Value) -> String {
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
@@ -180,6 +216,9 @@ pub fn render_status(v: &Value) -> String {
         .flatten()
     {
         out.push_str(&format!("{}: {}\n", s(f, "feature"), s(f, "status")));
+    }
+    if let Some(check) = v.get("self_check") {
+        out.push_str(&self_check_line(check));
     }
     out.push('\n');
     out.push_str(&format!(

@@ -23,6 +23,13 @@ pub enum KernelError {
     /// A service cgroup's SERVICES entry could not be written.
     #[error("{0}")]
     Services(String),
+    #[error("{cause}; putting the policy in force back also failed ({undo}): the self-check repairs what is left")]
+    Rollback {
+        cause: Box<KernelError>,
+        undo: Box<KernelError>,
+    },
+    #[error("{0} failed by test fault injection")]
+    Injected(&'static str),
     #[error("cannot pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("cannot open cgroup {path}: {source}")]

@@ -18,6 +18,7 @@ use aya::{
 
 use super::{
     compile::CompiledPolicy,
+    drift, fault,
     layout::{relocate, Capacity},
     maps, raw_link, KernelError, ResolvedService,
 };
@@ -262,16 +263,23 @@ impl Enforcer {
         self.live.as_ref()
     }
 
-    /// Step 1 of a reload: writes `policy` into the half not in force. No
-    /// service points at it yet, so nothing changes for any connection. On
-    /// error whatever was written is removed again.
+    /// Step 1 of a reload: empties the half not in force (whatever a failed
+    /// retire or an earlier staging left there), then writes `policy` into
+    /// it. No service points at that half, so nothing changes for any
+    /// connection. On error whatever was written is removed again.
     pub fn stage(&mut self, policy: CompiledPolicy) -> Result<CompiledPolicy, KernelError> {
         self.capacity
             .check(&policy)
             .map_err(KernelError::Capacity)?;
-        let staged = relocate(policy, 1 - self.half, self.capacity);
-        if let Err(e) = maps::write_rules(&mut self.ebpf, &staged) {
-            let _ = maps::delete_rules(&mut self.ebpf, &staged);
+        let half = 1 - self.half;
+        let ids = self.half_services(half);
+        maps::clear_half(&mut self.ebpf, ids.clone())?;
+        let staged = relocate(policy, half, self.capacity);
+        let written =
+            fault::inject("stage").and_then(|()| maps::write_rules(&mut self.ebpf, &staged));
+        if let Err(e) = written {
+            // Best effort: the next staging empties the half anyway.
+            let _ = maps::clear_half(&mut self.ebpf, ids);
             return Err(e);
         }
         Ok(staged)
@@ -281,31 +289,112 @@ impl Enforcer {
     /// policy (one map update per cgroup), and makes it the policy in force.
     /// Returns the previous policy, to `retire` once no program can still
     /// be using it.
+    ///
+    /// All or nothing: when a write fails part-way, `rollback` (the changes
+    /// that point every cgroup touched back at its entry in the policy in
+    /// force) is applied, the paths and flags are put back, and the staged
+    /// half is emptied; the policy in force stays.
     pub fn switch(
         &mut self,
         staged: CompiledPolicy,
         changes: &[crate::services::Change],
+        rollback: &[crate::services::Change],
     ) -> Result<Option<CompiledPolicy>, KernelError> {
-        // Paths first: a unit restarting during the switch gets its new
-        // entry from the kernel, and the rescan catches the rest.
-        maps::write_service_paths(&mut self.ebpf, &staged, self.live.as_ref())?;
-        let (old, new) = (
-            self.live.as_ref().map_or(0, maps::active_flags),
-            maps::active_flags(&staged),
-        );
-        maps::write_active_flags(&mut self.ebpf, old | new)?;
-        if let Some((_, e)) = maps::apply_service_changes(&mut self.ebpf, changes)?.first() {
-            return Err(KernelError::Services(e.clone()));
+        let old_flags = self.live.as_ref().map_or(0, maps::active_flags);
+        if let Err(e) = self.try_switch(&staged, changes, old_flags) {
+            let undone = self.undo_switch(&staged, rollback, old_flags);
+            return Err(match undone {
+                Ok(()) => e,
+                Err(undo) => KernelError::Rollback {
+                    cause: Box::new(e),
+                    undo: Box::new(undo),
+                },
+            });
         }
-        maps::write_active_flags(&mut self.ebpf, new)?;
         self.half = staged.service_base / self.capacity.services.max(1);
         Ok(self.live.replace(staged))
     }
 
-    /// Step 3: removes a previous policy's prefixes. Call after a grace
-    /// period: a verdict that started before the switch may still read them.
+    fn try_switch(
+        &mut self,
+        staged: &CompiledPolicy,
+        changes: &[crate::services::Change],
+        old_flags: u32,
+    ) -> Result<(), KernelError> {
+        // Paths first: a unit restarting during the switch gets its new
+        // entry from the kernel, and the rescan catches the rest.
+        maps::write_service_paths(&mut self.ebpf, staged, self.live.as_ref())?;
+        let new = maps::active_flags(staged);
+        maps::write_active_flags(&mut self.ebpf, old_flags | new)?;
+        fault::inject("switch")?;
+        if let Some((_, e)) = maps::apply_service_changes(&mut self.ebpf, changes)?.first() {
+            return Err(KernelError::Services(e.clone()));
+        }
+        maps::write_active_flags(&mut self.ebpf, new)
+    }
+
+    /// Puts back what a failed switch changed. Only when that worked is the
+    /// staged half emptied: a cgroup still pointing there must keep a
+    /// complete policy (the self-check repairs the rest).
+    fn undo_switch(
+        &mut self,
+        staged: &CompiledPolicy,
+        rollback: &[crate::services::Change],
+        old_flags: u32,
+    ) -> Result<(), KernelError> {
+        // Paths first, as in the switch: a cgroup made meanwhile gets the
+        // entry in force.
+        let none = CompiledPolicy::default();
+        let live = self.live.as_ref().unwrap_or(&none);
+        maps::write_service_paths(&mut self.ebpf, live, Some(staged))?;
+        if let Some((_, e)) = maps::apply_service_changes(&mut self.ebpf, rollback)?.first() {
+            return Err(KernelError::Services(e.clone()));
+        }
+        maps::write_active_flags(&mut self.ebpf, old_flags)?;
+        let half = staged.service_base / self.capacity.services.max(1);
+        let ids = self.half_services(half);
+        maps::clear_half(&mut self.ebpf, ids).map(|_| ())
+    }
+
+    /// Step 3: empties the previous policy's half, so that it holds
+    /// nothing, whoever wrote there. Call after a grace period: a verdict
+    /// that started before the switch may still read it. Should it fail,
+    /// the next `stage` empties that half before writing.
     pub fn retire(&mut self, old: &CompiledPolicy) -> Result<(), KernelError> {
-        maps::delete_rules(&mut self.ebpf, old)
+        fault::inject("retire")?;
+        let ids = self.half_services(old.service_base / self.capacity.services.max(1));
+        maps::clear_half(&mut self.ebpf, ids).map(|_| ())
+    }
+
+    /// The service ids of `half`.
+    fn half_services(&self, half: u32) -> std::ops::Range<u32> {
+        let n = self.capacity.services;
+        half * n..(half + 1) * n
+    }
+
+    /// Reads the policy maps back and compares them with the policy in
+    /// force and the managed cgroups (see `drift`). `retiring`: the other
+    /// half still holds the previous policy, within its grace period.
+    pub fn check_drift(
+        &self,
+        retiring: bool,
+        cgroups: &drift::Cgroups<'_>,
+    ) -> Result<drift::Report, KernelError> {
+        let Some(live) = self.live.as_ref() else {
+            return Ok(drift::Report::default());
+        };
+        let other = if retiring {
+            None
+        } else {
+            Some(self.half_services(1 - self.half))
+        };
+        drift::check(
+            &self.ebpf,
+            live,
+            self.half_services(self.half),
+            other,
+            cgroups,
+        )
     }
 
     /// Attaches every program at the cgroup2 root (one attach serves every

@@ -9,6 +9,8 @@ use aya::{
     Ebpf,
 };
 
+use std::ops::Range;
+
 use super::{compile::CompiledPolicy, KernelError};
 use crate::{policy::Selector, services::Change};
 
@@ -75,30 +77,41 @@ pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kerne
     Ok(())
 }
 
-/// Deletes a retired policy's LPM entries (its rulesets are simply
-/// overwritten by the next policy written into that half). Missing keys
-/// are fine: this also cleans up after a half-written policy.
-pub fn delete_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), KernelError> {
+/// Empties one half of the LPM tries: every prefix whose service id lies
+/// in `services` goes, whoever wrote it (a retire that failed, a staging
+/// cut short). Its rulesets are not touched: only prefixes and service
+/// entries of that half can reach them, and the next policy there
+/// overwrites the ones it uses. Returns how many prefixes went.
+pub fn clear_half(ebpf: &mut Ebpf, services: Range<u32>) -> Result<usize, KernelError> {
     let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
-    for (name, entries) in [
-        (names::EGRESS_V4, &policy.v4),
-        (names::INGRESS_V4, &policy.ingress_v4),
-    ] {
+    let in_half = |sid: [u8; 4]| services.contains(&u32::from_be_bytes(sid));
+    let mut cleared = 0;
+    for name in [names::EGRESS_V4, names::INGRESS_V4] {
         let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
-        for (len, key, _) in entries {
-            removed(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+        // Collected first: deleting while walking would skip keys.
+        let keys = trie
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| in_half(k.data().service_id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name))?;
+        for key in &keys {
+            removed(trie.remove(key)).map_err(map_err(name))?;
         }
+        cleared += keys.len();
     }
-    for (name, entries) in [
-        (names::EGRESS_V6, &policy.v6),
-        (names::INGRESS_V6, &policy.ingress_v6),
-    ] {
+    for name in [names::EGRESS_V6, names::INGRESS_V6] {
         let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
-        for (len, key, _) in entries {
-            removed(trie.remove(&Key::new(*len, *key))).map_err(map_err(name))?;
+        let keys = trie
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| in_half(k.data().service_id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name))?;
+        for key in &keys {
+            removed(trie.remove(key)).map_err(map_err(name))?;
         }
+        cleared += keys.len();
     }
-    Ok(())
+    Ok(cleared)
 }
 
 /// The SERVICE_PATHS key of a cgroup path relative to the cgroup2 mount:
@@ -245,15 +258,21 @@ pub fn write_held_sockets(
 }
 
 /// A removal that found nothing to remove is fine: the end state is the
-/// one wanted.
+/// one wanted. (aya reports a missing key on delete as the syscall's
+/// ENOENT, not as `KeyNotFound`.)
 fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
 
-fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
+pub(super) fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
 {

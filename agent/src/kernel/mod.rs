@@ -2,7 +2,9 @@
 //! values, loading and attaching the programs, writing the maps.
 
 pub mod compile;
+pub mod drift;
 mod error;
+mod fault;
 pub mod layout;
 mod loader;
 mod maps;

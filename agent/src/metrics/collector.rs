@@ -514,6 +514,7 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             ([("kind", "overflow")], load(&held.overflow)),
         ],
     )?;
+    drift(enc, &state.drift)?;
     let pinholes = &state.udp_peers;
     one(
         enc,
@@ -530,6 +531,55 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             ([("reason", "idle")], load(&pinholes.closed_idle)),
             ([("reason", "policy")], load(&pinholes.closed_policy)),
         ],
+    )
+}
+
+fn drift(enc: &mut DescriptorEncoder, drift: &crate::selfcheck::DriftStats) -> fmt::Result {
+    use crate::kernel::drift::Kind;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    gauges(
+        enc,
+        "bulkhead_enforcement_drift",
+        "Differences between the kernel maps and the policy in force left after the last self-check and its repair, by kind (0 everywhere when the kernel enforces exactly the policy).",
+        None,
+        Kind::ALL
+            .iter()
+            .zip(&drift.current)
+            .map(|(k, n)| ([("kind", k.as_str())], load(n))),
+    )?;
+    counters(
+        enc,
+        "bulkhead_enforcement_drift_found",
+        "Differences the self-check found since start, by kind, before repairing them.",
+        Kind::ALL
+            .iter()
+            .zip(&drift.found)
+            .map(|(k, n)| ([("kind", k.as_str())], load(n))),
+    )?;
+    counters(
+        enc,
+        "bulkhead_self_checks",
+        "Self-checks run, by result: ok = the maps were read (drift or not), error = a map could not be read.",
+        [
+            ([("result", "ok")], load(&drift.checks)),
+            ([("result", "error")], load(&drift.check_errors)),
+        ],
+    )?;
+    counters(
+        enc,
+        "bulkhead_enforcement_drift_repairs",
+        "Repairs of drift (the policy in force written again and switched to), by result.",
+        [
+            ([("result", "success")], load(&drift.repairs)),
+            ([("result", "failure")], load(&drift.repair_failures)),
+        ],
+    )?;
+    one(
+        enc,
+        "bulkhead_self_check_duration_seconds",
+        "How long the last self-check took to read and compare the maps.",
+        None,
+        &ConstGauge::new(load(&drift.last_micros) as f64 / 1e6),
     )
 }
 

@@ -214,6 +214,8 @@ pub struct MetricsState {
     pub held: crate::held::HeldStats,
     /// UDP pinholes (the engine's sweep).
     pub udp_peers: crate::kernel::udp_peers::UdpPeerStats,
+    /// The self-check's findings (the engine's check).
+    pub drift: crate::selfcheck::DriftStats,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -284,6 +286,7 @@ impl MetricsState {
             reloads: Arc::default(),
             held: crate::held::HeldStats::default(),
             udp_peers: crate::kernel::udp_peers::UdpPeerStats::default(),
+            drift: crate::selfcheck::DriftStats::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),

@@ -131,13 +131,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .clone()
         .or_else(|| (!plan.quick).then(|| workspace_root().join("BENCHMARKS.md")));
     if let Some(path) = output {
-        // Keep the section `cargo xtask bench-events` writes.
-        let events = crate::bench_events::section(&fs::read_to_string(&path).unwrap_or_default());
-        let text = format!("{}{}", report.markdown(), events.unwrap_or_default());
+        // Keep the section `cargo xtask bench-events` writes, and the
+        // self-check's figures (measured by the drift suite).
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        let events = crate::bench_events::section(&old);
+        let text = format!(
+            "{}{}{}",
+            report.markdown(),
+            events.unwrap_or_default(),
+            self_check_section(&old).unwrap_or_default()
+        );
         fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The hand-written self-check section of a BENCHMARKS.md text, markers
+/// included.
+fn self_check_section(text: &str) -> Option<String> {
+    const BEGIN: &str = "<!-- self-check:begin -->";
+    const END: &str = "<!-- self-check:end -->";
+    let b = text.find(BEGIN)?;
+    let e = text[b..].find(END)? + b + END.len();
+    Some(format!("\n{}\n", &text[b..e]))
 }
 
 /// An explicit config, so a host's /etc/bulkhead cannot change what is
