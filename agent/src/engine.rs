@@ -120,7 +120,7 @@ impl Engine {
             // finds it and re-applies the policy (the tracker retries adds).
             warn!(
                 failed = failed.len(),
-                "cannot update some managed cgroups; checking the maps now"
+                "cannot update the managed cgroups: {}; checking the maps now", failed[0].1
             );
             self.self_check("service update failed");
         }
