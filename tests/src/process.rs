@@ -10,6 +10,19 @@ use std::{
 /// How often a deadline wait polls the child.
 const POLL: Duration = Duration::from_millis(10);
 
+/// `base` times `BULKHEAD_TIMEOUT_SCALE` (a whole number, default 1): for
+/// the bounds of heavy programs (a browser) that an emulated guest runs
+/// many times slower (`cargo xtask test --kernel` sets it).
+#[must_use]
+pub fn scaled(base: Duration) -> Duration {
+    let scale = std::env::var("BULKHEAD_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    base * scale
+}
+
 /// Runs `cmd` to completion and returns what it printed; panics (naming the
 /// command) if it cannot start or is still running after `timeout`.
 #[must_use]

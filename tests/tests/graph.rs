@@ -18,7 +18,7 @@ use std::{
 use integration_tests::{
     addr, bulkhead,
     http::{http_get, metrics_addr},
-    process::output_with_timeout,
+    process::{output_with_timeout, scaled},
     require::REQUIRE_ENV,
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, NetnsGuard, PolicyDir,
     Probe, Proto,
@@ -529,7 +529,7 @@ fn the_map_renders_in_headless_chromium() {
         ))
         .args(extra)
         .arg(&url);
-        let out = output_with_timeout(&mut cmd, Duration::from_secs(90));
+        let out = output_with_timeout(&mut cmd, scaled(Duration::from_secs(90)));
         assert!(
             out.status.success(),
             "{cmd:?} failed ({}): {}",

@@ -71,6 +71,10 @@ const GUEST_MEMORY: &str = "3G";
 /// on the host): without KVM, the 6.1 verifier took 23.5 s over one program.
 const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How many times longer heavy programs (headless Chromium) may take in
+/// the emulated guest than on the host.
+const GUEST_TIMEOUT_SCALE: u32 = 8;
+
 /// How long one suite may run in the guest before it is killed.
 const SUITE_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// Boot and shutdown, on top of the suites' own time.
@@ -415,6 +419,8 @@ impl Guest {
         writeln!(s, "export PATH={}", quote_str(&path))?;
         writeln!(s, "export BULKHEAD_BIN={}", quote(spec.bulkhead)?)?;
         s.push_str("export BULKHEAD_REQUIRE_BPF=1 RUST_BACKTRACE=1\n");
+        // Emulated: a browser's bound grows with it (tests/src/process.rs).
+        writeln!(s, "export BULKHEAD_TIMEOUT_SCALE={GUEST_TIMEOUT_SCALE}")?;
         // Emulated, the verifier takes tens of seconds over the programs.
         writeln!(
             s,
