@@ -214,6 +214,8 @@ pub struct MetricsState {
     pub held: crate::held::HeldStats,
     /// UDP pinholes (the engine's sweep).
     pub udp_peers: crate::kernel::udp_peers::UdpPeerStats,
+    /// The metrics listener's own connections and refusals.
+    pub http: super::http_stats::HttpStats,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -284,6 +286,7 @@ impl MetricsState {
             reloads: Arc::default(),
             held: crate::held::HeldStats::default(),
             udp_peers: crate::kernel::udp_peers::UdpPeerStats::default(),
+            http: super::http_stats::HttpStats::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
