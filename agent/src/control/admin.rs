@@ -157,7 +157,10 @@ fn describe(e: &ClientError, _path: &std::path::Path) -> String {
 
 /// The status as a few readable lines.
 pub fn render_status(v: &Value) -> String {
-    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    // Cgroup paths and unit names may hold anything a local user chose.
+    let s = |v: &Value, k: &str| {
+        crate::visible::visible(v.get(k).and_then(Value::as_str).unwrap_or("-")).into_owned()
+    };
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     let mut out =
         format!(
@@ -168,7 +171,10 @@ pub fn render_status(v: &Value) -> String {
         n(v, "reloads_refused"),
         v.get("last_reload_error")
             .and_then(Value::as_str)
-            .map(|e| format!(" (last refused: {})", e.lines().next().unwrap_or("")))
+            .map(|e| {
+                let first = e.lines().next().unwrap_or("");
+                format!(" (last refused: {})", crate::visible::visible(first))
+            })
             .unwrap_or_default(),
         s(v, "pins"),
         s(v, "cgroup2"),
@@ -219,4 +225,33 @@ pub fn render_status(v: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_writes_cgroup_paths_and_names_visibly() {
+        let v = serde_json::json!({
+            "policy_dir": "/etc/bulkhead/policies",
+            "services": [{
+                "name": "web",
+                "state": "managed",
+                "mode": "enforce",
+                "cgroup": "/user.slice/evil\u{1b}]0;owned\u{7}.scope",
+                "detail": "waiting\nweb  managed  enforce"
+            }]
+        });
+        let text = render_status(&v);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text}"
+        );
+        assert!(text.contains("evil\\u{1b}]0;owned\\u{7}.scope"), "{text}");
+        assert!(
+            text.contains("  web: waiting\\u{a}web  managed  enforce\n"),
+            "{text}"
+        );
+    }
 }
