@@ -112,7 +112,14 @@ pub fn set_nofile(pid: u32, limit: u64) {
     };
     let pid = libc::pid_t::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));
     // SAFETY: a valid rlimit to read, no old value asked for.
-    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &rl, std::ptr::null_mut()) };
+    let rc = unsafe {
+        libc::prlimit(
+            pid,
+            libc::RLIMIT_NOFILE,
+            &raw const rl,
+            std::ptr::null_mut(),
+        )
+    };
     assert_eq!(
         rc,
         0,
@@ -129,7 +136,7 @@ pub fn raise_own_nofile(min: u64) {
         rlim_max: 0,
     };
     // SAFETY: a valid rlimit to fill.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut rl) };
     assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
     if rl.rlim_cur >= min {
         return;
@@ -137,7 +144,7 @@ pub fn raise_own_nofile(min: u64) {
     rl.rlim_cur = min;
     rl.rlim_max = rl.rlim_max.max(min);
     // SAFETY: a valid rlimit to read.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rl) };
     assert_eq!(
         rc,
         0,

@@ -28,7 +28,7 @@ const QUARANTINE_BOUND: Duration = Duration::from_secs(5);
 
 /// 1,100 idle connections to the metrics port of a daemon limited to 1024
 /// open files: `bulkhead quarantine` still answers within 5 s and the
-/// quarantined service's next connect() gets EPERM.
+/// quarantined service's next `connect()` gets EPERM.
 #[test]
 fn idle_metrics_connections_leave_quarantine_working() {
     if !require_bpf() {
