@@ -107,6 +107,10 @@ pub fn release(args: &ReleaseArgs) -> ExitCode {
     }
 }
 
+/// How long a one-shot command waits for the daemon (its answers take
+/// milliseconds; the daemon bounds each client in its turn: server.rs).
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends one request and returns its result, or prints one line and
 /// returns the exit code.
 pub(crate) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
@@ -120,7 +124,7 @@ pub(crate) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value
             }
         },
     };
-    let replies = client::request(&path, req).map_err(|e| {
+    let replies = client::request_within(&path, req, ANSWER_DEADLINE).map_err(|e| {
         eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
         ExitCode::FAILURE
     })?;
