@@ -296,6 +296,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_parses_with_its_metrics_defaults() {
+        let text = include_str!("../../policies/config/bulkhead.toml");
+        let c = Config::parse(Path::new(DEFAULT_CONFIG), text).expect("the shipped config parses");
+        assert_eq!(c.metrics, MetricsConfig::default());
+    }
+
+    #[test]
     fn sections_parse_and_default() {
         let c = Config::parse(
             Path::new("/c.toml"),
