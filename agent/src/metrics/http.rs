@@ -371,6 +371,31 @@ mod tests {
         drop(idle);
     }
 
+    /// The header timeout also ends a keep-alive connection left idle
+    /// after a response (a new idle one: tests/tests/abuse.rs).
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+        use super::super::listener::HEADER_TIMEOUT;
+        let (server, _state) = serve();
+        let addr = server.local_addr();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = conn.read(&mut buf).await.expect("the response");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let from = std::time::Instant::now();
+        let closed = tokio::time::timeout(HEADER_TIMEOUT * 2, conn.read(&mut buf))
+            .await
+            .expect("closed within twice the timeout");
+        assert!(matches!(closed, Ok(0)), "{closed:?}");
+        assert!(from.elapsed() >= HEADER_TIMEOUT - std::time::Duration::from_millis(100));
+    }
+
     #[test]
     fn a_taken_address_is_an_error_naming_it() {
         let first = Endpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
