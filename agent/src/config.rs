@@ -197,12 +197,16 @@ pub struct MetricsConfig {
     /// Address to listen on; loopback by default. Anything else exposes the
     /// service map to the network: set it only on purpose.
     pub listen: SocketAddr,
+    /// Names (without a port) answered in `Host` besides addresses and
+    /// `localhost`, e.g. a proxy's; any other name gets 421 (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9469)),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -325,10 +329,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_parses_with_its_metrics_defaults() {
+        let text = include_str!("../../policies/config/bulkhead.toml");
+        let c = Config::parse(Path::new(DEFAULT_CONFIG), text).expect("the shipped config parses");
+        assert_eq!(c.metrics, MetricsConfig::default());
+    }
+
+    #[test]
     fn sections_parse_and_default() {
         let c = Config::parse(
             Path::new("/c.toml"),
-            "[events]\nsink = \"-\"\nobserve_unmanaged = true\n[metrics]\nlisten = \"127.0.0.1:9999\"\n",
+            "[events]\nsink = \"-\"\nobserve_unmanaged = true\n[metrics]\nlisten = \"127.0.0.1:9999\"\nallowed_hosts = [\"metrics.example\"]\n",
         )
         .expect("valid config");
         assert_eq!(c.events.sink, "-");
@@ -338,6 +349,7 @@ mod tests {
             agent_common::DEFAULT_EVENTS_BYTES
         );
         assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.metrics.allowed_hosts, ["metrics.example"]);
         assert_eq!(c.control.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
     }
 

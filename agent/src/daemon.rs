@@ -151,7 +151,8 @@ async fn serve(plan: Plan) -> Result<()> {
     hub.add_tap(Arc::clone(&graph) as Arc<dyn events::Tap>);
     // Bound before anything touches the kernel, so a taken port stops the
     // daemon here, with the address in the error.
-    let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?;
+    let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?
+        .allow_hosts(&config.metrics.allowed_hosts);
 
     // Services whose cgroup exists now are written before attach; the rest
     // (and restarted units, with new cgroup ids) are picked up by the

@@ -20,6 +20,8 @@
 //! - `daemon`: `bulkhead run` (start-up and main loop); `takeover`: from a
 //!   previous agent's pins; `notify`: systemd readiness and watchdog
 //! - `config`, `logging`, `cli`: configuration, logs, command line
+//! - `visible`: control characters from outside written out for terminals
+//!   and diagrams
 
 pub mod anomaly;
 pub mod cgroup;
@@ -45,3 +47,4 @@ pub mod selfcheck;
 pub mod services;
 pub mod state_file;
 pub mod takeover;
+pub mod visible;

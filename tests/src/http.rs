@@ -60,24 +60,49 @@ pub fn metrics_addr(daemon: &Daemon) -> SocketAddr {
 /// (lower-cased) and the body.
 #[must_use]
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+}
+
+/// Sends `request` as written (an HTTP/1.0 request, so the server closes
+/// after its answer); returns as [`http_get`] does.
+#[must_use]
+pub fn http_request(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let what = request.lines().next().unwrap_or_default();
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("set_read_timeout: {e}"));
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .unwrap_or_else(|e| panic!("cannot send GET {path}: {e}"));
+    conn.write_all(request.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot send {what}: {e}"));
     let mut response = String::new();
     conn.read_to_string(&mut response)
-        .unwrap_or_else(|e| panic!("cannot read the response to GET {path}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot read the response to {what}: {e}"));
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: no header block in {response:?}"));
+        .unwrap_or_else(|| panic!("{what}: no header block in {response:?}"));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status code in {head:?}"));
+        .unwrap_or_else(|| panic!("{what}: no status code in {head:?}"));
     (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// `n` TCP connections to `addr` that send nothing, held until dropped (a
+/// connection the server has closed is still counted: it stays open here).
+/// The caller raises its own descriptor limit first
+/// ([`crate::process::raise_own_nofile`]).
+#[must_use]
+pub fn hold_idle(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("idle connection {i} of {n} to {addr}: {e}"))
+        })
+        .collect()
 }
 
 /// A series: metric name and its labels, sorted.

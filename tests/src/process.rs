@@ -114,3 +114,54 @@ pub fn terminate(child: &mut Child, grace: Duration) -> (Option<ExitStatus>, boo
     let _ = child.kill();
     (child.wait().ok(), true)
 }
+
+/// Sets the open-file limit (soft and hard) of process `pid`, as systemd's
+/// `LimitNOFILE=` would: a daemon started by the harness inherits the test
+/// runner's, which may be far higher than a service gets by default.
+pub fn set_nofile(pid: u32, limit: u64) {
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    let pid = libc::pid_t::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));
+    // SAFETY: a valid rlimit to read, no old value asked for.
+    let rc = unsafe {
+        libc::prlimit(
+            pid,
+            libc::RLIMIT_NOFILE,
+            &raw const rl,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "prlimit(RLIMIT_NOFILE) of {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Raises this process's open-file soft limit to at least `min` (up to
+/// the hard limit, which root may also raise).
+pub fn raise_own_nofile(min: u64) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut rl) };
+    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    if rl.rlim_cur >= min {
+        return;
+    }
+    rl.rlim_cur = min;
+    rl.rlim_max = rl.rlim_max.max(min);
+    // SAFETY: a valid rlimit to read.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rl) };
+    assert_eq!(
+        rc,
+        0,
+        "setrlimit(RLIMIT_NOFILE, {min}): {}",
+        std::io::Error::last_os_error()
+    );
+}

@@ -172,6 +172,17 @@ fn unit_is_verified_clean_by_systemd_analyze() {
     );
 }
 
+/// The unit raises the open-file limit above systemd's default soft 1024
+/// (issue 15: the agent's descriptors must not run out under load).
+#[test]
+fn unit_raises_the_open_file_limit() {
+    let limit = service_setting(&unit_text(), "LimitNOFILE");
+    let n: u64 = limit
+        .parse()
+        .unwrap_or_else(|e| panic!("LimitNOFILE={limit:?} is not one number: {e}"));
+    assert!(n >= 65536, "LimitNOFILE={n}");
+}
+
 /// The overall exposure from `systemd-analyze security` output.
 fn exposure(report: &str) -> Option<f64> {
     let line = report

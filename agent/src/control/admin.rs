@@ -107,6 +107,10 @@ pub fn release(args: &ReleaseArgs) -> ExitCode {
     }
 }
 
+/// How long a one-shot command waits for the daemon (its answers take
+/// milliseconds; the daemon bounds each client in its turn: server.rs).
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends one request and returns its result, or prints one line and
 /// returns the exit code.
 pub(crate) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
@@ -120,7 +124,7 @@ pub(crate) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value
             }
         },
     };
-    let replies = client::request(&path, req).map_err(|e| {
+    let replies = client::request_within(&path, req, ANSWER_DEADLINE).map_err(|e| {
         eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
         ExitCode::FAILURE
     })?;
@@ -193,7 +197,10 @@ fn self_check_line(c: &Value) -> String {
 
 /// The status as a few readable lines.
 pub fn render_status(v: &Value) -> String {
-    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    // Cgroup paths and unit names may hold anything a local user chose.
+    let s = |v: &Value, k: &str| {
+        crate::visible::visible(v.get(k).and_then(Value::as_str).unwrap_or("-")).into_owned()
+    };
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     let mut out =
         format!(
@@ -204,7 +211,10 @@ pub fn render_status(v: &Value) -> String {
         n(v, "reloads_refused"),
         v.get("last_reload_error")
             .and_then(Value::as_str)
-            .map(|e| format!(" (last refused: {})", e.lines().next().unwrap_or("")))
+            .map(|e| {
+                let first = e.lines().next().unwrap_or("");
+                format!(" (last refused: {})", crate::visible::visible(first))
+            })
             .unwrap_or_default(),
         s(v, "pins"),
         s(v, "cgroup2"),
@@ -264,7 +274,7 @@ pub fn render_status(v: &Value) -> String {
 mod tests {
     use serde_json::json;
 
-    use super::render_status;
+    use super::*;
 
     #[test]
     fn status_lists_every_instance_and_says_what_is_wrong() {
@@ -303,6 +313,30 @@ mod tests {
             lines.contains(
                 &"  db: waiting: no cgroup for db.service in the slices under /sys/fs/cgroup"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_writes_cgroup_paths_and_names_visibly() {
+        let v = json!({
+            "policy_dir": "/etc/bulkhead/policies",
+            "services": [{
+                "name": "web",
+                "state": "managed",
+                "mode": "enforce",
+                "cgroup": "/user.slice/evil\u{1b}]0;owned\u{7}.scope",
+                "detail": "waiting\nweb  managed  enforce"
+            }]
+        });
+        let text = render_status(&v);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text}"
+        );
+        assert!(text.contains("evil\\u{1b}]0;owned\\u{7}.scope"), "{text}");
+        assert!(
+            text.contains("  web: waiting\\u{a}web  managed  enforce\n"),
             "{text}"
         );
     }

@@ -5,6 +5,7 @@ use std::{
     io::{self, BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use super::protocol::{decode_reply, encode_request, Reply, Request, MAX_REPLY_BYTES};
@@ -28,6 +29,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("the daemon closed the connection before the end of its reply")]
     Truncated,
+    #[error("no answer from the daemon within {0:?}; a change asked for may still be applied: see bulkhead status")]
+    NoAnswer(Duration),
 }
 
 /// "No such file or directory" rather than "... (os error 2)".
@@ -48,7 +51,39 @@ pub struct Line {
 
 /// Sends `req` to the daemon at `path` and returns its reply lines.
 pub fn request(path: &Path, req: &Request) -> Result<Replies<UnixStream>, ClientError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+    let mut stream = connect(path)?;
+    stream.write_all(encode_request(req).as_bytes())?;
+    Ok(Replies::new(stream))
+}
+
+/// As [`request`], for a one-shot command: sending the request and each
+/// reply line must take less than `deadline` ([`ClientError::NoAnswer`]
+/// otherwise), so a wedged daemon cannot hang the command.
+pub fn request_within(
+    path: &Path,
+    req: &Request,
+    deadline: Duration,
+) -> Result<Replies<UnixStream>, ClientError> {
+    let mut stream = connect(path)?;
+    stream.set_read_timeout(Some(deadline))?;
+    stream.set_write_timeout(Some(deadline))?;
+    stream
+        .write_all(encode_request(req).as_bytes())
+        .map_err(|e| timed_out(e, deadline))?;
+    let mut replies = Replies::new(stream);
+    replies.deadline = Some(deadline);
+    Ok(replies)
+}
+
+fn timed_out(e: io::Error, deadline: Duration) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::NoAnswer(deadline),
+        _ => ClientError::Io(e),
+    }
+}
+
+fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NotRunning {
             path: path.to_path_buf(),
             source,
@@ -60,9 +95,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Replies<UnixStream>, Client
             path: path.to_path_buf(),
             source,
         },
-    })?;
-    stream.write_all(encode_request(req).as_bytes())?;
-    Ok(Replies::new(stream))
+    })
 }
 
 /// The reply lines of one request. Ends after `{"end":...}`; an error
@@ -71,6 +104,8 @@ pub fn request(path: &Path, req: &Request) -> Result<Replies<UnixStream>, Client
 pub struct Replies<R> {
     reader: BufReader<R>,
     done: bool,
+    /// Set by [`request_within`]: a read that times out is reported as such.
+    deadline: Option<Duration>,
 }
 
 impl<R: Read> Replies<R> {
@@ -78,15 +113,22 @@ impl<R: Read> Replies<R> {
         Self {
             reader: BufReader::new(reader),
             done: false,
+            deadline: None,
         }
     }
 
     fn next_line(&mut self) -> Result<Line, ClientError> {
         let mut buf = Vec::new();
         let limit = u64::try_from(MAX_REPLY_BYTES).unwrap_or(u64::MAX);
-        (&mut self.reader)
+        let read = (&mut self.reader)
             .take(limit + 1)
-            .read_until(b'\n', &mut buf)?;
+            .read_until(b'\n', &mut buf);
+        if let Err(e) = read {
+            return Err(match self.deadline {
+                Some(d) => timed_out(e, d),
+                None => ClientError::Io(e),
+            });
+        }
         if buf.is_empty() {
             return Err(ClientError::Truncated);
         }
@@ -179,6 +221,32 @@ mod tests {
         );
         let got = lines("hello\n");
         assert!(matches!(got.as_slice(), [Err(ClientError::Protocol(l))] if l == "hello"));
+    }
+
+    #[test]
+    fn a_daemon_that_never_answers_is_given_up_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s");
+        // Accepts (the backlog does) and never answers.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let deadline = Duration::from_millis(200);
+        let from = std::time::Instant::now();
+        let got: Vec<_> = request_within(
+            &path,
+            &Request::Status(crate::control::protocol::StatusRequest {}),
+            deadline,
+        )
+        .expect("connects")
+        .collect();
+        assert!(
+            matches!(got.as_slice(), [Err(ClientError::NoAnswer(d))] if *d == deadline),
+            "{got:?}"
+        );
+        assert!(
+            from.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            from.elapsed()
+        );
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub fn row(ev: &FlowEvent) -> Row {
         verdict,
         ev.rule.as_deref().unwrap_or("-").to_string(),
     ]
+    // A process names itself: no cell may carry a terminal control.
+    .map(|cell| crate::visible::visible(&cell).into_owned())
 }
 
 /// `closed (sent 1.5 KiB, received 312 B, 2.3s)`, with what is known.
@@ -219,6 +221,15 @@ mod tests {
             ]
             .map(String::from)
         );
+    }
+
+    #[test]
+    fn a_process_name_cannot_write_terminal_controls() {
+        let ev = FlowEvent {
+            comm: "x\x1b[1A\x1b[2K\ndeny".to_string(),
+            ..event()
+        };
+        assert_eq!(row(&ev)[2], "x\\u{1b}[1A\\u{1b}[2K\\u{a}deny[42]");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{header::CONTENT_TYPE, Method, Request, StatusCode, Uri};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
@@ -22,6 +22,10 @@ use super::{
 use crate::events::{EventType, FlowEvent, Hub};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The most of a collector's answer that is read: OTLP answers are a few
+/// bytes of JSON; anything longer is cut off with its connection.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// The running exporter; dropping it does not stop it, [`Exporter::abort`]
 /// does.
@@ -148,11 +152,20 @@ async fn send(
             ExportStats::add(&stats.dropped_rejected, records);
             return false;
         };
-        match tokio::time::timeout(timeout, client.request(request)).await {
-            Ok(Ok(response)) => {
-                let status = response.status();
-                // Read the body so that the connection can be reused.
-                let _ = response.into_body().collect().await;
+        // The whole exchange is under the timeout, the answer's body too: a
+        // collector that trickles it must not hold up the export.
+        let exchange = async {
+            let response = client.request(request).await?;
+            let status = response.status();
+            // Read the body so that the connection can be reused; past the
+            // cap the error drops the connection instead.
+            let _ = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await;
+            Ok::<_, hyper_util::client::legacy::Error>(status)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(status)) => {
                 if status.is_success() {
                     ExportStats::add(&stats.sent, records);
                     return true;

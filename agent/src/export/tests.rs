@@ -243,3 +243,81 @@ fn config_needs_an_http_url_and_is_off_by_default() {
     assert!(err.to_string().contains("http://"), "{err}");
     assert!(parse("[export]\nqueue_capacity = 1\n").is_err());
 }
+
+/// A collector that answers 200 and then sends body chunks of `size`
+/// bytes forever, one every `gap`; returns its address and how many body
+/// bytes it managed to write before the exporter hung up.
+async fn endless_collector(
+    size: usize,
+    gap: Duration,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = Arc::clone(&written);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                let _ = conn.read(&mut request).await;
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if conn.write_all(head).await.is_err() {
+                    return;
+                }
+                let chunk = format!("{size:x}\r\n{}\r\n", "x".repeat(size));
+                while conn.write_all(chunk.as_bytes()).await.is_ok() {
+                    count.fetch_add(size as u64, Ordering::Relaxed);
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, written)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_answer_is_cut_at_the_cap() {
+    let (addr, written) = endless_collector(0x4000, Duration::ZERO).await;
+    let (hub, _dir) = hub();
+    let stats = Arc::new(ExportStats::default());
+    let exporter = spawn(config(addr), &hub, Arc::clone(&stats))
+        .expect("valid endpoint")
+        .expect("enabled");
+    hub.publish((1..=4).map(verdict).collect());
+    eventually("the batch counted as sent", || {
+        ExportStats::get(&stats.sent) == 4
+    })
+    .await;
+    // Let the collector notice the hang-up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let bytes = written.load(Ordering::Relaxed);
+    // The cap plus what the two kernels' socket buffers held.
+    assert!(bytes < 16 * 1024 * 1024, "the exporter read {bytes} bytes");
+    exporter.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_answer_times_out() {
+    let (addr, _) = endless_collector(1, Duration::from_millis(100)).await;
+    let (hub, _dir) = hub();
+    let stats = Arc::new(ExportStats::default());
+    let exporter = spawn(config(addr), &hub, Arc::clone(&stats))
+        .expect("valid endpoint")
+        .expect("enabled");
+    hub.publish((1..=4).map(verdict).collect());
+    // timeout_ms 1000, one retry: both attempts time out, the batch is
+    // dropped and counted.
+    eventually("the batch dropped after its retries", || {
+        ExportStats::get(&stats.dropped_retries) == 4
+    })
+    .await;
+    assert_eq!(ExportStats::get(&stats.failed_requests), 2);
+    assert_eq!(ExportStats::get(&stats.sent), 0);
+    exporter.abort();
+}

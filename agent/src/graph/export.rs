@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::view::View;
+use crate::visible::visible;
 
 fn edge_label(e: &super::view::Edge) -> String {
     let mut label = format!("{} {}", e.protocol, e.port);
@@ -17,7 +18,10 @@ fn edge_label(e: &super::view::Edge) -> String {
 
 /// Graphviz: services as boxes, endpoints as ellipses, denied edges red.
 pub fn dot(v: &View) -> String {
-    let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let q = |s: &str| {
+        let s = visible(s);
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    };
     let mut out = String::from("digraph bulkhead {\n  rankdir=LR;\n");
     for n in &v.nodes {
         let shape = match n.kind.as_str() {
@@ -55,7 +59,8 @@ pub fn dot(v: &View) -> String {
 /// Mermaid `flowchart LR`; node ids are numbered (Mermaid ids cannot hold
 /// addresses), labels quoted; denied edges styled red.
 pub fn mermaid(v: &View) -> String {
-    let clean = |s: &str| s.replace('"', "'");
+    // A newline would end the statement; `"` the label.
+    let clean = |s: &str| visible(s).replace('"', "'");
     let mut out = String::from("flowchart LR\n");
     let index = |id: &str| {
         v.nodes
@@ -115,6 +120,35 @@ mod tests {
         );
         assert!(text.contains("\"service:a\" -> \"endpoint:192.0.2.9:22/tcp\" [label=\"tcp 22 denied ×1\", color=red"), "{text}");
         assert!(text.starts_with("digraph bulkhead {") && text.ends_with("}\n"));
+    }
+
+    /// A view with a process node named by the process itself.
+    fn hostile() -> View {
+        let mut g = Graph::default();
+        let mut ev = connect("a", ("192.0.2.10", 80), Verdict::Allow);
+        ev.service = None;
+        ev.comm = "x\"]\n  n0 --> n1\x1b[31m".to_string();
+        g.observe(&ev);
+        view::build(&g, &PolicySet::default())
+    }
+
+    #[test]
+    fn labels_cannot_add_lines_or_controls() {
+        for text in [mermaid(&hostile()), dot(&hostile())] {
+            assert!(!text.contains('\x1b'), "{text}");
+            // DOT also doubles the backslash (its own escape).
+            assert!(
+                text.contains("u{a}  n0 --> n1\\u{1b}[31m")
+                    || text.contains("u{a}  n0 --> n1\\\\u{1b}[31m"),
+                "{text}"
+            );
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.trim_start().starts_with("n0 --> n1")),
+                "a label started a line of its own:\n{text}"
+            );
+        }
     }
 
     #[test]

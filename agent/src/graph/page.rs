@@ -65,11 +65,16 @@ pub fn data(shared: &Shared) -> Value {
 /// The page with the data inlined, so that it renders without a second
 /// request (and without script fetches a headless browser may not wait for).
 pub fn html(shared: &Shared) -> String {
+    html_of(&data(shared).to_string())
+}
+
+/// The page around `data`, the text of [`data`]'s value (the metrics
+/// listener renders that once for both `/graph` and `/graph.json`).
+pub fn html_of(data: &str) -> String {
     // `<` only occurs inside JSON strings, where `\u003c` means the same:
     // nothing in the data (a process may name itself `</script>`) can end
     // the script element or open a comment.
-    let data = data(shared).to_string().replace('<', "\\u003c");
-    PAGE.replace(PLACEHOLDER, &data)
+    PAGE.replace(PLACEHOLDER, &data.replace('<', "\\u003c"))
 }
 
 #[cfg(test)]

@@ -1,18 +1,22 @@
 //! `bulkhead blast-radius` as text.
 
 use super::blast::BlastRadius;
+use crate::visible::visible as v;
 
-/// The report as text.
+/// The report as text. Names of services, units and processes are passed
+/// through [`v`] (visible.rs): they reach a terminal.
 pub fn render(b: &BlastRadius) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "blast radius of {} ({}, {})",
-        b.service, b.mode, b.file
+        v(&b.service),
+        v(&b.mode),
+        v(&b.file)
     );
     if let Some(since) = &b.since {
-        let _ = writeln!(out, "observed since {since}");
+        let _ = writeln!(out, "observed since {}", v(since));
     }
     let _ = writeln!(out, "\n1. its policy allows:");
     if b.allows.is_empty() {
@@ -22,12 +26,18 @@ pub fn render(b: &BlastRadius) -> String {
         let svc = if a.services.is_empty() {
             String::new()
         } else {
-            format!("  (services listening there: {})", a.services.join(", "))
+            format!(
+                "  (services listening there: {})",
+                v(&a.services.join(", "))
+            )
         };
         let _ = writeln!(
             out,
             "   {:<22} {} ports {} {}{svc}",
-            a.rule, a.to, a.ports, a.protocol
+            v(&a.rule),
+            v(&a.to),
+            a.ports,
+            a.protocol
         );
     }
     let _ = writeln!(out, "\n2. it actually reached:");
@@ -44,13 +54,13 @@ pub fn render(b: &BlastRadius) -> String {
             out,
             "   {:<28} {} connections{denied}, last {} (via {})",
             if r.to == r.dest {
-                r.dest.clone()
+                v(&r.dest).into_owned()
             } else {
-                format!("{} ({})", r.to, r.dest)
+                format!("{} ({})", v(&r.to), v(&r.dest))
             },
             r.connections,
             r.last_seen,
-            r.rule.as_deref().unwrap_or("no rule"),
+            v(r.rule.as_deref().unwrap_or("no rule")),
         );
     }
     let _ = writeln!(out, "\n3. allowed but never used (candidates to remove):");
@@ -61,7 +71,10 @@ pub fn render(b: &BlastRadius) -> String {
         let _ = writeln!(
             out,
             "   {:<22} {} ports {} {}",
-            a.rule, a.to, a.ports, a.protocol
+            v(&a.rule),
+            v(&a.to),
+            a.ports,
+            a.protocol
         );
     }
     let _ = writeln!(
@@ -71,7 +84,52 @@ pub fn render(b: &BlastRadius) -> String {
         b.lateral.destinations.len()
     );
     for h in b.lateral.services.iter().chain(&b.lateral.destinations) {
-        let _ = writeln!(out, "   {} hop(s): {}", h.hops, h.path);
+        let _ = writeln!(out, "   {} hop(s): {}", h.hops, v(&h.path));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::blast::{Hop, Lateral, Reached};
+
+    #[test]
+    fn names_from_outside_are_written_visibly() {
+        let b = BlastRadius {
+            service: "web".to_string(),
+            mode: "enforce".to_string(),
+            file: "web.toml".to_string(),
+            since: None,
+            allows: Vec::new(),
+            reached: vec![Reached {
+                to: "evil\n4. lateral reach: 0".to_string(),
+                dest: "127.0.0.1:80/tcp".to_string(),
+                connections: 1,
+                denied: 0,
+                first_seen: "t".to_string(),
+                last_seen: "t".to_string(),
+                rule: None,
+            }],
+            unused: Vec::new(),
+            lateral: Lateral {
+                services: vec![Hop {
+                    target: "x".to_string(),
+                    kind: "service".to_string(),
+                    hops: 1,
+                    path: "web \u{1b}[2K→ x".to_string(),
+                }],
+                destinations: Vec::new(),
+                size: 1,
+            },
+        };
+        let text = render(&b);
+        assert!(
+            text.contains("evil\\u{a}4. lateral reach: 0 (127.0.0.1:80/tcp)"),
+            "{text}"
+        );
+        assert!(text.contains("web \\u{1b}[2K→ x"), "{text}");
+        assert_eq!(text.matches("lateral reach").count(), 2, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+    }
 }

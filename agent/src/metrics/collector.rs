@@ -130,6 +130,7 @@ impl Collector for StateCollector {
         graph(&mut enc, state)?;
         anomalies(&mut enc, state)?;
         export(&mut enc, state)?;
+        http(&mut enc, state)?;
         health(&mut enc, state)?;
         match ProcessStats::read() {
             Ok(p) => process(&mut enc, &p)?,
@@ -396,6 +397,33 @@ fn export(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             [("exporter", "otlp")],
             ExportStats::get(&stats.failed_requests),
         )],
+    )
+}
+
+/// The metrics listener itself (listener.rs, host.rs, graph_cache.rs).
+fn http(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
+    use super::http_stats::HttpStats;
+    let h = &state.http;
+    one(
+        enc,
+        "bulkhead_http_connections",
+        "Connections the metrics listener serves now.",
+        None,
+        &ConstGauge::new(HttpStats::get(&h.open)),
+    )?;
+    counters(
+        enc,
+        "bulkhead_http_refused",
+        "Connections and requests the metrics listener refused, by reason: busy (connection cap reached; closed at once), host (Host header not allowed; 421).",
+        [("busy", &h.refused_busy), ("host", &h.refused_host)]
+            .map(|(reason, v)| ([("reason", reason)], HttpStats::get(v))),
+    )?;
+    one(
+        enc,
+        "bulkhead_http_graph_renders",
+        "Renderings of the service graph for /graph and /graph.json; requests within a second of one are served from it.",
+        None,
+        &ConstCounter::new(HttpStats::get(&h.graph_renders)),
     )
 }
 

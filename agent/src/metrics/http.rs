@@ -1,10 +1,13 @@
-//! The listener: `GET /metrics`, `GET /healthz`, 404 for any other path.
+//! The routes: `GET /metrics`, `GET /healthz`, `/graph`, `/graph.json`,
+//! 404 for any other path; 421 for a `Host` that is not allowed
+//! (`host.rs`). Connections are accepted in `listener.rs`.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
-    extract::State,
+    extract::{Request, State},
     http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     Router,
@@ -15,6 +18,10 @@ use tracing::{error, info};
 
 use super::{
     collector::{registry, render, Format},
+    graph_cache::GraphCache,
+    host::AllowedHosts,
+    http_stats::HttpStats,
+    listener::accept_loop,
     state::MetricsState,
 };
 
@@ -35,6 +42,7 @@ pub enum MetricsError {
 pub struct Endpoint {
     listener: std::net::TcpListener,
     addr: SocketAddr,
+    hosts: AllowedHosts,
 }
 
 impl Endpoint {
@@ -47,7 +55,19 @@ impl Endpoint {
         let listener = std::net::TcpListener::bind(addr).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
-        Ok(Self { listener, addr })
+        Ok(Self {
+            listener,
+            addr,
+            hosts: AllowedHosts::default(),
+        })
+    }
+
+    /// Also answers requests whose `Host` names one of `names` (`[metrics]
+    /// allowed_hosts`); addresses and `localhost` always are.
+    #[must_use]
+    pub fn allow_hosts(mut self, names: &[String]) -> Self {
+        self.hosts = AllowedHosts::new(names);
+        self
     }
 
     /// The address actually bound.
@@ -67,8 +87,10 @@ impl Endpoint {
             .map_err(|error| MetricsError::Bind { addr, error })?;
         let app = Arc::new(App {
             registry: registry(Arc::clone(&state)),
-            state,
-            scrapes: Semaphore::new(MAX_CONCURRENT_SCRAPES),
+            state: Arc::clone(&state),
+            work: Semaphore::new(MAX_CONCURRENT_WORK),
+            graph: GraphCache::default(),
+            hosts: self.hosts,
         });
         let router = Router::new()
             .route("/metrics", get(metrics))
@@ -76,12 +98,9 @@ impl Endpoint {
             .route("/graph", get(graph_page))
             .route("/graph.json", get(graph_json))
             .fallback(not_found)
+            .layer(middleware::from_fn_with_state(Arc::clone(&app), check_host))
             .with_state(app);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                error!("metrics endpoint stopped: {e}");
-            }
-        });
+        let task = tokio::spawn(accept_loop(listener, router, state));
         info!(listen = %addr, "serving http://{addr}/metrics and /healthz");
         Ok(MetricsServer { addr, task })
     }
@@ -107,20 +126,37 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Scrapes encoded at once; more wait their turn, so a burst of requests
-/// cannot take more CPU than this many scrapes (the daemon has two cores'
-/// worth of work to do).
-const MAX_CONCURRENT_SCRAPES: usize = 2;
+/// Scrapes and graph renderings done at once (at most one of them a
+/// rendering: graph_cache.rs); more wait their turn, so a burst of requests
+/// cannot take more CPU than this (the daemon has two cores' worth of work
+/// to do).
+const MAX_CONCURRENT_WORK: usize = 2;
 
 struct App {
     registry: Registry,
     state: Arc<MetricsState>,
-    scrapes: Semaphore,
+    work: Semaphore,
+    graph: GraphCache,
+    hosts: AllowedHosts,
+}
+
+/// Refuses a request whose `Host` could be a rebound name (host.rs).
+async fn check_host(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let host = request.headers().get(header::HOST).map(|h| h.as_bytes());
+    if app.hosts.allows(host) {
+        return next.run(request).await;
+    }
+    HttpStats::bump(&app.state.http.refused_host);
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        "Host not allowed: use an address or localhost, or list the name in [metrics] allowed_hosts\n",
+    )
+        .into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let Ok(_turn) = app.scrapes.acquire().await else {
+    let Ok(_turn) = app.work.acquire().await else {
         // Only if the semaphore were closed, which it never is.
         return (StatusCode::SERVICE_UNAVAILABLE, "not serving metrics\n").into_response();
     };
@@ -154,11 +190,11 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 
 /// The service map (docs/graph.md): one self-contained page.
 async fn graph_page(State(app): State<Arc<App>>) -> Response {
-    let Some(shared) = app.state.graph().cloned() else {
+    let Some(shared) = app.state.graph() else {
         return not_found().await;
     };
-    match tokio::task::spawn_blocking(move || crate::graph::page::html(&shared)).await {
-        Ok(page) => (
+    match app.graph.get(shared, &app.work, &app.state.http).await {
+        Ok(rendered) => (
             [
                 (header::CONTENT_TYPE, "text/html; charset=utf-8"),
                 (
@@ -166,7 +202,7 @@ async fn graph_page(State(app): State<Arc<App>>) -> Response {
                     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
                 ),
             ],
-            page,
+            rendered.html.clone(),
         )
             .into_response(),
         Err(e) => {
@@ -177,11 +213,15 @@ async fn graph_page(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn graph_json(State(app): State<Arc<App>>) -> Response {
-    let Some(shared) = app.state.graph().cloned() else {
+    let Some(shared) = app.state.graph() else {
         return not_found().await;
     };
-    match tokio::task::spawn_blocking(move || crate::graph::page::data(&shared).to_string()).await {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+    match app.graph.get(shared, &app.work, &app.state.http).await {
+        Ok(rendered) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            rendered.json.clone(),
+        )
+            .into_response(),
         Err(e) => {
             error!("graph.json failed: {e}");
             (StatusCode::INTERNAL_SERVER_ERROR, "graph.json failed\n").into_response()
@@ -209,7 +249,7 @@ mod tests {
     /// One HTTP/1.0 request; returns (status, headers, body).
     async fn get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String, String) {
         let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let request = format!("GET {path} HTTP/1.0\r\nHost: test\r\nAccept: {accept}\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n");
         conn.write_all(request.as_bytes()).await.expect("send");
         let mut response = String::new();
         conn.read_to_string(&mut response).await.expect("read");
@@ -273,6 +313,87 @@ mod tests {
             let (status, _, _) = get(server.local_addr(), path, "*/*").await;
             assert_eq!(status, 404, "{path}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_foreign_host_is_refused_and_counted() {
+        let (server, state) = serve();
+        let addr = server.local_addr();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /graph.json HTTP/1.0\r\nHost: rebound.example:9469\r\n\r\n")
+            .await
+            .expect("send");
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.expect("read");
+        assert!(response.starts_with("HTTP/1.0 421"), "{response}");
+        assert_eq!(HttpStats::get(&state.http.refused_host), 1);
+        let (status, _, _) = get(addr, "/healthz", "*/*").await;
+        assert_eq!(status, 200, "an address as Host is answered");
+    }
+
+    #[tokio::test]
+    async fn the_graph_is_rendered_once_for_requests_within_its_ttl() {
+        let (server, state) = serve();
+        state.set_graph(Arc::new(crate::graph::Shared::default()));
+        let addr = server.local_addr();
+        let (status, _, first) = get(addr, "/graph.json", "*/*").await;
+        assert_eq!(status, 200, "{first}");
+        let (status, _, page) = get(addr, "/graph", "*/*").await;
+        assert_eq!(status, 200, "{page}");
+        let (_, _, second) = get(addr, "/graph.json", "*/*").await;
+        assert_eq!(first, second, "served from the cache");
+        assert_eq!(HttpStats::get(&state.http.graph_renders), 1);
+        tokio::time::sleep(super::super::graph_cache::TTL).await;
+        let _ = get(addr, "/graph.json", "*/*").await;
+        assert_eq!(
+            HttpStats::get(&state.http.graph_renders),
+            2,
+            "rendered again after the TTL"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once() {
+        use super::super::listener::MAX_CONNECTIONS;
+        let (server, state) = serve();
+        let addr = server.local_addr();
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(2), extra.read(&mut buf))
+            .await
+            .expect("closed within 2 s");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(HttpStats::get(&state.http.refused_busy), 1);
+        drop(idle);
+    }
+
+    /// The header timeout also ends a keep-alive connection left idle
+    /// after a response (a new idle one: tests/tests/abuse.rs).
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+        use super::super::listener::HEADER_TIMEOUT;
+        let (server, _state) = serve();
+        let addr = server.local_addr();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = conn.read(&mut buf).await.expect("the response");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let from = std::time::Instant::now();
+        let closed = tokio::time::timeout(HEADER_TIMEOUT * 2, conn.read(&mut buf))
+            .await
+            .expect("closed within twice the timeout");
+        assert!(matches!(closed, Ok(0)), "{closed:?}");
+        assert!(from.elapsed() >= HEADER_TIMEOUT - std::time::Duration::from_millis(100));
     }
 
     #[test]

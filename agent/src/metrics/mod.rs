@@ -8,12 +8,18 @@
 //! - `state`: what the daemon hands over ([`MetricsState`], [`Inventory`])
 //! - `collector`: state -> metric families, text encoding
 //! - `process`: the process's own CPU, memory and file descriptors
-//! - `http`: the listener and its routes
+//! - `http`: the routes; `listener`: accepting connections, with a cap and
+//!   timeouts; `host`: the `Host` allowlist; `graph_cache`: `/graph`
+//!   rendered once a second at most; `http_stats`: what the listener counts
 
 mod collector;
 #[cfg(test)]
 mod fake;
+mod graph_cache;
+mod host;
 mod http;
+mod http_stats;
+mod listener;
 mod process;
 mod state;
 

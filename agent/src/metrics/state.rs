@@ -216,6 +216,8 @@ pub struct MetricsState {
     pub udp_peers: crate::kernel::udp_peers::UdpPeerStats,
     /// The self-check's findings (the engine's check).
     pub drift: crate::selfcheck::DriftStats,
+    /// The metrics listener's own connections and refusals.
+    pub http: super::http_stats::HttpStats,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -287,6 +289,7 @@ impl MetricsState {
             held: crate::held::HeldStats::default(),
             udp_peers: crate::kernel::udp_peers::UdpPeerStats::default(),
             drift: crate::selfcheck::DriftStats::default(),
+            http: super::http_stats::HttpStats::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
