@@ -131,6 +131,7 @@ impl Collector for StateCollector {
         anomalies(&mut enc, state)?;
         export(&mut enc, state)?;
         health(&mut enc, state)?;
+        state_files(&mut enc)?;
         match ProcessStats::read() {
             Ok(p) => process(&mut enc, &p)?,
             Err(e) => read_failed("/proc/self/stat", &e),
@@ -530,6 +531,17 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
             ([("reason", "idle")], load(&pinholes.closed_idle)),
             ([("reason", "policy")], load(&pinholes.closed_policy)),
         ],
+    )
+}
+
+/// Damaged state files found since start (see `state_file`).
+fn state_files(enc: &mut DescriptorEncoder) -> fmt::Result {
+    let counts = crate::state_file::error_counts();
+    counters(
+        enc,
+        "bulkhead_state_file_errors",
+        "State files found damaged (unparsable, a link, not a regular file, not root's, writable by others), by file; each was set aside as FILE.corrupt-<unix seconds> and the agent went on.",
+        counts.iter().map(|(f, n)| ([("file", f.as_str())], *n)),
     )
 }
 
