@@ -44,6 +44,13 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
         run_cmd(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let fuzz_dir = workspace_root().join("fuzz");
+    // Built once: `cargo fuzz run` would run the agent's build script (the
+    // eBPF build) again for every target.
+    run_cmd(
+        cargo_fuzz(&fuzz_dir)
+            .args(["build", "-O"])
+            .args(args.target.as_deref()),
+    )?;
     let mut outcomes = Vec::new();
     for target in TARGETS
         .into_iter()
@@ -74,27 +81,46 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     Ok(())
 }
 
-/// One target: new inputs go to a scratch corpus under `fuzz/target`, the
-/// committed seeds are read only.
-fn run_one(fuzz_dir: &Path, target: &'static str, seconds: u64) -> Result<Outcome> {
-    let scratch = fuzz_dir.join("target/corpus").join(target);
-    fs::create_dir_all(&scratch).with_context(|| format!("{}", scratch.display()))?;
-    let seeds = fuzz_dir.join("corpus").join(target);
-    eprintln!("xtask: fuzzing {target} for {seconds} s");
-    let out = Command::new("cargo")
-        .current_dir(fuzz_dir)
+/// `cargo +NIGHTLY fuzz` in the fuzz crate.
+fn cargo_fuzz(fuzz_dir: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(fuzz_dir)
         // The fuzz crate is a workspace of its own with its own target
         // directory (instrumented builds must not mix with the main ones).
         .env_remove("CARGO_TARGET_DIR")
         .arg(format!("+{EBPF_TOOLCHAIN}"))
-        .args(["fuzz", "run", "-O", target])
-        .arg(&scratch)
-        .arg(&seeds)
-        .arg("--")
+        .arg("fuzz");
+    cmd
+}
+
+/// One target, run straight from its built binary: new inputs go to a
+/// scratch corpus under `fuzz/target`, the committed seeds are read only.
+fn run_one(fuzz_dir: &Path, target: &'static str, seconds: u64) -> Result<Outcome> {
+    let scratch = fuzz_dir.join("target/corpus").join(target);
+    fs::create_dir_all(&scratch).with_context(|| format!("{}", scratch.display()))?;
+    let artifacts = fuzz_dir.join("artifacts").join(target);
+    fs::create_dir_all(&artifacts).with_context(|| format!("{}", artifacts.display()))?;
+    let seeds = fuzz_dir.join("corpus").join(target);
+    let bin = fuzz_dir
+        .join("target")
+        .join(format!("{}-unknown-linux-gnu", std::env::consts::ARCH))
+        .join("release")
+        .join(target);
+    eprintln!("xtask: fuzzing {target} for {seconds} s");
+    let mut prefix = artifacts.into_os_string();
+    prefix.push("/");
+    let out = Command::new(&bin)
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1")
+        .arg({
+            let mut a = std::ffi::OsString::from("-artifact_prefix=");
+            a.push(&prefix);
+            a
+        })
+        .arg(&scratch)
+        .arg(&seeds)
         .output()
-        .context("cannot run cargo fuzz")?;
+        .with_context(|| format!("cannot run {}", bin.display()))?;
     let log = String::from_utf8_lossy(&out.stderr);
     let executions = log
         .lines()

@@ -277,6 +277,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(FILE), b"{not json").expect("write");
         assert!(load(dir.path()).edges.is_empty());
-        assert!(dir.path().join("graph.json.bad").exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("graph.json.corrupt-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(!dir.path().join(FILE).exists());
     }
 }
