@@ -364,6 +364,7 @@ async fn serve(plan: Plan) -> Result<()> {
                     Ok(()) => info!("SIGHUP: decision log re-opened"),
                     Err(e) => warn!("SIGHUP: cannot re-open the decision log: {e}"),
                 }
+                policy_changes.rearm();
                 engine.reload("sighup");
             }
         }
