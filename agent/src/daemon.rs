@@ -8,7 +8,6 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::{
@@ -23,7 +22,6 @@ use crate::{
         Enforcer, LoadOptions, ResolvedService,
     },
     policy,
-    quarantine::Quarantines,
     reload::{self, Loaded, PolicySource},
     services::{ServiceTracker, RESCAN_INTERVAL},
 };
@@ -131,7 +129,13 @@ async fn serve(plan: Plan) -> Result<()> {
     let policy_dir = source.dir.clone();
     // Quarantines survive restarts: they are laid over the policy from the
     // first moment this agent enforces.
-    let quarantines = Quarantines::load(&config.state_dir).map_err(|e| anyhow!(e))?;
+    // A damaged file is set aside and the pinned quarantines kept (fail closed).
+    let quarantines = crate::quarantine_recovery::at_start(
+        &config.state_dir,
+        &PinRoot(config.pin_dir.clone()).current(),
+        &mount,
+        &compiled,
+    );
     let compiled = if quarantines.services.is_empty() {
         compiled
     } else {
@@ -294,7 +298,7 @@ async fn serve(plan: Plan) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     // Likewise the policy directory's watch: a change right after READY
     // must not be missed.
-    let mut policy_changes = watch_policy_dir(&policy_dir)?;
+    let mut policy_changes = crate::policy_watch::PolicyWatch::start(&policy_dir)?;
     crate::notify::ready(&status);
     // Pings while the event consumer lives and the main loop beats.
     let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
@@ -354,11 +358,13 @@ async fn serve(plan: Plan) -> Result<()> {
                 check_trigger = "periodic";
             }
             Some(call) = admin_rx.recv() => engine.handle(call),
-            Some(_) = policy_changes.next() => {
+            () = policy_changes.changed() => {
                 reload_at = Some(tokio::time::Instant::now() + POLICY_SETTLE);
             }
             _ = tokio::time::sleep_until(reload_at.unwrap_or_else(far)), if reload_at.is_some() => {
                 reload_at = None;
+                // A directory replaced (renamed over) is watched anew.
+                policy_changes.rearm();
                 engine.reload("inotify");
             }
             _ = tokio::time::sleep_until(engine.retire_at().unwrap_or_else(far)), if engine.retire_at().is_some() => {
@@ -371,6 +377,7 @@ async fn serve(plan: Plan) -> Result<()> {
                     Ok(()) => info!("SIGHUP: decision log re-opened"),
                     Err(e) => warn!("SIGHUP: cannot re-open the decision log: {e}"),
                 }
+                policy_changes.rearm();
                 engine.reload("sighup");
             }
         }
@@ -402,30 +409,6 @@ async fn serve(plan: Plan) -> Result<()> {
 
 /// Quiet time after the last change in the policy directory before a reload.
 const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// A stream that yields whenever a file in the policy directory is written,
-/// created, removed, renamed or has its permissions changed.
-fn watch_policy_dir(dir: &std::path::Path) -> Result<inotify::EventStream<[u8; 4096]>> {
-    use inotify::{Inotify, WatchMask};
-    let inotify = Inotify::init().context("cannot start inotify")?;
-    inotify
-        .watches()
-        .add(
-            dir,
-            WatchMask::CLOSE_WRITE
-                | WatchMask::CREATE
-                | WatchMask::DELETE
-                | WatchMask::MOVED_FROM
-                | WatchMask::MOVED_TO
-                | WatchMask::ATTRIB
-                | WatchMask::DELETE_SELF
-                | WatchMask::MOVE_SELF,
-        )
-        .with_context(|| format!("cannot watch the policy directory {}", dir.display()))?;
-    inotify
-        .into_event_stream([0u8; 4096])
-        .context("cannot read inotify events")
-}
 
 /// The services whose cgroup exists, as the kernel maps take them.
 fn resolved_services(tracker: &ServiceTracker) -> Vec<ResolvedService> {

@@ -4,7 +4,7 @@
 //! any reload (atomically) and kept in the state directory, so that it
 //! survives reloads and agent restarts until released.
 
-use std::{collections::BTreeMap, fmt, fs, net::IpAddr, path::Path, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, str::FromStr};
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -87,17 +87,25 @@ pub struct Quarantines {
     pub services: BTreeMap<String, Vec<Exception>>,
 }
 
-const FILE: &str = "quarantine.json";
+pub const FILE: &str = "quarantine.json";
 
 impl Quarantines {
+    /// Reads `quarantine.json` (none: no quarantine). An error is the
+    /// problem with the file: see `quarantine_recovery` for what then.
     pub fn load(state_dir: &Path) -> Result<Self, String> {
-        let path = state_dir.join(FILE);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: not a valid quarantine file: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+        match crate::state_file::read(state_dir, FILE) {
+            Ok(Some(bytes)) => Self::parse(&bytes),
+            Ok(None) => Ok(Self::default()),
+            Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Parses the file's bytes.
+    ///
+    /// # Errors
+    /// Not JSON, or not a quarantine file (bad exceptions among them).
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a valid quarantine file: {e}"))
     }
 
     /// Written atomically (temporary file, then rename).

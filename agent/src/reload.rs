@@ -115,7 +115,10 @@ fn snapshot(
     dir: &Path,
     problems: &mut Vec<String>,
 ) -> Result<(Snapshot, Vec<policy::FileText>), String> {
-    let meta = fs::metadata(dir)
+    // The directory is checked as opened (a link to it is followed: the
+    // files in it are what is refused as links).
+    let meta = fs::File::open(dir)
+        .and_then(|d| d.metadata())
         .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
     check_owner(dir, meta.uid(), meta.mode(), problems);
     let entries = fs::read_dir(dir)
@@ -124,18 +127,22 @@ fn snapshot(
     let mut texts = Vec::new();
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
-        if !path.is_file() || path.extension().is_none_or(|x| x != "toml") {
+        // Not followed: a link named *.toml is opened (and refused as one).
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir || path.extension().is_none_or(|x| x != "toml") {
             continue;
         }
-        let meta = match fs::metadata(&path) {
-            Ok(meta) => meta,
+        // Checked and read through one descriptor: the file judged is the
+        // file read, whatever happens to the name meanwhile.
+        let (file, meta) = match crate::state_file::open_nofollow(&path) {
+            Ok(opened) => opened,
             Err(e) => {
                 texts.push((path, Err(e)));
                 continue;
             }
         };
         check_owner(&path, meta.uid(), meta.mode(), problems);
-        let bytes = match fs::read(&path) {
+        let bytes = match crate::state_file::read_all(file, &meta) {
             Ok(bytes) => bytes,
             Err(e) => {
                 texts.push((path, Err(e)));
@@ -374,6 +381,21 @@ mod tests {
             "{err}"
         );
         assert!(err.contains(&format!("{}:2:", b.display())), "{err}");
+    }
+
+    #[test]
+    fn a_symlinked_policy_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let real = elsewhere.path().join("a.toml");
+        fs::write(&real, "cgroup = \"/a\"\nmode = \"audit\"\n").expect("write");
+        std::os::unix::fs::symlink(&real, dir.path().join("a.toml")).expect("symlink");
+        let err = load(&source(dir.path())).err().expect("refused");
+        let link = dir.path().join("a.toml");
+        assert!(
+            err.contains(&format!("{}:", link.display())) && err.contains("is a symbolic link"),
+            "{err}"
+        );
     }
 
     #[test]

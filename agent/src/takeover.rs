@@ -159,6 +159,19 @@ pub fn save_names(state_dir: &Path, names: &Names) {
 }
 
 fn load_names(state_dir: &Path) -> Option<Names> {
-    let bytes = std::fs::read(state_dir.join(NAMES_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    let problem = match crate::state_file::read(state_dir, NAMES_FILE) {
+        Ok(None) => return None,
+        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(names) => return Some(names),
+            Err(e) => format!("not valid policy names: {e}"),
+        },
+        Err(e) => e.to_string(),
+    };
+    crate::state_file::set_aside(
+        state_dir,
+        NAMES_FILE,
+        &problem,
+        "the previous agent's leftover events are named with this agent's policy",
+    );
+    None
 }

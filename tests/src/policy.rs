@@ -55,6 +55,30 @@ impl PolicyDir {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Replaces the whole directory, as `mv new-policies policies` does: a
+    /// sibling directory is filled with `files`, the old one renamed away
+    /// (and removed), the new one renamed to this path.
+    pub fn replace_whole(&self, files: &[(&str, &str)]) {
+        let path = self.dir.path();
+        let sibling = |suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        let (new, old) = (sibling(".new"), sibling(".old"));
+        fs::create_dir(&new).unwrap_or_else(|e| panic!("cannot create {}: {e}", new.display()));
+        for (name, contents) in files {
+            let file = new.join(name);
+            fs::write(&file, contents)
+                .unwrap_or_else(|e| panic!("cannot write policy {}: {e}", file.display()));
+        }
+        fs::rename(path, &old)
+            .unwrap_or_else(|e| panic!("cannot move {} away: {e}", path.display()));
+        fs::rename(&new, path)
+            .unwrap_or_else(|e| panic!("cannot move {} into place: {e}", new.display()));
+        fs::remove_dir_all(&old).unwrap_or_else(|e| panic!("cannot remove {}: {e}", old.display()));
+    }
 }
 
 impl Default for PolicyDir {

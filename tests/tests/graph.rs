@@ -310,7 +310,8 @@ fn assert_inbound(daemon: &Daemon, world: &World) {
 /// same traffic gets no denial and anything new gets EPERM.
 fn learn_and_enforce(daemon: &Daemon, world: &World, policies: &PolicyDir, db_node: &str) {
     // Learn both services' policies, in enforce mode, straight into the
-    // policy directory: the daemon reloads them.
+    // policy directory (over the audit ones: --force): the daemon reloads
+    // them.
     for svc in ["web", "api"] {
         let file = policies.path().join(format!("{svc}.toml"));
         let said = cli(
@@ -323,6 +324,7 @@ fn learn_and_enforce(daemon: &Daemon, world: &World, policies: &PolicyDir, db_no
                 "1h",
                 "--output",
                 &file.to_string_lossy(),
+                "--force",
             ],
         );
         assert!(said.contains("passes `bulkhead check`"), "{said}");

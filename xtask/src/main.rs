@@ -6,6 +6,7 @@ mod bench_events;
 mod bpf_linker;
 mod build;
 mod eval;
+mod fuzz;
 mod guest;
 mod install;
 mod lint;
@@ -66,6 +67,9 @@ enum Task {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Fuzz every parser of outside input (cargo-fuzz, pinned nightly):
+    /// prints executions and crashes per target. Not part of CI.
+    Fuzz(fuzz::FuzzArgs),
     /// Build the release binary and install it with the systemd unit, the
     /// default config (never over an existing one) and the example policies.
     Install(install::InstallArgs),
@@ -120,6 +124,11 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
         Task::EvalAnomaly { seed } => {
             setup::ensure_build_tools()?;
             eval::run(seed)?;
+        }
+        // The fuzz crate builds the agent, whose build script needs the eBPF tools.
+        Task::Fuzz(args) => {
+            setup::ensure_build_tools()?;
+            fuzz::run(&args)?;
         }
         // With --binary nothing is built, so no eBPF tools are needed.
         Task::Install(args) => {

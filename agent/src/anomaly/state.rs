@@ -94,19 +94,26 @@ pub fn write(dir: &Path, saved: &Saved) -> io::Result<()> {
 /// Reads `dir/anomaly.json`: `Ok(None)` when there is none.
 ///
 /// # Errors
-/// When the file exists but cannot be read or parsed, or has another version.
-pub fn load(dir: &Path) -> io::Result<Option<Saved>> {
-    let bytes = match std::fs::read(dir.join(STATE_FILE)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let saved: Saved = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
-    if saved.version != VERSION {
-        return Err(io::Error::other(format!(
-            "{STATE_FILE}: version {} (expected {VERSION})",
-            saved.version
-        )));
+/// When the file exists but cannot be read (a link, not the agent's own,
+/// ...) or parsed, or has another version: the problem, for the caller to
+/// set it aside.
+pub fn load(dir: &Path) -> Result<Option<Saved>, String> {
+    match crate::state_file::read(dir, STATE_FILE) {
+        Ok(Some(bytes)) => parse(&bytes).map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(Some(saved))
+}
+
+/// Parses the file's bytes.
+///
+/// # Errors
+/// Not JSON, not baselines, or another version.
+pub fn parse(bytes: &[u8]) -> Result<Saved, String> {
+    let saved: Saved =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid baselines: {e}"))?;
+    if saved.version != VERSION {
+        return Err(format!("version {} (expected {VERSION})", saved.version));
+    }
+    Ok(saved)
 }

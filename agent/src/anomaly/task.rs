@@ -89,8 +89,13 @@ pub fn spawn(
             detector.restore(saved);
         }
         Ok(None) => {}
-        Err(e) => {
-            warn!(dir = %state_dir.display(), "anomaly baselines not restored, learning afresh: {e}")
+        Err(problem) => {
+            crate::state_file::set_aside(
+                &state_dir,
+                state::STATE_FILE,
+                &problem,
+                "anomaly baselines are learned afresh",
+            );
         }
     }
     let period = std::time::Duration::from_secs(detector.config().interval_s);

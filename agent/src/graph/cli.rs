@@ -58,8 +58,13 @@ pub struct LearnArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub since: Option<std::time::Duration>,
     /// Write the policy to FILE (checked after writing) instead of stdout.
+    /// An existing FILE is kept unless --force; a symbolic link never
+    /// followed.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Replace FILE if it exists (never through a symbolic link).
+    #[arg(long, requires = "output")]
+    pub force: bool,
     /// Write `mode = "enforce"` (default: "audit", to review first).
     #[arg(long)]
     pub enforce: bool,
@@ -198,7 +203,7 @@ pub fn learn(args: &LearnArgs) -> ExitCode {
         print!("{text}");
         return ExitCode::SUCCESS;
     };
-    if let Err(e) = write_policy(path, text) {
+    if let Err(e) = write_policy(path, text, args.force) {
         eprintln!("bulkhead learn: cannot write {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
@@ -229,7 +234,48 @@ pub fn learn(args: &LearnArgs) -> ExitCode {
 
 /// Writes `text` to `path` atomically (a hidden temporary file in the same
 /// directory, then a rename), mode 0644 as policy files must be.
-fn write_policy(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes the learned policy. Run as root, a link planted at FILE must not
+/// redirect the write (O_NOFOLLOW), and an existing file is kept unless
+/// `force` (O_EXCL); with `force` the file is replaced by a rename, which
+/// replaces a name and never writes through one.
+fn write_policy(path: &Path, text: &str, force: bool) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "is a symbolic link: refused (links are not followed; name the file itself)",
+            ))
+        }
+        Ok(_) if !force => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "exists: refused (--force replaces it)",
+            ))
+        }
+        _ => {}
+    }
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(flags)
+            .open(p)
+            .map_err(|e| match e.kind() {
+                ErrorKind::AlreadyExists => Error::new(
+                    ErrorKind::AlreadyExists,
+                    "exists (or appeared meanwhile): refused (--force replaces it)",
+                ),
+                _ => e,
+            })
+    };
+    if !force {
+        let mut f = open(path)?;
+        f.write_all(text.as_bytes())?;
+        return f.sync_all();
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -239,13 +285,39 @@ fn write_policy(path: &Path, text: &str) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "policy".to_string());
     let tmp = dir.join(format!(".{name}.learn-tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = open(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learn_output_never_follows_a_link_nor_overwrites_without_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").expect("write");
+        let link = dir.path().join("out.toml");
+        std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+        for force in [false, true] {
+            let err = write_policy(&link, "new", force).expect_err("a link");
+            assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        }
+        assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep");
+        let err = write_policy(&victim, "new", false).expect_err("exists");
+        assert!(err.to_string().contains("--force replaces it"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep");
+        write_policy(&victim, "new", true).expect("forced");
+        assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "new");
+        let fresh = dir.path().join("fresh.toml");
+        write_policy(&fresh, "x", false).expect("new file");
+        assert_eq!(std::fs::read_to_string(&fresh).expect("fresh"), "x");
+    }
 }

@@ -129,31 +129,24 @@ pub fn from_json(bytes: &[u8]) -> Result<Graph, String> {
     Ok(graph)
 }
 
-/// Loads `state_dir/graph.json`; an absent file is an empty graph, an
-/// unreadable one is set aside (`graph.json.bad`) with a warning, so that a
-/// damaged file never stops the agent.
+/// Loads `state_dir/graph.json`; an absent file is an empty graph, a
+/// damaged one is set aside (see `state_file`), so that it never stops the
+/// agent.
 pub fn load(state_dir: &Path) -> Graph {
     let path = state_dir.join(FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Graph::default(),
-        Err(e) => {
-            warn!(path = %path.display(), "cannot read the saved service graph; starting empty: {e}");
-            return Graph::default();
-        }
+    let problem = match crate::state_file::read(state_dir, FILE) {
+        Ok(None) => return Graph::default(),
+        Ok(Some(bytes)) => match from_json(&bytes) {
+            Ok(g) => {
+                info!(path = %path.display(), edges = g.edges.len(), "service graph loaded");
+                return g;
+            }
+            Err(e) => e,
+        },
+        Err(e) => e.to_string(),
     };
-    match from_json(&bytes) {
-        Ok(g) => {
-            info!(path = %path.display(), edges = g.edges.len(), "service graph loaded");
-            g
-        }
-        Err(e) => {
-            let bad = state_dir.join(format!("{FILE}.bad"));
-            let _ = std::fs::rename(&path, &bad);
-            warn!(path = %path.display(), moved_to = %bad.display(), "saved service graph is damaged; starting empty: {e}");
-            Graph::default()
-        }
-    }
+    crate::state_file::set_aside(state_dir, FILE, &problem, "the service graph starts empty");
+    Graph::default()
 }
 
 /// Writes the graph atomically (temporary file, then rename), mode 0600.
@@ -284,6 +277,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(FILE), b"{not json").expect("write");
         assert!(load(dir.path()).edges.is_empty());
-        assert!(dir.path().join("graph.json.bad").exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("graph.json.corrupt-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(!dir.path().join(FILE).exists());
     }
 }

@@ -132,6 +132,7 @@ impl Collector for StateCollector {
         export(&mut enc, state)?;
         http(&mut enc, state)?;
         health(&mut enc, state)?;
+        state_files(&mut enc)?;
         match ProcessStats::read() {
             Ok(p) => process(&mut enc, &p)?,
             Err(e) => read_failed("/proc/self/stat", &e),
@@ -608,6 +609,17 @@ fn drift(enc: &mut DescriptorEncoder, drift: &crate::selfcheck::DriftStats) -> f
         "How long the last self-check took to read and compare the maps.",
         None,
         &ConstGauge::new(load(&drift.last_micros) as f64 / 1e6),
+    )
+}
+
+/// Damaged state files found since start (see `state_file`).
+fn state_files(enc: &mut DescriptorEncoder) -> fmt::Result {
+    let counts = crate::state_file::error_counts();
+    counters(
+        enc,
+        "bulkhead_state_file_errors",
+        "State files found damaged (unparsable, a link, not a regular file, not root's, writable by others), by file; each was set aside as FILE.corrupt-<unix seconds> and the agent went on.",
+        counts.iter().map(|(f, n)| ([("file", f.as_str())], *n)),
     )
 }
 

@@ -18,13 +18,35 @@ use super::{
 pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
     let entries = fs::read_dir(dir)
         .map_err(|e| whole_file(dir, format!("cannot read policy directory: {e}")))?;
+    // As the daemon reads it (reload.rs): a link named *.toml is not
+    // followed but refused, so `check` and `run` agree.
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
+        .filter(|e| !e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
-    load_files(&files)
+    load_texts(
+        files
+            .into_iter()
+            .map(|f| {
+                let text = read_nofollow(&f);
+                (f, text)
+            })
+            .collect(),
+    )
+}
+
+fn read_nofollow(path: &Path) -> std::io::Result<String> {
+    let (file, meta) = crate::state_file::open_nofollow(path)?;
+    let bytes = crate::state_file::read_all(file, &meta)?;
+    String::from_utf8(bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text ({e})"),
+        )
+    })
 }
 
 /// Loads exactly these files. Every file is read and checked even when an
