@@ -22,7 +22,7 @@ use integration_tests::{
     free_port_block,
     http::{metrics_addr, sample_count, scrape},
     pinned_map::PinnedPerCpuArray,
-    process::signal,
+    process::{scaled, signal},
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
     ProgSnapshot, Proto, EPERM,
 };
@@ -423,7 +423,7 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
         free_port_block("127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")), 1)
     ));
     let flood_started = Instant::now();
-    let flooding = thread::spawn(move || client.flood_for(Proto::Udp, FLOOD, target));
+    let flooding = thread::spawn(move || client.flood_for(Proto::Udp, scaled(FLOOD), target));
     thread::sleep(HEAD_START);
     let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
     args.extend(shared.args());
@@ -447,9 +447,10 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
     );
     let log = second.log();
     assert!(
-        ready_in <= READY_UNDER_FLOOD,
+        ready_in <= scaled(READY_UNDER_FLOOD),
         "the second agent took {ready_in:?} to READY under a flood, more than \
-         {READY_UNDER_FLOOD:?}:\n{log}"
+         {:?}:\n{log}",
+        scaled(READY_UNDER_FLOOD)
     );
 
     let old = old_counters.sum_u64(slot);

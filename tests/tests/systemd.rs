@@ -956,7 +956,11 @@ impl NsSystemd {
 
     /// The agent's stdout and stderr (a file in the namespace's /run).
     fn log(&self) -> String {
-        let path = format!("/proc/{}/root/run/bulkhead-test.log", self.pid1());
+        // Never panics: `Drop` prints it while a test unwinds.
+        let Some(pid1) = self.unshare.as_ref().and_then(|c| child_of(c.id())) else {
+            return "(no log: systemd is not running)".to_owned();
+        };
+        let path = format!("/proc/{pid1}/root/run/bulkhead-test.log");
         fs::read_to_string(&path).unwrap_or_else(|e| format!("(no log at {path}: {e})"))
     }
 
