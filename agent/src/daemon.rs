@@ -226,13 +226,16 @@ async fn serve(plan: Plan) -> Result<()> {
             "cgroups of managed services made or removed while the agent started are now enforced"
         );
     }
+    // The previous agent's names, before ours replace them: its leftover
+    // events carry its service ids.
+    let previous_names = crate::takeover::previous_names(&config.state_dir);
     crate::takeover::save_names(&config.state_dir, &Names::from_policy(&compiled));
     match &coverage.cgroup_creation_reason {
         None => info!("new cgroups of managed services are enforced from their creation (cgroup_mkdir tracepoint)"),
         Some(reason) => warn!("{reason}"),
     }
     match pins.promote().context("cannot make the new pins current")? {
-        Some(previous) => crate::takeover::take_over(previous, &config.state_dir, &hub),
+        Some(previous) => crate::takeover::take_over(previous, previous_names, &hub),
         None => {
             info!(pins = %pins.current().display(), "programs pinned: enforcement continues while the agent is stopped")
         }

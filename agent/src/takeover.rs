@@ -45,11 +45,12 @@ struct Drained {
 /// they left in their ring buffer (bounded: `DRAIN_TIME`, `DRAIN_RECORDS`),
 /// detaches them (ours are already attached: no gap), then counts what
 /// they dropped and what the drain left, which no longer grows.
-pub fn take_over(previous: pins::Previous, state_dir: &Path, hub: &Hub) {
+/// `names`: the previous agent's ([`previous_names`], read before this
+/// agent saves its own).
+pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
     let mut drained = Drained::default();
     let mut ring = previous.ring();
     if let Some(ring) = ring.as_mut() {
-        let names = load_names(state_dir).unwrap_or_default();
         let decoder = Decoder::new(Arc::new(names));
         drained = drain(ring, &decoder, hub, Instant::now() + DRAIN_TIME);
     }
@@ -156,6 +157,12 @@ pub fn save_names(state_dir: &Path, names: &Names) {
     if let Err(e) = write() {
         warn!(dir = %state_dir.display(), "cannot save the policy names: {e}");
     }
+}
+
+/// The names the previous agent saved, to read its leftover events with.
+/// Call before [`save_names`] writes this agent's over them.
+pub fn previous_names(state_dir: &Path) -> Names {
+    load_names(state_dir).unwrap_or_default()
 }
 
 fn load_names(state_dir: &Path) -> Option<Names> {

@@ -18,7 +18,7 @@ use integration_tests::{
     bpf::{bulkhead_progs, wait_unloaded},
     conn::{monotonic_ns, Attempt, Conn, Verdict},
     control::{status, status_service, wait_status, SharedPins},
-    events::events,
+    events::{events, wait_event},
     free_port_block,
     http::{metrics_addr, sample_count, scrape},
     pinned_map::PinnedPerCpuArray,
@@ -512,4 +512,44 @@ fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u6
         }
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A decision made while no agent ran is logged by the next agent under
+/// the service name of the policy that made it, even when the next agent's
+/// policy names the service otherwise (it used to read the names it had
+/// just saved over the previous agent's).
+#[test]
+fn leftover_events_carry_the_previous_policys_names() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let shared = SharedPins::new();
+    let before = PolicyDir::with(&[("alpha.toml", &allowing(&svc, allowed.port()))]);
+    let mut first = start_on(&shared, &before);
+    let exit = first.stop();
+    assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
+
+    let stopped_at = monotonic_ns();
+    probe()
+        .in_cgroup(svc.path())
+        .tcp_connect(denied.addr())
+        .assert_eperm("while no agent runs");
+    let after = PolicyDir::with(&[("beta.toml", &allowing(&svc, allowed.port()))]);
+    let second = start_on(&shared, &after);
+    let leftover = wait_event(&second, "the denial made while no agent ran", |e| {
+        e["type"] == "verdict"
+            && e["dst_port"] == denied.port()
+            && e["ktime_ns"].as_u64().is_some_and(|t| t > stopped_at)
+    });
+    assert_eq!(
+        leftover["service"], "alpha",
+        "named by the policy in force when it was made: {leftover:#}"
+    );
+    drop(second);
+    shared
+        .detach()
+        .unwrap_or_else(|e| panic!("detach after the test: {e}"));
 }
