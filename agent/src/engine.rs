@@ -21,7 +21,7 @@ use crate::{
     policy::PolicySet,
     quarantine::{Exception, Quarantines},
     reload::{self, PolicySource, ReloadStats, Snapshot},
-    services::ServiceTracker,
+    services::{Change, ServiceTracker},
 };
 
 /// How long a retired policy's prefixes stay after a switch: a verdict
@@ -114,6 +114,7 @@ impl Engine {
             Err(e) => changes.iter().map(|c| (*c, e.to_string())).collect(),
         };
         self.tracker.applied(&failed);
+        self.forget_gone(&changes);
         self.refresh_inventory();
         if !failed.is_empty() {
             // A cgroup the kernel may hold a wrong entry for: the self-check
@@ -123,6 +124,18 @@ impl Engine {
                 "cannot update the managed cgroups: {}; checking the maps now", failed[0].1
             );
             self.self_check("service update failed");
+        }
+    }
+
+    /// Removes the entries just written for cgroups that were already gone
+    /// (see `ServiceTracker::gone_before_written`); the next rescan forgets
+    /// them in the tracker.
+    fn forget_gone(&mut self, changes: &[Change]) {
+        let gone = self.tracker.gone_before_written(changes);
+        if !gone.is_empty() {
+            if let Err(e) = self.enforcer.apply_service_changes(&gone) {
+                warn!("cannot remove the entries of cgroups already gone: {e}");
+            }
         }
     }
 
@@ -335,6 +348,7 @@ impl Engine {
                 ));
             }
         };
+        self.forget_gone(&changes);
         // Pinholes the new policy no longer allows close now.
         self.sweep_udp_peers(old.as_ref());
         if let Some(old) = old {

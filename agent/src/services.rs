@@ -206,6 +206,33 @@ impl ServiceTracker {
         in_order(adds)
     }
 
+    /// The removes that undo adds in `changes` of cgroups gone (or made
+    /// anew under the same path) before the add was written: the kernel
+    /// forgets a cgroup at rmdir, but an add the agent wrote after that
+    /// rmdir would stay behind. An add of a cgroup the tracker no longer
+    /// holds (a reload re-pointing a cgroup its rescan then found gone) is
+    /// undone too. Called once the adds are written; a cgroup removed after
+    /// that is the kernel's to forget.
+    pub fn gone_before_written(&self, changes: &[Change]) -> Vec<Change> {
+        changes
+            .iter()
+            .filter_map(|change| {
+                let Change::Add { cgroup_id, .. } = *change else {
+                    return None;
+                };
+                let path = self
+                    .services
+                    .iter()
+                    .flat_map(|s| &s.cgroups)
+                    .find(|c| c.id == cgroup_id)
+                    .map(|c| c.path.as_str());
+                let live =
+                    path.is_some_and(|p| cgroup::cgroup_id(&self.mount, p) == Some(cgroup_id));
+                (!live).then_some(Change::Remove { cgroup_id })
+            })
+            .collect()
+    }
+
     /// Records what applying `changes` gave: a failed add leaves its
     /// cgroup unenforced (and retried by the next rescan).
     pub fn applied(&mut self, failed: &[(Change, String)]) {
