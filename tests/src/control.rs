@@ -240,6 +240,16 @@ pub struct SharedPins {
 }
 
 impl SharedPins {
+    /// `bulkhead run --policy-dir DIR` on these pins and state, ready.
+    #[must_use]
+    pub fn start(&self, policies: &crate::PolicyDir) -> Daemon {
+        let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
+        args.extend(self.args());
+        let mut daemon = Daemon::spawn_run(&args);
+        daemon.wait_ready();
+        daemon
+    }
+
     /// A fresh, unused pin directory path under `/sys/fs/bpf` and a state
     /// directory.
     #[must_use]

@@ -8,7 +8,6 @@
 //! the service must lose).
 
 use std::{
-    ffi::OsString,
     fs,
     os::unix::fs::PermissionsExt as _,
     thread,
@@ -324,14 +323,6 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
 }
 
 /// `bulkhead run` on `shared`'s pins and state, ready.
-fn start_on(shared: &SharedPins, policies: &PolicyDir) -> Daemon {
-    let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
-    args.extend(shared.args());
-    let mut daemon = Daemon::spawn_run(&args);
-    daemon.wait_ready();
-    daemon
-}
-
 /// The quarantine is kept: through a policy reload, while no agent runs,
 /// and by the next agent, until released.
 #[test]
@@ -362,7 +353,7 @@ fn quarantine_survives_reload_and_restart() {
         api_client.tcp_connect(ok.addr()).assert_ok(why);
     };
 
-    let mut first = start_on(&shared, &policies);
+    let mut first = shared.start(&policies);
     // Right after a reload (SIGHUP, applied), as in an incident where
     // policies are being changed: measured like the first test does.
     let mut changes = PolicyChanges::of(&first);
@@ -428,7 +419,7 @@ fn quarantine_survives_reload_and_restart() {
     let exit = first.stop();
     assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
     quarantined("while no agent runs");
-    let second = start_on(&shared, &policies);
+    let second = shared.start(&policies);
     let log = second.log();
     assert!(
         log.contains("service is QUARANTINED (from the state directory)"),

@@ -41,15 +41,6 @@ const UNLOAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new agent may take to manage a cgroup made while none ran.
 const MANAGE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `bulkhead run --policy-dir DIR` on `shared`'s pins and state, ready.
-fn start_on(shared: &SharedPins, policies: &PolicyDir) -> Daemon {
-    let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
-    args.extend(shared.args());
-    let mut daemon = Daemon::spawn_run(&args);
-    daemon.wait_ready();
-    daemon
-}
-
 /// A policy for `svc` allowing 127.0.0.1, port `port` only.
 fn allowing(svc: &CgroupGuard, port: u16) -> String {
     service_policy(svc, "enforce", &[Egress::to(["127.0.0.1"]).ports([port])])
@@ -207,7 +198,7 @@ fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
         denied: &denied,
     };
 
-    let mut first = start_on(&shared, &policies);
+    let mut first = shared.start(&policies);
     reach.assert_enforced("while the first agent runs");
     let state = state_of(&status(&first));
     assert_eq!(
@@ -254,7 +245,7 @@ fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
     thread::sleep(Duration::from_millis(500));
 
     let restart_at = monotonic_ns();
-    let second = start_on(&shared, &policies);
+    let second = shared.start(&policies);
     let ready_at = monotonic_ns();
     let log = second.log();
     assert!(
@@ -316,7 +307,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
         ("late.toml", &service_policy(&late, "enforce", &[])),
     ]);
     let shared = SharedPins::new();
-    let mut first = start_on(&shared, &policies);
+    let mut first = shared.start(&policies);
     let st = status(&first);
     assert_eq!(
         (
@@ -347,7 +338,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
     let new_id = svc.id();
     assert_ne!(new_id, old_id, "test bug: the cgroup kept its id");
 
-    let second = start_on(&shared, &policies);
+    let second = shared.start(&policies);
     let st = wait_status(&second, "both services managed", MANAGE_TIMEOUT, |st| {
         status_service(st, "svc")["state"] == "managed"
             && status_service(st, "late")["state"] == "managed"
@@ -404,7 +395,7 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
     let svc = CgroupGuard::new();
     let policies = PolicyDir::with(&[("flood.toml", &service_policy(&svc, "audit", &[]))]);
     let shared = SharedPins::new();
-    let mut first = start_on(&shared, &policies);
+    let mut first = shared.start(&policies);
     let exit = first.stop();
     assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
     let slot = counter_slot(DIRECTION_EGRESS, PROTO_UDP, VERDICT_AUDIT);
@@ -528,7 +519,7 @@ fn leftover_events_carry_the_previous_policys_names() {
     let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let shared = SharedPins::new();
     let before = PolicyDir::with(&[("alpha.toml", &allowing(&svc, allowed.port()))]);
-    let mut first = start_on(&shared, &before);
+    let mut first = shared.start(&before);
     let exit = first.stop();
     assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
 
@@ -538,7 +529,7 @@ fn leftover_events_carry_the_previous_policys_names() {
         .tcp_connect(denied.addr())
         .assert_eperm("while no agent runs");
     let after = PolicyDir::with(&[("beta.toml", &allowing(&svc, allowed.port()))]);
-    let second = start_on(&shared, &after);
+    let second = shared.start(&after);
     let leftover = wait_event(&second, "the denial made while no agent ran", |e| {
         e["type"] == "verdict"
             && e["dst_port"] == denied.port()

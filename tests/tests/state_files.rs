@@ -22,14 +22,6 @@ fn probe() -> Probe {
     Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
 }
 
-fn start_on(shared: &SharedPins, policies: &PolicyDir) -> Daemon {
-    let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
-    args.extend(shared.args());
-    let mut daemon = Daemon::spawn_run(&args);
-    daemon.wait_ready();
-    daemon
-}
-
 /// The files `name.corrupt-*` in `dir`.
 fn set_aside(dir: &Path, name: &str) -> Vec<PathBuf> {
     let prefix = format!("{name}.corrupt-");
@@ -90,7 +82,7 @@ fn a_damaged_quarantine_file_keeps_the_pinned_quarantine() {
     )]);
     let shared = SharedPins::new();
     let client = probe().in_cgroup(web.path());
-    let mut first = start_on(&shared, &policies);
+    let mut first = shared.start(&policies);
     client
         .tcp_connect(ok.addr())
         .assert_ok("before the quarantine");
@@ -101,7 +93,7 @@ fn a_damaged_quarantine_file_keeps_the_pinned_quarantine() {
     let state = shared.state_dir();
     let garbage = b"{\"services\": {\"web\": [\"not an exception\"]";
     fs::write(state.join("quarantine.json"), garbage).expect("damage quarantine.json");
-    let second = start_on(&shared, &policies);
+    let second = shared.start(&policies);
     client
         .tcp_connect(ok.addr())
         .assert_eperm("quarantine.json damaged: the pinned quarantine stays");
@@ -131,7 +123,7 @@ fn a_damaged_anomaly_file_is_set_aside_and_counted() {
     fs::create_dir_all(&state).expect("state dir");
     let garbage = b"\x00\x01 not json";
     fs::write(state.join("anomaly.json"), garbage).expect("damage anomaly.json");
-    let daemon = start_on(&shared, &policies);
+    let daemon = shared.start(&policies);
     assert_handled(&daemon, &state, "anomaly.json", garbage);
     assert_eq!(errors_counted(&daemon, "quarantine.json"), Some(0));
 }
