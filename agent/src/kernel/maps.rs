@@ -83,35 +83,36 @@ pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kerne
 /// entries of that half can reach them, and the next policy there
 /// overwrites the ones it uses. Returns how many prefixes went.
 pub fn clear_half(ebpf: &mut Ebpf, services: Range<u32>) -> Result<usize, KernelError> {
-    let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
     let in_half = |sid: [u8; 4]| services.contains(&u32::from_be_bytes(sid));
     let mut cleared = 0;
     for name in [names::EGRESS_V4, names::INGRESS_V4] {
-        let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
-        // Collected first: deleting while walking would skip keys.
-        let keys = trie
-            .keys()
-            .filter(|k| k.as_ref().map_or(true, |k| in_half(k.data().service_id)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(name))?;
-        for key in &keys {
-            removed(trie.remove(key)).map_err(map_err(name))?;
-        }
-        cleared += keys.len();
+        cleared += clear_trie(ebpf, name, |k: &LpmV4Key| in_half(k.service_id))?;
     }
     for name in [names::EGRESS_V6, names::INGRESS_V6] {
-        let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
-        let keys = trie
-            .keys()
-            .filter(|k| k.as_ref().map_or(true, |k| in_half(k.data().service_id)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(name))?;
-        for key in &keys {
-            removed(trie.remove(key)).map_err(map_err(name))?;
-        }
-        cleared += keys.len();
+        cleared += clear_trie(ebpf, name, |k: &LpmV6Key| in_half(k.service_id))?;
     }
     Ok(cleared)
+}
+
+/// Removes every key of the LPM trie `name` that `doomed` accepts (an
+/// unreadable key too); returns how many went.
+fn clear_trie<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<usize, KernelError> {
+    let map_err = |source| KernelError::Map { name, source };
+    let mut trie: LpmTrie<&mut MapData, K, u32> = map(ebpf, name)?;
+    // Collected first: deleting while walking would skip keys.
+    let keys = trie
+        .keys()
+        .filter(|k| k.as_ref().map_or(true, |k| doomed(&k.data())))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err)?;
+    for key in &keys {
+        removed(trie.remove(key)).map_err(map_err)?;
+    }
+    Ok(keys.len())
 }
 
 /// The SERVICE_PATHS key of a cgroup path relative to the cgroup2 mount:
