@@ -105,17 +105,7 @@ impl Engine {
 
     /// Re-resolves service cgroups (new services, restarted units).
     pub fn rescan(&mut self) {
-        let changes = self.tracker.rescan();
-        if changes.is_empty() {
-            return;
-        }
-        let failed = match self.enforcer.apply_service_changes(&changes) {
-            Ok(failed) => failed,
-            Err(e) => changes.iter().map(|c| (*c, e.to_string())).collect(),
-        };
-        self.tracker.applied(&failed);
-        self.forget_gone(&changes);
-        self.refresh_inventory();
+        let failed = self.apply_rescan();
         if !failed.is_empty() {
             // A cgroup the kernel may hold a wrong entry for: the self-check
             // finds it and re-applies the policy (the tracker retries adds).
@@ -125,6 +115,23 @@ impl Engine {
             );
             self.self_check("service update failed");
         }
+    }
+
+    /// Rescans the service cgroups and writes what changed; returns the
+    /// writes that failed.
+    fn apply_rescan(&mut self) -> Vec<(Change, String)> {
+        let changes = self.tracker.rescan();
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let failed = match self.enforcer.apply_service_changes(&changes) {
+            Ok(failed) => failed,
+            Err(e) => changes.iter().map(|c| (*c, e.to_string())).collect(),
+        };
+        self.tracker.applied(&failed);
+        self.forget_gone(&changes);
+        self.refresh_inventory();
+        failed
     }
 
     /// Removes the entries just written for cgroups that were already gone
@@ -523,6 +530,12 @@ impl Engine {
     /// force; any difference is logged, counted and repaired by applying
     /// the policy in force again (see `kernel::drift`).
     pub fn self_check(&mut self, trigger: &str) {
+        // A cgroup made during a switch may hold the entry the kernel wrote
+        // from the previous policy's paths until the next rescan, which
+        // rewrites it; rescanning first keeps that out of the drift count
+        // (found by the soak: a reload while a unit restarts). A write that
+        // fails here is drift the check below finds and repairs.
+        let _ = self.apply_rescan();
         let report = match self.check_drift() {
             Ok(report) => report,
             Err(e) => {

@@ -13,6 +13,7 @@ mod lint;
 mod package;
 mod run;
 mod setup;
+mod soak;
 mod steps;
 mod test;
 mod util;
@@ -73,6 +74,13 @@ enum Task {
     /// Build the release binary and install it with the systemd unit, the
     /// default config (never over an existing one) and the example policies.
     Install(install::InstallArgs),
+    /// Run the agent for a long time under restarts, reloads, cgroup
+    /// churn, a denial flood and normal traffic; checks every verdict and
+    /// samples memory, descriptors, threads, maps and the decision log.
+    Soak(soak::SoakArgs),
+    /// A soak worker (started by `soak`, inside a service cgroup).
+    #[command(hide = true)]
+    SoakWorker(soak::worker::WorkerArgs),
     /// Build the Debian package (cargo-deb, installed if missing) with the
     /// same files as `install --prefix /usr`; prints the .deb's path.
     Package(package::PackageArgs),
@@ -131,6 +139,12 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
             fuzz::run(&args)?;
         }
         // With --binary nothing is built, so no eBPF tools are needed.
+        Task::Soak(args) => {
+            setup::run()?;
+            soak::run(&args)?;
+        }
+        // Started by the soak in a service cgroup: no set-up, no build.
+        Task::SoakWorker(args) => soak::worker::run(&args)?,
         Task::Install(args) => {
             if args.binary.is_none() {
                 setup::ensure_build_tools()?;

@@ -237,7 +237,7 @@ const PIN_PARENT: &str = "/sys/fs/bpf";
 
 /// `bulkhead detach` on `pin_dir` (a stopped agent's programs stay
 /// attached through their pins), then removes the emptied directory.
-fn detach(bin: &Path, pin_dir: &Path) -> Result<()> {
+pub fn detach(bin: &Path, pin_dir: &Path) -> Result<()> {
     if !pin_dir.join("current").exists() {
         let _ = fs::remove_dir(pin_dir);
         return Ok(());

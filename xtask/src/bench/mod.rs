@@ -4,7 +4,7 @@
 //!
 //! Speed is measured here only, never in timed tests.
 
-mod daemon;
+pub mod daemon;
 mod loadgen;
 mod peers;
 mod plan;
@@ -12,7 +12,7 @@ mod profile;
 mod report;
 mod rules;
 mod runner;
-mod sandbox;
+pub mod sandbox;
 mod stats;
 
 use std::{
