@@ -459,6 +459,15 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
          {new})",
         flood.attempts
     );
+    let left = lost
+        .iter()
+        .find(|(source, _)| *source == "takeover_drain")
+        .map_or(0, |(_, n)| *n);
+    assert_eq!(
+        left, 0,
+        "what the previous programs left in their ring buffer is read once they are \
+         detached, not counted lost: {lost:?}\n{log}"
+    );
     assert_eq!(
         received + lost_sum,
         old + new,
