@@ -12,9 +12,9 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    counter_slot, Event, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry,
-    SockInfo, UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
-    DIRECTION_INGRESS, LOST_SLOTS, LOST_INGRESS, LOST_TCP, LOST_VERDICT, LPM_SERVICE_BITS,
+    counter_slot, Event, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry, SockInfo,
+    UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
+    DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT, LPM_SERVICE_BITS,
     MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
 };
 
