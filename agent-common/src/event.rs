@@ -36,6 +36,12 @@ pub const HOOK_SETSOCKOPT: u8 = 9;
 pub const DIRECTION_EGRESS: u8 = 0;
 pub const DIRECTION_INGRESS: u8 = 1;
 
+/// `Event::family`, `UdpPeerKey::family`: bulkhead's own codes for the
+/// address family (not `AF_*`); an IPv4 address fills the first 4 bytes of
+/// a 16-byte address field.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
 /// `service_id` of a task that belongs to no managed service.
 pub const SERVICE_NONE: u32 = u32::MAX;
 
@@ -59,6 +65,7 @@ pub struct UdpPeerKey {
     pub socket_cookie: u64,
     pub addr: [u8; 16],
     pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
     pub _pad: [u8; 5],
 }
@@ -104,9 +111,9 @@ pub struct RateState {
 pub struct Event {
     pub kind: u8,
     pub verdict: u8,
-    /// 4 or 6.
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    /// IPPROTO_TCP (6), IPPROTO_UDP (17), ...
+    /// An IP protocol number: `crate::PROTO_TCP`, `crate::PROTO_UDP`, ...
     pub protocol: u8,
     pub hook: u8,
     pub direction: u8,
@@ -165,9 +172,10 @@ pub struct SockInfo {
 pub const COUNTER_SLOTS: u32 = 12;
 
 #[inline(always)]
-pub fn counter_slot(direction: u8, protocol: u8, verdict: u8) -> u32 {
+#[must_use]
+pub const fn counter_slot(direction: u8, protocol: u8, verdict: u8) -> u32 {
     let proto_index = if protocol == crate::PROTO_TCP { 0 } else { 1 };
-    u32::from(direction) * 6 + proto_index * 3 + u32::from(verdict)
+    direction as u32 * 6 + proto_index * 3 + verdict as u32
 }
 
 #[cfg(feature = "user")]

@@ -3,10 +3,13 @@
 //!
 //! Both sides compile this crate: the eBPF programs (no_std, bpf target) and
 //! the daemon (with the `user` feature, which implements `aya::Pod`). Every
-//! struct has explicit padding fields so that every byte is initialised.
+//! struct has explicit padding fields so that every byte is initialised;
+//! `layout.rs` checks sizes and padding when the crate compiles.
 #![no_std]
 
 pub mod event;
+pub mod globals;
+mod layout;
 pub mod maps;
 pub mod policy;
 pub mod unit;

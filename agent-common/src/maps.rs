@@ -1,5 +1,12 @@
-//! Map names. The kernel side uses them in `#[map(name = ...)]`, the daemon
-//! in `take_map`/`map_mut`, so the two can never drift apart.
+//! Map names, and what the daemon sizes them by.
+//!
+//! The daemon opens maps by these names. The kernel side cannot use them:
+//! aya-ebpf's `#[map(name = ...)]` takes a string literal only (it becomes
+//! the symbol's `export_name`), so each name is spelled once more there.
+//! What keeps the two from drifting apart is a test of the daemon
+//! (`kernel::loader::contract`), which parses the object the daemon embeds
+//! and checks that every name in [`ALL`] is a map in it, with the key and
+//! value sizes of the types documented here.
 
 /// cgroup id (u64) -> [`crate::ServiceEntry`]: which cgroups are managed.
 pub const SERVICES: &str = "SERVICES";
@@ -46,6 +53,9 @@ pub const CGROUP_PATH_MAX: usize = 256;
 pub const UNIT_NAMES: &str = "UNIT_NAMES";
 /// Per-CPU scratch buffer for a cgroup path.
 pub const PATH_SCRATCH: &str = "PATH_SCRATCH";
+/// Per-CPU [`crate::UnitPathScan`]: the cgroup_mkdir watcher's scan of a
+/// path (kernel only: the daemon never reads it).
+pub const UNIT_SCAN: &str = "UNIT_SCAN";
 
 /// Hash of a socket cookie (u64) -> the cgroup id (u64, a SERVICES key) of
 /// the managed service that holds the socket though it did not create it
@@ -72,7 +82,8 @@ pub const COUNTERS: &str = "COUNTERS";
 /// sk_storage of [`crate::SockInfo`] (BTF-defined, cloned to children).
 pub const SOCK_INFO: &str = "SOCK_INFO";
 
-/// Default ring buffer size: 8 MiB, about 50,000 records of 160 bytes.
+/// Default ring buffer size: 8 MiB, about 58,000 records of
+/// [`RECORD_SPAN`] (144) bytes.
 pub const DEFAULT_EVENTS_BYTES: u32 = 8 << 20;
 
 /// The kernel wakes the event reader only with the record that fills
@@ -94,3 +105,31 @@ pub const MAX_CGROUP_DEPTH: u32 = 32;
 pub const DEFAULT_MAX_SERVICES: u32 = 1024;
 pub const DEFAULT_MAX_PREFIXES: u32 = 1024;
 pub const DEFAULT_MAX_RULESETS: u32 = 256;
+
+/// Every map of the kernel programs, by name. Besides these, the object
+/// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
+/// (`.rodata`, `.bss`: their names start with a dot).
+pub const ALL: [&str; 19] = [
+    SERVICES,
+    EGRESS_V4,
+    EGRESS_V6,
+    INGRESS_V4,
+    INGRESS_V6,
+    UDP_PEERS,
+    UDP_PEER_COUNT,
+    DENY_RATE,
+    SERVICE_PATHS,
+    UNIT_NAMES,
+    PATH_SCRATCH,
+    UNIT_SCAN,
+    HELD_SOCKETS,
+    ACTIVE_FLAGS,
+    RULESETS,
+    EVENTS,
+    LOST,
+    COUNTERS,
+    SOCK_INFO,
+];
+
+/// aya-log's ring buffer (written only when the `BPF_LOG` global is set).
+pub const AYA_LOGS: &str = "AYA_LOGS";

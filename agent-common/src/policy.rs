@@ -8,6 +8,8 @@ pub const MODE_AUDIT: u8 = 1;
 
 /// Matches any protocol in a [`PortRange`].
 pub const PROTO_ANY: u8 = 0;
+/// IP protocol numbers (`IPPROTO_*`), as the kernel reports them in a
+/// socket's `protocol` and the records carry them.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 /// ICMP echo from ping sockets (`SOCK_DGRAM` + `IPPROTO_ICMP`). ICMPv6
@@ -15,6 +17,14 @@ pub const PROTO_UDP: u8 = 17;
 /// that one `protocol = "icmp"` rule covers both families.
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
+/// Protocols `[sockets] protocols` may allow (see `SOCKETS_*`). A socket's
+/// protocol is a u32 in the kernel: MPTCP's number does not fit a u8, so
+/// these are u32 (a refusal's record carries the number in `dst_port`).
+pub const PROTO_DCCP: u32 = 33;
+pub const PROTO_L2TP: u32 = 115;
+pub const PROTO_SCTP: u32 = 132;
+pub const PROTO_UDPLITE: u32 = 136;
+pub const PROTO_MPTCP: u32 = 262;
 
 /// How many (protocol, port range) checks one prefix can carry. The kernel
 /// scans them linearly, so this bounds the verdict path.
@@ -85,8 +95,14 @@ pub struct ServiceEntry {
     pub _pad2: u32,
 }
 
-/// Key of the IPv4 LPM trie: the service id and the address, both
-/// big-endian, so that the prefix length is 32 + the CIDR's length.
+/// Bits of the service id at the front of every LPM key.
+pub const LPM_SERVICE_BITS: u32 = 32;
+
+/// Key of the IPv4 LPM tries (EGRESS_V4, INGRESS_V4): the service id and
+/// the address, both big-endian (the trie compares bits from the first
+/// byte), so that an entry for a network has the prefix length
+/// [`LpmV4Key::prefix_len`] and a lookup of one address uses
+/// [`LpmV4Key::FULL_PREFIX`]. Build keys with [`LpmV4Key::new`] only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LpmV4Key {
@@ -94,12 +110,72 @@ pub struct LpmV4Key {
     pub addr: [u8; 4],
 }
 
-/// Key of the IPv6 LPM trie (prefix length 32 + the CIDR's length).
+impl LpmV4Key {
+    /// The prefix length of a lookup: every bit of the key.
+    pub const FULL_PREFIX: u32 = LPM_SERVICE_BITS + 32;
+
+    /// The key of `addr` (network order, as the packet or `sockaddr` has
+    /// it) for the service `service_id`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(service_id: u32, addr: [u8; 4]) -> Self {
+        Self {
+            service_id: service_id.to_be_bytes(),
+            addr,
+        }
+    }
+
+    /// The prefix length of an entry for a network of `cidr_len` bits.
+    #[inline(always)]
+    #[must_use]
+    pub const fn prefix_len(cidr_len: u8) -> u32 {
+        LPM_SERVICE_BITS + cidr_len as u32
+    }
+
+    /// The service id the key belongs to.
+    #[inline(always)]
+    #[must_use]
+    pub const fn service(&self) -> u32 {
+        u32::from_be_bytes(self.service_id)
+    }
+}
+
+/// Key of the IPv6 LPM tries (EGRESS_V6, INGRESS_V6), laid out as
+/// [`LpmV4Key`]. Build keys with [`LpmV6Key::new`] only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LpmV6Key {
     pub service_id: [u8; 4],
     pub addr: [u8; 16],
+}
+
+impl LpmV6Key {
+    /// The prefix length of a lookup: every bit of the key.
+    pub const FULL_PREFIX: u32 = LPM_SERVICE_BITS + 128;
+
+    /// The key of `addr` (network order) for the service `service_id`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(service_id: u32, addr: [u8; 16]) -> Self {
+        Self {
+            service_id: service_id.to_be_bytes(),
+            addr,
+        }
+    }
+
+    /// The prefix length of an entry for a network of `cidr_len` bits.
+    #[inline(always)]
+    #[must_use]
+    pub const fn prefix_len(cidr_len: u8) -> u32 {
+        LPM_SERVICE_BITS + cidr_len as u32
+    }
+
+    /// The service id the key belongs to.
+    #[inline(always)]
+    #[must_use]
+    pub const fn service(&self) -> u32 {
+        u32::from_be_bytes(self.service_id)
+    }
 }
 
 /// One allowed (protocol, port range) behind a prefix, and the rule that

@@ -45,6 +45,7 @@ fn cgroup2_id(ctx: &TracePointContext) -> Result<Option<u64>, i64> {
     if root != 0 {
         return Ok(None); // a cgroup v1 hierarchy: not ours
     }
+    // SAFETY: as above; the helper behind read_at checks the bounds.
     Ok(Some(unsafe { ctx.read_at(ID_OFFSET)? }))
 }
 
@@ -76,6 +77,7 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(id) = cgroup2_id(ctx)? else {
         return Ok(());
     };
+    // SAFETY: a read of the record at the offset of its format.
     let loc: u32 = unsafe { ctx.read_at(PATH_LOC_OFFSET)? };
     let buf = PATH_SCRATCH.get_ptr_mut(0).ok_or(0)?;
     // SAFETY: our per-CPU scratch buffer.
@@ -86,6 +88,9 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
         buf[i] = 0;
         i += 1;
     }
+    // SAFETY: pointer arithmetic only (never dereferenced here): the
+    // __data_loc's low 16 bits are the string's offset in the record; the
+    // read below goes through a helper that checks the address.
     let src = unsafe { ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize) };
     // SAFETY: the string lives in the tracepoint record. A path longer
     // than the buffer is cut; `bulkhead check` refuses such `cgroup =`
@@ -97,6 +102,7 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
         clippy::needless_borrows_for_generic_args,
         reason = "the BPF stack is 512 bytes"
     )]
+    // SAFETY: the value is copied out at once (the agent may replace it).
     if let Some(entry) = unsafe { SERVICE_PATHS.get(&*buf) } {
         let entry = *entry;
         SERVICES.insert(id, entry, 0)?;
@@ -120,6 +126,7 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
             0,
         )
     };
+    // SAFETY: our per-CPU scratch value, written above and by the loop.
     let scan = unsafe { read_volatile(state) };
     let Some(unit) = scan.finish() else {
         return Ok(());
@@ -129,11 +136,13 @@ fn try_cgroup_mkdir(ctx: &TracePointContext) -> Result<(), i64> {
         kind: UNIT_EXACT,
         hash: unit.exact,
     };
+    // SAFETY: the value is copied out at once (the agent may replace it).
     let mut entry = unsafe { UNIT_NAMES.get(key) }.copied();
     if entry.is_none() {
         if let Some(template) = unit.template {
             key.kind = UNIT_TEMPLATE;
             key.hash = template;
+            // SAFETY: as above.
             entry = unsafe { UNIT_NAMES.get(key) }.copied();
         }
     }

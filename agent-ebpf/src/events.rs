@@ -10,12 +10,15 @@ use aya_ebpf::{
         BPF_SK_STORAGE_GET_F_CREATE,
     },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::bpf_sk_storage_get,
     },
 };
 
-use crate::maps::{COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO};
+use crate::{
+    helpers::now_ns,
+    maps::{COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO},
+};
 
 /// An all-zero record to fill in.
 #[inline(always)]
@@ -108,7 +111,7 @@ pub fn event_budget(verdict: u8, service_id: u32, direction: u8) -> Option<u32> 
     let Some(state) = DENY_RATE.get_ptr_mut(slot) else {
         return Some(0);
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // SAFETY: per-CPU slot, no concurrent writer on this CPU.
     let state = unsafe { &mut *state };
     if now.wrapping_sub(state.window_start_ns) >= 1_000_000_000 {
@@ -160,7 +163,7 @@ pub fn refusal(
     ev.hook = hook;
     ev.direction = direction;
     ev.suppressed = suppressed;
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.ts_ns = now_ns();
     (verdict, Some(ev))
 }
 

@@ -29,28 +29,25 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::bpf_sock,
-    helpers::generated::{
-        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id,
-    },
+    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 
 use crate::{
-    egress::{match_ingress_v4, match_ingress_v6, match_ports},
+    addr::{set_addr, Dest},
     events::{count, emit, refusal},
+    helpers::{skb_cgroup_id, socket_cookie},
+    linux::{TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_LISTEN},
     maps::{any_service_has, SOCK_INFO},
     packet::{parse, Packet},
-    programs::{set_addr, Dest},
+    rules::{match_ingress_v4, match_ingress_v6, match_ports},
     service::socket_service,
     udp_peers,
 };
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
-const TCP_LISTEN: u32 = 10;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
 
 #[cgroup_skb(ingress)]
 pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
@@ -65,7 +62,7 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
     if sk.is_null() {
         return PASS;
     }
-    let Some(service) = socket_service(skb) else {
+    let Some(service) = socket_service(&ctx) else {
         return PASS;
     };
     if service.flags & (FLAG_INGRESS | FLAG_QUARANTINE | FLAG_BIND) == 0 {
@@ -73,10 +70,12 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
     }
     // Request and time-wait sockets are not full sockets: they belong to
     // connections already accepted or closing.
+    // SAFETY: sk is the context's socket, non-null (checked above).
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
         return PASS;
     }
+    // SAFETY: a non-null full socket from bpf_sk_fullsock; plain fields.
     let (sk_proto, state, dst_port, src_port) =
         unsafe { ((*sk).protocol, (*sk).state, (*sk).dst_port, (*sk).src_port) };
     let listener = sk_proto == u32::from(PROTO_TCP) && state == TCP_LISTEN;
@@ -123,7 +122,7 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
         if dst_port != 0 {
             return PASS; // connected: only its peer reaches it
         }
-        let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+        let cookie = socket_cookie(&ctx);
         if udp_peers::is_open(
             &udp_peers::key(cookie, pkt.source, pkt.sport),
             service.service_id,
@@ -149,7 +148,7 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
         service.service_id,
         counter_slot(DIRECTION_INGRESS, pkt.proto, VERDICT_ALLOW),
     );
-    // A UDP peer let in may be answered (see sendmsg in programs.rs).
+    // A UDP peer let in may be answered (see sendmsg in sock_addr.rs).
     if pkt.proto == PROTO_UDP {
         remember_udp_peer(ctx, service, pkt);
     }
@@ -160,7 +159,7 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
 
 #[inline(always)]
 fn remember_udp_peer(ctx: &SkBuffContext, service: &ServiceEntry, pkt: &Packet) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let cookie = socket_cookie(ctx);
     let key = udp_peers::key(cookie, pkt.source, pkt.sport);
     udp_peers::open(&key, service.service_id, pkt.dport, PEER_LET_IN);
 }
@@ -184,10 +183,11 @@ fn refuse(
         }
     }
     if let Some(mut ev) = ev {
-        let skb = ctx.skb.skb;
-        ev.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
-        ev.socket_cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+        ev.cgroup_id = skb_cgroup_id(ctx);
+        ev.socket_cookie = socket_cookie(ctx);
         // The owner of the receiving socket, recorded at bind time.
+        // SAFETY: sk is the full socket of the context (non-null), the map
+        // an sk_storage map; lookup only (no create, no value pointer).
         let info =
             unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
                 .cast::<SockInfo>();

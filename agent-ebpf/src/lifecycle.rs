@@ -6,36 +6,26 @@
 use core::ptr::read_volatile;
 
 use agent_common::{
-    SockInfo, DIRECTION_EGRESS, DIRECTION_INGRESS, HOOK_SOCK_OPS, KIND_TCP_CLOSED,
-    KIND_TCP_ESTABLISHED, LOST_TCP, PROTO_TCP, VERDICT_NONE,
+    SockInfo, DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_V4, FAMILY_V6, HOOK_SOCK_OPS,
+    KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, LOST_TCP, PROTO_TCP, VERDICT_NONE,
 };
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_sk_storage_get},
-    },
+    helpers::generated::bpf_sk_storage_get,
     macros::sock_ops,
     programs::SockOpsContext,
-    EbpfContext,
 };
 
 use crate::{
+    addr::v6_bytes,
     events::{blank, emit},
+    helpers::{now_ns, socket_cookie},
+    linux::{AF_INET, TCP_CLOSE, TCP_CLOSING, TCP_FIN_WAIT2, TCP_LAST_ACK},
     maps::SOCK_INFO,
-    programs::v6_bytes,
 };
-
-const TCP_CLOSE: u32 = 7;
-// States from which a close means both FINs were exchanged (each FIN takes
-// one sequence number, counted by bytes_acked/bytes_received).
-const TCP_FIN_WAIT2: u32 = 5;
-const TCP_LAST_ACK: u32 = 9;
-const TCP_CLOSING: u32 = 11;
-const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
@@ -67,7 +57,7 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     if info.is_null() {
         return 1;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // SAFETY: non-null storage of our value type.
     let info = unsafe { &mut *info };
     if op == BPF_SOCK_OPS_STATE_CB {
@@ -81,6 +71,9 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
                     read_volatile(&(*ctx.ops).bytes_received),
                 )
             };
+            // States from which a close means both FINs were exchanged
+            // (each FIN takes one sequence number, counted by
+            // bytes_acked/bytes_received).
             let old = ctx.arg(0);
             let fins = u64::from(old == TCP_FIN_WAIT2 || old == TCP_LAST_ACK || old == TCP_CLOSING);
             ev.bytes_sent = acked.saturating_sub(info.acked_base).saturating_sub(fins);
@@ -127,7 +120,7 @@ fn record(ctx: &SockOpsContext, info: &SockInfo, now: u64) -> agent_common::Even
     ev.pid_tgid = info.pid_tgid;
     ev.uid_gid = info.uid_gid;
     ev.comm = info.comm;
-    ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ev.socket_cookie = socket_cookie(ctx);
     // Read every context field unconditionally, with volatile loads: the
     // verifier only accepts ctx loads at a constant offset, and LLVM would
     // otherwise select between field addresses and load through the result.
@@ -155,11 +148,11 @@ fn record(ctx: &SockOpsContext, info: &SockInfo, now: u64) -> agent_common::Even
         )
     };
     if family == AF_INET {
-        ev.family = 4;
+        ev.family = FAMILY_V4;
         ev.src_addr[..4].copy_from_slice(&l4.to_ne_bytes());
         ev.dst_addr[..4].copy_from_slice(&r4.to_ne_bytes());
     } else {
-        ev.family = 6;
+        ev.family = FAMILY_V6;
         ev.src_addr = v6_bytes(l6);
         ev.dst_addr = v6_bytes(r6);
     }

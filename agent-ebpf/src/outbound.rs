@@ -19,27 +19,21 @@ use agent_common::{
     HOOK_EGRESS_PACKET, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP, PROTO_ICMPV6, RULE_DEFAULT_DENY,
     RULE_SOURCE_ROUTE, RULE_UNREADABLE, VERDICT_DENY,
 };
-use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id},
-    macros::cgroup_skb,
-    programs::SkBuffContext,
-};
+use aya_ebpf::{helpers::generated::bpf_sk_fullsock, macros::cgroup_skb, programs::SkBuffContext};
 
 use crate::{
-    egress::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
+    addr::{set_addr, Dest},
     events::{emit, refusal},
+    helpers::{skb_cgroup_id, socket_cookie},
+    linux::SOCK_DGRAM,
     maps::active_flags,
-    packet::{parse, Packet},
-    programs::{set_addr, Dest},
+    packet::{is_ext, parse, Packet},
+    rules::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     service::socket_service,
 };
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
-const SOCK_DGRAM: u32 = 2;
-/// IPv6 next-header values that start an extension-header chain worth
-/// reading (hop-by-hop, routing, fragment, destination options, AH).
-const V6_EXT: [u8; 5] = [0, 43, 44, 60, 51];
 
 #[cgroup_skb(egress)]
 pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
@@ -52,8 +46,7 @@ pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
     if active & u32::from(FLAG_QUARANTINE) == 0 && !worth_reading(&ctx, active) {
         return PASS;
     }
-    let skb = ctx.skb.skb;
-    let Some(service) = socket_service(skb) else {
+    let Some(service) = socket_service(&ctx) else {
         return PASS;
     };
     let quarantined = service.flags & FLAG_QUARANTINE != 0;
@@ -102,7 +95,7 @@ fn worth_reading(ctx: &SkBuffContext, active: u32) -> bool {
             let Ok(next) = ctx.skb.load::<u8>(6) else {
                 return true;
             };
-            V6_EXT.contains(&next) || (icmp && next == PROTO_ICMPV6)
+            is_ext(next) || (icmp && next == PROTO_ICMPV6)
         }
         _ => false,
     }
@@ -117,10 +110,12 @@ fn from_ping_socket(ctx: &SkBuffContext) -> bool {
     if sk.is_null() {
         return false;
     }
+    // SAFETY: the context's socket, non-null (checked above).
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
         return false;
     }
+    // SAFETY: a non-null full socket from bpf_sk_fullsock; plain fields.
     let (kind, proto) = unsafe { ((*sk).type_, (*sk).protocol) };
     kind == SOCK_DGRAM && (proto == u32::from(PROTO_ICMP) || proto == u32::from(PROTO_ICMPV6))
 }
@@ -161,9 +156,8 @@ fn refuse(
 ) -> i32 {
     let (verdict, ev) = refusal(service, DIRECTION_EGRESS, proto, HOOK_EGRESS_PACKET, rule);
     if let Some(mut ev) = ev {
-        let skb = ctx.skb.skb;
-        ev.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
-        ev.socket_cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+        ev.cgroup_id = skb_cgroup_id(ctx);
+        ev.socket_cookie = socket_cookie(ctx);
         if let Some(pkt) = pkt {
             set_addr(&mut ev.src_addr, &mut ev.family, pkt.source);
             ev.src_port = pkt.sport;

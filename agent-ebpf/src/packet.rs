@@ -5,7 +5,7 @@
 use agent_common::{PROTO_TCP, PROTO_UDP};
 use aya_ebpf::programs::SkBuffContext;
 
-use crate::programs::Dest;
+use crate::addr::Dest;
 
 /// IPv6 next-header values of the extension headers walked.
 const NEXTHDR_HOP: u8 = 0;
@@ -156,8 +156,10 @@ fn step(ctx: &SkBuffContext, walk: &mut Chain) -> Option<bool> {
     Some(false)
 }
 
+/// Whether `next` starts an IPv6 extension header this walk reads
+/// (hop-by-hop, routing, fragment, destination options, AH).
 #[inline(always)]
-fn is_ext(next: u8) -> bool {
+pub fn is_ext(next: u8) -> bool {
     matches!(
         next,
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT | NEXTHDR_AUTH

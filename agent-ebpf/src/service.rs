@@ -1,15 +1,15 @@
 //! Which managed service, if any, the current task belongs to.
 
 use agent_common::{ServiceEntry, MAX_CGROUP_DEPTH};
-use aya_ebpf::{
-    bindings::__sk_buff,
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-        generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
-    },
-};
+use aya_ebpf::programs::SkBuffContext;
 
-use crate::maps::{HELD_SOCKETS, SERVICES};
+use crate::{
+    helpers::{
+        current_ancestor_cgroup_id, current_cgroup_id, skb_ancestor_cgroup_id, skb_cgroup_id,
+        socket_cookie,
+    },
+    maps::{HELD_SOCKETS, SERVICES},
+};
 
 /// The service of the current task: the deepest managed cgroup among the
 /// task's cgroup and its ancestors. A process in a child cgroup of a service
@@ -21,36 +21,31 @@ use crate::maps::{HELD_SOCKETS, SERVICES};
 /// itself.
 #[inline(always)]
 pub fn current_service() -> Option<ServiceEntry> {
-    // SAFETY: helpers with no memory arguments.
-    let leaf = unsafe { bpf_get_current_cgroup_id() };
-    walk(leaf, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    })
+    walk(current_cgroup_id(), current_ancestor_cgroup_id)
 }
 
 /// The service a packet's socket belongs to, for cgroup_skb programs: the
 /// managed service that holds it when the agent found it held by one it
 /// was not created in (HELD_SOCKETS), else the cgroup it was created in.
 #[inline(always)]
-pub fn socket_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
-    // SAFETY: skb is the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+pub fn socket_service(ctx: &SkBuffContext) -> Option<ServiceEntry> {
+    let cookie = socket_cookie(ctx);
+    // SAFETY: copied out at once, as in `walk`.
     if let Some(cgroup) = unsafe { HELD_SOCKETS.get(cookie) } {
+        // SAFETY: copied out at once, as in `walk`.
         if let Some(entry) = unsafe { SERVICES.get(cgroup) } {
             return Some(*entry);
         }
     }
-    skb_service(skb)
+    skb_service(ctx)
 }
 
 /// The service owning the socket an inbound packet is for (the cgroup the
 /// socket was created in), for cgroup_skb programs.
 #[inline(always)]
-fn skb_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
-    // SAFETY: skb is the program's context.
-    let leaf = unsafe { bpf_skb_cgroup_id(skb) };
-    walk(leaf, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
+fn skb_service(ctx: &SkBuffContext) -> Option<ServiceEntry> {
+    walk(skb_cgroup_id(ctx), |level| {
+        skb_ancestor_cgroup_id(ctx, level)
     })
 }
 
@@ -59,6 +54,9 @@ fn skb_service(skb: *mut __sk_buff) -> Option<ServiceEntry> {
 #[inline(always)]
 fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
     // Fast path: the task sits directly in the service's cgroup.
+    // SAFETY: the reference into the map is valid under the program's RCU
+    // read lock; the agent may replace the entry meanwhile, so the value
+    // is copied out at once (here and below) and the copy is judged.
     if let Some(entry) = unsafe { SERVICES.get(leaf) } {
         return Some(*entry);
     }
@@ -81,6 +79,7 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
         if id == 0 || id == leaf {
             break;
         }
+        // SAFETY: as above.
         if let Some(entry) = unsafe { SERVICES.get(id) } {
             found = *entry;
             have = true;

@@ -8,31 +8,21 @@
 
 use agent_common::{
     ServiceEntry, DIRECTION_EGRESS, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW, HOOK_LSM_SOCKET,
-    HOOK_SOCK_CREATE, LOST_VERDICT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    RULE_DEFAULT_DENY, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP,
-    SOCKETS_UDPLITE, VERDICT_DENY,
+    HOOK_SOCK_CREATE, LOST_VERDICT, PROTO_DCCP, PROTO_ICMP, PROTO_ICMPV6, PROTO_L2TP, PROTO_MPTCP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, RULE_DEFAULT_DENY, SOCKETS_DCCP, SOCKETS_ICMP,
+    SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id,
     macros::{cgroup_sock, lsm},
     programs::{LsmContext, SockContext},
 };
 
 use crate::{
     events::{emit, fill_task, refusal},
+    helpers::current_cgroup_id,
+    linux::{AF_PACKET, EPERM, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM},
     service::current_service,
 };
-
-const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
-const SOCK_RAW: u32 = 3;
-const AF_PACKET: i32 = 17;
-const EPERM: i32 = 1;
-const IPPROTO_DCCP: u32 = 33;
-const IPPROTO_L2TP: u32 = 115;
-const IPPROTO_SCTP: u32 = 132;
-const IPPROTO_UDPLITE: u32 = 136;
-const IPPROTO_MPTCP: u32 = 262;
 
 /// socket() of an inet socket (cgroup/sock_create sees AF_INET/AF_INET6
 /// only, with the protocol already resolved: `socket(AF_INET, SOCK_STREAM,
@@ -72,11 +62,11 @@ fn allowed(service: &ServiceEntry, kind: u32, protocol: u32) -> bool {
         p if kind == SOCK_DGRAM && (p == u32::from(PROTO_ICMP) || p == u32::from(PROTO_ICMPV6)) => {
             SOCKETS_ICMP
         }
-        IPPROTO_SCTP => SOCKETS_SCTP,
-        IPPROTO_MPTCP => SOCKETS_MPTCP,
-        IPPROTO_DCCP => SOCKETS_DCCP,
-        IPPROTO_UDPLITE => SOCKETS_UDPLITE,
-        IPPROTO_L2TP => SOCKETS_L2TP,
+        PROTO_SCTP => SOCKETS_SCTP,
+        PROTO_MPTCP => SOCKETS_MPTCP,
+        PROTO_DCCP => SOCKETS_DCCP,
+        PROTO_UDPLITE => SOCKETS_UDPLITE,
+        PROTO_L2TP => SOCKETS_L2TP,
         // Anything else: no name in the policy can allow it.
         _ => return false,
     };
@@ -126,7 +116,7 @@ fn refuse(service: &ServiceEntry, hook: u8, protocol: u32) -> bool {
     );
     if let Some(mut ev) = ev {
         ev.dst_port = protocol as u16;
-        ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ev.cgroup_id = current_cgroup_id();
         fill_task(&mut ev);
         emit(&ev, LOST_VERDICT);
     }

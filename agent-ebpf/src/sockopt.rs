@@ -13,12 +13,11 @@
 use agent_common::{
     ServiceEntry, DIRECTION_EGRESS, HOOK_SETSOCKOPT, LOST_VERDICT, RULE_SOURCE_ROUTE, VERDICT_DENY,
 };
-use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id, macros::cgroup_sockopt, programs::SockoptContext,
-};
+use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 
 use crate::{
     events::{emit, fill_task, refusal},
+    helpers::current_cgroup_id,
     service::current_service,
 };
 
@@ -98,7 +97,7 @@ fn refuse(service: &ServiceEntry) -> bool {
         RULE_SOURCE_ROUTE,
     );
     if let Some(mut ev) = ev {
-        ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ev.cgroup_id = current_cgroup_id();
         fill_task(&mut ev);
         emit(&ev, LOST_VERDICT);
     }

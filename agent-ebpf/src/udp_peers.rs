@@ -8,11 +8,12 @@
 //! only get no pinhole.
 
 use agent_common::{UdpPeer, UdpPeerKey};
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
+    addr::{set_addr, Dest},
+    helpers::now_ns,
     maps::{udp_peers_max, udp_reply_idle_ns, UDP_PEERS, UDP_PEER_COUNT},
-    programs::{set_addr, Dest},
 };
 
 /// The key of (socket, peer address, peer port).
@@ -35,10 +36,13 @@ pub fn key(socket_cookie: u64, peer: Dest, port: u16) -> UdpPeerKey {
 /// right after the switch, and gives it the service's new id).
 #[inline(always)]
 pub fn is_open(key: &UdpPeerKey, service_id: u32) -> bool {
+    // SAFETY: the reference is used at once, under the program's RCU read
+    // lock; a concurrent update by the agent or another CPU gives the old
+    // or the new time, either of which is a valid answer.
     let Some(peer) = (unsafe { UDP_PEERS.get(key) }) else {
         return false;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     peer.service_id == service_id && now.wrapping_sub(peer.seen_ns) <= udp_reply_idle_ns()
 }
 
@@ -48,7 +52,7 @@ pub fn is_open(key: &UdpPeerKey, service_id: u32) -> bool {
 /// counts against the service's bound; past it, nothing is remembered.
 #[inline(always)]
 pub fn open(key: &UdpPeerKey, service_id: u32, local_port: u16, origin: u8) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     if let Some(existing) = UDP_PEERS.get_ptr_mut(key) {
         // SAFETY: a value of our map, updated in place.
         unsafe {

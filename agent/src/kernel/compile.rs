@@ -267,22 +267,15 @@ impl Builder {
                 });
                 continue;
             };
-            let sid = service_id.to_be_bytes();
             match net {
                 IpNetwork::V4(n) => v4.push((
-                    32 + u32::from(n.prefix()),
-                    LpmV4Key {
-                        service_id: sid,
-                        addr: n.network().octets(),
-                    },
+                    LpmV4Key::prefix_len(n.prefix()),
+                    LpmV4Key::new(service_id, n.network().octets()),
                     ruleset,
                 )),
                 IpNetwork::V6(n) => v6.push((
-                    32 + u32::from(n.prefix()),
-                    LpmV6Key {
-                        service_id: sid,
-                        addr: n.network().octets(),
-                    },
+                    LpmV6Key::prefix_len(n.prefix()),
+                    LpmV6Key::new(service_id, n.network().octets()),
                     ruleset,
                 )),
             }

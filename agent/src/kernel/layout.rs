@@ -8,7 +8,9 @@
 //! the new one, never a mix), then retires the old half. Map capacities are
 //! fixed at load time, with room for both halves.
 
-use agent_common::{DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES};
+use agent_common::{
+    LpmV4Key, LpmV6Key, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
+};
 
 use super::compile::CompiledPolicy;
 
@@ -85,14 +87,12 @@ pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> Co
             s.entry.bind_ruleset += ruleset_base;
         }
     }
-    let shift_key =
-        |sid: &mut [u8; 4]| *sid = (u32::from_be_bytes(*sid) + service_base).to_be_bytes();
     for (_, key, ruleset) in policy.v4.iter_mut().chain(policy.ingress_v4.iter_mut()) {
-        shift_key(&mut key.service_id);
+        *key = LpmV4Key::new(key.service() + service_base, key.addr);
         *ruleset += ruleset_base;
     }
     for (_, key, ruleset) in policy.v6.iter_mut().chain(policy.ingress_v6.iter_mut()) {
-        shift_key(&mut key.service_id);
+        *key = LpmV6Key::new(key.service() + service_base, key.addr);
         *ruleset += ruleset_base;
     }
     for set in &mut policy.rulesets {
@@ -130,7 +130,7 @@ mod tests {
             r.services[0].entry.bind_ruleset,
             p.services[0].entry.bind_ruleset + cap.rulesets
         );
-        assert_eq!(u32::from_be_bytes(r.v4[0].1.service_id), cap.services);
+        assert_eq!(r.v4[0].1.service(), cap.services);
         assert_eq!(r.v4[0].2, p.v4[0].2 + cap.rulesets);
         assert_eq!(r.rulesets[0].ranges[0].rule_id, RULES_PER_HALF);
         assert_eq!(

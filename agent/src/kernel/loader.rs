@@ -6,7 +6,7 @@ use std::{
     path::Path,
 };
 
-use agent_common::{maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES};
+use agent_common::{globals, maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
@@ -23,10 +23,15 @@ use super::{
     maps, raw_link, KernelError, ResolvedService,
 };
 
+#[cfg(test)]
+mod contract;
+
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
 
-/// Every program, with how it is loaded and attached.
+/// Every program, with how it is loaded and attached. The names are the
+/// kernel functions' (agent-ebpf); `contract.rs` checks the embedded object
+/// against this table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hook {
     SockAddr,
@@ -163,35 +168,17 @@ impl Enforcer {
     /// large enough for `policy`.
     pub fn load(policy: &CompiledPolicy, options: &LoadOptions) -> Result<Self, KernelError> {
         let capacity = Capacity::for_policy(policy);
-        let bpf_log = u8::from(options.bpf_log);
-        let observe = u8::from(options.observe_unmanaged);
-        let idle_ns = u64::try_from(options.udp_reply_idle.as_nanos()).unwrap_or(u64::MAX);
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::SERVICES, options.max_cgroups)
-            .map_max_entries(names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS))
-            .map_max_entries(names::EVENTS, options.events_bytes)
-            .map_max_entries(names::DENY_RATE, max_services.saturating_mul(2))
-            .map_max_entries(names::SERVICE_PATHS, max_services)
-            .map_max_entries(names::UNIT_NAMES, max_services)
-            .map_max_entries(names::UDP_PEER_COUNT, max_services)
-            // Every service's bound fits (entries are allocated as used),
-            // so one service's pinholes never crowd out another's.
-            .map_max_entries(
-                names::UDP_PEERS,
-                options.udp_peers_per_service.saturating_mul(max_services),
-            )
-            .map_max_entries(names::INGRESS_V4, capacity.prefixes)
-            .map_max_entries(names::INGRESS_V6, capacity.prefixes)
-            .map_max_entries(names::EGRESS_V4, capacity.prefixes)
-            .map_max_entries(names::EGRESS_V6, capacity.prefixes)
-            .map_max_entries(names::RULESETS, capacity.rulesets.saturating_mul(2))
-            .override_global("BPF_LOG", &bpf_log, true)
-            .override_global("OBSERVE_UNMANAGED", &observe, true)
-            .override_global("UDP_REPLY_IDLE_NS", &idle_ns, true)
-            .override_global("UDP_PEERS_MAX", &options.udp_peers_per_service, true)
-            .load(EBPF_OBJECT)?;
+        let globals = global_values(options);
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in map_sizes(capacity, options) {
+            loader.map_max_entries(name, entries);
+        }
+        for (name, bytes) in &globals {
+            loader.override_global(name, bytes.as_slice(), true);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let mut lsm_loaded = false;
         let mut lsm_error = None;
         for (name, hook) in PROGRAMS {
@@ -552,7 +539,7 @@ impl Enforcer {
         })?;
         for (name, map) in self.ebpf.maps() {
             // aya-log's and .rodata/.bss maps are the object's own business.
-            if name.starts_with('.') || name == "AYA_LOGS" {
+            if name.starts_with('.') || name == names::AYA_LOGS {
                 continue;
             }
             let path = maps.join(name);
@@ -609,6 +596,52 @@ impl Enforcer {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// The maps sized at load time, with their `max_entries` (bytes for the
+/// ring buffer). aya ignores a name the object has no map for, so
+/// `contract.rs` checks each against the embedded object.
+fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32); 13] {
+    // Service ids and rulesets of both halves (see layout.rs).
+    let max_services = capacity.services.saturating_mul(2);
+    [
+        (names::SERVICES, options.max_cgroups),
+        (names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS)),
+        (names::EVENTS, options.events_bytes),
+        (names::DENY_RATE, max_services.saturating_mul(2)),
+        (names::SERVICE_PATHS, max_services),
+        (names::UNIT_NAMES, max_services),
+        (names::UDP_PEER_COUNT, max_services),
+        // Every service's bound fits (entries are allocated as used), so
+        // one service's pinholes never crowd out another's.
+        (
+            names::UDP_PEERS,
+            options.udp_peers_per_service.saturating_mul(max_services),
+        ),
+        (names::INGRESS_V4, capacity.prefixes),
+        (names::INGRESS_V6, capacity.prefixes),
+        (names::EGRESS_V4, capacity.prefixes),
+        (names::EGRESS_V6, capacity.prefixes),
+        (names::RULESETS, capacity.rulesets.saturating_mul(2)),
+    ]
+}
+
+/// The globals set at load time, with the bytes of their values (in
+/// native order, as aya copies a value).
+fn global_values(options: &LoadOptions) -> [(&'static str, Vec<u8>); 4] {
+    let idle_ns = u64::try_from(options.udp_reply_idle.as_nanos()).unwrap_or(u64::MAX);
+    [
+        (globals::BPF_LOG, vec![u8::from(options.bpf_log)]),
+        (
+            globals::OBSERVE_UNMANAGED,
+            vec![u8::from(options.observe_unmanaged)],
+        ),
+        (globals::UDP_REPLY_IDLE_NS, idle_ns.to_ne_bytes().to_vec()),
+        (
+            globals::UDP_PEERS_MAX,
+            options.udp_peers_per_service.to_ne_bytes().to_vec(),
+        ),
+    ]
 }
 
 fn fd_link<E: std::fmt::Display>(

@@ -83,13 +83,12 @@ pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kerne
 /// entries of that half can reach them, and the next policy there
 /// overwrites the ones it uses. Returns how many prefixes went.
 pub fn clear_half(ebpf: &mut Ebpf, services: Range<u32>) -> Result<usize, KernelError> {
-    let in_half = |sid: [u8; 4]| services.contains(&u32::from_be_bytes(sid));
     let mut cleared = 0;
     for name in [names::EGRESS_V4, names::INGRESS_V4] {
-        cleared += clear_trie(ebpf, name, |k: &LpmV4Key| in_half(k.service_id))?;
+        cleared += clear_trie(ebpf, name, |k: &LpmV4Key| services.contains(&k.service()))?;
     }
     for name in [names::EGRESS_V6, names::INGRESS_V6] {
-        cleared += clear_trie(ebpf, name, |k: &LpmV6Key| in_half(k.service_id))?;
+        cleared += clear_trie(ebpf, name, |k: &LpmV6Key| services.contains(&k.service()))?;
     }
     Ok(cleared)
 }

@@ -12,8 +12,8 @@ use std::{
 };
 
 use agent_common::{
-    maps as names, LpmV4Key, LpmV6Key, UdpPeer, UdpPeerKey, FLAG_INGRESS, PEER_SENT, PROTO_ANY,
-    PROTO_UDP,
+    maps as names, LpmV4Key, LpmV6Key, UdpPeer, UdpPeerKey, FAMILY_V4, FLAG_INGRESS, PEER_SENT,
+    PROTO_ANY, PROTO_UDP,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
@@ -164,28 +164,18 @@ fn allowed(
     } else {
         (names::INGRESS_V4, names::INGRESS_V6)
     };
-    let ruleset = if key.family == 4 {
+    // The lookup the kernel programs make (agent-ebpf rules.rs).
+    let ruleset = if key.family == FAMILY_V4 {
         let trie: LpmTrie<&MapData, LpmV4Key, u32> = map_ref(ebpf, v4)?;
         let mut addr = [0; 4];
         addr.copy_from_slice(&key.addr[..4]);
-        let k = Key::new(
-            64,
-            LpmV4Key {
-                service_id: id.to_be_bytes(),
-                addr,
-            },
-        );
-        trie.get(&k, 0)
+        trie.get(&Key::new(LpmV4Key::FULL_PREFIX, LpmV4Key::new(id, addr)), 0)
     } else {
         let trie: LpmTrie<&MapData, LpmV6Key, u32> = map_ref(ebpf, v6)?;
-        let k = Key::new(
-            160,
-            LpmV6Key {
-                service_id: id.to_be_bytes(),
-                addr: key.addr,
-            },
-        );
-        trie.get(&k, 0)
+        trie.get(
+            &Key::new(LpmV6Key::FULL_PREFIX, LpmV6Key::new(id, key.addr)),
+            0,
+        )
     };
     let index = match ruleset {
         Ok(index) => index,

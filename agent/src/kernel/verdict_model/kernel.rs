@@ -29,8 +29,8 @@ impl Lpm {
     }
 
     /// The value of the longest prefix matching all `key`'s bits (the
-    /// programs look up with the full key length: `Key::new(64, ..)`,
-    /// `Key::new(160, ..)` in egress.rs `lookup_v4`/`lookup_v6`). The
+    /// programs look up with the full key length, `LpmV4Key::FULL_PREFIX`
+    /// and `LpmV6Key::FULL_PREFIX`, in rules.rs `lookup_v4`/`lookup_v6`). The
     /// kernel's trie_lookup_elem returns the longest match only, never a
     /// shorter one whose ruleset might allow more.
     fn lookup(&self, key: &[u8]) -> Option<u32> {
@@ -111,14 +111,14 @@ impl<'a> Maps<'a> {
         let entry: &ServiceEntry = &self.policy.services[q.service].entry;
         let rule = match q.direction {
             Direction::Egress => {
-                // programs.rs `icmp_as_one`: a ping socket's echo is judged
+                // sock_addr.rs `icmp_as_one`: a ping socket's echo is judged
                 // as PROTO_ICMP with port 0.
                 let (proto, port) = match q.proto {
                     Proto::Tcp => (PROTO_TCP, q.port),
                     Proto::Udp => (PROTO_UDP, q.port),
                     Proto::Icmp => (PROTO_ICMP, 0),
                 };
-                // programs.rs `v6_or_mapped`: ::ffff:a.b.c.d is looked up
+                // sock_addr.rs `v6_or_mapped`: ::ffff:a.b.c.d is looked up
                 // in the IPv4 trie.
                 let addr = match q.addr {
                     IpAddr::V6(a) => a.to_ipv4_mapped().map_or(q.addr, IpAddr::V4),
@@ -166,7 +166,7 @@ impl<'a> Maps<'a> {
             );
             return Verdict::Allow(found.index);
         }
-        // programs.rs `judge` (egress) and events.rs `refusal` (ingress):
+        // sock_addr.rs `judge` (egress) and events.rs `refusal` (ingress):
         // no rule: audit mode lets it through, enforce mode denies.
         if entry.mode == MODE_AUDIT {
             Verdict::Audit
@@ -175,7 +175,7 @@ impl<'a> Maps<'a> {
         }
     }
 
-    /// egress.rs `lookup_v4`/`lookup_v6`: one LPM lookup keyed by (service
+    /// rules.rs `lookup_v4`/`lookup_v6`: one LPM lookup keyed by (service
     /// id, address), then `match_ports` on the ruleset behind it.
     fn lookup(
         &self,
@@ -197,7 +197,7 @@ impl<'a> Maps<'a> {
         }
     }
 
-    /// egress.rs `match_ports` + `scan`: a missing ruleset denies; the
+    /// rules.rs `match_ports` + `scan`: a missing ruleset denies; the
     /// first of at most MAX_PORT_RANGES entries whose protocol (or
     /// PROTO_ANY) and inclusive range match decides.
     fn match_ports(&self, index: u32, proto: u8, port: u16) -> u32 {

@@ -1,5 +1,6 @@
-//! cgroup/sock_addr entry points. Each is a thin wrapper that turns the
-//! context into a destination and asks `judge` for a verdict.
+//! The cgroup/sock_addr entry points (connect4/6, sendmsg4/6, bind4/6).
+//! Each is a thin wrapper that turns the context into a destination and
+//! asks `judge` (or `bind`) for a verdict.
 
 use agent_common::{
     counter_slot, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, HOOK_BIND,
@@ -7,31 +8,21 @@ use agent_common::{
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
-use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-    EbpfContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
 
 use crate::{
-    egress::{match_ports, match_v4, match_v6},
+    addr::{set_addr, v6_bytes, Dest},
     events::{blank, count, emit, event_budget, fill_task, remember_owner},
+    helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged},
+    rules::{match_ports, match_v4, match_v6},
     service::current_service,
     udp_peers,
 };
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
-
-/// Where the destination of a call is, in the form the maps use.
-#[derive(Clone, Copy)]
-pub enum Dest {
-    V4([u8; 4]),
-    V6([u8; 16]),
-}
 
 #[cgroup_sock_addr(connect4)]
 pub fn bulkhead_connect4(ctx: SockAddrContext) -> i32 {
@@ -98,6 +89,7 @@ fn connected_peer_v4(ctx: &SockAddrContext) -> ([u8; 4], u16) {
     if sk.is_null() {
         return ([0; 4], 0);
     }
+    // SAFETY: a non-null socket of the context; fields the hook may read.
     let (ip, port) = unsafe {
         (
             core::ptr::read_volatile(&(*sk).dst_ip4),
@@ -114,6 +106,7 @@ fn connected_peer_v6(ctx: &SockAddrContext) -> (Dest, u16) {
     if sk.is_null() {
         return (Dest::V6([0; 16]), 0);
     }
+    // SAFETY: as above.
     let (w, port) = unsafe {
         (
             [
@@ -155,7 +148,7 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
         None if observe_unmanaged() => ev.service_id = SERVICE_NONE,
         None => return ALLOW,
     }
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.cgroup_id = current_cgroup_id();
     fill_task(&mut ev);
     // Port 0 asks the kernel for an ephemeral port: always allowed, so that
     // outgoing connections keep working.
@@ -174,8 +167,8 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
                 ev.protocol = proto;
                 ev.hook = HOOK_BIND;
                 ev.direction = DIRECTION_INGRESS;
-                ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-                ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                ev.ts_ns = now_ns();
+                ev.socket_cookie = socket_cookie(ctx);
                 set_addr(&mut ev.src_addr, &mut ev.family, local);
                 ev.src_port = port;
                 if let Some(n) = event_budget(verdict, ev.service_id, DIRECTION_INGRESS) {
@@ -193,20 +186,6 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
         remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
     }
     ALLOW
-}
-
-#[inline(always)]
-pub fn set_addr(out: &mut [u8; 16], family: &mut u8, addr: Dest) {
-    match addr {
-        Dest::V4(a) => {
-            *family = 4;
-            out[..4].copy_from_slice(&a);
-        }
-        Dest::V6(a) => {
-            *family = 6;
-            *out = a;
-        }
-    }
 }
 
 #[inline(always)]
@@ -246,16 +225,6 @@ fn v6_or_mapped(w: [u32; 4]) -> Dest {
 }
 
 #[inline(always)]
-pub fn v6_bytes(w: [u32; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-    addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-    addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-    addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
-    addr
-}
-
-#[inline(always)]
 fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i32 {
     let service = current_service();
     let mut ev = blank();
@@ -267,7 +236,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
             };
             // A datagram answering a UDP peer that ingress let in.
             if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let cookie = socket_cookie(ctx);
                 if udp_peers::is_open(&udp_peers::key(cookie, dest, port), s.service_id) {
                     rule = RULE_UDP_REPLY;
                 }
@@ -303,9 +272,9 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     ev.protocol = proto;
     ev.hook = hook;
     ev.direction = DIRECTION_EGRESS;
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ev.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ev.ts_ns = now_ns();
+    ev.cgroup_id = current_cgroup_id();
+    ev.socket_cookie = socket_cookie(ctx);
     fill_task(&mut ev);
     set_addr(&mut ev.dst_addr, &mut ev.family, dest);
     ev.dst_port = port;

@@ -1,5 +1,8 @@
-//! Address verdicts: (service, address) prefix (LPM) -> ruleset ->
-//! port/protocol, for egress destinations and ingress sources.
+//! Which rule allows a flow: the LPM lookups of (service, address) in the
+//! EGRESS (destinations) and INGRESS (sources) tries give a ruleset, whose
+//! port/protocol checks give the rule. The keys are built by
+//! `agent_common::LpmV4Key::new`/`LpmV6Key::new` only, as the daemon
+//! builds its entries.
 
 use agent_common::{LpmV4Key, LpmV6Key, RuleSet, MAX_PORT_RANGES, PROTO_ANY, RULE_DEFAULT_DENY};
 use aya_ebpf::maps::{lpm_trie::Key, LpmTrie};
@@ -37,13 +40,7 @@ fn lookup_v4(
     proto: u8,
     port: u16,
 ) -> u32 {
-    let key = Key::new(
-        64,
-        LpmV4Key {
-            service_id: service_id.to_be_bytes(),
-            addr,
-        },
-    );
+    let key = Key::new(LpmV4Key::FULL_PREFIX, LpmV4Key::new(service_id, addr));
     match trie.get(&key) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
@@ -58,13 +55,7 @@ fn lookup_v6(
     proto: u8,
     port: u16,
 ) -> u32 {
-    let key = Key::new(
-        160,
-        LpmV6Key {
-            service_id: service_id.to_be_bytes(),
-            addr,
-        },
-    );
+    let key = Key::new(LpmV6Key::FULL_PREFIX, LpmV6Key::new(service_id, addr));
     match trie.get(&key) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
