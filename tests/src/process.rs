@@ -4,10 +4,8 @@ use std::{
     io::Read,
     process::{Child, Command, ExitStatus, Output, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
-
-use crate::eventually::eventually;
 
 /// How often a deadline wait polls the child.
 const POLL: Duration = Duration::from_millis(10);
@@ -74,13 +72,14 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8
 
 /// Waits for `child` until `timeout`; `None` if it is still running.
 pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    // `Ok`: done (exited, or `try_wait` failed); `Err`: still running.
-    eventually(timeout, POLL, || match child.try_wait() {
-        Ok(Some(status)) => Ok(Some(status)),
-        Ok(None) => Err(()),
-        Err(_) => Ok(None),
-    })
-    .unwrap_or(None)
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
+            Ok(None) | Err(_) => return None,
+        }
+    }
 }
 
 /// SIGKILLs and reaps `child`, ignoring "already gone".
