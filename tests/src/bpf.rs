@@ -9,18 +9,11 @@
 //! [`ProgSnapshot`] that no live process holds ([`ProgSnapshot::orphans_since`]):
 //! left attached or pinned by a daemon that is gone.
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    path::Path,
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, fs, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 
-use crate::process::try_output_with_timeout;
+use crate::{eventually::eventually, process::try_output_with_timeout};
 
 /// The prefix of every bulkhead program name.
 pub const PROG_PREFIX: &str = "bulkhead_";
@@ -126,17 +119,18 @@ fn held_in(proc_dir: &Path) -> BTreeSet<u64> {
 /// bulkhead programs among `ids` still loaded then.
 #[must_use]
 pub fn wait_unloaded(ids: &BTreeSet<u64>, timeout: Duration) -> Vec<LoadedProg> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    eventually(timeout, Duration::from_millis(50), || {
         let left: Vec<_> = bulkhead_progs()
             .into_iter()
             .filter(|p| ids.contains(&p.id))
             .collect();
-        if left.is_empty() || Instant::now() >= deadline {
-            return left;
+        if left.is_empty() {
+            Ok(left)
+        } else {
+            Err(left)
         }
-        thread::sleep(Duration::from_millis(50));
-    }
+    })
+    .unwrap_or_else(|left| left)
 }
 
 /// The bulkhead programs loaded at one moment.
@@ -169,19 +163,20 @@ impl ProgSnapshot {
     /// shortly after their last reference.
     #[must_use]
     pub fn orphans_since(&self, timeout: Duration) -> Vec<LoadedProg> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        eventually(timeout, Duration::from_millis(50), || {
             let held = prog_ids_held_by_anyone();
             let orphans: Vec<_> = self
                 .new_since()
                 .into_iter()
                 .filter(|p| !held.contains(&p.id))
                 .collect();
-            if orphans.is_empty() || Instant::now() >= deadline {
-                return orphans;
+            if orphans.is_empty() {
+                Ok(orphans)
+            } else {
+                Err(orphans)
             }
-            thread::sleep(Duration::from_millis(50));
-        }
+        })
+        .unwrap_or_else(|orphans| orphans)
     }
 }
 

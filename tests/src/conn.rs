@@ -8,7 +8,8 @@
 //! - [`Sink`]: a TCP server that reports every connection and every byte.
 //!
 //! Only integration tests know the binary's path
-//! (`env!("CARGO_BIN_EXE_bulkhead-conn")`), so they hand it to [`Conn::new`].
+//! (`env!("CARGO_BIN_EXE_bulkhead-conn")`), so they get a `Conn` from the
+//! [`conn!`](crate::conn!) macro, which expands there.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -17,10 +18,13 @@ use std::{
     process::{Child, ChildStdin, Command, Stdio},
     sync::{Arc, Mutex, PoisonError},
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use crate::process::{kill, wait_deadline};
+use crate::{
+    eventually::eventually,
+    process::{kill, wait_deadline},
+};
 
 /// How long a `bulkhead-conn` may take to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -187,16 +191,10 @@ impl Lines {
 
     /// Waits up to `timeout` for a line `matches` accepts; `None` if none came.
     fn try_wait_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.find(&matches) {
-                return Some(line);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        eventually(timeout, Duration::from_millis(10), || {
+            self.find(&matches).ok_or(())
+        })
+        .ok()
     }
 
     fn wait_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> String {

@@ -9,8 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::Output,
     sync::atomic::{AtomicU32, Ordering},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -18,6 +17,7 @@ use tempfile::TempDir;
 
 use crate::{
     daemon::{bulkhead, detach_command, Daemon},
+    eventually::eventually,
     process::try_output_with_timeout,
 };
 
@@ -77,18 +77,15 @@ pub fn wait_status(
     timeout: Duration,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
+    eventually(timeout, Duration::from_millis(20), || {
         let now = status(daemon);
         if done(&now) {
-            return now;
+            Ok(now)
+        } else {
+            Err(now)
         }
-        assert!(
-            Instant::now() < deadline,
-            "status did not show {what} within {timeout:?}; last: {now:#}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    })
+    .unwrap_or_else(|now| panic!("status did not show {what} within {timeout:?}; last: {now:#}"))
 }
 
 /// `bulkhead quarantine SERVICE [--allow A]... --socket S` (not judged here).
@@ -204,20 +201,22 @@ impl PolicyChanges {
         timeout: Duration,
         matches: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
+        eventually(timeout, Duration::from_millis(5), || {
             self.read_more();
-            if let Some(ev) = self.seen.iter().filter(|e| matches(e)).nth(count - 1) {
-                return ev.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
+            self.seen
+                .iter()
+                .filter(|e| matches(e))
+                .nth(count - 1)
+                .cloned()
+                .ok_or(())
+        })
+        .unwrap_or_else(|()| {
+            panic!(
                 "fewer than {count} {what} in the decision log within {timeout:?}; \
                  the policy changes logged: {:#?}",
                 self.seen
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+            )
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use tempfile::TempDir;
 
 use crate::{
     bpf::prog_ids_held_by,
+    eventually::eventually,
     notify::{NotReady, NotifySocket},
     policy::PolicyDir,
     process::{output_with_timeout, terminate, wait_deadline},
@@ -303,14 +304,14 @@ impl Daemon {
     /// Waits until the daemon's log contains `needle`; panics after
     /// `timeout`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        while !self.log().contains(needle) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the log did not show {needle:?} within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(timeout, Duration::from_millis(50), || {
+            if self.log().contains(needle) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        })
+        .unwrap_or_else(|()| panic!("the log did not show {needle:?} within {timeout:?}"));
     }
 
     /// Notifications sent since the last look (without waiting).

@@ -5,14 +5,11 @@
 //! daemon's writer), so a test waits for the one it expects with
 //! [`wait_event`] and then checks its fields exactly with [`assert_fields`].
 
-use std::{
-    fs, io, thread,
-    time::{Duration, Instant},
-};
+use std::{fs, io, thread, time::Duration};
 
 use serde_json::Value;
 
-use crate::daemon::Daemon;
+use crate::{daemon::Daemon, eventually::eventually};
 
 /// How long an event may take from the kernel to the decision log.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,19 +45,19 @@ pub fn events(daemon: &Daemon) -> Vec<Value> {
 /// it; panics after [`EVENT_TIMEOUT`] with `what` and every event logged.
 #[must_use]
 pub fn wait_event(daemon: &Daemon, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    loop {
+    eventually(EVENT_TIMEOUT, Duration::from_millis(50), || {
         let all = events(daemon);
-        if let Some(ev) = all.iter().find(|ev| matches(ev)) {
-            return ev.clone();
+        match all.iter().find(|ev| matches(ev)) {
+            Some(ev) => Ok(ev.clone()),
+            None => Err(all),
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .unwrap_or_else(|all| {
+        panic!(
             "no {what} in the decision log within {EVENT_TIMEOUT:?}; it holds {} events: {all:#?}",
             all.len()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+        )
+    })
 }
 
 /// Polls the decision log until `n` events satisfy `matches`, waits a
@@ -73,28 +70,30 @@ pub fn wait_events(
     n: usize,
     matches: impl Fn(&Value) -> bool,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let found: Vec<Value> = events(daemon)
+    let matching = || -> Vec<Value> {
+        events(daemon)
             .into_iter()
             .filter(|ev| matches(ev))
-            .collect();
+            .collect()
+    };
+    eventually(EVENT_TIMEOUT, Duration::from_millis(50), || {
+        let found = matching();
         if found.len() >= n {
-            // The reader drains on a timer of at most 80 ms: one more look
-            // after it catches an event too many.
-            thread::sleep(Duration::from_millis(200));
-            return events(daemon)
-                .into_iter()
-                .filter(|ev| matches(ev))
-                .collect();
+            Ok(())
+        } else {
+            Err(found)
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .unwrap_or_else(|found| {
+        panic!(
             "only {} of {n} {what} in the decision log within {EVENT_TIMEOUT:?}: {found:#?}",
             found.len()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+        )
+    });
+    // The reader drains on a timer of at most 80 ms: one more look after
+    // it catches an event too many.
+    thread::sleep(Duration::from_millis(200));
+    matching()
 }
 
 /// Asserts each `(field, value)` of `want` is exactly what `ev` holds.

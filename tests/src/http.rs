@@ -1,13 +1,12 @@
 //! The daemon's HTTP endpoint (`/metrics`, `/graph`): where it listens and
-//! a minimal GET.
+//! a minimal GET. Its Prometheus text is parsed in [`crate::prometheus`].
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     fs,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::daemon::Daemon;
@@ -103,86 +102,4 @@ pub fn hold_idle(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
                 .unwrap_or_else(|e| panic!("idle connection {i} of {n} to {addr}: {e}"))
         })
         .collect()
-}
-
-/// A series: metric name and its labels, sorted.
-pub type SeriesKey = (String, Vec<(String, String)>);
-
-/// Parses one sample line, `name{k="v",...} value` or `name value`, into
-/// its series and its value as written (our label values hold no quotes,
-/// commas or braces).
-#[must_use]
-pub fn parse_sample(line: &str) -> Option<(SeriesKey, String)> {
-    let (series, value) = line.rsplit_once(' ')?;
-    let (name, labels) = match series.split_once('{') {
-        None => (series, Vec::new()),
-        Some((name, rest)) => {
-            let inner = rest.strip_suffix('}')?;
-            let mut labels = Vec::new();
-            for pair in inner.split(',').filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=')?;
-                let v = v.strip_prefix('"')?.strip_suffix('"')?;
-                labels.push((k.to_owned(), v.to_owned()));
-            }
-            labels.sort();
-            (name, labels)
-        }
-    };
-    Some(((name.to_owned(), labels), value.to_owned()))
-}
-
-/// Every sample of one `GET /metrics` of the daemon at `addr` (see
-/// [`metrics_addr`]), by series; panics on a status other than 200 or a
-/// line it cannot parse.
-#[must_use]
-pub fn scrape(addr: SocketAddr) -> BTreeMap<SeriesKey, String> {
-    let (status, _head, text) = http_get(addr, "/metrics");
-    assert_eq!(status, 200, "GET /metrics: {text}");
-    text.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|line| {
-            parse_sample(line)
-                .unwrap_or_else(|| panic!("unparsable sample line {line:?} in\n{text}"))
-        })
-        .collect()
-}
-
-/// The value of the series `name{labels}` (exactly those labels, in any
-/// order) in `samples`, if there is one and it is a whole number.
-#[must_use]
-pub fn sample_count(
-    samples: &BTreeMap<SeriesKey, String>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<u64> {
-    let mut labels: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    labels.sort();
-    samples.get(&(name.to_owned(), labels))?.parse().ok()
-}
-
-/// Scrapes the daemon at `addr` until the series `name{labels}` has a
-/// value `done` accepts, and returns it; panics after `timeout` with
-/// `what` and the last value (for what a daemon counts on a timer).
-pub fn wait_sample(
-    addr: SocketAddr,
-    (name, labels): (&str, &[(&str, &str)]),
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(u64) -> bool,
-) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let value = sample_count(&scrape(addr), name, labels);
-        if let Some(value) = value.filter(|v| done(*v)) {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{labels:?} did not show {what} within {timeout:?}; last value: {value:?}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -16,7 +16,9 @@ pub mod conn;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod eventually;
 pub mod faults;
+pub mod fixture;
 pub mod http;
 pub mod maps;
 pub mod netns;
@@ -26,6 +28,7 @@ pub mod policy;
 pub mod ports;
 pub mod probe;
 pub mod process;
+pub mod prometheus;
 pub mod require;
 pub mod server;
 pub mod sysctl;
@@ -33,8 +36,10 @@ pub mod sysctl;
 pub use bpf::ProgSnapshot;
 pub use cgroup::{cgroup2_mount, unique_name, CgroupGuard};
 pub use daemon::{bulkhead, bulkhead_bin, detach_command, Daemon};
+pub use eventually::eventually;
+pub use fixture::{Enforced, Targets};
 pub use netns::NetnsGuard;
-pub use policy::{service_policy, unit_policy, Egress, Ingress, PolicyDir};
+pub use policy::{allowing, policy_with, service_policy, unit_policy, Egress, Ingress, PolicyDir};
 pub use ports::free_port_block;
 pub use probe::{Listener, Outcome, Probe, Proto};
 pub use require::require_bpf;
@@ -49,4 +54,24 @@ pub const EPERM: i32 = libc::EPERM;
 pub fn addr(s: &str) -> std::net::SocketAddr {
     s.parse()
         .unwrap_or_else(|e| panic!("test bug: {s:?} is not a socket address: {e}"))
+}
+
+/// A [`Probe`] running this package's `bulkhead-probe`, from the test's own
+/// cgroup and namespace. A macro, not a function: only integration tests
+/// know the binary's path (`env!("CARGO_BIN_EXE_bulkhead-probe")`), so it
+/// must expand in the test.
+#[macro_export]
+macro_rules! probe {
+    () => {
+        $crate::Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
+    };
+}
+
+/// A [`conn::Conn`] running this package's `bulkhead-conn` (a macro for the
+/// same reason as [`probe!`]).
+#[macro_export]
+macro_rules! conn {
+    () => {
+        $crate::conn::Conn::new(env!("CARGO_BIN_EXE_bulkhead-conn"))
+    };
 }

@@ -5,11 +5,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use crate::process::try_output_with_timeout;
+use crate::{eventually::eventually, process::try_output_with_timeout};
 
 /// Every `ip` call is quick; anything slower is a broken host.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,21 +139,21 @@ impl NetnsGuard {
 
     /// Waits until both veth ends report carrier (`LOWER_UP`).
     fn wait_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        eventually(Duration::from_secs(5), Duration::from_millis(20), || {
             let host = ip(&["-o", "link", "show", "dev", &self.host_if]);
             let peer = ip(&["-n", &self.name, "-o", "link", "show", "dev", &self.peer_if]);
             if host.contains("LOWER_UP") && peer.contains("LOWER_UP") {
-                return;
+                Ok(())
+            } else {
+                Err((host, peer))
             }
-            assert!(
-                Instant::now() < deadline,
+        })
+        .unwrap_or_else(|(host, peer)| {
+            panic!(
                 "veth {} / {} not up after 5 s:\n{host}\n{peer}",
-                self.host_if,
-                self.peer_if
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+                self.host_if, self.peer_if
+            )
+        });
     }
 
     fn cleanup(&self) -> Vec<String> {

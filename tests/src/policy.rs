@@ -242,6 +242,17 @@ pub fn service_policy(cgroup: &CgroupGuard, mode: &str, rules: &[Egress]) -> Str
     text
 }
 
+/// An enforcing policy for `svc` allowing TCP and UDP to `ip`, on `ports`
+/// only.
+#[must_use]
+pub fn allowing(svc: &CgroupGuard, ip: &str, ports: &[u16]) -> String {
+    service_policy(
+        svc,
+        "enforce",
+        &[Egress::to([ip]).ports(ports.iter().copied())],
+    )
+}
+
 /// [`service_policy`] with no egress rules, followed by `tables` (rules of
 /// either table, `[bind]`, `[sockets]`: anything that renders as TOML).
 #[must_use]

@@ -2,7 +2,8 @@
 //! loopback or inside a "remote host" namespace.
 //!
 //! Only integration tests know the probe's path
-//! (`env!("CARGO_BIN_EXE_bulkhead-probe")`), so they hand it to [`Probe::new`].
+//! (`env!("CARGO_BIN_EXE_bulkhead-probe")`), so they get a probe from the
+//! [`probe!`](crate::probe!) macro, which expands there.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},

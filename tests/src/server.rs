@@ -11,10 +11,11 @@ use std::{
     process::{Child, Stdio},
     sync::{mpsc, Arc, Mutex, PoisonError},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
+    eventually::eventually,
     probe::{Probe, Proto},
     process::kill,
 };
@@ -158,17 +159,21 @@ impl Server {
     /// Waits up to `timeout` for `peer` to be served; panics with what the
     /// server did report if it is not.
     pub fn wait_peer(&self, peer: SocketAddr, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.peers().contains(&peer) {
-            assert!(
-                Instant::now() < deadline,
+        eventually(timeout, Duration::from_millis(10), || {
+            if self.peers().contains(&peer) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        })
+        .unwrap_or_else(|()| {
+            panic!(
                 "{} server {} did not serve {peer} within {timeout:?}; it reported {:?}",
                 self.transport,
                 self.addr,
                 self.lines()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+            )
+        });
     }
 
     /// Asserts that no connection or datagram from address `ip` (any port)

@@ -9,14 +9,12 @@ use std::{
 use integration_tests::{
     addr,
     control::{assert_success, quarantine},
-    http::{hold_idle, http_get, http_request, metrics_addr, sample_count, scrape},
+    http::{hold_idle, http_get, http_request, metrics_addr},
+    probe,
     process::{raise_own_nofile, set_nofile},
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Probe, Proto,
+    prometheus::{sample_count, scrape},
+    require_bpf, service_policy, Egress, Enforced, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// Idle connections held on the metrics port: more than systemd's default
 /// soft limit of open files (1024) that the daemon is given below.
@@ -34,25 +32,24 @@ fn idle_metrics_connections_leave_quarantine_working() {
     if !require_bpf() {
         return;
     }
-    let web = CgroupGuard::new();
-    let server = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let server = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let rules = [Egress::to(["127.0.0.1"]).ports([server.port()])];
-    let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "enforce", &rules))]);
-    let daemon = Daemon::start(&policies);
+    let web = Enforced::start("web.toml", |web| service_policy(web, "enforce", &rules));
+    let daemon = &web.daemon;
     let pid = daemon
         .pid()
         .unwrap_or_else(|| panic!("the daemon is not running"));
     set_nofile(pid, SYSTEMD_DEFAULT_NOFILE);
-    let client = probe().in_cgroup(web.path());
+    let client = web.client(&probe!());
     client
         .tcp_connect(server.addr())
         .assert_ok("allowed before the quarantine");
 
     raise_own_nofile(u64::try_from(IDLE).unwrap_or(u64::MAX) + 256);
-    let idle = hold_idle(metrics_addr(&daemon), IDLE);
+    let idle = hold_idle(metrics_addr(daemon), IDLE);
 
     let asked = Instant::now();
-    let out = quarantine(&daemon, "web", &[]);
+    let out = quarantine(daemon, "web", &[]);
     let took = asked.elapsed();
     // For the record (docs/testing.md): what the load cost the daemon.
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
@@ -75,10 +72,9 @@ fn a_foreign_host_header_is_refused() {
     if !require_bpf() {
         return;
     }
-    let web = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "enforce", &[]))]);
-    let daemon = Daemon::start(&policies);
-    let metrics = metrics_addr(&daemon);
+    let web = Enforced::start("web.toml", |web| service_policy(web, "enforce", &[]));
+    let daemon = &web.daemon;
+    let metrics = metrics_addr(daemon);
     let port = metrics.port();
     for path in ["/graph.json", "/metrics"] {
         let (status, _, body) = http_request(
@@ -107,10 +103,9 @@ fn an_idle_connection_is_closed_after_the_header_timeout() {
     if !require_bpf() {
         return;
     }
-    let web = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "enforce", &[]))]);
-    let daemon = Daemon::start(&policies);
-    let mut idle = hold_idle(metrics_addr(&daemon), 1);
+    let web = Enforced::start("web.toml", |web| service_policy(web, "enforce", &[]));
+    let daemon = &web.daemon;
+    let mut idle = hold_idle(metrics_addr(daemon), 1);
     let conn = &mut idle[0];
     conn.set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap_or_else(|e| panic!("set_read_timeout: {e}"));
@@ -135,10 +130,9 @@ fn graph_requests_within_a_second_are_served_from_one_rendering() {
     if !require_bpf() {
         return;
     }
-    let web = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "enforce", &[]))]);
-    let daemon = Daemon::start(&policies);
-    let metrics = metrics_addr(&daemon);
+    let web = Enforced::start("web.toml", |web| service_policy(web, "enforce", &[]));
+    let daemon = &web.daemon;
+    let metrics = metrics_addr(daemon);
     let renders = || {
         sample_count(&scrape(metrics), "bulkhead_http_graph_renders_total", &[])
             .unwrap_or_else(|| panic!("no bulkhead_http_graph_renders_total"))

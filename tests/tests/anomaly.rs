@@ -8,15 +8,16 @@ use std::{
     fs,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
 
 use integration_tests::{
     events::wait_event,
+    eventually,
     http::{http_get, metrics_addr},
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, NetnsGuard, PolicyDir, Probe,
+    probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, NetnsGuard, PolicyDir,
 };
 
 /// Ports scanned, and the fan-out limit: any split of the scan over two
@@ -64,7 +65,7 @@ fn port_scan_against_a_namespace_host_is_reported_with_its_evidence() {
 
     // Nothing listens there: each connect is allowed, then refused by the
     // host (RST). What counts is the attempt.
-    let probe = Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
+    let probe = probe!()
         .in_cgroup(svc.path())
         .step_timeout(Duration::from_secs(2));
     // One process for the whole scan: the window is 1 s, and a process
@@ -192,23 +193,22 @@ impl OtlpReceiver {
     }
 
     fn wait_record(&self, matches: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let found = self.records().into_iter().find(|r| {
-                r["body"]["stringValue"]
-                    .as_str()
-                    .and_then(|b| serde_json::from_str::<Value>(b).ok())
-                    .is_some_and(|b| matches(&b))
-            });
-            if let Some(r) = found {
-                return r;
-            }
-            assert!(
-                Instant::now() < deadline,
+        eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            self.records()
+                .into_iter()
+                .find(|r| {
+                    r["body"]["stringValue"]
+                        .as_str()
+                        .and_then(|b| serde_json::from_str::<Value>(b).ok())
+                        .is_some_and(|b| matches(&b))
+                })
+                .ok_or(())
+        })
+        .unwrap_or_else(|()| {
+            panic!(
                 "no matching OTLP record within 10 s; got {:#?}",
                 self.records()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            )
+        })
     }
 }

@@ -4,32 +4,15 @@
 //! an outgoing `connect()`/`sendto()` is never judged. Without `[bind]`
 //! binding is not restricted; audit mode lets a bind through and records it.
 
-use std::{
-    fmt::Display,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use integration_tests::{
     addr,
     events::{assert_fields, wait_event},
-    free_port_block, require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Probe,
+    free_port_block, policy_with, probe, require_bpf, CgroupGuard, Daemon, Egress, PolicyDir,
     Proto,
 };
 use serde_json::Value;
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-/// A policy for `svc` in `mode` with the given `[bind]` (and other) tables.
-fn policy(svc: &CgroupGuard, mode: &str, tables: &[&dyn Display]) -> String {
-    let mut text = service_policy(svc, mode, &[]);
-    for table in tables {
-        text.push('\n');
-        text.push_str(&table.to_string());
-    }
-    text
-}
 
 /// `len` consecutive ports free for TCP and UDP on every local address,
 /// IPv4 and IPv6 (a dual-stack `[::]` bind checks both).
@@ -94,9 +77,9 @@ fn listed_ports_and_ranges_bind_others_get_eperm() {
         base + 2,
         base + 3
     );
-    let policies = PolicyDir::with(&[("api.toml", &policy(&svc, "enforce", &[&bind]))]);
+    let policies = PolicyDir::with(&[("api.toml", &policy_with(&svc, "enforce", &[&bind]))]);
     let daemon = Daemon::start(&policies);
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
 
     for proto in [Proto::Tcp, Proto::Udp] {
         for port in listed {
@@ -146,13 +129,13 @@ fn protocol_empty_list_and_no_bind_table() {
     let nothing = CgroupGuard::new();
     let free = CgroupGuard::new();
     let port = free_ports(1);
-    let target = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let echo = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let target = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let echo = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
     let reach_targets = Egress::to(["127.0.0.1"]);
     let policies = PolicyDir::with(&[
         (
             "tcponly.toml",
-            &policy(
+            &policy_with(
                 &tcp_only,
                 "enforce",
                 &[&format!("[bind]\nports = [{port}]\nprotocol = \"tcp\"\n")],
@@ -160,19 +143,19 @@ fn protocol_empty_list_and_no_bind_table() {
         ),
         (
             "nothing.toml",
-            &policy(
+            &policy_with(
                 &nothing,
                 "enforce",
                 &[&"[bind]\nports = []\n", &reach_targets],
             ),
         ),
-        ("free.toml", &policy(&free, "enforce", &[])),
+        ("free.toml", &policy_with(&free, "enforce", &[])),
     ]);
     let daemon = Daemon::start(&policies);
     let local = addr(&format!("127.0.0.1:{port}"));
     let local6 = addr(&format!("[::1]:{port}"));
 
-    let client = probe().in_cgroup(tcp_only.path());
+    let client = probe!().in_cgroup(tcp_only.path());
     client
         .bind(Proto::Tcp, local)
         .assert_ok("TCP bind of the port a `protocol = \"tcp\"` list names");
@@ -185,7 +168,7 @@ fn protocol_empty_list_and_no_bind_table() {
     let ev = bind_verdict(&daemon, "udp", local);
     assert_bind_verdict(&ev, "tcponly", &tcp_only, "enforce", "deny");
 
-    let client = probe().in_cgroup(nothing.path());
+    let client = probe!().in_cgroup(nothing.path());
     for proto in [Proto::Tcp, Proto::Udp] {
         for at in [local, local6] {
             client
@@ -206,7 +189,7 @@ fn protocol_empty_list_and_no_bind_table() {
         .udp_sendto(echo.addr())
         .assert_ok("the implicit bind of an unconnected sendto() is never judged");
 
-    let client = probe().in_cgroup(free.path());
+    let client = probe!().in_cgroup(free.path());
     for proto in [Proto::Tcp, Proto::Udp] {
         for at in [local, local6] {
             client
@@ -225,11 +208,11 @@ fn audit_mode_lets_binds_through_and_records_them() {
     let port = free_ports(1);
     let policies = PolicyDir::with(&[(
         "trial.toml",
-        &policy(&svc, "audit", &[&"[bind]\nports = []\n"]),
+        &policy_with(&svc, "audit", &[&"[bind]\nports = []\n"]),
     )]);
     let daemon = Daemon::start(&policies);
     let local = addr(&format!("127.0.0.1:{port}"));
-    probe()
+    probe!()
         .in_cgroup(svc.path())
         .bind(Proto::Tcp, local)
         .assert_ok("audit mode: a bind the list does not allow goes through");

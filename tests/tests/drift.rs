@@ -11,18 +11,17 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use integration_tests::{
-    addr,
+    addr, allowing,
     control::{is_change, status, status_service, wait_status, PolicyChanges},
+    eventually,
     faults::Faults,
-    http::{metrics_addr, sample_count, scrape},
-    maps, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
+    http::metrics_addr,
+    maps, probe,
+    prometheus::{sample_count, scrape},
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Enforced, Listener, PolicyDir, Probe,
     Proto,
 };
 use serde_json::{json, Value};
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// A self-check every second, for the tests that wait for one.
 const EVERY_SECOND: &str = "[self_check]\ninterval_secs = 1\n";
@@ -36,17 +35,8 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 const JUNK_KEY: u64 = 0x0b0b_0000_0000_0000;
 const JUNK_ENTRY: [u8; 16] = [0xf0, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
-/// A policy for `svc` allowing TCP/UDP to `ip`, ports `ports` only.
-fn allowing(svc: &CgroupGuard, ip: &str, ports: &[u16]) -> String {
-    service_policy(
-        svc,
-        "enforce",
-        &[Egress::to([ip]).ports(ports.iter().copied())],
-    )
-}
-
 fn listen(at: &str) -> Listener {
-    probe().listen(Proto::Tcp, addr(at))
+    probe!().listen(Proto::Tcp, addr(at))
 }
 
 /// Asserts that, of `targets`, `client` reaches exactly `allowed`.
@@ -141,14 +131,14 @@ fn has_prefix(daemon: &Daemon, ip: Ipv4Addr) -> bool {
 /// Waits until `EGRESS_V4` holds no prefix for `ip` (a retire runs 50 ms
 /// after the switch that precedes it).
 fn wait_no_prefix(daemon: &Daemon, ip: Ipv4Addr) {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while has_prefix(daemon, ip) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "EGRESS_V4 still holds a prefix for {ip} after {TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(TIMEOUT, Duration::from_millis(100), || {
+        if has_prefix(daemon, ip) {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_or_else(|()| panic!("EGRESS_V4 still holds a prefix for {ip} after {TIMEOUT:?}"));
 }
 
 /// A service whose SERVICES entry is deleted behind the agent's back is
@@ -159,11 +149,17 @@ fn a_deleted_service_entry_is_reported_and_restored() {
     if !require_bpf() {
         return;
     }
-    let svc = CgroupGuard::new();
     let (p1, p3) = (listen("127.0.0.1:0"), listen("127.0.0.1:0"));
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[p1.port()]))]);
-    let daemon = Daemon::start_with_config(&policies, EVERY_SECOND);
-    let client = probe().in_cgroup(svc.path());
+    let Enforced {
+        svc,
+        policies: _policies,
+        daemon,
+    } = Enforced::start_with(
+        "svc.toml",
+        |svc| allowing(svc, "127.0.0.1", &[p1.port()]),
+        |policies| Daemon::start_with_config(policies, EVERY_SECOND),
+    );
+    let client = probe!().in_cgroup(svc.path());
     let st = wait_status(&daemon, "a first self-check", TIMEOUT, |st| {
         count(&check(st)["checks"]) >= 1
     });
@@ -197,13 +193,19 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
     if !require_bpf() {
         return;
     }
-    let svc = CgroupGuard::new();
     let p1 = listen("127.0.0.1:0");
     // The same port on another loopback address the policy does not list.
     let other = listen(&format!("127.0.0.3:{}", p1.port()));
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[p1.port()]))]);
-    let daemon = Daemon::start_with_config(&policies, EVERY_SECOND);
-    let client = probe().in_cgroup(svc.path());
+    let Enforced {
+        svc,
+        policies: _policies,
+        daemon,
+    } = Enforced::start_with(
+        "svc.toml",
+        |svc| allowing(svc, "127.0.0.1", &[p1.port()]),
+        |policies| Daemon::start_with_config(policies, EVERY_SECOND),
+    );
+    let client = probe!().in_cgroup(svc.path());
     assert_reaches(&client, &[&p1, &other], &[&p1], "at start");
 
     let trie = maps::pinned(&daemon, "EGRESS_V4");
@@ -255,8 +257,8 @@ fn a_switch_that_fails_part_way_leaves_the_old_policy() {
     let daemon = Daemon::start_with_config(&policies, ONLY_TRIGGERED);
     let mut changes = PolicyChanges::of(&daemon);
     let (c1, c2) = (
-        probe().in_cgroup(svc1.path()),
-        probe().in_cgroup(svc2.path()),
+        probe!().in_cgroup(svc1.path()),
+        probe!().in_cgroup(svc2.path()),
     );
     assert_reaches(&c1, &all, &[&p1], "policy A");
     assert_reaches(&c2, &all, &all, "svc2 is not in policy A");
@@ -314,15 +316,21 @@ fn a_staging_that_fails_leaves_the_old_policy() {
     if !require_bpf() {
         return;
     }
-    let svc = CgroupGuard::new();
     let one = listen("127.0.0.1:0");
     let port = one.port();
     let two = listen(&format!("127.0.0.2:{port}"));
     let both = [&one, &two];
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[port]))]);
     let faults = Faults::new();
-    let daemon = faults.start(&policies, ONLY_TRIGGERED);
-    let client = probe().in_cgroup(svc.path());
+    let Enforced {
+        svc,
+        policies,
+        daemon,
+    } = Enforced::start_with(
+        "svc.toml",
+        |svc| allowing(svc, "127.0.0.1", &[port]),
+        |policies| faults.start(policies, ONLY_TRIGGERED),
+    );
+    let client = probe!().in_cgroup(svc.path());
 
     faults.fail("stage");
     policies.write("svc.toml", &allowing(&svc, "127.0.0.2", &[port]));
@@ -360,15 +368,21 @@ fn a_failed_retire_never_leaks_into_the_next_policy() {
     if !require_bpf() {
         return;
     }
-    let svc = CgroupGuard::new();
     let one = listen("127.0.0.1:0");
     let port = one.port();
     let two = listen(&format!("127.0.0.2:{port}"));
     let both = [&one, &two];
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.2", &[port]))]);
     let faults = Faults::new();
-    let daemon = faults.start(&policies, ONLY_TRIGGERED);
-    let client = probe().in_cgroup(svc.path());
+    let Enforced {
+        svc,
+        policies,
+        daemon,
+    } = Enforced::start_with(
+        "svc.toml",
+        |svc| allowing(svc, "127.0.0.2", &[port]),
+        |policies| faults.start(policies, ONLY_TRIGGERED),
+    );
+    let client = probe!().in_cgroup(svc.path());
     assert_reaches(&client, &both, &[&two], "policy A");
 
     faults.fail("retire");
@@ -400,14 +414,20 @@ fn stale_prefixes_of_a_failed_retire_are_reported_and_removed() {
     if !require_bpf() {
         return;
     }
-    let svc = CgroupGuard::new();
     let one = listen("127.0.0.1:0");
     let port = one.port();
     let two = listen(&format!("127.0.0.2:{port}"));
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.2", &[port]))]);
     let faults = Faults::new();
-    let daemon = faults.start(&policies, EVERY_SECOND);
-    let client = probe().in_cgroup(svc.path());
+    let Enforced {
+        svc,
+        policies,
+        daemon,
+    } = Enforced::start_with(
+        "svc.toml",
+        |svc| allowing(svc, "127.0.0.2", &[port]),
+        |policies| faults.start(policies, EVERY_SECOND),
+    );
+    let client = probe!().in_cgroup(svc.path());
 
     faults.fail("retire");
     policies.write("svc.toml", &allowing(&svc, "127.0.0.1", &[port]));
@@ -470,8 +490,8 @@ fn a_service_add_that_fails_is_repaired() {
     assert_eq!(found(&daemon, "service_missing"), Some(0));
     assert_no_drift(&daemon, &st, "after the repair");
     let (c1, c2) = (
-        probe().in_cgroup(svc1.path()),
-        probe().in_cgroup(svc2.path()),
+        probe!().in_cgroup(svc1.path()),
+        probe!().in_cgroup(svc2.path()),
     );
     assert_reaches(&c2, &all, &[&p2], "svc2 after the repair");
 

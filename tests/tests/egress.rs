@@ -6,13 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use integration_tests::{
-    addr, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, NetnsGuard,
-    PolicyDir, Probe, Proto,
+    addr, probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, NetnsGuard,
+    PolicyDir, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 #[test]
 fn tcp4_loopback_allowed_and_denied() {
@@ -20,10 +16,10 @@ fn tcp4_loopback_allowed_and_denied() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let same_ip_other_port = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let other_ip = probe().listen(Proto::Tcp, addr("127.0.0.2:0"));
-    let client = probe().in_cgroup(svc.path());
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let same_ip_other_port = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let other_ip = probe!().listen(Proto::Tcp, addr("127.0.0.2:0"));
+    let client = probe!().in_cgroup(svc.path());
     for target in [&allowed, &same_ip_other_port, &other_ip] {
         client
             .tcp_connect(target.addr())
@@ -53,9 +49,9 @@ fn tcp6_loopback_allowed_and_denied() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let denied = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let client = probe().in_cgroup(svc.path());
+    let allowed = probe!().listen(Proto::Tcp, addr("[::1]:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("[::1]:0"));
+    let client = probe!().in_cgroup(svc.path());
     client
         .tcp_connect(denied.addr())
         .assert_ok("baseline, before bulkhead runs");
@@ -78,11 +74,11 @@ fn udp_loopback_connected_and_unconnected() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let denied4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let allowed6 = probe().listen(Proto::Udp, addr("[::1]:0"));
-    let denied6 = probe().listen(Proto::Udp, addr("[::1]:0"));
-    let client = probe().in_cgroup(svc.path());
+    let allowed4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let denied4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let allowed6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
+    let denied6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
+    let client = probe!().in_cgroup(svc.path());
     client
         .udp_sendto(denied4.addr())
         .assert_ok("baseline, before bulkhead runs");
@@ -118,14 +114,14 @@ fn service_without_rules_may_reach_nothing() {
         return;
     }
     let svc = CgroupGuard::new();
-    let tcp4 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let udp4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let udp6 = probe().listen(Proto::Udp, addr("[::1]:0"));
+    let tcp4 = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let tcp6 = probe!().listen(Proto::Tcp, addr("[::1]:0"));
+    let udp4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let udp6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let why = "a service with no egress rule is denied everything";
     client.tcp_connect(tcp4.addr()).assert_eperm(why);
     client.tcp_connect(tcp6.addr()).assert_eperm(why);
@@ -144,7 +140,7 @@ fn remote_host_over_veth_v4_and_v6() {
     let svc = CgroupGuard::new();
     let (allowed4, denied4) = (remote.v4(2), remote.add_addr_v4(3));
     let (allowed6, denied6) = (remote.v6(2), remote.add_addr_v6(3));
-    let there = probe().in_netns(remote.name());
+    let there = probe!().in_netns(remote.name());
     let ips: [IpAddr; 4] = [
         allowed4.into(),
         denied4.into(),
@@ -159,7 +155,7 @@ fn remote_host_over_veth_v4_and_v6() {
         .iter()
         .map(|&ip| there.listen(Proto::Udp, SocketAddr::new(ip, 0)))
         .collect();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for l in &tcp {
         client
             .tcp_connect(l.addr())
@@ -191,10 +187,10 @@ fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
     }
     let v4_only = CgroupGuard::new();
     let v6_only = CgroupGuard::new();
-    let tcp = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let other = probe().listen(Proto::Tcp, addr("127.0.0.2:0"));
-    let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
+    let tcp = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let other = probe!().listen(Proto::Tcp, addr("127.0.0.2:0"));
+    let tcp6 = probe!().listen(Proto::Tcp, addr("[::1]:0"));
     let mapped = |l: &Listener| match l.addr() {
         SocketAddr::V4(a) => SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port()),
         SocketAddr::V6(a) => SocketAddr::V6(a),
@@ -212,7 +208,7 @@ fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
     ]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(v4_only.path());
+    let client = probe!().in_cgroup(v4_only.path());
     let why = "::ffff:127.0.0.1 is 127.0.0.1, which the IPv4 rule allows";
     client.tcp_connect(mapped(&tcp)).assert_ok(why);
     client.udp_connect(mapped(&udp)).assert_ok(why);
@@ -221,7 +217,7 @@ fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
         .tcp_connect(mapped(&other))
         .assert_eperm("::ffff:127.0.0.2 is 127.0.0.2, which no rule allows");
 
-    let client = probe().in_cgroup(v6_only.path());
+    let client = probe!().in_cgroup(v6_only.path());
     client
         .tcp_connect(tcp6.addr())
         .assert_ok("[::1] is inside the allowed ::/0");
@@ -237,10 +233,10 @@ fn connected_udp_socket_cannot_sendto_elsewhere() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let denied4 = probe().listen(Proto::Udp, addr("127.0.0.2:0"));
-    let allowed6 = probe().listen(Proto::Udp, addr("[::1]:0"));
-    let denied6 = probe().listen(Proto::Udp, addr("[::1]:0"));
+    let allowed4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let denied4 = probe!().listen(Proto::Udp, addr("127.0.0.2:0"));
+    let allowed6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
+    let denied6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
     let rules = [
         Egress::to(["127.0.0.1"]).ports([allowed4.port()]),
         Egress::to(["::1"]).ports([allowed6.port()]),
@@ -248,7 +244,7 @@ fn connected_udp_socket_cannot_sendto_elsewhere() {
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &rules))]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for (allowed, denied) in [(&allowed4, &denied4), (&allowed6, &denied6)] {
         client
             .udp_connect_sendto(allowed.addr(), allowed.addr())

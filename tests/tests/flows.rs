@@ -22,11 +22,12 @@ use std::{
 };
 
 use integration_tests::{
-    addr, bulkhead, bulkhead_bin,
+    bulkhead, bulkhead_bin,
     daemon::{ready_timeout, STOP_TIMEOUT},
-    detach_command,
+    detach_command, eventually, probe,
     process::{kill, output_with_timeout, signal, terminate, wait_deadline},
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe, Proto,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Enforced, Listener, PolicyDir,
+    Targets,
 };
 use serde_json::Value;
 
@@ -34,10 +35,6 @@ use serde_json::Value;
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a probe client may take (its own steps time out at 3 s).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// A daemon managing service `billing` (the test cgroup), which may reach
 /// `allowed` and nothing else. Fields drop in order: the daemon first, the
@@ -54,15 +51,19 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
-        let svc = CgroupGuard::new();
-        let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-        let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+        let Targets {
+            allowed, denied, ..
+        } = Targets::loopback(&probe!());
         let rule = Egress::to(["127.0.0.1"])
             .ports([allowed.port()])
             .protocol("tcp");
-        let policies =
-            PolicyDir::with(&[("billing.toml", &service_policy(&svc, "enforce", &[rule]))]);
-        let daemon = Daemon::start(&policies);
+        let Enforced {
+            svc,
+            policies,
+            daemon,
+        } = Enforced::start("billing.toml", |svc| {
+            service_policy(svc, "enforce", &[rule])
+        });
         let socket = control_socket(&daemon);
         Self {
             daemon,
@@ -83,8 +84,7 @@ impl Setup {
     fn wait_event(&self, args: &[&str], pid: u32) -> Value {
         let mut args = args.to_vec();
         args.push("--json");
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        loop {
+        eventually(EVENT_TIMEOUT, Duration::from_millis(100), || {
             let out = self.flows(&args);
             assert!(
                 out.status.success(),
@@ -93,16 +93,17 @@ impl Setup {
                 String::from_utf8_lossy(&out.stderr)
             );
             let events = json_lines(&out.stdout);
-            if let Some(ev) = events.iter().find(|ev| ev["pid"] == pid) {
-                return ev.clone();
+            match events.iter().find(|ev| ev["pid"] == pid) {
+                Some(ev) => Ok(ev.clone()),
+                None => Err(events),
             }
-            assert!(
-                Instant::now() < deadline,
+        })
+        .unwrap_or_else(|events| {
+            panic!(
                 "no event of pid {pid} in `bulkhead flows {args:?}` within {EVENT_TIMEOUT:?}; \
                  it showed {events:#?}"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+            )
+        })
     }
 }
 
@@ -548,18 +549,17 @@ fn one_daemon_per_control_socket_and_a_stale_one_is_replaced() {
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
         pin_dir(work.path()),
     );
-    let deadline = Instant::now() + ready_timeout();
-    while !flows(&s.socket, &["--json"]).status.success() {
+    eventually(ready_timeout(), Duration::from_millis(100), || {
+        if flows(&s.socket, &["--json"]).status.success() {
+            return Ok(());
+        }
         let log = fs::read_to_string(work.path().join("third.log")).unwrap_or_default();
         if let Ok(Some(status)) = third.0.try_wait() {
             panic!("the daemon on a stale socket exited ({status}):\n{log}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "no answer on the replaced socket:\n{log}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+        Err(log)
+    })
+    .unwrap_or_else(|log| panic!("no answer on the replaced socket:\n{log}"));
     let log = fs::read_to_string(work.path().join("third.log")).unwrap_or_default();
     assert!(
         log.contains("removed a stale control socket"),

@@ -11,26 +11,22 @@ use std::{
     ffi::{OsStr, OsString},
     path::Path,
     process::Command,
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
-    addr, bulkhead,
+    addr, bulkhead, eventually,
     http::{http_get, metrics_addr},
+    probe,
     process::{output_with_timeout, scaled},
     require::REQUIRE_ENV,
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, NetnsGuard, PolicyDir,
-    Probe, Proto,
+    Proto,
 };
 use serde_json::Value;
 
 /// How long the graph may take to show what the kernel reported.
 const CATCH_UP: Duration = Duration::from_secs(15);
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// Runs `bulkhead ARGS --socket <daemon's>` and returns stdout; panics on failure.
 fn cli(daemon: &Daemon, args: &[&str]) -> String {
@@ -67,18 +63,15 @@ fn count(edge: Option<&Value>, field: &str) -> u64 {
 
 /// Polls `bulkhead graph` until `done` accepts it; panics with the last one.
 fn wait_graph(daemon: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
+    eventually(CATCH_UP, Duration::from_millis(200), || {
         let g = json(daemon, &["graph", "--format", "json"]);
         if done(&g) {
-            return g;
+            Ok(g)
+        } else {
+            Err(g)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the graph did not show {what} within {CATCH_UP:?}: {g:#}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    })
+    .unwrap_or_else(|g| panic!("the graph did not show {what} within {CATCH_UP:?}: {g:#}"))
 }
 
 fn denied_total(graph: &Value) -> u64 {
@@ -105,13 +98,13 @@ impl World {
         let api = CgroupGuard::new();
         let netns = NetnsGuard::new();
         let db_ip = netns.v4(2);
-        let db = probe()
+        let db = probe!()
             .in_netns(netns.name())
             .listen(Proto::Tcp, addr(&format!("{db_ip}:0")));
-        let db_other = probe()
+        let db_other = probe!()
             .in_netns(netns.name())
             .listen(Proto::Tcp, addr(&format!("{db_ip}:0")));
-        let api_listener = probe()
+        let api_listener = probe!()
             .in_cgroup(api.path())
             .listen(Proto::Tcp, addr("127.0.0.1:0"));
         Self {
@@ -148,8 +141,8 @@ impl World {
 
     /// web -> api three times, api -> database twice.
     fn traffic(&self) {
-        let web = probe().in_cgroup(self.web.path());
-        let api = probe().in_cgroup(self.api.path());
+        let web = probe!().in_cgroup(self.web.path());
+        let api = probe!().in_cgroup(self.api.path());
         for _ in 0..3 {
             web.tcp_connect(self.api_listener.addr())
                 .assert_ok("web may call api");
@@ -177,7 +170,7 @@ fn graph_blast_radius_and_learned_policies_from_real_traffic() {
 
     world.traffic();
     // And one denied call: web straight to the database.
-    probe()
+    probe!()
         .in_cgroup(world.web.path())
         .tcp_connect(world.db.addr())
         .assert_eperm("web may not reach the database directly");
@@ -283,11 +276,11 @@ fn assert_graph(daemon: &Daemon, db_node: &str) {
 /// inbound edge from the peer to `api`.
 fn assert_inbound(daemon: &Daemon, world: &World) {
     let root_side = world.netns.v4(1);
-    let front = probe()
+    let front = probe!()
         .in_cgroup(world.api.path())
         .listen(Proto::Tcp, addr(&format!("{root_side}:0")));
     let peer = world.netns.v4(2);
-    probe()
+    probe!()
         .in_netns(world.netns.name())
         .source(peer)
         .tcp_connect(front.addr())
@@ -357,19 +350,15 @@ fn learn_and_enforce(daemon: &Daemon, world: &World, policies: &PolicyDir, db_no
     );
 
     // Wait until the learned policies are in force.
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
+    eventually(CATCH_UP, Duration::from_millis(200), || {
         let b = json(daemon, &["blast-radius", "web", "--json"]);
         if b["allows"].as_array().map(Vec::len) == Some(1) {
-            break;
+            Ok(())
+        } else {
+            Err(b)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the learned policy was not loaded: {b:#}\n{}",
-            daemon.log()
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    })
+    .unwrap_or_else(|b| panic!("the learned policy was not loaded: {b:#}\n{}", daemon.log()));
 
     // The same traffic again: no denial.
     let before = json(daemon, &["graph"]);
@@ -384,12 +373,12 @@ fn learn_and_enforce(daemon: &Daemon, world: &World, policies: &PolicyDir, db_no
         "replaying learned traffic was denied: {after:#}"
     );
     // Anything new: EPERM.
-    let other = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    probe()
+    let other = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    probe!()
         .in_cgroup(world.web.path())
         .tcp_connect(other.addr())
         .assert_eperm("web's learned policy allows only api");
-    probe()
+    probe!()
         .in_cgroup(world.api.path())
         .tcp_connect(world.db_other.addr())
         .assert_eperm("api's learned policy allows only the database port it used");
@@ -497,7 +486,7 @@ fn the_map_renders_in_headless_chromium() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let daemon = start(&policies, state.path());
     world.traffic();
-    probe()
+    probe!()
         .in_cgroup(world.web.path())
         .tcp_connect(world.db.addr())
         .assert_eperm("web may not reach the database directly");

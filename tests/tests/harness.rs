@@ -10,12 +10,8 @@ use std::{
 use integration_tests::{
     addr, cgroup2_mount,
     netns::{link_exists, netns_exists},
-    require_bpf, CgroupGuard, NetnsGuard, Probe, Proto,
+    probe, require_bpf, CgroupGuard, NetnsGuard, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// What the panicking scope made, to look for afterwards.
 #[derive(Default)]
@@ -50,10 +46,10 @@ fn guards_clean_up_when_a_test_panics() {
         made.veth = Some(remote.host_if().to_owned());
         // Processes the guards must deal with: one in a nested cgroup, one
         // inside the namespace. Forgotten, so only the guards can end them.
-        let in_cgroup = probe()
+        let in_cgroup = probe!()
             .in_cgroup(&inner)
             .listen(Proto::Tcp, addr("127.0.0.1:0"));
-        let in_netns = probe().in_netns(remote.name()).listen(
+        let in_netns = probe!().in_netns(remote.name()).listen(
             Proto::Udp,
             std::net::SocketAddr::new(remote.v4(2).into(), 0),
         );
@@ -122,9 +118,9 @@ fn probe_reports_the_kernels_answer() {
         return;
     }
     let svc = CgroupGuard::new();
-    let tcp = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("[::1]:0"));
-    let client = probe().in_cgroup(svc.path());
+    let tcp = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("[::1]:0"));
+    let client = probe!().in_cgroup(svc.path());
     client
         .tcp_connect(tcp.addr())
         .assert_ok("plain loopback TCP");
@@ -152,7 +148,7 @@ fn remote_host_namespace_is_reachable_over_veth() {
         return;
     }
     let remote = NetnsGuard::new();
-    let there = probe().in_netns(remote.name());
+    let there = probe!().in_netns(remote.name());
     let tcp4 = there.listen(
         Proto::Tcp,
         std::net::SocketAddr::new(remote.add_addr_v4(5).into(), 0),
@@ -161,10 +157,10 @@ fn remote_host_namespace_is_reachable_over_veth() {
         Proto::Tcp,
         std::net::SocketAddr::new(remote.v6(2).into(), 0),
     );
-    probe()
+    probe!()
         .tcp_connect(tcp4.addr())
         .assert_ok("IPv4 over the veth");
-    probe()
+    probe!()
         .tcp_connect(tcp6.addr())
         .assert_ok("IPv6 over the veth");
     // The listener really is in the namespace: from inside it, the

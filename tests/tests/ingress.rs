@@ -26,8 +26,8 @@ use integration_tests::{
     events::{assert_fields, wait_event},
     free_port_block,
     netns::Family,
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard, PolicyDir,
-    Probe, Proto,
+    probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard,
+    PolicyDir, Proto,
 };
 use serde_json::Value;
 
@@ -39,10 +39,6 @@ const SYN_WAIT: Duration = Duration::from_secs(2);
 const DATAGRAM_WAIT: Duration = Duration::from_secs(1);
 /// How long a served peer may take to show in the server's report.
 const SERVED_WAIT: Duration = Duration::from_secs(2);
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// A policy for `svc`: `top` holds top-level keys (such as `ingress = []`,
 /// which must come before any table), then `tables`.
@@ -123,9 +119,9 @@ fn tcp_allowed_and_dropped(family: fn(&NetnsGuard) -> Family) {
     let policies = PolicyDir::with(&[("web.toml", &policy(&svc, "enforce", "", &[&rule]))]);
     let daemon = Daemon::start(&policies);
     // Started after the daemon, so that bind() records the owner.
-    let server = probe().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
-    let unmanaged = probe().serve(Proto::Tcp, f.local(0));
-    let peers = probe().in_netns(remote.name());
+    let server = probe!().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
+    let unmanaged = probe!().serve(Proto::Tcp, f.local(0));
+    let peers = probe!().in_netns(remote.name());
 
     peers
         .source(f.denied)
@@ -216,11 +212,11 @@ fn udp_allowed_source_is_echoed_disallowed_is_dropped() {
     let echo = Egress::to(families.iter().flat_map(|f| [f.allowed, f.denied])).protocol("udp");
     let policies = PolicyDir::with(&[("dns.toml", &policy(&svc, "enforce", "", &[&rule, &echo]))]);
     let daemon = Daemon::start(&policies);
-    let peers = probe().in_netns(remote.name());
+    let peers = probe!().in_netns(remote.name());
 
     for f in &families {
-        let server = probe().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
-        let unmanaged = probe().serve(Proto::Udp, f.local(0));
+        let server = probe!().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
+        let unmanaged = probe!().serve(Proto::Udp, f.local(0));
         peers
             .source(f.denied)
             .udp_sendto(unmanaged.addr())
@@ -282,7 +278,7 @@ fn outbound_tcp_and_udp_replies_pass_while_inbound_is_refused() {
     let svc = CgroupGuard::new();
     let families = [Family::v4(&remote), Family::v6(&remote)];
     // The far end lives on the peer address inbound rules would refuse.
-    let there = probe().in_netns(remote.name());
+    let there = probe!().in_netns(remote.name());
     let far: Vec<_> = families
         .iter()
         .map(|f| {
@@ -302,7 +298,9 @@ fn outbound_tcp_and_udp_replies_pass_while_inbound_is_refused() {
     // Inbound is refused for this service: a datagram from that very peer
     // to a socket the service did not send to is dropped.
     let f4 = &families[0];
-    let server = probe().in_cgroup(svc.path()).serve(Proto::Udp, f4.local(0));
+    let server = probe!()
+        .in_cgroup(svc.path())
+        .serve(Proto::Udp, f4.local(0));
     let unsolicited = there
         .source(f4.denied)
         .step_timeout(DATAGRAM_WAIT)
@@ -318,7 +316,7 @@ fn outbound_tcp_and_udp_replies_pass_while_inbound_is_refused() {
         ("udp", server.addr(), unsolicited.local_addr()),
     );
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for (f, (tcp, udp)) in families.iter().zip(&far) {
         client.tcp_connect(tcp.addr()).assert_ok(&format!(
             "{}: the service's own TCP connection (the SYN-ACK is a reply)",
@@ -346,7 +344,7 @@ fn udp_reply_passes_only_from_the_exact_peer_sent_to() {
     let remote = NetnsGuard::new();
     let svc = CgroupGuard::new();
     let families = [Family::v4(&remote), Family::v6(&remote)];
-    let there = probe().in_netns(remote.name());
+    let there = probe!().in_netns(remote.name());
     let reflectors: Vec<_> = families
         .iter()
         .map(|f| there.reflect_udp(SocketAddr::new(f.denied, 0)))
@@ -360,7 +358,7 @@ fn udp_reply_passes_only_from_the_exact_peer_sent_to() {
 
     for (f, reflector) in families.iter().zip(&reflectors) {
         // Unmanaged, both answers arrive: the reflector works.
-        let both = probe()
+        let both = probe!()
             .step_timeout(DATAGRAM_WAIT)
             .udp_sendto_all(reflector.addr());
         both.assert_ok(&format!("{}: unmanaged query to the reflector", f.name));
@@ -383,7 +381,7 @@ fn udp_reply_passes_only_from_the_exact_peer_sent_to() {
         );
         let other = others[0];
 
-        let query = probe()
+        let query = probe!()
             .in_cgroup(svc.path())
             .step_timeout(DATAGRAM_WAIT)
             .udp_sendto_all(reflector.addr());
@@ -427,22 +425,24 @@ fn ports_protocol_and_policies_without_ingress() {
         ("open.toml", &policy(&open, "enforce", "", &[])),
     ]);
     let daemon = Daemon::start(&policies);
-    let listed = probe()
+    let listed = probe!()
         .in_cgroup(svc.path())
         .serve(Proto::Tcp, f.local(port));
-    let unlisted = probe()
+    let unlisted = probe!()
         .in_cgroup(svc.path())
         .serve(Proto::Tcp, f.local(port + 1));
-    let udp = probe()
+    let udp = probe!()
         .in_cgroup(svc.path())
         .serve(Proto::Udp, f.local(port));
-    let dual_stack = probe().in_cgroup(svc.path()).serve(
+    let dual_stack = probe!().in_cgroup(svc.path()).serve(
         Proto::Tcp,
         "[::]:0".parse().unwrap_or_else(|e| panic!("{e}")),
     );
-    let not_restricted = probe().in_cgroup(open.path()).serve(Proto::Tcp, f.local(0));
-    let allowed = probe().in_netns(remote.name()).source(f.allowed);
-    let denied = probe().in_netns(remote.name()).source(f.denied);
+    let not_restricted = probe!()
+        .in_cgroup(open.path())
+        .serve(Proto::Tcp, f.local(0));
+    let allowed = probe!().in_netns(remote.name()).source(f.allowed);
+    let denied = probe!().in_netns(remote.name()).source(f.denied);
 
     allowed
         .tcp_connect(listed.addr())
@@ -505,9 +505,9 @@ fn audit_mode_lets_everyone_in_and_records_would_be_drops() {
     let rule = Ingress::from([f.allowed]);
     let policies = PolicyDir::with(&[("trial.toml", &policy(&svc, "audit", "", &[&rule]))]);
     let daemon = Daemon::start(&policies);
-    let tcp = probe().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
-    let udp = probe().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
-    let denied = probe().in_netns(remote.name()).source(f.denied);
+    let tcp = probe!().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
+    let udp = probe!().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
+    let denied = probe!().in_netns(remote.name()).source(f.denied);
 
     let conn = denied.tcp_connect(tcp.addr());
     conn.assert_ok("audit mode: a source no rule allows still connects");

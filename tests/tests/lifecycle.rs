@@ -9,8 +9,10 @@ use integration_tests::{
     cgroup2_mount,
     control::{status, status_feature},
     daemon::STOP_TIMEOUT,
-    http::{metrics_addr, sample_count, scrape},
+    http::metrics_addr,
+    probe,
     process::signal,
+    prometheus::{sample_count, scrape},
     require_bpf, service_policy, CgroupGuard, Daemon, Listener, PolicyDir, Probe, ProgSnapshot,
     Proto,
 };
@@ -25,10 +27,6 @@ const PROGRAMS: [&str; 4] = [
 
 /// How long the kernel may take to free programs after the daemon exits.
 const UNLOAD_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// Asserts every program in [`PROGRAMS`] is among `loaded` (the kernel keeps
 /// the first 15 bytes of a name; bpftool may print the full one from BTF).
@@ -82,10 +80,10 @@ struct Targets {
 impl Targets {
     fn new() -> Self {
         Self {
-            tcp4: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-            tcp6: probe().listen(Proto::Tcp, addr("[::1]:0")),
-            udp4: probe().listen(Proto::Udp, addr("127.0.0.1:0")),
-            udp6: probe().listen(Proto::Udp, addr("[::1]:0")),
+            tcp4: probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
+            tcp6: probe!().listen(Proto::Tcp, addr("[::1]:0")),
+            udp4: probe!().listen(Proto::Udp, addr("127.0.0.1:0")),
+            udp6: probe!().listen(Proto::Udp, addr("[::1]:0")),
         }
     }
 
@@ -113,7 +111,7 @@ fn sigterm_keeps_enforcing_until_detach() {
     }
     let svc = CgroupGuard::new();
     let targets = Targets::new();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
     let before = ProgSnapshot::take();
     let mut daemon = Daemon::start(&policies);
@@ -140,7 +138,7 @@ fn sigint_keeps_enforcing_until_detach() {
     }
     let svc = CgroupGuard::new();
     let targets = Targets::new();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
     let before = ProgSnapshot::take();
     let mut daemon = Daemon::start(&policies);
@@ -176,7 +174,7 @@ fn config_file_names_the_policy_dir() {
     daemon.wait_ready();
 
     targets.assert_denied(
-        &probe().in_cgroup(svc.path()),
+        &probe!().in_cgroup(svc.path()),
         "policy found through --config's policy_dir",
     );
 }
@@ -253,7 +251,7 @@ fn daemon_guard_stops_bulkhead_when_a_test_panics() {
     );
     assert_unloaded(&ours, &before);
     targets.assert_allowed(
-        &probe().in_cgroup(svc.path()),
+        &probe!().in_cgroup(svc.path()),
         "after the guard stopped bulkhead",
     );
 }

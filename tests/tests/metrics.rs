@@ -2,29 +2,15 @@
 //! connections a probe makes, and lost events counted exactly when the
 //! consumer is held back on purpose (the daemon stopped with `SIGSTOP`).
 
-use std::{
-    collections::BTreeMap,
-    ffi::OsStr,
-    fs,
-    net::SocketAddr,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{ffi::OsStr, fs, net::SocketAddr, thread, time::Duration};
 
 use integration_tests::{
-    addr, bulkhead,
-    http::{metrics_addr, parse_sample, SeriesKey},
-    process::signal,
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Probe, ProgSnapshot,
-    Proto,
+    addr, bulkhead, eventually, http::metrics_addr, probe, process::signal, prometheus::Scrape,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, ProgSnapshot, Proto,
 };
 
 /// How long the consumer (or the cgroup rescan) may take to catch up.
 const CATCH_UP: Duration = Duration::from_secs(10);
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// `bulkhead run ARGS` (plus the harness's own isolating flags), ready.
 fn start_daemon(args: &[&OsStr]) -> Daemon {
@@ -39,92 +25,18 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// One scrape, parsed: series -> value as written.
-#[derive(Debug)]
-struct Scrape {
-    text: String,
-    series: BTreeMap<SeriesKey, String>,
-}
-
-impl Scrape {
-    fn get(addr: SocketAddr) -> Self {
-        let (status, text) = http_get(addr, "/metrics");
-        assert_eq!(status, 200, "GET /metrics: {text}");
-        let mut series = BTreeMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let (key, value) = parse_sample(line)
-                .unwrap_or_else(|| panic!("unparsable sample line {line:?} in\n{text}"));
-            series.insert(key, value);
-        }
-        Self { text, series }
-    }
-
-    fn raw(&self, name: &str, labels: &[(&str, &str)]) -> &str {
-        let mut labels: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        labels.sort();
-        let key = (name.to_owned(), labels);
-        self.series
-            .get(&key)
-            .unwrap_or_else(|| panic!("no series {key:?} in the scrape:\n{}", self.text))
-    }
-
-    /// The value of the series `name{labels}` (exactly those labels), a
-    /// whole number (counters and counts); panics showing the scrape if
-    /// there is no such series.
-    fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let raw = self.raw(name, labels);
-        raw.parse()
-            .unwrap_or_else(|e| panic!("{name}{labels:?} = {raw:?} is not a count: {e}"))
-    }
-
-    /// Like [`Self::count`], for a value that may have a fraction.
-    fn real(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let raw = self.raw(name, labels);
-        raw.parse()
-            .unwrap_or_else(|e| panic!("{name}{labels:?} = {raw:?} is not a number: {e}"))
-    }
-
-    /// The label sets of every series of `name` whose labels include `filter`.
-    fn label_sets(&self, name: &str, filter: (&str, &str)) -> Vec<Vec<(&str, &str)>> {
-        self.series
-            .keys()
-            .filter(|(n, labels)| {
-                n == name && labels.iter().any(|(k, v)| k == filter.0 && v == filter.1)
-            })
-            .map(|(_, labels)| {
-                labels
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// `count` now minus `count` in `before`.
-    fn delta(&self, before: &Self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let (now, was) = (self.count(name, labels), before.count(name, labels));
-        now.checked_sub(was)
-            .unwrap_or_else(|| panic!("{name}{labels:?} went down: {was} -> {now}"))
-    }
-}
-
 /// Scrapes until `done` holds, for at most [`CATCH_UP`]; returns the last
 /// scrape either way (the caller asserts on it).
 fn scrape_until(addr: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
+    eventually(CATCH_UP, Duration::from_millis(50), || {
         let scrape = Scrape::get(addr);
-        if done(&scrape) || Instant::now() >= deadline {
-            return scrape;
+        if done(&scrape) {
+            Ok(scrape)
+        } else {
+            Err(scrape)
         }
-        thread::sleep(Duration::from_millis(50));
-    }
+    })
+    .unwrap_or_else(|last| last)
 }
 
 const CONNECTIONS: &str = "bulkhead_connections_total";
@@ -161,9 +73,9 @@ fn connection_counters_move_by_exactly_the_connections_made() {
     let billing = CgroupGuard::new();
     let audited = CgroupGuard::new();
     let late = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
     let policies = three_services(&billing, &audited, &late, allowed.port());
     let daemon = start_daemon(&[OsStr::new("--policy-dir"), policies.path().as_os_str()]);
     let metrics = metrics_addr(&daemon);
@@ -183,7 +95,7 @@ fn connection_counters_move_by_exactly_the_connections_made() {
         (egress("billing", "udp", "deny"), 2),
         (egress("audited", "tcp", "audit"), 2),
     ];
-    let client = probe().in_cgroup(billing.path());
+    let client = probe!().in_cgroup(billing.path());
     for _ in 0..expected[0].1 {
         client
             .tcp_connect(allowed.addr())
@@ -199,7 +111,7 @@ fn connection_counters_move_by_exactly_the_connections_made() {
             .udp_sendto(udp.addr())
             .assert_eperm("billing's unlisted UDP port");
     }
-    let client = probe().in_cgroup(audited.path());
+    let client = probe!().in_cgroup(audited.path());
     for _ in 0..expected[3].1 {
         client
             .tcp_connect(allowed.addr())
@@ -353,12 +265,12 @@ fn assert_inventory_and_process(s: &Scrape) {
     assert_eq!(s.count("bulkhead_programs_attached", &[]), 1);
     assert_eq!(s.count("bulkhead_event_consumer_alive", &[]), 1);
     assert!(
-        s.series
+        s.series()
             .keys()
             .any(|(name, labels)| name == "bulkhead_build_info"
                 && labels.iter().any(|(k, _)| k == "version")),
         "bulkhead_build_info{{version}} in\n{}",
-        s.text
+        s.text()
     );
     assert!(s.count("process_resident_memory_bytes", &[]) > 0);
     assert!(s.count("process_open_fds", &[]) > 0);
@@ -372,7 +284,7 @@ fn lost_events_are_counted_exactly_when_the_consumer_is_held_back() {
         return;
     }
     let svc = CgroupGuard::new();
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policies = PolicyDir::with(&[("held.toml", &service_policy(&svc, "enforce", &[]))]);
     let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     // The smallest ring buffer: 4096 bytes, about 24 records.
@@ -400,7 +312,7 @@ fn lost_events_are_counted_exactly_when_the_consumer_is_held_back() {
             "cannot SIGSTOP the daemon ({pid})"
         );
         let _resume = Resume(pid);
-        let client = probe().in_cgroup(svc.path());
+        let client = probe!().in_cgroup(svc.path());
         for _ in 0..attempts {
             client
                 .tcp_connect(denied.addr())
@@ -500,8 +412,8 @@ fn counters_carry_over_policy_reloads() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let rule = Egress::to(["127.0.0.1"])
         .ports([allowed.port()])
         .protocol("tcp");
@@ -514,7 +426,7 @@ fn counters_carry_over_policy_reloads() {
     let pid = daemon
         .pid()
         .unwrap_or_else(|| panic!("the daemon has no pid"));
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let allow = egress("svc", "tcp", "allow");
     let deny = egress("svc", "tcp", "deny");
     let changes = [("type", "policy_change")];

@@ -3,10 +3,10 @@
 //! wake-up per record used to cost every `connect()` a context switch of the
 //! daemon; the reader now drains on its own timer).
 
-use std::{fs, time::Duration, time::Instant};
+use std::{fs, time::Duration};
 
 use integration_tests::{
-    addr, conn::Conn, require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir,
+    addr, conn, eventually, require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir,
 };
 
 /// Decisions, and the pause after each: the daemon is idle between them,
@@ -61,15 +61,18 @@ fn every_decision_is_logged_without_waking_the_daemon_for_each() {
         .unwrap_or_else(|| panic!("the daemon has no pid"));
 
     let before = context_switches(pid);
-    Conn::new(env!("CARGO_BIN_EXE_bulkhead-conn"))
+    conn!()
         .in_cgroup(svc.path())
         .udp_paced(CALLS, PAUSE, target);
-    let deadline = Instant::now() + LOG_TIMEOUT;
-    let mut logged = logged_verdicts(&daemon, "stream");
-    while logged < CALLS && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        logged = logged_verdicts(&daemon, "stream");
-    }
+    let logged = eventually(LOG_TIMEOUT, Duration::from_millis(100), || {
+        let logged = logged_verdicts(&daemon, "stream");
+        if logged < CALLS {
+            Err(logged)
+        } else {
+            Ok(logged)
+        }
+    })
+    .unwrap_or_else(|last| last);
     let switches = context_switches(pid) - before;
 
     assert_eq!(logged, CALLS, "every decision is in the log");

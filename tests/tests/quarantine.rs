@@ -15,24 +15,17 @@ use std::{
 };
 
 use integration_tests::{
-    addr,
-    conn::{monotonic_ns, Attempt, Conn, Verdict},
+    addr, conn,
+    conn::{monotonic_ns, Attempt, Verdict},
     control::{
         assert_success, is_change, quarantine, release, status, status_service, wait_status,
         PolicyChanges, SharedPins,
     },
+    probe,
     process::{scaled, signal},
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Probe, Proto, EPERM,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Proto, EPERM,
 };
 use serde_json::{json, Value};
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-fn conn() -> Conn {
-    Conn::new(env!("CARGO_BIN_EXE_bulkhead-conn"))
-}
 
 /// How long data on a cut connection is watched for (it must not arrive).
 const CUT_WATCH: Duration = Duration::from_secs(1);
@@ -92,10 +85,10 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
     }
     let web = CgroupGuard::new();
     let api = CgroupGuard::new();
-    let ok = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let mut sink = conn().sink(addr("127.0.0.1:0"));
-    let exc = conn().sink(addr("127.0.0.2:0"));
+    let ok = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let mut sink = conn!().sink(addr("127.0.0.1:0"));
+    let exc = conn!().sink(addr("127.0.0.2:0"));
     let exception = exc.addr().to_string();
     let rules = [
         Egress::to(["127.0.0.1"]).ports([ok.port(), udp.port(), sink.addr().port()]),
@@ -107,10 +100,13 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
     ]);
     let daemon = Daemon::start(&policies);
     let mut changes = PolicyChanges::of(&daemon);
-    let (web_client, api_client) = (probe().in_cgroup(web.path()), probe().in_cgroup(api.path()));
+    let (web_client, api_client) = (
+        probe!().in_cgroup(web.path()),
+        probe!().in_cgroup(api.path()),
+    );
     // A server inside web, and clients outside that reach it.
     let web_in = web_client.listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let outsider = probe().step_timeout(SYN_WAIT);
+    let outsider = probe!().step_timeout(SYN_WAIT);
 
     // Before: everything the policy allows works, established connections
     // carry data both ways.
@@ -121,9 +117,9 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
     outsider
         .tcp_connect(web_in.addr())
         .assert_ok("inbound to web before the quarantine");
-    let mut web_held = conn().in_cgroup(web.path()).hold(sink.addr());
-    let mut api_held = conn().in_cgroup(api.path()).hold(sink.addr());
-    let mut web_exc_held = conn().in_cgroup(web.path()).hold(exc.addr());
+    let mut web_held = conn!().in_cgroup(web.path()).hold(sink.addr());
+    let mut api_held = conn!().in_cgroup(api.path()).hold(sink.addr());
+    let mut web_exc_held = conn!().in_cgroup(web.path()).hold(exc.addr());
     sink.wait_accepted(web_held.local(), DATA_TIMEOUT);
     sink.wait_accepted(api_held.local(), DATA_TIMEOUT);
     web_held.send("web-before");
@@ -137,10 +133,10 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
     );
 
     // Quarantine web, with a client of each service looping meanwhile.
-    let web_loop = conn()
+    let web_loop = conn!()
         .in_cgroup(web.path())
         .connect_loop(&[ok.addr()], Duration::from_micros(500));
-    let api_loop = conn()
+    let api_loop = conn!()
         .in_cgroup(api.path())
         .connect_loop(&[ok.addr()], Duration::from_micros(500));
     thread::sleep(Duration::from_millis(100));
@@ -183,7 +179,7 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
     web_client.tcp_connect(ok.addr()).assert_eperm(why);
     web_client.tcp_connect(sink.addr()).assert_eperm(why);
     web_client.udp_sendto(udp.addr()).assert_eperm(why);
-    let mut web_exc_new = conn().in_cgroup(web.path()).hold(exc.addr());
+    let mut web_exc_new = conn!().in_cgroup(web.path()).hold(exc.addr());
     web_exc_new.send("web-exception-new");
     api_client
         .tcp_connect(ok.addr())
@@ -333,8 +329,8 @@ fn quarantine_survives_reload_and_restart() {
     }
     let web = CgroupGuard::new();
     let api = CgroupGuard::new();
-    let ok = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let other = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let ok = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let other = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let only = |port: u16| [Egress::to(["127.0.0.1"]).ports([port])];
     let policies = PolicyDir::with(&[
         (
@@ -347,7 +343,10 @@ fn quarantine_survives_reload_and_restart() {
         ),
     ]);
     let shared = SharedPins::new();
-    let (web_client, api_client) = (probe().in_cgroup(web.path()), probe().in_cgroup(api.path()));
+    let (web_client, api_client) = (
+        probe!().in_cgroup(web.path()),
+        probe!().in_cgroup(api.path()),
+    );
     let quarantined = |why: &str| {
         web_client.tcp_connect(ok.addr()).assert_eperm(why);
         api_client.tcp_connect(ok.addr()).assert_ok(why);
@@ -364,7 +363,7 @@ fn quarantine_survives_reload_and_restart() {
     changes.wait_nth(1, "applied reload", Duration::from_secs(10), |e| {
         is_change(e, "reload", "applied")
     });
-    let web_loop = conn()
+    let web_loop = conn!()
         .in_cgroup(web.path())
         .connect_loop(&[ok.addr()], Duration::from_micros(500));
     let asked = monotonic_ns();
@@ -457,7 +456,7 @@ fn quarantine_refuses_what_it_cannot_do() {
         return;
     }
     let web = CgroupGuard::new();
-    let ok = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let ok = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let rules = [Egress::to(["127.0.0.1"]).ports([ok.port()])];
     let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "enforce", &rules))]);
     let daemon = Daemon::start(&policies);
@@ -490,7 +489,7 @@ fn quarantine_refuses_what_it_cannot_do() {
         status_service(&status(&daemon), "web")["quarantined"],
         false
     );
-    probe()
+    probe!()
         .in_cgroup(web.path())
         .tcp_connect(ok.addr())
         .assert_ok("nothing changed");
@@ -508,13 +507,13 @@ fn an_exception_may_still_connect_in() {
     let web = CgroupGuard::new();
     let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "enforce", &[]))]);
     let daemon = Daemon::start(&policies);
-    let web_in = probe()
+    let web_in = probe!()
         .in_cgroup(web.path())
         .listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let from_exception = probe()
+    let from_exception = probe!()
         .source(addr("127.0.0.2:0").ip())
         .step_timeout(SYN_WAIT);
-    let outsider = probe().step_timeout(SYN_WAIT);
+    let outsider = probe!().step_timeout(SYN_WAIT);
     for allow in ["127.0.0.2", "127.0.0.2:5514"] {
         answer(
             &quarantine(&daemon, "web", &[allow]),

@@ -17,31 +17,18 @@ use std::{
 };
 
 use integration_tests::{
-    addr,
-    conn::{monotonic_ns, Attempt, Conn, Verdict},
+    addr, allowing, conn,
+    conn::{monotonic_ns, Attempt, Verdict},
     control::{is_change, status, status_service, wait_status, PolicyChanges},
+    probe,
     process::{output_with_timeout, signal},
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe, Proto,
-    EPERM,
+    require_bpf, CgroupGuard, Daemon, Listener, PolicyDir, Probe, Proto, EPERM,
 };
 use serde_json::{json, Value};
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-fn conn() -> Conn {
-    Conn::new(env!("CARGO_BIN_EXE_bulkhead-conn"))
-}
 
 /// How long one reload may take from the change to its audit event
 /// (300 ms settle time, plus at most one 500 ms retire grace, plus slack).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A policy for `svc` allowing TCP/UDP to 127.0.0.1, port `port` only.
-fn allowing(svc: &CgroupGuard, port: u16) -> String {
-    service_policy(svc, "enforce", &[Egress::to(["127.0.0.1"]).ports([port])])
-}
 
 /// How a reload's audit record describes that rule.
 fn rule_line(port: u16) -> String {
@@ -89,9 +76,9 @@ struct Targets {
 impl Targets {
     fn new() -> Self {
         Self {
-            p1: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-            p2: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-            p3: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
+            p1: probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
+            p2: probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
+            p3: probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
         }
     }
 
@@ -356,7 +343,10 @@ fn a_hundred_reloads_never_judge_by_a_mix() {
     }
     let svc = CgroupGuard::new();
     let t = Targets::new();
-    let (a, b) = (allowing(&svc, t.p1.port()), allowing(&svc, t.p2.port()));
+    let (a, b) = (
+        allowing(&svc, "127.0.0.1", &[t.p1.port()]),
+        allowing(&svc, "127.0.0.1", &[t.p2.port()]),
+    );
     let scratch = PolicyDir::new();
     let alt = Alternation {
         sha_a: sha256(&scratch.write("a", &a)),
@@ -368,13 +358,13 @@ fn a_hundred_reloads_never_judge_by_a_mix() {
     let daemon = Daemon::start(&policies);
     let mut changes = PolicyChanges::of(&daemon);
     t.assert_only(
-        &probe().in_cgroup(svc.path()),
+        &probe!().in_cgroup(svc.path()),
         t.p1.port(),
         "policy A at start",
     );
 
     let started = Instant::now();
-    let looping = conn().in_cgroup(svc.path()).connect_loop(
+    let looping = conn!().in_cgroup(svc.path()).connect_loop(
         &[t.p1.addr(), t.p2.addr(), t.p3.addr()],
         Duration::from_micros(500),
     );
@@ -416,7 +406,7 @@ fn a_hundred_reloads_never_judge_by_a_mix() {
         latencies.iter().max().unwrap_or(&0),
     );
     t.assert_only(
-        &probe().in_cgroup(svc.path()),
+        &probe!().in_cgroup(svc.path()),
         t.p1.port(),
         "policy A after an even number of reloads",
     );
@@ -451,11 +441,14 @@ fn a_bad_policy_leaves_the_old_one_enforced() {
     }
     let svc = CgroupGuard::new();
     let t = Targets::new();
-    let (a, b) = (allowing(&svc, t.p1.port()), allowing(&svc, t.p2.port()));
+    let (a, b) = (
+        allowing(&svc, "127.0.0.1", &[t.p1.port()]),
+        allowing(&svc, "127.0.0.1", &[t.p2.port()]),
+    );
     let policies = PolicyDir::with(&[("svc.toml", &a)]);
     let daemon = Daemon::start(&policies);
     let mut changes = PolicyChanges::of(&daemon);
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     t.assert_only(&client, t.p1.port(), "policy A at start");
 
     // 1. Not TOML: B with a missing comma on line 6.
@@ -544,12 +537,15 @@ fn an_insecure_file_on_reload_is_refused() {
     }
     let svc = CgroupGuard::new();
     let t = Targets::new();
-    let (a, b) = (allowing(&svc, t.p1.port()), allowing(&svc, t.p2.port()));
+    let (a, b) = (
+        allowing(&svc, "127.0.0.1", &[t.p1.port()]),
+        allowing(&svc, "127.0.0.1", &[t.p2.port()]),
+    );
     let policies = PolicyDir::with(&[("svc.toml", &a)]);
     let file = policies.path().join("svc.toml");
     chmod(&file, 0o644);
     let daemon = Daemon::start(&policies);
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     t.assert_only(&client, t.p1.port(), "policy A at start");
 
     chmod(&file, 0o666);
@@ -610,8 +606,8 @@ fn insecure_policy_files_are_refused_at_start() {
     }
     let svc = CgroupGuard::new();
     let t = Targets::new();
-    let policy = allowing(&svc, t.p1.port());
-    let client = probe().in_cgroup(svc.path());
+    let policy = allowing(&svc, "127.0.0.1", &[t.p1.port()]);
+    let client = probe!().in_cgroup(svc.path());
 
     let policies = PolicyDir::with(&[("svc.toml", &policy)]);
     let file = policies.path().join("svc.toml");
@@ -671,7 +667,7 @@ fn sighup_reloads_the_policy() {
     }
     let svc = CgroupGuard::new();
     let t = Targets::new();
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, t.p1.port()))]);
+    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[t.p1.port()]))]);
     let daemon = Daemon::start(&policies);
     let mut changes = PolicyChanges::of(&daemon);
     // An answer to `status` comes from the main loop, so the signal
@@ -699,7 +695,7 @@ fn sighup_reloads_the_policy() {
     });
     assert_eq!(reload_counts(&st), (1, 0), "status: {st:#}");
     t.assert_only(
-        &probe().in_cgroup(svc.path()),
+        &probe!().in_cgroup(svc.path()),
         t.p1.port(),
         "the same policy after SIGHUP",
     );
@@ -728,7 +724,7 @@ fn sighup_right_after_ready_reloads() {
     }
     let svc = CgroupGuard::new();
     let t = Targets::new();
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, t.p1.port()))]);
+    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[t.p1.port()]))]);
     let mut daemon = Daemon::start(&policies);
     let pid = daemon.pid().expect("the daemon was just started");
     // First, at once: does it catch SIGHUP at all yet?
@@ -754,7 +750,7 @@ fn sighup_right_after_ready_reloads() {
     });
     assert_eq!(st["reloads_refused"], 0, "status: {st:#}");
     t.assert_only(
-        &probe().in_cgroup(svc.path()),
+        &probe!().in_cgroup(svc.path()),
         t.p1.port(),
         "the same policy after SIGHUP",
     );

@@ -14,37 +14,27 @@ use std::{
 
 use agent_common::{counter_slot, DIRECTION_EGRESS, PROTO_UDP, VERDICT_AUDIT};
 use integration_tests::{
-    addr,
+    addr, allowing,
     bpf::{bulkhead_progs, wait_unloaded},
-    conn::{monotonic_ns, Attempt, Conn, Verdict},
+    conn,
+    conn::{monotonic_ns, Attempt, Verdict},
     control::{status, status_service, wait_status, SharedPins},
     events::{events, wait_event},
-    free_port_block,
-    http::{metrics_addr, sample_count, scrape},
+    eventually, fixture, free_port_block,
+    http::metrics_addr,
     pinned_map::PinnedPerCpuArray,
+    probe,
     process::{scaled, signal},
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
-    ProgSnapshot, Proto, EPERM,
+    prometheus::{sample_count, scrape},
+    require_bpf, service_policy, CgroupGuard, Daemon, Listener, PolicyDir, Probe, ProgSnapshot,
+    Proto, EPERM,
 };
 use serde_json::Value;
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-fn conn() -> Conn {
-    Conn::new(env!("CARGO_BIN_EXE_bulkhead-conn"))
-}
 
 /// How long the kernel may take to free programs nobody holds any more.
 const UNLOAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new agent may take to manage a cgroup made while none ran.
 const MANAGE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A policy for `svc` allowing 127.0.0.1, port `port` only.
-fn allowing(svc: &CgroupGuard, port: u16) -> String {
-    service_policy(svc, "enforce", &[Egress::to(["127.0.0.1"]).ports([port])])
-}
 
 /// A service that may reach one listener and not the other.
 struct Reach<'a> {
@@ -55,10 +45,7 @@ struct Reach<'a> {
 
 impl Reach<'_> {
     fn assert_enforced(&self, why: &str) {
-        self.client.tcp_connect(self.allowed.addr()).assert_ok(why);
-        self.client
-            .tcp_connect(self.denied.addr())
-            .assert_eperm(why);
+        fixture::assert_enforced(&self.client, (self.allowed, why), (self.denied, why));
     }
 }
 
@@ -187,13 +174,14 @@ fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let policies = PolicyDir::with(&[("svc.toml", &allowing(&svc, allowed.port()))]);
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies =
+        PolicyDir::with(&[("svc.toml", &allowing(&svc, "127.0.0.1", &[allowed.port()]))]);
     let before = ProgSnapshot::take();
     let shared = SharedPins::new();
     let reach = Reach {
-        client: probe().in_cgroup(svc.path()),
+        client: probe!().in_cgroup(svc.path()),
         allowed: &allowed,
         denied: &denied,
     };
@@ -208,7 +196,7 @@ fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
     );
     let first_progs = first.prog_ids();
     assert!(!first_progs.is_empty(), "the first agent holds no program");
-    let looping = conn()
+    let looping = conn!()
         .in_cgroup(svc.path())
         .connect_loop(&[allowed.addr(), denied.addr()], Duration::from_millis(1));
     thread::sleep(Duration::from_millis(200));
@@ -300,10 +288,10 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
     let svc = CgroupGuard::new();
     let late = CgroupGuard::new();
     late.remove();
-    let p1 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let p2 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let p1 = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let p2 = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policies = PolicyDir::with(&[
-        ("svc.toml", &allowing(&svc, p1.port())),
+        ("svc.toml", &allowing(&svc, "127.0.0.1", &[p1.port()])),
         ("late.toml", &service_policy(&late, "enforce", &[])),
     ]);
     let shared = SharedPins::new();
@@ -324,10 +312,13 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
 
     // While none runs: a new policy (not applied yet), a new cgroup, a
     // cgroup made again.
-    std::fs::write(policies.path().join("svc.toml"), allowing(&svc, p2.port()))
-        .unwrap_or_else(|e| panic!("cannot rewrite svc.toml: {e}"));
+    std::fs::write(
+        policies.path().join("svc.toml"),
+        allowing(&svc, "127.0.0.1", &[p2.port()]),
+    )
+    .unwrap_or_else(|e| panic!("cannot rewrite svc.toml: {e}"));
     let old_policy = Reach {
-        client: probe().in_cgroup(svc.path()),
+        client: probe!().in_cgroup(svc.path()),
         allowed: &p1,
         denied: &p2,
     };
@@ -357,7 +348,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
         denied: &p1,
     };
     new_policy.assert_enforced("the policy changed while no agent ran, in the new cgroup");
-    let late_client = probe().in_cgroup(late.path());
+    let late_client = probe!().in_cgroup(late.path());
     for l in [&p1, &p2] {
         late_client
             .tcp_connect(l.addr())
@@ -408,7 +399,7 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
         8,
     );
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let target = addr(&format!(
         "127.0.0.1:{}",
         free_port_block("127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")), 1)
@@ -493,8 +484,7 @@ fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u6
         "takeover_drain",
         "decode",
     ];
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
+    eventually(CATCH_UP, Duration::from_millis(200), || {
         let samples = scrape(metrics);
         let count = |name: &str, labels: &[(&str, &str)]| {
             sample_count(&samples, name, labels)
@@ -507,11 +497,13 @@ fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u6
             .map(|s| (*s, count("bulkhead_events_lost_total", &[("source", s)])))
             .collect();
         let accounted = received + lost.iter().map(|(_, n)| n).sum::<u64>();
-        if accounted == old + new || Instant::now() >= deadline {
-            break (new, received, lost);
+        if accounted == old + new {
+            Ok((new, received, lost))
+        } else {
+            Err((new, received, lost))
         }
-        thread::sleep(Duration::from_millis(200));
-    }
+    })
+    .unwrap_or_else(|last| last)
 }
 
 /// A decision made while no agent ran is logged by the next agent under
@@ -524,20 +516,23 @@ fn leftover_events_carry_the_previous_policys_names() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let shared = SharedPins::new();
-    let before = PolicyDir::with(&[("alpha.toml", &allowing(&svc, allowed.port()))]);
+    let before = PolicyDir::with(&[(
+        "alpha.toml",
+        &allowing(&svc, "127.0.0.1", &[allowed.port()]),
+    )]);
     let mut first = shared.start(&before);
     let exit = first.stop();
     assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
 
     let stopped_at = monotonic_ns();
-    probe()
+    probe!()
         .in_cgroup(svc.path())
         .tcp_connect(denied.addr())
         .assert_eperm("while no agent runs");
-    let after = PolicyDir::with(&[("beta.toml", &allowing(&svc, allowed.port()))]);
+    let after = PolicyDir::with(&[("beta.toml", &allowing(&svc, "127.0.0.1", &[allowed.port()]))]);
     let second = shared.start(&after);
     let leftover = wait_event(&second, "the denial made while no agent ran", |e| {
         e["type"] == "verdict"

@@ -4,13 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use integration_tests::{
-    free_port_block, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener,
+    free_port_block, probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener,
     NetnsGuard, PolicyDir, Probe, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// A TCP and a UDP listener on `ip`, each on a port of its own.
 fn tcp_and_udp(p: &Probe, ip: IpAddr) -> (Listener, Listener) {
@@ -28,19 +24,19 @@ fn cidr_v4_edges_on_loopback() {
     let svc = CgroupGuard::new();
     let ip = |d: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 10, d));
     // 127.0.10.8/29 is .8 to .15; .7 and .16 are just outside.
-    let below = tcp_and_udp(&probe(), ip(7));
-    let first = tcp_and_udp(&probe(), ip(8));
-    let last = tcp_and_udp(&probe(), ip(15));
-    let above = tcp_and_udp(&probe(), ip(16));
+    let below = tcp_and_udp(&probe!(), ip(7));
+    let first = tcp_and_udp(&probe!(), ip(8));
+    let last = tcp_and_udp(&probe!(), ip(15));
+    let above = tcp_and_udp(&probe!(), ip(16));
     // A single address is a /32.
-    let single = tcp_and_udp(&probe(), IpAddr::V4(Ipv4Addr::new(127, 0, 11, 1)));
-    let next_to_single = tcp_and_udp(&probe(), IpAddr::V4(Ipv4Addr::new(127, 0, 11, 2)));
+    let single = tcp_and_udp(&probe!(), IpAddr::V4(Ipv4Addr::new(127, 0, 11, 1)));
+    let next_to_single = tcp_and_udp(&probe!(), IpAddr::V4(Ipv4Addr::new(127, 0, 11, 2)));
 
     let rule = Egress::to(["127.0.10.8/29", "127.0.11.1"]);
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[rule]))]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for ((tcp, udp), why) in [
         (&first, "first address of 127.0.10.8/29"),
         (&last, "last address of 127.0.10.8/29"),
@@ -74,7 +70,7 @@ fn cidr_v6_edges_on_remote_host() {
     for h in hosts {
         remote.add_addr_v6(h);
     }
-    let there = probe().in_netns(remote.name());
+    let there = probe!().in_netns(remote.name());
     let listeners: Vec<_> = hosts
         .iter()
         .map(|&h| tcp_and_udp(&there, IpAddr::V6(remote.v6(h))))
@@ -88,7 +84,7 @@ fn cidr_v6_edges_on_remote_host() {
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[rule]))]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for ((tcp, udp), why) in [
         (first, format!("first address of {prefix}")),
         (last, format!("last address of {prefix}")),
@@ -115,7 +111,7 @@ fn port_range_edges() {
     let svc = CgroupGuard::new();
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let base = free_port_block(lo, 6);
-    let at = |i: u16, proto| probe().listen(proto, SocketAddr::new(lo, base + i));
+    let at = |i: u16, proto| probe!().listen(proto, SocketAddr::new(lo, base + i));
     let tcp: Vec<_> = (0..6).map(|i| at(i, Proto::Tcp)).collect();
     let udp: Vec<_> = (0..6).map(|i| at(i, Proto::Udp)).collect();
 
@@ -126,7 +122,7 @@ fn port_range_edges() {
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[rule]))]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for (i, allowed, why) in [
         (0, false, "the port just below the range"),
         (1, true, "the first port of the range"),
@@ -160,8 +156,8 @@ fn protocol_limits_the_rule() {
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // One port number with both a TCP and a UDP listener on it.
     let port = free_port_block(lo, 1);
-    let tcp = probe().listen(Proto::Tcp, SocketAddr::new(lo, port));
-    let udp = probe().listen(Proto::Udp, SocketAddr::new(lo, port));
+    let tcp = probe!().listen(Proto::Tcp, SocketAddr::new(lo, port));
+    let udp = probe!().listen(Proto::Udp, SocketAddr::new(lo, port));
 
     let rule = |proto| Egress::to(["127.0.0.1"]).ports([port]).protocol(proto);
     let policies = PolicyDir::with(&[
@@ -176,7 +172,7 @@ fn protocol_limits_the_rule() {
     ]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(tcp_svc.path());
+    let client = probe!().in_cgroup(tcp_svc.path());
     client
         .tcp_connect(tcp.addr())
         .assert_ok("TCP under a tcp-only rule");
@@ -187,7 +183,7 @@ fn protocol_limits_the_rule() {
         .udp_sendto(udp.addr())
         .assert_eperm("unconnected UDP under a tcp-only rule");
 
-    let client = probe().in_cgroup(udp_svc.path());
+    let client = probe!().in_cgroup(udp_svc.path());
     client
         .udp_connect(udp.addr())
         .assert_ok("connected UDP under a udp-only rule");

@@ -2,19 +2,12 @@
 //! cgroup included (and its cgroup when systemd makes it again), everyone
 //! else untouched; and audit mode.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use integration_tests::{
-    addr, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Outcome, PolicyDir, Probe,
-    Proto, EPERM,
+    addr, eventually, probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Outcome,
+    PolicyDir, Proto, EPERM,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 #[test]
 fn two_services_with_different_policies() {
@@ -23,8 +16,8 @@ fn two_services_with_different_policies() {
     }
     let billing = CgroupGuard::new();
     let search = CgroupGuard::new();
-    let to_a = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let to_b = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let to_a = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let to_b = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let only = |port: u16| [Egress::to(["127.0.0.1"]).ports([port])];
     let policies = PolicyDir::with(&[
         (
@@ -38,14 +31,14 @@ fn two_services_with_different_policies() {
     ]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(billing.path());
+    let client = probe!().in_cgroup(billing.path());
     client
         .tcp_connect(to_a.addr())
         .assert_ok("billing may reach A");
     client
         .tcp_connect(to_b.addr())
         .assert_eperm("billing may not reach B (only search may)");
-    let client = probe().in_cgroup(search.path());
+    let client = probe!().in_cgroup(search.path());
     client
         .tcp_connect(to_b.addr())
         .assert_ok("search may reach B");
@@ -62,9 +55,9 @@ fn nested_child_cgroup_follows_the_service_policy() {
     let svc = CgroupGuard::new();
     let worker = svc.child("worker");
     let inner = svc.child("worker/inner");
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
     let rule = Egress::to(["127.0.0.1"]).ports([allowed.port()]);
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[rule]))]);
     let _daemon = Daemon::start(&policies);
@@ -74,7 +67,7 @@ fn nested_child_cgroup_follows_the_service_policy() {
         (worker.as_path(), "child cgroup worker/"),
         (inner.as_path(), "grandchild cgroup worker/inner/"),
     ] {
-        let client = probe().in_cgroup(dir);
+        let client = probe!().in_cgroup(dir);
         client
             .tcp_connect(allowed.addr())
             .assert_ok(&format!("allowed port, from {where_}"));
@@ -94,21 +87,21 @@ fn unmanaged_processes_are_untouched() {
     }
     let svc = CgroupGuard::new();
     let sibling = CgroupGuard::new();
-    let tcp4 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let udp4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let udp6 = probe().listen(Proto::Udp, addr("[::1]:0"));
+    let tcp4 = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let tcp6 = probe!().listen(Proto::Tcp, addr("[::1]:0"));
+    let udp4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let udp6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
     let _daemon = Daemon::start(&policies);
 
-    probe()
+    probe!()
         .in_cgroup(svc.path())
         .tcp_connect(tcp4.addr())
         .assert_eperm("the managed service is denied everything");
     for (client, who) in [
-        (probe(), "a process in the test's own cgroup"),
+        (probe!(), "a process in the test's own cgroup"),
         (
-            probe().in_cgroup(sibling.path()),
+            probe!().in_cgroup(sibling.path()),
             "a process in a cgroup no policy names",
         ),
     ] {
@@ -129,10 +122,10 @@ fn audit_mode_lets_denied_traffic_through() {
     }
     let audited = CgroupGuard::new();
     let enforced = CgroupGuard::new();
-    let tcp4 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let udp4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let udp6 = probe().listen(Proto::Udp, addr("[::1]:0"));
+    let tcp4 = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let tcp6 = probe!().listen(Proto::Tcp, addr("[::1]:0"));
+    let udp4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let udp6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
     // Both allow only 192.0.2.1, which no test traffic goes to.
     let rule = [Egress::to(["192.0.2.1"]).ports([443]).protocol("tcp")];
     let policies = PolicyDir::with(&[
@@ -144,7 +137,7 @@ fn audit_mode_lets_denied_traffic_through() {
     ]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(audited.path());
+    let client = probe!().in_cgroup(audited.path());
     let why = "audit mode records a would-be denial but lets it through";
     client.tcp_connect(tcp4.addr()).assert_ok(why);
     client.tcp_connect(tcp6.addr()).assert_ok(why);
@@ -153,7 +146,7 @@ fn audit_mode_lets_denied_traffic_through() {
     client.udp_connect(udp6.addr()).assert_ok(why);
     client.udp_sendto(udp6.addr()).assert_ok(why);
     // The same rules in enforce mode deny it: audit mode is per service.
-    probe()
+    probe!()
         .in_cgroup(enforced.path())
         .tcp_connect(tcp4.addr())
         .assert_eperm("the same policy in enforce mode");
@@ -165,8 +158,8 @@ fn unit_names_a_service_under_system_slice() {
         return;
     }
     let svc = CgroupGuard::unit();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policy = format!(
         "unit = {:?}\nmode = \"enforce\"\n\n{}",
         svc.unit_name(),
@@ -175,7 +168,7 @@ fn unit_names_a_service_under_system_slice() {
     let policies = PolicyDir::with(&[("unit.toml", &policy)]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let unit = svc.policy_path();
     client
         .tcp_connect(allowed.addr())
@@ -192,13 +185,17 @@ const NEW_CGROUP_GRACE: Duration = Duration::from_secs(2);
 /// returns the last outcome and how long it took.
 fn denied_within_grace(connect: impl Fn() -> Outcome) -> (Outcome, Duration) {
     let start = Instant::now();
-    loop {
+    let outcome = eventually(NEW_CGROUP_GRACE, Duration::from_millis(50), || {
         let outcome = connect();
-        if outcome.errno == Some(EPERM) || start.elapsed() >= NEW_CGROUP_GRACE {
-            return (outcome, start.elapsed());
+        if outcome.errno == Some(EPERM) {
+            Ok(outcome)
+        } else {
+            // Boxed: an `Outcome` is large (clippy::result_large_err).
+            Err(Box::new(outcome))
         }
-        thread::sleep(Duration::from_millis(50));
-    }
+    })
+    .unwrap_or_else(|last| *last);
+    (outcome, start.elapsed())
 }
 
 /// systemd removes a unit's cgroup when the unit stops and makes a new one
@@ -209,10 +206,10 @@ fn restarted_service_is_enforced_again() {
         return;
     }
     let svc = CgroupGuard::new();
-    let target = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let target = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
     let _daemon = Daemon::start(&policies);
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     client
         .tcp_connect(target.addr())
         .assert_eperm("before the restart");
@@ -236,12 +233,12 @@ fn service_started_after_bulkhead_is_enforced() {
     }
     let svc = CgroupGuard::new();
     svc.remove();
-    let target = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let target = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policies = PolicyDir::with(&[("svc.toml", &service_policy(&svc, "enforce", &[]))]);
     let _daemon = Daemon::start(&policies);
 
     svc.create_again();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let (outcome, took) = denied_within_grace(|| client.tcp_connect(target.addr()));
     outcome.assert_eperm(&format!(
         "service cgroup {} made after bulkhead was ready, {took:?} later",

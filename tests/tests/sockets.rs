@@ -8,8 +8,10 @@
 use integration_tests::{
     control::{status, status_feature},
     events::{assert_fields, wait_event},
-    http::{metrics_addr, sample_count, scrape},
-    require_bpf, service_policy, CgroupGuard, Daemon, PolicyDir, Probe,
+    http::metrics_addr,
+    policy_with, probe,
+    prometheus::{sample_count, scrape},
+    require_bpf, service_policy, CgroupGuard, Daemon, PolicyDir,
 };
 use serde_json::Value;
 
@@ -17,20 +19,6 @@ use serde_json::Value;
 const PACKET_JUDGED: &str = "packet sockets (AF_PACKET) are judged through BPF LSM";
 /// What it logs when they are not, followed by the reason.
 const PACKET_NOT_JUDGED: &str = "packet sockets (AF_PACKET) are NOT judged: ";
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-/// A policy for `svc` in `mode`, with `extra` (a `[sockets]` table) if any.
-fn policy(svc: &CgroupGuard, mode: &str, extra: &str) -> String {
-    let mut text = service_policy(svc, mode, &[]);
-    if !extra.is_empty() {
-        text.push('\n');
-        text.push_str(extra);
-    }
-    text
-}
 
 /// Waits for the socket-creation verdict of service `service` from hook
 /// `hook`, over IP protocol number `protocol` if given.
@@ -72,28 +60,28 @@ fn raw_sockets_get_eperm_unless_allowed() {
     let default = CgroupGuard::new();
     let denied = CgroupGuard::new();
     let allowed = CgroupGuard::new();
-    let unmanaged = probe();
+    let unmanaged = probe!();
     for v6 in [false, true] {
         unmanaged
             .raw_socket(v6)
             .assert_ok("baseline: the test itself (root) may open a raw socket");
     }
     let policies = PolicyDir::with(&[
-        ("plain.toml", &policy(&default, "enforce", "")),
+        ("plain.toml", &service_policy(&default, "enforce", &[])),
         (
             "noraw.toml",
-            &policy(&denied, "enforce", "[sockets]\nraw = false\n"),
+            &policy_with(&denied, "enforce", &[&"[sockets]\nraw = false\n"]),
         ),
         (
             "pinger.toml",
-            &policy(&allowed, "enforce", "[sockets]\nraw = true\n"),
+            &policy_with(&allowed, "enforce", &[&"[sockets]\nraw = true\n"]),
         ),
     ]);
     let daemon = Daemon::start(&policies);
 
     for v6 in [false, true] {
         let family = if v6 { "AF_INET6" } else { "AF_INET" };
-        probe()
+        probe!()
             .in_cgroup(default.path())
             .raw_socket(v6)
             .assert_eperm_at(
@@ -102,11 +90,11 @@ fn raw_sockets_get_eperm_unless_allowed() {
                     "{family} SOCK_RAW in a service without [sockets] (raw defaults to false)"
                 ),
             );
-        probe()
+        probe!()
             .in_cgroup(denied.path())
             .raw_socket(v6)
             .assert_eperm_at("socket", &format!("{family} SOCK_RAW with `raw = false`"));
-        probe()
+        probe!()
             .in_cgroup(allowed.path())
             .raw_socket(v6)
             .assert_ok(&format!("{family} SOCK_RAW with `raw = true`"));
@@ -128,9 +116,9 @@ fn audit_mode_lets_raw_sockets_through_and_records_them() {
         return;
     }
     let svc = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("trial.toml", &policy(&svc, "audit", ""))]);
+    let policies = PolicyDir::with(&[("trial.toml", &service_policy(&svc, "audit", &[]))]);
     let daemon = Daemon::start(&policies);
-    probe()
+    probe!()
         .in_cgroup(svc.path())
         .raw_socket(false)
         .assert_ok("audit mode: a raw socket the policy does not allow is created");
@@ -150,10 +138,10 @@ fn packet_sockets_are_refused_or_the_gap_is_reported() {
     let default = CgroupGuard::new();
     let sniffer = CgroupGuard::new();
     let policies = PolicyDir::with(&[
-        ("plain.toml", &policy(&default, "enforce", "")),
+        ("plain.toml", &service_policy(&default, "enforce", &[])),
         (
             "sniffer.toml",
-            &policy(&sniffer, "enforce", "[sockets]\npacket = true\n"),
+            &policy_with(&sniffer, "enforce", &[&"[sockets]\npacket = true\n"]),
         ),
     ]);
     let daemon = Daemon::start(&policies);
@@ -186,13 +174,13 @@ fn packet_sockets_are_refused_or_the_gap_is_reported() {
         u64::from(judged)
     );
 
-    probe()
+    probe!()
         .packet_socket()
         .assert_ok("an unmanaged process (root) may open a packet socket");
-    let in_service = probe().in_cgroup(default.path()).packet_socket();
+    let in_service = probe!().in_cgroup(default.path()).packet_socket();
     if judged {
         in_service.assert_eperm_at("socket", "AF_PACKET in a service without `packet = true`");
-        probe()
+        probe!()
             .in_cgroup(sniffer.path())
             .packet_socket()
             .assert_ok("AF_PACKET with `packet = true`");

@@ -8,19 +8,18 @@ use std::{
     ffi::OsString,
     fs,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
     addr,
     control::{assert_success, quarantine, release, SharedPins},
-    http::{metrics_addr, sample_count, scrape},
+    eventually,
+    http::metrics_addr,
+    probe,
+    prometheus::{sample_count, scrape},
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir, Probe, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// The files `name.corrupt-*` in `dir`.
 fn set_aside(dir: &Path, name: &str) -> Vec<PathBuf> {
@@ -71,7 +70,7 @@ fn a_damaged_quarantine_file_keeps_the_pinned_quarantine() {
         return;
     }
     let web = CgroupGuard::new();
-    let ok = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let ok = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policies = PolicyDir::with(&[(
         "web.toml",
         &service_policy(
@@ -81,7 +80,7 @@ fn a_damaged_quarantine_file_keeps_the_pinned_quarantine() {
         ),
     )]);
     let shared = SharedPins::new();
-    let client = probe().in_cgroup(web.path());
+    let client = probe!().in_cgroup(web.path());
     let mut first = shared.start(&policies);
     client
         .tcp_connect(ok.addr())
@@ -152,18 +151,16 @@ fn a_symlinked_policy_file_is_refused_by_name() {
 
 /// Waits until `client` reaches `target` (allowed), at most `limit`.
 fn wait_allowed(client: &Probe, target: std::net::SocketAddr, limit: Duration, why: &str) {
-    let deadline = Instant::now() + limit;
-    loop {
+    eventually(limit, Duration::from_millis(100), || {
         let out = client.tcp_connect(target);
         if out.ok {
-            return;
+            Ok(())
+        } else {
+            // Boxed: an `Outcome` is large (clippy::result_large_err).
+            Err(Box::new(out))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{why}: still refused after {limit:?}: {out:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
+    .unwrap_or_else(|out| panic!("{why}: still refused after {limit:?}: {out:?}"));
 }
 
 /// `mv new-policies policies`: the new directory's policy is enforced
@@ -176,15 +173,15 @@ fn a_replaced_policy_directory_is_followed() {
     }
     let web = CgroupGuard::new();
     let (p1, p2, p3) = (
-        probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-        probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-        probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
+        probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
+        probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
+        probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
     );
     let allowing =
         |port: u16| service_policy(&web, "enforce", &[Egress::to(["127.0.0.1"]).ports([port])]);
     let policies = PolicyDir::with(&[("web.toml", &allowing(p1.port()))]);
     let _daemon = Daemon::start(&policies);
-    let client = probe().in_cgroup(web.path());
+    let client = probe!().in_cgroup(web.path());
     client
         .tcp_connect(p1.addr())
         .assert_ok("p1 allowed at start");

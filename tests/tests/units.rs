@@ -6,62 +6,31 @@
 //! a unit. Services that could not be found or enforced say so, and the
 //! kernel forgets a cgroup when it goes, however often units restart.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use integration_tests::{
-    addr, cgroup2_mount,
+    cgroup2_mount,
     control::{status, status_service, wait_status},
-    http::{metrics_addr, sample_count, scrape},
+    http::metrics_addr,
     pinned_map::pinned_map_len,
-    require_bpf, unique_name, unit_policy, CgroupGuard, Daemon, Egress, Listener, PolicyDir, Probe,
-    Proto,
+    probe,
+    prometheus::{sample_count, scrape},
+    require_bpf, unique_name, unit_policy, CgroupGuard, Daemon, Egress, PolicyDir, Targets,
 };
 
 /// How long `status` may take to show a cgroup made meanwhile (the daemon
 /// rescans every 200 ms; the kernel enforces it at once).
 const RESCAN_GRACE: Duration = Duration::from_secs(3);
 
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
-/// Two loopback listeners: one a policy allows, one it does not list.
-struct Targets {
-    allowed: Listener,
-    other: Listener,
-}
-
-impl Targets {
-    fn new() -> Self {
-        Self {
-            allowed: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-            other: probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-        }
-    }
-
-    fn rule(&self) -> Egress {
-        Egress::to(["127.0.0.1"]).ports([self.allowed.port()])
-    }
-
-    /// The allowed port connects and the other gets EPERM, on the first
-    /// try: from `cgroup` (an absolute path).
-    fn assert_enforced(&self, cgroup: &Path, what: &str) {
-        let client = probe().in_cgroup(cgroup);
-        client
-            .tcp_connect(self.allowed.addr())
-            .assert_ok(&format!("{what}: the allowed port"));
-        client
-            .tcp_connect(self.other.addr())
-            .assert_eperm(&format!("{what}: a port the policy does not list"));
-    }
-
-    /// Both connect: nothing restricts `cgroup`.
-    fn assert_unmanaged(&self, cgroup: &Path, what: &str) {
-        let client = probe().in_cgroup(cgroup);
-        client
-            .tcp_connect(self.other.addr())
-            .assert_ok(&format!("{what}: not this policy's cgroup"));
-    }
+/// A policy directory holding one enforcing policy per `(file, unit,
+/// rules)`, for units of `user`'s manager (`None`: the system's).
+fn unit_policies(user: Option<u32>, files: &[(&str, &str, &[Egress])]) -> PolicyDir {
+    let texts: Vec<(&str, String)> = files
+        .iter()
+        .map(|(file, unit, rules)| (*file, unit_policy(unit, user, "enforce", rules)))
+        .collect();
+    let files: Vec<(&str, &str)> = texts.iter().map(|(f, t)| (*f, t.as_str())).collect();
+    PolicyDir::with(&files)
 }
 
 /// The slice systemd makes for a template's instances: `system-` and the
@@ -97,17 +66,12 @@ fn every_instance_of_a_template_is_managed_from_its_start() {
     }
     let name = unique_name("bh-tmpl");
     let slice = instance_slice(&name);
-    let targets = Targets::new();
+    let targets = Targets::loopback(&probe!());
     let before = CgroupGuard::at(&format!("{slice}/{name}@a.service"));
-    let policies = PolicyDir::with(&[(
-        "tmpl.toml",
-        &unit_policy(
-            &format!("{name}@.service"),
-            None,
-            "enforce",
-            &[targets.rule()],
-        ),
-    )]);
+    let policies = unit_policies(
+        None,
+        &[("tmpl.toml", &format!("{name}@.service"), &[targets.rule()])],
+    );
     let daemon = Daemon::start(&policies);
     targets.assert_enforced(before.path(), "an instance running at start");
 
@@ -140,33 +104,28 @@ fn an_instance_policy_takes_its_instance_from_the_template_policy() {
     }
     let name = unique_name("bh-inst");
     let slice = instance_slice(&name);
-    let for_template = Targets::new();
-    let for_instance = Targets::new();
-    let policies = PolicyDir::with(&[
-        (
-            "template.toml",
-            &unit_policy(
+    let for_template = Targets::loopback(&probe!());
+    let for_instance = Targets::loopback(&probe!());
+    let policies = unit_policies(
+        None,
+        &[
+            (
+                "template.toml",
                 &format!("{name}@.service"),
-                None,
-                "enforce",
                 &[for_template.rule()],
             ),
-        ),
-        (
-            "special.toml",
-            &unit_policy(
+            (
+                "special.toml",
                 &format!("{name}@special.service"),
-                None,
-                "enforce",
                 &[for_instance.rule()],
             ),
-        ),
-    ]);
+        ],
+    );
     let _daemon = Daemon::start(&policies);
     let special = CgroupGuard::at(&format!("{slice}/{name}@special.service"));
     let plain = CgroupGuard::at(&format!("{slice}/{name}@plain.service"));
     for_instance.assert_enforced(special.path(), "the instance with its own policy");
-    probe()
+    probe!()
         .in_cgroup(special.path())
         .tcp_connect(for_template.allowed.addr())
         .assert_eperm("the template's port from the instance with its own policy");
@@ -179,16 +138,11 @@ fn a_unit_in_a_slice_of_its_own_is_managed() {
         return;
     }
     let name = unique_name("bh-slice");
-    let targets = Targets::new();
-    let policies = PolicyDir::with(&[(
-        "sliced.toml",
-        &unit_policy(
-            &format!("{name}.service"),
-            None,
-            "enforce",
-            &[targets.rule()],
-        ),
-    )]);
+    let targets = Targets::loopback(&probe!());
+    let policies = unit_policies(
+        None,
+        &[("sliced.toml", &format!("{name}.service"), &[targets.rule()])],
+    );
     let _daemon = Daemon::start(&policies);
     // Slice=bhx-inner.slice: systemd nests it in bhx.slice.
     let cgroup = CgroupGuard::at(&format!("{name}x.slice/{name}x-inner.slice/{name}.service"));
@@ -202,16 +156,11 @@ fn a_user_unit_is_managed_in_its_users_manager_only() {
     }
     let name = unique_name("bh-user");
     let uid = 4_242_000 + std::process::id() % 1000;
-    let targets = Targets::new();
-    let policies = PolicyDir::with(&[(
-        "mine.toml",
-        &unit_policy(
-            &format!("{name}.service"),
-            Some(uid),
-            "enforce",
-            &[targets.rule()],
-        ),
-    )]);
+    let targets = Targets::loopback(&probe!());
+    let policies = unit_policies(
+        Some(uid),
+        &[("mine.toml", &format!("{name}.service"), &[targets.rule()])],
+    );
     let _daemon = Daemon::start(&policies);
     let manager = format!("user.slice/user-{uid}.slice/user@{uid}.service");
     let unit = CgroupGuard::at(&format!("{manager}/app.slice/{name}.service"));
@@ -237,30 +186,26 @@ fn a_cgroup_named_after_a_unit_inside_another_service_gets_nothing_of_it() {
     }
     let restricted_name = unique_name("bh-jail");
     let generous_name = unique_name("bh-open");
-    let targets = Targets::new();
+    let targets = Targets::loopback(&probe!());
     let restricted = CgroupGuard::at(&format!("system.slice/{restricted_name}.service"));
-    let policies = PolicyDir::with(&[
-        (
-            "jail.toml",
-            &unit_policy(&format!("{restricted_name}.service"), None, "enforce", &[]),
-        ),
-        (
-            "open.toml",
-            &unit_policy(
+    let policies = unit_policies(
+        None,
+        &[
+            ("jail.toml", &format!("{restricted_name}.service"), &[]),
+            (
+                "open.toml",
                 &format!("{generous_name}.service"),
-                None,
-                "enforce",
                 &[targets.rule()],
             ),
-        ),
-    ]);
+        ],
+    );
     let _daemon = Daemon::start(&policies);
     for inside in [
         format!("{generous_name}.service"),
         format!("x.slice/{generous_name}.service"),
     ] {
         let hidden = restricted.child(&inside);
-        probe()
+        probe!()
             .in_cgroup(&hidden)
             .tcp_connect(targets.allowed.addr())
             .assert_eperm(&format!(
@@ -276,7 +221,7 @@ fn a_unit_not_found_says_where_it_was_looked_for() {
     }
     let name = unique_name("bh-absent");
     let unit = format!("{name}.service");
-    let policies = PolicyDir::with(&[("absent.toml", &unit_policy(&unit, None, "enforce", &[]))]);
+    let policies = unit_policies(None, &[("absent.toml", &unit, &[])]);
     let daemon = Daemon::start(&policies);
     let st = status(&daemon);
     let svc = status_service(&st, "absent");
@@ -322,17 +267,12 @@ fn the_kernel_forgets_every_cgroup_that_goes() {
         return;
     }
     let name = unique_name("bh-churn");
-    let targets = Targets::new();
+    let targets = Targets::loopback(&probe!());
     let unit = CgroupGuard::at(&format!("system.slice/{name}.service"));
-    let policies = PolicyDir::with(&[(
-        "churn.toml",
-        &unit_policy(
-            &format!("{name}.service"),
-            None,
-            "enforce",
-            &[targets.rule()],
-        ),
-    )]);
+    let policies = unit_policies(
+        None,
+        &[("churn.toml", &format!("{name}.service"), &[targets.rule()])],
+    );
     let mut daemon = Daemon::start(&policies);
     let services = daemon.pin_dir().join("current/maps/SERVICES");
     let restart = |n: usize| {
@@ -366,16 +306,11 @@ fn a_cgroup_that_does_not_fit_is_reported_unenforced_and_retried() {
     }
     let name = unique_name("bh-full");
     let slice = instance_slice(&name);
-    let targets = Targets::new();
-    let policies = PolicyDir::with(&[(
-        "full.toml",
-        &unit_policy(
-            &format!("{name}@.service"),
-            None,
-            "enforce",
-            &[targets.rule()],
-        ),
-    )]);
+    let targets = Targets::loopback(&probe!());
+    let policies = unit_policies(
+        None,
+        &[("full.toml", &format!("{name}@.service"), &[targets.rule()])],
+    );
     let daemon =
         Daemon::start_with_config(&policies, &format!("[services]\nmax_cgroups = {ROOM}\n"));
     let fitting: Vec<CgroupGuard> = (0..ROOM)

@@ -4,13 +4,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use integration_tests::{
-    addr, cgroup2_mount, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener,
+    addr, cgroup2_mount, probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener,
     NetnsGuard, Outcome, PolicyDir, Probe, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// Starts the daemon with one policy: `svc` enforcing `rules`.
 fn enforce(svc: &CgroupGuard, rules: &[Egress]) -> (PolicyDir, Daemon) {
@@ -30,11 +26,11 @@ fn connected_udp_sendmsg_with_control_messages_reaches_allowed_peer() {
         return;
     }
     let svc = CgroupGuard::new();
-    let udp4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let udp6 = probe().listen(Proto::Udp, addr("[::1]:0"));
+    let udp4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let udp6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
     let _agent = enforce(&svc, &[only(&udp4), only(&udp6)]);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let mut refused: Vec<Outcome> = Vec::new();
     for (cmsgs, l) in [
         (&["tos", "pktinfo", "segment"][..], &udp4),
@@ -80,12 +76,12 @@ impl SourceRoute {
         } else {
             (remote.v4(2).into(), remote.add_addr_v4(3).into())
         };
-        let udp = probe()
+        let udp = probe!()
             .in_netns(remote.name())
             .listen(Proto::Udp, SocketAddr::new(allowed, 0));
         let svc = CgroupGuard::new();
         let agent = enforce(&svc, &[Egress::to([allowed])]);
-        probe()
+        probe!()
             .in_cgroup(svc.path())
             .udp_sendto(udp.addr())
             .assert_ok("the allowed destination, without a source route");
@@ -99,7 +95,7 @@ impl SourceRoute {
     }
 
     fn client(&self) -> Probe {
-        probe().in_cgroup(self.svc.path())
+        probe!().in_cgroup(self.svc.path())
     }
 }
 
@@ -118,7 +114,7 @@ fn ip_options_source_route_refused_at_setsockopt() {
             "setsockopt",
             "IP_OPTIONS with a loose source route sends the datagram to its first hop",
         );
-    probe()
+    probe!()
         .ip_options_lsrr(hop, case.udp.addr())
         .assert_ok("an unmanaged process may set a source route");
 }
@@ -138,7 +134,7 @@ fn ipv6_routing_header_refused_at_setsockopt() {
             "setsockopt",
             "IPV6_RTHDR (segment routing) sends the datagram to its first segment",
         );
-    probe()
+    probe!()
         .ipv6_rthdr(hop, case.udp.addr())
         .assert_ok("an unmanaged process may set a routing header");
 }
@@ -167,9 +163,9 @@ fn ipv4_mapped_ipv6_destination_judged_as_ipv4() {
         return;
     }
     let svc = CgroupGuard::new();
-    let tcp = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
+    let tcp = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let tcp6 = probe!().listen(Proto::Tcp, addr("[::1]:0"));
     let mapped = |l: &Listener| {
         SocketAddr::new(
             IpAddr::V6(match l.addr().ip() {
@@ -182,7 +178,7 @@ fn ipv4_mapped_ipv6_destination_judged_as_ipv4() {
     // Every IPv6 destination, no IPv4 one.
     let _agent = enforce(&svc, &[Egress::to(["::/0"])]);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     client
         .tcp_connect(tcp6.addr())
         .assert_ok("[::1] is in ::/0");
@@ -202,10 +198,10 @@ fn tcp_fast_open_to_denied_destination() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let tcp4 = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let tcp6 = probe().listen(Proto::Tcp, addr("[::1]:0"));
-    let client = probe().in_cgroup(svc.path());
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let tcp4 = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let tcp6 = probe!().listen(Proto::Tcp, addr("[::1]:0"));
+    let client = probe!().in_cgroup(svc.path());
     client
         .tcp_fastopen(tcp4.addr())
         .assert_ok("baseline: fast open works before bulkhead runs");
@@ -227,13 +223,13 @@ fn af_unspec_disconnect_then_sendto_denied() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let denied4 = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
-    let allowed6 = probe().listen(Proto::Udp, addr("[::1]:0"));
-    let denied6 = probe().listen(Proto::Udp, addr("[::1]:0"));
+    let allowed4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let denied4 = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let allowed6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
+    let denied6 = probe!().listen(Proto::Udp, addr("[::1]:0"));
     let _agent = enforce(&svc, &[only(&allowed4), only(&allowed6)]);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for (allowed, denied) in [(&allowed4, &denied4), (&allowed6, &denied6)] {
         client
             .udp_unspec_sendto(allowed.addr(), allowed.addr())
@@ -255,12 +251,12 @@ fn nested_cgroup_below_service_still_denied() {
     }
     let svc = CgroupGuard::new();
     let nested = svc.child("worker/inner");
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
     let _agent = enforce(&svc, &[only(&allowed)]);
 
-    let client = probe().in_cgroup(&nested);
+    let client = probe!().in_cgroup(&nested);
     client
         .tcp_connect(allowed.addr())
         .assert_ok("the service's rule applies below it");
@@ -277,11 +273,11 @@ fn threads_forks_and_vfork_children_denied() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let _agent = enforce(&svc, &[only(&allowed)]);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for via in ["thread", "fork", "vfork"] {
         client
             .tcp_connect_via(via, allowed.addr())
@@ -298,10 +294,10 @@ fn unprivileged_service_cannot_move_to_another_cgroup() {
         return;
     }
     let svc = CgroupGuard::new();
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let _agent = enforce(&svc, &[]);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let root = cgroup2_mount();
     // cgroup.procs of the root is root's, mode 0644: opening it for
     // writing as uid 65534 fails the permission check.
@@ -324,11 +320,11 @@ fn socket_passed_in_with_scm_rights_judged_by_its_user() {
         return;
     }
     let svc = CgroupGuard::new();
-    let tcp = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let udp = probe().listen(Proto::Udp, addr("127.0.0.1:0"));
+    let tcp = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let udp = probe!().listen(Proto::Udp, addr("127.0.0.1:0"));
     // The probe itself stays unmanaged: it makes the sockets and hands
     // them to its child, which joins the service.
-    let outside = probe();
+    let outside = probe!();
     outside
         .scm_rights(svc.path(), "tcp-connect", tcp.addr())
         .assert_ok("baseline: the passed socket works before bulkhead runs");
@@ -350,14 +346,14 @@ fn io_uring_connect_and_sendmsg_denied() {
     }
     let svc = CgroupGuard::new();
     let tcp = [
-        probe().listen(Proto::Tcp, addr("127.0.0.1:0")),
-        probe().listen(Proto::Tcp, addr("[::1]:0")),
+        probe!().listen(Proto::Tcp, addr("127.0.0.1:0")),
+        probe!().listen(Proto::Tcp, addr("[::1]:0")),
     ];
     let udp = [
-        probe().listen(Proto::Udp, addr("127.0.0.1:0")),
-        probe().listen(Proto::Udp, addr("[::1]:0")),
+        probe!().listen(Proto::Udp, addr("127.0.0.1:0")),
+        probe!().listen(Proto::Udp, addr("[::1]:0")),
     ];
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     client
         .uring_connect("inline", tcp[0].addr())
         .assert_ok("baseline: IORING_OP_CONNECT before bulkhead runs");

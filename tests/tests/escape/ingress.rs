@@ -27,9 +27,10 @@ use std::{
 
 use integration_tests::{
     control::{assert_success, quarantine},
-    free_port_block,
+    eventually, free_port_block,
     netns::Family,
     policy::policy_with,
+    probe,
     probe::SynOptions,
     process::output_with_timeout,
     require_bpf, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard, Outcome, PolicyDir, Probe,
@@ -49,10 +50,6 @@ const SERVED_WAIT: Duration = Duration::from_secs(2);
 /// the allowed peer is checked again and again meanwhile.
 const HOLDER_GRACE: Duration = Duration::from_secs(3);
 
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
 /// Asserts `peers`, from the disallowed source `f.denied`, reach an
 /// unmanaged `proto` server on `f`'s local address with `connect`: the
 /// network carries what the test sends.
@@ -62,7 +59,7 @@ fn assert_unmanaged_reachable(
     what: &str,
     connect: impl Fn(&Probe, SocketAddr) -> Outcome,
 ) {
-    let unmanaged = probe().serve(proto, f.local(0));
+    let unmanaged = probe!().serve(proto, f.local(0));
     connect(&peers.source(f.denied), unmanaged.addr()).assert_ok(&format!(
         "{}: {what} from the disallowed source reaches an unmanaged listener on the same address",
         f.name
@@ -103,8 +100,8 @@ fn syn_with_options(f: fn(&NetnsGuard) -> Family, options: SynOptions) {
     let rule = Ingress::from([f.allowed]).protocol("tcp");
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
     let _daemon = Daemon::start(&policies);
-    let server = probe().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
-    let peers = probe().in_netns(remote.name());
+    let server = probe!().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
+    let peers = probe!().in_netns(remote.name());
     let what = format!("a SYN with {options:?}");
     assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), &what, |p, a| {
         p.tcp_connect_opts(options, a)
@@ -176,8 +173,8 @@ fn udp6_datagram_with_extension_headers_from_disallowed_source_is_dropped() {
     let echo = Egress::to([f.allowed, f.denied]).protocol("udp");
     let policies = PolicyDir::with(&[("dns.toml", &policy_with(&svc, "enforce", &[&rule, &echo]))]);
     let _daemon = Daemon::start(&policies);
-    let server = probe().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
-    let peers = probe().in_netns(remote.name());
+    let server = probe!().in_cgroup(svc.path()).serve(Proto::Udp, f.local(0));
+    let peers = probe!().in_netns(remote.name());
     let chain = SynOptions::HopByHopAndDestination;
     assert_unmanaged_reachable(
         &peers,
@@ -219,8 +216,8 @@ fn tcp6_syn_with_extension_headers_does_not_reach_a_quarantined_service() {
     let f = Family::v6(&remote);
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[]))]);
     let daemon = Daemon::start(&policies);
-    let server = probe().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
-    let peers = probe().in_netns(remote.name());
+    let server = probe!().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
+    let peers = probe!().in_netns(remote.name());
     let chain = SynOptions::HopByHopAndDestination;
     assert_unmanaged_reachable(
         &peers,
@@ -294,13 +291,13 @@ fn listener_not_created_by_the_service(f: fn(&NetnsGuard) -> Family, handover: H
     let rule = Ingress::from([f.allowed]).protocol("tcp");
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
     let _daemon = Daemon::start(&policies);
-    let server = handover(&probe(), svc.path(), f.local(0));
+    let server = handover(&probe!(), svc.path(), f.local(0));
     assert!(
         svc.pids().iter().any(|&pid| pid != server.pid()),
         "the process serving on the handed-over listener is in the service: {:?}",
         svc.pids()
     );
-    let peers = probe().in_netns(remote.name());
+    let peers = probe!().in_netns(remote.name());
     assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
 
     keep_connecting(
@@ -370,8 +367,8 @@ fn tcp4_socket_activated_listener_stays_the_services_when_the_main_thread_exits(
     let rule = Ingress::from([f.allowed]).protocol("tcp");
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
     let _daemon = Daemon::start(&policies);
-    let server = probe().serve_activated_leader_exits(svc.path(), f.local(0), HOLDER_GRACE / 2);
-    let peers = probe().in_netns(remote.name());
+    let server = probe!().serve_activated_leader_exits(svc.path(), f.local(0), HOLDER_GRACE / 2);
+    let peers = probe!().in_netns(remote.name());
     assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
     keep_connecting(
         &peers.source(f.allowed),
@@ -419,23 +416,23 @@ fn tcp4_socket_activated_listener_stays_the_services_when_hidden_in_io_uring() {
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
     let _daemon = Daemon::start(&policies);
     let serving = HOLDER_GRACE + Duration::from_secs(1);
-    let server = probe().serve_activated_then_hidden(svc.path(), f.local(0), serving);
-    let peers = probe().in_netns(remote.name());
+    let server = probe!().serve_activated_then_hidden(svc.path(), f.local(0), serving);
+    let peers = probe!().in_netns(remote.name());
     assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
     keep_connecting(
         &peers.source(f.allowed),
         &server,
         "the allowed source connects while the service still shows the listener",
     );
-    let until = Instant::now() + serving + Duration::from_secs(5);
-    while !server.lines().iter().any(|l| l == "hidden") {
-        assert!(
-            Instant::now() < until,
-            "the probe never hid its listener: {:?}",
-            server.lines()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let wait = serving + Duration::from_secs(5);
+    eventually(wait, Duration::from_millis(50), || {
+        if server.lines().iter().any(|l| l == "hidden") {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .unwrap_or_else(|()| panic!("the probe never hid its listener: {:?}", server.lines()));
     let pids = svc.pids();
     let tasks = pids.iter().flat_map(|pid| {
         std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -484,9 +481,9 @@ fn tcp4_listeners_not_created_by_a_quarantined_service_are_cut_too() {
     let f = Family::v4(&remote);
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[]))]);
     let daemon = Daemon::start(&policies);
-    let activated = probe().serve_activated(svc.path(), f.local(0));
-    let passed = probe().serve_passed(svc.path(), f.local(0));
-    let peers = probe().in_netns(remote.name());
+    let activated = probe!().serve_activated(svc.path(), f.local(0));
+    let passed = probe!().serve_passed(svc.path(), f.local(0));
+    let peers = probe!().in_netns(remote.name());
     for server in [&activated, &passed] {
         keep_connecting(
             &peers.source(f.allowed),
@@ -528,11 +525,11 @@ fn listeners_bind_never_allowed(f: fn(&NetnsGuard) -> Family, v6: bool, listed: 
         ("open.toml", &policy_with(&open, "enforce", &[])),
     ]);
     let _daemon = Daemon::start(&policies);
-    let service = probe().in_cgroup(svc.path());
+    let service = probe!().in_cgroup(svc.path());
     let unbound = service.serve_unbound(v6);
     let ephemeral = service.serve(Proto::Tcp, f.local(0));
-    let free = probe().in_cgroup(open.path()).serve_unbound(v6);
-    let peers = probe().in_netns(remote.name()).source(f.allowed);
+    let free = probe!().in_cgroup(open.path()).serve_unbound(v6);
+    let peers = probe!().in_netns(remote.name()).source(f.allowed);
 
     peers
         .tcp_connect(f.local(free.port()))

@@ -11,14 +11,16 @@
 use std::{
     net::{IpAddr, SocketAddr},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
     events::{events, wait_event},
-    free_port_block,
-    http::{metrics_addr, sample_count, scrape},
-    require_bpf, service_policy, CgroupGuard, Daemon, PolicyDir, Probe, Proto,
+    eventually, free_port_block,
+    http::metrics_addr,
+    probe,
+    prometheus::{sample_count, scrape},
+    require_bpf, service_policy, CgroupGuard, Daemon, PolicyDir, Proto,
 };
 use serde_json::Value;
 
@@ -31,10 +33,6 @@ const EVENTS_PER_SEC: u64 = 100;
 const QUIET: Duration = Duration::from_millis(1_200);
 /// How long the metrics may take to catch up with the kernel's counters.
 const CATCH_UP: Duration = Duration::from_secs(10);
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// The policy's service name (its file's stem).
 const SERVICE: &str = "noisy";
@@ -51,7 +49,7 @@ fn deny_flood(proto: Proto, ip: IpAddr) {
     let daemon = Daemon::start(&policies);
     let port = free_port_block(ip, 2);
     let (flooded, after) = (SocketAddr::new(ip, port), SocketAddr::new(ip, port + 1));
-    let service = probe().in_cgroup(svc.path());
+    let service = probe!().in_cgroup(svc.path());
     let proto_name = match proto {
         Proto::Tcp => "tcp",
         Proto::Udp => "udp",
@@ -122,15 +120,16 @@ fn deny_flood(proto: Proto, ip: IpAddr) {
         ("protocol", proto_name),
         ("verdict", "deny"),
     ];
-    let deadline = Instant::now() + CATCH_UP;
-    let samples = loop {
+    let samples = eventually(CATCH_UP, Duration::from_millis(100), || {
         let samples = scrape(metrics);
         let counted = sample_count(&samples, "bulkhead_connections_total", &connections);
-        if counted == Some(N + 1) || Instant::now() >= deadline {
-            break samples;
+        if counted == Some(N + 1) {
+            Ok(samples)
+        } else {
+            Err(samples)
         }
-        thread::sleep(Duration::from_millis(100));
-    };
+    })
+    .unwrap_or_else(|last| last);
     assert_eq!(
         sample_count(&samples, "bulkhead_connections_total", &connections),
         Some(N + 1),

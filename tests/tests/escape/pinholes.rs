@@ -31,9 +31,12 @@ use std::{
 
 use integration_tests::{
     control::wait_status,
-    http::{metrics_addr, sample_count, scrape, wait_sample},
+    eventually,
+    http::metrics_addr,
     netns::Family,
     policy::policy_with,
+    probe,
+    prometheus::{sample_count, scrape, wait_sample},
     require_bpf, CgroupGuard, Daemon, Egress, NetnsGuard, PolicyDir, Probe, Proto, Server,
 };
 
@@ -60,10 +63,6 @@ const SWEEP_WAIT: Duration = Duration::from_secs(8);
 /// The closed-pinholes counter.
 const CLOSED: &str = "bulkhead_udp_pinholes_closed_total";
 
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
-
 /// A policy for `svc`: nothing may come in unasked (`ingress = []`), UDP
 /// may go to `to`.
 fn sends_only(svc: &CgroupGuard, to: &[IpAddr]) -> String {
@@ -81,16 +80,20 @@ fn seen_as(f: &Family, local: SocketAddr) -> SocketAddr {
 /// a missing answer is a drop, not a reflector that never sent.
 fn wait_late_sent(reflector: &Server, peer: SocketAddr) {
     let late = format!("late {peer}");
-    let deadline = Instant::now() + SERVED_WAIT;
-    while !reflector.lines().contains(&late) {
-        assert!(
-            Instant::now() < deadline,
+    eventually(SERVED_WAIT, Duration::from_millis(20), || {
+        if reflector.lines().contains(&late) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .unwrap_or_else(|()| {
+        panic!(
             "the reflector {} never sent its late answer to {peer}: {:?}",
             reflector.addr(),
             reflector.lines()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+        )
+    });
 }
 
 /// The service sends once to `reflector` and takes datagrams for
@@ -118,11 +121,11 @@ fn udp_pinhole_unused_for_the_idle_timeout_lets_no_late_answer_in() {
     let remote = NetnsGuard::new();
     let svc = CgroupGuard::new();
     let f = Family::v4(&remote);
-    let reflector = probe()
+    let reflector = probe!()
         .in_netns(remote.name())
         .reflect_late_udp(SocketAddr::new(f.denied, 0), LATE_IDLE);
     let policies = PolicyDir::with(&[("client.toml", &sends_only(&svc, &[f.denied]))]);
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let r = reflector.addr();
 
     {
@@ -170,13 +173,13 @@ fn udp_pinhole_closes_when_a_reload_no_longer_allows_the_peer() {
     let remote = NetnsGuard::new();
     let svc = CgroupGuard::new();
     let f = Family::v4(&remote);
-    let reflector = probe()
+    let reflector = probe!()
         .in_netns(remote.name())
         .reflect_late_udp(SocketAddr::new(f.denied, 0), LATE_RELOAD);
     let policies = PolicyDir::with(&[("client.toml", &sends_only(&svc, &[f.denied]))]);
     let daemon = Daemon::start(&policies);
     let metrics = metrics_addr(&daemon);
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     let r = reflector.addr();
 
     assert_eq!(
@@ -190,15 +193,19 @@ fn udp_pinhole_closes_when_a_reload_no_longer_allows_the_peer() {
         thread::spawn(move || client.udp_sendto_each(&[r]))
     };
     // Once the reflector has the datagram, the pinhole is open.
-    let deadline = Instant::now() + SERVED_WAIT;
-    while reflector.peers().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
+    eventually(SERVED_WAIT, Duration::from_millis(10), || {
+        if reflector.peers().len() < 2 {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_or_else(|()| {
+        panic!(
             "the service's second datagram never reached the reflector: {:?}",
             reflector.lines()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+        )
+    });
     let sent = Instant::now();
     // The service may now only send to the other address: not this peer.
     policies.write("client.toml", &sends_only(&svc, &[f.allowed]));
@@ -251,7 +258,7 @@ fn udp_pinholes_are_bounded_per_service() {
     let a = CgroupGuard::new();
     let b = CgroupGuard::new();
     let f = Family::v4(&remote);
-    let there = probe().in_netns(remote.name());
+    let there = probe!().in_netns(remote.name());
     let servers: Vec<Server> = (0..6)
         .map(|_| there.serve(Proto::Udp, SocketAddr::new(f.denied, 0)))
         .collect();
@@ -262,7 +269,7 @@ fn udp_pinholes_are_bounded_per_service() {
     ]);
     let daemon = Daemon::start_with_config(&policies, "[udp_replies]\nper_service = 4\n");
 
-    let out = probe()
+    let out = probe!()
         .in_cgroup(a.path())
         .step_timeout(DATAGRAM_WAIT)
         .udp_sendto_each(&peers);
@@ -285,7 +292,7 @@ fn udp_pinholes_are_bounded_per_service() {
         out.received_from
     );
 
-    let out = probe()
+    let out = probe!()
         .in_cgroup(b.path())
         .step_timeout(DATAGRAM_WAIT)
         .udp_sendto_each(&peers[4..]);

@@ -4,13 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use integration_tests::{
-    addr, events::wait_events, require_bpf, service_policy, CgroupGuard, Daemon, Egress,
-    NetnsGuard, Outcome, PingGroupRange, PolicyDir, Probe, Proto,
+    addr, events::wait_events, probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress,
+    NetnsGuard, Outcome, PingGroupRange, PolicyDir, Proto,
 };
-
-fn probe() -> Probe {
-    Probe::new(env!("CARGO_BIN_EXE_bulkhead-probe"))
-}
 
 /// A policy for `svc` (enforce) with `rules`, then `extra` TOML.
 fn policy(svc: &CgroupGuard, rules: &[Egress], extra: &str) -> String {
@@ -29,7 +25,7 @@ fn ping_sockets_refused_without_icmp_rules() {
     }
     let _ping = PingGroupRange::widen();
     let svc = CgroupGuard::new();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for ip in LOOPBACK {
         client
             .ping(ip)
@@ -42,7 +38,7 @@ fn ping_sockets_refused_without_icmp_rules() {
         let why = "a service without an icmp rule may not create a ping socket";
         client.ping_sendto(ip).assert_eperm_at("socket", why);
         client.ping(ip).assert_eperm_at("socket", why);
-        probe()
+        probe!()
             .ping(ip)
             .assert_ok("an unmanaged process still pings");
     }
@@ -58,7 +54,7 @@ fn ping_sockets_reach_only_icmp_rule_destinations() {
     let v4: [IpAddr; 2] = [remote.v4(2).into(), remote.add_addr_v4(3).into()];
     let v6: [IpAddr; 2] = [remote.v6(2).into(), remote.add_addr_v6(3).into()];
     let svc = CgroupGuard::new();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for ip in [v4[1], v6[1]] {
         client
             .ping(ip)
@@ -115,7 +111,7 @@ fn protocols_without_address_hooks_refused_by_default() {
         return;
     }
     let svc = CgroupGuard::new();
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     client
         .socket(false, "stream", "mptcp")
         .assert_ok("baseline: MPTCP sockets open before bulkhead runs");
@@ -149,10 +145,10 @@ fn udplite_cannot_reach_denied_listener() {
     }
     let svc = CgroupGuard::new();
     let listeners = [
-        probe().listen_udplite(addr("127.0.0.1:0")),
-        probe().listen_udplite(addr("[::1]:0")),
+        probe!().listen_udplite(addr("127.0.0.1:0")),
+        probe!().listen_udplite(addr("[::1]:0")),
     ];
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for l in &listeners {
         client
             .proto_connect("dgram", "udplite", l.addr())
@@ -180,8 +176,8 @@ fn listed_protocol_opens_but_destinations_still_judged() {
         return;
     }
     let svc = CgroupGuard::new();
-    let allowed = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let denied = probe().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let allowed = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let denied = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let rule = Egress::to(["127.0.0.1"]).ports([allowed.port()]);
     let policies = PolicyDir::with(&[(
         "svc.toml",
@@ -189,7 +185,7 @@ fn listed_protocol_opens_but_destinations_still_judged() {
     )]);
     let _daemon = Daemon::start(&policies);
 
-    let client = probe().in_cgroup(svc.path());
+    let client = probe!().in_cgroup(svc.path());
     for v6 in [false, true] {
         client
             .socket(v6, "stream", "mptcp")
@@ -220,11 +216,11 @@ fn raw_sockets_refused_unless_raw_true() {
     let _daemon = Daemon::start(&policies);
 
     for v6 in [false, true] {
-        probe()
+        probe!()
             .in_cgroup(plain.path())
             .raw_socket(v6)
             .assert_eperm_at("socket", "SOCK_RAW without `raw = true`");
-        probe()
+        probe!()
             .in_cgroup(pinger.path())
             .raw_socket(v6)
             .assert_ok("SOCK_RAW with `raw = true`");

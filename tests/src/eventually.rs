@@ -1,0 +1,34 @@
+//! Waiting for a condition: the one polling loop of the harness and suites.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Calls `attempt` until it returns `Ok`, at most until `timeout` from now,
+/// sleeping `every` between attempts; returns that `Ok`, or the last `Err`
+/// once the deadline has passed.
+///
+/// The first attempt is made at once, and one is always made before the
+/// deadline is checked, so a condition already true never waits. `Err`
+/// carries what the caller needs to say what it saw: a test panics with it
+/// (`.unwrap_or_else(|last| panic!(...))`), or asserts on it
+/// (`.unwrap_or_else(|last| last)` when `Ok` and `Err` are the same type).
+///
+/// # Errors
+///
+/// The last `Err` of `attempt`, once `timeout` has passed without an `Ok`.
+pub fn eventually<T, E>(
+    timeout: Duration,
+    every: Duration,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => thread::sleep(every),
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The unit under a real systemd: PID 1 of its own PID, mount and cgroup
+//! namespaces.
+
+use std::{
+    fs, net::Ipv4Addr, os::unix::fs::PermissionsExt as _, path::Path, path::PathBuf,
+    process::Child, process::Command, process::Output, process::Stdio, time::Duration,
+};
+
+use integration_tests::{
+    addr, bulkhead_bin, eventually, free_port_block, probe, process::output_with_timeout,
+    process::signal, process::terminate, require_bpf, Proto,
+};
+
+use super::{http_get, repo, text, tool, unit_text};
+
+/// The watchdog interval the namespaced systemd uses (a drop-in).
+const NS_WATCHDOG: Duration = Duration::from_secs(2);
+
+/// systemd's own binary (not systemctl): where Debian and others put it.
+fn systemd_binary() -> Option<PathBuf> {
+    ["/lib/systemd/systemd", "/usr/lib/systemd/systemd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// What runs inside the new namespaces before systemd: private mounts, a
+/// cgroup2 view rooted at the test's cgroup, a fresh bpffs, an empty /run,
+/// /var/log and /var/lib, the test's files under /etc/bulkhead (an overlay)
+/// and the binary at /usr/local/bin/bulkhead (a tmpfs). Nothing reaches the
+/// host's file systems.
+const NS_SETUP: &str = r#"set -e
+W="$1"; SYSTEMD="$2"
+mount --make-rprivate /
+mount -t proc proc /proc
+umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /var/log
+mount -t tmpfs tmpfs /var/lib
+mkdir -p /var/lib/systemd
+mount -t overlay overlay -o lowerdir=/etc,upperdir="$W/etc-upper",workdir="$W/etc-work" /etc
+mount -t tmpfs tmpfs /usr/local/bin
+cp "$W/bulkhead" /usr/local/bin/bulkhead
+mkdir -p /sys/fs/cgroup/svc
+export container=bulkhead-test SYSTEMD_UNIT_PATH="$W/units"
+exec "$SYSTEMD" --system --unit=bulkhead-test.target --log-target=console --show-status=no
+"#;
+
+/// The first child process of `parent` (from `/proc/*/stat`).
+fn child_of(parent: u32) -> Option<u32> {
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            // `PID (COMM) STATE PPID ...`; COMM may hold spaces and parens.
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(") ")?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+}
+
+/// systemd running the unit in its own namespaces. `Drop` kills the whole
+/// PID namespace and removes the test's cgroups.
+struct NsSystemd {
+    /// `unshare`, whose forked child became systemd (PID 1 inside).
+    unshare: Option<Child>,
+    /// Host cgroup the namespace's cgroup2 root maps to.
+    cgroup: PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl NsSystemd {
+    /// systemd's pid as seen from here.
+    fn pid1(&self) -> u32 {
+        let unshare = self.unshare.as_ref().expect("running").id();
+        child_of(unshare)
+            .unwrap_or_else(|| panic!("unshare ({unshare}) has no child: is systemd running?"))
+    }
+
+    /// Runs a command inside the namespaces (`systemctl ...`).
+    fn run(&self, args: &[&str]) -> Output {
+        let pid = self.pid1().to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &pid, "-m", "-p", "--"]).args(args);
+        output_with_timeout(&mut cmd, Duration::from_secs(40))
+    }
+
+    fn show(&self, property: &str) -> String {
+        let out = self.run(&["systemctl", "show", "bulkhead", "-p", property, "--value"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The agent's stdout and stderr (a file in the namespace's /run).
+    fn log(&self) -> String {
+        // Never panics: `Drop` prints it while a test unwinds.
+        let Some(pid1) = self.unshare.as_ref().and_then(|c| child_of(c.id())) else {
+            return "(no log: systemd is not running)".to_owned();
+        };
+        let path = format!("/proc/{pid1}/root/run/bulkhead-test.log");
+        fs::read_to_string(&path).unwrap_or_else(|e| format!("(no log at {path}: {e})"))
+    }
+
+    /// Waits until `ActiveState` is `want`; panics with the log otherwise.
+    fn wait_state(&self, want: &str, timeout: Duration) {
+        // `failed` ends the wait early: it is final.
+        let state = eventually(timeout, Duration::from_millis(200), || {
+            let state = self.show("ActiveState");
+            if state == want || state == "failed" {
+                Ok(state)
+            } else {
+                Err(state)
+            }
+        })
+        .unwrap_or_else(|last| last);
+        if state == want {
+            return;
+        }
+        panic!(
+            "bulkhead.service is {state:?}, not {want:?}, after {timeout:?}; result {:?}; log:\n{}",
+            self.show("Result"),
+            self.log()
+        );
+    }
+}
+
+impl Drop for NsSystemd {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.unshare.is_some() {
+            eprintln!("----- agent log -----\n{}\n-----", self.log());
+        }
+        if let Some(mut child) = self.unshare.take() {
+            // SIGKILL to PID 1 of a PID namespace ends every process in it;
+            // the namespace's mounts (bpffs, pins included) go with it.
+            if let Some(pid1) = child_of(child.id()) {
+                signal(pid1, libc::SIGKILL);
+            }
+            terminate(&mut child, Duration::from_secs(10));
+        }
+        // Children first; a cgroup whose processes are still exiting may
+        // need a moment.
+        let _gone = eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+            if !self.cgroup.exists() {
+                return Ok(());
+            }
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            let mut stack = vec![self.cgroup.clone()];
+            while let Some(dir) = stack.pop() {
+                if let Ok(entries) = fs::read_dir(&dir) {
+                    stack.extend(
+                        entries
+                            .filter_map(Result::ok)
+                            .map(|e| e.path())
+                            .filter(|p| p.is_dir()),
+                    );
+                }
+                dirs.push(dir);
+            }
+            for dir in dirs.iter().rev() {
+                let _ = fs::remove_dir(dir);
+            }
+            if self.cgroup.exists() {
+                Err(())
+            } else {
+                Ok(())
+            }
+        });
+        if self.cgroup.exists() {
+            eprintln!("CLEANUP: could not remove {}", self.cgroup.display());
+        }
+        let _ = &self.work;
+    }
+}
+
+/// Boots systemd in new namespaces with only the repository's unit (plus
+/// a drop-in for the test: its log to a file, a short watchdog), the
+/// shipped config (metrics moved to `metrics_port`) and `policy`.
+fn boot_ns_systemd(systemd: &Path, policy: &str, metrics_port: u16) -> NsSystemd {
+    let work = tempfile::Builder::new()
+        .prefix("bulkhead-test-systemd-")
+        .tempdir()
+        .expect("tempdir");
+    let w = work.path();
+    let units = w.join("units");
+    fs::create_dir_all(units.join("bulkhead.service.d")).expect("units dir");
+    // The targets a default unit depends on, empty; one that wants us.
+    for target in ["sysinit", "basic", "shutdown", "multi-user", "local-fs"] {
+        fs::write(
+            units.join(format!("{target}.target")),
+            format!("[Unit]\nDescription={target} (empty, for the test)\n"),
+        )
+        .expect("target");
+    }
+    fs::write(
+        units.join("bulkhead-test.target"),
+        "[Unit]\nDescription=bulkhead test\nWants=bulkhead.service\n",
+    )
+    .expect("target");
+    let unit = unit_text().replace(
+        "ExecStart=/usr/bin/bulkhead ",
+        "ExecStart=/usr/local/bin/bulkhead ",
+    );
+    fs::write(units.join("bulkhead.service"), unit).expect("unit");
+    fs::write(
+        units.join("bulkhead.service.d/test.conf"),
+        format!(
+            "[Service]\nStandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\nWatchdogSec={}s\n",
+            NS_WATCHDOG.as_secs()
+        ),
+    )
+    .expect("drop-in");
+
+    let etc = w.join("etc-upper/bulkhead");
+    fs::create_dir_all(etc.join("policies")).expect("etc dirs");
+    fs::create_dir_all(w.join("etc-work")).expect("overlay work dir");
+    let config = fs::read_to_string(repo().join("policies/config/bulkhead.toml"))
+        .expect("default config")
+        .replace("127.0.0.1:9469", &format!("127.0.0.1:{metrics_port}"));
+    fs::write(etc.join("bulkhead.toml"), config).expect("config");
+    fs::write(etc.join("policies/svc.toml"), policy).expect("policy");
+    for (path, mode) in [
+        (etc.clone(), 0o755),
+        (etc.join("policies"), 0o755),
+        (etc.join("bulkhead.toml"), 0o644),
+        (etc.join("policies/svc.toml"), 0o644),
+    ] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    fs::copy(bulkhead_bin(), w.join("bulkhead")).expect("copy the binary");
+
+    let cgroup = integration_tests::cgroup2_mount()
+        .join(format!("bulkhead-test-{}-systemd", std::process::id()));
+    fs::create_dir_all(&cgroup).expect("test cgroup");
+    let log = fs::File::create(w.join("namespace.log")).expect("log");
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec unshare --mount --pid --cgroup --fork -- /bin/sh -c "$@""#)
+        .arg("sh")
+        .arg(&cgroup)
+        .arg(NS_SETUP)
+        .arg("setup")
+        .arg(w)
+        .arg(systemd)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start unshare");
+    let ns = NsSystemd {
+        unshare: Some(child),
+        cgroup,
+        work,
+    };
+    // systemd is up once systemctl answers.
+    eventually(Duration::from_secs(30), Duration::from_millis(200), || {
+        let up = ns
+            .unshare
+            .as_ref()
+            .map(Child::id)
+            .and_then(child_of)
+            .is_some();
+        if up && ns.run(&["systemctl", "is-system-running"]).stdout.len() > 1 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .unwrap_or_else(|()| {
+        panic!(
+            "systemd did not come up in its namespace: {}",
+            fs::read_to_string(ns.work.path().join("namespace.log")).unwrap_or_default()
+        )
+    });
+    ns
+}
+
+#[test]
+fn unit_runs_under_systemd_in_a_namespace() {
+    if !require_bpf() {
+        return;
+    }
+    let (Some(_), Some(_)) = (tool("unshare", "util-linux"), tool("nsenter", "util-linux")) else {
+        return;
+    };
+    let Some(systemd) = systemd_binary() else {
+        let _ = tool("systemd", "systemd"); // skips or fails with the package name
+        return;
+    };
+    let target = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let port = free_port_block(Ipv4Addr::LOCALHOST.into(), 1);
+    let ns = boot_ns_systemd(&systemd, "cgroup = \"/svc\"\nmode = \"enforce\"\n", port);
+    // The unit is wanted by the target systemd started with.
+    ns.wait_state("active", Duration::from_secs(30));
+    let status = ns.show("StatusText");
+    assert!(
+        status.starts_with("enforcing: 1 of 1"),
+        "STATUS: {status:?}"
+    );
+    let client = probe!().in_cgroup(&ns.cgroup.join("svc"));
+    client
+        .tcp_connect(target.addr())
+        .assert_eperm("a service under the unit's agent");
+    let health = http_get(port, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.1 200"),
+        "/healthz through IPAddressAllow=localhost: {health}"
+    );
+    let log = ns.log();
+    for problem in [
+        "Read-only file system",
+        "Operation not permitted (os error 1)\n",
+    ] {
+        assert!(
+            !log.contains(problem),
+            "the sandbox got in the way ({problem}):\n{log}"
+        );
+    }
+    assert!(
+        log.contains("cgroup_mkdir tracepoint")
+            && !log.contains("cannot attach the cgroup creation"),
+        "the tracepoint must attach under the unit's syscall filter:\n{log}"
+    );
+
+    // Three watchdog intervals later it is still the same process.
+    let pid = ns.show("MainPID");
+    std::thread::sleep(NS_WATCHDOG * 3);
+    assert_eq!(ns.show("MainPID"), pid, "the watchdog restarted the agent");
+    assert_eq!(ns.show("NRestarts"), "0");
+
+    // systemctl reload -> SIGHUP -> the policy is read again.
+    let out = ns.run(&["systemctl", "reload", "bulkhead"]);
+    assert!(out.status.success(), "systemctl reload: {}", text(&out));
+    eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+        if ns.log().contains("trigger=\"sighup\"") {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .unwrap_or_else(|()| panic!("no reload after SIGHUP:\n{}", ns.log()));
+
+    // systemctl stop: the agent exits cleanly and enforcement stays pinned;
+    // `bulkhead detach` ends it.
+    let out = ns.run(&["systemctl", "stop", "bulkhead"]);
+    assert!(out.status.success(), "systemctl stop: {}", text(&out));
+    assert_eq!(ns.show("Result"), "success", "log:\n{}", ns.log());
+    client
+        .tcp_connect(target.addr())
+        .assert_eperm("after systemctl stop (pinned)");
+    let out = ns.run(&["/usr/local/bin/bulkhead", "detach"]);
+    assert!(out.status.success(), "bulkhead detach: {}", text(&out));
+    client
+        .tcp_connect(target.addr())
+        .assert_ok("after bulkhead detach");
+}

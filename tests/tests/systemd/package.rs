@@ -1,0 +1,275 @@
+//! Install and package.
+
+use std::{
+    collections::BTreeMap, fs, path::Path, path::PathBuf, process::Command, process::Output,
+    time::Duration,
+};
+
+use integration_tests::{bulkhead_bin, process::output_with_timeout, require_bpf};
+
+use super::{mode, repo, text, tool};
+
+/// How long a `cargo xtask` step may take (`package` builds the release
+/// binary, and the first time installs cargo-deb).
+const XTASK_TIMEOUT: Duration = Duration::from_mins(30);
+
+fn xtask(args: &[&str]) -> Output {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo()).arg("xtask").args(args);
+    let out = output_with_timeout(&mut cmd, XTASK_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "cargo xtask {} failed ({}):\n{}",
+        args.join(" "),
+        out.status,
+        text(&out)
+    );
+    out
+}
+
+/// Installed files and their modes, relative to the root.
+const LAYOUT: &[(&str, u32)] = &[
+    ("PREFIX/bin/bulkhead", 0o755),
+    ("PREFIX/lib/systemd/system/bulkhead.service", 0o644),
+    ("etc/bulkhead/bulkhead.toml", 0o644),
+    ("etc/bulkhead/policies", 0o755),
+    ("PREFIX/share/bulkhead/bulkhead.toml", 0o644),
+    ("PREFIX/share/bulkhead/examples/policies/batch.toml", 0o644),
+    (
+        "PREFIX/share/bulkhead/examples/policies/billing.toml",
+        0o644,
+    ),
+    (
+        "PREFIX/share/bulkhead/examples/policies/frontend.toml",
+        0o644,
+    ),
+];
+
+#[test]
+fn xtask_install_lays_out_the_files_into_a_destdir() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dest = root.path().join("root");
+    let bin = bulkhead_bin();
+    let args = [
+        "install",
+        "--destdir",
+        dest.to_str().expect("UTF-8 temp path"),
+        "--binary",
+        bin.to_str().expect("UTF-8 binary path"),
+    ];
+    xtask(&args);
+    for (path, want) in LAYOUT {
+        let path = path.replace("PREFIX", "usr/local");
+        assert_eq!(mode(&dest.join(&path)), *want, "mode of /{path}");
+    }
+    assert_eq!(
+        fs::read(dest.join("usr/local/bin/bulkhead")).expect("binary"),
+        fs::read(&bin).expect("binary under test"),
+        "the installed binary is the one given"
+    );
+    assert!(
+        fs::read_dir(dest.join("etc/bulkhead/policies"))
+            .expect("policy dir")
+            .next()
+            .is_none(),
+        "no policy may be installed: the service would enforce it at once"
+    );
+    let unit = fs::read_to_string(dest.join("usr/local/lib/systemd/system/bulkhead.service"))
+        .expect("unit");
+    assert!(
+        unit.contains("\nExecStart=/usr/local/bin/bulkhead run "),
+        "the unit must run the binary under the prefix:\n{unit}"
+    );
+
+    // The installed unit verifies too, with its binary where it was put.
+    if let Some(analyze) = tool("systemd-analyze", "systemd") {
+        let staged = root.path().join("bulkhead.service");
+        fs::write(
+            &staged,
+            unit.replace(
+                "ExecStart=/usr/local/bin/bulkhead ",
+                &format!(
+                    "ExecStart={} ",
+                    dest.join("usr/local/bin/bulkhead").display()
+                ),
+            ),
+        )
+        .expect("write");
+        let out = output_with_timeout(
+            Command::new(analyze).arg("verify").arg(&staged),
+            Duration::from_mins(1),
+        );
+        assert!(
+            out.status.success() && text(&out).trim().is_empty(),
+            "the installed unit does not verify cleanly:\n{}",
+            text(&out)
+        );
+    }
+
+    // Again, over an edited config: the config stays as it is.
+    let config = dest.join("etc/bulkhead/bulkhead.toml");
+    fs::write(&config, "# edited by the operator\n").expect("edit");
+    let out = xtask(&args);
+    assert_eq!(
+        fs::read_to_string(&config).expect("config"),
+        "# edited by the operator\n",
+        "cargo xtask install overwrote an existing config"
+    );
+    assert!(
+        text(&out).contains("kept the existing"),
+        "the install should say it kept the config:\n{}",
+        text(&out)
+    );
+}
+
+/// `dpkg-deb --contents`: path -> `MODE OWNER` (owner as `0/0`).
+fn deb_listing(dpkg_deb: &Path, deb: &Path) -> (BTreeMap<String, String>, String) {
+    // Lines are `-rwxr-xr-x 0/0 SIZE DATE TIME ./path`.
+    let contents = output_with_timeout(
+        Command::new(dpkg_deb).arg("--contents").arg(deb),
+        Duration::from_mins(1),
+    );
+    assert!(contents.status.success(), "{}", text(&contents));
+    let listing = String::from_utf8_lossy(&contents.stdout).into_owned();
+    let entries = listing
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let path = fields.last()?.strip_prefix('.')?.trim_end_matches('/');
+            let owner = match *fields.get(1)? {
+                "root/root" => "0/0",
+                other => other,
+            };
+            Some((path.to_owned(), format!("{} {owner}", fields[0])))
+        })
+        .collect();
+    (entries, listing)
+}
+
+/// The package's control files: the config is a conffile, the maintainer
+/// scripts are executable.
+fn check_control(dpkg_deb: &Path, deb: &Path, into: &Path) {
+    let extracted = output_with_timeout(
+        Command::new(dpkg_deb).arg("-e").arg(deb).arg(into),
+        Duration::from_mins(1),
+    );
+    assert!(extracted.status.success(), "{}", text(&extracted));
+    let conffiles = fs::read_to_string(into.join("conffiles")).unwrap_or_default();
+    assert!(
+        conffiles
+            .lines()
+            .any(|l| l == "/etc/bulkhead/bulkhead.toml"),
+        "the config must be a conffile: {conffiles:?}"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        assert_eq!(mode(&into.join(script)), 0o755, "{script}");
+    }
+}
+
+/// Installs `deb` into the empty root `root` (the maintainer scripts run
+/// with `DPKG_ROOT`, off the live system), reinstalls it over an edited
+/// config, then purges it, checking each step.
+fn install_and_purge(dpkg: &Path, deb: &Path, root: &Path) {
+    for dir in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        fs::create_dir_all(root.join(dir)).expect("dpkg admin dir");
+    }
+    fs::write(root.join("var/lib/dpkg/status"), "").expect("dpkg status");
+    let deb = deb.to_str().expect("UTF-8 package path");
+    let dpkg_in = |args: &[&str]| {
+        let mut cmd = Command::new(dpkg);
+        cmd.arg(format!("--root={}", root.display()))
+            .args(["--force-script-chrootless", "--force-depends"])
+            .args(args);
+        let out = output_with_timeout(&mut cmd, Duration::from_mins(2));
+        assert!(
+            out.status.success(),
+            "dpkg {args:?} failed ({}):\n{}",
+            out.status,
+            text(&out)
+        );
+        text(&out)
+    };
+    let said = dpkg_in(&["--install", deb]);
+    assert!(
+        said.contains("not started"),
+        "a fresh install must say it did not start bulkhead:\n{said}"
+    );
+    assert_eq!(
+        mode(&root.join("etc/bulkhead/policies")),
+        0o755,
+        "policies dir"
+    );
+    assert_eq!(mode(&root.join("usr/bin/bulkhead")), 0o755, "binary");
+    // A symlink to /usr/lib/... of the root: look at the link itself.
+    let wants = root.join("etc/systemd/system/multi-user.target.wants/bulkhead.service");
+    assert!(
+        fs::symlink_metadata(&wants).is_ok(),
+        "postinst should enable the unit (it starts once a policy exists)"
+    );
+    // An upgrade (here: the same version again) keeps an edited config.
+    fs::write(root.join("etc/bulkhead/bulkhead.toml"), "# mine\n").expect("edit config");
+    dpkg_in(&["--force-confold", "--install", deb]);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/bulkhead/bulkhead.toml")).expect("config"),
+        "# mine\n"
+    );
+    dpkg_in(&["--purge", "bulkhead"]);
+    for gone in ["usr/bin/bulkhead", "etc/bulkhead", "usr/share/bulkhead"] {
+        assert!(
+            !root.join(gone).exists(),
+            "/{gone} is still there after purge"
+        );
+    }
+    assert!(
+        fs::symlink_metadata(&wants).is_err(),
+        "purge should remove the enablement link"
+    );
+}
+
+#[test]
+fn xtask_package_builds_a_deb_that_installs_and_purges() {
+    if !require_bpf() {
+        return;
+    }
+    let (Some(dpkg_deb), Some(dpkg)) = (tool("dpkg-deb", "dpkg"), tool("dpkg", "dpkg")) else {
+        return;
+    };
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = xtask(&[
+        "package",
+        "--output",
+        out_dir.path().to_str().expect("UTF-8 temp path"),
+    ]);
+    let deb = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .map(PathBuf::from)
+        .find(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("deb")))
+        .unwrap_or_else(|| panic!("cargo xtask package printed no .deb path:\n{}", text(&out)));
+    assert!(
+        deb.starts_with(out_dir.path()),
+        "{} is not in --output",
+        deb.display()
+    );
+
+    let (entries, listing) = deb_listing(&dpkg_deb, &deb);
+    for (path, mode) in LAYOUT {
+        if *path == "etc/bulkhead/policies" {
+            continue; // made by postinst (dpkg does not ship empty directories)
+        }
+        let path = format!("/{}", path.replace("PREFIX", "usr"));
+        let bits = if *mode == 0o755 {
+            "rwxr-xr-x"
+        } else {
+            "rw-r--r--"
+        };
+        assert_eq!(
+            entries.get(&path),
+            Some(&format!("-{bits} 0/0")),
+            "{path} in the package:\n{listing}"
+        );
+    }
+    check_control(&dpkg_deb, &deb, &out_dir.path().join("control"));
+    install_and_purge(&dpkg, &deb, &out_dir.path().join("root"));
+}
