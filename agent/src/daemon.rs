@@ -12,7 +12,6 @@ use tokio::sync::watch;
 
 use crate::{
     cgroup,
-    cli::RunArgs,
     config::Config,
     engine::Engine,
     events::{self, Decoder, Hub, Names, Sink},
@@ -42,14 +41,24 @@ pub struct KernelCounters {
     pub lost: PerCpuArray<MapData, u64>,
 }
 
-pub fn run(args: &RunArgs, log_level: &str) -> Result<()> {
+/// What `bulkhead run` starts with (built by the command line, `cli/run.rs`):
+/// the config with the command line's overrides applied, the policy
+/// directory, and the log level.
+pub struct Options {
+    pub config: Config,
+    pub source: PolicySource,
+    pub log_level: String,
+}
+
+pub fn run(options: Options) -> Result<()> {
     // Everything that can be refused is checked before the runtime starts
     // and before anything touches the kernel.
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(file) = &args.log_file {
-        config.log_file = Some(file.clone());
-    }
-    crate::logging::init(log_level, config.log_file.as_deref()).with_context(|| {
+    let Options {
+        config,
+        source,
+        log_level,
+    } = options;
+    crate::logging::init(&log_level, config.log_file.as_deref()).with_context(|| {
         format!(
             "cannot open the log file {}",
             config
@@ -59,26 +68,7 @@ pub fn run(args: &RunArgs, log_level: &str) -> Result<()> {
                 .display()
         )
     })?;
-    if let Some(sink) = &args.events {
-        config.events.sink = sink.clone();
-    }
-    if let Some(listen) = args.metrics_listen {
-        config.metrics.listen = listen;
-    }
-    if let Some(socket) = &args.control_socket {
-        config.control.socket = socket.clone();
-    }
-    if let Some(dir) = &args.pin_dir {
-        config.pin_dir = dir.clone();
-    }
-    if let Some(dir) = &args.state_dir {
-        config.state_dir = dir.clone();
-    }
-    let policy_dir = args.policy_dir.clone().unwrap_or(config.policy_dir.clone());
-    let source = PolicySource {
-        dir: policy_dir.clone(),
-        allow_insecure: args.allow_insecure_policy_files,
-    };
+    let policy_dir = source.dir.clone();
     let loaded = reload::load(&source).map_err(|errors| {
         anyhow!(
             "invalid policy in {}; nothing was loaded:\n{errors}",

@@ -16,12 +16,12 @@ use crate::{
     control::{protocol::Request, server::AdminCall},
     events::{ChangeRecord, Hub, Names, ServiceChange},
     held,
-    kernel::{CompiledPolicy, Enforcer},
+    kernel::{Change, CompiledPolicy, Enforcer},
     metrics::{Inventory, MetricsState},
     policy::PolicySet,
     quarantine::{Exception, Quarantines},
     reload::{self, PolicySource, ReloadStats, Snapshot},
-    services::{Change, ServiceTracker},
+    services::ServiceTracker,
 };
 
 /// How long a retired policy's prefixes stay after a switch: a verdict
@@ -597,7 +597,7 @@ impl Engine {
         let unknown: Vec<_> = report
             .unknown_cgroups
             .iter()
-            .map(|&cgroup_id| crate::services::Change::Remove { cgroup_id })
+            .map(|&cgroup_id| Change::Remove { cgroup_id })
             .collect();
         self.enforcer
             .apply_service_changes(&unknown)

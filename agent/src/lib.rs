@@ -12,14 +12,15 @@
 //!   compares the maps)
 //! - `events`: ring buffer -> decoded events -> decision log and live
 //!   subscribers
-//! - `control`: the local control socket and its commands (`flows`,
-//!   `status`, `quarantine`, ...)
+//! - `control`: the local control socket (protocol, server, client)
 //! - `metrics`: Prometheus endpoint and `/healthz`
-//! - `graph`, `learn`: the service graph, blast radius, learned policies
+//! - `graph`: the service graph, blast radius, learned policies
 //! - `anomaly`, `export`: per-service baselines and anomaly events; OTLP
 //! - `daemon`: `bulkhead run` (start-up and main loop); `takeover`: from a
 //!   previous agent's pins; `notify`: systemd readiness and watchdog
-//! - `config`, `logging`, `cli`: configuration, logs, command line
+//! - `config`, `logging`: configuration, logs
+//! - `cli`: the command line, one file per command; it builds the daemon's
+//!   options and talks to the control socket (nothing imports it)
 //! - `visible`: control characters from outside written out for terminals
 //!   and diagrams
 
@@ -35,7 +36,6 @@ pub mod export;
 pub mod graph;
 pub mod held;
 pub mod kernel;
-pub mod learn;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

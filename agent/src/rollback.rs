@@ -2,8 +2,8 @@
 //! every cgroup the switch touched back at its entry in the policy in force.
 
 use crate::{
-    kernel::CompiledPolicy,
-    services::{Change, TrackedService},
+    kernel::{Change, CompiledPolicy},
+    services::TrackedService,
 };
 
 /// `changes` were computed by the tracker going from `before` to `after`;

@@ -16,7 +16,7 @@ use tracing::{error, info};
 
 use crate::{
     cgroup,
-    kernel::CompiledPolicy,
+    kernel::{Change, CompiledPolicy},
     policy::{Closeness, Selector},
 };
 
@@ -126,13 +126,6 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
             .filter(|c| !matches!(c, Change::Remove { cgroup_id } if added.contains(cgroup_id))),
     );
     adds
-}
-
-/// One change to apply to the SERVICES map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Add { cgroup_id: u64, entry: ServiceEntry },
-    Remove { cgroup_id: u64 },
 }
 
 pub struct ServiceTracker {

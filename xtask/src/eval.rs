@@ -1,6 +1,6 @@
-//! `cargo xtask eval-anomaly`: runs the agent's hidden `eval-anomaly`
-//! subcommand (the detectors' own code, as a library) in release mode and
-//! writes its report into docs/anomaly-eval.md.
+//! `cargo xtask eval-anomaly`: runs the agent's `eval-anomaly` example (the
+//! detectors' own code, through the library; not part of the shipped
+//! binary) in release mode and writes its report into docs/anomaly-eval.md.
 
 use std::process::Command;
 
@@ -19,11 +19,10 @@ pub fn run(seed: u64) -> Result<()> {
             "--release",
             "-p",
             "agent",
-            "--bin",
-            "bulkhead",
+            "--example",
+            "eval-anomaly",
             "--",
         ])
-        .arg("eval-anomaly")
         .arg("--seed")
         .arg(seed.to_string())
         .arg("--out")

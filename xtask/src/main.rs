@@ -2,7 +2,6 @@
 //! installs what a fresh machine lacks and is quick when all is there.
 
 mod bench;
-mod bench_events;
 mod bpf_linker;
 mod build;
 mod eval;
@@ -59,7 +58,7 @@ enum Task {
     /// Measure the event pipeline: highest zero-loss decision rate, agent
     /// CPU per 100,000 events and memory, next to the load generator's
     /// ceiling; writes its section of BENCHMARKS.md.
-    BenchEvents(bench_events::BenchEventsArgs),
+    BenchEvents(bench::events::BenchEventsArgs),
     /// Replay the seeded synthetic anomaly workload through the detectors;
     /// prints precision, recall and false alarms per kind and writes
     /// docs/anomaly-eval.md.
@@ -127,7 +126,7 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::BenchEvents(args) => {
             setup::run()?;
-            bench_events::run(&args)?;
+            bench::events::run(&args)?;
         }
         Task::EvalAnomaly { seed } => {
             setup::ensure_build_tools()?;

@@ -11,13 +11,14 @@
 //! - `detector`: all of it behind `observe` / `tick(now)`
 //! - `state`: baselines in `anomaly.json`
 //! - `event`, `task`, `stats`: decision-log events, the daemon task, metrics
-//! - `eval`: the seeded synthetic evaluation (`cargo xtask eval-anomaly`)
+//!
+//! The seeded evaluation of the detectors (`cargo xtask eval-anomaly`) is a
+//! development tool outside the shipped binary: `agent/examples/eval-anomaly`.
 
 mod config;
 mod dest;
 mod detect;
 mod detector;
-pub mod eval;
 mod event;
 mod ewma;
 mod finding;

@@ -2,14 +2,11 @@
 //!
 //! - `protocol`: the versioned JSON-lines request/reply format
 //! - `server`: the daemon's side (root-only socket, one task per client)
-//! - `client`: the CLI's side (blocking)
-//! - `flows`: `bulkhead flows`; `table`: its table layout
+//! - `client`: the CLI's side (blocking); the commands themselves are in
+//!   `cli/`
 
-pub mod admin;
 pub mod client;
-pub mod flows;
 pub mod protocol;
 pub mod server;
-pub mod table;
 
 pub use server::{ensure_free, Server, ServerError};

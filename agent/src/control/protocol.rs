@@ -205,7 +205,7 @@ pub fn decode_reply(line: &[u8]) -> Result<Reply, serde_json::Error> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) use crate::events::sample_verdict as event;

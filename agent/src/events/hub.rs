@@ -3,70 +3,19 @@
 //! delivered somewhere is counted.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    collections::VecDeque,
+    sync::{atomic::Ordering, Arc, Mutex},
 };
 
 use tokio::sync::broadcast;
 
-use super::{
-    model::{Direction, FlowEvent},
-    sink::Sink,
-    writer::LogWriter,
-    EventType,
-};
+use super::{model::FlowEvent, sink::Sink, stats::EventStats, writer::LogWriter};
 
 /// How many recent events `bulkhead flows` (without --follow) can show.
 const RECENT: usize = 1024;
 /// Live subscribers that fall further behind than this lose events
 /// (counted in `subscriber_lagged`), never the decision log.
 const LIVE_CAPACITY: usize = 8192;
-
-/// Counters of the pipeline, exported as metrics.
-#[derive(Debug, Default)]
-pub struct EventStats {
-    /// Events by type: verdict, tcp_established, tcp_closed, policy_change,
-    /// anomaly.
-    pub received: [AtomicU64; 5],
-    /// Records the kernel sent that could not be decoded.
-    pub decode_errors: AtomicU64,
-    /// Events that could not be written to the decision log.
-    pub sink_errors: AtomicU64,
-    /// Batches queued for the decision log writer, not yet taken.
-    pub log_queued: AtomicU64,
-    /// Bytes written to the decision log.
-    pub log_written_bytes: AtomicU64,
-    /// Events a slow live subscriber missed.
-    pub subscriber_lagged: AtomicU64,
-    /// Records a previous agent's programs dropped while no agent read
-    /// their ring buffer (counted at take-over).
-    pub lost_while_down: AtomicU64,
-    /// Records left in a previous agent's ring buffer when the take-over's
-    /// drain stopped at its bound (`takeover::DRAIN_TIME`/`DRAIN_RECORDS`).
-    pub lost_takeover_drain: AtomicU64,
-    /// False once the ring buffer consumer has stopped.
-    pub consumer_alive: AtomicBool,
-    /// Denial events the kernel's rate limit suppressed, by service and
-    /// direction: the sum of the `suppressed` the logged events carry.
-    pub suppressed: Mutex<BTreeMap<(Arc<str>, Direction), u64>>,
-}
-
-impl EventStats {
-    pub fn received(&self, kind: EventType) -> u64 {
-        self.received[kind as usize].load(Ordering::Relaxed)
-    }
-
-    /// Suppressed denial events so far, by service and direction.
-    pub fn suppressed(&self) -> Vec<(Arc<str>, Direction, u64)> {
-        lock(&self.suppressed)
-            .iter()
-            .map(|((service, direction), n)| (Arc::clone(service), *direction, *n))
-            .collect()
-    }
-}
 
 /// Something that folds in every event, called synchronously with each
 /// batch the reader publishes (the service graph, the anomaly detectors).
@@ -181,4 +130,27 @@ impl Hub {
 /// the data (a queue, a file handle) is still usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventType;
+
+    fn event() -> Arc<FlowEvent> {
+        Arc::new(FlowEvent::from_agent(EventType::PolicyChange, "policy"))
+    }
+
+    #[test]
+    fn every_event_that_cannot_be_written_is_counted() {
+        // /dev/full refuses every write with ENOSPC.
+        let hub = Hub::new(Sink::open("/dev/full").expect("/dev/full opens"))
+            .expect("the writer thread starts");
+        for _ in 0..3 {
+            hub.publish_shared(vec![event(), event()]);
+        }
+        hub.sync_log();
+        assert_eq!(hub.stats.sink_errors.load(Ordering::Relaxed), 6);
+        assert_eq!(hub.stats.log_written_bytes.load(Ordering::Relaxed), 0);
+    }
 }

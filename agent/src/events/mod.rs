@@ -8,10 +8,11 @@ mod json;
 mod model;
 mod reader;
 mod sink;
+mod stats;
 mod writer;
 
 pub use decode::{Decoder, Names};
-pub use hub::{EventStats, Hub, Tap};
+pub use hub::{Hub, Tap};
 #[cfg(test)]
 pub(crate) use model::sample_verdict;
 pub use model::{
@@ -20,3 +21,4 @@ pub use model::{
 };
 pub use reader::spawn_reader;
 pub use sink::Sink;
+pub use stats::EventStats;

@@ -10,11 +10,12 @@
 //! - `blast`, `report`: blast radius of one service, and as text
 //! - `export`: DOT and Mermaid
 //! - `page`: the HTML page of the metrics listener
-//! - `requests`, `cli`: the control-socket requests and their commands
+//! - `learn`: a policy allowing what a service was observed doing
+//! - `requests`: the control-socket requests (their commands are in `cli/`)
 
 pub mod blast;
-pub mod cli;
 pub mod export;
+pub mod learn;
 mod listeners;
 pub mod model;
 mod node;

@@ -92,7 +92,18 @@ pub fn render(b: &BlastRadius) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::blast::{Hop, Lateral, Reached};
+    use crate::graph::blast::{compute, tests::three_tier, Hop, Lateral, Reached};
+
+    #[test]
+    fn lateral_reach_shows_each_hop_of_the_path() {
+        let (g, set) = three_tier();
+        let b = compute(&g, &set, "a", None).expect("a is in the policy");
+        let text = render(&b);
+        assert!(
+            text.contains("2 hop(s): a → b:8080 → 192.0.2.2:5432"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn names_from_outside_are_written_visibly() {

@@ -43,7 +43,7 @@ pub fn blast_radius(
 /// Unknown service, a bad `since`, or nothing observed.
 pub fn learn(shared: &Shared, policy: &PolicySet, r: &LearnRequest) -> Result<Value, String> {
     check_since(r.since.as_ref())?;
-    let l = crate::learn::learn(
+    let l = super::learn::learn(
         &shared.graph(),
         policy,
         &r.service,

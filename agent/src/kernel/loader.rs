@@ -237,7 +237,7 @@ impl Enforcer {
         &mut self,
         policy: CompiledPolicy,
         resolved: &[ResolvedService],
-    ) -> Result<Vec<(crate::services::Change, String)>, KernelError> {
+    ) -> Result<Vec<(super::Change, String)>, KernelError> {
         let placed = relocate(policy, 0, self.capacity);
         let failed = maps::write(&mut self.ebpf, &placed, resolved)?;
         self.half = 0;
@@ -284,8 +284,8 @@ impl Enforcer {
     pub fn switch(
         &mut self,
         staged: CompiledPolicy,
-        changes: &[crate::services::Change],
-        rollback: &[crate::services::Change],
+        changes: &[super::Change],
+        rollback: &[super::Change],
     ) -> Result<Option<CompiledPolicy>, KernelError> {
         let old_flags = self.live.as_ref().map_or(0, maps::active_flags);
         if let Err(e) = self.try_switch(&staged, changes, old_flags) {
@@ -305,7 +305,7 @@ impl Enforcer {
     fn try_switch(
         &mut self,
         staged: &CompiledPolicy,
-        changes: &[crate::services::Change],
+        changes: &[super::Change],
         old_flags: u32,
     ) -> Result<(), KernelError> {
         // Paths first: a unit restarting during the switch gets its new
@@ -326,7 +326,7 @@ impl Enforcer {
     fn undo_switch(
         &mut self,
         staged: &CompiledPolicy,
-        rollback: &[crate::services::Change],
+        rollback: &[super::Change],
         old_flags: u32,
     ) -> Result<(), KernelError> {
         // Paths first, as in the switch: a cgroup made meanwhile gets the
@@ -573,8 +573,8 @@ impl Enforcer {
     /// that failed.
     pub fn apply_service_changes(
         &mut self,
-        changes: &[crate::services::Change],
-    ) -> Result<Vec<(crate::services::Change, String)>, KernelError> {
+        changes: &[super::Change],
+    ) -> Result<Vec<(super::Change, String)>, KernelError> {
         maps::apply_service_changes(&mut self.ebpf, changes)
     }
 

@@ -12,7 +12,14 @@ use aya::{
 use std::ops::Range;
 
 use super::{compile::CompiledPolicy, KernelError};
-use crate::{policy::Selector, services::Change};
+use crate::policy::Selector;
+
+/// One change to apply to the SERVICES map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Add { cgroup_id: u64, entry: ServiceEntry },
+    Remove { cgroup_id: u64 },
+}
 
 /// A service whose cgroup exists, with the id the kernel will see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

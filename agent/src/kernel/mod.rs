@@ -18,4 +18,4 @@ mod verdict_model;
 pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;
 pub use loader::{Coverage, Enforcer, LoadOptions};
-pub use maps::ResolvedService;
+pub use maps::{Change, ResolvedService};

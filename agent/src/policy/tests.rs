@@ -263,68 +263,6 @@ fn bad_selectors_are_refused() {
 }
 
 #[test]
-fn icmp_rules_and_socket_protocols_parse_and_compile_to_socket_bits() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    write(
-        &dir,
-        "pinger.toml",
-        "cgroup = \"/p\"\nmode = \"enforce\"\n[[egress]]\nto = [\"198.51.100.0/24\"]\nprotocol = \"icmp\"\n[[egress]]\nto = [\"10.0.0.0/8\"]\nprotocol = \"any\"\n[sockets]\nprotocols = [\"sctp\", \"mptcp\", \"sctp\"]\n",
-    );
-    let set = load_dir(dir.path()).expect("valid");
-    let s = &set.services[0];
-    assert_eq!(s.egress[0].protocol, Protocol::Icmp);
-    assert_eq!(s.egress[0].ports, [PortRange::ALL]);
-    assert_eq!(s.egress[1].protocol, Protocol::Any);
-    assert_eq!(
-        s.sockets.protocols,
-        [SocketProtocol::Sctp, SocketProtocol::Mptcp]
-    );
-    let compiled = crate::kernel::compile(&set).expect("compiles");
-    let bits = compiled.services[0].entry.sockets;
-    assert_eq!(
-        bits,
-        agent_common::SOCKETS_ICMP | agent_common::SOCKETS_SCTP | agent_common::SOCKETS_MPTCP
-    );
-}
-
-/// Ping sockets come with a rule that may allow an echo: `icmp`, or `any`
-/// naming no ports; not with `any` limited to ports, nor with no rule.
-#[test]
-fn ping_sockets_follow_rules_that_may_allow_an_echo() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rule = |extra: &str| {
-        format!("mode = \"enforce\"\n[[egress]]\nto = [\"198.51.100.0/24\"]\n{extra}")
-    };
-    write(&dir, "a.toml", &format!("cgroup = \"/a\"\n{}", rule("")));
-    write(
-        &dir,
-        "b.toml",
-        &format!("cgroup = \"/b\"\n{}", rule("ports = [443]\n")),
-    );
-    write(&dir, "c.toml", "cgroup = \"/c\"\nmode = \"enforce\"\n");
-    let set = load_dir(dir.path()).expect("valid");
-    let compiled = crate::kernel::compile(&set).expect("compiles");
-    let icmp: Vec<(String, bool)> = compiled
-        .services
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                s.entry.sockets & agent_common::SOCKETS_ICMP != 0,
-            )
-        })
-        .collect();
-    assert_eq!(
-        icmp,
-        [
-            ("a".to_string(), true),
-            ("b".to_string(), false),
-            ("c".to_string(), false)
-        ]
-    );
-}
-
-#[test]
 fn icmp_outside_egress_and_unknown_socket_protocols_are_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     write(

@@ -8,7 +8,7 @@
 //! with `_exit`), so the caller's cleanup guards run only in the caller.
 
 use std::{
-    fs::{self, File},
+    fs::File,
     io::{self, Read, Write},
     net::{Ipv4Addr, TcpListener, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -16,7 +16,9 @@ use std::{
     path::Path,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
+
+use super::fork::{ensure_single_threaded, join_cgroup, pipe, wait};
 
 /// The probes' ports on 127.0.0.1 (each case has its own network namespace,
 /// so they never clash with the host's).
@@ -368,52 +370,6 @@ fn enter_netns(netns: &Path) -> Result<()> {
             .with_context(|| format!("setns({})", netns.display()));
     }
     Ok(())
-}
-
-fn join_cgroup(cgroup: &Path) -> Result<()> {
-    let procs = cgroup.join("cgroup.procs");
-    fs::write(&procs, std::process::id().to_string())
-        .with_context(|| format!("join {}", procs.display()))
-}
-
-/// fork() copies only the calling thread; with more threads the child
-/// could inherit a lock held by a thread that no longer exists.
-fn ensure_single_threaded() -> Result<()> {
-    let status = fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse::<u32>().ok());
-    ensure!(
-        threads == Some(1),
-        "the load generator forks and needs a single-threaded xtask, found {threads:?} threads"
-    );
-    Ok(())
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error()).context("pipe2()");
-    }
-    // SAFETY: two fresh fds nobody else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn wait(pid: libc::pid_t) -> Result<i32> {
-    let mut status = 0;
-    loop {
-        // SAFETY: waits for our own child.
-        let rc = unsafe { libc::waitpid(pid, &raw mut status, 0) };
-        if rc == pid {
-            return Ok(status);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e).context("waitpid(load generator)");
-        }
-    }
 }
 
 // Wire format child -> parent: b'k' then, per probe, a u64 count and that

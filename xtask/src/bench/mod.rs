@@ -1,10 +1,14 @@
 //! `cargo xtask bench`: what bulkhead adds to a managed service's connect()
 //! and sendto(), side by side with nftables and iptables enforcing the same
-//! rules, in one run; writes BENCHMARKS.md.
+//! rules, in one run; writes BENCHMARKS.md. `cargo xtask bench-events`
+//! (events.rs): the event pipeline's throughput, with the same sandbox
+//! (cgroup guard), daemon runner and forked load generator (fork.rs).
 //!
 //! Speed is measured here only, never in timed tests.
 
 pub mod daemon;
+pub mod events;
+mod fork;
 mod loadgen;
 mod peers;
 mod plan;
@@ -66,10 +70,6 @@ pub struct BenchArgs {
 
 /// Packages the peers and the sandbox need.
 const PACKAGES: &[&str] = &["nftables", "iptables", "iproute2", "bpftool"];
-
-/// For the event pipeline bench (bench_events.rs).
-pub use daemon::{rss_kib, Daemon};
-pub use sandbox::cgroup2_mount;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = plan::Plan::from_args(args)?;
@@ -134,7 +134,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         // Keep the section `cargo xtask bench-events` writes, and the
         // self-check's figures (measured by the drift suite).
         let old = fs::read_to_string(&path).unwrap_or_default();
-        let events = crate::bench_events::section(&old);
+        let events = events::section(&old);
         let text = format!(
             "{}{}{}",
             report.markdown(),

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::rng::Rng;
-use crate::{
+use bulkhead::{
     anomaly::Kind,
     events::{Direction, EventType, FlowEvent, Verdict, SCHEMA},
 };

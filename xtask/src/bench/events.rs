@@ -15,13 +15,18 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Seek, SeekFrom},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
 
+use super::{
+    daemon::{rss_kib, Daemon},
+    fork,
+    sandbox::{cgroup2_mount, Cgroup, PREFIX},
+};
 use crate::{build, util::target_dir, util::workspace_root};
 
 /// The allowed port the decisions go to (nothing needs to listen: UDP
@@ -88,16 +93,17 @@ pub fn run(args: &BenchEventsArgs) -> Result<()> {
     ensure!(unsafe { libc::geteuid() } == 0, "bench-events needs root");
     build::run(true)?;
     let bin = target_dir()?.join("release").join("bulkhead");
-    let mount = crate::bench::cgroup2_mount()?;
+    let mount = cgroup2_mount()?;
     let work = tempfile::Builder::new()
         .prefix("bulkhead-bench-events")
         .tempdir()
         .context("create a work directory")?;
-    let cgroup = Cgroup::new(&mount)?;
+    let rel = format!("{PREFIX}events-{}", std::process::id());
+    let cgroup = Cgroup::create(&mount, &rel)?;
 
     let mut ceilings = Vec::new();
     for _ in 0..CEILING_ROUNDS {
-        ceilings.push(generate(&cgroup.procs, UNTHROTTLED, RUN)? as f64 / RUN.as_secs_f64());
+        ceilings.push(generate(&cgroup.path, UNTHROTTLED, RUN)? as f64 / RUN.as_secs_f64());
     }
     ceilings.sort_by(f64::total_cmp);
     let ceiling_rate = ceilings[CEILING_ROUNDS / 2];
@@ -109,14 +115,14 @@ pub fn run(args: &BenchEventsArgs) -> Result<()> {
         policies.join("svc.toml"),
         format!(
             "cgroup = \"/{}\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.1\"]\nports = [{PORT}]\nprotocol = \"udp\"\n",
-            cgroup.rel
+            rel
         ),
     )?;
 
     // The ladder, with the default ring buffer.
     let ladder_dir = work.path().join("ladder");
     let setup = write_setup(&ladder_dir, None)?;
-    let daemon = crate::bench::Daemon::start(&bin, &setup.config, &policies, &ladder_dir)?;
+    let daemon = Daemon::start(&bin, &setup.config, &policies, &ladder_dir)?;
     let pid = daemon.pid().context("the agent exited")?;
     let mut log = LogCounter::new(&setup.events);
     let mut steps = Vec::new();
@@ -129,7 +135,7 @@ pub fn run(args: &BenchEventsArgs) -> Result<()> {
         let lost_before = lost(setup.metrics_port)?;
         let logged_before = log.verdicts()?;
         let cpu_before = cpu_ticks(pid)?;
-        let sent = generate(&cgroup.procs, target, RUN)?;
+        let sent = generate(&cgroup.path, target, RUN)?;
         let logged = log.settle(logged_before + sent)? - logged_before;
         let cpu_s = (cpu_ticks(pid)? - cpu_before) as f64 / ticks_per_second();
         let lost = lost(setup.metrics_port)? - lost_before;
@@ -151,16 +157,16 @@ pub fn run(args: &BenchEventsArgs) -> Result<()> {
         );
         steps.push(step);
     }
-    let rss_kib = crate::bench::rss_kib(pid);
+    let rss_kib = rss_kib(pid);
     daemon.stop()?;
 
     // Drain capacity, with a ring large enough for the whole backlog.
     let drain_dir = work.path().join("drain");
     let setup = write_setup(&drain_dir, Some(DRAIN_RING_BYTES))?;
-    let daemon = crate::bench::Daemon::start(&bin, &setup.config, &policies, &drain_dir)?;
+    let daemon = Daemon::start(&bin, &setup.config, &policies, &drain_dir)?;
     let mut drains = Vec::new();
     for _ in 0..DRAIN_ROUNDS {
-        let d = drain(&daemon, &setup, &cgroup.procs)?;
+        let d = drain(&daemon, &setup, &cgroup.path)?;
         eprintln!(
             "xtask bench-events: drained a backlog of {} in {:.3} s: {:.0} events/s, lost {}",
             d.backlog,
@@ -214,7 +220,7 @@ fn write_setup(dir: &Path, ring_bytes: Option<u64>) -> Result<Setup> {
 /// Stops the agent (SIGSTOP), fills its ring with the generator for
 /// [`FILL`], lets it go (SIGCONT) and times it until every record is in
 /// the log.
-fn drain(daemon: &crate::bench::Daemon, setup: &Setup, procs: &Path) -> Result<Drain> {
+fn drain(daemon: &Daemon, setup: &Setup, cgroup: &Path) -> Result<Drain> {
     let pid = daemon.pid().context("the agent exited")?;
     let pid = libc::pid_t::try_from(pid).context("pid")?;
     let mut log = LogCounter::new(&setup.events);
@@ -222,7 +228,7 @@ fn drain(daemon: &crate::bench::Daemon, setup: &Setup, procs: &Path) -> Result<D
     let logged_before = log.verdicts()?;
     // SAFETY: signalling our own child.
     ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP");
-    let sent = generate(procs, UNTHROTTLED, FILL);
+    let sent = generate(cgroup, UNTHROTTLED, FILL);
     let cpu_before = cpu_ticks(pid as u32);
     let started = Instant::now();
     // SAFETY: as above; sent even when the generator failed.
@@ -358,48 +364,20 @@ fn write_section(path: &Path, text: &str) -> Result<()> {
     fs::write(path, new).with_context(|| format!("write {}", path.display()))
 }
 
-/// A cgroup for the service, removed on drop.
-struct Cgroup {
-    path: PathBuf,
-    rel: String,
-    procs: PathBuf,
-}
-
-impl Cgroup {
-    fn new(mount: &Path) -> Result<Self> {
-        let rel = format!("bulkhead-bench-events-{}", std::process::id());
-        let path = mount.join(&rel);
-        fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
-        Ok(Self {
-            procs: path.join("cgroup.procs"),
-            path,
-            rel,
-        })
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.path);
-    }
-}
-
-/// Forks a child that joins the cgroup and calls connect() on one UDP
+/// Forks a child that joins `cgroup` and calls connect() on one UDP
 /// socket at `rate` per second ([`UNTHROTTLED`]: as fast as it can) for `run`;
-/// returns how many calls it made. xtask is single-threaded here, so the
-/// child may allocate; it ends with `_exit`.
-fn generate(procs: &Path, rate: u64, run: Duration) -> Result<u64> {
-    let mut fds = [0; 2];
-    // SAFETY: a valid two-int array.
-    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe failed");
-    // SAFETY: both fds were just created and are owned here.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fork; the child only runs `child` and exits.
+/// returns how many calls it made. xtask is single-threaded here (checked),
+/// so the child may allocate; it ends with `_exit`.
+fn generate(cgroup: &Path, rate: u64, run: Duration) -> Result<u64> {
+    fork::ensure_single_threaded()?;
+    let (rd, wr) = fork::pipe()?;
+    // SAFETY: the process has one thread (checked above); the child only
+    // runs `child` and exits.
     let pid = unsafe { libc::fork() };
     ensure!(pid >= 0, "fork failed");
     if pid == 0 {
         drop(rd);
-        let n = child(procs, rate, run).unwrap_or(u64::MAX);
+        let n = child(cgroup, rate, run).unwrap_or(u64::MAX);
         let bytes = n.to_le_bytes();
         // SAFETY: writing 8 bytes from a live buffer to our pipe end.
         unsafe {
@@ -410,11 +388,9 @@ fn generate(procs: &Path, rate: u64, run: Duration) -> Result<u64> {
     drop(wr);
     let mut buf = [0u8; 8];
     let mut file = fs::File::from(rd);
-    file.read_exact(&mut buf)
-        .context("read the load generator's count")?;
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let read = file.read_exact(&mut buf);
+    fork::wait(pid)?;
+    read.context("read the load generator's count")?;
     let n = u64::from_le_bytes(buf);
     ensure!(
         n != u64::MAX,
@@ -423,8 +399,8 @@ fn generate(procs: &Path, rate: u64, run: Duration) -> Result<u64> {
     Ok(n)
 }
 
-fn child(procs: &Path, rate: u64, run: Duration) -> Result<u64> {
-    fs::write(procs, std::process::id().to_string())?;
+fn child(cgroup: &Path, rate: u64, run: Duration) -> Result<u64> {
+    fork::join_cgroup(cgroup)?;
     let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     let dest = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
     let start = Instant::now();

@@ -1,53 +1,12 @@
-//! `bulkhead status`, `quarantine` and `release`: one request, one answer.
+//! `bulkhead status`: the running agent's state, as a few readable lines
+//! or as its JSON answer.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use serde_json::Value;
 
-use super::{
-    client::{self, ClientError, Line},
-    protocol::{QuarantineRequest, ReleaseRequest, Reply, Request, StatusRequest},
-};
-use crate::config::Config;
-
-#[derive(clap::Args, Debug)]
-pub struct SocketArgs {
-    /// Control socket of the running agent [default: the config's control.socket].
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// Daemon config file, to find the control socket.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct StatusArgs {
-    #[command(flatten)]
-    pub socket: SocketArgs,
-    /// Print the raw JSON answer.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct QuarantineArgs {
-    /// The service to cut off.
-    pub service: String,
-    /// An exception it may still reach (and be reached from):
-    /// CIDR[:PORT], e.g. 192.0.2.10:514; repeat for more.
-    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
-    pub allow: Vec<String>,
-    #[command(flatten)]
-    pub socket: SocketArgs,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ReleaseArgs {
-    /// The service to release.
-    pub service: String,
-    #[command(flatten)]
-    pub socket: SocketArgs,
-}
+use super::{args::StatusArgs, ask::ask};
+use crate::control::protocol::{Request, StatusRequest};
 
 pub fn status(args: &StatusArgs) -> ExitCode {
     match ask("status", &args.socket, &Request::Status(StatusRequest {})) {
@@ -61,102 +20,6 @@ pub fn status(args: &StatusArgs) -> ExitCode {
         }
         Err(code) => code,
     }
-}
-
-pub fn quarantine(args: &QuarantineArgs) -> ExitCode {
-    let req = Request::Quarantine(QuarantineRequest {
-        service: args.service.clone(),
-        allow: args.allow.clone(),
-    });
-    match ask("quarantine", &args.socket, &req) {
-        Ok(result) => {
-            println!(
-                "quarantined {} in {} µs: everything in and out denied{}",
-                args.service,
-                result
-                    .get("applied_in_us")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
-                match result.get("allow").and_then(Value::as_array) {
-                    Some(a) if !a.is_empty() => format!(
-                        " except {}",
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    _ => String::new(),
-                }
-            );
-            ExitCode::SUCCESS
-        }
-        Err(code) => code,
-    }
-}
-
-pub fn release(args: &ReleaseArgs) -> ExitCode {
-    let req = Request::Release(ReleaseRequest {
-        service: args.service.clone(),
-    });
-    match ask("release", &args.socket, &req) {
-        Ok(_) => {
-            println!("released {}: its policy is in force again", args.service);
-            ExitCode::SUCCESS
-        }
-        Err(code) => code,
-    }
-}
-
-/// How long a one-shot command waits for the daemon (its answers take
-/// milliseconds; the daemon bounds each client in its turn: server.rs).
-const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Sends one request and returns its result, or prints one line and
-/// returns the exit code.
-pub(crate) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
-    let path = match &socket.socket {
-        Some(p) => p.clone(),
-        None => match Config::load(socket.config.as_deref()) {
-            Ok(c) => c.control.socket,
-            Err(e) => {
-                eprintln!("bulkhead {cmd}: {e}");
-                return Err(ExitCode::FAILURE);
-            }
-        },
-    };
-    let replies = client::request_within(&path, req, ANSWER_DEADLINE).map_err(|e| {
-        eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
-        ExitCode::FAILURE
-    })?;
-    let mut result = None;
-    for line in replies {
-        match line {
-            Ok(Line {
-                reply: Reply::Result { result: r },
-                ..
-            }) => result = Some(r),
-            Ok(Line {
-                reply: Reply::Error { error },
-                ..
-            }) => {
-                eprintln!("bulkhead {cmd}: {error}");
-                return Err(ExitCode::FAILURE);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
-                return Err(ExitCode::FAILURE);
-            }
-        }
-    }
-    result.ok_or_else(|| {
-        eprintln!("bulkhead {cmd}: the daemon sent no answer");
-        ExitCode::FAILURE
-    })
-}
-
-fn describe(e: &ClientError, _path: &std::path::Path) -> String {
-    e.to_string()
 }
 
 /// The self-check's line(s) of the status: drift left now, and the last

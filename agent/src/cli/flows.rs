@@ -6,20 +6,18 @@ use std::{
     process::ExitCode,
 };
 
-use super::{
+mod table;
+
+use super::{args::FlowsArgs, ask::control_socket};
+use crate::control::{
     client::{self, ClientError, Line},
     protocol::{End, FlowsRequest, Reply, Request},
-    table,
 };
-use crate::{cli::FlowsArgs, config::Config};
 
 pub fn run(args: &FlowsArgs) -> ExitCode {
-    let socket = match &args.socket {
-        Some(path) => path.clone(),
-        None => match Config::load(args.config.as_deref()) {
-            Ok(config) => config.control.socket,
-            Err(e) => return fail(&e),
-        },
+    let socket = match control_socket(args.socket.as_deref(), args.config.as_deref()) {
+        Ok(path) => path,
+        Err(e) => return fail(&e),
     };
     let req = Request::Flows(request(args));
     let replies = match client::request(&socket, &req) {
@@ -47,7 +45,7 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-pub fn request(args: &FlowsArgs) -> FlowsRequest {
+fn request(args: &FlowsArgs) -> FlowsRequest {
     FlowsRequest {
         follow: args.follow,
         service: args.service.clone(),

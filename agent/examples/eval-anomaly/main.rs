@@ -2,13 +2,19 @@
 //! of traffic for several services with injected attacks, replayed through
 //! the detectors (default config, one-minute intervals) on a simulated
 //! clock; precision, recall and false alarms per hour, per detector.
+//!
+//! A development tool, not part of the shipped `bulkhead` binary: it uses
+//! the detectors through the library. Run it with `cargo xtask
+//! eval-anomaly` (or `cargo run --release -p agent --example eval-anomaly
+//! -- --seed 7`); `cargo test -p agent` runs its test.
 
 mod rng;
 mod workload;
 
 use std::fmt::Write as _;
 
-use super::{config::AnomalyConfig, detector::Detector, finding::Kind, group::Emit};
+use bulkhead::anomaly::{AnomalyConfig, Detector, Emit, Kind};
+use clap::Parser;
 use rng::Rng;
 use workload::{attack, background, cases, profiles, Case};
 
@@ -163,8 +169,12 @@ impl Report {
     }
 }
 
-#[derive(clap::Args, Debug)]
-pub struct EvalArgs {
+#[derive(Parser, Debug)]
+#[command(
+    name = "eval-anomaly",
+    about = "Replay the seeded synthetic anomaly workload through the detectors and print the scores"
+)]
+struct EvalArgs {
     /// Seed of the synthetic workload.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -174,14 +184,14 @@ pub struct EvalArgs {
 }
 
 /// Prints the report; fails if a case was missed or a false alarm raised.
-#[must_use]
-pub fn main(args: &EvalArgs) -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let args = EvalArgs::parse();
     let report = run(args.seed);
     let text = report.markdown();
     println!("{text}");
     if let Some(path) = &args.out {
         if let Err(e) = write_report(path, &text) {
-            eprintln!("bulkhead: cannot write {}: {e}", path.display());
+            eprintln!("eval-anomaly: cannot write {}: {e}", path.display());
             return std::process::ExitCode::FAILURE;
         }
     }

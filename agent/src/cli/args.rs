@@ -1,15 +1,10 @@
-//! The `bulkhead` command line.
+//! Every command's arguments (clap), in one place.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{
-    config::Config,
-    control, daemon,
-    events::{EventType, Verdict},
-    kernel, policy,
-};
+use crate::events::{EventType, Verdict};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,33 +40,29 @@ pub enum Command {
     /// Show the running agent's state: each service (managed or waiting,
     /// mode, rules, connections allowed/denied since start), the policy,
     /// reloads, pins and coverage.
-    Status(control::admin::StatusArgs),
+    Status(StatusArgs),
     /// Cut a service off at once: every connection in and out denied,
     /// established ones included, except --allow exceptions. Survives
     /// reloads and restarts until `bulkhead release`.
-    Quarantine(control::admin::QuarantineArgs),
+    Quarantine(QuarantineArgs),
     /// Lift a service's quarantine: its own policy applies again.
-    Release(control::admin::ReleaseArgs),
+    Release(ReleaseArgs),
     /// Export the service graph the daemon aggregates from flows: nodes
     /// (services, unmanaged processes, endpoints) and edges with counts,
     /// bytes, first/last seen and verdicts (docs/graph.md).
-    Graph(crate::graph::cli::GraphArgs),
+    Graph(GraphArgs),
     /// What a service could reach if compromised: what its policy allows,
     /// what it actually reached, allowances never used, and the services
     /// (and their destinations) reachable through other services.
-    BlastRadius(crate::graph::cli::BlastRadiusArgs),
+    BlastRadius(BlastRadiusArgs),
     /// Write a policy allowing exactly what a service was observed doing
     /// (in audit mode unless --enforce), with comments saying where each
     /// rule comes from. Workflow: audit, learn, review, enforce.
-    Learn(crate::graph::cli::LearnArgs),
+    Learn(LearnArgs),
     /// Remove bulkhead from the kernel: detach every program, remove every
     /// pin. Enforcement stops. Refused while an agent is running (stop it
     /// first: its normal stop keeps enforcing).
     Detach(DetachArgs),
-    /// Replay the seeded synthetic anomaly workload through the detectors
-    /// and print the scores (what `cargo xtask eval-anomaly` runs).
-    #[command(hide = true)]
-    EvalAnomaly(crate::anomaly::eval::EvalArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -173,107 +164,111 @@ fn parse_event_type(s: &str) -> Result<EventType, String> {
     }
 }
 
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Check(args) => check(&args),
-        Command::Flows(args) => control::flows::run(&args),
-        Command::Detach(args) => detach(&args),
-        Command::Status(args) => control::admin::status(&args),
-        Command::Quarantine(args) => control::admin::quarantine(&args),
-        Command::Release(args) => control::admin::release(&args),
-        Command::Graph(args) => crate::graph::cli::graph(&args),
-        Command::BlastRadius(args) => crate::graph::cli::blast_radius(&args),
-        Command::Learn(args) => crate::graph::cli::learn(&args),
-        Command::EvalAnomaly(args) => crate::anomaly::eval::main(&args),
-        Command::Run(args) => match daemon::run(&args, &cli.log_level) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bulkhead: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-    }
+#[derive(clap::Args, Debug)]
+pub struct SocketArgs {
+    /// Control socket of the running agent [default: the config's control.socket].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Daemon config file, to find the control socket.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
-fn check(args: &CheckArgs) -> ExitCode {
-    let result = if args.files.is_empty() {
-        let dir = match &args.policy_dir {
-            Some(dir) => dir.clone(),
-            None => match Config::load(args.config.as_deref()) {
-                Ok(c) => c.policy_dir,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            },
-        };
-        policy::load_dir(&dir)
-    } else {
-        policy::load_files(&args.files)
-    };
-    match result.and_then(|set| kernel::compile(&set).map(|c| (set, c))) {
-        Ok((set, compiled)) => {
-            for w in &set.warnings {
-                eprintln!("warning: {w}");
-            }
-            for s in &set.services {
-                println!(
-                    "ok: {} ({}, {}): {} egress rules, from {}",
-                    s.name,
-                    s.selector,
-                    s.mode,
-                    s.egress.len(),
-                    s.file.display()
-                );
-            }
-            println!(
-                "{} services, {} rules, {} IPv4 and {} IPv6 prefixes: valid",
-                set.services.len(),
-                compiled.rules.len(),
-                compiled.v4.len(),
-                compiled.v6.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                eprintln!("{e}");
-            }
-            eprintln!("{} error(s); nothing was loaded", errors.0.len());
-            ExitCode::FAILURE
-        }
-    }
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
 }
 
-fn detach(args: &DetachArgs) -> ExitCode {
-    let config = match Config::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let socket = args.control_socket.clone().unwrap_or(config.control.socket);
-    if let Err(e) = control::server::ensure_free(&socket) {
-        eprintln!("bulkhead detach: refused: {e}; stop the agent first");
-        return ExitCode::FAILURE;
-    }
-    let root = kernel::pins::PinRoot(args.pin_dir.clone().unwrap_or(config.pin_dir));
-    let current = root.current();
-    if !current.exists() {
-        println!("nothing to detach: no pins at {}", current.display());
-        return ExitCode::SUCCESS;
-    }
-    kernel::pins::remove_pins(&current);
-    kernel::pins::clean_leftovers(&root);
-    if current.exists() {
-        eprintln!(
-            "bulkhead detach: some pins under {} could not be removed",
-            current.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    println!("detached: every bulkhead program removed from the kernel; nothing is enforced now");
-    ExitCode::SUCCESS
+#[derive(clap::Args, Debug)]
+pub struct QuarantineArgs {
+    /// The service to cut off.
+    pub service: String,
+    /// An exception it may still reach (and be reached from):
+    /// CIDR[:PORT], e.g. 192.0.2.10:514; repeat for more.
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReleaseArgs {
+    /// The service to release.
+    pub service: String,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Json,
+    Dot,
+    Mermaid,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GraphArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: Format,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    #[command(flatten)]
+    pub offline: Offline,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BlastRadiusArgs {
+    /// The service.
+    pub service: String,
+    /// Only connections seen in this window count ("7d", "12h", "30m").
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    #[command(flatten)]
+    pub offline: Offline,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LearnArgs {
+    /// The service.
+    pub service: String,
+    /// Learn only from connections seen in this window ("7d", "12h").
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Write the policy to FILE (checked after writing) instead of stdout.
+    /// An existing FILE is kept unless --force; a symbolic link never
+    /// followed.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Replace FILE if it exists (never through a symbolic link).
+    #[arg(long, requires = "output")]
+    pub force: bool,
+    /// Write `mode = "enforce"` (default: "audit", to review first).
+    #[arg(long)]
+    pub enforce: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    #[command(flatten)]
+    pub offline: Offline,
+}
+
+/// Reading the saved graph instead of asking the daemon (it may be stopped).
+#[derive(clap::Args, Debug)]
+pub struct Offline {
+    /// Do not ask the daemon: read the graph it saved in this state directory
+    /// (`graph.json`, written every 30 s and when it stops).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// With --state-dir: the policy directory [default: the config's policy_dir].
+    #[arg(long, value_name = "DIR", requires = "state_dir")]
+    pub policy_dir: Option<PathBuf>,
 }
