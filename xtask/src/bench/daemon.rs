@@ -2,7 +2,7 @@
 //! stopped with SIGTERM; the guard stops it on error and panic too.
 
 use std::{
-    fs::{self, File},
+    fs::{self, File, OpenOptions},
     io,
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
@@ -36,83 +36,30 @@ impl Daemon {
     /// Starts `bin run` on `policy_dir` and waits for READY=1. `work` holds
     /// the notify socket and the daemon's log.
     pub fn start(bin: &Path, config: &Path, policy_dir: &Path, work: &Path) -> Result<Self> {
-        let socket_path = work.join("notify.sock");
-        let _ = fs::remove_file(&socket_path);
-        let socket = UnixDatagram::bind(&socket_path)
-            .with_context(|| format!("bind {}", socket_path.display()))?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .context("notify socket timeout")?;
         let log = work.join("bulkhead.log");
-        let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let log_err = log_file.try_clone().context("clone the log file")?;
-
-        let started = Instant::now();
+        File::create(&log).with_context(|| format!("create {}", log.display()))?;
         // Its own pins and state: a stopped agent keeps enforcing through its
         // pins, so `stop` and Drop detach them (see `detach`).
         let pin_dir = Path::new(PIN_PARENT).join(format!("{PREFIX}{}", std::process::id()));
-        let child = Command::new(bin)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--config"])
             .arg(config)
             .arg("--policy-dir")
             .arg(policy_dir)
             .arg("--pin-dir")
             .arg(&pin_dir)
             .arg("--state-dir")
-            .arg(work.join("state"))
-            .env("NOTIFY_SOCKET", &socket_path)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        let mut daemon = Self {
+            .arg(work.join("state"));
+        let (child, ready_after) = spawn_ready(cmd, work, &log)?;
+        let rss_kib = rss_kib(child.id());
+        Ok(Self {
             child: Some(child),
             bin: bin.to_path_buf(),
             pin_dir,
             log,
-            ready_after: Duration::ZERO,
-            rss_kib: None,
-        };
-        daemon.ready_after = daemon.wait_ready(&socket, started)?;
-        daemon.rss_kib = daemon.pid().and_then(rss_kib);
-        Ok(daemon)
-    }
-
-    fn wait_ready(&mut self, socket: &UnixDatagram, started: Instant) -> Result<Duration> {
-        let mut buf = [0u8; 4096];
-        loop {
-            match socket.recv(&mut buf) {
-                Ok(n) => {
-                    let text = String::from_utf8_lossy(&buf[..n]);
-                    if text.lines().any(|l| l == "READY=1") {
-                        return Ok(started.elapsed());
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(e).context("read the notify socket"),
-            }
-            super::sandbox::check_interrupted()?;
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait().context("poll the daemon")? {
-                    self.child = None;
-                    bail!(
-                        "bulkhead exited ({status}) before READY=1:\n{}",
-                        self.log_tail()
-                    );
-                }
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "bulkhead sent no READY=1 within {READY_TIMEOUT:?}:\n{}",
-                    self.log_tail()
-                );
-            }
-        }
+            ready_after,
+            rss_kib,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -191,9 +138,7 @@ impl Daemon {
     }
 
     fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.log)
     }
 }
 
@@ -230,6 +175,79 @@ fn terminate(child: &mut Child) -> Result<Option<std::process::ExitStatus>> {
     child.kill().context("kill bulkhead")?;
     child.wait().context("reap bulkhead")?;
     Ok(None)
+}
+
+/// Starts `cmd` (a `bulkhead run`) like a `Type=notify` service, its output
+/// appended to `log`, and waits for READY=1; `work` holds the notify
+/// socket. Returns the child and how long it took to be ready.
+pub fn spawn_ready(mut cmd: Command, work: &Path, log: &Path) -> Result<(Child, Duration)> {
+    let socket_path = work.join("notify.sock");
+    let _ = fs::remove_file(&socket_path);
+    let socket = UnixDatagram::bind(&socket_path)
+        .with_context(|| format!("bind {}", socket_path.display()))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .context("notify socket timeout")?;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let err = out.try_clone().context("clone the log file")?;
+    let started = Instant::now();
+    let mut child = cmd
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("start {:?}", cmd.get_program()))?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(n)
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1") =>
+            {
+                return Ok((child, started.elapsed()));
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("read the notify socket"),
+        }
+        let waited = if let Err(e) = super::sandbox::check_interrupted() {
+            Some(Err(e))
+        } else if let Some(status) = child.try_wait().context("poll the daemon")? {
+            Some(Err(anyhow::anyhow!(
+                "bulkhead exited ({status}) before READY=1:\n{}",
+                log_tail(log)
+            )))
+        } else if started.elapsed() > READY_TIMEOUT {
+            Some(Err(anyhow::anyhow!(
+                "bulkhead sent no READY=1 within {READY_TIMEOUT:?}:\n{}",
+                log_tail(log)
+            )))
+        } else {
+            None
+        };
+        if let Some(result) = waited {
+            let _ = child.kill();
+            let _ = child.wait();
+            return result;
+        }
+    }
+}
+
+/// The last 20 lines of a log.
+pub fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Where the bench's agents pin their programs (a directory per run).

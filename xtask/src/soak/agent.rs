@@ -4,10 +4,9 @@
 //! its metrics endpoint.
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{self, Read, Write},
+    fs::{self, File},
+    io::{Read, Write},
     net::TcpStream,
-    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -16,7 +15,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::bench::daemon;
+
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the agent is stopped before the next start.
@@ -68,22 +68,8 @@ impl Agent {
     /// Starts the agent and waits for READY=1; its output is appended to
     /// `agent.log` across restarts.
     pub fn start(&mut self, policy_dir: &Path) -> Result<Duration> {
-        let socket_path = self.work.join("notify.sock");
-        let _ = fs::remove_file(&socket_path);
-        let socket = UnixDatagram::bind(&socket_path)
-            .with_context(|| format!("bind {}", socket_path.display()))?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .context("notify socket timeout")?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .context("open agent.log")?;
-        let log_err = log.try_clone().context("clone the log file")?;
-        let started = Instant::now();
-        let child = Command::new(&self.bin)
-            .arg("run")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
             .arg("--config")
             .arg(self.work.join("bulkhead.toml"))
             .arg("--policy-dir")
@@ -91,49 +77,10 @@ impl Agent {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--state-dir")
-            .arg(self.work.join("state"))
-            .env("NOTIFY_SOCKET", &socket_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .with_context(|| format!("start {}", self.bin.display()))?;
+            .arg(self.work.join("state"));
+        let (child, ready) = daemon::spawn_ready(cmd, &self.work, &self.log_path())?;
         self.child = Some(child);
-        let mut buf = [0u8; 4096];
-        loop {
-            match socket.recv(&mut buf) {
-                Ok(n)
-                    if String::from_utf8_lossy(&buf[..n])
-                        .lines()
-                        .any(|l| l == "READY=1") =>
-                {
-                    return Ok(started.elapsed());
-                }
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(e).context("read the notify socket"),
-            }
-            crate::bench::sandbox::check_interrupted()?;
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait().context("poll the agent")? {
-                    self.child = None;
-                    bail!(
-                        "bulkhead exited ({status}) before READY=1; see {}",
-                        self.log_path().display()
-                    );
-                }
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "bulkhead sent no READY=1 within {READY_TIMEOUT:?}; see {}",
-                    self.log_path().display()
-                );
-            }
-        }
+        Ok(ready)
     }
 
     /// Stops the agent; its programs stay attached through their pins. A
@@ -230,7 +177,7 @@ impl Agent {
         if self.child.is_some() {
             self.stop(Stop::Term)?;
         }
-        crate::bench::daemon::detach(&self.bin, &self.pin_dir)
+        daemon::detach(&self.bin, &self.pin_dir)
     }
 }
 
@@ -240,7 +187,7 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if let Err(e) = crate::bench::daemon::detach(&self.bin, &self.pin_dir) {
+        if let Err(e) = daemon::detach(&self.bin, &self.pin_dir) {
             eprintln!("xtask soak: WARNING: {e:#}");
         }
     }
@@ -260,7 +207,7 @@ impl ProcessFigures {
         let proc = PathBuf::from(format!("/proc/{pid}"));
         let count = |dir: &str| fs::read_dir(proc.join(dir)).ok().map(|d| d.count() as u64);
         Some(Self {
-            rss_kib: crate::bench::daemon::rss_kib(pid)?,
+            rss_kib: daemon::rss_kib(pid)?,
             fds: count("fd")?,
             threads: count("task")?,
         })
