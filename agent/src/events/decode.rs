@@ -222,18 +222,23 @@ impl Decoder {
 
 /// The name of an IP protocol number, or the number.
 fn protocol_name(number: u16) -> Cow<'static, str> {
-    Cow::Borrowed(match number {
-        1 => "icmp",
-        6 => "tcp",
-        17 => "udp",
-        33 => "dccp",
-        58 => "icmpv6",
-        115 => "l2tp",
-        132 => "sctp",
-        136 => "udplite",
-        262 => "mptcp",
-        other => return Cow::Owned(other.to_string()),
-    })
+    use agent_common::{
+        PROTO_DCCP, PROTO_ICMP, PROTO_ICMPV6, PROTO_L2TP, PROTO_MPTCP, PROTO_SCTP, PROTO_TCP,
+        PROTO_UDP, PROTO_UDPLITE,
+    };
+    let name = match u32::from(number) {
+        n if n == u32::from(PROTO_ICMP) => "icmp",
+        n if n == u32::from(PROTO_TCP) => "tcp",
+        n if n == u32::from(PROTO_UDP) => "udp",
+        n if n == u32::from(PROTO_ICMPV6) => "icmpv6",
+        PROTO_DCCP => "dccp",
+        PROTO_L2TP => "l2tp",
+        PROTO_SCTP => "sctp",
+        PROTO_UDPLITE => "udplite",
+        PROTO_MPTCP => "mptcp",
+        _ => return Cow::Owned(number.to_string()),
+    };
+    Cow::Borrowed(name)
 }
 
 fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
