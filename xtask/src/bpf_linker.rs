@@ -13,10 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{
-    setup::EBPF_TOOLCHAIN,
-    util::{find_in_path, output_of, run_cmd},
-};
+use crate::util::{find_in_path, output_of, run_cmd, EBPF_TOOLCHAIN};
 
 /// The bpf-linker release we build (it must support the toolchain's LLVM).
 pub const VERSION: &str = "0.13.0";

@@ -8,7 +8,7 @@ use std::{fs, path::Path, process::Command};
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    setup::EBPF_TOOLCHAIN,
+    util::EBPF_TOOLCHAIN,
     util::{find_in_path, run_cmd, workspace_root},
 };
 

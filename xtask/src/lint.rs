@@ -4,7 +4,10 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{setup::EBPF_TOOLCHAIN, steps::Steps, util::workspace_root};
+use crate::{
+    steps::Steps,
+    util::{workspace_root, EBPF_TOOLCHAIN},
+};
 
 pub fn run() -> Result<()> {
     let mut steps = Steps::default();

@@ -13,12 +13,8 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
     bpf_linker,
-    util::{find_in_path, is_root, output_of, run_cmd, secs, workspace_root},
+    util::{find_in_path, is_root, output_of, run_cmd, secs, workspace_root, EBPF_TOOLCHAIN},
 };
-
-/// The nightly that builds the eBPF programs. `agent/build.rs` names the same
-/// toolchain; `check_pin` makes sure the two never drift apart.
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 
 /// Debian packages the integration tests need: `ip` for namespaces and veth
 /// pairs, `bpftool` to check that no bulkhead program is left behind,
@@ -168,7 +164,7 @@ fn check_pin() -> Result<()> {
     ensure!(
         pins_toolchain(&text),
         "agent/build.rs does not name the eBPF toolchain \"{EBPF_TOOLCHAIN}\" that xtask \
-         installs (setup::EBPF_TOOLCHAIN): change both together"
+         installs (util::EBPF_TOOLCHAIN): change both together"
     );
     Ok(())
 }

@@ -9,6 +9,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+/// The nightly that builds the eBPF programs. `agent/build.rs` names the same
+/// toolchain; `setup::check_pin` makes sure the two never drift apart.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
