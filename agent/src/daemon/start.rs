@@ -99,51 +99,23 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let mut tracker = find_services(&mount, &compiled);
     let (mut enforcer, bpf_logger) = load_programs(&config, &compiled, &mut tracker)?;
 
-    // Everything is pinned into a staging directory first, and made
-    // `current` only once attached (see kernel/pins.rs).
-    let pins = PinRoot(config.pin_dir.clone());
-    pins.prepare().map_err(|e| anyhow!(e))?;
-    pins::clean_leftovers(&pins);
-    let staging = pins.staging();
-    enforcer.pin_maps(&staging)?;
-
+    let (pins, staging) = pin_maps(&config, &mut enforcer)?;
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     take_over(&config, &compiled, &coverage, &pins, &hub)?;
 
     let map_capacities = crate::metrics::map_capacities(enforcer.ebpf_mut());
-    let anomaly_stats = Arc::new(crate::anomaly::AnomalyStats::default());
-    let export_stats = Arc::new(crate::export::ExportStats::default());
-    let metrics = Arc::new(MetricsState::new(
-        Sources {
-            counters: Box::new(std::sync::Mutex::new(counters)),
-            events: Arc::clone(&hub.stats),
-            features: coverage
-                .features()
-                .into_iter()
-                .map(|(name, active, _)| (name, active))
-                .collect(),
-            graph: Some(Arc::clone(&graph)),
-            anomalies: Some(Arc::clone(&anomaly_stats)),
-            export: Some(Arc::clone(&export_stats)),
-        },
-        crate::metrics::Inventory::from_policy(&compiled, &tracker.statuses(), &map_capacities),
-    ));
-    metrics.set_attached(true);
-    let graph_upkeep =
-        crate::graph::store::spawn_upkeep(Arc::clone(&graph), config.state_dir.clone());
-    let metrics_server = metrics_endpoint.serve(Arc::clone(&metrics))?;
-    // Anomaly detection: counts the live events, reports deviations.
-    let anomalies = crate::anomaly::spawn(
-        config.anomaly.clone(),
+    let inventory =
+        crate::metrics::Inventory::from_policy(&compiled, &tracker.statuses(), &map_capacities);
+    let (metrics, side) = start_side_tasks(
+        &config,
         &hub,
-        config.state_dir.clone(),
-        anomaly_stats,
-    )
-    .context("cannot start anomaly detection")?;
-    let exporter = crate::export::spawn(config.export.clone(), &hub, export_stats)
-        .context("cannot start the OTLP exporter")?;
-
+        &graph,
+        counters,
+        &coverage,
+        inventory,
+        metrics_endpoint,
+    )?;
     // Control socket (`bulkhead flows`, ...): serves from `hub`; status,
     // quarantine and release go to the main loop.
     let (admin_tx, admin) = mpsc::channel(16);
@@ -155,20 +127,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
 
     let status = status_line(&tracker, &set, &compiled, &source.dir);
     info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
-    // Handlers before READY: a SIGHUP (reload) or SIGTERM right after the
-    // service manager hears we are up must not kill the agent.
-    let signals = Signals {
-        term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
-        int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
-        hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
-    };
-    // Likewise the policy directory's watch: a change right after READY
-    // must not be missed.
-    let policy_changes = crate::policy_watch::PolicyWatch::start(&source.dir)?;
-    crate::notify::ready(&status);
-    // Pings while the event consumer lives and the main loop beats.
-    let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
-
+    let (signals, policy_changes, watchdog) = announce_ready(&source.dir, &hub, &status)?;
     hub.publish(vec![reload::audit_event(reload::change_record(
         "load",
         "startup",
@@ -211,13 +170,114 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         tasks: Tasks {
             reader,
             control,
+            metrics_server: side.metrics_server,
+            graph_upkeep: side.graph_upkeep,
+            anomalies: side.anomalies,
+            exporter: side.exporter,
+            bpf_logger,
+        },
+    })
+}
+
+/// Everything is pinned into a staging directory first, and made
+/// `current` only once attached (see kernel/pins.rs). Returns the pin
+/// root and the staging directory.
+fn pin_maps(config: &Config, enforcer: &mut Enforcer) -> Result<(PinRoot, PathBuf)> {
+    let pins = PinRoot(config.pin_dir.clone());
+    pins.prepare().map_err(|e| anyhow!(e))?;
+    pins::clean_leftovers(&pins);
+    let staging = pins.staging();
+    enforcer.pin_maps(&staging)?;
+    Ok((pins, staging))
+}
+
+/// The tasks that report on what the agent does, started once it enforces.
+struct SideTasks {
+    metrics_server: crate::metrics::MetricsServer,
+    graph_upkeep: crate::graph::store::Upkeep,
+    anomalies: Option<crate::anomaly::AnomalyTask>,
+    exporter: Option<crate::export::Exporter>,
+}
+
+/// The metrics state, with every source it reads from, served on the
+/// endpoint bound earlier; the service graph's upkeep, anomaly detection
+/// and the OTLP exporter.
+fn start_side_tasks(
+    config: &Config,
+    hub: &Arc<Hub>,
+    graph: &Arc<crate::graph::Shared>,
+    counters: KernelCounters,
+    coverage: &Coverage,
+    inventory: crate::metrics::Inventory,
+    endpoint: crate::metrics::Endpoint,
+) -> Result<(Arc<MetricsState>, SideTasks)> {
+    let anomaly_stats = Arc::new(crate::anomaly::AnomalyStats::default());
+    let export_stats = Arc::new(crate::export::ExportStats::default());
+    let metrics = Arc::new(MetricsState::new(
+        Sources {
+            counters: Box::new(std::sync::Mutex::new(counters)),
+            events: Arc::clone(&hub.stats),
+            features: coverage
+                .features()
+                .into_iter()
+                .map(|(name, active, _)| (name, active))
+                .collect(),
+            graph: Some(Arc::clone(graph)),
+            anomalies: Some(Arc::clone(&anomaly_stats)),
+            export: Some(Arc::clone(&export_stats)),
+        },
+        inventory,
+    ));
+    metrics.set_attached(true);
+    let graph_upkeep =
+        crate::graph::store::spawn_upkeep(Arc::clone(graph), config.state_dir.clone());
+    let metrics_server = endpoint.serve(Arc::clone(&metrics))?;
+    // Anomaly detection: counts the live events, reports deviations.
+    let anomalies = crate::anomaly::spawn(
+        config.anomaly.clone(),
+        hub,
+        config.state_dir.clone(),
+        anomaly_stats,
+    )
+    .context("cannot start anomaly detection")?;
+    let exporter = crate::export::spawn(config.export.clone(), hub, export_stats)
+        .context("cannot start the OTLP exporter")?;
+    Ok((
+        metrics,
+        SideTasks {
             metrics_server,
             graph_upkeep,
             anomalies,
             exporter,
-            bpf_logger,
         },
-    })
+    ))
+}
+
+/// Installs the signal handlers and the policy directory's watch, then
+/// tells the service manager we are ready and starts its watchdog pings.
+///
+/// Handlers before READY: a SIGHUP (reload) or SIGTERM right after the
+/// service manager hears we are up must not kill the agent. Likewise the
+/// watch: a change right after READY must not be missed.
+fn announce_ready(
+    policy_dir: &std::path::Path,
+    hub: &Arc<Hub>,
+    status: &str,
+) -> Result<(
+    Signals,
+    crate::policy_watch::PolicyWatch,
+    crate::notify::Watchdog,
+)> {
+    let signals = Signals {
+        term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+    };
+    let policy_changes = crate::policy_watch::PolicyWatch::start(policy_dir)?;
+    crate::notify::ready(status);
+    // Pings while the event consumer lives and the main loop beats.
+    let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);
+    Ok((signals, policy_changes, watchdog))
 }
 
 /// Quarantines survive restarts: they are laid over the policy from the
