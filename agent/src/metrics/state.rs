@@ -1,7 +1,7 @@
 //! What the endpoint reports from. The daemon builds a [`MetricsState`]
-//! once; rescans and reloads swap its [`Inventory`] with
-//! [`MetricsState::replace_inventory`] while scrapes go on, and each
-//! service's counts follow it from id to id.
+//! once, with every source it reads ([`Sources`]); rescans and reloads
+//! swap its [`Inventory`] with [`MetricsState::replace_inventory`] while
+//! scrapes go on, and each service's counts follow it from id to id.
 
 use std::{
     collections::HashMap,
@@ -12,10 +12,8 @@ use std::{
 };
 
 use agent_common::{maps as names, COUNTER_SLOTS};
-use aya::maps::{Map, MapError};
+use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use tracing::warn;
-
-use aya::maps::{MapData, PerCpuArray};
 
 use crate::{events::EventStats, kernel::CompiledPolicy, policy::Mode};
 
@@ -202,7 +200,8 @@ pub struct Sources {
     pub events: Arc<EventStats>,
     /// The optional kernel parts and whether each is active.
     pub features: Vec<(&'static str, bool)>,
-    /// The service graph (`/graph`, graph metrics).
+    /// The service graph (`/graph`, graph metrics). The daemon always
+    /// gives the three below; a unit test may leave them out.
     pub graph: Option<Arc<crate::graph::Shared>>,
     /// Anomaly counters.
     pub anomalies: Option<Arc<crate::anomaly::AnomalyStats>>,
@@ -245,11 +244,11 @@ pub struct MetricsState {
     attached: AtomicBool,
     /// The optional kernel parts and whether each is active.
     features: Vec<(&'static str, bool)>,
-    /// The service graph, if the daemon has one (`/graph`, graph metrics).
+    /// The service graph (`/graph`, graph metrics).
     graph: Option<Arc<crate::graph::Shared>>,
-    /// Anomaly counters, if the detectors run.
+    /// Anomaly counters.
     anomalies: Option<Arc<crate::anomaly::AnomalyStats>>,
-    /// OTLP export counters, if the exporter is set up.
+    /// OTLP export counters.
     export: Option<Arc<crate::export::ExportStats>>,
 }
 
