@@ -82,8 +82,8 @@ pub const COUNTERS: &str = "COUNTERS";
 /// sk_storage of [`crate::SockInfo`] (BTF-defined, cloned to children).
 pub const SOCK_INFO: &str = "SOCK_INFO";
 
-/// Default ring buffer size: 8 MiB, about 58,000 records of
-/// [`RECORD_SPAN`] (144) bytes.
+/// Default ring buffer size: 8 MiB, about 58,000 records of [`RECORD_SPAN`]
+/// (144) bytes: a 136-byte [`crate::Event`] and the ring's 8-byte header.
 pub const DEFAULT_EVENTS_BYTES: u32 = 8 << 20;
 
 /// The kernel wakes the event reader only with the record that fills

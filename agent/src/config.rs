@@ -272,7 +272,7 @@ impl Config {
         let rb = config.events.ring_buffer_bytes;
         if rb < 4096 || !rb.is_power_of_two() {
             let (line, column) =
-                crate::policy::position(text, text.find("ring_buffer_bytes").unwrap_or(0));
+                crate::policy::position(text, key_offset(text, "events.ring_buffer_bytes"));
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -294,8 +294,7 @@ impl Config {
         if let Some(first) = problems.first() {
             // Points at the first offending key.
             let key = first.split([':', ' ']).next().unwrap_or_default();
-            let leaf = key.rsplit('.').next().unwrap_or(key);
-            let (line, column) = crate::policy::position(text, text.find(leaf).unwrap_or(0));
+            let (line, column) = crate::policy::position(text, key_offset(text, key));
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -313,9 +312,79 @@ impl Config {
     }
 }
 
+/// Where `key` (dotted, from the top: `anomaly.volume_spike.factor`) is
+/// written in `text`: the start of the key itself, or, when the file leaves
+/// it to its default, of the nearest table above it that the file writes;
+/// 0 when none is. Only called on a document that already parsed.
+fn key_offset(text: &str, key: &str) -> usize {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(text) else {
+        return 0;
+    };
+    let mut table = doc.get_ref();
+    let mut found = 0;
+    for part in key.split('.') {
+        let Some((k, value)) = table.get_key_value(part) else {
+            break;
+        };
+        found = k.span().start;
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The line:column an error starts with.
+    fn at(text: &str) -> String {
+        let err = Config::parse(Path::new("c.toml"), text).expect_err("refused");
+        let message = err.to_string();
+        message
+            .split(": ")
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("c.toml:")
+            .to_string()
+    }
+
+    /// A bad `volume_spike.factor` is reported on its own line, not on the
+    /// line of the first `factor` in the file (`rate_spike.factor`'s).
+    #[test]
+    fn a_bad_key_is_reported_where_it_is_not_where_its_leaf_name_first_appears() {
+        let text = "[anomaly.rate_spike]\nfactor = 3\n\n[anomaly.volume_spike]\nfactor = 0\n";
+        assert_eq!(at(text), "5:1");
+        // The same in dotted keys under one table: at `factor` itself.
+        let text = "[anomaly]\nrate_spike.factor = 3\nvolume_spike.factor = 0\n";
+        assert_eq!(at(text), "3:14");
+    }
+
+    /// A key of another section with the same leaf name, or a comment that
+    /// names it, is not taken for it.
+    #[test]
+    fn a_nested_bad_key_is_found_past_comments_and_namesakes() {
+        let text = "# udp_replies.per_service: pinholes per service\n[anomaly.new_destination]\nipv4_prefix = 24\nipv6_prefix = 129\n[udp_replies]\nper_service = 0\n";
+        // The first problem reported is anomaly.new_destination.ipv6_prefix.
+        assert_eq!(at(text), "4:1");
+        let text = "# ring_buffer_bytes: a power of two\n[events]\nring_buffer_bytes = 5000\n";
+        assert_eq!(at(text), "3:1");
+    }
+
+    /// A key left to its default (the problem is another key's value)
+    /// points at its table.
+    #[test]
+    fn a_default_key_points_at_its_table() {
+        let text = "bpf_log = false\n\n[export]\nbatch_size = 100\nqueue_capacity = 10\n";
+        assert_eq!(at(text), "5:1");
+        let text = "bpf_log = false\n\n[export]\nqueue_capacity = 10\nbatch_size = 100\n";
+        assert_eq!(at(text), "4:1");
+        let text = "bpf_log = false\n[anomaly]\nfan_out.max_hosts = 5000\n";
+        assert_eq!(at(text), "2:2");
+    }
 
     #[test]
     fn parses_and_resolves_relative_policy_dir() {

@@ -18,7 +18,7 @@ use crate::{
     held,
     kernel::{Change, CompiledPolicy, Enforcer},
     metrics::{Inventory, MetricsState},
-    policy::PolicySet,
+    policy::{Mode, PolicySet},
     quarantine::{Exception, Quarantines},
     reload::{self, PolicySource, ReloadStats, Snapshot},
     services::ServiceTracker,
@@ -29,23 +29,27 @@ use crate::{
 /// looking them up. A verdict takes microseconds; 50 ms is ample.
 const RETIRE_GRACE: Duration = Duration::from_millis(50);
 
-pub struct Engine {
+/// Everything the engine starts from, assembled once by the daemon's
+/// start-up.
+pub struct Parts {
     pub enforcer: Enforcer,
     pub tracker: ServiceTracker,
+    /// Where the event decoder gets the names of each policy applied.
     pub names: watch::Sender<Arc<Names>>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<MetricsState>,
+    /// The capacity of each policy map (see `metrics::map_capacities`).
     pub map_capacities: Vec<(&'static str, u32)>,
     pub source: PolicySource,
-    /// The policy in force, as written.
+    /// The policy in force, as written, and the files it came from.
     pub set: PolicySet,
     pub snapshot: Snapshot,
-    pub reloads: Arc<ReloadStats>,
     pub state_dir: std::path::PathBuf,
+    /// The quarantines laid over the policy (from the state directory).
     pub quarantines: Quarantines,
-    /// Where the pins are, and which optional kernel parts are active
-    /// (for status).
+    /// Where the current pins are (for status).
     pub pins: std::path::PathBuf,
+    /// Which optional kernel parts are active (for status).
     pub coverage: crate::kernel::Coverage,
     /// The UDP pinholes' idle timeout (`[udp_replies]`).
     pub udp_reply_idle: Duration,
@@ -53,6 +57,32 @@ pub struct Engine {
     pub self_check_interval: Duration,
     /// The service graph (blast radius, learn), fed by the aggregator.
     pub graph: Arc<crate::graph::Shared>,
+}
+
+pub struct Engine {
+    enforcer: Enforcer,
+    tracker: ServiceTracker,
+    names: watch::Sender<Arc<Names>>,
+    hub: Arc<Hub>,
+    metrics: Arc<MetricsState>,
+    map_capacities: Vec<(&'static str, u32)>,
+    source: PolicySource,
+    /// The policy in force, as written.
+    set: PolicySet,
+    snapshot: Snapshot,
+    reloads: Arc<ReloadStats>,
+    state_dir: std::path::PathBuf,
+    quarantines: Quarantines,
+    /// Where the pins are, and which optional kernel parts are active
+    /// (for status).
+    pins: std::path::PathBuf,
+    coverage: crate::kernel::Coverage,
+    /// The UDP pinholes' idle timeout (`[udp_replies]`).
+    udp_reply_idle: Duration,
+    /// How often the self-check runs (`[self_check]`), for status.
+    self_check_interval: Duration,
+    /// The service graph (blast radius, learn), fed by the aggregator.
+    graph: Arc<crate::graph::Shared>,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
     /// The held sockets known (see `crate::held`).
@@ -65,18 +95,25 @@ pub struct Engine {
 }
 
 impl Engine {
-    #[expect(clippy::too_many_arguments, reason = "assembled once, at start")]
-    pub fn new(
-        enforcer: Enforcer,
-        tracker: ServiceTracker,
-        names: watch::Sender<Arc<Names>>,
-        hub: Arc<Hub>,
-        metrics: Arc<MetricsState>,
-        map_capacities: Vec<(&'static str, u32)>,
-        source: PolicySource,
-        loaded: (PolicySet, Snapshot),
-        state_dir: std::path::PathBuf,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            enforcer,
+            tracker,
+            names,
+            hub,
+            metrics,
+            map_capacities,
+            source,
+            set,
+            snapshot,
+            state_dir,
+            quarantines,
+            pins,
+            coverage,
+            udp_reply_idle,
+            self_check_interval,
+            graph,
+        } = parts;
         Self {
             enforcer,
             tracker,
@@ -86,21 +123,28 @@ impl Engine {
             metrics,
             map_capacities,
             source,
-            set: loaded.0,
-            snapshot: loaded.1,
+            set,
+            snapshot,
             state_dir,
-            quarantines: Quarantines::default(),
-            pins: std::path::PathBuf::new(),
-            coverage: crate::kernel::Coverage::default(),
-            udp_reply_idle: Duration::from_secs(120),
-            self_check_interval: Duration::from_secs(60),
-            graph: Arc::default(),
+            quarantines,
+            pins,
+            coverage,
+            udp_reply_idle,
+            self_check_interval,
+            graph,
             retiring: None,
             held: held::Held::default(),
             held_warned: std::collections::HashSet::new(),
             held_dump_warned: false,
             held_slow_warned: false,
         }
+    }
+
+    /// Stops without detaching: the pinned programs go on enforcing the
+    /// policy in force until a new agent takes over (see
+    /// [`Enforcer::leave_pinned`]).
+    pub fn leave_pinned(self) {
+        self.enforcer.leave_pinned();
     }
 
     /// Re-resolves service cgroups (new services, restarted units).
@@ -480,7 +524,7 @@ impl Engine {
                         "id": c.id,
                         "enforced": c.unenforced.is_none(),
                     })).collect::<Vec<_>>(),
-                    "mode": if t.entry.mode == agent_common::MODE_AUDIT { "audit" } else { "enforce" },
+                    "mode": Mode::from_kernel(t.entry.mode).as_str(),
                     "rules": policy.map_or(0, |p| p.egress.len() + p.ingress.as_ref().map_or(0, Vec::len)),
                     "file": policy.map(|p| p.file.display().to_string()),
                     "quarantined": self.quarantines.services.contains_key(&t.name),

@@ -27,7 +27,7 @@ use integration_tests::{
 use serde_json::{json, Value};
 
 /// How long one reload may take from the change to its audit event
-/// (300 ms settle time, plus at most one 500 ms retire grace, plus slack).
+/// (300 ms settle time, plus at most one 50 ms retire grace, plus slack).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a reload's audit record describes that rule.
@@ -144,9 +144,10 @@ fn possible(a: &Attempt, switches: &[Switch]) -> std::ops::RangeInclusive<usize>
 
 /// How many reloads the acceptance test makes.
 const RELOADS: usize = 100;
-/// After a switch the agent keeps the old half for 500 ms, and a reload
-/// before then waits for it: 220 ms after an applied reload plus the 300 ms
-/// settle time lands just after that grace.
+/// After a switch the agent keeps the old half for 50 ms (`RETIRE_GRACE`
+/// in agent/src/engine.rs), and a reload before then waits for it: 220 ms
+/// after an applied reload plus the 300 ms settle time lands well after
+/// that grace, so no reload of the test waits for one.
 const PACE: Duration = Duration::from_millis(220);
 
 /// The two policies the acceptance test alternates, and their hashes.

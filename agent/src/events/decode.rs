@@ -10,13 +10,13 @@ use std::{
 use agent_common::{
     Event, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_EGRESS_PACKET, HOOK_INGRESS,
     HOOK_LSM_SOCKET, HOOK_SENDMSG, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCK_OPS,
-    KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT, MODE_AUDIT, RULE_BIND, RULE_DEFAULT_DENY,
+    KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT, RULE_BIND, RULE_DEFAULT_DENY,
     RULE_SOURCE_ROUTE, RULE_UDP_REPLY, RULE_UNREADABLE, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
     VERDICT_DENY,
 };
 
 use super::model::{Direction, EventType, FlowEvent, Verdict, SCHEMA};
-use crate::kernel::CompiledPolicy;
+use crate::{kernel::CompiledPolicy, policy::Mode};
 
 /// Names for the numbers in kernel records, from one placed policy. Kept
 /// in the state directory too, to name records a previous agent's programs
@@ -167,11 +167,7 @@ impl Decoder {
             time: self.wall_time(raw.ts_ns),
             ktime_ns: raw.ts_ns,
             service: service.map(|(name, _)| Arc::clone(name)),
-            mode: managed.then_some(Cow::Borrowed(if raw.mode == MODE_AUDIT {
-                "audit"
-            } else {
-                "enforce"
-            })),
+            mode: managed.then_some(Cow::Borrowed(Mode::from_kernel(raw.mode).as_str())),
             cgroup_id: raw.cgroup_id,
             pid: (raw.pid_tgid >> 32) as u32,
             tid: raw.pid_tgid as u32,

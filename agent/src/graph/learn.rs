@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     graph::{at_or_after, Dest, EdgeStats, Graph, Source},
-    policy::{PolicySet, Selector},
+    policy::{Mode, PolicySet, Selector},
 };
 
 /// Past this many port ranges toward one destination group, a rule allows
@@ -176,7 +176,7 @@ pub fn learn(
     let _ = writeln!(
         out,
         "mode = {:?}{}",
-        if enforce { "enforce" } else { "audit" },
+        if enforce { Mode::Enforce } else { Mode::Audit }.as_str(),
         if enforce {
             ""
         } else {

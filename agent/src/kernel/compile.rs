@@ -14,15 +14,15 @@ use std::{
 
 use agent_common::{
     LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
-    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE, MAX_PORT_RANGES, MODE_AUDIT,
-    MODE_ENFORCE, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP,
-    SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE,
+    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE, MAX_PORT_RANGES, PROTO_ANY,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP,
+    SOCKETS_SCTP, SOCKETS_UDPLITE,
 };
 use ipnetwork::IpNetwork;
 
 use crate::policy::{
-    Mode, PolicyError, PolicyErrors, PolicySet, PortRange, Protocol, RuleRef, Section, Selector,
-    Service, SocketProtocol,
+    PolicyError, PolicyErrors, PolicySet, PortRange, Protocol, RuleRef, Section, Selector, Service,
+    SocketProtocol,
 };
 
 /// Everything to write into the maps for one policy set.
@@ -157,10 +157,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
             selector: service.selector.clone(),
             entry: ServiceEntry {
                 service_id,
-                mode: match service.mode {
-                    Mode::Enforce => MODE_ENFORCE,
-                    Mode::Audit => MODE_AUDIT,
-                },
+                mode: service.mode.to_kernel(),
                 flags,
                 sockets,
                 _pad: 0,
@@ -361,7 +358,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::policy::{EgressRule, Selector};
+    use crate::policy::{EgressRule, Mode, Selector};
 
     fn rule(index: usize, to: &[&str], ports: &[(u16, u16)], protocol: Protocol) -> EgressRule {
         EgressRule {

@@ -678,9 +678,9 @@ fn read_failed(what: &str, e: &dyn std::error::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{
-        fake::{fake_state, meta},
-        state::ServiceMode,
+    use crate::{
+        metrics::fake::{fake_state, meta},
+        policy::Mode,
     };
 
     fn scrape(format: Format) -> String {
@@ -849,7 +849,7 @@ mod tests {
     fn a_reload_swaps_the_service_list() {
         let state = fake_state();
         state.replace_inventory(Inventory {
-            services: vec![meta(0, "renamed", ServiceMode::Enforce, 9, true)],
+            services: vec![meta(0, "renamed", Mode::Enforce, 9, true)],
             maps: Vec::new(),
         });
         let text = render(&registry(state), Format::Prometheus).expect("encodes");

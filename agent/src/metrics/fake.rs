@@ -12,9 +12,12 @@ use agent_common::{
 use aya::maps::MapError;
 
 use super::state::{
-    CounterSource, Inventory, MapUsage, MetricsState, ServiceMeta, ServiceMode, VerdictCounts,
+    CounterSource, Inventory, MapUsage, MetricsState, ServiceMeta, Sources, VerdictCounts,
 };
-use crate::events::{EventStats, EventType};
+use crate::{
+    events::{EventStats, EventType},
+    policy::Mode,
+};
 
 /// Kernel counters from a table the test can change: service id -> counts;
 /// lost by slot.
@@ -47,7 +50,7 @@ impl CounterSource for Fake {
     }
 }
 
-pub fn meta(id: u32, name: &str, mode: ServiceMode, rules: usize, managed: bool) -> ServiceMeta {
+pub fn meta(id: u32, name: &str, mode: Mode, rules: usize, managed: bool) -> ServiceMeta {
     ServiceMeta {
         id,
         name: name.to_owned(),
@@ -60,8 +63,13 @@ pub fn meta(id: u32, name: &str, mode: ServiceMode, rules: usize, managed: bool)
 /// billing (enforce): egress TCP 7 allowed, 3 denied, UDP 2 denied;
 /// search (audit): UDP 5 audited; late (waiting): counters unreadable.
 /// 17 verdict and 6 tcp_closed events received, 11 + 4 + 2 lost in the kernel,
-/// 1 undecodable. Attached, consumer alive.
+/// 1 undecodable. Attached, consumer alive. No service graph.
 pub fn fake_state() -> Arc<MetricsState> {
+    fake_state_with(None)
+}
+
+/// [`fake_state`], with `graph` as its service graph.
+pub fn fake_state_with(graph: Option<Arc<crate::graph::Shared>>) -> Arc<MetricsState> {
     let slot = |proto, verdict| counter_slot(DIRECTION_EGRESS, proto, verdict) as usize;
     let mut billing = [0; 12];
     billing[slot(PROTO_TCP, VERDICT_ALLOW)] = 7;
@@ -84,9 +92,9 @@ pub fn fake_state() -> Arc<MetricsState> {
     stats.log_written_bytes.store(4096, Ordering::Relaxed);
     let inventory = Inventory {
         services: vec![
-            meta(0, "billing", ServiceMode::Enforce, 4, true),
-            meta(1, "search", ServiceMode::Audit, 1, true),
-            meta(2, "late", ServiceMode::Enforce, 0, false),
+            meta(0, "billing", Mode::Enforce, 4, true),
+            meta(1, "search", Mode::Audit, 1, true),
+            meta(2, "late", Mode::Enforce, 0, false),
         ],
         maps: vec![MapUsage {
             name: "EGRESS_V4",
@@ -94,7 +102,11 @@ pub fn fake_state() -> Arc<MetricsState> {
             capacity: 1024,
         }],
     };
-    let state = Arc::new(MetricsState::new(fake, stats, inventory));
+    let sources = Sources {
+        graph,
+        ..Sources::new(fake, stats)
+    };
+    let state = Arc::new(MetricsState::new(sources, inventory));
     kernel
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -244,7 +244,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::metrics::fake::fake_state;
+    use crate::metrics::fake::{fake_state, fake_state_with};
 
     /// One HTTP/1.0 request; returns (status, headers, body).
     async fn get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String, String) {
@@ -263,7 +263,10 @@ mod tests {
     }
 
     fn serve() -> (MetricsServer, Arc<MetricsState>) {
-        let state = fake_state();
+        serve_state(fake_state())
+    }
+
+    fn serve_state(state: Arc<MetricsState>) -> (MetricsServer, Arc<MetricsState>) {
         let endpoint = Endpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
         (endpoint.serve(Arc::clone(&state)).expect("serve"), state)
     }
@@ -333,8 +336,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_graph_is_rendered_once_for_requests_within_its_ttl() {
-        let (server, state) = serve();
-        state.set_graph(Arc::new(crate::graph::Shared::default()));
+        let (server, state) = serve_state(fake_state_with(Some(Arc::new(
+            crate::graph::Shared::default(),
+        ))));
         let addr = server.local_addr();
         let (status, _, first) = get(addr, "/graph.json", "*/*").await;
         assert_eq!(status, 200, "{first}");

@@ -26,6 +26,6 @@ mod state;
 pub use collector::{registry, render, Format};
 pub use http::{Endpoint, MetricsError, MetricsServer};
 pub use state::{
-    map_capacities, CounterSource, Inventory, MapUsage, MetricsState, ServiceMeta, ServiceMode,
-    ServiceStatus, VerdictCounts,
+    map_capacities, CounterSource, Inventory, KernelCounters, MapUsage, MetricsState, ServiceMeta,
+    ServiceStatus, Sources, VerdictCounts,
 };

@@ -1,7 +1,7 @@
 //! What the endpoint reports from. The daemon builds a [`MetricsState`]
-//! once; rescans and reloads swap its [`Inventory`] with
-//! [`MetricsState::replace_inventory`] while scrapes go on, and each
-//! service's counts follow it from id to id.
+//! once, with every source it reads ([`Sources`]); rescans and reloads
+//! swap its [`Inventory`] with [`MetricsState::replace_inventory`] while
+//! scrapes go on, and each service's counts follow it from id to id.
 
 use std::{
     collections::HashMap,
@@ -11,11 +11,11 @@ use std::{
     },
 };
 
-use agent_common::{maps as names, COUNTER_SLOTS, MODE_AUDIT};
-use aya::maps::{Map, MapError};
+use agent_common::{maps as names, COUNTER_SLOTS};
+use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use tracing::warn;
 
-use crate::{daemon::KernelCounters, events::EventStats, kernel::CompiledPolicy};
+use crate::{events::EventStats, kernel::CompiledPolicy, policy::Mode};
 
 const SLOTS: usize = COUNTER_SLOTS as usize;
 
@@ -36,6 +36,14 @@ pub trait CounterSource: Send + Sync + 'static {
     /// # Errors
     /// The map cannot be read.
     fn lost(&self, slot: u32) -> Result<u64, MapError>;
+}
+
+/// The kernel's per-CPU counters, read at scrape time.
+pub struct KernelCounters {
+    /// Verdict counters by service (see `agent_common::counter_slot`).
+    pub verdicts: PerCpuArray<MapData, u64>,
+    /// Records dropped because the ring buffer was full, by LOST_* slot.
+    pub lost: PerCpuArray<MapData, u64>,
 }
 
 impl CounterSource for Mutex<KernelCounters> {
@@ -65,29 +73,13 @@ fn sum(per_cpu: &[u64]) -> u64 {
     per_cpu.iter().fold(0, |acc, v| acc.wrapping_add(*v))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServiceMode {
-    Enforce,
-    Audit,
-}
-
-impl ServiceMode {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Enforce => "enforce",
-            Self::Audit => "audit",
-        }
-    }
-}
-
 /// A service of the loaded policy, as the metrics label it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceMeta {
     /// Its id in the kernel (index of its verdict counters).
     pub id: u32,
     pub name: String,
-    pub mode: ServiceMode,
+    pub mode: Mode,
     /// Rules (egress and ingress) in its policy.
     pub rules: usize,
     /// `managed`, `waiting` (no cgroup yet) or `unenforced` (a cgroup the
@@ -142,11 +134,7 @@ impl Inventory {
             .map(|s| ServiceMeta {
                 id: s.entry.service_id,
                 name: s.name.clone(),
-                mode: if s.entry.mode == MODE_AUDIT {
-                    ServiceMode::Audit
-                } else {
-                    ServiceMode::Enforce
-                },
+                mode: Mode::from_kernel(s.entry.mode),
                 rules: s.rule_count,
                 state: state_of(s.entry.service_id),
             })
@@ -203,6 +191,39 @@ pub fn map_capacities(ebpf: &aya::Ebpf) -> Vec<(&'static str, u32)> {
     .collect()
 }
 
+/// Where a scrape reads from besides the inventory: everything the
+/// daemon hands over, at construction.
+pub struct Sources {
+    /// The kernel's verdict and lost-record counters.
+    pub counters: Box<dyn CounterSource>,
+    /// The event pipeline's counters.
+    pub events: Arc<EventStats>,
+    /// The optional kernel parts and whether each is active.
+    pub features: Vec<(&'static str, bool)>,
+    /// The service graph (`/graph`, graph metrics). The daemon always
+    /// gives the three below; a unit test may leave them out.
+    pub graph: Option<Arc<crate::graph::Shared>>,
+    /// Anomaly counters.
+    pub anomalies: Option<Arc<crate::anomaly::AnomalyStats>>,
+    /// OTLP export counters.
+    pub export: Option<Arc<crate::export::ExportStats>>,
+}
+
+impl Sources {
+    /// Counters and event statistics only: no kernel features, graph,
+    /// anomaly or export statistics (their metrics are left out).
+    pub fn new(counters: impl CounterSource, events: Arc<EventStats>) -> Self {
+        Self {
+            counters: Box::new(counters),
+            events,
+            features: Vec::new(),
+            graph: None,
+            anomalies: None,
+            export: None,
+        }
+    }
+}
+
 /// Everything a scrape reads. Shared by the daemon (which flips `attached`
 /// and swaps the inventory) and the endpoint.
 pub struct MetricsState {
@@ -221,14 +242,14 @@ pub struct MetricsState {
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
-    /// The optional kernel parts and whether each is active, once attached.
-    features: std::sync::OnceLock<Vec<(&'static str, bool)>>,
-    /// The service graph, once the daemon has one (`/graph`, graph metrics).
-    graph: std::sync::OnceLock<Arc<crate::graph::Shared>>,
-    /// Anomaly counters, once the detectors run.
-    anomalies: std::sync::OnceLock<Arc<crate::anomaly::AnomalyStats>>,
-    /// OTLP export counters, once the exporter is set up.
-    export: std::sync::OnceLock<Arc<crate::export::ExportStats>>,
+    /// The optional kernel parts and whether each is active.
+    features: Vec<(&'static str, bool)>,
+    /// The service graph (`/graph`, graph metrics).
+    graph: Option<Arc<crate::graph::Shared>>,
+    /// Anomaly counters.
+    anomalies: Option<Arc<crate::anomaly::AnomalyStats>>,
+    /// OTLP export counters.
+    export: Option<Arc<crate::export::ExportStats>>,
 }
 
 /// Which kernel counters belong to which service, across reloads.
@@ -281,10 +302,18 @@ impl std::fmt::Debug for MetricsState {
 
 impl MetricsState {
     /// Starts detached: `/healthz` says 503 until [`Self::set_attached`].
-    pub fn new(counters: impl CounterSource, stats: Arc<EventStats>, inventory: Inventory) -> Self {
+    pub fn new(sources: Sources, inventory: Inventory) -> Self {
+        let Sources {
+            counters,
+            events,
+            features,
+            graph,
+            anomalies,
+            export,
+        } = sources;
         let state = Self {
-            counters: Box::new(counters),
-            stats,
+            counters,
+            stats: events,
             reloads: Arc::default(),
             held: crate::held::HeldStats::default(),
             udp_peers: crate::kernel::udp_peers::UdpPeerStats::default(),
@@ -293,10 +322,10 @@ impl MetricsState {
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),
-            features: std::sync::OnceLock::new(),
-            graph: std::sync::OnceLock::new(),
-            anomalies: std::sync::OnceLock::new(),
-            export: std::sync::OnceLock::new(),
+            features,
+            graph,
+            anomalies,
+            export,
         };
         // The maps are this agent's own, loaded empty: whatever the counters
         // hold by now (decisions made between the attach and this point,
@@ -311,45 +340,24 @@ impl MetricsState {
         state
     }
 
-    /// Records which optional kernel parts are active (once; later calls
-    /// are ignored).
-    pub fn set_features(&self, features: impl IntoIterator<Item = (&'static str, bool)>) {
-        let _ = self.features.set(features.into_iter().collect());
-    }
-
     #[must_use]
     pub fn features(&self) -> &[(&'static str, bool)] {
-        self.features.get().map_or(&[], Vec::as_slice)
-    }
-
-    /// Hands over the service graph (once; later calls are ignored).
-    pub fn set_graph(&self, graph: Arc<crate::graph::Shared>) {
-        let _ = self.graph.set(graph);
+        &self.features
     }
 
     #[must_use]
     pub fn graph(&self) -> Option<&Arc<crate::graph::Shared>> {
-        self.graph.get()
-    }
-
-    /// Hands over the anomaly counters (once; later calls are ignored).
-    pub fn set_anomalies(&self, stats: Arc<crate::anomaly::AnomalyStats>) {
-        let _ = self.anomalies.set(stats);
+        self.graph.as_ref()
     }
 
     #[must_use]
     pub fn anomalies(&self) -> Option<&Arc<crate::anomaly::AnomalyStats>> {
-        self.anomalies.get()
-    }
-
-    /// Hands over the export counters (once; later calls are ignored).
-    pub fn set_export(&self, stats: Arc<crate::export::ExportStats>) {
-        let _ = self.export.set(stats);
+        self.anomalies.as_ref()
     }
 
     #[must_use]
     pub fn export(&self) -> Option<&Arc<crate::export::ExportStats>> {
-        self.export.get()
+        self.export.as_ref()
     }
 
     /// Call with true once every program is attached, with false just
@@ -512,8 +520,8 @@ mod tests {
     fn inventory(billing: u32, search: u32) -> Inventory {
         Inventory {
             services: vec![
-                meta(billing, "billing", ServiceMode::Enforce, 1, true),
-                meta(search, "search", ServiceMode::Enforce, 1, true),
+                meta(billing, "billing", Mode::Enforce, 1, true),
+                meta(search, "search", Mode::Enforce, 1, true),
             ],
             maps: Vec::new(),
         }
@@ -535,7 +543,7 @@ mod tests {
             verdicts: Arc::clone(&kernel),
             lost: [0; 3],
         };
-        let state = MetricsState::new(fake, Arc::default(), inventory(0, 1));
+        let state = MetricsState::new(Sources::new(fake, Arc::default()), inventory(0, 1));
         let denied = |name: &str| {
             state
                 .service_counts(name)
@@ -559,7 +567,7 @@ mod tests {
             verdicts: Arc::clone(&kernel),
             lost: [0; 3],
         };
-        let state = MetricsState::new(fake, Arc::default(), inventory(0, 1));
+        let state = MetricsState::new(Sources::new(fake, Arc::default()), inventory(0, 1));
         let allowed = |name: &str| {
             state
                 .service_counts(name)
@@ -595,7 +603,7 @@ mod tests {
         state.replace_inventory(inventory(1, 0));
         assert_eq!((allowed("billing"), allowed("search")), (16, 2));
         state.replace_inventory(Inventory {
-            services: vec![meta(1, "billing", ServiceMode::Enforce, 1, true)],
+            services: vec![meta(1, "billing", Mode::Enforce, 1, true)],
             maps: Vec::new(),
         });
         assert_eq!(allowed("billing"), 16);

@@ -3,7 +3,10 @@
 
 use std::{fmt, path::PathBuf};
 
-use agent_common::{name_hash, unit_of_path, UnitKey, SYSTEM_MANAGER, UNIT_EXACT, UNIT_TEMPLATE};
+use agent_common::{
+    name_hash, unit_of_path, UnitKey, MODE_AUDIT, MODE_ENFORCE, SYSTEM_MANAGER, UNIT_EXACT,
+    UNIT_TEMPLATE,
+};
 use ipnetwork::IpNetwork;
 
 /// Every managed service, sorted by name.
@@ -188,6 +191,11 @@ impl fmt::Display for Selector {
     }
 }
 
+/// A service's mode: the one type for it everywhere in the agent. Its
+/// spellings are fixed: `"enforce"`/`"audit"` in policy files, status,
+/// events and metric labels ([`Mode::as_str`]), [`MODE_ENFORCE`] /
+/// [`MODE_AUDIT`] in the kernel maps and records ([`Mode::to_kernel`],
+/// [`Mode::from_kernel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Denied connections get EPERM.
@@ -196,12 +204,50 @@ pub enum Mode {
     Audit,
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Mode {
+    /// As policy files, status, events and metric labels spell it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
             Mode::Enforce => "enforce",
             Mode::Audit => "audit",
-        })
+        }
+    }
+
+    /// The policy file spelling; None for anything else.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "enforce" => Some(Mode::Enforce),
+            "audit" => Some(Mode::Audit),
+            _ => None,
+        }
+    }
+
+    /// The value of `ServiceEntry::mode` and `Event::mode`.
+    #[must_use]
+    pub fn to_kernel(self) -> u8 {
+        match self {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Audit => MODE_AUDIT,
+        }
+    }
+
+    /// Read back from the kernel: [`MODE_AUDIT`] is audit, anything else
+    /// enforce (as the kernel programs decide).
+    #[must_use]
+    pub fn from_kernel(mode: u8) -> Self {
+        if mode == MODE_AUDIT {
+            Mode::Audit
+        } else {
+            Mode::Enforce
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -109,13 +109,15 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
     };
 
     let mode = match &raw.mode {
-        Some(m) => match m.get_ref().as_str() {
-            "enforce" => Some(Mode::Enforce),
-            "audit" => Some(Mode::Audit),
-            other => {
+        Some(m) => match Mode::parse(m.get_ref()) {
+            Some(mode) => Some(mode),
+            None => {
                 c.error(
                     m.span(),
-                    format!("unknown mode {other:?}: expected \"audit\" or \"enforce\""),
+                    format!(
+                        "unknown mode {:?}: expected \"audit\" or \"enforce\"",
+                        m.get_ref()
+                    ),
                 );
                 None
             }

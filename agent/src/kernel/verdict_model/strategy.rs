@@ -296,10 +296,7 @@ pub fn name(i: usize) -> String {
 
 /// The policy file of service `i`.
 pub fn toml(i: usize, s: &Spec) -> String {
-    let mode = match s.mode {
-        Mode::Enforce => "enforce",
-        Mode::Audit => "audit",
-    };
+    let mode = s.mode.as_str();
     let mut t = format!("cgroup = \"/{}\"\nmode = \"{mode}\"\n", name(i));
     if s.ingress.as_ref().is_some_and(Vec::is_empty) {
         t.push_str("ingress = []\n");

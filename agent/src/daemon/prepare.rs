@@ -1,0 +1,75 @@
+//! Step 1: everything that can be refused is checked before the runtime
+//! starts and before anything touches the kernel.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use tracing::warn;
+
+use super::Options;
+use crate::{
+    cgroup,
+    config::Config,
+    kernel,
+    reload::{self, Loaded, PolicySource},
+};
+
+/// Everything `run` decided before starting: nothing here touched the kernel.
+pub struct Plan {
+    pub config: Config,
+    pub source: PolicySource,
+    pub loaded: Loaded,
+    pub mount: PathBuf,
+}
+
+/// Starts logging, loads the policy and checks the kernel and the control
+/// socket.
+pub(super) fn prepare(options: Options) -> Result<Plan> {
+    let Options {
+        config,
+        source,
+        log_level,
+    } = options;
+    crate::logging::init(&log_level, config.log_file.as_deref()).with_context(|| {
+        format!(
+            "cannot open the log file {}",
+            config
+                .log_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display()
+        )
+    })?;
+    let loaded = load_policy(&source)?;
+    kernel::preflight::check().map_err(|line| anyhow!(line))?;
+    // A second agent must be refused before it touches the kernel (it
+    // would take over the first one's pins): one live agent per socket.
+    crate::control::server::ensure_free(&config.control.socket)?;
+    let mount = cgroup::cgroup2_mount()?;
+    if !config.metrics.listen.ip().is_loopback() {
+        warn!(listen = %config.metrics.listen, "metrics endpoint is not on loopback: it exposes the service map to the network");
+    }
+    Ok(Plan {
+        config,
+        source,
+        loaded,
+        mount,
+    })
+}
+
+/// The policy directory, in full; any error refuses the start.
+fn load_policy(source: &PolicySource) -> Result<Loaded> {
+    let loaded = reload::load(source).map_err(|errors| {
+        anyhow!(
+            "invalid policy in {}; nothing was loaded:\n{errors}",
+            source.dir.display()
+        )
+    })?;
+    for w in &loaded.set.warnings {
+        warn!("policy accepted with a warning: {w}");
+    }
+    for w in &loaded.warnings {
+        warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
+    }
+    Ok(loaded)
+}

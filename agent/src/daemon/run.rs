@@ -1,0 +1,74 @@
+//! Step 3: the main loop, until SIGTERM or SIGINT.
+
+use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
+use tracing::{info, warn};
+
+use super::Running;
+use crate::services::RESCAN_INTERVAL;
+
+/// Quiet time after the last change in the policy directory before a reload.
+const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+impl Running {
+    /// Rescans, scans for held sockets, sweeps pinholes, self-checks,
+    /// answers the control socket and reloads the policy (on a change in
+    /// its directory, or SIGHUP) until SIGTERM or SIGINT.
+    pub async fn run_until_signal(&mut self) {
+        let mut rescan = every(RESCAN_INTERVAL);
+        let mut held_scan = every(crate::held::SCAN_INTERVAL);
+        let mut pinhole_sweep = every(crate::kernel::udp_peers::SWEEP_INTERVAL);
+        // Its first tick is at once: the start-up check.
+        let mut self_check = every(self.self_check_interval);
+        let mut check_trigger = "start";
+        // File changes come in bursts (editors write, rename, chmod): reload
+        // once they have settled.
+        let mut reload_at: Option<Instant> = None;
+        let far = || Instant::now() + std::time::Duration::from_secs(3600);
+        let engine = &mut self.engine;
+        loop {
+            tokio::select! {
+                _ = rescan.tick() => {
+                    engine.rescan();
+                    self.watchdog.beat();
+                }
+                _ = held_scan.tick() => engine.scan_held_sockets(),
+                _ = pinhole_sweep.tick() => engine.sweep_udp_peers(None),
+                _ = self_check.tick() => {
+                    engine.self_check(check_trigger);
+                    check_trigger = "periodic";
+                }
+                Some(call) = self.admin.recv() => engine.handle(call),
+                () = self.policy_changes.changed() => {
+                    reload_at = Some(Instant::now() + POLICY_SETTLE);
+                }
+                _ = sleep_until(reload_at.unwrap_or_else(far)), if reload_at.is_some() => {
+                    reload_at = None;
+                    // A directory replaced (renamed over) is watched anew.
+                    self.policy_changes.rearm();
+                    engine.reload("inotify");
+                }
+                _ = sleep_until(engine.retire_at().unwrap_or_else(far)), if engine.retire_at().is_some() => {
+                    engine.retire();
+                }
+                _ = self.signals.term.recv() => { info!("SIGTERM: stopping"); break; }
+                _ = self.signals.int.recv() => { info!("SIGINT: stopping"); break; }
+                _ = self.signals.hup.recv() => {
+                    match self.hub.reopen_sink() {
+                        Ok(()) => info!("SIGHUP: decision log re-opened"),
+                        Err(e) => warn!("SIGHUP: cannot re-open the decision log: {e}"),
+                    }
+                    self.policy_changes.rearm();
+                    engine.reload("sighup");
+                }
+            }
+        }
+    }
+}
+
+/// A timer whose first tick is at once, and which does not catch up on
+/// ticks missed while the loop was busy.
+fn every(period: std::time::Duration) -> Interval {
+    let mut timer = interval(period);
+    timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    timer
+}

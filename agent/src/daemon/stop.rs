@@ -1,0 +1,57 @@
+//! Step 4: stop without detaching.
+
+use tracing::{info, warn};
+
+use super::{start::Tasks, Running};
+
+impl Running {
+    /// Ends the control socket, the event reader and the background tasks,
+    /// saves the service graph, and leaves the pinned programs enforcing
+    /// until a new agent takes over, or `bulkhead detach` removes them.
+    pub async fn stop(self) {
+        let Running {
+            engine,
+            hub,
+            metrics,
+            graph,
+            state_dir,
+            pins,
+            tasks,
+            ..
+        } = self;
+        let Tasks {
+            reader,
+            control,
+            metrics_server,
+            graph_upkeep,
+            anomalies,
+            exporter,
+            bpf_logger,
+        } = tasks;
+        crate::notify::stopping("stopping");
+        // Followers get {"end":"shutdown"}; the socket file is removed.
+        control.shutdown().await;
+        metrics.set_attached(false);
+        // The links stay pinned: enforcement goes on until a new agent takes
+        // over, or `bulkhead detach` removes it.
+        engine.leave_pinned();
+        reader.abort();
+        if let Some(task) = anomalies {
+            task.stop().await;
+        }
+        if let Some(exporter) = exporter {
+            exporter.abort();
+        }
+        graph_upkeep.finish().await;
+        // The last anomaly and shutdown events reach the decision log.
+        hub.sync_log();
+        match crate::graph::store::save(&state_dir, &graph) {
+            Ok(()) => info!(dir = %state_dir.display(), "service graph saved"),
+            Err(e) => warn!(dir = %state_dir.display(), "cannot save the service graph: {e}"),
+        }
+        info!(pins = %pins.display(), "agent stopped; its programs stay attached and enforcing (`bulkhead detach` removes them)");
+        // Served until here, as before the steps were split.
+        drop(metrics_server);
+        drop(bpf_logger);
+    }
+}
