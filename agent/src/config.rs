@@ -449,4 +449,50 @@ mod tests {
         assert!(text.starts_with("c.toml:2:1:"), "{text}");
         assert!(text.contains("policy_dri"), "{text}");
     }
+
+    #[test]
+    fn the_anomaly_section_parses_and_refuses_bad_values() {
+        let c = Config::parse(
+            std::path::Path::new("/c.toml"),
+            "[anomaly]\ninterval_s = 5\n[anomaly.fan_out]\nmax_ports = 10\n",
+        )
+        .expect("valid");
+        assert_eq!(c.anomaly.interval_s, 5);
+        assert_eq!(c.anomaly.fan_out.max_ports, 10);
+        assert!(c.anomaly.rate_spike.enabled);
+        let err = Config::parse(
+            std::path::Path::new("/c.toml"),
+            "[anomaly]\ninterval_s = 0\n",
+        )
+        .expect_err("zero interval");
+        assert!(err.to_string().contains("interval_s"), "{err}");
+        assert!(Config::parse(
+            std::path::Path::new("/c.toml"),
+            "[anomaly.rate_spike]\nfactr = 3\n"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn the_shipped_config_has_the_anomaly_defaults() {
+        let text = include_str!("../../policies/config/bulkhead.toml");
+        let c = Config::parse(std::path::Path::new("/etc/bulkhead/bulkhead.toml"), text)
+            .expect("shipped config parses");
+        assert_eq!(c.anomaly, crate::anomaly::AnomalyConfig::default());
+    }
+
+    #[test]
+    fn export_needs_an_http_url_and_is_off_by_default() {
+        assert!(!crate::export::ExportConfig::default().enabled());
+        let parse = |text: &str| Config::parse(std::path::Path::new("/c.toml"), text);
+        let c = parse(
+            "[export]\notlp_endpoint = \"http://127.0.0.1:4318/v1/logs\"\nevents = \"anomalies\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.export.events, crate::export::ExportEvents::Anomalies);
+        let err = parse("[export]\notlp_endpoint = \"https://collector.example/v1/logs\"\n")
+            .expect_err("https is refused");
+        assert!(err.to_string().contains("http://"), "{err}");
+        assert!(parse("[export]\nqueue_capacity = 1\n").is_err());
+    }
 }

@@ -291,34 +291,3 @@ fn event_has_the_documented_shape() {
     );
     assert_eq!(a["first_seen"], "2027-01-15T08:00:10Z");
 }
-
-#[test]
-fn config_section_parses_and_refuses_bad_values() {
-    let c = crate::config::Config::parse(
-        std::path::Path::new("/c.toml"),
-        "[anomaly]\ninterval_s = 5\n[anomaly.fan_out]\nmax_ports = 10\n",
-    )
-    .expect("valid");
-    assert_eq!(c.anomaly.interval_s, 5);
-    assert_eq!(c.anomaly.fan_out.max_ports, 10);
-    assert!(c.anomaly.rate_spike.enabled);
-    let err = crate::config::Config::parse(
-        std::path::Path::new("/c.toml"),
-        "[anomaly]\ninterval_s = 0\n",
-    )
-    .expect_err("zero interval");
-    assert!(err.to_string().contains("interval_s"), "{err}");
-    assert!(crate::config::Config::parse(
-        std::path::Path::new("/c.toml"),
-        "[anomaly.rate_spike]\nfactr = 3\n"
-    )
-    .is_err());
-}
-
-#[test]
-fn shipped_config_has_the_anomaly_defaults() {
-    let text = include_str!("../../../policies/config/bulkhead.toml");
-    let c = crate::config::Config::parse(std::path::Path::new("/etc/bulkhead/bulkhead.toml"), text)
-        .expect("shipped config parses");
-    assert_eq!(c.anomaly, AnomalyConfig::default());
-}

@@ -229,21 +229,6 @@ async fn anomalies_only_and_refused_batches_are_counted() {
     exporter.abort();
 }
 
-#[test]
-fn config_needs_an_http_url_and_is_off_by_default() {
-    assert!(!ExportConfig::default().enabled());
-    let parse = |text: &str| crate::config::Config::parse(std::path::Path::new("/c.toml"), text);
-    let c = parse(
-        "[export]\notlp_endpoint = \"http://127.0.0.1:4318/v1/logs\"\nevents = \"anomalies\"\n",
-    )
-    .expect("valid");
-    assert_eq!(c.export.events, ExportEvents::Anomalies);
-    let err = parse("[export]\notlp_endpoint = \"https://collector.example/v1/logs\"\n")
-        .expect_err("https is refused");
-    assert!(err.to_string().contains("http://"), "{err}");
-    assert!(parse("[export]\nqueue_capacity = 1\n").is_err());
-}
-
 /// A collector that answers 200 and then sends body chunks of `size`
 /// bytes forever, one every `gap`; returns its address and how many body
 /// bytes it managed to write before the exporter hung up.

@@ -22,6 +22,8 @@ mod http_stats;
 mod listener;
 mod process;
 mod state;
+#[cfg(test)]
+mod state_tests;
 
 pub use collector::{registry, render, Format};
 pub use http::{Endpoint, MetricsError, MetricsServer};
