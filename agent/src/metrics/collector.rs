@@ -166,7 +166,7 @@ fn connections(
         let counts = match state.service_counts(&service.name) {
             Some(Ok(c)) => c,
             Some(Err(e)) => {
-                read_failed("COUNTERS", &e);
+                read_failed(agent_common::maps::COUNTERS, &e);
                 continue;
             }
             None => continue,
@@ -679,7 +679,7 @@ fn read_failed(what: &str, e: &dyn std::error::Error) {
 mod tests {
     use super::*;
     use crate::{
-        metrics::fake::{fake_state, meta},
+        metrics::fake::{fake_state, fake_state_with_every_source, meta},
         policy::Mode,
     };
 
@@ -690,6 +690,41 @@ mod tests {
     /// The sample lines (no comments) of a scrape.
     fn samples(text: &str) -> Vec<&str> {
         text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    /// docs/metrics.md lists every metric the agent serves, and nothing it
+    /// does not: a metric added without its row (or a row left for a
+    /// metric gone) fails here.
+    #[test]
+    fn docs_list_exactly_the_metrics_served() {
+        let text = render(
+            &registry(fake_state_with_every_source()),
+            Format::Prometheus,
+        )
+        .expect("encodes");
+        let served: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| {
+                // Counters' TYPE lines carry the `_total` of their samples.
+                let name = l.strip_prefix("# TYPE ")?.split_whitespace().next()?;
+                Some(name.to_owned())
+            })
+            .collect();
+        let docs = include_str!("../../../docs/metrics.md");
+        let documented: std::collections::BTreeSet<String> = docs
+            .lines()
+            .filter_map(|l| {
+                let name = l.strip_prefix("| `")?.split('`').next()?;
+                (name.starts_with("bulkhead_") || name.starts_with("process_"))
+                    .then(|| name.to_owned())
+            })
+            .collect();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let gone: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty() && gone.is_empty(),
+            "served but not in docs/metrics.md: {undocumented:?}; in the docs but not served: {gone:?}"
+        );
     }
 
     #[test]

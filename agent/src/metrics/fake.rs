@@ -68,8 +68,23 @@ pub fn fake_state() -> Arc<MetricsState> {
     fake_state_with(None)
 }
 
+/// [`fake_state`] with every optional source the daemon gives (graph,
+/// anomalies, export), all empty.
+pub fn fake_state_with_every_source() -> Arc<MetricsState> {
+    fake_state_sources(|sources| Sources {
+        graph: Some(Arc::default()),
+        anomalies: Some(Arc::default()),
+        export: Some(Arc::default()),
+        ..sources
+    })
+}
+
 /// [`fake_state`], with `graph` as its service graph.
 pub fn fake_state_with(graph: Option<Arc<crate::graph::Shared>>) -> Arc<MetricsState> {
+    fake_state_sources(|sources| Sources { graph, ..sources })
+}
+
+fn fake_state_sources(complete: impl FnOnce(Sources) -> Sources) -> Arc<MetricsState> {
     let slot = |proto, verdict| counter_slot(DIRECTION_EGRESS, proto, verdict) as usize;
     let mut billing = [0; 12];
     billing[slot(PROTO_TCP, VERDICT_ALLOW)] = 7;
@@ -102,10 +117,7 @@ pub fn fake_state_with(graph: Option<Arc<crate::graph::Shared>>) -> Arc<MetricsS
             capacity: 1024,
         }],
     };
-    let sources = Sources {
-        graph,
-        ..Sources::new(fake, stats)
-    };
+    let sources = complete(Sources::new(fake, stats));
     let state = Arc::new(MetricsState::new(sources, inventory));
     kernel
         .lock()
