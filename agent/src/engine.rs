@@ -579,7 +579,14 @@ impl Engine {
         // rewrites it; rescanning first keeps that out of the drift count
         // (found by the soak: a reload while a unit restarts). A write that
         // fails here is drift the check below finds and repairs.
-        let _ = self.apply_rescan();
+        let failed = self.apply_rescan();
+        if let Some((_, e)) = failed.first() {
+            warn!(
+                trigger,
+                failed = failed.len(),
+                "self-check: cannot update the managed cgroups first: {e}; checking the maps"
+            );
+        }
         let report = match self.check_drift() {
             Ok(report) => report,
             Err(e) => {

@@ -91,10 +91,10 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
             recovered = drained.recovered,
             left = drained.left,
             lost,
-            "took over from the previous agent's pinned programs; their ring buffer was still \
-             written after the detach, the drain stopped at its bound ({} ms or {DRAIN_RECORDS} \
-             records) and the rest is counted as lost \
-             (bulkhead_events_lost_total{{source=\"takeover_drain\"}})",
+            "took over from the previous agent's pinned programs; reading the rest of their ring \
+             buffer after the detach stopped at its bound ({} ms or {DRAIN_RECORDS} records: a \
+             ring buffer larger than that, or a detach that failed) and what was left is counted \
+             as lost (bulkhead_events_lost_total{{source=\"takeover_drain\"}})",
             REST_TIME.as_millis()
         );
     } else {

@@ -362,8 +362,9 @@ const FLOOD: Duration = Duration::from_secs(8);
 /// ring buffer (8 MiB, about 50,000 records).
 const HEAD_START: Duration = Duration::from_millis(500);
 /// The second agent must be READY within this under the flood: its usual
-/// start and the take-over's bounded drain (`takeover::DRAIN_TIME` and the
-/// count of what it left), with room for a loaded 2-core machine.
+/// start and the take-over's drain (`takeover::DRAIN_TIME` while the old
+/// programs write, then the rest of their ring buffer, at most one ring
+/// buffer, once they are detached), with room for a loaded 2-core machine.
 const READY_UNDER_FLOOD: Duration = Duration::from_secs(6);
 /// How long the second agent's metrics may take to catch up.
 const CATCH_UP: Duration = Duration::from_secs(20);
