@@ -171,14 +171,20 @@ impl Enforcer {
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
         let globals = global_values(options);
-        let mut loader = EbpfLoader::new();
-        for (name, entries) in map_sizes(capacity, options) {
-            loader.map_max_entries(name, entries);
-        }
-        for (name, bytes) in &globals {
-            loader.override_global(name, bytes.as_slice(), true);
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // The loader holds the kernel's parsed BTF (about 15 MB here): it
+        // must go right after the load, before the allocations that follow
+        // sit above it on the heap and keep that memory from being given
+        // back (measured: 43 MB resident after start instead of 28 MB).
+        let mut ebpf = {
+            let mut loader = EbpfLoader::new();
+            for (name, entries) in map_sizes(capacity, options) {
+                loader.map_max_entries(name, entries);
+            }
+            for (name, bytes) in &globals {
+                loader.override_global(name, bytes.as_slice(), true);
+            }
+            loader.load(EBPF_OBJECT)?
+        };
         let mut lsm_loaded = false;
         let mut lsm_error = None;
         for (name, hook) in PROGRAMS {
