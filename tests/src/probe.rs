@@ -17,10 +17,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    process::{kill, output_with_timeout},
-    server::Server,
-};
+use crate::process::{kill, output_with_timeout};
 
 /// A client step takes at most 3 s (the probe's own limit) per stage.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -392,95 +389,6 @@ impl Probe {
         self.run_client(&["udp-sendto-opts", options.as_str(), &addr.to_string()])
     }
 
-    /// Socket activation: the probe (from this probe's own cgroup: leave
-    /// [`Self::in_cgroup`] unset, it is the unmanaged "init") listens on TCP
-    /// `addr`, keeps the listener, and forks a child that joins cgroup
-    /// `service` and serves on the inherited socket, reporting every peer
-    /// like [`Self::serve`]. Returns once the child serves.
-    #[must_use]
-    pub fn serve_activated(&self, service: &Path, addr: SocketAddr) -> Server {
-        let dir = service.to_string_lossy();
-        self.start_server(
-            &["activate-listen", &dir, "tcp", &addr.to_string()],
-            "tcp",
-            addr,
-        )
-    }
-
-    /// [`Self::serve_activated`], but the child serves from a second
-    /// thread and its main thread exits alone (`SYS_exit`) `after` it started:
-    /// then no `/proc/PID/fd` shows the listener.
-    #[must_use]
-    pub fn serve_activated_leader_exits(
-        &self,
-        service: &Path,
-        addr: SocketAddr,
-        after: std::time::Duration,
-    ) -> Server {
-        let dir = service.to_string_lossy();
-        let ms = after.as_millis().to_string();
-        self.start_server(
-            &[
-                "activate-listen-leader-exits",
-                &dir,
-                "tcp",
-                &addr.to_string(),
-                &ms,
-            ],
-            "tcp",
-            addr,
-        )
-    }
-
-    /// [`Self::serve_activated`], but the child serves for `serving` only;
-    /// then it keeps the listener as an `io_uring` fixed file and closes its
-    /// descriptor (it prints `hidden`): no descriptor table shows it.
-    #[must_use]
-    pub fn serve_activated_then_hidden(
-        &self,
-        service: &Path,
-        addr: SocketAddr,
-        serving: std::time::Duration,
-    ) -> Server {
-        let dir = service.to_string_lossy();
-        let ms = serving.as_millis().to_string();
-        self.start_server(
-            &["activate-listen-hide", &dir, "tcp", &addr.to_string(), &ms],
-            "tcp",
-            addr,
-        )
-    }
-
-    /// A listener handed over: the probe forks a child that joins cgroup
-    /// `service`, then (unmanaged, like [`Self::serve_activated`]) listens
-    /// on TCP `addr`, sends the listener to the child over a Unix socket
-    /// (`SCM_RIGHTS`) and closes its own copy. The child serves and
-    /// reports every peer like [`Self::serve`].
-    #[must_use]
-    pub fn serve_passed(&self, service: &Path, addr: SocketAddr) -> Server {
-        let dir = service.to_string_lossy();
-        self.start_server(&["scm-listen", &dir, "tcp", &addr.to_string()], "tcp", addr)
-    }
-
-    /// `listen()` on a TCP socket never bound (the kernel picks the port,
-    /// on the wildcard address: `[::]`, dual-stack, with `v6`), then serves
-    /// like [`Self::serve`]. [`Server::addr`] is the wildcard and the port.
-    #[must_use]
-    pub fn serve_unbound(&self, v6: bool) -> Server {
-        let (family, wildcard) = if v6 {
-            (
-                "inet6",
-                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
-            )
-        } else {
-            (
-                "inet",
-                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-            )
-        };
-        self.start_server(&["listen-unbound", "tcp", family], "tcp", wildcard)
-    }
-
     /// Pinned to CPU 0, `n` fresh sockets of `proto` each `connect()` to
     /// `addr` as fast as they can: what a flood of denials looks like.
     #[must_use]
@@ -504,21 +412,6 @@ impl Probe {
     }
 
     // Escape suite (pinholes)
-
-    /// Starts `bulkhead-probe reflect-late udp` on `addr`: like
-    /// [`Self::serve`], but each datagram is echoed twice, at once and again
-    /// `delay` later from the same socket (an answer that comes after a
-    /// pinhole should have closed); [`Server::lines`] then holds `late
-    /// PEER` once that second answer went out.
-    #[must_use]
-    pub fn reflect_late_udp(&self, addr: SocketAddr, delay: Duration) -> Server {
-        let delay = delay.as_millis().to_string();
-        self.start_server(
-            &["reflect-late", "udp", &addr.to_string(), &delay],
-            "udp",
-            addr,
-        )
-    }
 
     /// One process connects (TCP) to each of `peers` in turn, whatever each
     /// gives (a port scan); the outcome says only that it ran.

@@ -8,6 +8,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::SocketAddr,
+    path::Path,
     process::{Child, Stdio},
     sync::{mpsc, Arc, Mutex, PoisonError},
     thread,
@@ -102,6 +103,105 @@ impl Probe {
             let _ = pipe.read_to_string(&mut stderr);
         }
         panic!("{transport} server {cmd:?} did not get ready (stdout {first:?}): {stderr}");
+    }
+
+    /// Socket activation: the probe (from this probe's own cgroup: leave
+    /// [`Self::in_cgroup`] unset, it is the unmanaged "init") listens on TCP
+    /// `addr`, keeps the listener, and forks a child that joins cgroup
+    /// `service` and serves on the inherited socket, reporting every peer
+    /// like [`Self::serve`]. Returns once the child serves.
+    #[must_use]
+    pub fn serve_activated(&self, service: &Path, addr: SocketAddr) -> Server {
+        let dir = service.to_string_lossy();
+        self.start_server(
+            &["activate-listen", &dir, "tcp", &addr.to_string()],
+            "tcp",
+            addr,
+        )
+    }
+    /// [`Self::serve_activated`], but the child serves from a second
+    /// thread and its main thread exits alone (`SYS_exit`) `after` it started:
+    /// then no `/proc/PID/fd` shows the listener.
+    #[must_use]
+    pub fn serve_activated_leader_exits(
+        &self,
+        service: &Path,
+        addr: SocketAddr,
+        after: std::time::Duration,
+    ) -> Server {
+        let dir = service.to_string_lossy();
+        let ms = after.as_millis().to_string();
+        self.start_server(
+            &[
+                "activate-listen-leader-exits",
+                &dir,
+                "tcp",
+                &addr.to_string(),
+                &ms,
+            ],
+            "tcp",
+            addr,
+        )
+    }
+    /// [`Self::serve_activated`], but the child serves for `serving` only;
+    /// then it keeps the listener as an `io_uring` fixed file and closes its
+    /// descriptor (it prints `hidden`): no descriptor table shows it.
+    #[must_use]
+    pub fn serve_activated_then_hidden(
+        &self,
+        service: &Path,
+        addr: SocketAddr,
+        serving: std::time::Duration,
+    ) -> Server {
+        let dir = service.to_string_lossy();
+        let ms = serving.as_millis().to_string();
+        self.start_server(
+            &["activate-listen-hide", &dir, "tcp", &addr.to_string(), &ms],
+            "tcp",
+            addr,
+        )
+    }
+    /// A listener handed over: the probe forks a child that joins cgroup
+    /// `service`, then (unmanaged, like [`Self::serve_activated`]) listens
+    /// on TCP `addr`, sends the listener to the child over a Unix socket
+    /// (`SCM_RIGHTS`) and closes its own copy. The child serves and
+    /// reports every peer like [`Self::serve`].
+    #[must_use]
+    pub fn serve_passed(&self, service: &Path, addr: SocketAddr) -> Server {
+        let dir = service.to_string_lossy();
+        self.start_server(&["scm-listen", &dir, "tcp", &addr.to_string()], "tcp", addr)
+    }
+    /// `listen()` on a TCP socket never bound (the kernel picks the port,
+    /// on the wildcard address: `[::]`, dual-stack, with `v6`), then serves
+    /// like [`Self::serve`]. [`Server::addr`] is the wildcard and the port.
+    #[must_use]
+    pub fn serve_unbound(&self, v6: bool) -> Server {
+        let (family, wildcard) = if v6 {
+            (
+                "inet6",
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            )
+        } else {
+            (
+                "inet",
+                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            )
+        };
+        self.start_server(&["listen-unbound", "tcp", family], "tcp", wildcard)
+    }
+    /// Starts `bulkhead-probe reflect-late udp` on `addr`: like
+    /// [`Self::serve`], but each datagram is echoed twice, at once and again
+    /// `delay` later from the same socket (an answer that comes after a
+    /// pinhole should have closed); [`Server::lines`] then holds `late
+    /// PEER` once that second answer went out.
+    #[must_use]
+    pub fn reflect_late_udp(&self, addr: SocketAddr, delay: Duration) -> Server {
+        let delay = delay.as_millis().to_string();
+        self.start_server(
+            &["reflect-late", "udp", &addr.to_string(), &delay],
+            "udp",
+            addr,
+        )
     }
 }
 
