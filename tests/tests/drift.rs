@@ -141,6 +141,16 @@ fn wait_no_prefix(daemon: &Daemon, ip: Ipv4Addr) {
     .unwrap_or_else(|()| panic!("EGRESS_V4 still holds a prefix for {ip} after {TIMEOUT:?}"));
 }
 
+/// A service allowed to reach 127.0.0.1:`port` only, enforced by an agent
+/// that checks its maps every second.
+fn checked_every_second(port: u16) -> Enforced {
+    Enforced::start_with(
+        "svc.toml",
+        |svc| allowing(svc, "127.0.0.1", &[port]),
+        |policies| Daemon::start_with_config(policies, EVERY_SECOND),
+    )
+}
+
 /// A service whose SERVICES entry is deleted behind the agent's back is
 /// unmanaged until the self-check notices: it says so in the log, the
 /// metrics and `status`, and puts the entry back.
@@ -154,11 +164,7 @@ fn a_deleted_service_entry_is_reported_and_restored() {
         svc,
         policies: _policies,
         daemon,
-    } = Enforced::start_with(
-        "svc.toml",
-        |svc| allowing(svc, "127.0.0.1", &[p1.port()]),
-        |policies| Daemon::start_with_config(policies, EVERY_SECOND),
-    );
+    } = checked_every_second(p1.port());
     let client = probe!().in_cgroup(svc.path());
     let st = wait_status(&daemon, "a first self-check", TIMEOUT, |st| {
         count(&check(st)["checks"]) >= 1
@@ -200,11 +206,7 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
         svc,
         policies: _policies,
         daemon,
-    } = Enforced::start_with(
-        "svc.toml",
-        |svc| allowing(svc, "127.0.0.1", &[p1.port()]),
-        |policies| Daemon::start_with_config(policies, EVERY_SECOND),
-    );
+    } = checked_every_second(p1.port());
     let client = probe!().in_cgroup(svc.path());
     assert_reaches(&client, &[&p1, &other], &[&p1], "at start");
 
