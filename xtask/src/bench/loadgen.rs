@@ -74,9 +74,18 @@ pub struct Spec<'a> {
 impl Spec<'_> {
     /// Calls that pass a bulkhead hook, warm-ups and checks included.
     pub fn hooked_calls(&self) -> u64 {
+        Probe::ALL.into_iter().map(|p| self.calls(p)).sum()
+    }
+
+    /// Calls of one probe, warm-ups included; UDP connect also counts the
+    /// two calls of `check_verdicts`.
+    pub fn calls(&self, probe: Probe) -> u64 {
         let udp = (warmup_udp(self.udp_iterations) + self.udp_iterations) as u64;
-        let tcp = (warmup_tcp(self.tcp_iterations) + self.tcp_iterations) as u64;
-        2 + 2 * udp + tcp
+        match probe {
+            Probe::UdpConnect => 2 + udp,
+            Probe::UdpSendto => udp,
+            Probe::TcpConnect => (warmup_tcp(self.tcp_iterations) + self.tcp_iterations) as u64,
+        }
     }
 }
 

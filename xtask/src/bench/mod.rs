@@ -7,8 +7,11 @@
 //! Speed is measured here only, never in timed tests.
 
 pub mod daemon;
+mod decision_log;
 pub mod events;
+mod floor;
 mod fork;
+mod goals;
 mod loadgen;
 mod peers;
 mod plan;

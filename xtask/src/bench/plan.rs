@@ -8,6 +8,9 @@ use super::{rules::MAX_RULES, BenchArgs};
 pub enum Kind {
     /// No program and no rule: the plain syscall.
     Baseline,
+    /// Two programs that allow at once (floor.rs) on the case's cgroup:
+    /// what any connect4/sendmsg4 program costs.
+    Floor,
     Bulkhead,
     Nftables,
     Iptables,
@@ -27,6 +30,12 @@ impl Case {
         rules: 0,
     };
 
+    /// The trivial-hook case.
+    pub const FLOOR: Case = Case {
+        kind: Kind::Floor,
+        rules: 0,
+    };
+
     pub fn bulkhead(rules: usize) -> Case {
         Case {
             kind: Kind::Bulkhead,
@@ -37,6 +46,7 @@ impl Case {
     pub fn label(self) -> &'static str {
         match self.kind {
             Kind::Baseline => "no programs",
+            Kind::Floor => "trivial hook",
             Kind::Bulkhead => "bulkhead",
             Kind::Nftables => "nftables",
             Kind::Iptables => "iptables-legacy",
@@ -47,6 +57,7 @@ impl Case {
     pub fn slug(self) -> String {
         match self.kind {
             Kind::Baseline => "base".to_owned(),
+            Kind::Floor => "floor".to_owned(),
             Kind::Bulkhead => format!("bh-{}", self.rules),
             Kind::Nftables => format!("nft-{}", self.rules),
             Kind::Iptables => format!("ipt-{}", self.rules),
@@ -105,12 +116,12 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Every case in report order: the baseline, then per rule count
+    /// Every case in report order: the baseline, the trivial hook, then per rule count
     /// bulkhead and its peers. Rounds run this order forwards and
     /// backwards in turn, so slow drift on the machine (a build starting)
     /// does not always land on the same cases.
     pub fn cases(&self) -> Vec<Case> {
-        let mut out = vec![Case::BASELINE];
+        let mut out = vec![Case::BASELINE, Case::FLOOR];
         for &rules in &self.rule_counts {
             out.push(Case::bulkhead(rules));
             if self.peers {

@@ -13,6 +13,8 @@ use anyhow::{bail, Context, Result};
 
 use super::{
     daemon::Daemon,
+    decision_log,
+    floor::Floor,
     loadgen::{self, Probe, Spec},
     peers,
     plan::{Case, Kind, Plan},
@@ -50,8 +52,11 @@ pub struct DaemonStats {
     pub rss_kib: Vec<u64>,
     /// Daemon context switches per hooked call of the load generator.
     pub switches_per_call: Vec<f64>,
-    /// Decision-log lines written per hooked call.
-    pub events_per_call: Vec<f64>,
+    /// Decision-log lines per call of each probe (its lines over its
+    /// calls, warm-ups included).
+    pub lines_per_call: BTreeMap<Probe, Vec<f64>>,
+    /// Lines that belong to no probe, per hooked call.
+    pub other_lines_per_call: Vec<f64>,
     /// IRQ-work interrupts (all CPUs) per hooked call: how a BPF ring
     /// buffer wakes its reader.
     pub irq_work_per_call: Vec<f64>,
@@ -127,7 +132,10 @@ impl Runner<'_> {
                     stats.ready_after.push(d.ready_after);
                     stats.rss_kib.extend(d.rss_kib);
                     stats.switches_per_call.extend(d.switches_per_call);
-                    stats.events_per_call.extend(d.events_per_call);
+                    for (probe, v) in d.lines_per_call {
+                        stats.lines_per_call.entry(probe).or_default().push(v);
+                    }
+                    stats.other_lines_per_call.extend(d.other_lines_per_call);
                     stats.irq_work_per_call.extend(d.irq_work_per_call);
                     bulkhead_programs = run.programs;
                 }
@@ -202,7 +210,7 @@ impl Runner<'_> {
             let destinations = rules::destinations(case.rules)?;
             let mut policy_dir = None;
             match case.kind {
-                Kind::Baseline => {}
+                Kind::Baseline | Kind::Floor => {}
                 Kind::Bulkhead => {
                     let dir = self.work.join(format!("policy-{}", case.slug()));
                     fs::create_dir_all(&dir)
@@ -371,15 +379,21 @@ impl Runner<'_> {
 
     /// One measurement of one case, verified: bulkhead must refuse a port
     /// no rule allows, the peers' cgroup rule must have seen every sendto(),
-    /// and a stopped bulkhead must leave nothing attached.
+    /// and a stopped bulkhead or a detached floor must leave nothing
+    /// attached.
     fn attempt(&self, env: &Env) -> Result<CaseRun> {
         let daemon = match &env.policy_dir {
             Some(dir) => Some(self.start_daemon(dir)?),
             None => None,
         };
-        let ours = match &daemon {
-            Some(d) => d.program_ids()?,
-            None => Vec::new(),
+        let floor = match env.case.kind {
+            Kind::Floor => Some(Floor::attach(&env.cgroup.path)?),
+            _ => None,
+        };
+        let ours = match (&daemon, &floor) {
+            (Some(d), _) => d.program_ids()?,
+            (None, Some(f)) => f.ids(),
+            (None, None) => Vec::new(),
         };
         let split = |listing: Vec<String>| -> (Vec<String>, Vec<String>) {
             listing
@@ -391,7 +405,7 @@ impl Runner<'_> {
             match env.case.kind {
                 Kind::Nftables => peers::nft_packets(&env.netns).map(Some),
                 Kind::Iptables => peers::iptables_packets(&env.netns).map(Some),
-                Kind::Baseline | Kind::Bulkhead => Ok(None),
+                Kind::Baseline | Kind::Floor | Kind::Bulkhead => Ok(None),
             }
         };
         let before = counter(env)?;
@@ -402,6 +416,10 @@ impl Runner<'_> {
             .with_context(|| format!("{} {}", env.case.label(), env.case.rules))?;
         let switches_after = daemon.as_ref().and_then(Daemon::context_switches);
         let irq_work_after = irq_work_interrupts();
+        if let Some(f) = floor {
+            f.detach()?;
+            ensure_detached(env, &ours)?;
+        }
         if let (Some(before), Some(after)) = (before, counter(env)?) {
             let seen = after.saturating_sub(before);
             let sent = samples.get(Probe::UdpSendto).len() as u64;
@@ -424,7 +442,8 @@ impl Runner<'_> {
                     switches_per_call: switches_before
                         .zip(switches_after)
                         .map(|(b, a)| a.saturating_sub(b) as f64 / calls),
-                    events_per_call: None,
+                    lines_per_call: BTreeMap::new(),
+                    other_lines_per_call: None,
                     irq_work_per_call: irq_work_before
                         .zip(irq_work_after)
                         .map(|(b, a)| a.saturating_sub(b) as f64 / calls),
@@ -434,9 +453,20 @@ impl Runner<'_> {
                 // The decision log: counted, then removed (it grows by tens
                 // of MB per case).
                 let log = self.work.join(EVENTS_FILE);
-                if let Ok(text) = fs::read(&log) {
-                    let lines = text.iter().filter(|&&b| b == b'\n').count();
-                    stats.events_per_call = Some(lines as f64 / calls);
+                // No file: the daemon wrote no line at all.
+                let text = match fs::read_to_string(&log) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                    other => other,
+                };
+                if let Ok(text) = text {
+                    let counts = decision_log::count(&text);
+                    for probe in Probe::ALL {
+                        let lines = counts.per_probe.get(&probe).copied().unwrap_or(0);
+                        stats
+                            .lines_per_call
+                            .insert(probe, lines as f64 / spec.calls(probe) as f64);
+                    }
+                    stats.other_lines_per_call = Some(counts.other as f64 / calls);
                 }
                 let _ = fs::remove_file(&log);
                 Some(stats)
@@ -462,7 +492,7 @@ fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
     let mut order = Vec::new();
     for env in envs {
         match env.case.kind {
-            Kind::Baseline => {}
+            Kind::Baseline | Kind::Floor => {}
             Kind::Bulkhead => {
                 order.extend(baseline);
                 order.push(env);
@@ -472,6 +502,11 @@ fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
     }
     if order.is_empty() {
         order.extend(baseline);
+    }
+    // The trivial hook once, right after the first baseline (it does not
+    // depend on the rule count).
+    if let Some(floor) = envs.iter().find(|e| e.case.kind == Kind::Floor) {
+        order.insert(usize::from(baseline.is_some()).min(order.len()), floor);
     }
     if round % 2 == 1 {
         order.reverse();
@@ -483,11 +518,12 @@ struct RoundDaemon {
     ready_after: Duration,
     rss_kib: Option<u64>,
     switches_per_call: Option<f64>,
-    events_per_call: Option<f64>,
+    lines_per_call: BTreeMap<Probe, f64>,
+    other_lines_per_call: Option<f64>,
     irq_work_per_call: Option<f64>,
 }
 
-/// None of the stopped daemon's programs may still be in effect (a
+/// None of the stopped daemon's (or the floor's) programs may still be in effect (a
 /// stopped agent keeps enforcing through its pins until detached; the
 /// kernel releases a link shortly after its last pin goes, so this polls).
 fn ensure_detached(env: &Env, ours: &[u32]) -> Result<()> {
@@ -502,7 +538,9 @@ fn ensure_detached(env: &Env, ours: &[u32]) -> Result<()> {
         }
         if Instant::now() >= deadline {
             bail!(
-                "bulkhead's programs are still attached after it stopped and was detached: {}",
+                "{} {}: its programs are still attached after it stopped and was detached: {}",
+                env.case.label(),
+                env.case.rules,
                 left.join("; ")
             );
         }

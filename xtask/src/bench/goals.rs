@@ -1,0 +1,233 @@
+//! Issue #17's goals, judged on one run's numbers side by side:
+//! (a) sendto() added median at or below nftables' at 10, 1,000 and
+//! 100,000 rules; (b) TCP connect() added median at most nftables' + 0.5 µs;
+//! (c) UDP connect() added median at most twice the trivial hook's;
+//! (d) at most 0.01 decision-log lines per call for repeated flows (the UDP
+//! connect and sendto probes).
+
+use std::fmt::Write as _;
+
+use super::{
+    loadgen::Probe,
+    plan::{Case, Kind},
+    report::{median_f, num, signed, Report},
+};
+
+/// The rule counts the goals name.
+const GOAL_COUNTS: [usize; 3] = [10, 1_000, 100_000];
+/// (b): how much more than nftables bulkhead may add to a TCP connect().
+const TCP_SLACK_NS: i64 = 500;
+/// (c): bulkhead's UDP connect() may add this many times the trivial hook.
+const FLOOR_FACTOR: i64 = 2;
+/// (d): decision-log lines per call of a repeated flow.
+const MAX_LINES_PER_CALL: f64 = 0.01;
+
+/// One bullet per goal, for the "Reading" list.
+pub fn bullets(r: &Report) -> String {
+    let mut out = String::new();
+    for line in [sendto(r), tcp(r), udp_connect(r), log_lines(r)] {
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
+/// "met", "not met", or "met at the counts measured" with what is missing,
+/// from one verdict per rule count of the run.
+fn verdict(results: &[(usize, bool)]) -> String {
+    if results.is_empty() {
+        return "not judged (no data in this run)".to_owned();
+    }
+    if results.iter().any(|&(_, ok)| !ok) {
+        return "not met".to_owned();
+    }
+    let missing: Vec<String> = GOAL_COUNTS
+        .iter()
+        .filter(|n| !results.iter().any(|(m, _)| m == *n))
+        .map(|&n| num(n as u64))
+        .collect();
+    if missing.is_empty() {
+        "met".to_owned()
+    } else {
+        format!(
+            "met at the counts measured ({} not in this run)",
+            missing.join(", ")
+        )
+    }
+}
+
+fn yes(ok: bool) -> &'static str {
+    if ok {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// bulkhead's and nftables' added medians on `probe` at each rule count
+/// where both were measured.
+fn with_nftables(r: &Report, probe: Probe) -> Vec<(usize, i64, i64)> {
+    r.plan
+        .rule_counts
+        .iter()
+        .filter_map(|&rules| {
+            let bh = r.added(Case::bulkhead(rules), probe)?;
+            let nft = r.added(
+                Case {
+                    kind: Kind::Nftables,
+                    rules,
+                },
+                probe,
+            )?;
+            Some((rules, bh, nft))
+        })
+        .collect()
+}
+
+fn sendto(r: &Report) -> String {
+    let rows = with_nftables(r, Probe::UdpSendto);
+    let results: Vec<(usize, bool)> = rows.iter().map(|&(n, bh, nft)| (n, bh <= nft)).collect();
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|&(n, bh, nft)| {
+            format!(
+                "{}: bulkhead {} ns, nftables {} ns ({})",
+                num(n as u64),
+                signed(bh),
+                signed(nft),
+                yes(bh <= nft)
+            )
+        })
+        .collect();
+    format!(
+        "- **Goal (a), sendto() added median at or below nftables' at 10, 1,000 and 100,000 \
+         rules: {}.** {}.",
+        verdict(&results),
+        or_none(&parts, "no nftables case in this run")
+    )
+}
+
+fn tcp(r: &Report) -> String {
+    let rows = with_nftables(r, Probe::TcpConnect);
+    let ok = |bh: i64, nft: i64| bh <= nft + TCP_SLACK_NS;
+    let results: Vec<(usize, bool)> = rows.iter().map(|&(n, bh, nft)| (n, ok(bh, nft))).collect();
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|&(n, bh, nft)| {
+            format!(
+                "{}: bulkhead {} ns, nftables {} ns, limit {} ns ({})",
+                num(n as u64),
+                signed(bh),
+                signed(nft),
+                signed(nft + TCP_SLACK_NS),
+                yes(ok(bh, nft))
+            )
+        })
+        .collect();
+    format!(
+        "- **Goal (b), TCP connect() added median at most nftables' + 0.5 µs: {}.** {}.",
+        verdict(&results),
+        or_none(&parts, "no nftables case in this run")
+    )
+}
+
+fn udp_connect(r: &Report) -> String {
+    let Some(floor) = r.added(Case::FLOOR, Probe::UdpConnect) else {
+        return "- **Goal (c), UDP connect() added median at most 2× the trivial hook's: not \
+                judged (no trivial-hook case in this run).**"
+            .to_owned();
+    };
+    let limit = FLOOR_FACTOR * floor;
+    let rows: Vec<(usize, i64)> = r
+        .plan
+        .rule_counts
+        .iter()
+        .filter_map(|&n| Some((n, r.added(Case::bulkhead(n), Probe::UdpConnect)?)))
+        .collect();
+    let results: Vec<(usize, bool)> = rows.iter().map(|&(n, bh)| (n, bh <= limit)).collect();
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|&(n, bh)| {
+            let times = if floor > 0 {
+                format!(", {:.2}× the floor", bh as f64 / floor as f64)
+            } else {
+                String::new()
+            };
+            format!(
+                "{}: bulkhead {} ns{times} ({})",
+                num(n as u64),
+                signed(bh),
+                yes(bh <= limit)
+            )
+        })
+        .collect();
+    let base = r
+        .summary(Case::BASELINE, Probe::UdpConnect)
+        .map_or(0, |s| s.median);
+    format!(
+        "- **Goal (c), UDP connect() added median at most 2× the trivial hook's: {}.** The \
+         trivial hook (return at once) adds {} ns to the no-program {} ns, so the limit is \
+         {} ns; {}.",
+        verdict(&results),
+        signed(floor),
+        num(base),
+        signed(limit),
+        or_none(&parts, "no bulkhead case in this run")
+    )
+}
+
+fn log_lines(r: &Report) -> String {
+    let median = |rules: usize, probe: Probe| -> Option<f64> {
+        median_f(r.results.daemon.get(&rules)?.lines_per_call.get(&probe)?)
+    };
+    let mut results = Vec::new();
+    let mut parts = Vec::new();
+    for &n in &r.plan.rule_counts {
+        let (Some(udp), Some(sendto)) = (median(n, Probe::UdpConnect), median(n, Probe::UdpSendto))
+        else {
+            continue;
+        };
+        let ok = udp <= MAX_LINES_PER_CALL && sendto <= MAX_LINES_PER_CALL;
+        results.push((n, ok));
+        let tcp = median(n, Probe::TcpConnect).map_or(String::new(), |v| {
+            format!("; TCP connect, a new flow each call, {v:.2}")
+        });
+        parts.push(format!(
+            "{}: UDP connect {udp:.3}, sendto {sendto:.3} ({}{tcp})",
+            num(n as u64),
+            yes(ok)
+        ));
+    }
+    format!(
+        "- **Goal (d), at most 0.01 decision-log lines per call for a repeated flow (the UDP \
+         connect and sendto probes): {}.** Median over the rounds, warm-ups included: {}.",
+        verdict(&results),
+        or_none(&parts, "no bulkhead case in this run")
+    )
+}
+
+fn or_none(parts: &[String], none: &str) -> String {
+    if parts.is_empty() {
+        none.to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_says_what_was_not_measured() {
+        assert_eq!(verdict(&[]), "not judged (no data in this run)");
+        assert_eq!(
+            verdict(&[(10, true), (1_000, true), (100_000, true)]),
+            "met"
+        );
+        assert_eq!(
+            verdict(&[(10, true), (1_000, true)]),
+            "met at the counts measured (100,000 not in this run)"
+        );
+        assert_eq!(verdict(&[(10, true), (1_000, false)]), "not met");
+    }
+}
