@@ -186,4 +186,6 @@ mod pod {
     unsafe impl aya::Pod for super::UdpPeerKey {}
     unsafe impl aya::Pod for super::UdpPeer {}
     unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for crate::FlowKey {}
+    unsafe impl aya::Pod for crate::FlowValue {}
 }

@@ -12,10 +12,10 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    counter_slot, Event, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry, SockInfo,
-    UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
-    DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT, LPM_SERVICE_BITS,
-    MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
+    counter_slot, Event, FlowKey, FlowValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet,
+    ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS,
+    DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT,
+    LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
 };
 
 /// The size of the field `access` reads (never called).
@@ -100,6 +100,32 @@ assert_layout!(
         service_id,
         mode,
         passive,
+        _pad,
+    ]
+);
+
+assert_layout!(
+    FlowKey,
+    48,
+    [
+        cgroup_id, addr, service_id, rule_id, tgid, port, local_port, family, protocol, hook,
+        direction, verdict, epoch, _pad,
+    ]
+);
+assert_layout!(
+    FlowValue,
+    72,
+    [
+        calls,
+        reported,
+        first_ns,
+        pid_tgid,
+        uid_gid,
+        socket_cookie,
+        comm,
+        idle_sweeps,
+        mode,
+        recorded,
         _pad,
     ]
 );

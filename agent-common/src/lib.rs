@@ -8,6 +8,7 @@
 #![no_std]
 
 pub mod event;
+pub mod flow;
 pub mod globals;
 mod layout;
 pub mod maps;
@@ -15,6 +16,7 @@ pub mod policy;
 pub mod unit;
 
 pub use event::*;
+pub use flow::*;
 pub use maps::*;
 pub use policy::*;
 pub use unit::*;

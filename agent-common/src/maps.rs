@@ -109,7 +109,7 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 22] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
@@ -129,7 +129,23 @@ pub const ALL: [&str; 19] = [
     LOST,
     COUNTERS,
     SOCK_INFO,
+    FLOWS,
+    FLOW_EPOCH,
+    FLOW_STATS,
 ];
+
+/// Hash of [`crate::FlowKey`] -> [`crate::FlowValue`]: the flows being
+/// counted (see `flow.rs`). Preallocated, so a new flow costs no
+/// allocation; when it is full a new flow's calls are reported one record
+/// each (counted in `FLOW_STATS`), and the agent keeps it below full by
+/// ending the flows idle longest.
+pub const FLOWS: &str = "FLOWS";
+/// Default entries of FLOWS (`[flows] table_size`).
+pub const DEFAULT_FLOW_TABLE: u32 = 32768;
+/// Array of one u32: the epoch (0 or 1) new flow entries are made in.
+pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
+/// Per-CPU array of u64 by `FLOW_STAT_*`.
+pub const FLOW_STATS: &str = "FLOW_STATS";
 
 /// aya-log's ring buffer (written only when the `BPF_LOG` global is set).
 pub const AYA_LOGS: &str = "AYA_LOGS";

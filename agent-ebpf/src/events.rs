@@ -98,9 +98,16 @@ pub fn emit(ev: &Event, lost_slot: u32) {
 /// (the event carries it); `None` when this one is suppressed (and counted
 /// for the next). Only denials are limited: allowed calls are not, nor the
 /// would-be denials of an audited service (what its operator watches, and
-/// what `learn` learns from).
+/// what `learn` learns from). `count_refused`: whether a refused event is
+/// counted as suppressed (not when something else counts the call, such
+/// as a flow entry).
 #[inline(always)]
-pub fn event_budget(verdict: u8, service_id: u32, direction: u8) -> Option<u32> {
+pub fn event_budget(
+    verdict: u8,
+    service_id: u32,
+    direction: u8,
+    count_refused: bool,
+) -> Option<u32> {
     if verdict != VERDICT_DENY {
         return Some(0);
     }
@@ -119,7 +126,9 @@ pub fn event_budget(verdict: u8, service_id: u32, direction: u8) -> Option<u32> 
         state.events = 0;
     }
     if state.events >= DENY_EVENTS_PER_SEC {
-        state.suppressed = state.suppressed.wrapping_add(1);
+        if count_refused {
+            state.suppressed = state.suppressed.wrapping_add(1);
+        }
         return None;
     }
     state.events += 1;
@@ -150,7 +159,7 @@ pub fn refusal(
         service.service_id,
         counter_slot(direction, protocol, verdict),
     );
-    let Some(suppressed) = event_budget(verdict, service.service_id, direction) else {
+    let Some(suppressed) = event_budget(verdict, service.service_id, direction, true) else {
         return (verdict, None);
     };
     let mut ev = blank();

@@ -14,7 +14,8 @@
 //! (connect/sendmsg/bind), `sockets.rs` (socket creation), `sockopt.rs`,
 //! `ingress.rs` and `outbound.rs` (cgroup_skb), `lifecycle.rs` (sock_ops),
 //! `cgroups.rs` (cgroup_mkdir/rmdir tracepoints); what they share,
-//! `rules.rs` (the LPM lookups and port checks), `service.rs` (task or
+//! `rules.rs` (the LPM lookups and port checks), `flows.rs` (counting
+//! calls per flow), `service.rs` (task or
 //! socket -> service), `events.rs`, `udp_peers.rs`, `packet.rs`,
 //! `addr.rs`, `maps.rs`, `helpers.rs` (safe wrappers of the pointer-free
 //! helpers), `linux.rs` (kernel ABI numbers).
@@ -24,6 +25,11 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+// Atomic adds to flow counters: the bpf target has no compare-and-swap, so
+// core's atomic types offer no fetch_add, but the intrinsic compiles to
+// the BPF atomic add instruction.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod addr;
@@ -31,6 +37,8 @@ mod addr;
 mod cgroups;
 #[cfg(target_arch = "bpf")]
 mod events;
+#[cfg(target_arch = "bpf")]
+mod flows;
 #[cfg(target_arch = "bpf")]
 mod helpers;
 #[cfg(target_arch = "bpf")]

@@ -3,10 +3,10 @@
 //! policy before loading.
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey,
-    UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_MAX_PREFIXES,
-    DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, LOST_SLOTS, MAX_HELD_SOCKETS,
-    UDP_PEERS_PER_SERVICE,
+    FlowKey, FlowValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer,
+    UdpPeerKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
+    DEFAULT_FLOW_TABLE, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
+    DEFAULT_UDP_PEERS, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS, UDP_PEERS_PER_SERVICE,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
@@ -98,6 +98,17 @@ pub static RULESETS: Array<RuleSet> = Array::with_max_entries(DEFAULT_MAX_RULESE
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+/// The flows being counted (see `flows.rs`); preallocated, so that a new
+/// flow's insert never allocates.
+#[map(name = "FLOWS")]
+pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE, 0);
+
+#[map(name = "FLOW_EPOCH")]
+pub static FLOW_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "FLOW_STATS")]
+pub static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_STAT_SLOTS, 0);
 
 #[map(name = "LOST")]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);

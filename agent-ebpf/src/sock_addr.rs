@@ -3,17 +3,20 @@
 //! asks `judge` (or `bind`) for a verdict.
 
 use agent_common::{
-    counter_slot, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, HOOK_BIND,
+    counter_slot, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, HOOK_BIND,
     HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PEER_SENT, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 use aya_log_ebpf::debug;
 
 use crate::{
     addr::{set_addr, v6_bytes, Dest},
     events::{blank, count, emit, event_budget, fill_task, remember_owner},
+    flows::{self, Caller, Report},
     helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged},
     rules::{match_ports, match_v4, match_v6},
@@ -171,7 +174,7 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
                 ev.socket_cookie = socket_cookie(ctx);
                 set_addr(&mut ev.src_addr, &mut ev.family, local);
                 ev.src_port = port;
-                if let Some(n) = event_budget(verdict, ev.service_id, DIRECTION_INGRESS) {
+                if let Some(n) = event_budget(verdict, ev.service_id, DIRECTION_INGRESS, true) {
                     ev.suppressed = n;
                     emit(&ev, LOST_VERDICT);
                 }
@@ -227,8 +230,7 @@ fn v6_or_mapped(w: [u32; 4]) -> Dest {
 #[inline(always)]
 fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i32 {
     let service = current_service();
-    let mut ev = blank();
-    let (verdict, allowed) = match service {
+    let (service_id, mode, rule, verdict) = match service {
         Some(s) => {
             let mut rule = match dest {
                 Dest::V4(addr) => match_v4(s.service_id, addr, proto, port),
@@ -241,44 +243,72 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
                     rule = RULE_UDP_REPLY;
                 }
             }
-            ev.service_id = s.service_id;
-            ev.mode = s.mode;
-            ev.rule_id = rule;
-            if rule != RULE_DEFAULT_DENY {
-                (VERDICT_ALLOW, true)
+            let verdict = if rule != RULE_DEFAULT_DENY {
+                VERDICT_ALLOW
             } else if s.mode == MODE_AUDIT {
-                (VERDICT_AUDIT, true)
+                VERDICT_AUDIT
             } else {
-                (VERDICT_DENY, false)
-            }
+                VERDICT_DENY
+            };
+            count(s.service_id, counter_slot(DIRECTION_EGRESS, proto, verdict));
+            (s.service_id, s.mode, rule, verdict)
         }
         // Not a managed service: untouched, and only seen when asked for.
-        None if observe_unmanaged() => {
-            ev.service_id = SERVICE_NONE;
-            ev.rule_id = RULE_DEFAULT_DENY;
-            (VERDICT_ALLOW, true)
-        }
+        None if observe_unmanaged() => (SERVICE_NONE, 0, RULE_DEFAULT_DENY, VERDICT_ALLOW),
         None => return ALLOW,
     };
-    if ev.service_id != SERVICE_NONE {
-        count(
-            ev.service_id,
-            counter_slot(DIRECTION_EGRESS, proto, verdict),
-        );
-    }
+    let allowed = verdict != VERDICT_DENY;
 
-    ev.kind = KIND_VERDICT;
-    ev.verdict = verdict;
-    ev.protocol = proto;
-    ev.hook = hook;
-    ev.direction = DIRECTION_EGRESS;
-    ev.ts_ns = now_ns();
-    ev.cgroup_id = current_cgroup_id();
-    ev.socket_cookie = socket_cookie(ctx);
-    fill_task(&mut ev);
-    set_addr(&mut ev.dst_addr, &mut ev.family, dest);
-    ev.dst_port = port;
-    if let Some(suppressed) = event_budget(verdict, ev.service_id, DIRECTION_EGRESS) {
+    // Counted in its flow; only a flow's first call (or one the full flow
+    // table could not count) becomes a record.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let mut key = FlowKey {
+        cgroup_id: current_cgroup_id(),
+        addr: [0; 16],
+        service_id,
+        rule_id: rule,
+        tgid: (pid_tgid >> 32) as u32,
+        port,
+        local_port: bound_port(ctx),
+        family: 0,
+        protocol: proto,
+        hook,
+        direction: DIRECTION_EGRESS,
+        verdict,
+        epoch: 0,
+        _pad: [0; 2],
+    };
+    set_addr(&mut key.addr, &mut key.family, dest);
+    let cookie = socket_cookie(ctx);
+    let caller = Caller {
+        pid_tgid,
+        socket_cookie: cookie,
+        mode,
+    };
+    let report = flows::count_call(key, &caller);
+    // TCP: the connection's owner is recorded on the socket (sock_ops
+    // reports it established and closed), which needs the task's identity.
+    let tcp_connect = allowed && hook == HOOK_CONNECT && proto == PROTO_TCP;
+    let record = matches!(report, Report::Record { .. });
+    let mut ev = blank();
+    if record || tcp_connect {
+        ev.kind = KIND_VERDICT;
+        ev.verdict = verdict;
+        ev.service_id = service_id;
+        ev.mode = mode;
+        ev.rule_id = rule;
+        ev.protocol = proto;
+        ev.hook = hook;
+        ev.direction = DIRECTION_EGRESS;
+        ev.ts_ns = now_ns();
+        ev.cgroup_id = key.cgroup_id;
+        ev.socket_cookie = cookie;
+        fill_task(&mut ev);
+        set_addr(&mut ev.dst_addr, &mut ev.family, dest);
+        ev.dst_port = port;
+        ev.src_port = key.local_port;
+    }
+    if let Report::Record { suppressed } = report {
         ev.suppressed = suppressed;
         emit(&ev, LOST_VERDICT);
     }
@@ -288,20 +318,20 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     if allowed && hook == HOOK_SENDMSG {
         if let Some(s) = service {
             if s.flags & FLAG_INGRESS != 0 {
-                let key = udp_peers::key(ev.socket_cookie, dest, port);
+                let key = udp_peers::key(cookie, dest, port);
                 udp_peers::open(&key, s.service_id, 0, PEER_SENT);
             }
         }
     }
 
-    if allowed && hook == HOOK_CONNECT && proto == PROTO_TCP {
+    if tcp_connect {
         // SAFETY: valid context for this hook.
         remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
     }
     if !allowed && bpf_log_enabled() {
         debug!(
             ctx,
-            "service {} denied port {} proto {}", ev.service_id, port, proto
+            "service {} denied port {} proto {}", service_id, port, proto
         );
     }
     if allowed {
@@ -309,4 +339,18 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     } else {
         DENY
     }
+}
+
+/// The local port of the hook's socket when it is bound (host order), else
+/// 0: part of a flow's key, so that two sockets of one process sending to
+/// the same peer are two flows.
+#[inline(always)]
+fn bound_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: the hook's socket, a full socket; a plain field read.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null socket of the context.
+    unsafe { core::ptr::read_volatile(&(*sk).src_port) as u16 }
 }

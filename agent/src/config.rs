@@ -42,6 +42,8 @@ pub struct Config {
     pub services: ServicesConfig,
     /// The self-check of the kernel maps against the policy in force.
     pub self_check: SelfCheckConfig,
+    /// In-kernel flow counting (`[flows]`).
+    pub flows: FlowsConfig,
 }
 
 /// Room for managed cgroups: one per running service, one per running
@@ -95,6 +97,7 @@ impl Default for Config {
             udp_replies: UdpRepliesConfig::default(),
             services: ServicesConfig::default(),
             self_check: SelfCheckConfig::default(),
+            flows: FlowsConfig::default(),
         }
     }
 }
@@ -161,6 +164,66 @@ impl UdpRepliesConfig {
                 "udp_replies.per_service = {}: must be between 1 and {}",
                 self.per_service,
                 agent_common::DEFAULT_UDP_PEERS
+            ));
+        }
+        out
+    }
+}
+
+/// How calls are counted per flow in the kernel (docs/events.md, "Flows").
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowsConfig {
+    /// A flow's calls since its last record are reported this often (a
+    /// `flow` summary).
+    pub interval_secs: u32,
+    /// A flow with no call for this long ends; its next call starts a new
+    /// flow with a record of its own.
+    pub idle_timeout_secs: u32,
+    /// Flows counted at one time (kernel memory: about 200 bytes each,
+    /// preallocated). A new flow that finds the table full has each call
+    /// reported by a record of its own.
+    pub table_size: u32,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 10,
+            idle_timeout_secs: 60,
+            table_size: agent_common::DEFAULT_FLOW_TABLE,
+        }
+    }
+}
+
+impl FlowsConfig {
+    /// The bounds of `table_size`.
+    const TABLE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
+    /// The bounds of `interval_secs`.
+    const INTERVAL: std::ops::RangeInclusive<u32> = 1..=3600;
+
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !Self::INTERVAL.contains(&self.interval_secs) {
+            out.push(format!(
+                "flows.interval_secs = {}: must be between {} and {}",
+                self.interval_secs,
+                Self::INTERVAL.start(),
+                Self::INTERVAL.end()
+            ));
+        }
+        if self.idle_timeout_secs < self.interval_secs {
+            out.push(format!(
+                "flows.idle_timeout_secs = {}: must be at least flows.interval_secs ({})",
+                self.idle_timeout_secs, self.interval_secs
+            ));
+        }
+        if !Self::TABLE.contains(&self.table_size) {
+            out.push(format!(
+                "flows.table_size = {}: must be between {} and {}",
+                self.table_size,
+                Self::TABLE.start(),
+                Self::TABLE.end()
             ));
         }
         out
@@ -290,6 +353,7 @@ impl Config {
             .chain(config.udp_replies.problems())
             .chain(config.services.problems())
             .chain(config.self_check.problems())
+            .chain(config.flows.problems())
             .collect();
         if let Some(first) = problems.first() {
             // Points at the first offending key.
@@ -420,6 +484,27 @@ mod tests {
         assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(c.metrics.allowed_hosts, ["metrics.example"]);
         assert_eq!(c.control.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    }
+
+    #[test]
+    fn flow_settings_out_of_bounds_are_refused_at_their_line() {
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "[flows]\ninterval_secs = 30\nidle_timeout_secs = 10\n",
+        )
+        .expect_err("an idle timeout shorter than the interval");
+        assert!(err.to_string().starts_with("c.toml:3:1:"), "{err}");
+        assert!(
+            err.to_string().contains("flows.idle_timeout_secs = 10"),
+            "{err}"
+        );
+        let err = Config::parse(Path::new("c.toml"), "[flows]\ntable_size = 8\n")
+            .expect_err("a table of 8 flows");
+        assert!(err.to_string().starts_with("c.toml:2:1:"), "{err}");
+        let ok = Config::parse(Path::new("c.toml"), "[flows]\ntable_size = 16\n")
+            .expect("16 flows is the smallest table");
+        assert_eq!(ok.flows.table_size, 16);
+        assert_eq!(ok.flows.interval_secs, 10);
     }
 
     #[test]

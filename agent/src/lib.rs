@@ -11,7 +11,7 @@
 //!   switch; `selfcheck`: what the drift self-check found (`kernel::drift`
 //!   compares the maps)
 //! - `events`: ring buffer -> decoded events -> decision log and live
-//!   subscribers
+//!   subscribers; `flows`: the kernel's per-flow counts -> `flow` summaries
 //! - `control`: the local control socket (protocol, server, client)
 //! - `metrics`: Prometheus endpoint and `/healthz`
 //! - `graph`: the service graph, blast radius, learned policies
@@ -33,6 +33,7 @@ pub mod daemon;
 pub mod engine;
 pub mod events;
 pub mod export;
+pub mod flows;
 pub mod graph;
 pub mod held;
 pub mod kernel;

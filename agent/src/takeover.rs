@@ -61,7 +61,7 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
     previous.detach();
     // A program that was running when its link went away may still commit
     // a record or count a loss: wait for every such run to end first.
-    quiesce();
+    crate::kernel::quiesce();
     if let Some(ring) = ring.as_mut() {
         // Nothing writes into it any more, so the rest is read too: a
         // take-over under load loses nothing (found by `cargo xtask soak`:
@@ -75,6 +75,10 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
             drained.left = count_left(ring, Instant::now() + DRAIN_TIME);
         }
     }
+    // Its flows' calls no record reported, final now that nothing counts.
+    let flow_summaries = previous.flows().map_or(0, |table| {
+        crate::flows::drain_previous(&table, &decoder, hub)
+    });
     hub.stats
         .decode_errors
         .fetch_add(drained.undecodable, Ordering::Relaxed);
@@ -90,6 +94,7 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
         warn!(
             recovered = drained.recovered,
             left = drained.left,
+            flow_summaries,
             lost,
             "took over from the previous agent's pinned programs; reading the rest of their ring \
              buffer after the detach stopped at its bound ({} ms or {DRAIN_RECORDS} records: a \
@@ -100,7 +105,7 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
     } else {
         info!(
             recovered = drained.recovered,
-            lost, "took over from the previous agent's pinned programs"
+            flow_summaries, lost, "took over from the previous agent's pinned programs"
         );
     }
 }
@@ -145,19 +150,6 @@ fn count_left(ring: &mut RingBuf<MapData>, deadline: Instant) -> u64 {
         }
     }
     left
-}
-
-/// Waits until every BPF program run that began before now has ended:
-/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period, and
-/// cgroup programs run inside an RCU read-side section. Where membarrier is
-/// refused (nohz_full CPUs), a pause far longer than any program run.
-fn quiesce() {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-    // SAFETY: membarrier takes two integer arguments and touches no memory of ours.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if rc != 0 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 const NAMES_FILE: &str = "names.json";

@@ -136,17 +136,38 @@ impl Conn {
         HeldConn { lines, local }
     }
 
-    /// Calls `connect()` on one UDP socket to `addr` `n` times, `pause`
-    /// apart, and waits until it is done; panics if a call fails.
-    pub fn udp_paced(&self, n: u64, pause: Duration, addr: SocketAddr) {
+    /// Calls `connect()` on one UDP socket `n` times, `pause` apart, to
+    /// `ports` ports from `addr`'s on in turn, and waits until it is done;
+    /// panics if a call fails.
+    pub fn udp_paced(&self, n: u64, pause: Duration, ports: u16, addr: SocketAddr) {
         let lines = self.spawn(&[
             "udp-paced".to_owned(),
             n.to_string(),
             pause.as_micros().to_string(),
+            ports.to_string(),
             addr.to_string(),
         ]);
         let want = format!("done {n}");
         lines.wait_line(READY_TIMEOUT, |l| l == want);
+    }
+
+    /// `sendto()`s one byte `n` times from one unconnected UDP socket, to
+    /// `ports` ports from `addr`'s on in turn, and waits until it is done.
+    /// Returns (calls that went out, calls refused with `EPERM`); panics on
+    /// any other error.
+    pub fn udp_sendto(&self, n: u64, ports: u16, addr: SocketAddr) -> (u64, u64) {
+        let lines = self.spawn(&[
+            "udp-sendto".to_owned(),
+            n.to_string(),
+            ports.to_string(),
+            addr.to_string(),
+        ]);
+        let done = lines.wait_line(READY_TIMEOUT, |l| l.starts_with("done "));
+        let mut counts = done.split_whitespace().skip(1).map(str::parse::<u64>);
+        match (counts.next(), counts.next()) {
+            (Some(Ok(sent)), Some(Ok(eperm))) => (sent, eperm),
+            _ => panic!("{}: bad done line {done:?}", lines.what),
+        }
     }
 
     /// Starts a TCP server on `addr` (port 0: any) and waits until it is bound.

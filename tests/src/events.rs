@@ -105,3 +105,51 @@ pub fn assert_fields(ev: &Value, want: &[(&str, Value)], what: &str) {
         );
     }
 }
+
+/// The calls the events report (`calls`: 1 for a verdict, the count of a
+/// `flow` summary), summed.
+#[must_use]
+pub fn calls_of(events: &[Value]) -> u64 {
+    events
+        .iter()
+        .map(|ev| ev["calls"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Polls the decision log until the events satisfying `matches` report
+/// `calls` calls in all (a flow's first record and its summaries), then
+/// waits `settle` (a sweep interval and a margin) for any call too many,
+/// and returns them: the caller asserts the exact sum. Panics after
+/// `timeout` with fewer.
+#[must_use]
+pub fn wait_calls(
+    daemon: &Daemon,
+    what: &str,
+    calls: u64,
+    timeout: Duration,
+    settle: Duration,
+    matches: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let matching = || -> Vec<Value> {
+        events(daemon)
+            .into_iter()
+            .filter(|ev| matches(ev))
+            .collect()
+    };
+    eventually(timeout, Duration::from_millis(100), || {
+        let found = matching();
+        if calls_of(&found) >= calls {
+            Ok(())
+        } else {
+            Err(found)
+        }
+    })
+    .unwrap_or_else(|found| {
+        panic!(
+            "the {what} in the decision log report {} of {calls} calls within {timeout:?}: {found:#?}",
+            calls_of(&found)
+        )
+    });
+    thread::sleep(settle);
+    matching()
+}

@@ -402,6 +402,20 @@ impl Probe {
         Flood::parse(&outcome)
     }
 
+    /// Like [`Self::deny_flood`], over `ports` ports from `addr`'s on in
+    /// turn (a port scan: each port is a flow of its own).
+    #[must_use]
+    pub fn deny_scan(&self, proto: Proto, n: u64, ports: u16, addr: SocketAddr) -> Flood {
+        let outcome = self.run_client(&[
+            "deny-scan",
+            proto.as_str(),
+            &n.to_string(),
+            &ports.to_string(),
+            &addr.to_string(),
+        ]);
+        Flood::parse(&outcome)
+    }
+
     /// Like [`Self::deny_flood`], for `duration` instead of a count: a
     /// flood that lasts through something else the test does meanwhile.
     #[must_use]

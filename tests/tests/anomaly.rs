@@ -104,7 +104,7 @@ fn port_scan_against_a_namespace_host_is_reported_with_its_evidence() {
         assert!((1..=SCANNED).contains(&port), "sample {s} outside the scan");
     }
     assert_eq!(ev["hook"], "anomaly");
-    assert_eq!(ev["schema"], "bulkhead.event.v1");
+    assert_eq!(ev["schema"], "bulkhead.event.v2");
 
     let (status, _, body) = http_get(metrics_addr(&daemon), "/metrics");
     assert_eq!(status, 200, "{body}");

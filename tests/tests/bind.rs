@@ -49,7 +49,7 @@ fn assert_bind_verdict(ev: &Value, service: &str, svc: &CgroupGuard, mode: &str,
     assert_fields(
         ev,
         &[
-            ("schema", "bulkhead.event.v1".into()),
+            ("schema", "bulkhead.event.v2".into()),
             ("service", service.into()),
             ("mode", mode.into()),
             ("cgroup_id", svc.id().into()),

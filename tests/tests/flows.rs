@@ -248,7 +248,7 @@ fn flows_shows_the_denied_connect_with_its_process_and_rule() {
 
     let ev = s.wait_event(&["--verdict", "deny"], denied_pid);
     let want = [
-        ("schema", Value::from("bulkhead.event.v1")),
+        ("schema", Value::from("bulkhead.event.v2")),
         ("type", "verdict".into()),
         ("service", "billing".into()),
         ("mode", "enforce".into()),

@@ -74,7 +74,7 @@ fn assert_inbound_verdict(
     assert_fields(
         ev,
         &[
-            ("schema", "bulkhead.event.v1".into()),
+            ("schema", "bulkhead.event.v2".into()),
             ("service", service.into()),
             ("mode", mode.into()),
             ("cgroup_id", svc.id().into()),

@@ -51,9 +51,14 @@ fn every_decision_is_logged_without_waking_the_daemon_for_each() {
         return;
     }
     let svc = CgroupGuard::new();
-    // UDP connect() sends nothing: nothing needs to listen on the port.
-    let target = addr("127.0.0.1:6001");
-    let rule = Egress::to(["127.0.0.1"]).ports([6001]).protocol("udp");
+    // UDP connect() sends nothing: nothing needs to listen on the ports.
+    // Each call goes to a port of its own, so that each is a flow of its
+    // own and has a record (repeated calls of one flow are counted in the
+    // kernel, not sent: flow_counts.rs).
+    let target = addr("127.0.0.1:30000");
+    let rule = Egress::to(["127.0.0.1"])
+        .ports([format!("30000-{}", 30000 + CALLS - 1)])
+        .protocol("udp");
     let policies = PolicyDir::with(&[("stream.toml", &service_policy(&svc, "enforce", &[rule]))]);
     let daemon = Daemon::start(&policies);
     let pid = daemon
@@ -61,9 +66,12 @@ fn every_decision_is_logged_without_waking_the_daemon_for_each() {
         .unwrap_or_else(|| panic!("the daemon has no pid"));
 
     let before = context_switches(pid);
-    conn!()
-        .in_cgroup(svc.path())
-        .udp_paced(CALLS, PAUSE, target);
+    conn!().in_cgroup(svc.path()).udp_paced(
+        CALLS,
+        PAUSE,
+        u16::try_from(CALLS).unwrap_or(u16::MAX),
+        target,
+    );
     let logged = eventually(LOG_TIMEOUT, Duration::from_millis(100), || {
         let logged = logged_verdicts(&daemon, "stream");
         if logged < CALLS {

@@ -19,7 +19,7 @@ use integration_tests::{
     conn,
     conn::{monotonic_ns, Attempt, Verdict},
     control::{status, status_service, wait_status, SharedPins},
-    events::{events, wait_event},
+    events::{calls_of, events, wait_event},
     eventually, fixture, free_port_block,
     http::metrics_addr,
     pinned_map::PinnedPerCpuArray,
@@ -410,11 +410,17 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
     thread::sleep(HEAD_START);
     let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
     args.extend(shared.args());
+    // Flow summaries every second, so that the counts come in soon.
+    let config = std::env::temp_dir().join(format!("bulkhead-restart-{}.toml", std::process::id()));
+    std::fs::write(&config, "[flows]\ninterval_secs = 1\n")
+        .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+    args.extend([OsString::from("--config"), config.clone().into()]);
     let spawned = Instant::now();
     let mut second = Daemon::spawn_run(&args);
     second.wait_ready();
     let ready_in = spawned.elapsed();
     let ready_at = flood_started.elapsed();
+    let _ = std::fs::remove_file(&config);
     let flood = flooding
         .join()
         .unwrap_or_else(|_| panic!("the flooding thread panicked"));
@@ -437,11 +443,11 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
     );
 
     let old = old_counters.sum_u64(slot);
-    let (new, received, lost) = wait_accounted(&second, old);
+    let (new, reported, lost) = wait_accounted(&second, old);
     let lost_sum: u64 = lost.iter().map(|(_, n)| n).sum();
     eprintln!(
         "take-over under a flood: {} connects in {:?}; READY {ready_in:?} after start; judged \
-         {old} by the previous programs, {new} by the new ones; {received} events received, \
+         {old} by the previous programs, {new} by the new ones; {reported} calls reported, \
          lost {lost:?}",
         flood.attempts, flood.elapsed
     );
@@ -461,15 +467,16 @@ fn takeover_under_an_event_flood_is_ready_in_bounded_time_and_counts_every_event
          detached, not counted lost: {lost:?}\n{log}"
     );
     assert_eq!(
-        received + lost_sum,
+        reported + lost_sum,
         old + new,
-        "every event the two programs made ({old} + {new}) is received or counted lost \
-         ({received} received, lost {lost:?}):\n{log}"
+        "every call the two programs judged ({old} + {new}) is reported (a record or a flow \
+         summary, the previous programs' flow counts among them) or counted lost ({reported} \
+         reported, lost {lost:?}):\n{log}"
     );
 }
 
-/// The second agent's (decisions counted, verdict events received, losses by
-/// source), once received + losses = `old` + decisions (or after
+/// The second agent's (decisions counted, calls its events report, losses by
+/// source), once reported + losses = `old` + decisions (or after
 /// [`CATCH_UP`], as they then are).
 fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u64)>) {
     let metrics = metrics_addr(second);
@@ -492,7 +499,14 @@ fn wait_accounted(second: &Daemon, old: u64) -> (u64, u64, Vec<(&'static str, u6
                 .unwrap_or_else(|| panic!("no {name}{labels:?} in the metrics"))
         };
         let new = count("bulkhead_connections_total", &judged);
-        let received = count("bulkhead_events_received_total", &[("type", "verdict")]);
+        let received = calls_of(
+            &events(second)
+                .into_iter()
+                .filter(|ev| {
+                    ev["service"] == "flood" && (ev["type"] == "verdict" || ev["type"] == "flow")
+                })
+                .collect::<Vec<_>>(),
+        );
         let lost: Vec<(&str, u64)> = lost_sources
             .iter()
             .map(|s| (*s, count("bulkhead_events_lost_total", &[("source", s)])))

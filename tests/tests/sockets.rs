@@ -39,7 +39,7 @@ fn assert_socket_verdict(ev: &Value, service: &str, svc: &CgroupGuard, mode: &st
     assert_fields(
         ev,
         &[
-            ("schema", "bulkhead.event.v1".into()),
+            ("schema", "bulkhead.event.v2".into()),
             ("mode", mode.into()),
             ("cgroup_id", svc.id().into()),
             ("comm", "bulkhead-probe".into()),

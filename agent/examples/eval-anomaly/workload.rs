@@ -152,6 +152,7 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         verdict: (kind == EventType::Verdict).then_some(verdict),
         rule: None,
         suppressed: None,
+        calls: (kind == EventType::Verdict).then_some(1),
         socket_cookie: 0,
         bytes_sent: None,
         bytes_received: None,

@@ -60,15 +60,17 @@ impl ServiceState {
             )
         };
         match ev.kind {
-            EventType::Verdict if matches!(&*ev.hook, "connect" | "sendmsg") => {
+            // A flow's first call and its summaries: counts are calls.
+            EventType::Verdict | EventType::Flow if matches!(&*ev.hook, "connect" | "sendmsg") => {
+                let calls = ev.calls.unwrap_or(1);
                 let dest = key(ip);
                 let w = &mut self.window;
-                w.conns += 1;
+                w.conns += calls;
                 w.hosts.insert(ip);
                 w.ports.insert(port);
                 w.conn_samples.push(dest);
                 if matches!(ev.verdict, Some(Verdict::Deny | Verdict::Audit)) {
-                    w.denies += 1;
+                    w.denies += calls;
                     w.deny_samples.push(dest);
                 }
                 // Only what actually went out teaches or alerts.

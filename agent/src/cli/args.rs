@@ -160,7 +160,8 @@ fn parse_event_type(s: &str) -> Result<EventType, String> {
         "verdict" => Ok(EventType::Verdict),
         "tcp_established" => Ok(EventType::TcpEstablished),
         "tcp_closed" => Ok(EventType::TcpClosed),
-        _ => Err("expected verdict, tcp_established or tcp_closed".to_string()),
+        "flow" => Ok(EventType::Flow),
+        _ => Err("expected verdict, flow, tcp_established or tcp_closed".to_string()),
     }
 }
 

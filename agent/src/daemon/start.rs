@@ -73,6 +73,8 @@ pub(super) struct Tasks {
     pub(super) exporter: Option<crate::export::Exporter>,
     /// Forwards the kernel programs' log (`bpf_log`).
     pub(super) bpf_logger: Option<JoinHandle<()>>,
+    /// Turns the kernel's per-flow counts into `flow` events.
+    pub(super) flow_sweeper: crate::flows::Sweeper,
 }
 
 /// Loads, pins and attaches the programs, takes over from a previous
@@ -101,6 +103,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
 
     let (pins, staging) = pin_maps(&config, &mut enforcer)?;
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
+    let flow_table = crate::kernel::flow_table::FlowTable::take(enforcer.ebpf_mut())?;
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     take_over(&config, &compiled, &coverage, &pins, &hub)?;
 
@@ -116,6 +119,14 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         inventory,
         metrics_endpoint,
     )?;
+    let flow_sweeper = crate::flows::Sweeper::spawn(
+        flow_table,
+        names.subscribe(),
+        Arc::clone(&hub),
+        &config.flows,
+        Arc::clone(&metrics.flows),
+    )
+    .context("cannot start the flow sweeper")?;
     // Control socket (`bulkhead flows`, ...): serves from `hub`; status,
     // quarantine and release go to the main loop.
     let (admin_tx, admin) = mpsc::channel(16);
@@ -175,6 +186,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
             anomalies: side.anomalies,
             exporter: side.exporter,
             bpf_logger,
+            flow_sweeper,
         },
     })
 }
@@ -352,6 +364,7 @@ fn load_programs(
             udp_reply_idle: Duration::from_secs(u64::from(config.udp_replies.idle_timeout_secs)),
             udp_peers_per_service: config.udp_replies.per_service,
             max_cgroups: config.services.max_cgroups,
+            flow_table: config.flows.table_size,
         },
     )?;
     let bpf_logger = if config.bpf_log {

@@ -27,6 +27,7 @@ impl Running {
             anomalies,
             exporter,
             bpf_logger,
+            flow_sweeper,
         } = tasks;
         crate::notify::stopping("stopping");
         // Followers get {"end":"shutdown"}; the socket file is removed.
@@ -36,6 +37,14 @@ impl Running {
         // over, or `bulkhead detach` removes it.
         engine.leave_pinned();
         reader.abort();
+        // The calls counted since the last sweep are reported now; the
+        // flows go on counting for the next agent, which reports them.
+        if tokio::task::spawn_blocking(move || flow_sweeper.stop())
+            .await
+            .is_err()
+        {
+            warn!("the flow sweeper's last sweep did not finish");
+        }
         if let Some(task) = anomalies {
             task.stop().await;
         }

@@ -8,8 +8,8 @@ use std::{
 };
 
 use agent_common::{
-    Event, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_EGRESS_PACKET, HOOK_INGRESS,
-    HOOK_LSM_SOCKET, HOOK_SENDMSG, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCK_OPS,
+    Event, FlowKey, FlowValue, DIRECTION_INGRESS, HOOK_BIND, HOOK_CONNECT, HOOK_EGRESS_PACKET,
+    HOOK_INGRESS, HOOK_LSM_SOCKET, HOOK_SENDMSG, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCK_OPS,
     KIND_TCP_CLOSED, KIND_TCP_ESTABLISHED, KIND_VERDICT, RULE_BIND, RULE_DEFAULT_DENY,
     RULE_SOURCE_ROUTE, RULE_UDP_REPLY, RULE_UNREADABLE, SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT,
     VERDICT_DENY,
@@ -48,6 +48,12 @@ impl Names {
                 .map(|r| Arc::from(r.to_string()))
                 .collect(),
         }
+    }
+
+    /// Whether `id` is a service of this policy (or no service: an
+    /// observed unmanaged process).
+    pub fn is_live(&self, id: u32) -> bool {
+        id == SERVICE_NONE || self.service(id).is_some()
     }
 
     fn service(&self, id: u32) -> Option<&(Arc<str>, String)> {
@@ -105,6 +111,54 @@ impl Decoder {
         // SAFETY: Event is plain old data and the slice is long enough;
         // read_unaligned copes with any alignment.
         let raw: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+        self.decode_record(&raw)
+    }
+
+    /// A `flow` summary of `calls` calls of the flow `key` (`value`: its
+    /// entry), made at `ktime_ns`: named like the flow's first record.
+    pub fn flow_summary(
+        &self,
+        key: &FlowKey,
+        value: &FlowValue,
+        calls: u64,
+        ktime_ns: u64,
+    ) -> Option<FlowEvent> {
+        let raw = Event {
+            kind: KIND_VERDICT,
+            verdict: key.verdict,
+            family: key.family,
+            protocol: key.protocol,
+            hook: key.hook,
+            direction: key.direction,
+            mode: value.mode,
+            passive: 0,
+            service_id: key.service_id,
+            rule_id: key.rule_id,
+            ts_ns: ktime_ns,
+            cgroup_id: key.cgroup_id,
+            // The process is the key's; the thread and the rest, whoever
+            // made the flow's first call.
+            pid_tgid: (u64::from(key.tgid) << 32) | (value.pid_tgid & 0xffff_ffff),
+            uid_gid: value.uid_gid,
+            socket_cookie: value.socket_cookie,
+            comm: value.comm,
+            src_addr: [0; 16],
+            dst_addr: key.addr,
+            src_port: key.local_port,
+            dst_port: key.port,
+            suppressed: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ns: 0,
+        };
+        let mut ev = self.decode_record(&raw)?;
+        ev.kind = EventType::Flow;
+        ev.suppressed = None;
+        ev.calls = Some(calls);
+        Some(ev)
+    }
+
+    fn decode_record(&self, raw: &Event) -> Option<FlowEvent> {
         let kind = match raw.kind {
             KIND_VERDICT => EventType::Verdict,
             KIND_TCP_ESTABLISHED => EventType::TcpEstablished,
@@ -193,12 +247,14 @@ impl Decoder {
             }),
             protocol: Some(protocol_name(protocol)),
             src_ip: has_local.then(|| addr(raw.family, &raw.src_addr)),
-            src_port: has_local.then_some(raw.src_port),
+            // A connect's or send's local port, when its socket was bound.
+            src_port: (has_local || (has_remote && raw.src_port != 0)).then_some(raw.src_port),
             dst_ip: has_remote.then(|| addr(raw.family, &raw.dst_addr)),
             dst_port: has_remote.then_some(raw.dst_port),
             verdict,
             rule,
             suppressed: (kind == EventType::Verdict).then_some(raw.suppressed),
+            calls: (kind == EventType::Verdict).then_some(1),
             socket_cookie: raw.socket_cookie,
             bytes_sent: (kind == EventType::TcpClosed).then_some(raw.bytes_sent),
             bytes_received: (kind == EventType::TcpClosed).then_some(raw.bytes_received),

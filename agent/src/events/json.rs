@@ -66,6 +66,8 @@ pub fn encode(ev: &FlowEvent, out: &mut Vec<u8>) -> serde_json::Result<()> {
     opt_string(out, ev.rule.as_deref());
     out.extend_from_slice(b",\"suppressed\":");
     opt_number(out, ev.suppressed);
+    out.extend_from_slice(b",\"calls\":");
+    opt_number(out, ev.calls);
     out.extend_from_slice(b",\"socket_cookie\":");
     number(out, ev.socket_cookie);
     out.extend_from_slice(b",\"bytes_sent\":");
@@ -89,6 +91,7 @@ fn kind(k: EventType) -> &'static [u8] {
         EventType::TcpClosed => b"tcp_closed",
         EventType::PolicyChange => b"policy_change",
         EventType::Anomaly => b"anomaly",
+        EventType::Flow => b"flow",
     }
 }
 

@@ -16,8 +16,8 @@ pub use hub::{Hub, Tap};
 #[cfg(test)]
 pub(crate) use model::sample_verdict;
 pub use model::{
-    AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange, FlowEvent,
-    ServiceChange, Verdict, SCHEMA,
+    monotonic_ns, AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange,
+    FlowEvent, ServiceChange, Verdict, SCHEMA,
 };
 pub use reader::spawn_reader;
 pub use sink::Sink;

@@ -7,7 +7,9 @@ use std::{borrow::Cow, net::IpAddr, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 /// Versioned schema name carried by every event.
-pub const SCHEMA: &str = "bulkhead.event.v1";
+/// v2: a verdict event reports the first call of a flow (`calls`: 1), the
+/// flow's later calls come in `flow` summaries (see docs/events.md).
+pub const SCHEMA: &str = "bulkhead.event.v2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,6 +24,9 @@ pub enum EventType {
     PolicyChange,
     /// A service behaved unlike its baseline (see `anomaly`, docs/anomaly.md).
     Anomaly,
+    /// The calls of a flow since its last record (`calls`), counted in the
+    /// kernel: reported per interval while the flow is active.
+    Flow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -83,6 +88,10 @@ pub struct FlowEvent {
     /// direction the kernel's rate limit suppressed (on the CPU that made
     /// this one) since the previous one logged; null for other events.
     pub suppressed: Option<u32>,
+    /// How many calls (or packets) this event reports: 1 for a verdict, the
+    /// calls since the flow's previous record for a flow summary; null for
+    /// other events. The sum over a flow's events is every call it made.
+    pub calls: Option<u64>,
     pub socket_cookie: u64,
     /// For tcp_closed: bytes sent (acknowledged by the peer) and received.
     pub bytes_sent: Option<u64>,
@@ -99,14 +108,7 @@ impl FlowEvent {
     /// An event the agent itself makes (policy changes, anomalies): stamped
     /// now, with the agent as the process, and every flow field null.
     pub fn from_agent(kind: EventType, hook: &'static str) -> Self {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        let ktime_ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(ts.tv_nsec).unwrap_or(0);
+        let ktime_ns = monotonic_ns();
         Self {
             schema: Cow::Borrowed(SCHEMA),
             kind,
@@ -131,6 +133,7 @@ impl FlowEvent {
             verdict: None,
             rule: None,
             suppressed: None,
+            calls: None,
             socket_cookie: 0,
             bytes_sent: None,
             bytes_received: None,
@@ -139,6 +142,18 @@ impl FlowEvent {
             anomaly: None,
         }
     }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the kernel's `bpf_ktime_get_ns`
+/// clock, which `ktime_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// An audit record of a change to what is enforced.
@@ -233,6 +248,7 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         verdict: Some(Verdict::Deny),
         rule: Some("billing.toml#default-deny".into()),
         suppressed: Some(0),
+        calls: Some(1),
         socket_cookie: 9,
         bytes_sent: None,
         bytes_received: None,

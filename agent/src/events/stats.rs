@@ -15,8 +15,8 @@ use super::model::{Direction, EventType};
 #[derive(Debug, Default)]
 pub struct EventStats {
     /// Events by type: verdict, tcp_established, tcp_closed, policy_change,
-    /// anomaly.
-    pub received: [AtomicU64; 5],
+    /// anomaly, flow.
+    pub received: [AtomicU64; 6],
     /// Records the kernel sent that could not be decoded.
     pub decode_errors: AtomicU64,
     /// Events that could not be written to the decision log.

@@ -51,6 +51,7 @@ impl Graph {
         let (Some(protocol), Some(direction)) = (&ev.protocol, ev.traffic_direction) else {
             return;
         };
+        let calls = ev.calls.unwrap_or(1);
         match (ev.kind, direction) {
             (EventType::TcpEstablished, Direction::Ingress) => {
                 self.listener(ev, protocol);
@@ -69,24 +70,26 @@ impl Graph {
             }
             (EventType::Verdict, Direction::Ingress) if ev.hook == "ingress" => {
                 self.inbound(ev, protocol, |s| match ev.verdict {
-                    Some(Verdict::Allow) => s.allowed += 1,
-                    Some(Verdict::Deny) => s.denied += 1,
-                    Some(Verdict::Audit) => s.audited += 1,
+                    Some(Verdict::Allow) => s.allowed += calls,
+                    Some(Verdict::Deny) => s.denied += calls,
+                    Some(Verdict::Audit) => s.audited += calls,
                     None => {}
                 });
             }
-            (EventType::Verdict, Direction::Egress)
+            // A flow's first call (a verdict) and its later ones (flow
+            // summaries): an edge counts calls, not records.
+            (EventType::Verdict | EventType::Flow, Direction::Egress)
                 if matches!(&*ev.hook, "connect" | "sendmsg") =>
             {
                 self.edge(ev, protocol, |s| {
                     match ev.verdict {
-                        Some(Verdict::Allow) => s.allowed += 1,
-                        Some(Verdict::Deny) => s.denied += 1,
-                        Some(Verdict::Audit) => s.audited += 1,
+                        Some(Verdict::Allow) => s.allowed += calls,
+                        Some(Verdict::Deny) => s.denied += calls,
+                        Some(Verdict::Audit) => s.audited += calls,
                         None => return,
                     }
                     if ev.verdict != Some(Verdict::Deny) {
-                        s.connections += 1;
+                        s.connections += calls;
                     }
                 });
             }

@@ -83,6 +83,8 @@ pub struct LoadOptions {
     pub udp_peers_per_service: u32,
     /// Entries of SERVICES: managed cgroups at one time.
     pub max_cgroups: u32,
+    /// Entries of FLOWS: flows counted at one time (`[flows] table_size`).
+    pub flow_table: u32,
 }
 
 impl Default for LoadOptions {
@@ -94,6 +96,7 @@ impl Default for LoadOptions {
             udp_reply_idle: std::time::Duration::from_secs(120),
             udp_peers_per_service: agent_common::UDP_PEERS_PER_SERVICE,
             max_cgroups: agent_common::DEFAULT_MAX_CGROUPS,
+            flow_table: agent_common::DEFAULT_FLOW_TABLE,
         }
     }
 }
@@ -607,7 +610,7 @@ impl Enforcer {
 /// The maps sized at load time, with their `max_entries` (bytes for the
 /// ring buffer). aya ignores a name the object has no map for, so
 /// `contract.rs` checks each against the embedded object.
-fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32); 13] {
+fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32); 14] {
     // Service ids and rulesets of both halves (see layout.rs).
     let max_services = capacity.services.saturating_mul(2);
     [
@@ -629,6 +632,7 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32);
         (names::EGRESS_V4, capacity.prefixes),
         (names::EGRESS_V6, capacity.prefixes),
         (names::RULESETS, capacity.rulesets.saturating_mul(2)),
+        (names::FLOWS, options.flow_table),
     ]
 }
 

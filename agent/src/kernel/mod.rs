@@ -5,11 +5,13 @@ pub mod compile;
 pub mod drift;
 mod error;
 mod fault;
+pub mod flow_table;
 pub mod layout;
 mod loader;
 mod maps;
 pub mod pins;
 pub mod preflight;
+mod quiesce;
 mod raw_link;
 pub mod udp_peers;
 #[cfg(test)]
@@ -19,3 +21,4 @@ pub use compile::{compile, CompiledPolicy, CompiledService};
 pub use error::KernelError;
 pub use loader::{Coverage, Enforcer, LoadOptions};
 pub use maps::{Change, ResolvedService};
+pub use quiesce::quiesce;

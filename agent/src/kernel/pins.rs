@@ -92,6 +92,12 @@ impl Previous {
         RingBuf::try_from(aya::maps::Map::RingBuf(map)).ok()
     }
 
+    /// The previous flow table (absent if that agent had none), to report
+    /// the calls it counted once its programs are detached.
+    pub fn flows(&self) -> Option<super::flow_table::FlowTable> {
+        super::flow_table::FlowTable::from_pins(&self.dir).ok()
+    }
+
     /// Records the previous programs dropped because nobody drained the ring.
     pub fn lost(&self) -> u64 {
         let Ok(map) = MapData::from_pin(self.dir.join("maps").join(agent_common::maps::LOST))

@@ -27,6 +27,8 @@ use super::{
 };
 use crate::events::{Direction, EventType};
 
+mod flows;
+
 /// The exposition format of a scrape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -88,12 +90,13 @@ const VERDICTS: [(u8, &str); 3] = [
     (VERDICT_AUDIT, "audit"),
 ];
 /// Every event type, in `EventStats::received` order.
-const EVENT_TYPES: [EventType; 5] = [
+const EVENT_TYPES: [EventType; 6] = [
     EventType::Verdict,
     EventType::TcpEstablished,
     EventType::TcpClosed,
     EventType::PolicyChange,
     EventType::Anomaly,
+    EventType::Flow,
 ];
 
 /// The `type` label: the event's `type` field in the decision log.
@@ -106,6 +109,7 @@ fn type_label(kind: EventType) -> &'static str {
         EventType::TcpClosed => "tcp_closed",
         EventType::PolicyChange => "policy_change",
         EventType::Anomaly => "anomaly",
+        EventType::Flow => "flow",
     }
 }
 
@@ -130,6 +134,7 @@ impl Collector for StateCollector {
         graph(&mut enc, state)?;
         anomalies(&mut enc, state)?;
         export(&mut enc, state)?;
+        flows::encode(&mut enc, &state.flows)?;
         http(&mut enc, state)?;
         health(&mut enc, state)?;
         state_files(&mut enc)?;

@@ -239,6 +239,8 @@ pub struct MetricsState {
     pub drift: crate::selfcheck::DriftStats,
     /// The metrics listener's own connections and refusals.
     pub http: super::http_stats::HttpStats,
+    /// The flow sweeper's counters (it is handed this).
+    pub flows: Arc<crate::flows::FlowStats>,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -319,6 +321,7 @@ impl MetricsState {
             udp_peers: crate::kernel::udp_peers::UdpPeerStats::default(),
             drift: crate::selfcheck::DriftStats::default(),
             http: super::http_stats::HttpStats::default(),
+            flows: Arc::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),

@@ -14,10 +14,15 @@
 //!       connect() once and keep the connection: stdin line `send TEXT`
 //!       writes TEXT and prints `sent TEXT` (or `send-error errno:N`); what
 //!       the peer sends is printed as `recv TEXT`, its close as `eof`
-//!   udp-paced N PAUSE_US ADDR:PORT
-//!       connect() one UDP socket to ADDR:PORT N times, sleeping PAUSE_US
-//!       microseconds after each (no packet is sent); print `done N` and
-//!       exit (exit 2 on an error)
+//!   udp-paced N PAUSE_US PORTS ADDR:PORT
+//!       connect() one UDP socket N times, to ADDR and PORTS ports from PORT
+//!       on in turn, sleeping PAUSE_US microseconds after each (no packet is
+//!       sent); print `done N` and exit (exit 2 on an error)
+//!   udp-sendto N PORTS ADDR:PORT
+//!       sendto() one byte N times from one unconnected UDP socket, to
+//!       ADDR and PORTS ports from PORT on in turn; print `done SENT EPERM`
+//!       (the calls that went out, the calls refused with EPERM) and exit
+//!       (exit 2 on any other error)
 //!   sink ADDR:PORT
 //!       listen; print `ready ADDR:PORT`, then `accepted PEER` per
 //!       connection and `recv PEER TEXT` per chunk received; stdin line
@@ -48,7 +53,7 @@ use std::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] \
-    (connect-loop [--pause-us N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US ADDR:PORT | sink ADDR:PORT)";
+    (connect-loop [--pause-us N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | sink ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -74,13 +79,23 @@ fn run(args: Vec<String>) -> Result<(), String> {
     match (command.as_str(), rest.as_slice()) {
         ("connect-loop", rest) => connect_loop(rest),
         ("hold", [addr]) => hold(parse_addr(addr)?),
-        ("udp-paced", [n, pause, addr]) => udp_paced(
+        ("udp-paced", [n, pause, ports, addr]) => udp_paced(
             n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?,
             Duration::from_micros(
                 pause
                     .parse()
                     .map_err(|e| format!("bad pause {pause:?}: {e}"))?,
             ),
+            ports
+                .parse()
+                .map_err(|e| format!("bad ports {ports:?}: {e}"))?,
+            parse_addr(addr)?,
+        ),
+        ("udp-sendto", [n, ports, addr]) => udp_sendto(
+            n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?,
+            ports
+                .parse()
+                .map_err(|e| format!("bad ports {ports:?}: {e}"))?,
             parse_addr(addr)?,
         ),
         ("sink", [addr]) => sink(parse_addr(addr)?),
@@ -88,7 +103,7 @@ fn run(args: Vec<String>) -> Result<(), String> {
     }
 }
 
-fn udp_paced(n: u64, pause: Duration, addr: SocketAddr) -> Result<(), String> {
+fn udp_paced(n: u64, pause: Duration, ports: u16, addr: SocketAddr) -> Result<(), String> {
     let local: SocketAddr = if addr.is_ipv4() {
         "127.0.0.1:0"
     } else {
@@ -98,11 +113,38 @@ fn udp_paced(n: u64, pause: Duration, addr: SocketAddr) -> Result<(), String> {
     .map_err(|e| format!("{e}"))?;
     let sock = std::net::UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
     for i in 0..n {
-        sock.connect(addr)
-            .map_err(|e| format!("connect {i} of {n} to {addr}: {e}"))?;
+        let mut to = addr;
+        let offset = u16::try_from(i % u64::from(ports.max(1))).unwrap_or(0);
+        to.set_port(addr.port().wrapping_add(offset));
+        sock.connect(to)
+            .map_err(|e| format!("connect {i} of {n} to {to}: {e}"))?;
         thread::sleep(pause);
     }
     say(&format!("done {n}"));
+    Ok(())
+}
+
+fn udp_sendto(n: u64, ports: u16, addr: SocketAddr) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(|e| format!("{e}"))?;
+    let sock = std::net::UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
+    let (mut sent, mut eperm) = (0u64, 0u64);
+    for i in 0..n {
+        let mut to = addr;
+        let offset = u16::try_from(i % u64::from(ports.max(1))).unwrap_or(0);
+        to.set_port(addr.port().wrapping_add(offset));
+        match sock.send_to(b"x", to) {
+            Ok(_) => sent += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            Err(e) => return Err(format!("sendto {i} of {n} to {to}: {e}")),
+        }
+    }
+    say(&format!("done {sent} {eperm}"));
     Ok(())
 }
 

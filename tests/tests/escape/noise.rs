@@ -2,11 +2,15 @@
 //! `connect()` calls as fast as it can, to drown the decision log (and the
 //! agent, and the disk) or to hide one attempt among many.
 //!
-//! Every call is still denied and counted exactly; the decision log holds
-//! at most [`EVENTS_PER_SEC`] denial events of the service per second, each
-//! verdict event saying in `suppressed` how many denials of that service
-//! were left out on its CPU since the one before; nothing is lost from the
-//! sum: (events logged) + (their `suppressed`) = (denials made).
+//! Every call is still denied and counted exactly. Calls to one destination
+//! are one flow: its first denial is a record, the others are counted in
+//! the kernel and summarised (`flow` events). A scan of many destinations
+//! makes many flows, and their first records are held to at most
+//! [`EVENTS_PER_SEC`] a second per service; a flow whose record the limit
+//! held back is counted too, summed with the others of its process in one
+//! `flow` event per interval (no destination; `suppressed`: how many flows).
+//! Nothing is lost from the sum: the `calls` of every event add up to the
+//! denials made.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -15,7 +19,7 @@ use std::{
 };
 
 use integration_tests::{
-    events::{events, wait_event},
+    events::{calls_of, wait_calls, wait_event},
     eventually, free_port_block,
     http::metrics_addr,
     probe,
@@ -24,96 +28,112 @@ use integration_tests::{
 };
 use serde_json::Value;
 
-/// Denied connects in the flood.
+/// Denied connects in the flood, and the ports they go to in turn.
 const N: u64 = 5_000;
-/// The decision log's limit of denial events per service per second.
+const PORTS: u16 = 1_000;
+/// The decision log's limit of denial records per service per second.
 const EVENTS_PER_SEC: u64 = 100;
 /// The pause after the flood: longer than the limit's one-second window,
 /// so that the next denial is logged again.
 const QUIET: Duration = Duration::from_millis(1_200);
 /// How long the metrics may take to catch up with the kernel's counters.
 const CATCH_UP: Duration = Duration::from_secs(10);
+/// Flow summaries every second; how long they may take, and the wait after
+/// for a call too many.
+const CONFIG: &str = "[flows]\ninterval_secs = 1\n";
+const REPORTED: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_millis(2500);
 
 /// The policy's service name (its file's stem).
 const SERVICE: &str = "noisy";
 
-/// A default-deny service floods `ip` (closed ports: nothing listens, and
-/// nothing is allowed) with `N` `connect()` calls of `proto` pinned to CPU
-/// 0, pauses, then makes one more on the same CPU to another port.
+/// A default-deny service scans `ip` (closed ports: nothing listens, and
+/// nothing is allowed) with `N` `connect()` calls of `proto` over `PORTS`
+/// ports, pinned to CPU 0, pauses, then makes one more on the same CPU to
+/// another port.
 fn deny_flood(proto: Proto, ip: IpAddr) {
     let svc = CgroupGuard::new();
     let policies = PolicyDir::with(&[(
         &format!("{SERVICE}.toml"),
         &service_policy(&svc, "enforce", &[]),
     )]);
-    let daemon = Daemon::start(&policies);
-    let port = free_port_block(ip, 2);
-    let (flooded, after) = (SocketAddr::new(ip, port), SocketAddr::new(ip, port + 1));
+    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    let port = free_port_block(ip, PORTS + 1);
+    let (flooded, after) = (SocketAddr::new(ip, port), SocketAddr::new(ip, port + PORTS));
     let service = probe!().in_cgroup(svc.path());
     let proto_name = match proto {
         Proto::Tcp => "tcp",
         Proto::Udp => "udp",
     };
 
-    let flood = service.deny_flood(proto, N, flooded);
+    let flood = service.deny_scan(proto, N, PORTS, flooded);
     flood.assert_all_eperm(N, "a flood of denied connects: every one is denied");
     eprintln!(
-        "noise: {N} denied {proto_name} connects in {:?}",
+        "noise: {N} denied {proto_name} connects to {PORTS} ports in {:?}",
         flood.elapsed
     );
     thread::sleep(QUIET);
     service
         .deny_flood(proto, 1, after)
         .assert_all_eperm(1, "the connect after the flood");
-    let last = wait_event(
+    let _last = wait_event(
         &daemon,
         "the verdict of the connect after the flood (a new second: it is logged)",
         |ev| is_denial(ev) && ev["dst_port"] == after.port(),
     );
 
-    let logged: Vec<Value> = events(&daemon)
-        .into_iter()
-        .filter(|ev| ev["type"] == "verdict" && ev["service"] == SERVICE)
-        .collect();
+    let logged = wait_calls(&daemon, "denials", N + 1, REPORTED, SETTLE, |ev| {
+        ev["service"] == SERVICE && (ev["type"] == "verdict" || ev["type"] == "flow")
+    });
+    assert_eq!(
+        calls_of(&logged),
+        N + 1,
+        "the records and summaries report every denial exactly once"
+    );
+    assert!(
+        logged.iter().all(|ev| ev["verdict"] == "deny"),
+        "the service made denied connects only: {logged:#?}"
+    );
     // However the limit's one-second windows fall, a flood of d seconds
     // touches at most ceil(d) + 1 of them.
     let windows = u64::try_from(flood.elapsed.as_nanos().div_ceil(1_000_000_000))
         .unwrap_or(u64::MAX)
         .saturating_add(1);
-    let in_flood = logged
+    let records: Vec<&Value> = logged
         .iter()
-        .filter(|ev| ev["dst_port"] == flooded.port())
-        .count();
-    assert!(
-        u64::try_from(in_flood).unwrap_or(u64::MAX) <= EVENTS_PER_SEC * windows,
-        "a flood of {N} denials in {:?} is logged at most {EVENTS_PER_SEC} a second ({} \
-         events at most), got {in_flood} events",
-        flood.elapsed,
-        EVENTS_PER_SEC * windows
-    );
-    let suppressed: Vec<u64> = logged
-        .iter()
-        .map(|ev| {
-            ev["suppressed"].as_u64().unwrap_or_else(|| {
-                panic!("every verdict event says how many were suppressed before it: {ev:#}")
-            })
-        })
+        .filter(|ev| ev["type"] == "verdict" && ev["dst_port"] != after.port())
         .collect();
     assert!(
-        logged.iter().all(is_denial),
-        "the service made denied connects only: {logged:#?}"
+        u64::try_from(records.len()).unwrap_or(u64::MAX) <= EVENTS_PER_SEC * windows,
+        "a scan of {PORTS} ports in {:?} has its first records logged at most \
+         {EVENTS_PER_SEC} a second ({} at most), got {}",
+        flood.elapsed,
+        EVENTS_PER_SEC * windows,
+        records.len()
     );
-    let total_suppressed: u64 = suppressed.iter().sum();
+    let held_back: u64 = logged
+        .iter()
+        .filter(|ev| ev["type"] == "flow" && ev["dst_ip"].is_null())
+        .map(|ev| ev["suppressed"].as_u64().unwrap_or(0))
+        .sum();
     assert_eq!(
-        u64::try_from(logged.len()).unwrap_or(u64::MAX) + total_suppressed,
-        N + 1,
-        "events logged ({}) + their suppressed counts ({total_suppressed}) = every denial \
-         (the last event says {})",
-        logged.len(),
-        last["suppressed"]
+        u64::try_from(records.len()).unwrap_or(u64::MAX) + held_back,
+        u64::from(PORTS),
+        "every flow of the scan is either recorded or counted as held back"
+    );
+    assert!(
+        logged.len() <= 2 * records.len() + 20,
+        "the log stays bounded: {} events for {N} denials",
+        logged.len()
     );
 
-    let metrics = metrics_addr(&daemon);
+    assert_counted_exactly(&daemon, proto_name, held_back);
+}
+
+/// The kernel counted every denial (`N` + 1), and the held-back flows are
+/// the suppressed count of the metrics.
+fn assert_counted_exactly(daemon: &Daemon, proto_name: &str, held_back: u64) {
+    let metrics = metrics_addr(daemon);
     let connections = [
         ("service", SERVICE),
         ("direction", "egress"),
@@ -142,9 +162,9 @@ fn deny_flood(proto: Proto, ip: IpAddr) {
             "bulkhead_events_suppressed_total",
             &suppressed_labels
         ),
-        Some(total_suppressed),
-        "bulkhead_events_suppressed_total{suppressed_labels:?} is the sum of the events' \
-         `suppressed`"
+        (held_back > 0).then_some(held_back),
+        "bulkhead_events_suppressed_total{suppressed_labels:?} counts the flows whose record \
+         the limit held back"
     );
 }
 

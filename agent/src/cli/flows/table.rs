@@ -48,6 +48,17 @@ pub fn row(ev: &FlowEvent) -> Row {
             .anomaly
             .as_ref()
             .map_or_else(|| "anomaly".to_string(), |a| format!("anomaly {}", a.kind)),
+        // "allow x4999": the calls since the flow's previous line.
+        (EventType::Flow, verdict) => format!(
+            "{} x{}",
+            match verdict {
+                Some(Verdict::Allow) => "allow",
+                Some(Verdict::Deny) => "deny",
+                Some(Verdict::Audit) => "audit",
+                None => "-",
+            },
+            ev.calls.unwrap_or(0)
+        ),
     };
     [
         clock(&ev.time),

@@ -21,8 +21,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use agent_common::{
-    globals, maps as names, Event, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo,
-    UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX,
+    globals, maps as names, Event, FlowKey, FlowValue, LpmV4Key, LpmV6Key, RateState, RuleSet,
+    ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX,
 };
 use aya::maps::lpm_trie::Key;
 use aya_obj::{
@@ -85,6 +85,14 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
         (names::EVENTS, BPF_MAP_TYPE_RINGBUF as u32, 0, Some(0)),
         (names::LOST, percpu, 4, Some(8)),
         (names::COUNTERS, percpu, 4, Some(8)),
+        (
+            names::FLOWS,
+            hash,
+            size_of::<FlowKey>(),
+            Some(size_of::<FlowValue>()),
+        ),
+        (names::FLOW_EPOCH, array, 4, Some(4)),
+        (names::FLOW_STATS, percpu, 4, Some(8)),
         (
             names::SOCK_INFO,
             BPF_MAP_TYPE_SK_STORAGE as u32,

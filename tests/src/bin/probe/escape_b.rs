@@ -55,14 +55,23 @@ pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String>
             let n: u64 = n
                 .parse()
                 .map_err(|e| format!("bad count {n:?} for deny-flood: {e}"))?;
-            Step::Serve(deny_flood(proto, Until::Count(n), parse_addr(addr)?))
+            Step::Serve(deny_flood(proto, Until::Count(n), 1, parse_addr(addr)?))
+        }
+        ["deny-scan", proto, n, ports, addr] => {
+            let n: u64 = n
+                .parse()
+                .map_err(|e| format!("bad count {n:?} for deny-scan: {e}"))?;
+            let ports: u16 = ports
+                .parse()
+                .map_err(|e| format!("bad ports {ports:?} for deny-scan: {e}"))?;
+            Step::Serve(deny_flood(proto, Until::Count(n), ports, parse_addr(addr)?))
         }
         ["deny-flood-for", proto, ms, addr] => {
             let ms: u64 = ms
                 .parse()
                 .map_err(|e| format!("bad milliseconds {ms:?}: {e}"))?;
             let until = Until::Elapsed(Duration::from_millis(ms));
-            Step::Serve(deny_flood(proto, until, parse_addr(addr)?))
+            Step::Serve(deny_flood(proto, until, 1, parse_addr(addr)?))
         }
         _ => return Ok(None),
     }))
@@ -316,7 +325,9 @@ pub enum Until {
 /// line: `{"ok":true,"attempts":N,"eperm":K,"connected":C,"errors":{"ERRNO":
 /// COUNT},"elapsed_ns":T,"cpu":0}` (`errors` holds every other errno), or a
 /// failure at stage `affinity` or `socket` like the client commands.
-pub fn deny_flood(proto: &str, until: Until, addr: SocketAddr) -> Result<(), String> {
+/// `deny-scan udp|tcp N PORTS ADDR:PORT`: the same over `PORTS` ports from
+/// `addr`'s on, in turn (a port scan: each port a flow of its own).
+pub fn deny_flood(proto: &str, until: Until, ports: u16, addr: SocketAddr) -> Result<(), String> {
     let kind = match proto {
         "udp" => libc::SOCK_DGRAM,
         "tcp" => libc::SOCK_STREAM,
@@ -327,7 +338,13 @@ pub fn deny_flood(proto: &str, until: Until, addr: SocketAddr) -> Result<(), Str
         crate::report(Err(failure), &ctx);
         return Ok(());
     }
-    let (storage, len) = client::sockaddr(addr);
+    let sockaddrs: Vec<_> = (0..ports.max(1))
+        .map(|i| {
+            let mut to = addr;
+            to.set_port(addr.port().wrapping_add(i));
+            client::sockaddr(to)
+        })
+        .collect();
     let (mut eperm, mut connected) = (0u64, 0u64);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let started = Instant::now();
@@ -344,8 +361,9 @@ pub fn deny_flood(proto: &str, until: Until, addr: SocketAddr) -> Result<(), Str
                 return Ok(());
             }
         };
+        let (storage, len) = &sockaddrs[usize::try_from(n - 1).unwrap_or(0) % sockaddrs.len()];
         // SAFETY: `storage` is a valid sockaddr of `len` bytes.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), ptr::from_ref(&storage).cast(), len) };
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), ptr::from_ref(storage).cast(), *len) };
         if rc == 0 {
             connected += 1;
             continue;

@@ -1,0 +1,131 @@
+//! Counting calls per flow (see `agent_common::flow`): the first call of a
+//! flow asks for a record, every later one is an atomic add to its entry.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use agent_common::{FlowKey, FlowValue, FLOW_STAT_FULL, VERDICT_DENY};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_comm, bpf_get_current_uid_gid},
+};
+
+use crate::{
+    events::event_budget,
+    helpers::now_ns,
+    maps::{FLOWS, FLOW_EPOCH, FLOW_STATS},
+};
+
+/// `-EEXIST` from a map insert with `BPF_NOEXIST`.
+const EEXIST: i32 = -17;
+
+/// What the caller must do about a call just counted.
+pub enum Report {
+    /// Nothing to send: the flow's counters hold the call (or, for a
+    /// denial the full table could not count, the rate limit's suppressed
+    /// count, which the next record sent carries).
+    Counted,
+    /// Send a record (the first call of a flow, or a call the full table
+    /// could not count); it carries `suppressed` (see `event_budget`).
+    Record { suppressed: u32 },
+}
+
+/// Who made a new flow's first call, kept in its entry.
+pub struct Caller {
+    pub pid_tgid: u64,
+    pub socket_cookie: u64,
+    pub mode: u8,
+}
+
+/// Counts one call of the flow `key` (its `epoch` is the one in force).
+///
+/// - An entry of this epoch exists: one atomic add.
+/// - Else the flow is new unless the previous epoch has it (carried over:
+///   its first record was sent long ago). A new flow's first call is
+///   reported by a record, within the denial rate limit; a call held back
+///   by the limit stays unreported in the entry, and the summary counts it.
+/// - The table is full: the call gets a record of its own (denials within
+///   the limit, the rest counted as suppressed), and the full table is
+///   counted. Nothing is lost either way.
+#[inline(always)]
+pub fn count_call(mut key: FlowKey, caller: &Caller) -> Report {
+    key.epoch = FLOW_EPOCH.get(0).map_or(0, |e| (*e & 1) as u8);
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
+        add(value, 1, 0);
+        return Report::Counted;
+    }
+    key.epoch ^= 1;
+    // SAFETY: a field copied out at once, under the RCU read lock.
+    let carried = unsafe { FLOWS.get(key) }.map(|old| old.recorded);
+    key.epoch ^= 1;
+    // The budget is spent only by a record that will be sent; one it
+    // refuses is not counted as suppressed: the entry keeps the call.
+    let record = carried.is_none() && within_budget(&key);
+    let value = FlowValue {
+        calls: 1,
+        reported: u64::from(record),
+        first_ns: now_ns(),
+        pid_tgid: caller.pid_tgid,
+        uid_gid: bpf_get_current_uid_gid(),
+        socket_cookie: caller.socket_cookie,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        idle_sweeps: 0,
+        mode: caller.mode,
+        recorded: carried.unwrap_or(u8::from(record)),
+        _pad: [0; 2],
+    };
+    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        // Another CPU made the entry first: count the call in it.
+        Err(EEXIST) => match FLOWS.get_ptr_mut(key) {
+            Some(existing) => {
+                add(existing, 1, u64::from(record));
+                if record {
+                    // SAFETY: as in `add`; a byte store, 0 to 1 only.
+                    unsafe { (*existing).recorded = 1 };
+                }
+            }
+            None => return full(&key),
+        },
+        Err(_) => return full(&key),
+    }
+    if record {
+        Report::Record { suppressed: 0 }
+    } else {
+        Report::Counted
+    }
+}
+
+/// Whether a new flow's record may be sent (denials: the rate limit).
+#[inline(always)]
+fn within_budget(key: &FlowKey) -> bool {
+    key.verdict != VERDICT_DENY
+        || event_budget(key.verdict, key.service_id, key.direction, false).is_some()
+}
+
+/// The table had no room: the call is reported on its own.
+#[inline(always)]
+fn full(key: &FlowKey) -> Report {
+    if let Some(count) = FLOW_STATS.get_ptr_mut(FLOW_STAT_FULL) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *count += 1 };
+    }
+    match event_budget(key.verdict, key.service_id, key.direction, true) {
+        Some(suppressed) => Report::Record { suppressed },
+        None => Report::Counted,
+    }
+}
+
+#[inline(always)]
+fn add(value: *mut FlowValue, calls: u64, reported: u64) {
+    // SAFETY: a value of our map, valid under the program's RCU read lock;
+    // atomic adds, as other CPUs count into the same flow.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).calls, calls);
+        if reported != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*value).reported,
+                reported,
+            );
+        }
+    }
+}

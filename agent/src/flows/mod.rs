@@ -1,0 +1,204 @@
+//! Flow summaries: the kernel counts every judged call in its flow's entry
+//! (agent-ebpf/src/flows.rs) and sends a record only for a flow's first
+//! call; this sweeper turns the counts into `flow` events. Every interval
+//! it closes the table's epoch, reports each flow's calls not yet
+//! reported, carries the active flows over and ends the idle ones
+//! (docs/events.md, "Flows").
+
+mod plan;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use agent_common::FlowKey;
+
+use crate::{
+    config::FlowsConfig,
+    events::{Decoder, FlowEvent, Hub, Names},
+    kernel::flow_table::FlowTable,
+};
+
+pub use plan::{plan, Plan, Rules};
+
+/// The sweeper's counters, for the metrics.
+#[derive(Debug, Default)]
+pub struct FlowStats {
+    /// Entries in the table after the last sweep.
+    pub active: AtomicU64,
+    /// The table's capacity.
+    pub capacity: AtomicU64,
+    /// `flow` events sent.
+    pub summaries: AtomicU64,
+    /// Flows ended: no call for the idle timeout; their policy replaced;
+    /// let go to keep room in the table.
+    pub ended_idle: AtomicU64,
+    pub ended_policy: AtomicU64,
+    pub evicted: AtomicU64,
+    /// New flows that found the table full (each call then had a record
+    /// of its own), as the kernel counts them.
+    pub table_full: AtomicU64,
+    /// Sweeps that failed (logged).
+    pub sweep_errors: AtomicU64,
+}
+
+/// The sweeper thread; [`Sweeper::stop`] runs a last sweep.
+pub struct Sweeper {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Sweeper {
+    /// Sweeps `table` every `config.interval_secs`, publishing to `hub`.
+    /// A thread of its own: a sweep is map syscalls and an RCU grace
+    /// period, blocking work that must not hold up the runtime.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn spawn(
+        table: FlowTable,
+        names: watch::Receiver<Arc<Names>>,
+        hub: Arc<Hub>,
+        config: &FlowsConfig,
+        stats: Arc<FlowStats>,
+    ) -> std::io::Result<Self> {
+        let interval = Duration::from_secs(u64::from(config.interval_secs));
+        let capacity = table.capacity();
+        stats.capacity.store(u64::from(capacity), Ordering::Relaxed);
+        let rules = Rules {
+            idle_sweeps: config.idle_timeout_secs.div_ceil(config.interval_secs),
+            // Half the table: the open epoch's new flows need the rest.
+            carry_max: (capacity / 2) as usize,
+        };
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("flow-sweeper".to_string())
+            .spawn(move || {
+                let first = Arc::clone(&names.borrow());
+                let mut sweeper = Task {
+                    table,
+                    decoder: Decoder::new(first),
+                    names,
+                    hub,
+                    stats,
+                    rules,
+                };
+                loop {
+                    let last = match stopped.recv_timeout(interval) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => false,
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => true,
+                    };
+                    sweeper.sweep();
+                    if last {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Runs a last sweep (what the flows counted since the previous one is
+    /// reported) and ends the thread.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            warn!("the flow sweeper panicked");
+        }
+    }
+}
+
+struct Task {
+    table: FlowTable,
+    decoder: Decoder,
+    names: watch::Receiver<Arc<Names>>,
+    hub: Arc<Hub>,
+    stats: Arc<FlowStats>,
+    rules: Rules,
+}
+
+impl Task {
+    fn sweep(&mut self) {
+        if self.names.has_changed().unwrap_or(false) {
+            let names = Arc::clone(&self.names.borrow_and_update());
+            self.decoder.set_names(names);
+        }
+        let closed = match self.table.close_epoch() {
+            Ok(closed) => closed,
+            Err(e) => {
+                self.stats.sweep_errors.fetch_add(1, Ordering::Relaxed);
+                warn!("flow sweep: cannot close the epoch: {e}; counts stay in the table until the next sweep");
+                return;
+            }
+        };
+        let entries = self.table.entries(Some(closed));
+        let names = Arc::clone(&self.names.borrow());
+        let plan = plan(entries.clone(), self.rules, |id| names.is_live(id));
+        let events = summaries(&self.decoder, &plan, crate::events::monotonic_ns());
+        // Carried over before the old entries go, so that a call between
+        // the two finds its flow in one epoch or the other (else it would
+        // count as a new flow and send a record again).
+        for (key, value) in &plan.carry {
+            self.table.carry(key, value);
+        }
+        for (key, _) in &entries {
+            self.table.remove(key);
+        }
+        let s = &self.stats;
+        s.summaries
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        s.ended_idle.fetch_add(plan.ended_idle, Ordering::Relaxed);
+        s.ended_policy
+            .fetch_add(plan.ended_policy, Ordering::Relaxed);
+        s.evicted.fetch_add(plan.evicted, Ordering::Relaxed);
+        s.table_full.store(self.table.full(), Ordering::Relaxed);
+        s.active
+            .store(self.table.entries(None).len() as u64, Ordering::Relaxed);
+        self.hub.publish(events);
+    }
+}
+
+/// The `flow` events of a plan: one per flow with a record, one per group
+/// of held-back flows (no destination; `suppressed`: how many flows).
+fn summaries(decoder: &Decoder, plan: &Plan, now_ns: u64) -> Vec<FlowEvent> {
+    let flows = plan
+        .summaries
+        .iter()
+        .filter_map(|(key, value, calls)| decoder.flow_summary(key, value, *calls, now_ns));
+    let held = plan.held_back.iter().filter_map(|(key, value, calls, n)| {
+        let anywhere = FlowKey {
+            addr: [0; 16],
+            family: 0,
+            port: 0,
+            local_port: 0,
+            ..*key
+        };
+        let mut ev = decoder.flow_summary(&anywhere, value, *calls, now_ns)?;
+        ev.suppressed = Some(u32::try_from(*n).unwrap_or(u32::MAX));
+        Some(ev)
+    });
+    flows.chain(held).collect()
+}
+
+/// A previous agent's flow table, once its programs are detached: every
+/// call its entries hold that no record reported is published as a
+/// summary. Returns how many summaries.
+pub fn drain_previous(table: &FlowTable, decoder: &Decoder, hub: &Hub) -> u64 {
+    // Every flow ends here: nothing is carried into this agent's table.
+    let rules = Rules {
+        idle_sweeps: 0,
+        carry_max: 0,
+    };
+    let plan = plan(table.entries(None), rules, |_| false);
+    let events = summaries(decoder, &plan, crate::events::monotonic_ns());
+    let n = events.len() as u64;
+    hub.publish(events);
+    n
+}

@@ -1,0 +1,61 @@
+//! The flow sweeper's metrics (crate::flows).
+
+use std::{fmt, sync::atomic::Ordering};
+
+use prometheus_client::{
+    encoding::DescriptorEncoder,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+
+use super::{counters, one};
+use crate::flows::FlowStats;
+
+pub fn encode(enc: &mut DescriptorEncoder, stats: &FlowStats) -> fmt::Result {
+    let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+    one(
+        enc,
+        "bulkhead_flows_active",
+        "Flows in the kernel's flow table after the last sweep (both epochs).",
+        None,
+        &ConstGauge::new(get(&stats.active)),
+    )?;
+    one(
+        enc,
+        "bulkhead_flow_table_capacity",
+        "Flows the kernel's flow table holds at most ([flows] table_size).",
+        None,
+        &ConstGauge::new(get(&stats.capacity)),
+    )?;
+    one(
+        enc,
+        "bulkhead_flow_summaries",
+        "`flow` events sent: calls of a flow since its previous record.",
+        None,
+        &ConstCounter::new(get(&stats.summaries)),
+    )?;
+    counters(
+        enc,
+        "bulkhead_flows_ended",
+        "Flows ended, by reason: idle (no call for [flows] idle_timeout_secs), policy (their policy was replaced), evicted (let go to keep room in the table; their calls were all reported). The next call of an ended flow starts a new one, with a record.",
+        [
+            ("idle", &stats.ended_idle),
+            ("policy", &stats.ended_policy),
+            ("evicted", &stats.evicted),
+        ]
+        .map(|(reason, v)| ([("reason", reason)], get(v))),
+    )?;
+    one(
+        enc,
+        "bulkhead_flow_table_full",
+        "New flows that found the kernel's flow table full: each of their calls was reported by a record of its own (nothing lost). Raise [flows] table_size if this grows.",
+        None,
+        &ConstCounter::new(get(&stats.table_full)),
+    )?;
+    one(
+        enc,
+        "bulkhead_flow_sweep_errors",
+        "Flow sweeps that failed (logged); the counts stay in the table until the next sweep.",
+        None,
+        &ConstCounter::new(get(&stats.sweep_errors)),
+    )
+}

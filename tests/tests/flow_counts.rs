@@ -1,0 +1,259 @@
+//! Flows, not calls (issue 17, docs/events.md "Flows"): the kernel counts a
+//! flow's repeated calls, the decision log gets its first call as a
+//! `verdict` record and the rest as `flow` summaries, and the counts add up
+//! to exactly the calls made: allowed or denied, with a table too small to
+//! hold every flow, and with TCP connections still reported one by one.
+
+use std::{net::SocketAddr, time::Duration};
+
+use integration_tests::{
+    addr, conn,
+    events::{calls_of, wait_calls},
+    free_port_block,
+    http::metrics_addr,
+    prometheus::Scrape,
+    require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir,
+};
+use serde_json::Value;
+
+/// Summaries every second, so a test waits about one.
+const CONFIG: &str = "[flows]\ninterval_secs = 1\nidle_timeout_secs = 30\n";
+/// How long every call may take to be reported (a debug build of the agent
+/// on a loaded machine), and the wait after for a call too many: two sweeps.
+const REPORTED: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_millis(2500);
+
+/// The events of `service` to `port` that report calls (records and summaries).
+fn flow_events(service: &str, port: u16) -> impl Fn(&Value) -> bool + '_ {
+    move |ev| {
+        ev["service"] == service
+            && ev["dst_port"] == port
+            && (ev["type"] == "verdict" || ev["type"] == "flow")
+    }
+}
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|ev| ev["type"] == kind).collect()
+}
+
+fn loopback_ports(n: u16) -> (u16, SocketAddr) {
+    let first = free_port_block(addr("127.0.0.1:0").ip(), n);
+    (first, addr(&format!("127.0.0.1:{first}")))
+}
+
+/// A service allowed `udp` to the first of `allowed` ports from `first`,
+/// its agent summarising every second.
+fn udp_service(
+    name: &str,
+    first: u16,
+    allowed: u16,
+    config: &str,
+) -> (CgroupGuard, PolicyDir, Daemon) {
+    let svc = CgroupGuard::new();
+    let rule = Egress::to(["127.0.0.1"])
+        .ports([format!("{first}-{}", first + allowed - 1)])
+        .protocol("udp");
+    let policies = PolicyDir::with(&[(
+        &format!("{name}.toml"),
+        &service_policy(&svc, "enforce", &[rule]),
+    )]);
+    let daemon = Daemon::start_with_config(&policies, config);
+    (svc, policies, daemon)
+}
+
+#[test]
+fn five_thousand_sendto_to_one_destination_are_one_record_and_exact_summaries() {
+    if !require_bpf() {
+        return;
+    }
+    let (port, target) = loopback_ports(1);
+    let (svc, _policies, daemon) = udp_service("statsd", port, 1, CONFIG);
+    let (sent, eperm) = conn!().in_cgroup(svc.path()).udp_sendto(5000, 1, target);
+    assert_eq!((sent, eperm), (5000, 0), "every datagram is allowed");
+
+    let events = wait_calls(
+        &daemon,
+        "allowed sendto",
+        5000,
+        REPORTED,
+        SETTLE,
+        flow_events("statsd", port),
+    );
+    assert_eq!(
+        calls_of(&events),
+        5000,
+        "the records and summaries report every call exactly once: {events:#?}"
+    );
+    let verdicts = of_type(&events, "verdict");
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "one record, the flow's first call: {verdicts:#?}"
+    );
+    assert_eq!(verdicts[0]["calls"], 1);
+    assert_eq!(verdicts[0]["verdict"], "allow");
+    assert_eq!(verdicts[0]["hook"], "sendmsg");
+    let summaries = of_type(&events, "flow");
+    assert!(
+        !summaries.is_empty() && summaries.len() <= 20,
+        "a handful of summaries (one a second at most): {}",
+        summaries.len()
+    );
+    for s in &summaries {
+        assert_eq!(s["verdict"], "allow", "{s}");
+        assert_eq!(s["rule"], verdicts[0]["rule"], "{s}");
+        assert_eq!(s["pid"], verdicts[0]["pid"], "{s}");
+        assert_eq!(s["src_port"], verdicts[0]["src_port"], "{s}");
+    }
+    // The kernel's own counter (every decision) agrees.
+    let scrape = Scrape::get(metrics_addr(&daemon));
+    let labels = [
+        ("service", "statsd"),
+        ("direction", "egress"),
+        ("protocol", "udp"),
+        ("verdict", "allow"),
+    ];
+    assert_eq!(scrape.count("bulkhead_connections_total", &labels), 5000);
+}
+
+#[test]
+fn five_thousand_denied_sendto_are_one_record_and_exact_summaries() {
+    if !require_bpf() {
+        return;
+    }
+    // Allowed: the port after; denied: this one.
+    let (port, target) = loopback_ports(2);
+    let (svc, _policies, daemon) = udp_service("denied", port + 1, 1, CONFIG);
+    let (sent, eperm) = conn!().in_cgroup(svc.path()).udp_sendto(5000, 1, target);
+    assert_eq!((sent, eperm), (0, 5000), "every datagram is refused");
+
+    let events = wait_calls(
+        &daemon,
+        "denied sendto",
+        5000,
+        REPORTED,
+        SETTLE,
+        flow_events("denied", port),
+    );
+    assert_eq!(calls_of(&events), 5000, "{events:#?}");
+    let verdicts = of_type(&events, "verdict");
+    assert_eq!(verdicts.len(), 1, "one denial record: {verdicts:#?}");
+    assert_eq!(verdicts[0]["verdict"], "deny");
+    assert_eq!(verdicts[0]["rule"], "denied.toml#default-deny");
+    assert_eq!(
+        verdicts[0]["suppressed"], 0,
+        "the flow's other denials are counted in its summaries, not as suppressed"
+    );
+    for s in of_type(&events, "flow") {
+        assert_eq!(s["verdict"], "deny", "{s}");
+    }
+    let scrape = Scrape::get(metrics_addr(&daemon));
+    let labels = [
+        ("service", "denied"),
+        ("direction", "egress"),
+        ("protocol", "udp"),
+        ("verdict", "deny"),
+    ];
+    assert_eq!(scrape.count("bulkhead_connections_total", &labels), 5000);
+    assert!(
+        scrape
+            .label_sets("bulkhead_events_suppressed_total", ("service", "denied"))
+            .is_empty(),
+        "no denial was held back by the rate limit: the flow counted them"
+    );
+}
+
+#[test]
+fn a_flow_table_too_small_for_the_flows_still_reports_every_call() {
+    const PORTS: u16 = 40;
+    const PER_PORT: u64 = 50;
+    if !require_bpf() {
+        return;
+    }
+    let (first, target) = loopback_ports(PORTS);
+    let config = format!("{CONFIG}table_size = 16\n");
+    let (svc, _policies, daemon) = udp_service("crowded", first, PORTS, &config);
+    // Round robin over the ports: 40 flows at once in a table of 16.
+    let (sent, eperm) =
+        conn!()
+            .in_cgroup(svc.path())
+            .udp_sendto(u64::from(PORTS) * PER_PORT, PORTS, target);
+    assert_eq!((sent, eperm), (u64::from(PORTS) * PER_PORT, 0));
+
+    let all = wait_calls(
+        &daemon,
+        "sendto over 40 ports",
+        u64::from(PORTS) * PER_PORT,
+        REPORTED,
+        SETTLE,
+        |ev| ev["service"] == "crowded" && (ev["type"] == "verdict" || ev["type"] == "flow"),
+    );
+    for port in first..first + PORTS {
+        let of_port: Vec<Value> = all
+            .iter()
+            .filter(|ev| ev["dst_port"] == port)
+            .cloned()
+            .collect();
+        assert_eq!(
+            calls_of(&of_port),
+            PER_PORT,
+            "port {port}: every call reported once: {of_port:#?}"
+        );
+    }
+    let scrape = Scrape::get(metrics_addr(&daemon));
+    assert_eq!(scrape.count("bulkhead_flow_table_capacity", &[]), 16);
+    assert!(
+        scrape.count("bulkhead_flow_table_full_total", &[]) > 0,
+        "flows that found no room are counted"
+    );
+}
+
+#[test]
+fn tcp_connections_keep_their_own_records_and_the_connects_are_one_flow() {
+    if !require_bpf() {
+        return;
+    }
+    let server = conn!().sink(addr("127.0.0.1:0"));
+    let port = server.addr().port();
+    let svc = CgroupGuard::new();
+    let rule = Egress::to(["127.0.0.1"]).ports([port]).protocol("tcp");
+    let policies = PolicyDir::with(&[("pool.toml", &service_policy(&svc, "enforce", &[rule]))]);
+    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    let looping = conn!()
+        .in_cgroup(svc.path())
+        .connect_loop(&[server.addr()], Duration::from_millis(5));
+    let _first = looping.wait_attempt(Duration::from_secs(10), |_| true);
+    while looping.count() < 20 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let attempts = looping.stop();
+    let made = attempts.len() as u64;
+    assert!(
+        attempts.iter().all(|a| a.verdict == conn::Verdict::Ok),
+        "every connect is allowed: {attempts:?}"
+    );
+
+    let events = wait_calls(
+        &daemon,
+        "TCP connects",
+        made,
+        REPORTED,
+        SETTLE,
+        flow_events("pool", port),
+    );
+    assert_eq!(calls_of(&events), made, "{events:#?}");
+    assert_eq!(
+        of_type(&events, "verdict").len(),
+        1,
+        "one record for the connects"
+    );
+    // Each connection is still reported established and closed, with its bytes.
+    let all = integration_tests::events::events(&daemon);
+    let lifecycle = |kind: &str| {
+        all.iter()
+            .filter(|ev| ev["type"] == kind && ev["service"] == "pool" && ev["dst_port"] == port)
+            .count() as u64
+    };
+    assert_eq!(lifecycle("tcp_established"), made);
+    assert_eq!(lifecycle("tcp_closed"), made);
+}
