@@ -7,8 +7,9 @@
 //! at its very top is ever returned on its own. So the agent carried that
 //! peak for its whole life: 26 MiB of heap resident at READY with 100,000
 //! rules, of which 8 MiB was in use (measured with mallinfo2).
-//! `malloc_trim` returns every whole free page, wherever it sits. It runs
-//! once after start-up and after each reload, never on the event path.
+//! `malloc_trim` returns every whole free page, wherever it sits (0.6 to
+//! 1.3 ms at 100,000 rules). It runs before READY, after each reload and
+//! after each retire of an old policy; never on the event path.
 
 use std::time::Instant;
 
