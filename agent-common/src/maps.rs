@@ -82,9 +82,12 @@ pub const COUNTERS: &str = "COUNTERS";
 /// sk_storage of [`crate::SockInfo`] (BTF-defined, cloned to children).
 pub const SOCK_INFO: &str = "SOCK_INFO";
 
-/// Default ring buffer size: 8 MiB, about 58,000 records of [`RECORD_SPAN`]
+/// Default ring buffer size: 4 MiB, about 29,000 records of [`RECORD_SPAN`]
 /// (144) bytes: a 136-byte [`crate::Event`] and the ring's 8-byte header.
-pub const DEFAULT_EVENTS_BYTES: u32 = 8 << 20;
+/// The agent's resident memory counts it twice (the kernel maps its pages
+/// twice into the reader, see docs/config.md), so 8 MiB alone took 16 MiB
+/// of the 20 MiB the agent may use at start.
+pub const DEFAULT_EVENTS_BYTES: u32 = 4 << 20;
 
 /// The kernel wakes the event reader only with the record that fills
 /// `EVENTS` past 1/WAKE_FRACTION of its size; otherwise the reader drains

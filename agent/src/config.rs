@@ -558,6 +558,18 @@ mod tests {
         .is_err());
     }
 
+    /// The shipped file spells the ring buffer out: it must say the
+    /// default, whose memory cost docs/config.md gives.
+    #[test]
+    fn the_shipped_config_has_the_default_ring_buffer() {
+        let text = include_str!("../../policies/config/bulkhead.toml");
+        let c = Config::parse(Path::new(DEFAULT_CONFIG), text).expect("the shipped config parses");
+        assert_eq!(
+            c.events.ring_buffer_bytes,
+            agent_common::DEFAULT_EVENTS_BYTES
+        );
+    }
+
     #[test]
     fn the_shipped_config_has_the_anomaly_defaults() {
         let text = include_str!("../../policies/config/bulkhead.toml");

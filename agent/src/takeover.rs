@@ -20,13 +20,13 @@ use crate::{
 /// are detached, so a flood (an audit-mode service, allowed connections:
 /// neither is rate-limited) could keep a drain going for ever and hold the
 /// new agent back from READY. The drain stops after this long or this many
-/// records (about three default ring buffers), whichever comes first; what
+/// records (about five default ring buffers), whichever comes first; what
 /// is left is read once they are detached (or, past `REST_TIME`, counted
 /// as lost: `source="takeover_drain"`).
 pub const DRAIN_TIME: Duration = Duration::from_millis(500);
 pub const DRAIN_RECORDS: usize = 150_000;
 /// After the detach the ring no longer grows: its rest (at most one ring
-/// buffer, about 58,000 records by default) is read within this.
+/// buffer, about 29,000 records by default) is read within this.
 const REST_TIME: Duration = Duration::from_secs(5);
 /// Decoded events are handed on in batches of this many, so the drain
 /// holds no more than one batch in memory.

@@ -359,7 +359,7 @@ fn changes_while_stopped_apply_when_an_agent_runs_again() {
 /// How long the flood runs: through the second agent's start.
 const FLOOD: Duration = Duration::from_secs(8);
 /// The flood's head start, while no agent runs: far more than fills the
-/// ring buffer (8 MiB, about 50,000 records).
+/// ring buffer (4 MiB by default, about 29,000 records).
 const HEAD_START: Duration = Duration::from_millis(500);
 /// The second agent must be READY within this under the flood: its usual
 /// start and the take-over's drain (`takeover::DRAIN_TIME` while the old

@@ -13,6 +13,7 @@
 //! - `stop`: [`Running::stop`], which ends the tasks, saves the state and
 //!   leaves the pinned programs enforcing.
 
+mod heap;
 mod prepare;
 mod run;
 mod start;

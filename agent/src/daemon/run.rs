@@ -46,9 +46,11 @@ impl Running {
                     // A directory replaced (renamed over) is watched anew.
                     self.policy_changes.rearm();
                     engine.reload("inotify");
+                    super::heap::give_back("reload");
                 }
                 _ = sleep_until(engine.retire_at().unwrap_or_else(far)), if engine.retire_at().is_some() => {
                     engine.retire();
+                    super::heap::give_back("retire");
                 }
                 _ = self.signals.term.recv() => { info!("SIGTERM: stopping"); break; }
                 _ = self.signals.int.recv() => { info!("SIGINT: stopping"); break; }
@@ -59,6 +61,7 @@ impl Running {
                     }
                     self.policy_changes.rearm();
                     engine.reload("sighup");
+                    super::heap::give_back("reload");
                 }
             }
         }

@@ -138,6 +138,9 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
 
     let status = status_line(&tracker, &set, &compiled, &source.dir);
     info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
+    // The enforcer holds the copy placed in the maps: ours goes before the
+    // heap is trimmed (in `announce_ready`), not after READY.
+    drop(compiled);
     let (signals, policy_changes, watchdog) = announce_ready(&source.dir, &hub, &status)?;
     hub.publish(vec![reload::audit_event(reload::change_record(
         "load",
@@ -286,6 +289,7 @@ fn announce_ready(
         hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
     };
     let policy_changes = crate::policy_watch::PolicyWatch::start(policy_dir)?;
+    super::heap::give_back("start");
     crate::notify::ready(status);
     // Pings while the event consumer lives and the main loop beats.
     let watchdog = crate::notify::Watchdog::start(Arc::clone(&hub.stats), RESCAN_INTERVAL);

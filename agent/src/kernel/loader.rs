@@ -25,6 +25,7 @@ use super::{
 
 #[cfg(test)]
 mod contract;
+mod resident;
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
@@ -188,6 +189,7 @@ impl Enforcer {
             }
             loader.load(EBPF_OBJECT)?
         };
+        resident::drop_pages(EBPF_OBJECT);
         let mut lsm_loaded = false;
         let mut lsm_error = None;
         for (name, hook) in PROGRAMS {
