@@ -162,18 +162,45 @@ pub fn refusal(
     let Some(suppressed) = event_budget(verdict, service.service_id, direction, true) else {
         return (verdict, None);
     };
+    let mut ev = verdict_record(&Decision {
+        verdict,
+        service_id: service.service_id,
+        mode: service.mode,
+        rule,
+        protocol,
+        hook,
+        direction,
+    });
+    ev.suppressed = suppressed;
+    (verdict, Some(ev))
+}
+
+/// A decision, as its record states it.
+pub struct Decision {
+    pub verdict: u8,
+    pub service_id: u32,
+    pub mode: u8,
+    pub rule: u32,
+    pub protocol: u8,
+    pub hook: u8,
+    pub direction: u8,
+}
+
+/// The record of `d`, stamped now; the caller adds the ends, the task and
+/// the socket.
+#[inline(always)]
+pub fn verdict_record(d: &Decision) -> Event {
     let mut ev = blank();
     ev.kind = KIND_VERDICT;
-    ev.verdict = verdict;
-    ev.service_id = service.service_id;
-    ev.mode = service.mode;
-    ev.rule_id = rule;
-    ev.protocol = protocol;
-    ev.hook = hook;
-    ev.direction = direction;
-    ev.suppressed = suppressed;
+    ev.verdict = d.verdict;
+    ev.service_id = d.service_id;
+    ev.mode = d.mode;
+    ev.rule_id = d.rule;
+    ev.protocol = d.protocol;
+    ev.hook = d.hook;
+    ev.direction = d.direction;
     ev.ts_ns = now_ns();
-    (verdict, Some(ev))
+    ev
 }
 
 /// Adds one to a service's verdict counter.

@@ -29,10 +29,11 @@ pub enum Report {
     Record { suppressed: u32 },
 }
 
-/// Who made a new flow's first call, kept in its entry.
-pub struct Caller {
+/// Who made a new flow's first call, kept in its entry. The socket
+/// cookie is asked for only then (a helper call the common case skips).
+pub struct Caller<F: Fn() -> u64> {
     pub pid_tgid: u64,
-    pub socket_cookie: u64,
+    pub socket_cookie: F,
     pub mode: u8,
 }
 
@@ -47,7 +48,7 @@ pub struct Caller {
 ///   the limit, the rest counted as suppressed), and the full table is
 ///   counted. Nothing is lost either way.
 #[inline(always)]
-pub fn count_call(mut key: FlowKey, caller: &Caller) -> Report {
+pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Report {
     key.epoch = FLOW_EPOCH.get(0).map_or(0, |e| (*e & 1) as u8);
     if let Some(value) = FLOWS.get_ptr_mut(key) {
         add(value, 1, 0);
@@ -66,7 +67,7 @@ pub fn count_call(mut key: FlowKey, caller: &Caller) -> Report {
         first_ns: now_ns(),
         pid_tgid: caller.pid_tgid,
         uid_gid: bpf_get_current_uid_gid(),
-        socket_cookie: caller.socket_cookie,
+        socket_cookie: (caller.socket_cookie)(),
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         idle_sweeps: 0,
         mode: caller.mode,

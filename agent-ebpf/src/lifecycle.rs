@@ -95,6 +95,10 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     info.passive = u8::from(op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
     let mut ev = record(&ctx, info, now);
     ev.kind = KIND_TCP_ESTABLISHED;
+    // The counters at establishment, for the agent's byte summaries of
+    // the open connection (not logged with this event).
+    ev.bytes_sent = info.acked_base;
+    ev.bytes_received = info.received_base;
     emit(&ev, LOST_TCP);
     // Ask for state changes on this socket only, to see it close.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);

@@ -15,12 +15,14 @@ use aya_log_ebpf::debug;
 
 use crate::{
     addr::{set_addr, v6_bytes, Dest},
-    events::{blank, count, emit, event_budget, fill_task, remember_owner},
+    events::{
+        blank, count, emit, event_budget, fill_task, remember_owner, verdict_record, Decision,
+    },
     flows::{self, Caller, Report},
     helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged},
     rules::{match_ports, match_v4, match_v6},
-    service::current_service,
+    service::{current_service, current_service_in},
     udp_peers,
 };
 
@@ -229,7 +231,8 @@ fn v6_or_mapped(w: [u32; 4]) -> Dest {
 
 #[inline(always)]
 fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i32 {
-    let service = current_service();
+    let cgroup_id = current_cgroup_id();
+    let service = current_service_in(cgroup_id);
     let (service_id, mode, rule, verdict) = match service {
         Some(s) => {
             let mut rule = match dest {
@@ -263,7 +266,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     // table could not count) becomes a record.
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut key = FlowKey {
-        cgroup_id: current_cgroup_id(),
+        cgroup_id,
         addr: [0; 16],
         service_id,
         rule_id: rule,
@@ -279,10 +282,9 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         _pad: [0; 2],
     };
     set_addr(&mut key.addr, &mut key.family, dest);
-    let cookie = socket_cookie(ctx);
     let caller = Caller {
         pid_tgid,
-        socket_cookie: cookie,
+        socket_cookie: || socket_cookie(ctx),
         mode,
     };
     let report = flows::count_call(key, &caller);
@@ -290,17 +292,25 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     // reports it established and closed), which needs the task's identity.
     let tcp_connect = allowed && hook == HOOK_CONNECT && proto == PROTO_TCP;
     let record = matches!(report, Report::Record { .. });
+    // Asked for only where used: the common case (a repeated UDP flow)
+    // needs no cookie.
+    let pinhole = hook == HOOK_SENDMSG && service.is_some_and(|s| s.flags & FLAG_INGRESS != 0);
+    let cookie = if record || tcp_connect || pinhole {
+        socket_cookie(ctx)
+    } else {
+        0
+    };
     let mut ev = blank();
     if record || tcp_connect {
-        ev.kind = KIND_VERDICT;
-        ev.verdict = verdict;
-        ev.service_id = service_id;
-        ev.mode = mode;
-        ev.rule_id = rule;
-        ev.protocol = proto;
-        ev.hook = hook;
-        ev.direction = DIRECTION_EGRESS;
-        ev.ts_ns = now_ns();
+        ev = verdict_record(&Decision {
+            verdict,
+            service_id,
+            mode,
+            rule,
+            protocol: proto,
+            hook,
+            direction: DIRECTION_EGRESS,
+        });
         ev.cgroup_id = key.cgroup_id;
         ev.socket_cookie = cookie;
         fill_task(&mut ev);
@@ -315,13 +325,9 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
 
     // An unconnected UDP socket of an ingress-restricted service: let the
     // replies from this peer in (see ingress.rs).
-    if allowed && hook == HOOK_SENDMSG {
-        if let Some(s) = service {
-            if s.flags & FLAG_INGRESS != 0 {
-                let key = udp_peers::key(cookie, dest, port);
-                udp_peers::open(&key, s.service_id, 0, PEER_SENT);
-            }
-        }
+    if allowed && pinhole {
+        let key = udp_peers::key(cookie, dest, port);
+        udp_peers::open(&key, service_id, 0, PEER_SENT);
     }
 
     if tcp_connect {

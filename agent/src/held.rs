@@ -47,7 +47,7 @@
 //! (`bulkhead_held_socket_scan_errors_total{kind="unreadable"}`), never
 //! skipped silently.
 
-mod diag;
+use crate::sock_diag as diag;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -21,6 +21,7 @@
 //! - `config`, `logging`: configuration, logs
 //! - `cli`: the command line, one file per command; it builds the daemon's
 //!   options and talks to the control socket (nothing imports it)
+//! - `sock_diag`: the kernel's socket list (held sockets, TCP byte summaries)
 //! - `visible`: control characters from outside written out for terminals
 //!   and diagrams
 
@@ -48,6 +49,7 @@ pub mod reload;
 pub mod rollback;
 pub mod selfcheck;
 pub mod services;
+pub mod sock_diag;
 pub mod state_file;
 pub mod takeover;
 pub mod visible;

@@ -70,30 +70,43 @@ pub fn wait_events(
     n: usize,
     matches: impl Fn(&Value) -> bool,
 ) -> Vec<Value> {
-    let matching = || -> Vec<Value> {
-        events(daemon)
-            .into_iter()
-            .filter(|ev| matches(ev))
-            .collect()
-    };
-    eventually(EVENT_TIMEOUT, Duration::from_millis(50), || {
-        let found = matching();
-        if found.len() >= n {
+    poll_matching(daemon, EVENT_TIMEOUT, &matches, |found| found.len() >= n).unwrap_or_else(
+        |found| {
+            panic!(
+                "only {} of {n} {what} in the decision log within {EVENT_TIMEOUT:?}: {found:#?}",
+                found.len()
+            )
+        },
+    );
+    // The reader drains on a timer of at most 80 ms: one more look after
+    // it catches an event too many.
+    thread::sleep(Duration::from_millis(200));
+    matching_events(daemon, &matches)
+}
+
+fn matching_events(daemon: &Daemon, matches: &impl Fn(&Value) -> bool) -> Vec<Value> {
+    events(daemon)
+        .into_iter()
+        .filter(|ev| matches(ev))
+        .collect()
+}
+
+/// Polls the events satisfying `matches` until `done` says they are
+/// enough; `Err` with the last ones after `timeout`.
+fn poll_matching(
+    daemon: &Daemon,
+    timeout: Duration,
+    matches: &impl Fn(&Value) -> bool,
+    done: impl Fn(&[Value]) -> bool,
+) -> Result<(), Vec<Value>> {
+    eventually(timeout, Duration::from_millis(50), || {
+        let found = matching_events(daemon, matches);
+        if done(&found) {
             Ok(())
         } else {
             Err(found)
         }
     })
-    .unwrap_or_else(|found| {
-        panic!(
-            "only {} of {n} {what} in the decision log within {EVENT_TIMEOUT:?}: {found:#?}",
-            found.len()
-        )
-    });
-    // The reader drains on a timer of at most 80 ms: one more look after
-    // it catches an event too many.
-    thread::sleep(Duration::from_millis(200));
-    matching()
 }
 
 /// Asserts each `(field, value)` of `want` is exactly what `ev` holds.
@@ -130,26 +143,15 @@ pub fn wait_calls(
     settle: Duration,
     matches: impl Fn(&Value) -> bool,
 ) -> Vec<Value> {
-    let matching = || -> Vec<Value> {
-        events(daemon)
-            .into_iter()
-            .filter(|ev| matches(ev))
-            .collect()
-    };
-    eventually(timeout, Duration::from_millis(100), || {
-        let found = matching();
-        if calls_of(&found) >= calls {
-            Ok(())
-        } else {
-            Err(found)
-        }
-    })
-    .unwrap_or_else(|found| {
-        panic!(
-            "the {what} in the decision log report {} of {calls} calls within {timeout:?}: {found:#?}",
-            calls_of(&found)
-        )
-    });
+    poll_matching(daemon, timeout, &matches, |found| calls_of(found) >= calls).unwrap_or_else(
+        |found| {
+            panic!(
+                "the {what} in the decision log report {} of {calls} calls within {timeout:?}: \
+                 {found:#?}",
+                calls_of(&found)
+            )
+        },
+    );
     thread::sleep(settle);
-    matching()
+    matching_events(daemon, &matches)
 }

@@ -257,3 +257,59 @@ fn tcp_connections_keep_their_own_records_and_the_connects_are_one_flow() {
     assert_eq!(lifecycle("tcp_established"), made);
     assert_eq!(lifecycle("tcp_closed"), made);
 }
+
+#[test]
+fn an_open_tcp_connection_reports_its_bytes_each_interval() {
+    if !require_bpf() {
+        return;
+    }
+    let server = conn!().sink(addr("127.0.0.1:0"));
+    let svc = CgroupGuard::new();
+    let rule = Egress::to(["127.0.0.1"])
+        .ports([server.addr().port()])
+        .protocol("tcp");
+    let policies = PolicyDir::with(&[("pooled.toml", &service_policy(&svc, "enforce", &[rule]))]);
+    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    let mut held = conn!().in_cgroup(svc.path()).hold(server.addr());
+    let local_port = held.local().port();
+    let bytes_of = |daemon: &Daemon| -> Vec<(u64, u64)> {
+        integration_tests::events::events(daemon)
+            .iter()
+            .filter(|ev| {
+                ev["type"] == "flow" && ev["hook"] == "sock_ops" && ev["src_port"] == local_port
+            })
+            .map(|ev| {
+                (
+                    ev["bytes_sent"].as_u64().unwrap_or(u64::MAX),
+                    ev["bytes_received"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    };
+    let wait_summaries = |n: usize| {
+        integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
+            let found = bytes_of(&daemon);
+            if found.len() >= n {
+                Ok(found)
+            } else {
+                Err(found)
+            }
+        })
+        .unwrap_or_else(|found| panic!("{n} byte summaries of the open connection: {found:?}"))
+    };
+
+    held.send(&"a".repeat(1000));
+    assert_eq!(
+        wait_summaries(1),
+        vec![(1000, 0)],
+        "the interval's payload, SYN excluded"
+    );
+    held.send(&"b".repeat(500));
+    assert_eq!(wait_summaries(2), vec![(1000, 0), (500, 0)]);
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        bytes_of(&daemon).len(),
+        2,
+        "a quiet interval has no summary"
+    );
+}

@@ -159,6 +159,7 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         duration_ns: None,
         change: None,
         anomaly: None,
+        bytes_base: None,
     }
 }
 

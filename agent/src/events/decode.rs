@@ -261,6 +261,8 @@ impl Decoder {
             duration_ns: (kind == EventType::TcpClosed).then_some(raw.duration_ns),
             change: None,
             anomaly: None,
+            bytes_base: (kind == EventType::TcpEstablished)
+                .then_some((raw.bytes_sent, raw.bytes_received)),
         })
     }
 

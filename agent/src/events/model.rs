@@ -102,6 +102,11 @@ pub struct FlowEvent {
     pub change: Option<ChangeRecord>,
     /// For anomaly: what was seen, against which baseline.
     pub anomaly: Option<AnomalyRecord>,
+    /// For tcp_established: the kernel's byte counters at establishment
+    /// (the SYNs), from which the byte summaries of the open connection
+    /// count. Not in the log.
+    #[serde(skip)]
+    pub bytes_base: Option<(u64, u64)>,
 }
 
 impl FlowEvent {
@@ -140,6 +145,7 @@ impl FlowEvent {
             duration_ns: None,
             change: None,
             anomaly: None,
+            bytes_base: None,
         }
     }
 }
@@ -255,5 +261,6 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         duration_ns: None,
         change: None,
         anomaly: None,
+        bytes_base: None,
     }
 }

@@ -6,6 +6,7 @@
 //! (docs/events.md, "Flows").
 
 mod plan;
+mod tcp;
 
 use std::{
     sync::{
@@ -28,6 +29,7 @@ use crate::{
 };
 
 pub use plan::{plan, Plan, Rules};
+pub use tcp::OpenConnections;
 
 /// The sweeper's counters, for the metrics.
 #[derive(Debug, Default)]
@@ -78,6 +80,9 @@ impl Sweeper {
             // Half the table: the open epoch's new flows need the rest.
             carry_max: (capacity / 2) as usize,
         };
+        // Follows the TCP connections established and closed.
+        let open = Arc::new(OpenConnections::default());
+        hub.add_tap(Arc::clone(&open) as Arc<dyn crate::events::Tap>);
         let (stop, stopped) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("flow-sweeper".to_string())
@@ -90,6 +95,7 @@ impl Sweeper {
                     hub,
                     stats,
                     rules,
+                    open,
                 };
                 loop {
                     let last = match stopped.recv_timeout(interval) {
@@ -122,6 +128,7 @@ struct Task {
     hub: Arc<Hub>,
     stats: Arc<FlowStats>,
     rules: Rules,
+    open: Arc<OpenConnections>,
 }
 
 impl Task {
@@ -162,6 +169,9 @@ impl Task {
         s.active
             .store(self.table.entries(None).len() as u64, Ordering::Relaxed);
         self.hub.publish(events);
+        let bytes = self.open.summaries();
+        s.summaries.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.hub.publish(bytes);
     }
 }
 

@@ -38,7 +38,14 @@ pub struct Graph {
     /// How many single-address edges each (source, /24 or /64 group) has,
     /// so that folding costs a scan only when a group is due.
     group_sizes: HashMap<(Source, Dest), usize, Hasher>,
+    /// Bytes of open TCP connections already added from their byte
+    /// summaries (by socket cookie): their `tcp_closed` adds the rest.
+    open_bytes: HashMap<u64, (u64, u64), Hasher>,
 }
+
+/// Open connections whose summarised bytes are remembered at most; past
+/// it, a connection's bytes are added at close only.
+const MAX_OPEN_BYTES: usize = 65_536;
 
 /// A fast hasher for the per-event lookups (keys come from the kernel's
 /// records of this host's own traffic, seeded per process).
@@ -60,12 +67,19 @@ impl Graph {
                     s.established += 1;
                 });
             }
-            (EventType::TcpClosed, Direction::Ingress) => {
-                self.listener(ev, protocol);
+            (EventType::TcpClosed | EventType::Flow, Direction::Ingress)
+                if ev.hook == "sock_ops" =>
+            {
+                let Some((sent, received)) = self.new_bytes(ev) else {
+                    return;
+                };
+                if ev.kind == EventType::TcpClosed {
+                    self.listener(ev, protocol);
+                }
                 // The edge goes from the peer: what it sent, the service received.
                 self.inbound(ev, protocol, |s| {
-                    s.bytes_sent += ev.bytes_received.unwrap_or(0);
-                    s.bytes_received += ev.bytes_sent.unwrap_or(0);
+                    s.bytes_sent += received;
+                    s.bytes_received += sent;
                 });
             }
             (EventType::Verdict, Direction::Ingress) if ev.hook == "ingress" => {
@@ -96,14 +110,42 @@ impl Graph {
             (EventType::TcpEstablished, Direction::Egress) => {
                 self.edge(ev, protocol, |s| s.established += 1);
             }
-            (EventType::TcpClosed, Direction::Egress) => {
+            (EventType::TcpClosed | EventType::Flow, Direction::Egress)
+                if ev.hook == "sock_ops" =>
+            {
+                let Some((sent, received)) = self.new_bytes(ev) else {
+                    return;
+                };
                 self.edge(ev, protocol, |s| {
-                    s.bytes_sent += ev.bytes_sent.unwrap_or(0);
-                    s.bytes_received += ev.bytes_received.unwrap_or(0);
+                    s.bytes_sent += sent;
+                    s.bytes_received += received;
                 });
             }
             _ => {}
         }
+    }
+
+    /// The bytes a connection's event adds: a byte summary of the open
+    /// connection its own (remembered), its close the total less what the
+    /// summaries added. `None`: nothing to add (a summary past the cap).
+    fn new_bytes(&mut self, ev: &FlowEvent) -> Option<(u64, u64)> {
+        let (sent, received) = (ev.bytes_sent.unwrap_or(0), ev.bytes_received.unwrap_or(0));
+        if ev.kind == EventType::TcpClosed {
+            let (done_sent, done_received) =
+                self.open_bytes.remove(&ev.socket_cookie).unwrap_or((0, 0));
+            return Some((
+                sent.saturating_sub(done_sent),
+                received.saturating_sub(done_received),
+            ));
+        }
+        let known = self.open_bytes.contains_key(&ev.socket_cookie);
+        if !known && self.open_bytes.len() >= MAX_OPEN_BYTES {
+            return None;
+        }
+        let done = self.open_bytes.entry(ev.socket_cookie).or_default();
+        done.0 += sent;
+        done.1 += received;
+        Some((sent, received))
     }
 
     fn next_seq(&mut self) -> u64 {

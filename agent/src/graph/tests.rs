@@ -213,3 +213,42 @@ fn unmanaged_processes_are_keyed_by_cgroup() {
         Dest::host("192.0.2.1".parse().expect("ip"), 53, "udp")
     )));
 }
+
+#[test]
+fn calls_of_flow_summaries_and_bytes_of_open_connections_count_once() {
+    let mut g = Graph::default();
+    let dst = ("192.0.2.7", 5432);
+    g.observe(&connect("a", dst, Verdict::Allow));
+    g.observe(&FlowEvent {
+        calls: Some(4999),
+        hook: "connect".into(),
+        ..ev(
+            EventType::Flow,
+            Some("a"),
+            Direction::Egress,
+            dst,
+            Some(Verdict::Allow),
+        )
+    });
+    let bytes = |kind, sent, received| FlowEvent {
+        bytes_sent: Some(sent),
+        bytes_received: Some(received),
+        verdict: None,
+        ..ev(kind, Some("a"), Direction::Egress, dst, None)
+    };
+    // Two summaries of the open connection, then its close with the total.
+    g.observe(&bytes(EventType::Flow, 1000, 10));
+    g.observe(&bytes(EventType::Flow, 500, 0));
+    g.observe(&bytes(EventType::TcpClosed, 1600, 10));
+    let s = stats(&g, "a", "192.0.2.7:5432/tcp");
+    assert_eq!(
+        (s.allowed, s.connections),
+        (5000, 5000),
+        "calls, not records"
+    );
+    assert_eq!(
+        (s.bytes_sent, s.bytes_received),
+        (1600, 10),
+        "bytes counted once"
+    );
+}

@@ -5,7 +5,10 @@
 //! connect() on this machine (the ceiling).
 //!
 //! Each decision is one UDP connect() of a managed service to an allowed
-//! loopback port: one verdict event, no packet. The load generator is a
+//! loopback port: one verdict event, no packet. Each call goes to an
+//! address of its own in 127.0.0.0/8, so that each is a new flow with a
+//! record (the kernel counts repeated calls of a flow without one: this
+//! measures the records' path). The load generator is a
 //! forked child in the service's cgroup, paced to a target rate, then
 //! unthrottled. Last, the agent's own drain capacity: it is held stopped
 //! while the generator fills a large ring buffer, then let go and timed
@@ -114,7 +117,7 @@ pub fn run(args: &BenchEventsArgs) -> Result<()> {
     fs::write(
         policies.join("svc.toml"),
         format!(
-            "cgroup = \"/{}\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.1\"]\nports = [{PORT}]\nprotocol = \"udp\"\n",
+            "cgroup = \"/{}\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.0/8\"]\nports = [{PORT}]\nprotocol = \"udp\"\n",
             rel
         ),
     )?;
@@ -280,7 +283,8 @@ fn report(
     let mut out = String::from(
         "## Event pipeline throughput\n\n\
          Reproduce: `cargo xtask bench-events` (as root; writes this section). One verdict event per \
-         UDP connect() of a managed service to an allowed loopback port; a forked load generator in the \
+         UDP connect() of a managed service to an allowed loopback address, a new one (a new flow) \
+         per call, so that every call has a record; a forked load generator in the \
          service's cgroup, paced to each target rate for 2 s, then unthrottled; `logged` = verdict lines \
          in the JSON decision log, `lost` = `bulkhead_events_lost_total` growth; CPU = the agent's \
          user+system time over the step. Drain capacity: the agent is held with SIGSTOP while the \
@@ -402,7 +406,6 @@ fn generate(cgroup: &Path, rate: u64, run: Duration) -> Result<u64> {
 fn child(cgroup: &Path, rate: u64, run: Duration) -> Result<u64> {
     fork::join_cgroup(cgroup)?;
     let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let dest = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < run {
@@ -413,7 +416,10 @@ fn child(cgroup: &Path, rate: u64, run: Duration) -> Result<u64> {
                 continue;
             }
         }
-        sock.connect(dest)?;
+        // 127.0.0.1 onwards, a new address (a new flow) per call: 16
+        // million before one comes again, more than any run makes.
+        let host = u32::try_from(n % 0x00ff_fffe).unwrap_or(0) + 1;
+        sock.connect(SocketAddrV4::new(Ipv4Addr::from(0x7f00_0000 | host), PORT))?;
         n += 1;
     }
     Ok(n)

@@ -3,9 +3,11 @@
 //! One dump per (family, protocol) gives, for every TCP or UDP socket of
 //! this network namespace, its inode (what `/proc/PID/fd` links name), its
 //! cookie (what `bpf_get_socket_cookie` returns to the packet programs), its
-//! state and, on Linux >= 5.7 (`INET_DIAG_CGROUP_ID`), the cgroup v2 id of
-//! the cgroup it was created in (for an accepted connection: its
-//! listener's). Dumps need no privilege.
+//! state, on Linux >= 5.7 (`INET_DIAG_CGROUP_ID`) the cgroup v2 id of the
+//! cgroup it was created in (for an accepted connection: its listener's)
+//! and, when asked for (`INET_DIAG_INFO`), a TCP socket's byte counters.
+//! Dumps need no privilege. Used by the held-socket scan (`held`) and the
+//! byte summaries of open TCP connections (`flows`).
 //!
 //! Written by hand: the message layout is small and fixed (linux/netlink.h,
 //! linux/sock_diag.h, linux/inet_diag.h), and the one crate that speaks
@@ -31,6 +33,13 @@ const REQ_LEN: usize = 56;
 /// struct inet_diag_msg.
 const MSG_LEN: usize = 72;
 const INET_DIAG_CGROUP_ID: u16 = 21;
+/// The `struct tcp_info` attribute, and the bit that asks for it.
+const INET_DIAG_INFO: u16 = 2;
+pub const EXT_TCP_INFO: u8 = 1 << (INET_DIAG_INFO - 1);
+/// Offsets in struct tcp_info (linux/tcp.h, stable ABI, Linux >= 4.1/4.2)
+/// of tcpi_bytes_acked and tcpi_bytes_received.
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
 
 #[cfg(test)]
 pub const TCP_CLOSE: u8 = 7;
@@ -51,12 +60,27 @@ pub struct DiagSocket {
     /// The cgroup v2 id of the cgroup the socket was created in; `None`
     /// on kernels that do not report it.
     pub cgroup_id: Option<u64>,
+    /// A TCP socket's bytes acknowledged by the peer and bytes received
+    /// (tcpi_bytes_acked, tcpi_bytes_received), when the dump asked for
+    /// [`EXT_TCP_INFO`].
+    pub tcp_bytes: Option<(u64, u64)>,
 }
 
 /// Dumps the sockets of `family` (`AF_INET`, `AF_INET6`) and `protocol`
 /// (`IPPROTO_TCP`, `IPPROTO_UDP`) whose state is in `states` (a bit per
 /// state) into `out`.
 pub fn dump(family: u8, protocol: u8, states: u32, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+    dump_with(family, protocol, states, 0, out)
+}
+
+/// [`dump`], asking for the extensions in `ext` ([`EXT_TCP_INFO`]).
+pub fn dump_with(
+    family: u8,
+    protocol: u8,
+    states: u32,
+    ext: u8,
+    out: &mut Vec<DiagSocket>,
+) -> io::Result<()> {
     // SAFETY: plain syscall; the result is a new descriptor we own.
     let fd = unsafe {
         libc::socket(
@@ -70,7 +94,7 @@ pub fn dump(family: u8, protocol: u8, states: u32, out: &mut Vec<DiagSocket>) ->
     }
     // SAFETY: a descriptor the kernel just returned to us.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let request = request(family, protocol, states, 1);
+    let request = request(family, protocol, states, ext, 1);
     // SAFETY: a buffer and its length; the address is the kernel (all zero).
     let sent = unsafe {
         let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
@@ -121,7 +145,7 @@ pub fn dump(family: u8, protocol: u8, states: u32, out: &mut Vec<DiagSocket>) ->
 }
 
 /// A `SOCK_DIAG_BY_FAMILY` dump request (nlmsghdr + inet_diag_req_v2).
-fn request(family: u8, protocol: u8, states: u32, seq: u32) -> Vec<u8> {
+fn request(family: u8, protocol: u8, states: u32, ext: u8, seq: u32) -> Vec<u8> {
     let len = NLMSG_HDR + REQ_LEN;
     let mut b = Vec::with_capacity(len);
     b.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -131,7 +155,7 @@ fn request(family: u8, protocol: u8, states: u32, seq: u32) -> Vec<u8> {
     b.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it in
                                               // inet_diag_req_v2: family, protocol, ext (no extensions), pad, states,
                                               // then a zero inet_diag_sockid (48 bytes: match everything).
-    b.extend_from_slice(&[family, protocol, 0, 0]);
+    b.extend_from_slice(&[family, protocol, ext, 0]);
     b.extend_from_slice(&states.to_ne_bytes());
     b.resize(len, 0);
     b
@@ -189,6 +213,7 @@ fn socket(msg: &[u8]) -> io::Result<DiagSocket> {
     let cookie = u64::from(u32_at(msg, 44)?) | (u64::from(u32_at(msg, 48)?) << 32);
     let inode = u32_at(msg, 68)?;
     let mut cgroup_id = None;
+    let mut tcp_bytes = None;
     let mut attrs = &msg[MSG_LEN..];
     while attrs.len() >= 4 {
         let len = usize::from(u16_at(attrs, 0)?);
@@ -200,6 +225,12 @@ fn socket(msg: &[u8]) -> io::Result<DiagSocket> {
         if kind & 0x3fff == INET_DIAG_CGROUP_ID && len >= 12 {
             cgroup_id = Some(u64_at(attrs, 4)?);
         }
+        if kind & 0x3fff == INET_DIAG_INFO && len >= 4 + TCPI_BYTES_RECEIVED + 8 {
+            tcp_bytes = Some((
+                u64_at(attrs, 4 + TCPI_BYTES_ACKED)?,
+                u64_at(attrs, 4 + TCPI_BYTES_RECEIVED)?,
+            ));
+        }
         attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or(&[]);
     }
     Ok(DiagSocket {
@@ -207,6 +238,7 @@ fn socket(msg: &[u8]) -> io::Result<DiagSocket> {
         cookie,
         state,
         cgroup_id,
+        tcp_bytes,
     })
 }
 
@@ -347,6 +379,7 @@ mod tests {
                 cookie: 0x2fb70,
                 state: TCP_LISTEN,
                 cgroup_id: Some(1),
+                tcp_bytes: None,
             }]
         );
     }
@@ -374,7 +407,13 @@ mod tests {
 
     #[test]
     fn the_request_is_what_the_kernel_expects() {
-        let r = request(libc::AF_INET6 as u8, libc::IPPROTO_UDP as u8, u32::MAX, 7);
+        let r = request(
+            libc::AF_INET6 as u8,
+            libc::IPPROTO_UDP as u8,
+            u32::MAX,
+            0,
+            7,
+        );
         assert_eq!(r.len(), 72);
         assert_eq!(u32_at(&r, 0).expect("len"), 72);
         assert_eq!(u16_at(&r, 4).expect("type"), SOCK_DIAG_BY_FAMILY);
