@@ -180,7 +180,7 @@ pub struct FlowsConfig {
     /// A flow with no call for this long ends; its next call starts a new
     /// flow with a record of its own.
     pub idle_timeout_secs: u32,
-    /// Flows counted at one time (kernel memory: about 200 bytes each,
+    /// Flows counted at one time (kernel memory: 184 bytes each,
     /// preallocated). A new flow that finds the table full has each call
     /// reported by a record of its own.
     pub table_size: u32,
