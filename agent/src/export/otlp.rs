@@ -16,7 +16,9 @@ const ERROR: u8 = 17;
 fn severity(ev: &FlowEvent) -> (u8, &'static str) {
     match (ev.kind, ev.verdict, ev.anomaly.as_ref()) {
         (EventType::Anomaly, _, Some(a)) if a.severity == "high" => (ERROR, "ERROR"),
-        (EventType::Anomaly, _, _) | (EventType::Verdict, Some(Verdict::Deny), _) => (WARN, "WARN"),
+        // Denials, first or counted in a flow's summary, alike.
+        (EventType::Anomaly, _, _)
+        | (EventType::Verdict | EventType::Flow, Some(Verdict::Deny), _) => (WARN, "WARN"),
         _ => (INFO, "INFO"),
     }
 }
@@ -85,4 +87,26 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod severity_tests {
+    use super::*;
+
+    #[test]
+    fn denials_are_warnings_whether_a_first_record_or_a_flow_summary() {
+        let deny = crate::events::sample_verdict();
+        assert_eq!(severity(&deny).1, "WARN");
+        let summary = FlowEvent {
+            kind: EventType::Flow,
+            calls: Some(4999),
+            ..deny.clone()
+        };
+        assert_eq!(severity(&summary).1, "WARN");
+        let allowed = FlowEvent {
+            verdict: Some(Verdict::Allow),
+            ..summary
+        };
+        assert_eq!(severity(&allowed).1, "INFO");
+    }
 }
