@@ -145,17 +145,25 @@ impl Task {
                 return;
             }
         };
-        let entries = self.table.entries(Some(closed));
+        // One walk of the table: the closed epoch's entries to report, and
+        // how many the open one holds (for the gauge).
+        let (entries, open): (Vec<_>, Vec<_>) = self
+            .table
+            .entries()
+            .into_iter()
+            .partition(|(key, _)| key.epoch == closed);
+        let closed_keys: Vec<FlowKey> = entries.iter().map(|(key, _)| *key).collect();
         let names = Arc::clone(&self.names.borrow());
-        let plan = plan(entries.clone(), self.rules, |id| names.is_live(id));
+        let plan = plan(entries, self.rules, |id| names.is_live(id));
         let events = summaries(&self.decoder, &plan, crate::events::monotonic_ns());
         // Carried over before the old entries go, so that a call between
         // the two finds its flow in one epoch or the other (else it would
         // count as a new flow and send a record again).
+        let mut carried = 0u64;
         for (key, value) in &plan.carry {
-            self.table.carry(key, value);
+            carried += u64::from(self.table.carry(key, value));
         }
-        for (key, _) in &entries {
+        for key in &closed_keys {
             self.table.remove(key);
         }
         let s = &self.stats;
@@ -166,8 +174,9 @@ impl Task {
             .fetch_add(plan.ended_policy, Ordering::Relaxed);
         s.evicted.fetch_add(plan.evicted, Ordering::Relaxed);
         s.table_full.store(self.table.full(), Ordering::Relaxed);
+        // New flows made since the walk show at the next sweep.
         s.active
-            .store(self.table.entries(None).len() as u64, Ordering::Relaxed);
+            .store(open.len() as u64 + carried, Ordering::Relaxed);
         self.hub.publish(events);
         let bytes = self.open.summaries();
         s.summaries.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -206,7 +215,7 @@ pub fn drain_previous(table: &FlowTable, decoder: &Decoder, hub: &Hub) -> u64 {
         idle_sweeps: 0,
         carry_max: 0,
     };
-    let plan = plan(table.entries(None), rules, |_| false);
+    let plan = plan(table.entries(), rules, |_| false);
     let events = summaries(decoder, &plan, crate::events::monotonic_ns());
     let n = events.len() as u64;
     hub.publish(events);

@@ -83,14 +83,10 @@ impl FlowTable {
         Ok(closed)
     }
 
-    /// Every entry (of `epoch` only, when given). Keys removed while the
-    /// walk goes on are skipped.
-    pub fn entries(&self, epoch: Option<u8>) -> Vec<(FlowKey, FlowValue)> {
-        self.flows
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, _)| epoch.is_none_or(|e| key.epoch == e))
-            .collect()
+    /// Every entry, of both epochs. Keys removed while the walk goes on
+    /// are skipped.
+    pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.flows.iter().filter_map(Result::ok).collect()
     }
 
     /// Puts a flow in the table unless it is there already (a program made
