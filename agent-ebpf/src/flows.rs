@@ -18,6 +18,10 @@ use crate::{
 /// `-EEXIST` from a map insert with `BPF_NOEXIST`.
 const EEXIST: i32 = -17;
 
+/// `carried` when the previous epoch has no entry for the flow (`recorded`
+/// is 0 or 1).
+const NOT_CARRIED: u8 = 0xff;
+
 /// What the caller must do about a call just counted.
 pub enum Report {
     /// Nothing to send: the flow's counters hold the call (or, for a
@@ -55,12 +59,15 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
         return Report::Counted;
     }
     key.epoch ^= 1;
+    // A plain byte, not an `Option<u8>`: LLVM reads an option's payload
+    // even when it is `None`, an uninitialised stack read that verifiers
+    // before 6.5 refuse (the 6.1 guest of docs/testing.md).
     // SAFETY: a field copied out at once, under the RCU read lock.
-    let carried = unsafe { FLOWS.get(key) }.map(|old| old.recorded);
+    let carried = unsafe { FLOWS.get(key) }.map_or(NOT_CARRIED, |old| old.recorded);
     key.epoch ^= 1;
     // The budget is spent only by a record that will be sent; one it
     // refuses is not counted as suppressed: the entry keeps the call.
-    let record = carried.is_none() && within_budget(&key);
+    let record = carried == NOT_CARRIED && within_budget(&key);
     let value = FlowValue {
         calls: 1,
         reported: u64::from(record),
@@ -71,7 +78,11 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         idle_sweeps: 0,
         mode: caller.mode,
-        recorded: carried.unwrap_or(u8::from(record)),
+        recorded: if carried == NOT_CARRIED {
+            u8::from(record)
+        } else {
+            carried
+        },
         _pad: [0; 2],
     };
     match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
