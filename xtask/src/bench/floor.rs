@@ -1,9 +1,11 @@
-//! The "trivial hook" case: the least any connect4/sendmsg4 program can
-//! cost. Two programs of two instructions (`r0 = 1; exit`: allow at once),
-//! loaded with the raw bpf(2) syscall and attached to the case's own cgroup
-//! for its run only, so the probes pay the kernel's cost of running a cgroup
-//! program and nothing of a program's own work. bulkhead's added median is
-//! read against it.
+//! The "trivial hook" cases: the least any program can cost where bulkhead
+//! attaches. Programs of two instructions (`r0 = 1; exit`: allow or pass at
+//! once), loaded with the raw bpf(2) syscall and attached to the case's own
+//! cgroup for its run only, so the probes pay the kernel's cost of running
+//! cgroup programs and nothing of a program's own work. Two sets:
+//! connect4 and sendmsg4 only (the floor goal (c) is read against), and one
+//! program on every hook bulkhead attaches (what its design costs before
+//! any of its work: a sendto() also passes the packet hooks).
 
 use std::{
     ffi::CString,
@@ -20,19 +22,97 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-/// `enum bpf_prog_type` BPF_PROG_TYPE_CGROUP_SOCK_ADDR.
+/// `enum bpf_prog_type`.
+const PROG_TYPE_CGROUP_SKB: u32 = 8;
+const PROG_TYPE_CGROUP_SOCK: u32 = 9;
+const PROG_TYPE_SOCK_OPS: u32 = 13;
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const PROG_TYPE_CGROUP_SOCKOPT: u32 = 25;
 /// `enum bpf_attach_type`.
+const CGROUP_INET_INGRESS: u32 = 0;
+const CGROUP_INET_EGRESS: u32 = 1;
+const CGROUP_INET_SOCK_CREATE: u32 = 2;
+const CGROUP_SOCK_OPS: u32 = 3;
+const CGROUP_INET4_BIND: u32 = 8;
+const CGROUP_INET6_BIND: u32 = 9;
 const CGROUP_INET4_CONNECT: u32 = 10;
+const CGROUP_INET6_CONNECT: u32 = 11;
 const CGROUP_UDP4_SENDMSG: u32 = 14;
+const CGROUP_UDP6_SENDMSG: u32 = 15;
+const CGROUP_SETSOCKOPT: u32 = 22;
 /// Attach beside whatever else is attached there (none is, in its case).
 const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
 
-/// The hooks the probes pass, with the name each floor program gets
+/// One trivial program: its type, where it attaches, and its name
 /// (bpftool shows it).
-const HOOKS: [(u32, &str); 2] = [
-    (CGROUP_INET4_CONNECT, "floor_connect4"),
-    (CGROUP_UDP4_SENDMSG, "floor_sendmsg4"),
+#[derive(Clone, Copy)]
+pub struct Hook {
+    prog_type: u32,
+    attach_type: u32,
+    name: &'static str,
+}
+
+const fn hook(prog_type: u32, attach_type: u32, name: &'static str) -> Hook {
+    Hook {
+        prog_type,
+        attach_type,
+        name,
+    }
+}
+
+/// The hooks the UDP probes' calls are judged at.
+pub const CALL_HOOKS: [Hook; 2] = [
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_INET4_CONNECT,
+        "floor_connect4",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_UDP4_SENDMSG,
+        "floor_sendmsg4",
+    ),
+];
+
+/// Every hook bulkhead attaches (`bulkhead status` lists them). Its
+/// sock_ops program also asks for TCP state callbacks, which the trivial
+/// one does not: those extra calls are bulkhead's own cost.
+pub const ALL_HOOKS: [Hook; 11] = [
+    hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_INGRESS, "floor_ingress"),
+    hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_EGRESS, "floor_egress"),
+    hook(
+        PROG_TYPE_CGROUP_SOCK,
+        CGROUP_INET_SOCK_CREATE,
+        "floor_sock_crea",
+    ),
+    hook(PROG_TYPE_SOCK_OPS, CGROUP_SOCK_OPS, "floor_sockops"),
+    hook(PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_INET4_BIND, "floor_bind4"),
+    hook(PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_INET6_BIND, "floor_bind6"),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_INET4_CONNECT,
+        "floor_connect4",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_INET6_CONNECT,
+        "floor_connect6",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_UDP4_SENDMSG,
+        "floor_sendmsg4",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_UDP6_SENDMSG,
+        "floor_sendmsg6",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCKOPT,
+        CGROUP_SETSOCKOPT,
+        "floor_setsockop",
+    ),
 ];
 
 /// `struct bpf_insn`: opcode, dst_reg (low nibble) and src_reg (high
@@ -46,7 +126,7 @@ struct Insn {
 }
 
 /// `r0 = 1` (BPF_ALU64 | BPF_MOV | BPF_K) then `exit` (BPF_JMP | BPF_EXIT):
-/// 1 lets the call go on.
+/// 1 lets the call (or the packet, or the setsockopt()) go on.
 const PROGRAM: [Insn; 2] = [
     Insn {
         code: 0x07 | 0xb0,
@@ -105,15 +185,20 @@ pub struct Floor {
 }
 
 impl Floor {
-    /// Loads both programs and attaches them to `cgroup`.
-    pub fn attach(cgroup: &Path) -> Result<Self> {
+    /// Loads a program per hook and attaches it to `cgroup`.
+    pub fn attach(cgroup: &Path, hooks: &[Hook]) -> Result<Self> {
         let dir = File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
         let mut floor = Self {
             cgroup: dir,
             programs: Vec::new(),
         };
-        for (attach_type, name) in HOOKS {
-            let prog = load(attach_type, name)
+        for &Hook {
+            prog_type,
+            attach_type,
+            name,
+        } in hooks
+        {
+            let prog = load(prog_type, attach_type, name)
                 .with_context(|| format!("load the trivial {name} program"))?;
             let id = program_id(&prog).with_context(|| format!("the id of {name}"))?;
             attach_cmd(BPF_PROG_ATTACH, &floor.cgroup, &prog, attach_type)
@@ -128,7 +213,7 @@ impl Floor {
         self.programs.iter().map(|(_, _, id)| *id).collect()
     }
 
-    /// Detaches both programs; closing their fds then frees them.
+    /// Detaches every program; closing their fds then frees them.
     pub fn detach(mut self) -> Result<()> {
         self.detach_all()
     }
@@ -174,7 +259,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-fn load(attach_type: u32, name: &str) -> Result<OwnedFd> {
+fn load(prog_type: u32, attach_type: u32, name: &str) -> Result<OwnedFd> {
     let license = CString::new("GPL").context("license")?;
     let mut prog_name = [0u8; 16];
     // At most 15 bytes, so the name stays NUL-terminated.
@@ -182,7 +267,7 @@ fn load(attach_type: u32, name: &str) -> Result<OwnedFd> {
         *dst = src;
     }
     let mut attr = ProgLoadAttr {
-        prog_type: PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: PROGRAM.len() as u32,
         insns: PROGRAM.as_ptr() as u64,
         license: license.as_ptr() as u64,

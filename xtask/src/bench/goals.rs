@@ -25,7 +25,13 @@ const MAX_LINES_PER_CALL: f64 = 0.01;
 /// One bullet per goal, for the "Reading" list.
 pub fn bullets(r: &Report) -> String {
     let mut out = String::new();
-    for line in [sendto(r), tcp(r), udp_connect(r), log_lines(r)] {
+    for line in [
+        sendto(r),
+        tcp(r),
+        udp_connect(r),
+        log_lines(r),
+        hooks_floor(r),
+    ] {
         let _ = writeln!(out, "{line}");
     }
     out
@@ -211,6 +217,47 @@ fn or_none(parts: &[String], none: &str) -> String {
     } else {
         parts.join("; ")
     }
+}
+
+/// What bulkhead's set of hooks costs before any of its work (trivial
+/// programs on all of them), next to what bulkhead and nftables add: the
+/// part of each goal's budget that attaching where bulkhead must already
+/// spends.
+fn hooks_floor(r: &Report) -> String {
+    let mut parts = Vec::new();
+    for probe in Probe::ALL {
+        let Some(all) = r.added(Case::FLOOR_ALL, probe) else {
+            continue;
+        };
+        let mut part = format!("{}: {} ns", probe.short(), signed(all));
+        for &n in &GOAL_COUNTS {
+            let bh = r.added(Case::bulkhead(n), probe);
+            let nft = r.added(
+                Case {
+                    kind: Kind::Nftables,
+                    rules: n,
+                },
+                probe,
+            );
+            if let (Some(bh), Some(nft)) = (bh, nft) {
+                let _ = write!(
+                    part,
+                    "; at {}: bulkhead {} ns (its own work {} ns), nftables {} ns",
+                    num(n as u64),
+                    signed(bh),
+                    signed(bh - all),
+                    signed(nft)
+                );
+            }
+        }
+        parts.push(part);
+    }
+    format!(
+        "- **The floor of bulkhead's hooks** (a program that returns at once on each of the \
+         11 hooks bulkhead attaches, so a sendto() also passes the two packet hooks and a TCP \
+         connect() sock_create, sock_ops and every packet of the handshake): {}.",
+        or_none(&parts, "no all-hooks case in this run")
+    )
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@ pub enum Kind {
     /// Two programs that allow at once (floor.rs) on the case's cgroup:
     /// what any connect4/sendmsg4 program costs.
     Floor,
+    /// A program that allows at once on every hook bulkhead attaches: what
+    /// its set of hooks costs before any of its work.
+    FloorAll,
     Bulkhead,
     Nftables,
     Iptables,
@@ -36,6 +39,17 @@ impl Case {
         rules: 0,
     };
 
+    /// The trivial hooks on every attach point of bulkhead's.
+    pub const FLOOR_ALL: Case = Case {
+        kind: Kind::FloorAll,
+        rules: 0,
+    };
+
+    /// A case without rules (measured once per round).
+    pub fn rule_free(self) -> bool {
+        matches!(self.kind, Kind::Baseline | Kind::Floor | Kind::FloorAll)
+    }
+
     pub fn bulkhead(rules: usize) -> Case {
         Case {
             kind: Kind::Bulkhead,
@@ -47,6 +61,7 @@ impl Case {
         match self.kind {
             Kind::Baseline => "no programs",
             Kind::Floor => "trivial hook",
+            Kind::FloorAll => "trivial hooks, all",
             Kind::Bulkhead => "bulkhead",
             Kind::Nftables => "nftables",
             Kind::Iptables => "iptables-legacy",
@@ -58,6 +73,7 @@ impl Case {
         match self.kind {
             Kind::Baseline => "base".to_owned(),
             Kind::Floor => "floor".to_owned(),
+            Kind::FloorAll => "floor-all".to_owned(),
             Kind::Bulkhead => format!("bh-{}", self.rules),
             Kind::Nftables => format!("nft-{}", self.rules),
             Kind::Iptables => format!("ipt-{}", self.rules),
@@ -116,12 +132,12 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Every case in report order: the baseline, the trivial hook, then per rule count
+    /// Every case in report order: the baseline, the trivial hooks, then per rule count
     /// bulkhead and its peers. Rounds run this order forwards and
     /// backwards in turn, so slow drift on the machine (a build starting)
     /// does not always land on the same cases.
     pub fn cases(&self) -> Vec<Case> {
-        let mut out = vec![Case::BASELINE, Case::FLOOR];
+        let mut out = vec![Case::BASELINE, Case::FLOOR, Case::FLOOR_ALL];
         for &rules in &self.rule_counts {
             out.push(Case::bulkhead(rules));
             if self.peers {

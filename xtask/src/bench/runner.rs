@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use super::{
     daemon::Daemon,
     decision_log,
-    floor::Floor,
+    floor::{Floor, ALL_HOOKS, CALL_HOOKS},
     loadgen::{self, Probe, Spec},
     peers,
     plan::{Case, Kind, Plan},
@@ -210,7 +210,7 @@ impl Runner<'_> {
             let destinations = rules::destinations(case.rules)?;
             let mut policy_dir = None;
             match case.kind {
-                Kind::Baseline | Kind::Floor => {}
+                Kind::Baseline | Kind::Floor | Kind::FloorAll => {}
                 Kind::Bulkhead => {
                     let dir = self.work.join(format!("policy-{}", case.slug()));
                     fs::create_dir_all(&dir)
@@ -387,7 +387,8 @@ impl Runner<'_> {
             None => None,
         };
         let floor = match env.case.kind {
-            Kind::Floor => Some(Floor::attach(&env.cgroup.path)?),
+            Kind::Floor => Some(Floor::attach(&env.cgroup.path, &CALL_HOOKS)?),
+            Kind::FloorAll => Some(Floor::attach(&env.cgroup.path, &ALL_HOOKS)?),
             _ => None,
         };
         let ours = match (&daemon, &floor) {
@@ -405,7 +406,7 @@ impl Runner<'_> {
             match env.case.kind {
                 Kind::Nftables => peers::nft_packets(&env.netns).map(Some),
                 Kind::Iptables => peers::iptables_packets(&env.netns).map(Some),
-                Kind::Baseline | Kind::Floor | Kind::Bulkhead => Ok(None),
+                Kind::Baseline | Kind::Floor | Kind::FloorAll | Kind::Bulkhead => Ok(None),
             }
         };
         let before = counter(env)?;
@@ -492,7 +493,7 @@ fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
     let mut order = Vec::new();
     for env in envs {
         match env.case.kind {
-            Kind::Baseline | Kind::Floor => {}
+            Kind::Baseline | Kind::Floor | Kind::FloorAll => {}
             Kind::Bulkhead => {
                 order.extend(baseline);
                 order.push(env);
@@ -503,10 +504,16 @@ fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
     if order.is_empty() {
         order.extend(baseline);
     }
-    // The trivial hook once, right after the first baseline (it does not
+    // The trivial hooks once, right after the first baseline (they do not
     // depend on the rule count).
-    if let Some(floor) = envs.iter().find(|e| e.case.kind == Kind::Floor) {
-        order.insert(usize::from(baseline.is_some()).min(order.len()), floor);
+    let floors = envs
+        .iter()
+        .filter(|e| matches!(e.case.kind, Kind::Floor | Kind::FloorAll));
+    for (i, floor) in floors.enumerate() {
+        order.insert(
+            (usize::from(baseline.is_some()) + i).min(order.len()),
+            floor,
+        );
     }
     if round % 2 == 1 {
         order.reverse();
