@@ -34,6 +34,7 @@ pub mod daemon;
 pub mod engine;
 pub mod events;
 pub mod export;
+pub mod fleet;
 pub mod flows;
 pub mod graph;
 pub mod held;

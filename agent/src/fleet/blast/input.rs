@@ -1,0 +1,111 @@
+//! What the fleet's blast radius is computed from: the rows the agents
+//! sent, as the fleet queries read them back (one struct per kind).
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+/// One destination rule of a policy snapshot (`[[egress]]`), as the
+/// agent serialises it into the `policies` table's `rules` column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// `api.toml#egress[0]`.
+    pub rule: String,
+    pub to: Vec<IpNetwork>,
+    /// Inclusive ranges; empty means every port.
+    pub ports: Vec<(u16, u16)>,
+    /// `tcp`, `udp`, `icmp` or `any`.
+    pub protocol: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl Rule {
+    pub fn port_allowed(&self, port: u16) -> bool {
+        self.ports.is_empty() || self.ports.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+    }
+
+    pub fn protocol_allowed(&self, protocol: &str) -> bool {
+        self.protocol == "any" || self.protocol == protocol
+    }
+
+    /// `8080`, `8000-8100, 9000`, or `all`.
+    pub fn ports_text(&self) -> String {
+        if self.ports.is_empty() || self.ports == [(0, 65535)] {
+            return "all".to_string();
+        }
+        self.ports
+            .iter()
+            .map(|&(lo, hi)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One service on one host: its latest policy snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub service: String,
+    pub host: String,
+    pub mode: String,
+    pub file: String,
+    pub rules: Vec<Rule>,
+}
+
+impl Instance {
+    /// `api@h2`.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.service, self.host)
+    }
+}
+
+/// A socket a service listened on, with when it was seen (Unix seconds).
+/// Wildcard listeners arrive expanded to the host's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub host: String,
+    pub service: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+/// Outgoing calls of one service instance to one remote endpoint over a
+/// stretch of time (Unix seconds), summed from flow summaries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    pub host: String,
+    pub service: String,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    pub protocol: String,
+    /// Calls let through (allowed or audited).
+    pub calls: u64,
+    pub denied: u64,
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+impl Flow {
+    /// `ADDR:PORT/PROTO` (IPv6 in brackets).
+    pub fn dest(&self) -> String {
+        format!("{}/{}", self.endpoint(), self.protocol)
+    }
+
+    /// `ADDR:PORT`.
+    pub fn endpoint(&self) -> String {
+        match self.remote_addr {
+            IpAddr::V4(a) => format!("{a}:{}", self.remote_port),
+            IpAddr::V6(a) => format!("[{a}]:{}", self.remote_port),
+        }
+    }
+}

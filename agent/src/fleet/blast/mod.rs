@@ -1,0 +1,320 @@
+//! The blast radius of a service across the fleet: what its policies allow
+//! (resolved to the services listening there, on any host), what it
+//! actually reached, the allowances it never used, and the lateral paths
+//! from host to host (`web@h1 → api@h2:8080 → db@h3:5432`). Pure: the
+//! fleet queries read the rows, this answers from them.
+
+mod input;
+mod listeners;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+pub use input::{Flow, Instance, Listener, Rule};
+pub use listeners::{Listeners, CURRENT_SLACK_SECS};
+
+use crate::graph::blast::{Hop, Lateral};
+
+/// One destination network of one rule of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowance {
+    /// `web@h1`.
+    pub instance: String,
+    /// `web.toml#egress[0]`.
+    pub rule: String,
+    pub to: String,
+    pub ports: String,
+    pub protocol: String,
+    pub description: Option<String>,
+    /// Service instances listening inside it now (`api@h2`).
+    pub services: Vec<String>,
+    /// Whether an observed call went through it.
+    pub used: bool,
+}
+
+/// What one instance reached at one destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reached {
+    pub from: String,
+    /// The instance listening there at the time (`api@h2`), or the
+    /// destination itself.
+    pub to: String,
+    pub dest: String,
+    pub calls: u64,
+    pub denied: u64,
+    /// Unix seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
+    /// The rule it went through (None: none covers it).
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetBlastRadius {
+    /// As asked: `web` (every instance) or `web@h1`.
+    pub service: String,
+    pub instances: Vec<String>,
+    pub allows: Vec<Allowance>,
+    pub reached: Vec<Reached>,
+    pub unused: Vec<Allowance>,
+    pub lateral: Lateral,
+}
+
+/// The fleet's rows, indexed for the questions below.
+pub struct Fleet {
+    instances: Vec<Instance>,
+    by_name: HashMap<(String, String), usize>,
+    listeners: Listeners,
+    flows: HashMap<usize, Vec<Flow>>,
+}
+
+impl Fleet {
+    /// Flows of services without a policy snapshot are kept out: nothing
+    /// asks for their blast radius.
+    pub fn new(instances: Vec<Instance>, listeners: Vec<Listener>, flows: Vec<Flow>) -> Self {
+        let by_name: HashMap<(String, String), usize> = instances
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((s.service.clone(), s.host.clone()), i))
+            .collect();
+        let mut by_instance: HashMap<usize, Vec<Flow>> = HashMap::new();
+        for f in flows {
+            if let Some(&i) = by_name.get(&(f.service.clone(), f.host.clone())) {
+                by_instance.entry(i).or_default().push(f);
+            }
+        }
+        Self {
+            instances,
+            by_name,
+            listeners: Listeners::new(listeners),
+            flows: by_instance,
+        }
+    }
+
+    pub fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    /// `web` means every instance of it; `web@h1` the one on h1. A
+    /// template instance's name has an `@` of its own
+    /// (`postgresql@14-main`): a whole-name match comes first.
+    fn select(&self, asked: &str) -> Vec<usize> {
+        let matching = |service: &str, host: Option<&str>| -> Vec<usize> {
+            (0..self.instances.len())
+                .filter(|&i| {
+                    let s = &self.instances[i];
+                    s.service == service && host.is_none_or(|h| s.host == h)
+                })
+                .collect()
+        };
+        let mut out = matching(asked, None);
+        if out.is_empty() {
+            if let Some((service, host)) = asked.rsplit_once('@') {
+                out = matching(service, Some(host));
+            }
+        }
+        out.sort_by(|&a, &b| self.instances[a].host.cmp(&self.instances[b].host));
+        out
+    }
+
+    fn flows_of(&self, i: usize) -> &[Flow] {
+        self.flows.get(&i).map_or(&[], Vec::as_slice)
+    }
+
+    /// `api@h2`, for a listener.
+    fn owner_name(l: &Listener) -> String {
+        format!("{}@{}", l.service, l.host)
+    }
+
+    /// The blast radius of `asked` (`web` or `web@h1`).
+    ///
+    /// # Errors
+    /// No instance of that service in the fleet's policy snapshots.
+    pub fn blast_radius(&self, asked: &str) -> Result<FleetBlastRadius, String> {
+        let start = self.select(asked);
+        if start.is_empty() {
+            return Err(format!(
+                "no instance of {asked:?} in the fleet (no policy snapshot names it)"
+            ));
+        }
+        let mut allows = Vec::new();
+        let mut reached = Vec::new();
+        for &i in &start {
+            allows.extend(self.allowances(i));
+            reached.extend(self.reached(i));
+        }
+        let unused = allows.iter().filter(|a| !a.used).cloned().collect();
+        Ok(FleetBlastRadius {
+            service: asked.to_string(),
+            instances: start.iter().map(|&i| self.instances[i].name()).collect(),
+            allows,
+            reached,
+            unused,
+            lateral: self.lateral(&start),
+        })
+    }
+
+    fn allowances(&self, i: usize) -> Vec<Allowance> {
+        let s = &self.instances[i];
+        let flows = self.flows_of(i);
+        let mut out = Vec::new();
+        for rule in &s.rules {
+            for net in &rule.to {
+                let mut services: Vec<String> = self
+                    .reachable(s, rule, net)
+                    .map(Self::owner_name)
+                    .filter(|n| *n != s.name())
+                    .collect();
+                services.sort();
+                services.dedup();
+                out.push(Allowance {
+                    instance: s.name(),
+                    rule: rule.rule.clone(),
+                    to: net.to_string(),
+                    ports: rule.ports_text(),
+                    protocol: rule.protocol.clone(),
+                    description: rule.description.clone(),
+                    services,
+                    used: flows.iter().any(|f| f.calls > 0 && covers(rule, net, f)),
+                });
+            }
+        }
+        out
+    }
+
+    /// Current listeners that `rule`'s `net` of instance `s` lets it reach.
+    fn reachable<'a>(
+        &'a self,
+        s: &'a Instance,
+        rule: &'a Rule,
+        net: &'a IpNetwork,
+    ) -> impl Iterator<Item = &'a Listener> + 'a {
+        self.listeners.current_in(net, &s.host, move |l| {
+            rule.port_allowed(l.port) && rule.protocol_allowed(&l.protocol)
+        })
+    }
+
+    /// Who listened at a flow's destination while it ran.
+    fn owner_of(&self, s: &Instance, f: &Flow) -> Option<&Listener> {
+        self.listeners.owner_at(
+            f.remote_addr,
+            f.remote_port,
+            &f.protocol,
+            &s.host,
+            (f.first_seen, f.last_seen),
+        )
+    }
+
+    fn reached(&self, i: usize) -> Vec<Reached> {
+        let s = &self.instances[i];
+        let mut out: BTreeMap<(String, String), Reached> = BTreeMap::new();
+        for f in self.flows_of(i) {
+            let to = self
+                .owner_of(s, f)
+                .map_or_else(|| f.dest(), Self::owner_name);
+            let dest = f.dest();
+            let r = out
+                .entry((to.clone(), dest.clone()))
+                .or_insert_with(|| Reached {
+                    from: s.name(),
+                    to,
+                    dest,
+                    calls: 0,
+                    denied: 0,
+                    first_seen: f.first_seen,
+                    last_seen: f.last_seen,
+                    rule: s
+                        .rules
+                        .iter()
+                        .find(|r| r.to.iter().any(|n| covers(r, n, f)))
+                        .map(|r| r.rule.clone()),
+                });
+            r.calls += f.calls;
+            r.denied += f.denied;
+            r.first_seen = r.first_seen.min(f.first_seen);
+            r.last_seen = r.last_seen.max(f.last_seen);
+        }
+        out.into_values().collect()
+    }
+
+    /// Breadth first from the start instances over "the policy lets S
+    /// connect to a socket T listens on" (any host); at every instance
+    /// reached, its own allowed destinations that no service listens on.
+    fn lateral(&self, start: &[usize]) -> Lateral {
+        let mut seen: HashSet<String> = start.iter().map(|&i| self.instances[i].name()).collect();
+        let mut services = Vec::new();
+        let mut destinations: BTreeMap<String, Hop> = BTreeMap::new();
+        let mut queue: VecDeque<(usize, String, usize)> = start
+            .iter()
+            .map(|&i| (i, self.instances[i].name(), 0))
+            .collect();
+        while let Some((i, path, depth)) = queue.pop_front() {
+            let s = &self.instances[i];
+            for rule in &s.rules {
+                for net in &rule.to {
+                    let mut via_service = false;
+                    for l in self.reachable(s, rule, net) {
+                        let target = Self::owner_name(l);
+                        if target == s.name() {
+                            continue;
+                        }
+                        via_service = true;
+                        if seen.insert(target.clone()) {
+                            let hop_path = format!("{path} → {target}:{}", l.port);
+                            services.push(Hop {
+                                target: target.clone(),
+                                kind: "service".to_string(),
+                                hops: depth + 1,
+                                path: hop_path.clone(),
+                            });
+                            // One without a policy snapshot is reached, but
+                            // its own reach is unknown: the walk stops there.
+                            if let Some(&next) =
+                                self.by_name.get(&(l.service.clone(), l.host.clone()))
+                            {
+                                queue.push_back((next, hop_path, depth + 1));
+                            }
+                        }
+                    }
+                    let mut targets: Vec<(String, String)> = self
+                        .flows_of(i)
+                        .iter()
+                        .filter(|f| covers(rule, net, f) && self.owner_of(s, f).is_none())
+                        .map(|f| (f.dest(), f.endpoint()))
+                        .collect();
+                    if targets.is_empty() && !via_service {
+                        let whole = format!("{net}:{}/{}", rule.ports_text(), rule.protocol);
+                        targets.push((whole.clone(), whole));
+                    }
+                    for (target, shown) in targets {
+                        destinations.entry(target.clone()).or_insert(Hop {
+                            target,
+                            kind: "destination".to_string(),
+                            hops: depth + 1,
+                            path: format!("{path} → {shown}"),
+                        });
+                    }
+                }
+            }
+        }
+        let size = services.len();
+        let mut destinations: Vec<Hop> = destinations.into_values().collect();
+        destinations.sort_by(|a, b| (a.hops, &a.target).cmp(&(b.hops, &b.target)));
+        Lateral {
+            services,
+            destinations,
+            size,
+        }
+    }
+}
+
+/// Whether `net` of `rule` lets flow `f` through.
+fn covers(rule: &Rule, net: &IpNetwork, f: &Flow) -> bool {
+    net.contains(f.remote_addr)
+        && rule.port_allowed(f.remote_port)
+        && rule.protocol_allowed(&f.protocol)
+}
