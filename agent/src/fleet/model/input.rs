@@ -88,14 +88,23 @@ pub struct Flow {
     pub remote_addr: IpAddr,
     pub remote_port: u16,
     pub protocol: String,
-    /// Calls let through (allowed or audited).
-    pub calls: u64,
+    pub allowed: u64,
+    /// Let through in audit mode (would have been denied).
+    pub audited: u64,
     pub denied: u64,
+    /// TCP payload bytes.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
     pub first_seen: u64,
     pub last_seen: u64,
 }
 
 impl Flow {
+    /// Calls let through (allowed or audited).
+    pub fn calls(&self) -> u64 {
+        self.allowed + self.audited
+    }
+
     /// `ADDR:PORT/PROTO` (IPv6 in brackets).
     pub fn dest(&self) -> String {
         format!("{}/{}", self.endpoint(), self.protocol)

@@ -1,22 +1,13 @@
 //! The blast radius of a service across the fleet: what its policies allow
 //! (resolved to the services listening there, on any host), what it
 //! actually reached, the allowances it never used, and the lateral paths
-//! from host to host (`web@h1 → api@h2:8080 → db@h3:5432`). Pure: the
-//! fleet queries read the rows, this answers from them.
+//! from host to host (`web@h1 → api@h2:8080 → db@h3:5432`).
 
-mod input;
-mod listeners;
-#[cfg(test)]
-mod tests;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-
-use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-pub use input::{Flow, Instance, Listener, Rule};
-pub use listeners::{Listeners, CURRENT_SLACK_SECS};
-
+use super::{covers, Fleet};
 use crate::graph::blast::{Hop, Lateral};
 
 /// One destination network of one rule of one instance.
@@ -64,72 +55,7 @@ pub struct FleetBlastRadius {
     pub lateral: Lateral,
 }
 
-/// The fleet's rows, indexed for the questions below.
-pub struct Fleet {
-    instances: Vec<Instance>,
-    by_name: HashMap<(String, String), usize>,
-    listeners: Listeners,
-    flows: HashMap<usize, Vec<Flow>>,
-}
-
 impl Fleet {
-    /// Flows of services without a policy snapshot are kept out: nothing
-    /// asks for their blast radius.
-    pub fn new(instances: Vec<Instance>, listeners: Vec<Listener>, flows: Vec<Flow>) -> Self {
-        let by_name: HashMap<(String, String), usize> = instances
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ((s.service.clone(), s.host.clone()), i))
-            .collect();
-        let mut by_instance: HashMap<usize, Vec<Flow>> = HashMap::new();
-        for f in flows {
-            if let Some(&i) = by_name.get(&(f.service.clone(), f.host.clone())) {
-                by_instance.entry(i).or_default().push(f);
-            }
-        }
-        Self {
-            instances,
-            by_name,
-            listeners: Listeners::new(listeners),
-            flows: by_instance,
-        }
-    }
-
-    pub fn instances(&self) -> &[Instance] {
-        &self.instances
-    }
-
-    /// `web` means every instance of it; `web@h1` the one on h1. A
-    /// template instance's name has an `@` of its own
-    /// (`postgresql@14-main`): a whole-name match comes first.
-    fn select(&self, asked: &str) -> Vec<usize> {
-        let matching = |service: &str, host: Option<&str>| -> Vec<usize> {
-            (0..self.instances.len())
-                .filter(|&i| {
-                    let s = &self.instances[i];
-                    s.service == service && host.is_none_or(|h| s.host == h)
-                })
-                .collect()
-        };
-        let mut out = matching(asked, None);
-        if out.is_empty() {
-            if let Some((service, host)) = asked.rsplit_once('@') {
-                out = matching(service, Some(host));
-            }
-        }
-        out.sort_by(|&a, &b| self.instances[a].host.cmp(&self.instances[b].host));
-        out
-    }
-
-    fn flows_of(&self, i: usize) -> &[Flow] {
-        self.flows.get(&i).map_or(&[], Vec::as_slice)
-    }
-
-    /// `api@h2`, for a listener.
-    fn owner_name(l: &Listener) -> String {
-        format!("{}@{}", l.service, l.host)
-    }
-
     /// The blast radius of `asked` (`web` or `web@h1`).
     ///
     /// # Errors
@@ -179,34 +105,11 @@ impl Fleet {
                     protocol: rule.protocol.clone(),
                     description: rule.description.clone(),
                     services,
-                    used: flows.iter().any(|f| f.calls > 0 && covers(rule, net, f)),
+                    used: flows.iter().any(|f| f.calls() > 0 && covers(rule, net, f)),
                 });
             }
         }
         out
-    }
-
-    /// Current listeners that `rule`'s `net` of instance `s` lets it reach.
-    fn reachable<'a>(
-        &'a self,
-        s: &'a Instance,
-        rule: &'a Rule,
-        net: &'a IpNetwork,
-    ) -> impl Iterator<Item = &'a Listener> + 'a {
-        self.listeners.current_in(net, &s.host, move |l| {
-            rule.port_allowed(l.port) && rule.protocol_allowed(&l.protocol)
-        })
-    }
-
-    /// Who listened at a flow's destination while it ran.
-    fn owner_of(&self, s: &Instance, f: &Flow) -> Option<&Listener> {
-        self.listeners.owner_at(
-            f.remote_addr,
-            f.remote_port,
-            &f.protocol,
-            &s.host,
-            (f.first_seen, f.last_seen),
-        )
     }
 
     fn reached(&self, i: usize) -> Vec<Reached> {
@@ -233,7 +136,7 @@ impl Fleet {
                         .find(|r| r.to.iter().any(|n| covers(r, n, f)))
                         .map(|r| r.rule.clone()),
                 });
-            r.calls += f.calls;
+            r.calls += f.calls();
             r.denied += f.denied;
             r.first_seen = r.first_seen.min(f.first_seen);
             r.last_seen = r.last_seen.max(f.last_seen);
@@ -310,11 +213,4 @@ impl Fleet {
             size,
         }
     }
-}
-
-/// Whether `net` of `rule` lets flow `f` through.
-fn covers(rule: &Rule, net: &IpNetwork, f: &Flow) -> bool {
-    net.contains(f.remote_addr)
-        && rule.port_allowed(f.remote_port)
-        && rule.protocol_allowed(&f.protocol)
 }

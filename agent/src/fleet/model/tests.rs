@@ -45,8 +45,11 @@ fn flow(service: &str, host: &str, to: (&str, u16), calls: u64, seen: (u64, u64)
         remote_addr: ip(to.0),
         remote_port: to.1,
         protocol: "tcp".to_string(),
-        calls,
+        allowed: calls,
+        audited: 0,
         denied: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
         first_seen: seen.0,
         last_seen: seen.1,
     }
@@ -278,4 +281,55 @@ fn an_ipv6_network_covers_its_listeners_only() {
         .blast_radius("web")
         .expect("web");
     assert_eq!(b.allows[0].services, ["api@h2"]);
+}
+
+#[test]
+fn the_graph_draws_instances_and_resolves_destinations_by_time() {
+    let v = chain().view();
+    let ids: Vec<&str> = v.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "service:api@h2",
+            "service:db@h3",
+            "service:iso@h4",
+            "service:web@h1"
+        ]
+    );
+    let edges: Vec<(&str, &str, &str, u64)> = v
+        .edges
+        .iter()
+        .map(|e| {
+            (
+                e.from.as_str(),
+                e.to.as_str(),
+                e.dest.as_str(),
+                e.stats.connections,
+            )
+        })
+        .collect();
+    assert_eq!(
+        edges,
+        [
+            (
+                "service:api@h2",
+                "service:db@h3",
+                "198.51.100.30:5432/tcp",
+                3
+            ),
+            (
+                "service:web@h1",
+                "service:api@h2",
+                "198.51.100.20:8080/tcp",
+                7
+            ),
+        ]
+    );
+    assert_eq!(v.edges[0].stats.first_seen, "1970-01-01T00:33:20Z");
+    // Dot output works on it as on a host's graph.
+    let dot = crate::graph::export::dot(&v);
+    assert!(
+        dot.contains("\"service:web@h1\" -> \"service:api@h2\""),
+        "{dot}"
+    );
 }
