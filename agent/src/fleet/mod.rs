@@ -2,3 +2,4 @@
 //! graph and blast radius across hosts read back from them.
 
 pub mod model;
+pub mod read;
