@@ -17,6 +17,7 @@
 
 use std::{
     io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -54,6 +55,8 @@ pub const FULL_SOCKET_STATES: u32 = !((1 << TCP_TIME_WAIT) | (1 << TCP_NEW_SYN_R
 /// One socket of a dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiagSocket {
+    /// The socket's own address and port (`0.0.0.0`/`::` for a wildcard).
+    pub local: SocketAddr,
     pub inode: u32,
     pub cookie: u64,
     pub state: u8,
@@ -210,6 +213,12 @@ fn socket(msg: &[u8]) -> io::Result<DiagSocket> {
     // sockid: sport, dport (2+2), src (16), dst (16), if (4), cookie (2 x
     // u32, low half first), then expires, rqueue, wqueue, uid, inode.
     let state = msg[1];
+    let port = u16::from_be_bytes(bytes(msg, 4)?);
+    let addr = if i32::from(msg[0]) == libc::AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(bytes::<16>(msg, 8)?)).to_canonical()
+    } else {
+        IpAddr::V4(Ipv4Addr::from(bytes::<4>(msg, 8)?))
+    };
     let cookie = u64::from(u32_at(msg, 44)?) | (u64::from(u32_at(msg, 48)?) << 32);
     let inode = u32_at(msg, 68)?;
     let mut cgroup_id = None;
@@ -234,6 +243,7 @@ fn socket(msg: &[u8]) -> io::Result<DiagSocket> {
         attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or(&[]);
     }
     Ok(DiagSocket {
+        local: SocketAddr::new(addr, port),
         inode,
         cookie,
         state,
@@ -321,6 +331,7 @@ mod tests {
             .find(|s| s.inode == inode)
             .expect("our listener in the dump");
         assert_eq!(found.state, TCP_LISTEN);
+        assert_eq!(found.local, listener.local_addr().expect("bound"));
         assert_ne!(found.cookie, 0);
         assert_eq!(found.cookie, cookie_of(listener.as_raw_fd()));
         let mut udp6 = Vec::new();
@@ -336,6 +347,7 @@ mod tests {
             .iter()
             .find(|s| s.inode == inode)
             .expect("our UDP socket in the dump");
+        assert_eq!(found.local, udp.local_addr().expect("bound"));
         assert_eq!(found.state, TCP_CLOSE);
         assert_eq!(found.cookie, cookie_of(udp.as_raw_fd()));
         // Both sockets were made in this process's cgroup.
@@ -375,6 +387,7 @@ mod tests {
         assert_eq!(
             out,
             vec![DiagSocket {
+                local: "127.0.0.1:58561".parse().expect("addr"),
                 inode: 426_052,
                 cookie: 0x2fb70,
                 state: TCP_LISTEN,
