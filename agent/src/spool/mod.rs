@@ -17,11 +17,11 @@
 //! - `stats`: what is held and dropped, for the metrics
 //!
 //! **Threads.** A [`Spool`] is `Send + Sync`: share it in an `Arc`; each
-//! call takes an internal lock. Every call but [`Spool::stats`] may read,
-//! write, rename or flush files (pushing past the memory bound, the oldest
-//! batch being on disk, acknowledging one that is, [`Spool::persist`],
-//! [`Spool::open`]), so call them only from the exporter's own thread or
-//! from `tokio::task::spawn_blocking`, never from the enforcement or event
+//! call takes an internal lock. [`Spool::open`], [`Spool::push`] (past
+//! the memory bound), [`Spool::oldest`] and [`Spool::ack`] (of a batch on
+//! disk) and [`Spool::persist`] read, write, rename or flush files while
+//! holding it, so call them only from the exporter's own thread or from
+//! `tokio::task::spawn_blocking`, never from the enforcement or event
 //! path: producers hand their rows to the exporter, which pushes them.
 //! [`Spool::stats`] gives the metrics a copy that never waits on that I/O.
 

@@ -586,3 +586,30 @@ fn stats_are_published_after_every_change() {
     );
     assert_eq!((c.memory_rows, c.disk_bytes), (0, 0));
 }
+
+#[test]
+fn a_failed_write_drops_the_batch_as_a_disk_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("spool");
+    let spool = open(&dir, 0, ROOMY);
+    assert_eq!(spool.push(batch("flows", 0, 2)), Pushed::Spooled);
+    // The directory vanishes under the agent (a file system gone): the
+    // write cannot even start.
+    fs::remove_dir_all(&dir).expect("remove the directory");
+    let (pushed, log) = logged(|| spool.push(batch("flows", 1, 3)));
+    assert_eq!(pushed, Pushed::Dropped(DropReason::DiskError));
+    assert!(
+        log.contains("cannot spool a batch to disk, dropped")
+            && log.contains(&dir.join("00000000000000000001.batch").display().to_string()),
+        "{log}"
+    );
+    let counts = spool.stats().snapshot();
+    assert_eq!(counts.tables["flows"].dropped(DropReason::DiskError), 3);
+    assert_eq!(
+        (counts.disk_files, counts.tables["flows"].spooled_rows),
+        (1, 2)
+    );
+    // The batch already counted on disk is set aside when its turn comes.
+    assert_eq!(spool.oldest(), None);
+    assert_eq!(spool.stats().snapshot().disk_files, 0);
+}
