@@ -51,6 +51,7 @@ pub mod rollback;
 pub mod selfcheck;
 pub mod services;
 pub mod sock_diag;
+pub mod spool;
 pub mod state_file;
 pub mod takeover;
 pub mod visible;
