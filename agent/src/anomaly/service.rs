@@ -42,8 +42,9 @@ impl ServiceState {
         self.intervals >= cfg.warmup_intervals
     }
 
-    /// Counts one event (outbound only: attempts, denials, bytes sent).
-    pub fn observe(&mut self, cfg: &AnomalyConfig, ev: &FlowEvent) {
+    /// Counts one event (outbound only: attempts, denials, bytes sent);
+    /// `sent` is the TCP payload it adds (see `events::OpenBytes`).
+    pub fn observe(&mut self, cfg: &AnomalyConfig, ev: &FlowEvent, sent: u64) {
         if ev.traffic_direction != Some(Direction::Egress) {
             return;
         }
@@ -78,12 +79,10 @@ impl ServiceState {
                     self.see(cfg, dest);
                 }
             }
-            EventType::TcpClosed => {
-                let sent = ev.bytes_sent.unwrap_or(0);
+            // A connection's bytes while open (summaries) and at close.
+            EventType::TcpClosed | EventType::Flow if sent > 0 => {
                 self.window.bytes = self.window.bytes.saturating_add(sent);
-                if sent > 0 {
-                    self.window.byte_samples.push(key(ip));
-                }
+                self.window.byte_samples.push(key(ip));
             }
             _ => {}
         }

@@ -224,6 +224,39 @@ fn volume_spike_against_baseline() {
     );
 }
 
+/// A byte summary of an open TCP connection (one interval's bytes).
+fn summary(dst: &str, port: u16, cookie: u64, bytes: u64) -> FlowEvent {
+    FlowEvent {
+        bytes_sent: Some(bytes),
+        socket_cookie: cookie,
+        ..event(EventType::Flow, dst, port)
+    }
+}
+
+#[test]
+fn volume_spike_while_the_connection_stays_open() {
+    // A pooled connection that never closes: 2 MB an interval, then 20 MB.
+    let normal = [summary("192.0.2.1", 5432, 7, 2_000_000)];
+    let got = after_warmup(
+        Kind::VolumeSpike,
+        &normal,
+        &[summary("192.0.2.1", 5432, 7, 20_000_000)],
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].finding.kind, Kind::VolumeSpike);
+    // Its close carries the total: only what no summary counted is added
+    // (counted again, the 61 MB total would be a spike over 5 MB).
+    let normal = [summary("192.0.2.1", 5432, 7, 5_000_000)];
+    let mut c = Clock::new(config(Kind::VolumeSpike));
+    c.quiet_intervals(12, &normal);
+    let total = 12 * 5_000_000 + 1_000_000;
+    let closing = FlowEvent {
+        socket_cookie: 7,
+        ..closed("192.0.2.1", 5432, total)
+    };
+    assert_eq!(c.interval(&[closing]), vec![], "1 MB is no spike");
+}
+
 #[test]
 fn grouping_one_start_then_updates_every_n() {
     let mut c = Clock::new(config(Kind::DenyBurst));

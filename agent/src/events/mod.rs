@@ -6,6 +6,7 @@ mod decode;
 mod hub;
 mod json;
 mod model;
+mod open_bytes;
 mod reader;
 mod sink;
 mod stats;
@@ -19,6 +20,7 @@ pub use model::{
     monotonic_ns, AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange,
     FlowEvent, ServiceChange, Verdict, SCHEMA,
 };
+pub use open_bytes::OpenBytes;
 pub use reader::spawn_reader;
 pub use sink::Sink;
 pub use stats::EventStats;

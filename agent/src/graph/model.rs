@@ -14,7 +14,7 @@ use std::{
 };
 
 pub use super::node::{Dest, EdgeStats, ListenKey, ListenerInfo, Source};
-use crate::events::{Direction, EventType, FlowEvent, Verdict};
+use crate::events::{Direction, EventType, FlowEvent, OpenBytes, Verdict};
 
 /// Edges kept at most; past this the least recently seen are evicted.
 pub const MAX_EDGES: usize = 20_000;
@@ -39,13 +39,9 @@ pub struct Graph {
     /// so that folding costs a scan only when a group is due.
     group_sizes: HashMap<(Source, Dest), usize, Hasher>,
     /// Bytes of open TCP connections already added from their byte
-    /// summaries (by socket cookie): their `tcp_closed` adds the rest.
-    open_bytes: HashMap<u64, (u64, u64), Hasher>,
+    /// summaries: their `tcp_closed` adds the rest.
+    open_bytes: OpenBytes,
 }
-
-/// Open connections whose summarised bytes are remembered at most; past
-/// it, a connection's bytes are added at close only.
-const MAX_OPEN_BYTES: usize = 65_536;
 
 /// A fast hasher for the per-event lookups (keys come from the kernel's
 /// records of this host's own traffic, seeded per process).
@@ -125,27 +121,8 @@ impl Graph {
         }
     }
 
-    /// The bytes a connection's event adds: a byte summary of the open
-    /// connection its own (remembered), its close the total less what the
-    /// summaries added. `None`: nothing to add (a summary past the cap).
     fn new_bytes(&mut self, ev: &FlowEvent) -> Option<(u64, u64)> {
-        let (sent, received) = (ev.bytes_sent.unwrap_or(0), ev.bytes_received.unwrap_or(0));
-        if ev.kind == EventType::TcpClosed {
-            let (done_sent, done_received) =
-                self.open_bytes.remove(&ev.socket_cookie).unwrap_or((0, 0));
-            return Some((
-                sent.saturating_sub(done_sent),
-                received.saturating_sub(done_received),
-            ));
-        }
-        let known = self.open_bytes.contains_key(&ev.socket_cookie);
-        if !known && self.open_bytes.len() >= MAX_OPEN_BYTES {
-            return None;
-        }
-        let done = self.open_bytes.entry(ev.socket_cookie).or_default();
-        done.0 += sent;
-        done.1 += received;
-        Some((sent, received))
+        self.open_bytes.new_bytes(ev)
     }
 
     fn next_seq(&mut self) -> u64 {
