@@ -152,6 +152,23 @@ impl Daemon {
         daemon
     }
 
+    /// [`Self::start_with_config`], the daemon in network namespace `netns`
+    /// (made with `ip netns add`): a stand-in for another host, whose
+    /// socket list and addresses are that namespace's. Only the network
+    /// namespace changes (no `ip netns exec`, which would remount /sys and
+    /// hide bpffs and the cgroup2 mount).
+    #[must_use]
+    pub fn start_in_netns(policies: &PolicyDir, config: &str, netns: &str) -> Self {
+        let mut daemon = Self::spawn_inner(
+            &[OsStr::new("--policy-dir"), policies.path().as_os_str()],
+            config,
+            &[],
+            Some(netns),
+        );
+        daemon.wait_ready();
+        daemon
+    }
+
     /// Starts `bulkhead run ARGS` with `NOTIFY_SOCKET` set, without waiting.
     #[must_use]
     pub fn spawn_run<S: AsRef<OsStr>>(args: &[S]) -> Self {
@@ -165,6 +182,15 @@ impl Daemon {
     }
 
     fn spawn_full<S: AsRef<OsStr>>(args: &[S], config: &str, env: &[(&str, &OsStr)]) -> Self {
+        Self::spawn_inner(args, config, env, None)
+    }
+
+    fn spawn_inner<S: AsRef<OsStr>>(
+        args: &[S],
+        config: &str,
+        env: &[(&str, &OsStr)],
+        netns: Option<&str>,
+    ) -> Self {
         let work = tempfile::Builder::new()
             .prefix("bulkhead-test-daemon-")
             .tempdir()
@@ -208,13 +234,17 @@ impl Daemon {
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot clone a file handle: {e}"));
         let bin = bulkhead_bin();
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        command
             .args(&command_line)
             .env("NOTIFY_SOCKET", notify.path())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
+            .stderr(err);
+        // Kept open until the child has started.
+        let _netns_file = netns.map(|name| enter_netns_on_exec(&mut command, name));
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} {command_line:?}: {e}", bin.display()));
         Self {
@@ -391,4 +421,25 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// Makes `command` enter network namespace `name` (`/run/netns/NAME`)
+/// between fork and exec; returns the namespace's file, which must stay
+/// open until the child is spawned.
+fn enter_netns_on_exec(command: &mut Command, name: &str) -> fs::File {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let path = Path::new("/run/netns").join(name);
+    let file =
+        fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let fd = file.as_raw_fd();
+    // SAFETY: setns(2) is async-signal-safe and touches only this child.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    file
 }
