@@ -18,8 +18,11 @@ use crate::{
 
 /// Debian packages the integration tests need: `ip` for namespaces and veth
 /// pairs, `bpftool` to check that no bulkhead program is left behind,
-/// `chromium` to render the service map page headless (tests/tests/graph.rs).
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium"];
+/// `chromium` to render the service map page headless (tests/tests/graph.rs),
+/// `clickhouse-server` for fleet mode's tests (tests/tests/fleet.rs start it
+/// themselves, on loopback, from a temporary config; its package's own
+/// service is not used).
+const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium", "clickhouse-server"];
 
 /// Everything: build tools and the packages the tests need.
 pub fn run() -> Result<()> {
