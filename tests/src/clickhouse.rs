@@ -1,7 +1,7 @@
-//! A real ClickHouse server for the fleet tests: Debian's
-//! `clickhouse-server` (installed by `cargo xtask setup`), started on
-//! loopback with a configuration, users and data of its own in a
-//! temporary directory, and stopped by its pid on `Drop`.
+//! A real `clickhouse-server` for the fleet tests (Debian's package,
+//! installed by `cargo xtask setup`), started on loopback with a
+//! configuration, users and data of its own in a temporary directory, and
+//! stopped by its pid on `Drop`.
 //!
 //! The configuration is what 18.16 (Debian bookworm's release) and current
 //! releases both read: a `<yandex>` root, `users_config`, plain ports. Its
@@ -150,7 +150,7 @@ impl ClickHouse {
     }
 
     /// Runs `sql` as `default` and returns the answer (`TabSeparated`
-    /// unless the SQL says otherwise); panics with ClickHouse's message if
+    /// unless the SQL says otherwise); panics with the server's message if
     /// it fails.
     #[must_use]
     pub fn query(&self, sql: &str) -> String {
@@ -159,7 +159,7 @@ impl ClickHouse {
     }
 
     /// Runs `sql` as `default`: the answer, or the HTTP status and
-    /// ClickHouse's message.
+    /// the server's message.
     ///
     /// # Errors
     /// A status other than 200.

@@ -10,7 +10,7 @@
 //! suite runs with `--test-threads=1`. A test that needs root starts with
 //! `if !require_bpf() { return; }`: see [`require_bpf`].
 //!
-//! The fleet tests need no BPF but a real ClickHouse ([`ClickHouse`]):
+//! The fleet tests need no BPF but a real `clickhouse-server` ([`ClickHouse`]):
 //! without its server they fail, saying to run `cargo xtask setup`.
 
 pub mod bpf;

@@ -1,5 +1,5 @@
-//! Fleet mode's foundations against a real ClickHouse (`ClickHouse`, the
-//! harness's server on loopback): `bulkhead fleet init` and `prune`
+//! Fleet mode's foundations against a real `clickhouse-server` (the
+//! harness's `ClickHouse`, on loopback): `bulkhead fleet init` and `prune`
 //! through the binary, inserts and retries through the agent's client.
 //!
 //! No BPF is needed; without `clickhouse-server` every test fails, saying
@@ -45,15 +45,16 @@ fn server() -> ClickHouse {
 /// `password` (in a file of mode 0600), in `dir`.
 fn config(dir: &Path, password: &str) -> PathBuf {
     let pw = dir.join("clickhouse.password");
-    fs::write(&pw, format!("{password}\n")).unwrap_or_else(|e| panic!("write {pw:?}: {e}"));
+    fs::write(&pw, format!("{password}\n"))
+        .unwrap_or_else(|e| panic!("write {}: {e}", pw.display()));
     fs::set_permissions(&pw, fs::Permissions::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("chmod {pw:?}: {e}"));
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", pw.display()));
     let path = dir.join("bulkhead.toml");
     let text = format!(
         "[fleet]\nuser = \"{USER}\"\npassword_file = \"{}\"\n",
         pw.display()
     );
-    fs::write(&path, text).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path
 }
 
@@ -190,10 +191,13 @@ fn init_creates_exactly_the_four_tables_and_running_it_again_changes_nothing() {
 #[test]
 fn init_refuses_a_table_with_other_columns() {
     let ch = server();
-    ch.query("CREATE DATABASE bulkhead");
-    ch.query(
-        "CREATE TABLE bulkhead.anomalies (at DateTime, date Date) \
-         ENGINE = MergeTree() PARTITION BY date ORDER BY at",
+    assert_eq!(ch.query("CREATE DATABASE bulkhead"), "");
+    assert_eq!(
+        ch.query(
+            "CREATE TABLE bulkhead.anomalies (at DateTime, date Date) \
+             ENGINE = MergeTree() PARTITION BY date ORDER BY at",
+        ),
+        ""
     );
     let err = block_on(schema::init(&client(&ch))).expect_err("other columns");
     let message = err.to_string();
