@@ -164,8 +164,36 @@ impl ClickHouse {
     /// # Errors
     /// A status other than 200.
     pub fn try_query(&self, sql: &str) -> Result<String, (u16, String)> {
+        self.try_query_as(sql, "", false)
+    }
+
+    /// [`Self::try_query`] under the query id `id` ("": the server picks
+    /// one; the server keeps ids unique among each user's running
+    /// queries), as `default` or, with `as_user`, as the user of
+    /// [`Self::start_with_user`].
+    ///
+    /// # Errors
+    /// A status other than 200.
+    pub fn try_query_as(
+        &self,
+        sql: &str,
+        id: &str,
+        as_user: bool,
+    ) -> Result<String, (u16, String)> {
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)),
+            "test bug: query id {id:?} needs URL encoding"
+        );
+        let login = match (as_user, self.user()) {
+            (false, _) => String::new(),
+            (true, Some((user, password))) => {
+                format!("X-ClickHouse-User: {user}\r\nX-ClickHouse-Key: {password}\r\n")
+            }
+            (true, None) => panic!("test bug: this server has no user of its own"),
+        };
         let request = format!(
-            "POST / HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{sql}",
+            "POST /?query_id={id} HTTP/1.0\r\nHost: {}\r\n{login}Content-Length: {}\r\n\r\n{sql}",
             self.http,
             sql.len()
         );

@@ -18,7 +18,7 @@ use bulkhead::fleet::{
     schema, time, AnomalyRow, Client, Connection, EncodedBatch, EndpointRow, FlowRow,
     InsertOutcome, Password, PolicyRow, Row, Table,
 };
-use integration_tests::{bulkhead, ClickHouse};
+use integration_tests::{bulkhead, eventually, ClickHouse};
 use tempfile::TempDir;
 
 const USER: &str = "bulkhead";
@@ -335,6 +335,59 @@ fn a_retried_batch_is_stored_once() {
     let all: Vec<FlowRow> = rows.into_iter().chain(more).chain(fresh).collect();
     assert_eq!(read_back::<FlowRow>(&ch), all);
     assert_eq!(ch.query("SELECT count() FROM bulkhead.flows"), "7\n");
+}
+
+/// The guard against the one race the stored-rows check cannot see: a
+/// retry sent while the first attempt still runs on the server (it timed
+/// out here, not there). The insert's query id is the batch's, and the
+/// server refuses a second query under a running one's id.
+#[test]
+fn a_retry_while_the_first_attempt_still_runs_is_refused_not_stored_twice() {
+    let ch = server();
+    let client = client(&ch);
+    init(&client);
+    let mut rows = vec![flow(1, time::now())];
+    let batch = EncodedBatch::encode("h1-race-1", &mut rows).unwrap_or_else(|e| panic!("{e}"));
+    let first_attempt_id = "bulkhead-insert-flows-h1-race-1";
+    std::thread::scope(|scope| {
+        // A query of the same user holding the batch's insert id for two
+        // seconds stands in for the first attempt, still running.
+        let running = scope.spawn(|| ch.try_query_as("SELECT sleep(2)", first_attempt_id, true));
+        eventually(Duration::from_secs(2), Duration::from_millis(20), || {
+            let sql = format!(
+                "SELECT count() FROM system.processes WHERE query_id = '{first_attempt_id}'"
+            );
+            if ch.query(&sql) == "1\n" {
+                Ok(())
+            } else {
+                Err(())
+            }
+        })
+        .unwrap_or_else(|()| panic!("the stand-in first attempt never showed as running"));
+        let err = block_on(client.insert_once(&batch)).expect_err("refused while running");
+        assert_eq!(err.code(), Some(216), "{err}");
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "Query with id = {first_attempt_id} is already running"
+            )),
+            "{err}"
+        );
+        let done = running
+            .join()
+            .unwrap_or_else(|_| panic!("the stand-in panicked"));
+        assert!(done.is_ok(), "the stand-in failed: {done:?}");
+    });
+    assert_eq!(ch.query("SELECT count() FROM bulkhead.flows"), "0\n");
+    let outcome = block_on(client.insert_once(&batch)).unwrap_or_else(|e| panic!("retry: {e}"));
+    assert_eq!(
+        outcome,
+        InsertOutcome {
+            inserted: 1,
+            already_stored: 0
+        }
+    );
+    assert_eq!(read_back::<FlowRow>(&ch), rows);
 }
 
 #[test]

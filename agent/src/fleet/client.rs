@@ -2,20 +2,22 @@
 //! OTLP export uses: a query is a POST whose body is the SQL; an insert is
 //! a POST of `JSONEachRow` lines with the `INSERT` in the URL.
 //!
-//! Credentials go in HTTP basic authentication, which ClickHouse accepts
-//! from 18.x (Debian's package) to current releases; never in the URL,
-//! where a proxy or a server's log could keep them. The password is only
-//! ever put in that header, marked sensitive.
+//! Credentials go in HTTP basic authentication (18.16 accepts it, as it
+//! does the `X-ClickHouse-User`/`-Key` headers; later releases still
+//! document both); never in the URL, where a proxy or a server's log
+//! could keep them. The password is only ever put in that header, marked
+//! sensitive.
 //!
 //! Idempotency: ClickHouse deduplicates inserts only on replicated tables,
-//! or (from release 22) with an `insert_deduplication_token`, which 18.16
+//! or (in later releases) with an `insert_deduplication_token`, which 18.16
 //! and the plain `MergeTree` here do not have. So each row carries its
 //! batch's id and its index in it, and a retry ([`Client::insert_once`])
 //! first asks which rows of that batch are stored and inserts only the
 //! others. An insert runs under the query id of its batch, which the
-//! server keeps unique among running queries: a retry sent while the first
-//! attempt still runs (it timed out here, not there) is refused with code
-//! 216 (retryable) instead of being stored twice.
+//! server keeps unique among the running queries of a user (every attempt
+//! at a batch comes from the same agent, as the same user): a retry sent
+//! while the first attempt still runs (it timed out here, not there) is
+//! refused with code 216 (retryable) instead of being stored twice.
 
 use std::{collections::BTreeSet, time::Duration};
 

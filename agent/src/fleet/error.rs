@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-/// ClickHouse's exception codes that mean "these credentials are refused"
-/// (`UNKNOWN_USER`, `WRONG_PASSWORD`, `REQUIRED_PASSWORD`,
-/// `IP_ADDRESS_NOT_ALLOWED`; `AUTHENTICATION_FAILED` in releases from 20
-/// on, which no longer say which).
+/// ClickHouse's exception codes that mean "these credentials are refused":
+/// `UNKNOWN_USER`, `WRONG_PASSWORD`, `REQUIRED_PASSWORD`,
+/// `IP_ADDRESS_NOT_ALLOWED` (what 18.16 answers, with HTTP 401), and
+/// `AUTHENTICATION_FAILED`, which later releases answer instead.
 const AUTH_CODES: &[u32] = &[192, 193, 194, 195, 516];
 
 /// Codes of conditions that pass: the server is busy, short of memory or

@@ -1,10 +1,11 @@
 //! The fleet's tables (docs/fleet.md, "Schema"), their `CREATE`
 //! statements, and `fleet init`.
 //!
-//! The SQL is what ClickHouse 18.16 (Debian's package) and current
-//! releases share: plain `MergeTree`, no TTL, `DateTime` (seconds, no
+//! The SQL keeps to what ClickHouse 18.16 (Debian's package) has and
+//! later releases kept: plain `MergeTree`, no TTL, `DateTime` (seconds, no
 //! time zone) and `Date`, `String` for addresses and enumerations (no
-//! `IPv4`/`IPv6`/`LowCardinality`/`Enum`). Every table is partitioned by
+//! `IPv4`/`IPv6`/`LowCardinality`/`Enum`). Tested on 18.16.1
+//! (tests/tests/fleet.rs). Every table is partitioned by
 //! day (`PARTITION BY date`, so `fleet prune` drops whole days) and
 //! carries `batch_id` and `row`, which make a retried insert idempotent
 //! (`Client::insert_once`).
