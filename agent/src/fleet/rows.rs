@@ -141,8 +141,9 @@ row!(EndpointRow, Table::Endpoints, last_seen);
 row!(PolicyRow, Table::Policies, applied_at);
 row!(AnomalyRow, Table::Anomalies, at);
 
-/// ClickHouse writes `UInt64` as a JSON string by default
-/// (`output_format_json_quote_64bit_integers`): take either.
+/// ClickHouse 18.16 writes `UInt64` in JSON as a string
+/// (`output_format_json_quote_64bit_integers`), later releases as a
+/// number: take either.
 fn u64_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
