@@ -216,12 +216,13 @@ impl FleetConfig {
         let id = read_small(path, "fleet.machine_id_file")?
             .trim()
             .to_string();
-        if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        if id.is_empty() || id.len() > MAX_HOST_ID || !id.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
             return Err(SetupError::File {
                 path: path.clone(),
                 key: "fleet.machine_id_file",
                 problem: format!(
-                    "{id:?} is not a machine id (letters and digits, as systemd's 32 hex digits)"
+                    "{id:?} is not a machine id (1 to {MAX_HOST_ID} letters and digits, like systemd's 32 hex digits)"
                 ),
             });
         }
@@ -229,6 +230,9 @@ impl FleetConfig {
     }
 }
 
+/// The longest host id (systemd's are 32 characters); it starts every
+/// batch id (`rows::batch_id`).
+pub const MAX_HOST_ID: usize = 64;
 /// Where the kernel keeps the host name.
 const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 /// Files read here are a line or two; anything longer is not one of them.

@@ -15,8 +15,8 @@
 //! - `prune`: daily partitions, and dropping the old ones (`fleet prune`)
 //! - `sql`, `time`: literals and identifiers in SQL; UTC seconds and days
 
-mod client;
-mod config;
+pub mod client;
+pub mod config;
 mod error;
 pub mod prune;
 pub mod rows;

@@ -366,6 +366,15 @@ impl EncodedBatch {
     }
 }
 
+/// A batch id unique across the fleet and across the agent's restarts:
+/// the host id (at most `config::MAX_HOST_ID` characters), the run (any
+/// number that differs between two runs of the agent on a host, like its
+/// start time in nanoseconds) and the batch's number in the run.
+#[must_use]
+pub fn batch_id(host_id: &str, run: u64, seq: u64) -> String {
+    format!("{host_id}-{run}-{seq}")
+}
+
 fn check_id(id: &str) -> Result<(), BatchError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_BATCH_ID
@@ -492,6 +501,20 @@ mod tests {
         );
         let cut = batch.body().slice(..batch.body().len() - 1);
         assert!(EncodedBatch::from_parts(Table::Flows, "h1-8", cut).is_err());
+    }
+
+    #[test]
+    fn batch_ids_fit_with_the_longest_host_id() {
+        let longest = batch_id(
+            &"f".repeat(crate::fleet::config::MAX_HOST_ID),
+            u64::MAX,
+            u64::MAX,
+        );
+        assert!(check_id(&longest).is_ok(), "{longest}");
+        assert_eq!(
+            batch_id("0123abcd", 1_796_277_600_000_000_000, 7),
+            "0123abcd-1796277600000000000-7"
+        );
     }
 
     #[test]
