@@ -246,7 +246,13 @@ impl Drop for ClickHouse {
 /// Panics saying how to install it: the fleet tests never skip.
 fn server_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os(SERVER_ENV) {
-        return PathBuf::from(bin);
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "{SERVER_ENV}={} is not a file",
+            bin.display()
+        );
+        return bin;
     }
     std::env::var_os("PATH")
         .iter()
