@@ -44,6 +44,8 @@ pub struct Config {
     pub self_check: SelfCheckConfig,
     /// In-kernel flow counting (`[flows]`).
     pub flows: FlowsConfig,
+    /// Fleet mode: export to ClickHouse (docs/fleet.md); off by default.
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 /// Room for managed cgroups: one per running service, one per running
@@ -98,6 +100,7 @@ impl Default for Config {
             services: ServicesConfig::default(),
             self_check: SelfCheckConfig::default(),
             flows: FlowsConfig::default(),
+            fleet: crate::fleet::FleetConfig::default(),
         }
     }
 }
@@ -354,6 +357,7 @@ impl Config {
             .chain(config.services.problems())
             .chain(config.self_check.problems())
             .chain(config.flows.problems())
+            .chain(config.fleet.problems())
             .collect();
         if let Some(first) = problems.first() {
             // Points at the first offending key.

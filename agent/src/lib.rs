@@ -16,6 +16,7 @@
 //! - `metrics`: Prometheus endpoint and `/healthz`
 //! - `graph`: the service graph, blast radius, learned policies
 //! - `anomaly`, `export`: per-service baselines and anomaly events; OTLP
+//! - `fleet`: fleet mode on ClickHouse (config, client, schema, rows)
 //! - `daemon`: `bulkhead run` (start-up and main loop); `takeover`: from a
 //!   previous agent's pins; `notify`: systemd readiness and watchdog
 //! - `config`, `logging`: configuration, logs

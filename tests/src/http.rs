@@ -69,25 +69,57 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 /// after its answer); returns as [`http_get`] does.
 #[must_use]
 pub fn http_request(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    try_http_request(addr, request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http_request`], saying what went wrong instead of panicking (for
+/// polling a server that is still starting).
+///
+/// # Errors
+/// A message naming the request when it cannot be sent or its answer read.
+pub fn try_http_request(addr: SocketAddr, request: &str) -> Result<(u16, String, String), String> {
     let what = request.lines().next().unwrap_or_default();
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap_or_else(|e| panic!("set_read_timeout: {e}"));
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
     conn.write_all(request.as_bytes())
-        .unwrap_or_else(|e| panic!("cannot send {what}: {e}"));
+        .map_err(|e| format!("cannot send {what}: {e}"))?;
     let mut response = String::new();
     conn.read_to_string(&mut response)
-        .unwrap_or_else(|e| panic!("cannot read the response to {what}: {e}"));
+        .map_err(|e| format!("cannot read the response to {what}: {e}"))?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{what}: no header block in {response:?}"));
+        .ok_or_else(|| format!("{what}: no header block in {response:?}"))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: no status code in {head:?}"));
-    (status, head.to_ascii_lowercase(), body.to_owned())
+        .ok_or_else(|| format!("{what}: no status code in {head:?}"))?;
+    Ok((status, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer, its chunks joined
+/// (what is not a well-formed chunk ends it).
+#[must_use]
+pub fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = size.split(';').next().unwrap_or_default().trim();
+        let Ok(len) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        if len == 0 || after.len() < len {
+            break;
+        }
+        let Some(chunk) = after.get(..len) else {
+            break;
+        };
+        out.push_str(chunk);
+        rest = after[len..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// `n` TCP connections to `addr` that send nothing, held until dropped (a

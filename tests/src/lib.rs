@@ -9,9 +9,13 @@
 //! Tests share kernel state (programs attached at the cgroup2 root), so the
 //! suite runs with `--test-threads=1`. A test that needs root starts with
 //! `if !require_bpf() { return; }`: see [`require_bpf`].
+//!
+//! The fleet tests need no BPF but a real `clickhouse-server` ([`ClickHouse`]):
+//! without its server they fail, saying to run `cargo xtask setup`.
 
 pub mod bpf;
 pub mod cgroup;
+pub mod clickhouse;
 pub mod conn;
 pub mod control;
 pub mod daemon;
@@ -35,6 +39,7 @@ pub mod sysctl;
 
 pub use bpf::ProgSnapshot;
 pub use cgroup::{cgroup2_mount, unique_name, CgroupGuard};
+pub use clickhouse::ClickHouse;
 pub use daemon::{bulkhead, bulkhead_bin, detach_command, Daemon};
 pub use eventually::eventually;
 pub use fixture::{Enforced, Targets};

@@ -18,8 +18,13 @@ use crate::{
 
 /// Debian packages the integration tests need: `ip` for namespaces and veth
 /// pairs, `bpftool` to check that no bulkhead program is left behind,
-/// `chromium` to render the service map page headless (tests/tests/graph.rs).
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium"];
+/// `chromium` to render the service map page headless (tests/tests/graph.rs),
+/// `clickhouse-server` (18.16 on Debian 12) for fleet mode's tests: they
+/// start their own servers on free loopback ports from temporary configs
+/// (tests/src/clickhouse.rs). On a host run by systemd the package also
+/// enables and starts its own service (ports 8123 and 9000), which the
+/// tests do not use.
+const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium", "clickhouse-server"];
 
 /// Everything: build tools and the packages the tests need.
 pub fn run() -> Result<()> {

@@ -63,6 +63,9 @@ pub enum Command {
     /// pin. Enforcement stops. Refused while an agent is running (stop it
     /// first: its normal stop keeps enforcing).
     Detach(DetachArgs),
+    /// Fleet mode on ClickHouse (docs/fleet.md): create the schema, drop
+    /// old partitions.
+    Fleet(FleetArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -272,4 +275,58 @@ pub struct Offline {
     /// With --state-dir: the policy directory [default: the config's policy_dir].
     #[arg(long, value_name = "DIR", requires = "state_dir")]
     pub policy_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Create the fleet's database and tables where they are missing
+    /// (running it again changes nothing), and check the columns of those
+    /// that exist; prints what it created.
+    Init(FleetInitArgs),
+    /// Drop the fleet tables' daily partitions older than a duration;
+    /// prints what it dropped.
+    Prune(FleetPruneArgs),
+}
+
+/// Which ClickHouse, and as whom.
+#[derive(clap::Args, Debug)]
+pub struct ClickHouseArgs {
+    /// ClickHouse's HTTP interface, `http://HOST:PORT` (overrides
+    /// `fleet.clickhouse_url`).
+    #[arg(long = "clickhouse", value_name = "URL")]
+    pub url: Option<String>,
+    /// Daemon config file, for its `[fleet]` section (database, user,
+    /// password file) [default: /etc/bulkhead/bulkhead.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetInitArgs {
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetPruneArgs {
+    /// Drop the days before the day this long ago ("30d", "12w").
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
+    pub older_than: std::time::Duration,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+/// `--older-than`: a humantime duration of more than nothing.
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0".to_string()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (write it like 30d, 12w or 36h)")),
+    }
 }

@@ -9,6 +9,7 @@ mod ask;
 mod blast_radius;
 mod check;
 mod detach;
+mod fleet;
 mod flows;
 mod graph;
 mod learn;
@@ -35,6 +36,7 @@ pub fn main() -> ExitCode {
         Command::Graph(args) => graph::graph(&args),
         Command::BlastRadius(args) => blast_radius::blast_radius(&args),
         Command::Learn(args) => learn::learn(&args),
+        Command::Fleet(args) => fleet::run(&args),
         Command::Run(args) => run::run(&args, &cli.log_level),
     }
 }

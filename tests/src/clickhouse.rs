@@ -1,0 +1,335 @@
+//! A real `clickhouse-server` for the fleet tests (Debian's package,
+//! installed by `cargo xtask setup`), started on loopback with a
+//! configuration, users and data of its own in a temporary directory, and
+//! stopped by its pid on `Drop`.
+//!
+//! The configuration is what 18.16 (Debian bookworm's release) and current
+//! releases both read: a `<yandex>` root, `users_config`, plain ports. Its
+//! time zone is UTC, so `DateTime` text in answers is UTC. A different
+//! server binary (a newer release) can stand in through
+//! [`SERVER_ENV`].
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tempfile::TempDir;
+
+use crate::{
+    eventually::eventually,
+    http::{dechunk, http_request, try_http_request},
+    ports::free_port_block,
+    process::{scaled, terminate},
+};
+
+/// `BULKHEAD_CLICKHOUSE_SERVER`: the server binary to run instead of
+/// `clickhouse-server` from `PATH`.
+pub const SERVER_ENV: &str = "BULKHEAD_CLICKHOUSE_SERVER";
+/// How long the server may take to answer `/ping` (18.16 takes about a
+/// second here).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long it may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `clickhouse-server`; stopped (SIGTERM, then SIGKILL) and its
+/// files removed on `Drop`, which never panics.
+#[derive(Debug)]
+pub struct ClickHouse {
+    child: Child,
+    http: SocketAddr,
+    /// The password user, if one was asked for.
+    user: Option<(String, String)>,
+    /// Configuration, users, data and logs; removed after the server stops.
+    dir: TempDir,
+}
+
+impl ClickHouse {
+    /// A server whose only user is `default`, without a password, from
+    /// loopback.
+    #[must_use]
+    pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// A server with user `user` and `password` besides `default` (which
+    /// [`Self::query`] uses).
+    #[must_use]
+    pub fn start_with_user(user: &str, password: &str) -> Self {
+        Self::launch(Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn launch(user: Option<(String, String)>) -> Self {
+        let bin = server_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-clickhouse-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot make a temporary directory: {e}"));
+        let base = free_port_block(IpAddr::V4(Ipv4Addr::LOCALHOST), 2);
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, base));
+        let config = dir.path().join("config.xml");
+        write(&config, &config_xml(dir.path(), base));
+        write(&dir.path().join("users.xml"), &users_xml(user.as_ref()));
+        let log = dir.path().join("stdout.log");
+        let out = fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot share {}: {e}", log.display()));
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("--config-file={}", config.display()))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        // The guard owns the child from here: a panic below stops it.
+        let mut server = Self {
+            child,
+            http,
+            user,
+            dir,
+        };
+        server.wait_ready(&bin);
+        server
+    }
+
+    /// Polls `/ping` until it answers `Ok.`; panics with the server's log
+    /// if it exits or does not answer in time.
+    fn wait_ready(&mut self, bin: &Path) {
+        let timeout = scaled(READY_TIMEOUT);
+        let ready = eventually(timeout, Duration::from_millis(100), || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(Err(format!("exited with {status}")));
+            }
+            let ping = format!("GET /ping HTTP/1.0\r\nHost: {}\r\n\r\n", self.http);
+            match try_http_request(self.http, &ping)? {
+                (200, _, body) if body.trim() == "Ok." => Ok(Ok(())),
+                (status, _, body) => Err(format!("/ping answered {status} {body:?}")),
+            }
+        });
+        let problem = match ready {
+            Ok(Ok(())) => return,
+            Ok(Err(exit)) => exit,
+            Err(last) => format!("not ready within {timeout:?} ({last})"),
+        };
+        panic!(
+            "{} on {}: {problem}; its log:\n{}",
+            bin.display(),
+            self.http,
+            self.log()
+        );
+    }
+
+    /// `http://127.0.0.1:PORT`, its HTTP interface.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The user and password of [`Self::start_with_user`].
+    #[must_use]
+    pub fn user(&self) -> Option<(&str, &str)> {
+        self.user.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// Runs `sql` as `default` and returns the answer (`TabSeparated`
+    /// unless the SQL says otherwise); panics with the server's message if
+    /// it fails.
+    #[must_use]
+    pub fn query(&self, sql: &str) -> String {
+        self.try_query(sql)
+            .unwrap_or_else(|(status, message)| panic!("{sql}\nfailed: HTTP {status}: {message}"))
+    }
+
+    /// Runs `sql` as `default`: the answer, or the HTTP status and
+    /// the server's message.
+    ///
+    /// # Errors
+    /// A status other than 200.
+    pub fn try_query(&self, sql: &str) -> Result<String, (u16, String)> {
+        self.try_query_as(sql, "", false)
+    }
+
+    /// [`Self::try_query`] under the query id `id` ("": the server picks
+    /// one; the server keeps ids unique among each user's running
+    /// queries), as `default` or, with `as_user`, as the user of
+    /// [`Self::start_with_user`].
+    ///
+    /// # Errors
+    /// A status other than 200.
+    pub fn try_query_as(
+        &self,
+        sql: &str,
+        id: &str,
+        as_user: bool,
+    ) -> Result<String, (u16, String)> {
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)),
+            "test bug: query id {id:?} needs URL encoding"
+        );
+        let login = match (as_user, self.user()) {
+            (false, _) => String::new(),
+            (true, Some((user, password))) => {
+                format!("X-ClickHouse-User: {user}\r\nX-ClickHouse-Key: {password}\r\n")
+            }
+            (true, None) => panic!("test bug: this server has no user of its own"),
+        };
+        let request = format!(
+            "POST /?query_id={id} HTTP/1.0\r\nHost: {}\r\n{login}Content-Length: {}\r\n\r\n{sql}",
+            self.http,
+            sql.len()
+        );
+        let (status, head, body) = http_request(self.http, &request);
+        let body = if head.contains("transfer-encoding: chunked") {
+            dechunk(&body)
+        } else {
+            body
+        };
+        if status == 200 {
+            Ok(body)
+        } else {
+            Err((status, body.trim().to_owned()))
+        }
+    }
+
+    /// The server's `version()`.
+    #[must_use]
+    pub fn version(&self) -> String {
+        self.query("SELECT version()").trim().to_owned()
+    }
+
+    /// What the server wrote to its log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for name in ["stdout.log", "server.err.log"] {
+            let path = self.dir.path().join(name);
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let _ = writeln!(out, "== {}\n{text}", path.display());
+        }
+        out
+    }
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        let (_, killed) = terminate(&mut self.child, STOP_TIMEOUT);
+        if killed {
+            eprintln!(
+                "clickhouse-server {} did not stop within {STOP_TIMEOUT:?}; killed it",
+                self.child.id()
+            );
+        }
+    }
+}
+
+/// The server binary: [`SERVER_ENV`], else `clickhouse-server` on `PATH`
+/// or in `/usr/sbin` (where Debian's package puts it, off a user's `PATH`).
+/// Panics saying how to install it: the fleet tests never skip.
+fn server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os(SERVER_ENV) {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "{SERVER_ENV}={} is not a file",
+            bin.display()
+        );
+        return bin;
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("clickhouse-server"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "clickhouse-server is not installed: run `cargo xtask setup` (it installs \
+                 Debian's clickhouse-server), or set {SERVER_ENV} to a server binary"
+            )
+        })
+}
+
+fn write(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// The server's configuration: loopback only, its own ports and
+/// directories, UTC.
+fn config_xml(dir: &Path, base: u16) -> String {
+    let d = xml_escape(&dir.display().to_string());
+    let tcp = base + 1;
+    format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>information</level>
+        <log>{d}/server.log</log>
+        <errorlog>{d}/server.err.log</errorlog>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{base}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+    <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+"#
+    )
+}
+
+/// `default` without a password, and `user` with one; both from loopback.
+fn users_xml(user: Option<&(String, String)>) -> String {
+    let entry = |name: &str, password: &str| {
+        format!(
+            "        <{name}>\n            <password>{}</password>\n            <networks>\
+             <ip>127.0.0.1</ip><ip>::1</ip></networks>\n            <profile>default</profile>\n            \
+             <quota>default</quota>\n        </{name}>\n",
+            xml_escape(password)
+        )
+    };
+    let mut users = entry("default", "");
+    if let Some((name, password)) = user {
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "test bug: user name {name:?} is not a plain XML element name"
+        );
+        users.push_str(&entry(name, password));
+    }
+    format!(
+        "<?xml version=\"1.0\"?>\n<yandex>\n    <profiles><default></default></profiles>\n    \
+         <quotas><default></default></quotas>\n    <users>\n{users}    </users>\n</yandex>\n"
+    )
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,539 @@
+//! Fleet mode's foundations against a real `clickhouse-server` (the
+//! harness's `ClickHouse`, on loopback): `bulkhead fleet init` and `prune`
+//! through the binary, inserts and retries through the agent's client.
+//!
+//! No BPF is needed; without `clickhouse-server` every test fails, saying
+//! to run `cargo xtask setup`.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use bulkhead::fleet::{
+    rows::{parse_rows, select},
+    schema, time, AnomalyRow, Client, Connection, EncodedBatch, EndpointRow, FlowRow,
+    InsertOutcome, Password, PolicyRow, Row, Table,
+};
+use integration_tests::{bulkhead, eventually, ClickHouse};
+use tempfile::TempDir;
+
+const USER: &str = "bulkhead";
+const PASSWORD: &str = "fleet-test-password";
+const DAY: u32 = 86_400;
+
+fn block_on<F: std::future::Future>(work: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("cannot start a runtime: {e}"))
+        .block_on(work)
+}
+
+/// A server with the test user, its version printed (docs/fleet.md says
+/// which releases were tested).
+fn server() -> ClickHouse {
+    let ch = ClickHouse::start_with_user(USER, PASSWORD);
+    eprintln!("ClickHouse server version {} at {}", ch.version(), ch.url());
+    ch
+}
+
+/// A config whose `[fleet]` section logs in as the test user with
+/// `password` (in a file of mode 0600), in `dir`.
+fn config(dir: &Path, password: &str) -> PathBuf {
+    let pw = dir.join("clickhouse.password");
+    fs::write(&pw, format!("{password}\n"))
+        .unwrap_or_else(|e| panic!("write {}: {e}", pw.display()));
+    fs::set_permissions(&pw, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", pw.display()));
+    let path = dir.join("bulkhead.toml");
+    let text = format!(
+        "[fleet]\nuser = \"{USER}\"\npassword_file = \"{}\"\n",
+        pw.display()
+    );
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+fn tempdir() -> TempDir {
+    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
+}
+
+/// `bulkhead fleet ARGS --clickhouse URL --config CONFIG`.
+fn fleet(args: &[&str], url: &str, config: &Path) -> Output {
+    let config = config.display().to_string();
+    let mut all: Vec<&str> = vec!["fleet"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--clickhouse", url, "--config", &config]);
+    bulkhead(&all)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts `out` succeeded and returns its stdout.
+fn succeeded(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The agent's client, logged in as the test user.
+fn client(ch: &ClickHouse) -> Client {
+    Client::new(Connection {
+        url: ch
+            .url()
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", ch.url())),
+        database: "bulkhead".to_owned(),
+        user: USER.to_owned(),
+        password: Some(Password::new(PASSWORD.to_owned())),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap_or_else(|e| panic!("client: {e}"))
+}
+
+fn init(client: &Client) {
+    block_on(schema::init(client)).unwrap_or_else(|e| panic!("fleet init: {e}"));
+}
+
+/// Every row of `R`'s table, by batch and row.
+fn read_back<R: Row>(ch: &ClickHouse) -> Vec<R> {
+    let answer = ch.query(&select::<R>("bulkhead", "1"));
+    parse_rows(&answer).unwrap_or_else(|e| panic!("rows of {}: {e}\n{answer}", R::TABLE))
+}
+
+fn flow(remote_port: u16, last_seen: u32) -> FlowRow {
+    FlowRow {
+        host: "h1".to_owned(),
+        host_id: "0123456789abcdef0123456789abcdef".to_owned(),
+        service: "web".to_owned(),
+        direction: "egress".to_owned(),
+        protocol: "tcp".to_owned(),
+        local_addr: "198.51.100.1".to_owned(),
+        local_port: 40_000,
+        remote_addr: "198.51.100.2".to_owned(),
+        remote_port,
+        verdict: "allow".to_owned(),
+        rule: "web.toml:7".to_owned(),
+        calls: u64::MAX,
+        bytes_sent: 1_000_000_007,
+        bytes_received: 3,
+        first_seen: last_seen - 10,
+        last_seen,
+        ..FlowRow::default()
+    }
+}
+
+#[test]
+fn init_creates_exactly_the_four_tables_and_running_it_again_changes_nothing() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let first = succeeded(&fleet(&["init"], &ch.url(), &config), "fleet init");
+    assert_eq!(
+        first,
+        format!(
+            "ClickHouse {} at {}/\ndatabase bulkhead: created\ntable bulkhead.flows: created\n\
+             table bulkhead.endpoints: created\ntable bulkhead.policies: created\n\
+             table bulkhead.anomalies: created\n",
+            ch.version(),
+            ch.url()
+        )
+    );
+    let tables = "SELECT name, engine FROM system.tables WHERE database = 'bulkhead' ORDER BY name";
+    assert_eq!(
+        ch.query(tables),
+        "anomalies\tMergeTree\nendpoints\tMergeTree\nflows\tMergeTree\npolicies\tMergeTree\n"
+    );
+    let again = succeeded(&fleet(&["init"], &ch.url(), &config), "fleet init again");
+    assert_eq!(
+        again,
+        format!(
+            "ClickHouse {} at {}/\ndatabase bulkhead: exists\ntable bulkhead.flows: exists\n\
+             table bulkhead.endpoints: exists\ntable bulkhead.policies: exists\n\
+             table bulkhead.anomalies: exists\n",
+            ch.version(),
+            ch.url()
+        )
+    );
+    assert_eq!(
+        ch.query(tables),
+        "anomalies\tMergeTree\nendpoints\tMergeTree\nflows\tMergeTree\npolicies\tMergeTree\n"
+    );
+    // Every column as schema.rs declares it.
+    let columns = ch.query(
+        "SELECT table, name, type FROM system.columns WHERE database = 'bulkhead' \
+         ORDER BY table, name",
+    );
+    let mut want: Vec<String> = Table::ALL
+        .iter()
+        .flat_map(|t| {
+            t.schema()
+                .columns
+                .iter()
+                .map(move |(name, ty)| format!("{}\t{name}\t{ty}", t.name()))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(columns, want.join("\n") + "\n");
+}
+
+#[test]
+fn init_refuses_a_table_with_other_columns() {
+    let ch = server();
+    assert_eq!(ch.query("CREATE DATABASE bulkhead"), "");
+    assert_eq!(
+        ch.query(
+            "CREATE TABLE bulkhead.anomalies (at DateTime, date Date) \
+             ENGINE = MergeTree() PARTITION BY date ORDER BY at",
+        ),
+        ""
+    );
+    let err = block_on(schema::init(&client(&ch))).expect_err("other columns");
+    let message = err.to_string();
+    assert!(
+        message.starts_with(
+            "table bulkhead.anomalies exists with other columns than bulkhead writes: \
+             no column host (String); no column host_id (String);"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn rows_inserted_through_the_client_read_back_equal() {
+    let ch = server();
+    let client = client(&ch);
+    init(&client);
+    let now = time::now();
+    let mut flows = vec![flow(8080, now), flow(5432, now - 3 * DAY)];
+    let mut endpoints = vec![
+        EndpointRow {
+            host: "h2".to_owned(),
+            host_id: "b".repeat(32),
+            service: "api".to_owned(),
+            kind: "listener".to_owned(),
+            protocol: "tcp".to_owned(),
+            addr: "2001:db8::2".to_owned(),
+            port: 8080,
+            first_seen: now - 60,
+            last_seen: now,
+            ..EndpointRow::default()
+        },
+        EndpointRow {
+            host: "h2".to_owned(),
+            host_id: "b".repeat(32),
+            service: "api".to_owned(),
+            kind: "address".to_owned(),
+            addr: "198.51.100.2".to_owned(),
+            first_seen: now - 60,
+            last_seen: now,
+            ..EndpointRow::default()
+        },
+    ];
+    let mut policies = vec![PolicyRow {
+        host: "h1".to_owned(),
+        host_id: "a".repeat(32),
+        service: "web".to_owned(),
+        mode: "enforce".to_owned(),
+        file: "/etc/bulkhead/policies/web.toml".to_owned(),
+        file_sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".to_owned(),
+        rules: r#"[{"egress":"198.51.100.2/32","ports":[8080],"note":"it's \"quoted\"\n"}]"#
+            .to_owned(),
+        applied_at: now,
+        ..PolicyRow::default()
+    }];
+    let mut anomalies = vec![AnomalyRow {
+        host: "h1".to_owned(),
+        host_id: "a".repeat(32),
+        service: "web".to_owned(),
+        kind: "fan_out".to_owned(),
+        severity: "warning".to_owned(),
+        detail: r#"{"hosts":51,"ports":[22,23]}"#.to_owned(),
+        at: now,
+        ..AnomalyRow::default()
+    }];
+    let batches = [
+        EncodedBatch::encode("h1-flows-1", &mut flows),
+        EncodedBatch::encode("h2-endpoints-1", &mut endpoints),
+        EncodedBatch::encode("h1-policies-1", &mut policies),
+        EncodedBatch::encode("h1-anomalies-1", &mut anomalies),
+    ];
+    for batch in batches {
+        let batch = batch.unwrap_or_else(|e| panic!("encode: {e}"));
+        block_on(client.insert_batch(&batch))
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", batch.table()));
+    }
+    assert_eq!(read_back::<FlowRow>(&ch), flows);
+    assert_eq!(read_back::<EndpointRow>(&ch), endpoints);
+    assert_eq!(read_back::<PolicyRow>(&ch), policies);
+    assert_eq!(read_back::<AnomalyRow>(&ch), anomalies);
+    // The partitions are the rows' UTC days.
+    assert_eq!(
+        ch.query("SELECT DISTINCT date FROM bulkhead.flows ORDER BY date"),
+        format!("{}\n{}\n", time::day(now - 3 * DAY), time::day(now))
+    );
+}
+
+#[test]
+fn a_retried_batch_is_stored_once() {
+    let ch = server();
+    let client = client(&ch);
+    init(&client);
+    let now = time::now();
+    let mut rows = vec![flow(1, now), flow(2, now), flow(3, now - DAY)];
+    let batch = EncodedBatch::encode("h1-retry-1", &mut rows).unwrap_or_else(|e| panic!("{e}"));
+    block_on(client.insert_batch(&batch)).unwrap_or_else(|e| panic!("insert: {e}"));
+    // The answer was lost, say: the batch is sent again.
+    let outcome = block_on(client.insert_once(&batch)).unwrap_or_else(|e| panic!("retry: {e}"));
+    assert_eq!(
+        outcome,
+        InsertOutcome {
+            inserted: 0,
+            already_stored: 3
+        }
+    );
+    assert_eq!(read_back::<FlowRow>(&ch), rows);
+
+    // An attempt that stored part of a batch (one of its partitions): the
+    // retry adds only the rest.
+    let mut more = vec![flow(4, now), flow(5, now - DAY), flow(6, now)];
+    let partial = EncodedBatch::encode("h1-retry-2", &mut more).unwrap_or_else(|e| panic!("{e}"));
+    block_on(client.insert(Table::Flows, partial.only(|i| i == 1), partial.id()))
+        .unwrap_or_else(|e| panic!("insert row 1: {e}"));
+    let outcome = block_on(client.insert_once(&partial)).unwrap_or_else(|e| panic!("retry: {e}"));
+    assert_eq!(
+        outcome,
+        InsertOutcome {
+            inserted: 2,
+            already_stored: 1
+        }
+    );
+    // A batch never sent goes in whole.
+    let mut fresh = vec![flow(7, now)];
+    let fresh_batch =
+        EncodedBatch::encode("h1-retry-3", &mut fresh).unwrap_or_else(|e| panic!("{e}"));
+    let outcome =
+        block_on(client.insert_once(&fresh_batch)).unwrap_or_else(|e| panic!("first: {e}"));
+    assert_eq!(
+        outcome,
+        InsertOutcome {
+            inserted: 1,
+            already_stored: 0
+        }
+    );
+    let all: Vec<FlowRow> = rows.into_iter().chain(more).chain(fresh).collect();
+    assert_eq!(read_back::<FlowRow>(&ch), all);
+    assert_eq!(ch.query("SELECT count() FROM bulkhead.flows"), "7\n");
+}
+
+/// The guard against the one race the stored-rows check cannot see: a
+/// retry sent while the first attempt still runs on the server (it timed
+/// out here, not there). The insert's query id is the batch's, and the
+/// server refuses a second query under a running one's id.
+#[test]
+fn a_retry_while_the_first_attempt_still_runs_is_refused_not_stored_twice() {
+    let ch = server();
+    let client = client(&ch);
+    init(&client);
+    let mut rows = vec![flow(1, time::now())];
+    let batch = EncodedBatch::encode("h1-race-1", &mut rows).unwrap_or_else(|e| panic!("{e}"));
+    let first_attempt_id = "bulkhead-insert-flows-h1-race-1";
+    std::thread::scope(|scope| {
+        // A query of the same user holding the batch's insert id for two
+        // seconds stands in for the first attempt, still running.
+        let running = scope.spawn(|| ch.try_query_as("SELECT sleep(2)", first_attempt_id, true));
+        eventually(Duration::from_secs(2), Duration::from_millis(20), || {
+            let sql = format!(
+                "SELECT count() FROM system.processes WHERE query_id = '{first_attempt_id}'"
+            );
+            if ch.query(&sql) == "1\n" {
+                Ok(())
+            } else {
+                Err(())
+            }
+        })
+        .unwrap_or_else(|()| panic!("the stand-in first attempt never showed as running"));
+        let err = block_on(client.insert_once(&batch)).expect_err("refused while running");
+        assert_eq!(err.code(), Some(216), "{err}");
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "Query with id = {first_attempt_id} is already running"
+            )),
+            "{err}"
+        );
+        let done = running
+            .join()
+            .unwrap_or_else(|_| panic!("the stand-in panicked"));
+        assert!(done.is_ok(), "the stand-in failed: {done:?}");
+    });
+    assert_eq!(ch.query("SELECT count() FROM bulkhead.flows"), "0\n");
+    let outcome = block_on(client.insert_once(&batch)).unwrap_or_else(|e| panic!("retry: {e}"));
+    assert_eq!(
+        outcome,
+        InsertOutcome {
+            inserted: 1,
+            already_stored: 0
+        }
+    );
+    assert_eq!(read_back::<FlowRow>(&ch), rows);
+}
+
+#[test]
+fn prune_drops_a_partition_of_40_days_ago_and_keeps_today() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    init(&client);
+    let now = time::now();
+    let (old, today) = (time::day(now - 40 * DAY), time::day(now));
+    let mut rows = vec![flow(1, now - 40 * DAY), flow(2, now)];
+    let batch = EncodedBatch::encode("h1-prune-1", &mut rows).unwrap_or_else(|e| panic!("{e}"));
+    block_on(client.insert_batch(&batch)).unwrap_or_else(|e| panic!("insert: {e}"));
+    let mut anomalies = vec![AnomalyRow {
+        service: "web".to_owned(),
+        at: now - 40 * DAY,
+        ..AnomalyRow::default()
+    }];
+    let batch =
+        EncodedBatch::encode("h1-prune-2", &mut anomalies).unwrap_or_else(|e| panic!("{e}"));
+    block_on(client.insert_batch(&batch)).unwrap_or_else(|e| panic!("insert: {e}"));
+    let parts = "SELECT DISTINCT table, partition_id FROM system.parts \
+                 WHERE database = 'bulkhead' AND active ORDER BY table, partition_id";
+    let id = |day: &str| day.replace('-', "");
+    assert_eq!(
+        ch.query(parts),
+        format!(
+            "anomalies\t{}\nflows\t{}\nflows\t{}\n",
+            id(&old),
+            id(&old),
+            id(&today)
+        )
+    );
+
+    let out = succeeded(
+        &fleet(&["prune", "--older-than", "30d"], &ch.url(), &config),
+        "fleet prune",
+    );
+    let cutoff = time::day(now - 30 * DAY);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with(&format!("dropped bulkhead.anomalies {old} (1 rows, ")),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("dropped bulkhead.flows {old} (1 rows, ")),
+        "{out}"
+    );
+    assert_eq!(
+        lines[2],
+        format!("2 partitions before {cutoff} dropped, 1 kept")
+    );
+    assert_eq!(ch.query(parts), format!("flows\t{}\n", id(&today)));
+    assert_eq!(read_back::<FlowRow>(&ch), vec![rows[1].clone()]);
+    assert_eq!(read_back::<AnomalyRow>(&ch), Vec::<AnomalyRow>::new());
+
+    // Nothing more to drop.
+    let out = succeeded(
+        &fleet(&["prune", "--older-than", "30d"], &ch.url(), &config),
+        "fleet prune again",
+    );
+    assert_eq!(
+        out,
+        format!("0 partitions before {cutoff} dropped, 1 kept\n")
+    );
+}
+
+#[test]
+fn an_unreachable_url_is_named_in_the_error() {
+    // A port nothing listens on: bound, read, released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("bind: {e}"))
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = fleet(&["init"], &url, Path::new("/dev/null"));
+    assert!(!out.status.success(), "init succeeded against {url}");
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "bulkhead fleet init: cannot reach ClickHouse at {url}/: "
+        )),
+        "{err}"
+    );
+    assert!(err.contains("onnection refused"), "{err}");
+}
+
+#[test]
+fn a_wrong_password_is_refused_with_clickhouses_message() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), "not-the-password");
+    let out = fleet(&["init"], &ch.url(), &config);
+    assert!(
+        !out.status.success(),
+        "init with a wrong password succeeded"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "bulkhead fleet init: ClickHouse at {}/ refused the credentials: HTTP ",
+            ch.url()
+        )),
+        "{err}"
+    );
+    // ClickHouse's own words: 18.x names the problem, later releases say
+    // only that authentication failed.
+    assert!(
+        err.contains(&format!("DB::Exception: Wrong password for user {USER}"))
+            || err.contains("DB::Exception: bulkhead: Authentication failed"),
+        "{err}"
+    );
+    assert!(
+        err.trim_end()
+            .ends_with("(check fleet.user and fleet.password_file)"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-password"), "{err}");
+    // Nothing was created.
+    assert_eq!(
+        ch.query("SELECT count() FROM system.databases WHERE name = 'bulkhead'"),
+        "0\n"
+    );
+}
+
+#[test]
+fn bad_command_line_values_are_refused_before_connecting() {
+    let out = bulkhead(&["fleet", "prune", "--older-than", "30 parsecs"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("'--older-than <DURATION>'"), "{err}");
+    assert!(err.contains("write it like 30d, 12w or 36h"), "{err}");
+    let out = bulkhead(&[
+        "fleet",
+        "init",
+        "--clickhouse",
+        "https://ch.example:8443",
+        "--config",
+        "/dev/null",
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr),
+        "bulkhead fleet init: ClickHouse URL \"https://ch.example:8443\": must start with \
+         http:// (for TLS, put a local proxy in front)\n"
+    );
+}
