@@ -48,6 +48,9 @@ pub struct ClickHouse {
     dir: TempDir,
 }
 
+/// Serialises [`ClickHouse::launch`] within a test process.
+static LAUNCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl ClickHouse {
     /// A server whose only user is `default`, without a password, from
     /// loopback.
@@ -64,6 +67,12 @@ impl ClickHouse {
     }
 
     fn launch(user: Option<(String, String)>) -> Self {
+        // One launch at a time in this process, until the server listens:
+        // the free-port search of a parallel test would otherwise pick the
+        // same ports before this server has bound them.
+        let _one_at_a_time = LAUNCH
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bin = server_binary();
         let dir = tempfile::Builder::new()
             .prefix("bulkhead-clickhouse-")
