@@ -56,17 +56,25 @@ impl ClickHouse {
     /// loopback.
     #[must_use]
     pub fn start() -> Self {
-        Self::launch(None)
+        Self::launch(None, &[])
+    }
+
+    /// A server that also listens on `also` (addresses of the test's own
+    /// veth pairs: the root side of a namespace standing in for another
+    /// host) and lets the default user in from `also`'s /24s too.
+    #[must_use]
+    pub fn start_also_on(also: &[IpAddr]) -> Self {
+        Self::launch(None, also)
     }
 
     /// A server with user `user` and `password` besides `default` (which
     /// [`Self::query`] uses).
     #[must_use]
     pub fn start_with_user(user: &str, password: &str) -> Self {
-        Self::launch(Some((user.to_owned(), password.to_owned())))
+        Self::launch(Some((user.to_owned(), password.to_owned())), &[])
     }
 
-    fn launch(user: Option<(String, String)>) -> Self {
+    fn launch(user: Option<(String, String)>, also: &[IpAddr]) -> Self {
         // One launch at a time in this process, until the server listens:
         // the free-port search of a parallel test would otherwise pick the
         // same ports before this server has bound them.
@@ -81,8 +89,11 @@ impl ClickHouse {
         let base = free_port_block(IpAddr::V4(Ipv4Addr::LOCALHOST), 2);
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, base));
         let config = dir.path().join("config.xml");
-        write(&config, &config_xml(dir.path(), base));
-        write(&dir.path().join("users.xml"), &users_xml(user.as_ref()));
+        write(&config, &config_xml(dir.path(), base, also));
+        write(
+            &dir.path().join("users.xml"),
+            &users_xml(user.as_ref(), also),
+        );
         let log = dir.path().join("stdout.log");
         let out = fs::File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
@@ -283,9 +294,13 @@ fn write(path: &Path, text: &str) {
 
 /// The server's configuration: loopback only, its own ports and
 /// directories, UTC.
-fn config_xml(dir: &Path, base: u16) -> String {
+fn config_xml(dir: &Path, base: u16, also: &[IpAddr]) -> String {
     let d = xml_escape(&dir.display().to_string());
     let tcp = base + 1;
+    let also: String = also.iter().fold(String::new(), |mut out, a| {
+        let _ = write!(out, "\n    <listen_host>{a}</listen_host>");
+        out
+    });
     format!(
         r#"<?xml version="1.0"?>
 <yandex>
@@ -294,7 +309,7 @@ fn config_xml(dir: &Path, base: u16) -> String {
         <log>{d}/server.log</log>
         <errorlog>{d}/server.err.log</errorlog>
     </logger>
-    <listen_host>127.0.0.1</listen_host>
+    <listen_host>127.0.0.1</listen_host>{also}
     <http_port>{base}</http_port>
     <tcp_port>{tcp}</tcp_port>
     <path>{d}/data/</path>
@@ -312,12 +327,23 @@ fn config_xml(dir: &Path, base: u16) -> String {
     )
 }
 
-/// `default` without a password, and `user` with one; both from loopback.
-fn users_xml(user: Option<&(String, String)>) -> String {
+/// `default` without a password, and `user` with one; both from loopback
+/// (and from `also`'s /24s).
+fn users_xml(user: Option<&(String, String)>, also: &[IpAddr]) -> String {
+    let networks: String = also.iter().fold(String::new(), |mut out, a| {
+        let _ = match a {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                write!(out, "<ip>{}.{}.{}.0/24</ip>", o[0], o[1], o[2])
+            }
+            IpAddr::V6(v6) => write!(out, "<ip>{v6}/64</ip>"),
+        };
+        out
+    });
     let entry = |name: &str, password: &str| {
         format!(
             "        <{name}>\n            <password>{}</password>\n            <networks>\
-             <ip>127.0.0.1</ip><ip>::1</ip></networks>\n            <profile>default</profile>\n            \
+             <ip>127.0.0.1</ip><ip>::1</ip>{networks}</networks>\n            <profile>default</profile>\n            \
              <quota>default</quota>\n        </{name}>\n",
             xml_escape(password)
         )
