@@ -100,15 +100,7 @@ impl ClickHouse {
         let err = out
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot share {}: {e}", log.display()));
-        let mut cmd = Command::new(&bin);
-        cmd.arg(format!("--config-file={}", config.display()))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let child = spawn_server(&bin, &config, dir.path(), out, err);
         // The guard owns the child from here: a panic below stops it.
         let mut server = Self {
             child,
@@ -118,6 +110,28 @@ impl ClickHouse {
         };
         server.wait_ready(&bin);
         server
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL), keeping its data, config
+    /// and port: an outage, until [`Self::start_again`].
+    pub fn stop(&mut self) {
+        let _ = terminate(&mut self.child, STOP_TIMEOUT);
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn start_again(&mut self) {
+        let bin = server_binary();
+        let log = self.dir.path().join("stdout.log");
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot share {}: {e}", log.display()));
+        let config = self.dir.path().join("config.xml");
+        self.child = spawn_server(&bin, &config, self.dir.path(), out, err);
+        self.wait_ready(&bin);
     }
 
     /// Polls `/ping` until it answers `Ok.`; panics with the server's log
@@ -259,6 +273,17 @@ impl Drop for ClickHouse {
             );
         }
     }
+}
+
+fn spawn_server(bin: &Path, config: &Path, dir: &Path, out: fs::File, err: fs::File) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--config-file={}", config.display()))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
 }
 
 /// The server binary: [`SERVER_ENV`], else `clickhouse-server` on `PATH`

@@ -264,3 +264,110 @@ fn assert_web_blast_radius(fleet: &Fleet, ports: &Ports) {
         "what web reached: api three times, db once refused"
     );
 }
+
+/// Calls `web` makes to `to` in one burst (each TCP connect a flow of its
+/// own: a record, one call).
+fn calls(web: &CgroupGuard, to: SocketAddr, n: usize) {
+    let p = probe!().in_cgroup(web.path());
+    for _ in 0..n {
+        p.tcp_connect(to).assert_ok("web may call the listener");
+    }
+}
+
+/// `web`'s calls stored in the flows table, and rows stored more than once.
+fn stored(ch: &ClickHouse) -> (String, String) {
+    (
+        ch.query(
+            "SELECT sum(calls) FROM bulkhead.flows WHERE service = 'web' \
+             AND direction = 'egress' FORMAT TabSeparated",
+        ),
+        ch.query(
+            "SELECT count() FROM (SELECT batch_id, row, count() AS n FROM bulkhead.flows \
+             GROUP BY batch_id, row HAVING n > 1) FORMAT TabSeparated",
+        ),
+    )
+}
+
+#[test]
+fn a_minute_without_clickhouse_and_a_restart_lose_nothing_and_store_nothing_twice() {
+    if !require_bpf() {
+        return;
+    }
+    let mut ch = ClickHouse::start();
+    let init = bulkhead(&[
+        "fleet",
+        "init",
+        "--clickhouse",
+        &ch.url(),
+        "--config",
+        "/dev/null",
+    ]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let web = CgroupGuard::new();
+    let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies = PolicyDir::with(&[(
+        "web.toml",
+        &service_policy(
+            &web,
+            "enforce",
+            &[Egress::to(["127.0.0.1"])
+                .ports([listener.port()])
+                .protocol("tcp")],
+        ),
+    )]);
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    // One spool for both agents of this host, as one state directory gives.
+    let config = format!(
+        "{}spool_dir = \"{}\"\n",
+        fleet_config(work.path(), "h1", &ch.url()),
+        work.path().join("spool").display()
+    );
+    let mut agent = Daemon::start_with_config(&policies, &config);
+    let wait_for = |ch: &ClickHouse, total: usize, agent: &Daemon| {
+        let want = (format!("{total}\n"), "0\n".to_string());
+        eventually(ARRIVAL, Duration::from_millis(250), || {
+            let got = stored(ch);
+            if got == want {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        })
+        .unwrap_or_else(|got| {
+            panic!(
+                "stored (calls, duplicated rows) {got:?}, not {want:?}; agent log:\n{}",
+                agent.log()
+            )
+        });
+    };
+    calls(&web, listener.addr(), 10);
+    wait_for(&ch, 10, &agent);
+
+    // A minute without ClickHouse while web goes on calling; halfway, the
+    // agent restarts (what waited in memory goes to the spool's disk).
+    ch.stop();
+    for _ in 0..3 {
+        calls(&web, listener.addr(), 5);
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    let status = agent.stop();
+    assert!(status.success(), "the agent stopped with {status}");
+    drop(agent);
+    let spooled = fs::read_dir(work.path().join("spool"))
+        .unwrap_or_else(|e| panic!("the spool: {e}"))
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+        .count();
+    assert!(spooled > 0, "the stopped agent left no batch in the spool");
+    let agent = Daemon::start_with_config(&policies, &config);
+    for _ in 0..3 {
+        calls(&web, listener.addr(), 5);
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    ch.start_again();
+    wait_for(&ch, 40, &agent);
+}
