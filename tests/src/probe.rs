@@ -50,6 +50,7 @@ pub struct Probe {
     bin: PathBuf,
     cgroup: Option<PathBuf>,
     netns: Option<String>,
+    as_nobody: bool,
     source: Option<IpAddr>,
     step_timeout: Option<Duration>,
 }
@@ -62,6 +63,7 @@ impl Probe {
             bin: bin.into(),
             cgroup: None,
             netns: None,
+            as_nobody: false,
             source: None,
             step_timeout: None,
         }
@@ -81,6 +83,16 @@ impl Probe {
     pub fn in_netns(&self, name: &str) -> Self {
         Self {
             netns: Some(name.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    /// The same probe, run as uid/gid 65534 once in its cgroup and
+    /// namespace: a service's process that is not root.
+    #[must_use]
+    pub fn as_nobody(&self) -> Self {
+        Self {
+            as_nobody: true,
             ..self.clone()
         }
     }
@@ -113,6 +125,9 @@ impl Probe {
         }
         if let Some(name) = &self.netns {
             cmd.args(["--netns", name]);
+        }
+        if self.as_nobody {
+            cmd.arg("--as-nobody");
         }
         if let Some(ip) = self.source {
             cmd.args(["--source", &ip.to_string()]);

@@ -181,7 +181,14 @@ impl Drop for NsSystemd {
 /// Boots systemd in new namespaces with only the repository's unit (plus
 /// a drop-in for the test: its log to a file, a short watchdog), the
 /// shipped config (metrics moved to `metrics_port`) and `policy`.
-fn boot_ns_systemd(systemd: &Path, policy: &str, metrics_port: u16) -> NsSystemd {
+/// systemd in its namespaces running the shipped unit, with the shipped
+/// config (its metrics port moved to `metrics_port`, then `edit`ed).
+fn boot_ns_systemd(
+    systemd: &Path,
+    policy: &str,
+    metrics_port: u16,
+    edit: &dyn Fn(String) -> String,
+) -> NsSystemd {
     let work = tempfile::Builder::new()
         .prefix("bulkhead-test-systemd-")
         .tempdir()
@@ -219,9 +226,11 @@ fn boot_ns_systemd(systemd: &Path, policy: &str, metrics_port: u16) -> NsSystemd
     let etc = w.join("etc-upper/bulkhead");
     fs::create_dir_all(etc.join("policies")).expect("etc dirs");
     fs::create_dir_all(w.join("etc-work")).expect("overlay work dir");
-    let config = fs::read_to_string(repo().join("policies/config/bulkhead.toml"))
-        .expect("default config")
-        .replace("127.0.0.1:9469", &format!("127.0.0.1:{metrics_port}"));
+    let config = edit(
+        fs::read_to_string(repo().join("policies/config/bulkhead.toml"))
+            .expect("default config")
+            .replace("127.0.0.1:9469", &format!("127.0.0.1:{metrics_port}")),
+    );
     fs::write(etc.join("bulkhead.toml"), config).expect("config");
     fs::write(etc.join("policies/svc.toml"), policy).expect("policy");
     for (path, mode) in [
@@ -294,7 +303,12 @@ fn unit_runs_under_systemd_in_a_namespace() {
     };
     let target = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let port = free_port_block(Ipv4Addr::LOCALHOST.into(), 1);
-    let ns = boot_ns_systemd(&systemd, "cgroup = \"/svc\"\nmode = \"enforce\"\n", port);
+    let ns = boot_ns_systemd(
+        &systemd,
+        "cgroup = \"/svc\"\nmode = \"enforce\"\n",
+        port,
+        &|c| c,
+    );
     // The unit is wanted by the target systemd started with.
     ns.wait_state("active", Duration::from_secs(30));
     let status = ns.show("StatusText");
@@ -358,4 +372,82 @@ fn unit_runs_under_systemd_in_a_namespace() {
     client
         .tcp_connect(target.addr())
         .assert_ok("after bulkhead detach");
+}
+
+/// The fleet exporter's listener inventory under the unit's sandboxing
+/// (`ProtectProc=`, none of `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH`): a
+/// listener of a service that runs as nobody is found (netlink socket
+/// diagnostics, not `/proc/PID/fd`) and reaches `ClickHouse` as an
+/// `endpoints` row of that service.
+#[test]
+fn fleet_inventory_under_the_unit_finds_a_non_root_services_listener() {
+    if !require_bpf() {
+        return;
+    }
+    let (Some(_), Some(_)) = (tool("unshare", "util-linux"), tool("nsenter", "util-linux")) else {
+        return;
+    };
+    let Some(systemd) = systemd_binary() else {
+        let _ = tool("systemd", "systemd");
+        return;
+    };
+    let ch = integration_tests::ClickHouse::start();
+    let url = ch.url();
+    let init = integration_tests::bulkhead(&[
+        "fleet",
+        "init",
+        "--clickhouse",
+        &url,
+        "--config",
+        "/dev/null",
+    ]);
+    assert!(init.status.success(), "fleet init: {}", text(&init));
+    let port = free_port_block(Ipv4Addr::LOCALHOST.into(), 1);
+    let fleet = move |c: String| {
+        // The shipped config has fleet mode off, its URL unset.
+        for line in [
+            "enabled = false\n",
+            "clickhouse_url = \"\"\n",
+            "batch_interval_secs = 5\n",
+        ] {
+            assert_eq!(c.matches(line).count(), 1, "the shipped config's {line:?}");
+        }
+        c.replacen("enabled = false\n", "enabled = true\n", 1)
+            .replacen(
+                "clickhouse_url = \"\"",
+                &format!("clickhouse_url = \"{url}\""),
+                1,
+            )
+            .replacen("batch_interval_secs = 5", "batch_interval_secs = 1", 1)
+    };
+    let ns = boot_ns_systemd(
+        &systemd,
+        "cgroup = \"/svc\"\nmode = \"audit\"\n",
+        port,
+        &fleet,
+    );
+    ns.wait_state("active", Duration::from_secs(30));
+    let listener = probe!()
+        .in_cgroup(&ns.cgroup.join("svc"))
+        .as_nobody()
+        .listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let sql = format!(
+        "SELECT service, addr FROM bulkhead.endpoints WHERE kind = 'listener' AND port = {} \
+         GROUP BY service, addr FORMAT TabSeparated",
+        listener.port()
+    );
+    eventually(Duration::from_secs(90), Duration::from_millis(500), || {
+        let got = ch.query(&sql);
+        if got == "svc\t127.0.0.1\n" {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    })
+    .unwrap_or_else(|got| panic!("{sql}: {got:?}; the agent's log:\n{}", ns.log()));
+    let log = ns.log();
+    assert!(
+        !log.contains("cannot list"),
+        "the inventory was refused under the unit:\n{log}"
+    );
 }

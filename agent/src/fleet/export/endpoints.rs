@@ -1,5 +1,8 @@
 //! The `endpoints` rows: this host's addresses (service "") and its
 //! services' listeners, each with when this agent first and last saw it.
+//! Looked at every batch interval (one netlink dump of listening sockets
+//! and one of addresses); sent when something changed, and at least every
+//! [`REFRESH`] so that the fleet knows they are still there.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -17,15 +20,22 @@ use crate::fleet::{
 /// (kind, service, protocol, address, port).
 type Key = (&'static str, String, &'static str, String, u16);
 
+/// Unchanged endpoints are sent again this often (the fleet's listener
+/// resolution allows two minutes of slack, `model::CURRENT_SLACK_SECS`).
+pub const REFRESH: u32 = 60;
+
 #[derive(Debug, Default)]
 pub struct Endpoints {
     first_seen: HashMap<Key, u32>,
+    /// When the current set was last sent.
+    sent_at: Option<u32>,
     warned: bool,
 }
 
 impl Endpoints {
-    /// Every endpoint seen now, as rows (a failed look is logged once and
-    /// gives no rows: the fleet keeps what it last heard).
+    /// Every endpoint seen now, as rows, when the set changed or
+    /// [`REFRESH`] passed; else none. A failed look is logged once and
+    /// gives no rows: the fleet keeps what it last heard.
     pub fn rows(
         &mut self,
         id: &HostIdentity,
@@ -59,6 +69,12 @@ impl Endpoints {
                  port,
              }| ("listener", service, protocol, addr.to_string(), port),
         ));
+        let changed = keys.len() != self.first_seen.len()
+            || keys.iter().any(|k| !self.first_seen.contains_key(k));
+        if !changed && self.sent_at.is_some_and(|t| now < t.saturating_add(REFRESH)) {
+            return Vec::new();
+        }
+        self.sent_at = Some(now);
         // Forget what is gone, so that the map stays as small as the host.
         self.first_seen.retain(|k, _| keys.contains(k));
         keys.into_iter()

@@ -7,6 +7,7 @@
 //!
 //! - `collect`: events into `flows` and `anomalies` rows
 //! - `endpoints`: the host's addresses and listeners into `endpoints` rows
+//!   (looked at every interval, sent on a change and every minute)
 //! - `deliver`: the spool to ClickHouse, idempotently
 //! - `stats`: rows by table and result, for the metrics
 
@@ -35,9 +36,6 @@ use crate::{
 
 /// Rows of one table in one batch at most (the client's bound).
 const BATCH_ROWS: usize = 10_000;
-/// Endpoints are sent this often at least (the fleet's listener
-/// resolution allows two minutes of slack, `model::CURRENT_SLACK_SECS`).
-const ENDPOINTS_EVERY: Duration = Duration::from_secs(60);
 
 /// The running exporter.
 pub struct FleetExporter {
@@ -172,7 +170,6 @@ impl Worker {
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut endpoints_due = tokio::time::Instant::now();
         loop {
             let stopping = tokio::select! {
                 ev = self.events.recv() => {
@@ -209,11 +206,8 @@ impl Worker {
                 out.push(policy_rows(&self.identity, &view, now));
                 sent_policies = Some(view);
             }
-            if tokio::time::Instant::now() >= endpoints_due {
-                endpoints_due = tokio::time::Instant::now() + ENDPOINTS_EVERY.max(self.interval);
-                let view = Arc::clone(&self.host.borrow());
-                out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
-            }
+            let view = Arc::clone(&self.host.borrow());
+            out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
             if stopping {
                 sender.abort();
                 let p = self.spool.persist();

@@ -2,7 +2,7 @@
 //! process or as a listener on a "remote host".
 //!
 //! ```text
-//! bulkhead-probe [--cgroup DIR] [--netns NAME] [--source IP] [--timeout-ms N] COMMAND
+//! bulkhead-probe [--cgroup DIR] [--netns NAME] [--as-nobody] [--source IP] [--timeout-ms N] COMMAND
 //!   tcp-connect ADDR:PORT         connect(), then read the byte the listener sends
 //!   tcp-fastopen ADDR:PORT        sendto(MSG_FASTOPEN) instead of connect(), then read
 //!   udp-connect ADDR:PORT         connect a UDP socket, send, wait for the echo
@@ -86,6 +86,8 @@
 //! `--netns NAME` joins `/var/run/netns/NAME` first. `--source IP` binds a
 //! client's socket to `IP` (port 0) before it connects or sends, and
 //! `--timeout-ms N` sets the limit of each client step (default 3000).
+//! `--as-nobody` drops to uid/gid 65534 (no supplementary groups) once the
+//! options before it are applied: a service's process that is not root.
 //!
 //! A client command prints one JSON line, `{"ok":true,"local":"..."}` or
 //! `{"ok":false,"stage":"connect","errno":1,"error":"...","timed_out":false}`,
@@ -114,7 +116,7 @@ use serde_json::json;
 
 use crate::client::{Ctx, Failure, Transport};
 
-const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--source IP] \
+const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--as-nobody] [--source IP] \
     [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
     | tcp-connect-each ADDR:PORT... \
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
@@ -145,6 +147,7 @@ fn options(args: Vec<String>) -> Result<(Ctx, Vec<String>), String> {
         match arg.as_str() {
             "--cgroup" => join_cgroup(&args.next().ok_or(USAGE)?)?,
             "--netns" => join_netns(&args.next().ok_or(USAGE)?)?,
+            "--as-nobody" => become_nobody()?,
             "--source" => ctx.source = Some(parse_ip(&args.next().ok_or(USAGE)?)?),
             "--timeout-ms" => ctx.timeout = parse_ms(&args.next().ok_or(USAGE)?)?,
             _ => {
@@ -224,6 +227,24 @@ fn join_cgroup(dir: &str) -> Result<(), String> {
     let procs = format!("{dir}/cgroup.procs");
     fs::write(&procs, format!("{}\n", std::process::id()))
         .map_err(|e| format!("cannot join cgroup: write {procs}: {e}"))
+}
+
+fn become_nobody() -> Result<(), String> {
+    const NOBODY: libc::uid_t = 65534;
+    // SAFETY: plain syscalls; the probe is single-threaded here.
+    let ok = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setgid(NOBODY) == 0
+            && libc::setuid(NOBODY) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot drop to 65534: {}",
+            io::Error::last_os_error()
+        ))
+    }
 }
 
 fn join_netns(name: &str) -> Result<(), String> {
