@@ -1076,3 +1076,108 @@ fn a_fleet_query_error_names_the_url_and_clickhouses_message() {
         "{err}"
     );
 }
+
+/// The address of instance `i` of the scale fleet (198.18.0.0/15).
+fn scale_addr(i: usize) -> String {
+    format!("198.18.{}.{}", i / 250, i % 250 + 1)
+}
+
+/// The scale: 10,000 service instances on 100 hosts (policy
+/// snapshots and listeners) and 100,000 flow rows (edges), then `fleet
+/// blast-radius` end to end through the binary, timed and printed (not
+/// asserted: the figure goes in docs/fleet.md, the goal is 2 s). Each
+/// instance `s{i}` may reach `s{2i+1}` and `s{2i+2}`, so `s0` reaches all
+/// the others, 14 hops deep at most.
+#[test]
+fn scale_blast_radius_over_10000_instances_and_100000_flows() {
+    const N: usize = 10_000;
+    const FLOWS_EACH: usize = 10;
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    init(&client);
+    let now = time::now();
+    let name = |i: usize| (format!("s{i}"), format!("h{}", i % 100));
+    let mut policies: Vec<PolicyRow> = (0..N)
+        .map(|i| {
+            let nets: Vec<String> = [2 * i + 1, 2 * i + 2]
+                .into_iter()
+                .filter(|&t| t < N)
+                .map(|t| format!("{}/32", scale_addr(t)))
+                .collect();
+            let allows: Vec<(&str, u16)> = nets.iter().map(|n| (n.as_str(), 8080)).collect();
+            let (service, host) = name(i);
+            policy(&service, &host, &allows, now - 600)
+        })
+        .collect();
+    let mut listeners: Vec<EndpointRow> = (0..N)
+        .map(|i| {
+            let (service, host) = name(i);
+            listening(
+                &service,
+                &host,
+                (&scale_addr(i), 8080),
+                (now - 3600, now - 30),
+            )
+        })
+        .collect();
+    let mut flows: Vec<FlowRow> = (0..N * FLOWS_EACH)
+        .map(|j| {
+            let i = j / FLOWS_EACH;
+            let mut to = (j + 1) % N;
+            if to == i {
+                to = (to + 1) % N;
+            }
+            let (service, host) = name(i);
+            egress(
+                &service,
+                &host,
+                (&scale_addr(to), 8080),
+                1,
+                (now - 300, now - 60),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    insert(&client, "scale-policies", &mut policies);
+    insert(&client, "scale-endpoints", &mut listeners);
+    for (k, chunk) in flows.chunks_mut(25_000).enumerate() {
+        insert(&client, &format!("scale-flows-{k}"), chunk);
+    }
+    eprintln!(
+        "scale: inserted {N} policy snapshots, {N} listeners and {} flow rows in {:?}",
+        N * FLOWS_EACH,
+        started.elapsed()
+    );
+
+    for args in [
+        &["blast-radius", "s0", "--json"][..],
+        &["blast-radius", "s0"],
+    ] {
+        let started = std::time::Instant::now();
+        let out = succeeded(&fleet_at(&ch, &config, args), "fleet blast-radius s0");
+        let took = started.elapsed();
+        eprintln!(
+            "scale: `bulkhead fleet {}` took {took:?} end to end",
+            args.join(" ")
+        );
+        if args.contains(&"--json") {
+            let b: FleetBlastRadius = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(b.lateral.size, N - 1);
+            assert_eq!(b.reached.len(), FLOWS_EACH);
+            let deepest = b.lateral.services.iter().map(|h| h.hops).max();
+            assert_eq!(deepest, Some(13));
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = succeeded(
+        &fleet_at(&ch, &config, &["graph", "--format", "dot"]),
+        "graph",
+    );
+    eprintln!(
+        "scale: `bulkhead fleet graph --format dot` took {:?} ({} edges)",
+        started.elapsed(),
+        out.lines().filter(|l| l.contains(" -> ")).count()
+    );
+}
