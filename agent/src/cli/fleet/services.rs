@@ -95,8 +95,8 @@ mod tests {
         ];
         assert_eq!(
             table(&services),
-            "SERVICE      HOST      MODE     LAST SEEN\n\
-             api          h2        -        1970-01-01T00:00:00Z\n\
+            "SERVICE    HOST      MODE     LAST SEEN\n\
+             api        h2        -        1970-01-01T00:00:00Z\n\
              web\\u{1b}  host-one  enforce  1970-01-02T00:00:00Z\n"
         );
     }
