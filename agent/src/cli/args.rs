@@ -64,7 +64,8 @@ pub enum Command {
     /// first: its normal stop keeps enforcing).
     Detach(DetachArgs),
     /// Fleet mode on ClickHouse (docs/fleet.md): create the schema, drop
-    /// old partitions.
+    /// old partitions, and read the fleet back: its graph, a service's
+    /// blast radius across hosts, its service instances, its map page.
     Fleet(FleetArgs),
 }
 
