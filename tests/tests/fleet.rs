@@ -875,6 +875,34 @@ fn fleet_services_lists_every_instance_with_its_host_mode_and_last_seen() {
         ],
         "{table}"
     );
+
+    // A service seen only as a listener's owner (no policy snapshot) is
+    // listed too, without a mode.
+    let mut unmanaged = vec![listening(
+        "cache",
+        "h3",
+        ("198.51.100.31", 6379),
+        (now - 90, now - 20),
+    )];
+    insert(&client(&ch), "services-endpoints", &mut unmanaged);
+    let json = succeeded(
+        &fleet_at(&ch, &config, &["services", "--json"]),
+        "fleet services --json",
+    );
+    let services: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(
+        services[1],
+        serde_json::json!({"service": "cache", "host": "h3", "mode": null, "last_seen": now - 20}),
+        "{json}"
+    );
+    let table = succeeded(&fleet_at(&ch, &config, &["services"]), "fleet services");
+    let cache: Vec<&str> = table
+        .lines()
+        .nth(2)
+        .map(|l| l.split_whitespace().take(3).collect())
+        .unwrap_or_default();
+    assert_eq!(cache, ["cache", "h3", "-"], "{table}");
 }
 
 /// The database's address listened on h3 until two hours ago, then on h4:
@@ -1028,6 +1056,20 @@ fn fleet_serve_answers_the_maps_json_with_the_fleet_read_on_each_request() {
         "GET /graph.json HTTP/1.0\r\nHost: evil.example\r\n\r\n",
     );
     assert_eq!(status, 421);
+    let (status, head, _) = http_get(addr, "/");
+    assert_eq!(status, 303);
+    assert!(head.contains("location: /graph\r\n"), "{head}");
+
+    // ClickHouse gone: the answer says so, and the server keeps serving.
+    drop(ch);
+    let (status, _, body) = http_get(addr, "/graph.json");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.starts_with(&format!(
+            "read the policy snapshots: cannot reach ClickHouse at {url}/: "
+        )),
+        "{body}"
+    );
 
     let status = serve.stop(Duration::from_secs(10));
     assert!(
