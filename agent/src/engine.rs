@@ -15,6 +15,7 @@ use agent_common::FLAG_QUARANTINE;
 use crate::{
     control::{protocol::Request, server::AdminCall},
     events::{ChangeRecord, Hub, Names, ServiceChange},
+    fleet::host::HostView,
     held,
     kernel::{Change, CompiledPolicy, Enforcer},
     metrics::{Inventory, MetricsState},
@@ -57,6 +58,8 @@ pub struct Parts {
     pub self_check_interval: Duration,
     /// The service graph (blast radius, learn), fed by the aggregator.
     pub graph: Arc<crate::graph::Shared>,
+    /// Where the fleet exporter learns the services' policies and cgroups.
+    pub host_view: watch::Sender<Arc<HostView>>,
 }
 
 pub struct Engine {
@@ -83,6 +86,7 @@ pub struct Engine {
     self_check_interval: Duration,
     /// The service graph (blast radius, learn), fed by the aggregator.
     graph: Arc<crate::graph::Shared>,
+    host_view: watch::Sender<Arc<HostView>>,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
     /// The held sockets known (see `crate::held`).
@@ -113,8 +117,9 @@ impl Engine {
             udp_reply_idle,
             self_check_interval,
             graph,
+            host_view,
         } = parts;
-        Self {
+        let engine = Self {
             enforcer,
             tracker,
             names,
@@ -132,12 +137,28 @@ impl Engine {
             udp_reply_idle,
             self_check_interval,
             graph,
+            host_view,
             retiring: None,
             held: held::Held::default(),
             held_warned: std::collections::HashSet::new(),
             held_dump_warned: false,
             held_slow_warned: false,
-        }
+        };
+        engine.publish_host_view();
+        engine
+    }
+
+    /// Tells the fleet exporter the services' policies and cgroups, when
+    /// they changed.
+    fn publish_host_view(&self) {
+        let view = HostView::new(&self.set, &self.snapshot, &self.tracker.services);
+        self.host_view.send_if_modified(|current| {
+            if **current == view {
+                return false;
+            }
+            *current = Arc::new(view);
+            true
+        });
     }
 
     /// Stops without detaching: the pinned programs go on enforcing the
@@ -175,6 +196,7 @@ impl Engine {
         self.tracker.applied(&failed);
         self.forget_gone(&changes);
         self.refresh_inventory();
+        self.publish_host_view();
         failed
     }
 
@@ -350,6 +372,7 @@ impl Engine {
         self.set = loaded.set;
         self.snapshot = loaded.snapshot;
         self.graph.set_policy(&self.set);
+        self.publish_host_view();
         Ok(())
     }
 

@@ -56,17 +56,25 @@ impl ClickHouse {
     /// loopback.
     #[must_use]
     pub fn start() -> Self {
-        Self::launch(None)
+        Self::launch(None, &[])
+    }
+
+    /// A server that also listens on `also` (addresses of the test's own
+    /// veth pairs: the root side of a namespace standing in for another
+    /// host) and lets the default user in from `also`'s /24s too.
+    #[must_use]
+    pub fn start_also_on(also: &[IpAddr]) -> Self {
+        Self::launch(None, also)
     }
 
     /// A server with user `user` and `password` besides `default` (which
     /// [`Self::query`] uses).
     #[must_use]
     pub fn start_with_user(user: &str, password: &str) -> Self {
-        Self::launch(Some((user.to_owned(), password.to_owned())))
+        Self::launch(Some((user.to_owned(), password.to_owned())), &[])
     }
 
-    fn launch(user: Option<(String, String)>) -> Self {
+    fn launch(user: Option<(String, String)>, also: &[IpAddr]) -> Self {
         // One launch at a time in this process, until the server listens:
         // the free-port search of a parallel test would otherwise pick the
         // same ports before this server has bound them.
@@ -81,23 +89,18 @@ impl ClickHouse {
         let base = free_port_block(IpAddr::V4(Ipv4Addr::LOCALHOST), 2);
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, base));
         let config = dir.path().join("config.xml");
-        write(&config, &config_xml(dir.path(), base));
-        write(&dir.path().join("users.xml"), &users_xml(user.as_ref()));
+        write(&config, &config_xml(dir.path(), base, also));
+        write(
+            &dir.path().join("users.xml"),
+            &users_xml(user.as_ref(), also),
+        );
         let log = dir.path().join("stdout.log");
         let out = fs::File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let err = out
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot share {}: {e}", log.display()));
-        let mut cmd = Command::new(&bin);
-        cmd.arg(format!("--config-file={}", config.display()))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let child = spawn_server(&bin, &config, dir.path(), out, err);
         // The guard owns the child from here: a panic below stops it.
         let mut server = Self {
             child,
@@ -107,6 +110,28 @@ impl ClickHouse {
         };
         server.wait_ready(&bin);
         server
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL), keeping its data, config
+    /// and port: an outage, until [`Self::start_again`].
+    pub fn stop(&mut self) {
+        let _ = terminate(&mut self.child, STOP_TIMEOUT);
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn start_again(&mut self) {
+        let bin = server_binary();
+        let log = self.dir.path().join("stdout.log");
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot share {}: {e}", log.display()));
+        let config = self.dir.path().join("config.xml");
+        self.child = spawn_server(&bin, &config, self.dir.path(), out, err);
+        self.wait_ready(&bin);
     }
 
     /// Polls `/ping` until it answers `Ok.`; panics with the server's log
@@ -250,6 +275,17 @@ impl Drop for ClickHouse {
     }
 }
 
+fn spawn_server(bin: &Path, config: &Path, dir: &Path, out: fs::File, err: fs::File) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--config-file={}", config.display()))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
 /// The server binary: [`SERVER_ENV`], else `clickhouse-server` on `PATH`
 /// or in `/usr/sbin` (where Debian's package puts it, off a user's `PATH`).
 /// Panics saying how to install it: the fleet tests never skip.
@@ -283,9 +319,13 @@ fn write(path: &Path, text: &str) {
 
 /// The server's configuration: loopback only, its own ports and
 /// directories, UTC.
-fn config_xml(dir: &Path, base: u16) -> String {
+fn config_xml(dir: &Path, base: u16, also: &[IpAddr]) -> String {
     let d = xml_escape(&dir.display().to_string());
     let tcp = base + 1;
+    let also: String = also.iter().fold(String::new(), |mut out, a| {
+        let _ = write!(out, "\n    <listen_host>{a}</listen_host>");
+        out
+    });
     format!(
         r#"<?xml version="1.0"?>
 <yandex>
@@ -294,7 +334,7 @@ fn config_xml(dir: &Path, base: u16) -> String {
         <log>{d}/server.log</log>
         <errorlog>{d}/server.err.log</errorlog>
     </logger>
-    <listen_host>127.0.0.1</listen_host>
+    <listen_host>127.0.0.1</listen_host>{also}
     <http_port>{base}</http_port>
     <tcp_port>{tcp}</tcp_port>
     <path>{d}/data/</path>
@@ -312,12 +352,23 @@ fn config_xml(dir: &Path, base: u16) -> String {
     )
 }
 
-/// `default` without a password, and `user` with one; both from loopback.
-fn users_xml(user: Option<&(String, String)>) -> String {
+/// `default` without a password, and `user` with one; both from loopback
+/// (and from `also`'s /24s).
+fn users_xml(user: Option<&(String, String)>, also: &[IpAddr]) -> String {
+    let networks: String = also.iter().fold(String::new(), |mut out, a| {
+        let _ = match a {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                write!(out, "<ip>{}.{}.{}.0/24</ip>", o[0], o[1], o[2])
+            }
+            IpAddr::V6(v6) => write!(out, "<ip>{v6}/64</ip>"),
+        };
+        out
+    });
     let entry = |name: &str, password: &str| {
         format!(
             "        <{name}>\n            <password>{}</password>\n            <networks>\
-             <ip>127.0.0.1</ip><ip>::1</ip></networks>\n            <profile>default</profile>\n            \
+             <ip>127.0.0.1</ip><ip>::1</ip>{networks}</networks>\n            <profile>default</profile>\n            \
              <quota>default</quota>\n        </{name}>\n",
             xml_escape(password)
         )

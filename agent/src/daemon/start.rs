@@ -71,6 +71,8 @@ pub(super) struct Tasks {
     pub(super) graph_upkeep: crate::graph::store::Upkeep,
     pub(super) anomalies: Option<crate::anomaly::AnomalyTask>,
     pub(super) exporter: Option<crate::export::Exporter>,
+    /// Sends this agent's rows to the fleet's ClickHouse.
+    pub(super) fleet: Option<crate::fleet::export::FleetExporter>,
     /// Forwards the kernel programs' log (`bpf_log`).
     pub(super) bpf_logger: Option<JoinHandle<()>>,
     /// Turns the kernel's per-flow counts into `flow` events.
@@ -151,6 +153,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         None,
     ))]);
     let self_check_interval = Duration::from_secs(u64::from(config.self_check.interval_secs));
+    let (host_view, host_view_rx) = tokio::sync::watch::channel(Arc::default());
     let engine = Engine::new(engine::Parts {
         enforcer,
         tracker,
@@ -168,7 +171,19 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         udp_reply_idle: Duration::from_secs(u64::from(config.udp_replies.idle_timeout_secs)),
         self_check_interval,
         graph: Arc::clone(&graph),
+        host_view,
     });
+    let fleet = crate::fleet::export::spawn(
+        &config.fleet,
+        crate::fleet::export::Inputs {
+            hub: Arc::clone(&hub),
+            host: host_view_rx,
+            cgroup_mount: mount.clone(),
+            state_dir: config.state_dir.clone(),
+            stats: Arc::clone(&metrics.fleet),
+        },
+    )
+    .context("cannot start the fleet exporter")?;
     Ok(Running {
         engine,
         hub,
@@ -188,6 +203,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
             graph_upkeep: side.graph_upkeep,
             anomalies: side.anomalies,
             exporter: side.exporter,
+            fleet,
             bpf_logger,
             flow_sweeper,
         },

@@ -26,6 +26,7 @@ impl Running {
             graph_upkeep,
             anomalies,
             exporter,
+            fleet,
             bpf_logger,
             flow_sweeper,
         } = tasks;
@@ -50,6 +51,15 @@ impl Running {
         }
         if let Some(exporter) = exporter {
             exporter.abort();
+        }
+        // After the last sweep and anomalies: their rows go to the spool.
+        if let Some(fleet) = fleet {
+            if tokio::task::spawn_blocking(move || fleet.stop())
+                .await
+                .is_err()
+            {
+                warn!("the fleet exporter did not stop cleanly");
+            }
         }
         graph_upkeep.finish().await;
         // The last anomaly and shutdown events reach the decision log.

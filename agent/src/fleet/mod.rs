@@ -2,8 +2,6 @@
 //! policies and anomalies to one ClickHouse database, so that the service
 //! graph and the blast radius cross host boundaries.
 //!
-//! Nothing here runs inside the daemon yet (the exporter comes next).
-//!
 //! - `config`: the `[fleet]` section; the connection and host identity it
 //!   resolves to (password file, host name, machine id)
 //! - `client`: a small ClickHouse HTTP client (queries, JSONEachRow
@@ -13,6 +11,8 @@
 //!   insert
 //! - `prune`: daily partitions, and dropping the old ones (`fleet prune`)
 //! - `sql`, `time`: literals and identifiers in SQL; UTC seconds and days
+//! - `export`: the exporter (rows, spool, delivery); `host`: what the
+//!   engine tells it about this host's services
 //! - `inventory`: this host's addresses and its services' listeners
 //! - `model`: the fleet read back (instances, listeners by time, flows),
 //!   its blast radius and graph; `read`: the queries that fill it
@@ -20,6 +20,8 @@
 pub mod client;
 pub mod config;
 mod error;
+pub mod export;
+pub mod host;
 pub mod inventory;
 pub mod model;
 pub mod prune;

@@ -27,6 +27,7 @@ use super::{
 };
 use crate::events::{Direction, EventType};
 
+mod fleet;
 mod flows;
 
 /// The exposition format of a scrape.
@@ -135,6 +136,7 @@ impl Collector for StateCollector {
         anomalies(&mut enc, state)?;
         export(&mut enc, state)?;
         flows::encode(&mut enc, &state.flows)?;
+        fleet::encode(&mut enc, &state.fleet)?;
         http(&mut enc, state)?;
         health(&mut enc, state)?;
         state_files(&mut enc)?;

@@ -241,6 +241,8 @@ pub struct MetricsState {
     pub http: super::http_stats::HttpStats,
     /// The flow sweeper's counters (it is handed this).
     pub flows: Arc<crate::flows::FlowStats>,
+    /// The fleet exporter's counters (it is handed this).
+    pub fleet: Arc<crate::fleet::export::FleetStats>,
     inventory: RwLock<Arc<Inventory>>,
     ledgers: Mutex<Ledgers>,
     attached: AtomicBool,
@@ -322,6 +324,7 @@ impl MetricsState {
             drift: crate::selfcheck::DriftStats::default(),
             http: super::http_stats::HttpStats::default(),
             flows: Arc::default(),
+            fleet: Arc::default(),
             inventory: RwLock::new(Arc::new(Inventory::default())),
             ledgers: Mutex::new(Ledgers::default()),
             attached: AtomicBool::new(false),

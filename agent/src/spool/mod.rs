@@ -46,15 +46,6 @@ pub use stats::{DropReason, SpoolCounts, SpoolStats, TableCounts};
 
 use queue::Queue;
 
-/// The spool's directory under the agent's state directory.
-pub const DIR_NAME: &str = "spool";
-
-/// Where the spool lives for the state directory `state_dir`.
-#[must_use]
-pub fn default_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join(DIR_NAME)
-}
-
 /// The spool directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("spool directory {}: {problem}", dir.display())]

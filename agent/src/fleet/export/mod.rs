@@ -1,0 +1,286 @@
+//! The fleet exporter (docs/fleet.md): this agent's rows to ClickHouse.
+//! It runs on a thread of its own, so that nothing it waits for (the
+//! network, the spool's disk) can slow enforcement or the local decision
+//! log. Every batch interval it turns what it collected into batches,
+//! puts them in the spool (memory, then disk) and sends the spool's
+//! batches oldest first.
+//!
+//! - `collect`: events into `flows` and `anomalies` rows
+//! - `endpoints`: the host's addresses and listeners into `endpoints` rows
+//! - `deliver`: the spool to ClickHouse, idempotently
+//! - `stats`: rows by table and result, for the metrics
+
+mod collect;
+mod deliver;
+mod endpoints;
+mod stats;
+
+use std::{path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::sync::{broadcast::error::RecvError, watch, Notify};
+use tracing::{info, warn};
+
+pub use stats::FleetStats;
+
+use self::{collect::Collector, deliver::Delivery, endpoints::Endpoints};
+use super::{
+    host::HostView, rows::batch_id, time, Client, EncodedBatch, FleetConfig, HostIdentity,
+    PolicyRow, Row,
+};
+use crate::{
+    events::Hub,
+    spool::{Batch, Pushed, Spool, SpoolLimits},
+};
+
+/// Rows of one table in one batch at most (the client's bound).
+const BATCH_ROWS: usize = 10_000;
+/// Endpoints are sent this often at least (the fleet's listener
+/// resolution allows two minutes of slack, `model::CURRENT_SLACK_SECS`).
+const ENDPOINTS_EVERY: Duration = Duration::from_secs(60);
+
+/// The running exporter.
+pub struct FleetExporter {
+    stop: Arc<Notify>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FleetExporter {
+    /// Ends the exporter: the interval's rows go to the spool, the spool's
+    /// memory to disk (sent by the next run); nothing waits for the server.
+    pub fn stop(mut self) {
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("the fleet exporter's thread panicked");
+            }
+        }
+    }
+}
+
+/// What the exporter needs from the daemon.
+pub struct Inputs {
+    pub hub: Arc<Hub>,
+    pub host: watch::Receiver<Arc<HostView>>,
+    pub cgroup_mount: PathBuf,
+    pub state_dir: PathBuf,
+    pub stats: Arc<FleetStats>,
+}
+
+/// Starts exporting (nothing when `[fleet] enabled` is false).
+///
+/// # Errors
+/// The connection or identity cannot be set up (a password file that
+/// cannot be read, no machine id), or the spool cannot be opened.
+pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>> {
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let client = Client::new(cfg.connection(None)?).context("the fleet's ClickHouse client")?;
+    let identity = cfg.identity()?;
+    let dir = cfg.spool_dir(&inputs.state_dir);
+    let spool = Spool::open(
+        &dir,
+        SpoolLimits {
+            memory_rows: u64::try_from(cfg.queue_rows).unwrap_or(u64::MAX),
+            disk_bytes: cfg.spool_bytes,
+        },
+    )?;
+    inputs.stats.set_spool(spool.stats());
+    info!(
+        url = %client.url(),
+        host = %identity.host,
+        spool = %dir.display(),
+        "exporting to the fleet's ClickHouse"
+    );
+    let stop = Arc::new(Notify::new());
+    let worker = Worker {
+        client,
+        identity,
+        spool: Arc::new(spool),
+        interval: cfg.batch_interval(),
+        events: inputs.hub.subscribe(),
+        host: inputs.host,
+        mount: inputs.cgroup_mount,
+        stats: inputs.stats,
+        stop: Arc::clone(&stop),
+    };
+    let thread = std::thread::Builder::new()
+        .name("bulkhead-fleet".to_string())
+        .spawn(move || worker.run())
+        .context("cannot start the fleet exporter's thread")?;
+    Ok(Some(FleetExporter {
+        stop,
+        thread: Some(thread),
+    }))
+}
+
+struct Worker {
+    client: Client,
+    identity: HostIdentity,
+    spool: Arc<Spool>,
+    interval: Duration,
+    events: tokio::sync::broadcast::Receiver<Arc<crate::events::FlowEvent>>,
+    host: watch::Receiver<Arc<HostView>>,
+    mount: PathBuf,
+    stats: Arc<FleetStats>,
+    stop: Arc<Notify>,
+}
+
+impl Worker {
+    fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("the fleet exporter cannot start its runtime: {e}");
+                return;
+            }
+        };
+        runtime.block_on(self.serve());
+    }
+
+    async fn serve(mut self) {
+        let wake = Arc::new(Notify::new());
+        let mut delivery = Delivery::default();
+        let fresh = Arc::clone(&delivery.fresh);
+        let sender = {
+            let (client, spool, stats, wake) = (
+                self.client.clone(),
+                Arc::clone(&self.spool),
+                Arc::clone(&self.stats),
+                Arc::clone(&wake),
+            );
+            let retry = self.interval;
+            tokio::spawn(async move {
+                loop {
+                    if delivery.pass(&client, &spool, &stats).await == deliver::Pass::Stalled {
+                        // Try again after an interval (or when woken).
+                        let _ = tokio::time::timeout(retry, wake.notified()).await;
+                    } else {
+                        wake.notified().await;
+                    }
+                }
+            })
+        };
+        let mut collector = Collector::default();
+        let mut endpoints = Endpoints::default();
+        let mut sent_policies: Option<Arc<HostView>> = None;
+        let run = u64::from(time::now());
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut endpoints_due = tokio::time::Instant::now();
+        loop {
+            let stopping = tokio::select! {
+                ev = self.events.recv() => {
+                    match ev {
+                        Ok(ev) => collector.observe(&self.identity, &ev, time::now()),
+                        Err(RecvError::Lagged(n)) => self.stats.add("flows", "lost", n),
+                        Err(RecvError::Closed) => return,
+                    }
+                    continue;
+                }
+                _ = tick.tick() => false,
+                () = self.stop.notified() => true,
+            };
+            let now = time::now();
+            if stopping {
+                // What was published before the stop (the last sweep's
+                // summaries) is this run's to send.
+                while let Ok(ev) = self.events.try_recv() {
+                    collector.observe(&self.identity, &ev, now);
+                }
+            }
+            let (flows, anomalies) = collector.take();
+            let mut out = Batches {
+                spool: &self.spool,
+                identity: &self.identity,
+                run,
+                seq: &mut seq,
+                fresh: &fresh,
+            };
+            out.push(flows);
+            out.push(anomalies);
+            let view = Arc::clone(&self.host.borrow_and_update());
+            if sent_policies.as_ref() != Some(&view) {
+                out.push(policy_rows(&self.identity, &view, now));
+                sent_policies = Some(view);
+            }
+            if tokio::time::Instant::now() >= endpoints_due {
+                endpoints_due = tokio::time::Instant::now() + ENDPOINTS_EVERY.max(self.interval);
+                let view = Arc::clone(&self.host.borrow());
+                out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
+            }
+            if stopping {
+                sender.abort();
+                let p = self.spool.persist();
+                info!(
+                    written = p.written,
+                    dropped = p.dropped,
+                    "fleet export stopped; waiting rows are in the spool for the next run"
+                );
+                return;
+            }
+            wake.notify_one();
+        }
+    }
+}
+
+/// Turns rows into batches in the spool.
+struct Batches<'a> {
+    spool: &'a Spool,
+    identity: &'a HostIdentity,
+    run: u64,
+    seq: &'a mut u64,
+    fresh: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Batches<'_> {
+    fn push<R: Row>(&mut self, mut rows: Vec<R>) {
+        for chunk in rows.chunks_mut(BATCH_ROWS) {
+            *self.seq += 1;
+            let id = batch_id(&self.identity.host_id, self.run, *self.seq);
+            let encoded = match EncodedBatch::encode(&id, chunk) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("fleet export: cannot encode a batch of {}: {e}", R::TABLE);
+                    continue;
+                }
+            };
+            self.fresh
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id.clone());
+            let pushed = self.spool.push(Batch {
+                table: R::TABLE.name().to_string(),
+                batch_id: id,
+                rows: encoded.rows(),
+                body: encoded.body().clone(),
+            });
+            if let Pushed::Dropped(reason) = pushed {
+                warn!(table = %R::TABLE, reason = reason.as_str(), "fleet export: a batch was dropped");
+            }
+        }
+    }
+}
+
+/// One row per service of the policy in force.
+fn policy_rows(id: &HostIdentity, view: &HostView, now: u32) -> Vec<PolicyRow> {
+    view.services
+        .iter()
+        .map(|s| PolicyRow {
+            host: id.host.clone(),
+            host_id: id.host_id.clone(),
+            service: s.name.clone(),
+            mode: s.mode.clone(),
+            file: s.file.clone(),
+            file_sha256: s.file_sha256.clone(),
+            rules: serde_json::to_string(&s.rules).unwrap_or_else(|_| "[]".to_string()),
+            applied_at: now,
+            ..PolicyRow::default()
+        })
+        .collect()
+}

@@ -1,0 +1,373 @@
+//! Fleet mode end to end (docs/fleet.md): three agents on this kernel stand
+//! in for three hosts, each with its own host name, machine id, pins,
+//! state, control socket and services; h2 and h3 run in network namespaces
+//! of their own, so that their listener inventories and addresses are
+//! those hosts'. All three export to one real `ClickHouse`. `web@h1` calls
+//! `api@h2`, whose policy allows `db@h3`; `iso@h3` stands apart. The
+//! fleet's blast radius of `web`, read back from `ClickHouse`, crosses both
+//! host boundaries with every hop.
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use bulkhead::fleet::{model::Fleet, read, Client, FleetConfig};
+use integration_tests::{
+    addr, bulkhead, eventually, probe, require_bpf, service_policy, CgroupGuard, ClickHouse,
+    Daemon, Egress, NetnsGuard, PolicyDir, Proto,
+};
+
+/// How long rows may take to reach `ClickHouse` (1 s batches, plus the
+/// endpoints' first round).
+const ARRIVAL: Duration = Duration::from_secs(30);
+
+/// The agent config of host `name`, exporting to `url` every second.
+fn fleet_config(dir: &Path, name: &str, url: &str) -> String {
+    let id = dir.join(format!("machine-id-{name}"));
+    fs::write(
+        &id,
+        format!("{:032x}\n", name.bytes().map(u128::from).sum::<u128>()),
+    )
+    .unwrap_or_else(|e| panic!("write {}: {e}", id.display()));
+    format!(
+        "[fleet]\nenabled = true\nclickhouse_url = \"{url}\"\nhost = \"{name}\"\n\
+         machine_id_file = \"{}\"\nbatch_interval_secs = 1\n",
+        id.display()
+    )
+}
+
+fn client(url: &str) -> Client {
+    let conn = FleetConfig::default()
+        .connection(Some(url))
+        .unwrap_or_else(|e| panic!("connection to {url}: {e}"));
+    Client::new(conn).unwrap_or_else(|e| panic!("client: {e}"))
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"))
+        .block_on(f)
+}
+
+#[test]
+fn three_hosts_one_blast_radius() {
+    if !require_bpf() {
+        return;
+    }
+    let h2 = NetnsGuard::new();
+    let h3 = NetnsGuard::new();
+    // The root-side addresses of h2's and h3's veth pairs: where the
+    // agents in those namespaces reach ClickHouse.
+    let ch = ClickHouse::start_also_on(&[IpAddr::V4(h2.v4(1)), IpAddr::V4(h3.v4(1))]);
+    let port = ch.addr().port();
+    let url_of = |ip: IpAddr| format!("http://{}", SocketAddr::new(ip, port));
+    let init = bulkhead(&[
+        "fleet",
+        "init",
+        "--clickhouse",
+        &ch.url(),
+        "--config",
+        "/dev/null",
+    ]);
+    assert!(
+        init.status.success(),
+        "fleet init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    let (web, api, db, iso) = (
+        CgroupGuard::new(),
+        CgroupGuard::new(),
+        CgroupGuard::new(),
+        CgroupGuard::new(),
+    );
+    // api listens on h2's address; db on every address of h3 (a wildcard
+    // listener: the inventory expands it to h3's addresses); iso on h3.
+    let api_listener = probe!()
+        .in_cgroup(api.path())
+        .in_netns(h2.name())
+        .listen(Proto::Tcp, addr(&format!("{}:0", h2.v4(2))));
+    let db_listener = probe!()
+        .in_cgroup(db.path())
+        .in_netns(h3.name())
+        .listen(Proto::Tcp, addr("0.0.0.0:0"));
+    let iso_listener = probe!()
+        .in_cgroup(iso.path())
+        .in_netns(h3.name())
+        .listen(Proto::Tcp, addr(&format!("{}:0", h3.v4(2))));
+    let api_at = SocketAddr::new(IpAddr::V4(h2.v4(2)), api_listener.port());
+    let db_at = SocketAddr::new(IpAddr::V4(h3.v4(2)), db_listener.port());
+
+    let p1 = PolicyDir::with(&[(
+        "web.toml",
+        &service_policy(
+            &web,
+            "enforce",
+            &[Egress::to([api_at.ip()])
+                .ports([api_at.port()])
+                .protocol("tcp")],
+        ),
+    )]);
+    let p2 = PolicyDir::with(&[(
+        "api.toml",
+        &service_policy(
+            &api,
+            "enforce",
+            &[Egress::to([db_at.ip()])
+                .ports([db_at.port()])
+                .protocol("tcp")],
+        ),
+    )]);
+    let p3 = PolicyDir::with(&[
+        ("db.toml", &service_policy(&db, "enforce", &[])),
+        ("iso.toml", &service_policy(&iso, "enforce", &[])),
+    ]);
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let c1 = fleet_config(work.path(), "h1", &ch.url());
+    let c2 = fleet_config(work.path(), "h2", &url_of(IpAddr::V4(h2.v4(1))));
+    let c3 = fleet_config(work.path(), "h3", &url_of(IpAddr::V4(h3.v4(1))));
+    let a1 = Daemon::start_with_config(&p1, &c1);
+    let a2 = Daemon::start_in_netns(&p2, &c2, h2.name());
+    let a3 = Daemon::start_in_netns(&p3, &c3, h3.name());
+
+    // web -> api three times; api -> db twice (api's client runs in its
+    // cgroup; the cgroup, not the namespace, makes it api).
+    let web_probe = probe!().in_cgroup(web.path());
+    for _ in 0..3 {
+        web_probe.tcp_connect(api_at).assert_ok("web may call api");
+    }
+    web_probe
+        .tcp_connect(db_at)
+        .assert_eperm("web may not reach db directly");
+    let api_probe = probe!().in_cgroup(api.path());
+    for _ in 0..2 {
+        api_probe.tcp_connect(db_at).assert_ok("api may call db");
+    }
+
+    let logs = || format!("h1:\n{}\nh2:\n{}\nh3:\n{}", a1.log(), a2.log(), a3.log());
+    let ports = Ports {
+        api: api_at,
+        db: db_at,
+        iso: iso_listener.port(),
+    };
+    rows_arrive(&ch, &h2, &h3, &ports, &logs);
+    let fleet = read_fleet(&ch);
+    assert_web_blast_radius(&fleet, &ports);
+    let iso = fleet
+        .blast_radius("iso")
+        .unwrap_or_else(|e| panic!("iso: {e}"));
+    assert_eq!(iso.lateral.size, 0);
+    drop((a1, a2, a3));
+}
+
+/// Where the test's services listen.
+struct Ports {
+    api: SocketAddr,
+    db: SocketAddr,
+    iso: u16,
+}
+
+/// Every host's rows arrive: the flows, the listeners, the policies.
+fn rows_arrive(
+    ch: &ClickHouse,
+    h2: &NetnsGuard,
+    h3: &NetnsGuard,
+    ports: &Ports,
+    logs: &dyn Fn() -> String,
+) {
+    let arrived = |sql: &str, want: &str| {
+        eventually(ARRIVAL, Duration::from_millis(250), || {
+            let got = ch.query(sql);
+            if got == want {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        })
+        .unwrap_or_else(|got| {
+            panic!(
+                "{sql}: {got:?}, not {want:?} within {ARRIVAL:?}; logs:
+{}",
+                logs()
+            )
+        });
+    };
+    arrived(
+        "SELECT host, service, sum(calls) FROM bulkhead.flows WHERE direction = 'egress' \
+         AND verdict = 'allow' AND remote_port != 0 AND calls > 0 \
+         GROUP BY host, service ORDER BY host FORMAT TabSeparated",
+        "h1\tweb\t3\nh2\tapi\t2\n",
+    );
+    arrived(
+        &format!(
+            "SELECT host, service, addr FROM bulkhead.endpoints WHERE kind = 'listener' \
+             AND port IN ({}, {}, {}) GROUP BY host, service, addr \
+             HAVING addr NOT LIKE '%:%' ORDER BY host, service, addr FORMAT TabSeparated",
+            ports.api.port(),
+            ports.db.port(),
+            ports.iso
+        ),
+        &format!(
+            "h2\tapi\t{}\nh3\tdb\t127.0.0.1\nh3\tdb\t{}\nh3\tiso\t{}\n",
+            h2.v4(2),
+            h3.v4(2),
+            h3.v4(2)
+        ),
+    );
+    arrived(
+        "SELECT host, service FROM bulkhead.policies GROUP BY host, service \
+         ORDER BY host, service FORMAT TabSeparated",
+        "h1\tweb\nh2\tapi\nh3\tdb\nh3\tiso\n",
+    );
+}
+
+/// The fleet, read back from `ClickHouse` as `bulkhead fleet` reads it.
+fn read_fleet(ch: &ClickHouse) -> Fleet {
+    let c = client(&ch.url());
+    read::load("bulkhead", |sql| {
+        block_on(c.query(sql)).map_err(anyhow::Error::from)
+    })
+    .unwrap_or_else(|e| panic!("read the fleet: {e:#}"))
+}
+
+/// web's blast radius crosses h2 and h3, with every hop.
+fn assert_web_blast_radius(fleet: &Fleet, ports: &Ports) {
+    let b = fleet
+        .blast_radius("web")
+        .unwrap_or_else(|e| panic!("blast radius: {e}"));
+    let paths: Vec<(&str, &str)> = b
+        .lateral
+        .services
+        .iter()
+        .map(|h| (h.target.as_str(), h.path.as_str()))
+        .collect();
+    let to_api = format!("web@h1 → api@h2:{}", ports.api.port());
+    let to_db = format!("{to_api} → db@h3:{}", ports.db.port());
+    assert_eq!(
+        paths,
+        [("api@h2", to_api.as_str()), ("db@h3", to_db.as_str())]
+    );
+    assert_eq!(b.lateral.size, 2);
+    let reached: Vec<(&str, u64, u64)> = b
+        .reached
+        .iter()
+        .map(|r| (r.to.as_str(), r.calls, r.denied))
+        .collect();
+    assert_eq!(
+        reached,
+        [("api@h2", 3, 0), ("db@h3", 0, 1)],
+        "what web reached: api three times, db once refused"
+    );
+}
+
+/// Calls `web` makes to `to` in one burst (each TCP connect a flow of its
+/// own: a record, one call).
+fn calls(web: &CgroupGuard, to: SocketAddr, n: usize) {
+    let p = probe!().in_cgroup(web.path());
+    for _ in 0..n {
+        p.tcp_connect(to).assert_ok("web may call the listener");
+    }
+}
+
+/// `web`'s calls stored in the flows table, and rows stored more than once.
+fn stored(ch: &ClickHouse) -> (String, String) {
+    (
+        ch.query(
+            "SELECT sum(calls) FROM bulkhead.flows WHERE service = 'web' \
+             AND direction = 'egress' FORMAT TabSeparated",
+        ),
+        ch.query(
+            "SELECT count() FROM (SELECT batch_id, row, count() AS n FROM bulkhead.flows \
+             GROUP BY batch_id, row HAVING n > 1) FORMAT TabSeparated",
+        ),
+    )
+}
+
+#[test]
+fn a_minute_without_clickhouse_and_a_restart_lose_nothing_and_store_nothing_twice() {
+    if !require_bpf() {
+        return;
+    }
+    let mut ch = ClickHouse::start();
+    let init = bulkhead(&[
+        "fleet",
+        "init",
+        "--clickhouse",
+        &ch.url(),
+        "--config",
+        "/dev/null",
+    ]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let web = CgroupGuard::new();
+    let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies = PolicyDir::with(&[(
+        "web.toml",
+        &service_policy(
+            &web,
+            "enforce",
+            &[Egress::to(["127.0.0.1"])
+                .ports([listener.port()])
+                .protocol("tcp")],
+        ),
+    )]);
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    // One spool for both agents of this host, as one state directory gives.
+    let config = format!(
+        "{}spool_dir = \"{}\"\n",
+        fleet_config(work.path(), "h1", &ch.url()),
+        work.path().join("spool").display()
+    );
+    let mut agent = Daemon::start_with_config(&policies, &config);
+    let wait_for = |ch: &ClickHouse, total: usize, agent: &Daemon| {
+        let want = (format!("{total}\n"), "0\n".to_string());
+        eventually(ARRIVAL, Duration::from_millis(250), || {
+            let got = stored(ch);
+            if got == want {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        })
+        .unwrap_or_else(|got| {
+            panic!(
+                "stored (calls, duplicated rows) {got:?}, not {want:?}; agent log:\n{}",
+                agent.log()
+            )
+        });
+    };
+    calls(&web, listener.addr(), 10);
+    wait_for(&ch, 10, &agent);
+
+    // A minute without ClickHouse while web goes on calling; halfway, the
+    // agent restarts (what waited in memory goes to the spool's disk).
+    ch.stop();
+    for _ in 0..3 {
+        calls(&web, listener.addr(), 5);
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    let status = agent.stop();
+    assert!(status.success(), "the agent stopped with {status}");
+    drop(agent);
+    let spooled = fs::read_dir(work.path().join("spool"))
+        .unwrap_or_else(|e| panic!("the spool: {e}"))
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+        .count();
+    assert!(spooled > 0, "the stopped agent left no batch in the spool");
+    let agent = Daemon::start_with_config(&policies, &config);
+    for _ in 0..3 {
+        calls(&web, listener.addr(), 5);
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    ch.start_again();
+    wait_for(&ch, 40, &agent);
+}
