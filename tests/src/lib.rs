@@ -35,6 +35,7 @@ pub mod process;
 pub mod prometheus;
 pub mod require;
 pub mod server;
+pub mod serving;
 pub mod sysctl;
 
 pub use bpf::ProgSnapshot;
@@ -49,6 +50,7 @@ pub use ports::free_port_block;
 pub use probe::{Listener, Outcome, Probe, Proto};
 pub use require::require_bpf;
 pub use server::Server;
+pub use serving::Serving;
 pub use sysctl::PingGroupRange;
 
 /// `EPERM`: what a denied `connect()`/`sendto()` must return.

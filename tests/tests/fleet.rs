@@ -14,11 +14,16 @@ use std::{
 };
 
 use bulkhead::fleet::{
+    model::{FleetBlastRadius, Rule},
     rows::{parse_rows, select},
     schema, time, AnomalyRow, Client, Connection, EncodedBatch, EndpointRow, FlowRow,
     InsertOutcome, Password, PolicyRow, Row, Table,
 };
-use integration_tests::{bulkhead, eventually, ClickHouse};
+use integration_tests::{
+    bulkhead, eventually,
+    http::{http_get, http_request},
+    ClickHouse, Serving,
+};
 use tempfile::TempDir;
 
 const USER: &str = "bulkhead";
@@ -535,5 +540,724 @@ fn bad_command_line_values_are_refused_before_connecting() {
         text(&out.stderr),
         "bulkhead fleet init: ClickHouse URL \"https://ch.example:8443\": must start with \
          http:// (for TLS, put a local proxy in front)\n"
+    );
+}
+
+// ---- Reading the fleet back: graph, blast radius, services, serve ----
+
+/// Inserts `rows` as one batch, as an agent would.
+fn insert<R: Row>(client: &Client, batch_id: &str, rows: &mut [R]) {
+    let batch = EncodedBatch::encode(batch_id, rows).unwrap_or_else(|e| panic!("{batch_id}: {e}"));
+    block_on(client.insert_batch(&batch))
+        .unwrap_or_else(|e| panic!("insert {batch_id} into {}: {e}", batch.table()));
+}
+
+/// A policy snapshot of `service@host` applied at `at`, allowing TCP to
+/// each `(network, port)`.
+fn policy(service: &str, host: &str, allows: &[(&str, u16)], at: u32) -> PolicyRow {
+    let rules: Vec<Rule> = allows
+        .iter()
+        .enumerate()
+        .map(|(i, (net, port))| Rule {
+            rule: format!("{service}.toml#egress[{i}]"),
+            to: vec![net.parse().unwrap_or_else(|e| panic!("{net}: {e}"))],
+            ports: vec![(*port, *port)],
+            protocol: "tcp".to_owned(),
+            description: None,
+        })
+        .collect();
+    PolicyRow {
+        host: host.to_owned(),
+        host_id: format!("{host:0>32}"),
+        service: service.to_owned(),
+        mode: "enforce".to_owned(),
+        file: format!("/etc/bulkhead/policies/{service}.toml"),
+        file_sha256: "0".repeat(64),
+        rules: serde_json::to_string(&rules).unwrap_or_else(|e| panic!("rules: {e}")),
+        applied_at: at,
+        ..PolicyRow::default()
+    }
+}
+
+/// `service@host` listening on `addr:port`/tcp from `first` to `last`.
+fn listening(
+    service: &str,
+    host: &str,
+    (addr, port): (&str, u16),
+    (first, last): (u32, u32),
+) -> EndpointRow {
+    EndpointRow {
+        host: host.to_owned(),
+        host_id: format!("{host:0>32}"),
+        service: service.to_owned(),
+        kind: "listener".to_owned(),
+        protocol: "tcp".to_owned(),
+        addr: addr.to_owned(),
+        port,
+        first_seen: first,
+        last_seen: last,
+        ..EndpointRow::default()
+    }
+}
+
+/// `calls` allowed TCP connections of `service@host` to `addr:port`.
+fn egress(
+    service: &str,
+    host: &str,
+    (addr, port): (&str, u16),
+    calls: u64,
+    (first, last): (u32, u32),
+) -> FlowRow {
+    FlowRow {
+        host: host.to_owned(),
+        host_id: format!("{host:0>32}"),
+        service: service.to_owned(),
+        direction: "egress".to_owned(),
+        protocol: "tcp".to_owned(),
+        local_addr: "198.51.100.99".to_owned(),
+        local_port: 40_000,
+        remote_addr: addr.to_owned(),
+        remote_port: port,
+        verdict: "allow".to_owned(),
+        rule: format!("{service}.toml#egress[0]"),
+        calls,
+        bytes_sent: 100 * calls,
+        bytes_received: 1000 * calls,
+        first_seen: first,
+        last_seen: last,
+        ..FlowRow::default()
+    }
+}
+
+const API: (&str, u16) = ("198.51.100.20", 8080);
+const DB: (&str, u16) = ("198.51.100.30", 5432);
+
+/// web@h1 → api@h2:8080 → db@h3:5432, and iso@h4 that nothing reaches and
+/// that reaches nothing; as of `now`. Policies were applied 10 minutes
+/// ago, listeners refreshed 30 s ago, flows ran until a minute ago.
+fn chain(client: &Client, now: u32) {
+    init(client);
+    let mut policies = vec![
+        policy("web", "h1", &[("198.51.100.20/32", 8080)], now - 600),
+        policy("api", "h2", &[("198.51.100.30/32", 5432)], now - 600),
+        policy("db", "h3", &[], now - 600),
+        policy("iso", "h4", &[("203.0.113.0/24", 443)], now - 600),
+    ];
+    let mut listeners = vec![
+        listening("api", "h2", API, (now - 3600, now - 30)),
+        listening("db", "h3", DB, (now - 3600, now - 30)),
+        listening("iso", "h4", ("198.51.100.40", 22), (now - 3600, now - 30)),
+    ];
+    let mut flows = vec![
+        egress("web", "h1", API, 12, (now - 300, now - 60)),
+        egress("api", "h2", DB, 5, (now - 300, now - 60)),
+    ];
+    insert(client, "chain-policies", &mut policies);
+    insert(client, "chain-endpoints", &mut listeners);
+    insert(client, "chain-flows", &mut flows);
+}
+
+/// A fleet command against `ch` (no config: the URL alone).
+fn fleet_at(ch: &ClickHouse, config: &Path, args: &[&str]) -> Output {
+    fleet(args, &ch.url(), config)
+}
+
+#[test]
+fn fleet_blast_radius_of_web_is_exactly_api_at_h2_and_db_at_h3_with_their_paths() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let now = time::now();
+    chain(&client(&ch), now);
+
+    let out = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "web", "--json"]),
+        "fleet blast-radius --json",
+    );
+    let b: FleetBlastRadius = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(b.instances, ["web@h1"]);
+    let lateral: Vec<(&str, usize, &str)> = b
+        .lateral
+        .services
+        .iter()
+        .map(|h| (h.target.as_str(), h.hops, h.path.as_str()))
+        .collect();
+    assert_eq!(
+        lateral,
+        [
+            ("api@h2", 1, "web@h1 → api@h2:8080"),
+            ("db@h3", 2, "web@h1 → api@h2:8080 → db@h3:5432"),
+        ]
+    );
+    assert_eq!(b.lateral.size, 2);
+    assert!(
+        b.lateral.destinations.is_empty(),
+        "{:?}",
+        b.lateral.destinations
+    );
+    assert_eq!(b.allows.len(), 1);
+    assert_eq!(b.allows[0].services, ["api@h2"]);
+    assert!(b.allows[0].used);
+    assert!(b.unused.is_empty());
+    let reached: Vec<(&str, &str, u64)> = b
+        .reached
+        .iter()
+        .map(|r| (r.to.as_str(), r.dest.as_str(), r.calls))
+        .collect();
+    assert_eq!(reached, [("api@h2", "198.51.100.20:8080/tcp", 12)]);
+
+    // The same instance named with its host.
+    let one = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "web@h1", "--json"]),
+        "web@h1",
+    );
+    let one: FleetBlastRadius = serde_json::from_str(&one).unwrap_or_else(|e| panic!("{e}: {one}"));
+    assert_eq!((one.service.as_str(), &one.lateral), ("web@h1", &b.lateral));
+
+    // As text: every hop of every path, and the reachable set's size.
+    let report = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "web"]),
+        "fleet blast-radius",
+    );
+    assert!(
+        report.starts_with("blast radius of web across the fleet: 1 instance(s): web@h1\n"),
+        "{report}"
+    );
+    assert!(
+        report.contains(
+            "   web@h1 web.toml#egress[0] 198.51.100.20/32 ports 8080 tcp  \
+             (services listening there: api@h2)\n"
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("   web@h1 → api@h2 (198.51.100.20:8080/tcp): 12 connections, last "),
+        "{report}"
+    );
+    assert!(
+        report.ends_with(
+            "4. lateral reach: 2 service instance(s), 0 destination(s)\n   \
+             1 hop(s): web@h1 → api@h2:8080\n   \
+             2 hop(s): web@h1 → api@h2:8080 → db@h3:5432\n"
+        ),
+        "{report}"
+    );
+
+    // The isolated service reaches no service; its allowance is unused.
+    let iso = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "iso", "--json"]),
+        "iso",
+    );
+    let iso: FleetBlastRadius = serde_json::from_str(&iso).unwrap_or_else(|e| panic!("{e}: {iso}"));
+    assert_eq!(iso.lateral.size, 0);
+    assert_eq!(iso.unused.len(), 1);
+    assert!(iso.reached.is_empty());
+
+    // An unknown service: exit 1, saying so.
+    let out = fleet_at(&ch, &config, &["blast-radius", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "bulkhead fleet blast-radius: no instance of \"nope\" in the fleet \
+         (no policy snapshot names it)\n"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn fleet_graph_draws_the_chain_across_hosts() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    chain(&client(&ch), time::now());
+
+    let dot = succeeded(
+        &fleet_at(&ch, &config, &["graph", "--format", "dot"]),
+        "fleet graph --format dot",
+    );
+    assert!(dot.starts_with("digraph bulkhead {\n"), "{dot}");
+    let edges: Vec<&str> = dot.lines().filter(|l| l.contains(" -> ")).collect();
+    assert_eq!(edges.len(), 2, "{dot}");
+    assert!(
+        edges[0].starts_with("  \"service:api@h2\" -> \"service:db@h3\" [label="),
+        "{dot}"
+    );
+    assert!(
+        edges[1].starts_with("  \"service:web@h1\" -> \"service:api@h2\" [label="),
+        "{dot}"
+    );
+    for node in ["web@h1", "api@h2", "db@h3", "iso@h4"] {
+        assert!(
+            dot.contains(&format!(
+                "  \"service:{node}\" [label=\"{node}\", shape=box];\n"
+            )),
+            "{node}: {dot}"
+        );
+    }
+
+    let json = succeeded(&fleet_at(&ch, &config, &["graph"]), "fleet graph");
+    let view: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(view["schema"], "bulkhead.graph.v1");
+    let edge = |from: &str| {
+        view["edges"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["from"] == from))
+            .unwrap_or_else(|| panic!("no edge from {from}: {json}"))
+            .clone()
+    };
+    let web = edge("service:web@h1");
+    assert_eq!(
+        (
+            &web["to"],
+            &web["dest"],
+            &web["connections"],
+            &web["bytes_sent"]
+        ),
+        (
+            &serde_json::json!("service:api@h2"),
+            &serde_json::json!("198.51.100.20:8080/tcp"),
+            &serde_json::json!(12),
+            &serde_json::json!(1200)
+        ),
+        "{json}"
+    );
+
+    let mermaid = succeeded(
+        &fleet_at(&ch, &config, &["graph", "--format", "mermaid"]),
+        "mermaid",
+    );
+    assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
+    assert!(mermaid.contains("\"api@h2\""), "{mermaid}");
+}
+
+#[test]
+fn fleet_services_lists_every_instance_with_its_host_mode_and_last_seen() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let now = time::now();
+    chain(&client(&ch), now);
+
+    let json = succeeded(
+        &fleet_at(&ch, &config, &["services", "--json"]),
+        "fleet services --json",
+    );
+    let services: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    // The latest of the policy snapshot (10 min ago), the flows (1 min)
+    // and the listeners (30 s).
+    let row = |service: &str, host: &str, last: u32| serde_json::json!({"service": service, "host": host, "mode": "enforce", "last_seen": last});
+    assert_eq!(
+        services,
+        serde_json::json!([
+            row("api", "h2", now - 30),
+            row("db", "h3", now - 30),
+            row("iso", "h4", now - 30),
+            row("web", "h1", now - 60),
+        ])
+    );
+
+    let table = succeeded(&fleet_at(&ch, &config, &["services"]), "fleet services");
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let firsts: Vec<&[&str]> = lines.iter().map(|l| &l[..3]).collect();
+    assert_eq!(
+        firsts,
+        [
+            &["SERVICE", "HOST", "MODE"][..],
+            &["api", "h2", "enforce"],
+            &["db", "h3", "enforce"],
+            &["iso", "h4", "enforce"],
+            &["web", "h1", "enforce"],
+        ],
+        "{table}"
+    );
+
+    // A service seen only as a listener's owner (no policy snapshot) is
+    // listed too, without a mode.
+    let mut unmanaged = vec![listening(
+        "cache",
+        "h3",
+        ("198.51.100.31", 6379),
+        (now - 90, now - 20),
+    )];
+    insert(&client(&ch), "services-endpoints", &mut unmanaged);
+    let json = succeeded(
+        &fleet_at(&ch, &config, &["services", "--json"]),
+        "fleet services --json",
+    );
+    let services: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(
+        services[1],
+        serde_json::json!({"service": "cache", "host": "h3", "mode": null, "last_seen": now - 20}),
+        "{json}"
+    );
+    let table = succeeded(&fleet_at(&ch, &config, &["services"]), "fleet services");
+    let cache: Vec<&str> = table
+        .lines()
+        .nth(2)
+        .map(|l| l.split_whitespace().take(3).collect())
+        .unwrap_or_default();
+    assert_eq!(cache, ["cache", "h3", "-"], "{table}");
+}
+
+/// The database's address listened on h3 until two hours ago, then on h4:
+/// a flow four hours ago went to db@h3, one a minute ago to db@h4 (the
+/// flows query keeps different hours apart).
+#[test]
+fn an_address_that_moved_between_hosts_resolves_by_time() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    init(&client);
+    let now = time::now();
+    let mut policies = vec![
+        policy("api", "h2", &[("198.51.100.30/32", 5432)], now - 6 * 3600),
+        policy("db", "h3", &[], now - 6 * 3600),
+        policy("db", "h4", &[], now - 3600),
+    ];
+    let mut listeners = vec![
+        listening("db", "h3", DB, (now - 6 * 3600, now - 2 * 3600)),
+        listening("db", "h4", DB, (now - 3600, now - 30)),
+    ];
+    let mut flows = vec![
+        egress("api", "h2", DB, 3, (now - 4 * 3600, now - 4 * 3600 + 60)),
+        egress("api", "h2", DB, 5, (now - 300, now - 60)),
+    ];
+    insert(&client, "moved-policies", &mut policies);
+    insert(&client, "moved-endpoints", &mut listeners);
+    insert(&client, "moved-flows", &mut flows);
+
+    let out = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "api", "--json"]),
+        "api",
+    );
+    let b: FleetBlastRadius = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let reached: Vec<(&str, u64)> = b.reached.iter().map(|r| (r.to.as_str(), r.calls)).collect();
+    assert_eq!(reached, [("db@h3", 3), ("db@h4", 5)], "{out}");
+    // What the policy lets it reach now: the address's current owner.
+    assert_eq!(b.allows[0].services, ["db@h4"], "{out}");
+    let paths: Vec<&str> = b.lateral.services.iter().map(|h| h.path.as_str()).collect();
+    assert_eq!(paths, ["api@h2 → db@h4:5432"], "{out}");
+    // And the graph draws each flow to the host that had the address then.
+    let dot = succeeded(
+        &fleet_at(&ch, &config, &["graph", "--format", "dot"]),
+        "graph",
+    );
+    for to in ["db@h3", "db@h4"] {
+        assert!(
+            dot.contains(&format!("  \"service:api@h2\" -> \"service:{to}\" [label=")),
+            "{to}: {dot}"
+        );
+    }
+}
+
+/// The address `fleet serve` says it serves on.
+fn serve_addr(serve: &Serving) -> std::net::SocketAddr {
+    let line = serve.first_line();
+    line.strip_suffix("/graph")
+        .and_then(|l| l.rsplit_once("http://"))
+        .and_then(|(_, a)| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+#[test]
+fn fleet_serve_answers_the_maps_json_with_the_fleet_read_on_each_request() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    let now = time::now();
+    chain(&client, now);
+    let config_arg = config.display().to_string();
+    let url = ch.url();
+    let mut serve = Serving::start(&[
+        "fleet",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--clickhouse",
+        &url,
+        "--config",
+        &config_arg,
+    ]);
+    let line = serve.first_line().to_owned();
+    let addr = serve_addr(&serve);
+    assert_eq!(
+        line,
+        format!("serving the fleet map of {url}/ (database bulkhead) at http://{addr}/graph")
+    );
+
+    let (status, head, body) = http_get(addr, "/graph.json");
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let data: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(data["graph"]["schema"], "bulkhead.graph.v1");
+    let edges = |data: &serde_json::Value| -> Vec<(String, String)> {
+        data["graph"]["edges"]
+            .as_array()
+            .map(|es| {
+                es.iter()
+                    .map(|e| (e["from"].to_string(), e["to"].to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        edges(&data),
+        [
+            (
+                "\"service:api@h2\"".to_owned(),
+                "\"service:db@h3\"".to_owned()
+            ),
+            (
+                "\"service:web@h1\"".to_owned(),
+                "\"service:api@h2\"".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(
+        data["blast"]["service:web@h1"]["paths"],
+        serde_json::json!(["web@h1 → api@h2:8080", "web@h1 → api@h2:8080 → db@h3:5432"])
+    );
+
+    // A new flow is on the next answer: read again, not cached.
+    let mut more = vec![egress(
+        "iso",
+        "h4",
+        ("203.0.113.5", 443),
+        1,
+        (now - 60, now - 50),
+    )];
+    insert(&client, "serve-flows", &mut more);
+    let (status, _, body) = http_get(addr, "/graph.json");
+    assert_eq!(status, 200, "{body}");
+    let data: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(edges(&data).len(), 3, "{body}");
+
+    // The page is the host map's, with the fleet inlined.
+    let (status, head, page) = http_get(addr, "/graph");
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(
+        page.contains("\"service:db@h3\""),
+        "the data is not inlined"
+    );
+    // A name a web page could rebind to loopback is not answered.
+    let (status, _, _) = http_request(
+        addr,
+        "GET /graph.json HTTP/1.0\r\nHost: evil.example\r\n\r\n",
+    );
+    assert_eq!(status, 421);
+    let (status, head, _) = http_get(addr, "/");
+    assert_eq!(status, 303);
+    assert!(head.contains("location: /graph\r\n"), "{head}");
+
+    // ClickHouse gone: the answer says so, and the server keeps serving.
+    drop(ch);
+    let (status, _, body) = http_get(addr, "/graph.json");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.starts_with(&format!(
+            "read the policy snapshots: cannot reach ClickHouse at {url}/: "
+        )),
+        "{body}"
+    );
+
+    let status = serve.stop(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "fleet serve did not exit cleanly on SIGTERM: {status:?} {}",
+        serve.stderr()
+    );
+}
+
+#[test]
+fn fleet_serve_refuses_a_non_loopback_address() {
+    let out = bulkhead(&[
+        "fleet",
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--clickhouse",
+        "http://127.0.0.1:1",
+        "--config",
+        "/dev/null",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "bulkhead fleet serve: --listen 0.0.0.0:0: not a loopback address; the fleet map shows \
+         every host's services and flows, so it is served on loopback only (reach it through an \
+         SSH tunnel or an authenticating proxy)\n"
+    );
+}
+
+#[test]
+fn a_fleet_query_error_names_the_url_and_clickhouses_message() {
+    // A server without the schema: the read fails, saying what to run.
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let out = fleet_at(&ch, &config, &["graph"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "bulkhead fleet graph: read the policy snapshots: ClickHouse at {}/ answered with an error: HTTP ",
+            ch.url()
+        )),
+        "{err}"
+    );
+    // ClickHouse's own words: UNKNOWN_DATABASE.
+    assert!(err.contains("HTTP 404: Code: 81"), "{err}");
+    assert!(
+        err.trim_end()
+            .ends_with("(run `bulkhead fleet init` first)"),
+        "{err}"
+    );
+}
+
+/// The address of instance `i` of the scale fleet (198.18.0.0/15).
+fn scale_addr(i: usize) -> String {
+    format!("198.18.{}.{}", i / 250, i % 250 + 1)
+}
+
+/// The scale fleet (see below), inserted through the client; prints how
+/// long the inserts took.
+fn insert_scale_fleet(client: &Client, now: u32) {
+    const N: usize = SCALE_INSTANCES;
+    const FLOWS_EACH: usize = SCALE_FLOWS_EACH;
+    let name = |i: usize| (format!("s{i}"), format!("h{}", i % 100));
+    let mut policies: Vec<PolicyRow> = (0..N)
+        .map(|i| {
+            let nets: Vec<String> = [2 * i + 1, 2 * i + 2]
+                .into_iter()
+                .filter(|&t| t < N)
+                .map(|t| format!("{}/32", scale_addr(t)))
+                .collect();
+            let allows: Vec<(&str, u16)> = nets.iter().map(|n| (n.as_str(), 8080)).collect();
+            let (service, host) = name(i);
+            policy(&service, &host, &allows, now - 600)
+        })
+        .collect();
+    let mut listeners: Vec<EndpointRow> = (0..N)
+        .map(|i| {
+            let (service, host) = name(i);
+            listening(
+                &service,
+                &host,
+                (&scale_addr(i), 8080),
+                (now - 3600, now - 30),
+            )
+        })
+        .collect();
+    let mut flows: Vec<FlowRow> = (0..N * FLOWS_EACH)
+        .map(|j| {
+            let i = j / FLOWS_EACH;
+            let mut to = (j + 1) % N;
+            if to == i {
+                to = (to + 1) % N;
+            }
+            let (service, host) = name(i);
+            egress(
+                &service,
+                &host,
+                (&scale_addr(to), 8080),
+                1,
+                (now - 300, now - 60),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    insert(client, "scale-policies", &mut policies);
+    insert(client, "scale-endpoints", &mut listeners);
+    for (k, chunk) in flows.chunks_mut(25_000).enumerate() {
+        insert(client, &format!("scale-flows-{k}"), chunk);
+    }
+    eprintln!(
+        "scale: inserted {N} policy snapshots, {N} listeners and {} flow rows in {:?}",
+        N * FLOWS_EACH,
+        started.elapsed()
+    );
+}
+
+const SCALE_INSTANCES: usize = 10_000;
+const SCALE_FLOWS_EACH: usize = 10;
+
+/// The issue's scale: 10,000 service instances on 100 hosts (policy
+/// snapshots and listeners) and 100,000 flow rows (edges), then `fleet
+/// blast-radius` end to end through the binary, timed and printed (not
+/// asserted: the figure goes in docs/fleet.md, the goal is 2 s). Each
+/// instance `s{i}` may reach `s{2i+1}` and `s{2i+2}`, so `s0` reaches all
+/// the others, 14 hops deep at most.
+#[test]
+#[ignore = "a measurement (about 20 s): run with --ignored --nocapture, see docs/fleet.md"]
+fn scale_blast_radius_over_10000_instances_and_100000_flows() {
+    const N: usize = SCALE_INSTANCES;
+    const FLOWS_EACH: usize = SCALE_FLOWS_EACH;
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    init(&client);
+    insert_scale_fleet(&client, time::now());
+
+    for args in [
+        &["blast-radius", "s0", "--json"][..],
+        &["blast-radius", "s0"],
+    ] {
+        let started = std::time::Instant::now();
+        let out = succeeded(&fleet_at(&ch, &config, args), "fleet blast-radius s0");
+        let took = started.elapsed();
+        eprintln!(
+            "scale: `bulkhead fleet {}` took {took:?} end to end",
+            args.join(" ")
+        );
+        if args.contains(&"--json") {
+            let b: FleetBlastRadius = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(b.lateral.size, N - 1);
+            assert_eq!(b.reached.len(), FLOWS_EACH);
+            let deepest = b.lateral.services.iter().map(|h| h.hops).max();
+            assert_eq!(deepest, Some(13));
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = succeeded(
+        &fleet_at(&ch, &config, &["graph", "--format", "dot"]),
+        "graph",
+    );
+    eprintln!(
+        "scale: `bulkhead fleet graph --format dot` took {:?} ({} edges)",
+        started.elapsed(),
+        out.lines().filter(|l| l.contains(" -> ")).count()
+    );
+    let config_arg = config.display().to_string();
+    let url = ch.url();
+    let serve = Serving::start(&[
+        "fleet",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--clickhouse",
+        &url,
+        "--config",
+        &config_arg,
+    ]);
+    let addr = serve_addr(&serve);
+    let started = std::time::Instant::now();
+    let (status, _, body) = http_get(addr, "/graph.json");
+    assert_eq!(status, 200, "{body}");
+    eprintln!(
+        "scale: `fleet serve`'s /graph.json took {:?} ({} bytes)",
+        started.elapsed(),
+        body.len()
     );
 }

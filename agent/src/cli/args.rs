@@ -64,7 +64,8 @@ pub enum Command {
     /// first: its normal stop keeps enforcing).
     Detach(DetachArgs),
     /// Fleet mode on ClickHouse (docs/fleet.md): create the schema, drop
-    /// old partitions.
+    /// old partitions, and read the fleet back: its graph, a service's
+    /// blast radius across hosts, its service instances, its map page.
     Fleet(FleetArgs),
 }
 
@@ -292,6 +293,20 @@ pub enum FleetCommand {
     /// Drop the fleet tables' daily partitions older than a duration;
     /// prints what it dropped.
     Prune(FleetPruneArgs),
+    /// The fleet's service graph (every host's service instances, and the
+    /// flows between them resolved to the instance listening there at the
+    /// time), as JSON, DOT or Mermaid.
+    Graph(FleetGraphArgs),
+    /// What a service could reach across hosts if compromised: what its
+    /// policies allow (resolved to the services listening there), what it
+    /// reached, allowances never used, and the lateral paths hop by hop.
+    BlastRadius(FleetBlastRadiusArgs),
+    /// Every service instance: service, host, mode, last seen.
+    Services(FleetServicesArgs),
+    /// Serve the fleet's service map (the host map's page) on a loopback
+    /// address, read from ClickHouse on every request, until Ctrl-C or
+    /// SIGTERM.
+    Serve(FleetServeArgs),
 }
 
 /// Which ClickHouse, and as whom.
@@ -318,6 +333,45 @@ pub struct FleetPruneArgs {
     /// Drop the days before the day this long ago ("30d", "12w").
     #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
     pub older_than: std::time::Duration,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetGraphArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: Format,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetBlastRadiusArgs {
+    /// `SERVICE` (every instance of it) or `SERVICE@HOST` (one).
+    pub service: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetServicesArgs {
+    /// Print the instances as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FleetServeArgs {
+    /// Address to serve the map on; loopback only (the map shows every
+    /// host's services: share it through an authenticating proxy).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9470")]
+    pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
 }

@@ -45,6 +45,65 @@ pub fn flows_sql(database: &str) -> String {
     )
 }
 
+/// Every service instance any table names, with the mode of its latest
+/// policy snapshot ('' without one) and when it was last seen: the latest
+/// of its snapshots' `applied_at`, its flows' and its endpoints'
+/// `last_seen`. Old releases want the same types on each side of
+/// `UNION ALL`: hence the conversions.
+pub fn services_sql(database: &str) -> String {
+    format!(
+        "SELECT service, host, max(mode) AS mode, max(seen) AS last \
+         FROM (\
+         SELECT service, host, argMax(mode, applied_at) AS mode, \
+         toUInt32(max(applied_at)) AS seen FROM {database}.policies GROUP BY service, host \
+         UNION ALL SELECT service, host, toString('') AS mode, \
+         toUInt32(max(last_seen)) AS seen FROM {database}.flows GROUP BY service, host \
+         UNION ALL SELECT service, host, toString('') AS mode, \
+         toUInt32(max(last_seen)) AS seen FROM {database}.endpoints GROUP BY service, host\
+         ) WHERE service != '' GROUP BY service, host ORDER BY service, host \
+         FORMAT JSONEachRow"
+    )
+}
+
+/// One service instance, as `fleet services` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceInstance {
+    pub service: String,
+    pub host: String,
+    /// The latest policy snapshot's mode; None: no snapshot (a service
+    /// seen only in flows or as a listener's owner).
+    pub mode: Option<String>,
+    /// Unix seconds.
+    pub last_seen: u64,
+}
+
+#[derive(Deserialize)]
+struct ServiceSeenRow {
+    service: String,
+    host: String,
+    mode: String,
+    #[serde(deserialize_with = "number")]
+    last: u64,
+}
+
+/// Parses [`services_sql`]'s answer, sorted by service, then host.
+///
+/// # Errors
+/// A row that is not one, named by its line.
+pub fn parse_services(text: &str) -> Result<Vec<ServiceInstance>> {
+    let mut out: Vec<ServiceInstance> = rows::<ServiceSeenRow>("services", text)?
+        .into_iter()
+        .map(|r| ServiceInstance {
+            service: r.service,
+            host: r.host,
+            mode: (!r.mode.is_empty()).then_some(r.mode),
+            last_seen: r.last,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.service, &a.host).cmp(&(&b.service, &b.host)));
+    Ok(out)
+}
+
 /// A number as JSON gives it: a number, or a string (64-bit integers on
 /// old releases).
 fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -198,6 +257,30 @@ mod tests {
         assert_eq!(b.reached[0].to, "api@h2");
         assert_eq!((b.reached[0].calls, b.reached[0].denied), (7, 1));
         assert_eq!(b.allows[0].services, ["api@h2"]);
+    }
+
+    #[test]
+    fn services_without_a_snapshot_have_no_mode() {
+        let text = "{\"service\":\"web\",\"host\":\"h1\",\"mode\":\"enforce\",\"last\":\"2000\"}\n\
+                    {\"service\":\"api\",\"host\":\"h2\",\"mode\":\"\",\"last\":1000}\n";
+        let services = parse_services(text).expect("valid rows");
+        assert_eq!(
+            services,
+            [
+                ServiceInstance {
+                    service: "api".to_string(),
+                    host: "h2".to_string(),
+                    mode: None,
+                    last_seen: 1000
+                },
+                ServiceInstance {
+                    service: "web".to_string(),
+                    host: "h1".to_string(),
+                    mode: Some("enforce".to_string()),
+                    last_seen: 2000
+                }
+            ]
+        );
     }
 
     #[test]
