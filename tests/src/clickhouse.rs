@@ -112,6 +112,26 @@ impl ClickHouse {
         server
     }
 
+    /// `bulkhead fleet init` against this server (the binary under test,
+    /// no config): the fleet's database and tables. Panics with its
+    /// output if it fails.
+    pub fn fleet_init(&self) {
+        let out = crate::daemon::bulkhead(&[
+            "fleet",
+            "init",
+            "--clickhouse",
+            &self.url(),
+            "--config",
+            "/dev/null",
+        ]);
+        assert!(
+            out.status.success(),
+            "bulkhead fleet init: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Stops the server (SIGTERM, then SIGKILL), keeping its data, config
     /// and port: an outage, until [`Self::start_again`].
     pub fn stop(&mut self) {

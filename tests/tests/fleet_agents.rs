@@ -16,8 +16,8 @@ use std::{
 
 use bulkhead::fleet::{model::Fleet, read, Client, FleetConfig};
 use integration_tests::{
-    addr, bulkhead, eventually, probe, require_bpf, service_policy, CgroupGuard, ClickHouse,
-    Daemon, Egress, NetnsGuard, PolicyDir, Proto,
+    addr, eventually, http::metrics_addr, probe, prometheus::wait_sample, require_bpf,
+    service_policy, CgroupGuard, ClickHouse, Daemon, Egress, NetnsGuard, PolicyDir, Proto,
 };
 
 /// How long rows may take to reach `ClickHouse` (1 s batches, plus the
@@ -66,19 +66,7 @@ fn three_hosts_one_blast_radius() {
     let ch = ClickHouse::start_also_on(&[IpAddr::V4(h2.v4(1)), IpAddr::V4(h3.v4(1))]);
     let port = ch.addr().port();
     let url_of = |ip: IpAddr| format!("http://{}", SocketAddr::new(ip, port));
-    let init = bulkhead(&[
-        "fleet",
-        "init",
-        "--clickhouse",
-        &ch.url(),
-        "--config",
-        "/dev/null",
-    ]);
-    assert!(
-        init.status.success(),
-        "fleet init: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    ch.fleet_init();
 
     let (web, api, db, iso) = (
         CgroupGuard::new(),
@@ -294,19 +282,7 @@ fn a_minute_without_clickhouse_and_a_restart_lose_nothing_and_store_nothing_twic
         return;
     }
     let mut ch = ClickHouse::start();
-    let init = bulkhead(&[
-        "fleet",
-        "init",
-        "--clickhouse",
-        &ch.url(),
-        "--config",
-        "/dev/null",
-    ]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    ch.fleet_init();
     let web = CgroupGuard::new();
     let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
     let policies = PolicyDir::with(&[(
@@ -364,10 +340,21 @@ fn a_minute_without_clickhouse_and_a_restart_lose_nothing_and_store_nothing_twic
         .count();
     assert!(spooled > 0, "the stopped agent left no batch in the spool");
     let agent = Daemon::start_with_config(&policies, &config);
+    let metrics = metrics_addr(&agent);
+    let files = ("bulkhead_fleet_spool_files", &[][..]);
+    wait_sample(metrics, files, "the spool found at start", ARRIVAL, |n| {
+        n > 0
+    });
     for _ in 0..3 {
         calls(&web, listener.addr(), 5);
         std::thread::sleep(Duration::from_secs(10));
     }
     ch.start_again();
     wait_for(&ch, 40, &agent);
+    let sent = (
+        "bulkhead_fleet_rows_total",
+        &[("table", "flows"), ("result", "sent")][..],
+    );
+    wait_sample(metrics, sent, "rows sent", ARRIVAL, |n| n > 0);
+    wait_sample(metrics, files, "an empty spool", ARRIVAL, |n| n == 0);
 }

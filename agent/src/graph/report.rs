@@ -1,12 +1,13 @@
 //! `bulkhead blast-radius` as text.
 
-use super::blast::BlastRadius;
+use std::fmt::Write as _;
+
+use super::blast::{BlastRadius, Lateral};
 use crate::visible::visible as v;
 
 /// The report as text. Names of services, units and processes are passed
 /// through [`v`] (visible.rs): they reach a terminal.
 pub fn render(b: &BlastRadius) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -77,16 +78,23 @@ pub fn render(b: &BlastRadius) -> String {
             a.protocol
         );
     }
+    lateral_section(&mut out, &b.lateral, "service(s)");
+    out
+}
+
+/// Part 4 of a blast radius in text: the reachable set's size, then every
+/// path; `what` names what the set counts (`service(s)`, `service
+/// instance(s)`).
+pub fn lateral_section(out: &mut String, lateral: &Lateral, what: &str) {
     let _ = writeln!(
         out,
-        "\n4. lateral reach: {} service(s), {} destination(s)",
-        b.lateral.size,
-        b.lateral.destinations.len()
+        "\n4. lateral reach: {} {what}, {} destination(s)",
+        lateral.size,
+        lateral.destinations.len()
     );
-    for h in b.lateral.services.iter().chain(&b.lateral.destinations) {
+    for h in lateral.services.iter().chain(&lateral.destinations) {
         let _ = writeln!(out, "   {} hop(s): {}", h.hops, v(&h.path));
     }
-    out
 }
 
 #[cfg(test)]

@@ -393,15 +393,7 @@ fn fleet_inventory_under_the_unit_finds_a_non_root_services_listener() {
     };
     let ch = integration_tests::ClickHouse::start();
     let url = ch.url();
-    let init = integration_tests::bulkhead(&[
-        "fleet",
-        "init",
-        "--clickhouse",
-        &url,
-        "--config",
-        "/dev/null",
-    ]);
-    assert!(init.status.success(), "fleet init: {}", text(&init));
+    ch.fleet_init();
     let port = free_port_block(Ipv4Addr::LOCALHOST.into(), 1);
     let fleet = move |c: String| {
         // The shipped config has fleet mode off, its URL unset.

@@ -109,15 +109,7 @@ fn render(b: &FleetBlastRadius) -> String {
             a.protocol
         );
     }
-    let _ = writeln!(
-        out,
-        "\n4. lateral reach: {} service instance(s), {} destination(s)",
-        b.lateral.size,
-        b.lateral.destinations.len()
-    );
-    for h in b.lateral.services.iter().chain(&b.lateral.destinations) {
-        let _ = writeln!(out, "   {} hop(s): {}", h.hops, v(&h.path));
-    }
+    crate::graph::report::lateral_section(&mut out, &b.lateral, "service instance(s)");
     out
 }
 

@@ -71,7 +71,11 @@ impl Endpoints {
         ));
         let changed = keys.len() != self.first_seen.len()
             || keys.iter().any(|k| !self.first_seen.contains_key(k));
-        if !changed && self.sent_at.is_some_and(|t| now < t.saturating_add(REFRESH)) {
+        if !changed
+            && self
+                .sent_at
+                .is_some_and(|t| now < t.saturating_add(REFRESH))
+        {
             return Vec::new();
         }
         self.sent_at = Some(now);
