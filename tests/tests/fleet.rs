@@ -355,9 +355,11 @@ fn a_retry_while_the_first_attempt_still_runs_is_refused_not_stored_twice() {
     let batch = EncodedBatch::encode("h1-race-1", &mut rows).unwrap_or_else(|e| panic!("{e}"));
     let first_attempt_id = "bulkhead-insert-flows-h1-race-1";
     std::thread::scope(|scope| {
-        // A query of the same user holding the batch's insert id for two
-        // seconds stands in for the first attempt, still running.
-        let running = scope.spawn(|| ch.try_query_as("SELECT sleep(2)", first_attempt_id, true));
+        // A query of the same user holding the batch's insert id for three
+        // seconds (the longest `sleep` ClickHouse runs) stands in for the
+        // first attempt, still running; the retry goes as soon as it shows,
+        // so a loaded machine has most of the three seconds to spare.
+        let running = scope.spawn(|| ch.try_query_as("SELECT sleep(3)", first_attempt_id, true));
         eventually(Duration::from_secs(2), Duration::from_millis(20), || {
             let sql = format!(
                 "SELECT count() FROM system.processes WHERE query_id = '{first_attempt_id}'"

@@ -46,6 +46,29 @@ pub(super) fn prepare(options: Options) -> Result<Plan> {
     // would take over the first one's pins): one live agent per socket.
     crate::control::server::ensure_free(&config.control.socket)?;
     let mount = cgroup::cgroup2_mount()?;
+    if config.fleet.enabled {
+        // Refused here, before READY: the exporter starts after it, when
+        // its failing must not stop enforcement.
+        config
+            .fleet
+            .connection(None)
+            .context("fleet mode: the ClickHouse connection")?;
+        config
+            .fleet
+            .identity()
+            .context("fleet mode: this host's identity")?;
+        let to_loopback = crate::fleet::parse_clickhouse_url(&config.fleet.clickhouse_url)
+            .ok()
+            .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_string()))
+            .is_some_and(|h| {
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        if !to_loopback {
+            warn!(url = %config.fleet.clickhouse_url, "fleet mode sends its rows and the ClickHouse password over plain HTTP to another host: put a TLS proxy on this host in front of it");
+        }
+    }
     if !config.metrics.listen.ip().is_loopback() {
         warn!(listen = %config.metrics.listen, "metrics endpoint is not on loopback: it exposes the service map to the network");
     }

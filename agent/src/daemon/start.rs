@@ -173,6 +173,8 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         graph: Arc::clone(&graph),
         host_view,
     });
+    // After READY: a failure here (the spool cannot be opened) is logged
+    // and the agent goes on enforcing without fleet export.
     let fleet = crate::fleet::export::spawn(
         &config.fleet,
         crate::fleet::export::Inputs {
@@ -183,7 +185,10 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
             stats: Arc::clone(&metrics.fleet),
         },
     )
-    .context("cannot start the fleet exporter")?;
+    .unwrap_or_else(|e| {
+        tracing::error!("fleet export is off: {e:#}");
+        None
+    });
     Ok(Running {
         engine,
         hub,

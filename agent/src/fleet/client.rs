@@ -42,6 +42,9 @@ use super::{
 
 /// The most of an answer that is read. Queries here return a few rows;
 /// the fleet queries' answers are aggregates.
+/// The most of an error answer kept in the error (and so in the log).
+pub const MAX_ERROR_BYTES: usize = 4096;
+
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A ClickHouse server and the credentials to use there. Cheap to clone
@@ -276,7 +279,11 @@ impl Client {
             if status.is_success() {
                 return Ok(body);
             }
-            let message = String::from_utf8_lossy(&body).trim().to_string();
+            // What reaches a log line: at most 4 KiB, control characters
+            // shown escaped (a hostile or broken server must not fill or
+            // forge the agent's log).
+            let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BYTES)]);
+            let message = crate::visible::visible(text.trim()).into_owned();
             Err(ClientError::Server {
                 url: url.clone(),
                 status: status.as_u16(),

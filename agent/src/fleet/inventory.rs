@@ -6,6 +6,10 @@
 //! wildcard listener (`0.0.0.0`, `::`) is expanded to the host's addresses
 //! of its family (`::` to both, as a dual-stack socket takes IPv4 too: the
 //! blast radius would rather overstate reach than hide it).
+//!
+//! Not seen: a socket made by another process for the service (systemd
+//! socket activation creates it in PID 1's cgroup), and sockets in network
+//! namespaces other than the agent's.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -28,6 +32,18 @@ pub struct Listening {
 
 /// `TCP_CLOSE`: the state sock_diag gives an unconnected UDP socket.
 const UDP_UNCONNECTED: u8 = 7;
+
+/// The kernel's ephemeral port range: an unconnected UDP socket bound in
+/// it is a client's (`sendto()` binds one there), not a listener.
+fn ephemeral_ports() -> std::ops::RangeInclusive<u16> {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(str::parse::<u16>);
+            Some(it.next()?.ok()?..=it.next()?.ok()?)
+        })
+        .unwrap_or(32768..=60999)
+}
 
 /// Every cgroup under `relative` (itself included) with the id the kernel
 /// gives it, mapped to `service`: sockets made in a service's child
@@ -100,6 +116,7 @@ pub fn listening(
     addresses: &BTreeSet<IpAddr>,
 ) -> io::Result<Vec<Listening>> {
     let mut out = BTreeSet::new();
+    let ephemeral = ephemeral_ports();
     for (family, protocol, state, name) in [
         (libc::AF_INET, libc::IPPROTO_TCP, TCP_LISTEN, "tcp"),
         (libc::AF_INET6, libc::IPPROTO_TCP, TCP_LISTEN, "tcp"),
@@ -110,6 +127,9 @@ pub fn listening(
         // The constants are small: AF_INET(6) and IPPROTO_TCP/UDP fit a byte.
         sock_diag::dump(family as u8, protocol as u8, 1 << state, &mut sockets)?;
         for s in &sockets {
+            if name == "udp" && ephemeral.contains(&s.local.port()) {
+                continue;
+            }
             expand(s, name, owners, addresses, &mut out);
         }
     }

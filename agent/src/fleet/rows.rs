@@ -367,12 +367,30 @@ impl EncodedBatch {
 }
 
 /// A batch id unique across the fleet and across the agent's restarts:
-/// the host id (at most `config::MAX_HOST_ID` characters), the run (any
-/// number that differs between two runs of the agent on a host, like its
-/// start time in nanoseconds) and the batch's number in the run.
+/// the host id (at most `config::MAX_HOST_ID` characters), the run (a
+/// random number drawn at each start, [`run_id`]: not a time, which two
+/// runs or two cloned hosts can share) and the batch's number in the run.
 #[must_use]
 pub fn batch_id(host_id: &str, run: u64, seq: u64) -> String {
     format!("{host_id}-{run}-{seq}")
+}
+
+/// A run id: 64 random bits from the kernel (`getrandom`). Two runs (or
+/// two hosts cloned with one machine id) drawing the same one is a chance
+/// of 2^-64; a retry then skipping another batch's rows would need the
+/// same sequence number too.
+///
+/// # Errors
+/// The kernel's random source failed.
+pub fn run_id() -> std::io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: a buffer of the length given; flags 0 blocks only until the
+    // pool is initialised (at boot).
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if usize::try_from(n).ok() != Some(bytes.len()) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 fn check_id(id: &str) -> Result<(), BatchError> {

@@ -3,7 +3,8 @@
 //! one found in the spool at start, whose earlier attempt may have been
 //! stored) goes through `Client::insert_once`, which stores only its rows
 //! not stored yet. A batch leaves the spool only once stored, or once the
-//! server refused it for good.
+//! server refused its content three times (then it is dropped, logged and
+//! counted as `refused`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -18,13 +19,17 @@ use crate::{
     spool::{Batch, Spool},
 };
 
-/// ClickHouse's codes for a missing database or table: `fleet init` has
-/// not run; the batches wait for it.
-const UNKNOWN_TABLE: u32 = 60;
-const UNKNOWN_DATABASE: u32 = 81;
-/// Attempts a batch the server refuses (its data, not the connection or
-/// the setup) gets before it is set aside, so that one bad batch cannot
-/// hold up every later one.
+/// ClickHouse's codes for data it cannot take (a batch's content, which
+/// fails again however often it is sent): CANNOT_PARSE_TEXT (6),
+/// CANNOT_PARSE_QUOTED_STRING (26), CANNOT_PARSE_INPUT_ASSERTION_FAILED
+/// (27), CANNOT_PARSE_DATE (38), CANNOT_PARSE_DATETIME (41), TYPE_MISMATCH
+/// (53), ARGUMENT_OUT_OF_BOUND (69), CANNOT_PARSE_NUMBER (72),
+/// INCORRECT_DATA (117), TOO_LARGE_STRING_SIZE (131). Any other failure
+/// (the server away, out of disk, read-only, the credentials, the schema)
+/// is the setup's: the batches wait in the spool until it is fixed.
+const CONTENT_CODES: &[u32] = &[6, 26, 27, 38, 41, 53, 69, 72, 117, 131];
+/// Attempts a batch the server refuses for its content gets before it is
+/// dropped, so that one bad batch cannot hold up every later one.
 const REFUSALS: u32 = 3;
 
 /// What one pass over the spool ended with.
@@ -47,11 +52,9 @@ pub struct Delivery {
     failing: Option<String>,
 }
 
-/// Errors that say the setup is wrong or the server is away: wait.
-fn must_wait(e: &ClientError) -> bool {
-    e.is_retryable()
-        || e.is_auth_refused()
-        || matches!(e.code(), Some(UNKNOWN_TABLE | UNKNOWN_DATABASE))
+/// Errors about the batch itself; every other one means wait.
+fn refuses_content(e: &ClientError) -> bool {
+    !e.is_retryable() && e.code().is_some_and(|c| CONTENT_CODES.contains(&c))
 }
 
 impl Delivery {
@@ -61,14 +64,14 @@ impl Delivery {
     pub async fn pass(&mut self, client: &Client, spool: &Spool, stats: &FleetStats) -> Pass {
         while let Some(batch) = spool.oldest() {
             let Some(table) = Table::from_name(&batch.table) else {
-                self.set_aside(spool, stats, &batch, "an unknown table");
+                self.drop_refused(spool, stats, &batch, "an unknown table");
                 continue;
             };
             let encoded = match EncodedBatch::from_parts(table, &batch.batch_id, batch.body.clone())
             {
                 Ok(e) => e,
                 Err(e) => {
-                    self.set_aside(spool, stats, &batch, &e.to_string());
+                    self.drop_refused(spool, stats, &batch, &e.to_string());
                     continue;
                 }
             };
@@ -91,7 +94,7 @@ impl Delivery {
                         info!(url = %client.url(), "fleet export: ClickHouse takes rows again");
                     }
                 }
-                Err(e) if must_wait(&e) => {
+                Err(e) if !refuses_content(&e) => {
                     let kind = format!("{:?}", e.code());
                     if self.failing.as_deref() != Some(kind.as_str()) {
                         warn!(error = %e, "fleet export: rows wait in the spool until ClickHouse takes them");
@@ -104,7 +107,7 @@ impl Delivery {
                     *n += 1;
                     if *n >= REFUSALS {
                         self.refusals.remove(&batch.batch_id);
-                        self.set_aside(spool, stats, &batch, &e.to_string());
+                        self.drop_refused(spool, stats, &batch, &e.to_string());
                         continue;
                     }
                     return Pass::Stalled;
@@ -114,14 +117,59 @@ impl Delivery {
         Pass::Drained
     }
 
-    fn set_aside(&mut self, spool: &Spool, stats: &FleetStats, batch: &Batch, why: &str) {
+    fn drop_refused(&mut self, spool: &Spool, stats: &FleetStats, batch: &Batch, why: &str) {
         warn!(
             table = %batch.table,
             batch = %batch.batch_id,
             rows = batch.rows,
-            "fleet export: ClickHouse refused a batch for good ({why}); its rows are counted as refused"
+            "fleet export: ClickHouse refused a batch's content ({why}); it is dropped, its rows counted as refused"
         );
         spool.ack(&batch.batch_id);
         stats.add(&batch.table, "refused", u64::from(batch.rows));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status: u16, code: Option<u32>) -> ClientError {
+        ClientError::Server {
+            url: "http://127.0.0.1:8123/".to_string(),
+            status,
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_batchs_own_content_drops_it() {
+        // Parse errors and bad data: the batch is at fault.
+        assert!(refuses_content(&server(400, Some(27))));
+        assert!(refuses_content(&server(500, Some(117))));
+        // The setup's or the server's: out of disk, read-only, a missing
+        // table, the credentials, a proxy's 413 or 500 without a code.
+        for (status, code) in [
+            (500, Some(243)),
+            (500, Some(242)),
+            (500, Some(164)),
+            (404, Some(60)),
+            (404, Some(81)),
+            (401, Some(193)),
+            (413, None),
+            (500, None),
+            (503, None),
+        ] {
+            assert!(!refuses_content(&server(status, code)), "{status} {code:?}");
+        }
+    }
+
+    #[test]
+    fn two_runs_draw_different_ids() {
+        let (a, b) = (
+            crate::fleet::rows::run_id().expect("getrandom"),
+            crate::fleet::rows::run_id().expect("getrandom"),
+        );
+        assert_ne!(a, b);
     }
 }

@@ -26,13 +26,17 @@ pub use stats::FleetStats;
 
 use self::{collect::Collector, deliver::Delivery, endpoints::Endpoints};
 use super::{
-    host::HostView, rows::batch_id, time, Client, EncodedBatch, FleetConfig, HostIdentity,
-    PolicyRow, Row,
+    host::HostView,
+    rows::{self, batch_id},
+    time, Client, EncodedBatch, FleetConfig, HostIdentity, PolicyRow, Row,
 };
 use crate::{
     events::Hub,
     spool::{Batch, Pushed, Spool, SpoolLimits},
 };
+
+/// Unchanged policy snapshots are sent again this often (seconds).
+const POLICIES_EVERY: u32 = 3600;
 
 /// Rows of one table in one batch at most (the client's bound).
 const BATCH_ROWS: usize = 10_000;
@@ -165,8 +169,14 @@ impl Worker {
         };
         let mut collector = Collector::default();
         let mut endpoints = Endpoints::default();
-        let mut sent_policies: Option<Arc<HostView>> = None;
-        let run = u64::from(time::now());
+        let mut sent_policies: Option<(Arc<HostView>, u32)> = None;
+        let run = match rows::run_id() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("fleet export stopped: no run id from the kernel's random source: {e}");
+                return;
+            }
+        };
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,8 +197,14 @@ impl Worker {
             if stopping {
                 // What was published before the stop (the last sweep's
                 // summaries) is this run's to send.
-                while let Ok(ev) = self.events.try_recv() {
-                    collector.observe(&self.identity, &ev, now);
+                loop {
+                    match self.events.try_recv() {
+                        Ok(ev) => collector.observe(&self.identity, &ev, now),
+                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                            self.stats.add("flows", "lost", n);
+                        }
+                        Err(_) => break,
+                    }
                 }
             }
             let (flows, anomalies) = collector.take();
@@ -202,9 +218,15 @@ impl Worker {
             out.push(flows);
             out.push(anomalies);
             let view = Arc::clone(&self.host.borrow_and_update());
-            if sent_policies.as_ref() != Some(&view) {
+            // On a change, and every hour: `fleet prune` drops old days,
+            // and a policy that never changes must not drop out with them.
+            let due = match &sent_policies {
+                Some((sent, at)) => *sent != view || now >= at.saturating_add(POLICIES_EVERY),
+                None => true,
+            };
+            if due {
                 out.push(policy_rows(&self.identity, &view, now));
-                sent_policies = Some(view);
+                sent_policies = Some((view, now));
             }
             let view = Arc::clone(&self.host.borrow());
             out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
@@ -244,17 +266,24 @@ impl Batches<'_> {
                     continue;
                 }
             };
-            self.fresh
+            // Marked fresh before the push: the sender may take it at once.
+            let mut fresh = self
+                .fresh
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(id.clone());
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            fresh.insert(id.clone());
+            drop(fresh);
             let pushed = self.spool.push(Batch {
                 table: R::TABLE.name().to_string(),
-                batch_id: id,
+                batch_id: id.clone(),
                 rows: encoded.rows(),
                 body: encoded.body().clone(),
             });
             if let Pushed::Dropped(reason) = pushed {
+                self.fresh
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
                 warn!(table = %R::TABLE, reason = reason.as_str(), "fleet export: a batch was dropped");
             }
         }

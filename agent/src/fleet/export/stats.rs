@@ -9,7 +9,7 @@ use std::{
 use crate::spool::SpoolStats;
 
 /// What became of rows: `sent` (stored in ClickHouse), `refused` (the
-/// server refused the batch for good: a bug or a schema mismatch, logged),
+/// server refused the batch's content three times: dropped, logged),
 /// `dropped_full`, `dropped_disk_error`, ... (the spool's reasons), `lost`
 /// (events the exporter fell behind on, before they were rows).
 #[derive(Debug, Default)]

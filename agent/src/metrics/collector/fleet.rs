@@ -21,7 +21,7 @@ pub fn encode(enc: &mut DescriptorEncoder, stats: &FleetStats) -> fmt::Result {
     counters(
         enc,
         "bulkhead_fleet_rows",
-        "Rows for the fleet's ClickHouse, by table and result: sent (stored), refused (the server refused the batch for good, logged), lost (events the exporter fell behind on), dropped_full (past the memory and spool bounds), dropped_disk_error, dropped_corrupt, dropped_invalid.",
+        "Rows for the fleet's ClickHouse, by table and result: sent (stored), refused (the server refused the batch's content three times: dropped, logged), lost (events the exporter fell behind on, under flows), dropped_full (past the memory and spool bounds), dropped_disk_error, dropped_corrupt, dropped_invalid.",
         series
             .iter()
             .map(|(t, r, n)| ([("table", t.as_str()), ("result", r.as_str())], *n)),
