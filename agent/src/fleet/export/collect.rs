@@ -37,15 +37,39 @@ fn addr(a: Option<IpAddr>) -> String {
     a.map(|a| a.to_canonical().to_string()).unwrap_or_default()
 }
 
-/// Rows of the interval being collected.
-#[derive(Debug, Default)]
+/// Rows of the interval being collected. At most `max_rows` flow rows:
+/// past it (a service sweeping a wide allowed network), a new endpoint's
+/// calls are folded into one row per service, direction, protocol and
+/// verdict with no endpoint (`remote_addr` ""), so memory stays bounded
+/// and every call is still counted.
+#[derive(Debug)]
 pub struct Collector {
     flows: HashMap<Key, FlowRow>,
     anomalies: Vec<AnomalyRow>,
     open_bytes: OpenBytes,
+    max_rows: usize,
+    /// Calls folded this interval (logged when the interval ends).
+    folded: u64,
+}
+
+impl Default for Collector {
+    fn default() -> Self {
+        Self::new(100_000)
+    }
 }
 
 impl Collector {
+    #[must_use]
+    pub fn new(max_rows: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            anomalies: Vec::new(),
+            open_bytes: OpenBytes::default(),
+            max_rows,
+            folded: 0,
+        }
+    }
+
     /// Counts one event seen at `now` (UTC seconds).
     pub fn observe(&mut self, id: &HostIdentity, ev: &FlowEvent, now: u32) {
         let Some(service) = ev.service.as_deref() else {
@@ -100,6 +124,17 @@ impl Collector {
             verdict: verdict(ev.verdict),
             rule: ev.rule.as_deref().unwrap_or_default().to_string(),
         };
+        let key = if self.flows.len() >= self.max_rows && !self.flows.contains_key(&key) {
+            self.folded += calls;
+            Key {
+                local: (None, 0),
+                remote: (None, 0),
+                rule: String::new(),
+                ..key
+            }
+        } else {
+            key
+        };
         let row = self.flows.entry(key).or_insert_with_key(|k| FlowRow {
             host: id.host.clone(),
             host_id: id.host_id.clone(),
@@ -126,6 +161,14 @@ impl Collector {
     /// The interval's rows; the collector starts the next one empty
     /// (open connections' bytes stay remembered).
     pub fn take(&mut self) -> (Vec<FlowRow>, Vec<AnomalyRow>) {
+        if self.folded > 0 {
+            tracing::warn!(
+                calls = self.folded,
+                rows = self.max_rows,
+                "fleet export: more endpoints in one interval than [fleet] queue_rows; the calls past it are summed without their endpoint"
+            );
+            self.folded = 0;
+        }
         let flows = self.flows.drain().map(|(_, r)| r).collect();
         (flows, std::mem::take(&mut self.anomalies))
     }
@@ -205,6 +248,32 @@ mod tests {
         c.observe(&id(), &bytes(EventType::TcpClosed, 1_500), 110);
         let (flows, _) = c.take();
         assert_eq!((flows[0].bytes_sent, flows[0].calls), (500, 0));
+    }
+
+    #[test]
+    fn past_the_bound_calls_are_folded_not_lost() {
+        let mut c = Collector::new(2);
+        for port in [8080, 8081, 8082, 8083] {
+            let ev = FlowEvent {
+                dst_port: Some(port),
+                ..call(EventType::Verdict, 1, 40_001)
+            };
+            c.observe(&id(), &ev, 100);
+        }
+        let (mut flows, _) = c.take();
+        flows.sort_by_key(|r| r.remote_port);
+        let rows: Vec<(&str, u16, u64)> = flows
+            .iter()
+            .map(|r| (r.remote_addr.as_str(), r.remote_port, r.calls))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("", 0, 2),
+                ("198.51.100.20", 8080, 1),
+                ("198.51.100.20", 8081, 1)
+            ]
+        );
     }
 
     #[test]

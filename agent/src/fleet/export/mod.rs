@@ -101,6 +101,7 @@ pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>>
         identity,
         spool: Arc::new(spool),
         interval: cfg.batch_interval(),
+        max_rows: cfg.queue_rows,
         events: inputs.hub.subscribe(),
         host: inputs.host,
         mount: inputs.cgroup_mount,
@@ -122,6 +123,8 @@ struct Worker {
     identity: HostIdentity,
     spool: Arc<Spool>,
     interval: Duration,
+    /// Flow rows one interval collects at most (`queue_rows`).
+    max_rows: usize,
     events: tokio::sync::broadcast::Receiver<Arc<crate::events::FlowEvent>>,
     host: watch::Receiver<Arc<HostView>>,
     mount: PathBuf,
@@ -167,7 +170,7 @@ impl Worker {
                 }
             })
         };
-        let mut collector = Collector::default();
+        let mut collector = Collector::new(self.max_rows);
         let mut endpoints = Endpoints::default();
         let mut sent_policies: Option<(Arc<HostView>, u32)> = None;
         let run = match rows::run_id() {
