@@ -179,13 +179,22 @@ impl Client {
             .await
     }
 
-    /// Retries `batch`: inserts only its rows that are not stored yet
+    /// Retries `batch`: ends an earlier attempt still running on the
+    /// server, then inserts only the batch's rows that are not stored yet
     /// (none if an earlier attempt stored them all), so a batch sent any
     /// number of times is stored once.
     ///
     /// # Errors
     /// As [`Self::insert`].
     pub async fn insert_once(&self, batch: &EncodedBatch) -> Result<InsertOutcome, ClientError> {
+        // An earlier attempt may still run on the server (it timed out
+        // here, not there): ended first, so that it cannot store its rows
+        // after the look below and again with this attempt.
+        let kill = format!(
+            "KILL QUERY WHERE query_id = {} SYNC",
+            super::sql::literal(&query_id(batch.table(), batch.id()))
+        );
+        self.query(&kill).await?;
         let stored = self.stored_rows(batch).await?;
         let missing = batch.rows()
             - u32::try_from(stored.len())
