@@ -10,13 +10,19 @@ use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 
 use super::model::{Fleet, Flow, Instance, Listener, Rule};
 
+/// Rows stamped further in the future than this (seconds) are left out:
+/// a clock far ahead, or a forged row, must not win `argMax` or make every
+/// real listener look stale.
+const FUTURE: u32 = 300;
+
 /// The SQL of each query, for `database` (an identifier the config has
 /// validated).
 pub fn instances_sql(database: &str) -> String {
     format!(
         "SELECT service, host, argMax(mode, applied_at) AS mode, \
          argMax(file, applied_at) AS file, argMax(rules, applied_at) AS rules \
-         FROM {database}.policies GROUP BY service, host FORMAT JSONEachRow"
+         FROM {database}.policies WHERE applied_at <= now() + {FUTURE} \
+         GROUP BY service, host FORMAT JSONEachRow"
     )
 }
 
@@ -24,7 +30,7 @@ pub fn listeners_sql(database: &str) -> String {
     format!(
         "SELECT host, service, addr, port, protocol, \
          toUInt32(min(first_seen)) AS first, toUInt32(max(last_seen)) AS last \
-         FROM {database}.endpoints WHERE kind = 'listener' \
+         FROM {database}.endpoints WHERE kind = 'listener' AND last_seen <= now() + {FUTURE} \
          GROUP BY host, service, addr, port, protocol FORMAT JSONEachRow"
     )
 }
@@ -39,7 +45,7 @@ pub fn flows_sql(database: &str) -> String {
          sumIf(calls, verdict = 'deny') AS denied, \
          sum(bytes_sent) AS sent, sum(bytes_received) AS received, \
          toUInt32(min(first_seen)) AS first, toUInt32(max(last_seen)) AS last \
-         FROM {database}.flows WHERE direction = 'egress' \
+         FROM {database}.flows WHERE direction = 'egress' AND last_seen <= now() + {FUTURE} \
          GROUP BY host, service, remote_addr, remote_port, protocol, toStartOfHour(first_seen) \
          FORMAT JSONEachRow"
     )

@@ -9,9 +9,9 @@ use ipnetwork::IpNetwork;
 
 use super::input::Listener;
 
-/// Rows of one address, port and protocol are current when last seen
-/// within this many seconds of the latest of them: agents refresh their
-/// listeners every batch interval, not all at the same second.
+/// A listener row is current when last seen within this many seconds of
+/// the latest row of its endpoint and of its host: agents refresh their
+/// listeners every minute at least, not all at the same second.
 pub const CURRENT_SLACK_SECS: u64 = 120;
 
 /// An address as one sortable key: family first, so that a network's
@@ -63,20 +63,35 @@ impl Listeners {
             ))
         });
         let keys: Vec<AddrKey> = rows.iter().map(|r| key(r.addr)).collect();
-        let mut latest: HashMap<(AddrKey, u16, &str), u64> = HashMap::new();
+        // The latest row of each endpoint (a loopback one is each host's
+        // own) and of each host: a row is current while it keeps up with
+        // both, so a listener that stopped, or an address that moved to
+        // another host, stops being current once its host's agent has
+        // reported without it for CURRENT_SLACK_SECS.
+        let endpoint = |r: &Listener| {
+            let host = if r.addr.is_loopback() {
+                r.host.clone()
+            } else {
+                String::new()
+            };
+            (key(r.addr), r.port, r.protocol.clone(), host)
+        };
+        let mut latest: HashMap<(AddrKey, u16, String, String), u64> = HashMap::new();
+        let mut host_latest: HashMap<&str, u64> = HashMap::new();
         for r in &rows {
-            let e = latest
-                .entry((key(r.addr), r.port, r.protocol.as_str()))
-                .or_default();
+            let e = latest.entry(endpoint(r)).or_default();
             *e = (*e).max(r.last_seen);
+            let h = host_latest.entry(r.host.as_str()).or_default();
+            *h = (*h).max(r.last_seen);
         }
+        let fresh = |seen: u64, latest: Option<&u64>| {
+            latest.is_some_and(|&l| seen.saturating_add(CURRENT_SLACK_SECS) >= l)
+        };
         let current = rows
             .iter()
             .map(|r| {
-                r.addr.is_loopback()
-                    || latest
-                        .get(&(key(r.addr), r.port, r.protocol.as_str()))
-                        .is_some_and(|&l| r.last_seen + CURRENT_SLACK_SECS >= l)
+                fresh(r.last_seen, latest.get(&endpoint(r)))
+                    && fresh(r.last_seen, host_latest.get(r.host.as_str()))
             })
             .collect();
         Self {

@@ -333,3 +333,34 @@ fn the_graph_draws_instances_and_resolves_destinations_by_time() {
         "{dot}"
     );
 }
+
+#[test]
+fn a_listener_its_host_no_longer_reports_is_not_reachable_now() {
+    let instances = vec![
+        instance(
+            "web",
+            "h1",
+            vec![rule("web.toml#egress[0]", &["198.51.100.20"], 8080, "tcp")],
+        ),
+        instance("api", "h2", vec![]),
+    ];
+    let listeners = vec![
+        // api stopped listening at 2,000; h2's agent went on reporting.
+        listener("api", "h2", "198.51.100.20", 8080, (1_000, 2_000)),
+        listener("other", "h2", "198.51.100.21", 22, (1_000, 9_000)),
+    ];
+    let flows = vec![flow(
+        "web",
+        "h1",
+        ("198.51.100.20", 8080),
+        4,
+        (1_500, 1_510),
+    )];
+    let b = Fleet::new(instances, listeners, flows)
+        .blast_radius("web")
+        .expect("web");
+    assert!(b.allows[0].services.is_empty(), "{:?}", b.allows[0]);
+    assert_eq!(b.lateral.size, 0);
+    // What web reached while api listened is still api's.
+    assert_eq!(b.reached[0].to, "api@h2");
+}
