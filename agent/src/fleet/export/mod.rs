@@ -73,7 +73,9 @@ pub struct Inputs {
 ///
 /// # Errors
 /// The connection or identity cannot be set up (a password file that
-/// cannot be read, no machine id), or the spool cannot be opened.
+/// cannot be read, no machine id; `prepare` checked both before READY).
+/// The spool is opened on the exporter's thread (it reads every spooled
+/// batch): failing there turns export off, logged.
 pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>> {
     if !cfg.enabled {
         return Ok(None);
@@ -81,14 +83,10 @@ pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>>
     let client = Client::new(cfg.connection(None)?).context("the fleet's ClickHouse client")?;
     let identity = cfg.identity()?;
     let dir = cfg.spool_dir(&inputs.state_dir);
-    let spool = Spool::open(
-        &dir,
-        SpoolLimits {
-            memory_rows: u64::try_from(cfg.queue_rows).unwrap_or(u64::MAX),
-            disk_bytes: cfg.spool_bytes,
-        },
-    )?;
-    inputs.stats.set_spool(spool.stats());
+    let limits = SpoolLimits {
+        memory_rows: u64::try_from(cfg.queue_rows).unwrap_or(u64::MAX),
+        disk_bytes: cfg.spool_bytes,
+    };
     info!(
         url = %client.url(),
         host = %identity.host,
@@ -99,7 +97,7 @@ pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>>
     let worker = Worker {
         client,
         identity,
-        spool: Arc::new(spool),
+        spool_at: (dir, limits),
         interval: cfg.batch_interval(),
         max_rows: cfg.queue_rows,
         events: inputs.hub.subscribe(),
@@ -121,7 +119,7 @@ pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>>
 struct Worker {
     client: Client,
     identity: HostIdentity,
-    spool: Arc<Spool>,
+    spool_at: (PathBuf, SpoolLimits),
     interval: Duration,
     /// Flow rows one interval collects at most (`queue_rows`).
     max_rows: usize,
@@ -144,17 +142,25 @@ impl Worker {
                 return;
             }
         };
-        runtime.block_on(self.serve());
+        let spool = match Spool::open(&self.spool_at.0, self.spool_at.1) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!("fleet export is off: {e}");
+                return;
+            }
+        };
+        self.stats.set_spool(spool.stats());
+        runtime.block_on(self.serve(&spool));
     }
 
-    async fn serve(mut self) {
+    async fn serve(mut self, spool: &Arc<Spool>) {
         let wake = Arc::new(Notify::new());
         let mut delivery = Delivery::default();
         let fresh = Arc::clone(&delivery.fresh);
         let sender = {
             let (client, spool, stats, wake) = (
                 self.client.clone(),
-                Arc::clone(&self.spool),
+                Arc::clone(spool),
                 Arc::clone(&self.stats),
                 Arc::clone(&wake),
             );
@@ -212,7 +218,7 @@ impl Worker {
             }
             let (flows, anomalies) = collector.take();
             let mut out = Batches {
-                spool: &self.spool,
+                spool,
                 identity: &self.identity,
                 run,
                 seq: &mut seq,
@@ -235,7 +241,7 @@ impl Worker {
             out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
             if stopping {
                 sender.abort();
-                let p = self.spool.persist();
+                let p = spool.persist();
                 info!(
                     written = p.written,
                     dropped = p.dropped,

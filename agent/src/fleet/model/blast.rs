@@ -23,7 +23,8 @@ pub struct Allowance {
     pub description: Option<String>,
     /// Service instances listening inside it now (`api@h2`).
     pub services: Vec<String>,
-    /// Whether an observed call went through it.
+    /// Whether an allowed call went through it (audited and denied calls
+    /// did not: no rule let them).
     pub used: bool,
 }
 
@@ -105,7 +106,7 @@ impl Fleet {
                     protocol: rule.protocol.clone(),
                     description: rule.description.clone(),
                     services,
-                    used: flows.iter().any(|f| f.calls() > 0 && covers(rule, net, f)),
+                    used: flows.iter().any(|f| f.allowed > 0 && covers(rule, net, f)),
                 });
             }
         }
