@@ -23,43 +23,55 @@ pub fn data(shared: &Shared) -> Value {
         let Ok(b) = blast::compute(&graph, &policy, &s.name, None) else {
             continue;
         };
-        let mut ids: BTreeSet<String> = BTreeSet::new();
-        for r in &b.reached {
-            let id = if r.to == r.dest {
-                format!("endpoint:{}", r.dest)
-            } else {
-                format!("service:{}", r.to)
-            };
-            ids.insert(id);
-        }
-        for h in &b.lateral.services {
-            ids.insert(format!("service:{}", h.target));
-        }
-        for h in &b.lateral.destinations {
-            ids.insert(format!("endpoint:{}", h.target));
-        }
-        let nodes: Vec<String> = ids
-            .into_iter()
-            .filter(|i| node_ids.contains(i.as_str()))
-            .collect();
-        let paths: Vec<&str> = b
-            .lateral
-            .services
-            .iter()
-            .chain(&b.lateral.destinations)
-            .map(|h| h.path.as_str())
-            .collect();
-        let unused: Vec<String> = b
+        let reached = b.reached.iter().map(|r| (r.to.as_str(), r.dest.as_str()));
+        let unused = b
             .unused
             .iter()
-            .map(|a| format!("{} ports {} {} ({})", a.to, a.ports, a.protocol, a.rule))
-            .collect();
+            .map(|a| format!("{} ports {} {} ({})", a.to, a.ports, a.protocol, a.rule));
         radius.insert(
             format!("service:{}", s.name),
-            json!({ "nodes": nodes, "paths": paths, "unused": unused }),
+            highlight(reached, &b.lateral, unused, &node_ids),
         );
     }
     json!({ "graph": v, "blast": radius, "generated": super::now() })
+}
+
+/// What the page highlights when a service is selected: the node ids it
+/// reached (`(to, dest)`: `to` is the service, or the destination itself)
+/// or can reach that the view draws, its lateral paths, and its unused
+/// allowances (as text).
+pub fn highlight<'a>(
+    reached: impl Iterator<Item = (&'a str, &'a str)>,
+    lateral: &blast::Lateral,
+    unused: impl Iterator<Item = String>,
+    node_ids: &BTreeSet<&str>,
+) -> Value {
+    let mut ids: BTreeSet<String> = BTreeSet::new();
+    for (to, dest) in reached {
+        ids.insert(if to == dest {
+            format!("endpoint:{dest}")
+        } else {
+            format!("service:{to}")
+        });
+    }
+    for h in &lateral.services {
+        ids.insert(format!("service:{}", h.target));
+    }
+    for h in &lateral.destinations {
+        ids.insert(format!("endpoint:{}", h.target));
+    }
+    let nodes: Vec<String> = ids
+        .into_iter()
+        .filter(|i| node_ids.contains(i.as_str()))
+        .collect();
+    let paths: Vec<&str> = lateral
+        .services
+        .iter()
+        .chain(&lateral.destinations)
+        .map(|h| h.path.as_str())
+        .collect();
+    let unused: Vec<String> = unused.collect();
+    json!({ "nodes": nodes, "paths": paths, "unused": unused })
 }
 
 /// The page with the data inlined, so that it renders without a second

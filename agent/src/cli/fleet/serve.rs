@@ -155,39 +155,14 @@ fn data(fleet: &Fleet) -> Value {
         let Ok(b) = fleet.blast_radius(&s.name()) else {
             continue;
         };
-        let mut ids: BTreeSet<String> = BTreeSet::new();
-        for r in &b.reached {
-            ids.insert(if r.to == r.dest {
-                format!("endpoint:{}", r.dest)
-            } else {
-                format!("service:{}", r.to)
-            });
-        }
-        for h in &b.lateral.services {
-            ids.insert(format!("service:{}", h.target));
-        }
-        for h in &b.lateral.destinations {
-            ids.insert(format!("endpoint:{}", h.target));
-        }
-        let nodes: Vec<String> = ids
-            .into_iter()
-            .filter(|i| node_ids.contains(i.as_str()))
-            .collect();
-        let paths: Vec<&str> = b
-            .lateral
-            .services
-            .iter()
-            .chain(&b.lateral.destinations)
-            .map(|h| h.path.as_str())
-            .collect();
-        let unused: Vec<String> = b
+        let reached = b.reached.iter().map(|r| (r.to.as_str(), r.dest.as_str()));
+        let unused = b
             .unused
             .iter()
-            .map(|a| format!("{} ports {} {} ({})", a.to, a.ports, a.protocol, a.rule))
-            .collect();
+            .map(|a| format!("{} ports {} {} ({})", a.to, a.ports, a.protocol, a.rule));
         radius.insert(
             format!("service:{}", s.name()),
-            json!({ "nodes": nodes, "paths": paths, "unused": unused }),
+            graph::page::highlight(reached, &b.lateral, unused, &node_ids),
         );
     }
     json!({ "graph": view, "blast": radius, "generated": graph::now() })
