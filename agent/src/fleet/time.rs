@@ -19,11 +19,17 @@ pub fn now() -> u32 {
     unix_seconds(SystemTime::now())
 }
 
+/// `secs` since the epoch as RFC 3339 in UTC, to the second (how the
+/// fleet's commands and its graph print a row's time).
+#[must_use]
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
 /// The UTC day of `secs`, `YYYY-MM-DD` (a `Date` column's text).
 #[must_use]
 pub fn day(secs: u32) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(u64::from(secs));
-    let mut text = humantime::format_rfc3339_seconds(t).to_string();
+    let mut text = rfc3339(u64::from(secs));
     text.truncate("YYYY-MM-DD".len());
     text
 }

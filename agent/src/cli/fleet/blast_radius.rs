@@ -2,15 +2,13 @@
 //! reach across hosts if compromised, as text in the style of
 //! `bulkhead blast-radius`, or as JSON.
 
-use std::{
-    fmt::Write as _,
-    process::ExitCode,
-    time::{Duration, SystemTime},
-};
+use std::{fmt::Write as _, process::ExitCode};
 
 use super::{client, fail, load};
 use crate::{
-    cli::args::FleetBlastRadiusArgs, fleet::model::FleetBlastRadius, visible::visible as v,
+    cli::args::FleetBlastRadiusArgs,
+    fleet::{model::FleetBlastRadius, time::rfc3339},
+    visible::visible as v,
 };
 
 pub fn blast_radius(args: &FleetBlastRadiusArgs) -> ExitCode {
@@ -31,11 +29,6 @@ pub fn blast_radius(args: &FleetBlastRadiusArgs) -> ExitCode {
         print!("{}", render(&b));
     }
     ExitCode::SUCCESS
-}
-
-fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-        .to_string()
 }
 
 /// The report as text: the host report's four parts, each line naming the

@@ -1,16 +1,15 @@
 //! `bulkhead fleet services`: every service instance the fleet's tables
 //! name, with its host, mode and when it was last seen.
 
-use std::{
-    fmt::Write as _,
-    process::ExitCode,
-    time::{Duration, SystemTime},
-};
+use std::{fmt::Write as _, process::ExitCode};
 
 use super::{client, describe, fail, runtime};
 use crate::{
     cli::args::FleetServicesArgs,
-    fleet::read::{self, ServiceInstance},
+    fleet::{
+        read::{self, ServiceInstance},
+        time::rfc3339,
+    },
     visible::visible as v,
 };
 
@@ -34,11 +33,6 @@ pub fn services(args: &FleetServicesArgs) -> ExitCode {
         print!("{}", table(&services));
     }
     ExitCode::SUCCESS
-}
-
-fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-        .to_string()
 }
 
 /// One line per instance under a header; names reach a terminal, so they

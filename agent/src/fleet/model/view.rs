@@ -4,21 +4,14 @@
 //! an edge per instance and destination, drawn to the instance that
 //! listened there at the time.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime},
-};
+use std::collections::BTreeMap;
 
 use super::Fleet;
+use crate::fleet::time::rfc3339;
 use crate::graph::{
     view::{Edge, Node, View, SCHEMA},
     EdgeStats,
 };
-
-fn rfc3339(secs: u64) -> String {
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-    humantime::format_rfc3339_seconds(at).to_string()
-}
 
 impl Fleet {
     /// Every instance (even one that has not talked yet), every
