@@ -227,6 +227,7 @@ impl Worker {
             out.push(flows);
             out.push(anomalies);
             let view = Arc::clone(&self.host.borrow_and_update());
+            out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
             // On a change, and every hour: `fleet prune` drops old days,
             // and a policy that never changes must not drop out with them.
             let due = match &sent_policies {
@@ -237,8 +238,6 @@ impl Worker {
                 out.push(policy_rows(&self.identity, &view, now));
                 sent_policies = Some((view, now));
             }
-            let view = Arc::clone(&self.host.borrow());
-            out.push(endpoints.rows(&self.identity, &view, &self.mount, now));
             if stopping {
                 sender.abort();
                 let p = spool.persist();
