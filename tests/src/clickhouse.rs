@@ -48,9 +48,6 @@ pub struct ClickHouse {
     dir: TempDir,
 }
 
-/// Serialises [`ClickHouse::launch`] within a test process.
-static LAUNCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 impl ClickHouse {
     /// A server whose only user is `default`, without a password, from
     /// loopback.
@@ -75,12 +72,6 @@ impl ClickHouse {
     }
 
     fn launch(user: Option<(String, String)>, also: &[IpAddr]) -> Self {
-        // One launch at a time in this process, until the server listens:
-        // the free-port search of a parallel test would otherwise pick the
-        // same ports before this server has bound them.
-        let _one_at_a_time = LAUNCH
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bin = server_binary();
         let dir = tempfile::Builder::new()
             .prefix("bulkhead-clickhouse-")
