@@ -60,11 +60,32 @@ pub struct FlowValue {
     pub idle_sweeps: u32,
     /// The service's mode at the first call.
     pub mode: u8,
-    /// 1 once a record reported the flow's first call; 0 while the denial
-    /// rate limit held it back (such flows are summarised together, per
-    /// process, without their destinations: a scan must not flood the log).
+    /// How the flow's first call was reported: `RECORD_SENT`, or one of
+    /// the two held-back states. Held-back flows are summarised together,
+    /// per process, without their destinations (a scan must not flood the
+    /// log), and each is counted once as a held-back flow.
     pub recorded: u8,
     pub _pad: [u8; 2],
+}
+
+/// `FlowValue::recorded`: the denial rate limit held the flow's first
+/// call back, and the summary of this entry's epoch counts the flow among
+/// the held-back ones.
+pub const RECORD_HELD: u8 = 0;
+/// A record reported the flow's first call.
+pub const RECORD_SENT: u8 = 1;
+/// Held back in an earlier epoch, whose summary counted the flow: later
+/// calls are summed with the held-back group's, the flow is not counted
+/// again (else a scan spanning intervals would count its flows twice).
+pub const RECORD_HELD_COUNTED: u8 = 2;
+
+/// What a carried-over entry's `recorded` becomes.
+pub const fn recorded_when_carried(recorded: u8) -> u8 {
+    if recorded == RECORD_HELD {
+        RECORD_HELD_COUNTED
+    } else {
+        recorded
+    }
 }
 
 /// Per-CPU `FLOW_STATS` slots.

@@ -3,7 +3,10 @@
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use agent_common::{FlowKey, FlowValue, FLOW_STAT_FULL, VERDICT_DENY};
+use agent_common::{
+    recorded_when_carried, FlowKey, FlowValue, FLOW_STAT_FULL, RECORD_HELD, RECORD_SENT,
+    VERDICT_DENY,
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_uid_gid},
@@ -19,7 +22,7 @@ use crate::{
 const EEXIST: i32 = -17;
 
 /// `carried` when the previous epoch has no entry for the flow (`recorded`
-/// is 0 or 1).
+/// is one of agent_common's `RECORD_*`).
 const NOT_CARRIED: u8 = 0xff;
 
 /// What the caller must do about a call just counted.
@@ -62,8 +65,11 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
     // A plain byte, not an `Option<u8>`: LLVM reads an option's payload
     // even when it is `None`, an uninitialised stack read that verifiers
     // before 6.5 refuse (the 6.1 guest of docs/testing.md).
+    // The old entry is in the epoch being swept, whose summary counts a
+    // held-back flow: this one must not count it again.
     // SAFETY: a field copied out at once, under the RCU read lock.
-    let carried = unsafe { FLOWS.get(key) }.map_or(NOT_CARRIED, |old| old.recorded);
+    let carried =
+        unsafe { FLOWS.get(key) }.map_or(NOT_CARRIED, |old| recorded_when_carried(old.recorded));
     key.epoch ^= 1;
     // The budget is spent only by a record that will be sent; one it
     // refuses is not counted as suppressed: the entry keeps the call.
@@ -78,10 +84,10 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         idle_sweeps: 0,
         mode: caller.mode,
-        recorded: if carried == NOT_CARRIED {
-            u8::from(record)
-        } else {
-            carried
+        recorded: match (carried, record) {
+            (NOT_CARRIED, true) => RECORD_SENT,
+            (NOT_CARRIED, false) => RECORD_HELD,
+            (carried, _) => carried,
         },
         _pad: [0; 2],
     };
@@ -93,7 +99,7 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
                 add(existing, 1, u64::from(record));
                 if record {
                     // SAFETY: as in `add`; a byte store, 0 to 1 only.
-                    unsafe { (*existing).recorded = 1 };
+                    unsafe { (*existing).recorded = RECORD_SENT };
                 }
             }
             None => return full(&key),

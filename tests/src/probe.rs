@@ -418,15 +418,25 @@ impl Probe {
     }
 
     /// Like [`Self::deny_flood`], over `ports` ports from `addr`'s on in
-    /// turn (a port scan: each port is a flow of its own).
+    /// turn (a port scan: each port is a flow of its own), with a `pause`
+    /// halfway (one process: the same flows go on after it). The flood's
+    /// `elapsed` leaves the pause out.
     #[must_use]
-    pub fn deny_scan(&self, proto: Proto, n: u64, ports: u16, addr: SocketAddr) -> Flood {
+    pub fn deny_scan(
+        &self,
+        proto: Proto,
+        n: u64,
+        ports: u16,
+        pause: Duration,
+        addr: SocketAddr,
+    ) -> Flood {
         let outcome = self.run_client(&[
             "deny-scan",
             proto.as_str(),
             &n.to_string(),
             &ports.to_string(),
             &addr.to_string(),
+            &pause.as_millis().to_string(),
         ]);
         Flood::parse(&outcome)
     }

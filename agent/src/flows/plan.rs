@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{FlowKey, FlowValue};
+use agent_common::{recorded_when_carried, FlowKey, FlowValue, RECORD_HELD, RECORD_SENT};
 
 /// The outcome of one sweep over a closed epoch's entries.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -15,7 +15,8 @@ pub struct Plan {
     /// Flows whose first call the denial rate limit kept from the log,
     /// summed per process and decision (destinations left out: a scan
     /// must not flood the log): (a flow of the group, its entry, calls,
-    /// flows).
+    /// flows held back in this epoch; a held-back flow's later calls are
+    /// summed here but the flow is counted only once).
     pub held_back: Vec<(FlowKey, FlowValue, u64, u64)>,
     /// Flows to carry into the open epoch, with their new (empty) entries.
     pub carry: Vec<(FlowKey, FlowValue)>,
@@ -44,14 +45,15 @@ pub fn plan(entries: Vec<(FlowKey, FlowValue)>, rules: Rules, live: impl Fn(u32)
     let mut held: BTreeMap<HeldGroup, (FlowKey, FlowValue, u64, u64)> = BTreeMap::new();
     for (key, value) in entries {
         let unreported = value.calls.saturating_sub(value.reported);
-        if unreported > 0 && value.recorded != 0 {
+        if unreported > 0 && value.recorded == RECORD_SENT {
             out.summaries.push((key, value, unreported));
         } else if unreported > 0 {
             let group = held
                 .entry(HeldGroup::of(&key))
                 .or_insert((key, value, 0, 0));
             group.2 += unreported;
-            group.3 += 1;
+            // Counted once, in the epoch of its first call.
+            group.3 += u64::from(value.recorded == RECORD_HELD);
         }
         let idle = if value.calls == 0 {
             value.idle_sweeps.saturating_add(1)
@@ -73,6 +75,7 @@ pub fn plan(entries: Vec<(FlowKey, FlowValue)>, rules: Rules, live: impl Fn(u32)
                     calls: 0,
                     reported: 0,
                     idle_sweeps: idle,
+                    recorded: recorded_when_carried(value.recorded),
                     ..value
                 },
             ));
@@ -119,6 +122,7 @@ impl HeldGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_common::RECORD_HELD_COUNTED;
 
     fn key(port: u16, service_id: u32) -> FlowKey {
         FlowKey {
@@ -150,7 +154,7 @@ mod tests {
             comm: [0; 16],
             idle_sweeps,
             mode: 0,
-            recorded: 1,
+            recorded: RECORD_SENT,
             _pad: [0; 2],
         }
     }
@@ -180,7 +184,7 @@ mod tests {
             let mut k = key(port, 5);
             k.verdict = agent_common::VERDICT_DENY;
             let mut v = value(calls, 0, 0);
-            v.recorded = 0;
+            v.recorded = RECORD_HELD;
             (k, v)
         };
         let p = plan(
@@ -202,7 +206,29 @@ mod tests {
             .carry
             .iter()
             .filter(|(k, _)| k.port != 3)
-            .all(|(_, v)| v.recorded == 0));
+            .all(|(_, v)| v.recorded == RECORD_HELD_COUNTED));
+    }
+
+    #[test]
+    fn a_held_back_flow_with_calls_in_later_epochs_is_counted_once() {
+        let mut first = value(2, 0, 0);
+        first.recorded = RECORD_HELD;
+        let mut k = key(1, 5);
+        k.verdict = agent_common::VERDICT_DENY;
+        let p = plan(vec![(k, first)], RULES, |_| true);
+        assert_eq!(p.held_back.len(), 1);
+        assert_eq!((p.held_back[0].2, p.held_back[0].3), (2, 1));
+        // The next epoch: the carried entry gets three more calls.
+        let (next, mut carried) = p.carry[0];
+        carried.calls = 3;
+        let p = plan(vec![(next, carried)], RULES, |_| true);
+        assert!(p.summaries.is_empty(), "still no destination in the log");
+        assert_eq!(
+            (p.held_back[0].2, p.held_back[0].3),
+            (3, 0),
+            "the calls are summed, the flow is not counted again"
+        );
+        assert_eq!(p.carry[0].1.recorded, RECORD_HELD_COUNTED);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
         fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
-    ptr,
+    ptr, thread,
     time::{Duration, Instant},
 };
 
@@ -55,23 +55,49 @@ pub fn dispatch(ctx: &mut Ctx, command: &[&str]) -> Result<Option<Step>, String>
             let n: u64 = n
                 .parse()
                 .map_err(|e| format!("bad count {n:?} for deny-flood: {e}"))?;
-            Step::Serve(deny_flood(proto, Until::Count(n), 1, parse_addr(addr)?))
+            Step::Serve(deny_flood(
+                proto,
+                Until::Count(n),
+                1,
+                Duration::ZERO,
+                parse_addr(addr)?,
+            ))
         }
-        ["deny-scan", proto, n, ports, addr] => {
+        ["deny-scan", proto, n, ports, addr, rest @ ..] => {
+            let pause = match rest {
+                [] => Duration::ZERO,
+                [ms] => Duration::from_millis(
+                    ms.parse()
+                        .map_err(|e| format!("bad pause {ms:?} for deny-scan: {e}"))?,
+                ),
+                _ => return Err(format!("deny-scan: unexpected arguments {rest:?}")),
+            };
             let n: u64 = n
                 .parse()
                 .map_err(|e| format!("bad count {n:?} for deny-scan: {e}"))?;
             let ports: u16 = ports
                 .parse()
                 .map_err(|e| format!("bad ports {ports:?} for deny-scan: {e}"))?;
-            Step::Serve(deny_flood(proto, Until::Count(n), ports, parse_addr(addr)?))
+            Step::Serve(deny_flood(
+                proto,
+                Until::Count(n),
+                ports,
+                pause,
+                parse_addr(addr)?,
+            ))
         }
         ["deny-flood-for", proto, ms, addr] => {
             let ms: u64 = ms
                 .parse()
                 .map_err(|e| format!("bad milliseconds {ms:?}: {e}"))?;
             let until = Until::Elapsed(Duration::from_millis(ms));
-            Step::Serve(deny_flood(proto, until, 1, parse_addr(addr)?))
+            Step::Serve(deny_flood(
+                proto,
+                until,
+                1,
+                Duration::ZERO,
+                parse_addr(addr)?,
+            ))
         }
         _ => return Ok(None),
     }))
@@ -325,9 +351,17 @@ pub enum Until {
 /// line: `{"ok":true,"attempts":N,"eperm":K,"connected":C,"errors":{"ERRNO":
 /// COUNT},"elapsed_ns":T,"cpu":0}` (`errors` holds every other errno), or a
 /// failure at stage `affinity` or `socket` like the client commands.
-/// `deny-scan udp|tcp N PORTS ADDR:PORT`: the same over `PORTS` ports from
-/// `addr`'s on, in turn (a port scan: each port a flow of its own).
-pub fn deny_flood(proto: &str, until: Until, ports: u16, addr: SocketAddr) -> Result<(), String> {
+/// `deny-scan udp|tcp N PORTS ADDR:PORT [PAUSE_MS]`: the same over `PORTS`
+/// ports from `addr`'s on, in turn (a port scan: each port a flow of its
+/// own), pausing `PAUSE_MS` halfway (the same flows go on after it);
+/// `elapsed_ns` leaves the pause out.
+pub fn deny_flood(
+    proto: &str,
+    until: Until,
+    ports: u16,
+    pause: Duration,
+    addr: SocketAddr,
+) -> Result<(), String> {
     let kind = match proto {
         "udp" => libc::SOCK_DGRAM,
         "tcp" => libc::SOCK_STREAM,
@@ -349,10 +383,17 @@ pub fn deny_flood(proto: &str, until: Until, ports: u16, addr: SocketAddr) -> Re
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let started = Instant::now();
     let mut n = 0u64;
+    let mut paused = Duration::ZERO;
     while match until {
         Until::Count(count) => n < count,
         Until::Elapsed(limit) => started.elapsed() < limit,
     } {
+        if let Until::Count(count) = until {
+            if n == count / 2 && !pause.is_zero() {
+                thread::sleep(pause);
+                paused = pause;
+            }
+        }
         n += 1;
         let fd = match client::new_socket(client::family_of(addr), kind, 0) {
             Ok(fd) => fd,
@@ -373,7 +414,7 @@ pub fn deny_flood(proto: &str, until: Until, ports: u16, addr: SocketAddr) -> Re
             errno => *errors.entry(format!("{}", errno.unwrap_or(0))).or_default() += 1,
         }
     }
-    let elapsed = started.elapsed();
+    let elapsed = started.elapsed().saturating_sub(paused);
     // SAFETY: sched_getcpu has no arguments.
     let cpu = unsafe { libc::sched_getcpu() };
     println!(
