@@ -17,7 +17,7 @@ use std::{
 use bulkhead::fleet::{model::Fleet, read, Client, FleetConfig};
 use integration_tests::{
     addr, eventually, http::metrics_addr, probe, prometheus::wait_sample, require_bpf,
-    service_policy, CgroupGuard, ClickHouse, Daemon, Egress, NetnsGuard, PolicyDir, Proto,
+    service_policy, CgroupGuard, ClickHouse, Daemon, Egress, NetnsGuard, PolicyDir, Proto, Relay,
 };
 
 /// How long rows may take to reach `ClickHouse` (1 s batches, plus the
@@ -357,4 +357,74 @@ fn a_minute_without_clickhouse_and_a_restart_lose_nothing_and_store_nothing_twic
     );
     wait_sample(metrics, sent, "rows sent", ARRIVAL, |n| n > 0);
     wait_sample(metrics, files, "an empty spool", ARRIVAL, |n| n == 0);
+}
+
+/// The failure a retry cannot tell from a batch that never arrived: the
+/// server stored the insert, and the answer was lost on the way back (a
+/// relay cuts the connection as the answer starts). The agent sends the
+/// batch again, finds it stored, and adds nothing: every call is stored
+/// once, no row twice.
+#[test]
+fn inserts_whose_answers_were_lost_are_stored_once() {
+    const LOST: usize = 2;
+    if !require_bpf() {
+        return;
+    }
+    let ch = ClickHouse::start();
+    ch.fleet_init();
+    let relay = Relay::losing_answers(ch.addr(), "query=INSERT%20INTO%20bulkhead.flows", LOST);
+    let web = CgroupGuard::new();
+    let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies = PolicyDir::with(&[(
+        "web.toml",
+        &service_policy(
+            &web,
+            "enforce",
+            &[Egress::to(["127.0.0.1"])
+                .ports([listener.port()])
+                .protocol("tcp")],
+        ),
+    )]);
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let url = format!("http://{}", relay.addr());
+    let agent = Daemon::start_with_config(&policies, &fleet_config(work.path(), "h1", &url));
+    // Two rounds of calls a few batches apart: each round's batch has its
+    // answer lost.
+    for _ in 0..LOST {
+        calls(&web, listener.addr(), 5);
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let want = (format!("{}\n", 5 * LOST), "0\n".to_string());
+    eventually(ARRIVAL, Duration::from_millis(250), || {
+        let got = stored(&ch);
+        if got == want && relay.lost() == LOST {
+            Ok(())
+        } else {
+            Err((got, relay.lost()))
+        }
+    })
+    .unwrap_or_else(|(got, lost)| {
+        panic!(
+            "stored (calls, duplicated rows) {got:?}, not {want:?}, with {lost} of {LOST} \
+             answers lost; agent log:\n{}",
+            agent.log()
+        )
+    });
+    // `sent` counts the rows stored, the lost answers' included, once.
+    let rows = ch.query("SELECT count() FROM bulkhead.flows FORMAT TabSeparated");
+    let rows: u64 = rows
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("count() {rows:?}: {e}"));
+    let sent = (
+        "bulkhead_fleet_rows_total",
+        &[("table", "flows"), ("result", "sent")][..],
+    );
+    wait_sample(
+        metrics_addr(&agent),
+        sent,
+        "every stored row",
+        ARRIVAL,
+        |n| n == rows,
+    );
 }

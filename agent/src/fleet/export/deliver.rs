@@ -81,15 +81,17 @@ impl Delivery {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&batch.batch_id);
             let result = if first {
-                client.insert_batch(&encoded).await.map(|()| batch.rows)
+                client.insert_batch(&encoded).await
             } else {
-                client.insert_once(&encoded).await.map(|o| o.inserted)
+                client.insert_once(&encoded).await.map(drop)
             };
             match result {
-                Ok(stored) => {
+                Ok(()) => {
                     spool.ack(&batch.batch_id);
                     self.refusals.remove(&batch.batch_id);
-                    stats.add(&batch.table, "sent", u64::from(stored));
+                    // Every row of the batch is stored now, by this attempt
+                    // or by one whose answer was lost (which counted none).
+                    stats.add(&batch.table, "sent", u64::from(batch.rows));
                     if self.failing.take().is_some() {
                         info!(url = %client.url(), "fleet export: ClickHouse takes rows again");
                     }
