@@ -12,6 +12,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/bulkhead/bulkhead.toml";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/bulkhead/policies";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 pub const DEFAULT_EVENTS_SINK: &str = "/var/log/bulkhead/events.jsonl";
+/// The group that reads logs on Debian and on every systemd host (its
+/// sysusers `basic.conf` makes it).
+pub const DEFAULT_SINK_GROUP: &str = "adm";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/bulkhead/control.sock";
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -239,6 +242,9 @@ impl FlowsConfig {
 pub struct EventsConfig {
     /// Where JSON lines go: a file path, or "-" for stdout.
     pub sink: String,
+    /// The group the decision log file is given (mode 0640: a log shipper
+    /// in it reads the file); "" keeps the agent's own group.
+    pub sink_group: String,
     /// Size of the kernel ring buffer in bytes: a power of two, at least 4096.
     pub ring_buffer_bytes: u32,
     /// Also emit events (never enforce) for processes outside every managed
@@ -250,6 +256,7 @@ impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             sink: DEFAULT_EVENTS_SINK.to_string(),
+            sink_group: DEFAULT_SINK_GROUP.to_string(),
             ring_buffer_bytes: agent_common::DEFAULT_EVENTS_BYTES,
             observe_unmanaged: false,
         }

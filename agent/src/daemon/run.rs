@@ -63,6 +63,14 @@ impl Running {
                     engine.reload("sighup");
                     super::heap::give_back("reload");
                 }
+                // Log rotation: the file only, no reload, so a nightly
+                // rotation is not a policy_change event.
+                _ = self.signals.usr1.recv() => {
+                    match self.hub.reopen_sink() {
+                        Ok(()) => info!("SIGUSR1: decision log re-opened"),
+                        Err(e) => warn!("SIGUSR1: cannot re-open the decision log: {e}"),
+                    }
+                }
             }
         }
     }

@@ -59,7 +59,10 @@ pub struct Running {
 pub(super) struct Signals {
     pub(super) term: Signal,
     pub(super) int: Signal,
+    /// Reload the policies and re-open the decision log.
     pub(super) hup: Signal,
+    /// Re-open the decision log only (logrotate).
+    pub(super) usr1: Signal,
 }
 
 /// What runs beside the main loop, stopped by [`Running::stop`].
@@ -308,6 +311,7 @@ fn announce_ready(
         term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
         int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
         hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        usr1: signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
     };
     let policy_changes = crate::policy_watch::PolicyWatch::start(policy_dir)?;
     super::heap::give_back("start");
@@ -349,7 +353,9 @@ fn open_decision_log(
     config: &Config,
     set: &PolicySet,
 ) -> Result<(Arc<Hub>, Arc<crate::graph::Shared>)> {
-    let sink = Sink::open(&config.events.sink)
+    let group = events::group_id(&config.events.sink_group)
+        .with_context(|| format!("events.sink_group = {:?}", config.events.sink_group))?;
+    let sink = Sink::open_for_group(&config.events.sink, group)
         .with_context(|| format!("cannot open the decision log {}", config.events.sink))?;
     let hub = Arc::new(Hub::new(sink).context("cannot start the decision log writer")?);
     let graph = Arc::new(crate::graph::Shared::default());

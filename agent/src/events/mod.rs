@@ -3,6 +3,7 @@
 //! (`bulkhead flows`, export) and a short history of recent events.
 
 mod decode;
+mod group;
 mod hub;
 mod json;
 mod model;
@@ -13,6 +14,7 @@ mod stats;
 mod writer;
 
 pub use decode::{Decoder, Names};
+pub use group::group_id;
 pub use hub::{Hub, Tap};
 #[cfg(test)]
 pub(crate) use model::sample_verdict;
