@@ -10,6 +10,9 @@
 //! | the policy directory, empty | `/etc/bulkhead/policies/` | 0755 |
 //! | a pristine copy of the default config | `PREFIX/share/bulkhead/bulkhead.toml` | 0644 |
 //! | the example policies | `PREFIX/share/bulkhead/examples/policies/*.toml` | 0644 |
+//! | the logrotate config, unless one exists | `/etc/logrotate.d/bulkhead` | 0644 |
+//! | the man pages (gzipped), generated | `PREFIX/share/man/man1/bulkhead*.1.gz` | 0644 |
+//! | bash, zsh, fish completions, generated | `PREFIX/share/bash-completion/completions/bulkhead`, `PREFIX/share/zsh/vendor-completions/_bulkhead`, `PREFIX/share/fish/vendor_completions.d/bulkhead.fish` | 0644 |
 //!
 //! The config and policies always go to `/etc/bulkhead` whatever the
 //! prefix: that is where the daemon and the unit look. The examples are not
@@ -29,7 +32,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
-    build,
+    build, generated,
     util::{find_in_path, is_root, run_cmd, target_dir, workspace_root},
 };
 
@@ -44,6 +47,10 @@ pub const CONFIG_SOURCE: &str = "policies/config/bulkhead.toml";
 pub const EXAMPLES_SOURCE: &str = "policies";
 /// Where the config and policies go (what the daemon reads by default).
 pub const CONFIG_DIR: &str = "/etc/bulkhead";
+/// The logrotate config in the repository.
+pub const LOGROTATE_SOURCE: &str = "systemd/logrotate/bulkhead";
+/// Where logrotate reads it.
+pub const LOGROTATE_DEST: &str = "/etc/logrotate.d/bulkhead";
 
 #[derive(clap::Args, Debug)]
 pub struct InstallArgs {
@@ -67,6 +74,8 @@ pub enum Source {
     File(PathBuf),
     /// Generated contents.
     Text(String),
+    /// A file installed gzipped (`gzip -9n`: no name, no time stamp).
+    Gzip(PathBuf),
 }
 
 /// One file to install.
@@ -104,12 +113,14 @@ pub fn run(args: &InstallArgs) -> Result<()> {
             target_dir()?.join("release").join("bulkhead")
         }
     };
+    // Release when the binary is built here (the profile is built anyway).
+    let generated = generated::write(args.binary.is_none())?;
     ensure!(
         binary.is_file(),
         "no bulkhead binary at {}",
         binary.display()
     );
-    let layout = layout(&workspace_root(), &args.prefix, &binary)?;
+    let layout = layout(&workspace_root(), &args.prefix, &binary, &generated)?;
     let report = install(&layout, &root)?;
     for line in &report {
         eprintln!("xtask: {line}");
@@ -149,8 +160,9 @@ fn check_prefix(prefix: &Path) -> Result<()> {
 }
 
 /// The files and directories of an install with `prefix`, read from the
-/// workspace at `repo`; `binary` is the daemon to install.
-pub fn layout(repo: &Path, prefix: &Path, binary: &Path) -> Result<Layout> {
+/// workspace at `repo`; `binary` is the daemon to install, `generated` the
+/// directory of its man pages and completions ([`generated::write`]).
+pub fn layout(repo: &Path, prefix: &Path, binary: &Path, generated: &Path) -> Result<Layout> {
     check_prefix(prefix)?;
     let share = prefix.join("share/bulkhead");
     let unit_path = repo.join(UNIT_SOURCE);
@@ -185,7 +197,32 @@ pub fn layout(repo: &Path, prefix: &Path, binary: &Path) -> Result<Layout> {
             keep_existing: false,
         },
     ];
-    for example in example_policies(&repo.join(EXAMPLES_SOURCE))? {
+    files.push(Item {
+        source: Source::File(repo.join(LOGROTATE_SOURCE)),
+        dest: PathBuf::from(LOGROTATE_DEST),
+        mode: 0o644,
+        keep_existing: true,
+    });
+    for page in files_in(&generated.join("man"), "1")? {
+        let name = page.file_name().context("a man page has no file name")?;
+        files.push(Item {
+            dest: prefix
+                .join(generated::MAN_DIR)
+                .join(format!("{}.gz", name.to_string_lossy())),
+            source: Source::Gzip(page),
+            mode: 0o644,
+            keep_existing: false,
+        });
+    }
+    for (name, dest) in generated::COMPLETIONS {
+        files.push(Item {
+            source: Source::File(generated.join("completions").join(name)),
+            dest: prefix.join(dest),
+            mode: 0o644,
+            keep_existing: false,
+        });
+    }
+    for example in files_in(&repo.join(EXAMPLES_SOURCE), "toml")? {
         let name = example
             .file_name()
             .context("an example policy has no file name")?;
@@ -205,23 +242,19 @@ pub fn layout(repo: &Path, prefix: &Path, binary: &Path) -> Result<Layout> {
     })
 }
 
-/// The `*.toml` files directly in `dir`, sorted.
-fn example_policies(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The `*.EXT` files directly in `dir`, sorted; at least one.
+fn files_in(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let path = entry
             .with_context(|| format!("cannot read {}", dir.display()))?
             .path();
-        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+        if path.is_file() && path.extension().is_some_and(|e| e == ext) {
             found.push(path);
         }
     }
     found.sort();
-    ensure!(
-        !found.is_empty(),
-        "no example policies (*.toml) in {}",
-        dir.display()
-    );
+    ensure!(!found.is_empty(), "no *.{ext} files in {}", dir.display());
     Ok(found)
 }
 
@@ -285,6 +318,7 @@ pub fn install(layout: &Layout, root: &Path) -> Result<Vec<String>> {
                 fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
             }
             Source::Text(text) => text.clone().into_bytes(),
+            Source::Gzip(path) => gzip(path)?,
         };
         write_atomically(&at, &contents, item.mode)
             .with_context(|| format!("cannot install {}", at.display()))?;
@@ -295,6 +329,23 @@ pub fn install(layout: &Layout, root: &Path) -> Result<Vec<String>> {
         ));
     }
     Ok(report)
+}
+
+/// `path`'s contents, gzipped reproducibly (`gzip -9n`).
+fn gzip(path: &Path) -> Result<Vec<u8>> {
+    let out = Command::new("gzip")
+        .args(["-9", "-n", "-c"])
+        .arg(path)
+        .output()
+        .context("cannot run gzip")?;
+    ensure!(
+        out.status.success(),
+        "gzip {} failed ({}): {}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
 }
 
 /// `path` (absolute) inside `root`.
@@ -361,7 +412,7 @@ fn after_install(prefix: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::MetadataExt as _;
 
     use super::*;
@@ -418,12 +469,29 @@ mod tests {
         }
     }
 
+    /// A generated directory as `generated::write` makes it: two pages,
+    /// the three completions.
+    pub(crate) fn fake_generated(dir: &Path) -> PathBuf {
+        let gen = dir.join("generated");
+        fs::create_dir_all(gen.join("man")).expect("man dir");
+        fs::create_dir_all(gen.join("completions")).expect("completions dir");
+        for page in ["bulkhead.1", "bulkhead-run.1"] {
+            fs::write(gen.join("man").join(page), ".TH x 1\n").expect("page");
+        }
+        for (name, _) in generated::COMPLETIONS {
+            fs::write(gen.join("completions").join(name), "# completion\n").expect("completion");
+        }
+        gen
+    }
+
     #[test]
     fn repository_unit_renders() {
+        let tmp = tempfile::tempdir().expect("tempdir");
         let layout = layout(
             &workspace_root(),
             Path::new("/usr/local"),
             Path::new("/bin/true"),
+            &fake_generated(tmp.path()),
         )
         .expect("the repository's files make a layout");
         let unit = layout
@@ -446,7 +514,13 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let bin = root.path().join("built-bulkhead");
         fs::write(&bin, "#!/bin/sh\n").expect("write the fake binary");
-        let layout = layout(&workspace_root(), Path::new("/usr"), &bin).expect("layout");
+        let layout = layout(
+            &workspace_root(),
+            Path::new("/usr"),
+            &bin,
+            &fake_generated(root.path()),
+        )
+        .expect("layout");
         let dest = root.path().join("dest");
         install(&layout, &dest).expect("install");
 
@@ -458,6 +532,12 @@ mod tests {
             ("etc/bulkhead/policies", 0o755),
             ("usr/share/bulkhead/bulkhead.toml", 0o644),
             ("usr/share/bulkhead/examples/policies/billing.toml", 0o644),
+            ("etc/logrotate.d/bulkhead", 0o644),
+            ("usr/share/man/man1/bulkhead.1.gz", 0o644),
+            ("usr/share/man/man1/bulkhead-run.1.gz", 0o644),
+            ("usr/share/bash-completion/completions/bulkhead", 0o644),
+            ("usr/share/zsh/vendor-completions/_bulkhead", 0o644),
+            ("usr/share/fish/vendor_completions.d/bulkhead.fish", 0o644),
         ];
         for (path, want) in expect {
             assert_eq!(mode(&dest.join(path)), want, "mode of {path}");

@@ -6,6 +6,7 @@ mod bpf_linker;
 mod build;
 mod eval;
 mod fuzz;
+mod generated;
 mod guest;
 mod install;
 mod lint;

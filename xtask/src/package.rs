@@ -30,6 +30,7 @@ pub struct PackageArgs {
 /// Builds the .deb and returns its path.
 pub fn run(args: &PackageArgs) -> Result<PathBuf> {
     ensure_cargo_deb()?;
+    crate::generated::write(true)?;
     let output = match &args.output {
         Some(dir) => dir.clone(),
         None => target_dir()?.join("debian"),
@@ -139,7 +140,8 @@ mod tests {
 
     /// `[package.metadata.deb] assets` of `agent/Cargo.toml`, expanded to
     /// (absolute destination, mode), read through `cargo metadata`.
-    fn deb_assets() -> BTreeSet<(PathBuf, u32)> {
+    /// Sources under `target/release/generated/` are read from `generated`.
+    fn deb_assets(generated: &Path) -> BTreeSet<(PathBuf, u32)> {
         let meta = crate::util::cargo_metadata().expect("cargo metadata runs");
         let agent = meta["packages"]
             .as_array()
@@ -159,7 +161,11 @@ mod tests {
                     .unwrap_or_else(|| panic!("asset {asset} is not [src, dest, mode]"))
             });
             let mode = u32::from_str_radix(mode, 8).expect("octal mode");
-            let sources: Vec<PathBuf> = if src.starts_with("target/release/") {
+            let sources: Vec<PathBuf> = if let Some(rel) =
+                src.strip_prefix("target/release/generated/")
+            {
+                expand(&generated.join(rel))
+            } else if src.starts_with("target/release/") {
                 vec![PathBuf::from(src)]
             } else {
                 expand(&crate_dir.join(src))
@@ -171,6 +177,12 @@ mod tests {
                         .join(source.file_name().expect("file name"))
                 } else {
                     Path::new("/").join(dest)
+                };
+                // cargo-deb gzips man pages.
+                let dest = if dest.starts_with("/usr/share/man/") {
+                    PathBuf::from(format!("{}.gz", dest.display()))
+                } else {
+                    dest
                 };
                 assets.insert((dest, mode));
             }
@@ -199,9 +211,16 @@ mod tests {
 
     #[test]
     fn package_carries_what_install_lays_down() {
-        let layout = install::layout(&workspace_root(), Path::new("/usr"), Path::new("/bin/true"))
-            .expect("layout");
-        let assets = deb_assets();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let generated = install::tests::fake_generated(tmp.path());
+        let layout = install::layout(
+            &workspace_root(),
+            Path::new("/usr"),
+            Path::new("/bin/true"),
+            &generated,
+        )
+        .expect("layout");
+        let assets = deb_assets(&generated);
         for item in &layout.files {
             assert!(
                 assets.contains(&(item.dest.clone(), item.mode)),

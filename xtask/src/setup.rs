@@ -23,8 +23,17 @@ use crate::{
 /// start their own servers on free loopback ports from temporary configs
 /// (tests/src/clickhouse.rs). On a host run by systemd the package also
 /// enables and starts its own service (ports 8123 and 9000), which the
-/// tests do not use.
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium", "clickhouse-server"];
+/// tests do not use. `logrotate` rotates a running agent's decision log
+/// with the shipped config, `lintian` checks the .deb
+/// (tests/tests/systemd/).
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "chromium",
+    "clickhouse-server",
+    "logrotate",
+    "lintian",
+];
 
 /// Everything: build tools and the packages the tests need.
 pub fn run() -> Result<()> {
