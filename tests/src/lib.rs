@@ -24,6 +24,7 @@ pub mod eventually;
 pub mod faults;
 pub mod fixture;
 pub mod http;
+pub mod logrotate;
 pub mod maps;
 pub mod netns;
 pub mod notify;

@@ -62,3 +62,32 @@ fn bpf_usable() -> Result<(), String> {
         _ => Err(format!("bpf(BPF_PROG_GET_NEXT_ID) failed: {err}")),
     }
 }
+
+/// `Some(path)` of the tool `name` on `PATH`, or (after a `SKIPPED` line
+/// naming Debian's `package`) `None`; under `BULKHEAD_REQUIRE_BPF=1` a
+/// missing tool fails the test instead.
+#[must_use]
+pub fn require_tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_some() {
+        return found;
+    }
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
+    let why = format!(
+        "`{name}` is not installed (Debian package `{package}`: apt-get install {package})"
+    );
+    assert!(
+        std::env::var(REQUIRE_ENV).as_deref() != Ok("1"),
+        "{test}: {why}, and {REQUIRE_ENV}=1 says this must not be skipped"
+    );
+    let _ = writeln!(
+        io::stderr(),
+        "SKIPPED: {test}: {why}; set {REQUIRE_ENV}=1 to fail instead"
+    );
+    None
+}

@@ -112,8 +112,8 @@ fn test_config(work: &Path, policies: &Path, pins: &Path, metrics_port: u16) -> 
 /// Starts the daemon with the unit's `ExecStart=` (its binary and config
 /// paths swapped for the test's), the unit's `Environment=`, what systemd
 /// adds (`NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID`, `JOURNAL_STREAM`),
-/// `UMask=`, `NoNewPrivileges=` and `CapabilityBoundingSet=` (through
-/// `setpriv`).
+/// `UMask=`, `NoNewPrivileges=`, `CapabilityBoundingSet=` and
+/// `SupplementaryGroups=` (through `setpriv`).
 fn start_as_unit(setpriv: &Path, policies: &Path, metrics_port: u16) -> UnitDaemon {
     let unit = unit_text();
     let work = tempfile::Builder::new()
@@ -164,6 +164,10 @@ fn start_as_unit(setpriv: &Path, policies: &Path, metrics_port: u16) -> UnitDaem
         "NoNewPrivileges="
     );
     let umask = service_setting(&unit, "UMask");
+    let groups = service_setting(&unit, "SupplementaryGroups")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",");
 
     let notify = NotifySocket::bind(&work.path().join("notify.sock"));
     let log = work.path().join("bulkhead.log");
@@ -172,6 +176,7 @@ fn start_as_unit(setpriv: &Path, policies: &Path, metrics_port: u16) -> UnitDaem
     let mut cmd = Command::new(setpriv);
     let bounding: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
     cmd.arg(format!("--bounding-set=-all,{}", bounding.join(",")))
+        .arg(format!("--groups={groups}"))
         .args(["--inh-caps=-all", "--no-new-privs", "--"])
         // systemd sets WATCHDOG_PID to the main process: the shell's pid,
         // which exec keeps.
@@ -279,6 +284,23 @@ fn assert_journal_style(log: &str) {
     }
 }
 
+/// The decision log, made under the unit's `UMask=0077` and without
+/// `CAP_CHOWN`, is 0640 and of group adm (the shipped `sink_group`, the
+/// unit's `SupplementaryGroups=`), as docs/operations.md says.
+fn assert_decision_log_is_for_the_log_group(daemon: &UnitDaemon) {
+    use std::os::unix::fs::MetadataExt as _;
+    let work = daemon.log.parent().expect("the work directory");
+    let path = work.join("log/events.jsonl");
+    let meta = fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(meta.mode() & 0o7777, 0o640, "mode of {}", path.display());
+    let adm = fs::read_to_string("/etc/group")
+        .expect("/etc/group")
+        .lines()
+        .find_map(|l| l.strip_prefix("adm:x:")?.split(':').next()?.parse::<u32>().ok())
+        .expect("group adm in /etc/group");
+    assert_eq!(meta.gid(), adm, "group of {}", path.display());
+}
+
 #[test]
 fn unit_command_line_is_ready_only_once_enforcing_and_pings_the_watchdog() {
     if !require_bpf() {
@@ -347,6 +369,7 @@ fn unit_command_line_is_ready_only_once_enforcing_and_pings_the_watchdog() {
     // Watchdog pings at half of WATCHDOG_USEC, for a few intervals.
     let pings = watchdog_pings(&daemon.notify, TEST_WATCHDOG * 2 + TEST_WATCHDOG / 2);
     assert_journal_style(&daemon.log());
+    assert_decision_log_is_for_the_log_group(&daemon);
 
     // SIGTERM (systemctl stop): STOPPING=1, exit 0.
     let mut child = daemon.child.take().expect("running");

@@ -12,7 +12,10 @@
 //!   and modes; `cargo xtask package` builds a .deb that carries them, and
 //!   whose maintainer scripts install and purge cleanly (`dpkg --root`);
 //! - `namespace`: the unit under a real systemd, PID 1 of its own PID,
-//!   mount and cgroup namespaces.
+//!   mount and cgroup namespaces;
+//! - `journal`: there, with systemd-journald: log lines reach the journal
+//!   with their priority (`journalctl -p warning`), and SIGUSR1 re-opens the
+//!   decision log without a reload.
 //!
 //! What more than one of them uses (the repository's unit file, read the
 //! way systemd reads it; tools; command output) is here.
@@ -21,6 +24,7 @@
 //! with a `SKIPPED` line, or fail it under `BULKHEAD_REQUIRE_BPF=1`.
 
 mod as_unit;
+mod journal;
 mod namespace;
 mod package;
 mod unit_file;
@@ -30,7 +34,6 @@ use std::{
     os::unix::fs::PermissionsExt as _, path::Path, path::PathBuf, process::Output, time::Duration,
 };
 
-use integration_tests::require::REQUIRE_ENV;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -50,28 +53,7 @@ fn unit_text() -> String {
 /// `Some(path)` of tool `name`, or (after a `SKIPPED` line) `None`; under
 /// `BULKHEAD_REQUIRE_BPF=1` a missing tool fails the test instead.
 fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_some() {
-        return found;
-    }
-    let current = std::thread::current();
-    let test = current.name().unwrap_or("this test");
-    let why = format!(
-        "`{name}` is not installed (Debian package `{package}`: apt-get install {package})"
-    );
-    assert!(
-        std::env::var(REQUIRE_ENV).as_deref() != Ok("1"),
-        "{test}: {why}, and {REQUIRE_ENV}=1 says this must not be skipped"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: {test}: {why}; set {REQUIRE_ENV}=1 to fail instead"
-    );
-    None
+    integration_tests::require::require_tool(name, package)
 }
 
 fn text(out: &Output) -> String {

@@ -17,7 +17,7 @@ use super::{http_get, repo, text, tool, unit_text};
 const NS_WATCHDOG: Duration = Duration::from_secs(2);
 
 /// systemd's own binary (not systemctl): where Debian and others put it.
-fn systemd_binary() -> Option<PathBuf> {
+pub(super) fn systemd_binary() -> Option<PathBuf> {
     ["/lib/systemd/systemd", "/usr/lib/systemd/systemd"]
         .into_iter()
         .map(PathBuf::from)
@@ -68,7 +68,7 @@ fn child_of(parent: u32) -> Option<u32> {
 
 /// systemd running the unit in its own namespaces. `Drop` kills the whole
 /// PID namespace and removes the test's cgroups.
-struct NsSystemd {
+pub(super) struct NsSystemd {
     /// `unshare`, whose forked child became systemd (PID 1 inside).
     unshare: Option<Child>,
     /// Host cgroup the namespace's cgroup2 root maps to.
@@ -85,7 +85,7 @@ impl NsSystemd {
     }
 
     /// Runs a command inside the namespaces (`systemctl ...`).
-    fn run(&self, args: &[&str]) -> Output {
+    pub(super) fn run(&self, args: &[&str]) -> Output {
         let pid = self.pid1().to_string();
         let mut cmd = Command::new("nsenter");
         cmd.args(["-t", &pid, "-m", "-p", "--"]).args(args);
@@ -108,7 +108,7 @@ impl NsSystemd {
     }
 
     /// Waits until `ActiveState` is `want`; panics with the log otherwise.
-    fn wait_state(&self, want: &str, timeout: Duration) {
+    pub(super) fn wait_state(&self, want: &str, timeout: Duration) {
         // `failed` ends the wait early: it is final.
         let state = eventually(timeout, Duration::from_millis(200), || {
             let state = self.show("ActiveState");
@@ -178,16 +178,27 @@ impl Drop for NsSystemd {
     }
 }
 
+/// Where the agent's stdout and stderr go in the namespace.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum AgentOutput {
+    /// A file (`NsSystemd::log`), through a drop-in.
+    File,
+    /// The unit's own setting (the journal): the namespace also runs
+    /// systemd-journald, from the host's unit minus its `/dev/log` and
+    /// audit sockets (the first would link the host's `/dev/log`).
+    Journal,
+}
+
 /// Boots systemd in new namespaces with only the repository's unit (plus
-/// a drop-in for the test: its log to a file, a short watchdog), the
-/// shipped config (metrics moved to `metrics_port`) and `policy`.
-/// systemd in its namespaces running the shipped unit, with the shipped
-/// config (its metrics port moved to `metrics_port`, then `edit`ed).
-fn boot_ns_systemd(
+/// a drop-in for the test: a short watchdog, and with [`AgentOutput::File`] its
+/// log to a file), the shipped config (its metrics port moved to
+/// `metrics_port`, then `edit`ed) and `policy`.
+pub(super) fn boot_ns_systemd(
     systemd: &Path,
     policy: &str,
     metrics_port: u16,
     edit: &dyn Fn(String) -> String,
+    output: AgentOutput,
 ) -> NsSystemd {
     let work = tempfile::Builder::new()
         .prefix("bulkhead-test-systemd-")
@@ -214,10 +225,16 @@ fn boot_ns_systemd(
         "ExecStart=/usr/local/bin/bulkhead ",
     );
     fs::write(units.join("bulkhead.service"), unit).expect("unit");
+    let to_file = if output == AgentOutput::File {
+        "StandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\n"
+    } else {
+        install_journald(&units);
+        ""
+    };
     fs::write(
         units.join("bulkhead.service.d/test.conf"),
         format!(
-            "[Service]\nStandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\nWatchdogSec={}s\n",
+            "[Service]\n{to_file}WatchdogSec={}s\n",
             NS_WATCHDOG.as_secs()
         ),
     )
@@ -289,6 +306,34 @@ fn boot_ns_systemd(
     ns
 }
 
+/// systemd-journald's units from the host, into `units`; the service
+/// listens on its main socket only.
+fn install_journald(units: &Path) {
+    let dir = ["/lib/systemd/system", "/usr/lib/systemd/system"]
+        .into_iter()
+        .map(Path::new)
+        .find(|d| d.join("systemd-journald.service").is_file())
+        .unwrap_or_else(|| panic!("no systemd-journald.service on this host"));
+    let service = fs::read_to_string(dir.join("systemd-journald.service"))
+        .expect("read systemd-journald.service");
+    let sockets = "Sockets=systemd-journald.socket systemd-journald-dev-log.socket systemd-journald-audit.socket";
+    assert_eq!(
+        service.matches(sockets).count(),
+        1,
+        "systemd-journald.service has changed: {service}"
+    );
+    fs::write(
+        units.join("systemd-journald.service"),
+        service.replace(sockets, "Sockets=systemd-journald.socket"),
+    )
+    .expect("write systemd-journald.service");
+    fs::copy(
+        dir.join("systemd-journald.socket"),
+        units.join("systemd-journald.socket"),
+    )
+    .expect("copy systemd-journald.socket");
+}
+
 #[test]
 fn unit_runs_under_systemd_in_a_namespace() {
     if !require_bpf() {
@@ -308,6 +353,7 @@ fn unit_runs_under_systemd_in_a_namespace() {
         "cgroup = \"/svc\"\nmode = \"enforce\"\n",
         port,
         &|c| c,
+        AgentOutput::File,
     );
     // The unit is wanted by the target systemd started with.
     ns.wait_state("active", Duration::from_secs(30));
@@ -417,6 +463,7 @@ fn fleet_inventory_under_the_unit_finds_a_non_root_services_listener() {
         "cgroup = \"/svc\"\nmode = \"audit\"\n",
         port,
         &fleet,
+        AgentOutput::File,
     );
     ns.wait_state("active", Duration::from_secs(30));
     let listener = probe!()

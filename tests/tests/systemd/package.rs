@@ -44,7 +44,97 @@ const LAYOUT: &[(&str, u32)] = &[
         "PREFIX/share/bulkhead/examples/policies/frontend.toml",
         0o644,
     ),
+    ("etc/logrotate.d/bulkhead", 0o644),
+    ("PREFIX/share/man/man1/bulkhead.1.gz", 0o644),
+    ("PREFIX/share/man/man1/bulkhead-run.1.gz", 0o644),
+    ("PREFIX/share/bash-completion/completions/bulkhead", 0o644),
+    ("PREFIX/share/zsh/vendor-completions/_bulkhead", 0o644),
+    ("PREFIX/share/fish/vendor_completions.d/bulkhead.fish", 0o644),
 ];
+
+/// The subcommands `bulkhead --help` lists (without `help`).
+fn subcommands() -> Vec<String> {
+    let out = output_with_timeout(
+        Command::new(bulkhead_bin()).arg("--help"),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "bulkhead --help: {}", text(&out));
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let list: Vec<String> = help
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect();
+    assert!(list.len() > 5, "no command list in bulkhead --help:\n{help}");
+    list
+}
+
+/// The installed man page renders (`man -l`, no warnings from groff) and
+/// names every subcommand, each of which has its own page.
+fn check_man_pages(man1: &Path) {
+    let Some(man) = tool("man", "man-db") else {
+        return;
+    };
+    let page = man1.join("bulkhead.1.gz");
+    let mut cmd = Command::new(man);
+    cmd.arg("-l")
+        .arg(&page)
+        .env("MANWIDTH", "100")
+        .env("MAN_KEEP_STDERR", "1")
+        .env("MANROFFSEQ", "")
+        .env("PAGER", "cat");
+    let out = output_with_timeout(&mut cmd, Duration::from_mins(1));
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "man -l {}: {}",
+        page.display(),
+        text(&out)
+    );
+    assert!(rendered.contains("NAME") && rendered.contains("SUBCOMMANDS"), "{rendered}");
+    for sub in subcommands() {
+        assert!(
+            rendered.contains(&format!("bulkhead-{sub}(1)")),
+            "the man page does not name `{sub}`:\n{rendered}"
+        );
+        let own = man1.join(format!("bulkhead-{sub}.1.gz"));
+        assert!(own.is_file(), "no page {}", own.display());
+    }
+}
+
+/// Sourced in bash, the completion offers every subcommand after
+/// `bulkhead ` and only `status` after `bulkhead stat`.
+fn check_bash_completion(script: &Path) {
+    let complete = |line: &str| -> Vec<String> {
+        let words: Vec<&str> = line.split(' ').collect();
+        let program = format!(
+            "source {:?} || exit 9; COMP_LINE=\"$1\"; COMP_POINT=${{#1}}; \
+             read -ra COMP_WORDS <<< \"$1\"; [ \"${{1: -1}}\" = ' ' ] && COMP_WORDS+=(''); \
+             COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 )); \
+             _bulkhead bulkhead \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let out = output_with_timeout(
+            Command::new("bash").args(["-c", &program, "complete", line]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "completing {line:?} ({words:?}): {}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let all = complete("bulkhead ");
+    for sub in subcommands() {
+        assert!(all.contains(&sub), "`bulkhead <TAB>` lacks {sub}: {all:?}");
+    }
+    assert_eq!(complete("bulkhead stat"), ["status"]);
+}
 
 #[test]
 fn xtask_install_lays_out_the_files_into_a_destdir() {
@@ -75,6 +165,8 @@ fn xtask_install_lays_out_the_files_into_a_destdir() {
             .is_none(),
         "no policy may be installed: the service would enforce it at once"
     );
+    check_man_pages(&dest.join("usr/local/share/man/man1"));
+    check_bash_completion(&dest.join("usr/local/share/bash-completion/completions/bulkhead"));
     let unit = fs::read_to_string(dest.join("usr/local/lib/systemd/system/bulkhead.service"))
         .expect("unit");
     assert!(
@@ -165,6 +257,24 @@ fn check_control(dpkg_deb: &Path, deb: &Path, into: &Path) {
     for script in ["postinst", "prerm", "postrm"] {
         assert_eq!(mode(&into.join(script)), 0o755, "{script}");
     }
+}
+
+/// `lintian` finds no error in the package (warnings are printed).
+fn check_lintian(deb: &Path) {
+    let Some(lintian) = tool("lintian", "lintian") else {
+        return;
+    };
+    let out = output_with_timeout(
+        Command::new(lintian).arg("--no-tag-display-limit").arg(deb),
+        Duration::from_mins(5),
+    );
+    let said = text(&out);
+    eprintln!("lintian {}:\n{said}", deb.display());
+    let errors: Vec<&str> = said.lines().filter(|l| l.starts_with("E: ")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{}", errors.join("\n"));
+    // Exit 2: lintian itself failed (1 is "tags found", errors among them
+    // or not; the lines above decide).
+    assert_ne!(out.status.code(), Some(2), "lintian failed to run: {said}");
 }
 
 /// Installs `deb` into the empty root `root` (the maintainer scripts run
@@ -271,5 +381,6 @@ fn xtask_package_builds_a_deb_that_installs_and_purges() {
         );
     }
     check_control(&dpkg_deb, &deb, &out_dir.path().join("control"));
+    check_lintian(&deb);
     install_and_purge(&dpkg, &deb, &out_dir.path().join("root"));
 }
