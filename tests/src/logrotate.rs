@@ -16,8 +16,8 @@ const SHIPPED_SIGNAL: &str = "systemctl kill --kill-whom=main --signal=SIGUSR1 b
 #[must_use]
 pub fn test_config(log: &Path, pid: u32) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/logrotate/bulkhead");
-    let shipped = fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let shipped =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     for needle in [SHIPPED_LOG, SHIPPED_SIGNAL] {
         assert_eq!(
             shipped.matches(needle).count(),

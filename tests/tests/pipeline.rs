@@ -151,7 +151,9 @@ fn logrotate_moves_the_log_without_losing_a_decision_or_reloading() {
     let log = daemon.events_path().to_path_buf();
     let rotated = log.with_file_name(format!(
         "{}.1",
-        log.file_name().and_then(|n| n.to_str()).expect("a file name")
+        log.file_name()
+            .and_then(|n| n.to_str())
+            .expect("a file name")
     ));
     let work = tempfile::tempdir().expect("tempdir");
 

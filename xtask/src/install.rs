@@ -74,8 +74,6 @@ pub enum Source {
     File(PathBuf),
     /// Generated contents.
     Text(String),
-    /// A file installed gzipped (`gzip -9n`: no name, no time stamp).
-    Gzip(PathBuf),
 }
 
 /// One file to install.
@@ -203,13 +201,11 @@ pub fn layout(repo: &Path, prefix: &Path, binary: &Path, generated: &Path) -> Re
         mode: 0o644,
         keep_existing: true,
     });
-    for page in files_in(&generated.join("man"), "1")? {
+    for page in files_in(&generated.join("man"), "gz")? {
         let name = page.file_name().context("a man page has no file name")?;
         files.push(Item {
-            dest: prefix
-                .join(generated::MAN_DIR)
-                .join(format!("{}.gz", name.to_string_lossy())),
-            source: Source::Gzip(page),
+            dest: prefix.join(generated::MAN_DIR).join(name),
+            source: Source::File(page),
             mode: 0o644,
             keep_existing: false,
         });
@@ -318,7 +314,6 @@ pub fn install(layout: &Layout, root: &Path) -> Result<Vec<String>> {
                 fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
             }
             Source::Text(text) => text.clone().into_bytes(),
-            Source::Gzip(path) => gzip(path)?,
         };
         write_atomically(&at, &contents, item.mode)
             .with_context(|| format!("cannot install {}", at.display()))?;
@@ -329,23 +324,6 @@ pub fn install(layout: &Layout, root: &Path) -> Result<Vec<String>> {
         ));
     }
     Ok(report)
-}
-
-/// `path`'s contents, gzipped reproducibly (`gzip -9n`).
-fn gzip(path: &Path) -> Result<Vec<u8>> {
-    let out = Command::new("gzip")
-        .args(["-9", "-n", "-c"])
-        .arg(path)
-        .output()
-        .context("cannot run gzip")?;
-    ensure!(
-        out.status.success(),
-        "gzip {} failed ({}): {}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
 }
 
 /// `path` (absolute) inside `root`.
@@ -475,8 +453,8 @@ pub(crate) mod tests {
         let gen = dir.join("generated");
         fs::create_dir_all(gen.join("man")).expect("man dir");
         fs::create_dir_all(gen.join("completions")).expect("completions dir");
-        for page in ["bulkhead.1", "bulkhead-run.1"] {
-            fs::write(gen.join("man").join(page), ".TH x 1\n").expect("page");
+        for page in ["bulkhead.1.gz", "bulkhead-run.1.gz"] {
+            fs::write(gen.join("man").join(page), "gzipped page").expect("page");
         }
         for (name, _) in generated::COMPLETIONS {
             fs::write(gen.join("completions").join(name), "# completion\n").expect("completion");

@@ -161,15 +161,14 @@ mod tests {
                     .unwrap_or_else(|| panic!("asset {asset} is not [src, dest, mode]"))
             });
             let mode = u32::from_str_radix(mode, 8).expect("octal mode");
-            let sources: Vec<PathBuf> = if let Some(rel) =
-                src.strip_prefix("target/release/generated/")
-            {
-                expand(&generated.join(rel))
-            } else if src.starts_with("target/release/") {
-                vec![PathBuf::from(src)]
-            } else {
-                expand(&crate_dir.join(src))
-            };
+            let sources: Vec<PathBuf> =
+                if let Some(rel) = src.strip_prefix("target/release/generated/") {
+                    expand(&generated.join(rel))
+                } else if src.starts_with("target/release/") {
+                    vec![PathBuf::from(src)]
+                } else {
+                    expand(&crate_dir.join(src))
+                };
             for source in sources {
                 let dest = if dest.ends_with('/') {
                     Path::new("/")
@@ -178,19 +177,14 @@ mod tests {
                 } else {
                     Path::new("/").join(dest)
                 };
-                // cargo-deb gzips man pages.
-                let dest = if dest.starts_with("/usr/share/man/") {
-                    PathBuf::from(format!("{}.gz", dest.display()))
-                } else {
-                    dest
-                };
                 assets.insert((dest, mode));
             }
         }
         assets
     }
 
-    /// `dir/*.ext` (the only glob the assets use) or a plain file.
+    /// `dir/*.ext` (the only glob the assets use; `ext` may hold dots, as
+    /// in `*.1.gz`) or a plain file.
     fn expand(pattern: &Path) -> Vec<PathBuf> {
         let name = pattern.file_name().and_then(|n| n.to_str()).expect("name");
         let Some(ext) = name.strip_prefix("*.") else {
@@ -202,7 +196,12 @@ mod tests {
             .expect("asset directory")
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == ext))
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(&format!(".{ext}")))
+            })
             .collect();
         found.sort();
         assert!(!found.is_empty(), "{} matches nothing", pattern.display());
@@ -230,6 +229,23 @@ mod tests {
                 item.mode
             );
         }
+    }
+
+    /// The changelog's newest entry is this version, with cargo-deb's
+    /// default revision (`-1`).
+    #[test]
+    fn debian_changelog_names_this_version() {
+        let path = workspace_root().join("systemd/debian/changelog");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let first = text.lines().next().unwrap_or_default();
+        // The agent shares the workspace's version with xtask.
+        let want = format!("bulkhead ({}-1) ", env!("CARGO_PKG_VERSION"));
+        assert!(
+            first.starts_with(&want),
+            "{}: the first line {first:?} should start with {want:?}",
+            path.display()
+        );
     }
 
     #[test]

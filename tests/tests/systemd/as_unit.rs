@@ -296,7 +296,13 @@ fn assert_decision_log_is_for_the_log_group(daemon: &UnitDaemon) {
     let adm = fs::read_to_string("/etc/group")
         .expect("/etc/group")
         .lines()
-        .find_map(|l| l.strip_prefix("adm:x:")?.split(':').next()?.parse::<u32>().ok())
+        .find_map(|l| {
+            l.strip_prefix("adm:x:")?
+                .split(':')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
         .expect("group adm in /etc/group");
     assert_eq!(meta.gid(), adm, "group of {}", path.display());
 }

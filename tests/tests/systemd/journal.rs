@@ -47,12 +47,7 @@ fn wait_for_line(ns: &NsSystemd, needle: &str) -> (String, String) {
             .find(|(_, m)| m.contains(needle))
             .ok_or(())
     })
-    .unwrap_or_else(|()| {
-        panic!(
-            "no journal line with {needle:?}:\n{:#?}",
-            journal(ns, None)
-        )
-    })
+    .unwrap_or_else(|()| panic!("no journal line with {needle:?}:\n{:#?}", journal(ns, None)))
 }
 
 #[test]
@@ -104,8 +99,7 @@ fn journal_shows_warnings_at_their_priority() {
     assert!(
         warnings_before
             .iter()
-            .all(|(p, m)| matches!(p.as_str(), "0" | "1" | "2" | "3" | "4")
-                && !m.contains("INFO")),
+            .all(|(p, m)| matches!(p.as_str(), "0" | "1" | "2" | "3" | "4") && !m.contains("INFO")),
         "journalctl -p warning shows lower priorities: {warnings_before:#?}"
     );
 

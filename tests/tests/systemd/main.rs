@@ -34,7 +34,6 @@ use std::{
     os::unix::fs::PermissionsExt as _, path::Path, path::PathBuf, process::Output, time::Duration,
 };
 
-
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -215,9 +215,16 @@ pub(super) fn boot_ns_systemd(
         )
         .expect("target");
     }
+    // A unit logging to the journal is only ordered after its socket:
+    // the target pulls journald in.
+    let journald = if output == AgentOutput::Journal {
+        " systemd-journald.socket systemd-journald.service"
+    } else {
+        ""
+    };
     fs::write(
         units.join("bulkhead-test.target"),
-        "[Unit]\nDescription=bulkhead test\nWants=bulkhead.service\n",
+        format!("[Unit]\nDescription=bulkhead test\nWants=bulkhead.service{journald}\n"),
     )
     .expect("target");
     let unit = unit_text().replace(

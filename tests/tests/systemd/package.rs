@@ -49,7 +49,10 @@ const LAYOUT: &[(&str, u32)] = &[
     ("PREFIX/share/man/man1/bulkhead-run.1.gz", 0o644),
     ("PREFIX/share/bash-completion/completions/bulkhead", 0o644),
     ("PREFIX/share/zsh/vendor-completions/_bulkhead", 0o644),
-    ("PREFIX/share/fish/vendor_completions.d/bulkhead.fish", 0o644),
+    (
+        "PREFIX/share/fish/vendor_completions.d/bulkhead.fish",
+        0o644,
+    ),
 ];
 
 /// The subcommands `bulkhead --help` lists (without `help`).
@@ -69,7 +72,10 @@ fn subcommands() -> Vec<String> {
         .filter(|c| *c != "help")
         .map(str::to_owned)
         .collect();
-    assert!(list.len() > 5, "no command list in bulkhead --help:\n{help}");
+    assert!(
+        list.len() > 5,
+        "no command list in bulkhead --help:\n{help}"
+    );
     list
 }
 
@@ -95,7 +101,10 @@ fn check_man_pages(man1: &Path) {
         page.display(),
         text(&out)
     );
-    assert!(rendered.contains("NAME") && rendered.contains("SUBCOMMANDS"), "{rendered}");
+    assert!(
+        rendered.contains("NAME") && rendered.contains("SUBCOMMANDS"),
+        "{rendered}"
+    );
     for sub in subcommands() {
         assert!(
             rendered.contains(&format!("bulkhead-{sub}(1)")),
@@ -123,7 +132,11 @@ fn check_bash_completion(script: &Path) {
             Command::new("bash").args(["-c", &program, "complete", line]),
             Duration::from_secs(30),
         );
-        assert!(out.status.success(), "completing {line:?} ({words:?}): {}", text(&out));
+        assert!(
+            out.status.success(),
+            "completing {line:?} ({words:?}): {}",
+            text(&out)
+        );
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .map(str::to_owned)
