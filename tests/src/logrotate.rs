@@ -41,7 +41,7 @@ pub fn force_rotation(logrotate: &Path, work: &Path, log: &Path, pid: u32) {
         .arg("--state")
         .arg(work.join("logrotate.state"))
         .arg(&config);
-    let out = output_with_timeout(&mut cmd, Duration::from_secs(60));
+    let out = output_with_timeout(&mut cmd, Duration::from_mins(1));
     assert!(
         out.status.success(),
         "logrotate failed ({}): {}{}",

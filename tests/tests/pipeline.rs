@@ -17,6 +17,8 @@ use serde_json::Value;
 /// which is when a record used to wake it.
 const CALLS: u64 = 8_000;
 const PAUSE: Duration = Duration::from_micros(125);
+/// Decisions made while the log is rotated.
+const ROTATED_CALLS: u64 = 12_000;
 /// How long the log may take to hold them all (a debug build of the agent).
 const LOG_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -139,7 +141,6 @@ fn logrotate_moves_the_log_without_losing_a_decision_or_reloading() {
     let Some(logrotate) = require_tool("logrotate", "logrotate") else {
         return;
     };
-    const ROTATED_CALLS: u64 = 12_000;
     let svc = CgroupGuard::new();
     let target = addr("127.0.0.1:30000");
     let rule = Egress::to(["127.0.0.1"])

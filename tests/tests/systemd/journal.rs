@@ -121,7 +121,7 @@ fn journal_shows_warnings_at_their_priority() {
     // Exactly the refusal (once per reload the watch made of the write):
     // its first line, then the error on its own line, same priority.
     assert!(
-        !new.is_empty() && new.len() % 2 == 0,
+        !new.is_empty() && new.len().is_multiple_of(2),
         "journalctl -p warning after the bad policy: {new:#?}"
     );
     for pair in new.chunks(2) {

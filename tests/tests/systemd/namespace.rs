@@ -205,47 +205,7 @@ pub(super) fn boot_ns_systemd(
         .tempdir()
         .expect("tempdir");
     let w = work.path();
-    let units = w.join("units");
-    fs::create_dir_all(units.join("bulkhead.service.d")).expect("units dir");
-    // The targets a default unit depends on, empty; one that wants us.
-    for target in ["sysinit", "basic", "shutdown", "multi-user", "local-fs"] {
-        fs::write(
-            units.join(format!("{target}.target")),
-            format!("[Unit]\nDescription={target} (empty, for the test)\n"),
-        )
-        .expect("target");
-    }
-    // A unit logging to the journal is only ordered after its socket:
-    // the target pulls journald in.
-    let journald = if output == AgentOutput::Journal {
-        " systemd-journald.socket systemd-journald.service"
-    } else {
-        ""
-    };
-    fs::write(
-        units.join("bulkhead-test.target"),
-        format!("[Unit]\nDescription=bulkhead test\nWants=bulkhead.service{journald}\n"),
-    )
-    .expect("target");
-    let unit = unit_text().replace(
-        "ExecStart=/usr/bin/bulkhead ",
-        "ExecStart=/usr/local/bin/bulkhead ",
-    );
-    fs::write(units.join("bulkhead.service"), unit).expect("unit");
-    let to_file = if output == AgentOutput::File {
-        "StandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\n"
-    } else {
-        install_journald(&units);
-        ""
-    };
-    fs::write(
-        units.join("bulkhead.service.d/test.conf"),
-        format!(
-            "[Service]\n{to_file}WatchdogSec={}s\n",
-            NS_WATCHDOG.as_secs()
-        ),
-    )
-    .expect("drop-in");
+    write_units(&w.join("units"), output);
 
     let etc = w.join("etc-upper/bulkhead");
     fs::create_dir_all(etc.join("policies")).expect("etc dirs");
@@ -311,6 +271,53 @@ pub(super) fn boot_ns_systemd(
         )
     });
     ns
+}
+
+/// The units systemd runs in the namespace, into `units`: empty default
+/// targets, `bulkhead-test.target` wanting the unit (and journald for
+/// [`AgentOutput::Journal`]), the repository's unit with its binary at
+/// /usr/local/bin and the test's drop-in.
+fn write_units(units: &Path, output: AgentOutput) {
+    fs::create_dir_all(units.join("bulkhead.service.d")).expect("units dir");
+    // The targets a default unit depends on, empty; one that wants us.
+    for target in ["sysinit", "basic", "shutdown", "multi-user", "local-fs"] {
+        fs::write(
+            units.join(format!("{target}.target")),
+            format!("[Unit]\nDescription={target} (empty, for the test)\n"),
+        )
+        .expect("target");
+    }
+    // A unit logging to the journal is only ordered after its socket:
+    // the target pulls journald in.
+    let journald = if output == AgentOutput::Journal {
+        " systemd-journald.socket systemd-journald.service"
+    } else {
+        ""
+    };
+    fs::write(
+        units.join("bulkhead-test.target"),
+        format!("[Unit]\nDescription=bulkhead test\nWants=bulkhead.service{journald}\n"),
+    )
+    .expect("target");
+    let unit = unit_text().replace(
+        "ExecStart=/usr/bin/bulkhead ",
+        "ExecStart=/usr/local/bin/bulkhead ",
+    );
+    fs::write(units.join("bulkhead.service"), unit).expect("unit");
+    let to_file = if output == AgentOutput::File {
+        "StandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\n"
+    } else {
+        install_journald(units);
+        ""
+    };
+    fs::write(
+        units.join("bulkhead.service.d/test.conf"),
+        format!(
+            "[Service]\n{to_file}WatchdogSec={}s\n",
+            NS_WATCHDOG.as_secs()
+        ),
+    )
+    .expect("drop-in");
 }
 
 /// systemd-journald's units from the host, into `units`; the service
