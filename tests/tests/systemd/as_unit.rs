@@ -193,8 +193,9 @@ fn start_as_unit(setpriv: &Path, policies: &Path, metrics_port: u16) -> UnitDaem
         )
         .env("NOTIFY_SOCKET", notify.path())
         .env("WATCHDOG_USEC", TEST_WATCHDOG.as_micros().to_string())
-        // The journal's stream id; the daemon only checks it is set.
-        .env("JOURNAL_STREAM", "8:4242")
+        // The journal's stream: systemd names the socket it gave as
+        // stdout and stderr; here the log file stands in for it.
+        .env("JOURNAL_STREAM", journal_stream(&log))
         .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
     for assignments in section(&unit, "Service")
         .get("Environment")
@@ -269,10 +270,29 @@ fn watchdog_pings(notify: &NotifySocket, watch: Duration) -> Vec<Duration> {
     pings
 }
 
-/// The journal stamps lines itself: under `JOURNAL_STREAM` the daemon's
-/// lines carry no timestamp and no colour.
+/// `DEVICE:INODE` of `path`, as systemd sets `JOURNAL_STREAM`.
+fn journal_stream(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// The journal stamps lines itself: when stderr is the stream
+/// `JOURNAL_STREAM` names, the daemon's lines carry no timestamp and no
+/// colour, and each starts with its level's syslog priority (`<6>` for
+/// INFO, `<4>` WARN, `<3>` ERROR, `<7>` DEBUG), which systemd reads.
 fn assert_journal_style(log: &str) {
+    for (level, priority) in [(" INFO ", "<6>"), (" WARN ", "<4>"), ("ERROR ", "<3>")] {
+        for line in log.lines().filter(|l| l.contains(level)) {
+            assert!(
+                line.starts_with(priority),
+                "a line with {level:?} should start with {priority}: {line:?}"
+            );
+        }
+    }
+    assert!(log.contains("<6> INFO "), "no INFO line at <6>:\n{log}");
     for line in log.lines() {
+        let line = line.get(3..).unwrap_or_default();
         let stamped = line.len() > 20
             && line.as_bytes()[4] == b'-'
             && line.as_bytes()[10] == b'T'

@@ -104,7 +104,19 @@ impl NsSystemd {
             return "(no log: systemd is not running)".to_owned();
         };
         let path = format!("/proc/{pid1}/root/run/bulkhead-test.log");
-        fs::read_to_string(&path).unwrap_or_else(|e| format!("(no log at {path}: {e})"))
+        if let Ok(log) = fs::read_to_string(&path) {
+            return log;
+        }
+        // AgentOutput::Journal: the unit's and journald's own lines.
+        let pid = pid1.to_string();
+        Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-p", "--", "journalctl", "--no-pager"])
+            .args(["-u", "bulkhead.service", "-u", "systemd-journald.service"])
+            .output()
+            .map_or_else(
+                |e| format!("(no log at {path}, no journalctl: {e})"),
+                |out| text(&out),
+            )
     }
 
     /// Waits until `ActiveState` is `want`; panics with the log otherwise.
