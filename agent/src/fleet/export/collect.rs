@@ -9,7 +9,7 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use crate::{
-    events::{Direction, EventType, FlowEvent, OpenBytes, Verdict},
+    events::{Direction, EventType, FlowEvent, Verdict},
     fleet::{AnomalyRow, FlowRow, HostIdentity},
 };
 
@@ -46,7 +46,6 @@ fn addr(a: Option<IpAddr>) -> String {
 pub struct Collector {
     flows: HashMap<Key, FlowRow>,
     anomalies: Vec<AnomalyRow>,
-    open_bytes: OpenBytes,
     max_rows: usize,
     /// Calls folded this interval (logged when the interval ends).
     folded: u64,
@@ -64,7 +63,6 @@ impl Collector {
         Self {
             flows: HashMap::new(),
             anomalies: Vec::new(),
-            open_bytes: OpenBytes::default(),
             max_rows,
             folded: 0,
         }
@@ -98,12 +96,10 @@ impl Collector {
             (EventType::Verdict | EventType::Flow, "connect" | "sendmsg" | "ingress") => {
                 (ev.calls.unwrap_or(1), (0, 0))
             }
-            (EventType::TcpClosed | EventType::Flow, "sock_ops") => {
-                match self.open_bytes.new_bytes(ev) {
-                    Some(b) if b != (0, 0) => (0, b),
-                    _ => return,
-                }
-            }
+            (EventType::TcpClosed | EventType::Flow, "sock_ops") => match ev.new_bytes() {
+                Some(b) if b != (0, 0) => (0, b),
+                _ => return,
+            },
             _ => return,
         };
         let outbound = direction == Direction::Egress;
@@ -244,8 +240,13 @@ mod tests {
         c.observe(&id(), &bytes(EventType::Flow, 1_000), 100);
         let (flows, _) = c.take();
         assert_eq!(flows[0].bytes_sent, 1_000);
-        // The close carries the total: 1,500, of which 1,000 were sent.
-        c.observe(&id(), &bytes(EventType::TcpClosed, 1_500), 110);
+        // The close carries the total, 1,500, and (marked by the stage of
+        // flows::tcp) the 500 no summary reported.
+        let close = FlowEvent {
+            bytes_unsummarised: Some((500, 0)),
+            ..bytes(EventType::TcpClosed, 1_500)
+        };
+        c.observe(&id(), &close, 110);
         let (flows, _) = c.take();
         assert_eq!((flows[0].bytes_sent, flows[0].calls), (500, 0));
     }
