@@ -31,6 +31,28 @@ pub struct Facts {
     pub took_s: f64,
 }
 
+/// `1234567` as `1,234,567`.
+fn n(v: u64) -> String {
+    let digits = v.to_string();
+    let mut out = String::new();
+    for (k, c) in digits.chars().enumerate() {
+        if k > 0 && (digits.len() - k).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A rate or count with a fraction, rounded, as [`n`] writes it.
+fn nf(v: f64) -> String {
+    if v.is_finite() && v >= 0.0 {
+        n(v.round() as u64)
+    } else {
+        format!("{v}")
+    }
+}
+
 fn yes(met: bool) -> &'static str {
     if met {
         "**met**"
@@ -66,7 +88,7 @@ pub fn benchmarks(f: &Facts) -> String {
          (Debian's package) on loopback, started by the integration harness (tests/src/clickhouse.rs) with its \
          own config and data; the release build of bulkhead. The whole bench took {took:.0} s.\n\n\
          | goal (issue #18, \"Scale\") | measured | |\n|---|---|---|\n\
-         | ingest 1,000,000 flow rows from three agents in at most 60 s | {rows} rows in {secs:.2} s ({rate:.0} rows/s) | {im} |\n\
+         | ingest 1,000,000 flow rows from three agents in at most 60 s | {rows} rows in {secs:.2} s ({rate} rows/s) | {im} |\n\
          | `fleet blast-radius` over 10,000 instances and 100,000 edges in at most 2 s | {bj:.3} s (`--json`), {bt:.3} s (text), medians | {bm} |\n\
          | the agent's export CPU at 1,000 flows/s at most 2% of one core | {ce:.2}% (the exporter thread, median) | {cm} |\n\n",
         date = m.date,
@@ -79,9 +101,9 @@ pub fn benchmarks(f: &Facts) -> String {
         load_after = m.load_after,
         ver = f.version,
         took = f.took_s,
-        rows = i.stored,
+        rows = n(i.stored),
         secs = i.seconds,
-        rate = i.rate(),
+        rate = nf(i.rate()),
         im = yes(ingest_met(i)),
         bj = b.median(0),
         bt = b.median(1),
@@ -99,12 +121,12 @@ pub fn benchmarks(f: &Facts) -> String {
          every other instance (checked: `lateral.size` = {size}). Each command runs the release binary end to end \
          (connect, three queries reading the tables whole, parse, compute, print), {r} round(s):\n\n\
          | command | median | fastest | slowest |\n|---|---:|---:|---:|\n",
-        n = blast::INSTANCES,
+        n = n(blast::INSTANCES),
         hosts = blast::HOSTS,
-        flows = blast::INSTANCES * blast::FLOWS_EACH,
+        flows = n(blast::INSTANCES * blast::FLOWS_EACH),
         each = blast::FLOWS_EACH,
         ins = b.insert_s,
-        size = b.lateral_size,
+        size = n(b.lateral_size),
         r = b.times[0].len(),
     );
     for (k, args) in blast::COMMANDS.iter().enumerate() {
@@ -121,7 +143,7 @@ pub fn benchmarks(f: &Facts) -> String {
     let _ = write!(
         out,
         "\n(`fleet graph --format dot` drew {} edges.)\n\n",
-        b.graph_edges
+        n(b.graph_edges as u64)
     );
 
     let _ = write!(
@@ -137,22 +159,22 @@ pub fn benchmarks(f: &Facts) -> String {
          bulkhead.flows` reaching the rows queued (polled every 100 ms): each agent retries every batch interval, \
          then sends its spool oldest first, one batch (at most 10,000 rows) at a time: the batch whose attempt \
          failed through the retry path (`insert_once`), the others whole.\n\n\
-         - **{stored} of {made} rows stored in {secs:.2} s: {rr:.0} rows/s** ({g:.1} s for 1,000,000 at that rate); \
+         - **{stored} of {made} rows stored in {secs:.2} s: {rr} rows/s** ({g:.1} s for 1,000,000 at that rate); \
          lost or dropped per the agents' `bulkhead_fleet_rows_total`: {lost}.\n\n",
         hosts = ingest::HOSTS.join(", "),
-        each = i.rows / ingest::HOSTS.len() as u64,
-        rate = ingest::RATE,
+        each = n(i.rows / ingest::HOSTS.len() as u64),
+        rate = n(ingest::RATE),
         bi = ingest::BATCH_INTERVAL_SECS,
         qr = ingest::QUEUE_ROWS,
         sb = ingest::SPOOL_BYTES >> 20,
         fill = i.fill_s,
-        q = i.queued_rows,
+        q = n(i.queued_rows),
         sbytes = i.spool_bytes as f64 / (1u64 << 20) as f64,
         sf = i.spool_files,
-        stored = i.stored,
-        made = i.rows,
+        stored = n(i.stored),
+        made = n(i.rows),
         secs = i.seconds,
-        rr = i.rate(),
+        rr = nf(i.rate()),
         g = ingest_goal_s(i),
         lost = i.lost,
     );
@@ -166,7 +188,7 @@ pub fn benchmarks(f: &Facts) -> String {
          addresses and 1,024 ports (the columns that vary most), while `calls` is 1 and the byte counts 0 \
          in every row (UDP); a real fleet repeats its peers every batch and varies the counts, so take it as \
          a reference for sizing (docs/fleet.md, \"Scale\"), not a bound.\n\n",
-        rows = s.rows,
+        rows = n(s.rows),
         ib = s.inserted_bytes as f64 / (1u64 << 20) as f64,
         ip = s.inserted_parts,
         ibr = s.inserted_bytes_per_row(),
@@ -183,18 +205,19 @@ pub fn benchmarks(f: &Facts) -> String {
          1,000 flow rows per second. After a {w} s warm-up, CPU (utime + stime from /proc) over {win} s: the \
          exporter thread `{thread}` (`/proc/PID/task/TID/stat`), and the whole agent with `[fleet] enabled` and, \
          under the same load, without it; rounds alternate on, off; medians.\n\n\
-         - Exporter thread: **{e:.2}% of one core** ({rows:.0} flow rows stored per second).\n\
+         - Exporter thread: **{e:.2}% of one core** ({rows} flow rows stored per second: a batch's \
+         window runs a little over 5 s, and still holds each destination once).\n\
          - Whole agent: {on:.2}% of one core with fleet mode, {off:.2}% without ({ratio:.2}×, +{diff:.2} points).\n\n\
          | round | agent, fleet on | exporter thread | rows/s stored | agent, fleet off |\n|---:|---:|---:|---:|---:|\n",
-        d = export_cpu::DESTINATIONS,
-        rate = export_cpu::RATE,
+        d = n(export_cpu::DESTINATIONS),
+        rate = n(export_cpu::RATE),
         cyc = export_cpu::DESTINATIONS / export_cpu::RATE,
         bi = export_cpu::BATCH_INTERVAL_SECS,
         w = export_cpu::WARMUP.as_secs(),
         win = c.window_s,
         thread = super::agent::EXPORTER_THREAD,
         e = c.exporter() * 100.0,
-        rows = c.rows_per_s(),
+        rows = nf(c.rows_per_s()),
         on = c.agent_on() * 100.0,
         off = c.agent_off() * 100.0,
         ratio = c.agent_on() / c.agent_off().max(1e-9),
@@ -203,11 +226,11 @@ pub fn benchmarks(f: &Facts) -> String {
     for (k, (on, off)) in c.on.iter().zip(&c.off).enumerate() {
         let _ = writeln!(
             out,
-            "| {} | {:.2}% | {:.2}% | {:.0} | {:.2}% |",
+            "| {} | {:.2}% | {:.2}% | {} | {:.2}% |",
             k + 1,
             on.agent * 100.0,
             on.exporter.unwrap_or(f64::NAN) * 100.0,
-            on.rows_per_s.unwrap_or(f64::NAN),
+            nf(on.rows_per_s.unwrap_or(f64::NAN)),
             off.agent * 100.0,
         );
     }
@@ -224,7 +247,8 @@ pub fn sizing(f: &Facts) -> String {
         out,
         "Measured by `cargo xtask bench-fleet` on {date} (commit {commit}, ClickHouse {ver} on this \
          project's 2-core test machine; BENCHMARKS.md, \"Fleet mode at scale\", has the method):\n\n\
-         - ingest: {rate:.0} flow rows/s (three agents draining 1,000,000 queued rows into one server);\n\
+         - ingest: {rate} flow rows/s (three agents draining 1,000,000 queued rows into one server \
+         on the same two cores);\n\
          - storage: {bpr:.1} bytes a flow row on disk after merging (every row a new destination at random);\n\
          - export: the exporter thread took {cpu:.2}% of one core at 1,000 flow rows/s.\n\n\
          So **1,000 flow rows per second** are {rows:.1} million rows and {gib:.2} GiB a day \
@@ -236,7 +260,7 @@ pub fn sizing(f: &Facts) -> String {
         date = f.machine.date,
         commit = f.machine.commit,
         ver = f.version,
-        rate = f.ingest.rate(),
+        rate = nf(f.ingest.rate()),
         cpu = f.cpu.exporter() * 100.0,
         rows = per_1000 / 1e6,
         gib = per_1000 * bpr / GIB,
@@ -246,9 +270,9 @@ pub fn sizing(f: &Facts) -> String {
     for s in storage::sizes(bpr, f.ingest.rate()) {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.1} M | {:.2} GiB | {:.1} GiB | {:.1}% |",
-            s.hosts,
-            s.rows_per_s,
+            "| {} | {} | {:.1} M | {:.2} GiB | {:.1} GiB | {:.1}% |",
+            n(s.hosts),
+            nf(s.rows_per_s),
             s.rows_per_day / 1e6,
             s.bytes_per_day / GIB,
             30.0 * s.bytes_per_day / GIB,
@@ -256,9 +280,10 @@ pub fn sizing(f: &Facts) -> String {
         );
     }
     out.push_str(
-        "\nPast one server's ingest rate (or with replicas), ClickHouse shards; the agents' side does not \
-         change, each exports its own rows. The fleet commands read the tables whole (\"Scale\"), so their \
-         time grows with the rows kept: prune to what the graph needs.\n",
+        "\nPast 100% one server like this one does not keep up: it needs more cores, or shards (which \
+         `fleet init`'s plain `MergeTree` tables do not set up); each agent exports its own rows either way. \
+         The fleet commands read the tables whole (\"Scale\"), so their time grows with the rows kept: \
+         prune to what the graph needs.\n",
     );
     out
 }
@@ -337,6 +362,15 @@ mod tests {
             section(&text, "x").as_deref(),
             Some("\n<!-- x:begin -->\nnew\n<!-- x:end -->\n")
         );
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(n(0), "0");
+        assert_eq!(n(999), "999");
+        assert_eq!(n(1000), "1,000");
+        assert_eq!(n(1_000_002), "1,000,002");
+        assert_eq!(nf(57_604.6), "57,605");
     }
 
     #[test]
