@@ -280,7 +280,7 @@ pub fn sizing(f: &Facts) -> String {
         );
     }
     out.push_str(
-        "\nPast 100% one server like this one does not keep up: it needs more cores, or shards (which \
+        "\nPast 100%, one server like this one does not keep up: it needs more cores, or shards (which \
          `fleet init`'s plain `MergeTree` tables do not set up); each agent exports its own rows either way. \
          The fleet commands read the tables whole (\"Scale\"), so their time grows with the rows kept: \
          prune to what the graph needs.\n",
