@@ -216,7 +216,6 @@ impl Metrics {
     pub fn flow_rows_lost(&self) -> u64 {
         [
             "refused",
-            "lost",
             "dropped_full",
             "dropped_disk_error",
             "dropped_corrupt",
