@@ -1,5 +1,5 @@
 //! The shipped monitoring (contrib/prometheus, contrib/grafana) against a
-//! real Prometheus (tests/src/prometheus_server.rs) scraping a real agent
+//! real Prometheus (`tests/src/prometheus_server.rs`) scraping a real agent
 //! with traffic: every dashboard query parses and returns data, the alerting
 //! rules load, stay silent on a healthy agent and fire on a quarantine, and
 //! the rules pass their own promtool tests.
@@ -163,8 +163,7 @@ fn every_dashboard_query_parses_and_returns_data_from_a_real_prometheus() {
     // The traffic shows: the denied panel names the service.
     let denied = answers
         .iter()
-        .find(|((title, _), _)| title == "Denied by service")
-        .map(|(_, series)| series)
+        .find_map(|((title, _), series)| (title == "Denied by service").then_some(series))
         .unwrap_or_else(|| panic!("no \"Denied by service\" panel"));
     assert!(
         denied.iter().any(|s| s["metric"]["service"] == "web"),
