@@ -23,8 +23,18 @@ use crate::{
 /// start their own servers on free loopback ports from temporary configs
 /// (tests/src/clickhouse.rs). On a host run by systemd the package also
 /// enables and starts its own service (ports 8123 and 9000), which the
-/// tests do not use.
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "chromium", "clickhouse-server"];
+/// tests do not use. `prometheus` (2.42 on Debian 12, with `promtool`) for
+/// the shipped alerting rules and dashboard (tests/tests/monitoring.rs):
+/// the tests start their own server on a free loopback port
+/// (tests/src/prometheus_server.rs); the package's own service (port 9090)
+/// is not used either.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "chromium",
+    "clickhouse-server",
+    "prometheus",
+];
 
 /// Everything: build tools and the packages the tests need.
 pub fn run() -> Result<()> {
