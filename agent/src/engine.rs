@@ -468,6 +468,7 @@ impl Engine {
         let set = self.set.clone();
         if let Err(e) = self.apply_set(&set) {
             self.quarantines = before;
+            self.refresh_inventory();
             return Err(e);
         }
         let applied_in = started.elapsed();
@@ -492,6 +493,7 @@ impl Engine {
             self.quarantines
                 .services
                 .insert(service.to_string(), removed);
+            self.refresh_inventory();
             return Err(e);
         }
         if let Err(e) = self.quarantines.save(&self.state_dir) {
@@ -684,10 +686,9 @@ impl Engine {
         let Some(live) = self.enforcer.live() else {
             return;
         };
-        self.metrics.replace_inventory(Inventory::from_policy(
-            live,
-            &self.tracker.statuses(),
-            &self.map_capacities,
-        ));
+        self.metrics.replace_inventory(
+            Inventory::from_policy(live, &self.tracker.statuses(), &self.map_capacities)
+                .quarantined(self.quarantines.services.keys()),
+        );
     }
 }

@@ -12,6 +12,8 @@
 //!
 //! The fleet tests need no BPF but a real `clickhouse-server` ([`ClickHouse`]):
 //! without its server they fail, saying to run `cargo xtask setup`.
+//! Likewise the monitoring tests start a real `prometheus`
+//! ([`PrometheusServer`]) that scrapes a real agent.
 
 pub mod bpf;
 pub mod cgroup;
@@ -34,6 +36,7 @@ pub mod ports;
 pub mod probe;
 pub mod process;
 pub mod prometheus;
+pub mod prometheus_server;
 pub mod relay;
 pub mod require;
 pub mod server;
@@ -50,6 +53,7 @@ pub use netns::NetnsGuard;
 pub use policy::{allowing, policy_with, service_policy, unit_policy, Egress, Ingress, PolicyDir};
 pub use ports::free_port_block;
 pub use probe::{Listener, Outcome, Probe, Proto};
+pub use prometheus_server::PrometheusServer;
 pub use relay::Relay;
 pub use require::require_bpf;
 pub use server::Server;

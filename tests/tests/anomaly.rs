@@ -108,10 +108,15 @@ fn port_scan_against_a_namespace_host_is_reported_with_its_evidence() {
 
     let (status, _, body) = http_get(metrics_addr(&daemon), "/metrics");
     assert_eq!(status, 200, "{body}");
+    // Counted under the event's severity.
+    let severity = ev["anomaly"]["severity"].as_str().unwrap_or("?");
+    let series = format!(
+        r#"bulkhead_anomalies_total{{service="scanner",kind="fan_out",severity="{severity}"}} "#
+    );
     let line = body
         .lines()
-        .find(|l| l.starts_with(r#"bulkhead_anomalies_total{service="scanner",kind="fan_out"}"#))
-        .unwrap_or_else(|| panic!("no anomaly counter for scanner/fan_out in:\n{body}"));
+        .find(|l| l.starts_with(&series))
+        .unwrap_or_else(|| panic!("no anomaly counter {series} in:\n{body}"));
     let n: u64 = line
         .rsplit(' ')
         .next()

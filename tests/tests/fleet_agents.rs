@@ -17,7 +17,8 @@ use std::{
 use bulkhead::fleet::{model::Fleet, read, Client, FleetConfig};
 use integration_tests::{
     addr, eventually, http::metrics_addr, probe, prometheus::wait_sample, require_bpf,
-    service_policy, CgroupGuard, ClickHouse, Daemon, Egress, NetnsGuard, PolicyDir, Proto, Relay,
+    service_policy, CgroupGuard, ClickHouse, Daemon, Egress, Listener, NetnsGuard, PolicyDir,
+    Proto, Relay,
 };
 
 /// How long rows may take to reach `ClickHouse` (1 s batches, plus the
@@ -262,6 +263,23 @@ fn calls(web: &CgroupGuard, to: SocketAddr, n: usize) {
     }
 }
 
+/// `web`, allowed to call a TCP listener on loopback, and its policy.
+fn web_calling_a_listener() -> (CgroupGuard, Listener, PolicyDir) {
+    let web = CgroupGuard::new();
+    let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let policies = PolicyDir::with(&[(
+        "web.toml",
+        &service_policy(
+            &web,
+            "enforce",
+            &[Egress::to(["127.0.0.1"])
+                .ports([listener.port()])
+                .protocol("tcp")],
+        ),
+    )]);
+    (web, listener, policies)
+}
+
 /// `web`'s calls stored in the flows table, and rows stored more than once.
 fn stored(ch: &ClickHouse) -> (String, String) {
     (
@@ -283,18 +301,7 @@ fn a_minute_without_clickhouse_and_a_restart_lose_nothing_and_store_nothing_twic
     }
     let mut ch = ClickHouse::start();
     ch.fleet_init();
-    let web = CgroupGuard::new();
-    let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let policies = PolicyDir::with(&[(
-        "web.toml",
-        &service_policy(
-            &web,
-            "enforce",
-            &[Egress::to(["127.0.0.1"])
-                .ports([listener.port()])
-                .protocol("tcp")],
-        ),
-    )]);
+    let (web, listener, policies) = web_calling_a_listener();
     let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     // One spool for both agents of this host, as one state directory gives.
     let config = format!(
@@ -373,18 +380,7 @@ fn inserts_whose_answers_were_lost_are_stored_once() {
     let ch = ClickHouse::start();
     ch.fleet_init();
     let relay = Relay::losing_answers(ch.addr(), "query=INSERT%20INTO%20bulkhead.flows", LOST);
-    let web = CgroupGuard::new();
-    let listener = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
-    let policies = PolicyDir::with(&[(
-        "web.toml",
-        &service_policy(
-            &web,
-            "enforce",
-            &[Egress::to(["127.0.0.1"])
-                .ports([listener.port()])
-                .protocol("tcp")],
-        ),
-    )]);
+    let (web, listener, policies) = web_calling_a_listener();
     let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let url = format!("http://{}", relay.addr());
     let agent = Daemon::start_with_config(&policies, &fleet_config(work.path(), "h1", &url));

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    addr, conn,
+    addr, bulkhead, conn,
     events::{calls_of, wait_calls},
     free_port_block,
     http::metrics_addr,
@@ -311,5 +311,39 @@ fn an_open_tcp_connection_reports_its_bytes_each_interval() {
         bytes_of(&daemon).len(),
         2,
         "a quiet interval has no summary"
+    );
+
+    // 200 more, then the close: its total (1,700) carries what the
+    // summaries reported, and the graph adds each byte once.
+    held.send(&"c".repeat(200));
+    drop(held);
+    let edge_bytes = || -> Option<u64> {
+        let out = bulkhead(&[
+            "graph".as_ref(),
+            "--format".as_ref(),
+            "json".as_ref(),
+            "--socket".as_ref(),
+            daemon.control_socket().as_os_str(),
+        ]);
+        let graph: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let dest = server.addr().to_string() + "/tcp";
+        graph["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["from"] == "service:pooled" && e["dest"] == dest.as_str())?["bytes_sent"]
+            .as_u64()
+    };
+    let closed = integration_tests::eventually(REPORTED, Duration::from_millis(200), || {
+        match edge_bytes() {
+            Some(n) if n >= 1_700 => Ok(n),
+            other => Err(other),
+        }
+    })
+    .unwrap_or_else(|n| panic!("the graph's bytes after the close: {n:?}, not 1,700"));
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        (closed, edge_bytes()),
+        (1_700, Some(1_700)),
+        "the summaries and the close count each byte once"
     );
 }

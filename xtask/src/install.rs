@@ -10,6 +10,8 @@
 //! | the policy directory, empty | `/etc/bulkhead/policies/` | 0755 |
 //! | a pristine copy of the default config | `PREFIX/share/bulkhead/bulkhead.toml` | 0644 |
 //! | the example policies | `PREFIX/share/bulkhead/examples/policies/*.toml` | 0644 |
+//! | the Prometheus alerting rules and their promtool test | `PREFIX/share/bulkhead/prometheus/` | 0644 |
+//! | the Grafana dashboard | `PREFIX/share/bulkhead/grafana/bulkhead.json` | 0644 |
 //! | the logrotate config, unless one exists | `/etc/logrotate.d/bulkhead` | 0644 |
 //! | the man pages (gzipped), generated | `PREFIX/share/man/man1/bulkhead*.1.gz` | 0644 |
 //! | bash, zsh, fish completions, generated | `PREFIX/share/bash-completion/completions/bulkhead`, `PREFIX/share/zsh/vendor-completions/_bulkhead`, `PREFIX/share/fish/vendor_completions.d/bulkhead.fish` | 0644 |
@@ -43,8 +45,22 @@ pub const UNIT_BINARY: &str = "/usr/bin/bulkhead";
 pub const UNIT_SOURCE: &str = "systemd/bulkhead.service";
 /// The default daemon config in the repository.
 pub const CONFIG_SOURCE: &str = "policies/config/bulkhead.toml";
-/// The example policies in the repository.
-pub const EXAMPLES_SOURCE: &str = "policies";
+/// The example policies in the repository: the small ones the docs use,
+/// and those for real services (nginx, PostgreSQL, ...).
+pub const EXAMPLES_SOURCES: [&str; 2] = ["policies", "policies/examples"];
+/// Monitoring files shipped as they are: (source in the repository, where
+/// under `PREFIX/share/bulkhead`).
+pub const MONITORING: [(&str, &str); 3] = [
+    (
+        "contrib/prometheus/bulkhead.rules.yml",
+        "prometheus/bulkhead.rules.yml",
+    ),
+    (
+        "contrib/prometheus/bulkhead.rules.test.yml",
+        "prometheus/bulkhead.rules.test.yml",
+    ),
+    ("contrib/grafana/bulkhead.json", "grafana/bulkhead.json"),
+];
 /// Where the config and policies go (what the daemon reads by default).
 pub const CONFIG_DIR: &str = "/etc/bulkhead";
 /// The logrotate config in the repository.
@@ -218,13 +234,29 @@ pub fn layout(repo: &Path, prefix: &Path, binary: &Path, generated: &Path) -> Re
             keep_existing: false,
         });
     }
-    for example in files_in(&repo.join(EXAMPLES_SOURCE), "toml")? {
-        let name = example
-            .file_name()
-            .context("an example policy has no file name")?;
+    for dir in EXAMPLES_SOURCES {
+        for example in files_in(&repo.join(dir), "toml")? {
+            let name = example
+                .file_name()
+                .context("an example policy has no file name")?;
+            let dest = share.join("examples/policies").join(name);
+            ensure!(
+                !files.iter().any(|f| f.dest == dest),
+                "two example policies are named {}",
+                name.to_string_lossy()
+            );
+            files.push(Item {
+                dest,
+                source: Source::File(example),
+                mode: 0o644,
+                keep_existing: false,
+            });
+        }
+    }
+    for (source, dest) in MONITORING {
         files.push(Item {
-            dest: share.join("examples/policies").join(name),
-            source: Source::File(example),
+            source: Source::File(repo.join(source)),
+            dest: share.join(dest),
             mode: 0o644,
             keep_existing: false,
         });
@@ -510,6 +542,13 @@ pub(crate) mod tests {
             ("etc/bulkhead/policies", 0o755),
             ("usr/share/bulkhead/bulkhead.toml", 0o644),
             ("usr/share/bulkhead/examples/policies/billing.toml", 0o644),
+            ("usr/share/bulkhead/examples/policies/nginx.toml", 0o644),
+            ("usr/share/bulkhead/prometheus/bulkhead.rules.yml", 0o644),
+            (
+                "usr/share/bulkhead/prometheus/bulkhead.rules.test.yml",
+                0o644,
+            ),
+            ("usr/share/bulkhead/grafana/bulkhead.json", 0o644),
             ("etc/logrotate.d/bulkhead", 0o644),
             ("usr/share/man/man1/bulkhead.1.gz", 0o644),
             ("usr/share/man/man1/bulkhead-run.1.gz", 0o644),

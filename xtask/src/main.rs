@@ -2,6 +2,7 @@
 //! installs what a fresh machine lacks and is quick when all is there.
 
 mod bench;
+mod bench_fleet;
 mod bpf_linker;
 mod build;
 mod eval;
@@ -60,6 +61,11 @@ enum Task {
     /// CPU per 100,000 events and memory, next to the load generator's
     /// ceiling; writes its section of BENCHMARKS.md.
     BenchEvents(bench::events::BenchEventsArgs),
+    /// Measure fleet mode at scale against a real ClickHouse: the blast
+    /// radius over 10,000 instances, three agents' ingest of 1,000,000 flow
+    /// rows, storage per row, the exporter's CPU at 1,000 flows/s; writes
+    /// its section of BENCHMARKS.md and the sizing table of docs/fleet.md.
+    BenchFleet(bench_fleet::BenchFleetArgs),
     /// Replay the seeded synthetic anomaly workload through the detectors;
     /// prints precision, recall and false alarms per kind and writes
     /// docs/anomaly-eval.md.
@@ -128,6 +134,10 @@ fn task(task: Task) -> anyhow::Result<ExitCode> {
         Task::BenchEvents(args) => {
             setup::run()?;
             bench::events::run(&args)?;
+        }
+        Task::BenchFleet(args) => {
+            setup::run()?;
+            bench_fleet::run(&args)?;
         }
         Task::EvalAnomaly { seed } => {
             setup::ensure_build_tools()?;

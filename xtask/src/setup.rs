@@ -23,7 +23,11 @@ use crate::{
 /// start their own servers on free loopback ports from temporary configs
 /// (tests/src/clickhouse.rs). On a host run by systemd the package also
 /// enables and starts its own service (ports 8123 and 9000), which the
-/// tests do not use. `logrotate` rotates a running agent's decision log
+/// tests do not use. `prometheus` (2.42 on Debian 12, with `promtool`) for
+/// the shipped alerting rules and dashboard (tests/tests/monitoring.rs):
+/// the tests start their own server on a free loopback port
+/// (tests/src/prometheus_server.rs); the package's own service (port 9090)
+/// is not used either. `logrotate` rotates a running agent's decision log
 /// with the shipped config, `lintian` checks the .deb
 /// (tests/tests/systemd/).
 const TEST_PACKAGES: &[&str] = &[
@@ -31,6 +35,7 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "chromium",
     "clickhouse-server",
+    "prometheus",
     "logrotate",
     "lintian",
 ];

@@ -160,6 +160,7 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         change: None,
         anomaly: None,
         bytes_base: None,
+        bytes_unsummarised: None,
     }
 }
 

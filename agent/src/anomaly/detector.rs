@@ -11,7 +11,7 @@ use super::{
     group::Emit,
     service::ServiceState,
 };
-use crate::events::{EventType, FlowEvent, OpenBytes};
+use crate::events::{EventType, FlowEvent};
 
 /// One reported anomaly (a group's start or update).
 #[derive(Debug, Clone, PartialEq)]
@@ -33,8 +33,6 @@ pub struct Detector {
     pub(super) services: HashMap<String, ServiceState, foldhash::fast::RandomState>,
     /// Events of services beyond `max_services` (not tracked).
     pub untracked: u64,
-    /// TCP bytes already counted from open connections' summaries.
-    open_bytes: OpenBytes,
 }
 
 impl Detector {
@@ -42,7 +40,6 @@ impl Detector {
     pub fn new(cfg: AnomalyConfig) -> Self {
         Self {
             alpha: cfg.alpha(),
-            open_bytes: OpenBytes::default(),
             cfg,
             services: HashMap::default(),
             untracked: 0,
@@ -66,13 +63,7 @@ impl Detector {
         };
         // Bytes of a TCP connection, each counted once: while it is open
         // (its per-interval summaries) and at its close (the rest).
-        let sent = match ev.kind {
-            EventType::TcpClosed => self.open_bytes.new_bytes(ev).map_or(0, |(s, _)| s),
-            EventType::Flow if ev.hook == "sock_ops" => {
-                self.open_bytes.new_bytes(ev).map_or(0, |(s, _)| s)
-            }
-            _ => 0,
-        };
+        let sent = ev.new_bytes().map_or(0, |(s, _)| s);
         if let Some(s) = self.services.get_mut(name) {
             s.observe(&self.cfg, ev, sent);
         } else if self.services.len() < self.cfg.max_services {

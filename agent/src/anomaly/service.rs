@@ -43,7 +43,7 @@ impl ServiceState {
     }
 
     /// Counts one event (outbound only: attempts, denials, bytes sent);
-    /// `sent` is the TCP payload it adds (see `events::OpenBytes`).
+    /// `sent` is the TCP payload it adds (see `FlowEvent::new_bytes`).
     pub fn observe(&mut self, cfg: &AnomalyConfig, ev: &FlowEvent, sent: u64) {
         if ev.traffic_direction != Some(Direction::Egress) {
             return;

@@ -124,7 +124,7 @@ pub fn spawn(
                     if !found.is_empty() {
                         let events: Vec<_> = found.iter().map(to_event).collect();
                         for a in &found {
-                            stats.count(&a.service, a.finding.kind.as_str());
+                            stats.count(&a.service, a.finding.kind.as_str(), a.finding.severity.as_str());
                             warn!(service = %a.service, kind = a.finding.kind.as_str(), observed = a.finding.observed, baseline = a.finding.baseline, "anomaly");
                         }
                         if let Some(s) = sink.as_mut() {

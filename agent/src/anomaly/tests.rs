@@ -245,13 +245,15 @@ fn volume_spike_while_the_connection_stays_open() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].finding.kind, Kind::VolumeSpike);
     // Its close carries the total: only what no summary counted is added
-    // (counted again, the 61 MB total would be a spike over 5 MB).
+    // (counted again, the 61 MB total would be a spike over 5 MB). The
+    // stage of flows::tcp marks that part on the close.
     let normal = [summary("192.0.2.1", 5432, 7, 5_000_000)];
     let mut c = Clock::new(config(Kind::VolumeSpike));
     c.quiet_intervals(12, &normal);
     let total = 12 * 5_000_000 + 1_000_000;
     let closing = FlowEvent {
         socket_cookie: 7,
+        bytes_unsummarised: Some((1_000_000, 0)),
         ..closed("192.0.2.1", 5432, total)
     };
     assert_eq!(c.interval(&[closing]), vec![], "1 MB is no spike");

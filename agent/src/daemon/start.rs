@@ -114,7 +114,8 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
 
     let map_capacities = crate::metrics::map_capacities(enforcer.ebpf_mut());
     let inventory =
-        crate::metrics::Inventory::from_policy(&compiled, &tracker.statuses(), &map_capacities);
+        crate::metrics::Inventory::from_policy(&compiled, &tracker.statuses(), &map_capacities)
+            .quarantined(quarantines.services.keys());
     let (metrics, side) = start_side_tasks(
         &config,
         &hub,

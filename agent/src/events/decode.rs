@@ -263,6 +263,7 @@ impl Decoder {
             anomaly: None,
             bytes_base: (kind == EventType::TcpEstablished)
                 .then_some((raw.bytes_sent, raw.bytes_received)),
+            bytes_unsummarised: None,
         })
     }
 

@@ -26,8 +26,17 @@ pub trait Tap: Send + Sync {
     fn observe(&self, batch: &[Arc<FlowEvent>]);
 }
 
+/// Something that completes events before anyone sees them (the byte
+/// summaries of open TCP connections mark what a close adds). Called
+/// synchronously with each batch, before the log and the taps; it must
+/// not block.
+pub trait Stage: Send + Sync {
+    fn amend(&self, batch: &mut [FlowEvent]);
+}
+
 pub struct Hub {
     live: broadcast::Sender<Arc<FlowEvent>>,
+    stages: Mutex<Vec<Arc<dyn Stage>>>,
     taps: Mutex<Vec<Arc<dyn Tap>>>,
     recent: Mutex<VecDeque<Arc<FlowEvent>>>,
     log: LogWriter,
@@ -44,6 +53,7 @@ impl Hub {
         let stats = Arc::new(EventStats::default());
         Ok(Self {
             live,
+            stages: Mutex::new(Vec::new()),
             taps: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             log: LogWriter::spawn(sink, Arc::clone(&stats))?,
@@ -51,18 +61,17 @@ impl Hub {
         })
     }
 
-    /// Delivers a batch: to the decision log writer's queue (which may make
-    /// this wait, see [`super::writer`]), the taps, the history and the
-    /// live subscribers.
-    pub fn publish(&self, batch: Vec<FlowEvent>) {
-        self.publish_shared(batch.into_iter().map(Arc::new).collect());
-    }
-
-    /// [`Hub::publish`] for events already shared (the reader's batches).
-    pub fn publish_shared(&self, batch: Vec<Arc<FlowEvent>>) {
+    /// Delivers a batch, once the stages completed it: to the decision log
+    /// writer's queue (which may make this wait, see [`super::writer`]),
+    /// the taps, the history and the live subscribers.
+    pub fn publish(&self, mut batch: Vec<FlowEvent>) {
         if batch.is_empty() {
             return;
         }
+        for stage in lock(&self.stages).iter() {
+            stage.amend(&mut batch);
+        }
+        let batch: Vec<Arc<FlowEvent>> = batch.into_iter().map(Arc::new).collect();
         let mut suppressed = Vec::new();
         for ev in &batch {
             self.stats.received[ev.kind as usize].fetch_add(1, Ordering::Relaxed);
@@ -97,6 +106,11 @@ impl Hub {
                 let _ = self.live.send(ev);
             }
         }
+    }
+
+    /// Adds a stage: it completes every batch published from now on.
+    pub fn add_stage(&self, stage: Arc<dyn Stage>) {
+        lock(&self.stages).push(stage);
     }
 
     /// Adds a tap: it sees every batch published from now on.
@@ -137,8 +151,8 @@ mod tests {
     use super::*;
     use crate::events::EventType;
 
-    fn event() -> Arc<FlowEvent> {
-        Arc::new(FlowEvent::from_agent(EventType::PolicyChange, "policy"))
+    fn event() -> FlowEvent {
+        FlowEvent::from_agent(EventType::PolicyChange, "policy")
     }
 
     #[test]
@@ -147,7 +161,7 @@ mod tests {
         let hub = Hub::new(Sink::open("/dev/full").expect("/dev/full opens"))
             .expect("the writer thread starts");
         for _ in 0..3 {
-            hub.publish_shared(vec![event(), event()]);
+            hub.publish(vec![event(), event()]);
         }
         hub.sync_log();
         assert_eq!(hub.stats.sink_errors.load(Ordering::Relaxed), 6);

@@ -260,4 +260,42 @@ mod tests {
         });
         same_as_serde(&anomaly);
     }
+
+    /// The full example events in the docs are what the encoder writes for
+    /// them, byte for byte: a field the log has and an example lacks (as
+    /// `change` and `anomaly` once were missing from docs/events.md) fails
+    /// here. An example may wrap; lines with `...` are abridged on purpose.
+    #[test]
+    fn the_docs_full_example_events_are_encoded_events() {
+        let mut checked = 0;
+        for (file, docs) in [
+            ("docs/events.md", include_str!("../../../docs/events.md")),
+            ("docs/anomaly.md", include_str!("../../../docs/anomaly.md")),
+        ] {
+            let mut lines = docs.lines();
+            while let Some(line) = lines.next() {
+                if !line.starts_with("{\"schema\":") || line.contains("...") {
+                    continue;
+                }
+                let mut example = line.to_owned();
+                while !example.ends_with('}') {
+                    let next = lines
+                        .next()
+                        .unwrap_or_else(|| panic!("{file}: an example event never ends"));
+                    example.push_str(next.trim());
+                }
+                let ev: FlowEvent = serde_json::from_str(&example)
+                    .unwrap_or_else(|e| panic!("{file}: {e}: {example}"));
+                let mut out = Vec::new();
+                encode(&ev, &mut out).expect("encodes");
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    example,
+                    "{file}: the example is not what the log would hold"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "found {checked} full examples in the docs");
+    }
 }

@@ -7,7 +7,6 @@ mod group;
 mod hub;
 mod json;
 mod model;
-mod open_bytes;
 mod reader;
 mod sink;
 mod stats;
@@ -15,14 +14,13 @@ mod writer;
 
 pub use decode::{Decoder, Names};
 pub use group::group_id;
-pub use hub::{Hub, Tap};
+pub use hub::{Hub, Stage, Tap};
 #[cfg(test)]
 pub(crate) use model::sample_verdict;
 pub use model::{
     monotonic_ns, AnomalyRecord, ChangeRecord, Direction, EventType, Evidence, FileChange,
     FlowEvent, ServiceChange, Verdict, SCHEMA,
 };
-pub use open_bytes::OpenBytes;
 pub use reader::spawn_reader;
 pub use sink::Sink;
 pub use stats::EventStats;

@@ -107,9 +107,30 @@ pub struct FlowEvent {
     /// count. Not in the log.
     #[serde(skip)]
     pub bytes_base: Option<(u64, u64)>,
+    /// For tcp_closed: of its bytes, those no byte summary of the open
+    /// connection reported (set before the event is published, by the
+    /// stage that makes the summaries). Not in the log.
+    #[serde(skip)]
+    pub bytes_unsummarised: Option<(u64, u64)>,
 }
 
 impl FlowEvent {
+    /// The TCP (sent, received) bytes this event adds to a running sum,
+    /// each byte counted once: an open connection's byte summary its own,
+    /// a close what no summary reported. `None` for other events.
+    #[must_use]
+    pub fn new_bytes(&self) -> Option<(u64, u64)> {
+        let total = (
+            self.bytes_sent.unwrap_or(0),
+            self.bytes_received.unwrap_or(0),
+        );
+        match self.kind {
+            EventType::TcpClosed => Some(self.bytes_unsummarised.unwrap_or(total)),
+            EventType::Flow if &*self.hook == "sock_ops" => Some(total),
+            _ => None,
+        }
+    }
+
     /// An event the agent itself makes (policy changes, anomalies): stamped
     /// now, with the agent as the process, and every flow field null.
     pub fn from_agent(kind: EventType, hook: &'static str) -> Self {
@@ -146,6 +167,7 @@ impl FlowEvent {
             change: None,
             anomaly: None,
             bytes_base: None,
+            bytes_unsummarised: None,
         }
     }
 }
@@ -262,5 +284,6 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         change: None,
         anomaly: None,
         bytes_base: None,
+        bytes_unsummarised: None,
     }
 }

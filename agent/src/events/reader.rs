@@ -101,12 +101,12 @@ fn drain_batch(
             decoder.set_names(Arc::clone(&names.borrow_and_update()));
         }
         match decoder.decode(&item) {
-            Some(ev) => batch.push(Arc::new(ev)),
+            Some(ev) => batch.push(ev),
             None => {
                 hub.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    hub.publish_shared(batch);
+    hub.publish(batch);
     taken
 }

@@ -82,7 +82,7 @@ impl Sweeper {
         };
         // Follows the TCP connections established and closed.
         let open = Arc::new(OpenConnections::default());
-        hub.add_tap(Arc::clone(&open) as Arc<dyn crate::events::Tap>);
+        hub.add_stage(Arc::clone(&open) as Arc<dyn crate::events::Stage>);
         let (stop, stopped) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("flow-sweeper".to_string())

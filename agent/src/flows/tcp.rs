@@ -15,7 +15,7 @@ use std::{
 use tracing::warn;
 
 use crate::{
-    events::{monotonic_ns, EventType, FlowEvent, Tap},
+    events::{monotonic_ns, EventType, FlowEvent, Stage},
     sock_diag,
 };
 
@@ -25,40 +25,77 @@ const MAX_OPEN: usize = 65_536;
 
 #[derive(Default)]
 pub struct OpenConnections {
-    open: Mutex<HashMap<u64, Open>>,
+    follow: Mutex<Followed>,
     /// Whether a failed socket dump was already logged.
     warned: Mutex<bool>,
+}
+
+#[derive(Default)]
+struct Followed {
+    open: HashMap<u64, Open>,
+    /// Connections the socket list stopped showing at the last sweep, with
+    /// the bytes their summaries reported: the close may still be on its
+    /// way through the ring (the socket leaves the list first), and must
+    /// not add those bytes again. Kept one sweep.
+    gone: HashMap<u64, (u64, u64)>,
 }
 
 struct Open {
     /// The connection's `tcp_established` event.
     established: Arc<FlowEvent>,
-    /// The counters (sent and acknowledged, received) at the last summary.
+    /// The counters (sent and acknowledged, received) at establishment
+    /// and at the last summary.
+    base: (u64, u64),
     last: (u64, u64),
 }
 
-impl Tap for OpenConnections {
-    fn observe(&self, batch: &[Arc<FlowEvent>]) {
+impl Open {
+    /// The bytes its summaries reported.
+    fn summarised(&self) -> (u64, u64) {
+        (
+            self.last.0.saturating_sub(self.base.0),
+            self.last.1.saturating_sub(self.base.1),
+        )
+    }
+}
+
+impl Stage for OpenConnections {
+    /// Follows connections from their establishment, and marks on each
+    /// close what its summaries did not report, so that every consumer
+    /// counts each byte once without keeping state of its own.
+    fn amend(&self, batch: &mut [FlowEvent]) {
         if !batch
             .iter()
             .any(|ev| matches!(ev.kind, EventType::TcpEstablished | EventType::TcpClosed))
         {
             return;
         }
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut follow = self.follow.lock().unwrap_or_else(PoisonError::into_inner);
         for ev in batch {
             match (ev.kind, ev.bytes_base) {
-                (EventType::TcpEstablished, Some(base)) if open.len() < MAX_OPEN => {
-                    open.insert(
+                (EventType::TcpEstablished, Some(base)) if follow.open.len() < MAX_OPEN => {
+                    follow.open.insert(
                         ev.socket_cookie,
                         Open {
-                            established: Arc::clone(ev),
+                            established: Arc::new(ev.clone()),
+                            base,
                             last: base,
                         },
                     );
                 }
                 (EventType::TcpClosed, _) => {
-                    open.remove(&ev.socket_cookie);
+                    let cookie = ev.socket_cookie;
+                    let summarised = follow
+                        .open
+                        .remove(&cookie)
+                        .map(|conn| conn.summarised())
+                        .or_else(|| follow.gone.remove(&cookie));
+                    if let Some((sent, received)) = summarised {
+                        ev.bytes_unsummarised = Some((
+                            ev.bytes_sent.unwrap_or(0).saturating_sub(sent),
+                            ev.bytes_received.unwrap_or(0).saturating_sub(received),
+                        ));
+                    }
                 }
                 _ => {}
             }
@@ -70,11 +107,14 @@ impl OpenConnections {
     /// A `flow` event per followed connection that sent or received since
     /// the last; connections the socket list no longer has (closed, or in
     /// another network namespace) are no longer followed.
+    ///
+    /// The events must be published after this returns: a close amended
+    /// meanwhile already leaves their bytes out.
     pub fn summaries(&self) -> Vec<FlowEvent> {
         // Not held during the dump: the reader adds connections meanwhile.
         let before: HashSet<u64> = {
-            let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-            open.keys().copied().collect()
+            let follow = self.follow.lock().unwrap_or_else(PoisonError::into_inner);
+            follow.open.keys().copied().collect()
         };
         if before.is_empty() {
             return Vec::new();
@@ -96,13 +136,14 @@ impl OpenConnections {
                 return Vec::new();
             }
         }
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut follow = self.follow.lock().unwrap_or_else(PoisonError::into_inner);
         let now = monotonic_ns();
         let time = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
-        let mut seen = HashSet::with_capacity(open.len());
+        let mut seen = HashSet::with_capacity(follow.open.len());
         let mut out = Vec::new();
         for socket in sockets {
-            let (Some(conn), Some(bytes)) = (open.get_mut(&socket.cookie), socket.tcp_bytes) else {
+            let (Some(conn), Some(bytes)) = (follow.open.get_mut(&socket.cookie), socket.tcp_bytes)
+            else {
                 continue;
             };
             seen.insert(socket.cookie);
@@ -121,9 +162,102 @@ impl OpenConnections {
             ev.bytes_base = None;
             out.push(ev);
         }
-        // Gone from the list since the last look (closed, its close event
-        // not seen; or never in this network namespace).
-        open.retain(|cookie, _| seen.contains(cookie) || !before.contains(cookie));
+        follow.forget_unseen(&before, &seen);
         out
+    }
+}
+
+impl Followed {
+    /// Connections followed `before` the dump and not `seen` in it are gone
+    /// (closed, their close not seen yet or lost; or never in this network
+    /// namespace): kept one sweep as `gone`, for a close still on its way.
+    fn forget_unseen(&mut self, before: &HashSet<u64>, seen: &HashSet<u64>) {
+        let unseen: Vec<u64> = self
+            .open
+            .keys()
+            .filter(|c| before.contains(c) && !seen.contains(c))
+            .copied()
+            .collect();
+        self.gone = unseen
+            .into_iter()
+            .filter_map(|c| self.open.remove(&c).map(|conn| (c, conn.summarised())))
+            .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::sample_verdict;
+
+    fn tcp(kind: EventType, cookie: u64, bytes: (u64, u64)) -> FlowEvent {
+        let mut ev = sample_verdict();
+        ev.kind = kind;
+        ev.hook = "sock_ops".into();
+        ev.socket_cookie = cookie;
+        if kind == EventType::TcpEstablished {
+            ev.bytes_base = Some(bytes);
+        } else {
+            (ev.bytes_sent, ev.bytes_received) = (Some(bytes.0), Some(bytes.1));
+        }
+        ev
+    }
+
+    /// Follows cookie 7 from counters (1, 1), with summaries that reported
+    /// the counters up to `last`.
+    fn followed(last: (u64, u64)) -> OpenConnections {
+        let open = OpenConnections::default();
+        open.amend(&mut [tcp(EventType::TcpEstablished, 7, (1, 1))]);
+        if let Some(conn) = open.follow.lock().expect("lock").open.get_mut(&7) {
+            conn.last = last;
+        }
+        open
+    }
+
+    #[test]
+    fn a_close_adds_what_the_summaries_did_not_report() {
+        let open = followed((1_001, 11));
+        let mut close = [tcp(EventType::TcpClosed, 7, (1_600, 10))];
+        open.amend(&mut close);
+        assert_eq!(close[0].bytes_unsummarised, Some((600, 0)));
+        assert_eq!(close[0].new_bytes(), Some((600, 0)));
+        assert_eq!(close[0].bytes_sent, Some(1_600), "the log keeps the total");
+        assert!(open.follow.lock().expect("lock").open.is_empty());
+    }
+
+    #[test]
+    fn a_close_after_the_socket_left_the_list_still_leaves_out_the_summaries() {
+        let open = followed((501, 1));
+        let before = HashSet::from([7]);
+        open.follow
+            .lock()
+            .expect("lock")
+            .forget_unseen(&before, &HashSet::new());
+        let mut close = [tcp(EventType::TcpClosed, 7, (800, 0))];
+        open.amend(&mut close);
+        assert_eq!(close[0].new_bytes(), Some((300, 0)));
+    }
+
+    #[test]
+    fn a_lost_close_is_forgotten_after_one_more_sweep() {
+        let open = followed((501, 1));
+        let before = HashSet::from([7]);
+        for _ in 0..2 {
+            open.follow
+                .lock()
+                .expect("lock")
+                .forget_unseen(&before, &HashSet::new());
+        }
+        let follow = open.follow.lock().expect("lock");
+        assert!(follow.open.is_empty() && follow.gone.is_empty());
+    }
+
+    #[test]
+    fn a_connection_not_followed_adds_its_whole_total_at_close() {
+        let open = OpenConnections::default();
+        let mut close = [tcp(EventType::TcpClosed, 9, (70, 5))];
+        open.amend(&mut close);
+        assert_eq!(close[0].bytes_unsummarised, None);
+        assert_eq!(close[0].new_bytes(), Some((70, 5)));
     }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 pub use super::node::{Dest, EdgeStats, ListenKey, ListenerInfo, Source};
-use crate::events::{Direction, EventType, FlowEvent, OpenBytes, Verdict};
+use crate::events::{Direction, EventType, FlowEvent, Verdict};
 
 /// Edges kept at most; past this the least recently seen are evicted.
 pub const MAX_EDGES: usize = 20_000;
@@ -38,9 +38,6 @@ pub struct Graph {
     /// How many single-address edges each (source, /24 or /64 group) has,
     /// so that folding costs a scan only when a group is due.
     group_sizes: HashMap<(Source, Dest), usize, Hasher>,
-    /// Bytes of open TCP connections already added from their byte
-    /// summaries: their `tcp_closed` adds the rest.
-    open_bytes: OpenBytes,
 }
 
 /// A fast hasher for the per-event lookups (keys come from the kernel's
@@ -66,7 +63,7 @@ impl Graph {
             (EventType::TcpClosed | EventType::Flow, Direction::Ingress)
                 if ev.hook == "sock_ops" =>
             {
-                let Some((sent, received)) = self.new_bytes(ev) else {
+                let Some((sent, received)) = ev.new_bytes() else {
                     return;
                 };
                 if ev.kind == EventType::TcpClosed {
@@ -109,7 +106,7 @@ impl Graph {
             (EventType::TcpClosed | EventType::Flow, Direction::Egress)
                 if ev.hook == "sock_ops" =>
             {
-                let Some((sent, received)) = self.new_bytes(ev) else {
+                let Some((sent, received)) = ev.new_bytes() else {
                     return;
                 };
                 self.edge(ev, protocol, |s| {
@@ -119,10 +116,6 @@ impl Graph {
             }
             _ => {}
         }
-    }
-
-    fn new_bytes(&mut self, ev: &FlowEvent) -> Option<(u64, u64)> {
-        self.open_bytes.new_bytes(ev)
     }
 
     fn next_seq(&mut self) -> u64 {

@@ -236,10 +236,14 @@ fn calls_of_flow_summaries_and_bytes_of_open_connections_count_once() {
         verdict: None,
         ..ev(kind, Some("a"), Direction::Egress, dst, None)
     };
-    // Two summaries of the open connection, then its close with the total.
+    // Two summaries of the open connection, then its close with the total,
+    // marked (by the stage of flows::tcp) with what they did not report.
     g.observe(&bytes(EventType::Flow, 1000, 10));
     g.observe(&bytes(EventType::Flow, 500, 0));
-    g.observe(&bytes(EventType::TcpClosed, 1600, 10));
+    g.observe(&FlowEvent {
+        bytes_unsummarised: Some((100, 0)),
+        ..bytes(EventType::TcpClosed, 1600, 10)
+    });
     let s = stats(&g, "a", "192.0.2.7:5432/tcp");
     assert_eq!(
         (s.allowed, s.connections),

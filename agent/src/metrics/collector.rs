@@ -303,6 +303,16 @@ fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
     }
     gauges(
         enc,
+        "bulkhead_service_quarantined",
+        "1 while the service is quarantined (bulkhead quarantine), else 0; one series per service of the loaded policy.",
+        None,
+        inventory.services.iter().map(|s| {
+            let on = inventory.quarantined.contains(&s.name);
+            ([("service", s.name.as_str())], u64::from(on))
+        }),
+    )?;
+    gauges(
+        enc,
         "bulkhead_policy_rules",
         "Rules (egress and ingress) in each service's policy.",
         None,
@@ -368,10 +378,17 @@ fn anomalies(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
     counters(
         enc,
         "bulkhead_anomalies",
-        "Anomaly events (starts and updates of grouped anomalies), by service and detector kind.",
-        totals
-            .iter()
-            .map(|(service, kind, n)| ([("service", service.as_str()), ("kind", *kind)], *n)),
+        "Anomaly events (starts and updates of grouped anomalies), by service, detector kind and severity.",
+        totals.iter().map(|(service, kind, severity, n)| {
+            (
+                [
+                    ("service", service.as_str()),
+                    ("kind", *kind),
+                    ("severity", *severity),
+                ],
+                *n,
+            )
+        }),
     )
 }
 
@@ -684,8 +701,11 @@ fn read_failed(what: &str, e: &dyn std::error::Error) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::{
+        anomaly::Severity,
         metrics::fake::{fake_state, fake_state_with_every_source, meta},
         policy::Mode,
     };
@@ -700,38 +720,128 @@ mod tests {
     }
 
     /// docs/metrics.md lists every metric the agent serves, and nothing it
-    /// does not: a metric added without its row (or a row left for a
-    /// metric gone) fails here.
+    /// does not, each with the type it is served as: a metric added without
+    /// its row, a row left for a metric gone, or a row whose type is wrong
+    /// fails here.
     #[test]
-    fn docs_list_exactly_the_metrics_served() {
+    fn docs_list_exactly_the_metrics_served_with_their_types() {
         let text = render(
             &registry(fake_state_with_every_source()),
             Format::Prometheus,
         )
         .expect("encodes");
-        let served: std::collections::BTreeSet<String> = text
+        // Counters' TYPE lines carry the `_total` of their samples; info
+        // metrics are gauges in this format.
+        let served: BTreeMap<String, String> = text
             .lines()
             .filter_map(|l| {
-                // Counters' TYPE lines carry the `_total` of their samples.
-                let name = l.strip_prefix("# TYPE ")?.split_whitespace().next()?;
-                Some(name.to_owned())
+                let mut words = l.strip_prefix("# TYPE ")?.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.to_owned()))
             })
             .collect();
-        let docs = include_str!("../../../docs/metrics.md");
-        let documented: std::collections::BTreeSet<String> = docs
-            .lines()
-            .filter_map(|l| {
-                let name = l.strip_prefix("| `")?.split('`').next()?;
-                (name.starts_with("bulkhead_") || name.starts_with("process_"))
-                    .then(|| name.to_owned())
-            })
+        let documented = documented_metrics(DOCS);
+        let undocumented: Vec<_> = served
+            .keys()
+            .filter(|m| !documented.contains_key(*m))
             .collect();
-        let undocumented: Vec<_> = served.difference(&documented).collect();
-        let gone: Vec<_> = documented.difference(&served).collect();
+        let gone: Vec<_> = documented
+            .keys()
+            .filter(|m| !served.contains_key(*m))
+            .collect();
         assert!(
             undocumented.is_empty() && gone.is_empty(),
             "served but not in docs/metrics.md: {undocumented:?}; in the docs but not served: {gone:?}"
         );
+        let wrong: Vec<_> = served
+            .iter()
+            .filter(|(name, kind)| documented.get(*name) != Some(kind))
+            .map(|(name, kind)| {
+                format!(
+                    "{name}: served as {kind}, documented as {:?}",
+                    documented[name]
+                )
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "docs/metrics.md has the wrong type: {wrong:?}"
+        );
+    }
+
+    /// The label values docs/metrics.md lists name every value the agent
+    /// serves: every event `type` (a new event kind without its row fails)
+    /// and every anomaly `severity`.
+    #[test]
+    fn docs_list_every_event_type_and_severity() {
+        let row = |label: &str| {
+            let start = format!("| `{label}` |");
+            DOCS.lines()
+                .find(|l| l.starts_with(&start))
+                .unwrap_or_else(|| panic!("docs/metrics.md has no label row for `{label}`"))
+        };
+        let types = row("type");
+        for kind in EVENT_TYPES {
+            let value = format!("`{}`", type_label(kind));
+            assert!(
+                types.contains(&value),
+                "the `type` row lacks {value}: {types}"
+            );
+        }
+        let severities = row("severity");
+        for severity in [Severity::Low, Severity::Medium, Severity::High] {
+            let value = format!("`{}`", severity.as_str());
+            assert!(
+                severities.contains(&value),
+                "the `severity` row lacks {value}: {severities}"
+            );
+        }
+    }
+
+    /// A test of the checks above: a docs text without a metric's row, or
+    /// with a wrong type, reads as such.
+    #[test]
+    fn documented_metrics_reads_names_and_types() {
+        let docs = "| `bulkhead_a_total` | counter | `x` | a |\n| `bulkhead_b` | gauge (info) | | b |\n| `other` | gauge | | c |\n";
+        let found = documented_metrics(docs);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            [
+                ("bulkhead_a_total".to_owned(), "counter".to_owned()),
+                ("bulkhead_b".to_owned(), "gauge".to_owned()),
+            ]
+        );
+    }
+
+    const DOCS: &str = include_str!("../../../docs/metrics.md");
+
+    /// The metric rows of `docs`: name -> its type's first word.
+    fn documented_metrics(docs: &str) -> BTreeMap<String, String> {
+        docs.lines()
+            .filter_map(|l| {
+                let mut cells = l.strip_prefix("| `")?.split(" | ");
+                let name = cells.next()?.strip_suffix('`')?;
+                let kind = cells.next()?.split_whitespace().next()?;
+                (name.starts_with("bulkhead_") || name.starts_with("process_"))
+                    .then(|| (name.to_owned(), kind.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn anomalies_by_service_kind_and_severity() {
+        let state = fake_state_with_every_source();
+        let stats = state.anomalies().expect("the anomaly source is on");
+        stats.count("billing", "fan_out", "high");
+        stats.count("billing", "fan_out", "high");
+        stats.count("billing", "deny_burst", "low");
+        let text = render(&registry(Arc::clone(&state)), Format::Prometheus).expect("encodes");
+        let lines = samples(&text);
+        for expected in [
+            r#"bulkhead_anomalies_total{service="billing",kind="fan_out",severity="high"} 2"#,
+            r#"bulkhead_anomalies_total{service="billing",kind="deny_burst",severity="low"} 1"#,
+        ] {
+            assert!(lines.contains(&expected), "missing {expected} in\n{text}");
+        }
     }
 
     #[test]
@@ -809,6 +919,8 @@ mod tests {
             r#"bulkhead_service_info{service="search",mode="audit",state="managed"} 1"#,
             r#"bulkhead_service_info{service="late",mode="enforce",state="waiting"} 1"#,
             r#"bulkhead_policy_rules{service="billing"} 4"#,
+            r#"bulkhead_service_quarantined{service="billing"} 0"#,
+            r#"bulkhead_service_quarantined{service="search"} 1"#,
             r#"bulkhead_bpf_map_entries{map="EGRESS_V4"} 3"#,
             r#"bulkhead_bpf_map_capacity{map="EGRESS_V4"} 1024"#,
             "bulkhead_programs_attached 1",
@@ -893,6 +1005,7 @@ mod tests {
         state.replace_inventory(Inventory {
             services: vec![meta(0, "renamed", Mode::Enforce, 9, true)],
             maps: Vec::new(),
+            ..Inventory::default()
         });
         let text = render(&registry(state), Format::Prometheus).expect("encodes");
         assert!(

@@ -116,6 +116,7 @@ fn fake_state_sources(complete: impl FnOnce(Sources) -> Sources) -> Arc<MetricsS
             entries: 3,
             capacity: 1024,
         }],
+        quarantined: ["search".to_owned()].into(),
     };
     let sources = complete(Sources::new(fake, stats));
     let state = Arc::new(MetricsState::new(sources, inventory));

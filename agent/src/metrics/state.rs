@@ -4,7 +4,7 @@
 //! scrapes go on, and each service's counts follow it from id to id.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError, RwLock,
@@ -109,6 +109,8 @@ pub struct MapUsage {
 pub struct Inventory {
     pub services: Vec<ServiceMeta>,
     pub maps: Vec<MapUsage>,
+    /// Services under quarantine (`bulkhead quarantine`), by name.
+    pub quarantined: BTreeSet<String>,
 }
 
 impl Inventory {
@@ -159,7 +161,18 @@ impl Inventory {
                 })
             })
             .collect();
-        Self { services, maps }
+        Self {
+            services,
+            maps,
+            quarantined: BTreeSet::new(),
+        }
+    }
+
+    /// The same inventory, with `names` as the quarantined services.
+    #[must_use]
+    pub fn quarantined<'a>(mut self, names: impl IntoIterator<Item = &'a String>) -> Self {
+        self.quarantined = names.into_iter().cloned().collect();
+        self
     }
 }
 

@@ -23,6 +23,7 @@ fn inventory(billing: u32, search: u32) -> Inventory {
             meta(search, "search", Mode::Enforce, 1, true),
         ],
         maps: Vec::new(),
+        ..Inventory::default()
     }
 }
 
@@ -104,6 +105,7 @@ fn counts_follow_each_service_across_reloads_and_reused_ids() {
     state.replace_inventory(Inventory {
         services: vec![meta(1, "billing", Mode::Enforce, 1, true)],
         maps: Vec::new(),
+        ..Inventory::default()
     });
     assert_eq!(allowed("billing"), 16);
 }

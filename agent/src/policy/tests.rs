@@ -286,3 +286,44 @@ fn icmp_outside_egress_and_unknown_socket_protocols_are_errors() {
         "{errors:#?}"
     );
 }
+
+/// docs/policy.md's "Errors" example is what `bulkhead check` prints for
+/// its files: the unknown-key message lists every top-level key (it once
+/// lacked `user`, `ingress`, `bind` and `sockets`), positions included.
+#[test]
+fn the_docs_error_example_is_what_check_prints() {
+    let docs = include_str!("../../../docs/policy.md");
+    let start = docs
+        .find("$ bulkhead check --policy-dir policies\n")
+        .expect("docs/policy.md has the check example");
+    let printed: Vec<&str> = docs[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "bad.toml",
+        "unit = \"bad.service\"\nmode = \"enforce\"\nfoo = 1\n[[egress]]\nto = [\"10.0.0.1/8\"]\nports = [\"9000-8000\"]\n",
+    );
+    write(
+        &dir,
+        "db.toml",
+        "name = \"db\"\nunit = \"db.service\"\nmode = \"enforce\"\n",
+    );
+    write(
+        &dir,
+        "other.toml",
+        "name = \"db\"\nunit = \"other.service\"\nmode = \"enforce\"\n",
+    );
+    let errors = load_dir(dir.path()).expect_err("the example is refused");
+    let prefix = format!("{}/", dir.path().display());
+    let mut expected: Vec<String> = errors
+        .0
+        .iter()
+        .map(|e| e.to_string().replace(&prefix, "policies/"))
+        .collect();
+    expected.push(format!("{} error(s); nothing was loaded", errors.0.len()));
+    assert_eq!(printed, expected, "docs/policy.md's check example");
+}

@@ -36,11 +36,26 @@ impl Daemon {
     /// Starts `bin run` on `policy_dir` and waits for READY=1. `work` holds
     /// the notify socket and the daemon's log.
     pub fn start(bin: &Path, config: &Path, policy_dir: &Path, work: &Path) -> Result<Self> {
+        Self::start_named(bin, config, policy_dir, work, "")
+    }
+
+    /// [`Self::start`] for one of several agents running at once
+    /// (`bench-fleet`'s three hosts): `name` tells their pin directories
+    /// apart.
+    pub fn start_named(
+        bin: &Path,
+        config: &Path,
+        policy_dir: &Path,
+        work: &Path,
+        name: &str,
+    ) -> Result<Self> {
         let log = work.join("bulkhead.log");
         File::create(&log).with_context(|| format!("create {}", log.display()))?;
         // Its own pins and state: a stopped agent keeps enforcing through its
         // pins, so `stop` and Drop detach them (see `detach`).
-        let pin_dir = Path::new(PIN_PARENT).join(format!("{PREFIX}{}", std::process::id()));
+        let sep = if name.is_empty() { "" } else { "-" };
+        let pin_dir =
+            Path::new(PIN_PARENT).join(format!("{PREFIX}{}{sep}{name}", std::process::id()));
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--config"])
             .arg(config)

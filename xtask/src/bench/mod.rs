@@ -10,13 +10,13 @@ pub mod daemon;
 mod decision_log;
 pub mod events;
 mod floor;
-mod fork;
+pub mod fork;
 mod goals;
 mod loadgen;
 mod peers;
 mod plan;
 mod profile;
-mod report;
+pub mod report;
 mod rules;
 mod runner;
 pub mod sandbox;
@@ -134,14 +134,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .clone()
         .or_else(|| (!plan.quick).then(|| workspace_root().join("BENCHMARKS.md")));
     if let Some(path) = output {
-        // Keep the section `cargo xtask bench-events` writes, and the
-        // self-check's figures (measured by the drift suite).
+        // Keep the sections `cargo xtask bench-events` and `bench-fleet`
+        // write, and the self-check's figures (measured by the drift suite).
         let old = fs::read_to_string(&path).unwrap_or_default();
         let events = events::section(&old);
         let text = format!(
-            "{}{}{}",
+            "{}{}{}{}",
             report.markdown(),
             events.unwrap_or_default(),
+            crate::bench_fleet::section(&old).unwrap_or_default(),
             self_check_section(&old).unwrap_or_default()
         );
         fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;

@@ -6,12 +6,62 @@
 //! port of an outbound call, the peer's port of an inbound one): it is
 //! new for every TCP connection and would make a row per connection.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use crate::{
-    events::{Direction, EventType, FlowEvent, OpenBytes, Verdict},
-    fleet::{AnomalyRow, FlowRow, HostIdentity},
+    events::{Direction, EventType, FlowEvent, Tap, Verdict},
+    fleet::{time, AnomalyRow, FlowRow, HostIdentity},
 };
+
+/// The collector fed as a tap of the event hub: it sees every event the
+/// decision log gets, synchronously, so it never falls behind (a channel
+/// subscriber would lose what it could not keep up with). Its work per
+/// event is a hash-map update; the exporter swaps the collector out each
+/// interval, so the lock is never held for more than that.
+pub struct CollectTap {
+    collector: Mutex<Collector>,
+    identity: HostIdentity,
+    max_rows: usize,
+}
+
+impl CollectTap {
+    pub fn new(identity: HostIdentity, max_rows: usize) -> Self {
+        Self {
+            collector: Mutex::new(Collector::new(max_rows)),
+            identity,
+            max_rows,
+        }
+    }
+
+    /// The rows collected since the last call.
+    pub fn take(&self) -> (Vec<FlowRow>, Vec<AnomalyRow>) {
+        let mut full = {
+            let mut c = self
+                .collector
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            std::mem::replace(&mut *c, Collector::new(self.max_rows))
+        };
+        full.take()
+    }
+}
+
+impl Tap for CollectTap {
+    fn observe(&self, batch: &[Arc<FlowEvent>]) {
+        let now = time::now();
+        let mut c = self
+            .collector
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for ev in batch {
+            c.observe(&self.identity, ev, now);
+        }
+    }
+}
 
 /// The columns a flow row is summed by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,7 +96,6 @@ fn addr(a: Option<IpAddr>) -> String {
 pub struct Collector {
     flows: HashMap<Key, FlowRow>,
     anomalies: Vec<AnomalyRow>,
-    open_bytes: OpenBytes,
     max_rows: usize,
     /// Calls folded this interval (logged when the interval ends).
     folded: u64,
@@ -64,7 +113,6 @@ impl Collector {
         Self {
             flows: HashMap::new(),
             anomalies: Vec::new(),
-            open_bytes: OpenBytes::default(),
             max_rows,
             folded: 0,
         }
@@ -98,12 +146,10 @@ impl Collector {
             (EventType::Verdict | EventType::Flow, "connect" | "sendmsg" | "ingress") => {
                 (ev.calls.unwrap_or(1), (0, 0))
             }
-            (EventType::TcpClosed | EventType::Flow, "sock_ops") => {
-                match self.open_bytes.new_bytes(ev) {
-                    Some(b) if b != (0, 0) => (0, b),
-                    _ => return,
-                }
-            }
+            (EventType::TcpClosed | EventType::Flow, "sock_ops") => match ev.new_bytes() {
+                Some(b) if b != (0, 0) => (0, b),
+                _ => return,
+            },
             _ => return,
         };
         let outbound = direction == Direction::Egress;
@@ -244,10 +290,28 @@ mod tests {
         c.observe(&id(), &bytes(EventType::Flow, 1_000), 100);
         let (flows, _) = c.take();
         assert_eq!(flows[0].bytes_sent, 1_000);
-        // The close carries the total: 1,500, of which 1,000 were sent.
-        c.observe(&id(), &bytes(EventType::TcpClosed, 1_500), 110);
+        // The close carries the total, 1,500, and (marked by the stage of
+        // flows::tcp) the 500 no summary reported.
+        let close = FlowEvent {
+            bytes_unsummarised: Some((500, 0)),
+            ..bytes(EventType::TcpClosed, 1_500)
+        };
+        c.observe(&id(), &close, 110);
         let (flows, _) = c.take();
         assert_eq!((flows[0].bytes_sent, flows[0].calls), (500, 0));
+    }
+
+    #[test]
+    fn the_tap_collects_every_batch_and_take_starts_the_next_interval() {
+        let tap = CollectTap::new(id(), 100);
+        let batch: Vec<Arc<FlowEvent>> = (0..3)
+            .map(|_| Arc::new(call(EventType::Verdict, 1, 40_001)))
+            .collect();
+        tap.observe(&batch);
+        tap.observe(&batch[..1]);
+        let (flows, _) = tap.take();
+        assert_eq!(flows.iter().map(|r| r.calls).sum::<u64>(), 4);
+        assert!(tap.take().0.is_empty(), "the next interval starts empty");
     }
 
     #[test]

@@ -19,12 +19,12 @@ mod stats;
 use std::{path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::sync::{broadcast::error::RecvError, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 pub use stats::FleetStats;
 
-use self::{collect::Collector, deliver::Delivery, endpoints::Endpoints};
+use self::{collect::CollectTap, deliver::Delivery, endpoints::Endpoints};
 use super::{
     host::HostView,
     rows::{self, batch_id},
@@ -94,13 +94,16 @@ pub fn spawn(cfg: &FleetConfig, inputs: Inputs) -> Result<Option<FleetExporter>>
         "exporting to the fleet's ClickHouse"
     );
     let stop = Arc::new(Notify::new());
+    let collected = Arc::new(CollectTap::new(identity.clone(), cfg.queue_rows));
+    inputs
+        .hub
+        .add_tap(Arc::clone(&collected) as Arc<dyn crate::events::Tap>);
     let worker = Worker {
         client,
         identity,
         spool_at: (dir, limits),
         interval: cfg.batch_interval(),
-        max_rows: cfg.queue_rows,
-        events: inputs.hub.subscribe(),
+        collected,
         host: inputs.host,
         mount: inputs.cgroup_mount,
         stats: inputs.stats,
@@ -121,9 +124,8 @@ struct Worker {
     identity: HostIdentity,
     spool_at: (PathBuf, SpoolLimits),
     interval: Duration,
-    /// Flow rows one interval collects at most (`queue_rows`).
-    max_rows: usize,
-    events: tokio::sync::broadcast::Receiver<Arc<crate::events::FlowEvent>>,
+    /// The interval's `flows` and `anomalies` rows, collected by a tap.
+    collected: Arc<CollectTap>,
     host: watch::Receiver<Arc<HostView>>,
     mount: PathBuf,
     stats: Arc<FleetStats>,
@@ -176,7 +178,6 @@ impl Worker {
                 }
             })
         };
-        let mut collector = Collector::new(self.max_rows);
         let mut endpoints = Endpoints::default();
         let mut sent_policies: Option<(Arc<HostView>, u32)> = None;
         let run = match rows::run_id() {
@@ -190,33 +191,14 @@ impl Worker {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // At the stop, what was published before it (the last sweep's
+            // summaries) is in the tap's rows: this run's to send.
             let stopping = tokio::select! {
-                ev = self.events.recv() => {
-                    match ev {
-                        Ok(ev) => collector.observe(&self.identity, &ev, time::now()),
-                        Err(RecvError::Lagged(n)) => self.stats.add("flows", "lost", n),
-                        Err(RecvError::Closed) => return,
-                    }
-                    continue;
-                }
                 _ = tick.tick() => false,
                 () = self.stop.notified() => true,
             };
             let now = time::now();
-            if stopping {
-                // What was published before the stop (the last sweep's
-                // summaries) is this run's to send.
-                loop {
-                    match self.events.try_recv() {
-                        Ok(ev) => collector.observe(&self.identity, &ev, now),
-                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
-                            self.stats.add("flows", "lost", n);
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
-            let (flows, anomalies) = collector.take();
+            let (flows, anomalies) = self.collected.take();
             let mut out = Batches {
                 spool,
                 identity: &self.identity,

@@ -10,8 +10,7 @@ use crate::spool::SpoolStats;
 
 /// What became of rows: `sent` (stored in ClickHouse), `refused` (the
 /// server refused the batch's content three times: dropped, logged),
-/// `dropped_full`, `dropped_disk_error`, ... (the spool's reasons), `lost`
-/// (events the exporter fell behind on, before they were rows).
+/// `dropped_full`, `dropped_disk_error`, ... (the spool's reasons).
 #[derive(Debug, Default)]
 pub struct FleetStats {
     rows: Mutex<BTreeMap<(String, String), u64>>,
