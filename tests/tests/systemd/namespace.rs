@@ -209,10 +209,8 @@ fn boot_ns_systemd(
         "[Unit]\nDescription=bulkhead test\nWants=bulkhead.service\n",
     )
     .expect("target");
-    let unit = unit_text().replace(
-        "ExecStart=/usr/bin/bulkhead ",
-        "ExecStart=/usr/local/bin/bulkhead ",
-    );
+    // ExecStart= and ExecReload= both run it.
+    let unit = unit_text().replace("=/usr/bin/bulkhead ", "=/usr/local/bin/bulkhead ");
     fs::write(units.join("bulkhead.service"), unit).expect("unit");
     fs::write(
         units.join("bulkhead.service.d/test.conf"),
@@ -347,9 +345,56 @@ fn unit_runs_under_systemd_in_a_namespace() {
     assert_eq!(ns.show("MainPID"), pid, "the watchdog restarted the agent");
     assert_eq!(ns.show("NRestarts"), "0");
 
-    // systemctl reload -> SIGHUP -> the policy is read again.
+    // systemctl reload -> `bulkhead reload` -> the policy is read again,
+    // and the reload waits for it.
     let out = ns.run(&["systemctl", "reload", "bulkhead"]);
     assert!(out.status.success(), "systemctl reload: {}", text(&out));
+    let log = ns.log();
+    assert!(
+        log.contains("bulkhead reload: the policy was applied")
+            && log.contains("trigger=\"control\""),
+        "systemctl reload did not reload through the control socket:\n{log}"
+    );
+
+    // A policy the agent refuses fails `systemctl reload`, the error where
+    // it is in the journal, and the old policy stays enforced.
+    let out = ns.run(&[
+        "/bin/sh",
+        "-c",
+        "printf 'cgroup = \"/svc\"\\nmode = \"enforce\"\\nbogus = 1\\n' > /etc/bulkhead/policies/svc.toml",
+    ]);
+    assert!(out.status.success(), "writing a bad policy: {}", text(&out));
+    let out = ns.run(&["systemctl", "reload", "bulkhead"]);
+    assert!(
+        !out.status.success(),
+        "systemctl reload of a refused policy succeeded: {}\n{}",
+        text(&out),
+        ns.log()
+    );
+    let log = ns.log();
+    assert!(
+        log.contains("\n/etc/bulkhead/policies/svc.toml:3:1: unknown key `bogus`")
+            && log.contains(
+                "bulkhead reload: refused (1 error(s)); the policy in force is unchanged"
+            ),
+        "the refused reload's error is not in the unit's output:\n{log}"
+    );
+    assert_eq!(
+        ns.show("ActiveState"),
+        "active",
+        "a refused reload stops nothing"
+    );
+    client
+        .tcp_connect(target.addr())
+        .assert_eperm("after a refused systemctl reload");
+
+    // SIGHUP still reloads.
+    let out = ns.run(&["systemctl", "kill", "-s", "HUP", "bulkhead"]);
+    assert!(
+        out.status.success(),
+        "systemctl kill -s HUP: {}",
+        text(&out)
+    );
     eventually(Duration::from_secs(10), Duration::from_millis(100), || {
         if ns.log().contains("trigger=\"sighup\"") {
             Ok(())
