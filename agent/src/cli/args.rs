@@ -30,8 +30,9 @@ pub enum Command {
     /// log decisions, reload on SIGHUP or policy file changes. SIGINT/SIGTERM
     /// stop the agent but leave the programs enforcing; `detach` removes them.
     Run(RunArgs),
-    /// Validate policy files without loading anything; exit 0 if all are
-    /// valid, 1 otherwise, with every error as FILE:LINE:COL: message.
+    /// Validate policy files without loading anything, as the agent judges
+    /// them (content, owner and mode); exit 0 if all are valid, 1
+    /// otherwise, with every error as FILE:LINE:COL: message.
     Check(CheckArgs),
     /// Ask the running agent to re-read its policy directory (and re-open
     /// its decision log), as SIGHUP does, and wait for the outcome: exit 0
