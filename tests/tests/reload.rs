@@ -790,6 +790,32 @@ fn assert_output(out: &std::process::Output, code: i32, stdout: &str, stderr: &s
     );
 }
 
+/// Writes two problems in two files: host bits set in `svc.toml` (policy
+/// `b` otherwise), and a world-writable `other.toml`. Returns the path of
+/// `other.toml` and the error lines a reload or a check must print for them.
+fn write_two_problems(policies: &PolicyDir, b: &str) -> (PathBuf, String) {
+    let host_bits = b.replace("\"127.0.0.1\"", "\"127.0.0.1/8\"");
+    let (line, col) = host_bits
+        .lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find("\"127.0.0.1/8\"").map(|c| (i + 1, c + 1)))
+        .expect("test bug: no host bits written");
+    let file = replace(policies, "svc.toml", &host_bits);
+    let other = replace(
+        policies,
+        "other.toml",
+        "cgroup = \"/bulkhead-reload-other\"\nmode = \"audit\"\n",
+    );
+    chmod(&other, 0o666);
+    let errors = format!(
+        "{}:0:0: mode 0666 is group- or world-writable: refused (chmod go-w)\n\
+         {}:{line}:{col}: egress[0]: \"127.0.0.1/8\" has host bits set; did you mean \"127.0.0.0/8\"?\n",
+        other.display(),
+        file.display()
+    );
+    (other, errors)
+}
+
 /// `bulkhead reload` waits for the reload and tells the outcome: exit 0
 /// when applied; exit 1 with every error as `FILE:LINE:COL: message` (the
 /// same lines `bulkhead check` prints) when refused, the kernel then still
@@ -840,25 +866,7 @@ fn bulkhead_reload_reports_every_error_and_a_refusal_changes_nothing() {
     // 2. Two problems in two files: host bits set in svc.toml (B), and a
     // world-writable other.toml. The agent's own reload (inotify) refuses
     // them too; `bulkhead reload` must say exactly why.
-    let host_bits = b.replace("\"127.0.0.1\"", "\"127.0.0.1/8\"");
-    let (line, col) = host_bits
-        .lines()
-        .enumerate()
-        .find_map(|(i, l)| l.find("\"127.0.0.1/8\"").map(|c| (i + 1, c + 1)))
-        .expect("test bug: no host bits written");
-    let file = replace(&policies, "svc.toml", &host_bits);
-    let other = replace(
-        &policies,
-        "other.toml",
-        "cgroup = \"/bulkhead-reload-other\"\nmode = \"audit\"\n",
-    );
-    chmod(&other, 0o666);
-    let errors = format!(
-        "{}:0:0: mode 0666 is group- or world-writable: refused (chmod go-w)\n\
-         {}:{line}:{col}: egress[0]: \"127.0.0.1/8\" has host bits set; did you mean \"127.0.0.0/8\"?\n",
-        other.display(),
-        file.display()
-    );
+    let (other, errors) = write_two_problems(&policies, &b);
     let out = reload(&daemon);
     assert_output(
         &out,

@@ -439,7 +439,8 @@ mod tests {
             panic!("the unit is generated");
         };
         assert!(
-            text.contains("\nExecStart=/usr/local/bin/bulkhead run"),
+            text.contains("\nExecStart=/usr/local/bin/bulkhead run")
+                && text.contains("\nExecReload=/usr/local/bin/bulkhead reload"),
             "{text}"
         );
         assert!(!text.contains(UNIT_BINARY), "{text}");
