@@ -27,8 +27,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: load the policies, attach the programs at the cgroup2
     /// root (pinned, taking over from a previous agent's pins), enforce and
-    /// log decisions, reload on SIGHUP or policy file changes. SIGINT/SIGTERM
-    /// stop the agent but leave the programs enforcing; `detach` removes them.
+    /// log decisions, reload on SIGHUP, `bulkhead reload` or policy file
+    /// changes. SIGINT/SIGTERM stop the agent but leave the programs
+    /// enforcing; `detach` removes them.
     Run(RunArgs),
     /// Validate policy files without loading anything, as the agent judges
     /// them (content, owner and mode); exit 0 if all are valid, 1
