@@ -19,9 +19,9 @@ use crate::{
     held,
     kernel::{Change, CompiledPolicy, Enforcer},
     metrics::{Inventory, MetricsState},
-    policy::{Mode, PolicySet},
+    policy::{Mode, PolicyError, PolicySet},
     quarantine::{Exception, Quarantines},
-    reload::{self, PolicySource, ReloadStats, Snapshot},
+    reload::{self, PolicySource, Refused, ReloadStats, Snapshot},
     services::ServiceTracker,
 };
 
@@ -318,11 +318,14 @@ impl Engine {
 
     /// Reads the policy directory again and, if it is valid, switches to it
     /// atomically per service. On any problem the policy in force stays
-    /// untouched; either way the outcome is an audit event.
-    pub fn reload(&mut self, trigger: &str) {
+    /// untouched; either way the outcome is an audit event, and returned
+    /// (`bulkhead reload` shows it).
+    pub fn reload(&mut self, trigger: &str) -> Result<Vec<PolicyError>, Refused> {
         let result = self.try_reload(trigger);
-        self.reloads.record(&result);
-        if let Err(error) = result {
+        self.reloads
+            .record(&result.as_ref().map(|_| ()).map_err(ToString::to_string));
+        if let Err(refused) = &result {
+            let error = refused.to_string();
             warn!(
                 trigger,
                 "policy reload refused; the policy in force is unchanged:\n{error}"
@@ -340,10 +343,13 @@ impl Engine {
         }
         // Applied or not: a failed write may have left something behind.
         self.self_check("reload");
+        result
     }
 
-    fn try_reload(&mut self, trigger: &str) -> Result<(), String> {
-        let loaded = reload::load(&self.source)?;
+    /// Applies the policy directory; returns the warnings it was accepted
+    /// with.
+    fn try_reload(&mut self, trigger: &str) -> Result<Vec<PolicyError>, Refused> {
+        let loaded = reload::load(&self.source).map_err(Refused::Policy)?;
         for w in &loaded.set.warnings {
             warn!("policy accepted with a warning: {w}");
         }
@@ -351,7 +357,7 @@ impl Engine {
             warn!("INSECURE policy file accepted (--allow-insecure-policy-files): {w}");
         }
         let started = std::time::Instant::now();
-        self.apply_set(&loaded.set)?;
+        self.apply_set(&loaded.set).map_err(Refused::Apply)?;
         let applied_ms = started.elapsed().as_millis() as u64;
         let record = reload::change_record(
             "reload",
@@ -369,11 +375,13 @@ impl Engine {
             "policy reloaded"
         );
         self.hub.publish(vec![reload::audit_event(record)]);
+        let mut warnings = loaded.warnings;
+        warnings.extend(loaded.set.warnings.iter().cloned());
         self.set = loaded.set;
         self.snapshot = loaded.snapshot;
         self.graph.set_policy(&self.set);
         self.publish_host_view();
-        Ok(())
+        Ok(warnings)
     }
 
     /// Compiles `set` with the quarantines laid over it and switches the
@@ -447,6 +455,7 @@ impl Engine {
                 crate::graph::requests::blast_radius(&self.graph, &self.set, &r)
             }
             Request::Learn(r) => crate::graph::requests::learn(&self.graph, &self.set, &r),
+            Request::Reload(_) => Err("reload is served by the daemon's main loop".to_string()),
         };
         // The client may have gone; nothing to do then.
         let _ = call.reply.send(answer);

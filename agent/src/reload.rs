@@ -8,6 +8,7 @@ use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use sha2::{Digest, Sha256};
@@ -15,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     events::{ChangeRecord, EventType, FileChange, FlowEvent, ServiceChange},
     kernel::{self, CompiledPolicy},
-    policy::{self, PolicySet, PortRange, Service},
+    policy::{self, PolicyError, PolicyErrors, PolicySet, PortRange, Service},
 };
 
 /// Where policies come from, and whether insecure permissions are tolerated.
@@ -33,7 +34,7 @@ pub struct Loaded {
     pub compiled: CompiledPolicy,
     pub snapshot: Snapshot,
     /// Permission problems tolerated because of `allow_insecure`.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<PolicyError>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -53,7 +54,11 @@ pub struct FileInfo {
 pub struct ReloadStats {
     pub success: AtomicU64,
     pub failure: AtomicU64,
+    /// Why the last reload was refused; `None` while the last load or
+    /// reload was applied.
     pub last_error: Mutex<Option<String>>,
+    /// Unix time of the last policy applied: the load at start, or a reload.
+    pub last_success_unix: AtomicU64,
 }
 
 impl ReloadStats {
@@ -65,6 +70,7 @@ impl ReloadStats {
         match result {
             Ok(()) => {
                 self.success.fetch_add(1, Ordering::Relaxed);
+                self.record_load();
                 *last = None;
             }
             Err(e) => {
@@ -73,39 +79,97 @@ impl ReloadStats {
             }
         }
     }
+
+    /// The policy loaded at start is in force (not counted as a reload).
+    pub fn record_load(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_success_unix.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the last load or reload was applied (the Prometheus
+    /// convention's `last_reload_successful`).
+    pub fn last_successful(&self) -> bool {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
 }
 
-/// Reads, checks and compiles the policy directory. Every problem is in the
-/// error, one per line; nothing is applied here.
-pub fn load(source: &PolicySource) -> Result<Loaded, String> {
+/// Why a reload was refused; either way the policy in force is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Problems in the policy files, each at `FILE:LINE:COL` (`:0:0` for
+    /// a whole file: its owner or mode, a read error).
+    Policy(PolicyErrors),
+    /// A valid policy the kernel could not be switched to.
+    Apply(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Policy(errors) => errors.fmt(f),
+            Self::Apply(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Reads, checks and compiles the policy directory: every problem, each
+/// located; nothing is applied here. `bulkhead check` calls it too, so
+/// what passes the check is what the agent loads.
+pub fn load(source: &PolicySource) -> Result<Loaded, PolicyErrors> {
     let mut problems = Vec::new();
-    let mut warnings = Vec::new();
     // Each file is read once: what is checked and enforced is exactly what
     // was hashed into the audit record.
     let (snapshot, texts) = snapshot(&source.dir, &mut problems)?;
-    let set = policy::load_texts(texts).map_err(|e| e.to_string());
-    let compiled = set
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|s| kernel::compile(s).map_err(|e| e.to_string()));
-    if source.allow_insecure {
+    checked(snapshot, texts, problems, source.allow_insecure)
+}
+
+/// As [`load`], for exactly these files (`bulkhead check FILE...`): each
+/// read and judged as the agent reads and judges the files of its policy
+/// directory.
+pub fn load_files(files: &[PathBuf], allow_insecure: bool) -> Result<Loaded, PolicyErrors> {
+    let mut problems = Vec::new();
+    let mut snapshot = Snapshot::default();
+    let mut texts = Vec::new();
+    for path in files {
+        texts.push(read_file(path, &mut snapshot, &mut problems));
+    }
+    checked(snapshot, texts, problems, allow_insecure)
+}
+
+/// Validates and compiles what was read; permission `problems` are errors
+/// unless `allow_insecure` makes them warnings.
+fn checked(
+    snapshot: Snapshot,
+    texts: Vec<policy::FileText>,
+    mut problems: Vec<PolicyError>,
+    allow_insecure: bool,
+) -> Result<Loaded, PolicyErrors> {
+    let mut warnings = Vec::new();
+    if allow_insecure {
         warnings = std::mem::take(&mut problems);
     }
-    let mut errors: Vec<String> = problems;
-    if let Err(e) = &set {
-        errors.push(e.clone());
-    } else if let Err(e) = &compiled {
-        errors.push(e.clone());
+    let mut errors = problems;
+    match policy::load_texts(texts) {
+        Err(e) => errors.extend(e.0),
+        Ok(set) => match kernel::compile(&set) {
+            Err(e) => errors.extend(e.0),
+            Ok(compiled) if errors.is_empty() => {
+                return Ok(Loaded {
+                    set,
+                    compiled,
+                    snapshot,
+                    warnings,
+                })
+            }
+            Ok(_) => {}
+        },
     }
-    if !errors.is_empty() {
-        return Err(errors.join("\n"));
-    }
-    Ok(Loaded {
-        set: set?,
-        compiled: compiled?,
-        snapshot,
-        warnings,
-    })
+    Err(PolicyErrors(errors))
 }
 
 /// Reads the directory's policy files (`*.toml` directly in it), in name
@@ -113,17 +177,22 @@ pub fn load(source: &PolicySource) -> Result<Loaded, String> {
 /// `problems`, read errors to the texts (the policy loader reports them).
 fn snapshot(
     dir: &Path,
-    problems: &mut Vec<String>,
-) -> Result<(Snapshot, Vec<policy::FileText>), String> {
+    problems: &mut Vec<PolicyError>,
+) -> Result<(Snapshot, Vec<policy::FileText>), PolicyErrors> {
+    let unreadable = |e: std::io::Error| {
+        PolicyErrors(vec![whole(
+            dir,
+            format!("cannot read policy directory: {e}"),
+        )])
+    };
     // The directory is checked as opened (a link to it is followed: the
     // files in it are what is refused as links).
     let meta = fs::File::open(dir)
         .and_then(|d| d.metadata())
-        .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
+        .map_err(unreadable)?;
     check_owner(dir, meta.uid(), meta.mode(), problems);
-    let entries = fs::read_dir(dir)
-        .map_err(|e| format!("{}: cannot read policy directory: {e}", dir.display()))?;
-    let mut files = BTreeMap::new();
+    let entries = fs::read_dir(dir).map_err(unreadable)?;
+    let mut snapshot = Snapshot::default();
     let mut texts = Vec::new();
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
@@ -132,56 +201,73 @@ fn snapshot(
         if is_dir || path.extension().is_none_or(|x| x != "toml") {
             continue;
         }
-        // Checked and read through one descriptor: the file judged is the
-        // file read, whatever happens to the name meanwhile.
-        let (file, meta) = match crate::state_file::open_nofollow(&path) {
-            Ok(opened) => opened,
-            Err(e) => {
-                texts.push((path, Err(e)));
-                continue;
-            }
-        };
-        check_owner(&path, meta.uid(), meta.mode(), problems);
-        let bytes = match crate::state_file::read_all(file, &meta) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                texts.push((path, Err(e)));
-                continue;
-            }
-        };
-        files.insert(
-            path.clone(),
-            FileInfo {
-                sha256: hex(&Sha256::digest(&bytes)),
-                uid: meta.uid(),
-                mode: meta.mode() & 0o7777,
-            },
-        );
-        let text = String::from_utf8(bytes).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not UTF-8 text ({e})"),
-            )
-        });
-        texts.push((path, text));
+        texts.push(read_file(&path, &mut snapshot, problems));
     }
     texts.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((Snapshot { files }, texts))
+    Ok((snapshot, texts))
+}
+
+/// Reads one policy file, not following a link, noting its hash and
+/// permissions in `snapshot` and its permission problems in `problems`;
+/// a read error goes into the text (the policy loader reports it).
+fn read_file(
+    path: &Path,
+    snapshot: &mut Snapshot,
+    problems: &mut Vec<PolicyError>,
+) -> policy::FileText {
+    // Checked and read through one descriptor: the file judged is the
+    // file read, whatever happens to the name meanwhile.
+    let (file, meta) = match crate::state_file::open_nofollow(path) {
+        Ok(opened) => opened,
+        Err(e) => return (path.to_path_buf(), Err(e)),
+    };
+    check_owner(path, meta.uid(), meta.mode(), problems);
+    let bytes = match crate::state_file::read_all(file, &meta) {
+        Ok(bytes) => bytes,
+        Err(e) => return (path.to_path_buf(), Err(e)),
+    };
+    snapshot.files.insert(
+        path.to_path_buf(),
+        FileInfo {
+            sha256: hex(&Sha256::digest(&bytes)),
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
+        },
+    );
+    let text = String::from_utf8(bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text ({e})"),
+        )
+    });
+    (path.to_path_buf(), text)
+}
+
+/// A problem with a file or directory as a whole (`PATH:0:0: ...`).
+fn whole(path: &Path, message: String) -> PolicyError {
+    PolicyError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        message,
+    }
 }
 
 /// Policy files decide who may talk to whom: only root may write them.
-fn check_owner(path: &Path, uid: u32, mode: u32, problems: &mut Vec<String>) {
+fn check_owner(path: &Path, uid: u32, mode: u32, problems: &mut Vec<PolicyError>) {
     if uid != 0 {
-        problems.push(format!(
-            "{}:0:0: owned by uid {uid}, not root: refused (anyone who can write policies controls the network)",
-            path.display()
+        problems.push(whole(
+            path,
+            format!("owned by uid {uid}, not root: refused (anyone who can write policies controls the network)"),
         ));
     }
     if mode & 0o022 != 0 {
-        problems.push(format!(
-            "{}:0:0: mode {:04o} is group- or world-writable: refused (chmod go-w)",
-            path.display(),
-            mode & 0o7777
+        problems.push(whole(
+            path,
+            format!(
+                "mode {:04o} is group- or world-writable: refused (chmod go-w)",
+                mode & 0o7777
+            ),
         ));
     }
 }
@@ -351,7 +437,10 @@ mod tests {
         let f = dir.path().join("a.toml");
         fs::write(&f, "cgroup = \"/a\"\nmode = \"audit\"\n").expect("write");
         fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).expect("chmod");
-        let err = load(&source(dir.path())).err().expect("refused");
+        let err = load(&source(dir.path()))
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(
             err.contains("mode 0666 is group- or world-writable"),
             "{err}"
@@ -373,7 +462,10 @@ mod tests {
             "cgroup = \"/b\"\nmode = \"loud\"\n",
         )
         .expect("write");
-        let err = load(&source(dir.path())).err().expect("refused");
+        let err = load(&source(dir.path()))
+            .err()
+            .expect("refused")
+            .to_string();
         let a = dir.path().join("a.toml");
         let b = dir.path().join("b.toml");
         assert!(
@@ -390,7 +482,10 @@ mod tests {
         let real = elsewhere.path().join("a.toml");
         fs::write(&real, "cgroup = \"/a\"\nmode = \"audit\"\n").expect("write");
         std::os::unix::fs::symlink(&real, dir.path().join("a.toml")).expect("symlink");
-        let err = load(&source(dir.path())).err().expect("refused");
+        let err = load(&source(dir.path()))
+            .err()
+            .expect("refused")
+            .to_string();
         let link = dir.path().join("a.toml");
         assert!(
             err.contains(&format!("{}:", link.display())) && err.contains("is a symbolic link"),

@@ -1,4 +1,4 @@
-//! Talking to a running daemon (`bulkhead status|quarantine|release`),
+//! Talking to a running daemon (`bulkhead status|reload|quarantine|release`),
 //! following its `policy_change` audit events, and keeping the pins of a
 //! daemon that is restarted (several `bulkhead run` on one `--pin-dir`).
 
@@ -101,6 +101,17 @@ pub fn quarantine(daemon: &Daemon, service: &str, allow: &[&str]) -> Output {
         args.extend([OsString::from("--allow"), (*a).into()]);
     }
     bulkhead(&args)
+}
+
+/// `bulkhead reload --socket S`: the agent reloads and this waits for the
+/// outcome (not judged here).
+#[must_use]
+pub fn reload(daemon: &Daemon) -> Output {
+    bulkhead(&[
+        OsString::from("reload"),
+        "--socket".into(),
+        daemon.control_socket().into(),
+    ])
 }
 
 /// `bulkhead release SERVICE --socket S` (not judged here).

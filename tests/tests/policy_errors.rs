@@ -1,12 +1,19 @@
 //! Bad input: `bulkhead check` names every error as `PATH:LINE:COL: message`
-//! in one pass, `bulkhead run` refuses to start on it and loads nothing, and
-//! valid policies (the repository's examples included) pass.
+//! in one pass (as text, JSON or GitHub Actions annotations), refuses the
+//! files the agent refuses (owner, mode), `bulkhead run` refuses to start on
+//! it and loads nothing, and valid policies (the repository's examples
+//! included) pass.
 
 use std::{
     ffi::OsStr,
+    fs,
+    os::unix::fs::{chown, PermissionsExt as _},
     path::{Path, PathBuf},
+    process::Output,
     time::Duration,
 };
+
+use serde_json::json;
 
 use integration_tests::{bulkhead, require_bpf, Daemon, PolicyDir, ProgSnapshot};
 
@@ -271,8 +278,11 @@ fn check_accepts_the_example_policies() {
         "{} holds no example policy (*.toml) yet",
         examples.display()
     );
+    // Their content is what is judged here: the checkout belongs to
+    // whoever cloned it, which the agent would refuse (tested below).
     let out = bulkhead(&[
         OsStr::new("check"),
+        OsStr::new("--allow-insecure-policy-files"),
         OsStr::new("--policy-dir"),
         examples.as_os_str(),
     ]);
@@ -321,4 +331,205 @@ fn run_refuses_a_bad_policy_dir_and_loads_nothing() {
         left.is_empty(),
         "run on a bad policy dir left programs loaded: {left:?}"
     );
+}
+
+/// `bulkhead check ARGS` as (exit code, stdout, stderr).
+fn check(args: &[&OsStr]) -> (Option<i32>, String, String) {
+    let mut all = vec![OsStr::new("check")];
+    all.extend_from_slice(args);
+    let out: Output = bulkhead(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const UNKNOWN_KEY: &str = "cgroup = \"/bulkhead-check/formats\"\nmode = \"enforce\"\nbogus = 1\n";
+const UNKNOWN_KEY_MESSAGE: &str = "unknown key `bogus`; expected one of: name, description, unit, \
+                                   user, cgroup, mode, egress, ingress, bind, sockets";
+
+/// The same error in each format: text on stderr, one JSON object, and a
+/// GitHub Actions `::error` annotation at the file, line and column.
+#[test]
+fn check_formats_text_json_and_github() {
+    let dir = PolicyDir::with(&[("svc.toml", UNKNOWN_KEY)]);
+    let file = dir.path().join("svc.toml");
+    let at = format!("{}:3:1", file.display());
+    let args = |format: &'static str| {
+        vec![
+            OsStr::new("--format"),
+            OsStr::new(format),
+            OsStr::new("--policy-dir"),
+            dir.path().as_os_str(),
+        ]
+    };
+
+    let text = (
+        Some(1),
+        String::new(),
+        format!("{at}: {UNKNOWN_KEY_MESSAGE}\n1 error(s); nothing was loaded\n"),
+    );
+    assert_eq!(check(&args("text")), text, "--format text");
+    assert_eq!(
+        check(&[OsStr::new("--policy-dir"), dir.path().as_os_str()]),
+        text,
+        "text is the default"
+    );
+
+    assert_eq!(
+        check(&args("github")),
+        (
+            Some(1),
+            format!(
+                "::error file={},line=3,col=1::{UNKNOWN_KEY_MESSAGE}\n1 error(s); nothing was loaded\n",
+                file.display()
+            ),
+            String::new()
+        ),
+        "--format github"
+    );
+
+    let (code, stdout, stderr) = check(&args("json"));
+    assert_eq!((code, stderr.as_str()), (Some(1), ""), "--format json");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("--format json prints JSON"),
+        json!({
+            "valid": false,
+            "errors": [{"file": file.display().to_string(), "line": 3, "column": 1,
+                        "message": UNKNOWN_KEY_MESSAGE}],
+            "warnings": [],
+            "services": [],
+            "totals": null,
+        }),
+        "--format json"
+    );
+}
+
+/// A valid set: its summary counts every kind of rule, in text and JSON.
+#[test]
+fn check_counts_ingress_bind_and_socket_rules() {
+    let policy = "cgroup = \"/bulkhead-check/counted\"\nmode = \"enforce\"\n\n\
+                  [[egress]]\nto = [\"198.51.100.0/24\"]\nports = [443]\n\n\
+                  [[ingress]]\nfrom = [\"203.0.113.0/24\", \"2001:db8::/32\"]\nports = [8080]\n\n\
+                  [[ingress]]\nfrom = [\"198.51.100.7\"]\n\n\
+                  [bind]\nports = [8080]\n\n\
+                  [sockets]\nraw = true\nprotocols = [\"sctp\"]\n";
+    let dir = PolicyDir::with(&[("counted.toml", policy)]);
+    let file = dir.path().join("counted.toml");
+    assert_eq!(
+        check(&[OsStr::new("--policy-dir"), dir.path().as_os_str()]),
+        (
+            Some(0),
+            format!(
+                "ok: counted (cgroup /bulkhead-check/counted, enforce): 1 egress, 2 ingress, 1 bind and 2 socket rules, from {}\n\
+                 1 services, 6 rules (1 egress, 2 ingress, 1 bind, 2 socket), 3 IPv4 and 1 IPv6 prefixes: valid\n",
+                file.display()
+            ),
+            String::new()
+        )
+    );
+    let (code, stdout, _) = check(&[OsStr::new("--format"), OsStr::new("json"), file.as_os_str()]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        (&v["valid"], &v["services"][0]["rules"], &v["totals"]),
+        (
+            &json!(true),
+            &json!({"egress": 1, "ingress": 2, "bind": 1, "sockets": 2}),
+            &json!({"services": 1, "rules": {"egress": 1, "ingress": 2, "bind": 1, "sockets": 2},
+                    "ipv4_prefixes": 3, "ipv6_prefixes": 1})
+        ),
+        "{stdout}"
+    );
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("cannot chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// `check` refuses the files `run` refuses (the same function judges
+/// them): group- or world-writable, not root's, in a directory or named
+/// one by one; `--allow-insecure-policy-files` makes them warnings, as
+/// for `run`.
+#[test]
+fn check_refuses_the_files_the_agent_refuses() {
+    if !require_bpf() {
+        return; // chown needs root
+    }
+    let dir = PolicyDir::with(&[("web.toml", GOOD_MINIMAL)]);
+    let file = dir.path().join("web.toml");
+    let mode = format!(
+        "{}:0:0: mode 0666 is group- or world-writable: refused (chmod go-w)",
+        file.display()
+    );
+    chmod(&file, 0o666);
+    for args in [
+        vec![OsStr::new("--policy-dir"), dir.path().as_os_str()],
+        vec![file.as_os_str()],
+    ] {
+        assert_eq!(
+            check(&args),
+            (
+                Some(1),
+                String::new(),
+                format!("{mode}\n1 error(s); nothing was loaded\n")
+            ),
+            "check {args:?} of a 0666 file"
+        );
+    }
+    let (code, stdout, stderr) = check(&[
+        OsStr::new("--allow-insecure-policy-files"),
+        OsStr::new("--format"),
+        OsStr::new("github"),
+        file.as_os_str(),
+    ]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(0), ""),
+        "allowed with the override: {stdout}"
+    );
+    assert_eq!(
+        stdout.lines().next(),
+        Some(
+            format!(
+                "::warning file={}::mode 0666 is group- or world-writable: refused (chmod go-w)",
+                file.display()
+            )
+            .as_str()
+        ),
+        "{stdout}"
+    );
+    chmod(&file, 0o644);
+
+    chown(&file, Some(65534), Some(65534))
+        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", file.display()));
+    let (code, _, stderr) = check(&[OsStr::new("--policy-dir"), dir.path().as_os_str()]);
+    assert_eq!(code, Some(1), "a file owned by uid 65534: {stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:0:0: owned by uid 65534, not root: refused",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    chown(&file, Some(0), Some(0))
+        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", file.display()));
+
+    chmod(dir.path(), 0o777);
+    let (code, _, stderr) = check(&[OsStr::new("--policy-dir"), dir.path().as_os_str()]);
+    assert_eq!(
+        (code, stderr),
+        (
+            Some(1),
+            format!(
+                "{}:0:0: mode 0777 is group- or world-writable: refused (chmod go-w)\n\
+                 1 error(s); nothing was loaded\n",
+                dir.path().display()
+            )
+        ),
+        "a world-writable policy directory"
+    );
+    chmod(dir.path(), 0o700);
 }

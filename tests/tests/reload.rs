@@ -1,6 +1,8 @@
-//! Changing the policy of a running agent (issue 5): reloads on inotify and
-//! SIGHUP switch atomically, an invalid or insecure policy leaves the one in
-//! force untouched, and policy files anyone but root can write are refused.
+//! Changing the policy of a running agent (issue 5): reloads on inotify,
+//! SIGHUP and `bulkhead reload` switch atomically, an invalid or insecure
+//! policy leaves the one in force untouched, and policy files anyone but
+//! root can write are refused. `bulkhead reload` (the unit's `ExecReload=`)
+//! says which, by its output and exit code (issue 20).
 //!
 //! Services whose cgroup appears, or appears again, after the agent started
 //! are in `services.rs` (`service_started_after_bulkhead_is_enforced`,
@@ -19,9 +21,11 @@ use std::{
 use integration_tests::{
     addr, allowing, conn,
     conn::{monotonic_ns, Attempt, Verdict},
-    control::{is_change, status, status_service, wait_status, PolicyChanges},
+    control::{is_change, reload, status, status_service, wait_status, PolicyChanges},
+    http::metrics_addr,
     probe,
     process::{output_with_timeout, signal},
+    prometheus::Scrape,
     require_bpf, CgroupGuard, Daemon, Listener, PolicyDir, Probe, Proto, EPERM,
 };
 use serde_json::{json, Value};
@@ -754,5 +758,194 @@ fn sighup_right_after_ready_reloads() {
         &probe!().in_cgroup(svc.path()),
         t.p1.port(),
         "the same policy after SIGHUP",
+    );
+}
+
+/// `bulkhead_policy_last_reload_successful` and
+/// `bulkhead_policy_last_reload_success_timestamp_seconds` of `daemon`.
+fn last_reload_gauges(daemon: &Daemon) -> (u64, u64) {
+    let scrape = Scrape::get(metrics_addr(daemon));
+    (
+        scrape.count("bulkhead_policy_last_reload_successful", &[]),
+        scrape.count("bulkhead_policy_last_reload_success_timestamp_seconds", &[]),
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Asserts `out` is exactly (exit code, stdout, stderr).
+fn assert_output(out: &std::process::Output, code: i32, stdout: &str, stderr: &str, what: &str) {
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).as_ref(),
+            String::from_utf8_lossy(&out.stderr).as_ref()
+        ),
+        (Some(code), stdout, stderr),
+        "{what}: exit code, stdout and stderr of bulkhead reload"
+    );
+}
+
+/// Writes two problems in two files: host bits set in `svc.toml` (policy
+/// `b` otherwise), and a world-writable `other.toml`. Returns the path of
+/// `other.toml` and the error lines a reload or a check must print for them.
+fn write_two_problems(policies: &PolicyDir, b: &str) -> (PathBuf, String) {
+    let host_bits = b.replace("\"127.0.0.1\"", "\"127.0.0.1/8\"");
+    let (line, col) = host_bits
+        .lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find("\"127.0.0.1/8\"").map(|c| (i + 1, c + 1)))
+        .expect("test bug: no host bits written");
+    let file = replace(policies, "svc.toml", &host_bits);
+    let other = replace(
+        policies,
+        "other.toml",
+        "cgroup = \"/bulkhead-reload-other\"\nmode = \"audit\"\n",
+    );
+    chmod(&other, 0o666);
+    let errors = format!(
+        "{}:0:0: mode 0666 is group- or world-writable: refused (chmod go-w)\n\
+         {}:{line}:{col}: egress[0]: \"127.0.0.1/8\" has host bits set; did you mean \"127.0.0.0/8\"?\n",
+        other.display(),
+        file.display()
+    );
+    (other, errors)
+}
+
+/// `bulkhead reload` waits for the reload and tells the outcome: exit 0
+/// when applied; exit 1 with every error as `FILE:LINE:COL: message` (the
+/// same lines `bulkhead check` prints) when refused, the kernel then still
+/// enforcing the old policy; the last-reload gauges follow.
+#[test]
+fn bulkhead_reload_reports_every_error_and_a_refusal_changes_nothing() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let t = Targets::new();
+    let (a, b) = (
+        allowing(&svc, "127.0.0.1", &[t.p1.port()]),
+        allowing(&svc, "127.0.0.1", &[t.p2.port()]),
+    );
+    let policies = PolicyDir::with(&[("svc.toml", &a)]);
+    let before_start = unix_now();
+    let daemon = Daemon::start(&policies);
+    let mut changes = PolicyChanges::of(&daemon);
+    let client = probe!().in_cgroup(svc.path());
+    t.assert_only(&client, t.p1.port(), "policy A at start");
+
+    // The load at start counts as the last successful one.
+    let (ok, started_at) = last_reload_gauges(&daemon);
+    assert_eq!(ok, 1, "last_reload_successful after the start");
+    assert!(
+        (before_start..=unix_now()).contains(&started_at),
+        "last_reload_success_timestamp_seconds {started_at} is not the start ({before_start}..)"
+    );
+
+    // 1. Nothing changed: applied, through the control socket.
+    let out = reload(&daemon);
+    assert_output(
+        &out,
+        0,
+        "bulkhead reload: the policy was applied\n",
+        "",
+        "a reload with nothing changed",
+    );
+    let ev = changes.wait_nth(1, "reload", RELOAD_TIMEOUT, |e| {
+        is_change(e, "reload", "applied")
+    });
+    assert_eq!(ev["change"]["trigger"], "control", "{ev:#}");
+    let (ok, applied_at) = last_reload_gauges(&daemon);
+    assert_eq!(ok, 1);
+    assert!(applied_at >= started_at, "{applied_at} < {started_at}");
+
+    // 2. Two problems in two files: host bits set in svc.toml (B), and a
+    // world-writable other.toml. The agent's own reload (inotify) refuses
+    // them too; `bulkhead reload` must say exactly why.
+    let (other, errors) = write_two_problems(&policies, &b);
+    let out = reload(&daemon);
+    assert_output(
+        &out,
+        1,
+        "",
+        &format!(
+            "{errors}bulkhead reload: refused (2 error(s)); the policy in force is unchanged\n"
+        ),
+        "a refused reload",
+    );
+    // The same lines as `bulkhead check`: one loader for both.
+    let check = integration_tests::bulkhead(&[
+        OsString::from("check"),
+        "--policy-dir".into(),
+        policies.path().into(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&check.stderr),
+        format!("{errors}2 error(s); nothing was loaded\n"),
+        "bulkhead check of the same directory"
+    );
+    let ev = changes.wait_nth(
+        1,
+        "refused reload from the control socket",
+        RELOAD_TIMEOUT,
+        |e| is_change(e, "reload", "refused") && e["change"]["trigger"] == "control",
+    );
+    assert_eq!(
+        ev["change"]["error"].as_str().map(|e| format!("{e}\n")),
+        Some(errors.clone()),
+        "{ev:#}"
+    );
+    assert_eq!(
+        last_reload_gauges(&daemon),
+        (0, applied_at),
+        "after a refused reload: not successful, the time of the last applied one kept"
+    );
+    t.assert_only(
+        &client,
+        t.p1.port(),
+        "policy A after the refused bulkhead reload",
+    );
+
+    // 3. Fixed: B applies, and the gauges say so.
+    chmod(&other, 0o644);
+    replace(&policies, "svc.toml", &b);
+    let out = reload(&daemon);
+    assert_output(
+        &out,
+        0,
+        "bulkhead reload: the policy was applied\n",
+        "",
+        "the fixed policy",
+    );
+    let (ok, fixed_at) = last_reload_gauges(&daemon);
+    assert_eq!(ok, 1, "last_reload_successful after the fix");
+    assert!(fixed_at >= applied_at, "{fixed_at} < {applied_at}");
+    t.assert_only(&client, t.p2.port(), "policy B after bulkhead reload");
+}
+
+/// With no agent to answer, `bulkhead reload` exits 3 (not 1: nothing was
+/// refused) and says why.
+#[test]
+fn bulkhead_reload_without_an_agent_exits_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("control.sock");
+    let out = integration_tests::bulkhead(&[
+        OsString::from("reload"),
+        "--socket".into(),
+        socket.clone().into(),
+    ]);
+    assert_output(
+        &out,
+        3,
+        "",
+        &format!(
+            "bulkhead reload: no bulkhead daemon is running (cannot connect to {}: No such file or directory)\n",
+            socket.display()
+        ),
+        "no agent",
     );
 }

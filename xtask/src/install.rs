@@ -5,7 +5,7 @@
 //! | what | where | mode |
 //! | --- | --- | --- |
 //! | the daemon | `PREFIX/bin/bulkhead` | 0755 |
-//! | the unit (`ExecStart=` pointing at that binary) | `PREFIX/lib/systemd/system/bulkhead.service` | 0644 |
+//! | the unit (`ExecStart=`, `ExecReload=` running that binary) | `PREFIX/lib/systemd/system/bulkhead.service` | 0644 |
 //! | the default config, unless one exists | `/etc/bulkhead/bulkhead.toml` | 0644 |
 //! | the policy directory, empty | `/etc/bulkhead/policies/` | 0755 |
 //! | a pristine copy of the default config | `PREFIX/share/bulkhead/bulkhead.toml` | 0644 |
@@ -286,9 +286,9 @@ fn files_in(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// The unit with its `ExecStart=` pointing at `binary`. Fails unless the
-/// template runs [`UNIT_BINARY`] exactly once, so a changed unit cannot be
-/// installed with the wrong path.
+/// The unit with its `ExecStart=` and `ExecReload=` pointing at `binary`.
+/// Fails unless the template runs [`UNIT_BINARY`] in exactly one
+/// `ExecStart=`, so a changed unit cannot be installed with the wrong path.
 pub fn render_unit(unit: &str, binary: &Path) -> Result<String> {
     let exec_start: Vec<&str> = unit
         .lines()
@@ -299,22 +299,26 @@ pub fn render_unit(unit: &str, binary: &Path) -> Result<String> {
         "{UNIT_SOURCE} must have exactly one ExecStart= line, found {}",
         exec_start.len()
     );
-    let prefix = format!("ExecStart={UNIT_BINARY} ");
     ensure!(
-        exec_start[0].trim_start().starts_with(&prefix),
+        exec_start[0]
+            .trim_start()
+            .starts_with(&format!("ExecStart={UNIT_BINARY} ")),
         "{UNIT_SOURCE}: ExecStart= must run {UNIT_BINARY} (the install rewrites that path), found {:?}",
         exec_start[0]
     );
     let binary = binary.to_str().context("the binary path must be UTF-8")?;
     let mut out = String::with_capacity(unit.len());
     for line in unit.split_inclusive('\n') {
-        match line.trim_start().strip_prefix(&prefix) {
-            Some(rest) => {
-                out.push_str("ExecStart=");
-                out.push_str(binary);
-                out.push(' ');
-                out.push_str(rest);
-            }
+        let rewritten = ["ExecStart=", "ExecReload="].into_iter().find_map(|key| {
+            let rest = line
+                .trim_start()
+                .strip_prefix(key)?
+                .strip_prefix(UNIT_BINARY)?
+                .strip_prefix(' ')?;
+            Some(format!("{key}{binary} {rest}"))
+        });
+        match rewritten {
+            Some(l) => out.push_str(&l),
             None => out.push_str(line),
         }
     }
@@ -436,11 +440,11 @@ pub(crate) mod tests {
 
     #[test]
     fn unit_exec_start_follows_the_prefix() {
-        let unit = "[Service]\nType=notify\nExecStart=/usr/bin/bulkhead run --config /etc/bulkhead/bulkhead.toml\nExecReload=kill -HUP $MAINPID\n";
+        let unit = "[Service]\nType=notify\nExecStart=/usr/bin/bulkhead run --config /etc/bulkhead/bulkhead.toml\nExecReload=/usr/bin/bulkhead reload --config /etc/bulkhead/bulkhead.toml\n";
         let out = render_unit(unit, Path::new("/opt/bh/bin/bulkhead")).expect("renders");
         assert_eq!(
             out,
-            "[Service]\nType=notify\nExecStart=/opt/bh/bin/bulkhead run --config /etc/bulkhead/bulkhead.toml\nExecReload=kill -HUP $MAINPID\n"
+            "[Service]\nType=notify\nExecStart=/opt/bh/bin/bulkhead run --config /etc/bulkhead/bulkhead.toml\nExecReload=/opt/bh/bin/bulkhead reload --config /etc/bulkhead/bulkhead.toml\n"
         );
         // /usr stays /usr: the package's unit is the repository's.
         assert_eq!(
@@ -513,7 +517,8 @@ pub(crate) mod tests {
             panic!("the unit is generated");
         };
         assert!(
-            text.contains("\nExecStart=/usr/local/bin/bulkhead run"),
+            text.contains("\nExecStart=/usr/local/bin/bulkhead run")
+                && text.contains("\nExecReload=/usr/local/bin/bulkhead reload"),
             "{text}"
         );
         assert!(!text.contains(UNIT_BINARY), "{text}");

@@ -27,12 +27,20 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: load the policies, attach the programs at the cgroup2
     /// root (pinned, taking over from a previous agent's pins), enforce and
-    /// log decisions, reload on SIGHUP or policy file changes. SIGINT/SIGTERM
-    /// stop the agent but leave the programs enforcing; `detach` removes them.
+    /// log decisions, reload on SIGHUP, `bulkhead reload` or policy file
+    /// changes. SIGINT/SIGTERM stop the agent but leave the programs
+    /// enforcing; `detach` removes them.
     Run(RunArgs),
-    /// Validate policy files without loading anything; exit 0 if all are
-    /// valid, 1 otherwise, with every error as FILE:LINE:COL: message.
+    /// Validate policy files without loading anything, as the agent judges
+    /// them (content, owner and mode); exit 0 if all are valid, 1
+    /// otherwise, with every error as FILE:LINE:COL: message.
     Check(CheckArgs),
+    /// Ask the running agent to re-read its policy directory (and re-open
+    /// its decision log), as SIGHUP does, and wait for the outcome: exit 0
+    /// if the policy was applied, 1 if it was refused (every error printed
+    /// as FILE:LINE:COL: message; the policy in force is unchanged), 3 if
+    /// no agent answered. Needs root (the control socket is root-only).
+    Reload(ReloadArgs),
     /// Show recent events from the running daemon (and with --follow, live
     /// ones until Ctrl-C), as a table or as JSON lines. Needs root: it talks
     /// to the daemon over its root-only control socket.
@@ -127,6 +135,29 @@ pub struct CheckArgs {
     /// Policy files to check together (as one set).
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
+    /// Output: text (errors as FILE:LINE:COL: message), json (one object),
+    /// or github (GitHub Actions annotations: ::error file=F,line=L,col=C::message).
+    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+    /// Accept policy files or a directory not owned by root or group- or
+    /// world-writable, as warnings (as `run --allow-insecure-policy-files`
+    /// does); refused by default, as the agent refuses them.
+    #[arg(long)]
+    pub allow_insecure_policy_files: bool,
+}
+
+/// How `bulkhead check` writes its findings.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckFormat {
+    Text,
+    Json,
+    Github,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(clap::Args, Debug)]

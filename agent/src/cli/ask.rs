@@ -39,13 +39,24 @@ const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Sends one request and returns its result, or prints one line and
 /// returns the exit code.
 pub(super) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value, ExitCode> {
+    ask_or(cmd, socket, req, ExitCode::FAILURE)
+}
+
+/// As [`ask`], exiting `unanswered` when no answer came (no config, no
+/// agent, a refused or failed request).
+pub(super) fn ask_or(
+    cmd: &str,
+    socket: &SocketArgs,
+    req: &Request,
+    unanswered: ExitCode,
+) -> Result<Value, ExitCode> {
     let path = control_socket(socket.socket.as_deref(), socket.config.as_deref()).map_err(|e| {
         eprintln!("bulkhead {cmd}: {e}");
-        ExitCode::FAILURE
+        unanswered
     })?;
     let replies = client::request_within(&path, req, ANSWER_DEADLINE).map_err(|e| {
         eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
-        ExitCode::FAILURE
+        unanswered
     })?;
     let mut result = None;
     for line in replies {
@@ -59,18 +70,18 @@ pub(super) fn ask(cmd: &str, socket: &SocketArgs, req: &Request) -> Result<Value
                 ..
             }) => {
                 eprintln!("bulkhead {cmd}: {error}");
-                return Err(ExitCode::FAILURE);
+                return Err(unanswered);
             }
             Ok(_) => {}
             Err(e) => {
                 eprintln!("bulkhead {cmd}: {}", describe(&e, &path));
-                return Err(ExitCode::FAILURE);
+                return Err(unanswered);
             }
         }
     }
     result.ok_or_else(|| {
         eprintln!("bulkhead {cmd}: the daemon sent no answer");
-        ExitCode::FAILURE
+        unanswered
     })
 }
 

@@ -1,11 +1,21 @@
-//! `bulkhead check`: validate policy files without loading anything.
+//! `bulkhead check`: validate policy files without loading anything, as the
+//! agent would load them: the same reading (no links followed), the same
+//! owner and mode checks and the same validation and compilation
+//! (`reload::load`), so what passes the check is what the agent accepts.
 
 use std::process::ExitCode;
 
-use super::args::CheckArgs;
-use crate::{config::Config, kernel, policy};
+use super::{
+    args::{CheckArgs, CheckFormat},
+    check_report::Report,
+};
+use crate::{
+    config::Config,
+    reload::{self, PolicySource},
+};
 
 pub fn check(args: &CheckArgs) -> ExitCode {
+    let allow_insecure = args.allow_insecure_policy_files;
     let result = if args.files.is_empty() {
         let dir = match &args.policy_dir {
             Some(dir) => dir.clone(),
@@ -17,40 +27,24 @@ pub fn check(args: &CheckArgs) -> ExitCode {
                 }
             },
         };
-        policy::load_dir(&dir)
+        reload::load(&PolicySource {
+            dir,
+            allow_insecure,
+        })
     } else {
-        policy::load_files(&args.files)
+        reload::load_files(&args.files, allow_insecure)
     };
-    match result.and_then(|set| kernel::compile(&set).map(|c| (set, c))) {
-        Ok((set, compiled)) => {
-            for w in &set.warnings {
-                eprintln!("warning: {w}");
-            }
-            for s in &set.services {
-                println!(
-                    "ok: {} ({}, {}): {} egress rules, from {}",
-                    s.name,
-                    s.selector,
-                    s.mode,
-                    s.egress.len(),
-                    s.file.display()
-                );
-            }
-            println!(
-                "{} services, {} rules, {} IPv4 and {} IPv6 prefixes: valid",
-                set.services.len(),
-                compiled.rules.len(),
-                compiled.v4.len(),
-                compiled.v6.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                eprintln!("{e}");
-            }
-            eprintln!("{} error(s); nothing was loaded", errors.0.len());
-            ExitCode::FAILURE
-        }
+    let report = Report::new(&result);
+    let out = match args.format {
+        CheckFormat::Text => report.text(),
+        CheckFormat::Json => report.json(),
+        CheckFormat::Github => report.github(),
+    };
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    if report.valid() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

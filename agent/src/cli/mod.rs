@@ -8,6 +8,7 @@ mod args;
 mod ask;
 mod blast_radius;
 mod check;
+mod check_report;
 mod detach;
 mod fleet;
 mod flows;
@@ -15,6 +16,7 @@ mod graph;
 mod learn;
 mod quarantine;
 mod release;
+mod reload;
 mod run;
 mod status;
 
@@ -28,6 +30,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check::check(&args),
+        Command::Reload(args) => reload::reload(&args),
         Command::Flows(args) => flows::run(&args),
         Command::Detach(args) => detach::detach(&args),
         Command::Status(args) => status::status(&args),

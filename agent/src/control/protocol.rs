@@ -12,7 +12,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::events::{EventType, FlowEvent, Verdict};
+use crate::{
+    events::{EventType, FlowEvent, Verdict},
+    policy::PolicyError,
+};
 
 /// The protocol version this build speaks.
 pub const VERSION: u64 = 1;
@@ -40,6 +43,76 @@ pub enum Request {
     BlastRadius(BlastRadiusRequest),
     /// A policy learned from what a service was observed doing.
     Learn(LearnRequest),
+    /// Re-read the policy directory (and re-open the decision log), as
+    /// SIGHUP does, and answer with the outcome ([`ReloadAnswer`]).
+    Reload(ReloadRequest),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReloadRequest {}
+
+/// The answer to a reload request: whether the policy was applied, and
+/// every problem, each where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    /// `false`: refused, the policy in force unchanged.
+    pub applied: bool,
+    /// Why it was refused (empty when applied).
+    pub errors: Vec<Problem>,
+    /// Accepted anyway: policy warnings, insecure files tolerated by
+    /// `--allow-insecure-policy-files`, a decision log that cannot be
+    /// re-opened.
+    pub warnings: Vec<Problem>,
+}
+
+/// One problem, located in a policy file when it is about one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The file (or policy directory); absent when the problem is not a
+    /// file's (the kernel refused a valid policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// 1-based; 0 when the problem is the file as a whole.
+    #[serde(default)]
+    pub line: usize,
+    #[serde(default)]
+    pub column: usize,
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem that is no file's.
+    pub fn unlocated(message: String) -> Self {
+        Self {
+            file: None,
+            line: 0,
+            column: 0,
+            message,
+        }
+    }
+}
+
+impl From<&PolicyError> for Problem {
+    fn from(e: &PolicyError) -> Self {
+        Self {
+            file: Some(e.file.display().to_string()),
+            line: e.line,
+            column: e.column,
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// `FILE:LINE:COL: message`, as the policy loader writes errors; the
+/// message alone when no file is concerned.
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{file}:{}:{}: {}", self.line, self.column, self.message),
+            None => f.write_str(&self.message),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +358,43 @@ pub(crate) mod tests {
             assert_eq!(decode_reply(text.as_bytes()).expect(text), reply);
         }
         assert!(decode_reply(br#"{"surprise":1}"#).is_err());
+    }
+
+    #[test]
+    fn reload_request_and_answer_round_trip() {
+        let line = encode_request(&Request::Reload(ReloadRequest {}));
+        assert_eq!(line, "{\"v\":1,\"cmd\":\"reload\"}\n");
+        assert_eq!(
+            decode_request(line.as_bytes()),
+            Ok(Request::Reload(ReloadRequest {}))
+        );
+        let answer = ReloadAnswer {
+            applied: false,
+            errors: vec![
+                Problem::from(&PolicyError {
+                    file: "/etc/bulkhead/policies/web.toml".into(),
+                    line: 6,
+                    column: 9,
+                    message: "port 0 is not a port".to_string(),
+                }),
+                Problem::unlocated("the kernel said no".to_string()),
+            ],
+            warnings: vec![],
+        };
+        let json = serde_json::to_string(&answer).expect("serializes");
+        assert_eq!(
+            json,
+            r#"{"applied":false,"errors":[{"file":"/etc/bulkhead/policies/web.toml","line":6,"column":9,"message":"port 0 is not a port"},{"line":0,"column":0,"message":"the kernel said no"}],"warnings":[]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ReloadAnswer>(&json).expect("parses"),
+            answer
+        );
+        assert_eq!(
+            answer.errors[0].to_string(),
+            "/etc/bulkhead/policies/web.toml:6:9: port 0 is not a port"
+        );
+        assert_eq!(answer.errors[1].to_string(), "the kernel said no");
     }
 
     #[test]

@@ -4,7 +4,15 @@ use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
 use tracing::{info, warn};
 
 use super::Running;
-use crate::services::RESCAN_INTERVAL;
+use crate::{
+    control::protocol::{Problem, ReloadAnswer, Request},
+    engine::Engine,
+    events::Hub,
+    policy::PolicyError,
+    policy_watch::PolicyWatch,
+    reload::Refused,
+    services::RESCAN_INTERVAL,
+};
 
 /// Quiet time after the last change in the policy directory before a reload.
 const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -37,7 +45,18 @@ impl Running {
                     engine.self_check(check_trigger);
                     check_trigger = "periodic";
                 }
-                Some(call) = self.admin.recv() => engine.handle(call),
+                Some(call) = self.admin.recv() => {
+                    if matches!(call.request, Request::Reload(_)) {
+                        // This reload reads the directory now: a change
+                        // still settling is in it.
+                        reload_at = None;
+                        let answer = reload(engine, &self.hub, &mut self.policy_changes, "control");
+                        // The client may have gone; nothing to do then.
+                        let _ = call.reply.send(serde_json::to_value(answer).map_err(|e| e.to_string()));
+                    } else {
+                        engine.handle(call);
+                    }
+                }
                 () = self.policy_changes.changed() => {
                     reload_at = Some(Instant::now() + POLICY_SETTLE);
                 }
@@ -45,7 +64,8 @@ impl Running {
                     reload_at = None;
                     // A directory replaced (renamed over) is watched anew.
                     self.policy_changes.rearm();
-                    engine.reload("inotify");
+                    // Its outcome is in the log, the audit event and the metrics.
+                    let _ = engine.reload("inotify");
                     super::heap::give_back("reload");
                 }
                 _ = sleep_until(engine.retire_at().unwrap_or_else(far)), if engine.retire_at().is_some() => {
@@ -55,13 +75,7 @@ impl Running {
                 _ = self.signals.term.recv() => { info!("SIGTERM: stopping"); break; }
                 _ = self.signals.int.recv() => { info!("SIGINT: stopping"); break; }
                 _ = self.signals.hup.recv() => {
-                    match self.hub.reopen_sink() {
-                        Ok(()) => info!("SIGHUP: decision log re-opened"),
-                        Err(e) => warn!("SIGHUP: cannot re-open the decision log: {e}"),
-                    }
-                    self.policy_changes.rearm();
-                    engine.reload("sighup");
-                    super::heap::give_back("reload");
+                    reload(engine, &self.hub, &mut self.policy_changes, "sighup");
                 }
                 // Log rotation: the file only, no reload, so a nightly
                 // rotation is not a policy_change event.
@@ -73,6 +87,51 @@ impl Running {
                 }
             }
         }
+    }
+}
+
+/// What SIGHUP and `bulkhead reload` (the control socket's `reload`) both
+/// do: re-open the decision log (logrotate's `systemctl reload`), watch the
+/// policy directory anew (it may have been replaced) and reload the policy.
+fn reload(
+    engine: &mut Engine,
+    hub: &Hub,
+    policy_changes: &mut PolicyWatch,
+    trigger: &str,
+) -> ReloadAnswer {
+    let mut warnings = Vec::new();
+    match hub.reopen_sink() {
+        Ok(()) => info!(trigger, "decision log re-opened"),
+        Err(e) => {
+            warn!(trigger, "cannot re-open the decision log: {e}");
+            warnings.push(Problem::unlocated(format!(
+                "cannot re-open the decision log: {e}"
+            )));
+        }
+    }
+    policy_changes.rearm();
+    let outcome = engine.reload(trigger);
+    super::heap::give_back("reload");
+    let problems = |errors: &[PolicyError]| errors.iter().map(Problem::from).collect();
+    match outcome {
+        Ok(accepted_with) => {
+            warnings.extend(accepted_with.iter().map(Problem::from));
+            ReloadAnswer {
+                applied: true,
+                errors: Vec::new(),
+                warnings,
+            }
+        }
+        Err(Refused::Policy(errors)) => ReloadAnswer {
+            applied: false,
+            errors: problems(&errors.0),
+            warnings,
+        },
+        Err(Refused::Apply(e)) => ReloadAnswer {
+            applied: false,
+            errors: vec![Problem::unlocated(e)],
+            warnings,
+        },
     }
 }
 

@@ -142,6 +142,8 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         Some(admin_tx),
     )?;
 
+    // The policy is in the maps: the time of the last successful load.
+    metrics.reloads.record_load();
     let status = status_line(&tracker, &set, &compiled, &source.dir);
     info!(cgroup2 = %mount.display(), events = %config.events.sink, "{status}");
     // The enforcer holds the copy placed in the maps: ours goes before the

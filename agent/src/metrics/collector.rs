@@ -537,11 +537,26 @@ fn reloads(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
     counters(
         enc,
         "bulkhead_policy_reloads",
-        "Policy reloads (SIGHUP or a change in the policy directory), by result: success = applied, failure = refused, the policy in force unchanged.",
+        "Policy reloads (SIGHUP, bulkhead reload or a change in the policy directory), by result: success = applied, failure = refused, the policy in force unchanged.",
         [
             ([("result", "success")], load(&state.reloads.success)),
             ([("result", "failure")], load(&state.reloads.failure)),
         ],
+    )?;
+    one(
+        enc,
+        "bulkhead_policy_last_reload_successful",
+        "1 if the last policy load or reload was applied, 0 if it was refused (the policy in force is then the one loaded before).",
+        None,
+        &ConstGauge::new(u64::from(state.reloads.last_successful())),
+    )?;
+    one(
+        enc,
+        // The unit adds `_seconds`, as for process_start_time_seconds.
+        "bulkhead_policy_last_reload_success_timestamp",
+        "Unix time of the last policy applied: the load at start or a reload.",
+        Some(&Unit::Seconds),
+        &ConstGauge::new(load(&state.reloads.last_success_unix)),
     )?;
     let held = &state.held;
     one(
@@ -842,6 +857,38 @@ mod tests {
         ] {
             assert!(lines.contains(&expected), "missing {expected} in\n{text}");
         }
+    }
+
+    #[test]
+    fn last_reload_gauges_follow_applied_and_refused_reloads() {
+        let state = fake_state();
+        let gauges = |state: &Arc<MetricsState>| {
+            let text = render(&registry(Arc::clone(state)), Format::Prometheus).expect("encodes");
+            let value = |name: &str| {
+                samples(&text)
+                    .iter()
+                    .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                    .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                    .parse::<u64>()
+                    .unwrap_or_else(|e| panic!("{name}: {e}\n{text}"))
+            };
+            (
+                value("bulkhead_policy_last_reload_successful"),
+                value("bulkhead_policy_last_reload_success_timestamp_seconds"),
+            )
+        };
+        // Before the start-up load is in force: no time yet, nothing refused.
+        assert_eq!(gauges(&state), (1, 0));
+        state.reloads.record_load();
+        let (ok, loaded_at) = gauges(&state);
+        assert_eq!(ok, 1);
+        assert!(loaded_at > 1_700_000_000, "{loaded_at}");
+        state.reloads.record(&Err("x.toml:1:1: bad".to_string()));
+        assert_eq!(gauges(&state), (0, loaded_at), "a refusal keeps the time");
+        state.reloads.record(&Ok(()));
+        let (ok, applied_at) = gauges(&state);
+        assert_eq!(ok, 1);
+        assert!(applied_at >= loaded_at, "{applied_at} < {loaded_at}");
     }
 
     #[test]

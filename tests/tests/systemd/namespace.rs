@@ -8,7 +8,7 @@ use std::{
 
 use integration_tests::{
     addr, bulkhead_bin, eventually, free_port_block, probe, process::output_with_timeout,
-    process::signal, process::terminate, require_bpf, Proto,
+    process::signal, process::terminate, require_bpf, Probe, Proto,
 };
 
 use super::{http_get, repo, text, tool, unit_text};
@@ -287,8 +287,8 @@ pub(super) fn boot_ns_systemd(
 
 /// The units systemd runs in the namespace, into `units`: empty default
 /// targets, `bulkhead-test.target` wanting the unit (and journald for
-/// [`AgentOutput::Journal`]), the repository's unit with its binary at
-/// /usr/local/bin and the test's drop-in.
+/// [`AgentOutput::Journal`]), the repository's unit with its binary (in
+/// `ExecStart=` and `ExecReload=`) at /usr/local/bin and the test's drop-in.
 fn write_units(units: &Path, output: AgentOutput) {
     fs::create_dir_all(units.join("bulkhead.service.d")).expect("units dir");
     // The targets a default unit depends on, empty; one that wants us.
@@ -311,10 +311,8 @@ fn write_units(units: &Path, output: AgentOutput) {
         format!("[Unit]\nDescription=bulkhead test\nWants=bulkhead.service{journald}\n"),
     )
     .expect("target");
-    let unit = unit_text().replace(
-        "ExecStart=/usr/bin/bulkhead ",
-        "ExecStart=/usr/local/bin/bulkhead ",
-    );
+    // ExecStart= and ExecReload= both run it.
+    let unit = unit_text().replace("=/usr/bin/bulkhead ", "=/usr/local/bin/bulkhead ");
     fs::write(units.join("bulkhead.service"), unit).expect("unit");
     let to_file = if output == AgentOutput::File {
         "StandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\n"
@@ -358,6 +356,70 @@ fn install_journald(units: &Path) {
         units.join("systemd-journald.socket"),
     )
     .expect("copy systemd-journald.socket");
+}
+
+/// `systemctl reload` runs `bulkhead reload`: applied, then refused (the
+/// reload fails, the error where it is in the unit's output, the old policy
+/// still enforced: `client` cannot reach `target`); SIGHUP still reloads.
+fn assert_reloads(ns: &NsSystemd, client: &Probe, target: std::net::SocketAddr) {
+    // systemctl reload -> `bulkhead reload` -> the policy is read again,
+    // and the reload waits for it.
+    let out = ns.run(&["systemctl", "reload", "bulkhead"]);
+    assert!(out.status.success(), "systemctl reload: {}", text(&out));
+    let log = ns.log();
+    assert!(
+        log.contains("bulkhead reload: the policy was applied")
+            && log.contains("trigger=\"control\""),
+        "systemctl reload did not reload through the control socket:\n{log}"
+    );
+
+    // A policy the agent refuses fails `systemctl reload`, the error where
+    // it is in the journal, and the old policy stays enforced.
+    let out = ns.run(&[
+        "/bin/sh",
+        "-c",
+        "printf 'cgroup = \"/svc\"\\nmode = \"enforce\"\\nbogus = 1\\n' > /etc/bulkhead/policies/svc.toml",
+    ]);
+    assert!(out.status.success(), "writing a bad policy: {}", text(&out));
+    let out = ns.run(&["systemctl", "reload", "bulkhead"]);
+    assert!(
+        !out.status.success(),
+        "systemctl reload of a refused policy succeeded: {}\n{}",
+        text(&out),
+        ns.log()
+    );
+    let log = ns.log();
+    assert!(
+        log.contains("\n/etc/bulkhead/policies/svc.toml:3:1: unknown key `bogus`")
+            && log.contains(
+                "bulkhead reload: refused (1 error(s)); the policy in force is unchanged"
+            ),
+        "the refused reload's error is not in the unit's output:\n{log}"
+    );
+    assert_eq!(
+        ns.show("ActiveState"),
+        "active",
+        "a refused reload stops nothing"
+    );
+    client
+        .tcp_connect(target)
+        .assert_eperm("after a refused systemctl reload");
+
+    // SIGHUP still reloads.
+    let out = ns.run(&["systemctl", "kill", "-s", "HUP", "bulkhead"]);
+    assert!(
+        out.status.success(),
+        "systemctl kill -s HUP: {}",
+        text(&out)
+    );
+    eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+        if ns.log().contains("trigger=\"sighup\"") {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .unwrap_or_else(|()| panic!("no reload after SIGHUP:\n{}", ns.log()));
 }
 
 #[test]
@@ -419,17 +481,7 @@ fn unit_runs_under_systemd_in_a_namespace() {
     assert_eq!(ns.show("MainPID"), pid, "the watchdog restarted the agent");
     assert_eq!(ns.show("NRestarts"), "0");
 
-    // systemctl reload -> SIGHUP -> the policy is read again.
-    let out = ns.run(&["systemctl", "reload", "bulkhead"]);
-    assert!(out.status.success(), "systemctl reload: {}", text(&out));
-    eventually(Duration::from_secs(10), Duration::from_millis(100), || {
-        if ns.log().contains("trigger=\"sighup\"") {
-            Ok(())
-        } else {
-            Err(())
-        }
-    })
-    .unwrap_or_else(|()| panic!("no reload after SIGHUP:\n{}", ns.log()));
+    assert_reloads(&ns, &client, target.addr());
 
     // systemctl stop: the agent exits cleanly and enforcement stays pinned;
     // `bulkhead detach` ends it.

@@ -183,7 +183,8 @@ fn xtask_install_lays_out_the_files_into_a_destdir() {
     let unit = fs::read_to_string(dest.join("usr/local/lib/systemd/system/bulkhead.service"))
         .expect("unit");
     assert!(
-        unit.contains("\nExecStart=/usr/local/bin/bulkhead run "),
+        unit.contains("\nExecStart=/usr/local/bin/bulkhead run ")
+            && unit.contains("\nExecReload=/usr/local/bin/bulkhead reload "),
         "the unit must run the binary under the prefix:\n{unit}"
     );
 
@@ -192,12 +193,10 @@ fn xtask_install_lays_out_the_files_into_a_destdir() {
         let staged = root.path().join("bulkhead.service");
         fs::write(
             &staged,
+            // ExecStart= and ExecReload= both run it.
             unit.replace(
-                "ExecStart=/usr/local/bin/bulkhead ",
-                &format!(
-                    "ExecStart={} ",
-                    dest.join("usr/local/bin/bulkhead").display()
-                ),
+                "=/usr/local/bin/bulkhead ",
+                &format!("={} ", dest.join("usr/local/bin/bulkhead").display()),
             ),
         )
         .expect("write");

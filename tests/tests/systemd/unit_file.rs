@@ -15,19 +15,18 @@ fn unit_is_verified_clean_by_systemd_analyze() {
     let Some(analyze) = tool("systemd-analyze", "systemd") else {
         return;
     };
-    // verify checks that ExecStart= is executable: point it at the binary
-    // under test, in a copy named like the real unit.
+    // verify checks that ExecStart= and ExecReload= are executable: point
+    // them at the binary under test, in a copy named like the real unit.
     let dir = tempfile::tempdir().expect("tempdir");
     let unit = unit_text();
     let bin = bulkhead_bin();
-    let rewritten = unit.replace(
-        "ExecStart=/usr/bin/bulkhead ",
-        &format!("ExecStart={} ", bin.display()),
-    );
-    assert_ne!(
-        rewritten, unit,
-        "the unit's ExecStart= does not run /usr/bin/bulkhead"
-    );
+    let rewritten = unit.replace("=/usr/bin/bulkhead ", &format!("={} ", bin.display()));
+    for key in ["ExecStart", "ExecReload"] {
+        assert!(
+            rewritten.contains(&format!("\n{key}={} ", bin.display())),
+            "the unit's {key}= does not run /usr/bin/bulkhead"
+        );
+    }
     let path = dir.path().join("bulkhead.service");
     fs::write(&path, rewritten).expect("write the unit copy");
     let out = output_with_timeout(

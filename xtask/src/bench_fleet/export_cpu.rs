@@ -65,6 +65,12 @@ impl ExportCpu {
     pub fn agent_off(&self) -> f64 {
         median(&self.off.iter().map(|w| w.agent).collect::<Vec<_>>())
     }
+    /// What fleet mode costs: the whole agent's CPU with it on less off.
+    /// The exporter thread alone leaves out the collecting, which a tap
+    /// does on the event reader's thread.
+    pub fn export_cost(&self) -> f64 {
+        self.agent_on() - self.agent_off()
+    }
 }
 
 pub fn measure(env: &Env, server: &Server, rounds: usize, window: Duration) -> Result<ExportCpu> {
