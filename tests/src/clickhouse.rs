@@ -297,31 +297,9 @@ fn spawn_server(bin: &Path, config: &Path, dir: &Path, out: fs::File, err: fs::F
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
 }
 
-/// The server binary: [`SERVER_ENV`], else `clickhouse-server` on `PATH`
-/// or in `/usr/sbin` (where Debian's package puts it, off a user's `PATH`).
-/// Panics saying how to install it: the fleet tests never skip.
+/// The server binary (see [`crate::require::server_binary`]).
 fn server_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os(SERVER_ENV) {
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "{SERVER_ENV}={} is not a file",
-            bin.display()
-        );
-        return bin;
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("clickhouse-server"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "clickhouse-server is not installed: run `cargo xtask setup` (it installs \
-                 Debian's clickhouse-server), or set {SERVER_ENV} to a server binary"
-            )
-        })
+    crate::require::server_binary(SERVER_ENV, "clickhouse-server", "/usr/sbin")
 }
 
 fn write(path: &Path, text: &str) {

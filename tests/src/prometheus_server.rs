@@ -191,31 +191,9 @@ impl Drop for PrometheusServer {
     }
 }
 
-/// The server binary: [`SERVER_ENV`], else `prometheus` on `PATH` or in
-/// `/usr/bin`. Panics saying how to install it: the monitoring tests never
-/// skip.
+/// The server binary (see [`crate::require::server_binary`]).
 fn server_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os(SERVER_ENV) {
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "{SERVER_ENV}={} is not a file",
-            bin.display()
-        );
-        return bin;
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join("prometheus"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "prometheus is not installed: run `cargo xtask setup` (it installs Debian's \
-                 prometheus), or set {SERVER_ENV} to a server binary"
-            )
-        })
+    crate::require::server_binary(SERVER_ENV, "prometheus", "/usr/bin")
 }
 
 fn write(path: &Path, text: &str) {

@@ -91,3 +91,27 @@ pub fn require_tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
     );
     None
 }
+
+/// A server the tests start and never skip: the binary `$env` names, else
+/// `name` on `PATH` or in `debian_dir` (where Debian's package puts it).
+/// Panics saying how to install it.
+#[must_use]
+pub fn server_binary(env: &str, name: &str, debian_dir: &str) -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os(env) {
+        let bin = std::path::PathBuf::from(bin);
+        assert!(bin.is_file(), "{env}={} is not a file", bin.display());
+        return bin;
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([std::path::PathBuf::from(debian_dir)])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed: run `cargo xtask setup` (it installs Debian's \
+                 package), or set {env} to a server binary"
+            )
+        })
+}
