@@ -21,10 +21,9 @@ use std::{
 use tempfile::TempDir;
 
 use crate::{
-    eventually::eventually,
-    http::{dechunk, http_request, try_http_request},
+    http::{dechunk, http_request},
     ports::free_port_block,
-    process::{scaled, terminate},
+    process::{stop_server, terminate, wait_http_ready},
 };
 
 /// `BULKHEAD_CLICKHOUSE_SERVER`: the server binary to run instead of
@@ -148,21 +147,14 @@ impl ClickHouse {
     /// Polls `/ping` until it answers `Ok.`; panics with the server's log
     /// if it exits or does not answer in time.
     fn wait_ready(&mut self, bin: &Path) {
-        let timeout = scaled(READY_TIMEOUT);
-        let ready = eventually(timeout, Duration::from_millis(100), || {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Ok(Err(format!("exited with {status}")));
-            }
-            let ping = format!("GET /ping HTTP/1.0\r\nHost: {}\r\n\r\n", self.http);
-            match try_http_request(self.http, &ping)? {
-                (200, _, body) if body.trim() == "Ok." => Ok(Ok(())),
-                (status, _, body) => Err(format!("/ping answered {status} {body:?}")),
-            }
-        });
-        let problem = match ready {
-            Ok(Ok(())) => return,
-            Ok(Err(exit)) => exit,
-            Err(last) => format!("not ready within {timeout:?} ({last})"),
+        let Err(problem) = wait_http_ready(
+            &mut self.child,
+            self.http,
+            "/ping",
+            READY_TIMEOUT,
+            |status, body| status == 200 && body.trim() == "Ok.",
+        ) else {
+            return;
         };
         panic!(
             "{} on {}: {problem}; its log:\n{}",
@@ -276,13 +268,7 @@ impl ClickHouse {
 
 impl Drop for ClickHouse {
     fn drop(&mut self) {
-        let (_, killed) = terminate(&mut self.child, STOP_TIMEOUT);
-        if killed {
-            eprintln!(
-                "clickhouse-server {} did not stop within {STOP_TIMEOUT:?}; killed it",
-                self.child.id()
-            );
-        }
+        stop_server(&mut self.child, "clickhouse-server", STOP_TIMEOUT);
     }
 }
 

@@ -165,3 +165,45 @@ pub fn raise_own_nofile(min: u64) {
         std::io::Error::last_os_error()
     );
 }
+
+/// Polls `GET path` of the server `child` serves at `addr` until `ready`
+/// accepts the answer (status, body), for at most `timeout` (scaled). The
+/// problem otherwise: the server exited, or its last answer.
+///
+/// # Errors
+/// The server exited, or was not ready in time.
+pub fn wait_http_ready(
+    child: &mut Child,
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+    ready: impl Fn(u16, &str) -> bool,
+) -> Result<(), String> {
+    let timeout = scaled(timeout);
+    let outcome = crate::eventually(timeout, Duration::from_millis(100), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Ok(Err(format!("exited with {status}")));
+        }
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        match crate::http::try_http_request(addr, &request)? {
+            (status, _, body) if ready(status, &body) => Ok(Ok(())),
+            (status, _, body) => Err(format!("{path} answered {status} {body:?}")),
+        }
+    });
+    match outcome {
+        Ok(result) => result,
+        Err(last) => Err(format!("not ready within {timeout:?} ({last})")),
+    }
+}
+
+/// Stops a server the harness started (SIGTERM, then SIGKILL after
+/// `grace`), saying so when it had to be killed.
+pub fn stop_server(child: &mut Child, name: &str, grace: Duration) {
+    let (_, killed) = terminate(child, grace);
+    if killed {
+        eprintln!(
+            "{name} {} did not stop within {grace:?}; killed it",
+            child.id()
+        );
+    }
+}

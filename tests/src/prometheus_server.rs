@@ -18,10 +18,9 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::{
-    eventually::eventually,
-    http::{http_get, try_http_request},
+    http::http_get,
     ports::free_port_block,
-    process::{scaled, terminate},
+    process::{stop_server, wait_http_ready},
 };
 
 /// `BULKHEAD_PROMETHEUS`: the server binary to run instead of `prometheus`
@@ -101,21 +100,14 @@ impl PrometheusServer {
     /// Polls `/-/ready` until it answers 200; panics with the server's log
     /// if it exits or does not answer in time.
     fn wait_ready(&mut self, bin: &Path) {
-        let timeout = scaled(READY_TIMEOUT);
-        let ready = eventually(timeout, Duration::from_millis(100), || {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Ok(Err(format!("exited with {status}")));
-            }
-            let request = format!("GET /-/ready HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
-            match try_http_request(self.addr, &request)? {
-                (200, _, _) => Ok(Ok(())),
-                (status, _, body) => Err(format!("/-/ready answered {status} {body:?}")),
-            }
-        });
-        let problem = match ready {
-            Ok(Ok(())) => return,
-            Ok(Err(exit)) => exit,
-            Err(last) => format!("not ready within {timeout:?} ({last})"),
+        let Err(problem) = wait_http_ready(
+            &mut self.child,
+            self.addr,
+            "/-/ready",
+            READY_TIMEOUT,
+            |status, _| status == 200,
+        ) else {
+            return;
         };
         panic!(
             "{} on {}: {problem}; its log:\n{}",
@@ -181,13 +173,7 @@ impl PrometheusServer {
 
 impl Drop for PrometheusServer {
     fn drop(&mut self) {
-        let (_, killed) = terminate(&mut self.child, STOP_TIMEOUT);
-        if killed {
-            eprintln!(
-                "prometheus {} did not stop within {STOP_TIMEOUT:?}; killed it",
-                self.child.id()
-            );
-        }
+        stop_server(&mut self.child, "prometheus", STOP_TIMEOUT);
     }
 }
 
