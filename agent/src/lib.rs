@@ -20,6 +20,8 @@
 //! - `daemon`: `bulkhead run` (start-up and main loop); `takeover`: from a
 //!   previous agent's pins; `notify`: systemd readiness and watchdog
 //! - `config`, `logging`: configuration, logs
+//! - `dns`: egress by DNS name (a design in progress, not yet wired into
+//!   the daemon): name patterns, answers, the learnt cache, the proxy
 //! - `cli`: the command line, one file per command; it builds the daemon's
 //!   options and talks to the control socket (nothing imports it)
 //! - `sock_diag`: the kernel's socket list (held sockets, TCP byte summaries)
@@ -32,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod engine;
 pub mod events;
 pub mod export;

@@ -1,0 +1,298 @@
+//! Addresses learnt from DNS answers, per service and per name looked up:
+//! the agent's copy of the kernel's learnt-address map, which it keeps in
+//! step through a [`LearntSink`].
+//!
+//! Each (service, name) holds at most `max_per_name` addresses; learning
+//! one more evicts the one learnt (or re-learnt) longest ago, and counts it.
+//! An address expires `max(ttl, min_ttl)` after it was last learnt; a
+//! later answer never shortens that. The kernel map is keyed by (service,
+//! address) alone, so an address several names of one service hold stays
+//! there until the last of them lets it go, with the latest expiry of
+//! them.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::Duration,
+};
+
+use super::answer::DnsName;
+
+/// A service's id, as the kernel's maps key it.
+pub type ServiceId = u32;
+
+/// Nanoseconds of `CLOCK_MONOTONIC`: what the kernel's `bpf_ktime_get_ns`
+/// reads, so an expiry written into the map means the same there. It
+/// survives an agent restart (not a reboot, which the pinned map does not
+/// survive either).
+pub type Nanos = u64;
+
+/// `CLOCK_MONOTONIC` now.
+#[must_use]
+pub fn monotonic_now() -> Nanos {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Where learnt addresses go: the kernel's map (to be written), or a plain
+/// map of the same shape ([`MemoryMap`]) until then and in tests.
+pub trait LearntSink {
+    /// Allow `addr` for `service` until `until`.
+    ///
+    /// # Errors
+    /// The write failed (for the kernel: map full, or gone).
+    fn allow(&mut self, service: ServiceId, addr: IpAddr, until: Nanos) -> Result<(), SinkError>;
+    /// `addr` is no longer learnt for `service`.
+    ///
+    /// # Errors
+    /// The delete failed.
+    fn revoke(&mut self, service: ServiceId, addr: IpAddr) -> Result<(), SinkError>;
+}
+
+/// A failed write to a [`LearntSink`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("learnt-address map: {0}")]
+pub struct SinkError(pub String);
+
+/// The kernel map's shape: (service, address) -> expiry.
+pub type MemoryMap = BTreeMap<(ServiceId, IpAddr), Nanos>;
+
+impl LearntSink for MemoryMap {
+    fn allow(&mut self, service: ServiceId, addr: IpAddr, until: Nanos) -> Result<(), SinkError> {
+        self.insert((service, addr), until);
+        Ok(())
+    }
+
+    fn revoke(&mut self, service: ServiceId, addr: IpAddr) -> Result<(), SinkError> {
+        self.remove(&(service, addr));
+        Ok(())
+    }
+}
+
+/// The cache's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LearntLimits {
+    /// Shortest time an address stays learnt, whatever its TTL (answers
+    /// with TTL 0 or 1 would otherwise expire before the client connects).
+    pub min_ttl: Duration,
+    /// Most addresses one (service, name) holds.
+    pub max_per_name: usize,
+}
+
+impl Default for LearntLimits {
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_secs(60),
+            max_per_name: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    addr: IpAddr,
+    expires: Nanos,
+    /// Order of (re-)learning: the smallest is evicted first.
+    seq: u64,
+}
+
+/// What one [`LearntCache::learn`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learnt {
+    New,
+    /// Already held: expiry extended (never shortened), now the newest.
+    Refreshed,
+}
+
+/// The learnt addresses of every service.
+#[derive(Debug, Default)]
+pub struct LearntCache {
+    limits: LearntLimits,
+    names: HashMap<(ServiceId, DnsName), Vec<Held>>,
+    /// Which names of a service hold an address (the kernel key).
+    holders: HashMap<(ServiceId, IpAddr), Vec<DnsName>>,
+    seq: u64,
+    evictions: u64,
+    expirations: u64,
+}
+
+impl LearntCache {
+    #[must_use]
+    pub fn new(limits: LearntLimits) -> Self {
+        Self {
+            // A name holding no address would evict each one as it came.
+            limits: LearntLimits {
+                max_per_name: limits.max_per_name.max(1),
+                ..limits
+            },
+            ..Self::default()
+        }
+    }
+
+    #[must_use]
+    pub fn limits(&self) -> LearntLimits {
+        self.limits
+    }
+
+    /// Records that `service`'s lookup of `name` answered `addr` with
+    /// `ttl` seconds, and writes the address's expiry to `sink`; evicts the
+    /// oldest address of (service, name) if that makes one too many.
+    ///
+    /// # Errors
+    /// The sink refused a write. The cache is then left as it was before
+    /// the refused step: the caller counts it; the kernel denies what it
+    /// does not have.
+    pub fn learn(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+        name: &DnsName,
+        addr: IpAddr,
+        ttl: u32,
+        now: Nanos,
+    ) -> Result<Learnt, SinkError> {
+        let keep = Duration::from_secs(u64::from(ttl)).max(self.limits.min_ttl);
+        let expires = now.saturating_add(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX));
+        let until = expires.max(self.held_until(service, addr).unwrap_or(0));
+        sink.allow(service, addr, until)?;
+        self.seq += 1;
+        let seq = self.seq;
+        let held = self.names.entry((service, name.clone())).or_default();
+        if let Some(h) = held.iter_mut().find(|h| h.addr == addr) {
+            h.expires = h.expires.max(expires);
+            h.seq = seq;
+            return Ok(Learnt::Refreshed);
+        }
+        held.push(Held { addr, expires, seq });
+        let over = held.len() > self.limits.max_per_name;
+        self.holders
+            .entry((service, addr))
+            .or_default()
+            .push(name.clone());
+        if over {
+            self.evict_oldest(sink, service, name)?;
+        }
+        Ok(Learnt::New)
+    }
+
+    fn evict_oldest(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+        name: &DnsName,
+    ) -> Result<(), SinkError> {
+        let key = (service, name.clone());
+        let Some(held) = self.names.get_mut(&key) else {
+            return Ok(());
+        };
+        let Some((i, _)) = held.iter().enumerate().min_by_key(|(_, h)| h.seq) else {
+            return Ok(());
+        };
+        let gone = held.remove(i);
+        self.evictions += 1;
+        self.release(sink, service, name, gone.addr)
+    }
+
+    /// `name` no longer holds `addr`: revoke it, or lower its expiry to
+    /// what the names still holding it say.
+    fn release(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+        name: &DnsName,
+        addr: IpAddr,
+    ) -> Result<(), SinkError> {
+        if let Some(names) = self.holders.get_mut(&(service, addr)) {
+            names.retain(|n| n != name);
+            if names.is_empty() {
+                self.holders.remove(&(service, addr));
+            }
+        }
+        match self.held_until(service, addr) {
+            None => sink.revoke(service, addr),
+            Some(until) => sink.allow(service, addr, until),
+        }
+    }
+
+    /// The latest expiry of `addr` over the names of `service` holding it.
+    #[must_use]
+    pub fn held_until(&self, service: ServiceId, addr: IpAddr) -> Option<Nanos> {
+        let names = self.holders.get(&(service, addr))?;
+        names
+            .iter()
+            .filter_map(|n| self.names.get(&(service, n.clone())))
+            .flat_map(|held| held.iter().filter(|h| h.addr == addr))
+            .map(|h| h.expires)
+            .max()
+    }
+
+    /// Drops every address expired at `now` and tells `sink`. Returns how
+    /// many (service, name, address) entries went.
+    ///
+    /// # Errors
+    /// The first refused sink write; the sweep stops there and the next
+    /// one goes on.
+    pub fn sweep(&mut self, sink: &mut dyn LearntSink, now: Nanos) -> Result<usize, SinkError> {
+        let mut expired = Vec::new();
+        for ((service, name), held) in &mut self.names {
+            held.retain(|h| {
+                let keep = h.expires > now;
+                if !keep {
+                    expired.push((*service, name.clone(), h.addr));
+                }
+                keep
+            });
+        }
+        self.names.retain(|_, held| !held.is_empty());
+        let count = expired.len();
+        self.expirations += count as u64;
+        for (service, name, addr) in expired {
+            self.release(sink, service, &name, addr)?;
+        }
+        Ok(count)
+    }
+
+    /// The addresses (service, name) holds, oldest first.
+    #[must_use]
+    pub fn addresses(&self, service: ServiceId, name: &DnsName) -> Vec<IpAddr> {
+        let mut held = self
+            .names
+            .get(&(service, name.clone()))
+            .cloned()
+            .unwrap_or_default();
+        held.sort_by_key(|h| h.seq);
+        held.into_iter().map(|h| h.addr).collect()
+    }
+
+    /// Addresses evicted because a name held too many.
+    #[must_use]
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Addresses dropped by [`Self::sweep`] because they expired.
+    #[must_use]
+    pub fn expirations(&self) -> u64 {
+        self.expirations
+    }
+
+    /// (service, name, address) entries held now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.names.values().map(Vec::len).sum()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[path = "learnt_tests.rs"]
+mod tests;

@@ -1,0 +1,197 @@
+//! The learnt-address cache against a map of the kernel map's shape.
+
+use std::time::Duration;
+
+use super::*;
+
+const SEC: Nanos = 1_000_000_000;
+
+fn name(text: &str) -> DnsName {
+    DnsName::from_ascii(text).expect("test bug: name")
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("test bug: address")
+}
+
+fn cache(min_ttl_secs: u64, max_per_name: usize) -> LearntCache {
+    LearntCache::new(LearntLimits {
+        min_ttl: Duration::from_secs(min_ttl_secs),
+        max_per_name,
+    })
+}
+
+#[test]
+fn an_address_expires_after_its_ttl_or_the_minimum_whichever_is_longer() {
+    let mut c = cache(30, 8);
+    let mut map = MemoryMap::new();
+    let n = name("api.example.com");
+    let now = 1_000 * SEC;
+    assert_eq!(
+        c.learn(&mut map, 1, &n, ip("198.51.100.1"), 5, now),
+        Ok(Learnt::New)
+    );
+    assert_eq!(
+        c.learn(&mut map, 1, &n, ip("198.51.100.2"), 300, now),
+        Ok(Learnt::New)
+    );
+    assert_eq!(map.get(&(1, ip("198.51.100.1"))), Some(&(now + 30 * SEC)));
+    assert_eq!(map.get(&(1, ip("198.51.100.2"))), Some(&(now + 300 * SEC)));
+    assert_eq!(c.len(), 2);
+}
+
+#[test]
+fn learning_again_extends_but_never_shortens() {
+    let mut c = cache(1, 8);
+    let mut map = MemoryMap::new();
+    let n = name("api.example.com");
+    let a = ip("198.51.100.1");
+    c.learn(&mut map, 1, &n, a, 100, 0).expect("learn");
+    assert_eq!(
+        c.learn(&mut map, 1, &n, a, 10, 50 * SEC),
+        Ok(Learnt::Refreshed)
+    );
+    assert_eq!(map[&(1, a)], 100 * SEC);
+    c.learn(&mut map, 1, &n, a, 100, 50 * SEC).expect("learn");
+    assert_eq!(map[&(1, a)], 150 * SEC);
+    assert_eq!(c.len(), 1);
+}
+
+#[test]
+fn one_name_holds_at_most_n_and_the_oldest_goes_first() {
+    let mut c = cache(60, 3);
+    let mut map = MemoryMap::new();
+    let n = name("many.example.com");
+    for i in 1..=5u8 {
+        c.learn(
+            &mut map,
+            1,
+            &n,
+            IpAddr::from([198, 51, 100, i]),
+            60,
+            u64::from(i),
+        )
+        .expect("learn");
+    }
+    assert_eq!(
+        c.addresses(1, &n),
+        vec![ip("198.51.100.3"), ip("198.51.100.4"), ip("198.51.100.5")]
+    );
+    assert_eq!(c.evictions(), 2);
+    let kernel: Vec<IpAddr> = map.keys().map(|(_, a)| *a).collect();
+    assert_eq!(kernel, c.addresses(1, &n));
+    // Re-learning the oldest makes it the newest: .4 goes next, not .3.
+    c.learn(&mut map, 1, &n, ip("198.51.100.3"), 60, 10)
+        .expect("learn");
+    c.learn(&mut map, 1, &n, ip("198.51.100.6"), 60, 11)
+        .expect("learn");
+    assert_eq!(
+        c.addresses(1, &n),
+        vec![ip("198.51.100.5"), ip("198.51.100.3"), ip("198.51.100.6")]
+    );
+    assert_eq!(c.evictions(), 3);
+    assert!(!map.contains_key(&(1, ip("198.51.100.4"))));
+}
+
+#[test]
+fn a_thousand_addresses_stay_within_the_cap() {
+    let mut c = cache(60, 16);
+    let mut map = MemoryMap::new();
+    let n = name("wide.example.com");
+    for i in 0..1_000u32 {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        c.learn(&mut map, 7, &n, IpAddr::from([198, 18, hi, lo]), 60, 0)
+            .expect("learn");
+    }
+    assert_eq!(c.len(), 16);
+    assert_eq!(map.len(), 16);
+    assert_eq!(c.evictions(), 1_000 - 16);
+}
+
+#[test]
+fn services_never_share_what_they_learn() {
+    let mut c = cache(60, 8);
+    let mut map = MemoryMap::new();
+    let n = name("api.example.com");
+    let a = ip("198.51.100.1");
+    c.learn(&mut map, 1, &n, a, 60, 0).expect("learn");
+    assert!(map.contains_key(&(1, a)));
+    assert!(!map.contains_key(&(2, a)));
+    assert_eq!(c.addresses(2, &n), Vec::<IpAddr>::new());
+}
+
+#[test]
+fn an_address_two_names_hold_stays_until_the_last_lets_go() {
+    let mut c = cache(1, 1);
+    let mut map = MemoryMap::new();
+    let (x, y) = (name("x.example.com"), name("y.example.com"));
+    let shared = ip("198.51.100.9");
+    c.learn(&mut map, 1, &x, shared, 100, 0).expect("learn");
+    c.learn(&mut map, 1, &y, shared, 10, 0).expect("learn");
+    assert_eq!(map[&(1, shared)], 100 * SEC);
+    // x evicts the shared address; y still holds it, until its own expiry.
+    c.learn(&mut map, 1, &x, ip("198.51.100.10"), 100, 0)
+        .expect("learn");
+    assert_eq!(c.evictions(), 1);
+    assert_eq!(map[&(1, shared)], 10 * SEC);
+    // y lets it go too: gone from the kernel.
+    c.learn(&mut map, 1, &y, ip("198.51.100.11"), 100, 0)
+        .expect("learn");
+    assert!(!map.contains_key(&(1, shared)));
+    assert_eq!(c.held_until(1, shared), None);
+}
+
+#[test]
+fn a_sweep_drops_what_expired_and_nothing_else() {
+    let mut c = cache(1, 8);
+    let mut map = MemoryMap::new();
+    let n = name("api.example.com");
+    c.learn(&mut map, 1, &n, ip("198.51.100.1"), 5, 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &n, ip("198.51.100.2"), 50, 0)
+        .expect("learn");
+    assert_eq!(c.sweep(&mut map, 4 * SEC), Ok(0));
+    assert_eq!(c.sweep(&mut map, 5 * SEC), Ok(1));
+    assert_eq!(c.expirations(), 1);
+    assert_eq!(c.addresses(1, &n), vec![ip("198.51.100.2")]);
+    assert_eq!(map.len(), 1);
+    assert_eq!(c.sweep(&mut map, 50 * SEC), Ok(1));
+    assert!(c.is_empty());
+    assert!(map.is_empty());
+}
+
+/// A sink that refuses every write, like a full kernel map.
+struct Full;
+
+impl LearntSink for Full {
+    fn allow(&mut self, _: ServiceId, _: IpAddr, _: Nanos) -> Result<(), SinkError> {
+        Err(SinkError("full".into()))
+    }
+    fn revoke(&mut self, _: ServiceId, _: IpAddr) -> Result<(), SinkError> {
+        Err(SinkError("full".into()))
+    }
+}
+
+#[test]
+fn a_refused_write_learns_nothing() {
+    let mut c = cache(1, 8);
+    let n = name("api.example.com");
+    assert_eq!(
+        c.learn(&mut Full, 1, &n, ip("198.51.100.1"), 60, 0),
+        Err(SinkError("full".into()))
+    );
+    assert!(c.is_empty());
+}
+
+#[test]
+fn a_cap_of_zero_is_taken_as_one() {
+    let c = cache(1, 0);
+    assert_eq!(c.limits().max_per_name, 1);
+}
+
+#[test]
+fn the_clock_is_monotonic_nanoseconds() {
+    let a = monotonic_now();
+    let b = monotonic_now();
+    assert!(a > 0 && b >= a);
+}

@@ -1,0 +1,17 @@
+//! Egress rules by DNS name (issue 19; a design in progress, not wired
+//! into the daemon: docs/dns-names.md). The parts that need no kernel:
+//!
+//! - `name`: name patterns (`api.example.com`, `*.example.com`,
+//!   `**.example.com`), parsed and matched
+//! - `answer`: a client's query and its resolver's answer (wire format by
+//!   the `domain` crate): question, match, truncation, addresses on the
+//!   question's CNAME chain
+//! - `learnt`: addresses learnt per (service, name), bounded, expiring;
+//!   the agent's copy of the kernel's learnt-address map
+//! - `proxy`: the loopback DNS proxy that forwards a service's queries to
+//!   its own resolver and learns from the answers before passing them on
+
+pub mod answer;
+pub mod learnt;
+pub mod name;
+pub mod proxy;
