@@ -253,6 +253,16 @@ pub fn inspect(query: &[u8], reply: &[u8]) -> Result<Inspected, AnswerError> {
     })
 }
 
+/// Whether `reply` is the answer to `query` (ID, QR and question): what a
+/// forwarder checks before taking a datagram as the upstream's answer.
+#[must_use]
+pub fn answers(query: &[u8], reply: &[u8]) -> bool {
+    match (Message::from_octets(query), Message::from_octets(reply)) {
+        (Ok(q), Ok(r)) => r.is_answer(&q),
+        _ => false,
+    }
+}
+
 /// The error answer (`rcode`, e.g. SERVFAIL) to `query`, echoing its ID and
 /// question; `None` when the query has not even a header to answer.
 #[must_use]
