@@ -13,7 +13,8 @@
 //! The fleet tests need no BPF but a real `clickhouse-server` ([`ClickHouse`]):
 //! without its server they fail, saying to run `cargo xtask setup`.
 //! Likewise the monitoring tests start a real `prometheus`
-//! ([`PrometheusServer`]) that scrapes a real agent.
+//! ([`PrometheusServer`]) that scrapes a real agent, and the DNS proxy
+//! tests a real `dnsmasq` ([`DnsServer`]) queried with `dig`.
 
 pub mod bpf;
 pub mod cgroup;
@@ -21,6 +22,7 @@ pub mod clickhouse;
 pub mod conn;
 pub mod control;
 pub mod daemon;
+pub mod dns_server;
 pub mod events;
 pub mod eventually;
 pub mod faults;
@@ -47,6 +49,7 @@ pub use bpf::ProgSnapshot;
 pub use cgroup::{cgroup2_mount, unique_name, CgroupGuard};
 pub use clickhouse::ClickHouse;
 pub use daemon::{bulkhead, bulkhead_bin, detach_command, Daemon};
+pub use dns_server::DnsServer;
 pub use eventually::eventually;
 pub use fixture::{Enforced, Targets};
 pub use netns::NetnsGuard;

@@ -29,7 +29,10 @@ use crate::{
 /// (tests/src/prometheus_server.rs); the package's own service (port 9090)
 /// is not used either. `logrotate` rotates a running agent's decision log
 /// with the shipped config, `lintian` checks the .deb
-/// (tests/tests/systemd/).
+/// (tests/tests/systemd/). `dnsmasq-base` (the server binary alone, no
+/// service) and `bind9-dnsutils` (`dig`) for the DNS proxy's tests
+/// (tests/tests/dns_proxy.rs): a real server on a free loopback port from
+/// a temporary config (tests/src/dns_server.rs), queried by a real client.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -38,6 +41,9 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "logrotate",
     "lintian",
+    // The DNS name tests: a real server and a real client.
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 /// Everything: build tools and the packages the tests need.
