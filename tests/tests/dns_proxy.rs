@@ -8,17 +8,19 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr, UdpSocket},
+    str::FromStr,
     sync::Arc,
     thread,
     time::Duration,
 };
 
 use bulkhead::dns::{
-    answer::DnsName,
+    answer::{inspect, DnsName},
     learnt::{LearntCache, LearntLimits, MemoryMap, ServiceId},
     name::NamePattern,
     proxy::{Proxy, ProxyConfig, Route, Router},
 };
+use domain::base::{iana::Rcode, Message, MessageBuilder, Name, Rtype};
 use integration_tests::{
     dns_server::{dig, dig_addresses, dig_flags, dig_status, dig_text},
     eventually, DnsServer,
@@ -56,10 +58,10 @@ fn start_proxy(upstream: SocketAddr, patterns: &[&str], timeout: Duration) -> Ru
             patterns: patterns.clone(),
         })
     });
-    start_with_router(router, timeout)
+    start_with_router("127.0.0.1:0", router, timeout)
 }
 
-fn start_with_router(router: Router, timeout: Duration) -> Running {
+fn start_with_router(bind: &str, router: Router, timeout: Duration) -> Running {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -75,7 +77,7 @@ fn start_with_router(router: Router, timeout: Duration) -> Running {
     });
     let proxy = runtime
         .block_on(Proxy::bind(
-            "127.0.0.1:0".parse().expect("address"),
+            bind.parse().expect("test bug: address"),
             router,
             config,
             cache,
@@ -340,7 +342,7 @@ fn a_resolver_that_never_answers_gives_servfail_after_the_timeout() {
 #[test]
 fn a_client_of_no_known_service_is_refused() {
     let server = DnsServer::start(&hosts(), &[]);
-    let run = start_with_router(Arc::new(|_| None), Duration::from_secs(2));
+    let run = start_with_router("127.0.0.1:0", Arc::new(|_| None), Duration::from_secs(2));
     let _ = &server;
     let out = dig(run.proxy.addr(), "api.example.test", &[]);
     assert_eq!(
@@ -376,4 +378,105 @@ fn many_clients_at_once_all_get_their_answers() {
     assert_eq!(count(&stats.udp_queries) + count(&stats.tcp_queries), 40);
     assert_eq!(count(&stats.answered), 40);
     assert_eq!(count(&stats.overload_drops), 0);
+}
+
+/// One UDP exchange with `to`: the raw reply, or `None` after 500 ms.
+fn exchange(to: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    socket.send_to(query, to).expect("send");
+    let mut buf = vec![0u8; 65_535];
+    let (len, _) = socket.recv_from(&mut buf).ok()?;
+    buf.truncate(len);
+    Some(buf)
+}
+
+fn query_bytes(id: u16, qname: &str, qtype: Rtype) -> Vec<u8> {
+    let mut b = MessageBuilder::new_vec();
+    b.header_mut().set_id(id);
+    b.header_mut().set_rd(true);
+    let mut q = b.question();
+    let qname: Name<Vec<u8>> = Name::from_str(qname).expect("test bug: name");
+    q.push((qname, qtype)).expect("question");
+    q.finish()
+}
+
+#[test]
+fn a_real_servers_answer_is_read_on_the_questions_chain() {
+    // The answer module on dnsmasq's own bytes, CNAME and all, no proxy.
+    let server = DnsServer::start(&hosts(), &[("www.example.test", "lb.cdn.test")]);
+    let query = query_bytes(0x5151, "WWW.example.test", Rtype::A);
+    let reply = exchange(server.addr(), &query).expect("dnsmasq answers");
+    let got = inspect(&query, &reply).expect("it answers the query");
+    assert_eq!(got.rcode, 0);
+    assert!(!got.truncated);
+    assert_eq!(got.off_chain, 0);
+    assert_eq!(got.addresses.len(), 1, "{got:?}");
+    let found = &got.addresses[0];
+    assert_eq!(found.addr, ip("203.0.113.20"));
+    // --local-ttl=1 on both records.
+    assert_eq!(found.ttl, 1);
+    assert_eq!(
+        found.chain,
+        vec![name("www.example.test"), name("lb.cdn.test")]
+    );
+    // Another query's answer is not taken for this one's.
+    let other = query_bytes(0x5152, "www.example.test", Rtype::A);
+    assert!(inspect(&other, &reply).is_err());
+}
+
+#[test]
+fn what_is_not_a_query_gets_formerr_or_nothing() {
+    let server = DnsServer::start(&hosts(), &[]);
+    let run = start_proxy(server.addr(), &["api.example.test"], Duration::from_secs(2));
+    let p = &run.proxy;
+    // A header with no question: FORMERR with the same ID.
+    let mut no_question = MessageBuilder::new_vec();
+    no_question.header_mut().set_id(0x0a0b);
+    let reply = exchange(p.addr(), &no_question.finish()).expect("a FORMERR answer");
+    let reply = Message::from_octets(reply).expect("a DNS message");
+    assert_eq!(reply.header().id(), 0x0a0b);
+    assert!(reply.header().qr());
+    assert_eq!(reply.header().rcode(), Rcode::FORMERR);
+    // Not even a header: no answer at all.
+    assert_eq!(exchange(p.addr(), &[1, 2, 3, 4, 5]), None);
+    assert_eq!(count(&p.stats().malformed_queries), 2);
+    assert_eq!(count(&p.stats().answered), 0);
+}
+
+#[test]
+fn the_proxy_serves_on_ipv6_loopback_too() {
+    let server = DnsServer::start(&hosts(), &[]);
+    let patterns: Arc<[NamePattern]> =
+        Arc::new([NamePattern::parse("api.example.test").expect("pattern")]);
+    let upstream = server.addr();
+    let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = clients.clone();
+    let router: Router = Arc::new(move |client: SocketAddr| {
+        seen.lock().expect("client list").push(client);
+        Some(Route {
+            service: SERVICE,
+            upstream,
+            patterns: patterns.clone(),
+        })
+    });
+    let run = start_with_router("[::1]:0", router, Duration::from_secs(2));
+    let out = dig(run.proxy.addr(), "api.example.test", &[]);
+    let mut got = dig_addresses(&out);
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["198.51.100.1", "198.51.100.2"],
+        "{}",
+        dig_text(&out)
+    );
+    assert_eq!(
+        kernel_keys(&run.proxy),
+        set(&["198.51.100.1", "198.51.100.2"])
+    );
+    let clients = clients.lock().expect("client list").clone();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].ip(), ip("::1"));
 }

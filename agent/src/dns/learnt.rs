@@ -144,9 +144,10 @@ impl LearntCache {
     /// oldest address of (service, name) if that makes one too many.
     ///
     /// # Errors
-    /// The sink refused a write. The cache is then left as it was before
-    /// the refused step: the caller counts it; the kernel denies what it
-    /// does not have.
+    /// The sink refused a write; the caller counts it. A refused `allow`
+    /// leaves the cache as it was (the kernel denies what it does not
+    /// have). A refused `revoke` of an evicted address leaves the kernel's
+    /// entry in place until its expiry, which the kernel checks itself.
     pub fn learn(
         &mut self,
         sink: &mut dyn LearntSink,
