@@ -74,6 +74,7 @@ fn start_with_router(bind: &str, router: Router, timeout: Duration) -> Running {
     let cache = LearntCache::new(LearntLimits {
         min_ttl: Duration::from_secs(30),
         max_per_name: CAP,
+        ..LearntLimits::default()
     });
     let proxy = runtime
         .block_on(Proxy::bind(

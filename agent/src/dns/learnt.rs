@@ -8,7 +8,9 @@
 //! later answer never shortens that. The kernel map is keyed by (service,
 //! address) alone, so an address several names of one service hold stays
 //! there until the last of them lets it go, with the latest expiry of
-//! them.
+//! them. At most `max_total` entries are held in all: past that, learning
+//! fails (counted by the caller) and the kernel denies, as it would with
+//! its map full; a cache that grows without bound is not an option.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -59,6 +61,15 @@ pub trait LearntSink {
 #[error("learnt-address map: {0}")]
 pub struct SinkError(pub String);
 
+/// Why an address was not learnt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LearnError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("{0} learnt addresses held, the most allowed")]
+    Full(usize),
+}
+
 /// The kernel map's shape: (service, address) -> expiry.
 pub type MemoryMap = BTreeMap<(ServiceId, IpAddr), Nanos>;
 
@@ -82,6 +93,9 @@ pub struct LearntLimits {
     pub min_ttl: Duration,
     /// Most addresses one (service, name) holds.
     pub max_per_name: usize,
+    /// Most (service, name, address) entries held in all (the kernel map's
+    /// size follows from it).
+    pub max_total: usize,
 }
 
 impl Default for LearntLimits {
@@ -89,6 +103,7 @@ impl Default for LearntLimits {
         Self {
             min_ttl: Duration::from_secs(60),
             max_per_name: 64,
+            max_total: 65_536,
         }
     }
 }
@@ -117,6 +132,8 @@ pub struct LearntCache {
     /// Which names of a service hold an address (the kernel key).
     holders: HashMap<(ServiceId, IpAddr), Vec<DnsName>>,
     seq: u64,
+    /// Entries held in all (sum of the `names` lists).
+    total: usize,
     evictions: u64,
     expirations: u64,
 }
@@ -144,7 +161,9 @@ impl LearntCache {
     /// oldest address of (service, name) if that makes one too many.
     ///
     /// # Errors
-    /// The sink refused a write; the caller counts it. A refused `allow`
+    /// [`LearnError::Full`]: `max_total` entries are held and this one
+    /// would be one more (nothing changed). [`LearnError::Sink`]: the sink
+    /// refused a write; the caller counts it. A refused `allow`
     /// leaves the cache as it was (the kernel denies what it does not
     /// have). A refused `revoke` of an evicted address leaves the kernel's
     /// entry in place until its expiry, which the kernel checks itself.
@@ -156,20 +175,31 @@ impl LearntCache {
         addr: IpAddr,
         ttl: u32,
         now: Nanos,
-    ) -> Result<Learnt, SinkError> {
+    ) -> Result<Learnt, LearnError> {
+        let key = (service, name.clone());
+        let (known, evicts) = self.names.get(&key).map_or((false, false), |held| {
+            (
+                held.iter().any(|h| h.addr == addr),
+                held.len() >= self.limits.max_per_name,
+            )
+        });
+        if !known && !evicts && self.total >= self.limits.max_total {
+            return Err(LearnError::Full(self.limits.max_total));
+        }
         let keep = Duration::from_secs(u64::from(ttl)).max(self.limits.min_ttl);
         let expires = now.saturating_add(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX));
         let until = expires.max(self.held_until(service, addr).unwrap_or(0));
         sink.allow(service, addr, until)?;
         self.seq += 1;
         let seq = self.seq;
-        let held = self.names.entry((service, name.clone())).or_default();
+        let held = self.names.entry(key).or_default();
         if let Some(h) = held.iter_mut().find(|h| h.addr == addr) {
             h.expires = h.expires.max(expires);
             h.seq = seq;
             return Ok(Learnt::Refreshed);
         }
         held.push(Held { addr, expires, seq });
+        self.total += 1;
         let over = held.len() > self.limits.max_per_name;
         self.holders
             .entry((service, addr))
@@ -186,7 +216,7 @@ impl LearntCache {
         sink: &mut dyn LearntSink,
         service: ServiceId,
         name: &DnsName,
-    ) -> Result<(), SinkError> {
+    ) -> Result<(), LearnError> {
         let key = (service, name.clone());
         let Some(held) = self.names.get_mut(&key) else {
             return Ok(());
@@ -195,8 +225,9 @@ impl LearntCache {
             return Ok(());
         };
         let gone = held.remove(i);
+        self.total -= 1;
         self.evictions += 1;
-        self.release(sink, service, name, gone.addr)
+        Ok(self.release(sink, service, name, gone.addr)?)
     }
 
     /// `name` no longer holds `addr`: revoke it, or lower its expiry to
@@ -251,6 +282,7 @@ impl LearntCache {
         }
         self.names.retain(|_, held| !held.is_empty());
         let count = expired.len();
+        self.total -= count;
         self.expirations += count as u64;
         for (service, name, addr) in expired {
             self.release(sink, service, &name, addr)?;
@@ -285,7 +317,7 @@ impl LearntCache {
     /// (service, name, address) entries held now.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.names.values().map(Vec::len).sum()
+        self.total
     }
 
     #[must_use]

@@ -18,6 +18,7 @@ fn cache(min_ttl_secs: u64, max_per_name: usize) -> LearntCache {
     LearntCache::new(LearntLimits {
         min_ttl: Duration::from_secs(min_ttl_secs),
         max_per_name,
+        ..LearntLimits::default()
     })
 }
 
@@ -178,9 +179,49 @@ fn a_refused_write_learns_nothing() {
     let n = name("api.example.com");
     assert_eq!(
         c.learn(&mut Full, 1, &n, ip("198.51.100.1"), 60, 0),
-        Err(SinkError("full".into()))
+        Err(LearnError::Sink(SinkError("full".into())))
     );
     assert!(c.is_empty());
+}
+
+#[test]
+fn past_the_total_limit_nothing_new_is_learnt_but_refreshes_and_evictions_go_on() {
+    let mut c = LearntCache::new(LearntLimits {
+        min_ttl: Duration::from_secs(1),
+        max_per_name: 2,
+        max_total: 3,
+    });
+    let mut map = MemoryMap::new();
+    let (x, y) = (name("x.example.com"), name("y.example.com"));
+    c.learn(&mut map, 1, &x, ip("198.51.100.1"), 60, 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &x, ip("198.51.100.2"), 60, 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &y, ip("198.51.100.3"), 60, 0)
+        .expect("learn");
+    assert_eq!(
+        c.learn(&mut map, 1, &y, ip("198.51.100.4"), 60, 0),
+        Err(LearnError::Full(3))
+    );
+    assert!(!map.contains_key(&(1, ip("198.51.100.4"))));
+    // Known: refreshed. At its name's cap: the oldest makes room.
+    assert_eq!(
+        c.learn(&mut map, 1, &y, ip("198.51.100.3"), 60, 1),
+        Ok(Learnt::Refreshed)
+    );
+    assert_eq!(
+        c.learn(&mut map, 1, &x, ip("198.51.100.5"), 60, 1),
+        Ok(Learnt::New)
+    );
+    assert_eq!(c.len(), 3);
+    assert_eq!(map.len(), 3);
+    // Expiry frees room.
+    assert_eq!(c.sweep(&mut map, 61 * SEC), Ok(3));
+    assert_eq!(c.len(), 0);
+    assert_eq!(
+        c.learn(&mut map, 1, &y, ip("198.51.100.4"), 60, 62 * SEC),
+        Ok(Learnt::New)
+    );
 }
 
 #[test]

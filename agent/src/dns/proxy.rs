@@ -110,7 +110,7 @@ pub struct ProxyStats {
     pub truncated: AtomicU64,
     /// Addresses learnt (new or refreshed) for an allowed name.
     pub learnt: AtomicU64,
-    /// Addresses the learnt-address map refused.
+    /// Addresses not learnt: the learnt set full, or the map refused.
     pub learn_failures: AtomicU64,
     /// UDP queries dropped because `max_in_flight` were being handled.
     pub overload_drops: AtomicU64,
