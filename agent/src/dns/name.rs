@@ -44,9 +44,11 @@ pub enum PatternKind {
 }
 
 /// Why a pattern was refused: the byte offset in the text given to
-/// [`NamePattern::parse`] where the problem is, and the problem. The policy
-/// loader adds the offset to the entry's position to report
-/// FILE:LINE:COL.
+/// [`NamePattern::parse`] where the problem is, and the problem (which
+/// quotes the text). The policy loader reports FILE:LINE:COL at the
+/// entry's span start + 1 (its opening quote) + the whitespace it trimmed +
+/// `offset`: exact for TOML basic strings without escapes, which is what
+/// names are written as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NameError {
     pub offset: usize,
