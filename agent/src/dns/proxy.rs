@@ -37,7 +37,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
-    task::JoinHandle,
+    task::{JoinHandle, JoinSet},
     time::{timeout, Instant},
 };
 
@@ -139,7 +139,8 @@ impl<S> Shared<S> {
 }
 
 /// A running proxy: UDP and TCP on one loopback address and port. Its
-/// tasks stop when it is dropped.
+/// tasks stop when it is dropped, queries and connections in progress
+/// with them (each listener owns its in-flight tasks in a `JoinSet`).
 pub struct Proxy<S> {
     addr: SocketAddr,
     shared: Arc<Shared<S>>,
@@ -246,7 +247,9 @@ async fn serve_udp<S: LearntSink + Send + 'static>(
     limit: Arc<Semaphore>,
 ) {
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut in_flight = JoinSet::new();
     loop {
+        while in_flight.try_join_next().is_some() {}
         let (len, client) = match socket.recv_from(&mut buf).await {
             Ok(got) => got,
             Err(e) => {
@@ -261,7 +264,7 @@ async fn serve_udp<S: LearntSink + Send + 'static>(
         };
         let query = buf[..len].to_vec();
         let (socket, shared) = (socket.clone(), shared.clone());
-        tokio::spawn(async move {
+        in_flight.spawn(async move {
             let _permit = permit;
             bump(&shared.stats.udp_queries);
             if let Some(reply) = handle(&shared, client, &query, Transport::Udp).await {
@@ -278,7 +281,9 @@ async fn serve_tcp<S: LearntSink + Send + 'static>(
     shared: Arc<Shared<S>>,
     limit: Arc<Semaphore>,
 ) {
+    let mut clients = JoinSet::new();
     loop {
+        while clients.try_join_next().is_some() {}
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
         };
@@ -291,7 +296,7 @@ async fn serve_tcp<S: LearntSink + Send + 'static>(
             }
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        clients.spawn(async move {
             let _permit = permit;
             if let Err(e) = serve_tcp_client(stream, client, &shared).await {
                 tracing::debug!(%client, error = %e, "dns proxy: TCP client closed");
