@@ -612,10 +612,10 @@ impl Enforcer {
 /// The maps sized at load time, with their `max_entries` (bytes for the
 /// ring buffer). aya ignores a name the object has no map for, so
 /// `contract.rs` checks each against the embedded object.
-fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32); 14] {
+fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u32)> {
     // Service ids and rulesets of both halves (see layout.rs).
     let max_services = capacity.services.saturating_mul(2);
-    [
+    let mut sizes = vec![
         (names::SERVICES, options.max_cgroups),
         (names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS)),
         (names::EVENTS, options.events_bytes),
@@ -629,13 +629,11 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32);
             names::UDP_PEERS,
             options.udp_peers_per_service.saturating_mul(max_services),
         ),
-        (names::INGRESS_V4, capacity.prefixes),
-        (names::INGRESS_V6, capacity.prefixes),
-        (names::EGRESS_V4, capacity.prefixes),
-        (names::EGRESS_V6, capacity.prefixes),
         (names::RULESETS, capacity.rulesets.saturating_mul(2)),
         (names::FLOWS, options.flow_table),
-    ]
+    ];
+    sizes.extend(capacity.prefixes);
+    sizes
 }
 
 /// The globals set at load time, with the bytes of their values (in

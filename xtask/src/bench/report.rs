@@ -655,11 +655,11 @@ impl Report<'_> {
              `iptables-legacy-restore` into their case's namespace, where they touch no other \
              traffic.\n\
              - **Destinations.** N distinct /32s scattered over 127.0.0.0/15 (never sent to): \
-             next to the probe's 127.0.0.1, so an LPM lookup for it walks a trie as deep as N \
-             makes it. Destinations in a distant block (e.g. 198.18.0.0/15) branch off \
-             near the root and flatter bulkhead: in trial runs with them, 100,000 rules cost \
-             no more than 10, within noise. Only IPv4 is measured; IPv6 prefixes live in \
-             a separate trie.\n\
+             next to the probe's 127.0.0.1. Whole addresses (/32, /128) sit in a hash of \
+             their own, one lookup whatever N; networks go to an LPM trie, which this bench \
+             does not fill. Before the hash (commit 2f570c8's BENCHMARKS.md) these /32s \
+             were trie entries and the probe's lookup walked a trie as deep as N made it: \
+             +110 ns a UDP connect from 10 to 100,000 rules. Only IPv4 is measured.\n\
              - **Checks.** Each bulkhead case first gets EPERM on a port no rule allows (the \
              service is managed, the numbers include the verdict); each peer case's cgroup \
              rule counter must grow by at least the number of sendto() calls. Before and after \
