@@ -16,18 +16,24 @@ use crate::maps::{
 
 /// The rule that allows (`service`, `addr`, `proto`, `port`), or
 /// `RULE_DEFAULT_DENY`.
-#[inline(always)]
+///
+/// The four lookups are BPF subprograms, not inlined: inlined into the
+/// packet programs beside a parsed packet, the two-map lookup raised the
+/// register pressure until LLVM stored a register it had never written,
+/// which the verifier refuses ("R4 !read_ok" in `bulkhead_egress_skb`). A
+/// call costs a few nanoseconds.
+#[inline(never)]
 pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
     lookup_v4(&EGRESS_HOSTS_V4, &EGRESS_V4, service_id, addr, proto, port)
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
     lookup_v6(&EGRESS_HOSTS_V6, &EGRESS_V6, service_id, addr, proto, port)
 }
 
 /// The ingress rule that allows a peer at `addr` to reach local `port`.
-#[inline(always)]
+#[inline(never)]
 pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
     lookup_v4(
         &INGRESS_HOSTS_V4,
@@ -39,7 +45,7 @@ pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) ->
     )
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
     lookup_v6(
         &INGRESS_HOSTS_V6,
