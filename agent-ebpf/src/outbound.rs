@@ -28,7 +28,7 @@ use crate::{
     linux::SOCK_DGRAM,
     maps::active_flags,
     packet::{is_ext, parse, Packet},
-    rules::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
+    rules::subprog::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     service::socket_service,
 };
 

@@ -16,24 +16,18 @@ use crate::maps::{
 
 /// The rule that allows (`service`, `addr`, `proto`, `port`), or
 /// `RULE_DEFAULT_DENY`.
-///
-/// The four lookups are BPF subprograms, not inlined: inlined into the
-/// packet programs beside a parsed packet, the two-map lookup raised the
-/// register pressure until LLVM stored a register it had never written,
-/// which the verifier refuses ("R4 !read_ok" in `bulkhead_egress_skb`). A
-/// call costs a few nanoseconds.
-#[inline(never)]
+#[inline(always)]
 pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
     lookup_v4(&EGRESS_HOSTS_V4, &EGRESS_V4, service_id, addr, proto, port)
 }
 
-#[inline(never)]
+#[inline(always)]
 pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
     lookup_v6(&EGRESS_HOSTS_V6, &EGRESS_V6, service_id, addr, proto, port)
 }
 
 /// The ingress rule that allows a peer at `addr` to reach local `port`.
-#[inline(never)]
+#[inline(always)]
 pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
     lookup_v4(
         &INGRESS_HOSTS_V4,
@@ -45,7 +39,7 @@ pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) ->
     )
 }
 
-#[inline(never)]
+#[inline(always)]
 pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
     lookup_v6(
         &INGRESS_HOSTS_V6,
@@ -55,6 +49,35 @@ pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -
         proto,
         port,
     )
+}
+
+/// The same lookups as BPF subprograms, for the egress packet program:
+/// inlined there beside a parsed packet, the two-map lookup raised the
+/// register pressure until LLVM stored a register it had never written,
+/// which the verifier refuses ("R4 !read_ok" in `bulkhead_egress_skb`).
+/// The socket-address programs keep them inlined: a subprogram is verified
+/// again at each call site, which made every agent start a third slower
+/// here (and far slower in an emulated guest).
+pub mod subprog {
+    #[inline(never)]
+    pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+        super::match_v4(service_id, addr, proto, port)
+    }
+
+    #[inline(never)]
+    pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+        super::match_v6(service_id, addr, proto, port)
+    }
+
+    #[inline(never)]
+    pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+        super::match_ingress_v4(service_id, addr, proto, port)
+    }
+
+    #[inline(never)]
+    pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+        super::match_ingress_v6(service_id, addr, proto, port)
+    }
 }
 
 #[inline(always)]
