@@ -91,10 +91,10 @@ fn lookup_v4(
 ) -> u32 {
     let key = LpmV4Key::new(service_id, addr);
     // SAFETY: copied out at once, under the program's RCU read lock.
-    if let Some(ruleset) = unsafe { hosts.get(&key) } {
+    if let Some(ruleset) = unsafe { hosts.get(key) } {
         return match_ports(*ruleset, proto, port);
     }
-    match trie.get(&Key::new(LpmV4Key::FULL_PREFIX, key)) {
+    match trie.get(Key::new(LpmV4Key::FULL_PREFIX, key)) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
     }
@@ -111,10 +111,10 @@ fn lookup_v6(
 ) -> u32 {
     let key = LpmV6Key::new(service_id, addr);
     // SAFETY: as above.
-    if let Some(ruleset) = unsafe { hosts.get(&key) } {
+    if let Some(ruleset) = unsafe { hosts.get(key) } {
         return match_ports(*ruleset, proto, port);
     }
-    match trie.get(&Key::new(LpmV6Key::FULL_PREFIX, key)) {
+    match trie.get(Key::new(LpmV6Key::FULL_PREFIX, key)) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
     }
