@@ -39,22 +39,16 @@ pub struct AddrMaps {
     pub hosts: &'static str,
 }
 
-pub const EGRESS_V4: AddrMaps = AddrMaps {
-    trie: names::EGRESS_V4,
-    hosts: names::EGRESS_HOSTS_V4,
-};
-pub const EGRESS_V6: AddrMaps = AddrMaps {
-    trie: names::EGRESS_V6,
-    hosts: names::EGRESS_HOSTS_V6,
-};
-pub const INGRESS_V4: AddrMaps = AddrMaps {
-    trie: names::INGRESS_V4,
-    hosts: names::INGRESS_HOSTS_V4,
-};
-pub const INGRESS_V6: AddrMaps = AddrMaps {
-    trie: names::INGRESS_V6,
-    hosts: names::INGRESS_HOSTS_V6,
-};
+impl AddrMaps {
+    const fn pair(trie: &'static str, hosts: &'static str) -> Self {
+        Self { trie, hosts }
+    }
+}
+
+pub const EGRESS_V4: AddrMaps = AddrMaps::pair(names::EGRESS_V4, names::EGRESS_HOSTS_V4);
+pub const EGRESS_V6: AddrMaps = AddrMaps::pair(names::EGRESS_V6, names::EGRESS_HOSTS_V6);
+pub const INGRESS_V4: AddrMaps = AddrMaps::pair(names::INGRESS_V4, names::INGRESS_HOSTS_V4);
+pub const INGRESS_V6: AddrMaps = AddrMaps::pair(names::INGRESS_V6, names::INGRESS_HOSTS_V6);
 
 /// An entry `(prefix length, key, ruleset)` of the compiled policy.
 pub type Entry<K> = (u32, K, u32);
