@@ -217,22 +217,24 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
     let client = probe!().in_cgroup(svc.path());
     assert_reaches(&client, &[&p1, &other], &[&p1], "at start");
 
-    // A whole address lives in the hash beside the trie.
+    // A whole address lives in the hash beside the trie. The service's id
+    // (and so its keys) changes with every repair, which switches halves.
     let hosts = maps::pinned(&daemon, "EGRESS_HOSTS_V4");
-    let sid = service_id(&daemon, &svc);
-    let allowed_key = maps::host_v4_key(sid, Ipv4Addr::LOCALHOST);
-    let ruleset = maps::dump(&hosts)
-        .into_iter()
-        .find(|(k, _)| *k == allowed_key)
-        .map_or_else(
-            || panic!("EGRESS_HOSTS_V4 has no 127.0.0.1 for service id {sid}"),
-            |(_, v)| v,
-        );
-    maps::update(
-        &hosts,
-        &maps::host_v4_key(sid, Ipv4Addr::new(127, 0, 0, 3)),
-        &ruleset,
-    );
+    let allowed = || {
+        let sid = service_id(&daemon, &svc);
+        let key = maps::host_v4_key(sid, Ipv4Addr::LOCALHOST);
+        let ruleset = maps::dump(&hosts)
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map_or_else(
+                || panic!("EGRESS_HOSTS_V4 has no 127.0.0.1 for service id {sid}"),
+                |(_, v)| v,
+            );
+        (sid, ruleset)
+    };
+    let stray = Ipv4Addr::new(127, 0, 0, 3);
+    let (sid, ruleset) = allowed();
+    maps::update(&hosts, &maps::host_v4_key(sid, stray), &ruleset);
     let st = wait_repaired(&daemon, 1);
     assert_eq!(
         check(&st)["last_found"]["kinds"],
@@ -242,8 +244,29 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
     );
     assert_eq!(found(&daemon, "prefix_wrong"), Some(1));
     assert_no_drift(&daemon, &st, "after the repair");
-    wait_no_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 3));
+    wait_no_prefix(&daemon, stray);
     assert_reaches(&client, &[&p1, &other], &[&p1], "after the repair");
+
+    // The same address as a /32 in the trie, the map the programs look in
+    // when the hash has no entry: drift too, though no policy puts a whole
+    // address there.
+    let (sid, ruleset) = allowed();
+    maps::update(
+        &maps::pinned(&daemon, "EGRESS_V4"),
+        &maps::lpm_v4_key(sid, stray, 32),
+        &ruleset,
+    );
+    let st = wait_repaired(&daemon, 2);
+    assert_eq!(
+        check(&st)["last_found"]["kinds"],
+        "prefix_wrong=1",
+        "status: {:#}",
+        check(&st)
+    );
+    assert_eq!(found(&daemon, "prefix_wrong"), Some(2));
+    assert_no_drift(&daemon, &st, "after the second repair");
+    wait_no_prefix(&daemon, stray);
+    assert_reaches(&client, &[&p1, &other], &[&p1], "after the second repair");
 }
 
 /// A switch that fails part-way (SERVICES is full, so the new service's

@@ -79,23 +79,17 @@ pub fn is_host<K: AddrKey>(len: u32) -> bool {
 /// exactly what `maps::write_rules` put there).
 #[must_use]
 pub fn entry_counts(policy: &CompiledPolicy) -> [(&'static str, usize); 8] {
-    let split =
-        |maps: AddrMaps, hosts: usize, all: usize| [(maps.trie, all - hosts), (maps.hosts, hosts)];
-    let hosts4 = |e: &[Entry<LpmV4Key>]| e.iter().filter(|x| is_host::<LpmV4Key>(x.0)).count();
-    let hosts6 = |e: &[Entry<LpmV6Key>]| e.iter().filter(|x| is_host::<LpmV6Key>(x.0)).count();
-    let [a, b] = split(EGRESS_V4, hosts4(&policy.v4), policy.v4.len());
-    let [c, d] = split(EGRESS_V6, hosts6(&policy.v6), policy.v6.len());
-    let [e, f] = split(
-        INGRESS_V4,
-        hosts4(&policy.ingress_v4),
-        policy.ingress_v4.len(),
-    );
-    let [g, h] = split(
-        INGRESS_V6,
-        hosts6(&policy.ingress_v6),
-        policy.ingress_v6.len(),
-    );
+    let [a, b] = split_count(EGRESS_V4, &policy.v4);
+    let [c, d] = split_count(EGRESS_V6, &policy.v6);
+    let [e, f] = split_count(INGRESS_V4, &policy.ingress_v4);
+    let [g, h] = split_count(INGRESS_V6, &policy.ingress_v6);
     [a, b, c, d, e, f, g, h]
+}
+
+/// `entries` counted by the map each goes to: the trie, then the hash.
+fn split_count<K: AddrKey>(maps: AddrMaps, entries: &[Entry<K>]) -> [(&'static str, usize); 2] {
+    let hosts = entries.iter().filter(|e| is_host::<K>(e.0)).count();
+    [(maps.trie, entries.len() - hosts), (maps.hosts, hosts)]
 }
 
 /// Writes `entries` into `maps`, each where the programs look for it.

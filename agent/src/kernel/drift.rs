@@ -159,40 +159,18 @@ pub fn check(
     let halves = (&live_half, other_half.as_ref());
     let v4 = |k: &LpmV4Key| (k.service_id, k.addr.to_vec());
     let v6 = |k: &LpmV6Key| (k.service_id, k.addr.to_vec());
-    check_addrs(
-        ebpf,
-        addr_maps::EGRESS_V4,
-        &live.v4,
-        v4,
-        halves,
-        &mut report,
-    )?;
-    check_addrs(
-        ebpf,
-        addr_maps::EGRESS_V6,
-        &live.v6,
-        v6,
-        halves,
-        &mut report,
-    )?;
-    let ingress_v4 = &live.ingress_v4;
-    check_addrs(
-        ebpf,
-        addr_maps::INGRESS_V4,
-        ingress_v4,
-        v4,
-        halves,
-        &mut report,
-    )?;
-    let ingress_v6 = &live.ingress_v6;
-    check_addrs(
-        ebpf,
-        addr_maps::INGRESS_V6,
-        ingress_v6,
-        v6,
-        halves,
-        &mut report,
-    )?;
+    for (maps, entries) in [
+        (addr_maps::EGRESS_V4, &live.v4),
+        (addr_maps::INGRESS_V4, &live.ingress_v4),
+    ] {
+        check_addrs(ebpf, maps, entries, v4, halves, &mut report)?;
+    }
+    for (maps, entries) in [
+        (addr_maps::EGRESS_V6, &live.v6),
+        (addr_maps::INGRESS_V6, &live.ingress_v6),
+    ] {
+        check_addrs(ebpf, maps, entries, v6, halves, &mut report)?;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -350,14 +328,12 @@ fn check_rulesets(
     Ok(())
 }
 
-/// One trie: the live half must hold exactly the policy's prefixes, the
-/// other half (when given) nothing.
 /// Where a prefix is: map, prefix length, service id, address.
 type Place = (&'static str, u32, [u8; 4], Vec<u8>);
 
-/// Compares one trie and its hash of whole addresses (see `addr_maps`)
-/// with the policy's entries: each must be in the map the programs look
-/// in.
+/// One trie and its hash of whole addresses (see `addr_maps`): the live
+/// half must hold exactly the policy's prefixes, each in the map the
+/// programs look in; the other half (when given) nothing.
 fn check_addrs<K: AddrKey>(
     ebpf: &Ebpf,
     maps: AddrMaps,
