@@ -21,6 +21,16 @@ pub const EGRESS_V6: &str = "EGRESS_V6";
 pub const INGRESS_V4: &str = "INGRESS_V4";
 /// LPM trie of [`crate::LpmV6Key`] -> ruleset index, ingress IPv6.
 pub const INGRESS_V6: &str = "INGRESS_V6";
+/// Hashes of the same keys -> ruleset index, beside each trie above: the
+/// entries for one whole address (/32, /128) live here, not in the trie.
+/// A whole address is the longest prefix there is, so a lookup that finds
+/// it here is the trie's answer, in one hash lookup whatever the number of
+/// rules (a trie walk grows with the trie's depth); the trie holds only
+/// networks. Allocated as used.
+pub const EGRESS_HOSTS_V4: &str = "EGRESS_HOSTS_V4";
+pub const EGRESS_HOSTS_V6: &str = "EGRESS_HOSTS_V6";
+pub const INGRESS_HOSTS_V4: &str = "INGRESS_HOSTS_V4";
+pub const INGRESS_HOSTS_V6: &str = "INGRESS_HOSTS_V6";
 /// Hash of [`crate::UdpPeerKey`] -> [`crate::UdpPeer`]: the UDP pinholes of
 /// ingress-restricted services, i.e. the peers an unconnected socket sent
 /// to (whose replies come in) and the peers a rule let in (which the
@@ -112,12 +122,16 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 26] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
     INGRESS_V4,
     INGRESS_V6,
+    EGRESS_HOSTS_V4,
+    EGRESS_HOSTS_V6,
+    INGRESS_HOSTS_V4,
+    INGRESS_HOSTS_V6,
     UDP_PEERS,
     UDP_PEER_COUNT,
     DENY_RATE,

@@ -30,6 +30,23 @@ pub static INGRESS_V4: LpmTrie<LpmV4Key, u32> = LpmTrie::with_max_entries(DEFAUL
 #[map(name = "INGRESS_V6")]
 pub static INGRESS_V6: LpmTrie<LpmV6Key, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_PREFIXES, 0);
 
+/// The whole addresses of each trie above (see agent_common::maps).
+#[map(name = "EGRESS_HOSTS_V4")]
+pub static EGRESS_HOSTS_V4: HashMap<LpmV4Key, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_PREFIXES, BPF_F_NO_PREALLOC);
+
+#[map(name = "EGRESS_HOSTS_V6")]
+pub static EGRESS_HOSTS_V6: HashMap<LpmV6Key, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_PREFIXES, BPF_F_NO_PREALLOC);
+
+#[map(name = "INGRESS_HOSTS_V4")]
+pub static INGRESS_HOSTS_V4: HashMap<LpmV4Key, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_PREFIXES, BPF_F_NO_PREALLOC);
+
+#[map(name = "INGRESS_HOSTS_V6")]
+pub static INGRESS_HOSTS_V6: HashMap<LpmV6Key, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_PREFIXES, BPF_F_NO_PREALLOC);
+
 #[map(name = "UDP_PEERS")]
 pub static UDP_PEERS: HashMap<UdpPeerKey, UdpPeer> =
     HashMap::with_max_entries(DEFAULT_UDP_PEERS, BPF_F_NO_PREALLOC);

@@ -11,8 +11,8 @@
 //! - a quarantined service: packets of connections opened before the
 //!   quarantine are dropped unless they go to an exception.
 //!
-//! Every other packet passes after one array read, or two loads from its
-//! header when some service is managed.
+//! Every other packet passes after one array read, or a look at its IP
+//! header in place when some service is managed.
 
 use agent_common::{
     ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED, DIRECTION_EGRESS, FLAG_QUARANTINE,
@@ -28,7 +28,7 @@ use crate::{
     linux::SOCK_DGRAM,
     maps::active_flags,
     packet::{is_ext, parse, Packet},
-    rules::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
+    rules::subprog::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     service::socket_service,
 };
 
@@ -76,27 +76,35 @@ pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
-/// Whether a packet may need judging (see the fast path above): two loads
-/// at most, from the IP header.
+/// Whether a packet may need judging (see the fast path above): read from
+/// the IP header in place (direct packet access, no helper call); a packet
+/// whose linear part is too short for that is read the slow way.
 #[inline(always)]
 fn worth_reading(ctx: &SkBuffContext, active: u32) -> bool {
-    let Ok(first) = ctx.skb.load::<u8>(0) else {
+    // SAFETY: plain context fields; the verifier turns them into packet
+    // pointers and checks every access against `end` below.
+    let (data, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            (*ctx.skb.skb).data_end as usize,
+        )
+    };
+    if data + 10 > end {
         return true;
+    }
+    // SAFETY: within [data, end), checked above.
+    let (first, byte6, byte9) = unsafe {
+        (
+            *(data as *const u8),
+            *((data + 6) as *const u8),
+            *((data + 9) as *const u8),
+        )
     };
     let icmp = active & ACTIVE_ICMP != 0;
     match first >> 4 {
-        4 => {
-            if first != 0x45 {
-                return true; // options
-            }
-            icmp && ctx.skb.load::<u8>(9).map_or(true, |p| p == PROTO_ICMP)
-        }
-        6 => {
-            let Ok(next) = ctx.skb.load::<u8>(6) else {
-                return true;
-            };
-            is_ext(next) || (icmp && next == PROTO_ICMPV6)
-        }
+        // 0x45: no options.
+        4 => first != 0x45 || (icmp && byte9 == PROTO_ICMP),
+        6 => is_ext(byte6) || (icmp && byte6 == PROTO_ICMPV6),
         _ => false,
     }
 }

@@ -1,47 +1,100 @@
-//! Which rule allows a flow: the LPM lookups of (service, address) in the
-//! EGRESS (destinations) and INGRESS (sources) tries give a ruleset, whose
-//! port/protocol checks give the rule. The keys are built by
-//! `agent_common::LpmV4Key::new`/`LpmV6Key::new` only, as the daemon
-//! builds its entries.
+//! Which rule allows a flow: the lookup of (service, address) among the
+//! EGRESS (destinations) or INGRESS (sources) entries gives a ruleset, whose
+//! port/protocol checks give the rule. A whole address is looked up in its
+//! hash first (one lookup, however many rules), then networks in the LPM
+//! trie (a walk as deep as the trie); see agent_common::maps. The keys are
+//! built by `agent_common::LpmV4Key::new`/`LpmV6Key::new` only, as the
+//! daemon builds its entries.
 
 use agent_common::{LpmV4Key, LpmV6Key, RuleSet, MAX_PORT_RANGES, PROTO_ANY, RULE_DEFAULT_DENY};
-use aya_ebpf::maps::{lpm_trie::Key, LpmTrie};
+use aya_ebpf::maps::{lpm_trie::Key, HashMap, LpmTrie};
 
-use crate::maps::{EGRESS_V4, EGRESS_V6, INGRESS_V4, INGRESS_V6, RULESETS};
+use crate::maps::{
+    EGRESS_HOSTS_V4, EGRESS_HOSTS_V6, EGRESS_V4, EGRESS_V6, INGRESS_HOSTS_V4, INGRESS_HOSTS_V6,
+    INGRESS_V4, INGRESS_V6, RULESETS,
+};
 
 /// The rule that allows (`service`, `addr`, `proto`, `port`), or
 /// `RULE_DEFAULT_DENY`.
 #[inline(always)]
 pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
-    lookup_v4(&EGRESS_V4, service_id, addr, proto, port)
+    lookup_v4(&EGRESS_HOSTS_V4, &EGRESS_V4, service_id, addr, proto, port)
 }
 
 #[inline(always)]
 pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
-    lookup_v6(&EGRESS_V6, service_id, addr, proto, port)
+    lookup_v6(&EGRESS_HOSTS_V6, &EGRESS_V6, service_id, addr, proto, port)
 }
 
 /// The ingress rule that allows a peer at `addr` to reach local `port`.
 #[inline(always)]
 pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
-    lookup_v4(&INGRESS_V4, service_id, addr, proto, port)
+    lookup_v4(
+        &INGRESS_HOSTS_V4,
+        &INGRESS_V4,
+        service_id,
+        addr,
+        proto,
+        port,
+    )
 }
 
 #[inline(always)]
 pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
-    lookup_v6(&INGRESS_V6, service_id, addr, proto, port)
+    lookup_v6(
+        &INGRESS_HOSTS_V6,
+        &INGRESS_V6,
+        service_id,
+        addr,
+        proto,
+        port,
+    )
+}
+
+/// The same lookups as BPF subprograms, for the egress packet program:
+/// inlined there beside a parsed packet, the two-map lookup raised the
+/// register pressure until LLVM stored a register it had never written,
+/// which the verifier refuses ("R4 !read_ok" in `bulkhead_egress_skb`).
+/// The socket-address programs keep them inlined: a subprogram is verified
+/// again at each call site, which made every agent start a third slower
+/// here (and far slower in an emulated guest).
+pub mod subprog {
+    #[inline(never)]
+    pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+        super::match_v4(service_id, addr, proto, port)
+    }
+
+    #[inline(never)]
+    pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+        super::match_v6(service_id, addr, proto, port)
+    }
+
+    #[inline(never)]
+    pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+        super::match_ingress_v4(service_id, addr, proto, port)
+    }
+
+    #[inline(never)]
+    pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+        super::match_ingress_v6(service_id, addr, proto, port)
+    }
 }
 
 #[inline(always)]
 fn lookup_v4(
+    hosts: &HashMap<LpmV4Key, u32>,
     trie: &LpmTrie<LpmV4Key, u32>,
     service_id: u32,
     addr: [u8; 4],
     proto: u8,
     port: u16,
 ) -> u32 {
-    let key = Key::new(LpmV4Key::FULL_PREFIX, LpmV4Key::new(service_id, addr));
-    match trie.get(&key) {
+    let key = LpmV4Key::new(service_id, addr);
+    // SAFETY: copied out at once, under the program's RCU read lock.
+    if let Some(ruleset) = unsafe { hosts.get(key) } {
+        return match_ports(*ruleset, proto, port);
+    }
+    match trie.get(Key::new(LpmV4Key::FULL_PREFIX, key)) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
     }
@@ -49,14 +102,19 @@ fn lookup_v4(
 
 #[inline(always)]
 fn lookup_v6(
+    hosts: &HashMap<LpmV6Key, u32>,
     trie: &LpmTrie<LpmV6Key, u32>,
     service_id: u32,
     addr: [u8; 16],
     proto: u8,
     port: u16,
 ) -> u32 {
-    let key = Key::new(LpmV6Key::FULL_PREFIX, LpmV6Key::new(service_id, addr));
-    match trie.get(&key) {
+    let key = LpmV6Key::new(service_id, addr);
+    // SAFETY: as above.
+    if let Some(ruleset) = unsafe { hosts.get(key) } {
+        return match_ports(*ruleset, proto, port);
+    }
+    match trie.get(Key::new(LpmV6Key::FULL_PREFIX, key)) {
         Some(ruleset) => match_ports(*ruleset, proto, port),
         None => RULE_DEFAULT_DENY,
     }

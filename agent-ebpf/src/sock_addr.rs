@@ -9,7 +9,9 @@ use agent_common::{
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::cgroup_sock_addr, programs::SockAddrContext,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 
@@ -300,9 +302,10 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     } else {
         0
     };
-    let mut ev = blank();
+    // The record is built only when sent or needed for the socket's owner:
+    // a repeated flow (the common case) fills no 144-byte record.
     if record || tcp_connect {
-        ev = verdict_record(&Decision {
+        let mut ev = verdict_record(&Decision {
             verdict,
             service_id,
             mode,
@@ -313,14 +316,20 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         });
         ev.cgroup_id = key.cgroup_id;
         ev.socket_cookie = cookie;
-        fill_task(&mut ev);
+        ev.pid_tgid = pid_tgid;
+        ev.uid_gid = bpf_get_current_uid_gid();
+        ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         set_addr(&mut ev.dst_addr, &mut ev.family, dest);
         ev.dst_port = port;
         ev.src_port = key.local_port;
-    }
-    if let Report::Record { suppressed } = report {
-        ev.suppressed = suppressed;
-        emit(&ev, LOST_VERDICT);
+        if let Report::Record { suppressed } = report {
+            ev.suppressed = suppressed;
+            emit(&ev, LOST_VERDICT);
+        }
+        if tcp_connect {
+            // SAFETY: valid context for this hook.
+            remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
+        }
     }
 
     // An unconnected UDP socket of an ingress-restricted service: let the
@@ -330,10 +339,6 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         udp_peers::open(&key, service_id, 0, PEER_SENT);
     }
 
-    if tcp_connect {
-        // SAFETY: valid context for this hook.
-        remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
-    }
     if !allowed && bpf_log_enabled() {
         debug!(
             ctx,

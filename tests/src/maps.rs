@@ -158,7 +158,15 @@ pub fn service_entry(daemon: &Daemon, cgroup_id: u64) -> Option<Vec<u8>> {
 #[must_use]
 pub fn lpm_v4_key(service_id: u32, addr: std::net::Ipv4Addr, prefix: u32) -> Vec<u8> {
     let mut key = (32 + prefix).to_le_bytes().to_vec();
-    key.extend(service_id.to_be_bytes());
+    key.extend(host_v4_key(service_id, addr));
+    key
+}
+
+/// The key of a whole IPv4 address in `EGRESS_HOSTS_V4`/`INGRESS_HOSTS_V4`
+/// (an LPM key without its prefix length).
+#[must_use]
+pub fn host_v4_key(service_id: u32, addr: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut key = service_id.to_be_bytes().to_vec();
     key.extend(addr.octets());
     key
 }

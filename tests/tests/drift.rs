@@ -121,15 +121,20 @@ fn service_id(daemon: &Daemon, svc: &CgroupGuard) -> u32 {
     u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]])
 }
 
-/// Whether `EGRESS_V4` holds a prefix for `ip` (any service, any length).
+/// Whether `EGRESS_V4` or `EGRESS_HOSTS_V4` holds a prefix for `ip` (any
+/// service, any length).
 fn has_prefix(daemon: &Daemon, ip: Ipv4Addr) -> bool {
-    maps::dump(&maps::pinned(daemon, "EGRESS_V4"))
+    let in_trie = maps::dump(&maps::pinned(daemon, "EGRESS_V4"))
         .iter()
-        .any(|(k, _)| k.len() == 12 && k[8..] == ip.octets())
+        .any(|(k, _)| k.len() == 12 && k[8..] == ip.octets());
+    let in_hosts = maps::dump(&maps::pinned(daemon, "EGRESS_HOSTS_V4"))
+        .iter()
+        .any(|(k, _)| k.len() == 8 && k[4..] == ip.octets());
+    in_trie || in_hosts
 }
 
-/// Waits until `EGRESS_V4` holds no prefix for `ip` (a retire runs 50 ms
-/// after the switch that precedes it).
+/// Waits until neither holds a prefix for `ip` (a retire runs 50 ms after
+/// the switch that precedes it).
 fn wait_no_prefix(daemon: &Daemon, ip: Ipv4Addr) {
     eventually(TIMEOUT, Duration::from_millis(100), || {
         if has_prefix(daemon, ip) {
@@ -138,7 +143,9 @@ fn wait_no_prefix(daemon: &Daemon, ip: Ipv4Addr) {
             Ok(())
         }
     })
-    .unwrap_or_else(|()| panic!("EGRESS_V4 still holds a prefix for {ip} after {TIMEOUT:?}"));
+    .unwrap_or_else(|()| {
+        panic!("EGRESS_V4 or EGRESS_HOSTS_V4 still holds a prefix for {ip} after {TIMEOUT:?}")
+    });
 }
 
 /// A service allowed to reach 127.0.0.1:`port` only, enforced by an agent
@@ -210,21 +217,24 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
     let client = probe!().in_cgroup(svc.path());
     assert_reaches(&client, &[&p1, &other], &[&p1], "at start");
 
-    let trie = maps::pinned(&daemon, "EGRESS_V4");
-    let sid = service_id(&daemon, &svc);
-    let allowed_key = maps::lpm_v4_key(sid, Ipv4Addr::LOCALHOST, 32);
-    let ruleset = maps::dump(&trie)
-        .into_iter()
-        .find(|(k, _)| *k == allowed_key)
-        .map_or_else(
-            || panic!("EGRESS_V4 has no 127.0.0.1/32 for service id {sid}"),
-            |(_, v)| v,
-        );
-    maps::update(
-        &trie,
-        &maps::lpm_v4_key(sid, Ipv4Addr::new(127, 0, 0, 3), 32),
-        &ruleset,
-    );
+    // A whole address lives in the hash beside the trie. The service's id
+    // (and so its keys) changes with every repair, which switches halves.
+    let hosts = maps::pinned(&daemon, "EGRESS_HOSTS_V4");
+    let allowed = || {
+        let sid = service_id(&daemon, &svc);
+        let key = maps::host_v4_key(sid, Ipv4Addr::LOCALHOST);
+        let ruleset = maps::dump(&hosts)
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map_or_else(
+                || panic!("EGRESS_HOSTS_V4 has no 127.0.0.1 for service id {sid}"),
+                |(_, v)| v,
+            );
+        (sid, ruleset)
+    };
+    let stray = Ipv4Addr::new(127, 0, 0, 3);
+    let (sid, ruleset) = allowed();
+    maps::update(&hosts, &maps::host_v4_key(sid, stray), &ruleset);
     let st = wait_repaired(&daemon, 1);
     assert_eq!(
         check(&st)["last_found"]["kinds"],
@@ -234,8 +244,29 @@ fn a_prefix_added_behind_the_agents_back_is_reported_and_removed() {
     );
     assert_eq!(found(&daemon, "prefix_wrong"), Some(1));
     assert_no_drift(&daemon, &st, "after the repair");
-    wait_no_prefix(&daemon, Ipv4Addr::new(127, 0, 0, 3));
+    wait_no_prefix(&daemon, stray);
     assert_reaches(&client, &[&p1, &other], &[&p1], "after the repair");
+
+    // The same address as a /32 in the trie, the map the programs look in
+    // when the hash has no entry: drift too, though no policy puts a whole
+    // address there.
+    let (sid, ruleset) = allowed();
+    maps::update(
+        &maps::pinned(&daemon, "EGRESS_V4"),
+        &maps::lpm_v4_key(sid, stray, 32),
+        &ruleset,
+    );
+    let st = wait_repaired(&daemon, 2);
+    assert_eq!(
+        check(&st)["last_found"]["kinds"],
+        "prefix_wrong=1",
+        "status: {:#}",
+        check(&st)
+    );
+    assert_eq!(found(&daemon, "prefix_wrong"), Some(2));
+    assert_no_drift(&daemon, &st, "after the second repair");
+    wait_no_prefix(&daemon, stray);
+    assert_reaches(&client, &[&p1, &other], &[&p1], "after the second repair");
 }
 
 /// A switch that fails part-way (SERVICES is full, so the new service's

@@ -254,3 +254,51 @@ fn connected_udp_socket_cannot_sendto_elsewhere() {
             .assert_eperm("sendto() an unlisted address from a socket connected to an allowed one");
     }
 }
+
+/// A whole address (kept in the kernel's hash of addresses) inside a
+/// network (kept in the LPM trie): the address gets its own rule and the
+/// network's, its neighbours only the network's, and the lookup never
+/// falls through from the hash to a wider answer.
+#[test]
+fn a_whole_address_inside_a_network_has_its_rules_and_the_networks() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let net_port = probe!().listen(Proto::Tcp, addr("127.0.0.3:0"));
+    let host_port = probe!().listen(Proto::Tcp, addr("127.0.0.3:0"));
+    let neighbour_net_port =
+        probe!().listen(Proto::Tcp, addr(&format!("127.0.0.4:{}", net_port.port())));
+    let neighbour_host_port =
+        probe!().listen(Proto::Tcp, addr(&format!("127.0.0.4:{}", host_port.port())));
+    let outside = probe!().listen(Proto::Tcp, addr(&format!("127.0.1.3:{}", net_port.port())));
+    let client = probe!().in_cgroup(svc.path());
+
+    let network = Egress::to(["127.0.0.0/24"])
+        .ports([net_port.port()])
+        .protocol("tcp");
+    let host = Egress::to(["127.0.0.3"])
+        .ports([host_port.port()])
+        .protocol("tcp");
+    let policies = PolicyDir::with(&[(
+        "svc.toml",
+        &service_policy(&svc, "enforce", &[network, host]),
+    )]);
+    let _daemon = Daemon::start(&policies);
+
+    client
+        .tcp_connect(net_port.addr())
+        .assert_ok("127.0.0.3 on the network's port");
+    client
+        .tcp_connect(host_port.addr())
+        .assert_ok("127.0.0.3 on its own port");
+    client
+        .tcp_connect(neighbour_net_port.addr())
+        .assert_ok("127.0.0.4 on the network's port");
+    client
+        .tcp_connect(neighbour_host_port.addr())
+        .assert_eperm("127.0.0.4 on 127.0.0.3's own port");
+    client
+        .tcp_connect(outside.addr())
+        .assert_eperm("127.0.1.3 is outside the network");
+}

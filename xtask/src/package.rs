@@ -1,16 +1,18 @@
 //! `cargo xtask package`: the Debian package, built by cargo-deb from
 //! `[package.metadata.deb]` in `agent/Cargo.toml`. cargo-deb builds the
-//! release binary itself; the maintainer scripts are in `systemd/debian/`.
+//! release binary itself, unless `--binary` gives one (the package test
+//! gives the binary under test, saving a release build of the workspace:
+//! minutes on two cores); the maintainer scripts are in `systemd/debian/`.
 //!
 //! The package carries the same files as `cargo xtask install --prefix
 //! /usr`; a unit test here checks that the two lists agree.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::util::{output_of, target_dir, workspace_root};
 
@@ -25,12 +27,23 @@ pub struct PackageArgs {
     /// Write the .deb into DIR [default: TARGET_DIR/debian].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// Package this bulkhead binary instead of building the release one
+    /// (cargo-deb strips it, as it strips its own).
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
 }
 
 /// Builds the .deb and returns its path.
 pub fn run(args: &PackageArgs) -> Result<PathBuf> {
     ensure_cargo_deb()?;
-    crate::generated::write(true)?;
+    let generated = crate::generated::write(args.binary.is_none())?;
+    // A given binary is packaged from a target directory of its own: the
+    // assets name `target/release/...`, which cargo-deb reads from the
+    // target directory, and nothing is built (`--no-build`).
+    let staged = match &args.binary {
+        Some(binary) => Some(stage(binary, &generated)?),
+        None => None,
+    };
     let output = match &args.output {
         Some(dir) => dir.clone(),
         None => target_dir()?.join("debian"),
@@ -43,6 +56,9 @@ pub fn run(args: &PackageArgs) -> Result<PathBuf> {
         .arg(&output)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
+    if let Some(staged) = &staged {
+        cmd.arg("--no-build").env("CARGO_TARGET_DIR", staged.path());
+    }
     eprintln!("xtask: {cmd:?}");
     let out = cmd
         .output()
@@ -57,6 +73,39 @@ pub fn run(args: &PackageArgs) -> Result<PathBuf> {
     eprintln!("xtask: built {}", deb.display());
     println!("{}", deb.display());
     Ok(deb)
+}
+
+/// A temporary target directory with `binary` and the generated files
+/// where the package's assets name them (`release/...`).
+fn stage(binary: &Path, generated: &Path) -> Result<tempfile::TempDir> {
+    ensure!(
+        binary.is_file(),
+        "no bulkhead binary at {}",
+        binary.display()
+    );
+    let dir = tempfile::tempdir().context("cannot make a staging directory")?;
+    let release = dir.path().join("release");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
+    };
+    for sub in ["man", "completions"] {
+        let to = release.join("generated").join(sub);
+        std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
+        let from = generated.join(sub);
+        for entry in
+            std::fs::read_dir(&from).with_context(|| format!("cannot read {}", from.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("cannot read {}", from.display()))?
+                .path();
+            if let Some(name) = path.file_name() {
+                copy(&path, &to.join(name))?;
+            }
+        }
+    }
+    copy(binary, &release.join("bulkhead"))?;
+    Ok(dir)
 }
 
 /// The last line of cargo-deb's output that names a `.deb` file.

@@ -14,11 +14,16 @@ use agent_common::{
     maps as names, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, UnitKey, CGROUP_PATH_MAX,
 };
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData},
-    Ebpf, Pod,
+    maps::{Array, HashMap as BpfHashMap, MapData},
+    Ebpf,
 };
 
-use super::{compile::CompiledPolicy, maps, KernelError};
+use super::{
+    addr_maps::{self, AddrKey, AddrMaps},
+    compile::CompiledPolicy,
+    map_access::{map_err, map_ref},
+    maps, KernelError,
+};
 use crate::policy::Selector;
 
 /// What a difference is, as `bulkhead_enforcement_drift{kind}` names it.
@@ -154,38 +159,20 @@ pub fn check(
     let halves = (&live_half, other_half.as_ref());
     let v4 = |k: &LpmV4Key| (k.service_id, k.addr.to_vec());
     let v6 = |k: &LpmV6Key| (k.service_id, k.addr.to_vec());
-    check_trie(ebpf, names::EGRESS_V4, &live.v4, v4, halves, &mut report)?;
-    check_trie(ebpf, names::EGRESS_V6, &live.v6, v6, halves, &mut report)?;
-    check_trie(
-        ebpf,
-        names::INGRESS_V4,
-        &live.ingress_v4,
-        v4,
-        halves,
-        &mut report,
-    )?;
-    check_trie(
-        ebpf,
-        names::INGRESS_V6,
-        &live.ingress_v6,
-        v6,
-        halves,
-        &mut report,
-    )?;
+    for (maps, entries) in [
+        (addr_maps::EGRESS_V4, &live.v4),
+        (addr_maps::INGRESS_V4, &live.ingress_v4),
+    ] {
+        check_addrs(ebpf, maps, entries, v4, halves, &mut report)?;
+    }
+    for (maps, entries) in [
+        (addr_maps::EGRESS_V6, &live.v6),
+        (addr_maps::INGRESS_V6, &live.ingress_v6),
+    ] {
+        check_addrs(ebpf, maps, entries, v6, halves, &mut report)?;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
-}
-
-fn read<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, KernelError>
-where
-    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let m = ebpf.map(name).ok_or(KernelError::MissingMap(name))?;
-    T::try_from(m).map_err(|source| KernelError::Map { name, source })
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
-    move |source| KernelError::Map { name, source }
 }
 
 fn check_services(
@@ -193,7 +180,7 @@ fn check_services(
     cgroups: &Cgroups<'_>,
     report: &mut Report,
 ) -> Result<(), KernelError> {
-    let map: BpfHashMap<&MapData, u64, ServiceEntry> = read(ebpf, names::SERVICES)?;
+    let map: BpfHashMap<&MapData, u64, ServiceEntry> = map_ref(ebpf, names::SERVICES)?;
     let found: HashMap<u64, ServiceEntry> = map
         .iter()
         .collect::<Result<_, _>>()
@@ -235,7 +222,7 @@ fn check_services(
 
 fn check_paths(ebpf: &Ebpf, live: &CompiledPolicy, report: &mut Report) -> Result<(), KernelError> {
     let map: BpfHashMap<&MapData, [u8; CGROUP_PATH_MAX], ServiceEntry> =
-        read(ebpf, names::SERVICE_PATHS)?;
+        map_ref(ebpf, names::SERVICE_PATHS)?;
     let mut expected: HashMap<[u8; CGROUP_PATH_MAX], ServiceEntry> = live
         .services
         .iter()
@@ -272,7 +259,7 @@ fn check_paths(ebpf: &Ebpf, live: &CompiledPolicy, report: &mut Report) -> Resul
 
 /// UNIT_NAMES holds exactly the policy's units and templates.
 fn check_units(ebpf: &Ebpf, live: &CompiledPolicy, report: &mut Report) -> Result<(), KernelError> {
-    let map: BpfHashMap<&MapData, UnitKey, ServiceEntry> = read(ebpf, names::UNIT_NAMES)?;
+    let map: BpfHashMap<&MapData, UnitKey, ServiceEntry> = map_ref(ebpf, names::UNIT_NAMES)?;
     let mut expected: HashMap<UnitKey, (&str, ServiceEntry)> = live
         .services
         .iter()
@@ -307,7 +294,7 @@ fn check_units(ebpf: &Ebpf, live: &CompiledPolicy, report: &mut Report) -> Resul
 }
 
 fn check_flags(ebpf: &Ebpf, live: &CompiledPolicy, report: &mut Report) -> Result<(), KernelError> {
-    let map: Array<&MapData, u32> = read(ebpf, names::ACTIVE_FLAGS)?;
+    let map: Array<&MapData, u32> = map_ref(ebpf, names::ACTIVE_FLAGS)?;
     let found = map.get(&0, 0).map_err(map_err(names::ACTIVE_FLAGS))?;
     report.entries_read += 1;
     let want = maps::active_flags(live);
@@ -324,7 +311,7 @@ fn check_rulesets(
     live: &CompiledPolicy,
     report: &mut Report,
 ) -> Result<(), KernelError> {
-    let map: Array<&MapData, RuleSet> = read(ebpf, names::RULESETS)?;
+    let map: Array<&MapData, RuleSet> = map_ref(ebpf, names::RULESETS)?;
     for (i, want) in live.rulesets.iter().enumerate() {
         let index = live.ruleset_base + u32::try_from(i).unwrap_or(u32::MAX);
         let found = map.get(&index, 0).map_err(map_err(names::RULESETS))?;
@@ -341,25 +328,35 @@ fn check_rulesets(
     Ok(())
 }
 
-/// One trie: the live half must hold exactly the policy's prefixes, the
-/// other half (when given) nothing.
-fn check_trie<K: Pod>(
+/// Where a prefix is: map, prefix length, service id, address.
+type Place = (&'static str, u32, [u8; 4], Vec<u8>);
+
+/// One trie and its hash of whole addresses (see `addr_maps`): the live
+/// half must hold exactly the policy's prefixes, each in the map the
+/// programs look in; the other half (when given) nothing.
+fn check_addrs<K: AddrKey>(
     ebpf: &Ebpf,
-    name: &'static str,
+    maps: AddrMaps,
     expected: &[(u32, K, u32)],
     bytes: impl Fn(&K) -> ([u8; 4], Vec<u8>),
     (live_half, other_half): (&Range<u32>, Option<&Range<u32>>),
     report: &mut Report,
 ) -> Result<(), KernelError> {
-    let trie: LpmTrie<&MapData, K, u32> = read(ebpf, name)?;
-    let mut want: HashMap<(u32, [u8; 4], Vec<u8>), u32> = expected
+    let home = |len: u32| {
+        if addr_maps::is_host::<K>(len) {
+            maps.hosts
+        } else {
+            maps.trie
+        }
+    };
+    let mut want: HashMap<Place, u32> = expected
         .iter()
         .map(|(len, key, ruleset)| {
             let (sid, addr) = bytes(key);
-            ((*len, sid, addr), *ruleset)
+            ((home(*len), *len, sid, addr), *ruleset)
         })
         .collect();
-    let show = |len: u32, sid: [u8; 4], addr: &[u8]| {
+    let show = |name: &str, len: u32, sid: [u8; 4], addr: &[u8]| {
         let ip: Option<std::net::IpAddr> = match addr.len() {
             4 => <[u8; 4]>::try_from(addr).ok().map(Into::into),
             _ => <[u8; 16]>::try_from(addr).ok().map(Into::into),
@@ -371,25 +368,23 @@ fn check_trie<K: Pod>(
             len.saturating_sub(32)
         )
     };
-    for item in trie.iter() {
-        let (key, ruleset) = item.map_err(map_err(name))?;
+    for (name, (len, key, ruleset)) in addr_maps::read_all::<K>(ebpf, maps)? {
         report.entries_read += 1;
-        let (sid, addr) = bytes(&key.data());
-        let len = key.prefix_len();
+        let (sid, addr) = bytes(&key);
         let service = u32::from_be_bytes(sid);
         if live_half.contains(&service) {
-            match want.remove(&(len, sid, addr.clone())) {
+            match want.remove(&(name, len, sid, addr.clone())) {
                 Some(w) if w == ruleset => {}
                 Some(w) => report.add(Kind::PrefixWrong, || {
                     format!(
                         "{} uses ruleset {ruleset}, the policy says {w}",
-                        show(len, sid, &addr)
+                        show(name, len, sid, &addr)
                     )
                 }),
                 None => report.add(Kind::PrefixWrong, || {
                     format!(
                         "{} (ruleset {ruleset}) is not in the policy in force",
-                        show(len, sid, &addr)
+                        show(name, len, sid, &addr)
                     )
                 }),
             }
@@ -397,21 +392,21 @@ fn check_trie<K: Pod>(
             report.add(Kind::PrefixStale, || {
                 format!(
                     "{} (ruleset {ruleset}) is left from a retired policy",
-                    show(len, sid, &addr)
+                    show(name, len, sid, &addr)
                 )
             });
         } else if other_half.is_some() {
             report.add(Kind::PrefixWrong, || {
                 format!(
                     "{} lies outside both halves of service ids",
-                    show(len, sid, &addr)
+                    show(name, len, sid, &addr)
                 )
             });
         }
     }
-    for ((len, sid, addr), _) in want {
+    for ((name, len, sid, addr), _) in want {
         report.add(Kind::PrefixMissing, || {
-            format!("{} is missing", show(len, sid, &addr))
+            format!("{} is missing", show(name, len, sid, &addr))
         });
     }
     Ok(())

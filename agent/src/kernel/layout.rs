@@ -12,7 +12,7 @@ use agent_common::{
     LpmV4Key, LpmV6Key, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
 };
 
-use super::compile::CompiledPolicy;
+use super::{addr_maps, compile::CompiledPolicy};
 
 /// Rule ids of a half start at `half * RULES_PER_HALF`.
 pub const RULES_PER_HALF: u32 = 1 << 30;
@@ -24,8 +24,11 @@ pub struct Capacity {
     pub services: u32,
     /// Rulesets per half.
     pub rulesets: u32,
-    /// Entries per LPM trie, both halves together.
-    pub prefixes: u32,
+    /// Entries of each address map (`addr_maps::entry_counts`' order),
+    /// both halves together. Each is sized by its own count: a hash's
+    /// bucket array is allocated in full at load (16 bytes a bucket), so
+    /// the maps a policy hardly uses stay small.
+    pub prefixes: [(&'static str, u32); 8],
 }
 
 impl Capacity {
@@ -37,34 +40,27 @@ impl Capacity {
                 .unwrap_or(u32::MAX)
                 .max(floor)
         };
-        let prefixes = [
-            policy.v4.len(),
-            policy.v6.len(),
-            policy.ingress_v4.len(),
-            policy.ingress_v6.len(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
         Self {
             services: grow(policy.services.len(), DEFAULT_MAX_SERVICES),
             rulesets: grow(policy.rulesets.len(), DEFAULT_MAX_RULESETS),
             // Two halves, each with room to double.
-            prefixes: grow(prefixes, DEFAULT_MAX_PREFIXES).saturating_mul(2),
+            prefixes: addr_maps::entry_counts(policy)
+                .map(|(name, n)| (name, grow(n, DEFAULT_MAX_PREFIXES).saturating_mul(2))),
         }
     }
 
     /// Why `policy` cannot be written into one half, if it cannot.
     pub fn check(&self, policy: &CompiledPolicy) -> Result<(), String> {
-        let per_half = self.prefixes / 2;
-        let checks = [
-            ("services", policy.services.len(), self.services),
-            ("rulesets", policy.rulesets.len(), self.rulesets),
-            ("egress IPv4 prefixes", policy.v4.len(), per_half),
-            ("egress IPv6 prefixes", policy.v6.len(), per_half),
-            ("ingress IPv4 prefixes", policy.ingress_v4.len(), per_half),
-            ("ingress IPv6 prefixes", policy.ingress_v6.len(), per_half),
+        let mut checks = vec![
+            ("services".to_string(), policy.services.len(), self.services),
+            ("rulesets".to_string(), policy.rulesets.len(), self.rulesets),
         ];
+        for ((name, needed), (_, room)) in addr_maps::entry_counts(policy)
+            .into_iter()
+            .zip(self.prefixes)
+        {
+            checks.push((addr_maps::describe(name).to_string(), needed, room / 2));
+        }
         for (what, needed, room) in checks {
             if needed > room as usize {
                 return Err(format!(
@@ -109,14 +105,8 @@ pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> Co
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy;
-
-    fn compiled(text: &str) -> CompiledPolicy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("svc.toml"), text).expect("write");
-        let set = policy::load_dir(dir.path()).expect("valid");
-        super::super::compile(&set).expect("compiles")
-    }
+    use crate::kernel::compiled_from as compiled;
+    use agent_common::maps as names;
 
     #[test]
     fn relocation_moves_every_id_into_the_half() {
@@ -146,14 +136,44 @@ mod tests {
     fn a_policy_too_large_for_the_loaded_maps_is_refused() {
         let small = compiled("cgroup = \"/s\"\nmode = \"enforce\"\n");
         let cap = Capacity::for_policy(&small);
-        let cidrs: Vec<String> = (0..(cap.prefixes / 2 + 1))
-            .map(|i| format!("\"10.{}.{}.0/24\"", i / 256 % 256, i % 256))
-            .collect();
-        let big = compiled(&format!(
-            "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [{}]\n",
-            cidrs.join(",")
-        ));
-        let err = cap.check(&big).expect_err("does not fit");
-        assert!(err.contains("egress IPv4 prefixes"), "{err}");
+        // Each address map has room of its own: networks and whole
+        // addresses are counted apart.
+        let room = |name: &str| {
+            let (_, n) = cap
+                .prefixes
+                .iter()
+                .find(|(m, _)| *m == name)
+                .expect("a map");
+            n / 2
+        };
+        for (name, format, what) in [
+            (names::EGRESS_V4, "10.{}.{}.0/24", "egress IPv4 networks"),
+            (
+                names::EGRESS_HOSTS_V4,
+                "10.0.{}.{}",
+                "egress IPv4 addresses",
+            ),
+        ] {
+            let cidrs: Vec<String> = (0..=room(name))
+                .map(|i| {
+                    let net = format
+                        .replacen("{}", &(i / 256 % 256).to_string(), 1)
+                        .replacen("{}", &(i % 256).to_string(), 1);
+                    format!("\"{net}\"")
+                })
+                .collect();
+            let big = compiled(&format!(
+                "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [{}]\n",
+                cidrs.join(",")
+            ));
+            let err = cap.check(&big).expect_err("does not fit");
+            assert!(err.contains(what), "{err}");
+            // One fewer fits.
+            let fits = compiled(&format!(
+                "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [{}]\n",
+                cidrs[1..].join(",")
+            ));
+            cap.check(&fits).expect("fits");
+        }
     }
 }

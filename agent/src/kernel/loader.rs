@@ -13,7 +13,7 @@ use aya::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         CgroupSockopt, Lsm, SockOps, TracePoint,
     },
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 
 use super::{
@@ -26,6 +26,7 @@ use super::{
 #[cfg(test)]
 mod contract;
 mod resident;
+mod verify;
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
@@ -190,44 +191,8 @@ impl Enforcer {
             loader.load(EBPF_OBJECT)?
         };
         resident::drop_pages(EBPF_OBJECT);
-        let mut lsm_loaded = false;
-        let mut lsm_error = None;
-        for (name, hook) in PROGRAMS {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram(name))?;
-            let err = |source| KernelError::Program { name, source };
-            match hook {
-                Hook::SockAddr => as_type::<CgroupSockAddr>(name, program)?
-                    .load()
-                    .map_err(err)?,
-                Hook::SockOps => as_type::<SockOps>(name, program)?.load().map_err(err)?,
-                Hook::SockCreate => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
-                Hook::Sockopt => as_type::<CgroupSockopt>(name, program)?
-                    .load()
-                    .map_err(err)?,
-                Hook::SkbIngress | Hook::SkbEgress => {
-                    as_type::<CgroupSkb>(name, program)?.load().map_err(err)?
-                }
-                Hook::TracePoint(..) => {
-                    as_type::<TracePoint>(name, program)?.load().map_err(err)?
-                }
-                Hook::Lsm(hook_name) => {
-                    let loaded = Btf::from_sys_fs()
-                        .map_err(|e| e.to_string())
-                        .and_then(|btf| {
-                            as_type::<Lsm>(name, program)
-                                .map_err(|e| e.to_string())?
-                                .load(hook_name, &btf)
-                                .map_err(|e| e.to_string())
-                        });
-                    match loaded {
-                        Ok(()) => lsm_loaded = true,
-                        Err(e) => lsm_error = Some(format!("cannot load the BPF LSM program: {e}")),
-                    }
-                }
-            }
-        }
+        let lsm_error = verify::load_all(&mut ebpf)?;
+        let lsm_loaded = lsm_error.is_none();
         Ok(Self {
             ebpf,
             links: Vec::new(),
@@ -612,10 +577,10 @@ impl Enforcer {
 /// The maps sized at load time, with their `max_entries` (bytes for the
 /// ring buffer). aya ignores a name the object has no map for, so
 /// `contract.rs` checks each against the embedded object.
-fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32); 14] {
+fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u32)> {
     // Service ids and rulesets of both halves (see layout.rs).
     let max_services = capacity.services.saturating_mul(2);
-    [
+    let mut sizes = vec![
         (names::SERVICES, options.max_cgroups),
         (names::COUNTERS, max_services.saturating_mul(COUNTER_SLOTS)),
         (names::EVENTS, options.events_bytes),
@@ -629,13 +594,11 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> [(&'static str, u32);
             names::UDP_PEERS,
             options.udp_peers_per_service.saturating_mul(max_services),
         ),
-        (names::INGRESS_V4, capacity.prefixes),
-        (names::INGRESS_V6, capacity.prefixes),
-        (names::EGRESS_V4, capacity.prefixes),
-        (names::EGRESS_V6, capacity.prefixes),
         (names::RULESETS, capacity.rulesets.saturating_mul(2)),
         (names::FLOWS, options.flow_table),
-    ]
+    ];
+    sizes.extend(capacity.prefixes);
+    sizes
 }
 
 /// The globals set at load time, with the bytes of their values (in

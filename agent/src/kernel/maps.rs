@@ -5,13 +5,18 @@ use agent_common::{
     CGROUP_PATH_MAX, SOCKETS_ICMP,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
+    maps::{Array, HashMap, MapData},
     Ebpf,
 };
 
 use std::ops::Range;
 
-use super::{compile::CompiledPolicy, KernelError};
+use super::{
+    addr_maps,
+    compile::CompiledPolicy,
+    map_access::{map_err, map_mut, removed},
+    KernelError,
+};
 use crate::policy::Selector;
 
 /// One change to apply to the SERVICES map.
@@ -49,76 +54,38 @@ pub fn write(
     apply_service_changes(ebpf, &changes)
 }
 
-/// Writes a policy's rulesets and LPM entries (its ids already relocated
-/// into a half no service points at yet).
+/// Writes a policy's rulesets and address entries (its ids already
+/// relocated into a half no service points at yet).
 pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), KernelError> {
-    let map_err = |name: &'static str| move |source| KernelError::Map { name, source };
-
-    let mut rulesets: Array<&mut MapData, RuleSet> = map(ebpf, names::RULESETS)?;
+    let mut rulesets: Array<&mut MapData, RuleSet> = map_mut(ebpf, names::RULESETS)?;
     for (i, set) in policy.rulesets.iter().enumerate() {
         let index = policy.ruleset_base + u32::try_from(i).unwrap_or(u32::MAX);
         rulesets
             .set(index, set, 0)
             .map_err(map_err(names::RULESETS))?;
     }
-    for (name, entries) in [
-        (names::EGRESS_V4, &policy.v4),
-        (names::INGRESS_V4, &policy.ingress_v4),
-    ] {
-        let mut trie: LpmTrie<&mut MapData, LpmV4Key, u32> = map(ebpf, name)?;
-        for (len, key, ruleset) in entries {
-            trie.insert(&Key::new(*len, *key), ruleset, 0)
-                .map_err(map_err(name))?;
-        }
-    }
-    for (name, entries) in [
-        (names::EGRESS_V6, &policy.v6),
-        (names::INGRESS_V6, &policy.ingress_v6),
-    ] {
-        let mut trie: LpmTrie<&mut MapData, LpmV6Key, u32> = map(ebpf, name)?;
-        for (len, key, ruleset) in entries {
-            trie.insert(&Key::new(*len, *key), ruleset, 0)
-                .map_err(map_err(name))?;
-        }
-    }
-    Ok(())
+    addr_maps::write(ebpf, addr_maps::EGRESS_V4, &policy.v4)?;
+    addr_maps::write(ebpf, addr_maps::INGRESS_V4, &policy.ingress_v4)?;
+    addr_maps::write(ebpf, addr_maps::EGRESS_V6, &policy.v6)?;
+    addr_maps::write(ebpf, addr_maps::INGRESS_V6, &policy.ingress_v6)
 }
 
-/// Empties one half of the LPM tries: every prefix whose service id lies
-/// in `services` goes, whoever wrote it (a retire that failed, a staging
-/// cut short). Its rulesets are not touched: only prefixes and service
-/// entries of that half can reach them, and the next policy there
+/// Empties one half of the address maps: every prefix whose service id
+/// lies in `services` goes, whoever wrote it (a retire that failed, a
+/// staging cut short). Its rulesets are not touched: only prefixes and
+/// service entries of that half can reach them, and the next policy there
 /// overwrites the ones it uses. Returns how many prefixes went.
 pub fn clear_half(ebpf: &mut Ebpf, services: Range<u32>) -> Result<usize, KernelError> {
     let mut cleared = 0;
-    for name in [names::EGRESS_V4, names::INGRESS_V4] {
-        cleared += clear_trie(ebpf, name, |k: &LpmV4Key| services.contains(&k.service()))?;
+    for maps in [addr_maps::EGRESS_V4, addr_maps::INGRESS_V4] {
+        cleared +=
+            addr_maps::remove_where(ebpf, maps, |k: &LpmV4Key| services.contains(&k.service()))?;
     }
-    for name in [names::EGRESS_V6, names::INGRESS_V6] {
-        cleared += clear_trie(ebpf, name, |k: &LpmV6Key| services.contains(&k.service()))?;
+    for maps in [addr_maps::EGRESS_V6, addr_maps::INGRESS_V6] {
+        cleared +=
+            addr_maps::remove_where(ebpf, maps, |k: &LpmV6Key| services.contains(&k.service()))?;
     }
     Ok(cleared)
-}
-
-/// Removes every key of the LPM trie `name` that `doomed` accepts (an
-/// unreadable key too); returns how many went.
-fn clear_trie<K: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    doomed: impl Fn(&K) -> bool,
-) -> Result<usize, KernelError> {
-    let map_err = |source| KernelError::Map { name, source };
-    let mut trie: LpmTrie<&mut MapData, K, u32> = map(ebpf, name)?;
-    // Collected first: deleting while walking would skip keys.
-    let keys = trie
-        .keys()
-        .filter(|k| k.as_ref().map_or(true, |k| doomed(&k.data())))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err)?;
-    for key in &keys {
-        removed(trie.remove(key)).map_err(map_err)?;
-    }
-    Ok(keys.len())
 }
 
 /// The SERVICE_PATHS key of a cgroup path relative to the cgroup2 mount:
@@ -139,7 +106,7 @@ pub fn path_key(cgroup_path: &str) -> Option<[u8; CGROUP_PATH_MAX]> {
 /// they are added, so that a per-packet program never skips a service that
 /// needs it.
 pub fn write_active_flags(ebpf: &mut Ebpf, flags: u32) -> Result<(), KernelError> {
-    let mut active: Array<&mut MapData, u32> = map(ebpf, names::ACTIVE_FLAGS)?;
+    let mut active: Array<&mut MapData, u32> = map_mut(ebpf, names::ACTIVE_FLAGS)?;
     active.set(0, flags, 0).map_err(|source| KernelError::Map {
         name: names::ACTIVE_FLAGS,
         source,
@@ -175,7 +142,7 @@ pub fn write_service_paths(
         source,
     };
     let mut paths: HashMap<&mut MapData, [u8; CGROUP_PATH_MAX], ServiceEntry> =
-        map(ebpf, names::SERVICE_PATHS)?;
+        map_mut(ebpf, names::SERVICE_PATHS)?;
     for s in &policy.services {
         if let Some(key) = cgroup_key(&s.selector) {
             paths.insert(key, s.entry, 0).map_err(path_err)?;
@@ -190,7 +157,7 @@ pub fn write_service_paths(
         name: names::UNIT_NAMES,
         source,
     };
-    let mut units: HashMap<&mut MapData, UnitKey, ServiceEntry> = map(ebpf, names::UNIT_NAMES)?;
+    let mut units: HashMap<&mut MapData, UnitKey, ServiceEntry> = map_mut(ebpf, names::UNIT_NAMES)?;
     for s in &policy.services {
         if let Selector::Unit(u) = &s.selector {
             units.insert(u.key(), s.entry, 0).map_err(unit_err)?;
@@ -217,7 +184,7 @@ pub fn apply_service_changes(
     ebpf: &mut Ebpf,
     changes: &[Change],
 ) -> Result<Vec<(Change, String)>, KernelError> {
-    let mut services: HashMap<&mut MapData, u64, ServiceEntry> = map(ebpf, names::SERVICES)?;
+    let mut services: HashMap<&mut MapData, u64, ServiceEntry> = map_mut(ebpf, names::SERVICES)?;
     let mut failed = Vec::new();
     for change in changes {
         let result = match *change {
@@ -242,7 +209,7 @@ pub fn write_held_sockets(
         name: names::HELD_SOCKETS,
         source,
     };
-    let mut held: HashMap<&mut MapData, u64, u64> = map(ebpf, names::HELD_SOCKETS)?;
+    let mut held: HashMap<&mut MapData, u64, u64> = map_mut(ebpf, names::HELD_SOCKETS)?;
     for cookie in before.keys().filter(|c| !now.contains_key(c)) {
         removed(held.remove(cookie)).map_err(map_err)?;
     }
@@ -262,27 +229,4 @@ pub fn write_held_sockets(
         }
     }
     Ok(overflow)
-}
-
-/// A removal that found nothing to remove is fine: the end state is the
-/// one wanted. (aya reports a missing key on delete as the syscall's
-/// ENOENT, not as `KeyNotFound`.)
-fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match result {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-pub(super) fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
-where
-    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let m = ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?;
-    T::try_from(m).map_err(|source| KernelError::Map { name, source })
 }

@@ -16,11 +16,16 @@ use agent_common::{
     PROTO_ANY, PROTO_UDP,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
+    maps::{Array, HashMap, MapData, MapError},
     Ebpf,
 };
 
-use super::{compile::CompiledPolicy, KernelError};
+use super::{
+    addr_maps,
+    compile::CompiledPolicy,
+    map_access::{map_mut, map_ref},
+    KernelError,
+};
 
 /// `BPF_EXIST`: update only a key that exists.
 const BPF_EXIST: u64 = 2;
@@ -84,7 +89,8 @@ pub fn sweep(
         *counts.entry(id).or_default() += 1;
     }
     {
-        let mut peers: HashMap<&mut MapData, UdpPeerKey, UdpPeer> = map(ebpf, names::UDP_PEERS)?;
+        let mut peers: HashMap<&mut MapData, UdpPeerKey, UdpPeer> =
+            map_mut(ebpf, names::UDP_PEERS)?;
         let err = |source| KernelError::Map {
             name: names::UDP_PEERS,
             source,
@@ -105,7 +111,7 @@ pub fn sweep(
             }
         }
     }
-    let mut count: Array<&mut MapData, u64> = map(ebpf, names::UDP_PEER_COUNT)?;
+    let mut count: Array<&mut MapData, u64> = map_mut(ebpf, names::UDP_PEER_COUNT)?;
     let ids = live.services.iter().map(|s| s.entry.service_id).chain(
         previous
             .into_iter()
@@ -159,28 +165,22 @@ fn allowed(
     }
     let sent = peer.origin == PEER_SENT;
     let port = if sent { key.port } else { peer.local_port };
-    let (v4, v6) = if sent {
-        (names::EGRESS_V4, names::EGRESS_V6)
-    } else {
-        (names::INGRESS_V4, names::INGRESS_V6)
+    let maps = match (sent, key.family == FAMILY_V4) {
+        (true, true) => addr_maps::EGRESS_V4,
+        (true, false) => addr_maps::EGRESS_V6,
+        (false, true) => addr_maps::INGRESS_V4,
+        (false, false) => addr_maps::INGRESS_V6,
     };
     // The lookup the kernel programs make (agent-ebpf rules.rs).
     let ruleset = if key.family == FAMILY_V4 {
-        let trie: LpmTrie<&MapData, LpmV4Key, u32> = map_ref(ebpf, v4)?;
         let mut addr = [0; 4];
         addr.copy_from_slice(&key.addr[..4]);
-        trie.get(&Key::new(LpmV4Key::FULL_PREFIX, LpmV4Key::new(id, addr)), 0)
+        addr_maps::lookup(ebpf, maps, LpmV4Key::new(id, addr))?
     } else {
-        let trie: LpmTrie<&MapData, LpmV6Key, u32> = map_ref(ebpf, v6)?;
-        trie.get(
-            &Key::new(LpmV6Key::FULL_PREFIX, LpmV6Key::new(id, key.addr)),
-            0,
-        )
+        addr_maps::lookup(ebpf, maps, LpmV6Key::new(id, key.addr))?
     };
-    let index = match ruleset {
-        Ok(index) => index,
-        Err(MapError::KeyNotFound) => return Ok(false),
-        Err(source) => return Err(KernelError::Map { name: v4, source }),
+    let Some(index) = ruleset else {
+        return Ok(false);
     };
     let Some(set) = index
         .checked_sub(live.ruleset_base)
@@ -202,20 +202,4 @@ fn monotonic_ns() -> u64 {
     // SAFETY: a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-fn map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, KernelError>
-where
-    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
-{
-    let m = ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?;
-    T::try_from(m).map_err(|source| KernelError::Map { name, source })
-}
-
-fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, KernelError>
-where
-    T: TryFrom<&'a aya::maps::Map, Error = MapError>,
-{
-    let m = ebpf.map(name).ok_or(KernelError::MissingMap(name))?;
-    T::try_from(m).map_err(|source| KernelError::Map { name, source })
 }

@@ -15,7 +15,11 @@ use agent_common::{maps as names, COUNTER_SLOTS};
 use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use tracing::warn;
 
-use crate::{events::EventStats, kernel::CompiledPolicy, policy::Mode};
+use crate::{
+    events::EventStats,
+    kernel::{addr_maps, CompiledPolicy},
+    policy::Mode,
+};
 
 pub(super) const SLOTS: usize = COUNTER_SLOTS as usize;
 
@@ -142,14 +146,11 @@ impl Inventory {
             })
             .collect();
         // The maps hold exactly what `kernel::maps::write` put there.
+        let addresses = addr_maps::entry_counts(policy);
         let entries = |name: &str| match name {
             names::SERVICES => Some(cgroups),
-            names::EGRESS_V4 => Some(policy.v4.len()),
-            names::EGRESS_V6 => Some(policy.v6.len()),
-            names::INGRESS_V4 => Some(policy.ingress_v4.len()),
-            names::INGRESS_V6 => Some(policy.ingress_v6.len()),
             names::RULESETS => Some(policy.rulesets.len()),
-            _ => None,
+            _ => addresses.iter().find(|(n, _)| *n == name).map(|(_, c)| *c),
         };
         let maps = capacities
             .iter()
@@ -185,6 +186,10 @@ pub fn map_capacities(ebpf: &aya::Ebpf) -> Vec<(&'static str, u32)> {
         names::EGRESS_V6,
         names::INGRESS_V4,
         names::INGRESS_V6,
+        names::EGRESS_HOSTS_V4,
+        names::EGRESS_HOSTS_V6,
+        names::INGRESS_HOSTS_V4,
+        names::INGRESS_HOSTS_V6,
         names::RULESETS,
     ]
     .into_iter()

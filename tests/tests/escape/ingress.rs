@@ -81,7 +81,11 @@ fn assert_dropped(peers: &Probe, from: IpAddr, server: &Server, why: &str) {
 /// (every connection must be accepted), so that the daemon has had that
 /// long to learn who holds the listener.
 fn keep_connecting(peer: &Probe, server: &Server, why: &str) {
-    let until = Instant::now() + HOLDER_GRACE;
+    keep_connecting_until(peer, server, Instant::now() + HOLDER_GRACE, why);
+}
+
+/// [`keep_connecting`] with no connection started at or after `until`.
+fn keep_connecting_until(peer: &Probe, server: &Server, until: Instant, why: &str) {
     while Instant::now() < until {
         let ok = peer.tcp_connect(server.addr());
         ok.assert_ok(why);
@@ -415,13 +419,19 @@ fn tcp4_socket_activated_listener_stays_the_services_when_hidden_in_io_uring() {
     let rule = Ingress::from([f.allowed]).protocol("tcp");
     let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
     let _daemon = Daemon::start(&policies);
-    let serving = HOLDER_GRACE + Duration::from_secs(1);
-    let server = probe!().serve_activated_then_hidden(svc.path(), f.local(0), serving);
     let peers = probe!().in_netns(remote.name());
     assert_unmanaged_reachable(&peers, (&f, Proto::Tcp), "a SYN", Probe::tcp_connect);
-    keep_connecting(
+    // The probe serves (accepts and answers) for `serving`, then hides the
+    // listener and accepts no more: the last connection must be made with
+    // room to spare, even in an emulated guest where one takes a second or
+    // two, or it would queue unanswered.
+    let serving = HOLDER_GRACE + Duration::from_secs(4);
+    let started = Instant::now();
+    let server = probe!().serve_activated_then_hidden(svc.path(), f.local(0), serving);
+    keep_connecting_until(
         &peers.source(f.allowed),
         &server,
+        started + HOLDER_GRACE,
         "the allowed source connects while the service still shows the listener",
     );
     let wait = serving + Duration::from_secs(5);

@@ -358,10 +358,15 @@ fn xtask_package_builds_a_deb_that_installs_and_purges() {
         return;
     };
     let out_dir = tempfile::tempdir().expect("tempdir");
+    // The binary under test: a release build here would take minutes, and
+    // what this checks is the package, not the compiler's profile.
+    let bin = bulkhead_bin();
     let out = xtask(&[
         "package",
         "--output",
         out_dir.path().to_str().expect("UTF-8 temp path"),
+        "--binary",
+        bin.to_str().expect("UTF-8 binary path"),
     ]);
     let deb = String::from_utf8_lossy(&out.stdout)
         .lines()

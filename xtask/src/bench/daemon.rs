@@ -30,6 +30,9 @@ pub struct Daemon {
     pub ready_after: Duration,
     /// VmRSS right after READY=1.
     pub rss_kib: Option<u64>,
+    /// Kernel memory of its maps right after READY=1 (the sum of their
+    /// `memlock`, what the kernel charges for each), in KiB.
+    pub maps_kib: Option<u64>,
 }
 
 impl Daemon {
@@ -67,6 +70,7 @@ impl Daemon {
             .arg(work.join("state"));
         let (child, ready_after) = spawn_ready(cmd, work, &log)?;
         let rss_kib = rss_kib(child.id());
+        let maps_kib = maps_kib(&pin_dir.join("current/maps"));
         Ok(Self {
             child: Some(child),
             bin: bin.to_path_buf(),
@@ -74,6 +78,7 @@ impl Daemon {
             log,
             ready_after,
             rss_kib,
+            maps_kib,
         })
     }
 
@@ -315,6 +320,23 @@ pub fn detach_stale(bin: &Path) -> Result<()> {
 }
 
 /// VmRSS of a process, in KiB.
+/// The kernel memory of the maps pinned in `dir`: each map's `memlock`
+/// (`bpftool map show`), summed; None if any cannot be read.
+fn maps_kib(dir: &Path) -> Option<u64> {
+    let mut bytes = 0;
+    for entry in fs::read_dir(dir).ok()? {
+        let path = entry.ok()?.path();
+        let out = Command::new("bpftool")
+            .args(["--json", "map", "show", "pinned"])
+            .arg(&path)
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        bytes += v["bytes_memlock"].as_u64()?;
+    }
+    Some(bytes / 1024)
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status

@@ -381,9 +381,9 @@ impl Report<'_> {
         }
         let _ = writeln!(
             out,
-            "| rules | start to READY=1 (ms) | VmRSS after READY=1 (MiB) | decision-log lines per UDP connect | per sendto | per TCP connect | IRQ-work interrupts per call | daemon context switches per call |"
+            "| rules | start to READY=1 (ms) | VmRSS after READY=1 (MiB) | kernel memory of its maps (MiB) | decision-log lines per UDP connect | per sendto | per TCP connect | IRQ-work interrupts per call | daemon context switches per call |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (rules, d) in &self.results.daemon {
             let ms: Vec<u64> = d
                 .ready_after
@@ -401,10 +401,12 @@ impl Report<'_> {
                 .collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 num(*rules as u64),
                 median_of(&ms).map_or("—".to_owned(), num),
                 median_of(&d.rss_kib)
+                    .map_or("—".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                median_of(&d.maps_kib)
                     .map_or("—".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
                 lines.join(" | "),
                 median_f(&d.irq_work_per_call).map_or("—".to_owned(), |v| format!("{v:.2}")),
@@ -576,7 +578,9 @@ impl Report<'_> {
                  interrupts* (all CPUs, from /proc/interrupts, so anything else on the host \
                  counts too): a BPF ring buffer raises one to wake its reader when a record \
                  lands in an empty ring, so about one per call means a wake-up per record. \
-                 *Context switches*: of all the daemon's threads.\n\n{daemon}\n"
+                 *Context switches*: of all the daemon's threads. *Kernel memory of its \
+                 maps*: the sum of each map's `memlock` (`bpftool map show`, what the kernel \
+                 charges for it) right after READY=1; not in VmRSS.\n\n{daemon}\n"
             );
         }
         let peers = self.peer_load_table();
@@ -655,11 +659,11 @@ impl Report<'_> {
              `iptables-legacy-restore` into their case's namespace, where they touch no other \
              traffic.\n\
              - **Destinations.** N distinct /32s scattered over 127.0.0.0/15 (never sent to): \
-             next to the probe's 127.0.0.1, so an LPM lookup for it walks a trie as deep as N \
-             makes it. Destinations in a distant block (e.g. 198.18.0.0/15) branch off \
-             near the root and flatter bulkhead: in trial runs with them, 100,000 rules cost \
-             no more than 10, within noise. Only IPv4 is measured; IPv6 prefixes live in \
-             a separate trie.\n\
+             next to the probe's 127.0.0.1. Whole addresses (/32, /128) sit in a hash of \
+             their own, one lookup whatever N; networks go to an LPM trie, which this bench \
+             does not fill. Before the hash (commit 2f570c8's BENCHMARKS.md) these /32s \
+             were trie entries and the probe's lookup walked a trie as deep as N made it: \
+             +110 ns a UDP connect from 10 to 100,000 rules. Only IPv4 is measured.\n\
              - **Checks.** Each bulkhead case first gets EPERM on a port no rule allows (the \
              service is managed, the numbers include the verdict); each peer case's cgroup \
              rule counter must grow by at least the number of sendto() calls. Before and after \

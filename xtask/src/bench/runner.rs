@@ -50,6 +50,7 @@ struct Env {
 pub struct DaemonStats {
     pub ready_after: Vec<Duration>,
     pub rss_kib: Vec<u64>,
+    pub maps_kib: Vec<u64>,
     /// Daemon context switches per hooked call of the load generator.
     pub switches_per_call: Vec<f64>,
     /// Decision-log lines per call of each probe (its lines over its
@@ -131,6 +132,7 @@ impl Runner<'_> {
                     let stats = daemon.entry(env.case.rules).or_default();
                     stats.ready_after.push(d.ready_after);
                     stats.rss_kib.extend(d.rss_kib);
+                    stats.maps_kib.extend(d.maps_kib);
                     stats.switches_per_call.extend(d.switches_per_call);
                     for (probe, v) in d.lines_per_call {
                         stats.lines_per_call.entry(probe).or_default().push(v);
@@ -440,6 +442,7 @@ impl Runner<'_> {
                 let mut stats = RoundDaemon {
                     ready_after: d.ready_after,
                     rss_kib: d.rss_kib,
+                    maps_kib: d.maps_kib,
                     switches_per_call: switches_before
                         .zip(switches_after)
                         .map(|(b, a)| a.saturating_sub(b) as f64 / calls),
@@ -524,6 +527,7 @@ fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
 struct RoundDaemon {
     ready_after: Duration,
     rss_kib: Option<u64>,
+    maps_kib: Option<u64>,
     switches_per_call: Option<f64>,
     lines_per_call: BTreeMap<Probe, f64>,
     other_lines_per_call: Option<f64>,

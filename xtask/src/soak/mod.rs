@@ -473,7 +473,8 @@ impl Soak<'_> {
                     )
                 };
                 sample.services_entries = map("SERVICES");
-                sample.egress_v4_entries = map("EGRESS_V4");
+                // Networks in the trie, whole addresses in the hash.
+                sample.egress_v4_entries = map("EGRESS_V4") + map("EGRESS_HOSTS_V4");
                 sample.rulesets_entries = map("RULESETS");
                 sample.lost = report::lost_by_source(&page);
             }

@@ -120,7 +120,7 @@ impl Report<'_> {
             ("open fds", |x| x.fds),
             ("threads", |x| x.threads),
             ("SERVICES entries", |x| x.services_entries),
-            ("EGRESS_V4 entries", |x| x.egress_v4_entries),
+            ("egress IPv4 entries", |x| x.egress_v4_entries),
         ] {
             let (lo, hi) = range(self.samples, f);
             let _ = writeln!(s, "- {label}: {lo} to {hi} over the samples.");
@@ -132,7 +132,7 @@ impl Report<'_> {
             let _ = writeln!(s, "- WRONG VERDICT: {line}");
         }
         s.push_str(
-            "\n| minute | agent start | RSS KiB | fds | threads | SERVICES | EGRESS_V4 | RULESETS | events lost (by source) | decision log bytes | judged calls | wrong | no verdict |\n\
+            "\n| minute | agent start | RSS KiB | fds | threads | SERVICES | egress IPv4 | RULESETS | events lost (by source) | decision log bytes | judged calls | wrong | no verdict |\n\
              | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n",
         );
         for x in self.samples {

@@ -56,6 +56,20 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
         (names::EGRESS_V6, lpm, size_of::<Key<LpmV6Key>>(), Some(4)),
         (names::INGRESS_V4, lpm, size_of::<Key<LpmV4Key>>(), Some(4)),
         (names::INGRESS_V6, lpm, size_of::<Key<LpmV6Key>>(), Some(4)),
+        (names::EGRESS_HOSTS_V4, hash, size_of::<LpmV4Key>(), Some(4)),
+        (names::EGRESS_HOSTS_V6, hash, size_of::<LpmV6Key>(), Some(4)),
+        (
+            names::INGRESS_HOSTS_V4,
+            hash,
+            size_of::<LpmV4Key>(),
+            Some(4),
+        ),
+        (
+            names::INGRESS_HOSTS_V6,
+            hash,
+            size_of::<LpmV6Key>(),
+            Some(4),
+        ),
         (
             names::UDP_PEERS,
             hash,
