@@ -12,7 +12,7 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    counter_slot, Event, FlowKey, FlowValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet,
+    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, Event, FlowKey, FlowValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet,
     ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS,
     DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT,
     LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
@@ -45,9 +45,14 @@ macro_rules! assert_layout {
 
 assert_layout!(
     ServiceEntry,
-    16,
-    [service_id, mode, flags, sockets, _pad, bind_ruleset, _pad2]
+    24,
+    [service_id, mode, flags, sockets, _pad, bind_ruleset, names_ruleset, name_key]
 );
+assert_layout!(LearntKey, 32, [name_key, family, _pad, addr]);
+assert_layout!(LearntValue, 16, [expires_ns, rules, _pad]);
+assert_layout!(DnsOrigin, 32, [name_key, service_id, port, family, _pad, addr]);
+assert_layout!(DnsClientKey, 20, [protocol, family, port, addr]);
+assert_layout!(DnsProxy, 32, [heartbeat_ns, addr4, port4, port6, addr6]);
 assert_layout!(LpmV4Key, 8, [service_id, addr]);
 assert_layout!(LpmV6Key, 20, [service_id, addr]);
 assert_layout!(PortRange, 12, [lo, hi, proto, _pad, rule_id]);

@@ -7,6 +7,7 @@
 //! `layout.rs` checks sizes and padding when the crate compiles.
 #![no_std]
 
+pub mod dns;
 pub mod event;
 pub mod flow;
 pub mod globals;
@@ -15,6 +16,7 @@ pub mod maps;
 pub mod policy;
 pub mod unit;
 
+pub use dns::*;
 pub use event::*;
 pub use flow::*;
 pub use maps::*;

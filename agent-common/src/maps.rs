@@ -122,7 +122,7 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 26] = [
+pub const ALL: [&str; 30] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
@@ -149,6 +149,10 @@ pub const ALL: [&str; 26] = [
     FLOWS,
     FLOW_EPOCH,
     FLOW_STATS,
+    crate::LEARNT,
+    crate::DNS_ORIGINS,
+    crate::DNS_CLIENTS,
+    crate::DNS_PROXY,
 ];
 
 /// Hash of [`crate::FlowKey`] -> [`crate::FlowValue`]: the flows being

@@ -56,6 +56,9 @@ pub const FLAG_ALLOW_PACKET: u8 = 8;
 /// The service is quarantined: every packet in or out, established
 /// connections included, must match its (exception-only) rules.
 pub const FLAG_QUARANTINE: u8 = 16;
+/// The service has `[[egress]]` rules with names (see `dns.rs`): its DNS
+/// lookups go through the agent's proxy, and LEARNT widens its egress.
+pub const FLAG_NAMES: u8 = 32;
 
 /// `ServiceEntry::sockets`: socket kinds a service may create besides TCP,
 /// UDP and raw sockets (`FLAG_ALLOW_RAW`). Ping sockets (the policy has a
@@ -92,7 +95,12 @@ pub struct ServiceEntry {
     /// Index in `RULESETS` of the ports the service may bind (with
     /// [`FLAG_BIND`]).
     pub bind_ruleset: u32,
-    pub _pad2: u32,
+    /// With [`FLAG_NAMES`]: index in `RULESETS` of the first of the
+    /// service's `NAME_RULESETS` (see `dns.rs`).
+    pub names_ruleset: u32,
+    /// Stable across reloads and restarts (a hash of the service's name),
+    /// unlike `service_id`: what its learnt addresses are keyed by.
+    pub name_key: u64,
 }
 
 /// Bits of the service id at the front of every LPM key.

@@ -13,7 +13,8 @@
 //! Where things are: the entry points by hook, `sock_addr.rs`
 //! (connect/sendmsg/bind), `sockets.rs` (socket creation), `sockopt.rs`,
 //! `ingress.rs` and `outbound.rs` (cgroup_skb), `lifecycle.rs` (sock_ops),
-//! `cgroups.rs` (cgroup_mkdir/rmdir tracepoints); what they share,
+//! `cgroups.rs` (cgroup_mkdir/rmdir tracepoints), `names.rs` (egress by
+//! DNS name: the port-53 redirect, recvmsg/getpeername, learnt addresses); what they share,
 //! `rules.rs` (the LPM lookups and port checks), `flows.rs` (counting
 //! calls per flow), `service.rs` (task or
 //! socket -> service), `events.rs`, `udp_peers.rs`, `packet.rs`,
@@ -49,6 +50,8 @@ mod lifecycle;
 mod linux;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod names;
 #[cfg(target_arch = "bpf")]
 mod outbound;
 #[cfg(target_arch = "bpf")]

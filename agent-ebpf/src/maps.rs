@@ -3,6 +3,7 @@
 //! policy before loading.
 
 use agent_common::{
+    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, DEFAULT_MAX_LEARNT, DNS_TRACKED,
     FlowKey, FlowValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer,
     UdpPeerKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FLOW_TABLE, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
@@ -11,7 +12,7 @@ use agent_common::{
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "SERVICES")]
@@ -189,3 +190,18 @@ pub fn bpf_log_enabled() -> bool {
     // SAFETY: a read of a global the loader may have rewritten in .rodata.
     unsafe { core::ptr::read_volatile(&BPF_LOG) != 0 }
 }
+
+/// The addresses services learnt from their own lookups (see names.rs).
+#[map(name = "LEARNT")]
+pub static LEARNT: HashMap<LearntKey, LearntValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_LEARNT, BPF_F_NO_PREALLOC);
+
+#[map(name = "DNS_ORIGINS")]
+pub static DNS_ORIGINS: LruHashMap<u64, DnsOrigin> = LruHashMap::with_max_entries(DNS_TRACKED, 0);
+
+#[map(name = "DNS_CLIENTS")]
+pub static DNS_CLIENTS: LruHashMap<DnsClientKey, DnsOrigin> =
+    LruHashMap::with_max_entries(DNS_TRACKED, 0);
+
+#[map(name = "DNS_PROXY")]
+pub static DNS_PROXY: Array<DnsProxy> = Array::with_max_entries(1, 0);

@@ -9,13 +9,14 @@
 //!   setsockopt program never sees): their first hop was never judged, so a
 //!   managed service's are dropped;
 //! - a quarantined service: packets of connections opened before the
-//!   quarantine are dropped unless they go to an exception.
+//!   quarantine are dropped unless they go to an exception;
+//! - a DNS query to the agent's proxy: who sent it (names.rs).
 //!
 //! Every other packet passes after one array read, or a look at its IP
 //! header in place when some service is managed.
 
 use agent_common::{
-    ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED, DIRECTION_EGRESS, FLAG_QUARANTINE,
+    ServiceEntry, ACTIVE_ICMP, ACTIVE_MANAGED, DIRECTION_EGRESS, FLAG_NAMES, FLAG_QUARANTINE,
     HOOK_EGRESS_PACKET, LOST_VERDICT, MODE_AUDIT, PROTO_ICMP, PROTO_ICMPV6, RULE_DEFAULT_DENY,
     RULE_SOURCE_ROUTE, RULE_UNREADABLE, VERDICT_DENY,
 };
@@ -27,6 +28,7 @@ use crate::{
     helpers::{skb_cgroup_id, socket_cookie},
     linux::SOCK_DGRAM,
     maps::active_flags,
+    names,
     packet::{is_ext, parse, Packet},
     rules::subprog::{match_ingress_v4, match_ingress_v6, match_v4, match_v6},
     service::socket_service,
@@ -38,6 +40,9 @@ const DROP: i32 = 0;
 #[cgroup_skb(egress)]
 pub fn bulkhead_egress_skb(ctx: SkBuffContext) -> i32 {
     let active = active_flags();
+    if active & u32::from(FLAG_NAMES) != 0 {
+        names::note_client(&ctx);
+    }
     if active & (ACTIVE_MANAGED | u32::from(FLAG_QUARANTINE)) == 0 {
         return PASS;
     }

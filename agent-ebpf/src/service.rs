@@ -76,7 +76,8 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
         sockets: 0,
         _pad: 0,
         bind_ruleset: 0,
-        _pad2: 0,
+        names_ruleset: 0,
+        name_key: 0,
     };
     let mut have = false;
     // Level 0 is the root (never a service); walk down to the leaf's parent.

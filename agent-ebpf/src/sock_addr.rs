@@ -3,7 +3,7 @@
 //! asks `judge` (or `bind`) for a verdict.
 
 use agent_common::{
-    counter_slot, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, HOOK_BIND,
+    counter_slot, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, HOOK_BIND,
     HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PEER_SENT, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
@@ -23,6 +23,7 @@ use crate::{
     flows::{self, Caller, Report},
     helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged},
+    names,
     rules::{match_ports, match_v4, match_v6},
     service::{current_service, current_service_in},
     udp_peers,
@@ -241,6 +242,11 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
                 Dest::V4(addr) => match_v4(s.service_id, addr, proto, port),
                 Dest::V6(addr) => match_v6(s.service_id, addr, proto, port),
             };
+            // An address the service learnt from its own lookup of a name
+            // its rules allow.
+            if rule == RULE_DEFAULT_DENY && s.flags & FLAG_NAMES != 0 {
+                rule = names::learnt_rule(&s, &dest, proto, port);
+            }
             // A datagram answering a UDP peer that ingress let in.
             if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
                 let cookie = socket_cookie(ctx);
@@ -332,9 +338,18 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         }
     }
 
+    // A lookup of a service with name rules goes to the agent's proxy
+    // (judged above as the resolver it asked for), which opens the
+    // pinhole for the answer itself.
+    let call = u32::from(port) | (u32::from(proto) << 16) | (u32::from(pinhole) << 24);
+    let redirected = match service {
+        Some(s) if allowed => names::maybe_redirect(ctx, &s, &dest, call),
+        _ => false,
+    };
+
     // An unconnected UDP socket of an ingress-restricted service: let the
     // replies from this peer in (see ingress.rs).
-    if allowed && pinhole {
+    if allowed && pinhole && !redirected {
         let key = udp_peers::key(cookie, dest, port);
         udp_peers::open(&key, service_id, 0, PEER_SENT);
     }

@@ -49,6 +49,8 @@ pub struct Config {
     pub flows: FlowsConfig,
     /// Fleet mode: export to ClickHouse (docs/fleet.md); off by default.
     pub fleet: crate::fleet::FleetConfig,
+    /// The DNS proxy of egress rules by name (docs/dns-names.md).
+    pub dns: DnsConfig,
 }
 
 /// Room for managed cgroups: one per running service, one per running
@@ -104,7 +106,67 @@ impl Default for Config {
             self_check: SelfCheckConfig::default(),
             flows: FlowsConfig::default(),
             fleet: crate::fleet::FleetConfig::default(),
+            dns: DnsConfig::default(),
         }
+    }
+}
+
+/// The DNS proxy through which services with name rules look names up
+/// (`[dns]`, docs/dns-names.md).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Loopback address the proxy listens on (UDP and TCP); port 0 picks a
+    /// free one, which the kernel programs are told.
+    pub listen: SocketAddr,
+    /// Shortest time a learnt address stays allowed, whatever its TTL.
+    pub min_ttl_secs: u32,
+    /// Most addresses one (service, name) holds; more evict the oldest.
+    pub max_per_name: u32,
+    /// Most learnt (service, name, address) entries in all: the kernel
+    /// map's size (about 100 bytes an entry, allocated as used).
+    pub max_learnt: u32,
+    /// How long a resolver has to answer before the client gets SERVFAIL.
+    pub upstream_timeout_ms: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            min_ttl_secs: 60,
+            max_per_name: 64,
+            max_learnt: agent_common::DEFAULT_MAX_LEARNT,
+            upstream_timeout_ms: 2000,
+        }
+    }
+}
+
+impl DnsConfig {
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.listen.ip().is_loopback() {
+            out.push(format!(
+                "dns.listen = \"{}\": must be a loopback address (the proxy answers local services only)",
+                self.listen
+            ));
+        }
+        if self.max_per_name == 0 {
+            out.push("dns.max_per_name = 0: must be at least 1".to_string());
+        }
+        if !(16..=4_194_304).contains(&self.max_learnt) {
+            out.push(format!(
+                "dns.max_learnt = {}: must be between 16 and 4194304",
+                self.max_learnt
+            ));
+        }
+        if !(100..=30_000).contains(&self.upstream_timeout_ms) {
+            out.push(format!(
+                "dns.upstream_timeout_ms = {}: must be between 100 and 30000",
+                self.upstream_timeout_ms
+            ));
+        }
+        out
     }
 }
 
@@ -365,6 +427,7 @@ impl Config {
             .chain(config.self_check.problems())
             .chain(config.flows.problems())
             .chain(config.fleet.problems())
+            .chain(config.dns.problems())
             .collect();
         if let Some(first) = problems.first() {
             // Points at the first offending key.

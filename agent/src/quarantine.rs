@@ -137,6 +137,7 @@ impl Quarantines {
                     line: 0,
                     description: Some("quarantine exception".to_string()),
                     to: vec![e.net],
+                    names: Vec::new(),
                     ports: e
                         .port
                         .map_or(vec![PortRange::ALL], |p| vec![PortRange { lo: p, hi: p }]),

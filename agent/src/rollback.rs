@@ -63,7 +63,8 @@ mod tests {
             sockets: 0,
             _pad: 0,
             bind_ruleset: u32::MAX,
-            _pad2: 0,
+            names_ruleset: 0,
+            name_key: 0,
         }
     }
 

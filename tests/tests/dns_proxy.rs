@@ -47,15 +47,16 @@ struct Running {
 }
 
 fn start_proxy(upstream: SocketAddr, patterns: &[&str], timeout: Duration) -> Running {
-    let patterns: Arc<[NamePattern]> = patterns
+    // One name rule with every pattern.
+    let rules: Arc<[Vec<NamePattern>]> = Arc::new([patterns
         .iter()
         .map(|p| NamePattern::parse(p).unwrap_or_else(|e| panic!("test bug: {p}: {e}")))
-        .collect();
-    let router: Router = Arc::new(move |_client| {
+        .collect()]);
+    let router: Router = Arc::new(move |_transport, _client| {
         Some(Route {
             service: SERVICE,
             upstream,
-            patterns: patterns.clone(),
+            rules: rules.clone(),
         })
     });
     start_with_router("127.0.0.1:0", router, timeout)
@@ -343,7 +344,7 @@ fn a_resolver_that_never_answers_gives_servfail_after_the_timeout() {
 #[test]
 fn a_client_of_no_known_service_is_refused() {
     let server = DnsServer::start(&hosts(), &[]);
-    let run = start_with_router("127.0.0.1:0", Arc::new(|_| None), Duration::from_secs(2));
+    let run = start_with_router("127.0.0.1:0", Arc::new(|_, _| None), Duration::from_secs(2));
     let _ = &server;
     let out = dig(run.proxy.addr(), "api.example.test", &[]);
     assert_eq!(
@@ -450,17 +451,17 @@ fn what_is_not_a_query_gets_formerr_or_nothing() {
 #[test]
 fn the_proxy_serves_on_ipv6_loopback_too() {
     let server = DnsServer::start(&hosts(), &[]);
-    let patterns: Arc<[NamePattern]> =
-        Arc::new([NamePattern::parse("api.example.test").expect("pattern")]);
+    let rules: Arc<[Vec<NamePattern>]> =
+        Arc::new([vec![NamePattern::parse("api.example.test").expect("pattern")]]);
     let upstream = server.addr();
     let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = clients.clone();
-    let router: Router = Arc::new(move |client: SocketAddr| {
+    let router: Router = Arc::new(move |_, client: SocketAddr| {
         seen.lock().expect("client list").push(client);
         Some(Route {
             service: SERVICE,
             upstream,
-            patterns: patterns.clone(),
+            rules: rules.clone(),
         })
     });
     let run = start_with_router("[::1]:0", router, Duration::from_secs(2));

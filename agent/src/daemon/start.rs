@@ -80,6 +80,8 @@ pub(super) struct Tasks {
     pub(super) bpf_logger: Option<JoinHandle<()>>,
     /// Turns the kernel's per-flow counts into `flow` events.
     pub(super) flow_sweeper: crate::flows::Sweeper,
+    /// The DNS proxy of name rules.
+    pub(super) dns: crate::dns::serve::DnsService,
 }
 
 /// Loads, pins and attaches the programs, takes over from a previous
@@ -109,6 +111,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let (pins, staging) = pin_maps(&config, &mut enforcer)?;
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
     let flow_table = crate::kernel::flow_table::FlowTable::take(enforcer.ebpf_mut())?;
+    let dns = start_dns(&config, &set, &compiled, &mut enforcer).await?;
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     take_over(&config, &compiled, &coverage, &pins, &hub)?;
 
@@ -217,6 +220,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
             fleet,
             bpf_logger,
             flow_sweeper,
+            dns,
         },
     })
 }
@@ -399,6 +403,7 @@ fn load_programs(
             udp_peers_per_service: config.udp_replies.per_service,
             max_cgroups: config.services.max_cgroups,
             flow_table: config.flows.table_size,
+            max_learnt: config.dns.max_learnt,
         },
     )?;
     let bpf_logger = if config.bpf_log {
@@ -459,6 +464,24 @@ fn attach(
         );
     }
     Ok(coverage)
+}
+
+/// The DNS proxy of name rules, with the previous agent's learnt
+/// addresses copied in before our programs replace its own, so that what
+/// it allowed stays allowed.
+async fn start_dns(
+    config: &Config,
+    set: &policy::PolicySet,
+    compiled: &CompiledPolicy,
+    enforcer: &mut Enforcer,
+) -> Result<crate::dns::serve::DnsService> {
+    let (clients, mut learnt, beat) = crate::kernel::dns_maps::take(enforcer.ebpf_mut())?;
+    let restored = learnt.restore_from(&PinRoot(config.pin_dir.clone()).current());
+    if restored > 0 {
+        info!(restored, "learnt addresses of name rules carried over from the previous agent");
+    }
+    let rules = crate::dns::serve::name_rules(set, compiled);
+    crate::dns::serve::start(&config.dns, (clients, learnt, beat), rules).await
 }
 
 /// Makes the new pins current and, if a previous agent's were, takes over

@@ -29,6 +29,7 @@ impl Running {
             fleet,
             bpf_logger,
             flow_sweeper,
+            dns,
         } = tasks;
         crate::notify::stopping("stopping");
         // Followers get {"end":"shutdown"}; the socket file is removed.
@@ -38,6 +39,9 @@ impl Running {
         // over, or `bulkhead detach` removes it.
         engine.leave_pinned();
         reader.abort();
+        // Lookups in flight get no answer (the clients retry); learnt
+        // addresses stay in the pinned map, enforced.
+        drop(dns);
         // The calls counted since the last sweep are reported now; the
         // flows go on counting for the next agent, which reports them.
         if tokio::task::spawn_blocking(move || flow_sweeper.stop())

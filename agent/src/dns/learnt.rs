@@ -20,8 +20,13 @@ use std::{
 
 use super::answer::DnsName;
 
-/// A service's id, as the kernel's maps key it.
-pub type ServiceId = u32;
+/// A service as the kernel's learnt map keys it: its `name_key` (stable
+/// across reloads and restarts, unlike the policy's service id).
+pub type ServiceId = u64;
+
+/// Which of a service's name rules allow an address (bit i: its i-th
+/// `[[egress]]` rule with names): the kernel applies those rules' ports.
+pub type RuleBits = u8;
 
 /// Nanoseconds of `CLOCK_MONOTONIC`: what the kernel's `bpf_ktime_get_ns`
 /// reads, so an expiry written into the map means the same there. It
@@ -44,11 +49,17 @@ pub fn monotonic_now() -> Nanos {
 /// Where learnt addresses go: the kernel's map (to be written), or a plain
 /// map of the same shape ([`MemoryMap`]) until then and in tests.
 pub trait LearntSink {
-    /// Allow `addr` for `service` until `until`.
+    /// Allow `addr` for `service` until `until`, by the name rules `rules`.
     ///
     /// # Errors
     /// The write failed (for the kernel: map full, or gone).
-    fn allow(&mut self, service: ServiceId, addr: IpAddr, until: Nanos) -> Result<(), SinkError>;
+    fn allow(
+        &mut self,
+        service: ServiceId,
+        addr: IpAddr,
+        until: Nanos,
+        rules: RuleBits,
+    ) -> Result<(), SinkError>;
     /// `addr` is no longer learnt for `service`.
     ///
     /// # Errors
@@ -70,12 +81,18 @@ pub enum LearnError {
     Full(usize),
 }
 
-/// The kernel map's shape: (service, address) -> expiry.
-pub type MemoryMap = BTreeMap<(ServiceId, IpAddr), Nanos>;
+/// The kernel map's shape: (service, address) -> (expiry, rules).
+pub type MemoryMap = BTreeMap<(ServiceId, IpAddr), (Nanos, RuleBits)>;
 
 impl LearntSink for MemoryMap {
-    fn allow(&mut self, service: ServiceId, addr: IpAddr, until: Nanos) -> Result<(), SinkError> {
-        self.insert((service, addr), until);
+    fn allow(
+        &mut self,
+        service: ServiceId,
+        addr: IpAddr,
+        until: Nanos,
+        rules: RuleBits,
+    ) -> Result<(), SinkError> {
+        self.insert((service, addr), (until, rules));
         Ok(())
     }
 
@@ -112,6 +129,8 @@ impl Default for LearntLimits {
 struct Held {
     addr: IpAddr,
     expires: Nanos,
+    /// The name rules the answer's names matched.
+    rules: RuleBits,
     /// Order of (re-)learning: the smallest is evicted first.
     seq: u64,
 }
@@ -174,6 +193,7 @@ impl LearntCache {
         name: &DnsName,
         addr: IpAddr,
         ttl: u32,
+        rules: RuleBits,
         now: Nanos,
     ) -> Result<Learnt, LearnError> {
         let key = (service, name.clone());
@@ -188,17 +208,23 @@ impl LearntCache {
         }
         let keep = Duration::from_secs(u64::from(ttl)).max(self.limits.min_ttl);
         let expires = now.saturating_add(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX));
-        let until = expires.max(self.held_until(service, addr).unwrap_or(0));
-        sink.allow(service, addr, until)?;
+        let (held_until, held_rules) = self.held(service, addr).unwrap_or((0, 0));
+        sink.allow(service, addr, expires.max(held_until), rules | held_rules)?;
         self.seq += 1;
         let seq = self.seq;
         let held = self.names.entry(key).or_default();
         if let Some(h) = held.iter_mut().find(|h| h.addr == addr) {
             h.expires = h.expires.max(expires);
+            h.rules |= rules;
             h.seq = seq;
             return Ok(Learnt::Refreshed);
         }
-        held.push(Held { addr, expires, seq });
+        held.push(Held {
+            addr,
+            expires,
+            rules,
+            seq,
+        });
         self.total += 1;
         let over = held.len() > self.limits.max_per_name;
         self.holders
@@ -245,22 +271,28 @@ impl LearntCache {
                 self.holders.remove(&(service, addr));
             }
         }
-        match self.held_until(service, addr) {
+        match self.held(service, addr) {
             None => sink.revoke(service, addr),
-            Some(until) => sink.allow(service, addr, until),
+            Some((until, rules)) => sink.allow(service, addr, until, rules),
         }
     }
 
     /// The latest expiry of `addr` over the names of `service` holding it.
     #[must_use]
     pub fn held_until(&self, service: ServiceId, addr: IpAddr) -> Option<Nanos> {
+        self.held(service, addr).map(|(until, _)| until)
+    }
+
+    /// The latest expiry of `addr` over the names of `service` holding
+    /// it, and every name rule they matched.
+    fn held(&self, service: ServiceId, addr: IpAddr) -> Option<(Nanos, RuleBits)> {
         let names = self.holders.get(&(service, addr))?;
         names
             .iter()
             .filter_map(|n| self.names.get(&(service, n.clone())))
             .flat_map(|held| held.iter().filter(|h| h.addr == addr))
-            .map(|h| h.expires)
-            .max()
+            .map(|h| (h.expires, h.rules))
+            .reduce(|(a, ra), (b, rb)| (a.max(b), ra | rb))
     }
 
     /// Drops every address expired at `now` and tells `sink`. Returns how

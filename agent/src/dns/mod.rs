@@ -10,8 +10,10 @@
 //!   the agent's copy of the kernel's learnt-address map
 //! - `proxy`: the loopback DNS proxy that forwards a service's queries to
 //!   its own resolver and learns from the answers before passing them on
+//! - `serve`: the proxy in the daemon, wired to the kernel's maps
 
 pub mod answer;
 pub mod learnt;
 pub mod name;
 pub mod proxy;
+pub mod serve;

@@ -42,25 +42,27 @@ use tokio::{
 };
 
 use super::{
-    answer::{answers, error_reply, inspect, parse_query, AnswerError},
-    learnt::{monotonic_now, LearntCache, LearntSink, ServiceId},
+    answer::{answers, error_reply, inspect, parse_query, AnswerError, DnsName},
+    learnt::{monotonic_now, LearntCache, LearntSink, RuleBits, ServiceId},
     name::NamePattern,
 };
 
 /// Largest DNS message (TCP length prefix; also the UDP receive buffer).
 const MAX_MESSAGE: usize = 65_535;
 
-/// Who is asking: the service, its resolver, its name patterns.
+/// Who is asking: the service, its resolver, the patterns of each of its
+/// name rules (index i: bit i of the learnt entry's rules).
 #[derive(Debug, Clone)]
 pub struct Route {
     pub service: ServiceId,
     pub upstream: SocketAddr,
-    pub patterns: Arc<[NamePattern]>,
+    pub rules: Arc<[Vec<NamePattern>]>,
 }
 
-/// Finds the [`Route`] of a client by its address (later: by the socket
-/// cookie the kernel recorded). `None`: no service known, REFUSED.
-pub type Router = Arc<dyn Fn(SocketAddr) -> Option<Route> + Send + Sync>;
+/// Finds the [`Route`] of a client by the transport and address it asked
+/// from (what the kernel recorded on the way: `DNS_CLIENTS`). `None`: no
+/// service known, REFUSED.
+pub type Router = Arc<dyn Fn(Transport, SocketAddr) -> Option<Route> + Send + Sync>;
 
 /// The proxy's limits.
 #[derive(Debug, Clone, Copy)]
@@ -342,8 +344,9 @@ async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
     stream.write_all(&framed).await
 }
 
+/// The transport a query came over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub enum Transport {
     Udp,
     Tcp,
 }
@@ -374,7 +377,7 @@ async fn handle<S: LearntSink>(
             return error_reply(query, Rcode::FORMERR);
         }
     }
-    let Some(route) = (shared.router)(client) else {
+    let Some(route) = (shared.router)(transport, client) else {
         bump(&stats.unknown_clients);
         return error_reply(query, Rcode::REFUSED);
     };
@@ -426,11 +429,8 @@ fn learn_from<S: LearntSink>(
     let mut guard = shared.learnt();
     let (cache, sink) = &mut *guard;
     for found in &inspected.addresses {
-        let allowed = found
-            .chain
-            .iter()
-            .any(|name| route.patterns.iter().any(|p| p.matches(name.labels())));
-        if !allowed {
+        let rules = rule_bits(&route.rules, &found.chain);
+        if rules == 0 {
             continue;
         }
         match cache.learn(
@@ -439,6 +439,7 @@ fn learn_from<S: LearntSink>(
             &found.chain[0],
             found.addr,
             found.ttl,
+            rules,
             now,
         ) {
             Ok(_) => bump(&stats.learnt),
@@ -514,4 +515,19 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
             tracing::warn!(error = %e, "dns proxy: expired addresses not all removed");
         }
     }
+}
+
+/// The name rules (bit i: `rules[i]`) with a pattern matching a name on
+/// the chain.
+fn rule_bits(rules: &[Vec<NamePattern>], chain: &[DnsName]) -> RuleBits {
+    rules
+        .iter()
+        .enumerate()
+        .take(RuleBits::BITS as usize)
+        .filter(|(_, patterns)| {
+            chain
+                .iter()
+                .any(|name| patterns.iter().any(|p| p.matches(name.labels())))
+        })
+        .fold(0, |bits, (i, _)| bits | (1 << i))
 }

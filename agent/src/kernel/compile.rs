@@ -14,7 +14,7 @@ use std::{
 
 use agent_common::{
     LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
-    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_QUARANTINE, MAX_PORT_RANGES, PROTO_ANY,
+    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE, MAX_PORT_RANGES, PROTO_ANY,
     PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP,
     SOCKETS_SCTP, SOCKETS_UDPLITE,
 };
@@ -99,11 +99,17 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 protocol: r.protocol,
             })
             .collect();
+        let first_egress_rule = u32::try_from(b.out.rules.len()).unwrap_or(u32::MAX);
         let (v4, v6) = b.prefixes(service_id, service, Section::Egress, &egress);
         b.out.v4.extend(v4);
         b.out.v6.extend(v6);
 
         let mut flags = 0;
+        let mut names_ruleset = 0;
+        if service.egress.iter().any(|r| !r.names.is_empty()) {
+            flags |= FLAG_NAMES;
+            names_ruleset = b.name_rulesets(service, first_egress_rule);
+        }
         if let Some(ingress) = &service.ingress {
             flags |= FLAG_INGRESS;
             let rules: Vec<AddrRule<'_>> = ingress
@@ -162,7 +168,8 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 sockets,
                 _pad: 0,
                 bind_ruleset,
-                _pad2: 0,
+                names_ruleset,
+                name_key: name_key(&service.name),
             },
             rule_count: service.egress.len() + service.ingress.as_ref().map_or(0, Vec::len),
         });
@@ -172,6 +179,16 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
     } else {
         Err(PolicyErrors(b.errors))
     }
+}
+
+/// A service's stable key for what outlives a policy (its learnt
+/// addresses): FNV-1a (64 bits) of its name. Written out rather than
+/// std's `Hash`, whose output may change between Rust releases, and the
+/// pinned map keeps keys across agent upgrades.
+fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 type V4Entries = Vec<(u32, LpmV4Key, u32)>;
@@ -205,6 +222,54 @@ impl Builder {
             rulesets.push(set);
             next_id
         }))
+    }
+
+    /// The `NAME_RULESETS` consecutive rulesets of a service's name rules
+    /// (see agent_common::dns): the one at offset `bits` is the union of
+    /// the port checks of the name rules in `bits` (bit i: the i-th rule
+    /// with names), each range with its own rule id. Returns the first
+    /// index; an offset whose union is longer than the kernel scans is an
+    /// error naming the rules.
+    fn name_rulesets(&mut self, service: &Service, first_egress_rule: u32) -> u32 {
+        let rules: Vec<(usize, Vec<KPortRange>)> = service
+            .egress
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.names.is_empty())
+            .take(agent_common::MAX_NAME_RULES)
+            .map(|(i, r)| {
+                let id = first_egress_rule.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
+                (r.index, port_checks(&r.ports, r.protocol, id))
+            })
+            .collect();
+        let first = u32::try_from(self.out.rulesets.len()).unwrap_or(u32::MAX);
+        for bits in 0..agent_common::NAME_RULESETS as usize {
+            let chosen: Vec<&(usize, Vec<KPortRange>)> = rules
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits & (1 << i) != 0)
+                .map(|(_, r)| r)
+                .collect();
+            let ranges: Vec<KPortRange> = chosen.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+            let mut set = RuleSet::EMPTY;
+            if ranges.len() > MAX_PORT_RANGES {
+                self.errors.push(PolicyError {
+                    file: service.file.clone(),
+                    line: service.egress.iter().find(|r| r.index == chosen[0].0).map_or(1, |r| r.line),
+                    column: 1,
+                    message: format!(
+                        "a name allowed by rules {} would have {} port ranges; the kernel checks at most {MAX_PORT_RANGES}: merge port lists",
+                        chosen.iter().map(|(i, _)| format!("egress[{i}]")).collect::<Vec<_>>().join(", "),
+                        ranges.len()
+                    ),
+                });
+            } else {
+                set.len = ranges.len() as u32;
+                set.ranges[..ranges.len()].copy_from_slice(&ranges);
+            }
+            self.out.rulesets.push(set);
+        }
+        first
     }
 
     /// LPM entries for one service's egress or ingress rules.

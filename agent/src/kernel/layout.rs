@@ -82,6 +82,9 @@ pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> Co
         if s.entry.bind_ruleset != u32::MAX {
             s.entry.bind_ruleset += ruleset_base;
         }
+        if s.entry.flags & agent_common::FLAG_NAMES != 0 {
+            s.entry.names_ruleset += ruleset_base;
+        }
     }
     for (_, key, ruleset) in policy.v4.iter_mut().chain(policy.ingress_v4.iter_mut()) {
         *key = LpmV4Key::new(key.service() + service_base, key.addr);

@@ -49,13 +49,17 @@ enum Hook {
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 14] = [
+const PROGRAMS: [(&str, Hook); 18] = [
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
     ("bulkhead_connect6", Hook::SockAddr),
     ("bulkhead_sendmsg4", Hook::SockAddr),
     ("bulkhead_sendmsg6", Hook::SockAddr),
+    ("bulkhead_recvmsg4", Hook::SockAddr),
+    ("bulkhead_recvmsg6", Hook::SockAddr),
+    ("bulkhead_getpeername4", Hook::SockAddr),
+    ("bulkhead_getpeername6", Hook::SockAddr),
     ("bulkhead_sockops", Hook::SockOps),
     ("bulkhead_sock_create", Hook::SockCreate),
     ("bulkhead_setsockopt", Hook::Sockopt),
@@ -87,6 +91,8 @@ pub struct LoadOptions {
     pub max_cgroups: u32,
     /// Entries of FLOWS: flows counted at one time (`[flows] table_size`).
     pub flow_table: u32,
+    /// Entries of LEARNT: learnt addresses in all (`[dns] max_learnt`).
+    pub max_learnt: u32,
 }
 
 impl Default for LoadOptions {
@@ -99,6 +105,7 @@ impl Default for LoadOptions {
             udp_peers_per_service: agent_common::UDP_PEERS_PER_SERVICE,
             max_cgroups: agent_common::DEFAULT_MAX_CGROUPS,
             flow_table: agent_common::DEFAULT_FLOW_TABLE,
+            max_learnt: agent_common::DEFAULT_MAX_LEARNT,
         }
     }
 }
@@ -596,6 +603,7 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
         ),
         (names::RULESETS, capacity.rulesets.saturating_mul(2)),
         (names::FLOWS, options.flow_table),
+        (agent_common::LEARNT, options.max_learnt),
     ];
     sizes.extend(capacity.prefixes);
     sizes

@@ -3,6 +3,7 @@
 
 pub mod addr_maps;
 pub mod compile;
+pub mod dns_maps;
 pub mod drift;
 mod error;
 mod fault;

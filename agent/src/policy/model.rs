@@ -1,6 +1,7 @@
 //! The checked policy model. Only values of these types reach the kernel,
 //! and they can only be made by `validate`.
 
+use crate::dns::name::NamePattern;
 use std::{fmt, path::PathBuf};
 
 use agent_common::{
@@ -304,6 +305,10 @@ pub struct EgressRule {
     pub description: Option<String>,
     /// Destination networks (a single address is a /32 or /128).
     pub to: Vec<IpNetwork>,
+    /// Destination names (`api.example.com`, `*.example.com`,
+    /// `**.example.com`): addresses the service learnt from its own lookups
+    /// of them (docs/dns-names.md).
+    pub names: Vec<NamePattern>,
     /// Sorted, non-overlapping port ranges.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,

@@ -8,6 +8,8 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
+
+use crate::dns::name::NamePattern;
 use toml::Spanned;
 
 use super::{
@@ -137,6 +139,23 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         .enumerate()
         .filter_map(|(index, rule)| egress_rule(c, index, rule))
         .collect();
+    // The kernel keeps, per learnt address, which name rules it answered
+    // (agent_common::MAX_NAME_RULES bits).
+    if let Some(rule) = egress
+        .iter()
+        .filter(|r| !r.names.is_empty())
+        .nth(agent_common::MAX_NAME_RULES)
+    {
+        let span = raw.egress.get(rule.index).map_or(0..0, Spanned::span);
+        c.error(
+            span,
+            format!(
+                "egress[{}]: at most {} [[egress]] rules may list names; put names with the same ports and protocol in one rule",
+                rule.index,
+                agent_common::MAX_NAME_RULES
+            ),
+        );
+    }
     let ingress: Option<Vec<IngressRule>> = raw.ingress.as_ref().map(|rules| {
         rules
             .get_ref()
@@ -309,7 +328,7 @@ fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> 
     let before = c.errors.len();
     let raw = rule.get_ref();
     let at = format!("egress[{index}]");
-    let to = networks(c, &at, rule.span(), "to", "destination", raw.to.as_ref());
+    let (to, names) = destinations(c, &at, rule.span(), raw.to.as_ref());
     let ports = ports(
         c,
         &at,
@@ -330,6 +349,7 @@ fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> 
         line: c.line_of(&rule.span()),
         description: raw.description.clone(),
         to,
+        names,
         ports,
         protocol,
     })
@@ -382,6 +402,47 @@ fn bind_policy(c: &mut Checker<'_>, bind: &Spanned<RawBind>) -> Option<BindPolic
         ports,
         protocol,
     })
+}
+
+/// An egress rule's `to`: required, non-empty, every entry a network or a
+/// DNS name pattern. An entry is read as a name when it is not an address
+/// and has no `:` or `/` (which only addresses and CIDRs have).
+fn destinations(
+    c: &mut Checker<'_>,
+    at: &str,
+    rule_span: Range<usize>,
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+) -> (Vec<IpNetwork>, Vec<NamePattern>) {
+    let (mut nets, mut names) = (Vec::new(), Vec::new());
+    let Some(list) = list.filter(|l| !l.get_ref().is_empty()) else {
+        // The messages for a missing or empty list.
+        networks(c, at, rule_span, "to", "destination", list);
+        return (nets, names);
+    };
+    for entry in list.get_ref() {
+        let raw = entry.get_ref();
+        let text = raw.trim();
+        let name_like = IpNetwork::from_str(text).is_err()
+            && !text.contains([':', '/'])
+            && text.bytes().any(|b| b.is_ascii_alphabetic() || b == b'*');
+        if !name_like {
+            nets.extend(destination(c, at, entry));
+            continue;
+        }
+        match NamePattern::parse(text) {
+            Ok(name) => names.push(name),
+            Err(e) => {
+                // The entry's opening quote, the whitespace trimmed, then
+                // the offset in the name (see NameError).
+                let lead = raw.len() - raw.trim_start().len();
+                let start = entry.span().start + 1 + lead + e.offset;
+                c.error(start..start + 1, format!("{at}: {e}"));
+            }
+        }
+    }
+    names.sort_by_key(ToString::to_string);
+    names.dedup();
+    (nets, names)
 }
 
 /// A rule's `to`/`from` list: required, non-empty, every entry a network.

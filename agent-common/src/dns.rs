@@ -1,0 +1,126 @@
+//! Egress by DNS name (docs/dns-names.md): what the kernel and the agent's
+//! DNS proxy share.
+//!
+//! A service with name rules ([`crate::FLAG_NAMES`]) has its port-53
+//! connects and datagrams sent to the agent's proxy instead of the resolver
+//! it asked for (once its own rules allow that resolver); the proxy forwards
+//! the query there and, before the answer goes back, writes the addresses
+//! of allowed names into [`LEARNT`]. The judge allows an address its
+//! address rules deny while [`LEARNT`] holds it for the service.
+
+/// Hash of [`LearntKey`] -> [`LearntValue`]: the addresses each service
+/// learnt from its own lookups. Allocated as used; pinned, so a restart
+/// changes nothing the kernel enforces.
+pub const LEARNT: &str = "LEARNT";
+/// Default entries of LEARNT (`[dns] max_learnt`).
+pub const DEFAULT_MAX_LEARNT: u32 = 65_536;
+/// LRU hash of a socket cookie (u64) -> [`DnsOrigin`]: the resolver a
+/// redirected socket asked for (what recvmsg/getpeername show it, and what
+/// the proxy forwards to).
+pub const DNS_ORIGINS: &str = "DNS_ORIGINS";
+/// LRU hash of [`DnsClientKey`] -> [`DnsOrigin`]: who sent a packet to the
+/// proxy, written by the egress packet program before the packet gets
+/// there (the proxy sees only the client's address and port).
+pub const DNS_CLIENTS: &str = "DNS_CLIENTS";
+/// Entries of DNS_ORIGINS and DNS_CLIENTS: lookups in flight, not sockets
+/// alive; an LRU, so the oldest go first.
+pub const DNS_TRACKED: u32 = 16_384;
+/// Array of one [`DnsProxy`]: where the proxy listens, and its heartbeat.
+pub const DNS_PROXY: &str = "DNS_PROXY";
+
+/// How many `[[egress]]` rules with names one service may have: a learnt
+/// address carries a bitmap of the ones whose names it answered, and the
+/// service's [`crate::ServiceEntry::names_ruleset`] is the first of
+/// `1 << MAX_NAME_RULES` rulesets, one per bitmap, each the union of those
+/// rules' ports.
+pub const MAX_NAME_RULES: usize = 4;
+/// Rulesets a service with name rules takes (index 0, no rule, is empty).
+pub const NAME_RULESETS: u32 = 1 << MAX_NAME_RULES;
+
+/// The proxy is gone when its heartbeat is older than this: the hooks stop
+/// redirecting (lookups go to the resolver itself, nothing is learnt, so
+/// new names fail closed) and learnt addresses stop expiring (nothing could
+/// refresh them): what was allowed stays allowed.
+pub const DNS_HEARTBEAT_GRACE_NS: u64 = 30_000_000_000;
+
+/// Key of LEARNT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LearntKey {
+    /// [`crate::ServiceEntry::name_key`]: stable across reloads and
+    /// restarts, unlike the service id.
+    pub name_key: u64,
+    /// `FAMILY_V4` (address in the first 4 bytes, the rest 0) or
+    /// `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 7],
+    pub addr: [u8; 16],
+}
+
+/// Value of LEARNT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearntValue {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) after which it is no longer
+    /// allowed (unless the proxy is gone, see [`DNS_HEARTBEAT_GRACE_NS`]).
+    pub expires_ns: u64,
+    /// Bit i: the service's i-th name rule allows a name that gave it.
+    pub rules: u8,
+    pub _pad: [u8; 7],
+}
+
+/// The resolver a service's socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsOrigin {
+    /// [`crate::ServiceEntry::name_key`] of the asking service.
+    pub name_key: u64,
+    /// Its service id (for events; the policy in force when it asked).
+    pub service_id: u32,
+    /// Resolver port, host order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: u8,
+    /// Resolver address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+}
+
+/// Key of DNS_CLIENTS: a client socket's local address as the proxy sees
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsClientKey {
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub protocol: u8,
+    pub family: u8,
+    /// Client port, host order.
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// Value of DNS_PROXY.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsProxy {
+    /// CLOCK_MONOTONIC of the proxy's last beat (0: never).
+    pub heartbeat_ns: u64,
+    /// IPv4 listening address; port 0: none (IPv4 lookups not redirected).
+    pub addr4: [u8; 4],
+    /// Ports, host order.
+    pub port4: u16,
+    pub port6: u16,
+    /// IPv6 listening address; `port6` 0: none.
+    pub addr6: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data with explicit padding, every bit
+    // pattern valid.
+    unsafe impl aya::Pod for super::LearntKey {}
+    unsafe impl aya::Pod for super::LearntValue {}
+    unsafe impl aya::Pod for super::DnsOrigin {}
+    unsafe impl aya::Pod for super::DnsClientKey {}
+    unsafe impl aya::Pod for super::DnsProxy {}
+}
