@@ -44,7 +44,8 @@ pub struct Caller<F: Fn() -> u64> {
     pub mode: u8,
 }
 
-/// Counts one call of the flow `key` (its `epoch` is the one in force).
+/// Counts one call of the flow `key` (its `epoch` is set to the one in
+/// force; by reference, so that no copy of the key takes stack).
 ///
 /// - An entry of this epoch exists: one atomic add.
 /// - Else the flow is new unless the previous epoch has it (carried over:
@@ -55,9 +56,9 @@ pub struct Caller<F: Fn() -> u64> {
 ///   the limit, the rest counted as suppressed), and the full table is
 ///   counted. Nothing is lost either way.
 #[inline(always)]
-pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Report {
+pub fn count_call<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Report {
     key.epoch = FLOW_EPOCH.get(0).map_or(0, |e| (*e & 1) as u8);
-    if let Some(value) = FLOWS.get_ptr_mut(key) {
+    if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         add(value, 1, 0);
         return Report::Counted;
     }
@@ -69,11 +70,11 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
     // held-back flow: this one must not count it again.
     // SAFETY: a field copied out at once, under the RCU read lock.
     let carried =
-        unsafe { FLOWS.get(key) }.map_or(NOT_CARRIED, |old| recorded_when_carried(old.recorded));
+        unsafe { FLOWS.get(&*key) }.map_or(NOT_CARRIED, |old| recorded_when_carried(old.recorded));
     key.epoch ^= 1;
     // The budget is spent only by a record that will be sent; one it
     // refuses is not counted as suppressed: the entry keeps the call.
-    let record = carried == NOT_CARRIED && within_budget(&key);
+    let record = carried == NOT_CARRIED && within_budget(key);
     let value = FlowValue {
         calls: 1,
         reported: u64::from(record),
@@ -91,10 +92,10 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
         },
         _pad: [0; 2],
     };
-    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
+    match FLOWS.insert(&*key, &value, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         // Another CPU made the entry first: count the call in it.
-        Err(EEXIST) => match FLOWS.get_ptr_mut(key) {
+        Err(EEXIST) => match FLOWS.get_ptr_mut(&*key) {
             Some(existing) => {
                 add(existing, 1, u64::from(record));
                 if record {
@@ -102,9 +103,9 @@ pub fn count_call<F: Fn() -> u64>(mut key: FlowKey, caller: &Caller<F>) -> Repor
                     unsafe { (*existing).recorded = RECORD_SENT };
                 }
             }
-            None => return full(&key),
+            None => return full(key),
         },
-        Err(_) => return full(&key),
+        Err(_) => return full(key),
     }
     if record {
         Report::Record { suppressed: 0 }

@@ -10,7 +10,6 @@ pub const SOCK_RAW: u32 = 3;
 /// Address families (`bpf_sock_ops::family` is a u32, the LSM hook's
 /// argument an int).
 pub const AF_INET: u32 = 2;
-pub const AF_INET6: u32 = 10;
 pub const AF_PACKET: i32 = 17;
 
 pub const EPERM: i32 = 1;

@@ -15,11 +15,14 @@
 //! to the resolver, nothing is learnt: new names fail closed) and learnt
 //! addresses no longer expire (nothing could refresh them).
 
+use core::ptr::{read_volatile, write_volatile};
+
 use agent_common::{
     DnsClientKey, DnsOrigin, DnsProxy, LearntKey, ServiceEntry, DNS_HEARTBEAT_GRACE_NS, FAMILY_V4,
-    FAMILY_V6, FLAG_NAMES, PEER_SENT, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
+    FAMILY_V6, FLAG_NAMES, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
 };
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     macros::cgroup_sock_addr,
     programs::{SkBuffContext, SockAddrContext},
 };
@@ -27,10 +30,8 @@ use aya_ebpf::{
 use crate::{
     addr::{set_addr, Dest},
     helpers::{now_ns, socket_cookie},
-    linux::AF_INET6,
     maps::{any_service_has, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, LEARNT},
     rules::match_ports,
-    udp_peers,
 };
 
 /// The DNS port: what is redirected.
@@ -39,13 +40,16 @@ pub const DNS_PORT: u16 = 53;
 /// The first IPv6 words of an IPv4-mapped address (::ffff:a.b.c.d).
 const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// The proxy, when its heartbeat is fresh.
+/// Whether the proxy's heartbeat is fresh.
 #[inline(always)]
-fn live_proxy() -> Option<DnsProxy> {
-    let proxy = *DNS_PROXY.get(0)?;
-    let fresh = proxy.heartbeat_ns != 0
-        && now_ns().saturating_sub(proxy.heartbeat_ns) < DNS_HEARTBEAT_GRACE_NS;
-    fresh.then_some(proxy)
+fn live_proxy() -> bool {
+    DNS_PROXY.get(0).is_some_and(|p| fresh(p.heartbeat_ns))
+}
+
+/// Whether a heartbeat at `beat` is recent.
+#[inline(always)]
+fn fresh(beat: u64) -> bool {
+    beat != 0 && now_ns().saturating_sub(beat) < DNS_HEARTBEAT_GRACE_NS
 }
 
 /// The rule that allows `dest` to the service `s` because `s` learnt it
@@ -68,7 +72,7 @@ pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16) -> u32 {
     else {
         return RULE_DEFAULT_DENY;
     };
-    if expires <= now_ns() && live_proxy().is_some() {
+    if expires <= now_ns() && live_proxy() {
         return RULE_DEFAULT_DENY;
     }
     match_ports(
@@ -79,20 +83,31 @@ pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16) -> u32 {
 }
 
 /// Sends an allowed port-53 call of `s` (which has name rules) to the
-/// proxy, keeping `dest` as the socket's resolver. Returns where the call
-/// now goes, or `None` when it goes where it was going (no live proxy for
-/// that family, or the origin could not be kept: then the lookup reaches
-/// the resolver and teaches nothing, which fails closed).
+/// proxy, keeping `dest` as the socket's resolver. Returns the proxy's
+/// port when it did, or 0 when the call goes where it was going (no live
+/// proxy for that family, or the origin could not be kept: then the
+/// lookup reaches the resolver and teaches nothing, which fails closed).
+/// Reads the proxy in place: a copy took stack the judge needs.
 #[inline(always)]
-pub fn redirect(
+fn redirect(
     ctx: &SockAddrContext,
     v6_hook: bool,
     s: &ServiceEntry,
     dest: Dest,
     port: u16,
     cookie: u64,
-) -> Option<(Dest, u16)> {
-    let proxy = live_proxy()?;
+) -> u16 {
+    let Some(proxy) = DNS_PROXY.get(0) else {
+        return 0;
+    };
+    if !fresh(proxy.heartbeat_ns) {
+        return 0;
+    }
+    let v4 = matches!(dest, Dest::V4(_));
+    let proxy_port = if v4 { proxy.port4 } else { proxy.port6 };
+    if proxy_port == 0 {
+        return 0;
+    }
     let mut origin = DnsOrigin {
         name_key: s.name_key,
         service_id: s.service_id,
@@ -102,26 +117,78 @@ pub fn redirect(
         addr: [0; 16],
     };
     set_addr(&mut origin.addr, &mut origin.family, dest);
-    let v4 = matches!(dest, Dest::V4(_));
-    if (v4 && proxy.port4 == 0) || (!v4 && proxy.port6 == 0) {
-        return None;
+    if DNS_ORIGINS.insert(cookie, origin, 0).is_err() {
+        return 0;
     }
-    DNS_ORIGINS.insert(cookie, origin, 0).ok()?;
-    // SAFETY: the hook's context; user_ip4/user_ip6/user_port are
-    // writable in the connect and sendmsg hooks.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if v4 {
-        sa.user_port = u32::from(proxy.port4.to_be());
-        if v6_hook {
-            sa.user_ip6 = [0, 0, MAPPED_PREFIX, u32::from_ne_bytes(proxy.addr4)];
-        } else {
-            sa.user_ip4 = u32::from_ne_bytes(proxy.addr4);
-        }
-        return Some((Dest::V4(proxy.addr4), proxy.port4));
+    set_port(ctx, proxy_port);
+    if !v4 {
+        set_ip6(ctx, words(proxy.addr6));
+    } else if v6_hook {
+        set_ip6(ctx, [0, 0, MAPPED_PREFIX, u32::from_ne_bytes(proxy.addr4)]);
+    } else {
+        set_ip4(ctx, u32::from_ne_bytes(proxy.addr4));
     }
-    sa.user_port = u32::from(proxy.port6.to_be());
-    sa.user_ip6 = words(proxy.addr6);
-    Some((Dest::V6(proxy.addr6), proxy.port6))
+    proxy_port
+}
+
+// The context's address fields are written one volatile store each, at a
+// constant offset: the verifier refuses a store through a context pointer
+// LLVM moved (as it does for an array written whole). The address setters
+// are BPF subprograms: inlined, LLVM merged the IPv4 and IPv6 stores into
+// one store at a selected offset, which the verifier refuses too.
+
+/// Sets the context's port (host order in, network order stored).
+#[inline(always)]
+fn set_port(ctx: &SockAddrContext, port: u16) {
+    // SAFETY: user_port of the hook's context, writable in every
+    // sock_addr hook this module runs in.
+    unsafe { write_volatile(&raw mut (*ctx.sock_addr).user_port, u32::from(port.to_be())) };
+}
+
+#[inline(always)]
+fn set_ip4(ctx: &SockAddrContext, ip: u32) {
+    store_ip4(ctx.sock_addr, ip);
+}
+
+#[inline(never)]
+fn store_ip4(sa: *mut bpf_sock_addr, ip: u32) {
+    // SAFETY: as in `set_port`, user_ip4 of an IPv4 hook.
+    unsafe { write_volatile(&raw mut (*sa).user_ip4, ip) };
+}
+
+#[inline(always)]
+fn set_ip6(ctx: &SockAddrContext, w: [u32; 4]) {
+    store_ip6(ctx.sock_addr, w[0], w[1], w[2], w[3]);
+}
+
+#[inline(never)]
+fn store_ip6(sa: *mut bpf_sock_addr, w0: u32, w1: u32, w2: u32, w3: u32) {
+    let w = [w0, w1, w2, w3];
+    // SAFETY: as in `set_port`, user_ip6 of an IPv6 hook.
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip6[0], w[0]);
+        write_volatile(&raw mut (*sa).user_ip6[1], w[1]);
+        write_volatile(&raw mut (*sa).user_ip6[2], w[2]);
+        write_volatile(&raw mut (*sa).user_ip6[3], w[3]);
+    }
+}
+
+/// The context's (address words, port) as the IPv6 hooks hold them.
+#[inline(always)]
+fn get_ip6(ctx: &SockAddrContext) -> ([u32; 4], u32) {
+    // SAFETY: plain reads of the hook's context, at constant offsets.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (
+            [
+                read_volatile(&raw const (*sa).user_ip6[0]),
+                read_volatile(&raw const (*sa).user_ip6[1]),
+                read_volatile(&raw const (*sa).user_ip6[2]),
+                read_volatile(&raw const (*sa).user_ip6[3]),
+            ],
+            read_volatile(&raw const (*sa).user_port),
+        )
+    }
 }
 
 #[inline(always)]
@@ -178,12 +245,16 @@ fn restore_v4(ctx: &SockAddrContext) {
     let Some(proxy) = DNS_PROXY.get(0).copied() else {
         return;
     };
-    // SAFETY: the hook's context; user_ip4/user_port readable and
-    // writable in the recvmsg and getpeername hooks.
-    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: plain reads of the hook's context, at constant offsets.
+    let (ip, port) = unsafe {
+        (
+            read_volatile(&raw const (*ctx.sock_addr).user_ip4),
+            read_volatile(&raw const (*ctx.sock_addr).user_port),
+        )
+    };
     if proxy.port4 == 0
-        || sa.user_ip4 != u32::from_ne_bytes(proxy.addr4)
-        || sa.user_port != u32::from(proxy.port4.to_be())
+        || ip != u32::from_ne_bytes(proxy.addr4)
+        || port != u32::from(proxy.port4.to_be())
     {
         return;
     }
@@ -192,8 +263,8 @@ fn restore_v4(ctx: &SockAddrContext) {
     };
     if origin.family == FAMILY_V4 {
         let a = origin.addr;
-        sa.user_ip4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        sa.user_port = u32::from(origin.port.to_be());
+        set_ip4(ctx, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+        set_port(ctx, origin.port);
     }
 }
 
@@ -205,10 +276,7 @@ fn restore_v6(ctx: &SockAddrContext) {
     let Some(proxy) = DNS_PROXY.get(0).copied() else {
         return;
     };
-    // SAFETY: as in `restore_v4`.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-    let port = sa.user_port;
+    let (ip, port) = get_ip6(ctx);
     let from_v6 = proxy.port6 != 0
         && ip == words(proxy.addr6)
         && port == u32::from(proxy.port6.to_be());
@@ -222,12 +290,15 @@ fn restore_v6(ctx: &SockAddrContext) {
         return;
     };
     let a = origin.addr;
-    sa.user_ip6 = if origin.family == FAMILY_V6 {
-        words(a)
-    } else {
-        [0, 0, MAPPED_PREFIX, u32::from_ne_bytes([a[0], a[1], a[2], a[3]])]
-    };
-    sa.user_port = u32::from(origin.port.to_be());
+    set_ip6(
+        ctx,
+        if origin.family == FAMILY_V6 {
+            words(a)
+        } else {
+            [0, 0, MAPPED_PREFIX, u32::from_ne_bytes([a[0], a[1], a[2], a[3]])]
+        },
+    );
+    set_port(ctx, origin.port);
 }
 
 /// An outbound packet to the proxy: records which service's socket, and
@@ -309,32 +380,36 @@ fn client_key(ctx: &SkBuffContext, proxy: &DnsProxy) -> Option<DnsClientKey> {
 
 /// Sends an allowed call of `s` to `dest` to the proxy when it is a
 /// lookup of a service with name rules; `call` packs the port (bits
-/// 0-15), the protocol (16-23) and whether the call opens a UDP pinhole
-/// (bit 24: an unconnected sendmsg of an ingress-restricted service),
-/// which then opens for the proxy, where the answer comes from. Packed,
-/// as a BPF subprogram takes at most five arguments. Returns whether it
-/// was redirected.
+/// 0-15) and the protocol (16-23), as a BPF subprogram takes at most five
+/// arguments. `v6_hook` must be a constant of the calling program
+/// (connect6, sendmsg6), so that the verifier never walks a store to an
+/// IPv4 field in an IPv6 hook. Returns the proxy's port when it was
+/// redirected, else 0.
 #[inline(never)]
-pub fn maybe_redirect(ctx: &SockAddrContext, s: &ServiceEntry, dest: &Dest, call: u32) -> bool {
+pub fn maybe_redirect(
+    ctx: &SockAddrContext,
+    s: &ServiceEntry,
+    dest: &Dest,
+    call: u32,
+    v6_hook: bool,
+) -> u16 {
     let port = call as u16;
     let proto = (call >> 16) as u8;
     if port != DNS_PORT || s.flags & FLAG_NAMES == 0 || (proto != PROTO_UDP && proto != PROTO_TCP)
     {
-        return false;
+        return 0;
     }
-    // SAFETY: the hook's context; a plain field read.
-    let v6_hook = unsafe { (*ctx.sock_addr).user_family } == AF_INET6;
-    let cookie = socket_cookie(ctx);
-    let Some((proxy, proxy_port)) = redirect(ctx, v6_hook, s, *dest, port, cookie) else {
-        return false;
-    };
-    if call & (1 << 24) != 0 {
-        udp_peers::open(
-            &udp_peers::key(cookie, proxy, proxy_port),
-            s.service_id,
-            0,
-            PEER_SENT,
-        );
+    redirect(ctx, v6_hook, s, *dest, port, socket_cookie(ctx))
+}
+
+/// Where a call [`maybe_redirect`] sent to the proxy's `port` goes: the
+/// proxy's address of the destination's family.
+#[inline(always)]
+pub fn proxy_dest(dest: Dest) -> Dest {
+    let proxy = DNS_PROXY.get(0);
+    match (dest, proxy) {
+        (Dest::V4(_), Some(p)) => Dest::V4(p.addr4),
+        (Dest::V6(_), Some(p)) => Dest::V6(p.addr6),
+        (d, None) => d,
     }
-    true
 }

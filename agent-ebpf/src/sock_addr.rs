@@ -9,7 +9,7 @@ use agent_common::{
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    helpers::bpf_get_current_pid_tgid,
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -18,7 +18,8 @@ use aya_log_ebpf::debug;
 use crate::{
     addr::{set_addr, v6_bytes, Dest},
     events::{
-        blank, count, emit, event_budget, fill_task, remember_owner, verdict_record, Decision,
+        blank, count, emit, event_budget, fill_task, fill_task_of, remember_owner, verdict_record,
+        Decision,
     },
     flows::{self, Caller, Report},
     helpers::{current_cgroup_id, now_ns, socket_cookie},
@@ -36,14 +37,14 @@ const DENY: i32 = 0;
 pub fn bulkhead_connect4(ctx: SockAddrContext) -> i32 {
     let (addr, port, proto) = v4_dest(&ctx);
     let (proto, port) = icmp_as_one(proto, port);
-    judge(&ctx, Dest::V4(addr), port, proto, HOOK_CONNECT)
+    judge(&ctx, Dest::V4(addr), port, proto, HOOK_CONNECT, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn bulkhead_connect6(ctx: SockAddrContext) -> i32 {
     let (dest, port, proto) = v6_dest(&ctx);
     let (proto, port) = icmp_as_one(proto, port);
-    judge(&ctx, dest, port, proto, HOOK_CONNECT)
+    judge(&ctx, dest, port, proto, HOOK_CONNECT, true)
 }
 
 /// A ping socket's connect(): ICMPv6 is judged as ICMP (one `icmp` rule
@@ -66,11 +67,14 @@ pub fn icmp_as_one(proto: u8, port: u16) -> (u8, u16) {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn bulkhead_sendmsg4(ctx: SockAddrContext) -> i32 {
     let (addr, port, _) = v4_dest(&ctx);
-    if port == 0 && addr == [0; 4] {
-        let (addr, port) = connected_peer_v4(&ctx);
-        return judge(&ctx, Dest::V4(addr), port, PROTO_UDP, HOOK_SENDMSG);
-    }
-    judge(&ctx, Dest::V4(addr), port, PROTO_UDP, HOOK_SENDMSG)
+    // One judge for both cases: inlined twice, it doubled the program
+    // and its stack.
+    let (addr, port) = if port == 0 && addr == [0; 4] {
+        connected_peer_v4(&ctx)
+    } else {
+        (addr, port)
+    };
+    judge(&ctx, Dest::V4(addr), port, PROTO_UDP, HOOK_SENDMSG, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -81,12 +85,13 @@ pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
         sa.user_port == 0
             && (sa.user_ip6[0] | sa.user_ip6[1] | sa.user_ip6[2] | sa.user_ip6[3]) == 0
     };
-    if no_address {
-        let (dest, port) = connected_peer_v6(&ctx);
-        return judge(&ctx, dest, port, PROTO_UDP, HOOK_SENDMSG);
-    }
-    let (dest, port, _) = v6_dest(&ctx);
-    judge(&ctx, dest, port, PROTO_UDP, HOOK_SENDMSG)
+    let (dest, port) = if no_address {
+        connected_peer_v6(&ctx)
+    } else {
+        let (dest, port, _) = v6_dest(&ctx);
+        (dest, port)
+    };
+    judge(&ctx, dest, port, PROTO_UDP, HOOK_SENDMSG, true)
 }
 
 /// The connected peer of the hook's socket (0.0.0.0:0 if none: denied).
@@ -233,7 +238,7 @@ fn v6_or_mapped(w: [u32; 4]) -> Dest {
 }
 
 #[inline(always)]
-fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i32 {
+fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_hook: bool) -> i32 {
     let cgroup_id = current_cgroup_id();
     let service = current_service_in(cgroup_id);
     let (service_id, mode, rule, verdict) = match service {
@@ -290,16 +295,11 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         _pad: [0; 2],
     };
     set_addr(&mut key.addr, &mut key.family, dest);
-    let caller = Caller {
-        pid_tgid,
-        socket_cookie: || socket_cookie(ctx),
-        mode,
-    };
-    let report = flows::count_call(key, &caller);
+    let report = count_flow(ctx, &mut key, pid_tgid, mode);
     // TCP: the connection's owner is recorded on the socket (sock_ops
     // reports it established and closed), which needs the task's identity.
     let tcp_connect = allowed && hook == HOOK_CONNECT && proto == PROTO_TCP;
-    let record = matches!(report, Report::Record { .. });
+    let record = report & 1 != 0;
     // Asked for only where used: the common case (a repeated UDP flow)
     // needs no cookie.
     let pinhole = hook == HOOK_SENDMSG && service.is_some_and(|s| s.flags & FLAG_INGRESS != 0);
@@ -311,46 +311,31 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
     // The record is built only when sent or needed for the socket's owner:
     // a repeated flow (the common case) fills no 144-byte record.
     if record || tcp_connect {
-        let mut ev = verdict_record(&Decision {
-            verdict,
-            service_id,
-            mode,
-            rule,
-            protocol: proto,
-            hook,
-            direction: DIRECTION_EGRESS,
-        });
-        ev.cgroup_id = key.cgroup_id;
-        ev.socket_cookie = cookie;
-        ev.pid_tgid = pid_tgid;
-        ev.uid_gid = bpf_get_current_uid_gid();
-        ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        set_addr(&mut ev.dst_addr, &mut ev.family, dest);
-        ev.dst_port = port;
-        ev.src_port = key.local_port;
-        if let Report::Record { suppressed } = report {
-            ev.suppressed = suppressed;
-            emit(&ev, LOST_VERDICT);
-        }
-        if tcp_connect {
-            // SAFETY: valid context for this hook.
-            remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
-        }
+        // The suppressed count stays in bits 32-63.
+        let what = u64::from(mode)
+            | ((report & 1) << 8)
+            | (u64::from(tcp_connect) << 9)
+            | (report & !0xffff_ffff);
+        record_call(ctx, &key, pid_tgid, cookie, what);
     }
 
     // A lookup of a service with name rules goes to the agent's proxy
-    // (judged above as the resolver it asked for), which opens the
-    // pinhole for the answer itself.
-    let call = u32::from(port) | (u32::from(proto) << 16) | (u32::from(pinhole) << 24);
-    let redirected = match service {
-        Some(s) if allowed => names::maybe_redirect(ctx, &s, &dest, call),
-        _ => false,
+    // (judged above as the resolver it asked for).
+    let call = u32::from(port) | (u32::from(proto) << 16);
+    let proxy_port = match service {
+        Some(s) if allowed => names::maybe_redirect(ctx, &s, &dest, call, v6_hook),
+        _ => 0,
     };
 
     // An unconnected UDP socket of an ingress-restricted service: let the
-    // replies from this peer in (see ingress.rs).
-    if allowed && pinhole && !redirected {
-        let key = udp_peers::key(cookie, dest, port);
+    // replies from this peer in (see ingress.rs); from the proxy when the
+    // datagram went there.
+    if allowed && pinhole {
+        let key = if proxy_port != 0 {
+            udp_peers::key(cookie, names::proxy_dest(dest), proxy_port)
+        } else {
+            udp_peers::key(cookie, dest, port)
+        };
         udp_peers::open(&key, service_id, 0, PEER_SENT);
     }
 
@@ -364,6 +349,58 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         ALLOW
     } else {
         DENY
+    }
+}
+
+/// [`flows::count_call`] as a BPF subprogram (see [`record_call`]): 0 when
+/// the call was counted, else 1 with the suppressed count in bits 32-63
+/// (a record is to be sent).
+#[inline(never)]
+fn count_flow(ctx: &SockAddrContext, key: &mut FlowKey, pid_tgid: u64, mode: u8) -> u64 {
+    let caller = Caller {
+        pid_tgid,
+        socket_cookie: || socket_cookie(ctx),
+        mode,
+    };
+    match flows::count_call(key, &caller) {
+        Report::Counted => 0,
+        Report::Record { suppressed } => 1 | (u64::from(suppressed) << 32),
+    }
+}
+
+/// Sends the record of a flow's first call and, for an allowed TCP
+/// connect, records the socket's owner (sock_ops reports it established
+/// and closed). `what` packs the service's mode (bits 0-7), whether to
+/// send (bit 8), whether it is such a connect (bit 9) and the suppressed
+/// count (bits 32-63): a BPF subprogram takes at most five arguments. A
+/// subprogram, as is `count_flow`, so that their records and keys are not
+/// in the judge's frame: with the DNS redirect's subprogram below it, the
+/// frames passed the verifier's 512-byte stack.
+#[inline(never)]
+fn record_call(ctx: &SockAddrContext, key: &FlowKey, pid_tgid: u64, cookie: u64, what: u64) {
+    let mut ev = verdict_record(&Decision {
+        verdict: key.verdict,
+        service_id: key.service_id,
+        mode: what as u8,
+        rule: key.rule_id,
+        protocol: key.protocol,
+        hook: key.hook,
+        direction: key.direction,
+    });
+    ev.cgroup_id = key.cgroup_id;
+    ev.socket_cookie = cookie;
+    fill_task_of(&mut ev, pid_tgid);
+    ev.family = key.family;
+    ev.dst_addr = key.addr;
+    ev.dst_port = key.port;
+    ev.src_port = key.local_port;
+    if what & (1 << 8) != 0 {
+        ev.suppressed = (what >> 32) as u32;
+        emit(&ev, LOST_VERDICT);
+    }
+    if what & (1 << 9) != 0 {
+        // SAFETY: valid context for this hook.
+        remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
     }
 }
 
