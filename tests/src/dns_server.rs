@@ -54,6 +54,15 @@ impl DnsServer {
     /// log if it does not answer.
     #[must_use]
     pub fn start(hosts: &[(&str, IpAddr)], cnames: &[(&str, &str)]) -> Self {
+        let port = free_port_block(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
+        Self::start_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), hosts, cnames)
+    }
+
+    /// [`Self::start`] on `addr`: port 53 of a loopback address of the
+    /// test's own (127.0.53.N), where a client's `resolv.conf` (which has
+    /// no port) or `dig @ADDR` finds it.
+    #[must_use]
+    pub fn start_at(addr: SocketAddr, hosts: &[(&str, IpAddr)], cnames: &[(&str, &str)]) -> Self {
         let bin = server_binary(SERVER_ENV, "dnsmasq", "/usr/sbin");
         let dir = tempfile::Builder::new()
             .prefix("bulkhead-dnsmasq-")
@@ -61,8 +70,6 @@ impl DnsServer {
             .unwrap_or_else(|e| panic!("cannot make a temporary directory: {e}"));
         let hosts_path = dir.path().join("hosts");
         write(&hosts_path, &hosts_text(hosts));
-        let port = free_port_block(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let config = dir.path().join("dnsmasq.conf");
         write(&config, &config_text(addr, &hosts_path, cnames));
         let log = dir.path().join("dnsmasq.log");
@@ -162,6 +169,19 @@ impl Drop for DnsServer {
 /// 2 s, and returns what it printed.
 #[must_use]
 pub fn dig(server: SocketAddr, name: &str, args: &[&str]) -> Output {
+    let mut cmd = dig_command(server, name, args);
+    output_with_timeout(&mut cmd, scaled(Duration::from_secs(10)))
+}
+
+/// [`dig`] from a process that joins the cgroup `service` before it runs.
+#[must_use]
+pub fn dig_in(service: &Path, server: SocketAddr, name: &str, args: &[&str]) -> Output {
+    let mut cmd = dig_command(server, name, args);
+    crate::cgroup::join_on_exec(&mut cmd, service);
+    output_with_timeout(&mut cmd, scaled(Duration::from_secs(10)))
+}
+
+fn dig_command(server: SocketAddr, name: &str, args: &[&str]) -> Command {
     let bin = server_binary(DIG_ENV, "dig", "/usr/bin");
     let mut cmd = Command::new(&bin);
     cmd.arg(format!("@{}", server.ip()))
@@ -169,7 +189,7 @@ pub fn dig(server: SocketAddr, name: &str, args: &[&str]) -> Output {
         .args(["+time=2", "+tries=1"])
         .args(args)
         .arg(name);
-    output_with_timeout(&mut cmd, scaled(Duration::from_secs(10)))
+    cmd
 }
 
 /// dig's output as text (for messages).
