@@ -12,10 +12,11 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, Event, FlowKey, FlowValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet,
-    ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS,
-    DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT,
-    LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
+    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, Event, FlowKey, FlowValue, LearntKey,
+    LearntValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry, SockInfo,
+    UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
+    DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT, LPM_SERVICE_BITS,
+    MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
 };
 
 /// The size of the field `access` reads (never called).
@@ -46,11 +47,24 @@ macro_rules! assert_layout {
 assert_layout!(
     ServiceEntry,
     24,
-    [service_id, mode, flags, sockets, _pad, bind_ruleset, names_ruleset, name_key]
+    [
+        service_id,
+        mode,
+        flags,
+        sockets,
+        _pad,
+        bind_ruleset,
+        names_ruleset,
+        name_key
+    ]
 );
 assert_layout!(LearntKey, 32, [name_key, family, _pad, addr]);
 assert_layout!(LearntValue, 16, [expires_ns, rules, _pad]);
-assert_layout!(DnsOrigin, 32, [name_key, service_id, port, family, _pad, addr]);
+assert_layout!(
+    DnsOrigin,
+    32,
+    [name_key, service_id, port, family, _pad, addr]
+);
 assert_layout!(DnsClientKey, 20, [protocol, family, port, addr]);
 assert_layout!(DnsProxy, 32, [heartbeat_ns, addr4, port4, port6, addr6]);
 assert_layout!(LpmV4Key, 8, [service_id, addr]);

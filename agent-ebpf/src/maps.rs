@@ -3,11 +3,12 @@
 //! policy before loading.
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, DEFAULT_MAX_LEARNT, DNS_TRACKED,
-    FlowKey, FlowValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer,
-    UdpPeerKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
-    DEFAULT_FLOW_TABLE, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
-    DEFAULT_UDP_PEERS, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS, UDP_PEERS_PER_SERVICE,
+    DnsClientKey, DnsOrigin, DnsProxy, FlowKey, FlowValue, LearntKey, LearntValue, LpmV4Key,
+    LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey,
+    UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE,
+    DEFAULT_MAX_LEARNT, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
+    DEFAULT_UDP_PEERS, DNS_TRACKED, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS,
+    UDP_PEERS_PER_SERVICE,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},

@@ -277,9 +277,8 @@ fn restore_v6(ctx: &SockAddrContext) {
         return;
     };
     let (ip, port) = get_ip6(ctx);
-    let from_v6 = proxy.port6 != 0
-        && ip == words(proxy.addr6)
-        && port == u32::from(proxy.port6.to_be());
+    let from_v6 =
+        proxy.port6 != 0 && ip == words(proxy.addr6) && port == u32::from(proxy.port6.to_be());
     let from_v4 = proxy.port4 != 0
         && ip == [0, 0, MAPPED_PREFIX, u32::from_ne_bytes(proxy.addr4)]
         && port == u32::from(proxy.port4.to_be());
@@ -295,7 +294,12 @@ fn restore_v6(ctx: &SockAddrContext) {
         if origin.family == FAMILY_V6 {
             words(a)
         } else {
-            [0, 0, MAPPED_PREFIX, u32::from_ne_bytes([a[0], a[1], a[2], a[3]])]
+            [
+                0,
+                0,
+                MAPPED_PREFIX,
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            ]
         },
     );
     set_port(ctx, origin.port);
@@ -349,7 +353,11 @@ fn client_key(ctx: &SkBuffContext, proxy: &DnsProxy) -> Option<DnsClientKey> {
             let saddr: [u8; 4] = ctx.load(12).ok()?;
             key.family = FAMILY_V4;
             key.addr[..4].copy_from_slice(&saddr);
-            (ctx.load::<u8>(9).ok()?, usize::from(first & 0x0f) * 4, proxy.port4)
+            (
+                ctx.load::<u8>(9).ok()?,
+                usize::from(first & 0x0f) * 4,
+                proxy.port4,
+            )
         }
         6 => {
             if proxy.port6 == 0 {
@@ -395,8 +403,7 @@ pub fn maybe_redirect(
 ) -> u16 {
     let port = call as u16;
     let proto = (call >> 16) as u8;
-    if port != DNS_PORT || s.flags & FLAG_NAMES == 0 || (proto != PROTO_UDP && proto != PROTO_TCP)
-    {
+    if port != DNS_PORT || s.flags & FLAG_NAMES == 0 || (proto != PROTO_UDP && proto != PROTO_TCP) {
         return 0;
     }
     redirect(ctx, v6_hook, s, *dest, port, socket_cookie(ctx))

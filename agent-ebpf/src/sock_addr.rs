@@ -3,15 +3,13 @@
 //! asks `judge` (or `bind`) for a verdict.
 
 use agent_common::{
-    counter_slot, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, HOOK_BIND,
-    HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT, PEER_SENT, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY, SERVICE_NONE,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    counter_slot, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
+    FLAG_NAMES, HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT,
+    PEER_SENT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY,
+    SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::bpf_get_current_pid_tgid, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 

@@ -24,7 +24,9 @@ fn ip(text: &str) -> IpAddr {
 /// `api.example.test` on `port` over TCP.
 fn named_policy(svc: &CgroupGuard, resolver: SocketAddr, port: u16) -> String {
     let dns = Egress::to([resolver.ip()]).ports([53]);
-    let named = Egress::to(["api.example.test"]).ports([port]).protocol("tcp");
+    let named = Egress::to(["api.example.test"])
+        .ports([port])
+        .protocol("tcp");
     service_policy(svc, "enforce", &[dns, named])
 }
 

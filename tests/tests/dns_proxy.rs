@@ -451,8 +451,9 @@ fn what_is_not_a_query_gets_formerr_or_nothing() {
 #[test]
 fn the_proxy_serves_on_ipv6_loopback_too() {
     let server = DnsServer::start(&hosts(), &[]);
-    let rules: Arc<[Vec<NamePattern>]> =
-        Arc::new([vec![NamePattern::parse("api.example.test").expect("pattern")]]);
+    let rules: Arc<[Vec<NamePattern>]> = Arc::new([vec![
+        NamePattern::parse("api.example.test").expect("pattern")
+    ]]);
     let upstream = server.addr();
     let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = clients.clone();

@@ -478,7 +478,10 @@ async fn start_dns(
     let (clients, mut learnt, beat) = crate::kernel::dns_maps::take(enforcer.ebpf_mut())?;
     let restored = learnt.restore_from(&PinRoot(config.pin_dir.clone()).current());
     if restored > 0 {
-        info!(restored, "learnt addresses of name rules carried over from the previous agent");
+        info!(
+            restored,
+            "learnt addresses of name rules carried over from the previous agent"
+        );
     }
     let rules = crate::dns::serve::name_rules(set, compiled);
     crate::dns::serve::start(&config.dns, (clients, learnt, beat), rules).await

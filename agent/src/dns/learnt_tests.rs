@@ -29,11 +29,11 @@ fn an_address_expires_after_its_ttl_or_the_minimum_whichever_is_longer() {
     let n = name("api.example.com");
     let now = 1_000 * SEC;
     assert_eq!(
-        c.learn(&mut map, 1, &n, ip("198.51.100.1"), 5, now),
+        c.learn(&mut map, 1, &n, ip("198.51.100.1"), 5, 1, now),
         Ok(Learnt::New)
     );
     assert_eq!(
-        c.learn(&mut map, 1, &n, ip("198.51.100.2"), 300, now),
+        c.learn(&mut map, 1, &n, ip("198.51.100.2"), 300, 1, now),
         Ok(Learnt::New)
     );
     assert_eq!(map.get(&(1, ip("198.51.100.1"))), Some(&(now + 30 * SEC)));
@@ -47,13 +47,14 @@ fn learning_again_extends_but_never_shortens() {
     let mut map = MemoryMap::new();
     let n = name("api.example.com");
     let a = ip("198.51.100.1");
-    c.learn(&mut map, 1, &n, a, 100, 0).expect("learn");
+    c.learn(&mut map, 1, &n, a, 100, 1, 0).expect("learn");
     assert_eq!(
-        c.learn(&mut map, 1, &n, a, 10, 50 * SEC),
+        c.learn(&mut map, 1, &n, a, 10, 1, 50 * SEC),
         Ok(Learnt::Refreshed)
     );
     assert_eq!(map[&(1, a)], 100 * SEC);
-    c.learn(&mut map, 1, &n, a, 100, 50 * SEC).expect("learn");
+    c.learn(&mut map, 1, &n, a, 100, 1, 50 * SEC)
+        .expect("learn");
     assert_eq!(map[&(1, a)], 150 * SEC);
     assert_eq!(c.len(), 1);
 }
@@ -70,6 +71,7 @@ fn one_name_holds_at_most_n_and_the_oldest_goes_first() {
             &n,
             IpAddr::from([198, 51, 100, i]),
             60,
+            1,
             u64::from(i),
         )
         .expect("learn");
@@ -82,9 +84,9 @@ fn one_name_holds_at_most_n_and_the_oldest_goes_first() {
     let kernel: Vec<IpAddr> = map.keys().map(|(_, a)| *a).collect();
     assert_eq!(kernel, c.addresses(1, &n));
     // Re-learning the oldest makes it the newest: .4 goes next, not .3.
-    c.learn(&mut map, 1, &n, ip("198.51.100.3"), 60, 10)
+    c.learn(&mut map, 1, &n, ip("198.51.100.3"), 60, 1, 10)
         .expect("learn");
-    c.learn(&mut map, 1, &n, ip("198.51.100.6"), 60, 11)
+    c.learn(&mut map, 1, &n, ip("198.51.100.6"), 60, 1, 11)
         .expect("learn");
     assert_eq!(
         c.addresses(1, &n),
@@ -101,7 +103,7 @@ fn a_thousand_addresses_stay_within_the_cap() {
     let n = name("wide.example.com");
     for i in 0..1_000u32 {
         let [_, _, hi, lo] = i.to_be_bytes();
-        c.learn(&mut map, 7, &n, IpAddr::from([198, 18, hi, lo]), 60, 0)
+        c.learn(&mut map, 7, &n, IpAddr::from([198, 18, hi, lo]), 60, 1, 0)
             .expect("learn");
     }
     assert_eq!(c.len(), 16);
@@ -115,7 +117,7 @@ fn services_never_share_what_they_learn() {
     let mut map = MemoryMap::new();
     let n = name("api.example.com");
     let a = ip("198.51.100.1");
-    c.learn(&mut map, 1, &n, a, 60, 0).expect("learn");
+    c.learn(&mut map, 1, &n, a, 60, 1, 0).expect("learn");
     assert!(map.contains_key(&(1, a)));
     assert!(!map.contains_key(&(2, a)));
     assert_eq!(c.addresses(2, &n), Vec::<IpAddr>::new());
@@ -127,16 +129,16 @@ fn an_address_two_names_hold_stays_until_the_last_lets_go() {
     let mut map = MemoryMap::new();
     let (x, y) = (name("x.example.com"), name("y.example.com"));
     let shared = ip("198.51.100.9");
-    c.learn(&mut map, 1, &x, shared, 100, 0).expect("learn");
-    c.learn(&mut map, 1, &y, shared, 10, 0).expect("learn");
+    c.learn(&mut map, 1, &x, shared, 100, 1, 0).expect("learn");
+    c.learn(&mut map, 1, &y, shared, 10, 1, 0).expect("learn");
     assert_eq!(map[&(1, shared)], 100 * SEC);
     // x evicts the shared address; y still holds it, until its own expiry.
-    c.learn(&mut map, 1, &x, ip("198.51.100.10"), 100, 0)
+    c.learn(&mut map, 1, &x, ip("198.51.100.10"), 100, 1, 0)
         .expect("learn");
     assert_eq!(c.evictions(), 1);
     assert_eq!(map[&(1, shared)], 10 * SEC);
     // y lets it go too: gone from the kernel.
-    c.learn(&mut map, 1, &y, ip("198.51.100.11"), 100, 0)
+    c.learn(&mut map, 1, &y, ip("198.51.100.11"), 100, 1, 0)
         .expect("learn");
     assert!(!map.contains_key(&(1, shared)));
     assert_eq!(c.held_until(1, shared), None);
@@ -147,9 +149,9 @@ fn a_sweep_drops_what_expired_and_nothing_else() {
     let mut c = cache(1, 8);
     let mut map = MemoryMap::new();
     let n = name("api.example.com");
-    c.learn(&mut map, 1, &n, ip("198.51.100.1"), 5, 0)
+    c.learn(&mut map, 1, &n, ip("198.51.100.1"), 5, 1, 0)
         .expect("learn");
-    c.learn(&mut map, 1, &n, ip("198.51.100.2"), 50, 0)
+    c.learn(&mut map, 1, &n, ip("198.51.100.2"), 50, 1, 0)
         .expect("learn");
     assert_eq!(c.sweep(&mut map, 4 * SEC), Ok(0));
     assert_eq!(c.sweep(&mut map, 5 * SEC), Ok(1));
@@ -165,7 +167,7 @@ fn a_sweep_drops_what_expired_and_nothing_else() {
 struct Full;
 
 impl LearntSink for Full {
-    fn allow(&mut self, _: ServiceId, _: IpAddr, _: Nanos) -> Result<(), SinkError> {
+    fn allow(&mut self, _: ServiceId, _: IpAddr, _: Nanos, _: RuleBits) -> Result<(), SinkError> {
         Err(SinkError("full".into()))
     }
     fn revoke(&mut self, _: ServiceId, _: IpAddr) -> Result<(), SinkError> {
@@ -178,7 +180,7 @@ fn a_refused_write_learns_nothing() {
     let mut c = cache(1, 8);
     let n = name("api.example.com");
     assert_eq!(
-        c.learn(&mut Full, 1, &n, ip("198.51.100.1"), 60, 0),
+        c.learn(&mut Full, 1, &n, ip("198.51.100.1"), 60, 1, 0),
         Err(LearnError::Sink(SinkError("full".into())))
     );
     assert!(c.is_empty());
@@ -193,24 +195,24 @@ fn past_the_total_limit_nothing_new_is_learnt_but_refreshes_and_evictions_go_on(
     });
     let mut map = MemoryMap::new();
     let (x, y) = (name("x.example.com"), name("y.example.com"));
-    c.learn(&mut map, 1, &x, ip("198.51.100.1"), 60, 0)
+    c.learn(&mut map, 1, &x, ip("198.51.100.1"), 60, 1, 0)
         .expect("learn");
-    c.learn(&mut map, 1, &x, ip("198.51.100.2"), 60, 0)
+    c.learn(&mut map, 1, &x, ip("198.51.100.2"), 60, 1, 0)
         .expect("learn");
-    c.learn(&mut map, 1, &y, ip("198.51.100.3"), 60, 0)
+    c.learn(&mut map, 1, &y, ip("198.51.100.3"), 60, 1, 0)
         .expect("learn");
     assert_eq!(
-        c.learn(&mut map, 1, &y, ip("198.51.100.4"), 60, 0),
+        c.learn(&mut map, 1, &y, ip("198.51.100.4"), 60, 1, 0),
         Err(LearnError::Full(3))
     );
     assert!(!map.contains_key(&(1, ip("198.51.100.4"))));
     // Known: refreshed. At its name's cap: the oldest makes room.
     assert_eq!(
-        c.learn(&mut map, 1, &y, ip("198.51.100.3"), 60, 1),
+        c.learn(&mut map, 1, &y, ip("198.51.100.3"), 60, 1, 1),
         Ok(Learnt::Refreshed)
     );
     assert_eq!(
-        c.learn(&mut map, 1, &x, ip("198.51.100.5"), 60, 1),
+        c.learn(&mut map, 1, &x, ip("198.51.100.5"), 60, 1, 1),
         Ok(Learnt::New)
     );
     assert_eq!(c.len(), 3);
@@ -219,7 +221,7 @@ fn past_the_total_limit_nothing_new_is_learnt_but_refreshes_and_evictions_go_on(
     assert_eq!(c.sweep(&mut map, 61 * SEC), Ok(3));
     assert_eq!(c.len(), 0);
     assert_eq!(
-        c.learn(&mut map, 1, &y, ip("198.51.100.4"), 60, 62 * SEC),
+        c.learn(&mut map, 1, &y, ip("198.51.100.4"), 60, 1, 62 * SEC),
         Ok(Learnt::New)
     );
 }
@@ -235,4 +237,51 @@ fn the_clock_is_monotonic_nanoseconds() {
     let a = monotonic_now();
     let b = monotonic_now();
     assert!(a > 0 && b >= a);
+}
+
+/// Records the rule bits the kernel would get.
+#[derive(Default)]
+struct Bits(std::collections::BTreeMap<(ServiceId, IpAddr), RuleBits>);
+
+impl LearntSink for Bits {
+    fn allow(
+        &mut self,
+        s: ServiceId,
+        a: IpAddr,
+        _: Nanos,
+        rules: RuleBits,
+    ) -> Result<(), SinkError> {
+        self.0.insert((s, a), rules);
+        Ok(())
+    }
+
+    fn revoke(&mut self, s: ServiceId, a: IpAddr) -> Result<(), SinkError> {
+        self.0.remove(&(s, a));
+        Ok(())
+    }
+}
+
+#[test]
+fn an_address_carries_the_rules_of_every_name_holding_it_and_loses_them_with_the_name() {
+    let mut c = cache(60, 1);
+    let mut sink = Bits::default();
+    let shared = ip("198.51.100.20");
+    c.learn(&mut sink, 1, &name("a.example.com"), shared, 60, 0b01, 0)
+        .expect("learn");
+    c.learn(&mut sink, 1, &name("b.example.com"), shared, 60, 0b10, 0)
+        .expect("learn");
+    assert_eq!(sink.0[&(1, shared)], 0b11, "both rules' ports apply");
+    // a.example.com's next address evicts the shared one from it (cap 1):
+    // only b.example.com's rule is left.
+    c.learn(
+        &mut sink,
+        1,
+        &name("a.example.com"),
+        ip("198.51.100.21"),
+        60,
+        0b01,
+        1,
+    )
+    .expect("learn");
+    assert_eq!(sink.0[&(1, shared)], 0b10);
 }

@@ -38,7 +38,10 @@ pub type NameRules = Arc<RwLock<HashMap<ServiceId, Arc<[Vec<NamePattern>]>>>>;
 /// The name rules of every service with names in `set` (compiled into
 /// `compiled`, which has the keys), in rule order: bit i of a learnt
 /// entry is the i-th.
-pub fn name_rules(set: &PolicySet, compiled: &CompiledPolicy) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>> {
+pub fn name_rules(
+    set: &PolicySet,
+    compiled: &CompiledPolicy,
+) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>> {
     set.services
         .iter()
         .zip(&compiled.services)
@@ -116,9 +119,15 @@ pub async fn start(
         upstream_timeout: Duration::from_millis(u64::from(config.upstream_timeout_ms)),
         ..ProxyConfig::default()
     };
-    let proxy = Proxy::bind(config.listen, router, proxy_config, cache, KernelSink(learnt))
-        .await
-        .with_context(|| format!("cannot bind the DNS proxy on {}", config.listen))?;
+    let proxy = Proxy::bind(
+        config.listen,
+        router,
+        proxy_config,
+        cache,
+        KernelSink(learnt),
+    )
+    .await
+    .with_context(|| format!("cannot bind the DNS proxy on {}", config.listen))?;
     let addr = proxy.addr();
     match addr {
         SocketAddr::V4(_) => beat.set_addresses(Some(addr), None),

@@ -14,9 +14,9 @@ use std::{
 
 use agent_common::{
     LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
-    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE, MAX_PORT_RANGES, PROTO_ANY,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP,
-    SOCKETS_SCTP, SOCKETS_UDPLITE,
+    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE, MAX_PORT_RANGES,
+    PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP,
+    SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE,
 };
 use ipnetwork::IpNetwork;
 
@@ -250,7 +250,8 @@ impl Builder {
                 .filter(|(i, _)| bits & (1 << i) != 0)
                 .map(|(_, r)| r)
                 .collect();
-            let ranges: Vec<KPortRange> = chosen.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+            let ranges: Vec<KPortRange> =
+                chosen.iter().flat_map(|(_, c)| c.iter().copied()).collect();
             let mut set = RuleSet::EMPTY;
             if ranges.len() > MAX_PORT_RANGES {
                 self.errors.push(PolicyError {
@@ -431,9 +432,62 @@ mod tests {
             line: index + 1,
             description: None,
             to: to.iter().map(|t| t.parse().expect("test CIDR")).collect(),
+            names: Vec::new(),
             ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
             protocol,
         }
+    }
+
+    fn named(index: usize, names: &[&str], ports: &[(u16, u16)], protocol: Protocol) -> EgressRule {
+        EgressRule {
+            names: names
+                .iter()
+                .map(|n| crate::dns::name::NamePattern::parse(n).expect("test name"))
+                .collect(),
+            ..rule(index, &[], ports, protocol)
+        }
+    }
+
+    #[test]
+    fn name_rules_get_one_union_ruleset_per_combination_of_rules() {
+        let p = compile(&set(vec![
+            rule(0, &["198.51.100.0/24"], &[(22, 22)], Protocol::Tcp),
+            named(1, &["api.example.com"], &[(443, 443)], Protocol::Tcp),
+            named(2, &["*.db.example.com"], &[(5432, 5432)], Protocol::Tcp),
+        ]))
+        .expect("compiles");
+        let entry = p.services[0].entry;
+        assert_ne!(entry.flags & FLAG_NAMES, 0);
+        let at = |bits: u32| p.rulesets[(entry.names_ruleset + bits) as usize];
+        assert_eq!(at(0).len, 0, "no rule: nothing allowed");
+        let ports = |bits: u32| {
+            let set = at(bits);
+            set.ranges[..set.len as usize]
+                .iter()
+                .map(|r| (r.lo, r.rule_id))
+                .collect::<Vec<_>>()
+        };
+        // Rule ids: egress[0] is 0, egress[1] is 1, egress[2] is 2.
+        assert_eq!(ports(0b01), [(443, 1)]);
+        assert_eq!(ports(0b10), [(5432, 2)]);
+        assert_eq!(ports(0b11), [(443, 1), (5432, 2)]);
+        assert_eq!(
+            p.rulesets.len() as u32,
+            entry.names_ruleset + agent_common::NAME_RULESETS
+        );
+        assert_eq!(entry.name_key, name_key(&p.services[0].name));
+    }
+
+    #[test]
+    fn a_service_without_names_has_no_name_flag() {
+        let p = compile(&set(vec![rule(
+            0,
+            &["198.51.100.0/24"],
+            &[(22, 22)],
+            Protocol::Tcp,
+        )]))
+        .expect("compiles");
+        assert_eq!(p.services[0].entry.flags & FLAG_NAMES, 0);
     }
 
     fn set(rules: Vec<EgressRule>) -> PolicySet {

@@ -46,7 +46,11 @@ pub fn take(ebpf: &mut Ebpf) -> Result<(DnsClients, Learnt, ProxyBeat), KernelEr
         port6: 0,
         addr6: [0; 16],
     };
-    Ok((DnsClients(clients), Learnt(learnt), ProxyBeat { map, value }))
+    Ok((
+        DnsClients(clients),
+        Learnt(learnt),
+        ProxyBeat { map, value },
+    ))
 }
 
 /// An address as the maps hold it: family and 16 bytes.

@@ -102,7 +102,11 @@ fn every_error_in_a_file_is_reported_with_its_line() {
     assert_eq!(lines, [3, 5, 5, 6, 6, 6, 6], "{errors:#?}");
     assert!(errors[0].2.contains("unknown key `foo`"));
     assert!(errors[1].2.contains("host bits set"));
-    assert!(errors[2].2.contains("\"bad\" is not an IP address"));
+    assert!(
+        errors[2].2.contains("not an IP address or CIDR") && errors[2].2.contains("\"bad\""),
+        "{}",
+        errors[2].2
+    );
     assert!(errors[3].2.contains("port 0 is out of range"));
     assert!(errors[4].2.contains("9000-8000 is inverted"));
     assert!(errors[5].2.contains("port 70000 is out of range"));
@@ -326,4 +330,57 @@ fn the_docs_error_example_is_what_check_prints() {
         .collect();
     expected.push(format!("{} error(s); nothing was loaded", errors.0.len()));
     assert_eq!(printed, expected, "docs/policy.md's check example");
+}
+
+#[test]
+fn names_and_networks_mix_in_to_and_a_bad_name_is_reported_at_its_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "named.toml",
+        "cgroup = \"/x\"\nmode = \"enforce\"\n[[egress]]\nto = [\"198.51.100.0/24\", \"API.Example.com.\", \"**.cdn.example.org\"]\nports = [443]\n",
+    );
+    let set = load_dir(dir.path()).expect("valid");
+    let rule = &set.services[0].egress[0];
+    assert_eq!(rule.to.len(), 1);
+    let names: Vec<String> = rule.names.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["**.cdn.example.org", "api.example.com"]);
+
+    write(
+        &dir,
+        "named.toml",
+        "cgroup = \"/x\"\nmode = \"enforce\"\n[[egress]]\nto = [\"api.exa_mple.com\"]\n",
+    );
+    let errors = load_dir(dir.path()).expect_err("refused").0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    // Line 4: `to = ["api.exa_mple.com"]`; the `_` is column 15.
+    assert_eq!((errors[0].line, errors[0].column), (4, 15), "{errors:#?}");
+    assert!(
+        errors[0].message.contains("as a DNS name"),
+        "{}",
+        errors[0].message
+    );
+}
+
+#[test]
+fn at_most_four_rules_of_a_service_list_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut text = String::from("cgroup = \"/x\"\nmode = \"enforce\"\n");
+    for i in 0..5 {
+        text.push_str(&format!(
+            "[[egress]]\nto = [\"n{i}.example.com\"]\nports = [{}]\n",
+            400 + i
+        ));
+    }
+    write(&dir, "many.toml", &text);
+    let errors = load_dir(dir.path()).expect_err("refused").0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].line, 15, "the fifth rule's line: {errors:#?}");
+    assert!(
+        errors[0]
+            .message
+            .contains("at most 4 [[egress]] rules may list names"),
+        "{}",
+        errors[0].message
+    );
 }

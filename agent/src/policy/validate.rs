@@ -436,7 +436,10 @@ fn destinations(
                 // the offset in the name (see NameError).
                 let lead = raw.len() - raw.trim_start().len();
                 let start = entry.span().start + 1 + lead + e.offset;
-                c.error(start..start + 1, format!("{at}: {e}"));
+                c.error(
+                    start..start + 1,
+                    format!("{at}: not an IP address or CIDR; as a DNS name: {e}"),
+                );
             }
         }
     }

@@ -27,8 +27,8 @@ use agent_common::{
 use aya::maps::lpm_trie::Key;
 use aya_obj::{
     generated::bpf_map_type::{
-        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_PERCPU_ARRAY,
-        BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SK_STORAGE,
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
+        BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SK_STORAGE,
     },
     programs::CgroupSkbAttachType,
     Object, ProgramSection,
@@ -112,6 +112,30 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             BPF_MAP_TYPE_SK_STORAGE as u32,
             4,
             Some(size_of::<SockInfo>()),
+        ),
+        (
+            agent_common::LEARNT,
+            hash,
+            size_of::<agent_common::LearntKey>(),
+            Some(size_of::<agent_common::LearntValue>()),
+        ),
+        (
+            agent_common::DNS_ORIGINS,
+            BPF_MAP_TYPE_LRU_HASH as u32,
+            8,
+            Some(size_of::<agent_common::DnsOrigin>()),
+        ),
+        (
+            agent_common::DNS_CLIENTS,
+            BPF_MAP_TYPE_LRU_HASH as u32,
+            size_of::<agent_common::DnsClientKey>(),
+            Some(size_of::<agent_common::DnsOrigin>()),
+        ),
+        (
+            agent_common::DNS_PROXY,
+            array,
+            4,
+            Some(size_of::<agent_common::DnsProxy>()),
         ),
     ]
 }

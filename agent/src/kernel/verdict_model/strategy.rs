@@ -353,6 +353,7 @@ pub fn model(specs: &[Spec]) -> Vec<Service> {
                     line: 0,
                     description: None,
                     to: r.nets.clone(),
+                    names: Vec::new(),
                     ports: ports(r),
                     protocol: r.protocol,
                 })
