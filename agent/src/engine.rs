@@ -60,6 +60,8 @@ pub struct Parts {
     pub graph: Arc<crate::graph::Shared>,
     /// Where the fleet exporter learns the services' policies and cgroups.
     pub host_view: watch::Sender<Arc<HostView>>,
+    /// The DNS proxy of name rules (told each policy applied).
+    pub dns: Arc<crate::dns::serve::Dns>,
 }
 
 pub struct Engine {
@@ -87,6 +89,8 @@ pub struct Engine {
     /// The service graph (blast radius, learn), fed by the aggregator.
     graph: Arc<crate::graph::Shared>,
     host_view: watch::Sender<Arc<HostView>>,
+    /// The DNS proxy of name rules (told each policy applied).
+    dns: Arc<crate::dns::serve::Dns>,
     /// The previous policy, to remove once its grace period is over.
     retiring: Option<(Instant, CompiledPolicy)>,
     /// The held sockets known (see `crate::held`).
@@ -118,6 +122,7 @@ impl Engine {
             self_check_interval,
             graph,
             host_view,
+            dns,
         } = parts;
         let engine = Self {
             enforcer,
@@ -138,6 +143,7 @@ impl Engine {
             self_check_interval,
             graph,
             host_view,
+            dns,
             retiring: None,
             held: held::Held::default(),
             held_warned: std::collections::HashSet::new(),
@@ -378,6 +384,9 @@ impl Engine {
         let mut warnings = loaded.warnings;
         warnings.extend(loaded.set.warnings.iter().cloned());
         self.set = loaded.set;
+        if let Err(e) = self.dns.apply(&self.set) {
+            warn!("the policy has name rules but the DNS proxy cannot start: {e:#}; their lookups teach nothing (denied)");
+        }
         self.snapshot = loaded.snapshot;
         self.graph.set_policy(&self.set);
         self.publish_host_view();

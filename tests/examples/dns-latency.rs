@@ -43,12 +43,13 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let upstream = server.addr();
-    let patterns: Arc<[NamePattern]> = Arc::new([NamePattern::parse(NAME).expect("pattern")]);
-    let router: Router = Arc::new(move |_| {
+    let rules: Arc<[Vec<NamePattern>]> =
+        Arc::new([vec![NamePattern::parse(NAME).expect("pattern")]]);
+    let router: Router = Arc::new(move |_, _| {
         Some(Route {
             service: 1,
             upstream,
-            patterns: patterns.clone(),
+            rules: rules.clone(),
         })
     });
     let proxy = runtime

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use integration_tests::{
     addr,
+    control::{reload, SharedPins},
     dns_server::{dig_addresses, dig_in, dig_text},
     probe, require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, PolicyDir, Proto,
 };
@@ -109,4 +110,79 @@ fn a_lookup_over_tcp_teaches_as_one_over_udp() {
     client
         .tcp_connect(api_at)
         .assert_ok("right after a lookup over TCP");
+}
+
+#[test]
+fn learnt_addresses_stay_allowed_across_an_agent_restart() {
+    if !require_bpf() {
+        return;
+    }
+    let api = probe!().listen(Proto::Tcp, addr("127.0.63.1:0"));
+    let at = resolver(3);
+    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.63.1"))], &[]);
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
+    let shared = SharedPins::new();
+    let client = probe!().in_cgroup(svc.path());
+    let api_at = SocketAddr::new(ip("127.0.63.1"), api.port());
+
+    let mut first = shared.start(&policies);
+    let out = dig_in(svc.path(), at, "api.example.test", &[]);
+    assert_eq!(dig_addresses(&out), ["127.0.63.1"], "{}", dig_text(&out));
+    client.tcp_connect(api_at).assert_ok("learnt, first agent");
+    first.stop();
+    client
+        .tcp_connect(api_at)
+        .assert_ok("learnt, no agent running (the pinned map holds it)");
+    let second = shared.start(&policies);
+    client
+        .tcp_connect(api_at)
+        .assert_ok("learnt under the first agent, the second one running");
+    assert!(
+        second
+            .log()
+            .contains("learnt addresses of name rules carried over"),
+        "the second agent says it carried them over:\n{}",
+        second.log()
+    );
+}
+
+#[test]
+fn changed_name_rules_revoke_what_the_service_learnt_under_them() {
+    if !require_bpf() {
+        return;
+    }
+    let api = probe!().listen(Proto::Tcp, addr("127.0.64.1:0"));
+    let at = resolver(4);
+    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.64.1"))], &[]);
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
+    let daemon = Daemon::start(&policies);
+    let client = probe!().in_cgroup(svc.path());
+    let api_at = SocketAddr::new(ip("127.0.64.1"), api.port());
+
+    let out = dig_in(svc.path(), at, "api.example.test", &[]);
+    assert_eq!(dig_addresses(&out), ["127.0.64.1"], "{}", dig_text(&out));
+    client.tcp_connect(api_at).assert_ok("learnt");
+
+    // The name rule now allows another name only.
+    let dns = Egress::to([at.ip()]).ports([53]);
+    let named = Egress::to(["web.example.test"])
+        .ports([api.port()])
+        .protocol("tcp");
+    policies.write("svc.toml", &service_policy(&svc, "enforce", &[dns, named]));
+    let out = reload(&daemon);
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    client
+        .tcp_connect(api_at)
+        .assert_eperm("an address learnt for a name the policy no longer allows");
+    let out = dig_in(svc.path(), at, "api.example.test", &[]);
+    assert_eq!(dig_addresses(&out), ["127.0.64.1"], "{}", dig_text(&out));
+    client
+        .tcp_connect(api_at)
+        .assert_eperm("looked up again, but no rule allows the name now");
 }

@@ -81,7 +81,7 @@ pub(super) struct Tasks {
     /// Turns the kernel's per-flow counts into `flow` events.
     pub(super) flow_sweeper: crate::flows::Sweeper,
     /// The DNS proxy of name rules.
-    pub(super) dns: crate::dns::serve::DnsService,
+    pub(super) dns: Arc<crate::dns::serve::Dns>,
 }
 
 /// Loads, pins and attaches the programs, takes over from a previous
@@ -111,7 +111,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let (pins, staging) = pin_maps(&config, &mut enforcer)?;
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
     let flow_table = crate::kernel::flow_table::FlowTable::take(enforcer.ebpf_mut())?;
-    let dns = start_dns(&config, &set, &compiled, &mut enforcer).await?;
+    let dns = start_dns(&config, &set, &mut enforcer)?;
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     take_over(&config, &compiled, &coverage, &pins, &hub)?;
 
@@ -181,6 +181,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         self_check_interval,
         graph: Arc::clone(&graph),
         host_view,
+        dns: Arc::clone(&dns),
     });
     // After READY: a failure here (the spool cannot be opened) is logged
     // and the agent goes on enforcing without fleet export.
@@ -466,15 +467,14 @@ fn attach(
     Ok(coverage)
 }
 
-/// The DNS proxy of name rules, with the previous agent's learnt
-/// addresses copied in before our programs replace its own, so that what
-/// it allowed stays allowed.
-async fn start_dns(
+/// The DNS proxy of name rules (started if a service has some), with the
+/// previous agent's learnt addresses copied in before our programs
+/// replace its own, so that what it allowed stays allowed.
+fn start_dns(
     config: &Config,
     set: &policy::PolicySet,
-    compiled: &CompiledPolicy,
     enforcer: &mut Enforcer,
-) -> Result<crate::dns::serve::DnsService> {
+) -> Result<Arc<crate::dns::serve::Dns>> {
     let (clients, mut learnt, beat) = crate::kernel::dns_maps::take(enforcer.ebpf_mut())?;
     let restored = learnt.restore_from(&PinRoot(config.pin_dir.clone()).current());
     if restored > 0 {
@@ -483,8 +483,12 @@ async fn start_dns(
             "learnt addresses of name rules carried over from the previous agent"
         );
     }
-    let rules = crate::dns::serve::name_rules(set, compiled);
-    crate::dns::serve::start(&config.dns, (clients, learnt, beat), rules).await
+    let dns = Arc::new(crate::dns::serve::Dns::new(
+        &config.dns,
+        (clients, learnt, beat),
+    ));
+    dns.apply(set)?;
+    Ok(dns)
 }
 
 /// Makes the new pins current and, if a previous agent's were, takes over

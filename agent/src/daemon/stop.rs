@@ -41,7 +41,7 @@ impl Running {
         reader.abort();
         // Lookups in flight get no answer (the clients retry); learnt
         // addresses stay in the pinned map, enforced.
-        drop(dns);
+        dns.stop();
         // The calls counted since the last sweep are reported now; the
         // flows go on counting for the next agent, which reports them.
         if tokio::task::spawn_blocking(move || flow_sweeper.stop())

@@ -323,6 +323,47 @@ impl LearntCache {
         Ok(count)
     }
 
+    /// Drops everything `service` learnt (its name rules changed: what
+    /// each address was allowed by no longer holds) and revokes it in
+    /// `sink`. Returns how many (service, name, address) entries went.
+    ///
+    /// # Errors
+    /// The first refused revoke; the entries are gone from the cache
+    /// anyway (the kernel keeps such an entry until its expiry).
+    pub fn forget(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+    ) -> Result<usize, SinkError> {
+        let names: Vec<DnsName> = self
+            .names
+            .keys()
+            .filter(|(s, _)| *s == service)
+            .map(|(_, n)| n.clone())
+            .collect();
+        let mut gone = 0;
+        for name in names {
+            if let Some(held) = self.names.remove(&(service, name)) {
+                gone += held.len();
+            }
+        }
+        self.total -= gone;
+        let addrs: Vec<IpAddr> = self
+            .holders
+            .keys()
+            .filter(|(s, _)| *s == service)
+            .map(|(_, a)| *a)
+            .collect();
+        let mut first_error = None;
+        for addr in addrs {
+            self.holders.remove(&(service, addr));
+            if let Err(e) = sink.revoke(service, addr) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(gone), Err)
+    }
+
     /// The addresses (service, name) holds, oldest first.
     #[must_use]
     pub fn addresses(&self, service: ServiceId, name: &DnsName) -> Vec<IpAddr> {

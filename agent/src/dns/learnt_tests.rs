@@ -285,3 +285,30 @@ fn an_address_carries_the_rules_of_every_name_holding_it_and_loses_them_with_the
     .expect("learn");
     assert_eq!(sink.0[&(1, shared)], 0b10);
 }
+
+#[test]
+fn forgetting_a_service_revokes_all_it_learnt_and_nothing_of_others() {
+    let mut c = cache(60, 4);
+    let mut map = MemoryMap::new();
+    let shared = ip("198.51.100.30");
+    c.learn(&mut map, 1, &name("a.example.com"), shared, 60, 1, 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &name("b.example.com"), shared, 60, 1, 0)
+        .expect("learn");
+    c.learn(
+        &mut map,
+        1,
+        &name("b.example.com"),
+        ip("198.51.100.31"),
+        60,
+        1,
+        0,
+    )
+    .expect("learn");
+    c.learn(&mut map, 2, &name("a.example.com"), shared, 60, 1, 0)
+        .expect("learn");
+    assert_eq!(c.forget(&mut map, 1), Ok(3));
+    assert_eq!(map.keys().copied().collect::<Vec<_>>(), [(2, shared)]);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.held_until(1, shared), None);
+}

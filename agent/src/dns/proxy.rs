@@ -166,6 +166,22 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
         Self::from_sockets(udp, tcp, router, config, cache, sink)
     }
 
+    /// [`Self::bind`] from a synchronous caller inside the runtime (a
+    /// policy reload that brings the first name rule).
+    ///
+    /// # Errors
+    /// The sockets cannot be bound.
+    pub fn bind_now(
+        addr: SocketAddr,
+        router: Router,
+        config: ProxyConfig,
+        cache: LearntCache,
+        sink: S,
+    ) -> io::Result<Self> {
+        let (udp, tcp) = bind_pair_now(addr)?;
+        Self::from_sockets(udp, tcp, router, config, cache, sink)
+    }
+
     /// Serves on sockets bound elsewhere: by systemd's socket unit, or
     /// handed over by the previous agent, so that queries sent while the
     /// agent restarts wait in the socket instead of being refused.
@@ -213,6 +229,19 @@ impl<S> Proxy<S> {
         &self.shared.stats
     }
 
+    /// Drops and revokes what `service` learnt (see [`LearntCache::forget`]).
+    ///
+    /// # Errors
+    /// A revoke the sink refused.
+    pub fn forget(&self, service: ServiceId) -> Result<usize, super::learnt::SinkError>
+    where
+        S: LearntSink,
+    {
+        let mut guard = self.shared.learnt();
+        let (cache, sink) = &mut *guard;
+        cache.forget(sink, service)
+    }
+
     /// Looks at the learnt set and the sink under their lock.
     pub fn with_learnt<T>(&self, f: impl FnOnce(&LearntCache, &S) -> T) -> T {
         let guard = self.shared.learnt();
@@ -229,6 +258,24 @@ impl<S> Drop for Proxy<S> {
 }
 
 /// UDP and TCP bound to the same address and port.
+/// [`bind_pair`] with std's sockets, handed to the runtime.
+fn bind_pair_now(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+    let tries = if addr.port() == 0 { 8 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let udp = std::net::UdpSocket::bind(addr)?;
+        match std::net::TcpListener::bind(udp.local_addr()?) {
+            Ok(tcp) => {
+                udp.set_nonblocking(true)?;
+                tcp.set_nonblocking(true)?;
+                return Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no port for both UDP and TCP")))
+}
+
 async fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     // With port 0 the UDP port may be taken for TCP: try a few.
     let tries = if addr.port() == 0 { 8 } else { 1 };

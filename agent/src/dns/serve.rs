@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
 
@@ -23,8 +23,8 @@ use super::{
 use crate::{
     config::DnsConfig,
     kernel::{
+        compile::name_key,
         dns_maps::{ip_of, DnsClients, Learnt, ProxyBeat},
-        CompiledPolicy,
     },
     policy::PolicySet,
 };
@@ -35,17 +35,12 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Each service's name rules, by its stable key: what a route carries.
 pub type NameRules = Arc<RwLock<HashMap<ServiceId, Arc<[Vec<NamePattern>]>>>>;
 
-/// The name rules of every service with names in `set` (compiled into
-/// `compiled`, which has the keys), in rule order: bit i of a learnt
-/// entry is the i-th.
-pub fn name_rules(
-    set: &PolicySet,
-    compiled: &CompiledPolicy,
-) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>> {
+/// The name rules of every service with names in `set`, by its stable
+/// key, in rule order: bit i of a learnt entry is the i-th.
+pub fn name_rules(set: &PolicySet) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>> {
     set.services
         .iter()
-        .zip(&compiled.services)
-        .filter_map(|(service, c)| {
+        .filter_map(|service| {
             let rules: Vec<Vec<NamePattern>> = service
                 .egress
                 .iter()
@@ -53,7 +48,7 @@ pub fn name_rules(
                 .take(agent_common::MAX_NAME_RULES)
                 .map(|r| r.names.clone())
                 .collect();
-            (!rules.is_empty()).then(|| (c.entry.name_key, rules.into()))
+            (!rules.is_empty()).then(|| (name_key(&service.name), rules.into()))
         })
         .collect()
 }
@@ -85,77 +80,132 @@ impl LearntSink for KernelSink {
     }
 }
 
-/// The running proxy and its heartbeat.
-pub struct DnsService {
-    pub proxy: Proxy<KernelSink>,
-    pub rules: NameRules,
+/// The proxy of name rules in the daemon: started when a service first
+/// has name rules (at start or on a reload), so a host without them has
+/// no DNS listener; told to the kernel with a heartbeat each second.
+pub struct Dns {
+    config: DnsConfig,
+    rules: NameRules,
+    state: Mutex<State>,
+}
+
+enum State {
+    /// Not started; the maps wait for the first name rule.
+    Idle((DnsClients, Learnt, ProxyBeat)),
+    Running(Running),
+    /// Stopped with the agent, or a start failed past taking the maps.
+    Gone,
+}
+
+struct Running {
+    proxy: Arc<Proxy<KernelSink>>,
     heartbeat: JoinHandle<()>,
 }
 
-impl Drop for DnsService {
+impl Drop for Running {
     fn drop(&mut self) {
         self.heartbeat.abort();
     }
 }
 
-/// Binds the proxy on `config.listen` and starts it.
-///
-/// # Errors
-/// The address cannot be bound, or the kernel map cannot be written.
-pub async fn start(
-    config: &DnsConfig,
-    maps: (DnsClients, Learnt, ProxyBeat),
-    rules: HashMap<ServiceId, Arc<[Vec<NamePattern>]>>,
-) -> Result<DnsService> {
-    let (clients, learnt, mut beat) = maps;
-    let rules: NameRules = Arc::new(RwLock::new(rules));
-    let router = router(clients, Arc::clone(&rules));
-    let cache = LearntCache::new(LearntLimits {
-        min_ttl: Duration::from_secs(u64::from(config.min_ttl_secs)),
-        max_per_name: config.max_per_name as usize,
-        max_total: config.max_learnt as usize,
-    });
-    let proxy_config = ProxyConfig {
-        upstream_timeout: Duration::from_millis(u64::from(config.upstream_timeout_ms)),
-        ..ProxyConfig::default()
-    };
-    let proxy = Proxy::bind(
-        config.listen,
-        router,
-        proxy_config,
-        cache,
-        KernelSink(learnt),
-    )
-    .await
-    .with_context(|| format!("cannot bind the DNS proxy on {}", config.listen))?;
-    let addr = proxy.addr();
-    match addr {
-        SocketAddr::V4(_) => beat.set_addresses(Some(addr), None),
-        SocketAddr::V6(_) => beat.set_addresses(None, Some(addr)),
+impl Dns {
+    #[must_use]
+    pub fn new(config: &DnsConfig, maps: (DnsClients, Learnt, ProxyBeat)) -> Self {
+        Self {
+            config: config.clone(),
+            rules: NameRules::default(),
+            state: Mutex::new(State::Idle(maps)),
+        }
     }
-    beat.beat(monotonic_now())
-        .context("cannot write the DNS proxy's address into the kernel")?;
-    info!(listen = %addr, "DNS proxy: lookups of services with name rules go through it");
-    let heartbeat = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(HEARTBEAT);
-        let mut failing = false;
-        loop {
-            tick.tick().await;
-            match beat.beat(monotonic_now()) {
-                Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    warn!("DNS proxy: cannot write its heartbeat: {e}; the kernel stops redirecting lookups after 30 s");
-                }
-                Err(_) => {}
+
+    /// Makes `set`'s name rules the ones queries are learnt by, starting
+    /// the proxy if this is the first time a service has some. A service
+    /// whose name rules changed (or went) loses what it learnt: an
+    /// address's rule bits are positions in the old rule list, and an
+    /// address of a name no longer allowed must not stay allowed. Its next
+    /// lookups learn again (fail closed meanwhile).
+    ///
+    /// # Errors
+    /// The proxy was needed and could not start (its address taken, or
+    /// the kernel map not writable): services with name rules then have
+    /// no lookup learnt, which fails closed.
+    pub fn apply(&self, set: &PolicySet) -> Result<()> {
+        let new = name_rules(set);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if !new.is_empty() {
+            if let State::Idle(_) = *state {
+                let State::Idle(maps) = std::mem::replace(&mut *state, State::Gone) else {
+                    unreachable!("matched Idle above");
+                };
+                *state = State::Running(self.start(maps)?);
             }
         }
-    });
-    Ok(DnsService {
-        proxy,
-        rules,
-        heartbeat,
-    })
+        let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
+        if let State::Running(running) = &*state {
+            for (service, old) in rules.iter() {
+                if new.get(service) != Some(old) {
+                    match running.proxy.forget(*service) {
+                        Ok(0) => {}
+                        Ok(n) => info!(service, forgotten = n, "name rules changed: the addresses this service learnt are revoked until it looks them up again"),
+                        Err(e) => warn!(service, "name rules changed, but a learnt address could not be revoked ({e}); it stays allowed until its expiry"),
+                    }
+                }
+            }
+        }
+        *rules = new;
+        Ok(())
+    }
+
+    /// Stops the proxy (the agent stops): lookups in flight get no answer
+    /// (the clients retry), and after the grace the kernel stops
+    /// redirecting; learnt addresses stay in the pinned map.
+    pub fn stop(&self) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = State::Gone;
+    }
+
+    fn start(&self, maps: (DnsClients, Learnt, ProxyBeat)) -> Result<Running> {
+        let (clients, learnt, mut beat) = maps;
+        let router = router(clients, Arc::clone(&self.rules));
+        let cache = LearntCache::new(LearntLimits {
+            min_ttl: Duration::from_secs(u64::from(self.config.min_ttl_secs)),
+            max_per_name: self.config.max_per_name as usize,
+            max_total: self.config.max_learnt as usize,
+        });
+        let proxy_config = ProxyConfig {
+            upstream_timeout: Duration::from_millis(u64::from(self.config.upstream_timeout_ms)),
+            ..ProxyConfig::default()
+        };
+        let listen = self.config.listen;
+        let proxy = Proxy::bind_now(listen, router, proxy_config, cache, KernelSink(learnt))
+            .with_context(|| format!("cannot bind the DNS proxy on {listen}"))?;
+        let addr = proxy.addr();
+        match addr {
+            SocketAddr::V4(_) => beat.set_addresses(Some(addr), None),
+            SocketAddr::V6(_) => beat.set_addresses(None, Some(addr)),
+        }
+        beat.beat(monotonic_now())
+            .context("cannot write the DNS proxy's address into the kernel")?;
+        info!(listen = %addr, "DNS proxy: lookups of services with name rules go through it");
+        let heartbeat = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match beat.beat(monotonic_now()) {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        warn!("DNS proxy: cannot write its heartbeat: {e}; the kernel stops redirecting lookups after 30 s");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        Ok(Running {
+            proxy: Arc::new(proxy),
+            heartbeat,
+        })
+    }
 }
 
 /// A query's route: the service and resolver the kernel recorded for its
@@ -169,7 +219,7 @@ fn router(clients: DnsClients, rules: NameRules) -> Router {
         let origin: DnsOrigin = clients.get(protocol, client)?;
         let service_rules = rules
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&origin.name_key)
             .cloned()?;
         Some(Route {

@@ -185,7 +185,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
 /// addresses): FNV-1a (64 bits) of its name. Written out rather than
 /// std's `Hash`, whose output may change between Rust releases, and the
 /// pinned map keeps keys across agent upgrades.
-fn name_key(name: &str) -> u64 {
+pub fn name_key(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
