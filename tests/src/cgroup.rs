@@ -304,6 +304,31 @@ fn tree_deepest_first(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Makes `command`'s process join the cgroup `dir` between fork and exec
+/// (it writes "0", itself, to `cgroup.procs`), so that everything it does
+/// is the service's.
+pub fn join_on_exec(command: &mut std::process::Command, dir: &Path) {
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+        .unwrap_or_else(|e| panic!("test bug: cgroup path {}: {e}", dir.display()));
+    // SAFETY: open(2), write(2) and close(2) are async-signal-safe; the
+    // path was made before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let wrote = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if wrote != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,30 +365,5 @@ mod tests {
     fn no_cgroup2_mount_is_none() {
         let v1_only = "42 33 0:39 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
         assert_eq!(parse_cgroup2_mount(v1_only), None);
-    }
-}
-
-/// Makes `command`'s process join the cgroup `dir` between fork and exec
-/// (it writes "0", itself, to `cgroup.procs`), so that everything it does
-/// is the service's.
-pub fn join_on_exec(command: &mut std::process::Command, dir: &Path) {
-    use std::os::unix::process::CommandExt;
-    let procs = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-        .unwrap_or_else(|e| panic!("test bug: cgroup path {}: {e}", dir.display()));
-    // SAFETY: open(2), write(2) and close(2) are async-signal-safe; the
-    // path was made before the fork.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let wrote = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if wrote != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }

@@ -130,7 +130,7 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
     let out = dig_in(svc.path(), at, "api.example.test", &[]);
     assert_eq!(dig_addresses(&out), ["127.0.63.1"], "{}", dig_text(&out));
     client.tcp_connect(api_at).assert_ok("learnt, first agent");
-    first.stop();
+    assert!(first.stop().success(), "first agent: {}", first.log());
     client
         .tcp_connect(api_at)
         .assert_ok("learnt, no agent running (the pinned map holds it)");

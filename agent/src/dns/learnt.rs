@@ -136,6 +136,16 @@ struct Held {
     seq: u64,
 }
 
+/// One address of an answer, as [`LearntCache::learn`] takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub addr: IpAddr,
+    /// Seconds, the smallest on its CNAME chain.
+    pub ttl: u32,
+    /// The name rules a name on its chain matched.
+    pub rules: RuleBits,
+}
+
 /// What one [`LearntCache::learn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learnt {
@@ -177,7 +187,7 @@ impl LearntCache {
     }
 
     /// Records that `service`'s lookup of `name` answered `addr` with
-    /// `ttl` seconds, and writes the address's expiry to `sink`; evicts the
+    /// `ttl` seconds (allowed by the name rules `rules`), and writes the address's expiry to `sink`; evicts the
     /// oldest address of (service, name) if that makes one too many.
     ///
     /// # Errors
@@ -192,11 +202,10 @@ impl LearntCache {
         sink: &mut dyn LearntSink,
         service: ServiceId,
         name: &DnsName,
-        addr: IpAddr,
-        ttl: u32,
-        rules: RuleBits,
+        answered: Answered,
         now: Nanos,
     ) -> Result<Learnt, LearnError> {
+        let Answered { addr, ttl, rules } = answered;
         let key = (service, name.clone());
         let (known, evicts) = self.names.get(&key).map_or((false, false), |held| {
             (

@@ -43,7 +43,7 @@ use tokio::{
 
 use super::{
     answer::{answers, error_reply, inspect, parse_query, AnswerError, DnsName},
-    learnt::{monotonic_now, LearntCache, LearntSink, RuleBits, ServiceId},
+    learnt::{monotonic_now, Answered, LearntCache, LearntSink, RuleBits, ServiceId},
     name::NamePattern,
 };
 
@@ -484,9 +484,11 @@ fn learn_from<S: LearntSink>(
             sink,
             route.service,
             &found.chain[0],
-            found.addr,
-            found.ttl,
-            rules,
+            Answered {
+                addr: found.addr,
+                ttl: found.ttl,
+                rules,
+            },
             now,
         ) {
             Ok(_) => bump(&stats.learnt),

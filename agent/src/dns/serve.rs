@@ -91,7 +91,7 @@ pub struct Dns {
 
 enum State {
     /// Not started; the maps wait for the first name rule.
-    Idle((DnsClients, Learnt, ProxyBeat)),
+    Idle(Box<(DnsClients, Learnt, ProxyBeat)>),
     Running(Running),
     /// Stopped with the agent, or a start failed past taking the maps.
     Gone,
@@ -114,7 +114,7 @@ impl Dns {
         Self {
             config: config.clone(),
             rules: NameRules::default(),
-            state: Mutex::new(State::Idle(maps)),
+            state: Mutex::new(State::Idle(Box::new(maps))),
         }
     }
 
@@ -137,7 +137,7 @@ impl Dns {
                 let State::Idle(maps) = std::mem::replace(&mut *state, State::Gone) else {
                     unreachable!("matched Idle above");
                 };
-                *state = State::Running(self.start(maps)?);
+                *state = State::Running(self.start(*maps)?);
             }
         }
         let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
