@@ -31,9 +31,12 @@ const ONLY_TRIGGERED: &str = "[self_check]\ninterval_secs = 3600\n";
 /// A reload (300 ms settle) or a periodic check and its repair.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Junk SERVICES keys (no cgroup has such an id) and their value.
+/// Junk SERVICES keys (no cgroup has such an id) and their value (a
+/// `ServiceEntry`, 24 bytes).
 const JUNK_KEY: u64 = 0x0b0b_0000_0000_0000;
-const JUNK_ENTRY: [u8; 16] = [0xf0, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const JUNK_ENTRY: [u8; 24] = [
+    0xf0, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
 
 fn listen(at: &str) -> Listener {
     probe!().listen(Proto::Tcp, addr(at))
