@@ -9,16 +9,15 @@ use agent_common::{
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::bpf_get_current_pid_tgid, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 
 use crate::{
     addr::{set_addr, v6_bytes, Dest},
     events::{
-        blank, count, emit, event_budget, fill_task, remember_owner, verdict_record, Decision,
+        blank, count, emit, event_budget, fill_task, fill_task_of, remember_owner, verdict_record,
+        Decision,
     },
     flows::{self, Caller, Report},
     helpers::{current_cgroup_id, now_ns, socket_cookie},
@@ -316,9 +315,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8) -> i
         });
         ev.cgroup_id = key.cgroup_id;
         ev.socket_cookie = cookie;
-        ev.pid_tgid = pid_tgid;
-        ev.uid_gid = bpf_get_current_uid_gid();
-        ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        fill_task_of(&mut ev, pid_tgid);
         set_addr(&mut ev.dst_addr, &mut ev.family, dest);
         ev.dst_port = port;
         ev.src_port = key.local_port;
