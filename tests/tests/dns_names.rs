@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use integration_tests::{
     addr,
     control::{reload, SharedPins},
-    dns_server::{dig_addresses, dig_in, dig_text},
+    dns_server::{dig, dig_addresses, dig_in, dig_status, dig_text},
     probe, require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, PolicyDir, Proto,
 };
 
@@ -185,4 +185,33 @@ fn changed_name_rules_revoke_what_the_service_learnt_under_them() {
     client
         .tcp_connect(api_at)
         .assert_eperm("looked up again, but no rule allows the name now");
+}
+
+#[test]
+fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
+    if !require_bpf() {
+        return;
+    }
+    let api = probe!().listen(Proto::Tcp, addr("127.0.65.1:0"));
+    let at = resolver(5);
+    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.65.1"))], &[]);
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
+    let daemon = Daemon::start(&policies);
+    let log = daemon.log();
+    let proxy: SocketAddr = log
+        .split("DNS proxy: lookups of services with name rules go through it listen=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("the agent logs where its proxy listens:\n{log}"));
+
+    // From outside every service: no redirect recorded who asks.
+    let out = dig(proxy, "api.example.test", &[]);
+    assert_eq!(dig_status(&out).as_deref(), Some("REFUSED"), "{}", dig_text(&out));
+    assert!(dig_addresses(&out).is_empty(), "{}", dig_text(&out));
+    probe!()
+        .in_cgroup(svc.path())
+        .tcp_connect(SocketAddr::new(ip("127.0.65.1"), api.port()))
+        .assert_eperm("nothing was learnt for the service");
 }
