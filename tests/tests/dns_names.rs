@@ -9,26 +9,62 @@ use integration_tests::{
     addr,
     control::{reload, SharedPins},
     dns_server::{dig, dig_addresses, dig_in, dig_status, dig_text},
-    probe, require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, PolicyDir, Proto,
+    probe, require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, Listener,
+    PolicyDir, Probe, Proto,
 };
 
-/// Where each test's resolver listens (port 53, as resolv.conf has it).
-fn resolver(n: u8) -> SocketAddr {
-    SocketAddr::from(([127, 0, 53, n], 53))
+/// One test's world: `api.example.test` answered as 127.0.6N.1, where a
+/// TCP listener stands in for it; a resolver on port 53 of 127.0.53.N;
+/// a service whose policy allows that resolver and the name on the
+/// listener's port.
+struct Named {
+    api: Listener,
+    server: DnsServer,
+    svc: CgroupGuard,
+    policies: PolicyDir,
 }
 
-fn ip(text: &str) -> IpAddr {
-    text.parse().expect("test bug: address")
-}
+impl Named {
+    /// Test number `n` (its own addresses), with `more` names answered too.
+    fn new(n: u8, more: &[(&str, IpAddr)]) -> Self {
+        let api = probe!().listen(Proto::Tcp, addr(&format!("127.0.{}.1:0", 60 + n)));
+        let mut hosts = vec![("api.example.test", api.addr().ip())];
+        hosts.extend_from_slice(more);
+        let server = DnsServer::start_at(SocketAddr::from(([127, 0, 53, n], 53)), &hosts, &[]);
+        let svc = CgroupGuard::new();
+        let named = Self {
+            api,
+            server,
+            svc,
+            policies: PolicyDir::new(),
+        };
+        named
+            .policies
+            .write("svc.toml", &named.policy(&named.svc, "api.example.test"));
+        named
+    }
 
-/// The policy of a service that may ask `resolver` and reach
-/// `api.example.test` on `port` over TCP.
-fn named_policy(svc: &CgroupGuard, resolver: SocketAddr, port: u16) -> String {
-    let dns = Egress::to([resolver.ip()]).ports([53]);
-    let named = Egress::to(["api.example.test"])
-        .ports([port])
-        .protocol("tcp");
-    service_policy(svc, "enforce", &[dns, named])
+    /// The policy of `svc`: the resolver, and `name` on the listener's port.
+    fn policy(&self, svc: &CgroupGuard, name: &str) -> String {
+        let dns = Egress::to([self.resolver().ip()]).ports([53]);
+        let named = Egress::to([name]).ports([self.api.port()]).protocol("tcp");
+        service_policy(svc, "enforce", &[dns, named])
+    }
+
+    fn resolver(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    fn client(&self) -> Probe {
+        probe!().in_cgroup(self.svc.path())
+    }
+
+    /// `dig` of `name` from the service, which must answer `expect`.
+    fn look_up(&self, name: &str, args: &[&str], expect: &str) -> String {
+        let out = dig_in(self.svc.path(), self.resolver(), name, args);
+        assert_eq!(dig_addresses(&out), [expect], "{}", dig_text(&out));
+        dig_text(&out)
+    }
 }
 
 #[test]
@@ -36,57 +72,33 @@ fn an_allowed_name_connects_right_after_the_services_own_lookup() {
     if !require_bpf() {
         return;
     }
-    let api = probe!().listen(Proto::Tcp, addr("127.0.61.1:0"));
     let other = probe!().listen(Proto::Tcp, addr("127.0.61.2:0"));
-    let at = resolver(1);
-    let server = DnsServer::start_at(
-        at,
-        &[
-            ("api.example.test", ip("127.0.61.1")),
-            ("other.example.test", ip("127.0.61.2")),
-        ],
-        &[],
-    );
-    let svc = CgroupGuard::new();
+    let w = Named::new(1, &[("other.example.test", other.addr().ip())]);
     let bystander = CgroupGuard::new();
-    let policies = PolicyDir::with(&[
-        ("svc.toml", &named_policy(&svc, at, api.port())),
-        ("bystander.toml", &named_policy(&bystander, at, api.port())),
-    ]);
-    let daemon = Daemon::start(&policies);
-    let client = probe!().in_cgroup(svc.path());
-    let api_at = SocketAddr::new(ip("127.0.61.1"), api.port());
+    w.policies
+        .write("bystander.toml", &w.policy(&bystander, "api.example.test"));
+    let _daemon = Daemon::start(&w.policies);
 
-    client
-        .tcp_connect(api_at)
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_eperm("api.example.test's address before any lookup");
-    let out = dig_in(svc.path(), at, "api.example.test", &[]);
-    assert_eq!(
-        dig_addresses(&out),
-        ["127.0.61.1"],
-        "the lookup through the agent answers as the resolver does: {}\nagent log:\n{}\ndnsmasq log:\n{}",
-        dig_text(&out),
-        daemon.log(),
-        server.log()
-    );
+    let answer = w.look_up("api.example.test", &[], "127.0.61.1");
     // The answer shows the resolver the client asked, not the proxy.
     assert!(
-        dig_text(&out).contains(&format!("SERVER: {}#53", at.ip())),
-        "dig names its resolver: {}",
-        dig_text(&out)
+        answer.contains(&format!("SERVER: {}#53", w.resolver().ip())),
+        "dig names its resolver: {answer}"
     );
-    client
-        .tcp_connect(api_at)
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_ok("api.example.test's address right after the service looked it up");
 
-    let out = dig_in(svc.path(), at, "other.example.test", &[]);
-    assert_eq!(dig_addresses(&out), ["127.0.61.2"], "{}", dig_text(&out));
-    client
-        .tcp_connect(SocketAddr::new(ip("127.0.61.2"), other.port()))
+    w.look_up("other.example.test", &[], "127.0.61.2");
+    w.client()
+        .tcp_connect(other.addr())
         .assert_eperm("a name no rule allows, looked up");
     probe!()
         .in_cgroup(bystander.path())
-        .tcp_connect(api_at)
+        .tcp_connect(w.api.addr())
         .assert_eperm("an address another service looked up");
 }
 
@@ -95,20 +107,15 @@ fn a_lookup_over_tcp_teaches_as_one_over_udp() {
     if !require_bpf() {
         return;
     }
-    let api = probe!().listen(Proto::Tcp, addr("127.0.62.1:0"));
-    let at = resolver(2);
-    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.62.1"))], &[]);
-    let svc = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
-    let _daemon = Daemon::start(&policies);
-    let client = probe!().in_cgroup(svc.path());
-    let api_at = SocketAddr::new(ip("127.0.62.1"), api.port());
+    let w = Named::new(2, &[]);
+    let _daemon = Daemon::start(&w.policies);
 
-    client.tcp_connect(api_at).assert_eperm("before the lookup");
-    let out = dig_in(svc.path(), at, "api.example.test", &["+tcp"]);
-    assert_eq!(dig_addresses(&out), ["127.0.62.1"], "{}", dig_text(&out));
-    client
-        .tcp_connect(api_at)
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("before the lookup");
+    w.look_up("api.example.test", &["+tcp"], "127.0.62.1");
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_ok("right after a lookup over TCP");
 }
 
@@ -117,26 +124,21 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
     if !require_bpf() {
         return;
     }
-    let api = probe!().listen(Proto::Tcp, addr("127.0.63.1:0"));
-    let at = resolver(3);
-    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.63.1"))], &[]);
-    let svc = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
+    let w = Named::new(3, &[]);
     let shared = SharedPins::new();
-    let client = probe!().in_cgroup(svc.path());
-    let api_at = SocketAddr::new(ip("127.0.63.1"), api.port());
 
-    let mut first = shared.start(&policies);
-    let out = dig_in(svc.path(), at, "api.example.test", &[]);
-    assert_eq!(dig_addresses(&out), ["127.0.63.1"], "{}", dig_text(&out));
-    client.tcp_connect(api_at).assert_ok("learnt, first agent");
+    let mut first = shared.start(&w.policies);
+    w.look_up("api.example.test", &[], "127.0.63.1");
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("learnt, first agent");
     assert!(first.stop().success(), "first agent: {}", first.log());
-    client
-        .tcp_connect(api_at)
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_ok("learnt, no agent running (the pinned map holds it)");
-    let second = shared.start(&policies);
-    client
-        .tcp_connect(api_at)
+    let second = shared.start(&w.policies);
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_ok("learnt under the first agent, the second one running");
     assert!(
         second
@@ -152,38 +154,27 @@ fn changed_name_rules_revoke_what_the_service_learnt_under_them() {
     if !require_bpf() {
         return;
     }
-    let api = probe!().listen(Proto::Tcp, addr("127.0.64.1:0"));
-    let at = resolver(4);
-    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.64.1"))], &[]);
-    let svc = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
-    let daemon = Daemon::start(&policies);
-    let client = probe!().in_cgroup(svc.path());
-    let api_at = SocketAddr::new(ip("127.0.64.1"), api.port());
+    let w = Named::new(4, &[]);
+    let daemon = Daemon::start(&w.policies);
 
-    let out = dig_in(svc.path(), at, "api.example.test", &[]);
-    assert_eq!(dig_addresses(&out), ["127.0.64.1"], "{}", dig_text(&out));
-    client.tcp_connect(api_at).assert_ok("learnt");
+    w.look_up("api.example.test", &[], "127.0.64.1");
+    w.client().tcp_connect(w.api.addr()).assert_ok("learnt");
 
     // The name rule now allows another name only.
-    let dns = Egress::to([at.ip()]).ports([53]);
-    let named = Egress::to(["web.example.test"])
-        .ports([api.port()])
-        .protocol("tcp");
-    policies.write("svc.toml", &service_policy(&svc, "enforce", &[dns, named]));
+    w.policies
+        .write("svc.toml", &w.policy(&w.svc, "web.example.test"));
     let out = reload(&daemon);
     assert!(
         out.status.success(),
         "reload: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    client
-        .tcp_connect(api_at)
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_eperm("an address learnt for a name the policy no longer allows");
-    let out = dig_in(svc.path(), at, "api.example.test", &[]);
-    assert_eq!(dig_addresses(&out), ["127.0.64.1"], "{}", dig_text(&out));
-    client
-        .tcp_connect(api_at)
+    w.look_up("api.example.test", &[], "127.0.64.1");
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_eperm("looked up again, but no rule allows the name now");
 }
 
@@ -192,12 +183,8 @@ fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
     if !require_bpf() {
         return;
     }
-    let api = probe!().listen(Proto::Tcp, addr("127.0.65.1:0"));
-    let at = resolver(5);
-    let _server = DnsServer::start_at(at, &[("api.example.test", ip("127.0.65.1"))], &[]);
-    let svc = CgroupGuard::new();
-    let policies = PolicyDir::with(&[("svc.toml", &named_policy(&svc, at, api.port()))]);
-    let daemon = Daemon::start(&policies);
+    let w = Named::new(5, &[]);
+    let daemon = Daemon::start(&w.policies);
     let log = daemon.log();
     let proxy: SocketAddr = log
         .split("DNS proxy: lookups of services with name rules go through it listen=")
@@ -208,10 +195,14 @@ fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
 
     // From outside every service: no redirect recorded who asks.
     let out = dig(proxy, "api.example.test", &[]);
-    assert_eq!(dig_status(&out).as_deref(), Some("REFUSED"), "{}", dig_text(&out));
+    assert_eq!(
+        dig_status(&out).as_deref(),
+        Some("REFUSED"),
+        "{}",
+        dig_text(&out)
+    );
     assert!(dig_addresses(&out).is_empty(), "{}", dig_text(&out));
-    probe!()
-        .in_cgroup(svc.path())
-        .tcp_connect(SocketAddr::new(ip("127.0.65.1"), api.port()))
+    w.client()
+        .tcp_connect(w.api.addr())
         .assert_eperm("nothing was learnt for the service");
 }

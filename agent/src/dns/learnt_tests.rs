@@ -14,6 +14,10 @@ fn ip(text: &str) -> IpAddr {
     text.parse().expect("test bug: address")
 }
 
+fn answered(addr: IpAddr, ttl: u32, rules: RuleBits) -> Answered {
+    Answered { addr, ttl, rules }
+}
+
 fn cache(min_ttl_secs: u64, max_per_name: usize) -> LearntCache {
     LearntCache::new(LearntLimits {
         min_ttl: Duration::from_secs(min_ttl_secs),
@@ -29,31 +33,11 @@ fn an_address_expires_after_its_ttl_or_the_minimum_whichever_is_longer() {
     let n = name("api.example.com");
     let now = 1_000 * SEC;
     assert_eq!(
-        c.learn(
-            &mut map,
-            1,
-            &n,
-            Answered {
-                addr: ip("198.51.100.1"),
-                ttl: 5,
-                rules: 1
-            },
-            now
-        ),
+        c.learn(&mut map, 1, &n, answered(ip("198.51.100.1"), 5, 1), now),
         Ok(Learnt::New)
     );
     assert_eq!(
-        c.learn(
-            &mut map,
-            1,
-            &n,
-            Answered {
-                addr: ip("198.51.100.2"),
-                ttl: 300,
-                rules: 1
-            },
-            now
-        ),
+        c.learn(&mut map, 1, &n, answered(ip("198.51.100.2"), 300, 1), now),
         Ok(Learnt::New)
     );
     assert_eq!(map.get(&(1, ip("198.51.100.1"))), Some(&(now + 30 * SEC)));
@@ -67,45 +51,15 @@ fn learning_again_extends_but_never_shortens() {
     let mut map = MemoryMap::new();
     let n = name("api.example.com");
     let a = ip("198.51.100.1");
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: a,
-            ttl: 100,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &n, answered(a, 100, 1), 0)
+        .expect("learn");
     assert_eq!(
-        c.learn(
-            &mut map,
-            1,
-            &n,
-            Answered {
-                addr: a,
-                ttl: 10,
-                rules: 1
-            },
-            50 * SEC
-        ),
+        c.learn(&mut map, 1, &n, answered(a, 10, 1), 50 * SEC),
         Ok(Learnt::Refreshed)
     );
     assert_eq!(map[&(1, a)], 100 * SEC);
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: a,
-            ttl: 100,
-            rules: 1,
-        },
-        50 * SEC,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &n, answered(a, 100, 1), 50 * SEC)
+        .expect("learn");
     assert_eq!(map[&(1, a)], 150 * SEC);
     assert_eq!(c.len(), 1);
 }
@@ -137,30 +91,10 @@ fn one_name_holds_at_most_n_and_the_oldest_goes_first() {
     let kernel: Vec<IpAddr> = map.keys().map(|(_, a)| *a).collect();
     assert_eq!(kernel, c.addresses(1, &n));
     // Re-learning the oldest makes it the newest: .4 goes next, not .3.
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: ip("198.51.100.3"),
-            ttl: 60,
-            rules: 1,
-        },
-        10,
-    )
-    .expect("learn");
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: ip("198.51.100.6"),
-            ttl: 60,
-            rules: 1,
-        },
-        11,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &n, answered(ip("198.51.100.3"), 60, 1), 10)
+        .expect("learn");
+    c.learn(&mut map, 1, &n, answered(ip("198.51.100.6"), 60, 1), 11)
+        .expect("learn");
     assert_eq!(
         c.addresses(1, &n),
         vec![ip("198.51.100.5"), ip("198.51.100.3"), ip("198.51.100.6")]
@@ -200,18 +134,8 @@ fn services_never_share_what_they_learn() {
     let mut map = MemoryMap::new();
     let n = name("api.example.com");
     let a = ip("198.51.100.1");
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: a,
-            ttl: 60,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &n, answered(a, 60, 1), 0)
+        .expect("learn");
     assert!(map.contains_key(&(1, a)));
     assert!(!map.contains_key(&(2, a)));
     assert_eq!(c.addresses(2, &n), Vec::<IpAddr>::new());
@@ -223,59 +147,19 @@ fn an_address_two_names_hold_stays_until_the_last_lets_go() {
     let mut map = MemoryMap::new();
     let (x, y) = (name("x.example.com"), name("y.example.com"));
     let shared = ip("198.51.100.9");
-    c.learn(
-        &mut map,
-        1,
-        &x,
-        Answered {
-            addr: shared,
-            ttl: 100,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
-    c.learn(
-        &mut map,
-        1,
-        &y,
-        Answered {
-            addr: shared,
-            ttl: 10,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &x, answered(shared, 100, 1), 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &y, answered(shared, 10, 1), 0)
+        .expect("learn");
     assert_eq!(map[&(1, shared)], 100 * SEC);
     // x evicts the shared address; y still holds it, until its own expiry.
-    c.learn(
-        &mut map,
-        1,
-        &x,
-        Answered {
-            addr: ip("198.51.100.10"),
-            ttl: 100,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &x, answered(ip("198.51.100.10"), 100, 1), 0)
+        .expect("learn");
     assert_eq!(c.evictions(), 1);
     assert_eq!(map[&(1, shared)], 10 * SEC);
     // y lets it go too: gone from the kernel.
-    c.learn(
-        &mut map,
-        1,
-        &y,
-        Answered {
-            addr: ip("198.51.100.11"),
-            ttl: 100,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &y, answered(ip("198.51.100.11"), 100, 1), 0)
+        .expect("learn");
     assert!(!map.contains_key(&(1, shared)));
     assert_eq!(c.held_until(1, shared), None);
 }
@@ -285,30 +169,10 @@ fn a_sweep_drops_what_expired_and_nothing_else() {
     let mut c = cache(1, 8);
     let mut map = MemoryMap::new();
     let n = name("api.example.com");
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: ip("198.51.100.1"),
-            ttl: 5,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
-    c.learn(
-        &mut map,
-        1,
-        &n,
-        Answered {
-            addr: ip("198.51.100.2"),
-            ttl: 50,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &n, answered(ip("198.51.100.1"), 5, 1), 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &n, answered(ip("198.51.100.2"), 50, 1), 0)
+        .expect("learn");
     assert_eq!(c.sweep(&mut map, 4 * SEC), Ok(0));
     assert_eq!(c.sweep(&mut map, 5 * SEC), Ok(1));
     assert_eq!(c.expirations(), 1);
@@ -336,17 +200,7 @@ fn a_refused_write_learns_nothing() {
     let mut c = cache(1, 8);
     let n = name("api.example.com");
     assert_eq!(
-        c.learn(
-            &mut Full,
-            1,
-            &n,
-            Answered {
-                addr: ip("198.51.100.1"),
-                ttl: 60,
-                rules: 1
-            },
-            0
-        ),
+        c.learn(&mut Full, 1, &n, answered(ip("198.51.100.1"), 60, 1), 0),
         Err(LearnError::Sink(SinkError("full".into())))
     );
     assert!(c.is_empty());
@@ -361,84 +215,24 @@ fn past_the_total_limit_nothing_new_is_learnt_but_refreshes_and_evictions_go_on(
     });
     let mut map = MemoryMap::new();
     let (x, y) = (name("x.example.com"), name("y.example.com"));
-    c.learn(
-        &mut map,
-        1,
-        &x,
-        Answered {
-            addr: ip("198.51.100.1"),
-            ttl: 60,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
-    c.learn(
-        &mut map,
-        1,
-        &x,
-        Answered {
-            addr: ip("198.51.100.2"),
-            ttl: 60,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
-    c.learn(
-        &mut map,
-        1,
-        &y,
-        Answered {
-            addr: ip("198.51.100.3"),
-            ttl: 60,
-            rules: 1,
-        },
-        0,
-    )
-    .expect("learn");
+    c.learn(&mut map, 1, &x, answered(ip("198.51.100.1"), 60, 1), 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &x, answered(ip("198.51.100.2"), 60, 1), 0)
+        .expect("learn");
+    c.learn(&mut map, 1, &y, answered(ip("198.51.100.3"), 60, 1), 0)
+        .expect("learn");
     assert_eq!(
-        c.learn(
-            &mut map,
-            1,
-            &y,
-            Answered {
-                addr: ip("198.51.100.4"),
-                ttl: 60,
-                rules: 1
-            },
-            0
-        ),
+        c.learn(&mut map, 1, &y, answered(ip("198.51.100.4"), 60, 1), 0),
         Err(LearnError::Full(3))
     );
     assert!(!map.contains_key(&(1, ip("198.51.100.4"))));
     // Known: refreshed. At its name's cap: the oldest makes room.
     assert_eq!(
-        c.learn(
-            &mut map,
-            1,
-            &y,
-            Answered {
-                addr: ip("198.51.100.3"),
-                ttl: 60,
-                rules: 1
-            },
-            1
-        ),
+        c.learn(&mut map, 1, &y, answered(ip("198.51.100.3"), 60, 1), 1),
         Ok(Learnt::Refreshed)
     );
     assert_eq!(
-        c.learn(
-            &mut map,
-            1,
-            &x,
-            Answered {
-                addr: ip("198.51.100.5"),
-                ttl: 60,
-                rules: 1
-            },
-            1
-        ),
+        c.learn(&mut map, 1, &x, answered(ip("198.51.100.5"), 60, 1), 1),
         Ok(Learnt::New)
     );
     assert_eq!(c.len(), 3);
@@ -451,11 +245,7 @@ fn past_the_total_limit_nothing_new_is_learnt_but_refreshes_and_evictions_go_on(
             &mut map,
             1,
             &y,
-            Answered {
-                addr: ip("198.51.100.4"),
-                ttl: 60,
-                rules: 1
-            },
+            answered(ip("198.51.100.4"), 60, 1),
             62 * SEC
         ),
         Ok(Learnt::New)
@@ -506,11 +296,7 @@ fn an_address_carries_the_rules_of_every_name_holding_it_and_loses_them_with_the
         &mut sink,
         1,
         &name("a.example.com"),
-        Answered {
-            addr: shared,
-            ttl: 60,
-            rules: 0b01,
-        },
+        answered(shared, 60, 0b01),
         0,
     )
     .expect("learn");
@@ -518,11 +304,7 @@ fn an_address_carries_the_rules_of_every_name_holding_it_and_loses_them_with_the
         &mut sink,
         1,
         &name("b.example.com"),
-        Answered {
-            addr: shared,
-            ttl: 60,
-            rules: 0b10,
-        },
+        answered(shared, 60, 0b10),
         0,
     )
     .expect("learn");
@@ -533,11 +315,7 @@ fn an_address_carries_the_rules_of_every_name_holding_it_and_loses_them_with_the
         &mut sink,
         1,
         &name("a.example.com"),
-        Answered {
-            addr: ip("198.51.100.21"),
-            ttl: 60,
-            rules: 0b01,
-        },
+        answered(ip("198.51.100.21"), 60, 0b01),
         1,
     )
     .expect("learn");
@@ -553,11 +331,7 @@ fn forgetting_a_service_revokes_all_it_learnt_and_nothing_of_others() {
         &mut map,
         1,
         &name("a.example.com"),
-        Answered {
-            addr: shared,
-            ttl: 60,
-            rules: 1,
-        },
+        answered(shared, 60, 1),
         0,
     )
     .expect("learn");
@@ -565,11 +339,7 @@ fn forgetting_a_service_revokes_all_it_learnt_and_nothing_of_others() {
         &mut map,
         1,
         &name("b.example.com"),
-        Answered {
-            addr: shared,
-            ttl: 60,
-            rules: 1,
-        },
+        answered(shared, 60, 1),
         0,
     )
     .expect("learn");
@@ -577,11 +347,7 @@ fn forgetting_a_service_revokes_all_it_learnt_and_nothing_of_others() {
         &mut map,
         1,
         &name("b.example.com"),
-        Answered {
-            addr: ip("198.51.100.31"),
-            ttl: 60,
-            rules: 1,
-        },
+        answered(ip("198.51.100.31"), 60, 1),
         0,
     )
     .expect("learn");
@@ -589,11 +355,7 @@ fn forgetting_a_service_revokes_all_it_learnt_and_nothing_of_others() {
         &mut map,
         2,
         &name("a.example.com"),
-        Answered {
-            addr: shared,
-            ttl: 60,
-            rules: 1,
-        },
+        answered(shared, 60, 1),
         0,
     )
     .expect("learn");
