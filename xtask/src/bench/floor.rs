@@ -39,7 +39,11 @@ const CGROUP_INET4_CONNECT: u32 = 10;
 const CGROUP_INET6_CONNECT: u32 = 11;
 const CGROUP_UDP4_SENDMSG: u32 = 14;
 const CGROUP_UDP6_SENDMSG: u32 = 15;
+const CGROUP_UDP4_RECVMSG: u32 = 19;
+const CGROUP_UDP6_RECVMSG: u32 = 20;
 const CGROUP_SETSOCKOPT: u32 = 22;
+const CGROUP_INET4_GETPEERNAME: u32 = 29;
+const CGROUP_INET6_GETPEERNAME: u32 = 30;
 /// Attach beside whatever else is attached there (none is, in its case).
 const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
 
@@ -77,7 +81,7 @@ pub const CALL_HOOKS: [Hook; 2] = [
 /// Every hook bulkhead attaches (`bulkhead status` lists them). Its
 /// sock_ops program also asks for TCP state callbacks, which the trivial
 /// one does not: those extra calls are bulkhead's own cost.
-pub const ALL_HOOKS: [Hook; 11] = [
+pub const ALL_HOOKS: [Hook; 15] = [
     hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_INGRESS, "floor_ingress"),
     hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_EGRESS, "floor_egress"),
     hook(
@@ -107,6 +111,26 @@ pub const ALL_HOOKS: [Hook; 11] = [
         PROG_TYPE_CGROUP_SOCK_ADDR,
         CGROUP_UDP6_SENDMSG,
         "floor_sendmsg6",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_UDP4_RECVMSG,
+        "floor_recvmsg4",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_UDP6_RECVMSG,
+        "floor_recvmsg6",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_INET4_GETPEERNAME,
+        "floor_getpeer4",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        CGROUP_INET6_GETPEERNAME,
+        "floor_getpeer6",
     ),
     hook(
         PROG_TYPE_CGROUP_SOCKOPT,

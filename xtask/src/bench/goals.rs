@@ -254,8 +254,9 @@ fn hooks_floor(r: &Report) -> String {
     }
     format!(
         "- **The floor of bulkhead's hooks** (a program that returns at once on each of the \
-         11 hooks bulkhead attaches, so a sendto() also passes the two packet hooks and a TCP \
+         {} hooks bulkhead attaches, so a sendto() also passes the two packet hooks and a TCP \
          connect() sock_create, sock_ops and every packet of the handshake): {}.",
+        super::floor::ALL_HOOKS.len(),
         or_none(&parts, "no all-hooks case in this run")
     )
 }

@@ -636,9 +636,9 @@ impl Report<'_> {
              `floor_sendmsg4` (cgroup_udp4_sendmsg), loaded with bpf(2) and attached to the \
              case's own cgroup for its run, then detached; it does not depend on the rule \
              count, so it runs once per round, next to the first group's no-program run. \
-             *trivial hooks, all*: the same two-instruction program on each of the 11 hooks \
-             bulkhead attaches (the two packet hooks, sock_create, sock_ops, bind, connect \
-             and sendmsg for IPv4 and IPv6, setsockopt), run like the trivial hook: the cost \
+             *trivial hooks, all*: the same two-instruction program on each of the 15 hooks \
+             bulkhead attaches (the two packet hooks, sock_create, sock_ops, bind, connect, \
+             sendmsg, recvmsg and getpeername for IPv4 and IPv6, setsockopt), run like the trivial hook: the cost \
              of bulkhead's set of hooks before any of its work (its sock_ops program also asks \
              for TCP state callbacks, which this one does not). \
              *bulkhead N*: `bulkhead \
