@@ -329,12 +329,11 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     // replies from this peer in (see ingress.rs); from the proxy when the
     // datagram went there.
     if allowed && pinhole {
-        let key = if proxy_port != 0 {
-            udp_peers::key(cookie, names::proxy_dest(dest), proxy_port)
+        if proxy_port != 0 {
+            open_pinhole(cookie, &names::proxy_dest(dest), proxy_port, service_id);
         } else {
-            udp_peers::key(cookie, dest, port)
-        };
-        udp_peers::open(&key, service_id, 0, PEER_SENT);
+            open_pinhole(cookie, &dest, port, service_id);
+        }
     }
 
     if !allowed && bpf_log_enabled() {
@@ -348,6 +347,15 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     } else {
         DENY
     }
+}
+
+/// Opens the UDP pinhole for replies from `peer`:`port` (see
+/// `udp_peers`): a BPF subprogram, as are the two below, so that its key
+/// and value are not in the judge's frame (the 6.1 verifier rounds each
+/// frame up to 32 bytes and refused 544 for the judge and the record).
+#[inline(never)]
+fn open_pinhole(cookie: u64, peer: &Dest, port: u16, service_id: u32) {
+    udp_peers::open(&udp_peers::key(cookie, *peer, port), service_id, 0, PEER_SENT);
 }
 
 /// [`flows::count_call`] as a BPF subprogram (see [`record_call`]): 0 when
