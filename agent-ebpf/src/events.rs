@@ -9,14 +9,12 @@ use aya_ebpf::{
         bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
         BPF_SK_STORAGE_GET_F_CREATE,
     },
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_sk_storage_get,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated::bpf_sk_storage_get},
+    maps::ring_buf::RingBufEntry,
 };
 
 use crate::{
-    helpers::now_ns,
+    helpers::{current_comm, now_ns},
     maps::{COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO},
 };
 
@@ -62,7 +60,7 @@ pub fn fill_task(ev: &mut Event) {
 pub fn fill_task_of(ev: &mut Event, pid_tgid: u64) {
     ev.pid_tgid = pid_tgid;
     ev.uid_gid = bpf_get_current_uid_gid();
-    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    current_comm(&mut ev.comm);
 }
 
 /// Puts `ev` in the ring buffer; when it is full, counts the loss in
@@ -79,22 +77,33 @@ pub fn emit(ev: &Event, lost_slot: u32) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(*ev);
-            // Pending bytes include this record.
-            let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-            let mark = EVENTS.query(u64::from(BPF_RB_RING_SIZE)) / WAKE_FRACTION;
-            let flags = if pending >= mark && pending < mark + RECORD_SPAN {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(u64::from(flags));
+            submit(entry);
         }
-        None => {
-            if let Some(count) = LOST.get_ptr_mut(lost_slot) {
-                // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-                unsafe { *count += 1 };
-            }
-        }
+        None => lost(lost_slot),
+    }
+}
+
+/// Submits a record reserved in EVENTS (see `emit`), waking the reader
+/// only past the mark.
+#[inline(always)]
+pub fn submit(entry: RingBufEntry<Event>) {
+    // Pending bytes include this record.
+    let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let mark = EVENTS.query(u64::from(BPF_RB_RING_SIZE)) / WAKE_FRACTION;
+    let flags = if pending >= mark && pending < mark + RECORD_SPAN {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(flags));
+}
+
+/// Counts a record the full ring could not take, by `LOST_*` slot.
+#[inline(always)]
+pub fn lost(lost_slot: u32) {
+    if let Some(count) = LOST.get_ptr_mut(lost_slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *count += 1 };
     }
 }
 
@@ -222,6 +231,20 @@ pub fn count(service_id: u32, slot: u32) {
 /// Records who owns `sk` (from the current task), creating its storage.
 #[inline(always)]
 pub fn remember_owner<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *mut bpf_sock, ev: &Event) {
+    remember_caller(ctx, sk, ev.cgroup_id, ev.service_id, ev.mode, ev.pid_tgid);
+}
+
+/// [`remember_owner`] from the parts of a record, the task's uid and
+/// name asked for here.
+#[inline(always)]
+pub fn remember_caller<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    sk: *mut bpf_sock,
+    cgroup_id: u64,
+    service_id: u32,
+    mode: u8,
+    pid_tgid: u64,
+) {
     if sk.is_null() {
         return;
     }
@@ -243,11 +266,11 @@ pub fn remember_owner<C: aya_ebpf::EbpfContext>(ctx: &C, sk: *mut bpf_sock, ev: 
     }
     // SAFETY: non-null storage of our value type.
     unsafe {
-        (*info).cgroup_id = ev.cgroup_id;
-        (*info).pid_tgid = ev.pid_tgid;
-        (*info).uid_gid = ev.uid_gid;
-        (*info).comm = ev.comm;
-        (*info).service_id = ev.service_id;
-        (*info).mode = ev.mode;
+        (*info).cgroup_id = cgroup_id;
+        (*info).pid_tgid = pid_tgid;
+        (*info).uid_gid = bpf_get_current_uid_gid();
+        current_comm(&mut (*info).comm);
+        (*info).service_id = service_id;
+        (*info).mode = mode;
     }
 }

@@ -7,14 +7,11 @@ use agent_common::{
     recorded_when_carried, FlowKey, FlowValue, FLOW_STAT_FULL, RECORD_HELD, RECORD_SENT,
     VERDICT_DENY,
 };
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_get_current_uid_gid},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_uid_gid};
 
 use crate::{
     events::event_budget,
-    helpers::now_ns,
+    helpers::{current_comm, now_ns},
     maps::{FLOWS, FLOW_EPOCH, FLOW_STATS},
 };
 
@@ -79,14 +76,14 @@ pub fn count_call<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repo
     // The budget is spent only by a record that will be sent; one it
     // refuses is not counted as suppressed: the entry keeps the call.
     let record = carried == NOT_CARRIED && within_budget(key);
-    let value = FlowValue {
+    let mut value = FlowValue {
         calls: 1,
         reported: u64::from(record),
         first_ns: now_ns(),
         pid_tgid: caller.pid_tgid,
         uid_gid: bpf_get_current_uid_gid(),
         socket_cookie: (caller.socket_cookie)(),
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: [0; 16],
         idle_sweeps: 0,
         mode: caller.mode,
         recorded: match (carried, record) {
@@ -96,6 +93,7 @@ pub fn count_call<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repo
         },
         _pad: [0; 2],
     };
+    current_comm(&mut value.comm);
     match FLOWS.insert(&*key, &value, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         // Another CPU made the entry first: count the call in it.

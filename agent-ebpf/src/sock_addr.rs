@@ -3,25 +3,26 @@
 //! asks `judge` (or `bind`) for a verdict.
 
 use agent_common::{
-    counter_slot, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
+    counter_slot, Event, FlowKey, DIRECTION_EGRESS, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
     FLAG_NAMES, HOOK_BIND, HOOK_CONNECT, HOOK_SENDMSG, KIND_VERDICT, LOST_VERDICT, MODE_AUDIT,
     PEER_SENT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY, RULE_UDP_REPLY,
     SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::cgroup_sock_addr, programs::SockAddrContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 
 use crate::{
     addr::{set_addr, v6_bytes, Dest},
     events::{
-        blank, count, emit, event_budget, fill_task, fill_task_of, remember_owner, verdict_record,
-        Decision,
+        blank, count, emit, event_budget, fill_task, lost, remember_caller, remember_owner, submit,
     },
     flows::{self, Caller, Report},
-    helpers::{current_cgroup_id, now_ns, socket_cookie},
-    maps::{bpf_log_enabled, observe_unmanaged},
+    helpers::{current_cgroup_id, current_comm, now_ns, socket_cookie},
+    maps::{bpf_log_enabled, observe_unmanaged, EVENTS},
     names,
     rules::{match_ports, match_v4, match_v6},
     service::{current_service, current_service_in},
@@ -308,13 +309,11 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     };
     // The record is built only when sent or needed for the socket's owner:
     // a repeated flow (the common case) fills no 144-byte record.
-    if record || tcp_connect {
-        // The suppressed count stays in bits 32-63.
-        let what = u64::from(mode)
-            | ((report & 1) << 8)
-            | (u64::from(tcp_connect) << 9)
-            | (report & !0xffff_ffff);
-        record_call(ctx, &key, pid_tgid, cookie, what);
+    if record {
+        send_record(&key, pid_tgid, cookie, mode, (report >> 32) as u32);
+    }
+    if tcp_connect {
+        own_socket(ctx, &key, pid_tgid, mode);
     }
 
     // A lookup of a service with name rules goes to the agent's proxy
@@ -355,7 +354,12 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
 /// frame up to 32 bytes and refused 544 for the judge and the record).
 #[inline(never)]
 fn open_pinhole(cookie: u64, peer: &Dest, port: u16, service_id: u32) {
-    udp_peers::open(&udp_peers::key(cookie, *peer, port), service_id, 0, PEER_SENT);
+    udp_peers::open(
+        &udp_peers::key(cookie, *peer, port),
+        service_id,
+        0,
+        PEER_SENT,
+    );
 }
 
 /// [`flows::count_call`] as a BPF subprogram (see [`record_call`]): 0 when
@@ -374,40 +378,59 @@ fn count_flow(ctx: &SockAddrContext, key: &mut FlowKey, pid_tgid: u64, mode: u8)
     }
 }
 
-/// Sends the record of a flow's first call and, for an allowed TCP
-/// connect, records the socket's owner (sock_ops reports it established
-/// and closed). `what` packs the service's mode (bits 0-7), whether to
-/// send (bit 8), whether it is such a connect (bit 9) and the suppressed
-/// count (bits 32-63): a BPF subprogram takes at most five arguments. A
-/// subprogram, as is `count_flow`, so that their records and keys are not
-/// in the judge's frame: with the DNS redirect's subprogram below it, the
-/// frames passed the verifier's 512-byte stack.
+/// Sends the record of a flow's first call (`suppressed`: the denials
+/// the rate limit held back before it). A BPF subprogram, as are
+/// `count_flow` and `own_socket`, so that their records and keys are not in
+/// the judge's frame: the 6.1 verifier rounds each frame up to 32 bytes
+/// (and each call, a memset's included, costs 32 more), and the judge
+/// with its record passed its 512-byte stack.
 #[inline(never)]
-fn record_call(ctx: &SockAddrContext, key: &FlowKey, pid_tgid: u64, cookie: u64, what: u64) {
-    let mut ev = verdict_record(&Decision {
-        verdict: key.verdict,
-        service_id: key.service_id,
-        mode: what as u8,
-        rule: key.rule_id,
-        protocol: key.protocol,
-        hook: key.hook,
-        direction: key.direction,
-    });
-    ev.cgroup_id = key.cgroup_id;
-    ev.socket_cookie = cookie;
-    fill_task_of(&mut ev, pid_tgid);
-    ev.family = key.family;
-    ev.dst_addr = key.addr;
-    ev.dst_port = key.port;
-    ev.src_port = key.local_port;
-    if what & (1 << 8) != 0 {
-        ev.suppressed = (what >> 32) as u32;
-        emit(&ev, LOST_VERDICT);
+fn send_record(key: &FlowKey, pid_tgid: u64, cookie: u64, mode: u8, suppressed: u32) {
+    // Written field by field into the ring's memory: a record built on the
+    // stack first took 224 bytes of this frame (and a call to memmove).
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        lost(LOST_VERDICT);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record, ours until submitted; every
+    // field is written (plain integers and arrays, nothing to drop).
+    unsafe {
+        (*ev).kind = KIND_VERDICT;
+        (*ev).verdict = key.verdict;
+        (*ev).family = key.family;
+        (*ev).protocol = key.protocol;
+        (*ev).hook = key.hook;
+        (*ev).direction = key.direction;
+        (*ev).mode = mode;
+        (*ev).passive = 0;
+        (*ev).service_id = key.service_id;
+        (*ev).rule_id = key.rule_id;
+        (*ev).ts_ns = now_ns();
+        (*ev).cgroup_id = key.cgroup_id;
+        (*ev).pid_tgid = pid_tgid;
+        (*ev).uid_gid = bpf_get_current_uid_gid();
+        (*ev).socket_cookie = cookie;
+        current_comm(&mut *(&raw mut (*ev).comm));
+        (*ev).src_addr = [0; 16];
+        (*ev).dst_addr = key.addr;
+        (*ev).src_port = key.local_port;
+        (*ev).dst_port = key.port;
+        (*ev).suppressed = suppressed;
+        (*ev).bytes_sent = 0;
+        (*ev).bytes_received = 0;
+        (*ev).duration_ns = 0;
     }
-    if what & (1 << 9) != 0 {
-        // SAFETY: valid context for this hook.
-        remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
-    }
+    submit(entry);
+}
+
+/// Records the calling task as the owner of an allowed TCP connect's
+/// socket (sock_ops reports it established and closed).
+#[inline(never)]
+fn own_socket(ctx: &SockAddrContext, key: &FlowKey, pid_tgid: u64, mode: u8) {
+    // SAFETY: valid context for this hook.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    remember_caller(ctx, sk, key.cgroup_id, key.service_id, mode, pid_tgid);
 }
 
 /// The local port of the hook's socket when it is bound (host order), else
