@@ -9,7 +9,7 @@ use agent_common::{
     SERVICE_NONE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated::bpf_get_current_comm},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -21,7 +21,7 @@ use crate::{
         blank, count, emit, event_budget, fill_task, lost, remember_caller, remember_owner, submit,
     },
     flows::{self, Caller, Report},
-    helpers::{current_cgroup_id, current_comm, now_ns, socket_cookie},
+    helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged, EVENTS},
     names,
     rules::{match_ports, match_v4, match_v6},
@@ -411,7 +411,11 @@ fn send_record(key: &FlowKey, pid_tgid: u64, cookie: u64, mode: u8, suppressed: 
         (*ev).pid_tgid = pid_tgid;
         (*ev).uid_gid = bpf_get_current_uid_gid();
         (*ev).socket_cookie = cookie;
-        current_comm(&mut *(&raw mut (*ev).comm));
+        // The helper writes the name (NUL-padded) in place; zeros if it
+        // fails. No reference to the uninitialised field is made.
+        if bpf_get_current_comm((&raw mut (*ev).comm).cast(), 16) != 0 {
+            (*ev).comm = [0; 16];
+        }
         (*ev).src_addr = [0; 16];
         (*ev).dst_addr = key.addr;
         (*ev).src_port = key.local_port;
