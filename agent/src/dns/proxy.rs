@@ -162,8 +162,7 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
         cache: LearntCache,
         sink: S,
     ) -> io::Result<Self> {
-        let (udp, tcp) = bind_pair(addr).await?;
-        Self::from_sockets(udp, tcp, router, config, cache, sink)
+        Self::bind_now(addr, router, config, cache, sink)
     }
 
     /// [`Self::bind`] from a synchronous caller inside the runtime (a
@@ -257,8 +256,9 @@ impl<S> Drop for Proxy<S> {
     }
 }
 
-/// UDP and TCP bound to the same address and port.
-/// [`bind_pair`] with std's sockets, handed to the runtime.
+/// UDP and TCP bound to the same address and port (std's sockets, bound
+/// at once, handed to the runtime). With port 0 the UDP port may be taken
+/// for TCP: try a few.
 fn bind_pair_now(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     let tries = if addr.port() == 0 { 8 } else { 1 };
     let mut last = None;
@@ -270,20 +270,6 @@ fn bind_pair_now(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
                 tcp.set_nonblocking(true)?;
                 return Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?));
             }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::other("no port for both UDP and TCP")))
-}
-
-async fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
-    // With port 0 the UDP port may be taken for TCP: try a few.
-    let tries = if addr.port() == 0 { 8 } else { 1 };
-    let mut last = None;
-    for _ in 0..tries {
-        let udp = UdpSocket::bind(addr).await?;
-        match TcpListener::bind(udp.local_addr()?).await {
-            Ok(tcp) => return Ok((udp, tcp)),
             Err(e) => last = Some(e),
         }
     }

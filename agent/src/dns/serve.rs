@@ -41,13 +41,8 @@ pub fn name_rules(set: &PolicySet) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>
     set.services
         .iter()
         .filter_map(|service| {
-            let rules: Vec<Vec<NamePattern>> = service
-                .egress
-                .iter()
-                .filter(|r| !r.names.is_empty())
-                .take(agent_common::MAX_NAME_RULES)
-                .map(|r| r.names.clone())
-                .collect();
+            let rules: Vec<Vec<NamePattern>> =
+                service.name_rules().map(|(_, r)| r.names.clone()).collect();
             (!rules.is_empty()).then(|| (name_key(&service.name), rules.into()))
         })
         .collect()

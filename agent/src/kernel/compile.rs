@@ -106,7 +106,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
 
         let mut flags = 0;
         let mut names_ruleset = 0;
-        if service.egress.iter().any(|r| !r.names.is_empty()) {
+        if service.name_rules().next().is_some() {
             flags |= FLAG_NAMES;
             names_ruleset = b.name_rulesets(service, first_egress_rule);
         }
@@ -232,11 +232,7 @@ impl Builder {
     /// error naming the rules.
     fn name_rulesets(&mut self, service: &Service, first_egress_rule: u32) -> u32 {
         let rules: Vec<(usize, Vec<KPortRange>)> = service
-            .egress
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| !r.names.is_empty())
-            .take(agent_common::MAX_NAME_RULES)
+            .name_rules()
             .map(|(i, r)| {
                 let id = first_egress_rule.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
                 (r.index, port_checks(&r.ports, r.protocol, id))

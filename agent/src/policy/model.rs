@@ -39,6 +39,20 @@ pub struct Service {
     pub quarantined: bool,
 }
 
+impl Service {
+    /// The egress rules that list names, with their position in `egress`,
+    /// in order and at most `MAX_NAME_RULES` of them: the i-th is bit i of
+    /// a learnt address's rule bits, for the kernel's rulesets and the DNS
+    /// proxy alike.
+    pub fn name_rules(&self) -> impl Iterator<Item = (usize, &EgressRule)> {
+        self.egress
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.names.is_empty())
+            .take(agent_common::MAX_NAME_RULES)
+    }
+}
+
 /// Which kinds of socket a service may open beyond TCP and UDP (and ping
 /// sockets, allowed by `protocol = "icmp"` egress rules).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
