@@ -52,13 +52,7 @@ pub fn blank() -> Event {
 /// The calling task's identity (only meaningful in process context).
 #[inline(always)]
 pub fn fill_task(ev: &mut Event) {
-    fill_task_of(ev, bpf_get_current_pid_tgid());
-}
-
-/// [`fill_task`] for a caller that already asked for the task's pid_tgid.
-#[inline(always)]
-pub fn fill_task_of(ev: &mut Event, pid_tgid: u64) {
-    ev.pid_tgid = pid_tgid;
+    ev.pid_tgid = bpf_get_current_pid_tgid();
     ev.uid_gid = bpf_get_current_uid_gid();
     current_comm(&mut ev.comm);
 }
