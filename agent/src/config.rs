@@ -116,9 +116,13 @@ impl Default for Config {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
-    /// Loopback address the proxy listens on (UDP and TCP); port 0 picks a
-    /// free one, which the kernel programs are told.
+    /// IPv4 loopback address the proxy listens on (UDP and TCP); port 0
+    /// picks a free one, which the kernel programs are told. Not used when
+    /// the service manager passes the sockets (`bulkhead-dns.socket`).
     pub listen: SocketAddr,
+    /// The same for lookups sent to IPv6 resolvers; if it cannot be bound
+    /// (no IPv6), those are not redirected and teach nothing.
+    pub listen6: SocketAddr,
     /// Shortest time a learnt address stays allowed, whatever its TTL.
     pub min_ttl_secs: u32,
     /// Most addresses one (service, name) holds; more evict the oldest.
@@ -134,6 +138,7 @@ impl Default for DnsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen6: SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
             min_ttl_secs: 60,
             max_per_name: 64,
             max_learnt: agent_common::DEFAULT_MAX_LEARNT,
@@ -145,10 +150,16 @@ impl Default for DnsConfig {
 impl DnsConfig {
     fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if !self.listen.ip().is_loopback() {
+        if !(self.listen.is_ipv4() && self.listen.ip().is_loopback()) {
             out.push(format!(
-                "dns.listen = \"{}\": must be a loopback address (the proxy answers local services only)",
+                "dns.listen = \"{}\": must be an IPv4 loopback address (the proxy answers local services only)",
                 self.listen
+            ));
+        }
+        if !(self.listen6.is_ipv6() && self.listen6.ip().is_loopback()) {
+            out.push(format!(
+                "dns.listen6 = \"{}\": must be an IPv6 loopback address, [::1]:PORT",
+                self.listen6
             ));
         }
         if self.max_per_name == 0 {

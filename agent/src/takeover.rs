@@ -51,7 +51,12 @@ struct Drained {
 /// which no longer grows, and counts what they dropped.
 /// `names`: the previous agent's ([`previous_names`], read before this
 /// agent saves its own).
-pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
+pub fn take_over(
+    previous: pins::Previous,
+    names: Names,
+    hub: &Hub,
+    once_detached: impl FnOnce(&Path),
+) {
     let mut drained = Drained::default();
     let mut ring = previous.ring();
     let decoder = Decoder::new(Arc::new(names));
@@ -62,6 +67,8 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub) {
     // A program that was running when its link went away may still commit
     // a record or count a loss: wait for every such run to end first.
     crate::kernel::quiesce();
+    // Its other maps are final too (the DNS proxy's lookups in flight).
+    once_detached(previous.dir());
     if let Some(ring) = ring.as_mut() {
         // Nothing writes into it any more, so the rest is read too: a
         // take-over under load loses nothing (found by `cargo xtask soak`:

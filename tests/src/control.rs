@@ -260,6 +260,17 @@ impl SharedPins {
         daemon
     }
 
+    /// [`Self::start`], the daemon given `held` as systemd's socket units
+    /// give theirs.
+    #[must_use]
+    pub fn start_holding(&self, policies: &crate::PolicyDir, held: &crate::HeldSockets) -> Daemon {
+        let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
+        args.extend(self.args());
+        let mut daemon = Daemon::spawn_run_holding(&args, held);
+        daemon.wait_ready();
+        daemon
+    }
+
     /// A fresh, unused pin directory path under `/sys/fs/bpf` and a state
     /// directory.
     #[must_use]

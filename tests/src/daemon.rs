@@ -18,6 +18,7 @@ use crate::{
     notify::{NotReady, NotifySocket},
     policy::PolicyDir,
     process::{output_with_timeout, terminate, wait_deadline},
+    socket_activation::HeldSockets,
 };
 
 /// How long the daemon may take from start to `READY=1`, unless
@@ -191,6 +192,23 @@ impl Daemon {
         env: &[(&str, &OsStr)],
         netns: Option<&str>,
     ) -> Self {
+        Self::spawn_holding(args, config, env, netns, None)
+    }
+
+    /// [`Self::spawn_run`] with `held` passed as systemd's socket units
+    /// pass theirs (`LISTEN_FDS`), without waiting.
+    #[must_use]
+    pub fn spawn_run_holding<S: AsRef<OsStr>>(args: &[S], held: &HeldSockets) -> Self {
+        Self::spawn_holding(args, "# all defaults\n", &[], None, Some(held))
+    }
+
+    fn spawn_holding<S: AsRef<OsStr>>(
+        args: &[S],
+        config: &str,
+        env: &[(&str, &OsStr)],
+        netns: Option<&str>,
+        held: Option<&HeldSockets>,
+    ) -> Self {
         let work = tempfile::Builder::new()
             .prefix("bulkhead-test-daemon-")
             .tempdir()
@@ -238,10 +256,11 @@ impl Daemon {
         command
             .args(&command_line)
             .env("NOTIFY_SOCKET", notify.path())
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+            .envs(env.iter().copied());
+        if let Some(held) = held {
+            command = held.passing_to(&command);
+        }
+        command.stdin(Stdio::null()).stdout(out).stderr(err);
         // Kept open until the child has started.
         let _netns_file = netns.map(|name| enter_netns_on_exec(&mut command, name));
         let child = command

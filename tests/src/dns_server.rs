@@ -211,6 +211,38 @@ pub fn dig_status(out: &Output) -> Option<String> {
     Some(rest[..rest.find(',')?].to_owned())
 }
 
+/// Each answer of a dig that asked several names (`dig @S a b c`), in
+/// order: its status and the addresses of its answer section. A query
+/// that got no answer has no entry.
+#[must_use]
+pub fn dig_answers(out: &Output) -> Vec<(String, Vec<String>)> {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split(";; ->>HEADER<<-")
+        .skip(1)
+        .map(|answer| {
+            let status = answer
+                .split_once("status: ")
+                .and_then(|(_, rest)| rest.split_once(','))
+                .map_or_else(String::new, |(status, _)| status.to_owned());
+            let addresses = answer
+                .split_once(";; ANSWER SECTION:")
+                .map(|(_, section)| {
+                    section
+                        .lines()
+                        .skip(1)
+                        .take_while(|l| !l.trim().is_empty())
+                        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                            [_, _, "IN", "A" | "AAAA", addr] => Some(addr.to_owned()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (status, addresses)
+        })
+        .collect()
+}
+
 /// The flags of dig's header line (`qr aa rd ra`, `tc`...).
 #[must_use]
 pub fn dig_flags(out: &Output) -> Vec<String> {

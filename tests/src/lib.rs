@@ -43,6 +43,7 @@ pub mod relay;
 pub mod require;
 pub mod server;
 pub mod serving;
+pub mod socket_activation;
 pub mod sysctl;
 
 pub use bpf::ProgSnapshot;
@@ -61,6 +62,7 @@ pub use relay::Relay;
 pub use require::require_bpf;
 pub use server::Server;
 pub use serving::Serving;
+pub use socket_activation::HeldSockets;
 pub use sysctl::PingGroupRange;
 
 /// `EPERM`: what a denied `connect()`/`sendto()` must return.

@@ -3,14 +3,21 @@
 //! service's cgroup asking it, and real connects to the addresses it
 //! answered (loopback listeners standing in for the named hosts).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use integration_tests::{
     addr,
     control::{reload, SharedPins},
-    dns_server::{dig, dig_addresses, dig_in, dig_status, dig_text},
-    probe, require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, Listener,
-    PolicyDir, Probe, Proto,
+    dns_server::{dig, dig_addresses, dig_answers, dig_in, dig_status, dig_text},
+    probe, require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, HeldSockets,
+    Listener, PolicyDir, Probe, Proto,
 };
 
 /// One test's world: `api.example.test` answered as 127.0.6N.1, where a
@@ -146,6 +153,104 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
             .contains("learnt addresses of name rules carried over"),
         "the second agent says it carried them over:\n{}",
         second.log()
+    );
+}
+
+/// The restart test: 20 agent restarts while the service looks the
+/// name up about 20 times a second (four clients, each a dig of ten names
+/// every two seconds) and connects to the address after each batch, the proxy's sockets held
+/// between agents as systemd's `bulkhead-dns.socket` holds them. A lookup
+/// sent while no agent runs waits in the held socket and is answered by
+/// the next agent (dig tries once, waiting up to 8 s); the learnt address
+/// is allowed throughout.
+#[test]
+fn lookups_made_during_twenty_agent_restarts_are_answered_and_never_denied() {
+    const RESTARTS: usize = 20;
+    const BATCH: u32 = 10;
+    const CLIENTS: usize = 4;
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(6, &[]);
+    let held = HeldSockets::bind(addr("127.0.0.1:0"));
+    let shared = SharedPins::new();
+    let mut agent = shared.start_holding(&w.policies, &held);
+    assert!(
+        agent.log().contains(&format!("listen={}", held.addr())),
+        "the agent serves on the sockets it was given:\n{}",
+        agent.log()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let client = |_| {
+        let (stop, svc, resolver, api) = (
+            Arc::clone(&stop),
+            w.svc.path().to_owned(),
+            w.resolver(),
+            w.api.addr(),
+        );
+        std::thread::spawn(move || {
+            let (mut lookups, mut connects, mut failures) = (0u32, 0u32, Vec::new());
+            let mut args = vec!["+time=8"];
+            args.extend(["api.example.test"; BATCH as usize - 1]);
+            while !stop.load(Ordering::Relaxed) {
+                let batch_started = Instant::now();
+                let out = dig_in(&svc, resolver, "api.example.test", &args);
+                let answers = dig_answers(&out);
+                lookups += BATCH;
+                let good = answers
+                    .iter()
+                    .filter(|(status, addrs)| {
+                        status == "NOERROR" && *addrs == [api.ip().to_string()]
+                    })
+                    .count();
+                if good != BATCH as usize {
+                    failures.push(format!(
+                        "{} of {BATCH} lookups failed: {answers:?}\n{}",
+                        BATCH as usize - good,
+                        dig_text(&out)
+                    ));
+                }
+                connects += 1;
+                let connect = probe!().in_cgroup(&svc).tcp_connect(api);
+                if !connect.ok {
+                    failures.push(format!("connect: {}", connect.json));
+                }
+                std::thread::sleep(
+                    Duration::from_secs(2).saturating_sub(batch_started.elapsed()),
+                );
+            }
+            (lookups, connects, failures)
+        })
+    };
+    let clients: Vec<_> = (0..CLIENTS).map(client).collect();
+    for restart in 1..=RESTARTS {
+        assert!(agent.stop().success(), "agent {restart}: {}", agent.log());
+        agent = shared.start_holding(&w.policies, &held);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (mut lookups, mut connects, mut failures) = (0, 0, Vec::new());
+    for client in clients {
+        let (l, c, f) = client.join().expect("a client thread");
+        (lookups, connects) = (lookups + l, connects + c);
+        failures.extend(f);
+    }
+    let rate = f64::from(lookups) / started.elapsed().as_secs_f64();
+    assert!(
+        failures.is_empty(),
+        "{} failures in {lookups} lookups and {connects} connects across {RESTARTS} restarts:\n{}\nlast agent:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        agent.log()
+    );
+    eprintln!(
+        "{lookups} lookups ({rate:.1}/s) and {connects} connects across {RESTARTS} restarts, none failed"
+    );
+    assert!(
+        rate >= 10.0,
+        "the load was too light to mean anything: {lookups} lookups, {rate:.1}/s"
     );
 }
 

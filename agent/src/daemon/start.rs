@@ -111,9 +111,11 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let (pins, staging) = pin_maps(&config, &mut enforcer)?;
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
     let flow_table = crate::kernel::flow_table::FlowTable::take(enforcer.ebpf_mut())?;
-    let dns = start_dns(&config, &set, &mut enforcer)?;
+    let dns = prepare_dns(&config, &set, &mut enforcer)?;
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
-    take_over(&config, &compiled, &coverage, &pins, &hub)?;
+    take_over(&config, &compiled, &coverage, &pins, &hub, &dns)?;
+    // Lookups that waited in the proxy's sockets are routed by now.
+    dns.apply(&set)?;
 
     let map_capacities = crate::metrics::map_capacities(enforcer.ebpf_mut());
     let inventory =
@@ -467,27 +469,19 @@ fn attach(
     Ok(coverage)
 }
 
-/// The DNS proxy of name rules (started if a service has some), with the
-/// previous agent's learnt addresses copied in before our programs
-/// replace its own, so that what it allowed stays allowed.
-fn start_dns(
+/// The DNS proxy of name rules, ready before our programs attach: the
+/// previous agent's learnt addresses and lookups in flight copied in (so
+/// that what it allowed stays allowed), and, if a service has name rules,
+/// the kernel told where the proxy listens. It serves once the previous
+/// programs are gone (`Dns::apply` after the take-over).
+fn prepare_dns(
     config: &Config,
     set: &policy::PolicySet,
     enforcer: &mut Enforcer,
 ) -> Result<Arc<crate::dns::serve::Dns>> {
-    let (clients, mut learnt, beat) = crate::kernel::dns_maps::take(enforcer.ebpf_mut())?;
-    let restored = learnt.restore_from(&PinRoot(config.pin_dir.clone()).current());
-    if restored > 0 {
-        info!(
-            restored,
-            "learnt addresses of name rules carried over from the previous agent"
-        );
-    }
-    let dns = Arc::new(crate::dns::serve::Dns::new(
-        &config.dns,
-        (clients, learnt, beat),
-    ));
-    dns.apply(set)?;
+    let maps = crate::kernel::dns_maps::take(enforcer.ebpf_mut())?;
+    let dns = Arc::new(crate::dns::serve::Dns::new(&config.dns, maps)?);
+    dns.prepare(set, &PinRoot(config.pin_dir.clone()).current())?;
     Ok(dns)
 }
 
@@ -499,6 +493,7 @@ fn take_over(
     coverage: &Coverage,
     pins: &PinRoot,
     hub: &Arc<Hub>,
+    dns: &crate::dns::serve::Dns,
 ) -> Result<()> {
     // The previous agent's names, before ours replace them: its leftover
     // events carry its service ids.
@@ -509,7 +504,9 @@ fn take_over(
         Some(reason) => warn!("{reason}"),
     }
     match pins.promote().context("cannot make the new pins current")? {
-        Some(previous) => crate::takeover::take_over(previous, previous_names, hub),
+        Some(previous) => {
+            crate::takeover::take_over(previous, previous_names, hub, |dir| dns.carry_over(dir));
+        }
         None => {
             info!(pins = %pins.current().display(), "programs pinned: enforcement continues while the agent is stopped")
         }

@@ -39,9 +39,10 @@ impl Running {
         // over, or `bulkhead detach` removes it.
         engine.leave_pinned();
         reader.abort();
-        // Lookups in flight get no answer (the clients retry); learnt
-        // addresses stay in the pinned map, enforced.
-        dns.stop();
+        // Lookups taken are answered; the rest wait in the proxy's sockets
+        // when the service manager holds them. Learnt addresses stay in
+        // the pinned map, enforced.
+        dns.stop().await;
         // The calls counted since the last sweep are reported now; the
         // flows go on counting for the next agent, which reports them.
         if tokio::task::spawn_blocking(move || flow_sweeper.stop())

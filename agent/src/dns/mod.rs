@@ -8,12 +8,15 @@
 //!   question's CNAME chain
 //! - `learnt`: addresses learnt per (service, name), bounded, expiring;
 //!   the agent's copy of the kernel's learnt-address map
+//! - `listen`: the proxy's sockets, bound by the agent or passed by the
+//!   service manager (they then outlive the agent)
 //! - `proxy`: the loopback DNS proxy that forwards a service's queries to
 //!   its own resolver and learns from the answers before passing them on
 //! - `serve`: the proxy in the daemon, wired to the kernel's maps
 
 pub mod answer;
 pub mod learnt;
+pub mod listen;
 pub mod name;
 pub mod proxy;
 pub mod serve;

@@ -36,7 +36,7 @@ use domain::base::iana::Rcode;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::Semaphore,
+    sync::{watch, Semaphore},
     task::{JoinHandle, JoinSet},
     time::{timeout, Instant},
 };
@@ -44,6 +44,7 @@ use tokio::{
 use super::{
     answer::{answers, error_reply, inspect, parse_query, AnswerError, DnsName},
     learnt::{monotonic_now, Answered, LearntCache, LearntSink, RuleBits, ServiceId},
+    listen::Listening,
     name::NamePattern,
 };
 
@@ -140,13 +141,17 @@ impl<S> Shared<S> {
     }
 }
 
-/// A running proxy: UDP and TCP on one loopback address and port. Its
-/// tasks stop when it is dropped, queries and connections in progress
-/// with them (each listener owns its in-flight tasks in a `JoinSet`).
+/// A running proxy: UDP and TCP on each of its loopback addresses (one
+/// per address family). Its tasks stop when it is dropped, queries and
+/// connections in progress with them (each listener owns its in-flight
+/// tasks in a `JoinSet`), or, gracefully, at [`Proxy::shutdown`].
 pub struct Proxy<S> {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     shared: Arc<Shared<S>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Tells the listeners to stop taking new queries.
+    stop: watch::Sender<bool>,
+    listeners: Mutex<Vec<JoinHandle<()>>>,
+    sweeper: JoinHandle<()>,
 }
 
 impl<S: LearntSink + Send + 'static> Proxy<S> {
@@ -162,40 +167,24 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
         cache: LearntCache,
         sink: S,
     ) -> io::Result<Self> {
-        Self::bind_now(addr, router, config, cache, sink)
+        Self::from_sockets(vec![Listening::bind(addr)?], router, config, cache, sink)
     }
 
-    /// [`Self::bind`] from a synchronous caller inside the runtime (a
-    /// policy reload that brings the first name rule).
+    /// Serves on sockets bound by the caller (`dns::listen`): by the agent
+    /// itself, or by systemd's socket unit, so that queries sent while the
+    /// agent restarts wait in the socket instead of being lost. Must be
+    /// called inside a tokio runtime.
     ///
     /// # Errors
-    /// The sockets cannot be bound.
-    pub fn bind_now(
-        addr: SocketAddr,
-        router: Router,
-        config: ProxyConfig,
-        cache: LearntCache,
-        sink: S,
-    ) -> io::Result<Self> {
-        let (udp, tcp) = bind_pair_now(addr)?;
-        Self::from_sockets(udp, tcp, router, config, cache, sink)
-    }
-
-    /// Serves on sockets bound elsewhere: by systemd's socket unit, or
-    /// handed over by the previous agent, so that queries sent while the
-    /// agent restarts wait in the socket instead of being refused.
-    ///
-    /// # Errors
-    /// The sockets' addresses cannot be read.
+    /// The sockets' addresses cannot be read, or they cannot be made
+    /// non-blocking.
     pub fn from_sockets(
-        udp: UdpSocket,
-        tcp: TcpListener,
+        sockets: Vec<Listening>,
         router: Router,
         config: ProxyConfig,
         cache: LearntCache,
         sink: S,
     ) -> io::Result<Self> {
-        let addr = udp.local_addr()?;
         let shared = Arc::new(Shared {
             router,
             config,
@@ -203,24 +192,51 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
             learnt: Mutex::new((cache, sink)),
         });
         let limit = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        let tasks = vec![
-            tokio::spawn(serve_udp(Arc::new(udp), shared.clone(), limit.clone())),
-            tokio::spawn(serve_tcp(tcp, shared.clone(), limit)),
-            tokio::spawn(sweep(shared.clone())),
-        ];
+        let (stop, stopped) = watch::channel(false);
+        let mut addrs = Vec::new();
+        let mut listeners = Vec::new();
+        for Listening { udp, tcp } in sockets {
+            addrs.push(udp.local_addr()?);
+            udp.set_nonblocking(true)?;
+            tcp.set_nonblocking(true)?;
+            let (udp, tcp) = (UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?);
+            listeners.push(tokio::spawn(serve_udp(
+                Arc::new(udp),
+                shared.clone(),
+                limit.clone(),
+                stopped.clone(),
+            )));
+            listeners.push(tokio::spawn(serve_tcp(
+                tcp,
+                shared.clone(),
+                limit.clone(),
+                stopped.clone(),
+            )));
+        }
         Ok(Self {
-            addr,
+            addrs,
+            sweeper: tokio::spawn(sweep(shared.clone())),
             shared,
-            tasks,
+            stop,
+            listeners: Mutex::new(listeners),
         })
     }
 }
 
 impl<S> Proxy<S> {
-    /// Where it listens (UDP and TCP).
+    /// Where it listens (UDP and TCP): its first address.
+    ///
+    /// # Panics
+    /// Never: a proxy is made with at least one address.
     #[must_use]
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// Every address it listens on.
+    #[must_use]
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     #[must_use]
@@ -246,46 +262,64 @@ impl<S> Proxy<S> {
         let guard = self.shared.learnt();
         f(&guard.0, &guard.1)
     }
+
+    /// Stops taking queries and answers those already taken (each within
+    /// the upstream timeout), waiting at most `within`. What was not read
+    /// stays in the sockets: when the service manager holds them, the next
+    /// agent answers it. A TCP client between queries is closed (it
+    /// reconnects and lands in the accept queue).
+    pub async fn shutdown(&self, within: Duration) {
+        let _ = self.stop.send(true);
+        let listeners = std::mem::take(
+            &mut *self
+                .listeners
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let aborts: Vec<_> = listeners.iter().map(JoinHandle::abort_handle).collect();
+        let all = futures_util::future::join_all(listeners);
+        if timeout(within, all).await.is_err() {
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            tracing::warn!(
+                "dns proxy: lookups still in flight after {} ms are dropped (the clients retry)",
+                within.as_millis()
+            );
+        }
+    }
 }
 
 impl<S> Drop for Proxy<S> {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        self.sweeper.abort();
+        for task in self
+            .listeners
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
             task.abort();
         }
     }
-}
-
-/// UDP and TCP bound to the same address and port (std's sockets, bound
-/// at once, handed to the runtime). With port 0 the UDP port may be taken
-/// for TCP: try a few.
-fn bind_pair_now(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
-    let tries = if addr.port() == 0 { 8 } else { 1 };
-    let mut last = None;
-    for _ in 0..tries {
-        let udp = std::net::UdpSocket::bind(addr)?;
-        match std::net::TcpListener::bind(udp.local_addr()?) {
-            Ok(tcp) => {
-                udp.set_nonblocking(true)?;
-                tcp.set_nonblocking(true)?;
-                return Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?));
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::other("no port for both UDP and TCP")))
 }
 
 async fn serve_udp<S: LearntSink + Send + 'static>(
     socket: Arc<UdpSocket>,
     shared: Arc<Shared<S>>,
     limit: Arc<Semaphore>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut in_flight = JoinSet::new();
     loop {
         while in_flight.try_join_next().is_some() {}
-        let (len, client) = match socket.recv_from(&mut buf).await {
+        // recv_from is cancel-safe: a datagram is either read here or left
+        // in the socket for whoever reads it next.
+        let received = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stop| *stop) => break,
+            received = socket.recv_from(&mut buf) => received,
+        };
+        let (len, client) = match received {
             Ok(got) => got,
             Err(e) => {
                 tracing::warn!(error = %e, "dns proxy: UDP receive failed");
@@ -309,20 +343,31 @@ async fn serve_udp<S: LearntSink + Send + 'static>(
             }
         });
     }
+    while in_flight.join_next().await.is_some() {}
 }
 
 async fn serve_tcp<S: LearntSink + Send + 'static>(
     listener: TcpListener,
     shared: Arc<Shared<S>>,
     limit: Arc<Semaphore>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     let mut clients = JoinSet::new();
     loop {
         while clients.try_join_next().is_some() {}
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stop| *stop) => break,
+            permit = limit.clone().acquire_owned() => permit,
         };
-        let (stream, client) = match listener.accept().await {
+        let Ok(permit) = permit else { break };
+        // accept is cancel-safe: a connection not accepted stays queued.
+        let accepted = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stop| *stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, client) = match accepted {
             Ok(got) => got,
             Err(e) => {
                 tracing::warn!(error = %e, "dns proxy: TCP accept failed");
@@ -331,24 +376,34 @@ async fn serve_tcp<S: LearntSink + Send + 'static>(
             }
         };
         let shared = shared.clone();
+        let stopped = stopped.clone();
         clients.spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_tcp_client(stream, client, &shared).await {
+            if let Err(e) = serve_tcp_client(stream, client, &shared, stopped).await {
                 tracing::debug!(%client, error = %e, "dns proxy: TCP client closed");
             }
         });
     }
+    while clients.join_next().await.is_some() {}
 }
 
-/// Length-prefixed queries, one after another, until the client closes or
-/// stays silent for `tcp_idle`.
+/// Length-prefixed queries, one after another, until the client closes,
+/// stays silent for `tcp_idle`, or the proxy stops.
 async fn serve_tcp_client<S: LearntSink + Send + 'static>(
     mut stream: TcpStream,
     client: SocketAddr,
     shared: &Shared<S>,
+    mut stopped: watch::Receiver<bool>,
 ) -> io::Result<()> {
     loop {
-        let query = match timeout(shared.config.tcp_idle, read_framed(&mut stream)).await {
+        // Between queries, a stopping proxy closes the connection; a query
+        // already read is answered first.
+        let next = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stop| *stop) => return Ok(()),
+            next = timeout(shared.config.tcp_idle, read_framed(&mut stream)) => next,
+        };
+        let query = match next {
             Err(_) => return Ok(()),
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(got) => got?,

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    path::Path,
     sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{
     learnt::{monotonic_now, LearntCache, LearntLimits, LearntSink, Nanos, RuleBits, ServiceId},
+    listen::{self, Listening},
     name::NamePattern,
     proxy::{Proxy, ProxyConfig, Route, Router, Transport},
 };
@@ -24,7 +26,7 @@ use crate::{
     config::DnsConfig,
     kernel::{
         compile::name_key,
-        dns_maps::{ip_of, DnsClients, Learnt, ProxyBeat},
+        dns_maps::{ip_of, DnsClients, DnsMaps, Learnt},
     },
     policy::PolicySet,
 };
@@ -77,7 +79,8 @@ impl LearntSink for KernelSink {
 
 /// The proxy of name rules in the daemon: started when a service first
 /// has name rules (at start or on a reload), so a host without them has
-/// no DNS listener; told to the kernel with a heartbeat each second.
+/// no DNS listener unless the service manager passed its sockets; told to
+/// the kernel with a heartbeat each second.
 pub struct Dns {
     config: DnsConfig,
     rules: NameRules,
@@ -85,11 +88,22 @@ pub struct Dns {
 }
 
 enum State {
-    /// Not started; the maps wait for the first name rule.
-    Idle(Box<(DnsClients, Learnt, ProxyBeat)>),
+    /// Not serving yet: before the take-over at start, or waiting for the
+    /// first name rule.
+    Idle(Box<Waiting>),
     Running(Running),
     /// Stopped with the agent, or a start failed past taking the maps.
     Gone,
+}
+
+/// The maps, and the sockets once there are some.
+struct Waiting {
+    maps: DnsMaps,
+    sockets: Vec<Listening>,
+    /// The sockets came from the service manager (they outlive us).
+    passed: bool,
+    /// The kernel has been told where they are.
+    announced: bool,
 }
 
 struct Running {
@@ -104,12 +118,78 @@ impl Drop for Running {
 }
 
 impl Dns {
-    #[must_use]
-    pub fn new(config: &DnsConfig, maps: (DnsClients, Learnt, ProxyBeat)) -> Self {
-        Self {
+    /// Takes the proxy's sockets if the service manager passed them
+    /// (`bulkhead-dns.socket`).
+    ///
+    /// # Errors
+    /// Sockets were passed but are not usable (docs/dns-names.md): the
+    /// agent does not start half-listening.
+    pub fn new(config: &DnsConfig, maps: DnsMaps) -> Result<Self> {
+        let sockets = listen::passed().context("the DNS proxy's sockets")?;
+        let passed = !sockets.is_empty();
+        if passed {
+            let addrs: Vec<String> = sockets
+                .iter()
+                .filter_map(|l| l.addr().ok())
+                .map(|a| a.to_string())
+                .collect();
+            info!(
+                listen = %addrs.join(" "),
+                "DNS proxy: sockets passed by the service manager (lookups made while the agent restarts wait in them); [dns] listen is not used"
+            );
+        }
+        Ok(Self {
             config: config.clone(),
             rules: NameRules::default(),
-            state: Mutex::new(State::Idle(Box::new(maps))),
+            state: Mutex::new(State::Idle(Box::new(Waiting {
+                maps,
+                sockets,
+                passed,
+                announced: false,
+            }))),
+        })
+    }
+
+    /// Before our programs attach: copies what a previous agent (its pins
+    /// under `previous`) learnt and saw in flight, and, if `set` has name
+    /// rules, tells the kernel where the proxy listens, so that our
+    /// programs redirect from their first run. Serving waits for
+    /// [`Self::apply`].
+    ///
+    /// # Errors
+    /// The proxy's sockets cannot be bound, or the kernel map not written.
+    pub fn prepare(&self, set: &PolicySet, previous: &Path) -> Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let State::Idle(waiting) = &mut *state else {
+            return Ok(());
+        };
+        let restored = waiting.maps.learnt.restore_from(previous);
+        if restored > 0 {
+            info!(
+                restored,
+                "learnt addresses of name rules carried over from the previous agent"
+            );
+        }
+        waiting.maps.carry_over_lookups(previous);
+        if set.services.iter().any(|s| s.name_rules().next().is_some()) {
+            waiting.announce(&self.config)?;
+        }
+        Ok(())
+    }
+
+    /// Once the previous agent's programs are detached: copies the lookups
+    /// they saw last (see [`DnsMaps::carry_over_lookups`]).
+    pub fn carry_over(&self, previous: &Path) {
+        if let State::Idle(waiting) =
+            &mut *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        {
+            let n = waiting.maps.carry_over_lookups(previous);
+            if n > 0 {
+                info!(
+                    entries = n,
+                    "lookups in flight under the previous agent carried over"
+                );
+            }
         }
     }
 
@@ -126,40 +206,67 @@ impl Dns {
     /// no lookup learnt, which fails closed.
     pub fn apply(&self, set: &PolicySet) -> Result<()> {
         let new = name_rules(set);
+        let needed = !new.is_empty();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if !new.is_empty() {
-            if let State::Idle(_) = *state {
-                let State::Idle(maps) = std::mem::replace(&mut *state, State::Gone) else {
-                    unreachable!("matched Idle above");
-                };
-                *state = State::Running(self.start(*maps)?);
-            }
-        }
-        let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
-        if let State::Running(running) = &*state {
-            for (service, old) in rules.iter() {
-                if new.get(service) != Some(old) {
-                    match running.proxy.forget(*service) {
-                        Ok(0) => {}
-                        Ok(n) => info!(service, forgotten = n, "name rules changed: the addresses this service learnt are revoked until it looks them up again"),
-                        Err(e) => warn!(service, "name rules changed, but a learnt address could not be revoked ({e}); it stays allowed until its expiry"),
+        {
+            let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
+            if let State::Running(running) = &*state {
+                for (service, old) in rules.iter() {
+                    if new.get(service) != Some(old) {
+                        match running.proxy.forget(*service) {
+                            Ok(0) => {}
+                            Ok(n) => info!(service, forgotten = n, "name rules changed: the addresses this service learnt are revoked until it looks them up again"),
+                            Err(e) => warn!(service, "name rules changed, but a learnt address could not be revoked ({e}); it stays allowed until its expiry"),
+                        }
                     }
                 }
             }
+            *rules = new;
         }
-        *rules = new;
+        // Started with the rules in place: the first queries it reads may
+        // have waited in its sockets.
+        if needed {
+            if let State::Idle(_) = *state {
+                let State::Idle(waiting) = std::mem::replace(&mut *state, State::Gone) else {
+                    unreachable!("matched Idle above");
+                };
+                *state = State::Running(self.start(*waiting)?);
+            }
+        }
         Ok(())
     }
 
-    /// Stops the proxy (the agent stops): lookups in flight get no answer
-    /// (the clients retry), and after the grace the kernel stops
-    /// redirecting; learnt addresses stay in the pinned map.
-    pub fn stop(&self) {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = State::Gone;
+    /// Stops the proxy (the agent stops): it takes no more queries and
+    /// answers those it took; the rest wait in its sockets if the service
+    /// manager holds them (the next agent answers them), or are lost (the
+    /// clients retry). After the grace the kernel stops redirecting;
+    /// learnt addresses stay in the pinned map.
+    pub async fn stop(&self) {
+        let old = std::mem::replace(
+            &mut *self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            State::Gone,
+        );
+        if let State::Running(running) = old {
+            let within = Duration::from_millis(u64::from(self.config.upstream_timeout_ms))
+                + Duration::from_millis(500);
+            running.proxy.shutdown(within).await;
+        }
     }
 
-    fn start(&self, maps: (DnsClients, Learnt, ProxyBeat)) -> Result<Running> {
-        let (clients, learnt, mut beat) = maps;
+    fn start(&self, mut waiting: Waiting) -> Result<Running> {
+        waiting.announce(&self.config)?;
+        let Waiting {
+            maps,
+            sockets,
+            passed,
+            ..
+        } = waiting;
+        let DnsMaps {
+            clients,
+            learnt,
+            mut beat,
+            ..
+        } = maps;
         let router = router(clients, Arc::clone(&self.rules));
         let cache = LearntCache::new(LearntLimits {
             min_ttl: Duration::from_secs(u64::from(self.config.min_ttl_secs)),
@@ -170,17 +277,14 @@ impl Dns {
             upstream_timeout: Duration::from_millis(u64::from(self.config.upstream_timeout_ms)),
             ..ProxyConfig::default()
         };
-        let listen = self.config.listen;
-        let proxy = Proxy::bind_now(listen, router, proxy_config, cache, KernelSink(learnt))
-            .with_context(|| format!("cannot bind the DNS proxy on {listen}"))?;
-        let addr = proxy.addr();
-        match addr {
-            SocketAddr::V4(_) => beat.set_addresses(Some(addr), None),
-            SocketAddr::V6(_) => beat.set_addresses(None, Some(addr)),
-        }
-        beat.beat(monotonic_now())
-            .context("cannot write the DNS proxy's address into the kernel")?;
-        info!(listen = %addr, "DNS proxy: lookups of services with name rules go through it");
+        let proxy = Proxy::from_sockets(sockets, router, proxy_config, cache, KernelSink(learnt))
+            .context("cannot serve on the DNS proxy's sockets")?;
+        let listen: Vec<String> = proxy.addrs().iter().map(ToString::to_string).collect();
+        info!(
+            listen = %listen.join(" "),
+            held = passed,
+            "DNS proxy: lookups of services with name rules go through it"
+        );
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             let mut failing = false;
@@ -200,6 +304,45 @@ impl Dns {
             proxy: Arc::new(proxy),
             heartbeat,
         })
+    }
+}
+
+impl Waiting {
+    /// Binds the sockets if none were passed, and tells the kernel where
+    /// they are (and that the proxy is alive): from then on our programs
+    /// redirect, and a lookup waits in the sockets until we serve.
+    fn announce(&mut self, config: &DnsConfig) -> Result<()> {
+        if self.announced {
+            return Ok(());
+        }
+        if self.sockets.is_empty() {
+            self.sockets.push(
+                Listening::bind(config.listen)
+                    .with_context(|| format!("cannot bind the DNS proxy on {}", config.listen))?,
+            );
+            match Listening::bind(config.listen6) {
+                Ok(v6) => self.sockets.push(v6),
+                Err(e) => warn!(
+                    listen6 = %config.listen6,
+                    "DNS proxy: cannot listen on IPv6 ({e}): lookups sent to IPv6 resolvers are not redirected, so they teach nothing (connects to their names are denied)"
+                ),
+            }
+        }
+        let mut v4 = None;
+        let mut v6 = None;
+        for socket in &self.sockets {
+            match socket.addr().context("the DNS proxy's socket address")? {
+                a @ SocketAddr::V4(_) => v4 = v4.or(Some(a)),
+                a @ SocketAddr::V6(_) => v6 = v6.or(Some(a)),
+            }
+        }
+        self.maps.beat.set_addresses(v4, v6);
+        self.maps
+            .beat
+            .beat(monotonic_now())
+            .context("cannot write the DNS proxy's address into the kernel")?;
+        self.announced = true;
+        Ok(())
     }
 }
 

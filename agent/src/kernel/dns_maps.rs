@@ -1,8 +1,9 @@
 //! The maps of egress by DNS name (agent_common::dns, agent-ebpf's
 //! names.rs), taken out of the loaded object for the DNS proxy's tasks:
 //! who sent a query (DNS_CLIENTS, read), the learnt addresses (LEARNT,
-//! written), the proxy's address and heartbeat (DNS_PROXY). They stay
-//! pinned with the others.
+//! written), the proxy's address and heartbeat (DNS_PROXY), and the
+//! sockets redirected to it (DNS_ORIGINS: only carried over from a
+//! previous agent). They stay pinned with the others.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -10,12 +11,12 @@ use std::{
 };
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, DNS_CLIENTS, DNS_PROXY, FAMILY_V4,
-    FAMILY_V6, LEARNT,
+    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY,
+    FAMILY_V4, FAMILY_V6, LEARNT,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError},
-    Ebpf,
+    Ebpf, Pod,
 };
 
 use super::{map_access::removed, KernelError};
@@ -32,11 +33,23 @@ pub struct ProxyBeat {
     value: DnsProxy,
 }
 
-/// Takes the three maps out of the loaded object (after they are pinned).
-pub fn take(ebpf: &mut Ebpf) -> Result<(DnsClients, Learnt, ProxyBeat), KernelError> {
+/// The sockets redirected to the proxy, by cookie (the kernel writes it).
+pub struct DnsOrigins(HashMap<MapData, u64, DnsOrigin>);
+
+/// The maps of name rules, out of the loaded object.
+pub struct DnsMaps {
+    pub clients: DnsClients,
+    pub origins: DnsOrigins,
+    pub learnt: Learnt,
+    pub beat: ProxyBeat,
+}
+
+/// Takes the maps out of the loaded object (after they are pinned).
+pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
     let mut take = |name: &'static str| ebpf.take_map(name).ok_or(KernelError::MissingMap(name));
     let err = |name| move |source| KernelError::Map { name, source };
     let clients = HashMap::try_from(take(DNS_CLIENTS)?).map_err(err(DNS_CLIENTS))?;
+    let origins = HashMap::try_from(take(DNS_ORIGINS)?).map_err(err(DNS_ORIGINS))?;
     let learnt = HashMap::try_from(take(LEARNT)?).map_err(err(LEARNT))?;
     let map = Array::try_from(take(DNS_PROXY)?).map_err(err(DNS_PROXY))?;
     let value = DnsProxy {
@@ -46,11 +59,51 @@ pub fn take(ebpf: &mut Ebpf) -> Result<(DnsClients, Learnt, ProxyBeat), KernelEr
         port6: 0,
         addr6: [0; 16],
     };
-    Ok((
-        DnsClients(clients),
-        Learnt(learnt),
-        ProxyBeat { map, value },
-    ))
+    Ok(DnsMaps {
+        clients: DnsClients(clients),
+        origins: DnsOrigins(origins),
+        learnt: Learnt(learnt),
+        beat: ProxyBeat { map, value },
+    })
+}
+
+/// Copies every entry of the map `name` pinned under a previous agent's
+/// pin directory `dir` into `into` (`lru`: the pinned map is an LRU hash).
+/// Returns how many; none if it had no such map.
+fn copy_pinned<K: Pod, V: Pod>(
+    dir: &Path,
+    name: &str,
+    lru: bool,
+    into: &mut HashMap<MapData, K, V>,
+) -> usize {
+    let Ok(data) = MapData::from_pin(dir.join("maps").join(name)) else {
+        return 0;
+    };
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let Ok(old) = HashMap::<MapData, K, V>::try_from(map) else {
+        return 0;
+    };
+    old.iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| into.insert(*k, *v, 0).is_ok())
+        .count()
+}
+
+impl DnsMaps {
+    /// Copies the lookups a previous agent's programs saw (the sockets they
+    /// redirected, who sent to the proxy), so that a lookup sent while no
+    /// agent ran, waiting in the proxy's held socket, is routed and its
+    /// answer shown from its resolver. Called once our programs run and
+    /// its are detached (nothing writes into its maps any more), and again
+    /// before: entries need not wait for the detach. Returns how many.
+    pub fn carry_over_lookups(&mut self, dir: &Path) -> usize {
+        copy_pinned(dir, DNS_ORIGINS, true, &mut self.origins.0)
+            + copy_pinned(dir, DNS_CLIENTS, true, &mut self.clients.0)
+    }
 }
 
 /// An address as the maps hold it: family and 16 bytes.
@@ -136,17 +189,7 @@ impl Learnt {
     /// `dir`), so that what it enforced stays enforced once this agent's
     /// programs replace its own. Returns how many; none if it had no map.
     pub fn restore_from(&mut self, dir: &Path) -> usize {
-        let Ok(data) = MapData::from_pin(dir.join("maps").join(LEARNT)) else {
-            return 0;
-        };
-        let Ok(old) = HashMap::<MapData, LearntKey, LearntValue>::try_from(Map::HashMap(data))
-        else {
-            return 0;
-        };
-        old.iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| self.0.insert(*k, *v, 0).is_ok())
-            .count()
+        copy_pinned(dir, LEARNT, false, &mut self.0)
     }
 
     /// Removes the entries expired at `now_ns`. Returns how many.

@@ -114,6 +114,12 @@ impl Previous {
             .sum()
     }
 
+    /// Its pin directory (maps under `maps/`).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Detaches the previous programs; their maps stay pinned (and
     /// readable) until [`Self::remove`].
     pub fn detach(&self) {
