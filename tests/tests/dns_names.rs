@@ -217,9 +217,7 @@ fn lookups_made_during_twenty_agent_restarts_are_answered_and_never_denied() {
                 if !connect.ok {
                     failures.push(format!("connect: {}", connect.json));
                 }
-                std::thread::sleep(
-                    Duration::from_secs(2).saturating_sub(batch_started.elapsed()),
-                );
+                std::thread::sleep(Duration::from_secs(2).saturating_sub(batch_started.elapsed()));
             }
             (lookups, connects, failures)
         })
