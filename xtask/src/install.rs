@@ -6,6 +6,7 @@
 //! | --- | --- | --- |
 //! | the daemon | `PREFIX/bin/bulkhead` | 0755 |
 //! | the unit (`ExecStart=`, `ExecReload=` running that binary) | `PREFIX/lib/systemd/system/bulkhead.service` | 0644 |
+//! | the DNS proxy's socket unit (the unit's `Sockets=`) | `PREFIX/lib/systemd/system/bulkhead-dns.socket` | 0644 |
 //! | the default config, unless one exists | `/etc/bulkhead/bulkhead.toml` | 0644 |
 //! | the policy directory, empty | `/etc/bulkhead/policies/` | 0755 |
 //! | a pristine copy of the default config | `PREFIX/share/bulkhead/bulkhead.toml` | 0644 |
@@ -43,6 +44,8 @@ use crate::{
 pub const UNIT_BINARY: &str = "/usr/bin/bulkhead";
 /// The unit file in the repository.
 pub const UNIT_SOURCE: &str = "systemd/bulkhead.service";
+/// The socket unit of the DNS proxy in the repository (installed as is).
+pub const SOCKET_UNIT_SOURCE: &str = "systemd/bulkhead-dns.socket";
 /// The default daemon config in the repository.
 pub const CONFIG_SOURCE: &str = "policies/config/bulkhead.toml";
 /// The example policies in the repository: the small ones the docs use,
@@ -195,6 +198,12 @@ pub fn layout(repo: &Path, prefix: &Path, binary: &Path, generated: &Path) -> Re
         Item {
             source: Source::Text(unit),
             dest: prefix.join("lib/systemd/system/bulkhead.service"),
+            mode: 0o644,
+            keep_existing: false,
+        },
+        Item {
+            source: Source::File(repo.join(SOCKET_UNIT_SOURCE)),
+            dest: prefix.join("lib/systemd/system/bulkhead-dns.socket"),
             mode: 0o644,
             keep_existing: false,
         },
@@ -542,6 +551,7 @@ pub(crate) mod tests {
         let expect = [
             ("usr/bin/bulkhead", 0o755),
             ("usr/lib/systemd/system/bulkhead.service", 0o644),
+            ("usr/lib/systemd/system/bulkhead-dns.socket", 0o644),
             ("etc/bulkhead", 0o755),
             ("etc/bulkhead/bulkhead.toml", 0o644),
             ("etc/bulkhead/policies", 0o755),

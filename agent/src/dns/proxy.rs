@@ -26,7 +26,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::Duration,
@@ -129,6 +129,8 @@ struct Shared<S> {
     config: ProxyConfig,
     stats: ProxyStats,
     learnt: Mutex<(LearntCache, S)>,
+    /// The first resolver the agent was not allowed to reach was logged.
+    warned_denied: AtomicBool,
 }
 
 impl<S> Shared<S> {
@@ -190,6 +192,7 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
             config,
             stats: ProxyStats::default(),
             learnt: Mutex::new((cache, sink)),
+            warned_denied: AtomicBool::new(false),
         });
         let limit = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
         let (stop, stopped) = watch::channel(false);
@@ -481,6 +484,11 @@ async fn handle<S: LearntSink>(
             return error_reply(query, Rcode::SERVFAIL);
         }
         Err(Upstream::Failed(e)) => {
+            if e.kind() == io::ErrorKind::PermissionDenied
+                && !shared.warned_denied.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(upstream = %route.upstream, "dns proxy: the agent may not reach this resolver ({e}): its lookups get SERVFAIL. Under the shipped unit, allow it with IPAddressAllow= in a drop-in (docs/dns-names.md). Said once.");
+            }
             tracing::debug!(upstream = %route.upstream, error = %e, "dns proxy: resolver failed");
             bump(&stats.upstream_errors);
             return error_reply(query, Rcode::SERVFAIL);

@@ -13,6 +13,8 @@
 //!   whose maintainer scripts install and purge cleanly (`dpkg --root`);
 //! - `namespace`: the unit under a real systemd, PID 1 of its own PID,
 //!   mount and cgroup namespaces;
+//! - `dns_socket`: there, `bulkhead-dns.socket` holds the DNS proxy's
+//!   sockets across `systemctl restart bulkhead`: no lookup is lost;
 //! - `journal`: there, with systemd-journald: log lines reach the journal
 //!   with their priority (`journalctl -p warning`), and SIGUSR1 re-opens the
 //!   decision log without a reload.
@@ -24,6 +26,7 @@
 //! with a `SKIPPED` line, or fail it under `BULKHEAD_REQUIRE_BPF=1`.
 
 mod as_unit;
+mod dns_socket;
 mod journal;
 mod namespace;
 mod package;

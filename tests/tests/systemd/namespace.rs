@@ -13,6 +13,13 @@ use integration_tests::{
 
 use super::{http_get, repo, text, tool, unit_text};
 
+/// Where the namespace's `bulkhead-dns.socket` listens (the shipped
+/// addresses are the host's to use).
+pub(super) const TEST_DNS_SOCKET: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 83, 99)), 53);
+pub(super) const TEST_DNS_SOCKET6: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 8399);
+
 /// The watchdog interval the namespaced systemd uses (a drop-in).
 const NS_WATCHDOG: Duration = Duration::from_secs(2);
 
@@ -72,7 +79,7 @@ pub(super) struct NsSystemd {
     /// `unshare`, whose forked child became systemd (PID 1 inside).
     unshare: Option<Child>,
     /// Host cgroup the namespace's cgroup2 root maps to.
-    cgroup: PathBuf,
+    pub(super) cgroup: PathBuf,
     work: tempfile::TempDir,
 }
 
@@ -92,13 +99,13 @@ impl NsSystemd {
         output_with_timeout(&mut cmd, Duration::from_secs(40))
     }
 
-    fn show(&self, property: &str) -> String {
+    pub(super) fn show(&self, property: &str) -> String {
         let out = self.run(&["systemctl", "show", "bulkhead", "-p", property, "--value"]);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// The agent's stdout and stderr (a file in the namespace's /run).
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         // Never panics: `Drop` prints it while a test unwinds.
         let Some(pid1) = self.unshare.as_ref().and_then(|c| child_of(c.id())) else {
             return "(no log: systemd is not running)".to_owned();
@@ -314,6 +321,12 @@ fn write_units(units: &Path, output: AgentOutput) {
     // ExecStart= and ExecReload= both run it.
     let unit = unit_text().replace("=/usr/bin/bulkhead ", "=/usr/local/bin/bulkhead ");
     fs::write(units.join("bulkhead.service"), unit).expect("unit");
+    // The DNS proxy's sockets as shipped, on addresses of the test's own.
+    let socket = fs::read_to_string(repo().join("systemd/bulkhead-dns.socket"))
+        .expect("socket unit")
+        .replace("127.0.83.53:53", &TEST_DNS_SOCKET.to_string())
+        .replace("[::1]:8353", &TEST_DNS_SOCKET6.to_string());
+    fs::write(units.join("bulkhead-dns.socket"), socket).expect("socket unit");
     let to_file = if output == AgentOutput::File {
         "StandardOutput=file:/run/bulkhead-test.log\nStandardError=inherit\n"
     } else {

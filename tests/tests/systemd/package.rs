@@ -32,6 +32,7 @@ fn xtask(args: &[&str]) -> Output {
 const LAYOUT: &[(&str, u32)] = &[
     ("PREFIX/bin/bulkhead", 0o755),
     ("PREFIX/lib/systemd/system/bulkhead.service", 0o644),
+    ("PREFIX/lib/systemd/system/bulkhead-dns.socket", 0o644),
     ("etc/bulkhead/bulkhead.toml", 0o644),
     ("etc/bulkhead/policies", 0o755),
     ("PREFIX/share/bulkhead/bulkhead.toml", 0o644),
