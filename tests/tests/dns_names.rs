@@ -286,9 +286,10 @@ fn lookups_made_during_twenty_agent_restarts_are_answered_and_never_denied() {
     eprintln!(
         "{lookups} lookups ({rate:.1}/s) and {connects} connects across {RESTARTS} restarts, none failed"
     );
-    // 10/s on the host; a guest under emulation (scaled timeouts) spawns
-    // its clients that much more slowly.
-    let floor = 10.0 / scaled(Duration::from_secs(1)).as_secs_f64();
+    // 8/s on the host (about 18/s measured); a guest under emulation
+    // (scaled timeouts) spawns its clients that much more slowly (1.2/s
+    // measured on 6.1 under TCG).
+    let floor = 8.0 / scaled(Duration::from_secs(1)).as_secs_f64();
     assert!(
         rate >= floor,
         "the load was too light to mean anything: {lookups} lookups, {rate:.1}/s (< {floor:.1}/s)"
