@@ -296,6 +296,62 @@ fn lookups_made_during_twenty_agent_restarts_are_answered_and_never_denied() {
     );
 }
 
+/// A learnt address's rule bits are positions in the service's list of
+/// name rules. Reordered while no agent ran, the old bits would pick the
+/// other rule's ports: the next agent must allow nothing learnt under the
+/// old list (fail closed until the next lookup).
+#[test]
+fn name_rules_reordered_while_no_agent_ran_allow_nothing_learnt_under_the_old_order() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(7, &[]);
+    let second_port = probe!().listen(Proto::Tcp, addr("127.0.67.1:0"));
+    let (api, other) = (w.api.addr(), second_port.addr());
+    let policy = |names: [(&str, u16); 2]| {
+        let dns = Egress::to([w.resolver().ip()]).ports([53]);
+        let [a, b] = names.map(|(name, port)| Egress::to([name]).ports([port]).protocol("tcp"));
+        service_policy(&w.svc, "enforce", &[dns, a, b])
+    };
+    w.policies.write(
+        "svc.toml",
+        &policy([
+            ("api.example.test", api.port()),
+            ("other.example.test", other.port()),
+        ]),
+    );
+    let shared = SharedPins::new();
+    let mut first = shared.start(&w.policies);
+    w.look_up("api.example.test", &[], "127.0.67.1");
+    w.client()
+        .tcp_connect(api)
+        .assert_ok("learnt by the first rule");
+    w.client()
+        .tcp_connect(other)
+        .assert_eperm("the second rule's port: its name was not looked up");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+
+    w.policies.write(
+        "svc.toml",
+        &policy([
+            ("other.example.test", other.port()),
+            ("api.example.test", api.port()),
+        ]),
+    );
+    let _second = shared.start(&w.policies);
+    w.client()
+        .tcp_connect(other)
+        .assert_eperm("learnt under the first rule, which is now other.example.test's");
+    w.client()
+        .tcp_connect(api)
+        .assert_eperm("learnt under the old list, not looked up since");
+    w.look_up("api.example.test", &[], "127.0.67.1");
+    w.client().tcp_connect(api).assert_ok("looked up again");
+    w.client()
+        .tcp_connect(other)
+        .assert_eperm("still only api.example.test's port");
+}
+
 #[test]
 fn changed_name_rules_revoke_what_the_service_learnt_under_them() {
     if !require_bpf() {

@@ -24,10 +24,7 @@ use super::{
 };
 use crate::{
     config::DnsConfig,
-    kernel::{
-        compile::name_key,
-        dns_maps::{ip_of, DnsClients, DnsMaps, Learnt},
-    },
+    kernel::dns_maps::{ip_of, DnsClients, DnsMaps, Learnt},
     policy::PolicySet,
 };
 
@@ -45,7 +42,7 @@ pub fn name_rules(set: &PolicySet) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>
         .filter_map(|service| {
             let rules: Vec<Vec<NamePattern>> =
                 service.name_rules().map(|(_, r)| r.names.clone()).collect();
-            (!rules.is_empty()).then(|| (name_key(&service.name), rules.into()))
+            (!rules.is_empty()).then(|| (service.names_key(), rules.into()))
         })
         .collect()
 }

@@ -169,7 +169,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 _pad: 0,
                 bind_ruleset,
                 names_ruleset,
-                name_key: name_key(&service.name),
+                name_key: service.names_key(),
             },
             rule_count: service.egress.len() + service.ingress.as_ref().map_or(0, Vec::len),
         });
@@ -179,16 +179,6 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
     } else {
         Err(PolicyErrors(b.errors))
     }
-}
-
-/// A service's stable key for what outlives a policy (its learnt
-/// addresses): FNV-1a (64 bits) of its name. Written out rather than
-/// std's `Hash`, whose output may change between Rust releases, and the
-/// pinned map keeps keys across agent upgrades.
-pub fn name_key(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 type V4Entries = Vec<(u32, LpmV4Key, u32)>;
@@ -446,12 +436,12 @@ mod tests {
 
     #[test]
     fn name_rules_get_one_union_ruleset_per_combination_of_rules() {
-        let p = compile(&set(vec![
+        let policy = set(vec![
             rule(0, &["198.51.100.0/24"], &[(22, 22)], Protocol::Tcp),
             named(1, &["api.example.com"], &[(443, 443)], Protocol::Tcp),
             named(2, &["*.db.example.com"], &[(5432, 5432)], Protocol::Tcp),
-        ]))
-        .expect("compiles");
+        ]);
+        let p = compile(&policy).expect("compiles");
         let entry = p.services[0].entry;
         assert_ne!(entry.flags & FLAG_NAMES, 0);
         let at = |bits: u32| p.rulesets[(entry.names_ruleset + bits) as usize];
@@ -471,7 +461,31 @@ mod tests {
             p.rulesets.len() as u32,
             entry.names_ruleset + agent_common::NAME_RULESETS
         );
-        assert_eq!(entry.name_key, name_key(&p.services[0].name));
+        assert_eq!(entry.name_key, policy.services[0].names_key());
+    }
+
+    #[test]
+    fn the_names_key_follows_the_name_patterns_in_order_not_the_ports() {
+        let key = |rules: Vec<EgressRule>| set(rules).services[0].names_key();
+        let api = |port| named(0, &["api.example.com"], &[(port, port)], Protocol::Tcp);
+        let db = named(1, &["db.example.com"], &[(5432, 5432)], Protocol::Tcp);
+        let base = key(vec![api(443), db.clone()]);
+        assert_eq!(base, key(vec![api(8443), db.clone()]), "ports only");
+        assert_ne!(base, key(vec![db.clone(), api(443)]), "the rule order");
+        assert_ne!(base, key(vec![api(443)]), "a rule gone");
+        assert_ne!(
+            key(vec![named(
+                0,
+                &["a.example.com", "b.example.com"],
+                &[(1, 1)],
+                Protocol::Tcp
+            )]),
+            key(vec![
+                named(0, &["a.example.com"], &[(1, 1)], Protocol::Tcp),
+                named(1, &["b.example.com"], &[(1, 1)], Protocol::Tcp),
+            ]),
+            "the same patterns split into two rules"
+        );
     }
 
     #[test]

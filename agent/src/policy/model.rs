@@ -51,6 +51,29 @@ impl Service {
             .filter(|(_, r)| !r.names.is_empty())
             .take(agent_common::MAX_NAME_RULES)
     }
+
+    /// The key its learnt addresses are held under, in the kernel and the
+    /// DNS proxy: FNV-1a (64 bits) of its name and, in order, the patterns
+    /// of its name rules. A learnt address's rule bits are positions in
+    /// that list, so a list that changes (at a reload, or while no agent
+    /// ran) makes a new key, and nothing learnt under the old list is
+    /// allowed under the new one (fail closed until the next lookup).
+    /// Written out rather than std's `Hash`, whose output may change
+    /// between Rust releases: the pinned map keeps keys across upgrades.
+    #[must_use]
+    pub fn names_key(&self) -> u64 {
+        let mut text = self.name.clone();
+        for (_, rule) in self.name_rules() {
+            text.push('\n');
+            for pattern in &rule.names {
+                text.push(' ');
+                text.push_str(&pattern.to_string());
+            }
+        }
+        text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
 }
 
 /// Which kinds of socket a service may open beyond TCP and UDP (and ping
