@@ -260,6 +260,16 @@ impl SharedPins {
         daemon
     }
 
+    /// [`Self::start`] with a daemon config file holding `config`.
+    #[must_use]
+    pub fn start_with_config(&self, policies: &crate::PolicyDir, config: &str) -> Daemon {
+        let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
+        args.extend(self.args());
+        let mut daemon = Daemon::spawn_with_config(&args, config);
+        daemon.wait_ready();
+        daemon
+    }
+
     /// [`Self::start`], the daemon given `held` as systemd's socket units
     /// give theirs.
     #[must_use]

@@ -178,7 +178,8 @@ impl Daemon {
 
     /// [`Self::spawn_run`]; unless `args` has `--config`, the config file is
     /// one holding `config`.
-    fn spawn_with_config<S: AsRef<OsStr>>(args: &[S], config: &str) -> Self {
+    #[must_use]
+    pub fn spawn_with_config<S: AsRef<OsStr>>(args: &[S], config: &str) -> Self {
         Self::spawn_full(args, config, &[])
     }
 

@@ -16,6 +16,8 @@ use integration_tests::{
     addr,
     control::{reload, SharedPins},
     dns_server::{dig, dig_addresses, dig_answers, dig_in, dig_status, dig_text},
+    eventually,
+    pinned_map::pinned_map_len,
     probe,
     process::scaled,
     require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, HeldSockets, Listener,
@@ -350,6 +352,51 @@ fn name_rules_reordered_while_no_agent_ran_allow_nothing_learnt_under_the_old_or
     w.client()
         .tcp_connect(other)
         .assert_eperm("still only api.example.test's port");
+}
+
+/// What a previous agent learnt is carried over into the kernel map at a
+/// restart, unknown to the new agent's cache: it is removed from the map
+/// once expired (memory), not left there for good.
+#[test]
+fn learnt_addresses_carried_over_are_swept_from_the_kernel_map_once_expired() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(8, &[]);
+    let shared = SharedPins::new();
+    let learnt = shared.pin_dir().join("current/maps/LEARNT");
+    let mut first = shared.start_with_config(&w.policies, "[dns]\nmin_ttl_secs = 2\n");
+    w.look_up("api.example.test", &[], "127.0.68.1");
+    assert_eq!(pinned_map_len(&learnt), 1, "learnt by the first agent");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+
+    let second = shared.start(&w.policies);
+    assert!(
+        second
+            .log()
+            .contains("learnt addresses of name rules carried over"),
+        "{}",
+        second.log()
+    );
+    // Expired 2 s after the lookup; the new agent walks the map for such
+    // entries every 10 s while it holds some.
+    eventually(
+        scaled(Duration::from_secs(30)),
+        Duration::from_millis(500),
+        || match pinned_map_len(&learnt) {
+            0 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .unwrap_or_else(|n| {
+        panic!(
+            "{n} expired entries left in the kernel map:\n{}",
+            second.log()
+        )
+    });
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("expired, not looked up again");
 }
 
 #[test]

@@ -65,6 +65,14 @@ pub trait LearntSink {
     /// # Errors
     /// The delete failed.
     fn revoke(&mut self, service: ServiceId, addr: IpAddr) -> Result<(), SinkError>;
+    /// Drops what expired at `now` that the cache does not know of: what a
+    /// previous agent learnt (carried over at start), or held under a key
+    /// no service has any more. Returns how many it dropped and how many
+    /// entries it holds now (`None`: it holds nothing the cache does not
+    /// know of, and need not be swept).
+    fn sweep_unknown(&mut self, _now: Nanos) -> (usize, Option<usize>) {
+        (0, None)
+    }
 }
 
 /// A failed write to a [`LearntSink`].
@@ -401,6 +409,12 @@ impl LearntCache {
     #[must_use]
     pub fn len(&self) -> usize {
         self.total
+    }
+
+    /// (service, address) pairs held now: the sink's entries it knows.
+    #[must_use]
+    pub fn sink_entries(&self) -> usize {
+        self.holders.len()
     }
 
     #[must_use]

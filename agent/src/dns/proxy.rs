@@ -603,15 +603,37 @@ async fn forward_tcp(
     }
 }
 
+/// Every how many sweeps the sink is swept too of what the cache does not
+/// know (a walk of the whole kernel map), for as long as it holds some.
+const UNKNOWN_SWEEP_EVERY: u32 = 10;
+
 async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
     let mut tick = tokio::time::interval(shared.config.sweep_every);
+    let mut round: u32 = 0;
+    // A start carries the previous agent's entries over, unknown to the
+    // cache: walked until none is left (each goes once expired).
+    let mut unknown = true;
     loop {
         tick.tick().await;
         let mut guard = shared.learnt();
         let (cache, sink) = &mut *guard;
-        if let Err(e) = cache.sweep(sink, monotonic_now()) {
+        let now = monotonic_now();
+        if let Err(e) = cache.sweep(sink, now) {
             tracing::warn!(error = %e, "dns proxy: expired addresses not all removed");
+            // A revoke that failed leaves an entry the cache forgot.
+            unknown = true;
         }
+        if unknown && round.is_multiple_of(UNKNOWN_SWEEP_EVERY) {
+            let (removed, held) = sink.sweep_unknown(now);
+            if removed > 0 {
+                tracing::debug!(
+                    removed,
+                    "dns proxy: expired entries the cache did not hold removed from the kernel map"
+                );
+            }
+            unknown = held.is_some_and(|held| held > cache.sink_entries());
+        }
+        round = round.wrapping_add(1);
     }
 }
 

@@ -72,6 +72,14 @@ impl LearntSink for KernelSink {
             .revoke(service, addr)
             .map_err(|e| super::learnt::SinkError(e.to_string()))
     }
+
+    /// Every expired entry of the kernel map: the cache has already
+    /// dropped its own (it sweeps first, under the same lock), so what is
+    /// left expired is what it never knew.
+    fn sweep_unknown(&mut self, now: Nanos) -> (usize, Option<usize>) {
+        let removed = self.0.sweep(now);
+        (removed, Some(self.0.count()))
+    }
 }
 
 /// The proxy of name rules in the daemon: started when a service first

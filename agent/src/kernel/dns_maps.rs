@@ -192,6 +192,12 @@ impl Learnt {
         copy_pinned(dir, LEARNT, false, &mut self.0)
     }
 
+    /// Entries held now (a walk of the map).
+    #[must_use]
+    pub fn count(&self) -> usize {
+        self.0.keys().filter(Result::is_ok).count()
+    }
+
     /// Removes the entries expired at `now_ns`. Returns how many.
     pub fn sweep(&mut self, now_ns: u64) -> usize {
         let expired: Vec<LearntKey> = self
