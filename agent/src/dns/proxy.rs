@@ -521,6 +521,9 @@ fn learn_from<S: LearntSink>(
     match without_addresses(&reply, |owner, addr| {
         chain.contains(owner) && gone.contains(&addr)
     }) {
+        // Compressed again with fewer records it is smaller; should it not
+        // be, a UDP client's buffer might not take it: pass the original.
+        Ok(trimmed) if transport == Transport::Udp && trimmed.len() > reply.len() => reply,
         Ok(trimmed) => {
             bump(&stats.trimmed_answers);
             stats
