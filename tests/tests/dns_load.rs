@@ -145,7 +145,7 @@ fn denials_up_to(daemon: &Daemon, w: &World, marker: SocketAddr) -> Vec<Value> {
 /// 1 and learnt for 1 s: every round connects, none is refused, and the
 /// decision log holds no denial of the service.
 #[test]
-fn ten_thousand_lookups_then_connects_with_rotating_addresses_are_never_denied() {
+fn ten_thousand_lookups_then_connects_with_rotating_addresses_all_connect() {
     if !require_bpf() {
         return;
     }
