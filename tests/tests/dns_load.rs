@@ -18,6 +18,7 @@ use integration_tests::{
     events::{events, wait_event},
     maps, probe,
     process::rss_kib,
+    require::server_binary,
     require_bpf,
     resolving::{exec_in, ClientResolver, ResolveLoop},
     service_policy, CgroupGuard, Daemon, DnsServer, Egress, Listener, PolicyDir, Probe, Proto,
@@ -273,11 +274,15 @@ fn curl_and_getaddrinfo_reach_an_allowed_name_and_not_another() {
         .resolve_connect("other.load.test", w.port())
         .assert_eperm("getaddrinfo then connect to a name no rule allows");
 
+    // Missing, the test fails saying how to install it (never skips).
+    let curl_bin = server_binary("BULKHEAD_CURL", "curl", "/usr/bin")
+        .to_string_lossy()
+        .into_owned();
     let curl = |name: &str| {
         let url = format!("http://{name}:{}/", w.port());
         exec_in(
             &client,
-            &["curl", "-sS", "-v", "--max-time", "10", "-o", "-", &url],
+            &[&curl_bin, "-sS", "-v", "--max-time", "10", "-o", "-", &url],
             Duration::from_secs(30),
         )
     };
