@@ -274,6 +274,32 @@ fn a_thousand_addresses_are_truncated_on_udp_and_capped_over_tcp() {
 }
 
 #[test]
+fn a_names_aaaa_answer_never_evicts_what_its_a_answer_gave() {
+    // More than CAP of each family, asked A then AAAA (as glibc does).
+    let mut dual: Vec<(&str, IpAddr)> = Vec::new();
+    for i in 0..20u8 {
+        dual.push(("dual.example.test", IpAddr::from([198, 51, 100, i + 1])));
+        dual.push((
+            "dual.example.test",
+            IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(i) + 1]),
+        ));
+    }
+    let server = DnsServer::start(&dual, &[]);
+    let run = start_proxy(
+        server.addr(),
+        &["dual.example.test"],
+        Duration::from_secs(5),
+    );
+    let p = &run.proxy;
+    let a = dig_addresses(&dig(p.addr(), "dual.example.test", &["+tcp", "A"]));
+    let aaaa = dig_addresses(&dig(p.addr(), "dual.example.test", &["+tcp", "AAAA"]));
+    assert_eq!((a.len(), aaaa.len()), (CAP, CAP), "trimmed: {a:?} {aaaa:?}");
+    let given: BTreeSet<(ServiceId, IpAddr)> =
+        a.iter().chain(&aaaa).map(|x| (SERVICE, ip(x))).collect();
+    assert_eq!(kernel_keys(p), given, "both answers are held whole");
+}
+
+#[test]
 fn rotated_addresses_are_learnt_as_the_server_gives_them() {
     let server = DnsServer::start(&hosts(), &[]);
     let run = start_proxy(server.addr(), &["api.example.test"], Duration::from_secs(2));
