@@ -316,7 +316,9 @@ fn curl_and_getaddrinfo_reach_an_allowed_name_and_not_another() {
 
 /// The third test: an answer too big for UDP (no EDNS: 512 bytes)
 /// comes back truncated and teaches nothing; dig retries over TCP, as
-/// glibc does, and every address of that answer connects.
+/// glibc does, and every address of that answer connects. glibc itself
+/// (no `edns0` in its resolv.conf: 512 bytes) gets another such name and
+/// connects to it.
 #[test]
 fn a_truncated_udp_answer_teaches_nothing_and_its_tcp_retry_does() {
     const COUNT: usize = 40;
@@ -325,8 +327,11 @@ fn a_truncated_udp_answer_teaches_nothing_and_its_tcp_retry_does() {
     }
     let name = "wide.load.test";
     let addrs: Vec<IpAddr> = (0..COUNT).map(|i| nth(74, i)).collect();
-    let hosts: Vec<(&str, IpAddr)> = addrs.iter().map(|a| (name, *a)).collect();
-    let w = World::new(23, name, &hosts);
+    let by_glibc: Vec<IpAddr> = (COUNT..2 * COUNT).map(|i| nth(74, i)).collect();
+    let mut hosts: Vec<(&str, IpAddr)> = addrs.iter().map(|a| (name, *a)).collect();
+    hosts.extend(by_glibc.iter().map(|a| ("glibc.load.test", *a)));
+    let w = World::new(23, "*.load.test", &hosts);
+    let files = ClientResolver::new(w.server.addr());
     let _daemon = Daemon::start(&w.policies);
 
     // UDP only: TC set, the answer passed on, nothing learnt.
@@ -357,6 +362,16 @@ fn a_truncated_udp_answer_teaches_nothing_and_its_tcp_retry_does() {
             .tcp_connect(w.at(*a))
             .assert_ok("an address of the answer over TCP");
     }
+
+    // glibc: truncated over UDP, retried over TCP, learnt, connected.
+    for a in &by_glibc {
+        w.client()
+            .tcp_connect(w.at(*a))
+            .assert_eperm("glibc.load.test's addresses before its lookup");
+    }
+    w.glibc_client(&files)
+        .resolve_connect("glibc.load.test", w.port())
+        .assert_ok("getaddrinfo of a name whose answer does not fit 512 bytes, then connect");
 }
 
 /// The fourth test: a name with 1,000 addresses, looked up again
