@@ -33,9 +33,19 @@ pub struct ClientResolver {
 }
 
 impl ClientResolver {
-    /// Files pointing at `server` (which must listen on port 53).
+    /// Files pointing at `server` (which must listen on port 53). Panics
+    /// if nscd runs on this host: glibc would ask it (whatever
+    /// nsswitch.conf says) instead of the test's resolver.
     #[must_use]
     pub fn new(server: SocketAddr) -> Self {
+        for socket in ["/var/run/nscd/socket", "/run/nscd/socket"] {
+            assert!(
+                !Path::new(socket).exists(),
+                "nscd runs on this host ({socket} exists): glibc asks it instead of the \
+                 test's resolver, so these lookups would never reach the agent's proxy; \
+                 stop nscd to run this test"
+            );
+        }
         assert_eq!(
             server.port(),
             53,
