@@ -264,7 +264,7 @@ fn curl_and_getaddrinfo_reach_an_allowed_name_and_not_another() {
         probe!().listen_http(addr("0.0.0.0:0")),
     );
     let files = ClientResolver::new(w.server.addr());
-    let _daemon = Daemon::start_with_config(&w.policies, SHORT_TTL);
+    let _daemon = Daemon::start(&w.policies);
     let client = w.glibc_client(&files);
 
     client
@@ -461,7 +461,9 @@ fn an_open_connection_outlives_its_addresss_expiry_and_a_new_connect_does_not() 
         "svc.toml",
         &service_policy(&w.svc, "enforce", &[dns, named]),
     );
-    let daemon = Daemon::start_with_config(&w.policies, SHORT_TTL);
+    // Short, but long enough for dig to exit and another process to
+    // connect on a loaded machine.
+    let daemon = Daemon::start_with_config(&w.policies, "[dns]\nmin_ttl_secs = 3\n");
     let mut sink = sink;
 
     let out = dig_in(w.svc.path(), w.server.addr(), "api.load.test", &[]);
