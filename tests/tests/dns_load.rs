@@ -377,7 +377,8 @@ fn a_truncated_udp_answer_teaches_nothing_and_its_tcp_retry_does() {
 /// The fourth test: a name with 1,000 addresses, looked up again
 /// and again, never holds more than `max_per_name` (64) in the kernel, the
 /// client is given only those (the answer trimmed to what was learnt), each
-/// of them connects, and the agent's memory stays flat.
+/// of them connects, and the agent's memory stays flat; glibc's own
+/// lookups of it then connect every time.
 #[test]
 fn a_name_with_a_thousand_addresses_stays_within_the_cap_with_flat_memory() {
     const COUNT: usize = 1_000;
@@ -440,6 +441,22 @@ fn a_name_with_a_thousand_addresses_stays_within_the_cap_with_flat_memory() {
             .tcp_connect(w.at(ip(a)))
             .assert_ok("every address the client was given connects");
     }
+
+    // glibc (UDP truncated, then TCP): whichever address it picks of the
+    // trimmed answer connects, every time.
+    let files = ClientResolver::new(w.server.addr());
+    let mut rounds = ResolveLoop::start(&w.glibc_client(&files), name, w.port());
+    let got = rounds.batch(50, Duration::from_mins(1));
+    assert!(
+        got.connected == 50 && got.eperm == 0 && got.resolve_failed == 0 && got.other_failed == 0,
+        "getaddrinfo then connect, 50 times, a name of 1,000 addresses: {}",
+        got.json
+    );
+    assert_eq!(
+        learnt().len(),
+        CAP,
+        "still at the cap after glibc's lookups"
+    );
 }
 
 /// The fifth test: a connection made while its address was learnt
