@@ -125,7 +125,8 @@ pub struct DnsConfig {
     pub listen6: SocketAddr,
     /// Shortest time a learnt address stays allowed, whatever its TTL.
     pub min_ttl_secs: u32,
-    /// Most addresses one (service, name) holds; more evict the oldest.
+    /// Most addresses of each family one (service, name) holds; more
+    /// evict the oldest of that family.
     pub max_per_name: u32,
     /// Most learnt (service, name, address) entries in all: the kernel
     /// map's size (about 100 bytes an entry, allocated as used).

@@ -41,6 +41,7 @@ pub mod prometheus;
 pub mod prometheus_server;
 pub mod relay;
 pub mod require;
+pub mod resolving;
 pub mod server;
 pub mod serving;
 pub mod socket_activation;

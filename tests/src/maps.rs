@@ -170,3 +170,27 @@ pub fn host_v4_key(service_id: u32, addr: std::net::Ipv4Addr) -> Vec<u8> {
     key.extend(addr.octets());
     key
 }
+
+/// Every entry of `daemon`'s learnt-address map (LEARNT, egress by DNS
+/// name): (the service's `name_key`, the address), read with `bpftool`.
+#[must_use]
+pub fn learnt(daemon: &Daemon) -> Vec<(u64, std::net::IpAddr)> {
+    dump(&pinned(daemon, agent_common::LEARNT))
+        .into_iter()
+        .map(|(key, _)| {
+            // LearntKey: name_key (u64), family (u8), 7 bytes of padding,
+            // the address in 16 bytes (IPv4 in the first 4).
+            assert_eq!(key.len(), 32, "a LEARNT key is 32 bytes, got {key:?}");
+            let mut name_key = [0u8; 8];
+            name_key.copy_from_slice(&key[..8]);
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&key[16..32]);
+            let ip = if key[8] == agent_common::FAMILY_V4 {
+                std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+            } else {
+                std::net::IpAddr::from(addr)
+            };
+            (u64::from_ne_bytes(name_key), ip)
+        })
+        .collect()
+}

@@ -53,6 +53,8 @@ pub struct Probe {
     as_nobody: bool,
     source: Option<IpAddr>,
     step_timeout: Option<Duration>,
+    /// `--bind SRC=DST`: files of the probe's own mount namespace.
+    binds: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Probe {
@@ -66,6 +68,7 @@ impl Probe {
             as_nobody: false,
             source: None,
             step_timeout: None,
+            binds: Vec::new(),
         }
     }
 
@@ -118,6 +121,16 @@ impl Probe {
         }
     }
 
+    /// The same probe with `src` bind-mounted over `dst` in a mount
+    /// namespace of its own (e.g. its own `/etc/resolv.conf`); the host's
+    /// file is untouched.
+    #[must_use]
+    pub fn bind_file(&self, src: &Path, dst: &Path) -> Self {
+        let mut next = self.clone();
+        next.binds.push((src.to_path_buf(), dst.to_path_buf()));
+        next
+    }
+
     pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         if let Some(dir) = &self.cgroup {
@@ -132,10 +145,24 @@ impl Probe {
         if let Some(ip) = self.source {
             cmd.args(["--source", &ip.to_string()]);
         }
+        for (src, dst) in &self.binds {
+            let mut spec = src.clone().into_os_string();
+            spec.push("=");
+            spec.push(dst);
+            cmd.arg("--bind").arg(spec);
+        }
         if let Some(limit) = self.step_timeout {
             cmd.args(["--timeout-ms", &limit.as_millis().to_string()]);
         }
         cmd
+    }
+
+    /// glibc's `getaddrinfo(name)`, then a TCP `connect()` to the first
+    /// address it gave and a read of the listener's byte. A failed lookup
+    /// fails at stage `resolve`.
+    #[must_use]
+    pub fn resolve_connect(&self, name: &str, port: u16) -> Outcome {
+        self.run_client(&["resolve-connect", name, &port.to_string()])
     }
 
     /// TCP `connect()` to `addr`, then reads the listener's byte.
@@ -231,8 +258,19 @@ impl Probe {
     /// Starts a listener on `addr` (port 0 = any) and waits until it is bound.
     #[must_use]
     pub fn listen(&self, proto: Proto, addr: SocketAddr) -> Listener {
+        self.spawn_listener(&["listen", proto.as_str(), &addr.to_string()], proto, addr)
+    }
+
+    /// A TCP listener on `addr` answering each HTTP request `200 OK` with
+    /// the body `k` (`listen-http`).
+    #[must_use]
+    pub fn listen_http(&self, addr: SocketAddr) -> Listener {
+        self.spawn_listener(&["listen-http", &addr.to_string()], Proto::Tcp, addr)
+    }
+
+    fn spawn_listener(&self, args: &[&str], proto: Proto, addr: SocketAddr) -> Listener {
         let mut cmd = self.command();
-        cmd.args(["listen", proto.as_str(), &addr.to_string()])
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

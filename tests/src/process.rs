@@ -207,3 +207,15 @@ pub fn stop_server(child: &mut Child, name: &str, grace: Duration) {
         );
     }
 }
+
+/// The resident set size of process `pid` in KiB (`VmRSS` of
+/// `/proc/PID/status`); panics if it cannot be read.
+#[must_use]
+pub fn rss_kib(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {path}"))
+}

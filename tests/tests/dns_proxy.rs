@@ -252,20 +252,51 @@ fn a_thousand_addresses_are_truncated_on_udp_and_capped_over_tcp() {
     assert_eq!(count(&p.stats().truncated), 1);
     assert_eq!(kernel_keys(p), BTreeSet::new());
 
-    // dig's own retry over TCP (as glibc does on TC): the whole answer.
+    // dig's own retry over TCP (as glibc does on TC): the whole answer
+    // reaches the proxy, which learns the newest CAP (the last ones of the
+    // answer) and gives the client exactly those: an evicted address
+    // would be denied.
     let out = dig(p.addr(), "wide.example.test", &[]);
-    assert_eq!(dig_addresses(&out).len(), 1_000, "{}", dig_text(&out));
+    assert_eq!(dig_addresses(&out).len(), CAP, "{}", dig_text(&out));
+    assert_eq!(dig_status(&out).as_deref(), Some("NOERROR"));
     assert_eq!(count(&p.stats().tcp_queries), 1);
+    assert_eq!(count(&p.stats().trimmed_answers), 1);
+    assert_eq!(count(&p.stats().trimmed_addresses), 1_000 - CAP as u64);
     let held = p.with_learnt(|cache, map| {
         assert_eq!(cache.len(), CAP);
         assert_eq!(cache.evictions(), 1_000 - CAP as u64);
         assert_eq!(map.len(), CAP);
         cache.addresses(SERVICE, &name("wide.example.test"))
     });
-    // The newest CAP stay: the last ones of the answer.
-    let last: Vec<String> = dig_addresses(&out)[1_000 - CAP..].to_vec();
-    let held: Vec<String> = held.iter().map(ToString::to_string).collect();
-    assert_eq!(held, last);
+    let held: BTreeSet<String> = held.iter().map(ToString::to_string).collect();
+    let given: BTreeSet<String> = dig_addresses(&out).into_iter().collect();
+    assert_eq!(given, held);
+}
+
+#[test]
+fn a_names_aaaa_answer_never_evicts_what_its_a_answer_gave() {
+    // More than CAP of each family, asked A then AAAA (as glibc does).
+    let mut dual: Vec<(&str, IpAddr)> = Vec::new();
+    for i in 0..20u8 {
+        dual.push(("dual.example.test", IpAddr::from([198, 51, 100, i + 1])));
+        dual.push((
+            "dual.example.test",
+            IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(i) + 1]),
+        ));
+    }
+    let server = DnsServer::start(&dual, &[]);
+    let run = start_proxy(
+        server.addr(),
+        &["dual.example.test"],
+        Duration::from_secs(5),
+    );
+    let p = &run.proxy;
+    let a = dig_addresses(&dig(p.addr(), "dual.example.test", &["+tcp", "A"]));
+    let aaaa = dig_addresses(&dig(p.addr(), "dual.example.test", &["+tcp", "AAAA"]));
+    assert_eq!((a.len(), aaaa.len()), (CAP, CAP), "trimmed: {a:?} {aaaa:?}");
+    let given: BTreeSet<(ServiceId, IpAddr)> =
+        a.iter().chain(&aaaa).map(|x| (SERVICE, ip(x))).collect();
+    assert_eq!(kernel_keys(p), given, "both answers are held whole");
 }
 
 #[test]

@@ -32,7 +32,8 @@ use crate::{
 /// (tests/tests/systemd/). `dnsmasq-base` (the server binary alone, no
 /// service) and `bind9-dnsutils` (`dig`) for the DNS proxy's tests
 /// (tests/tests/dns_proxy.rs): a real server on a free loopback port from
-/// a temporary config (tests/src/dns_server.rs), queried by a real client.
+/// a temporary config (tests/src/dns_server.rs), queried by a real client;
+/// `curl`, a real client of an allowed name (tests/tests/dns_load.rs).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -44,6 +45,7 @@ const TEST_PACKAGES: &[&str] = &[
     // The DNS name tests: a real server and a real client.
     "dnsmasq-base",
     "bind9-dnsutils",
+    "curl",
 ];
 
 /// Everything: build tools and the packages the tests need.

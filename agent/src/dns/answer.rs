@@ -14,8 +14,10 @@
 use std::{collections::HashMap, fmt, net::IpAddr};
 
 use domain::{
-    base::{iana::Class, Message, MessageBuilder, ParsedName, Rtype},
-    rdata::{Aaaa, Cname, A},
+    base::{
+        iana::Class, message_builder::StaticCompressor, Message, MessageBuilder, ParsedName, Rtype,
+    },
+    rdata::{Aaaa, AllRecordData, Cname, A},
 };
 
 /// Longest CNAME chain followed (what resolvers allow is of this order;
@@ -251,6 +253,75 @@ pub fn inspect(query: &[u8], reply: &[u8]) -> Result<Inspected, AnswerError> {
         addresses,
         off_chain: all - on_chain_cnames - on_chain_addrs,
     })
+}
+
+/// `reply` without the A and AAAA records of its answer section for which
+/// `drop(owner, address)` says so; everything else (header flags and ID,
+/// question, CNAMEs, other records, authority, additional with its EDNS
+/// OPT record) is kept, the section counts follow, and names are
+/// compressed again. The proxy uses it to give a client only the
+/// addresses it learnt (an answer over the cap would otherwise offer
+/// addresses already evicted: connects to them are denied).
+///
+/// # Errors
+/// A message that cannot be read or written again; the caller passes the
+/// reply on unchanged.
+pub fn without_addresses(
+    reply: &[u8],
+    drop: impl Fn(&DnsName, IpAddr) -> bool,
+) -> Result<Vec<u8>, AnswerError> {
+    let msg = Message::from_octets(reply).map_err(|_| AnswerError::Short(reply.len()))?;
+    let mut builder =
+        MessageBuilder::from_target(StaticCompressor::new(Vec::new())).map_err(malformed)?;
+    *builder.header_mut() = msg.header();
+    let mut question = builder.question();
+    for q in msg.question() {
+        question.push(q.map_err(malformed)?).map_err(malformed)?;
+    }
+    let mut answer = question.answer();
+    for record in msg.answer().map_err(malformed)? {
+        let record = record.map_err(malformed)?;
+        let addr = match record.rtype() {
+            Rtype::A => record
+                .to_record::<A>()
+                .map_err(malformed)?
+                .map(|r| IpAddr::V4(r.data().addr())),
+            Rtype::AAAA => record
+                .to_record::<Aaaa>()
+                .map_err(malformed)?
+                .map(|r| IpAddr::V6(r.data().addr())),
+            _ => None,
+        };
+        if let Some(addr) = addr {
+            if record.class() == Class::IN && drop(&DnsName::from_parsed(&record.owner()), addr) {
+                continue;
+            }
+        }
+        let whole = record
+            .to_record::<AllRecordData<_, _>>()
+            .map_err(malformed)?
+            .ok_or_else(|| malformed("a record that cannot be read"))?;
+        answer.push(whole).map_err(malformed)?;
+    }
+    let mut authority = answer.authority();
+    for record in msg.authority().map_err(malformed)? {
+        let whole = record
+            .map_err(malformed)?
+            .to_record::<AllRecordData<_, _>>()
+            .map_err(malformed)?
+            .ok_or_else(|| malformed("a record that cannot be read"))?;
+        authority.push(whole).map_err(malformed)?;
+    }
+    let mut additional = authority.additional();
+    for record in msg.additional().map_err(malformed)? {
+        let whole = record
+            .map_err(malformed)?
+            .to_record::<AllRecordData<_, _>>()
+            .map_err(malformed)?
+            .ok_or_else(|| malformed("a record that cannot be read"))?;
+        additional.push(whole).map_err(malformed)?;
+    }
+    Ok(additional.finish().into_target())
 }
 
 /// Whether `reply` is the answer to `query` (ID, QR and question): what a

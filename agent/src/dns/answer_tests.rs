@@ -254,3 +254,116 @@ fn names_are_written_with_escapes_for_odd_bytes() {
     assert_eq!(n.to_string(), "a\\046b.example");
     assert_eq!(DnsName(Vec::new()).to_string(), ".");
 }
+
+/// An answer with a CNAME, addresses of both kinds, an authority record
+/// and an EDNS OPT record in the additional section.
+fn rich_answer(query: &[u8], a_count: u8) -> Vec<u8> {
+    use domain::rdata::Ns;
+    let q = Message::from_octets(query).expect("query parses");
+    let mut a = MessageBuilder::new_vec()
+        .start_answer(&q, Rcode::NOERROR)
+        .expect("start answer");
+    a.header_mut().set_ra(true);
+    a.header_mut().set_ad(true);
+    a.push((
+        name("www.example.com"),
+        30,
+        Cname::new(name("cdn.example.net")),
+    ))
+    .expect("cname");
+    for i in 0..a_count {
+        a.push((
+            name("cdn.example.net"),
+            40,
+            A::new(Ipv4Addr::new(198, 51, 100, i)),
+        ))
+        .expect("a");
+    }
+    a.push((
+        name("cdn.example.net"),
+        40,
+        Aaaa::new("2001:db8::1".parse().expect("v6")),
+    ))
+    .expect("aaaa");
+    let mut auth = a.authority();
+    auth.push((name("example.net"), 300, Ns::new(name("ns.example.net"))))
+        .expect("ns");
+    let mut add = auth.additional();
+    add.opt(|opt| {
+        opt.set_udp_payload_size(1232);
+        Ok(())
+    })
+    .expect("opt");
+    add.finish()
+}
+
+#[test]
+fn trimming_takes_out_exactly_the_addresses_asked_and_keeps_the_rest_of_the_message() {
+    let q = query(0x4242, "www.example.com", Rtype::A);
+    let reply = rich_answer(&q, 10);
+    let drop = |owner: &DnsName, addr: IpAddr| {
+        *owner == dns("cdn.example.net") && matches!(addr, IpAddr::V4(v4) if v4.octets()[3] < 7)
+    };
+    let trimmed = without_addresses(&reply, drop).expect("trims");
+
+    let before = Message::from_octets(reply.as_slice()).expect("parses");
+    let after = Message::from_octets(trimmed.as_slice()).expect("the trimmed answer parses");
+    assert_eq!(after.header(), before.header(), "ID, flags and rcode kept");
+    assert!(after.is_answer(&Message::from_octets(q.as_slice()).expect("q")));
+    let counts = after.header_counts();
+    assert_eq!(counts.qdcount(), 1);
+    // CNAME + 3 A (198.51.100.7, .8, .9) + AAAA.
+    assert_eq!(counts.ancount(), 5);
+    assert_eq!(counts.nscount(), 1);
+    assert_eq!(counts.arcount(), 1, "the OPT record stays");
+    assert!(after.opt().is_some_and(|o| o.udp_payload_size() == 1232));
+
+    let read = inspect(&q, &trimmed).expect("the trimmed answer reads");
+    let addrs: Vec<IpAddr> = read.addresses.iter().map(|a| a.addr).collect();
+    assert_eq!(
+        addrs,
+        [
+            ip("198.51.100.7"),
+            ip("198.51.100.8"),
+            ip("198.51.100.9"),
+            ip("2001:db8::1")
+        ]
+    );
+    assert!(read
+        .addresses
+        .iter()
+        .all(|a| a.chain == [dns("www.example.com"), dns("cdn.example.net")] && a.ttl == 30));
+    assert!(
+        trimmed.len() < reply.len(),
+        "names compressed again: {} bytes, was {}",
+        trimmed.len(),
+        reply.len()
+    );
+}
+
+#[test]
+fn trimming_nothing_gives_the_same_records() {
+    let q = query(7, "www.example.com", Rtype::A);
+    let reply = rich_answer(&q, 3);
+    let same = without_addresses(&reply, |_, _| false).expect("rewrites");
+    assert_eq!(
+        inspect(&q, &same).expect("reads"),
+        inspect(&q, &reply).expect("reads")
+    );
+    assert_eq!(
+        Message::from_octets(same.as_slice())
+            .expect("parses")
+            .header_counts()
+            .ancount(),
+        5
+    );
+}
+
+#[test]
+fn trimming_garbage_is_an_error_not_a_panic() {
+    assert!(without_addresses(&[0; 5], |_, _| true).is_err());
+    let q = query(9, "www.example.com", Rtype::A);
+    let mut reply = rich_answer(&q, 3);
+    reply.truncate(reply.len() - 5);
+    assert!(without_addresses(&reply, |_, _| true).is_err());
+}

@@ -2,8 +2,11 @@
 //! the agent's copy of the kernel's learnt-address map, which it keeps in
 //! step through a [`LearntSink`].
 //!
-//! Each (service, name) holds at most `max_per_name` addresses; learning
-//! one more evicts the one learnt (or re-learnt) longest ago, and counts it.
+//! Each (service, name) holds at most `max_per_name` addresses of each
+//! family (IPv4, IPv6); learning one more evicts the one of its family
+//! learnt (or re-learnt) longest ago, and counts it. Per family, because
+//! a client asks A and AAAA at once (glibc): a shared cap would let one
+//! answer evict the addresses the other just gave the client.
 //! An address expires `max(ttl, min_ttl)` after it was last learnt; a
 //! later answer never shortens that. The kernel map is keyed by (service,
 //! address) alone, so an address several names of one service hold stays
@@ -117,7 +120,8 @@ pub struct LearntLimits {
     /// Shortest time an address stays learnt, whatever its TTL (answers
     /// with TTL 0 or 1 would otherwise expire before the client connects).
     pub min_ttl: Duration,
-    /// Most addresses one (service, name) holds.
+    /// Most addresses of one family (IPv4, IPv6) one (service, name)
+    /// holds.
     pub max_per_name: usize,
     /// Most (service, name, address) entries held in all (the kernel map's
     /// size follows from it).
@@ -218,7 +222,7 @@ impl LearntCache {
         let (known, evicts) = self.names.get(&key).map_or((false, false), |held| {
             (
                 held.iter().any(|h| h.addr == addr),
-                held.len() >= self.limits.max_per_name,
+                same_family(held, addr) >= self.limits.max_per_name,
             )
         });
         if !known && !evicts && self.total >= self.limits.max_total {
@@ -244,28 +248,35 @@ impl LearntCache {
             seq,
         });
         self.total += 1;
-        let over = held.len() > self.limits.max_per_name;
+        let over = same_family(held, addr) > self.limits.max_per_name;
         self.holders
             .entry((service, addr))
             .or_default()
             .push(name.clone());
         if over {
-            self.evict_oldest(sink, service, name)?;
+            self.evict_oldest(sink, service, name, addr.is_ipv4())?;
         }
         Ok(Learnt::New)
     }
 
+    /// Evicts the oldest address of (service, name) of one family.
     fn evict_oldest(
         &mut self,
         sink: &mut dyn LearntSink,
         service: ServiceId,
         name: &DnsName,
+        v4: bool,
     ) -> Result<(), LearnError> {
         let key = (service, name.clone());
         let Some(held) = self.names.get_mut(&key) else {
             return Ok(());
         };
-        let Some((i, _)) = held.iter().enumerate().min_by_key(|(_, h)| h.seq) else {
+        let Some((i, _)) = held
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.addr.is_ipv4() == v4)
+            .min_by_key(|(_, h)| h.seq)
+        else {
             return Ok(());
         };
         let gone = held.remove(i);
@@ -421,6 +432,13 @@ impl LearntCache {
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
+}
+
+/// How many of `held` are of `addr`'s family.
+fn same_family(held: &[Held], addr: IpAddr) -> usize {
+    held.iter()
+        .filter(|h| h.addr.is_ipv4() == addr.is_ipv4())
+        .count()
 }
 
 #[cfg(test)]

@@ -104,6 +104,51 @@ fn one_name_holds_at_most_n_and_the_oldest_goes_first() {
 }
 
 #[test]
+fn the_cap_is_per_family_so_an_aaaa_answer_never_evicts_the_a_answer() {
+    let mut c = cache(60, 2);
+    let mut map = MemoryMap::new();
+    let n = name("dual.example.com");
+    let mut t = 0;
+    let mut learn = |c: &mut LearntCache, map: &mut MemoryMap, a: &str| {
+        t += 1;
+        c.learn(map, 1, &n, answered(ip(a), 60, 1), t)
+            .expect("learn");
+    };
+    // The A answer, then the AAAA answer, as glibc asks them.
+    learn(&mut c, &mut map, "198.51.100.1");
+    learn(&mut c, &mut map, "198.51.100.2");
+    learn(&mut c, &mut map, "2001:db8::1");
+    learn(&mut c, &mut map, "2001:db8::2");
+    assert_eq!(c.len(), 4);
+    assert_eq!(c.evictions(), 0);
+    // One more of a family evicts the oldest of that family only.
+    learn(&mut c, &mut map, "2001:db8::3");
+    assert_eq!(
+        c.addresses(1, &n),
+        vec![
+            ip("198.51.100.1"),
+            ip("198.51.100.2"),
+            ip("2001:db8::2"),
+            ip("2001:db8::3")
+        ]
+    );
+    learn(&mut c, &mut map, "198.51.100.3");
+    assert_eq!(
+        c.addresses(1, &n),
+        vec![
+            ip("198.51.100.2"),
+            ip("2001:db8::2"),
+            ip("2001:db8::3"),
+            ip("198.51.100.3")
+        ]
+    );
+    assert_eq!(c.evictions(), 2);
+    let kernel: std::collections::BTreeSet<IpAddr> = map.keys().map(|(_, a)| *a).collect();
+    let held: std::collections::BTreeSet<IpAddr> = c.addresses(1, &n).into_iter().collect();
+    assert_eq!(kernel, held);
+}
+
+#[test]
 fn a_thousand_addresses_stay_within_the_cap() {
     let mut c = cache(60, 16);
     let mut map = MemoryMap::new();

@@ -13,8 +13,11 @@
 //! - `proxy`: the loopback DNS proxy that forwards a service's queries to
 //!   its own resolver and learns from the answers before passing them on
 //! - `serve`: the proxy in the daemon, wired to the kernel's maps
+//! - `host`: host set-ups whose lookups bypass the proxy (nss-resolve,
+//!   nscd), warned about when it starts
 
 pub mod answer;
+pub mod host;
 pub mod learnt;
 pub mod listen;
 pub mod name;

@@ -23,6 +23,7 @@
 //! client retries over TCP, and that answer, complete, teaches.
 
 use std::{
+    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
@@ -42,7 +43,10 @@ use tokio::{
 };
 
 use super::{
-    answer::{answers, error_reply, inspect, parse_query, AnswerError, DnsName},
+    answer::{
+        answers, error_reply, inspect, parse_query, without_addresses, AnswerAddress, AnswerError,
+        DnsName,
+    },
     learnt::{monotonic_now, Answered, LearntCache, LearntSink, RuleBits, ServiceId},
     listen::Listening,
     name::NamePattern,
@@ -117,6 +121,11 @@ pub struct ProxyStats {
     pub learn_failures: AtomicU64,
     /// UDP queries dropped because `max_in_flight` were being handled.
     pub overload_drops: AtomicU64,
+    /// Answers whose addresses for an allowed name were trimmed to those
+    /// learnt (more than `max_per_name`, or some not learnt).
+    pub trimmed_answers: AtomicU64,
+    /// Address records taken out of answers that way.
+    pub trimmed_addresses: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -494,41 +503,49 @@ async fn handle<S: LearntSink>(
             return error_reply(query, Rcode::SERVFAIL);
         }
     };
-    learn_from(shared, &route, query, &reply, transport);
+    let reply = learn_from(shared, &route, query, reply, transport);
     bump(&stats.answered);
     Some(reply)
 }
 
 /// Puts the answer's addresses for an allowed name into the learnt set
-/// (and so the kernel's map) before the answer is sent.
+/// (and so the kernel's map) before the answer is sent, and returns the
+/// answer the client gets: the resolver's, but for the addresses of an
+/// allowed name that are not held once it is learnt (more than
+/// `max_per_name` of them, or refused), which are taken out so that the
+/// client cannot pick one the kernel denies. An answer none of whose
+/// allowed addresses could be held is passed on whole (its connects are
+/// denied, and the client sees why), as is one that cannot be rewritten.
 fn learn_from<S: LearntSink>(
     shared: &Shared<S>,
     route: &Route,
     query: &[u8],
-    reply: &[u8],
+    reply: Vec<u8>,
     transport: Transport,
-) {
+) -> Vec<u8> {
     let stats = &shared.stats;
-    let inspected = match inspect(query, reply) {
+    let inspected = match inspect(query, &reply) {
         Ok(inspected) => inspected,
         Err(e) => {
             tracing::debug!(service = route.service, error = %e, "dns proxy: answer not learnt from");
             bump(&stats.unreadable_answers);
-            return;
+            return reply;
         }
     };
     if inspected.truncated && transport == Transport::Udp {
         bump(&stats.truncated);
-        return;
+        return reply;
     }
     let now = monotonic_now();
     let mut guard = shared.learnt();
     let (cache, sink) = &mut *guard;
+    let mut allowed = Vec::new();
     for found in &inspected.addresses {
         let rules = rule_bits(&route.rules, &found.chain);
         if rules == 0 {
             continue;
         }
+        allowed.push(found);
         match cache.learn(
             sink,
             route.service,
@@ -545,6 +562,41 @@ fn learn_from<S: LearntSink>(
                 tracing::warn!(service = route.service, addr = %found.addr, error = %e, "dns proxy: address not learnt");
                 bump(&stats.learn_failures);
             }
+        }
+    }
+    let Some(first) = allowed.first() else {
+        return reply;
+    };
+    let held: HashSet<IpAddr> = cache
+        .addresses(route.service, &first.chain[0])
+        .into_iter()
+        .collect();
+    drop(guard);
+    let (kept, gone): (Vec<&AnswerAddress>, Vec<&AnswerAddress>) = allowed
+        .iter()
+        .copied()
+        .partition(|a| held.contains(&a.addr));
+    if gone.is_empty() || kept.is_empty() {
+        return reply;
+    }
+    let chain: HashSet<&DnsName> = allowed.iter().flat_map(|a| a.chain.iter()).collect();
+    let gone: HashSet<IpAddr> = gone.iter().map(|a| a.addr).collect();
+    match without_addresses(&reply, |owner, addr| {
+        chain.contains(owner) && gone.contains(&addr)
+    }) {
+        // Compressed again with fewer records it is smaller; should it not
+        // be, a UDP client's buffer might not take it: pass the original.
+        Ok(trimmed) if transport == Transport::Udp && trimmed.len() > reply.len() => reply,
+        Ok(trimmed) => {
+            bump(&stats.trimmed_answers);
+            stats
+                .trimmed_addresses
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            trimmed
+        }
+        Err(e) => {
+            tracing::warn!(service = route.service, error = %e, "dns proxy: an answer over the cap could not be trimmed; its evicted addresses will be denied");
+            reply
         }
     }
 }

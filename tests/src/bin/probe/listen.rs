@@ -89,3 +89,28 @@ pub fn reflect_udp(addr: SocketAddr) -> Result<(), String> {
         }
     }
 }
+
+/// `listen-http ADDR:PORT`: accepts forever; answers each connection at
+/// once `HTTP/1.0 200 OK` with the body `k`, then reads the request's
+/// head (up to the blank line or the client's close, at most 8 KiB, 3 s)
+/// so that closing sends no reset: what `curl` needs to succeed, and one
+/// byte `H` for a plain client.
+pub fn listen_http(addr: SocketAddr) -> Result<(), String> {
+    use std::io::Read as _;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+    ready(listener.local_addr())?;
+    for mut conn in listener.incoming().flatten() {
+        let _ =
+            conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nk");
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    Ok(())
+}

@@ -26,7 +26,18 @@
 //!   deny-flood udp|tcp N ADDR:PORT  pinned to CPU 0, N fresh sockets connect() to ADDR:PORT;
 //!                                 prints how many got EPERM (and every other errno)
 //!   deny-flood-for udp|tcp MS ADDR:PORT  the same for MS milliseconds
+//!   resolve-connect NAME PORT     getaddrinfo(NAME) (glibc), TCP connect to the first
+//!                                 address, read the byte; a failed lookup is stage `resolve`
+//!   resolve-loop NAME PORT        per stdin line N: N rounds of resolve-connect, then one
+//!                                 JSON line of exact counts (connected, eperm, peers...)
+//!   exec CMD ARGS...              exec CMD in the probe's cgroup and mount namespace
+//!   listen-http ADDR:PORT         like listen tcp, but read each request's head and answer
+//!                                 `HTTP/1.0 200 OK` with the body `k` (for curl)
 //! ```
+//!
+//! `--bind SRC=DST` (repeatable) moves the probe into a mount namespace of
+//! its own (private) and bind-mounts SRC over DST there: a service with its
+//! own `/etc/resolv.conf` and `/etc/nsswitch.conf`, the host's untouched.
 //!
 //! Escape suite, sockets and egress (each a technique a compromised service
 //! would try; a step that fails is named as its stage: `socket`, `connect`,
@@ -103,6 +114,7 @@ mod escape_a;
 mod escape_b;
 mod escape_c;
 mod listen;
+mod resolve;
 
 use std::{
     fs, io,
@@ -117,7 +129,8 @@ use serde_json::json;
 use crate::client::{Ctx, Failure, Transport};
 
 const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--as-nobody] [--source IP] \
-    [--timeout-ms N] (tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
+    [--timeout-ms N] [--bind SRC=DST]... (resolve-connect|resolve-loop NAME PORT | exec CMD ARGS... \
+    | tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
     | tcp-connect-each ADDR:PORT... \
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
     | tcp-bind|udp-bind ADDR:PORT | raw-socket inet|inet6 | packet-socket \
@@ -143,8 +156,10 @@ fn options(args: Vec<String>) -> Result<(Ctx, Vec<String>), String> {
     let mut args = args.into_iter();
     let mut command = Vec::new();
     let mut ctx = Ctx::default();
+    let mut private_mounts = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--bind" => resolve::bind(&args.next().ok_or(USAGE)?, &mut private_mounts)?,
             "--cgroup" => join_cgroup(&args.next().ok_or(USAGE)?)?,
             "--netns" => join_netns(&args.next().ok_or(USAGE)?)?,
             "--as-nobody" => become_nobody()?,
@@ -189,6 +204,14 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ["serve", "tcp", addr] => return listen::listen_tcp(parse_addr(addr)?, true),
         ["serve", "udp", addr] => return listen::listen_udp(parse_addr(addr)?, true),
         ["reflect", "udp", addr] => return listen::reflect_udp(parse_addr(addr)?),
+        ["listen-http", addr] => return listen::listen_http(parse_addr(addr)?),
+        ["resolve-connect", name, port] => {
+            resolve::resolve_connect(&mut ctx, name, parse_port(port)?)
+        }
+        ["resolve-loop", name, port] => {
+            return resolve::resolve_loop(&mut ctx, name, parse_port(port)?)
+        }
+        ["exec", cmd @ ..] => return Err(resolve::exec(cmd)),
         other => {
             // The escape suite's commands, each module its own.
             let modules: [Dispatch; 3] =
@@ -216,6 +239,10 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
     s.parse()
         .map(Duration::from_millis)
         .map_err(|e| format!("bad --timeout-ms {s:?}: {e}"))
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse().map_err(|e| format!("bad port {s:?}: {e}"))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
