@@ -52,6 +52,24 @@ fn fresh(beat: u64) -> bool {
     beat != 0 && now_ns().saturating_sub(beat) < DNS_HEARTBEAT_GRACE_NS
 }
 
+/// Whether `dest:port` is the proxy's address (either family). A lookup
+/// already judged and redirected reaches a second program attached beside
+/// ours with that destination: the previous agent's, while a start takes
+/// over from it (both run until its are detached). That program must not
+/// judge the proxy as the destination. A socket that calls the proxy
+/// directly gains nothing: the proxy refuses a query whose socket no
+/// redirect recorded (`DNS_CLIENTS`).
+#[inline(always)]
+pub fn is_proxy(dest: &Dest, port: u16) -> bool {
+    let Some(proxy) = DNS_PROXY.get(0) else {
+        return false;
+    };
+    match dest {
+        Dest::V4(addr) => proxy.port4 != 0 && port == proxy.port4 && *addr == proxy.addr4,
+        Dest::V6(addr) => proxy.port6 != 0 && port == proxy.port6 && *addr == proxy.addr6,
+    }
+}
+
 /// The rule that allows `dest` to the service `s` because `s` learnt it
 /// (its expiry not past, or the proxy gone), or `RULE_DEFAULT_DENY`. The
 /// learnt entry's bitmap picks the union ruleset of the name rules whose

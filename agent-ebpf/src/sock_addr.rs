@@ -240,6 +240,11 @@ fn v6_or_mapped(w: [u32; 4]) -> Dest {
 fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_hook: bool) -> i32 {
     let cgroup_id = current_cgroup_id();
     let service = current_service_in(cgroup_id);
+    // Redirected to the proxy by a program that ran first (see
+    // names::is_proxy): judged there as the resolver it asked for.
+    if service.is_some_and(|s| s.flags & FLAG_NAMES != 0) && names::is_proxy(&dest, port) {
+        return ALLOW;
+    }
     let (service_id, mode, rule, verdict) = match service {
         Some(s) => {
             let mut rule = match dest {

@@ -253,30 +253,29 @@ impl SharedPins {
     /// `bulkhead run --policy-dir DIR` on these pins and state, ready.
     #[must_use]
     pub fn start(&self, policies: &crate::PolicyDir) -> Daemon {
-        let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
-        args.extend(self.args());
-        let mut daemon = Daemon::spawn_run(&args);
-        daemon.wait_ready();
-        daemon
+        Self::ready(Daemon::spawn_run(&self.run_args(policies)))
     }
 
     /// [`Self::start`] with a daemon config file holding `config`.
     #[must_use]
     pub fn start_with_config(&self, policies: &crate::PolicyDir, config: &str) -> Daemon {
-        let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
-        args.extend(self.args());
-        let mut daemon = Daemon::spawn_with_config(&args, config);
-        daemon.wait_ready();
-        daemon
+        Self::ready(Daemon::spawn_with_config(&self.run_args(policies), config))
     }
 
     /// [`Self::start`], the daemon given `held` as systemd's socket units
     /// give theirs.
     #[must_use]
     pub fn start_holding(&self, policies: &crate::PolicyDir, held: &crate::HeldSockets) -> Daemon {
+        Self::ready(Daemon::spawn_run_holding(&self.run_args(policies), held))
+    }
+
+    fn run_args(&self, policies: &crate::PolicyDir) -> Vec<OsString> {
         let mut args = vec![OsString::from("--policy-dir"), policies.path().into()];
         args.extend(self.args());
-        let mut daemon = Daemon::spawn_run_holding(&args, held);
+        args
+    }
+
+    fn ready(mut daemon: Daemon) -> Daemon {
         daemon.wait_ready();
         daemon
     }

@@ -16,24 +16,17 @@ use std::{
 use integration_tests::{
     addr,
     dns_server::{dig_answers, dig_in, dig_text},
-    free_port_block, probe, require_bpf, DnsServer, Proto,
+    free_port_block, probe, DnsServer, Proto,
 };
 
 use super::{
-    namespace::{boot_ns_systemd, systemd_binary, AgentOutput, TEST_DNS_SOCKET},
-    text, tool,
+    namespace::{boot_ns_systemd, ns_systemd_prerequisites, AgentOutput, TEST_DNS_SOCKET},
+    text,
 };
 
 #[test]
 fn lookups_wait_in_the_socket_unit_across_systemctl_restart() {
-    if !require_bpf() {
-        return;
-    }
-    let (Some(_), Some(_)) = (tool("unshare", "util-linux"), tool("nsenter", "util-linux")) else {
-        return;
-    };
-    let Some(systemd) = systemd_binary() else {
-        let _ = tool("systemd", "systemd"); // skips or fails with the package name
+    let Some(systemd) = ns_systemd_prerequisites() else {
         return;
     };
     let api = probe!().listen(Proto::Tcp, addr("127.0.70.1:0"));

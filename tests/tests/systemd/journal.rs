@@ -4,10 +4,10 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use integration_tests::{eventually, free_port_block, require_bpf};
+use integration_tests::{eventually, free_port_block};
 
 use super::{
-    namespace::{boot_ns_systemd, systemd_binary, AgentOutput, NsSystemd},
+    namespace::{boot_ns_systemd, ns_systemd_prerequisites, AgentOutput, NsSystemd},
     section, text, tool, unit_text,
 };
 
@@ -52,20 +52,12 @@ fn wait_for_line(ns: &NsSystemd, needle: &str) -> (String, String) {
 
 #[test]
 fn journal_shows_warnings_at_their_priority() {
-    if !require_bpf() {
+    let Some(systemd) = ns_systemd_prerequisites() else {
+        return;
+    };
+    if tool("journalctl", "systemd").is_none() {
         return;
     }
-    let (Some(_), Some(_), Some(_)) = (
-        tool("unshare", "util-linux"),
-        tool("nsenter", "util-linux"),
-        tool("journalctl", "systemd"),
-    ) else {
-        return;
-    };
-    let Some(systemd) = systemd_binary() else {
-        let _ = tool("systemd", "systemd");
-        return;
-    };
     // The prefixes are read with systemd's default SyslogLevelPrefix=yes.
     let unit = unit_text();
     assert!(

@@ -23,8 +23,25 @@ pub(super) const TEST_DNS_SOCKET6: std::net::SocketAddr =
 /// The watchdog interval the namespaced systemd uses (a drop-in).
 const NS_WATCHDOG: Duration = Duration::from_secs(2);
 
+/// What a test of the unit under a namespaced systemd needs: BPF,
+/// `unshare`, `nsenter` and systemd's binary, which it returns. `None`: a
+/// test skips (a `SKIPPED` line), or it has failed already under
+/// `BULKHEAD_REQUIRE_BPF=1`.
+pub(super) fn ns_systemd_prerequisites() -> Option<PathBuf> {
+    if !require_bpf() {
+        return None;
+    }
+    tool("unshare", "util-linux")?;
+    tool("nsenter", "util-linux")?;
+    let systemd = systemd_binary();
+    if systemd.is_none() {
+        let _ = tool("systemd", "systemd"); // skips or fails with the package name
+    }
+    systemd
+}
+
 /// systemd's own binary (not systemctl): where Debian and others put it.
-pub(super) fn systemd_binary() -> Option<PathBuf> {
+fn systemd_binary() -> Option<PathBuf> {
     ["/lib/systemd/systemd", "/usr/lib/systemd/systemd"]
         .into_iter()
         .map(PathBuf::from)
@@ -437,14 +454,7 @@ fn assert_reloads(ns: &NsSystemd, client: &Probe, target: std::net::SocketAddr) 
 
 #[test]
 fn unit_runs_under_systemd_in_a_namespace() {
-    if !require_bpf() {
-        return;
-    }
-    let (Some(_), Some(_)) = (tool("unshare", "util-linux"), tool("nsenter", "util-linux")) else {
-        return;
-    };
-    let Some(systemd) = systemd_binary() else {
-        let _ = tool("systemd", "systemd"); // skips or fails with the package name
+    let Some(systemd) = ns_systemd_prerequisites() else {
         return;
     };
     let target = probe!().listen(Proto::Tcp, addr("127.0.0.1:0"));
@@ -518,14 +528,7 @@ fn unit_runs_under_systemd_in_a_namespace() {
 /// `endpoints` row of that service.
 #[test]
 fn fleet_inventory_under_the_unit_finds_a_non_root_services_listener() {
-    if !require_bpf() {
-        return;
-    }
-    let (Some(_), Some(_)) = (tool("unshare", "util-linux"), tool("nsenter", "util-linux")) else {
-        return;
-    };
-    let Some(systemd) = systemd_binary() else {
-        let _ = tool("systemd", "systemd");
+    let Some(systemd) = ns_systemd_prerequisites() else {
         return;
     };
     let ch = integration_tests::ClickHouse::start();
