@@ -452,6 +452,19 @@ fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
         dig_text(&out)
     );
     assert!(dig_addresses(&out).is_empty(), "{}", dig_text(&out));
+    // From the service itself, over UDP and TCP: its call to the proxy's
+    // address is not judged (a lookup redirected by a program beside ours
+    // arrives there too), but its socket was never redirected, so nothing
+    // routes the query.
+    for transport in [&[][..], &["+tcp"]] {
+        let out = dig_in(w.svc.path(), proxy, "api.example.test", transport);
+        assert_eq!(
+            dig_status(&out).as_deref(),
+            Some("REFUSED"),
+            "{}",
+            dig_text(&out)
+        );
+    }
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("nothing was learnt for the service");
