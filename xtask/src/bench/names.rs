@@ -12,9 +12,12 @@
 //!    rules, so the judge takes the learnt path) against the same
 //!    destination allowed by an address rule, both services with the same
 //!    N generated destinations, under the same agent; next to the
-//!    no-program case. The probes are loadgen.rs's.
+//!    no-program case, and split by a third service with the name rule
+//!    whose address rules allow the destination too (what having name
+//!    rules costs, apart from the learnt path). The probes are
+//!    loadgen.rs's.
 //!
-//! One agent serves both services in a round, so the comparison shares its
+//! One agent serves the three services in a round, so the comparison shares its
 //! start, its proxy and its maps; it is started and stopped each round
 //! (its programs at the cgroup2 root would otherwise run in the
 //! no-program case).
@@ -55,6 +58,10 @@ pub enum Svc {
     Baseline,
     /// The probes' address allowed by an address rule.
     Cidr,
+    /// A service with the same name rule whose probes' address its
+    /// address rules allow too: what having name rules costs a connect()
+    /// the address rules decide (the split of Name against Cidr).
+    NameRulesByAddress,
     /// The probes' address allowed because the service learnt it from its
     /// own lookup of a name its rule allows.
     Name,
@@ -65,6 +72,7 @@ impl Svc {
         match self {
             Svc::Baseline => "no programs",
             Svc::Cidr => "bulkhead, allowed by address (CIDR)",
+            Svc::NameRulesByAddress => "bulkhead, with name rules, allowed by address",
             Svc::Name => "bulkhead, allowed by a learnt name",
         }
     }
@@ -73,6 +81,7 @@ impl Svc {
         match self {
             Svc::Baseline => "base",
             Svc::Cidr => "cidr",
+            Svc::NameRulesByAddress => "both",
             Svc::Name => "name",
         }
     }
@@ -131,6 +140,7 @@ struct Group {
     rules: usize,
     name: Env,
     cidr: Env,
+    both: Env,
     policy_dir: PathBuf,
 }
 
@@ -138,6 +148,7 @@ impl Group {
     fn env(&self, svc: Svc) -> &Env {
         match svc {
             Svc::Name => &self.name,
+            Svc::NameRulesByAddress => &self.both,
             Svc::Cidr | Svc::Baseline => &self.cidr,
         }
     }
@@ -232,6 +243,10 @@ impl Section<'_> {
     fn group(&self, rules: usize) -> Result<Group> {
         let name = Env::create(self.mount, &format!("names-{rules}-{}", Svc::Name.slug()))?;
         let cidr = Env::create(self.mount, &format!("names-{rules}-{}", Svc::Cidr.slug()))?;
+        let both = Env::create(
+            self.mount,
+            &format!("names-{rules}-{}", Svc::NameRulesByAddress.slug()),
+        )?;
         let rel = |env: &Env| -> Result<String> {
             Ok(env
                 .cgroup
@@ -242,12 +257,20 @@ impl Section<'_> {
                 .to_string())
         };
         let destinations = rules::destinations(rules)?;
-        let (names_policy, cidr_policy) =
-            rules::names_policies((&rel(&name)?, &rel(&cidr)?), &destinations, RESOLVER, NAME);
+        let [names_policy, cidr_policy, both_policy] = rules::names_policies(
+            [&rel(&name)?, &rel(&cidr)?, &rel(&both)?],
+            &destinations,
+            RESOLVER,
+            NAME,
+        );
         let policy_dir = self.work.join(format!("policy-names-{rules}"));
         fs::create_dir_all(&policy_dir)
             .with_context(|| format!("create {}", policy_dir.display()))?;
-        for (file, text) in [("name.toml", names_policy), ("cidr.toml", cidr_policy)] {
+        for (file, text) in [
+            ("name.toml", names_policy),
+            ("cidr.toml", cidr_policy),
+            ("both.toml", both_policy),
+        ] {
             let path = policy_dir.join(file);
             fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
         }
@@ -255,6 +278,7 @@ impl Section<'_> {
             rules,
             name,
             cidr,
+            both,
             policy_dir,
         })
     }
@@ -303,11 +327,10 @@ impl Section<'_> {
             .or_default()
             .push(proxied);
         out.added.entry(group.rules).or_default().push(added);
-        let order = if forward {
-            [Svc::Name, Svc::Cidr]
-        } else {
-            [Svc::Cidr, Svc::Name]
-        };
+        let mut order = [Svc::Name, Svc::NameRulesByAddress, Svc::Cidr];
+        if !forward {
+            order.reverse();
+        }
         for svc in order {
             let samples = loadgen::run(&self.spec(group.env(svc), true))
                 .with_context(|| format!("names {}: {}", group.rules, svc.label()))?;
@@ -408,8 +431,8 @@ impl Section<'_> {
     }
 
     /// One more run at `group`'s rule count with the kernel's BPF run-time
-    /// statistics on: the mean time inside each program while the name
-    /// service's probes run, then the CIDR service's.
+    /// statistics on: the mean time inside each program while each
+    /// service's probes run, one service after the other.
     fn profile(&self, group: &Group) -> Result<BTreeMap<Svc, Vec<ProgramCost>>> {
         let daemon = self.start_daemon(&group.policy_dir)?;
         let ours = daemon.program_ids()?;
@@ -428,7 +451,7 @@ impl Section<'_> {
                 .collect()
         };
         let mut costs = BTreeMap::new();
-        for svc in [Svc::Name, Svc::Cidr] {
+        for svc in [Svc::Name, Svc::NameRulesByAddress, Svc::Cidr] {
             let before = read()?;
             loadgen::run(&self.spec(group.env(svc), true))?;
             let after = read()?;

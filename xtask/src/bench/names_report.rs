@@ -130,6 +130,31 @@ impl NamesReport<'_> {
                 parts.join("; ")
             );
         }
+        let split: Vec<String> = CONNECTS
+            .into_iter()
+            .flat_map(|probe| r.rule_counts.iter().map(move |&n| (probe, n)))
+            .filter_map(|(probe, n)| {
+                let name = self.connect(n, Svc::Name, probe)?;
+                let both = self.connect(n, Svc::NameRulesByAddress, probe)?;
+                let cidr = self.connect(n, Svc::Cidr, probe)?;
+                Some(format!(
+                    "{} at {} rules: having name rules {} ns (allowed by address, name rules \
+                     against none), the learnt path {} ns (allowed by a learnt name against by \
+                     address, both with name rules)",
+                    probe.short(),
+                    num(n as u64),
+                    signed(stats::added(both.median, cidr.median)),
+                    signed(stats::added(name.median, both.median)),
+                ))
+            })
+            .collect();
+        if !split.is_empty() {
+            let _ = writeln!(
+                out,
+                "- **Split of name − CIDR** (medians, same agent and round): {}.",
+                split.join("; ")
+            );
+        }
         let sendto: Vec<String> = r
             .rule_counts
             .iter()
@@ -160,36 +185,44 @@ impl NamesReport<'_> {
         out
     }
 
-    /// The connect and sendmsg programs' mean run time, name against CIDR.
+    /// The connect and sendmsg programs' mean run time, per service.
     fn where_time_goes(&self) -> Option<String> {
         let (n, costs) = self.results.program_costs.as_ref()?;
         let name = costs.get(&Svc::Name)?;
+        let both = costs.get(&Svc::NameRulesByAddress)?;
         let cidr = costs.get(&Svc::Cidr)?;
         let parts: Vec<String> = name
             .iter()
-            .zip(cidr)
+            .zip(both.iter().zip(cidr))
             .filter(|(a, _)| {
                 a.attach == "cgroup_inet4_connect" || a.attach == "cgroup_udp4_sendmsg"
             })
-            .map(|(a, b)| {
+            .map(|(a, (b, c))| {
                 format!(
-                    "`{}` {:.0} ns a run with the name service's probes, {:.0} ns with the CIDR \
-                     service's ({:+.0} ns)",
+                    "`{}` {:.0} ns a run with the name service's probes, {:.0} ns with the \
+                     name-rules-by-address service's, {:.0} ns with the CIDR service's (name − \
+                     CIDR {:+.0} ns, of which having name rules {:+.0} ns and the learnt path \
+                     {:+.0} ns)",
                     a.name,
                     a.ns_per_run,
                     b.ns_per_run,
-                    a.ns_per_run - b.ns_per_run
+                    c.ns_per_run,
+                    a.ns_per_run - c.ns_per_run,
+                    b.ns_per_run - c.ns_per_run,
+                    a.ns_per_run - b.ns_per_run,
                 )
             })
             .collect();
         (!parts.is_empty()).then(|| {
             format!(
-                "({} rules, one extra run with the kernel's BPF run-time statistics on): {}. \
-                 The learnt path is the address rules' two lookups, which miss (the hash of \
-                 whole addresses, then the LPM trie of networks), then a LEARNT hash lookup, a \
-                 clock read for its expiry (and, when it has expired, the proxy's heartbeat), \
-                 and the port scan of the union ruleset the entry's rule bits pick; the CIDR \
-                 path is one hash lookup that hits and the port scan.",
+                "({} rules, one extra run with the kernel's BPF run-time statistics on; means, \
+                 so a preempted run counts whole): {}. The learnt path is the address rules' \
+                 two lookups, which miss (the hash of whole addresses, then the LPM trie of \
+                 networks), then a LEARNT hash lookup (a 32-byte key), a clock read for its \
+                 expiry (and, when it has expired, the proxy's heartbeat), and the port scan \
+                 of the union ruleset the entry's rule bits pick; the CIDR path is one hash \
+                 lookup that hits and the port scan. Having name rules adds the redirect's \
+                 port-53 check (a BPF subprogram call) to every allowed call.",
                 num(*n as u64),
                 parts.join("; ")
             )
@@ -263,7 +296,7 @@ impl NamesReport<'_> {
                 runs(&base)
             );
             for &n in &self.results.rule_counts {
-                for svc in [Svc::Cidr, Svc::Name] {
+                for svc in [Svc::Cidr, Svc::NameRulesByAddress, Svc::Name] {
                     let Some(s) = self.connect(n, svc, probe) else {
                         continue;
                     };
@@ -293,7 +326,11 @@ impl NamesReport<'_> {
         let Some((n, costs)) = &self.results.program_costs else {
             return out;
         };
-        let (Some(name), Some(cidr)) = (costs.get(&Svc::Name), costs.get(&Svc::Cidr)) else {
+        let (Some(name), Some(both), Some(cidr)) = (
+            costs.get(&Svc::Name),
+            costs.get(&Svc::NameRulesByAddress),
+            costs.get(&Svc::Cidr),
+        ) else {
             return out;
         };
         let _ = writeln!(
@@ -305,9 +342,9 @@ impl NamesReport<'_> {
         );
         let _ = writeln!(
             out,
-            "| hook | program | name service's probes | CIDR service's probes |"
+            "| hook | program | learnt name | name rules, by address | CIDR |"
         );
-        let _ = writeln!(out, "|---|---|---:|---:|");
+        let _ = writeln!(out, "|---|---|---:|---:|---:|");
         let cell = |c: &super::profile::ProgramCost| {
             if c.runs == 0 {
                 "not run".to_owned()
@@ -315,14 +352,15 @@ impl NamesReport<'_> {
                 format!("{:.0} ns × {}", c.ns_per_run, num(c.runs))
             }
         };
-        for (a, b) in name.iter().zip(cidr) {
+        for (a, (b, c)) in name.iter().zip(both.iter().zip(cidr)) {
             let _ = writeln!(
                 out,
-                "| {} | `{}` | {} | {} |",
+                "| {} | `{}` | {} | {} | {} |",
                 a.attach,
                 a.name,
                 cell(a),
-                cell(b)
+                cell(b),
+                cell(c)
             );
         }
         out
@@ -397,8 +435,11 @@ impl NamesReport<'_> {
              have nothing attached. Each service has the same rule of N generated /32s \
              (127.0.0.0/15, port 443/tcp, as in the hook cases) and a rule allowing the \
              resolver {RESOLVER} on port 53/udp; the probes' ports on 127.0.0.1 are allowed \
-             to the *name service* only by the name `{NAME}` (a name rule, protocol any) \
-             and to the *CIDR service* by the address `127.0.0.1`. dnsmasq (Debian's, \
+             to the *name service* only by the name `{NAME}` (a name rule, protocol any), \
+             to the *CIDR service* by the address `127.0.0.1`, and to a third service \
+             *with name rules, allowed by address* by both (that name rule and the address \
+             rule; its address rules decide, so it shows what having name rules costs apart \
+             from the learnt path). dnsmasq (Debian's, \
              started by the integration harness, tests/src/dns_server.rs) answers `{NAME}` \
              with 127.0.0.1 from a hosts file of its own, TTL 1 (the agent holds a learnt \
              address for its `min_ttl`, 60 s).\n\
@@ -419,8 +460,8 @@ impl NamesReport<'_> {
              - **Connect probes.** Then, in the same round and under the same agent, \
              loadgen.rs's probes (UDP connect(), sendto(), TCP connect() to 127.0.0.1, in a \
              network namespace of the case's own, described in the hook cases' Method) run \
-             in the name service's cgroup and in the CIDR service's, name first in odd \
-             rounds and CIDR first in even ones; each first checks that a port no rule \
+             in the name service's cgroup, the third service's and the CIDR service's, in \
+             that order in odd rounds and the other way round in even ones; each first checks that a port no rule \
              allows gets EPERM. The name service's probes are allowed by what it learnt: \
              its address rules miss 127.0.0.1. *no programs*: the same probes in a cgroup of \
              their own with no agent running, before each rule count's group in odd rounds \

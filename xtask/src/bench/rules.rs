@@ -49,19 +49,22 @@ pub fn bulkhead_policy(cgroup_rel: &str, destinations: &[Ipv4Addr]) -> String {
     out
 }
 
-/// The two services of the DNS names section (names.rs), each with the
+/// The three services of the DNS names section (names.rs), each with the
 /// same N generated destinations and a rule for the resolver at
-/// `resolver` (port 53): the first reaches the probes' ports on 127.0.0.1
-/// only by the name `name` (which the resolver answers with 127.0.0.1),
-/// the second by the address, as in [`bulkhead_policy`]. So the first
-/// service's probes are judged by the address rules, which deny, then by
-/// what it learnt; the second's by the address rules, which allow.
+/// `resolver` (port 53); `rel` are their cgroups. The first reaches the
+/// probes' ports on 127.0.0.1 only by the name `name` (which the resolver
+/// answers with 127.0.0.1), the second by the address, as in
+/// [`bulkhead_policy`], the third by both (the name rule, then the
+/// address). So the first service's probes are judged by the address
+/// rules, which deny, then by what it learnt; the second's by the address
+/// rules, which allow; the third's too, with the name rules' own work
+/// around them (the port-53 check of the redirect).
 pub fn names_policies(
-    (names_rel, cidr_rel): (&str, &str),
+    rel: [&str; 3],
     destinations: &[Ipv4Addr],
     resolver: Ipv4Addr,
     name: &str,
-) -> (String, String) {
+) -> [String; 3] {
     let resolver_rule = format!(
         "\n[[egress]]\n\
          description = \"the bench's resolver\"\n\
@@ -69,13 +72,21 @@ pub fn names_policies(
          ports = [53]\n\
          protocol = \"udp\"\n"
     );
-    let mut names = generated_policy(names_rel, destinations);
-    names.push_str(&resolver_rule);
-    names.push_str(&probe_rule(name, "the probes, by name"));
-    let mut cidr = generated_policy(cidr_rel, destinations);
-    cidr.push_str(&resolver_rule);
-    cidr.push_str(&probe_rule("127.0.0.1", "the probes"));
-    (names, cidr)
+    let policy = |cgroup_rel: &str, probes: &[(&str, &str)]| {
+        let mut out = generated_policy(cgroup_rel, destinations);
+        out.push_str(&resolver_rule);
+        for (to, description) in probes {
+            out.push_str(&probe_rule(to, description));
+        }
+        out
+    };
+    let by_name = (name, "the probes, by name");
+    let by_address = ("127.0.0.1", "the probes");
+    [
+        policy(rel[0], &[by_name]),
+        policy(rel[1], &[by_address]),
+        policy(rel[2], &[by_name, by_address]),
+    ]
 }
 
 /// The policy's head and its rule of N destinations (port 443/tcp).
