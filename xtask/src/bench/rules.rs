@@ -154,11 +154,16 @@ mod tests {
     fn names_policies_differ_only_in_how_the_probes_are_allowed() {
         let dests = destinations(3).expect("fits");
         let resolver = Ipv4Addr::new(127, 2, 53, 1);
-        let (names, cidr) = names_policies(("n", "c"), &dests, resolver, "probe.bulkhead.test");
-        for text in [&names, &cidr] {
+        let [names, cidr, both] =
+            names_policies(["n", "c", "b"], &dests, resolver, "probe.bulkhead.test");
+        for text in [&names, &cidr, &both] {
             assert!(text.contains("to = [\"127.2.53.1\"]\nports = [53]"));
-            assert_eq!(text.matches("[[egress]]").count(), 3);
         }
+        assert_eq!(names.matches("[[egress]]").count(), 3);
+        assert_eq!(cidr.matches("[[egress]]").count(), 3);
+        assert_eq!(both.matches("[[egress]]").count(), 4);
+        assert!(both.contains("to = [\"probe.bulkhead.test\"]"));
+        assert!(both.contains("to = [\"127.0.0.1\"]"));
         assert!(names.contains("cgroup = \"/n\""));
         assert!(names.contains("to = [\"probe.bulkhead.test\"]"));
         assert!(!names.contains("\"127.0.0.1\""));
