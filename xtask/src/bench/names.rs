@@ -315,6 +315,7 @@ impl Section<'_> {
         let foreign = wait_until_clean(&group.name.cgroup.path, self.plan.allow_foreign)?;
         let daemon = self.start_daemon(&group.policy_dir)?;
         let ours = daemon.program_ids()?;
+        self.wait_start_check()?;
         let (direct, proxied, added) = self
             .lookups(group, self.plan.lookups)
             .with_context(|| format!("names {}: lookups", group.rules))?;
@@ -357,6 +358,36 @@ impl Section<'_> {
         // The decision log grows with every lookup (a new socket each).
         let _ = fs::remove_file(self.work.join(EVENTS_FILE));
         Ok(())
+    }
+
+    /// Waits until the agent's start-up self-check has run: it reads every
+    /// map entry (three services of 100,000 destinations: hundreds of
+    /// milliseconds of a core here), and lookups measured during it would
+    /// show a start-up cost, not what a lookup adds.
+    fn wait_start_check(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = std::process::Command::new(self.bulkhead)
+                .args(["status", "--json", "--config"])
+                .arg(self.work.join(CONFIG_FILE))
+                .stdin(std::process::Stdio::null())
+                .output()
+                .context("run bulkhead status")?;
+            let checks = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.get("self_check")?.get("checks")?.as_u64());
+            if checks.is_some_and(|c| c >= 1) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the agent's start-up self-check did not finish within 60 s (bulkhead \
+                     status: {})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     fn start_daemon(&self, policy_dir: &Path) -> Result<Daemon> {
@@ -441,6 +472,7 @@ impl Section<'_> {
                 .into_iter()
                 .filter(|(id, _, _)| ours.contains(id))
                 .collect();
+        self.wait_start_check()?;
         // Teaches the name service its address (checked), untimed.
         self.lookups(group, 10)?;
         let stats_on = profile::enable_stats()?;

@@ -45,6 +45,21 @@ impl NamesReport<'_> {
         signed_summary(self.results.added.get(&rules)?)
     }
 
+    /// Each round's name run median minus its CIDR run median (the two ran
+    /// next to each other under the same agent), and their median.
+    fn paired(&self, rules: usize, probe: Probe) -> Option<(i64, Vec<i64>)> {
+        let name = self.connect(rules, Svc::Name, probe)?;
+        let cidr = self.connect(rules, Svc::Cidr, probe)?;
+        let diffs: Vec<i64> = name
+            .round_medians
+            .iter()
+            .zip(&cidr.round_medians)
+            .map(|(&a, &b)| stats::added(a, b))
+            .collect();
+        let (median, _, _) = signed_summary(std::slice::from_ref(&diffs))?;
+        Some((median, diffs))
+    }
+
     /// (name's added median, CIDR's added median, name − CIDR, noise):
     /// the noise is the larger interquartile range of the two cases' run
     /// medians.
@@ -107,9 +122,18 @@ impl NamesReport<'_> {
                 };
                 let ok = diff <= 0 || diff.unsigned_abs() <= noise;
                 met &= ok;
+                let paired = self.paired(n, probe).map_or(String::new(), |(m, each)| {
+                    let each: Vec<String> = each.iter().map(|&d| signed(d)).collect();
+                    format!(
+                        "; paired by round (the two ran next to each other): median {} ns, \
+                         each round {}",
+                        signed(m),
+                        each.join(" / ")
+                    )
+                });
                 parts.push(format!(
                     "{} at {} rules: name {} ns, CIDR {} ns over no programs ({}); name − CIDR \
-                     {} ns against a run-to-run noise of {} ns ({})",
+                     {} ns against a run-to-run noise of {} ns ({}){paired}",
                     probe.short(),
                     num(n as u64),
                     signed(name),
