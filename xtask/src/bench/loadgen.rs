@@ -288,7 +288,7 @@ fn timed(call: impl FnOnce() -> libc::c_int) -> io::Result<u64> {
     }
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -313,7 +313,7 @@ fn loopback(port: u16) -> libc::sockaddr_in {
     }
 }
 
-fn socket(kind: libc::c_int) -> Result<OwnedFd> {
+pub(super) fn socket(kind: libc::c_int) -> Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned from here on.
     let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -344,7 +344,7 @@ fn set_linger_zero(sock: &OwnedFd) -> Result<()> {
 
 /// A 5 s timeout, so a probe that netfilter silently drops fails instead of
 /// hanging the bench.
-fn set_timeout(sock: &impl AsRawFd, option: libc::c_int) -> Result<()> {
+pub(super) fn set_timeout(sock: &impl AsRawFd, option: libc::c_int) -> Result<()> {
     let tv = libc::timeval {
         tv_sec: 5,
         tv_usec: 0,

@@ -13,6 +13,9 @@ mod floor;
 pub mod fork;
 mod goals;
 mod loadgen;
+mod lookup;
+mod names;
+mod names_report;
 mod peers;
 mod plan;
 mod profile;
@@ -65,14 +68,34 @@ pub struct BenchArgs {
     /// to go and then stops.
     #[arg(long)]
     pub allow_foreign_programs: bool,
+    /// Run one part only: `hooks` (the hook cases, side by side with
+    /// nftables and iptables) or `names` (egress by DNS name: lookup
+    /// latency through the agent, connect cost of a learnt name against
+    /// address rules). Each rewrites its own part of the file and keeps
+    /// the other's [default: both].
+    #[arg(long, value_enum, value_name = "PART")]
+    pub only: Option<Only>,
+    /// Lookups of each client per rule count and round in the names part
+    /// [default: 1000; --quick: 200].
+    #[arg(long, value_name = "N")]
+    pub lookups: Option<usize>,
     /// Where to write the report [default: BENCHMARKS.md at the workspace
     /// root, except for --quick runs].
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
 
+/// The parts of the bench.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Only {
+    Hooks,
+    Names,
+}
+
 /// Packages the peers and the sandbox need.
 const PACKAGES: &[&str] = &["nftables", "iptables", "iproute2", "bpftool"];
+/// The names part's resolver and the harness's readiness check of it.
+const NAMES_PACKAGES: &[&str] = &["dnsmasq-base", "bind9-dnsutils"];
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = plan::Plan::from_args(args)?;
@@ -82,6 +105,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
          cgroups and network namespaces"
     );
     setup::ensure_debian_packages(PACKAGES)?;
+    if plan.names {
+        setup::ensure_debian_packages(NAMES_PACKAGES)?;
+    }
     for tool in ["nft", "iptables-legacy-restore", "ip", "bpftool"] {
         ensure!(
             find_in_path(tool).is_some(),
@@ -106,49 +132,140 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     fs::write(&config, daemon_config(work.path()))
         .with_context(|| format!("write {}", config.display()))?;
 
-    let facts = report::Facts::collect(&mount);
-    eprintln!(
-        "xtask bench: {} cases x {} rounds; load average {}",
-        plan.cases().len(),
-        plan.rounds,
-        facts.load_before
-    );
-    let start = Instant::now();
-    let results = runner::Runner {
-        plan: &plan,
-        mount: &mount,
-        bulkhead: &bulkhead,
-        work: work.path(),
-    }
-    .run()?;
-    let report = report::Report {
-        plan: &plan,
-        facts: &facts.finish(),
-        results: &results,
-        elapsed: start.elapsed(),
+    let hooks = if plan.hooks {
+        let facts = report::Facts::collect(&mount);
+        eprintln!(
+            "xtask bench: {} cases x {} rounds; load average {}",
+            plan.cases().len(),
+            plan.rounds,
+            facts.load_before
+        );
+        let start = Instant::now();
+        let results = runner::Runner {
+            plan: &plan,
+            mount: &mount,
+            bulkhead: &bulkhead,
+            work: work.path(),
+        }
+        .run()?;
+        Some((facts.finish(), results, start.elapsed()))
+    } else {
+        None
     };
-    println!("{}", report.text());
+    let names = if plan.names {
+        let facts = report::Facts::collect(&mount);
+        eprintln!(
+            "xtask bench: names: {} rule count(s) x {} rounds; load average {}",
+            plan.rule_counts.len(),
+            plan.rounds,
+            facts.load_before
+        );
+        let start = Instant::now();
+        let results = names::Section {
+            plan: &plan,
+            mount: &mount,
+            bulkhead: &bulkhead,
+            work: work.path(),
+        }
+        .run()?;
+        Some((facts.finish(), results, start.elapsed()))
+    } else {
+        None
+    };
+
+    let command = reproduce(args);
+    let hooks_report = hooks
+        .as_ref()
+        .map(|(facts, results, elapsed)| report::Report {
+            plan: &plan,
+            facts,
+            results,
+            elapsed: *elapsed,
+        });
+    let names_report = names
+        .as_ref()
+        .map(|(facts, results, elapsed)| names_report::NamesReport {
+            results,
+            facts,
+            elapsed: *elapsed,
+            command: &command,
+        });
+    if let Some(r) = &hooks_report {
+        println!("{}", r.text());
+    }
+    if let Some(r) = &names_report {
+        println!("{}", r.text());
+    }
 
     let output = args
         .output
         .clone()
         .or_else(|| (!plan.quick).then(|| workspace_root().join("BENCHMARKS.md")));
     if let Some(path) = output {
-        // Keep the sections `cargo xtask bench-events` and `bench-fleet`
-        // write, and the self-check's figures (measured by the drift suite).
         let old = fs::read_to_string(&path).unwrap_or_default();
-        let events = events::section(&old);
-        let text = format!(
-            "{}{}{}{}",
-            report.markdown(),
-            events.unwrap_or_default(),
-            crate::bench_fleet::section(&old).unwrap_or_default(),
-            self_check_section(&old).unwrap_or_default()
-        );
+        let names_section = names_report
+            .as_ref()
+            .map(|r| format!("\n{}\n", r.section()))
+            .or_else(|| names_report::section(&old));
+        let text = match &hooks_report {
+            // Keep the sections `cargo xtask bench-events` and `bench-fleet`
+            // write, and the self-check's figures (measured by the drift
+            // suite); the names section is this run's or the file's.
+            Some(report) => format!(
+                "{}{}{}{}{}",
+                report.markdown(),
+                names_section.unwrap_or_default(),
+                events::section(&old).unwrap_or_default(),
+                crate::bench_fleet::section(&old).unwrap_or_default(),
+                self_check_section(&old).unwrap_or_default()
+            ),
+            // The names part alone: the rest of the file as it was.
+            None => match &names_report {
+                Some(r) => names_report::replace_section(&old, &r.section()),
+                None => old,
+            },
+        };
         fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The command line that reproduces this run (the knobs given).
+fn reproduce(args: &BenchArgs) -> String {
+    let mut out = "cargo xtask bench".to_owned();
+    if args.quick {
+        out.push_str(" --quick");
+    }
+    if let Some(only) = args.only {
+        out.push_str(match only {
+            Only::Hooks => " --only hooks",
+            Only::Names => " --only names",
+        });
+    }
+    if let Some(n) = args.rounds {
+        out.push_str(&format!(" --rounds {n}"));
+    }
+    if let Some(r) = &args.rules {
+        let list: Vec<String> = r.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(" --rules {}", list.join(",")));
+    }
+    if let Some(n) = args.iterations {
+        out.push_str(&format!(" --iterations {n}"));
+    }
+    if let Some(n) = args.tcp_iterations {
+        out.push_str(&format!(" --tcp-iterations {n}"));
+    }
+    if let Some(n) = args.lookups {
+        out.push_str(&format!(" --lookups {n}"));
+    }
+    if args.no_peers {
+        out.push_str(" --no-peers");
+    }
+    if args.allow_foreign_programs {
+        out.push_str(" --allow-foreign-programs");
+    }
+    out
 }
 
 /// The hand-written self-check section of a BENCHMARKS.md text, markers

@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::{rules::MAX_RULES, BenchArgs};
+use super::{rules::MAX_RULES, BenchArgs, Only};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -91,6 +91,12 @@ pub struct Plan {
     pub peers: bool,
     /// Measure even with programs from elsewhere attached at the root.
     pub allow_foreign: bool,
+    /// Run the hook cases (the file's main part).
+    pub hooks: bool,
+    /// Run the DNS names section (names.rs).
+    pub names: bool,
+    /// Lookups of each client per rule count and round (names section).
+    pub lookups: usize,
 }
 
 impl Plan {
@@ -117,11 +123,18 @@ impl Plan {
                 .unwrap_or(if quick { 200 } else { 2_000 }),
             peers: !args.no_peers,
             allow_foreign: args.allow_foreign_programs,
+            hooks: args.only != Some(Only::Names),
+            names: args.only != Some(Only::Hooks),
+            lookups: args.lookups.unwrap_or(if quick { 200 } else { 1_000 }),
         };
         ensure!(plan.rounds >= 1, "--rounds must be at least 1");
         ensure!(
             plan.udp_iterations >= 100 && plan.tcp_iterations >= 10,
             "too few iterations for a p99: at least 100 (UDP) and 10 (TCP)"
+        );
+        ensure!(
+            plan.lookups >= 100,
+            "too few lookups for a p99: at least 100"
         );
         ensure!(
             plan.rule_counts

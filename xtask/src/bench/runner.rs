@@ -281,35 +281,8 @@ impl Runner<'_> {
         }
     }
 
-    /// Waits up to `FOREIGN_WAIT` until no program from elsewhere is in
-    /// effect for the case's cgroup (checked before bulkhead's own daemon
-    /// starts). Such programs run in every case, baseline included, so the
-    /// bench stops rather than measure on top of them, unless told to: then
-    /// it goes on at once and returns them.
     fn wait_until_clean(&self, env: &Env) -> Result<Vec<String>> {
-        let deadline = Instant::now() + FOREIGN_WAIT;
-        loop {
-            sandbox::check_interrupted()?;
-            let foreign = sandbox::effective_programs(&env.cgroup.path)?;
-            if foreign.is_empty() || self.plan.allow_foreign {
-                return Ok(foreign);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "programs from elsewhere stay attached at the cgroup2 root ({}): they \
-                     would run in every case, the no-program one included. Stop the agent or \
-                     test run that attached them (a stopped bulkhead keeps its programs \
-                     pinned: `bulkhead detach --pin-dir DIR`), or pass \
-                     --allow-foreign-programs to measure on top of them",
-                    foreign.join("; ")
-                );
-            }
-            eprintln!(
-                "xtask bench: programs from elsewhere are in effect ({}); waiting",
-                foreign.join("; ")
-            );
-            thread::sleep(RETRY_WAIT);
-        }
+        wait_until_clean(&env.cgroup.path, self.plan.allow_foreign)
     }
 
     fn spec<'e>(&self, env: &'e Env) -> Spec<'e> {
@@ -538,9 +511,15 @@ struct RoundDaemon {
 /// stopped agent keeps enforcing through its pins until detached; the
 /// kernel releases a link shortly after its last pin goes, so this polls).
 fn ensure_detached(env: &Env, ours: &[u32]) -> Result<()> {
+    let what = format!("{} {}", env.case.label(), env.case.rules);
+    ensure_gone(&env.cgroup.path, &what, ours)
+}
+
+/// [`ensure_detached`] for `cgroup`, naming the case `what`.
+pub(super) fn ensure_gone(cgroup: &Path, what: &str, ours: &[u32]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left: Vec<String> = sandbox::effective_programs(&env.cgroup.path)?
+        let left: Vec<String> = sandbox::effective_programs(cgroup)?
             .into_iter()
             .filter(|l| program_id(l).is_some_and(|id| ours.contains(&id)))
             .collect();
@@ -549,9 +528,7 @@ fn ensure_detached(env: &Env, ours: &[u32]) -> Result<()> {
         }
         if Instant::now() >= deadline {
             bail!(
-                "{} {}: its programs are still attached after it stopped and was detached: {}",
-                env.case.label(),
-                env.case.rules,
+                "{what}: its programs are still attached after it stopped and was detached: {}",
                 left.join("; ")
             );
         }
@@ -559,8 +536,39 @@ fn ensure_detached(env: &Env, ours: &[u32]) -> Result<()> {
     }
 }
 
+/// Waits up to `FOREIGN_WAIT` until no program from elsewhere is in
+/// effect for `cgroup` (checked before bulkhead's own daemon starts). Such
+/// programs run in every case, baseline included, so the bench stops
+/// rather than measure on top of them, unless told to (`allow_foreign`):
+/// then it goes on at once and returns them.
+pub(super) fn wait_until_clean(cgroup: &Path, allow_foreign: bool) -> Result<Vec<String>> {
+    let deadline = Instant::now() + FOREIGN_WAIT;
+    loop {
+        sandbox::check_interrupted()?;
+        let foreign = sandbox::effective_programs(cgroup)?;
+        if foreign.is_empty() || allow_foreign {
+            return Ok(foreign);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "programs from elsewhere stay attached at the cgroup2 root ({}): they \
+                 would run in every case, the no-program one included. Stop the agent or \
+                 test run that attached them (a stopped bulkhead keeps its programs \
+                 pinned: `bulkhead detach --pin-dir DIR`), or pass \
+                 --allow-foreign-programs to measure on top of them",
+                foreign.join("; ")
+            );
+        }
+        eprintln!(
+            "xtask bench: programs from elsewhere are in effect ({}); waiting",
+            foreign.join("; ")
+        );
+        thread::sleep(RETRY_WAIT);
+    }
+}
+
 /// The program id at the start of a `bpftool cgroup show` line.
-fn program_id(line: &str) -> Option<u32> {
+pub(super) fn program_id(line: &str) -> Option<u32> {
     line.split_whitespace().next()?.parse().ok()
 }
 
