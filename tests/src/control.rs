@@ -114,6 +114,17 @@ pub fn reload(daemon: &Daemon) -> Output {
     ])
 }
 
+/// `bulkhead ARGS --socket S` (`graph`, `learn`, ...) of `daemon`: its
+/// stdout; panics with both outputs if it fails.
+#[must_use]
+pub fn cli(daemon: &Daemon, args: &[&str]) -> String {
+    let mut all: Vec<OsString> = args.iter().map(OsString::from).collect();
+    all.extend(["--socket".into(), daemon.control_socket().into()]);
+    let out = bulkhead(&all);
+    assert_success(&out, &format!("bulkhead {args:?}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `bulkhead release SERVICE --socket S` (not judged here).
 #[must_use]
 pub fn release(daemon: &Daemon, service: &str) -> Output {

@@ -14,7 +14,9 @@ use crate::daemon::Daemon;
 /// Where the daemon's metrics endpoint listens. The harness starts every
 /// daemon with `--metrics-listen 127.0.0.1:0`, so the port is found the way
 /// `ss -ltnp` would: the one listening TCP socket among the daemon's file
-/// descriptors, looked up in `/proc/net/tcp`.
+/// descriptors, looked up in `/proc/net/tcp`. A daemon with name rules
+/// listens on its DNS proxy's port too: of several, the one its log says
+/// it serves metrics on (`serving http://ADDR/metrics`).
 #[must_use]
 pub fn metrics_addr(daemon: &Daemon) -> SocketAddr {
     let pid = daemon
@@ -49,9 +51,17 @@ pub fn metrics_addr(daemon: &Daemon) -> SocketAddr {
             u16::from_str_radix(port, 16).ok()
         })
         .collect();
-    match ports.as_slice() {
+    let log = daemon.log();
+    let serving: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| ports.len() == 1 || log.contains(&format!("serving http://127.0.0.1:{p}/")))
+        .collect();
+    match serving.as_slice() {
         [port] => SocketAddr::from((Ipv4Addr::LOCALHOST, *port)),
-        _ => panic!("expected the daemon ({pid}) to listen on one IPv4 TCP port, found {ports:?}"),
+        _ => panic!(
+            "expected the daemon ({pid}) to serve metrics on one IPv4 TCP port, found {ports:?} listening, {serving:?} of them in its log"
+        ),
     }
 }
 

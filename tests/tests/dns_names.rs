@@ -1,7 +1,9 @@
 //! Egress by DNS name, end to end (docs/dns-names.md): a real dnsmasq on
 //! port 53 of a loopback address of its own, a real client (`dig`) in the
 //! service's cgroup asking it, and real connects to the addresses it
-//! answered (loopback listeners standing in for the named hosts).
+//! answered (loopback listeners standing in for the named hosts); and
+//! what the agent says of it: the decision event's `dst_name`, the
+//! proxy's metrics, the graph and `bulkhead learn`.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -14,15 +16,19 @@ use std::{
 
 use integration_tests::{
     addr,
-    control::{reload, SharedPins},
+    control::{cli, reload, SharedPins},
     dns_server::{dig, dig_addresses, dig_answers, dig_in, dig_status, dig_text},
+    events::wait_event,
     eventually,
+    http::metrics_addr,
     pinned_map::pinned_map_len,
     probe,
     process::scaled,
+    prometheus::Scrape,
     require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, HeldSockets, Listener,
     PolicyDir, Probe, Proto,
 };
+use serde_json::Value;
 
 /// One test's world: `api.example.test` answered as 127.0.6N.1, where a
 /// TCP listener stands in for it; a resolver on port 53 of 127.0.53.N;
@@ -468,4 +474,162 @@ fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("nothing was learnt for the service");
+}
+
+/// After the service's own lookup and connect: the decision event names
+/// the name and the name rule; the metrics count the lookup under the
+/// service as answered and show one learnt address; the graph draws the
+/// address under the name; `bulkhead learn` proposes the name, not the
+/// address. The lookup's own decision (to the resolver, by address) and
+/// a connect of another service to the same address carry no name.
+#[test]
+fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(6, &[]);
+    let bystander = CgroupGuard::new();
+    let bystander_rule = Egress::to([w.api.addr().ip()])
+        .ports([w.api.port()])
+        .protocol("tcp");
+    w.policies.write(
+        "bystander.toml",
+        &service_policy(&bystander, "enforce", &[bystander_rule]),
+    );
+    let daemon = Daemon::start(&w.policies);
+    let api = w.api.addr();
+
+    w.look_up("api.example.test", &[], "127.0.66.1");
+    w.client()
+        .tcp_connect(api)
+        .assert_ok("api.example.test's address right after the lookup");
+    probe!()
+        .in_cgroup(bystander.path())
+        .tcp_connect(api)
+        .assert_ok("the same address, by address, from another service");
+
+    // The decision event.
+    let allowed_to = |ev: &Value, service: &str, to: SocketAddr| {
+        ev["type"] == "verdict"
+            && ev["service"] == service
+            && ev["verdict"] == "allow"
+            && ev["dst_ip"] == to.ip().to_string()
+            && ev["dst_port"] == to.port()
+    };
+    let ev = wait_event(&daemon, "the allowed connect to the learnt address", |ev| {
+        allowed_to(ev, "svc", api)
+    });
+    assert_eq!(ev["dst_name"], "api.example.test", "{ev:#}");
+    assert_eq!(ev["rule"], "svc.toml#egress[1]", "the name rule: {ev:#}");
+    let lookup = wait_event(&daemon, "the lookup's own decision", |ev| {
+        allowed_to(ev, "svc", w.resolver())
+    });
+    assert_eq!(lookup["dst_name"], Value::Null, "{lookup:#}");
+    let other = wait_event(&daemon, "the other service's connect", |ev| {
+        allowed_to(ev, "bystander", api)
+    });
+    assert_eq!(other["dst_name"], Value::Null, "{other:#}");
+
+    // The metrics.
+    let scrape = Scrape::get(metrics_addr(&daemon));
+    let lookups = |result: &str| {
+        scrape.count(
+            "bulkhead_dns_lookups_total",
+            &[("service", "svc"), ("result", result)],
+        )
+    };
+    assert_eq!(lookups("answered"), 1, "{}", scrape.text());
+    assert!(
+        scrape
+            .label_sets("bulkhead_dns_lookups_total", ("result", "refused"))
+            .is_empty(),
+        "nothing refused: {}",
+        scrape.text()
+    );
+    assert_eq!(
+        scrape.count("bulkhead_dns_learnt_addresses", &[("service", "svc")]),
+        1,
+        "{}",
+        scrape.text()
+    );
+    assert_eq!(
+        scrape.count("bulkhead_dns_proxy_added_seconds_count", &[]),
+        1,
+        "one answered lookup timed: {}",
+        scrape.text()
+    );
+    assert_eq!(
+        scrape.count(
+            "bulkhead_dns_learnt_evictions_total",
+            &[("reason", "per_name_cap")]
+        ),
+        0
+    );
+
+    assert_the_graph_draws_the_name(&daemon, api);
+    assert_learn_proposes_the_name(&daemon, api);
+}
+
+/// `bulkhead graph`: `svc`'s edge to `api` goes to the name's node and
+/// carries the name; the bystander's goes to the bare address.
+fn assert_the_graph_draws_the_name(daemon: &Daemon, api: SocketAddr) {
+    // The graph: the address under its name.
+    let name_node = format!("name:api.example.test:{}/tcp", api.port());
+    let graph = eventually(Duration::from_secs(15), Duration::from_millis(200), || {
+        let text = cli(daemon, &["graph", "--format", "json"]);
+        let g: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("bulkhead graph: not JSON ({e}): {text}"));
+        let found = g["edges"].as_array().is_some_and(|edges| {
+            edges
+                .iter()
+                .any(|e| e["from"] == "service:svc" && e["to"] == name_node.as_str())
+        });
+        if found {
+            Ok(g)
+        } else {
+            Err(g)
+        }
+    })
+    .unwrap_or_else(|g| panic!("no edge service:svc -> {name_node} in {g:#}"));
+    let edge = graph["edges"]
+        .as_array()
+        .and_then(|edges| edges.iter().find(|e| e["to"] == name_node.as_str()))
+        .unwrap_or_else(|| panic!("{graph:#}"));
+    assert_eq!(edge["dest"], format!("{api}/tcp"), "{edge:#}");
+    assert_eq!(edge["dst_name"], "api.example.test", "{edge:#}");
+    let bystander_edge = graph["edges"]
+        .as_array()
+        .and_then(|edges| edges.iter().find(|e| e["from"] == "service:bystander"))
+        .unwrap_or_else(|| panic!("{graph:#}"));
+    assert_eq!(
+        bystander_edge["to"],
+        format!("endpoint:{api}/tcp"),
+        "the other service reached an address, not a name: {bystander_edge:#}"
+    );
+}
+
+/// `bulkhead learn svc`: the name, not the address, and it checks.
+fn assert_learn_proposes_the_name(daemon: &Daemon, api: SocketAddr) {
+    // `bulkhead learn`: the name, not the address, and it checks.
+    let scratch = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let out = scratch.path().join("learned.toml");
+    let said = cli(
+        daemon,
+        &["learn", "svc", "--output", &out.to_string_lossy()],
+    );
+    assert!(said.contains("passes `bulkhead check`"), "{said}");
+    let learned = std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        learned.contains(&format!(
+            "to = [\"api.example.test\"]\nports = [{}]\nprotocol = \"tcp\"",
+            api.port()
+        )),
+        "{learned}"
+    );
+    assert!(
+        !learned
+            .lines()
+            .any(|l| l.starts_with("to = ") && l.contains(&api.ip().to_string())),
+        "the name's address is not learned as an address: {learned}"
+    );
 }

@@ -149,6 +149,7 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         src_port: None,
         dst_ip: Some(dst.0),
         dst_port: Some(dst.1),
+        dst_name: None,
         verdict: (kind == EventType::Verdict).then_some(verdict),
         rule: None,
         suppressed: None,

@@ -112,6 +112,8 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
     let flow_table = crate::kernel::flow_table::FlowTable::take(enforcer.ebpf_mut())?;
     let dns = prepare_dns(&config, &set, &mut enforcer)?;
+    // Decisions to learnt addresses get the name looked up (`dst_name`).
+    hub.add_stage(Arc::new(crate::dns::serve::DstNames(Arc::clone(&dns))));
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     take_over(&config, &compiled, &coverage, &pins, &hub, &dns)?;
     // Lookups that waited in the proxy's sockets are routed by now.
@@ -129,6 +131,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         &coverage,
         inventory,
         metrics_endpoint,
+        &dns,
     )?;
     let flow_sweeper = crate::flows::Sweeper::spawn(
         flow_table,
@@ -251,6 +254,10 @@ struct SideTasks {
 /// The metrics state, with every source it reads from, served on the
 /// endpoint bound earlier; the service graph's upkeep, anomaly detection
 /// and the OTLP exporter.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is one source the metrics read, handed over once at start"
+)]
 fn start_side_tasks(
     config: &Config,
     hub: &Arc<Hub>,
@@ -259,6 +266,7 @@ fn start_side_tasks(
     coverage: &Coverage,
     inventory: crate::metrics::Inventory,
     endpoint: crate::metrics::Endpoint,
+    dns: &Arc<crate::dns::serve::Dns>,
 ) -> Result<(Arc<MetricsState>, SideTasks)> {
     let anomaly_stats = Arc::new(crate::anomaly::AnomalyStats::default());
     let export_stats = Arc::new(crate::export::ExportStats::default());
@@ -274,6 +282,7 @@ fn start_side_tasks(
             graph: Some(Arc::clone(graph)),
             anomalies: Some(Arc::clone(&anomaly_stats)),
             export: Some(Arc::clone(&export_stats)),
+            dns: Some(Arc::clone(dns) as Arc<dyn crate::metrics::DnsSource>),
         },
         inventory,
     ));

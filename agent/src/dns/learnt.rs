@@ -404,6 +404,33 @@ impl LearntCache {
         held.into_iter().map(|h| h.addr).collect()
     }
 
+    /// The name of `service` that most recently taught `addr` (the one
+    /// an event names), if it holds it now.
+    #[must_use]
+    pub fn name_of(&self, service: ServiceId, addr: IpAddr) -> Option<&DnsName> {
+        self.holders
+            .get(&(service, addr))?
+            .iter()
+            .filter_map(|n| {
+                let held = self.names.get(&(service, n.clone()))?;
+                let seq = held.iter().find(|h| h.addr == addr)?.seq;
+                Some((seq, n))
+            })
+            .max_by_key(|(seq, _)| *seq)
+            .map(|(_, n)| n)
+    }
+
+    /// Distinct addresses each service holds (what the kernel map holds
+    /// for it: one entry per (service, address), whatever the names).
+    #[must_use]
+    pub fn addresses_by_service(&self) -> HashMap<ServiceId, usize> {
+        let mut out: HashMap<ServiceId, usize> = HashMap::new();
+        for (service, _) in self.holders.keys() {
+            *out.entry(*service).or_default() += 1;
+        }
+        out
+    }
+
     /// Addresses evicted because a name held too many.
     #[must_use]
     pub fn evictions(&self) -> u64 {

@@ -409,3 +409,34 @@ fn forgetting_a_service_revokes_all_it_learnt_and_nothing_of_others() {
     assert_eq!(c.len(), 1);
     assert_eq!(c.held_until(1, shared), None);
 }
+
+#[test]
+fn an_address_is_named_by_the_name_that_taught_it_last_and_only_for_its_service() {
+    let mut c = cache(60, 8);
+    let mut map = MemoryMap::new();
+    let (api, cdn) = (name("api.example.com"), name("cdn.example.net"));
+    let a = ip("198.51.100.1");
+    let now = 1_000 * SEC;
+    assert_eq!(c.name_of(1, a), None, "nothing learnt yet");
+    c.learn(&mut map, 1, &api, answered(a, 60, 1), now)
+        .expect("learnt");
+    assert_eq!(c.name_of(1, a), Some(&api));
+    assert_eq!(c.name_of(2, a), None, "another service did not look it up");
+    assert_eq!(c.name_of(1, ip("198.51.100.2")), None);
+    c.learn(&mut map, 1, &cdn, answered(a, 60, 1), now + SEC)
+        .expect("learnt");
+    assert_eq!(c.name_of(1, a), Some(&cdn), "the latest lookup names it");
+    c.learn(&mut map, 1, &api, answered(a, 60, 1), now + 2 * SEC)
+        .expect("refreshed");
+    assert_eq!(c.name_of(1, a), Some(&api), "a refresh makes it the latest");
+    c.learn(&mut map, 1, &api, answered(ip("198.51.100.3"), 60, 1), now)
+        .expect("learnt");
+    c.learn(&mut map, 2, &api, answered(a, 60, 1), now)
+        .expect("learnt");
+    let by_service = c.addresses_by_service();
+    assert_eq!(by_service.get(&1), Some(&2), "two names, two addresses");
+    assert_eq!(by_service.get(&2), Some(&1));
+    c.sweep(&mut map, now + 1_000 * SEC).expect("swept");
+    assert_eq!(c.name_of(1, a), None, "expired: no name");
+    assert!(c.addresses_by_service().is_empty());
+}

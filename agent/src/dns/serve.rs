@@ -1,13 +1,15 @@
 //! The DNS proxy in the daemon: bound on loopback at start, told to the
 //! kernel (DNS_PROXY, with a heartbeat each second), routing each query by
 //! what the kernel recorded about its sender (DNS_CLIENTS), learning into
-//! the kernel's LEARNT map.
+//! the kernel's LEARNT map. It also names what it learnt: `dst_name` on
+//! the events of decisions to learnt addresses ([`DstNames`], a stage of
+//! the event hub) and the proxy's metrics ([`Dns::observed`]).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     path::Path,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{atomic::Ordering, Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
 
@@ -20,10 +22,11 @@ use super::{
     learnt::{monotonic_now, LearntCache, LearntLimits, LearntSink, Nanos, RuleBits, ServiceId},
     listen::{self, Listening},
     name::NamePattern,
-    proxy::{Proxy, ProxyConfig, Route, Router, Transport},
+    proxy::{Outcome, Proxy, ProxyConfig, Route, Router, Transport},
 };
 use crate::{
     config::DnsConfig,
+    events::{Direction, EventType, FlowEvent, Stage, Verdict},
     kernel::dns_maps::{ip_of, DnsClients, DnsMaps, Learnt},
     policy::PolicySet,
 };
@@ -89,7 +92,31 @@ impl LearntSink for KernelSink {
 pub struct Dns {
     config: DnsConfig,
     rules: NameRules,
+    /// The service name of every key that ever had name rules (a metric's
+    /// label; kept after the service goes so its counters keep their name).
+    labels: RwLock<HashMap<ServiceId, Arc<str>>>,
     state: Mutex<State>,
+}
+
+/// What the proxy counted, with services by name, for a scrape.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// Queries by service (empty: none known) and outcome.
+    pub lookups: Vec<(Arc<str>, Outcome, u64)>,
+    /// Distinct addresses learnt now, by service (every service with name
+    /// rules, 0 included).
+    pub learnt: Vec<(Arc<str>, u64)>,
+    /// Addresses evicted because one (service, name) held `max_per_name`.
+    pub evicted_per_name: u64,
+    /// Addresses not learnt because `max_learnt` were held.
+    pub refused_full: u64,
+    /// Addresses not learnt because the kernel map refused the write.
+    pub map_errors: u64,
+    /// Addresses dropped by the sweep because they expired.
+    pub expired: u64,
+    /// Seconds each answered lookup spent in the proxy, the resolver's
+    /// round trip not counted.
+    pub added_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 enum State {
@@ -146,6 +173,7 @@ impl Dns {
         Ok(Self {
             config: config.clone(),
             rules: NameRules::default(),
+            labels: RwLock::default(),
             state: Mutex::new(State::Idle(Box::new(Waiting {
                 maps,
                 sockets,
@@ -211,6 +239,15 @@ impl Dns {
     /// no lookup learnt, which fails closed.
     pub fn apply(&self, set: &PolicySet) -> Result<()> {
         let new = name_rules(set);
+        {
+            let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
+            for service in &set.services {
+                let key = service.names_key();
+                if new.contains_key(&key) {
+                    labels.insert(key, Arc::from(service.name.as_str()));
+                }
+            }
+        }
         let needed = !new.is_empty();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         {
@@ -256,6 +293,82 @@ impl Dns {
                 + Duration::from_millis(500);
             running.proxy.shutdown(within).await;
         }
+    }
+
+    fn proxy(&self) -> Option<Arc<Proxy<KernelSink>>> {
+        match &*self.state.lock().unwrap_or_else(PoisonError::into_inner) {
+            State::Running(running) => Some(Arc::clone(&running.proxy)),
+            State::Idle(_) | State::Gone => None,
+        }
+    }
+
+    /// What the proxy counted; `None` while it is not running (no service
+    /// has had name rules, or the agent stops).
+    #[must_use]
+    pub fn observed(&self) -> Option<Observed> {
+        let proxy = self.proxy()?;
+        let stats = proxy.stats();
+        let labels = self.labels.read().unwrap_or_else(PoisonError::into_inner);
+        let label = |key: Option<ServiceId>| -> Arc<str> {
+            key.and_then(|k| labels.get(&k).cloned())
+                .unwrap_or_else(|| Arc::from(""))
+        };
+        let lookups = stats
+            .lookups()
+            .into_iter()
+            .map(|(service, outcome, n)| (label(service), outcome, n))
+            .collect();
+        let (by_service, evicted_per_name, expired) = proxy.with_learnt(|cache, _| {
+            (
+                cache.addresses_by_service(),
+                cache.evictions(),
+                cache.expirations(),
+            )
+        });
+        let mut learnt: Vec<(Arc<str>, u64)> = self
+            .rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .map(|k| (label(Some(*k)), 0))
+            .collect();
+        for (key, n) in by_service {
+            let n = u64::try_from(n).unwrap_or(u64::MAX);
+            let name = label(Some(key));
+            match learnt.iter_mut().find(|(l, _)| *l == name) {
+                Some(entry) => entry.1 = n,
+                None => learnt.push((name, n)),
+            }
+        }
+        learnt.sort();
+        let full = stats.learn_full.load(Ordering::Relaxed);
+        Some(Observed {
+            lookups,
+            learnt,
+            evicted_per_name,
+            refused_full: full,
+            map_errors: stats
+                .learn_failures
+                .load(Ordering::Relaxed)
+                .saturating_sub(full),
+            expired,
+            added_seconds: stats.added_seconds.clone(),
+        })
+    }
+
+    /// The name `service` looked up that gave `addr`, if it holds it now.
+    #[must_use]
+    pub fn name_of(&self, service: &str, addr: std::net::IpAddr) -> Option<String> {
+        // The service's key now (it follows its name rules).
+        let key = {
+            let labels = self.labels.read().unwrap_or_else(PoisonError::into_inner);
+            let rules = self.rules.read().unwrap_or_else(PoisonError::into_inner);
+            *rules
+                .keys()
+                .find(|k| labels.get(k).is_some_and(|l| &**l == service))?
+        };
+        let proxy = self.proxy()?;
+        proxy.with_learnt(|cache, _| cache.name_of(key, addr).map(ToString::to_string))
     }
 
     fn start(&self, mut waiting: Waiting) -> Result<Running> {
@@ -373,4 +486,59 @@ fn router(clients: DnsClients, rules: NameRules) -> Router {
             rules: service_rules,
         })
     })
+}
+
+/// The event hub's stage that names learnt destinations: an egress
+/// decision allowed to an address the service's own lookup taught (and
+/// still holds) gets `dst_name`, the name it looked up. The events
+/// pipeline only knows the [`Stage`] trait, never the proxy.
+pub struct DstNames(pub Arc<Dns>);
+
+/// Whether `ev` is a decision `dst_name` may be given to: an allowed
+/// egress call (its first, a verdict, or later ones, a flow summary) of
+/// a service, with its destination.
+fn may_name(ev: &FlowEvent) -> bool {
+    matches!(ev.kind, EventType::Verdict | EventType::Flow)
+        && ev.traffic_direction == Some(Direction::Egress)
+        && ev.verdict == Some(Verdict::Allow)
+        && ev.service.is_some()
+        && ev.dst_ip.is_some()
+        && ev.dst_name.is_none()
+}
+
+impl Stage for DstNames {
+    fn amend(&self, batch: &mut [FlowEvent]) {
+        if !batch.iter().any(may_name) {
+            return;
+        }
+        // Each service's key now, by its name (the key follows its name
+        // rules).
+        let keys: HashMap<Arc<str>, ServiceId> = {
+            let rules = self.0.rules.read().unwrap_or_else(PoisonError::into_inner);
+            if rules.is_empty() {
+                return;
+            }
+            let labels = self.0.labels.read().unwrap_or_else(PoisonError::into_inner);
+            rules
+                .keys()
+                .filter_map(|k| Some((Arc::clone(labels.get(k)?), *k)))
+                .collect()
+        };
+        let Some(proxy) = self.0.proxy() else {
+            return;
+        };
+        proxy.with_learnt(|cache, _| {
+            for ev in batch.iter_mut().filter(|ev| may_name(ev)) {
+                let (Some(service), Some(addr)) = (&ev.service, ev.dst_ip) else {
+                    continue;
+                };
+                let Some(&key) = keys.get(&**service) else {
+                    continue;
+                };
+                ev.dst_name = cache
+                    .name_of(key, addr.to_canonical())
+                    .map(|n| Arc::from(n.to_string()));
+            }
+        });
+    }
 }

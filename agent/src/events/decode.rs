@@ -251,6 +251,8 @@ impl Decoder {
             src_port: (has_local || (has_remote && raw.src_port != 0)).then_some(raw.src_port),
             dst_ip: has_remote.then(|| addr(raw.family, &raw.dst_addr)),
             dst_port: has_remote.then_some(raw.dst_port),
+            // Named later, by a stage of the hub (dns::serve::DstNames).
+            dst_name: None,
             verdict,
             rule,
             suppressed: (kind == EventType::Verdict).then_some(raw.suppressed),

@@ -79,6 +79,11 @@ pub struct FlowEvent {
     /// an inbound one: the peer); null for bind and socket creation.
     pub dst_ip: Option<IpAddr>,
     pub dst_port: Option<u16>,
+    /// For an egress decision allowed to an address the service's own DNS
+    /// lookup taught (docs/dns-names.md): the name it looked up that gave
+    /// this address (the latest, if several); null otherwise.
+    #[serde(default)]
+    pub dst_name: Option<Arc<str>>,
     /// Decision, for verdict events.
     pub verdict: Option<Verdict>,
     /// The rule that decided: `billing.toml#egress[1]`, or
@@ -156,6 +161,7 @@ impl FlowEvent {
             src_port: None,
             dst_ip: None,
             dst_port: None,
+            dst_name: None,
             verdict: None,
             rule: None,
             suppressed: None,
@@ -273,6 +279,7 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         src_port: None,
         dst_ip: Some(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 9))),
         dst_port: Some(5432),
+        dst_name: None,
         verdict: Some(Verdict::Deny),
         rule: Some("billing.toml#default-deny".into()),
         suppressed: Some(0),

@@ -13,6 +13,12 @@ fn edge_label(e: &super::view::Edge) -> String {
     if e.stats.denied > 0 {
         let _ = write!(label, " denied ×{}", e.stats.denied);
     }
+    // A name's node gathers its addresses: say which one this edge went to.
+    if e.stats.dst_name.is_some() {
+        if let Some((addr, _)) = e.dest.rsplit_once(':') {
+            let _ = write!(label, " at {addr}");
+        }
+    }
     label
 }
 

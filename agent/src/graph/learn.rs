@@ -9,6 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    dns::name::NamePattern,
     graph::{at_or_after, Dest, EdgeStats, Graph, Source},
     policy::{Mode, PolicySet, Selector},
 };
@@ -36,6 +37,24 @@ struct Seen<'a> {
     dest: &'a Dest,
     stats: &'a EdgeStats,
     service: Option<&'a str>,
+    /// The DNS name the service looked up that gave this address, when it
+    /// is one address, not a local service, and a valid name pattern.
+    name: Option<&'a str>,
+}
+
+/// What a rule's `to` lists: an address or network, or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Net(IpNetwork),
+    Name(String),
+}
+
+/// A learned rule: its destinations with the edges each was learned
+/// from, and a note to write above it.
+#[derive(Default)]
+struct Body<'a, 'g> {
+    to: Vec<(Target, Vec<&'a Seen<'g>>)>,
+    note: Option<String>,
 }
 
 /// `"tcp"`, `"udp"`, `"icmp"` (ping sockets, which only an `icmp` rule
@@ -81,9 +100,10 @@ fn ports_toml(ports: &[u16]) -> (String, Option<String>) {
 }
 
 fn provenance(s: &Seen<'_>) -> String {
-    let what = match s.service {
-        Some(name) => format!("service {name} at {}", s.dest.label()),
-        None => s.dest.label(),
+    let what = match (s.service, s.name) {
+        (Some(name), _) => format!("service {name} at {}", s.dest.label()),
+        (None, Some(name)) => format!("{name} at {}", s.dest.label()),
+        (None, None) => s.dest.label(),
     };
     let folded = if s.stats.addresses > 1 {
         format!(" ({} addresses)", s.stats.addresses)
@@ -133,10 +153,16 @@ pub fn learn(
             }
             continue;
         }
+        let service = graph.service_at(dest);
+        let name = stats
+            .dst_name
+            .as_deref()
+            .filter(|n| service.is_none() && dest.is_host() && NamePattern::parse(n).is_ok());
         seen.push(Seen {
             dest,
             stats,
-            service: graph.service_at(dest),
+            service,
+            name,
         });
     }
     if seen.is_empty() {
@@ -184,9 +210,13 @@ pub fn learn(
         }
     );
     let rule_count = rules.len();
-    for ((proto, ports), nets) in rules {
+    for ((proto, ports), body) in rules {
         out.push('\n');
+        let nets = body.to;
         let from: Vec<&Seen<'_>> = nets.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        if let Some(note) = body.note {
+            let _ = writeln!(out, "# {note}");
+        }
         for s in from.iter().take(MAX_COMMENTS) {
             let _ = writeln!(out, "# learned from {}", provenance(s));
         }
@@ -206,7 +236,10 @@ pub fn learn(
         }
         let to: Vec<String> = nets
             .iter()
-            .map(|(n, _)| format!("{:?}", host_or_net(n)))
+            .map(|(t, _)| match t {
+                Target::Net(n) => format!("{:?}", host_or_net(n)),
+                Target::Name(n) => format!("{n:?}"),
+            })
             .collect();
         let _ = writeln!(out, "to = [{}]", to.join(", "));
         if !ports.is_empty() {
@@ -226,19 +259,25 @@ pub fn learn(
     })
 }
 
-/// Rules keyed by protocol and ports, each with its destination networks
-/// and the edges they were learned from.
-type Rules<'a, 'g> = BTreeMap<(&'static str, Vec<u16>), Vec<(IpNetwork, Vec<&'a Seen<'g>>)>>;
-/// Ports and edges of one destination network and protocol.
+/// Rules keyed by protocol and ports, each with its destinations and the
+/// edges they were learned from.
+type Rules<'a, 'g> = BTreeMap<(&'static str, Vec<u16>), Body<'a, 'g>>;
+/// Ports and edges of one destination and protocol.
 type Group<'a, 'g> = (Vec<u16>, Vec<&'a Seen<'g>>);
 
-/// One group per destination network and protocol, with its ports; then
-/// groups with the same protocol and ports share one rule.
+/// One group per destination (network, or name looked up) and protocol,
+/// with its ports; then groups with the same protocol and ports share one
+/// rule. Past `MAX_NAME_RULES` rules with names (what a service may have),
+/// the names of the later rules go back to their addresses, with a note.
 fn collapse<'a, 'g>(seen: &'a [Seen<'g>]) -> Rules<'a, 'g> {
-    let mut groups: BTreeMap<(&'static str, IpNetwork), Group<'a, 'g>> = BTreeMap::new();
+    let mut groups: BTreeMap<(&'static str, Target), Group<'a, 'g>> = BTreeMap::new();
     for s in seen {
+        let target = match s.name {
+            Some(name) => Target::Name(name.to_string()),
+            None => Target::Net(s.dest.network()),
+        };
         let g = groups
-            .entry((rule_protocol(&s.dest.protocol), s.dest.network()))
+            .entry((rule_protocol(&s.dest.protocol), target))
             .or_default();
         if !g.0.contains(&s.dest.port) {
             g.0.push(s.dest.port);
@@ -246,14 +285,47 @@ fn collapse<'a, 'g>(seen: &'a [Seen<'g>]) -> Rules<'a, 'g> {
         g.1.push(s);
     }
     let mut rules: Rules<'a, 'g> = BTreeMap::new();
-    for ((proto, net), (mut ports, from)) in groups {
+    for ((proto, target), (mut ports, from)) in groups {
         ports.sort_unstable();
         // Port 0 (no port) and "any" protocol rules cover every port; ICMP
         // has none.
         if proto == "any" || proto == "icmp" || ports.contains(&0) {
             ports.clear();
         }
-        rules.entry((proto, ports)).or_default().push((net, from));
+        rules
+            .entry((proto, ports))
+            .or_default()
+            .to
+            .push((target, from));
+    }
+    let mut with_names = 0;
+    for body in rules.values_mut() {
+        if !body.to.iter().any(|(t, _)| matches!(t, Target::Name(_))) {
+            continue;
+        }
+        with_names += 1;
+        if with_names <= agent_common::MAX_NAME_RULES {
+            continue;
+        }
+        let mut to: BTreeMap<Target, Vec<&'a Seen<'g>>> = BTreeMap::new();
+        let mut names = Vec::new();
+        for (target, from) in body.to.drain(..) {
+            match target {
+                Target::Name(n) => {
+                    names.push(n);
+                    for s in from {
+                        to.entry(Target::Net(s.dest.network())).or_default().push(s);
+                    }
+                }
+                net @ Target::Net(_) => to.entry(net).or_default().extend(from),
+            }
+        }
+        body.to = to.into_iter().collect();
+        body.note = Some(format!(
+            "by address, not by the name(s) looked up ({}): a service has at most {} rules with names",
+            names.join(", "),
+            agent_common::MAX_NAME_RULES
+        ));
     }
     rules
 }
@@ -273,7 +345,7 @@ mod tests {
     use super::*;
     use crate::{
         events::Verdict,
-        graph::tests::{accepted, connect},
+        graph::tests::{accepted, connect, connect_named},
     };
 
     fn set() -> PolicySet {
@@ -375,6 +447,84 @@ mod tests {
         assert!(l.policy.contains("mode = \"enforce\"\n"), "{}", l.policy);
         learned_checks(&l.policy);
         assert!(learn(&g, &set(), "a", Some("2999-01-01T00:00:00Z"), false).is_err());
+    }
+
+    /// Addresses the service's own lookups gave are learned as the name
+    /// looked up, one name for all its addresses, beside address rules;
+    /// the policy checks and its rule has the name.
+    #[test]
+    fn looked_up_addresses_are_learned_as_their_name() {
+        let mut g = Graph::default();
+        g.observe(&connect_named(
+            "a",
+            ("203.0.113.5", 443),
+            "api.example.test",
+        ));
+        g.observe(&connect_named(
+            "a",
+            ("203.0.113.6", 443),
+            "api.example.test",
+        ));
+        g.observe(&connect("a", ("127.0.53.1", 53), Verdict::Allow));
+        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let text = &l.policy;
+        assert!(
+            text.contains("to = [\"api.example.test\"]\nports = [443]\nprotocol = \"tcp\""),
+            "{text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("to = ") && l.contains("203.0.113.")),
+            "no rule lists an address of the name: {text}"
+        );
+        assert!(
+            text.contains(
+                "# learned from 1 connection(s) to api.example.test at 203.0.113.5:443/tcp"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("to = [\"127.0.53.1\"]\nports = [53]"),
+            "{text}"
+        );
+        let set = learned_checks(text);
+        let names: Vec<String> = set.services[0]
+            .egress
+            .iter()
+            .flat_map(|r| r.names.iter().map(ToString::to_string))
+            .collect();
+        assert_eq!(names, ["api.example.test"]);
+    }
+
+    /// A service has at most four rules with names: a fifth port set's
+    /// names are learned as their addresses, said in a note, and the
+    /// policy still checks.
+    #[test]
+    fn past_four_rules_with_names_the_rest_are_learned_by_address() {
+        let mut g = Graph::default();
+        for (i, port) in [441, 442, 443, 444, 445].into_iter().enumerate() {
+            g.observe(&connect_named(
+                "a",
+                (&format!("203.0.113.{}", i + 1), port),
+                &format!("n{i}.example.test"),
+            ));
+        }
+        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let text = &l.policy;
+        assert!(
+            text.contains("to = [\"n3.example.test\"]\nports = [444]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# by address, not by the name(s) looked up (n4.example.test): a service has at most 4 rules with names"),
+            "{text}"
+        );
+        assert!(
+            text.contains("to = [\"203.0.113.5\"]\nports = [445]"),
+            "{text}"
+        );
+        learned_checks(text);
     }
 
     #[test]

@@ -40,6 +40,15 @@ pub struct Graph {
     group_sizes: HashMap<(Source, Dest), usize, Hasher>,
 }
 
+/// The edge takes the name its latest decision carries, if any.
+fn name(stats: &mut EdgeStats, ev: &FlowEvent) {
+    if let Some(n) = &ev.dst_name {
+        if stats.dst_name.as_deref() != Some(&**n) {
+            stats.dst_name = Some(n.to_string());
+        }
+    }
+}
+
 /// A fast hasher for the per-event lookups (keys come from the kernel's
 /// records of this host's own traffic, seeded per process).
 pub type Hasher = foldhash::fast::RandomState;
@@ -197,7 +206,8 @@ impl Graph {
         update: impl FnOnce(&mut EdgeStats),
     ) {
         // Hot path: an edge seen before (one lookup). A host edge and its
-        // folded network never coexist: folding removes the host edges.
+        // folded network never coexist, except for a host edge with a name
+        // (never folded): it is found here first.
         let key = (source, host);
         if let Some(stats) = self.edges.get_mut(&key) {
             self.seq += 1;
@@ -205,12 +215,15 @@ impl Graph {
             stats.last_seen.clone_from(&ev.time);
             stats.comm.clone_from(&ev.comm);
             stats.seq = self.seq;
+            name(stats, ev);
             return;
         }
         let (source, host) = key;
-        // An address already folded into a network goes to that network.
+        // An address a lookup named stays an edge of its own, under its
+        // name; any other already folded into a network goes to that one.
+        let named = ev.dst_name.is_some();
         let dest = match host.group() {
-            Some(g) if self.edges.contains_key(&(source.clone(), g.clone())) => g,
+            Some(g) if !named && self.edges.contains_key(&(source.clone(), g.clone())) => g,
             _ => host,
         };
         let seq = self.next_seq();
@@ -225,7 +238,8 @@ impl Graph {
         stats.last_seen.clone_from(&ev.time);
         stats.comm.clone_from(&ev.comm);
         stats.seq = seq;
-        if is_new && key.1.is_host() {
+        name(stats, ev);
+        if is_new && key.1.is_host() && !named {
             self.maybe_fold(&key.0, &key.1);
         }
         if self.edges.len() > MAX_EDGES {
@@ -254,15 +268,16 @@ impl Graph {
         let net = group.network();
         let members: Vec<Dest> = self
             .edges
-            .keys()
-            .filter(|(s, d)| {
-                s == source
+            .iter()
+            .filter(|((s, d), stats)| {
+                stats.dst_name.is_none()
+                    && s == source
                     && d.is_host()
                     && d.port == dest.port
                     && d.protocol == dest.protocol
                     && net.contains(d.addr)
             })
-            .map(|(_, d)| d.clone())
+            .map(|((_, d), _)| d.clone())
             .collect();
         let mut folded = EdgeStats::default();
         for d in members {
@@ -282,9 +297,14 @@ impl Graph {
             self.edges.iter().map(|(k, s)| (s.seq, k.clone())).collect();
         by_age.sort_unstable_by_key(|(seq, _)| *seq);
         for (_, key) in by_age.into_iter().take(n) {
-            self.edges.remove(&key);
+            let named = self
+                .edges
+                .remove(&key)
+                .is_some_and(|s| s.dst_name.is_some());
             self.evictions += 1;
-            self.forget_member(&key.0, &key.1);
+            if !named {
+                self.forget_member(&key.0, &key.1);
+            }
         }
     }
 
@@ -338,7 +358,7 @@ impl Graph {
     ) {
         for (s, d, e) in edges {
             self.seq = self.seq.max(e.seq);
-            if d.is_host() && !d.addr.is_loopback() {
+            if d.is_host() && !d.addr.is_loopback() && e.dst_name.is_none() {
                 if let Some(g) = d.group() {
                     *self.group_sizes.entry((s.clone(), g)).or_insert(0) += 1;
                 }

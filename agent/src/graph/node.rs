@@ -103,6 +103,10 @@ pub struct EdgeStats {
     pub comm: String,
     /// Addresses folded into this edge (1 for a single address).
     pub addresses: u64,
+    /// The DNS name the service looked up that gave this address (the
+    /// latest seen, from its decisions' `dst_name`); null when no lookup
+    /// of its own did. An edge with a name is never folded into a network.
+    pub dst_name: Option<String>,
     /// Recency order, for eviction (larger: seen later).
     pub seq: u64,
 }
@@ -124,6 +128,11 @@ impl EdgeStats {
             self.last_seen.clone_from(&other.last_seen);
             self.comm.clone_from(&other.comm);
             self.seq = other.seq;
+            if other.dst_name.is_some() {
+                self.dst_name.clone_from(&other.dst_name);
+            }
+        } else if self.dst_name.is_none() {
+            self.dst_name.clone_from(&other.dst_name);
         }
     }
 }

@@ -256,3 +256,83 @@ fn calls_of_flow_summaries_and_bytes_of_open_connections_count_once() {
         "bytes counted once"
     );
 }
+
+/// `service`'s allowed connect to `dst`, an address its lookup of `name`
+/// gave (the event's `dst_name`).
+pub(crate) fn connect_named(service: &str, dst: (&str, u16), name: &str) -> FlowEvent {
+    FlowEvent {
+        dst_name: Some(name.into()),
+        ..connect(service, dst, Verdict::Allow)
+    }
+}
+
+/// Addresses a lookup named stay edges of their own (never folded into a
+/// network, however many), each with its name; the view draws them all
+/// under one node per name, port and protocol, and the edges still say
+/// which address each went to.
+#[test]
+fn addresses_a_lookup_named_are_kept_and_drawn_under_their_name() {
+    let mut g = Graph::default();
+    for i in 1..=GROUP_AT + 2 {
+        g.observe(&connect_named(
+            "a",
+            (&format!("198.51.100.{i}"), 443),
+            "api.example.test",
+        ));
+    }
+    // The flow's later calls (no name of their own) keep the name.
+    g.observe(&connect("a", ("198.51.100.1", 443), Verdict::Allow));
+    assert_eq!(
+        g.edges.len(),
+        GROUP_AT + 2,
+        "not folded: {:?}",
+        g.edges.keys()
+    );
+    let first = stats(&g, "a", "198.51.100.1:443/tcp");
+    assert_eq!(first.dst_name.as_deref(), Some("api.example.test"));
+    assert_eq!(first.allowed, 2);
+    // Unnamed addresses of the same /24 still fold among themselves.
+    for i in 100..100 + GROUP_AT {
+        g.observe(&connect(
+            "a",
+            (&format!("198.51.100.{i}"), 443),
+            Verdict::Allow,
+        ));
+    }
+    assert!(
+        g.edges
+            .keys()
+            .any(|(_, d)| d.label() == "198.51.100.0/24:443/tcp"),
+        "{:?}",
+        g.edges.keys()
+    );
+    let v = super::view::build(&g, &crate::policy::PolicySet::default());
+    let node = v
+        .nodes
+        .iter()
+        .find(|n| n.id == "name:api.example.test:443/tcp")
+        .unwrap_or_else(|| panic!("a node for the name: {:?}", v.nodes));
+    assert_eq!(
+        (node.kind.as_str(), node.label.as_str()),
+        ("name", "api.example.test:443/tcp")
+    );
+    let under_name: Vec<&str> = v
+        .edges
+        .iter()
+        .filter(|e| e.to == node.id)
+        .map(|e| e.dest.as_str())
+        .collect();
+    assert_eq!(under_name.len(), GROUP_AT + 2, "{under_name:?}");
+    assert!(under_name.contains(&"198.51.100.1:443/tcp"));
+    assert!(
+        !v.nodes
+            .iter()
+            .any(|n| n.id == "endpoint:198.51.100.1:443/tcp"),
+        "a named address is not drawn as a bare endpoint"
+    );
+    let dot = super::export::dot(&v);
+    assert!(
+        dot.contains("\"service:a\" -> \"name:api.example.test:443/tcp\" [label=\"tcp 443 ×2 at 198.51.100.1\"]"),
+        "{dot}"
+    );
+}

@@ -14,9 +14,11 @@ pub const SCHEMA: &str = "bulkhead.graph.v1";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     /// `service:NAME`, `process:CGROUP_ID`, `endpoint:ADDR:PORT/PROTO`,
-    /// `peer:ADDR`.
+    /// `name:DNS-NAME:PORT/PROTO`, `peer:ADDR`.
     pub id: String,
-    /// `service`, `process`, `endpoint` or `remote` (a peer that connected in).
+    /// `service`, `process`, `endpoint`, `name` (the addresses a service's
+    /// own lookups of one DNS name gave, on one port: docs/dns-names.md)
+    /// or `remote` (a peer that connected in).
     pub kind: String,
     pub label: String,
     /// For services: enforce or audit (null when not in the policy).
@@ -45,11 +47,22 @@ pub struct View {
     pub evictions: u64,
 }
 
-/// The node id a destination is drawn as.
-pub fn dest_node(graph: &Graph, dest: &Dest) -> (String, String, &'static str) {
-    match graph.service_at(dest) {
-        Some(service) => (format!("service:{service}"), service.to_string(), "service"),
-        None => (
+/// The node id a destination is drawn as: the local service listening
+/// there, else the DNS name the source looked up that gave it (`name`:
+/// every address of that name on that port and protocol under one node),
+/// else the address.
+pub fn dest_node(
+    graph: &Graph,
+    dest: &Dest,
+    dst_name: Option<&str>,
+) -> (String, String, &'static str) {
+    match (graph.service_at(dest), dst_name) {
+        (Some(service), _) => (format!("service:{service}"), service.to_string(), "service"),
+        (None, Some(name)) => {
+            let label = format!("{name}:{}/{}", dest.port, dest.protocol);
+            (format!("name:{label}"), label, "name")
+        }
+        (None, None) => (
             format!("endpoint:{}", dest.label()),
             dest.label(),
             "endpoint",
@@ -104,7 +117,7 @@ pub fn build(graph: &Graph, policy: &PolicySet) -> View {
                 });
             }
         }
-        let (to, label, kind) = dest_node(graph, dest);
+        let (to, label, kind) = dest_node(graph, dest, stats.dst_name.as_deref());
         if kind == "service" {
             service(&mut nodes, &label);
         } else {

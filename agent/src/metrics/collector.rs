@@ -27,6 +27,7 @@ use super::{
 };
 use crate::events::{Direction, EventType};
 
+mod dns;
 mod fleet;
 mod flows;
 
@@ -137,6 +138,9 @@ impl Collector for StateCollector {
         export(&mut enc, state)?;
         flows::encode(&mut enc, &state.flows)?;
         fleet::encode(&mut enc, &state.fleet)?;
+        if let Some(observed) = state.dns().and_then(|d| d.observed()) {
+            dns::encode(&mut enc, &observed)?;
+        }
         http(&mut enc, state)?;
         health(&mut enc, state)?;
         state_files(&mut enc)?;
@@ -840,6 +844,40 @@ mod tests {
                     .then(|| (name.to_owned(), kind.to_owned()))
             })
             .collect()
+    }
+
+    /// The DNS proxy's series: lookups by service and result (an unknown
+    /// client under the empty service), learnt addresses by service,
+    /// evictions by reason, the added-latency histogram; none without a
+    /// proxy.
+    #[test]
+    fn dns_lookups_by_service_and_result_learnt_evictions_and_added_latency() {
+        let text = render(
+            &registry(fake_state_with_every_source()),
+            Format::Prometheus,
+        )
+        .expect("encodes");
+        let lines = samples(&text);
+        for expected in [
+            r#"bulkhead_dns_lookups_total{service="billing",result="answered"} 2"#,
+            r#"bulkhead_dns_lookups_total{service="billing",result="truncated"} 1"#,
+            r#"bulkhead_dns_lookups_total{service="",result="refused"} 2"#,
+            r#"bulkhead_dns_learnt_addresses{service="billing"} 2"#,
+            r#"bulkhead_dns_learnt_addresses{service="search"} 0"#,
+            r#"bulkhead_dns_learnt_evictions_total{reason="per_name_cap"} 4"#,
+            r#"bulkhead_dns_learnt_evictions_total{reason="full"} 1"#,
+            "bulkhead_dns_learnt_expired_total 5",
+            "bulkhead_dns_learn_errors_total 6",
+            "bulkhead_dns_proxy_added_seconds_count 2",
+            r#"bulkhead_dns_proxy_added_seconds_bucket{le="0.0001"} 1"#,
+            r#"bulkhead_dns_proxy_added_seconds_bucket{le="0.0032"} 2"#,
+        ] {
+            assert!(lines.contains(&expected), "missing {expected}:\n{text}");
+        }
+        assert!(
+            !scrape(Format::Prometheus).contains("bulkhead_dns_"),
+            "no proxy, no DNS series"
+        );
     }
 
     #[test]

@@ -28,6 +28,6 @@ mod state_tests;
 pub use collector::{registry, render, Format};
 pub use http::{Endpoint, MetricsError, MetricsServer};
 pub use state::{
-    map_capacities, CounterSource, Inventory, KernelCounters, MapUsage, MetricsState, ServiceMeta,
-    ServiceStatus, Sources, VerdictCounts,
+    map_capacities, CounterSource, DnsSource, Inventory, KernelCounters, MapUsage, MetricsState,
+    ServiceMeta, ServiceStatus, Sources, VerdictCounts,
 };

@@ -225,6 +225,21 @@ pub struct Sources {
     pub anomalies: Option<Arc<crate::anomaly::AnomalyStats>>,
     /// OTLP export counters.
     pub export: Option<Arc<crate::export::ExportStats>>,
+    /// The DNS proxy of name rules (its metrics while it runs).
+    pub dns: Option<Arc<dyn DnsSource>>,
+}
+
+/// Where the DNS proxy's metrics come from: the daemon's proxy, a fake in
+/// unit tests.
+pub trait DnsSource: Send + Sync + 'static {
+    /// What the proxy counted; `None` while it does not run.
+    fn observed(&self) -> Option<crate::dns::serve::Observed>;
+}
+
+impl DnsSource for crate::dns::serve::Dns {
+    fn observed(&self) -> Option<crate::dns::serve::Observed> {
+        crate::dns::serve::Dns::observed(self)
+    }
 }
 
 impl Sources {
@@ -238,6 +253,7 @@ impl Sources {
             graph: None,
             anomalies: None,
             export: None,
+            dns: None,
         }
     }
 }
@@ -272,6 +288,8 @@ pub struct MetricsState {
     anomalies: Option<Arc<crate::anomaly::AnomalyStats>>,
     /// OTLP export counters.
     export: Option<Arc<crate::export::ExportStats>>,
+    /// The DNS proxy of name rules.
+    dns: Option<Arc<dyn DnsSource>>,
 }
 
 /// Which kernel counters belong to which service, across reloads.
@@ -332,6 +350,7 @@ impl MetricsState {
             graph,
             anomalies,
             export,
+            dns,
         } = sources;
         let state = Self {
             counters,
@@ -350,6 +369,7 @@ impl MetricsState {
             graph,
             anomalies,
             export,
+            dns,
         };
         // The maps are this agent's own, loaded empty: whatever the counters
         // hold by now (decisions made between the attach and this point,
@@ -382,6 +402,11 @@ impl MetricsState {
     #[must_use]
     pub fn export(&self) -> Option<&Arc<crate::export::ExportStats>> {
         self.export.as_ref()
+    }
+
+    #[must_use]
+    pub fn dns(&self) -> Option<&Arc<dyn DnsSource>> {
+        self.dns.as_ref()
     }
 
     /// Call with true once every program is attached, with false just
