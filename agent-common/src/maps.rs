@@ -35,12 +35,19 @@ pub const INGRESS_HOSTS_V6: &str = "INGRESS_HOSTS_V6";
 /// ingress-restricted services, i.e. the peers an unconnected socket sent
 /// to (whose replies come in) and the peers a rule let in (which the
 /// service may answer). Not an LRU: a flood of one service must not evict
-/// another's. Each service holds at most `UDP_PEERS_PER_SERVICE` (counted
-/// in `UDP_PEER_COUNT`); a pinhole unused for the idle timeout no longer
-/// counts, and the agent removes it.
+/// another's. Each service holds at most `UDP_PEERS_PER_SERVICE`
+/// (`UDP_PEER_COUNT` minus `UDP_PEER_RELEASED`); a pinhole unused for the
+/// idle timeout no longer counts, and the agent removes it.
 pub const UDP_PEERS: &str = "UDP_PEERS";
-/// Array of u64 by service id: how many pinholes each service holds.
+/// Array of u64 by service id: how many pinholes the kernel opened for the
+/// service. Written by the kernel only (atomic adds).
 pub const UDP_PEER_COUNT: &str = "UDP_PEER_COUNT";
+/// Array of u64 by service id: how many of those the agent released
+/// (removed, or moved to the service's new id after a reload: then the new
+/// id's entry goes down, wrapping). Written by the agent only, so neither
+/// side's write can overwrite the other's: a service holds
+/// `UDP_PEER_COUNT - UDP_PEER_RELEASED` (wrapping) pinholes.
+pub const UDP_PEER_RELEASED: &str = "UDP_PEER_RELEASED";
 /// Default bound of pinholes per service (`[udp_replies] per_service`).
 pub const UDP_PEERS_PER_SERVICE: u32 = 1024;
 /// Per-CPU array of [`crate::RateState`] at `service_id * 2 + direction`:
@@ -122,7 +129,7 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 30] = [
+pub const ALL: [&str; 31] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
@@ -134,6 +141,7 @@ pub const ALL: [&str; 30] = [
     INGRESS_HOSTS_V6,
     UDP_PEERS,
     UDP_PEER_COUNT,
+    UDP_PEER_RELEASED,
     DENY_RATE,
     SERVICE_PATHS,
     UNIT_NAMES,

@@ -56,6 +56,9 @@ pub static UDP_PEERS: HashMap<UdpPeerKey, UdpPeer> =
 #[map(name = "UDP_PEER_COUNT")]
 pub static UDP_PEER_COUNT: Array<u64> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
 
+#[map(name = "UDP_PEER_RELEASED")]
+pub static UDP_PEER_RELEASED: Array<u64> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
+
 /// Set by the daemon at load time (`[udp_replies]`): a pinhole unused this
 /// long is closed, and how many one service may hold.
 #[unsafe(no_mangle)]

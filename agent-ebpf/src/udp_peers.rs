@@ -7,13 +7,15 @@
 //! new peers are still judged by the rules, datagram by datagram; they
 //! only get no pinhole.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use agent_common::{UdpPeer, UdpPeerKey};
 use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
     addr::{set_addr, Dest},
     helpers::now_ns,
-    maps::{udp_peers_max, udp_reply_idle_ns, UDP_PEERS, UDP_PEER_COUNT},
+    maps::{udp_peers_max, udp_reply_idle_ns, UDP_PEERS, UDP_PEER_COUNT, UDP_PEER_RELEASED},
 };
 
 /// The key of (socket, peer address, peer port).
@@ -69,19 +71,25 @@ pub fn open(key: &UdpPeerKey, service_id: u32, local_port: u16, origin: u8) {
         origin,
         _pad: 0,
     };
-    let Some(count) = UDP_PEER_COUNT.get_ptr_mut(service_id) else {
+    let (Some(opened), Some(released)) = (
+        UDP_PEER_COUNT.get_ptr_mut(service_id),
+        UDP_PEER_RELEASED.get(service_id),
+    ) else {
         return;
     };
-    // SAFETY: a slot of our array. The bpf target has no atomic
-    // read-modify-write in Rust's core, so two CPUs opening pinholes of one
-    // service at the same instant may count one; the agent's sweep recounts
-    // every few seconds, so the bound is exact between sweeps up to that.
+    // SAFETY: slots of our arrays, valid under the program's RCU read lock.
+    // The kernel only adds to `opened` (atomically: other CPUs open
+    // pinholes of the same service) and the agent only writes `released`,
+    // so no write of one side overwrites the other's. Two CPUs opening
+    // pinholes of one service at the same instant may both pass the check:
+    // the bound holds up to the CPUs that race.
     unsafe {
-        if *count >= u64::from(udp_peers_max()) {
+        let held = (*opened).wrapping_sub(*released);
+        if held >= u64::from(udp_peers_max()) {
             return;
         }
         if UDP_PEERS.insert(key, peer, u64::from(BPF_NOEXIST)).is_ok() {
-            *count += 1;
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(opened, 1);
         }
     }
 }

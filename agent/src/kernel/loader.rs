@@ -595,6 +595,7 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
         (names::SERVICE_PATHS, max_services),
         (names::UNIT_NAMES, max_services),
         (names::UDP_PEER_COUNT, max_services),
+        (names::UDP_PEER_RELEASED, max_services),
         // Every service's bound fits (entries are allocated as used), so
         // one service's pinholes never crowd out another's.
         (

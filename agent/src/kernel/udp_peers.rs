@@ -1,7 +1,7 @@
 //! Upkeep of the UDP pinholes (`UDP_PEERS`, see the kernel side in
 //! agent-ebpf/src/udp_peers.rs). The kernel opens and refreshes them and
-//! ignores one unused for the idle timeout; the agent removes those, keeps
-//! each service's count (its bound) exact, and after a policy switch judges
+//! ignores one unused for the idle timeout; the agent removes those, counts
+//! what it removed against each service's bound, and after a policy switch judges
 //! every pinhole again under the new policy: one the new policy no longer
 //! allows is closed at once, not left open until it idles out.
 
@@ -30,7 +30,7 @@ use super::{
 /// `BPF_EXIST`: update only a key that exists.
 const BPF_EXIST: u64 = 2;
 
-/// How often idle pinholes are removed and counts made exact.
+/// How often idle pinholes are removed.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Pinhole counters, for the metrics.
@@ -45,8 +45,10 @@ pub struct UdpPeerStats {
 }
 
 /// Removes idle pinholes and, when `previous` is the policy just replaced
-/// by `live`, judges the ones made under it again; rewrites every
-/// service's count.
+/// by `live`, judges the ones made under it again. What it removes, and
+/// what it moves to a service's new id, it counts in `UDP_PEER_RELEASED`;
+/// it never writes the kernel's own count (`UDP_PEER_COUNT`), so a pinhole
+/// the kernel opens during the sweep is never lost from the bound.
 pub fn sweep(
     ebpf: &mut Ebpf,
     idle: Duration,
@@ -61,33 +63,47 @@ pub fn sweep(
         peers.iter().filter_map(Result::ok).collect()
     };
     let mut drop = Vec::new();
-    let mut rewrite = Vec::new();
-    let mut counts: StdHashMap<u32, u64> = StdHashMap::new();
+    let mut moves = Vec::new();
+    let mut open = 0;
     for (key, mut peer) in entries {
+        let old = peer.service_id;
         if now.saturating_sub(peer.seen_ns) > idle_ns {
             stats.closed_idle.fetch_add(1, Ordering::Relaxed);
-            drop.push(key);
+            drop.push((key, old));
             continue;
         }
-        let id = match live_id(live, previous, peer.service_id) {
+        let id = match live_id(live, previous, old) {
             Some(id) => id,
             None => {
                 stats.closed_policy.fetch_add(1, Ordering::Relaxed);
-                drop.push(key);
+                drop.push((key, old));
                 continue;
             }
         };
-        if id != peer.service_id {
+        if id != old {
             if !allowed(ebpf, live, id, &key, &peer)? {
                 stats.closed_policy.fetch_add(1, Ordering::Relaxed);
-                drop.push(key);
+                drop.push((key, old));
                 continue;
             }
             peer.service_id = id;
-            rewrite.push((key, peer));
+            moves.push((key, peer, old));
         }
-        *counts.entry(id).or_default() += 1;
+        open += 1;
     }
+    let touched = drop.iter().map(|(_, id)| *id).chain(
+        moves
+            .iter()
+            .flat_map(|(_, peer, old)| [peer.service_id, *old]),
+    );
+    let mut released = Released::read(ebpf, touched)?;
+    // A moved pinhole counts for its new id before it carries that id, and
+    // for its old one until it no longer does: the bound errs on the safe
+    // side while the sweep runs.
+    for (_, peer, _) in &moves {
+        released.add(peer.service_id, u64::MAX);
+    }
+    released.write(ebpf)?;
     {
         let mut peers: HashMap<&mut MapData, UdpPeerKey, UdpPeer> =
             map_mut(ebpf, names::UDP_PEERS)?;
@@ -95,37 +111,77 @@ pub fn sweep(
             name: names::UDP_PEERS,
             source,
         };
-        for key in &drop {
+        for (key, id) in &drop {
             match peers.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => released.add(*id, 1),
+                Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(err(e)),
             }
         }
-        for (key, peer) in &rewrite {
+        for (key, peer, old) in &moves {
             // Only if still there: a rewrite must not reopen a pinhole.
             match peers.insert(key, peer, BPF_EXIST) {
-                Ok(()) => {}
+                Ok(()) => released.add(*old, 1),
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    released.add(peer.service_id, 1);
+                }
                 Err(e) => return Err(err(e)),
             }
         }
     }
-    let mut count: Array<&mut MapData, u64> = map_mut(ebpf, names::UDP_PEER_COUNT)?;
-    let ids = live.services.iter().map(|s| s.entry.service_id).chain(
-        previous
-            .into_iter()
-            .flat_map(|p| p.services.iter().map(|s| s.entry.service_id)),
-    );
-    for id in ids {
-        let n = counts.get(&id).copied().unwrap_or(0);
-        count.set(id, n, 0).map_err(|source| KernelError::Map {
-            name: names::UDP_PEER_COUNT,
-            source,
-        })?;
-    }
-    stats.open.store(counts.values().sum(), Ordering::Relaxed);
+    released.write(ebpf)?;
+    stats.open.store(open, Ordering::Relaxed);
     Ok(())
+}
+
+/// The agent's side of the count of the services a sweep touches:
+/// `UDP_PEER_RELEASED`, read once per sweep. The agent is its only writer,
+/// so reading, adding and writing back loses nothing.
+struct Released {
+    values: StdHashMap<u32, u64>,
+    changed: Vec<u32>,
+}
+
+impl Released {
+    fn read(ebpf: &Ebpf, ids: impl Iterator<Item = u32>) -> Result<Self, KernelError> {
+        let map: Array<&MapData, u64> = map_ref(ebpf, names::UDP_PEER_RELEASED)?;
+        let mut values = StdHashMap::new();
+        for id in ids {
+            if let std::collections::hash_map::Entry::Vacant(slot) = values.entry(id) {
+                slot.insert(map.get(&id, 0).map_err(|source| KernelError::Map {
+                    name: names::UDP_PEER_RELEASED,
+                    source,
+                })?);
+            }
+        }
+        Ok(Self {
+            values,
+            changed: Vec::new(),
+        })
+    }
+
+    /// Adds `n` (wrapping: `u64::MAX` takes one away) to `id`'s entry.
+    fn add(&mut self, id: u32, n: u64) {
+        let value = self.values.entry(id).or_default();
+        *value = value.wrapping_add(n);
+        self.changed.push(id);
+    }
+
+    fn write(&mut self, ebpf: &mut Ebpf) -> Result<(), KernelError> {
+        let mut map: Array<&mut MapData, u64> = map_mut(ebpf, names::UDP_PEER_RELEASED)?;
+        self.changed.sort_unstable();
+        self.changed.dedup();
+        for id in self.changed.drain(..) {
+            let n = self.values.get(&id).copied().unwrap_or(0);
+            map.set(id, n, 0).map_err(|source| KernelError::Map {
+                name: names::UDP_PEER_RELEASED,
+                source,
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// The id in `live` of the service a pinhole was made for: its own id if

@@ -77,6 +77,7 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             Some(size_of::<UdpPeer>()),
         ),
         (names::UDP_PEER_COUNT, array, 4, Some(8)),
+        (names::UDP_PEER_RELEASED, array, 4, Some(8)),
         (names::DENY_RATE, percpu, 4, Some(size_of::<RateState>())),
         (
             names::SERVICE_PATHS,
