@@ -8,8 +8,9 @@
 //!   (resolvers check where an answer came from).
 //! - `note_client`: the egress packet program tells the proxy who sent a
 //!   packet to it, by the client's address and port, before it gets there.
-//! - `learnt_rule`: the judge's fallback when address rules deny: an
-//!   address the service learnt from its own lookup of an allowed name.
+//! - `learnt_rule`: the judge's first question for such a service (the
+//!   address rules come second): an address the service learnt from its
+//!   own lookup of an allowed name.
 //!
 //! When the proxy's heartbeat is stale, nothing is redirected (lookups go
 //! to the resolver, nothing is learnt: new names fail closed) and learnt
