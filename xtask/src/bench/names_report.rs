@@ -240,13 +240,14 @@ impl NamesReport<'_> {
         (!parts.is_empty()).then(|| {
             format!(
                 "({} rules, one extra run with the kernel's BPF run-time statistics on; means, \
-                 so a preempted run counts whole): {}. The learnt path is the address rules' \
-                 two lookups, which miss (the hash of whole addresses, then the LPM trie of \
-                 networks), then a LEARNT hash lookup (a 32-byte key), a clock read for its \
-                 expiry (and, when it has expired, the proxy's heartbeat), and the port scan \
-                 of the union ruleset the entry's rule bits pick; the CIDR path is one hash \
-                 lookup that hits and the port scan. Having name rules adds the redirect's \
-                 port-53 check (a BPF subprogram call) to every allowed call.",
+                 so a preempted run counts whole): {}. The learnt path is a check that the \
+                 call is not to the proxy itself (an array read), a LEARNT hash lookup (a \
+                 32-byte key, in a BPF subprogram) that hits, a clock read for its expiry \
+                 (and, when it has expired, the proxy's heartbeat), and the port scan of \
+                 the union ruleset the entry's rule bits pick; the CIDR path is one hash \
+                 lookup that hits (an 8-byte key) and the port scan. Having name rules, \
+                 allowed by address, adds that check and a LEARNT lookup that misses \
+                 before the address rules.",
                 num(*n as u64),
                 parts.join("; ")
             )
