@@ -75,7 +75,7 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
 /// (its expiry not past, or the proxy gone), or `RULE_DEFAULT_DENY`. The
 /// learnt entry's bitmap picks the union ruleset of the name rules whose
 /// names gave the address, so each rule's own ports and protocol apply.
-/// A BPF subprogram, as is `maybe_redirect`: inlined, their keys and
+/// A BPF subprogram, as is `redirect_lookup`: inlined, their keys and
 /// values took the connect6 program past the 512-byte stack.
 #[inline(never)]
 pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16) -> u32 {
@@ -405,30 +405,25 @@ fn client_key(ctx: &SkBuffContext, proxy: &DnsProxy) -> Option<DnsClientKey> {
     Some(key)
 }
 
-/// Sends an allowed call of `s` to `dest` to the proxy when it is a
-/// lookup of a service with name rules; `call` packs the port (bits
-/// 0-15) and the protocol (16-23), as a BPF subprogram takes at most five
-/// arguments. `v6_hook` must be a constant of the calling program
-/// (connect6, sendmsg6), so that the verifier never walks a store to an
-/// IPv4 field in an IPv6 hook. Returns the proxy's port when it was
-/// redirected, else 0.
-#[inline(never)]
-pub fn maybe_redirect(
-    ctx: &SockAddrContext,
-    s: &ServiceEntry,
-    dest: &Dest,
-    call: u32,
-    v6_hook: bool,
-) -> u16 {
-    let port = call as u16;
-    let proto = (call >> 16) as u8;
-    if port != DNS_PORT || s.flags & FLAG_NAMES == 0 || (proto != PROTO_UDP && proto != PROTO_TCP) {
-        return 0;
-    }
-    redirect(ctx, v6_hook, s, *dest, port, socket_cookie(ctx))
+/// Whether an allowed call of `s` is a lookup the proxy answers: to port
+/// 53, over UDP or TCP, of a service with name rules. Inlined into the
+/// judge, so that the calls that are not lookups (nearly all) skip the
+/// subprogram call of [`redirect_lookup`].
+#[inline(always)]
+pub fn is_lookup(s: &ServiceEntry, port: u16, proto: u8) -> bool {
+    port == DNS_PORT && s.flags & FLAG_NAMES != 0 && (proto == PROTO_UDP || proto == PROTO_TCP)
 }
 
-/// Where a call [`maybe_redirect`] sent to the proxy's `port` goes: the
+/// Sends a call [`is_lookup`] said is a lookup to the proxy. `v6_hook`
+/// must be a constant of the calling program (connect6, sendmsg6), so
+/// that the verifier never walks a store to an IPv4 field in an IPv6 hook.
+/// Returns the proxy's port when it was redirected, else 0.
+#[inline(never)]
+pub fn redirect_lookup(ctx: &SockAddrContext, s: &ServiceEntry, dest: &Dest, v6_hook: bool) -> u16 {
+    redirect(ctx, v6_hook, s, *dest, DNS_PORT, socket_cookie(ctx))
+}
+
+/// Where a call [`redirect_lookup`] sent to the proxy's `port` goes: the
 /// proxy's address of the destination's family.
 #[inline(always)]
 pub fn proxy_dest(dest: Dest) -> Dest {

@@ -330,12 +330,9 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
 
     // A lookup of a service with name rules goes to the agent's proxy
     // (judged above as the resolver it asked for).
-    let call = u32::from(port) | (u32::from(proto) << 16);
     let proxy_port = match service {
-        // Checked here first: most calls are not lookups, and the
-        // subprogram call costs every allowed call otherwise.
-        Some(s) if allowed && port == names::DNS_PORT && s.flags & FLAG_NAMES != 0 => {
-            names::maybe_redirect(ctx, &s, &dest, call, v6_hook)
+        Some(s) if allowed && names::is_lookup(&s, port, proto) => {
+            names::redirect_lookup(ctx, &s, &dest, v6_hook)
         }
         _ => 0,
     };
