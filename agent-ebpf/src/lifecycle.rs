@@ -36,6 +36,12 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     {
         return 1;
     }
+    // A state callback is asked for only on observed sockets, but runs at
+    // each of their state changes (about six per connection): only the
+    // close needs the socket's record, so the others cost no lookup.
+    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) != TCP_CLOSE {
+        return 1;
+    }
     // SAFETY: the context's socket; may be null, checked below.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -61,7 +67,7 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: non-null storage of our value type.
     let info = unsafe { &mut *info };
     if op == BPF_SOCK_OPS_STATE_CB {
-        if ctx.arg(1) == TCP_CLOSE && info.established_ns != 0 {
+        if info.established_ns != 0 {
             let mut ev = record(&ctx, info, now);
             ev.kind = KIND_TCP_CLOSED;
             // SAFETY: plain context fields.

@@ -30,7 +30,7 @@ use aya_ebpf::{
 
 use crate::{
     addr::{set_addr, Dest},
-    helpers::{now_ns, socket_cookie},
+    helpers::{coarse_now_ns, now_ns, socket_cookie},
     maps::{any_service_has, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, LEARNT},
     rules::match_ports,
 };
@@ -91,7 +91,10 @@ pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16) -> u32 {
     else {
         return RULE_DEFAULT_DENY;
     };
-    if expires <= now_ns() && live_proxy() {
+    // The coarse clock: the check is on every call the name allows, and an
+    // address allowed one tick (at most 10 ms) past its TTL is immaterial
+    // next to the TTL's own minimum (`min_ttl_secs`).
+    if expires <= coarse_now_ns() && live_proxy() {
         return RULE_DEFAULT_DENY;
     }
     match_ports(
