@@ -229,12 +229,18 @@ fn assert_late_service_is_managed(metrics: SocketAddr, late: &CgroupGuard) {
         managed.count("bulkhead_services", &[("state", "waiting")]),
         0
     );
-    let waiting = [
-        ("service", "waiting"),
-        ("mode", "enforce"),
-        ("state", "managed"),
-    ];
-    assert_eq!(managed.count("bulkhead_service_info", &waiting), 1);
+    // The info series keeps its labels; the state gauge moves.
+    let info = [("service", "waiting"), ("mode", "enforce")];
+    assert_eq!(managed.count("bulkhead_service_info", &info), 1);
+    let state = |s: &'static str| [("service", "waiting"), ("state", s)];
+    assert_eq!(
+        managed.count("bulkhead_service_state", &state("managed")),
+        1
+    );
+    assert_eq!(
+        managed.count("bulkhead_service_state", &state("waiting")),
+        0
+    );
     assert_eq!(
         managed.count("bulkhead_bpf_map_entries", &[("map", "SERVICES")]),
         3
@@ -252,12 +258,25 @@ fn assert_inventory_and_process(s: &Scrape) {
         s.count("bulkhead_policy_rules", &[("service", "waiting")]),
         0
     );
-    let audited = [
-        ("service", "audited"),
-        ("mode", "audit"),
-        ("state", "managed"),
-    ];
+    let audited = [("service", "audited"), ("mode", "audit")];
     assert_eq!(s.count("bulkhead_service_info", &audited), 1);
+    let state =
+        |service: &'static str, state: &'static str| [("service", service), ("state", state)];
+    assert_eq!(
+        s.count("bulkhead_service_state", &state("audited", "managed")),
+        1
+    );
+    // The same info series as once it is managed (assert_late_service_is_managed).
+    let waiting_info = [("service", "waiting"), ("mode", "enforce")];
+    assert_eq!(s.count("bulkhead_service_info", &waiting_info), 1);
+    assert_eq!(
+        s.count("bulkhead_service_state", &state("waiting", "waiting")),
+        1
+    );
+    assert_eq!(
+        s.count("bulkhead_service_state", &state("waiting", "managed")),
+        0
+    );
     assert_eq!(
         s.count("bulkhead_bpf_map_entries", &[("map", "SERVICES")]),
         2

@@ -275,6 +275,9 @@ fn events(enc: &mut DescriptorEncoder, state: &MetricsState) -> fmt::Result {
     )
 }
 
+/// What `ServiceMeta::state` can be, in the order the metrics list them.
+const SERVICE_STATES: [&str; 3] = ["managed", "waiting", "unenforced"];
+
 fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
     let in_state = |state: &str| {
         inventory
@@ -288,23 +291,36 @@ fn policy(enc: &mut DescriptorEncoder, inventory: &Inventory) -> fmt::Result {
         "bulkhead_services",
         "Services in the loaded policy: managed (cgroups found, enforced), waiting (no cgroup found yet) or unenforced (a cgroup found that the kernel could not be told about; retried).",
         None,
-        ["managed", "waiting", "unenforced"].map(|state| ([("state", state)], count(in_state(state)))),
+        SERVICE_STATES.map(|state| ([("state", state)], count(in_state(state)))),
     )?;
     {
+        // No label that changes while the service runs: a series whose
+        // labels flip is a new series, which breaks rate(), joins and
+        // alert `for:` clauses. The state is its own gauge below.
         let mut m = enc.encode_descriptor(
             "bulkhead_service",
-            "One series per service of the loaded policy, with its mode and state; always 1.",
+            "One series per service of the loaded policy, with its mode (changed only by a reload that changes it); always 1.",
             None,
             MetricType::Info,
         )?;
         for s in &inventory.services {
-            m.encode_info(&[
-                ("service", s.name.as_str()),
-                ("mode", s.mode.as_str()),
-                ("state", s.state),
-            ])?;
+            m.encode_info(&[("service", s.name.as_str()), ("mode", s.mode.as_str())])?;
         }
     }
+    gauges(
+        enc,
+        "bulkhead_service_state",
+        "1 for the state each service is in, 0 for the others: managed, waiting (no cgroup found yet) or unenforced (a cgroup the kernel could not be told about; retried). Every service has all three series.",
+        None,
+        inventory.services.iter().flat_map(|s| {
+            SERVICE_STATES.map(|state| {
+                (
+                    [("service", s.name.as_str()), ("state", state)],
+                    u64::from(s.state == state),
+                )
+            })
+        }),
+    )?;
     gauges(
         enc,
         "bulkhead_service_quarantined",
@@ -1001,8 +1017,13 @@ mod tests {
         for expected in [
             r#"bulkhead_services{state="managed"} 2"#,
             r#"bulkhead_services{state="waiting"} 1"#,
-            r#"bulkhead_service_info{service="search",mode="audit",state="managed"} 1"#,
-            r#"bulkhead_service_info{service="late",mode="enforce",state="waiting"} 1"#,
+            r#"bulkhead_service_info{service="search",mode="audit"} 1"#,
+            r#"bulkhead_service_info{service="late",mode="enforce"} 1"#,
+            r#"bulkhead_service_state{service="search",state="managed"} 1"#,
+            r#"bulkhead_service_state{service="search",state="waiting"} 0"#,
+            r#"bulkhead_service_state{service="search",state="unenforced"} 0"#,
+            r#"bulkhead_service_state{service="late",state="waiting"} 1"#,
+            r#"bulkhead_service_state{service="late",state="managed"} 0"#,
             r#"bulkhead_policy_rules{service="billing"} 4"#,
             r#"bulkhead_service_quarantined{service="billing"} 0"#,
             r#"bulkhead_service_quarantined{service="search"} 1"#,
