@@ -41,6 +41,16 @@ pub fn events(daemon: &Daemon) -> Vec<Value> {
         .collect()
 }
 
+/// The kernel's host name: what every event of a daemon without
+/// `[fleet] host` names as its `host`.
+#[must_use]
+pub fn kernel_hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|e| panic!("cannot read the host name: {e}"))
+        .trim()
+        .to_string()
+}
+
 /// Polls the decision log until an event satisfies `matches`, and returns
 /// it; panics after [`EVENT_TIMEOUT`] with `what` and every event logged.
 #[must_use]

@@ -16,9 +16,9 @@ use std::{
 
 use bulkhead::fleet::{model::Fleet, read, Client, FleetConfig};
 use integration_tests::{
-    addr, eventually, http::metrics_addr, probe, prometheus::wait_sample, require_bpf,
-    service_policy, CgroupGuard, ClickHouse, Daemon, Egress, Listener, NetnsGuard, PolicyDir,
-    Proto, Relay,
+    addr, events::wait_event, eventually, http::metrics_addr, probe, prometheus::wait_sample,
+    require_bpf, service_policy, CgroupGuard, ClickHouse, Daemon, Egress, Listener, NetnsGuard,
+    PolicyDir, Proto, Relay,
 };
 
 /// How long rows may take to reach `ClickHouse` (1 s batches, plus the
@@ -137,6 +137,17 @@ fn three_hosts_one_blast_radius() {
     for _ in 0..2 {
         api_probe.tcp_connect(db_at).assert_ok("api may call db");
     }
+
+    // Every event names its host: here `[fleet] host`, not the kernel's
+    // host name (the three agents share this machine's).
+    let denied = wait_event(&a1, "web's denied connect to db", |ev| {
+        ev["service"] == "web" && ev["verdict"] == "deny"
+    });
+    assert_eq!(denied["host"], "h1", "{denied:#}");
+    let api_call = wait_event(&a2, "api's connect to db", |ev| {
+        ev["service"] == "api" && ev["type"] == "verdict"
+    });
+    assert_eq!(api_call["host"], "h2", "{api_call:#}");
 
     let logs = || format!("h1:\n{}\nh2:\n{}\nh3:\n{}", a1.log(), a2.log(), a3.log());
     let ports = Ports {

@@ -23,7 +23,7 @@
 use std::{fmt::Display, net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    events::{assert_fields, wait_event},
+    events::{assert_fields, kernel_hostname, wait_event},
     free_port_block,
     netns::Family,
     probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard,
@@ -75,6 +75,7 @@ fn assert_inbound_verdict(
         ev,
         &[
             ("schema", "bulkhead.event.v2".into()),
+            ("host", kernel_hostname().into()),
             ("service", service.into()),
             ("mode", mode.into()),
             ("cgroup_id", svc.id().into()),

@@ -128,6 +128,7 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         schema: SCHEMA.into(),
         kind,
         time: String::new(),
+        host: "".into(),
         ktime_ns: 0,
         service: Some(service.into()),
         mode: Some("enforce".into()),

@@ -46,6 +46,17 @@ pub(super) fn prepare(options: Options) -> Result<Plan> {
     // would take over the first one's pins): one live agent per socket.
     crate::control::server::ensure_free(&config.control.socket)?;
     let mount = cgroup::cgroup2_mount()?;
+    // Before any event is made: every event names this host.
+    match config.fleet.host_name() {
+        Ok(host) => {
+            crate::events::host::set(&host);
+        }
+        Err(e) => {
+            let kernel = crate::events::host::kernel_hostname();
+            warn!("events carry the kernel's host name {kernel:?} as it is: {e}");
+            crate::events::host::set(&kernel);
+        }
+    }
     if config.fleet.enabled {
         // Refused here, before READY: the exporter starts after it, when
         // its failing must not stop enforcement.

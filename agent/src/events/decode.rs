@@ -219,6 +219,7 @@ impl Decoder {
             schema: Cow::Borrowed(SCHEMA),
             kind,
             time: self.wall_time(raw.ts_ns),
+            host: Cow::Borrowed(super::host::name()),
             ktime_ns: raw.ts_ns,
             service: service.map(|(name, _)| Arc::clone(name)),
             mode: managed.then_some(Cow::Borrowed(Mode::from_kernel(raw.mode).as_str())),

@@ -19,6 +19,8 @@ pub fn encode(ev: &FlowEvent, out: &mut Vec<u8>) -> serde_json::Result<()> {
     out.extend_from_slice(kind(ev.kind));
     out.extend_from_slice(b"\",\"time\":");
     string(out, &ev.time);
+    out.extend_from_slice(b",\"host\":");
+    string(out, &ev.host);
     out.extend_from_slice(b",\"ktime_ns\":");
     number(out, ev.ktime_ns);
     out.extend_from_slice(b",\"service\":");

@@ -4,6 +4,7 @@
 
 mod decode;
 mod group;
+pub mod host;
 mod hub;
 mod json;
 mod model;

@@ -52,6 +52,10 @@ pub struct FlowEvent {
     pub kind: EventType,
     /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
     pub time: String,
+    /// This host's name (`host::name`); empty in a line written before
+    /// the field existed.
+    #[serde(default)]
+    pub host: Cow<'static, str>,
     /// Kernel CLOCK_MONOTONIC timestamp (orders events exactly).
     pub ktime_ns: u64,
     /// The managed service, or null for an unmanaged process.
@@ -144,6 +148,7 @@ impl FlowEvent {
             schema: Cow::Borrowed(SCHEMA),
             kind,
             time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+            host: Cow::Borrowed(super::host::name()),
             ktime_ns,
             service: None,
             mode: None,
@@ -263,6 +268,7 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         schema: SCHEMA.into(),
         kind: EventType::Verdict,
         time: "2026-05-20T09:08:07.123456789Z".to_string(),
+        host: "web-1".into(),
         ktime_ns: 1,
         service: Some("billing".into()),
         mode: Some("enforce".into()),

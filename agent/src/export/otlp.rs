@@ -2,11 +2,14 @@
 //! mapping (lowerCamelCase names, 64-bit integers as strings, enums as
 //! numbers): one log record per event, its body the event's JSON line.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    net::IpAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use serde_json::{json, Value};
 
-use crate::events::{EventType, FlowEvent, Verdict};
+use crate::events::{Direction, EventType, FlowEvent, Verdict};
 
 /// OpenTelemetry severity numbers.
 const INFO: u8 = 9;
@@ -33,6 +36,69 @@ fn string_attr(key: &str, value: &str) -> Value {
     json!({"key": key, "value": {"stringValue": value}})
 }
 
+/// An integer attribute (a string in the protobuf JSON mapping).
+fn int_attr(key: &str, value: u64) -> Value {
+    json!({"key": key, "value": {"intValue": value.to_string()}})
+}
+
+/// The event's fields as OpenTelemetry semantic-convention attributes where
+/// one exists (docs/events.md, "Field mapping"), so that a collector can
+/// filter and route without parsing the body; `bulkhead.*` for the rest.
+fn attributes(ev: &FlowEvent, kind: &str) -> Vec<Value> {
+    let mut out = vec![string_attr("bulkhead.event.type", kind)];
+    let mut text = |key: &str, value: Option<&str>| {
+        if let Some(v) = value {
+            out.push(string_attr(key, v));
+        }
+    };
+    text("bulkhead.service", ev.service.as_deref());
+    text("bulkhead.mode", ev.mode.as_deref());
+    text("bulkhead.rule", ev.rule.as_deref());
+    text("bulkhead.dst_name", ev.dst_name.as_deref());
+    text(
+        "bulkhead.traffic_direction",
+        ev.traffic_direction.map(|d| match d {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }),
+    );
+    text(
+        "bulkhead.verdict",
+        ev.verdict.map(|v| match v {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Audit => "audit",
+        }),
+    );
+    text("network.transport", ev.protocol.as_deref());
+    let family = ev.dst_ip.or(ev.src_ip).map(|ip| match ip {
+        IpAddr::V4(_) => "ipv4",
+        IpAddr::V6(_) => "ipv6",
+    });
+    text("network.type", family);
+    if let Some(ip) = ev.dst_ip {
+        out.push(string_attr("network.peer.address", &ip.to_string()));
+    }
+    if let Some(port) = ev.dst_port {
+        out.push(int_attr("network.peer.port", u64::from(port)));
+    }
+    if let Some(ip) = ev.src_ip {
+        out.push(string_attr("network.local.address", &ip.to_string()));
+    }
+    if let Some(port) = ev.src_port {
+        out.push(int_attr("network.local.port", u64::from(port)));
+    }
+    out.push(int_attr("process.pid", u64::from(ev.pid)));
+    out.push(int_attr("thread.id", u64::from(ev.tid)));
+    out.push(string_attr("process.executable.name", &ev.comm));
+    out.push(string_attr("user.id", &ev.uid.to_string()));
+    if let Some(a) = &ev.anomaly {
+        out.push(string_attr("bulkhead.anomaly.kind", &a.kind));
+        out.push(string_attr("bulkhead.anomaly.severity", &a.severity));
+    }
+    out
+}
+
 fn record(ev: &FlowEvent, observed: &str) -> Value {
     let time = humantime::parse_rfc3339(&ev.time).map_or_else(|_| observed.to_string(), nanos);
     let (number, text) = severity(ev);
@@ -40,14 +106,7 @@ fn record(ev: &FlowEvent, observed: &str) -> Value {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    let mut attributes = vec![string_attr("bulkhead.event.type", &kind)];
-    if let Some(s) = &ev.service {
-        attributes.push(string_attr("bulkhead.service", s));
-    }
-    if let Some(a) = &ev.anomaly {
-        attributes.push(string_attr("bulkhead.anomaly.kind", &a.kind));
-        attributes.push(string_attr("bulkhead.anomaly.severity", &a.severity));
-    }
+    let attributes = attributes(ev, &kind);
     let body = serde_json::to_string(ev).unwrap_or_default();
     json!({
         "timeUnixNano": time,
@@ -79,14 +138,6 @@ pub fn encode(batch: &[std::sync::Arc<FlowEvent>], host: &str) -> Vec<u8> {
         }],
     });
     serde_json::to_vec(&request).unwrap_or_default()
-}
-
-/// This host's name, for the `host.name` resource attribute.
-#[must_use]
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ async fn send_batches(
     stats: Arc<ExportStats>,
 ) {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let host = otlp::hostname();
+    let host = crate::events::host::name();
     let flush = Duration::from_millis(cfg.flush_interval_ms);
     let mut batch = Vec::with_capacity(cfg.batch_size);
     let mut failing = false;
@@ -117,7 +117,7 @@ async fn send_batches(
                 _ => break,
             }
         }
-        let body = Bytes::from(otlp::encode(&batch, &host));
+        let body = Bytes::from(otlp::encode(&batch, host));
         let ok = send(&client, &uri, &body, &cfg, &stats, batch.len()).await;
         if ok == failing {
             failing = !ok;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use axum::{body::Bytes, extract::State, http::StatusCode, routing::post, Router};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{spawn, ExportConfig, ExportEvents, ExportStats};
 use crate::events::{FlowEvent, Hub, Sink};
@@ -150,6 +150,49 @@ async fn batches_arrive_as_otlp_json_logs() {
     assert_eq!(verdict["timeUnixNano"], "1779268087123456789");
     assert_eq!(verdict["severityText"], "WARN", "a deny");
     assert_eq!(verdict["eventName"], "bulkhead.verdict");
+    // The semantic-convention attributes (docs/events.md, "Field mapping"):
+    // the denied connect of `billing` to 192.0.2.9:5432/tcp by pid 1.
+    let attrs: Vec<(String, Value)> = verdict["attributes"]
+        .as_array()
+        .expect("attributes")
+        .iter()
+        .map(|x| {
+            let key = x["key"].as_str().expect("key").to_string();
+            (key, x["value"].clone())
+        })
+        .collect();
+    let expected = [
+        ("bulkhead.event.type", json!({"stringValue": "verdict"})),
+        ("bulkhead.service", json!({"stringValue": "billing"})),
+        ("bulkhead.mode", json!({"stringValue": "enforce"})),
+        (
+            "bulkhead.rule",
+            json!({"stringValue": "billing.toml#default-deny"}),
+        ),
+        (
+            "bulkhead.traffic_direction",
+            json!({"stringValue": "egress"}),
+        ),
+        ("bulkhead.verdict", json!({"stringValue": "deny"})),
+        ("network.transport", json!({"stringValue": "tcp"})),
+        ("network.type", json!({"stringValue": "ipv4"})),
+        ("network.peer.address", json!({"stringValue": "192.0.2.9"})),
+        ("network.peer.port", json!({"intValue": "5432"})),
+        ("process.pid", json!({"intValue": "1"})),
+        ("thread.id", json!({"intValue": "1"})),
+        ("process.executable.name", json!({"stringValue": "curl"})),
+        ("user.id", json!({"stringValue": "0"})),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    assert_eq!(attrs, expected.to_vec(), "{verdict:#}");
+    let resource = &first["resourceLogs"][0]["resource"]["attributes"][2];
+    assert_eq!(resource["key"], "host.name");
+    assert_eq!(
+        resource["value"]["stringValue"],
+        crate::events::host::name(),
+        "the name events carry"
+    );
+    assert_eq!(bodies[0]["host"], "web-1", "the event's own host field");
     let a = &records[5];
     assert_eq!(bodies[5]["type"], "anomaly");
     assert_eq!(a["eventName"], "bulkhead.anomaly");

@@ -193,25 +193,32 @@ impl FleetConfig {
         })
     }
 
+    /// The name this agent's rows and events carry: `host`, or the
+    /// kernel's host name.
+    ///
+    /// # Errors
+    /// The host name cannot be read or is not a usable name.
+    pub fn host_name(&self) -> Result<String, SetupError> {
+        if let Some(h) = &self.host {
+            return Ok(h.clone());
+        }
+        let path = Path::new(HOSTNAME_FILE);
+        let name = read_small(path, "fleet.host")?.trim().to_string();
+        check_host(&name).map_err(|problem| SetupError::File {
+            path: path.to_path_buf(),
+            key: "fleet.host",
+            problem: format!("the host name {name:?}: {problem}; set fleet.host"),
+        })?;
+        Ok(name)
+    }
+
     /// The `host` and `host_id` every row of this agent carries: `host`
     /// or the kernel's host name; the machine id from `machine_id_file`.
     ///
     /// # Errors
     /// A file that cannot be read, or holds no usable name or id.
     pub fn identity(&self) -> Result<HostIdentity, SetupError> {
-        let host = match &self.host {
-            Some(h) => h.clone(),
-            None => {
-                let path = Path::new(HOSTNAME_FILE);
-                let name = read_small(path, "fleet.host")?.trim().to_string();
-                check_host(&name).map_err(|problem| SetupError::File {
-                    path: path.to_path_buf(),
-                    key: "fleet.host",
-                    problem: format!("the host name {name:?}: {problem}; set fleet.host"),
-                })?;
-                name
-            }
-        };
+        let host = self.host_name()?;
         let path = &self.machine_id_file;
         let id = read_small(path, "fleet.machine_id_file")?
             .trim()
