@@ -665,17 +665,31 @@ mod tests {
     }
 
     #[test]
-    fn export_needs_an_http_url_and_is_off_by_default() {
-        assert!(!crate::export::ExportConfig::default().enabled());
+    fn export_needs_an_http_or_https_url_and_is_off_by_default() {
+        let off =
+            crate::export::settings::resolve(&crate::export::ExportConfig::default(), &|_| None);
+        assert_eq!(off, Ok(None));
         let parse = |text: &str| Config::parse(std::path::Path::new("/c.toml"), text);
         let c = parse(
-            "[export]\notlp_endpoint = \"http://127.0.0.1:4318/v1/logs\"\nevents = \"anomalies\"\n",
+            "[export]\notlp_endpoint = \"http://127.0.0.1:4318\"\nevents = \"anomalies\"\nprotocol = \"http/protobuf\"\ncompression = \"gzip\"\n[export.headers]\napi-key = \"k\"\n",
         )
         .expect("valid");
         assert_eq!(c.export.events, crate::export::ExportEvents::Anomalies);
-        let err = parse("[export]\notlp_endpoint = \"https://collector.example/v1/logs\"\n")
-            .expect_err("https is refused");
-        assert!(err.to_string().contains("http://"), "{err}");
+        assert_eq!(
+            c.export.protocol,
+            Some(crate::export::Protocol::HttpProtobuf)
+        );
+        assert_eq!(c.export.compression, Some(crate::export::Compression::Gzip));
+        parse("[export]\notlp_endpoint = \"https://collector.example\"\n").expect("https is fine");
+        let err = parse("[export]\notlp_endpoint = \"ftp://collector.example/v1/logs\"\n")
+            .expect_err("ftp is refused");
+        assert!(err.to_string().contains("http:// or https://"), "{err}");
+        let err = parse(
+            "[export]\notlp_endpoint = \"http://c:4318\"\n[export.headers]\n\"bad name\" = \"v\"\n",
+        )
+        .expect_err("a bad header name is refused");
+        assert!(err.to_string().contains("not a header name"), "{err}");
+        assert!(parse("[export]\nprotocol = \"grpc\"\n").is_err());
         assert!(parse("[export]\nqueue_capacity = 1\n").is_err());
     }
 }

@@ -183,6 +183,17 @@ impl Daemon {
         Self::spawn_full(args, config, &[])
     }
 
+    /// [`Self::spawn_with_config`] with `env` added to the daemon's
+    /// environment, without waiting.
+    #[must_use]
+    pub fn spawn_with_env<S: AsRef<OsStr>>(
+        args: &[S],
+        config: &str,
+        env: &[(&str, &OsStr)],
+    ) -> Self {
+        Self::spawn_full(args, config, env)
+    }
+
     fn spawn_full<S: AsRef<OsStr>>(args: &[S], config: &str, env: &[(&str, &OsStr)]) -> Self {
         Self::spawn_inner(args, config, env, None)
     }

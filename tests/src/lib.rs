@@ -32,6 +32,7 @@ pub mod logrotate;
 pub mod maps;
 pub mod netns;
 pub mod notify;
+pub mod otlp;
 pub mod pinned_map;
 pub mod policy;
 pub mod ports;

@@ -80,6 +80,10 @@ pub(super) fn prepare(options: Options) -> Result<Plan> {
             warn!(url = %config.fleet.clickhouse_url, "fleet mode sends its rows and the ClickHouse password over plain HTTP to another host: put a TLS proxy on this host in front of it");
         }
     }
+    // The export's environment (OTEL_EXPORTER_OTLP_*) is checked here,
+    // before READY: a bad variable refuses the start, naming it.
+    crate::export::settings::resolve(&config.export, &|k| std::env::var(k).ok())
+        .map_err(|problems| anyhow!("OTLP export: {}", problems.join("; ")))?;
     if !config.metrics.listen.ip().is_loopback() {
         warn!(listen = %config.metrics.listen, "metrics endpoint is not on loopback: it exposes the service map to the network");
     }

@@ -298,8 +298,10 @@ fn start_side_tasks(
         anomaly_stats,
     )
     .context("cannot start anomaly detection")?;
-    let exporter = crate::export::spawn(config.export.clone(), hub, export_stats)
-        .context("cannot start the OTLP exporter")?;
+    let settings = crate::export::settings::resolve(&config.export, &|k| std::env::var(k).ok())
+        .map_err(|problems| anyhow!("OTLP export: {}", problems.join("; ")))?;
+    let exporter = crate::export::spawn(&config.export, settings, hub, export_stats)
+        .map_err(|e| anyhow!("cannot start the OTLP exporter: {e}"))?;
     Ok((
         metrics,
         SideTasks {

@@ -1,20 +1,29 @@
 //! Export to a fleet pipeline: flow and anomaly events as OpenTelemetry
-//! logs over OTLP/HTTP (JSON), batched, through a bounded queue, with
-//! retries and a count of what was dropped (docs/export.md).
+//! logs over OTLP/HTTP (JSON or protobuf, gzip or not, plain or TLS),
+//! batched, through a bounded queue, with retries and a count of what was
+//! dropped (docs/export.md).
 //!
-//! - `config`: the `[export]` section
-//! - `otlp`: events -> `ExportLogsServiceRequest` JSON
-//! - `sender`: the queue and the HTTP client tasks
+//! - `config`: the `[export]` section; `settings`: it merged with the
+//!   `OTEL_EXPORTER_OTLP_*` environment
+//! - `record`: an event as a log record; `otlp_json`, `otlp_proto`: the
+//!   request in each encoding; `body`: encoded and compressed
+//! - `client`: the HTTP(S) client; `delivery`: sending with retries
+//! - `sender`: the queue and the tasks
 //! - `stats`: sent and dropped, for the metrics
 
+mod body;
+mod client;
 mod config;
-mod otlp;
+mod delivery;
+mod otlp_json;
+mod otlp_proto;
+mod record;
 mod sender;
+pub mod settings;
 mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use config::{ExportConfig, ExportEvents};
-pub use otlp::encode;
+pub use config::{Compression, ExportConfig, ExportEvents, Protocol};
 pub use sender::{spawn, Exporter};
 pub use stats::ExportStats;
