@@ -17,6 +17,7 @@
 //! tests a real `dnsmasq` ([`DnsServer`]) queried with `dig`.
 
 pub mod bpf;
+pub mod browser;
 pub mod cgroup;
 pub mod clickhouse;
 pub mod conn;

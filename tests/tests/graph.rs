@@ -5,23 +5,23 @@
 //! and its unused allowance; the policies `bulkhead learn` writes, applied in
 //! enforce mode, let the same traffic through with no denial and refuse a new
 //! destination with EPERM; the graph survives a restart; the page renders
-//! in headless Chromium.
+//! in headless Chromium, and a map of 500 nodes from a sweep folds, narrows
+//! to a search and renders there too.
 
 use std::{
     ffi::{OsStr, OsString},
+    net::SocketAddr,
     path::Path,
-    process::Command,
     time::Duration,
 };
 
 use integration_tests::{
-    addr, bulkhead, eventually,
+    addr,
+    browser::{body_attribute, readable, Headless},
+    bulkhead, eventually,
     http::{http_get, metrics_addr},
-    probe,
-    process::{output_with_timeout, scaled},
-    require::REQUIRE_ENV,
-    require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, NetnsGuard, PolicyDir,
-    Proto,
+    probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Listener, NetnsGuard,
+    PolicyDir, Proto,
 };
 use serde_json::Value;
 
@@ -461,24 +461,12 @@ fn assert_http(daemon: &Daemon, db_node: &str) {
     );
 }
 
-/// Where Debian's Chromium is, if installed.
-fn chromium() -> Option<&'static str> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-}
-
 #[test]
 fn the_map_renders_in_headless_chromium() {
     if !require_bpf() {
         return;
     }
-    let Some(browser) = chromium() else {
-        assert!(
-            std::env::var(REQUIRE_ENV).as_deref() != Ok("1"),
-            "chromium is not installed and {REQUIRE_ENV}=1: run `cargo xtask setup` (it installs Debian's chromium)"
-        );
-        eprintln!("SKIPPED: the_map_renders_in_headless_chromium: chromium is not installed");
+    let Some(browser) = Headless::new("the_map_renders_in_headless_chromium") else {
         return;
     };
     let world = World::new();
@@ -497,46 +485,19 @@ fn the_map_renders_in_headless_chromium() {
             && count(edge(g, "service:web", &db_node), "denied") == 1
     });
     let url = format!("http://{}/graph?service=web", metrics_addr(&daemon));
-    let work = tempfile::Builder::new()
-        .prefix("bulkhead-test-chromium-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let run = |extra: &[OsString]| {
-        let mut cmd = Command::new(browser);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1200,800",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            work.path().join("profile").display()
-        ))
-        .args(extra)
-        .arg(&url);
-        let out = output_with_timeout(&mut cmd, scaled(Duration::from_secs(90)));
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let dom = run(&["--dump-dom".into()]);
+    let dom = browser.dom(&url);
+    let db = format!("{}/tcp", world.db_label());
     for want in [
-        ">web (enforce)<".to_string(),
-        ">api (enforce)<".to_string(),
-        format!(">{}/tcp<", world.db_label()),
+        // The list view of what is drawn, with the blast radius marked.
+        "<li class=\"node service selected\" data-id=\"service:web\">web (enforce)</li>"
+            .to_string(),
+        "<li class=\"node service hit\" data-id=\"service:api\">api (enforce)</li>".to_string(),
+        format!("<li class=\"node endpoint hit\" data-id=\"endpoint:{db}\">{db}</li>"),
+        format!(
+            "<li class=\"edge denied\">web (enforce) → {db}: tcp {} denied ×1</li>",
+            world.db.port()
+        ),
         "Blast radius of web".to_string(),
-        "class=\"node service selected\"".to_string(),
-        "class=\"edge denied".to_string(),
         format!(
             "web → api:{} → {}",
             world.api_listener.port(),
@@ -546,19 +507,92 @@ fn the_map_renders_in_headless_chromium() {
     ] {
         assert!(
             dom.contains(&want),
-            "{want:?} not in the rendered page:\n{dom}"
+            "{want:?} not in the rendered page:\n{}",
+            readable(&dom)
         );
     }
-    // Kept (the temporary directory is persisted) as the test's artifact.
-    let shot = work.path().join("graph.png");
-    run(&[format!("--screenshot={}", shot.display()).into()]);
-    let size = std::fs::metadata(&shot).map_or(0, |m| m.len());
-    assert!(
-        size > 1000,
-        "no screenshot at {} ({size} bytes)",
-        shot.display()
+    assert_eq!(
+        body_attribute(&dom, "data-drawn-nodes").as_deref(),
+        Some("3")
     );
-    let kept = work.keep();
-    println!("screenshot: {}", kept.join("graph.png").display());
-    eprintln!("screenshot: {}", kept.join("graph.png").display());
+    let _ = browser.screenshot(&url, "graph.png");
+}
+
+/// A map of about 500 nodes from real traffic: `scanner` sweeps 400 closed
+/// ports of one address and port 80 of 100 addresses of one network
+/// (each refused at once by the kernel: nothing listens).
+#[test]
+fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
+    if !require_bpf() {
+        return;
+    }
+    let Some(browser) =
+        Headless::new("a_500_node_map_folds_searches_and_renders_in_headless_chromium")
+    else {
+        return;
+    };
+    let scanner = CgroupGuard::new();
+    let policy = service_policy(
+        &scanner,
+        "enforce",
+        &[Egress::to(["127.0.0.0/16"]).protocol("tcp")],
+    );
+    let policies = PolicyDir::with(&[("scanner.toml", &policy)]);
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let daemon = start(&policies, state.path());
+    let ports: Vec<SocketAddr> = (20_000..20_400)
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+        .collect();
+    let hosts: Vec<SocketAddr> = (1..=100)
+        .map(|h| SocketAddr::from(([127, 0, 1, h], 80)))
+        .collect();
+    let sweep = probe!().in_cgroup(scanner.path());
+    let _ = sweep.tcp_connect_each(&ports);
+    let _ = sweep.tcp_connect_each(&hosts);
+    let graph = wait_graph(&daemon, "the 500 endpoints of the sweep", |g| {
+        g["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().filter(|n| n["kind"] == "endpoint").count() >= 500)
+    });
+    let nodes = graph["nodes"].as_array().map_or(0, Vec::len);
+    let metrics = metrics_addr(&daemon);
+
+    // Folded by default: one node for the scanned host, one for the network.
+    let folded_url = format!("http://{metrics}/graph");
+    let dom = browser.dom(&folded_url);
+    for want in [
+        "<li class=\"node folded\" data-id=\"fold:host:127.0.0.1\">127.0.0.1 (400 ports)</li>",
+        "<li class=\"node folded\" data-id=\"fold:net:127.0.1.0/24\">127.0.1.0/24 (100 endpoints)</li>",
+        "<li class=\"edge\">scanner (enforce) → 127.0.0.1 (400 ports): tcp 400 ports ×400</li>",
+    ] {
+        assert!(
+            dom.contains(want),
+            "{want:?} not in the folded page:\n{}",
+            readable(&dom)
+        );
+    }
+    let drawn = |dom: &str| -> usize {
+        body_attribute(dom, "data-drawn-nodes")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no data-drawn-nodes in\n{}", readable(dom)))
+    };
+    let folded = drawn(&dom);
+    assert_eq!(folded, 3, "scanner and the two folded nodes of {nodes}");
+    let folded_ms = body_attribute(&dom, "data-render-ms").unwrap_or_default();
+
+    // A search narrows the view to what matches and its neighbours.
+    let dom = browser.dom(&format!("http://{metrics}/graph?q=127.0.1.7"));
+    assert_eq!(drawn(&dom), 2, "the network holding 127.0.1.7, and scanner");
+    assert!(dom.contains("data-id=\"fold:net:127.0.1.0/24\""));
+    assert!(!dom.contains("data-id=\"fold:host:127.0.0.1\""));
+
+    // Unfolded: every node laid out.
+    let unfolded_url = format!("http://{metrics}/graph?unfold=1");
+    let dom = browser.dom(&unfolded_url);
+    assert_eq!(drawn(&dom), nodes, "every node of the graph");
+    let unfolded_ms = body_attribute(&dom, "data-render-ms").unwrap_or_default();
+    println!("render time in headless Chromium: folded ({folded} nodes) {folded_ms} ms, unfolded ({nodes} nodes) {unfolded_ms} ms");
+    eprintln!("render time in headless Chromium: folded ({folded} nodes) {folded_ms} ms, unfolded ({nodes} nodes) {unfolded_ms} ms");
+    let _ = browser.screenshot(&folded_url, "graph-500-folded.png");
+    let _ = browser.screenshot(&unfolded_url, "graph-500-unfolded.png");
 }

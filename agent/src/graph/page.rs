@@ -1,7 +1,10 @@
 //! The read-only service map served on the metrics listener: `/graph` (one
 //! self-contained HTML page, no external assets) and `/graph.json`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::OnceLock,
+};
 
 use serde_json::{json, Value};
 
@@ -9,6 +12,15 @@ use super::{blast, view, Shared};
 
 const PAGE: &str = include_str!("page.html");
 const PLACEHOLDER: &str = "/*GRAPH_DATA*/null";
+/// Cytoscape.js (vendor/README.md), inlined into the page's first script.
+const LIBRARY: &str = include_str!("vendor/cytoscape.min.js");
+const LIBRARY_PLACEHOLDER: &str = "/*CYTOSCAPE*/";
+
+/// The page with the library in it, made once.
+fn template() -> &'static str {
+    static TEMPLATE: OnceLock<String> = OnceLock::new();
+    TEMPLATE.get_or_init(|| PAGE.replacen(LIBRARY_PLACEHOLDER, LIBRARY, 1))
+}
 
 /// The view plus, for each service, its blast radius for the page: the
 /// node ids to highlight (reached and reachable), the lateral paths and the
@@ -86,7 +98,7 @@ pub fn html_of(data: &str) -> String {
     // `<` only occurs inside JSON strings, where `\u003c` means the same:
     // nothing in the data (a process may name itself `</script>`) can end
     // the script element or open a comment.
-    PAGE.replace(PLACEHOLDER, &data.replace('<', "\\u003c"))
+    template().replacen(PLACEHOLDER, &data.replace('<', "\\u003c"), 1)
 }
 
 #[cfg(test)]
@@ -119,11 +131,43 @@ mod tests {
         assert!(page.contains("\\u003c/script>\\u003cb>x"));
         assert!(!page.contains(PLACEHOLDER));
         assert!(page.contains("\"service:b\""), "the data is inlined");
-        for external in ["src=", "href=", "url(h", "<link", "import", "fetch("] {
+        // The page's own markup and script, around the vendored library
+        // (whose one `src=` is an image loader for style URLs the page
+        // never sets).
+        let own = page.replacen(LIBRARY, "", 1);
+        assert_eq!(
+            own.len(),
+            page.len() - LIBRARY.len(),
+            "the library is inlined"
+        );
+        for external in [
+            "src=",
+            "href=",
+            "url(",
+            "<link",
+            "import",
+            "fetch(",
+            "XMLHttpRequest",
+        ] {
             assert!(
-                !page.contains(external),
+                !own.contains(external),
                 "external asset {external:?} in the page"
             );
         }
+        for external in ["fetch(", "XMLHttpRequest", "import(", "<script"] {
+            assert!(!LIBRARY.contains(external), "{external:?} in the library");
+        }
+    }
+
+    #[test]
+    fn the_vendored_library_is_the_one_vendor_readme_names() {
+        use sha2::{Digest as _, Sha256};
+        let digest = Sha256::digest(LIBRARY.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "71fa9ebec21a7ca2c40cff6aacc30d1f6464e363662ad4b2c197e1adc770cd94"
+        );
+        assert!(include_str!("vendor/README.md").contains(&hex));
     }
 }
