@@ -76,8 +76,9 @@ impl Detector {
         }
     }
 
-    /// Ends the interval at `now` (unix seconds): runs the detectors, folds
-    /// the window into the baselines, and returns what is to be reported.
+    /// Ends the interval at `now` (unix seconds): runs the detectors (but
+    /// for the kinds `check` already reported in this interval), folds the
+    /// window into the baselines, and returns what is to be reported.
     #[expect(clippy::cast_precision_loss, reason = "counts as EWMA input")]
     pub fn tick(&mut self, now: u64) -> Vec<Anomaly> {
         let cfg = &self.cfg;
