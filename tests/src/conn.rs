@@ -133,7 +133,11 @@ impl Conn {
             .strip_prefix("connected ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("{}: could not connect to {addr}: {line}", lines.what));
-        HeldConn { lines, local }
+        HeldConn {
+            lines,
+            local,
+            queries: 0,
+        }
     }
 
     /// Calls `connect()` on one UDP socket `n` times, `pause` apart, to
@@ -362,6 +366,8 @@ impl ConnectLoop {
 pub struct HeldConn {
     lines: Lines,
     local: SocketAddr,
+    /// Queries sent by [`HeldConn::query_for`] so far (numbers them).
+    queries: u64,
 }
 
 impl HeldConn {
@@ -380,6 +386,29 @@ impl HeldConn {
             .lines
             .wait_line(READY_TIMEOUT, |l| l == want || l.starts_with("send-error "));
         assert_eq!(line, want, "{}: write of {text:?} failed", self.lines.what);
+    }
+
+    /// Writes `per_second` "queries" of `size` bytes a second for
+    /// `duration`, paced by the clock (a client on a pooled connection).
+    /// Each query is a distinct text, so each write's acknowledgement is
+    /// its own.
+    pub fn query_for(&mut self, size: usize, per_second: u32, duration: Duration) {
+        let start = std::time::Instant::now();
+        let every = Duration::from_secs(1) / per_second.max(1);
+        let mut k = 0;
+        loop {
+            let due = start + every * k;
+            if due >= start + duration {
+                break;
+            }
+            k += 1;
+            thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            self.queries += 1;
+            let mut text = format!("q{}-", self.queries);
+            text.extend(std::iter::repeat_n('x', size.saturating_sub(text.len())));
+            self.send(&text);
+        }
+        thread::sleep((start + duration).saturating_duration_since(std::time::Instant::now()));
     }
 
     /// Whether `text` arrived from the peer within `timeout`.

@@ -16,6 +16,7 @@
 //! ([`PrometheusServer`]) that scrapes a real agent, and the DNS proxy
 //! tests a real `dnsmasq` ([`DnsServer`]) queried with `dig`.
 
+pub mod anomaly;
 pub mod bpf;
 pub mod browser;
 pub mod cgroup;

@@ -1,13 +1,15 @@
 //! The seeded evaluation behind `cargo xtask eval-anomaly`: a synthetic day
 //! of traffic for several services with injected attacks, replayed through
 //! the detectors (default config, one-minute intervals) on a simulated
-//! clock; precision, recall and false alarms per hour, per detector.
+//! clock, checked every second as the daemon does; precision, recall, false
+//! alarms per hour and time to detect, per detector.
 //!
 //! A development tool, not part of the shipped `bulkhead` binary: it uses
 //! the detectors through the library. Run it with `cargo xtask
 //! eval-anomaly` (or `cargo run --release -p agent --example eval-anomaly
 //! -- --seed 7`); `cargo test -p agent` runs its test.
 
+mod clock;
 mod rng;
 mod workload;
 
@@ -22,31 +24,65 @@ use workload::{attack, background, cases, profiles, Case};
 const INTERVALS: u64 = 1440;
 const T0: u64 = 1_800_000_000;
 
-/// Started anomalies: (interval index, service, kind).
-type Detections = Vec<(u64, String, Kind)>;
+/// Seeds the event times apart from the traffic: the same seed gives the
+/// same traffic as before times were drawn.
+const TIMING_SEED: u64 = 0x7469_6d65;
 
-fn replay(seed: u64, inject: bool) -> (Detections, AnomalyConfig) {
+/// A started anomaly: the interval (index) and second (since `T0`) it was
+/// reported in, its service and kind.
+struct Detection {
+    interval: u64,
+    at_s: u64,
+    service: String,
+    kind: Kind,
+}
+
+fn replay(seed: u64, inject: bool) -> (Vec<Detection>, AnomalyConfig) {
     let cfg = AnomalyConfig::default();
+    let len = cfg.interval_s;
     let mut d = Detector::new(cfg.clone());
     let mut rng = Rng::new(seed);
+    let mut timing = Rng::new(seed ^ TIMING_SEED);
     let profiles = profiles();
     let cases = if inject { cases() } else { Vec::new() };
     let mut found = Vec::new();
-    let mut batch = Vec::new();
+    let mut events = Vec::new();
+    let mut batch = clock::Timed::new();
     for i in 0..INTERVALS {
         for p in &profiles {
-            background(&mut rng, p, i, &mut batch);
+            background(&mut rng, p, i, &mut events);
+            clock::scatter(&mut timing, len, &mut events, &mut batch);
             for c in cases.iter().filter(|c| c.service == p.name && active(c, i)) {
-                attack(&mut rng, c, p, &mut batch);
+                attack(&mut rng, c, p, &mut events);
+                let from = if i == c.start { c.at_s } else { 0 };
+                clock::spread(from, len, &mut events, &mut batch);
             }
         }
-        for ev in batch.drain(..) {
-            d.observe(&ev);
-        }
-        for a in d.tick(T0 + (i + 1) * cfg.interval_s) {
-            if a.emit == Emit::Started {
-                found.push((i, a.service, a.finding.kind));
+        batch.sort_by_key(|(s, _)| *s);
+        let mut due = batch.drain(..).peekable();
+        // Second by second: the events of that second, then a check as
+        // the daemon makes every second (at the last, the interval's end).
+        for s in 0..len {
+            while let Some((_, ev)) = due.next_if(|(t, _)| *t <= s) {
+                d.observe(&ev);
             }
+            let now = i * len + s + 1;
+            let reported = if s + 1 == len {
+                d.tick(T0 + now)
+            } else {
+                d.check(T0 + now)
+            };
+            found.extend(
+                reported
+                    .into_iter()
+                    .filter(|a| a.emit == Emit::Started)
+                    .map(|a| Detection {
+                        interval: i,
+                        at_s: now,
+                        service: a.service,
+                        kind: a.finding.kind,
+                    }),
+            );
         }
     }
     (found, cfg)
@@ -70,6 +106,8 @@ pub struct KindScore {
     pub true_detections: usize,
     pub false_alarms: usize,
     pub clean_false_alarms: usize,
+    /// Per recalled case: seconds from its first event to its report.
+    pub time_to_detect: Vec<u64>,
 }
 
 pub struct Report {
@@ -98,24 +136,27 @@ pub fn run(seed: u64) -> Report {
     for (kind, s) in &mut scores {
         for c in cases.iter().filter(|c| c.expect == *kind) {
             s.cases += 1;
-            if found
+            // Its first report by the detector meant for it.
+            let first = found
                 .iter()
-                .any(|(i, svc, k)| k == kind && matches(c, svc, *i))
-            {
+                .find(|f| f.kind == *kind && matches(c, &f.service, f.interval));
+            if let Some(f) = first {
                 s.recalled += 1;
+                let started = c.start * cfg.interval_s + c.at_s;
+                s.time_to_detect.push(f.at_s.saturating_sub(started));
             } else {
                 missed.push(format!("{} on {} ({})", c.name, c.service, kind.as_str()));
             }
         }
-        for (i, svc, _) in found.iter().filter(|(_, _, k)| k == kind) {
+        for f in found.iter().filter(|f| f.kind == *kind) {
             s.detections += 1;
-            if cases.iter().any(|c| matches(c, svc, *i)) {
+            if cases.iter().any(|c| matches(c, &f.service, f.interval)) {
                 s.true_detections += 1;
             } else {
                 s.false_alarms += 1;
             }
         }
-        s.clean_false_alarms = clean.iter().filter(|(_, _, k)| k == kind).count();
+        s.clean_false_alarms = clean.iter().filter(|f| f.kind == *kind).count();
     }
     Report {
         seed,
@@ -139,17 +180,21 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Seed {}; {} services, one simulated day of one-minute intervals, default `[anomaly]` config; {:.1} service-hours of normal traffic after warm-up.\n",
+            "Seed {}; {} services, one simulated day of one-minute intervals checked every second, default `[anomaly]` config; {:.1} service-hours of normal traffic after warm-up. Time to detect: seconds from an attack's first event to its report, median and worst of the cases detected.\n",
             self.seed,
             profiles().len(),
             self.normal_hours
         );
-        out.push_str("| kind | injected cases | recall | detections | precision | false alarms | false alarms / hour (normal traffic) | false alarms, clean run |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|\n");
+        out.push_str("| kind | injected cases | recall | detections | precision | false alarms | false alarms / hour (normal traffic) | false alarms, clean run | time to detect, median (s) | time to detect, worst (s) |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
         for (k, s) in &self.scores {
+            let (median, worst) = clock::median_and_worst(&s.time_to_detect)
+                .map_or(("n/a".to_string(), "n/a".to_string()), |(m, w)| {
+                    (format!("{m:.1}"), w.to_string())
+                });
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {:.3} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {} | {median} | {worst} |",
                 k.as_str(),
                 s.cases,
                 ratio(s.recalled, s.cases),
@@ -235,5 +280,18 @@ mod tests {
                 a.markdown()
             );
         }
+        // The scans cross the fan-out limits within 4 s of starting; the
+        // report must follow within a second, not at the interval's end.
+        let fan_out = a
+            .scores
+            .iter()
+            .find(|(k, _)| *k == bulkhead::anomaly::Kind::FanOut)
+            .map(|(_, s)| s.time_to_detect.clone())
+            .unwrap_or_default();
+        assert!(
+            !fan_out.is_empty() && fan_out.iter().all(|t| *t <= 5),
+            "fan_out time to detect {fan_out:?}: {}",
+            a.markdown()
+        );
     }
 }

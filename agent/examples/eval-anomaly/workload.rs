@@ -92,34 +92,55 @@ pub struct Case {
     pub service: &'static str,
     /// Which detector must see it.
     pub expect: Kind,
-    /// First and last interval (index) of the attack.
+    /// First interval (index) of the attack, and how many it lasts.
     pub start: u64,
     pub intervals: u64,
+    /// The second of its first interval at which it starts.
+    pub at_s: u64,
 }
 
 /// Two rounds of every attack, on different services, after warm-up.
 #[must_use]
 pub fn cases() -> Vec<Case> {
-    let c = |name, service, expect, start, intervals| Case {
+    let c = |name, service, expect, (start, at_s), intervals| Case {
         name,
         service,
         expect,
         start,
         intervals,
+        at_s,
     };
     vec![
-        c("port scan", "web", Kind::FanOut, 240, 2),
-        c("exfiltration", "db", Kind::VolumeSpike, 360, 3),
-        c("new destination", "billing", Kind::NewDestination, 480, 1),
-        c("lateral movement", "worker", Kind::NewDestination, 600, 2),
-        c("deny probing", "cache", Kind::DenyBurst, 720, 2),
-        c("connection flood", "api", Kind::RateSpike, 840, 2),
-        c("host sweep", "worker", Kind::FanOut, 960, 1),
-        c("exfiltration", "billing", Kind::VolumeSpike, 1080, 2),
-        c("new destination", "db", Kind::NewDestination, 1140, 1),
-        c("lateral movement", "api", Kind::NewDestination, 1200, 1),
-        c("deny probing", "web", Kind::DenyBurst, 1260, 1),
-        c("connection flood", "cache", Kind::RateSpike, 1320, 1),
+        c("port scan", "web", Kind::FanOut, (240, 20), 2),
+        c("exfiltration", "db", Kind::VolumeSpike, (360, 35), 3),
+        c(
+            "new destination",
+            "billing",
+            Kind::NewDestination,
+            (480, 10),
+            1,
+        ),
+        c(
+            "lateral movement",
+            "worker",
+            Kind::NewDestination,
+            (600, 45),
+            2,
+        ),
+        c("deny probing", "cache", Kind::DenyBurst, (720, 5), 2),
+        c("connection flood", "api", Kind::RateSpike, (840, 30), 2),
+        c("host sweep", "worker", Kind::FanOut, (960, 50), 1),
+        c("exfiltration", "billing", Kind::VolumeSpike, (1080, 15), 2),
+        c("new destination", "db", Kind::NewDestination, (1140, 40), 1),
+        c(
+            "lateral movement",
+            "api",
+            Kind::NewDestination,
+            (1200, 25),
+            1,
+        ),
+        c("deny probing", "web", Kind::DenyBurst, (1260, 55), 1),
+        c("connection flood", "cache", Kind::RateSpike, (1320, 0), 1),
     ]
 }
 

@@ -137,7 +137,8 @@ impl Default for DenyBurst {
     }
 }
 
-/// Bytes sent (tcp_closed `bytes_sent`) per interval against the baseline.
+/// Bytes sent by TCP connections (open ones' summaries, closes) per
+/// interval against the baseline.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VolumeSpike {

@@ -1,6 +1,7 @@
-//! The per-service detectors as one value: `observe` every event, `tick`
-//! at the end of every interval with the time it is (a controllable clock:
-//! the daemon passes the wall clock, tests and the evaluation their own).
+//! The per-service detectors as one value: `observe` every event, `check`
+//! every second or so (the threshold detectors, `early`), `tick` at the end
+//! of every interval, each with the time it is (a controllable clock: the
+//! daemon passes the wall clock, tests and the evaluation their own).
 
 use std::collections::HashMap;
 
@@ -8,7 +9,7 @@ use super::{
     config::AnomalyConfig,
     detect,
     finding::{Finding, Kind},
-    group::Emit,
+    group::{Emit, Group},
     service::ServiceState,
 };
 use crate::events::{EventType, FlowEvent};
@@ -75,8 +76,9 @@ impl Detector {
         }
     }
 
-    /// Ends the interval at `now` (unix seconds): runs the detectors, folds
-    /// the window into the baselines, and returns what is to be reported.
+    /// Ends the interval at `now` (unix seconds): runs the detectors (but
+    /// for the kinds `check` already reported in this interval), folds the
+    /// window into the baselines, and returns what is to be reported.
     #[expect(clippy::cast_precision_loss, reason = "counts as EWMA input")]
     pub fn tick(&mut self, now: u64) -> Vec<Anomaly> {
         let cfg = &self.cfg;
@@ -98,27 +100,46 @@ impl Detector {
                 s.known.insert(d);
             }
             for (i, f) in findings.into_iter().enumerate() {
-                let group = &mut s.groups[i];
-                let Some(finding) = f else {
-                    group.calm(cfg.quiet_intervals);
+                // Reported by an early check: that was this interval's
+                // firing (the group counts intervals, not checks).
+                if s.window.reported(Kind::ALL[i]) {
                     continue;
-                };
-                if let Some(emit) = group.fire(now, cfg.update_every) {
-                    out.push(Anomaly {
-                        service: name.clone(),
-                        finding,
-                        emit,
-                        first_seen: group.first_seen,
-                        last_seen: group.last_seen,
-                        count: group.count,
-                        window_s: cfg.interval_s,
-                    });
+                }
+                let group = &mut s.groups[i];
+                match f {
+                    Some(finding) => out.extend(report(cfg, name, group, finding, now)),
+                    None => group.calm(cfg.quiet_intervals),
                 }
             }
             s.intervals += 1;
             s.window.clear();
         }
-        out.sort_by(|a, b| (&a.service, a.finding.kind).cmp(&(&b.service, b.finding.kind)));
+        sort(&mut out);
         out
     }
+}
+
+/// `finding` fired for service `name` at `now`: what its group reports.
+pub(super) fn report(
+    cfg: &AnomalyConfig,
+    name: &str,
+    group: &mut Group,
+    finding: Finding,
+    now: u64,
+) -> Option<Anomaly> {
+    let emit = group.fire(now, cfg.update_every)?;
+    Some(Anomaly {
+        service: name.to_string(),
+        finding,
+        emit,
+        first_seen: group.first_seen,
+        last_seen: group.last_seen,
+        count: group.count,
+        window_s: cfg.interval_s,
+    })
+}
+
+/// A stable order: by service, then kind.
+pub(super) fn sort(out: &mut [Anomaly]) {
+    out.sort_by(|a, b| (&a.service, a.finding.kind).cmp(&(&b.service, b.finding.kind)));
 }

@@ -9,6 +9,7 @@
 //! - `detect`: one file per detector
 //! - `group`: one event per anomaly, then bounded updates
 //! - `detector`: all of it behind `observe` / `tick(now)`
+//! - `early`: `check(now)`, the threshold detectors reported mid-interval
 //! - `state`: baselines in `anomaly.json`
 //! - `event`, `task`, `stats`: decision-log events, the daemon task, metrics
 //!
@@ -19,6 +20,7 @@ mod config;
 mod dest;
 mod detect;
 mod detector;
+mod early;
 mod event;
 mod ewma;
 mod finding;

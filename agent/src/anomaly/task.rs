@@ -1,6 +1,6 @@
 //! The daemon's detectors: counted from every event through a hub tap,
-//! scored by a task every interval, which publishes anomaly events and
-//! saves the baselines.
+//! scored by a task every interval (which saves the baselines) and, for the
+//! threshold detectors, every second; it publishes the anomaly events.
 
 use std::{
     path::PathBuf,
@@ -11,7 +11,11 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
-    config::AnomalyConfig, detector::Detector, event::to_event, state, stats::AnomalyStats,
+    config::AnomalyConfig,
+    detector::{Anomaly, Detector},
+    event::to_event,
+    state,
+    stats::AnomalyStats,
 };
 use crate::events::{FlowEvent, Hub, Sink, Tap};
 
@@ -32,6 +36,11 @@ impl Tap for Shared {
         }
     }
 }
+
+/// How often the threshold detectors look at the interval so far: what a
+/// sweep waits at most, past the event's own way through the ring buffer
+/// (a few counters per service: cheap).
+const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -104,44 +113,69 @@ pub fn spawn(
     let hub = Arc::clone(hub);
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
     let handle = tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval_at(start + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval_at(start + CHECK_EVERY, CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            // `biased`: when both are due, the interval's end comes first
+            // (it scores the whole window; a check after it sees a new one).
             tokio::select! {
+                biased;
                 _ = stopping.changed() => {
                     // The interval in progress is not scored; what was
                     // learnt so far is kept.
-                    let saved = shared.detector().save_state();
-                    if let Err(e) = state::write(&state_dir, &saved) {
-                        warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
-                    }
+                    save(&shared, &state_dir);
                     break;
                 }
                 _ = tick.tick() => {
                     // Scored under the lock; published after it is
                     // released (publishing runs the tap, which takes it).
                     let found = shared.detector().tick(unix_now());
-                    if !found.is_empty() {
-                        let events: Vec<_> = found.iter().map(to_event).collect();
-                        for a in &found {
-                            stats.count(&a.service, a.finding.kind.as_str(), a.finding.severity.as_str());
-                            warn!(service = %a.service, kind = a.finding.kind.as_str(), observed = a.finding.observed, baseline = a.finding.baseline, "anomaly");
-                        }
-                        if let Some(s) = sink.as_mut() {
-                            let written = events.iter().try_for_each(|e| s.write(e)).and_then(|()| s.flush());
-                            if let Err(e) = written {
-                                warn!("cannot write the anomaly sink: {e}");
-                            }
-                        }
-                        hub.publish(events);
-                    }
-                    let saved = shared.detector().save_state();
-                    if let Err(e) = state::write(&state_dir, &saved) {
-                        warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
-                    }
+                    publish(&found, &stats, sink.as_mut(), &hub);
+                    save(&shared, &state_dir);
+                }
+                _ = check.tick() => {
+                    let found = shared.detector().check(unix_now());
+                    publish(&found, &stats, sink.as_mut(), &hub);
                 }
             }
         }
     });
     Ok(Some(AnomalyTask { handle, stop }))
+}
+
+/// Counts, logs and publishes what the detectors reported (nothing if
+/// empty).
+fn publish(found: &[Anomaly], stats: &AnomalyStats, sink: Option<&mut Sink>, hub: &Hub) {
+    if found.is_empty() {
+        return;
+    }
+    let events: Vec<_> = found.iter().map(to_event).collect();
+    for a in found {
+        stats.count(
+            &a.service,
+            a.finding.kind.as_str(),
+            a.finding.severity.as_str(),
+        );
+        warn!(service = %a.service, kind = a.finding.kind.as_str(), observed = a.finding.observed, baseline = a.finding.baseline, "anomaly");
+    }
+    if let Some(s) = sink {
+        let written = events
+            .iter()
+            .try_for_each(|e| s.write(e))
+            .and_then(|()| s.flush());
+        if let Err(e) = written {
+            warn!("cannot write the anomaly sink: {e}");
+        }
+    }
+    hub.publish(events);
+}
+
+fn save(shared: &Shared, state_dir: &std::path::Path) {
+    let saved = shared.detector().save_state();
+    if let Err(e) = state::write(state_dir, &saved) {
+        warn!(dir = %state_dir.display(), "cannot save the anomaly baselines: {e}");
+    }
 }

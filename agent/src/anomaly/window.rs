@@ -3,7 +3,10 @@
 
 use std::net::IpAddr;
 
-use super::dest::{Bounded, DestKey, Samples};
+use super::{
+    dest::{Bounded, DestKey, Samples},
+    finding::Kind,
+};
 
 /// Initial room of the per-interval sets; they grow to their cap once and
 /// keep that memory across intervals.
@@ -15,7 +18,8 @@ pub struct Window {
     pub conns: u64,
     /// Denied (or would-be denied, in audit mode) attempts.
     pub denies: u64,
-    /// Bytes sent by outbound TCP connections that closed.
+    /// Bytes sent by outbound TCP connections: open ones' per-interval
+    /// summaries and what a close adds to them.
     pub bytes: u64,
     pub hosts: Bounded<IpAddr>,
     pub ports: Bounded<u16>,
@@ -24,6 +28,9 @@ pub struct Window {
     pub conn_samples: Samples,
     pub deny_samples: Samples,
     pub byte_samples: Samples,
+    /// Kinds already reported in this interval by an early check (bits by
+    /// `Kind as usize`): the interval's end must not report them again.
+    reported: u8,
 }
 
 impl Window {
@@ -39,6 +46,7 @@ impl Window {
             conn_samples: Samples::new(),
             deny_samples: Samples::new(),
             byte_samples: Samples::new(),
+            reported: 0,
         }
     }
 
@@ -52,5 +60,15 @@ impl Window {
         self.conn_samples.clear();
         self.deny_samples.clear();
         self.byte_samples.clear();
+        self.reported = 0;
+    }
+
+    #[must_use]
+    pub fn reported(&self, kind: Kind) -> bool {
+        self.reported & (1 << kind as u8) != 0
+    }
+
+    pub fn mark_reported(&mut self, kind: Kind) {
+        self.reported |= 1 << kind as u8;
     }
 }

@@ -1,5 +1,6 @@
-//! The detectors: each reads one service's window and baselines at the end
-//! of an interval and says whether it saw an anomaly.
+//! The detectors: each reads one service's window and baselines and says
+//! whether it saw an anomaly. All run at the end of an interval; the
+//! threshold ones (`EARLY`) also while it fills.
 
 mod deny;
 mod fan_out;
@@ -25,6 +26,21 @@ pub fn run(cfg: &AnomalyConfig, s: &ServiceState) -> [Option<Finding>; 5] {
         deny::check(cfg, s),
         volume::check(cfg, s),
     ]
+}
+
+/// The threshold detectors: absolute limits that a window's counts only
+/// ever cross upwards, so a crossing seen mid-interval is that interval's
+/// anomaly already (`Detector::check` reports it at once).
+pub const EARLY: [Kind; 2] = [Kind::FanOut, Kind::DenyBurst];
+
+/// The finding of threshold detector `kind` on the window so far.
+#[must_use]
+pub fn early(cfg: &AnomalyConfig, s: &ServiceState, kind: Kind) -> Option<Finding> {
+    match kind {
+        Kind::FanOut => fan_out::check(cfg, s),
+        Kind::DenyBurst => deny::check(cfg, s),
+        Kind::RateSpike | Kind::NewDestination | Kind::VolumeSpike => None,
+    }
 }
 
 /// The finding of a spike detector (rate, volume): `observed` this interval

@@ -1,5 +1,6 @@
-//! Volume spike: bytes sent per interval (from tcp_closed) at `factor` x
-//! the EWMA baseline, with a floor, after warm-up: the exfiltration shape.
+//! Volume spike: bytes sent per interval (open connections' byte summaries
+//! and closes, each byte once) at `factor` x the EWMA baseline, with a
+//! floor, after warm-up: the exfiltration shape.
 
 use super::super::{
     config::AnomalyConfig,

@@ -1,4 +1,7 @@
 //! Detector tests on a controllable clock: every tick passes its own time.
+//! `early`: the threshold detectors' mid-interval reports.
+
+mod early;
 
 use std::net::IpAddr;
 
@@ -84,6 +87,14 @@ impl Clock {
         }
         self.now += self.d.config().interval_s;
         self.d.tick(self.now)
+    }
+
+    /// Counts `events`, then checks `at` seconds into the interval.
+    fn check_at(&mut self, at: u64, events: &[FlowEvent]) -> Vec<super::Anomaly> {
+        for e in events {
+            self.d.observe(e);
+        }
+        self.d.check(self.now + at)
     }
 
     fn quiet_intervals(&mut self, n: usize, events: &[FlowEvent]) {
