@@ -8,7 +8,7 @@ use flate2::{write::GzEncoder, Compression as Level};
 
 use super::{
     config::{Compression, Protocol},
-    otlp_json, otlp_proto,
+    otlp,
     record::{nanos, record, resource},
 };
 use crate::events::FlowEvent;
@@ -23,7 +23,7 @@ pub struct Body {
 /// The body of one request for `batch`.
 ///
 /// # Errors
-/// Only if gzip fails to write to memory.
+/// Only if JSON or gzip fails to write to memory.
 pub fn encode(
     batch: &[Arc<FlowEvent>],
     host: &str,
@@ -32,16 +32,10 @@ pub fn encode(
 ) -> std::io::Result<Body> {
     let observed = nanos(SystemTime::now());
     let records: Vec<_> = batch.iter().map(|ev| record(ev, observed)).collect();
-    let resource = resource(host);
+    let request = otlp::request(&resource(host), &records, observed);
     let (raw, content_type) = match protocol {
-        Protocol::HttpJson => (
-            otlp_json::encode(&resource, &records, observed),
-            "application/json",
-        ),
-        Protocol::HttpProtobuf => (
-            otlp_proto::encode(&resource, &records, observed),
-            "application/x-protobuf",
-        ),
+        Protocol::HttpJson => (otlp::json(&request)?, "application/json"),
+        Protocol::HttpProtobuf => (otlp::protobuf(&request), "application/x-protobuf"),
     };
     let (bytes, gzip) = match compression {
         Compression::None => (raw, false),

@@ -5,8 +5,8 @@
 //!
 //! - `config`: the `[export]` section; `settings`: it merged with the
 //!   `OTEL_EXPORTER_OTLP_*` environment
-//! - `record`: an event as a log record; `otlp_json`, `otlp_proto`: the
-//!   request in each encoding; `body`: encoded and compressed
+//! - `record`: an event as a log record; `otlp`: the request, in either
+//!   encoding; `body`: encoded and compressed
 //! - `client`: the HTTP(S) client; `delivery`: sending with retries
 //! - `sender`: the queue and the tasks
 //! - `stats`: sent and dropped, for the metrics
@@ -15,8 +15,7 @@ mod body;
 mod client;
 mod config;
 mod delivery;
-mod otlp_json;
-mod otlp_proto;
+mod otlp;
 mod record;
 mod sender;
 pub mod settings;

@@ -1,6 +1,6 @@
 //! One event as one OTLP log record, before encoding: its time, severity,
-//! name, body (the event's JSON line) and attributes. `otlp_json` and
-//! `otlp_proto` write the same records in the two encodings OTLP/HTTP has.
+//! name, body (the event's JSON line) and attributes; `otlp` makes the
+//! request of them.
 
 use std::{
     net::IpAddr,

@@ -596,3 +596,58 @@ async fn tls_with_the_ca_file_and_refused_without_it() {
     assert_eq!(r.records().len(), 1, "nothing more arrived");
     exporter.abort();
 }
+
+/// What the exporter logs, kept (a writer for `tracing_subscriber`).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread: the exporter's tasks run where the test's log subscriber is
+// the default.
+#[tokio::test(flavor = "current_thread")]
+async fn the_first_failure_of_each_kind_is_logged_once_with_its_cause() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // Nothing listens there: every attempt is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let (hub, _dir) = hub();
+    let stats = Arc::new(ExportStats::default());
+    let exporter = start(&config(port), &hub, &stats);
+    for pid in 1..=3 {
+        hub.publish(vec![verdict(pid)]);
+        eventually("the batch dropped after its retries", || {
+            ExportStats::get(&stats.dropped_retries) == u64::from(pid)
+        })
+        .await;
+    }
+    // Three batches, two attempts each: six failures, one line.
+    assert_eq!(ExportStats::get(&stats.failed_requests), 6);
+    let text = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
+    let firsts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("first failure of this kind"))
+        .collect();
+    assert_eq!(firsts.len(), 1, "{text}");
+    assert!(firsts[0].contains("kind=\"connection\""), "{text}");
+    assert!(
+        firsts[0].contains("Connection refused"),
+        "the cause: {text}"
+    );
+    exporter.abort();
+}

@@ -1,6 +1,8 @@
-//! Records as an OTLP `ExportLogsServiceRequest` in protobuf
-//! (`http/protobuf`), with the OpenTelemetry project's generated message
-//! types.
+//! Records as an OTLP `ExportLogsServiceRequest`, built with the
+//! OpenTelemetry project's generated message types and encoded either way
+//! OTLP/HTTP has: protobuf (`http/protobuf`, prost) or the protobuf JSON
+//! mapping (`http/json`: lowerCamelCase names, 64-bit integers as strings,
+//! enums as numbers; the crate's serde derives follow it).
 
 use opentelemetry_proto::tonic::{
     collector::logs::v1::ExportLogsServiceRequest,
@@ -31,9 +33,13 @@ fn key_value((key, value): &(&'static str, Attr)) -> KeyValue {
     }
 }
 
-/// One request body.
+/// The request for `records`, about `resource`.
 #[must_use]
-pub fn encode(resource: &[(&'static str, Attr)], records: &[Record], observed_ns: u64) -> Vec<u8> {
+pub fn request(
+    resource: &[(&'static str, Attr)],
+    records: &[Record],
+    observed_ns: u64,
+) -> ExportLogsServiceRequest {
     let log_records = records
         .iter()
         .map(|r| LogRecord {
@@ -65,5 +71,18 @@ pub fn encode(resource: &[(&'static str, Attr)], records: &[Record], observed_ns
             ..ResourceLogs::default()
         }],
     }
-    .encode_to_vec()
+}
+
+/// `request` in protobuf.
+#[must_use]
+pub fn protobuf(request: &ExportLogsServiceRequest) -> Vec<u8> {
+    request.encode_to_vec()
+}
+
+/// `request` in the protobuf JSON mapping.
+///
+/// # Errors
+/// None in practice (plain data); serde_json's error otherwise.
+pub fn json(request: &ExportLogsServiceRequest) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(request)
 }
