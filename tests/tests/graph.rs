@@ -518,9 +518,10 @@ fn the_map_renders_in_headless_chromium() {
     let _ = browser.screenshot(&url, "graph.png");
 }
 
-/// A map of about 500 nodes from real traffic: `scanner` sweeps 400 closed
-/// ports of one address and port 80 of 100 addresses of one network
-/// (each refused at once by the kernel: nothing listens).
+/// A map of 500 endpoints and 2,000 edges from real traffic: four
+/// `scanner` services each sweep 400 closed ports of one address and port
+/// 80 of 100 addresses of one network (each refused at once by the
+/// kernel: nothing listens).
 #[test]
 fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
     if !require_bpf() {
@@ -531,13 +532,26 @@ fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
     else {
         return;
     };
-    let scanner = CgroupGuard::new();
-    let policy = service_policy(
-        &scanner,
-        "enforce",
-        &[Egress::to(["127.0.0.0/16"]).protocol("tcp")],
-    );
-    let policies = PolicyDir::with(&[("scanner.toml", &policy)]);
+    let scanners: Vec<CgroupGuard> = (0..4).map(|_| CgroupGuard::new()).collect();
+    let files: Vec<(String, String)> = scanners
+        .iter()
+        .enumerate()
+        .map(|(i, cg)| {
+            (
+                format!("scanner{i}.toml"),
+                service_policy(
+                    cg,
+                    "enforce",
+                    &[Egress::to(["127.0.0.0/16"]).protocol("tcp")],
+                ),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(f, p)| (f.as_str(), p.as_str()))
+        .collect();
+    let policies = PolicyDir::with(&refs);
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let daemon = start(&policies, state.path());
     let ports: Vec<SocketAddr> = (20_000..20_400)
@@ -546,14 +560,15 @@ fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
     let hosts: Vec<SocketAddr> = (1..=100)
         .map(|h| SocketAddr::from(([127, 0, 1, h], 80)))
         .collect();
-    let sweep = probe!().in_cgroup(scanner.path());
-    let _ = sweep.tcp_connect_each(&ports);
-    let _ = sweep.tcp_connect_each(&hosts);
-    let graph = wait_graph(&daemon, "the 500 endpoints of the sweep", |g| {
-        g["nodes"]
-            .as_array()
-            .is_some_and(|n| n.iter().filter(|n| n["kind"] == "endpoint").count() >= 500)
+    for cg in &scanners {
+        let sweep = probe!().in_cgroup(cg.path());
+        let _ = sweep.tcp_connect_each(&ports);
+        let _ = sweep.tcp_connect_each(&hosts);
+    }
+    let graph = wait_graph(&daemon, "the 2,000 edges of the sweeps", |g| {
+        g["edges"].as_array().is_some_and(|e| e.len() >= 2000)
     });
+    assert_eq!(graph["edges"].as_array().map_or(0, Vec::len), 2000);
     let nodes = graph["nodes"].as_array().map_or(0, Vec::len);
     let metrics = metrics_addr(&daemon);
 
@@ -563,7 +578,7 @@ fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
     for want in [
         "<li class=\"node folded\" data-id=\"fold:host:127.0.0.1\">127.0.0.1 (400 ports)</li>",
         "<li class=\"node folded\" data-id=\"fold:net:127.0.1.0/24\">127.0.1.0/24 (100 endpoints)</li>",
-        "<li class=\"edge\">scanner (enforce) → 127.0.0.1 (400 ports): tcp 400 ports ×400</li>",
+        "<li class=\"edge\">scanner0 (enforce) → 127.0.0.1 (400 ports): tcp 400 ports ×400</li>",
     ] {
         assert!(
             dom.contains(want),
@@ -577,12 +592,19 @@ fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
             .unwrap_or_else(|| panic!("no data-drawn-nodes in\n{}", readable(dom)))
     };
     let folded = drawn(&dom);
-    assert_eq!(folded, 3, "scanner and the two folded nodes of {nodes}");
+    assert_eq!(
+        folded, 6,
+        "the four scanners and the two folded nodes of {nodes}"
+    );
     let folded_ms = body_attribute(&dom, "data-render-ms").unwrap_or_default();
 
     // A search narrows the view to what matches and its neighbours.
     let dom = browser.dom(&format!("http://{metrics}/graph?q=127.0.1.7"));
-    assert_eq!(drawn(&dom), 2, "the network holding 127.0.1.7, and scanner");
+    assert_eq!(
+        drawn(&dom),
+        5,
+        "the network holding 127.0.1.7, and the scanners"
+    );
     assert!(dom.contains("data-id=\"fold:net:127.0.1.0/24\""));
     assert!(!dom.contains("data-id=\"fold:host:127.0.0.1\""));
 
@@ -591,8 +613,9 @@ fn a_500_node_map_folds_searches_and_renders_in_headless_chromium() {
     let dom = browser.dom(&unfolded_url);
     assert_eq!(drawn(&dom), nodes, "every node of the graph");
     let unfolded_ms = body_attribute(&dom, "data-render-ms").unwrap_or_default();
-    println!("render time in headless Chromium: folded ({folded} nodes) {folded_ms} ms, unfolded ({nodes} nodes) {unfolded_ms} ms");
-    eprintln!("render time in headless Chromium: folded ({folded} nodes) {folded_ms} ms, unfolded ({nodes} nodes) {unfolded_ms} ms");
+    let line = format!("render time in headless Chromium: folded ({folded} nodes) {folded_ms} ms, unfolded ({nodes} nodes, 2,000 edges) {unfolded_ms} ms");
+    println!("{line}");
+    eprintln!("{line}");
     let _ = browser.screenshot(&folded_url, "graph-500-folded.png");
     let _ = browser.screenshot(&unfolded_url, "graph-500-unfolded.png");
 }
