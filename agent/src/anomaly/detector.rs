@@ -100,12 +100,26 @@ impl Detector {
                 s.known.insert(d);
             }
             for (i, f) in findings.into_iter().enumerate() {
+                let group = &mut s.groups[i];
                 // Reported by an early check: that was this interval's
-                // firing (the group counts intervals, not checks).
-                if s.window.reported(Kind::ALL[i]) {
+                // firing (the group counts intervals, not checks). Reported
+                // again only if it grew worse since (a sweep crosses the
+                // limit at `low` and may end the interval far past it).
+                if let Some(early) = s.window.reported(Kind::ALL[i]) {
+                    if let Some(finding) = f.filter(|f| f.severity > early) {
+                        group.last_seen = now;
+                        out.push(Anomaly {
+                            service: name.clone(),
+                            finding,
+                            emit: Emit::Ongoing,
+                            first_seen: group.first_seen,
+                            last_seen: group.last_seen,
+                            count: group.count,
+                            window_s: cfg.interval_s,
+                        });
+                    }
                     continue;
                 }
-                let group = &mut s.groups[i];
                 match f {
                     Some(finding) => out.extend(report(cfg, name, group, finding, now)),
                     None => group.calm(cfg.quiet_intervals),

@@ -21,13 +21,13 @@ impl Detector {
         let mut out = Vec::new();
         for (name, s) in &mut self.services {
             for kind in detect::EARLY {
-                if s.window.reported(kind) {
+                if s.window.reported(kind).is_some() {
                     continue;
                 }
                 let Some(finding) = detect::early(cfg, s, kind) else {
                     continue;
                 };
-                s.window.mark_reported(kind);
+                s.window.mark_reported(kind, finding.severity);
                 out.extend(report(
                     cfg,
                     name,

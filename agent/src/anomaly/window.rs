@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use super::{
     dest::{Bounded, DestKey, Samples},
-    finding::Kind,
+    finding::{Kind, Severity},
 };
 
 /// Initial room of the per-interval sets; they grow to their cap once and
@@ -28,9 +28,10 @@ pub struct Window {
     pub conn_samples: Samples,
     pub deny_samples: Samples,
     pub byte_samples: Samples,
-    /// Kinds already reported in this interval by an early check (bits by
-    /// `Kind as usize`): the interval's end must not report them again.
-    reported: u8,
+    /// Kinds already reported in this interval by an early check, with
+    /// the severity reported (by `Kind as usize`): the interval's end does
+    /// not report them again unless the severity rose.
+    reported: [Option<Severity>; Kind::ALL.len()],
 }
 
 impl Window {
@@ -46,7 +47,7 @@ impl Window {
             conn_samples: Samples::new(),
             deny_samples: Samples::new(),
             byte_samples: Samples::new(),
-            reported: 0,
+            reported: [None; Kind::ALL.len()],
         }
     }
 
@@ -60,15 +61,16 @@ impl Window {
         self.conn_samples.clear();
         self.deny_samples.clear();
         self.byte_samples.clear();
-        self.reported = 0;
+        self.reported = [None; Kind::ALL.len()];
     }
 
+    /// The severity an early check reported `kind` with in this interval.
     #[must_use]
-    pub fn reported(&self, kind: Kind) -> bool {
-        self.reported & (1 << kind as u8) != 0
+    pub fn reported(&self, kind: Kind) -> Option<Severity> {
+        self.reported[kind as usize]
     }
 
-    pub fn mark_reported(&mut self, kind: Kind) {
-        self.reported |= 1 << kind as u8;
+    pub fn mark_reported(&mut self, kind: Kind, severity: Severity) {
+        self.reported[kind as usize] = Some(severity);
     }
 }

@@ -20,9 +20,29 @@ fn fan_out_crossed_mid_interval_is_reported_at_the_next_check_once() {
     assert!((a.finding.observed - 26.0).abs() < 1e-9, "{a:?}");
     // Stamped at the check, not at the interval's end.
     assert_eq!((a.first_seen, a.last_seen), (c.now + 3, c.now + 3));
-    // The sweep goes on: neither later checks nor the end report it again.
+    let crossed = a.finding.severity;
+    // The sweep goes on: later checks do not report it again; the end does
+    // once, as an update, because it grew worse (400 ports against 25).
     assert_eq!(c.check_at(4, &scan(27..=400)), vec![]);
-    assert_eq!(c.interval(&[]), vec![], "already reported this interval");
+    let end = c.interval(&[]);
+    assert_eq!(end.len(), 1, "{end:?}");
+    assert_eq!(
+        (end[0].finding.kind, end[0].emit),
+        (Kind::FanOut, Emit::Ongoing)
+    );
+    assert!(end[0].finding.severity > crossed, "{end:?}");
+    // Distinct ports are counted up to the window's cap (256).
+    assert!(end[0].finding.observed >= 256.0, "{end:?}");
+    assert_eq!(end[0].count, 1, "still one interval's firing");
+}
+
+#[test]
+fn an_early_report_that_does_not_grow_worse_is_not_repeated_at_the_end() {
+    let mut c = Clock::new(config(Kind::FanOut));
+    let got = c.check_at(3, &scan(1..=26));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(c.check_at(4, &scan(27..=27)), vec![]);
+    assert_eq!(c.interval(&[]), vec![], "same severity: already reported");
 }
 
 #[test]
@@ -76,7 +96,12 @@ fn deny_burst_crossed_mid_interval_is_reported_at_the_next_check_once() {
         c.check_at(3, &times(&denied("192.0.2.5", 5432), 50)),
         vec![]
     );
-    assert_eq!(c.interval(&[]), vec![]);
+    // 70 denials against 20: worse than when it crossed, so the end
+    // reports it once more, as an update.
+    let end = c.interval(&[]);
+    assert_eq!(end.len(), 1, "{end:?}");
+    assert_eq!(end[0].emit, Emit::Ongoing);
+    assert!(end[0].finding.severity > got[0].finding.severity, "{end:?}");
     // A new interval under the same burst: in the group, no update due.
     assert_eq!(
         c.check_at(1, &times(&denied("192.0.2.5", 5432), 20)),
