@@ -19,11 +19,28 @@ use tracing::warn;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// The client; `ca_file` adds its certificates to the system's.
+/// The certificates of a PEM file.
 ///
 /// # Errors
-/// The CA file cannot be read or holds no certificate; no trust anchor at
-/// all (neither the system's nor the file's).
+/// The file cannot be read or holds no certificate.
+pub fn read_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect)
+        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "CA file {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The client; `ca_file` adds its certificates to the system's. With no
+/// trust anchor at all (neither) it warns: plain `http://` still works.
+///
+/// # Errors
+/// The CA file cannot be read, holds no certificate, or one is refused.
 pub fn build(ca_file: Option<&Path>) -> Result<HttpClient, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -32,16 +49,7 @@ pub fn build(ca_file: Option<&Path>) -> Result<HttpClient, String> {
     }
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(Iterator::collect)
-            .map_err(|e| format!("export CA file {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "export CA file {}: no PEM certificate in it",
-                path.display()
-            ));
-        }
-        for cert in certs {
+        for cert in read_ca(path)? {
             roots
                 .add(cert)
                 .map_err(|e| format!("export CA file {}: {e}", path.display()))?;

@@ -96,11 +96,9 @@ impl ExportConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.otlp_endpoint.is_empty() {
-            if let Err(why) = super::settings::endpoint(&self.otlp_endpoint, true) {
-                out.push(format!(
-                    "export.otlp_endpoint = {:?}: {why}",
-                    self.otlp_endpoint
-                ));
+            let path = super::settings::LogsPath::IfNone;
+            if let Err(why) = super::settings::endpoint(&self.otlp_endpoint, path) {
+                out.push(format!("export.otlp_endpoint: {why}"));
             }
         }
         for (name, value) in &self.headers {

@@ -22,7 +22,7 @@ use super::{
     body::{self, Body},
     client::HttpClient,
     config::ExportConfig,
-    settings::Settings,
+    settings::{shown, Settings},
     stats::ExportStats,
 };
 use crate::events::FlowEvent;
@@ -92,10 +92,13 @@ pub async fn send_batches(
         };
         if ok == failing {
             failing = !ok;
+            let endpoint = shown(&settings.endpoint);
             if ok {
-                info!(endpoint = %settings.endpoint, "OTLP export works again");
+                info!(endpoint, "OTLP export works again");
+                // The next failure's cause is logged again, whatever its kind.
+                seen.clear();
             } else {
-                warn!(endpoint = %settings.endpoint, dropped = stats.dropped(), "OTLP export failing; events are queued, then dropped and counted (bulkhead_export_dropped_total)");
+                warn!(endpoint, dropped = stats.dropped(), "OTLP export failing; events are queued, then dropped and counted (bulkhead_export_dropped_total)");
             }
         }
         batch.clear();
@@ -204,7 +207,8 @@ impl Batch<'_> {
     }
 }
 
-/// Logs `cause` the first time a failure of `kind` happens.
+/// Logs `cause` the first time a failure of `kind` happens (since export
+/// last worked).
 fn first_of_kind(seen: &mut HashSet<String>, kind: &str, cause: &str) {
     if seen.insert(kind.to_string()) {
         warn!(kind, "OTLP export: first failure of this kind: {cause}");
@@ -246,6 +250,45 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connection_failure_with_its_cause() {
+        // Nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let cfg = ExportConfig {
+            otlp_endpoint: format!("http://{port}"),
+            ..ExportConfig::default()
+        };
+        let settings = crate::export::settings::resolve(&cfg, &|_| None)
+            .expect("valid")
+            .expect("on");
+        let client = crate::export::client::build(None).expect("client");
+        let stats = ExportStats::default();
+        let batch = Batch {
+            client: &client,
+            settings: &settings,
+            cfg: &cfg,
+            stats: &stats,
+            records: 1,
+        };
+        let body = Body {
+            bytes: bytes::Bytes::from_static(b"{}"),
+            content_type: "application/json",
+            gzip: false,
+        };
+        let Attempt::Failed { kind, cause, after } = batch.attempt(&body).await else {
+            panic!("a refused connection is a failure to retry");
+        };
+        assert_eq!((kind.as_str(), after), ("connection", None));
+        assert!(cause.contains("Connection refused"), "the cause: {cause}");
+        // Logged once per kind until export works again (the caller
+        // clears `seen` then).
+        let mut seen = HashSet::new();
+        first_of_kind(&mut seen, &kind, &cause);
+        assert!(!seen.insert(kind.clone()), "remembered");
+    }
 
     #[test]
     fn only_429_502_503_504_are_retried() {

@@ -45,7 +45,7 @@ pub fn spawn(
         return Ok(None);
     };
     let client = client::build(settings.ca_file.as_deref())?;
-    info!(endpoint = %settings.endpoint, protocol = ?settings.protocol, compression = ?settings.compression, "exporting events as OTLP logs");
+    info!(endpoint = super::settings::shown(&settings.endpoint), protocol = ?settings.protocol, compression = ?settings.compression, "exporting events as OTLP logs");
     let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
     let feeder = tokio::spawn(feed(hub.subscribe(), tx, cfg.events, Arc::clone(&stats)));
     let sender = tokio::spawn(delivery::send_batches(

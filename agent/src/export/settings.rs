@@ -57,18 +57,18 @@ pub fn resolve(
             // as it is.
             Some((name, value)) => {
                 let base = name == "OTEL_EXPORTER_OTLP_ENDPOINT";
-                let url = if base {
-                    format!("{}{LOGS_PATH}", value.trim_end_matches('/'))
+                let mode = if base {
+                    LogsPath::Always
                 } else {
-                    value.clone()
+                    LogsPath::Exact
                 };
-                endpoint(&url, false).map_err(|why| format!("{name} = {value:?}: {why}"))
+                endpoint(value.trim(), mode).map_err(|why| format!("{name}: {why}"))
             }
             None => return Ok(None),
         }
     } else {
-        endpoint(&cfg.otlp_endpoint, true)
-            .map_err(|why| format!("export.otlp_endpoint = {:?}: {why}", cfg.otlp_endpoint))
+        endpoint(&cfg.otlp_endpoint, LogsPath::IfNone)
+            .map_err(|why| format!("export.otlp_endpoint: {why}"))
     };
     let endpoint = endpoint.map_err(|p| problems.push(p)).ok();
 
@@ -117,10 +117,17 @@ pub fn resolve(
             },
         },
     };
-    let ca_file = cfg
-        .ca_file
-        .clone()
-        .or_else(|| var("CERTIFICATE").map(|(_, v)| PathBuf::from(v.trim())));
+    let ca = match &cfg.ca_file {
+        Some(path) => Some(("export.ca_file".to_string(), path.clone())),
+        None => var("CERTIFICATE").map(|(name, v)| (name, PathBuf::from(v.trim()))),
+    };
+    // Read now, so that a bad file refuses the start before READY.
+    if let Some((from, path)) = &ca {
+        if let Err(why) = super::client::read_ca(path) {
+            problems.push(format!("{from}: {why}"));
+        }
+    }
+    let ca_file = ca.map(|(_, path)| path);
 
     let mut headers = Vec::new();
     for (name, value) in &cfg.headers {
@@ -130,10 +137,15 @@ pub fn resolve(
         }
     }
     if let Some((var_name, list)) = var("HEADERS") {
-        for item in list.split(',').filter(|i| !i.trim().is_empty()) {
+        for (n, item) in list.split(',').enumerate() {
+            if item.trim().is_empty() {
+                continue;
+            }
             let Some((name, value)) = item.split_once('=') else {
+                // Not shown: it may hold the secret.
                 problems.push(format!(
-                    "{var_name}: {item:?} is not name=value (the list is name=value,name=value)"
+                    "{var_name}: item {} is not name=value (the list is name=value,name=value)",
+                    n + 1
                 ));
                 continue;
             };
@@ -166,21 +178,66 @@ pub fn resolve(
     }
 }
 
-/// An `http://` or `https://` URL with a host. `add_logs_path`: a URL
-/// without a path (or `/`) is a base, and `/v1/logs` is added to it.
+/// Where the logs path goes on an endpoint URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogsPath {
+    /// The URL as it is (`OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`).
+    Exact,
+    /// Added when the URL has no path (`[export] otlp_endpoint`).
+    IfNone,
+    /// Added to the URL's path (`OTEL_EXPORTER_OTLP_ENDPOINT`, a base).
+    Always,
+}
+
+/// An `http://` or `https://` URL with a host and no credentials, with
+/// `/v1/logs` added to its path as `logs_path` says (a query is kept).
 ///
 /// # Errors
 /// Why the URL is not usable.
-pub fn endpoint(url: &str, add_logs_path: bool) -> Result<Uri, String> {
+pub fn endpoint(url: &str, logs_path: LogsPath) -> Result<Uri, String> {
     let uri: Uri = url.parse().map_err(|e| format!("{e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err("must be an http:// or https:// URL with a host".to_string());
     }
-    if add_logs_path && matches!(uri.path(), "" | "/") && uri.query().is_none() {
-        let full = format!("{}{LOGS_PATH}", url.trim_end_matches('/'));
-        return full.parse().map_err(|e| format!("{e}"));
+    // hyper would not send them, and the URL is logged: a secret belongs
+    // in a header.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "must not hold credentials (user:password@): send them as a header (export.headers, OTEL_EXPORTER_OTLP_HEADERS)"
+                .to_string(),
+        );
     }
-    Ok(uri)
+    let path = uri.path();
+    let add = match logs_path {
+        LogsPath::Exact => false,
+        LogsPath::IfNone => matches!(path, "" | "/"),
+        LogsPath::Always => true,
+    };
+    if !add {
+        return Ok(uri);
+    }
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let full = format!("{}{LOGS_PATH}{query}", path.trim_end_matches('/'));
+    let mut parts = uri.into_parts();
+    parts.path_and_query = Some(full.parse().map_err(|e| format!("{e}"))?);
+    Uri::from_parts(parts).map_err(|e| format!("{e}"))
+}
+
+/// `uri` as it may be logged: without its query (which may hold a key).
+#[must_use]
+pub fn shown(uri: &Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or_default(),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    )
+}
+
+/// A header name as an error may show it: up to the first space or colon
+/// (a mistyped `Authorization: Bearer ...` must not reach the log whole).
+fn shown_name(name: &str) -> &str {
+    name.split([' ', ':']).next().unwrap_or_default()
 }
 
 /// A request header from a name and value.
@@ -189,7 +246,7 @@ pub fn endpoint(url: &str, add_logs_path: bool) -> Result<Uri, String> {
 /// A name or value HTTP does not allow.
 pub fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
     let n = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("{name:?} is not a header name"))?;
+        .map_err(|_| format!("{:?}... is not a header name", shown_name(name)))?;
     let v = HeaderValue::from_str(value)
         .map_err(|_| format!("the value of header {name:?} has a character HTTP does not allow"))?;
     Ok((n, v))
@@ -233,6 +290,19 @@ mod tests {
         }
         assert!(resolve(&cfg("ftp://c/v1/logs"), &env(&[])).is_err());
         assert!(resolve(&cfg("c:4318"), &env(&[])).is_err());
+        let creds = resolve(&cfg("https://user:token@c"), &env(&[])).expect_err("refused");
+        assert!(!creds.join("").contains("token"), "{creds:?}");
+        // A query is kept, after the added path.
+        let s = resolve(&cfg("http://c:4318/?tenant=a"), &env(&[]))
+            .expect("valid")
+            .expect("on");
+        assert_eq!(s.endpoint.to_string(), "http://c:4318/v1/logs?tenant=a");
+        assert_eq!(shown(&s.endpoint), "http://c:4318/v1/logs");
+        let base = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318?tenant=a")]);
+        let s = resolve(&ExportConfig::default(), &base)
+            .expect("valid")
+            .expect("on");
+        assert_eq!(s.endpoint.to_string(), "http://c:4318/v1/logs?tenant=a");
     }
 
     #[test]
@@ -246,7 +316,6 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem"),
         ]);
         let s = resolve(&ExportConfig::default(), &vars)
             .expect("valid")
@@ -255,7 +324,7 @@ mod tests {
         assert_eq!(s.compression, Compression::Gzip);
         assert_eq!(s.protocol, Protocol::HttpProtobuf);
         assert_eq!(s.timeout, Duration::from_millis(2500));
-        assert_eq!(s.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(s.ca_file, None);
         let headers: Vec<(String, String)> = s
             .headers
             .iter()
@@ -296,7 +365,11 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "novalue,bad name=1"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "novalue,Authorization: Bearer s3cret=1",
+            ),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
         ]);
         let problems = resolve(&ExportConfig::default(), &bad).expect_err("refused");
         let all = problems.join("\n");
@@ -304,11 +377,13 @@ mod tests {
             "OTEL_EXPORTER_OTLP_COMPRESSION = \"zstd\": must be gzip or none",
             "OTEL_EXPORTER_OTLP_PROTOCOL = \"grpc\"",
             "OTEL_EXPORTER_OTLP_TIMEOUT = \"soon\"",
-            "OTEL_EXPORTER_OTLP_HEADERS: \"novalue\" is not name=value",
-            "OTEL_EXPORTER_OTLP_HEADERS: \"bad name\" is not a header name",
+            "OTEL_EXPORTER_OTLP_HEADERS: item 1 is not name=value",
+            "OTEL_EXPORTER_OTLP_HEADERS: \"Authorization\"... is not a header name",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE: ",
         ] {
             assert!(all.contains(want), "missing {want:?} in\n{all}");
         }
-        assert_eq!(problems.len(), 5, "{all}");
+        assert!(!all.contains("s3cret"), "a secret in the error: {all}");
+        assert_eq!(problems.len(), 6, "{all}");
     }
 }
