@@ -36,6 +36,8 @@ pub struct OtlpRequest {
 /// (integers in decimal), the body parsed as the event's JSON.
 #[derive(Debug, Clone)]
 pub struct OtlpRecord {
+    /// The record's `eventName`.
+    pub event_name: String,
     pub resource: BTreeMap<String, String>,
     pub attributes: BTreeMap<String, String>,
     pub event: Value,
@@ -86,6 +88,7 @@ fn proto_records(body: &[u8]) -> Vec<OtlpRecord> {
                     panic!("a record without a string body: {rec:?}");
                 };
                 out.push(OtlpRecord {
+                    event_name: rec.event_name.clone(),
                     resource: resource.clone(),
                     attributes: text(&rec.attributes),
                     event: serde_json::from_str(body).expect("the body is an event"),
@@ -133,6 +136,7 @@ fn json_records(body: &[u8]) -> Vec<OtlpRecord> {
             {
                 let body = rec["body"]["stringValue"].as_str().expect("a string body");
                 out.push(OtlpRecord {
+                    event_name: rec["eventName"].as_str().unwrap_or_default().to_string(),
                     resource: resource.clone(),
                     attributes: json_attrs(&rec["attributes"]),
                     event: serde_json::from_str(body).expect("the body is an event"),
@@ -172,6 +176,15 @@ impl OtlpReceiver {
     #[must_use]
     pub fn requests(&self) -> Vec<OtlpRequest> {
         self.requests.lock().expect("lock").clone()
+    }
+
+    /// Every record of every request so far.
+    #[must_use]
+    pub fn records(&self) -> Vec<OtlpRecord> {
+        self.requests()
+            .iter()
+            .flat_map(OtlpRequest::records)
+            .collect()
     }
 
     /// Waits (up to 30 s) for a request holding a record that satisfies

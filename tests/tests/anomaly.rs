@@ -11,8 +11,7 @@
 
 use std::{
     fs,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -24,8 +23,8 @@ use integration_tests::{
     conn,
     conn::monotonic_ns,
     events::wait_event,
-    eventually,
     http::{http_get, metrics_addr},
+    otlp::OtlpReceiver,
     probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, NetnsGuard, PolicyDir,
 };
 
@@ -50,16 +49,43 @@ enabled = false
 enabled = false
 ";
 
+/// A service allowed TCP to every port of a "remote host" (a namespace),
+/// which it is about to scan.
+struct Scan {
+    remote: NetnsGuard,
+    svc: CgroupGuard,
+    target: Ipv4Addr,
+    policies: PolicyDir,
+}
+
+impl Scan {
+    fn new(service: &str) -> Self {
+        let remote = NetnsGuard::new();
+        let svc = CgroupGuard::new();
+        let target = remote.v4(2);
+        let rule = Egress::to([target]).protocol("tcp");
+        let policy = service_policy(&svc, "enforce", &[rule]);
+        let policies = PolicyDir::with(&[(&format!("{service}.toml"), &policy)]);
+        Self {
+            remote,
+            svc,
+            target,
+            policies,
+        }
+    }
+}
+
 #[test]
 fn port_scan_against_a_namespace_host_is_reported_with_its_evidence() {
     if !require_bpf() {
         return;
     }
-    let remote = NetnsGuard::new();
-    let svc = CgroupGuard::new();
-    let target = remote.v4(2);
-    let rule = Egress::to([target]).protocol("tcp");
-    let policies = PolicyDir::with(&[("scanner.toml", &service_policy(&svc, "enforce", &[rule]))]);
+    let Scan {
+        remote: _remote,
+        svc,
+        target,
+        policies,
+    } = Scan::new("scanner");
     let config = policies.path().join("bulkhead.toml.conf");
     let otlp = OtlpReceiver::start();
     let text = CONFIG.replace("OTLP", &otlp.addr.to_string());
@@ -134,9 +160,9 @@ fn port_scan_against_a_namespace_host_is_reported_with_its_evidence() {
     assert!(n >= 1, "{line}");
 
     // The same anomaly, as an OTLP log record (only anomalies are exported).
-    let record = otlp.wait_record(|body| body["anomaly"]["kind"] == "fan_out");
-    assert_eq!(record["eventName"], "bulkhead.anomaly", "{record:#}");
-    let bodies = otlp.bodies();
+    let (_, record) = otlp.wait_record(|r| r.event["anomaly"]["kind"] == "fan_out");
+    assert_eq!(record.event_name, "bulkhead.anomaly", "{record:#?}");
+    let bodies: Vec<Value> = otlp.records().into_iter().map(|r| r.event).collect();
     assert!(
         bodies.iter().all(|b| b["type"] == "anomaly"),
         "only anomalies are exported: {bodies:#?}"
@@ -154,11 +180,12 @@ fn a_port_sweep_is_reported_within_seconds_of_crossing_the_limit_not_at_the_inte
     if !require_bpf() {
         return;
     }
-    let remote = NetnsGuard::new();
-    let svc = CgroupGuard::new();
-    let target = remote.v4(2);
-    let rule = Egress::to([target]).protocol("tcp");
-    let policies = PolicyDir::with(&[("sweeper.toml", &service_policy(&svc, "enforce", &[rule]))]);
+    let Scan {
+        remote: _remote,
+        svc,
+        target,
+        policies,
+    } = Scan::new("sweeper");
     // One 60 s interval: the first interval's end comes 60 s after the
     // start, long after the sweep's report must have come.
     let started_ns = monotonic_ns();
@@ -293,88 +320,4 @@ fn ten_times_the_queries_over_one_open_connection_is_a_volume_spike() {
         .filter(|ev| ev["anomaly"]["kind"] != "volume_spike")
         .collect();
     assert!(others.is_empty(), "only the volume spike: {others:#?}");
-}
-
-/// A minimal OTLP/HTTP logs receiver (axum) on loopback, on its own thread
-/// and runtime; it keeps every log record it gets.
-struct OtlpReceiver {
-    addr: SocketAddr,
-    records: Arc<Mutex<Vec<Value>>>,
-}
-
-impl OtlpReceiver {
-    fn start() -> Self {
-        let records: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let kept = Arc::clone(&records);
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("cannot start a runtime: {e}"));
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .unwrap_or_else(|e| panic!("cannot bind the OTLP receiver: {e}"));
-                let _ = tx.send(listener.local_addr());
-                let app = axum::Router::new().route(
-                    "/v1/logs",
-                    axum::routing::post(move |body: axum::body::Bytes| async move {
-                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        let logs = v["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
-                            .as_array()
-                            .cloned()
-                            .unwrap_or_default();
-                        kept.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .extend(logs);
-                        "{}"
-                    }),
-                );
-                let _ = axum::serve(listener, app).await;
-            });
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(5))
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_else(|| panic!("the OTLP receiver did not start"));
-        Self { addr, records }
-    }
-
-    fn records(&self) -> Vec<Value> {
-        self.records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The events carried in the records' bodies.
-    fn bodies(&self) -> Vec<Value> {
-        self.records()
-            .iter()
-            .filter_map(|r| r["body"]["stringValue"].as_str())
-            .filter_map(|b| serde_json::from_str(b).ok())
-            .collect()
-    }
-
-    fn wait_record(&self, matches: impl Fn(&Value) -> bool) -> Value {
-        eventually(Duration::from_secs(10), Duration::from_millis(50), || {
-            self.records()
-                .into_iter()
-                .find(|r| {
-                    r["body"]["stringValue"]
-                        .as_str()
-                        .and_then(|b| serde_json::from_str::<Value>(b).ok())
-                        .is_some_and(|b| matches(&b))
-                })
-                .ok_or(())
-        })
-        .unwrap_or_else(|()| {
-            panic!(
-                "no matching OTLP record within 10 s; got {:#?}",
-                self.records()
-            )
-        })
-    }
 }
