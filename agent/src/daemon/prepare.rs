@@ -20,6 +20,8 @@ pub struct Plan {
     pub source: PolicySource,
     pub loaded: Loaded,
     pub mount: PathBuf,
+    /// The OTLP exporter's settings (None: export is off).
+    pub export: Option<crate::export::settings::Settings>,
 }
 
 /// Starts logging, loads the policy and checks the kernel and the control
@@ -82,7 +84,7 @@ pub(super) fn prepare(options: Options) -> Result<Plan> {
     }
     // The export's environment (OTEL_EXPORTER_OTLP_*) is checked here,
     // before READY: a bad variable refuses the start, naming it.
-    crate::export::settings::resolve(&config.export, &|k| std::env::var(k).ok())
+    let export = crate::export::settings::resolve(&config.export, &|k| std::env::var(k).ok())
         .map_err(|problems| anyhow!("OTLP export: {}", problems.join("; ")))?;
     if !config.metrics.listen.ip().is_loopback() {
         warn!(listen = %config.metrics.listen, "metrics endpoint is not on loopback: it exposes the service map to the network");
@@ -92,6 +94,7 @@ pub(super) fn prepare(options: Options) -> Result<Plan> {
         source,
         loaded,
         mount,
+        export,
     })
 }
 

@@ -92,6 +92,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         source,
         loaded,
         mount,
+        export,
     } = plan;
     let Loaded {
         set,
@@ -125,6 +126,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
             .quarantined(quarantines.services.keys());
     let (metrics, side) = start_side_tasks(
         &config,
+        export,
         &hub,
         &graph,
         counters,
@@ -260,6 +262,7 @@ struct SideTasks {
 )]
 fn start_side_tasks(
     config: &Config,
+    export: Option<crate::export::settings::Settings>,
     hub: &Arc<Hub>,
     graph: &Arc<crate::graph::Shared>,
     counters: KernelCounters,
@@ -298,9 +301,7 @@ fn start_side_tasks(
         anomaly_stats,
     )
     .context("cannot start anomaly detection")?;
-    let settings = crate::export::settings::resolve(&config.export, &|k| std::env::var(k).ok())
-        .map_err(|problems| anyhow!("OTLP export: {}", problems.join("; ")))?;
-    let exporter = crate::export::spawn(&config.export, settings, hub, export_stats)
+    let exporter = crate::export::spawn(&config.export, export, hub, export_stats)
         .map_err(|e| anyhow!("cannot start the OTLP exporter: {e}"))?;
     Ok((
         metrics,

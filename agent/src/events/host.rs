@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 static HOST: OnceLock<Box<str>> = OnceLock::new();
 
 /// Where the kernel keeps the host name.
-const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+pub const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 
 /// Sets the name events carry; only the first call counts (the daemon's,
 /// before any event is made). Returns false if it was set already.

@@ -36,23 +36,24 @@ pub fn read_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// The client; `ca_file` adds its certificates to the system's. With no
-/// trust anchor at all (neither) it warns: plain `http://` still works.
+/// The client; `ca` (a CA file's certificates, `read_ca`) is added to the
+/// system's. With no trust anchor at all (neither) it warns: plain
+/// `http://` still works.
 ///
 /// # Errors
-/// The CA file cannot be read, holds no certificate, or one is refused.
-pub fn build(ca_file: Option<&Path>) -> Result<HttpClient, String> {
+/// A certificate of `ca` is refused.
+pub fn build(ca: Option<&[CertificateDer<'static>]>) -> Result<HttpClient, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     if let Some(e) = native.errors.first() {
         warn!("some of the system's CA certificates could not be read: {e}");
     }
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-    if let Some(path) = ca_file {
-        for cert in read_ca(path)? {
+    if let Some(certs) = ca {
+        for cert in certs {
             roots
-                .add(cert)
-                .map_err(|e| format!("export CA file {}: {e}", path.display()))?;
+                .add(cert.clone())
+                .map_err(|e| format!("export CA file: {e}"))?;
         }
     } else if added == 0 {
         warn!("no CA certificate in the system's trust store: an https collector cannot be checked (set export.ca_file)");

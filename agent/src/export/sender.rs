@@ -44,7 +44,7 @@ pub fn spawn(
     let Some(settings) = settings else {
         return Ok(None);
     };
-    let client = client::build(settings.ca_file.as_deref())?;
+    let client = client::build(settings.ca.as_deref())?;
     info!(endpoint = super::settings::shown(&settings.endpoint), protocol = ?settings.protocol, compression = ?settings.compression, "exporting events as OTLP logs");
     let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
     let feeder = tokio::spawn(feed(hub.subscribe(), tx, cfg.events, Arc::clone(&stats)));

@@ -10,6 +10,7 @@ use hyper::{
     header::{HeaderName, HeaderValue},
     Uri,
 };
+use rustls::pki_types::CertificateDer;
 
 use super::config::{Compression, ExportConfig, Protocol, DEFAULT_TIMEOUT_MS};
 
@@ -22,7 +23,9 @@ pub struct Settings {
     pub protocol: Protocol,
     pub compression: Compression,
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub ca_file: Option<PathBuf>,
+    /// The CA file's certificates (`ca_file`, or the environment's), read
+    /// once here: a bad file refuses the start before READY.
+    pub ca: Option<Vec<CertificateDer<'static>>>,
     pub timeout: Duration,
 }
 
@@ -72,62 +75,49 @@ pub fn resolve(
     };
     let endpoint = endpoint.map_err(|p| problems.push(p)).ok();
 
-    let protocol = match cfg.protocol {
-        Some(p) => Some(p),
-        None => match var("PROTOCOL") {
-            None => Some(Protocol::HttpJson),
-            Some((name, value)) => match value.trim() {
-                "http/json" => Some(Protocol::HttpJson),
-                "http/protobuf" => Some(Protocol::HttpProtobuf),
-                other => {
-                    problems.push(format!(
-                        "{name} = {other:?}: must be http/json or http/protobuf (gRPC is not supported: use http/protobuf, port 4318)"
-                    ));
-                    None
-                }
-            },
+    let protocol = setting(
+        cfg.protocol,
+        var("PROTOCOL"),
+        Protocol::HttpJson,
+        |v| {
+            match v {
+            "http/json" => Ok(Protocol::HttpJson),
+            "http/protobuf" => Ok(Protocol::HttpProtobuf),
+            _ => Err("must be http/json or http/protobuf (gRPC is not supported: use http/protobuf, port 4318)"),
+        }
         },
-    };
-    let compression = match cfg.compression {
-        Some(c) => Some(c),
-        None => match var("COMPRESSION") {
-            None => Some(Compression::None),
-            Some((name, value)) => match value.trim() {
-                "gzip" => Some(Compression::Gzip),
-                "none" => Some(Compression::None),
-                other => {
-                    problems.push(format!("{name} = {other:?}: must be gzip or none"));
-                    None
-                }
-            },
+        &mut problems,
+    );
+    let compression = setting(
+        cfg.compression,
+        var("COMPRESSION"),
+        Compression::None,
+        |v| match v {
+            "gzip" => Ok(Compression::Gzip),
+            "none" => Ok(Compression::None),
+            _ => Err("must be gzip or none"),
         },
-    };
-    let timeout_ms = match cfg.timeout_ms {
-        Some(t) => Some(t),
-        None => match var("TIMEOUT") {
-            None => Some(DEFAULT_TIMEOUT_MS),
-            Some((name, value)) => match value.trim().parse::<u64>() {
-                Ok(t) if t >= 1 => Some(t),
-                _ => {
-                    problems.push(format!(
-                        "{name} = {value:?}: must be a whole number of milliseconds, at least 1"
-                    ));
-                    None
-                }
-            },
+        &mut problems,
+    );
+    let timeout_ms = setting(
+        cfg.timeout_ms,
+        var("TIMEOUT"),
+        DEFAULT_TIMEOUT_MS,
+        |v| match v.parse::<u64>() {
+            Ok(t) if t >= 1 => Ok(t),
+            _ => Err("must be a whole number of milliseconds, at least 1"),
         },
-    };
+        &mut problems,
+    );
     let ca = match &cfg.ca_file {
         Some(path) => Some(("export.ca_file".to_string(), path.clone())),
         None => var("CERTIFICATE").map(|(name, v)| (name, PathBuf::from(v.trim()))),
     };
-    // Read now, so that a bad file refuses the start before READY.
-    if let Some((from, path)) = &ca {
-        if let Err(why) = super::client::read_ca(path) {
-            problems.push(format!("{from}: {why}"));
-        }
-    }
-    let ca_file = ca.map(|(_, path)| path);
+    let ca = ca.and_then(|(from, path)| {
+        super::client::read_ca(&path)
+            .map_err(|why| problems.push(format!("{from}: {why}")))
+            .ok()
+    });
 
     let mut headers = Vec::new();
     for (name, value) in &cfg.headers {
@@ -170,12 +160,34 @@ pub fn resolve(
                 protocol,
                 compression,
                 headers,
-                ca_file,
+                ca,
                 timeout: Duration::from_millis(timeout_ms),
             }))
         }
         _ => Err(problems),
     }
+}
+
+/// The file's value; else the environment variable's (`env`: its name and
+/// value), parsed by `parse`, a problem naming the variable if it does not
+/// parse; else `default`.
+fn setting<T>(
+    file: Option<T>,
+    env: Option<(String, String)>,
+    default: T,
+    parse: impl Fn(&str) -> Result<T, &'static str>,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    if file.is_some() {
+        return file;
+    }
+    let Some((name, value)) = env else {
+        return Some(default);
+    };
+    let value = value.trim();
+    parse(value)
+        .map_err(|why| problems.push(format!("{name} = {value:?}: {why}")))
+        .ok()
 }
 
 /// Where the logs path goes on an endpoint URL.
@@ -324,7 +336,7 @@ mod tests {
         assert_eq!(s.compression, Compression::Gzip);
         assert_eq!(s.protocol, Protocol::HttpProtobuf);
         assert_eq!(s.timeout, Duration::from_millis(2500));
-        assert_eq!(s.ca_file, None);
+        assert_eq!(s.ca, None);
         let headers: Vec<(String, String)> = s
             .headers
             .iter()

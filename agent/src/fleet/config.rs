@@ -17,6 +17,8 @@ use std::{
 use hyper::Uri;
 use serde::Deserialize;
 
+use crate::events::host::HOSTNAME_FILE;
+
 /// Where the host id comes from by default (systemd's machine id).
 pub const DEFAULT_MACHINE_ID_FILE: &str = "/etc/machine-id";
 /// The spool's directory under the state directory, by default.
@@ -240,8 +242,6 @@ impl FleetConfig {
 /// The longest host id (systemd's are 32 characters); it starts every
 /// batch id (`rows::batch_id`).
 pub const MAX_HOST_ID: usize = 64;
-/// Where the kernel keeps the host name.
-const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 /// Files read here are a line or two; anything longer is not one of them.
 const SMALL_FILE: u64 = 4096;
 
