@@ -142,6 +142,9 @@ pub struct Event {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ns: u64,
+    /// The calling (for lifecycle records: the owning) process's
+    /// executable; unknown when zero (`crate::process`).
+    pub exe: crate::ExeId,
 }
 
 /// Per-socket state (sk_storage, cloned to accepted sockets): who owns the
@@ -164,6 +167,7 @@ pub struct SockInfo {
     /// 1 once established by a peer's connect (accepted socket).
     pub passive: u8,
     pub _pad: [u8; 2],
+    pub exe: crate::ExeId,
 }
 
 /// Verdict counters, per service: `COUNTERS[service_id * COUNTER_SLOTS + slot]`.

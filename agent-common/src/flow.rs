@@ -66,6 +66,8 @@ pub struct FlowValue {
     /// log), and each is counted once as a held-back flow.
     pub recorded: u8,
     pub _pad: [u8; 2],
+    /// The executable of the process of the first call.
+    pub exe: crate::ExeId,
 }
 
 /// `FlowValue::recorded`: the denial rate limit held the flow's first

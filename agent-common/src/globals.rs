@@ -18,10 +18,18 @@ pub const UDP_REPLY_IDLE_NS: &str = "UDP_REPLY_IDLE_NS";
 /// u32: how many UDP pinholes one service may hold.
 pub const UDP_PEERS_MAX: &str = "UDP_PEERS_MAX";
 
+/// [u32; `crate::PROCESS_OFFSETS_LEN`]: where the process-identity
+/// tracepoints find the executable (`crate::process`); zeros turn it off.
+pub const PROCESS_OFFSETS: &str = "PROCESS_OFFSETS";
+
 /// Every global, with the size of its value in bytes.
-pub const ALL: [(&str, usize); 4] = [
+pub const ALL: [(&str, usize); 5] = [
     (BPF_LOG, core::mem::size_of::<u8>()),
     (OBSERVE_UNMANAGED, core::mem::size_of::<u8>()),
     (UDP_REPLY_IDLE_NS, core::mem::size_of::<u64>()),
     (UDP_PEERS_MAX, core::mem::size_of::<u32>()),
+    (
+        PROCESS_OFFSETS,
+        core::mem::size_of::<[u32; crate::PROCESS_OFFSETS_LEN]>(),
+    ),
 ];

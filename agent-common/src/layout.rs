@@ -12,11 +12,11 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, Event, FlowKey, FlowValue, LearntKey,
-    LearntValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry, SockInfo,
-    UdpPeer, UdpPeerKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES,
-    DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT, LPM_SERVICE_BITS,
-    MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
+    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, Event, ExeId, ExeRuleKey, FlowKey, FlowValue,
+    LearntKey, LearntValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry,
+    SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS,
+    DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT,
+    LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
 };
 
 /// The size of the field `access` reads (never called).
@@ -46,16 +46,18 @@ macro_rules! assert_layout {
 
 assert_layout!(
     ServiceEntry,
-    24,
+    32,
     [
         service_id,
         mode,
         flags,
         sockets,
-        _pad,
+        qualifiers,
         bind_ruleset,
         names_ruleset,
-        name_key
+        name_key,
+        exe_free,
+        uid_free
     ]
 );
 assert_layout!(LearntKey, 32, [name_key, family, _pad, addr]);
@@ -69,7 +71,10 @@ assert_layout!(DnsClientKey, 20, [protocol, family, port, addr]);
 assert_layout!(DnsProxy, 32, [heartbeat_ns, addr4, port4, port6, addr6]);
 assert_layout!(LpmV4Key, 8, [service_id, addr]);
 assert_layout!(LpmV6Key, 20, [service_id, addr]);
-assert_layout!(PortRange, 12, [lo, hi, proto, _pad, rule_id]);
+assert_layout!(PortRange, 12, [lo, hi, proto, qualifier, _pad, rule_id]);
+assert_layout!(ExeId, 16, [ino, dev, _pad]);
+assert_layout!(ExeRuleKey, 16, [ino, dev, service_id]);
+assert_layout!(UidRuleKey, 8, [service_id, uid]);
 assert_layout!(RuleSet, 8 + MAX_PORT_RANGES * 12, [len, _pad, ranges]);
 assert_layout!(UdpPeerKey, 32, [socket_cookie, addr, port, family, _pad]);
 assert_layout!(UdpPeer, 16, [seen_ns, service_id, local_port, origin, _pad]);
@@ -77,7 +82,7 @@ assert_layout!(RateState, 16, [window_start_ns, events, suppressed]);
 assert_layout!(UnitKey, 16, [manager, kind, hash]);
 assert_layout!(
     Event,
-    136,
+    152,
     [
         kind,
         verdict,
@@ -103,11 +108,12 @@ assert_layout!(
         bytes_sent,
         bytes_received,
         duration_ns,
+        exe,
     ]
 );
 assert_layout!(
     SockInfo,
-    72,
+    88,
     [
         cgroup_id,
         pid_tgid,
@@ -120,6 +126,7 @@ assert_layout!(
         mode,
         passive,
         _pad,
+        exe,
     ]
 );
 
@@ -133,7 +140,7 @@ assert_layout!(
 );
 assert_layout!(
     FlowValue,
-    72,
+    88,
     [
         calls,
         reported,
@@ -146,6 +153,7 @@ assert_layout!(
         mode,
         recorded,
         _pad,
+        exe,
     ]
 );
 
@@ -167,7 +175,7 @@ const _: () = {
 // wake-up mark is computed with (agent-ebpf events.rs).
 const _: () = {
     assert!(align_of::<Event>() == 8);
-    assert!(RECORD_SPAN == 144);
+    assert!(RECORD_SPAN == 160);
     // A BPF ring buffer is a power-of-two number of pages.
     assert!(DEFAULT_EVENTS_BYTES.is_power_of_two() && DEFAULT_EVENTS_BYTES >= 4096);
 };

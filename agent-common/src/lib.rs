@@ -14,6 +14,7 @@ pub mod globals;
 mod layout;
 pub mod maps;
 pub mod policy;
+pub mod process;
 pub mod unit;
 
 pub use dns::*;
@@ -21,4 +22,5 @@ pub use event::*;
 pub use flow::*;
 pub use maps::*;
 pub use policy::*;
+pub use process::*;
 pub use unit::*;

@@ -100,7 +100,7 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const SOCK_INFO: &str = "SOCK_INFO";
 
 /// Default ring buffer size: 4 MiB, about 29,000 records of [`RECORD_SPAN`]
-/// (144) bytes: a 136-byte [`crate::Event`] and the ring's 8-byte header.
+/// (160) bytes: a 152-byte [`crate::Event`] and the ring's 8-byte header.
 /// The agent's resident memory counts it twice (the kernel maps its pages
 /// twice into the reader, see docs/config.md), so 8 MiB alone took 16 MiB
 /// of the 20 MiB the agent may use at start.
@@ -129,7 +129,7 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 31] = [
+pub const ALL: [&str; 36] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
@@ -161,7 +161,39 @@ pub const ALL: [&str; 31] = [
     crate::DNS_ORIGINS,
     crate::DNS_CLIENTS,
     crate::DNS_PROXY,
+    PROCESSES,
+    EXE_NAMES,
+    EXE_SCRATCH,
+    EXE_RULES,
+    UID_RULES,
 ];
+
+/// LRU hash of a thread group id (u32) -> [`crate::ExeId`]: the executable
+/// each process runs (see `process.rs`). Written by the exec and fork
+/// tracepoints and the agent's start-up scan; an entry goes when its
+/// process does. An LRU so that a host with more processes than entries
+/// loses the least used ones (their next decision knows no executable and
+/// an `exe`-qualified rule does not allow it: fail closed), not new ones.
+pub const PROCESSES: &str = "PROCESSES";
+/// Entries of PROCESSES.
+pub const PROCESS_TABLE: u32 = 65_536;
+/// LRU hash of [`crate::ExeId`] -> the file name an exec of it was asked
+/// for ([u8; `crate::EXE_NAME_MAX`], NUL-padded): how the agent names an
+/// executable whose process is already gone when its record is read.
+pub const EXE_NAMES: &str = "EXE_NAMES";
+pub const EXE_NAMES_TABLE: u32 = 4096;
+/// Per-CPU scratch ([u8; `crate::EXE_NAME_MAX`]) for the exec tracepoint.
+pub const EXE_SCRATCH: &str = "EXE_SCRATCH";
+/// Hash of [`crate::ExeRuleKey`] -> u32: the qualified rules of the
+/// service that this executable satisfies (bit i: the rule whose
+/// `PortRange::qualifier` is i + 1), with the rules that name no
+/// executable (`ServiceEntry::exe_free`) included. Allocated as used.
+pub const EXE_RULES: &str = "EXE_RULES";
+/// Hash of [`crate::UidRuleKey`] -> u32: the same for users
+/// (`ServiceEntry::uid_free` when absent).
+pub const UID_RULES: &str = "UID_RULES";
+/// Entries of EXE_RULES and UID_RULES (both halves).
+pub const QUALIFIER_TABLE: u32 = 16_384;
 
 /// Hash of [`crate::FlowKey`] -> [`crate::FlowValue`]: the flows being
 /// counted (see `flow.rs`). Preallocated, so a new flow costs no

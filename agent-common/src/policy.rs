@@ -91,7 +91,8 @@ pub struct ServiceEntry {
     pub flags: u8,
     /// `SOCKETS_*` bits.
     pub sockets: u8,
-    pub _pad: u8,
+    /// `QUALIFY_*` bits: which qualifier lookups a decision needs.
+    pub qualifiers: u8,
     /// Index in `RULESETS` of the ports the service may bind (with
     /// [`FLAG_BIND`]).
     pub bind_ruleset: u32,
@@ -101,6 +102,11 @@ pub struct ServiceEntry {
     /// Stable across reloads and restarts (a hash of the service's name),
     /// unlike `service_id`: what its learnt addresses are keyed by.
     pub name_key: u64,
+    /// Qualified rules that name no executable (a caller whose
+    /// executable is in no `EXE_RULES` entry satisfies these).
+    pub exe_free: u32,
+    /// Qualified rules that name no user.
+    pub uid_free: u32,
 }
 
 /// Bits of the service id at the front of every LPM key.
@@ -197,7 +203,11 @@ pub struct PortRange {
     pub hi: u16,
     /// [`PROTO_ANY`], [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// 0: any caller; else the rule's bit + 1 in the service's qualifier
+    /// masks (`EXE_RULES`, `UID_RULES`): only a caller that satisfies the
+    /// rule's `exe`/`uid` matches.
+    pub qualifier: u8,
+    pub _pad: [u8; 2],
     /// Global rule id (the daemon maps it back to `file#egress[i]`).
     pub rule_id: u32,
 }
@@ -207,7 +217,8 @@ impl PortRange {
         lo: 1,
         hi: 0,
         proto: PROTO_ANY,
-        _pad: [0; 3],
+        qualifier: 0,
+        _pad: [0; 2],
         rule_id: RULE_DEFAULT_DENY,
     };
 }

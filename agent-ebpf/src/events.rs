@@ -1,8 +1,8 @@
 //! Sending records to userspace, and counting what could not be sent.
 
 use agent_common::{
-    counter_slot, Event, ServiceEntry, SockInfo, COUNTER_SLOTS, DENY_EVENTS_PER_SEC, KIND_VERDICT,
-    MODE_AUDIT, RECORD_SPAN, VERDICT_AUDIT, VERDICT_DENY, WAKE_FRACTION,
+    counter_slot, Event, ExeId, ServiceEntry, SockInfo, COUNTER_SLOTS, DENY_EVENTS_PER_SEC,
+    KIND_VERDICT, MODE_AUDIT, RECORD_SPAN, VERDICT_AUDIT, VERDICT_DENY, WAKE_FRACTION,
 };
 use aya_ebpf::{
     bindings::{
@@ -16,6 +16,7 @@ use aya_ebpf::{
 use crate::{
     helpers::{current_comm, now_ns},
     maps::{COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO},
+    process::exe_of,
 };
 
 /// An all-zero record to fill in.
@@ -46,6 +47,7 @@ pub fn blank() -> Event {
         bytes_sent: 0,
         bytes_received: 0,
         duration_ns: 0,
+        exe: ExeId::UNKNOWN,
     }
 }
 
@@ -55,6 +57,7 @@ pub fn fill_task(ev: &mut Event) {
     ev.pid_tgid = bpf_get_current_pid_tgid();
     ev.uid_gid = bpf_get_current_uid_gid();
     current_comm(&mut ev.comm);
+    ev.exe = exe_of((ev.pid_tgid >> 32) as u32);
 }
 
 /// Puts `ev` in the ring buffer; when it is full, counts the loss in
@@ -264,6 +267,7 @@ pub fn remember_caller<C: aya_ebpf::EbpfContext>(
         (*info).pid_tgid = pid_tgid;
         (*info).uid_gid = bpf_get_current_uid_gid();
         current_comm(&mut (*info).comm);
+        (*info).exe = exe_of((pid_tgid >> 32) as u32);
         (*info).service_id = service_id;
         (*info).mode = mode;
     }

@@ -13,6 +13,7 @@ use crate::{
     events::event_budget,
     helpers::{current_comm, now_ns},
     maps::{FLOWS, FLOW_EPOCH, FLOW_STATS},
+    process::exe_of,
 };
 
 /// `-EEXIST` from a map insert with `BPF_NOEXIST`.
@@ -92,6 +93,7 @@ pub fn count_call<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repo
             (carried, _) => carried,
         },
         _pad: [0; 2],
+        exe: exe_of((caller.pid_tgid >> 32) as u32),
     };
     current_comm(&mut value.comm);
     match FLOWS.insert(&*key, &value, u64::from(BPF_NOEXIST)) {

@@ -41,7 +41,7 @@ use crate::{
     linux::{TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_LISTEN},
     maps::{any_service_has, SOCK_INFO},
     packet::{parse, Packet},
-    rules::{match_ingress_v4, match_ingress_v6, match_ports},
+    rules::{match_ingress_v4, match_ingress_v6, match_ports, NO_CALLER},
     service::socket_service,
     udp_peers,
 };
@@ -84,7 +84,8 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
     // nothing, readable or not.
     let bind_refused = listener
         && service.flags & FLAG_BIND != 0
-        && match_ports(service.bind_ruleset, PROTO_TCP, src_port as u16) == RULE_DEFAULT_DENY;
+        && match_ports(service.bind_ruleset, PROTO_TCP, src_port as u16, NO_CALLER)
+            == RULE_DEFAULT_DENY;
     let restricted = service.flags & (FLAG_INGRESS | FLAG_QUARANTINE) != 0;
     let Some(pkt) = parse(&ctx) else {
         if bind_refused {
@@ -197,6 +198,7 @@ fn refuse(
                 ev.pid_tgid = (*info).pid_tgid;
                 ev.uid_gid = (*info).uid_gid;
                 ev.comm = (*info).comm;
+                ev.exe = (*info).exe;
             }
         }
         if let Some(pkt) = pkt {

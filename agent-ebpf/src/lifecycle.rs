@@ -130,6 +130,7 @@ fn record(ctx: &SockOpsContext, info: &SockInfo, now: u64) -> agent_common::Even
     ev.pid_tgid = info.pid_tgid;
     ev.uid_gid = info.uid_gid;
     ev.comm = info.comm;
+    ev.exe = info.exe;
     ev.socket_cookie = socket_cookie(ctx);
     // Read every context field unconditionally, with volatile loads: the
     // verifier only accepts ctx loads at a constant offset, and LLVM would

@@ -13,7 +13,8 @@
 //! Where things are: the entry points by hook, `sock_addr.rs`
 //! (connect/sendmsg/bind), `sockets.rs` (socket creation), `sockopt.rs`,
 //! `ingress.rs` and `outbound.rs` (cgroup_skb), `lifecycle.rs` (sock_ops),
-//! `cgroups.rs` (cgroup_mkdir/rmdir tracepoints), `names.rs` (egress by
+//! `cgroups.rs` (cgroup_mkdir/rmdir tracepoints), `process.rs` (each
+//! process's executable: exec/fork/exit tracepoints, `exe`/`uid` rules), `names.rs` (egress by
 //! DNS name: the port-53 redirect, recvmsg/getpeername, learnt addresses); what they share,
 //! `rules.rs` (the LPM lookups and port checks), `flows.rs` (counting
 //! calls per flow), `service.rs` (task or
@@ -56,6 +57,8 @@ mod names;
 mod outbound;
 #[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod process;
 #[cfg(target_arch = "bpf")]
 mod rules;
 #[cfg(target_arch = "bpf")]

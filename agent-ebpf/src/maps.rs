@@ -3,11 +3,12 @@
 //! policy before loading.
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, FlowKey, FlowValue, LearntKey, LearntValue, LpmV4Key,
-    LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UnitKey,
-    UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE,
-    DEFAULT_MAX_LEARNT, DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES,
-    DEFAULT_UDP_PEERS, DNS_TRACKED, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS,
+    DnsClientKey, DnsOrigin, DnsProxy, ExeId, ExeRuleKey, FlowKey, FlowValue, LearntKey,
+    LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer,
+    UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS,
+    DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT, DEFAULT_MAX_PREFIXES,
+    DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, DNS_TRACKED, EXE_NAMES_TABLE,
+    EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS, PROCESS_TABLE, QUALIFIER_TABLE,
     UDP_PEERS_PER_SERVICE,
 };
 use aya_ebpf::{
@@ -209,3 +210,22 @@ pub static DNS_CLIENTS: LruHashMap<DnsClientKey, DnsOrigin> =
 
 #[map(name = "DNS_PROXY")]
 pub static DNS_PROXY: Array<DnsProxy> = Array::with_max_entries(1, 0);
+
+/// The executable of each process (see process.rs).
+#[map(name = "PROCESSES")]
+pub static PROCESSES: LruHashMap<u32, ExeId> = LruHashMap::with_max_entries(PROCESS_TABLE, 0);
+
+#[map(name = "EXE_NAMES")]
+pub static EXE_NAMES: LruHashMap<ExeId, [u8; EXE_NAME_MAX]> =
+    LruHashMap::with_max_entries(EXE_NAMES_TABLE, 0);
+
+#[map(name = "EXE_SCRATCH")]
+pub static EXE_SCRATCH: PerCpuArray<[u8; EXE_NAME_MAX]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "EXE_RULES")]
+pub static EXE_RULES: HashMap<ExeRuleKey, u32> =
+    HashMap::with_max_entries(QUALIFIER_TABLE, BPF_F_NO_PREALLOC);
+
+#[map(name = "UID_RULES")]
+pub static UID_RULES: HashMap<UidRuleKey, u32> =
+    HashMap::with_max_entries(QUALIFIER_TABLE, BPF_F_NO_PREALLOC);

@@ -78,7 +78,7 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
 /// A BPF subprogram, as is `redirect_lookup`: inlined, their keys and
 /// values took the connect6 program past the 512-byte stack.
 #[inline(never)]
-pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16) -> u32 {
+pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16, callers: u32) -> u32 {
     let mut key = LearntKey {
         name_key: s.name_key,
         family: 0,
@@ -101,6 +101,7 @@ pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16) -> u32 {
         s.names_ruleset.wrapping_add(u32::from(rules & 0x0f)),
         proto,
         port,
+        callers,
     )
 }
 

@@ -14,17 +14,42 @@ use crate::maps::{
     INGRESS_V4, INGRESS_V6, RULESETS,
 };
 
-/// The rule that allows (`service`, `addr`, `proto`, `port`), or
+/// The rule that allows (`service`, `addr`, `proto`, `port`) to a caller
+/// that satisfies the qualified rules in `callers` (see
+/// `process::caller_mask`; [`ANY_CALLER`] for a service without them), or
 /// `RULE_DEFAULT_DENY`.
 #[inline(always)]
-pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
-    lookup_v4(&EGRESS_HOSTS_V4, &EGRESS_V4, service_id, addr, proto, port)
+pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16, callers: u32) -> u32 {
+    lookup_v4(
+        &EGRESS_HOSTS_V4,
+        &EGRESS_V4,
+        service_id,
+        addr,
+        proto,
+        port,
+        callers,
+    )
 }
 
 #[inline(always)]
-pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
-    lookup_v6(&EGRESS_HOSTS_V6, &EGRESS_V6, service_id, addr, proto, port)
+pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16, callers: u32) -> u32 {
+    lookup_v6(
+        &EGRESS_HOSTS_V6,
+        &EGRESS_V6,
+        service_id,
+        addr,
+        proto,
+        port,
+        callers,
+    )
 }
+
+/// `callers` where no process is asked: only rules that name no `exe` or
+/// `uid` match (packets judged outside a process's call, binds; the policy
+/// allows qualifiers on egress rules only, judged at connect/sendmsg).
+pub const NO_CALLER: u32 = 0;
+/// `callers` of a service with no qualified rule.
+pub const ANY_CALLER: u32 = u32::MAX;
 
 /// The ingress rule that allows a peer at `addr` to reach local `port`.
 #[inline(always)]
@@ -36,6 +61,7 @@ pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) ->
         addr,
         proto,
         port,
+        NO_CALLER,
     )
 }
 
@@ -48,6 +74,7 @@ pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -
         addr,
         proto,
         port,
+        NO_CALLER,
     )
 }
 
@@ -61,12 +88,12 @@ pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -
 pub mod subprog {
     #[inline(never)]
     pub fn match_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
-        super::match_v4(service_id, addr, proto, port)
+        super::match_v4(service_id, addr, proto, port, super::NO_CALLER)
     }
 
     #[inline(never)]
     pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
-        super::match_v6(service_id, addr, proto, port)
+        super::match_v6(service_id, addr, proto, port, super::NO_CALLER)
     }
 
     #[inline(never)]
@@ -88,14 +115,15 @@ fn lookup_v4(
     addr: [u8; 4],
     proto: u8,
     port: u16,
+    callers: u32,
 ) -> u32 {
     let key = LpmV4Key::new(service_id, addr);
     // SAFETY: copied out at once, under the program's RCU read lock.
     if let Some(ruleset) = unsafe { hosts.get(key) } {
-        return match_ports(*ruleset, proto, port);
+        return match_ports(*ruleset, proto, port, callers);
     }
     match trie.get(Key::new(LpmV4Key::FULL_PREFIX, key)) {
-        Some(ruleset) => match_ports(*ruleset, proto, port),
+        Some(ruleset) => match_ports(*ruleset, proto, port, callers),
         None => RULE_DEFAULT_DENY,
     }
 }
@@ -108,14 +136,15 @@ fn lookup_v6(
     addr: [u8; 16],
     proto: u8,
     port: u16,
+    callers: u32,
 ) -> u32 {
     let key = LpmV6Key::new(service_id, addr);
     // SAFETY: as above.
     if let Some(ruleset) = unsafe { hosts.get(key) } {
-        return match_ports(*ruleset, proto, port);
+        return match_ports(*ruleset, proto, port, callers);
     }
     match trie.get(Key::new(LpmV6Key::FULL_PREFIX, key)) {
-        Some(ruleset) => match_ports(*ruleset, proto, port),
+        Some(ruleset) => match_ports(*ruleset, proto, port, callers),
         None => RULE_DEFAULT_DENY,
     }
 }
@@ -124,15 +153,18 @@ fn lookup_v6(
 /// ruleset behind it (it cannot happen unless the maps are tampered with)
 /// denies: fail closed.
 #[inline(always)]
-pub fn match_ports(index: u32, proto: u8, port: u16) -> u32 {
+pub fn match_ports(index: u32, proto: u8, port: u16, callers: u32) -> u32 {
     let Some(set) = RULESETS.get(index) else {
         return RULE_DEFAULT_DENY;
     };
-    scan(set, proto, port)
+    scan(set, proto, port, callers)
 }
 
+/// A range of a qualified rule matches only a caller whose mask has the
+/// rule's bit: the scan goes on to the next range otherwise, so an
+/// unqualified rule for the same port still allows.
 #[inline(always)]
-fn scan(set: &RuleSet, proto: u8, port: u16) -> u32 {
+fn scan(set: &RuleSet, proto: u8, port: u16, callers: u32) -> u32 {
     let len = set.len as usize;
     let mut i = 0;
     while i < MAX_PORT_RANGES {
@@ -140,7 +172,11 @@ fn scan(set: &RuleSet, proto: u8, port: u16) -> u32 {
             break;
         }
         let r = &set.ranges[i];
-        if (r.proto == PROTO_ANY || r.proto == proto) && port >= r.lo && port <= r.hi {
+        if (r.proto == PROTO_ANY || r.proto == proto)
+            && port >= r.lo
+            && port <= r.hi
+            && (r.qualifier == 0 || callers & (1u32 << ((r.qualifier - 1) & 31)) != 0)
+        {
             return r.rule_id;
         }
         i += 1;

@@ -74,10 +74,12 @@ fn walk(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<ServiceEntry> {
         mode: 0,
         flags: 0,
         sockets: 0,
-        _pad: 0,
+        qualifiers: 0,
         bind_ruleset: 0,
         names_ruleset: 0,
         name_key: 0,
+        exe_free: 0,
+        uid_free: 0,
     };
     let mut have = false;
     // Level 0 is the root (never a service); walk down to the leaf's parent.

@@ -24,7 +24,8 @@ use crate::{
     helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged, EVENTS},
     names,
-    rules::{match_ports, match_v4, match_v6},
+    process::{caller_mask, exe_of},
+    rules::{match_ports, match_v4, match_v6, ANY_CALLER, NO_CALLER},
     service::{current_service, current_service_in},
     udp_peers,
 };
@@ -166,7 +167,7 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
     // outgoing connections keep working.
     if let Some(s) = service {
         if s.flags & FLAG_BIND != 0 && port != 0 {
-            let rule = match_ports(s.bind_ruleset, proto, port);
+            let rule = match_ports(s.bind_ruleset, proto, port, NO_CALLER);
             if rule == RULE_DEFAULT_DENY {
                 let verdict = if s.mode == MODE_AUDIT {
                     VERDICT_AUDIT
@@ -247,20 +248,31 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     }
     let (service_id, mode, rule, verdict) = match service {
         Some(s) => {
+            // Which of the service's `exe`/`uid` rules this caller
+            // satisfies: lookups only for a service that has such rules.
+            let callers = if s.qualifiers != 0 {
+                caller_mask(
+                    &s,
+                    (bpf_get_current_pid_tgid() >> 32) as u32,
+                    bpf_get_current_uid_gid() as u32,
+                )
+            } else {
+                ANY_CALLER
+            };
             // An address the service learnt from its own lookup of a name
             // its rules allow. Looked up before the address rules (either
             // allows; names only widen), so that a call a learnt name
             // allows costs one lookup that hits, as one an address rule
             // allows does, not the address rules' two misses first.
             let mut rule = if s.flags & FLAG_NAMES != 0 {
-                names::learnt_rule(&s, &dest, proto, port)
+                names::learnt_rule(&s, &dest, proto, port, callers)
             } else {
                 RULE_DEFAULT_DENY
             };
             if rule == RULE_DEFAULT_DENY {
                 rule = match dest {
-                    Dest::V4(addr) => match_v4(s.service_id, addr, proto, port),
-                    Dest::V6(addr) => match_v6(s.service_id, addr, proto, port),
+                    Dest::V4(addr) => match_v4(s.service_id, addr, proto, port, callers),
+                    Dest::V6(addr) => match_v6(s.service_id, addr, proto, port, callers),
                 };
             }
             // A datagram answering a UDP peer that ingress let in.
@@ -437,6 +449,7 @@ fn send_record(key: &FlowKey, pid_tgid: u64, cookie: u64, mode: u8, suppressed: 
         (*ev).bytes_sent = 0;
         (*ev).bytes_received = 0;
         (*ev).duration_ns = 0;
+        (*ev).exe = exe_of((pid_tgid >> 32) as u32);
     }
     submit(entry);
 }

@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod policy_watch;
+pub mod process;
 pub mod quarantine;
 pub mod quarantine_recovery;
 pub mod reload;

@@ -142,6 +142,8 @@ impl Quarantines {
                         .port
                         .map_or(vec![PortRange::ALL], |p| vec![PortRange { lo: p, hi: p }]),
                     protocol: Protocol::Any,
+                    exe: Vec::new(),
+                    uid: Vec::new(),
                 })
                 .collect();
             // Replies from an exception on an established connection come

@@ -61,10 +61,12 @@ mod tests {
             mode: 0,
             flags: 0,
             sockets: 0,
-            _pad: 0,
+            qualifiers: 0,
             bind_ruleset: u32::MAX,
             names_ruleset: 0,
             name_key: 0,
+            exe_free: 0,
+            uid_free: 0,
         }
     }
 

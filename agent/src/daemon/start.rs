@@ -115,6 +115,8 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let dns = prepare_dns(&config, &set, &mut enforcer)?;
     // Decisions to learnt addresses get the name looked up (`dst_name`).
     hub.add_stage(Arc::new(crate::dns::serve::DstNames(Arc::clone(&dns))));
+    // Every decision gets its executable's path (`exe`).
+    hub.add_stage(Arc::new(exe_names(&mut enforcer)));
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     take_over(&config, &compiled, &coverage, &pins, &hub, &dns)?;
     // Lookups that waited in the proxy's sockets are routed by now.
@@ -451,6 +453,16 @@ fn start_reader(
     let reader = events::spawn_reader(ring, decoder, names_rx, Arc::clone(hub))
         .context("cannot poll the event ring buffer")?;
     Ok((counters, names_tx, reader))
+}
+
+/// The stage that names each decision's executable, reading the names
+/// the exec tracepoint kept (without them, from live processes only).
+fn exe_names(enforcer: &mut Enforcer) -> crate::process::ExeNames {
+    let map = take_map(enforcer.ebpf_mut(), agent_common::maps::EXE_NAMES);
+    if let Err(e) = &map {
+        tracing::warn!(error = %e, "exec names unavailable: a short-lived process's executable may show as null");
+    }
+    crate::process::ExeNames::new(map.ok())
 }
 
 /// Attaches the programs (pinning their links into `staging`), then

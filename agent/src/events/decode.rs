@@ -150,6 +150,7 @@ impl Decoder {
             bytes_sent: 0,
             bytes_received: 0,
             duration_ns: 0,
+            exe: value.exe,
         };
         let mut ev = self.decode_record(&raw)?;
         ev.kind = EventType::Flow;
@@ -229,6 +230,9 @@ impl Decoder {
             uid: raw.uid_gid as u32,
             gid: (raw.uid_gid >> 32) as u32,
             comm: comm(&raw.comm),
+            // Named by a stage of the hub (process::names).
+            exe: None,
+            exe_file: raw.exe.is_known().then_some(raw.exe),
             traffic_direction: Some(if raw.direction == DIRECTION_INGRESS {
                 Direction::Ingress
             } else {

@@ -39,6 +39,8 @@ pub fn encode(ev: &FlowEvent, out: &mut Vec<u8>) -> serde_json::Result<()> {
     number(out, ev.gid);
     out.extend_from_slice(b",\"comm\":");
     string(out, &ev.comm);
+    out.extend_from_slice(b",\"exe\":");
+    opt_string(out, ev.exe.as_deref());
     out.extend_from_slice(b",\"traffic_direction\":");
     match ev.traffic_direction {
         Some(Direction::Egress) => out.extend_from_slice(b"\"egress\""),

@@ -69,6 +69,15 @@ pub struct FlowEvent {
     pub uid: u32,
     pub gid: u32,
     pub comm: String,
+    /// The real path of the process's executable (see
+    /// `process::names`), " (deleted)" after it was replaced on disk;
+    /// null when the kernel did not know it.
+    #[serde(default)]
+    pub exe: Option<Arc<str>>,
+    /// The executable as the kernel identifies it, for the stage that
+    /// names it; not part of the event's JSON.
+    #[serde(skip)]
+    pub exe_file: Option<agent_common::ExeId>,
     /// egress or ingress; null for policy changes.
     pub traffic_direction: Option<Direction>,
     /// Which kernel hook saw it: connect, sendmsg, bind, ingress,
@@ -159,6 +168,8 @@ impl FlowEvent {
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
             comm: "bulkhead".to_string(),
+            exe: None,
+            exe_file: None,
             traffic_direction: None,
             hook: Cow::Borrowed(hook),
             protocol: None,
@@ -278,6 +289,8 @@ pub(crate) fn sample_verdict() -> FlowEvent {
         uid: 0,
         gid: 0,
         comm: "curl".to_string(),
+        exe: Some("/usr/bin/curl".into()),
+        exe_file: None,
         traffic_direction: Some(Direction::Egress),
         hook: "connect".into(),
         protocol: Some("tcp".into()),

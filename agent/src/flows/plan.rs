@@ -156,6 +156,7 @@ mod tests {
             mode: 0,
             recorded: RECORD_SENT,
             _pad: [0; 2],
+            exe: agent_common::ExeId::UNKNOWN,
         }
     }
 

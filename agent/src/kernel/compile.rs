@@ -13,10 +13,10 @@ use std::{
 };
 
 use agent_common::{
-    LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, FLAG_ALLOW_PACKET,
-    FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE, MAX_PORT_RANGES,
-    PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP,
-    SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE,
+    ExeRuleKey, LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, UidRuleKey,
+    FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE,
+    MAX_PORT_RANGES, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, QUALIFY_EXE, QUALIFY_UID,
+    SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE,
 };
 use ipnetwork::IpNetwork;
 
@@ -40,6 +40,10 @@ pub struct CompiledPolicy {
     pub rulesets: Vec<RuleSet>,
     /// `rules[i]` has rule id `rule_base + i` (carried in `PortRange::rule_id`).
     pub rules: Vec<RuleRef>,
+    /// `EXE_RULES` and `UID_RULES` entries: which qualified rules of a
+    /// service an executable or a user satisfies (see `qualifiers`).
+    pub exe_rules: Vec<(ExeRuleKey, u32)>,
+    pub uid_rules: Vec<(UidRuleKey, u32)>,
     /// Where this policy's ids start (see `layout::relocate`); 0 when fresh.
     pub service_base: u32,
     pub ruleset_base: u32,
@@ -72,6 +76,8 @@ struct AddrRule<'a> {
     nets: &'a [IpNetwork],
     ports: &'a [PortRange],
     protocol: Protocol,
+    /// 0, or the rule's qualifier bit + 1 (see `Qualifiers`).
+    qualifier: u8,
 }
 
 /// The compiler's working state across services.
@@ -88,6 +94,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
     let mut b = Builder::default();
     for (service_id, service) in set.services.iter().enumerate() {
         let service_id = u32::try_from(service_id).unwrap_or(u32::MAX);
+        let qualifiers = Qualifiers::of(service);
         let egress: Vec<AddrRule<'_>> = service
             .egress
             .iter()
@@ -97,6 +104,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 nets: &r.to,
                 ports: &r.ports,
                 protocol: r.protocol,
+                qualifier: qualifiers.of_rule(r.index),
             })
             .collect();
         let first_egress_rule = u32::try_from(b.out.rules.len()).unwrap_or(u32::MAX);
@@ -108,7 +116,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         let mut names_ruleset = 0;
         if service.name_rules().next().is_some() {
             flags |= FLAG_NAMES;
-            names_ruleset = b.name_rulesets(service, first_egress_rule);
+            names_ruleset = b.name_rulesets(service, first_egress_rule, &qualifiers);
         }
         if let Some(ingress) = &service.ingress {
             flags |= FLAG_INGRESS;
@@ -120,6 +128,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                     nets: &r.from,
                     ports: &r.ports,
                     protocol: r.protocol,
+                    qualifier: 0,
                 })
                 .collect();
             let (v4, v6) = b.prefixes(service_id, service, Section::Ingress, &rules);
@@ -130,7 +139,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         if let Some(bind) = &service.bind {
             flags |= FLAG_BIND;
             let rule_id = b.rule(service, Section::Bind, 0);
-            let checks = port_checks(&bind.ports, bind.protocol, rule_id);
+            let checks = port_checks(&bind.ports, bind.protocol, rule_id, 0);
             match b.ruleset(checks) {
                 Some(id) => bind_ruleset = id,
                 None => b.errors.push(PolicyError {
@@ -154,6 +163,9 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
             flags |= FLAG_QUARANTINE;
         }
         let sockets = socket_bits(service);
+        let (exe_rules, uid_rules) = qualifiers.entries(service, service_id);
+        b.out.exe_rules.extend(exe_rules);
+        b.out.uid_rules.extend(uid_rules);
         b.out.services.push(CompiledService {
             name: service.name.clone(),
             file_name: service
@@ -166,10 +178,12 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 mode: service.mode.to_kernel(),
                 flags,
                 sockets,
-                _pad: 0,
+                qualifiers: qualifiers.flags(service),
                 bind_ruleset,
                 names_ruleset,
                 name_key: service.names_key(),
+                exe_free: qualifiers.exe_free,
+                uid_free: qualifiers.uid_free,
             },
             rule_count: service.egress.len() + service.ingress.as_ref().map_or(0, Vec::len),
         });
@@ -220,12 +234,18 @@ impl Builder {
     /// with names), each range with its own rule id. Returns the first
     /// index; an offset whose union is longer than the kernel scans is an
     /// error naming the rules.
-    fn name_rulesets(&mut self, service: &Service, first_egress_rule: u32) -> u32 {
+    fn name_rulesets(
+        &mut self,
+        service: &Service,
+        first_egress_rule: u32,
+        qualifiers: &Qualifiers,
+    ) -> u32 {
         let rules: Vec<(usize, Vec<KPortRange>)> = service
             .name_rules()
             .map(|(i, r)| {
                 let id = first_egress_rule.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
-                (r.index, port_checks(&r.ports, r.protocol, id))
+                let q = qualifiers.of_rule(r.index);
+                (r.index, port_checks(&r.ports, r.protocol, id, q))
             })
             .collect();
         let first = u32::try_from(self.out.rulesets.len()).unwrap_or(u32::MAX);
@@ -271,7 +291,7 @@ impl Builder {
             .iter()
             .map(|r| {
                 let rule_id = self.rule(service, section, r.index);
-                port_checks(r.ports, r.protocol, rule_id)
+                port_checks(r.ports, r.protocol, rule_id, r.qualifier)
             })
             .collect();
 
@@ -358,7 +378,12 @@ fn socket_bits(service: &Service) -> u8 {
     bits
 }
 
-fn port_checks(ports: &[PortRange], protocol: Protocol, rule_id: u32) -> Vec<KPortRange> {
+fn port_checks(
+    ports: &[PortRange],
+    protocol: Protocol,
+    rule_id: u32,
+    qualifier: u8,
+) -> Vec<KPortRange> {
     let proto = match protocol {
         Protocol::Tcp => PROTO_TCP,
         Protocol::Udp => PROTO_UDP,
@@ -371,10 +396,107 @@ fn port_checks(ports: &[PortRange], protocol: Protocol, rule_id: u32) -> Vec<KPo
             lo: p.lo,
             hi: p.hi,
             proto,
-            _pad: [0; 3],
+            qualifier,
+            _pad: [0; 2],
             rule_id,
         })
         .collect()
+}
+
+/// A service's rules with `exe` or `uid` (`EgressRule::is_qualified`):
+/// the i-th of them has bit i in the kernel's masks, and its port checks
+/// carry i + 1. A caller's mask (process.rs in the kernel) is the
+/// `EXE_RULES` entry of its executable (else `exe_free`) AND the
+/// `UID_RULES` entry of its user (else `uid_free`), so a rule with both
+/// qualifiers needs both to match.
+struct Qualifiers {
+    /// Egress rule index -> bit.
+    bits: HashMap<usize, u32>,
+    /// Qualified rules that name no executable / no user.
+    exe_free: u32,
+    uid_free: u32,
+}
+
+impl Qualifiers {
+    fn of(service: &Service) -> Self {
+        let mut q = Self {
+            bits: HashMap::new(),
+            exe_free: 0,
+            uid_free: 0,
+        };
+        // At most MAX_QUALIFIED_RULES (validation refuses more).
+        for (bit, r) in service
+            .egress
+            .iter()
+            .filter(|r| r.is_qualified())
+            .take(agent_common::MAX_QUALIFIED_RULES)
+            .enumerate()
+        {
+            let mask = 1u32 << bit;
+            q.bits.insert(r.index, bit as u32);
+            if r.exe.is_empty() {
+                q.exe_free |= mask;
+            }
+            if r.uid.is_empty() {
+                q.uid_free |= mask;
+            }
+        }
+        q
+    }
+
+    fn of_rule(&self, index: usize) -> u8 {
+        self.bits.get(&index).map_or(0, |b| *b as u8 + 1)
+    }
+
+    fn flags(&self, service: &Service) -> u8 {
+        let mut flags = 0;
+        if service.egress.iter().any(|r| !r.exe.is_empty()) {
+            flags |= QUALIFY_EXE;
+        }
+        if service.egress.iter().any(|r| !r.uid.is_empty()) {
+            flags |= QUALIFY_UID;
+        }
+        flags
+    }
+
+    /// The service's EXE_RULES and UID_RULES entries.
+    fn entries(
+        &self,
+        service: &Service,
+        service_id: u32,
+    ) -> (Vec<(ExeRuleKey, u32)>, Vec<(UidRuleKey, u32)>) {
+        let mut exe: HashMap<crate::process::ExeFile, u32> = HashMap::new();
+        let mut uid: HashMap<u32, u32> = HashMap::new();
+        for r in &service.egress {
+            let Some(bit) = self.bits.get(&r.index) else {
+                continue;
+            };
+            for e in &r.exe {
+                *exe.entry(e.file).or_insert(self.exe_free) |= 1 << bit;
+            }
+            for u in &r.uid {
+                *uid.entry(*u).or_insert(self.uid_free) |= 1 << bit;
+            }
+        }
+        let mut exe: Vec<(ExeRuleKey, u32)> = exe
+            .into_iter()
+            .map(|(f, mask)| {
+                let key = ExeRuleKey {
+                    ino: f.ino,
+                    dev: f.dev,
+                    service_id,
+                };
+                (key, mask)
+            })
+            .collect();
+        exe.sort_by_key(|(k, _)| (k.dev, k.ino));
+        let mut uid: Vec<(UidRuleKey, u32)> = uid
+            .into_iter()
+            .map(|(uid, mask)| (UidRuleKey { service_id, uid }, mask))
+            .collect();
+        uid.sort_by_key(|(k, _)| k.uid);
+        (exe, uid)
+    }
 }
 
 /// Indexes of every rule whose network contains `net` (itself included), in
@@ -421,6 +543,8 @@ mod tests {
             names: Vec::new(),
             ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
             protocol,
+            exe: Vec::new(),
+            uid: Vec::new(),
         }
     }
 

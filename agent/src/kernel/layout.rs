@@ -94,6 +94,12 @@ pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> Co
         *key = LpmV6Key::new(key.service() + service_base, key.addr);
         *ruleset += ruleset_base;
     }
+    for (key, _) in &mut policy.exe_rules {
+        key.service_id += service_base;
+    }
+    for (key, _) in &mut policy.uid_rules {
+        key.service_id += service_base;
+    }
     for set in &mut policy.rulesets {
         for r in set.ranges.iter_mut().take(set.len as usize) {
             r.rule_id += rule_base;

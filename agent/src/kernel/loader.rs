@@ -49,7 +49,21 @@ enum Hook {
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 18] = [
+const PROGRAMS: [(&str, Hook); 21] = [
+    // First: the processes' executables are tracked before any decision
+    // asks for one (the agent scans /proc right after, see `attach`).
+    (
+        "bulkhead_process_exec",
+        Hook::TracePoint("sched", "sched_process_exec"),
+    ),
+    (
+        "bulkhead_process_fork",
+        Hook::TracePoint("sched", "sched_process_fork"),
+    ),
+    (
+        "bulkhead_process_exit",
+        Hook::TracePoint("sched", "sched_process_exit"),
+    ),
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
@@ -120,13 +134,17 @@ pub struct Coverage {
     /// New cgroups of managed services are added in the kernel at mkdir.
     pub cgroup_creation: bool,
     pub cgroup_creation_reason: Option<String>,
+    /// Every decision knows the caller's executable (exec/fork/exit
+    /// tracepoints, offsets from the kernel's BTF).
+    pub process_identity: bool,
+    pub process_identity_reason: Option<String>,
 }
 
 impl Coverage {
     /// Each optional part as `status` and `bulkhead_kernel_feature` name
     /// it: (name, active, what that means here).
     #[must_use]
-    pub fn features(&self) -> [(&'static str, bool, String); 2] {
+    pub fn features(&self) -> [(&'static str, bool, String); 3] {
         let say = |reason: &Option<String>, active: &str| match reason {
             None => active.to_string(),
             Some(r) => format!("not active: {r}"),
@@ -143,6 +161,14 @@ impl Coverage {
                 say(
                     &self.cgroup_creation_reason,
                     "new cgroups enforced from their creation (cgroup_mkdir tracepoint)",
+                ),
+            ),
+            (
+                "process_identity",
+                self.process_identity,
+                say(
+                    &self.process_identity_reason,
+                    "every decision names the caller's executable (sched tracepoints)",
                 ),
             ),
         ]
@@ -164,6 +190,8 @@ pub struct Enforcer {
     links: Vec<Attached>,
     lsm_loaded: bool,
     lsm_error: Option<String>,
+    /// Why process identity is off on this host (no BTF, no tracefs).
+    process_error: Option<String>,
     /// How many service ids (both halves) the COUNTERS map has room for.
     pub max_services: u32,
     capacity: Capacity,
@@ -182,7 +210,15 @@ impl Enforcer {
         let capacity = Capacity::for_policy(policy);
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
-        let globals = global_values(options);
+        // Before the load: the offsets are globals of the programs.
+        let process_offsets = ensure_tracefs().and_then(|()| {
+            crate::process::offsets::find(
+                Path::new("/sys/kernel/btf/vmlinux"),
+                Path::new("/sys/kernel/tracing"),
+            )
+        });
+        let process_error = process_offsets.as_ref().err().cloned();
+        let globals = global_values(options, process_offsets.unwrap_or_default());
         // The loader holds the kernel's parsed BTF (about 15 MB here): it
         // must go right after the load, before the allocations that follow
         // sit above it on the heap and keep that memory from being given
@@ -205,6 +241,7 @@ impl Enforcer {
             links: Vec::new(),
             lsm_loaded,
             lsm_error,
+            process_error,
             max_services,
             capacity,
             half: 0,
@@ -457,6 +494,31 @@ impl Enforcer {
                     let id = p.attach(&root, direction, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
+                Hook::TracePoint("sched", event) => {
+                    let p = as_type::<TracePoint>(name, program)?;
+                    let attached = match &self.process_error {
+                        Some(e) => Err(e.clone()),
+                        None => p.attach("sched", event).map_err(|e| e.to_string()),
+                    };
+                    let link = match attached {
+                        // All three tracepoints or the feature is not active.
+                        Ok(id) => {
+                            coverage.process_identity = coverage.process_identity_reason.is_none();
+                            Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
+                        }
+                        Err(e) => {
+                            coverage.process_identity = false;
+                            coverage.process_identity_reason.get_or_insert(format!(
+                                "cannot track executables ({e}): decisions carry no `exe`, and rules with `exe` allow nothing"
+                            ));
+                            None
+                        }
+                    };
+                    if event == "sched_process_exit" && coverage.process_identity {
+                        self.scan_processes();
+                    }
+                    link
+                }
                 Hook::TracePoint(category, event) => {
                     let p = as_type::<TracePoint>(name, program)?;
                     let attached = ensure_tracefs()
@@ -510,6 +572,31 @@ impl Enforcer {
             }
         }
         Ok(coverage)
+    }
+
+    /// Writes the executable of every process already running into
+    /// PROCESSES (the tracepoints, attached just before, keep every later
+    /// one; an entry they wrote meanwhile is newer and stays).
+    fn scan_processes(&mut self) {
+        let found = crate::process::scan::processes(Path::new("/proc"));
+        let map = super::map_access::map_mut::<
+            aya::maps::HashMap<&mut aya::maps::MapData, u32, agent_common::ExeId>,
+        >(&mut self.ebpf, names::PROCESSES);
+        let Ok(mut map) = map else {
+            tracing::warn!("cannot open the PROCESSES map: processes started before the agent have no known executable until they exec or fork");
+            return;
+        };
+        let mut written = 0usize;
+        for (tgid, exe) in &found {
+            if map.insert(tgid, exe.to_kernel(), BPF_NOEXIST).is_ok() {
+                written += 1;
+            }
+        }
+        tracing::info!(
+            processes = found.len(),
+            written,
+            "executables of the processes already running are known"
+        );
     }
 
     /// Pins every map still held (call before any is taken out) under
@@ -612,7 +699,10 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
 
 /// The globals set at load time, with the bytes of their values (in
 /// native order, as aya copies a value).
-fn global_values(options: &LoadOptions) -> [(&'static str, Vec<u8>); 4] {
+fn global_values(
+    options: &LoadOptions,
+    process_offsets: [u32; agent_common::PROCESS_OFFSETS_LEN],
+) -> [(&'static str, Vec<u8>); 5] {
     let idle_ns = u64::try_from(options.udp_reply_idle.as_nanos()).unwrap_or(u64::MAX);
     [
         (globals::BPF_LOG, vec![u8::from(options.bpf_log)]),
@@ -624,6 +714,13 @@ fn global_values(options: &LoadOptions) -> [(&'static str, Vec<u8>); 4] {
         (
             globals::UDP_PEERS_MAX,
             options.udp_peers_per_service.to_ne_bytes().to_vec(),
+        ),
+        (
+            globals::PROCESS_OFFSETS,
+            process_offsets
+                .iter()
+                .flat_map(|o| o.to_ne_bytes())
+                .collect(),
         ),
     ]
 }
@@ -649,6 +746,9 @@ where
         .try_into()
         .map_err(|source| KernelError::Program { name, source })
 }
+
+/// `BPF_NOEXIST`: insert only a key that is not there.
+const BPF_NOEXIST: u64 = 1;
 
 /// Tracepoints are attached by name through tracefs; mount it where the
 /// kernel expects it when nothing is mounted there (as systemd would).

@@ -19,7 +19,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "bind",
     "sockets",
 ];
-pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description"];
+pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description", "exe", "uid"];
 pub(crate) const INGRESS_KEYS: &[&str] = &["from", "ports", "protocol", "description"];
 pub(crate) const BIND_KEYS: &[&str] = &["ports", "protocol"];
 pub(crate) const SOCKETS_KEYS: &[&str] = &["raw", "packet", "protocols"];
@@ -70,6 +70,8 @@ pub(crate) struct RawEgress {
     pub ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
     pub protocol: Option<Spanned<String>>,
     pub description: Option<String>,
+    pub exe: Option<Spanned<Vec<Spanned<String>>>>,
+    pub uid: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// `5432` or `"8000-8100"` (or `"5432"`).

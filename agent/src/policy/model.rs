@@ -349,6 +349,28 @@ pub struct EgressRule {
     /// Sorted, non-overlapping port ranges.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
+    /// `exe = [...]`: the rule allows only calls from these executables
+    /// (empty: from any).
+    pub exe: Vec<Executable>,
+    /// `uid = [...]`: only calls from these users (empty: from any).
+    pub uid: Vec<u32>,
+}
+
+impl EgressRule {
+    /// Whether the rule names executables or users.
+    #[must_use]
+    pub fn is_qualified(&self) -> bool {
+        !self.exe.is_empty() || !self.uid.is_empty()
+    }
+}
+
+/// An executable an `exe` qualifier names: as written, the real file it
+/// resolved to at load, and that file's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Executable {
+    pub path: std::path::PathBuf,
+    pub real: std::path::PathBuf,
+    pub file: crate::process::ExeFile,
 }
 
 /// Which part of a policy a rule is in.

@@ -16,8 +16,8 @@ use super::{
     error::{PolicyError, Positions},
     file::{RawBind, RawEgress, RawIngress, RawPolicy, RawPort},
     model::{
-        BindPolicy, EgressRule, IngressRule, Mode, PortRange, Protocol, Selector, Service,
-        SocketProtocol, SocketsPolicy, UnitName,
+        BindPolicy, EgressRule, Executable, IngressRule, Mode, PortRange, Protocol, Selector,
+        Service, SocketProtocol, SocketsPolicy, UnitName,
     },
 };
 
@@ -153,6 +153,22 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
                 "egress[{}]: at most {} [[egress]] rules may list names; put names with the same ports and protocol in one rule",
                 rule.index,
                 agent_common::MAX_NAME_RULES
+            ),
+        );
+    }
+    // Each qualified rule has a bit in the kernel's per-caller masks.
+    if let Some(rule) = egress
+        .iter()
+        .filter(|r| r.is_qualified())
+        .nth(agent_common::MAX_QUALIFIED_RULES)
+    {
+        let span = raw.egress.get(rule.index).map_or(0..0, Spanned::span);
+        c.error(
+            span,
+            format!(
+                "egress[{}]: at most {} [[egress]] rules may have `exe` or `uid`",
+                rule.index,
+                agent_common::MAX_QUALIFIED_RULES
             ),
         );
     }
@@ -344,6 +360,8 @@ fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> 
             );
         }
     }
+    let exe = executables(c, &at, raw.exe.as_ref());
+    let uid = users(c, &at, raw.uid.as_ref());
     (c.errors.len() == before).then(|| EgressRule {
         index,
         line: c.line_of(&rule.span()),
@@ -352,6 +370,8 @@ fn egress_rule(c: &mut Checker<'_>, index: usize, rule: &Spanned<RawEgress>) -> 
         names,
         ports,
         protocol,
+        exe,
+        uid,
     })
 }
 
@@ -675,4 +695,71 @@ mod tests {
             vec![r(5432, 5432), r(8000, 8200)]
         );
     }
+}
+
+/// A rule's `exe` list: absolute paths of regular files, each resolved now
+/// (symlinks followed) to the file whose identity the kernel compares.
+fn executables(
+    c: &mut Checker<'_>,
+    at: &str,
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+) -> Vec<Executable> {
+    let Some(list) = list else {
+        return Vec::new();
+    };
+    if list.get_ref().is_empty() {
+        c.error(
+            list.span(),
+            format!(
+                "{at}: `exe = []` allows no caller at all; omit `exe` to allow every executable"
+            ),
+        );
+        return Vec::new();
+    }
+    let mut out: Vec<Executable> = Vec::new();
+    for entry in list.get_ref() {
+        let path = PathBuf::from(entry.get_ref());
+        match crate::process::exe_file::resolve(&path) {
+            Ok((real, file)) => {
+                if !out.iter().any(|e| e.file == file) {
+                    out.push(Executable { path, real, file });
+                }
+            }
+            Err(e) => c.error(entry.span(), format!("{at}: exe: {e}")),
+        }
+    }
+    out
+}
+
+/// A rule's `uid` list: user ids (numbers; a name would change meaning
+/// with /etc/passwd).
+fn users(c: &mut Checker<'_>, at: &str, list: Option<&Spanned<Vec<Spanned<i64>>>>) -> Vec<u32> {
+    let Some(list) = list else {
+        return Vec::new();
+    };
+    if list.get_ref().is_empty() {
+        c.error(
+            list.span(),
+            format!("{at}: `uid = []` allows no caller at all; omit `uid` to allow every user"),
+        );
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for entry in list.get_ref() {
+        match u32::try_from(*entry.get_ref()) {
+            Ok(uid) if uid != u32::MAX => {
+                if !out.contains(&uid) {
+                    out.push(uid);
+                }
+            }
+            _ => c.error(
+                entry.span(),
+                format!(
+                    "{at}: uid {} is not a user id (0 to 4294967294)",
+                    entry.get_ref()
+                ),
+            ),
+        }
+    }
+    out
 }

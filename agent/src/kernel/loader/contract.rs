@@ -121,6 +121,36 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             Some(size_of::<agent_common::LearntValue>()),
         ),
         (
+            names::PROCESSES,
+            BPF_MAP_TYPE_LRU_HASH as u32,
+            4,
+            Some(size_of::<agent_common::ExeId>()),
+        ),
+        (
+            names::EXE_NAMES,
+            BPF_MAP_TYPE_LRU_HASH as u32,
+            size_of::<agent_common::ExeId>(),
+            Some(agent_common::EXE_NAME_MAX),
+        ),
+        (
+            names::EXE_SCRATCH,
+            percpu,
+            4,
+            Some(agent_common::EXE_NAME_MAX),
+        ),
+        (
+            names::EXE_RULES,
+            hash,
+            size_of::<agent_common::ExeRuleKey>(),
+            Some(4),
+        ),
+        (
+            names::UID_RULES,
+            hash,
+            size_of::<agent_common::UidRuleKey>(),
+            Some(4),
+        ),
+        (
             agent_common::DNS_ORIGINS,
             BPF_MAP_TYPE_LRU_HASH as u32,
             8,
@@ -162,7 +192,7 @@ fn every_map_is_in_the_object_with_the_layout_both_sides_use() {
         }
     }
     // The records the ring buffer carries are what the reader decodes.
-    assert_eq!(std::mem::size_of::<Event>(), 136);
+    assert_eq!(std::mem::size_of::<Event>(), 152);
     let unknown: Vec<&String> = obj
         .maps
         .keys()
@@ -243,7 +273,10 @@ fn every_program_is_in_the_object_with_the_type_the_loader_loads() {
 
 #[test]
 fn every_global_the_loader_sets_exists_with_its_size() {
-    let values = global_values(&LoadOptions::default());
+    let values = global_values(
+        &LoadOptions::default(),
+        [0; agent_common::PROCESS_OFFSETS_LEN],
+    );
     assert_eq!(
         values
             .iter()

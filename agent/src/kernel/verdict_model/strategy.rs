@@ -356,6 +356,8 @@ pub fn model(specs: &[Spec]) -> Vec<Service> {
                     names: Vec::new(),
                     ports: ports(r),
                     protocol: r.protocol,
+                    exe: Vec::new(),
+                    uid: Vec::new(),
                 })
                 .collect(),
             ingress: s.ingress.as_ref().map(|rules| {
