@@ -41,7 +41,8 @@ use crate::{
     linux::{TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_LISTEN},
     maps::{any_service_has, SOCK_INFO},
     packet::{parse, Packet},
-    rules::{match_ingress_v4, match_ingress_v6, match_ports, NO_CALLER},
+    process::mask_of,
+    rules::{match_ingress_v4, match_ingress_v6, match_ports, ANY_CALLER, NO_CALLER},
     service::socket_service,
     udp_peers,
 };
@@ -138,9 +139,14 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &Packet) -> i32 {
+    let callers = if service.qualifiers != 0 {
+        owner_mask(sk, service)
+    } else {
+        ANY_CALLER
+    };
     let rule = match pkt.source {
-        Dest::V4(a) => match_ingress_v4(service.service_id, a, pkt.proto, pkt.dport),
-        Dest::V6(a) => match_ingress_v6(service.service_id, a, pkt.proto, pkt.dport),
+        Dest::V4(a) => match_ingress_v4(service.service_id, a, pkt.proto, pkt.dport, callers),
+        Dest::V6(a) => match_ingress_v6(service.service_id, a, pkt.proto, pkt.dport, callers),
     };
     if rule == RULE_DEFAULT_DENY {
         return refuse(ctx, sk, service, Some(pkt), pkt.proto, rule);
@@ -156,6 +162,23 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
     // Accepted connections are reported by sock_ops (tcp_established with
     // the peer); only refusals are evented.
     PASS
+}
+
+/// The qualified rules the owner of the receiving socket satisfies (the
+/// process that bound it, recorded then); none when it has no record.
+#[inline(always)]
+fn owner_mask(sk: *mut bpf_sock, service: &ServiceEntry) -> u32 {
+    // SAFETY: sk is the full socket of the context (non-null), the map an
+    // sk_storage map; lookup only.
+    let info =
+        unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
+            .cast::<SockInfo>();
+    if info.is_null() {
+        return NO_CALLER;
+    }
+    // SAFETY: non-null storage of our value type; copied out at once.
+    let (exe, uid) = unsafe { ((*info).exe, (*info).uid_gid as u32) };
+    mask_of(service, exe, uid)
 }
 
 #[inline(always)]

@@ -57,13 +57,23 @@ pub fn exe_of(tgid: u32) -> ExeId {
 }
 
 /// The qualified rules of service `s` that the caller (`tgid`, `uid`)
-/// satisfies, as a mask of their bits (see `agent_common::PortRange`):
-/// all of them for a service with no qualified rule, at no cost.
+/// satisfies, as a mask of their bits (see `agent_common::PortRange`).
+/// Call only for a service with qualified rules (`s.qualifiers != 0`).
 #[inline(always)]
 pub fn caller_mask(s: &ServiceEntry, tgid: u32, uid: u32) -> u32 {
+    let exe = if s.qualifiers & QUALIFY_EXE != 0 {
+        exe_of(tgid)
+    } else {
+        ExeId::UNKNOWN
+    };
+    mask_of(s, exe, uid)
+}
+
+/// The same for a known executable and user (a socket's owner).
+#[inline(always)]
+pub fn mask_of(s: &ServiceEntry, exe: ExeId, uid: u32) -> u32 {
     let mut mask = u32::MAX;
     if s.qualifiers & QUALIFY_EXE != 0 {
-        let exe = exe_of(tgid);
         let key = ExeRuleKey {
             ino: exe.ino,
             dev: exe.dev,

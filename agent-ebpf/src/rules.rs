@@ -45,15 +45,16 @@ pub fn match_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16, callers: 
 }
 
 /// `callers` where no process is asked: only rules that name no `exe` or
-/// `uid` match (packets judged outside a process's call, binds; the policy
-/// allows qualifiers on egress rules only, judged at connect/sendmsg).
+/// `uid` match (packets judged outside a process's call and with no owner
+/// recorded on their socket, binds).
 pub const NO_CALLER: u32 = 0;
 /// `callers` of a service with no qualified rule.
 pub const ANY_CALLER: u32 = u32::MAX;
 
-/// The ingress rule that allows a peer at `addr` to reach local `port`.
+/// The ingress rule that allows a peer at `addr` to reach local `port` of
+/// a socket whose owner satisfies `callers`.
 #[inline(always)]
-pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
+pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16, callers: u32) -> u32 {
     lookup_v4(
         &INGRESS_HOSTS_V4,
         &INGRESS_V4,
@@ -61,12 +62,18 @@ pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) ->
         addr,
         proto,
         port,
-        NO_CALLER,
+        callers,
     )
 }
 
 #[inline(always)]
-pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
+pub fn match_ingress_v6(
+    service_id: u32,
+    addr: [u8; 16],
+    proto: u8,
+    port: u16,
+    callers: u32,
+) -> u32 {
     lookup_v6(
         &INGRESS_HOSTS_V6,
         &INGRESS_V6,
@@ -74,7 +81,7 @@ pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -
         addr,
         proto,
         port,
-        NO_CALLER,
+        callers,
     )
 }
 
@@ -98,12 +105,12 @@ pub mod subprog {
 
     #[inline(never)]
     pub fn match_ingress_v4(service_id: u32, addr: [u8; 4], proto: u8, port: u16) -> u32 {
-        super::match_ingress_v4(service_id, addr, proto, port)
+        super::match_ingress_v4(service_id, addr, proto, port, super::NO_CALLER)
     }
 
     #[inline(never)]
     pub fn match_ingress_v6(service_id: u32, addr: [u8; 16], proto: u8, port: u16) -> u32 {
-        super::match_ingress_v6(service_id, addr, proto, port)
+        super::match_ingress_v6(service_id, addr, proto, port, super::NO_CALLER)
     }
 }
 

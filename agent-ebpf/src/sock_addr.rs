@@ -194,7 +194,9 @@ fn bind(ctx: &SockAddrContext, local: Dest, port: u16, proto: u8) -> i32 {
             }
         }
     }
-    if proto == PROTO_TCP {
+    // TCP: accepted connections know their service from it. Any socket of
+    // a service with `exe`/`uid` rules: ingress rules ask who owns it.
+    if proto == PROTO_TCP || service.is_some_and(|s| s.qualifiers != 0) {
         // SAFETY: valid context for this hook.
         remember_owner(ctx, unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }, &ev);
     }

@@ -174,8 +174,22 @@ impl Engine {
         self.enforcer.leave_pinned();
     }
 
-    /// Re-resolves service cgroups (new services, restarted units).
+    /// Re-resolves service cgroups (new services, restarted units), and
+    /// follows `exe` paths to the files that replaced them.
     pub fn rescan(&mut self) {
+        match self.enforcer.follow_executables() {
+            Ok(followed) => {
+                for f in followed {
+                    info!(
+                        path = %f.path.display(),
+                        was = %f.was,
+                        now = %f.now,
+                        "an `exe` path names a new file (replaced on disk): its rules allow it too, and the old file until the next reload"
+                    );
+                }
+            }
+            Err(e) => warn!("cannot follow `exe` paths to replaced files: {e}"),
+        }
         let failed = self.apply_rescan();
         if !failed.is_empty() {
             // A cgroup the kernel may hold a wrong entry for: the self-check

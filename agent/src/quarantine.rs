@@ -160,6 +160,8 @@ impl Quarantines {
                         from: vec![e.net],
                         ports: vec![PortRange::ALL],
                         protocol: Protocol::Any,
+                        exe: Vec::new(),
+                        uid: Vec::new(),
                     })
                     .collect(),
             );

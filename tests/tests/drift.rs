@@ -31,12 +31,17 @@ const ONLY_TRIGGERED: &str = "[self_check]\ninterval_secs = 3600\n";
 /// A reload (300 ms settle) or a periodic check and its repair.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Junk SERVICES keys (no cgroup has such an id) and their value (a
-/// `ServiceEntry`, 24 bytes).
+/// Junk SERVICES keys (no cgroup has such an id) and their value: a
+/// `ServiceEntry` of service id 0xffff_fff0, everything else zero.
 const JUNK_KEY: u64 = 0x0b0b_0000_0000_0000;
-const JUNK_ENTRY: [u8; 24] = [
-    0xf0, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-];
+const JUNK_ENTRY: [u8; size_of::<agent_common::ServiceEntry>()] = {
+    let mut e = [0; size_of::<agent_common::ServiceEntry>()];
+    e[0] = 0xf0;
+    e[1] = 0xff;
+    e[2] = 0xff;
+    e[3] = 0xff;
+    e
+};
 
 fn listen(at: &str) -> Listener {
     probe!().listen(Proto::Tcp, addr(at))

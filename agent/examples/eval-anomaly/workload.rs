@@ -159,6 +159,8 @@ fn event(service: &str, kind: EventType, dst: (IpAddr, u16), verdict: Verdict) -
         uid: 0,
         gid: 0,
         comm: String::new(),
+        exe: None,
+        exe_file: None,
         traffic_direction: Some(Direction::Egress),
         hook: if kind == EventType::Verdict {
             "connect"

@@ -44,10 +44,21 @@ pub struct CompiledPolicy {
     /// service an executable or a user satisfies (see `qualifiers`).
     pub exe_rules: Vec<(ExeRuleKey, u32)>,
     pub uid_rules: Vec<(UidRuleKey, u32)>,
+    /// Each `exe` path as written, with the service and the file it named
+    /// at load: watched for a replacement (see `Enforcer::follow_executables`).
+    pub exe_paths: Vec<ExePath>,
     /// Where this policy's ids start (see `layout::relocate`); 0 when fresh.
     pub service_base: u32,
     pub ruleset_base: u32,
     pub rule_base: u32,
+}
+
+/// An `exe` path of a service's rules, and the file it named at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExePath {
+    pub service_id: u32,
+    pub path: std::path::PathBuf,
+    pub file: crate::process::ExeFile,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +115,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                 nets: &r.to,
                 ports: &r.ports,
                 protocol: r.protocol,
-                qualifier: qualifiers.of_rule(r.index),
+                qualifier: qualifiers.of_rule(Section::Egress, r.index),
             })
             .collect();
         let first_egress_rule = u32::try_from(b.out.rules.len()).unwrap_or(u32::MAX);
@@ -128,7 +139,7 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
                     nets: &r.from,
                     ports: &r.ports,
                     protocol: r.protocol,
-                    qualifier: 0,
+                    qualifier: qualifiers.of_rule(Section::Ingress, r.index),
                 })
                 .collect();
             let (v4, v6) = b.prefixes(service_id, service, Section::Ingress, &rules);
@@ -165,6 +176,18 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         let sockets = socket_bits(service);
         let (exe_rules, uid_rules) = qualifiers.entries(service, service_id);
         b.out.exe_rules.extend(exe_rules);
+        for (_, exes, _) in qualified(service) {
+            for e in exes {
+                let path = ExePath {
+                    service_id,
+                    path: e.path.clone(),
+                    file: e.file,
+                };
+                if !b.out.exe_paths.contains(&path) {
+                    b.out.exe_paths.push(path);
+                }
+            }
+        }
         b.out.uid_rules.extend(uid_rules);
         b.out.services.push(CompiledService {
             name: service.name.clone(),
@@ -244,7 +267,7 @@ impl Builder {
             .name_rules()
             .map(|(i, r)| {
                 let id = first_egress_rule.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
-                let q = qualifiers.of_rule(r.index);
+                let q = qualifiers.of_rule(Section::Egress, r.index);
                 (r.index, port_checks(&r.ports, r.protocol, id, q))
             })
             .collect();
@@ -410,8 +433,8 @@ fn port_checks(
 /// `UID_RULES` entry of its user (else `uid_free`), so a rule with both
 /// qualifiers needs both to match.
 struct Qualifiers {
-    /// Egress rule index -> bit.
-    bits: HashMap<usize, u32>,
+    /// (section, rule index) -> bit.
+    bits: HashMap<(Section, usize), u32>,
     /// Qualified rules that name no executable / no user.
     exe_free: u32,
     uid_free: u32,
@@ -425,35 +448,33 @@ impl Qualifiers {
             uid_free: 0,
         };
         // At most MAX_QUALIFIED_RULES (validation refuses more).
-        for (bit, r) in service
-            .egress
-            .iter()
-            .filter(|r| r.is_qualified())
+        for (bit, (key, exe, uid)) in qualified(service)
+            .filter(|(_, exe, uid)| !exe.is_empty() || !uid.is_empty())
             .take(agent_common::MAX_QUALIFIED_RULES)
             .enumerate()
         {
             let mask = 1u32 << bit;
-            q.bits.insert(r.index, bit as u32);
-            if r.exe.is_empty() {
+            q.bits.insert(key, bit as u32);
+            if exe.is_empty() {
                 q.exe_free |= mask;
             }
-            if r.uid.is_empty() {
+            if uid.is_empty() {
                 q.uid_free |= mask;
             }
         }
         q
     }
 
-    fn of_rule(&self, index: usize) -> u8 {
-        self.bits.get(&index).map_or(0, |b| *b as u8 + 1)
+    fn of_rule(&self, section: Section, index: usize) -> u8 {
+        self.bits.get(&(section, index)).map_or(0, |b| *b as u8 + 1)
     }
 
     fn flags(&self, service: &Service) -> u8 {
         let mut flags = 0;
-        if service.egress.iter().any(|r| !r.exe.is_empty()) {
+        if qualified(service).any(|(_, exe, _)| !exe.is_empty()) {
             flags |= QUALIFY_EXE;
         }
-        if service.egress.iter().any(|r| !r.uid.is_empty()) {
+        if qualified(service).any(|(_, _, uid)| !uid.is_empty()) {
             flags |= QUALIFY_UID;
         }
         flags
@@ -467,14 +488,14 @@ impl Qualifiers {
     ) -> (Vec<(ExeRuleKey, u32)>, Vec<(UidRuleKey, u32)>) {
         let mut exe: HashMap<crate::process::ExeFile, u32> = HashMap::new();
         let mut uid: HashMap<u32, u32> = HashMap::new();
-        for r in &service.egress {
-            let Some(bit) = self.bits.get(&r.index) else {
+        for (key, exes, uids) in qualified(service) {
+            let Some(bit) = self.bits.get(&key) else {
                 continue;
             };
-            for e in &r.exe {
+            for e in exes {
                 *exe.entry(e.file).or_insert(self.exe_free) |= 1 << bit;
             }
-            for u in &r.uid {
+            for u in uids {
                 *uid.entry(*u).or_insert(self.uid_free) |= 1 << bit;
             }
         }
@@ -497,6 +518,28 @@ impl Qualifiers {
         uid.sort_by_key(|(k, _)| k.uid);
         (exe, uid)
     }
+}
+
+/// Every egress then ingress rule of `service` with its qualifiers (empty
+/// lists for a rule without).
+fn qualified(
+    service: &Service,
+) -> impl Iterator<Item = ((Section, usize), &[crate::policy::Executable], &[u32])> {
+    let egress = service.egress.iter().map(|r| {
+        (
+            (Section::Egress, r.index),
+            r.exe.as_slice(),
+            r.uid.as_slice(),
+        )
+    });
+    let ingress = service.ingress.iter().flatten().map(|r| {
+        (
+            (Section::Ingress, r.index),
+            r.exe.as_slice(),
+            r.uid.as_slice(),
+        )
+    });
+    egress.chain(ingress)
 }
 
 /// Indexes of every rule whose network contains `net` (itself included), in
@@ -556,6 +599,60 @@ mod tests {
                 .collect(),
             ..rule(index, &[], ports, protocol)
         }
+    }
+
+    #[test]
+    fn qualified_rules_get_a_bit_and_their_callers_masks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"a").expect("write");
+        std::fs::write(&b, b"b").expect("write");
+        let text = format!(
+            "cgroup = \"/s\"\nmode = \"enforce\"\n\
+             [[egress]]\nto = [\"10.0.0.1\"]\nports = [80]\n\
+             [[egress]]\nto = [\"10.0.0.1\"]\nports = [5432]\nexe = [{a:?}]\n\
+             [[egress]]\nto = [\"10.0.0.0/8\"]\nports = [22]\nuid = [0]\n\
+             [[egress]]\nto = [\"10.0.0.2\"]\nports = [443]\nexe = [{a:?}, {b:?}]\nuid = [33]\n"
+        );
+        let p = crate::kernel::compiled_from(&text);
+        let s = &p.services[0].entry;
+        assert_eq!(s.qualifiers, QUALIFY_EXE | QUALIFY_UID);
+        // Bits: egress[1] = 0, egress[2] = 1, egress[3] = 2.
+        assert_eq!(s.exe_free, 0b010, "egress[2] names no executable");
+        assert_eq!(s.uid_free, 0b001, "egress[1] names no user");
+        let file = |p: &std::path::Path| crate::process::ExeFile::of(p).expect("stat");
+        let exe: HashMap<crate::process::ExeFile, u32> = p
+            .exe_rules
+            .iter()
+            .map(|(k, m)| {
+                (
+                    crate::process::ExeFile {
+                        dev: k.dev,
+                        ino: k.ino,
+                    },
+                    *m,
+                )
+            })
+            .collect();
+        assert_eq!(exe[&file(&a)], 0b111);
+        assert_eq!(exe[&file(&b)], 0b110);
+        let uid: Vec<(u32, u32)> = p.uid_rules.iter().map(|(k, m)| (k.uid, *m)).collect();
+        assert_eq!(uid, vec![(0, 0b011), (33, 0b101)]);
+        // 10.0.0.1's ruleset: port 80 for anyone, 5432 for `a` (bit 0),
+        // 22 (from the /8) for uid 0 (bit 1).
+        let checks: Vec<(u16, u8)> = p
+            .rulesets
+            .iter()
+            .flat_map(|r| {
+                r.ranges[..r.len as usize]
+                    .iter()
+                    .map(|c| (c.lo, c.qualifier))
+            })
+            .collect();
+        for expected in [(80, 0), (5432, 1), (22, 2), (443, 3)] {
+            assert!(checks.contains(&expected), "{expected:?} in {checks:?}");
+        }
+        assert_eq!(p.exe_paths.len(), 2);
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub fn relocate(mut policy: CompiledPolicy, half: u32, capacity: Capacity) -> Co
     for (key, _) in &mut policy.uid_rules {
         key.service_id += service_base;
     }
+    for p in &mut policy.exe_paths {
+        p.service_id += service_base;
+    }
     for set in &mut policy.rulesets {
         for r in set.ranges.iter_mut().take(set.len as usize) {
             r.rule_id += rule_base;

@@ -201,6 +201,8 @@ pub struct Enforcer {
     live: Option<CompiledPolicy>,
     /// What HELD_SOCKETS holds (see `crate::held`).
     held: std::collections::HashMap<u64, u64>,
+    /// `exe` paths followed to a new file since the last switch.
+    followed: std::collections::HashSet<(u32, crate::process::ExeFile)>,
 }
 
 impl Enforcer {
@@ -247,6 +249,7 @@ impl Enforcer {
             half: 0,
             live: None,
             held: std::collections::HashMap::new(),
+            followed: std::collections::HashSet::new(),
         })
     }
 
@@ -319,6 +322,7 @@ impl Enforcer {
             });
         }
         self.half = staged.service_base / self.capacity.services.max(1);
+        self.followed.clear();
         Ok(self.live.replace(staged))
     }
 
@@ -572,6 +576,15 @@ impl Enforcer {
             }
         }
         Ok(coverage)
+    }
+
+    /// Gives an `exe` path that now names a new file (an upgrade) the
+    /// rules of the file it named at load (see `kernel::executables`).
+    pub fn follow_executables(&mut self) -> Result<Vec<super::executables::Followed>, KernelError> {
+        let Some(live) = &self.live else {
+            return Ok(Vec::new());
+        };
+        super::executables::follow(&mut self.ebpf, live, &mut self.followed)
     }
 
     /// Writes the executable of every process already running into

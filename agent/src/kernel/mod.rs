@@ -6,6 +6,7 @@ pub mod compile;
 pub mod dns_maps;
 pub mod drift;
 mod error;
+pub mod executables;
 mod fault;
 pub mod flow_table;
 pub mod layout;

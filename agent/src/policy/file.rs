@@ -20,7 +20,8 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "sockets",
 ];
 pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description", "exe", "uid"];
-pub(crate) const INGRESS_KEYS: &[&str] = &["from", "ports", "protocol", "description"];
+pub(crate) const INGRESS_KEYS: &[&str] =
+    &["from", "ports", "protocol", "description", "exe", "uid"];
 pub(crate) const BIND_KEYS: &[&str] = &["ports", "protocol"];
 pub(crate) const SOCKETS_KEYS: &[&str] = &["raw", "packet", "protocols"];
 
@@ -47,6 +48,8 @@ pub(crate) struct RawIngress {
     pub ports: Option<Spanned<Vec<Spanned<RawPort>>>>,
     pub protocol: Option<Spanned<String>>,
     pub description: Option<String>,
+    pub exe: Option<Spanned<Vec<Spanned<String>>>>,
+    pub uid: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Debug, Deserialize)]

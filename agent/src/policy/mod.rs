@@ -11,8 +11,8 @@ mod validate;
 pub use error::{position, PolicyError, PolicyErrors};
 pub use load::{load_dir, load_files, load_texts, FileText};
 pub use model::{
-    BindPolicy, Closeness, EgressRule, IngressRule, Mode, PolicySet, PortRange, Protocol, RuleRef,
-    Section, Selector, Service, SocketProtocol, SocketsPolicy, UnitName,
+    BindPolicy, Closeness, EgressRule, Executable, IngressRule, Mode, PolicySet, PortRange,
+    Protocol, RuleRef, Section, Selector, Service, SocketProtocol, SocketsPolicy, UnitName,
 };
 
 #[cfg(test)]

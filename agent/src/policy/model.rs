@@ -138,6 +138,17 @@ pub struct IngressRule {
     /// Local ports the peer may connect or send to.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
+    /// `exe = [...]`: only to sockets bound by these executables.
+    pub exe: Vec<Executable>,
+    /// `uid = [...]`: only to sockets bound by these users.
+    pub uid: Vec<u32>,
+}
+
+impl IngressRule {
+    #[must_use]
+    pub fn is_qualified(&self) -> bool {
+        !self.exe.is_empty() || !self.uid.is_empty()
+    }
 }
 
 /// How a service is found in the cgroup tree.
@@ -374,7 +385,7 @@ pub struct Executable {
 }
 
 /// Which part of a policy a rule is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Section {
     Egress,
     Ingress,

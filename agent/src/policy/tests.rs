@@ -384,3 +384,62 @@ fn at_most_four_rules_of_a_service_list_names() {
         errors[0].message
     );
 }
+
+#[test]
+fn exe_and_uid_qualifiers_are_checked_and_resolved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = write(&dir, "tool", "#!/bin/sh\n");
+    let link = dir.path().join("tool-link");
+    std::os::unix::fs::symlink(&bin, &link).expect("symlink");
+    write(
+        &dir,
+        "svc.toml",
+        &format!(
+            "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.1\"]\nports = [5432]\nexe = [{:?}, {:?}]\nuid = [33, 33]\n",
+            bin.display().to_string(),
+            link.display().to_string()
+        ),
+    );
+    let set = load_dir(dir.path()).expect("valid policy");
+    let rule = &set.services[0].egress[0];
+    // The link names the same file: one executable, by its real path.
+    assert_eq!(rule.exe.len(), 1);
+    assert_eq!(rule.exe[0].real, fs::canonicalize(&bin).expect("canonical"));
+    assert_eq!(rule.uid, vec![33]);
+
+    let bad = tempfile::tempdir().expect("tempdir");
+    write(
+        &bad,
+        "svc.toml",
+        "cgroup = \"/s\"\nmode = \"enforce\"\n[[egress]]\nto = [\"127.0.0.1\"]\nexe = [\"bin/tool\"]\n[[egress]]\nto = [\"127.0.0.2\"]\nexe = [\"/no/such/bulkhead-binary\"]\n[[egress]]\nto = [\"127.0.0.3\"]\nuid = [-1]\n[[egress]]\nto = [\"127.0.0.4\"]\nexe = []\n",
+    );
+    let errors = errors_of(load_dir(bad.path()));
+    let at = |line: usize| {
+        errors
+            .iter()
+            .find(|(f, l, _)| f == "svc.toml" && *l == line)
+            .map(|(_, _, m)| m.clone())
+            .unwrap_or_else(|| panic!("no error at line {line}: {errors:?}"))
+    };
+    assert!(
+        at(5).contains("egress[0]: exe: bin/tool is not an absolute path"),
+        "{}",
+        at(5)
+    );
+    assert!(
+        at(8).contains("egress[1]: exe: /no/such/bulkhead-binary: No such file"),
+        "{}",
+        at(8)
+    );
+    assert!(
+        at(11).contains("egress[2]: uid -1 is not a user id"),
+        "{}",
+        at(11)
+    );
+    assert!(
+        at(14).contains("egress[3]: `exe = []` allows no caller"),
+        "{}",
+        at(14)
+    );
+    assert_eq!(errors.len(), 4, "{errors:?}");
+}

@@ -156,22 +156,6 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
             ),
         );
     }
-    // Each qualified rule has a bit in the kernel's per-caller masks.
-    if let Some(rule) = egress
-        .iter()
-        .filter(|r| r.is_qualified())
-        .nth(agent_common::MAX_QUALIFIED_RULES)
-    {
-        let span = raw.egress.get(rule.index).map_or(0..0, Spanned::span);
-        c.error(
-            span,
-            format!(
-                "egress[{}]: at most {} [[egress]] rules may have `exe` or `uid`",
-                rule.index,
-                agent_common::MAX_QUALIFIED_RULES
-            ),
-        );
-    }
     let ingress: Option<Vec<IngressRule>> = raw.ingress.as_ref().map(|rules| {
         rules
             .get_ref()
@@ -180,6 +164,38 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
             .filter_map(|(index, rule)| ingress_rule(c, index, rule))
             .collect()
     });
+    // Each qualified rule, egress or ingress, has a bit in the kernel's
+    // per-caller masks.
+    let qualified: Vec<(&str, usize)> = egress
+        .iter()
+        .filter(|r| r.is_qualified())
+        .map(|r| ("egress", r.index))
+        .chain(
+            ingress
+                .iter()
+                .flatten()
+                .filter(|r| r.is_qualified())
+                .map(|r| ("ingress", r.index)),
+        )
+        .collect();
+    if let Some((list, index)) = qualified.get(agent_common::MAX_QUALIFIED_RULES) {
+        let span = if *list == "egress" {
+            raw.egress.get(*index).map(Spanned::span)
+        } else {
+            raw.ingress
+                .as_ref()
+                .and_then(|r| r.get_ref().get(*index))
+                .map(Spanned::span)
+        };
+        let span = span.unwrap_or(0..0);
+        c.error(
+            span,
+            format!(
+                "{list}[{index}]: at most {} rules of a service may have `exe` or `uid`",
+                agent_common::MAX_QUALIFIED_RULES
+            ),
+        );
+    }
     let bind = raw.bind.as_ref().and_then(|b| bind_policy(c, b));
     let sockets = raw
         .sockets
@@ -391,6 +407,8 @@ fn ingress_rule(
         "omit `ports` to allow every port",
     );
     let protocol = protocol(c, &at, raw.protocol.as_ref(), false);
+    let exe = executables(c, &at, raw.exe.as_ref());
+    let uid = users(c, &at, raw.uid.as_ref());
     (c.errors.len() == before).then(|| IngressRule {
         index,
         line: c.line_of(&rule.span()),
@@ -398,6 +416,8 @@ fn ingress_rule(
         from,
         ports,
         protocol,
+        exe,
+        uid,
     })
 }
 
@@ -721,6 +741,12 @@ fn executables(
         let path = PathBuf::from(entry.get_ref());
         match crate::process::exe_file::resolve(&path) {
             Ok((real, file)) => {
+                if let Some(who) = crate::process::exe_file::writable_by_others(&path, &real) {
+                    c.warn(
+                        entry.span(),
+                        format!("{at}: exe {}: {who}; whoever can write it can make another program pass as this one (the agent follows a path to the file renamed over it)", path.display()),
+                    );
+                }
                 if !out.iter().any(|e| e.file == file) {
                     out.push(Executable { path, real, file });
                 }

@@ -75,6 +75,36 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, ExeFile), String> {
     Ok((real, ExeFile::from_metadata(&meta)))
 }
 
+/// Who other than root could change what `path` (resolved: `real`)
+/// names: the file or a directory on the way owned by another user or
+/// writable by group or others. None when only root can.
+#[must_use]
+pub fn writable_by_others(path: &Path, real: &Path) -> Option<String> {
+    let mut checked: Vec<PathBuf> = vec![real.to_path_buf()];
+    for p in [path, real] {
+        checked.extend(p.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    checked.sort();
+    checked.dedup();
+    checked.into_iter().find_map(|p| {
+        let meta = std::fs::symlink_metadata(&p).ok()?;
+        let mode = meta.mode();
+        // A sticky directory (/tmp) still lets anyone add a file, but
+        // not replace another user's: only the owner matters there.
+        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+        if meta.uid() != 0 {
+            Some(format!("{} is owned by uid {}", p.display(), meta.uid()))
+        } else if mode & 0o022 != 0 && !sticky_dir {
+            Some(format!(
+                "{} is writable by its group or others",
+                p.display()
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

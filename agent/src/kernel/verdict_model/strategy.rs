@@ -371,6 +371,8 @@ pub fn model(specs: &[Spec]) -> Vec<Service> {
                         from: r.nets.clone(),
                         ports: ports(r),
                         protocol: r.protocol,
+                        exe: Vec::new(),
+                        uid: Vec::new(),
                     })
                     .collect()
             }),

@@ -1,0 +1,74 @@
+//! `exe` rules across upgrades: a package manager replaces a binary by
+//! renaming a new file over its path, which gives the path a new identity
+//! (device, inode) that no `EXE_RULES` entry names. Every rescan stats
+//! each `exe` path of the policy in force; a path that names a new file
+//! gets an entry with the same rules as the file it named at load, so the
+//! upgraded service keeps its access with no reload. The old file keeps
+//! its entry too (a process still running it is the same program) until
+//! the next reload, which resolves every path afresh.
+
+use std::collections::HashSet;
+
+use agent_common::{maps as names, ExeRuleKey};
+use aya::{
+    maps::{HashMap, MapData},
+    Ebpf,
+};
+
+use super::{
+    compile::CompiledPolicy,
+    map_access::{map_err, map_mut},
+    KernelError,
+};
+use crate::process::ExeFile;
+
+/// A path of an `exe` rule that now names another file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    pub path: std::path::PathBuf,
+    pub was: ExeFile,
+    pub now: ExeFile,
+}
+
+/// Adds the entries for the paths of `live` that name a new file since
+/// load; `done` holds what earlier calls added (emptied at each switch).
+pub fn follow(
+    ebpf: &mut Ebpf,
+    live: &CompiledPolicy,
+    done: &mut HashSet<(u32, ExeFile)>,
+) -> Result<Vec<Followed>, KernelError> {
+    let moved: Vec<(&super::compile::ExePath, ExeFile)> = live
+        .exe_paths
+        .iter()
+        .filter_map(|p| {
+            let now = ExeFile::of(&p.path).ok()?;
+            (now != p.file && !done.contains(&(p.service_id, now))).then_some((p, now))
+        })
+        .collect();
+    if moved.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut map: HashMap<&mut MapData, ExeRuleKey, u32> = map_mut(ebpf, names::EXE_RULES)?;
+    let mut out = Vec::new();
+    for (p, now) in moved {
+        let key = |f: ExeFile| ExeRuleKey {
+            ino: f.ino,
+            dev: f.dev,
+            service_id: p.service_id,
+        };
+        let Ok(mask) = map.get(&key(p.file), 0) else {
+            continue; // not in force (yet): the next reload resolves it
+        };
+        // Another path may already give the new file rules of its own.
+        let mask = mask | map.get(&key(now), 0).unwrap_or(0);
+        map.insert(key(now), mask, 0)
+            .map_err(map_err(names::EXE_RULES))?;
+        done.insert((p.service_id, now));
+        out.push(Followed {
+            path: p.path.clone(),
+            was: p.file,
+            now,
+        });
+    }
+    Ok(out)
+}
