@@ -27,6 +27,7 @@ pub mod daemon;
 pub mod dns_server;
 pub mod events;
 pub mod eventually;
+pub mod executables;
 pub mod faults;
 pub mod fixture;
 pub mod http;

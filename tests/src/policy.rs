@@ -96,6 +96,11 @@ impl Default for PolicyDir {
 ///     rule.to_string(),
 ///     "[[egress]]\nto = [\"127.0.0.1\", \"2001:db8::/64\"]\nports = [5432, \"8000-8100\"]\nprotocol = \"tcp\"\n"
 /// );
+/// let qualified = Egress::to(["127.0.0.1"]).exe(["/usr/sbin/nginx"]).uid([33]);
+/// assert_eq!(
+///     qualified.to_string(),
+///     "[[egress]]\nto = [\"127.0.0.1\"]\nexe = [\"/usr/sbin/nginx\"]\nuid = [33]\n"
+/// );
 /// ```
 pub type Egress = Rule<Out>;
 
@@ -141,6 +146,8 @@ pub struct Rule<T> {
     peers: Vec<String>,
     ports: Option<Vec<String>>,
     protocol: Option<String>,
+    exe: Option<Vec<String>>,
+    uid: Option<Vec<u32>>,
     table: PhantomData<T>,
 }
 
@@ -150,6 +157,8 @@ impl<T> Rule<T> {
             peers: peers.into_iter().map(|p| p.to_string()).collect(),
             ports: None,
             protocol: None,
+            exe: None,
+            uid: None,
             table: PhantomData,
         }
     }
@@ -169,6 +178,30 @@ impl<T> Rule<T> {
     pub fn protocol(self, protocol: &str) -> Self {
         Self {
             protocol: Some(protocol.to_owned()),
+            ..self
+        }
+    }
+}
+
+impl<T> Rule<T> {
+    /// Only calls from processes running one of these executables.
+    #[must_use]
+    pub fn exe<P: AsRef<Path>>(self, exe: impl IntoIterator<Item = P>) -> Self {
+        Self {
+            exe: Some(
+                exe.into_iter()
+                    .map(|p| p.as_ref().to_string_lossy().into_owned())
+                    .collect(),
+            ),
+            ..self
+        }
+    }
+
+    /// Only calls from processes of these users.
+    #[must_use]
+    pub fn uid(self, uid: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            uid: Some(uid.into_iter().collect()),
             ..self
         }
     }
@@ -205,6 +238,13 @@ impl<T: Table> Display for Rule<T> {
         }
         if let Some(protocol) = &self.protocol {
             writeln!(f, "protocol = {protocol:?}")?;
+        }
+        if let Some(exe) = &self.exe {
+            writeln!(f, "exe = {}", toml_strings(exe))?;
+        }
+        if let Some(uid) = &self.uid {
+            let uid: Vec<String> = uid.iter().map(ToString::to_string).collect();
+            writeln!(f, "uid = [{}]", uid.join(", "))?;
         }
         Ok(())
     }

@@ -55,6 +55,8 @@ pub struct Probe {
     step_timeout: Option<Duration>,
     /// `--bind SRC=DST`: files of the probe's own mount namespace.
     binds: Vec<(PathBuf, PathBuf)>,
+    /// `--comm NAME`: a forged process name.
+    comm: Option<String>,
 }
 
 impl Probe {
@@ -69,6 +71,7 @@ impl Probe {
             source: None,
             step_timeout: None,
             binds: Vec::new(),
+            comm: None,
         }
     }
 
@@ -131,6 +134,32 @@ impl Probe {
         next
     }
 
+    /// The probe's binary.
+    #[must_use]
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The same probe, run from `bin` instead (a copy of the probe under
+    /// another path: another executable to the kernel).
+    #[must_use]
+    pub fn with_bin(&self, bin: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            ..self.clone()
+        }
+    }
+
+    /// The same probe, its `comm` set to `name` (`prctl(PR_SET_NAME)`)
+    /// once in its cgroup: a process that names itself what it is not.
+    #[must_use]
+    pub fn comm(&self, name: &str) -> Self {
+        Self {
+            comm: Some(name.to_owned()),
+            ..self.clone()
+        }
+    }
+
     pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         if let Some(dir) = &self.cgroup {
@@ -153,6 +182,9 @@ impl Probe {
         }
         if let Some(limit) = self.step_timeout {
             cmd.args(["--timeout-ms", &limit.as_millis().to_string()]);
+        }
+        if let Some(name) = &self.comm {
+            cmd.args(["--comm", name]);
         }
         cmd
     }
@@ -531,7 +563,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn parse(what: String, stdout: &str) -> Self {
+    pub(crate) fn parse(what: String, stdout: &str) -> Self {
         let line = stdout.lines().last().unwrap_or_default();
         let value: Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("{what}: probe printed no JSON ({e}): {stdout:?}"));

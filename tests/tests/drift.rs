@@ -32,7 +32,7 @@ const ONLY_TRIGGERED: &str = "[self_check]\ninterval_secs = 3600\n";
 const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Junk SERVICES keys (no cgroup has such an id) and their value: a
-/// `ServiceEntry` of service id 0xffff_fff0, everything else zero.
+/// `ServiceEntry` of service id `0xffff_fff0`, everything else zero.
 const JUNK_KEY: u64 = 0x0b0b_0000_0000_0000;
 const JUNK_ENTRY: [u8; size_of::<agent_common::ServiceEntry>()] = {
     let mut e = [0; size_of::<agent_common::ServiceEntry>()];

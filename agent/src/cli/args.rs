@@ -291,6 +291,11 @@ pub struct LearnArgs {
     /// Write `mode = "enforce"` (default: "audit", to review first).
     #[arg(long)]
     pub enforce: bool,
+    /// Also write `exe = [...]` on each rule: the executables whose calls
+    /// it was learned from (left out, with a comment, where some calls came
+    /// from an executable the kernel had no record of).
+    #[arg(long)]
+    pub exe: bool,
     #[command(flatten)]
     pub socket: SocketArgs,
     #[command(flatten)]

@@ -21,6 +21,7 @@ pub fn learn(args: &LearnArgs) -> ExitCode {
         service: args.service.clone(),
         since: args.since.map(graph::ago),
         enforce: args.enforce,
+        exe: args.exe,
     });
     let result = match answer("learn", &args.socket, &args.offline, &req) {
         Ok(r) => r,

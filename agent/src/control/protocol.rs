@@ -138,6 +138,9 @@ pub struct LearnRequest {
     /// Write `mode = "enforce"` instead of `"audit"`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub enforce: bool,
+    /// Write `exe = [...]` on each rule (the executables seen).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exe: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,6 +33,15 @@ pub struct Learned {
     pub denied_not_learned: usize,
 }
 
+/// How `learn` writes the policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `mode = "enforce"` instead of `"audit"`.
+    pub enforce: bool,
+    /// `exe = [...]` on each rule: the executables seen.
+    pub exe: bool,
+}
+
 struct Seen<'a> {
     dest: &'a Dest,
     stats: &'a EdgeStats,
@@ -131,8 +140,9 @@ pub fn learn(
     policy: &PolicySet,
     name: &str,
     since: Option<&str>,
-    enforce: bool,
+    options: Options,
 ) -> Result<Learned, String> {
+    let enforce = options.enforce;
     let service = policy
         .services
         .iter()
@@ -223,6 +233,14 @@ pub fn learn(
         if from.len() > MAX_COMMENTS {
             let _ = writeln!(out, "# ... and {} more", from.len() - MAX_COMMENTS);
         }
+        let executables = executables_of(&from);
+        if !executables.is_empty() {
+            let calls: Vec<String> = executables
+                .iter()
+                .map(|(exe, n)| format!("{exe} ×{n}"))
+                .collect();
+            let _ = writeln!(out, "# executables: {}", calls.join(", "));
+        }
         let services: Vec<&str> = from.iter().filter_map(|s| s.service).collect();
         let _ = writeln!(out, "[[egress]]");
         if !services.is_empty() {
@@ -250,6 +268,10 @@ pub fn learn(
             let _ = writeln!(out, "ports = {text}");
         }
         let _ = writeln!(out, "protocol = {proto:?}");
+        let executables = executables_of(&from);
+        if options.exe {
+            out.push_str(&exe_line(&executables));
+        }
     }
     Ok(Learned {
         policy: out,
@@ -257,6 +279,41 @@ pub fn learn(
         destinations: seen.len(),
         denied_not_learned: denied.len(),
     })
+}
+
+/// Calls per executable over the edges a rule was learned from.
+fn executables_of(from: &[&Seen<'_>]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in from {
+        for (exe, n) in &s.stats.executables {
+            *out.entry(exe.clone()).or_insert(0) += n;
+        }
+    }
+    out
+}
+
+/// `exe = [...]` naming every executable seen (a replaced file by its path,
+/// which now names its successor), or a comment saying why there is none:
+/// a call of an unknown executable, or more executables than an edge
+/// keeps, would be denied by the list.
+fn exe_line(executables: &BTreeMap<String, u64>) -> String {
+    use crate::graph::model::{OTHER_EXE, UNKNOWN_EXE};
+    if executables.is_empty() {
+        return "# no exe: no call recorded its executable\n".to_owned();
+    }
+    if executables.contains_key(UNKNOWN_EXE) || executables.contains_key(OTHER_EXE) {
+        return "# no exe: some calls came from executables not recorded (unknown, or past \
+                three per destination)\n"
+            .to_owned();
+    }
+    let mut paths: Vec<&str> = executables
+        .keys()
+        .map(|p| p.strip_suffix(" (deleted)").unwrap_or(p))
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    let quoted: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+    format!("exe = [{}]\n", quoted.join(", "))
 }
 
 /// Rules keyed by protocol and ports, each with its destinations and the
@@ -348,6 +405,11 @@ mod tests {
         graph::tests::{accepted, connect, connect_named},
     };
 
+    const ENFORCE: Options = Options {
+        enforce: true,
+        exe: false,
+    };
+
     fn set() -> PolicySet {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
@@ -377,7 +439,7 @@ mod tests {
             echo.protocol = Some(proto.into());
             g.observe(&echo);
         }
-        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let l = learn(&g, &set(), "a", None, Options::default()).expect("learned");
         let text = &l.policy;
         assert!(
             text.contains("to = [\"198.51.100.9\", \"2001:db8::9\"]\nprotocol = \"icmp\""),
@@ -406,7 +468,7 @@ mod tests {
             ));
         }
         g.observe(&connect("a", ("203.0.113.1", 22), Verdict::Deny));
-        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let l = learn(&g, &set(), "a", None, Options::default()).expect("learned");
         let text = &l.policy;
         assert!(text.contains("mode = \"audit\""), "{text}");
         assert!(
@@ -441,12 +503,19 @@ mod tests {
     #[test]
     fn enforce_flag_and_nothing_to_learn() {
         let mut g = Graph::default();
-        assert!(learn(&g, &set(), "a", None, false).is_err());
+        assert!(learn(&g, &set(), "a", None, Options::default()).is_err());
         g.observe(&connect("a", ("192.0.2.7", 53), Verdict::Allow));
-        let l = learn(&g, &set(), "a", None, true).expect("learned");
+        let l = learn(&g, &set(), "a", None, ENFORCE).expect("learned");
         assert!(l.policy.contains("mode = \"enforce\"\n"), "{}", l.policy);
         learned_checks(&l.policy);
-        assert!(learn(&g, &set(), "a", Some("2999-01-01T00:00:00Z"), false).is_err());
+        assert!(learn(
+            &g,
+            &set(),
+            "a",
+            Some("2999-01-01T00:00:00Z"),
+            Options::default()
+        )
+        .is_err());
     }
 
     /// Addresses the service's own lookups gave are learned as the name
@@ -466,7 +535,7 @@ mod tests {
             "api.example.test",
         ));
         g.observe(&connect("a", ("127.0.53.1", 53), Verdict::Allow));
-        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let l = learn(&g, &set(), "a", None, Options::default()).expect("learned");
         let text = &l.policy;
         assert!(
             text.contains("to = [\"api.example.test\"]\nports = [443]\nprotocol = \"tcp\""),
@@ -510,7 +579,7 @@ mod tests {
                 &format!("n{i}.example.test"),
             ));
         }
-        let l = learn(&g, &set(), "a", None, false).expect("learned");
+        let l = learn(&g, &set(), "a", None, Options::default()).expect("learned");
         let text = &l.policy;
         assert!(
             text.contains("to = [\"n3.example.test\"]\nports = [444]"),
@@ -525,6 +594,55 @@ mod tests {
             "{text}"
         );
         learned_checks(text);
+    }
+
+    /// With `--exe`, a rule names the executables its calls came from (a
+    /// replaced file by its path), and the policy checks; a rule with a
+    /// call of an unknown executable gets no list, and says why.
+    #[test]
+    fn executables_seen_are_learned_with_exe() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (app, tool) = (dir.path().join("app"), dir.path().join("tool"));
+        for f in [&app, &tool] {
+            std::fs::write(f, b"").expect("write");
+        }
+        let (app, tool) = (app.display().to_string(), tool.display().to_string());
+        let mut g = Graph::default();
+        let by = |exe: Option<String>, dst: (&str, u16)| {
+            let mut ev = connect("a", dst, Verdict::Audit);
+            ev.exe = exe.map(Into::into);
+            ev
+        };
+        g.observe(&by(Some(app.clone()), ("192.0.2.7", 5432)));
+        g.observe(&by(Some(format!("{app} (deleted)")), ("192.0.2.7", 5432)));
+        g.observe(&by(Some(tool.clone()), ("192.0.2.8", 5432)));
+        g.observe(&by(None, ("198.51.100.1", 443)));
+        let options = Options {
+            enforce: false,
+            exe: true,
+        };
+        let text = learn(&g, &set(), "a", None, options)
+            .expect("learned")
+            .policy;
+        assert!(
+            text.contains(&format!(
+                "# executables: {app} ×1, {app} (deleted) ×1, {tool} ×1\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "ports = [5432]\nprotocol = \"tcp\"\nexe = [{app:?}, {tool:?}]\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("ports = [443]\nprotocol = \"tcp\"\n# no exe: some calls came"),
+            "{text}"
+        );
+        learned_checks(&text);
+        let plain = learn(&g, &set(), "a", None, Options::default()).expect("learned");
+        assert!(!plain.policy.contains("exe = "), "{}", plain.policy);
     }
 
     #[test]

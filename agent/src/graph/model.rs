@@ -13,7 +13,9 @@ use std::{
     net::IpAddr,
 };
 
-pub use super::node::{Dest, EdgeStats, ListenKey, ListenerInfo, Source};
+pub use super::node::{
+    Dest, EdgeStats, ListenKey, ListenerInfo, Source, MAX_EXECUTABLES, OTHER_EXE, UNKNOWN_EXE,
+};
 use crate::events::{Direction, EventType, FlowEvent, Verdict};
 
 /// Edges kept at most; past this the least recently seen are evicted.
@@ -106,6 +108,7 @@ impl Graph {
                     }
                     if ev.verdict != Some(Verdict::Deny) {
                         s.connections += calls;
+                        s.add_executable(ev.exe.as_deref(), calls);
                     }
                 });
             }

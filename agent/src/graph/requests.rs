@@ -48,7 +48,10 @@ pub fn learn(shared: &Shared, policy: &PolicySet, r: &LearnRequest) -> Result<Va
         policy,
         &r.service,
         r.since.as_deref(),
-        r.enforce,
+        super::learn::Options {
+            enforce: r.enforce,
+            exe: r.exe,
+        },
     )?;
     to_value(&l)
 }
@@ -101,6 +104,7 @@ mod tests {
             service: "web".to_string(),
             since: Some("2026-11-29T02:00:00Z".to_string()),
             enforce: true,
+            exe: true,
         });
         for req in [Request::Graph(GraphRequest {}), blast, learn] {
             let line = encode_request(&req);

@@ -336,3 +336,34 @@ fn addresses_a_lookup_named_are_kept_and_drawn_under_their_name() {
         "{dot}"
     );
 }
+
+/// An edge counts the calls that went through per executable: at most
+/// three paths, the rest under "(other)", an unknown one as "(unknown)";
+/// denied calls are not counted.
+#[test]
+fn an_edge_counts_its_calls_per_executable() {
+    let mut g = Graph::default();
+    let by = |exe: Option<&str>, verdict| {
+        let mut ev = connect("a", ("192.0.2.7", 5432), verdict);
+        ev.exe = exe.map(Into::into);
+        ev.calls = Some(2);
+        ev
+    };
+    for exe in ["/a", "/b", "/a", "/c", "/d", "/e"] {
+        g.observe(&by(Some(exe), Verdict::Allow));
+    }
+    g.observe(&by(None, Verdict::Allow));
+    g.observe(&by(Some("/f"), Verdict::Deny));
+    let stats = g.edges.values().next().expect("one edge");
+    let seen: Vec<(&str, u64)> = stats
+        .executables
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        seen,
+        [("(other)", 6), ("/a", 4), ("/b", 2), ("/c", 2)],
+        "{stats:?}"
+    );
+    assert_eq!(stats.connections, 14);
+}

@@ -426,6 +426,9 @@ fn port_checks(
         .collect()
 }
 
+/// A service's EXE_RULES and UID_RULES entries.
+type QualifierEntries = (Vec<(ExeRuleKey, u32)>, Vec<(UidRuleKey, u32)>);
+
 /// A service's rules with `exe` or `uid` (`EgressRule::is_qualified`):
 /// the i-th of them has bit i in the kernel's masks, and its port checks
 /// carry i + 1. A caller's mask (process.rs in the kernel) is the
@@ -481,11 +484,7 @@ impl Qualifiers {
     }
 
     /// The service's EXE_RULES and UID_RULES entries.
-    fn entries(
-        &self,
-        service: &Service,
-        service_id: u32,
-    ) -> (Vec<(ExeRuleKey, u32)>, Vec<(UidRuleKey, u32)>) {
+    fn entries(&self, service: &Service, service_id: u32) -> QualifierEntries {
         let mut exe: HashMap<crate::process::ExeFile, u32> = HashMap::new();
         let mut uid: HashMap<u32, u32> = HashMap::new();
         for (key, exes, uids) in qualified(service) {

@@ -698,25 +698,6 @@ pub(crate) fn merge_ranges(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merges_adjacent_and_overlapping_ports() {
-        let r = |lo, hi| PortRange { lo, hi };
-        assert_eq!(
-            merge_ranges(vec![
-                r(8000, 8100),
-                r(5432, 5432),
-                r(8101, 8200),
-                r(8050, 8060)
-            ]),
-            vec![r(5432, 5432), r(8000, 8200)]
-        );
-    }
-}
-
 /// A rule's `exe` list: absolute paths of regular files, each resolved now
 /// (symlinks followed) to the file whose identity the kernel compares.
 fn executables(
@@ -788,4 +769,23 @@ fn users(c: &mut Checker<'_>, at: &str, list: Option<&Spanned<Vec<Spanned<i64>>>
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_adjacent_and_overlapping_ports() {
+        let r = |lo, hi| PortRange { lo, hi };
+        assert_eq!(
+            merge_ranges(vec![
+                r(8000, 8100),
+                r(5432, 5432),
+                r(8101, 8200),
+                r(8050, 8060)
+            ]),
+            vec![r(5432, 5432), r(8000, 8200)]
+        );
+    }
 }

@@ -60,7 +60,8 @@ fn find_in(btf: &Btf, s: &btf_rs::Struct, member: &str, base_bits: u32) -> Optio
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == member {
             // A bit field is no pointer or integer the programs can read.
-            return (m.bitfield_size().unwrap_or(0) == 0 && bits % 8 == 0).then_some(bits / 8);
+            return (m.bitfield_size().unwrap_or(0) == 0 && bits.is_multiple_of(8))
+                .then_some(bits / 8);
         }
         if name.is_empty() {
             if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m) {

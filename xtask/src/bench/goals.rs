@@ -3,7 +3,8 @@
 //! 100,000 rules; (b) TCP connect() added median at most nftables' + 0.5 µs;
 //! (c) UDP connect() added median at most twice the trivial hook's;
 //! (d) at most 0.01 decision-log lines per call for repeated flows (the UDP
-//! connect and sendto probes).
+//! connect and sendto probes). Issue #22's: an `exe` qualifier adds at
+//! most 100 ns to the connect() medians.
 
 use std::fmt::Write as _;
 
@@ -21,6 +22,8 @@ const TCP_SLACK_NS: i64 = 500;
 const FLOOR_FACTOR: i64 = 2;
 /// (d): decision-log lines per call of a repeated flow.
 const MAX_LINES_PER_CALL: f64 = 0.01;
+/// Issue #22: what an `exe` qualifier may add to a connect() median.
+const EXE_SLACK_NS: i64 = 100;
 
 /// One bullet per goal, for the "Reading" list.
 pub fn bullets(r: &Report) -> String {
@@ -30,6 +33,7 @@ pub fn bullets(r: &Report) -> String {
         tcp(r),
         udp_connect(r),
         log_lines(r),
+        exe_qualifier(r),
         hooks_floor(r),
     ] {
         let _ = writeln!(out, "{line}");
@@ -208,6 +212,51 @@ fn log_lines(r: &Report) -> String {
          connect and sendto probes): {}.** Median over the rounds, warm-ups included: {}.",
         verdict(&results),
         or_none(&parts, "no bulkhead case in this run")
+    )
+}
+
+/// The medians of the case whose probes' rule names the load generator's
+/// executable, against bulkhead's at the same rule count in the same run.
+fn exe_qualifier(r: &Report) -> String {
+    let Some(&n) = r.plan.rule_counts.first() else {
+        return "- **`exe` qualifier: not judged (no bulkhead case in this run).**".to_owned();
+    };
+    let (plain, qualified) = (Case::bulkhead(n), Case::bulkhead_exe(n));
+    let mut results = Vec::new();
+    let mut parts = Vec::new();
+    for probe in Probe::ALL {
+        let (Some(a), Some(b)) = (r.summary(plain, probe), r.summary(qualified, probe)) else {
+            continue;
+        };
+        let diff = b.median as i64 - a.median as i64;
+        let judged = probe != Probe::UdpSendto;
+        if judged {
+            results.push((probe, diff <= EXE_SLACK_NS));
+        }
+        parts.push(format!(
+            "{} {} ns ({} against {} median{})",
+            probe.short(),
+            signed(diff),
+            num(b.median),
+            num(a.median),
+            if judged {
+                format!(", {}", yes(diff <= EXE_SLACK_NS))
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let verdict = if results.is_empty() {
+        "not judged (no data in this run)"
+    } else if results.iter().all(|&(_, ok)| ok) {
+        "met"
+    } else {
+        "not met"
+    };
+    format!(
+        "- **Issue 22's goal, an `exe` qualifier adds at most 100 ns to the connect()          medians: {verdict}.** At {} rules, the probes' rule naming the load generator's          executable against the same rule without it: {}.",
+        num(n as u64),
+        or_none(&parts, "no case with exe in this run")
     )
 }
 

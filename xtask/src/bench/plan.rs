@@ -15,6 +15,9 @@ pub enum Kind {
     /// its set of hooks costs before any of its work.
     FloorAll,
     Bulkhead,
+    /// bulkhead with the probes' rule qualified by `exe` (the load
+    /// generator's executable): what the qualifier adds to a decision.
+    BulkheadExe,
     Nftables,
     Iptables,
 }
@@ -57,12 +60,25 @@ impl Case {
         }
     }
 
+    pub fn bulkhead_exe(rules: usize) -> Case {
+        Case {
+            kind: Kind::BulkheadExe,
+            rules,
+        }
+    }
+
+    /// A case that runs bulkhead's daemon.
+    pub fn is_bulkhead(self) -> bool {
+        matches!(self.kind, Kind::Bulkhead | Kind::BulkheadExe)
+    }
+
     pub fn label(self) -> &'static str {
         match self.kind {
             Kind::Baseline => "no programs",
             Kind::Floor => "trivial hook",
             Kind::FloorAll => "trivial hooks, all",
             Kind::Bulkhead => "bulkhead",
+            Kind::BulkheadExe => "bulkhead, rule with exe",
             Kind::Nftables => "nftables",
             Kind::Iptables => "iptables-legacy",
         }
@@ -75,6 +91,7 @@ impl Case {
             Kind::Floor => "floor".to_owned(),
             Kind::FloorAll => "floor-all".to_owned(),
             Kind::Bulkhead => format!("bh-{}", self.rules),
+            Kind::BulkheadExe => format!("bh-exe-{}", self.rules),
             Kind::Nftables => format!("nft-{}", self.rules),
             Kind::Iptables => format!("ipt-{}", self.rules),
         }
@@ -146,13 +163,17 @@ impl Plan {
     }
 
     /// Every case in report order: the baseline, the trivial hooks, then per rule count
-    /// bulkhead and its peers. Rounds run this order forwards and
+    /// bulkhead (at the smallest count also with its probes' rule
+    /// qualified by `exe`) and its peers. Rounds run this order forwards and
     /// backwards in turn, so slow drift on the machine (a build starting)
     /// does not always land on the same cases.
     pub fn cases(&self) -> Vec<Case> {
         let mut out = vec![Case::BASELINE, Case::FLOOR, Case::FLOOR_ALL];
-        for &rules in &self.rule_counts {
+        for (i, &rules) in self.rule_counts.iter().enumerate() {
             out.push(Case::bulkhead(rules));
+            if i == 0 {
+                out.push(Case::bulkhead_exe(rules));
+            }
             if self.peers {
                 out.push(Case {
                     kind: Kind::Nftables,

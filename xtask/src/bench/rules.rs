@@ -49,6 +49,24 @@ pub fn bulkhead_policy(cgroup_rel: &str, destinations: &[Ipv4Addr]) -> String {
     out
 }
 
+/// [`bulkhead_policy`], its probes' rule allowing only calls of processes
+/// running `exe` (the load generator: a forked xtask), so that every
+/// decision on the probes also asks the kernel for the caller's
+/// executable.
+pub fn bulkhead_exe_policy(
+    cgroup_rel: &str,
+    destinations: &[Ipv4Addr],
+    exe: &std::path::Path,
+) -> String {
+    let mut out = generated_policy(cgroup_rel, destinations);
+    out.push_str(&probe_rule(
+        "127.0.0.1",
+        "the probes, from the load generator only",
+    ));
+    let _ = writeln!(out, "exe = [{:?}]", exe.display().to_string());
+    out
+}
+
 /// The three services of the DNS names section (names.rs), each with the
 /// same N generated destinations and a rule for the resolver at
 /// `resolver` (port 53); `rel` are their cgroups. The first reaches the
@@ -148,6 +166,16 @@ mod tests {
             assert!(text.contains(&format!("\"{d}\"")));
         }
         assert!(text.contains(&format!("ports = [{UDP_PORT}, {TCP_PORT}]")));
+    }
+
+    #[test]
+    fn the_exe_policy_qualifies_the_probe_rule_only() {
+        let dests = destinations(3).expect("fits");
+        let text = bulkhead_exe_policy("x", &dests, std::path::Path::new("/usr/bin/xtask"));
+        assert_eq!(text.matches("exe = ").count(), 1);
+        assert!(text.ends_with(&format!(
+            "ports = [{UDP_PORT}, {TCP_PORT}]\nprotocol = \"any\"\nexe = [\"/usr/bin/xtask\"]\n"
+        )));
     }
 
     #[test]

@@ -128,7 +128,9 @@ impl Runner<'_> {
                         .or_default()
                         .push(run.samples.get(probe).to_vec());
                 }
-                if let Some(d) = run.daemon {
+                // The daemon's costs are reported per rule count, of the
+                // plain bulkhead case.
+                if let Some(d) = run.daemon.filter(|_| env.case.kind == Kind::Bulkhead) {
                     let stats = daemon.entry(env.case.rules).or_default();
                     stats.ready_after.push(d.ready_after);
                     stats.rss_kib.extend(d.rss_kib);
@@ -213,12 +215,19 @@ impl Runner<'_> {
             let mut policy_dir = None;
             match case.kind {
                 Kind::Baseline | Kind::Floor | Kind::FloorAll => {}
-                Kind::Bulkhead => {
+                Kind::Bulkhead | Kind::BulkheadExe => {
                     let dir = self.work.join(format!("policy-{}", case.slug()));
                     fs::create_dir_all(&dir)
                         .with_context(|| format!("create {}", dir.display()))?;
                     let file = dir.join("bench.toml");
-                    fs::write(&file, rules::bulkhead_policy(&name, &destinations))
+                    let policy = if case.kind == Kind::BulkheadExe {
+                        // The load generator is a fork of this process.
+                        let exe = std::env::current_exe().context("this program's path")?;
+                        rules::bulkhead_exe_policy(&name, &destinations, &exe)
+                    } else {
+                        rules::bulkhead_policy(&name, &destinations)
+                    };
+                    fs::write(&file, policy)
                         .with_context(|| format!("write {}", file.display()))?;
                     policy_dir = Some(dir);
                 }
@@ -291,7 +300,7 @@ impl Runner<'_> {
             netns: &env.netns.path,
             udp_iterations: self.plan.udp_iterations,
             tcp_iterations: self.plan.tcp_iterations,
-            expect_denied: env.case.kind == Kind::Bulkhead,
+            expect_denied: env.case.is_bulkhead(),
         }
     }
 
@@ -381,7 +390,11 @@ impl Runner<'_> {
             match env.case.kind {
                 Kind::Nftables => peers::nft_packets(&env.netns).map(Some),
                 Kind::Iptables => peers::iptables_packets(&env.netns).map(Some),
-                Kind::Baseline | Kind::Floor | Kind::FloorAll | Kind::Bulkhead => Ok(None),
+                Kind::Baseline
+                | Kind::Floor
+                | Kind::FloorAll
+                | Kind::Bulkhead
+                | Kind::BulkheadExe => Ok(None),
             }
         };
         let before = counter(env)?;
@@ -474,7 +487,7 @@ fn round_order(envs: &[Env], round: usize) -> Vec<&Env> {
                 order.extend(baseline);
                 order.push(env);
             }
-            Kind::Nftables | Kind::Iptables => order.push(env),
+            Kind::BulkheadExe | Kind::Nftables | Kind::Iptables => order.push(env),
         }
     }
     if order.is_empty() {

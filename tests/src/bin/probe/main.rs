@@ -2,7 +2,8 @@
 //! process or as a listener on a "remote host".
 //!
 //! ```text
-//! bulkhead-probe [--cgroup DIR] [--netns NAME] [--as-nobody] [--source IP] [--timeout-ms N] COMMAND
+//! bulkhead-probe [--cgroup DIR] [--netns NAME] [--as-nobody] [--source IP] [--timeout-ms N]
+//!                [--comm NAME] [--wait-for PATH] COMMAND
 //!   tcp-connect ADDR:PORT         connect(), then read the byte the listener sends
 //!   tcp-fastopen ADDR:PORT        sendto(MSG_FASTOPEN) instead of connect(), then read
 //!   udp-connect ADDR:PORT         connect a UDP socket, send, wait for the echo
@@ -92,6 +93,11 @@
 //!                                 then takes every datagram until the timeout (received_from)
 //! ```
 //!
+//! `--comm NAME` sets the probe's `comm` (`prctl(PR_SET_NAME)`), as any
+//! process can; `--wait-for PATH` prints `waiting`, then holds until PATH
+//! exists (a process already running when the test makes it act). Both
+//! take effect where they stand among the options.
+//!
 //! `--cgroup DIR` writes the probe's own pid into `DIR/cgroup.procs` before
 //! any socket exists (a socket belongs to the cgroup it was created in), and
 //! `--netns NAME` joins `/var/run/netns/NAME` first. `--source IP` binds a
@@ -129,7 +135,7 @@ use serde_json::json;
 use crate::client::{Ctx, Failure, Transport};
 
 const USAGE: &str = "usage: bulkhead-probe [--cgroup DIR] [--netns NAME] [--as-nobody] [--source IP] \
-    [--timeout-ms N] [--bind SRC=DST]... (resolve-connect|resolve-loop NAME PORT | exec CMD ARGS... \
+    [--timeout-ms N] [--comm NAME] [--wait-for PATH] [--bind SRC=DST]... (resolve-connect|resolve-loop NAME PORT | exec CMD ARGS... \
     | tcp-connect|tcp-fastopen|udp-connect|udp-sendto ADDR:PORT \
     | tcp-connect-each ADDR:PORT... \
     | udp-sendto-all ADDR:PORT | udp-connect-sendto ADDR:PORT ADDR:PORT \
@@ -165,6 +171,8 @@ fn options(args: Vec<String>) -> Result<(Ctx, Vec<String>), String> {
             "--as-nobody" => become_nobody()?,
             "--source" => ctx.source = Some(parse_ip(&args.next().ok_or(USAGE)?)?),
             "--timeout-ms" => ctx.timeout = parse_ms(&args.next().ok_or(USAGE)?)?,
+            "--comm" => set_comm(&args.next().ok_or(USAGE)?)?,
+            "--wait-for" => wait_for(&args.next().ok_or(USAGE)?)?,
             _ => {
                 command.push(arg);
                 command.extend(args.by_ref());
@@ -272,6 +280,36 @@ fn become_nobody() -> Result<(), String> {
             io::Error::last_os_error()
         ))
     }
+}
+
+/// `prctl(PR_SET_NAME)`: the name `comm` shows, which any process may set.
+fn set_comm(name: &str) -> Result<(), String> {
+    let c = std::ffi::CString::new(name).map_err(|e| format!("bad --comm {name:?}: {e}"))?;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (at most 16 bytes
+    // are kept) from a valid pointer.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_NAME): {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Prints `waiting`, then polls until `path` exists (at most a minute): a
+/// process that is already running when the test makes it act.
+fn wait_for(path: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    println!("waiting");
+    io::stdout().flush().map_err(|e| format!("stdout: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while !std::path::Path::new(path).exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("--wait-for {path}: still absent after 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 fn join_netns(name: &str) -> Result<(), String> {

@@ -1,0 +1,485 @@
+//! Process identity (issue 22, docs/policy.md "Executables and users"):
+//! every decision names the executable that made the call, by its real
+//! path, however the process came to be (started before the agent, short
+//! lived, a forked child, a thread, run through a symlink), and a rule
+//! that names executables or users allows only their calls: a service's
+//! own binary reaches its database, a shell or an interpreter started in
+//! the same cgroup gets EPERM, a forged `comm` changes nothing, and an
+//! upgrade (a new file renamed over the path) keeps the rule.
+//!
+//! The executables are copies of the probe under other paths: each copy
+//! is its own file, so its own identity to the kernel.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    addr,
+    control::{status, wait_status},
+    events::{calls_of, wait_calls, wait_event},
+    executables::Executables,
+    maps, policy_with, probe, require_bpf,
+    resolving::exec_in,
+    service_policy, CgroupGuard, Daemon, Egress, Ingress, Listener, PolicyDir, Probe, Proto,
+};
+use serde_json::Value;
+
+/// Summaries every second, so a test waits about one.
+const CONFIG: &str = "[flows]\ninterval_secs = 1\n";
+/// How long every call may take to be reported, and the wait after for a
+/// call too many: two sweeps.
+const REPORTED: Duration = Duration::from_secs(30);
+const SETTLE: Duration = Duration::from_millis(2500);
+/// How long an interpreter or a shell may take to run its one connect.
+const RUN: Duration = Duration::from_secs(20);
+/// Connects per executable in the attribution test.
+const CONNECTS: u64 = 50;
+
+/// The real path of `p` (what `exe` must say).
+fn real(p: &Path) -> String {
+    fs::canonicalize(p)
+        .unwrap_or_else(|e| panic!("cannot resolve {}: {e}", p.display()))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The events of `service` to `port` that report calls (records and
+/// summaries).
+fn calls_to(service: &str, port: u16) -> impl Fn(&Value) -> bool + '_ {
+    move |ev| {
+        ev["service"] == service
+            && ev["dst_port"] == port
+            && (ev["type"] == "verdict" || ev["type"] == "flow")
+            && ev["calls"].as_u64().is_some_and(|c| c > 0)
+    }
+}
+
+/// Calls per (`exe`, verdict) over `events`; a call with no `exe` counts
+/// under "(none)".
+fn calls_by_exe(events: &[Value]) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for ev in events {
+        let exe = ev["exe"].as_str().unwrap_or("(none)").to_owned();
+        let verdict = ev["verdict"].as_str().unwrap_or("(none)").to_owned();
+        *out.entry((exe, verdict)).or_insert(0) += ev["calls"].as_u64().unwrap_or(0);
+    }
+    out
+}
+
+/// A TCP listener on loopback, unmanaged.
+fn listener() -> Listener {
+    probe!().listen(Proto::Tcp, addr("127.0.0.1:0"))
+}
+
+/// A TCP rule to `to` on loopback.
+fn tcp_to(to: &Listener) -> Egress {
+    Egress::to(["127.0.0.1"]).ports([to.port()]).protocol("tcp")
+}
+
+/// What a Python `connect()` to `port` came to: `connected` or `errno N`.
+fn python_connect(client: &Probe, port: u16) -> String {
+    let script = format!(
+        "import socket\ns = socket.socket()\ntry:\n    s.connect(('127.0.0.1', {port}))\n    \
+         print('connected')\nexcept OSError as e:\n    print('errno', e.errno)\n"
+    );
+    let out = exec_in(client, &["python3", "-c", &script], RUN);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// What a bash `/dev/tcp` connect to `port` came to: `connected` or bash's
+/// error.
+fn bash_connect(client: &Probe, port: u16) -> String {
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected");
+    let out = exec_in(client, &["bash", "-c", &script], RUN);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+/// 20 executables × 50 connects, each made another way: one process
+/// started before the agent, 50 short-lived processes through a symlink,
+/// 50 forked children (no exec), 50 threads, 50 `clone(CLONE_VM |
+/// CLONE_VFORK)` children, and 15 copies connecting from 5 processes each.
+/// Every call is attributed to its executable's real path, exactly.
+#[test]
+fn every_decision_names_the_executable_that_made_it() {
+    if !require_bpf() {
+        return;
+    }
+    let server = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let base = probe!();
+    let copies: Vec<PathBuf> = (0..20)
+        .map(|i| exes.copy(base.bin(), &format!("client-{i:02}")))
+        .collect();
+    let link = exes.symlink(&copies[0], "client-link");
+    let run = |bin: &Path| base.with_bin(bin).in_cgroup(svc.path());
+    let policies = PolicyDir::with(&[(
+        "who.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&server)]),
+    )]);
+    let fifty = vec![server.addr(); 50];
+
+    let early = run(&copies[1]).waiting("tcp-connect-each", &fifty);
+    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    early.go().assert_ok("the process started before the agent");
+
+    let mut lifetimes = Vec::new();
+    for _ in 0..CONNECTS {
+        let started = Instant::now();
+        run(&link)
+            .tcp_connect(server.addr())
+            .assert_ok("a short-lived process run through a symlink");
+        lifetimes.push(started.elapsed());
+    }
+    for _ in 0..CONNECTS {
+        run(&copies[2])
+            .tcp_connect_via("fork", server.addr())
+            .assert_ok("a forked child");
+        run(&copies[3])
+            .tcp_connect_via("thread", server.addr())
+            .assert_ok("a thread");
+        run(&copies[4])
+            .tcp_connect_via("vfork", server.addr())
+            .assert_ok("a vfork child");
+    }
+    for copy in &copies[5..] {
+        for _ in 0..5 {
+            run(copy)
+                .tcp_connect_each(&fifty[..10])
+                .assert_ok("ten connects");
+        }
+    }
+
+    lifetimes.sort();
+    assert!(
+        lifetimes[lifetimes.len() / 2] < Duration::from_millis(100),
+        "the short-lived processes live under 100 ms (median, from spawn to exit): {lifetimes:?}"
+    );
+    let events = wait_calls(
+        &daemon,
+        "connects",
+        CONNECTS * 20,
+        REPORTED,
+        SETTLE,
+        calls_to("who", server.port()),
+    );
+    let want: BTreeMap<(String, String), u64> = copies
+        .iter()
+        .map(|c| ((real(c), "allow".to_owned()), CONNECTS))
+        .collect();
+    assert_eq!(
+        calls_by_exe(&events),
+        want,
+        "every call under its executable's real path ({} events)",
+        events.len()
+    );
+    assert_eq!(calls_of(&events), CONNECTS * 20);
+}
+
+/// A database rule that names the service's own binary: that binary
+/// connects, python3 and bash in the same cgroup (started by it, as an
+/// attacker's shell would be) get EPERM, and so does another binary; a
+/// rule without `exe` still serves them all.
+#[test]
+fn only_the_services_own_binary_reaches_its_database() {
+    if !require_bpf() {
+        return;
+    }
+    let (db, cache) = (listener(), listener());
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let tool = exes.copy(probe!().bin(), "tool");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app]), tcp_to(&cache)]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
+    let as_tool = probe!().with_bin(&tool).in_cgroup(svc.path());
+
+    as_app
+        .tcp_connect(db.addr())
+        .assert_ok("the service's own binary");
+    as_tool
+        .tcp_connect(db.addr())
+        .assert_eperm("another binary in the same cgroup");
+    as_tool
+        .tcp_connect(cache.addr())
+        .assert_ok("a rule without exe serves every binary");
+    assert_eq!(python_connect(&as_app, db.port()), "errno 1", "python3");
+    assert_eq!(
+        python_connect(&as_app, cache.port()),
+        "connected",
+        "python3"
+    );
+    let bash = bash_connect(&as_app, db.port());
+    assert!(
+        bash.contains("Operation not permitted") && !bash.contains("connected"),
+        "bash's /dev/tcp connect to the database gets EPERM: {bash:?}"
+    );
+    assert_eq!(bash_connect(&as_app, cache.port()), "connected", "bash");
+
+    let python = real(Path::new("/usr/bin/python3"));
+    let denied = wait_event(&daemon, "python3's denied connect", |ev| {
+        ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["exe"] == python.as_str()
+    });
+    assert_eq!(
+        (&denied["verdict"], &denied["rule"]),
+        (&"deny".into(), &"shop.toml#default-deny".into()),
+        "{denied:#}"
+    );
+    let allowed = wait_event(&daemon, "the app's allowed connect", |ev| {
+        ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["verdict"] == "allow"
+    });
+    assert_eq!(allowed["exe"], real(&app), "{allowed:#}");
+}
+
+/// `uid = [65534]`: the service's processes of that user connect, its
+/// root processes get EPERM.
+#[test]
+fn a_uid_rule_allows_only_that_user() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let policies = PolicyDir::with(&[(
+        "batch.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).uid([65534])]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let client = probe!().in_cgroup(svc.path());
+    client
+        .as_nobody()
+        .tcp_connect(db.addr())
+        .assert_ok("uid 65534");
+    client.tcp_connect(db.addr()).assert_eperm("uid 0");
+    let allowed = wait_event(&daemon, "the allowed connect", |ev| {
+        ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["verdict"] == "allow"
+    });
+    assert_eq!(allowed["uid"], 65534, "{allowed:#}");
+}
+
+/// A forged `comm` (`prctl(PR_SET_NAME)`) changes the name in the log,
+/// not the identity: another binary calling itself `app` is denied, the
+/// app calling itself `nginx` is allowed, and both records say who they
+/// really are.
+#[test]
+fn a_forged_comm_does_not_change_the_executable() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let tool = exes.copy(probe!().bin(), "tool");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let run = |bin: &Path, comm: &str| probe!().with_bin(bin).in_cgroup(svc.path()).comm(comm);
+
+    run(&tool, "app")
+        .tcp_connect(db.addr())
+        .assert_eperm("another binary naming itself app");
+    run(&app, "nginx")
+        .tcp_connect(db.addr())
+        .assert_ok("the app naming itself nginx");
+    for (comm, exe, verdict) in [("app", &tool, "deny"), ("nginx", &app, "allow")] {
+        let ev = wait_event(&daemon, &format!("the connect of comm {comm}"), |ev| {
+            ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["comm"] == comm
+        });
+        assert_eq!(
+            (&ev["exe"], &ev["verdict"]),
+            (&real(exe).into(), &verdict.into()),
+            "{ev:#}"
+        );
+    }
+}
+
+/// An upgrade renames a new file over the app's path: the new file is a
+/// new identity (its records say the path; the old process's say the path
+/// and " (deleted)"), and both keep the rule, with no reload.
+#[test]
+fn a_replaced_binary_is_told_apart_and_keeps_its_rule() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
+    let old = as_app.waiting("tcp-connect", &[db.addr()]);
+
+    exes.replace(&app, probe!().bin());
+    daemon.wait_log(
+        "an `exe` path names a new file (replaced on disk)",
+        Duration::from_secs(10),
+    );
+    as_app
+        .tcp_connect(db.addr())
+        .assert_ok("the new file at the rule's path");
+    old.go().assert_ok("the old file, still running");
+
+    let path = real(&app);
+    let gone = format!("{path} (deleted)");
+    for exe in [&path, &gone] {
+        let ev = wait_event(&daemon, &format!("the connect of {exe}"), |ev| {
+            ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["exe"] == exe.as_str()
+        });
+        assert_eq!(ev["verdict"], "allow", "{ev:#}");
+    }
+}
+
+/// `[[ingress]]` with `exe`: a peer reaches the service's socket that the
+/// named binary listens on; the same peer's SYN to a socket another binary
+/// of the service listens on is dropped.
+#[test]
+fn an_ingress_rule_names_the_listening_binary() {
+    if !require_bpf() {
+        return;
+    }
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let tool = exes.copy(probe!().bin(), "tool");
+    let rule = Ingress::from(["127.0.0.1"]).protocol("tcp").exe([&app]);
+    let policies = PolicyDir::with(&[("web.toml", &policy_with(&svc, "enforce", &[&rule]))]);
+    let daemon = Daemon::start(&policies);
+    // Started after the agent, so that bind() records the binder.
+    let served = probe!()
+        .with_bin(&app)
+        .in_cgroup(svc.path())
+        .listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let other = probe!()
+        .with_bin(&tool)
+        .in_cgroup(svc.path())
+        .listen(Proto::Tcp, addr("127.0.0.1:0"));
+    let peer = probe!().step_timeout(Duration::from_millis(1500));
+
+    peer.tcp_connect(served.addr())
+        .assert_ok("the socket the named binary listens on");
+    peer.tcp_connect(other.addr())
+        .assert_timed_out("connect", "a socket another binary listens on");
+    let dropped = wait_event(&daemon, "the dropped SYN", |ev| {
+        ev["type"] == "verdict" && ev["hook"] == "ingress" && ev["src_port"] == other.port()
+    });
+    assert_eq!(dropped["verdict"], "deny", "{dropped:#}");
+}
+
+/// A process the kernel's table has no record of (here: its entry deleted,
+/// as an eviction from the full table would) satisfies no `exe` list: the
+/// app's own process is then denied, and its record has no `exe`.
+#[test]
+fn a_process_the_kernel_has_no_record_of_satisfies_no_exe_rule() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
+    let forgotten = as_app.waiting("tcp-connect", &[db.addr()]);
+    let pid = forgotten.pid();
+    maps::delete(&maps::pinned(&daemon, "PROCESSES"), &pid.to_ne_bytes());
+
+    forgotten
+        .go()
+        .assert_eperm("the app, once the kernel has no record of it");
+    as_app
+        .tcp_connect(db.addr())
+        .assert_ok("a new process of the app");
+    let ev = wait_event(&daemon, "the forgotten process's connect", |ev| {
+        ev["type"] == "verdict" && ev["pid"] == pid
+    });
+    assert_eq!(
+        (&ev["verdict"], &ev["exe"]),
+        (&"deny".into(), &Value::Null),
+        "{ev:#}"
+    );
+}
+
+/// A policy naming an executable that is not there, or not by an absolute
+/// path, is refused at reload with the file and line; the policy in force
+/// stays (the app still connects, another binary still gets EPERM).
+#[test]
+fn a_bad_exe_is_refused_and_the_old_policy_stays() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let tool = exes.copy(probe!().bin(), "tool");
+    let good = service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]);
+    let policies = PolicyDir::with(&[("shop.toml", &good)]);
+    let daemon = Daemon::start(&policies);
+    let assert_old = |why: &str| {
+        probe!()
+            .with_bin(&app)
+            .in_cgroup(svc.path())
+            .tcp_connect(db.addr())
+            .assert_ok(why);
+        probe!()
+            .with_bin(&tool)
+            .in_cgroup(svc.path())
+            .tcp_connect(db.addr())
+            .assert_eperm(why);
+    };
+    assert_old("at start");
+
+    let missing = exes.path().join("not-there");
+    let bad = [
+        (
+            missing.to_string_lossy().into_owned(),
+            "No such file or directory",
+        ),
+        ("bin/app".to_owned(), "is not an absolute path"),
+    ];
+    for (refused, (exe, problem)) in (1u64..).zip(bad) {
+        let text = service_policy(&svc, "enforce", &[tcp_to(&db).exe([&exe])]);
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("exe"))
+            .map_or(0, |i| i + 1);
+        let file = policies.write("shop.toml", &text);
+        let st = wait_status(&daemon, "a refused reload", RELOAD, |st| {
+            st["reloads_refused"] == refused
+        });
+        let error = st["last_reload_error"].as_str().unwrap_or_default();
+        let at = format!("{}:{line}:", file.display());
+        assert!(
+            error.contains(&at) && error.contains(problem),
+            "the error names {at} and says {problem:?}: {st:#}"
+        );
+        assert_old(&format!("after a reload naming exe {exe:?}"));
+    }
+    assert_eq!(status(&daemon)["reloads_applied"], 0);
+}
+
+/// How long a reload may take from the file's change to its outcome.
+const RELOAD: Duration = Duration::from_secs(10);
