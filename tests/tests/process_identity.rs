@@ -80,26 +80,38 @@ fn tcp_to(to: &Listener) -> Egress {
     Egress::to(["127.0.0.1"]).ports([to.port()]).protocol("tcp")
 }
 
-/// What a Python `connect()` to `port` came to: `connected` or `errno N`.
-fn python_connect(client: &Probe, port: u16) -> String {
+/// What a Python `connect()` to `port` came to (`connected` or `errno N`),
+/// and the executable the kernel says the interpreter runs
+/// (`/proc/self/exe`: on PATH there may be a wrapper script, such as a
+/// version manager's shim).
+fn python_connect(client: &Probe, port: u16) -> (String, String) {
     let script = format!(
-        "import socket\ns = socket.socket()\ntry:\n    s.connect(('127.0.0.1', {port}))\n    \
-         print('connected')\nexcept OSError as e:\n    print('errno', e.errno)\n"
+        "import os, socket\nprint(os.readlink('/proc/self/exe'))\ns = socket.socket()\ntry:\n    \
+         s.connect(('127.0.0.1', {port}))\n    print('connected')\nexcept OSError as e:\n    \
+         print('errno', e.errno)\n"
     );
     let out = exec_in(client, &["python3", "-c", &script], RUN);
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let exe = lines.next().unwrap_or_default().to_owned();
+    (lines.next().unwrap_or_default().to_owned(), exe)
 }
 
-/// What a bash `/dev/tcp` connect to `port` came to: `connected` or bash's
-/// error.
-fn bash_connect(client: &Probe, port: u16) -> String {
-    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected");
+/// What a bash `/dev/tcp` connect to `port` came to (`connected` or bash's
+/// error), and bash's executable as the kernel says.
+fn bash_connect(client: &Probe, port: u16) -> (String, String) {
+    let script =
+        format!("readlink /proc/$$/exe; exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected");
     let out = exec_in(client, &["bash", "-c", &script], RUN);
-    format!(
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let exe = lines.next().unwrap_or_default().to_owned();
+    let rest = format!(
         "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
+        lines.collect::<Vec<_>>().join("\n"),
         String::from_utf8_lossy(&out.stderr).trim()
-    )
+    );
+    (rest, exe)
 }
 
 /// 20 executables × 50 connects, each made another way: one process
@@ -215,28 +227,31 @@ fn only_the_services_own_binary_reaches_its_database() {
     as_tool
         .tcp_connect(cache.addr())
         .assert_ok("a rule without exe serves every binary");
-    assert_eq!(python_connect(&as_app, db.port()), "errno 1", "python3");
+    let (python, python_exe) = python_connect(&as_app, db.port());
+    assert_eq!(python, "errno 1", "python3");
     assert_eq!(
-        python_connect(&as_app, cache.port()),
+        python_connect(&as_app, cache.port()).0,
         "connected",
         "python3"
     );
-    let bash = bash_connect(&as_app, db.port());
+    let (bash, bash_exe) = bash_connect(&as_app, db.port());
     assert!(
         bash.contains("Operation not permitted") && !bash.contains("connected"),
         "bash's /dev/tcp connect to the database gets EPERM: {bash:?}"
     );
-    assert_eq!(bash_connect(&as_app, cache.port()), "connected", "bash");
+    assert_eq!(bash_connect(&as_app, cache.port()).0, "connected", "bash");
 
-    let python = real(Path::new("/usr/bin/python3"));
-    let denied = wait_event(&daemon, "python3's denied connect", |ev| {
-        ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["exe"] == python.as_str()
-    });
-    assert_eq!(
-        (&denied["verdict"], &denied["rule"]),
-        (&"deny".into(), &"shop.toml#default-deny".into()),
-        "{denied:#}"
-    );
+    for (program, exe) in [("python3", python_exe), ("bash", bash_exe)] {
+        assert!(exe.starts_with('/'), "{program}'s /proc/self/exe: {exe:?}");
+        let denied = wait_event(&daemon, &format!("{program}'s denied connect"), |ev| {
+            ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["exe"] == exe.as_str()
+        });
+        assert_eq!(
+            (&denied["verdict"], &denied["rule"]),
+            (&"deny".into(), &"shop.toml#default-deny".into()),
+            "{denied:#}"
+        );
+    }
     let allowed = wait_event(&daemon, "the app's allowed connect", |ev| {
         ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["verdict"] == "allow"
     });

@@ -116,8 +116,10 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     // Decisions to learnt addresses get the name looked up (`dst_name`).
     hub.add_stage(Arc::new(crate::dns::serve::DstNames(Arc::clone(&dns))));
     // Every decision gets its executable's path (`exe`).
-    hub.add_stage(Arc::new(exe_names(&mut enforcer)));
+    let exe_names = Arc::new(exe_names(&mut enforcer));
+    hub.add_stage(Arc::clone(&exe_names) as Arc<dyn crate::events::Stage>);
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
+    exe_names.remember(enforcer.take_scanned());
     take_over(&config, &compiled, &coverage, &pins, &hub, &dns)?;
     // Lookups that waited in the proxy's sockets are routed by now.
     dns.apply(&set)?;

@@ -203,6 +203,9 @@ pub struct Enforcer {
     held: std::collections::HashMap<u64, u64>,
     /// `exe` paths followed to a new file since the last switch.
     followed: std::collections::HashSet<(u32, crate::process::ExeFile)>,
+    /// What the start's process scan found, until the naming stage takes
+    /// it (see [`Enforcer::take_scanned`]).
+    scanned: Vec<crate::process::scan::Found>,
 }
 
 impl Enforcer {
@@ -250,6 +253,7 @@ impl Enforcer {
             live: None,
             held: std::collections::HashMap::new(),
             followed: std::collections::HashSet::new(),
+            scanned: Vec::new(),
         })
     }
 
@@ -600,8 +604,8 @@ impl Enforcer {
             return;
         };
         let mut written = 0usize;
-        for (tgid, exe) in &found {
-            if map.insert(tgid, exe.to_kernel(), BPF_NOEXIST).is_ok() {
+        for p in &found {
+            if map.insert(p.tgid, p.exe.to_kernel(), BPF_NOEXIST).is_ok() {
                 written += 1;
             }
         }
@@ -610,6 +614,14 @@ impl Enforcer {
             written,
             "executables of the processes already running are known"
         );
+        self.scanned = found;
+    }
+
+    /// The processes the start's scan found (once; empty after): the
+    /// naming stage keeps their paths, for a process that predates the
+    /// agent and exits before its decisions are named.
+    pub fn take_scanned(&mut self) -> Vec<crate::process::scan::Found> {
+        std::mem::take(&mut self.scanned)
     }
 
     /// Pins every map still held (call before any is taken out) under

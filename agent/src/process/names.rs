@@ -7,7 +7,9 @@
 //! 2. else from the name its exec asked for, which the exec tracepoint
 //!    keeps per file (`EXE_NAMES`): symlinks resolved, checked to be the
 //!    same file;
-//! 3. a path whose file has since been replaced or removed (an upgrade)
+//! 3. else from the start's scan of `/proc` (a process that predates the
+//!    agent: it exec'd before the tracepoint was there);
+//! 4. a path whose file has since been replaced or removed (an upgrade)
 //!    is shown with " (deleted)", as the kernel shows it: the old and the
 //!    new binary are told apart.
 //!
@@ -47,6 +49,9 @@ pub struct ExeNames {
     exec_names: Option<ExecNames>,
     proc_root: PathBuf,
     cache: Mutex<HashMap<ExeFile, Cached>>,
+    /// The start's scan: each executable then running, by the path its
+    /// `/proc/PID/exe` named. Never cleared; one entry per distinct file.
+    scanned: Mutex<HashMap<ExeFile, PathBuf>>,
 }
 
 impl ExeNames {
@@ -60,6 +65,15 @@ impl ExeNames {
             exec_names,
             proc_root,
             cache: Mutex::new(HashMap::new()),
+            scanned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Keeps the paths of the processes the start's scan found.
+    pub fn remember(&self, found: Vec<super::scan::Found>) {
+        let mut scanned = self.scanned.lock().unwrap_or_else(PoisonError::into_inner);
+        for f in found {
+            scanned.entry(f.exe).or_insert(f.path);
         }
     }
 
@@ -102,7 +116,10 @@ impl ExeNames {
                 });
             }
         }
-        let asked = self.exec_name(exe)?;
+        let asked = match self.exec_name(exe) {
+            Some(asked) => asked,
+            None => self.scanned_name(exe)?,
+        };
         if !asked.is_absolute() {
             return None;
         }
@@ -113,6 +130,18 @@ impl ExeNames {
             }
             Err(_) => Some((asked, false)),
         }
+    }
+
+    /// The scan's path, without the kernel's " (deleted)" (the stat below
+    /// tells whether it still names this file).
+    fn scanned_name(&self, exe: ExeFile) -> Option<PathBuf> {
+        let scanned = self.scanned.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = scanned.get(&exe)?;
+        let text = path.to_string_lossy();
+        Some(match text.strip_suffix(" (deleted)") {
+            Some(p) => PathBuf::from(p),
+            None => path.clone(),
+        })
     }
 
     fn exec_name(&self, exe: ExeFile) -> Option<PathBuf> {
@@ -146,6 +175,23 @@ impl Stage for ExeNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_gone_is_named_by_the_start_scan() {
+        let names = ExeNames::with_proc(None, PathBuf::from("/nonexistent"));
+        let me = ExeFile::of(Path::new("/proc/self/exe")).expect("own exe");
+        assert_eq!(names.name(me, 1), None, "nothing knows it yet");
+        let real = std::fs::canonicalize("/proc/self/exe").expect("canonical");
+        names.remember(vec![super::super::scan::Found {
+            tgid: 1,
+            exe: me,
+            path: real.clone(),
+        }]);
+        assert_eq!(
+            names.name(me, 1).as_deref(),
+            Some(real.to_string_lossy().as_ref())
+        );
+    }
 
     #[test]
     fn a_live_process_is_named_by_its_exe_link() {

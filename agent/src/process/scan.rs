@@ -3,24 +3,37 @@
 //! `mm->exe_file` is). The tracepoints, attached first, keep every later
 //! exec and fork; entries they wrote win over the scan's (the agent writes
 //! with BPF_NOEXIST), so a process that exec'd meanwhile keeps its new
-//! identity.
+//! identity. The path each link names is kept too (`EXE_NAMES`, as an
+//! exec would have): the process may be gone when its decisions are
+//! named.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::ExeFile;
 
-/// (thread group id, executable) of every process readable now; kernel
-/// threads (no executable) and processes gone meanwhile are left out.
+/// A process found by the scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub tgid: u32,
+    pub exe: ExeFile,
+    /// What `/proc/PID/exe` names (" (deleted)" when the file is gone).
+    pub path: PathBuf,
+}
+
+/// Every process readable now; kernel threads (no executable) and
+/// processes gone meanwhile are left out.
 #[must_use]
-pub fn processes(proc_root: &Path) -> Vec<(u32, ExeFile)> {
+pub fn processes(proc_root: &Path) -> Vec<Found> {
     let Ok(dir) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
     dir.filter_map(Result::ok)
         .filter_map(|entry| {
             let tgid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let exe = ExeFile::of(&entry.path().join("exe")).ok()?;
-            Some((tgid, exe))
+            let link = entry.path().join("exe");
+            let exe = ExeFile::of(&link).ok()?;
+            let path = std::fs::read_link(&link).ok()?;
+            Some(Found { tgid, exe, path })
         })
         .collect()
 }
@@ -32,12 +45,11 @@ mod tests {
     #[test]
     fn this_process_is_found_with_its_executable() {
         let found = processes(Path::new("/proc"));
-        let me = std::process::id();
-        let exe = ExeFile::of(Path::new("/proc/self/exe")).expect("own exe");
-        assert!(
-            found.contains(&(me, exe)),
-            "{me} with {exe} in {} processes",
-            found.len()
-        );
+        let me = Found {
+            tgid: std::process::id(),
+            exe: ExeFile::of(Path::new("/proc/self/exe")).expect("own exe"),
+            path: std::fs::read_link("/proc/self/exe").expect("own exe link"),
+        };
+        assert!(found.contains(&me), "{me:?} in {} processes", found.len());
     }
 }
