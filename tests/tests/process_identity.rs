@@ -19,7 +19,7 @@ use std::{
 
 use integration_tests::{
     addr,
-    control::{status, wait_status},
+    control::{cli, status, wait_status},
     events::{calls_of, wait_calls, wait_event},
     executables::Executables,
     maps, policy_with, probe, require_bpf,
@@ -210,9 +210,11 @@ fn only_the_services_own_binary_reaches_its_database() {
     let exes = Executables::new();
     let app = exes.copy(probe!().bin(), "app");
     let tool = exes.copy(probe!().bin(), "tool");
+    // The rule names the app through a symlink: the file it resolves to counts.
+    let link = exes.symlink(&app, "app-link");
     let policies = PolicyDir::with(&[(
         "shop.toml",
-        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app]), tcp_to(&cache)]),
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&link]), tcp_to(&cache)]),
     )]);
     let daemon = Daemon::start(&policies);
     let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
@@ -256,6 +258,155 @@ fn only_the_services_own_binary_reaches_its_database() {
         ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["verdict"] == "allow"
     });
     assert_eq!(allowed["exe"], real(&app), "{allowed:#}");
+}
+
+/// A script runs as its interpreter: a rule naming the interpreter lets a
+/// script it runs through (the record names the interpreter, the `comm`
+/// the script), and a shell in the same cgroup still gets EPERM.
+#[test]
+fn a_rule_naming_the_interpreter_serves_its_scripts() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    // The interpreter as the kernel runs it (PATH may hold a wrapper).
+    let (_, python) = python_connect(&probe!(), db.port());
+    let script = exes.path().join("job.py");
+    fs::write(
+        &script,
+        format!(
+            "#!{python}\nimport socket\ns = socket.socket()\ntry:\n    s.connect(('127.0.0.1', \
+             {}))\n    print('connected')\nexcept OSError as e:\n    print('errno', e.errno)\n",
+            db.port()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("cannot write {}: {e}", script.display()));
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", script.display()));
+    let policies = PolicyDir::with(&[(
+        "jobs.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&python])]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let client = probe!().in_cgroup(svc.path());
+
+    let ran = exec_in(&client, &[&script.to_string_lossy()], RUN);
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "connected",
+        "the script, run by the interpreter the rule names: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let (bash, _) = bash_connect(&client, db.port());
+    assert!(
+        bash.contains("Operation not permitted"),
+        "a shell in the same service: {bash:?}"
+    );
+    let ev = wait_event(&daemon, "the script's connect", |ev| {
+        ev["type"] == "verdict" && ev["dst_port"] == db.port() && ev["verdict"] == "allow"
+    });
+    assert_eq!(
+        (&ev["exe"], &ev["comm"]),
+        (&python.as_str().into(), &"job.py".into()),
+        "{ev:#}"
+    );
+}
+
+/// The graph counts each destination's calls per executable, and `learn
+/// --exe` writes them as each rule's `exe` list; once the learned policy is
+/// in force, each program reaches what it used and gets EPERM for what
+/// only the other used.
+#[test]
+fn learn_with_exe_names_the_programs_that_used_each_destination() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let cache = probe!().listen(Proto::Tcp, addr("127.0.0.2:0"));
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let tool = exes.copy(probe!().bin(), "tool");
+    let policies = PolicyDir::with(&[("shop.toml", &service_policy(&svc, "audit", &[]))]);
+    let daemon = Daemon::start(&policies);
+    let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
+    let as_tool = probe!().with_bin(&tool).in_cgroup(svc.path());
+    for _ in 0..2 {
+        as_app.tcp_connect(db.addr()).assert_ok("audit mode");
+    }
+    as_tool.tcp_connect(cache.addr()).assert_ok("audit mode");
+
+    let used = |port: u16| {
+        move |g: &Value| {
+            g["edges"].as_array().and_then(|edges| {
+                edges
+                    .iter()
+                    .find(|e| e["from"] == "service:shop" && e["port"] == port)
+                    .map(|e| e["executables"].clone())
+            })
+        }
+    };
+    let graph =
+        integration_tests::eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+            let g: Value = serde_json::from_str(&cli(&daemon, &["graph"])).unwrap_or(Value::Null);
+            match (used(db.port())(&g), used(cache.port())(&g)) {
+                (Some(a), Some(b)) if a != Value::Null && b != Value::Null => Ok(g),
+                _ => Err(g),
+            }
+        })
+        .unwrap_or_else(|g| panic!("no edges to both destinations in the graph: {g:#}"));
+    assert_eq!(
+        used(db.port())(&graph),
+        Some(serde_json::json!({ real(&app): 2 }))
+    );
+    assert_eq!(
+        used(cache.port())(&graph),
+        Some(serde_json::json!({ real(&tool): 1 }))
+    );
+
+    let file = policies.path().join("shop.toml");
+    let file_arg = file.to_string_lossy();
+    let said = cli(
+        &daemon,
+        &[
+            "learn",
+            "shop",
+            "--enforce",
+            "--exe",
+            "--output",
+            &file_arg,
+            "--force",
+        ],
+    );
+    assert!(said.contains("passes `bulkhead check`"), "{said}");
+    let text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    for (port, exe) in [(db.port(), &app), (cache.port(), &tool)] {
+        let want = format!(
+            "ports = [{port}]\nprotocol = \"tcp\"\nexe = [{:?}]\n",
+            real(exe)
+        );
+        assert!(
+            text.contains(&want),
+            "the learned rule for {port}: {want:?} in\n{text}"
+        );
+    }
+    let _applied = wait_status(&daemon, "the learned policy applied", RELOAD, |st| {
+        st["reloads_applied"] == 1
+    });
+    as_app
+        .tcp_connect(db.addr())
+        .assert_ok("the app, to what it used");
+    as_tool
+        .tcp_connect(cache.addr())
+        .assert_ok("the tool, to what it used");
+    as_tool
+        .tcp_connect(db.addr())
+        .assert_eperm("the tool, to what only the app used");
+    as_app
+        .tcp_connect(cache.addr())
+        .assert_eperm("the app, to what only the tool used");
 }
 
 /// `uid = [65534]`: the service's processes of that user connect, its

@@ -9,7 +9,9 @@
 //!    same file;
 //! 3. else from the start's scan of `/proc` (a process that predates the
 //!    agent: it exec'd before the tracepoint was there);
-//! 4. a path whose file has since been replaced or removed (an upgrade)
+//! 4. an exec of a script asked for the script: its interpreter is the
+//!    file that runs (`shebang`);
+//! 5. a path whose file has since been replaced or removed (an upgrade)
 //!    is shown with " (deleted)", as the kernel shows it: the old and the
 //!    new binary are told apart.
 //!
@@ -125,8 +127,14 @@ impl ExeNames {
         }
         match std::fs::canonicalize(&asked) {
             Ok(real) => {
-                let same = ExeFile::of(&real).ok() == Some(exe);
-                Some((real, same))
+                if ExeFile::of(&real).ok() == Some(exe) {
+                    return Some((real, true));
+                }
+                // An exec of a script names the script; its interpreter runs.
+                if let Some(interpreter) = super::shebang::interpreter(&real, exe) {
+                    return Some((interpreter, true));
+                }
+                Some((real, false))
             }
             Err(_) => Some((asked, false)),
         }

@@ -254,7 +254,9 @@ fn exe_qualifier(r: &Report) -> String {
         "not met"
     };
     format!(
-        "- **Issue 22's goal, an `exe` qualifier adds at most 100 ns to the connect()          medians: {verdict}.** At {} rules, the probes' rule naming the load generator's          executable against the same rule without it: {}.",
+        "- **Issue 22's goal, an `exe` qualifier adds at most 100 ns to the connect() \
+         medians: {verdict}.** At {} rules, the probes' rule naming the load generator's \
+         executable against the same rule without it: {}.",
         num(n as u64),
         or_none(&parts, "no case with exe in this run")
     )

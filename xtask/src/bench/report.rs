@@ -646,7 +646,11 @@ impl Report<'_> {
              (port 443/tcp) and one allowing the probes' ports on 127.0.0.1 (so the full \
              verdict path runs and allows); the daemon is started for the case and stopped \
              after it (its programs, attached at the cgroup2 root, run for every cgroup while \
-             it runs). Attached: {programs}. *nftables N*: an `ip` table whose output chain \
+             it runs). Attached: {programs}. *bulkhead, rule with exe N* (the smallest N \
+             only): the same, with `exe = [the load generator's executable]` on the probes' \
+             rule (the generator is a fork of xtask), so every decision on the probes also \
+             looks up the caller's executable; the daemon table is of *bulkhead N* only. \
+             *nftables N*: an `ip` table whose output chain \
              has `socket cgroupv2 level 1 \"<cgroup>\" counter jump service`, and the service \
              chain `ip daddr @allowed accept; drop`, with an `interval` set of the N \
              destinations and 127.0.0.1. *iptables-legacy N* (classic linear xtables): \
