@@ -9,8 +9,8 @@ use std::{
 };
 
 use agent_common::{
-    RuleSet, ServiceEntry, FLAG_INGRESS, MAX_PORT_RANGES, MODE_AUDIT, PROTO_ANY, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
+    ExeRuleKey, RuleSet, ServiceEntry, UidRuleKey, FLAG_INGRESS, MAX_PORT_RANGES, MODE_AUDIT,
+    PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, QUALIFY_EXE, QUALIFY_UID, RULE_DEFAULT_DENY,
 };
 
 use super::{Direction, Proto, Query, Verdict};
@@ -66,6 +66,9 @@ pub struct Maps<'a> {
     ingress_v6: Lpm,
     /// RULESETS: an array, written at `ruleset_base + i`.
     rulesets: HashMap<u32, RuleSet>,
+    /// EXE_RULES and UID_RULES: hashes of qualifier masks.
+    exe_rules: HashMap<(u64, u32, u32), u32>,
+    uid_rules: HashMap<(u32, u32), u32>,
 }
 
 impl<'a> Maps<'a> {
@@ -102,13 +105,61 @@ impl<'a> Maps<'a> {
             ingress_v4: lpm4(&policy.ingress_v4),
             ingress_v6: lpm6(&policy.ingress_v6),
             rulesets,
+            exe_rules: policy
+                .exe_rules
+                .iter()
+                .map(|(k, m)| ((k.ino, k.dev, k.service_id), *m))
+                .collect(),
+            uid_rules: policy
+                .uid_rules
+                .iter()
+                .map(|(k, m)| ((k.service_id, k.uid), *m))
+                .collect(),
         }
+    }
+
+    /// process.rs `caller_mask`/`mask_of`: the qualified rules the caller
+    /// satisfies; every rule for a service without qualifiers (sock_addr.rs
+    /// and ingress.rs ask only when `qualifiers` is set).
+    fn callers(&self, entry: &ServiceEntry, q: &Query) -> u32 {
+        if entry.qualifiers == 0 {
+            return u32::MAX;
+        }
+        let mut mask = u32::MAX;
+        if entry.qualifiers & QUALIFY_EXE != 0 {
+            // An unknown executable is in no entry.
+            let key = q.exe.map(|i| {
+                let f = super::strategy::executable(i).file;
+                let k = ExeRuleKey {
+                    ino: f.ino,
+                    dev: f.dev,
+                    service_id: entry.service_id,
+                };
+                (k.ino, k.dev, k.service_id)
+            });
+            mask = key
+                .and_then(|k| self.exe_rules.get(&k).copied())
+                .unwrap_or(entry.exe_free);
+        }
+        if entry.qualifiers & QUALIFY_UID != 0 {
+            let k = UidRuleKey {
+                service_id: entry.service_id,
+                uid: q.uid,
+            };
+            mask &= self
+                .uid_rules
+                .get(&(k.service_id, k.uid))
+                .copied()
+                .unwrap_or(entry.uid_free);
+        }
+        mask
     }
 
     /// The verdict for `q`, as the programs reach it for the service's
     /// SERVICES entry.
     pub fn judge(&self, q: &Query) -> Verdict {
         let entry: &ServiceEntry = &self.policy.services[q.service].entry;
+        let callers = self.callers(entry, q);
         let rule = match q.direction {
             Direction::Egress => {
                 // sock_addr.rs `icmp_as_one`: a ping socket's echo is judged
@@ -124,7 +175,13 @@ impl<'a> Maps<'a> {
                     IpAddr::V6(a) => a.to_ipv4_mapped().map_or(q.addr, IpAddr::V4),
                     v4 @ IpAddr::V4(_) => v4,
                 };
-                self.lookup(&self.egress_v4, &self.egress_v6, entry, addr, proto, port)
+                self.lookup(
+                    (&self.egress_v4, &self.egress_v6),
+                    entry,
+                    addr,
+                    (proto, port),
+                    callers,
+                )
             }
             Direction::Ingress => {
                 // ingress.rs `bulkhead_ingress`: a service without
@@ -141,12 +198,11 @@ impl<'a> Maps<'a> {
                     Proto::Icmp => unreachable!("no ICMP query is made for ingress"),
                 };
                 self.lookup(
-                    &self.ingress_v4,
-                    &self.ingress_v6,
+                    (&self.ingress_v4, &self.ingress_v6),
                     entry,
                     q.addr,
-                    proto,
-                    q.port,
+                    (proto, q.port),
+                    callers,
                 )
             }
         };
@@ -179,12 +235,11 @@ impl<'a> Maps<'a> {
     /// id, address), then `match_ports` on the ruleset behind it.
     fn lookup(
         &self,
-        v4: &Lpm,
-        v6: &Lpm,
+        (v4, v6): (&Lpm, &Lpm),
         entry: &ServiceEntry,
         addr: IpAddr,
-        proto: u8,
-        port: u16,
+        (proto, port): (u8, u16),
+        callers: u32,
     ) -> u32 {
         let sid = entry.service_id.to_be_bytes();
         let found = match addr {
@@ -192,15 +247,16 @@ impl<'a> Maps<'a> {
             IpAddr::V6(a) => v6.lookup(&[&sid[..], &a.octets()[..]].concat()),
         };
         match found {
-            Some(index) => self.match_ports(index, proto, port),
+            Some(index) => self.match_ports(index, proto, port, callers),
             None => RULE_DEFAULT_DENY,
         }
     }
 
     /// rules.rs `match_ports` + `scan`: a missing ruleset denies; the
     /// first of at most MAX_PORT_RANGES entries whose protocol (or
-    /// PROTO_ANY) and inclusive range match decides.
-    fn match_ports(&self, index: u32, proto: u8, port: u16) -> u32 {
+    /// PROTO_ANY) and inclusive range match, and whose qualifier bit (if
+    /// any) the caller has, decides.
+    fn match_ports(&self, index: u32, proto: u8, port: u16, callers: u32) -> u32 {
         let Some(set) = self.rulesets.get(&index) else {
             return RULE_DEFAULT_DENY;
         };
@@ -208,7 +264,12 @@ impl<'a> Maps<'a> {
         set.ranges
             .iter()
             .take(len.min(MAX_PORT_RANGES))
-            .find(|r| (r.proto == PROTO_ANY || r.proto == proto) && port >= r.lo && port <= r.hi)
+            .find(|r| {
+                (r.proto == PROTO_ANY || r.proto == proto)
+                    && port >= r.lo
+                    && port <= r.hi
+                    && (r.qualifier == 0 || callers & (1u32 << ((r.qualifier - 1) & 31)) != 0)
+            })
             .map_or(RULE_DEFAULT_DENY, |r| r.rule_id)
     }
 }

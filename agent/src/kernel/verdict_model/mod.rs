@@ -38,6 +38,12 @@ pub struct Query {
     pub proto: Proto,
     pub addr: IpAddr,
     pub port: u16,
+    /// The caller's executable (for ingress: the receiving socket's
+    /// binder): an index in `strategy::EXECUTABLES`, or None for one no
+    /// rule names.
+    pub exe: Option<usize>,
+    /// The caller's user id.
+    pub uid: u32,
 }
 
 /// What happens to a call. `Allow` names the rule (its index in the

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 
 use super::{Direction, Proto, Query, Verdict};
-use crate::policy::{Mode, PortRange, Protocol, Service};
+use crate::policy::{Executable, Mode, PortRange, Protocol, Service};
 
 /// "A connection is allowed when **one** rule allows it: its destination is
 /// in one of the rule's `to` networks, its port in the rule's `ports`, and
@@ -21,13 +21,13 @@ pub fn judge(services: &[Service], q: &Query) -> Verdict {
         Direction::Egress => s
             .egress
             .iter()
-            .find(|r| allows(&r.to, &r.ports, r.protocol, q))
+            .find(|r| allows(&r.to, &r.ports, r.protocol, q) && caller(&r.exe, &r.uid, q))
             .map(|r| r.index),
         Direction::Ingress => match &s.ingress {
             None => return Verdict::NotJudged,
             Some(rules) => rules
                 .iter()
-                .find(|r| allows(&r.from, &r.ports, r.protocol, q))
+                .find(|r| allows(&r.from, &r.ports, r.protocol, q) && caller(&r.exe, &r.uid, q))
                 .map(|r| r.index),
         },
     };
@@ -36,6 +36,19 @@ pub fn judge(services: &[Service], q: &Query) -> Verdict {
         (None, Mode::Audit) => Verdict::Audit,
         (None, Mode::Enforce) => Verdict::Deny,
     }
+}
+
+/// "With `exe`, the rule allows only calls made by a process running one
+/// of the listed executables; with `uid`, only by a process whose (real)
+/// user id is listed; with both, both must hold."
+fn caller(exe: &[Executable], uid: &[u32], q: &Query) -> bool {
+    let by_exe = exe.is_empty()
+        || q.exe.is_some_and(|i| {
+            let file = super::strategy::executable(i).file;
+            exe.iter().any(|e| e.file == file)
+        });
+    let by_uid = uid.is_empty() || uid.contains(&q.uid);
+    by_exe && by_uid
 }
 
 fn allows(nets: &[IpNetwork], ports: &[PortRange], protocol: Protocol, q: &Query) -> bool {

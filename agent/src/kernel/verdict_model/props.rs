@@ -100,13 +100,41 @@ fn generated_calls_reach_both_verdicts_for_every_kind_of_call() {
 
     let mut runner = TestRunner::deterministic();
     let mut seen: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    // Calls a qualified rule allowed, and calls only a qualifier refused
+    // (the same policy without `exe` and `uid` would allow them).
+    let (mut qualified_allowed, mut qualifier_refused, mut calls) = (0u32, 0u32, 0u32);
     for _ in 0..200 {
         let case = strategy::case()
             .new_tree(&mut runner)
             .unwrap_or_else(|e| panic!("{e}"))
             .current();
         let model = strategy::model(&case.specs);
+        let mut unqualified = model.clone();
+        for s in &mut unqualified {
+            for r in &mut s.egress {
+                (r.exe, r.uid) = (Vec::new(), Vec::new());
+            }
+            for r in s.ingress.iter_mut().flatten() {
+                (r.exe, r.uid) = (Vec::new(), Vec::new());
+            }
+        }
         for q in &case.queries {
+            calls += 1;
+            let verdict = naive::judge(&model, q);
+            let rules = |s: &crate::policy::Service, i: usize| match q.direction {
+                Direction::Egress => !s.egress[i].exe.is_empty() || !s.egress[i].uid.is_empty(),
+                Direction::Ingress => s
+                    .ingress
+                    .as_ref()
+                    .is_some_and(|r| !r[i].exe.is_empty() || !r[i].uid.is_empty()),
+            };
+            match verdict {
+                Verdict::Allow(i) if rules(&model[q.service], i) => qualified_allowed += 1,
+                _ => {}
+            }
+            if verdict != naive::judge(&unqualified, q) {
+                qualifier_refused += 1;
+            }
             let kind = match (q.direction, q.proto, q.addr) {
                 (Direction::Egress, Proto::Icmp, _) => "egress icmp".to_string(),
                 (d, p, a) => format!("{d:?} {p:?} {}", if a.is_ipv4() { "v4" } else { "v6" }),
@@ -119,6 +147,11 @@ fn generated_calls_reach_both_verdicts_for_every_kind_of_call() {
             }
         }
     }
+    assert!(
+        qualified_allowed * 100 >= calls && qualifier_refused * 100 >= calls,
+        "of {calls} calls, {qualified_allowed} allowed by a rule with exe or uid and \
+         {qualifier_refused} refused only by one: want at least 1% of each"
+    );
     assert_eq!(seen.len(), 9, "every kind of call is drawn: {seen:?}");
     for (kind, (allowed, refused)) in &seen {
         let all = allowed + refused;

@@ -24,7 +24,16 @@ pub struct Rule {
     /// `None`: the key is omitted (every port).
     pub ports: Option<Vec<(u16, u16)>>,
     pub protocol: Protocol,
+    /// `exe = [...]`: indices in [`EXECUTABLES`] (empty: the key omitted).
+    pub exe: Vec<usize>,
+    /// `uid = [...]` (empty: the key omitted).
+    pub uid: Vec<u32>,
 }
+
+/// Files rules may name in `exe` (distinct files on any Debian host).
+pub const EXECUTABLES: [&str; 3] = ["/bin/sh", "/usr/bin/env", "/usr/bin/true"];
+/// Users rules may name in `uid`, and callers may be (1000: none names it).
+const USERS: [u32; 4] = [0, 33, 65534, 1000];
 
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -81,12 +90,23 @@ fn rule(egress: bool) -> impl Strategy<Value = Rule> {
     } else {
         vec![Protocol::Tcp, Protocol::Udp, Protocol::Any]
     };
+    // A quarter of the rules name executables, a quarter users.
+    let exe = prop_oneof![
+        3 => Just(Vec::new()),
+        1 => prop::sample::subsequence((0..EXECUTABLES.len()).collect::<Vec<_>>(), 1..=2),
+    ];
+    let uid = prop_oneof![
+        3 => Just(Vec::new()),
+        1 => prop::sample::subsequence(USERS[..3].to_vec(), 1..=2),
+    ];
     (
         prop::collection::vec(net(), 1..=3),
         prop::option::weighted(0.7, prop::collection::vec(port_item(), 1..=3)),
         select(protocols),
+        exe,
+        uid,
     )
-        .prop_map(|(nets, ports, protocol)| Rule {
+        .prop_map(|(nets, ports, protocol, exe, uid)| Rule {
             nets,
             // "icmp" takes no `ports`.
             ports: if protocol == Protocol::Icmp {
@@ -95,6 +115,8 @@ fn rule(egress: bool) -> impl Strategy<Value = Rule> {
                 ports
             },
             protocol,
+            exe,
+            uid,
         })
 }
 
@@ -261,31 +283,41 @@ fn source(nets: Vec<IpNetwork>) -> impl Strategy<Value = IpAddr> {
 
 fn query(services: usize, nets: Vec<IpNetwork>, ports: Vec<u16>) -> impl Strategy<Value = Query> {
     let port = prop_oneof![3 => select(ports), 1 => any::<u16>()];
+    let caller = (
+        prop::option::weighted(0.8, 0..EXECUTABLES.len()),
+        select(USERS.to_vec()),
+    );
     let egress = (
         0..services,
         select(vec![Proto::Tcp, Proto::Udp, Proto::Icmp]),
         destination(nets.clone()),
         port.clone(),
+        caller.clone(),
     )
-        .prop_map(|(service, proto, addr, port)| Query {
+        .prop_map(|(service, proto, addr, port, (exe, uid))| Query {
             service,
             direction: Direction::Egress,
             proto,
             addr,
             port,
+            exe,
+            uid,
         });
     let ingress = (
         0..services,
         select(vec![Proto::Tcp, Proto::Udp]),
         source(nets),
         port,
+        caller,
     )
-        .prop_map(|(service, proto, addr, port)| Query {
+        .prop_map(|(service, proto, addr, port, (exe, uid))| Query {
             service,
             direction: Direction::Ingress,
             proto,
             addr,
             port,
+            exe,
+            uid,
         });
     prop_oneof![2 => egress, 1 => ingress]
 }
@@ -323,8 +355,28 @@ pub fn toml(i: usize, s: &Spec) -> String {
             t.push_str(&format!("ports = [{}]\n", items.join(", ")));
         }
         t.push_str(&format!("protocol = \"{}\"\n", r.protocol));
+        if !r.exe.is_empty() {
+            let exe: Vec<String> = r
+                .exe
+                .iter()
+                .map(|&i| format!("{:?}", EXECUTABLES[i]))
+                .collect();
+            t.push_str(&format!("exe = [{}]\n", exe.join(", ")));
+        }
+        if !r.uid.is_empty() {
+            let uid: Vec<String> = r.uid.iter().map(ToString::to_string).collect();
+            t.push_str(&format!("uid = [{}]\n", uid.join(", ")));
+        }
     }
     t
+}
+
+/// The file of [`EXECUTABLES`]`[i]`, as a policy resolves it.
+pub fn executable(i: usize) -> crate::policy::Executable {
+    let path = PathBuf::from(EXECUTABLES[i]);
+    let (real, file) =
+        crate::process::exe_file::resolve(&path).unwrap_or_else(|e| panic!("test host: {e}"));
+    crate::policy::Executable { path, real, file }
 }
 
 /// The model the naive matcher reads: the rules as written, in file
@@ -356,8 +408,8 @@ pub fn model(specs: &[Spec]) -> Vec<Service> {
                     names: Vec::new(),
                     ports: ports(r),
                     protocol: r.protocol,
-                    exe: Vec::new(),
-                    uid: Vec::new(),
+                    exe: r.exe.iter().map(|&i| executable(i)).collect(),
+                    uid: r.uid.clone(),
                 })
                 .collect(),
             ingress: s.ingress.as_ref().map(|rules| {
@@ -371,8 +423,8 @@ pub fn model(specs: &[Spec]) -> Vec<Service> {
                         from: r.nets.clone(),
                         ports: ports(r),
                         protocol: r.protocol,
-                        exe: Vec::new(),
-                        uid: Vec::new(),
+                        exe: r.exe.iter().map(|&i| executable(i)).collect(),
+                        uid: r.uid.clone(),
                     })
                     .collect()
             }),
