@@ -178,3 +178,68 @@ impl Drop for Waiting {
         kill(&mut self.child);
     }
 }
+
+/// An overlay mounted over a directory of executables, its upper layer on
+/// a tmpfs of its own: the layers on two filesystems, as a container's
+/// image and its writable layer can be. Unmounted on `Drop`.
+#[derive(Debug)]
+pub struct Overlay {
+    dir: TempDir,
+}
+
+impl Overlay {
+    /// `lower` seen through an overlay at [`Overlay::path`].
+    #[must_use]
+    pub fn over(lower: &Executables) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-test-overlay-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a directory for an overlay: {e}"));
+        let (layer, merged) = (dir.path().join("layer"), dir.path().join("merged"));
+        for d in [&layer, &merged] {
+            fs::create_dir(d).unwrap_or_else(|e| panic!("cannot create {}: {e}", d.display()));
+        }
+        let overlay = Self { dir };
+        mount(&["-t", "tmpfs", "tmpfs"], &layer);
+        for d in ["upper", "work"] {
+            fs::create_dir(layer.join(d)).unwrap_or_else(|e| panic!("cannot create {d}: {e}"));
+        }
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.path().display(),
+            layer.join("upper").display(),
+            layer.join("work").display()
+        );
+        mount(&["-t", "overlay", "overlay", "-o", &options], &merged);
+        overlay
+    }
+
+    /// Where the overlay is mounted.
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("merged")
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        for d in ["merged", "layer"] {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path().join(d))
+                .status();
+        }
+    }
+}
+
+fn mount(args: &[&str], at: &Path) {
+    let out = crate::process::output_with_timeout(
+        std::process::Command::new("mount").args(args).arg(at),
+        STEP,
+    );
+    assert!(
+        out.status.success(),
+        "mount {args:?} {}: {}",
+        at.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

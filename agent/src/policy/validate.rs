@@ -722,6 +722,12 @@ fn executables(
         let path = PathBuf::from(entry.get_ref());
         match crate::process::exe_file::resolve(&path) {
             Ok((real, file)) => {
+                if let Some(fs) = crate::process::exe_file::device_differs(&real) {
+                    c.warn(
+                        entry.span(),
+                        format!("{at}: exe {}: on {fs}, whose `stat` reports another device than the kernel records for a running program: this rule never matches, and denies", path.display()),
+                    );
+                }
                 if let Some(who) = crate::process::exe_file::writable_by_others(&path, &real) {
                     c.warn(
                         entry.span(),

@@ -75,6 +75,91 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, ExeFile), String> {
     Ok((real, ExeFile::from_metadata(&meta)))
 }
 
+/// When `stat` reports another device for `real` than the one the
+/// kernel's inode carries (`i_sb->s_dev`, what the tracepoints record, and
+/// what `/proc/self/mountinfo` shows for its mount): the filesystem type
+/// (a btrfs subvolume has a device of its own, an overlay over layers on
+/// several filesystems reports its layers'). A rule naming such a file
+/// never matches: it denies. None when they agree or cannot be read.
+#[must_use]
+pub fn device_differs(real: &Path) -> Option<String> {
+    let stat_dev = ExeFile::of(real).ok()?.dev;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (dev, fs_type) = mount_of(&mountinfo, real)?;
+    (dev != stat_dev).then_some(fs_type)
+}
+
+/// The identity the kernel gives the file at `real`: its mount's device
+/// (as `/proc/self/mountinfo` shows it) and its inode number. Where
+/// [`device_differs`], this, not `stat`'s, is what a running program of
+/// that file is recorded with; it names such a program, and is never used
+/// to match rules (several btrfs subvolumes share one device and number
+/// their inodes alike).
+#[must_use]
+pub fn kernel_view(real: &Path) -> Option<ExeFile> {
+    let ino = ExeFile::of(real).ok()?.ino;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (dev, _) = mount_of(&mountinfo, real)?;
+    Some(ExeFile { dev, ino })
+}
+
+/// The (kernel-encoded device, filesystem type) of the mount `path` is on:
+/// the longest mount point containing it, the last listed winning (a
+/// mount over another).
+fn mount_of(mountinfo: &str, path: &Path) -> Option<(u32, String)> {
+    let mut best: Option<(usize, u32, String)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(dev), Some(point)) = (fields.get(2), fields.get(4)) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape(point));
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let Some((major, minor)) = dev.split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse::<u32>(), minor.parse::<u32>()) else {
+            continue;
+        };
+        let fs_type = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 1))
+            .map_or_else(String::new, |t| (*t).to_owned());
+        let depth = point.components().count();
+        if best.as_ref().is_none_or(|(d, _, _)| depth >= *d) {
+            best = Some((depth, (major << 20) | minor, fs_type));
+        }
+    }
+    best.map(|(_, dev, fs_type)| (dev, fs_type))
+}
+
+/// mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Who other than root could change what `path` (resolved: `real`)
 /// names: the file or a directory on the way owned by another user or
 /// writable by group or others. None when only root can.
@@ -108,6 +193,35 @@ pub fn writable_by_others(path: &Path, real: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mount_of_a_path_is_its_longest_mount_point() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+50 22 0:41 / /var/lib/my\\040data rw - btrfs /dev/vdb rw,subvol=/data
+51 22 0:42 / /usr rw - overlay overlay rw
+52 51 0:43 / /usr rw - overlay overlay rw
+";
+        let dev = |major: u32, minor: u32| (major << 20) | minor;
+        assert_eq!(
+            mount_of(mountinfo, Path::new("/etc/hosts")),
+            Some((dev(254, 0), "ext4".to_owned()))
+        );
+        assert_eq!(
+            mount_of(mountinfo, Path::new("/var/lib/my data/app")),
+            Some((dev(0, 41), "btrfs".to_owned()))
+        );
+        // Not a mount point by prefix of its text: a path component.
+        assert_eq!(
+            mount_of(mountinfo, Path::new("/usrlocal/app")),
+            Some((dev(254, 0), "ext4".to_owned()))
+        );
+        // A mount over another: the last listed.
+        assert_eq!(
+            mount_of(mountinfo, Path::new("/usr/bin/app")),
+            Some((dev(0, 43), "overlay".to_owned()))
+        );
+    }
 
     #[test]
     fn a_symlink_resolves_to_its_target() {

@@ -85,7 +85,7 @@ impl ExeNames {
         let now = Instant::now();
         if let Some(c) = cache.get_mut(&exe) {
             if now.duration_since(c.checked) >= RECHECK {
-                c.current = c.current && ExeFile::of(&c.path).ok() == Some(exe);
+                c.current = c.current && names_file(&c.path, exe);
                 c.checked = now;
             }
             return Some(shown(&c.path, c.current));
@@ -113,7 +113,14 @@ impl ExeNames {
             if let Ok(target) = std::fs::read_link(&link) {
                 let text = target.to_string_lossy();
                 return Some(match text.strip_suffix(" (deleted)") {
-                    Some(p) => (PathBuf::from(p), false),
+                    // The kernel says so of a dentry that was only dropped
+                    // too (a network filesystem's revalidation): the path
+                    // still naming this very file is current.
+                    Some(p) => {
+                        let p = PathBuf::from(p);
+                        let current = names_file(&p, exe);
+                        (p, current)
+                    }
                     None => (target, true),
                 });
             }
@@ -127,7 +134,7 @@ impl ExeNames {
         }
         match std::fs::canonicalize(&asked) {
             Ok(real) => {
-                if ExeFile::of(&real).ok() == Some(exe) {
+                if names_file(&real, exe) {
                     return Some((real, true));
                 }
                 // An exec of a script names the script; its interpreter runs.
@@ -158,6 +165,12 @@ impl ExeNames {
         let text = std::str::from_utf8(&bytes[..end]).ok()?;
         (!text.is_empty()).then(|| PathBuf::from(text))
     }
+}
+
+/// Whether `path` names the file `exe` now: by `stat`, or as the kernel
+/// sees it where the two devices differ (btrfs, some overlays).
+fn names_file(path: &Path, exe: ExeFile) -> bool {
+    ExeFile::of(path).ok() == Some(exe) || super::exe_file::kernel_view(path) == Some(exe)
 }
 
 fn shown(path: &Path, current: bool) -> Arc<str> {
