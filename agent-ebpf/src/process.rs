@@ -8,8 +8,10 @@
 //!   file in `EXE_NAMES`, for the agent to name it after the process left.
 //! - fork (`sched:sched_process_fork`): the child gets its parent's entry
 //!   (a thread too, under its own id; it goes when the thread does). A
-//!   parent with no entry (it predates the agent and the scan has not
-//!   reached it) is read from its `mm` instead.
+//!   parent with no entry gives a child with none (the start's scan, which
+//!   runs after these are attached, covers processes that predate the
+//!   agent); a process's live `mm` is never read at fork, as a process can
+//!   change its `exe_file` after its exec.
 //! - exit (`sched:sched_process_exit`): a thread's own entry goes; the
 //!   process's when its last thread leaves (`signal->live` is 0 then).
 //!
@@ -174,11 +176,17 @@ pub fn bulkhead_process_exit(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_exec(ctx: &TracePointContext) -> Result<(), i64> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // Fail closed: an exec whose new file cannot be read, or recorded,
+    // leaves the process unknown, never with the identity it had before.
     let Some(exe) = current_exe() else {
+        let _ = PROCESSES.remove(tgid);
         return Ok(());
     };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    PROCESSES.insert(tgid, exe, 0)?;
+    if PROCESSES.insert(tgid, exe, 0).is_err() {
+        let _ = PROCESSES.remove(tgid);
+        return Ok(());
+    }
     // SAFETY: a plain lookup; only presence matters.
     if unsafe { EXE_NAMES.get(exe) }.is_some() {
         return Ok(());
@@ -215,13 +223,15 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: a read of the record at the offset of its format.
     let child: i32 = unsafe { ctx.read_at(offset(OFF_FORK_CHILD_PID))? };
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let exe = match exe_of(parent) {
-        exe if exe.is_known() => exe,
-        _ => match current_exe() {
-            Some(exe) => exe,
-            None => return Ok(()),
-        },
-    };
+    let exe = exe_of(parent);
+    if !exe.is_known() {
+        // A parent with no entry has a child with none: its live `mm` is not
+        // read, because a process may have changed `mm->exe_file` since its
+        // exec (prctl PR_SET_MM in a user namespace of its own). Whatever a
+        // process that had this id before left behind goes too.
+        let _ = PROCESSES.remove(child as u32);
+        return Ok(());
+    }
     // Over whatever a process that had this id before left behind.
     PROCESSES.insert(child as u32, exe, 0)?;
     Ok(())

@@ -180,12 +180,20 @@ impl Engine {
         match self.enforcer.follow_executables() {
             Ok(followed) => {
                 for f in followed {
-                    info!(
-                        path = %f.path.display(),
-                        was = %f.was,
-                        now = %f.now,
-                        "an `exe` path names a new file (replaced on disk): its rules allow it too, and the old file until the next reload"
-                    );
+                    match &f.refused {
+                        None => info!(
+                            path = %f.path.display(),
+                            was = %f.was,
+                            now = %f.now,
+                            "an `exe` path names a new file (replaced on disk): its rules allow it too, and the old file until the next reload"
+                        ),
+                        Some(why) => warn!(
+                            path = %f.path.display(),
+                            was = %f.was,
+                            now = %f.now,
+                            "an `exe` path names a new file (replaced on disk) that its rules do NOT allow: {why}; only a file only root could have put there is followed (a reload names it if it is wanted)"
+                        ),
+                    }
                 }
             }
             Err(e) => warn!("cannot follow `exe` paths to replaced files: {e}"),

@@ -243,3 +243,131 @@ fn mount(args: &[&str], at: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A process of a service that forged its executable
+/// (`tests/fixtures/forge_exe.c`, built with `cc`): as uid 65534, in a user
+/// namespace of its own, it made `mm->exe_file` (and so `/proc/PID/exe`)
+/// name `exe`. Killed on `Drop`.
+#[derive(Debug)]
+pub struct Forger {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stdin: std::process::ChildStdin,
+    _built: TempDir,
+    /// Its pid.
+    pub pid: u32,
+    /// What `/proc/PID/exe` said once it forged.
+    pub proc_exe: String,
+}
+
+impl Forger {
+    /// Starts it in cgroup `service`, to connect to `addr` when asked;
+    /// panics unless the forgery succeeded.
+    #[must_use]
+    pub fn start(service: &Path, exe: &Path, addr: SocketAddr) -> Self {
+        let built = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot create a tempdir: {e}"));
+        let bin = built.path().join("forge");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/forge_exe.c");
+        let out = crate::process::output_with_timeout(
+            std::process::Command::new("cc")
+                .arg("-O2")
+                .arg("-o")
+                .arg(&bin)
+                .arg(&source),
+            // A compiler under emulation (a guest kernel) is slow.
+            crate::process::scaled(Duration::from_secs(60)),
+        );
+        assert!(
+            out.status.success(),
+            "cc {}: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::set_permissions(built.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", built.path().display()));
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .arg(exe)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        crate::cgroup::join_on_exec(&mut cmd, service);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdin = child
+            .stdin
+            .take()
+            .unwrap_or_else(|| panic!("no stdin pipe"));
+        let stdout = child.stdout.take();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            let Some(stdout) = stdout else { return };
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let next = || {
+            lines
+                .recv_timeout(STEP)
+                .unwrap_or_else(|e| panic!("the forger said nothing ({e})"))
+        };
+        let forged = next();
+        assert_eq!(
+            forged, "prctl(PR_SET_MM_MAP exe_fd) = 0",
+            "the forgery itself"
+        );
+        let shown = next();
+        let pid = shown
+            .split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {shown:?}"));
+        let proc_exe = shown.rsplit("-> ").next().unwrap_or_default().to_owned();
+        Self {
+            child,
+            lines,
+            stdin,
+            _built: built,
+            pid,
+            proc_exe,
+        }
+    }
+
+    /// A forked child connects, then the forger itself: (the child's
+    /// errno, 0 when connected; the forger's `connect()` result, 0 or `-errno`).
+    #[must_use]
+    pub fn connect(&mut self) -> (i64, i64) {
+        use std::io::Write as _;
+        self.stdin
+            .write_all(b"g\n")
+            .and_then(|()| self.stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot ask the forger: {e}"));
+        let line = self
+            .lines
+            .recv_timeout(STEP)
+            .unwrap_or_else(|e| panic!("the forger did not answer ({e})"));
+        // "child connect: connected (errno 0); forger's own connect: 0"
+        let number = |after: &str| -> i64 {
+            line.split(after)
+                .nth(1)
+                .and_then(|rest| {
+                    rest.trim_start()
+                        .split(|c: char| c != '-' && !c.is_ascii_digit())
+                        .next()
+                })
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no number after {after:?} in {line:?}"))
+        };
+        (number("(errno"), number("own connect:"))
+    }
+}
+
+impl Drop for Forger {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}

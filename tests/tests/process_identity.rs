@@ -21,7 +21,7 @@ use integration_tests::{
     addr, bulkhead,
     control::{cli, status, wait_status},
     events::{calls_of, wait_calls, wait_event},
-    executables::{Executables, Overlay},
+    executables::{Executables, Forger, Overlay},
     maps, policy_with, probe,
     process::scaled,
     require_bpf,
@@ -518,6 +518,35 @@ fn a_replaced_binary_is_told_apart_and_keeps_its_rule() {
     }
 }
 
+/// A new file at the rule's path that a user other than root owns is not
+/// followed: whoever could put it there could make any program pass as
+/// the app. The agent says so, and the new file gets EPERM.
+#[test]
+fn a_replacement_another_user_owns_is_not_followed() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+    )]);
+    let daemon = Daemon::start(&policies);
+    let staged = exes.copy(probe!().bin(), "app.staged");
+    std::os::unix::fs::chown(&staged, Some(65534), Some(65534))
+        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", staged.display()));
+    fs::rename(&staged, &app).unwrap_or_else(|e| panic!("cannot rename over the app: {e}"));
+    daemon.wait_log("that its rules do NOT allow", Duration::from_secs(10));
+    probe!()
+        .with_bin(&app)
+        .in_cgroup(svc.path())
+        .tcp_connect(db.addr())
+        .assert_eperm("a new file another user owns");
+}
+
 /// `[[ingress]]` with `exe`: a peer reaches the service's socket that the
 /// named binary listens on; the same peer's SYN to a socket another binary
 /// of the service listens on is dropped.
@@ -641,6 +670,60 @@ fn an_exe_whose_device_the_kernel_sees_otherwise_is_flagged_and_denies() {
         (&"deny".into(), &app.to_string_lossy().as_ref().into()),
         "{ev:#}"
     );
+}
+
+/// A process that forged its executable (`prctl(PR_SET_MM_MAP)` in a user
+/// namespace of its own: `/proc/PID/exe` then names the app) is not taken
+/// for the app: not by an agent that starts after the forgery (its scan
+/// leaves processes of other user namespaces unknown), and not through a
+/// fork once its own entry is gone (a child of an unknown parent is
+/// unknown; the live `mm` is never read).
+#[test]
+fn a_forged_executable_is_never_taken_for_the_real_one() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+    )]);
+    let mut before_agent = Forger::start(svc.path(), &app, db.addr());
+    assert_eq!(
+        before_agent.proc_exe,
+        real(&app),
+        "the forgery shows in /proc"
+    );
+    let daemon = Daemon::start(&policies);
+    assert_eq!(
+        before_agent.connect(),
+        (i64::from(libc::EPERM), -i64::from(libc::EPERM)),
+        "forged before the agent started: its child and itself get EPERM"
+    );
+    let mut after_agent = Forger::start(svc.path(), &app, db.addr());
+    assert_eq!(
+        after_agent.connect(),
+        (i64::from(libc::EPERM), -i64::from(libc::EPERM)),
+        "forged under the agent"
+    );
+    // What an eviction from the full table does to its entry.
+    maps::delete(
+        &maps::pinned(&daemon, "PROCESSES"),
+        &after_agent.pid.to_ne_bytes(),
+    );
+    assert_eq!(
+        after_agent.connect(),
+        (i64::from(libc::EPERM), -i64::from(libc::EPERM)),
+        "its entry gone, then a fork"
+    );
+    probe!()
+        .with_bin(&app)
+        .in_cgroup(svc.path())
+        .tcp_connect(db.addr())
+        .assert_ok("the app itself");
 }
 
 /// A policy naming an executable that is not there, or not by an absolute

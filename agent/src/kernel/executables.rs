@@ -3,7 +3,10 @@
 //! (device, inode) that no `EXE_RULES` entry names. Every rescan stats
 //! each `exe` path of the policy in force; a path that names a new file
 //! gets an entry with the same rules as the file it named at load, so the
-//! upgraded service keeps its access with no reload. The old file keeps
+//! upgraded service keeps its access with no reload, provided only root
+//! could have put the new file there (the file and every directory on
+//! the way root's, not writable by group or others; else it is refused
+//! and logged). The old file keeps
 //! its entry too (a process still running it is the same program) until
 //! the next reload, which resolves every path afresh.
 
@@ -28,6 +31,9 @@ pub struct Followed {
     pub path: std::path::PathBuf,
     pub was: ExeFile,
     pub now: ExeFile,
+    /// Why the new file was not given the rules: a user other than root
+    /// could have put it there.
+    pub refused: Option<String>,
 }
 
 /// Adds the entries for the paths of `live` that name a new file since
@@ -51,6 +57,23 @@ pub fn follow(
     let mut map: HashMap<&mut MapData, ExeRuleKey, u32> = map_mut(ebpf, names::EXE_RULES)?;
     let mut out = Vec::new();
     for (p, now) in moved {
+        // Only a file only root could have put there takes the rules over.
+        let refused = std::fs::canonicalize(&p.path)
+            .map_err(|e| e.to_string())
+            .and_then(|real| {
+                crate::process::exe_file::writable_by_others(&p.path, &real).map_or(Ok(()), Err)
+            })
+            .err();
+        if let Some(why) = refused {
+            done.insert((p.service_id, now));
+            out.push(Followed {
+                path: p.path.clone(),
+                was: p.file,
+                now,
+                refused: Some(why),
+            });
+            continue;
+        }
         let key = |f: ExeFile| ExeRuleKey {
             ino: f.ino,
             dev: f.dev,
@@ -68,6 +91,7 @@ pub fn follow(
             path: p.path.clone(),
             was: p.file,
             now,
+            refused: None,
         });
     }
     Ok(out)

@@ -20,16 +20,27 @@ pub struct Found {
     pub path: PathBuf,
 }
 
-/// Every process readable now; kernel threads (no executable) and
-/// processes gone meanwhile are left out.
+/// Every process readable now; kernel threads (no executable), processes
+/// gone meanwhile and processes in a user namespace other than init's are
+/// left out. The last because a process can set its own `exe` link there
+/// (prctl PR_SET_MM needs CAP_SYS_ADMIN only in its own user namespace):
+/// they stay unknown, so rules with `exe` deny them, until they exec.
 #[must_use]
 pub fn processes(proc_root: &Path) -> Vec<Found> {
     let Ok(dir) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
+    // The agent's own: the initial one (CAP_BPF is of the initial user
+    // namespace). Not PID 1's, which a sandbox may keep unreadable.
+    let Ok(init_userns) = std::fs::read_link(proc_root.join("self/ns/user")) else {
+        return Vec::new();
+    };
     dir.filter_map(Result::ok)
         .filter_map(|entry| {
             let tgid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            if std::fs::read_link(entry.path().join("ns/user")).ok()? != init_userns {
+                return None;
+            }
             let link = entry.path().join("exe");
             let exe = ExeFile::of(&link).ok()?;
             let path = std::fs::read_link(&link).ok()?;
