@@ -275,7 +275,7 @@ impl Forger {
                 .arg(&bin)
                 .arg(&source),
             // A compiler under emulation (a guest kernel) is slow.
-            crate::process::scaled(Duration::from_secs(60)),
+            crate::process::scaled(Duration::from_mins(1)),
         );
         assert!(
             out.status.success(),
