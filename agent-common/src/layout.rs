@@ -12,11 +12,11 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, Event, ExeId, ExeRuleKey, FlowKey, FlowValue,
-    LearntKey, LearntValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet, ServiceEntry,
-    SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, CGROUP_PATH_MAX, COUNTER_SLOTS,
-    DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP, LOST_VERDICT,
-    LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
+    counter_slot, DnsClientKey, DnsOrigin, DnsProxy, Event, ExeId, ExeRule, ExeRuleKey, FlowKey,
+    FlowValue, LearntKey, LearntValue, LpmV4Key, LpmV6Key, PortRange, RateState, RuleSet,
+    ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, CGROUP_PATH_MAX,
+    COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP,
+    LOST_VERDICT, LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
 };
 
 /// The size of the field `access` reads (never called).
@@ -72,7 +72,8 @@ assert_layout!(DnsProxy, 32, [heartbeat_ns, addr4, port4, port6, addr6]);
 assert_layout!(LpmV4Key, 8, [service_id, addr]);
 assert_layout!(LpmV6Key, 20, [service_id, addr]);
 assert_layout!(PortRange, 12, [lo, hi, proto, qualifier, _pad, rule_id]);
-assert_layout!(ExeId, 16, [ino, dev, _pad]);
+assert_layout!(ExeId, 16, [ino, dev, gen]);
+assert_layout!(ExeRule, 12, [mask, gen, checks_gen]);
 assert_layout!(ExeRuleKey, 16, [ino, dev, service_id]);
 assert_layout!(UidRuleKey, 8, [service_id, uid]);
 assert_layout!(RuleSet, 8 + MAX_PORT_RANGES * 12, [len, _pad, ranges]);

@@ -184,10 +184,11 @@ pub const EXE_NAMES: &str = "EXE_NAMES";
 pub const EXE_NAMES_TABLE: u32 = 4096;
 /// Per-CPU scratch ([u8; `crate::EXE_NAME_MAX`]) for the exec tracepoint.
 pub const EXE_SCRATCH: &str = "EXE_SCRATCH";
-/// Hash of [`crate::ExeRuleKey`] -> u32: the qualified rules of the
-/// service that this executable satisfies (bit i: the rule whose
-/// `PortRange::qualifier` is i + 1), with the rules that name no
-/// executable (`ServiceEntry::exe_free`) included. Allocated as used.
+/// Hash of [`crate::ExeRuleKey`] -> [`crate::ExeRule`]: the qualified
+/// rules of the service that this executable satisfies (bit i: the rule
+/// whose `PortRange::qualifier` is i + 1), with the rules that name no
+/// executable (`ServiceEntry::exe_free`) included, and the file's inode
+/// generation. Allocated as used.
 pub const EXE_RULES: &str = "EXE_RULES";
 /// Hash of [`crate::UidRuleKey`] -> u32: the same for users
 /// (`ServiceEntry::uid_free` when absent).

@@ -1,6 +1,7 @@
 //! Process identity: which executable file a process runs, as the kernel
-//! knows it (the device and inode of `mm->exe_file`), and the keys of the
-//! rules that require one (`exe = [...]`, `uid = [...]` on a rule).
+//! knows it (the device, inode and generation of `mm->exe_file`), and the
+//! keys of the rules that require one (`exe = [...]`, `uid = [...]` on a
+//! rule).
 //!
 //! The identity is taken at exec by the `sched:sched_process_exec`
 //! tracepoint, copied to a child at fork, and dropped when the process is
@@ -9,20 +10,23 @@
 //! group id (`PROCESSES`), never a walk of kernel structures.
 
 /// The file a process executes: `s_dev` of its superblock (the kernel's
-/// encoding, major << 20 | minor) and its inode number. All zero: unknown.
+/// encoding, major << 20 | minor), its inode number and the inode's
+/// generation (`i_generation`: ext4, xfs and tmpfs draw it at random for
+/// each new inode, so a file that reuses a freed inode number differs
+/// here). All of `ino` and `dev` zero: unknown.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ExeId {
     pub ino: u64,
     pub dev: u32,
-    pub _pad: u32,
+    pub gen: u32,
 }
 
 impl ExeId {
     pub const UNKNOWN: ExeId = ExeId {
         ino: 0,
         dev: 0,
-        _pad: 0,
+        gen: 0,
     };
 
     #[inline(always)]
@@ -39,6 +43,33 @@ pub struct ExeRuleKey {
     pub ino: u64,
     pub dev: u32,
     pub service_id: u32,
+}
+
+/// Value of `EXE_RULES`: the qualified rules the file satisfies, for a
+/// process whose executable has this generation, where the agent could
+/// read it (`checks_gen` 1: ext4, xfs, btrfs answer `FS_IOC_GETVERSION`;
+/// tmpfs and overlay do not, and their files match by inode alone).
+/// Another generation is another file that reuses a freed inode number
+/// (an upgrade freed the old binary's): it satisfies nothing here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExeRule {
+    pub mask: u32,
+    pub gen: u32,
+    pub checks_gen: u32,
+}
+
+impl ExeRule {
+    /// The rules a process of executable `exe` gets from this entry.
+    #[inline(always)]
+    #[must_use]
+    pub const fn mask_for(&self, exe: &ExeId) -> Option<u32> {
+        if self.checks_gen != 0 && self.gen != exe.gen {
+            None
+        } else {
+            Some(self.mask)
+        }
+    }
 }
 
 /// Key of `UID_RULES`: a service and a user.
@@ -63,7 +94,7 @@ pub const EXE_NAME_MAX: usize = 256;
 
 /// Indexes of the `PROCESS_OFFSETS` global: byte offsets in kernel
 /// structures, read from the kernel's BTF by the agent at load, and the
-/// offsets of two tracepoint fields, read from their format files. All
+/// offsets of three tracepoint fields, read from their format files. All
 /// zero: process identity is off (the programs then know no executable).
 pub const OFF_TASK_MM: usize = 0;
 pub const OFF_TASK_SIGNAL: usize = 1;
@@ -75,14 +106,19 @@ pub const OFF_SB_DEV: usize = 6;
 pub const OFF_SIGNAL_LIVE: usize = 7;
 /// sched_process_exec: `__data_loc char[] filename`.
 pub const OFF_EXEC_FILENAME: usize = 8;
-/// sched_process_fork: `pid_t child_pid`.
-pub const OFF_FORK_CHILD_PID: usize = 9;
-pub const PROCESS_OFFSETS_LEN: usize = 10;
+/// task_newtask: `pid_t pid` (the new task's).
+pub const OFF_NEWTASK_PID: usize = 9;
+/// `inode.i_generation`.
+pub const OFF_INODE_GEN: usize = 10;
+/// task_newtask: `u64 clone_flags`.
+pub const OFF_NEWTASK_CLONE_FLAGS: usize = 11;
+pub const PROCESS_OFFSETS_LEN: usize = 12;
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], Copy, integers only, explicit padding.
     unsafe impl aya::Pod for super::ExeId {}
     unsafe impl aya::Pod for super::ExeRuleKey {}
+    unsafe impl aya::Pod for super::ExeRule {}
     unsafe impl aya::Pod for super::UidRuleKey {}
 }

@@ -3,7 +3,7 @@
 //! policy before loading.
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, ExeId, ExeRuleKey, FlowKey, FlowValue, LearntKey,
+    DnsClientKey, DnsOrigin, DnsProxy, ExeId, ExeRule, ExeRuleKey, FlowKey, FlowValue, LearntKey,
     LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer,
     UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS,
     DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT, DEFAULT_MAX_PREFIXES,
@@ -223,7 +223,7 @@ pub static EXE_NAMES: LruHashMap<ExeId, [u8; EXE_NAME_MAX]> =
 pub static EXE_SCRATCH: PerCpuArray<[u8; EXE_NAME_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "EXE_RULES")]
-pub static EXE_RULES: HashMap<ExeRuleKey, u32> =
+pub static EXE_RULES: HashMap<ExeRuleKey, ExeRule> =
     HashMap::with_max_entries(QUALIFIER_TABLE, BPF_F_NO_PREALLOC);
 
 #[map(name = "UID_RULES")]

@@ -4,16 +4,18 @@
 //!
 //! - exec (`sched:sched_process_exec`): the new image's file, read from
 //!   `current->mm->exe_file` (the file the kernel maps, symlinks resolved;
-//!   `comm` and `argv` play no part). Its name as exec'd is kept once per
+//!   `comm` and `argv` play no part): device, inode and its generation. Its name as exec'd is kept once per
 //!   file in `EXE_NAMES`, for the agent to name it after the process left.
-//! - fork (`sched:sched_process_fork`): the child gets its parent's entry
-//!   (a thread too, under its own id; it goes when the thread does). A
+//! - fork (`task:task_newtask`, which says the clone's flags): a child
+//!   process gets its parent's entry; a new thread gets none of its own (a
+//!   decision looks a caller up by its thread group id, so a thread is its
+//!   process's entry, and the table holds one entry per process). A
 //!   parent with no entry gives a child with none (the start's scan, which
 //!   runs after these are attached, covers processes that predate the
 //!   agent); a process's live `mm` is never read at fork, as a process can
 //!   change its `exe_file` after its exec.
-//! - exit (`sched:sched_process_exit`): a thread's own entry goes; the
-//!   process's when its last thread leaves (`signal->live` is 0 then).
+//! - exit (`sched:sched_process_exit`): the process's entry goes when its
+//!   last thread leaves (`signal->live` is 0 then).
 //!
 //! The offsets of the kernel structures come from the kernel's BTF,
 //! written by the agent into `PROCESS_OFFSETS` at load (this crate cannot
@@ -21,8 +23,9 @@
 
 use agent_common::{
     ExeId, ExeRuleKey, ServiceEntry, UidRuleKey, EXE_NAME_MAX, OFF_EXEC_FILENAME, OFF_FILE_INODE,
-    OFF_FORK_CHILD_PID, OFF_INODE_INO, OFF_INODE_SB, OFF_MM_EXE_FILE, OFF_SB_DEV, OFF_SIGNAL_LIVE,
-    OFF_TASK_MM, OFF_TASK_SIGNAL, PROCESS_OFFSETS_LEN, QUALIFY_EXE, QUALIFY_UID,
+    OFF_INODE_GEN, OFF_INODE_INO, OFF_INODE_SB, OFF_MM_EXE_FILE, OFF_NEWTASK_CLONE_FLAGS,
+    OFF_NEWTASK_PID, OFF_SB_DEV, OFF_SIGNAL_LIVE, OFF_TASK_MM, OFF_TASK_SIGNAL,
+    PROCESS_OFFSETS_LEN, QUALIFY_EXE, QUALIFY_UID,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -34,6 +37,9 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
+
+/// `clone(2)`'s flag for a thread of the caller's thread group.
+const CLONE_THREAD: u64 = 0x0001_0000;
 
 use crate::maps::{EXE_NAMES, EXE_RULES, EXE_SCRATCH, PROCESSES, UID_RULES};
 
@@ -82,9 +88,10 @@ pub fn mask_of(s: &ServiceEntry, exe: ExeId, uid: u32) -> u32 {
             service_id: s.service_id,
         };
         // SAFETY: copied out at once. An unknown executable (all zeros) is
-        // in no entry: only rules that name no executable are satisfied.
+        // in no entry: only rules that name no executable are satisfied;
+        // so is a file of another generation (a reused inode number).
         mask = match unsafe { EXE_RULES.get(key) } {
-            Some(m) => *m,
+            Some(rule) => rule.mask_for(&exe).unwrap_or(s.exe_free),
             None => s.exe_free,
         };
     }
@@ -128,12 +135,13 @@ fn current_exe() -> Option<ExeId> {
             return None;
         }
         let ino: u64 = bpf_probe_read_kernel(inode.add(offset(OFF_INODE_INO)).cast()).ok()?;
+        let gen: u32 = bpf_probe_read_kernel(inode.add(offset(OFF_INODE_GEN)).cast()).ok()?;
         let sb: *const u8 = bpf_probe_read_kernel(inode.add(offset(OFF_INODE_SB)).cast()).ok()?;
         if sb.is_null() {
             return None;
         }
         let dev: u32 = bpf_probe_read_kernel(sb.add(offset(OFF_SB_DEV)).cast()).ok()?;
-        Some(ExeId { ino, dev, _pad: 0 })
+        Some(ExeId { ino, dev, gen })
     }
 }
 
@@ -220,8 +228,13 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i64> {
     if offset(OFF_TASK_MM) == 0 {
         return Ok(());
     }
-    // SAFETY: a read of the record at the offset of its format.
-    let child: i32 = unsafe { ctx.read_at(offset(OFF_FORK_CHILD_PID))? };
+    // SAFETY: reads of the record at the offsets of its format.
+    let flags: u64 = unsafe { ctx.read_at(offset(OFF_NEWTASK_CLONE_FLAGS))? };
+    if flags & CLONE_THREAD != 0 {
+        return Ok(()); // a thread is its process's entry
+    }
+    // SAFETY: as above.
+    let child: i32 = unsafe { ctx.read_at(offset(OFF_NEWTASK_PID))? };
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     let exe = exe_of(parent);
     if !exe.is_known() {
@@ -239,12 +252,7 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i64> {
 
 #[inline(always)]
 fn try_exit() -> Result<(), i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if pid != tgid {
-        // A thread's own entry (made at its clone).
-        let _ = PROCESSES.remove(pid);
-    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if current_live_threads() == Some(0) {
         let _ = PROCESSES.remove(tgid);
     }

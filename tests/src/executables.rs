@@ -8,7 +8,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::mpsc,
@@ -32,6 +32,9 @@ const STEP: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct Executables {
     dir: TempDir,
+    /// [`Executables::on_own_ext4`]: the image the directory is mounted
+    /// from (unmounted on `Drop`, before the directory goes).
+    image: Option<TempDir>,
 }
 
 impl Executables {
@@ -44,7 +47,62 @@ impl Executables {
             .unwrap_or_else(|e| panic!("cannot create a directory for executables: {e}"));
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", dir.path().display()));
-        Self { dir }
+        Self { dir, image: None }
+    }
+
+    /// An empty directory that is the root of a new ext4 filesystem of its
+    /// own (a loop device over an image file): a filesystem that reuses a
+    /// freed inode number for its next new file, whatever `/tmp` is.
+    #[must_use]
+    pub fn on_own_ext4() -> Self {
+        let image_dir = tempfile::Builder::new()
+            .prefix("bulkhead-test-ext4-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a directory for an image: {e}"));
+        let image = image_dir.path().join("fs.img");
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(32 << 20))
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
+        let out = crate::process::output_with_timeout(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&image),
+            crate::process::scaled(STEP),
+        );
+        assert!(
+            out.status.success(),
+            "mkfs.ext4 {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut exes = Self::new();
+        let image_path = image.to_string_lossy().into_owned();
+        mount(&["-t", "ext4", "-o", "loop", &image_path], exes.dir.path());
+        exes.image = Some(image_dir);
+        fs::set_permissions(exes.dir.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", exes.dir.path().display()));
+        exes
+    }
+
+    /// Copies `bin` here under new names until a copy gets inode number
+    /// `ino` (freed by an upgrade: the filesystem hands the lowest free
+    /// number out next), and returns its path; panics if none does within
+    /// 64 copies, as then the test would prove nothing.
+    #[must_use]
+    pub fn reusing_inode(&self, ino: u64, bin: &Path) -> PathBuf {
+        for i in 0..64 {
+            let copy = self.copy(bin, &format!("reuses-{ino}-{i}"));
+            let got = fs::metadata(&copy)
+                .unwrap_or_else(|e| panic!("cannot stat {}: {e}", copy.display()))
+                .ino();
+            if got == ino {
+                return copy;
+            }
+        }
+        panic!(
+            "no new file in {} got the freed inode {ino}",
+            self.dir.path().display()
+        );
     }
 
     /// Copies `bin` to `name` here (mode 0755) and returns the copy's path.
@@ -96,6 +154,18 @@ impl Executables {
     #[must_use]
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+impl Drop for Executables {
+    fn drop(&mut self) {
+        if self.image.is_some() {
+            // Lazily: a process of a test may still hold a file of it.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -545,6 +546,159 @@ fn a_replacement_another_user_owns_is_not_followed() {
         .in_cgroup(svc.path())
         .tcp_connect(db.addr())
         .assert_eperm("a new file another user owns");
+}
+
+/// An upgrade frees the old binary's inode, and the filesystem gives its
+/// number to the next new file (ext4 hands out the lowest free one): an
+/// attacker's file made just then has the old binary's device and inode.
+/// The inode's generation, which ext4 draws anew for each file, tells it
+/// apart: it gets EPERM and is named by its own path, while the agent
+/// runs and after it has stopped (the pinned programs enforce alone).
+#[test]
+fn a_file_reusing_an_upgraded_binarys_inode_is_not_the_binary() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::on_own_ext4();
+    let app = exes.copy(probe!().bin(), "app");
+    let policies = PolicyDir::with(&[(
+        "shop.toml",
+        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+    )]);
+    let mut daemon = Daemon::start_with_config(&policies, CONFIG);
+    let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
+    as_app
+        .tcp_connect(db.addr())
+        .assert_ok("the app, before the upgrade");
+    let ino_of = |p: &Path| {
+        fs::metadata(p)
+            .unwrap_or_else(|e| panic!("cannot stat {}: {e}", p.display()))
+            .ino()
+    };
+
+    let first = ino_of(&app);
+    exes.replace(&app, probe!().bin());
+    daemon.wait_log(
+        "an `exe` path names a new file (replaced on disk)",
+        Duration::from_secs(10),
+    );
+    let reuser = exes.reusing_inode(first, probe!().bin());
+    probe!()
+        .with_bin(&reuser)
+        .in_cgroup(svc.path())
+        .tcp_connect(db.addr())
+        .assert_eperm("a new file on the freed inode of the app's old file");
+    let shown = real(&reuser);
+    let _denied = wait_event(&daemon, "the reusing file's denial", |ev| {
+        ev["type"] == "verdict"
+            && ev["dst_port"] == db.port()
+            && ev["verdict"] == "deny"
+            && ev["exe"] == shown.as_str()
+    });
+    as_app
+        .tcp_connect(db.addr())
+        .assert_ok("the app after the upgrade");
+
+    // The agent gone: the upgrade is not followed, and the file the
+    // followed one's inode goes to passes for nothing either.
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let second = ino_of(&app);
+    exes.replace(&app, probe!().bin());
+    let reuser = exes.reusing_inode(second, probe!().bin());
+    probe!()
+        .with_bin(&reuser)
+        .in_cgroup(svc.path())
+        .tcp_connect(db.addr())
+        .assert_eperm("a new file on the followed file's freed inode, with no agent");
+    daemon.detach();
+}
+
+/// The table of executables holds one entry per process: a thread has
+/// none of its own (its calls are its process's), so making threads fills
+/// nothing; a thread that execs leaves no entry at its old id behind, and
+/// the process's entry is the new program.
+#[test]
+fn threads_take_no_entries_and_an_exec_from_a_thread_leaves_none() {
+    if !require_bpf() {
+        return;
+    }
+    let policies = PolicyDir::with(&[]);
+    let daemon = Daemon::start(&policies);
+    let script = "import os, sys, threading, time\n\
+        gate = threading.Event()\n\
+        tids = []\n\
+        def wait():\n    tids.append(threading.get_native_id())\n    gate.wait()\n\
+        for _ in range(20):\n    threading.Thread(target=wait, daemon=True).start()\n\
+        while len(tids) < 20:\n    time.sleep(0.01)\n\
+        print(os.getpid(), *tids, flush=True)\n\
+        sys.stdin.readline()\n\
+        def run():\n    print(threading.get_native_id(), flush=True)\n    \
+        os.execv('/bin/sleep', ['sleep', '60'])\n\
+        threading.Thread(target=run).start()\n\
+        time.sleep(60)\n";
+    let mut py = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+    let mut out = std::io::BufReader::new(py.stdout.take().expect("piped"));
+    let mut line = String::new();
+    let mut next_ids = |what: &str| -> Vec<u32> {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line)
+            .unwrap_or_else(|e| panic!("python3 said nothing of {what}: {e}"));
+        line.split_whitespace()
+            .map(|t| t.parse().unwrap_or_else(|e| panic!("{what}: {t:?}: {e}")))
+            .collect()
+    };
+    let ids = next_ids("its threads");
+    let (pid, threads) = ids.split_first().expect("python3 printed its pid");
+    assert_eq!(threads.len(), 20, "{ids:?}");
+    let table = || -> BTreeMap<u32, Vec<u8>> {
+        maps::dump(&maps::pinned(&daemon, "PROCESSES"))
+            .into_iter()
+            .map(|(k, v)| (u32::from_ne_bytes(k[..4].try_into().expect("u32 key")), v))
+            .collect()
+    };
+    let now = table();
+    assert!(now.contains_key(pid), "python3 ({pid}) has its entry");
+    for t in threads {
+        assert!(!now.contains_key(t), "thread {t} of {pid} has an entry");
+    }
+
+    std::io::Write::write_all(py.stdin.as_mut().expect("piped"), b"\n").expect("to python3");
+    let execd = next_ids("the thread that execs")[0];
+    assert_ne!(execd, *pid, "the exec is from a thread, not the leader");
+    let sleep = fs::canonicalize("/bin/sleep").expect("sleep");
+    let ino = fs::metadata(&sleep).expect("stat sleep").ino();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_link(format!("/proc/{pid}/exe")).ok() != Some(sleep.clone()) {
+        assert!(
+            Instant::now() < deadline,
+            "{pid} did not exec {}",
+            sleep.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = table();
+    let _ = py.kill();
+    let _ = py.wait();
+    assert!(
+        !after.contains_key(&execd),
+        "the exec'd thread's old id {execd} has an entry"
+    );
+    let entry = after
+        .get(pid)
+        .unwrap_or_else(|| panic!("{pid} has no entry after its exec"));
+    assert_eq!(
+        u64::from_ne_bytes(entry[..8].try_into().expect("ino")),
+        ino,
+        "{pid}'s entry is {}'s inode",
+        sleep.display()
+    );
 }
 
 /// `[[ingress]]` with `exe`: a peer reaches the service's socket that the

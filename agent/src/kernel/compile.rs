@@ -13,10 +13,11 @@ use std::{
 };
 
 use agent_common::{
-    ExeRuleKey, LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry, UidRuleKey,
-    FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE,
-    MAX_PORT_RANGES, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, QUALIFY_EXE, QUALIFY_UID,
-    SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP, SOCKETS_UDPLITE,
+    ExeRule, ExeRuleKey, LpmV4Key, LpmV6Key, PortRange as KPortRange, RuleSet, ServiceEntry,
+    UidRuleKey, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES,
+    FLAG_QUARANTINE, MAX_PORT_RANGES, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, QUALIFY_EXE,
+    QUALIFY_UID, SOCKETS_DCCP, SOCKETS_ICMP, SOCKETS_L2TP, SOCKETS_MPTCP, SOCKETS_SCTP,
+    SOCKETS_UDPLITE,
 };
 use ipnetwork::IpNetwork;
 
@@ -42,7 +43,7 @@ pub struct CompiledPolicy {
     pub rules: Vec<RuleRef>,
     /// `EXE_RULES` and `UID_RULES` entries: which qualified rules of a
     /// service an executable or a user satisfies (see `qualifiers`).
-    pub exe_rules: Vec<(ExeRuleKey, u32)>,
+    pub exe_rules: Vec<(ExeRuleKey, ExeRule)>,
     pub uid_rules: Vec<(UidRuleKey, u32)>,
     /// Each `exe` path as written, with the service and the file it named
     /// at load: watched for a replacement (see `Enforcer::follow_executables`).
@@ -426,8 +427,29 @@ fn port_checks(
         .collect()
 }
 
+/// The `EXE_RULES` key of file `f` for a service.
+#[must_use]
+pub fn exe_rule_key(f: crate::process::ExeFile, service_id: u32) -> ExeRuleKey {
+    ExeRuleKey {
+        ino: f.ino,
+        dev: f.dev,
+        service_id,
+    }
+}
+
+/// The `EXE_RULES` value: `mask` for the file `f`, for its generation
+/// where it is known.
+#[must_use]
+pub fn exe_rule(f: crate::process::ExeFile, mask: u32) -> ExeRule {
+    ExeRule {
+        mask,
+        gen: f.gen.unwrap_or(0),
+        checks_gen: u32::from(f.gen.is_some()),
+    }
+}
+
 /// A service's EXE_RULES and UID_RULES entries.
-type QualifierEntries = (Vec<(ExeRuleKey, u32)>, Vec<(UidRuleKey, u32)>);
+type QualifierEntries = (Vec<(ExeRuleKey, ExeRule)>, Vec<(UidRuleKey, u32)>);
 
 /// A service's rules with `exe` or `uid` (`EgressRule::is_qualified`):
 /// the i-th of them has bit i in the kernel's masks, and its port checks
@@ -498,16 +520,9 @@ impl Qualifiers {
                 *uid.entry(*u).or_insert(self.uid_free) |= 1 << bit;
             }
         }
-        let mut exe: Vec<(ExeRuleKey, u32)> = exe
+        let mut exe: Vec<(ExeRuleKey, ExeRule)> = exe
             .into_iter()
-            .map(|(f, mask)| {
-                let key = ExeRuleKey {
-                    ino: f.ino,
-                    dev: f.dev,
-                    service_id,
-                };
-                (key, mask)
-            })
+            .map(|(f, mask)| (exe_rule_key(f, service_id), exe_rule(f, mask)))
             .collect();
         exe.sort_by_key(|(k, _)| (k.dev, k.ino));
         let mut uid: Vec<(UidRuleKey, u32)> = uid
@@ -623,14 +638,14 @@ mod tests {
         let exe: HashMap<crate::process::ExeFile, u32> = p
             .exe_rules
             .iter()
-            .map(|(k, m)| {
-                (
-                    crate::process::ExeFile {
-                        dev: k.dev,
-                        ino: k.ino,
-                    },
-                    *m,
-                )
+            .map(|(k, r)| {
+                let gen = (r.checks_gen != 0).then_some(r.gen);
+                let f = crate::process::ExeFile {
+                    dev: k.dev,
+                    ino: k.ino,
+                    gen,
+                };
+                (f, r.mask)
             })
             .collect();
         assert_eq!(exe[&file(&a)], 0b111);

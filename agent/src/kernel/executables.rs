@@ -12,14 +12,14 @@
 
 use std::collections::HashSet;
 
-use agent_common::{maps as names, ExeRuleKey};
+use agent_common::{maps as names, ExeRule, ExeRuleKey};
 use aya::{
     maps::{HashMap, MapData},
     Ebpf,
 };
 
 use super::{
-    compile::CompiledPolicy,
+    compile::{exe_rule, exe_rule_key, CompiledPolicy},
     map_access::{map_err, map_mut},
     KernelError,
 };
@@ -48,13 +48,13 @@ pub fn follow(
         .iter()
         .filter_map(|p| {
             let now = ExeFile::of(&p.path).ok()?;
-            (now != p.file && !done.contains(&(p.service_id, now))).then_some((p, now))
+            (!now.same_file(&p.file) && !done.contains(&(p.service_id, now))).then_some((p, now))
         })
         .collect();
     if moved.is_empty() {
         return Ok(Vec::new());
     }
-    let mut map: HashMap<&mut MapData, ExeRuleKey, u32> = map_mut(ebpf, names::EXE_RULES)?;
+    let mut map: HashMap<&mut MapData, ExeRuleKey, ExeRule> = map_mut(ebpf, names::EXE_RULES)?;
     let mut out = Vec::new();
     for (p, now) in moved {
         // Only a file only root could have put there takes the rules over.
@@ -74,17 +74,22 @@ pub fn follow(
             });
             continue;
         }
-        let key = |f: ExeFile| ExeRuleKey {
-            ino: f.ino,
-            dev: f.dev,
-            service_id: p.service_id,
-        };
-        let Ok(mask) = map.get(&key(p.file), 0) else {
+        let key = |f: ExeFile| exe_rule_key(f, p.service_id);
+        let Some(mask) = map
+            .get(&key(p.file), 0)
+            .ok()
+            .and_then(|r| r.mask_for(&p.file.to_kernel()))
+        else {
             continue; // not in force (yet): the next reload resolves it
         };
-        // Another path may already give the new file rules of its own.
-        let mask = mask | map.get(&key(now), 0).unwrap_or(0);
-        map.insert(key(now), mask, 0)
+        // Another path may already give the new file rules of its own (an
+        // entry of another generation was a file whose inode this reuses).
+        let theirs = map
+            .get(&key(now), 0)
+            .ok()
+            .and_then(|r| r.mask_for(&now.to_kernel()))
+            .unwrap_or(0);
+        map.insert(key(now), exe_rule(now, mask | theirs), 0)
             .map_err(map_err(names::EXE_RULES))?;
         done.insert((p.service_id, now));
         out.push(Followed {

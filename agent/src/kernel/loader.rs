@@ -58,7 +58,7 @@ const PROGRAMS: [(&str, Hook); 21] = [
     ),
     (
         "bulkhead_process_fork",
-        Hook::TracePoint("sched", "sched_process_fork"),
+        Hook::TracePoint("task", "task_newtask"),
     ),
     (
         "bulkhead_process_exit",

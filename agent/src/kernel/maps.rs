@@ -1,8 +1,8 @@
 //! Writing a compiled policy into the kernel maps.
 
 use agent_common::{
-    maps as names, ExeRuleKey, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, UidRuleKey, UnitKey,
-    ACTIVE_ICMP, ACTIVE_MANAGED, CGROUP_PATH_MAX, SOCKETS_ICMP,
+    maps as names, ExeRule, ExeRuleKey, LpmV4Key, LpmV6Key, RuleSet, ServiceEntry, UidRuleKey,
+    UnitKey, ACTIVE_ICMP, ACTIVE_MANAGED, CGROUP_PATH_MAX, SOCKETS_ICMP,
 };
 use aya::{
     maps::{Array, HashMap, MapData},
@@ -64,9 +64,9 @@ pub fn write_rules(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), Kerne
             .set(index, set, 0)
             .map_err(map_err(names::RULESETS))?;
     }
-    let mut exe: HashMap<&mut MapData, ExeRuleKey, u32> = map_mut(ebpf, names::EXE_RULES)?;
-    for (key, mask) in &policy.exe_rules {
-        exe.insert(key, mask, 0)
+    let mut exe: HashMap<&mut MapData, ExeRuleKey, ExeRule> = map_mut(ebpf, names::EXE_RULES)?;
+    for (key, rule) in &policy.exe_rules {
+        exe.insert(key, rule, 0)
             .map_err(map_err(names::EXE_RULES))?;
     }
     let mut uid: HashMap<&mut MapData, UidRuleKey, u32> = map_mut(ebpf, names::UID_RULES)?;
@@ -95,20 +95,22 @@ pub fn clear_half(ebpf: &mut Ebpf, services: Range<u32>) -> Result<usize, Kernel
         cleared +=
             addr_maps::remove_where(ebpf, maps, |k: &LpmV6Key| services.contains(&k.service()))?;
     }
-    cleared +=
-        remove_keys::<ExeRuleKey>(ebpf, names::EXE_RULES, |k| services.contains(&k.service_id))?;
-    cleared +=
-        remove_keys::<UidRuleKey>(ebpf, names::UID_RULES, |k| services.contains(&k.service_id))?;
+    cleared += remove_keys::<ExeRuleKey, ExeRule>(ebpf, names::EXE_RULES, |k| {
+        services.contains(&k.service_id)
+    })?;
+    cleared += remove_keys::<UidRuleKey, u32>(ebpf, names::UID_RULES, |k| {
+        services.contains(&k.service_id)
+    })?;
     Ok(cleared)
 }
 
 /// Removes the entries of a hash map whose key `doomed` picks.
-fn remove_keys<K: aya::Pod>(
+fn remove_keys<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
     doomed: impl Fn(&K) -> bool,
 ) -> Result<usize, KernelError> {
-    let mut map: HashMap<&mut MapData, K, u32> = map_mut(ebpf, name)?;
+    let mut map: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
     let keys: Vec<K> = map
         .keys()
         .filter_map(Result::ok)

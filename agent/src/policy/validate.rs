@@ -728,6 +728,14 @@ fn executables(
                         format!("{at}: exe {}: on {fs}, whose `stat` reports another device than the kernel records for a running program: this rule never matches, and denies", path.display()),
                     );
                 }
+                if file.gen.is_none() {
+                    let fs = crate::process::exe_file::filesystem_type(&real)
+                        .unwrap_or_else(|| "a filesystem".to_owned());
+                    c.warn(
+                        entry.span(),
+                        format!("{at}: exe {}: on {fs}, which does not report inode generations: once an upgrade frees this file's inode, a new file given the same inode number passes as this one until the policy is reloaded", path.display()),
+                    );
+                }
                 if let Some(who) = crate::process::exe_file::writable_by_others(&path, &real) {
                     c.warn(
                         entry.span(),

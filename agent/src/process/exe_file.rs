@@ -1,24 +1,34 @@
-//! An executable file's identity: the device and inode the kernel reads
-//! from `mm->exe_file` (`agent_common::ExeId`), found here from a path.
+//! An executable file's identity: the device, inode and generation the
+//! kernel reads from `mm->exe_file` (`agent_common::ExeId`), found here
+//! from a path.
 
 use std::{
     io,
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
 use agent_common::ExeId;
 
 /// A file's identity, device in the kernel's encoding (`s_dev`: major <<
-/// 20 | minor), not `stat`'s (`st_dev`, glibc's encoding).
+/// 20 | minor), not `stat`'s (`st_dev`, glibc's encoding), and the inode's
+/// generation where the filesystem tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExeFile {
     pub dev: u32,
     pub ino: u64,
+    /// `i_generation` (`FS_IOC_GETVERSION`: ext4, xfs, btrfs, f2fs); None
+    /// where the filesystem does not answer it (tmpfs, overlay). A freed
+    /// inode number is reused for the next new file, with a new
+    /// generation: the device and inode alone do not tell them apart.
+    pub gen: Option<u32>,
 }
 
 impl ExeFile {
-    /// From `stat` results.
+    /// From `stat` results, with no generation.
     #[must_use]
     pub fn from_metadata(meta: &std::fs::Metadata) -> Self {
         let st_dev = meta.dev();
@@ -26,30 +36,85 @@ impl ExeFile {
         Self {
             dev: (major << 20) | (minor & 0xf_ffff),
             ino: meta.ino(),
+            gen: None,
         }
     }
 
-    /// The identity of the file `path` names (symlinks followed).
+    /// The identity of the file `path` names (symlinks followed; for
+    /// `/proc/PID/exe`, the file the process runs).
     pub fn of(path: &Path) -> io::Result<Self> {
-        Ok(Self::from_metadata(&std::fs::metadata(path)?))
+        let meta = std::fs::metadata(path)?;
+        let mut file = Self::from_metadata(&meta);
+        if meta.is_file() {
+            // Opened, not only stat'ed, for its generation: a regular file
+            // (a FIFO's open could block), without delay or side effect.
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOATIME)
+                .open(path)
+                .or_else(|_| {
+                    // O_NOATIME is only for the file's owner or root.
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                        .open(path)
+                })
+            {
+                let now = Self::from_metadata(&f.metadata()?);
+                // The path may have been renamed over between the stat and
+                // the open: this is the file that was opened.
+                file = Self {
+                    gen: generation(&f),
+                    ..now
+                };
+            }
+        }
+        Ok(file)
     }
 
+    /// Whether `self` and `other` are the same file: device and inode, and
+    /// the generation where both know it.
+    #[must_use]
+    pub fn same_file(&self, other: &Self) -> bool {
+        self.dev == other.dev
+            && self.ino == other.ino
+            && match (self.gen, other.gen) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+
+    /// From the kernel's record (which always carries the generation).
     #[must_use]
     pub fn from_kernel(id: ExeId) -> Option<Self> {
         id.is_known().then_some(Self {
             dev: id.dev,
             ino: id.ino,
+            gen: Some(id.gen),
         })
     }
 
+    /// As the kernel records it; an unknown generation as 0 (the kernel
+    /// side checks a generation only where the agent knew it).
     #[must_use]
     pub fn to_kernel(self) -> ExeId {
         ExeId {
             ino: self.ino,
             dev: self.dev,
-            _pad: 0,
+            gen: self.gen.unwrap_or(0),
         }
     }
+}
+
+/// The inode generation of an open file, where its filesystem answers.
+fn generation(file: &std::fs::File) -> Option<u32> {
+    // The kernel writes an int, under an ioctl number sized for a long:
+    // a long's room, of which the int is the first four bytes.
+    let mut out = [0u8; 8];
+    // SAFETY: FS_IOC_GETVERSION writes at most the buffer's 8 bytes into
+    // memory we own; the descriptor is open for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETVERSION, out.as_mut_ptr()) };
+    (rc == 0).then(|| u32::from_ne_bytes([out[0], out[1], out[2], out[3]]))
 }
 
 impl std::fmt::Display for ExeFile {
@@ -72,7 +137,8 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, ExeFile), String> {
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", real.display()));
     }
-    Ok((real, ExeFile::from_metadata(&meta)))
+    let file = ExeFile::of(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    Ok((real, file))
 }
 
 /// When `stat` reports another device for `real` than the one the
@@ -89,6 +155,13 @@ pub fn device_differs(real: &Path) -> Option<String> {
     (dev != stat_dev).then_some(fs_type)
 }
 
+/// The type of the filesystem `real` is on (`/proc/self/mountinfo`).
+#[must_use]
+pub fn filesystem_type(real: &Path) -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mount_of(&mountinfo, real).map(|(_, fs_type)| fs_type)
+}
+
 /// The identity the kernel gives the file at `real`: its mount's device
 /// (as `/proc/self/mountinfo` shows it) and its inode number. Where
 /// [`device_differs`], this, not `stat`'s, is what a running program of
@@ -97,10 +170,10 @@ pub fn device_differs(real: &Path) -> Option<String> {
 /// their inodes alike).
 #[must_use]
 pub fn kernel_view(real: &Path) -> Option<ExeFile> {
-    let ino = ExeFile::of(real).ok()?.ino;
+    let stat = ExeFile::of(real).ok()?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let (dev, _) = mount_of(&mountinfo, real)?;
-    Some(ExeFile { dev, ino })
+    Some(ExeFile { dev, ..stat })
 }
 
 /// The (kernel-encoded device, filesystem type) of the mount `path` is on:
@@ -254,6 +327,7 @@ mod tests {
         let f = ExeFile {
             dev: (8 << 20) | 1,
             ino: 5,
+            gen: Some(7),
         };
         assert_eq!(f.to_string(), "8:1:5");
         assert_eq!(ExeFile::from_kernel(f.to_kernel()), Some(f));

@@ -53,7 +53,9 @@ pub struct ExeNames {
     cache: Mutex<HashMap<ExeFile, Cached>>,
     /// The start's scan: each executable then running, by the path its
     /// `/proc/PID/exe` named. Never cleared; one entry per distinct file.
-    scanned: Mutex<HashMap<ExeFile, PathBuf>>,
+    /// By device and inode: the kernel may know a generation the scan
+    /// could not read (tmpfs); the path is checked to be the file anyway.
+    scanned: Mutex<HashMap<(u32, u64), PathBuf>>,
 }
 
 impl ExeNames {
@@ -75,7 +77,7 @@ impl ExeNames {
     pub fn remember(&self, found: Vec<super::scan::Found>) {
         let mut scanned = self.scanned.lock().unwrap_or_else(PoisonError::into_inner);
         for f in found {
-            scanned.entry(f.exe).or_insert(f.path);
+            scanned.entry((f.exe.dev, f.exe.ino)).or_insert(f.path);
         }
     }
 
@@ -109,7 +111,7 @@ impl ExeNames {
     /// (path, whether it still names this file).
     fn find(&self, exe: ExeFile, pid: u32) -> Option<(PathBuf, bool)> {
         let link = self.proc_root.join(pid.to_string()).join("exe");
-        if ExeFile::of(&link).ok() == Some(exe) {
+        if ExeFile::of(&link).is_ok_and(|f| f.same_file(&exe)) {
             if let Ok(target) = std::fs::read_link(&link) {
                 let text = target.to_string_lossy();
                 return Some(match text.strip_suffix(" (deleted)") {
@@ -151,7 +153,7 @@ impl ExeNames {
     /// tells whether it still names this file).
     fn scanned_name(&self, exe: ExeFile) -> Option<PathBuf> {
         let scanned = self.scanned.lock().unwrap_or_else(PoisonError::into_inner);
-        let path = scanned.get(&exe)?;
+        let path = scanned.get(&(exe.dev, exe.ino))?;
         let text = path.to_string_lossy();
         Some(match text.strip_suffix(" (deleted)") {
             Some(p) => PathBuf::from(p),
@@ -170,7 +172,8 @@ impl ExeNames {
 /// Whether `path` names the file `exe` now: by `stat`, or as the kernel
 /// sees it where the two devices differ (btrfs, some overlays).
 fn names_file(path: &Path, exe: ExeFile) -> bool {
-    ExeFile::of(path).ok() == Some(exe) || super::exe_file::kernel_view(path) == Some(exe)
+    ExeFile::of(path).is_ok_and(|f| f.same_file(&exe))
+        || super::exe_file::kernel_view(path).is_some_and(|f| f.same_file(&exe))
 }
 
 fn shown(path: &Path, current: bool) -> Arc<str> {

@@ -1,8 +1,8 @@
 //! Where the process-identity tracepoints find a task's executable: byte
 //! offsets of `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`,
-//! `inode.i_ino`, `inode.i_sb`, `super_block.s_dev`, `task_struct.signal`
-//! and `signal_struct.live`, read from the running kernel's BTF (they
-//! change with every kernel build), and of the two tracepoint fields the
+//! `inode.i_ino`, `inode.i_generation`, `inode.i_sb`, `super_block.s_dev`,
+//! `task_struct.signal` and `signal_struct.live`, read from the running kernel's BTF (they
+//! change with every kernel build), and of the three tracepoint fields the
 //! programs read, from their format files. The kernel crate cannot use
 //! CO-RE relocations, so the agent does the relocation here and hands the
 //! numbers over in the `PROCESS_OFFSETS` global.
@@ -10,9 +10,9 @@
 use std::path::Path;
 
 use agent_common::{
-    OFF_EXEC_FILENAME, OFF_FILE_INODE, OFF_FORK_CHILD_PID, OFF_INODE_INO, OFF_INODE_SB,
-    OFF_MM_EXE_FILE, OFF_SB_DEV, OFF_SIGNAL_LIVE, OFF_TASK_MM, OFF_TASK_SIGNAL,
-    PROCESS_OFFSETS_LEN,
+    OFF_EXEC_FILENAME, OFF_FILE_INODE, OFF_INODE_GEN, OFF_INODE_INO, OFF_INODE_SB, OFF_MM_EXE_FILE,
+    OFF_NEWTASK_CLONE_FLAGS, OFF_NEWTASK_PID, OFF_SB_DEV, OFF_SIGNAL_LIVE, OFF_TASK_MM,
+    OFF_TASK_SIGNAL, PROCESS_OFFSETS_LEN,
 };
 use btf_rs::{Btf, Type};
 
@@ -32,15 +32,19 @@ pub fn find(btf_path: &Path, tracefs: &Path) -> Result<[u32; PROCESS_OFFSETS_LEN
         (OFF_FILE_INODE, "file", "f_inode"),
         (OFF_INODE_INO, "inode", "i_ino"),
         (OFF_INODE_SB, "inode", "i_sb"),
+        (OFF_INODE_GEN, "inode", "i_generation"),
         (OFF_SB_DEV, "super_block", "s_dev"),
         (OFF_SIGNAL_LIVE, "signal_struct", "live"),
     ] {
         out[index] = member_offset(&btf, strukt, member)
             .ok_or_else(|| format!("the kernel's BTF has no {strukt}.{member}"))?;
     }
-    let events = tracefs.join("events/sched");
-    out[OFF_EXEC_FILENAME] = field_offset(&events.join("sched_process_exec/format"), "filename")?;
-    out[OFF_FORK_CHILD_PID] = field_offset(&events.join("sched_process_fork/format"), "child_pid")?;
+    let events = tracefs.join("events");
+    let exec = events.join("sched/sched_process_exec/format");
+    out[OFF_EXEC_FILENAME] = field_offset(&exec, "filename")?;
+    let newtask = events.join("task/task_newtask/format");
+    out[OFF_NEWTASK_PID] = field_offset(&newtask, "pid")?;
+    out[OFF_NEWTASK_CLONE_FLAGS] = field_offset(&newtask, "clone_flags")?;
     Ok(out)
 }
 
@@ -109,9 +113,11 @@ mod tests {
         assert_eq!(parse_field_offset(exec, "filename"), Some(8));
         assert_eq!(parse_field_offset(exec, "pid"), Some(12));
         assert_eq!(parse_field_offset(exec, "child_pid"), None);
-        let fork = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
-        assert_eq!(parse_field_offset(fork, "child_pid"), Some(44));
-        assert_eq!(parse_field_offset(fork, "parent_comm"), Some(8));
+        // 6.1's, where clone_flags is an unsigned long.
+        let newtask = "\tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;\n\tfield:unsigned long clone_flags;\toffset:32;\tsize:8;\tsigned:0;\n\tfield:short oom_score_adj;\toffset:40;\tsize:2;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(newtask, "pid"), Some(8));
+        assert_eq!(parse_field_offset(newtask, "comm"), Some(12));
+        assert_eq!(parse_field_offset(newtask, "clone_flags"), Some(32));
     }
 
     /// This host's own kernel: every offset is found (needs its BTF,
@@ -127,6 +133,7 @@ mod tests {
             ("task_struct", "mm"),
             ("mm_struct", "exe_file"),
             ("inode", "i_ino"),
+            ("inode", "i_generation"),
             ("signal_struct", "live"),
         ] {
             let off = member_offset(&btf, s, m).unwrap_or_else(|| panic!("{s}.{m}"));

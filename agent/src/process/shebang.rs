@@ -35,7 +35,7 @@ pub fn interpreter(script: &Path, exe: ExeFile) -> Option<PathBuf> {
     let mut current = script.to_path_buf();
     for _ in 0..MAX_DEPTH {
         let next = std::fs::canonicalize(interpreter_of(&current)?).ok()?;
-        if ExeFile::of(&next).ok() == Some(exe) {
+        if ExeFile::of(&next).is_ok_and(|f| f.same_file(&exe)) {
             return Some(next);
         }
         current = next;

@@ -142,7 +142,7 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             names::EXE_RULES,
             hash,
             size_of::<agent_common::ExeRuleKey>(),
-            Some(4),
+            Some(size_of::<agent_common::ExeRule>()),
         ),
         (
             names::UID_RULES,

@@ -9,8 +9,9 @@ use std::{
 };
 
 use agent_common::{
-    ExeRuleKey, RuleSet, ServiceEntry, UidRuleKey, FLAG_INGRESS, MAX_PORT_RANGES, MODE_AUDIT,
-    PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, QUALIFY_EXE, QUALIFY_UID, RULE_DEFAULT_DENY,
+    ExeRule, ExeRuleKey, RuleSet, ServiceEntry, UidRuleKey, FLAG_INGRESS, MAX_PORT_RANGES,
+    MODE_AUDIT, PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, QUALIFY_EXE, QUALIFY_UID,
+    RULE_DEFAULT_DENY,
 };
 
 use super::{Direction, Proto, Query, Verdict};
@@ -67,7 +68,7 @@ pub struct Maps<'a> {
     /// RULESETS: an array, written at `ruleset_base + i`.
     rulesets: HashMap<u32, RuleSet>,
     /// EXE_RULES and UID_RULES: hashes of qualifier masks.
-    exe_rules: HashMap<(u64, u32, u32), u32>,
+    exe_rules: HashMap<(u64, u32, u32), ExeRule>,
     uid_rules: HashMap<(u32, u32), u32>,
 }
 
@@ -127,19 +128,19 @@ impl<'a> Maps<'a> {
         }
         let mut mask = u32::MAX;
         if entry.qualifiers & QUALIFY_EXE != 0 {
-            // An unknown executable is in no entry.
-            let key = q.exe.map(|i| {
+            // An unknown executable is in no entry; one of another
+            // generation than the entry's satisfies nothing in it.
+            let found = q.exe.and_then(|i| {
                 let f = super::strategy::executable(i).file;
                 let k = ExeRuleKey {
                     ino: f.ino,
                     dev: f.dev,
                     service_id: entry.service_id,
                 };
-                (k.ino, k.dev, k.service_id)
+                let rule = self.exe_rules.get(&(k.ino, k.dev, k.service_id))?;
+                rule.mask_for(&f.to_kernel())
             });
-            mask = key
-                .and_then(|k| self.exe_rules.get(&k).copied())
-                .unwrap_or(entry.exe_free);
+            mask = found.unwrap_or(entry.exe_free);
         }
         if entry.qualifiers & QUALIFY_UID != 0 {
             let k = UidRuleKey {
