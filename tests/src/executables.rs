@@ -75,6 +75,19 @@ impl Executables {
             image.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        // A kernel that has loop as a module and no device node made ahead
+        // (a test guest) loads it only when asked.
+        if !Path::new("/dev/loop-control").exists() {
+            let out = crate::process::output_with_timeout(
+                std::process::Command::new("modprobe").arg("loop"),
+                crate::process::scaled(STEP),
+            );
+            assert!(
+                out.status.success(),
+                "modprobe loop: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let mut exes = Self::new();
         let image_path = image.to_string_lossy().into_owned();
         mount(&["-t", "ext4", "-o", "loop", &image_path], exes.dir.path());
