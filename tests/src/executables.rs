@@ -61,7 +61,7 @@ impl Executables {
             .unwrap_or_else(|e| panic!("cannot create a directory for an image: {e}"));
         let image = image_dir.path().join("fs.img");
         fs::File::create(&image)
-            .and_then(|f| f.set_len(32 << 20))
+            .and_then(|f| f.set_len(256 << 20))
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
         let out = crate::process::output_with_timeout(
             std::process::Command::new("mkfs.ext4")
@@ -97,18 +97,48 @@ impl Executables {
         exes
     }
 
-    /// Copies `bin` here under new names until a copy gets inode number
-    /// `ino` (freed by an upgrade: the filesystem hands the lowest free
-    /// number out next), and returns its path; panics if none does within
-    /// 64 copies, as then the test would prove nothing.
-    #[must_use]
-    pub fn reusing_inode(&self, ino: u64, bin: &Path) -> PathBuf {
+    /// Makes 64 new (empty) files here, and panics if one gets inode
+    /// number `ino`: the file that had it is still allocated.
+    pub fn files_not_reusing(&self, ino: u64) {
         for i in 0..64 {
-            let copy = self.copy(bin, &format!("reuses-{ino}-{i}"));
+            let copy = self.dir.path().join(format!("avoids-{ino}-{i}"));
+            fs::write(&copy, b"")
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", copy.display()));
             let got = fs::metadata(&copy)
                 .unwrap_or_else(|e| panic!("cannot stat {}: {e}", copy.display()))
                 .ino();
+            assert_ne!(
+                got,
+                ino,
+                "{} got the inode of a file still held",
+                copy.display()
+            );
+        }
+    }
+
+    /// Makes new files here until one gets inode number `ino` (freed by
+    /// an upgrade: the filesystem hands the lowest free number out next),
+    /// writes `bin` into it and returns its path; panics if none does
+    /// within 64 files, as then the test would prove nothing.
+    #[must_use]
+    pub fn reusing_inode(&self, ino: u64, bin: &Path) -> PathBuf {
+        for i in 0..64 {
+            let file = self.dir.path().join(format!("reuses-{ino}-{i}"));
+            fs::write(&file, b"")
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
+            let got = fs::metadata(&file)
+                .unwrap_or_else(|e| panic!("cannot stat {}: {e}", file.display()))
+                .ino();
             if got == ino {
+                // Into the same inode (fs::copy truncates, not replaces).
+                let copy = self.copy(bin, &format!("reuses-{ino}-{i}"));
+                let now = fs::metadata(&copy).map(|m| m.ino()).ok();
+                assert_eq!(
+                    now,
+                    Some(ino),
+                    "{} was replaced, not written",
+                    copy.display()
+                );
                 return copy;
             }
         }

@@ -548,12 +548,14 @@ fn a_replacement_another_user_owns_is_not_followed() {
         .assert_eperm("a new file another user owns");
 }
 
-/// An upgrade frees the old binary's inode, and the filesystem gives its
-/// number to the next new file (ext4 hands out the lowest free one): an
-/// attacker's file made just then has the old binary's device and inode.
-/// The inode's generation, which ext4 draws anew for each file, tells it
-/// apart: it gets EPERM and is named by its own path, while the agent
-/// runs and after it has stopped (the pinned programs enforce alone).
+/// An upgrade frees the old binary's inode once nothing holds it, and the
+/// filesystem gives its number to the next new file (ext4 hands out the
+/// lowest free one): an attacker's file made then would have the old
+/// binary's device and inode. While the agent runs it holds every file an
+/// `exe` entry names open, so the number is not freed (64 new files, none
+/// gets it); once it has stopped (the pinned programs enforce alone) the
+/// number is reused, and the inode's generation, which ext4 draws anew for
+/// each file, tells the new file apart: EPERM.
 #[test]
 fn a_file_reusing_an_upgraded_binarys_inode_is_not_the_binary() {
     if !require_bpf() {
@@ -577,6 +579,13 @@ fn a_file_reusing_an_upgraded_binarys_inode_is_not_the_binary() {
             .unwrap_or_else(|e| panic!("cannot stat {}: {e}", p.display()))
             .ino()
     };
+    let attacker = |file: &Path, what: &str| {
+        probe!()
+            .with_bin(file)
+            .in_cgroup(svc.path())
+            .tcp_connect(db.addr())
+            .assert_eperm(what);
+    };
 
     let first = ino_of(&app);
     exes.replace(&app, probe!().bin());
@@ -584,34 +593,22 @@ fn a_file_reusing_an_upgraded_binarys_inode_is_not_the_binary() {
         "an `exe` path names a new file (replaced on disk)",
         Duration::from_secs(10),
     );
-    let reuser = exes.reusing_inode(first, probe!().bin());
-    probe!()
-        .with_bin(&reuser)
-        .in_cgroup(svc.path())
-        .tcp_connect(db.addr())
-        .assert_eperm("a new file on the freed inode of the app's old file");
-    let shown = real(&reuser);
-    let _denied = wait_event(&daemon, "the reusing file's denial", |ev| {
-        ev["type"] == "verdict"
-            && ev["dst_port"] == db.port()
-            && ev["verdict"] == "deny"
-            && ev["exe"] == shown.as_str()
-    });
     as_app
         .tcp_connect(db.addr())
         .assert_ok("the app after the upgrade");
+    exes.files_not_reusing(first);
 
-    // The agent gone: the upgrade is not followed, and the file the
-    // followed one's inode goes to passes for nothing either.
     assert!(daemon.stop().success(), "{}", daemon.log());
+    let reuser = exes.reusing_inode(first, probe!().bin());
+    attacker(&reuser, "a new file on the app's old inode, with no agent");
+    // The file the agent followed to: its inode goes the same way.
     let second = ino_of(&app);
     exes.replace(&app, probe!().bin());
     let reuser = exes.reusing_inode(second, probe!().bin());
-    probe!()
-        .with_bin(&reuser)
-        .in_cgroup(svc.path())
-        .tcp_connect(db.addr())
-        .assert_eperm("a new file on the followed file's freed inode, with no agent");
+    attacker(
+        &reuser,
+        "a new file on the followed file's inode, with no agent",
+    );
     daemon.detach();
 }
 

@@ -203,6 +203,9 @@ pub struct Enforcer {
     held: std::collections::HashMap<u64, u64>,
     /// `exe` paths followed to a new file since the last switch.
     followed: std::collections::HashSet<(u32, crate::process::ExeFile)>,
+    /// The files `EXE_RULES` has entries for, held open (see
+    /// `kernel::executables`).
+    exe_files: super::executables::HeldFiles,
     /// What the start's process scan found, until the naming stage takes
     /// it (see [`Enforcer::take_scanned`]).
     scanned: Vec<crate::process::scan::Found>,
@@ -253,6 +256,7 @@ impl Enforcer {
             live: None,
             held: std::collections::HashMap::new(),
             followed: std::collections::HashSet::new(),
+            exe_files: super::executables::HeldFiles::default(),
             scanned: Vec::new(),
         })
     }
@@ -268,6 +272,7 @@ impl Enforcer {
         let placed = relocate(policy, 0, self.capacity);
         let failed = maps::write(&mut self.ebpf, &placed, resolved)?;
         self.half = 0;
+        self.exe_files.hold_policy(&placed);
         self.live = Some(placed);
         Ok(failed)
     }
@@ -327,6 +332,7 @@ impl Enforcer {
         }
         self.half = staged.service_base / self.capacity.services.max(1);
         self.followed.clear();
+        self.exe_files.hold_policy(&staged);
         Ok(self.live.replace(staged))
     }
 
@@ -588,7 +594,12 @@ impl Enforcer {
         let Some(live) = &self.live else {
             return Ok(Vec::new());
         };
-        super::executables::follow(&mut self.ebpf, live, &mut self.followed)
+        super::executables::follow(
+            &mut self.ebpf,
+            live,
+            &mut self.followed,
+            &mut self.exe_files,
+        )
     }
 
     /// Writes the executable of every process already running into

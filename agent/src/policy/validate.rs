@@ -733,7 +733,7 @@ fn executables(
                         .unwrap_or_else(|| "a filesystem".to_owned());
                     c.warn(
                         entry.span(),
-                        format!("{at}: exe {}: on {fs}, which does not report inode generations: once an upgrade frees this file's inode, a new file given the same inode number passes as this one until the policy is reloaded", path.display()),
+                        format!("{at}: exe {}: on {fs}, which does not report inode generations: while no agent runs, a new file given this file's inode number once an upgrade frees it passes as this one", path.display()),
                     );
                 }
                 if let Some(who) = crate::process::exe_file::writable_by_others(&path, &real) {

@@ -43,33 +43,35 @@ impl ExeFile {
     /// The identity of the file `path` names (symlinks followed; for
     /// `/proc/PID/exe`, the file the process runs).
     pub fn of(path: &Path) -> io::Result<Self> {
-        let meta = std::fs::metadata(path)?;
-        let mut file = Self::from_metadata(&meta);
-        if meta.is_file() {
-            // Opened, not only stat'ed, for its generation: a regular file
-            // (a FIFO's open could block), without delay or side effect.
-            if let Ok(f) = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOATIME)
-                .open(path)
-                .or_else(|_| {
-                    // O_NOATIME is only for the file's owner or root.
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                        .open(path)
-                })
-            {
-                let now = Self::from_metadata(&f.metadata()?);
-                // The path may have been renamed over between the stat and
-                // the open: this is the file that was opened.
-                file = Self {
-                    gen: generation(&f),
-                    ..now
-                };
-            }
+        match Self::open(path) {
+            Ok((file, _)) => Ok(file),
+            // Not a regular file, or one that cannot be opened: by `stat`.
+            Err(_) => Ok(Self::from_metadata(&std::fs::metadata(path)?)),
         }
-        Ok(file)
+    }
+
+    /// The regular file `path` names, opened, and its identity read from
+    /// the open file (so it is that file's, whatever is renamed over the
+    /// path meanwhile), with its generation where the filesystem tells it.
+    pub fn open(path: &Path) -> io::Result<(Self, std::fs::File)> {
+        if !std::fs::metadata(path)?.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        // A regular file (a FIFO's open could block), without delay or side
+        // effect; O_NOATIME is only for the file's owner or root.
+        let open = |flags| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let f = open(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOATIME)
+            .or_else(|_| open(libc::O_NONBLOCK | libc::O_NOCTTY))?;
+        let file = Self {
+            gen: generation(&f),
+            ..Self::from_metadata(&f.metadata()?)
+        };
+        Ok((file, f))
     }
 
     /// Whether `self` and `other` are the same file: device and inode, and
