@@ -378,6 +378,18 @@ impl Forger {
     /// panics unless the forgery succeeded.
     #[must_use]
     pub fn start(service: &Path, exe: &Path, addr: SocketAddr) -> Self {
+        Self::start_as(service, exe, addr, None)
+    }
+
+    /// The same, forged by a child that shares its memory map
+    /// (`CLONE_VM | CLONE_VFORK`) from a user namespace of the child's
+    /// own: the forger itself stays in the initial user namespace.
+    #[must_use]
+    pub fn start_sharing_mm(service: &Path, exe: &Path, addr: SocketAddr) -> Self {
+        Self::start_as(service, exe, addr, Some("sharedmm"))
+    }
+
+    fn start_as(service: &Path, exe: &Path, addr: SocketAddr, mode: Option<&str>) -> Self {
         let built = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot create a tempdir: {e}"));
         let bin = built.path().join("forge");
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/forge_exe.c");
@@ -404,6 +416,7 @@ impl Forger {
             .arg(exe)
             .arg(addr.ip().to_string())
             .arg(addr.port().to_string())
+            .args(mode)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

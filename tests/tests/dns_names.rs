@@ -561,7 +561,7 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
     assert_eq!(
         scrape.count(
             "bulkhead_dns_learnt_evictions_total",
-            &[("reason", "per_name_cap")]
+            &[("service", "svc"), ("reason", "per_name_cap")]
         ),
         0
     );

@@ -20,7 +20,7 @@ use std::{
 
 use integration_tests::{
     addr, bulkhead,
-    control::{cli, status, wait_status},
+    control::{cli, status, wait_status, SharedPins},
     events::{calls_of, wait_calls, wait_event},
     executables::{Executables, Forger, Overlay},
     maps, policy_with, probe,
@@ -81,6 +81,40 @@ fn listener() -> Listener {
 /// A TCP rule to `to` on loopback.
 fn tcp_to(to: &Listener) -> Egress {
     Egress::to(["127.0.0.1"]).ports([to.port()]).protocol("tcp")
+}
+
+/// The scene most tests share: a database listener, a service cgroup, the
+/// app (a copy of the probe in a directory of executables) and a policy
+/// whose database rule names the app.
+struct Shop {
+    db: Listener,
+    svc: CgroupGuard,
+    exes: Executables,
+    app: PathBuf,
+    policies: PolicyDir,
+}
+
+impl Shop {
+    fn new() -> Self {
+        Self::on(Executables::new())
+    }
+
+    fn on(exes: Executables) -> Self {
+        let db = listener();
+        let svc = CgroupGuard::new();
+        let app = exes.copy(probe!().bin(), "app");
+        let policies = PolicyDir::with(&[(
+            "shop.toml",
+            &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
+        )]);
+        Self {
+            db,
+            svc,
+            exes,
+            app,
+            policies,
+        }
+    }
 }
 
 /// What a Python `connect()` to `port` came to (`connected` or `errno N`),
@@ -487,14 +521,13 @@ fn a_replaced_binary_is_told_apart_and_keeps_its_rule() {
     if !require_bpf() {
         return;
     }
-    let db = listener();
-    let svc = CgroupGuard::new();
-    let exes = Executables::new();
-    let app = exes.copy(probe!().bin(), "app");
-    let policies = PolicyDir::with(&[(
-        "shop.toml",
-        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
-    )]);
+    let Shop {
+        db,
+        svc,
+        exes,
+        app,
+        policies,
+    } = Shop::new();
     let daemon = Daemon::start(&policies);
     let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
     let old = as_app.waiting("tcp-connect", &[db.addr()]);
@@ -527,14 +560,13 @@ fn a_replacement_another_user_owns_is_not_followed() {
     if !require_bpf() {
         return;
     }
-    let db = listener();
-    let svc = CgroupGuard::new();
-    let exes = Executables::new();
-    let app = exes.copy(probe!().bin(), "app");
-    let policies = PolicyDir::with(&[(
-        "shop.toml",
-        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
-    )]);
+    let Shop {
+        db,
+        svc,
+        exes,
+        app,
+        policies,
+    } = Shop::new();
     let daemon = Daemon::start(&policies);
     let staged = exes.copy(probe!().bin(), "app.staged");
     std::os::unix::fs::chown(&staged, Some(65534), Some(65534))
@@ -561,14 +593,13 @@ fn a_file_reusing_an_upgraded_binarys_inode_is_not_the_binary() {
     if !require_bpf() {
         return;
     }
-    let db = listener();
-    let svc = CgroupGuard::new();
-    let exes = Executables::on_own_ext4();
-    let app = exes.copy(probe!().bin(), "app");
-    let policies = PolicyDir::with(&[(
-        "shop.toml",
-        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
-    )]);
+    let Shop {
+        db,
+        svc,
+        exes,
+        app,
+        policies,
+    } = Shop::on(Executables::on_own_ext4());
     let mut daemon = Daemon::start_with_config(&policies, CONFIG);
     let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
     as_app
@@ -671,30 +702,31 @@ fn threads_take_no_entries_and_an_exec_from_a_thread_leaves_none() {
     assert_ne!(execd, *pid, "the exec is from a thread, not the leader");
     let sleep = fs::canonicalize("/bin/sleep").expect("sleep");
     let ino = fs::metadata(&sleep).expect("stat sleep").ino();
+    // /proc names the new file before the exec tracepoint has run: wait
+    // for the table's entry.
+    let entry_ino = |t: &BTreeMap<u32, Vec<u8>>| {
+        t.get(pid)
+            .map(|e| u64::from_ne_bytes(e[..8].try_into().expect("ino")))
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::read_link(format!("/proc/{pid}/exe")).ok() != Some(sleep.clone()) {
+    let after = loop {
+        let t = table();
+        if entry_ino(&t) == Some(ino) {
+            break t;
+        }
         assert!(
             Instant::now() < deadline,
-            "{pid} did not exec {}",
-            sleep.display()
+            "{pid}'s entry is not {}'s inode {ino} after its exec: {:?}",
+            sleep.display(),
+            t.get(pid)
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let after = table();
+    };
     let _ = py.kill();
     let _ = py.wait();
     assert!(
         !after.contains_key(&execd),
         "the exec'd thread's old id {execd} has an entry"
-    );
-    let entry = after
-        .get(pid)
-        .unwrap_or_else(|| panic!("{pid} has no entry after its exec"));
-    assert_eq!(
-        u64::from_ne_bytes(entry[..8].try_into().expect("ino")),
-        ino,
-        "{pid}'s entry is {}'s inode",
-        sleep.display()
     );
 }
 
@@ -742,14 +774,13 @@ fn a_process_the_kernel_has_no_record_of_satisfies_no_exe_rule() {
     if !require_bpf() {
         return;
     }
-    let db = listener();
-    let svc = CgroupGuard::new();
-    let exes = Executables::new();
-    let app = exes.copy(probe!().bin(), "app");
-    let policies = PolicyDir::with(&[(
-        "shop.toml",
-        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
-    )]);
+    let Shop {
+        db,
+        svc,
+        exes: _exes,
+        app,
+        policies,
+    } = Shop::new();
     let daemon = Daemon::start(&policies);
     let as_app = probe!().with_bin(&app).in_cgroup(svc.path());
     let forgotten = as_app.waiting("tcp-connect", &[db.addr()]);
@@ -834,14 +865,13 @@ fn a_forged_executable_is_never_taken_for_the_real_one() {
     if !require_bpf() {
         return;
     }
-    let db = listener();
-    let svc = CgroupGuard::new();
-    let exes = Executables::new();
-    let app = exes.copy(probe!().bin(), "app");
-    let policies = PolicyDir::with(&[(
-        "shop.toml",
-        &service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]),
-    )]);
+    let Shop {
+        db,
+        svc,
+        exes: _exes,
+        app,
+        policies,
+    } = Shop::new();
     let mut before_agent = Forger::start(svc.path(), &app, db.addr());
     assert_eq!(
         before_agent.proc_exe,
@@ -934,6 +964,104 @@ fn a_bad_exe_is_refused_and_the_old_policy_stays() {
         assert_old(&format!("after a reload naming exe {exe:?}"));
     }
     assert_eq!(status(&daemon)["reloads_applied"], 0);
+}
+
+/// A file the agent cannot open (its unit gives it no `CAP_DAC_OVERRIDE`:
+/// here `bulkhead check` runs without it) is refused at its line: the
+/// agent could neither hold it open nor read its inode generation, so a
+/// new file given its inode number later would pass as it.
+#[test]
+fn an_exe_the_agent_cannot_open_is_refused() {
+    if !require_bpf() {
+        return;
+    }
+    let db = listener();
+    let svc = CgroupGuard::new();
+    let exes = Executables::new();
+    let app = exes.copy(probe!().bin(), "app");
+    std::os::unix::fs::chown(&app, Some(65534), Some(65534))
+        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", app.display()));
+    fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", app.display()));
+    let text = service_policy(&svc, "enforce", &[tcp_to(&db).exe([&app])]);
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("exe"))
+        .map_or(0, |i| i + 1);
+    let policies = PolicyDir::with(&[("shop.toml", &text)]);
+    let out = integration_tests::process::output_with_timeout(
+        std::process::Command::new("setpriv")
+            .arg("--bounding-set=-dac_override,-dac_read_search")
+            .arg(integration_tests::daemon::bulkhead_bin())
+            .arg("check")
+            .arg("--policy-dir")
+            .arg(policies.path()),
+        RUN,
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    let at = format!("{}:{line}:", policies.path().join("shop.toml").display());
+    assert!(
+        !out.status.success() && said.contains(&at) && said.contains("cannot open it"),
+        "bulkhead check without CAP_DAC_OVERRIDE refuses {} at {at}: {said}",
+        app.display()
+    );
+}
+
+/// After a restart the new agent carries the previous one's table of
+/// executables over rather than reading `/proc`: a process that forged
+/// what `/proc/PID/exe` says through a memory map it shares with a child
+/// in a user namespace of its own (the forger itself stays in the
+/// agent's) is still its real executable to the new agent, and gets EPERM;
+/// a process of the app started before the first agent still connects.
+#[test]
+fn a_restart_keeps_each_processs_executable_from_the_kernel_not_proc() {
+    if !require_bpf() {
+        return;
+    }
+    let Shop {
+        db,
+        svc,
+        exes: _exes,
+        app,
+        policies,
+    } = Shop::new();
+    let shared = SharedPins::new();
+    let early = probe!()
+        .with_bin(&app)
+        .in_cgroup(svc.path())
+        .waiting("tcp-connect", &[db.addr()]);
+    let mut first = shared.start(&policies);
+    let mut forger = Forger::start_sharing_mm(svc.path(), &app, db.addr());
+    assert_eq!(forger.proc_exe, real(&app), "the forgery shows in /proc");
+    let denied = (i64::from(libc::EPERM), -i64::from(libc::EPERM));
+    assert_eq!(
+        forger.connect(),
+        denied,
+        "the first agent: its child and itself"
+    );
+    assert!(first.stop().success(), "{}", first.log());
+
+    let second = shared.start(&policies);
+    assert_eq!(
+        forger.connect(),
+        denied,
+        "the second agent: its child and itself"
+    );
+    assert!(
+        second
+            .log()
+            .contains("carried over from the previous agent"),
+        "{}",
+        second.log()
+    );
+    early
+        .go()
+        .assert_ok("the app, started before the first agent");
+    probe!()
+        .with_bin(&app)
+        .in_cgroup(svc.path())
+        .tcp_connect(db.addr())
+        .assert_ok("the app, started after the restart");
 }
 
 /// How long a reload may take from the file's change to its outcome.

@@ -244,6 +244,9 @@ fn pin_maps(config: &Config, enforcer: &mut Enforcer) -> Result<(PinRoot, PathBu
     let pins = PinRoot(config.pin_dir.clone());
     pins.prepare().map_err(|e| anyhow!(e))?;
     pins::clean_leftovers(&pins);
+    if pins.current().exists() {
+        enforcer.take_over_from(pins.current());
+    }
     let staging = pins.staging();
     enforcer.pin_maps(&staging)?;
     Ok((pins, staging))

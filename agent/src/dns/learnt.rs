@@ -176,7 +176,8 @@ pub struct LearntCache {
     seq: u64,
     /// Entries held in all (sum of the `names` lists).
     total: usize,
-    evictions: u64,
+    /// Addresses evicted because a name held too many, by service.
+    evictions: HashMap<ServiceId, u64>,
     expirations: u64,
 }
 
@@ -281,7 +282,7 @@ impl LearntCache {
         };
         let gone = held.remove(i);
         self.total -= 1;
-        self.evictions += 1;
+        *self.evictions.entry(service).or_default() += 1;
         Ok(self.release(sink, service, name, gone.addr)?)
     }
 
@@ -434,7 +435,13 @@ impl LearntCache {
     /// Addresses evicted because a name held too many.
     #[must_use]
     pub fn evictions(&self) -> u64 {
-        self.evictions
+        self.evictions.values().sum()
+    }
+
+    /// The same, by service (services with none left out).
+    #[must_use]
+    pub fn evictions_by_service(&self) -> HashMap<ServiceId, u64> {
+        self.evictions.clone()
     }
 
     /// Addresses dropped by [`Self::sweep`] because they expired.

@@ -127,8 +127,10 @@ pub struct ProxyStats {
     pub trimmed_answers: AtomicU64,
     /// Address records taken out of answers that way.
     pub trimmed_addresses: AtomicU64,
-    /// Of `learn_failures`: the learnt set held `max_total` entries.
-    pub learn_full: AtomicU64,
+    /// Of `learn_failures`: the learnt set held `max_total` entries, by
+    /// the service whose address was not learnt (bounded: services with
+    /// name rules).
+    learn_full: Mutex<BTreeMap<ServiceId, u64>>,
     /// Each query's outcome, by the service it was routed to (`None`:
     /// none known: no route, or dropped or malformed before routing). The
     /// keys are bounded: services with name rules, times [`Outcome`]s.
@@ -163,7 +165,7 @@ impl Default for ProxyStats {
             overload_drops: AtomicU64::default(),
             trimmed_answers: AtomicU64::default(),
             trimmed_addresses: AtomicU64::default(),
-            learn_full: AtomicU64::default(),
+            learn_full: Mutex::default(),
             lookups: Mutex::default(),
             added_seconds: Histogram::new(ADDED_BUCKETS),
         }
@@ -178,6 +180,24 @@ impl ProxyStats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry((service, outcome))
             .or_default() += 1;
+    }
+
+    fn full(&self, service: ServiceId) {
+        *self
+            .learn_full
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(service)
+            .or_default() += 1;
+    }
+
+    /// Addresses not learnt because the learnt set was full, by service.
+    #[must_use]
+    pub fn full_by_service(&self) -> BTreeMap<ServiceId, u64> {
+        self.learn_full
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Queries by (service, outcome), every pair seen so far.
@@ -701,7 +721,7 @@ fn learn_from<S: LearntSink>(
                 tracing::warn!(service = route.service, addr = %found.addr, error = %e, "dns proxy: address not learnt");
                 bump(&stats.learn_failures);
                 if matches!(e, super::learnt::LearnError::Full(_)) {
-                    bump(&stats.learn_full);
+                    stats.full(route.service);
                 }
             }
         }

@@ -106,10 +106,12 @@ pub struct Observed {
     /// Distinct addresses learnt now, by service (every service with name
     /// rules, 0 included).
     pub learnt: Vec<(Arc<str>, u64)>,
-    /// Addresses evicted because one (service, name) held `max_per_name`.
-    pub evicted_per_name: u64,
-    /// Addresses not learnt because `max_learnt` were held.
-    pub refused_full: u64,
+    /// Addresses evicted because one (service, name) held `max_per_name`,
+    /// by service (every service with name rules, 0 included).
+    pub evicted_per_name: Vec<(Arc<str>, u64)>,
+    /// Addresses not learnt because `max_learnt` were held, by service
+    /// (the same services).
+    pub refused_full: Vec<(Arc<str>, u64)>,
     /// Addresses not learnt because the kernel map refused the write.
     pub map_errors: u64,
     /// Addresses dropped by the sweep because they expired.
@@ -318,39 +320,52 @@ impl Dns {
             .into_iter()
             .map(|(service, outcome, n)| (label(service), outcome, n))
             .collect();
-        let (by_service, evicted_per_name, expired) = proxy.with_learnt(|cache, _| {
+        let (by_service, evictions, expired) = proxy.with_learnt(|cache, _| {
             (
                 cache.addresses_by_service(),
-                cache.evictions(),
+                cache.evictions_by_service(),
                 cache.expirations(),
             )
         });
-        let mut learnt: Vec<(Arc<str>, u64)> = self
+        let with_rules: Vec<ServiceId> = self
             .rules
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .keys()
-            .map(|k| (label(Some(*k)), 0))
+            .copied()
             .collect();
-        for (key, n) in by_service {
-            let n = u64::try_from(n).unwrap_or(u64::MAX);
-            let name = label(Some(key));
-            match learnt.iter_mut().find(|(l, _)| *l == name) {
-                Some(entry) => entry.1 = n,
-                None => learnt.push((name, n)),
+        // Every service with name rules (0 included), and any other that
+        // has a count (its rules since gone).
+        let per_service = |counts: Vec<(ServiceId, u64)>| -> Vec<(Arc<str>, u64)> {
+            let mut out: Vec<(Arc<str>, u64)> =
+                with_rules.iter().map(|k| (label(Some(*k)), 0)).collect();
+            for (key, n) in counts {
+                let name = label(Some(key));
+                match out.iter_mut().find(|(l, _)| *l == name) {
+                    Some(entry) => entry.1 = n,
+                    None => out.push((name, n)),
+                }
             }
-        }
-        learnt.sort();
-        let full = stats.learn_full.load(Ordering::Relaxed);
+            out.sort();
+            out
+        };
+        let learnt = per_service(
+            by_service
+                .into_iter()
+                .map(|(k, n)| (k, u64::try_from(n).unwrap_or(u64::MAX)))
+                .collect(),
+        );
+        let full = stats.full_by_service();
+        let full_total: u64 = full.values().sum();
         Some(Observed {
             lookups,
             learnt,
-            evicted_per_name,
-            refused_full: full,
+            evicted_per_name: per_service(evictions.into_iter().collect()),
+            refused_full: per_service(full.into_iter().collect()),
             map_errors: stats
                 .learn_failures
                 .load(Ordering::Relaxed)
-                .saturating_sub(full),
+                .saturating_sub(full_total),
             expired,
             added_seconds: stats.added_seconds.clone(),
         })

@@ -3,7 +3,7 @@
 
 use std::{
     fs::{self, File},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use agent_common::{globals, maps as names, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES};
@@ -209,6 +209,9 @@ pub struct Enforcer {
     /// What the start's process scan found, until the naming stage takes
     /// it (see [`Enforcer::take_scanned`]).
     scanned: Vec<crate::process::scan::Found>,
+    /// The previous agent's pins (a take-over): its table of executables
+    /// is carried over instead of scanning `/proc` (see `process_table`).
+    previous_pins: Option<PathBuf>,
 }
 
 impl Enforcer {
@@ -258,6 +261,7 @@ impl Enforcer {
             followed: std::collections::HashSet::new(),
             exe_files: super::executables::HeldFiles::default(),
             scanned: Vec::new(),
+            previous_pins: None,
         })
     }
 
@@ -602,10 +606,34 @@ impl Enforcer {
         )
     }
 
+    /// A take-over: `dir` holds the previous agent's pins, whose table of
+    /// executables the attach carries over (and whose exec names come
+    /// now, before the naming stage takes the map).
+    pub fn take_over_from(&mut self, dir: PathBuf) {
+        super::process_table::carry_names(&mut self.ebpf, &dir);
+        self.previous_pins = Some(dir);
+    }
+
     /// Writes the executable of every process already running into
     /// PROCESSES (the tracepoints, attached just before, keep every later
-    /// one; an entry they wrote meanwhile is newer and stays).
+    /// one; an entry they wrote meanwhile is newer and stays): carried over
+    /// from the previous agent, else read from `/proc`.
     fn scan_processes(&mut self) {
+        if let Some(previous) = self.previous_pins.take() {
+            match super::process_table::carry_over(&mut self.ebpf, &previous) {
+                Some(carried) => {
+                    tracing::info!(
+                        processes = carried,
+                        "executables of the processes already running carried over from the previous agent"
+                    );
+                    return;
+                }
+                None => tracing::warn!(
+                    pins = %previous.display(),
+                    "cannot read the previous agent's table of executables: reading /proc instead, which a process can forge (docs/threat-model.md, row 70)"
+                ),
+            }
+        }
         let found = crate::process::scan::processes(Path::new("/proc"));
         let map = super::map_access::map_mut::<
             aya::maps::HashMap<&mut aya::maps::MapData, u32, agent_common::ExeId>,

@@ -15,6 +15,7 @@ mod map_access;
 mod maps;
 pub mod pins;
 pub mod preflight;
+mod process_table;
 mod quiesce;
 mod raw_link;
 pub mod udp_peers;

@@ -864,7 +864,7 @@ mod tests {
 
     /// The DNS proxy's series: lookups by service and result (an unknown
     /// client under the empty service), learnt addresses by service,
-    /// evictions by reason, the added-latency histogram; none without a
+    /// evictions by service and reason, the added-latency histogram; none without a
     /// proxy.
     #[test]
     fn dns_lookups_by_service_and_result_learnt_evictions_and_added_latency() {
@@ -880,8 +880,10 @@ mod tests {
             r#"bulkhead_dns_lookups_total{service="",result="refused"} 2"#,
             r#"bulkhead_dns_learnt_addresses{service="billing"} 2"#,
             r#"bulkhead_dns_learnt_addresses{service="search"} 0"#,
-            r#"bulkhead_dns_learnt_evictions_total{reason="per_name_cap"} 4"#,
-            r#"bulkhead_dns_learnt_evictions_total{reason="full"} 1"#,
+            r#"bulkhead_dns_learnt_evictions_total{service="billing",reason="per_name_cap"} 4"#,
+            r#"bulkhead_dns_learnt_evictions_total{service="search",reason="per_name_cap"} 0"#,
+            r#"bulkhead_dns_learnt_evictions_total{service="billing",reason="full"} 0"#,
+            r#"bulkhead_dns_learnt_evictions_total{service="search",reason="full"} 1"#,
             "bulkhead_dns_learnt_expired_total 5",
             "bulkhead_dns_learn_errors_total 6",
             "bulkhead_dns_proxy_added_seconds_count 2",

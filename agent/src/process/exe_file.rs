@@ -139,7 +139,15 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, ExeFile), String> {
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", real.display()));
     }
-    let file = ExeFile::of(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    // Opened, not only stat'ed: the agent holds the file open while a rule
+    // names it, and reads its inode generation from it (a file it cannot
+    // open could have its inode number reused unnoticed).
+    let (file, _) = ExeFile::open(&real).map_err(|e| {
+        format!(
+            "{}: cannot open it ({e}); the agent opens each file an `exe` rule names (it has no CAP_DAC_OVERRIDE): make it readable by its owner root, or by others",
+            real.display()
+        )
+    })?;
     Ok((real, file))
 }
 

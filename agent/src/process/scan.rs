@@ -1,11 +1,12 @@
 //! The processes that were running before the agent: their executables,
-//! read once at start from `/proc/PID/exe` (the same file the kernel's
-//! `mm->exe_file` is). The tracepoints, attached first, keep every later
-//! exec and fork; entries they wrote win over the scan's (the agent writes
-//! with BPF_NOEXIST), so a process that exec'd meanwhile keeps its new
-//! identity. The path each link names is kept too (`EXE_NAMES`, as an
-//! exec would have): the process may be gone when its decisions are
-//! named.
+//! read once at a cold start from `/proc/PID/exe` (the same file the
+//! kernel's `mm->exe_file` is; a restart carries the previous agent's table
+//! over instead, see `kernel::process_table`). The tracepoints, attached
+//! first, keep every later exec and fork; entries they wrote win over the
+//! scan's (the agent writes with BPF_NOEXIST), so a process that exec'd
+//! meanwhile keeps its new identity. The path each link names is kept too
+//! (`EXE_NAMES`, as an exec would have): the process may be gone when its
+//! decisions are named.
 
 use std::path::{Path, PathBuf};
 
