@@ -187,6 +187,31 @@ fn services_never_share_what_they_learn() {
 }
 
 #[test]
+fn evictions_are_counted_by_the_service_whose_address_went() {
+    let mut c = cache(60, 2);
+    let mut map = MemoryMap::new();
+    let n = name("many.example.com");
+    for (service, count) in [(1, 5u8), (2, 3)] {
+        for i in 1..=count {
+            c.learn(
+                &mut map,
+                service,
+                &n,
+                answered(IpAddr::from([198, 51, 100, i]), 60, 1),
+                u64::from(i),
+            )
+            .expect("learn");
+        }
+    }
+    assert_eq!(
+        c.evictions_by_service(),
+        HashMap::from([(1, 3), (2, 1)]),
+        "5 and 3 addresses through a cap of 2"
+    );
+    assert_eq!(c.evictions(), 4);
+}
+
+#[test]
 fn an_address_two_names_hold_stays_until_the_last_lets_go() {
     let mut c = cache(1, 1);
     let mut map = MemoryMap::new();

@@ -39,12 +39,14 @@ pub fn processes(proc_root: &Path) -> Vec<Found> {
     dir.filter_map(Result::ok)
         .filter_map(|entry| {
             let tgid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            if std::fs::read_link(entry.path().join("ns/user")).ok()? != init_userns {
-                return None;
-            }
             let link = entry.path().join("exe");
             let exe = ExeFile::of(&link).ok()?;
             let path = std::fs::read_link(&link).ok()?;
+            // After the link: a process that forged it had entered its
+            // own user namespace before, and cannot leave it.
+            if std::fs::read_link(entry.path().join("ns/user")).ok()? != init_userns {
+                return None;
+            }
             Some(Found { tgid, exe, path })
         })
         .collect()
