@@ -97,16 +97,21 @@ impl Executables {
         exes
     }
 
+    /// A new empty file `name` here: its path and inode number.
+    fn empty_file(&self, name: &str) -> (PathBuf, u64) {
+        let file = self.dir.path().join(name);
+        fs::write(&file, b"").unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
+        let ino = fs::metadata(&file)
+            .unwrap_or_else(|e| panic!("cannot stat {}: {e}", file.display()))
+            .ino();
+        (file, ino)
+    }
+
     /// Makes 64 new (empty) files here, and panics if one gets inode
     /// number `ino`: the file that had it is still allocated.
     pub fn files_not_reusing(&self, ino: u64) {
         for i in 0..64 {
-            let copy = self.dir.path().join(format!("avoids-{ino}-{i}"));
-            fs::write(&copy, b"")
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", copy.display()));
-            let got = fs::metadata(&copy)
-                .unwrap_or_else(|e| panic!("cannot stat {}: {e}", copy.display()))
-                .ino();
+            let (copy, got) = self.empty_file(&format!("avoids-{ino}-{i}"));
             assert_ne!(
                 got,
                 ino,
@@ -123,12 +128,7 @@ impl Executables {
     #[must_use]
     pub fn reusing_inode(&self, ino: u64, bin: &Path) -> PathBuf {
         for i in 0..64 {
-            let file = self.dir.path().join(format!("reuses-{ino}-{i}"));
-            fs::write(&file, b"")
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
-            let got = fs::metadata(&file)
-                .unwrap_or_else(|e| panic!("cannot stat {}: {e}", file.display()))
-                .ino();
+            let (_, got) = self.empty_file(&format!("reuses-{ino}-{i}"));
             if got == ino {
                 // Into the same inode (fs::copy truncates, not replaces).
                 let copy = self.copy(bin, &format!("reuses-{ino}-{i}"));
