@@ -23,11 +23,12 @@ use std::{
 use tracing::error;
 
 /// The state files counted in the metric, each shown even at zero.
-pub const FILES: [&str; 4] = [
+pub const FILES: [&str; 5] = [
     "quarantine.json",
     "anomaly.json",
     "graph.json",
     "names.json",
+    "dns-learnt.json",
 ];
 
 /// State files are small; anything larger is damage (or an attack on memory).

@@ -49,6 +49,7 @@ pub mod resolving;
 pub mod server;
 pub mod serving;
 pub mod socket_activation;
+pub mod state_files;
 pub mod sysctl;
 
 pub use bpf::ProgSnapshot;

@@ -25,8 +25,9 @@ use integration_tests::{
     probe,
     process::scaled,
     prometheus::Scrape,
-    require_bpf, service_policy, CgroupGuard, Daemon, DnsServer, Egress, HeldSockets, Listener,
-    PolicyDir, Probe, Proto,
+    require_bpf, service_policy,
+    state_files::assert_handled,
+    CgroupGuard, Daemon, DnsServer, Egress, HeldSockets, Listener, PolicyDir, Probe, Proto,
 };
 use serde_json::Value;
 
@@ -200,6 +201,59 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
             .contains("learnt addresses of name rules carried over"),
         "the second agent says it carried them over:\n{}",
         second.log()
+    );
+    // The second agent's cache holds what the first saved: the address's
+    // name is on the decision (the one made while no agent ran is read
+    // back before the cache is, and goes unnamed), and the address is
+    // counted as learnt.
+    let _ = wait_event(&second, "the connect under the second agent, named", |ev| {
+        ev["type"] == "verdict"
+            && ev["verdict"] == "allow"
+            && ev["dst_ip"] == w.api.addr().ip().to_string()
+            && ev["dst_name"] == "api.example.test"
+    });
+    let scrape = Scrape::get(metrics_addr(&second));
+    assert_eq!(
+        scrape.count("bulkhead_dns_learnt_addresses", &[("service", "svc")]),
+        1,
+        "{}",
+        scrape.text()
+    );
+    assert!(
+        second.log().contains("restored=1"),
+        "the second agent restored the saved entry:\n{}",
+        second.log()
+    );
+}
+
+/// A damaged `dns-learnt.json` changes nothing the kernel enforces: the
+/// next agent sets it aside (logged, counted) and the address the pinned
+/// map carried over still connects, unnamed.
+#[test]
+fn a_damaged_saved_cache_is_set_aside_and_what_was_learnt_stays_allowed() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(9, &[]);
+    let shared = SharedPins::new();
+    let mut first = shared.start(&w.policies);
+    w.look_up("api.example.test", &[], "127.0.69.1");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+
+    let state = shared.state_dir();
+    let garbage = b"{\"boot_id\": \"x\", \"entries\": [{\"service\": 1";
+    std::fs::write(state.join("dns-learnt.json"), garbage).expect("damage dns-learnt.json");
+    let second = shared.start(&w.policies);
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("learnt under the first agent, its saved cache damaged");
+    assert_handled(&second, &state, "dns-learnt.json", garbage);
+    let scrape = Scrape::get(metrics_addr(&second));
+    assert_eq!(
+        scrape.count("bulkhead_dns_learnt_addresses", &[("service", "svc")]),
+        0,
+        "nothing restored from the damaged file: {}",
+        scrape.text()
     );
 }
 

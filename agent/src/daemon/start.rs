@@ -509,7 +509,11 @@ fn prepare_dns(
     enforcer: &mut Enforcer,
 ) -> Result<Arc<crate::dns::serve::Dns>> {
     let maps = crate::kernel::dns_maps::take(enforcer.ebpf_mut())?;
-    let dns = Arc::new(crate::dns::serve::Dns::new(&config.dns, maps)?);
+    let dns = Arc::new(crate::dns::serve::Dns::new(
+        &config.dns,
+        &config.state_dir,
+        maps,
+    )?);
     dns.prepare(set, &PinRoot(config.pin_dir.clone()).current())?;
     Ok(dns)
 }

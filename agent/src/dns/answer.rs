@@ -53,6 +53,36 @@ impl DnsName {
             .map(Self)
     }
 
+    /// A name as [`fmt::Display`] writes it (`\DDD` escapes included),
+    /// read back from a state file; `None` if it is not that form.
+    #[must_use]
+    pub fn from_presentation(text: &str) -> Option<Self> {
+        if text == "." {
+            return Some(Self(Vec::new()));
+        }
+        text.split('.')
+            .map(|label| {
+                let mut out = Vec::with_capacity(label.len());
+                let mut bytes = label.bytes();
+                while let Some(b) = bytes.next() {
+                    if b == b'\\' {
+                        let digits: Vec<u8> = bytes.by_ref().take(3).collect();
+                        if digits.len() != 3 || !digits.iter().all(u8::is_ascii_digit) {
+                            return None;
+                        }
+                        out.push(std::str::from_utf8(&digits).ok()?.parse::<u8>().ok()?);
+                    } else {
+                        out.push(b.to_ascii_lowercase());
+                    }
+                }
+                (1..=63)
+                    .contains(&out.len())
+                    .then(|| out.into_boxed_slice())
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Self)
+    }
+
     fn from_parsed<O: AsRef<[u8]>>(name: &ParsedName<O>) -> Self {
         Self(
             name.iter()

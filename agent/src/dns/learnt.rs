@@ -179,6 +179,20 @@ pub struct LearntCache {
     /// Addresses evicted because a name held too many, by service.
     evictions: HashMap<ServiceId, u64>,
     expirations: u64,
+    /// Bumped by every change of what is held: a save can tell whether
+    /// there is anything new to write.
+    changes: u64,
+}
+
+/// One (service, name, address) entry, as saved for the next agent
+/// (`dns::saved`) and restored by [`LearntCache::restore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub service: ServiceId,
+    pub name: DnsName,
+    pub addr: IpAddr,
+    pub expires: Nanos,
+    pub rules: RuleBits,
 }
 
 impl LearntCache {
@@ -233,6 +247,7 @@ impl LearntCache {
         let expires = now.saturating_add(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX));
         let (held_until, held_rules) = self.held(service, addr).unwrap_or((0, 0));
         sink.allow(service, addr, expires.max(held_until), rules | held_rules)?;
+        self.changes += 1;
         self.seq += 1;
         let seq = self.seq;
         let held = self.names.entry(key).or_default();
@@ -281,6 +296,7 @@ impl LearntCache {
             return Ok(());
         };
         let gone = held.remove(i);
+        self.changes += 1;
         self.total -= 1;
         *self.evictions.entry(service).or_default() += 1;
         Ok(self.release(sink, service, name, gone.addr)?)
@@ -344,6 +360,7 @@ impl LearntCache {
         }
         self.names.retain(|_, held| !held.is_empty());
         let count = expired.len();
+        self.changes += count as u64;
         self.total -= count;
         self.expirations += count as u64;
         for (service, name, addr) in expired {
@@ -377,6 +394,7 @@ impl LearntCache {
             }
         }
         self.total -= gone;
+        self.changes += gone as u64;
         let addrs: Vec<IpAddr> = self
             .holders
             .keys()
@@ -391,6 +409,92 @@ impl LearntCache {
             }
         }
         first_error.map_or(Ok(gone), Err)
+    }
+
+    /// How many changes the held entries have had: equal numbers, same
+    /// entries.
+    #[must_use]
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Every entry held, oldest learnt first (the order
+    /// [`Self::restore`] keeps, so evictions go on in the same order).
+    #[must_use]
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut all: Vec<(u64, Entry)> = self
+            .names
+            .iter()
+            .flat_map(|((service, name), held)| {
+                held.iter().map(|h| {
+                    (
+                        h.seq,
+                        Entry {
+                            service: *service,
+                            name: name.clone(),
+                            addr: h.addr,
+                            expires: h.expires,
+                            rules: h.rules,
+                        },
+                    )
+                })
+            })
+            .collect();
+        all.sort_by_key(|(seq, _)| *seq);
+        all.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// Takes back what a previous agent held (its saved `entries`, oldest
+    /// first), for the names and caps of what the kernel map still holds:
+    /// an entry is restored only while `kernel` (the map's expiry and rule
+    /// bits for a service and address) has it, never for longer nor by
+    /// more rules than the map says, and only for a service `keep`s (one
+    /// whose name rules are those the entry was learnt by). The limits
+    /// apply as to a lookup, except that nothing is evicted: what does
+    /// not fit stays in the map, unknown to the cache, until it expires.
+    /// Nothing is written to a sink: the map already holds it all.
+    /// Returns how many entries were restored.
+    pub fn restore(
+        &mut self,
+        entries: Vec<Entry>,
+        kernel: impl Fn(ServiceId, IpAddr) -> Option<(Nanos, RuleBits)>,
+        keep: impl Fn(ServiceId) -> bool,
+        now: Nanos,
+    ) -> usize {
+        let mut restored = 0;
+        for entry in entries {
+            let Some((until, map_rules)) = kernel(entry.service, entry.addr) else {
+                continue;
+            };
+            let expires = entry.expires.min(until);
+            let rules = entry.rules & map_rules;
+            if expires <= now || rules == 0 || !keep(entry.service) {
+                continue;
+            }
+            let key = (entry.service, entry.name.clone());
+            let held = self.names.get(&key).map_or(&[][..], Vec::as_slice);
+            if held.iter().any(|h| h.addr == entry.addr)
+                || same_family(held, entry.addr) >= self.limits.max_per_name
+                || self.total >= self.limits.max_total
+            {
+                continue;
+            }
+            self.seq += 1;
+            self.names.entry(key).or_default().push(Held {
+                addr: entry.addr,
+                expires,
+                rules,
+                seq: self.seq,
+            });
+            self.holders
+                .entry((entry.service, entry.addr))
+                .or_default()
+                .push(entry.name);
+            self.total += 1;
+            restored += 1;
+        }
+        self.changes += restored as u64;
+        restored
     }
 
     /// The addresses (service, name) holds, oldest first.

@@ -465,3 +465,116 @@ fn an_address_is_named_by_the_name_that_taught_it_last_and_only_for_its_service(
     assert_eq!(c.name_of(1, a), None, "expired: no name");
     assert!(c.addresses_by_service().is_empty());
 }
+
+/// A previous agent's cache, learnt into `map` (what the pinned map would
+/// carry over), and its saved entries.
+fn previous(
+    limits_per_name: usize,
+    learnt: &[(ServiceId, &str, &str, u32)],
+) -> (MemoryMap, Vec<Entry>) {
+    let mut old = cache(1, limits_per_name);
+    let mut map = MemoryMap::new();
+    for (service, n, addr, ttl) in learnt {
+        old.learn(&mut map, *service, &name(n), answered(ip(addr), *ttl, 1), 0)
+            .expect("learn");
+    }
+    (map, old.entries())
+}
+
+#[test]
+fn a_restore_takes_back_only_what_the_map_still_holds_and_never_for_longer() {
+    let (mut map, saved) = previous(
+        8,
+        &[
+            (1, "api.example.com", "198.51.100.1", 100),
+            (1, "api.example.com", "198.51.100.2", 100),
+            (1, "cdn.example.com", "198.51.100.1", 300),
+            (2, "db.example.com", "198.51.100.9", 100),
+            (1, "old.example.com", "198.51.100.3", 5),
+        ],
+    );
+    // Since the save: one address revoked, one shortened by the map.
+    map.remove(&(1, ip("198.51.100.2")));
+    map.insert((1, ip("198.51.100.1")), 50 * SEC);
+    let mut c = cache(1, 8);
+    let restored = c.restore(
+        saved,
+        |s, a| map.get(&(s, a)).map(|until| (*until, 1)),
+        |s| s == 1,
+        10 * SEC,
+    );
+    // api/.1 and cdn/.1 (both capped at the map's 50 s); not .2 (gone
+    // from the map), not service 2 (not kept), not .3 (expired at 10 s).
+    assert_eq!(restored, 2);
+    assert_eq!(c.len(), 2);
+    assert_eq!(c.sink_entries(), 1);
+    assert_eq!(
+        c.addresses(1, &name("api.example.com")),
+        vec![ip("198.51.100.1")]
+    );
+    assert_eq!(c.held_until(1, ip("198.51.100.1")), Some(50 * SEC));
+    // The name that taught it last is the one events name.
+    assert_eq!(
+        c.name_of(1, ip("198.51.100.1")),
+        Some(&name("cdn.example.com"))
+    );
+    assert_eq!(c.name_of(2, ip("198.51.100.9")), None);
+    assert!(c.changes() > 0);
+}
+
+#[test]
+fn a_restored_name_keeps_its_cap_and_evicts_its_oldest_first() {
+    let (mut map, saved) = previous(
+        3,
+        &[
+            (1, "api.example.com", "198.51.100.1", 100),
+            (1, "api.example.com", "198.51.100.2", 100),
+            (1, "api.example.com", "198.51.100.3", 100),
+        ],
+    );
+    // The new agent runs with a cap of 2: the two oldest come back, the
+    // third stays in the map unknown (swept once expired).
+    let mut c = cache(1, 2);
+    let restored = c.restore(
+        saved,
+        |s, a| map.get(&(s, a)).map(|until| (*until, 1)),
+        |_| true,
+        SEC,
+    );
+    assert_eq!(restored, 2);
+    let n = name("api.example.com");
+    assert_eq!(
+        c.addresses(1, &n),
+        vec![ip("198.51.100.1"), ip("198.51.100.2")]
+    );
+    // A new address evicts the oldest restored one, from the map too.
+    c.learn(
+        &mut map,
+        1,
+        &n,
+        answered(ip("198.51.100.4"), 100, 1),
+        2 * SEC,
+    )
+    .expect("learn");
+    assert_eq!(
+        c.addresses(1, &n),
+        vec![ip("198.51.100.2"), ip("198.51.100.4")]
+    );
+    assert!(!map.contains_key(&(1, ip("198.51.100.1"))));
+    assert_eq!(c.evictions(), 1);
+}
+
+#[test]
+fn a_restore_never_claims_rules_the_map_does_not_give() {
+    let (map, saved) = previous(8, &[(1, "api.example.com", "198.51.100.1", 100)]);
+    let mut c = cache(1, 8);
+    // The map's bits for the address are another rule's (bit 1, not 0).
+    let restored = c.restore(
+        saved,
+        |s, a| map.get(&(s, a)).map(|until| (*until, 0b10)),
+        |_| true,
+        SEC,
+    );
+    assert_eq!(restored, 0);
+    assert!(c.is_empty());
+}

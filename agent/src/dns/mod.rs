@@ -12,6 +12,7 @@
 //!   service manager (they then outlive the agent)
 //! - `proxy`: the loopback DNS proxy that forwards a service's queries to
 //!   its own resolver and learns from the answers before passing them on
+//! - `saved`: the learnt cache's entries saved for the next agent
 //! - `serve`: the proxy in the daemon, wired to the kernel's maps
 //! - `host`: host set-ups whose lookups bypass the proxy (nss-resolve,
 //!   nscd), warned about when it starts
@@ -22,4 +23,5 @@ pub mod learnt;
 pub mod listen;
 pub mod name;
 pub mod proxy;
+pub mod saved;
 pub mod serve;

@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
@@ -33,6 +33,11 @@ use crate::{
 
 /// How often the proxy tells the kernel it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How often the learnt cache is saved for the next agent when it
+/// changed (and at stop): what a crash loses is at most this much of the
+/// names of what the pinned map carries over.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
 
 /// Each service's name rules, by its stable key: what a route carries.
 pub type NameRules = Arc<RwLock<HashMap<ServiceId, Arc<[Vec<NamePattern>]>>>>;
@@ -91,6 +96,8 @@ impl LearntSink for KernelSink {
 /// the kernel with a heartbeat each second.
 pub struct Dns {
     config: DnsConfig,
+    /// Where the learnt cache is saved (`dns::saved`).
+    state_dir: PathBuf,
     rules: NameRules,
     /// The service name of every key that ever had name rules (a metric's
     /// label; kept after the service goes so its counters keep their name).
@@ -143,11 +150,13 @@ struct Waiting {
 struct Running {
     proxy: Arc<Proxy<KernelSink>>,
     heartbeat: JoinHandle<()>,
+    saver: JoinHandle<()>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        self.saver.abort();
     }
 }
 
@@ -158,7 +167,7 @@ impl Dns {
     /// # Errors
     /// Sockets were passed but are not usable (docs/dns-names.md): the
     /// agent does not start half-listening.
-    pub fn new(config: &DnsConfig, maps: DnsMaps) -> Result<Self> {
+    pub fn new(config: &DnsConfig, state_dir: &Path, maps: DnsMaps) -> Result<Self> {
         let sockets = listen::passed().context("the DNS proxy's sockets")?;
         let passed = !sockets.is_empty();
         if passed {
@@ -174,6 +183,7 @@ impl Dns {
         }
         Ok(Self {
             config: config.clone(),
+            state_dir: state_dir.to_path_buf(),
             rules: NameRules::default(),
             labels: RwLock::default(),
             state: Mutex::new(State::Idle(Box::new(Waiting {
@@ -294,6 +304,9 @@ impl Dns {
             let within = Duration::from_millis(u64::from(self.config.upstream_timeout_ms))
                 + Duration::from_millis(500);
             running.proxy.shutdown(within).await;
+            running.saver.abort();
+            let entries = running.proxy.with_learnt(|cache, _| cache.entries());
+            super::saved::save(&self.state_dir, &entries);
         }
     }
 
@@ -401,11 +414,12 @@ impl Dns {
             ..
         } = maps;
         let router = router(clients, Arc::clone(&self.rules));
-        let cache = LearntCache::new(LearntLimits {
+        let mut cache = LearntCache::new(LearntLimits {
             min_ttl: Duration::from_secs(u64::from(self.config.min_ttl_secs)),
             max_per_name: self.config.max_per_name as usize,
             max_total: self.config.max_learnt as usize,
         });
+        self.restore(&mut cache, &learnt);
         let proxy_config = ProxyConfig {
             upstream_timeout: Duration::from_millis(u64::from(self.config.upstream_timeout_ms)),
             ..ProxyConfig::default()
@@ -435,10 +449,61 @@ impl Dns {
                 }
             }
         });
+        let proxy = Arc::new(proxy);
+        let saver = tokio::spawn(save_changes(Arc::clone(&proxy), self.state_dir.clone()));
         Ok(Running {
-            proxy: Arc::new(proxy),
+            proxy,
             heartbeat,
+            saver,
         })
+    }
+
+    /// Gives `cache` back the names of what the map carried over, from
+    /// what the previous agent saved (see `dns::saved`).
+    fn restore(&self, cache: &mut LearntCache, map: &Learnt) {
+        let saved = super::saved::load(&self.state_dir);
+        if saved.is_empty() {
+            return;
+        }
+        let held: HashMap<(ServiceId, std::net::IpAddr), (Nanos, RuleBits)> = map
+            .entries()
+            .into_iter()
+            .map(|(service, addr, v)| ((service, addr), (v.expires_ns, v.rules)))
+            .collect();
+        let rules = self.rules.read().unwrap_or_else(PoisonError::into_inner);
+        let offered = saved.len();
+        let restored = cache.restore(
+            saved,
+            |service, addr| held.get(&(service, addr)).copied(),
+            |service| rules.contains_key(&service),
+            monotonic_now(),
+        );
+        info!(
+            restored,
+            offered,
+            "DNS names of the learnt addresses carried over restored from the previous agent"
+        );
+    }
+}
+
+/// Saves the learnt cache every [`SAVE_EVERY`] when it changed.
+async fn save_changes(proxy: Arc<Proxy<KernelSink>>, state_dir: PathBuf) {
+    let mut tick = tokio::time::interval(SAVE_EVERY);
+    let mut saved = None;
+    loop {
+        tick.tick().await;
+        let changes = proxy.with_learnt(|cache, _| cache.changes());
+        if saved == Some(changes) {
+            continue;
+        }
+        let entries = proxy.with_learnt(|cache, _| cache.entries());
+        let dir = state_dir.clone();
+        if tokio::task::spawn_blocking(move || super::saved::save(&dir, &entries))
+            .await
+            .is_ok()
+        {
+            saved = Some(changes);
+        }
     }
 }
 
