@@ -43,6 +43,24 @@ pub const NAME_RULESETS: u32 = 1 << MAX_NAME_RULES;
 /// refresh them): what was allowed stays allowed.
 pub const DNS_HEARTBEAT_GRACE_NS: u64 = 30_000_000_000;
 
+/// The mark the egress program puts on a query a service's redirected
+/// socket sends to the proxy (`skb->mark`, which the proxy reads with
+/// each datagram through `SO_RCVMARK`): a digest of the service's
+/// `name_key`, never 0 (0 is "no mark"). `DNS_CLIENTS` is keyed by the
+/// client's address and port; if a query waits in the proxy's socket
+/// while its client's port passes to another service's socket, whose
+/// query rewrites the entry, the mark says the waiting query is not that
+/// service's (docs/dns-names.md, "Who asked").
+#[must_use]
+pub const fn dns_mark(name_key: u64) -> u32 {
+    let folded = (name_key ^ (name_key >> 32)) as u32;
+    if folded == 0 {
+        1
+    } else {
+        folded
+    }
+}
+
 /// Key of LEARNT.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

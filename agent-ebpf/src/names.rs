@@ -19,8 +19,8 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, ServiceEntry, DNS_HEARTBEAT_GRACE_NS, FAMILY_V4,
-    FAMILY_V6, FLAG_NAMES, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
+    dns_mark, DnsClientKey, DnsOrigin, DnsProxy, LearntKey, ServiceEntry, DNS_HEARTBEAT_GRACE_NS,
+    FAMILY_V4, FAMILY_V6, FLAG_NAMES, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -347,6 +347,12 @@ pub fn note_client(ctx: &SkBuffContext) {
     match unsafe { DNS_ORIGINS.get(cookie) }.copied() {
         Some(origin) => {
             let _ = DNS_CLIENTS.insert(key, origin, 0);
+            // Who sent this very packet, for the proxy to check against
+            // the entry when it reads it (the entry may be rewritten by
+            // then; see `dns_mark`).
+            // SAFETY: the context's skb; `mark` is writable from
+            // cgroup_skb programs.
+            unsafe { (*ctx.skb.skb).mark = dns_mark(origin.name_key) };
         }
         None => {
             let _ = DNS_CLIENTS.remove(key);

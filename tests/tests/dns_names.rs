@@ -23,7 +23,7 @@ use integration_tests::{
     http::metrics_addr,
     pinned_map::pinned_map_len,
     probe,
-    process::scaled,
+    process::{scaled, signal},
     prometheus::Scrape,
     require_bpf, service_policy,
     state_files::assert_handled,
@@ -528,6 +528,87 @@ fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("nothing was learnt for the service");
+}
+
+/// A query waits in the proxy's socket (the agent stopped) while its
+/// client's port passes to another service's socket, whose own query
+/// rewrites what the kernel says of that port (DNS_CLIENTS). The waiting
+/// query must not be routed as the second service's: that one would then
+/// learn an address from a lookup it never made. The mark each query
+/// carries says who sent it; the waiting query is refused.
+#[test]
+fn a_waiting_query_whose_port_passed_to_another_service_is_not_routed_as_that_one() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(10, &[]);
+    let other = CgroupGuard::new();
+    // The other service's rules allow the same name: routed as it, the
+    // first service's lookup would teach it the address.
+    w.policies
+        .write("other.toml", &w.policy(&other, "api.example.test"));
+    let daemon = Daemon::start(&w.policies);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    let from = format!("127.0.0.1#{port}");
+    let pid = daemon.pid().expect("the agent runs");
+
+    assert!(signal(pid, libc::SIGSTOP), "stop the agent");
+    // Both give up unanswered (the proxy is stopped); their queries wait.
+    let first = dig_in(
+        w.svc.path(),
+        w.resolver(),
+        "api.example.test",
+        &["-b", &from, "+time=1"],
+    );
+    let second = dig_in(
+        other.path(),
+        w.resolver(),
+        "nothing.example.test",
+        &["-b", &from, "+time=1"],
+    );
+    assert!(signal(pid, libc::SIGCONT), "resume the agent");
+    assert!(dig_status(&first).is_none(), "{}", dig_text(&first));
+    assert!(dig_status(&second).is_none(), "{}", dig_text(&second));
+
+    // Both queries read: one refused (no service named), one routed.
+    let lookups = |scrape: &Scrape| -> u64 {
+        scrape
+            .series()
+            .iter()
+            .filter(|((name, _), _)| name == "bulkhead_dns_lookups_total")
+            .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
+            .sum()
+    };
+    let scrape = eventually(
+        scaled(Duration::from_secs(10)),
+        Duration::from_millis(100),
+        || {
+            let scrape = Scrape::get(metrics_addr(&daemon));
+            if lookups(&scrape) >= 2 {
+                Ok(scrape)
+            } else {
+                Err(scrape.text().to_owned())
+            }
+        },
+    )
+    .unwrap_or_else(|text| panic!("the proxy did not read both queries:\n{text}"));
+    assert_eq!(lookups(&scrape), 2, "{}", scrape.text());
+    probe!()
+        .in_cgroup(other.path())
+        .tcp_connect(w.api.addr())
+        .assert_eperm("the address of a name only the first service looked up");
+    assert_eq!(
+        scrape.count(
+            "bulkhead_dns_lookups_total",
+            &[("service", ""), ("result", "refused")]
+        ),
+        1,
+        "the waiting query refused: {}",
+        scrape.text()
+    );
 }
 
 /// After the service's own lookup and connect: the decision event names

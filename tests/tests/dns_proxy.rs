@@ -52,7 +52,7 @@ fn start_proxy(upstream: SocketAddr, patterns: &[&str], timeout: Duration) -> Ru
         .iter()
         .map(|p| NamePattern::parse(p).unwrap_or_else(|e| panic!("test bug: {p}: {e}")))
         .collect()]);
-    let router: Router = Arc::new(move |_transport, _client| {
+    let router: Router = Arc::new(move |_transport, _client, _mark| {
         Some(Route {
             service: SERVICE,
             upstream,
@@ -375,7 +375,11 @@ fn a_resolver_that_never_answers_gives_servfail_after_the_timeout() {
 #[test]
 fn a_client_of_no_known_service_is_refused() {
     let server = DnsServer::start(&hosts(), &[]);
-    let run = start_with_router("127.0.0.1:0", Arc::new(|_, _| None), Duration::from_secs(2));
+    let run = start_with_router(
+        "127.0.0.1:0",
+        Arc::new(|_, _, _| None),
+        Duration::from_secs(2),
+    );
     let _ = &server;
     let out = dig(run.proxy.addr(), "api.example.test", &[]);
     assert_eq!(
@@ -488,7 +492,7 @@ fn the_proxy_serves_on_ipv6_loopback_too() {
     let upstream = server.addr();
     let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = clients.clone();
-    let router: Router = Arc::new(move |_, client: SocketAddr| {
+    let router: Router = Arc::new(move |_, client: SocketAddr, _| {
         seen.lock().expect("client list").push(client);
         Some(Route {
             service: SERVICE,

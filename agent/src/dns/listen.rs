@@ -3,8 +3,7 @@
 //!
 //! Bound by the agent from `[dns] listen` and `listen6`, the sockets close
 //! with it: a lookup sent while the agent restarts is lost and the client
-//! retries (glibc after 5 s). Passed by the service manager instead
-//! X, they
+//! retries (glibc after 5 s). Passed by the service manager instead, they
 //! outlive the agent: such a lookup waits in the socket (the UDP receive
 //! queue, the TCP accept queue) and the next agent answers it.
 

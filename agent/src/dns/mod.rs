@@ -10,6 +10,7 @@
 //!   the agent's copy of the kernel's learnt-address map
 //! - `listen`: the proxy's sockets, bound by the agent or passed by the
 //!   service manager (they then outlive the agent)
+//! - `mark`: each UDP query's mark, which says which service sent it
 //! - `proxy`: the loopback DNS proxy that forwards a service's queries to
 //!   its own resolver and learns from the answers before passing them on
 //! - `saved`: the learnt cache's entries saved for the next agent
@@ -21,6 +22,7 @@ pub mod answer;
 pub mod host;
 pub mod learnt;
 pub mod listen;
+pub mod mark;
 pub mod name;
 pub mod proxy;
 pub mod saved;

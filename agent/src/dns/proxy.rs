@@ -66,9 +66,10 @@ pub struct Route {
 }
 
 /// Finds the [`Route`] of a client by the transport and address it asked
-/// from (what the kernel recorded on the way: `DNS_CLIENTS`). `None`: no
-/// service known, REFUSED.
-pub type Router = Arc<dyn Fn(Transport, SocketAddr) -> Option<Route> + Send + Sync>;
+/// from (what the kernel recorded on the way: `DNS_CLIENTS`), and for a
+/// UDP query the mark it came with (`dns::mark`; 0: none). `None`: no
+/// service known, or not the one that sent this query: REFUSED.
+pub type Router = Arc<dyn Fn(Transport, SocketAddr, Option<u32>) -> Option<Route> + Send + Sync>;
 
 /// The proxy's limits.
 #[derive(Debug, Clone, Copy)]
@@ -343,6 +344,7 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
         let mut listeners = Vec::new();
         for Listening { udp, tcp } in sockets {
             addrs.push(udp.local_addr()?);
+            super::mark::enable(&udp)?;
             udp.set_nonblocking(true)?;
             tcp.set_nonblocking(true)?;
             let (udp, tcp) = (UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?);
@@ -463,9 +465,9 @@ async fn serve_udp<S: LearntSink + Send + 'static>(
         let received = tokio::select! {
             biased;
             _ = stopped.wait_for(|stop| *stop) => break,
-            received = socket.recv_from(&mut buf) => received,
+            received = super::mark::recv_from(&socket, &mut buf) => received,
         };
-        let (len, client) = match received {
+        let (len, client, mark) = match received {
             Ok(got) => got,
             Err(e) => {
                 tracing::warn!(error = %e, "dns proxy: UDP receive failed");
@@ -484,7 +486,8 @@ async fn serve_udp<S: LearntSink + Send + 'static>(
         in_flight.spawn(async move {
             let _permit = permit;
             bump(&shared.stats.udp_queries);
-            if let Some(reply) = handle(&shared, client, &query, Transport::Udp, received).await {
+            let from = (client, Some(mark));
+            if let Some(reply) = handle(&shared, from, &query, Transport::Udp, received).await {
                 if let Err(e) = socket.send_to(&reply, client).await {
                     tracing::debug!(%client, error = %e, "dns proxy: UDP reply not sent");
                 }
@@ -557,7 +560,15 @@ async fn serve_tcp_client<S: LearntSink + Send + 'static>(
             Ok(got) => got?,
         };
         bump(&shared.stats.tcp_queries);
-        match handle(shared, client, &query, Transport::Tcp, Instant::now()).await {
+        match handle(
+            shared,
+            (client, None),
+            &query,
+            Transport::Tcp,
+            Instant::now(),
+        )
+        .await
+        {
             Some(reply) => write_framed(&mut stream, &reply).await?,
             None => return Ok(()),
         }
@@ -599,7 +610,7 @@ enum Upstream {
 /// less the resolver's round trip.
 async fn handle<S: LearntSink>(
     shared: &Shared<S>,
-    client: SocketAddr,
+    (client, mark): (SocketAddr, Option<u32>),
     query: &[u8],
     transport: Transport,
     received: Instant,
@@ -615,12 +626,12 @@ async fn handle<S: LearntSink>(
         Err(_) => {
             bump(&stats.malformed_queries);
             // Who sent it, if known, for the metric only.
-            let service = (shared.router)(transport, client).map(|r| r.service);
+            let service = (shared.router)(transport, client, mark).map(|r| r.service);
             stats.lookup(service, Outcome::Formerr);
             return error_reply(query, Rcode::FORMERR);
         }
     }
-    let Some(route) = (shared.router)(transport, client) else {
+    let Some(route) = (shared.router)(transport, client, mark) else {
         bump(&stats.unknown_clients);
         stats.lookup(None, Outcome::Refused);
         return error_reply(query, Rcode::REFUSED);

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{DnsOrigin, PROTO_TCP, PROTO_UDP};
+use agent_common::{dns_mark, DnsOrigin, PROTO_TCP, PROTO_UDP};
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -549,12 +549,19 @@ impl Waiting {
 /// A query's route: the service and resolver the kernel recorded for its
 /// sender, with that service's name rules now.
 fn router(clients: DnsClients, rules: NameRules) -> Router {
-    Arc::new(move |transport, client| {
+    Arc::new(move |transport, client, mark| {
         let protocol = match transport {
             Transport::Udp => PROTO_UDP,
             Transport::Tcp => PROTO_TCP,
         };
         let origin: DnsOrigin = clients.get(protocol, client)?;
+        // The entry is the last query's from this address and port; a UDP
+        // query that waited may be another service's, whose socket had
+        // the port before (its mark says which).
+        if mark.is_some_and(|mark| mark != dns_mark(origin.name_key)) {
+            tracing::debug!(%client, "dns proxy: a query's mark is not its client entry's service: refused");
+            return None;
+        }
         let service_rules = rules
             .read()
             .unwrap_or_else(PoisonError::into_inner)
