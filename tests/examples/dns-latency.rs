@@ -45,7 +45,7 @@ fn main() {
     let upstream = server.addr();
     let rules: Arc<[Vec<NamePattern>]> =
         Arc::new([vec![NamePattern::parse(NAME).expect("pattern")]]);
-    let router: Router = Arc::new(move |_, _| {
+    let router: Router = Arc::new(move |_, _, _| {
         Some(Route {
             service: 1,
             upstream,

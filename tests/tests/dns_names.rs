@@ -532,7 +532,7 @@ fn a_query_sent_to_the_proxy_directly_is_refused_and_teaches_nothing() {
 
 /// A query waits in the proxy's socket (the agent stopped) while its
 /// client's port passes to another service's socket, whose own query
-/// rewrites what the kernel says of that port (DNS_CLIENTS). The waiting
+/// rewrites what the kernel says of that port (`DNS_CLIENTS`). The waiting
 /// query must not be routed as the second service's: that one would then
 /// learn an address from a lookup it never made. The mark each query
 /// carries says who sent it; the waiting query is refused.
