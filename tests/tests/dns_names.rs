@@ -705,6 +705,60 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
     assert_learn_proposes_the_name(&daemon, api);
 }
 
+/// A service in audit mode with no name rules, `observe_lookups = true`:
+/// its lookups go through the proxy, which learns nothing (the service
+/// has no rule a name could widen) but notes which name each address
+/// came from, so that its decisions carry `dst_name` and `bulkhead learn`
+/// proposes the name from scratch, not its address.
+#[test]
+fn observed_lookups_of_a_service_without_name_rules_let_learn_propose_the_name() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(11, &[]);
+    w.policies.write(
+        "svc.toml",
+        &format!(
+            "{}observe_lookups = true\n",
+            service_policy(&w.svc, "audit", &[])
+        ),
+    );
+    let daemon = Daemon::start(&w.policies);
+    let api = w.api.addr();
+
+    w.look_up("api.example.test", &[], "127.0.71.1");
+    w.client().tcp_connect(api).assert_ok("audit mode");
+    let ev = wait_event(
+        &daemon,
+        "the audited connect to the looked-up address",
+        |ev| {
+            ev["type"] == "verdict"
+                && ev["service"] == "svc"
+                && ev["dst_ip"] == api.ip().to_string()
+                && ev["dst_port"] == api.port()
+        },
+    );
+    assert_eq!(ev["verdict"], "audit", "{ev:#}");
+    assert_eq!(ev["dst_name"], "api.example.test", "{ev:#}");
+    let scrape = Scrape::get(metrics_addr(&daemon));
+    assert_eq!(
+        scrape.count(
+            "bulkhead_dns_lookups_total",
+            &[("service", "svc"), ("result", "answered")]
+        ),
+        1,
+        "{}",
+        scrape.text()
+    );
+    assert_eq!(
+        scrape.count("bulkhead_dns_learnt_addresses", &[("service", "svc")]),
+        0,
+        "observed, not learnt: {}",
+        scrape.text()
+    );
+    assert_learn_proposes_the_name(&daemon, api);
+}
+
 /// `bulkhead graph`: `svc`'s edge to `api` goes to the name's node and
 /// carries the name; the bystander's goes to the bare address.
 fn assert_the_graph_draws_the_name(daemon: &Daemon, api: SocketAddr) {

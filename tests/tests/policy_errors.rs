@@ -347,7 +347,7 @@ fn check(args: &[&OsStr]) -> (Option<i32>, String, String) {
 
 const UNKNOWN_KEY: &str = "cgroup = \"/bulkhead-check/formats\"\nmode = \"enforce\"\nbogus = 1\n";
 const UNKNOWN_KEY_MESSAGE: &str = "unknown key `bogus`; expected one of: name, description, unit, \
-                                   user, cgroup, mode, egress, ingress, bind, sockets";
+                                   user, cgroup, mode, egress, ingress, bind, sockets, observe_lookups";
 
 /// The same error in each format: text on stderr, one JSON object, and a
 /// GitHub Actions `::error` annotation at the file, line and column.

@@ -11,6 +11,8 @@
 //! - `listen`: the proxy's sockets, bound by the agent or passed by the
 //!   service manager (they then outlive the agent)
 //! - `mark`: each UDP query's mark, which says which service sent it
+//! - `observed`: names answered to services that only have their
+//!   lookups observed (no name rules), for their events
 //! - `proxy`: the loopback DNS proxy that forwards a service's queries to
 //!   its own resolver and learns from the answers before passing them on
 //! - `saved`: the learnt cache's entries saved for the next agent
@@ -24,6 +26,7 @@ pub mod learnt;
 pub mod listen;
 pub mod mark;
 pub mod name;
+pub mod observed;
 pub mod proxy;
 pub mod saved;
 pub mod serve;

@@ -51,6 +51,7 @@ use super::{
     learnt::{monotonic_now, Answered, LearntCache, LearntSink, RuleBits, ServiceId},
     listen::Listening,
     name::NamePattern,
+    observed::ObservedNames,
 };
 
 /// Largest DNS message (TCP length prefix; also the UDP receive buffer).
@@ -273,11 +274,19 @@ struct Shared<S> {
     config: ProxyConfig,
     stats: ProxyStats,
     learnt: Mutex<(LearntCache, S)>,
+    /// Names answered to services that only have their lookups observed.
+    observed: Mutex<ObservedNames>,
     /// The first resolver the agent was not allowed to reach was logged.
     warned_denied: AtomicBool,
 }
 
 impl<S> Shared<S> {
+    fn observed(&self) -> MutexGuard<'_, ObservedNames> {
+        self.observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn learnt(&self) -> MutexGuard<'_, (LearntCache, S)> {
         // A panic while holding the lock leaves a consistent enough cache
         // (each step is a whole learn or release); keep serving.
@@ -331,10 +340,12 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
         cache: LearntCache,
         sink: S,
     ) -> io::Result<Self> {
+        let limits = cache.limits();
         let shared = Arc::new(Shared {
             router,
             config,
             stats: ProxyStats::default(),
+            observed: Mutex::new(ObservedNames::new(limits.max_total, limits.min_ttl)),
             learnt: Mutex::new((cache, sink)),
             warned_denied: AtomicBool::new(false),
         });
@@ -403,6 +414,16 @@ impl<S> Proxy<S> {
         let mut guard = self.shared.learnt();
         let (cache, sink) = &mut *guard;
         cache.forget(sink, service)
+    }
+
+    /// The name `service` (one whose lookups are only observed) last
+    /// looked up that answered `addr`, if not expired.
+    #[must_use]
+    pub fn observed_name(&self, service: ServiceId, addr: IpAddr) -> Option<DnsName> {
+        self.shared
+            .observed()
+            .name_of(service, addr, monotonic_now())
+            .cloned()
     }
 
     /// Looks at the learnt set and the sink under their lock.
@@ -707,6 +728,15 @@ fn learn_from<S: LearntSink>(
         return (reply, Outcome::Truncated);
     }
     let now = monotonic_now();
+    // A service with no name rules only has its lookups observed: the
+    // names are noted for its events, nothing is learnt.
+    if route.rules.is_empty() {
+        let mut observed = shared.observed();
+        for found in &inspected.addresses {
+            observed.note(route.service, found.addr, &found.chain[0], found.ttl, now);
+        }
+        return (reply, Outcome::Answered);
+    }
     let mut guard = shared.learnt();
     let (cache, sink) = &mut *guard;
     let mut allowed = Vec::new();
@@ -847,6 +877,7 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
         let mut guard = shared.learnt();
         let (cache, sink) = &mut *guard;
         let now = monotonic_now();
+        shared.observed().sweep(now);
         if let Err(e) = cache.sweep(sink, now) {
             tracing::warn!(error = %e, "dns proxy: expired addresses not all removed");
             // A revoke that failed leaves an entry the cache forgot.

@@ -42,15 +42,17 @@ const SAVE_EVERY: Duration = Duration::from_secs(10);
 /// Each service's name rules, by its stable key: what a route carries.
 pub type NameRules = Arc<RwLock<HashMap<ServiceId, Arc<[Vec<NamePattern>]>>>>;
 
-/// The name rules of every service with names in `set`, by its stable
-/// key, in rule order: bit i of a learnt entry is the i-th.
+/// The name rules of every service in `set` whose lookups go through the
+/// proxy, by its stable key, in rule order: bit i of a learnt entry is the
+/// i-th. A service that only has its lookups observed has none.
 pub fn name_rules(set: &PolicySet) -> HashMap<ServiceId, Arc<[Vec<NamePattern>]>> {
     set.services
         .iter()
-        .filter_map(|service| {
+        .filter(|service| service.through_proxy())
+        .map(|service| {
             let rules: Vec<Vec<NamePattern>> =
                 service.name_rules().map(|(_, r)| r.names.clone()).collect();
-            (!rules.is_empty()).then(|| (service.names_key(), rules.into()))
+            (service.names_key(), rules.into())
         })
         .collect()
 }
@@ -216,7 +218,11 @@ impl Dns {
             );
         }
         waiting.maps.carry_over_lookups(previous);
-        if set.services.iter().any(|s| s.name_rules().next().is_some()) {
+        if set
+            .services
+            .iter()
+            .any(crate::policy::Service::through_proxy)
+        {
             waiting.announce(&self.config)?;
         }
         Ok(())
@@ -581,13 +587,14 @@ fn router(clients: DnsClients, rules: NameRules) -> Router {
 /// pipeline only knows the [`Stage`] trait, never the proxy.
 pub struct DstNames(pub Arc<Dns>);
 
-/// Whether `ev` is a decision `dst_name` may be given to: an allowed
-/// egress call (its first, a verdict, or later ones, a flow summary) of
-/// a service, with its destination.
+/// Whether `ev` is a decision `dst_name` may be given to: an allowed or
+/// audited egress call (its first, a verdict, or later ones, a flow
+/// summary) of a service, with its destination. (An audited one is named
+/// only for a service whose lookups are observed, below.)
 fn may_name(ev: &FlowEvent) -> bool {
     matches!(ev.kind, EventType::Verdict | EventType::Flow)
         && ev.traffic_direction == Some(Direction::Egress)
-        && ev.verdict == Some(Verdict::Allow)
+        && matches!(ev.verdict, Some(Verdict::Allow | Verdict::Audit))
         && ev.service.is_some()
         && ev.dst_ip.is_some()
         && ev.dst_name.is_none()
@@ -599,33 +606,47 @@ impl Stage for DstNames {
             return;
         }
         // Each service's key now, by its name (the key follows its name
+        // rules), and whether it only has its lookups observed (no name
         // rules).
-        let keys: HashMap<Arc<str>, ServiceId> = {
+        let keys: HashMap<Arc<str>, (ServiceId, bool)> = {
             let rules = self.0.rules.read().unwrap_or_else(PoisonError::into_inner);
             if rules.is_empty() {
                 return;
             }
             let labels = self.0.labels.read().unwrap_or_else(PoisonError::into_inner);
             rules
-                .keys()
-                .filter_map(|k| Some((Arc::clone(labels.get(k)?), *k)))
+                .iter()
+                .filter_map(|(k, r)| Some((Arc::clone(labels.get(k)?), (*k, r.is_empty()))))
                 .collect()
         };
         let Some(proxy) = self.0.proxy() else {
             return;
         };
+        let key_of = |ev: &FlowEvent| {
+            let (Some(service), Some(addr)) = (&ev.service, ev.dst_ip) else {
+                return None;
+            };
+            keys.get(&**service)
+                .map(|&(key, observed)| (key, observed, addr.to_canonical()))
+        };
+        // Learnt names: decisions a name rule (or an address rule) allowed.
         proxy.with_learnt(|cache, _| {
             for ev in batch.iter_mut().filter(|ev| may_name(ev)) {
-                let (Some(service), Some(addr)) = (&ev.service, ev.dst_ip) else {
-                    continue;
-                };
-                let Some(&key) = keys.get(&**service) else {
-                    continue;
-                };
-                ev.dst_name = cache
-                    .name_of(key, addr.to_canonical())
-                    .map(|n| Arc::from(n.to_string()));
+                if let Some((key, false, addr)) = key_of(ev) {
+                    if ev.verdict == Some(Verdict::Allow) {
+                        ev.dst_name = cache.name_of(key, addr).map(|n| Arc::from(n.to_string()));
+                    }
+                }
             }
         });
+        // Observed names: any decision of such a service (audit mode
+        // included: that is where `learn` reads from).
+        for ev in batch.iter_mut().filter(|ev| may_name(ev)) {
+            if let Some((key, true, addr)) = key_of(ev) {
+                ev.dst_name = proxy
+                    .observed_name(key, addr)
+                    .map(|n| Arc::from(n.to_string()));
+            }
+        }
     }
 }

@@ -126,8 +126,12 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
 
         let mut flags = 0;
         let mut names_ruleset = 0;
-        if service.name_rules().next().is_some() {
+        if service.through_proxy() {
+            // Redirected lookups; learnt addresses only with name rules
+            // (an observed service's LEARNT lookups all miss).
             flags |= FLAG_NAMES;
+        }
+        if service.name_rules().next().is_some() {
             names_ruleset = b.name_rulesets(service, first_egress_rule, &qualifiers);
         }
         if let Some(ingress) = &service.ingress {
@@ -735,6 +739,22 @@ mod tests {
         assert_eq!(p.services[0].entry.flags & FLAG_NAMES, 0);
     }
 
+    #[test]
+    fn observed_lookups_set_the_name_flag_with_no_name_ruleset() {
+        let mut s = set(Vec::new());
+        s.services[0].observe_lookups = true;
+        let p = compile(&s).expect("compiles");
+        assert_ne!(
+            p.services[0].entry.flags & FLAG_NAMES,
+            0,
+            "its lookups are redirected"
+        );
+        assert_eq!(
+            p.services[0].entry.names_ruleset, 0,
+            "no name rules to point at"
+        );
+    }
+
     fn set(rules: Vec<EgressRule>) -> PolicySet {
         PolicySet {
             services: vec![Service {
@@ -747,6 +767,7 @@ mod tests {
                 ingress: None,
                 bind: None,
                 sockets: crate::policy::SocketsPolicy::default(),
+                observe_lookups: false,
                 quarantined: false,
             }],
             warnings: Vec::new(),

@@ -18,6 +18,7 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "ingress",
     "bind",
     "sockets",
+    "observe_lookups",
 ];
 pub(crate) const EGRESS_KEYS: &[&str] = &["to", "ports", "protocol", "description", "exe", "uid"];
 pub(crate) const INGRESS_KEYS: &[&str] =
@@ -40,6 +41,9 @@ pub(crate) struct RawPolicy {
     pub ingress: Option<Spanned<Vec<Spanned<RawIngress>>>>,
     pub bind: Option<Spanned<RawBind>>,
     pub sockets: Option<RawSockets>,
+    /// Send the service's DNS lookups through the agent's proxy to see
+    /// which names its addresses came from, learning nothing.
+    pub observe_lookups: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,6 +35,11 @@ pub struct Service {
     /// Ports the service may bind; `None` when binding is not restricted.
     pub bind: Option<BindPolicy>,
     pub sockets: SocketsPolicy,
+    /// `observe_lookups = true`: its DNS lookups go through the agent's
+    /// proxy although it has no name rules, so that its decisions name
+    /// the names its addresses came from (for the graph and `learn`);
+    /// nothing is learnt, nothing allowed (docs/dns-names.md).
+    pub observe_lookups: bool,
     /// Set by `bulkhead quarantine` (never by a policy file).
     pub quarantined: bool,
 }
@@ -50,6 +55,13 @@ impl Service {
             .enumerate()
             .filter(|(_, r)| !r.names.is_empty())
             .take(agent_common::MAX_NAME_RULES)
+    }
+
+    /// Whether its DNS lookups go through the agent's proxy: it has name
+    /// rules, or asks to have its lookups observed.
+    #[must_use]
+    pub fn through_proxy(&self) -> bool {
+        self.observe_lookups || self.name_rules().next().is_some()
     }
 
     /// The key its learnt addresses are held under, in the kernel and the

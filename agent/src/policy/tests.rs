@@ -90,6 +90,28 @@ fn omitted_ports_and_protocol_mean_all_and_any() {
 }
 
 #[test]
+fn observe_lookups_is_read_and_a_wrong_type_is_an_error_at_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        &dir,
+        "a.toml",
+        "cgroup = \"/a\"\nmode = \"audit\"\nobserve_lookups = true\n",
+    );
+    let set = load_dir(dir.path()).expect("valid policy");
+    assert!(set.services[0].observe_lookups);
+    assert!(set.services[0].through_proxy());
+    write(
+        &dir,
+        "a.toml",
+        "cgroup = \"/a\"\nmode = \"audit\"\nobserve_lookups = \"yes\"\n",
+    );
+    let errors = errors_of(load_dir(dir.path()));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].1, 3, "{errors:?}");
+    assert!(errors[0].2.contains("expected a boolean"), "{errors:?}");
+}
+
+#[test]
 fn every_error_in_a_file_is_reported_with_its_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     write(

@@ -219,6 +219,7 @@ pub(crate) fn service(c: &mut Checker<'_>, raw: RawPolicy) -> Option<Service> {
         ingress,
         bind,
         sockets,
+        observe_lookups: raw.observe_lookups.unwrap_or(false),
         quarantined: false,
     })
 }

@@ -430,6 +430,7 @@ pub fn model(specs: &[Spec]) -> Vec<Service> {
             }),
             bind: None,
             sockets: SocketsPolicy::default(),
+            observe_lookups: false,
             quarantined: false,
         })
         .collect()
