@@ -1,9 +1,11 @@
 //! The lookup client of the DNS names section (names.rs): a forked child
 //! that joins a service's cgroup (it stays in the host's network
-//! namespace, where the agent's proxy listens) and makes one A lookup over
-//! UDP each time the parent asks, the way glibc's resolver makes one: a
+//! namespace, where the agent's proxy listens) and makes one A lookup each
+//! time the parent asks, the way glibc's resolver makes one. Over UDP: a
 //! new socket, connect() to the resolver, send(), recvfrom() of the answer,
-//! whose source must be the resolver. Two such clients (a service with a
+//! whose source must be the resolver. Over TCP: a new socket, connect(),
+//! the length-prefixed query written, the answer read, the peer
+//! (getpeername) the resolver. Two such clients (a service with a
 //! name rule, one without) are driven in turn by the parent, so their
 //! lookups interleave one by one and see the same machine noise.
 //!
@@ -24,10 +26,13 @@ use anyhow::{bail, Context, Result};
 use super::{
     fork::{ensure_single_threaded, join_cgroup, pipe, wait},
     loadgen::{now_ns, set_timeout, socket, UDP_PORT},
+    names::Over,
 };
 
-/// Time one lookup; the answer is the nanoseconds it took.
+/// Time one lookup over UDP; the answer is the nanoseconds it took.
 const LOOKUP: u8 = b'l';
+/// The same over TCP.
+const LOOKUP_TCP: u8 = b't';
 /// connect() a UDP socket to 127.0.0.1:`UDP_PORT` (no packet is sent):
 /// the answer is 0 if allowed, else the errno.
 const CONNECT: u8 = b'c';
@@ -70,11 +75,15 @@ impl Client {
         })
     }
 
-    /// One lookup, timed by the child; nanoseconds.
-    pub fn lookup(&mut self) -> Result<u64> {
+    /// One lookup over `over`, timed by the child; nanoseconds.
+    pub fn lookup(&mut self, over: Over) -> Result<u64> {
         self.next_id = self.next_id.wrapping_add(1);
         let [hi, lo] = self.next_id.to_be_bytes();
-        self.ask(&[LOOKUP, hi, lo])
+        let command = match over {
+            Over::Udp => LOOKUP,
+            Over::Tcp => LOOKUP_TCP,
+        };
+        self.ask(&[command, hi, lo])
     }
 
     /// Whether the service may connect() a UDP socket to the probe's
@@ -157,6 +166,11 @@ fn child(cgroup: &Path, resolver: SocketAddrV4, query: &Query, cmds: OwnedFd, ou
                     query,
                     u16::from_be_bytes([command[1], command[2]]),
                 ),
+                LOOKUP_TCP => lookup_tcp(
+                    resolver,
+                    query,
+                    u16::from_be_bytes([command[1], command[2]]),
+                ),
                 CONNECT => Ok(connect_errno()),
                 _ => return Ok(()),
             };
@@ -221,6 +235,59 @@ fn lookup(resolver: SocketAddrV4, query: &Query, id: u16) -> Result<u64> {
             return Ok(end.saturating_sub(start));
         }
     }
+}
+
+/// One lookup over TCP as glibc makes it (`use-vc`, or after a truncated
+/// answer); the nanoseconds from socket() to the answer in hand.
+fn lookup_tcp(resolver: SocketAddrV4, query: &Query, id: u16) -> Result<u64> {
+    let wire = query.with_id(id);
+    let mut framed = u16::try_from(wire.len())
+        .context("a query over 65,535 bytes")?
+        .to_be_bytes()
+        .to_vec();
+    framed.extend_from_slice(&wire);
+    let to = sockaddr(resolver);
+    let start = now_ns();
+    let sock = socket(libc::SOCK_STREAM)?;
+    set_timeout(&sock, libc::SO_RCVTIMEO)?;
+    // SAFETY: a valid socket and a sockaddr_in of the length passed.
+    let rc = unsafe { libc::connect(sock.as_raw_fd(), (&raw const to).cast(), SOCKADDR_LEN) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context("connect() to the resolver over TCP");
+    }
+    let mut stream = File::from(sock);
+    stream.write_all(&framed).context("write the query")?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).context("no answer's length")?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).context("a short answer")?;
+    let end = now_ns();
+    // The peer must be the resolver asked (getpeername4 shows it in place
+    // of the proxy's address).
+    let peer = peer_of(&stream)?;
+    if peer != resolver {
+        bail!("the TCP peer is {peer}, not the resolver {resolver}");
+    }
+    if answer.get(..2) != Some(&id.to_be_bytes()[..]) {
+        bail!("the TCP answer is not to the query sent");
+    }
+    check_answer(&answer)?;
+    Ok(end.saturating_sub(start))
+}
+
+/// A connected socket's peer (IPv4).
+fn peer_of(sock: &impl AsRawFd) -> Result<SocketAddrV4> {
+    let mut peer = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let mut len = SOCKADDR_LEN;
+    // SAFETY: a valid socket and a sockaddr_in of the length passed.
+    let rc = unsafe { libc::getpeername(sock.as_raw_fd(), (&raw mut peer).cast(), &raw mut len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context("getpeername()");
+    }
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(peer.sin_addr.s_addr)),
+        u16::from_be(peer.sin_port),
+    ))
 }
 
 fn recv_from(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4)> {

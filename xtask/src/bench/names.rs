@@ -96,15 +96,40 @@ pub enum Via {
     Proxy,
 }
 
+/// The transport a lookup goes over (glibc uses TCP after a truncated
+/// UDP answer, or always with `options use-vc`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Over {
+    Udp,
+    Tcp,
+}
+
+impl Over {
+    pub const ALL: [Self; 2] = [Self::Udp, Self::Tcp];
+
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Udp => "UDP",
+            Self::Tcp => "TCP",
+        }
+    }
+}
+
+/// One transport's lookups of a run: direct, through the proxy, and the
+/// pairwise added time (ns).
+type Samples = (Vec<u64>, Vec<u64>, Vec<i64>);
+
 /// Samples of every round, per rule count (the no-program case under 0).
 #[derive(Default)]
 pub struct NamesResults {
     pub rule_counts: Vec<usize>,
     /// Each round's lookup times (ns).
-    pub lookups: BTreeMap<(usize, Via), Vec<Vec<u64>>>,
+    pub lookups: BTreeMap<(usize, Over, Via), Vec<Vec<u64>>>,
     /// Each round's pairwise added time: a proxied lookup minus the direct
-    /// one made next to it (ns; negative when noise made it faster).
-    pub added: BTreeMap<usize, Vec<Vec<i64>>>,
+    /// one made next to it over the same transport (ns; negative when
+    /// noise made it faster).
+    pub added: BTreeMap<(usize, Over), Vec<Vec<i64>>>,
     /// Each round's probe samples (ns).
     pub connect: BTreeMap<(usize, Svc, Probe), Vec<Vec<u64>>>,
     /// Time inside the agent's programs, per service, in one extra run at
@@ -210,11 +235,11 @@ impl Section<'_> {
                 }
                 let direct = out
                     .lookups
-                    .get(&(group.rules, Via::Direct))
+                    .get(&(group.rules, Over::Udp, Via::Direct))
                     .and_then(|r| r.last());
                 let proxied = out
                     .lookups
-                    .get(&(group.rules, Via::Proxy))
+                    .get(&(group.rules, Over::Udp, Via::Proxy))
                     .and_then(|r| r.last());
                 eprintln!(
                     "xtask bench: names round {}/{}: {} rules: lookup medians {} ns direct, {} ns \
@@ -316,18 +341,23 @@ impl Section<'_> {
         let daemon = self.start_daemon(&group.policy_dir)?;
         let ours = daemon.program_ids()?;
         self.wait_start_check()?;
-        let (direct, proxied, added) = self
+        let measured = self
             .lookups(group, self.plan.lookups)
             .with_context(|| format!("names {}: lookups", group.rules))?;
-        out.lookups
-            .entry((group.rules, Via::Direct))
-            .or_default()
-            .push(direct);
-        out.lookups
-            .entry((group.rules, Via::Proxy))
-            .or_default()
-            .push(proxied);
-        out.added.entry(group.rules).or_default().push(added);
+        for (over, (direct, proxied, added)) in measured {
+            out.lookups
+                .entry((group.rules, over, Via::Direct))
+                .or_default()
+                .push(direct);
+            out.lookups
+                .entry((group.rules, over, Via::Proxy))
+                .or_default()
+                .push(proxied);
+            out.added
+                .entry((group.rules, over))
+                .or_default()
+                .push(added);
+        }
         let mut order = [Svc::Name, Svc::NameRulesByAddress, Svc::Cidr];
         if !forward {
             order.reverse();
@@ -404,8 +434,10 @@ impl Section<'_> {
     /// name service may not reach the probes' address before its lookups
     /// (the address rules deny it and nothing is learnt yet) and may after
     /// the warm-up (it learnt it: its lookups went through the proxy); the
-    /// other service may all along. Returns (direct, proxied, added).
-    fn lookups(&self, group: &Group, n: usize) -> Result<(Vec<u64>, Vec<u64>, Vec<i64>)> {
+    /// other service may all along. Each round of the loop makes the four
+    /// lookups over UDP, then the four over TCP. Returns, per transport,
+    /// (direct, proxied, added).
+    fn lookups(&self, group: &Group, n: usize) -> Result<BTreeMap<Over, Samples>> {
         let resolver = SocketAddrV4::new(RESOLVER, 53);
         let mut proxied = Client::spawn(&group.name.cgroup.path, resolver, NAME)?;
         let mut direct = Client::spawn(&group.cidr.cgroup.path, resolver, NAME)?;
@@ -424,22 +456,42 @@ impl Section<'_> {
             bail!("the CIDR service may not connect() to the probe's address (errno {e})");
         }
         let warmup = warmup_lookups(n);
-        let (mut d, mut p, mut added) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let mut out: BTreeMap<Over, Samples> = BTreeMap::new();
         for i in 0..warmup + n {
             if i % 256 == 0 {
                 sandbox::check_interrupted()?;
             }
-            let (pt, dt) = if i % 2 == 0 {
-                let pt = proxied.lookup().context("a lookup through the proxy")?;
-                (pt, direct.lookup().context("a direct lookup")?)
-            } else {
-                let dt = direct.lookup().context("a direct lookup")?;
-                (proxied.lookup().context("a lookup through the proxy")?, dt)
-            };
+            for over in Over::ALL {
+                let (pt, dt) = if i % 2 == 0 {
+                    let pt = proxied.lookup(over).with_context(|| {
+                        format!("a lookup over {} through the proxy", over.label())
+                    })?;
+                    (
+                        pt,
+                        direct
+                            .lookup(over)
+                            .with_context(|| format!("a direct lookup over {}", over.label()))?,
+                    )
+                } else {
+                    let dt = direct
+                        .lookup(over)
+                        .with_context(|| format!("a direct lookup over {}", over.label()))?;
+                    (
+                        proxied.lookup(over).with_context(|| {
+                            format!("a lookup over {} through the proxy", over.label())
+                        })?,
+                        dt,
+                    )
+                };
+                if i >= warmup {
+                    let (d, p, added) = out.entry(over).or_default();
+                    d.push(dt);
+                    p.push(pt);
+                    added.push(
+                        i64::try_from(pt).unwrap_or(i64::MAX) - i64::try_from(dt).unwrap_or(0),
+                    );
+                }
+            }
             if i + 1 == warmup {
                 let e = proxied.connect_errno()?;
                 if e != 0 {
@@ -450,15 +502,10 @@ impl Section<'_> {
                     );
                 }
             }
-            if i >= warmup {
-                d.push(dt);
-                p.push(pt);
-                added.push(i64::try_from(pt).unwrap_or(i64::MAX) - i64::try_from(dt).unwrap_or(0));
-            }
         }
         proxied.finish()?;
         direct.finish()?;
-        Ok((d, p, added))
+        Ok(out)
     }
 
     /// One more run at `group`'s rule count with the kernel's BPF run-time

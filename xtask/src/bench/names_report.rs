@@ -6,7 +6,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use super::{
     loadgen::Probe,
-    names::{signed_summary, NamesResults, Svc, Via, NAME, RESOLVER},
+    names::{signed_summary, NamesResults, Over, Svc, Via, NAME, RESOLVER},
     report::{num, signed, Facts},
     stats::{self, Summary},
 };
@@ -37,12 +37,12 @@ impl NamesReport<'_> {
         Summary::of(self.results.connect.get(&(rules, svc, probe))?)
     }
 
-    fn lookup(&self, rules: usize, via: Via) -> Option<Summary> {
-        Summary::of(self.results.lookups.get(&(rules, via))?)
+    fn lookup(&self, rules: usize, over: Over, via: Via) -> Option<Summary> {
+        Summary::of(self.results.lookups.get(&(rules, over, via))?)
     }
 
-    fn added_lookup(&self, rules: usize) -> Option<(i64, i64, Vec<i64>)> {
-        signed_summary(self.results.added.get(&rules)?)
+    fn added_lookup(&self, rules: usize, over: Over) -> Option<(i64, i64, Vec<i64>)> {
+        signed_summary(self.results.added.get(&(rules, over))?)
     }
 
     /// Each round's name run median minus its CIDR run median (the two ran
@@ -82,18 +82,22 @@ impl NamesReport<'_> {
         // The lookup goal.
         let mut met = true;
         let mut parts = Vec::new();
-        for &n in &r.rule_counts {
+        for (over, &n) in Over::ALL
+            .into_iter()
+            .flat_map(|o| r.rule_counts.iter().map(move |n| (o, n)))
+        {
             let (Some((median, p99, _)), Some(d), Some(p)) = (
-                self.added_lookup(n),
-                self.lookup(n, Via::Direct),
-                self.lookup(n, Via::Proxy),
+                self.added_lookup(n, over),
+                self.lookup(n, over, Via::Direct),
+                self.lookup(n, over, Via::Proxy),
             ) else {
                 continue;
             };
             met &= p99 <= LOOKUP_P99_GOAL_NS;
             parts.push(format!(
-                "{} rules: added median {} ns, p99 {} ns (through the proxy median {} ns, p99 \
+                "{} at {} rules: added median {} ns, p99 {} ns (through the proxy median {} ns, p99 \
                  {} ns; direct median {} ns, p99 {} ns)",
+                over.label(),
                 num(n as u64),
                 signed(median),
                 signed(p99),
@@ -258,32 +262,37 @@ impl NamesReport<'_> {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| rules | lookup | median (ns) | p99 (ns) | median of each run (ns) |"
+            "| rules | over | lookup | median (ns) | p99 (ns) | median of each run (ns) |"
         );
-        let _ = writeln!(out, "|---:|---|---:|---:|---|");
-        for &n in &self.results.rule_counts {
+        let _ = writeln!(out, "|---:|---|---|---:|---:|---|");
+        for (over, &n) in Over::ALL
+            .into_iter()
+            .flat_map(|o| self.results.rule_counts.iter().map(move |n| (o, n)))
+        {
             for (via, label) in [
                 (Via::Direct, "direct: a service without name rules"),
                 (Via::Proxy, "through the agent: a service with a name rule"),
             ] {
-                if let Some(s) = self.lookup(n, via) {
+                if let Some(s) = self.lookup(n, over, via) {
                     let runs: Vec<String> = s.round_medians.iter().map(|&m| num(m)).collect();
                     let _ = writeln!(
                         out,
-                        "| {} | {label} | {} | {} | {} |",
+                        "| {} | {} | {label} | {} | {} | {} |",
                         num(n as u64),
+                        over.label(),
                         num(s.median),
                         num(s.p99),
                         runs.join(" / ")
                     );
                 }
             }
-            if let Some((median, p99, runs)) = self.added_lookup(n) {
+            if let Some((median, p99, runs)) = self.added_lookup(n, over) {
                 let runs: Vec<String> = runs.iter().map(|&m| signed(m)).collect();
                 let _ = writeln!(
                     out,
-                    "| {} | **added** (pairwise) | {} | {} | {} |",
+                    "| {} | {} | **added** (pairwise) | {} | {} | {} |",
                     num(n as u64),
+                    over.label(),
                     signed(median),
                     signed(p99),
                     runs.join(" / ")
@@ -429,9 +438,9 @@ impl NamesReport<'_> {
         let _ = write!(
             out,
             "### Lookup latency through the agent\n\n\
-             One A query for `{NAME}` over UDP to dnsmasq on {RESOLVER}:53, from each \
-             service's cgroup, the two interleaved one by one; median and p99 over every \
-             lookup of every round. *added*: each lookup through the proxy minus the direct \
+             One A query for `{NAME}` over UDP, and one over TCP, to dnsmasq on \
+             {RESOLVER}:53, from each service's cgroup, the two services interleaved one by \
+             one; median and p99 over every lookup of every round. *added*: each lookup through the proxy minus the direct \
              lookup made next to it.\n\n{}\n\
              ### Connect cost: allowed by a learnt name against allowed by address rules\n\n\
              Median and p99 over every sample of every round; *added* is the median minus the \
@@ -459,7 +468,7 @@ impl NamesReport<'_> {
              and rule count and stopped (and detached) after it, so that the no-program runs \
              have nothing attached. Each service has the same rule of N generated /32s \
              (127.0.0.0/15, port 443/tcp, as in the hook cases) and a rule allowing the \
-             resolver {RESOLVER} on port 53/udp; the probes' ports on 127.0.0.1 are allowed \
+             resolver {RESOLVER} on port 53 (UDP and TCP); the probes' ports on 127.0.0.1 are allowed \
              to the *name service* only by the name `{NAME}` (a name rule, protocol any), \
              to the *CIDR service* by the address `127.0.0.1`, and to a third service \
              *with name rules, allowed by address* by both (that name rule and the address \
@@ -474,8 +483,12 @@ impl NamesReport<'_> {
              {RESOLVER}:53, send() the query (RD set, its own id), recvfrom() until the \
              answer with that id, which must come from {RESOLVER}:53 (for the name \
              service the recvmsg4 hook shows it in place of the proxy's address) and be a \
-             NOERROR answer with records; timed with `CLOCK_MONOTONIC` from socket() to the \
-             answer in hand, close() untimed. The name service's connect() is redirected to \
+             NOERROR answer with records; then the same over TCP, as glibc does with \
+             `use-vc` or after a truncated answer: a new TCP socket, connect(), the query \
+             written with its length, the answer read, whose peer (getpeername(), which \
+             the getpeername4 hook rewrites for the name service) must be {RESOLVER}:53; \
+             each timed with `CLOCK_MONOTONIC` from socket() to the answer in hand, \
+             close() untimed. The name service's connect() is redirected to \
              the proxy, which forwards the query to dnsmasq, learns 127.0.0.1 into LEARNT \
              and answers; the CIDR service's goes to dnsmasq. Order in each pair alternates \
              (name first, then CIDR first). Checked each round: before its first lookup the \
@@ -494,7 +507,7 @@ impl NamesReport<'_> {
              - **Noise.** The rounds alternate the rule counts' order too. \"Within noise\" \
              means the name service's added median exceeds the CIDR service's by no more \
              than the larger interquartile range of the two cases' run medians.\n\
-             - **Not measured.** Lookups over TCP, IPv6, an upstream resolver that is not on \
+             - **Not measured.** Lookups over IPv6, an upstream resolver that is not on \
              loopback, many services or names at once.\n",
             super::loadgen::UDP_PORT,
         );

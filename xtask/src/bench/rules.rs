@@ -87,8 +87,7 @@ pub fn names_policies(
         "\n[[egress]]\n\
          description = \"the bench's resolver\"\n\
          to = [\"{resolver}\"]\n\
-         ports = [53]\n\
-         protocol = \"udp\"\n"
+         ports = [53]\n"
     );
     let policy = |cgroup_rel: &str, probes: &[(&str, &str)]| {
         let mut out = generated_policy(cgroup_rel, destinations);
