@@ -43,10 +43,10 @@ pub const NAME_RULESETS: u32 = 1 << MAX_NAME_RULES;
 /// refresh them): what was allowed stays allowed.
 pub const DNS_HEARTBEAT_GRACE_NS: u64 = 30_000_000_000;
 
-/// The mark the egress program puts on a query a service's redirected
-/// socket sends to the proxy (`skb->mark`, which the proxy reads with
-/// each datagram through `SO_RCVMARK`): a digest of the service's
-/// `name_key`, never 0 (0 is "no mark"). `DNS_CLIENTS` is keyed by the
+/// The mark the ingress program puts on a UDP query as it reaches the
+/// proxy's socket (`skb->mark`, which the proxy reads with each datagram
+/// through `SO_RCVMARK`): a digest of the `name_key` of the service its
+/// client's `DNS_CLIENTS` entry names then, never 0 (0 is "no mark"). `DNS_CLIENTS` is keyed by the
 /// client's address and port; if a query waits in the proxy's socket
 /// while its client's port passes to another service's socket, whose
 /// query rewrites the entry, the mark says the waiting query is not that

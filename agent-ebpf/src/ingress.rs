@@ -23,7 +23,7 @@
 //! Drops are counted per service; drop events are rate-limited.
 
 use agent_common::{
-    counter_slot, ServiceEntry, SockInfo, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS,
+    counter_slot, ServiceEntry, SockInfo, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES,
     FLAG_QUARANTINE, HOOK_INGRESS, LOST_INGRESS, PEER_LET_IN, PROTO_TCP, PROTO_UDP, RULE_BIND,
     RULE_DEFAULT_DENY, RULE_UNREADABLE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
@@ -40,6 +40,7 @@ use crate::{
     helpers::{skb_cgroup_id, socket_cookie},
     linux::{TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_LISTEN},
     maps::{any_service_has, SOCK_INFO},
+    names,
     packet::{parse, Packet},
     process::mask_of,
     rules::{match_ingress_v4, match_ingress_v6, match_ports, ANY_CALLER, NO_CALLER},
@@ -52,6 +53,10 @@ const DROP: i32 = 0;
 
 #[cgroup_skb(ingress)]
 pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
+    // A query to the DNS proxy: who sent it (names.rs).
+    if any_service_has(FLAG_NAMES) {
+        names::stamp_query(&ctx);
+    }
     // Every packet received on the host comes here: one array read when no
     // service restricts inbound traffic or binding.
     if !any_service_has(FLAG_INGRESS | FLAG_QUARANTINE | FLAG_BIND) {

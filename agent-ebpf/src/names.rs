@@ -347,17 +347,44 @@ pub fn note_client(ctx: &SkBuffContext) {
     match unsafe { DNS_ORIGINS.get(cookie) }.copied() {
         Some(origin) => {
             let _ = DNS_CLIENTS.insert(key, origin, 0);
-            // Who sent this very packet, for the proxy to check against
-            // the entry when it reads it (the entry may be rewritten by
-            // then; see `dns_mark`).
-            // SAFETY: the context's skb; `mark` is writable from
-            // cgroup_skb programs.
-            unsafe { (*ctx.skb.skb).mark = dns_mark(origin.name_key) };
         }
         None => {
             let _ = DNS_CLIENTS.remove(key);
         }
     }
+}
+
+/// A UDP query arriving at the proxy's socket (the ingress packet program,
+/// after netfilter, whose rules may rewrite a mark set on the way out:
+/// wg-quick's `meta mark set ct mark`, CONNMARK --restore-mark): marked
+/// with the service its client's entry names now, a moment after the
+/// sender's own packet wrote it, for the proxy to check against the entry
+/// when it reads the query, by which time the entry may name another
+/// service (see `dns_mark`). Every other packet costs one map read and a
+/// compare of the receiving socket's port. A BPF subprogram, as
+/// `note_client`.
+#[inline(never)]
+pub fn stamp_query(ctx: &SkBuffContext) {
+    let Some(proxy) = DNS_PROXY.get(0).copied() else {
+        return;
+    };
+    // SAFETY: the context's skb; `local_port` is the receiving socket's
+    // port in host order, a context field.
+    let local = unsafe { read_volatile(&(*ctx.skb.skb).local_port) };
+    if local == 0 || (local != u32::from(proxy.port4) && local != u32::from(proxy.port6)) {
+        return;
+    }
+    let Some(key) = client_key(ctx, &proxy) else {
+        return;
+    };
+    if key.protocol != PROTO_UDP {
+        return;
+    }
+    // SAFETY: copied out at once, under the program's RCU read lock.
+    let mark = unsafe { DNS_CLIENTS.get(&key) }.map_or(0, |origin| dns_mark(origin.name_key));
+    // SAFETY: the context's skb; `mark` is writable from cgroup_skb
+    // programs.
+    unsafe { write_volatile(&mut (*ctx.skb.skb).mark, mark) };
 }
 
 /// The sender's key when the packet is TCP or UDP to the proxy.

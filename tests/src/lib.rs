@@ -34,6 +34,7 @@ pub mod http;
 pub mod logrotate;
 pub mod maps;
 pub mod netns;
+pub mod nft;
 pub mod notify;
 pub mod otlp;
 pub mod pinned_map;

@@ -21,10 +21,12 @@ use integration_tests::{
     events::wait_event,
     eventually,
     http::metrics_addr,
+    nft::NftTable,
     pinned_map::pinned_map_len,
     probe,
     process::{scaled, signal},
     prometheus::Scrape,
+    require::require_tool,
     require_bpf, service_policy,
     state_files::assert_handled,
     CgroupGuard, Daemon, DnsServer, Egress, HeldSockets, Listener, PolicyDir, Probe, Proto,
@@ -609,6 +611,41 @@ fn a_waiting_query_whose_port_passed_to_another_service_is_not_routed_as_that_on
         "the waiting query refused: {}",
         scrape.text()
     );
+}
+
+/// A host whose netfilter rewrites the mark of the packets it receives
+/// (wg-quick's full-tunnel rule: `meta mark set ct mark` in prerouting,
+/// which zeroes it; iptables' `CONNMARK --restore-mark`): lookups still
+/// go through, because the mark the proxy checks is set as the query
+/// reaches the proxy's socket, after netfilter (with the mark set on the
+/// way out instead, the proxy refused every UDP lookup here).
+#[test]
+fn lookups_go_through_on_a_host_whose_netfilter_rewrites_marks() {
+    if !require_bpf() {
+        return;
+    }
+    let Some(nft) = require_tool("nft", "nftables") else {
+        return;
+    };
+    let w = Named::new(12, &[]);
+    let _daemon = Daemon::start(&w.policies);
+    let _premangle = NftTable::load(
+        nft,
+        "inet",
+        "bulkhead_test_mark",
+        "chain premangle {\n type filter hook prerouting priority mangle;\n meta l4proto udp meta mark set ct mark\n}",
+    );
+    let out = dig_in(w.svc.path(), w.resolver(), "api.example.test", &[]);
+    assert_eq!(
+        dig_status(&out).as_deref(),
+        Some("NOERROR"),
+        "{}",
+        dig_text(&out)
+    );
+    assert_eq!(dig_addresses(&out), ["127.0.72.1"], "{}", dig_text(&out));
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("right after a lookup the rule's mark rewrite did not refuse");
 }
 
 /// After the service's own lookup and connect: the decision event names

@@ -33,7 +33,9 @@ use crate::{
 /// service) and `bind9-dnsutils` (`dig`) for the DNS proxy's tests
 /// (tests/tests/dns_proxy.rs): a real server on a free loopback port from
 /// a temporary config (tests/src/dns_server.rs), queried by a real client;
-/// `curl`, a real client of an allowed name (tests/tests/dns_load.rs).
+/// `curl`, a real client of an allowed name (tests/tests/dns_load.rs);
+/// `nft` for a host whose netfilter rewrites packet marks
+/// (tests/tests/dns_names.rs).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -46,6 +48,7 @@ const TEST_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "bind9-dnsutils",
     "curl",
+    "nftables",
 ];
 
 /// Everything: build tools and the packages the tests need.

@@ -447,8 +447,11 @@ impl LearntCache {
     /// Takes back what a previous agent held (its saved `entries`, oldest
     /// first), for the names and caps of what the kernel map still holds:
     /// an entry is restored only while `kernel` (the map's expiry and rule
-    /// bits for a service and address) has it, never for longer nor by
-    /// more rules than the map says, and only for a service `keep`s (one
+    /// bits for a service and address) has it, with the map's expiry (the
+    /// latest of the names that held it, some of which the file may not
+    /// name: a shorter one would have the cache revoke the address before
+    /// the map would), never by more rules than the map says, and only for
+    /// a service `keep`s (one
     /// whose name rules are those the entry was learnt by). The limits
     /// apply as to a lookup, except that nothing is evicted: what does
     /// not fit stays in the map, unknown to the cache, until it expires.
@@ -466,7 +469,7 @@ impl LearntCache {
             let Some((until, map_rules)) = kernel(entry.service, entry.addr) else {
                 continue;
             };
-            let expires = entry.expires.min(until);
+            let expires = until;
             let rules = entry.rules & map_rules;
             if expires <= now || rules == 0 || !keep(entry.service) {
                 continue;

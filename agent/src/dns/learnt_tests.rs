@@ -578,3 +578,26 @@ fn a_restore_never_claims_rules_the_map_does_not_give() {
     assert_eq!(restored, 0);
     assert!(c.is_empty());
 }
+
+#[test]
+fn a_restored_address_is_held_until_the_maps_expiry_not_the_saved_one() {
+    // Saved at 100 s; refreshed to 400 s by a lookup the file missed (a
+    // crash before the next save).
+    let (mut map, saved) = previous(8, &[(1, "api.example.com", "198.51.100.1", 100)]);
+    map.insert((1, ip("198.51.100.1")), 400 * SEC);
+    let mut c = cache(1, 8);
+    let restored = c.restore(
+        saved,
+        |s, a| map.get(&(s, a)).map(|until| (*until, 1)),
+        |_| true,
+        SEC,
+    );
+    assert_eq!(restored, 1);
+    assert_eq!(c.held_until(1, ip("198.51.100.1")), Some(400 * SEC));
+    c.sweep(&mut map, 101 * SEC).expect("sweep");
+    assert_eq!(
+        map.get(&(1, ip("198.51.100.1"))),
+        Some(&(400 * SEC)),
+        "not revoked before the map's expiry"
+    );
+}

@@ -1,7 +1,7 @@
 //! Each UDP query's mark (`agent_common::dns_mark`), read with the
-//! datagram: the kernel's egress program marks a query with the service
-//! whose redirected socket sent it, and the proxy routes the query only
-//! as that service (docs/dns-names.md, "Who asked").
+//! datagram: the kernel's ingress program marks a query, as it reaches
+//! the proxy's socket, with the service its client's entry names then,
+//! and the proxy routes the query only as that service (docs/dns-names.md, "Who asked").
 //!
 //! Hand-written over `recvmsg(2)`: the standard library and tokio give a
 //! datagram's source but no control messages, and the one needed here

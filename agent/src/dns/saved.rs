@@ -68,10 +68,40 @@ pub fn to_bytes(entries: &[Entry]) -> serde_json::Result<Vec<u8>> {
     })
 }
 
-/// Writes `entries` to the state directory, whole or not at all.
+/// `entries` as the file's bytes, at most `limit` of them: the oldest
+/// left out if they do not fit (a state file over the limit would be
+/// read as damage). Returns the bytes and how many were left out.
+///
+/// # Errors
+/// Serialisation failed.
+pub fn fitting(entries: &[Entry], limit: u64) -> serde_json::Result<(Vec<u8>, usize)> {
+    let mut from = 0;
+    loop {
+        let bytes = to_bytes(&entries[from..])?;
+        let len = bytes.len() as u64;
+        let left = entries.len() - from;
+        if len <= limit || left == 0 {
+            return Ok((bytes, from));
+        }
+        // Leave out about as many as the excess takes, one at least.
+        let per_entry = (len / left as u64).max(1);
+        let excess = usize::try_from((len - limit) / per_entry).unwrap_or(left);
+        from += (excess + 1).min(left);
+    }
+}
+
+/// Writes `entries` to the state directory, whole or not at all; the
+/// oldest left out if they would make it larger than a state file may be.
 pub fn save(state_dir: &Path, entries: &[Entry]) {
     let write = || -> std::io::Result<()> {
-        let bytes = to_bytes(entries).map_err(std::io::Error::other)?;
+        let (bytes, left_out) =
+            fitting(entries, crate::state_file::MAX_BYTES).map_err(std::io::Error::other)?;
+        if left_out > 0 {
+            warn!(
+                left_out,
+                "the DNS names of the oldest learnt addresses are not saved: the file would pass the state-file limit"
+            );
+        }
         crate::state_file::write_atomic(state_dir, FILE, &bytes, 0o600)
     };
     if let Err(e) = write() {
@@ -150,6 +180,21 @@ mod tests {
         let entries = vec![entry("api.example.test", "192.0.2.1"), odd];
         let bytes = to_bytes(&entries).expect("serialised");
         assert_eq!(from_bytes(&bytes, &boot_id()), Ok(entries));
+    }
+
+    #[test]
+    fn past_the_size_limit_the_oldest_entries_are_left_out() {
+        let entries: Vec<Entry> = (0..100)
+            .map(|i| entry(&format!("n{i}.example.test"), &format!("192.0.2.{i}")))
+            .collect();
+        let (whole, left_out) = fitting(&entries, u64::MAX).expect("serialised");
+        assert_eq!(left_out, 0);
+        let limit = whole.len() as u64 / 2;
+        let (bytes, left_out) = fitting(&entries, limit).expect("serialised");
+        assert!(bytes.len() as u64 <= limit, "{} > {limit}", bytes.len());
+        assert!((40..=60).contains(&left_out), "{left_out} left out");
+        let kept = from_bytes(&bytes, &boot_id()).expect("readable");
+        assert_eq!(kept, entries[left_out..], "the newest kept, in order");
     }
 
     #[test]
