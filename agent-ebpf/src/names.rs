@@ -381,7 +381,7 @@ pub fn stamp_query(ctx: &SkBuffContext) {
         return;
     }
     // SAFETY: copied out at once, under the program's RCU read lock.
-    let mark = unsafe { DNS_CLIENTS.get(&key) }.map_or(0, |origin| dns_mark(origin.name_key));
+    let mark = unsafe { DNS_CLIENTS.get(key) }.map_or(0, |origin| dns_mark(origin.name_key));
     // SAFETY: the context's skb; `mark` is writable from cgroup_skb
     // programs.
     unsafe { write_volatile(&mut (*ctx.skb.skb).mark, mark) };
