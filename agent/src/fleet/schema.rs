@@ -205,14 +205,15 @@ pub fn create_table(database: &str, table: Table) -> String {
     )
 }
 
-/// `ALTER TABLE database.table ADD COLUMN IF NOT EXISTS column String
-/// DEFAULT ''`: a column a later release added ([`TableSchema::added`]).
-/// The rows already stored read it as ''; `IF NOT EXISTS` lets two
-/// `fleet init` run at once.
+/// `ALTER TABLE database.table ADD COLUMN column String DEFAULT ''`: a
+/// column a later release added ([`TableSchema::added`]). The rows
+/// already stored read it as ''. (18.16 has no `IF NOT EXISTS` here:
+/// `init` adds only a column `system.columns` lacks, and takes a failure
+/// as done when the column is there after it.)
 #[must_use]
 pub fn add_column(database: &str, table: Table, column: &str) -> String {
     format!(
-        "ALTER TABLE {database}.{} ADD COLUMN IF NOT EXISTS {column} String DEFAULT ''",
+        "ALTER TABLE {database}.{} ADD COLUMN {column} String DEFAULT ''",
         table.name()
     )
 }
@@ -291,7 +292,17 @@ pub async fn init(client: &Client) -> Result<InitReport, InitError> {
             .filter(|c| !have.contains_key(*c))
             .collect();
         for column in missing {
-            client.query(&add_column(&database, table, column)).await?;
+            if let Err(e) = client.query(&add_column(&database, table, column)).await {
+                // Another `fleet init` may have added it meanwhile.
+                let now = columns(client, &database).await?;
+                if !now
+                    .get(table.name())
+                    .is_some_and(|c| c.contains_key(column))
+                {
+                    return Err(e.into());
+                }
+                continue;
+            }
             added.push((table, column));
         }
     }
@@ -410,7 +421,7 @@ mod tests {
     fn a_column_added_later_is_added_to_an_existing_table() {
         assert_eq!(
             add_column("bulkhead", Table::Flows, "dst_name"),
-            "ALTER TABLE bulkhead.flows ADD COLUMN IF NOT EXISTS dst_name String DEFAULT ''"
+            "ALTER TABLE bulkhead.flows ADD COLUMN dst_name String DEFAULT ''"
         );
         for table in Table::ALL {
             let columns = table.schema().columns;
