@@ -261,12 +261,12 @@ fn init_adds_dst_name_to_an_older_flows_table_and_a_named_row_round_trips() {
     let mut rows = vec![named(443)];
     insert(&client, "new-1", &mut rows);
     let back = read_back::<FlowRow>(&ch);
-    let names: Vec<(&str, &str)> = back
+    let stored: Vec<(&str, &str)> = back
         .iter()
         .map(|r| (r.batch_id.as_str(), r.dst_name.as_str()))
         .collect();
     assert_eq!(
-        names,
+        stored,
         [("new-1", "api.example.test"), ("old-1", ""), ("old-1", "")]
     );
     assert_eq!(back[0], rows[0]);
@@ -821,17 +821,9 @@ fn fleet_blast_radius_of_web_is_exactly_api_at_h2_and_db_at_h3_with_their_paths(
     assert!(out.stdout.is_empty());
 }
 
-/// web@h1 gets a name rule and reaches two addresses its lookup of
-/// `api.example.test` gave: the fleet's blast radius lists them under the
-/// name, with the rule, and the graph draws them under one name node.
-#[test]
-fn fleet_blast_radius_and_graph_name_a_destination_reached_by_name() {
-    let ch = server();
-    let dir = tempdir();
-    let config = config(dir.path(), PASSWORD);
-    let client = client(&ch);
-    let now = time::now();
-    chain(&client, now);
+/// web@h1's policy gains a name rule (egress[1]: `api.example.test`,
+/// 443/tcp) and it reaches two addresses its lookup of the name gave.
+fn named_flows(client: &Client, now: u32) {
     let mut web = policy("web", "h1", &[("198.51.100.20/32", 8080)], now - 300);
     web.rules = serde_json::to_string(&[
         Rule {
@@ -857,19 +849,73 @@ fn fleet_blast_radius_and_graph_name_a_destination_reached_by_name() {
         rule: "web.toml#egress[1]".to_owned(),
         ..egress("web", "h1", (addr, 443), calls, (now - 300, now - 60))
     };
-    insert(&client, "named-policies", &mut [web]);
+    insert(client, "named-policies", &mut [web]);
     insert(
-        &client,
+        client,
         "named-flows",
         &mut [named("203.0.113.5", 2), named("203.0.113.6", 3)],
     );
+}
+
+/// `fleet graph`'s JSON draws both addresses under one `name:` node.
+fn assert_drawn_under_the_name(json: &str) {
+    let view: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let node = "name:api.example.test:443/tcp";
+    assert!(
+        view["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.iter().any(|n| n["id"] == node && n["kind"] == "name")),
+        "{json}"
+    );
+    let mut under: Vec<(String, String)> = view["edges"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["to"] == node)
+                .map(|e| (e["dest"].to_string(), e["dst_name"].to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    under.sort();
+    assert_eq!(
+        under,
+        [
+            (
+                "\"203.0.113.5:443/tcp\"".to_owned(),
+                "\"api.example.test\"".to_owned()
+            ),
+            (
+                "\"203.0.113.6:443/tcp\"".to_owned(),
+                "\"api.example.test\"".to_owned()
+            ),
+        ],
+        "{json}"
+    );
+}
+
+/// What a test compares of a `Reached`: to, dest, addresses, calls, rule.
+type ReachedRow<'a> = (&'a str, &'a str, Vec<&'a str>, u64, Option<&'a str>);
+
+/// web@h1 gets a name rule and reaches two addresses its lookup of
+/// `api.example.test` gave: the fleet's blast radius lists them under the
+/// name, with the rule, and the graph draws them under one name node.
+#[test]
+fn fleet_blast_radius_and_graph_name_a_destination_reached_by_name() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    let now = time::now();
+    chain(&client, now);
+    named_flows(&client, now);
 
     let out = succeeded(
         &fleet_at(&ch, &config, &["blast-radius", "web", "--json"]),
         "fleet blast-radius --json",
     );
     let b: FleetBlastRadius = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let reached: Vec<(&str, &str, Vec<&str>, u64, Option<&str>)> = b
+    let reached: Vec<ReachedRow<'_>> = b
         .reached
         .iter()
         .map(|r| {
@@ -935,40 +981,10 @@ fn fleet_blast_radius_and_graph_name_a_destination_reached_by_name() {
         "{report}"
     );
 
-    let json = succeeded(&fleet_at(&ch, &config, &["graph"]), "fleet graph");
-    let view: serde_json::Value =
-        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
-    let node = "name:api.example.test:443/tcp";
-    assert!(
-        view["nodes"]
-            .as_array()
-            .is_some_and(|ns| ns.iter().any(|n| n["id"] == node && n["kind"] == "name")),
-        "{json}"
-    );
-    let mut under: Vec<(String, String)> = view["edges"]
-        .as_array()
-        .map(|es| {
-            es.iter()
-                .filter(|e| e["to"] == node)
-                .map(|e| (e["dest"].to_string(), e["dst_name"].to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    under.sort();
-    assert_eq!(
-        under,
-        [
-            (
-                "\"203.0.113.5:443/tcp\"".to_owned(),
-                "\"api.example.test\"".to_owned()
-            ),
-            (
-                "\"203.0.113.6:443/tcp\"".to_owned(),
-                "\"api.example.test\"".to_owned()
-            ),
-        ],
-        "{json}"
-    );
+    assert_drawn_under_the_name(&succeeded(
+        &fleet_at(&ch, &config, &["graph"]),
+        "fleet graph",
+    ));
 }
 
 #[test]

@@ -444,7 +444,7 @@ fn inserts_whose_answers_were_lost_are_stored_once() {
 
 /// A real lookup through the agent's DNS proxy, then a connect to the
 /// address it gave: the agent's `flows` row carries the name, and the
-/// fleet's blast radius read back from ClickHouse lists the destination
+/// fleet's blast radius read back from `ClickHouse` lists the destination
 /// by it. (dnsmasq answers `api.example.test` with a loopback address
 /// where a listener outside every service stands in for it.)
 #[test]

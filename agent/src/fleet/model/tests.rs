@@ -367,6 +367,9 @@ fn a_listener_its_host_no_longer_reports_is_not_reachable_now() {
     assert_eq!(b.reached[0].to, "api@h2");
 }
 
+/// What a test compares of a `Reached`: to, dest, addresses, calls, rule.
+type ReachedRow<'a> = (&'a str, &'a str, Vec<&'a str>, u64, Option<&'a str>);
+
 /// A flow to an address the service's lookup of a name gave: listed by
 /// that name with its addresses (reached, lateral, graph), attributed to
 /// the name rule; an address a service listens on stays that service.
@@ -397,7 +400,7 @@ fn destinations_reached_by_name_are_listed_by_their_name() {
         ],
     );
     let b = fleet.blast_radius("web").expect("web");
-    let reached: Vec<(&str, &str, Vec<&str>, u64, Option<&str>)> = b
+    let reached: Vec<ReachedRow<'_>> = b
         .reached
         .iter()
         .map(|r| {
