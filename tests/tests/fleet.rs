@@ -215,6 +215,63 @@ fn init_refuses_a_table_with_other_columns() {
     );
 }
 
+/// A `flows` table as the release before `dst_name` made it: the agent's
+/// rows still go in (without their names), `fleet init` adds the column,
+/// the old rows read it as "" and a named row then round-trips.
+#[test]
+fn init_adds_dst_name_to_an_older_flows_table_and_a_named_row_round_trips() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    assert_eq!(ch.query("CREATE DATABASE bulkhead"), "");
+    let older =
+        schema::create_table("bulkhead", Table::Flows).replace(",\n    dst_name String", "");
+    assert!(!older.contains("dst_name"), "{older}");
+    assert_eq!(ch.query(&older), "");
+    let now = time::now();
+    let named = |port| FlowRow {
+        dst_name: "api.example.test".to_owned(),
+        ..flow(port, now)
+    };
+    // Before init: stored, the name skipped (not refused as bad data).
+    insert(&client, "old-1", &mut [flow(8080, now), named(443)]);
+    assert_eq!(
+        ch.query("SELECT remote_port FROM bulkhead.flows ORDER BY row"),
+        "8080\n443\n"
+    );
+
+    let out = succeeded(&fleet(&["init"], &ch.url(), &config), "fleet init");
+    assert!(
+        out.ends_with(
+            "table bulkhead.anomalies: created\ntable bulkhead.flows: column dst_name added\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        ch.query(
+            "SELECT type, default_kind, default_expression FROM system.columns \
+             WHERE database = 'bulkhead' AND table = 'flows' AND name = 'dst_name'"
+        ),
+        "String\tDEFAULT\t\\'\\'\n"
+    );
+    let again = succeeded(&fleet(&["init"], &ch.url(), &config), "fleet init again");
+    assert!(!again.contains("added"), "{again}");
+
+    let mut rows = vec![named(443)];
+    insert(&client, "new-1", &mut rows);
+    let back = read_back::<FlowRow>(&ch);
+    let stored: Vec<(&str, &str)> = back
+        .iter()
+        .map(|r| (r.batch_id.as_str(), r.dst_name.as_str()))
+        .collect();
+    assert_eq!(
+        stored,
+        [("new-1", "api.example.test"), ("old-1", ""), ("old-1", "")]
+    );
+    assert_eq!(back[0], rows[0]);
+}
+
 #[test]
 fn rows_inserted_through_the_client_read_back_equal() {
     let ch = server();
@@ -560,6 +617,7 @@ fn policy(service: &str, host: &str, allows: &[(&str, u16)], at: u32) -> PolicyR
         .map(|(i, (net, port))| Rule {
             rule: format!("{service}.toml#egress[{i}]"),
             to: vec![net.parse().unwrap_or_else(|e| panic!("{net}: {e}"))],
+            names: Vec::new(),
             ports: vec![(*port, *port)],
             protocol: "tcp".to_owned(),
             description: None,
@@ -761,6 +819,172 @@ fn fleet_blast_radius_of_web_is_exactly_api_at_h2_and_db_at_h3_with_their_paths(
          (no policy snapshot names it)\n"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// web@h1's policy gains a name rule (egress[1]: `api.example.test`,
+/// 443/tcp) and it reaches two addresses its lookup of the name gave.
+fn named_flows(client: &Client, now: u32) {
+    let mut web = policy("web", "h1", &[("198.51.100.20/32", 8080)], now - 300);
+    web.rules = serde_json::to_string(&[
+        Rule {
+            rule: "web.toml#egress[0]".to_owned(),
+            to: vec!["198.51.100.20/32".parse().unwrap_or_else(|e| panic!("{e}"))],
+            names: Vec::new(),
+            ports: vec![(8080, 8080)],
+            protocol: "tcp".to_owned(),
+            description: None,
+        },
+        Rule {
+            rule: "web.toml#egress[1]".to_owned(),
+            to: Vec::new(),
+            names: vec!["api.example.test".to_owned()],
+            ports: vec![(443, 443)],
+            protocol: "tcp".to_owned(),
+            description: None,
+        },
+    ])
+    .unwrap_or_else(|e| panic!("rules: {e}"));
+    let named = |addr, calls| FlowRow {
+        dst_name: "api.example.test".to_owned(),
+        rule: "web.toml#egress[1]".to_owned(),
+        ..egress("web", "h1", (addr, 443), calls, (now - 300, now - 60))
+    };
+    insert(client, "named-policies", &mut [web]);
+    insert(
+        client,
+        "named-flows",
+        &mut [named("203.0.113.5", 2), named("203.0.113.6", 3)],
+    );
+}
+
+/// `fleet graph`'s JSON draws both addresses under one `name:` node.
+fn assert_drawn_under_the_name(json: &str) {
+    let view: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let node = "name:api.example.test:443/tcp";
+    assert!(
+        view["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.iter().any(|n| n["id"] == node && n["kind"] == "name")),
+        "{json}"
+    );
+    let mut under: Vec<(String, String)> = view["edges"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["to"] == node)
+                .map(|e| (e["dest"].to_string(), e["dst_name"].to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    under.sort();
+    assert_eq!(
+        under,
+        [
+            (
+                "\"203.0.113.5:443/tcp\"".to_owned(),
+                "\"api.example.test\"".to_owned()
+            ),
+            (
+                "\"203.0.113.6:443/tcp\"".to_owned(),
+                "\"api.example.test\"".to_owned()
+            ),
+        ],
+        "{json}"
+    );
+}
+
+/// What a test compares of a `Reached`: to, dest, addresses, calls, rule.
+type ReachedRow<'a> = (&'a str, &'a str, Vec<&'a str>, u64, Option<&'a str>);
+
+/// web@h1 gets a name rule and reaches two addresses its lookup of
+/// `api.example.test` gave: the fleet's blast radius lists them under the
+/// name, with the rule, and the graph draws them under one name node.
+#[test]
+fn fleet_blast_radius_and_graph_name_a_destination_reached_by_name() {
+    let ch = server();
+    let dir = tempdir();
+    let config = config(dir.path(), PASSWORD);
+    let client = client(&ch);
+    let now = time::now();
+    chain(&client, now);
+    named_flows(&client, now);
+
+    let out = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "web", "--json"]),
+        "fleet blast-radius --json",
+    );
+    let b: FleetBlastRadius = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let reached: Vec<ReachedRow<'_>> = b
+        .reached
+        .iter()
+        .map(|r| {
+            (
+                r.to.as_str(),
+                r.dest.as_str(),
+                r.addresses.iter().map(String::as_str).collect(),
+                r.calls,
+                r.rule.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reached,
+        [
+            (
+                "api.example.test:443/tcp",
+                "api.example.test:443/tcp",
+                vec!["203.0.113.5", "203.0.113.6"],
+                5,
+                Some("web.toml#egress[1]")
+            ),
+            (
+                "api@h2",
+                "198.51.100.20:8080/tcp",
+                Vec::new(),
+                12,
+                Some("web.toml#egress[0]")
+            ),
+        ]
+    );
+    let allows: Vec<(&str, bool)> = b.allows.iter().map(|a| (a.to.as_str(), a.used)).collect();
+    assert_eq!(
+        allows,
+        [("198.51.100.20/32", true), ("api.example.test", true)]
+    );
+    let named_hop = b
+        .lateral
+        .destinations
+        .iter()
+        .find(|h| h.target == "api.example.test:443/tcp")
+        .unwrap_or_else(|| panic!("no lateral destination by name: {out}"));
+    assert_eq!(
+        (named_hop.hops, named_hop.path.as_str()),
+        (1, "web@h1 → api.example.test:443")
+    );
+
+    let report = succeeded(
+        &fleet_at(&ch, &config, &["blast-radius", "web"]),
+        "fleet blast-radius",
+    );
+    assert!(
+        report.contains(
+            "   web@h1 → api.example.test:443/tcp (203.0.113.5, 203.0.113.6): 5 connections, last "
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains(
+            "   web@h1 web.toml#egress[1] api.example.test ports 443 tcp  \
+             (no service listening there)\n"
+        ),
+        "{report}"
+    );
+
+    assert_drawn_under_the_name(&succeeded(
+        &fleet_at(&ch, &config, &["graph"]),
+        "fleet graph",
+    ));
 }
 
 #[test]

@@ -16,9 +16,15 @@ use std::{
 
 use bulkhead::fleet::{model::Fleet, read, Client, FleetConfig};
 use integration_tests::{
-    addr, events::wait_event, eventually, http::metrics_addr, probe, prometheus::wait_sample,
-    require_bpf, service_policy, CgroupGuard, ClickHouse, Daemon, Egress, Listener, NetnsGuard,
-    PolicyDir, Proto, Relay,
+    addr,
+    dns_server::{dig_addresses, dig_in, dig_text},
+    events::wait_event,
+    eventually,
+    http::metrics_addr,
+    probe,
+    prometheus::wait_sample,
+    require_bpf, service_policy, CgroupGuard, ClickHouse, Daemon, DnsServer, Egress, Listener,
+    NetnsGuard, PolicyDir, Proto, Relay,
 };
 
 /// How long rows may take to reach `ClickHouse` (1 s batches, plus the
@@ -434,4 +440,85 @@ fn inserts_whose_answers_were_lost_are_stored_once() {
         ARRIVAL,
         |n| n == rows,
     );
+}
+
+/// A real lookup through the agent's DNS proxy, then a connect to the
+/// address it gave: the agent's `flows` row carries the name, and the
+/// fleet's blast radius read back from `ClickHouse` lists the destination
+/// by it. (dnsmasq answers `api.example.test` with a loopback address
+/// where a listener outside every service stands in for it.)
+#[test]
+fn a_destination_reached_by_name_is_named_in_the_fleet() {
+    if !require_bpf() {
+        return;
+    }
+    let ch = ClickHouse::start();
+    ch.fleet_init();
+    let api = probe!().listen(Proto::Tcp, addr("127.0.201.1:0"));
+    let resolver = addr("127.0.53.201:53");
+    let server = DnsServer::start_at(resolver, &[("api.example.test", api.addr().ip())], &[]);
+    let web = CgroupGuard::new();
+    let policies = PolicyDir::with(&[(
+        "web.toml",
+        &service_policy(
+            &web,
+            "enforce",
+            &[
+                Egress::to([server.addr().ip()]).ports([53]),
+                Egress::to(["api.example.test"])
+                    .ports([api.port()])
+                    .protocol("tcp"),
+            ],
+        ),
+    )]);
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let agent = Daemon::start_with_config(&policies, &fleet_config(work.path(), "h1", &ch.url()));
+
+    let out = dig_in(web.path(), server.addr(), "api.example.test", &[]);
+    assert_eq!(
+        dig_addresses(&out),
+        [api.addr().ip().to_string()],
+        "{}",
+        dig_text(&out)
+    );
+    probe!()
+        .in_cgroup(web.path())
+        .tcp_connect(api.addr())
+        .assert_ok("web connects to the address its lookup gave");
+    let call = wait_event(&agent, "web's connect by name", |ev| {
+        ev["service"] == "web" && ev["dst_port"] == api.port() && ev["type"] == "verdict"
+    });
+    assert_eq!(call["dst_name"], "api.example.test", "{call:#}");
+
+    // The connection's byte summaries come in a row of their own without
+    // the name (TCP lifecycle events carry none); the call is named.
+    let sql = format!(
+        "SELECT dst_name, sum(calls) FROM bulkhead.flows \
+         WHERE service = 'web' AND remote_port = {} AND calls > 0 GROUP BY dst_name",
+        api.port()
+    );
+    eventually(ARRIVAL, Duration::from_millis(250), || {
+        let got = ch.query(&sql);
+        if got == "api.example.test\t1\n" {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    })
+    .unwrap_or_else(|got| panic!("{sql}: {got:?} within {ARRIVAL:?}; log:\n{}", agent.log()));
+
+    let fleet = read_fleet(&ch);
+    let b = fleet
+        .blast_radius("web")
+        .unwrap_or_else(|e| panic!("blast radius: {e}"));
+    let label = format!("api.example.test:{}/tcp", api.port());
+    let named = b
+        .reached
+        .iter()
+        .find(|r| r.to == label)
+        .unwrap_or_else(|| panic!("{label} not among what web reached: {:?}", b.reached));
+    assert_eq!(named.addresses, [api.addr().ip().to_string()]);
+    assert_eq!(named.calls, 1);
+    assert_eq!(named.rule.as_deref(), Some("web.toml#egress[1]"));
+    drop(agent);
 }

@@ -160,8 +160,12 @@ impl Client {
             self.database,
             table.name()
         );
+        // A field the table lacks is skipped, not refused: an agent newer
+        // than the table (`fleet init` not run since an upgrade added a
+        // column, e.g. `flows.dst_name`) still stores its rows, without
+        // that field, instead of having its batches dropped as bad data.
         let params = format!(
-            "query={}&query_id={}",
+            "query={}&query_id={}&input_format_skip_unknown_fields=1",
             url_encode(&query),
             url_encode(&query_id(table, batch_id))
         );

@@ -37,6 +37,7 @@ fn rule(s: &Service, r: &EgressRule) -> Rule {
         }
         .to_string(),
         to: r.to.clone(),
+        names: r.names.iter().map(ToString::to_string).collect(),
         ports: r.ports.iter().map(|p| (p.lo, p.hi)).collect(),
         protocol: r.protocol.to_string(),
         description: r.description.clone(),

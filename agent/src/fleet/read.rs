@@ -36,7 +36,11 @@ pub fn listeners_sql(database: &str) -> String {
 }
 
 /// Per hour, so that a destination whose owner changed (an address that
-/// moved between hosts) is resolved against the right one.
+/// moved between hosts) is resolved against the right one. The name is
+/// the latest non-empty `dst_name` of the hour, as the host graph keeps
+/// the latest a decision carried: a flow's calls after its name expired
+/// stay under it. (A tuple in `argMax` is newer than 18.16: the key is a
+/// number, named rows above the rest, then by time.)
 pub fn flows_sql(database: &str) -> String {
     format!(
         "SELECT host, service, remote_addr, remote_port, protocol, \
@@ -44,7 +48,8 @@ pub fn flows_sql(database: &str) -> String {
          sumIf(calls, verdict = 'audit') AS audited, \
          sumIf(calls, verdict = 'deny') AS denied, \
          sum(bytes_sent) AS sent, sum(bytes_received) AS received, \
-         toUInt32(min(first_seen)) AS first, toUInt32(max(last_seen)) AS last \
+         toUInt32(min(first_seen)) AS first, toUInt32(max(last_seen)) AS last, \
+         argMax(dst_name, toUInt64(dst_name != '') * 4294967296 + toUInt32(last_seen)) AS name \
          FROM {database}.flows WHERE direction = 'egress' AND last_seen <= now() + {FUTURE} \
          GROUP BY host, service, remote_addr, remote_port, protocol, toStartOfHour(first_seen) \
          FORMAT JSONEachRow"
@@ -170,6 +175,9 @@ struct FlowRow {
     first: u64,
     #[serde(deserialize_with = "number")]
     last: u64,
+    /// `dst_name`, "" when none.
+    #[serde(default)]
+    name: String,
 }
 
 /// One JSON object per line; an error names the query and the line.
@@ -235,6 +243,7 @@ pub fn parse(instances: &str, listeners: &str, flows: &str) -> Result<Fleet> {
                 bytes_received: r.received,
                 first_seen: r.first,
                 last_seen: r.last,
+                dst_name: r.name,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -263,6 +272,26 @@ mod tests {
         assert_eq!(b.reached[0].to, "api@h2");
         assert_eq!((b.reached[0].calls, b.reached[0].denied), (7, 1));
         assert_eq!(b.allows[0].services, ["api@h2"]);
+    }
+
+    #[test]
+    fn the_flows_name_is_read_and_rows_without_one_have_none() {
+        assert!(
+            flows_sql("bulkhead").contains(
+                "argMax(dst_name, toUInt64(dst_name != '') * 4294967296 + toUInt32(last_seen)) AS name"
+            ),
+            "{}",
+            flows_sql("bulkhead")
+        );
+        let instances = r#"{"service":"web","host":"h1","mode":"enforce","file":"f","rules":"[{\"rule\":\"web.toml#egress[0]\",\"to\":[],\"names\":[\"api.example.test\"],\"ports\":[[443,443]],\"protocol\":\"tcp\"}]"}"#;
+        let flows = "{\"host\":\"h1\",\"service\":\"web\",\"remote_addr\":\"203.0.113.5\",\"remote_port\":443,\"protocol\":\"tcp\",\"allowed\":\"2\",\"audited\":\"0\",\"denied\":\"0\",\"sent\":\"0\",\"received\":\"0\",\"first\":2000,\"last\":2010,\"name\":\"api.example.test\"}\n\
+                     {\"host\":\"h1\",\"service\":\"web\",\"remote_addr\":\"203.0.113.9\",\"remote_port\":443,\"protocol\":\"tcp\",\"allowed\":\"1\",\"audited\":\"0\",\"denied\":\"0\",\"sent\":\"0\",\"received\":\"0\",\"first\":2000,\"last\":2010}\n";
+        let fleet = parse(instances, "", flows).expect("valid rows");
+        let b = fleet.blast_radius("web").expect("web");
+        let to: Vec<&str> = b.reached.iter().map(|r| r.to.as_str()).collect();
+        assert_eq!(to, ["203.0.113.9:443/tcp", "api.example.test:443/tcp"]);
+        assert_eq!(b.reached[1].rule.as_deref(), Some("web.toml#egress[0]"));
+        assert_eq!(b.reached[0].rule, None);
     }
 
     #[test]

@@ -61,6 +61,12 @@ pub struct FlowRow {
     pub date: String,
     pub batch_id: String,
     pub row: u32,
+    /// The DNS name the service looked up that gave `remote_addr` (the
+    /// decision log's `dst_name`), "" when none. Left out of a row without
+    /// one, and last in the table, so that rows without a name still go
+    /// into a table made before the column (`fleet init` adds it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dst_name: String,
 }
 
 /// An address or a listener of a host, and the service that owns it.
@@ -441,16 +447,18 @@ mod tests {
     }
 
     /// Each struct writes exactly its table's columns (serde_json keeps
-    /// the struct's order only with `preserve_order`, so compare as sets).
+    /// the struct's order only with `preserve_order`, so compare as sets),
+    /// but for the columns added later, left out when empty.
     #[test]
     fn every_row_has_exactly_its_tables_columns() {
         fn check<R: Row + Default>() {
             let mut got = keys(&R::default());
             got.sort();
-            let mut want: Vec<String> = R::TABLE
-                .schema()
+            let schema = R::TABLE.schema();
+            let mut want: Vec<String> = schema
                 .columns
                 .iter()
+                .filter(|(n, _)| !schema.added.contains(n))
                 .map(|(n, _)| (*n).to_string())
                 .collect();
             want.sort();
@@ -460,6 +468,27 @@ mod tests {
         check::<EndpointRow>();
         check::<PolicyRow>();
         check::<AnomalyRow>();
+    }
+
+    #[test]
+    fn a_flows_dns_name_is_written_only_when_it_has_one() {
+        let named = FlowRow {
+            dst_name: "api.example.test".into(),
+            ..flow(1_796_342_399)
+        };
+        assert!(keys(&named).contains(&"dst_name".to_string()));
+        assert!(!keys(&flow(1_796_342_399)).contains(&"dst_name".to_string()));
+        let mut rows = vec![named.clone()];
+        let batch = EncodedBatch::encode("h1-6", &mut rows).expect("batch");
+        let text = std::str::from_utf8(batch.body()).expect("utf-8");
+        assert!(text.contains("\"dst_name\":\"api.example.test\""), "{text}");
+        let back: FlowRow = serde_json::from_str(text.trim_end()).expect("decode");
+        assert_eq!(back, rows[0]);
+        // A row stored before the column reads back without a name.
+        let mut old: serde_json::Value = serde_json::from_str(text.trim_end()).expect("json");
+        old.as_object_mut().expect("an object").remove("dst_name");
+        let back: FlowRow = serde_json::from_value(old).expect("decode");
+        assert_eq!(back.dst_name, "");
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct TableSchema {
     pub time_column: &'static str,
     /// The sorting key: the columns the fleet queries filter on first.
     pub order_by: &'static [&'static str],
+    /// Columns a later release added (`String`, default ''): `fleet init`
+    /// adds them to a table made before, which rows without them keep
+    /// fitting.
+    pub added: &'static [&'static str],
 }
 
 /// The day of the row (UTC), its partition.
@@ -106,9 +110,13 @@ static FLOWS: TableSchema = TableSchema {
         DATE,
         BATCH_ID,
         ROW,
+        // Added after the first release: last, where `ALTER TABLE ... ADD
+        // COLUMN` puts it, so new and migrated tables agree.
+        ("dst_name", "String"),
     ],
     time_column: "last_seen",
     order_by: &["service", "host", "remote_addr", "remote_port"],
+    added: &["dst_name"],
 };
 
 /// Endpoints are looked up by address and port (a flow's destination ->
@@ -131,6 +139,7 @@ static ENDPOINTS: TableSchema = TableSchema {
     ],
     time_column: "last_seen",
     order_by: &["addr", "port", "service", "host"],
+    added: &[],
 };
 
 /// A service's policies, newest last per host.
@@ -151,6 +160,7 @@ static POLICIES: TableSchema = TableSchema {
     ],
     time_column: "applied_at",
     order_by: &["service", "host", "applied_at"],
+    added: &[],
 };
 
 static ANOMALIES: TableSchema = TableSchema {
@@ -169,6 +179,7 @@ static ANOMALIES: TableSchema = TableSchema {
     ],
     time_column: "at",
     order_by: &["service", "host", "at"],
+    added: &[],
 };
 
 /// `CREATE DATABASE IF NOT EXISTS` (`database` is a checked identifier).
@@ -194,6 +205,19 @@ pub fn create_table(database: &str, table: Table) -> String {
     )
 }
 
+/// `ALTER TABLE database.table ADD COLUMN column String DEFAULT ''`: a
+/// column a later release added ([`TableSchema::added`]). The rows
+/// already stored read it as ''. (18.16 has no `IF NOT EXISTS` here:
+/// `init` adds only a column `system.columns` lacks, and takes a failure
+/// as done when the column is there after it.)
+#[must_use]
+pub fn add_column(database: &str, table: Table, column: &str) -> String {
+    format!(
+        "ALTER TABLE {database}.{} ADD COLUMN {column} String DEFAULT ''",
+        table.name()
+    )
+}
+
 /// What `fleet init` found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitReport {
@@ -204,6 +228,9 @@ pub struct InitReport {
     /// Each table, and whether it was created (false: it was there, with
     /// the expected columns).
     pub tables: Vec<(Table, bool)>,
+    /// Columns a later release added that an existing table lacked, added
+    /// now.
+    pub added: Vec<(Table, &'static str)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,10 +246,11 @@ pub enum InitError {
     },
 }
 
-/// Creates the database and the tables that are missing, then checks that
-/// every table has the columns bulkhead writes (a table left by another
-/// program or another release is reported, never altered). Running it
-/// again changes nothing.
+/// Creates the database and the tables that are missing, adds to an
+/// existing table the columns a later release added ([`add_column`]),
+/// then checks that every table has the columns bulkhead writes (a table
+/// left by another program, or with a column typed otherwise, is
+/// reported, never altered). Running it again changes nothing.
 ///
 /// # Errors
 /// The server's, or a table whose columns differ.
@@ -251,7 +279,36 @@ pub async fn init(client: &Client) -> Result<InitReport, InitError> {
         client.query(&create_table(&database, table)).await?;
         tables.push((table, !had.iter().any(|name| name == table.name())));
     }
-    let found = columns(client, &database).await?;
+    let mut found = columns(client, &database).await?;
+    let mut added = Vec::new();
+    for table in Table::ALL {
+        let empty = BTreeMap::new();
+        let have = found.get(table.name()).unwrap_or(&empty);
+        let missing: Vec<&'static str> = table
+            .schema()
+            .added
+            .iter()
+            .copied()
+            .filter(|c| !have.contains_key(*c))
+            .collect();
+        for column in missing {
+            if let Err(e) = client.query(&add_column(&database, table, column)).await {
+                // Another `fleet init` may have added it meanwhile.
+                let now = columns(client, &database).await?;
+                if !now
+                    .get(table.name())
+                    .is_some_and(|c| c.contains_key(column))
+                {
+                    return Err(e.into());
+                }
+                continue;
+            }
+            added.push((table, column));
+        }
+    }
+    if !added.is_empty() {
+        found = columns(client, &database).await?;
+    }
     for table in Table::ALL {
         let empty = BTreeMap::new();
         let differences = differences(table, found.get(table.name()).unwrap_or(&empty));
@@ -268,6 +325,7 @@ pub async fn init(client: &Client) -> Result<InitReport, InitError> {
         database,
         database_created: !had_database,
         tables,
+        added,
     })
 }
 
@@ -322,7 +380,7 @@ mod tests {
              local_port UInt16,\n    remote_addr String,\n    remote_port UInt16,\n    verdict String,\n    \
              rule String,\n    calls UInt64,\n    bytes_sent UInt64,\n    bytes_received UInt64,\n    \
              first_seen DateTime,\n    last_seen DateTime,\n    date Date,\n    batch_id String,\n    \
-             row UInt32\n)\nENGINE = MergeTree()\nPARTITION BY date\nORDER BY (service, host, remote_addr, remote_port)"
+             row UInt32,\n    dst_name String\n)\nENGINE = MergeTree()\nPARTITION BY date\nORDER BY (service, host, remote_addr, remote_port)"
         );
         assert_eq!(
             create_database("bulkhead"),
@@ -355,6 +413,26 @@ mod tests {
                 "Nullable",
             ] {
                 assert!(!sql.contains(newer), "{table}: {newer}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_column_added_later_is_added_to_an_existing_table() {
+        assert_eq!(
+            add_column("bulkhead", Table::Flows, "dst_name"),
+            "ALTER TABLE bulkhead.flows ADD COLUMN dst_name String DEFAULT ''"
+        );
+        for table in Table::ALL {
+            let columns = table.schema().columns;
+            for added in table.schema().added {
+                // Last, where ALTER puts them, and Strings (add_column's type).
+                let at = columns.iter().position(|(n, _)| n == added);
+                assert!(
+                    at.is_some_and(|i| i + table.schema().added.len() >= columns.len()),
+                    "{table}: {added}"
+                );
+                assert!(columns.contains(&(*added, "String")), "{table}: {added}");
             }
         }
     }

@@ -10,14 +10,18 @@ use std::{
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use super::model::{Dest, EdgeStats, Graph, ListenKey, Source};
+use super::{
+    model::{Dest, EdgeStats, Graph, ListenKey, Source},
+    named,
+};
 use crate::policy::{EgressRule, PolicySet, PortRange, Protocol, RuleRef, Section, Service};
 
-/// One destination network of one `[[egress]]` rule.
+/// One destination network, or one name pattern, of one `[[egress]]` rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allowance {
     /// `a.toml#egress[0]`.
     pub rule: String,
+    /// A network, or a name pattern (`api.example.com`, `*.example.com`).
     pub to: String,
     /// `8080`, `8000-8100, 9000`, or `all`.
     pub ports: String,
@@ -31,9 +35,15 @@ pub struct Allowance {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reached {
-    /// The service (by name) or the endpoint (`ADDR:PORT/PROTO`).
+    /// The service (by name), the DNS name the service looked up
+    /// (`NAME:PORT/PROTO`), or the endpoint (`ADDR:PORT/PROTO`).
     pub to: String,
+    /// As the kernel saw it (`ADDR:PORT/PROTO`); for a name, the name again
+    /// and its addresses in `addresses`.
     pub dest: String,
+    /// The addresses reached by the name (empty for other destinations).
+    #[serde(default)]
+    pub addresses: Vec<String>,
     pub connections: u64,
     pub denied: u64,
     pub first_seen: String,
@@ -44,7 +54,8 @@ pub struct Reached {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hop {
-    /// A service name, or a destination `ADDR:PORT/PROTO` or `NET:PORTS/PROTO`.
+    /// A service name, or a destination `ADDR:PORT/PROTO`, `NET:PORTS/PROTO`,
+    /// `NAME:PORT/PROTO` (reached by a name) or `PATTERN:PORTS/PROTO`.
     pub target: String,
     /// `service` or `destination`.
     pub kind: String,
@@ -158,6 +169,120 @@ fn edges_of<'a>(
         .collect()
 }
 
+/// Whether name pattern `pattern` of `rule` lets the edge to `dest`
+/// through: the service's lookup of a name it allows gave the address.
+fn name_covers(rule: &EgressRule, pattern: &str, dest: &Dest, e: &EdgeStats) -> bool {
+    e.dst_name
+        .as_deref()
+        .is_some_and(|n| named::allows(pattern, n))
+        && ports_cover(&rule.ports, dest.port)
+        && protocol_matches(rule.protocol, &dest.protocol)
+}
+
+/// The first rule of `service` that lets the edge through: by the name
+/// looked up, else by address. (A name a rule allowed through a CNAME on
+/// the way is not known here: such an edge is attributed by address.)
+fn rule_of(service: &Service, dest: &Dest, e: &EdgeStats) -> Option<String> {
+    service
+        .egress
+        .iter()
+        .find(|r| {
+            r.names
+                .iter()
+                .any(|p| name_covers(r, &p.to_string(), dest, e))
+        })
+        .or_else(|| {
+            service
+                .egress
+                .iter()
+                .find(|r| r.to.iter().any(|n| covers(r, n, dest)))
+        })
+        .map(|r| rule_ref(service, r))
+}
+
+fn allowance(
+    service: &Service,
+    rule: &EgressRule,
+    to: String,
+    services: Vec<String>,
+    used: bool,
+) -> Allowance {
+    Allowance {
+        rule: rule_ref(service, rule),
+        to,
+        ports: ports_text(&rule.ports),
+        protocol: rule.protocol.to_string(),
+        description: rule.description.clone(),
+        services,
+        used,
+    }
+}
+
+/// The DNS name an edge is listed by (`NAME:PORT/PROTO`): the name the
+/// service looked up, unless a local service listens there (then it is
+/// that service, as in the graph).
+fn name_of(graph: &Graph, dest: &Dest, e: &EdgeStats) -> Option<String> {
+    let name = e.dst_name.as_deref()?;
+    graph
+        .service_at(dest)
+        .is_none()
+        .then(|| named::label(name, dest.port, &dest.protocol))
+}
+
+/// What the service reached, one line per service, name or address: the
+/// addresses of one name (on one port and protocol) are summed under it.
+fn reached(graph: &Graph, service: &Service, edges: &[(&Dest, &EdgeStats)]) -> Vec<Reached> {
+    let mut out: Vec<Reached> = Vec::new();
+    let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+    for (d, e) in edges {
+        let rule = rule_of(service, d, e);
+        let Some(label) = name_of(graph, d, e) else {
+            out.push(Reached {
+                to: graph
+                    .service_at(d)
+                    .map_or_else(|| d.label(), str::to_string),
+                dest: d.label(),
+                addresses: Vec::new(),
+                connections: e.connections,
+                denied: e.denied,
+                first_seen: e.first_seen.clone(),
+                last_seen: e.last_seen.clone(),
+                rule,
+            });
+            continue;
+        };
+        let address = d.addr.to_string();
+        if let Some(&i) = by_name.get(&label) {
+            let r = &mut out[i];
+            r.addresses.push(address);
+            r.connections += e.connections;
+            r.denied += e.denied;
+            if !super::time::at_or_after(&e.first_seen, &r.first_seen) {
+                r.first_seen.clone_from(&e.first_seen);
+            }
+            if super::time::at_or_after(&e.last_seen, &r.last_seen) {
+                r.last_seen.clone_from(&e.last_seen);
+            }
+            if r.rule.is_none() {
+                r.rule = rule;
+            }
+            continue;
+        }
+        by_name.insert(label.clone(), out.len());
+        out.push(Reached {
+            to: label.clone(),
+            dest: label,
+            addresses: vec![address],
+            connections: e.connections,
+            denied: e.denied,
+            first_seen: e.first_seen.clone(),
+            last_seen: e.last_seen.clone(),
+            rule,
+        });
+    }
+    out
+}
+
 /// The blast radius of `name`, or why there is none.
 ///
 /// # Errors
@@ -189,35 +314,17 @@ pub fn compute(
             let used = edges
                 .iter()
                 .any(|(d, e)| e.connections > 0 && covers(rule, net, d));
-            allows.push(Allowance {
-                rule: rule_ref(service, rule),
-                to: net.to_string(),
-                ports: ports_text(&rule.ports),
-                protocol: rule.protocol.to_string(),
-                description: rule.description.clone(),
-                services,
-                used,
-            });
+            allows.push(allowance(service, rule, net.to_string(), services, used));
+        }
+        for pattern in &rule.names {
+            let pattern = pattern.to_string();
+            let used = edges
+                .iter()
+                .any(|(d, e)| e.connections > 0 && name_covers(rule, &pattern, d, e));
+            allows.push(allowance(service, rule, pattern, Vec::new(), used));
         }
     }
-    let reached = edges
-        .iter()
-        .map(|(d, e)| Reached {
-            to: graph
-                .service_at(d)
-                .map_or_else(|| d.label(), str::to_string),
-            dest: d.label(),
-            connections: e.connections,
-            denied: e.denied,
-            first_seen: e.first_seen.clone(),
-            last_seen: e.last_seen.clone(),
-            rule: service
-                .egress
-                .iter()
-                .find(|r| r.to.iter().any(|n| covers(r, n, d)))
-                .map(|r| rule_ref(service, r)),
-        })
-        .collect();
+    let reached = reached(graph, service, &edges);
     let unused = allows.iter().filter(|a| !a.used).cloned().collect();
     Ok(BlastRadius {
         service: name.to_string(),
@@ -237,6 +344,35 @@ fn short(d: &Dest) -> String {
     label
         .rsplit_once('/')
         .map_or(label.clone(), |(a, _)| a.to_string())
+}
+
+/// A destination of a lateral path, as its target and as shown in the
+/// path: the name looked up when there is one, else the address.
+fn target(d: &Dest, e: &EdgeStats) -> (String, String) {
+    match e.dst_name.as_deref() {
+        Some(n) => (
+            named::label(n, d.port, &d.protocol),
+            named::short(n, d.port),
+        ),
+        None => (d.label(), short(d)),
+    }
+}
+
+fn add_destinations(
+    destinations: &mut BTreeMap<String, Hop>,
+    targets: Vec<(String, String)>,
+    path: &str,
+    depth: usize,
+) {
+    for (target, shown) in targets {
+        let hop = Hop {
+            target: target.clone(),
+            kind: "destination".to_string(),
+            hops: depth + 1,
+            path: format!("{path} → {shown}"),
+        };
+        destinations.entry(target).or_insert(hop);
+    }
 }
 
 /// Breadth first from `start` over "the policy lets S connect to a socket
@@ -282,21 +418,28 @@ fn lateral(
                 let mut targets: Vec<(String, String)> = observed
                     .iter()
                     .filter(|(d, _)| graph.service_at(d).is_none() && covers(rule, net, d))
-                    .map(|(d, _)| (d.label(), short(d)))
+                    .map(|(d, e)| target(d, e))
                     .collect();
                 if targets.is_empty() && !via_service {
                     let whole = format!("{net}:{}/{}", ports_text(&rule.ports), rule.protocol);
                     targets.push((whole.clone(), whole));
                 }
-                for (target, shown) in targets {
-                    let hop = Hop {
-                        target: target.clone(),
-                        kind: "destination".to_string(),
-                        hops: depth + 1,
-                        path: format!("{path} → {shown}"),
-                    };
-                    destinations.entry(target).or_insert(hop);
+                add_destinations(&mut destinations, targets, &path, depth);
+            }
+            for pattern in &rule.names {
+                let pattern = pattern.to_string();
+                let mut targets: Vec<(String, String)> = observed
+                    .iter()
+                    .filter(|(d, e)| {
+                        graph.service_at(d).is_none() && name_covers(rule, &pattern, d, e)
+                    })
+                    .map(|(d, e)| target(d, e))
+                    .collect();
+                if targets.is_empty() {
+                    let whole = format!("{pattern}:{}/{}", ports_text(&rule.ports), rule.protocol);
+                    targets.push((whole.clone(), whole));
                 }
+                add_destinations(&mut destinations, targets, &path, depth);
             }
         }
     }
@@ -315,7 +458,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         events::Verdict,
-        graph::tests::{accepted, connect},
+        graph::tests::{accepted, connect, connect_named},
     };
 
     fn policy(files: &[(&str, &str)]) -> PolicySet {
@@ -407,6 +550,73 @@ pub(crate) mod tests {
             ..wildcard
         };
         assert!(listener_covered(&any_port, &net, &v4_wildcard));
+    }
+
+    /// A destination reached by a name is listed by that name with its
+    /// addresses, attributed to the name rule, and a name pattern is an
+    /// allowance of its own.
+    #[test]
+    fn a_destination_reached_by_name_is_listed_by_its_name() {
+        let set = policy(&[(
+            "a.toml",
+            "cgroup = \"/a\"\nmode = \"enforce\"\n[[egress]]\nto = [\"api.example.test\", \"*.unused.example.test\"]\nports = [443]\nprotocol = \"tcp\"\n[[egress]]\nto = [\"192.0.2.0/24\"]\nports = [80]\nprotocol = \"tcp\"\n",
+        )]);
+        let mut g = Graph::default();
+        g.observe(&connect_named(
+            "a",
+            ("203.0.113.5", 443),
+            "api.example.test",
+        ));
+        g.observe(&connect_named(
+            "a",
+            ("203.0.113.6", 443),
+            "api.example.test",
+        ));
+        g.observe(&connect_named(
+            "a",
+            ("203.0.113.6", 443),
+            "api.example.test",
+        ));
+        g.observe(&connect("a", ("192.0.2.7", 80), Verdict::Allow));
+        let b = compute(&g, &set, "a", None).expect("a is in the policy");
+        let named = b
+            .reached
+            .iter()
+            .find(|r| r.to == "api.example.test:443/tcp")
+            .expect("reached by name");
+        assert_eq!(named.addresses, ["203.0.113.5", "203.0.113.6"]);
+        assert_eq!(named.connections, 3);
+        assert_eq!(named.rule.as_deref(), Some("a.toml#egress[0]"));
+        assert!(b.reached.iter().any(|r| r.to == "192.0.2.7:80/tcp"));
+        assert_eq!(b.reached.len(), 2, "{:?}", b.reached);
+        let to: Vec<(&str, bool)> = b.allows.iter().map(|a| (a.to.as_str(), a.used)).collect();
+        assert_eq!(
+            to,
+            [
+                ("*.unused.example.test", false),
+                ("api.example.test", true),
+                ("192.0.2.0/24", true)
+            ]
+        );
+        let paths: Vec<&str> = b
+            .lateral
+            .destinations
+            .iter()
+            .map(|h| h.path.as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "a → *.unused.example.test:443/tcp",
+                "a → 192.0.2.7:80",
+                "a → api.example.test:443"
+            ]
+        );
+        let text = crate::graph::report::render(&b);
+        assert!(
+            text.contains("api.example.test:443/tcp (203.0.113.5, 203.0.113.6) 3 connections"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - `listeners`: listeners of services that predate the agent, from `/proc`
 //! - `view`: nodes and edges as exported (listeners resolved to services)
 //! - `blast`, `report`: blast radius of one service, and as text
+//! - `named`: destinations reached by DNS name, listed by that name
 //! - `export`: DOT and Mermaid
 //! - `page`: the HTML page of the metrics listener
 //! - `learn`: a policy allowing what a service was observed doing
@@ -18,6 +19,7 @@ pub mod export;
 pub mod learn;
 mod listeners;
 pub mod model;
+pub mod named;
 mod node;
 pub mod page;
 pub mod report;

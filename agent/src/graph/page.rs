@@ -59,18 +59,23 @@ pub fn highlight<'a>(
     node_ids: &BTreeSet<&str>,
 ) -> Value {
     let mut ids: BTreeSet<String> = BTreeSet::new();
+    // A destination is drawn as an address or, reached by a DNS name, as
+    // that name's node: both ids are tried, the view keeps the one it has
+    // (a name never reads as an address: its last label is not numeric).
     for (to, dest) in reached {
-        ids.insert(if to == dest {
-            format!("endpoint:{dest}")
+        if to == dest {
+            ids.insert(format!("endpoint:{dest}"));
+            ids.insert(format!("name:{dest}"));
         } else {
-            format!("service:{to}")
-        });
+            ids.insert(format!("service:{to}"));
+        }
     }
     for h in &lateral.services {
         ids.insert(format!("service:{}", h.target));
     }
     for h in &lateral.destinations {
         ids.insert(format!("endpoint:{}", h.target));
+        ids.insert(format!("name:{}", h.target));
     }
     let nodes: Vec<String> = ids
         .into_iter()
@@ -157,6 +162,26 @@ mod tests {
         for external in ["fetch(", "XMLHttpRequest", "import(", "<script"] {
             assert!(!LIBRARY.contains(external), "{external:?} in the library");
         }
+    }
+
+    #[test]
+    fn a_destination_reached_by_name_highlights_its_name_node() {
+        let node_ids: BTreeSet<&str> = ["service:a", "name:api.example.test:443/tcp"]
+            .into_iter()
+            .collect();
+        let lateral = blast::Lateral {
+            services: Vec::new(),
+            destinations: vec![blast::Hop {
+                target: "api.example.test:443/tcp".to_string(),
+                kind: "destination".to_string(),
+                hops: 1,
+                path: "a → api.example.test:443".to_string(),
+            }],
+            size: 0,
+        };
+        let reached = [("api.example.test:443/tcp", "api.example.test:443/tcp")];
+        let h = highlight(reached.into_iter(), &lateral, std::iter::empty(), &node_ids);
+        assert_eq!(h["nodes"], json!(["name:api.example.test:443/tcp"]));
     }
 
     #[test]

@@ -54,11 +54,7 @@ pub fn render(b: &BlastRadius) -> String {
         let _ = writeln!(
             out,
             "   {:<28} {} connections{denied}, last {} (via {})",
-            if r.to == r.dest {
-                v(&r.dest).into_owned()
-            } else {
-                format!("{} ({})", v(&r.to), v(&r.dest))
-            },
+            destination(&r.to, &r.dest, &r.addresses),
             r.connections,
             r.last_seen,
             v(r.rule.as_deref().unwrap_or("no rule")),
@@ -80,6 +76,23 @@ pub fn render(b: &BlastRadius) -> String {
     }
     lateral_section(&mut out, &b.lateral, "service(s)");
     out
+}
+
+/// A destination reached, as a report lists it: `api (127.0.0.1:8080/tcp)`
+/// for a service, `api.example.test:443/tcp (203.0.113.5, 203.0.113.6)`
+/// for a name with the addresses it gave, else the address.
+pub fn destination(to: &str, dest: &str, addresses: &[String]) -> String {
+    if !addresses.is_empty() {
+        format!(
+            "{} ({})",
+            v(to),
+            v(&super::named::addresses_text(addresses))
+        )
+    } else if to == dest {
+        v(dest).into_owned()
+    } else {
+        format!("{} ({})", v(to), v(dest))
+    }
 }
 
 /// Part 4 of a blast radius in text: the reachable set's size, then every
@@ -124,6 +137,7 @@ mod tests {
             reached: vec![Reached {
                 to: "evil\n4. lateral reach: 0".to_string(),
                 dest: "127.0.0.1:80/tcp".to_string(),
+                addresses: Vec::new(),
                 connections: 1,
                 denied: 0,
                 first_seen: "t".to_string(),

@@ -59,7 +59,7 @@ pub fn dest_node(
     match (graph.service_at(dest), dst_name) {
         (Some(service), _) => (format!("service:{service}"), service.to_string(), "service"),
         (None, Some(name)) => {
-            let label = format!("{name}:{}/{}", dest.port, dest.protocol);
+            let label = super::named::label(name, dest.port, &dest.protocol);
             (format!("name:{label}"), label, "name")
         }
         (None, None) => (

@@ -68,11 +68,7 @@ fn render(b: &FleetBlastRadius) -> String {
         let _ = writeln!(out, "   nothing observed");
     }
     for r in &b.reached {
-        let to = if r.to == r.dest {
-            v(&r.dest).into_owned()
-        } else {
-            format!("{} ({})", v(&r.to), v(&r.dest))
-        };
+        let to = crate::graph::report::destination(&r.to, &r.dest, &r.addresses);
         let denied = if r.denied > 0 {
             format!(", {} denied", r.denied)
         } else {
@@ -115,7 +111,7 @@ mod tests {
     };
 
     #[test]
-    fn every_part_names_its_instance_and_paths_show_each_hop() {
+    fn every_part_names_its_instance_names_and_paths_show_each_hop() {
         let allow = Allowance {
             instance: "web@h1".to_string(),
             rule: "web.toml#egress[0]".to_string(),
@@ -130,16 +126,30 @@ mod tests {
             service: "web".to_string(),
             instances: vec!["web@h1".to_string()],
             allows: vec![allow],
-            reached: vec![Reached {
-                from: "web@h1".to_string(),
-                to: "api@h2".to_string(),
-                dest: "198.51.100.20:8080/tcp".to_string(),
-                calls: 7,
-                denied: 1,
-                first_seen: 0,
-                last_seen: 60,
-                rule: Some("web.toml#egress[0]".to_string()),
-            }],
+            reached: vec![
+                Reached {
+                    from: "web@h1".to_string(),
+                    to: "api@h2".to_string(),
+                    dest: "198.51.100.20:8080/tcp".to_string(),
+                    addresses: Vec::new(),
+                    calls: 7,
+                    denied: 1,
+                    first_seen: 0,
+                    last_seen: 60,
+                    rule: Some("web.toml#egress[0]".to_string()),
+                },
+                Reached {
+                    from: "web@h1".to_string(),
+                    to: "api.example.test:443/tcp".to_string(),
+                    dest: "api.example.test:443/tcp".to_string(),
+                    addresses: vec!["203.0.113.5".to_string(), "203.0.113.6".to_string()],
+                    calls: 2,
+                    denied: 0,
+                    first_seen: 0,
+                    last_seen: 60,
+                    rule: Some("web.toml#egress[1]".to_string()),
+                },
+            ],
             unused: Vec::new(),
             lateral: Lateral {
                 services: vec![
@@ -168,7 +178,9 @@ mod tests {
              (services listening there: api@h2)\n\
              \n2. it actually reached:\n   \
              web@h1 → api@h2 (198.51.100.20:8080/tcp): 7 connections, 1 denied, \
-             last 1970-01-01T00:01:00Z (via web.toml#egress[0])\n\
+             last 1970-01-01T00:01:00Z (via web.toml#egress[0])\n   \
+             web@h1 → api.example.test:443/tcp (203.0.113.5, 203.0.113.6): 2 connections, \
+             last 1970-01-01T00:01:00Z (via web.toml#egress[1])\n\
              \n3. allowed but never used (candidates to remove):\n   none\n\
              \n4. lateral reach: 2 service instance(s), 0 destination(s)\n   \
              1 hop(s): web@h1 → api@h2:8080\n   \

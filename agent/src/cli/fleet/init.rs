@@ -27,5 +27,8 @@ pub fn init(args: &FleetInitArgs) -> ExitCode {
     for (table, created) in &report.tables {
         println!("table {}.{table}: {}", report.database, said(*created));
     }
+    for (table, column) in &report.added {
+        println!("table {}.{table}: column {column} added", report.database);
+    }
     ExitCode::SUCCESS
 }

@@ -1,9 +1,13 @@
 //! `bulkhead flows` as a table, one event per line, like `hubble observe`:
 //!
 //! ```text
-//! TIME          SERVICE  PROCESS          DIR     PROTO  DESTINATION      VERDICT  RULE
-//! 09:08:07.123  billing  curl[4242]       egress  tcp    192.0.2.9:5432   deny     billing.toml#default-deny
+//! TIME          SERVICE  PROCESS          DIR     PROTO  DESTINATION                         VERDICT  RULE
+//! 09:08:07.123  billing  curl[4242]       egress  tcp    192.0.2.9:5432                      deny     billing.toml#default-deny
+//! 09:08:08.002  billing  curl[4243]       egress  tcp    api.example.test:443 (203.0.113.5)  allow    billing.toml#egress[0]
 //! ```
+//!
+//! A destination the service's own lookup named (`dst_name`) is shown by
+//! that name and port, the address after it.
 //!
 //! Pure functions, so the layout is unit-tested.
 
@@ -74,7 +78,10 @@ pub fn row(ev: &FlowEvent) -> Row {
         // SocketAddr writes IPv6 as [addr]:port. Bind and socket-creation
         // events have no remote end: show the local one, or "-".
         match (ev.dst_ip, ev.dst_port, ev.src_ip, ev.src_port) {
-            (Some(ip), Some(port), _, _) => SocketAddr::new(ip, port).to_string(),
+            (Some(ip), Some(port), _, _) => match ev.dst_name.as_deref() {
+                Some(name) => format!("{}:{port} ({ip})", shorten(name)),
+                None => SocketAddr::new(ip, port).to_string(),
+            },
             (None, _, Some(ip), Some(port)) => format!("local {}", SocketAddr::new(ip, port)),
             _ => "-".to_string(),
         },
@@ -83,6 +90,20 @@ pub fn row(ev: &FlowEvent) -> Row {
     ]
     // A process names itself: no cell may carry a terminal control.
     .map(|cell| crate::visible::visible(&cell).into_owned())
+}
+
+/// The longest name shown whole in the DESTINATION column.
+const MAX_NAME: usize = 40;
+
+/// A DNS name cut to [`MAX_NAME`] characters, its start replaced by `…`: the
+/// end of a name (its domain) says the most. A name may be 253 long.
+fn shorten(name: &str) -> String {
+    let len = name.chars().count();
+    if len <= MAX_NAME {
+        return name.to_string();
+    }
+    let tail: String = name.chars().skip(len - (MAX_NAME - 1)).collect();
+    format!("…{tail}")
 }
 
 /// `closed (sent 1.5 KiB, received 312 B, 2.3s)`, with what is known.
@@ -305,6 +326,47 @@ mod tests {
         // No trailing spaces when the last cells are short.
         let short = [""; COLUMNS];
         assert_eq!(line(&short, &STREAM_WIDTHS), "");
+    }
+
+    #[test]
+    fn a_destination_a_lookup_named_shows_the_name_then_the_address() {
+        let named = FlowEvent {
+            dst_name: Some("api.example.test".into()),
+            dst_ip: "203.0.113.5".parse().ok(),
+            dst_port: Some(443),
+            verdict: Some(Verdict::Allow),
+            ..event()
+        };
+        assert_eq!(row(&named)[5], "api.example.test:443 (203.0.113.5)");
+        let v6 = FlowEvent {
+            dst_ip: "2001:db8::5".parse().ok(),
+            ..named.clone()
+        };
+        assert_eq!(row(&v6)[5], "api.example.test:443 (2001:db8::5)");
+        // A long name keeps its end, so the cell stays readable.
+        let long = format!("{}.example.test", "a".repeat(60));
+        let cell = row(&FlowEvent {
+            dst_name: Some(long.as_str().into()),
+            ..named.clone()
+        })[5]
+            .clone();
+        assert_eq!(
+            cell,
+            format!("…{}:443 (203.0.113.5)", &long[long.len() - 39..])
+        );
+        assert_eq!(
+            cell.chars().count(),
+            MAX_NAME + ":443 (203.0.113.5)".chars().count()
+        );
+        // The name comes from a DNS answer: no terminal controls either.
+        let hostile = FlowEvent {
+            dst_name: Some("x\u{1b}[2K.example.test".into()),
+            ..named
+        };
+        assert_eq!(
+            row(&hostile)[5],
+            "x\\u{1b}[2K.example.test:443 (203.0.113.5)"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Events into rows: flow events of managed services summed per batch
 //! interval into `flows` rows (one per service, direction, protocol,
-//! endpoint, verdict and rule), anomalies into `anomalies` rows.
+//! endpoint, verdict, rule and DNS name), anomalies into `anomalies` rows.
 //!
 //! The ephemeral end of a connection is left out of the key (the local
 //! port of an outbound call, the peer's port of an inbound one): it is
@@ -73,6 +73,8 @@ struct Key {
     remote: (Option<IpAddr>, u16),
     verdict: &'static str,
     rule: String,
+    /// `dst_name`: the name the service looked up that gave the address.
+    name: Option<Arc<str>>,
 }
 
 fn verdict(v: Option<Verdict>) -> &'static str {
@@ -169,6 +171,7 @@ impl Collector {
             },
             verdict: verdict(ev.verdict),
             rule: ev.rule.as_deref().unwrap_or_default().to_string(),
+            name: if outbound { ev.dst_name.clone() } else { None },
         };
         let key = if self.flows.len() >= self.max_rows && !self.flows.contains_key(&key) {
             self.folded += calls;
@@ -176,6 +179,7 @@ impl Collector {
                 local: (None, 0),
                 remote: (None, 0),
                 rule: String::new(),
+                name: None,
                 ..key
             }
         } else {
@@ -193,6 +197,7 @@ impl Collector {
             remote_port: k.remote.1,
             verdict: k.verdict.to_string(),
             rule: k.rule.clone(),
+            dst_name: k.name.as_deref().unwrap_or_default().to_string(),
             first_seen: now,
             last_seen: now,
             ..FlowRow::default()
@@ -338,6 +343,32 @@ mod tests {
                 ("198.51.100.20", 8081, 1)
             ]
         );
+    }
+
+    #[test]
+    fn the_name_looked_up_is_carried_and_keeps_its_calls_apart() {
+        let mut c = Collector::default();
+        let named = FlowEvent {
+            dst_name: Some(Arc::from("api.example.test")),
+            ..call(EventType::Verdict, 1, 40_001)
+        };
+        c.observe(&id(), &named, 100);
+        c.observe(&id(), &call(EventType::Flow, 3, 40_001), 101);
+        c.observe(
+            &id(),
+            &FlowEvent {
+                calls: Some(5),
+                ..named.clone()
+            },
+            102,
+        );
+        let (mut flows, _) = c.take();
+        flows.sort_by(|a, b| a.dst_name.cmp(&b.dst_name));
+        let rows: Vec<(&str, u64)> = flows
+            .iter()
+            .map(|r| (r.dst_name.as_str(), r.calls))
+            .collect();
+        assert_eq!(rows, [("", 3), ("api.example.test", 6)]);
     }
 
     #[test]

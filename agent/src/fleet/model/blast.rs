@@ -7,16 +7,18 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{covers, Fleet};
+use super::{covers, Fleet, Flow, Instance, Rule};
 use crate::graph::blast::{Hop, Lateral};
 
-/// One destination network of one rule of one instance.
+/// One destination network, or one name pattern, of one rule of one
+/// instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allowance {
     /// `web@h1`.
     pub instance: String,
     /// `web.toml#egress[0]`.
     pub rule: String,
+    /// A network, or a name pattern (`api.example.com`, `*.example.com`).
     pub to: String,
     pub ports: String,
     pub protocol: String,
@@ -32,10 +34,16 @@ pub struct Allowance {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reached {
     pub from: String,
-    /// The instance listening there at the time (`api@h2`), or the
+    /// The instance listening there at the time (`api@h2`), else the DNS
+    /// name the service looked up (`NAME:PORT/PROTO`), else the
     /// destination itself.
     pub to: String,
+    /// `ADDR:PORT/PROTO`; for a name, the name again, its addresses in
+    /// `addresses`.
     pub dest: String,
+    /// The addresses reached by the name (empty for other destinations).
+    #[serde(default)]
+    pub addresses: Vec<String>,
     pub calls: u64,
     pub denied: u64,
     /// Unix seconds.
@@ -98,16 +106,14 @@ impl Fleet {
                     .collect();
                 services.sort();
                 services.dedup();
-                out.push(Allowance {
-                    instance: s.name(),
-                    rule: rule.rule.clone(),
-                    to: net.to_string(),
-                    ports: rule.ports_text(),
-                    protocol: rule.protocol.clone(),
-                    description: rule.description.clone(),
-                    services,
-                    used: flows.iter().any(|f| f.allowed > 0 && covers(rule, net, f)),
-                });
+                let used = flows.iter().any(|f| f.allowed > 0 && covers(rule, net, f));
+                out.push(allowance(s, rule, net.to_string(), services, used));
+            }
+            for pattern in &rule.names {
+                let used = flows
+                    .iter()
+                    .any(|f| f.allowed > 0 && rule.name_covers(pattern, f));
+                out.push(allowance(s, rule, pattern.clone(), Vec::new(), used));
             }
         }
         out
@@ -117,26 +123,33 @@ impl Fleet {
         let s = &self.instances[i];
         let mut out: BTreeMap<(String, String), Reached> = BTreeMap::new();
         for f in self.flows_of(i) {
-            let to = self
-                .owner_of(s, f)
-                .map_or_else(|| f.dest(), Self::owner_name);
-            let dest = f.dest();
+            // A listener first, then the name looked up, as the host graph.
+            let owner = self.owner_of(s, f);
+            let name = f.name_label().filter(|_| owner.is_none());
+            let to = owner.map_or_else(
+                || name.clone().unwrap_or_else(|| f.dest()),
+                Self::owner_name,
+            );
+            let dest = name.clone().unwrap_or_else(|| f.dest());
             let r = out
                 .entry((to.clone(), dest.clone()))
                 .or_insert_with(|| Reached {
                     from: s.name(),
                     to,
                     dest,
+                    addresses: Vec::new(),
                     calls: 0,
                     denied: 0,
                     first_seen: f.first_seen,
                     last_seen: f.last_seen,
-                    rule: s
-                        .rules
-                        .iter()
-                        .find(|r| r.to.iter().any(|n| covers(r, n, f)))
-                        .map(|r| r.rule.clone()),
+                    rule: None,
                 });
+            if name.is_some() && !r.addresses.contains(&f.address()) {
+                r.addresses.push(f.address());
+            }
+            if r.rule.is_none() {
+                r.rule = rule_of(s, f);
+            }
             r.calls += f.calls();
             r.denied += f.denied;
             r.first_seen = r.first_seen.min(f.first_seen);
@@ -188,20 +201,26 @@ impl Fleet {
                         .flows_of(i)
                         .iter()
                         .filter(|f| covers(rule, net, f) && self.owner_of(s, f).is_none())
-                        .map(|f| (f.dest(), f.endpoint()))
+                        .map(target)
                         .collect();
                     if targets.is_empty() && !via_service {
                         let whole = format!("{net}:{}/{}", rule.ports_text(), rule.protocol);
                         targets.push((whole.clone(), whole));
                     }
-                    for (target, shown) in targets {
-                        destinations.entry(target.clone()).or_insert(Hop {
-                            target,
-                            kind: "destination".to_string(),
-                            hops: depth + 1,
-                            path: format!("{path} → {shown}"),
-                        });
+                    add_destinations(&mut destinations, targets, &path, depth);
+                }
+                for pattern in &rule.names {
+                    let mut targets: Vec<(String, String)> = self
+                        .flows_of(i)
+                        .iter()
+                        .filter(|f| rule.name_covers(pattern, f) && self.owner_of(s, f).is_none())
+                        .map(target)
+                        .collect();
+                    if targets.is_empty() {
+                        let whole = format!("{pattern}:{}/{}", rule.ports_text(), rule.protocol);
+                        targets.push((whole.clone(), whole));
                     }
+                    add_destinations(&mut destinations, targets, &path, depth);
                 }
             }
         }
@@ -213,5 +232,67 @@ impl Fleet {
             destinations,
             size,
         }
+    }
+}
+
+fn allowance(
+    s: &Instance,
+    rule: &Rule,
+    to: String,
+    services: Vec<String>,
+    used: bool,
+) -> Allowance {
+    Allowance {
+        instance: s.name(),
+        rule: rule.rule.clone(),
+        to,
+        ports: rule.ports_text(),
+        protocol: rule.protocol.clone(),
+        description: rule.description.clone(),
+        services,
+        used,
+    }
+}
+
+/// The first rule of `s` that lets `f` through: by the name looked up,
+/// else by address. (A name a rule allowed through a CNAME on the way is
+/// not in the rows: such a flow is attributed by address.)
+fn rule_of(s: &Instance, f: &Flow) -> Option<String> {
+    s.rules
+        .iter()
+        .find(|r| r.names.iter().any(|p| r.name_covers(p, f)))
+        .or_else(|| {
+            s.rules
+                .iter()
+                .find(|r| r.to.iter().any(|n| covers(r, n, f)))
+        })
+        .map(|r| r.rule.clone())
+}
+
+/// A destination of a lateral path, as its target and as shown in the
+/// path: the name looked up when there is one, else the address.
+fn target(f: &Flow) -> (String, String) {
+    match f.name_label() {
+        Some(label) => (
+            label,
+            crate::graph::named::short(&f.dst_name, f.remote_port),
+        ),
+        None => (f.dest(), f.endpoint()),
+    }
+}
+
+fn add_destinations(
+    destinations: &mut BTreeMap<String, Hop>,
+    targets: Vec<(String, String)>,
+    path: &str,
+    depth: usize,
+) {
+    for (target, shown) in targets {
+        destinations.entry(target.clone()).or_insert(Hop {
+            target,
+            kind: "destination".to_string(),
+            hops: depth + 1,
+            path: format!("{path} → {shown}"),
+        });
     }
 }

@@ -13,6 +13,10 @@ pub struct Rule {
     /// `api.toml#egress[0]`.
     pub rule: String,
     pub to: Vec<IpNetwork>,
+    /// Name patterns (`api.example.com`, `*.example.com`; docs/dns-names.md).
+    /// Left out when none, and absent from snapshots older than it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
     /// Inclusive ranges; empty means every port.
     pub ports: Vec<(u16, u16)>,
     /// `tcp`, `udp`, `icmp` or `any`.
@@ -28,6 +32,15 @@ impl Rule {
 
     pub fn protocol_allowed(&self, protocol: &str) -> bool {
         self.protocol == "any" || self.protocol == protocol
+    }
+
+    /// Whether name pattern `pattern` of this rule lets flow `f` through:
+    /// the service's lookup of a name it allows gave the address.
+    pub fn name_covers(&self, pattern: &str, f: &Flow) -> bool {
+        !f.dst_name.is_empty()
+            && crate::graph::named::allows(pattern, &f.dst_name)
+            && self.port_allowed(f.remote_port)
+            && self.protocol_allowed(&f.protocol)
     }
 
     /// `8080`, `8000-8100, 9000`, or `all`.
@@ -97,6 +110,9 @@ pub struct Flow {
     pub bytes_received: u64,
     pub first_seen: u64,
     pub last_seen: u64,
+    /// The DNS name the service looked up that gave `remote_addr`, ""
+    /// when none.
+    pub dst_name: String,
 }
 
 impl Flow {
@@ -108,6 +124,18 @@ impl Flow {
     /// `ADDR:PORT/PROTO` (IPv6 in brackets).
     pub fn dest(&self) -> String {
         format!("{}/{}", self.endpoint(), self.protocol)
+    }
+
+    /// `NAME:PORT/PROTO` when the address came from the service's lookup
+    /// of a name (docs/graph.md), else None.
+    pub fn name_label(&self) -> Option<String> {
+        (!self.dst_name.is_empty())
+            .then(|| crate::graph::named::label(&self.dst_name, self.remote_port, &self.protocol))
+    }
+
+    /// The address alone, as a name's address list shows it.
+    pub fn address(&self) -> String {
+        self.remote_addr.to_string()
     }
 
     /// `ADDR:PORT`.

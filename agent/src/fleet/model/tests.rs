@@ -9,6 +9,7 @@ fn rule(name: &str, to: &[&str], port: u16, protocol: &str) -> Rule {
         ports: vec![(port, port)],
         protocol: protocol.to_string(),
         description: None,
+        names: Vec::new(),
     }
 }
 
@@ -52,6 +53,7 @@ fn flow(service: &str, host: &str, to: (&str, u16), calls: u64, seen: (u64, u64)
         bytes_received: 0,
         first_seen: seen.0,
         last_seen: seen.1,
+        dst_name: String::new(),
     }
 }
 
@@ -363,4 +365,110 @@ fn a_listener_its_host_no_longer_reports_is_not_reachable_now() {
     assert_eq!(b.lateral.size, 0);
     // What web reached while api listened is still api's.
     assert_eq!(b.reached[0].to, "api@h2");
+}
+
+/// What a test compares of a `Reached`: to, dest, addresses, calls, rule.
+type ReachedRow<'a> = (&'a str, &'a str, Vec<&'a str>, u64, Option<&'a str>);
+
+/// A flow to an address the service's lookup of a name gave: listed by
+/// that name with its addresses (reached, lateral, graph), attributed to
+/// the name rule; an address a service listens on stays that service.
+#[test]
+fn destinations_reached_by_name_are_listed_by_their_name() {
+    let named = |addr: &str, calls: u64| Flow {
+        dst_name: "api.example.test".to_string(),
+        ..flow("web", "h1", (addr, 443), calls, ALWAYS)
+    };
+    let by_name = Rule {
+        names: vec![
+            "api.example.test".to_string(),
+            "*.idle.example.test".to_string(),
+        ],
+        ..rule("web.toml#egress[0]", &[], 443, "tcp")
+    };
+    let fleet = Fleet::new(
+        vec![
+            instance("web", "h1", vec![by_name]),
+            instance("api", "h2", Vec::new()),
+        ],
+        vec![listener("api", "h2", "198.51.100.20", 443, ALWAYS)],
+        vec![
+            named("203.0.113.5", 2),
+            named("203.0.113.6", 3),
+            // The name gave an address a fleet service listens on.
+            named("198.51.100.20", 1),
+        ],
+    );
+    let b = fleet.blast_radius("web").expect("web");
+    let reached: Vec<ReachedRow<'_>> = b
+        .reached
+        .iter()
+        .map(|r| {
+            (
+                r.to.as_str(),
+                r.dest.as_str(),
+                r.addresses.iter().map(String::as_str).collect(),
+                r.calls,
+                r.rule.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reached,
+        [
+            (
+                "api.example.test:443/tcp",
+                "api.example.test:443/tcp",
+                vec!["203.0.113.5", "203.0.113.6"],
+                5,
+                Some("web.toml#egress[0]")
+            ),
+            (
+                "api@h2",
+                "198.51.100.20:443/tcp",
+                Vec::new(),
+                1,
+                Some("web.toml#egress[0]")
+            ),
+        ]
+    );
+    let allows: Vec<(&str, bool)> = b.allows.iter().map(|a| (a.to.as_str(), a.used)).collect();
+    assert_eq!(
+        allows,
+        [("api.example.test", true), ("*.idle.example.test", false)]
+    );
+    let paths: Vec<&str> = b
+        .lateral
+        .destinations
+        .iter()
+        .map(|h| h.path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "web@h1 → *.idle.example.test:443/tcp",
+            "web@h1 → api.example.test:443"
+        ]
+    );
+    let view = fleet.view();
+    let node = view
+        .nodes
+        .iter()
+        .find(|n| n.id == "name:api.example.test:443/tcp")
+        .expect("a node for the name");
+    assert_eq!(node.kind, "name");
+    let under: Vec<(&str, Option<&str>)> = view
+        .edges
+        .iter()
+        .filter(|e| e.to == node.id)
+        .map(|e| (e.dest.as_str(), e.stats.dst_name.as_deref()))
+        .collect();
+    assert_eq!(
+        under,
+        [
+            ("203.0.113.5:443/tcp", Some("api.example.test")),
+            ("203.0.113.6:443/tcp", Some("api.example.test"))
+        ]
+    );
+    assert!(view.edges.iter().any(|e| e.to == "service:api@h2"));
 }

@@ -2,7 +2,8 @@
 //! (`bulkhead.graph.v1`), so that `--format dot|mermaid` and the map page
 //! work on it unchanged: a node per service instance (`service:api@h2`),
 //! an edge per instance and destination, drawn to the instance that
-//! listened there at the time.
+//! listened there at the time, else under the DNS name the service looked
+//! up (`name:NAME:PORT/PROTO`), else to the address.
 
 use std::collections::BTreeMap;
 
@@ -37,12 +38,15 @@ impl Fleet {
             let s = &self.instances[i];
             let from = format!("service:{}", s.name());
             for f in self.flows_of(i) {
-                let (to, label, kind) = match self.owner_of(s, f) {
-                    Some(l) => {
+                // A listener first, then the name looked up (every address
+                // of a name under one node, as in the host graph).
+                let (to, label, kind) = match (self.owner_of(s, f), f.name_label()) {
+                    (Some(l), _) => {
                         let name = Self::owner_name(l);
                         (format!("service:{name}"), name, "service")
                     }
-                    None => (format!("endpoint:{}", f.dest()), f.dest(), "endpoint"),
+                    (None, Some(label)) => (format!("name:{label}"), label, "name"),
+                    (None, None) => (format!("endpoint:{}", f.dest()), f.dest(), "endpoint"),
                 };
                 nodes.entry(to.clone()).or_insert_with(|| Node {
                     id: to.clone(),
@@ -68,6 +72,9 @@ impl Fleet {
                         },
                     });
                 let st = &mut e.stats;
+                if !f.dst_name.is_empty() {
+                    st.dst_name = Some(f.dst_name.clone());
+                }
                 st.connections += f.calls();
                 st.allowed += f.allowed;
                 st.audited += f.audited;
