@@ -358,7 +358,9 @@ fn target(d: &Dest, e: &EdgeStats) -> (String, String) {
     }
 }
 
-fn add_destinations(
+/// Adds each (target, shown) reached `depth` hops along `path` as a
+/// destination, unless already there (the fleet's blast radius too).
+pub(crate) fn add_destinations(
     destinations: &mut BTreeMap<String, Hop>,
     targets: Vec<(String, String)>,
     path: &str,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::{covers, Fleet, Flow, Instance, Rule};
-use crate::graph::blast::{Hop, Lateral};
+use crate::graph::blast::{add_destinations, Hop, Lateral};
 
 /// One destination network, or one name pattern, of one rule of one
 /// instance.
@@ -278,21 +278,5 @@ fn target(f: &Flow) -> (String, String) {
             crate::graph::named::short(&f.dst_name, f.remote_port),
         ),
         None => (f.dest(), f.endpoint()),
-    }
-}
-
-fn add_destinations(
-    destinations: &mut BTreeMap<String, Hop>,
-    targets: Vec<(String, String)>,
-    path: &str,
-    depth: usize,
-) {
-    for (target, shown) in targets {
-        destinations.entry(target.clone()).or_insert(Hop {
-            target,
-            kind: "destination".to_string(),
-            hops: depth + 1,
-            path: format!("{path} → {shown}"),
-        });
     }
 }
