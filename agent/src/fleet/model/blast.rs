@@ -155,7 +155,13 @@ impl Fleet {
             r.first_seen = r.first_seen.min(f.first_seen);
             r.last_seen = r.last_seen.max(f.last_seen);
         }
-        out.into_values().collect()
+        // The store returns flows in no set order: list addresses by value.
+        let mut reached: Vec<Reached> = out.into_values().collect();
+        for r in &mut reached {
+            r.addresses
+                .sort_by_key(|a| (a.parse::<std::net::IpAddr>().ok(), a.clone()));
+        }
+        reached
     }
 
     /// Breadth first from the start instances over "the policy lets S
