@@ -16,8 +16,10 @@ use integration_tests::{
     addr, conn,
     dns_server::{dig, dig_addresses, dig_flags, dig_in, dig_text},
     events::{events, wait_event},
+    http::metrics_addr,
     maps, probe,
     process::rss_kib,
+    prometheus::{sample_count, scrape},
     require::server_binary,
     require_bpf,
     resolving::{exec_in, ClientResolver, ResolveLoop},
@@ -456,6 +458,81 @@ fn a_name_with_a_thousand_addresses_stays_within_the_cap_with_flat_memory() {
         learnt().len(),
         CAP,
         "still at the cap after glibc's lookups"
+    );
+}
+
+/// Lookups of a name with more addresses than the cap, one after another
+/// and at once, while the client of the first keeps connecting to what it
+/// was given: no later answer takes any of it back (no eviction, no
+/// denial), and every answer is trimmed to those same 64. Before answers
+/// were learnt as a whole, each of them evicted and re-learnt the 64 held,
+/// revoking the previous answer's addresses in the kernel while it ran.
+#[test]
+fn later_lookups_of_a_name_over_the_cap_never_take_back_what_a_client_was_given() {
+    const COUNT: usize = 1_000;
+    const CAP: usize = 64;
+    const LOOKUPS: usize = 30;
+    if !require_bpf() {
+        return;
+    }
+    let name = "wide2.load.test";
+    let hosts: Vec<(&str, IpAddr)> = (0..COUNT).map(|i| (name, nth(77, i))).collect();
+    let w = World::new(26, name, &hosts);
+    let daemon = Daemon::start(&w.policies);
+    let metrics = metrics_addr(&daemon);
+
+    let out = dig_in(w.svc.path(), w.server.addr(), name, &[]);
+    let given: BTreeSet<String> = dig_addresses(&out).into_iter().collect();
+    assert_eq!(given.len(), CAP, "the first answer: {}", dig_text(&out));
+    let peers: Vec<SocketAddr> = given.iter().map(|a| w.at(ip(a))).collect();
+
+    let answers = std::thread::scope(|scope| {
+        let lookups = scope.spawn(|| {
+            (0..LOOKUPS)
+                .map(|_| {
+                    let out = dig_in(w.svc.path(), w.server.addr(), name, &[]);
+                    dig_addresses(&out)
+                        .into_iter()
+                        .collect::<BTreeSet<String>>()
+                })
+                .collect::<Vec<_>>()
+        });
+        // The first client connects to each address it was given, again
+        // and again, for as long as the later lookups run.
+        let mut sweeps = 0;
+        while !lookups.is_finished() || sweeps < 3 {
+            let _ = w.client().tcp_connect_each(&peers);
+            sweeps += 1;
+        }
+        lookups
+            .join()
+            .unwrap_or_else(|_| panic!("the lookups' thread panicked"))
+    });
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer, &given, "lookup {i} after the first");
+    }
+    let samples = scrape(metrics);
+    let evictions = |reason: &str| {
+        sample_count(
+            &samples,
+            "bulkhead_dns_learnt_evictions_total",
+            &[("service", "svc"), ("reason", reason)],
+        )
+    };
+    assert_eq!(evictions("per_name_cap"), Some(0), "nothing evicted");
+    assert_eq!(
+        evictions("per_name_in_use"),
+        Some(((LOOKUPS + 1) * (COUNT - CAP)) as u64),
+        "every answer left out the {} addresses past the cap",
+        COUNT - CAP
+    );
+    let denied: Vec<Value> = denials_up_to(&daemon, &w, w.at(nth(78, 0)))
+        .into_iter()
+        .filter(|ev| ev["dst_ip"].as_str().is_some_and(|a| given.contains(a)))
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "connects to addresses the first answer gave were denied: {denied:#?}"
     );
 }
 

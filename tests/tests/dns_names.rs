@@ -18,7 +18,7 @@ use integration_tests::{
     addr,
     control::{cli, reload, SharedPins},
     dns_server::{dig, dig_addresses, dig_answers, dig_in, dig_status, dig_text},
-    events::wait_event,
+    events::{events, wait_event},
     eventually,
     http::metrics_addr,
     nft::NftTable,
@@ -205,15 +205,37 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
         second.log()
     );
     // The second agent's cache holds what the first saved: the address's
-    // name is on the decision (the one made while no agent ran is read
-    // back before the cache is, and goes unnamed), and the address is
-    // counted as learnt.
-    let _ = wait_event(&second, "the connect under the second agent, named", |ev| {
-        ev["type"] == "verdict"
-            && ev["verdict"] == "allow"
-            && ev["dst_ip"] == w.api.addr().ip().to_string()
-            && ev["dst_name"] == "api.example.test"
+    // name is on both decisions it logs (the one made while no agent ran,
+    // which it reads back from the previous programs before it serves,
+    // and its own), and the address is counted as learnt.
+    let api = w.api.addr().ip().to_string();
+    let allowed = || -> Vec<Value> {
+        events(&second)
+            .into_iter()
+            .filter(|ev| {
+                ev["type"] == "verdict" && ev["verdict"] == "allow" && ev["dst_ip"] == api.as_str()
+            })
+            .collect()
+    };
+    integration_tests::eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+        let got = allowed();
+        if got.len() >= 2 {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    })
+    .unwrap_or_else(|got| {
+        panic!(
+            "the second agent logged {} allowed connects, not 2: {got:#?}",
+            got.len()
+        )
     });
+    let got = allowed();
+    assert!(
+        got.len() == 2 && got.iter().all(|ev| ev["dst_name"] == "api.example.test"),
+        "the connect made while no agent ran and the one under the second agent, both named: {got:#?}"
+    );
     let scrape = Scrape::get(metrics_addr(&second));
     assert_eq!(
         scrape.count("bulkhead_dns_learnt_addresses", &[("service", "svc")]),

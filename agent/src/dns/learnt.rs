@@ -4,7 +4,9 @@
 //!
 //! Each (service, name) holds at most `max_per_name` addresses of each
 //! family (IPv4, IPv6); learning one more evicts the one of its family
-//! learnt (or re-learnt) longest ago, and counts it. Per family, because
+//! learnt (or re-learnt) longest ago, and counts it; an answer's
+//! addresses are learnt together ([`LearntCache::learn_answer`]), so that
+//! one answer does not take back what another just gave. Per family, because
 //! a client asks A and AAAA at once (glibc): a shared cap would let one
 //! answer evict the addresses the other just gave the client.
 //! An address expires `max(ttl, min_ttl)` after it was last learnt; a
@@ -16,7 +18,7 @@
 //! its map full; a cache that grows without bound is not an option.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -146,7 +148,16 @@ struct Held {
     rules: RuleBits,
     /// Order of (re-)learning: the smallest is evicted first.
     seq: u64,
+    /// When an answer last gave it (to a client): see [`GIVEN_GRACE`].
+    given: Nanos,
 }
+
+/// How long an address an answer gave a client is kept from eviction by
+/// another answer of the same name: the client's connect comes after it
+/// has its answer, and two lookups of a name with more addresses than the
+/// cap may be answered at once (a cap full of addresses given within it
+/// leaves the new addresses out of the answer instead).
+pub const GIVEN_GRACE: Duration = Duration::from_secs(2);
 
 /// One address of an answer, as [`LearntCache::learn`] takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +175,10 @@ pub enum Learnt {
     New,
     /// Already held: expiry extended (never shortened), now the newest.
     Refreshed,
+    /// Not learnt by [`LearntCache::learn_answer`]: the name holds its cap
+    /// of addresses of this family, all given by this answer or by one
+    /// within [`GIVEN_GRACE`]. The answer must leave it out.
+    LeftOut,
 }
 
 /// The learnt addresses of every service.
@@ -178,6 +193,9 @@ pub struct LearntCache {
     total: usize,
     /// Addresses evicted because a name held too many, by service.
     evictions: HashMap<ServiceId, u64>,
+    /// Addresses of answers left out because a name held its cap of
+    /// addresses in use ([`Learnt::LeftOut`]), by service.
+    left_out: HashMap<ServiceId, u64>,
     expirations: u64,
     /// Bumped by every change of what is held: a save can tell whether
     /// there is anything new to write.
@@ -255,6 +273,7 @@ impl LearntCache {
             h.expires = h.expires.max(expires);
             h.rules |= rules;
             h.seq = seq;
+            h.given = now;
             return Ok(Learnt::Refreshed);
         }
         held.push(Held {
@@ -262,6 +281,7 @@ impl LearntCache {
             expires,
             rules,
             seq,
+            given: now,
         });
         self.total += 1;
         let over = same_family(held, addr) > self.limits.max_per_name;
@@ -275,6 +295,70 @@ impl LearntCache {
         Ok(Learnt::New)
     }
 
+    /// Learns the addresses one answer of `service`'s lookup of `name`
+    /// gave (see [`Self::learn`]), so that what it gives a client cannot
+    /// cost another client of the same name what it was just given. Past
+    /// the cap of a family, a new address evicts the oldest address of
+    /// its family that this answer did not give and no answer gave within
+    /// [`GIVEN_GRACE`]; with none such it is left out
+    /// ([`Learnt::LeftOut`]), unless the answer would then have no
+    /// address of that family held: then the oldest goes, as for
+    /// [`Self::learn`]. Addresses already held are refreshed first, so an
+    /// answer giving them in another order (round robin) evicts nothing.
+    /// Returns one result per address of `answered`, in its order.
+    pub fn learn_answer(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+        name: &DnsName,
+        answered: &[Answered],
+        now: Nanos,
+    ) -> Vec<Result<Learnt, LearnError>> {
+        let key = (service, name.clone());
+        let holds = |cache: &Self, addr: IpAddr| {
+            cache
+                .names
+                .get(&key)
+                .is_some_and(|held| held.iter().any(|h| h.addr == addr))
+        };
+        let mut out: Vec<Option<Result<Learnt, LearnError>>> = answered
+            .iter()
+            .map(|a| holds(self, a.addr).then(|| self.learn(sink, service, name, *a, now)))
+            .collect();
+        let given: HashSet<IpAddr> = answered.iter().map(|a| a.addr).collect();
+        let in_answer = |h: &Held| given.contains(&h.addr);
+        let grace = u64::try_from(GIVEN_GRACE.as_nanos()).unwrap_or(u64::MAX);
+        for (i, a) in answered.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            let v4 = a.addr.is_ipv4();
+            let held = self.names.get(&key).map_or(&[][..], Vec::as_slice);
+            if same_family(held, a.addr) >= self.limits.max_per_name {
+                let answer_holds_one = held.iter().any(|h| h.addr.is_ipv4() == v4 && in_answer(h));
+                let victim = held
+                    .iter()
+                    .filter(|h| h.addr.is_ipv4() == v4 && !in_answer(h))
+                    .filter(|h| !answer_holds_one || h.given.saturating_add(grace) <= now)
+                    .min_by_key(|h| h.seq)
+                    .map(|h| h.addr);
+                let Some(victim) = victim else {
+                    *self.left_out.entry(service).or_default() += 1;
+                    out[i] = Some(Ok(Learnt::LeftOut));
+                    continue;
+                };
+                if let Err(e) = self.evict(sink, service, name, victim) {
+                    out[i] = Some(Err(e));
+                    continue;
+                }
+            }
+            out[i] = Some(self.learn(sink, service, name, *a, now));
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Ok(Learnt::LeftOut)))
+            .collect()
+    }
+
     /// Evicts the oldest address of (service, name) of one family.
     fn evict_oldest(
         &mut self,
@@ -283,16 +367,31 @@ impl LearntCache {
         name: &DnsName,
         v4: bool,
     ) -> Result<(), LearnError> {
+        let oldest = self.names.get(&(service, name.clone())).and_then(|held| {
+            held.iter()
+                .filter(|h| h.addr.is_ipv4() == v4)
+                .min_by_key(|h| h.seq)
+                .map(|h| h.addr)
+        });
+        match oldest {
+            Some(addr) => self.evict(sink, service, name, addr),
+            None => Ok(()),
+        }
+    }
+
+    /// Evicts `addr` from (service, name), counted.
+    fn evict(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+        name: &DnsName,
+        addr: IpAddr,
+    ) -> Result<(), LearnError> {
         let key = (service, name.clone());
         let Some(held) = self.names.get_mut(&key) else {
             return Ok(());
         };
-        let Some((i, _)) = held
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.addr.is_ipv4() == v4)
-            .min_by_key(|(_, h)| h.seq)
-        else {
+        let Some(i) = held.iter().position(|h| h.addr == addr) else {
             return Ok(());
         };
         let gone = held.remove(i);
@@ -488,6 +587,8 @@ impl LearntCache {
                 expires,
                 rules,
                 seq: self.seq,
+                // Clients of the previous agent may have just been given it.
+                given: now,
             });
             self.holders
                 .entry((entry.service, entry.addr))
@@ -551,6 +652,13 @@ impl LearntCache {
         self.evictions.clone()
     }
 
+    /// Addresses left out of answers by [`Self::learn_answer`], by
+    /// service (services with none left out).
+    #[must_use]
+    pub fn left_out_by_service(&self) -> HashMap<ServiceId, u64> {
+        self.left_out.clone()
+    }
+
     /// Addresses dropped by [`Self::sweep`] because they expired.
     #[must_use]
     pub fn expirations(&self) -> u64 {
@@ -585,3 +693,7 @@ fn same_family(held: &[Held], addr: IpAddr) -> usize {
 #[cfg(test)]
 #[path = "learnt_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "learnt_answer_tests.rs"]
+mod answer_tests;

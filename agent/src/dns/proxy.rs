@@ -48,7 +48,7 @@ use super::{
         answers, error_reply, inspect, parse_query, without_addresses, AnswerAddress, AnswerError,
         DnsName,
     },
-    learnt::{monotonic_now, Answered, LearntCache, LearntSink, RuleBits, ServiceId},
+    learnt::{monotonic_now, Answered, Learnt, LearntCache, LearntSink, RuleBits, ServiceId},
     listen::Listening,
     name::NamePattern,
     observed::ObservedNames,
@@ -737,27 +737,32 @@ fn learn_from<S: LearntSink>(
         }
         return (reply, Outcome::Answered);
     }
+    let allowed: Vec<(&AnswerAddress, RuleBits)> = inspected
+        .addresses
+        .iter()
+        .map(|found| (found, rule_bits(&route.rules, &found.chain)))
+        .filter(|(_, rules)| *rules != 0)
+        .collect();
+    let Some((first, _)) = allowed.first() else {
+        return (reply, Outcome::Answered);
+    };
+    // Every address answers the question's name (the first of its chain).
+    let name = &first.chain[0];
+    let answered: Vec<Answered> = allowed
+        .iter()
+        .map(|(found, rules)| Answered {
+            addr: found.addr,
+            ttl: found.ttl,
+            rules: *rules,
+        })
+        .collect();
     let mut guard = shared.learnt();
     let (cache, sink) = &mut *guard;
-    let mut allowed = Vec::new();
-    for found in &inspected.addresses {
-        let rules = rule_bits(&route.rules, &found.chain);
-        if rules == 0 {
-            continue;
-        }
-        allowed.push(found);
-        match cache.learn(
-            sink,
-            route.service,
-            &found.chain[0],
-            Answered {
-                addr: found.addr,
-                ttl: found.ttl,
-                rules,
-            },
-            now,
-        ) {
-            Ok(_) => bump(&stats.learnt),
+    let results = cache.learn_answer(sink, route.service, name, &answered, now);
+    for (found, result) in answered.iter().zip(results) {
+        match result {
+            Ok(Learnt::New | Learnt::Refreshed) => bump(&stats.learnt),
+            Ok(Learnt::LeftOut) => {}
             Err(e) => {
                 tracing::warn!(service = route.service, addr = %found.addr, error = %e, "dns proxy: address not learnt");
                 bump(&stats.learn_failures);
@@ -767,22 +772,16 @@ fn learn_from<S: LearntSink>(
             }
         }
     }
-    let Some(first) = allowed.first() else {
-        return (reply, Outcome::Answered);
-    };
-    let held: HashSet<IpAddr> = cache
-        .addresses(route.service, &first.chain[0])
-        .into_iter()
-        .collect();
+    let held: HashSet<IpAddr> = cache.addresses(route.service, name).into_iter().collect();
     drop(guard);
     let (kept, gone): (Vec<&AnswerAddress>, Vec<&AnswerAddress>) = allowed
         .iter()
-        .copied()
+        .map(|(found, _)| *found)
         .partition(|a| held.contains(&a.addr));
     if gone.is_empty() || kept.is_empty() {
         return (reply, Outcome::Answered);
     }
-    let chain: HashSet<&DnsName> = allowed.iter().flat_map(|a| a.chain.iter()).collect();
+    let chain: HashSet<&DnsName> = allowed.iter().flat_map(|(a, _)| a.chain.iter()).collect();
     let gone: HashSet<IpAddr> = gone.iter().map(|a| a.addr).collect();
     let answer = match without_addresses(&reply, |owner, addr| {
         chain.contains(owner) && gone.contains(&addr)

@@ -118,6 +118,10 @@ pub struct Observed {
     /// Addresses evicted because one (service, name) held `max_per_name`,
     /// by service (every service with name rules, 0 included).
     pub evicted_per_name: Vec<(Arc<str>, u64)>,
+    /// Addresses of answers not learnt (and left out of the answer)
+    /// because their name held `max_per_name` addresses in use, by service
+    /// (the same services).
+    pub left_out_per_name: Vec<(Arc<str>, u64)>,
     /// Addresses not learnt because `max_learnt` were held, by service
     /// (the same services).
     pub refused_full: Vec<(Arc<str>, u64)>,
@@ -147,6 +151,10 @@ struct Waiting {
     passed: bool,
     /// The kernel has been told where they are.
     announced: bool,
+    /// The previous agent's names of what the map carried over, restored
+    /// by [`Dns::prepare`] so that its leftover decisions, read before we
+    /// serve, are named too.
+    cache: Option<LearntCache>,
 }
 
 struct Running {
@@ -193,6 +201,7 @@ impl Dns {
                 sockets,
                 passed,
                 announced: false,
+                cache: None,
             }))),
         })
     }
@@ -224,6 +233,12 @@ impl Dns {
             .any(crate::policy::Service::through_proxy)
         {
             waiting.announce(&self.config)?;
+            // The take-over reads the previous agent's decisions before we
+            // serve: the names must be known by then.
+            self.set_rules(set);
+            let mut cache = self.new_cache();
+            self.restore(&mut cache, &waiting.maps.learnt);
+            waiting.cache = Some(cache);
         }
         Ok(())
     }
@@ -257,15 +272,7 @@ impl Dns {
     /// no lookup learnt, which fails closed.
     pub fn apply(&self, set: &PolicySet) -> Result<()> {
         let new = name_rules(set);
-        {
-            let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
-            for service in &set.services {
-                let key = service.names_key();
-                if new.contains_key(&key) {
-                    labels.insert(key, Arc::from(service.name.as_str()));
-                }
-            }
-        }
+        self.set_labels(set, &new);
         let needed = !new.is_empty();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         {
@@ -294,6 +301,32 @@ impl Dns {
             }
         }
         Ok(())
+    }
+
+    /// Before the proxy runs: `set`'s name rules and labels, as
+    /// [`Self::apply`] sets them, with nothing to forget yet.
+    fn set_rules(&self, set: &PolicySet) {
+        let new = name_rules(set);
+        self.set_labels(set, &new);
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = new;
+    }
+
+    fn set_labels<V>(&self, set: &PolicySet, new: &HashMap<ServiceId, V>) {
+        let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
+        for service in &set.services {
+            let key = service.names_key();
+            if new.contains_key(&key) {
+                labels.insert(key, Arc::from(service.name.as_str()));
+            }
+        }
+    }
+
+    fn new_cache(&self) -> LearntCache {
+        LearntCache::new(LearntLimits {
+            min_ttl: Duration::from_secs(u64::from(self.config.min_ttl_secs)),
+            max_per_name: self.config.max_per_name as usize,
+            max_total: self.config.max_learnt as usize,
+        })
     }
 
     /// Stops the proxy (the agent stops): it takes no more queries and
@@ -339,10 +372,11 @@ impl Dns {
             .into_iter()
             .map(|(service, outcome, n)| (label(service), outcome, n))
             .collect();
-        let (by_service, evictions, expired) = proxy.with_learnt(|cache, _| {
+        let (by_service, evictions, left_out, expired) = proxy.with_learnt(|cache, _| {
             (
                 cache.addresses_by_service(),
                 cache.evictions_by_service(),
+                cache.left_out_by_service(),
                 cache.expirations(),
             )
         });
@@ -380,6 +414,7 @@ impl Dns {
             lookups,
             learnt,
             evicted_per_name: per_service(evictions.into_iter().collect()),
+            left_out_per_name: per_service(left_out.into_iter().collect()),
             refused_full: per_service(full.into_iter().collect()),
             map_errors: stats
                 .learn_failures
@@ -401,8 +436,19 @@ impl Dns {
                 .keys()
                 .find(|k| labels.get(k).is_some_and(|l| &**l == service))?
         };
-        let proxy = self.proxy()?;
-        proxy.with_learnt(|cache, _| cache.name_of(key, addr).map(ToString::to_string))
+        self.with_cache(|cache| cache.name_of(key, addr).map(ToString::to_string))
+            .flatten()
+    }
+
+    /// Looks at the learnt cache: the proxy's, or before it serves the one
+    /// [`Self::prepare`] restored (the previous agent's decisions are read
+    /// then). `None`: there is none.
+    fn with_cache<T>(&self, f: impl FnOnce(&LearntCache) -> T) -> Option<T> {
+        match &*self.state.lock().unwrap_or_else(PoisonError::into_inner) {
+            State::Running(running) => Some(running.proxy.with_learnt(|cache, _| f(cache))),
+            State::Idle(waiting) => waiting.cache.as_ref().map(f),
+            State::Gone => None,
+        }
     }
 
     fn start(&self, mut waiting: Waiting) -> Result<Running> {
@@ -411,6 +457,7 @@ impl Dns {
             maps,
             sockets,
             passed,
+            cache,
             ..
         } = waiting;
         let DnsMaps {
@@ -420,12 +467,13 @@ impl Dns {
             ..
         } = maps;
         let router = router(clients, Arc::clone(&self.rules));
-        let mut cache = LearntCache::new(LearntLimits {
-            min_ttl: Duration::from_secs(u64::from(self.config.min_ttl_secs)),
-            max_per_name: self.config.max_per_name as usize,
-            max_total: self.config.max_learnt as usize,
+        // Restored by `prepare` when the policy had name rules at start;
+        // else (they came with a reload) now, by the rules in place.
+        let cache = cache.unwrap_or_else(|| {
+            let mut cache = self.new_cache();
+            self.restore(&mut cache, &learnt);
+            cache
         });
-        self.restore(&mut cache, &learnt);
         let proxy_config = ProxyConfig {
             upstream_timeout: Duration::from_millis(u64::from(self.config.upstream_timeout_ms)),
             ..ProxyConfig::default()
@@ -619,9 +667,6 @@ impl Stage for DstNames {
                 .filter_map(|(k, r)| Some((Arc::clone(labels.get(k)?), (*k, r.is_empty()))))
                 .collect()
         };
-        let Some(proxy) = self.0.proxy() else {
-            return;
-        };
         let key_of = |ev: &FlowEvent| {
             let (Some(service), Some(addr)) = (&ev.service, ev.dst_ip) else {
                 return None;
@@ -630,7 +675,7 @@ impl Stage for DstNames {
                 .map(|&(key, observed)| (key, observed, addr.to_canonical()))
         };
         // Learnt names: decisions a name rule (or an address rule) allowed.
-        proxy.with_learnt(|cache, _| {
+        self.0.with_cache(|cache| {
             for ev in batch.iter_mut().filter(|ev| may_name(ev)) {
                 if let Some((key, false, addr)) = key_of(ev) {
                     if ev.verdict == Some(Verdict::Allow) {
@@ -639,6 +684,9 @@ impl Stage for DstNames {
                 }
             }
         });
+        let Some(proxy) = self.0.proxy() else {
+            return;
+        };
         // Observed names: any decision of such a service (audit mode
         // included: that is where `learn` reads from).
         for ev in batch.iter_mut().filter(|ev| may_name(ev)) {

@@ -884,6 +884,7 @@ mod tests {
             r#"bulkhead_dns_learnt_evictions_total{service="search",reason="per_name_cap"} 0"#,
             r#"bulkhead_dns_learnt_evictions_total{service="billing",reason="full"} 0"#,
             r#"bulkhead_dns_learnt_evictions_total{service="search",reason="full"} 1"#,
+            r#"bulkhead_dns_learnt_evictions_total{service="billing",reason="per_name_in_use"} 7"#,
             "bulkhead_dns_learnt_expired_total 5",
             "bulkhead_dns_learn_errors_total 6",
             "bulkhead_dns_proxy_added_seconds_count 2",

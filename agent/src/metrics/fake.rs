@@ -101,6 +101,7 @@ impl super::DnsSource for FakeDns {
             ],
             learnt: vec![(Arc::from("billing"), 2), (Arc::from("search"), 0)],
             evicted_per_name: vec![(Arc::from("billing"), 4), (Arc::from("search"), 0)],
+            left_out_per_name: vec![(Arc::from("billing"), 7), (Arc::from("search"), 0)],
             refused_full: vec![(Arc::from("billing"), 0), (Arc::from("search"), 1)],
             map_errors: 6,
             expired: 5,

@@ -33,10 +33,11 @@ pub fn encode(enc: &mut DescriptorEncoder, dns: &Observed) -> fmt::Result {
     counters(
         enc,
         "bulkhead_dns_learnt_evictions",
-        "Learnt addresses let go or kept out by a cap, by service (every service with name rules) and reason: per_name_cap (the oldest address of a name that held [dns] max_per_name, evicted for a new one: it is denied now), full ([dns] max_learnt held: the new address was not learnt, so it is denied; nothing is evicted for it).",
+        "Learnt addresses let go or kept out by a cap, by service (every service with name rules) and reason: per_name_cap (the oldest address of a name that held [dns] max_per_name, evicted for a new one: it is denied now), full ([dns] max_learnt held: the new address was not learnt, so it is denied; nothing is evicted for it), per_name_in_use (the name held [dns] max_per_name addresses of the family, all given by the same answer or by one in the last 2 s: the new address was not learnt and was left out of the answer, so no client is given it).",
         [
             ("per_name_cap", &dns.evicted_per_name),
             ("full", &dns.refused_full),
+            ("per_name_in_use", &dns.left_out_per_name),
         ]
         .into_iter()
         .flat_map(|(reason, counts)| {
