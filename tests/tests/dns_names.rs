@@ -723,6 +723,21 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
         allowed_to(ev, "bystander", api)
     });
     assert_eq!(other["dst_name"], Value::Null, "{other:#}");
+    // The connection's establishment and close (its bytes) are named too.
+    for kind in ["tcp_established", "tcp_closed"] {
+        let of = |service: &'static str| {
+            move |ev: &Value| {
+                ev["type"] == kind
+                    && ev["service"] == service
+                    && ev["dst_ip"] == api.ip().to_string()
+                    && ev["dst_port"] == api.port()
+            }
+        };
+        let ev = wait_event(&daemon, kind, of("svc"));
+        assert_eq!(ev["dst_name"], "api.example.test", "{ev:#}");
+        let other = wait_event(&daemon, kind, of("bystander"));
+        assert_eq!(other["dst_name"], Value::Null, "{other:#}");
+    }
 
     // The metrics.
     let scrape = Scrape::get(metrics_addr(&daemon));

@@ -635,14 +635,19 @@ fn router(clients: DnsClients, rules: NameRules) -> Router {
 /// pipeline only knows the [`Stage`] trait, never the proxy.
 pub struct DstNames(pub Arc<Dns>);
 
-/// Whether `ev` is a decision `dst_name` may be given to: an allowed or
-/// audited egress call (its first, a verdict, or later ones, a flow
-/// summary) of a service, with its destination. (An audited one is named
-/// only for a service whose lookups are observed, below.)
+/// Whether `ev` may be given `dst_name`: an allowed or audited egress
+/// call (its first, a verdict, or later ones, a flow summary) of a
+/// service, with its destination, or an outgoing TCP connection's
+/// establishment or close (whose bytes the fleet's rows and the graph
+/// count under the name too; the byte summaries of an open connection
+/// are copies of its establishment, named with it). (An audited call is
+/// named only for a service whose lookups are observed, below.)
 fn may_name(ev: &FlowEvent) -> bool {
-    matches!(ev.kind, EventType::Verdict | EventType::Flow)
+    let call = matches!(ev.kind, EventType::Verdict | EventType::Flow)
+        && matches!(ev.verdict, Some(Verdict::Allow | Verdict::Audit));
+    let connection = matches!(ev.kind, EventType::TcpEstablished | EventType::TcpClosed);
+    (call || connection)
         && ev.traffic_direction == Some(Direction::Egress)
-        && matches!(ev.verdict, Some(Verdict::Allow | Verdict::Audit))
         && ev.service.is_some()
         && ev.dst_ip.is_some()
         && ev.dst_name.is_none()
@@ -678,7 +683,7 @@ impl Stage for DstNames {
         self.0.with_cache(|cache| {
             for ev in batch.iter_mut().filter(|ev| may_name(ev)) {
                 if let Some((key, false, addr)) = key_of(ev) {
-                    if ev.verdict == Some(Verdict::Allow) {
+                    if ev.verdict != Some(Verdict::Audit) {
                         ev.dst_name = cache.name_of(key, addr).map(|n| Arc::from(n.to_string()));
                     }
                 }
