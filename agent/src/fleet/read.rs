@@ -49,7 +49,9 @@ pub fn flows_sql(database: &str) -> String {
          sumIf(calls, verdict = 'deny') AS denied, \
          sum(bytes_sent) AS sent, sum(bytes_received) AS received, \
          toUInt32(min(first_seen)) AS first, toUInt32(max(last_seen)) AS last, \
-         argMax(dst_name, toUInt64(dst_name != '') * 4294967296 + toUInt32(last_seen)) AS name \
+         argMax(dst_name, toUInt64(dst_name != '') * 4294967296 + toUInt32(last_seen)) AS name, \
+         argMax(rule, toUInt64(dst_name != '' AND verdict = 'allow') * 4294967296 \
+         + toUInt32(last_seen)) AS name_rule \
          FROM {database}.flows WHERE direction = 'egress' AND last_seen <= now() + {FUTURE} \
          GROUP BY host, service, remote_addr, remote_port, protocol, toStartOfHour(first_seen) \
          FORMAT JSONEachRow"
@@ -178,6 +180,9 @@ struct FlowRow {
     /// `dst_name`, "" when none.
     #[serde(default)]
     name: String,
+    /// The rule of the latest allowed named call (see [`flows_sql`]).
+    #[serde(default)]
+    name_rule: String,
 }
 
 /// One JSON object per line; an error names the query and the line.
@@ -244,6 +249,7 @@ pub fn parse(instances: &str, listeners: &str, flows: &str) -> Result<Fleet> {
                 first_seen: r.first,
                 last_seen: r.last,
                 dst_name: r.name,
+                name_rule: r.name_rule,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -292,6 +298,26 @@ mod tests {
         assert_eq!(to, ["203.0.113.9:443/tcp", "api.example.test:443/tcp"]);
         assert_eq!(b.reached[1].rule.as_deref(), Some("web.toml#egress[0]"));
         assert_eq!(b.reached[0].rule, None);
+    }
+
+    /// Allowed through a CNAME: web asked for www.example.test, whose
+    /// answer led to a name its rule allows. The row's `name_rule` (the
+    /// agent's decision) credits the destination to that rule.
+    #[test]
+    fn a_flow_allowed_through_a_cname_is_credited_to_the_rule_its_decisions_name() {
+        assert!(
+            flows_sql("bulkhead").contains("AS name_rule"),
+            "{}",
+            flows_sql("bulkhead")
+        );
+        let instances = r#"{"service":"web","host":"h1","mode":"enforce","file":"f","rules":"[{\"rule\":\"web.toml#egress[0]\",\"to\":[],\"names\":[\"*.cdn.example.test\"],\"ports\":[[443,443]],\"protocol\":\"tcp\"}]"}"#;
+        let flows = "{\"host\":\"h1\",\"service\":\"web\",\"remote_addr\":\"203.0.113.5\",\"remote_port\":443,\"protocol\":\"tcp\",\"allowed\":\"2\",\"audited\":\"0\",\"denied\":\"0\",\"sent\":\"0\",\"received\":\"0\",\"first\":2000,\"last\":2010,\"name\":\"www.example.test\",\"name_rule\":\"web.toml#egress[0]\"}\n";
+        let fleet = parse(instances, "", flows).expect("valid rows");
+        let b = fleet.blast_radius("web").expect("web");
+        assert_eq!(b.reached[0].to, "www.example.test:443/tcp");
+        assert_eq!(b.reached[0].rule.as_deref(), Some("web.toml#egress[0]"));
+        let used: Vec<(&str, bool)> = b.allows.iter().map(|a| (a.to.as_str(), a.used)).collect();
+        assert_eq!(used, [("*.cdn.example.test", true)]);
     }
 
     #[test]

@@ -169,27 +169,46 @@ fn edges_of<'a>(
         .collect()
 }
 
-/// Whether name pattern `pattern` of `rule` lets the edge to `dest`
-/// through: the service's lookup of a name it allows gave the address.
-fn name_covers(rule: &EgressRule, pattern: &str, dest: &Dest, e: &EdgeStats) -> bool {
-    e.dst_name
+/// Whether name pattern `pattern` of `service`'s `rule` lets the edge to
+/// `dest` through: the service's lookup of a name it allows gave the
+/// address; or the decisions say the rule did (its pattern matched a CNAME
+/// on the way, not the name looked up) and it has no other pattern the
+/// credit could be for.
+fn name_covers(
+    service: &Service,
+    rule: &EgressRule,
+    pattern: &str,
+    dest: &Dest,
+    e: &EdgeStats,
+) -> bool {
+    let by_name = e
+        .dst_name
         .as_deref()
-        .is_some_and(|n| named::allows(pattern, n))
+        .is_some_and(|n| named::allows(pattern, n));
+    let by_rule = rule.names.len() == 1
+        && e.dst_name.is_some()
+        && e.name_rule.as_deref() == Some(&*rule_ref(service, rule));
+    (by_name || by_rule)
         && ports_cover(&rule.ports, dest.port)
         && protocol_matches(rule.protocol, &dest.protocol)
 }
 
-/// The first rule of `service` that lets the edge through: by the name
-/// looked up, else by address. (A name a rule allowed through a CNAME on
-/// the way is not known here: such an edge is attributed by address.)
+/// The first rule of `service` that lets the edge through: the one its
+/// named decisions name, else by the name looked up, else by address.
 fn rule_of(service: &Service, dest: &Dest, e: &EdgeStats) -> Option<String> {
-    service
-        .egress
-        .iter()
-        .find(|r| {
-            r.names
-                .iter()
-                .any(|p| name_covers(r, &p.to_string(), dest, e))
+    let decided = e.name_rule.as_deref().and_then(|named| {
+        service
+            .egress
+            .iter()
+            .find(|r| !r.names.is_empty() && rule_ref(service, r) == named)
+    });
+    decided
+        .or_else(|| {
+            service.egress.iter().find(|r| {
+                r.names
+                    .iter()
+                    .any(|p| name_covers(service, r, &p.to_string(), dest, e))
+            })
         })
         .or_else(|| {
             service
@@ -320,7 +339,7 @@ pub fn compute(
             let pattern = pattern.to_string();
             let used = edges
                 .iter()
-                .any(|(d, e)| e.connections > 0 && name_covers(rule, &pattern, d, e));
+                .any(|(d, e)| e.connections > 0 && name_covers(service, rule, &pattern, d, e));
             allows.push(allowance(service, rule, pattern, Vec::new(), used));
         }
     }
@@ -433,7 +452,7 @@ fn lateral(
                 let mut targets: Vec<(String, String)> = observed
                     .iter()
                     .filter(|(d, e)| {
-                        graph.service_at(d).is_none() && name_covers(rule, &pattern, d, e)
+                        graph.service_at(d).is_none() && name_covers(service, rule, &pattern, d, e)
                     })
                     .map(|(d, e)| target(d, e))
                     .collect();
@@ -619,6 +638,33 @@ pub(crate) mod tests {
             text.contains("api.example.test:443/tcp (203.0.113.5, 203.0.113.6) 3 connections"),
             "{text}"
         );
+    }
+
+    /// Allowed through a CNAME: the service asked for www.example.test,
+    /// whose answer led to edge.cdn.example.test, which the rule names.
+    /// The name looked up matches no pattern; the decisions' `rule` says
+    /// which rule let it through, so the destination is credited to it and
+    /// its pattern counts as used.
+    #[test]
+    fn a_destination_allowed_through_a_cname_is_credited_to_the_rule_that_allowed_it() {
+        let set = policy(&[(
+            "a.toml",
+            "cgroup = \"/a\"\nmode = \"enforce\"\n[[egress]]\nto = [\"*.cdn.example.test\"]\nports = [443]\nprotocol = \"tcp\"\n[[egress]]\nto = [\"192.0.2.0/24\"]\nports = [80]\nprotocol = \"tcp\"\n",
+        )]);
+        let mut g = Graph::default();
+        g.observe(&crate::events::FlowEvent {
+            rule: Some("a.toml#egress[0]".into()),
+            ..connect_named("a", ("203.0.113.5", 443), "www.example.test")
+        });
+        let b = compute(&g, &set, "a", None).expect("a is in the policy");
+        let named = b
+            .reached
+            .iter()
+            .find(|r| r.to == "www.example.test:443/tcp")
+            .unwrap_or_else(|| panic!("reached by name: {:?}", b.reached));
+        assert_eq!(named.rule.as_deref(), Some("a.toml#egress[0]"));
+        let to: Vec<(&str, bool)> = b.allows.iter().map(|a| (a.to.as_str(), a.used)).collect();
+        assert_eq!(to, [("*.cdn.example.test", true), ("192.0.2.0/24", false)]);
     }
 
     #[test]

@@ -48,6 +48,11 @@ fn name(stats: &mut EdgeStats, ev: &FlowEvent) {
         if stats.dst_name.as_deref() != Some(&**n) {
             stats.dst_name = Some(n.to_string());
         }
+        if let (Some(r), Some(Verdict::Allow)) = (&ev.rule, ev.verdict) {
+            if stats.name_rule.as_deref() != Some(&**r) {
+                stats.name_rule = Some(r.to_string());
+            }
+        }
     }
 }
 

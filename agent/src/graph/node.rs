@@ -107,6 +107,11 @@ pub struct EdgeStats {
     /// latest seen, from its decisions' `dst_name`); null when no lookup
     /// of its own did. An edge with a name is never folded into a network.
     pub dst_name: Option<String>,
+    /// The rule that let the latest named call through (its event's
+    /// `rule`): the kernel knows which name rule an address was learnt
+    /// by, CNAME chains included, which the name looked up alone does not
+    /// say.
+    pub name_rule: Option<String>,
     /// Calls that went through (allowed or audited) per executable that
     /// made them (the real path decisions name
     /// in `exe`; [`UNKNOWN_EXE`] when the kernel had no record): at most

@@ -264,9 +264,16 @@ fn allowance(
 /// else by address. (A name a rule allowed through a CNAME on the way is
 /// not in the rows: such a flow is attributed by address.)
 fn rule_of(s: &Instance, f: &Flow) -> Option<String> {
-    s.rules
+    let decided = s
+        .rules
         .iter()
-        .find(|r| r.names.iter().any(|p| r.name_covers(p, f)))
+        .find(|r| !f.dst_name.is_empty() && !r.names.is_empty() && r.rule == f.name_rule);
+    decided
+        .or_else(|| {
+            s.rules
+                .iter()
+                .find(|r| r.names.iter().any(|p| r.name_covers(p, f)))
+        })
         .or_else(|| {
             s.rules
                 .iter()

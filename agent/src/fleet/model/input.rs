@@ -35,10 +35,14 @@ impl Rule {
     }
 
     /// Whether name pattern `pattern` of this rule lets flow `f` through:
-    /// the service's lookup of a name it allows gave the address.
+    /// the service's lookup of a name it allows gave the address; or the
+    /// agent's decisions say this rule did (its pattern matched a CNAME
+    /// on the way) and it has no other pattern the credit could be for.
     pub fn name_covers(&self, pattern: &str, f: &Flow) -> bool {
+        let by_name = crate::graph::named::allows(pattern, &f.dst_name);
+        let by_rule = self.names.len() == 1 && f.name_rule == self.rule;
         !f.dst_name.is_empty()
-            && crate::graph::named::allows(pattern, &f.dst_name)
+            && (by_name || by_rule)
             && self.port_allowed(f.remote_port)
             && self.protocol_allowed(&f.protocol)
     }
@@ -113,6 +117,10 @@ pub struct Flow {
     /// The DNS name the service looked up that gave `remote_addr`, ""
     /// when none.
     pub dst_name: String,
+    /// The rule of the latest allowed call with a name (the agent's
+    /// decision: a name rule may have matched a CNAME on the way, not the
+    /// name looked up); else of the latest call; "" when none.
+    pub name_rule: String,
 }
 
 impl Flow {

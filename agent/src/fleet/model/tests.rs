@@ -54,6 +54,7 @@ fn flow(service: &str, host: &str, to: (&str, u16), calls: u64, seen: (u64, u64)
         first_seen: seen.0,
         last_seen: seen.1,
         dst_name: String::new(),
+        name_rule: String::new(),
     }
 }
 
@@ -377,6 +378,7 @@ type ReachedRow<'a> = (&'a str, &'a str, Vec<&'a str>, u64, Option<&'a str>);
 fn destinations_reached_by_name_are_listed_by_their_name() {
     let named = |addr: &str, calls: u64| Flow {
         dst_name: "api.example.test".to_string(),
+        name_rule: String::new(),
         ..flow("web", "h1", (addr, 443), calls, ALWAYS)
     };
     let by_name = Rule {
