@@ -250,6 +250,57 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
     );
 }
 
+/// The "agent gone for longer": once the proxy's heartbeat is
+/// older than its grace (`DNS_HEARTBEAT_GRACE_NS`, 30 s), the kernel stops
+/// redirecting lookups and holds what was learnt frozen. The learnt
+/// address still connects though its TTL ran out; a lookup goes to the
+/// resolver directly and is answered, but teaches nothing, so the address
+/// of a name the rule allows and no lookup taught stays denied (fail
+/// closed). With an agent back, expiry applies again.
+#[test]
+fn past_the_grace_with_no_agent_learnt_addresses_keep_working_and_new_names_fail_closed() {
+    if !require_bpf() {
+        return;
+    }
+    const CONFIG: &str = "[dns]\nmin_ttl_secs = 1\n";
+    let fresh = probe!().listen(Proto::Tcp, addr("127.0.73.2:0"));
+    let w = Named::new(13, &[("new.example.test", fresh.addr().ip())]);
+    w.policies
+        .write("svc.toml", &w.policy(&w.svc, "*.example.test"));
+    let shared = SharedPins::new();
+    let mut first = shared.start_with_config(&w.policies, CONFIG);
+    w.look_up("api.example.test", &[], "127.0.73.1");
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("learnt, the agent running");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+
+    // Past the grace, and long past the address's expiry (1 s).
+    std::thread::sleep(
+        Duration::from_nanos(agent_common::DNS_HEARTBEAT_GRACE_NS) + Duration::from_secs(2),
+    );
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("learnt, expired, the agent gone past the grace: frozen, still allowed");
+    let answer = w.look_up("new.example.test", &[], "127.0.73.2");
+    assert!(
+        answer.contains(&format!("SERVER: {}#53", w.resolver().ip())),
+        "answered by the resolver itself: {answer}"
+    );
+    w.client()
+        .tcp_connect(fresh.addr())
+        .assert_eperm("a name the rule allows, looked up while no agent runs: nothing learnt");
+
+    let _second = shared.start_with_config(&w.policies, CONFIG);
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("expired, with an agent back");
+    w.look_up("new.example.test", &[], "127.0.73.2");
+    w.client()
+        .tcp_connect(fresh.addr())
+        .assert_ok("looked up through the agent back");
+}
+
 /// A damaged `dns-learnt.json` changes nothing the kernel enforces: the
 /// next agent sets it aside (logged, counted) and the address the pinned
 /// map carried over still connects, unnamed.
