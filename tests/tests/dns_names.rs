@@ -262,13 +262,13 @@ fn past_the_grace_with_no_agent_learnt_addresses_keep_working_and_new_names_fail
     if !require_bpf() {
         return;
     }
-    const CONFIG: &str = "[dns]\nmin_ttl_secs = 1\n";
+    let config = "[dns]\nmin_ttl_secs = 1\n";
     let fresh = probe!().listen(Proto::Tcp, addr("127.0.73.2:0"));
     let w = Named::new(13, &[("new.example.test", fresh.addr().ip())]);
     w.policies
         .write("svc.toml", &w.policy(&w.svc, "*.example.test"));
     let shared = SharedPins::new();
-    let mut first = shared.start_with_config(&w.policies, CONFIG);
+    let mut first = shared.start_with_config(&w.policies, config);
     w.look_up("api.example.test", &[], "127.0.73.1");
     w.client()
         .tcp_connect(w.api.addr())
@@ -291,7 +291,7 @@ fn past_the_grace_with_no_agent_learnt_addresses_keep_working_and_new_names_fail
         .tcp_connect(fresh.addr())
         .assert_eperm("a name the rule allows, looked up while no agent runs: nothing learnt");
 
-    let _second = shared.start_with_config(&w.policies, CONFIG);
+    let _second = shared.start_with_config(&w.policies, config);
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("expired, with an agent back");
