@@ -334,7 +334,9 @@ impl LearntCache {
             }
             let v4 = a.addr.is_ipv4();
             let held = self.names.get(&key).map_or(&[][..], Vec::as_slice);
-            if same_family(held, a.addr) >= self.limits.max_per_name {
+            // Not held, unless the answer gave it twice: that is a refresh.
+            let again = held.iter().any(|h| h.addr == a.addr);
+            if !again && same_family(held, a.addr) >= self.limits.max_per_name {
                 let answer_holds_one = held.iter().any(|h| h.addr.is_ipv4() == v4 && in_answer(h));
                 let victim = held
                     .iter()

@@ -150,3 +150,18 @@ fn the_families_are_capped_apart() {
     assert_eq!(outcomes(got), [Learnt::New, Learnt::New, Learnt::LeftOut]);
     assert_eq!(c.addresses(1, &name()), [v4(1), six]);
 }
+
+/// An answer that gives one new address twice, at the cap: the second is
+/// a refresh, not a new address that makes room by evicting another.
+#[test]
+fn an_address_given_twice_evicts_nothing_the_second_time() {
+    let mut c = cache(2);
+    let mut sink = Recorder::default();
+    c.learn_answer(&mut sink, 1, &name(), &answer(&[v4(1)]), SEC);
+    let grace = u64::try_from(GIVEN_GRACE.as_nanos()).expect("fits");
+    let later = SEC + grace;
+    let got = c.learn_answer(&mut sink, 1, &name(), &answer(&[v4(2), v4(2)]), later);
+    assert_eq!(outcomes(got), [Learnt::New, Learnt::Refreshed]);
+    assert_eq!(c.addresses(1, &name()), [v4(1), v4(2)]);
+    assert!(sink.revoked.is_empty(), "{:?}", sink.revoked);
+}
