@@ -461,9 +461,9 @@ fn a_name_with_a_thousand_addresses_stays_within_the_cap_with_flat_memory() {
     );
 }
 
-/// Lookups of a name with more addresses than the cap, one after another
-/// and at once, while the client of the first keeps connecting to what it
-/// was given: no later answer takes any of it back (no eviction, no
+/// Lookups of a name with more addresses than the cap, by two clients at
+/// the same time, while the client of the first lookup keeps connecting
+/// to what it was given: no later answer takes any of it back (no eviction, no
 /// denial), and every answer is trimmed to those same 64. Before answers
 /// were learnt as a whole, each of them evicted and re-learnt the 64 held,
 /// revoking the previous answer's addresses in the kernel while it ran.
@@ -486,27 +486,37 @@ fn later_lookups_of_a_name_over_the_cap_never_take_back_what_a_client_was_given(
     assert_eq!(given.len(), CAP, "the first answer: {}", dig_text(&out));
     let peers: Vec<SocketAddr> = given.iter().map(|a| w.at(ip(a))).collect();
 
-    let answers = std::thread::scope(|scope| {
-        let lookups = scope.spawn(|| {
-            (0..LOOKUPS)
-                .map(|_| {
-                    let out = dig_in(w.svc.path(), w.server.addr(), name, &[]);
-                    dig_addresses(&out)
-                        .into_iter()
-                        .collect::<BTreeSet<String>>()
-                })
-                .collect::<Vec<_>>()
-        });
+    // Two clients look the name up at the same time, LOOKUPS / 2 each.
+    let look_up = || {
+        (0..LOOKUPS / 2)
+            .map(|_| {
+                let out = dig_in(w.svc.path(), w.server.addr(), name, &[]);
+                dig_addresses(&out)
+                    .into_iter()
+                    .collect::<BTreeSet<String>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let answers: Vec<BTreeSet<String>> = std::thread::scope(|scope| {
+        let lookups = [scope.spawn(look_up), scope.spawn(look_up)];
         // The first client connects to each address it was given, again
         // and again, for as long as the later lookups run.
         let mut sweeps = 0;
-        while !lookups.is_finished() || sweeps < 3 {
+        while !lookups
+            .iter()
+            .all(std::thread::ScopedJoinHandle::is_finished)
+            || sweeps < 3
+        {
             let _ = w.client().tcp_connect_each(&peers);
             sweeps += 1;
         }
         lookups
-            .join()
-            .unwrap_or_else(|_| panic!("the lookups' thread panicked"))
+            .into_iter()
+            .flat_map(|l| {
+                l.join()
+                    .unwrap_or_else(|_| panic!("a lookups' thread panicked"))
+            })
+            .collect()
     });
     for (i, answer) in answers.iter().enumerate() {
         assert_eq!(answer, &given, "lookup {i} after the first");

@@ -250,6 +250,21 @@ impl LearntCache {
         answered: Answered,
         now: Nanos,
     ) -> Result<Learnt, LearnError> {
+        self.learn_replacing(sink, service, name, answered, now, None)
+    }
+
+    /// [`Self::learn`], evicting `victim` rather than the oldest if the
+    /// name is then one over its cap. The new address is written first:
+    /// should the sink refuse it, nothing is evicted.
+    fn learn_replacing(
+        &mut self,
+        sink: &mut dyn LearntSink,
+        service: ServiceId,
+        name: &DnsName,
+        answered: Answered,
+        now: Nanos,
+        victim: Option<IpAddr>,
+    ) -> Result<Learnt, LearnError> {
         let Answered { addr, ttl, rules } = answered;
         let key = (service, name.clone());
         let (known, evicts) = self.names.get(&key).map_or((false, false), |held| {
@@ -290,7 +305,10 @@ impl LearntCache {
             .or_default()
             .push(name.clone());
         if over {
-            self.evict_oldest(sink, service, name, addr.is_ipv4())?;
+            match victim {
+                Some(victim) => self.evict(sink, service, name, victim)?,
+                None => self.evict_oldest(sink, service, name, addr.is_ipv4())?,
+            }
         }
         Ok(Learnt::New)
     }
@@ -349,10 +367,8 @@ impl LearntCache {
                     out[i] = Some(Ok(Learnt::LeftOut));
                     continue;
                 };
-                if let Err(e) = self.evict(sink, service, name, victim) {
-                    out[i] = Some(Err(e));
-                    continue;
-                }
+                out[i] = Some(self.learn_replacing(sink, service, name, *a, now, Some(victim)));
+                continue;
             }
             out[i] = Some(self.learn(sink, service, name, *a, now));
         }

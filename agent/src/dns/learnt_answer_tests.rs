@@ -7,11 +7,13 @@ use super::*;
 
 const SEC: Nanos = 1_000_000_000;
 
-/// The kernel map, and every revoke it was sent.
+/// The kernel map, and every revoke it was sent; it refuses to allow the
+/// addresses in `refuse` (a full or failing map).
 #[derive(Default)]
 struct Recorder {
     map: MemoryMap,
     revoked: Vec<IpAddr>,
+    refuse: Vec<IpAddr>,
 }
 
 impl LearntSink for Recorder {
@@ -22,6 +24,9 @@ impl LearntSink for Recorder {
         until: Nanos,
         rules: RuleBits,
     ) -> Result<(), SinkError> {
+        if self.refuse.contains(&addr) {
+            return Err(SinkError(format!("{addr} refused")));
+        }
         self.map.allow(service, addr, until, rules)
     }
 
@@ -164,4 +169,21 @@ fn an_address_given_twice_evicts_nothing_the_second_time() {
     assert_eq!(outcomes(got), [Learnt::New, Learnt::Refreshed]);
     assert_eq!(c.addresses(1, &name()), [v4(1), v4(2)]);
     assert!(sink.revoked.is_empty(), "{:?}", sink.revoked);
+}
+
+/// The map refuses the new address: what the name held stays held (the
+/// new address is written before its victim goes), in the cache and in
+/// the map.
+#[test]
+fn a_refused_write_evicts_nothing() {
+    let mut c = cache(1);
+    let mut sink = Recorder::default();
+    c.learn_answer(&mut sink, 1, &name(), &answer(&[v4(1)]), SEC);
+    sink.refuse.push(v4(2));
+    let got = c.learn_answer(&mut sink, 1, &name(), &answer(&[v4(2)]), 10 * SEC);
+    assert!(matches!(got[..], [Err(LearnError::Sink(_))]), "{got:?}");
+    assert_eq!(c.addresses(1, &name()), [v4(1)]);
+    assert!(sink.map.contains_key(&(1, v4(1))));
+    assert!(sink.revoked.is_empty(), "{:?}", sink.revoked);
+    assert_eq!(c.evictions(), 0);
 }

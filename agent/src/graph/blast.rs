@@ -197,10 +197,14 @@ fn name_covers(
 /// named decisions name, else by the name looked up, else by address.
 fn rule_of(service: &Service, dest: &Dest, e: &EdgeStats) -> Option<String> {
     let decided = e.name_rule.as_deref().and_then(|named| {
-        service
-            .egress
-            .iter()
-            .find(|r| !r.names.is_empty() && rule_ref(service, r) == named)
+        service.egress.iter().find(|r| {
+            // Positional: after a reload the same reference may be
+            // another rule, which must still let the edge through.
+            !r.names.is_empty()
+                && rule_ref(service, r) == named
+                && ports_cover(&r.ports, dest.port)
+                && protocol_matches(r.protocol, &dest.protocol)
+        })
     });
     decided
         .or_else(|| {

@@ -264,10 +264,15 @@ fn allowance(
 /// else by address. (A name a rule allowed through a CNAME on the way is
 /// not in the rows: such a flow is attributed by address.)
 fn rule_of(s: &Instance, f: &Flow) -> Option<String> {
-    let decided = s
-        .rules
-        .iter()
-        .find(|r| !f.dst_name.is_empty() && !r.names.is_empty() && r.rule == f.name_rule);
+    let decided = s.rules.iter().find(|r| {
+        // Positional: after a reload the same reference may be another
+        // rule, which must still let the flow through.
+        !f.dst_name.is_empty()
+            && !r.names.is_empty()
+            && r.rule == f.name_rule
+            && r.port_allowed(f.remote_port)
+            && r.protocol_allowed(&f.protocol)
+    });
     decided
         .or_else(|| {
             s.rules
