@@ -380,8 +380,18 @@ pub fn stamp_query(ctx: &SkBuffContext) {
     if key.protocol != PROTO_UDP {
         return;
     }
+    // No entry here: the mark is left as it is. While an agent takes over,
+    // both agents' programs run, the previous one's first; a query whose
+    // way out only the previous agent's programs saw (ours not attached
+    // yet) is in its map alone, and it has stamped the mark: writing 0
+    // over it had the proxy refuse that query once the entry was carried
+    // over (found by the 20-restart test: REFUSED lookups). A query with
+    // no entry in any map is refused by the proxy whatever its mark.
     // SAFETY: copied out at once, under the program's RCU read lock.
-    let mark = unsafe { DNS_CLIENTS.get(key) }.map_or(0, |origin| dns_mark(origin.name_key));
+    let Some(mark) = (unsafe { DNS_CLIENTS.get(key) }).map(|origin| dns_mark(origin.name_key))
+    else {
+        return;
+    };
     // SAFETY: the context's skb; `mark` is writable from cgroup_skb
     // programs.
     unsafe { write_volatile(&mut (*ctx.skb.skb).mark, mark) };

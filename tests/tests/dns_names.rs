@@ -267,8 +267,12 @@ fn past_the_grace_with_no_agent_learnt_addresses_keep_working_and_new_names_fail
     // Short enough to be long past after the grace, long enough that the
     // first agent's sweep cannot revoke the address before it stops.
     let config = "[dns]\nmin_ttl_secs = 5\n";
-    let fresh = probe!().listen(Proto::Tcp, addr("127.0.73.2:0"));
-    let w = Named::new(13, &[("new.example.test", fresh.addr().ip())]);
+    let w = Named::new(13, &[("new.example.test", addr("127.0.73.2:0").ip())]);
+    // On the port the name rule allows (api's).
+    let fresh = probe!().listen(
+        Proto::Tcp,
+        SocketAddr::from(([127, 0, 73, 2], w.api.addr().port())),
+    );
     w.policies
         .write("svc.toml", &w.policy(&w.svc, "*.example.test"));
     let shared = SharedPins::new();
@@ -293,14 +297,18 @@ fn past_the_grace_with_no_agent_learnt_addresses_keep_working_and_new_names_fail
         .tcp_connect(fresh.addr())
         .assert_eperm("a name the rule allows, looked up while no agent runs: nothing learnt");
 
-    let _second = shared.start_with_config(&w.policies, config);
+    let second = shared.start_with_config(&w.policies, config);
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("expired, with an agent back");
     w.look_up("new.example.test", &[], "127.0.73.2");
-    w.client()
-        .tcp_connect(fresh.addr())
-        .assert_ok("looked up through the agent back");
+    let back = w.client().tcp_connect(fresh.addr());
+    assert!(
+        back.ok,
+        "looked up through the agent back: {}\n{}",
+        back.json,
+        second.log()
+    );
 }
 
 /// A damaged `dns-learnt.json` changes nothing the kernel enforces: the
