@@ -253,9 +253,9 @@ fn a_thousand_addresses_are_truncated_on_udp_and_capped_over_tcp() {
     assert_eq!(kernel_keys(p), BTreeSet::new());
 
     // dig's own retry over TCP (as glibc does on TC): the whole answer
-    // reaches the proxy, which learns the newest CAP (the last ones of the
-    // answer) and gives the client exactly those: an evicted address
-    // would be denied.
+    // reaches the proxy, which learns its first CAP, leaves the rest out
+    // (an answer never evicts what it gives itself) and gives the client
+    // exactly those: an address not held would be denied.
     let out = dig(p.addr(), "wide.example.test", &[]);
     assert_eq!(dig_addresses(&out).len(), CAP, "{}", dig_text(&out));
     assert_eq!(dig_status(&out).as_deref(), Some("NOERROR"));
@@ -264,7 +264,11 @@ fn a_thousand_addresses_are_truncated_on_udp_and_capped_over_tcp() {
     assert_eq!(count(&p.stats().trimmed_addresses), 1_000 - CAP as u64);
     let held = p.with_learnt(|cache, map| {
         assert_eq!(cache.len(), CAP);
-        assert_eq!(cache.evictions(), 1_000 - CAP as u64);
+        assert_eq!(cache.evictions(), 0);
+        assert_eq!(
+            cache.left_out_by_service().get(&SERVICE),
+            Some(&(1_000 - CAP as u64))
+        );
         assert_eq!(map.len(), CAP);
         cache.addresses(SERVICE, &name("wide.example.test"))
     });
