@@ -510,7 +510,7 @@ async fn serve_udp<S: LearntSink + Send + 'static>(
             let from = (client, Some(mark));
             if let Some(reply) = handle(&shared, from, &query, Transport::Udp, received).await {
                 if let Err(e) = socket.send_to(&reply, client).await {
-                    tracing::debug!(%client, error = %e, "dns proxy: UDP reply not sent");
+                    tracing::warn!(%client, error = %e, "dns proxy: UDP reply not sent: the client gets no answer");
                 }
             }
         });

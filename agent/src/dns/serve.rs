@@ -243,8 +243,9 @@ impl Dns {
         Ok(())
     }
 
-    /// Once the previous agent's programs are detached: copies the lookups
-    /// they saw last (see [`DnsMaps::carry_over_lookups`]).
+    /// Once our programs are attached, and again once the previous
+    /// agent's are detached: copies the lookups they saw (see
+    /// [`DnsMaps::carry_over_lookups`]).
     pub fn carry_over(&self, previous: &Path) {
         if let State::Idle(waiting) =
             &mut *self.state.lock().unwrap_or_else(PoisonError::into_inner)

@@ -97,9 +97,11 @@ impl DnsMaps {
     /// Copies the lookups a previous agent's programs saw (the sockets they
     /// redirected, who sent to the proxy), so that a lookup sent while no
     /// agent ran, waiting in the proxy's held socket, is routed and its
-    /// answer shown from its resolver. Called once our programs run and
-    /// its are detached (nothing writes into its maps any more), and again
-    /// before: entries need not wait for the detach. Returns how many.
+    /// answer shown from its resolver. Called three times: before our
+    /// programs attach (entries need not wait), once they run beside its
+    /// (a socket its programs redirected in between is known to ours
+    /// before it sends), and once its are detached (nothing writes into
+    /// its maps any more). Returns how many.
     pub fn carry_over_lookups(&mut self, dir: &Path) -> usize {
         copy_pinned(dir, DNS_ORIGINS, true, &mut self.origins.0)
             + copy_pinned(dir, DNS_CLIENTS, true, &mut self.clients.0)
