@@ -50,25 +50,28 @@ struct Drained {
 /// detaches them (ours are already attached: no gap), then reads the rest,
 /// which no longer grows, and counts what they dropped.
 /// `names`: the previous agent's ([`previous_names`], read before this
-/// agent saves its own).
-pub fn take_over(
-    previous: pins::Previous,
-    names: Names,
-    hub: &Hub,
-    once_detached: impl FnOnce(&Path),
-) {
+/// agent saves its own). `copy_lookups` copies the DNS proxy's lookups in
+/// flight from its pin directory, called just before the detach and after.
+pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub, copy_lookups: impl Fn(&Path)) {
     let mut drained = Drained::default();
     let mut ring = previous.ring();
     let decoder = Decoder::new(Arc::new(names));
     if let Some(ring) = ring.as_mut() {
         drained = drain(ring, &decoder, hub, Instant::now() + DRAIN_TIME);
     }
+    // The DNS proxy's lookups in flight, just before its programs go:
+    // while they run, they redirect every lookup and ours none (ours let a
+    // call already sent to the proxy through, names::is_proxy), so a
+    // socket redirected since `prepare_dns` copied them is in its maps
+    // alone, and if it sent only after the detach, our packet program
+    // found no origin for it and the proxy refused its query.
+    copy_lookups(previous.dir());
     previous.detach();
     // A program that was running when its link went away may still commit
     // a record or count a loss: wait for every such run to end first.
     crate::kernel::quiesce();
-    // Its other maps are final too (the DNS proxy's lookups in flight).
-    once_detached(previous.dir());
+    // Its other maps are final too: the lookups of the last moments.
+    copy_lookups(previous.dir());
     if let Some(ring) = ring.as_mut() {
         // Nothing writes into it any more, so the rest is read too: a
         // take-over under load loses nothing (found by `cargo xtask soak`:

@@ -538,12 +538,6 @@ fn take_over(
     }
     match pins.promote().context("cannot make the new pins current")? {
         Some(previous) => {
-            // Once more with ours attached, before its programs go: a
-            // socket its connect() redirected after `prepare_dns` copied
-            // its lookups, sending after the detach, found no origin in
-            // our map, so our packet program noted no client and the query
-            // was REFUSED (seen at 60 lookups/s with restarts 0.5 s apart).
-            dns.carry_over(previous.dir());
             crate::takeover::take_over(previous, previous_names, hub, |dir| dns.carry_over(dir));
         }
         None => {

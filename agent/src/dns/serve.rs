@@ -243,8 +243,8 @@ impl Dns {
         Ok(())
     }
 
-    /// Once our programs are attached, and again once the previous
-    /// agent's are detached: copies the lookups they saw (see
+    /// Just before the previous agent's programs are detached, and again
+    /// once they are: copies the lookups they saw (see
     /// [`DnsMaps::carry_over_lookups`]).
     pub fn carry_over(&self, previous: &Path) {
         if let State::Idle(waiting) =

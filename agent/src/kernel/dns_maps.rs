@@ -98,10 +98,11 @@ impl DnsMaps {
     /// redirected, who sent to the proxy), so that a lookup sent while no
     /// agent ran, waiting in the proxy's held socket, is routed and its
     /// answer shown from its resolver. Called three times: before our
-    /// programs attach (entries need not wait), once they run beside its
-    /// (a socket its programs redirected in between is known to ours
-    /// before it sends), and once its are detached (nothing writes into
-    /// its maps any more). Returns how many.
+    /// programs attach (entries need not wait), just before its are
+    /// detached (while both run, only its redirect, so a socket redirected
+    /// since is in its maps alone; copied, ours know it when it sends),
+    /// and once they are (nothing writes into its maps any more). Its
+    /// entries replace ours. Returns how many.
     pub fn carry_over_lookups(&mut self, dir: &Path) -> usize {
         copy_pinned(dir, DNS_ORIGINS, true, &mut self.origins.0)
             + copy_pinned(dir, DNS_CLIENTS, true, &mut self.clients.0)
