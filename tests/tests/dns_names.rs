@@ -403,11 +403,11 @@ fn lookups_made_during_twenty_agent_restarts_are_answered_and_never_denied() {
                     .count();
                 // An answer meant for another socket: the proxy answered
                 // the wrong client (the clients share no address or port).
-                if good != BATCH as usize || dig_text(&out).contains("ID mismatch") {
+                let text = dig_text(&out);
+                if good != BATCH as usize || text.contains("ID mismatch") {
                     failures.push(format!(
-                        "{} of {BATCH} lookups failed: {answers:?}\n{}",
+                        "{} of {BATCH} lookups failed: {answers:?}\n{text}",
                         BATCH as usize - good,
-                        dig_text(&out)
                     ));
                 }
                 connects += 1;
