@@ -7,8 +7,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
         generated::{
-            bpf_get_current_comm, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns,
-            bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+            bpf_get_current_comm, bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id,
+            bpf_skb_cgroup_id,
         },
     },
     programs::SkBuffContext,
@@ -20,15 +20,6 @@ use aya_ebpf::{
 pub fn now_ns() -> u64 {
     // SAFETY: no arguments; available to every program type.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// CLOCK_MONOTONIC_COARSE in nanoseconds (`bpf_ktime_get_coarse_ns`):
-/// the same clock as [`now_ns`], behind it by at most one tick (1 to 10
-/// ms with the kernel's HZ), and cheaper to read (no clock source access).
-#[inline(always)]
-pub fn coarse_now_ns() -> u64 {
-    // SAFETY: no arguments; available to every program type (5.11+).
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The cgroup (v2) id of the current task.

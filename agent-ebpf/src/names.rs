@@ -13,8 +13,8 @@
 //!   own lookup of an allowed name.
 //!
 //! When the proxy's heartbeat is stale, nothing is redirected (lookups go
-//! to the resolver, nothing is learnt: new names fail closed) and learnt
-//! addresses no longer expire (nothing could refresh them).
+//! to the resolver, nothing is learnt: new names fail closed); learnt
+//! addresses stay allowed, since only the agent's sweep removes them.
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -30,7 +30,7 @@ use aya_ebpf::{
 
 use crate::{
     addr::{set_addr, Dest},
-    helpers::{coarse_now_ns, now_ns, socket_cookie},
+    helpers::{now_ns, socket_cookie},
     maps::{any_service_has, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, LEARNT},
     rules::match_ports,
 };
@@ -40,12 +40,6 @@ pub const DNS_PORT: u16 = 53;
 
 /// The first IPv6 words of an IPv4-mapped address (::ffff:a.b.c.d).
 const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-/// Whether the proxy's heartbeat is fresh.
-#[inline(always)]
-fn live_proxy() -> bool {
-    DNS_PROXY.get(0).is_some_and(|p| fresh(p.heartbeat_ns))
-}
 
 /// Whether a heartbeat at `beat` is recent.
 #[inline(always)]
@@ -71,13 +65,19 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
     }
 }
 
-/// The rule that allows `dest` to the service `s` because `s` learnt it
-/// (its expiry not past, or the proxy gone), or `RULE_DEFAULT_DENY`. The
-/// learnt entry's bitmap picks the union ruleset of the name rules whose
-/// names gave the address, so each rule's own ports and protocol apply.
-/// A BPF subprogram, as is `redirect_lookup`: inlined, their keys and
-/// values took the connect6 program past the 512-byte stack.
-#[inline(never)]
+/// The rule that allows `dest` to the service `s` because `s` learnt it,
+/// or `RULE_DEFAULT_DENY`. The learnt entry's bitmap picks the union
+/// ruleset of the name rules whose names gave the address, so each rule's
+/// own ports and protocol apply.
+///
+/// An entry held is allowed: the agent's sweep removes it once its TTL has
+/// run out (docs/dns-names.md, "TTLs, caps, memory"), so no clock is read
+/// here, and with no agent nothing removes it (learnt addresses keep
+/// working, new names fail closed). Inlined, with no helper call: on this
+/// path every call and return costs (the kernel's return thunks), and
+/// the subprogram and the clock read made a learnt name 30 to 35 ns
+/// dearer per connect than an address rule (measured: docs/dns-names.md).
+#[inline(always)]
 pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16, callers: u32) -> u32 {
     let mut key = LearntKey {
         name_key: s.name_key,
@@ -87,16 +87,9 @@ pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16, callers:
     };
     set_addr(&mut key.addr, &mut key.family, *dest);
     // SAFETY: copied out at once, under the program's RCU read lock.
-    let Some((expires, rules)) = (unsafe { LEARNT.get(key) }).map(|v| (v.expires_ns, v.rules))
-    else {
+    let Some(rules) = (unsafe { LEARNT.get(key) }).map(|v| v.rules) else {
         return RULE_DEFAULT_DENY;
     };
-    // The coarse clock: the check is on every call the name allows, and an
-    // address allowed one tick (at most 10 ms) past its TTL is immaterial
-    // next to the TTL's own minimum (`min_ttl_secs`).
-    if expires <= coarse_now_ns() && live_proxy() {
-        return RULE_DEFAULT_DENY;
-    }
     match_ports(
         s.names_ruleset.wrapping_add(u32::from(rules & 0x0f)),
         proto,

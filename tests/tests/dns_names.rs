@@ -254,11 +254,12 @@ fn learnt_addresses_stay_allowed_across_an_agent_restart() {
 
 /// The "agent gone for longer": once the proxy's heartbeat is
 /// older than its grace (`DNS_HEARTBEAT_GRACE_NS`, 30 s), the kernel stops
-/// redirecting lookups and holds what was learnt frozen. The learnt
-/// address still connects though its TTL ran out; a lookup goes to the
-/// resolver directly and is answered, but teaches nothing, so the address
-/// of a name the rule allows and no lookup taught stays denied (fail
-/// closed). With an agent back, expiry applies again.
+/// redirecting lookups, and nothing sweeps what was learnt (the programs
+/// read no expiry). The learnt address still connects though its TTL ran
+/// out; a lookup goes to the resolver directly and is answered, but
+/// teaches nothing, so the address of a name the rule allows and no lookup
+/// taught stays denied (fail closed). An agent back does not carry the
+/// expired entry over: denied at once.
 #[test]
 fn past_the_grace_with_no_agent_learnt_addresses_keep_working_and_new_names_fail_closed() {
     if !require_bpf() {
@@ -526,7 +527,8 @@ fn name_rules_reordered_while_no_agent_ran_allow_nothing_learnt_under_the_old_or
 
 /// What a previous agent learnt is carried over into the kernel map at a
 /// restart, unknown to the new agent's cache: it is removed from the map
-/// once expired (memory), not left there for good.
+/// once expired, and then denied (the programs read no expiry: removal is
+/// what ends a learnt address's TTL).
 #[test]
 fn learnt_addresses_carried_over_are_swept_from_the_kernel_map_once_expired() {
     if !require_bpf() {
@@ -535,7 +537,9 @@ fn learnt_addresses_carried_over_are_swept_from_the_kernel_map_once_expired() {
     let w = Named::new(8, &[]);
     let shared = SharedPins::new();
     let learnt = shared.pin_dir().join("current/maps/LEARNT");
-    let mut first = shared.start_with_config(&w.policies, "[dns]\nmin_ttl_secs = 2\n");
+    // Long enough to be carried over (only entries not yet expired are):
+    // a start takes up to 10 s in the emulated guest.
+    let mut first = shared.start_with_config(&w.policies, "[dns]\nmin_ttl_secs = 15\n");
     w.look_up("api.example.test", &[], "127.0.68.1");
     assert_eq!(pinned_map_len(&learnt), 1, "learnt by the first agent");
     assert!(first.stop().success(), "first agent: {}", first.log());
@@ -548,10 +552,10 @@ fn learnt_addresses_carried_over_are_swept_from_the_kernel_map_once_expired() {
         "{}",
         second.log()
     );
-    // Expired 2 s after the lookup; the new agent walks the map for such
-    // entries every 10 s while it holds some.
+    // Expired 15 s after the lookup; the new agent removes each entry it
+    // carried over at its expiry (its sweep runs each second).
     eventually(
-        scaled(Duration::from_secs(30)),
+        scaled(Duration::from_secs(20)),
         Duration::from_millis(500),
         || match pinned_map_len(&learnt) {
             0 => Ok(()),

@@ -78,6 +78,14 @@ pub trait LearntSink {
     fn sweep_unknown(&mut self, _now: Nanos) -> (usize, Option<usize>) {
         (0, None)
     }
+    /// Drops what a previous agent learnt, carried over at start, that
+    /// expired at `now`, and what a failed revoke left: cheap, on every
+    /// sweep, so that such an entry is not allowed longer than one the
+    /// cache learnt (the kernel reads no clock: removal is what ends an
+    /// address's TTL). Returns how many.
+    fn sweep_carried(&mut self, _now: Nanos) -> usize {
+        0
+    }
 }
 
 /// A failed write to a [`LearntSink`].
@@ -492,7 +500,7 @@ impl LearntCache {
     ///
     /// # Errors
     /// The first refused revoke; the entries are gone from the cache
-    /// anyway (the kernel keeps such an entry until its expiry).
+    /// anyway (the sink tries such a removal again, `sweep_carried`).
     pub fn forget(
         &mut self,
         sink: &mut dyn LearntSink,

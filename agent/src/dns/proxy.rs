@@ -868,9 +868,10 @@ const UNKNOWN_SWEEP_EVERY: u32 = 10;
 async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
     let mut tick = tokio::time::interval(shared.config.sweep_every);
     let mut round: u32 = 0;
-    // A start carries the previous agent's entries over, unknown to the
-    // cache: walked until none is left (each goes once expired).
-    let mut unknown = true;
+    // What a start carried over from the previous agent goes by
+    // `sweep_carried`, each entry at its expiry; the walk of the whole map
+    // is for an entry the cache forgot because its revoke failed.
+    let mut unknown = false;
     loop {
         tick.tick().await;
         let mut guard = shared.learnt();
@@ -881,6 +882,13 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
             tracing::warn!(error = %e, "dns proxy: expired addresses not all removed");
             // A revoke that failed leaves an entry the cache forgot.
             unknown = true;
+        }
+        let carried = sink.sweep_carried(now);
+        if carried > 0 {
+            tracing::debug!(
+                removed = carried,
+                "dns proxy: expired entries carried over from the previous agent removed"
+            );
         }
         if unknown && round.is_multiple_of(UNKNOWN_SWEEP_EVERY) {
             let (removed, held) = sink.sweep_unknown(now);

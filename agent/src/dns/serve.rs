@@ -90,6 +90,10 @@ impl LearntSink for KernelSink {
         let removed = self.0.sweep(now);
         (removed, Some(self.0.count()))
     }
+
+    fn sweep_carried(&mut self, now: Nanos) -> usize {
+        self.0.sweep_carried(now)
+    }
 }
 
 /// The proxy of name rules in the daemon: started when a service first
@@ -219,7 +223,7 @@ impl Dns {
         let State::Idle(waiting) = &mut *state else {
             return Ok(());
         };
-        let restored = waiting.maps.learnt.restore_from(previous);
+        let restored = waiting.maps.learnt.restore_from(previous, monotonic_now());
         if restored > 0 {
             info!(
                 restored,
@@ -284,7 +288,7 @@ impl Dns {
                         match running.proxy.forget(*service) {
                             Ok(0) => {}
                             Ok(n) => info!(service, forgotten = n, "name rules changed: the addresses this service learnt are revoked until it looks them up again"),
-                            Err(e) => warn!(service, "name rules changed, but a learnt address could not be revoked ({e}); it stays allowed until its expiry"),
+                            Err(e) => warn!(service, "name rules changed, but a learnt address could not be revoked ({e}); the next sweep tries again"),
                         }
                     }
                 }

@@ -6,6 +6,7 @@
 //! previous agent). They stay pinned with the others.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, SocketAddr},
     path::Path,
 };
@@ -24,8 +25,20 @@ use super::{map_access::removed, KernelError};
 /// Who sent packets to the proxy, by their address (the kernel writes it).
 pub struct DnsClients(HashMap<MapData, DnsClientKey, DnsOrigin>);
 
-/// The learnt addresses.
-pub struct Learnt(HashMap<MapData, LearntKey, LearntValue>);
+/// The learnt addresses. The kernel allows whatever this map holds (it
+/// reads no clock: see agent-ebpf's names.rs), so an entry's expiry is
+/// enforced by its removal: the cache's sweep for what it learnt or
+/// restored, [`Learnt::sweep_carried`] for what a previous agent's map
+/// carried over.
+pub struct Learnt {
+    map: HashMap<MapData, LearntKey, LearntValue>,
+    /// (expiry, key) of each entry copied from a previous agent, soonest
+    /// first.
+    carried: VecDeque<(u64, LearntKey)>,
+    /// Entries whose removal failed: tried again at each sweep (the cache
+    /// has forgotten them, and nothing else would remove them).
+    retry: Vec<LearntKey>,
+}
 
 /// Where the proxy listens, and its heartbeat.
 pub struct ProxyBeat {
@@ -62,7 +75,11 @@ pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
     Ok(DnsMaps {
         clients: DnsClients(clients),
         origins: DnsOrigins(origins),
-        learnt: Learnt(learnt),
+        learnt: Learnt {
+            map: learnt,
+            carried: VecDeque::new(),
+            retry: Vec::new(),
+        },
         beat: ProxyBeat { map, value },
     })
 }
@@ -76,21 +93,24 @@ fn copy_pinned<K: Pod, V: Pod>(
     lru: bool,
     into: &mut HashMap<MapData, K, V>,
 ) -> usize {
-    let Ok(data) = MapData::from_pin(dir.join("maps").join(name)) else {
-        return 0;
-    };
+    pinned::<K, V>(dir, name, lru).map_or(0, |old| {
+        old.iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| into.insert(*k, *v, 0).is_ok())
+            .count()
+    })
+}
+
+/// The hash map `name` pinned under a previous agent's pin directory
+/// `dir`, if it has one of that type.
+fn pinned<K: Pod, V: Pod>(dir: &Path, name: &str, lru: bool) -> Option<HashMap<MapData, K, V>> {
+    let data = MapData::from_pin(dir.join("maps").join(name)).ok()?;
     let map = if lru {
         Map::LruHashMap(data)
     } else {
         Map::HashMap(data)
     };
-    let Ok(old) = HashMap::<MapData, K, V>::try_from(map) else {
-        return 0;
-    };
-    old.iter()
-        .filter_map(Result::ok)
-        .filter(|(k, v)| into.insert(*k, *v, 0).is_ok())
-        .count()
+    HashMap::try_from(map).ok()
 }
 
 impl DnsMaps {
@@ -172,39 +192,86 @@ impl Learnt {
             rules,
             _pad: [0; 7],
         };
-        self.0.insert(Self::key(name_key, addr), value, 0)
+        let key = Self::key(name_key, addr);
+        self.retry.retain(|k| *k != key);
+        self.map.insert(key, value, 0)
     }
 
+    /// Removes the entry; one whose removal fails is removed by a later
+    /// [`Self::sweep_carried`].
     pub fn revoke(&mut self, name_key: u64, addr: IpAddr) -> Result<(), MapError> {
-        removed(self.0.remove(&Self::key(name_key, addr)))
+        let key = Self::key(name_key, addr);
+        let result = removed(self.map.remove(&key));
+        if result.is_err() && !self.retry.contains(&key) {
+            self.retry.push(key);
+        }
+        result
     }
 
     /// Every entry: (service key, address, value).
     pub fn entries(&self) -> Vec<(u64, IpAddr, LearntValue)> {
-        self.0
+        self.map
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (k.name_key, ip_of(k.family, k.addr), v))
             .collect()
     }
 
-    /// Copies a previous agent's learnt addresses (its pinned map under
-    /// `dir`), so that what it enforced stays enforced once this agent's
-    /// programs replace its own. Returns how many; none if it had no map.
-    pub fn restore_from(&mut self, dir: &Path) -> usize {
-        copy_pinned(dir, LEARNT, false, &mut self.0)
+    /// Copies a previous agent's learnt addresses not expired at `now_ns`
+    /// (its pinned map under `dir`), so that what it enforced stays
+    /// enforced once this agent's programs replace its own, until
+    /// [`Self::sweep_carried`] removes each at its expiry. Returns how
+    /// many; none if it had no map.
+    pub fn restore_from(&mut self, dir: &Path, now_ns: u64) -> usize {
+        let Some(old) = pinned::<LearntKey, LearntValue>(dir, LEARNT, false) else {
+            return 0;
+        };
+        let mut copied: Vec<(u64, LearntKey)> = old
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_ns > now_ns)
+            .filter(|(k, v)| self.map.insert(*k, *v, 0).is_ok())
+            .map(|(k, v)| (v.expires_ns, k))
+            .collect();
+        copied.sort_by_key(|(expires, _)| *expires);
+        let n = copied.len();
+        self.carried.extend(copied);
+        n
+    }
+
+    /// Removes the entries carried over from a previous agent that have
+    /// expired at `now_ns`, unless learnt again since (the entry then
+    /// holds a later expiry, and the cache removes it), and those whose
+    /// revoke failed. Cheap: one lookup per entry due. Returns how many
+    /// it removed.
+    pub fn sweep_carried(&mut self, now_ns: u64) -> usize {
+        let before = self.retry.len();
+        let map = &mut self.map;
+        self.retry.retain(|key| removed(map.remove(key)).is_err());
+        let mut removed_n = before - self.retry.len();
+        while let Some(&(expires, key)) = self.carried.front() {
+            if expires > now_ns {
+                break;
+            }
+            self.carried.pop_front();
+            let due = self.map.get(&key, 0).is_ok_and(|v| v.expires_ns <= now_ns);
+            if due && removed(self.map.remove(&key)).is_ok() {
+                removed_n += 1;
+            }
+        }
+        removed_n
     }
 
     /// Entries held now (a walk of the map).
     #[must_use]
     pub fn count(&self) -> usize {
-        self.0.keys().filter(Result::is_ok).count()
+        self.map.keys().filter(Result::is_ok).count()
     }
 
     /// Removes the entries expired at `now_ns`. Returns how many.
     pub fn sweep(&mut self, now_ns: u64) -> usize {
         let expired: Vec<LearntKey> = self
-            .0
+            .map
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, v)| v.expires_ns <= now_ns)
@@ -212,7 +279,7 @@ impl Learnt {
             .collect();
         expired
             .iter()
-            .filter(|k| removed(self.0.remove(k)).is_ok())
+            .filter(|k| removed(self.map.remove(k)).is_ok())
             .count()
     }
 }

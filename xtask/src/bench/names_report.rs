@@ -246,8 +246,8 @@ impl NamesReport<'_> {
                 "({} rules, one extra run with the kernel's BPF run-time statistics on; means, \
                  so a preempted run counts whole): {}. The learnt path is a check that the \
                  call is not to the proxy itself (an array read), a LEARNT hash lookup (a \
-                 32-byte key, in a BPF subprogram) that hits, a clock read for its expiry \
-                 (and, when it has expired, the proxy's heartbeat), and the port scan of \
+                 32-byte key; no clock is read: the agent removes an entry at its expiry) \
+                 that hits, and the port scan of \
                  the union ruleset the entry's rule bits pick; the CIDR path is one hash \
                  lookup that hits (an 8-byte key) and the port scan. Having name rules, \
                  allowed by address, adds that check and a LEARNT lookup that misses \
