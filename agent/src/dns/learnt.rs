@@ -70,9 +70,9 @@ pub trait LearntSink {
     /// # Errors
     /// The delete failed.
     fn revoke(&mut self, service: ServiceId, addr: IpAddr) -> Result<(), SinkError>;
-    /// Drops what expired at `now` that the cache does not know of: what a
-    /// previous agent learnt (carried over at start), or held under a key
-    /// no service has any more. Returns how many it dropped and how many
+    /// Drops what expired at `now` that the cache does not know of (a
+    /// walk of the whole sink, after a sweep that failed: what a previous
+    /// agent learnt goes by [`Self::sweep_carried`]). Returns how many it dropped and how many
     /// entries it holds now (`None`: it holds nothing the cache does not
     /// know of, and need not be swept).
     fn sweep_unknown(&mut self, _now: Nanos) -> (usize, Option<usize>) {
@@ -248,8 +248,9 @@ impl LearntCache {
     /// would be one more (nothing changed). [`LearnError::Sink`]: the sink
     /// refused a write; the caller counts it. A refused `allow`
     /// leaves the cache as it was (the kernel denies what it does not
-    /// have). A refused `revoke` of an evicted address leaves the kernel's
-    /// entry in place until its expiry, which the kernel checks itself.
+    /// have). A refused `revoke` of an evicted address is the sink's to
+    /// try again (the kernel's tries it at each sweep: the programs read
+    /// no expiry, so nothing else would remove it).
     pub fn learn(
         &mut self,
         sink: &mut dyn LearntSink,
@@ -470,8 +471,9 @@ impl LearntCache {
     /// many (service, name, address) entries went.
     ///
     /// # Errors
-    /// The first refused sink write; the sweep stops there and the next
-    /// one goes on.
+    /// The first refused sink write. Every expired entry is released all
+    /// the same: the cache has dropped them, and an entry never released
+    /// would stay in the kernel map, allowed (the programs read no expiry).
     pub fn sweep(&mut self, sink: &mut dyn LearntSink, now: Nanos) -> Result<usize, SinkError> {
         let mut expired = Vec::new();
         for ((service, name), held) in &mut self.names {
@@ -488,10 +490,13 @@ impl LearntCache {
         self.changes += count as u64;
         self.total -= count;
         self.expirations += count as u64;
+        let mut first_error = None;
         for (service, name, addr) in expired {
-            self.release(sink, service, &name, addr)?;
+            if let Err(e) = self.release(sink, service, &name, addr) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(count)
+        first_error.map_or(Ok(count), Err)
     }
 
     /// Drops everything `service` learnt (its name rules changed: what

@@ -265,6 +265,51 @@ impl LearntSink for Full {
     }
 }
 
+/// A map that refuses to remove one address.
+struct Stuck {
+    map: MemoryMap,
+    stuck: IpAddr,
+}
+
+impl LearntSink for Stuck {
+    fn allow(
+        &mut self,
+        s: ServiceId,
+        a: IpAddr,
+        until: Nanos,
+        r: RuleBits,
+    ) -> Result<(), SinkError> {
+        self.map.allow(s, a, until, r)
+    }
+    fn revoke(&mut self, s: ServiceId, a: IpAddr) -> Result<(), SinkError> {
+        if a == self.stuck {
+            return Err(SinkError("stuck".into()));
+        }
+        self.map.revoke(s, a)
+    }
+}
+
+/// The programs read no expiry: an expired entry the sweep does not
+/// revoke stays allowed. One refused revoke must not keep the sweep from
+/// revoking the others.
+#[test]
+fn a_refused_revoke_does_not_stop_the_sweep_revoking_the_rest() {
+    let mut c = cache(1, 8);
+    let n = name("api.example.com");
+    let mut sink = Stuck {
+        map: MemoryMap::new(),
+        stuck: ip("198.51.100.1"),
+    };
+    for addr in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        c.learn(&mut sink, 1, &n, answered(ip(addr), 1, 1), 0)
+            .expect("learn");
+    }
+    assert_eq!(c.sweep(&mut sink, 10 * SEC), Err(SinkError("stuck".into())));
+    assert!(c.is_empty());
+    let left: Vec<IpAddr> = sink.map.keys().map(|(_, a)| *a).collect();
+    assert_eq!(left, [ip("198.51.100.1")]);
+}
+
 #[test]
 fn a_refused_write_learns_nothing() {
     let mut c = cache(1, 8);

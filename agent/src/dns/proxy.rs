@@ -869,8 +869,9 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
     let mut tick = tokio::time::interval(shared.config.sweep_every);
     let mut round: u32 = 0;
     // What a start carried over from the previous agent goes by
-    // `sweep_carried`, each entry at its expiry; the walk of the whole map
-    // is for an entry the cache forgot because its revoke failed.
+    // `sweep_carried`, each entry at its expiry, and a revoke the kernel
+    // refused is tried again there; the walk of the whole map is for
+    // after a sweep of the cache that failed.
     let mut unknown = false;
     loop {
         tick.tick().await;

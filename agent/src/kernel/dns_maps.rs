@@ -193,8 +193,10 @@ impl Learnt {
             _pad: [0; 7],
         };
         let key = Self::key(name_key, addr);
+        self.map.insert(key, value, 0)?;
+        // Allowed again: no longer to be removed.
         self.retry.retain(|k| *k != key);
-        self.map.insert(key, value, 0)
+        Ok(())
     }
 
     /// Removes the entry; one whose removal fails is removed by a later
@@ -255,8 +257,12 @@ impl Learnt {
             }
             self.carried.pop_front();
             let due = self.map.get(&key, 0).is_ok_and(|v| v.expires_ns <= now_ns);
-            if due && removed(self.map.remove(&key)).is_ok() {
-                removed_n += 1;
+            if due {
+                if removed(self.map.remove(&key)).is_ok() {
+                    removed_n += 1;
+                } else if !self.retry.contains(&key) {
+                    self.retry.push(key);
+                }
             }
         }
         removed_n
@@ -268,7 +274,9 @@ impl Learnt {
         self.map.keys().filter(Result::is_ok).count()
     }
 
-    /// Removes the entries expired at `now_ns`. Returns how many.
+    /// Removes the entries expired at `now_ns` (a walk of the map); one
+    /// whose removal fails is tried again by [`Self::sweep_carried`].
+    /// Returns how many.
     pub fn sweep(&mut self, now_ns: u64) -> usize {
         let expired: Vec<LearntKey> = self
             .map
@@ -277,10 +285,15 @@ impl Learnt {
             .filter(|(_, v)| v.expires_ns <= now_ns)
             .map(|(k, _)| k)
             .collect();
-        expired
-            .iter()
-            .filter(|k| removed(self.map.remove(k)).is_ok())
-            .count()
+        let mut removed_n = 0;
+        for key in expired {
+            if removed(self.map.remove(&key)).is_ok() {
+                removed_n += 1;
+            } else if !self.retry.contains(&key) {
+                self.retry.push(key);
+            }
+        }
+        removed_n
     }
 }
 
