@@ -5,14 +5,23 @@
 //! connects and datagrams sent to the agent's proxy instead of the resolver
 //! it asked for (once its own rules allow that resolver); the proxy forwards
 //! the query there and, before the answer goes back, writes the addresses
-//! of allowed names into [`LEARNT`]. The judge allows an address its
-//! address rules deny while [`LEARNT`] holds it for the service.
+//! of allowed names into [`LEARNT_V4`] or [`LEARNT`]. The judge allows an
+//! address its address rules deny while that map holds it for the service.
 
-/// Hash of [`LearntKey`] -> [`LearntValue`]: the addresses each service
-/// learnt from its own lookups. Allocated as used; pinned, so a restart
-/// changes nothing the kernel enforces.
+/// Hash of [`LearntKey`] -> [`LearntValue`]: the IPv6 addresses each
+/// service learnt from its own lookups (IPv4 ones are in [`LEARNT_V4`];
+/// an agent before that split kept both here, which a restart still
+/// reads). Allocated as used; pinned, so a restart changes nothing the
+/// kernel enforces.
 pub const LEARNT: &str = "LEARNT";
-/// Default entries of LEARNT (`[dns] max_learnt`).
+/// Hash of [`LearntV4Key`] -> [`LearntValue`]: the IPv4 addresses each
+/// service learnt. A map of its own so that its key is 12 bytes, hashed as
+/// three words like an address rule's 8-byte key, where [`LearntKey`]'s 32
+/// are eight: the judge asks it on every call of a service with name rules
+/// (docs/dns-names.md, "Added latency and connect cost").
+pub const LEARNT_V4: &str = "LEARNT_V4";
+/// Default entries of LEARNT and of LEARNT_V4 each (`[dns] max_learnt`,
+/// which the agent's cache holds in all).
 pub const DEFAULT_MAX_LEARNT: u32 = 65_536;
 /// LRU hash of a socket cookie (u64) -> [`DnsOrigin`]: the resolver a
 /// redirected socket asked for (what recvmsg/getpeername show it, and what
@@ -68,14 +77,34 @@ pub struct LearntKey {
     /// [`crate::ServiceEntry::name_key`]: stable across reloads and
     /// restarts, unlike the service id.
     pub name_key: u64,
-    /// `FAMILY_V4` (address in the first 4 bytes, the rest 0) or
-    /// `FAMILY_V6`.
+    /// `FAMILY_V6`; an agent before LEARNT_V4 also wrote `FAMILY_V4`
+    /// here (address in the first 4 bytes, the rest 0).
     pub family: u8,
     pub _pad: [u8; 7],
     pub addr: [u8; 16],
 }
 
-/// Value of LEARNT.
+/// Key of LEARNT_V4: no padding and no alignment, so 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LearntV4Key {
+    /// [`crate::ServiceEntry::name_key`], its native-order bytes.
+    pub name_key: [u8; 8],
+    pub addr: [u8; 4],
+}
+
+impl LearntV4Key {
+    #[must_use]
+    #[inline(always)]
+    pub const fn new(name_key: u64, addr: [u8; 4]) -> Self {
+        Self {
+            name_key: name_key.to_ne_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Value of LEARNT and LEARNT_V4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LearntValue {
@@ -137,6 +166,7 @@ mod pod {
     // SAFETY: plain #[repr(C)] data with explicit padding, every bit
     // pattern valid.
     unsafe impl aya::Pod for super::LearntKey {}
+    unsafe impl aya::Pod for super::LearntV4Key {}
     unsafe impl aya::Pod for super::LearntValue {}
     unsafe impl aya::Pod for super::DnsOrigin {}
     unsafe impl aya::Pod for super::DnsClientKey {}

@@ -129,7 +129,7 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 36] = [
+pub const ALL: [&str; 37] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
@@ -158,6 +158,7 @@ pub const ALL: [&str; 36] = [
     FLOW_EPOCH,
     FLOW_STATS,
     crate::LEARNT,
+    crate::LEARNT_V4,
     crate::DNS_ORIGINS,
     crate::DNS_CLIENTS,
     crate::DNS_PROXY,

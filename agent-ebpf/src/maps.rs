@@ -4,8 +4,8 @@
 
 use agent_common::{
     DnsClientKey, DnsOrigin, DnsProxy, ExeId, ExeRule, ExeRuleKey, FlowKey, FlowValue, LearntKey,
-    LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer,
-    UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS,
+    LearntV4Key, LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo,
+    UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS,
     DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT, DEFAULT_MAX_PREFIXES,
     DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, DNS_TRACKED, EXE_NAMES_TABLE,
     EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS, PROCESS_TABLE, QUALIFIER_TABLE,
@@ -196,9 +196,14 @@ pub fn bpf_log_enabled() -> bool {
     unsafe { core::ptr::read_volatile(&BPF_LOG) != 0 }
 }
 
-/// The addresses services learnt from their own lookups (see names.rs).
+/// The addresses services learnt from their own lookups (see names.rs):
+/// IPv6 here, IPv4 in LEARNT_V4.
 #[map(name = "LEARNT")]
 pub static LEARNT: HashMap<LearntKey, LearntValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_LEARNT, BPF_F_NO_PREALLOC);
+
+#[map(name = "LEARNT_V4")]
+pub static LEARNT_V4: HashMap<LearntV4Key, LearntValue> =
     HashMap::with_max_entries(DEFAULT_MAX_LEARNT, BPF_F_NO_PREALLOC);
 
 #[map(name = "DNS_ORIGINS")]

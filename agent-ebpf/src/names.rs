@@ -19,8 +19,9 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    dns_mark, DnsClientKey, DnsOrigin, DnsProxy, LearntKey, ServiceEntry, DNS_HEARTBEAT_GRACE_NS,
-    FAMILY_V4, FAMILY_V6, FLAG_NAMES, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
+    dns_mark, DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntV4Key, ServiceEntry,
+    DNS_HEARTBEAT_GRACE_NS, FAMILY_V4, FAMILY_V6, FLAG_NAMES, PROTO_TCP, PROTO_UDP,
+    RULE_DEFAULT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -31,7 +32,7 @@ use aya_ebpf::{
 use crate::{
     addr::{set_addr, Dest},
     helpers::{now_ns, socket_cookie},
-    maps::{any_service_has, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, LEARNT},
+    maps::{any_service_has, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, LEARNT, LEARNT_V4},
     rules::match_ports,
 };
 
@@ -68,7 +69,9 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
 /// The rule that allows `dest` to the service `s` because `s` learnt it,
 /// or `RULE_DEFAULT_DENY`. The learnt entry's bitmap picks the union
 /// ruleset of the name rules whose names gave the address, so each rule's
-/// own ports and protocol apply.
+/// own ports and protocol apply. An IPv4 (or mapped) destination is asked
+/// of LEARNT_V4, whose 12-byte key the kernel hashes as three words, as it
+/// does an address rule's 8-byte key, where LEARNT's 32 bytes are eight.
 ///
 /// An entry held is allowed: the agent's sweep removes it once its TTL has
 /// run out (docs/dns-names.md, "TTLs, caps, memory"), so no clock is read
@@ -80,15 +83,20 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
 /// docs/dns-names.md, "Added latency and connect cost").
 #[inline(always)]
 pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16, callers: u32) -> u32 {
-    let mut key = LearntKey {
-        name_key: s.name_key,
-        family: 0,
-        _pad: [0; 7],
-        addr: [0; 16],
+    let held = match *dest {
+        // SAFETY: copied out at once, under the program's RCU read lock.
+        Dest::V4(addr) => unsafe { LEARNT_V4.get(LearntV4Key::new(s.name_key, addr)) },
+        // SAFETY: as above.
+        Dest::V6(addr) => unsafe {
+            LEARNT.get(LearntKey {
+                name_key: s.name_key,
+                family: FAMILY_V6,
+                _pad: [0; 7],
+                addr,
+            })
+        },
     };
-    set_addr(&mut key.addr, &mut key.family, *dest);
-    // SAFETY: copied out at once, under the program's RCU read lock.
-    let Some(rules) = (unsafe { LEARNT.get(key) }).map(|v| v.rules) else {
+    let Some(rules) = held.map(|v| v.rules) else {
         return RULE_DEFAULT_DENY;
     };
     match_ports(

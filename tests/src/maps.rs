@@ -171,26 +171,37 @@ pub fn host_v4_key(service_id: u32, addr: std::net::Ipv4Addr) -> Vec<u8> {
     key
 }
 
-/// Every entry of `daemon`'s learnt-address map (LEARNT, egress by DNS
-/// name): (the service's `name_key`, the address), read with `bpftool`.
+/// Every entry of `daemon`'s learnt-address maps (`LEARNT_V4` and `LEARNT`,
+/// egress by DNS name): (the service's `name_key`, the address), read
+/// with `bpftool`.
 #[must_use]
 pub fn learnt(daemon: &Daemon) -> Vec<(u64, std::net::IpAddr)> {
-    dump(&pinned(daemon, agent_common::LEARNT))
+    let v4 = dump(&pinned(daemon, agent_common::LEARNT_V4))
+        .into_iter()
+        .map(|(key, _)| {
+            // LearntV4Key: name_key (8 bytes), the address (4).
+            assert_eq!(key.len(), 12, "a LEARNT_V4 key is 12 bytes, got {key:?}");
+            let mut name_key = [0u8; 8];
+            name_key.copy_from_slice(&key[..8]);
+            let ip = std::net::IpAddr::from([key[8], key[9], key[10], key[11]]);
+            (u64::from_ne_bytes(name_key), ip)
+        });
+    let v6 = dump(&pinned(daemon, agent_common::LEARNT))
         .into_iter()
         .map(|(key, _)| {
             // LearntKey: name_key (u64), family (u8), 7 bytes of padding,
-            // the address in 16 bytes (IPv4 in the first 4).
+            // the address in 16 bytes.
             assert_eq!(key.len(), 32, "a LEARNT key is 32 bytes, got {key:?}");
+            assert_eq!(
+                key[8],
+                agent_common::FAMILY_V6,
+                "LEARNT holds IPv6 only: {key:?}"
+            );
             let mut name_key = [0u8; 8];
             name_key.copy_from_slice(&key[..8]);
             let mut addr = [0u8; 16];
             addr.copy_from_slice(&key[16..32]);
-            let ip = if key[8] == agent_common::FAMILY_V4 {
-                std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
-            } else {
-                std::net::IpAddr::from(addr)
-            };
-            (u64::from_ne_bytes(name_key), ip)
-        })
-        .collect()
+            (u64::from_ne_bytes(name_key), std::net::IpAddr::from(addr))
+        });
+    v4.chain(v6).collect()
 }

@@ -21,6 +21,7 @@ use integration_tests::{
     events::{events, wait_event},
     eventually,
     http::metrics_addr,
+    maps,
     nft::NftTable,
     pinned_map::pinned_map_len,
     probe,
@@ -536,7 +537,7 @@ fn learnt_addresses_carried_over_are_swept_from_the_kernel_map_once_expired() {
     }
     let w = Named::new(8, &[]);
     let shared = SharedPins::new();
-    let learnt = shared.pin_dir().join("current/maps/LEARNT");
+    let learnt = shared.pin_dir().join("current/maps/LEARNT_V4");
     // Long enough to be carried over (only entries not yet expired are):
     // a start takes up to 10 s in the emulated guest.
     let mut first = shared.start_with_config(&w.policies, "[dns]\nmin_ttl_secs = 15\n");
@@ -571,6 +572,56 @@ fn learnt_addresses_carried_over_are_swept_from_the_kernel_map_once_expired() {
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("expired, not looked up again");
+}
+
+/// An agent before `LEARNT_V4` kept learnt IPv4 addresses in `LEARNT` (its
+/// 32-byte key, family IPv4): this agent's programs do not read them
+/// there, and its start carries them over into `LEARNT_V4`, so an upgrade
+/// keeps allowed what was learnt.
+#[test]
+fn learnt_ipv4_addresses_an_older_agent_kept_in_learnt_are_carried_over() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(14, &[]);
+    let shared = SharedPins::new();
+    let maps_dir = shared.pin_dir().join("current/maps");
+    let mut first = shared.start(&w.policies);
+    w.look_up("api.example.test", &[], "127.0.74.1");
+    let held = maps::dump(&maps_dir.join("LEARNT_V4"));
+    assert_eq!(held.len(), 1, "learnt by the first agent: {held:?}");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+
+    // The entry as the older agent held it: name key, family, 7 bytes of
+    // padding, the address in the first 4 of 16.
+    let (key, value) = &held[0];
+    let mut old_key = key[..8].to_vec();
+    old_key.push(agent_common::FAMILY_V4);
+    old_key.extend([0; 7]);
+    old_key.extend(&key[8..12]);
+    old_key.extend([0; 12]);
+    maps::delete(&maps_dir.join("LEARNT_V4"), key);
+    maps::update(&maps_dir.join("LEARNT"), &old_key, value);
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("an IPv4 address is looked up in LEARNT_V4 only");
+
+    let second = shared.start(&w.policies);
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("carried over from the older agent's LEARNT");
+    assert_eq!(
+        pinned_map_len(&maps_dir.join("LEARNT_V4")),
+        1,
+        "in the new agent's LEARNT_V4: {}",
+        second.log()
+    );
+    assert_eq!(
+        pinned_map_len(&maps_dir.join("LEARNT")),
+        0,
+        "nothing IPv4 in the new agent's LEARNT: {}",
+        second.log()
+    );
 }
 
 #[test]

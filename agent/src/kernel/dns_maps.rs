@@ -1,7 +1,7 @@
 //! The maps of egress by DNS name (agent_common::dns, agent-ebpf's
 //! names.rs), taken out of the loaded object for the DNS proxy's tasks:
-//! who sent a query (DNS_CLIENTS, read), the learnt addresses (LEARNT,
-//! written), the proxy's address and heartbeat (DNS_PROXY), and the
+//! who sent a query (DNS_CLIENTS, read), the learnt addresses (LEARNT_V4
+//! and LEARNT, written), the proxy's address and heartbeat (DNS_PROXY), and the
 //! sockets redirected to it (DNS_ORIGINS: only carried over from a
 //! previous agent). They stay pinned with the others.
 
@@ -12,8 +12,8 @@ use std::{
 };
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntValue, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY,
-    FAMILY_V4, FAMILY_V6, LEARNT,
+    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntV4Key, LearntValue, DNS_CLIENTS,
+    DNS_ORIGINS, DNS_PROXY, FAMILY_V4, FAMILY_V6, LEARNT, LEARNT_V4,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError},
@@ -25,19 +25,28 @@ use super::{map_access::removed, KernelError};
 /// Who sent packets to the proxy, by their address (the kernel writes it).
 pub struct DnsClients(HashMap<MapData, DnsClientKey, DnsOrigin>);
 
-/// The learnt addresses. The kernel allows whatever this map holds (it
-/// reads no clock: see agent-ebpf's names.rs), so an entry's expiry is
-/// enforced by its removal: the cache's sweep for what it learnt or
-/// restored, [`Learnt::sweep_carried`] for what a previous agent's map
-/// carried over.
+/// The learnt addresses: IPv4 in LEARNT_V4, IPv6 in LEARNT. The kernel
+/// allows whatever these maps hold (it reads no clock: see agent-ebpf's
+/// names.rs), so an entry's expiry is enforced by its removal: the
+/// cache's sweep for what it learnt or restored, [`Learnt::sweep_carried`]
+/// for what a previous agent's maps carried over.
 pub struct Learnt {
-    map: HashMap<MapData, LearntKey, LearntValue>,
-    /// (expiry, key) of each entry copied from a previous agent, soonest
+    v4: HashMap<MapData, LearntV4Key, LearntValue>,
+    v6: HashMap<MapData, LearntKey, LearntValue>,
+    /// (expiry, entry) of each entry copied from a previous agent, soonest
     /// first.
-    carried: VecDeque<(u64, LearntKey)>,
+    carried: VecDeque<(u64, Entry)>,
     /// Entries whose removal failed: tried again at each sweep (the cache
     /// has forgotten them, and nothing else would remove them).
-    retry: Vec<LearntKey>,
+    retry: Vec<Entry>,
+}
+
+/// A learnt entry: the service's name key and the address as the kernel
+/// judges it (an IPv4-mapped IPv6 address is IPv4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    name_key: u64,
+    addr: IpAddr,
 }
 
 /// Where the proxy listens, and its heartbeat.
@@ -63,7 +72,8 @@ pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
     let err = |name| move |source| KernelError::Map { name, source };
     let clients = HashMap::try_from(take(DNS_CLIENTS)?).map_err(err(DNS_CLIENTS))?;
     let origins = HashMap::try_from(take(DNS_ORIGINS)?).map_err(err(DNS_ORIGINS))?;
-    let learnt = HashMap::try_from(take(LEARNT)?).map_err(err(LEARNT))?;
+    let learnt_v4 = HashMap::try_from(take(LEARNT_V4)?).map_err(err(LEARNT_V4))?;
+    let learnt_v6 = HashMap::try_from(take(LEARNT)?).map_err(err(LEARNT))?;
     let map = Array::try_from(take(DNS_PROXY)?).map_err(err(DNS_PROXY))?;
     let value = DnsProxy {
         heartbeat_ns: 0,
@@ -76,7 +86,8 @@ pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
         clients: DnsClients(clients),
         origins: DnsOrigins(origins),
         learnt: Learnt {
-            map: learnt,
+            v4: learnt_v4,
+            v6: learnt_v6,
             carried: VecDeque::new(),
             retry: Vec::new(),
         },
@@ -169,14 +180,72 @@ impl DnsClients {
     }
 }
 
-impl Learnt {
-    fn key(name_key: u64, addr: IpAddr) -> LearntKey {
-        let (family, addr) = addr_bytes(addr);
-        LearntKey {
+impl Entry {
+    fn new(name_key: u64, addr: IpAddr) -> Self {
+        let (family, bytes) = addr_bytes(addr);
+        Self {
             name_key,
-            family,
-            _pad: [0; 7],
-            addr,
+            addr: ip_of(family, bytes),
+        }
+    }
+}
+
+impl Learnt {
+    fn insert(&mut self, e: Entry, value: LearntValue) -> Result<(), MapError> {
+        match e.addr {
+            IpAddr::V4(a) => self
+                .v4
+                .insert(LearntV4Key::new(e.name_key, a.octets()), value, 0),
+            IpAddr::V6(a) => self.v6.insert(v6_key(e.name_key, a.octets()), value, 0),
+        }
+    }
+
+    /// Removes `e`: absent counts as removed.
+    fn remove(&mut self, e: Entry) -> Result<(), MapError> {
+        removed(match e.addr {
+            IpAddr::V4(a) => self.v4.remove(&LearntV4Key::new(e.name_key, a.octets())),
+            IpAddr::V6(a) => self.v6.remove(&v6_key(e.name_key, a.octets())),
+        })
+    }
+
+    fn get(&self, e: Entry) -> Option<LearntValue> {
+        match e.addr {
+            IpAddr::V4(a) => self
+                .v4
+                .get(&LearntV4Key::new(e.name_key, a.octets()), 0)
+                .ok(),
+            IpAddr::V6(a) => self.v6.get(&v6_key(e.name_key, a.octets()), 0).ok(),
+        }
+    }
+
+    /// Every entry of both maps.
+    fn all(&self) -> Vec<(Entry, LearntValue)> {
+        let v4 = self.v4.iter().filter_map(Result::ok).map(|(k, v)| {
+            let addr = IpAddr::from(k.addr);
+            (
+                Entry {
+                    name_key: u64::from_ne_bytes(k.name_key),
+                    addr,
+                },
+                v,
+            )
+        });
+        let v6 = self.v6.iter().filter_map(Result::ok).map(|(k, v)| {
+            (
+                Entry {
+                    name_key: k.name_key,
+                    addr: ip_of(k.family, k.addr),
+                },
+                v,
+            )
+        });
+        v4.chain(v6).collect()
+    }
+
+    /// Tried again at the next sweep unless already.
+    fn retry_later(&mut self, e: Entry) {
+        if !self.retry.contains(&e) {
+            self.retry.push(e);
         }
     }
 
@@ -192,48 +261,58 @@ impl Learnt {
             rules,
             _pad: [0; 7],
         };
-        let key = Self::key(name_key, addr);
-        self.map.insert(key, value, 0)?;
+        let e = Entry::new(name_key, addr);
+        self.insert(e, value)?;
         // Allowed again: no longer to be removed.
-        self.retry.retain(|k| *k != key);
+        self.retry.retain(|k| *k != e);
         Ok(())
     }
 
     /// Removes the entry; one whose removal fails is removed by a later
     /// [`Self::sweep_carried`].
     pub fn revoke(&mut self, name_key: u64, addr: IpAddr) -> Result<(), MapError> {
-        let key = Self::key(name_key, addr);
-        let result = removed(self.map.remove(&key));
-        if result.is_err() && !self.retry.contains(&key) {
-            self.retry.push(key);
+        let e = Entry::new(name_key, addr);
+        let result = self.remove(e);
+        if result.is_err() {
+            self.retry_later(e);
         }
         result
     }
 
     /// Every entry: (service key, address, value).
     pub fn entries(&self) -> Vec<(u64, IpAddr, LearntValue)> {
-        self.map
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k.name_key, ip_of(k.family, k.addr), v))
+        self.all()
+            .into_iter()
+            .map(|(e, v)| (e.name_key, e.addr, v))
             .collect()
     }
 
     /// Copies a previous agent's learnt addresses not expired at `now_ns`
-    /// (its pinned map under `dir`), so that what it enforced stays
-    /// enforced once this agent's programs replace its own, until
-    /// [`Self::sweep_carried`] removes each at its expiry. Returns how
-    /// many; none if it had no map.
+    /// (its pinned maps under `dir`: LEARNT_V4 and LEARNT, or LEARNT alone
+    /// with both families from an agent before LEARNT_V4), so that what
+    /// it enforced stays enforced once this agent's programs replace its
+    /// own, until [`Self::sweep_carried`] removes each at its expiry.
+    /// Returns how many; none if it had no such map.
     pub fn restore_from(&mut self, dir: &Path, now_ns: u64) -> usize {
-        let Some(old) = pinned::<LearntKey, LearntValue>(dir, LEARNT, false) else {
-            return 0;
-        };
-        let mut copied: Vec<(u64, LearntKey)> = old
-            .iter()
-            .filter_map(Result::ok)
+        let mut old: Vec<(Entry, LearntValue)> = Vec::new();
+        if let Some(map) = pinned::<LearntV4Key, LearntValue>(dir, LEARNT_V4, false) {
+            old.extend(map.iter().filter_map(Result::ok).map(|(k, v)| {
+                let addr = IpAddr::from(k.addr);
+                (Entry::new(u64::from_ne_bytes(k.name_key), addr), v)
+            }));
+        }
+        if let Some(map) = pinned::<LearntKey, LearntValue>(dir, LEARNT, false) {
+            old.extend(
+                map.iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (Entry::new(k.name_key, ip_of(k.family, k.addr)), v)),
+            );
+        }
+        let mut copied: Vec<(u64, Entry)> = old
+            .into_iter()
             .filter(|(_, v)| v.expires_ns > now_ns)
-            .filter(|(k, v)| self.map.insert(*k, *v, 0).is_ok())
-            .map(|(k, v)| (v.expires_ns, k))
+            .filter(|(e, v)| self.insert(*e, *v).is_ok())
+            .map(|(e, v)| (v.expires_ns, e))
             .collect();
         copied.sort_by_key(|(expires, _)| *expires);
         let n = copied.len();
@@ -247,53 +326,64 @@ impl Learnt {
     /// revoke failed. Cheap: one lookup per entry due. Returns how many
     /// it removed.
     pub fn sweep_carried(&mut self, now_ns: u64) -> usize {
-        let before = self.retry.len();
-        let map = &mut self.map;
-        self.retry.retain(|key| removed(map.remove(key)).is_err());
-        let mut removed_n = before - self.retry.len();
-        while let Some(&(expires, key)) = self.carried.front() {
+        let retry = std::mem::take(&mut self.retry);
+        let mut removed_n = 0;
+        for e in retry {
+            if self.remove(e).is_ok() {
+                removed_n += 1;
+            } else {
+                self.retry_later(e);
+            }
+        }
+        while let Some(&(expires, e)) = self.carried.front() {
             if expires > now_ns {
                 break;
             }
             self.carried.pop_front();
-            let due = self.map.get(&key, 0).is_ok_and(|v| v.expires_ns <= now_ns);
+            let due = self.get(e).is_some_and(|v| v.expires_ns <= now_ns);
             if due {
-                if removed(self.map.remove(&key)).is_ok() {
+                if self.remove(e).is_ok() {
                     removed_n += 1;
-                } else if !self.retry.contains(&key) {
-                    self.retry.push(key);
+                } else {
+                    self.retry_later(e);
                 }
             }
         }
         removed_n
     }
 
-    /// Entries held now (a walk of the map).
+    /// Entries held now (a walk of both maps).
     #[must_use]
     pub fn count(&self) -> usize {
-        self.map.keys().filter(Result::is_ok).count()
+        self.v4.keys().filter(Result::is_ok).count() + self.v6.keys().filter(Result::is_ok).count()
     }
 
-    /// Removes the entries expired at `now_ns` (a walk of the map); one
+    /// Removes the entries expired at `now_ns` (a walk of both maps); one
     /// whose removal fails is tried again by [`Self::sweep_carried`].
     /// Returns how many.
     pub fn sweep(&mut self, now_ns: u64) -> usize {
-        let expired: Vec<LearntKey> = self
-            .map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.expires_ns <= now_ns)
-            .map(|(k, _)| k)
-            .collect();
         let mut removed_n = 0;
-        for key in expired {
-            if removed(self.map.remove(&key)).is_ok() {
+        for (e, v) in self.all() {
+            if v.expires_ns > now_ns {
+                continue;
+            }
+            if self.remove(e).is_ok() {
                 removed_n += 1;
-            } else if !self.retry.contains(&key) {
-                self.retry.push(key);
+            } else {
+                self.retry_later(e);
             }
         }
         removed_n
+    }
+}
+
+/// The LEARNT key of an IPv6 address.
+fn v6_key(name_key: u64, addr: [u8; 16]) -> LearntKey {
+    LearntKey {
+        name_key,
+        family: FAMILY_V6,
+        _pad: [0; 7],
+        addr,
     }
 }
 

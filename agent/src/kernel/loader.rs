@@ -105,7 +105,8 @@ pub struct LoadOptions {
     pub max_cgroups: u32,
     /// Entries of FLOWS: flows counted at one time (`[flows] table_size`).
     pub flow_table: u32,
-    /// Entries of LEARNT: learnt addresses in all (`[dns] max_learnt`).
+    /// Entries of LEARNT and of LEARNT_V4: learnt addresses in all (`[dns]
+    /// max_learnt`, which the cache holds to; each map can take them all).
     pub max_learnt: u32,
 }
 
@@ -756,6 +757,7 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
         (names::RULESETS, capacity.rulesets.saturating_mul(2)),
         (names::FLOWS, options.flow_table),
         (agent_common::LEARNT, options.max_learnt),
+        (agent_common::LEARNT_V4, options.max_learnt),
     ];
     sizes.extend(capacity.prefixes);
     sizes

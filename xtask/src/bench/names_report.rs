@@ -245,12 +245,12 @@ impl NamesReport<'_> {
             format!(
                 "({} rules, one extra run with the kernel's BPF run-time statistics on; means, \
                  so a preempted run counts whole): {}. The learnt path is a check that the \
-                 call is not to the proxy itself (an array read), a LEARNT hash lookup (a \
-                 32-byte key; no clock is read: the agent removes an entry at its expiry) \
-                 that hits, and the port scan of \
+                 call is not to the proxy itself (an array read), a LEARNT_V4 hash lookup \
+                 (a 12-byte key: the service's name key and the address; no clock is read: \
+                 the agent removes an entry at its expiry) that hits, and the port scan of \
                  the union ruleset the entry's rule bits pick; the CIDR path is one hash \
                  lookup that hits (an 8-byte key) and the port scan. Having name rules, \
-                 allowed by address, adds that check and a LEARNT lookup that misses \
+                 allowed by address, adds that check and a LEARNT_V4 lookup that misses \
                  before the address rules.",
                 num(*n as u64),
                 parts.join("; ")
@@ -489,7 +489,7 @@ impl NamesReport<'_> {
              the getpeername4 hook rewrites for the name service) must be {RESOLVER}:53; \
              each timed with `CLOCK_MONOTONIC` from socket() to the answer in hand, \
              close() untimed. The name service's connect() is redirected to \
-             the proxy, which forwards the query to dnsmasq, learns 127.0.0.1 into LEARNT \
+             the proxy, which forwards the query to dnsmasq, learns 127.0.0.1 into LEARNT_V4 \
              and answers; the CIDR service's goes to dnsmasq. Order in each pair alternates \
              (name first, then CIDR first). Checked each round: before its first lookup the \
              name service gets EPERM from a UDP connect() to 127.0.0.1:{} (the address \

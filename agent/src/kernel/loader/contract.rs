@@ -121,6 +121,12 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             Some(size_of::<agent_common::LearntValue>()),
         ),
         (
+            agent_common::LEARNT_V4,
+            hash,
+            size_of::<agent_common::LearntV4Key>(),
+            Some(size_of::<agent_common::LearntValue>()),
+        ),
+        (
             names::PROCESSES,
             BPF_MAP_TYPE_LRU_HASH as u32,
             4,

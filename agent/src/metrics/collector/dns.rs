@@ -24,7 +24,7 @@ pub fn encode(enc: &mut DescriptorEncoder, dns: &Observed) -> fmt::Result {
     gauges(
         enc,
         "bulkhead_dns_learnt_addresses",
-        "Addresses a service's lookups taught and that are allowed now (entries of the kernel's LEARNT map: one per service and address, whatever the names), by service with name rules.",
+        "Addresses a service's lookups taught and that are allowed now (entries of the kernel's LEARNT_V4 and LEARNT maps: one per service and address, whatever the names), by service with name rules.",
         None,
         dns.learnt
             .iter()
@@ -56,7 +56,7 @@ pub fn encode(enc: &mut DescriptorEncoder, dns: &Observed) -> fmt::Result {
     one(
         enc,
         "bulkhead_dns_learn_errors",
-        "Addresses not learnt because the kernel's LEARNT map refused the write (logged): denied.",
+        "Addresses not learnt because the kernel's LEARNT_V4 or LEARNT map refused the write (logged): denied.",
         None,
         &ConstCounter::new(dns.map_errors),
     )?;
