@@ -908,6 +908,13 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
         "one answered lookup timed: {}",
         scrape.text()
     );
+    // The sweep runs each second (what ends a learnt address's TTL).
+    let sweep_age = scrape.real("bulkhead_dns_sweep_age_seconds", &[]);
+    assert!(
+        (0.0..3.0).contains(&sweep_age),
+        "swept {sweep_age} s ago: {}",
+        scrape.text()
+    );
     assert_eq!(
         scrape.count(
             "bulkhead_dns_learnt_evictions_total",

@@ -48,7 +48,9 @@ use super::{
         answers, error_reply, inspect, parse_query, without_addresses, AnswerAddress, AnswerError,
         DnsName,
     },
-    learnt::{monotonic_now, Answered, Learnt, LearntCache, LearntSink, RuleBits, ServiceId},
+    learnt::{
+        monotonic_now, Answered, Learnt, LearntCache, LearntSink, Nanos, RuleBits, ServiceId,
+    },
     listen::Listening,
     name::NamePattern,
     observed::ObservedNames,
@@ -87,6 +89,14 @@ pub struct ProxyConfig {
     /// How often expired addresses are swept from the learnt set.
     pub sweep_every: Duration,
 }
+
+/// The sweep is stalled when it last completed longer ago than this (it
+/// runs every [`ProxyConfig::sweep_every`], 1 s). The kernel allows a
+/// learnt address until the sweep removes it, so a stalled sweep leaves
+/// expired addresses allowed: the agent then withholds the proxy's
+/// heartbeat, and the kernel stops redirecting lookups (nothing new is
+/// learnt; new names fail closed) once it is stale.
+pub const SWEEP_STALLED: Duration = Duration::from_secs(10);
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -140,6 +150,9 @@ pub struct ProxyStats {
     /// Seconds each answered lookup spent in the proxy, its resolver's
     /// own round trip not counted (see [`ADDED_BUCKETS`]).
     pub added_seconds: Histogram,
+    /// `CLOCK_MONOTONIC` when the sweep last completed (before the first:
+    /// when the proxy started).
+    pub last_sweep_ns: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the added-latency histogram: 25 µs to about
@@ -170,6 +183,7 @@ impl Default for ProxyStats {
             learn_full: Mutex::default(),
             lookups: Mutex::default(),
             added_seconds: Histogram::new(ADDED_BUCKETS),
+            last_sweep_ns: AtomicU64::new(monotonic_now()),
         }
     }
 }
@@ -401,6 +415,22 @@ impl<S> Proxy<S> {
     #[must_use]
     pub fn stats(&self) -> &ProxyStats {
         &self.shared.stats
+    }
+
+    /// How long ago, at `now`, the sweep of learnt addresses last
+    /// completed.
+    #[must_use]
+    pub fn sweep_age(&self, now: Nanos) -> Duration {
+        let last = self.shared.stats.last_sweep_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(now.saturating_sub(last))
+    }
+
+    /// Whether learnt addresses' expiry is enforced at `now`: the sweep's
+    /// task runs (it ends only by a panic) and completed within
+    /// [`SWEEP_STALLED`].
+    #[must_use]
+    pub fn sweeping(&self, now: Nanos) -> bool {
+        !self.sweeper.is_finished() && self.sweep_age(now) <= SWEEP_STALLED
     }
 
     /// Drops and revokes what `service` learnt (see [`LearntCache::forget`]).
@@ -901,6 +931,11 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
             }
             unknown = held.is_some_and(|held| held > cache.sink_entries());
         }
+        drop(guard);
+        shared
+            .stats
+            .last_sweep_ns
+            .store(monotonic_now(), Ordering::Relaxed);
         round = round.wrapping_add(1);
     }
 }
@@ -919,3 +954,7 @@ fn rule_bits(rules: &[Vec<NamePattern>], chain: &[DnsName]) -> RuleBits {
         })
         .fold(0, |bits, (i, _)| bits | (1 << i))
 }
+
+#[cfg(test)]
+#[path = "proxy_tests.rs"]
+mod tests;

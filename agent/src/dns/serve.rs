@@ -16,7 +16,7 @@ use std::{
 use agent_common::{dns_mark, DnsOrigin, PROTO_TCP, PROTO_UDP};
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     learnt::{monotonic_now, LearntCache, LearntLimits, LearntSink, Nanos, RuleBits, ServiceId},
@@ -136,6 +136,8 @@ pub struct Observed {
     /// Seconds each answered lookup spent in the proxy, the resolver's
     /// round trip not counted.
     pub added_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Seconds since the sweep of learnt addresses last completed.
+    pub sweep_age_seconds: f64,
 }
 
 enum State {
@@ -427,6 +429,7 @@ impl Dns {
                 .saturating_sub(full_total),
             expired,
             added_seconds: stats.added_seconds.clone(),
+            sweep_age_seconds: proxy.sweep_age(monotonic_now()).as_secs_f64(),
         })
     }
 
@@ -493,12 +496,33 @@ impl Dns {
         );
         // Lookups that never leave a service on port 53 teach nothing.
         super::host::warn_host_bypasses();
+        let proxy = Arc::new(proxy);
+        let watched = Arc::clone(&proxy);
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             let mut failing = false;
+            let mut stalled = false;
             loop {
                 tick.tick().await;
-                match beat.beat(monotonic_now()) {
+                let now = monotonic_now();
+                // The kernel allows a learnt address until the sweep
+                // removes it: with the sweep stalled, no beat, so that
+                // nothing new is learnt once the heartbeat is stale.
+                if !watched.sweeping(now) {
+                    if !stalled {
+                        stalled = true;
+                        error!(
+                            last_sweep_secs_ago = watched.sweep_age(now).as_secs(),
+                            "DNS proxy: the sweep of learnt addresses has stopped; its heartbeat is withheld, so the kernel stops redirecting lookups within 30 s (new names fail closed) and expired learnt addresses stay allowed until an agent sweeps them: restart the agent"
+                        );
+                    }
+                    continue;
+                }
+                if stalled {
+                    stalled = false;
+                    info!("DNS proxy: the sweep of learnt addresses runs again; heartbeat resumed");
+                }
+                match beat.beat(now) {
                     Ok(()) => failing = false,
                     Err(e) if !failing => {
                         failing = true;
@@ -508,7 +532,6 @@ impl Dns {
                 }
             }
         });
-        let proxy = Arc::new(proxy);
         let saver = tokio::spawn(save_changes(Arc::clone(&proxy), self.state_dir.clone()));
         Ok(Running {
             proxy,

@@ -887,6 +887,7 @@ mod tests {
             r#"bulkhead_dns_learnt_evictions_total{service="billing",reason="per_name_in_use"} 7"#,
             "bulkhead_dns_learnt_expired_total 5",
             "bulkhead_dns_learn_errors_total 6",
+            "bulkhead_dns_sweep_age_seconds 0.5",
             "bulkhead_dns_proxy_added_seconds_count 2",
             r#"bulkhead_dns_proxy_added_seconds_bucket{le="0.0001"} 1"#,
             r#"bulkhead_dns_proxy_added_seconds_bucket{le="0.0032"} 2"#,

@@ -83,7 +83,8 @@ pub fn fake_state_with_every_source() -> Arc<MetricsState> {
 /// A DNS proxy that answered billing 3 lookups, one of them truncated,
 /// refused 2 of no known service, learnt billing 2 addresses, search
 /// none; evicted 4 for the per-name cap, kept 1 out for the total cap,
-/// saw 5 expire and 6 map errors; added 100 µs and 3 ms to two lookups.
+/// saw 5 expire and 6 map errors; added 100 µs and 3 ms to two lookups;
+/// swept 0.5 s ago.
 pub struct FakeDns;
 
 impl super::DnsSource for FakeDns {
@@ -106,6 +107,7 @@ impl super::DnsSource for FakeDns {
             map_errors: 6,
             expired: 5,
             added_seconds: added,
+            sweep_age_seconds: 0.5,
         })
     }
 }

@@ -6,7 +6,9 @@
 use std::fmt;
 
 use prometheus_client::{
-    encoding::DescriptorEncoder, metrics::counter::ConstCounter, registry::Unit,
+    encoding::DescriptorEncoder,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Unit,
 };
 
 use super::{counters, gauges, one};
@@ -59,6 +61,13 @@ pub fn encode(enc: &mut DescriptorEncoder, dns: &Observed) -> fmt::Result {
         "Addresses not learnt because the kernel's LEARNT_V4 or LEARNT map refused the write (logged): denied.",
         None,
         &ConstCounter::new(dns.map_errors),
+    )?;
+    one(
+        enc,
+        "bulkhead_dns_sweep_age",
+        "Seconds since the sweep of learnt addresses last completed (it runs each second). The kernel allows a learnt address until the sweep removes it at its expiry, so a growing age means expired addresses stay allowed; past 10 s the agent also withholds the proxy's heartbeat (logged), and 30 s later the kernel stops redirecting lookups: new names fail closed.",
+        Some(&Unit::Seconds),
+        &ConstGauge::new(dns.sweep_age_seconds),
     )?;
     one(
         enc,
