@@ -86,6 +86,11 @@ pub trait LearntSink {
     fn sweep_carried(&mut self, _now: Nanos) -> usize {
         0
     }
+    /// Removals refused and not yet done (tried again at each sweep):
+    /// while there are some, expired addresses are still allowed.
+    fn pending_removals(&self) -> usize {
+        0
+    }
 }
 
 /// A failed write to a [`LearntSink`].

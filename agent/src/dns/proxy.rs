@@ -88,14 +88,18 @@ pub struct ProxyConfig {
     pub tcp_idle: Duration,
     /// How often expired addresses are swept from the learnt set.
     pub sweep_every: Duration,
+    /// When the sweep counts as stalled ([`SWEEP_STALLED`]).
+    pub sweep_stalled: Duration,
 }
 
 /// The sweep is stalled when it last completed longer ago than this (it
 /// runs every [`ProxyConfig::sweep_every`], 1 s). The kernel allows a
 /// learnt address until the sweep removes it, so a stalled sweep leaves
-/// expired addresses allowed: the agent then withholds the proxy's
-/// heartbeat, and the kernel stops redirecting lookups (nothing new is
-/// learnt; new names fail closed) once it is stale.
+/// expired addresses allowed: the proxy then learns nothing (a lookup gets
+/// SERVFAIL), and the agent withholds its heartbeat, so that the kernel
+/// stops redirecting lookups once it is stale (new names fail closed).
+/// A sweep that left an expired address in the kernel map (a removal
+/// refused, tried again at the next) is not complete.
 pub const SWEEP_STALLED: Duration = Duration::from_secs(10);
 
 impl Default for ProxyConfig {
@@ -105,6 +109,7 @@ impl Default for ProxyConfig {
             max_in_flight: 1024,
             tcp_idle: Duration::from_secs(10),
             sweep_every: Duration::from_secs(1),
+            sweep_stalled: SWEEP_STALLED,
         }
     }
 }
@@ -150,8 +155,8 @@ pub struct ProxyStats {
     /// Seconds each answered lookup spent in the proxy, its resolver's
     /// own round trip not counted (see [`ADDED_BUCKETS`]).
     pub added_seconds: Histogram,
-    /// `CLOCK_MONOTONIC` when the sweep last completed (before the first:
-    /// when the proxy started).
+    /// `CLOCK_MONOTONIC` when the sweep last completed with every expired
+    /// address removed (before the first: when the proxy started).
     pub last_sweep_ns: AtomicU64,
 }
 
@@ -241,6 +246,9 @@ pub enum Outcome {
     ServfailTimeout,
     /// SERVFAIL: the resolver could not be reached or failed.
     ServfailError,
+    /// SERVFAIL: the sweep of learnt addresses has stalled, so nothing is
+    /// learnt (see [`SWEEP_STALLED`]); not forwarded.
+    ServfailStalled,
     /// FORMERR: not a single-question query.
     Formerr,
     /// No reply: not even a DNS header.
@@ -251,12 +259,13 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in label order.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Answered,
         Outcome::Truncated,
         Outcome::Refused,
         Outcome::ServfailTimeout,
         Outcome::ServfailError,
+        Outcome::ServfailStalled,
         Outcome::Formerr,
         Outcome::Ignored,
         Outcome::Dropped,
@@ -271,6 +280,7 @@ impl Outcome {
             Outcome::Refused => "refused",
             Outcome::ServfailTimeout => "servfail_timeout",
             Outcome::ServfailError => "servfail_error",
+            Outcome::ServfailStalled => "servfail_stalled",
             Outcome::Formerr => "formerr",
             Outcome::Ignored => "ignored",
             Outcome::Dropped => "dropped",
@@ -292,9 +302,20 @@ struct Shared<S> {
     observed: Mutex<ObservedNames>,
     /// The first resolver the agent was not allowed to reach was logged.
     warned_denied: AtomicBool,
+    /// The sweep's task runs (cleared as it ends: only a panic ends it).
+    sweep_alive: AtomicBool,
 }
 
 impl<S> Shared<S> {
+    fn sweep_age(&self, now: Nanos) -> Duration {
+        let last = self.stats.last_sweep_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(now.saturating_sub(last))
+    }
+
+    fn sweeping(&self, now: Nanos) -> bool {
+        self.sweep_alive.load(Ordering::Relaxed) && self.sweep_age(now) <= self.config.sweep_stalled
+    }
+
     fn observed(&self) -> MutexGuard<'_, ObservedNames> {
         self.observed
             .lock()
@@ -362,6 +383,7 @@ impl<S: LearntSink + Send + 'static> Proxy<S> {
             observed: Mutex::new(ObservedNames::new(limits.max_total, limits.min_ttl)),
             learnt: Mutex::new((cache, sink)),
             warned_denied: AtomicBool::new(false),
+            sweep_alive: AtomicBool::new(true),
         });
         let limit = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
         let (stop, stopped) = watch::channel(false);
@@ -418,19 +440,18 @@ impl<S> Proxy<S> {
     }
 
     /// How long ago, at `now`, the sweep of learnt addresses last
-    /// completed.
+    /// completed with every expired address removed.
     #[must_use]
     pub fn sweep_age(&self, now: Nanos) -> Duration {
-        let last = self.shared.stats.last_sweep_ns.load(Ordering::Relaxed);
-        Duration::from_nanos(now.saturating_sub(last))
+        self.shared.sweep_age(now)
     }
 
     /// Whether learnt addresses' expiry is enforced at `now`: the sweep's
     /// task runs (it ends only by a panic) and completed within
-    /// [`SWEEP_STALLED`].
+    /// [`ProxyConfig::sweep_stalled`]. When not, nothing is learnt.
     #[must_use]
     pub fn sweeping(&self, now: Nanos) -> bool {
-        !self.sweeper.is_finished() && self.sweep_age(now) <= SWEEP_STALLED
+        self.shared.sweeping(now)
     }
 
     /// Drops and revokes what `service` learnt (see [`LearntCache::forget`]).
@@ -687,6 +708,12 @@ async fn handle<S: LearntSink>(
         stats.lookup(None, Outcome::Refused);
         return error_reply(query, Rcode::REFUSED);
     };
+    // With the sweep stalled an address learnt now would outlive its
+    // expiry: nothing is learnt, and the client is told to fail.
+    if !shared.sweeping(monotonic_now()) {
+        stats.lookup(Some(route.service), Outcome::ServfailStalled);
+        return error_reply(query, Rcode::SERVFAIL);
+    }
     let deadline = Instant::now() + shared.config.upstream_timeout;
     let forwarded = match transport {
         Transport::Udp => forward_udp(route.upstream, query, deadline).await,
@@ -891,6 +918,16 @@ async fn forward_tcp(
     }
 }
 
+/// Clears its flag when dropped: as the sweep's task ends, by a panic
+/// too (tokio drops a task's future when it panics).
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Every how many sweeps the sink is swept too of what the cache does not
 /// know (a walk of the whole kernel map), for as long as it holds some.
 const UNKNOWN_SWEEP_EVERY: u32 = 10;
@@ -903,16 +940,19 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
     // refused is tried again there; the walk of the whole map is for
     // after a sweep of the cache that failed.
     let mut unknown = false;
+    let _alive = ClearOnDrop(&shared.sweep_alive);
     loop {
         tick.tick().await;
         let mut guard = shared.learnt();
         let (cache, sink) = &mut *guard;
         let now = monotonic_now();
         shared.observed().sweep(now);
+        let mut complete = true;
         if let Err(e) = cache.sweep(sink, now) {
             tracing::warn!(error = %e, "dns proxy: expired addresses not all removed");
             // A revoke that failed leaves an entry the cache forgot.
             unknown = true;
+            complete = false;
         }
         let carried = sink.sweep_carried(now);
         if carried > 0 {
@@ -931,11 +971,16 @@ async fn sweep<S: LearntSink>(shared: Arc<Shared<S>>) {
             }
             unknown = held.is_some_and(|held| held > cache.sink_entries());
         }
+        // Removals the kernel refused, to be tried again: expired
+        // addresses are still allowed.
+        complete &= sink.pending_removals() == 0;
         drop(guard);
-        shared
-            .stats
-            .last_sweep_ns
-            .store(monotonic_now(), Ordering::Relaxed);
+        if complete {
+            shared
+                .stats
+                .last_sweep_ns
+                .store(monotonic_now(), Ordering::Relaxed);
+        }
         round = round.wrapping_add(1);
     }
 }

@@ -94,6 +94,10 @@ impl LearntSink for KernelSink {
     fn sweep_carried(&mut self, now: Nanos) -> usize {
         self.0.sweep_carried(now)
     }
+
+    fn pending_removals(&self) -> usize {
+        self.0.pending_removals()
+    }
 }
 
 /// The proxy of name rules in the daemon: started when a service first
@@ -513,7 +517,7 @@ impl Dns {
                         stalled = true;
                         error!(
                             last_sweep_secs_ago = watched.sweep_age(now).as_secs(),
-                            "DNS proxy: the sweep of learnt addresses has stopped; its heartbeat is withheld, so the kernel stops redirecting lookups within 30 s (new names fail closed) and expired learnt addresses stay allowed until an agent sweeps them: restart the agent"
+                            "DNS proxy: the sweep of learnt addresses has stopped: lookups get SERVFAIL and nothing is learnt; its heartbeat is withheld, so the kernel stops redirecting lookups within 30 s (new names fail closed) and expired learnt addresses stay allowed until an agent sweeps them: restart the agent"
                         );
                     }
                     continue;

@@ -219,7 +219,7 @@ impl Learnt {
     }
 
     /// Every entry of both maps.
-    fn all(&self) -> Vec<(Entry, LearntValue)> {
+    fn all(&self) -> impl Iterator<Item = (Entry, LearntValue)> + '_ {
         let v4 = self.v4.iter().filter_map(Result::ok).map(|(k, v)| {
             let addr = IpAddr::from(k.addr);
             (
@@ -239,7 +239,15 @@ impl Learnt {
                 v,
             )
         });
-        v4.chain(v6).collect()
+        v4.chain(v6)
+    }
+
+    /// The entries expired at `now_ns` (only those are kept in memory).
+    fn expired(&self, now_ns: u64) -> Vec<Entry> {
+        self.all()
+            .filter(|(_, v)| v.expires_ns <= now_ns)
+            .map(|(e, _)| e)
+            .collect()
     }
 
     /// Tried again at the next sweep unless already.
@@ -281,10 +289,7 @@ impl Learnt {
 
     /// Every entry: (service key, address, value).
     pub fn entries(&self) -> Vec<(u64, IpAddr, LearntValue)> {
-        self.all()
-            .into_iter()
-            .map(|(e, v)| (e.name_key, e.addr, v))
-            .collect()
+        self.all().map(|(e, v)| (e.name_key, e.addr, v)).collect()
     }
 
     /// Copies a previous agent's learnt addresses not expired at `now_ns`
@@ -352,6 +357,12 @@ impl Learnt {
         removed_n
     }
 
+    /// Removals refused and not yet done (see [`Self::sweep_carried`]).
+    #[must_use]
+    pub fn pending_removals(&self) -> usize {
+        self.retry.len()
+    }
+
     /// Entries held now (a walk of both maps).
     #[must_use]
     pub fn count(&self) -> usize {
@@ -363,10 +374,7 @@ impl Learnt {
     /// Returns how many.
     pub fn sweep(&mut self, now_ns: u64) -> usize {
         let mut removed_n = 0;
-        for (e, v) in self.all() {
-            if v.expires_ns > now_ns {
-                continue;
-            }
+        for e in self.expired(now_ns) {
             if self.remove(e).is_ok() {
                 removed_n += 1;
             } else {

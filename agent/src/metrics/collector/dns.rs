@@ -18,7 +18,7 @@ pub fn encode(enc: &mut DescriptorEncoder, dns: &Observed) -> fmt::Result {
     counters(
         enc,
         "bulkhead_dns_lookups",
-        "DNS queries the proxy of name rules handled, by the service it routed them to (empty: none known: refused, or dropped or ignored before routing) and result: answered (passed on, learnt from), truncated (a UDP answer with TC passed on, nothing learnt), refused (no service known for the client), servfail_timeout, servfail_error (the resolver did not answer in time / failed), formerr (not one question), ignored (no DNS header: no reply), dropped (over the in-flight limit).",
+        "DNS queries the proxy of name rules handled, by the service it routed them to (empty: none known: refused, or dropped or ignored before routing) and result: answered (passed on, learnt from), truncated (a UDP answer with TC passed on, nothing learnt), refused (no service known for the client), servfail_timeout, servfail_error (the resolver did not answer in time / failed), servfail_stalled (the sweep of learnt addresses stalled: not forwarded, nothing learnt), formerr (not one question), ignored (no DNS header: no reply), dropped (over the in-flight limit).",
         dns.lookups.iter().map(|(service, outcome, n)| {
             ([("service", &**service), ("result", outcome.label())], *n)
         }),
@@ -65,7 +65,7 @@ pub fn encode(enc: &mut DescriptorEncoder, dns: &Observed) -> fmt::Result {
     one(
         enc,
         "bulkhead_dns_sweep_age",
-        "Seconds since the sweep of learnt addresses last completed (it runs each second). The kernel allows a learnt address until the sweep removes it at its expiry, so a growing age means expired addresses stay allowed; past 10 s the agent also withholds the proxy's heartbeat (logged), and 30 s later the kernel stops redirecting lookups: new names fail closed.",
+        "Seconds since the sweep of learnt addresses last completed with no expired address left in the kernel maps (it runs each second). The kernel allows a learnt address until the sweep removes it at its expiry, so a growing age means expired addresses stay allowed; past 10 s the proxy learns nothing (lookups get SERVFAIL) and withholds its heartbeat (logged), and 30 s later the kernel stops redirecting lookups: new names fail closed.",
         Some(&Unit::Seconds),
         &ConstGauge::new(dns.sweep_age_seconds),
     )?;
