@@ -371,9 +371,14 @@ fn quarantine_survives_reload_and_restart() {
     let first_denied = web_loop
         .wait_attempt(quarantine_bound(), |a| a.verdict == Verdict::Errno(EPERM))
         .unwrap_or_else(|| {
+            let seen = web_loop.attempts();
             panic!(
-                "web's client was not denied within {:?} of the command",
-                quarantine_bound()
+                "web's client was not denied within {:?} of the command: {} attempts, the last {:?}, the command asked {:.1} ms before the last ended\n{}",
+                quarantine_bound(),
+                seen.len(),
+                &seen[seen.len().saturating_sub(3)..],
+                seen.last().map_or(0.0, |a| ms(asked, a.end_ns)),
+                first.log()
             )
         });
     eprintln!(
