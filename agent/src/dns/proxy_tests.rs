@@ -86,6 +86,14 @@ fn stalled_lookups(p: &Proxy<Faulty>) -> u64 {
         .sum()
 }
 
+/// Not sweeping at `now`: the proxy's first lookup gets SERVFAIL without
+/// being forwarded, counted as stalled.
+async fn assert_refused_as_stalled(p: &Proxy<Faulty>, now: Nanos) {
+    assert!(!p.sweeping(now));
+    assert_eq!(ask(p).await, Rcode::SERVFAIL);
+    assert_eq!(stalled_lookups(p), 1);
+}
+
 #[tokio::test]
 async fn a_running_sweep_keeps_its_age_below_the_stall_bound() {
     let p = proxy(Faulty::default()).await;
@@ -121,9 +129,7 @@ async fn a_sweep_whose_task_ended_stops_learning() {
     // ended task alone says it is not sweeping.
     let now = monotonic_now();
     assert!(p.sweep_age(now) < Duration::from_millis(300));
-    assert!(!p.sweeping(now));
-    assert_eq!(ask(&p).await, Rcode::SERVFAIL);
-    assert_eq!(stalled_lookups(&p), 1);
+    assert_refused_as_stalled(&p, now).await;
 }
 
 /// A removal the kernel refused leaves an expired address allowed: the
@@ -143,7 +149,5 @@ async fn a_sweep_that_leaves_a_removal_pending_counts_as_stalled() {
         "never complete: {:?}",
         p.sweep_age(now)
     );
-    assert!(!p.sweeping(now));
-    assert_eq!(ask(&p).await, Rcode::SERVFAIL);
-    assert_eq!(stalled_lookups(&p), 1);
+    assert_refused_as_stalled(&p, now).await;
 }

@@ -220,26 +220,7 @@ impl Learnt {
 
     /// Every entry of both maps.
     fn all(&self) -> impl Iterator<Item = (Entry, LearntValue)> + '_ {
-        let v4 = self.v4.iter().filter_map(Result::ok).map(|(k, v)| {
-            let addr = IpAddr::from(k.addr);
-            (
-                Entry {
-                    name_key: u64::from_ne_bytes(k.name_key),
-                    addr,
-                },
-                v,
-            )
-        });
-        let v6 = self.v6.iter().filter_map(Result::ok).map(|(k, v)| {
-            (
-                Entry {
-                    name_key: k.name_key,
-                    addr: ip_of(k.family, k.addr),
-                },
-                v,
-            )
-        });
-        v4.chain(v6)
+        v4_entries(&self.v4).chain(v6_entries(&self.v6))
     }
 
     /// The entries expired at `now_ns` (only those are kept in memory).
@@ -255,6 +236,15 @@ impl Learnt {
         if !self.retry.contains(&e) {
             self.retry.push(e);
         }
+    }
+
+    /// Removes `e`, or keeps it to be tried again; whether it is gone.
+    fn remove_or_retry(&mut self, e: Entry) -> bool {
+        let gone = self.remove(e).is_ok();
+        if !gone {
+            self.retry_later(e);
+        }
+        gone
     }
 
     pub fn allow(
@@ -301,17 +291,10 @@ impl Learnt {
     pub fn restore_from(&mut self, dir: &Path, now_ns: u64) -> usize {
         let mut old: Vec<(Entry, LearntValue)> = Vec::new();
         if let Some(map) = pinned::<LearntV4Key, LearntValue>(dir, LEARNT_V4, false) {
-            old.extend(map.iter().filter_map(Result::ok).map(|(k, v)| {
-                let addr = IpAddr::from(k.addr);
-                (Entry::new(u64::from_ne_bytes(k.name_key), addr), v)
-            }));
+            old.extend(v4_entries(&map));
         }
         if let Some(map) = pinned::<LearntKey, LearntValue>(dir, LEARNT, false) {
-            old.extend(
-                map.iter()
-                    .filter_map(Result::ok)
-                    .map(|(k, v)| (Entry::new(k.name_key, ip_of(k.family, k.addr)), v)),
-            );
+            old.extend(v6_entries(&map));
         }
         let mut copied: Vec<(u64, Entry)> = old
             .into_iter()
@@ -334,11 +317,7 @@ impl Learnt {
         let retry = std::mem::take(&mut self.retry);
         let mut removed_n = 0;
         for e in retry {
-            if self.remove(e).is_ok() {
-                removed_n += 1;
-            } else {
-                self.retry_later(e);
-            }
+            removed_n += usize::from(self.remove_or_retry(e));
         }
         while let Some(&(expires, e)) = self.carried.front() {
             if expires > now_ns {
@@ -347,11 +326,7 @@ impl Learnt {
             self.carried.pop_front();
             let due = self.get(e).is_some_and(|v| v.expires_ns <= now_ns);
             if due {
-                if self.remove(e).is_ok() {
-                    removed_n += 1;
-                } else {
-                    self.retry_later(e);
-                }
+                removed_n += usize::from(self.remove_or_retry(e));
             }
         }
         removed_n
@@ -375,14 +350,30 @@ impl Learnt {
     pub fn sweep(&mut self, now_ns: u64) -> usize {
         let mut removed_n = 0;
         for e in self.expired(now_ns) {
-            if self.remove(e).is_ok() {
-                removed_n += 1;
-            } else {
-                self.retry_later(e);
-            }
+            removed_n += usize::from(self.remove_or_retry(e));
         }
         removed_n
     }
+}
+
+/// The entries of a LEARNT_V4 map (ours or a previous agent's).
+fn v4_entries<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, LearntV4Key, LearntValue>,
+) -> impl Iterator<Item = (Entry, LearntValue)> + '_ {
+    map.iter().filter_map(Result::ok).map(|(k, v)| {
+        let addr = IpAddr::from(k.addr);
+        (Entry::new(u64::from_ne_bytes(k.name_key), addr), v)
+    })
+}
+
+/// The entries of a LEARNT map: IPv6, and IPv4 too in the map of an agent
+/// before LEARNT_V4.
+fn v6_entries<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, LearntKey, LearntValue>,
+) -> impl Iterator<Item = (Entry, LearntValue)> + '_ {
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (Entry::new(k.name_key, ip_of(k.family, k.addr)), v))
 }
 
 /// The LEARNT key of an IPv6 address.
