@@ -47,6 +47,9 @@ pub fn monotonic_ns() -> u64 {
 pub struct Conn {
     bin: PathBuf,
     cgroup: Option<PathBuf>,
+    /// A [`ConnectLoop`]'s limit on one `connect()` (the binary's 2 s when
+    /// `None`).
+    connect_timeout: Option<Duration>,
 }
 
 impl Conn {
@@ -56,6 +59,7 @@ impl Conn {
         Self {
             bin: bin.into(),
             cgroup: None,
+            connect_timeout: None,
         }
     }
 
@@ -64,6 +68,19 @@ impl Conn {
     pub fn in_cgroup(&self, dir: &Path) -> Self {
         Self {
             cgroup: Some(dir.to_path_buf()),
+            ..self.clone()
+        }
+    }
+
+    /// The same, with a [`ConnectLoop`] that gives up on one `connect()`
+    /// after `limit` ([`Verdict::Timeout`]) instead of 2 s: a loop that
+    /// must show a change within a bound shorter than that, when an attempt
+    /// may hang across the change (a quarantine drops the handshake of a
+    /// connect it lands in the middle of).
+    #[must_use]
+    pub fn connect_timeout(&self, limit: Duration) -> Self {
+        Self {
+            connect_timeout: Some(limit),
             ..self.clone()
         }
     }
@@ -115,6 +132,9 @@ impl Conn {
             "--pause-us".to_owned(),
             pause.as_micros().to_string(),
         ];
+        if let Some(limit) = self.connect_timeout {
+            args.extend(["--timeout-ms".to_owned(), limit.as_millis().to_string()]);
+        }
         args.extend(targets.iter().map(ToString::to_string));
         let lines = self.spawn(&args);
         lines.wait_line(READY_TIMEOUT, |l| l == "started");
@@ -272,7 +292,8 @@ pub enum Verdict {
     Ok,
     /// `connect()` failed with this errno (`EPERM`: denied).
     Errno(i32),
-    /// No answer within the client's limit (2 s).
+    /// No answer within the client's limit (2 s, or
+    /// [`Conn::connect_timeout`]'s).
     Timeout,
 }
 

@@ -9,14 +9,16 @@
 
 use std::{
     fs,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
     addr, conn,
-    conn::{monotonic_ns, Attempt, Verdict},
+    conn::{monotonic_ns, Attempt, ConnectLoop, Verdict},
     control::{
         assert_success, is_change, quarantine, release, status, status_service, wait_status,
         PolicyChanges, SharedPins,
@@ -41,6 +43,13 @@ const SYN_WAIT: Duration = Duration::from_millis(500);
 /// connection ("at once"; the daemon itself reports well under 10 ms).
 const QUARANTINE_BOUND_HERE: Duration = Duration::from_secs(1);
 
+/// How long a quarantined service's looping client waits for one
+/// `connect()`. A connect that the switch lands in the middle of (allowed
+/// by the hook just before, its handshake not done) is not refused: the
+/// quarantine drops its SYN-ACK and its SYN's retransmits, so it would hang
+/// for the client's 2 s and hide the first refusal past the bound.
+const IN_FLIGHT_LIMIT_HERE: Duration = Duration::from_millis(250);
+
 /// [`QUARANTINE_BOUND_HERE`], longer in an emulated guest (`scaled`).
 fn quarantine_bound() -> Duration {
     scaled(QUARANTINE_BOUND_HERE)
@@ -59,6 +68,30 @@ fn ms(from: u64, to: u64) -> f64 {
 }
 
 /// Attempts that do not match `want`, among those made within `[from, to]`.
+/// A quarantined service's client loop gives up on a hanging connect
+/// after [`IN_FLIGHT_LIMIT_HERE`] (scaled).
+fn quarantined_loop(cgroup: &Path, target: SocketAddr) -> ConnectLoop {
+    conn!()
+        .in_cgroup(cgroup)
+        .connect_timeout(scaled(IN_FLIGHT_LIMIT_HERE))
+        .connect_loop(&[target], Duration::from_micros(500))
+}
+
+/// Only a connect in flight when the quarantine landed may hang (see
+/// [`IN_FLIGHT_LIMIT_HERE`]): at most one attempt timed out (the loop makes
+/// one at a time), and it started before the command was answered.
+fn assert_only_in_flight_hung(attempts: &[Attempt], answered: u64) {
+    let hung: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.verdict == Verdict::Timeout)
+        .collect();
+    assert!(
+        hung.len() <= 1 && hung.iter().all(|a| a.start_ns < answered),
+        "only a connect in flight when the quarantine landed may time out; these did \
+         (the command was answered at {answered}): {hung:?}"
+    );
+}
+
 fn off(attempts: &[Attempt], (from, to): (u64, u64), want: Verdict) -> Vec<Attempt> {
     attempts
         .iter()
@@ -133,9 +166,7 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
     );
 
     // Quarantine web, with a client of each service looping meanwhile.
-    let web_loop = conn!()
-        .in_cgroup(web.path())
-        .connect_loop(&[ok.addr()], Duration::from_micros(500));
+    let web_loop = quarantined_loop(web.path(), ok.addr());
     let api_loop = conn!()
         .in_cgroup(api.path())
         .connect_loop(&[ok.addr()], Duration::from_micros(500));
@@ -306,6 +337,7 @@ fn quarantine_cuts_one_service_and_release_restores_it() {
             &wrong[..wrong.len().min(10)]
         );
     }
+    assert_only_in_flight_hung(&web_attempts, answered);
     let wrong = off(&api_attempts, (0, u64::MAX), Verdict::Ok);
     assert!(
         wrong.is_empty(),
@@ -363,11 +395,10 @@ fn quarantine_survives_reload_and_restart() {
     changes.wait_nth(1, "applied reload", Duration::from_secs(10), |e| {
         is_change(e, "reload", "applied")
     });
-    let web_loop = conn!()
-        .in_cgroup(web.path())
-        .connect_loop(&[ok.addr()], Duration::from_micros(500));
+    let web_loop = quarantined_loop(web.path(), ok.addr());
     let asked = monotonic_ns();
     answer(&quarantine(&first, "web", &[]), "bulkhead quarantine web");
+    let answered = monotonic_ns();
     let first_denied = web_loop
         .wait_attempt(quarantine_bound(), |a| a.verdict == Verdict::Errno(EPERM))
         .unwrap_or_else(|| {
@@ -385,7 +416,7 @@ fn quarantine_survives_reload_and_restart() {
         "quarantine: right after a reload, first denied connect after {:.1} ms",
         ms(asked, first_denied.end_ns)
     );
-    drop(web_loop);
+    assert_only_in_flight_hung(&web_loop.stop(), answered);
     quarantined("after bulkhead quarantine web");
 
     // A reload (web's policy now also allows `other`) keeps it.

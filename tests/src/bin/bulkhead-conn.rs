@@ -53,7 +53,7 @@ use std::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] \
-    (connect-loop [--pause-us N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | sink ADDR:PORT)";
+    (connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | sink ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -187,6 +187,7 @@ fn watch_stdin() -> Arc<AtomicBool> {
 
 fn connect_loop(args: &[String]) -> Result<(), String> {
     let mut pause = Duration::from_millis(1);
+    let mut timeout = CONNECT_TIMEOUT;
     let mut targets = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -195,6 +196,12 @@ fn connect_loop(args: &[String]) -> Result<(), String> {
             pause = Duration::from_micros(
                 n.parse()
                     .map_err(|e| format!("bad --pause-us {n:?}: {e}"))?,
+            );
+        } else if arg == "--timeout-ms" {
+            let n = args.next().ok_or(USAGE)?;
+            timeout = Duration::from_millis(
+                n.parse()
+                    .map_err(|e| format!("bad --timeout-ms {n:?}: {e}"))?,
             );
         } else {
             targets.push(parse_addr(arg)?);
@@ -208,7 +215,7 @@ fn connect_loop(args: &[String]) -> Result<(), String> {
     while !closed.load(Ordering::SeqCst) {
         for &target in &targets {
             let start = monotonic_ns();
-            let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT);
+            let result = TcpStream::connect_timeout(&target, timeout);
             let end = monotonic_ns();
             let result = match result {
                 Ok(stream) => {
