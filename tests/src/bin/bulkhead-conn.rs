@@ -5,11 +5,11 @@
 //!
 //! ```text
 //! bulkhead-conn [--cgroup DIR] COMMAND
-//!   connect-loop [--pause-us N] ADDR:PORT...
+//!   connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT...
 //!       connect() to each address in turn, over and over, until stdin is
 //!       closed; one line per attempt: `attempt PORT START_NS END_NS RESULT`
 //!       (`CLOCK_MONOTONIC` nanoseconds around socket()+connect(); RESULT is
-//!       `ok`, `errno:N` or `timeout`)
+//!       `ok`, `errno:N` or `timeout`, after 2 s or --timeout-ms)
 //!   hold ADDR:PORT
 //!       connect() once and keep the connection: stdin line `send TEXT`
 //!       writes TEXT and prints `sent TEXT` (or `send-error errno:N`); what

@@ -117,15 +117,15 @@ impl NamesReport<'_> {
             );
         }
         // The connect goal, on TCP and UDP connect().
-        let mut met = true;
+        let mut verdicts = Vec::new();
         let mut parts = Vec::new();
         for probe in CONNECTS {
             for &n in &r.rule_counts {
                 let Some((name, cidr, diff, noise)) = self.name_vs_cidr(n, probe) else {
                     continue;
                 };
-                let ok = diff <= 0 || diff.unsigned_abs() <= noise;
-                met &= ok;
+                let verdict = Comparison::of(cidr, diff, noise);
+                verdicts.push(verdict);
                 let paired = self.paired(n, probe).map_or(String::new(), |(m, each)| {
                     let each: Vec<String> = each.iter().map(|&d| signed(d)).collect();
                     format!(
@@ -145,7 +145,7 @@ impl NamesReport<'_> {
                     ratio_text(name, cidr),
                     signed(diff),
                     num(noise),
-                    if ok { "yes" } else { "no" }
+                    verdict.word()
                 ));
             }
         }
@@ -154,7 +154,7 @@ impl NamesReport<'_> {
                 out,
                 "- **Goal: connect() allowed by a learnt name costs no more than allowed by \
                  address rules of the same size (name/CIDR ≤ 1.0 within noise): {}.** {}.",
-                if met { "met" } else { "not met" },
+                Comparison::goal(&verdicts),
                 parts.join("; ")
             );
         }
@@ -506,7 +506,10 @@ impl NamesReport<'_> {
              and after it in even ones.\n\
              - **Noise.** The rounds alternate the rule counts' order too. \"Within noise\" \
              means the name service's added median exceeds the CIDR service's by no more \
-             than the larger interquartile range of the two cases' run medians.\n\
+             than the larger interquartile range of the two cases' run medians. A \
+             comparison whose noise is above a quarter of the CIDR service's added median \
+             cannot tell (a difference that large would hide in it): the goal is then \
+             \"not shown\", never met.\n\
              - **Not measured.** Lookups over IPv6, an upstream resolver that is not on \
              loopback, many services or names at once.\n",
             super::loadgen::UDP_PORT,
@@ -559,6 +562,53 @@ pub fn replace_section(old: &str, new: &str) -> String {
     }
 }
 
+/// One name-against-CIDR comparison of the connect goal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    /// The name service costs no more, within a noise small enough to tell.
+    Yes,
+    /// It costs more than the noise.
+    No,
+    /// The noise is above a quarter of the CIDR service's added median: a
+    /// difference that large would hide in it.
+    CannotTell,
+}
+
+impl Comparison {
+    /// `cidr`: the CIDR service's added median; `diff`: name − CIDR;
+    /// `noise`: the larger interquartile range of the two cases' run
+    /// medians (all ns).
+    fn of(cidr: i64, diff: i64, noise: u64) -> Self {
+        if diff > 0 && diff.unsigned_abs() > noise {
+            Self::No
+        } else if noise.saturating_mul(4) > cidr.unsigned_abs() {
+            Self::CannotTell
+        } else {
+            Self::Yes
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Self::Yes => "yes",
+            Self::No => "no",
+            Self::CannotTell => "cannot tell: too noisy",
+        }
+    }
+
+    /// The goal over every comparison: one "no" fails it; it is met only
+    /// when every comparison could tell.
+    fn goal(all: &[Self]) -> &'static str {
+        if all.contains(&Self::No) {
+            "not met"
+        } else if all.contains(&Self::CannotTell) {
+            "not shown (too noisy to tell)"
+        } else {
+            "met"
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +629,30 @@ mod tests {
         );
         assert_eq!(replace_section("", &new), new);
         assert!(section(&replaced).is_some_and(|s| s.contains("new")));
+    }
+
+    #[test]
+    fn a_comparison_drowned_in_noise_never_meets_the_goal() {
+        use super::Comparison::{self, CannotTell, No, Yes};
+        // The run of record's UDP connect: +30 ns against 10 ns of noise.
+        assert_eq!(Comparison::of(360, 30, 10), No);
+        assert_eq!(Comparison::of(360, 5, 10), Yes);
+        assert_eq!(Comparison::of(360, -20, 10), Yes);
+        // A noisy run: 300 ns of noise on a 353 ns hook tells nothing,
+        // whichever way the medians fell.
+        assert_eq!(Comparison::of(353, -300, 300), CannotTell);
+        assert_eq!(Comparison::of(353, 200, 300), CannotTell);
+        // More than the noise is more, however noisy.
+        assert_eq!(Comparison::of(353, 400, 300), No);
+        // The bound: a quarter of the CIDR case's added median.
+        assert_eq!(Comparison::of(400, 0, 100), Yes);
+        assert_eq!(Comparison::of(400, 0, 101), CannotTell);
+        assert_eq!(Comparison::goal(&[Yes, Yes]), "met");
+        assert_eq!(
+            Comparison::goal(&[Yes, CannotTell]),
+            "not shown (too noisy to tell)"
+        );
+        assert_eq!(Comparison::goal(&[CannotTell, No]), "not met");
     }
 
     #[test]
