@@ -8,7 +8,7 @@ use super::{
     loadgen::Probe,
     names::{signed_summary, NamesResults, Over, Svc, Via, NAME, RESOLVER},
     report::{num, signed, Facts},
-    stats::{self, Summary},
+    stats::{self, Comparison, Summary},
 };
 
 const BEGIN: &str = "<!-- bench-names:begin -->";
@@ -124,7 +124,7 @@ impl NamesReport<'_> {
                 let Some((name, cidr, diff, noise)) = self.name_vs_cidr(n, probe) else {
                     continue;
                 };
-                let verdict = Comparison::of(cidr, diff, noise);
+                let verdict = name_vs_cidr_verdict(cidr, diff, noise);
                 verdicts.push(verdict);
                 let paired = self.paired(n, probe).map_or(String::new(), |(m, each)| {
                     let each: Vec<String> = each.iter().map(|&d| signed(d)).collect();
@@ -562,51 +562,16 @@ pub fn replace_section(old: &str, new: &str) -> String {
     }
 }
 
-/// One name-against-CIDR comparison of the connect goal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Comparison {
-    /// The name service costs no more, within a noise small enough to tell.
-    Yes,
-    /// It costs more than the noise.
-    No,
-    /// The noise is above a quarter of the CIDR service's added median: a
-    /// difference that large would hide in it.
-    CannotTell,
-}
-
-impl Comparison {
-    /// `cidr`: the CIDR service's added median; `diff`: name − CIDR;
-    /// `noise`: the larger interquartile range of the two cases' run
-    /// medians (all ns).
-    fn of(cidr: i64, diff: i64, noise: u64) -> Self {
-        if diff > 0 && diff.unsigned_abs() > noise {
-            Self::No
-        } else if noise.saturating_mul(4) > cidr.unsigned_abs() {
-            Self::CannotTell
-        } else {
-            Self::Yes
-        }
-    }
-
-    fn word(self) -> &'static str {
-        match self {
-            Self::Yes => "yes",
-            Self::No => "no",
-            Self::CannotTell => "cannot tell: too noisy",
-        }
-    }
-
-    /// The goal over every comparison: one "no" fails it; it is met only
-    /// when every comparison could tell.
-    fn goal(all: &[Self]) -> &'static str {
-        if all.contains(&Self::No) {
-            "not met"
-        } else if all.contains(&Self::CannotTell) {
-            "not shown (too noisy to tell)"
-        } else {
-            "met"
-        }
-    }
+/// One name-against-CIDR comparison of the connect goal: the name
+/// service passes when it costs no more than the CIDR service within the
+/// noise, and the noise can tell when it is at most a quarter of the CIDR
+/// service's added median (`cidr`; `diff`: name − CIDR; all ns).
+fn name_vs_cidr_verdict(cidr: i64, diff: i64, noise: u64) -> Comparison {
+    Comparison::judge(
+        diff <= 0 || diff.unsigned_abs() <= noise,
+        noise,
+        Comparison::quarter_of(cidr),
+    )
 }
 
 #[cfg(test)]
@@ -633,26 +598,23 @@ mod tests {
 
     #[test]
     fn a_comparison_drowned_in_noise_never_meets_the_goal() {
-        use super::Comparison::{self, CannotTell, No, Yes};
+        use super::{
+            name_vs_cidr_verdict as of,
+            Comparison::{CannotTell, No, Yes},
+        };
         // The run of record's UDP connect: +30 ns against 10 ns of noise.
-        assert_eq!(Comparison::of(360, 30, 10), No);
-        assert_eq!(Comparison::of(360, 5, 10), Yes);
-        assert_eq!(Comparison::of(360, -20, 10), Yes);
+        assert_eq!(of(360, 30, 10), No);
+        assert_eq!(of(360, 5, 10), Yes);
+        assert_eq!(of(360, -20, 10), Yes);
         // A noisy run: 300 ns of noise on a 353 ns hook tells nothing,
         // whichever way the medians fell.
-        assert_eq!(Comparison::of(353, -300, 300), CannotTell);
-        assert_eq!(Comparison::of(353, 200, 300), CannotTell);
+        assert_eq!(of(353, -300, 300), CannotTell);
+        assert_eq!(of(353, 200, 300), CannotTell);
         // More than the noise is more, however noisy.
-        assert_eq!(Comparison::of(353, 400, 300), No);
+        assert_eq!(of(353, 400, 300), No);
         // The bound: a quarter of the CIDR case's added median.
-        assert_eq!(Comparison::of(400, 0, 100), Yes);
-        assert_eq!(Comparison::of(400, 0, 101), CannotTell);
-        assert_eq!(Comparison::goal(&[Yes, Yes]), "met");
-        assert_eq!(
-            Comparison::goal(&[Yes, CannotTell]),
-            "not shown (too noisy to tell)"
-        );
-        assert_eq!(Comparison::goal(&[CannotTell, No]), "not met");
+        assert_eq!(of(400, 0, 100), Yes);
+        assert_eq!(of(400, 0, 101), CannotTell);
     }
 
     #[test]

@@ -688,7 +688,11 @@ impl Report<'_> {
              and backwards in turn (A B … B A), with the no-program case again before each \
              rule count's group; the tables give medians over all rounds with each run's \
              median beside them. p99 catches scheduler preemption and \
-             moves a lot between runs; compare medians.\n",
+             moves a lot between runs; compare medians. A goal's comparison passes only \
+             when the noise (the larger interquartile range of the compared cases' run \
+             medians) is at most a quarter of the limit it is held to (100 ns for the \
+             `exe` goal): otherwise it says \"cannot tell\" and the goal is \"not shown\", \
+             never met.\n",
             num(self.results.timer_overhead_ns),
             self.plan.rounds,
         )

@@ -82,9 +82,78 @@ pub fn ratio(value: u64, base: u64) -> f64 {
     value as f64 / base as f64
 }
 
+/// What one comparison of a goal says, the run's noise weighed in: a
+/// pass counts only when the noise could not hide a difference that
+/// matters (on this 2-core shared machine, runs are sometimes bimodal, and
+/// a noisy run's medians can fall either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Yes,
+    No,
+    CannotTell,
+}
+
+impl Comparison {
+    /// `passes`: the medians meet the goal; `noise`: the larger
+    /// interquartile range of the compared cases' run medians;
+    /// `tolerance`: the most noise that can still tell (each goal says
+    /// why its own).
+    pub fn judge(passes: bool, noise: u64, tolerance: u64) -> Self {
+        if !passes {
+            Self::No
+        } else if noise > tolerance {
+            Self::CannotTell
+        } else {
+            Self::Yes
+        }
+    }
+
+    /// A quarter of `cost`: the tolerance of a goal that compares costs of
+    /// that size (a noise above it could hide a difference of a quarter).
+    pub fn quarter_of(cost: i64) -> u64 {
+        cost.unsigned_abs() / 4
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Yes => "yes",
+            Self::No => "no",
+            Self::CannotTell => "cannot tell: too noisy",
+        }
+    }
+
+    /// Over every comparison of a goal: one "no" fails it; it is met
+    /// only when every comparison could tell.
+    pub fn goal(all: &[Self]) -> &'static str {
+        if all.contains(&Self::No) {
+            "not met"
+        } else if all.contains(&Self::CannotTell) {
+            "not shown (too noisy to tell)"
+        } else {
+            "met"
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_drowned_in_noise_is_not_a_pass() {
+        use Comparison::{CannotTell, No, Yes};
+        assert_eq!(Comparison::judge(true, 10, 40), Yes);
+        assert_eq!(Comparison::judge(true, 41, 40), CannotTell);
+        assert_eq!(Comparison::judge(false, 0, 40), No);
+        assert_eq!(Comparison::judge(false, 500, 40), No);
+        assert_eq!(Comparison::quarter_of(-400), 100);
+        assert_eq!(Comparison::goal(&[Yes, Yes]), "met");
+        assert_eq!(
+            Comparison::goal(&[Yes, CannotTell]),
+            "not shown (too noisy to tell)"
+        );
+        assert_eq!(Comparison::goal(&[CannotTell, No]), "not met");
+    }
 
     #[test]
     fn median_and_p99() {
