@@ -50,8 +50,9 @@ fn verdict(results: &[(usize, Comparison)]) -> String {
         return "not judged (no data in this run)".to_owned();
     }
     let all: Vec<Comparison> = results.iter().map(|&(_, c)| c).collect();
-    if Comparison::goal(&all) != "met" {
-        return Comparison::goal(&all).to_owned();
+    let goal = Comparison::goal(&all);
+    if goal != "met" {
+        return goal.to_owned();
     }
     let missing: Vec<String> = GOAL_COUNTS
         .iter()
@@ -118,24 +119,22 @@ fn against(bh: i64, limit: i64, noise: u64) -> Comparison {
 }
 
 fn sendto(r: &Report) -> String {
-    let rows = with_nftables(r, Probe::UdpSendto);
-    let results: Vec<(usize, Comparison)> = rows
-        .iter()
-        .map(|&(n, bh, nft, noise)| (n, against(bh, nft, noise)))
-        .collect();
-    let parts: Vec<String> = rows
-        .iter()
-        .map(|&(n, bh, nft, noise)| {
-            format!(
-                "{}: bulkhead {} ns, nftables {} ns, noise {} ns ({})",
-                num(n as u64),
-                signed(bh),
-                signed(nft),
-                num(noise),
-                against(bh, nft, noise).word()
-            )
-        })
-        .collect();
+    let (results, parts): (Vec<(usize, Comparison)>, Vec<String>) =
+        with_nftables(r, Probe::UdpSendto)
+            .into_iter()
+            .map(|(n, bh, nft, noise)| {
+                let verdict = against(bh, nft, noise);
+                let text = format!(
+                    "{}: bulkhead {} ns, nftables {} ns, noise {} ns ({})",
+                    num(n as u64),
+                    signed(bh),
+                    signed(nft),
+                    num(noise),
+                    verdict.word()
+                );
+                ((n, verdict), text)
+            })
+            .unzip();
     format!(
         "- **Goal (a), sendto() added median at or below nftables' at 10, 1,000 and 100,000 \
          rules: {}.** {}.",
@@ -145,25 +144,24 @@ fn sendto(r: &Report) -> String {
 }
 
 fn tcp(r: &Report) -> String {
-    let rows = with_nftables(r, Probe::TcpConnect);
-    let results: Vec<(usize, Comparison)> = rows
-        .iter()
-        .map(|&(n, bh, nft, noise)| (n, against(bh, nft + TCP_SLACK_NS, noise)))
-        .collect();
-    let parts: Vec<String> = rows
-        .iter()
-        .map(|&(n, bh, nft, noise)| {
-            format!(
-                "{}: bulkhead {} ns, nftables {} ns, limit {} ns, noise {} ns ({})",
-                num(n as u64),
-                signed(bh),
-                signed(nft),
-                signed(nft + TCP_SLACK_NS),
-                num(noise),
-                against(bh, nft + TCP_SLACK_NS, noise).word()
-            )
-        })
-        .collect();
+    let (results, parts): (Vec<(usize, Comparison)>, Vec<String>) =
+        with_nftables(r, Probe::TcpConnect)
+            .into_iter()
+            .map(|(n, bh, nft, noise)| {
+                let limit = nft + TCP_SLACK_NS;
+                let verdict = against(bh, limit, noise);
+                let text = format!(
+                    "{}: bulkhead {} ns, nftables {} ns, limit {} ns, noise {} ns ({})",
+                    num(n as u64),
+                    signed(bh),
+                    signed(nft),
+                    signed(limit),
+                    num(noise),
+                    verdict.word()
+                );
+                ((n, verdict), text)
+            })
+            .unzip();
     format!(
         "- **Goal (b), TCP connect() added median at most nftables' + 0.5 µs: {}.** {}.",
         verdict(&results),
@@ -191,27 +189,25 @@ fn udp_connect(r: &Report) -> String {
             ))
         })
         .collect();
-    let results: Vec<(usize, Comparison)> = rows
-        .iter()
-        .map(|&(n, bh, noise)| (n, against(bh, limit, noise)))
-        .collect();
-    let parts: Vec<String> = rows
-        .iter()
-        .map(|&(n, bh, noise)| {
+    let (results, parts): (Vec<(usize, Comparison)>, Vec<String>) = rows
+        .into_iter()
+        .map(|(n, bh, noise)| {
+            let verdict = against(bh, limit, noise);
             let times = if floor > 0 {
                 format!(", {:.2}× the floor", bh as f64 / floor as f64)
             } else {
                 String::new()
             };
-            format!(
+            let text = format!(
                 "{}: bulkhead {} ns{times}, noise {} ns ({})",
                 num(n as u64),
                 signed(bh),
                 num(noise),
-                against(bh, limit, noise).word()
-            )
+                verdict.word()
+            );
+            ((n, verdict), text)
         })
-        .collect();
+        .unzip();
     let base = r
         .summary(Case::BASELINE, Probe::UdpConnect)
         .map_or(0, |s| s.median);
@@ -238,15 +234,15 @@ fn log_lines(r: &Report) -> String {
         else {
             continue;
         };
-        let ok = udp <= MAX_LINES_PER_CALL && sendto <= MAX_LINES_PER_CALL;
-        results.push((n, yes(ok)));
+        let ok = yes(udp <= MAX_LINES_PER_CALL && sendto <= MAX_LINES_PER_CALL);
+        results.push((n, ok));
         let tcp = median(n, Probe::TcpConnect).map_or(String::new(), |v| {
             format!("; TCP connect, a new flow each call, {v:.2}")
         });
         parts.push(format!(
             "{}: UDP connect {udp:.3}, sendto {sendto:.3} ({}{tcp})",
             num(n as u64),
-            yes(ok).word()
+            ok.word()
         ));
     }
     format!(
