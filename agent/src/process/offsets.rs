@@ -18,12 +18,18 @@ use btf_rs::{Btf, Type};
 
 /// The offsets, or why process identity is off on this host.
 pub fn find(btf_path: &Path, tracefs: &Path) -> Result<[u32; PROCESS_OFFSETS_LEN], String> {
-    let btf = Btf::from_file(btf_path).map_err(|e| {
-        format!(
-            "cannot read the kernel's BTF at {}: {e}",
-            btf_path.display()
-        )
-    })?;
+    // Read whole, then parsed from memory: `Btf::from_file` asks the file
+    // its position as it goes (42,566 lseek calls per start on this
+    // host's kernel), seconds of every agent start under emulation.
+    let btf = std::fs::read(btf_path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| Btf::from_bytes(&bytes).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            format!(
+                "cannot read the kernel's BTF at {}: {e}",
+                btf_path.display()
+            )
+        })?;
     let mut out = [0u32; PROCESS_OFFSETS_LEN];
     for (index, strukt, member) in [
         (OFF_TASK_MM, "task_struct", "mm"),
