@@ -9,6 +9,8 @@ pub enum KernelError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("this bulkhead carries no eBPF programs: it was built with AYA_BUILD_SKIP set (for linting); build it again without")]
+    NoPrograms,
     #[error("program {0} is missing from the eBPF object (build mismatch)")]
     MissingProgram(&'static str),
     #[error("map {0} is missing from the eBPF object (build mismatch)")]

@@ -219,6 +219,9 @@ impl Enforcer {
     /// Loads the programs into the kernel (not attached yet), with maps
     /// large enough for `policy`.
     pub fn load(policy: &CompiledPolicy, options: &LoadOptions) -> Result<Self, KernelError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(KernelError::NoPrograms);
+        }
         let capacity = Capacity::for_policy(policy);
         // Service ids and rulesets of both halves (see layout.rs).
         let max_services = capacity.services.saturating_mul(2);
