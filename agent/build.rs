@@ -20,16 +20,14 @@ fn main() -> anyhow::Result<()> {
         aya_build::Toolchain::Custom(EBPF_TOOLCHAIN),
     )?;
     // `cargo xtask lint` sets it: clippy needs no object, and building one
-    // took 38 s of every clean lint here. An empty object stands in, which
-    // the agent refuses to start with (`KernelError::NoPrograms`).
+    // took 38 s of CI's clean lint. An empty object stands in, always (an
+    // older build's object may be there: never embed a stale one), and the
+    // agent refuses to start with it (`KernelError::NoPrograms`). Unset
+    // again, aya-build reruns this and copies the real object back.
     let skipped = env::var(SKIP).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skipped {
-        let out =
-            PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("no OUT_DIR"))?)
-                .join("bulkhead-ebpf");
-        if !out.exists() {
-            fs::write(&out, [])?;
-        }
+        let out_dir = env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?;
+        fs::write(PathBuf::from(out_dir).join("bulkhead-ebpf"), [])?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::{
     steps::Steps,
-    util::{workspace_root, EBPF_TOOLCHAIN},
+    util::{workspace_root, AYA_BUILD_SKIP, EBPF_TOOLCHAIN},
 };
 
 pub fn run() -> Result<()> {
@@ -20,7 +20,7 @@ pub fn run() -> Result<()> {
     steps.run(
         "clippy",
         cargo()
-            .env("AYA_BUILD_SKIP", "1")
+            .env(AYA_BUILD_SKIP, "1")
             .args(["clippy", "--locked", "--workspace", "--all-targets"])
             .args(["--", "-D", "warnings"]),
     );

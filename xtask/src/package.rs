@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::util::{output_of, target_dir, workspace_root};
+use crate::util::{output_of, target_dir, workspace_root, AYA_BUILD_SKIP};
 
 /// The cargo-deb installed when none is present (`cargo install --locked`).
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -52,6 +52,7 @@ pub fn run(args: &PackageArgs) -> Result<PathBuf> {
         .with_context(|| format!("cannot create {}", output.display()))?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
+        .env_remove(AYA_BUILD_SKIP)
         .args(["deb", "--package", PACKAGE, "--locked", "--output"])
         .arg(&output)
         .stdin(Stdio::null())

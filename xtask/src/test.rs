@@ -17,7 +17,7 @@ use clap::builder::PossibleValuesParser;
 use crate::{
     guest::{self, GuestKernel, RunSpec, Suite},
     steps::Steps,
-    util::{is_root, secs, target_dir, workspace_root},
+    util::{is_root, secs, target_dir, workspace_root, AYA_BUILD_SKIP},
 };
 
 #[derive(clap::Args)]
@@ -233,7 +233,7 @@ fn build_bulkhead() -> Command {
 
 fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root());
+    cmd.current_dir(workspace_root()).env_remove(AYA_BUILD_SKIP);
     cmd
 }
 

@@ -13,6 +13,12 @@ use anyhow::{bail, Context, Result};
 /// toolchain; `setup::check_pin` makes sure the two never drift apart.
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 
+/// aya-build's switch (agent/build.rs): set, the agent embeds an empty eBPF
+/// object. Only `cargo xtask lint` sets it; xtask's builds of the agent's
+/// binary (build, and so bench and install; test; package) remove it from
+/// cargo's environment.
+pub const AYA_BUILD_SKIP: &str = "AYA_BUILD_SKIP";
+
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -31,6 +31,12 @@ mod verify;
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
 
+/// False for a binary built with AYA_BUILD_SKIP (agent/build.rs): it
+/// embeds an empty object.
+pub(super) fn carries_programs() -> bool {
+    !EBPF_OBJECT.is_empty()
+}
+
 /// Every program, with how it is loaded and attached. The names are the
 /// kernel functions' (agent-ebpf); `contract.rs` checks the embedded object
 /// against this table.
@@ -219,7 +225,7 @@ impl Enforcer {
     /// Loads the programs into the kernel (not attached yet), with maps
     /// large enough for `policy`.
     pub fn load(policy: &CompiledPolicy, options: &LoadOptions) -> Result<Self, KernelError> {
-        if EBPF_OBJECT.is_empty() {
+        if !carries_programs() {
             return Err(KernelError::NoPrograms);
         }
         let capacity = Capacity::for_policy(policy);

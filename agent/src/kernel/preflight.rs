@@ -10,6 +10,9 @@ const CAP_BPF: u32 = 39;
 
 /// `Err(one line)` when the agent cannot enforce on this host.
 pub fn check() -> Result<(), String> {
+    if !super::loader::carries_programs() {
+        return Err(format!("bulkhead run: {}", super::KernelError::NoPrograms));
+    }
     let caps = effective_caps().ok_or_else(|| {
         "bulkhead run: cannot read this process's capabilities from /proc/self/status".to_string()
     })?;
