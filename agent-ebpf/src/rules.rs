@@ -159,16 +159,8 @@ fn lookup_v6(
 /// Linear scan of at most `MAX_PORT_RANGES` entries. A ruleset index with no
 /// ruleset behind it (it cannot happen unless the maps are tampered with)
 /// denies: fail closed.
-///
-/// A global BPF function (exported, not inlined: BTF linkage global): the
-/// verifier checks it once per program, for any arguments, instead of
-/// walking its 32 steps again on every path that reaches it. Inlined, that
-/// walk was 62% of the ingress program's verification here; verified
-/// instructions per agent start went from 730,670 to 401,186 on 6.1 and an
-/// agent's start in the emulated 6.1 guest from 12.0 s to 6.3-6.8 s.
-#[no_mangle]
-#[inline(never)]
-pub extern "C" fn match_ports(index: u32, proto: u8, port: u16, callers: u32) -> u32 {
+#[inline(always)]
+pub fn match_ports(index: u32, proto: u8, port: u16, callers: u32) -> u32 {
     let Some(set) = RULESETS.get(index) else {
         return RULE_DEFAULT_DENY;
     };
