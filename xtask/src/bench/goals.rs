@@ -118,23 +118,39 @@ fn against(bh: i64, limit: i64, noise: u64) -> Comparison {
     Comparison::judge(bh <= limit, noise, Comparison::quarter_of(limit))
 }
 
+/// Each rule count's row against nftables, judged against nftables' added
+/// median plus `slack` (ns): the verdict and the row's text, which names
+/// the limit when there is slack.
+fn rows_against_nftables(
+    r: &Report,
+    probe: Probe,
+    slack: i64,
+) -> (Vec<(usize, Comparison)>, Vec<String>) {
+    with_nftables(r, probe)
+        .into_iter()
+        .map(|(n, bh, nft, noise)| {
+            let limit = nft + slack;
+            let verdict = against(bh, limit, noise);
+            let limit_text = if slack == 0 {
+                String::new()
+            } else {
+                format!(", limit {} ns", signed(limit))
+            };
+            let text = format!(
+                "{}: bulkhead {} ns, nftables {} ns{limit_text}, noise {} ns ({})",
+                num(n as u64),
+                signed(bh),
+                signed(nft),
+                num(noise),
+                verdict.word()
+            );
+            ((n, verdict), text)
+        })
+        .unzip()
+}
+
 fn sendto(r: &Report) -> String {
-    let (results, parts): (Vec<(usize, Comparison)>, Vec<String>) =
-        with_nftables(r, Probe::UdpSendto)
-            .into_iter()
-            .map(|(n, bh, nft, noise)| {
-                let verdict = against(bh, nft, noise);
-                let text = format!(
-                    "{}: bulkhead {} ns, nftables {} ns, noise {} ns ({})",
-                    num(n as u64),
-                    signed(bh),
-                    signed(nft),
-                    num(noise),
-                    verdict.word()
-                );
-                ((n, verdict), text)
-            })
-            .unzip();
+    let (results, parts) = rows_against_nftables(r, Probe::UdpSendto, 0);
     format!(
         "- **Goal (a), sendto() added median at or below nftables' at 10, 1,000 and 100,000 \
          rules: {}.** {}.",
@@ -144,24 +160,7 @@ fn sendto(r: &Report) -> String {
 }
 
 fn tcp(r: &Report) -> String {
-    let (results, parts): (Vec<(usize, Comparison)>, Vec<String>) =
-        with_nftables(r, Probe::TcpConnect)
-            .into_iter()
-            .map(|(n, bh, nft, noise)| {
-                let limit = nft + TCP_SLACK_NS;
-                let verdict = against(bh, limit, noise);
-                let text = format!(
-                    "{}: bulkhead {} ns, nftables {} ns, limit {} ns, noise {} ns ({})",
-                    num(n as u64),
-                    signed(bh),
-                    signed(nft),
-                    signed(limit),
-                    num(noise),
-                    verdict.word()
-                );
-                ((n, verdict), text)
-            })
-            .unzip();
+    let (results, parts) = rows_against_nftables(r, Probe::TcpConnect, TCP_SLACK_NS);
     format!(
         "- **Goal (b), TCP connect() added median at most nftables' + 0.5 µs: {}.** {}.",
         verdict(&results),
