@@ -3,6 +3,7 @@
 use std::{
     io::Read,
     process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex, PoisonError},
     thread,
     time::{Duration, Instant},
 };
@@ -43,31 +44,68 @@ pub fn try_output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<O
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
+    let stdout = Capture::start(child.stdout.take());
+    let stderr = Capture::start(child.stderr.take());
     let Some(status) = wait_deadline(&mut child, timeout) else {
         kill(&mut child);
+        // What it printed before it hung says how far it got.
         return Err(format!(
-            "{cmd:?} still running after {timeout:?}; killed it"
+            "{cmd:?} still running after {timeout:?}; killed it; it had printed {:?} \
+             and on stderr {:?}",
+            String::from_utf8_lossy(&stdout.so_far()),
+            String::from_utf8_lossy(&stderr.so_far()),
         ));
     };
     Ok(Output {
         status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        stdout: stdout.finish(),
+        stderr: stderr.finish(),
     })
 }
 
-/// Reads a pipe to its end on a thread (so a full pipe cannot block the child).
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut pipe) = pipe {
+/// A pipe read to its end on a thread (so a full pipe cannot block the
+/// child), into a buffer that can be looked at before the end.
+struct Capture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    reader: thread::JoinHandle<()>,
+}
+
+impl Capture {
+    fn start<R: Read + Send + 'static>(pipe: Option<R>) -> Self {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let reader = thread::spawn(move || {
+            let Some(mut pipe) = pipe else { return };
+            let mut chunk = [0u8; 4096];
             // A read error just ends the capture; the exit status still counts.
-            let _ = pipe.read_to_end(&mut buf);
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self { buf, reader }
+    }
+
+    /// What was read so far, after a moment for the reader to catch up
+    /// (the pipe may stay open in a grandchild, so no waiting for its end).
+    fn so_far(&self) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while !self.reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(POLL);
         }
-        buf
-    })
+        self.buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Everything, once the pipe has ended.
+    fn finish(self) -> Vec<u8> {
+        let _ = self.reader.join();
+        let buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.clone()
+    }
 }
 
 /// Waits for `child` until `timeout`; `None` if it is still running.

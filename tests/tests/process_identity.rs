@@ -37,8 +37,19 @@ const CONFIG: &str = "[flows]\ninterval_secs = 1\n";
 /// call too many: two sweeps.
 const REPORTED: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_millis(2500);
-/// How long an interpreter or a shell may take to run its one connect.
+/// How long an interpreter or a shell may take to run its one connect
+/// (times `BULKHEAD_TIMEOUT_SCALE`: see `run_limit`).
 const RUN: Duration = Duration::from_secs(20);
+/// How long Python's connect may wait for an answer: a refused or allowed
+/// connect to loopback has its answer at once, so reaching this says the
+/// connect hung (a handshake dropped), not that the interpreter was slow.
+const CONNECT_WAIT_S: u32 = 10;
+
+/// [`RUN`], scaled: an interpreter's start in an emulated guest late in a
+/// long suite has been seen to pass 20 s.
+fn run_limit() -> Duration {
+    scaled(RUN)
+}
 /// Connects per executable in the attribution test.
 const CONNECTS: u64 = 50;
 
@@ -123,11 +134,11 @@ impl Shop {
 /// version manager's shim).
 fn python_connect(client: &Probe, port: u16) -> (String, String) {
     let script = format!(
-        "import os, socket\nprint(os.readlink('/proc/self/exe'))\ns = socket.socket()\ntry:\n    \
-         s.connect(('127.0.0.1', {port}))\n    print('connected')\nexcept OSError as e:\n    \
-         print('errno', e.errno)\n"
+        "import os, socket\nprint(os.readlink('/proc/self/exe'), flush=True)\ns = socket.socket()\n\
+         s.settimeout({CONNECT_WAIT_S})\ntry:\n    s.connect(('127.0.0.1', {port}))\n    \
+         print('connected')\nexcept OSError as e:\n    print('errno', e.errno if e.errno is not None else repr(e))\n"
     );
-    let out = exec_in(client, &["python3", "-c", &script], RUN);
+    let out = exec_in(client, &["python3", "-c", &script], run_limit());
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     let exe = lines.next().unwrap_or_default().to_owned();
@@ -139,7 +150,7 @@ fn python_connect(client: &Probe, port: u16) -> (String, String) {
 fn bash_connect(client: &Probe, port: u16) -> (String, String) {
     let script =
         format!("readlink /proc/$$/exe; exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected");
-    let out = exec_in(client, &["bash", "-c", &script], RUN);
+    let out = exec_in(client, &["bash", "-c", &script], run_limit());
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     let exe = lines.next().unwrap_or_default().to_owned();
@@ -331,7 +342,7 @@ fn a_rule_naming_the_interpreter_serves_its_scripts() {
     let daemon = Daemon::start(&policies);
     let client = probe!().in_cgroup(svc.path());
 
-    let ran = exec_in(&client, &[&script.to_string_lossy()], RUN);
+    let ran = exec_in(&client, &[&script.to_string_lossy()], run_limit());
     assert_eq!(
         String::from_utf8_lossy(&ran.stdout).trim(),
         "connected",
@@ -996,7 +1007,7 @@ fn an_exe_the_agent_cannot_open_is_refused() {
             .arg("check")
             .arg("--policy-dir")
             .arg(policies.path()),
-        RUN,
+        run_limit(),
     );
     let said = String::from_utf8_lossy(&out.stderr);
     let at = format!("{}:{line}:", policies.path().join("shop.toml").display());

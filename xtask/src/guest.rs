@@ -463,7 +463,9 @@ impl Guest {
             "run() {\n  name=$1; shift\n  echo \"guest: == $name\"\n  start=$(date +%s.%N)\n  \
              \"$@\" 2>&1 | tee \"$out/$name.log\"\n  code=${PIPESTATUS[0]}\n  \
              end=$(date +%s.%N)\n  \
-             echo \"$name $code $(echo \"$end - $start\" | awk '{print $1 - $3}')\" >> \"$out/results\"\n\
+             echo \"$name $code $(echo \"$end - $start\" | awk '{print $1 - $3}')\" >> \"$out/results\"\n  \
+             echo \"guest: after $name: load $(cut -d' ' -f1-3 /proc/loadavg), \
+             $(ls -d /proc/[0-9]* | wc -l) processes\"\n\
              }\n",
         );
         let timeout = SUITE_TIMEOUT.as_secs();
