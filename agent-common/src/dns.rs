@@ -80,8 +80,27 @@ pub struct LearntKey {
     /// `FAMILY_V6`; an agent before LEARNT_V4 also wrote `FAMILY_V4`
     /// here (address in the first 4 bytes, the rest 0).
     pub family: u8,
-    pub _pad: [u8; 7],
+    /// Padding, zero: three fields, not a `[u8; 7]`, which the kernel
+    /// programs zeroed with a call to the linker's byte-at-a-time memset.
+    pub _pad: u8,
+    pub _pad2: u16,
+    pub _pad4: u32,
     pub addr: [u8; 16],
+}
+
+impl LearntKey {
+    /// The key of an IPv6 address learnt under `name_key`.
+    #[inline]
+    pub fn v6(name_key: u64, addr: [u8; 16]) -> Self {
+        Self {
+            name_key,
+            family: crate::FAMILY_V6,
+            _pad: 0,
+            _pad2: 0,
+            _pad4: 0,
+            addr,
+        }
+    }
 }
 
 /// Key of LEARNT_V4: no padding and no alignment, so 12 bytes.

@@ -67,7 +67,10 @@ pub struct UdpPeerKey {
     pub port: u16,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    pub _pad: [u8; 5],
+    /// Padding, zero: two fields, not a `[u8; 5]`, which the kernel
+    /// programs zeroed with a call to the linker's byte-at-a-time memset.
+    pub _pad: u8,
+    pub _pad4: u32,
 }
 
 /// Value of `UDP_PEERS`: when the pinhole was last used to let a datagram

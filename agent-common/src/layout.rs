@@ -60,7 +60,7 @@ assert_layout!(
         uid_free
     ]
 );
-assert_layout!(LearntKey, 32, [name_key, family, _pad, addr]);
+assert_layout!(LearntKey, 32, [name_key, family, _pad, _pad2, _pad4, addr]);
 assert_layout!(LearntV4Key, 12, [name_key, addr]);
 const _: () = assert!(
     align_of::<LearntV4Key>() == 1,
@@ -82,7 +82,11 @@ assert_layout!(ExeRule, 12, [mask, gen, checks_gen]);
 assert_layout!(ExeRuleKey, 16, [ino, dev, service_id]);
 assert_layout!(UidRuleKey, 8, [service_id, uid]);
 assert_layout!(RuleSet, 8 + MAX_PORT_RANGES * 12, [len, _pad, ranges]);
-assert_layout!(UdpPeerKey, 32, [socket_cookie, addr, port, family, _pad]);
+assert_layout!(
+    UdpPeerKey,
+    32,
+    [socket_cookie, addr, port, family, _pad, _pad4]
+);
 assert_layout!(UdpPeer, 16, [seen_ns, service_id, local_port, origin, _pad]);
 assert_layout!(RateState, 16, [window_start_ns, events, suppressed]);
 assert_layout!(UnitKey, 16, [manager, kind, hash]);

@@ -42,11 +42,32 @@ pub struct Caller<F: Fn() -> u64> {
     pub mode: u8,
 }
 
-/// Counts one call of the flow `key` (its `epoch` is set to the one in
-/// force; by reference, so that no copy of the key takes stack).
+/// Counts one call of the flow `key` in its entry of the epoch in force,
+/// if there is one (the common case: one lookup, one atomic add), and
+/// sets `key.epoch` to that epoch either way. `false`: the caller goes on
+/// with [`count_new`]. Kept apart so that the hit is inlined in the
+/// judge: the subprogram's call and return cost on every call.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference: a copy of the 48-byte key per lookup took stack the verifier's 512 bytes lack"
+)]
+pub fn count_existing(key: &mut FlowKey) -> bool {
+    key.epoch = FLOW_EPOCH.get(0).map_or(0, |e| (*e & 1) as u8);
+    match FLOWS.get_ptr_mut(&*key) {
+        Some(value) => {
+            add(value, 1, 0);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Counts a call of the flow `key` that [`count_existing`] found no entry
+/// of this epoch for (`key.epoch` as it left it; by reference, so that no
+/// copy of the key takes stack).
 ///
-/// - An entry of this epoch exists: one atomic add.
-/// - Else the flow is new unless the previous epoch has it (carried over:
+/// - The flow is new unless the previous epoch has it (carried over:
 ///   its first record was sent long ago). A new flow's first call is
 ///   reported by a record, within the denial rate limit; a call held back
 ///   by the limit stays unreported in the entry, and the summary counts it.
@@ -58,12 +79,7 @@ pub struct Caller<F: Fn() -> u64> {
     clippy::needless_borrows_for_generic_args,
     reason = "by reference: a copy of the 48-byte key per lookup took stack the verifier's 512 bytes lack"
 )]
-pub fn count_call<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Report {
-    key.epoch = FLOW_EPOCH.get(0).map_or(0, |e| (*e & 1) as u8);
-    if let Some(value) = FLOWS.get_ptr_mut(&*key) {
-        add(value, 1, 0);
-        return Report::Counted;
-    }
+pub fn count_new<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Report {
     key.epoch ^= 1;
     // A plain byte, not an `Option<u8>`: LLVM reads an option's payload
     // even when it is `None`, an uninitialised stack read that verifiers

@@ -33,7 +33,7 @@ use crate::{
     addr::{set_addr, Dest},
     helpers::{now_ns, socket_cookie},
     maps::{any_service_has, DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, LEARNT, LEARNT_V4},
-    rules::match_ports,
+    rules::match_ports_inline,
 };
 
 /// The DNS port: what is redirected.
@@ -87,19 +87,12 @@ pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16, callers:
         // SAFETY: copied out at once, under the program's RCU read lock.
         Dest::V4(addr) => unsafe { LEARNT_V4.get(LearntV4Key::new(s.name_key, addr)) },
         // SAFETY: as above.
-        Dest::V6(addr) => unsafe {
-            LEARNT.get(LearntKey {
-                name_key: s.name_key,
-                family: FAMILY_V6,
-                _pad: [0; 7],
-                addr,
-            })
-        },
+        Dest::V6(addr) => unsafe { LEARNT.get(LearntKey::v6(s.name_key, addr)) },
     };
     let Some(rules) = held.map(|v| v.rules) else {
         return RULE_DEFAULT_DENY;
     };
-    match_ports(
+    match_ports_inline(
         s.names_ruleset.wrapping_add(u32::from(rules & 0x0f)),
         proto,
         port,

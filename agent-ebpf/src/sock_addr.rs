@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    addr::{set_addr, v6_bytes, Dest},
+    addr::{addr_field, set_addr, v6_bytes, Dest},
     events::{
         blank, count, emit, event_budget, fill_task, lost, remember_caller, remember_owner, submit,
     },
@@ -303,15 +303,16 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     // Counted in its flow; only a flow's first call (or one the full flow
     // table could not count) becomes a record.
     let pid_tgid = bpf_get_current_pid_tgid();
+    let (addr, family) = addr_field(dest);
     let mut key = FlowKey {
         cgroup_id,
-        addr: [0; 16],
+        addr,
         service_id,
         rule_id: rule,
         tgid: (pid_tgid >> 32) as u32,
         port,
         local_port: bound_port(ctx),
-        family: 0,
+        family,
         protocol: proto,
         hook,
         direction: DIRECTION_EGRESS,
@@ -319,8 +320,11 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
         epoch: 0,
         _pad: [0; 2],
     };
-    set_addr(&mut key.addr, &mut key.family, dest);
-    let report = count_flow(ctx, &mut key, pid_tgid, mode);
+    let report = if flows::count_existing(&mut key) {
+        0
+    } else {
+        count_new_flow(ctx, &mut key, pid_tgid, mode)
+    };
     // TCP: the connection's owner is recorded on the socket (sock_ops
     // reports it established and closed), which needs the task's identity.
     let tcp_connect = allowed && hook == HOOK_CONNECT && proto == PROTO_TCP;
@@ -389,17 +393,18 @@ fn open_pinhole(cookie: u64, peer: &Dest, port: u16, service_id: u32) {
     );
 }
 
-/// [`flows::count_call`] as a BPF subprogram (see [`record_call`]): 0 when
-/// the call was counted, else 1 with the suppressed count in bits 32-63
-/// (a record is to be sent).
+/// [`flows::count_new`] as a BPF subprogram (see [`send_record`]), for a
+/// call whose flow has no entry of this epoch: 0 when the call was
+/// counted, else 1 with the suppressed count in bits 32-63 (a record is to
+/// be sent).
 #[inline(never)]
-fn count_flow(ctx: &SockAddrContext, key: &mut FlowKey, pid_tgid: u64, mode: u8) -> u64 {
+fn count_new_flow(ctx: &SockAddrContext, key: &mut FlowKey, pid_tgid: u64, mode: u8) -> u64 {
     let caller = Caller {
         pid_tgid,
         socket_cookie: || socket_cookie(ctx),
         mode,
     };
-    match flows::count_call(key, &caller) {
+    match flows::count_new(key, &caller) {
         Report::Counted => 0,
         Report::Record { suppressed } => 1 | (u64::from(suppressed) << 32),
     }
@@ -407,7 +412,7 @@ fn count_flow(ctx: &SockAddrContext, key: &mut FlowKey, pid_tgid: u64, mode: u8)
 
 /// Sends the record of a flow's first call (`suppressed`: the denials
 /// the rate limit held back before it). A BPF subprogram, as are
-/// `count_flow` and `own_socket`, so that their records and keys are not in
+/// `count_new_flow` and `own_socket`, so that their records and keys are not in
 /// the judge's frame: the 6.1 verifier rounds each frame up to 32 bytes
 /// (and each call, a memset's included, costs 32 more), and the judge
 /// with its record passed its 512-byte stack.

@@ -13,7 +13,7 @@ use agent_common::{UdpPeer, UdpPeerKey};
 use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
-    addr::{set_addr, Dest},
+    addr::{addr_field, Dest},
     helpers::now_ns,
     maps::{udp_peers_max, udp_reply_idle_ns, UDP_PEERS, UDP_PEER_COUNT, UDP_PEER_RELEASED},
 };
@@ -21,15 +21,15 @@ use crate::{
 /// The key of (socket, peer address, peer port).
 #[inline(always)]
 pub fn key(socket_cookie: u64, peer: Dest, port: u16) -> UdpPeerKey {
-    let mut key = UdpPeerKey {
+    let (addr, family) = addr_field(peer);
+    UdpPeerKey {
         socket_cookie,
-        addr: [0; 16],
+        addr,
         port,
-        family: 0,
-        _pad: [0; 5],
-    };
-    set_addr(&mut key.addr, &mut key.family, peer);
-    key
+        family,
+        _pad: 0,
+        _pad4: 0,
+    }
 }
 
 /// Whether the pinhole exists for `service_id` and was used within the

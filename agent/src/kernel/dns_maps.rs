@@ -378,12 +378,7 @@ fn v6_entries<T: std::borrow::Borrow<MapData>>(
 
 /// The LEARNT key of an IPv6 address.
 fn v6_key(name_key: u64, addr: [u8; 16]) -> LearntKey {
-    LearntKey {
-        name_key,
-        family: FAMILY_V6,
-        _pad: [0; 7],
-        addr,
-    }
+    LearntKey::v6(name_key, addr)
 }
 
 impl ProxyBeat {
