@@ -30,8 +30,8 @@ use agent_common::{
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_get_current_task,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_task,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -64,15 +64,22 @@ pub fn exe_of(tgid: u32) -> ExeId {
     }
 }
 
-/// The qualified rules of service `s` that the caller (`tgid`, `uid`)
-/// satisfies, as a mask of their bits (see `agent_common::PortRange`).
-/// Call only for a service with qualified rules (`s.qualifiers != 0`).
+/// The qualified rules of service `s` that the calling task (of thread
+/// group `tgid`) satisfies, as a mask of their bits (see
+/// `agent_common::PortRange`). Its executable and user are asked for only
+/// when some rule names one. Call only for a service with qualified rules
+/// (`s.qualifiers != 0`).
 #[inline(always)]
-pub fn caller_mask(s: &ServiceEntry, tgid: u32, uid: u32) -> u32 {
+pub fn caller_mask(s: &ServiceEntry, tgid: u32) -> u32 {
     let exe = if s.qualifiers & QUALIFY_EXE != 0 {
         exe_of(tgid)
     } else {
         ExeId::UNKNOWN
+    };
+    let uid = if s.qualifiers & QUALIFY_UID != 0 {
+        bpf_get_current_uid_gid() as u32
+    } else {
+        0 // not read by mask_of without QUALIFY_UID
     };
     mask_of(s, exe, uid)
 }

@@ -248,16 +248,20 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     if service.is_some_and(|s| s.flags & FLAG_NAMES != 0) && names::is_proxy(&dest, port) {
         return ALLOW;
     }
+    // Not a managed service: untouched, and only seen when asked for.
+    if service.is_none() && !observe_unmanaged() {
+        return ALLOW;
+    }
+    // Asked once, for the rules and the flow alike: where every kernel
+    // return goes through a thunk (AMD's SRSO "Safe RET"), each helper
+    // call costs (BENCHMARKS.md).
+    let pid_tgid = bpf_get_current_pid_tgid();
     let (service_id, mode, rule, verdict) = match service {
         Some(s) => {
             // Which of the service's `exe`/`uid` rules this caller
             // satisfies: lookups only for a service that has such rules.
             let callers = if s.qualifiers != 0 {
-                caller_mask(
-                    &s,
-                    (bpf_get_current_pid_tgid() >> 32) as u32,
-                    bpf_get_current_uid_gid() as u32,
-                )
+                caller_mask(&s, (pid_tgid >> 32) as u32)
             } else {
                 ANY_CALLER
             };
@@ -294,15 +298,12 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
             count(s.service_id, counter_slot(DIRECTION_EGRESS, proto, verdict));
             (s.service_id, s.mode, rule, verdict)
         }
-        // Not a managed service: untouched, and only seen when asked for.
-        None if observe_unmanaged() => (SERVICE_NONE, 0, RULE_DEFAULT_DENY, VERDICT_ALLOW),
-        None => return ALLOW,
+        None => (SERVICE_NONE, 0, RULE_DEFAULT_DENY, VERDICT_ALLOW),
     };
     let allowed = verdict != VERDICT_DENY;
 
     // Counted in its flow; only a flow's first call (or one the full flow
     // table could not count) becomes a record.
-    let pid_tgid = bpf_get_current_pid_tgid();
     let (addr, family) = addr_field(dest);
     let mut key = FlowKey {
         cgroup_id,
