@@ -54,7 +54,7 @@ impl Probe {
         }
     }
 
-    fn index(self) -> usize {
+    pub(super) fn index(self) -> usize {
         self as usize
     }
 }
@@ -109,6 +109,19 @@ impl Samples {
 
 /// Runs the probes in a forked child and returns its samples.
 pub fn run(spec: &Spec<'_>) -> Result<Samples> {
+    let mut runs = in_child(|| probe_all(spec).map(|s| vec![s]))?;
+    match (runs.pop(), runs.is_empty()) {
+        (Some(samples), true) => Ok(samples),
+        _ => bail!(
+            "the load generator returned {} sets of samples, not one",
+            runs.len() + 1
+        ),
+    }
+}
+
+/// Runs `body` in a forked child and returns the samples it made (one
+/// set per cgroup it probed).
+pub(super) fn in_child(body: impl FnOnce() -> Result<Vec<Samples>>) -> Result<Vec<Samples>> {
     ensure_single_threaded()?;
     let (read_end, write_end) = pipe()?;
     // SAFETY: the process has one thread (checked above), so the child gets
@@ -119,7 +132,7 @@ pub fn run(spec: &Spec<'_>) -> Result<Samples> {
     }
     if pid == 0 {
         drop(read_end);
-        child(spec, write_end);
+        child(body, write_end);
     }
     drop(write_end);
     let mut bytes = Vec::new();
@@ -130,8 +143,8 @@ pub fn run(spec: &Spec<'_>) -> Result<Samples> {
 }
 
 /// The child: never returns.
-fn child(spec: &Spec<'_>, out: OwnedFd) -> ! {
-    let result = panic::catch_unwind(AssertUnwindSafe(|| probe_all(spec)));
+fn child(body: impl FnOnce() -> Result<Vec<Samples>>, out: OwnedFd) -> ! {
+    let result = panic::catch_unwind(AssertUnwindSafe(body));
     let (code, bytes) = match result {
         Ok(Ok(samples)) => (0, encode(&samples)),
         Ok(Err(e)) => (1, error_message(&format!("{e:#}"))),
@@ -144,16 +157,10 @@ fn child(spec: &Spec<'_>, out: OwnedFd) -> ! {
 
 fn probe_all(spec: &Spec<'_>) -> Result<Samples> {
     enter_netns(spec.netns)?;
-    let localhost = Ipv4Addr::LOCALHOST;
-    // Created before joining the cgroup, so they belong to the caller's
+    // Opened before joining the cgroup, so they belong to the caller's
     // cgroup: the peer side is an unmanaged local server, and only the
     // service's own sockets are judged.
-    let receiver = UdpSocket::bind((localhost, UDP_PORT)).context("bind the UDP receiver")?;
-    receiver
-        .set_nonblocking(true)
-        .context("UDP receiver non-blocking")?;
-    let listener = TcpListener::bind((localhost, TCP_PORT)).context("bind the TCP listener")?;
-    set_timeout(&listener, libc::SO_RCVTIMEO)?;
+    let Peers { receiver, listener } = Peers::open()?;
     join_cgroup(spec.cgroup)?;
     check_verdicts(spec.expect_denied)?;
 
@@ -168,9 +175,37 @@ fn probe_all(spec: &Spec<'_>) -> Result<Samples> {
     Ok(Samples([connect, sendto, tcp]))
 }
 
+/// The probes' peers on 127.0.0.1: a UDP receiver and a TCP listener.
+pub(super) struct Peers {
+    pub receiver: UdpSocket,
+    pub listener: TcpListener,
+}
+
+impl Peers {
+    pub(super) fn open() -> Result<Self> {
+        let localhost = Ipv4Addr::LOCALHOST;
+        let receiver = UdpSocket::bind((localhost, UDP_PORT)).context("bind the UDP receiver")?;
+        receiver
+            .set_nonblocking(true)
+            .context("UDP receiver non-blocking")?;
+        let listener = TcpListener::bind((localhost, TCP_PORT)).context("bind the TCP listener")?;
+        set_timeout(&listener, libc::SO_RCVTIMEO)?;
+        Ok(Self { receiver, listener })
+    }
+
+    /// `n` timed calls of `probe`.
+    pub(super) fn probe(&self, probe: Probe, n: usize) -> Result<Vec<u64>> {
+        match probe {
+            Probe::UdpConnect => udp_connect(n),
+            Probe::UdpSendto => udp_sendto(&self.receiver, n),
+            Probe::TcpConnect => tcp_connect(&self.listener, n),
+        }
+    }
+}
+
 /// The allowed probe must pass and, under bulkhead, a port no rule allows
 /// must be refused with EPERM.
-fn check_verdicts(expect_denied: bool) -> Result<()> {
+pub(super) fn check_verdicts(expect_denied: bool) -> Result<()> {
     let sock = socket(libc::SOCK_DGRAM)?;
     connect(&sock, UDP_PORT).with_context(|| {
         format!("UDP connect() to the allowed 127.0.0.1:{UDP_PORT} failed: the case's rules refuse the probe")
@@ -371,7 +406,7 @@ fn setsockopt<T>(fd: libc::c_int, option: libc::c_int, value: &T) -> io::Result<
     }
 }
 
-fn enter_netns(netns: &Path) -> Result<()> {
+pub(super) fn enter_netns(netns: &Path) -> Result<()> {
     let file = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
     // SAFETY: a valid namespace fd.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -381,14 +416,16 @@ fn enter_netns(netns: &Path) -> Result<()> {
     Ok(())
 }
 
-// Wire format child -> parent: b'k' then, per probe, a u64 count and that
-// many u64 (all little-endian); or b'e' then a UTF-8 message.
+// Wire format child -> parent: b'k', a u64 count of sample sets, then per
+// set and probe a u64 count and that many u64 (all little-endian); or b'e'
+// then a UTF-8 message.
 
-fn encode(samples: &Samples) -> Vec<u8> {
-    let total: usize = samples.0.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(1 + 8 * (3 + total));
+fn encode(runs: &[Samples]) -> Vec<u8> {
+    let total: usize = runs.iter().flat_map(|s| &s.0).map(Vec::len).sum();
+    let mut out = Vec::with_capacity(9 + 8 * (3 * runs.len() + total));
     out.push(b'k');
-    for probe in &samples.0 {
+    out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for probe in runs.iter().flat_map(|s| &s.0) {
         out.extend_from_slice(&(probe.len() as u64).to_le_bytes());
         for ns in probe {
             out.extend_from_slice(&ns.to_le_bytes());
@@ -403,7 +440,7 @@ fn error_message(message: &str) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8]) -> Result<Samples> {
+fn decode(bytes: &[u8]) -> Result<Vec<Samples>> {
     match bytes.split_first() {
         Some((b'k', mut rest)) => {
             let mut next = || -> Result<u64> {
@@ -411,11 +448,14 @@ fn decode(bytes: &[u8]) -> Result<Samples> {
                 rest = tail;
                 Ok(u64::from_le_bytes(*word))
             };
+            let runs = usize::try_from(next()?).context("run count")?;
             let mut probe = || -> Result<Vec<u64>> {
                 let n = usize::try_from(next()?).context("sample count")?;
                 (0..n).map(|_| next()).collect()
             };
-            Ok(Samples([probe()?, probe()?, probe()?]))
+            (0..runs)
+                .map(|_| Ok(Samples([probe()?, probe()?, probe()?])))
+                .collect()
         }
         Some((b'e', message)) => bail!("{}", String::from_utf8_lossy(message)),
         _ => bail!("it exited without results"),
@@ -436,12 +476,17 @@ mod tests {
 
     #[test]
     fn wire_format_round_trips() {
-        let s = Samples([vec![1, 2], vec![], vec![u64::MAX]]);
-        let back = decode(&encode(&s)).expect("decodes");
-        assert_eq!(back.0, s.0);
+        let runs = [
+            Samples([vec![1, 2], vec![], vec![u64::MAX]]),
+            Samples([vec![], vec![7], vec![]]),
+        ];
+        let back = decode(&encode(&runs)).expect("decodes");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].0, runs[0].0);
+        assert_eq!(back[1].0, runs[1].0);
         let err = decode(&error_message("no cgroup")).err().expect("an error");
         assert!(format!("{err}").contains("no cgroup"));
         assert!(decode(&[]).is_err());
-        assert!(decode(&encode(&s)[..10]).is_err());
+        assert!(decode(&encode(&runs)[..20]).is_err());
     }
 }

@@ -12,6 +12,7 @@ pub mod events;
 mod floor;
 pub mod fork;
 mod goals;
+mod interleave;
 mod loadgen;
 mod lookup;
 mod names;

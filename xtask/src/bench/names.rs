@@ -34,6 +34,7 @@ use integration_tests::DnsServer;
 
 use super::{
     daemon::Daemon,
+    interleave,
     loadgen::{self, Probe, Spec},
     lookup::Client,
     plan::Plan,
@@ -132,6 +133,10 @@ pub struct NamesResults {
     pub added: BTreeMap<(usize, Over), Vec<Vec<i64>>>,
     /// Each round's probe samples (ns).
     pub connect: BTreeMap<(usize, Svc, Probe), Vec<Vec<u64>>>,
+    /// Each round's block medians of the services under the agent, in
+    /// block order: block i of each service ran next to block i of the
+    /// others (interleave.rs), so they are compared pairwise.
+    pub blocks: BTreeMap<(usize, Svc, Probe), Vec<Vec<u64>>>,
     /// Time inside the agent's programs, per service, in one extra run at
     /// the largest rule count.
     pub program_costs: Option<(usize, BTreeMap<Svc, Vec<ProgramCost>>)>,
@@ -185,6 +190,11 @@ pub struct Section<'a> {
     pub bulkhead: &'a Path,
     pub work: &'a Path,
 }
+
+/// Runs of each service's probes, in turn and the order reversed each
+/// time, whose in-program times are summed: one run each left differences
+/// of ±10 ns between runs of the same service.
+pub const PROFILE_PASSES: usize = 6;
 
 /// Discarded lookups before each round's measured ones.
 fn warmup_lookups(n: usize) -> usize {
@@ -362,10 +372,26 @@ impl Section<'_> {
         if !forward {
             order.reverse();
         }
-        for svc in order {
-            let samples = loadgen::run(&self.spec(group.env(svc), true))
-                .with_context(|| format!("names {}: {}", group.rules, svc.label()))?;
-            push_samples(out, group.rules, svc, &samples);
+        let cgroups = order.map(|svc| group.env(svc).cgroup.path.as_path());
+        let spec = interleave::Spec {
+            cgroups: &cgroups,
+            netns: &group.cidr.netns.path,
+            udp_iterations: self.plan.udp_iterations,
+            tcp_iterations: self.plan.tcp_iterations,
+        };
+        let runs = interleave::run(&spec)
+            .with_context(|| format!("names {}: the services' probes", group.rules))?;
+        for (svc, samples) in order.into_iter().zip(&runs) {
+            push_samples(out, group.rules, svc, samples);
+            for probe in Probe::ALL {
+                out.blocks
+                    .entry((group.rules, svc, probe))
+                    .or_default()
+                    .push(interleave::block_medians(
+                        samples.get(probe),
+                        spec.block_len(probe),
+                    ));
+            }
         }
         let foreign_after: Vec<String> = sandbox::effective_programs(&group.name.cgroup.path)?
             .into_iter()
@@ -510,7 +536,7 @@ impl Section<'_> {
 
     /// One more run at `group`'s rule count with the kernel's BPF run-time
     /// statistics on: the mean time inside each program while each
-    /// service's probes run, one service after the other.
+    /// service's probes run, the services in turn, `PROFILE_PASSES` times.
     fn profile(&self, group: &Group) -> Result<BTreeMap<Svc, Vec<ProgramCost>>> {
         let daemon = self.start_daemon(&group.policy_dir)?;
         let ours = daemon.program_ids()?;
@@ -529,32 +555,47 @@ impl Section<'_> {
                 .map(|(id, _, _)| profile::program_stats(*id))
                 .collect()
         };
-        let mut costs = BTreeMap::new();
-        for svc in [Svc::Name, Svc::NameRulesByAddress, Svc::Cidr] {
-            let before = read()?;
-            loadgen::run(&self.spec(group.env(svc), true))?;
-            let after = read()?;
-            costs.insert(
-                svc,
-                programs
-                    .iter()
-                    .zip(before.iter().zip(&after))
-                    .map(|((_, attach, name), ((t0, n0), (t1, n1)))| {
-                        let runs = n1.saturating_sub(*n0);
-                        ProgramCost {
-                            attach: attach.clone(),
-                            name: name.clone(),
-                            runs,
-                            ns_per_run: if runs == 0 {
-                                0.0
-                            } else {
-                                t1.saturating_sub(*t0) as f64 / runs as f64
-                            },
-                        }
-                    })
-                    .collect(),
-            );
+        // (time, runs) per service and program, summed over the passes.
+        let mut sums: BTreeMap<Svc, Vec<(u64, u64)>> = BTreeMap::new();
+        for pass in 0..PROFILE_PASSES {
+            let mut order = [Svc::Name, Svc::NameRulesByAddress, Svc::Cidr];
+            if pass % 2 == 1 {
+                order.reverse();
+            }
+            for svc in order {
+                let before = read()?;
+                loadgen::run(&self.spec(group.env(svc), true))?;
+                let after = read()?;
+                let sum = sums
+                    .entry(svc)
+                    .or_insert_with(|| vec![(0, 0); programs.len()]);
+                for ((t, n), ((t0, n0), (t1, n1))) in sum.iter_mut().zip(before.iter().zip(&after))
+                {
+                    *t += t1.saturating_sub(*t0);
+                    *n += n1.saturating_sub(*n0);
+                }
+            }
         }
+        let costs = sums
+            .into_iter()
+            .map(|(svc, sum)| {
+                let each = programs
+                    .iter()
+                    .zip(sum)
+                    .map(|((_, attach, name), (t, runs))| ProgramCost {
+                        attach: attach.clone(),
+                        name: name.clone(),
+                        runs,
+                        ns_per_run: if runs == 0 {
+                            0.0
+                        } else {
+                            t as f64 / runs as f64
+                        },
+                    })
+                    .collect();
+                (svc, each)
+            })
+            .collect();
         drop(stats_on);
         daemon.stop()?;
         ensure_gone(&group.name.cgroup.path, "names profile", &ours)?;

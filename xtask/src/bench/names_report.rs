@@ -45,33 +45,34 @@ impl NamesReport<'_> {
         signed_summary(self.results.added.get(&(rules, over))?)
     }
 
-    /// Each round's name run median minus its CIDR run median (the two ran
-    /// next to each other under the same agent), and their median.
-    fn paired(&self, rules: usize, probe: Probe) -> Option<(i64, Vec<i64>)> {
-        let name = self.connect(rules, Svc::Name, probe)?;
-        let cidr = self.connect(rules, Svc::Cidr, probe)?;
-        let diffs: Vec<i64> = name
-            .round_medians
+    /// Block by block, `a` minus `b` (blocks that ran next to each other,
+    /// interleave.rs).
+    fn paired(&self, rules: usize, a: Svc, b: Svc, probe: Probe) -> Option<Paired> {
+        let a = self.results.blocks.get(&(rules, a, probe))?;
+        let b = self.results.blocks.get(&(rules, b, probe))?;
+        let rounds: Vec<Vec<i64>> = a
             .iter()
-            .zip(&cidr.round_medians)
-            .map(|(&a, &b)| stats::added(a, b))
+            .zip(b)
+            .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| stats::added(x, y)).collect())
             .collect();
-        let (median, _, _) = signed_summary(std::slice::from_ref(&diffs))?;
-        Some((median, diffs))
+        let (median, _, per_round) = signed_summary(&rounds)?;
+        Some(Paired {
+            median,
+            noise: signed_iqr(&per_round),
+            per_round,
+        })
     }
 
-    /// (name's added median, CIDR's added median, name − CIDR, noise):
-    /// the noise is the larger interquartile range of the two cases' run
-    /// medians.
-    fn name_vs_cidr(&self, rules: usize, probe: Probe) -> Option<(i64, i64, i64, u64)> {
+    /// (name's added median, CIDR's added median, name − CIDR paired by
+    /// block).
+    fn name_vs_cidr(&self, rules: usize, probe: Probe) -> Option<(i64, i64, Paired)> {
         let base = self.connect(0, Svc::Baseline, probe)?;
         let name = self.connect(rules, Svc::Name, probe)?;
         let cidr = self.connect(rules, Svc::Cidr, probe)?;
         Some((
             stats::added(name.median, base.median),
             stats::added(cidr.median, base.median),
-            stats::added(name.median, cidr.median),
-            name.run_iqr().max(cidr.run_iqr()),
+            self.paired(rules, Svc::Name, Svc::Cidr, probe)?,
         ))
     }
 
@@ -121,30 +122,22 @@ impl NamesReport<'_> {
         let mut parts = Vec::new();
         for probe in CONNECTS {
             for &n in &r.rule_counts {
-                let Some((name, cidr, diff, noise)) = self.name_vs_cidr(n, probe) else {
+                let Some((name, cidr, diff)) = self.name_vs_cidr(n, probe) else {
                     continue;
                 };
-                let verdict = name_vs_cidr_verdict(cidr, diff, noise);
+                let verdict = name_vs_cidr_verdict(cidr, diff.median, diff.noise);
                 verdicts.push(verdict);
-                let paired = self.paired(n, probe).map_or(String::new(), |(m, each)| {
-                    let each: Vec<String> = each.iter().map(|&d| signed(d)).collect();
-                    format!(
-                        "; paired by round (the two ran next to each other): median {} ns, \
-                         each round {}",
-                        signed(m),
-                        each.join(" / ")
-                    )
-                });
                 parts.push(format!(
                     "{} at {} rules: name {} ns, CIDR {} ns over no programs ({}); name − CIDR \
-                     {} ns against a run-to-run noise of {} ns ({}){paired}",
+                     block by block {} ns (each round {}), against a noise of {} ns ({})",
                     probe.short(),
                     num(n as u64),
                     signed(name),
                     signed(cidr),
                     ratio_text(name, cidr),
-                    signed(diff),
-                    num(noise),
+                    signed(diff.median),
+                    diff.rounds(),
+                    num(diff.noise),
                     verdict.word()
                 ));
             }
@@ -162,24 +155,25 @@ impl NamesReport<'_> {
             .into_iter()
             .flat_map(|probe| r.rule_counts.iter().map(move |&n| (probe, n)))
             .filter_map(|(probe, n)| {
-                let name = self.connect(n, Svc::Name, probe)?;
-                let both = self.connect(n, Svc::NameRulesByAddress, probe)?;
-                let cidr = self.connect(n, Svc::Cidr, probe)?;
+                let rules = self.paired(n, Svc::NameRulesByAddress, Svc::Cidr, probe)?;
+                let learnt = self.paired(n, Svc::Name, Svc::NameRulesByAddress, probe)?;
                 Some(format!(
                     "{} at {} rules: having name rules {} ns (allowed by address, name rules \
-                     against none), the learnt path {} ns (allowed by a learnt name against by \
-                     address, both with name rules)",
+                     against none; noise {} ns), the learnt path {} ns (allowed by a learnt \
+                     name against by address, both with name rules; noise {} ns)",
                     probe.short(),
                     num(n as u64),
-                    signed(stats::added(both.median, cidr.median)),
-                    signed(stats::added(name.median, both.median)),
+                    signed(rules.median),
+                    num(rules.noise),
+                    signed(learnt.median),
+                    num(learnt.noise),
                 ))
             })
             .collect();
         if !split.is_empty() {
             let _ = writeln!(
                 out,
-                "- **Split of name − CIDR** (medians, same agent and round): {}.",
+                "- **Split of name − CIDR** (block by block, as above): {}.",
                 split.join("; ")
             );
         }
@@ -187,15 +181,16 @@ impl NamesReport<'_> {
             .rule_counts
             .iter()
             .filter_map(|&n| {
-                let (name, cidr, diff, noise) = self.name_vs_cidr(n, Probe::UdpSendto)?;
+                let (name, cidr, diff) = self.name_vs_cidr(n, Probe::UdpSendto)?;
                 Some(format!(
-                    "at {} rules name {} ns, CIDR {} ns ({}; name − CIDR {} ns, noise {} ns)",
+                    "at {} rules name {} ns, CIDR {} ns ({}; name − CIDR block by block {} ns, \
+                     noise {} ns)",
                     num(n as u64),
                     signed(name),
                     signed(cidr),
                     ratio_text(name, cidr),
-                    signed(diff),
-                    num(noise)
+                    signed(diff.median),
+                    num(diff.noise)
                 ))
             })
             .collect();
@@ -243,7 +238,8 @@ impl NamesReport<'_> {
             .collect();
         (!parts.is_empty()).then(|| {
             format!(
-                "({} rules, one extra run with the kernel's BPF run-time statistics on; means, \
+                "({} rules, {} extra runs of each service's probes in turn with the kernel's BPF \
+                 run-time statistics on; means, \
                  so a preempted run counts whole): {}. The learnt path is a check that the \
                  call is not to the proxy itself (an array read), a LEARNT_V4 hash lookup \
                  (a 12-byte key: the service's name key and the address; no clock is read: \
@@ -253,6 +249,7 @@ impl NamesReport<'_> {
                  allowed by address, adds that check and a LEARNT_V4 lookup that misses \
                  before the address rules.",
                 num(*n as u64),
+                super::names::PROFILE_PASSES,
                 parts.join("; ")
             )
         })
@@ -335,7 +332,7 @@ impl NamesReport<'_> {
                         continue;
                     };
                     let ratio = match (svc, self.name_vs_cidr(n, probe)) {
-                        (Svc::Name, Some((name, cidr, _, _))) => ratio_text(name, cidr),
+                        (Svc::Name, Some((name, cidr, _))) => ratio_text(name, cidr),
                         _ => "—".to_owned(),
                     };
                     let _ = writeln!(
@@ -370,9 +367,11 @@ impl NamesReport<'_> {
         let _ = writeln!(
             out,
             "Mean time per run × runs of each of the agent's programs at {} rules, from the \
-             kernel's BPF run-time statistics, over one run of each service's probes (other \
+             kernel's BPF run-time statistics, over {} runs of each service's probes, the \
+             services in turn (other \
              processes' calls on the host in that time count too):\n",
-            num(*n as u64)
+            num(*n as u64),
+            super::names::PROFILE_PASSES
         );
         let _ = writeln!(
             out,
@@ -445,7 +444,8 @@ impl NamesReport<'_> {
              ### Connect cost: allowed by a learnt name against allowed by address rules\n\n\
              Median and p99 over every sample of every round; *added* is the median minus the \
              no-program median; *name/CIDR* the name service's added median over the CIDR \
-             service's at the same rule count.\n\n{}",
+             service's at the same rule count. The services' cases under the agent ran \
+             interleaved in blocks (see Method), so their run medians move together.\n\n{}",
             self.lookup_table(),
             self.connect_tables()
         );
@@ -496,23 +496,34 @@ impl NamesReport<'_> {
              rules deny it, nothing is learnt), after the warm-up it is allowed (so its \
              lookups went through the proxy); the CIDR service is allowed all along.\n\
              - **Connect probes.** Then, in the same round and under the same agent, \
-             loadgen.rs's probes (UDP connect(), sendto(), TCP connect() to 127.0.0.1, in a \
-             network namespace of the case's own, described in the hook cases' Method) run \
-             in the name service's cgroup, the third service's and the CIDR service's, in \
-             that order in odd rounds and the other way round in even ones; each first checks that a port no rule \
+             loadgen.rs's probes (UDP connect(), sendto(), TCP connect() to 127.0.0.1, \
+             described in the hook cases' Method) run from one load generator \
+             (interleave.rs) in one network namespace with one pair of peers, which moves \
+             between the three services' cgroups: per probe, {} blocks of a twentieth of \
+             the calls in each cgroup, in the order name service, third service, CIDR \
+             service, then the reverse, and so on (even rounds start from the CIDR service), \
+             each block after {} untimed calls ({} for TCP) following the move, and all of \
+             it after one unmeasured pass. Each cgroup first checks that a port no rule \
              allows gets EPERM. The name service's probes are allowed by what it learnt: \
-             its address rules miss 127.0.0.1. *no programs*: the same probes in a cgroup of \
-             their own with no agent running, before each rule count's group in odd rounds \
-             and after it in even ones.\n\
-             - **Noise.** The rounds alternate the rule counts' order too. \"Within noise\" \
-             means the name service's added median exceeds the CIDR service's by no more \
-             than the larger interquartile range of the two cases' run medians. A \
+             its address rules miss 127.0.0.1. *no programs*: loadgen.rs's probes in a \
+             cgroup and network namespace of their own with no agent running, before each \
+             rule count's group in odd rounds and after it in even ones.\n\
+             - **Noise.** The rounds alternate the rule counts' order too. Run one after \
+             another, a case's run medians move by hundreds of ns here, more than the \
+             difference sought; so name − CIDR is read block by block: the median, over \
+             every pair of blocks that ran next to each other, of the difference of the two \
+             blocks' medians. Its noise is the interquartile range of each round's median \
+             difference (each round starts the agent, its maps and the probes anew). \
+             \"Within noise\" means that difference is at most 0 or at most that noise. A \
              comparison whose noise is above a quarter of the CIDR service's added median \
              cannot tell (a difference that large would hide in it): the goal is then \
              \"not shown\", never met.\n\
              - **Not measured.** Lookups over IPv6, an upstream resolver that is not on \
              loopback, many services or names at once.\n",
             super::loadgen::UDP_PORT,
+            super::interleave::BLOCKS,
+            super::interleave::settle(Probe::UdpConnect),
+            super::interleave::settle(Probe::TcpConnect),
         );
         out
     }
@@ -526,6 +537,35 @@ impl NamesReport<'_> {
     pub fn text(&self) -> String {
         self.body()
     }
+}
+
+/// One service against another, block by block (ns).
+struct Paired {
+    /// The median of every block pair's difference, over all rounds.
+    median: i64,
+    /// Each round's median difference.
+    per_round: Vec<i64>,
+    /// The interquartile range of `per_round`: how much the difference
+    /// itself moves from round (and agent start) to round.
+    noise: u64,
+}
+
+impl Paired {
+    fn rounds(&self) -> String {
+        let each: Vec<String> = self.per_round.iter().map(|&d| signed(d)).collect();
+        each.join(" / ")
+    }
+}
+
+/// Interquartile range (nearest rank) of signed values; 0 for none.
+fn signed_iqr(v: &[i64]) -> u64 {
+    let mut v = v.to_vec();
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    let at = |pct: usize| v[(v.len() * pct).div_ceil(100).max(1) - 1];
+    at(75).abs_diff(at(25))
 }
 
 /// `name / cidr` of two added medians, or why there is none.
@@ -615,6 +655,14 @@ mod tests {
         // The bound: a quarter of the CIDR case's added median.
         assert_eq!(of(400, 0, 100), Yes);
         assert_eq!(of(400, 0, 101), CannotTell);
+    }
+
+    #[test]
+    fn the_noise_of_a_paired_difference_is_its_rounds_spread() {
+        // Sorted -10 0 2 5 20: the 2nd and 4th by nearest rank.
+        assert_eq!(signed_iqr(&[-10, 5, 0, 20, 2]), 5);
+        assert_eq!(signed_iqr(&[7]), 0);
+        assert_eq!(signed_iqr(&[]), 0);
     }
 
     #[test]
