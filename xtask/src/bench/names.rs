@@ -133,8 +133,8 @@ pub struct NamesResults {
     pub added: BTreeMap<(usize, Over), Vec<Vec<i64>>>,
     /// Each round's probe samples (ns).
     pub connect: BTreeMap<(usize, Svc, Probe), Vec<Vec<u64>>>,
-    /// Each round's block medians of the services under the agent, in
-    /// block order: block i of each service ran next to block i of the
+    /// Each round's block centres (interquartile means) of the services
+    /// under the agent, in block order: block i of each service ran next to block i of the
     /// others (interleave.rs), so they are compared pairwise.
     pub blocks: BTreeMap<(usize, Svc, Probe), Vec<Vec<u64>>>,
     /// Time inside the agent's programs, per service, in one extra run at
@@ -387,7 +387,7 @@ impl Section<'_> {
                 out.blocks
                     .entry((group.rules, svc, probe))
                     .or_default()
-                    .push(interleave::block_medians(
+                    .push(interleave::block_centres(
                         samples.get(probe),
                         spec.block_len(probe),
                     ));

@@ -512,7 +512,9 @@ impl NamesReport<'_> {
              another, a case's run medians move by hundreds of ns here, more than the \
              difference sought; so name − CIDR is read block by block: the median, over \
              every pair of blocks that ran next to each other, of the difference of the two \
-             blocks' medians. Its noise is the interquartile range of each round's median \
+             blocks' interquartile means (the mean of the middle half of a block's calls: \
+             the clock here steps by 10 ns, so a block's median moves in 10 ns steps and \
+             cannot see less). Its noise is the interquartile range of each round's median \
              difference (each round starts the agent, its maps and the probes anew). \
              \"Within noise\" means that difference is at most 0 or at most that noise. A \
              comparison whose noise is above a quarter of the CIDR service's added median \
