@@ -83,6 +83,40 @@ pub fn prog_ids_held_by(pid: u32) -> BTreeSet<u64> {
     held_in(&Path::new("/proc").join(pid.to_string()))
 }
 
+/// Ids of the programs attached directly at `cgroup` for `attach_type`
+/// (bpftool's name: `cgroup_inet_ingress`, ...), from `bpftool cgroup
+/// show`.
+#[must_use]
+pub fn attached_at(cgroup: &Path, attach_type: &str) -> BTreeSet<u64> {
+    let out = try_output_with_timeout(
+        Command::new("bpftool")
+            .args(["--json", "cgroup", "show"])
+            .arg(cgroup),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e} (bpftool is installed by `cargo xtask setup`)"));
+    assert!(
+        out.status.success(),
+        "`bpftool --json cgroup show {}` failed ({}): {}",
+        cgroup.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["attach_type"] == attach_type)
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
 /// Ids of the programs any live process holds open.
 fn prog_ids_held_by_anyone() -> BTreeSet<u64> {
     let Ok(procs) = fs::read_dir("/proc") else {

@@ -16,6 +16,9 @@
 //!   drops.
 //! - Every drop is in the decision log with the local end in `src_*`, the
 //!   peer in `dst_*` and the rule `<file>#ingress-default-deny`.
+//! - The inbound program is attached only while a policy needs it, and a
+//!   reload that brings or takes away a restriction attaches or detaches
+//!   it.
 //!
 //! Every test also reaches an unmanaged listener on the same address from
 //! the disallowed source, so a drop is the policy's doing, not the network's.
@@ -23,8 +26,9 @@
 use std::{fmt::Display, net::SocketAddr, time::Duration};
 
 use integration_tests::{
+    bpf, cgroup2_mount,
     events::{assert_fields, kernel_hostname, wait_event},
-    free_port_block,
+    eventually, free_port_block,
     netns::Family,
     probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard,
     PolicyDir, Proto,
@@ -543,4 +547,89 @@ fn audit_mode_lets_everyone_in_and_records_would_be_drops() {
         ],
         "the audited connection was accepted",
     );
+}
+
+/// Whether the inbound program of `daemon` (one of the programs it holds)
+/// is attached at the cgroup2 root, once that has been `want` for up to
+/// 10 s (a policy file's change is applied within a second).
+fn inbound_attached_becomes(daemon: &Daemon, want: bool) -> bool {
+    let pid = daemon
+        .pid()
+        .unwrap_or_else(|| panic!("the daemon has exited"));
+    let root = cgroup2_mount();
+    let attached = || {
+        let ours = bpf::prog_ids_held_by(pid);
+        !bpf::attached_at(&root, "cgroup_inet_ingress").is_disjoint(&ours)
+    };
+    eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+        let now = attached();
+        if now == want {
+            Ok(now)
+        } else {
+            Err(now)
+        }
+    })
+    .unwrap_or_else(|now| now)
+}
+
+/// The inbound program runs for every packet the host receives, so it is
+/// attached only while a policy needs it (kernel/loader/on_demand.rs): not
+/// for a policy without `ingress`; attached by the reload that brings a
+/// restriction, which is then enforced at once; detached by the reload
+/// that takes it away, after which inbound is open again.
+#[test]
+fn inbound_program_is_attached_only_while_a_policy_restricts_inbound() {
+    if !require_bpf() {
+        return;
+    }
+    let remote = NetnsGuard::new();
+    let svc = CgroupGuard::new();
+    let f = Family::v4(&remote);
+    let open = policy(&svc, "enforce", "", &[]);
+    let restricted = policy(
+        &svc,
+        "enforce",
+        "",
+        &[&Ingress::from([f.allowed]).protocol("tcp")],
+    );
+    let policies = PolicyDir::with(&[("web.toml", &open)]);
+    let daemon = Daemon::start(&policies);
+    let server = probe!().in_cgroup(svc.path()).serve(Proto::Tcp, f.local(0));
+    let peers = probe!().in_netns(remote.name());
+
+    assert!(
+        !inbound_attached_becomes(&daemon, false),
+        "no policy restricts inbound traffic: bulkhead_ingress must not be attached"
+    );
+    peers
+        .source(f.denied)
+        .tcp_connect(server.addr())
+        .assert_ok("a policy without `ingress`: any peer connects");
+
+    policies.write("web.toml", &restricted);
+    assert!(
+        inbound_attached_becomes(&daemon, true),
+        "the reload to a policy with `ingress` must attach bulkhead_ingress"
+    );
+    let dropped = peers
+        .source(f.denied)
+        .step_timeout(SYN_WAIT)
+        .tcp_connect(server.addr());
+    dropped.assert_timed_out(
+        "connect",
+        "once attached, the SYN of a source no rule allows is dropped",
+    );
+    let ok = peers.source(f.allowed).tcp_connect(server.addr());
+    ok.assert_ok("the allowed source connects");
+    server.wait_peer(ok.local_addr(), SERVED_WAIT);
+
+    policies.write("web.toml", &open);
+    assert!(
+        !inbound_attached_becomes(&daemon, false),
+        "the reload back to a policy without `ingress` must detach bulkhead_ingress"
+    );
+    peers
+        .source(f.denied)
+        .tcp_connect(server.addr())
+        .assert_ok("inbound is open again after the restriction went");
 }

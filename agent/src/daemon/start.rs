@@ -121,6 +121,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     exe_names.remember(enforcer.take_scanned());
     take_over(&config, &compiled, &coverage, &pins, &hub, &dns)?;
+    enforcer.pins_moved_to(&pins.current());
     // Lookups that waited in the proxy's sockets are routed by now.
     dns.apply(&set)?;
 

@@ -25,6 +25,7 @@ use super::{
 
 #[cfg(test)]
 mod contract;
+mod on_demand;
 mod resident;
 mod verify;
 
@@ -219,6 +220,9 @@ pub struct Enforcer {
     /// The previous agent's pins (a take-over): its table of executables
     /// is carried over instead of scanning `/proc` (see `process_table`).
     previous_pins: Option<PathBuf>,
+    /// The inbound packet program, attached while a policy needs it
+    /// (`on_demand`); None until `attach`.
+    inbound: Option<on_demand::Inbound>,
 }
 
 impl Enforcer {
@@ -272,6 +276,7 @@ impl Enforcer {
             exe_files: super::executables::HeldFiles::default(),
             scanned: Vec::new(),
             previous_pins: None,
+            inbound: None,
         })
     }
 
@@ -347,7 +352,38 @@ impl Enforcer {
         self.half = staged.service_base / self.capacity.services.max(1);
         self.followed.clear();
         self.exe_files.hold_policy(&staged);
+        // After the flags that needed it are gone (ACTIVE_FLAGS is the new
+        // policy's by now).
+        self.inbound_for(maps::active_flags(&staged))?;
         Ok(self.live.replace(staged))
+    }
+
+    /// Attaches the inbound packet program if flags `active` need it,
+    /// detaches it otherwise (see `on_demand`). Before `attach`: nothing.
+    fn inbound_for(&mut self, active: u32) -> Result<(), KernelError> {
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Ok(());
+        };
+        if on_demand::needed(active) {
+            inbound.attach(&mut self.ebpf)
+        } else {
+            inbound.detach();
+            Ok(())
+        }
+    }
+
+    /// Whether the inbound packet program is attached (see `on_demand`).
+    pub fn inbound_attached(&self) -> bool {
+        self.inbound
+            .as_ref()
+            .is_some_and(on_demand::Inbound::attached)
+    }
+
+    /// The pins moved: the start's staging directory is `current` now.
+    pub fn pins_moved_to(&mut self, current: &Path) {
+        if let Some(inbound) = self.inbound.as_mut() {
+            inbound.pins_moved_to(current);
+        }
     }
 
     fn try_switch(
@@ -360,6 +396,9 @@ impl Enforcer {
         // entry from the kernel, and the rescan catches the rest.
         maps::write_service_paths(&mut self.ebpf, staged, self.live.as_ref())?;
         let new = maps::active_flags(staged);
+        // Before the flags that need it: from here the switch may make a
+        // service's inbound rules count.
+        self.inbound_for(old_flags | new)?;
         maps::write_active_flags(&mut self.ebpf, old_flags | new)?;
         fault::inject("switch")?;
         if let Some((_, e)) = maps::apply_service_changes(&mut self.ebpf, changes)?.first() {
@@ -386,6 +425,7 @@ impl Enforcer {
             return Err(KernelError::Services(e.clone()));
         }
         maps::write_active_flags(&mut self.ebpf, old_flags)?;
+        self.inbound_for(old_flags)?;
         let half = staged.service_base / self.capacity.services.max(1);
         let ids = self.half_services(half);
         maps::clear_half(&mut self.ebpf, ids).map(|_| ())
@@ -456,6 +496,9 @@ impl Enforcer {
         }
         let mut coverage = Coverage::default();
         for (name, hook) in PROGRAMS {
+            if name == on_demand::PROGRAM {
+                continue; // after the loop, if the policy needs it
+            }
             let program = self
                 .ebpf
                 .program_mut(name)
@@ -599,6 +642,12 @@ impl Enforcer {
                 None => self.links.push(Attached::Owned(link)),
             }
         }
+        self.inbound = Some(on_demand::Inbound {
+            cgroup_root: cgroup_root.to_path_buf(),
+            links_dir: pin_dir.map(|d| d.join("links")),
+            link: None,
+        });
+        self.inbound_for(self.live.as_ref().map_or(0, maps::active_flags))?;
         Ok(coverage)
     }
 
@@ -700,11 +749,15 @@ impl Enforcer {
     /// Unpinned links are detached.
     pub fn leave_pinned(self) {
         drop(self.links);
+        drop(self.inbound);
         drop(self.ebpf);
     }
 
     /// Detaches every program and removes its pins.
-    pub fn detach(self) {
+    pub fn detach(mut self) {
+        if let Some(inbound) = self.inbound.as_mut() {
+            inbound.detach();
+        }
         for link in self.links {
             if let Attached::Pinned(pinned) = link {
                 let _ = pinned.unpin();

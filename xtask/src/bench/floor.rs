@@ -29,7 +29,6 @@ const PROG_TYPE_SOCK_OPS: u32 = 13;
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const PROG_TYPE_CGROUP_SOCKOPT: u32 = 25;
 /// `enum bpf_attach_type`.
-const CGROUP_INET_INGRESS: u32 = 0;
 const CGROUP_INET_EGRESS: u32 = 1;
 const CGROUP_INET_SOCK_CREATE: u32 = 2;
 const CGROUP_SOCK_OPS: u32 = 3;
@@ -78,11 +77,13 @@ pub const CALL_HOOKS: [Hook; 2] = [
     ),
 ];
 
-/// Every hook bulkhead attaches (`bulkhead status` lists them). Its
-/// sock_ops program also asks for TCP state callbacks, which the trivial
-/// one does not: those extra calls are bulkhead's own cost.
-pub const ALL_HOOKS: [Hook; 15] = [
-    hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_INGRESS, "floor_ingress"),
+/// Every hook bulkhead attaches for the bench's policies: all of its
+/// hooks but the inbound packet one, attached only while a policy needs
+/// it (agent/src/kernel/loader/on_demand.rs), which no bench policy does
+/// (no inbound rule, bind list, quarantine or name rule). Its sock_ops
+/// program also asks for TCP state callbacks, which the trivial one does
+/// not: those extra calls are bulkhead's own cost.
+pub const ALL_HOOKS: [Hook; 14] = [
     hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_EGRESS, "floor_egress"),
     hook(
         PROG_TYPE_CGROUP_SOCK,

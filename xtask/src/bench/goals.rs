@@ -346,8 +346,9 @@ fn hooks_floor(r: &Report) -> String {
     }
     format!(
         "- **The floor of bulkhead's hooks** (a program that returns at once on each of the \
-         {} hooks bulkhead attaches, so a sendto() also passes the two packet hooks and a TCP \
-         connect() sock_create, sock_ops and every packet of the handshake): {}.",
+         {} hooks bulkhead attaches for these policies, so a sendto() also passes the \
+         outbound packet hook and a TCP connect() sock_create, sock_ops and every outbound \
+         packet of the handshake): {}.",
         super::floor::ALL_HOOKS.len(),
         or_none(&parts, "no all-hooks case in this run")
     )

@@ -614,6 +614,7 @@ impl Report<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let all_hooks = super::floor::ALL_HOOKS.len();
         format!(
             "## Method\n\n\
              - **Service.** Each case has its own cgroup under the cgroup2 mount and its own \
@@ -636,9 +637,12 @@ impl Report<'_> {
              `floor_sendmsg4` (cgroup_udp4_sendmsg), loaded with bpf(2) and attached to the \
              case's own cgroup for its run, then detached; it does not depend on the rule \
              count, so it runs once per round, next to the first group's no-program run. \
-             *trivial hooks, all*: the same two-instruction program on each of the 15 hooks \
-             bulkhead attaches (the two packet hooks, sock_create, sock_ops, bind, connect, \
-             sendmsg, recvmsg and getpeername for IPv4 and IPv6, setsockopt), run like the trivial hook: the cost \
+             *trivial hooks, all*: the same two-instruction program on each of the {all_hooks} hooks \
+             bulkhead attaches for these policies (the outbound packet hook, sock_create, \
+             sock_ops, bind, connect, sendmsg, recvmsg and getpeername for IPv4 and IPv6, \
+             setsockopt; not the inbound packet hook, which bulkhead attaches only while a \
+             policy restricts inbound traffic or binding, quarantines or has name rules, \
+             which these do not), run like the trivial hook: the cost \
              of bulkhead's set of hooks before any of its work (its sock_ops program also asks \
              for TCP state callbacks, which this one does not). \
              *bulkhead N*: `bulkhead \
