@@ -66,6 +66,18 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub, copy_lookups
     // alone, and if it sent only after the detach, our packet program
     // found no origin for it and the proxy refused its query.
     copy_lookups(previous.dir());
+    // Its redirects go first, and their last lookups are copied while its
+    // packet programs still run. A socket its connect4 sent to the proxy
+    // after that copy has its origin in its maps alone: had every program
+    // gone at once, that socket's first query after the detach met only
+    // our packet programs, which found no origin for it, so no client
+    // entry was ever written for it and the proxy refused it (the
+    // 20-restart test, once in CI on 2026-12-07). Once its redirects are
+    // gone its origins are final, and this copy has them all: our packet
+    // programs find every redirected socket's origin from here on.
+    previous.detach_redirects();
+    crate::kernel::quiesce();
+    copy_lookups(previous.dir());
     previous.detach();
     // A program that was running when its link went away may still commit
     // a record or count a loss: wait for every such run to end first.

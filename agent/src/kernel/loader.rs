@@ -32,6 +32,15 @@ mod verify;
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf"));
 
+/// Whether `name` is one of the socket-address programs (connect,
+/// sendmsg, bind, recvmsg, getpeername), for tests of code that names them.
+#[cfg(test)]
+pub(super) fn is_sock_addr_program(name: &str) -> bool {
+    PROGRAMS
+        .iter()
+        .any(|&(n, hook)| n == name && hook == Hook::SockAddr)
+}
+
 /// False for a binary built with AYA_BUILD_SKIP (agent/build.rs): it
 /// embeds an empty object.
 pub(super) fn carries_programs() -> bool {

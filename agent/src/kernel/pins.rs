@@ -126,6 +126,15 @@ impl Previous {
         detach_links(&self.dir);
     }
 
+    /// Detaches the previous programs that redirect lookups to the DNS
+    /// proxy (connect and sendmsg), before the others (see `takeover`).
+    pub fn detach_redirects(&self) {
+        let links = self.dir.join("links");
+        for name in REDIRECTS {
+            detach_link(&links.join(name));
+        }
+    }
+
     /// Detaches the previous programs and removes their pins.
     pub fn remove(self) {
         remove_pins(&self.dir);
@@ -152,23 +161,38 @@ pub fn remove_pins(dir: &Path) {
     }
 }
 
+/// The programs that send a lookup to the DNS proxy, by their links'
+/// pin names (agent-ebpf's sock_addr.rs).
+const REDIRECTS: [&str; 4] = [
+    "bulkhead_connect4",
+    "bulkhead_connect6",
+    "bulkhead_sendmsg4",
+    "bulkhead_sendmsg6",
+];
+
 /// Detaches every program pinned as a link under `dir/links` (their maps
 /// stay pinned).
 fn detach_links(dir: &Path) {
     let links = dir.join("links");
     for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
-        match PinnedLink::from_pin(entry.path()) {
-            // Unpinned, the link's last reference is this fd: dropping it
-            // detaches the program.
-            Ok(link) => {
-                if let Err(e) = link.unpin() {
-                    warn!(pin = %entry.path().display(), "cannot unpin link: {e}");
-                }
+        detach_link(&entry.path());
+    }
+}
+
+/// Detaches the program pinned as a link at `pin`, if there is one.
+fn detach_link(pin: &Path) {
+    match PinnedLink::from_pin(pin) {
+        // Unpinned, the link's last reference is this fd: dropping it
+        // detaches the program.
+        Ok(link) => {
+            if let Err(e) = link.unpin() {
+                warn!(pin = %pin.display(), "cannot unpin link: {e}");
             }
-            Err(e) => {
-                warn!(pin = %entry.path().display(), "cannot open pinned link: {e}");
-                let _ = fs::remove_file(entry.path());
-            }
+        }
+        Err(_) if !pin.exists() => {}
+        Err(e) => {
+            warn!(pin = %pin.display(), "cannot open pinned link: {e}");
+            let _ = fs::remove_file(pin);
         }
     }
 }
@@ -224,5 +248,18 @@ pub(super) fn mount_pseudo_fs(fstype: &std::ffi::CStr, at: &Path) -> io::Result<
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_redirects_are_socket_address_programs_of_the_agent() {
+        for name in super::REDIRECTS {
+            assert!(
+                super::super::loader::is_sock_addr_program(name),
+                "{name} is not a socket-address program the loader attaches"
+            );
+        }
     }
 }
