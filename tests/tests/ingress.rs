@@ -573,7 +573,7 @@ fn inbound_attached_becomes(daemon: &Daemon, want: bool) -> bool {
 }
 
 /// The inbound program runs for every packet the host receives, so it is
-/// attached only while a policy needs it (kernel/loader/on_demand.rs): not
+/// attached only while a policy needs it (`agent/src/kernel/loader/on_demand.rs`): not
 /// for a policy without `ingress`; attached by the reload that brings a
 /// restriction, which is then enforced at once; detached by the reload
 /// that takes it away, after which inbound is open again.

@@ -6,7 +6,7 @@
 //! `--state-dir`), declared before the daemons so that it detaches last.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::OsString,
     os::unix::process::ExitStatusExt as _,
     thread,
@@ -164,6 +164,33 @@ fn stop_and_detach(mut second: Daemon, shared: &SharedPins, before: &ProgSnapsho
         .assert_ok("after bulkhead detach nothing is enforced");
 }
 
+/// The name of each of `ids` that is loaded (the kernel keeps the first
+/// 15 bytes of a name).
+fn names_of(ids: &BTreeSet<u64>) -> BTreeMap<u64, String> {
+    bulkhead_progs()
+        .into_iter()
+        .filter(|p| ids.contains(&p.id))
+        .map(|p| (p.id, p.name))
+        .collect()
+}
+
+/// After the agent that held `held` (id to name) was killed: every program
+/// it attached is still loaded. The inbound one is attached only for a
+/// policy that restricts inbound traffic, which these tests' do not:
+/// loaded but never attached, it goes with the agent.
+fn assert_attached_stay(held: &BTreeMap<u64, String>) {
+    let loaded: Vec<u64> = bulkhead_progs().iter().map(|p| p.id).collect();
+    let gone: Vec<&str> = held
+        .iter()
+        .filter(|(id, _)| !loaded.contains(id))
+        .map(|(_, name)| name.as_str())
+        .collect();
+    assert!(
+        gone.len() == 1 && gone[0].starts_with("bulkhead_ingres"),
+        "programs unloaded with the agent: {gone:?} (only the unattached bulkhead_ingress may go)"
+    );
+}
+
 /// SIGKILL: the pinned programs keep enforcing while no agent runs
 /// (denied stays denied, allowed stays allowed, seen by a client looping
 /// the whole time), a new agent on the same pins takes over without a gap,
@@ -197,11 +224,7 @@ fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
     );
     let first_progs = first.prog_ids();
     assert!(!first_progs.is_empty(), "the first agent holds no program");
-    let first_names: BTreeMap<u64, String> = bulkhead_progs()
-        .into_iter()
-        .filter(|p| first_progs.contains(&p.id))
-        .map(|p| (p.id, p.name))
-        .collect();
+    let first_names = names_of(&first_progs);
     let looping = conn!()
         .in_cgroup(svc.path())
         .connect_loop(&[allowed.addr(), denied.addr()], Duration::from_millis(1));
@@ -222,20 +245,7 @@ fn sigkill_keeps_enforcing_and_a_new_agent_takes_over() {
 
     // No agent runs: the pins hold the programs, which keep enforcing.
     assert!(shared.pinned(), "nothing pinned after SIGKILL");
-    let loaded: Vec<u64> = bulkhead_progs().iter().map(|p| p.id).collect();
-    let gone: Vec<&str> = first_progs
-        .iter()
-        .filter(|id| !loaded.contains(id))
-        .map(|id| first_names.get(id).map_or("(unnamed)", String::as_str))
-        .collect();
-    // Every attached program stays. The inbound one is attached only for
-    // a policy that restricts inbound traffic, which this one does not:
-    // loaded but never attached, it goes with the agent (the kernel keeps
-    // the first 15 bytes of a name).
-    assert!(
-        gone.len() == 1 && gone[0].starts_with("bulkhead_ingres"),
-        "programs unloaded with the agent: {gone:?} (only the unattached bulkhead_ingress may go)"
-    );
+    assert_attached_stay(&first_names);
     reach.assert_enforced("while no agent runs (after SIGKILL)");
     reach
         .client
