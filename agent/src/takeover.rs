@@ -66,15 +66,17 @@ pub fn take_over(previous: pins::Previous, names: Names, hub: &Hub, copy_lookups
     // alone, and if it sent only after the detach, our packet program
     // found no origin for it and the proxy refused its query.
     copy_lookups(previous.dir());
-    // Its redirects go first, and their last lookups are copied while its
-    // packet programs still run. A socket its connect4 sent to the proxy
-    // after that copy has its origin in its maps alone: had every program
-    // gone at once, that socket's first query after the detach met only
-    // our packet programs, which found no origin for it, so no client
-    // entry was ever written for it and the proxy refused it (the
-    // 20-restart test, once in CI on 2026-12-07). Once its redirects are
-    // gone its origins are final, and this copy has them all: our packet
-    // programs find every redirected socket's origin from here on.
+    // Its connect redirects go first, and their last lookups are copied
+    // while its packet programs still run. A socket its connect4 sent to
+    // the proxy after that copy has its origin in its maps alone: had
+    // every program gone at once, that socket's first query after the
+    // detach met only our packet programs, which found no origin for it,
+    // so no client entry was ever written for it and the proxy refused it
+    // (the 20-restart test, once in CI on 2026-12-07). Once they are gone
+    // no socket is redirected at connect() by them any more, and this copy
+    // has every such origin: our packet programs find it from here on.
+    // (Its sendmsg redirects a datagram as it sends it, through its own
+    // packet programs, and stays: see `pins::REDIRECTS`.)
     previous.detach_redirects();
     crate::kernel::quiesce();
     copy_lookups(previous.dir());

@@ -361,23 +361,28 @@ impl Enforcer {
         self.half = staged.service_base / self.capacity.services.max(1);
         self.followed.clear();
         self.exe_files.hold_policy(&staged);
-        // After the flags that needed it are gone (ACTIVE_FLAGS is the new
-        // policy's by now).
-        self.inbound_for(maps::active_flags(&staged))?;
+        // After the flags that needed it are gone: ACTIVE_FLAGS is the new
+        // policy's by now, written last by the switch that succeeded.
+        self.detach_inbound_unless(maps::active_flags(&staged));
         Ok(self.live.replace(staged))
     }
 
-    /// Attaches the inbound packet program if flags `active` need it,
-    /// detaches it otherwise (see `on_demand`). Before `attach`: nothing.
-    fn inbound_for(&mut self, active: u32) -> Result<(), KernelError> {
-        let Some(inbound) = self.inbound.as_mut() else {
-            return Ok(());
-        };
-        if on_demand::needed(active) {
-            inbound.attach(&mut self.ebpf)
-        } else {
-            inbound.detach();
-            Ok(())
+    /// Attaches the inbound packet program if flags `active` need it (see
+    /// `on_demand`). Before `attach`: nothing.
+    fn attach_inbound_for(&mut self, active: u32) -> Result<(), KernelError> {
+        match self.inbound.as_mut() {
+            Some(inbound) if on_demand::needed(active) => inbound.attach(&mut self.ebpf),
+            _ => Ok(()),
+        }
+    }
+
+    /// Detaches the inbound packet program unless flags `active`, just
+    /// written to ACTIVE_FLAGS, need it.
+    fn detach_inbound_unless(&mut self, active: u32) {
+        if let Some(inbound) = self.inbound.as_mut() {
+            if !on_demand::needed(active) {
+                inbound.detach();
+            }
         }
     }
 
@@ -406,8 +411,10 @@ impl Enforcer {
         maps::write_service_paths(&mut self.ebpf, staged, self.live.as_ref())?;
         let new = maps::active_flags(staged);
         // Before the flags that need it: from here the switch may make a
-        // service's inbound rules count.
-        self.inbound_for(old_flags | new)?;
+        // service's inbound rules count. Attached only, never detached
+        // here: after a switch whose undo failed too, the kernel's flags
+        // may still be more than `old_flags` says.
+        self.attach_inbound_for(old_flags | new)?;
         maps::write_active_flags(&mut self.ebpf, old_flags | new)?;
         fault::inject("switch")?;
         if let Some((_, e)) = maps::apply_service_changes(&mut self.ebpf, changes)?.first() {
@@ -434,7 +441,7 @@ impl Enforcer {
             return Err(KernelError::Services(e.clone()));
         }
         maps::write_active_flags(&mut self.ebpf, old_flags)?;
-        self.inbound_for(old_flags)?;
+        self.detach_inbound_unless(old_flags);
         let half = staged.service_base / self.capacity.services.max(1);
         let ids = self.half_services(half);
         maps::clear_half(&mut self.ebpf, ids).map(|_| ())
@@ -656,7 +663,7 @@ impl Enforcer {
             links_dir: pin_dir.map(|d| d.join("links")),
             link: None,
         });
-        self.inbound_for(self.live.as_ref().map_or(0, maps::active_flags))?;
+        self.attach_inbound_for(self.live.as_ref().map_or(0, maps::active_flags))?;
         Ok(coverage)
     }
 

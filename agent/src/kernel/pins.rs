@@ -126,8 +126,9 @@ impl Previous {
         detach_links(&self.dir);
     }
 
-    /// Detaches the previous programs that redirect lookups to the DNS
-    /// proxy (connect and sendmsg), before the others (see `takeover`).
+    /// Detaches the previous programs that redirect a connected socket's
+    /// lookups to the DNS proxy (connect), before the others (see
+    /// `takeover`).
     pub fn detach_redirects(&self) {
         let links = self.dir.join("links");
         for name in REDIRECTS {
@@ -161,14 +162,14 @@ pub fn remove_pins(dir: &Path) {
     }
 }
 
-/// The programs that send a lookup to the DNS proxy, by their links'
-/// pin names (agent-ebpf's sock_addr.rs).
-const REDIRECTS: [&str; 4] = [
-    "bulkhead_connect4",
-    "bulkhead_connect6",
-    "bulkhead_sendmsg4",
-    "bulkhead_sendmsg6",
-];
+/// The programs that redirect a socket to the DNS proxy at connect(), by
+/// their links' pin names (agent-ebpf's sock_addr.rs): the socket sends
+/// its queries later. sendmsg redirects each datagram as it is sent, so a
+/// datagram the previous one redirected went out through its packet
+/// programs too; and it stays until the rest goes, since it also opens an
+/// ingress-restricted service's pinholes for replies, which the previous
+/// inbound program reads.
+const REDIRECTS: [&str; 2] = ["bulkhead_connect4", "bulkhead_connect6"];
 
 /// Detaches every program pinned as a link under `dir/links` (their maps
 /// stay pinned).
