@@ -64,6 +64,9 @@ pub struct DnsMaps {
     pub origins: DnsOrigins,
     pub learnt: Learnt,
     pub beat: ProxyBeat,
+    /// The client entries a take-over copied in, as copied (see
+    /// [`DnsMaps::carry_over_lookups`]).
+    copied_clients: std::collections::HashMap<DnsClientKey, DnsOrigin>,
 }
 
 /// Takes the maps out of the loaded object (after they are pinned).
@@ -92,6 +95,7 @@ pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
             retry: Vec::new(),
         },
         beat: ProxyBeat { map, value },
+        copied_clients: std::collections::HashMap::new(),
     })
 }
 
@@ -128,15 +132,49 @@ impl DnsMaps {
     /// Copies the lookups a previous agent's programs saw (the sockets they
     /// redirected, who sent to the proxy), so that a lookup sent while no
     /// agent ran, waiting in the proxy's held socket, is routed and its
-    /// answer shown from its resolver. Called three times: before our
+    /// answer shown from its resolver. Called four times: before our
     /// programs attach (entries need not wait), just before its are
     /// detached (while both run, only its redirect, so a socket redirected
     /// since is in its maps alone; copied, ours know it when it sends),
-    /// and once they are (nothing writes into its maps any more). Its
-    /// entries replace ours. Returns how many.
+    /// once its connect redirects are gone (see `takeover`), and once
+    /// they all are (nothing writes into its maps any more). Its
+    /// origins replace ours (a cookie names one socket for ever); its
+    /// client entries replace ours unless our packet program wrote ours
+    /// since ([`takes_theirs`]). Returns how many.
     pub fn carry_over_lookups(&mut self, dir: &Path) -> usize {
-        copy_pinned(dir, DNS_ORIGINS, true, &mut self.origins.0)
-            + copy_pinned(dir, DNS_CLIENTS, true, &mut self.clients.0)
+        let origins = copy_pinned(dir, DNS_ORIGINS, true, &mut self.origins.0);
+        let Some(theirs) = pinned::<DnsClientKey, DnsOrigin>(dir, DNS_CLIENTS, true) else {
+            return origins;
+        };
+        let mut clients = 0;
+        for (key, their) in theirs.iter().filter_map(Result::ok) {
+            let ours = self.clients.0.get(&key, 0).ok();
+            if !takes_theirs(ours, self.copied_clients.get(&key).copied()) {
+                continue;
+            }
+            if self.clients.0.insert(key, their, 0).is_ok() {
+                self.copied_clients.insert(key, their);
+                clients += 1;
+            }
+        }
+        origins + clients
+    }
+}
+
+/// Whether a previous agent's entry for a client replaces `ours`: when we
+/// have none, or ours is what an earlier copy put there (`copied`). An
+/// entry that differs from what we copied was written by our packet
+/// program, which saw that client's latest packet (while both agents'
+/// programs run, ours run after theirs on every packet; after the detach,
+/// ours alone), so it stays: a port passed from one socket to another
+/// (of another service) must not get the older socket's entry back. One
+/// still equal to the copy was not rewritten by our program since, so
+/// theirs is as new or newer (their program saw packets ours did not:
+/// before ours attached).
+fn takes_theirs(ours: Option<DnsOrigin>, copied: Option<DnsOrigin>) -> bool {
+    match ours {
+        None => true,
+        Some(ours) => copied == Some(ours),
     }
 }
 
@@ -398,5 +436,37 @@ impl ProxyBeat {
     pub fn beat(&mut self, now_ns: u64) -> Result<(), MapError> {
         self.value.heartbeat_ns = now_ns;
         self.map.set(0, self.value, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::DnsOrigin;
+
+    use super::takes_theirs;
+
+    fn origin(name_key: u64) -> DnsOrigin {
+        DnsOrigin {
+            name_key,
+            service_id: 1,
+            port: 53,
+            family: agent_common::FAMILY_V4,
+            _pad: 0,
+            addr: [0; 16],
+        }
+    }
+
+    #[test]
+    fn an_entry_our_program_wrote_since_the_copy_stays() {
+        let (a, b) = (origin(1), origin(2));
+        // Nothing of ours: theirs.
+        assert!(takes_theirs(None, None));
+        assert!(takes_theirs(None, Some(a)));
+        // Ours is what we copied: theirs is as new or newer.
+        assert!(takes_theirs(Some(a), Some(a)));
+        // Ours was written by our program (never copied, or since the
+        // copy): it saw the client's latest packet.
+        assert!(!takes_theirs(Some(b), None));
+        assert!(!takes_theirs(Some(b), Some(a)));
     }
 }
