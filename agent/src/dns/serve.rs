@@ -286,6 +286,11 @@ impl Dns {
         self.set_labels(set, &new);
         let needed = !new.is_empty();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // Called first after the take-over's last copy: what the copies
+        // kept to decide between the two agents' entries is done with.
+        if let State::Idle(waiting) = &mut *state {
+            waiting.maps.end_carry_over();
+        }
         {
             let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
             if let State::Running(running) = &*state {

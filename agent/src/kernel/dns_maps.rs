@@ -64,9 +64,26 @@ pub struct DnsMaps {
     pub origins: DnsOrigins,
     pub learnt: Learnt,
     pub beat: ProxyBeat,
-    /// The client entries a take-over copied in, as copied (see
-    /// [`DnsMaps::carry_over_lookups`]).
-    copied_clients: std::collections::HashMap<DnsClientKey, DnsOrigin>,
+    /// What a take-over's copies put into our maps, and what the previous
+    /// agent's maps held then (see [`DnsMaps::carry_over_lookups`]).
+    carried_clients: Carried<DnsClientKey>,
+    carried_origins: Carried<u64>,
+}
+
+/// Per key: the value an earlier copy put into our map, and the previous
+/// agent's value at the last copy.
+struct Carried<K> {
+    copied: std::collections::HashMap<K, DnsOrigin>,
+    seen: std::collections::HashMap<K, DnsOrigin>,
+}
+
+impl<K> Default for Carried<K> {
+    fn default() -> Self {
+        Self {
+            copied: std::collections::HashMap::new(),
+            seen: std::collections::HashMap::new(),
+        }
+    }
 }
 
 /// Takes the maps out of the loaded object (after they are pinned).
@@ -95,24 +112,8 @@ pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
             retry: Vec::new(),
         },
         beat: ProxyBeat { map, value },
-        copied_clients: std::collections::HashMap::new(),
-    })
-}
-
-/// Copies every entry of the map `name` pinned under a previous agent's
-/// pin directory `dir` into `into` (`lru`: the pinned map is an LRU hash).
-/// Returns how many; none if it had no such map.
-fn copy_pinned<K: Pod, V: Pod>(
-    dir: &Path,
-    name: &str,
-    lru: bool,
-    into: &mut HashMap<MapData, K, V>,
-) -> usize {
-    pinned::<K, V>(dir, name, lru).map_or(0, |old| {
-        old.iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| into.insert(*k, *v, 0).is_ok())
-            .count()
+        carried_clients: Carried::default(),
+        carried_origins: Carried::default(),
     })
 }
 
@@ -137,44 +138,81 @@ impl DnsMaps {
     /// detached (while both run, only its redirect, so a socket redirected
     /// since is in its maps alone; copied, ours know it when it sends),
     /// once its connect redirects are gone (see `takeover`), and once
-    /// they all are (nothing writes into its maps any more). Its
-    /// origins replace ours (a cookie names one socket for ever); its
-    /// client entries replace ours unless our packet program wrote ours
-    /// since ([`takes_theirs`]). Returns how many.
+    /// they all are (nothing writes into its maps any more). An entry of
+    /// theirs replaces ours as [`takes_theirs`] says. Returns how many.
     pub fn carry_over_lookups(&mut self, dir: &Path) -> usize {
-        let origins = copy_pinned(dir, DNS_ORIGINS, true, &mut self.origins.0);
-        let Some(theirs) = pinned::<DnsClientKey, DnsOrigin>(dir, DNS_CLIENTS, true) else {
-            return origins;
-        };
-        let mut clients = 0;
-        for (key, their) in theirs.iter().filter_map(Result::ok) {
-            let ours = self.clients.0.get(&key, 0).ok();
-            if !takes_theirs(ours, self.copied_clients.get(&key).copied()) {
-                continue;
-            }
-            if self.clients.0.insert(key, their, 0).is_ok() {
-                self.copied_clients.insert(key, their);
-                clients += 1;
-            }
-        }
-        origins + clients
+        merge_pinned(
+            dir,
+            DNS_ORIGINS,
+            &mut self.origins.0,
+            &mut self.carried_origins,
+        ) + merge_pinned(
+            dir,
+            DNS_CLIENTS,
+            &mut self.clients.0,
+            &mut self.carried_clients,
+        )
+    }
+
+    /// The take-over is over: what the copies kept is no longer needed.
+    pub fn end_carry_over(&mut self) {
+        self.carried_clients = Carried::default();
+        self.carried_origins = Carried::default();
     }
 }
 
-/// Whether a previous agent's entry for a client replaces `ours`: when we
-/// have none, or ours is what an earlier copy put there (`copied`). An
-/// entry that differs from what we copied was written by our packet
-/// program, which saw that client's latest packet (while both agents'
-/// programs run, ours run after theirs on every packet; after the detach,
-/// ours alone), so it stays: a port passed from one socket to another
-/// (of another service) must not get the older socket's entry back. One
-/// still equal to the copy was not rewritten by our program since, so
-/// theirs is as new or newer (their program saw packets ours did not:
-/// before ours attached).
-fn takes_theirs(ours: Option<DnsOrigin>, copied: Option<DnsOrigin>) -> bool {
+/// Copies the previous agent's LRU map `name` under `dir` into `into`, key
+/// by key as [`takes_theirs`] says, and notes what it copied and saw.
+fn merge_pinned<K: Pod + Eq + std::hash::Hash>(
+    dir: &Path,
+    name: &str,
+    into: &mut HashMap<MapData, K, DnsOrigin>,
+    carried: &mut Carried<K>,
+) -> usize {
+    let Some(theirs) = pinned::<K, DnsOrigin>(dir, name, true) else {
+        return 0;
+    };
+    let mut copied = 0;
+    for (key, their) in theirs.iter().filter_map(Result::ok) {
+        let ours = into.get(&key, 0).ok();
+        let take = takes_theirs(
+            ours,
+            carried.copied.get(&key).copied(),
+            their,
+            carried.seen.get(&key).copied(),
+        );
+        carried.seen.insert(key, their);
+        if take && into.insert(key, their, 0).is_ok() {
+            carried.copied.insert(key, their);
+            copied += 1;
+        }
+    }
+    copied
+}
+
+/// Whether the previous agent's entry `theirs` (`seen`: its value at our
+/// last copy) replaces `ours` (`copied`: what our last copy put there).
+/// Both agents' programs write their own maps, and on every packet while
+/// both run (theirs first, ours after; after the detach ours alone):
+/// - we have none: theirs;
+/// - theirs changed since our last copy: theirs. Their program saw a
+///   packet or a redirect of a socket it redirected, whose resolver it
+///   knows and ours may not (ours lets a call already sent to the proxy
+///   through unjudged, so its origin is the copy's);
+/// - ours is still what we copied: theirs, as new or newer;
+/// - otherwise ours: our program wrote it since, from a redirect of ours
+///   or the client's latest packet, and theirs is older (a port passed
+///   from one socket to another, of another service, must not get the
+///   older socket's entry back).
+fn takes_theirs<V: PartialEq + Copy>(
+    ours: Option<V>,
+    copied: Option<V>,
+    theirs: V,
+    seen: Option<V>,
+) -> bool {
     match ours {
         None => true,
-        Some(ours) => copied == Some(ours),
+        Some(ours) => seen != Some(theirs) || copied == Some(ours),
     }
 }
 
@@ -457,16 +495,22 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_our_program_wrote_since_the_copy_stays() {
-        let (a, b) = (origin(1), origin(2));
+    fn an_entry_our_program_wrote_since_the_copy_stays_unless_theirs_moved() {
+        let (a, b, c) = (origin(1), origin(2), origin(3));
         // Nothing of ours: theirs.
-        assert!(takes_theirs(None, None));
-        assert!(takes_theirs(None, Some(a)));
+        assert!(takes_theirs(None, None, a, None));
+        assert!(takes_theirs(None, Some(a), b, Some(a)));
         // Ours is what we copied: theirs is as new or newer.
-        assert!(takes_theirs(Some(a), Some(a)));
+        assert!(takes_theirs(Some(a), Some(a), a, Some(a)));
+        assert!(takes_theirs(Some(a), Some(a), b, Some(a)));
         // Ours was written by our program (never copied, or since the
-        // copy): it saw the client's latest packet.
-        assert!(!takes_theirs(Some(b), None));
-        assert!(!takes_theirs(Some(b), Some(a)));
+        // copy) and theirs has not moved since our last copy: ours (a
+        // port another service's socket took over).
+        assert!(!takes_theirs(Some(b), None, a, Some(a)));
+        assert!(!takes_theirs(Some(b), Some(a), a, Some(a)));
+        // Theirs moved since our last copy: their program saw a socket it
+        // redirected (to another resolver, say) after our copy.
+        assert!(takes_theirs(Some(b), Some(a), c, Some(a)));
+        assert!(takes_theirs(Some(b), None, c, None));
     }
 }
