@@ -64,23 +64,10 @@ pub struct DnsMaps {
     pub origins: DnsOrigins,
     pub learnt: Learnt,
     pub beat: ProxyBeat,
-    /// What a take-over's copies put into our maps (see
+    /// Per key, the value a take-over's copy last put into our maps (see
     /// [`DnsMaps::carry_over_lookups`]).
-    carried_clients: Carried<DnsClientKey>,
-    carried_origins: Carried<u64>,
-}
-
-/// Per key: the value an earlier copy put into our map.
-struct Carried<K> {
-    copied: std::collections::HashMap<K, DnsOrigin>,
-}
-
-impl<K> Default for Carried<K> {
-    fn default() -> Self {
-        Self {
-            copied: std::collections::HashMap::new(),
-        }
-    }
+    copied_clients: std::collections::HashMap<DnsClientKey, DnsOrigin>,
+    copied_origins: std::collections::HashMap<u64, DnsOrigin>,
 }
 
 /// Takes the maps out of the loaded object (after they are pinned).
@@ -109,8 +96,8 @@ pub fn take(ebpf: &mut Ebpf) -> Result<DnsMaps, KernelError> {
             retry: Vec::new(),
         },
         beat: ProxyBeat { map, value },
-        carried_clients: Carried::default(),
-        carried_origins: Carried::default(),
+        copied_clients: std::collections::HashMap::new(),
+        copied_origins: std::collections::HashMap::new(),
     })
 }
 
@@ -142,19 +129,19 @@ impl DnsMaps {
             dir,
             DNS_ORIGINS,
             &mut self.origins.0,
-            &mut self.carried_origins,
+            &mut self.copied_origins,
         ) + merge_pinned(
             dir,
             DNS_CLIENTS,
             &mut self.clients.0,
-            &mut self.carried_clients,
+            &mut self.copied_clients,
         )
     }
 
     /// The take-over is over: what the copies kept is no longer needed.
     pub fn end_carry_over(&mut self) {
-        self.carried_clients = Carried::default();
-        self.carried_origins = Carried::default();
+        self.copied_clients = std::collections::HashMap::new();
+        self.copied_origins = std::collections::HashMap::new();
     }
 }
 
@@ -164,21 +151,20 @@ fn merge_pinned<K: Pod + Eq + std::hash::Hash>(
     dir: &Path,
     name: &str,
     into: &mut HashMap<MapData, K, DnsOrigin>,
-    carried: &mut Carried<K>,
+    copied: &mut std::collections::HashMap<K, DnsOrigin>,
 ) -> usize {
     let Some(theirs) = pinned::<K, DnsOrigin>(dir, name, true) else {
         return 0;
     };
-    let mut copied = 0;
+    let mut count = 0;
     for (key, their) in theirs.iter().filter_map(Result::ok) {
         let ours = into.get(&key, 0).ok();
-        let take = takes_theirs(ours, carried.copied.get(&key).copied());
-        if take && into.insert(key, their, 0).is_ok() {
-            carried.copied.insert(key, their);
-            copied += 1;
+        if takes_theirs(ours, copied.get(&key).copied()) && into.insert(key, their, 0).is_ok() {
+            copied.insert(key, their);
+            count += 1;
         }
     }
-    copied
+    count
 }
 
 /// Whether the previous agent's entry replaces `ours` (`copied`: what our

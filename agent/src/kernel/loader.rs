@@ -386,13 +386,6 @@ impl Enforcer {
         }
     }
 
-    /// Whether the inbound packet program is attached (see `on_demand`).
-    pub fn inbound_attached(&self) -> bool {
-        self.inbound
-            .as_ref()
-            .is_some_and(on_demand::Inbound::attached)
-    }
-
     /// The pins moved: the start's staging directory is `current` now.
     pub fn pins_moved_to(&mut self, current: &Path) {
         if let Some(inbound) = self.inbound.as_mut() {

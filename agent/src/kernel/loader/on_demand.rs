@@ -45,10 +45,6 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn attached(&self) -> bool {
-        self.link.is_some()
-    }
-
     /// Attaches the program at the cgroup2 root (and pins its link) unless
     /// it already is.
     pub fn attach(&mut self, ebpf: &mut Ebpf) -> Result<(), KernelError> {
