@@ -56,6 +56,7 @@ enum Hook {
     SockOps,
     SockCreate,
     Sockopt,
+    /// Attached on demand (on_demand.rs), not by the attach loop.
     SkbIngress,
     SkbEgress,
     /// A tracepoint (category, name), attached through tracefs.
@@ -505,9 +506,6 @@ impl Enforcer {
         }
         let mut coverage = Coverage::default();
         for (name, hook) in PROGRAMS {
-            if name == on_demand::PROGRAM {
-                continue; // after the loop, if the policy needs it
-            }
             let program = self
                 .ebpf
                 .program_mut(name)
@@ -564,16 +562,15 @@ impl Enforcer {
                     }
                     None
                 }
-                Hook::SkbIngress | Hook::SkbEgress => {
-                    let direction = if hook == Hook::SkbIngress {
-                        CgroupSkbAttachType::Ingress
-                    } else {
-                        CgroupSkbAttachType::Egress
-                    };
-                    let p = as_type::<CgroupSkb>(name, program)?;
-                    let id = p.attach(&root, direction, single).map_err(err)?;
-                    Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
-                }
+                // The inbound program (on_demand.rs): after the loop, if
+                // the policy needs it.
+                Hook::SkbIngress => continue,
+                Hook::SkbEgress => Some(attach_skb(
+                    name,
+                    program,
+                    &root,
+                    CgroupSkbAttachType::Egress,
+                )?),
                 Hook::TracePoint("sched", event) => {
                     let p = as_type::<TracePoint>(name, program)?;
                     let attached = match &self.process_error {
@@ -639,17 +636,8 @@ impl Enforcer {
                 }
             };
             let Some(link) = link else { continue };
-            match pin_dir {
-                Some(dir) => {
-                    let path = dir.join("links").join(name);
-                    let pinned = link.pin(&path).map_err(|e| KernelError::Pin {
-                        path,
-                        reason: e.to_string(),
-                    })?;
-                    self.links.push(Attached::Pinned(pinned));
-                }
-                None => self.links.push(Attached::Owned(link)),
-            }
+            let links_dir = pin_dir.map(|d| d.join("links"));
+            self.links.push(keep(name, link, links_dir.as_deref())?);
         }
         self.inbound = Some(on_demand::Inbound {
             cgroup_root: cgroup_root.to_path_buf(),
@@ -870,6 +858,41 @@ fn fd_link<E: std::fmt::Display>(
         path: std::path::PathBuf::from(name),
         reason: format!("link is not a BPF link: {e}"),
     })
+}
+
+/// Attaches the cgroup_skb program `name` at the cgroup `root` in
+/// `direction`, its link taken out of aya's bookkeeping (see [`keep`]).
+fn attach_skb(
+    name: &'static str,
+    program: &mut aya::programs::Program,
+    root: &File,
+    direction: CgroupSkbAttachType,
+) -> Result<FdLink, KernelError> {
+    let err = |source| KernelError::Program { name, source };
+    let p = as_type::<CgroupSkb>(name, program)?;
+    let id = p
+        .attach(root, direction, CgroupAttachMode::Single)
+        .map_err(err)?;
+    fd_link(name, p.take_link(id).map_err(err)?.try_into())
+}
+
+/// Keeps the link of program `name`: pinned as `links_dir/name`, so that
+/// it outlives this process, or owned by it when there is no pin
+/// directory.
+fn keep(
+    name: &'static str,
+    link: FdLink,
+    links_dir: Option<&Path>,
+) -> Result<Attached, KernelError> {
+    let Some(dir) = links_dir else {
+        return Ok(Attached::Owned(link));
+    };
+    let path = dir.join(name);
+    let pinned = link.pin(&path).map_err(|e| KernelError::Pin {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(Attached::Pinned(pinned))
 }
 
 fn as_type<'a, T>(

@@ -14,12 +14,9 @@
 use std::path::{Path, PathBuf};
 
 use agent_common::{FLAG_BIND, FLAG_INGRESS, FLAG_NAMES, FLAG_QUARANTINE};
-use aya::{
-    programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
-    Ebpf,
-};
+use aya::{programs::CgroupSkbAttachType, Ebpf};
 
-use super::{as_type, fd_link, Attached};
+use super::{attach_skb, keep, Attached};
 use crate::kernel::KernelError;
 
 /// The program attached on demand.
@@ -59,32 +56,13 @@ impl Inbound {
         let program = ebpf
             .program_mut(PROGRAM)
             .ok_or(KernelError::MissingProgram(PROGRAM))?;
-        let err = |source| KernelError::Program {
-            name: PROGRAM,
-            source,
-        };
-        let p = as_type::<CgroupSkb>(PROGRAM, program)?;
-        let id = p
-            .attach(
-                &root,
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(err)?;
-        let link: FdLink = fd_link(PROGRAM, p.take_link(id).map_err(err)?.try_into())?;
-        self.link = Some(match &self.links_dir {
-            Some(dir) => {
-                let path = dir.join(PROGRAM);
-                // A pin left by an earlier attach of ours that could not
-                // be removed would make this one fail: replace it.
-                let _ = std::fs::remove_file(&path);
-                Attached::Pinned(link.pin(&path).map_err(|e| KernelError::Pin {
-                    path,
-                    reason: e.to_string(),
-                })?)
-            }
-            None => Attached::Owned(link),
-        });
+        let link = attach_skb(PROGRAM, program, &root, CgroupSkbAttachType::Ingress)?;
+        if let Some(dir) = &self.links_dir {
+            // A pin left by an earlier attach of ours that could not be
+            // removed would make this one fail: replace it.
+            let _ = std::fs::remove_file(dir.join(PROGRAM));
+        }
+        self.link = Some(keep(PROGRAM, link, self.links_dir.as_deref())?);
         tracing::info!(
             program = PROGRAM,
             "inbound packets are judged: a policy in force restricts inbound traffic or binding, quarantines, or has name rules"
@@ -132,6 +110,16 @@ mod tests {
     use agent_common::{ACTIVE_ICMP, ACTIVE_MANAGED, FLAG_ALLOW_PACKET, FLAG_ALLOW_RAW};
 
     use super::*;
+
+    #[test]
+    fn the_attach_loop_leaves_exactly_this_program_to_the_on_demand_attach() {
+        let skipped: Vec<&str> = super::super::PROGRAMS
+            .iter()
+            .filter(|(_, hook)| *hook == super::super::Hook::SkbIngress)
+            .map(|(name, _)| *name)
+            .collect();
+        assert_eq!(skipped, [PROGRAM]);
+    }
 
     #[test]
     fn only_inbound_rules_binds_quarantine_and_names_need_it() {
