@@ -14,11 +14,13 @@
 /// reads). Allocated as used; pinned, so a restart changes nothing the
 /// kernel enforces.
 pub const LEARNT: &str = "LEARNT";
-/// Hash of [`LearntV4Key`] -> [`LearntValue`]: the IPv4 addresses each
-/// service learnt. A map of its own so that its key is 12 bytes, hashed as
-/// three words like an address rule's 8-byte key, where [`LearntKey`]'s 32
-/// are eight: the judge asks it on every call of a service with name rules
-/// (docs/dns-names.md, "Added latency and connect cost").
+/// Hash of [`LearntV4Key`] -> [`LearntV4Value`]: the IPv4 addresses each
+/// service learnt. A map of its own so that its key is 8 bytes, as an
+/// address rule's (`EGRESS_HOSTS_V4`): the judge asks it on every call of a
+/// service with name rules, and the kernel hashes and compares the whole
+/// key (docs/dns-names.md, "Added latency and connect cost"). An agent
+/// before that kept a 12-byte key (see [`LEARNT_V4_KEY_BEFORE`]), which a
+/// restart still reads.
 pub const LEARNT_V4: &str = "LEARNT_V4";
 /// Default entries of LEARNT and of LEARNT_V4 each (`[dns] max_learnt`,
 /// which the agent's cache holds in all).
@@ -62,12 +64,20 @@ pub const DNS_HEARTBEAT_GRACE_NS: u64 = 30_000_000_000;
 /// service's (docs/dns-names.md, "Who asked").
 #[must_use]
 pub const fn dns_mark(name_key: u64) -> u32 {
-    let folded = (name_key ^ (name_key >> 32)) as u32;
+    let folded = fold(name_key);
     if folded == 0 {
         1
     } else {
         folded
     }
+}
+
+/// `name_key` in 32 bits (its two halves xor-ed): what [`LearntV4Key`]
+/// and [`dns_mark`] carry of it.
+#[must_use]
+#[inline(always)]
+pub const fn fold(name_key: u64) -> u32 {
+    (name_key ^ (name_key >> 32)) as u32
 }
 
 /// Key of LEARNT.
@@ -103,12 +113,18 @@ impl LearntKey {
     }
 }
 
-/// Key of LEARNT_V4: no padding and no alignment, so 12 bytes.
+/// Key of LEARNT_V4: 8 bytes, no padding and no alignment.
+///
+/// Two services whose `name_key`s fold to the same 32 bits share the keys
+/// of their addresses: the value names whose entry it is, the programs
+/// allow only that service, and an address both learnt is held for one of
+/// them at a time (the other is denied it until it looks it up again). The
+/// agent warns of such a pair when it loads the policy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LearntV4Key {
-    /// [`crate::ServiceEntry::name_key`], its native-order bytes.
-    pub name_key: [u8; 8],
+    /// [`fold`] of [`crate::ServiceEntry::name_key`], native-order bytes.
+    pub name_fold: [u8; 4],
     pub addr: [u8; 4],
 }
 
@@ -117,13 +133,53 @@ impl LearntV4Key {
     #[inline(always)]
     pub const fn new(name_key: u64, addr: [u8; 4]) -> Self {
         Self {
-            name_key: name_key.to_ne_bytes(),
+            name_fold: fold(name_key).to_ne_bytes(),
             addr,
         }
     }
 }
 
-/// Value of LEARNT and LEARNT_V4.
+/// Value of LEARNT_V4: [`LearntValue`] and whose entry it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearntV4Value {
+    /// As [`LearntValue::expires_ns`].
+    pub expires_ns: u64,
+    /// The [`crate::ServiceEntry::name_key`] that learnt it: the programs
+    /// allow the address only to that service (see [`LearntV4Key`]).
+    pub name_key: u64,
+    /// As [`LearntValue::rules`].
+    pub rules: u8,
+    pub _pad: [u8; 7],
+}
+
+impl LearntV4Value {
+    #[must_use]
+    pub const fn new(name_key: u64, v: LearntValue) -> Self {
+        Self {
+            expires_ns: v.expires_ns,
+            name_key,
+            rules: v.rules,
+            _pad: [0; 7],
+        }
+    }
+
+    #[must_use]
+    pub const fn learnt(&self) -> LearntValue {
+        LearntValue {
+            expires_ns: self.expires_ns,
+            rules: self.rules,
+            _pad: [0; 7],
+        }
+    }
+}
+
+/// The key size of LEARNT_V4 in an agent before [`LearntV4Key`] was 8
+/// bytes: `name_key` (native order) then the address, with a
+/// [`LearntValue`]. Read only from a previous agent's pins.
+pub const LEARNT_V4_KEY_BEFORE: usize = 12;
+
+/// Value of LEARNT.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LearntValue {
@@ -187,6 +243,7 @@ mod pod {
     unsafe impl aya::Pod for super::LearntKey {}
     unsafe impl aya::Pod for super::LearntV4Key {}
     unsafe impl aya::Pod for super::LearntValue {}
+    unsafe impl aya::Pod for super::LearntV4Value {}
     unsafe impl aya::Pod for super::DnsOrigin {}
     unsafe impl aya::Pod for super::DnsClientKey {}
     unsafe impl aya::Pod for super::DnsProxy {}

@@ -13,10 +13,11 @@ use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
     counter_slot, DnsClientKey, DnsOrigin, DnsProxy, Event, ExeId, ExeRule, ExeRuleKey, FlowKey,
-    FlowValue, LearntKey, LearntV4Key, LearntValue, LpmV4Key, LpmV6Key, PortRange, RateState,
-    RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, CGROUP_PATH_MAX,
-    COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS, LOST_SLOTS, LOST_TCP,
-    LOST_VERDICT, LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN, VERDICT_AUDIT,
+    FlowValue, LearntKey, LearntV4Key, LearntV4Value, LearntValue, LpmV4Key, LpmV6Key, PortRange,
+    RateState, RuleSet, ServiceEntry, SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey,
+    CGROUP_PATH_MAX, COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DIRECTION_INGRESS, LOST_INGRESS,
+    LOST_SLOTS, LOST_TCP, LOST_VERDICT, LPM_SERVICE_BITS, MAX_PORT_RANGES, PROTO_UDP, RECORD_SPAN,
+    VERDICT_AUDIT,
 };
 
 /// The size of the field `access` reads (never called).
@@ -61,12 +62,13 @@ assert_layout!(
     ]
 );
 assert_layout!(LearntKey, 32, [name_key, family, _pad, _pad2, _pad4, addr]);
-assert_layout!(LearntV4Key, 12, [name_key, addr]);
+assert_layout!(LearntV4Key, 8, [name_fold, addr]);
 const _: () = assert!(
     align_of::<LearntV4Key>() == 1,
     "LearntV4Key is packed bytes"
 );
 assert_layout!(LearntValue, 16, [expires_ns, rules, _pad]);
+assert_layout!(LearntV4Value, 24, [expires_ns, name_key, rules, _pad]);
 assert_layout!(
     DnsOrigin,
     32,

@@ -4,12 +4,12 @@
 
 use agent_common::{
     DnsClientKey, DnsOrigin, DnsProxy, ExeId, ExeRule, ExeRuleKey, FlowKey, FlowValue, LearntKey,
-    LearntV4Key, LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry, SockInfo,
-    UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX, COUNTER_SLOTS,
-    DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT, DEFAULT_MAX_PREFIXES,
-    DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS, DNS_TRACKED, EXE_NAMES_TABLE,
-    EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS, PROCESS_TABLE, QUALIFIER_TABLE,
-    UDP_PEERS_PER_SERVICE,
+    LearntV4Key, LearntV4Value, LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry,
+    SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX,
+    COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT,
+    DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS,
+    DNS_TRACKED, EXE_NAMES_TABLE, EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS,
+    PROCESS_TABLE, QUALIFIER_TABLE, UDP_PEERS_PER_SERVICE,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
@@ -203,7 +203,7 @@ pub static LEARNT: HashMap<LearntKey, LearntValue> =
     HashMap::with_max_entries(DEFAULT_MAX_LEARNT, BPF_F_NO_PREALLOC);
 
 #[map(name = "LEARNT_V4")]
-pub static LEARNT_V4: HashMap<LearntV4Key, LearntValue> =
+pub static LEARNT_V4: HashMap<LearntV4Key, LearntV4Value> =
     HashMap::with_max_entries(DEFAULT_MAX_LEARNT, BPF_F_NO_PREALLOC);
 
 #[map(name = "DNS_ORIGINS")]

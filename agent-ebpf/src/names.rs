@@ -70,8 +70,10 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
 /// or `RULE_DEFAULT_DENY`. The learnt entry's bitmap picks the union
 /// ruleset of the name rules whose names gave the address, so each rule's
 /// own ports and protocol apply. An IPv4 (or mapped) destination is asked
-/// of LEARNT_V4, whose 12-byte key the kernel hashes as three words, as it
-/// does an address rule's 8-byte key, where LEARNT's 32 bytes are eight.
+/// of LEARNT_V4, whose 8-byte key the kernel hashes and compares as it
+/// does an address rule's, where LEARNT's 32 bytes are eight words; its
+/// key carries the service's name key in 32 bits, so the entry must name
+/// the service in full (agent_common::LearntV4Key).
 ///
 /// An entry held is allowed: the agent's sweep removes it once its TTL has
 /// run out (docs/dns-names.md, "TTLs, caps, memory"), so no clock is read
@@ -79,17 +81,20 @@ pub fn is_proxy(dest: &Dest, port: u16) -> bool {
 /// working, new names fail closed). Inlined, with no helper call: where
 /// the kernel returns through a thunk (SRSO "Safe RET") every call costs,
 /// and the subprogram and the clock read made a learnt name's UDP
-/// connect() 70 ns dearer than an address rule's, now 30 (A/B in
-/// docs/dns-names.md, "Added latency and connect cost").
+/// connect() 70 ns dearer than an address rule's, then 30, then about 10
+/// with LEARNT_V4's earlier 12-byte key (A/B in docs/dns-names.md, "Added
+/// latency and connect cost").
 #[inline(always)]
 pub fn learnt_rule(s: &ServiceEntry, dest: &Dest, proto: u8, port: u16, callers: u32) -> u32 {
-    let held = match *dest {
+    let rules = match *dest {
         // SAFETY: copied out at once, under the program's RCU read lock.
-        Dest::V4(addr) => unsafe { LEARNT_V4.get(LearntV4Key::new(s.name_key, addr)) },
+        Dest::V4(addr) => unsafe { LEARNT_V4.get(LearntV4Key::new(s.name_key, addr)) }
+            .filter(|v| v.name_key == s.name_key)
+            .map(|v| v.rules),
         // SAFETY: as above.
-        Dest::V6(addr) => unsafe { LEARNT.get(LearntKey::v6(s.name_key, addr)) },
+        Dest::V6(addr) => unsafe { LEARNT.get(LearntKey::v6(s.name_key, addr)) }.map(|v| v.rules),
     };
-    let Some(rules) = held.map(|v| v.rules) else {
+    let Some(rules) = rules else {
         return RULE_DEFAULT_DENY;
     };
     match_ports_inline(

@@ -85,6 +85,35 @@ pub fn update(map: &Path, key: &[u8], value: &[u8]) {
     bpftool(&args).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Pins a new hash map (no preallocation, as the agent's learnt maps)
+/// named `name` at `pin`, for a map of an older agent's layout; panics if
+/// it fails.
+pub fn create_hash(pin: &Path, name: &str, key_size: usize, value_size: usize, entries: u32) {
+    let (key, value, entries) = (
+        key_size.to_string(),
+        value_size.to_string(),
+        entries.to_string(),
+    );
+    bpftool(&[
+        "map",
+        "create",
+        path_str(pin),
+        "type",
+        "hash",
+        "key",
+        &key,
+        "value",
+        &value,
+        "entries",
+        &entries,
+        "name",
+        name,
+        "flags",
+        "1",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Deletes `key` from the pinned `map`; panics if it fails.
 pub fn delete(map: &Path, key: &[u8]) {
     let key = hex(key);
@@ -178,13 +207,25 @@ pub fn host_v4_key(service_id: u32, addr: std::net::Ipv4Addr) -> Vec<u8> {
 pub fn learnt(daemon: &Daemon) -> Vec<(u64, std::net::IpAddr)> {
     let v4 = dump(&pinned(daemon, agent_common::LEARNT_V4))
         .into_iter()
-        .map(|(key, _)| {
-            // LearntV4Key: name_key (8 bytes), the address (4).
-            assert_eq!(key.len(), 12, "a LEARNT_V4 key is 12 bytes, got {key:?}");
+        .map(|(key, value)| {
+            // LearntV4Key: the name key folded (4 bytes), the address (4);
+            // LearntV4Value: expiry (8 bytes), the whole name key (8), ...
+            assert_eq!(key.len(), 8, "a LEARNT_V4 key is 8 bytes, got {key:?}");
+            assert_eq!(
+                value.len(),
+                24,
+                "a LEARNT_V4 value is 24 bytes, got {value:?}"
+            );
             let mut name_key = [0u8; 8];
-            name_key.copy_from_slice(&key[..8]);
-            let ip = std::net::IpAddr::from([key[8], key[9], key[10], key[11]]);
-            (u64::from_ne_bytes(name_key), ip)
+            name_key.copy_from_slice(&value[8..16]);
+            let name_key = u64::from_ne_bytes(name_key);
+            assert_eq!(
+                key[..4],
+                agent_common::fold(name_key).to_ne_bytes(),
+                "a LEARNT_V4 key carries its value's name key folded"
+            );
+            let ip = std::net::IpAddr::from([key[4], key[5], key[6], key[7]]);
+            (name_key, ip)
         });
     let v6 = dump(&pinned(daemon, agent_common::LEARNT))
         .into_iter()

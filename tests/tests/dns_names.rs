@@ -600,13 +600,14 @@ fn learnt_ipv4_addresses_an_older_agent_kept_in_learnt_are_carried_over() {
     // The entry as the older agent held it: name key, family, 7 bytes of
     // padding, the address in the first 4 of 16.
     let (key, value) = &held[0];
-    let mut old_key = key[..8].to_vec();
+    let (name_key, old_value) = before_v4_value(value);
+    let mut old_key = name_key.to_vec();
     old_key.push(agent_common::FAMILY_V4);
     old_key.extend([0; 7]);
-    old_key.extend(&key[8..12]);
+    old_key.extend(&key[4..8]);
     old_key.extend([0; 12]);
     maps::delete(&maps_dir.join("LEARNT_V4"), key);
-    maps::update(&maps_dir.join("LEARNT"), &old_key, value);
+    maps::update(&maps_dir.join("LEARNT"), &old_key, &old_value);
     w.client()
         .tcp_connect(w.api.addr())
         .assert_eperm("an IPv4 address is looked up in LEARNT_V4 only");
@@ -627,6 +628,63 @@ fn learnt_ipv4_addresses_an_older_agent_kept_in_learnt_are_carried_over() {
         "nothing IPv4 in the new agent's LEARNT: {}",
         second.log()
     );
+}
+
+/// A `LEARNT_V4` value (expiry, name key, rule bits, padding) split into
+/// the name key and the value before `LEARNT_V4`'s 8-byte key (expiry,
+/// rule bits, padding: what `LEARNT` still holds).
+fn before_v4_value(value: &[u8]) -> ([u8; 8], Vec<u8>) {
+    assert_eq!(value.len(), 24, "a LEARNT_V4 value: {value:?}");
+    let mut name_key = [0u8; 8];
+    name_key.copy_from_slice(&value[8..16]);
+    let mut old = value[..8].to_vec();
+    old.extend(&value[16..24]);
+    (name_key, old)
+}
+
+/// An agent before `LEARNT_V4`'s 8-byte key kept its IPv4 addresses under
+/// a 12-byte key (the whole name key, then the address) with the 16-byte
+/// value `LEARNT` has: its start carries them over, so an upgrade keeps
+/// allowed what was learnt.
+#[test]
+fn learnt_ipv4_addresses_an_older_agent_kept_under_a_12_byte_key_are_carried_over() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(15, &[]);
+    let shared = SharedPins::new();
+    let learnt_v4 = shared.pin_dir().join("current/maps/LEARNT_V4");
+    let mut first = shared.start(&w.policies);
+    w.look_up("api.example.test", &[], "127.0.75.1");
+    let held = maps::dump(&learnt_v4);
+    assert_eq!(held.len(), 1, "learnt by the first agent: {held:?}");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+
+    // The older agent's map in place of the first agent's pin (its
+    // programs keep their own map until the next agent detaches them).
+    let (key, value) = &held[0];
+    let (name_key, old_value) = before_v4_value(value);
+    let mut old_key = name_key.to_vec();
+    old_key.extend(&key[4..8]);
+    std::fs::remove_file(&learnt_v4).expect("unpin the first agent's LEARNT_V4");
+    maps::create_hash(&learnt_v4, "LEARNT_V4", 12, 16, 64);
+    maps::update(&learnt_v4, &old_key, &old_value);
+
+    let second = shared.start(&w.policies);
+    assert!(
+        second.log().contains(
+            "learnt addresses of name rules carried over from the previous agent restored=1"
+        ),
+        "the second agent carries the entry over:\n{}",
+        second.log()
+    );
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("carried over from the older agent's 12-byte-key LEARNT_V4");
+    let now = maps::dump(&learnt_v4);
+    assert_eq!(now.len(), 1, "in the new agent's LEARNT_V4: {now:?}");
+    assert_eq!(now[0].0.len(), 8, "the new agent's key is 8 bytes: {now:?}");
+    assert_eq!(now[0].1[8..16], name_key, "under the same service: {now:?}");
 }
 
 #[test]

@@ -217,10 +217,33 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
         });
     }
     if b.errors.is_empty() {
+        warn_of_shared_folds(&b.out.services);
         Ok(b.out)
     } else {
         Err(PolicyErrors(b.errors))
     }
+}
+
+/// Two services with name rules whose name keys fold to the same 32 bits
+/// share the LEARNT_V4 keys of their addresses (agent_common::LearntV4Key):
+/// never a wrong allow, but an address both learn is held for one at a
+/// time. Said, so that an operator who sees such denials knows why
+/// (renaming either service changes its key).
+fn warn_of_shared_folds(services: &[CompiledService]) -> usize {
+    let mut seen: std::collections::HashMap<u32, &str> = std::collections::HashMap::new();
+    let mut shared = 0;
+    for s in services.iter().filter(|s| s.entry.flags & FLAG_NAMES != 0) {
+        let fold = agent_common::fold(s.entry.name_key);
+        if let Some(other) = seen.insert(fold, &s.name) {
+            shared += 1;
+            tracing::warn!(
+                service = %s.name,
+                other = %other,
+                "these two services' name keys fold to the same 32 bits: an IPv4 address both learn from their lookups is allowed to the one that learnt it last, and the other is denied it until it looks it up again; renaming either service ends this"
+            );
+        }
+    }
+    shared
 }
 
 type V4Entries = Vec<(u32, LpmV4Key, u32)>;
@@ -887,5 +910,41 @@ mod tests {
                 ("c".to_string(), false)
             ]
         );
+    }
+
+    #[test]
+    fn services_with_name_rules_whose_keys_fold_alike_are_warned_of() {
+        let service = |name: &str, name_key: u64, flags: u8| CompiledService {
+            name: name.into(),
+            file_name: format!("{name}.toml"),
+            selector: Selector::Cgroup(name.into()),
+            entry: ServiceEntry {
+                service_id: 0,
+                mode: 0,
+                flags,
+                sockets: 0,
+                qualifiers: 0,
+                bind_ruleset: 0,
+                names_ruleset: 0,
+                name_key,
+                exe_free: 0,
+                uid_free: 0,
+            },
+            rule_count: 1,
+        };
+        // 1 << 32 and 1 fold to 1.
+        let a = service("a", 1 << 32, FLAG_NAMES);
+        let b = service("b", 1, FLAG_NAMES);
+        let c = service("c", 2, FLAG_NAMES);
+        let no_names = service("d", 1, 0);
+        assert_eq!(
+            agent_common::fold(a.entry.name_key),
+            agent_common::fold(b.entry.name_key)
+        );
+        assert_eq!(
+            warn_of_shared_folds(&[a.clone(), c.clone(), no_names.clone()]),
+            0
+        );
+        assert_eq!(warn_of_shared_folds(&[a, c, no_names, b]), 1);
     }
 }

@@ -12,8 +12,9 @@ use std::{
 };
 
 use agent_common::{
-    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntV4Key, LearntValue, DNS_CLIENTS,
-    DNS_ORIGINS, DNS_PROXY, FAMILY_V4, FAMILY_V6, LEARNT, LEARNT_V4,
+    DnsClientKey, DnsOrigin, DnsProxy, LearntKey, LearntV4Key, LearntV4Value, LearntValue,
+    DNS_CLIENTS, DNS_ORIGINS, DNS_PROXY, FAMILY_V4, FAMILY_V6, LEARNT, LEARNT_V4,
+    LEARNT_V4_KEY_BEFORE,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError},
@@ -31,7 +32,7 @@ pub struct DnsClients(HashMap<MapData, DnsClientKey, DnsOrigin>);
 /// cache's sweep for what it learnt or restored, [`Learnt::sweep_carried`]
 /// for what a previous agent's maps carried over.
 pub struct Learnt {
-    v4: HashMap<MapData, LearntV4Key, LearntValue>,
+    v4: HashMap<MapData, LearntV4Key, LearntV4Value>,
     v6: HashMap<MapData, LearntKey, LearntValue>,
     /// (expiry, entry) of each entry copied from a previous agent, soonest
     /// first.
@@ -243,27 +244,46 @@ impl Entry {
 impl Learnt {
     fn insert(&mut self, e: Entry, value: LearntValue) -> Result<(), MapError> {
         match e.addr {
-            IpAddr::V4(a) => self
-                .v4
-                .insert(LearntV4Key::new(e.name_key, a.octets()), value, 0),
+            IpAddr::V4(a) => {
+                let key = LearntV4Key::new(e.name_key, a.octets());
+                if let Ok(held) = self.v4.get(&key, 0) {
+                    if held.name_key != e.name_key {
+                        tracing::warn!(
+                            address = %a,
+                            "two services' name keys fold to the same 32 bits and both learnt this address: it is now allowed to the one that learnt it last, and the other is denied it until it looks it up again"
+                        );
+                    }
+                }
+                self.v4
+                    .insert(key, LearntV4Value::new(e.name_key, value), 0)
+            }
             IpAddr::V6(a) => self.v6.insert(v6_key(e.name_key, a.octets()), value, 0),
         }
     }
 
-    /// Removes `e`: absent counts as removed.
+    /// Removes `e`: absent (or held for another service whose name key
+    /// folds the same, see agent_common::LearntV4Key) counts as removed.
     fn remove(&mut self, e: Entry) -> Result<(), MapError> {
-        removed(match e.addr {
-            IpAddr::V4(a) => self.v4.remove(&LearntV4Key::new(e.name_key, a.octets())),
-            IpAddr::V6(a) => self.v6.remove(&v6_key(e.name_key, a.octets())),
-        })
+        match e.addr {
+            IpAddr::V4(a) => {
+                if self.get(e).is_none() {
+                    return Ok(());
+                }
+                removed(self.v4.remove(&LearntV4Key::new(e.name_key, a.octets())))
+            }
+            IpAddr::V6(a) => removed(self.v6.remove(&v6_key(e.name_key, a.octets()))),
+        }
     }
 
+    /// `e`'s value, if the maps hold it for `e`'s service.
     fn get(&self, e: Entry) -> Option<LearntValue> {
         match e.addr {
             IpAddr::V4(a) => self
                 .v4
                 .get(&LearntV4Key::new(e.name_key, a.octets()), 0)
-                .ok(),
+                .ok()
+                .filter(|v| v.name_key == e.name_key)
+                .map(|v| v.learnt()),
             IpAddr::V6(a) => self.v6.get(&v6_key(e.name_key, a.octets()), 0).ok(),
         }
     }
@@ -333,15 +353,18 @@ impl Learnt {
     }
 
     /// Copies a previous agent's learnt addresses not expired at `now_ns`
-    /// (its pinned maps under `dir`: LEARNT_V4 and LEARNT, or LEARNT alone
-    /// with both families from an agent before LEARNT_V4), so that what
+    /// (its pinned maps under `dir`: LEARNT_V4, with its 8-byte key or
+    /// the 12-byte one before, and LEARNT; or LEARNT alone with both
+    /// families from an agent before LEARNT_V4), so that what
     /// it enforced stays enforced once this agent's programs replace its
     /// own, until [`Self::sweep_carried`] removes each at its expiry.
     /// Returns how many; none if it had no such map.
     pub fn restore_from(&mut self, dir: &Path, now_ns: u64) -> usize {
         let mut old: Vec<(Entry, LearntValue)> = Vec::new();
-        if let Some(map) = pinned::<LearntV4Key, LearntValue>(dir, LEARNT_V4, false) {
+        if let Some(map) = pinned::<LearntV4Key, LearntV4Value>(dir, LEARNT_V4, false) {
             old.extend(v4_entries(&map));
+        } else if let Some(map) = pinned::<LearntV4KeyBefore, LearntValue>(dir, LEARNT_V4, false) {
+            old.extend(v4_entries_before(&map));
         }
         if let Some(map) = pinned::<LearntKey, LearntValue>(dir, LEARNT, false) {
             old.extend(v6_entries(&map));
@@ -408,7 +431,30 @@ impl Learnt {
 
 /// The entries of a LEARNT_V4 map (ours or a previous agent's).
 fn v4_entries<T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, LearntV4Key, LearntValue>,
+    map: &HashMap<T, LearntV4Key, LearntV4Value>,
+) -> impl Iterator<Item = (Entry, LearntValue)> + '_ {
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (Entry::new(v.name_key, IpAddr::from(k.addr)), v.learnt()))
+}
+
+/// LEARNT_V4's key in an agent before [`LearntV4Key`]: the whole name key
+/// (native order), then the address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LearntV4KeyBefore {
+    name_key: [u8; 8],
+    addr: [u8; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<LearntV4KeyBefore>() == LEARNT_V4_KEY_BEFORE);
+
+// SAFETY: plain #[repr(C)] bytes, no padding, every bit pattern valid.
+unsafe impl Pod for LearntV4KeyBefore {}
+
+/// The entries of a previous agent's LEARNT_V4 with the key before.
+fn v4_entries_before<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, LearntV4KeyBefore, LearntValue>,
 ) -> impl Iterator<Item = (Entry, LearntValue)> + '_ {
     map.iter().filter_map(Result::ok).map(|(k, v)| {
         let addr = IpAddr::from(k.addr);

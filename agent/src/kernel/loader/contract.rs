@@ -124,7 +124,7 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             agent_common::LEARNT_V4,
             hash,
             size_of::<agent_common::LearntV4Key>(),
-            Some(size_of::<agent_common::LearntValue>()),
+            Some(size_of::<agent_common::LearntV4Value>()),
         ),
         (
             names::PROCESSES,
