@@ -243,11 +243,6 @@ fn v6_or_mapped(w: [u32; 4]) -> Dest {
 fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_hook: bool) -> i32 {
     let cgroup_id = current_cgroup_id();
     let service = current_service_in(cgroup_id);
-    // Redirected to the proxy by a program that ran first (see
-    // names::is_proxy): judged there as the resolver it asked for.
-    if service.is_some_and(|s| s.flags & FLAG_NAMES != 0) && names::is_proxy(&dest, port) {
-        return ALLOW;
-    }
     // Not a managed service: untouched, and only seen when asked for.
     if service.is_none() && !observe_unmanaged() {
         return ALLOW;
@@ -280,6 +275,16 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
                     Dest::V4(addr) => match_v4(s.service_id, addr, proto, port, callers),
                     Dest::V6(addr) => match_v6(s.service_id, addr, proto, port, callers),
                 };
+            }
+            // Redirected to the proxy by a program that ran first (see
+            // names::is_proxy): judged there as the resolver it asked
+            // for. Asked only of a call the rules deny, so that an
+            // allowed one (the common case) pays nothing for it.
+            if rule == RULE_DEFAULT_DENY
+                && s.flags & FLAG_NAMES != 0
+                && names::is_proxy(&dest, port)
+            {
+                return ALLOW;
             }
             // A datagram answering a UDP peer that ingress let in.
             if rule == RULE_DEFAULT_DENY && hook == HOOK_SENDMSG && s.flags & FLAG_INGRESS != 0 {
@@ -350,7 +355,9 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
     // A lookup of a service with name rules goes to the agent's proxy
     // (judged above as the resolver it asked for).
     let proxy_port = match service {
-        Some(s) if allowed && names::is_lookup(&s, port, proto) => {
+        Some(s)
+            if allowed && names::is_lookup(&s, port, proto) && !names::is_proxy(&dest, port) =>
+        {
             names::redirect_lookup(ctx, &s, &dest, v6_hook)
         }
         _ => 0,
