@@ -224,11 +224,13 @@ pub fn compile(set: &PolicySet) -> Result<CompiledPolicy, PolicyErrors> {
     }
 }
 
-/// Two services with name rules whose name keys fold to the same 32 bits
-/// share the LEARNT_V4 keys of their addresses (agent_common::LearntV4Key):
-/// never a wrong allow, but an address both learn is held for one at a
-/// time. Said, so that an operator who sees such denials knows why
-/// (renaming either service changes its key).
+/// Two services with name rules (or observing lookups) whose name keys
+/// fold to the same 32 bits share the LEARNT_V4 keys of their addresses
+/// (agent_common::LearntV4Key: never a wrong allow, but an address both
+/// learn is held for one at a time) and the mark of their queries
+/// (agent_common::dns_mark: a query waiting in the proxy while its port
+/// passes from one's socket to the other's is not told apart). Said, so
+/// that an operator knows why (renaming either service changes its key).
 fn warn_of_shared_folds(services: &[CompiledService]) -> usize {
     let mut seen: std::collections::HashMap<u32, &str> = std::collections::HashMap::new();
     let mut shared = 0;
@@ -239,7 +241,7 @@ fn warn_of_shared_folds(services: &[CompiledService]) -> usize {
             tracing::warn!(
                 service = %s.name,
                 other = %other,
-                "these two services' name keys fold to the same 32 bits: an IPv4 address both learn from their lookups is allowed to the one that learnt it last, and the other is denied it until it looks it up again; renaming either service ends this"
+                "these two services' name keys fold to the same 32 bits: an IPv4 address both learn from their lookups is allowed to the one that learnt it last (the other is denied it until it looks it up again), and their queries carry the same mark (docs/dns-names.md, \"Who asked\"); renaming either service ends this"
             );
         }
     }

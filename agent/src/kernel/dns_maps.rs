@@ -266,10 +266,14 @@ impl Learnt {
     fn remove(&mut self, e: Entry) -> Result<(), MapError> {
         match e.addr {
             IpAddr::V4(a) => {
-                if self.get(e).is_none() {
-                    return Ok(());
+                let key = LearntV4Key::new(e.name_key, a.octets());
+                match self.v4.get(&key, 0) {
+                    Ok(held) if held.name_key != e.name_key => Ok(()),
+                    Ok(_) => removed(self.v4.remove(&key)),
+                    // Absent counts as removed; any other failure is
+                    // tried again (a removal must not be lost).
+                    Err(err) => removed(Err(err)),
                 }
-                removed(self.v4.remove(&LearntV4Key::new(e.name_key, a.octets())))
             }
             IpAddr::V6(a) => removed(self.v6.remove(&v6_key(e.name_key, a.octets()))),
         }

@@ -240,15 +240,15 @@ impl NamesReport<'_> {
             format!(
                 "({} rules, {} extra runs of each service's probes in turn with the kernel's BPF \
                  run-time statistics on; means, \
-                 so a preempted run counts whole): {}. The learnt path is a check that the \
-                 call is not to the proxy itself (an array read), a LEARNT_V4 hash lookup \
-                 (an 8-byte key: the service's name key folded to 32 bits and the address; \
-                 the entry's whole name key is compared; no clock is read: the agent \
-                 removes an entry at its expiry) that hits, and the port scan of \
+                 so a preempted run counts whole): {}. The learnt path is a LEARNT_V4 hash \
+                 lookup (an 8-byte key: the service's name key folded to 32 bits and the \
+                 address; the entry's whole name key is compared; no clock is read: the \
+                 agent removes an entry at its expiry) that hits, and the port scan of \
                  the union ruleset the entry's rule bits pick; the CIDR path is one hash \
                  lookup that hits (an 8-byte key) and the port scan. Having name rules, \
-                 allowed by address, adds that check and a LEARNT_V4 lookup that misses \
-                 before the address rules.",
+                 allowed by address, adds a LEARNT_V4 lookup that misses before the \
+                 address rules. (The check that a call goes to the proxy itself, an \
+                 array read, is made only of a call the rules deny.)",
                 num(*n as u64),
                 super::names::PROFILE_PASSES,
                 parts.join("; ")
