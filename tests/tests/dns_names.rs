@@ -687,6 +687,99 @@ fn learnt_ipv4_addresses_an_older_agent_kept_under_a_12_byte_key_are_carried_ove
     assert_eq!(now[0].1[8..16], name_key, "under the same service: {now:?}");
 }
 
+/// Two service names (`fold-N`, the policy file's stem) whose name keys,
+/// with one name rule allowing `pattern`, fold to the same 32 bits: the
+/// first pair the agent's key (FNV-1a of the service name and its name
+/// rules' patterns, `Service::names_key`) gives, found by a birthday
+/// search. The test checks the keys the agent wrote, so a change of the
+/// key fails it rather than testing nothing.
+fn names_folding_alike(pattern: &str) -> (String, String) {
+    let key = |name: &str| {
+        format!("{name}\n {pattern}")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+    };
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..2_000_000_u32 {
+        let name = format!("fold-{i}");
+        if let Some(first) = seen.insert(agent_common::fold(key(&name)), name.clone()) {
+            return (first, name);
+        }
+    }
+    panic!("no two of 2,000,000 names fold alike")
+}
+
+/// Two services whose name keys fold to the same 32 bits share the
+/// `LEARNT_V4` slot of an address both may learn (`agent_common`'s
+/// `LearntV4Key`): the programs compare the whole key, so the one that
+/// did not look the name up is denied, whichever learnt it last (a false
+/// denial of the other, documented, never an allow of the other's).
+#[test]
+fn a_service_whose_name_key_folds_like_anothers_is_never_allowed_what_the_other_learnt() {
+    if !require_bpf() {
+        return;
+    }
+    let w = Named::new(16, &[]);
+    let other = CgroupGuard::new();
+    let (a, b) = names_folding_alike("api.example.test");
+    std::fs::remove_file(w.policies.path().join("svc.toml")).expect("remove svc.toml");
+    w.policies
+        .write(&format!("{a}.toml"), &w.policy(&w.svc, "api.example.test"));
+    w.policies
+        .write(&format!("{b}.toml"), &w.policy(&other, "api.example.test"));
+    let daemon = Daemon::start(&w.policies);
+    let name_key = |cgroup: &CgroupGuard| {
+        let entry = maps::service_entry(&daemon, cgroup.id())
+            .unwrap_or_else(|| panic!("no SERVICES entry for {}", cgroup.path().display()));
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&entry[16..24]);
+        u64::from_ne_bytes(key)
+    };
+    let (key_a, key_b) = (name_key(&w.svc), name_key(&other));
+    assert_ne!(key_a, key_b, "two services, two name keys");
+    assert_eq!(
+        agent_common::fold(key_a),
+        agent_common::fold(key_b),
+        "{a} and {b} must fold alike for this test: the agent's name key changed?"
+    );
+    assert!(
+        daemon.log().contains("fold to the same 32 bits"),
+        "the agent warns of the pair:\n{}",
+        daemon.log()
+    );
+    let b_client = || probe!().in_cgroup(other.path());
+    let b_look_up = || {
+        let out = dig_in(other.path(), w.resolver(), "api.example.test", &[]);
+        assert_eq!(dig_addresses(&out), ["127.0.76.1"], "{}", dig_text(&out));
+    };
+
+    w.look_up("api.example.test", &[], "127.0.76.1");
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("a looked it up");
+    b_client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("b never looked it up, though a's entry sits in the slot b's key names");
+
+    b_look_up();
+    b_client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("b looked it up");
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("the slot holds b's entry now: a is denied until it looks it up again");
+
+    w.look_up("api.example.test", &[], "127.0.76.1");
+    w.client()
+        .tcp_connect(w.api.addr())
+        .assert_ok("a looked it up again");
+    b_client()
+        .tcp_connect(w.api.addr())
+        .assert_eperm("and b is denied again");
+}
+
 #[test]
 fn changed_name_rules_revoke_what_the_service_learnt_under_them() {
     if !require_bpf() {
