@@ -130,6 +130,11 @@ fn an_allowed_name_connects_right_after_the_services_own_lookup() {
         .in_cgroup(bystander.path())
         .tcp_connect(w.api.addr())
         .assert_eperm("an address another service looked up");
+    // DNS over TLS to the service's own resolver is ordinary egress: its
+    // rules allow port 53 there, not 853.
+    w.client()
+        .tcp_connect(SocketAddr::new(w.resolver().ip(), 853))
+        .assert_eperm("DNS over TLS (853) to the resolver the rules allow on 53");
 }
 
 #[test]
@@ -983,13 +988,18 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
     let bystander_rule = Egress::to([w.api.addr().ip()])
         .ports([w.api.port()])
         .protocol("tcp");
+    let bystander_dns = Egress::to([w.resolver().ip()]).ports([53]);
     w.policies.write(
         "bystander.toml",
-        &service_policy(&bystander, "enforce", &[bystander_rule]),
+        &service_policy(&bystander, "enforce", &[bystander_rule, bystander_dns]),
     );
     let daemon = Daemon::start(&w.policies);
     let api = w.api.addr();
 
+    // A service without name rules is not touched: its lookup goes to its
+    // resolver, not through the proxy (the metrics below count none).
+    let out = dig_in(bystander.path(), w.resolver(), "api.example.test", &[]);
+    assert_eq!(dig_addresses(&out), ["127.0.66.1"], "{}", dig_text(&out));
     w.look_up("api.example.test", &[], "127.0.66.1");
     w.client()
         .tcp_connect(api)
@@ -1037,7 +1047,16 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
     }
 
     // The metrics.
-    let scrape = Scrape::get(metrics_addr(&daemon));
+    assert_the_proxys_metrics(&daemon);
+    assert_the_graph_draws_the_name(&daemon, api);
+    assert_learn_proposes_the_name(&daemon, api);
+}
+
+/// The metrics after [`a_lookup_names_the_decision_the_metrics_the_graph_and_learn`]'s
+/// lookups: `svc`'s one lookup answered, learnt and timed; none of
+/// `bystander`'s (no name rules: never redirected).
+fn assert_the_proxys_metrics(daemon: &Daemon) {
+    let scrape = Scrape::get(metrics_addr(daemon));
     let lookups = |result: &str| {
         scrape.count(
             "bulkhead_dns_lookups_total",
@@ -1058,10 +1077,23 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
         "{}",
         scrape.text()
     );
+    assert!(
+        scrape
+            .label_sets("bulkhead_dns_lookups_total", ("service", "bystander"))
+            .is_empty(),
+        "the service without name rules made no lookup through the proxy: {}",
+        scrape.text()
+    );
     assert_eq!(
         scrape.count("bulkhead_dns_proxy_added_seconds_count", &[]),
         1,
-        "one answered lookup timed: {}",
+        "one answered lookup timed (the other service's was not redirected): {}",
+        scrape.text()
+    );
+    let added = scrape.real("bulkhead_dns_proxy_added_seconds_sum", &[]);
+    assert!(
+        added > 0.0 && added < 1.0,
+        "the proxy's added latency of that lookup, {added} s: {}",
         scrape.text()
     );
     // The sweep runs each second (what ends a learnt address's TTL).
@@ -1078,9 +1110,6 @@ fn a_lookup_names_the_decision_the_metrics_the_graph_and_learn() {
         ),
         0
     );
-
-    assert_the_graph_draws_the_name(&daemon, api);
-    assert_learn_proposes_the_name(&daemon, api);
 }
 
 /// A service in audit mode with no name rules, `observe_lookups = true`:
@@ -1164,9 +1193,15 @@ fn assert_the_graph_draws_the_name(daemon: &Daemon, api: SocketAddr) {
         .unwrap_or_else(|| panic!("{graph:#}"));
     assert_eq!(edge["dest"], format!("{api}/tcp"), "{edge:#}");
     assert_eq!(edge["dst_name"], "api.example.test", "{edge:#}");
+    // Its edge to the api address (it also looked the name up, straight
+    // from its resolver, which is an edge of its own).
     let bystander_edge = graph["edges"]
         .as_array()
-        .and_then(|edges| edges.iter().find(|e| e["from"] == "service:bystander"))
+        .and_then(|edges| {
+            edges.iter().find(|e| {
+                e["from"] == "service:bystander" && e["dest"] == format!("{api}/tcp").as_str()
+            })
+        })
         .unwrap_or_else(|| panic!("{graph:#}"));
     assert_eq!(
         bystander_edge["to"],
