@@ -596,22 +596,16 @@ fn learnt_ipv4_addresses_an_older_agent_kept_in_learnt_are_carried_over() {
     let w = Named::new(14, &[]);
     let shared = SharedPins::new();
     let maps_dir = shared.pin_dir().join("current/maps");
-    let mut first = shared.start(&w.policies);
-    w.look_up("api.example.test", &[], "127.0.74.1");
-    let held = maps::dump(&maps_dir.join("LEARNT_V4"));
-    assert_eq!(held.len(), 1, "learnt by the first agent: {held:?}");
-    assert!(first.stop().success(), "first agent: {}", first.log());
+    let (key, name_key, old_value) = learnt_by_a_first_agent(&w, &shared, "127.0.74.1");
 
     // The entry as the older agent held it: name key, family, 7 bytes of
     // padding, the address in the first 4 of 16.
-    let (key, value) = &held[0];
-    let (name_key, old_value) = before_v4_value(value);
     let mut old_key = name_key.to_vec();
     old_key.push(agent_common::FAMILY_V4);
     old_key.extend([0; 7]);
     old_key.extend(&key[4..8]);
     old_key.extend([0; 12]);
-    maps::delete(&maps_dir.join("LEARNT_V4"), key);
+    maps::delete(&maps_dir.join("LEARNT_V4"), &key);
     maps::update(&maps_dir.join("LEARNT"), &old_key, &old_value);
     w.client()
         .tcp_connect(w.api.addr())
@@ -633,6 +627,24 @@ fn learnt_ipv4_addresses_an_older_agent_kept_in_learnt_are_carried_over() {
         "nothing IPv4 in the new agent's LEARNT: {}",
         second.log()
     );
+}
+
+/// The one `LEARNT_V4` entry a first agent learnt from the service's
+/// lookup of api.example.test (answered `expect`) and left pinned when it
+/// stopped: its key, and its value split as [`before_v4_value`] does.
+fn learnt_by_a_first_agent(
+    w: &Named,
+    shared: &SharedPins,
+    expect: &str,
+) -> (Vec<u8>, [u8; 8], Vec<u8>) {
+    let mut first = shared.start(&w.policies);
+    w.look_up("api.example.test", &[], expect);
+    let held = maps::dump(&shared.pin_dir().join("current/maps/LEARNT_V4"));
+    assert_eq!(held.len(), 1, "learnt by the first agent: {held:?}");
+    assert!(first.stop().success(), "first agent: {}", first.log());
+    let (key, value) = &held[0];
+    let (name_key, old_value) = before_v4_value(value);
+    (key.clone(), name_key, old_value)
 }
 
 /// A `LEARNT_V4` value (expiry, name key, rule bits, padding) split into
@@ -659,16 +671,10 @@ fn learnt_ipv4_addresses_an_older_agent_kept_under_a_12_byte_key_are_carried_ove
     let w = Named::new(15, &[]);
     let shared = SharedPins::new();
     let learnt_v4 = shared.pin_dir().join("current/maps/LEARNT_V4");
-    let mut first = shared.start(&w.policies);
-    w.look_up("api.example.test", &[], "127.0.75.1");
-    let held = maps::dump(&learnt_v4);
-    assert_eq!(held.len(), 1, "learnt by the first agent: {held:?}");
-    assert!(first.stop().success(), "first agent: {}", first.log());
+    let (key, name_key, old_value) = learnt_by_a_first_agent(&w, &shared, "127.0.75.1");
 
     // The older agent's map in place of the first agent's pin (its
     // programs keep their own map until the next agent detaches them).
-    let (key, value) = &held[0];
-    let (name_key, old_value) = before_v4_value(value);
     let mut old_key = name_key.to_vec();
     old_key.extend(&key[4..8]);
     std::fs::remove_file(&learnt_v4).expect("unpin the first agent's LEARNT_V4");

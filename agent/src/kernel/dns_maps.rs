@@ -244,19 +244,13 @@ impl Entry {
 impl Learnt {
     fn insert(&mut self, e: Entry, value: LearntValue) -> Result<(), MapError> {
         match e.addr {
-            IpAddr::V4(a) => {
-                let key = LearntV4Key::new(e.name_key, a.octets());
-                if let Ok(held) = self.v4.get(&key, 0) {
-                    if held.name_key != e.name_key {
-                        tracing::warn!(
-                            address = %a,
-                            "two services' name keys fold to the same 32 bits and both learnt this address: it is now allowed to the one that learnt it last, and the other is denied it until it looks it up again"
-                        );
-                    }
-                }
-                self.v4
-                    .insert(key, LearntV4Value::new(e.name_key, value), 0)
-            }
+            // A slot held for another service whose name key folds alike
+            // is taken over (the policy's compile warned of the pair).
+            IpAddr::V4(a) => self.v4.insert(
+                LearntV4Key::new(e.name_key, a.octets()),
+                LearntV4Value::new(e.name_key, value),
+                0,
+            ),
             IpAddr::V6(a) => self.v6.insert(v6_key(e.name_key, a.octets()), value, 0),
         }
     }

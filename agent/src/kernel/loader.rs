@@ -504,6 +504,7 @@ impl Enforcer {
                 reason: e.to_string(),
             })?;
         }
+        let links_dir = pin_dir.map(|d| d.join("links"));
         let mut coverage = Coverage::default();
         for (name, hook) in PROGRAMS {
             let program = self
@@ -636,12 +637,11 @@ impl Enforcer {
                 }
             };
             let Some(link) = link else { continue };
-            let links_dir = pin_dir.map(|d| d.join("links"));
             self.links.push(keep(name, link, links_dir.as_deref())?);
         }
         self.inbound = Some(on_demand::Inbound {
             cgroup_root: cgroup_root.to_path_buf(),
-            links_dir: pin_dir.map(|d| d.join("links")),
+            links_dir,
             link: None,
         });
         self.attach_inbound_for(self.live.as_ref().map_or(0, maps::active_flags))?;
