@@ -169,8 +169,14 @@ pub struct SockInfo {
     pub mode: u8,
     /// 1 once established by a peer's connect (accepted socket).
     pub passive: u8,
-    pub _pad: [u8; 2],
+    /// 1 once a segment carrying the peer's FIN reached the socket after
+    /// it began to close (FIN_WAIT1 on), whose FIN then ends at
+    /// `peer_fin_end` in the peer's sequence space.
+    pub peer_fin: u8,
+    pub _pad: u8,
     pub exe: crate::ExeId,
+    pub peer_fin_end: u32,
+    pub _pad2: [u8; 4],
 }
 
 /// Verdict counters, per service: `COUNTERS[service_id * COUNTER_SLOTS + slot]`.

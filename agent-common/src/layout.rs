@@ -125,7 +125,7 @@ assert_layout!(
 );
 assert_layout!(
     SockInfo,
-    88,
+    96,
     [
         cgroup_id,
         pid_tgid,
@@ -137,8 +137,11 @@ assert_layout!(
         service_id,
         mode,
         passive,
+        peer_fin,
         _pad,
         exe,
+        peer_fin_end,
+        _pad2,
     ]
 );
 

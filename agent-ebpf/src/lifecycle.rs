@@ -11,8 +11,9 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::generated::bpf_sk_storage_get,
     macros::sock_ops,
@@ -23,23 +24,32 @@ use crate::{
     addr::v6_bytes,
     events::{blank, emit},
     helpers::{now_ns, socket_cookie},
-    linux::{AF_INET, TCP_CLOSE, TCP_CLOSING, TCP_FIN_WAIT2, TCP_LAST_ACK},
+    linux::{
+        AF_INET, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_FIN_WAIT1, TCP_FIN_WAIT2,
+        TCP_FLAG_FIN, TCP_LAST_ACK,
+    },
     maps::SOCK_INFO,
 };
 
 #[sock_ops]
 pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_STATE_CB
-    {
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // A state callback is asked for only on observed sockets, but runs
+        // at each of their state changes (about six per connection): only
+        // the close needs the socket's record, so the others cost no lookup.
+        let new = ctx.arg(1);
+        if new == TCP_FIN_WAIT1 {
+            watch_for_the_peers_fin(&ctx);
+        }
+        if new != TCP_CLOSE {
+            return 1;
+        }
+    } else if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
+        note_the_peers_fin(&ctx);
         return 1;
-    }
-    // A state callback is asked for only on observed sockets, but runs at
-    // each of their state changes (about six per connection): only the
-    // close needs the socket's record, so the others cost no lookup.
-    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) != TCP_CLOSE {
+    } else if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    {
         return 1;
     }
     // SAFETY: the context's socket; may be null, checked below.
@@ -71,21 +81,22 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
             let mut ev = record(&ctx, info, now);
             ev.kind = KIND_TCP_CLOSED;
             // SAFETY: plain context fields.
-            let (acked, received) = unsafe {
+            let (acked, received, snd_una, snd_nxt, rcv_nxt) = unsafe {
                 (
                     read_volatile(&(*ctx.ops).bytes_acked),
                     read_volatile(&(*ctx.ops).bytes_received),
+                    read_volatile(&(*ctx.ops).snd_una),
+                    read_volatile(&(*ctx.ops).snd_nxt),
+                    read_volatile(&(*ctx.ops).rcv_nxt),
                 )
             };
-            // States from which a close means both FINs were exchanged
-            // (each FIN takes one sequence number, counted by
-            // bytes_acked/bytes_received).
-            let old = ctx.arg(0);
-            let fins = u64::from(old == TCP_FIN_WAIT2 || old == TCP_LAST_ACK || old == TCP_CLOSING);
-            ev.bytes_sent = acked.saturating_sub(info.acked_base).saturating_sub(fins);
+            let (our_fin, peers_fin) = fins_counted(ctx.arg(0), info, snd_una, snd_nxt, rcv_nxt);
+            ev.bytes_sent = acked
+                .saturating_sub(info.acked_base)
+                .saturating_sub(u64::from(our_fin));
             ev.bytes_received = received
                 .saturating_sub(info.received_base)
-                .saturating_sub(fins);
+                .saturating_sub(u64::from(peers_fin));
             ev.duration_ns = now.wrapping_sub(info.established_ns);
             info.established_ns = 0;
             emit(&ev, LOST_TCP);
@@ -99,6 +110,7 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
         info.received_base = read_volatile(&(*ctx.ops).bytes_received);
     }
     info.passive = u8::from(op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
+    info.peer_fin = 0;
     let mut ev = record(&ctx, info, now);
     ev.kind = KIND_TCP_ESTABLISHED;
     // The counters at establishment, for the agent's byte summaries of
@@ -109,6 +121,93 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     // Ask for state changes on this socket only, to see it close.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     1
+}
+
+/// Whether our FIN and the peer's are in `bytes_acked` and `bytes_received`
+/// (a FIN takes one sequence number) when the socket closes from `old`.
+/// Ours: once acknowledged, so always from FIN_WAIT2, and from LAST_ACK or
+/// CLOSING when nothing sent is unacknowledged (a reset there leaves it
+/// out). The peer's: it came while we were open (CLOSE_WAIT, then LAST_ACK)
+/// or while our FIN was out (CLOSING); from FIN_WAIT2 only if it was taken
+/// in order: a socket that closed first also leaves from FIN_WAIT2 when the
+/// peer has only acknowledged its FIN (an orphan, or `close()` after
+/// `shutdown()`), and then the peer's FIN never counts here.
+#[inline(always)]
+fn fins_counted(
+    old: u32,
+    info: &SockInfo,
+    snd_una: u32,
+    snd_nxt: u32,
+    rcv_nxt: u32,
+) -> (bool, bool) {
+    let our_fin =
+        old == TCP_FIN_WAIT2 || ((old == TCP_LAST_ACK || old == TCP_CLOSING) && snd_una == snd_nxt);
+    let peers_fin = old == TCP_CLOSE_WAIT
+        || old == TCP_LAST_ACK
+        || old == TCP_CLOSING
+        || (old == TCP_FIN_WAIT2
+            && info.peer_fin != 0
+            && rcv_nxt.wrapping_sub(info.peer_fin_end) as i32 >= 0);
+    (our_fin, peers_fin)
+}
+
+/// Our side begins to close (FIN_WAIT1): from now on, each segment that
+/// reaches the socket runs the program (`PARSE_HDR_OPT_CB`), so that a FIN
+/// from the peer is noted ([`note_the_peers_fin`]). A handful of segments
+/// per connection, on observed sockets only.
+#[inline(always)]
+fn watch_for_the_peers_fin(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32);
+}
+
+/// A segment reached a closing socket (its TCP header checked by the
+/// kernel, not yet taken in): if it carries the peer's FIN, remember where
+/// that FIN ends in the peer's sequence space (sequence number + payload
+/// + 1), for [`fins_counted`] to tell at the close whether it was taken in.
+#[inline(always)]
+fn note_the_peers_fin(ctx: &SockOpsContext) {
+    // SAFETY: plain context fields; skb_data and skb_data_end bound the
+    // TCP header (the verifier checks the reads below against them).
+    let (flags, len, data, end, sk) = unsafe {
+        let o = ctx.ops;
+        (
+            read_volatile(&(*o).skb_tcp_flags),
+            read_volatile(&(*o).skb_len),
+            read_volatile(&(*o).__bindgen_anon_3.skb_data) as usize,
+            read_volatile(&(*o).__bindgen_anon_4.skb_data_end) as usize,
+            (*o).__bindgen_anon_2.sk,
+        )
+    };
+    if flags & u32::from(TCP_FLAG_FIN) == 0 || sk.is_null() || data + 13 > end {
+        return;
+    }
+    let header = data as *const u8;
+    // SAFETY: bytes 4..13 of the header, within [data, end) as checked.
+    let (seq, header_len) = unsafe {
+        (
+            u32::from_be_bytes([
+                *header.add(4),
+                *header.add(5),
+                *header.add(6),
+                *header.add(7),
+            ]),
+            u32::from(*header.add(12) >> 4) * 4,
+        )
+    };
+    // SAFETY: sk is non-null; lookup only.
+    let info =
+        unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
+            .cast::<SockInfo>();
+    if info.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage of our value type.
+    unsafe {
+        (*info).peer_fin_end = seq
+            .wrapping_add(len.saturating_sub(header_len))
+            .wrapping_add(1);
+        (*info).peer_fin = 1;
+    }
 }
 
 #[inline(always)]

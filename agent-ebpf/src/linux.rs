@@ -15,12 +15,15 @@ pub const AF_PACKET: i32 = 17;
 pub const EPERM: i32 = 1;
 
 /// TCP states (`include/net/tcp_states.h`).
+pub const TCP_FIN_WAIT1: u32 = 4;
 pub const TCP_FIN_WAIT2: u32 = 5;
 pub const TCP_CLOSE: u32 = 7;
+pub const TCP_CLOSE_WAIT: u32 = 8;
 pub const TCP_LAST_ACK: u32 = 9;
 pub const TCP_LISTEN: u32 = 10;
 pub const TCP_CLOSING: u32 = 11;
 
 /// TCP header flags (byte 13 of the header).
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;

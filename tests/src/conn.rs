@@ -441,6 +441,12 @@ impl HeldConn {
             .is_some()
     }
 
+    /// Whether the peer's close (`eof`) arrived within `timeout`.
+    #[must_use]
+    pub fn eof_within(&self, timeout: Duration) -> bool {
+        self.lines.try_wait_line(timeout, |l| l == "eof").is_some()
+    }
+
     /// Everything it printed.
     #[must_use]
     pub fn lines(&self) -> Vec<String> {
@@ -465,6 +471,18 @@ impl Sink {
     /// Writes `text` (no spaces) to every connection accepted so far.
     pub fn send(&mut self, text: &str) {
         self.lines.command(&format!("send {text}"));
+    }
+
+    /// Shuts the write side of every connection accepted so far down (its
+    /// FIN goes out; the connection stays open the other way); panics
+    /// unless the one from `peer` was.
+    pub fn close_to(&mut self, peer: SocketAddr) {
+        self.lines.command("close");
+        let want = format!("closed {peer}");
+        let line = self.lines.wait_line(READY_TIMEOUT, |l| {
+            l == want || l.starts_with(&format!("close-error {peer} "))
+        });
+        assert_eq!(line, want, "{}: shutdown failed", self.lines.what);
     }
 
     /// Whether `text` arrived from `peer` within `timeout`.

@@ -36,6 +36,35 @@ fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|ev| ev["type"] == kind).collect()
 }
 
+/// (`bytes_sent`, `bytes_received`) of the connection from `local_port`: its
+/// byte summaries (`flow` from `sock_ops`) with `kind` `flow`, its close
+/// with `tcp_closed`.
+fn tcp_bytes(daemon: &Daemon, kind: &str, local_port: u16) -> Vec<(u64, u64)> {
+    integration_tests::events::events(daemon)
+        .iter()
+        .filter(|ev| ev["type"] == kind && ev["hook"] == "sock_ops" && ev["src_port"] == local_port)
+        .map(|ev| {
+            (
+                ev["bytes_sent"].as_u64().unwrap_or(u64::MAX),
+                ev["bytes_received"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// [`tcp_bytes`] once there are at least `n`.
+fn wait_tcp_bytes(daemon: &Daemon, kind: &str, local_port: u16, n: usize) -> Vec<(u64, u64)> {
+    integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
+        let found = tcp_bytes(daemon, kind, local_port);
+        if found.len() >= n {
+            Ok(found)
+        } else {
+            Err(found)
+        }
+    })
+    .unwrap_or_else(|found| panic!("{n} {kind} records of the connection: {found:?}"))
+}
+
 fn loopback_ports(n: u16) -> (u16, SocketAddr) {
     let first = free_port_block(addr("127.0.0.1:0").ip(), n);
     (first, addr(&format!("127.0.0.1:{first}")))
@@ -272,31 +301,7 @@ fn an_open_tcp_connection_reports_its_bytes_each_interval() {
     let daemon = Daemon::start_with_config(&policies, CONFIG);
     let mut held = conn!().in_cgroup(svc.path()).hold(server.addr());
     let local_port = held.local().port();
-    let bytes_of = |daemon: &Daemon| -> Vec<(u64, u64)> {
-        integration_tests::events::events(daemon)
-            .iter()
-            .filter(|ev| {
-                ev["type"] == "flow" && ev["hook"] == "sock_ops" && ev["src_port"] == local_port
-            })
-            .map(|ev| {
-                (
-                    ev["bytes_sent"].as_u64().unwrap_or(u64::MAX),
-                    ev["bytes_received"].as_u64().unwrap_or(u64::MAX),
-                )
-            })
-            .collect()
-    };
-    let wait_summaries = |n: usize| {
-        integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
-            let found = bytes_of(&daemon);
-            if found.len() >= n {
-                Ok(found)
-            } else {
-                Err(found)
-            }
-        })
-        .unwrap_or_else(|found| panic!("{n} byte summaries of the open connection: {found:?}"))
-    };
+    let wait_summaries = |n: usize| wait_tcp_bytes(&daemon, "flow", local_port, n);
 
     held.send(&"a".repeat(1000));
     assert_eq!(
@@ -308,7 +313,7 @@ fn an_open_tcp_connection_reports_its_bytes_each_interval() {
     assert_eq!(wait_summaries(2), vec![(1000, 0), (500, 0)]);
     std::thread::sleep(SETTLE);
     assert_eq!(
-        bytes_of(&daemon).len(),
+        tcp_bytes(&daemon, "flow", local_port).len(),
         2,
         "a quiet interval has no summary"
     );
@@ -345,5 +350,104 @@ fn an_open_tcp_connection_reports_its_bytes_each_interval() {
         (closed, edge_bytes()),
         (1_700, Some(1_700)),
         "the summaries and the close count each byte once"
+    );
+}
+
+/// The client closes first and the server never does: the client's socket
+/// leaves the kernel from `FIN_WAIT2` without the peer's FIN, so nothing of
+/// what it received may be taken for that FIN. (The graph's probe
+/// connections close the other way round, the server first.)
+#[test]
+fn a_tcp_connection_its_client_closes_first_reports_exactly_the_bytes_it_received() {
+    if !require_bpf() {
+        return;
+    }
+    let (mut server, svc, _policies, daemon) = tcp_service("client");
+    let mut held = conn!().in_cgroup(svc.path()).hold(server.addr());
+    exchange(&mut server, &mut held, 300, 700);
+    let local_port = held.local().port();
+    drop(held);
+    assert_eq!(
+        wait_tcp_bytes(&daemon, "tcp_closed", local_port, 1),
+        vec![(300, 700)],
+        "payload only, both ways, SYN and FINs excluded"
+    );
+}
+
+/// The server closes its side first and the client keeps the connection
+/// open: a byte summary taken then (`CLOSE_WAIT`, the server's FIN received)
+/// counts the payload only, and with the close they add up to it.
+#[test]
+fn a_summary_after_the_peers_fin_counts_the_payload_only() {
+    if !require_bpf() {
+        return;
+    }
+    let (mut server, svc, _policies, daemon) = tcp_service("half_closed");
+    let mut held = conn!().in_cgroup(svc.path()).hold(server.addr());
+    let local_port = held.local().port();
+    exchange(&mut server, &mut held, 300, 700);
+    server.close_to(held.local());
+    assert!(
+        held.eof_within(Duration::from_secs(10)),
+        "the client saw the server's FIN: {:?}",
+        held.lines()
+    );
+    let total = |summaries: Vec<(u64, u64)>| {
+        summaries
+            .iter()
+            .fold((0, 0), |(s, r), (sent, received)| (s + sent, r + received))
+    };
+    integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
+        let sum = total(tcp_bytes(&daemon, "flow", local_port));
+        if sum.1 >= 700 {
+            Ok(())
+        } else {
+            Err(sum)
+        }
+    })
+    .unwrap_or_else(|sum| panic!("summaries of the 700 bytes received: {sum:?}"));
+    // Two more sweeps with the connection half closed (CLOSE_WAIT).
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        total(tcp_bytes(&daemon, "flow", local_port)),
+        (300, 700),
+        "the FIN is not a byte"
+    );
+    drop(held);
+    assert_eq!(
+        wait_tcp_bytes(&daemon, "tcp_closed", local_port, 1),
+        vec![(300, 700)]
+    );
+}
+
+/// A `sink` server on loopback and a service allowed TCP to it, its agent
+/// summarising every second.
+fn tcp_service(name: &str) -> (conn::Sink, CgroupGuard, PolicyDir, Daemon) {
+    let server = conn!().sink(addr("127.0.0.1:0"));
+    let svc = CgroupGuard::new();
+    let rule = Egress::to(["127.0.0.1"])
+        .ports([server.addr().port()])
+        .protocol("tcp");
+    let policies = PolicyDir::with(&[(
+        &format!("{name}.toml"),
+        &service_policy(&svc, "enforce", &[rule]),
+    )]);
+    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    (server, svc, policies, daemon)
+}
+
+/// `sent` bytes from the client, `received` from the server, each seen
+/// arrive.
+fn exchange(server: &mut conn::Sink, held: &mut conn::HeldConn, sent: usize, received: usize) {
+    server.wait_accepted(held.local(), Duration::from_secs(10));
+    let out = "a".repeat(sent);
+    held.send(&out);
+    assert!(server.received_within(held.local(), &out, Duration::from_secs(10)));
+    let back = "b".repeat(received);
+    server.send(&back);
+    assert!(
+        held.received_within(&back, Duration::from_secs(10)),
+        "the client got the server's {received} bytes: {:?}",
+        held.lines()
     );
 }

@@ -142,10 +142,12 @@ impl OpenConnections {
         let mut seen = HashSet::with_capacity(follow.open.len());
         let mut out = Vec::new();
         for socket in sockets {
-            let (Some(conn), Some(bytes)) = (follow.open.get_mut(&socket.cookie), socket.tcp_bytes)
+            let (Some(conn), Some(counters)) =
+                (follow.open.get_mut(&socket.cookie), socket.tcp_bytes)
             else {
                 continue;
             };
+            let bytes = without_fins(socket.state, counters);
             seen.insert(socket.cookie);
             let sent = bytes.0.saturating_sub(conn.last.0);
             let received = bytes.1.saturating_sub(conn.last.1);
@@ -165,6 +167,26 @@ impl OpenConnections {
         follow.forget_unseen(&before, &seen);
         out
     }
+}
+
+/// TCP states (`include/net/tcp_states.h`) in which a full socket's
+/// counters hold a FIN.
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// The payload in a socket's (bytes acknowledged, bytes received) counters:
+/// a FIN takes one sequence number, and the close record leaves both out
+/// (agent-ebpf's `fins_counted`), so a summary must too, or the bytes
+/// after it would not add up to the close's total. While the socket is
+/// still listed, its own FIN is acknowledged only in FIN_WAIT2 (then it
+/// leaves from there), and the peer's is in from CLOSE_WAIT on (LAST_ACK,
+/// or CLOSING when both sides closed at once).
+fn without_fins(state: u8, (acked, received): (u64, u64)) -> (u64, u64) {
+    let ours = u64::from(state == TCP_FIN_WAIT2);
+    let peers = u64::from(matches!(state, TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING));
+    (acked.saturating_sub(ours), received.saturating_sub(peers))
 }
 
 impl Followed {
@@ -250,6 +272,21 @@ mod tests {
         }
         let follow = open.follow.lock().expect("lock");
         assert!(follow.open.is_empty() && follow.gone.is_empty());
+    }
+
+    #[test]
+    fn a_summary_leaves_out_the_fins_the_counters_hold() {
+        let counters = (1_001, 701);
+        assert_eq!(without_fins(1, counters), (1_001, 701), "established");
+        assert_eq!(
+            without_fins(4, counters),
+            (1_001, 701),
+            "FIN_WAIT1: ours unacknowledged"
+        );
+        assert_eq!(without_fins(TCP_FIN_WAIT2, counters), (1_000, 701));
+        assert_eq!(without_fins(TCP_CLOSE_WAIT, counters), (1_001, 700));
+        assert_eq!(without_fins(TCP_LAST_ACK, counters), (1_001, 700));
+        assert_eq!(without_fins(TCP_CLOSING, counters), (1_001, 700));
     }
 
     #[test]

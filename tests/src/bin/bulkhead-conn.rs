@@ -27,7 +27,8 @@
 //!       listen; print `ready ADDR:PORT`, then `accepted PEER` per
 //!       connection and `recv PEER TEXT` per chunk received; stdin line
 //!       `send TEXT` writes TEXT to every accepted connection (`sent PEER
-//!       TEXT` or `send-error PEER errno:N`)
+//!       TEXT` or `send-error PEER errno:N`), line `close` shuts the write
+//!       side of each down (sends its FIN; `closed PEER`)
 //! ```
 //!
 //! `--cgroup DIR` writes the process's own pid into `DIR/cgroup.procs` before
@@ -339,10 +340,21 @@ fn sink(addr: SocketAddr) -> Result<(), String> {
     say(&format!("ready {local}"));
     for line in io::stdin().lock().lines() {
         let Ok(line) = line else { break };
-        let Some(text) = line.strip_prefix("send ") else {
-            return Err(format!("unknown command {line:?} (want `send TEXT`)"));
-        };
         let conns = accepted.lock().unwrap_or_else(PoisonError::into_inner);
+        if line == "close" {
+            for (peer, stream) in conns.iter() {
+                match stream.shutdown(Shutdown::Write) {
+                    Ok(()) => say(&format!("closed {peer}")),
+                    Err(e) => say(&format!("close-error {peer} {}", errno(&e))),
+                }
+            }
+            continue;
+        }
+        let Some(text) = line.strip_prefix("send ") else {
+            return Err(format!(
+                "unknown command {line:?} (want `send TEXT` or `close`)"
+            ));
+        };
         for (peer, stream) in conns.iter() {
             let mut writer = stream;
             match writer.write_all(text.as_bytes()) {
