@@ -169,9 +169,9 @@ pub struct SockInfo {
     pub mode: u8,
     /// 1 once established by a peer's connect (accepted socket).
     pub passive: u8,
-    /// 1 once a segment carrying the peer's FIN reached the socket after
-    /// it began to close (FIN_WAIT1 on), whose FIN then ends at
-    /// `peer_fin_end` in the peer's sequence space.
+    /// 1 once a segment carrying the peer's FIN reached the socket (while
+    /// established or closing), whose FIN then ends at `peer_fin_end` in
+    /// the peer's sequence space.
     pub peer_fin: u8,
     pub _pad: u8,
     pub exe: crate::ExeId,

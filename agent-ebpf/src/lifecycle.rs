@@ -25,8 +25,7 @@ use crate::{
     events::{blank, emit},
     helpers::{now_ns, socket_cookie},
     linux::{
-        AF_INET, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_FIN_WAIT1, TCP_FIN_WAIT2,
-        TCP_FLAG_FIN, TCP_LAST_ACK,
+        AF_INET, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_FIN_WAIT2, TCP_FLAG_FIN, TCP_LAST_ACK,
     },
     maps::SOCK_INFO,
 };
@@ -38,11 +37,7 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
         // A state callback is asked for only on observed sockets, but runs
         // at each of their state changes (about six per connection): only
         // the close needs the socket's record, so the others cost no lookup.
-        let new = ctx.arg(1);
-        if new == TCP_FIN_WAIT1 {
-            watch_for_the_peers_fin(&ctx);
-        }
-        if new != TCP_CLOSE {
+        if ctx.arg(1) != TCP_CLOSE {
             return 1;
         }
     } else if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
@@ -118,8 +113,13 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     ev.bytes_sent = info.acked_base;
     ev.bytes_received = info.received_base;
     emit(&ev, LOST_TCP);
-    // Ask for state changes on this socket only, to see it close.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // Ask for state changes on this socket only, to see it close, and for
+    // the segments the kernel checks outside its fast path, to see a FIN
+    // from the peer (see note_the_peers_fin).
+    let _ = ctx.set_cb_flags(
+        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+            as i32,
+    );
     1
 }
 
@@ -151,19 +151,15 @@ fn fins_counted(
     (our_fin, peers_fin)
 }
 
-/// Our side begins to close (FIN_WAIT1): from now on, each segment that
-/// reaches the socket runs the program (`PARSE_HDR_OPT_CB`), so that a FIN
-/// from the peer is noted ([`note_the_peers_fin`]). A handful of segments
-/// per connection, on observed sockets only.
-#[inline(always)]
-fn watch_for_the_peers_fin(ctx: &SockOpsContext) {
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32);
-}
-
-/// A segment reached a closing socket (its TCP header checked by the
-/// kernel, not yet taken in): if it carries the peer's FIN, remember where
-/// that FIN ends in the peer's sequence space (sequence number + payload
-/// + 1), for [`fins_counted`] to tell at the close whether it was taken in.
+/// A segment reached an observed socket outside the kernel's fast path
+/// (`PARSE_HDR_OPT_CB`, asked for at establishment: its TCP header checked,
+/// not yet taken in). A FIN never takes the fast path, nor does any
+/// segment once the socket closes, nor one out of order: if it carries the
+/// peer's FIN, remember where that FIN ends in the peer's sequence space
+/// (sequence number + payload + 1), for [`fins_counted`] to tell at the
+/// close whether it was taken in. Asked for from establishment, not from
+/// our close, because a FIN that came out of order before it is taken in
+/// only once the gap fills.
 #[inline(always)]
 fn note_the_peers_fin(ctx: &SockOpsContext) {
     // SAFETY: plain context fields; skb_data and skb_data_end bound the
