@@ -5,7 +5,7 @@
 //! Exactness rests on epochs: the key carries the epoch in force
 //! (`FLOW_EPOCH`) when the call was made. To read a flow, the agent flips
 //! the epoch, waits until no program can still be running with the old
-//! one (a map-in-map update makes the kernel wait a grace period), and
+//! one (`membarrier(MEMBARRIER_CMD_GLOBAL)` waits an RCU grace period), and
 //! only then reads and deletes the old epoch's entries: nothing writes to
 //! them any more, so nothing can be added after the read.
 

@@ -5,7 +5,6 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use agent_common::{
     recorded_when_carried, FlowKey, FlowValue, FLOW_STAT_FULL, RECORD_HELD, RECORD_SENT,
-    VERDICT_DENY,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_uid_gid};
 
@@ -90,9 +89,17 @@ pub fn count_new<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repor
     let carried =
         unsafe { FLOWS.get(&*key) }.map_or(NOT_CARRIED, |old| recorded_when_carried(old.recorded));
     key.epoch ^= 1;
-    // The budget is spent only by a record that will be sent; one it
-    // refuses is not counted as suppressed: the entry keeps the call.
-    let record = carried == NOT_CARRIED && within_budget(key);
+    // Asked once per call. A denial it refuses is not counted as
+    // suppressed here: the entry keeps the call (or, with the table full,
+    // `full` counts it). A record it lets through carries the denials it
+    // held back before (other hooks' refusals, full-table calls), which
+    // would otherwise be lost when it resets their count.
+    let budget = if carried == NOT_CARRIED {
+        event_budget(key.verdict, key.service_id, key.direction, false)
+    } else {
+        None
+    };
+    let record = budget.is_some();
     let mut value = FlowValue {
         calls: 1,
         reported: u64::from(record),
@@ -123,32 +130,31 @@ pub fn count_new<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repor
                     unsafe { (*existing).recorded = RECORD_SENT };
                 }
             }
-            None => return full(key),
+            None => return full(key, budget),
         },
-        Err(_) => return full(key),
+        Err(_) => return full(key, budget),
     }
-    if record {
-        Report::Record { suppressed: 0 }
-    } else {
-        Report::Counted
+    match budget {
+        Some(suppressed) => Report::Record { suppressed },
+        None => Report::Counted,
     }
 }
 
-/// Whether a new flow's record may be sent (denials: the rate limit).
+/// The table had no room: the call is reported on its own, by a record
+/// when `budget` (the rate limit's answer for this call, if asked
+/// already) lets one through, else counted as suppressed for the next
+/// record: nothing else counts it.
 #[inline(always)]
-fn within_budget(key: &FlowKey) -> bool {
-    key.verdict != VERDICT_DENY
-        || event_budget(key.verdict, key.service_id, key.direction, false).is_some()
-}
-
-/// The table had no room: the call is reported on its own.
-#[inline(always)]
-fn full(key: &FlowKey) -> Report {
+fn full(key: &FlowKey, budget: Option<u32>) -> Report {
     if let Some(count) = FLOW_STATS.get_ptr_mut(FLOW_STAT_FULL) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *count += 1 };
     }
-    match event_budget(key.verdict, key.service_id, key.direction, true) {
+    let budget = match budget {
+        Some(suppressed) => Some(suppressed),
+        None => event_budget(key.verdict, key.service_id, key.direction, true),
+    };
+    match budget {
         Some(suppressed) => Report::Record { suppressed },
         None => Report::Counted,
     }

@@ -50,6 +50,8 @@ pub struct Conn {
     /// A [`ConnectLoop`]'s limit on one `connect()` (the binary's 2 s when
     /// `None`).
     connect_timeout: Option<Duration>,
+    /// The one CPU it runs on, if pinned.
+    cpu: Option<usize>,
 }
 
 impl Conn {
@@ -60,6 +62,17 @@ impl Conn {
             bin: bin.into(),
             cgroup: None,
             connect_timeout: None,
+            cpu: None,
+        }
+    }
+
+    /// The same, run on CPU `cpu` only: the kernel's per-CPU state (the
+    /// denial rate limit's, say) is then this CPU's alone.
+    #[must_use]
+    pub fn on_cpu(&self, cpu: usize) -> Self {
+        Self {
+            cpu: Some(cpu),
+            ..self.clone()
         }
     }
 
@@ -89,6 +102,9 @@ impl Conn {
         let mut cmd = Command::new(&self.bin);
         if let Some(dir) = &self.cgroup {
             cmd.arg("--cgroup").arg(dir);
+        }
+        if let Some(cpu) = self.cpu {
+            cmd.arg("--cpu").arg(cpu.to_string());
         }
         cmd.args(args)
             .stdin(Stdio::piped())

@@ -237,6 +237,75 @@ fn a_flow_table_too_small_for_the_flows_still_reports_every_call() {
     );
 }
 
+/// Denials of more new flows than a tiny table holds, faster than the rate
+/// limit on denial records (100 a second per service, direction and CPU;
+/// the sender runs on one CPU, as the limit's state is per CPU): a call
+/// that finds no room is a record of its own or, past the limit, counted
+/// as suppressed, and the next record the limit lets through carries that
+/// count. So the records' and summaries' calls plus the records'
+/// suppressed counts add up to the calls made.
+#[test]
+fn denials_that_find_the_flow_table_full_past_the_rate_limit_are_all_counted() {
+    const PORTS: u16 = 40;
+    const PER_PORT: u64 = 50;
+    if !require_bpf() {
+        return;
+    }
+    // Ports first..first+39 flooded, first+40 the one allowed (never
+    // called), first+41 the last denial.
+    let (first, target) = loopback_ports(PORTS + 2);
+    let config = format!("{CONFIG}table_size = 16\n");
+    let (svc, _policies, daemon) = udp_service("crowded_denied", first + PORTS, 1, &config);
+    let sender = conn!().in_cgroup(svc.path()).on_cpu(0);
+    let flood = u64::from(PORTS) * PER_PORT;
+    assert_eq!(sender.udp_sendto(flood, PORTS, target), (0, flood));
+    // A new second of the rate limit, then one more denial on that CPU.
+    std::thread::sleep(Duration::from_millis(1100));
+    let last = addr(&format!("127.0.0.1:{}", first + PORTS + 1));
+    assert_eq!(sender.udp_sendto(1, 1, last), (0, 1));
+
+    let ours = |ev: &Value| {
+        let port = ev["dst_port"].as_u64();
+        ev["service"] == "crowded_denied"
+            && (ev["type"] == "verdict" || ev["type"] == "flow")
+            && port.is_none_or(|p| p != u64::from(first + PORTS))
+    };
+    let counted = |events: &[Value]| {
+        calls_of(events)
+            + of_type(events, "verdict")
+                .iter()
+                .map(|ev| ev["suppressed"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+    };
+    let made = flood + 1;
+    let all = integration_tests::eventually(REPORTED, Duration::from_millis(200), || {
+        let events: Vec<Value> = integration_tests::events::events(&daemon)
+            .into_iter()
+            .filter(|ev| ours(ev))
+            .collect();
+        if counted(&events) >= made {
+            Ok(events)
+        } else {
+            Err(counted(&events))
+        }
+    })
+    .unwrap_or_else(|n| panic!("the log counts {n} of the {made} denials"));
+    std::thread::sleep(SETTLE);
+    let settled: Vec<Value> = integration_tests::events::events(&daemon)
+        .into_iter()
+        .filter(|ev| ours(ev))
+        .collect();
+    assert_eq!(counted(&settled), made, "{all:#?}");
+    let last_record = of_type(&settled, "verdict")
+        .into_iter()
+        .find(|ev| ev["dst_port"] == first + PORTS + 1)
+        .unwrap_or_else(|| panic!("no record of the last denial: {settled:#?}"));
+    assert!(
+        last_record["suppressed"].as_u64().unwrap_or(0) > 0,
+        "the last denial's record carries the held-back ones: {last_record}"
+    );
+}
+
 #[test]
 fn tcp_connections_keep_their_own_records_and_the_connects_are_one_flow() {
     if !require_bpf() {

@@ -4,7 +4,7 @@
 //! coarse.
 //!
 //! ```text
-//! bulkhead-conn [--cgroup DIR] COMMAND
+//! bulkhead-conn [--cgroup DIR] [--cpu N] COMMAND
 //!   connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT...
 //!       connect() to each address in turn, over and over, until stdin is
 //!       closed; one line per attempt: `attempt PORT START_NS END_NS RESULT`
@@ -32,7 +32,8 @@
 //! ```
 //!
 //! `--cgroup DIR` writes the process's own pid into `DIR/cgroup.procs` before
-//! any socket exists. Every line is flushed at once. The process exits when
+//! any socket exists. `--cpu N` runs it on CPU N only (the kernel's
+//! per-CPU state, such as the denial rate limit's, is then one CPU's). Every line is flushed at once. The process exits when
 //! stdin is closed (the test's guard closes it, or kills the process).
 //! Exit 2: bad usage or set-up failure (message on stderr).
 
@@ -53,7 +54,7 @@ use std::{
 /// How long one `connect()` may take before it counts as a timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] \
+const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] [--cpu N] \
     (connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | sink ADDR:PORT)";
 
 fn main() -> ExitCode {
@@ -74,6 +75,11 @@ fn run(args: Vec<String>) -> Result<(), String> {
         let procs = format!("{dir}/cgroup.procs");
         fs::write(&procs, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot join cgroup: write {procs}: {e}"))?;
+    }
+    if args.peek().map(String::as_str) == Some("--cpu") {
+        args.next();
+        let cpu = args.next().ok_or(USAGE)?;
+        pin_to(cpu.parse().map_err(|e| format!("bad cpu {cpu:?}: {e}"))?)?;
     }
     let command = args.next().ok_or(USAGE)?;
     let rest: Vec<String> = args.collect();
@@ -102,6 +108,26 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ("sink", [addr]) => sink(parse_addr(addr)?),
         _ => Err(USAGE.to_owned()),
     }
+}
+
+/// Runs the process on CPU `cpu` only.
+fn pin_to(cpu: usize) -> Result<(), String> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it
+    // for cpu < CPU_SETSIZE (checked); sched_setaffinity reads the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(format!("cpu {cpu} out of range"));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+            return Err(format!(
+                "sched_setaffinity to cpu {cpu}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn udp_paced(n: u64, pause: Duration, ports: u16, addr: SocketAddr) -> Result<(), String> {
