@@ -48,7 +48,27 @@ impl ServiceState {
         if ev.traffic_direction != Some(Direction::Egress) {
             return;
         }
+        let attempt = matches!(ev.kind, EventType::Verdict | EventType::Flow)
+            && matches!(&*ev.hook, "connect" | "sendmsg");
+        // Denials the kernel's rate limit held back before this record
+        // (its `suppressed`): attempts and denials with no destination of
+        // their own.
+        if ev.kind == EventType::Verdict {
+            let held = u64::from(ev.suppressed.unwrap_or(0));
+            self.window.conns += held;
+            self.window.denies += held;
+        }
         let (Some(ip), Some(port)) = (ev.dst_ip, ev.dst_port) else {
+            // The calls of flows whose first record the rate limit held
+            // back, summed with no destination (docs/events.md, "Flows"):
+            // counted, though no destination can be named.
+            if attempt && ev.kind == EventType::Flow {
+                let calls = ev.calls.unwrap_or(0);
+                self.window.conns += calls;
+                if matches!(ev.verdict, Some(Verdict::Deny | Verdict::Audit)) {
+                    self.window.denies += calls;
+                }
+            }
             return;
         };
         let key = |ip: IpAddr| {
@@ -62,7 +82,7 @@ impl ServiceState {
         };
         match ev.kind {
             // A flow's first call and its summaries: counts are calls.
-            EventType::Verdict | EventType::Flow if matches!(&*ev.hook, "connect" | "sendmsg") => {
+            EventType::Verdict | EventType::Flow if attempt => {
                 let calls = ev.calls.unwrap_or(1);
                 let dest = key(ip);
                 let w = &mut self.window;

@@ -221,6 +221,46 @@ fn deny_burst_at_threshold() {
     );
 }
 
+/// Denials counted without a destination: a record's `suppressed` (held
+/// back by the kernel's rate limit) and a summary of flows whose first
+/// record was held back (`dst_ip` null). They add up to the threshold of
+/// 20 with a single record that names one.
+#[test]
+fn deny_burst_counts_the_denials_held_back_without_a_destination() {
+    let mut c = Clock::new(config(Kind::DenyBurst));
+    let record = FlowEvent {
+        suppressed: Some(9),
+        ..denied("192.0.2.5", 5432)
+    };
+    let held = FlowEvent {
+        kind: EventType::Flow,
+        dst_ip: None,
+        dst_port: None,
+        calls: Some(10),
+        suppressed: Some(4),
+        ..denied("192.0.2.5", 5432)
+    };
+    assert_eq!(
+        c.interval(&[
+            record.clone(),
+            FlowEvent {
+                calls: Some(9),
+                ..held.clone()
+            }
+        ]),
+        vec![],
+        "1 + 9 + 9 = 19 denials"
+    );
+    let got = c.interval(&[record, held]);
+    assert_eq!(got.len(), 1, "1 + 9 + 10 = 20 denials: {got:?}");
+    assert_eq!(got[0].finding.kind, Kind::DenyBurst);
+    assert!((got[0].finding.observed - 20.0).abs() < 1e-9, "{got:?}");
+    assert_eq!(
+        got[0].finding.samples,
+        vec!["192.0.2.5:5432/tcp".to_string()]
+    );
+}
+
 #[test]
 fn volume_spike_against_baseline() {
     let normal = [closed("192.0.2.1", 443, 2_000_000)];
