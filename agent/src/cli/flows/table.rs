@@ -52,6 +52,8 @@ pub fn row(ev: &FlowEvent) -> Row {
             .anomaly
             .as_ref()
             .map_or_else(|| "anomaly".to_string(), |a| format!("anomaly {}", a.kind)),
+        // An open TCP connection's byte summary: no calls, no verdict.
+        (EventType::Flow, None) if ev.calls.is_none() => open_bytes(ev),
         // "allow x4999": the calls since the flow's previous line.
         (EventType::Flow, verdict) => format!(
             "{} x{}",
@@ -104,6 +106,16 @@ fn shorten(name: &str) -> String {
     }
     let tail: String = name.chars().skip(len - (MAX_NAME - 1)).collect();
     format!("…{tail}")
+}
+
+/// `open (sent 1.5 KiB, received 312 B)`: what an open connection moved
+/// since its previous summary.
+fn open_bytes(ev: &FlowEvent) -> String {
+    format!(
+        "open (sent {}, received {})",
+        bytes(ev.bytes_sent.unwrap_or(0)),
+        bytes(ev.bytes_received.unwrap_or(0))
+    )
 }
 
 /// `closed (sent 1.5 KiB, received 312 B, 2.3s)`, with what is known.
@@ -288,6 +300,16 @@ mod tests {
             ..event()
         };
         assert_eq!(row(&established)[6], "established");
+        let open = FlowEvent {
+            kind: EventType::Flow,
+            hook: "sock_ops".into(),
+            verdict: None,
+            calls: None,
+            bytes_sent: Some(1536),
+            bytes_received: Some(0),
+            ..event()
+        };
+        assert_eq!(row(&open)[6], "open (sent 1.5 KiB, received 0 B)");
         let audit = FlowEvent {
             verdict: Some(Verdict::Audit),
             ..event()
