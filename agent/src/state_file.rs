@@ -23,16 +23,26 @@ use std::{
 use tracing::error;
 
 /// The state files counted in the metric, each shown even at zero.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     "quarantine.json",
     "anomaly.json",
     "graph.json",
     "names.json",
     "dns-learnt.json",
+    "open-connections.json",
 ];
 
 /// State files are small; anything larger is damage (or an attack on memory).
 pub const MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// This boot of the kernel: state that names kernel things by numbers a
+/// reboot starts again (`CLOCK_MONOTONIC` times, socket cookies) holds only
+/// in the boot that saved it. Empty if unreadable.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
 
 /// Errors per state file since the agent started.
 static ERRORS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
     addr, bulkhead, conn,
+    control::SharedPins,
     events::{calls_of, wait_calls},
     free_port_block,
     http::metrics_addr,
@@ -361,13 +362,7 @@ fn an_open_tcp_connection_reports_its_bytes_each_interval() {
     if !require_bpf() {
         return;
     }
-    let server = conn!().sink(addr("127.0.0.1:0"));
-    let svc = CgroupGuard::new();
-    let rule = Egress::to(["127.0.0.1"])
-        .ports([server.addr().port()])
-        .protocol("tcp");
-    let policies = PolicyDir::with(&[("pooled.toml", &service_policy(&svc, "enforce", &[rule]))]);
-    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    let (server, svc, _policies, daemon) = tcp_service("pooled");
     let mut held = conn!().in_cgroup(svc.path()).hold(server.addr());
     let local_port = held.local().port();
     let wait_summaries = |n: usize| wait_tcp_bytes(&daemon, "flow", local_port, n);
@@ -489,9 +484,8 @@ fn a_summary_after_the_peers_fin_counts_the_payload_only() {
     );
 }
 
-/// A `sink` server on loopback and a service allowed TCP to it, its agent
-/// summarising every second.
-fn tcp_service(name: &str) -> (conn::Sink, CgroupGuard, PolicyDir, Daemon) {
+/// A `sink` server on loopback and a service `name` allowed TCP to it.
+fn tcp_policy(name: &str) -> (conn::Sink, CgroupGuard, PolicyDir) {
     let server = conn!().sink(addr("127.0.0.1:0"));
     let svc = CgroupGuard::new();
     let rule = Egress::to(["127.0.0.1"])
@@ -501,6 +495,12 @@ fn tcp_service(name: &str) -> (conn::Sink, CgroupGuard, PolicyDir, Daemon) {
         &format!("{name}.toml"),
         &service_policy(&svc, "enforce", &[rule]),
     )]);
+    (server, svc, policies)
+}
+
+/// [`tcp_policy`], its agent summarising every second.
+fn tcp_service(name: &str) -> (conn::Sink, CgroupGuard, PolicyDir, Daemon) {
+    let (server, svc, policies) = tcp_policy(name);
     let daemon = Daemon::start_with_config(&policies, CONFIG);
     (server, svc, policies, daemon)
 }
@@ -519,4 +519,36 @@ fn exchange(server: &mut conn::Sink, held: &mut conn::HeldConn, sent: usize, rec
         "the client got the server's {received} bytes: {:?}",
         held.lines()
     );
+}
+
+/// A pooled connection outlives the agent: the next one follows it from
+/// what the first saved, so the bytes sent after the restart get their
+/// summary, and only those (not the connection's whole counters again).
+#[test]
+fn an_open_tcp_connection_keeps_its_byte_summaries_across_a_restart() {
+    if !require_bpf() {
+        return;
+    }
+    let (server, svc, policies) = tcp_policy("pooled");
+    let shared = SharedPins::new();
+    let mut first = shared.start_with_config(&policies, CONFIG);
+    let mut held = conn!().in_cgroup(svc.path()).hold(server.addr());
+    let local_port = held.local().port();
+    held.send(&"a".repeat(1000));
+    assert_eq!(
+        wait_tcp_bytes(&first, "flow", local_port, 1),
+        vec![(1000, 0)]
+    );
+    let exit = first.stop();
+    assert_eq!(exit.code(), Some(0), "the first agent on SIGTERM: {exit}");
+
+    let second = shared.start_with_config(&policies, CONFIG);
+    held.send(&"b".repeat(500));
+    assert_eq!(
+        wait_tcp_bytes(&second, "flow", local_port, 1),
+        vec![(500, 0)],
+        "the bytes since the first agent's last summary"
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(tcp_bytes(&second, "flow", local_port), vec![(500, 0)]);
 }

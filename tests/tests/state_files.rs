@@ -69,16 +69,31 @@ fn a_damaged_anomaly_file_is_set_aside_and_counted() {
     if !require_bpf() {
         return;
     }
+    damaged_at_start("anomaly.json", b"\x00\x01 not json", "quarantine.json");
+}
+
+/// A damaged `open-connections.json` is set aside and counted; the agent
+/// starts, following no connection of a previous agent.
+#[test]
+fn a_damaged_open_connections_file_is_set_aside_and_counted() {
+    if !require_bpf() {
+        return;
+    }
+    damaged_at_start("open-connections.json", b"{\"boot_id\": 7", "anomaly.json");
+}
+
+/// An agent starts on a state directory whose `name` holds `garbage`: the
+/// file is set aside and counted, and `other` is not.
+fn damaged_at_start(name: &str, garbage: &[u8], other: &str) {
     let web = CgroupGuard::new();
     let policies = PolicyDir::with(&[("web.toml", &service_policy(&web, "audit", &[]))]);
     let shared = SharedPins::new();
     let state = shared.state_dir();
     fs::create_dir_all(&state).expect("state dir");
-    let garbage = b"\x00\x01 not json";
-    fs::write(state.join("anomaly.json"), garbage).expect("damage anomaly.json");
+    fs::write(state.join(name), garbage).unwrap_or_else(|e| panic!("damage {name}: {e}"));
     let daemon = shared.start(&policies);
-    assert_handled(&daemon, &state, "anomaly.json", garbage);
-    assert_eq!(errors_counted(&daemon, "quarantine.json"), Some(0));
+    assert_handled(&daemon, &state, name, garbage);
+    assert_eq!(errors_counted(&daemon, other), Some(0));
 }
 
 /// A policy file that is a symbolic link is refused at start, by name,

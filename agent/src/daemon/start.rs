@@ -102,6 +102,10 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     } = loaded;
     let (quarantines, compiled) = recover_quarantines(&config, &mount, &set, compiled)?;
     let (hub, graph) = open_decision_log(&config, &set)?;
+    // The TCP connections a previous agent followed, known before any event
+    // is read: the closes its ring still holds are drained at the take-over.
+    let open_connections = Arc::new(crate::flows::OpenConnections::load(&config.state_dir));
+    hub.add_stage(Arc::clone(&open_connections) as Arc<dyn events::Stage>);
     // Bound before anything touches the kernel, so a taken port stops the
     // daemon here, with the address in the error.
     let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?
@@ -146,6 +150,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
         Arc::clone(&hub),
         &config.flows,
         Arc::clone(&metrics.flows),
+        open_connections,
     )
     .context("cannot start the flow sweeper")?;
     // Control socket (`bulkhead flows`, ...): serves from `hub`; status,

@@ -44,8 +44,10 @@ impl Running {
         // the pinned map, enforced.
         dns.stop().await;
         // The calls counted since the last sweep are reported now; the
-        // flows go on counting for the next agent, which reports them.
-        if tokio::task::spawn_blocking(move || flow_sweeper.stop())
+        // flows go on counting for the next agent, which reports them, and
+        // follows the open TCP connections saved here.
+        let sweeper_state = state_dir.clone();
+        if tokio::task::spawn_blocking(move || flow_sweeper.stop(&sweeper_state))
             .await
             .is_err()
         {

@@ -13,6 +13,8 @@ use std::{net::IpAddr, path::Path};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::state_file::boot_id;
+
 use super::{
     answer::DnsName,
     learnt::{Entry, Nanos, RuleBits, ServiceId},
@@ -20,10 +22,6 @@ use super::{
 
 /// The file's name in the state directory.
 pub const FILE: &str = "dns-learnt.json";
-
-/// The kernel's boot: expiries are `CLOCK_MONOTONIC`, which starts again
-/// at each boot.
-const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
@@ -40,12 +38,6 @@ struct SavedEntry {
     addr: IpAddr,
     expires_ns: Nanos,
     rules: RuleBits,
-}
-
-fn boot_id() -> String {
-    std::fs::read_to_string(BOOT_ID)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// `entries` as the file's bytes.

@@ -56,10 +56,13 @@ pub struct FlowStats {
 pub struct Sweeper {
     stop: mpsc::Sender<()>,
     thread: JoinHandle<()>,
+    open: Arc<OpenConnections>,
 }
 
 impl Sweeper {
-    /// Sweeps `table` every `config.interval_secs`, publishing to `hub`.
+    /// Sweeps `table` every `config.interval_secs`, publishing to `hub`,
+    /// with byte summaries of the TCP connections `open` follows (a stage
+    /// of `hub` since before the first event was read).
     /// A thread of its own: a sweep is map syscalls and an RCU grace
     /// period, blocking work that must not hold up the runtime.
     ///
@@ -71,6 +74,7 @@ impl Sweeper {
         hub: Arc<Hub>,
         config: &FlowsConfig,
         stats: Arc<FlowStats>,
+        open: Arc<OpenConnections>,
     ) -> std::io::Result<Self> {
         let interval = Duration::from_secs(u64::from(config.interval_secs));
         let capacity = table.capacity();
@@ -80,9 +84,7 @@ impl Sweeper {
             // Half the table: the open epoch's new flows need the rest.
             carry_max: (capacity / 2) as usize,
         };
-        // Follows the TCP connections established and closed.
-        let open = Arc::new(OpenConnections::default());
-        hub.add_stage(Arc::clone(&open) as Arc<dyn crate::events::Stage>);
+        let followed = Arc::clone(&open);
         let (stop, stopped) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("flow-sweeper".to_string())
@@ -108,16 +110,22 @@ impl Sweeper {
                     }
                 }
             })?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread,
+            open: followed,
+        })
     }
 
     /// Runs a last sweep (what the flows counted since the previous one is
-    /// reported) and ends the thread.
-    pub fn stop(self) {
+    /// reported), ends the thread, and saves the open TCP connections in
+    /// `state_dir` for the next agent.
+    pub fn stop(self, state_dir: &std::path::Path) {
         let _ = self.stop.send(());
         if self.thread.join().is_err() {
             warn!("the flow sweeper panicked");
         }
+        self.open.save(state_dir);
     }
 }
 

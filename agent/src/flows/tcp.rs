@@ -6,13 +6,21 @@
 //! `tcpi_bytes_acked`/`tcpi_bytes_received`, the counters the closing
 //! record uses). Only this network namespace's sockets are listed: a
 //! connection made in another one has its bytes at close only.
+//!
+//! What it follows is saved in the state directory when the agent stops
+//! (`open-connections.json`) and read back by the next agent of the same
+//! boot, before it reads anything: the closes the old programs left in
+//! their ring then add only what no summary reported, and the connections
+//! still open get their summaries from the new agent.
 
 use std::{
     collections::{HashMap, HashSet},
+    path::Path,
     sync::{Arc, Mutex, PoisonError},
 };
 
-use tracing::warn;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use crate::{
     events::{monotonic_ns, EventType, FlowEvent, Stage},
@@ -169,6 +177,125 @@ impl OpenConnections {
     }
 }
 
+/// The file in the state directory.
+pub const FILE: &str = "open-connections.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    /// Socket cookies are numbered again from each boot.
+    boot_id: String,
+    open: Vec<SavedOpen>,
+    /// Connections gone from the socket list whose close may still be in
+    /// the ring: the bytes their summaries reported.
+    gone: Vec<(u64, (u64, u64))>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedOpen {
+    cookie: u64,
+    established: FlowEvent,
+    base: (u64, u64),
+    last: (u64, u64),
+}
+
+impl OpenConnections {
+    /// Writes what it follows to `state_dir`, whole or not at all; the
+    /// connections established first are left out if the file would pass
+    /// the state-file limit (their closes then add their whole totals, and
+    /// they get no more summaries).
+    pub fn save(&self, state_dir: &Path) {
+        let (mut open, gone) = {
+            let follow = self.follow.lock().unwrap_or_else(PoisonError::into_inner);
+            let open: Vec<SavedOpen> = follow
+                .open
+                .iter()
+                .map(|(cookie, conn)| SavedOpen {
+                    cookie: *cookie,
+                    established: FlowEvent::clone(&conn.established),
+                    base: conn.base,
+                    last: conn.last,
+                })
+                .collect();
+            let gone: Vec<(u64, (u64, u64))> = follow.gone.iter().map(|(c, b)| (*c, *b)).collect();
+            (open, gone)
+        };
+        open.sort_by_key(|o| o.established.ktime_ns);
+        let mut saved = Saved {
+            boot_id: crate::state_file::boot_id(),
+            open,
+            gone,
+        };
+        let mut write = || -> std::io::Result<()> {
+            loop {
+                let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+                if bytes.len() as u64 <= crate::state_file::MAX_BYTES || saved.open.is_empty() {
+                    return crate::state_file::write_atomic(state_dir, FILE, &bytes, 0o600);
+                }
+                let half = saved.open.len().div_ceil(2);
+                warn!(left_out = half, "the oldest open TCP connections are not saved for the next agent: the file would pass the state-file limit");
+                saved.open.drain(..half);
+            }
+        };
+        if let Err(e) = write() {
+            warn!(dir = %state_dir.display(), "cannot save the open TCP connections for the next agent: {e}; their closes will count their whole bytes");
+        }
+    }
+
+    /// What a previous agent of this boot saved in `state_dir`; nothing if
+    /// there is no file or it is from another boot. A damaged file is set
+    /// aside (logged, counted) and restores nothing.
+    pub fn load(state_dir: &Path) -> Self {
+        let problem = match crate::state_file::read(state_dir, FILE) {
+            Ok(None) => return Self::default(),
+            Ok(Some(bytes)) => match serde_json::from_slice::<Saved>(&bytes) {
+                Ok(saved) if saved.boot_id != crate::state_file::boot_id() => {
+                    info!("open TCP connections saved before a reboot: not followed (socket cookies start again)");
+                    return Self::default();
+                }
+                Ok(saved) => return Self::restored(saved),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        crate::state_file::set_aside(
+            state_dir,
+            FILE,
+            &problem,
+            "the TCP connections a previous agent followed get no more byte summaries, and their closes count their whole bytes",
+        );
+        Self::default()
+    }
+
+    fn restored(saved: Saved) -> Self {
+        let open: HashMap<u64, Open> = saved
+            .open
+            .into_iter()
+            .take(MAX_OPEN)
+            .map(|o| {
+                (
+                    o.cookie,
+                    Open {
+                        established: Arc::new(o.established),
+                        base: o.base,
+                        last: o.last,
+                    },
+                )
+            })
+            .collect();
+        info!(
+            connections = open.len(),
+            "open TCP connections of the previous agent followed"
+        );
+        Self {
+            follow: Mutex::new(Followed {
+                open,
+                gone: saved.gone.into_iter().collect(),
+            }),
+            warned: Mutex::new(false),
+        }
+    }
+}
+
 /// TCP states (`include/net/tcp_states.h`) in which a full socket's
 /// counters hold a FIN.
 const TCP_FIN_WAIT2: u8 = 5;
@@ -272,6 +399,56 @@ mod tests {
         }
         let follow = open.follow.lock().expect("lock");
         assert!(follow.open.is_empty() && follow.gone.is_empty());
+    }
+
+    #[test]
+    fn what_it_follows_is_saved_and_read_back_by_the_next_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = followed((1_001, 11));
+        open.follow.lock().expect("lock").gone.insert(9, (300, 0));
+        open.save(dir.path());
+        let next = OpenConnections::load(dir.path());
+        // The close the old programs left in the ring adds only the rest.
+        let mut closes = [
+            tcp(EventType::TcpClosed, 7, (1_600, 10)),
+            tcp(EventType::TcpClosed, 9, (800, 0)),
+        ];
+        next.amend(&mut closes);
+        assert_eq!(closes[0].new_bytes(), Some((600, 0)));
+        assert_eq!(closes[1].new_bytes(), Some((500, 0)));
+    }
+
+    #[test]
+    fn connections_saved_in_another_boot_are_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let saved = Saved {
+            boot_id: "another boot".into(),
+            open: vec![SavedOpen {
+                cookie: 7,
+                established: tcp(EventType::TcpEstablished, 7, (1, 1)),
+                base: (1, 1),
+                last: (501, 1),
+            }],
+            gone: Vec::new(),
+        };
+        crate::state_file::write_atomic(
+            dir.path(),
+            FILE,
+            &serde_json::to_vec(&saved).expect("json"),
+            0o600,
+        )
+        .expect("write");
+        let next = OpenConnections::load(dir.path());
+        assert!(next.follow.lock().expect("lock").open.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_file_is_set_aside_and_follows_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::state_file::write_atomic(dir.path(), FILE, b"{\"boot_id\":", 0o600).expect("write");
+        let next = OpenConnections::load(dir.path());
+        assert!(next.follow.lock().expect("lock").open.is_empty());
+        assert!(!dir.path().join(FILE).exists(), "set aside");
     }
 
     #[test]
