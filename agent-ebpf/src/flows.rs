@@ -89,11 +89,13 @@ pub fn count_new<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repor
     let carried =
         unsafe { FLOWS.get(&*key) }.map_or(NOT_CARRIED, |old| recorded_when_carried(old.recorded));
     key.epoch ^= 1;
-    // Asked once per call. A denial it refuses is not counted as
-    // suppressed here: the entry keeps the call (or, with the table full,
-    // `full` counts it). A record it lets through carries the denials it
-    // held back before (other hooks' refusals, full-table calls), which
-    // would otherwise be lost when it resets their count.
+    // Asked here only for a new flow's first record. A denial it refuses
+    // is not counted as suppressed: the entry keeps the call (or, with the
+    // table full, `full` asks again and counts it). A record it lets
+    // through carries the denials it held back before (other hooks'
+    // refusals, full-table calls), which would otherwise be lost when it
+    // resets their count. `full` spends no second budget on a call this
+    // one let through.
     let budget = if carried == NOT_CARRIED {
         event_budget(key.verdict, key.service_id, key.direction, false)
     } else {

@@ -53,6 +53,28 @@ fn tcp_bytes(daemon: &Daemon, kind: &str, local_port: u16) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Asserts that each byte summary of the connection from `local_port`
+/// names the executable that made it (`bulkhead-conn`), as its
+/// `tcp_established` does.
+fn assert_summaries_name_the_exe(daemon: &Daemon, local_port: u16) {
+    let events = integration_tests::events::events(daemon);
+    let summaries: Vec<&Value> = events
+        .iter()
+        .filter(|ev| {
+            ev["type"] == "flow" && ev["hook"] == "sock_ops" && ev["src_port"] == local_port
+        })
+        .collect();
+    assert!(!summaries.is_empty());
+    for ev in summaries {
+        assert!(
+            ev["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with("/bulkhead-conn")),
+            "a summary without its executable: {ev}"
+        );
+    }
+}
+
 /// [`tcp_bytes`] once there are at least `n`.
 fn wait_tcp_bytes(daemon: &Daemon, kind: &str, local_port: u16, n: usize) -> Vec<(u64, u64)> {
     integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
@@ -379,6 +401,7 @@ fn an_open_tcp_connection_reports_its_bytes_each_interval() {
         vec![(1000, 0)],
         "the interval's payload, SYN excluded"
     );
+    assert_summaries_name_the_exe(&daemon, local_port);
     held.send(&"b".repeat(500));
     assert_eq!(wait_summaries(2), vec![(1000, 0), (500, 0)]);
     std::thread::sleep(SETTLE);
@@ -557,4 +580,5 @@ fn an_open_tcp_connection_keeps_its_byte_summaries_across_a_restart() {
     );
     std::thread::sleep(SETTLE);
     assert_eq!(tcp_bytes(&second, "flow", local_port), vec![(500, 0)]);
+    assert_summaries_name_the_exe(&second, local_port);
 }

@@ -50,14 +50,6 @@ impl ServiceState {
         }
         let attempt = matches!(ev.kind, EventType::Verdict | EventType::Flow)
             && matches!(&*ev.hook, "connect" | "sendmsg");
-        // Denials the kernel's rate limit held back before this record
-        // (its `suppressed`): attempts and denials with no destination of
-        // their own.
-        if ev.kind == EventType::Verdict {
-            let held = u64::from(ev.suppressed.unwrap_or(0));
-            self.window.conns += held;
-            self.window.denies += held;
-        }
         let (Some(ip), Some(port)) = (ev.dst_ip, ev.dst_port) else {
             // The calls of flows whose first record the rate limit held
             // back, summed with no destination (docs/events.md, "Flows"):

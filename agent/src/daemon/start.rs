@@ -102,10 +102,6 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     } = loaded;
     let (quarantines, compiled) = recover_quarantines(&config, &mount, &set, compiled)?;
     let (hub, graph) = open_decision_log(&config, &set)?;
-    // The TCP connections a previous agent followed, known before any event
-    // is read: the closes its ring still holds are drained at the take-over.
-    let open_connections = Arc::new(crate::flows::OpenConnections::load(&config.state_dir));
-    hub.add_stage(Arc::clone(&open_connections) as Arc<dyn events::Stage>);
     // Bound before anything touches the kernel, so a taken port stops the
     // daemon here, with the address in the error.
     let metrics_endpoint = crate::metrics::Endpoint::bind(config.metrics.listen)?
@@ -122,6 +118,13 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     // Every decision gets its executable's path (`exe`).
     let exe_names = Arc::new(exe_names(&mut enforcer));
     hub.add_stage(Arc::clone(&exe_names) as Arc<dyn crate::events::Stage>);
+    // The TCP connections a previous agent followed, known before any
+    // event of a connection: ours are attached next, and the closes the
+    // previous programs' ring still holds are drained at the take-over.
+    // After the naming stages: its copy of each `tcp_established`, which
+    // its byte summaries repeat, carries `dst_name` and `exe`.
+    let open_connections = Arc::new(crate::flows::OpenConnections::load(&config.state_dir));
+    hub.add_stage(Arc::clone(&open_connections) as Arc<dyn events::Stage>);
     let coverage = attach(&mut enforcer, &mut tracker, &mount, &staging)?;
     exe_names.remember(enforcer.take_scanned());
     take_over(&config, &compiled, &coverage, &pins, &hub, &dns)?;

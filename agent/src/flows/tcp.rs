@@ -243,16 +243,23 @@ impl OpenConnections {
 
     /// What a previous agent of this boot saved in `state_dir`; nothing if
     /// there is no file or it is from another boot. A damaged file is set
-    /// aside (logged, counted) and restores nothing.
+    /// aside (logged, counted) and restores nothing. A file read is
+    /// removed: if this agent stops without saving (a crash), the next one
+    /// must not restore counters this one has summarised past.
     pub fn load(state_dir: &Path) -> Self {
         let problem = match crate::state_file::read(state_dir, FILE) {
             Ok(None) => return Self::default(),
             Ok(Some(bytes)) => match serde_json::from_slice::<Saved>(&bytes) {
-                Ok(saved) if saved.boot_id != crate::state_file::boot_id() => {
-                    info!("open TCP connections saved before a reboot: not followed (socket cookies start again)");
-                    return Self::default();
+                Ok(saved) => {
+                    if !removed(state_dir) {
+                        return Self::default();
+                    }
+                    if saved.boot_id != crate::state_file::boot_id() {
+                        info!("open TCP connections saved before a reboot: not followed (socket cookies start again)");
+                        return Self::default();
+                    }
+                    return Self::restored(saved);
                 }
-                Ok(saved) => return Self::restored(saved),
                 Err(e) => e.to_string(),
             },
             Err(e) => e.to_string(),
@@ -292,6 +299,19 @@ impl OpenConnections {
                 gone: saved.gone.into_iter().collect(),
             }),
             warned: Mutex::new(false),
+        }
+    }
+}
+
+/// Removes the file read; false (warned) if it stays: what it holds may be
+/// stale by the time another agent reads it, so it restores nothing.
+fn removed(state_dir: &Path) -> bool {
+    match std::fs::remove_file(state_dir.join(FILE)) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            warn!(dir = %state_dir.display(), "cannot remove {FILE} after reading it: {e}; the previous agent's open TCP connections are not followed");
+            false
         }
     }
 }
@@ -408,6 +428,7 @@ mod tests {
         open.follow.lock().expect("lock").gone.insert(9, (300, 0));
         open.save(dir.path());
         let next = OpenConnections::load(dir.path());
+        assert!(!dir.path().join(FILE).exists(), "read once");
         // The close the old programs left in the ring adds only the rest.
         let mut closes = [
             tcp(EventType::TcpClosed, 7, (1_600, 10)),

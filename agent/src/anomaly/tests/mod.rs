@@ -221,38 +221,27 @@ fn deny_burst_at_threshold() {
     );
 }
 
-/// Denials counted without a destination: a record's `suppressed` (held
-/// back by the kernel's rate limit) and a summary of flows whose first
-/// record was held back (`dst_ip` null). They add up to the threshold of
-/// 20 with a single record that names one.
+/// A summary of flows whose first record the rate limit held back names
+/// no destination (`dst_ip` null): its calls are still denials. With 10 of
+/// them, 10 records reach the threshold of 20; with 9, not.
 #[test]
-fn deny_burst_counts_the_denials_held_back_without_a_destination() {
+fn deny_burst_counts_the_calls_of_held_back_flows() {
     let mut c = Clock::new(config(Kind::DenyBurst));
-    let record = FlowEvent {
-        suppressed: Some(9),
-        ..denied("192.0.2.5", 5432)
-    };
-    let held = FlowEvent {
+    let held = |calls| FlowEvent {
         kind: EventType::Flow,
         dst_ip: None,
         dst_port: None,
-        calls: Some(10),
+        calls: Some(calls),
         suppressed: Some(4),
         ..denied("192.0.2.5", 5432)
     };
-    assert_eq!(
-        c.interval(&[
-            record.clone(),
-            FlowEvent {
-                calls: Some(9),
-                ..held.clone()
-            }
-        ]),
-        vec![],
-        "1 + 9 + 9 = 19 denials"
-    );
-    let got = c.interval(&[record, held]);
-    assert_eq!(got.len(), 1, "1 + 9 + 10 = 20 denials: {got:?}");
+    let mut events = times(&denied("192.0.2.5", 5432), 10);
+    events.push(held(9));
+    assert_eq!(c.interval(&events), vec![], "19 denials");
+    events.pop();
+    events.push(held(10));
+    let got = c.interval(&events);
+    assert_eq!(got.len(), 1, "20 denials: {got:?}");
     assert_eq!(got[0].finding.kind, Kind::DenyBurst);
     assert!((got[0].finding.observed - 20.0).abs() < 1e-9, "{got:?}");
     assert_eq!(
