@@ -136,6 +136,13 @@ pub fn count_new<F: Fn() -> u64>(key: &mut FlowKey, caller: &Caller<F>) -> Repor
         },
         Err(_) => return full(key, budget),
     }
+    report(budget)
+}
+
+/// A record with the held-back count when the rate limit's `budget` let
+/// one through; else the call is only counted.
+#[inline(always)]
+fn report(budget: Option<u32>) -> Report {
     match budget {
         Some(suppressed) => Report::Record { suppressed },
         None => Report::Counted,
@@ -152,14 +159,7 @@ fn full(key: &FlowKey, budget: Option<u32>) -> Report {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *count += 1 };
     }
-    let budget = match budget {
-        Some(suppressed) => Some(suppressed),
-        None => event_budget(key.verdict, key.service_id, key.direction, true),
-    };
-    match budget {
-        Some(suppressed) => Report::Record { suppressed },
-        None => Report::Counted,
-    }
+    report(budget.or_else(|| event_budget(key.verdict, key.service_id, key.direction, true)))
 }
 
 #[inline(always)]

@@ -42,10 +42,15 @@ pub const EXT_TCP_INFO: u8 = 1 << (INET_DIAG_INFO - 1);
 const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
 
+/// TCP states (`include/net/tcp_states.h`), as `idiag_state` gives them.
+pub const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
 #[cfg(test)]
 pub const TCP_CLOSE: u8 = 7;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+pub const TCP_LAST_ACK: u8 = 9;
 pub const TCP_LISTEN: u8 = 10;
-const TCP_TIME_WAIT: u8 = 6;
+pub const TCP_CLOSING: u8 = 11;
 const TCP_NEW_SYN_RECV: u8 = 12;
 
 /// Every state of a full socket: time-wait and request sockets are not

@@ -144,6 +144,54 @@ pub fn read(dir: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
     read_all(file, &meta).map(Some)
 }
 
+/// Reads the state file `dir/name` and `parse`s it: `None` when there is
+/// none, or when it is damaged (unreadable, or `parse` refuses it with the
+/// problem), then set aside with `consequence` in the ERROR.
+pub fn load<T>(
+    dir: &Path,
+    name: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+    consequence: &str,
+) -> Option<T> {
+    let problem = match read(dir, name) {
+        Ok(None) => return None,
+        Ok(Some(bytes)) => match parse(&bytes) {
+            Ok(parsed) => return Some(parsed),
+            Err(problem) => problem,
+        },
+        Err(e) => e.to_string(),
+    };
+    set_aside(dir, name, &problem, consequence);
+    None
+}
+
+/// `entries` as a state file's bytes (`to_bytes` of the entries kept), at
+/// most `limit` of them: the oldest (first) left out if they do not fit (a
+/// state file over the limit would be read as damage). Returns the bytes
+/// and how many were left out.
+///
+/// # Errors
+/// Serialisation failed.
+pub fn fitting<E>(
+    entries: &[E],
+    limit: u64,
+    to_bytes: impl Fn(&[E]) -> serde_json::Result<Vec<u8>>,
+) -> serde_json::Result<(Vec<u8>, usize)> {
+    let mut from = 0;
+    loop {
+        let bytes = to_bytes(&entries[from..])?;
+        let len = bytes.len() as u64;
+        let left = entries.len() - from;
+        if len <= limit || left == 0 {
+            return Ok((bytes, from));
+        }
+        // Leave out about as many as the excess takes, one at least.
+        let per_entry = (len / left as u64).max(1);
+        let excess = usize::try_from((len - limit) / per_entry).unwrap_or(left);
+        from += (excess + 1).min(left);
+    }
+}
+
 /// A damaged state file: moved aside as `NAME.corrupt-<unix seconds>` (a
 /// link is moved, not what it points to), an ERROR logged naming the file,
 /// the problem and `consequence`, and counted. Returns where it went.

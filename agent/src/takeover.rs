@@ -197,19 +197,10 @@ pub fn previous_names(state_dir: &Path) -> Names {
 }
 
 fn load_names(state_dir: &Path) -> Option<Names> {
-    let problem = match crate::state_file::read(state_dir, NAMES_FILE) {
-        Ok(None) => return None,
-        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
-            Ok(names) => return Some(names),
-            Err(e) => format!("not valid policy names: {e}"),
-        },
-        Err(e) => e.to_string(),
-    };
-    crate::state_file::set_aside(
+    crate::state_file::load(
         state_dir,
         NAMES_FILE,
-        &problem,
+        |bytes| serde_json::from_slice(bytes).map_err(|e| format!("not valid policy names: {e}")),
         "the previous agent's leftover events are named with this agent's policy",
-    );
-    None
+    )
 }

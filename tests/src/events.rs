@@ -153,12 +153,27 @@ pub fn wait_calls(
     settle: Duration,
     matches: impl Fn(&Value) -> bool,
 ) -> Vec<Value> {
-    poll_matching(daemon, timeout, &matches, |found| calls_of(found) >= calls).unwrap_or_else(
+    wait_counted(daemon, what, calls, calls_of, timeout, settle, matches)
+}
+
+/// [`wait_calls`], the events' calls counted by `count` (say, with the
+/// `suppressed` counts of their records).
+#[must_use]
+pub fn wait_counted(
+    daemon: &Daemon,
+    what: &str,
+    calls: u64,
+    count: impl Fn(&[Value]) -> u64,
+    timeout: Duration,
+    settle: Duration,
+    matches: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    poll_matching(daemon, timeout, &matches, |found| count(found) >= calls).unwrap_or_else(
         |found| {
             panic!(
                 "the {what} in the decision log report {} of {calls} calls within {timeout:?}: \
                  {found:#?}",
-                calls_of(&found)
+                count(&found)
             )
         },
     );

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 use integration_tests::{
     addr, bulkhead, conn,
     control::SharedPins,
-    events::{calls_of, wait_calls},
+    events::{calls_of, wait_calls, wait_counted},
     free_port_block,
     http::metrics_addr,
     prometheus::Scrape,
@@ -307,24 +307,8 @@ fn denials_that_find_the_flow_table_full_past_the_rate_limit_are_all_counted() {
                 .sum::<u64>()
     };
     let made = flood + 1;
-    let all = integration_tests::eventually(REPORTED, Duration::from_millis(200), || {
-        let events: Vec<Value> = integration_tests::events::events(&daemon)
-            .into_iter()
-            .filter(|ev| ours(ev))
-            .collect();
-        if counted(&events) >= made {
-            Ok(events)
-        } else {
-            Err(counted(&events))
-        }
-    })
-    .unwrap_or_else(|n| panic!("the log counts {n} of the {made} denials"));
-    std::thread::sleep(SETTLE);
-    let settled: Vec<Value> = integration_tests::events::events(&daemon)
-        .into_iter()
-        .filter(|ev| ours(ev))
-        .collect();
-    assert_eq!(counted(&settled), made, "{all:#?}");
+    let settled = wait_counted(&daemon, "denials", made, counted, REPORTED, SETTLE, ours);
+    assert_eq!(counted(&settled), made, "{settled:#?}");
     let last_record = of_type(&settled, "verdict")
         .into_iter()
         .find(|ev| ev["dst_port"] == first + PORTS + 1)

@@ -60,34 +60,13 @@ pub fn to_bytes(entries: &[Entry]) -> serde_json::Result<Vec<u8>> {
     })
 }
 
-/// `entries` as the file's bytes, at most `limit` of them: the oldest
-/// left out if they do not fit (a state file over the limit would be
-/// read as damage). Returns the bytes and how many were left out.
-///
-/// # Errors
-/// Serialisation failed.
-pub fn fitting(entries: &[Entry], limit: u64) -> serde_json::Result<(Vec<u8>, usize)> {
-    let mut from = 0;
-    loop {
-        let bytes = to_bytes(&entries[from..])?;
-        let len = bytes.len() as u64;
-        let left = entries.len() - from;
-        if len <= limit || left == 0 {
-            return Ok((bytes, from));
-        }
-        // Leave out about as many as the excess takes, one at least.
-        let per_entry = (len / left as u64).max(1);
-        let excess = usize::try_from((len - limit) / per_entry).unwrap_or(left);
-        from += (excess + 1).min(left);
-    }
-}
-
 /// Writes `entries` to the state directory, whole or not at all; the
 /// oldest left out if they would make it larger than a state file may be.
 pub fn save(state_dir: &Path, entries: &[Entry]) {
     let write = || -> std::io::Result<()> {
         let (bytes, left_out) =
-            fitting(entries, crate::state_file::MAX_BYTES).map_err(std::io::Error::other)?;
+            crate::state_file::fitting(entries, crate::state_file::MAX_BYTES, to_bytes)
+                .map_err(std::io::Error::other)?;
         if left_out > 0 {
             warn!(
                 left_out,
@@ -105,21 +84,13 @@ pub fn save(state_dir: &Path, entries: &[Entry]) {
 /// file or it is from another boot. A damaged file is set aside (logged,
 /// counted) and restores nothing.
 pub fn load(state_dir: &Path) -> Vec<Entry> {
-    let problem = match crate::state_file::read(state_dir, FILE) {
-        Ok(None) => return Vec::new(),
-        Ok(Some(bytes)) => match from_bytes(&bytes, &boot_id()) {
-            Ok(entries) => return entries,
-            Err(problem) => problem,
-        },
-        Err(e) => e.to_string(),
-    };
-    crate::state_file::set_aside(
+    crate::state_file::load(
         state_dir,
         FILE,
-        &problem,
+        |bytes| from_bytes(bytes, &boot_id()),
         "carried-over learnt addresses stay enforced, without their names, until they expire",
-    );
-    Vec::new()
+    )
+    .unwrap_or_default()
 }
 
 /// The entries in `bytes` if saved in the boot `boot`.
@@ -179,10 +150,11 @@ mod tests {
         let entries: Vec<Entry> = (0..100)
             .map(|i| entry(&format!("n{i}.example.test"), &format!("192.0.2.{i}")))
             .collect();
-        let (whole, left_out) = fitting(&entries, u64::MAX).expect("serialised");
+        let fitting = |limit| crate::state_file::fitting(&entries, limit, to_bytes);
+        let (whole, left_out) = fitting(u64::MAX).expect("serialised");
         assert_eq!(left_out, 0);
         let limit = whole.len() as u64 / 2;
-        let (bytes, left_out) = fitting(&entries, limit).expect("serialised");
+        let (bytes, left_out) = fitting(limit).expect("serialised");
         assert!(bytes.len() as u64 <= limit, "{} > {limit}", bytes.len());
         assert!((40..=60).contains(&left_out), "{left_out} left out");
         let kept = from_bytes(&bytes, &boot_id()).expect("readable");

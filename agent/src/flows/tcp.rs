@@ -14,6 +14,7 @@
 //! still open get their summaries from the new agent.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     path::Path,
     sync::{Arc, Mutex, PoisonError},
@@ -24,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     events::{monotonic_ns, EventType, FlowEvent, Stage},
-    sock_diag,
+    sock_diag::{self, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_FIN_WAIT2, TCP_LAST_ACK},
 };
 
 /// Connections followed at most; past it, new ones have their bytes at
@@ -181,16 +182,17 @@ impl OpenConnections {
 pub const FILE: &str = "open-connections.json";
 
 #[derive(Debug, Serialize, Deserialize)]
-struct Saved {
+struct Saved<'a> {
     /// Socket cookies are numbered again from each boot.
     boot_id: String,
-    open: Vec<SavedOpen>,
+    /// Established first, first.
+    open: Cow<'a, [SavedOpen]>,
     /// Connections gone from the socket list whose close may still be in
     /// the ring: the bytes their summaries reported.
     gone: Vec<(u64, (u64, u64))>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SavedOpen {
     cookie: u64,
     established: FlowEvent,
@@ -220,21 +222,22 @@ impl OpenConnections {
             (open, gone)
         };
         open.sort_by_key(|o| o.established.ktime_ns);
-        let mut saved = Saved {
-            boot_id: crate::state_file::boot_id(),
-            open,
-            gone,
+        let boot_id = crate::state_file::boot_id();
+        let to_bytes = |kept: &[SavedOpen]| {
+            serde_json::to_vec(&Saved {
+                boot_id: boot_id.clone(),
+                open: Cow::Borrowed(kept),
+                gone: gone.clone(),
+            })
         };
-        let mut write = || -> std::io::Result<()> {
-            loop {
-                let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
-                if bytes.len() as u64 <= crate::state_file::MAX_BYTES || saved.open.is_empty() {
-                    return crate::state_file::write_atomic(state_dir, FILE, &bytes, 0o600);
-                }
-                let half = saved.open.len().div_ceil(2);
-                warn!(left_out = half, "the oldest open TCP connections are not saved for the next agent: the file would pass the state-file limit");
-                saved.open.drain(..half);
+        let write = || -> std::io::Result<()> {
+            let (bytes, left_out) =
+                crate::state_file::fitting(&open, crate::state_file::MAX_BYTES, to_bytes)
+                    .map_err(std::io::Error::other)?;
+            if left_out > 0 {
+                warn!(left_out, "the oldest open TCP connections are not saved for the next agent: the file would pass the state-file limit");
             }
+            crate::state_file::write_atomic(state_dir, FILE, &bytes, 0o600)
         };
         if let Err(e) = write() {
             warn!(dir = %state_dir.display(), "cannot save the open TCP connections for the next agent: {e}; their closes will count their whole bytes");
@@ -247,35 +250,28 @@ impl OpenConnections {
     /// removed: if this agent stops without saving (a crash), the next one
     /// must not restore counters this one has summarised past.
     pub fn load(state_dir: &Path) -> Self {
-        let problem = match crate::state_file::read(state_dir, FILE) {
-            Ok(None) => return Self::default(),
-            Ok(Some(bytes)) => match serde_json::from_slice::<Saved>(&bytes) {
-                Ok(saved) => {
-                    if !removed(state_dir) {
-                        return Self::default();
-                    }
-                    if saved.boot_id != crate::state_file::boot_id() {
-                        info!("open TCP connections saved before a reboot: not followed (socket cookies start again)");
-                        return Self::default();
-                    }
-                    return Self::restored(saved);
-                }
-                Err(e) => e.to_string(),
-            },
-            Err(e) => e.to_string(),
-        };
-        crate::state_file::set_aside(
+        let Some(saved) = crate::state_file::load(
             state_dir,
             FILE,
-            &problem,
+            |bytes| serde_json::from_slice::<Saved>(bytes).map_err(|e| e.to_string()),
             "the TCP connections a previous agent followed get no more byte summaries, and their closes count their whole bytes",
-        );
-        Self::default()
+        ) else {
+            return Self::default();
+        };
+        if !removed(state_dir) {
+            return Self::default();
+        }
+        if saved.boot_id != crate::state_file::boot_id() {
+            info!("open TCP connections saved before a reboot: not followed (socket cookies start again)");
+            return Self::default();
+        }
+        Self::restored(saved)
     }
 
     fn restored(saved: Saved) -> Self {
         let open: HashMap<u64, Open> = saved
             .open
+            .into_owned()
             .into_iter()
             .take(MAX_OPEN)
             .map(|o| {
@@ -315,13 +311,6 @@ fn removed(state_dir: &Path) -> bool {
         }
     }
 }
-
-/// TCP states (`include/net/tcp_states.h`) in which a full socket's
-/// counters hold a FIN.
-const TCP_FIN_WAIT2: u8 = 5;
-const TCP_CLOSE_WAIT: u8 = 8;
-const TCP_LAST_ACK: u8 = 9;
-const TCP_CLOSING: u8 = 11;
 
 /// The payload in a socket's (bytes acknowledged, bytes received) counters:
 /// a FIN takes one sequence number, and the close record leaves both out
@@ -444,12 +433,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let saved = Saved {
             boot_id: "another boot".into(),
-            open: vec![SavedOpen {
+            open: Cow::Owned(vec![SavedOpen {
                 cookie: 7,
                 established: tcp(EventType::TcpEstablished, 7, (1, 1)),
                 base: (1, 1),
                 last: (501, 1),
-            }],
+            }]),
             gone: Vec::new(),
         };
         crate::state_file::write_atomic(

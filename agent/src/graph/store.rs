@@ -133,20 +133,12 @@ pub fn from_json(bytes: &[u8]) -> Result<Graph, String> {
 /// damaged one is set aside (see `state_file`), so that it never stops the
 /// agent.
 pub fn load(state_dir: &Path) -> Graph {
-    let path = state_dir.join(FILE);
-    let problem = match crate::state_file::read(state_dir, FILE) {
-        Ok(None) => return Graph::default(),
-        Ok(Some(bytes)) => match from_json(&bytes) {
-            Ok(g) => {
-                info!(path = %path.display(), edges = g.edges.len(), "service graph loaded");
-                return g;
-            }
-            Err(e) => e,
-        },
-        Err(e) => e.to_string(),
-    };
-    crate::state_file::set_aside(state_dir, FILE, &problem, "the service graph starts empty");
-    Graph::default()
+    let loaded =
+        crate::state_file::load(state_dir, FILE, from_json, "the service graph starts empty");
+    if let Some(g) = &loaded {
+        info!(path = %state_dir.join(FILE).display(), edges = g.edges.len(), "service graph loaded");
+    }
+    loaded.unwrap_or_default()
 }
 
 /// Writes the graph atomically (temporary file, then rename), mode 0600.
