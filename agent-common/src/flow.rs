@@ -94,4 +94,7 @@ pub const fn recorded_when_carried(recorded: u8) -> u8 {
 /// A new flow found the table full: its call was reported by a record of
 /// its own instead (nothing lost).
 pub const FLOW_STAT_FULL: u32 = 0;
-pub const FLOW_STAT_SLOTS: u32 = 1;
+/// A connecting TCP socket found `SOCK_OWNERS` full: its owner went into
+/// socket storage instead (nothing lost, the connect cost more).
+pub const FLOW_STAT_OWNERS_FULL: u32 = 1;
+pub const FLOW_STAT_SLOTS: u32 = 2;

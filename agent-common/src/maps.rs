@@ -98,6 +98,14 @@ pub const LOST: &str = "LOST";
 pub const COUNTERS: &str = "COUNTERS";
 /// sk_storage of [`crate::SockInfo`] (BTF-defined, cloned to children).
 pub const SOCK_INFO: &str = "SOCK_INFO";
+/// Hash of socket cookie (u64) -> [`crate::SockInfo`]: the owners of
+/// connecting TCP sockets, kept from connect() to the close. Preallocated,
+/// so that a connect() allocates nothing; when it is full, a connecting
+/// socket's owner goes into `SOCK_INFO` instead.
+pub const SOCK_OWNERS: &str = "SOCK_OWNERS";
+/// Entries of SOCK_OWNERS: outbound TCP connections of managed services
+/// open at one time before the slower socket storage takes the rest.
+pub const DEFAULT_SOCK_OWNERS: u32 = 16_384;
 
 /// Default ring buffer size: 4 MiB, about 29,000 records of [`RECORD_SPAN`]
 /// (160) bytes: a 152-byte [`crate::Event`] and the ring's 8-byte header.
@@ -129,7 +137,7 @@ pub const DEFAULT_MAX_RULESETS: u32 = 256;
 /// Every map of the kernel programs, by name. Besides these, the object
 /// holds aya-log's [`AYA_LOGS`] and the maps of its data sections
 /// (`.rodata`, `.bss`: their names start with a dot).
-pub const ALL: [&str; 37] = [
+pub const ALL: [&str; 38] = [
     SERVICES,
     EGRESS_V4,
     EGRESS_V6,
@@ -154,6 +162,7 @@ pub const ALL: [&str; 37] = [
     LOST,
     COUNTERS,
     SOCK_INFO,
+    SOCK_OWNERS,
     FLOWS,
     FLOW_EPOCH,
     FLOW_STATS,

@@ -23,14 +23,12 @@
 //! Drops are counted per service; drop events are rate-limited.
 
 use agent_common::{
-    counter_slot, ServiceEntry, SockInfo, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES,
+    counter_slot, ServiceEntry, DIRECTION_INGRESS, FLAG_BIND, FLAG_INGRESS, FLAG_NAMES,
     FLAG_QUARANTINE, HOOK_INGRESS, LOST_INGRESS, PEER_LET_IN, PROTO_TCP, PROTO_UDP, RULE_BIND,
     RULE_DEFAULT_DENY, RULE_UNREADABLE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    bindings::bpf_sock,
-    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get},
-    macros::cgroup_skb,
+    bindings::bpf_sock, helpers::generated::bpf_sk_fullsock, macros::cgroup_skb,
     programs::SkBuffContext,
 };
 
@@ -39,8 +37,8 @@ use crate::{
     events::{count, emit, refusal},
     helpers::{skb_cgroup_id, socket_cookie},
     linux::{TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_LISTEN},
-    maps::{any_service_has, SOCK_INFO},
-    names,
+    maps::any_service_has,
+    names, owners,
     packet::{parse, Packet},
     process::mask_of,
     rules::{match_ingress_v4, match_ingress_v6, match_ports, ANY_CALLER, NO_CALLER},
@@ -145,7 +143,7 @@ pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &Packet) -> i32 {
     let callers = if service.qualifiers != 0 {
-        owner_mask(sk, service)
+        owner_mask(ctx, sk, service)
     } else {
         ANY_CALLER
     };
@@ -170,18 +168,14 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
 }
 
 /// The qualified rules the owner of the receiving socket satisfies (the
-/// process that bound it, recorded then); none when it has no record.
+/// process that bound or connected it, recorded then); none when it has
+/// no record.
 #[inline(always)]
-fn owner_mask(sk: *mut bpf_sock, service: &ServiceEntry) -> u32 {
-    // SAFETY: sk is the full socket of the context (non-null), the map an
-    // sk_storage map; lookup only.
-    let info =
-        unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
-            .cast::<SockInfo>();
-    if info.is_null() {
+fn owner_mask(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry) -> u32 {
+    let Some((info, _)) = owners::find(sk, socket_cookie(ctx), true) else {
         return NO_CALLER;
-    }
-    // SAFETY: non-null storage of our value type; copied out at once.
+    };
+    // SAFETY: an owner record of our value type; copied out at once.
     let (exe, uid) = unsafe { ((*info).exe, (*info).uid_gid as u32) };
     mask_of(service, exe, uid)
 }
@@ -214,14 +208,9 @@ fn refuse(
     if let Some(mut ev) = ev {
         ev.cgroup_id = skb_cgroup_id(ctx);
         ev.socket_cookie = socket_cookie(ctx);
-        // The owner of the receiving socket, recorded at bind time.
-        // SAFETY: sk is the full socket of the context (non-null), the map
-        // an sk_storage map; lookup only (no create, no value pointer).
-        let info =
-            unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
-                .cast::<SockInfo>();
-        if !info.is_null() {
-            // SAFETY: non-null storage of our value type.
+        // The owner of the receiving socket, recorded at bind or connect.
+        if let Some((info, _)) = owners::find(sk, ev.socket_cookie, true) {
+            // SAFETY: an owner record of our value type.
             unsafe {
                 ev.pid_tgid = (*info).pid_tgid;
                 ev.uid_gid = (*info).uid_gid;

@@ -1,7 +1,7 @@
 //! TCP lifecycle of observed sockets (sock_ops): established, in both
 //! directions, and closed with byte counts and duration. Runs for every TCP
-//! socket on the host but does work only for sockets that carry a
-//! `SOCK_INFO` record (set at connect or bind by a managed or observed task).
+//! socket on the host but does work only for sockets that have an owner
+//! record (owners.rs: set at connect or bind by a managed or observed task).
 
 use core::ptr::read_volatile;
 
@@ -15,7 +15,6 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::generated::bpf_sk_storage_get,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -27,7 +26,7 @@ use crate::{
     linux::{
         AF_INET, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_FIN_WAIT2, TCP_FLAG_FIN, TCP_LAST_ACK,
     },
-    maps::SOCK_INFO,
+    owners,
 };
 
 #[sock_ops]
@@ -52,28 +51,27 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     if sk.is_null() {
         return 1;
     }
-    // SAFETY: sk is non-null; lookup only (no create): unobserved sockets
-    // have no record and cost one lookup.
-    let info =
-        unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
-            .cast::<SockInfo>();
+    let cookie = socket_cookie(&ctx);
+    // An accepted socket's record is its storage, cloned from the
+    // listener's; a connecting socket's is in SOCK_OWNERS (owners.rs).
+    let found = owners::find(sk, cookie, op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
     if crate::maps::bpf_log_enabled() {
         aya_log_ebpf::debug!(
             &ctx,
             "sock_ops op {} record {}",
             op,
-            u8::from(!info.is_null())
+            u8::from(found.is_some())
         );
     }
-    if info.is_null() {
+    let Some((info, in_table)) = found else {
         return 1;
-    }
+    };
     let now = now_ns();
-    // SAFETY: non-null storage of our value type.
+    // SAFETY: an owner record of our value type (owners::find).
     let info = unsafe { &mut *info };
     if op == BPF_SOCK_OPS_STATE_CB {
         if info.established_ns != 0 {
-            let mut ev = record(&ctx, info, now);
+            let mut ev = record(&ctx, info, now, cookie);
             ev.kind = KIND_TCP_CLOSED;
             // SAFETY: plain context fields.
             let (acked, received, snd_una, snd_nxt, rcv_nxt) = unsafe {
@@ -96,6 +94,9 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
             info.established_ns = 0;
             emit(&ev, LOST_TCP);
         }
+        if in_table {
+            owners::forget(cookie);
+        }
         return 1;
     }
     info.established_ns = now;
@@ -106,7 +107,7 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     }
     info.passive = u8::from(op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
     info.peer_fin = 0;
-    let mut ev = record(&ctx, info, now);
+    let mut ev = record(&ctx, info, now, cookie);
     ev.kind = KIND_TCP_ESTABLISHED;
     // The counters at establishment, for the agent's byte summaries of
     // the open connection (not logged with this event).
@@ -190,14 +191,10 @@ fn note_the_peers_fin(ctx: &SockOpsContext) {
             u32::from(*header.add(12) >> 4) * 4,
         )
     };
-    // SAFETY: sk is non-null; lookup only.
-    let info =
-        unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), 0) }
-            .cast::<SockInfo>();
-    if info.is_null() {
+    let Some((info, _)) = owners::find(sk, socket_cookie(ctx), false) else {
         return;
-    }
-    // SAFETY: non-null storage of our value type.
+    };
+    // SAFETY: an owner record of our value type.
     unsafe {
         (*info).peer_fin_end = seq
             .wrapping_add(len.saturating_sub(header_len))
@@ -207,7 +204,7 @@ fn note_the_peers_fin(ctx: &SockOpsContext) {
 }
 
 #[inline(always)]
-fn record(ctx: &SockOpsContext, info: &SockInfo, now: u64) -> agent_common::Event {
+fn record(ctx: &SockOpsContext, info: &SockInfo, now: u64, cookie: u64) -> agent_common::Event {
     let mut ev = blank();
     ev.verdict = VERDICT_NONE;
     ev.protocol = PROTO_TCP;
@@ -226,7 +223,7 @@ fn record(ctx: &SockOpsContext, info: &SockInfo, now: u64) -> agent_common::Even
     ev.uid_gid = info.uid_gid;
     ev.comm = info.comm;
     ev.exe = info.exe;
-    ev.socket_cookie = socket_cookie(ctx);
+    ev.socket_cookie = cookie;
     // Read every context field unconditionally, with volatile loads: the
     // verifier only accepts ctx loads at a constant offset, and LLVM would
     // otherwise select between field addresses and load through the result.

@@ -15,6 +15,8 @@ pub const AF_PACKET: i32 = 17;
 pub const EPERM: i32 = 1;
 
 /// TCP states (`include/net/tcp_states.h`).
+pub const TCP_ESTABLISHED: u32 = 1;
+pub const TCP_FIN_WAIT1: u32 = 4;
 pub const TCP_FIN_WAIT2: u32 = 5;
 pub const TCP_CLOSE: u32 = 7;
 pub const TCP_CLOSE_WAIT: u32 = 8;

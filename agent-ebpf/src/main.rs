@@ -17,7 +17,8 @@
 //! process's executable: exec/fork/exit tracepoints, `exe`/`uid` rules), `names.rs` (egress by
 //! DNS name: the port-53 redirect, recvmsg/getpeername, learnt addresses); what they share,
 //! `rules.rs` (the LPM lookups and port checks), `flows.rs` (counting
-//! calls per flow), `service.rs` (task or
+//! calls per flow), `owners.rs` (who owns a TCP socket; the sock_release
+//! program), `service.rs` (task or
 //! socket -> service), `events.rs`, `udp_peers.rs`, `packet.rs`,
 //! `addr.rs`, `maps.rs`, `helpers.rs` (safe wrappers of the pointer-free
 //! helpers), `linux.rs` (kernel ABI numbers).
@@ -55,6 +56,8 @@ mod maps;
 mod names;
 #[cfg(target_arch = "bpf")]
 mod outbound;
+#[cfg(target_arch = "bpf")]
+mod owners;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]

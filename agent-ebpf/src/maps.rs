@@ -7,9 +7,9 @@ use agent_common::{
     LearntV4Key, LearntV4Value, LearntValue, LpmV4Key, LpmV6Key, RateState, RuleSet, ServiceEntry,
     SockInfo, UdpPeer, UdpPeerKey, UidRuleKey, UnitKey, UnitPathScan, CGROUP_PATH_MAX,
     COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT,
-    DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_UDP_PEERS,
-    DNS_TRACKED, EXE_NAMES_TABLE, EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS, MAX_HELD_SOCKETS,
-    PROCESS_TABLE, QUALIFIER_TABLE, UDP_PEERS_PER_SERVICE,
+    DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_OWNERS,
+    DEFAULT_UDP_PEERS, DNS_TRACKED, EXE_NAMES_TABLE, EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS,
+    MAX_HELD_SOCKETS, PROCESS_TABLE, QUALIFIER_TABLE, UDP_PEERS_PER_SERVICE,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
@@ -173,6 +173,11 @@ pub static SOCK_INFO: SockInfoStorage = SockInfoStorage {
     max_entries: core::ptr::null(),
     map_flags: core::ptr::null(),
 };
+
+/// The owners of connecting TCP sockets, by socket cookie (see
+/// owners.rs); preallocated, so that a connect() allocates nothing.
+#[map(name = "SOCK_OWNERS")]
+pub static SOCK_OWNERS: HashMap<u64, SockInfo> = HashMap::with_max_entries(DEFAULT_SOCK_OWNERS, 0);
 
 /// Set by the daemon at load time: also emit events (never enforce) for
 /// tasks outside every managed service.

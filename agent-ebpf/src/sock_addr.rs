@@ -17,13 +17,11 @@ use aya_log_ebpf::debug;
 
 use crate::{
     addr::{addr_field, set_addr, v6_bytes, Dest},
-    events::{
-        blank, count, emit, event_budget, fill_task, lost, remember_caller, remember_owner, submit,
-    },
+    events::{blank, count, emit, event_budget, fill_task, lost, remember_owner, submit},
     flows::{self, Caller, Report},
     helpers::{current_cgroup_id, now_ns, socket_cookie},
     maps::{bpf_log_enabled, observe_unmanaged, EVENTS},
-    names,
+    names, owners,
     process::{caller_mask, exe_of},
     rules::{match_ports, match_v4, match_v6, ANY_CALLER, NO_CALLER},
     service::{current_service, current_service_in},
@@ -349,7 +347,7 @@ fn judge(ctx: &SockAddrContext, dest: Dest, port: u16, proto: u8, hook: u8, v6_h
         send_record(&key, pid_tgid, cookie, mode, (report >> 32) as u32);
     }
     if tcp_connect {
-        own_socket(ctx, &key, pid_tgid, mode);
+        own_socket(ctx, &key, pid_tgid, mode, cookie);
     }
 
     // A lookup of a service with name rules goes to the agent's proxy
@@ -472,10 +470,10 @@ fn send_record(key: &FlowKey, pid_tgid: u64, cookie: u64, mode: u8, suppressed: 
 /// Records the calling task as the owner of an allowed TCP connect's
 /// socket (sock_ops reports it established and closed).
 #[inline(never)]
-fn own_socket(ctx: &SockAddrContext, key: &FlowKey, pid_tgid: u64, mode: u8) {
+fn own_socket(ctx: &SockAddrContext, key: &FlowKey, pid_tgid: u64, mode: u8, cookie: u64) {
     // SAFETY: valid context for this hook.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    remember_caller(ctx, sk, key.cgroup_id, key.service_id, mode, pid_tgid);
+    owners::own_connecting(sk, cookie, key.cgroup_id, key.service_id, mode, pid_tgid);
 }
 
 /// The local port of the hook's socket when it is bound (host order), else

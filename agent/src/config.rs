@@ -264,6 +264,10 @@ pub struct FlowsConfig {
     /// preallocated). A new flow that finds the table full has each call
     /// reported by a record of its own.
     pub table_size: u32,
+    /// Outbound TCP connections of managed services whose owner the kernel
+    /// keeps in its preallocated table at one time; the rest go to socket
+    /// storage (nothing lost, a slower connect).
+    pub tcp_table_size: u32,
 }
 
 impl Default for FlowsConfig {
@@ -272,12 +276,13 @@ impl Default for FlowsConfig {
             interval_secs: 10,
             idle_timeout_secs: 60,
             table_size: agent_common::DEFAULT_FLOW_TABLE,
+            tcp_table_size: agent_common::DEFAULT_SOCK_OWNERS,
         }
     }
 }
 
 impl FlowsConfig {
-    /// The bounds of `table_size`.
+    /// The bounds of `table_size` and `tcp_table_size`.
     const TABLE: std::ops::RangeInclusive<u32> = 16..=4_194_304;
     /// The bounds of `interval_secs`.
     const INTERVAL: std::ops::RangeInclusive<u32> = 1..=3600;
@@ -298,13 +303,17 @@ impl FlowsConfig {
                 self.idle_timeout_secs, self.interval_secs
             ));
         }
-        if !Self::TABLE.contains(&self.table_size) {
-            out.push(format!(
-                "flows.table_size = {}: must be between {} and {}",
-                self.table_size,
-                Self::TABLE.start(),
-                Self::TABLE.end()
-            ));
+        for (key, size) in [
+            ("table_size", self.table_size),
+            ("tcp_table_size", self.tcp_table_size),
+        ] {
+            if !Self::TABLE.contains(&size) {
+                out.push(format!(
+                    "flows.{key} = {size}: must be between {} and {}",
+                    Self::TABLE.start(),
+                    Self::TABLE.end()
+                ));
+            }
         }
         out
     }
@@ -591,6 +600,13 @@ mod tests {
             .expect("16 flows is the smallest table");
         assert_eq!(ok.flows.table_size, 16);
         assert_eq!(ok.flows.interval_secs, 10);
+        let err = Config::parse(Path::new("c.toml"), "[flows]\n\ntcp_table_size = 0\n")
+            .expect_err("a table of no connections");
+        assert!(err.to_string().starts_with("c.toml:3:1:"), "{err}");
+        assert!(
+            err.to_string().contains("flows.tcp_table_size = 0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -566,3 +566,179 @@ fn an_open_tcp_connection_keeps_its_byte_summaries_across_a_restart() {
     assert_eq!(tcp_bytes(&second, "flow", local_port), vec![(500, 0)]);
     assert_summaries_name_the_exe(&second, local_port);
 }
+
+/// `[flows] tcp_table_size`: the kernel's table of connecting TCP sockets'
+/// owners (`SOCK_OWNERS`), made tiny.
+const TCP_TABLE: usize = 16;
+
+/// A service allowed TCP to a loopback sink and to `others`, its agent
+/// summarising every second with a TCP table of [`TCP_TABLE`].
+fn tcp_table_service(
+    name: &str,
+    others: &[String],
+    ports: &[u16],
+) -> (conn::Sink, CgroupGuard, PolicyDir, Daemon) {
+    let server = conn!().sink(addr("127.0.0.1:0"));
+    let svc = CgroupGuard::new();
+    let mut to = vec!["127.0.0.1".to_owned()];
+    to.extend_from_slice(others);
+    let mut allowed = vec![server.addr().port()];
+    allowed.extend_from_slice(ports);
+    let rule = Egress::to(to).ports(allowed).protocol("tcp");
+    let policies = PolicyDir::with(&[(
+        &format!("{name}.toml"),
+        &service_policy(&svc, "enforce", &[rule]),
+    )]);
+    let config = format!("{CONFIG}tcp_table_size = {TCP_TABLE}\n");
+    let daemon = Daemon::start_with_config(&policies, &config);
+    (server, svc, policies, daemon)
+}
+
+/// Holds `n` connections from `svc` to `server`, each reported established.
+fn hold_established(
+    daemon: &Daemon,
+    svc: &CgroupGuard,
+    server: &conn::Sink,
+    n: usize,
+) -> Vec<conn::HeldConn> {
+    let held: Vec<conn::HeldConn> = (0..n)
+        .map(|_| conn!().in_cgroup(svc.path()).hold(server.addr()))
+        .collect();
+    for conn in &held {
+        wait_tcp_established(daemon, conn.local().port());
+    }
+    held
+}
+
+fn wait_tcp_established(daemon: &Daemon, local_port: u16) {
+    integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
+        let found = integration_tests::events::events(daemon)
+            .iter()
+            .filter(|ev| ev["type"] == "tcp_established" && ev["src_port"] == local_port)
+            .count();
+        if found == 1 {
+            Ok(())
+        } else {
+            Err(found)
+        }
+    })
+    .unwrap_or_else(|found| panic!("{found} tcp_established of the connection from {local_port}"));
+}
+
+/// `bulkhead_tcp_table_full_total` once the sweeps report `want` (or the
+/// last value seen).
+fn tcp_table_full(daemon: &Daemon, want: u64) -> u64 {
+    integration_tests::eventually(REPORTED, Duration::from_millis(200), || {
+        let seen = Scrape::get(metrics_addr(daemon)).count("bulkhead_tcp_table_full_total", &[]);
+        if seen == want {
+            Ok(seen)
+        } else {
+            Err(seen)
+        }
+    })
+    .unwrap_or_else(|seen| seen)
+}
+
+/// A connecting socket's owner is kept in a table, not on the socket, so
+/// a socket that never gets established must not leave its entry behind:
+/// connects refused by a reset, connects that fail before any packet (no
+/// route to a multicast address), and connects given up in their
+/// handshake (the peer never answers: no neighbour). After many of each,
+/// the whole table is free: as many connections as it holds are all in it.
+#[test]
+fn connects_that_never_get_established_leave_the_tcp_table_free() {
+    const EACH: usize = 20;
+    if !require_bpf() {
+        return;
+    }
+    let remote = integration_tests::NetnsGuard::new();
+    let (first, _) = loopback_ports(3);
+    let (refused, unroutable, unanswered) = (first, first + 1, first + 2);
+    let silent = remote.v4(6);
+    let (server, svc, _policies, daemon) = tcp_table_service(
+        "failing",
+        &["224.0.0.1".to_owned(), silent.to_string()],
+        &[refused, unroutable, unanswered],
+    );
+    let targets = [
+        addr(&format!("127.0.0.1:{refused}")),
+        addr(&format!("224.0.0.1:{unroutable}")),
+        addr(&format!("{silent}:{unanswered}")),
+    ];
+    let looping = conn!()
+        .in_cgroup(svc.path())
+        .connect_timeout(Duration::from_millis(100))
+        .connect_loop(&targets, Duration::ZERO);
+    integration_tests::eventually(Duration::from_secs(30), Duration::from_millis(50), || {
+        if looping.count() >= 3 * EACH {
+            Ok(())
+        } else {
+            Err(looping.count())
+        }
+    })
+    .unwrap_or_else(|n| panic!("only {n} attempts"));
+    let attempts = looping.stop();
+    let outcome = |port: u16| -> Vec<conn::Verdict> {
+        attempts
+            .iter()
+            .filter(|a| a.port == port)
+            .map(|a| a.verdict)
+            .collect()
+    };
+    assert!(outcome(refused).len() >= EACH, "{attempts:?}");
+    for (port, verdict) in [
+        (refused, conn::Verdict::Errno(libc::ECONNREFUSED)),
+        (unroutable, conn::Verdict::Errno(libc::ENETUNREACH)),
+        (unanswered, conn::Verdict::Timeout),
+    ] {
+        let got = outcome(port);
+        assert!(
+            got.len() >= EACH - 1 && got.iter().all(|v| *v == verdict),
+            "port {port}: every attempt {verdict:?}: {got:?}"
+        );
+    }
+
+    let held = hold_established(&daemon, &svc, &server, TCP_TABLE);
+    assert_eq!(
+        tcp_table_full(&daemon, 0),
+        0,
+        "{TCP_TABLE} connections found a table of {TCP_TABLE} with room"
+    );
+    // The control: one more does not fit.
+    let more = hold_established(&daemon, &svc, &server, 1);
+    assert_eq!(
+        tcp_table_full(&daemon, 1),
+        1,
+        "the {}th did not fit",
+        TCP_TABLE + 1
+    );
+    drop((held, more));
+}
+
+/// More connections at once than the table holds: those that find it full
+/// keep their owner on the socket instead, and every connection is still
+/// reported established and closed, with its bytes.
+#[test]
+fn connections_past_a_full_tcp_table_are_all_reported() {
+    const EXTRA: usize = 4;
+    if !require_bpf() {
+        return;
+    }
+    let (server, svc, _policies, daemon) = tcp_table_service("pooled-many", &[], &[]);
+    let mut held = hold_established(&daemon, &svc, &server, TCP_TABLE + EXTRA);
+    assert_eq!(tcp_table_full(&daemon, EXTRA as u64), EXTRA as u64);
+    for conn in &mut held {
+        server.wait_accepted(conn.local(), Duration::from_secs(10));
+        conn.send("hello");
+        assert!(server.received_within(conn.local(), "hello", Duration::from_secs(10)));
+    }
+    let ports: Vec<u16> = held.iter().map(|c| c.local().port()).collect();
+    drop(held);
+    for port in ports {
+        assert_eq!(
+            wait_tcp_bytes(&daemon, "tcp_closed", port, 1),
+            vec![(5, 0)],
+            "the connection from {port} closed with its 5 bytes"
+        );
+    }
+}

@@ -434,6 +434,7 @@ fn load_programs(
             udp_peers_per_service: config.udp_replies.per_service,
             max_cgroups: config.services.max_cgroups,
             flow_table: config.flows.table_size,
+            sock_owners: config.flows.tcp_table_size,
             max_learnt: config.dns.max_learnt,
         },
     )?;

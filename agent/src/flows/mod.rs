@@ -48,6 +48,9 @@ pub struct FlowStats {
     /// New flows that found the table full (each call then had a record
     /// of its own), as the kernel counts them.
     pub table_full: AtomicU64,
+    /// Connecting TCP sockets whose owner found the kernel's table of them
+    /// full (kept in socket storage instead), as the kernel counts them.
+    pub tcp_table_full: AtomicU64,
     /// Sweeps that failed (logged).
     pub sweep_errors: AtomicU64,
 }
@@ -182,6 +185,8 @@ impl Task {
             .fetch_add(plan.ended_policy, Ordering::Relaxed);
         s.evicted.fetch_add(plan.evicted, Ordering::Relaxed);
         s.table_full.store(self.table.full(), Ordering::Relaxed);
+        s.tcp_table_full
+            .store(self.table.owners_full(), Ordering::Relaxed);
         // New flows made since the walk show at the next sweep.
         s.active
             .store(open.len() as u64 + carried, Ordering::Relaxed);

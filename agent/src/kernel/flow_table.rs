@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use agent_common::{maps as names, FlowKey, FlowValue, FLOW_STAT_FULL};
+use agent_common::{maps as names, FlowKey, FlowValue, FLOW_STAT_FULL, FLOW_STAT_OWNERS_FULL};
 use aya::{
     maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray},
     Ebpf,
@@ -102,8 +102,18 @@ impl FlowTable {
 
     /// New flows that found the table full, since it was made.
     pub fn full(&self) -> u64 {
+        self.stat(FLOW_STAT_FULL)
+    }
+
+    /// Connecting TCP sockets that found `SOCK_OWNERS` full, since it was
+    /// made.
+    pub fn owners_full(&self) -> u64 {
+        self.stat(FLOW_STAT_OWNERS_FULL)
+    }
+
+    fn stat(&self, slot: u32) -> u64 {
         self.stats
-            .get(&FLOW_STAT_FULL, 0)
+            .get(&slot, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
     }

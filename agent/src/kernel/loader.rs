@@ -54,7 +54,8 @@ pub(super) fn carries_programs() -> bool {
 enum Hook {
     SockAddr,
     SockOps,
-    SockCreate,
+    /// cgroup_sock: socket creation and release (the section names which).
+    CgroupSock,
     Sockopt,
     /// Attached on demand (on_demand.rs), not by the attach loop.
     SkbIngress,
@@ -66,7 +67,7 @@ enum Hook {
     Lsm(&'static str),
 }
 
-const PROGRAMS: [(&str, Hook); 21] = [
+const PROGRAMS: [(&str, Hook); 22] = [
     // First: the processes' executables are tracked before any decision
     // asks for one (the agent scans /proc right after, see `attach`).
     (
@@ -92,7 +93,8 @@ const PROGRAMS: [(&str, Hook); 21] = [
     ("bulkhead_getpeername4", Hook::SockAddr),
     ("bulkhead_getpeername6", Hook::SockAddr),
     ("bulkhead_sockops", Hook::SockOps),
-    ("bulkhead_sock_create", Hook::SockCreate),
+    ("bulkhead_sock_create", Hook::CgroupSock),
+    ("bulkhead_sock_release", Hook::CgroupSock),
     ("bulkhead_setsockopt", Hook::Sockopt),
     ("bulkhead_ingress", Hook::SkbIngress),
     ("bulkhead_egress_skb", Hook::SkbEgress),
@@ -122,6 +124,9 @@ pub struct LoadOptions {
     pub max_cgroups: u32,
     /// Entries of FLOWS: flows counted at one time (`[flows] table_size`).
     pub flow_table: u32,
+    /// Entries of SOCK_OWNERS: connecting TCP sockets' owners (`[flows]
+    /// tcp_table_size`).
+    pub sock_owners: u32,
     /// Entries of LEARNT and of LEARNT_V4: learnt addresses in all (`[dns]
     /// max_learnt`, which the cache holds to; each map can take them all).
     pub max_learnt: u32,
@@ -137,6 +142,7 @@ impl Default for LoadOptions {
             udp_peers_per_service: agent_common::UDP_PEERS_PER_SERVICE,
             max_cgroups: agent_common::DEFAULT_MAX_CGROUPS,
             flow_table: agent_common::DEFAULT_FLOW_TABLE,
+            sock_owners: agent_common::DEFAULT_SOCK_OWNERS,
             max_learnt: agent_common::DEFAULT_MAX_LEARNT,
         }
     }
@@ -526,7 +532,7 @@ impl Enforcer {
                     let id = p.attach(&root, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
                 }
-                Hook::SockCreate => {
+                Hook::CgroupSock => {
                     let p = as_type::<CgroupSock>(name, program)?;
                     let id = p.attach(&root, single).map_err(err)?;
                     Some(fd_link(name, p.take_link(id).map_err(err)?.try_into())?)
@@ -815,6 +821,7 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
         ),
         (names::RULESETS, capacity.rulesets.saturating_mul(2)),
         (names::FLOWS, options.flow_table),
+        (names::SOCK_OWNERS, options.sock_owners),
         (agent_common::LEARNT, options.max_learnt),
         (agent_common::LEARNT_V4, options.max_learnt),
     ];

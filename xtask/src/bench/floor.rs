@@ -43,6 +43,7 @@ const CGROUP_UDP6_RECVMSG: u32 = 20;
 const CGROUP_SETSOCKOPT: u32 = 22;
 const CGROUP_INET4_GETPEERNAME: u32 = 29;
 const CGROUP_INET6_GETPEERNAME: u32 = 30;
+const CGROUP_INET_SOCK_RELEASE: u32 = 34;
 /// Attach beside whatever else is attached there (none is, in its case).
 const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
 
@@ -83,12 +84,17 @@ pub const CALL_HOOKS: [Hook; 2] = [
 /// (no inbound rule, bind list, quarantine or name rule). Its sock_ops
 /// program also asks for TCP state callbacks, which the trivial one does
 /// not: those extra calls are bulkhead's own cost.
-pub const ALL_HOOKS: [Hook; 14] = [
+pub const ALL_HOOKS: [Hook; 15] = [
     hook(PROG_TYPE_CGROUP_SKB, CGROUP_INET_EGRESS, "floor_egress"),
     hook(
         PROG_TYPE_CGROUP_SOCK,
         CGROUP_INET_SOCK_CREATE,
         "floor_sock_crea",
+    ),
+    hook(
+        PROG_TYPE_CGROUP_SOCK,
+        CGROUP_INET_SOCK_RELEASE,
+        "floor_sock_rele",
     ),
     hook(PROG_TYPE_SOCK_OPS, CGROUP_SOCK_OPS, "floor_sockops"),
     hook(PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_INET4_BIND, "floor_bind4"),

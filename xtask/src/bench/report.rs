@@ -639,7 +639,7 @@ impl Report<'_> {
              count, so it runs once per round, next to the first group's no-program run. \
              *trivial hooks, all*: the same two-instruction program on each of the {all_hooks} hooks \
              bulkhead attaches for these policies (the outbound packet hook, sock_create, \
-             sock_ops, bind, connect, sendmsg, recvmsg and getpeername for IPv4 and IPv6, \
+             sock_release, sock_ops, bind, connect, sendmsg, recvmsg and getpeername for IPv4 and IPv6, \
              setsockopt; not the inbound packet hook, which bulkhead attaches only while a \
              policy restricts inbound traffic or binding, quarantines or has name rules, \
              which these do not), run like the trivial hook: the cost \

@@ -114,6 +114,7 @@ fn expected_maps() -> Vec<(&'static str, u32, usize, Option<usize>)> {
             4,
             Some(size_of::<SockInfo>()),
         ),
+        (names::SOCK_OWNERS, hash, 8, Some(size_of::<SockInfo>())),
         (
             agent_common::LEARNT,
             hash,
@@ -232,7 +233,7 @@ fn section_fits(hook: Hook, section: &ProgramSection) -> bool {
         (hook, section),
         (Hook::SockAddr, ProgramSection::CgroupSockAddr { .. })
             | (Hook::SockOps, ProgramSection::SockOps)
-            | (Hook::SockCreate, ProgramSection::CgroupSock { .. })
+            | (Hook::CgroupSock, ProgramSection::CgroupSock { .. })
             | (Hook::Sockopt, ProgramSection::CgroupSockopt { .. })
             | (Hook::TracePoint(..), ProgramSection::TracePoint)
             | (Hook::Lsm(_), ProgramSection::Lsm { sleepable: false })

@@ -132,7 +132,7 @@ fn load_one(
             .load()
             .map_err(err)?,
         Hook::SockOps => as_type::<SockOps>(name, program)?.load().map_err(err)?,
-        Hook::SockCreate => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
+        Hook::CgroupSock => as_type::<CgroupSock>(name, program)?.load().map_err(err)?,
         Hook::Sockopt => as_type::<CgroupSockopt>(name, program)?
             .load()
             .map_err(err)?,

@@ -53,6 +53,13 @@ pub fn encode(enc: &mut DescriptorEncoder, stats: &FlowStats) -> fmt::Result {
     )?;
     one(
         enc,
+        "bulkhead_tcp_table_full",
+        "Outbound TCP connections of managed services whose owner found the kernel's table of them full: kept in socket storage instead, reported all the same (nothing lost), at a slower connect(). Raise [flows] tcp_table_size if this grows.",
+        None,
+        &ConstCounter::new(get(&stats.tcp_table_full)),
+    )?;
+    one(
+        enc,
         "bulkhead_flow_sweep_errors",
         "Flow sweeps that failed (logged); the counts stay in the table until the next sweep.",
         None,

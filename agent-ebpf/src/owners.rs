@@ -1,0 +1,157 @@
+//! Who owns an observed TCP socket (`SockInfo`): the task that connected
+//! or bound it, written in its process context for the callbacks that run
+//! in softirq (sock_ops reports the connection established and closed;
+//! ingress asks a listener's owner for `exe`/`uid` rules).
+//!
+//! - A connecting socket's owner goes into `SOCK_OWNERS`, a preallocated
+//!   hash keyed by the socket cookie. Socket storage allocated twice per
+//!   connect (about 1 µs here, docs/performance.md); an entry of the
+//!   table allocates nothing. The entry goes at the socket's close
+//!   (lifecycle.rs, armed at establishment), or, for a socket that never
+//!   got established, when it is released ([`bulkhead_sock_release`]).
+//! - A bound socket's owner (a listener, a UDP socket of a service with
+//!   `exe`/`uid` rules) stays in socket storage, `SOCK_INFO`, which the
+//!   kernel clones to every socket accepted from a listener; so does a
+//!   connecting socket's when `SOCK_OWNERS` is full (nothing is lost, the
+//!   connect costs what it did before).
+
+use agent_common::{SockInfo, FLOW_STAT_OWNERS_FULL, PROTO_TCP};
+use aya_ebpf::{
+    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    helpers::{bpf_get_current_uid_gid, generated::bpf_sk_storage_get},
+    macros::cgroup_sock,
+    programs::SockContext,
+};
+
+use crate::{
+    helpers::{current_comm, socket_cookie},
+    linux::{
+        TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
+    },
+    maps::{FLOW_STATS, SOCK_INFO, SOCK_OWNERS},
+    process::exe_of,
+};
+
+/// The task of `pid_tgid` (the current one) owns `sk`, which it is
+/// connecting: its entry in `SOCK_OWNERS` under `cookie` (replacing one
+/// of an earlier connect() of the same socket), else in socket storage.
+#[inline(always)]
+pub fn own_connecting(
+    sk: *mut bpf_sock,
+    cookie: u64,
+    cgroup_id: u64,
+    service_id: u32,
+    mode: u8,
+    pid_tgid: u64,
+) {
+    let mut info = SockInfo {
+        cgroup_id,
+        pid_tgid,
+        uid_gid: bpf_get_current_uid_gid(),
+        established_ns: 0,
+        acked_base: 0,
+        received_base: 0,
+        comm: [0; 16],
+        service_id,
+        mode,
+        passive: 0,
+        peer_fin: 0,
+        _pad: 0,
+        exe: exe_of((pid_tgid >> 32) as u32),
+        peer_fin_end: 0,
+        _pad2: [0; 4],
+    };
+    current_comm(&mut info.comm);
+    if SOCK_OWNERS.insert(cookie, info, 0).is_ok() {
+        return;
+    }
+    if let Some(count) = FLOW_STATS.get_ptr_mut(FLOW_STAT_OWNERS_FULL) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *count += 1 };
+    }
+    if let Some(stored) = stored(sk, true) {
+        // SAFETY: the socket's own storage of our value type.
+        unsafe { *stored = info };
+    }
+}
+
+/// The owner record of `sk` (whose cookie is `cookie`): its
+/// `SOCK_OWNERS` entry (`true` with it), else its socket storage; `None`
+/// for an unobserved socket. `storage_first` looks in socket storage
+/// first, where an accepted socket's record is.
+#[inline(always)]
+pub fn find(sk: *mut bpf_sock, cookie: u64, storage_first: bool) -> Option<(*mut SockInfo, bool)> {
+    if storage_first {
+        if let Some(info) = stored(sk, false) {
+            return Some((info, false));
+        }
+    }
+    if let Some(info) = SOCK_OWNERS.get_ptr_mut(cookie) {
+        return Some((info, true));
+    }
+    if storage_first {
+        return None;
+    }
+    stored(sk, false).map(|info| (info, false))
+}
+
+/// Removes the `SOCK_OWNERS` entry of the socket of `cookie`.
+#[inline(always)]
+pub fn forget(cookie: u64) {
+    let _ = SOCK_OWNERS.remove(cookie);
+}
+
+/// The socket storage of `sk`, made if `create`.
+#[inline(always)]
+fn stored(sk: *mut bpf_sock, create: bool) -> Option<*mut SockInfo> {
+    if sk.is_null() {
+        return None;
+    }
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: sk is a non-null socket of the program's context; the map
+    // is an sk_storage map of SockInfo.
+    let info =
+        unsafe { bpf_sk_storage_get(SOCK_INFO.as_ptr(), sk.cast(), core::ptr::null_mut(), flags) }
+            .cast::<SockInfo>();
+    (!info.is_null()).then_some(info)
+}
+
+/// A socket is released (its last file reference closed). A TCP socket
+/// in one of the states below was established with an owner record and
+/// asked for its state changes then: its close removes the record. Any
+/// other (never connected, failed, still in its handshake, a listener)
+/// will get no such callback, so its `SOCK_OWNERS` entry, if any, goes
+/// now. Always 1: releasing is never refused.
+#[cgroup_sock(sock_release)]
+pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context's socket; plain fields.
+    let (protocol, state) = unsafe { ((*ctx.sock).protocol, (*ctx.sock).state) };
+    if protocol != u32::from(PROTO_TCP) || armed(state) {
+        return 1;
+    }
+    let cookie = socket_cookie(&ctx);
+    // A lookup first: a delete takes the bucket's lock even to miss.
+    if SOCK_OWNERS.get_ptr_mut(cookie).is_some() {
+        forget(cookie);
+    }
+    1
+}
+
+/// States of a socket that was established (and so asked for its state
+/// changes, see lifecycle.rs) and has not closed yet.
+#[inline(always)]
+fn armed(state: u32) -> bool {
+    matches!(
+        state,
+        TCP_ESTABLISHED
+            | TCP_FIN_WAIT1
+            | TCP_FIN_WAIT2
+            | TCP_CLOSE_WAIT
+            | TCP_CLOSING
+            | TCP_LAST_ACK
+    )
+}
