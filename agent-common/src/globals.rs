@@ -17,17 +17,21 @@ pub const OBSERVE_UNMANAGED: &str = "OBSERVE_UNMANAGED";
 pub const UDP_REPLY_IDLE_NS: &str = "UDP_REPLY_IDLE_NS";
 /// u32: how many UDP pinholes one service may hold.
 pub const UDP_PEERS_MAX: &str = "UDP_PEERS_MAX";
+/// u64: the event ring's size over `crate::WAKE_FRACTION`: the pending
+/// bytes past which a record wakes the reader.
+pub const EVENTS_WAKE_MARK: &str = "EVENTS_WAKE_MARK";
 
 /// [u32; `crate::PROCESS_OFFSETS_LEN`]: where the process-identity
 /// tracepoints find the executable (`crate::process`); zeros turn it off.
 pub const PROCESS_OFFSETS: &str = "PROCESS_OFFSETS";
 
 /// Every global, with the size of its value in bytes.
-pub const ALL: [(&str, usize); 5] = [
+pub const ALL: [(&str, usize); 6] = [
     (BPF_LOG, core::mem::size_of::<u8>()),
     (OBSERVE_UNMANAGED, core::mem::size_of::<u8>()),
     (UDP_REPLY_IDLE_NS, core::mem::size_of::<u64>()),
     (UDP_PEERS_MAX, core::mem::size_of::<u32>()),
+    (EVENTS_WAKE_MARK, core::mem::size_of::<u64>()),
     (
         PROCESS_OFFSETS,
         core::mem::size_of::<[u32; crate::PROCESS_OFFSETS_LEN]>(),

@@ -2,11 +2,11 @@
 
 use agent_common::{
     counter_slot, Event, ExeId, ServiceEntry, SockInfo, COUNTER_SLOTS, DENY_EVENTS_PER_SEC,
-    KIND_VERDICT, MODE_AUDIT, RECORD_SPAN, VERDICT_AUDIT, VERDICT_DENY, WAKE_FRACTION,
+    KIND_VERDICT, MODE_AUDIT, RECORD_SPAN, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        bpf_sock, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SK_STORAGE_GET_F_CREATE,
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated::bpf_sk_storage_get},
@@ -15,7 +15,7 @@ use aya_ebpf::{
 
 use crate::{
     helpers::{current_comm, now_ns},
-    maps::{COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO},
+    maps::{events_wake_mark, COUNTERS, DENY_RATE, EVENTS, LOST, SOCK_INFO},
     process::exe_of,
 };
 
@@ -84,9 +84,10 @@ pub fn emit(ev: &Event, lost_slot: u32) {
 /// only past the mark.
 #[inline(always)]
 pub fn submit(entry: RingBufEntry<Event>) {
-    // Pending bytes include this record.
+    // Pending bytes include this record. The mark is the loader's (the
+    // ring's size is fixed at load): one helper call per record, not two.
     let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    let mark = EVENTS.query(u64::from(BPF_RB_RING_SIZE)) / WAKE_FRACTION;
+    let mark = events_wake_mark();
     let flags = if pending >= mark && pending < mark + RECORD_SPAN {
         BPF_RB_FORCE_WAKEUP
     } else {

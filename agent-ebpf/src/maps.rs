@@ -9,7 +9,7 @@ use agent_common::{
     COUNTER_SLOTS, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE, DEFAULT_MAX_LEARNT,
     DEFAULT_MAX_PREFIXES, DEFAULT_MAX_RULESETS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_OWNERS,
     DEFAULT_UDP_PEERS, DNS_TRACKED, EXE_NAMES_TABLE, EXE_NAME_MAX, FLOW_STAT_SLOTS, LOST_SLOTS,
-    MAX_HELD_SOCKETS, PROCESS_TABLE, QUALIFIER_TABLE, UDP_PEERS_PER_SERVICE,
+    MAX_HELD_SOCKETS, PROCESS_TABLE, QUALIFIER_TABLE, UDP_PEERS_PER_SERVICE, WAKE_FRACTION,
 };
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
@@ -121,6 +121,17 @@ pub static RULESETS: Array<RuleSet> = Array::with_max_entries(DEFAULT_MAX_RULESE
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+/// Set by the daemon at load time: `EVENTS`' size over `WAKE_FRACTION`
+/// (see events::submit).
+#[unsafe(no_mangle)]
+pub static EVENTS_WAKE_MARK: u64 = DEFAULT_EVENTS_BYTES as u64 / WAKE_FRACTION;
+
+#[inline(always)]
+pub fn events_wake_mark() -> u64 {
+    // SAFETY: as for BPF_LOG.
+    unsafe { core::ptr::read_volatile(&EVENTS_WAKE_MARK) }
+}
 
 /// The flows being counted (see `flows.rs`); preallocated, so that a new
 /// flow's insert never allocates.

@@ -834,7 +834,7 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
 fn global_values(
     options: &LoadOptions,
     process_offsets: [u32; agent_common::PROCESS_OFFSETS_LEN],
-) -> [(&'static str, Vec<u8>); 5] {
+) -> [(&'static str, Vec<u8>); 6] {
     let idle_ns = u64::try_from(options.udp_reply_idle.as_nanos()).unwrap_or(u64::MAX);
     [
         (globals::BPF_LOG, vec![u8::from(options.bpf_log)]),
@@ -846,6 +846,12 @@ fn global_values(
         (
             globals::UDP_PEERS_MAX,
             options.udp_peers_per_service.to_ne_bytes().to_vec(),
+        ),
+        (
+            globals::EVENTS_WAKE_MARK,
+            (u64::from(options.events_bytes) / agent_common::WAKE_FRACTION)
+                .to_ne_bytes()
+                .to_vec(),
         ),
         (
             globals::PROCESS_OFFSETS,
