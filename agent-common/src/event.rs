@@ -173,7 +173,9 @@ pub struct SockInfo {
     /// established or closing), whose FIN then ends at `peer_fin_end` in
     /// the peer's sequence space.
     pub peer_fin: u8,
-    pub _pad: u8,
+    /// 1 once the socket asked for its state changes (at `tcp_connect()`
+    /// or at establishment): its close removes a `SOCK_OWNERS` entry.
+    pub armed: u8,
     pub exe: crate::ExeId,
     pub peer_fin_end: u32,
     pub _pad2: [u8; 4],

@@ -97,4 +97,7 @@ pub const FLOW_STAT_FULL: u32 = 0;
 /// A connecting TCP socket found `SOCK_OWNERS` full: its owner went into
 /// socket storage instead (nothing lost, the connect cost more).
 pub const FLOW_STAT_OWNERS_FULL: u32 = 1;
-pub const FLOW_STAT_SLOTS: u32 = 2;
+/// ... and socket storage refused it too (no memory, or the socket's
+/// option memory spent): the connection goes unreported.
+pub const FLOW_STAT_OWNERS_LOST: u32 = 2;
+pub const FLOW_STAT_SLOTS: u32 = 3;

@@ -138,7 +138,7 @@ assert_layout!(
         mode,
         passive,
         peer_fin,
-        _pad,
+        armed,
         exe,
         peer_fin_end,
         _pad2,

@@ -172,12 +172,21 @@ fn judge(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry, pkt: &P
 /// no record.
 #[inline(always)]
 fn owner_mask(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry) -> u32 {
-    let Some((info, _)) = owners::find(sk, socket_cookie(ctx), true) else {
+    let Some(info) = owner(sk, socket_cookie(ctx)) else {
         return NO_CALLER;
     };
     // SAFETY: an owner record of our value type; copied out at once.
     let (exe, uid) = unsafe { ((*info).exe, (*info).uid_gid as u32) };
     mask_of(service, exe, uid)
+}
+
+/// The owner record of the receiving socket `sk` (a full socket): a
+/// listener's is whoever bound it (owners::find).
+#[inline(always)]
+fn owner(sk: *mut bpf_sock, cookie: u64) -> Option<*mut agent_common::SockInfo> {
+    // SAFETY: a non-null full socket from bpf_sk_fullsock; a plain field.
+    let listener = unsafe { (*sk).state } == TCP_LISTEN;
+    owners::find(sk, cookie, listener).map(|(info, _)| info)
 }
 
 #[inline(always)]
@@ -209,7 +218,7 @@ fn refuse(
         ev.cgroup_id = skb_cgroup_id(ctx);
         ev.socket_cookie = socket_cookie(ctx);
         // The owner of the receiving socket, recorded at bind or connect.
-        if let Some((info, _)) = owners::find(sk, ev.socket_cookie, true) {
+        if let Some(info) = owner(sk, ev.socket_cookie) {
             // SAFETY: an owner record of our value type.
             unsafe {
                 ev.pid_tgid = (*info).pid_tgid;

@@ -13,7 +13,7 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     macros::sock_ops,
     programs::SockOpsContext,
@@ -42,6 +42,13 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     } else if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
         note_the_peers_fin(&ctx);
         return 1;
+    } else if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // A connecting socket with its owner in SOCK_OWNERS asks for its
+        // state changes before its SYN leaves (owners.rs).
+        if owners::arm(socket_cookie(&ctx)) {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        return 1;
     } else if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
     {
         return 1;
@@ -52,9 +59,9 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let cookie = socket_cookie(&ctx);
-    // An accepted socket's record is its storage, cloned from the
-    // listener's; a connecting socket's is in SOCK_OWNERS (owners.rs).
-    let found = owners::find(sk, cookie, op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
+    // A connecting socket's record is in SOCK_OWNERS; an accepted
+    // socket's is its storage, cloned from the listener's (owners.rs).
+    let found = owners::find(sk, cookie, false);
     if crate::maps::bpf_log_enabled() {
         aya_log_ebpf::debug!(
             &ctx,
@@ -107,6 +114,7 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
     }
     info.passive = u8::from(op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
     info.peer_fin = 0;
+    info.armed = 1;
     let mut ev = record(&ctx, info, now, cookie);
     ev.kind = KIND_TCP_ESTABLISHED;
     // The counters at establishment, for the agent's byte summaries of

@@ -1,21 +1,24 @@
 //! Who owns an observed TCP socket (`SockInfo`): the task that connected
 //! or bound it, written in its process context for the callbacks that run
 //! in softirq (sock_ops reports the connection established and closed;
-//! ingress asks a listener's owner for `exe`/`uid` rules).
+//! ingress asks a receiving socket's owner for `exe`/`uid` rules).
 //!
 //! - A connecting socket's owner goes into `SOCK_OWNERS`, a preallocated
-//!   hash keyed by the socket cookie. Socket storage allocated twice per
-//!   connect (about 1 µs here, docs/performance.md); an entry of the
-//!   table allocates nothing. The entry goes at the socket's close
-//!   (lifecycle.rs, armed at establishment), or, for a socket that never
-//!   got established, when it is released ([`bulkhead_sock_release`]).
+//!   hash keyed by the socket cookie: socket storage allocated twice per
+//!   connect (docs/performance.md), an entry of the table nothing. At
+//!   `tcp_connect()` (sock_ops `TCP_CONNECT_CB`, before the SYN leaves,
+//!   under the socket's lock) the socket asks for its state changes and its
+//!   entry is marked armed, so that its close removes the entry
+//!   (lifecycle.rs). A socket whose connect never got that far (refused
+//!   before any packet: no route, no port) has an unarmed entry, which goes
+//!   when the socket is released ([`bulkhead_sock_release`]): no packet was
+//!   sent, so no callback can race that.
 //! - A bound socket's owner (a listener, a UDP socket of a service with
 //!   `exe`/`uid` rules) stays in socket storage, `SOCK_INFO`, which the
 //!   kernel clones to every socket accepted from a listener; so does a
-//!   connecting socket's when `SOCK_OWNERS` is full (nothing is lost, the
-//!   connect costs what it did before).
-
-use agent_common::{SockInfo, FLOW_STAT_OWNERS_FULL, PROTO_TCP};
+//!   connecting socket's when `SOCK_OWNERS` is full (reported all the
+//!   same, the connect costs what it did before the table).
+use agent_common::{SockInfo, FLOW_STAT_OWNERS_FULL, FLOW_STAT_OWNERS_LOST, PROTO_TCP};
 use aya_ebpf::{
     bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::{bpf_get_current_uid_gid, generated::bpf_sk_storage_get},
@@ -56,7 +59,7 @@ pub fn own_connecting(
         mode,
         passive: 0,
         peer_fin: 0,
-        _pad: 0,
+        armed: 0,
         exe: exe_of((pid_tgid >> 32) as u32),
         peer_fin_end: 0,
         _pad2: [0; 4],
@@ -65,20 +68,47 @@ pub fn own_connecting(
     if SOCK_OWNERS.insert(cookie, info, 0).is_ok() {
         return;
     }
-    if let Some(count) = FLOW_STATS.get_ptr_mut(FLOW_STAT_OWNERS_FULL) {
+    count(FLOW_STAT_OWNERS_FULL);
+    match stored(sk, true) {
+        // SAFETY: the socket's own storage of our value type.
+        Some(stored) => unsafe { *stored = info },
+        None => count(FLOW_STAT_OWNERS_LOST),
+    }
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(count) = FLOW_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *count += 1 };
     }
-    if let Some(stored) = stored(sk, true) {
-        // SAFETY: the socket's own storage of our value type.
-        unsafe { *stored = info };
+}
+
+/// `tcp_connect()` of a socket whose owner is in `SOCK_OWNERS`: it asks
+/// for its state changes now, so that however it ends (established or
+/// not) its close removes the entry; `flags` are its callback flags with
+/// the state callback's added. Returns whether it was armed.
+#[inline(always)]
+pub fn arm(cookie: u64) -> bool {
+    match SOCK_OWNERS.get_ptr_mut(cookie) {
+        Some(info) => {
+            // SAFETY: an entry of our value type; this socket's lock is
+            // held (tcp_connect), and only its own callbacks write it.
+            unsafe { (*info).armed = 1 };
+            true
+        }
+        None => false,
     }
 }
 
 /// The owner record of `sk` (whose cookie is `cookie`): its
 /// `SOCK_OWNERS` entry (`true` with it), else its socket storage; `None`
 /// for an unobserved socket. `storage_first` looks in socket storage
-/// first, where an accepted socket's record is.
+/// first: for a listener, whose owner is whoever bound it (a connect that
+/// failed on the same socket before its `listen()` may have left an entry
+/// until its release). Everywhere else the table comes first: a socket
+/// bound and then connected has both, and the connect's is the one in
+/// force (an accepted socket's cookie is never in the table).
 #[inline(always)]
 pub fn find(sk: *mut bpf_sock, cookie: u64, storage_first: bool) -> Option<(*mut SockInfo, bool)> {
     if storage_first {
@@ -120,12 +150,15 @@ fn stored(sk: *mut bpf_sock, create: bool) -> Option<*mut SockInfo> {
     (!info.is_null()).then_some(info)
 }
 
-/// A socket is released (its last file reference closed). A TCP socket
-/// in one of the states below was established with an owner record and
-/// asked for its state changes then: its close removes the record. Any
-/// other (never connected, failed, still in its handshake, a listener)
-/// will get no such callback, so its `SOCK_OWNERS` entry, if any, goes
-/// now. Always 1: releasing is never refused.
+/// A socket is released (its last file reference closed). An entry in
+/// `SOCK_OWNERS` still unarmed belongs to a connect that never reached
+/// `tcp_connect()`: no state callback will remove it, so it goes now.
+/// An armed one goes at the close (lifecycle.rs). A socket in one of the
+/// states below got established, so it is armed: no lookup. Kernel
+/// sockets (the TCP socket under an `AF_SMC` one, MPTCP subflows) are
+/// never released through this hook: an entry of theirs whose connect
+/// failed before `tcp_connect()` stays (docs/events.md). Always 1:
+/// releasing is never refused.
 #[cgroup_sock(sock_release)]
 pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context's socket; plain fields.
@@ -135,14 +168,17 @@ pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
     }
     let cookie = socket_cookie(&ctx);
     // A lookup first: a delete takes the bucket's lock even to miss.
-    if SOCK_OWNERS.get_ptr_mut(cookie).is_some() {
-        forget(cookie);
+    if let Some(info) = SOCK_OWNERS.get_ptr_mut(cookie) {
+        // SAFETY: an entry of our value type; no syscall runs on a
+        // socket being released, and an unarmed one sent no packet.
+        if unsafe { (*info).armed } == 0 {
+            forget(cookie);
+        }
     }
     1
 }
 
-/// States of a socket that was established (and so asked for its state
-/// changes, see lifecycle.rs) and has not closed yet.
+/// States of a socket that was established and has not closed yet.
 #[inline(always)]
 fn armed(state: u32) -> bool {
     matches!(

@@ -210,6 +210,14 @@ impl Conn {
         }
     }
 
+    /// Connects a TCP socket bound to `addr` (IPv4) to that same address,
+    /// a simultaneous open with itself, sends it `hello`, reads that back,
+    /// closes it, and waits until it is done; panics on any error.
+    pub fn self_connect(&self, addr: SocketAddr) {
+        let lines = self.spawn(&["self-connect".to_owned(), addr.to_string()]);
+        lines.wait_line(READY_TIMEOUT, |l| l == "self-connected");
+    }
+
     /// Starts a TCP server on `addr` (port 0: any) and waits until it is bound.
     #[must_use]
     pub fn sink(&self, addr: SocketAddr) -> Sink {

@@ -114,6 +114,28 @@ impl NetnsGuard {
         addr
     }
 
+    /// Address [`Self::v4`]`(host)` as a host that never answers: the
+    /// root side has a permanent neighbour entry for it with an address no
+    /// interface has, so a packet to it leaves the veth and the namespace
+    /// drops it (another host's frame), with no ARP failure to report back.
+    /// A TCP connect to it stays in SYN_SENT.
+    #[must_use]
+    pub fn silent_v4(&self, host: u8) -> Ipv4Addr {
+        let addr = self.v4(host);
+        ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            "02:00:00:00:00:01",
+            "nud",
+            "permanent",
+            "dev",
+            &self.host_if,
+        ]);
+        addr
+    }
+
     /// Gives the namespace's veth the address [`Self::v6`]`(host)` too (no DAD,
     /// so it is usable at once).
     #[expect(

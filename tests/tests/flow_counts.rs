@@ -643,8 +643,8 @@ fn tcp_table_full(daemon: &Daemon, want: u64) -> u64 {
 /// a socket that never gets established must not leave its entry behind:
 /// connects refused by a reset, connects that fail before any packet (no
 /// route to a multicast address), and connects given up in their
-/// handshake (the peer never answers: no neighbour). After many of each,
-/// the whole table is free: as many connections as it holds are all in it.
+/// handshake (the peer never answers). After many of each, the whole
+/// table is free: as many connections as it holds are all in it.
 #[test]
 fn connects_that_never_get_established_leave_the_tcp_table_free() {
     const EACH: usize = 20;
@@ -654,7 +654,7 @@ fn connects_that_never_get_established_leave_the_tcp_table_free() {
     let remote = integration_tests::NetnsGuard::new();
     let (first, _) = loopback_ports(3);
     let (refused, unroutable, unanswered) = (first, first + 1, first + 2);
-    let silent = remote.v4(6);
+    let silent = remote.silent_v4(6);
     let (server, svc, _policies, daemon) = tcp_table_service(
         "failing",
         &["224.0.0.1".to_owned(), silent.to_string()],
@@ -699,6 +699,8 @@ fn connects_that_never_get_established_leave_the_tcp_table_free() {
     }
 
     let held = hold_established(&daemon, &svc, &server, TCP_TABLE);
+    // A sweep after the connects refreshes the count.
+    std::thread::sleep(SETTLE);
     assert_eq!(
         tcp_table_full(&daemon, 0),
         0,
@@ -717,7 +719,8 @@ fn connects_that_never_get_established_leave_the_tcp_table_free() {
 
 /// More connections at once than the table holds: those that find it full
 /// keep their owner on the socket instead, and every connection is still
-/// reported established and closed, with its bytes.
+/// reported established and closed, with its bytes; once they closed, the
+/// table has room for as many again.
 #[test]
 fn connections_past_a_full_tcp_table_are_all_reported() {
     const EXTRA: usize = 4;
@@ -741,4 +744,36 @@ fn connections_past_a_full_tcp_table_are_all_reported() {
             "the connection from {port} closed with its 5 bytes"
         );
     }
+    let again = hold_established(&daemon, &svc, &server, TCP_TABLE);
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        tcp_table_full(&daemon, EXTRA as u64),
+        EXTRA as u64,
+        "the closes freed the table"
+    );
+    drop(again);
+}
+
+/// A socket bound, then connected (a self-connect: a simultaneous open with
+/// itself, established by the kernel's passive path) has an owner record
+/// of its bind and one of its connect: the connect's is the one reported,
+/// established and closed, with its bytes.
+#[test]
+fn a_bound_socket_that_connects_is_reported_established_and_closed() {
+    if !require_bpf() {
+        return;
+    }
+    let (port, target) = loopback_ports(1);
+    let svc = CgroupGuard::new();
+    let rule = Egress::to(["127.0.0.1"]).ports([port]).protocol("tcp");
+    let policies = PolicyDir::with(&[("selfish.toml", &service_policy(&svc, "enforce", &[rule]))]);
+    let daemon = Daemon::start_with_config(&policies, CONFIG);
+    conn!().in_cgroup(svc.path()).self_connect(target);
+    assert_eq!(wait_tcp_bytes(&daemon, "tcp_closed", port, 1), vec![(5, 5)]);
+    let established: Vec<Value> = integration_tests::events::events(&daemon)
+        .into_iter()
+        .filter(|ev| ev["type"] == "tcp_established" && ev["src_port"] == port)
+        .collect();
+    assert_eq!(established.len(), 1, "{established:#?}");
+    assert_eq!(established[0]["service"], "selfish");
 }

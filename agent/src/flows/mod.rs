@@ -51,6 +51,9 @@ pub struct FlowStats {
     /// Connecting TCP sockets whose owner found the kernel's table of them
     /// full (kept in socket storage instead), as the kernel counts them.
     pub tcp_table_full: AtomicU64,
+    /// Of those, the ones whose socket refused its storage too: their
+    /// connection goes unreported.
+    pub tcp_unobserved: AtomicU64,
     /// Sweeps that failed (logged).
     pub sweep_errors: AtomicU64,
 }
@@ -187,6 +190,8 @@ impl Task {
         s.table_full.store(self.table.full(), Ordering::Relaxed);
         s.tcp_table_full
             .store(self.table.owners_full(), Ordering::Relaxed);
+        s.tcp_unobserved
+            .store(self.table.owners_lost(), Ordering::Relaxed);
         // New flows made since the walk show at the next sweep.
         s.active
             .store(open.len() as u64 + carried, Ordering::Relaxed);

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use agent_common::{maps as names, FlowKey, FlowValue, FLOW_STAT_FULL, FLOW_STAT_OWNERS_FULL};
+use agent_common::{
+    maps as names, FlowKey, FlowValue, FLOW_STAT_FULL, FLOW_STAT_OWNERS_FULL, FLOW_STAT_OWNERS_LOST,
+};
 use aya::{
     maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray},
     Ebpf,
@@ -109,6 +111,11 @@ impl FlowTable {
     /// made.
     pub fn owners_full(&self) -> u64 {
         self.stat(FLOW_STAT_OWNERS_FULL)
+    }
+
+    /// Of those, the ones socket storage refused too: unreported.
+    pub fn owners_lost(&self) -> u64 {
+        self.stat(FLOW_STAT_OWNERS_LOST)
     }
 
     fn stat(&self, slot: u32) -> u64 {

@@ -82,6 +82,10 @@ const PROGRAMS: [(&str, Hook); 22] = [
         "bulkhead_process_exit",
         Hook::TracePoint("sched", "sched_process_exit"),
     ),
+    // Before connect4/6: a connecting socket's owner entry (owners.rs) is
+    // removed by these two, so none may be made before they run.
+    ("bulkhead_sockops", Hook::SockOps),
+    ("bulkhead_sock_release", Hook::CgroupSock),
     ("bulkhead_bind4", Hook::SockAddr),
     ("bulkhead_bind6", Hook::SockAddr),
     ("bulkhead_connect4", Hook::SockAddr),
@@ -92,9 +96,7 @@ const PROGRAMS: [(&str, Hook); 22] = [
     ("bulkhead_recvmsg6", Hook::SockAddr),
     ("bulkhead_getpeername4", Hook::SockAddr),
     ("bulkhead_getpeername6", Hook::SockAddr),
-    ("bulkhead_sockops", Hook::SockOps),
     ("bulkhead_sock_create", Hook::CgroupSock),
-    ("bulkhead_sock_release", Hook::CgroupSock),
     ("bulkhead_setsockopt", Hook::Sockopt),
     ("bulkhead_ingress", Hook::SkbIngress),
     ("bulkhead_egress_skb", Hook::SkbEgress),

@@ -23,6 +23,10 @@
 //!       ADDR and PORTS ports from PORT on in turn; print `done SENT EPERM`
 //!       (the calls that went out, the calls refused with EPERM) and exit
 //!       (exit 2 on any other error)
+//!   self-connect ADDR:PORT
+//!       bind one TCP socket to ADDR:PORT (IPv4) and connect it to that same
+//!       address (a simultaneous open with itself), send `hello`, read it
+//!       back, close; print `self-connected` and exit (exit 2 on an error)
 //!   sink ADDR:PORT
 //!       listen; print `ready ADDR:PORT`, then `accepted PEER` per
 //!       connection and `recv PEER TEXT` per chunk received; stdin line
@@ -55,7 +59,7 @@ use std::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] [--cpu N] \
-    (connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | sink ADDR:PORT)";
+    (connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | self-connect ADDR:PORT | sink ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -86,6 +90,7 @@ fn run(args: Vec<String>) -> Result<(), String> {
     match (command.as_str(), rest.as_slice()) {
         ("connect-loop", rest) => connect_loop(rest),
         ("hold", [addr]) => hold(parse_addr(addr)?),
+        ("self-connect", [addr]) => self_connect(parse_addr(addr)?),
         ("udp-paced", [n, pause, ports, addr]) => udp_paced(
             n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?,
             Duration::from_micros(
@@ -307,6 +312,51 @@ fn print_received(mut stream: TcpStream, prefix: String) {
             }
         }
     });
+}
+
+fn self_connect(addr: SocketAddr) -> Result<(), String> {
+    let SocketAddr::V4(v4) = addr else {
+        return Err(format!("self-connect {addr}: IPv4 only"));
+    };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
+    // SAFETY: a plain socket() call; the descriptor is owned by `stream`
+    // at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new socket no one else owns.
+    let mut stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: bind and connect read `len` bytes from a valid sockaddr_in.
+    unsafe {
+        if libc::bind(fd, std::ptr::from_ref(&sa).cast(), len) != 0 {
+            return Err(format!("bind {addr}: {}", io::Error::last_os_error()));
+        }
+        if libc::connect(fd, std::ptr::from_ref(&sa).cast(), len) != 0 {
+            return Err(format!("connect {addr}: {}", io::Error::last_os_error()));
+        }
+    }
+    stream
+        .write_all(b"hello")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut back = [0u8; 5];
+    stream
+        .read_exact(&mut back)
+        .map_err(|e| format!("receive: {e}"))?;
+    if &back != b"hello" {
+        return Err(format!("received {back:?}"));
+    }
+    drop(stream);
+    say("self-connected");
+    Ok(())
 }
 
 fn hold(addr: SocketAddr) -> Result<(), String> {

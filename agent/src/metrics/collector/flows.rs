@@ -60,6 +60,13 @@ pub fn encode(enc: &mut DescriptorEncoder, stats: &FlowStats) -> fmt::Result {
     )?;
     one(
         enc,
+        "bulkhead_tcp_unobserved",
+        "Of those, the connections whose socket refused its storage too (no memory, or its option memory spent): no tcp_established or tcp_closed is reported for them (their connect's verdict and flow are). Should stay 0.",
+        None,
+        &ConstCounter::new(get(&stats.tcp_unobserved)),
+    )?;
+    one(
+        enc,
         "bulkhead_flow_sweep_errors",
         "Flow sweeps that failed (logged); the counts stay in the table until the next sweep.",
         None,
