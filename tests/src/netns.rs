@@ -118,7 +118,7 @@ impl NetnsGuard {
     /// root side has a permanent neighbour entry for it with an address no
     /// interface has, so a packet to it leaves the veth and the namespace
     /// drops it (another host's frame), with no ARP failure to report back.
-    /// A TCP connect to it stays in SYN_SENT.
+    /// A TCP connect to it stays in `SYN_SENT`.
     #[must_use]
     pub fn silent_v4(&self, host: u8) -> Ipv4Addr {
         let addr = self.v4(host);

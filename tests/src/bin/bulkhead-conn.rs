@@ -319,7 +319,8 @@ fn self_connect(addr: SocketAddr) -> Result<(), String> {
         return Err(format!("self-connect {addr}: IPv4 only"));
     };
     let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        // AF_INET is 2: it fits.
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
         sin_port: v4.port().to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from_ne_bytes(v4.ip().octets()),
