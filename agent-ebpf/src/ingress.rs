@@ -181,12 +181,14 @@ fn owner_mask(ctx: &SkBuffContext, sk: *mut bpf_sock, service: &ServiceEntry) ->
 }
 
 /// The owner record of the receiving socket `sk` (a full socket): a
-/// listener's is whoever bound it (owners::find).
+/// listener's is whoever bound it, and only TCP sockets that connect have
+/// one in the table (owners::find).
 #[inline(always)]
 fn owner(sk: *mut bpf_sock, cookie: u64) -> Option<*mut agent_common::SockInfo> {
-    // SAFETY: a non-null full socket from bpf_sk_fullsock; a plain field.
-    let listener = unsafe { (*sk).state } == TCP_LISTEN;
-    owners::find(sk, cookie, listener).map(|(info, _)| info)
+    // SAFETY: a non-null full socket from bpf_sk_fullsock; plain fields.
+    let (protocol, state) = unsafe { ((*sk).protocol, (*sk).state) };
+    let storage_first = state == TCP_LISTEN || protocol != u32::from(PROTO_TCP);
+    owners::find(sk, cookie, storage_first).map(|(info, _)| info)
 }
 
 #[inline(always)]

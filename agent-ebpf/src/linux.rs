@@ -13,6 +13,8 @@ pub const AF_INET: u32 = 2;
 pub const AF_PACKET: i32 = 17;
 
 pub const EPERM: i32 = 1;
+/// A full map's insert fails with -E2BIG.
+pub const E2BIG: i32 = -7;
 
 /// TCP states (`include/net/tcp_states.h`).
 pub const TCP_ESTABLISHED: u32 = 1;

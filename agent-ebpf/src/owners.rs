@@ -29,7 +29,8 @@ use aya_ebpf::{
 use crate::{
     helpers::{current_comm, socket_cookie},
     linux::{
-        TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
+        E2BIG, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_WAIT1,
+        TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_LISTEN,
     },
     maps::{FLOW_STATS, SOCK_INFO, SOCK_OWNERS},
     process::exe_of,
@@ -65,10 +66,13 @@ pub fn own_connecting(
         _pad2: [0; 4],
     };
     current_comm(&mut info.comm);
-    if SOCK_OWNERS.insert(cookie, info, 0).is_ok() {
-        return;
+    match SOCK_OWNERS.insert(cookie, info, 0) {
+        Ok(()) => return,
+        // Full; any other error (6.1's -EBUSY of a bucket another
+        // program on this CPU holds) falls back as well, uncounted.
+        Err(E2BIG) => count(FLOW_STAT_OWNERS_FULL),
+        Err(_) => {}
     }
-    count(FLOW_STAT_OWNERS_FULL);
     match stored(sk, true) {
         // SAFETY: the socket's own storage of our value type.
         Some(stored) => unsafe { *stored = info },
@@ -84,10 +88,10 @@ fn count(slot: u32) {
     }
 }
 
-/// `tcp_connect()` of a socket whose owner is in `SOCK_OWNERS`: it asks
-/// for its state changes now, so that however it ends (established or
-/// not) its close removes the entry; `flags` are its callback flags with
-/// the state callback's added. Returns whether it was armed.
+/// `tcp_connect()` of the socket of `cookie`: if its owner is in
+/// `SOCK_OWNERS`, the entry is marked armed and the caller has the socket
+/// ask for its state changes, so that however it ends (established or
+/// not) its close removes the entry. Returns whether it has an entry.
 #[inline(always)]
 pub fn arm(cookie: u64) -> bool {
     match SOCK_OWNERS.get_ptr_mut(cookie) {
@@ -153,8 +157,10 @@ fn stored(sk: *mut bpf_sock, create: bool) -> Option<*mut SockInfo> {
 /// A socket is released (its last file reference closed). An entry in
 /// `SOCK_OWNERS` still unarmed belongs to a connect that never reached
 /// `tcp_connect()`: no state callback will remove it, so it goes now.
-/// An armed one goes at the close (lifecycle.rs). A socket in one of the
-/// states below got established, so it is armed: no lookup. Kernel
+/// An armed one goes at the close (lifecycle.rs), unless the socket is
+/// closed already (its removal there failed: 6.1's -EBUSY): then now. A
+/// socket in one of the states below got established, so it is armed
+/// and open: no lookup. Kernel
 /// sockets (the TCP socket under an `AF_SMC` one, MPTCP subflows) are
 /// never released through this hook: an entry of theirs whose connect
 /// failed before `tcp_connect()` stays (docs/events.md). Always 1:
@@ -170,8 +176,9 @@ pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
     // A lookup first: a delete takes the bucket's lock even to miss.
     if let Some(info) = SOCK_OWNERS.get_ptr_mut(cookie) {
         // SAFETY: an entry of our value type; no syscall runs on a
-        // socket being released, and an unarmed one sent no packet.
-        if unsafe { (*info).armed } == 0 {
+        // socket being released, an unarmed one sent no packet, and a
+        // closed or listening one gets no more state callbacks.
+        if unsafe { (*info).armed } == 0 || state == TCP_CLOSE || state == TCP_LISTEN {
             forget(cookie);
         }
     }

@@ -210,6 +210,16 @@ impl Conn {
         }
     }
 
+    /// `n` TCP sockets connect to `addr` (IPv4), where nothing listens, and
+    /// stay open until the returned guard is dropped; waits until all were
+    /// refused (panics otherwise).
+    #[must_use]
+    pub fn refused_hold(&self, n: usize, addr: SocketAddr) -> RefusedSockets {
+        let lines = self.spawn(&["refused-hold".to_owned(), n.to_string(), addr.to_string()]);
+        lines.wait_line(READY_TIMEOUT, |l| l == format!("refused {n}"));
+        RefusedSockets { _lines: lines }
+    }
+
     /// Connects a TCP socket bound to `addr` (IPv4) to that same address,
     /// a simultaneous open with itself, sends it `hello`, reads that back,
     /// closes it, and waits until it is done; panics on any error.
@@ -229,6 +239,13 @@ impl Conn {
             .unwrap_or_else(|| panic!("{}: bad ready line {line:?}", lines.what));
         Sink { lines, addr }
     }
+}
+
+/// Sockets whose connect was refused, kept open by a `bulkhead-conn`
+/// until dropped.
+#[derive(Debug)]
+pub struct RefusedSockets {
+    _lines: Lines,
 }
 
 /// A running `bulkhead-conn` and the lines it printed; killed on `Drop`.

@@ -12,6 +12,7 @@ use integration_tests::{
     events::{calls_of, wait_calls, wait_counted},
     free_port_block,
     http::metrics_addr,
+    probe,
     prometheus::Scrape,
     require_bpf, service_policy, CgroupGuard, Daemon, Egress, PolicyDir,
 };
@@ -577,6 +578,7 @@ fn tcp_table_service(
     name: &str,
     others: &[String],
     ports: &[u16],
+    extra: &str,
 ) -> (conn::Sink, CgroupGuard, PolicyDir, Daemon) {
     let server = conn!().sink(addr("127.0.0.1:0"));
     let svc = CgroupGuard::new();
@@ -587,7 +589,7 @@ fn tcp_table_service(
     let rule = Egress::to(to).ports(allowed).protocol("tcp");
     let policies = PolicyDir::with(&[(
         &format!("{name}.toml"),
-        &service_policy(&svc, "enforce", &[rule]),
+        &format!("{}\n{extra}", service_policy(&svc, "enforce", &[rule])),
     )]);
     let config = format!("{CONFIG}tcp_table_size = {TCP_TABLE}\n");
     let daemon = Daemon::start_with_config(&policies, &config);
@@ -628,8 +630,13 @@ fn wait_tcp_established(daemon: &Daemon, local_port: u16) {
 /// `bulkhead_tcp_table_full_total` once the sweeps report `want` (or the
 /// last value seen).
 fn tcp_table_full(daemon: &Daemon, want: u64) -> u64 {
-    integration_tests::eventually(REPORTED, Duration::from_millis(200), || {
-        let seen = Scrape::get(metrics_addr(daemon)).count("bulkhead_tcp_table_full_total", &[]);
+    metric_reaching(daemon, "bulkhead_tcp_table_full_total", want)
+}
+
+/// Metric `name` once the sweeps report `want` (or the last value seen).
+fn metric_reaching(daemon: &Daemon, name: &str, want: u64) -> u64 {
+    integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
+        let seen = Scrape::get(metrics_addr(daemon)).count(name, &[]);
         if seen == want {
             Ok(seen)
         } else {
@@ -659,6 +666,7 @@ fn connects_that_never_get_established_leave_the_tcp_table_free() {
         "failing",
         &["224.0.0.1".to_owned(), silent.to_string()],
         &[refused, unroutable, unanswered],
+        "",
     );
     let targets = [
         addr(&format!("127.0.0.1:{refused}")),
@@ -698,6 +706,11 @@ fn connects_that_never_get_established_leave_the_tcp_table_free() {
         );
     }
 
+    // Refused sockets kept open: their entries went at the reset (the
+    // close of a socket armed when its SYN left), not at their release.
+    let _refused = conn!()
+        .in_cgroup(svc.path())
+        .refused_hold(TCP_TABLE, addr(&format!("127.0.0.1:{refused}")));
     let held = hold_established(&daemon, &svc, &server, TCP_TABLE);
     // A sweep after the connects refreshes the count.
     std::thread::sleep(SETTLE);
@@ -727,7 +740,7 @@ fn connections_past_a_full_tcp_table_are_all_reported() {
     if !require_bpf() {
         return;
     }
-    let (server, svc, _policies, daemon) = tcp_table_service("pooled-many", &[], &[]);
+    let (server, svc, _policies, daemon) = tcp_table_service("pooled-many", &[], &[], "");
     let mut held = hold_established(&daemon, &svc, &server, TCP_TABLE + EXTRA);
     assert_eq!(tcp_table_full(&daemon, EXTRA as u64), EXTRA as u64);
     for conn in &mut held {
@@ -776,4 +789,47 @@ fn a_bound_socket_that_connects_is_reported_established_and_closed() {
         .collect();
     assert_eq!(established.len(), 1, "{established:#?}");
     assert_eq!(established[0]["service"], "selfish");
+}
+
+/// The kernel never releases its own sockets through the agent's hook:
+/// an MPTCP subflow whose connect failed before any packet (no route to a
+/// multicast address) leaves its owner entry, unarmed. The agent's sweep
+/// removes an entry unarmed three sweeps in a row, so the table comes
+/// back free.
+#[test]
+fn entries_of_kernel_sockets_that_never_connected_are_swept() {
+    if !require_bpf() {
+        return;
+    }
+    let (port, _) = loopback_ports(1);
+    let (server, svc, _policies, daemon) = tcp_table_service(
+        "mptcp-failing",
+        &["224.0.0.1".to_owned()],
+        &[port],
+        "[sockets]\nprotocols = [\"mptcp\"]\n",
+    );
+    let client = probe!().in_cgroup(svc.path());
+    let target = addr(&format!("224.0.0.1:{port}"));
+    for _ in 0..TCP_TABLE {
+        let outcome = client.proto_connect("stream", "mptcp", target);
+        assert_eq!(
+            (outcome.stage.as_deref(), outcome.errno),
+            (Some("connect"), Some(libc::ENETUNREACH)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        metric_reaching(&daemon, "bulkhead_tcp_table_entries", TCP_TABLE as u64),
+        TCP_TABLE as u64,
+        "each failed subflow left its entry"
+    );
+    assert_eq!(
+        metric_reaching(&daemon, "bulkhead_tcp_table_stale_total", TCP_TABLE as u64),
+        TCP_TABLE as u64,
+        "and the sweeps removed each"
+    );
+    let held = hold_established(&daemon, &svc, &server, TCP_TABLE);
+    std::thread::sleep(SETTLE);
+    assert_eq!(tcp_table_full(&daemon, 0), 0, "the table was free again");
+    drop(held);
 }

@@ -112,6 +112,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     let (pins, staging) = pin_maps(&config, &mut enforcer)?;
     let (counters, names, reader) = start_reader(&mut enforcer, &compiled, &hub)?;
     let flow_table = crate::kernel::flow_table::FlowTable::take(enforcer.ebpf_mut())?;
+    let sock_owners = crate::kernel::sock_owners::SockOwners::take(enforcer.ebpf_mut())?;
     let dns = prepare_dns(&config, &set, &mut enforcer)?;
     // Decisions to learnt addresses get the name looked up (`dst_name`).
     hub.add_stage(Arc::new(crate::dns::serve::DstNames(Arc::clone(&dns))));
@@ -149,6 +150,7 @@ pub(super) async fn start(plan: Plan) -> Result<Running> {
     )?;
     let flow_sweeper = crate::flows::Sweeper::spawn(
         flow_table,
+        sock_owners,
         names.subscribe(),
         Arc::clone(&hub),
         &config.flows,

@@ -25,7 +25,7 @@ use agent_common::FlowKey;
 use crate::{
     config::FlowsConfig,
     events::{Decoder, FlowEvent, Hub, Names},
-    kernel::flow_table::FlowTable,
+    kernel::{flow_table::FlowTable, sock_owners::SockOwners},
 };
 
 pub use plan::{plan, Plan, Rules};
@@ -54,6 +54,10 @@ pub struct FlowStats {
     /// Of those, the ones whose socket refused its storage too: their
     /// connection goes unreported.
     pub tcp_unobserved: AtomicU64,
+    /// Entries in the kernel's table of connecting sockets' owners at the
+    /// last sweep, and those the sweeps removed as stale.
+    pub tcp_table_entries: AtomicU64,
+    pub tcp_table_stale: AtomicU64,
     /// Sweeps that failed (logged).
     pub sweep_errors: AtomicU64,
 }
@@ -76,6 +80,7 @@ impl Sweeper {
     /// The thread cannot be started.
     pub fn spawn(
         table: FlowTable,
+        owners: SockOwners,
         names: watch::Receiver<Arc<Names>>,
         hub: Arc<Hub>,
         config: &FlowsConfig,
@@ -98,6 +103,7 @@ impl Sweeper {
                 let first = Arc::clone(&names.borrow());
                 let mut sweeper = Task {
                     table,
+                    owners,
                     decoder: Decoder::new(first),
                     names,
                     hub,
@@ -137,6 +143,8 @@ impl Sweeper {
 
 struct Task {
     table: FlowTable,
+    /// Swept with the flows (see kernel::sock_owners).
+    owners: SockOwners,
     decoder: Decoder,
     names: watch::Receiver<Arc<Names>>,
     hub: Arc<Hub>,
@@ -192,6 +200,10 @@ impl Task {
             .store(self.table.owners_full(), Ordering::Relaxed);
         s.tcp_unobserved
             .store(self.table.owners_lost(), Ordering::Relaxed);
+        let owners = self.owners.sweep();
+        s.tcp_table_entries.store(owners.entries, Ordering::Relaxed);
+        s.tcp_table_stale
+            .fetch_add(owners.removed, Ordering::Relaxed);
         // New flows made since the walk show at the next sweep.
         s.active
             .store(open.len() as u64 + carried, Ordering::Relaxed);

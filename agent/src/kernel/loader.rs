@@ -831,6 +831,14 @@ fn map_sizes(capacity: Capacity, options: &LoadOptions) -> Vec<(&'static str, u3
     sizes
 }
 
+/// The size the kernel gives a ring buffer asked for `bytes` (a power of
+/// two, as the config requires): at least a page, as aya rounds it.
+fn ring_size(bytes: u32) -> u64 {
+    // SAFETY: sysconf reads no memory of ours.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::from(bytes).max(u64::try_from(page).unwrap_or(4096))
+}
+
 /// The globals set at load time, with the bytes of their values (in
 /// native order, as aya copies a value).
 fn global_values(
@@ -851,7 +859,7 @@ fn global_values(
         ),
         (
             globals::EVENTS_WAKE_MARK,
-            (u64::from(options.events_bytes) / agent_common::WAKE_FRACTION)
+            (ring_size(options.events_bytes) / agent_common::WAKE_FRACTION)
                 .to_ne_bytes()
                 .to_vec(),
         ),

@@ -18,6 +18,7 @@ pub mod preflight;
 mod process_table;
 mod quiesce;
 mod raw_link;
+pub mod sock_owners;
 pub mod udp_peers;
 #[cfg(test)]
 mod verdict_model;

@@ -23,6 +23,11 @@
 //!       ADDR and PORTS ports from PORT on in turn; print `done SENT EPERM`
 //!       (the calls that went out, the calls refused with EPERM) and exit
 //!       (exit 2 on any other error)
+//!   refused-hold N ADDR:PORT
+//!       N TCP sockets connect() to ADDR:PORT (IPv4), where nothing
+//!       listens, and stay open: print `refused N` once all got
+//!       ECONNREFUSED (exit 2 on any other outcome), then wait for stdin
+//!       to close
 //!   self-connect ADDR:PORT
 //!       bind one TCP socket to ADDR:PORT (IPv4) and connect it to that same
 //!       address (a simultaneous open with itself), send `hello`, read it
@@ -59,7 +64,7 @@ use std::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: bulkhead-conn [--cgroup DIR] [--cpu N] \
-    (connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | self-connect ADDR:PORT | sink ADDR:PORT)";
+    (connect-loop [--pause-us N] [--timeout-ms N] ADDR:PORT... | hold ADDR:PORT | udp-paced N PAUSE_US PORTS ADDR:PORT | udp-sendto N PORTS ADDR:PORT | refused-hold N ADDR:PORT | self-connect ADDR:PORT | sink ADDR:PORT)";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -91,6 +96,10 @@ fn run(args: Vec<String>) -> Result<(), String> {
         ("connect-loop", rest) => connect_loop(rest),
         ("hold", [addr]) => hold(parse_addr(addr)?),
         ("self-connect", [addr]) => self_connect(parse_addr(addr)?),
+        ("refused-hold", [n, addr]) => refused_hold(
+            n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?,
+            parse_addr(addr)?,
+        ),
         ("udp-paced", [n, pause, ports, addr]) => udp_paced(
             n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?,
             Duration::from_micros(
@@ -314,9 +323,10 @@ fn print_received(mut stream: TcpStream, prefix: String) {
     });
 }
 
-fn self_connect(addr: SocketAddr) -> Result<(), String> {
+/// `addr` (IPv4) as a `sockaddr_in` and its length.
+fn sockaddr_v4(addr: SocketAddr) -> Result<(libc::sockaddr_in, libc::socklen_t), String> {
     let SocketAddr::V4(v4) = addr else {
-        return Err(format!("self-connect {addr}: IPv4 only"));
+        return Err(format!("{addr}: IPv4 only"));
     };
     let sa = libc::sockaddr_in {
         // AF_INET is 2: it fits.
@@ -328,14 +338,45 @@ fn self_connect(addr: SocketAddr) -> Result<(), String> {
         sin_zero: [0; 8],
     };
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
-    // SAFETY: a plain socket() call; the descriptor is owned by `stream`
-    // at once.
+    Ok((sa, len))
+}
+
+/// A new TCP socket (IPv4), not connected.
+fn tcp_socket() -> Result<TcpStream, String> {
+    // SAFETY: a plain socket() call; the descriptor is owned by the
+    // returned stream at once.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
     if fd < 0 {
         return Err(format!("socket: {}", io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a new socket no one else owns.
-    let mut stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Ok(unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+fn refused_hold(n: usize, addr: SocketAddr) -> Result<(), String> {
+    let (sa, len) = sockaddr_v4(addr)?;
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = tcp_socket()?;
+        // SAFETY: connect reads `len` bytes from a valid sockaddr_in.
+        let rc = unsafe { libc::connect(stream.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) };
+        let error = io::Error::last_os_error();
+        if rc == 0 || error.raw_os_error() != Some(libc::ECONNREFUSED) {
+            return Err(format!("connect {addr}: {rc} {error}, not refused"));
+        }
+        held.push(stream);
+    }
+    say(&format!("refused {n}"));
+    // Open until stdin closes.
+    let _ = io::stdin().lock().read_to_end(&mut Vec::new());
+    drop(held);
+    Ok(())
+}
+
+fn self_connect(addr: SocketAddr) -> Result<(), String> {
+    let (sa, len) = sockaddr_v4(addr)?;
+    let mut stream = tcp_socket()?;
+    let fd = stream.as_raw_fd();
     // SAFETY: bind and connect read `len` bytes from a valid sockaddr_in.
     unsafe {
         if libc::bind(fd, std::ptr::from_ref(&sa).cast(), len) != 0 {
