@@ -101,8 +101,10 @@ pub fn bulkhead_sockops(ctx: SockOpsContext) -> u32 {
             info.established_ns = 0;
             emit(&ev, LOST_TCP);
         }
-        if in_table {
-            owners::forget(cookie);
+        // A removal that fails (6.1's -EBUSY of a bucket another program
+        // on this CPU holds) unarms the entry: the agent's sweep takes it.
+        if in_table && !owners::forget(cookie) {
+            info.armed = 0;
         }
         return 1;
     }

@@ -129,10 +129,11 @@ pub fn find(sk: *mut bpf_sock, cookie: u64, storage_first: bool) -> Option<(*mut
     stored(sk, false).map(|info| (info, false))
 }
 
-/// Removes the `SOCK_OWNERS` entry of the socket of `cookie`.
+/// Removes the `SOCK_OWNERS` entry of the socket of `cookie`; false if
+/// that failed (it may be gone already).
 #[inline(always)]
-pub fn forget(cookie: u64) {
-    let _ = SOCK_OWNERS.remove(cookie);
+pub fn forget(cookie: u64) -> bool {
+    SOCK_OWNERS.remove(cookie).is_ok()
 }
 
 /// The socket storage of `sk`, made if `create`.
@@ -179,7 +180,7 @@ pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
         // socket being released, an unarmed one sent no packet, and a
         // closed or listening one gets no more state callbacks.
         if unsafe { (*info).armed } == 0 || state == TCP_CLOSE || state == TCP_LISTEN {
-            forget(cookie);
+            let _ = forget(cookie);
         }
     }
     1

@@ -818,11 +818,9 @@ fn entries_of_kernel_sockets_that_never_connected_are_swept() {
             "{outcome:?}"
         );
     }
-    assert_eq!(
-        metric_reaching(&daemon, "bulkhead_tcp_table_entries", TCP_TABLE as u64),
-        TCP_TABLE as u64,
-        "each failed subflow left its entry"
-    );
+    // Each failed subflow left its entry (not asserted as a count at one
+    // sweep: one probe process per connect may take longer than the two
+    // sweeps an entry outlives), and the sweeps removed each.
     assert_eq!(
         metric_reaching(&daemon, "bulkhead_tcp_table_stale_total", TCP_TABLE as u64),
         TCP_TABLE as u64,

@@ -116,7 +116,7 @@ impl Sweeper {
                         Err(mpsc::RecvTimeoutError::Timeout) => false,
                         Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => true,
                     };
-                    sweeper.sweep();
+                    sweeper.sweep(last);
                     if last {
                         break;
                     }
@@ -154,10 +154,21 @@ struct Task {
 }
 
 impl Task {
-    fn sweep(&mut self) {
+    /// One sweep; `last` at the agent's stop.
+    fn sweep(&mut self, last: bool) {
         if self.names.has_changed().unwrap_or(false) {
             let names = Arc::clone(&self.names.borrow_and_update());
             self.decoder.set_names(names);
+        }
+        // Not at the stop: it comes at once after the sweep before, and
+        // "unarmed three sweeps in a row" would no longer mean two full
+        // intervals. Before the epoch: that sweep may fail.
+        if !last {
+            let owners = self.owners.sweep();
+            let s = &self.stats;
+            s.tcp_table_entries.store(owners.entries, Ordering::Relaxed);
+            s.tcp_table_stale
+                .fetch_add(owners.removed, Ordering::Relaxed);
         }
         let closed = match self.table.close_epoch() {
             Ok(closed) => closed,
@@ -200,10 +211,6 @@ impl Task {
             .store(self.table.owners_full(), Ordering::Relaxed);
         s.tcp_unobserved
             .store(self.table.owners_lost(), Ordering::Relaxed);
-        let owners = self.owners.sweep();
-        s.tcp_table_entries.store(owners.entries, Ordering::Relaxed);
-        s.tcp_table_stale
-            .fetch_add(owners.removed, Ordering::Relaxed);
         // New flows made since the walk show at the next sweep.
         s.active
             .store(open.len() as u64 + carried, Ordering::Relaxed);

@@ -8,10 +8,13 @@
 //! hook, though: the TCP socket under an `AF_SMC` socket, an MPTCP subflow.
 //! Such a socket whose connect failed before any packet leaves an entry
 //! that stays unarmed for good, and a service could fill the table with
-//! them. An entry is unarmed otherwise only for the microseconds between
-//! connect4 and `tcp_connect()`, or while a `TCP_FASTOPEN_CONNECT` socket
-//! waits for its first write; so an entry seen unarmed by
-//! [`STALE_SWEEPS`] sweeps in a row is removed (and counted).
+//! them (as with user sockets it holds open after such a failure; and on
+//! 6.1 a removal at the close can fail, which unarms the entry). An entry
+//! is unarmed otherwise only for the microseconds between connect4 and
+//! `tcp_connect()`, or while a `TCP_FASTOPEN_CONNECT` socket waits for its
+//! first write; so an entry seen unarmed by [`STALE_SWEEPS`] sweeps in a
+//! row is removed (and counted). The stop's last sweep leaves the table
+//! alone.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
@@ -90,6 +93,11 @@ impl SockOwners {
             }
         }
         for cookie in stale {
+            // Read again: a socket that failed before its SYN may have
+            // connected again since the walk (same cookie, a new entry).
+            if self.map.get(&cookie, 0).is_ok_and(|info| info.armed != 0) {
+                continue;
+            }
             // Gone already is fine: that is what was asked.
             if self.map.remove(&cookie).is_ok() {
                 swept.removed += 1;

@@ -61,21 +61,21 @@ pub fn encode(enc: &mut DescriptorEncoder, stats: &FlowStats) -> fmt::Result {
     one(
         enc,
         "bulkhead_tcp_table_entries",
-        "Entries in the kernel's table of connecting TCP sockets' owners at the last sweep: outbound TCP connections open or being made ([flows] tcp_table_size at most).",
+        "Entries in the kernel's table of connecting TCP sockets' owners at the last sweep: outbound TCP connections of managed (and observed) processes open or being made ([flows] tcp_table_size at most).",
         None,
         &ConstGauge::new(get(&stats.tcp_table_entries)),
     )?;
     one(
         enc,
         "bulkhead_tcp_table_stale",
-        "Entries of that table the sweeps removed: unarmed (their connect never reached the SYN) for three sweeps in a row, left by kernel sockets (under AF_SMC, MPTCP subflows) that are never released through the agent's hook.",
+        "Entries of that table the sweeps removed: unarmed (their connect never reached the SYN) for three sweeps in a row, left by kernel sockets (under AF_SMC, MPTCP subflows) that are never released through the agent's hook, or by sockets held open after such a failure.",
         None,
         &ConstCounter::new(get(&stats.tcp_table_stale)),
     )?;
     one(
         enc,
         "bulkhead_tcp_unobserved",
-        "Of those, the connections whose socket refused its storage too (no memory, or its option memory spent): no tcp_established or tcp_closed is reported for them (their connect's verdict and flow are). Should stay 0.",
+        "Outbound TCP connects whose owner the table could not take and whose socket refused its storage too (no memory, or its option memory spent): no tcp_established or tcp_closed is reported for them (their connect's verdict and flow are). Should stay 0.",
         None,
         &ConstCounter::new(get(&stats.tcp_unobserved)),
     )?;
