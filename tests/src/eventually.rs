@@ -32,3 +32,23 @@ pub fn eventually<T, E>(
         }
     }
 }
+
+/// Reads `value` until it equals `want`, at most until `timeout` from now,
+/// sleeping `every` between reads; returns the last value read (`want`,
+/// or what it was instead), for the caller to assert on.
+pub fn settles_at<T: PartialEq>(
+    timeout: Duration,
+    every: Duration,
+    want: &T,
+    mut value: impl FnMut() -> T,
+) -> T {
+    eventually(timeout, every, || {
+        let now = value();
+        if now == *want {
+            Ok(now)
+        } else {
+            Err(now)
+        }
+    })
+    .unwrap_or_else(|now| now)
+}

@@ -635,15 +635,9 @@ fn tcp_table_full(daemon: &Daemon, want: u64) -> u64 {
 
 /// Metric `name` once the sweeps report `want` (or the last value seen).
 fn metric_reaching(daemon: &Daemon, name: &str, want: u64) -> u64 {
-    integration_tests::eventually(REPORTED, Duration::from_millis(100), || {
-        let seen = Scrape::get(metrics_addr(daemon)).count(name, &[]);
-        if seen == want {
-            Ok(seen)
-        } else {
-            Err(seen)
-        }
+    integration_tests::eventually::settles_at(REPORTED, Duration::from_millis(100), &want, || {
+        Scrape::get(metrics_addr(daemon)).count(name, &[])
     })
-    .unwrap_or_else(|seen| seen)
 }
 
 /// A connecting socket's owner is kept in a table, not on the socket, so

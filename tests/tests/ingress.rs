@@ -28,7 +28,8 @@ use std::{fmt::Display, net::SocketAddr, time::Duration};
 use integration_tests::{
     bpf, cgroup2_mount,
     events::{assert_fields, kernel_hostname, wait_event},
-    eventually, free_port_block,
+    eventually::settles_at,
+    free_port_block,
     netns::Family,
     probe, require_bpf, service_policy, CgroupGuard, Daemon, Egress, Ingress, NetnsGuard,
     PolicyDir, Proto,
@@ -561,15 +562,12 @@ fn inbound_attached_becomes(daemon: &Daemon, want: bool) -> bool {
         let ours = bpf::prog_ids_held_by(pid);
         !bpf::attached_at(&root, "cgroup_inet_ingress").is_disjoint(&ours)
     };
-    eventually(Duration::from_secs(10), Duration::from_millis(50), || {
-        let now = attached();
-        if now == want {
-            Ok(now)
-        } else {
-            Err(now)
-        }
-    })
-    .unwrap_or_else(|now| now)
+    settles_at(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        &want,
+        attached,
+    )
 }
 
 /// The inbound program runs for every packet the host receives, so it is
